@@ -1,0 +1,1 @@
+//! defib-controller (being written).

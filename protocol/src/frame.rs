@@ -1,0 +1,513 @@
+//! Event frames for the reliable stream (TCP, both directions).
+//!
+//! Layout of one frame (big-endian integers; offsets in bytes):
+//!
+//! ```text
+//!  0   4  magic "DFIB"
+//!  4   1  protocol version (1)
+//!  5   1  kind (3 = frame)
+//!  6   2  reserved, zero
+//!  8   4  L = body length (at most MAX_FRAME_BODY_LEN = 1 MiB)
+//! 12   L  body: one Envelope as UTF-8 JSON
+//!  .  32  HMAC-SHA256 over bytes 0..12+L (header and body)
+//! ```
+//!
+//! The stream is a plain sequence of frames. Any decoding error is fatal for the
+//! connection: after a bad MAC or a bad length there is no trustworthy way to find
+//! the next frame, so [`FrameDecoder`] keeps returning the first error and the
+//! caller closes the connection; the watchdog reconnects and resends what was not
+//! acked.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DecodeError, EncodeError};
+use crate::ids::{check_cluster_id, check_controller_id, check_host_id, BootId};
+use crate::key::{Key, MAC_LEN};
+use crate::wire::{self, Reader};
+
+/// Kind byte of a stream frame.
+pub const KIND_FRAME: u8 = 3;
+/// Bytes before the body: magic, version, kind, reserved, length.
+pub const FRAME_HEADER_LEN: usize = 12;
+/// Largest frame body accepted. A length field above it is refused as soon as the
+/// header has arrived, before anything is buffered or allocated for the body.
+pub const MAX_FRAME_BODY_LEN: usize = 1 << 20;
+/// Largest whole frame on the wire.
+pub const MAX_FRAME_LEN: usize = FRAME_HEADER_LEN + MAX_FRAME_BODY_LEN + MAC_LEN;
+
+/// Everything on the stream travels in an envelope that names the watchdog the
+/// conversation is about, in both directions (the controller echoes the watchdog's
+/// identity back, so a reply meant for another host or an older incarnation is
+/// recognisable).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The cluster.
+    pub cluster_id: String,
+    /// The watchdog's host id.
+    pub host_id: String,
+    /// The watchdog host's boot id.
+    pub boot_id: BootId,
+    /// The watchdog's incarnation.
+    pub incarnation: u64,
+    /// What this frame says.
+    pub message: Message,
+}
+
+/// Which way a frame travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Watchdog → controller: [`Message::Hello`], [`Message::Event`].
+    ToController,
+    /// Controller → watchdog: [`Message::Welcome`], [`Message::EventAck`].
+    ToWatchdog,
+}
+
+/// The messages on the stream.
+///
+/// The conversation: the watchdog connects and sends `Hello`; the controller answers
+/// `Welcome` with the highest event id it holds for the host; the watchdog sends
+/// every event above that id, in order, then new events as they happen; the
+/// controller sends `EventAck` (cumulative) once events are stored. At-least-once
+/// delivery, with the controller deduplicating by (host id, event id)
+/// ([`crate::EventDedup`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Message {
+    /// Watchdog → controller, first frame on a connection.
+    Hello {
+        /// The highest event id the watchdog has assigned (0: none yet).
+        last_event_id: u64,
+    },
+    /// Controller → watchdog, the answer to `Hello`.
+    ///
+    /// If `highest_event_id` is above the watchdog's own `last_event_id`, the
+    /// watchdog lost its event state: it must continue numbering above
+    /// `highest_event_id`, or the controller would drop its new events as
+    /// duplicates.
+    Welcome {
+        /// Which controller answered.
+        controller_id: String,
+        /// The highest event id the controller holds for this host (0: none).
+        highest_event_id: u64,
+    },
+    /// Watchdog → controller, one event.
+    Event(Event),
+    /// Controller → watchdog: every event with an id up to and including
+    /// `up_to_event_id` is stored; the watchdog may forget them.
+    EventAck {
+        /// Which controller acked.
+        controller_id: String,
+        /// Cumulative high-water mark.
+        up_to_event_id: u64,
+    },
+}
+
+impl Message {
+    /// Which way this message is allowed to travel.
+    pub fn direction(&self) -> Direction {
+        match self {
+            Message::Hello { .. } | Message::Event(_) => Direction::ToController,
+            Message::Welcome { .. } | Message::EventAck { .. } => Direction::ToWatchdog,
+        }
+    }
+}
+
+/// One event seen on a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Per-host event id: starts at 1, grows by one per event, survives watchdog
+    /// restarts and reboots (the watchdog persists it). 0 is never an event id.
+    pub id: u64,
+    /// Wall clock when the watchdog recorded the event, unix ns.
+    pub unix_ns: u64,
+    /// The host's monotonic clock when the watchdog recorded the event, ns; orders
+    /// events of one boot even across clock steps.
+    pub mono_ns: u64,
+    /// What happened.
+    pub payload: EventPayload,
+}
+
+/// What happened. Serialized with a `"kind"` tag in snake_case.
+///
+/// New kinds may be added without a protocol version bump: an older controller
+/// decodes them as [`EventPayload::Unknown`], stores nothing for them, and still
+/// acks them so the stream moves on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EventPayload {
+    /// A qemu process exited (eBPF `sched_process_exit`, with the signal and its
+    /// sender from `signal_generate` and OOM from `mark_victim`).
+    QemuExited {
+        /// The VM's libvirt domain UUID (= Nova instance UUID), if the pid was mapped.
+        vm_uuid: Option<String>,
+        /// The libvirt domain name, if known.
+        vm_name: Option<String>,
+        /// The qemu process id.
+        pid: u32,
+        /// The exit code, if it exited normally.
+        exit_code: Option<i32>,
+        /// The signal that killed it, if any.
+        signal: Option<i32>,
+        /// The pid that sent the signal, if known.
+        killer_pid: Option<u32>,
+        /// The sender's command name, if known.
+        killer_comm: Option<String>,
+        /// The kernel's OOM killer chose it.
+        oom_killed: bool,
+        /// Kernel timestamp of the exit (`bpf_ktime_get_ns`, host monotonic ns).
+        kernel_ts_ns: u64,
+    },
+    /// A qemu process started.
+    QemuStarted {
+        /// The VM's UUID, if mapped.
+        vm_uuid: Option<String>,
+        /// The VM's name, if known.
+        vm_name: Option<String>,
+        /// The qemu process id.
+        pid: u32,
+    },
+    /// A VM's I/O has been stuck past the stall threshold.
+    DiskStallStarted {
+        /// The VM's UUID, if mapped.
+        vm_uuid: Option<String>,
+        /// The VM's name, if known.
+        vm_name: Option<String>,
+        /// The qemu process id.
+        pid: u32,
+        /// When the oldest stuck request or thread began waiting, host monotonic ns.
+        since_ns: u64,
+        /// Requests or threads stuck right now.
+        stuck_ops: u32,
+        /// The disks (device or image paths) involved, as far as known.
+        paths: Vec<String>,
+    },
+    /// A VM's I/O moves again.
+    DiskStallEnded {
+        /// The VM's UUID, if mapped.
+        vm_uuid: Option<String>,
+        /// The VM's name, if known.
+        vm_name: Option<String>,
+        /// The qemu process id.
+        pid: u32,
+        /// How long the stall lasted.
+        duration_ms: u64,
+    },
+    /// A libvirt domain lifecycle event.
+    LibvirtLifecycle {
+        /// The domain UUID, if known.
+        vm_uuid: Option<String>,
+        /// The domain name, if known.
+        vm_name: Option<String>,
+        /// The event (`Stopped`, `Crashed`, …) as libvirt names it.
+        event: String,
+        /// The event's detail (`Failed`, `Destroyed`, …).
+        detail: String,
+    },
+    /// The full list of VMs on the host; sent after connecting and when it changes.
+    Inventory {
+        /// Every VM.
+        vms: Vec<VmInfo>,
+    },
+    /// An event kind this build does not know (sent by a newer watchdog).
+    #[serde(other)]
+    Unknown,
+}
+
+/// One VM in an [`EventPayload::Inventory`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// libvirt domain UUID (= Nova instance UUID).
+    pub uuid: String,
+    /// libvirt domain name.
+    pub name: String,
+    /// libvirt domain state (`running`, `paused`, `shutoff`, …).
+    pub state: String,
+    /// qemu pid, when running.
+    pub pid: Option<u32>,
+    /// Disk sources (device or image paths).
+    pub disks: Vec<String>,
+}
+
+fn check_envelope(envelope: &Envelope) -> Result<(), EncodeError> {
+    let bad = |field| move |error| EncodeError::BadId { field, error };
+    check_cluster_id(&envelope.cluster_id).map_err(bad("cluster_id"))?;
+    check_host_id(&envelope.host_id).map_err(bad("host_id"))?;
+    match &envelope.message {
+        Message::Welcome { controller_id, .. } | Message::EventAck { controller_id, .. } => {
+            check_controller_id(controller_id).map_err(bad("controller_id"))
+        }
+        Message::Hello { .. } | Message::Event(_) => Ok(()),
+    }
+}
+
+/// Encodes and signs one frame.
+///
+/// Fails on an invalid id or on a body above [`MAX_FRAME_BODY_LEN`] (which the peer
+/// would refuse; split a large inventory instead).
+pub fn encode_frame(envelope: &Envelope, key: &Key) -> Result<Vec<u8>, EncodeError> {
+    check_envelope(envelope)?;
+    let mut out = Vec::with_capacity(256);
+    wire::put_preamble(&mut out, KIND_FRAME);
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&[0; 4]); // length, patched below
+                                    // Serializing plain structs of strings and integers into a Vec cannot fail.
+    serde_json::to_writer(&mut out, envelope).unwrap_or_default();
+    let body_len = out.len() - FRAME_HEADER_LEN;
+    let too_large = EncodeError::FrameTooLarge {
+        len: body_len,
+        max: MAX_FRAME_BODY_LEN,
+    };
+    if body_len > MAX_FRAME_BODY_LEN {
+        return Err(too_large);
+    }
+    let len_bytes = u32::try_from(body_len)
+        .map_err(|_| too_large)?
+        .to_be_bytes();
+    if let Some(slot) = out.get_mut(8..FRAME_HEADER_LEN) {
+        slot.copy_from_slice(&len_bytes);
+    }
+    wire::append_mac(&mut out, key);
+    Ok(out)
+}
+
+/// Reads the header at the start of `buf` and returns the whole frame's length, or
+/// `Ok(None)` if the header has not fully arrived.
+fn frame_len(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
+    // The preamble is judged on whatever has arrived, so garbage fails fast.
+    match wire::check_preamble(buf, KIND_FRAME) {
+        Ok(()) => {}
+        Err(DecodeError::Truncated { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let mut r = Reader::new(buf);
+    let header = match r.array::<FRAME_HEADER_LEN>() {
+        Ok(h) => h,
+        Err(_) => return Ok(None),
+    };
+    let [.., r0, r1, l0, l1, l2, l3] = header;
+    if (r0, r1) != (0, 0) {
+        return Err(DecodeError::Malformed("reserved frame header bytes set"));
+    }
+    let body_len = u32::from_be_bytes([l0, l1, l2, l3]) as usize;
+    if body_len > MAX_FRAME_BODY_LEN {
+        return Err(DecodeError::Oversize {
+            len: body_len,
+            max: MAX_FRAME_BODY_LEN,
+        });
+    }
+    Ok(Some(FRAME_HEADER_LEN + body_len + MAC_LEN))
+}
+
+/// Authenticates and parses one complete frame (`frame` is exactly one frame).
+fn parse_frame(frame: &[u8], key: &Key) -> Result<Envelope, DecodeError> {
+    let mac_at = frame.len().saturating_sub(MAC_LEN);
+    let (signed, tag) = frame
+        .split_at_checked(mac_at)
+        .ok_or(DecodeError::Truncated {
+            need: MAC_LEN,
+            have: frame.len(),
+        })?;
+    if !key.verify(signed, tag) {
+        return Err(DecodeError::BadMac);
+    }
+    let body = signed
+        .get(FRAME_HEADER_LEN..)
+        .ok_or(DecodeError::Truncated {
+            need: FRAME_HEADER_LEN,
+            have: signed.len(),
+        })?;
+    let envelope: Envelope =
+        serde_json::from_slice(body).map_err(|e| DecodeError::BadPayload(e.to_string()))?;
+    check_envelope(&envelope).map_err(|_| DecodeError::Malformed("invalid id in envelope"))?;
+    if let Message::Event(Event { id: 0, .. }) = envelope.message {
+        return Err(DecodeError::Malformed("event id 0"));
+    }
+    Ok(envelope)
+}
+
+/// Decodes the first frame in `bytes`, returning it and the number of bytes it
+/// took. An incomplete frame is [`DecodeError::Truncated`]; use [`FrameDecoder`] on
+/// a stream.
+pub fn decode_frame(bytes: &[u8], key: &Key) -> Result<(Envelope, usize), DecodeError> {
+    let len = frame_len(bytes)?.ok_or(DecodeError::Truncated {
+        need: FRAME_HEADER_LEN,
+        have: bytes.len(),
+    })?;
+    let frame = bytes.get(..len).ok_or(DecodeError::Truncated {
+        need: len,
+        have: bytes.len(),
+    })?;
+    Ok((parse_frame(frame, key)?, len))
+}
+
+/// Splits a byte stream into authenticated envelopes, whatever the transport: push
+/// the bytes as they arrive, then pop frames until it returns `Ok(None)`.
+///
+/// It only accepts frames meant to travel in `direction`, so a frame reflected back
+/// at its sender is refused. The first error is sticky (see the module docs): close
+/// the connection.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    key: Key,
+    direction: Direction,
+    buf: Vec<u8>,
+    /// Bytes of `buf` already consumed; compacted lazily so popping is cheap.
+    start: usize,
+    failed: Option<DecodeError>,
+}
+
+impl FrameDecoder {
+    /// A decoder for frames travelling in `direction`.
+    pub fn new(key: Key, direction: Direction) -> Self {
+        FrameDecoder {
+            key,
+            direction,
+            buf: Vec::new(),
+            start: 0,
+            failed: None,
+        }
+    }
+
+    /// Appends bytes read from the transport. Ignored once the decoder has failed.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.failed.is_some() {
+            return;
+        }
+        if self.start > 0 && self.start >= self.buf.len() / 2 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed, or the error
+    /// that ended this stream.
+    pub fn next_frame(&mut self) -> Result<Option<Envelope>, DecodeError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        match self.try_next() {
+            Ok(frame) => Ok(frame),
+            Err(e) => {
+                self.failed = Some(e.clone());
+                self.buf = Vec::new();
+                self.start = 0;
+                Err(e)
+            }
+        }
+    }
+
+    fn try_next(&mut self) -> Result<Option<Envelope>, DecodeError> {
+        let pending = self.buf.get(self.start..).unwrap_or_default();
+        let Some(len) = frame_len(pending)? else {
+            return Ok(None);
+        };
+        let Some(frame) = pending.get(..len) else {
+            return Ok(None);
+        };
+        let envelope = parse_frame(frame, &self.key)?;
+        if envelope.message.direction() != self.direction {
+            return Err(DecodeError::Malformed("frame sent in the wrong direction"));
+        }
+        self.start += len;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        Ok(Some(envelope))
+    }
+
+    /// Bytes received but not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.buf.len().saturating_sub(self.start)
+    }
+
+    /// The error that ended this stream, if any.
+    pub fn error(&self) -> Option<&DecodeError> {
+        self.failed.as_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> Key {
+        Key::new(b"an example cluster key, 32 bytes").unwrap()
+    }
+
+    /// Builds a correctly signed frame around any body, as a peer with another
+    /// schema would.
+    fn signed_frame(body: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        wire::put_preamble(&mut out, KIND_FRAME);
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        out.extend_from_slice(body.as_bytes());
+        wire::append_mac(&mut out, &key());
+        out
+    }
+
+    const BOOT: &str = "01010101-0101-0101-0101-010101010101";
+
+    #[test]
+    fn an_event_kind_from_a_newer_watchdog_decodes_as_unknown_so_it_can_be_acked() {
+        let body = format!(
+            r#"{{"cluster_id":"c","host_id":"h","boot_id":"{BOOT}","incarnation":1,
+               "message":{{"type":"event","id":9,"unix_ns":1,"mono_ns":2,
+                           "payload":{{"kind":"vm_migrated","to":"x"}}}}}}"#
+        );
+        let (env, _) = decode_frame(&signed_frame(&body), &key()).unwrap();
+        let Message::Event(event) = env.message else {
+            panic!("not an event: {env:?}")
+        };
+        assert_eq!(event.id, 9);
+        assert_eq!(event.payload, EventPayload::Unknown);
+    }
+
+    #[test]
+    fn fields_added_by_a_newer_peer_are_ignored() {
+        let body = format!(
+            r#"{{"cluster_id":"c","host_id":"h","boot_id":"{BOOT}","incarnation":1,
+               "zone":"az1","message":{{"type":"hello","last_event_id":3,"extra":true}}}}"#
+        );
+        let (env, _) = decode_frame(&signed_frame(&body), &key()).unwrap();
+        assert_eq!(env.message, Message::Hello { last_event_id: 3 });
+    }
+
+    #[test]
+    fn an_event_with_id_zero_is_refused_because_zero_means_none() {
+        let body = format!(
+            r#"{{"cluster_id":"c","host_id":"h","boot_id":"{BOOT}","incarnation":1,
+               "message":{{"type":"event","id":0,"unix_ns":1,"mono_ns":2,
+                           "payload":{{"kind":"qemu_started","vm_uuid":null,"vm_name":null,"pid":1}}}}}}"#
+        );
+        assert_eq!(
+            decode_frame(&signed_frame(&body), &key()).unwrap_err(),
+            DecodeError::Malformed("event id 0")
+        );
+    }
+
+    #[test]
+    fn an_authentic_frame_whose_body_is_not_an_envelope_is_a_bad_payload() {
+        for body in ["", "{}", "null", "[1,2]", r#"{"cluster_id":"c"}"#, "\u{0}"] {
+            let err = decode_frame(&signed_frame(body), &key()).unwrap_err();
+            assert!(
+                matches!(err, DecodeError::BadPayload(_)),
+                "{body:?}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_envelope_with_a_control_character_in_its_host_id_is_refused_on_decode() {
+        let body = format!(
+            r#"{{"cluster_id":"c","host_id":"h\u001b[31m","boot_id":"{BOOT}","incarnation":1,
+               "message":{{"type":"hello","last_event_id":3}}}}"#
+        );
+        assert!(matches!(
+            decode_frame(&signed_frame(&body), &key()),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+}

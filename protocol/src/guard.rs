@@ -1,0 +1,390 @@
+//! Receiver-side validation: replay windows, incarnation ordering, ack matching
+//! and event dedup. All of it is plain state with no I/O and no clock: the callers
+//! feed in what arrived and get a verdict back, so the controller's engine tests can
+//! drive it deterministically.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::ack::{decode_ack, Ack};
+use crate::error::{RejectCounters, RejectReason};
+use crate::heartbeat::{decode_heartbeat, Heartbeat};
+use crate::ids::BootId;
+use crate::key::Key;
+
+/// How far back (in sequence numbers) a datagram may arrive out of order and still
+/// be accepted. Heartbeats on different paths share one sequence, so a slow path's
+/// copy arrives "late"; at 100 ms per heartbeat on a few paths, 64 is seconds of
+/// slack.
+pub const REORDER_WINDOW: u64 = 64;
+
+/// A sliding anti-replay window over sequence numbers (as in IPsec and WireGuard):
+/// anything above the highest seen is new; anything within [`REORDER_WINDOW`] below it
+/// is new once; anything older is refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SequenceWindow {
+    highest: Option<u64>,
+    /// Bit `i` set: sequence `highest - i` has been accepted.
+    seen: u64,
+}
+
+impl SequenceWindow {
+    /// An empty window: the first sequence number it sees is accepted, whatever it is.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The highest sequence number accepted so far.
+    pub fn highest(&self) -> Option<u64> {
+        self.highest
+    }
+
+    /// Accepts `sequence` (and remembers it) or refuses it as a replay.
+    pub fn accept(&mut self, sequence: u64) -> Result<(), RejectReason> {
+        let Some(highest) = self.highest else {
+            self.highest = Some(sequence);
+            self.seen = 1;
+            return Ok(());
+        };
+        if sequence > highest {
+            let shift = sequence - highest;
+            self.seen = if shift >= REORDER_WINDOW {
+                1
+            } else {
+                (self.seen << shift) | 1
+            };
+            self.highest = Some(sequence);
+            return Ok(());
+        }
+        let back = highest - sequence;
+        if back >= REORDER_WINDOW {
+            return Err(RejectReason::Replayed);
+        }
+        let bit = 1u64 << back;
+        if self.seen & bit != 0 {
+            return Err(RejectReason::Replayed);
+        }
+        self.seen |= bit;
+        Ok(())
+    }
+}
+
+/// What a heartbeat that passed the [`ReplayGuard`] means for the host's epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// The first heartbeat this guard has seen from the host.
+    First,
+    /// The next heartbeat of the incarnation already followed.
+    Current,
+    /// The watchdog restarted: a higher incarnation. `rebooted` says the boot id
+    /// changed too, i.e. the host itself restarted.
+    NewIncarnation {
+        /// The boot id changed as well.
+        rebooted: bool,
+    },
+}
+
+/// Per-host ordering of heartbeats (the controller keeps one per host).
+///
+/// Epochs are ordered by incarnation alone, because boot ids are random and cannot
+/// be ordered. That is why the watchdog must never reuse or lower an incarnation,
+/// even after losing its state (see the crate docs): a higher incarnation, with any
+/// boot id, starts a new epoch and resets the sequence window; a lower one is
+/// refused as stale, and so is the same incarnation with another boot id (two boots
+/// cannot share an incarnation, so one of them is a replay).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayGuard {
+    epoch: Option<(BootId, u64)>,
+    window: SequenceWindow,
+}
+
+impl ReplayGuard {
+    /// A guard that has seen nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The boot id and incarnation currently followed.
+    pub fn epoch(&self) -> Option<(BootId, u64)> {
+        self.epoch
+    }
+
+    /// The highest sequence accepted in the current epoch.
+    pub fn highest_sequence(&self) -> Option<u64> {
+        self.window.highest()
+    }
+
+    /// Judges one authenticated datagram's (boot id, incarnation, sequence). State
+    /// changes only when it is accepted.
+    pub fn check(
+        &mut self,
+        boot_id: BootId,
+        incarnation: u64,
+        sequence: u64,
+    ) -> Result<Freshness, RejectReason> {
+        let freshness = match self.epoch {
+            None => Freshness::First,
+            Some((current_boot, current_incarnation)) => {
+                if incarnation > current_incarnation {
+                    Freshness::NewIncarnation {
+                        rebooted: boot_id != current_boot,
+                    }
+                } else if incarnation == current_incarnation && boot_id == current_boot {
+                    self.window.accept(sequence)?;
+                    return Ok(Freshness::Current);
+                } else {
+                    return Err(RejectReason::StaleIncarnation);
+                }
+            }
+        };
+        self.epoch = Some((boot_id, incarnation));
+        self.window = SequenceWindow::new();
+        // A fresh window accepts anything.
+        self.window.accept(sequence)?;
+        Ok(freshness)
+    }
+
+    /// [`ReplayGuard::check`] for a decoded heartbeat.
+    pub fn check_heartbeat(
+        &mut self,
+        heartbeat: &Heartbeat<'_>,
+    ) -> Result<Freshness, RejectReason> {
+        self.check(heartbeat.boot_id, heartbeat.incarnation, heartbeat.sequence)
+    }
+}
+
+/// A heartbeat the [`HeartbeatReceiver`] accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted<'a> {
+    /// The heartbeat, borrowing from the datagram.
+    pub heartbeat: Heartbeat<'a>,
+    /// What it means for the host's epoch.
+    pub freshness: Freshness,
+}
+
+/// The controller's heartbeat intake: decode, authenticate, check the cluster, then
+/// the host's [`ReplayGuard`]; every refusal is counted by reason.
+///
+/// Hosts are added on their first authentic heartbeat (only key holders can add
+/// one). After warm-up, accepting a heartbeat allocates nothing.
+#[derive(Debug)]
+pub struct HeartbeatReceiver {
+    key: Key,
+    cluster_id: String,
+    hosts: HashMap<String, ReplayGuard>,
+    counters: RejectCounters,
+}
+
+impl HeartbeatReceiver {
+    /// A receiver for heartbeats of `cluster_id` signed with `key`.
+    pub fn new(key: Key, cluster_id: impl Into<String>) -> Self {
+        HeartbeatReceiver {
+            key,
+            cluster_id: cluster_id.into(),
+            hosts: HashMap::new(),
+            counters: RejectCounters::default(),
+        }
+    }
+
+    /// Judges one datagram as it came off the socket.
+    pub fn receive<'a>(&mut self, datagram: &'a [u8]) -> Result<Accepted<'a>, RejectReason> {
+        let verdict = self.judge(datagram);
+        if let Err(reason) = verdict {
+            self.counters.record(reason);
+        }
+        verdict
+    }
+
+    fn judge<'a>(&mut self, datagram: &'a [u8]) -> Result<Accepted<'a>, RejectReason> {
+        let heartbeat = decode_heartbeat(datagram, &self.key).map_err(|e| e.reason())?;
+        if heartbeat.cluster_id != self.cluster_id {
+            return Err(RejectReason::UnknownCluster);
+        }
+        let guard = match self.hosts.get_mut(heartbeat.host_id) {
+            Some(guard) => guard,
+            None => self.hosts.entry(heartbeat.host_id.to_owned()).or_default(),
+        };
+        let freshness = guard.check_heartbeat(&heartbeat)?;
+        Ok(Accepted {
+            heartbeat,
+            freshness,
+        })
+    }
+
+    /// Rejections so far, by reason.
+    pub fn counters(&self) -> &RejectCounters {
+        &self.counters
+    }
+
+    /// The guard of one host, if it has been heard from.
+    pub fn guard(&self, host_id: &str) -> Option<&ReplayGuard> {
+        self.hosts.get(host_id)
+    }
+
+    /// Forgets a host (for example one removed from the cluster); its next heartbeat
+    /// is treated as the first.
+    pub fn forget_host(&mut self, host_id: &str) -> Option<ReplayGuard> {
+        self.hosts.remove(host_id)
+    }
+}
+
+/// The watchdog's ack intake: is this authentic ack an answer to one of *our*
+/// heartbeats?
+///
+/// It does not refuse duplicate acks (several controllers may ack the same
+/// heartbeat). Replays cannot fake reachability anyway: what counts is
+/// [`AckReceiver::newest_acked_send_mono_ns`], the send time of the newest
+/// heartbeat any controller answered, which the MAC protects. The watchdog's
+/// isolation timeout runs from that instant, not from when an ack arrived.
+#[derive(Debug)]
+pub struct AckReceiver {
+    key: Key,
+    cluster_id: String,
+    host_id: String,
+    boot_id: BootId,
+    incarnation: u64,
+    newest_acked_send_mono_ns: Option<u64>,
+    newest_acked_by_path: BTreeMap<u8, u64>,
+    counters: RejectCounters,
+}
+
+impl AckReceiver {
+    /// A receiver for acks to the heartbeats of this watchdog run.
+    pub fn new(
+        key: Key,
+        cluster_id: impl Into<String>,
+        host_id: impl Into<String>,
+        boot_id: BootId,
+        incarnation: u64,
+    ) -> Self {
+        AckReceiver {
+            key,
+            cluster_id: cluster_id.into(),
+            host_id: host_id.into(),
+            boot_id,
+            incarnation,
+            newest_acked_send_mono_ns: None,
+            newest_acked_by_path: BTreeMap::new(),
+            counters: RejectCounters::default(),
+        }
+    }
+
+    /// Judges one datagram. `highest_sent_sequence` is the last sequence number this
+    /// watchdog sent: an ack for a higher one answers a heartbeat never sent.
+    pub fn receive<'a>(
+        &mut self,
+        datagram: &'a [u8],
+        highest_sent_sequence: u64,
+    ) -> Result<Ack<'a>, RejectReason> {
+        let verdict = self.judge(datagram, highest_sent_sequence);
+        if let Err(reason) = verdict {
+            self.counters.record(reason);
+        }
+        verdict
+    }
+
+    fn judge<'a>(
+        &mut self,
+        datagram: &'a [u8],
+        highest_sent: u64,
+    ) -> Result<Ack<'a>, RejectReason> {
+        let ack = decode_ack(datagram, &self.key).map_err(|e| e.reason())?;
+        if ack.cluster_id != self.cluster_id {
+            return Err(RejectReason::UnknownCluster);
+        }
+        if ack.host_id != self.host_id {
+            return Err(RejectReason::NotForUs);
+        }
+        if ack.boot_id != self.boot_id || ack.incarnation != self.incarnation {
+            return Err(RejectReason::StaleIncarnation);
+        }
+        if ack.sequence > highest_sent {
+            return Err(RejectReason::NotForUs);
+        }
+        let newest = self.newest_acked_send_mono_ns.get_or_insert(0);
+        *newest = (*newest).max(ack.echoed_sent_mono_ns);
+        let on_path = self.newest_acked_by_path.entry(ack.path_index).or_insert(0);
+        *on_path = (*on_path).max(ack.echoed_sent_mono_ns);
+        Ok(ack)
+    }
+
+    /// Monotonic send time of the newest heartbeat some controller acked, on any
+    /// path: the watchdog was reachable at that instant.
+    pub fn newest_acked_send_mono_ns(&self) -> Option<u64> {
+        self.newest_acked_send_mono_ns
+    }
+
+    /// The same, for one path.
+    pub fn newest_acked_send_mono_ns_on_path(&self, path_index: u8) -> Option<u64> {
+        self.newest_acked_by_path.get(&path_index).copied()
+    }
+
+    /// Rejections so far, by reason.
+    pub fn counters(&self) -> &RejectCounters {
+        &self.counters
+    }
+}
+
+/// Whether an event is new to the controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventVerdict {
+    /// Not stored yet. `missing` counts the ids skipped between the last stored
+    /// event and this one (non-zero means the watchdog lost events).
+    New {
+        /// Ids between the high-water mark and this event that never arrived.
+        missing: u64,
+    },
+    /// Already stored (a resend after a reconnect); ack it again, store nothing.
+    Duplicate,
+}
+
+/// The controller's per-host event high-water marks, for at-least-once delivery
+/// with dedup.
+///
+/// Event ids are per host and survive watchdog restarts, and the stream delivers
+/// them in order, so one number per host is enough: an id at or below the mark is
+/// a duplicate. [`EventDedup::check`] does not move the mark; call
+/// [`EventDedup::commit`] once the event is stored, so an event whose store failed
+/// is taken again when the watchdog resends it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventDedup {
+    highest: HashMap<String, u64>,
+}
+
+impl EventDedup {
+    /// No host known yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Loads a host's mark from the store (at controller start).
+    pub fn restore(&mut self, host_id: &str, highest_stored: u64) {
+        self.highest.insert(host_id.to_owned(), highest_stored);
+    }
+
+    /// The highest event id stored for `host_id` (0: none); what a `Welcome` says.
+    pub fn highest(&self, host_id: &str) -> u64 {
+        self.highest.get(host_id).copied().unwrap_or(0)
+    }
+
+    /// New or duplicate? Does not change anything.
+    pub fn check(&self, host_id: &str, event_id: u64) -> EventVerdict {
+        let highest = self.highest(host_id);
+        if event_id <= highest {
+            EventVerdict::Duplicate
+        } else {
+            EventVerdict::New {
+                missing: event_id - highest - 1,
+            }
+        }
+    }
+
+    /// Records that `event_id` is stored; the mark never moves down.
+    pub fn commit(&mut self, host_id: &str, event_id: u64) {
+        match self.highest.get_mut(host_id) {
+            Some(highest) => *highest = (*highest).max(event_id),
+            None => {
+                self.highest.insert(host_id.to_owned(), event_id);
+            }
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! The wire format between `defib-watchdog` (one per hypervisor) and
+//! `defib-controller`.
+//!
+//! Three kinds of message, all authenticated with HMAC-SHA256 under one shared
+//! cluster key ([`Key`], loaded with [`load_key`]):
+//!
+//! | kind | byte | transport | direction | module |
+//! |---|---|---|---|---|
+//! | heartbeat | 1 | UDP, every 100 ms on every path | watchdog → controller | [`heartbeat`] |
+//! | heartbeat ack | 2 | UDP, one per heartbeat | controller → watchdog | [`ack`] |
+//! | stream frame | 3 | TCP (any byte stream) | both | [`frame`] |
+//!
+//! Every message starts with the same preamble: the magic `"DFIB"`, the protocol
+//! version ([`PROTOCOL_VERSION`], 1) and the kind byte; all integers are big-endian.
+//! The HMAC is the last 32 bytes and covers every byte before it, preamble included,
+//! so one kind can never be passed off as another. Datagrams are fixed binary
+//! layouts (decoded without allocating, for the controller's million heartbeats a
+//! second); stream frames carry a length-prefixed JSON [`Envelope`], because events
+//! are rare and their schema grows. The exact layouts are in each module's docs
+//! and in the crate's `README.md`.
+//!
+//! # Example: one heartbeat and its ack
+//!
+//! ```
+//! use protocol::*;
+//!
+//! let key = Key::new(b"a shared cluster key of 32 bytes")?;
+//! // Watchdog side.
+//! let hb = Heartbeat {
+//!     cluster_id: "prod-az1",
+//!     host_id: "compute-17",
+//!     boot_id: "0f5a3c7e-1b2d-4e6f-8a9b-0c1d2e3f4a5b".parse()?,
+//!     incarnation: 1_790_000_000_000,
+//!     sequence: 1,
+//!     sent_unix_ns: 1_790_000_000_000_000_000,
+//!     sent_mono_ns: 9_000_000_000,
+//!     path_index: 0,
+//!     status: HostStatus { vm_count: 12, libvirt_reachable: true, ..HostStatus::default() },
+//! };
+//! let datagram = encode_heartbeat(&hb, &key)?;
+//!
+//! // Controller side.
+//! let mut receiver = HeartbeatReceiver::new(key.clone(), "prod-az1");
+//! let accepted = receiver.receive(&datagram).expect("authentic and fresh");
+//! assert_eq!(accepted.freshness, Freshness::First);
+//! let ack = encode_ack(&Ack::answering(&accepted.heartbeat, "ctl-a", 1_790_000_000_001_000_000), &key)?;
+//! assert_eq!(receiver.receive(&datagram).unwrap_err(), RejectReason::Replayed);
+//!
+//! // Back on the watchdog.
+//! let mut acks = AckReceiver::new(key, "prod-az1", "compute-17", hb.boot_id, hb.incarnation);
+//! acks.receive(&ack, hb.sequence).expect("answers our heartbeat");
+//! assert_eq!(acks.newest_acked_send_mono_ns(), Some(hb.sent_mono_ns));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Identity, incarnations and replay
+//!
+//! A watchdog run is identified by (host id, boot id, incarnation). The boot id is
+//! the kernel's ([`BootId::current`]). The incarnation is a `u64` the watchdog
+//! persists and raises on every start; it must never repeat or go down, even if the
+//! state file is lost, so the watchdog should take
+//! `max(stored + 1, unix time in ms at start)`. The controller orders runs by
+//! incarnation alone ([`ReplayGuard`]): a higher one resets the sequence window, a
+//! lower one is stale. Within a run, every heartbeat datagram (on any path) takes
+//! the next sequence number; a 64-wide window ([`SequenceWindow`]) absorbs
+//! reordering between paths and refuses duplicates.
+//!
+//! Event ids are per host, start at 1, and are persisted by the watchdog across
+//! restarts, so the controller deduplicates resent events by (host id, event id)
+//! with a high-water mark ([`EventDedup`]).
+//!
+//! # Robustness
+//!
+//! No decoder panics on any input, allocates from a length field beyond
+//! [`MAX_FRAME_BODY_LEN`] (1 MiB), or reads past its buffer; every refusal is a
+//! [`DecodeError`], and receivers count refusals by [`RejectReason`]. Property tests
+//! and cargo-fuzz targets (`fuzz/`) exercise this.
+
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod ack;
+mod error;
+pub mod frame;
+mod guard;
+pub mod heartbeat;
+mod ids;
+mod key;
+mod wire;
+
+pub use ack::{decode_ack, encode_ack, Ack, KIND_ACK, MAX_ACK_LEN};
+pub use error::{DecodeError, EncodeError, RejectCounters, RejectReason};
+pub use frame::{
+    decode_frame, encode_frame, Direction, Envelope, Event, EventPayload, FrameDecoder, Message,
+    VmInfo, FRAME_HEADER_LEN, KIND_FRAME, MAX_FRAME_BODY_LEN, MAX_FRAME_LEN,
+};
+pub use guard::{
+    Accepted, AckReceiver, EventDedup, EventVerdict, Freshness, HeartbeatReceiver, ReplayGuard,
+    SequenceWindow, REORDER_WINDOW,
+};
+pub use heartbeat::{
+    decode_heartbeat, encode_heartbeat, Heartbeat, HostStatus, KIND_HEARTBEAT, MAX_HEARTBEAT_LEN,
+    MIN_HEARTBEAT_LEN,
+};
+pub use ids::{
+    check_cluster_id, check_controller_id, check_host_id, BootId, BootIdParseError, IdError,
+    BOOT_ID_PATH, MAX_CLUSTER_ID_LEN, MAX_CONTROLLER_ID_LEN, MAX_HOST_ID_LEN,
+};
+pub use key::{load_key, Key, KeyError, KeyTooShort, MAC_LEN, MIN_KEY_LEN};
+
+/// The four bytes every message starts with.
+pub const MAGIC: [u8; 4] = *b"DFIB";
+
+/// The protocol version this build speaks. A receiver refuses any other.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// A UDP receive buffer this large holds any valid datagram with room to spare, so
+/// an oversize one is seen as oversize rather than silently cut by the kernel.
+pub const DATAGRAM_RECV_BUFFER_LEN: usize = 1024;
+
+// Any valid datagram fits the recommended receive buffer with room to spare.
+const _: () = assert!(MAX_HEARTBEAT_LEN < DATAGRAM_RECV_BUFFER_LEN);
+const _: () = assert!(MAX_ACK_LEN < DATAGRAM_RECV_BUFFER_LEN);

@@ -1,0 +1,230 @@
+mod common;
+
+use common::*;
+use protocol::{
+    decode_heartbeat, encode_heartbeat, DecodeError, EncodeError, Heartbeat, IdError, RejectReason,
+    MAC_LEN, MAX_HEARTBEAT_LEN, MIN_HEARTBEAT_LEN,
+};
+
+fn encoded() -> Vec<u8> {
+    encode_heartbeat(&heartbeat(7, 100), &key()).unwrap()
+}
+
+#[test]
+fn a_heartbeat_survives_encoding_and_decoding_unchanged() {
+    let hb = heartbeat(7, 100);
+    let bytes = encode_heartbeat(&hb, &key()).unwrap();
+    assert_eq!(decode_heartbeat(&bytes, &key()), Ok(hb));
+}
+
+#[test]
+fn a_heartbeat_with_isolation_and_no_libvirt_keeps_both_flags() {
+    let mut hb = heartbeat(7, 100);
+    hb.status.isolated = true;
+    hb.status.libvirt_reachable = false;
+    hb.path_index = 3;
+    let bytes = encode_heartbeat(&hb, &key()).unwrap();
+    let back = decode_heartbeat(&bytes, &key()).unwrap();
+    assert!(back.status.isolated);
+    assert!(!back.status.libvirt_reachable);
+    assert_eq!(back.path_index, 3);
+}
+
+#[test]
+fn the_encoded_heartbeat_starts_with_the_documented_fixed_layout() {
+    let bytes = encoded();
+    assert_eq!(&bytes[0..4], b"DFIB");
+    assert_eq!(bytes[4], 1, "version");
+    assert_eq!(bytes[5], 1, "kind");
+    assert_eq!(bytes[6], 0, "path index");
+    assert_eq!(bytes[7], 0b10, "flags: libvirt reachable only");
+    assert_eq!(&bytes[8..24], &[1; 16], "boot id");
+    assert_eq!(bytes[24..32], 7u64.to_be_bytes(), "incarnation");
+    assert_eq!(bytes[32..40], 100u64.to_be_bytes(), "sequence");
+    assert_eq!(bytes[56..60], 42u32.to_be_bytes(), "vm count");
+    assert_eq!(bytes[72] as usize, CLUSTER.len());
+    assert_eq!(
+        bytes.len(),
+        72 + 1 + CLUSTER.len() + 1 + HOST.len() + MAC_LEN
+    );
+}
+
+#[test]
+fn the_longest_possible_heartbeat_fits_the_declared_maximum() {
+    let host = "h".repeat(protocol::MAX_HOST_ID_LEN);
+    let cluster = "c".repeat(protocol::MAX_CLUSTER_ID_LEN);
+    let hb = Heartbeat {
+        cluster_id: &cluster,
+        host_id: &host,
+        ..heartbeat(1, 1)
+    };
+    let bytes = encode_heartbeat(&hb, &key()).unwrap();
+    assert_eq!(bytes.len(), MAX_HEARTBEAT_LEN);
+    const { assert!(MAX_HEARTBEAT_LEN < protocol::DATAGRAM_RECV_BUFFER_LEN) };
+    assert_eq!(decode_heartbeat(&bytes, &key()), Ok(hb));
+}
+
+#[test]
+fn a_datagram_with_a_flipped_bit_is_rejected_as_forged_or_malformed_never_accepted() {
+    let bytes = encoded();
+    for i in 0..bytes.len() * 8 {
+        let mut mutated = bytes.clone();
+        mutated[i / 8] ^= 1 << (i % 8);
+        assert!(
+            decode_heartbeat(&mutated, &key()).is_err(),
+            "bit {i} flipped and still accepted"
+        );
+    }
+}
+
+#[test]
+fn a_datagram_with_a_flipped_bit_in_a_counter_is_rejected_as_forged() {
+    let mut bytes = encoded();
+    bytes[33] ^= 0x01; // inside the sequence number
+    assert_eq!(decode_heartbeat(&bytes, &key()), Err(DecodeError::BadMac));
+}
+
+#[test]
+fn a_heartbeat_signed_with_another_key_is_rejected_as_forged() {
+    let bytes = encode_heartbeat(&heartbeat(7, 100), &other_key()).unwrap();
+    assert_eq!(decode_heartbeat(&bytes, &key()), Err(DecodeError::BadMac));
+}
+
+#[test]
+fn a_heartbeat_with_its_mac_replaced_by_zeros_is_rejected_as_forged() {
+    let mut bytes = encoded();
+    let n = bytes.len();
+    bytes[n - MAC_LEN..].fill(0);
+    assert_eq!(decode_heartbeat(&bytes, &key()), Err(DecodeError::BadMac));
+}
+
+#[test]
+fn every_truncation_of_a_heartbeat_is_rejected_as_truncated() {
+    let bytes = encoded();
+    for len in 4..bytes.len() {
+        let err = decode_heartbeat(&bytes[..len], &key()).unwrap_err();
+        assert_eq!(err.reason(), RejectReason::Truncated, "cut at {len}: {err}");
+    }
+}
+
+#[test]
+fn an_empty_or_tiny_datagram_is_rejected_without_panicking() {
+    for len in 0..4 {
+        assert!(decode_heartbeat(&b"DFIB"[..len], &key()).is_err());
+    }
+    assert_eq!(decode_heartbeat(b"xy", &key()), Err(DecodeError::BadMagic));
+}
+
+#[test]
+fn a_heartbeat_with_extra_bytes_after_the_mac_is_rejected_as_malformed() {
+    let mut bytes = encoded();
+    bytes.push(0);
+    assert!(matches!(
+        decode_heartbeat(&bytes, &key()),
+        Err(DecodeError::Malformed(_))
+    ));
+}
+
+#[test]
+fn a_datagram_longer_than_any_heartbeat_is_rejected_as_oversize() {
+    let bytes = vec![0u8; MAX_HEARTBEAT_LEN + 1];
+    assert_eq!(
+        decode_heartbeat(&bytes, &key()),
+        Err(DecodeError::Oversize {
+            len: MAX_HEARTBEAT_LEN + 1,
+            max: MAX_HEARTBEAT_LEN
+        })
+    );
+}
+
+#[test]
+fn a_datagram_of_another_protocol_is_rejected_for_its_magic() {
+    let mut bytes = encoded();
+    bytes[0] = b'X';
+    assert_eq!(decode_heartbeat(&bytes, &key()), Err(DecodeError::BadMagic));
+}
+
+#[test]
+fn a_heartbeat_of_another_protocol_version_is_rejected_for_its_version() {
+    let mut bytes = encoded();
+    bytes[4] = 2;
+    assert_eq!(
+        decode_heartbeat(&bytes, &key()),
+        Err(DecodeError::UnsupportedVersion(2))
+    );
+}
+
+#[test]
+fn an_ack_offered_as_a_heartbeat_is_rejected_for_its_kind() {
+    let ack = protocol::encode_ack(&ack_for(&heartbeat(7, 100)), &key()).unwrap();
+    assert_eq!(
+        decode_heartbeat(&ack, &key()),
+        Err(DecodeError::WrongKind {
+            found: 2,
+            expected: 1
+        })
+    );
+}
+
+#[test]
+fn a_heartbeat_with_reserved_flag_bits_set_is_rejected_as_malformed() {
+    let mut bytes = encoded();
+    bytes[7] |= 0x80;
+    assert!(matches!(
+        decode_heartbeat(&bytes, &key()),
+        Err(DecodeError::Malformed(_))
+    ));
+}
+
+#[test]
+fn a_heartbeat_whose_host_id_is_not_utf8_is_rejected_as_malformed() {
+    let mut bytes = encoded();
+    let host_at = 72 + 1 + CLUSTER.len() + 1;
+    bytes[host_at] = 0xff;
+    assert!(matches!(
+        decode_heartbeat(&bytes, &key()),
+        Err(DecodeError::Malformed(_))
+    ));
+}
+
+#[test]
+fn a_heartbeat_with_an_empty_or_too_long_host_id_cannot_be_encoded() {
+    let hb = Heartbeat {
+        host_id: "",
+        ..heartbeat(1, 1)
+    };
+    assert_eq!(
+        encode_heartbeat(&hb, &key()),
+        Err(EncodeError::BadId {
+            field: "host_id",
+            error: IdError::Empty
+        })
+    );
+    let long = "h".repeat(254);
+    let hb = Heartbeat {
+        host_id: &long,
+        ..heartbeat(1, 1)
+    };
+    assert!(encode_heartbeat(&hb, &key()).is_err());
+}
+
+#[test]
+fn encoding_into_a_reused_buffer_gives_the_same_bytes_as_a_fresh_one() {
+    let mut buf = vec![0xAA; 3];
+    let hb = heartbeat(7, 100);
+    hb.encode_into(&key(), &mut buf).unwrap();
+    assert_eq!(buf, encoded());
+    assert!(buf.len() >= MIN_HEARTBEAT_LEN);
+}
+
+#[test]
+fn decoding_many_heartbeats_in_a_row_gives_each_back() {
+    // Not a benchmark: a smoke run of the hot path over many distinct datagrams.
+    let key = key();
+    let mut buf = Vec::new();
+    for seq in 0..20_000u64 {
+        heartbeat(7, seq).encode_into(&key, &mut buf).unwrap();
+        let hb = decode_heartbeat(&buf, &key).unwrap();
+        assert_eq!(hb.sequence, seq);
+    }
+}

@@ -1,0 +1,67 @@
+//! Maps shared by the probes and read or written by the daemon (names are its API).
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use watchdog_common::{
+    config_index, stat_index, InflightIo, KillerInfo, NamePattern, WatchedProcess,
+    MAX_NAME_PATTERNS,
+};
+
+/// Records to the daemon (exec, exit, slow I/O end).
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Processes we watch, by tgid. Filled by the daemon's /proc scan and by `process::exec`.
+#[map(name = "WATCHED")]
+pub static WATCHED: HashMap<u32, WatchedProcess> = HashMap::with_max_entries(8192, 0);
+
+/// Name patterns (`qemu-system-*`, ...) checked at exec.
+#[map(name = "NAME_PATTERNS")]
+pub static NAME_PATTERNS: Array<NamePattern> = Array::with_max_entries(MAX_NAME_PATTERNS, 0);
+
+/// u64 settings written by the daemon before it attaches the probes.
+#[map(name = "CONFIG")]
+pub static CONFIG: Array<u64> = Array::with_max_entries(config_index::LEN, 0);
+
+/// Counters the daemon sums over CPUs and reports.
+#[map(name = "STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat_index::LEN, 0);
+
+/// I/O syscalls in flight, by tid.
+#[map(name = "INFLIGHT")]
+pub static INFLIGHT: HashMap<u32, InflightIo> = HashMap::with_max_entries(16384, 0);
+
+/// Last terminating signal sent to a watched process, by target tgid.
+#[map(name = "KILLERS")]
+pub static KILLERS: LruHashMap<u32, KillerInfo> = LruHashMap::with_max_entries(8192, 0);
+
+/// OOM victims, by tgid.
+#[map(name = "OOM_VICTIMS")]
+pub static OOM_VICTIMS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(1024, 0);
+
+#[inline(always)]
+pub fn is_watched(tgid: u32) -> bool {
+    // SAFETY: the value is only tested for presence, never read through the reference.
+    unsafe { WATCHED.get(tgid).is_some() }
+}
+
+#[inline(always)]
+pub fn count(stat: u32) {
+    if let Some(p) = STATS.get_ptr_mut(stat) {
+        // SAFETY: a per-CPU slot; only this CPU writes it while the program runs.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn config(index: u32) -> u64 {
+    CONFIG.get(index).copied().unwrap_or(0)
+}
+
+/// Splits `bpf_get_current_pid_tgid()` into (tgid, tid).
+#[inline(always)]
+pub fn current_ids() -> (u32, u32) {
+    let v = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    ((v >> 32) as u32, v as u32)
+}

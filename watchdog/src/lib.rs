@@ -1,0 +1,11 @@
+//! defib-watchdog: the host half of defib. See the crate README and docs/.
+pub mod btf;
+pub mod clock;
+pub mod config;
+pub mod events;
+pub mod monitor;
+pub mod mounts;
+pub mod probes;
+pub mod procfs;
+pub mod records;
+pub mod stall;

@@ -1,0 +1,319 @@
+//! The host monitor: consumes probe records, keeps the pid → VM map and the stall
+//! tracker, and hands typed events to a sink. Runs on the tokio runtime of the daemon.
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use watchdog_common::io_syscalls;
+
+use crate::clock::{mono_to_unix_ms, monotonic_ns};
+use crate::config::WatchdogConfig;
+use crate::events::{signal_name, Killer, StuckIo, WatchdogEvent};
+use crate::probes::{ProbeStats, Probes};
+use crate::procfs::{self, VmIdentity};
+use crate::records::{self, comm_str, Record};
+use crate::stall::{StallChange, StallTracker};
+
+/// Where events go: stdout for `events`, the controller stream later.
+pub trait EventSink {
+    fn emit(&mut self, event: WatchdogEvent);
+}
+
+#[derive(Debug, Clone)]
+struct WatchedVm {
+    comm: String,
+    vm: VmIdentity,
+}
+
+pub struct Monitor {
+    probes: Probes,
+    proc_root: PathBuf,
+    cfg: WatchdogConfig,
+    vms: HashMap<u32, WatchedVm>,
+    stalls: StallTracker,
+    last_stats: ProbeStats,
+}
+
+impl Monitor {
+    pub fn new(probes: Probes, cfg: WatchdogConfig) -> Self {
+        let threshold = cfg.probes.stall_threshold_ms * 1_000_000;
+        Self {
+            probes,
+            proc_root: PathBuf::from("/proc"),
+            cfg,
+            vms: HashMap::new(),
+            stalls: StallTracker::new(threshold),
+            last_stats: ProbeStats::default(),
+        }
+    }
+
+    /// Watches every matching process already running. Called after the probes are
+    /// attached (see `Probes::load`), and again every `proc_rescan_interval_ms`.
+    pub fn scan_proc(&mut self, sink: &mut dyn EventSink) {
+        let patterns = self.cfg.name_patterns();
+        for (pid, comm) in procfs::scan_matching(&self.proc_root, &patterns) {
+            if self.vms.contains_key(&pid) {
+                continue;
+            }
+            let now = monotonic_ns();
+            if let Err(e) = self.probes.watch(pid, now) {
+                tracing::warn!(pid, error = %e, "cannot watch process");
+                continue;
+            }
+            self.started(pid, comm_str(&comm), "scan", None, sink);
+        }
+    }
+
+    fn started(
+        &mut self,
+        pid: u32,
+        comm: String,
+        source: &'static str,
+        kernel_ns: Option<u64>,
+        sink: &mut dyn EventSink,
+    ) {
+        let vm = procfs::read_args(&self.proc_root, pid)
+            .map(|a| procfs::vm_identity_from_args(&a))
+            .unwrap_or_default();
+        self.vms.insert(
+            pid,
+            WatchedVm {
+                comm: comm.clone(),
+                vm: vm.clone(),
+            },
+        );
+        let observed_ns = monotonic_ns();
+        sink.emit(WatchdogEvent::QemuStarted {
+            pid,
+            comm,
+            vm,
+            source,
+            kernel_ns,
+            observed_ns,
+            unix_ms: mono_to_unix_ms(kernel_ns.unwrap_or(observed_ns)),
+        });
+    }
+
+    fn handle(&mut self, bytes: &[u8], sink: &mut dyn EventSink) {
+        let record = match records::decode(bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "undecodable probe record dropped");
+                return;
+            }
+        };
+        match record {
+            Record::Exec(r) => {
+                if !self.vms.contains_key(&r.tgid) {
+                    self.started(r.tgid, comm_str(&r.comm), "exec", Some(r.ts_ns), sink);
+                }
+            }
+            Record::Exit(r) => {
+                let observed_ns = monotonic_ns();
+                let known = self.vms.remove(&r.tgid);
+                for c in self.stalls.on_exit(r.tgid, r.ts_ns) {
+                    self.emit_stall(c, sink);
+                }
+                let (exit_code, signal, core_dumped) = decode_wait_status(r.status_known, r.status);
+                let killer = (r.killer_tgid != 0).then(|| Killer {
+                    pid: r.killer_tgid,
+                    comm: comm_str(&r.killer_comm),
+                    signal: r.killer_signal as i32,
+                    kernel_ns: r.killer_ts_ns,
+                });
+                let (comm, vm) = match known {
+                    Some(k) => (k.comm, k.vm),
+                    None => (comm_str(&r.comm), VmIdentity::default()),
+                };
+                sink.emit(WatchdogEvent::QemuExited {
+                    pid: r.tgid,
+                    comm,
+                    vm,
+                    exit_code,
+                    signal,
+                    signal_name: signal.and_then(signal_name),
+                    core_dumped,
+                    oom_killed: r.oom_killed != 0,
+                    killer,
+                    kernel_ns: r.ts_ns,
+                    observed_ns,
+                    unix_ms: mono_to_unix_ms(r.ts_ns),
+                });
+            }
+            Record::IoSlowEnd(r) => {
+                for c in self.stalls.on_slow_end(&r) {
+                    self.emit_stall(c, sink);
+                }
+            }
+        }
+    }
+
+    fn emit_stall(&self, change: StallChange, sink: &mut dyn EventSink) {
+        let observed_ns = monotonic_ns();
+        let vm_of = |pid| self.vms.get(&pid).map(|v| v.vm.clone()).unwrap_or_default();
+        let event = match change {
+            StallChange::Started {
+                tgid,
+                since_ns,
+                ops,
+            } => WatchdogEvent::DiskStallStarted {
+                pid: tgid,
+                vm: vm_of(tgid),
+                since_ns,
+                threshold_ms: self.cfg.probes.stall_threshold_ms,
+                stuck_ops: ops
+                    .into_iter()
+                    .map(|o| StuckIo {
+                        tid: o.tid,
+                        syscall: io_syscalls::name(o.syscall_nr),
+                        fd: o.fd,
+                        path: procfs::fd_target(&self.proc_root, tgid, o.fd),
+                        start_ns: o.start_ns,
+                    })
+                    .collect(),
+                observed_ns,
+                unix_ms: mono_to_unix_ms(observed_ns),
+            },
+            StallChange::Ended {
+                tgid,
+                since_ns,
+                end_ns,
+            } => WatchdogEvent::DiskStallEnded {
+                pid: tgid,
+                vm: vm_of(tgid),
+                since_ns,
+                end_ns,
+                duration_ms: end_ns.saturating_sub(since_ns) / 1_000_000,
+                observed_ns,
+                unix_ms: mono_to_unix_ms(end_ns),
+            },
+        };
+        sink.emit(event);
+    }
+
+    fn scan_stalls(&mut self, sink: &mut dyn EventSink) {
+        match self.probes.inflight() {
+            Ok(inflight) => {
+                for c in self.stalls.on_scan(monotonic_ns(), &inflight) {
+                    self.emit_stall(c, sink);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the in-flight I/O map"),
+        }
+    }
+
+    fn check_stats(&mut self, sink: &mut dyn EventSink) {
+        if let Ok(stats) = self.probes.stats() {
+            if stats != self.last_stats {
+                self.last_stats = stats;
+                tracing::warn!(?stats, "probe records lost or maps full");
+                sink.emit(WatchdogEvent::ProbeLoss {
+                    stats,
+                    observed_ns: monotonic_ns(),
+                });
+            }
+        }
+    }
+
+    /// Runs until `shutdown` resolves.
+    pub async fn run(
+        mut self,
+        sink: &mut dyn EventSink,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let ring = self.probes.take_ring()?;
+        // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd, so the fd stays
+        // open for as long as it is registered (the I/O-safety condition of `register`).
+        let mut ring =
+            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+                .map_err(|e| anyhow::anyhow!("registering the ring buffer with tokio: {e}"))?;
+        self.scan_proc(sink);
+        let mut stall_tick = tokio::time::interval(Duration::from_millis(
+            self.cfg.probes.stall_scan_interval_ms,
+        ));
+        let mut rescan_tick = tokio::time::interval(Duration::from_millis(
+            self.cfg.probes.proc_rescan_interval_ms,
+        ));
+        stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        rescan_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                guard = ring.readable_mut() => {
+                    let mut guard = guard?;
+                    let rb = guard.get_inner_mut();
+                    while let Some(item) = rb.next() {
+                        let bytes: Vec<u8> = item.to_vec();
+                        drop(item);
+                        self.handle(&bytes, sink);
+                    }
+                    guard.clear_ready();
+                }
+                _ = stall_tick.tick() => {
+                    // Drain first: a call that just ended has its record in the ring
+                    // before its entry leaves the in-flight map (see stall.rs).
+                    let rb = ring.get_mut();
+                    let mut pending = Vec::new();
+                    while let Some(item) = rb.next() {
+                        pending.push(item.to_vec());
+                    }
+                    for bytes in pending {
+                        self.handle(&bytes, sink);
+                    }
+                    self.scan_stalls(sink);
+                    self.check_stats(sink);
+                }
+                _ = rescan_tick.tick() => self.scan_proc(sink),
+                _ = &mut shutdown => break,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Prints events to stdout, JSON lines or human lines, flushed one by one.
+pub struct StdoutSink {
+    pub json: bool,
+}
+
+impl EventSink for StdoutSink {
+    fn emit(&mut self, event: WatchdogEvent) {
+        use std::io::Write as _;
+        let line = if self.json {
+            serde_json::to_string(&event)
+                .unwrap_or_else(|e| format!("{{\"type\":\"error\",\"error\":\"{e}\"}}"))
+        } else {
+            event.human()
+        };
+        let mut out = std::io::stdout().lock();
+        // A closed stdout (the reader went away) is not worth crashing the monitor for.
+        let _ = writeln!(out, "{line}").and_then(|_| out.flush());
+    }
+}
+
+/// (exit code, signal, core dumped) from a wait status, as WIFEXITED/WTERMSIG would read it.
+pub fn decode_wait_status(known: u32, status: i32) -> (Option<i32>, Option<i32>, bool) {
+    if known == 0 {
+        return (None, None, false);
+    }
+    let sig = status & 0x7f;
+    if sig == 0 {
+        (Some((status >> 8) & 0xff), None, false)
+    } else {
+        (None, Some(sig), status & 0x80 != 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_wait_status;
+
+    #[test]
+    fn wait_statuses_decode_like_waitpid() {
+        assert_eq!(decode_wait_status(1, 7 << 8), (Some(7), None, false));
+        assert_eq!(decode_wait_status(1, 9), (None, Some(9), false));
+        assert_eq!(decode_wait_status(1, 0x80 | 11), (None, Some(11), true));
+        assert_eq!(decode_wait_status(0, 9), (None, None, false));
+    }
+}

@@ -1,0 +1,165 @@
+//! Loads the eBPF object built by build.rs, configures it, attaches every probe, and
+//! gives typed access to its maps.
+use anyhow::{anyhow, Context as _};
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+    Ebpf,
+};
+use watchdog_common::{
+    config_index, io_syscalls, stat_index, InflightIo, NamePattern, WatchedProcess,
+    MAX_NAME_PATTERNS,
+};
+
+use crate::config::WatchdogConfig;
+
+/// The object file, built for bpfel-unknown-none by build.rs (aya-build).
+static PROBES_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/defib-probes"));
+
+/// (program, tracepoint category, tracepoint name) for every single-point probe.
+const TRACEPOINTS: &[(&str, &str, &str)] = &[
+    ("qemu_exec", "sched", "sched_process_exec"),
+    ("qemu_exit", "sched", "sched_process_exit"),
+    ("qemu_signal_generate", "signal", "signal_generate"),
+    ("qemu_oom_victim", "oom", "mark_victim"),
+];
+
+/// Probe counters, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ProbeStats {
+    pub ringbuf_drops: u64,
+    pub inflight_full: u64,
+    pub watch_full: u64,
+}
+
+pub struct Probes {
+    ebpf: Ebpf,
+}
+
+impl Probes {
+    /// Loads and attaches everything. Order matters: the exec probe is attached before the
+    /// caller scans /proc, so a qemu started in between is seen by one or the other.
+    pub fn load(cfg: &WatchdogConfig) -> anyhow::Result<Self> {
+        raise_memlock_limit();
+        let mut ebpf =
+            Ebpf::load(PROBES_OBJECT).context("loading the eBPF object into the kernel")?;
+        {
+            let mut config: Array<_, u64> = Array::try_from(map(&mut ebpf, "CONFIG")?)?;
+            config.set(
+                config_index::STALL_THRESHOLD_NS,
+                cfg.probes.stall_threshold_ms * 1_000_000,
+                0,
+            )?;
+            let exit_code_offset = crate::btf::kernel_field_offset("task_struct", "exit_code")
+                .context("finding task_struct.exit_code for exit statuses")?;
+            config.set(
+                config_index::TASK_EXIT_CODE_OFFSET,
+                u64::from(exit_code_offset),
+                0,
+            )?;
+        }
+        {
+            let mut names: Array<_, NamePattern> =
+                Array::try_from(map(&mut ebpf, "NAME_PATTERNS")?)?;
+            for (i, p) in cfg
+                .name_patterns()
+                .into_iter()
+                .enumerate()
+                .take(MAX_NAME_PATTERNS as usize)
+            {
+                names.set(i as u32, p, 0)?;
+            }
+        }
+        for (prog, category, name) in TRACEPOINTS {
+            attach(&mut ebpf, prog, &[(category, name)])?;
+        }
+        let enters: Vec<String> = io_syscalls::TRACKED
+            .iter()
+            .map(|(n, _)| format!("sys_enter_{n}"))
+            .collect();
+        let exits: Vec<String> = io_syscalls::TRACKED
+            .iter()
+            .map(|(n, _)| format!("sys_exit_{n}"))
+            .collect();
+        let enters: Vec<(&str, &str)> = enters.iter().map(|n| ("syscalls", n.as_str())).collect();
+        let exits: Vec<(&str, &str)> = exits.iter().map(|n| ("syscalls", n.as_str())).collect();
+        attach(&mut ebpf, "qemu_io_enter", &enters)?;
+        attach(&mut ebpf, "qemu_io_exit", &exits)?;
+        Ok(Self { ebpf })
+    }
+
+    /// Takes the ring buffer out (once); the caller polls it.
+    pub fn take_ring(&mut self) -> anyhow::Result<RingBuf<MapData>> {
+        let m = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or_else(|| anyhow!("ring buffer EVENTS already taken or missing"))?;
+        Ok(RingBuf::try_from(m)?)
+    }
+
+    /// Starts watching a process found by the /proc scan.
+    pub fn watch(&mut self, tgid: u32, since_ns: u64) -> anyhow::Result<()> {
+        let mut watched: HashMap<_, u32, WatchedProcess> =
+            HashMap::try_from(map(&mut self.ebpf, "WATCHED")?)?;
+        watched.insert(tgid, WatchedProcess { since_ns }, 0)?;
+        Ok(())
+    }
+
+    pub fn watched_pids(&mut self) -> anyhow::Result<Vec<u32>> {
+        let watched: HashMap<_, u32, WatchedProcess> =
+            HashMap::try_from(map(&mut self.ebpf, "WATCHED")?)?;
+        Ok(watched.keys().filter_map(Result::ok).collect())
+    }
+
+    /// Every tracked I/O call in flight right now, by tid.
+    pub fn inflight(&mut self) -> anyhow::Result<Vec<(u32, InflightIo)>> {
+        let inflight: HashMap<_, u32, InflightIo> =
+            HashMap::try_from(map(&mut self.ebpf, "INFLIGHT")?)?;
+        // An entry removed during iteration shows up as an error for that key: skip it.
+        Ok(inflight.iter().filter_map(Result::ok).collect())
+    }
+
+    pub fn stats(&mut self) -> anyhow::Result<ProbeStats> {
+        let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(map(&mut self.ebpf, "STATS")?)?;
+        let sum = |i: u32| -> anyhow::Result<u64> { Ok(stats.get(&i, 0)?.iter().sum()) };
+        Ok(ProbeStats {
+            ringbuf_drops: sum(stat_index::RINGBUF_DROPS)?,
+            inflight_full: sum(stat_index::INFLIGHT_FULL)?,
+            watch_full: sum(stat_index::WATCH_FULL)?,
+        })
+    }
+}
+
+fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
+    ebpf.map_mut(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+}
+
+fn attach(ebpf: &mut Ebpf, prog: &str, points: &[(&str, &str)]) -> anyhow::Result<()> {
+    let program: &mut TracePoint = ebpf
+        .program_mut(prog)
+        .ok_or_else(|| anyhow!("program {prog} missing from the eBPF object"))?
+        .try_into()?;
+    program
+        .load()
+        .with_context(|| format!("loading program {prog} (verifier)"))?;
+    for (category, name) in points {
+        program
+            .attach(category, name)
+            .with_context(|| format!("attaching {prog} to tracepoint {category}/{name}"))?;
+    }
+    Ok(())
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use memcg and ignore it.
+fn raise_memlock_limit() {
+    let rl = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) } != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK; fine on kernels ≥ 5.11");
+    }
+}

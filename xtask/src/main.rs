@@ -1,0 +1,85 @@
+//! `cargo xtask <task>`: the project's own commands. Each installs what it needs first
+//! (idempotent, and fast when everything is there), so a fresh machine needs nothing else.
+#![allow(clippy::disallowed_types, clippy::disallowed_methods)] // synchronous tool, not async code
+
+mod demo;
+mod setup;
+
+use std::process::{Command, ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install and prepare everything the build and the tests need (Debian packages,
+    /// nightly rust-src, bpf-linker, tracefs/bpffs mounts). Idempotent.
+    Setup,
+    /// Setup, then run the whole test suite (`cargo test`, default members). Extra
+    /// arguments go to cargo test.
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build the eBPF probes (they are built by watchdog/build.rs; this runs just that).
+    BuildEbpf,
+    /// Setup, then show the watchdog at work on this machine: a VM's qemu is killed, one
+    /// exits by itself, one's disk stalls and recovers; every event is printed.
+    Demo,
+    /// Setup, then run a benchmark scenario (see bench/): exit-latency | stall-latency.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::run(),
+        Task::Test { args } => setup::run().and_then(|()| run_tests(&args)),
+        Task::BuildEbpf => cargo(&["build", "-p", "defib-watchdog"]),
+        Task::Demo => setup::run().and_then(|()| demo::run()),
+        Task::Bench { args } => setup::run().and_then(|()| {
+            let mut a = vec!["run", "--release", "-p", "defib-bench", "--"];
+            a.extend(args.iter().map(String::as_str));
+            cargo(&a)
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_tests(args: &[String]) -> anyhow::Result<()> {
+    // Binaries first: the end-to-end tests run them (and would otherwise build them from
+    // inside the test run, one at a time).
+    cargo(&["build", "--bins"])?;
+    let mut a = vec!["test"];
+    a.extend(args.iter().map(String::as_str));
+    cargo(&a)
+}
+
+pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(args)
+        .current_dir(defib_tests::workspace_root())
+        .status()?;
+    anyhow::ensure!(
+        status.success(),
+        "cargo {} failed ({status})",
+        args.join(" ")
+    );
+    Ok(())
+}
