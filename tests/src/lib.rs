@@ -65,15 +65,21 @@ fn target_dir() -> PathBuf {
 
 /// Builds (once per test process) and returns the path of a workspace binary. Running
 /// cargo from a test is fine: cargo releases its build lock before it runs tests.
+/// `DEFIB_RELEASE=1` uses release builds (the benchmarks set it).
 pub fn built_binary(package: &str, bin: &str) -> PathBuf {
     static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
     let built = BUILT.get_or_init(|| Mutex::new(Vec::new()));
     let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
-    let path = target_dir().join("debug").join(bin);
+    let release = std::env::var("DEFIB_RELEASE").is_ok_and(|v| v == "1");
+    let path = target_dir().join(if release { "release" } else { "debug" }).join(bin);
     if !built.iter().any(|b| b == bin) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut args = vec!["build", "--quiet", "-p", package, "--bin", bin];
+        if release {
+            args.push("--release");
+        }
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", package, "--bin", bin])
+            .args(&args)
             .current_dir(workspace_root())
             .status()
             .expect("running cargo build");
