@@ -16,6 +16,26 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod netns;
+
+/// A short tag unique to this test process and call, for names of namespaces and files.
+pub fn tag() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{:x}{}", std::process::id() & 0xffff, N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Runs `ip ARGS`, panicking with its stderr if it fails.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn ci() -> bool {
     std::env::var("CI")
         .map(|v| v == "true" || v == "1")

@@ -1,0 +1,71 @@
+//! The engine's knobs, with the documented defaults.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::detector::DetectorConfig;
+
+/// Engine configuration. [`Config::default`] gives the documented defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    /// The failure detector (default: fixed, 3 missed 100 ms heartbeats = 300 ms).
+    pub detector: DetectorConfig,
+    /// How often the engine evaluates timers (default 50 ms).
+    pub tick: Duration,
+    /// Silence (no heartbeat on any path) after which a Suspect host is confirmed with
+    /// independent sources (default 500 ms).
+    pub confirm_after: Duration,
+    /// No answer from the confirmation sources after this long counts as `Unknown`
+    /// (default 2 s).
+    pub confirm_timeout: Duration,
+    /// Re-ask the confirmation sources this often while the answer is `Alive` or
+    /// `Unknown` (default 2 s).
+    pub confirm_retry: Duration,
+    /// With an `Unknown` answer, fence once the host has been silent this long
+    /// (default 3 s). A `Dead` answer fences at once.
+    pub fence_on_unknown_after: Duration,
+    /// Fence tries before giving up and alarming (default 3).
+    pub max_fence_attempts: u32,
+    /// Pause between fence (and force-down) tries (default 2 s).
+    pub fence_retry_backoff: Duration,
+    /// Opt-in: a silent host whose self-fence watchdog was armed counts as fenced once
+    /// this long has passed since its last heartbeat (default `None`: off).
+    pub self_fence_deadline: Option<Duration>,
+    /// Restart-in-place tries per resource in [`Config::restart_window`] (default 3).
+    pub max_restarts_in_place: u32,
+    /// The window for restart tries (default 10 min).
+    pub restart_window: Duration,
+    /// Evacuation tries per resource and incident before giving up (default 3).
+    pub max_evacuate_attempts: u32,
+    /// Events about the same resource within this window belong to one incident: the
+    /// first acts, later ones only enrich the timeline (default 5 s).
+    pub correlation_window: Duration,
+    /// Safety gate: if more than this share of the (non-maintenance) hosts look dead at
+    /// once, nothing is fenced and an alarm is raised (default 0.5).
+    pub max_dead_share: f64,
+    /// How the fence is asked for (default IPMI).
+    pub fence_method: super::types::FenceMethod,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            detector: DetectorConfig::default(),
+            tick: Duration::from_millis(50),
+            confirm_after: Duration::from_millis(500),
+            confirm_timeout: Duration::from_secs(2),
+            confirm_retry: Duration::from_secs(2),
+            fence_on_unknown_after: Duration::from_secs(3),
+            max_fence_attempts: 3,
+            fence_retry_backoff: Duration::from_secs(2),
+            self_fence_deadline: None,
+            max_restarts_in_place: 3,
+            restart_window: Duration::from_secs(600),
+            max_evacuate_attempts: 3,
+            correlation_window: Duration::from_secs(5),
+            max_dead_share: 0.5,
+            fence_method: super::types::FenceMethod::Ipmi,
+        }
+    }
+}

@@ -1,0 +1,1975 @@
+//! The incident engine: pure, sans-IO. Inputs in, actions out, the clock passed in.
+//!
+//! ```text
+//! Engine::start(now)                  -> Vec<Action>   (arms the first tick)
+//! Engine::step(&mut self, now, input) -> Vec<Action>
+//! Engine::resume(cfg, &log, now)      -> (Engine, Vec<Action>)
+//! ```
+//!
+//! The runtime feeds heartbeats, host events, timers and effector results in, and
+//! carries the returned [`Action`]s out **in order**: store writes
+//! ([`Action::PersistIntent`] before the action it records), edge calls
+//! ([`edge::dispatch`]), timers, timeline lines and alarms. Nothing in here reads a
+//! clock, sleeps, does I/O or draws random numbers.
+//!
+//! # States
+//!
+//! Host ([`HostState`]):
+//!
+//! ```text
+//!  Up ──silent (detector)──► Suspect ──silent ≥ confirm_after──► Confirming ──Dead / Unknown & long silence──► Fencing
+//!   ▲                          │                                   │  (gates open)                           │ verified
+//!   └──── heartbeat again ─────┴───────────────────────────────────┘                                        ▼
+//!   ▲                                                                          Recovered ◄── Evacuating ◄── Fenced
+//!   └──────────────────────── operator Unfence (host clean) ──────────────────────┘   (all restored)  (forced down)
+//!  Up/Suspect/Confirming ◄──► Maintenance (operator; planned work is not a failure)
+//! ```
+//!
+//! Resource ([`ResourceState`], the same machine for VMs and routers):
+//! `Running → Failed → RestartingInPlace (≤ N tries in a window) → Evacuating → Running | GaveUp`.
+//! Routers skip restart-in-place ([`ResourceKind::restarts_in_place`]). A host incident
+//! takes the resources on its host straight to `Evacuating` once the fence is verified.
+//!
+//! # Rules
+//!
+//! 1. **One owner per resource.** An incident owns resources: a resource incident owns
+//!    its resource; a host incident owns what ran on the host when the fence was decided.
+//!    A host incident supersedes resource incidents on its host (their in-flight
+//!    results are recorded and ignored). A crash seen on a host with an open host
+//!    incident is folded into it (timeline only); if the host comes back `Up` the folded
+//!    crashes are handed to fresh resource incidents. A resource already being
+//!    evacuated away by its own incident stays with that incident.
+//! 2. **No restore before a verified fence.** Resources of a host incident are
+//!    evacuated only after a [`FenceOutcome::Verified`] (IPMI power off, Pacemaker
+//!    fencing history, or, opt-in, the self-fence deadline passed with the watchdog
+//!    armed) and a successful force-down. An unverified or failed fence raises an alarm
+//!    and is retried (at most `max_fence_attempts`), never followed by a restore.
+//! 3. **Intents.** Every world-changing action is preceded by [`Action::PersistIntent`]
+//!    with a key derived from meaning (`i4/fence-1/host:cmp-07`), and results complete
+//!    it ([`Action::CompleteIntent`]). [`Engine::resume`] replays the log: it rebuilds
+//!    open incidents, re-hands open intents to the edges (which deduplicate by key) and
+//!    never issues a key that exists in the log.
+//! 4. **Safety gates.** If more than `max_dead_share` of the hosts (not in maintenance,
+//!    not recovered) look dead at once, or the controller hears no host at all, no new
+//!    fence is issued and an alarm ([`AlarmKind::MassFailure`],
+//!    [`AlarmKind::ControllerIsolated`]) is raised; fencing resumes when the gate
+//!    clears. A single-host cloud therefore never fences.
+//! 5. **Unfence.** A fenced host that heartbeats again is not trusted (alarm) until an
+//!    operator unfences it, which is refused while it reports resources that now run
+//!    elsewhere.
+//!
+//! Events about the same resource are one incident: while an incident owns the
+//! resource, later events (e.g. libvirt after eBPF) only enrich its timeline; events
+//! that happened before the resource was last restored, or that come from a host the
+//! resource no longer runs on, are late and ignored. A watchdog inventory that no
+//! longer lists a resource counts as its exit (a safety net for lost events).
+//!
+//! # Defaults
+//!
+//! See [`Config`]: heartbeat every 100 ms, Suspect after 3 missed (300 ms) on every
+//! path, Confirming after 500 ms of silence, confirmation timeout 2 s, fence on a `Dead`
+//! answer at once or on `Unknown` after 3 s of silence, 3 fence tries 2 s apart,
+//! restart in place ≤ 3 times in 10 minutes, 3 evacuation tries, correlation window
+//! 5 s, gate at more than half of the hosts dead, tick every 50 ms, self-fence off.
+
+mod config;
+pub mod edge;
+mod intent;
+mod state;
+mod types;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crate::detector::{Detector, Liveness};
+
+pub use config::Config;
+pub use intent::{
+    Completion, Intent, IntentEntry, IntentKey, IntentLog, IntentOutcome, IntentRecord,
+    MemoryIntentLog,
+};
+pub use state::{HostState, IllegalTransition, ResourceState};
+pub use types::*;
+
+/// An incident and its timeline.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Incident {
+    /// Its id.
+    pub id: IncidentId,
+    /// The host or resource it is about.
+    pub subject: Subject,
+    /// Opened at.
+    pub opened_at: Timestamp,
+    /// Closed at (`None` while open).
+    pub closed_at: Option<Timestamp>,
+    /// Every transition and note, in order.
+    pub timeline: Vec<TimelineEntry>,
+}
+
+#[derive(Clone, Debug)]
+struct HostEntry {
+    state: HostState,
+    incident: Option<IncidentId>,
+    boot_id: Option<u64>,
+    self_fence_armed: bool,
+    confirm_asked_at: Option<Timestamp>,
+    awaiting_confirmation: bool,
+    verdict: Option<(Verdict, Source)>,
+    fence_attempts: u32,
+    fence_in_flight: Option<IntentKey>,
+    next_fence_at: Timestamp,
+    fenced_by: Option<FenceVerifier>,
+    fenced_at: Option<Timestamp>,
+    force_down_attempts: u32,
+    force_down_in_flight: Option<IntentKey>,
+    next_force_down_at: Timestamp,
+    owned: BTreeSet<Resource>,
+    folded: BTreeSet<Resource>,
+    stale: BTreeSet<Resource>,
+    alarmed: BTreeSet<AlarmKind>,
+}
+
+impl HostEntry {
+    fn new() -> Self {
+        HostEntry {
+            state: HostState::Up,
+            incident: None,
+            boot_id: None,
+            self_fence_armed: false,
+            confirm_asked_at: None,
+            awaiting_confirmation: false,
+            verdict: None,
+            fence_attempts: 0,
+            fence_in_flight: None,
+            next_fence_at: Timestamp::ZERO,
+            fenced_by: None,
+            fenced_at: None,
+            force_down_attempts: 0,
+            force_down_in_flight: None,
+            next_force_down_at: Timestamp::ZERO,
+            owned: BTreeSet::new(),
+            folded: BTreeSet::new(),
+            stale: BTreeSet::new(),
+            alarmed: BTreeSet::new(),
+        }
+    }
+
+    /// Forget everything about the (closed) host incident.
+    fn clear_incident(&mut self) {
+        let keep = (
+            self.state,
+            self.boot_id,
+            self.self_fence_armed,
+            self.stale.clone(),
+        );
+        *self = HostEntry::new();
+        (self.state, self.boot_id, self.self_fence_armed, self.stale) = keep;
+    }
+}
+
+#[derive(Clone, Debug)]
+struct ResourceEntry {
+    host: HostId,
+    state: ResourceState,
+    owner: Option<IncidentId>,
+    in_flight: Option<IntentKey>,
+    /// Resource-level intents issued under the current owner (key step counter).
+    steps: u32,
+    restarts: Vec<Timestamp>,
+    last_restored_at: Timestamp,
+}
+
+impl ResourceEntry {
+    fn new(host: HostId) -> Self {
+        ResourceEntry {
+            host,
+            state: ResourceState::Running,
+            owner: None,
+            in_flight: None,
+            steps: 0,
+            restarts: Vec::new(),
+            last_restored_at: Timestamp::ZERO,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Known {
+    record: IntentRecord,
+    done: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Gate {
+    isolated: bool,
+    mass: bool,
+}
+
+impl Gate {
+    fn open(&self) -> bool {
+        !self.isolated && !self.mass
+    }
+}
+
+/// The incident engine. See the module docs for the states and rules.
+#[derive(Clone, Debug)]
+pub struct Engine {
+    cfg: Config,
+    detector: Detector,
+    now: Timestamp,
+    next_tick_at: Option<Timestamp>,
+    hosts: BTreeMap<HostId, HostEntry>,
+    resources: BTreeMap<Resource, ResourceEntry>,
+    incidents: BTreeMap<IncidentId, Incident>,
+    next_incident: u64,
+    intents: BTreeMap<IntentKey, Known>,
+    gate: Gate,
+    replaying: bool,
+    out: Vec<Action>,
+    revision: u64,
+}
+
+impl Engine {
+    /// A fresh engine with no history.
+    pub fn new(cfg: Config) -> Self {
+        Engine {
+            detector: Detector::new(cfg.detector.clone()),
+            cfg,
+            now: Timestamp::ZERO,
+            next_tick_at: None,
+            hosts: BTreeMap::new(),
+            resources: BTreeMap::new(),
+            incidents: BTreeMap::new(),
+            next_incident: 1,
+            intents: BTreeMap::new(),
+            gate: Gate::default(),
+            replaying: false,
+            out: Vec::new(),
+            revision: 0,
+        }
+    }
+
+    /// Arms the first tick. Call once after [`Engine::new`].
+    pub fn start(&mut self, now: Timestamp) -> Vec<Action> {
+        self.now = self.now.max(now);
+        self.arm_tick();
+        std::mem::take(&mut self.out)
+    }
+
+    /// Rebuilds an engine from the intent log after a restart or leader change.
+    ///
+    /// Open incidents (those that recorded intents) come back in the state their
+    /// intents and results imply; intents recorded but not done are handed to the edges
+    /// again with the same key (they deduplicate); done intents are never issued again.
+    /// Hosts get a fresh detector grace period from `now`.
+    pub fn resume(cfg: Config, log: &dyn IntentLog, now: Timestamp) -> (Engine, Vec<Action>) {
+        let mut e = Engine::new(cfg);
+        e.now = now;
+        e.replaying = true;
+        let entries = log.entries();
+        // Replay issues and completions in time order (issue before completion at the
+        // same instant, recording order otherwise).
+        let mut events: Vec<(Timestamp, u8, usize)> = Vec::new();
+        for (i, entry) in entries.iter().enumerate() {
+            events.push((entry.record.at, 0, i));
+            if let Some(c) = &entry.done {
+                events.push((c.at.max(entry.record.at), 1, i));
+            }
+        }
+        events.sort();
+        for (at, kind, i) in events {
+            let entry = &entries[i];
+            e.now = at.max(e.now);
+            if kind == 0 {
+                e.intents.insert(
+                    entry.record.key.clone(),
+                    Known {
+                        record: entry.record.clone(),
+                        done: false,
+                    },
+                );
+                e.note_incident_id(entry.record.intent.incident());
+                e.apply_issue(&entry.record);
+            } else if let Some(c) = &entry.done {
+                if let Some(k) = e.intents.get_mut(&entry.record.key) {
+                    k.done = true;
+                }
+                e.apply_outcome(&entry.record, &c.outcome);
+            }
+        }
+        e.replaying = false;
+        e.now = now.max(e.now);
+        let now = e.now;
+        let hosts: Vec<HostId> = e.hosts.keys().cloned().collect();
+        for h in &hosts {
+            e.detector.reset(h, now);
+        }
+        for entry in &entries {
+            if entry.done.is_none() {
+                if let Some(a) = entry.record.intent.action(&entry.record.key) {
+                    if let Some(inc) = entry.record.intent.incident() {
+                        let subject = e.incident_subject(inc);
+                        e.timeline(
+                            inc,
+                            subject,
+                            "-",
+                            "-",
+                            format!(
+                                "controller resumed; re-handing open intent {}",
+                                entry.record.key
+                            ),
+                            Source::Controller,
+                        );
+                    }
+                    e.out.push(a);
+                }
+            }
+        }
+        e.arm_tick();
+        e.reconcile();
+        let out = std::mem::take(&mut e.out);
+        (e, out)
+    }
+
+    /// One step: take in `input` at `now`, return the actions to carry out in order.
+    pub fn step(&mut self, now: Timestamp, input: Input) -> Vec<Action> {
+        self.now = self.now.max(now);
+        let before = self.revision;
+        let mut reconcile = true;
+        match input {
+            Input::Heartbeat(hb) => {
+                self.on_heartbeat(hb);
+                reconcile = self.revision != before;
+            }
+            Input::HostEvent { host, event } => self.on_host_event(host, event),
+            Input::Timer(TimerId::Tick) => self.on_tick(),
+            Input::ConfirmationResult {
+                host,
+                source,
+                verdict,
+            } => self.on_confirmation(host, source, verdict),
+            Input::FenceResult { key, outcome, .. } => {
+                self.complete(&key, IntentOutcome::Fence(outcome));
+            }
+            Input::HostActionResult { key, outcome, .. }
+            | Input::RestoreResult { key, outcome, .. } => {
+                self.complete(&key, IntentOutcome::Restore(outcome));
+            }
+            Input::Operator(cmd) => self.on_operator(cmd),
+        }
+        if reconcile {
+            self.reconcile();
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    // ---------------------------------------------------------------- read-only views
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The failure detector (per-path last-seen times).
+    pub fn detector(&self) -> &Detector {
+        &self.detector
+    }
+
+    /// The latest `now` the engine has seen.
+    pub fn now(&self) -> Timestamp {
+        self.now
+    }
+
+    /// Bumped on every state change (hosts, resources, incidents, intents).
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// A host's state.
+    pub fn host_state(&self, host: &HostId) -> Option<HostState> {
+        self.hosts.get(host).map(|h| h.state)
+    }
+
+    /// A resource's state.
+    pub fn resource_state(&self, r: &Resource) -> Option<ResourceState> {
+        self.resources.get(r).map(|e| e.state)
+    }
+
+    /// Every host.
+    pub fn hosts(&self) -> Vec<HostView> {
+        self.hosts
+            .iter()
+            .map(|(h, e)| HostView {
+                host: h.clone(),
+                state: e.state,
+                incident: e.incident,
+                last_seen: self.detector.last_seen(h),
+            })
+            .collect()
+    }
+
+    /// Every resource.
+    pub fn resources(&self) -> Vec<ResourceView> {
+        self.resources
+            .iter()
+            .map(|(r, e)| ResourceView {
+                resource: r.clone(),
+                host: e.host.clone(),
+                state: e.state,
+                owner: e.owner,
+            })
+            .collect()
+    }
+
+    /// One resource.
+    pub fn resource(&self, r: &Resource) -> Option<ResourceView> {
+        self.resources.get(r).map(|e| ResourceView {
+            resource: r.clone(),
+            host: e.host.clone(),
+            state: e.state,
+            owner: e.owner,
+        })
+    }
+
+    /// Every incident the engine remembers (open and closed since start/resume).
+    pub fn incidents(&self) -> impl Iterator<Item = &Incident> {
+        self.incidents.values()
+    }
+
+    /// One incident.
+    pub fn incident(&self, id: IncidentId) -> Option<&Incident> {
+        self.incidents.get(&id)
+    }
+
+    /// The open incident of a host.
+    pub fn host_incident(&self, host: &HostId) -> Option<IncidentId> {
+        self.hosts.get(host).and_then(|h| h.incident)
+    }
+
+    /// For each open incident, the resources it claims: a resource incident claims its
+    /// resource, a host incident what it owns. The invariant "one owner per resource"
+    /// is that no resource is claimed twice.
+    pub fn claims(&self) -> Vec<(IncidentId, Resource)> {
+        let mut out = Vec::new();
+        for inc in self.incidents.values() {
+            if inc.closed_at.is_some() {
+                continue;
+            }
+            match &inc.subject {
+                Subject::Resource(r) => out.push((inc.id, r.clone())),
+                Subject::Host(h) => {
+                    if let Some(he) = self.hosts.get(h) {
+                        for r in &he.owned {
+                            if self.resources.get(r).and_then(|e| e.owner) == Some(inc.id) {
+                                out.push((inc.id, r.clone()));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether the engine holds a host back with an alarm (gate, failed or unverified
+    /// fence, alive-but-silent): nothing will be restored from it without a human or
+    /// a change in the world.
+    pub fn host_alarmed(&self, host: &HostId) -> bool {
+        self.hosts.get(host).is_some_and(|h| !h.alarmed.is_empty()) || !self.gate.open()
+    }
+
+    /// The intent keys known to this engine (from the log and issued since), with done
+    /// flags.
+    pub fn known_intents(&self) -> impl Iterator<Item = (&IntentKey, bool)> {
+        self.intents.iter().map(|(k, v)| (k, v.done))
+    }
+
+    // ---------------------------------------------------------------- inputs
+
+    fn on_heartbeat(&mut self, hb: Heartbeat) {
+        let now = self.now;
+        let host = hb.host.clone();
+        self.ensure_host(&host);
+        self.detector.heartbeat(&host, hb.path, now);
+        let (state, fenced_at, old_boot) = {
+            let h = self.hosts.get_mut(&host).expect("ensured");
+            h.self_fence_armed = hb.self_fence_armed;
+            let old = h.boot_id.replace(hb.boot_id);
+            (h.state, h.fenced_at, old)
+        };
+        if old_boot.is_some_and(|b| b != hb.boot_id) {
+            if let Some(inc) = self.hosts[&host].incident {
+                self.timeline(
+                    inc,
+                    Subject::Host(host.clone()),
+                    "-",
+                    "-",
+                    format!("host rebooted (boot id {})", hb.boot_id),
+                    Source::Heartbeat,
+                );
+            }
+        }
+        match state {
+            HostState::Suspect | HostState::Confirming => {
+                self.set_host_state(
+                    &host,
+                    HostState::Up,
+                    "heartbeats resumed",
+                    Source::Heartbeat,
+                );
+                self.close_host_incident(&host);
+            }
+            HostState::Fenced | HostState::Evacuating | HostState::Recovered
+                if fenced_at.is_some_and(|t| hb.at > t) =>
+            {
+                self.host_alarm(
+                    &host,
+                    AlarmKind::HostBackAwaitingUnfence,
+                    "fenced host heartbeats again; not trusted until unfenced".into(),
+                );
+            }
+            _ => {}
+        }
+    }
+
+    fn on_host_event(&mut self, host: HostId, event: HostEvent) {
+        self.ensure_host(&host);
+        match event {
+            HostEvent::ResourceExited {
+                resource,
+                source,
+                at,
+                reason,
+            } => self.on_exit(&host, resource, source, at, &reason),
+            HostEvent::DiskStallStarted { resource, at } => {
+                self.note_stall(&host, resource, at, "disk stall started")
+            }
+            HostEvent::DiskStallEnded { resource, at } => {
+                self.note_stall(&host, resource, at, "disk stall ended")
+            }
+            HostEvent::Inventory {
+                resources,
+                source,
+                at,
+            } => self.on_inventory(&host, resources, source, at),
+        }
+    }
+
+    fn note_stall(&mut self, host: &HostId, resource: Option<Resource>, at: Timestamp, what: &str) {
+        let owner = resource
+            .as_ref()
+            .and_then(|r| self.resources.get(r))
+            .and_then(|e| e.owner)
+            .or(self.hosts.get(host).and_then(|h| h.incident));
+        if let Some(inc) = owner {
+            let subject = resource
+                .map(Subject::Resource)
+                .unwrap_or(Subject::Host(host.clone()));
+            self.timeline(
+                inc,
+                subject,
+                "-",
+                "-",
+                format!("{what} at {at}"),
+                Source::Ebpf,
+            );
+        }
+    }
+
+    fn on_exit(
+        &mut self,
+        host: &HostId,
+        resource: Resource,
+        source: Source,
+        at: Timestamp,
+        reason: &str,
+    ) {
+        if !self.resources.contains_key(&resource) {
+            self.resources
+                .insert(resource.clone(), ResourceEntry::new(host.clone()));
+            self.bump();
+        }
+        let e = &self.resources[&resource];
+        let subject = Subject::Resource(resource.clone());
+        let cause = format!("exited ({reason}) at {at}");
+        if &e.host != host {
+            // Late news from a host the resource has left.
+            if let Some(inc) = e.owner {
+                self.timeline(
+                    inc,
+                    subject,
+                    "-",
+                    "-",
+                    format!("late: {cause} on {host}"),
+                    source,
+                );
+            }
+            return;
+        }
+        if at < e.last_restored_at {
+            if let Some(inc) = e.owner {
+                self.timeline(inc, subject, "-", "-", format!("late: {cause}"), source);
+            }
+            return;
+        }
+        if let Some(inc) = e.owner {
+            // Correlated: the first event acted, this one enriches the timeline.
+            self.timeline(inc, subject, "-", "-", format!("also: {cause}"), source);
+            return;
+        }
+        if e.state == ResourceState::GaveUp {
+            return;
+        }
+        let hstate = self.hosts[host].state;
+        match hstate {
+            HostState::Maintenance => {}
+            HostState::Suspect | HostState::Confirming | HostState::Fencing => {
+                // Rule 1: folded into the host incident, never restarted separately.
+                let inc = self.hosts[host].incident;
+                self.hosts
+                    .get_mut(host)
+                    .expect("known")
+                    .folded
+                    .insert(resource.clone());
+                self.bump();
+                if let Some(inc) = inc {
+                    self.timeline(
+                        inc,
+                        subject,
+                        "-",
+                        "-",
+                        format!("folded into host incident: {cause}"),
+                        source,
+                    );
+                }
+            }
+            HostState::Up | HostState::Fenced | HostState::Evacuating | HostState::Recovered => {
+                self.open_resource_incident(&resource, &cause, source);
+            }
+        }
+    }
+
+    fn on_inventory(
+        &mut self,
+        host: &HostId,
+        resources: Vec<Resource>,
+        source: Source,
+        at: Timestamp,
+    ) {
+        let listed: BTreeSet<Resource> = resources.into_iter().collect();
+        let hstate = self.hosts[host].state;
+        let mut stale = BTreeSet::new();
+        for r in &listed {
+            match self.resources.get(r) {
+                None => {
+                    self.resources
+                        .insert(r.clone(), ResourceEntry::new(host.clone()));
+                    self.bump();
+                    if hstate.fence_decided() {
+                        let inc = self.hosts[host].incident.expect("fence decided");
+                        self.take_ownership(r, inc, host);
+                    }
+                }
+                Some(e) if &e.host == host => {
+                    if e.state == ResourceState::GaveUp && source != Source::Nova {
+                        self.set_resource_state(
+                            r,
+                            ResourceState::Running,
+                            "found running again",
+                            source,
+                        );
+                    }
+                }
+                Some(e) => {
+                    if at < e.last_restored_at || source == Source::Nova {
+                        continue;
+                    }
+                    stale.insert(r.clone());
+                }
+            }
+        }
+        if source != Source::Nova {
+            // Resources the host no longer runs: a missed exit.
+            let missing: Vec<Resource> = self
+                .resources
+                .iter()
+                .filter(|(r, e)| {
+                    &e.host == host
+                        && e.owner.is_none()
+                        && e.state == ResourceState::Running
+                        && at > e.last_restored_at
+                        && !listed.contains(*r)
+                })
+                .map(|(r, _)| r.clone())
+                .collect();
+            if hstate == HostState::Up {
+                for r in missing {
+                    self.on_exit(host, r, source, at, "missing from inventory");
+                }
+            }
+            let h = self.hosts.get_mut(host).expect("known");
+            if h.stale != stale {
+                h.stale = stale.clone();
+                self.revision += 1;
+            }
+            if !stale.is_empty() {
+                let list: Vec<String> = stale.iter().map(|r| r.to_string()).collect();
+                self.host_alarm(
+                    host,
+                    AlarmKind::StaleResource,
+                    format!(
+                        "host reports resources that run elsewhere: {}",
+                        list.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = self.now;
+        if self.next_tick_at.is_none_or(|t| now >= t) {
+            self.arm_tick();
+        }
+        // The detector is asked once per host and tick.
+        let seen: Vec<(HostId, Liveness, Duration)> = self
+            .hosts
+            .keys()
+            .map(|h| {
+                (
+                    h.clone(),
+                    self.detector.liveness(h, now),
+                    self.detector.silence(h, now).unwrap_or_default(),
+                )
+            })
+            .collect();
+        self.evaluate_gate(&seen);
+        for (host, live, silence) in &seen {
+            self.evaluate_host(host, *live, *silence);
+        }
+    }
+
+    fn evaluate_gate(&mut self, seen: &[(HostId, Liveness, Duration)]) {
+        let mut n = 0usize;
+        let mut silent = 0usize;
+        for (h, live, _) in seen {
+            if matches!(
+                self.hosts[h].state,
+                HostState::Maintenance | HostState::Recovered
+            ) {
+                continue;
+            }
+            n += 1;
+            if *live == Liveness::Suspect {
+                silent += 1;
+            }
+        }
+        let isolated = n > 0 && silent == n;
+        let mass = n > 0 && (silent as f64) > self.cfg.max_dead_share * n as f64;
+        if isolated && !self.gate.isolated {
+            self.alarm(
+                AlarmKind::ControllerIsolated,
+                None,
+                None,
+                format!("no heartbeat from any of {n} hosts: suspecting a partition of the controller; fencing nobody"),
+            );
+        } else if mass && !isolated && !self.gate.mass {
+            self.alarm(
+                AlarmKind::MassFailure,
+                None,
+                None,
+                format!(
+                    "{silent} of {n} hosts look dead (more than {:.0}%): fencing stopped",
+                    self.cfg.max_dead_share * 100.0
+                ),
+            );
+        }
+        if self.gate.isolated != isolated || self.gate.mass != mass {
+            self.bump();
+        }
+        self.gate = Gate { isolated, mass };
+    }
+
+    fn evaluate_host(&mut self, host: &HostId, live: Liveness, silence: Duration) {
+        let now = self.now;
+        let state = self.hosts[host].state;
+        match state {
+            HostState::Up if live == Liveness::Suspect => {
+                self.open_host_incident(host);
+                self.set_host_state(
+                    host,
+                    HostState::Suspect,
+                    &format!("no heartbeat on any path for {} ms", silence.as_millis()),
+                    Source::Heartbeat,
+                );
+            }
+            HostState::Suspect if silence >= self.cfg.confirm_after => {
+                self.set_host_state(
+                    host,
+                    HostState::Confirming,
+                    &format!(
+                        "silent for {} ms; asking independent sources",
+                        silence.as_millis()
+                    ),
+                    Source::Heartbeat,
+                );
+                self.ask_confirmation(host);
+            }
+            HostState::Confirming => {
+                let h = &self.hosts[host];
+                let asked = h.confirm_asked_at.unwrap_or(now);
+                if h.awaiting_confirmation && now >= asked + self.cfg.confirm_timeout {
+                    let h = self.hosts.get_mut(host).expect("known");
+                    h.awaiting_confirmation = false;
+                    if h.verdict.is_none() {
+                        h.verdict = Some((Verdict::Unknown, Source::Controller));
+                    }
+                    let inc = h.incident;
+                    self.bump();
+                    if let Some(inc) = inc {
+                        self.timeline(
+                            inc,
+                            Subject::Host(host.clone()),
+                            "-",
+                            "-",
+                            "confirmation timed out".into(),
+                            Source::Controller,
+                        );
+                    }
+                }
+                let h = &self.hosts[host];
+                let verdict = h.verdict.map(|v| v.0);
+                if !h.awaiting_confirmation
+                    && matches!(verdict, Some(Verdict::Alive | Verdict::Unknown))
+                    && now >= asked + self.cfg.confirm_retry
+                {
+                    self.ask_confirmation(host);
+                }
+                let decide = match verdict {
+                    Some(Verdict::Dead) => true,
+                    Some(Verdict::Unknown) => silence >= self.cfg.fence_on_unknown_after,
+                    Some(Verdict::Alive) | None => false,
+                };
+                if decide && live == Liveness::Suspect && self.gate.open() {
+                    let cause = match verdict {
+                        Some(Verdict::Dead) => "confirmed dead".to_string(),
+                        _ => format!("unconfirmed, silent for {} ms", silence.as_millis()),
+                    };
+                    let src = self.hosts[host].verdict.map_or(Source::Controller, |v| v.1);
+                    self.decide_fence(host, &cause, src);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn ask_confirmation(&mut self, host: &HostId) {
+        let now = self.now;
+        let h = self.hosts.get_mut(host).expect("known");
+        h.confirm_asked_at = Some(now);
+        h.awaiting_confirmation = true;
+        self.bump();
+        self.out.push(Action::Confirm { host: host.clone() });
+    }
+
+    fn on_confirmation(&mut self, host: HostId, source: Source, verdict: Verdict) {
+        let Some(h) = self.hosts.get_mut(&host) else {
+            return;
+        };
+        if h.state != HostState::Confirming {
+            return;
+        }
+        h.awaiting_confirmation = false;
+        h.verdict = Some((verdict, source));
+        let inc = h.incident;
+        self.bump();
+        if let Some(inc) = inc {
+            self.timeline(
+                inc,
+                Subject::Host(host.clone()),
+                "-",
+                "-",
+                format!("confirmation: {verdict:?}"),
+                source,
+            );
+        }
+        if verdict == Verdict::Alive {
+            self.host_alarm(
+                &host,
+                AlarmKind::HostAliveButSilent,
+                format!("{source:?} says the host is alive but the controller hears nothing: not fencing"),
+            );
+        }
+        // A Dead verdict fences on the next tick (after the gates are evaluated).
+    }
+
+    fn on_operator(&mut self, cmd: OperatorCommand) {
+        let now = self.now;
+        match cmd {
+            OperatorCommand::MaintenanceOn { host } => {
+                self.ensure_host(&host);
+                let state = self.hosts[&host].state;
+                if state == HostState::Maintenance {
+                    return;
+                }
+                if !state.can_become(HostState::Maintenance) {
+                    self.alarm(
+                        AlarmKind::CommandRefused,
+                        Some(host.clone()),
+                        None,
+                        format!("maintenance refused: host is {state}"),
+                    );
+                    return;
+                }
+                let key = IntentKey(format!("op/maintenance-on@{}/host:{host}", now.0));
+                self.issue(key.clone(), Intent::Maintenance { host, on: true });
+                self.complete(&key, IntentOutcome::Recorded);
+            }
+            OperatorCommand::MaintenanceOff { host } => {
+                if self.host_state(&host) != Some(HostState::Maintenance) {
+                    return;
+                }
+                let key = IntentKey(format!("op/maintenance-off@{}/host:{host}", now.0));
+                self.issue(key.clone(), Intent::Maintenance { host, on: false });
+                self.complete(&key, IntentOutcome::Recorded);
+            }
+            OperatorCommand::Unfence { host } => {
+                let Some(h) = self.hosts.get(&host) else {
+                    return;
+                };
+                let why = if !matches!(h.state, HostState::Recovered | HostState::Fencing) {
+                    Some(format!("host is {}", h.state))
+                } else if h.fence_in_flight.is_some() {
+                    Some("a fence is in flight".to_string())
+                } else if !h.stale.is_empty() {
+                    Some(format!("host still runs {} stale resources", h.stale.len()))
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    self.alarm(
+                        AlarmKind::CommandRefused,
+                        Some(host.clone()),
+                        None,
+                        format!("unfence refused: {why}"),
+                    );
+                    return;
+                }
+                let key = IntentKey(format!("op/unfence@{}/host:{host}", now.0));
+                self.issue(key, Intent::Unfence { host });
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- decisions
+
+    fn decide_fence(&mut self, host: &HostId, cause: &str, source: Source) {
+        let inc = self.hosts[host].incident.expect("host incident open");
+        self.set_host_state(host, HostState::Fencing, cause, source);
+        // Rule 1: the host incident takes everything on the host, except resources
+        // already being restored elsewhere by their own incident.
+        let on_host: Vec<Resource> = self
+            .resources
+            .iter()
+            .filter(|(_, e)| {
+                &e.host == host
+                    && e.state != ResourceState::GaveUp
+                    && !(e.owner.is_some() && matches!(e.state, ResourceState::Evacuating { .. }))
+            })
+            .map(|(r, _)| r.clone())
+            .collect();
+        for r in on_host {
+            self.take_ownership(&r, inc, host);
+        }
+    }
+
+    fn reconcile(&mut self) {
+        let hosts: Vec<HostId> = self.hosts.keys().cloned().collect();
+        for h in &hosts {
+            self.reconcile_host(h);
+        }
+        let pending: Vec<Resource> = self
+            .resources
+            .iter()
+            .filter(|(_, e)| {
+                e.in_flight.is_none()
+                    && e.owner.is_some_and(|o| {
+                        self.incidents
+                            .get(&o)
+                            .is_some_and(|i| matches!(i.subject, Subject::Resource(_)))
+                    })
+            })
+            .map(|(r, _)| r.clone())
+            .collect();
+        for r in pending {
+            self.reconcile_resource(&r);
+        }
+    }
+
+    fn reconcile_host(&mut self, host: &HostId) {
+        let now = self.now;
+        let h = &self.hosts[host];
+        let Some(inc) = h.incident else {
+            return;
+        };
+        match h.state {
+            HostState::Fencing if h.fenced_by.is_none() => {
+                let waiting = h
+                    .owned
+                    .iter()
+                    .any(|r| self.resources.get(r).is_some_and(|e| e.in_flight.is_some()));
+                if waiting {
+                    // A superseded restart is still in flight; its result comes first.
+                    return;
+                }
+                let silence = self.detector.silence(host, now).unwrap_or_default();
+                let self_fenced = self
+                    .cfg
+                    .self_fence_deadline
+                    .is_some_and(|d| h.self_fence_armed && silence >= d);
+                let attempt = h.fence_attempts + 1;
+                let resources: Vec<Resource> = h.owned.iter().cloned().collect();
+                if self_fenced {
+                    let key = IntentKey::derive(
+                        inc,
+                        &format!("self-fence-{attempt}"),
+                        &Subject::Host(host.clone()),
+                    );
+                    let intent = Intent::Fence {
+                        host: host.clone(),
+                        incident: inc,
+                        attempt,
+                        method: None,
+                        resources,
+                    };
+                    if self.issue(key.clone(), intent) {
+                        self.complete(
+                            &key,
+                            IntentOutcome::Fence(FenceOutcome::Verified(
+                                FenceVerifier::SelfFenceDeadline,
+                            )),
+                        );
+                    }
+                } else if h.fence_in_flight.is_some() {
+                    // Wait for the fence result (or the self-fence deadline).
+                } else if h.fence_attempts >= self.cfg.max_fence_attempts {
+                    let n = h.fence_attempts;
+                    self.host_alarm(
+                        host,
+                        AlarmKind::FenceExhausted,
+                        format!(
+                            "{n} fence tries failed; operator needed (unfence or fix the fence)"
+                        ),
+                    );
+                } else if now >= h.next_fence_at
+                    && self.gate.open()
+                    && self.detector.liveness(host, now) == Liveness::Suspect
+                {
+                    let key = IntentKey::derive(
+                        inc,
+                        &format!("fence-{attempt}"),
+                        &Subject::Host(host.clone()),
+                    );
+                    let intent = Intent::Fence {
+                        host: host.clone(),
+                        incident: inc,
+                        attempt,
+                        method: Some(self.cfg.fence_method),
+                        resources,
+                    };
+                    self.issue(key, intent);
+                }
+            }
+            HostState::Fenced if h.force_down_in_flight.is_none() => {
+                let attempt = h.force_down_attempts + 1;
+                if h.force_down_attempts >= self.cfg.max_fence_attempts {
+                    self.host_alarm(
+                        host,
+                        AlarmKind::ForceDownFailed,
+                        "forcing the compute service down keeps failing; operator needed".into(),
+                    );
+                } else if now >= h.next_force_down_at {
+                    let key = IntentKey::derive(
+                        inc,
+                        &format!("force-down-{attempt}"),
+                        &Subject::Host(host.clone()),
+                    );
+                    let intent = Intent::ForceDown {
+                        host: host.clone(),
+                        incident: inc,
+                        attempt,
+                        resources: h.owned.iter().cloned().collect(),
+                    };
+                    self.issue(key, intent);
+                }
+            }
+            HostState::Evacuating => {
+                let owned: Vec<Resource> = h.owned.iter().cloned().collect();
+                let mut all_done = true;
+                for r in owned {
+                    let e = &self.resources[&r];
+                    if e.owner != Some(inc) {
+                        continue;
+                    }
+                    all_done = false;
+                    if e.in_flight.is_some() {
+                        continue;
+                    }
+                    let attempt = match e.state {
+                        ResourceState::Evacuating { attempt } => attempt + 1,
+                        _ => 1,
+                    };
+                    self.issue_evacuate(&r, host, inc, attempt);
+                }
+                if all_done {
+                    self.set_host_state(
+                        host,
+                        HostState::Recovered,
+                        "every resource handled; waiting for an operator to unfence",
+                        Source::Controller,
+                    );
+                    self.close_incident(inc);
+                    let h = self.hosts.get_mut(host).expect("known");
+                    let fenced_at = h.fenced_at;
+                    let fenced_by = h.fenced_by;
+                    h.clear_incident();
+                    h.fenced_at = fenced_at;
+                    h.fenced_by = fenced_by;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn reconcile_resource(&mut self, r: &Resource) {
+        let e = &self.resources[r];
+        let inc = e.owner.expect("owned");
+        let host = e.host.clone();
+        let hstate = self.hosts.get(&host).map_or(HostState::Up, |h| h.state);
+        let can_restart = r.kind().restarts_in_place() && hstate == HostState::Up;
+        let fenced = hstate.fenced();
+        match e.state {
+            ResourceState::Failed if hstate == HostState::Up || fenced => {
+                let window_start = Timestamp(
+                    self.now
+                        .0
+                        .saturating_sub(self.cfg.restart_window.as_millis() as u64),
+                );
+                let tries = e.restarts.iter().filter(|t| **t >= window_start).count() as u32;
+                if can_restart && tries < self.cfg.max_restarts_in_place {
+                    let step = e.steps + 1;
+                    let key = IntentKey::derive(inc, &format!("restart-{step}"), r);
+                    self.issue(
+                        key,
+                        Intent::RestartInPlace {
+                            resource: r.clone(),
+                            host,
+                            incident: inc,
+                            attempt: tries + 1,
+                        },
+                    );
+                } else {
+                    self.issue_evacuate(r, &host, inc, 1);
+                }
+            }
+            ResourceState::Evacuating { attempt } => {
+                // A failed try: the next one (the resource is known dead, or its host
+                // fenced, so it cannot run twice).
+                self.issue_evacuate(r, &host, inc, attempt + 1);
+            }
+            _ => {}
+        }
+    }
+
+    fn issue_evacuate(&mut self, r: &Resource, from: &HostId, inc: IncidentId, attempt: u32) {
+        let key = IntentKey::derive(inc, &format!("evacuate-{attempt}"), r);
+        self.issue(
+            key,
+            Intent::Evacuate {
+                resource: r.clone(),
+                from: from.clone(),
+                incident: inc,
+                attempt,
+            },
+        );
+    }
+
+    // ---------------------------------------------------------------- intents
+
+    /// Records and emits an intent. Returns false (and does nothing) if the key exists.
+    fn issue(&mut self, key: IntentKey, intent: Intent) -> bool {
+        if self.intents.contains_key(&key) {
+            return false;
+        }
+        let record = IntentRecord {
+            key: key.clone(),
+            at: self.now,
+            intent,
+        };
+        self.intents.insert(
+            key.clone(),
+            Known {
+                record: record.clone(),
+                done: false,
+            },
+        );
+        self.out.push(Action::PersistIntent(record.clone()));
+        self.apply_issue(&record);
+        if let Some(a) = record.intent.action(&key) {
+            self.out.push(a);
+        }
+        true
+    }
+
+    /// Completes an open intent. Late or duplicate results (unknown or done keys) are
+    /// ignored.
+    fn complete(&mut self, key: &IntentKey, outcome: IntentOutcome) -> bool {
+        let record = match self.intents.get_mut(key) {
+            Some(k) if !k.done => {
+                k.done = true;
+                k.record.clone()
+            }
+            _ => return false,
+        };
+        self.out.push(Action::CompleteIntent {
+            key: key.clone(),
+            completion: Completion {
+                at: self.now,
+                outcome: outcome.clone(),
+            },
+        });
+        self.apply_outcome(&record, &outcome);
+        true
+    }
+
+    /// The state an issued intent implies (live and on replay).
+    fn apply_issue(&mut self, rec: &IntentRecord) {
+        let key = &rec.key;
+        self.bump();
+        match &rec.intent {
+            Intent::Fence {
+                host,
+                incident,
+                attempt,
+                method,
+                resources,
+            } => {
+                self.ensure_host(host);
+                self.ensure_incident(*incident, Subject::Host(host.clone()), rec.at);
+                if self.replaying {
+                    let h = self.hosts.get_mut(host).expect("ensured");
+                    h.state = HostState::Fencing;
+                    h.incident = Some(*incident);
+                }
+                for r in resources {
+                    if !self.resources.contains_key(r) {
+                        self.resources
+                            .insert(r.clone(), ResourceEntry::new(host.clone()));
+                    }
+                    self.take_ownership(r, *incident, host);
+                }
+                let h = self.hosts.get_mut(host).expect("ensured");
+                h.fence_attempts = *attempt;
+                if method.is_some() {
+                    h.fence_in_flight = Some(key.clone());
+                }
+                let what = match method {
+                    Some(m) => format!("fence #{attempt} ({m:?}) issued as {key}"),
+                    None => format!("self-fence deadline passed; recorded as {key}"),
+                };
+                self.timeline(
+                    *incident,
+                    Subject::Host(host.clone()),
+                    "-",
+                    "-",
+                    what,
+                    Source::Controller,
+                );
+            }
+            Intent::ForceDown {
+                host,
+                incident,
+                attempt,
+                resources,
+            } => {
+                self.ensure_host(host);
+                for r in resources {
+                    if !self.resources.contains_key(r) {
+                        self.resources
+                            .insert(r.clone(), ResourceEntry::new(host.clone()));
+                    }
+                    self.take_ownership(r, *incident, host);
+                }
+                let h = self.hosts.get_mut(host).expect("ensured");
+                h.force_down_attempts = *attempt;
+                h.force_down_in_flight = Some(key.clone());
+                self.timeline(
+                    *incident,
+                    Subject::Host(host.clone()),
+                    "-",
+                    "-",
+                    format!("force-down #{attempt} issued as {key}"),
+                    Source::Nova,
+                );
+            }
+            Intent::RestartInPlace {
+                resource,
+                host,
+                incident,
+                attempt,
+            } => {
+                self.ensure_host(host);
+                if !self.resources.contains_key(resource) {
+                    self.resources
+                        .insert(resource.clone(), ResourceEntry::new(host.clone()));
+                }
+                if self.replaying {
+                    self.ensure_incident(*incident, Subject::Resource(resource.clone()), rec.at);
+                    let e = self.resources.get_mut(resource).expect("ensured");
+                    if e.owner != Some(*incident) {
+                        e.steps = 0;
+                    }
+                    e.owner = Some(*incident);
+                    e.state = ResourceState::Failed;
+                }
+                let e = self.resources.get_mut(resource).expect("ensured");
+                e.steps += 1;
+                let window = self.cfg.restart_window;
+                e.restarts.retain(|t| rec.at.since(*t) < window);
+                e.restarts.push(rec.at);
+                e.in_flight = Some(key.clone());
+                self.set_resource_state(
+                    resource,
+                    ResourceState::RestartingInPlace { attempt: *attempt },
+                    &format!("restart in place #{attempt} issued as {key}"),
+                    Source::Controller,
+                );
+            }
+            Intent::Evacuate {
+                resource,
+                from,
+                incident,
+                attempt,
+            } => {
+                self.ensure_host(from);
+                if !self.resources.contains_key(resource) {
+                    self.resources
+                        .insert(resource.clone(), ResourceEntry::new(from.clone()));
+                }
+                if self.replaying {
+                    self.ensure_incident(*incident, Subject::Resource(resource.clone()), rec.at);
+                    let e = self.resources.get_mut(resource).expect("ensured");
+                    if e.owner != Some(*incident) {
+                        e.steps = 0;
+                    }
+                    e.owner = Some(*incident);
+                    e.state = if *attempt > 1 {
+                        ResourceState::Evacuating {
+                            attempt: attempt - 1,
+                        }
+                    } else {
+                        ResourceState::Failed
+                    };
+                }
+                let e = self.resources.get_mut(resource).expect("ensured");
+                e.steps += 1;
+                e.in_flight = Some(key.clone());
+                self.set_resource_state(
+                    resource,
+                    ResourceState::Evacuating { attempt: *attempt },
+                    &format!("evacuation #{attempt} from {from} issued as {key}"),
+                    Source::Controller,
+                );
+            }
+            Intent::Maintenance { host, on } => {
+                self.ensure_host(host);
+                let now = self.now;
+                if *on {
+                    let state = self.hosts[host].state;
+                    if state != HostState::Maintenance {
+                        if self.replaying {
+                            self.hosts.get_mut(host).expect("ensured").state =
+                                HostState::Maintenance;
+                        } else {
+                            self.set_host_state(
+                                host,
+                                HostState::Maintenance,
+                                "operator: maintenance on",
+                                Source::Operator,
+                            );
+                        }
+                        if state.in_incident() {
+                            self.close_host_incident(host);
+                        }
+                    }
+                } else {
+                    if self.replaying {
+                        self.hosts.get_mut(host).expect("ensured").state = HostState::Up;
+                    } else {
+                        self.set_host_state(
+                            host,
+                            HostState::Up,
+                            "operator: maintenance off",
+                            Source::Operator,
+                        );
+                    }
+                    self.detector.reset(host, now);
+                }
+            }
+            Intent::Unfence { host } => {
+                self.ensure_host(host);
+                let now = self.now;
+                let inc = self.hosts[host].incident;
+                if self.replaying {
+                    self.hosts.get_mut(host).expect("ensured").state = HostState::Up;
+                } else {
+                    self.set_host_state(host, HostState::Up, "operator: unfence", Source::Operator);
+                }
+                // Give up a held fence: release what the host incident owned; resources
+                // seen dead go to their own incidents.
+                if let Some(inc) = inc {
+                    let owned: Vec<Resource> = self.hosts[host].owned.iter().cloned().collect();
+                    let folded = self.hosts[host].folded.clone();
+                    for r in owned {
+                        let e = self.resources.get_mut(&r).expect("owned exists");
+                        if e.owner == Some(inc) {
+                            e.owner = None;
+                            e.in_flight = None;
+                            e.steps = 0;
+                            if !folded.contains(&r) && e.state == ResourceState::Running {
+                                continue;
+                            }
+                            e.state = ResourceState::Running;
+                            if !self.replaying {
+                                self.open_resource_incident(
+                                    &r,
+                                    "seen dead while its host was being fenced",
+                                    Source::Operator,
+                                );
+                            }
+                        }
+                    }
+                    self.close_incident(inc);
+                }
+                let h = self.hosts.get_mut(host).expect("ensured");
+                h.clear_incident();
+                h.stale.clear();
+                h.fenced_at = None;
+                self.detector.reset(host, now);
+            }
+        }
+    }
+
+    /// The state a result implies (live and on replay).
+    fn apply_outcome(&mut self, rec: &IntentRecord, outcome: &IntentOutcome) {
+        let now = self.now;
+        let key = &rec.key;
+        self.bump();
+        match (&rec.intent, outcome) {
+            (Intent::Fence { host, incident, .. }, IntentOutcome::Fence(o)) => {
+                let h = self.hosts.get_mut(host).expect("fenced host known");
+                if h.fence_in_flight.as_ref() == Some(key) {
+                    h.fence_in_flight = None;
+                }
+                let current = h.incident == Some(*incident) && h.state == HostState::Fencing;
+                let subject = Subject::Host(host.clone());
+                match o {
+                    FenceOutcome::Verified(by) => {
+                        if current {
+                            let h = self.hosts.get_mut(host).expect("known");
+                            h.fenced_by = Some(*by);
+                            h.fenced_at = Some(now);
+                            self.set_host_state(
+                                host,
+                                HostState::Fenced,
+                                &format!("fence verified ({by:?})"),
+                                verifier_source(*by),
+                            );
+                        } else {
+                            self.timeline(
+                                *incident,
+                                subject,
+                                "-",
+                                "-",
+                                format!("late fence result {key}: verified ({by:?})"),
+                                verifier_source(*by),
+                            );
+                        }
+                    }
+                    FenceOutcome::Unverified { reason } | FenceOutcome::Failed { reason } => {
+                        let (kind, what) = match o {
+                            FenceOutcome::Unverified { .. } => {
+                                (AlarmKind::FenceUnverified, "unverified")
+                            }
+                            _ => (AlarmKind::FenceFailed, "failed"),
+                        };
+                        let h = self.hosts.get_mut(host).expect("known");
+                        h.next_fence_at = now + self.cfg.fence_retry_backoff;
+                        self.timeline(
+                            *incident,
+                            subject,
+                            "-",
+                            "-",
+                            format!("fence {key} {what}: {reason}; no restore"),
+                            Source::Ipmi,
+                        );
+                        if current {
+                            self.host_alarm(
+                                host,
+                                kind,
+                                format!("fence {what}: {reason}; nothing restored"),
+                            );
+                        }
+                    }
+                }
+            }
+            (Intent::ForceDown { host, incident, .. }, IntentOutcome::Restore(o)) => {
+                let h = self.hosts.get_mut(host).expect("known");
+                if h.force_down_in_flight.as_ref() == Some(key) {
+                    h.force_down_in_flight = None;
+                }
+                let current = h.incident == Some(*incident) && h.state == HostState::Fenced;
+                match o {
+                    RestoreOutcome::Ok { .. } if current => {
+                        self.set_host_state(
+                            host,
+                            HostState::Evacuating,
+                            "compute service forced down; evacuating",
+                            Source::Nova,
+                        );
+                    }
+                    RestoreOutcome::Ok { .. } => {}
+                    RestoreOutcome::Failed { reason } => {
+                        let h = self.hosts.get_mut(host).expect("known");
+                        h.next_force_down_at = now + self.cfg.fence_retry_backoff;
+                        self.timeline(
+                            *incident,
+                            Subject::Host(host.clone()),
+                            "-",
+                            "-",
+                            format!("force-down {key} failed: {reason}"),
+                            Source::Nova,
+                        );
+                    }
+                }
+            }
+            (
+                Intent::RestartInPlace {
+                    resource, incident, ..
+                },
+                IntentOutcome::Restore(o),
+            ) => {
+                let e = self.resources.get_mut(resource).expect("known");
+                let mine = e.in_flight.as_ref() == Some(key);
+                let current = e.owner == Some(*incident) && mine;
+                if !current {
+                    if mine {
+                        // Superseded by a host incident: the resource's state follows
+                        // the result, its owner stays the host incident.
+                        e.in_flight = None;
+                        let to = match o {
+                            RestoreOutcome::Ok { .. } => ResourceState::Running,
+                            RestoreOutcome::Failed { .. } => ResourceState::Failed,
+                        };
+                        self.set_resource_state(
+                            resource,
+                            to,
+                            &format!("superseded restart {key} finished"),
+                            Source::Libvirt,
+                        );
+                    }
+                    self.timeline(
+                        *incident,
+                        Subject::Resource(resource.clone()),
+                        "-",
+                        "-",
+                        format!("superseded restart {key} finished: {o:?}"),
+                        Source::Nova,
+                    );
+                    return;
+                }
+                e.in_flight = None;
+                match o {
+                    RestoreOutcome::Ok { .. } => {
+                        e.last_restored_at = now;
+                        e.owner = None;
+                        self.set_resource_state(
+                            resource,
+                            ResourceState::Running,
+                            "restarted in place",
+                            Source::Libvirt,
+                        );
+                        self.close_incident(*incident);
+                    }
+                    RestoreOutcome::Failed { reason } => {
+                        self.set_resource_state(
+                            resource,
+                            ResourceState::Failed,
+                            &format!("restart failed: {reason}"),
+                            Source::Libvirt,
+                        );
+                    }
+                }
+            }
+            (
+                Intent::Evacuate {
+                    resource,
+                    incident,
+                    attempt,
+                    ..
+                },
+                IntentOutcome::Restore(o),
+            ) => {
+                let e = self.resources.get_mut(resource).expect("known");
+                let current = e.owner == Some(*incident) && e.in_flight.as_ref() == Some(key);
+                if !current {
+                    self.timeline(
+                        *incident,
+                        Subject::Resource(resource.clone()),
+                        "-",
+                        "-",
+                        format!("late evacuation result {key}: {o:?}"),
+                        Source::Nova,
+                    );
+                    return;
+                }
+                e.in_flight = None;
+                let resource_incident = self
+                    .incidents
+                    .get(incident)
+                    .is_some_and(|i| matches!(i.subject, Subject::Resource(_)));
+                match o {
+                    RestoreOutcome::Ok { host: to } => {
+                        let e = self.resources.get_mut(resource).expect("known");
+                        e.host = to.clone();
+                        e.last_restored_at = now;
+                        e.owner = None;
+                        e.steps = 0;
+                        self.ensure_host(to);
+                        self.set_resource_state(
+                            resource,
+                            ResourceState::Running,
+                            &format!("restored on {to}"),
+                            source_for(resource),
+                        );
+                        if resource_incident {
+                            self.close_incident(*incident);
+                        }
+                    }
+                    RestoreOutcome::Failed { reason } => {
+                        if *attempt >= self.cfg.max_evacuate_attempts {
+                            let e = self.resources.get_mut(resource).expect("known");
+                            e.owner = None;
+                            e.steps = 0;
+                            self.set_resource_state(
+                                resource,
+                                ResourceState::GaveUp,
+                                &format!("evacuation #{attempt} failed: {reason}; giving up"),
+                                source_for(resource),
+                            );
+                            self.alarm(
+                                AlarmKind::RestoreGaveUp,
+                                None,
+                                Some(resource.clone()),
+                                format!("{attempt} restore tries failed, last: {reason}"),
+                            );
+                            if resource_incident {
+                                self.close_incident(*incident);
+                            }
+                        } else {
+                            self.timeline(
+                                *incident,
+                                Subject::Resource(resource.clone()),
+                                "-",
+                                "-",
+                                format!("evacuation #{attempt} failed: {reason}"),
+                                source_for(resource),
+                            );
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ---------------------------------------------------------------- helpers
+
+    fn bump(&mut self) {
+        self.revision += 1;
+    }
+
+    fn arm_tick(&mut self) {
+        let at = self.now + self.cfg.tick;
+        self.next_tick_at = Some(at);
+        self.out.push(Action::ArmTimer {
+            id: TimerId::Tick,
+            at,
+        });
+    }
+
+    fn ensure_host(&mut self, host: &HostId) {
+        if !self.hosts.contains_key(host) {
+            self.hosts.insert(host.clone(), HostEntry::new());
+            self.detector.register(host, self.now);
+            self.bump();
+        }
+    }
+
+    fn note_incident_id(&mut self, id: Option<IncidentId>) {
+        if let Some(id) = id {
+            self.next_incident = self.next_incident.max(id.0 + 1);
+        }
+    }
+
+    fn ensure_incident(&mut self, id: IncidentId, subject: Subject, at: Timestamp) {
+        self.note_incident_id(Some(id));
+        self.incidents.entry(id).or_insert(Incident {
+            id,
+            subject,
+            opened_at: at,
+            closed_at: None,
+            timeline: Vec::new(),
+        });
+    }
+
+    fn incident_subject(&self, id: IncidentId) -> Subject {
+        self.incidents
+            .get(&id)
+            .map(|i| i.subject.clone())
+            .unwrap_or(Subject::Host(HostId::new("?")))
+    }
+
+    fn new_incident(&mut self, subject: Subject) -> IncidentId {
+        let id = IncidentId(self.next_incident);
+        self.next_incident += 1;
+        self.ensure_incident(id, subject, self.now);
+        self.bump();
+        id
+    }
+
+    fn open_host_incident(&mut self, host: &HostId) {
+        let id = self.new_incident(Subject::Host(host.clone()));
+        let h = self.hosts.get_mut(host).expect("known");
+        h.clear_incident();
+        h.incident = Some(id);
+    }
+
+    fn open_resource_incident(&mut self, r: &Resource, cause: &str, source: Source) {
+        let id = self.new_incident(Subject::Resource(r.clone()));
+        let e = self.resources.get_mut(r).expect("known");
+        e.owner = Some(id);
+        e.steps = 0;
+        e.in_flight = None;
+        if e.state != ResourceState::Running {
+            // e.g. found dead again after being given up: start from Running.
+            e.state = ResourceState::Running;
+        }
+        self.set_resource_state(r, ResourceState::Failed, cause, source);
+    }
+
+    fn close_incident(&mut self, id: IncidentId) {
+        let now = self.now;
+        if let Some(i) = self.incidents.get_mut(&id) {
+            if i.closed_at.is_none() {
+                i.closed_at = Some(now);
+                self.bump();
+            }
+        }
+    }
+
+    /// Host incident over without a fence (heartbeats resumed, maintenance): hand the
+    /// crashes folded into it to their own incidents.
+    fn close_host_incident(&mut self, host: &HostId) {
+        let h = self.hosts.get_mut(host).expect("known");
+        let folded = std::mem::take(&mut h.folded);
+        if let Some(inc) = h.incident {
+            self.close_incident(inc);
+        }
+        self.hosts.get_mut(host).expect("known").clear_incident();
+        if self.hosts[host].state == HostState::Maintenance {
+            return;
+        }
+        for r in folded {
+            let e = &self.resources[&r];
+            if &e.host == host && e.owner.is_none() && e.state == ResourceState::Running {
+                self.open_resource_incident(
+                    &r,
+                    "crash seen while its host was suspect",
+                    Source::Controller,
+                );
+            }
+        }
+    }
+
+    fn take_ownership(&mut self, r: &Resource, inc: IncidentId, host: &HostId) {
+        let e = self.resources.get_mut(r).expect("known");
+        self.hosts
+            .get_mut(host)
+            .expect("known")
+            .owned
+            .insert(r.clone());
+        if e.owner == Some(inc) {
+            return;
+        }
+        let old = e.owner.replace(inc);
+        // An in-flight action of the superseded incident stays recorded in `in_flight`
+        // until its result arrives: the host incident waits for it before fencing, so
+        // that a restart can never take effect after the fence.
+        e.steps = 0;
+        self.bump();
+        if let Some(old) = old {
+            self.timeline(
+                old,
+                Subject::Resource(r.clone()),
+                "-",
+                "-",
+                format!("superseded by host incident {inc}"),
+                Source::Controller,
+            );
+            self.close_incident(old);
+        }
+        self.timeline(
+            inc,
+            Subject::Resource(r.clone()),
+            "-",
+            "-",
+            "owned by the host incident".into(),
+            Source::Controller,
+        );
+    }
+
+    fn set_host_state(&mut self, host: &HostId, to: HostState, cause: &str, source: Source) {
+        let h = self.hosts.get_mut(host).expect("known");
+        let from = h.state;
+        if from == to {
+            return;
+        }
+        debug_assert!(
+            self.replaying || from.can_become(to),
+            "illegal host transition {from:?} -> {to:?} for {host}"
+        );
+        h.state = to;
+        let inc = h.incident;
+        self.bump();
+        if let Some(inc) = inc {
+            self.timeline(
+                inc,
+                Subject::Host(host.clone()),
+                &from.to_string(),
+                &to.to_string(),
+                cause.to_string(),
+                source,
+            );
+        }
+    }
+
+    fn set_resource_state(&mut self, r: &Resource, to: ResourceState, cause: &str, source: Source) {
+        let e = self.resources.get_mut(r).expect("known");
+        let from = e.state;
+        if from == to {
+            return;
+        }
+        debug_assert!(
+            self.replaying || from.can_become(to),
+            "illegal resource transition {from:?} -> {to:?} for {r}"
+        );
+        e.state = to;
+        let inc = e.owner;
+        self.bump();
+        if let Some(inc) = inc {
+            self.timeline(
+                inc,
+                Subject::Resource(r.clone()),
+                &from.to_string(),
+                &to.to_string(),
+                cause.to_string(),
+                source,
+            );
+        }
+    }
+
+    fn timeline(
+        &mut self,
+        inc: IncidentId,
+        subject: Subject,
+        from: &str,
+        to: &str,
+        cause: String,
+        source: Source,
+    ) {
+        let entry = TimelineEntry {
+            at: self.now,
+            subject,
+            from: from.to_string(),
+            to: to.to_string(),
+            cause,
+            source,
+        };
+        if let Some(i) = self.incidents.get_mut(&inc) {
+            i.timeline.push(entry.clone());
+        }
+        if !self.replaying {
+            self.out.push(Action::RecordTimeline {
+                incident: inc,
+                entry,
+            });
+        }
+    }
+
+    fn alarm(
+        &mut self,
+        kind: AlarmKind,
+        host: Option<HostId>,
+        resource: Option<Resource>,
+        reason: String,
+    ) {
+        if !self.replaying {
+            self.out.push(Action::Alarm {
+                kind,
+                host,
+                resource,
+                reason,
+            });
+        }
+    }
+
+    /// An alarm about a host, raised once per host incident (or until cleared).
+    fn host_alarm(&mut self, host: &HostId, kind: AlarmKind, reason: String) {
+        let h = self.hosts.get_mut(host).expect("known");
+        if !h.alarmed.insert(kind) {
+            return;
+        }
+        let inc = h.incident;
+        self.bump();
+        if let Some(inc) = inc {
+            self.timeline(
+                inc,
+                Subject::Host(host.clone()),
+                "-",
+                "-",
+                format!("alarm {kind:?}: {reason}"),
+                Source::Controller,
+            );
+        }
+        self.alarm(kind, Some(host.clone()), None, reason);
+    }
+}
+
+fn verifier_source(by: FenceVerifier) -> Source {
+    match by {
+        FenceVerifier::IpmiPowerOff => Source::Ipmi,
+        FenceVerifier::PacemakerHistory => Source::Pacemaker,
+        FenceVerifier::SelfFenceDeadline => Source::SelfFence,
+    }
+}
+
+fn source_for(r: &Resource) -> Source {
+    match r.kind() {
+        ResourceKind::Vm => Source::Nova,
+        ResourceKind::Router => Source::Neutron,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,834 @@
+//! One test per rule and transition, each named as the sentence it checks.
+
+use super::*;
+use std::time::Duration;
+
+/// A small cloud driven by hand: hosts `h0..hN`, a tick every 50 ms, heartbeats every
+/// 100 ms from the hosts in `alive`, and the store applied like a runtime would.
+struct Harness {
+    engine: Engine,
+    log: MemoryIntentLog,
+    now: u64,
+    #[allow(dead_code)]
+    hosts: Vec<HostId>,
+    alive: BTreeSet<HostId>,
+    actions: Vec<Action>,
+}
+
+fn host(i: usize) -> HostId {
+    HostId::new(format!("h{i}"))
+}
+
+impl Harness {
+    fn new(n: usize) -> Self {
+        Self::with(n, Config::default())
+    }
+
+    fn with(n: usize, cfg: Config) -> Self {
+        let mut engine = Engine::new(cfg);
+        let start = engine.start(Timestamp(0));
+        let hosts: Vec<HostId> = (0..n).map(host).collect();
+        let mut h = Harness {
+            engine,
+            log: MemoryIntentLog::new(),
+            now: 0,
+            alive: hosts.iter().cloned().collect(),
+            hosts,
+            actions: Vec::new(),
+        };
+        h.absorb(start);
+        for i in 0..n {
+            h.input(Input::HostEvent {
+                host: host(i),
+                event: HostEvent::Inventory {
+                    resources: vec![Resource::vm(format!("vm{i}"))],
+                    source: Source::Nova,
+                    at: Timestamp(0),
+                },
+            });
+        }
+        h.run_for(500);
+        h
+    }
+
+    fn absorb(&mut self, actions: Vec<Action>) {
+        for a in &actions {
+            self.log.apply(a);
+        }
+        self.actions.extend(actions);
+    }
+
+    fn input(&mut self, input: Input) -> Vec<Action> {
+        let out = self.engine.step(Timestamp(self.now), input);
+        self.absorb(out.clone());
+        out
+    }
+
+    /// Advance time in 50 ms steps, ticking and heartbeating.
+    fn run_for(&mut self, ms: u64) {
+        let end = self.now + ms;
+        while self.now < end {
+            self.now += 50;
+            if self.now.is_multiple_of(100) {
+                for h in self.alive.clone() {
+                    self.input(Input::Heartbeat(Heartbeat {
+                        host: h,
+                        path: PathId(0),
+                        boot_id: 1,
+                        incarnation: 1,
+                        at: Timestamp(self.now),
+                        self_fence_armed: true,
+                    }));
+                }
+            }
+            self.input(Input::Timer(TimerId::Tick));
+        }
+    }
+
+    fn kill(&mut self, i: usize) {
+        self.alive.remove(&host(i));
+    }
+
+    fn revive(&mut self, i: usize) {
+        self.alive.insert(host(i));
+    }
+
+    fn state(&self, i: usize) -> HostState {
+        self.engine.host_state(&host(i)).unwrap()
+    }
+
+    fn vm(&self, i: usize) -> ResourceState {
+        self.engine
+            .resource_state(&Resource::vm(format!("vm{i}")))
+            .unwrap()
+    }
+
+    fn take(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.actions)
+    }
+
+    fn fences(&self) -> Vec<IntentKey> {
+        self.actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Fence { key, .. } => Some(key.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn find(&self, f: impl Fn(&Action) -> bool) -> Option<Action> {
+        self.actions.iter().find(|a| f(a)).cloned()
+    }
+
+    fn confirm(&mut self, i: usize, verdict: Verdict) {
+        self.input(Input::ConfirmationResult {
+            host: host(i),
+            source: Source::Pacemaker,
+            verdict,
+        });
+    }
+
+    /// Kill host i, confirm it dead, and return the fence key.
+    fn kill_until_fence(&mut self, i: usize) -> IntentKey {
+        self.kill(i);
+        self.run_for(600);
+        assert_eq!(self.state(i), HostState::Confirming);
+        self.confirm(i, Verdict::Dead);
+        self.run_for(100);
+        assert_eq!(self.state(i), HostState::Fencing);
+        self.fences().last().cloned().expect("a fence")
+    }
+
+    fn fence_result(&mut self, i: usize, key: IntentKey, outcome: FenceOutcome) {
+        self.input(Input::FenceResult {
+            host: host(i),
+            key,
+            outcome,
+        });
+    }
+
+    fn exit(&mut self, i: usize, vm: &str, source: Source, at: u64) {
+        self.input(Input::HostEvent {
+            host: host(i),
+            event: HostEvent::ResourceExited {
+                resource: Resource::vm(vm),
+                source,
+                at: Timestamp(at),
+                reason: "SIGKILL".into(),
+            },
+        });
+    }
+
+    fn force_down_ok(&mut self, i: usize) {
+        let key = match self.find(|a| matches!(a, Action::ForceDown { .. })) {
+            Some(Action::ForceDown { key, .. }) => key,
+            _ => panic!("no force-down"),
+        };
+        self.input(Input::HostActionResult {
+            host: host(i),
+            key,
+            outcome: RestoreOutcome::Ok { host: host(i) },
+        });
+    }
+}
+
+fn evacuations(actions: &[Action]) -> Vec<(Resource, IntentKey)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Evacuate { resource, key, .. } => Some((resource.clone(), key.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn alarms(actions: &[Action]) -> Vec<AlarmKind> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Alarm { kind, .. } => Some(*kind),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_silent_host_becomes_suspect_after_300_ms_then_confirming() {
+    let mut h = Harness::new(4);
+    h.kill(1);
+    h.run_for(300);
+    assert_eq!(h.state(1), HostState::Suspect);
+    h.take();
+    h.run_for(300);
+    assert_eq!(h.state(1), HostState::Confirming);
+    assert!(h
+        .find(|a| matches!(a, Action::Confirm { host } if *host == super::tests::host(1)))
+        .is_some());
+    assert_eq!(h.state(0), HostState::Up);
+}
+
+#[test]
+fn a_host_whose_heartbeats_resume_goes_back_up_from_suspect_or_confirming() {
+    let mut h = Harness::new(4);
+    h.kill(1);
+    h.run_for(300);
+    assert_eq!(h.state(1), HostState::Suspect);
+    h.revive(1);
+    h.run_for(200);
+    assert_eq!(h.state(1), HostState::Up);
+    h.kill(1);
+    h.run_for(700);
+    assert_eq!(h.state(1), HostState::Confirming);
+    h.revive(1);
+    h.run_for(200);
+    assert_eq!(h.state(1), HostState::Up);
+    assert!(h.fences().is_empty());
+    let inc = h.engine.incidents().next().unwrap();
+    assert!(inc.closed_at.is_some());
+    assert!(inc
+        .timeline
+        .iter()
+        .any(|e| e.to == "Up" && e.source == Source::Heartbeat));
+}
+
+#[test]
+fn a_confirmed_dead_host_is_fenced_and_only_then_evacuated() {
+    let mut h = Harness::new(4);
+    let key = h.kill_until_fence(2);
+    assert!(key.as_str().ends_with("/fence-1/host:h2"), "{key}");
+    assert!(evacuations(&h.actions).is_empty());
+    h.run_for(1000);
+    assert!(
+        evacuations(&h.actions).is_empty(),
+        "no restore before the fence"
+    );
+    h.fence_result(2, key, FenceOutcome::Verified(FenceVerifier::IpmiPowerOff));
+    assert_eq!(h.state(2), HostState::Fenced);
+    assert!(
+        evacuations(&h.actions).is_empty(),
+        "no restore before force-down"
+    );
+    h.force_down_ok(2);
+    assert_eq!(h.state(2), HostState::Evacuating);
+    let ev = evacuations(&h.actions);
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].0, Resource::vm("vm2"));
+    // Every world action was persisted first.
+    for a in &h.actions {
+        if let Some(k) = a.intent_key() {
+            assert!(h.log.contains(k), "{k} not persisted");
+        }
+    }
+    h.input(Input::RestoreResult {
+        resource: Resource::vm("vm2"),
+        key: ev[0].1.clone(),
+        outcome: RestoreOutcome::Ok { host: host(0) },
+    });
+    assert_eq!(h.state(2), HostState::Recovered);
+    assert_eq!(h.vm(2), ResourceState::Running);
+    assert_eq!(
+        h.engine.resource(&Resource::vm("vm2")).unwrap().host,
+        host(0)
+    );
+}
+
+#[test]
+fn an_unverified_fence_is_an_alarm_not_a_restore() {
+    let mut h = Harness::new(4);
+    let key = h.kill_until_fence(1);
+    h.take();
+    h.fence_result(
+        1,
+        key,
+        FenceOutcome::Unverified {
+            reason: "power state unknown".into(),
+        },
+    );
+    assert_eq!(h.state(1), HostState::Fencing);
+    assert!(alarms(&h.actions).contains(&AlarmKind::FenceUnverified));
+    h.run_for(1000);
+    assert!(evacuations(&h.actions).is_empty());
+    assert!(h.find(|a| matches!(a, Action::ForceDown { .. })).is_none());
+}
+
+#[test]
+fn a_failed_fence_is_retried_with_backoff_then_left_to_an_operator() {
+    let mut h = Harness::new(4);
+    for attempt in 1..=3 {
+        let key = h.fences().last().cloned();
+        let key = match key {
+            Some(k) if attempt > 1 => k,
+            _ => h.kill_until_fence(1),
+        };
+        assert!(key.as_str().contains(&format!("fence-{attempt}")), "{key}");
+        h.fence_result(
+            1,
+            key,
+            FenceOutcome::Failed {
+                reason: "BMC timeout".into(),
+            },
+        );
+        h.run_for(2100);
+    }
+    assert_eq!(h.fences().len(), 3);
+    assert!(alarms(&h.actions).contains(&AlarmKind::FenceExhausted));
+    assert!(evacuations(&h.actions).is_empty());
+    // The operator gives up on the fence: the host is Up again, nothing was restored.
+    h.input(Input::Operator(OperatorCommand::Unfence { host: host(1) }));
+    assert_eq!(h.state(1), HostState::Up);
+}
+
+#[test]
+fn a_vm_crash_on_a_host_being_fenced_is_folded_into_the_host_incident() {
+    let mut h = Harness::new(4);
+    let key = h.kill_until_fence(3);
+    h.take();
+    h.exit(3, "vm3", Source::Ebpf, h.now);
+    assert!(h
+        .find(|a| matches!(a, Action::RestartInPlace { .. }))
+        .is_none());
+    let inc = h.engine.host_incident(&host(3)).unwrap();
+    assert_eq!(
+        h.engine.resource(&Resource::vm("vm3")).unwrap().owner,
+        Some(inc)
+    );
+    assert!(h
+        .engine
+        .incident(inc)
+        .unwrap()
+        .timeline
+        .iter()
+        .any(|e| e.cause.contains("exited")));
+    h.fence_result(
+        3,
+        key,
+        FenceOutcome::Verified(FenceVerifier::PacemakerHistory),
+    );
+    h.force_down_ok(3);
+    assert_eq!(evacuations(&h.actions).len(), 1);
+    assert!(h
+        .find(|a| matches!(a, Action::RestartInPlace { .. }))
+        .is_none());
+}
+
+#[test]
+fn a_crash_seen_while_a_host_is_suspect_is_handled_when_the_host_comes_back() {
+    let mut h = Harness::new(4);
+    h.kill(0);
+    h.run_for(300);
+    assert_eq!(h.state(0), HostState::Suspect);
+    h.exit(0, "vm0", Source::Libvirt, h.now);
+    assert!(h
+        .find(|a| matches!(a, Action::RestartInPlace { .. }))
+        .is_none());
+    h.revive(0);
+    h.run_for(200);
+    assert_eq!(h.state(0), HostState::Up);
+    assert!(h
+        .find(|a| matches!(a, Action::RestartInPlace { .. }))
+        .is_some());
+}
+
+#[test]
+fn a_crashed_vm_on_a_healthy_host_is_restarted_in_place() {
+    let mut h = Harness::new(3);
+    h.exit(1, "vm1", Source::Ebpf, h.now);
+    let Some(Action::RestartInPlace {
+        attempt,
+        key,
+        host: on,
+        ..
+    }) = h.find(|a| matches!(a, Action::RestartInPlace { .. }))
+    else {
+        panic!("no restart");
+    };
+    assert_eq!((attempt, on), (1, host(1)));
+    assert_eq!(h.vm(1), ResourceState::RestartingInPlace { attempt: 1 });
+    h.input(Input::RestoreResult {
+        resource: Resource::vm("vm1"),
+        key,
+        outcome: RestoreOutcome::Ok { host: host(1) },
+    });
+    assert_eq!(h.vm(1), ResourceState::Running);
+    assert!(h.fences().is_empty());
+}
+
+#[test]
+fn restarts_in_place_are_limited_per_window_then_the_vm_is_evacuated() {
+    let mut h = Harness::new(3);
+    for n in 1..=4u32 {
+        h.run_for(1000);
+        h.take();
+        h.exit(1, "vm1", Source::Ebpf, h.now);
+        if n <= 3 {
+            let Some(Action::RestartInPlace { attempt, key, .. }) =
+                h.find(|a| matches!(a, Action::RestartInPlace { .. }))
+            else {
+                panic!("no restart #{n}");
+            };
+            assert_eq!(attempt, n);
+            h.run_for(100);
+            h.input(Input::RestoreResult {
+                resource: Resource::vm("vm1"),
+                key,
+                outcome: RestoreOutcome::Ok { host: host(1) },
+            });
+        } else {
+            assert!(h
+                .find(|a| matches!(a, Action::RestartInPlace { .. }))
+                .is_none());
+            assert_eq!(evacuations(&h.actions).len(), 1, "escalates to evacuate");
+            assert_eq!(h.vm(1), ResourceState::Evacuating { attempt: 1 });
+        }
+    }
+}
+
+#[test]
+fn an_ebpf_exit_and_a_libvirt_stop_for_the_same_vm_are_one_incident() {
+    let mut h = Harness::new(3);
+    let t = h.now;
+    h.exit(1, "vm1", Source::Ebpf, t);
+    h.run_for(50);
+    h.exit(1, "vm1", Source::Libvirt, t + 20);
+    let restarts = h
+        .actions
+        .iter()
+        .filter(|a| matches!(a, Action::RestartInPlace { .. }))
+        .count();
+    assert_eq!(restarts, 1);
+    let owner = h
+        .engine
+        .resource(&Resource::vm("vm1"))
+        .unwrap()
+        .owner
+        .unwrap();
+    let tl = &h.engine.incident(owner).unwrap().timeline;
+    assert!(tl
+        .iter()
+        .any(|e| e.source == Source::Libvirt && e.cause.starts_with("also")));
+}
+
+#[test]
+fn a_late_exit_event_from_before_the_restore_is_ignored() {
+    let mut h = Harness::new(3);
+    let t = h.now;
+    h.exit(1, "vm1", Source::Ebpf, t);
+    let Some(Action::RestartInPlace { key, .. }) =
+        h.find(|a| matches!(a, Action::RestartInPlace { .. }))
+    else {
+        panic!()
+    };
+    h.run_for(200);
+    h.input(Input::RestoreResult {
+        resource: Resource::vm("vm1"),
+        key,
+        outcome: RestoreOutcome::Ok { host: host(1) },
+    });
+    h.take();
+    h.run_for(100);
+    h.exit(1, "vm1", Source::Libvirt, t + 10);
+    assert!(h
+        .find(|a| matches!(a, Action::RestartInPlace { .. }))
+        .is_none());
+    assert_eq!(h.vm(1), ResourceState::Running);
+}
+
+#[test]
+fn duplicated_results_are_ignored() {
+    let mut h = Harness::new(4);
+    let key = h.kill_until_fence(2);
+    let r = FenceOutcome::Verified(FenceVerifier::IpmiPowerOff);
+    h.fence_result(2, key.clone(), r.clone());
+    h.take();
+    h.fence_result(2, key, r);
+    assert!(h
+        .actions
+        .iter()
+        .all(|a| !matches!(a, Action::CompleteIntent { .. })));
+}
+
+#[test]
+fn when_more_than_half_the_hosts_look_dead_nothing_is_fenced() {
+    let mut h = Harness::new(4);
+    h.kill(0);
+    h.kill(1);
+    h.kill(2);
+    h.run_for(600);
+    h.confirm(0, Verdict::Dead);
+    h.confirm(1, Verdict::Dead);
+    h.confirm(2, Verdict::Dead);
+    h.run_for(4000);
+    assert!(h.fences().is_empty());
+    assert!(alarms(&h.actions).contains(&AlarmKind::MassFailure));
+    // The gate clears when hosts come back; the one still dead is then fenced.
+    h.revive(0);
+    h.revive(1);
+    h.run_for(300);
+    assert_eq!(h.fences().len(), 1);
+}
+
+#[test]
+fn a_controller_that_hears_nobody_suspects_itself_and_fences_nobody() {
+    let mut h = Harness::new(3);
+    for i in 0..3 {
+        h.kill(i);
+    }
+    h.run_for(600);
+    for i in 0..3 {
+        h.confirm(i, Verdict::Dead);
+    }
+    h.run_for(5000);
+    assert!(h.fences().is_empty());
+    assert!(alarms(&h.actions).contains(&AlarmKind::ControllerIsolated));
+}
+
+#[test]
+fn a_host_in_maintenance_is_never_fenced() {
+    let mut h = Harness::new(4);
+    h.input(Input::Operator(OperatorCommand::MaintenanceOn {
+        host: host(1),
+    }));
+    assert_eq!(h.state(1), HostState::Maintenance);
+    h.kill(1);
+    h.run_for(10_000);
+    assert_eq!(h.state(1), HostState::Maintenance);
+    assert!(h.fences().is_empty());
+    h.revive(1);
+    h.run_for(200);
+    h.input(Input::Operator(OperatorCommand::MaintenanceOff {
+        host: host(1),
+    }));
+    h.run_for(500);
+    assert_eq!(h.state(1), HostState::Up);
+}
+
+#[test]
+fn an_alive_verdict_holds_the_fence_and_raises_an_alarm() {
+    let mut h = Harness::new(4);
+    h.kill(1);
+    h.run_for(600);
+    h.confirm(1, Verdict::Alive);
+    h.run_for(5000);
+    assert!(h.fences().is_empty());
+    assert!(alarms(&h.actions).contains(&AlarmKind::HostAliveButSilent));
+}
+
+#[test]
+fn an_unknown_verdict_fences_only_after_long_silence() {
+    let mut h = Harness::new(4);
+    h.kill(1);
+    h.run_for(600);
+    h.confirm(1, Verdict::Unknown);
+    h.run_for(1000);
+    assert!(h.fences().is_empty());
+    h.run_for(2000);
+    assert_eq!(h.fences().len(), 1);
+}
+
+#[test]
+fn a_router_on_a_dead_host_is_moved_without_a_restart_in_place() {
+    let mut h = Harness::new(3);
+    h.input(Input::HostEvent {
+        host: host(1),
+        event: HostEvent::Inventory {
+            resources: vec![Resource::vm("vm1"), Resource::router("r1")],
+            source: Source::Nova,
+            at: Timestamp(h.now),
+        },
+    });
+    // A router crash on a healthy host goes straight to a move.
+    h.input(Input::HostEvent {
+        host: host(1),
+        event: HostEvent::ResourceExited {
+            resource: Resource::router("r1"),
+            source: Source::Neutron,
+            at: Timestamp(h.now),
+            reason: "l3 agent lost it".into(),
+        },
+    });
+    assert!(h
+        .find(|a| matches!(a, Action::RestartInPlace { .. }))
+        .is_none());
+    let ev = evacuations(&h.actions);
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].0.kind(), ResourceKind::Router);
+}
+
+#[test]
+fn evacuation_failures_are_retried_then_given_up_with_an_alarm() {
+    let mut h = Harness::new(4);
+    let key = h.kill_until_fence(2);
+    h.fence_result(2, key, FenceOutcome::Verified(FenceVerifier::IpmiPowerOff));
+    h.force_down_ok(2);
+    for n in 1..=3 {
+        let ev = evacuations(&h.actions);
+        assert_eq!(ev.len(), n);
+        let (r, key) = ev.last().unwrap().clone();
+        assert!(key.as_str().contains(&format!("evacuate-{n}")));
+        h.input(Input::RestoreResult {
+            resource: r,
+            key,
+            outcome: RestoreOutcome::Failed {
+                reason: "no valid host".into(),
+            },
+        });
+    }
+    assert_eq!(h.vm(2), ResourceState::GaveUp);
+    assert!(alarms(&h.actions).contains(&AlarmKind::RestoreGaveUp));
+    assert_eq!(h.state(2), HostState::Recovered);
+}
+
+#[test]
+fn a_superseded_restart_delays_the_fence_until_its_result_is_in() {
+    let mut h = Harness::new(4);
+    h.exit(1, "vm1", Source::Ebpf, h.now);
+    let Some(Action::RestartInPlace { key: restart, .. }) =
+        h.find(|a| matches!(a, Action::RestartInPlace { .. }))
+    else {
+        panic!()
+    };
+    h.kill(1);
+    h.run_for(600);
+    h.confirm(1, Verdict::Dead);
+    h.run_for(200);
+    assert_eq!(h.state(1), HostState::Fencing);
+    assert!(h.fences().is_empty(), "waits for the in-flight restart");
+    h.input(Input::RestoreResult {
+        resource: Resource::vm("vm1"),
+        key: restart,
+        outcome: RestoreOutcome::Ok { host: host(1) },
+    });
+    assert_eq!(h.fences().len(), 1);
+    let inc = h.engine.host_incident(&host(1)).unwrap();
+    assert_eq!(
+        h.engine.resource(&Resource::vm("vm1")).unwrap().owner,
+        Some(inc)
+    );
+    // Exactly one open claim on vm1.
+    let claims: Vec<_> = h
+        .engine
+        .claims()
+        .into_iter()
+        .filter(|(_, r)| *r == Resource::vm("vm1"))
+        .collect();
+    assert_eq!(claims.len(), 1);
+}
+
+#[test]
+fn a_fenced_host_is_not_trusted_until_an_operator_unfences_it() {
+    let mut h = Harness::new(4);
+    let key = h.kill_until_fence(2);
+    h.fence_result(2, key, FenceOutcome::Verified(FenceVerifier::IpmiPowerOff));
+    h.force_down_ok(2);
+    let (r, key) = evacuations(&h.actions)[0].clone();
+    h.input(Input::RestoreResult {
+        resource: r,
+        key,
+        outcome: RestoreOutcome::Ok { host: host(0) },
+    });
+    assert_eq!(h.state(2), HostState::Recovered);
+    // Back with a stale qemu for vm2: alarm, and unfence is refused.
+    h.revive(2);
+    h.run_for(200);
+    assert!(alarms(&h.actions).contains(&AlarmKind::HostBackAwaitingUnfence));
+    h.input(Input::HostEvent {
+        host: host(2),
+        event: HostEvent::Inventory {
+            resources: vec![Resource::vm("vm2")],
+            source: Source::Libvirt,
+            at: Timestamp(h.now),
+        },
+    });
+    assert!(alarms(&h.actions).contains(&AlarmKind::StaleResource));
+    h.take();
+    h.input(Input::Operator(OperatorCommand::Unfence { host: host(2) }));
+    assert!(alarms(&h.actions).contains(&AlarmKind::CommandRefused));
+    assert_eq!(h.state(2), HostState::Recovered);
+    // Clean now: the unfence goes through.
+    h.input(Input::HostEvent {
+        host: host(2),
+        event: HostEvent::Inventory {
+            resources: vec![],
+            source: Source::Libvirt,
+            at: Timestamp(h.now),
+        },
+    });
+    h.input(Input::Operator(OperatorCommand::Unfence { host: host(2) }));
+    assert_eq!(h.state(2), HostState::Up);
+    assert!(h.find(|a| matches!(a, Action::Unfence { .. })).is_some());
+}
+
+#[test]
+fn the_self_fence_deadline_counts_as_a_verified_fence_only_when_opted_in() {
+    let cfg = Config {
+        self_fence_deadline: Some(Duration::from_secs(5)),
+        ..Config::default()
+    };
+    let mut h = Harness::with(4, cfg);
+    let key = h.kill_until_fence(1);
+    h.fence_result(
+        1,
+        key,
+        FenceOutcome::Failed {
+            reason: "no BMC".into(),
+        },
+    );
+    assert_eq!(h.state(1), HostState::Fencing);
+    h.run_for(5000);
+    assert_eq!(h.state(1), HostState::Fenced);
+    let self_fence = h.log.iter().any(|e| {
+        matches!(e.record.intent, Intent::Fence { method: None, .. })
+            && matches!(
+                e.done.as_ref().map(|c| &c.outcome),
+                Some(IntentOutcome::Fence(FenceOutcome::Verified(
+                    FenceVerifier::SelfFenceDeadline
+                )))
+            )
+    });
+    assert!(self_fence);
+    // Without the opt-in, the same story stays held.
+    let mut h = Harness::new(4);
+    let key = h.kill_until_fence(1);
+    h.fence_result(
+        1,
+        key,
+        FenceOutcome::Failed {
+            reason: "no BMC".into(),
+        },
+    );
+    h.run_for(1000);
+    assert_eq!(h.state(1), HostState::Fencing);
+}
+
+#[test]
+fn a_restarted_controller_resumes_an_open_incident_without_repeating_done_actions() {
+    let mut h = Harness::new(4);
+    let fence = h.kill_until_fence(2);
+    h.fence_result(
+        2,
+        fence.clone(),
+        FenceOutcome::Verified(FenceVerifier::IpmiPowerOff),
+    );
+    let force_down = match h.find(|a| matches!(a, Action::ForceDown { .. })) {
+        Some(Action::ForceDown { key, .. }) => key,
+        _ => panic!(),
+    };
+    // Crash: the force-down is recorded but its result is lost with the process.
+    let (mut engine, actions) = Engine::resume(Config::default(), &h.log, Timestamp(h.now + 10));
+    assert_eq!(engine.host_state(&host(2)), Some(HostState::Fenced));
+    let keys: Vec<&IntentKey> = actions.iter().filter_map(|a| a.intent_key()).collect();
+    assert_eq!(
+        keys,
+        vec![&force_down],
+        "only the open intent is handed out again"
+    );
+    assert!(actions
+        .iter()
+        .all(|a| !matches!(a, Action::PersistIntent(_))));
+    let out = engine.step(
+        Timestamp(h.now + 20),
+        Input::HostActionResult {
+            host: host(2),
+            key: force_down,
+            outcome: RestoreOutcome::Ok { host: host(2) },
+        },
+    );
+    assert_eq!(engine.host_state(&host(2)), Some(HostState::Evacuating));
+    let ev = evacuations(&out);
+    assert_eq!(ev.len(), 1);
+    assert!(!h.log.contains(&ev[0].1));
+    // A late result of the done fence changes nothing.
+    let out = engine.step(
+        Timestamp(h.now + 30),
+        Input::FenceResult {
+            host: host(2),
+            key: fence,
+            outcome: FenceOutcome::Verified(FenceVerifier::IpmiPowerOff),
+        },
+    );
+    assert!(out.iter().all(|a| a.intent_key().is_none()));
+}
+
+#[test]
+fn the_state_machines_reject_illegal_moves() {
+    assert!(HostState::Up.transition(HostState::Fencing).is_err());
+    assert!(HostState::Confirming.transition(HostState::Fenced).is_err());
+    assert!(HostState::Fencing
+        .transition(HostState::Maintenance)
+        .is_err());
+    assert!(HostState::Fencing
+        .transition(HostState::Evacuating)
+        .is_err());
+    assert!(HostState::Suspect.transition(HostState::Up).is_ok());
+    assert!(HostState::Evacuating
+        .transition(HostState::Recovered)
+        .is_ok());
+    assert!(ResourceState::Running
+        .transition(ResourceState::RestartingInPlace { attempt: 1 })
+        .is_err());
+    assert!(ResourceState::GaveUp
+        .transition(ResourceState::Failed)
+        .is_err());
+    assert!(ResourceState::Evacuating { attempt: 1 }
+        .transition(ResourceState::Evacuating { attempt: 3 })
+        .is_err());
+    assert!(ResourceState::Failed
+        .transition(ResourceState::RestartingInPlace { attempt: 1 })
+        .is_ok());
+}
+
+#[test]
+fn the_intent_log_entries_are_serialisable() {
+    let mut h = Harness::new(4);
+    let key = h.kill_until_fence(2);
+    h.fence_result(2, key, FenceOutcome::Verified(FenceVerifier::IpmiPowerOff));
+    let entries = h.log.entries();
+    let json = serde_json::to_string(&entries).unwrap();
+    let back: Vec<IntentEntry> = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, entries);
+    let actions = h.take();
+    let json = serde_json::to_string(&actions).unwrap();
+    let back: Vec<Action> = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, actions);
+}

@@ -1,0 +1,593 @@
+//! Plain data the engine speaks: identifiers, time, inputs and actions.
+//!
+//! Everything here is `serde`-serialisable so that inputs can be recorded, actions
+//! written to the store and both replayed in tests.
+
+use std::fmt;
+use std::ops::Add;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::intent::{IntentKey, IntentRecord};
+use super::state::{HostState, ResourceState};
+
+/// A point in time on the controller's monotonic clock, in milliseconds since an
+/// arbitrary epoch (the runtime's start). The engine never reads a clock itself: the
+/// runtime passes `now` into every step.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Timestamp(pub u64);
+
+impl Timestamp {
+    /// The epoch.
+    pub const ZERO: Timestamp = Timestamp(0);
+
+    /// A timestamp `ms` milliseconds after the epoch.
+    pub const fn from_millis(ms: u64) -> Self {
+        Timestamp(ms)
+    }
+
+    /// Milliseconds since the epoch.
+    pub const fn as_millis(self) -> u64 {
+        self.0
+    }
+
+    /// Time elapsed from `earlier` to `self`, zero if `earlier` is later.
+    pub fn since(self, earlier: Timestamp) -> Duration {
+        Duration::from_millis(self.0.saturating_sub(earlier.0))
+    }
+}
+
+impl Add<Duration> for Timestamp {
+    type Output = Timestamp;
+    fn add(self, rhs: Duration) -> Timestamp {
+        let ms = u64::try_from(rhs.as_millis()).unwrap_or(u64::MAX);
+        Timestamp(self.0.saturating_add(ms))
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{:03}s", self.0 / 1000, self.0 % 1000)
+    }
+}
+
+macro_rules! string_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        pub struct $name(pub String);
+
+        impl $name {
+            /// Builds the id from anything string-like.
+            pub fn new(s: impl Into<String>) -> Self {
+                $name(s.into())
+            }
+            /// The id as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+string_id!(
+    /// A hypervisor (Nova compute host name).
+    HostId
+);
+string_id!(
+    /// A VM (libvirt domain UUID = Nova instance UUID).
+    VmId
+);
+string_id!(
+    /// A Neutron logical router (hosted by an L3 agent on a host).
+    RouterId
+);
+
+/// Which heartbeat path (network) a heartbeat came over; hosts send on every path.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+pub struct PathId(pub u16);
+
+/// The kinds of resources the engine restores. A new kind is a new variant here and in
+/// [`Resource`]; it goes through the same engine and the same rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum ResourceKind {
+    /// A KVM guest.
+    Vm,
+    /// A logical router on an L3 agent.
+    Router,
+}
+
+impl ResourceKind {
+    /// Whether a failed resource of this kind is first restarted where it was. A VM is
+    /// (its host is healthy); a router is moved to a live agent straight away.
+    pub fn restarts_in_place(self) -> bool {
+        match self {
+            ResourceKind::Vm => true,
+            ResourceKind::Router => false,
+        }
+    }
+}
+
+/// One restorable thing: the unit of ownership.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Resource {
+    /// A VM.
+    Vm(VmId),
+    /// A logical router.
+    Router(RouterId),
+}
+
+impl Resource {
+    /// A VM resource.
+    pub fn vm(id: impl Into<String>) -> Self {
+        Resource::Vm(VmId::new(id))
+    }
+    /// A router resource.
+    pub fn router(id: impl Into<String>) -> Self {
+        Resource::Router(RouterId::new(id))
+    }
+    /// Its kind.
+    pub fn kind(&self) -> ResourceKind {
+        match self {
+            Resource::Vm(_) => ResourceKind::Vm,
+            Resource::Router(_) => ResourceKind::Router,
+        }
+    }
+}
+
+impl fmt::Display for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Resource::Vm(v) => write!(f, "vm:{v}"),
+            Resource::Router(r) => write!(f, "router:{r}"),
+        }
+    }
+}
+
+/// An incident: one failure being handled, with one owner per resource.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+pub struct IncidentId(pub u64);
+
+impl fmt::Display for IncidentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "i{}", self.0)
+    }
+}
+
+/// Where a piece of evidence came from (timeline `source`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Source {
+    /// The failure detector (heartbeats).
+    Heartbeat,
+    /// An eBPF probe on the host.
+    Ebpf,
+    /// The libvirt event stream.
+    Libvirt,
+    /// An IPMI BMC.
+    Ipmi,
+    /// Pacemaker/corosync membership or fencing history.
+    Pacemaker,
+    /// The host's own self-fence deadline.
+    SelfFence,
+    /// Nova (inventory, evacuation).
+    Nova,
+    /// Neutron (router moves).
+    Neutron,
+    /// An operator command.
+    Operator,
+    /// The controller's own decision (timers, gates).
+    Controller,
+}
+
+/// What an independent source says about a silent host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verdict {
+    /// The host is down (not a member, powered off).
+    Dead,
+    /// The host is up: the controller is cut off from it, the host is fine.
+    Alive,
+    /// The source does not know.
+    Unknown,
+}
+
+/// Which evidence verified a fence. Only these count (DESIGN rule 2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum FenceVerifier {
+    /// The BMC reports chassis power off.
+    IpmiPowerOff,
+    /// Pacemaker's fencing history says the node was fenced.
+    PacemakerHistory,
+    /// Opt-in: the host's self-fence deadline passed while its watchdog was armed.
+    SelfFenceDeadline,
+}
+
+/// The outcome of a fence action.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FenceOutcome {
+    /// Fenced and verified by independent evidence.
+    Verified(FenceVerifier),
+    /// The agent says it fenced, but nothing verified it: an alarm, never a restore.
+    Unverified {
+        /// Why it could not be verified.
+        reason: String,
+    },
+    /// The fence did not happen.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The outcome of a restore action (restart in place, evacuate, force-down).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestoreOutcome {
+    /// Done; for a restore, the host the resource now runs on.
+    Ok {
+        /// Where the resource runs now (for force-down: the host itself).
+        host: HostId,
+    },
+    /// Not done.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Something a host's watchdog reported (over the reliable event stream), or Nova's
+/// inventory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostEvent {
+    /// A resource's process exited or crashed (eBPF exit probe, libvirt Stopped/Failed).
+    ResourceExited {
+        /// Which resource.
+        resource: Resource,
+        /// Who saw it.
+        source: Source,
+        /// When it happened (host clock).
+        at: Timestamp,
+        /// Signal, OOM, libvirt reason...
+        reason: String,
+    },
+    /// A qemu thread or block request started stalling on I/O (timeline only).
+    DiskStallStarted {
+        /// Affected resource, if known.
+        resource: Option<Resource>,
+        /// When.
+        at: Timestamp,
+    },
+    /// The stall ended (timeline only).
+    DiskStallEnded {
+        /// Affected resource, if known.
+        resource: Option<Resource>,
+        /// When.
+        at: Timestamp,
+    },
+    /// The full list of resources running on the host.
+    Inventory {
+        /// The resources.
+        resources: Vec<Resource>,
+        /// Who reported it (the watchdog's scan or Nova).
+        source: Source,
+        /// When the list was taken.
+        at: Timestamp,
+    },
+}
+
+/// Timers the engine asks for; the runtime feeds them back as [`Input::Timer`].
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum TimerId {
+    /// The periodic evaluation tick (detector, deadlines, retries).
+    Tick,
+}
+
+/// A command from `defibctl`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OperatorCommand {
+    /// Planned work on a host: silence is not a failure.
+    MaintenanceOn {
+        /// The host.
+        host: HostId,
+    },
+    /// Planned work is over.
+    MaintenanceOff {
+        /// The host.
+        host: HostId,
+    },
+    /// Trust a host again after it was fenced (DESIGN rule 5) or after a failed fence.
+    Unfence {
+        /// The host.
+        host: HostId,
+    },
+}
+
+/// One heartbeat datagram, as the ingest decoded it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Sender.
+    pub host: HostId,
+    /// Which network it came over.
+    pub path: PathId,
+    /// The host's boot id (changes on reboot).
+    pub boot_id: u64,
+    /// The watchdog process incarnation (changes on daemon restart).
+    pub incarnation: u64,
+    /// Sent at (host clock); liveness is judged by the receive time `now`.
+    pub at: Timestamp,
+    /// The host's self-fence watchdog is armed.
+    pub self_fence_armed: bool,
+}
+
+/// Everything the engine reacts to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Input {
+    /// A heartbeat arrived.
+    Heartbeat(Heartbeat),
+    /// A host event arrived.
+    HostEvent {
+        /// The host it is about.
+        host: HostId,
+        /// The event.
+        event: HostEvent,
+    },
+    /// A timer the engine armed fired.
+    Timer(TimerId),
+    /// An independent source answered a [`Action::Confirm`].
+    ConfirmationResult {
+        /// The host.
+        host: HostId,
+        /// Who answered.
+        source: Source,
+        /// What they said.
+        verdict: Verdict,
+    },
+    /// A fence finished.
+    FenceResult {
+        /// The host.
+        host: HostId,
+        /// The intent it answers.
+        key: IntentKey,
+        /// How it went.
+        outcome: FenceOutcome,
+    },
+    /// A host-level restore action finished: a force-down (Nova compute service
+    /// forced down) or an unfence.
+    HostActionResult {
+        /// The host.
+        host: HostId,
+        /// The intent it answers.
+        key: IntentKey,
+        /// How it went.
+        outcome: RestoreOutcome,
+    },
+    /// A restart in place or an evacuation finished.
+    RestoreResult {
+        /// The resource.
+        resource: Resource,
+        /// The intent it answers.
+        key: IntentKey,
+        /// How it went.
+        outcome: RestoreOutcome,
+    },
+    /// An operator command.
+    Operator(OperatorCommand),
+}
+
+/// How the runtime should fence (a hint; the fencer edge picks the agent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FenceMethod {
+    /// Power off over IPMI and read the power state back.
+    Ipmi,
+    /// Ask Pacemaker to fence the node and read its fencing history.
+    Pacemaker,
+}
+
+/// Kinds of alarms (each raised once per episode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum AlarmKind {
+    /// More than the configured share of hosts look dead at once: fencing stopped.
+    MassFailure,
+    /// The controller hears no host at all: it suspects itself, fences nobody.
+    ControllerIsolated,
+    /// An independent source says a silent host is alive: not fenced.
+    HostAliveButSilent,
+    /// A fence failed.
+    FenceFailed,
+    /// A fence could not be verified: no restore.
+    FenceUnverified,
+    /// Fencing gave up after the configured attempts: operator needed.
+    FenceExhausted,
+    /// Forcing the compute service down failed.
+    ForceDownFailed,
+    /// A resource could not be restored: given up.
+    RestoreGaveUp,
+    /// A fenced host is heartbeating again and waits for an unfence.
+    HostBackAwaitingUnfence,
+    /// A host reports a resource that runs elsewhere (stale qemu).
+    StaleResource,
+    /// An operator command was refused (unfence of a host that is not clean or not
+    /// fenced, maintenance during a fence).
+    CommandRefused,
+}
+
+/// One line of an incident's timeline.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimelineEntry {
+    /// When (controller clock).
+    pub at: Timestamp,
+    /// The host or resource that changed.
+    pub subject: Subject,
+    /// State before (or `-` for a note).
+    pub from: String,
+    /// State after (or `-` for a note).
+    pub to: String,
+    /// Why.
+    pub cause: String,
+    /// Evidence source.
+    pub source: Source,
+}
+
+/// What an incident or a timeline line is about.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Subject {
+    /// A host.
+    Host(HostId),
+    /// A resource.
+    Resource(Resource),
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Subject::Host(h) => write!(f, "host:{h}"),
+            Subject::Resource(r) => write!(f, "{r}"),
+        }
+    }
+}
+
+/// A decision, as a value. The runtime carries actions out **in order**; an action with
+/// an intent key is always preceded (in the same batch) by the [`Action::PersistIntent`]
+/// that records it, except when a resumed engine re-issues an intent that was already
+/// recorded but not finished. If persisting fails the runtime must stop before the
+/// action.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Action {
+    /// Call back with [`Input::Timer`] at `at`.
+    ArmTimer {
+        /// Which timer.
+        id: TimerId,
+        /// When.
+        at: Timestamp,
+    },
+    /// Write the intent to the store before carrying it out.
+    PersistIntent(IntentRecord),
+    /// Mark the intent done in the store.
+    CompleteIntent {
+        /// The intent.
+        key: IntentKey,
+        /// How it ended, and when.
+        completion: super::intent::Completion,
+    },
+    /// Append to an incident's timeline in the store.
+    RecordTimeline {
+        /// The incident.
+        incident: IncidentId,
+        /// The line.
+        entry: TimelineEntry,
+    },
+    /// Ask independent sources (Pacemaker membership, IPMI power state) about a silent
+    /// host; answer with [`Input::ConfirmationResult`]. Read-only, so no intent.
+    Confirm {
+        /// The host.
+        host: HostId,
+    },
+    /// Fence the host; answer with [`Input::FenceResult`].
+    Fence {
+        /// The host.
+        host: HostId,
+        /// Preferred method.
+        method_hint: FenceMethod,
+        /// Idempotency key.
+        key: IntentKey,
+    },
+    /// Force the host's compute service down (Nova) so its resources can be evacuated;
+    /// answer with [`Input::HostActionResult`].
+    ForceDown {
+        /// The host.
+        host: HostId,
+        /// Idempotency key.
+        key: IntentKey,
+    },
+    /// Restart a crashed resource where it was; answer with [`Input::RestoreResult`].
+    RestartInPlace {
+        /// The resource.
+        resource: Resource,
+        /// Its (healthy) host.
+        host: HostId,
+        /// 1-based try number within the window.
+        attempt: u32,
+        /// Idempotency key.
+        key: IntentKey,
+    },
+    /// Restore a resource elsewhere (Nova evacuate / Neutron router move); answer with
+    /// [`Input::RestoreResult`] naming the new host.
+    Evacuate {
+        /// The resource.
+        resource: Resource,
+        /// The host it was on (fenced, or healthy with a dead resource).
+        from: HostId,
+        /// Idempotency key.
+        key: IntentKey,
+    },
+    /// Undo the force-down / Pacemaker unfence for a host an operator trusts again;
+    /// answer with [`Input::HostActionResult`].
+    Unfence {
+        /// The host.
+        host: HostId,
+        /// Idempotency key.
+        key: IntentKey,
+    },
+    /// Tell a human.
+    Alarm {
+        /// What kind.
+        kind: AlarmKind,
+        /// The host concerned, if any.
+        host: Option<HostId>,
+        /// The resource concerned, if any.
+        resource: Option<Resource>,
+        /// Details.
+        reason: String,
+    },
+}
+
+impl Action {
+    /// The idempotency key of an action that changes the world.
+    pub fn intent_key(&self) -> Option<&IntentKey> {
+        match self {
+            Action::Fence { key, .. }
+            | Action::ForceDown { key, .. }
+            | Action::RestartInPlace { key, .. }
+            | Action::Evacuate { key, .. }
+            | Action::Unfence { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+}
+
+/// A read-only view of one host, for `defibctl` and tests.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostView {
+    /// The host.
+    pub host: HostId,
+    /// Its state.
+    pub state: HostState,
+    /// Its open incident.
+    pub incident: Option<IncidentId>,
+    /// The last heartbeat seen on any path.
+    pub last_seen: Option<Timestamp>,
+}
+
+/// A read-only view of one resource.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceView {
+    /// The resource.
+    pub resource: Resource,
+    /// Where the engine believes it runs (or ran).
+    pub host: HostId,
+    /// Its state.
+    pub state: ResourceState,
+    /// The incident that owns it, if any.
+    pub owner: Option<IncidentId>,
+}
