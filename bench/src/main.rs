@@ -51,7 +51,10 @@ fn main() -> anyhow::Result<()> {
     std::env::set_var("DEFIB_RELEASE", "1");
     let md = match cli.scenario {
         Scenario::ExitLatency { kills } => exit_latency(kills)?,
-        Scenario::StallLatency { episodes, threshold_ms } => stall_latency(episodes, threshold_ms)?,
+        Scenario::StallLatency {
+            episodes,
+            threshold_ms,
+        } => stall_latency(episodes, threshold_ms)?,
     };
     println!("{md}");
     Ok(())
@@ -62,11 +65,19 @@ fn exit_latency(kills: usize) -> anyhow::Result<String> {
     let wait = Duration::from_secs(10);
     let (mut total, mut kernel, mut delivery) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..kills {
-        let vm = FakeQemu::start("qemu-system-x86_64", &format!("bench-{i}"), "c0ffee00-0000-4000-8000-00000000be1c", &[]);
+        let vm = FakeQemu::start(
+            "qemu-system-x86_64",
+            &format!("bench-{i}"),
+            "c0ffee00-0000-4000-8000-00000000be1c",
+            &[],
+        );
         let pid = vm.pid();
         wd.expect("qemu_started", wait, |v| is_event(v, "qemu_started", pid));
         let t0 = monotonic_ns();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL)?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
         let ev = wd.expect("qemu_exited", wait, |v| is_event(v, "qemu_exited", pid));
         anyhow::ensure!(ev["signal"] == 9, "unexpected exit event {ev}");
         let k = ev["kernel_ns"].as_u64().unwrap_or(0);
@@ -77,9 +88,18 @@ fn exit_latency(kills: usize) -> anyhow::Result<String> {
         drop(vm); // reaps it
     }
     let series = [
-        Series { name: "kill() → event in userspace".into(), samples_ms: total },
-        Series { name: "kill() → last thread exits (kernel stamp)".into(), samples_ms: kernel },
-        Series { name: "kernel stamp → decoded in daemon".into(), samples_ms: delivery },
+        Series {
+            name: "kill() → event in userspace".into(),
+            samples_ms: total,
+        },
+        Series {
+            name: "kill() → last thread exits (kernel stamp)".into(),
+            samples_ms: kernel,
+        },
+        Series {
+            name: "kernel stamp → decoded in daemon".into(),
+            samples_ms: delivery,
+        },
     ];
     report::write(
         &report::results_dir(),
@@ -101,12 +121,20 @@ fn stall_latency(episodes: usize, threshold_ms: u64) -> anyhow::Result<String> {
         let bed = FuseBed::new();
         let image = bed.create_image(&format!("bench-{kind}.raw"), 16 << 20);
         let lo = (kind == "A").then(|| LoopDevice::attach(&image));
-        let disk = lo.as_ref().map(|l| l.path.display().to_string()).unwrap_or_else(|| image.display().to_string());
+        let disk = lo
+            .as_ref()
+            .map(|l| l.path.display().to_string())
+            .unwrap_or_else(|| image.display().to_string());
         let mut args = vec!["--defib-write", disk.as_str()];
         if kind == "A" {
             args.push("--defib-direct");
         }
-        let vm = FakeQemu::start("qemu-system-x86_64", &format!("bench-stall-{kind}"), "c0ffee00-0000-4000-8000-00000000be1d", &args);
+        let vm = FakeQemu::start(
+            "qemu-system-x86_64",
+            &format!("bench-stall-{kind}"),
+            "c0ffee00-0000-4000-8000-00000000be1d",
+            &args,
+        );
         let pid = vm.pid();
         let (mut past_threshold, mut since_stop) = (Vec::new(), Vec::new());
         for _ in 0..episodes {
@@ -114,7 +142,8 @@ fn stall_latency(episodes: usize, threshold_ms: u64) -> anyhow::Result<String> {
             let stopped = monotonic_ns();
             bed.stall();
             let started = wd.expect("disk_stall_started", wait, |v| {
-                is_event(v, "disk_stall_started", pid) && v["since_ns"].as_u64().unwrap_or(0) >= stopped.saturating_sub(200_000_000)
+                is_event(v, "disk_stall_started", pid)
+                    && v["since_ns"].as_u64().unwrap_or(0) >= stopped.saturating_sub(200_000_000)
             });
             bed.resume();
             let since = started["since_ns"].as_u64().unwrap_or(0);
@@ -125,14 +154,22 @@ fn stall_latency(episodes: usize, threshold_ms: u64) -> anyhow::Result<String> {
                 is_event(v, "disk_stall_ended", pid) && v["since_ns"] == started["since_ns"]
             });
         }
-        series.push(Series { name: format!("kind {kind}: stuck call's start + threshold → event"), samples_ms: past_threshold });
-        series.push(Series { name: format!("kind {kind}: SIGSTOP of the FUSE daemon → event"), samples_ms: since_stop });
+        series.push(Series {
+            name: format!("kind {kind}: stuck call's start + threshold → event"),
+            samples_ms: past_threshold,
+        });
+        series.push(Series {
+            name: format!("kind {kind}: SIGSTOP of the FUSE daemon → event"),
+            samples_ms: since_stop,
+        });
         drop(vm);
     }
     report::write(
         &report::results_dir(),
         "stall-latency",
-        &format!("cargo xtask bench stall-latency --episodes {episodes} --threshold-ms {threshold_ms}"),
+        &format!(
+            "cargo xtask bench stall-latency --episodes {episodes} --threshold-ms {threshold_ms}"
+        ),
         "Kind A: a disk on a loop device whose backing file is on a bindfs (FUSE) mount, O_DIRECT \
          writes, bindfs SIGSTOPped (writer in D state). Kind B: the image file directly on the \
          bindfs mount (writer asleep in FUSE, S state). The first row of each kind is the \

@@ -61,9 +61,15 @@ struct Report<'a> {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     format!("{cores} cores, {cpu}")
 }
 
@@ -72,10 +78,19 @@ pub fn results_dir() -> PathBuf {
 }
 
 /// Writes `<dir>/<scenario>.json|.md|.svg` and returns the Markdown.
-pub fn write(dir: &Path, scenario: &str, command: &str, notes: &str, series: &[Series]) -> anyhow::Result<String> {
+pub fn write(
+    dir: &Path,
+    scenario: &str,
+    command: &str,
+    notes: &str,
+    series: &[Series],
+) -> anyhow::Result<String> {
     std::fs::create_dir_all(dir)?;
     let summaries: Vec<Summary> = series.iter().map(Series::summary).collect();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     let report = Report {
         scenario,
         command,
@@ -89,7 +104,10 @@ pub fn write(dir: &Path, scenario: &str, command: &str, notes: &str, series: &[S
         summaries: summaries.clone(),
         series,
     };
-    std::fs::write(dir.join(format!("{scenario}.json")), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(
+        dir.join(format!("{scenario}.json")),
+        serde_json::to_string_pretty(&report)?,
+    )?;
 
     let mut md = format!(
         "### {scenario}\n\n`{command}` on {} (kernel {kernel}).\n\n| measure | n | p50 ms | p90 ms | p99 ms | max ms |\n|---|---:|---:|---:|---:|---:|\n",
@@ -121,7 +139,10 @@ fn plot_cdf(path: &Path, title: &str, series: &[Series]) -> anyhow::Result<()> {
     let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("{title}: cumulative share of samples"), ("sans-serif", 20))
+        .caption(
+            format!("{title}: cumulative share of samples"),
+            ("sans-serif", 20),
+        )
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(50)
@@ -142,7 +163,9 @@ fn plot_cdf(path: &Path, title: &str, series: &[Series]) -> anyhow::Result<()> {
                 color.stroke_width(2),
             ))?
             .label(s.name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
     }
     chart
         .configure_series_labels()

@@ -10,6 +10,10 @@
 //!   with invariants checked after every step (`cargo xtask sim --seeds N` calls
 //!   [`sim::run_seeds`]).
 
+pub mod api;
+pub mod config;
 pub mod detector;
 pub mod engine;
+pub mod runtime;
 pub mod sim;
+pub mod store;

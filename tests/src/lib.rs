@@ -22,7 +22,11 @@ pub mod netns;
 pub fn tag() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{:x}{}", std::process::id() & 0xffff, N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{:x}{}",
+        std::process::id() & 0xffff,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Runs `ip ARGS`, panicking with its stderr if it fails.
@@ -91,7 +95,9 @@ pub fn built_binary(package: &str, bin: &str) -> PathBuf {
     let built = BUILT.get_or_init(|| Mutex::new(Vec::new()));
     let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
     let release = std::env::var("DEFIB_RELEASE").is_ok_and(|v| v == "1");
-    let path = target_dir().join(if release { "release" } else { "debug" }).join(bin);
+    let path = target_dir()
+        .join(if release { "release" } else { "debug" })
+        .join(bin);
     if !built.iter().any(|b| b == bin) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut args = vec!["build", "--quiet", "-p", package, "--bin", bin];

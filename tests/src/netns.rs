@@ -43,10 +43,22 @@ impl LabNet {
             let br = format!("br{p}");
             ip(&["-n", &sw, "link", "add", &br, "type", "bridge"]);
             ip(&["-n", &sw, "link", "set", &br, "up"]);
-            net.plug(&ctl, &format!("c{p}"), &format!("ctl-p{p}"), &br, &net.controller_addr(p));
+            net.plug(
+                &ctl,
+                &format!("c{p}"),
+                &format!("ctl-p{p}"),
+                &br,
+                &net.controller_addr(p),
+            );
             for h in 0..hosts {
                 let ns = net.host_ns(h);
-                net.plug(&ns, &format!("h{p}"), &format!("h{h}-p{p}"), &br, &net.host_addr(h, p));
+                net.plug(
+                    &ns,
+                    &format!("h{p}"),
+                    &format!("h{h}-p{p}"),
+                    &br,
+                    &net.host_addr(h, p),
+                );
             }
         }
         net
@@ -55,7 +67,9 @@ impl LabNet {
     /// A veth pair: `inner` inside `ns` with `addr/24`, `outer` on bridge `br` in the switch.
     fn plug(&self, ns: &str, inner: &str, outer: &str, br: &str, addr: &str) {
         let sw = self.switch_ns();
-        ip(&["-n", &sw, "link", "add", outer, "type", "veth", "peer", "name", inner, "netns", ns]);
+        ip(&[
+            "-n", &sw, "link", "add", outer, "type", "veth", "peer", "name", inner, "netns", ns,
+        ]);
         ip(&["-n", &sw, "link", "set", outer, "master", br, "up"]);
         ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", inner]);
         ip(&["-n", ns, "link", "set", inner, "up"]);
@@ -80,7 +94,14 @@ impl LabNet {
     /// Cuts (or restores) one host's link on one path, at the switch port.
     pub fn set_link(&self, host: usize, path: usize, up: bool) {
         let port = format!("h{host}-p{path}");
-        ip(&["-n", &self.switch_ns(), "link", "set", &port, if up { "up" } else { "down" }]);
+        ip(&[
+            "-n",
+            &self.switch_ns(),
+            "link",
+            "set",
+            &port,
+            if up { "up" } else { "down" },
+        ]);
     }
 
     /// Cuts or restores every path of one host.

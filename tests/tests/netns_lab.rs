@@ -10,13 +10,28 @@ fn a_cut_link_isolates_only_that_host_on_that_path() {
     let ctl = net.controller_ns();
     for h in 0..2 {
         for p in 0..2 {
-            assert!(net.reachable(&ctl, &net.host_addr(h, p)), "host {h} path {p} unreachable");
+            assert!(
+                net.reachable(&ctl, &net.host_addr(h, p)),
+                "host {h} path {p} unreachable"
+            );
         }
     }
     net.set_link(0, 1, false);
-    assert!(!net.reachable(&ctl, &net.host_addr(0, 1)), "cut link still passes traffic");
-    assert!(net.reachable(&ctl, &net.host_addr(0, 0)), "the other path of host 0 was cut too");
-    assert!(net.reachable(&ctl, &net.host_addr(1, 1)), "host 1 was cut too");
+    assert!(
+        !net.reachable(&ctl, &net.host_addr(0, 1)),
+        "cut link still passes traffic"
+    );
+    assert!(
+        net.reachable(&ctl, &net.host_addr(0, 0)),
+        "the other path of host 0 was cut too"
+    );
+    assert!(
+        net.reachable(&ctl, &net.host_addr(1, 1)),
+        "host 1 was cut too"
+    );
     net.set_link(0, 1, true);
-    assert!(net.reachable(&ctl, &net.host_addr(0, 1)), "restored link does not pass traffic");
+    assert!(
+        net.reachable(&ctl, &net.host_addr(0, 1)),
+        "restored link does not pass traffic"
+    );
 }

@@ -1,7 +1,12 @@
 //! The watchdog's configuration: a TOML file, every field defaulted, validated before
 //! anything is loaded or bound. A bad file makes the daemon exit with code 64 (EX_USAGE)
 //! and a message that names the field.
-use std::path::Path;
+//!
+//! Sections: `[probes]` (what the eBPF probes watch), `[host]` (who this watchdog is and
+//! where it keeps its state) and `[controller]` (where heartbeats and events go;
+//! optional for `events`, required for `run`).
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use watchdog_common::{NamePattern, COMM_LEN, MAX_NAME_PATTERNS};
@@ -12,7 +17,72 @@ pub const EXIT_BAD_CONFIG: i32 = 64;
 #[serde(deny_unknown_fields, default)]
 pub struct WatchdogConfig {
     pub probes: ProbeConfig,
+    pub host: HostConfig,
+    /// Absent: the watchdog reports to no controller (enough for `events`).
+    pub controller: Option<ControllerConfig>,
 }
+
+/// Who this watchdog is, and where it keeps what must survive a restart.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostConfig {
+    /// The host's id in heartbeats and events (its Nova compute host name). Defaults to
+    /// the hostname.
+    pub id: String,
+    /// The cluster this host belongs to; the controller ignores other clusters'.
+    pub cluster_id: String,
+    /// The incarnation and the event spool live here.
+    pub state_dir: PathBuf,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        Self {
+            // An unreadable hostname leaves the id empty, which validation then names.
+            id: nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_default(),
+            cluster_id: "default".into(),
+            state_dir: PathBuf::from("/var/lib/defib-watchdog"),
+        }
+    }
+}
+
+/// Where the controller listens, and how the watchdog talks to it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerConfig {
+    /// One "ip:port" per network path; every heartbeat goes out on each.
+    pub heartbeat_addrs: Vec<String>,
+    /// "ip:port" of the controller's event stream (TCP).
+    pub event_addr: String,
+    /// File holding the cluster's shared HMAC key (at least 16 bytes).
+    pub key_file: PathBuf,
+    /// Time between heartbeats.
+    pub heartbeat_interval_ms: u64,
+    /// No ack for this long on any path: the watchdog reports itself isolated.
+    pub isolation_timeout_ms: u64,
+    /// Most events kept on disk while the controller is unreachable; beyond that the
+    /// oldest are dropped (and counted).
+    pub spool_max_events: usize,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_addrs: Vec::new(),
+            event_addr: String::new(),
+            key_file: PathBuf::new(),
+            heartbeat_interval_ms: 100,
+            isolation_timeout_ms: 3000,
+            spool_max_events: 100_000,
+        }
+    }
+}
+
+/// Most heartbeat paths: the path index is one byte on the wire.
+pub const MAX_HEARTBEAT_PATHS: usize = 256;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -131,7 +201,21 @@ impl WatchdogConfig {
                 "must be 100..=3600000",
             ));
         }
+        self.host.validate()?;
+        if let Some(controller) = &self.controller {
+            controller.validate()?;
+        }
         Ok(())
+    }
+
+    /// The `[controller]` section, which `run` cannot do without.
+    pub fn controller_for_run(&self) -> Result<&ControllerConfig, ConfigError> {
+        self.controller.as_ref().ok_or_else(|| {
+            invalid(
+                "controller",
+                "the [controller] section is required by `run` (heartbeat_addrs, event_addr, key_file)",
+            )
+        })
     }
 
     pub fn name_patterns(&self) -> Vec<NamePattern> {
@@ -141,6 +225,127 @@ impl WatchdogConfig {
             .map(|n| NamePattern::parse(n))
             .collect()
     }
+}
+
+impl HostConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.id.is_empty() {
+            return Err(invalid(
+                "host.id",
+                "is empty (the hostname could not be read?); set it",
+            ));
+        }
+        protocol::check_host_id(&self.id).map_err(|e| invalid("host.id", e.to_string()))?;
+        protocol::check_cluster_id(&self.cluster_id)
+            .map_err(|e| invalid("host.cluster_id", e.to_string()))?;
+        if !self.state_dir.is_absolute() {
+            return Err(invalid("host.state_dir", "must be an absolute path"));
+        }
+        Ok(())
+    }
+}
+
+impl ControllerConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let addrs = self.heartbeat_socket_addrs()?;
+        if addrs.is_empty() {
+            return Err(invalid(
+                "controller.heartbeat_addrs",
+                "must list at least one \"ip:port\" (one per network path)",
+            ));
+        }
+        if addrs.len() > MAX_HEARTBEAT_PATHS {
+            return Err(invalid(
+                "controller.heartbeat_addrs",
+                format!("at most {MAX_HEARTBEAT_PATHS} paths"),
+            ));
+        }
+        if let Some((i, a)) = addrs
+            .iter()
+            .enumerate()
+            .find(|(i, a)| addrs[..*i].contains(a))
+        {
+            return Err(invalid(
+                "controller.heartbeat_addrs",
+                format!("{a} is listed twice (entry {i})"),
+            ));
+        }
+        self.event_socket_addr()?;
+        if self.key_file.as_os_str().is_empty() {
+            return Err(invalid(
+                "controller.key_file",
+                "is required (a file holding the cluster's HMAC key)",
+            ));
+        }
+        if !(10..=10_000).contains(&self.heartbeat_interval_ms) {
+            return Err(invalid(
+                "controller.heartbeat_interval_ms",
+                "must be 10..=10000",
+            ));
+        }
+        if !(20..=3_600_000).contains(&self.isolation_timeout_ms) {
+            return Err(invalid(
+                "controller.isolation_timeout_ms",
+                "must be 20..=3600000",
+            ));
+        }
+        if self.isolation_timeout_ms < 2 * self.heartbeat_interval_ms {
+            return Err(invalid(
+                "controller.isolation_timeout_ms",
+                "must be at least twice controller.heartbeat_interval_ms (one lost heartbeat must not isolate the host)",
+            ));
+        }
+        if !(1..=10_000_000).contains(&self.spool_max_events) {
+            return Err(invalid(
+                "controller.spool_max_events",
+                "must be 1..=10000000",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The heartbeat paths, parsed; index = path index.
+    pub fn heartbeat_socket_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
+        self.heartbeat_addrs
+            .iter()
+            .map(|a| parse_addr("controller.heartbeat_addrs", a))
+            .collect()
+    }
+
+    /// The event stream's address, parsed.
+    pub fn event_socket_addr(&self) -> Result<SocketAddr, ConfigError> {
+        if self.event_addr.is_empty() {
+            return Err(invalid(
+                "controller.event_addr",
+                "is required (\"ip:port\" of the controller's event stream)",
+            ));
+        }
+        parse_addr("controller.event_addr", &self.event_addr)
+    }
+
+    /// Reads the HMAC key named by `key_file`; a missing, empty or short key is a
+    /// configuration error naming `controller.key_file`.
+    pub fn load_key(&self) -> Result<protocol::Key, ConfigError> {
+        protocol::load_key(&self.key_file)
+            .map_err(|e| invalid("controller.key_file", e.to_string()))
+    }
+}
+
+/// "ip:port" only: a host name would make the start depend on DNS.
+fn parse_addr(field: &'static str, text: &str) -> Result<SocketAddr, ConfigError> {
+    let addr: SocketAddr = text.parse().map_err(|_| {
+        invalid(
+            field,
+            format!("{text:?} is not \"ip:port\" (an IPv4 or [IPv6] address and a port)"),
+        )
+    })?;
+    if addr.port() == 0 || addr.ip().is_unspecified() {
+        return Err(invalid(
+            field,
+            format!("{text:?} needs a real address and a nonzero port"),
+        ));
+    }
+    Ok(addr)
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
@@ -176,6 +381,99 @@ mod tests {
             err.to_string().contains("probes.stall_threshold_ms"),
             "{err}"
         );
+    }
+
+    const CONTROLLER: &str = "[controller]\nheartbeat_addrs = [\"10.0.0.1:7400\", \"10.1.0.1:7400\"]\nevent_addr = \"10.0.0.1:7401\"\nkey_file = \"/etc/defib/cluster.key\"\n";
+
+    #[test]
+    fn a_controller_section_gets_the_documented_defaults() {
+        let cfg = WatchdogConfig::parse(CONTROLLER).unwrap();
+        cfg.validate().unwrap();
+        let c = cfg.controller_for_run().unwrap();
+        assert_eq!(c.heartbeat_interval_ms, 100);
+        assert_eq!(c.isolation_timeout_ms, 3000);
+        assert_eq!(c.spool_max_events, 100_000);
+        assert_eq!(c.heartbeat_socket_addrs().unwrap().len(), 2);
+        assert_eq!(cfg.host.cluster_id, "default");
+        assert_eq!(cfg.host.state_dir, PathBuf::from("/var/lib/defib-watchdog"));
+    }
+
+    #[test]
+    fn run_without_a_controller_section_is_refused_naming_it() {
+        let cfg = WatchdogConfig::parse("").unwrap();
+        let err = cfg.controller_for_run().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    field: "controller",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn each_bad_controller_or_host_value_names_its_field() {
+        let cases = [
+            ("heartbeat_addrs = []", "controller.heartbeat_addrs"),
+            (
+                "heartbeat_addrs = [\"ctl:7400\"]",
+                "controller.heartbeat_addrs",
+            ),
+            (
+                "heartbeat_addrs = [\"10.0.0.1:1\", \"10.0.0.1:1\"]",
+                "controller.heartbeat_addrs",
+            ),
+            ("event_addr = \"10.0.0.1\"", "controller.event_addr"),
+            ("event_addr = \"\"", "controller.event_addr"),
+            ("key_file = \"\"", "controller.key_file"),
+            (
+                "heartbeat_interval_ms = 5",
+                "controller.heartbeat_interval_ms",
+            ),
+            (
+                "isolation_timeout_ms = 150",
+                "controller.isolation_timeout_ms",
+            ),
+            ("spool_max_events = 0", "controller.spool_max_events"),
+        ];
+        for (line, field) in cases {
+            let key = line.split(' ').next().unwrap();
+            let text: String = CONTROLLER
+                .lines()
+                .filter(|l| !l.starts_with(key))
+                .chain([line])
+                .collect::<Vec<_>>()
+                .join("\n");
+            let err = WatchdogConfig::parse(&text)
+                .unwrap()
+                .validate()
+                .unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Invalid { field: f, .. } if *f == field),
+                "{line}: {err}"
+            );
+        }
+        for (text, field) in [
+            ("[host]\nid = \"\"", "host.id"),
+            ("[host]\ncluster_id = \"a\\u0007b\"", "host.cluster_id"),
+            ("[host]\nstate_dir = \"relative\"", "host.state_dir"),
+        ] {
+            let err = WatchdogConfig::parse(text).unwrap().validate().unwrap_err();
+            assert!(err.to_string().contains(field), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_missing_key_file_is_a_config_error_naming_controller_key_file() {
+        let cfg = WatchdogConfig::parse(
+            &CONTROLLER.replace("/etc/defib/cluster.key", "/nonexistent/defib-test.key"),
+        )
+        .unwrap();
+        let err = cfg.controller_for_run().unwrap().load_key().unwrap_err();
+        assert!(err.to_string().contains("controller.key_file"), "{err}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 pub mod btf;
 pub mod clock;
 pub mod config;
+pub mod daemon;
 pub mod events;
 pub mod monitor;
 pub mod mounts;
@@ -9,3 +10,4 @@ pub mod probes;
 pub mod procfs;
 pub mod records;
 pub mod stall;
+pub mod uplink;

@@ -38,7 +38,15 @@ enum Command {
         #[arg(long = "watch-name")]
         watch_names: Vec<String>,
     },
-    /// Validate the configuration and exit (0 if good, 64 if not).
+    /// Run the daemon: load the probes, send heartbeats and events to the controller
+    /// (needs the [controller] section), until SIGTERM or SIGINT.
+    Run {
+        /// Also print every event to stdout, one JSON object a line.
+        #[arg(long)]
+        print_events: bool,
+    },
+    /// Validate the configuration (and read the controller key, if configured) and
+    /// exit (0 if good, 64 if not).
     CheckConfig,
 }
 
@@ -51,8 +59,27 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::CheckConfig => {
+            if let Some(controller) = &cfg.controller {
+                if let Err(e) = controller.load_key() {
+                    return bad_config(e);
+                }
+            }
             println!("configuration is valid");
             ExitCode::SUCCESS
+        }
+        Command::Run { print_events } => {
+            // Everything about the configuration is checked before anything is bound.
+            let key = match cfg.controller_for_run().and_then(|c| c.load_key()) {
+                Ok(key) => key,
+                Err(e) => return bad_config(e),
+            };
+            match run_daemon(cfg, key, print_events) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("defib-watchdog: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Events {
             json,
@@ -89,22 +116,41 @@ fn run_events(cfg: WatchdogConfig, json: bool) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        let shutdown = shutdown_signal()?;
         watchdog::mounts::ensure_bpf_filesystems()?;
         let probes = watchdog::probes::Probes::load(&cfg)?;
         tracing::info!("probes attached");
         let monitor = Monitor::new(probes, cfg);
         let mut sink = StdoutSink { json };
-        monitor.run(&mut sink, shutdown_signal()).await
+        monitor.run(&mut sink, shutdown).await
     })
 }
 
-async fn shutdown_signal() {
+fn run_daemon(cfg: WatchdogConfig, key: protocol::Key, print_events: bool) -> anyhow::Result<()> {
+    // Two workers: the spool's fsyncs and the monitor's map scans never delay the
+    // heartbeats much.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let shutdown = shutdown_signal()?;
+        watchdog::daemon::run(cfg, key, print_events, shutdown).await
+    })
+}
+
+/// Registers for SIGTERM and SIGINT now (so one that arrives while the probes load is
+/// not fatal) and resolves when either arrives. Needs a tokio runtime context.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
 
 fn init_logging(json: bool) {

@@ -32,6 +32,12 @@ enum Task {
     /// Setup, then show the watchdog at work on this machine: a VM's qemu is killed, one
     /// exits by itself, one's disk stalls and recovers; every event is printed.
     Demo,
+    /// Run the incident engine's deterministic simulation over N seeds (release build),
+    /// checking every invariant after every step. The normal test run does 1,000.
+    Sim {
+        #[arg(long, default_value_t = 10_000)]
+        seeds: u64,
+    },
     /// Setup, then run a benchmark scenario (see bench/): exit-latency | stall-latency.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -46,6 +52,19 @@ fn main() -> ExitCode {
         Task::Test { args } => setup::run().and_then(|()| run_tests(&args)),
         Task::BuildEbpf => cargo(&["build", "-p", "defib-watchdog"]),
         Task::Demo => setup::run().and_then(|()| demo::run()),
+        Task::Sim { seeds } => {
+            std::env::set_var("DEFIB_SIM_SEEDS", seeds.to_string());
+            cargo(&[
+                "test",
+                "--release",
+                "-p",
+                "defib-controller",
+                "--test",
+                "simulation",
+                "--",
+                "--nocapture",
+            ])
+        }
         Task::Bench { args } => setup::run().and_then(|()| {
             let mut a = vec!["run", "--release", "-p", "defib-bench", "--"];
             a.extend(args.iter().map(String::as_str));

@@ -1,0 +1,352 @@
+//! The controller's configuration: one TOML file, every field defaulted, validated (and
+//! its secrets read) before anything binds. A bad file exits with code 64 naming the field.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::detector::{DetectorConfig, DetectorKind};
+use crate::engine;
+
+pub const EXIT_BAD_CONFIG: i32 = 64;
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerConfig {
+    pub controller: ControllerSection,
+    pub detector: DetectorSection,
+    pub engine: EngineSection,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerSection {
+    /// This controller's id (in acks and logs). Default: the hostname.
+    pub id: String,
+    /// Only heartbeats and streams of this cluster are taken in.
+    pub cluster_id: String,
+    /// HMAC key shared with every watchdog (≥ 16 bytes).
+    pub key_file: PathBuf,
+    /// UDP addresses for heartbeats, one per network path.
+    pub heartbeat_listen: Vec<String>,
+    /// TCP address for the watchdogs' event streams.
+    pub event_listen: String,
+    /// TCP address of the REST API and /metrics.
+    pub api_listen: String,
+    /// Bearer token for the API (everything but /healthz and /metrics). Required unless
+    /// the API listens on loopback only.
+    pub api_token_file: Option<PathBuf>,
+    /// The SQLite store (intents, timelines, event dedup).
+    pub store_path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectorSection {
+    /// The watchdogs' heartbeat interval.
+    pub heartbeat_interval_ms: u64,
+    /// A host with no heartbeat on any path for this many intervals is Suspect.
+    pub suspect_after_missed: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSection {
+    pub tick_ms: u64,
+    pub confirm_after_ms: u64,
+    pub confirm_timeout_ms: u64,
+    pub fence_on_unknown_after_ms: u64,
+    pub max_fence_attempts: u32,
+    pub fence_retry_backoff_ms: u64,
+    pub max_restarts_in_place: u32,
+    pub restart_window_s: u64,
+    pub max_evacuate_attempts: u32,
+    pub max_dead_share: f64,
+}
+
+impl Default for ControllerSection {
+    fn default() -> Self {
+        Self {
+            id: hostname(),
+            cluster_id: "default".into(),
+            key_file: "/etc/defib/cluster.key".into(),
+            heartbeat_listen: vec!["0.0.0.0:7410".into()],
+            event_listen: "0.0.0.0:7411".into(),
+            api_listen: "127.0.0.1:7412".into(),
+            api_token_file: None,
+            store_path: "/var/lib/defib-controller/defib.sqlite".into(),
+        }
+    }
+}
+
+impl Default for DetectorSection {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: 100,
+            suspect_after_missed: 3,
+        }
+    }
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        let e = engine::Config::default();
+        Self {
+            tick_ms: e.tick.as_millis() as u64,
+            confirm_after_ms: e.confirm_after.as_millis() as u64,
+            confirm_timeout_ms: e.confirm_timeout.as_millis() as u64,
+            fence_on_unknown_after_ms: e.fence_on_unknown_after.as_millis() as u64,
+            max_fence_attempts: e.max_fence_attempts,
+            fence_retry_backoff_ms: e.fence_retry_backoff.as_millis() as u64,
+            max_restarts_in_place: e.max_restarts_in_place,
+            restart_window_s: e.restart_window.as_secs(),
+            max_evacuate_attempts: e.max_evacuate_attempts,
+            max_dead_share: e.max_dead_share,
+        }
+    }
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "defib-controller".into())
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {message}")]
+    Read { path: String, message: String },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config field `{field}`: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// Everything resolved and read, ready to bind.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub cfg: ControllerConfig,
+    pub key: protocol::Key,
+    pub api_token: Option<String>,
+    pub heartbeat_addrs: Vec<SocketAddr>,
+    pub event_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+}
+
+impl ControllerConfig {
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: String::new(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        match path {
+            None => Ok(Self::default()),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Read {
+                    path: p.display().to_string(),
+                    message: e.to_string(),
+                })?;
+                Self::parse(&text).map_err(|e| match e {
+                    ConfigError::Parse { message, .. } => ConfigError::Parse {
+                        path: p.display().to_string(),
+                        message,
+                    },
+                    other => other,
+                })
+            }
+        }
+    }
+
+    /// Checks every field and reads the secrets.
+    pub fn resolve(self) -> Result<Resolved, ConfigError> {
+        let c = &self.controller;
+        protocol::check_controller_id(&c.id)
+            .map_err(|e| invalid("controller.id", e.to_string()))?;
+        protocol::check_cluster_id(&c.cluster_id)
+            .map_err(|e| invalid("controller.cluster_id", e.to_string()))?;
+        if c.heartbeat_listen.is_empty() || c.heartbeat_listen.len() > 8 {
+            return Err(invalid(
+                "controller.heartbeat_listen",
+                "1 to 8 addresses, one per network path",
+            ));
+        }
+        let heartbeat_addrs = c
+            .heartbeat_listen
+            .iter()
+            .map(|a| a.parse::<SocketAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid("controller.heartbeat_listen", format!("not ip:port: {e}")))?;
+        let event_addr = c
+            .event_listen
+            .parse()
+            .map_err(|e| invalid("controller.event_listen", format!("not ip:port: {e}")))?;
+        let api_addr: SocketAddr = c
+            .api_listen
+            .parse()
+            .map_err(|e| invalid("controller.api_listen", format!("not ip:port: {e}")))?;
+        let key = protocol::load_key(&c.key_file)
+            .map_err(|e| invalid("controller.key_file", e.to_string()))?;
+        let api_token = match &c.api_token_file {
+            Some(p) => {
+                let t = std::fs::read_to_string(p).map_err(|e| {
+                    invalid("controller.api_token_file", format!("{}: {e}", p.display()))
+                })?;
+                let t = t.trim().to_string();
+                if t.len() < 16 {
+                    return Err(invalid(
+                        "controller.api_token_file",
+                        "token shorter than 16 characters",
+                    ));
+                }
+                Some(t)
+            }
+            None if !api_addr.ip().is_loopback() => {
+                return Err(invalid(
+                    "controller.api_token_file",
+                    "required when controller.api_listen is not a loopback address",
+                ))
+            }
+            None => None,
+        };
+        if c.store_path.as_os_str().is_empty() {
+            return Err(invalid("controller.store_path", "must not be empty"));
+        }
+        let d = &self.detector;
+        if !(10..=10_000).contains(&d.heartbeat_interval_ms) {
+            return Err(invalid(
+                "detector.heartbeat_interval_ms",
+                "must be 10..=10000",
+            ));
+        }
+        if !(1..=100).contains(&d.suspect_after_missed) {
+            return Err(invalid("detector.suspect_after_missed", "must be 1..=100"));
+        }
+        let e = &self.engine;
+        if !(5..=1000).contains(&e.tick_ms) {
+            return Err(invalid("engine.tick_ms", "must be 5..=1000"));
+        }
+        if !(e.max_dead_share > 0.0 && e.max_dead_share <= 1.0) {
+            return Err(invalid("engine.max_dead_share", "must be in (0, 1]"));
+        }
+        if e.max_fence_attempts == 0 {
+            return Err(invalid("engine.max_fence_attempts", "must be at least 1"));
+        }
+        Ok(Resolved {
+            cfg: self,
+            key,
+            api_token,
+            heartbeat_addrs,
+            event_addr,
+            api_addr,
+        })
+    }
+
+    /// The engine's configuration from these fields.
+    pub fn engine_config(&self) -> engine::Config {
+        let e = &self.engine;
+        let ms = Duration::from_millis;
+        let mut cfg = engine::Config {
+            detector: DetectorConfig {
+                interval: ms(self.detector.heartbeat_interval_ms),
+                kind: DetectorKind::Fixed {
+                    missed: self.detector.suspect_after_missed,
+                },
+            },
+            tick: ms(e.tick_ms),
+            confirm_after: ms(e.confirm_after_ms),
+            confirm_timeout: ms(e.confirm_timeout_ms),
+            fence_on_unknown_after: ms(e.fence_on_unknown_after_ms),
+            max_fence_attempts: e.max_fence_attempts,
+            fence_retry_backoff: ms(e.fence_retry_backoff_ms),
+            max_restarts_in_place: e.max_restarts_in_place,
+            restart_window: Duration::from_secs(e.restart_window_s),
+            max_evacuate_attempts: e.max_evacuate_attempts,
+            max_dead_share: e.max_dead_share,
+            ..engine::Config::default()
+        };
+        cfg.detector.interval = ms(self.detector.heartbeat_interval_ms);
+        cfg
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_key(extra: &str) -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k");
+        std::fs::write(&key, "0123456789abcdef0123456789abcdef\n").unwrap();
+        let text = format!(
+            "[controller]\nkey_file = {:?}\n{extra}",
+            key.display().to_string()
+        );
+        (dir, text)
+    }
+
+    #[test]
+    fn a_file_with_only_the_key_gives_the_documented_defaults() {
+        let (_d, text) = with_key("");
+        let r = ControllerConfig::parse(&text).unwrap().resolve().unwrap();
+        assert_eq!(r.cfg.detector.heartbeat_interval_ms, 100);
+        assert_eq!(r.cfg.detector.suspect_after_missed, 3);
+        assert_eq!(r.heartbeat_addrs.len(), 1);
+        assert!(r.api_token.is_none());
+    }
+
+    #[test]
+    fn an_unknown_field_is_named() {
+        let err = ControllerConfig::parse("[detector]\nheartbeat_intervall_ms = 5\n").unwrap_err();
+        assert!(err.to_string().contains("heartbeat_intervall_ms"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_key_file_names_the_field() {
+        let cfg =
+            ControllerConfig::parse("[controller]\nkey_file = \"/nonexistent/key\"\n").unwrap();
+        let err = cfg.resolve().unwrap_err();
+        assert!(err.to_string().contains("controller.key_file"), "{err}");
+    }
+
+    #[test]
+    fn an_api_on_a_public_address_without_a_token_is_refused() {
+        let (_d, text) = with_key("api_listen = \"0.0.0.0:7412\"\n");
+        let err = ControllerConfig::parse(&text)
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("controller.api_token_file"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_bad_listen_address_names_the_field() {
+        let (_d, text) = with_key("heartbeat_listen = [\"nowhere\"]\n");
+        let err = ControllerConfig::parse(&text)
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("controller.heartbeat_listen"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,546 @@
+//! The engine task: the only owner of the engine and the store. It feeds the engine
+//! (heartbeats, events, timer ticks, edge results, operator commands), carries the
+//! returned actions out in order — an intent is on disk before its action starts, and a
+//! store failure stops the controller before the action — and publishes snapshots.
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::{EventDedup, EventPayload, EventVerdict};
+use tokio::sync::{mpsc, watch};
+
+use super::clock::EngineClock;
+use super::edges::ResultSender;
+use super::intake::{EventStored, HeartbeatSeen, Intake};
+use super::metrics::Metrics;
+use super::view::*;
+use crate::engine::edge::{dispatch, Confirmer, Fencer, Restorer};
+use crate::engine::{
+    Action, Engine, Heartbeat, HostEvent, HostId, Input, OperatorCommand, PathId, Resource, Source,
+    Timestamp,
+};
+use crate::store::{intent_log_snapshot, Store};
+
+/// Alarms kept for the API (newest last).
+const ALARMS_KEPT: usize = 200;
+
+pub struct Edges {
+    pub fencer: Box<dyn Fencer + Send>,
+    pub restorer: Box<dyn Restorer + Send>,
+    pub confirmer: Box<dyn Confirmer + Send>,
+}
+
+/// What the engine task knows about a host beyond the engine's own view.
+#[derive(Debug, Clone, Default)]
+struct HostInfo {
+    paths: BTreeMap<u8, (Option<SocketAddr>, Timestamp)>,
+    status: protocol::HostStatus,
+    boot_id: Option<String>,
+    incarnation: Option<u64>,
+}
+
+pub struct EngineTask {
+    engine: Engine,
+    clock: EngineClock,
+    store: Box<dyn Store + Send>,
+    dedup: EventDedup,
+    edges: Edges,
+    intake: mpsc::Receiver<Intake>,
+    results: mpsc::UnboundedReceiver<Input>,
+    commands: mpsc::Receiver<Command>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    metrics: Arc<Metrics>,
+    controller_id: String,
+    cluster_id: String,
+    hosts: BTreeMap<String, HostInfo>,
+    alarms: VecDeque<AlarmSnapshot>,
+    next_tick: Option<Timestamp>,
+    published_revision: Option<u64>,
+}
+
+/// Channels the rest of the runtime uses to talk to the engine task.
+pub struct EngineChannels {
+    pub intake: mpsc::Sender<Intake>,
+    pub results: ResultSender,
+    pub commands: mpsc::Sender<Command>,
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineTaskError {
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
+pub struct EngineTaskParts {
+    pub engine_config: crate::engine::Config,
+    pub store: Box<dyn Store + Send>,
+    pub metrics: Arc<Metrics>,
+    pub controller_id: String,
+    pub cluster_id: String,
+}
+
+impl EngineTask {
+    /// Builds the task and its channels. `edges` gets the results sender to report back on.
+    pub fn new(
+        parts: EngineTaskParts,
+        make_edges: impl FnOnce(ResultSender) -> Edges,
+    ) -> Result<(EngineTask, EngineChannels), EngineTaskError> {
+        let (intake_tx, intake_rx) = mpsc::channel(65_536);
+        let (results_tx, results_rx) = mpsc::unbounded_channel();
+        let (commands_tx, commands_rx) = mpsc::channel(64);
+        let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
+        let mut dedup = EventDedup::new();
+        for (host, high) in parts.store.event_high_waters()? {
+            dedup.restore(&host, high);
+        }
+        let task = EngineTask {
+            engine: Engine::new(parts.engine_config),
+            clock: EngineClock::start(),
+            store: parts.store,
+            dedup,
+            edges: make_edges(results_tx.clone()),
+            intake: intake_rx,
+            results: results_rx,
+            commands: commands_rx,
+            snapshot: snapshot_tx,
+            metrics: parts.metrics,
+            controller_id: parts.controller_id,
+            cluster_id: parts.cluster_id,
+            hosts: BTreeMap::new(),
+            alarms: VecDeque::new(),
+            next_tick: None,
+            published_revision: None,
+        };
+        Ok((
+            task,
+            EngineChannels {
+                intake: intake_tx,
+                results: results_tx,
+                commands: commands_tx,
+                snapshot: snapshot_rx,
+            },
+        ))
+    }
+
+    /// Runs until `shutdown` resolves, or until the store fails (then the controller must
+    /// stop: it cannot promise an intent is recorded before its action).
+    pub async fn run(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), EngineTaskError> {
+        let now = self.clock.now();
+        let log = intent_log_snapshot(self.store.as_ref())?;
+        let (engine, actions) = Engine::resume(self.engine.config().clone(), &log, now);
+        if !log.is_empty() {
+            tracing::info!(intents = log.len(), "resumed from the store");
+        }
+        self.engine = engine;
+        let mut actions = actions;
+        actions.extend(self.engine.start(now));
+        self.apply(actions)?;
+        self.publish(true);
+        let mut publish_tick = tokio::time::interval(Duration::from_millis(200));
+        publish_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            let tick_at = self.next_tick.map(|t| self.clock.instant_at(t));
+            tokio::select! {
+                Some(msg) = self.intake.recv() => self.on_intake(msg)?,
+                Some(input) = self.results.recv() => self.step(input)?,
+                Some(cmd) = self.commands.recv() => self.on_command(cmd)?,
+                _ = sleep_until_opt(tick_at) => {
+                    self.next_tick = None;
+                    self.step(Input::Timer(crate::engine::TimerId::Tick))?;
+                }
+                _ = publish_tick.tick() => self.publish(true),
+                _ = &mut shutdown => break,
+            }
+            self.publish(false);
+        }
+        self.store.flush()?;
+        Ok(())
+    }
+
+    fn step(&mut self, input: Input) -> Result<(), EngineTaskError> {
+        let now = self.clock.now();
+        let actions = self.engine.step(now, input);
+        self.apply(actions)
+    }
+
+    fn on_intake(&mut self, msg: Intake) -> Result<(), EngineTaskError> {
+        match msg {
+            Intake::Heartbeat(hb) => self.on_heartbeat(hb),
+            Intake::Hello { host, reply } => {
+                let _ = reply.send(self.dedup.highest(&host));
+                Ok(())
+            }
+            Intake::Event { host, event, reply } => {
+                let result = self.on_event(&host, &event);
+                let answer = match &result {
+                    Ok(stored) => Ok(*stored),
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = reply.send(answer);
+                result.map(|_| ())
+            }
+        }
+    }
+
+    fn on_heartbeat(&mut self, hb: HeartbeatSeen) -> Result<(), EngineTaskError> {
+        let now = self.clock.now();
+        let info = self.hosts.entry(hb.host.clone()).or_default();
+        info.paths.insert(hb.path, (Some(hb.peer), now));
+        info.status = hb.status;
+        info.boot_id = Some(hb.boot_id.to_string());
+        info.incarnation = Some(hb.incarnation);
+        let boot = u64::from_be_bytes(hb.boot_id.0[..8].try_into().unwrap_or([0; 8]));
+        self.step(Input::Heartbeat(Heartbeat {
+            host: HostId::new(hb.host),
+            path: PathId(u16::from(hb.path)),
+            boot_id: boot,
+            incarnation: hb.incarnation,
+            at: Timestamp(hb.sent_unix_ns / 1_000_000),
+            self_fence_armed: false,
+        }))
+    }
+
+    fn on_event(
+        &mut self,
+        host: &str,
+        event: &protocol::Event,
+    ) -> Result<EventStored, EngineTaskError> {
+        if let EventVerdict::Duplicate = self.dedup.check(host, event.id) {
+            return Ok(EventStored {
+                new: false,
+                high_water: self.dedup.highest(host),
+            });
+        }
+        let payload = serde_json::to_string(&event.payload).unwrap_or_default();
+        let new = self
+            .store
+            .record_event(host, event.id, self.clock.now().0, &payload)?;
+        self.dedup.commit(host, event.id);
+        if new {
+            tracing::info!(host, id = event.id, payload = %payload, "event");
+            if let Some(he) = host_event(&event.payload, event.unix_ns) {
+                self.step(Input::HostEvent {
+                    host: HostId::new(host),
+                    event: he,
+                })?;
+            }
+        }
+        Ok(EventStored {
+            new,
+            high_water: self.dedup.highest(host),
+        })
+    }
+
+    fn on_command(&mut self, cmd: Command) -> Result<(), EngineTaskError> {
+        let (op, reply) = match cmd {
+            Command::Maintenance { host, on, reply } => {
+                let host = HostId::new(host);
+                let op = if on {
+                    OperatorCommand::MaintenanceOn { host }
+                } else {
+                    OperatorCommand::MaintenanceOff { host }
+                };
+                (op, reply)
+            }
+            Command::Unfence { host, reply } => (
+                OperatorCommand::Unfence {
+                    host: HostId::new(host),
+                },
+                reply,
+            ),
+        };
+        let now = self.clock.now();
+        let actions = self.engine.step(now, Input::Operator(op));
+        let refused = actions.iter().find_map(|a| match a {
+            Action::Alarm {
+                kind: crate::engine::AlarmKind::CommandRefused,
+                reason,
+                ..
+            } => Some(reason.clone()),
+            _ => None,
+        });
+        let result = self.apply(actions);
+        let _ = reply.send(match (&result, refused) {
+            (Err(e), _) => Err(e.to_string()),
+            (Ok(()), Some(reason)) => Err(reason),
+            (Ok(()), None) => Ok(()),
+        });
+        self.publish(true);
+        result
+    }
+
+    /// Carries actions out in order. Store writes come first in every batch (the engine
+    /// puts each PersistIntent before its action); a failed write returns before any
+    /// later action runs.
+    fn apply(&mut self, actions: Vec<Action>) -> Result<(), EngineTaskError> {
+        for action in actions {
+            match &action {
+                Action::PersistIntent(rec) => {
+                    self.store.record_intent(rec)?;
+                }
+                Action::CompleteIntent { key, completion } => {
+                    self.store.complete_intent(key, completion)?;
+                }
+                Action::RecordTimeline { incident, entry } => {
+                    self.store.append_timeline(*incident, entry)?;
+                    tracing::info!(
+                        incident = incident.0,
+                        subject = %entry.subject,
+                        from = %entry.from,
+                        to = %entry.to,
+                        cause = %entry.cause,
+                        source = ?entry.source,
+                        "timeline"
+                    );
+                }
+                Action::ArmTimer { at, .. } => {
+                    self.next_tick = Some(self.next_tick.map_or(*at, |t| t.min(*at)));
+                }
+                Action::Alarm {
+                    kind,
+                    host,
+                    resource,
+                    reason,
+                } => {
+                    tracing::warn!(kind = ?kind, host = ?host.as_ref().map(|h| h.as_str()), reason = %reason, "ALARM");
+                    self.metrics
+                        .alarms
+                        .get_or_create(&Metrics::label("kind", format!("{kind:?}")))
+                        .inc();
+                    self.alarms.push_back(AlarmSnapshot {
+                        at_ms: self.clock.now().0,
+                        kind: *kind,
+                        host: host.as_ref().map(|h| h.to_string()),
+                        resource: resource.as_ref().map(|r| r.to_string()),
+                        reason: reason.clone(),
+                    });
+                    while self.alarms.len() > ALARMS_KEPT {
+                        self.alarms.pop_front();
+                    }
+                }
+                other => {
+                    let kind = action_kind(other);
+                    tracing::info!(action = kind, ?other, "action");
+                    self.metrics
+                        .actions
+                        .get_or_create(&Metrics::label("kind", kind))
+                        .inc();
+                    let Edges {
+                        fencer,
+                        restorer,
+                        confirmer,
+                    } = &mut self.edges;
+                    dispatch(
+                        other,
+                        fencer.as_mut(),
+                        restorer.as_mut(),
+                        confirmer.as_mut(),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes a snapshot when the engine changed (or when `force`, for heartbeat times).
+    fn publish(&mut self, force: bool) {
+        let rev = self.engine.revision();
+        if !force && self.published_revision == Some(rev) {
+            return;
+        }
+        self.published_revision = Some(rev);
+        let snap = self.build_snapshot();
+        for state in [
+            "Up",
+            "Suspect",
+            "Confirming",
+            "Fencing",
+            "Fenced",
+            "Evacuating",
+            "Recovered",
+            "Maintenance",
+        ] {
+            let n = snap
+                .hosts
+                .iter()
+                .filter(|h| format!("{:?}", h.state) == state)
+                .count();
+            self.metrics
+                .hosts
+                .get_or_create(&Metrics::label("state", state))
+                .set(n as i64);
+        }
+        self.metrics.incidents_open.set(
+            snap.incidents
+                .iter()
+                .filter(|i| i.closed_at_ms.is_none())
+                .count() as i64,
+        );
+        self.snapshot.send_replace(Arc::new(snap));
+    }
+
+    fn build_snapshot(&self) -> Snapshot {
+        let hosts = self
+            .engine
+            .hosts()
+            .into_iter()
+            .map(|h| {
+                let info = self.hosts.get(h.host.as_str()).cloned().unwrap_or_default();
+                HostSnapshot {
+                    host: h.host.to_string(),
+                    state: h.state,
+                    incident: h.incident.map(|i| i.0),
+                    last_heartbeat_ms: h.last_seen.map(|t| t.0),
+                    paths: info
+                        .paths
+                        .iter()
+                        .map(|(p, (peer, at))| PathSnapshot {
+                            path: u16::from(*p),
+                            peer: peer.map(|a| a.to_string()),
+                            last_heartbeat_ms: at.0,
+                        })
+                        .collect(),
+                    vm_count: info.status.vm_count,
+                    stalled_vm_count: info.status.stalled_vm_count,
+                    isolated: info.status.isolated,
+                    boot_id: info.boot_id,
+                    incarnation: info.incarnation,
+                }
+            })
+            .collect();
+        let vms = self
+            .engine
+            .resources()
+            .into_iter()
+            .map(|r| {
+                let (kind, id) = match &r.resource {
+                    Resource::Vm(v) => ("vm", v.to_string()),
+                    Resource::Router(x) => ("router", x.to_string()),
+                };
+                ResourceSnapshot {
+                    resource: r.resource.to_string(),
+                    kind: kind.into(),
+                    id,
+                    host: r.host.to_string(),
+                    state: r.state,
+                    owner: r.owner.map(|i| i.0),
+                }
+            })
+            .collect();
+        let incidents = self
+            .engine
+            .incidents()
+            .map(|i| IncidentSnapshot {
+                id: i.id.0,
+                subject: i.subject.to_string(),
+                opened_at_ms: i.opened_at.0,
+                closed_at_ms: i.closed_at.map(|t| t.0),
+                timeline: i.timeline.clone(),
+            })
+            .collect();
+        Snapshot {
+            controller_id: self.controller_id.clone(),
+            cluster_id: self.cluster_id.clone(),
+            at_ms: self.clock.now().0,
+            hosts,
+            vms,
+            incidents,
+            alarms: self.alarms.iter().cloned().collect(),
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn action_kind(a: &Action) -> &'static str {
+    match a {
+        Action::Fence { .. } => "fence",
+        Action::ForceDown { .. } => "force_down",
+        Action::RestartInPlace { .. } => "restart_in_place",
+        Action::Evacuate { .. } => "evacuate",
+        Action::Unfence { .. } => "unfence",
+        Action::Confirm { .. } => "confirm",
+        _ => "other",
+    }
+}
+
+/// The engine's view of a watchdog event (None: timeline-less kinds).
+pub fn host_event(payload: &EventPayload, unix_ns: u64) -> Option<HostEvent> {
+    let at = Timestamp(unix_ns / 1_000_000);
+    let vm = |uuid: &Option<String>, name: &Option<String>| {
+        uuid.clone().or_else(|| name.clone()).map(Resource::vm)
+    };
+    match payload {
+        EventPayload::QemuExited {
+            vm_uuid,
+            vm_name,
+            pid,
+            exit_code,
+            signal,
+            killer_pid,
+            killer_comm,
+            oom_killed,
+            ..
+        } => {
+            let resource = vm(vm_uuid, vm_name)?;
+            let mut reason = match (signal, exit_code) {
+                (Some(s), _) => format!("qemu pid {pid} killed by signal {s}"),
+                (None, Some(c)) => format!("qemu pid {pid} exited with code {c}"),
+                (None, None) => format!("qemu pid {pid} exited"),
+            };
+            if let Some(k) = killer_pid {
+                reason.push_str(&format!(
+                    " from pid {k} ({})",
+                    killer_comm.as_deref().unwrap_or("?")
+                ));
+            }
+            if *oom_killed {
+                reason.push_str(" [OOM]");
+            }
+            Some(HostEvent::ResourceExited {
+                resource,
+                source: Source::Ebpf,
+                at,
+                reason,
+            })
+        }
+        EventPayload::DiskStallStarted {
+            vm_uuid, vm_name, ..
+        } => Some(HostEvent::DiskStallStarted {
+            resource: vm(vm_uuid, vm_name),
+            at,
+        }),
+        EventPayload::DiskStallEnded {
+            vm_uuid, vm_name, ..
+        } => Some(HostEvent::DiskStallEnded {
+            resource: vm(vm_uuid, vm_name),
+            at,
+        }),
+        EventPayload::Inventory { vms } => Some(HostEvent::Inventory {
+            resources: vms
+                .iter()
+                .map(|v| {
+                    Resource::vm(if v.uuid.is_empty() {
+                        v.name.clone()
+                    } else {
+                        v.uuid.clone()
+                    })
+                })
+                .collect(),
+            source: Source::Ebpf,
+            at,
+        }),
+        _ => None,
+    }
+}

@@ -1,0 +1,121 @@
+//! Prometheus metrics of the controller (`/metrics`, text format). Names, labels and
+//! meaning are listed in docs/metrics.md.
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+pub struct Metrics {
+    registry: Registry,
+    /// Valid heartbeats taken in, by network path.
+    pub heartbeats_received: Family<Labels, Counter>,
+    /// Heartbeat datagrams refused, by reason (forged, replayed, truncated, ...).
+    pub heartbeats_rejected: Family<Labels, Counter>,
+    /// Events taken in from watchdog streams (new ones).
+    pub events_received: Counter,
+    /// Events received again (at-least-once delivery) and dropped by the dedup.
+    pub events_duplicate: Counter,
+    /// Stream frames or connections refused, by reason.
+    pub frames_rejected: Family<Labels, Counter>,
+    /// Hosts per state.
+    pub hosts: Family<Labels, Gauge>,
+    /// Open incidents.
+    pub incidents_open: Gauge,
+    /// World-changing actions issued, by kind (fence, force_down, restart_in_place, evacuate, unfence, confirm).
+    pub actions: Family<Labels, Counter>,
+    /// Alarms raised, by kind.
+    pub alarms: Family<Labels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("defib");
+        let m = Metrics {
+            heartbeats_received: Family::default(),
+            heartbeats_rejected: Family::default(),
+            events_received: Counter::default(),
+            events_duplicate: Counter::default(),
+            frames_rejected: Family::default(),
+            hosts: Family::default(),
+            incidents_open: Gauge::default(),
+            actions: Family::default(),
+            alarms: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "heartbeats_received",
+            "Valid heartbeats taken in, by path",
+            m.heartbeats_received.clone(),
+        );
+        registry.register(
+            "heartbeats_rejected",
+            "Heartbeat datagrams refused, by reason",
+            m.heartbeats_rejected.clone(),
+        );
+        registry.register(
+            "events_received",
+            "New events taken in from watchdog streams",
+            m.events_received.clone(),
+        );
+        registry.register(
+            "events_duplicate",
+            "Events received again and dropped by the dedup",
+            m.events_duplicate.clone(),
+        );
+        registry.register(
+            "frames_rejected",
+            "Stream frames or connections refused, by reason",
+            m.frames_rejected.clone(),
+        );
+        registry.register("hosts", "Hosts per state", m.hosts.clone());
+        registry.register("incidents_open", "Open incidents", m.incidents_open.clone());
+        registry.register(
+            "actions",
+            "World-changing actions issued, by kind",
+            m.actions.clone(),
+        );
+        registry.register("alarms", "Alarms raised, by kind", m.alarms.clone());
+        Metrics { registry, ..m }
+    }
+
+    pub fn label(key: &str, value: impl Into<String>) -> Labels {
+        vec![(key.to_string(), value.into())]
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_show_up_in_the_text_exposition_with_their_labels() {
+        let m = Metrics::new();
+        m.heartbeats_rejected
+            .get_or_create(&Metrics::label("reason", "bad_mac"))
+            .inc();
+        m.events_received.inc();
+        let text = m.encode();
+        assert!(
+            text.contains("defib_heartbeats_rejected_total{reason=\"bad_mac\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("defib_events_received_total 1"), "{text}");
+    }
+}

@@ -1,0 +1,122 @@
+//! The running controller: intake (UDP heartbeats, TCP event streams), the engine task
+//! that owns the pure engine and carries its actions out, the store, and what the API sees.
+pub mod clock;
+pub mod edges;
+pub mod engine_task;
+pub mod intake;
+pub mod metrics;
+pub mod view;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::{TcpListener, UdpSocket};
+
+use crate::config::Resolved;
+use edges::{HeartbeatOnlyConfirmer, UnconfiguredFencer, UnconfiguredRestorer};
+use engine_task::{EngineChannels, EngineTask, EngineTaskParts};
+use intake::HeartbeatIntake;
+use metrics::Metrics;
+
+/// Where a running controller listens (the OS picks ports given as 0).
+#[derive(Debug, Clone)]
+pub struct Bound {
+    pub heartbeat: Vec<std::net::SocketAddr>,
+    pub events: std::net::SocketAddr,
+    pub api: std::net::SocketAddr,
+}
+
+/// Opens the store, binds every socket, then runs until `shutdown`. `on_ready` is called
+/// once everything is bound (systemd readiness, tests).
+pub async fn run(
+    resolved: Resolved,
+    shutdown: impl std::future::Future<Output = ()>,
+    on_ready: impl FnOnce(&Bound),
+) -> anyhow::Result<()> {
+    let cfg = &resolved.cfg;
+    let c = &cfg.controller;
+    let metrics = Arc::new(Metrics::new());
+    let store = crate::store::SqliteStore::open(&c.store_path)
+        .with_context(|| format!("opening the store {}", c.store_path.display()))?;
+    let parts = EngineTaskParts {
+        engine_config: cfg.engine_config(),
+        store: Box::new(store),
+        metrics: metrics.clone(),
+        controller_id: c.id.clone(),
+        cluster_id: c.cluster_id.clone(),
+    };
+    let (task, channels) = EngineTask::new(parts, |results| engine_task::Edges {
+        fencer: Box::new(UnconfiguredFencer {
+            results: results.clone(),
+        }),
+        restorer: Box::new(UnconfiguredRestorer {
+            results: results.clone(),
+        }),
+        confirmer: Box::new(HeartbeatOnlyConfirmer { results }),
+    })?;
+    let EngineChannels {
+        intake: intake_tx,
+        commands,
+        snapshot,
+        ..
+    } = channels;
+
+    // Bind everything before serving anything: a port in use is a clear error at start.
+    let mut udp = Vec::new();
+    for addr in &resolved.heartbeat_addrs {
+        udp.push(
+            UdpSocket::bind(addr)
+                .await
+                .with_context(|| format!("binding heartbeat socket {addr}"))?,
+        );
+    }
+    let events = TcpListener::bind(resolved.event_addr)
+        .await
+        .with_context(|| format!("binding event stream listener {}", resolved.event_addr))?;
+    let api = TcpListener::bind(resolved.api_addr)
+        .await
+        .with_context(|| format!("binding API listener {}", resolved.api_addr))?;
+    let bound = Bound {
+        heartbeat: udp.iter().filter_map(|s| s.local_addr().ok()).collect(),
+        events: events.local_addr()?,
+        api: api.local_addr()?,
+    };
+
+    // Forward at most four heartbeats per host and path per interval to the engine.
+    let forward_every_ms = (cfg.detector.heartbeat_interval_ms / 4).max(1);
+    let hb_intake = HeartbeatIntake::new(
+        resolved.key.clone(),
+        &c.cluster_id,
+        &c.id,
+        forward_every_ms,
+        intake_tx.clone(),
+        metrics.clone(),
+    );
+    for socket in udp {
+        tokio::spawn(intake::serve_heartbeats(socket, hb_intake.clone()));
+    }
+    tokio::spawn(intake::serve_events(
+        events,
+        resolved.key.clone(),
+        c.cluster_id.clone(),
+        c.id.clone(),
+        intake_tx,
+        metrics.clone(),
+    ));
+    let handle = view::ApiHandle {
+        snapshot,
+        commands,
+        metrics,
+    };
+    let router = crate::api::router(handle, resolved.api_token.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(api, router).await {
+            tracing::error!(error = %e, "API server stopped");
+        }
+    });
+    tracing::info!(?bound, controller = %c.id, cluster = %c.cluster_id, "defib-controller ready");
+    on_ready(&bound);
+    task.run(shutdown).await?;
+    tracing::info!("defib-controller stopped");
+    Ok(())
+}

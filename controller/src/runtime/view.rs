@@ -1,0 +1,99 @@
+//! What the running controller shows the outside: a snapshot of the engine published
+//! after every step (read by the REST API and `defibctl`), and the commands an operator
+//! sends in. The engine task owns the engine; everyone else sees snapshots.
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::engine::{AlarmKind, HostState, ResourceState, TimelineEntry};
+
+/// The whole picture, as of `at_ms` (controller wall clock, unix ms).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Snapshot {
+    pub controller_id: String,
+    pub cluster_id: String,
+    pub at_ms: u64,
+    pub hosts: Vec<HostSnapshot>,
+    pub vms: Vec<ResourceSnapshot>,
+    pub incidents: Vec<IncidentSnapshot>,
+    /// The most recent alarms, newest last (bounded).
+    pub alarms: Vec<AlarmSnapshot>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HostSnapshot {
+    pub host: String,
+    pub state: HostState,
+    pub incident: Option<u64>,
+    /// Last heartbeat on any path (unix ms, controller clock).
+    pub last_heartbeat_ms: Option<u64>,
+    /// Last heartbeat per network path.
+    pub paths: Vec<PathSnapshot>,
+    /// From the latest heartbeat's status summary.
+    pub vm_count: u32,
+    pub stalled_vm_count: u32,
+    pub isolated: bool,
+    pub boot_id: Option<String>,
+    pub incarnation: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PathSnapshot {
+    pub path: u16,
+    /// Where heartbeats on this path come from (ip:port).
+    pub peer: Option<String>,
+    pub last_heartbeat_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ResourceSnapshot {
+    /// `vm:<uuid>` or `router:<id>`.
+    pub resource: String,
+    pub kind: String,
+    pub id: String,
+    pub host: String,
+    pub state: ResourceState,
+    pub owner: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct IncidentSnapshot {
+    pub id: u64,
+    /// `host:<id>`, `vm:<uuid>`, ...
+    pub subject: String,
+    pub opened_at_ms: u64,
+    pub closed_at_ms: Option<u64>,
+    pub timeline: Vec<TimelineEntry>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AlarmSnapshot {
+    pub at_ms: u64,
+    pub kind: AlarmKind,
+    pub host: Option<String>,
+    pub resource: Option<String>,
+    pub reason: String,
+}
+
+/// An operator's command, answered once the engine has taken it in.
+#[derive(Debug)]
+pub enum Command {
+    Maintenance {
+        host: String,
+        on: bool,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Unfence {
+        host: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// What the API needs from the runtime.
+#[derive(Clone)]
+pub struct ApiHandle {
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub commands: mpsc::Sender<Command>,
+    pub metrics: Arc<crate::runtime::metrics::Metrics>,
+}

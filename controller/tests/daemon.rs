@@ -1,0 +1,238 @@
+//! The controller daemon over loopback: config errors, heartbeat intake (acks, forged and
+//! replayed datagrams counted and dropped), the event stream (dedup, cumulative acks).
+use std::time::Duration;
+
+use controller::config::ControllerConfig;
+use protocol::{
+    decode_ack, encode_frame, encode_heartbeat, BootId, Direction, Envelope, Event, EventPayload,
+    FrameDecoder, Heartbeat, HostStatus, Key, Message,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+const KEY: &[u8] = b"daemon-test-key-0123456789abcdef";
+
+#[test]
+fn a_bad_config_exits_64_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        "[detector]\nsuspect_after_missed = 0\n[controller]\nkey_file = \"/nonexistent\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_defib-controller"))
+        .args(["--config"])
+        .arg(&cfg)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("controller.key_file"), "{err}");
+
+    std::fs::write(&cfg, "[controller]\nno_such_field = 1\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_defib-controller"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("run")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_field"));
+}
+
+struct Running {
+    bound: controller::runtime::Bound,
+    _dir: tempfile::TempDir,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start_controller() -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("key"), KEY).unwrap();
+    let text = format!(
+        "[controller]\nid = \"ctl-t\"\ncluster_id = \"t\"\nkey_file = {:?}\nheartbeat_listen = [\"127.0.0.1:0\"]\nevent_listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\nstore_path = {:?}\n",
+        dir.path().join("key").display().to_string(),
+        dir.path().join("s.sqlite").display().to_string()
+    );
+    let resolved = ControllerConfig::parse(&text).unwrap().resolve().unwrap();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        controller::runtime::run(
+            resolved,
+            async {
+                let _ = stop_rx.await;
+            },
+            move |b| {
+                let _ = ready_tx.send(b.clone());
+            },
+        )
+        .await
+    });
+    let bound = ready_rx.await.expect("controller ready");
+    Running {
+        bound,
+        _dir: dir,
+        stop,
+        task,
+    }
+}
+
+fn heartbeat(seq: u64, key: &Key) -> Vec<u8> {
+    encode_heartbeat(
+        &Heartbeat {
+            cluster_id: "t",
+            host_id: "h1",
+            boot_id: BootId([7; 16]),
+            incarnation: 5,
+            sequence: seq,
+            sent_unix_ns: 1,
+            sent_mono_ns: seq * 100_000_000,
+            path_index: 0,
+            status: HostStatus::default(),
+        },
+        key,
+    )
+    .unwrap()
+}
+
+async fn metrics(api: std::net::SocketAddr) -> String {
+    let mut s = TcpStream::connect(api).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_are_acked_and_forged_or_replayed_ones_are_counted_and_dropped() {
+    let c = start_controller().await;
+    let key = Key::new(KEY).unwrap();
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let to = c.bound.heartbeat[0];
+    let mut buf = [0u8; 1024];
+
+    sock.send_to(&heartbeat(1, &key), to).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), sock.recv(&mut buf))
+        .await
+        .expect("ack")
+        .unwrap();
+    let ack = decode_ack(&buf[..n], &key).expect("a valid ack");
+    assert_eq!(
+        (ack.host_id, ack.sequence, ack.controller_id),
+        ("h1", 1, "ctl-t")
+    );
+
+    // Replayed: the same sequence again. Forged: another key. Truncated: cut.
+    sock.send_to(&heartbeat(1, &key), to).await.unwrap();
+    let forged = heartbeat(2, &Key::new(b"another-key-0123456789abcdefghij").unwrap());
+    sock.send_to(&forged, to).await.unwrap();
+    sock.send_to(&heartbeat(3, &key)[..20], to).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sock.recv(&mut buf))
+            .await
+            .is_err(),
+        "a refused heartbeat was acked"
+    );
+    let m = metrics(c.bound.api).await;
+    assert!(
+        m.contains("defib_heartbeats_rejected_total{reason=\"replayed\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("defib_heartbeats_rejected_total{reason=\"bad_mac\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("defib_heartbeats_rejected_total{reason=\"truncated\"} 1"),
+        "{m}"
+    );
+    let _ = c.stop.send(());
+    c.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_stored_once_and_acked_cumulatively_even_when_sent_twice() {
+    let c = start_controller().await;
+    let key = Key::new(KEY).unwrap();
+    let mut s = TcpStream::connect(c.bound.events).await.unwrap();
+    let env = |message| Envelope {
+        cluster_id: "t".into(),
+        host_id: "h1".into(),
+        boot_id: BootId([7; 16]),
+        incarnation: 5,
+        message,
+    };
+    let mut dec = FrameDecoder::new(key.clone(), Direction::ToWatchdog);
+    let mut buf = vec![0u8; 4096];
+    async fn next(s: &mut TcpStream, dec: &mut FrameDecoder, buf: &mut [u8]) -> Message {
+        loop {
+            if let Some(e) = dec.next_frame().unwrap() {
+                return e.message;
+            }
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "controller closed the stream");
+            dec.push(&buf[..n]);
+        }
+    }
+    s.write_all(&encode_frame(&env(Message::Hello { last_event_id: 2 }), &key).unwrap())
+        .await
+        .unwrap();
+    match next(&mut s, &mut dec, &mut buf).await {
+        Message::Welcome {
+            highest_event_id, ..
+        } => assert_eq!(highest_event_id, 0),
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    let event = |id| {
+        env(Message::Event(Event {
+            id,
+            unix_ns: 1_000_000_000,
+            mono_ns: 1,
+            payload: EventPayload::QemuStarted {
+                vm_uuid: Some(format!("vm-{id}")),
+                vm_name: None,
+                pid: 100 + id as u32,
+            },
+        }))
+    };
+    for id in [1, 2, 2, 1] {
+        s.write_all(&encode_frame(&event(id), &key).unwrap())
+            .await
+            .unwrap();
+    }
+    let mut acks = Vec::new();
+    for _ in 0..4 {
+        match next(&mut s, &mut dec, &mut buf).await {
+            Message::EventAck { up_to_event_id, .. } => acks.push(up_to_event_id),
+            other => panic!("expected EventAck, got {other:?}"),
+        }
+    }
+    assert_eq!(acks, vec![1, 2, 2, 2]);
+    let m = metrics(c.bound.api).await;
+    assert!(m.contains("defib_events_received_total 2"), "{m}");
+    assert!(m.contains("defib_events_duplicate_total 2"), "{m}");
+
+    // A new stream (e.g. a restarted watchdog) is told the high-water mark.
+    let mut s2 = TcpStream::connect(c.bound.events).await.unwrap();
+    let mut dec2 = FrameDecoder::new(key.clone(), Direction::ToWatchdog);
+    s2.write_all(&encode_frame(&env(Message::Hello { last_event_id: 0 }), &key).unwrap())
+        .await
+        .unwrap();
+    match next(&mut s2, &mut dec2, &mut buf).await {
+        Message::Welcome {
+            highest_event_id, ..
+        } => assert_eq!(highest_event_id, 2),
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    let _ = c.stop.send(());
+    c.task.await.unwrap().unwrap();
+}

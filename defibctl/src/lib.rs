@@ -1,0 +1,105 @@
+//! `defibctl`: the operator's view of a defib controller over its REST API
+//! (`controller::api`). Human tables by default, the API's JSON with `--json`.
+pub mod cli;
+pub mod client;
+pub mod render;
+pub mod table;
+pub mod time;
+
+use std::io::Write;
+
+use serde::de::DeserializeOwned;
+
+use cli::{Cli, Cmd, OnOff};
+use client::{segment, Client, CtlError};
+
+/// Runs one command, writing its output to `out`.
+pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), CtlError> {
+    let token = cli
+        .token_file
+        .as_deref()
+        .map(Client::read_token)
+        .transpose()?;
+    let client = Client::new(&cli.url, token);
+    let text = match &cli.command {
+        Cmd::Hosts { host: None } => show(&client, cli.json, "/v1/hosts", render::hosts)?,
+        Cmd::Hosts { host: Some(h) } => show(
+            &client,
+            cli.json,
+            &format!("/v1/hosts/{}", segment(h)),
+            render::host,
+        )?,
+        Cmd::Vms { host } => {
+            let path = match host {
+                Some(h) => format!("/v1/vms?host={}", segment(h)),
+                None => "/v1/vms".into(),
+            };
+            show(&client, cli.json, &path, render::vms)?
+        }
+        Cmd::Incidents { id: None } => show(&client, cli.json, "/v1/incidents", render::incidents)?,
+        Cmd::Incidents { id: Some(id) } => show(
+            &client,
+            cli.json,
+            &format!("/v1/incidents/{}", segment(id)),
+            render::incident,
+        )?,
+        Cmd::Alarms => show(&client, cli.json, "/v1/alarms", render::alarms)?,
+        Cmd::Maintenance { host, state } => {
+            let on = *state == OnOff::On;
+            let body = client.put_json(
+                &format!("/v1/hosts/{}/maintenance", segment(host)),
+                serde_json::json!({ "on": on }),
+            )?;
+            if cli.json {
+                pretty(&body)?
+            } else {
+                format!("{host}: maintenance {}\n", if on { "on" } else { "off" })
+            }
+        }
+        Cmd::Unfence { host } => {
+            let body = client.post(&format!("/v1/hosts/{}/unfence", segment(host)))?;
+            if cli.json {
+                pretty(&body)?
+            } else {
+                format!("{host}: unfence accepted\n")
+            }
+        }
+    };
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
+/// GETs `path` and renders it as a table, or as pretty JSON with `--json`.
+fn show<T: DeserializeOwned>(
+    client: &Client,
+    json: bool,
+    path: &str,
+    render: fn(&T) -> String,
+) -> Result<String, CtlError> {
+    let body = client.get(path)?;
+    if json {
+        return pretty(&body);
+    }
+    let parsed: T = serde_json::from_str(&body).map_err(|e| {
+        CtlError::BadResponse(format!(
+            "unexpected answer from {}{path} (a different controller version?): {e}",
+            client.base()
+        ))
+    })?;
+    Ok(render(&parsed))
+}
+
+/// The API's JSON, as is (key order kept) but pretty.
+fn pretty(body: &str) -> Result<String, CtlError> {
+    let mut de = serde_json::Deserializer::from_str(body);
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::pretty(&mut out);
+    serde_transcode::transcode(&mut de, &mut ser)
+        .and_then(|()| de.end())
+        .map_err(|e| CtlError::BadResponse(format!("the controller sent invalid JSON: {e}")))?;
+    let mut s = String::from_utf8(out)
+        .map_err(|e| CtlError::BadResponse(format!("the controller sent invalid JSON: {e}")))?;
+    s.push('\n');
+    Ok(s)
+}

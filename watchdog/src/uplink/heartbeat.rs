@@ -1,0 +1,352 @@
+//! Heartbeats to the controller over UDP, one socket per network path, and the acks
+//! that tell the watchdog whether it is reachable.
+//!
+//! Every `heartbeat_interval` one datagram goes out on every path, each with the next
+//! number of one sequence shared by all paths (the controller's replay window spans
+//! paths). The controller answers each with an ack on the same path; the watchdog is
+//! reachable as of the *send time of the newest acked heartbeat*
+//! (`AckReceiver::newest_acked_send_mono_ns`), which a replayed ack cannot move
+//! forward, and isolated once that is `isolation_timeout` old on every path.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::{AckReceiver, Heartbeat, HostStatus, Key, DATAGRAM_RECV_BUFFER_LEN};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::clock::Clock;
+use super::status::HostSummary;
+use super::{stopped, RunIdentity};
+
+/// Whether the controller hears this watchdog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reachability {
+    /// Just started: no ack yet, and the isolation timeout has not run out since the
+    /// start.
+    Unconfirmed,
+    /// A heartbeat sent less than the isolation timeout ago was acked.
+    Reachable,
+    /// No heartbeat sent within the isolation timeout was acked, on any path.
+    Isolated,
+}
+
+/// What the uplink publishes about reachability (a `tokio::sync::watch`).
+///
+/// Receivers are woken when `state` changes; the ack times are kept current in the
+/// channel without waking anyone, so `borrow()` always shows the latest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReachabilityReport {
+    /// Reachable, isolated, or not known yet.
+    pub state: Reachability,
+    /// Host monotonic time (ns) when the current state began.
+    pub since_mono_ns: u64,
+    /// Send time (host monotonic ns) of the newest heartbeat acked on any path.
+    pub last_acked_send_mono_ns: Option<u64>,
+    /// The same per path, indexed like `controller.heartbeat_addrs`.
+    pub last_acked_send_mono_ns_by_path: Vec<Option<u64>>,
+}
+
+/// The reachability state machine, free of I/O: feed it acks and the time.
+#[derive(Debug, Clone)]
+pub struct ReachabilityTracker {
+    timeout_ns: u64,
+    started_mono_ns: u64,
+    report: ReachabilityReport,
+}
+
+impl ReachabilityTracker {
+    /// A tracker for `paths` paths, started at `now_mono_ns`.
+    pub fn new(paths: usize, isolation_timeout: Duration, now_mono_ns: u64) -> Self {
+        ReachabilityTracker {
+            timeout_ns: u64::try_from(isolation_timeout.as_nanos()).unwrap_or(u64::MAX),
+            started_mono_ns: now_mono_ns,
+            report: ReachabilityReport {
+                state: Reachability::Unconfirmed,
+                since_mono_ns: now_mono_ns,
+                last_acked_send_mono_ns: None,
+                last_acked_send_mono_ns_by_path: vec![None; paths],
+            },
+        }
+    }
+
+    /// A valid ack answered the heartbeat sent at `sent_mono_ns` on `path_index`.
+    pub fn on_ack(&mut self, path_index: u8, sent_mono_ns: u64) {
+        let newer = |slot: &mut Option<u64>| *slot = Some(slot.unwrap_or(0).max(sent_mono_ns));
+        newer(&mut self.report.last_acked_send_mono_ns);
+        if let Some(slot) = self
+            .report
+            .last_acked_send_mono_ns_by_path
+            .get_mut(usize::from(path_index))
+        {
+            newer(slot);
+        }
+    }
+
+    /// Re-judges the state at `now_mono_ns`; returns `(from, to)` if it changed.
+    pub fn evaluate(&mut self, now_mono_ns: u64) -> Option<(Reachability, Reachability)> {
+        let next = if now_mono_ns >= self.isolation_deadline_mono_ns() {
+            Reachability::Isolated
+        } else if self.report.last_acked_send_mono_ns.is_some() {
+            Reachability::Reachable
+        } else {
+            Reachability::Unconfirmed
+        };
+        let previous = self.report.state;
+        (next != previous).then(|| {
+            self.report.state = next;
+            self.report.since_mono_ns = now_mono_ns;
+            (previous, next)
+        })
+    }
+
+    /// When the watchdog counts as isolated if no newer heartbeat is acked.
+    pub fn isolation_deadline_mono_ns(&self) -> u64 {
+        self.report
+            .last_acked_send_mono_ns
+            .unwrap_or(self.started_mono_ns)
+            .saturating_add(self.timeout_ns)
+    }
+
+    /// The current report.
+    pub fn report(&self) -> &ReachabilityReport {
+        &self.report
+    }
+}
+
+/// Everything the heartbeat task needs.
+pub(crate) struct HeartbeatTask {
+    pub identity: RunIdentity,
+    pub key: Key,
+    /// The controller's address and a socket, per path; the index is the path index.
+    pub paths: Vec<(SocketAddr, Arc<UdpSocket>)>,
+    pub interval: Duration,
+    pub tracker: ReachabilityTracker,
+    pub status: watch::Receiver<HostSummary>,
+    pub reachability: watch::Sender<ReachabilityReport>,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// Send errors on a path are logged at most this often (an unplugged network fails
+/// every send).
+const SEND_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+impl HeartbeatTask {
+    /// Sends heartbeats and takes acks until `shutdown` turns true.
+    pub(crate) async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let (ack_tx, mut ack_rx) = mpsc::channel::<Vec<u8>>(256);
+        // Dropped when this task ends, which aborts the receivers.
+        let mut receivers = JoinSet::new();
+        for (index, (_, socket)) in self.paths.iter().enumerate() {
+            receivers.spawn(receive_acks(index, socket.clone(), ack_tx.clone()));
+        }
+        drop(ack_tx);
+        let mut acks = AckReceiver::new(
+            self.key.clone(),
+            self.identity.cluster_id.clone(),
+            self.identity.host_id.clone(),
+            self.identity.boot_id,
+            self.identity.incarnation,
+        );
+        let mut sequence = 0u64;
+        let mut datagram = Vec::with_capacity(protocol::MAX_HEARTBEAT_LEN);
+        let mut last_error_log: Vec<Option<Instant>> = vec![None; self.paths.len()];
+        let mut tick = tokio::time::interval(self.interval);
+        // A late tick is not made up with a burst: the controller wants steady spacing.
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            let isolation_at = self
+                .clock
+                .instant_at(self.tracker.isolation_deadline_mono_ns());
+            let isolated = self.tracker.report().state == Reachability::Isolated;
+            tokio::select! {
+                _ = stopped(&mut shutdown) => break,
+                _ = tick.tick() => {
+                    self.judge();
+                    self.send_all(&mut sequence, &mut datagram, &mut last_error_log);
+                }
+                Some(ack) = ack_rx.recv() => {
+                    match acks.receive(&ack, sequence) {
+                        Ok(ack) => {
+                            self.tracker.on_ack(ack.path_index, ack.echoed_sent_mono_ns);
+                            self.judge();
+                        }
+                        Err(reason) => tracing::debug!(reason = reason.as_str(), "heartbeat ack refused"),
+                    }
+                }
+                _ = tokio::time::sleep_until(isolation_at), if !isolated => self.judge(),
+            }
+        }
+        receivers.abort_all();
+    }
+
+    /// Re-judges reachability, logs a change and publishes the report.
+    fn judge(&mut self) {
+        let now = self.clock.mono_ns();
+        let change = self.tracker.evaluate(now);
+        if let Some((from, to)) = change {
+            let last_ack_age_ms = self
+                .tracker
+                .report()
+                .last_acked_send_mono_ns
+                .map(|t| now.saturating_sub(t) / 1_000_000);
+            match to {
+                Reachability::Isolated => tracing::warn!(
+                    ?from,
+                    ?last_ack_age_ms,
+                    "isolated: no controller acked a heartbeat within the isolation timeout"
+                ),
+                _ => tracing::info!(?from, ?to, "controller reachability changed"),
+            }
+        }
+        let report = self.tracker.report().clone();
+        // Ack times refresh silently; only a state change wakes receivers.
+        self.reachability.send_if_modified(|published| {
+            *published = report;
+            change.is_some()
+        });
+    }
+
+    fn send_all(
+        &self,
+        sequence: &mut u64,
+        datagram: &mut Vec<u8>,
+        last_error_log: &mut [Option<Instant>],
+    ) {
+        let summary = *self.status.borrow();
+        let status = HostStatus {
+            vm_count: summary.vm_count,
+            stalled_vm_count: summary.stalled_vm_count,
+            isolated: self.tracker.report().state == Reachability::Isolated,
+            libvirt_reachable: summary.libvirt_reachable,
+            probe_drops: summary.probe_drops,
+        };
+        for (index, (addr, socket)) in self.paths.iter().enumerate() {
+            *sequence += 1;
+            let heartbeat = Heartbeat {
+                cluster_id: &self.identity.cluster_id,
+                host_id: &self.identity.host_id,
+                boot_id: self.identity.boot_id,
+                incarnation: self.identity.incarnation,
+                sequence: *sequence,
+                sent_unix_ns: self.clock.unix_ns(),
+                sent_mono_ns: self.clock.mono_ns(),
+                // At most 256 paths (checked by the config).
+                path_index: u8::try_from(index).unwrap_or(u8::MAX),
+                status,
+            };
+            if let Err(e) = heartbeat.encode_into(&self.key, datagram) {
+                // The ids were checked at start, so this cannot happen; never crash on it.
+                tracing::error!(error = %e, "cannot encode a heartbeat");
+                return;
+            }
+            // try_send_to: a full socket buffer means the path is in trouble; skipping
+            // one beat is the right answer, waiting would delay the other paths.
+            if let Err(e) = socket.try_send_to(datagram, *addr) {
+                let now = Instant::now();
+                let log = last_error_log
+                    .get_mut(index)
+                    .map(|last| {
+                        let due = last.is_none_or(|t| now - t >= SEND_ERROR_LOG_INTERVAL);
+                        if due {
+                            *last = Some(now);
+                        }
+                        due
+                    })
+                    .unwrap_or(false);
+                if log {
+                    tracing::warn!(path = index, %addr, error = %e, "cannot send heartbeat");
+                } else {
+                    tracing::debug!(path = index, %addr, error = %e, "cannot send heartbeat");
+                }
+            }
+        }
+    }
+}
+
+/// Forwards every datagram that arrives on one path's socket to the heartbeat task.
+async fn receive_acks(path: usize, socket: Arc<UdpSocket>, acks: mpsc::Sender<Vec<u8>>) {
+    let mut buf = vec![0u8; protocol::DATAGRAM_RECV_BUFFER_LEN];
+    loop {
+        match socket.recv_from(&mut buf).await {
+            Ok((n, _from)) => {
+                let Some(datagram) = buf.get(..n) else {
+                    continue;
+                };
+                if n >= DATAGRAM_RECV_BUFFER_LEN {
+                    tracing::debug!(path, "oversize datagram on a heartbeat socket");
+                }
+                if acks.send(datagram.to_vec()).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(path, error = %e, "heartbeat socket receive failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn a_fresh_tracker_is_unconfirmed_until_the_timeout_then_isolated() {
+        let mut t = ReachabilityTracker::new(2, Duration::from_millis(3000), 1_000 * MS);
+        assert_eq!(t.evaluate(2_000 * MS), None);
+        assert_eq!(t.report().state, Reachability::Unconfirmed);
+        assert_eq!(
+            t.evaluate(4_000 * MS),
+            Some((Reachability::Unconfirmed, Reachability::Isolated))
+        );
+    }
+
+    #[test]
+    fn an_ack_makes_it_reachable_until_the_timeout_runs_from_the_acked_send_time() {
+        let mut t = ReachabilityTracker::new(2, Duration::from_millis(3000), 0);
+        t.on_ack(1, 500 * MS);
+        assert_eq!(
+            t.evaluate(600 * MS),
+            Some((Reachability::Unconfirmed, Reachability::Reachable))
+        );
+        assert_eq!(
+            t.report().last_acked_send_mono_ns_by_path,
+            [None, Some(500 * MS)]
+        );
+        assert_eq!(t.isolation_deadline_mono_ns(), 3_500 * MS);
+        assert_eq!(t.evaluate(3_499 * MS), None);
+        assert_eq!(
+            t.evaluate(3_500 * MS),
+            Some((Reachability::Reachable, Reachability::Isolated))
+        );
+        t.on_ack(0, 3_600 * MS);
+        assert_eq!(
+            t.evaluate(3_700 * MS),
+            Some((Reachability::Isolated, Reachability::Reachable))
+        );
+    }
+
+    #[test]
+    fn a_late_ack_for_an_old_heartbeat_does_not_end_isolation() {
+        let mut t = ReachabilityTracker::new(1, Duration::from_millis(3000), 0);
+        t.evaluate(5_000 * MS);
+        t.on_ack(0, 1_000 * MS);
+        assert_eq!(t.evaluate(5_001 * MS), None);
+        assert_eq!(t.report().state, Reachability::Isolated);
+    }
+
+    #[test]
+    fn an_ack_for_an_unknown_path_still_counts_overall() {
+        let mut t = ReachabilityTracker::new(1, Duration::from_millis(3000), 0);
+        t.on_ack(7, 10 * MS);
+        assert_eq!(t.report().last_acked_send_mono_ns, Some(10 * MS));
+        assert_eq!(t.report().last_acked_send_mono_ns_by_path, [None]);
+    }
+}

@@ -1,0 +1,340 @@
+//! Between the monitor and the uplink: turns the monitor's events into protocol
+//! event payloads and keeps the heartbeat's status summary.
+use protocol::EventPayload;
+use tokio::sync::{mpsc, watch};
+
+use super::status::{HostSummary, StatusTracker};
+use crate::clock::{monotonic_ns, realtime_ns};
+use crate::events::WatchdogEvent;
+use crate::monitor::{EventSink, StdoutSink};
+use crate::procfs::VmIdentity;
+
+/// An event on its way to the spool, where it gets its id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingEvent {
+    /// Wall clock when the watchdog observed it, unix ns.
+    pub unix_ns: u64,
+    /// Host monotonic clock when the watchdog observed it, ns.
+    pub mono_ns: u64,
+    /// What happened.
+    pub payload: EventPayload,
+}
+
+/// Hands events to the uplink without ever waiting: the channel is unbounded because
+/// the spool is the bound (it drops the oldest when full); the channel only holds what
+/// arrived since the stream task last ran, moments ago.
+#[derive(Debug, Clone)]
+pub struct EventSender {
+    tx: mpsc::UnboundedSender<PendingEvent>,
+}
+
+impl EventSender {
+    pub(crate) fn new(tx: mpsc::UnboundedSender<PendingEvent>) -> Self {
+        EventSender { tx }
+    }
+
+    /// Queues one event for the spool; false once the uplink has stopped.
+    pub fn send(&self, event: PendingEvent) -> bool {
+        self.tx.send(event).is_ok()
+    }
+}
+
+/// The protocol event for a monitor event, stamped with when it was observed; `None`
+/// for probe losses, which travel as the heartbeat's probe drop count instead.
+///
+/// `now_mono_ns`/`now_unix_ns` are one reading of both clocks, used to convert the
+/// event's monotonic observation time to wall time.
+pub fn pending_event(
+    event: &WatchdogEvent,
+    now_mono_ns: u64,
+    now_unix_ns: u64,
+) -> Option<PendingEvent> {
+    let vm = |v: &VmIdentity| (v.uuid.clone(), v.name.clone());
+    let (observed_ns, payload) = match event {
+        WatchdogEvent::QemuStarted {
+            pid,
+            vm: v,
+            observed_ns,
+            ..
+        } => {
+            let (vm_uuid, vm_name) = vm(v);
+            (
+                *observed_ns,
+                EventPayload::QemuStarted {
+                    vm_uuid,
+                    vm_name,
+                    pid: *pid,
+                },
+            )
+        }
+        WatchdogEvent::QemuExited {
+            pid,
+            vm: v,
+            exit_code,
+            signal,
+            oom_killed,
+            killer,
+            kernel_ns,
+            observed_ns,
+            ..
+        } => {
+            let (vm_uuid, vm_name) = vm(v);
+            (
+                *observed_ns,
+                EventPayload::QemuExited {
+                    vm_uuid,
+                    vm_name,
+                    pid: *pid,
+                    exit_code: *exit_code,
+                    signal: *signal,
+                    killer_pid: killer.as_ref().map(|k| k.pid),
+                    killer_comm: killer.as_ref().map(|k| k.comm.clone()),
+                    oom_killed: *oom_killed,
+                    kernel_ts_ns: *kernel_ns,
+                },
+            )
+        }
+        WatchdogEvent::DiskStallStarted {
+            pid,
+            vm: v,
+            since_ns,
+            stuck_ops,
+            observed_ns,
+            ..
+        } => {
+            let (vm_uuid, vm_name) = vm(v);
+            let mut paths: Vec<String> = stuck_ops.iter().filter_map(|o| o.path.clone()).collect();
+            paths.sort();
+            paths.dedup();
+            (
+                *observed_ns,
+                EventPayload::DiskStallStarted {
+                    vm_uuid,
+                    vm_name,
+                    pid: *pid,
+                    since_ns: *since_ns,
+                    stuck_ops: u32::try_from(stuck_ops.len()).unwrap_or(u32::MAX),
+                    paths,
+                },
+            )
+        }
+        WatchdogEvent::DiskStallEnded {
+            pid,
+            vm: v,
+            duration_ms,
+            observed_ns,
+            ..
+        } => {
+            let (vm_uuid, vm_name) = vm(v);
+            (
+                *observed_ns,
+                EventPayload::DiskStallEnded {
+                    vm_uuid,
+                    vm_name,
+                    pid: *pid,
+                    duration_ms: *duration_ms,
+                },
+            )
+        }
+        WatchdogEvent::ProbeLoss { .. } => return None,
+    };
+    let age_ns = now_mono_ns.saturating_sub(observed_ns);
+    Some(PendingEvent {
+        unix_ns: now_unix_ns.saturating_sub(age_ns),
+        mono_ns: observed_ns,
+        payload,
+    })
+}
+
+/// The monitor's sink in the daemon: forwards every event to the uplink, keeps the
+/// status summary for the heartbeats, and optionally prints events as JSON lines.
+pub struct UplinkSink {
+    events: EventSender,
+    status: watch::Sender<HostSummary>,
+    tracker: StatusTracker,
+    print: Option<StdoutSink>,
+}
+
+impl UplinkSink {
+    /// A sink feeding `events` and `status`; with `print_json`, also prints each event
+    /// to stdout as `defib-watchdog events --json` does.
+    pub fn new(events: EventSender, status: watch::Sender<HostSummary>, print_json: bool) -> Self {
+        UplinkSink {
+            events,
+            status,
+            tracker: StatusTracker::default(),
+            print: print_json.then_some(StdoutSink { json: true }),
+        }
+    }
+}
+
+impl EventSink for UplinkSink {
+    fn emit(&mut self, event: WatchdogEvent) {
+        self.tracker.observe(&event);
+        self.status
+            .send_if_modified(|summary| self.tracker.apply_to(summary));
+        if let Some(pending) = pending_event(&event, monotonic_ns(), realtime_ns()) {
+            if !self.events.send(pending) {
+                tracing::warn!("the uplink has stopped; event not reported to the controller");
+            }
+        }
+        if let Some(print) = &mut self.print {
+            print.emit(event);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{Killer, StuckIo};
+    use crate::probes::ProbeStats;
+
+    fn vm() -> VmIdentity {
+        VmIdentity {
+            uuid: Some("6d1c0000-0000-0000-0000-000000000001".into()),
+            name: Some("instance-0000002a".into()),
+        }
+    }
+
+    #[test]
+    fn a_qemu_exit_maps_to_the_protocol_event_with_killer_and_both_clocks() {
+        let event = WatchdogEvent::QemuExited {
+            pid: 42,
+            comm: "qemu-system-x86".into(),
+            vm: vm(),
+            exit_code: None,
+            signal: Some(9),
+            signal_name: Some("SIGKILL"),
+            core_dumped: false,
+            oom_killed: true,
+            killer: Some(Killer {
+                pid: 1,
+                comm: "systemd".into(),
+                signal: 9,
+                kernel_ns: 900,
+            }),
+            kernel_ns: 1_000,
+            observed_ns: 2_000,
+            unix_ms: 0,
+        };
+        let pending = pending_event(&event, 5_000, 1_000_000).unwrap();
+        assert_eq!(pending.mono_ns, 2_000);
+        assert_eq!(pending.unix_ns, 1_000_000 - 3_000);
+        assert_eq!(
+            pending.payload,
+            EventPayload::QemuExited {
+                vm_uuid: vm().uuid,
+                vm_name: vm().name,
+                pid: 42,
+                exit_code: None,
+                signal: Some(9),
+                killer_pid: Some(1),
+                killer_comm: Some("systemd".into()),
+                oom_killed: true,
+                kernel_ts_ns: 1_000,
+            }
+        );
+    }
+
+    #[test]
+    fn a_stall_maps_to_the_protocol_event_with_its_distinct_paths() {
+        let op = |tid, path: &str| StuckIo {
+            tid,
+            syscall: "pwrite64",
+            fd: 3,
+            path: Some(path.into()),
+            start_ns: 1,
+        };
+        let event = WatchdogEvent::DiskStallStarted {
+            pid: 7,
+            vm: VmIdentity::default(),
+            since_ns: 10,
+            threshold_ms: 1000,
+            stuck_ops: vec![op(1, "/dev/loop0"), op(2, "/dev/loop0"), op(3, "/img")],
+            observed_ns: 20,
+            unix_ms: 0,
+        };
+        let pending = pending_event(&event, 20, 100).unwrap();
+        assert_eq!(
+            pending.payload,
+            EventPayload::DiskStallStarted {
+                vm_uuid: None,
+                vm_name: None,
+                pid: 7,
+                since_ns: 10,
+                stuck_ops: 3,
+                paths: vec!["/dev/loop0".into(), "/img".into()],
+            }
+        );
+    }
+
+    #[test]
+    fn probe_losses_are_not_events_but_the_heartbeats_drop_count() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (status_tx, status_rx) = watch::channel(HostSummary::default());
+        let mut sink = UplinkSink::new(EventSender::new(tx), status_tx, false);
+        sink.emit(WatchdogEvent::ProbeLoss {
+            stats: ProbeStats {
+                ringbuf_drops: 3,
+                inflight_full: 1,
+                watch_full: 0,
+            },
+            observed_ns: 1,
+        });
+        assert!(rx.try_recv().is_err());
+        assert_eq!(status_rx.borrow().probe_drops, 4);
+    }
+
+    #[test]
+    fn the_sink_counts_live_and_stalled_vms_from_the_events_it_forwards() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (status_tx, status_rx) = watch::channel(HostSummary {
+            libvirt_reachable: true,
+            ..HostSummary::default()
+        });
+        let mut sink = UplinkSink::new(EventSender::new(tx), status_tx, false);
+        let started = |pid| WatchdogEvent::QemuStarted {
+            pid,
+            comm: "qemu-kvm".into(),
+            vm: VmIdentity::default(),
+            source: "scan",
+            kernel_ns: None,
+            observed_ns: 1,
+            unix_ms: 0,
+        };
+        sink.emit(started(1));
+        sink.emit(started(2));
+        sink.emit(WatchdogEvent::DiskStallStarted {
+            pid: 2,
+            vm: VmIdentity::default(),
+            since_ns: 1,
+            threshold_ms: 1000,
+            stuck_ops: vec![],
+            observed_ns: 2,
+            unix_ms: 0,
+        });
+        let summary = *status_rx.borrow();
+        assert_eq!((summary.vm_count, summary.stalled_vm_count), (2, 1));
+        // Fields the monitor does not own are left alone.
+        assert!(summary.libvirt_reachable);
+        sink.emit(WatchdogEvent::QemuExited {
+            pid: 2,
+            comm: "qemu-kvm".into(),
+            vm: VmIdentity::default(),
+            exit_code: Some(0),
+            signal: None,
+            signal_name: None,
+            core_dumped: false,
+            oom_killed: false,
+            killer: None,
+            kernel_ns: 3,
+            observed_ns: 3,
+            unix_ms: 0,
+        });
+        let summary = *status_rx.borrow();
+        assert_eq!((summary.vm_count, summary.stalled_vm_count), (1, 0));
+        let forwarded: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(forwarded.len(), 4);
+    }
+}

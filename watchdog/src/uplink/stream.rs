@@ -1,0 +1,446 @@
+//! The reliable event stream to the controller over TCP: at-least-once delivery of
+//! the spooled events, with per-host ids the controller deduplicates.
+//!
+//! One connection at a time. On connect: send `Hello {last_event_id}`, wait for
+//! `Welcome {highest_event_id}`, release what the controller already holds, send every
+//! spooled event above it in id order, then new events as they come. The controller's
+//! cumulative `EventAck` releases events from the spool. Any error (refused, reset,
+//! a bad frame, no `Welcome` or no ack in time) drops the connection; the task waits
+//! (exponential backoff with jitter) and connects again. Events keep going into the
+//! spool the whole time, whatever the connection is doing.
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use protocol::{encode_frame, Direction, Envelope, FrameDecoder, Key, Message};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::sink::PendingEvent;
+use super::spool::Spool;
+use super::{stopped, RunIdentity};
+
+/// How long a TCP connect may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the controller may take to answer `Hello`.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one frame may take to write (a controller that stops reading).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long sent events may wait for an ack before the connection is presumed dead: a
+/// controller host that vanished leaves a TCP connection that looks open for minutes.
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the stream task publishes about itself (a `tokio::sync::watch`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamStatus {
+    /// A controller answered `Hello` on the current connection.
+    pub connected: bool,
+    /// Which controller, once connected.
+    pub controller_id: Option<String>,
+    /// Events in the spool waiting for an ack.
+    pub spooled: usize,
+    /// The highest event id handed out.
+    pub last_event_id: u64,
+    /// Every event up to this id is acked (or dropped).
+    pub released_up_to: u64,
+    /// Events dropped unsent because the spool was full, since start.
+    pub dropped: u64,
+}
+
+/// Reconnect delays: start at `min`, double after every failure up to `max`, reset
+/// after a successful `Welcome`. Each delay is drawn uniformly from its upper half, so
+/// watchdogs cut off together do not reconnect in lockstep.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    /// Delays from `min` doubling to `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        let max = max.max(min);
+        Backoff {
+            min,
+            max,
+            next: min,
+        }
+    }
+
+    /// The delay before the next attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let half = ceiling / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+
+    /// Back to the shortest delay (after a good connection).
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+/// How a connection ended.
+enum Ended {
+    Shutdown,
+    Lost(String),
+}
+
+/// The stream task's state; the spool lives here alone, so nothing else touches it.
+pub(crate) struct EventStream {
+    pub identity: RunIdentity,
+    pub key: Key,
+    pub addr: SocketAddr,
+    pub spool: Spool,
+    pub events: mpsc::UnboundedReceiver<PendingEvent>,
+    pub events_open: bool,
+    pub status: watch::Sender<StreamStatus>,
+    pub backoff: Backoff,
+}
+
+impl EventStream {
+    /// Connects, streams, reconnects, until `shutdown` turns true; then moves every
+    /// event still in the channel into the spool and returns.
+    pub(crate) async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> StreamStatus {
+        self.publish(false, None);
+        loop {
+            match self.connect_and_stream(&mut shutdown).await {
+                Ended::Shutdown => break,
+                Ended::Lost(reason) => {
+                    let was_connected = self.status.borrow().connected;
+                    self.publish(false, None);
+                    let delay = self.backoff.next_delay();
+                    if was_connected {
+                        tracing::warn!(addr = %self.addr, %reason, "event stream lost; reconnecting");
+                    } else {
+                        tracing::debug!(addr = %self.addr, %reason, ?delay, "event stream not connected");
+                    }
+                    if self
+                        .while_spooling(&mut shutdown, tokio::time::sleep(delay))
+                        .await
+                        .is_none()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+        self.flush();
+        self.publish(false, None);
+        self.status.borrow().clone()
+    }
+
+    /// Takes every event already queued into the spool (appends are fsynced, so once
+    /// they are in, they are on disk).
+    fn flush(&mut self) {
+        while let Ok(event) = self.events.try_recv() {
+            self.spool_event(event);
+        }
+    }
+
+    fn spool_event(&mut self, event: PendingEvent) {
+        match self
+            .spool
+            .append(event.unix_ns, event.mono_ns, event.payload)
+        {
+            Ok(id) => tracing::debug!(event_id = id, "event spooled"),
+            Err(e) => tracing::error!(
+                error = %e,
+                "cannot write an event to the spool; it is kept in memory only"
+            ),
+        }
+        self.publish_counts();
+    }
+
+    /// Runs `fut` while still taking events into the spool; `None` on shutdown.
+    async fn while_spooling<F: Future>(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+        fut: F,
+    ) -> Option<F::Output> {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                biased;
+                _ = stopped(shutdown) => return None,
+                out = &mut fut => return Some(out),
+                event = self.events.recv(), if self.events_open => match event {
+                    Some(event) => self.spool_event(event),
+                    None => self.events_open = false,
+                },
+            }
+        }
+    }
+
+    fn envelope(&self, message: Message) -> Envelope {
+        Envelope {
+            cluster_id: self.identity.cluster_id.clone(),
+            host_id: self.identity.host_id.clone(),
+            boot_id: self.identity.boot_id,
+            incarnation: self.identity.incarnation,
+            message,
+        }
+    }
+
+    /// A reply from the controller must echo this run's identity.
+    fn is_for_us(&self, envelope: &Envelope) -> bool {
+        envelope.cluster_id == self.identity.cluster_id
+            && envelope.host_id == self.identity.host_id
+            && envelope.boot_id == self.identity.boot_id
+            && envelope.incarnation == self.identity.incarnation
+    }
+
+    async fn connect_and_stream(&mut self, shutdown: &mut watch::Receiver<bool>) -> Ended {
+        let addr = self.addr;
+        let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr));
+        let stream = match self.while_spooling(shutdown, connect).await {
+            None => return Ended::Shutdown,
+            Some(Err(_)) => return Ended::Lost("connect timed out".into()),
+            Some(Ok(Err(e))) => return Ended::Lost(format!("connect: {e}")),
+            Some(Ok(Ok(stream))) => stream,
+        };
+        let _ = stream.set_nodelay(true);
+        let (read_half, mut writer) = stream.into_split();
+        // A separate reader keeps acks flowing while a long resend is being written,
+        // so neither side can block the other with full buffers.
+        let (inbound_tx, mut inbound) = mpsc::channel(64);
+        let _reader = AbortOnDrop(tokio::spawn(read_frames(
+            read_half,
+            self.key.clone(),
+            inbound_tx,
+        )));
+
+        let hello = self.envelope(Message::Hello {
+            last_event_id: self.spool.last_assigned_id(),
+        });
+        match self.write(shutdown, &mut writer, &hello).await {
+            Ok(()) => {}
+            Err(ended) => return ended,
+        }
+        let welcome = tokio::time::timeout(WELCOME_TIMEOUT, inbound.recv());
+        let (controller_id, highest) = match self.while_spooling(shutdown, welcome).await {
+            None => return Ended::Shutdown,
+            Some(Err(_)) => return Ended::Lost("no welcome in time".into()),
+            Some(Ok(None)) => return Ended::Lost("connection closed".into()),
+            Some(Ok(Some(Err(e)))) => return Ended::Lost(e),
+            Some(Ok(Some(Ok(envelope)))) => match envelope.message {
+                Message::Welcome {
+                    controller_id,
+                    highest_event_id,
+                } if self.is_for_us(&envelope) => (controller_id, highest_event_id),
+                other => return Ended::Lost(format!("expected a welcome for us, got {other:?}")),
+            },
+        };
+        if let Err(e) = self
+            .spool
+            .continue_above(highest)
+            .and_then(|()| self.spool.release_up_to(highest))
+        {
+            tracing::error!(error = %e, "cannot update the event spool");
+        }
+        self.backoff.reset();
+        tracing::info!(
+            %addr,
+            %controller_id,
+            controller_highest = highest,
+            resending = self.spool.len(),
+            "event stream connected"
+        );
+        self.publish(true, Some(controller_id));
+
+        let mut sent_up_to = highest;
+        // Since when sent events have waited for an ack without progress.
+        let mut awaiting_ack_since: Option<Instant> = None;
+        loop {
+            while let Some(event) = self.spool.first_after(sent_up_to) {
+                let id = event.id;
+                let envelope = self.envelope(Message::Event(event.clone()));
+                if let Err(ended) = self.write(shutdown, &mut writer, &envelope).await {
+                    return ended;
+                }
+                sent_up_to = id;
+                awaiting_ack_since.get_or_insert_with(Instant::now);
+                while let Ok(message) = inbound.try_recv() {
+                    if let Err(reason) =
+                        self.take_reply(message, sent_up_to, &mut awaiting_ack_since)
+                    {
+                        return Ended::Lost(reason);
+                    }
+                }
+            }
+            let ack_deadline = awaiting_ack_since.map(|t| t + ACK_TIMEOUT);
+            tokio::select! {
+                _ = stopped(shutdown) => return Ended::Shutdown,
+                event = self.events.recv(), if self.events_open => match event {
+                    Some(event) => self.spool_event(event),
+                    None => self.events_open = false,
+                },
+                message = inbound.recv() => {
+                    let Some(message) = message else {
+                        return Ended::Lost("connection closed".into());
+                    };
+                    if let Err(reason) = self.take_reply(message, sent_up_to, &mut awaiting_ack_since) {
+                        return Ended::Lost(reason);
+                    }
+                }
+                _ = sleep_until_some(ack_deadline) => {
+                    return Ended::Lost(format!("no event ack for {ACK_TIMEOUT:?}"));
+                }
+            }
+        }
+    }
+
+    /// Handles one frame from the controller on an established stream.
+    fn take_reply(
+        &mut self,
+        message: Result<Envelope, String>,
+        sent_up_to: u64,
+        awaiting_ack_since: &mut Option<Instant>,
+    ) -> Result<(), String> {
+        let envelope = message?;
+        if !self.is_for_us(&envelope) {
+            return Err("a frame for another watchdog run".into());
+        }
+        match envelope.message {
+            Message::EventAck { up_to_event_id, .. } => {
+                // Never release what was not sent on this connection.
+                let up_to = up_to_event_id.min(sent_up_to);
+                if up_to > self.spool.released_up_to() {
+                    if let Err(e) = self.spool.release_up_to(up_to) {
+                        tracing::error!(error = %e, "cannot record an event ack in the spool");
+                    }
+                    *awaiting_ack_since = (up_to < sent_up_to).then(Instant::now);
+                    self.publish_counts();
+                }
+                Ok(())
+            }
+            other => Err(format!("unexpected frame {other:?}")),
+        }
+    }
+
+    /// Writes one frame, still spooling events meanwhile.
+    async fn write(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+        writer: &mut tokio::net::tcp::OwnedWriteHalf,
+        envelope: &Envelope,
+    ) -> Result<(), Ended> {
+        let frame = match encode_frame(envelope, &self.key) {
+            Ok(frame) => frame,
+            Err(e) => {
+                // Only an event beyond the frame size limit can fail here; skipping it
+                // beats wedging the stream on it forever.
+                tracing::error!(error = %e, "cannot encode a frame; skipped");
+                return Ok(());
+            }
+        };
+        let write = tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(&frame));
+        match self.while_spooling(shutdown, write).await {
+            None => Err(Ended::Shutdown),
+            Some(Err(_)) => Err(Ended::Lost("write timed out".into())),
+            Some(Ok(Err(e))) => Err(Ended::Lost(format!("write: {e}"))),
+            Some(Ok(Ok(()))) => Ok(()),
+        }
+    }
+
+    fn publish(&self, connected: bool, controller_id: Option<String>) {
+        self.status.send_modify(|s| {
+            s.connected = connected;
+            s.controller_id = controller_id;
+        });
+        self.publish_counts();
+    }
+
+    fn publish_counts(&self) {
+        let spool = &self.spool;
+        self.status.send_if_modified(|s| {
+            let before = s.clone();
+            s.spooled = spool.len();
+            s.last_event_id = spool.last_assigned_id();
+            s.released_up_to = spool.released_up_to();
+            s.dropped = spool.dropped();
+            *s != before
+        });
+    }
+}
+
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Aborts the task when dropped, so a connection's reader never outlives it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reads frames from the controller and passes them on; the first error (or the end
+/// of the stream) is passed on too and ends the reader.
+async fn read_frames(
+    mut read: OwnedReadHalf,
+    key: Key,
+    frames: mpsc::Sender<Result<Envelope, String>>,
+) {
+    let mut decoder = FrameDecoder::new(key, Direction::ToWatchdog);
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match read.read(&mut buf).await {
+            Ok(0) => {
+                let _ = frames.send(Err("closed by the controller".into())).await;
+                return;
+            }
+            Ok(n) => n,
+            Err(e) => {
+                let _ = frames.send(Err(format!("read: {e}"))).await;
+                return;
+            }
+        };
+        decoder.push(buf.get(..n).unwrap_or_default());
+        loop {
+            match decoder.next_frame() {
+                Ok(Some(envelope)) => {
+                    if frames.send(Ok(envelope)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = frames.send(Err(format!("bad frame: {e}"))).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_delays_double_from_the_minimum_to_the_maximum_within_their_jitter() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let ceilings = [100, 200, 400, 800, 1600, 3200, 5000, 5000];
+        for ceiling in ceilings {
+            let delay = backoff.next_delay();
+            let ceiling = Duration::from_millis(ceiling);
+            assert!(
+                delay >= ceiling / 2 && delay <= ceiling,
+                "{delay:?} not within {ceiling:?}"
+            );
+        }
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(100));
+    }
+}
