@@ -3,7 +3,11 @@
 //! Speed goals live here, not in timed test assertions.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)] // a synchronous harness
 
+mod controller;
+mod heartbeat_intake;
+mod host_memory;
 mod report;
+mod suspect_latency;
 
 use std::time::Duration;
 
@@ -33,9 +37,37 @@ enum Scenario {
         #[arg(long, default_value_t = 1000)]
         threshold_ms: u64,
     },
+    /// Heartbeats of one host stop → the controller's Up → Suspect timeline entry.
+    SuspectLatency {
+        #[arg(long, default_value_t = 20)]
+        hosts: usize,
+        #[arg(long, default_value_t = 100)]
+        samples: usize,
+    },
+    /// Accepted heartbeat datagrams per second, the controller pinned to one core.
+    HeartbeatIntake {
+        #[arg(long, default_value_t = 10_000)]
+        hosts: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Sender threads (on the cores other than the controller's).
+        #[arg(long, default_value_t = 2)]
+        senders: usize,
+        /// Pre-encode enough datagrams to send at this rate for the whole run.
+        #[arg(long, default_value_t = 1_500_000)]
+        pool_rate: u64,
+    },
+    /// Controller RSS idle and with N hosts heartbeating: bytes per tracked host.
+    HostMemory {
+        /// Host counts, comma-separated (one controller run each).
+        #[arg(long, value_delimiter = ',', default_values_t = [1000, 10_000])]
+        hosts: Vec<usize>,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
 }
 
-fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock_gettime");
     t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
@@ -46,7 +78,10 @@ fn ms(ns: u64) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    anyhow::ensure!(is_root(), "the benchmarks load eBPF probes: run as root");
+    anyhow::ensure!(
+        is_root(),
+        "run the benchmarks as root (eBPF probes, FUSE, loop devices)"
+    );
     // Measure the daemon as it ships.
     std::env::set_var("DEFIB_RELEASE", "1");
     let md = match cli.scenario {
@@ -55,6 +90,14 @@ fn main() -> anyhow::Result<()> {
             episodes,
             threshold_ms,
         } => stall_latency(episodes, threshold_ms)?,
+        Scenario::SuspectLatency { hosts, samples } => suspect_latency::run(hosts, samples)?,
+        Scenario::HeartbeatIntake {
+            hosts,
+            seconds,
+            senders,
+            pool_rate,
+        } => heartbeat_intake::run(hosts, seconds, senders, pool_rate)?,
+        Scenario::HostMemory { hosts, seconds } => host_memory::run(&hosts, seconds)?,
     };
     println!("{md}");
     Ok(())

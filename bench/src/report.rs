@@ -5,7 +5,23 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 use serde::Serialize;
 
-/// One measured quantity: its samples in milliseconds.
+/// What a scenario's samples measure: latencies in milliseconds (the default), or
+/// another unit (a rate, bytes). Tables of other units also show the minimum, which for
+/// a throughput is the worst sample.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Unit {
+    /// Column suffix, e.g. `ms`, `datagrams/s`, `bytes`.
+    pub symbol: &'static str,
+    /// The plot's x axis, e.g. `latency (ms)`.
+    pub axis: &'static str,
+}
+
+pub const MILLISECONDS: Unit = Unit {
+    symbol: "ms",
+    axis: "latency (ms)",
+};
+
+/// One measured quantity: its samples (milliseconds unless the report says otherwise).
 #[derive(Debug, Clone, Serialize)]
 pub struct Series {
     pub name: String,
@@ -16,6 +32,7 @@ pub struct Series {
 pub struct Summary {
     pub name: String,
     pub n: usize,
+    pub min_ms: f64,
     pub p50_ms: f64,
     pub p90_ms: f64,
     pub p99_ms: f64,
@@ -38,6 +55,7 @@ impl Series {
         Summary {
             name: self.name.clone(),
             n: s.len(),
+            min_ms: s.first().copied().unwrap_or(f64::NAN),
             p50_ms: percentile(&s, 50.0),
             p90_ms: percentile(&s, 90.0),
             p99_ms: percentile(&s, 99.0),
@@ -54,6 +72,8 @@ struct Report<'a> {
     kernel: String,
     unix_time: u64,
     notes: &'a str,
+    /// The unit of every `*_ms` field and sample below (`ms` unless said otherwise).
+    unit: &'a str,
     summaries: Vec<Summary>,
     series: &'a [Series],
 }
@@ -77,12 +97,24 @@ pub fn results_dir() -> PathBuf {
     defib_tests::workspace_root().join("bench").join("results")
 }
 
-/// Writes `<dir>/<scenario>.json|.md|.svg` and returns the Markdown.
+/// Writes `<dir>/<scenario>.json|.md|.svg` (latencies in ms) and returns the Markdown.
 pub fn write(
     dir: &Path,
     scenario: &str,
     command: &str,
     notes: &str,
+    series: &[Series],
+) -> anyhow::Result<String> {
+    write_in(dir, scenario, command, notes, MILLISECONDS, series)
+}
+
+/// [`write`] for samples in another unit.
+pub fn write_in(
+    dir: &Path,
+    scenario: &str,
+    command: &str,
+    notes: &str,
+    unit: Unit,
     series: &[Series],
 ) -> anyhow::Result<String> {
     std::fs::create_dir_all(dir)?;
@@ -101,6 +133,7 @@ pub fn write(
             .map(|d| d.as_secs())
             .unwrap_or(0),
         notes,
+        unit: unit.symbol,
         summaries: summaries.clone(),
         series,
     };
@@ -109,27 +142,68 @@ pub fn write(
         serde_json::to_string_pretty(&report)?,
     )?;
 
+    let latency = unit.symbol == MILLISECONDS.symbol;
+    let u = unit.symbol;
     let mut md = format!(
-        "### {scenario}\n\n`{command}` on {} (kernel {kernel}).\n\n| measure | n | p50 ms | p90 ms | p99 ms | max ms |\n|---|---:|---:|---:|---:|---:|\n",
+        "### {scenario}\n\n`{command}` on {} (kernel {kernel}).\n\n",
         report.machine
     );
-    for s in &summaries {
+    if latency {
+        md.push_str("| measure | n | p50 ms | p90 ms | p99 ms | max ms |\n|---|---:|---:|---:|---:|---:|\n");
+    } else {
         md.push_str(&format!(
-            "| {} | {} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
-            s.name, s.n, s.p50_ms, s.p90_ms, s.p99_ms, s.max_ms
+            "| measure | n | min {u} | p50 {u} | p90 {u} | p99 {u} | max {u} |\n|---|---:|---:|---:|---:|---:|---:|\n"
         ));
+    }
+    for s in &summaries {
+        if latency {
+            md.push_str(&format!(
+                "| {} | {} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
+                s.name, s.n, s.p50_ms, s.p90_ms, s.p99_ms, s.max_ms
+            ));
+        } else {
+            md.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} |\n",
+                s.name,
+                s.n,
+                big(s.min_ms),
+                big(s.p50_ms),
+                big(s.p90_ms),
+                big(s.p99_ms),
+                big(s.max_ms)
+            ));
+        }
     }
     if !notes.is_empty() {
         md.push_str(&format!("\n{notes}\n"));
     }
     md.push_str(&format!("\n![{scenario}](bench/results/{scenario}.svg)\n"));
     std::fs::write(dir.join(format!("{scenario}.md")), &md)?;
-    plot_cdf(&dir.join(format!("{scenario}.svg")), scenario, series)?;
+    plot_cdf(&dir.join(format!("{scenario}.svg")), scenario, unit, series)?;
     Ok(md)
 }
 
-/// Cumulative distribution of each series (x: ms, y: share of samples ≤ x).
-fn plot_cdf(path: &Path, title: &str, series: &[Series]) -> anyhow::Result<()> {
+/// A large figure with thousands separated by a thin space: `1 234 567`.
+pub fn big(x: f64) -> String {
+    if !x.is_finite() {
+        return format!("{x}");
+    }
+    let digits = format!("{:.0}", x.abs());
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push('\u{202f}');
+        }
+        out.push(c);
+    }
+    if x < 0.0 && digits != "0" {
+        out.insert(0, '-');
+    }
+    out
+}
+
+/// Cumulative distribution of each series (x: the unit, y: share of samples ≤ x).
+fn plot_cdf(path: &Path, title: &str, unit: Unit, series: &[Series]) -> anyhow::Result<()> {
     let max_x = series
         .iter()
         .flat_map(|s| s.samples_ms.iter().copied())
@@ -149,7 +223,7 @@ fn plot_cdf(path: &Path, title: &str, series: &[Series]) -> anyhow::Result<()> {
         .build_cartesian_2d(0.0..max_x, 0.0..1.0)?;
     chart
         .configure_mesh()
-        .x_desc("latency (ms)")
+        .x_desc(unit.axis)
         .y_desc("share ≤ x")
         .draw()?;
     for (i, s) in series.iter().enumerate() {
@@ -179,7 +253,7 @@ fn plot_cdf(path: &Path, title: &str, series: &[Series]) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::percentile;
+    use super::{big, percentile};
 
     #[test]
     fn nearest_rank_percentiles_of_one_to_hundred() {
@@ -188,5 +262,13 @@ mod tests {
         assert_eq!(percentile(&v, 99.0), 99.0);
         assert_eq!(percentile(&v, 100.0), 100.0);
         assert_eq!(percentile(&[3.0], 99.0), 3.0);
+    }
+
+    #[test]
+    fn big_numbers_get_thousands_separators() {
+        assert_eq!(big(1_234_567.4), "1\u{202f}234\u{202f}567");
+        assert_eq!(big(999.0), "999");
+        assert_eq!(big(1000.0), "1\u{202f}000");
+        assert_eq!(big(-12_345.0), "-12\u{202f}345");
     }
 }

@@ -4,12 +4,16 @@
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use defib_tests::netns::LabNet;
-use defib_tests::{built_binary, is_root, require};
+use defib_tests::{built_binary, is_root, require, FakeQemu};
 use serde_json::Value;
+
+/// Every watchdog sees every qemu on this one kernel, so the labs of this file must not
+/// run at the same time.
+static ONE_LAB_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 const KEY: &str = "lab-key-0123456789abcdef0123456789";
 const TOKEN: &str = "lab-api-token-0123456789";
@@ -75,14 +79,15 @@ impl Lab {
 
     fn spawn(&self, name: &str, ns: &str, bin: &Path, args: &[&str]) -> Daemon {
         let log = self.path(&format!("{name}.log"));
-        let out = std::fs::File::create(&log).unwrap();
+        let err = std::fs::File::create(&log).unwrap();
+        let out = err.try_clone().unwrap();
         let child = self
             .net
             .command_in(ns, bin)
             .args(args)
             .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(out)
+            .stdout(out)
+            .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         Daemon {
@@ -117,12 +122,24 @@ fence_on_unknown_after_ms = 20000
         std::fs::write(self.path("controller.toml"), cfg).unwrap();
         let bin = built_binary("defib-controller", "defib-controller");
         let conf = self.path("controller.toml").display().to_string();
-        let d = self.spawn(
+        let mut d = self.spawn(
             "controller",
             &self.net.controller_ns(),
             &bin,
             &["--config", &conf, "run"],
         );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !d.log_text().contains("defib-controller ready") {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("controller exited ({status}):\n{}", d.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "controller not ready:\n{}",
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         self.controller = Some(d);
     }
 
@@ -153,7 +170,8 @@ key_file = {key:?}
             &format!("watchdog-h{h}"),
             &self.net.host_ns(h),
             &bin,
-            &["--config", &conf, "run"],
+            // Its events go to its log too, for the failure messages.
+            &["--config", &conf, "run", "--print-events"],
         );
         self.watchdogs.push(d);
     }
@@ -173,9 +191,20 @@ key_file = {key:?}
             .expect("run defibctl");
         assert!(
             out.status.success(),
-            "defibctl {args:?}: {}\ncontroller log:\n{}",
+            "defibctl {args:?}: {}\ncontroller ({:?}, alive: {:?}) log:\n{}\nnamespaces: {}",
             String::from_utf8_lossy(&out.stderr),
-            self.controller_log()
+            self.controller.as_ref().map(|d| d.log.clone()),
+            self.controller
+                .as_ref()
+                .map(|d| std::fs::metadata(&d.log).map(|m| m.len()).ok()),
+            self.controller_log(),
+            String::from_utf8_lossy(
+                &std::process::Command::new("ip")
+                    .args(["netns", "list"])
+                    .output()
+                    .unwrap()
+                    .stdout
+            )
         );
         serde_json::from_slice(&out.stdout).expect("defibctl --json output")
     }
@@ -247,6 +276,7 @@ fn state_of<'a>(states: &'a [(String, String)], host: &str) -> &'a str {
 #[test]
 fn a_host_cut_off_on_every_path_goes_suspect_and_comes_back_up_unfenced_while_others_stay_up() {
     require!(is_root(), "root (network namespaces, BPF)");
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let lab = Lab::start(3);
     lab.wait_until("all three hosts Up", Duration::from_secs(60), |s| {
         s.len() == 3 && s.iter().all(|(_, st)| st == "Up")
@@ -287,4 +317,69 @@ fn a_host_cut_off_on_every_path_goes_suspect_and_comes_back_up_unfenced_while_ot
     );
     let alarms = lab.ctl(&["alarms"]).to_string();
     assert!(!alarms.contains("Fence"), "fence alarms: {alarms}");
+}
+
+#[test]
+fn a_qemu_killed_on_a_host_becomes_a_vm_incident_at_the_controller_with_the_kernels_account() {
+    require!(is_root(), "root (network namespaces, BPF)");
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::start(1);
+    lab.wait_until("h0 Up", Duration::from_secs(60), |s| {
+        state_of(s, "h0") == "Up"
+    });
+    let uuid = "c0ffee00-0000-4000-8000-00000000c7a5";
+    let vm = FakeQemu::start("qemu-system-x86_64", "lab-vm", uuid, &[]);
+    let mut killer = std::process::Command::new("kill")
+        .args(["-9", &vm.pid().to_string()])
+        .spawn()
+        .expect("kill");
+    let killer_pid = killer.id();
+    assert!(killer.wait().unwrap().success());
+
+    let subject = format!("vm:{uuid}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let id = loop {
+        let list = lab.ctl(&["incidents"]);
+        let found = list["incidents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|i| i["subject"] == subject.as_str())
+            .and_then(|i| i["id"].as_u64());
+        if let Some(id) = found {
+            break id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no incident for {subject}: {list}\n{}\n--- watchdog\n{}",
+            lab.controller_log(),
+            lab.watchdogs[0].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let incident = lab.ctl(&["incidents", &id.to_string()]);
+    let timeline = incident["timeline"].as_array().expect("timeline").clone();
+    let seen = timeline
+        .iter()
+        .find(|e| e["source"] == "Ebpf")
+        .unwrap_or_else(|| panic!("no eBPF entry in {incident}"));
+    let cause = seen["cause"].as_str().unwrap_or("");
+    assert!(cause.contains("killed by signal 9"), "{incident}");
+    assert!(
+        cause.contains(&format!("from pid {killer_pid} (kill)")),
+        "{incident}"
+    );
+    // Without a restore backend the engine still tries (and records why it could not).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = lab.ctl(&["incidents", &id.to_string()]).to_string();
+        if text.contains("no restore backend configured") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no restore attempt recorded: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -23,11 +23,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let controller = cfg.controller_for_run()?;
-    let uplink = Uplink::start(UplinkConfig::from_config(&cfg.host, controller)?, key)?;
+    let uplink_cfg = UplinkConfig::from_config(&cfg.host, controller)?;
+    // Probes first: the controller counts this host as watched from its first heartbeat,
+    // so no heartbeat may leave before the probes see every qemu exit.
+    crate::mounts::ensure_bpf_filesystems()?;
+    let probes = crate::probes::Probes::load(&cfg)?;
+    tracing::info!("probes attached");
+    let uplink = Uplink::start(uplink_cfg, key)?;
     let monitored = async {
-        crate::mounts::ensure_bpf_filesystems()?;
-        let probes = crate::probes::Probes::load(&cfg)?;
-        tracing::info!("probes attached");
         let mut sink = uplink.sink(print_events);
         Monitor::new(probes, cfg.clone())
             .run(&mut sink, shutdown)

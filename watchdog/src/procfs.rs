@@ -89,7 +89,16 @@ pub fn read_comm(proc_root: &Path, pid: u32) -> Option<[u8; COMM_LEN]> {
     Some(comm)
 }
 
-/// Processes (thread-group leaders) whose comm matches one of the patterns.
+/// Is the process a zombie (exited, not yet reaped by its parent)?
+pub fn is_zombie(proc_root: &Path, pid: u32) -> bool {
+    std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// Live processes (thread-group leaders) whose comm matches one of the patterns. A
+/// zombie is skipped: it has already exited (and its command line is gone).
 pub fn scan_matching(proc_root: &Path, patterns: &[NamePattern]) -> Vec<(u32, [u8; COMM_LEN])> {
     let Ok(dir) = std::fs::read_dir(proc_root) else {
         return Vec::new();
@@ -98,6 +107,7 @@ pub fn scan_matching(proc_root: &Path, patterns: &[NamePattern]) -> Vec<(u32, [u
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter_map(|pid| Some((pid, read_comm(proc_root, pid)?)))
         .filter(|(_, comm)| patterns.iter().any(|p| p.matches(comm)))
+        .filter(|(pid, _)| !is_zombie(proc_root, *pid))
         .collect();
     found.sort_unstable_by_key(|(pid, _)| *pid);
     found
@@ -141,6 +151,26 @@ mod tests {
         let id = vm_identity_from_args(&["qemu-kvm", "--name", "web,,1,process=x"]);
         assert_eq!(id.name.as_deref(), Some("web,1"));
         assert_eq!(id.uuid, None);
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // a synchronous test waiting for a child to exit
+    fn an_unreaped_child_is_a_zombie_and_a_live_one_is_not() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let root = Path::new("/proc");
+        // Not waited for yet: once it has exited it stays a zombie.
+        let mut zombie = false;
+        for _ in 0..5000 {
+            if is_zombie(root, pid) {
+                zombie = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(zombie, "pid {pid} never showed as a zombie");
+        child.wait().unwrap();
+        assert!(!is_zombie(root, std::process::id()));
     }
 
     #[test]

@@ -128,6 +128,7 @@ impl HeartbeatIntake {
             {
                 return false;
             }
+            self.metrics.heartbeats_accepted.inc();
             let now_ms = now_ns / 1_000_000;
             let slot = (hb.host_id.to_string(), hb.path_index);
             let due = match last_forwarded_ms.get(&slot) {

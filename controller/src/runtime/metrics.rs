@@ -12,6 +12,9 @@ pub struct Metrics {
     registry: Registry,
     /// Valid heartbeats taken in, by network path.
     pub heartbeats_received: Family<Labels, Counter>,
+    /// Every heartbeat datagram accepted (authentic, fresh, acked), forwarded to the
+    /// engine or not. A plain counter: the intake's hot path does no label lookup.
+    pub heartbeats_accepted: Counter,
     /// Heartbeat datagrams refused, by reason (forged, replayed, truncated, ...).
     pub heartbeats_rejected: Family<Labels, Counter>,
     /// Events taken in from watchdog streams (new ones).
@@ -41,6 +44,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("defib");
         let m = Metrics {
             heartbeats_received: Family::default(),
+            heartbeats_accepted: Counter::default(),
             heartbeats_rejected: Family::default(),
             events_received: Counter::default(),
             events_duplicate: Counter::default(),
@@ -55,6 +59,11 @@ impl Metrics {
             "heartbeats_received",
             "Valid heartbeats taken in, by path",
             m.heartbeats_received.clone(),
+        );
+        registry.register(
+            "heartbeats_accepted",
+            "Heartbeat datagrams accepted (and acked), forwarded to the engine or not",
+            m.heartbeats_accepted.clone(),
         );
         registry.register(
             "heartbeats_rejected",
@@ -111,11 +120,13 @@ mod tests {
             .get_or_create(&Metrics::label("reason", "bad_mac"))
             .inc();
         m.events_received.inc();
+        m.heartbeats_accepted.inc_by(3);
         let text = m.encode();
         assert!(
             text.contains("defib_heartbeats_rejected_total{reason=\"bad_mac\"} 1"),
             "{text}"
         );
         assert!(text.contains("defib_events_received_total 1"), "{text}");
+        assert!(text.contains("defib_heartbeats_accepted_total 3"), "{text}");
     }
 }
