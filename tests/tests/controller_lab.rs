@@ -156,6 +156,11 @@ state_dir = {state:?}
 heartbeat_addrs = ["{a0}:7410", "{a1}:7410"]
 event_addr = "{a0}:7411"
 key_file = {key:?}
+
+# One kernel and one libvirtd serve every lab host: each would report the machine's
+# libvirt guests as its own. These tests are about the spine without libvirt.
+[libvirt]
+enabled = false
 "#,
             state = state.display().to_string(),
             key = self.path("cluster.key").display().to_string(),

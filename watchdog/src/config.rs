@@ -3,8 +3,9 @@
 //! and a message that names the field.
 //!
 //! Sections: `[probes]` (what the eBPF probes watch), `[host]` (who this watchdog is and
-//! where it keeps its state) and `[controller]` (where heartbeats and events go;
-//! optional for `events`, required for `run`).
+//! where it keeps its state), `[controller]` (where heartbeats and events go;
+//! optional for `events`, required for `run`) and `[libvirt]` (the domain event and
+//! inventory watcher).
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -20,6 +21,79 @@ pub struct WatchdogConfig {
     pub host: HostConfig,
     /// Absent: the watchdog reports to no controller (enough for `events`).
     pub controller: Option<ControllerConfig>,
+    pub libvirt: LibvirtConfig,
+}
+
+/// The libvirt watcher: domain events, the domain inventory, libvirt reachability.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LibvirtConfig {
+    /// Connect to libvirt. Unset: yes for `run`, no for `events` (unless `--libvirt`).
+    pub enabled: Option<bool>,
+    /// The libvirt URI (opened read-only).
+    pub uri: String,
+    /// The domain list is sent this often (and on connect, and after every lifecycle
+    /// event).
+    pub inventory_interval_ms: u64,
+    /// First delay before reconnecting; doubles on each failure…
+    pub reconnect_min_ms: u64,
+    /// …up to this.
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for LibvirtConfig {
+    fn default() -> Self {
+        Self {
+            enabled: None,
+            uri: "qemu:///system".into(),
+            inventory_interval_ms: 30_000,
+            reconnect_min_ms: 100,
+            reconnect_max_ms: 5_000,
+        }
+    }
+}
+
+impl LibvirtConfig {
+    /// Whether `run` connects to libvirt.
+    pub fn enabled_for_run(&self) -> bool {
+        self.enabled.unwrap_or(true)
+    }
+
+    /// Whether `events` connects to libvirt (`--libvirt` forces it).
+    pub fn enabled_for_events(&self, flag: bool) -> bool {
+        flag || self.enabled.unwrap_or(false)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.uri.is_empty()
+            || self.uri.contains('\0')
+            || self.uri.chars().any(char::is_whitespace)
+        {
+            return Err(invalid(
+                "libvirt.uri",
+                "must be a libvirt URI such as \"qemu:///system\" (no spaces)",
+            ));
+        }
+        if !(1_000..=86_400_000).contains(&self.inventory_interval_ms) {
+            return Err(invalid(
+                "libvirt.inventory_interval_ms",
+                "must be 1000..=86400000",
+            ));
+        }
+        if !(10..=60_000).contains(&self.reconnect_min_ms) {
+            return Err(invalid("libvirt.reconnect_min_ms", "must be 10..=60000"));
+        }
+        if !(10..=600_000).contains(&self.reconnect_max_ms) {
+            return Err(invalid("libvirt.reconnect_max_ms", "must be 10..=600000"));
+        }
+        if self.reconnect_max_ms < self.reconnect_min_ms {
+            return Err(invalid(
+                "libvirt.reconnect_max_ms",
+                "must not be below libvirt.reconnect_min_ms",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Who this watchdog is, and where it keeps what must survive a restart.
@@ -205,6 +279,7 @@ impl WatchdogConfig {
         if let Some(controller) = &self.controller {
             controller.validate()?;
         }
+        self.libvirt.validate()?;
         Ok(())
     }
 
@@ -474,6 +549,51 @@ mod tests {
         .unwrap();
         let err = cfg.controller_for_run().unwrap().load_key().unwrap_err();
         assert!(err.to_string().contains("controller.key_file"), "{err}");
+    }
+
+    #[test]
+    fn the_libvirt_section_defaults_to_the_system_uri_on_for_run_and_off_for_events() {
+        let cfg = WatchdogConfig::parse("").unwrap();
+        let l = &cfg.libvirt;
+        assert_eq!(l.uri, "qemu:///system");
+        assert_eq!(l.inventory_interval_ms, 30_000);
+        assert_eq!((l.reconnect_min_ms, l.reconnect_max_ms), (100, 5_000));
+        assert!(l.enabled_for_run());
+        assert!(!l.enabled_for_events(false));
+        assert!(l.enabled_for_events(true));
+        let off = WatchdogConfig::parse("[libvirt]\nenabled = false\n").unwrap();
+        assert!(!off.libvirt.enabled_for_run());
+        let on = WatchdogConfig::parse("[libvirt]\nenabled = true\n").unwrap();
+        assert!(on.libvirt.enabled_for_events(false));
+    }
+
+    #[test]
+    fn each_bad_libvirt_value_names_its_field() {
+        let err = WatchdogConfig::parse("[libvirt]\nurl = \"qemu:///system\"\n").unwrap_err();
+        assert!(err.to_string().contains("url"), "{err}");
+        for (text, field) in [
+            ("uri = \"\"", "libvirt.uri"),
+            ("uri = \"qemu:///system x\"", "libvirt.uri"),
+            (
+                "inventory_interval_ms = 10",
+                "libvirt.inventory_interval_ms",
+            ),
+            ("reconnect_min_ms = 0", "libvirt.reconnect_min_ms"),
+            ("reconnect_max_ms = 1000000", "libvirt.reconnect_max_ms"),
+            (
+                "reconnect_min_ms = 2000\nreconnect_max_ms = 1000",
+                "libvirt.reconnect_max_ms",
+            ),
+        ] {
+            let err = WatchdogConfig::parse(&format!("[libvirt]\n{text}\n"))
+                .unwrap()
+                .validate()
+                .unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Invalid { field: f, .. } if *f == field),
+                "{text}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! `defib-watchdog run`: the daemon proper. The probes feed the monitor, the monitor
 //! feeds the uplink (events to the spool and the stream, counts to the heartbeats),
-//! until SIGTERM or SIGINT.
+//! until SIGTERM or SIGINT. The libvirt watcher (unless `libvirt.enabled = false`)
+//! feeds the monitor from its own thread.
 use std::future::Future;
 
 use protocol::Key;
 
 use crate::config::WatchdogConfig;
+use crate::libvirt::{LibvirtSettings, LibvirtWatcher};
 use crate::monitor::Monitor;
 use crate::uplink::{Uplink, UplinkConfig};
 
@@ -30,13 +32,27 @@ pub async fn run(
     let probes = crate::probes::Probes::load(&cfg)?;
     tracing::info!("probes attached");
     let uplink = Uplink::start(uplink_cfg, key)?;
+    let (libvirt_tx, libvirt_rx) = tokio::sync::mpsc::unbounded_channel();
+    let libvirt = if cfg.libvirt.enabled_for_run() {
+        Some(LibvirtWatcher::start(
+            LibvirtSettings::from_config(&cfg.libvirt),
+            libvirt_tx,
+        )?)
+    } else {
+        tracing::info!("libvirt watcher disabled (libvirt.enabled = false)");
+        None
+    };
     let monitored = async {
         let mut sink = uplink.sink(print_events);
         Monitor::new(probes, cfg.clone())
+            .with_external_events(libvirt_rx)
             .run(&mut sink, shutdown)
             .await
     }
     .await;
+    if let Some(libvirt) = libvirt {
+        stop_libvirt(libvirt).await;
+    }
     let stream = uplink.shutdown().await;
     tracing::info!(
         spooled = stream.spooled,
@@ -45,4 +61,16 @@ pub async fn run(
         "stopped; unacknowledged events stay in the spool for the next run"
     );
     monitored
+}
+
+/// Stops the libvirt watcher without blocking the runtime; a watcher stuck in a libvirt
+/// call is not waited for longer than a second.
+pub async fn stop_libvirt(watcher: LibvirtWatcher) {
+    let stopped =
+        tokio::task::spawn_blocking(move || watcher.stop(std::time::Duration::from_secs(1)))
+            .await
+            .unwrap_or(false);
+    if !stopped {
+        tracing::warn!("the libvirt watcher did not stop within 1 s; left behind");
+    }
 }

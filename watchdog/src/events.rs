@@ -63,6 +63,128 @@ pub enum WatchdogEvent {
     },
     /// The probes' counters moved: records lost (ring buffer full) or maps full.
     ProbeLoss { stats: ProbeStats, observed_ns: u64 },
+    /// The libvirt connection is up (again): callbacks registered, domains listed.
+    LibvirtConnected {
+        uri: String,
+        observed_ns: u64,
+        unix_ms: u64,
+    },
+    /// libvirt cannot be reached: the connection closed or died, or opening it failed.
+    /// Emitted once per change (not on every retry).
+    LibvirtDisconnected {
+        uri: String,
+        reason: String,
+        observed_ns: u64,
+        unix_ms: u64,
+    },
+    /// A domain lifecycle event (`VIR_DOMAIN_EVENT_ID_LIFECYCLE`), or a change found by
+    /// comparing the domain lists before and after a reconnect (`source: "reconcile"`).
+    /// `event` and `detail` are lowercase libvirt names: e.g. `stopped`/`failed`,
+    /// `stopped`/`crashed`, `suspended`/`ioerror`, `crashed`/`panicked` (guest panic).
+    LibvirtLifecycle {
+        vm: VmIdentity,
+        event: String,
+        detail: String,
+        /// `event` (a libvirt callback) or `reconcile` (inferred after a reconnect).
+        source: &'static str,
+        observed_ns: u64,
+        unix_ms: u64,
+    },
+    /// A disk I/O error (`VIR_DOMAIN_EVENT_ID_IO_ERROR_REASON`).
+    LibvirtIoError {
+        vm: VmIdentity,
+        /// The disk's source (image file or device).
+        src_path: String,
+        /// The disk's device alias (e.g. `virtio-disk0`).
+        dev_alias: String,
+        /// What qemu did: `none`, `pause`, `report`.
+        action: String,
+        /// e.g. `enospc`, `eio`, or empty.
+        reason: String,
+        observed_ns: u64,
+        unix_ms: u64,
+    },
+    /// The guest's watchdog device fired (`VIR_DOMAIN_EVENT_ID_WATCHDOG`).
+    LibvirtWatchdog {
+        vm: VmIdentity,
+        /// `none`, `pause`, `reset`, `poweroff`, `shutdown`, `debug`, `inject-nmi`.
+        action: String,
+        observed_ns: u64,
+        unix_ms: u64,
+    },
+    /// The guest rebooted (`VIR_DOMAIN_EVENT_ID_REBOOT`).
+    LibvirtReboot {
+        vm: VmIdentity,
+        observed_ns: u64,
+        unix_ms: u64,
+    },
+    /// A disk's write threshold was crossed (`VIR_DOMAIN_EVENT_ID_BLOCK_THRESHOLD`).
+    LibvirtBlockThreshold {
+        vm: VmIdentity,
+        dev: String,
+        path: String,
+        threshold: u64,
+        excess: u64,
+        observed_ns: u64,
+        unix_ms: u64,
+    },
+    /// libvirt lost control of the domain's qemu (`VIR_DOMAIN_EVENT_ID_CONTROL_ERROR`,
+    /// e.g. the monitor socket broke).
+    LibvirtControlError {
+        vm: VmIdentity,
+        observed_ns: u64,
+        unix_ms: u64,
+    },
+    /// Every domain libvirt knows on this host, with its state, qemu pid and disks.
+    LibvirtInventory {
+        vms: Vec<LibvirtVm>,
+        observed_ns: u64,
+        unix_ms: u64,
+    },
+}
+
+/// One domain in a [`WatchdogEvent::LibvirtInventory`].
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct LibvirtVm {
+    pub uuid: String,
+    pub name: String,
+    /// `nostate`, `running`, `blocked`, `paused`, `shutdown`, `shutoff`, `crashed`,
+    /// `pmsuspended`.
+    pub state: String,
+    /// Why it is in that state, lowercase (`ioerror` for paused, `crashed`,
+    /// `destroyed`, `failed`, `shutdown` for shutoff, `panicked` for crashed, ...).
+    pub reason: String,
+    /// The qemu pid (from libvirt's pid file), when the domain is active.
+    pub pid: Option<u32>,
+    pub disks: Vec<LibvirtDisk>,
+}
+
+impl LibvirtVm {
+    /// The domain has a qemu process (anything but shut off).
+    pub fn is_active(&self) -> bool {
+        self.state != "shutoff"
+    }
+
+    pub fn identity(&self) -> VmIdentity {
+        VmIdentity {
+            uuid: Some(self.uuid.clone()),
+            name: Some(self.name.clone()),
+        }
+    }
+}
+
+/// One `<disk>` of a domain: its guest target, its source and the backing chain below.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct LibvirtDisk {
+    /// `<target dev=...>`, e.g. `vda`.
+    pub target: String,
+    /// `disk` or `cdrom` (`<disk device=...>`).
+    pub device: String,
+    /// The image file or block device (`<source file|dev|dir|volume=...>`, or
+    /// `protocol:name` for a network disk); none for an empty cdrom.
+    pub source: Option<String>,
+    /// The backing chain, top first (`<backingStore><source .../>`), as libvirt knows it.
+    pub backing: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -147,6 +269,61 @@ impl WatchdogEvent {
                 "LOSS      ring buffer drops {}, in-flight map full {}, watch map full {}",
                 stats.ringbuf_drops, stats.inflight_full, stats.watch_full
             ),
+            Self::LibvirtConnected { uri, .. } => format!("libvirt   connected to {uri}"),
+            Self::LibvirtDisconnected { uri, reason, .. } => {
+                format!("libvirt   UNREACHABLE {uri}: {reason}")
+            }
+            Self::LibvirtLifecycle {
+                vm: v,
+                event,
+                detail,
+                source,
+                ..
+            } => {
+                let inferred = if *source == "reconcile" {
+                    " [found after reconnect]"
+                } else {
+                    ""
+                };
+                format!("libvirt   {} {event} ({detail}){inferred}", vm(v))
+            }
+            Self::LibvirtIoError {
+                vm: v,
+                src_path,
+                action,
+                reason,
+                ..
+            } => format!(
+                "libvirt   {} I/O error on {src_path}: {reason} (action {action})",
+                vm(v)
+            ),
+            Self::LibvirtWatchdog { vm: v, action, .. } => {
+                format!("libvirt   {} guest watchdog fired (action {action})", vm(v))
+            }
+            Self::LibvirtReboot { vm: v, .. } => format!("libvirt   {} rebooted", vm(v)),
+            Self::LibvirtBlockThreshold {
+                vm: v,
+                dev,
+                threshold,
+                excess,
+                ..
+            } => format!(
+                "libvirt   {} disk {dev} crossed its threshold {threshold} by {excess} bytes",
+                vm(v)
+            ),
+            Self::LibvirtControlError { vm: v, .. } => {
+                format!("libvirt   {} lost control of its qemu", vm(v))
+            }
+            Self::LibvirtInventory { vms, .. } => {
+                let list: Vec<String> = vms
+                    .iter()
+                    .map(|d| match d.pid {
+                        Some(pid) => format!("{} {} pid {pid}", d.name, d.state),
+                        None => format!("{} {}", d.name, d.state),
+                    })
+                    .collect();
+                format!("inventory {} domains: {}", vms.len(), list.join(", "))
+            }
         }
     }
 }

@@ -4,6 +4,7 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod events;
+pub mod libvirt;
 pub mod monitor;
 pub mod mounts;
 pub mod probes;

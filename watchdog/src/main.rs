@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use watchdog::config::{WatchdogConfig, EXIT_BAD_CONFIG};
+use watchdog::libvirt::{LibvirtSettings, LibvirtWatcher};
 use watchdog::monitor::{Monitor, StdoutSink};
 
 #[derive(Parser)]
@@ -37,6 +38,10 @@ enum Command {
         /// Override probes.watch_names (repeat for several).
         #[arg(long = "watch-name")]
         watch_names: Vec<String>,
+        /// Also connect to libvirt ([libvirt] uri) and print its domain events and
+        /// inventory (default: only if [libvirt] enabled = true).
+        #[arg(long)]
+        libvirt: bool,
     },
     /// Run the daemon: load the probes, send heartbeats and events to the controller
     /// (needs the [controller] section), until SIGTERM or SIGINT.
@@ -85,6 +90,7 @@ fn main() -> ExitCode {
             json,
             stall_threshold_ms,
             watch_names,
+            libvirt,
         } => {
             if let Some(t) = stall_threshold_ms {
                 cfg.probes.stall_threshold_ms = t;
@@ -95,7 +101,8 @@ fn main() -> ExitCode {
             if let Err(e) = cfg.validate() {
                 return bad_config(e);
             }
-            match run_events(cfg, json) {
+            let libvirt = cfg.libvirt.enabled_for_events(libvirt);
+            match run_events(cfg, json, libvirt) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("defib-watchdog: {e:#}");
@@ -111,7 +118,7 @@ fn bad_config(e: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_BAD_CONFIG as u8)
 }
 
-fn run_events(cfg: WatchdogConfig, json: bool) -> anyhow::Result<()> {
+fn run_events(cfg: WatchdogConfig, json: bool, libvirt: bool) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -120,9 +127,22 @@ fn run_events(cfg: WatchdogConfig, json: bool) -> anyhow::Result<()> {
         watchdog::mounts::ensure_bpf_filesystems()?;
         let probes = watchdog::probes::Probes::load(&cfg)?;
         tracing::info!("probes attached");
-        let monitor = Monitor::new(probes, cfg);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let watcher = if libvirt {
+            Some(LibvirtWatcher::start(
+                LibvirtSettings::from_config(&cfg.libvirt),
+                tx,
+            )?)
+        } else {
+            None
+        };
+        let monitor = Monitor::new(probes, cfg).with_external_events(rx);
         let mut sink = StdoutSink { json };
-        monitor.run(&mut sink, shutdown).await
+        let result = monitor.run(&mut sink, shutdown).await;
+        if let Some(watcher) = watcher {
+            watchdog::daemon::stop_libvirt(watcher).await;
+        }
+        result
     })
 }
 

@@ -1,15 +1,20 @@
 //! The host monitor: consumes probe records, keeps the pid → VM map and the stall
 //! tracker, and hands typed events to a sink. Runs on the tokio runtime of the daemon.
+//! Events from outside the probes (the libvirt watcher) come in on an optional
+//! channel and go to the same sink; the libvirt inventory also completes the pid → VM
+//! map.
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
 use watchdog_common::io_syscalls;
 
 use crate::clock::{mono_to_unix_ms, monotonic_ns};
 use crate::config::WatchdogConfig;
-use crate::events::{signal_name, Killer, StuckIo, WatchdogEvent};
+use crate::events::{signal_name, Killer, LibvirtVm, StuckIo, WatchdogEvent};
+use crate::libvirt::inventory;
 use crate::probes::{ProbeStats, Probes};
 use crate::procfs::{self, VmIdentity};
 use crate::records::{self, comm_str, Record};
@@ -33,6 +38,10 @@ pub struct Monitor {
     vms: HashMap<u32, WatchedVm>,
     stalls: StallTracker,
     last_stats: ProbeStats,
+    /// Events from outside the probes (the libvirt watcher).
+    external: Option<mpsc::UnboundedReceiver<WatchdogEvent>>,
+    /// qemu pid → VM, from the last libvirt inventory.
+    libvirt_pids: HashMap<u32, VmIdentity>,
 }
 
 impl Monitor {
@@ -45,7 +54,16 @@ impl Monitor {
             vms: HashMap::new(),
             stalls: StallTracker::new(threshold),
             last_stats: ProbeStats::default(),
+            external: None,
+            libvirt_pids: HashMap::new(),
         }
+    }
+
+    /// Also forwards the events arriving on `rx` (the libvirt watcher's) to the sink;
+    /// a libvirt inventory among them also updates the pid → VM map.
+    pub fn with_external_events(mut self, rx: mpsc::UnboundedReceiver<WatchdogEvent>) -> Self {
+        self.external = Some(rx);
+        self
     }
 
     /// Watches every matching process already running. Called after the probes are
@@ -75,6 +93,8 @@ impl Monitor {
     ) {
         let vm = procfs::read_args(&self.proc_root, pid)
             .map(|a| procfs::vm_identity_from_args(&a))
+            .filter(VmIdentity::is_known)
+            .or_else(|| self.libvirt_pids.get(&pid).cloned())
             .unwrap_or_default();
         self.vms.insert(
             pid,
@@ -203,6 +223,63 @@ impl Monitor {
         }
     }
 
+    fn external(&mut self, event: WatchdogEvent, sink: &mut dyn EventSink) {
+        if let WatchdogEvent::LibvirtInventory { vms, .. } = &event {
+            self.reconcile_with_libvirt(vms, sink);
+        }
+        sink.emit(event);
+    }
+
+    /// Takes libvirt's list of domains into the pid → VM map: a watched qemu whose
+    /// command line did not name its VM gets it from libvirt, and the qemu of a
+    /// running domain the probes do not watch (its name matched no pattern, or it was
+    /// missed) is watched from now on.
+    fn reconcile_with_libvirt(&mut self, vms: &[LibvirtVm], sink: &mut dyn EventSink) {
+        self.libvirt_pids = inventory::pid_map(vms);
+        let watched: HashMap<u32, VmIdentity> = self
+            .vms
+            .iter()
+            .map(|(pid, w)| (*pid, w.vm.clone()))
+            .collect();
+        let r = inventory::reconcile(&watched, &self.libvirt_pids);
+        for (pid, vm) in r.identify {
+            if let Some(w) = self.vms.get_mut(&pid) {
+                tracing::info!(pid, ?vm, "libvirt names the VM of a watched qemu");
+                w.vm = vm;
+            }
+        }
+        for (pid, vm) in r.unwatched {
+            // The pid file may be stale, or the pid reused: the process must exist and
+            // must not be running another VM.
+            let Some(comm) = procfs::read_comm(&self.proc_root, pid) else {
+                continue;
+            };
+            if procfs::is_zombie(&self.proc_root, pid) {
+                continue;
+            }
+            let own = procfs::read_args(&self.proc_root, pid)
+                .map(|a| procfs::vm_identity_from_args(&a))
+                .unwrap_or_default();
+            if own.uuid.is_some() && own.uuid != vm.uuid {
+                continue;
+            }
+            if let Err(e) = self.probes.watch(pid, monotonic_ns()) {
+                tracing::warn!(pid, error = %e, "cannot watch a qemu libvirt runs");
+                continue;
+            }
+            // Exited before it was watched: its exit record never comes, so it is not
+            // counted as alive.
+            if procfs::read_comm(&self.proc_root, pid).is_none()
+                || procfs::is_zombie(&self.proc_root, pid)
+            {
+                continue;
+            }
+            tracing::warn!(pid, ?vm, comm = %comm_str(&comm),
+                "libvirt runs a qemu the probes did not watch (check probes.watch_names); watching it now");
+            self.started(pid, comm_str(&comm), "libvirt", None, sink);
+        }
+    }
+
     fn check_stats(&mut self, sink: &mut dyn EventSink) {
         if let Ok(stats) = self.probes.stats() {
             if stats != self.last_stats {
@@ -237,6 +314,7 @@ impl Monitor {
         ));
         stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         rescan_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut external = self.external.take();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -265,10 +343,24 @@ impl Monitor {
                     self.check_stats(sink);
                 }
                 _ = rescan_tick.tick() => self.scan_proc(sink),
+                event = next_external(&mut external) => match event {
+                    Some(event) => self.external(event, sink),
+                    None => external = None,
+                },
                 _ = &mut shutdown => break,
             }
         }
         Ok(())
+    }
+}
+
+/// The next external event; never resolves without a channel.
+async fn next_external(
+    rx: &mut Option<mpsc::UnboundedReceiver<WatchdogEvent>>,
+) -> Option<WatchdogEvent> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -4,8 +4,17 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context as _};
 
 /// Debian packages the build and tests use: FUSE passthrough and loop devices for disk
-/// stalls, iproute2 for network namespaces.
-const DEBIAN_PACKAGES: &[&str] = &["bindfs", "fuse3", "util-linux", "iproute2"];
+/// stalls, iproute2 and ping for network namespaces, libvirt-dev and pkg-config to link the
+/// watchdog's libvirt watcher.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "bindfs",
+    "fuse3",
+    "util-linux",
+    "iproute2",
+    "iputils-ping",
+    "libvirt-dev",
+    "pkg-config",
+];
 const BPF_LINKER_VERSION: &str = "0.10.0";
 
 pub fn run() -> anyhow::Result<()> {

@@ -527,9 +527,34 @@ pub fn host_event(payload: &EventPayload, unix_ns: u64) -> Option<HostEvent> {
             resource: vm(vm_uuid, vm_name),
             at,
         }),
+        EventPayload::LibvirtLifecycle {
+            vm_uuid,
+            vm_name,
+            event,
+            detail,
+        } => {
+            // Failures only: a shutdown or a destroy is someone's decision (Nova stop,
+            // an operator), not a crash. They stay in the event table.
+            let failed = match event.as_str() {
+                "stopped" => matches!(detail.as_str(), "failed" | "crashed"),
+                "crashed" => true,
+                _ => false,
+            };
+            if !failed {
+                return None;
+            }
+            Some(HostEvent::ResourceExited {
+                resource: vm(vm_uuid, vm_name)?,
+                source: Source::Libvirt,
+                at,
+                reason: format!("libvirt: {event} ({detail})"),
+            })
+        }
         EventPayload::Inventory { vms } => Some(HostEvent::Inventory {
+            // What runs on the host: a defined but shut-off domain does not.
             resources: vms
                 .iter()
+                .filter(|v| matches!(v.state.as_str(), "running" | "paused" | "blocked" | "in shutdown"))
                 .map(|v| {
                     Resource::vm(if v.uuid.is_empty() {
                         v.name.clone()
@@ -542,5 +567,94 @@ pub fn host_event(payload: &EventPayload, unix_ns: u64) -> Option<HostEvent> {
             at,
         }),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lifecycle(event: &str, detail: &str) -> EventPayload {
+        EventPayload::LibvirtLifecycle {
+            vm_uuid: Some("u-1".into()),
+            vm_name: Some("web".into()),
+            event: event.into(),
+            detail: detail.into(),
+        }
+    }
+
+    #[test]
+    fn a_libvirt_stopped_failed_is_a_vm_exit_seen_by_libvirt() {
+        match host_event(&lifecycle("stopped", "failed"), 2_000_000) {
+            Some(HostEvent::ResourceExited {
+                resource,
+                source,
+                at,
+                reason,
+            }) => {
+                assert_eq!(resource, Resource::vm("u-1"));
+                assert_eq!(source, Source::Libvirt);
+                assert_eq!(at, Timestamp(2));
+                assert!(reason.contains("stopped (failed)"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(host_event(&lifecycle("crashed", "panicked"), 0).is_some());
+    }
+
+    #[test]
+    fn a_shutdown_or_destroy_by_someone_is_not_a_failure() {
+        assert_eq!(host_event(&lifecycle("stopped", "shutdown"), 0), None);
+        assert_eq!(host_event(&lifecycle("stopped", "destroyed"), 0), None);
+        assert_eq!(host_event(&lifecycle("started", "booted"), 0), None);
+    }
+
+    #[test]
+    fn an_inventory_counts_only_active_domains_as_running_on_the_host() {
+        let vm = |uuid: &str, state: &str| protocol::VmInfo {
+            uuid: uuid.into(),
+            name: uuid.into(),
+            state: state.into(),
+            pid: None,
+            disks: vec![],
+        };
+        let p = EventPayload::Inventory {
+            vms: vec![vm("a", "running"), vm("b", "shutoff"), vm("c", "paused")],
+        };
+        match host_event(&p, 0) {
+            Some(HostEvent::Inventory { resources, .. }) => {
+                assert_eq!(resources, vec![Resource::vm("a"), Resource::vm("c")]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn io_errors_watchdog_actions_and_reboots_are_not_exits() {
+        for event in ["io_error", "watchdog", "reboot", "block_threshold", "control_error"] {
+            assert_eq!(host_event(&lifecycle(event, "x"), 0), None, "{event}");
+        }
+    }
+
+    #[test]
+    fn an_ebpf_exit_names_signal_and_killer() {
+        let p = EventPayload::QemuExited {
+            vm_uuid: Some("u-1".into()),
+            vm_name: None,
+            pid: 42,
+            exit_code: None,
+            signal: Some(9),
+            killer_pid: Some(7),
+            killer_comm: Some("virsh".into()),
+            oom_killed: false,
+            kernel_ts_ns: 0,
+        };
+        match host_event(&p, 0) {
+            Some(HostEvent::ResourceExited { reason, source, .. }) => {
+                assert_eq!(source, Source::Ebpf);
+                assert_eq!(reason, "qemu pid 42 killed by signal 9 from pid 7 (virsh)");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

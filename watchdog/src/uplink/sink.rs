@@ -1,11 +1,11 @@
 //! Between the monitor and the uplink: turns the monitor's events into protocol
 //! event payloads and keeps the heartbeat's status summary.
-use protocol::EventPayload;
+use protocol::{EventPayload, VmInfo};
 use tokio::sync::{mpsc, watch};
 
 use super::status::{HostSummary, StatusTracker};
 use crate::clock::{monotonic_ns, realtime_ns};
-use crate::events::WatchdogEvent;
+use crate::events::{LibvirtVm, WatchdogEvent};
 use crate::monitor::{EventSink, StdoutSink};
 use crate::procfs::VmIdentity;
 
@@ -40,7 +40,14 @@ impl EventSender {
 }
 
 /// The protocol event for a monitor event, stamped with when it was observed; `None`
-/// for probe losses, which travel as the heartbeat's probe drop count instead.
+/// for probe losses and libvirt connection changes, which travel in the heartbeat's
+/// status instead (probe drop count, libvirt reachable).
+///
+/// The protocol has two libvirt kinds, `libvirt_lifecycle` and `inventory`. The
+/// libvirt events that are not lifecycle events travel as `libvirt_lifecycle` with
+/// their own `event` name: `io_error` (detail: the reason, e.g. `enospc`, or
+/// `unknown`), `watchdog` (detail: the action, e.g. `reset`), `reboot`,
+/// `block_threshold` (detail: the device) and `control_error` (detail empty).
 ///
 /// `now_mono_ns`/`now_unix_ns` are one reading of both clocks, used to convert the
 /// event's monotonic observation time to wall time.
@@ -136,7 +143,51 @@ pub fn pending_event(
                 },
             )
         }
-        WatchdogEvent::ProbeLoss { .. } => return None,
+        WatchdogEvent::ProbeLoss { .. }
+        | WatchdogEvent::LibvirtConnected { .. }
+        | WatchdogEvent::LibvirtDisconnected { .. } => return None,
+        WatchdogEvent::LibvirtLifecycle {
+            vm: v,
+            event,
+            detail,
+            observed_ns,
+            ..
+        } => (*observed_ns, lifecycle(v, event, detail)),
+        WatchdogEvent::LibvirtIoError {
+            vm: v,
+            reason,
+            observed_ns,
+            ..
+        } => {
+            let detail = if reason.is_empty() { "unknown" } else { reason };
+            (*observed_ns, lifecycle(v, "io_error", detail))
+        }
+        WatchdogEvent::LibvirtWatchdog {
+            vm: v,
+            action,
+            observed_ns,
+            ..
+        } => (*observed_ns, lifecycle(v, "watchdog", action)),
+        WatchdogEvent::LibvirtReboot {
+            vm: v, observed_ns, ..
+        } => (*observed_ns, lifecycle(v, "reboot", "")),
+        WatchdogEvent::LibvirtBlockThreshold {
+            vm: v,
+            dev,
+            observed_ns,
+            ..
+        } => (*observed_ns, lifecycle(v, "block_threshold", dev)),
+        WatchdogEvent::LibvirtControlError {
+            vm: v, observed_ns, ..
+        } => (*observed_ns, lifecycle(v, "control_error", "")),
+        WatchdogEvent::LibvirtInventory {
+            vms, observed_ns, ..
+        } => (
+            *observed_ns,
+            EventPayload::Inventory {
+                vms: vms.iter().map(vm_info).collect(),
+            },
+        ),
     };
     let age_ns = now_mono_ns.saturating_sub(observed_ns);
     Some(PendingEvent {
@@ -144,6 +195,35 @@ pub fn pending_event(
         mono_ns: observed_ns,
         payload,
     })
+}
+
+fn lifecycle(v: &VmIdentity, event: &str, detail: &str) -> EventPayload {
+    EventPayload::LibvirtLifecycle {
+        vm_uuid: v.uuid.clone(),
+        vm_name: v.name.clone(),
+        event: event.to_string(),
+        detail: detail.to_string(),
+    }
+}
+
+/// One inventory entry: `disks` lists every disk's source and then its backing chain,
+/// each path once, in order (a stall on a backing file names the VM too).
+fn vm_info(v: &LibvirtVm) -> VmInfo {
+    let mut disks: Vec<String> = Vec::new();
+    for d in &v.disks {
+        for path in d.source.iter().chain(&d.backing) {
+            if !disks.contains(path) {
+                disks.push(path.clone());
+            }
+        }
+    }
+    VmInfo {
+        uuid: v.uuid.clone(),
+        name: v.name.clone(),
+        state: v.state.clone(),
+        pid: v.pid,
+        disks,
+    }
 }
 
 /// The monitor's sink in the daemon: forwards every event to the uplink, keeps the
@@ -267,6 +347,91 @@ mod tests {
                 paths: vec!["/dev/loop0".into(), "/img".into()],
             }
         );
+    }
+
+    #[test]
+    fn libvirt_lifecycle_and_inventory_map_to_their_protocol_kinds() {
+        let event = WatchdogEvent::LibvirtLifecycle {
+            vm: vm(),
+            event: "stopped".into(),
+            detail: "failed".into(),
+            source: "event",
+            observed_ns: 10,
+            unix_ms: 0,
+        };
+        assert_eq!(
+            pending_event(&event, 10, 100).unwrap().payload,
+            EventPayload::LibvirtLifecycle {
+                vm_uuid: vm().uuid,
+                vm_name: vm().name,
+                event: "stopped".into(),
+                detail: "failed".into(),
+            }
+        );
+        let io = WatchdogEvent::LibvirtIoError {
+            vm: vm(),
+            src_path: "/img".into(),
+            dev_alias: "virtio-disk0".into(),
+            action: "pause".into(),
+            reason: "enospc".into(),
+            observed_ns: 10,
+            unix_ms: 0,
+        };
+        assert!(matches!(
+            pending_event(&io, 10, 100).unwrap().payload,
+            EventPayload::LibvirtLifecycle { event, detail, .. } if event == "io_error" && detail == "enospc"
+        ));
+        let disk = |source: &str, backing: &[&str]| crate::events::LibvirtDisk {
+            target: "vda".into(),
+            device: "disk".into(),
+            source: Some(source.into()),
+            backing: backing.iter().map(|b| b.to_string()).collect(),
+        };
+        let inventory = WatchdogEvent::LibvirtInventory {
+            vms: vec![LibvirtVm {
+                uuid: "u1".into(),
+                name: "guest".into(),
+                state: "running".into(),
+                reason: "booted".into(),
+                pid: Some(42),
+                disks: vec![disk("/a", &["/base"]), disk("/b", &["/base"])],
+            }],
+            observed_ns: 10,
+            unix_ms: 0,
+        };
+        assert_eq!(
+            pending_event(&inventory, 10, 100).unwrap().payload,
+            EventPayload::Inventory {
+                vms: vec![VmInfo {
+                    uuid: "u1".into(),
+                    name: "guest".into(),
+                    state: "running".into(),
+                    pid: Some(42),
+                    disks: vec!["/a".into(), "/base".into(), "/b".into()],
+                }]
+            }
+        );
+    }
+
+    #[test]
+    fn libvirt_reachability_is_not_an_event_but_the_heartbeats_flag() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (status_tx, status_rx) = watch::channel(HostSummary::default());
+        let mut sink = UplinkSink::new(EventSender::new(tx), status_tx, false);
+        sink.emit(WatchdogEvent::LibvirtConnected {
+            uri: "test:///default".into(),
+            observed_ns: 1,
+            unix_ms: 0,
+        });
+        assert!(status_rx.borrow().libvirt_reachable);
+        sink.emit(WatchdogEvent::LibvirtDisconnected {
+            uri: "test:///default".into(),
+            reason: "gone".into(),
+            observed_ns: 2,
+            unix_ms: 0,
+        });
+        assert!(!status_rx.borrow().libvirt_reachable);
+        assert!(rx.try_recv().is_err());
     }
 
     #[test]

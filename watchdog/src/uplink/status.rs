@@ -15,8 +15,9 @@ pub struct HostSummary {
     pub vm_count: u32,
     /// Of those, how many have a disk stall in progress.
     pub stalled_vm_count: u32,
-    /// The libvirt connection is up. Nothing sets it yet (no libvirt watcher), so it
-    /// stays false.
+    /// The libvirt watcher's connection is up (set from its `libvirt_connected` and
+    /// `libvirt_disconnected` events; false until it first connects, and always
+    /// false when the watcher is disabled).
     pub libvirt_reachable: bool,
     /// Probe losses since the watchdog started: ring buffer drops plus in-flight and
     /// watch map overflows, since any of them means the controller's view may be
@@ -35,6 +36,8 @@ pub struct StatusTracker {
     alive: HashSet<u32>,
     stalled: HashSet<u32>,
     probe_drops: u64,
+    /// None until the libvirt watcher says something: the field is left alone then.
+    libvirt_reachable: Option<bool>,
 }
 
 impl StatusTracker {
@@ -65,6 +68,15 @@ impl StatusTracker {
                     .saturating_add(inflight_full)
                     .saturating_add(watch_full);
             }
+            WatchdogEvent::LibvirtConnected { .. } => self.libvirt_reachable = Some(true),
+            WatchdogEvent::LibvirtDisconnected { .. } => self.libvirt_reachable = Some(false),
+            WatchdogEvent::LibvirtLifecycle { .. }
+            | WatchdogEvent::LibvirtIoError { .. }
+            | WatchdogEvent::LibvirtWatchdog { .. }
+            | WatchdogEvent::LibvirtReboot { .. }
+            | WatchdogEvent::LibvirtBlockThreshold { .. }
+            | WatchdogEvent::LibvirtControlError { .. }
+            | WatchdogEvent::LibvirtInventory { .. } => {}
         }
     }
 
@@ -74,6 +86,9 @@ impl StatusTracker {
         summary.vm_count = u32::try_from(self.alive.len()).unwrap_or(u32::MAX);
         summary.stalled_vm_count = u32::try_from(self.stalled.len()).unwrap_or(u32::MAX);
         summary.probe_drops = self.probe_drops;
+        if let Some(reachable) = self.libvirt_reachable {
+            summary.libvirt_reachable = reachable;
+        }
         *summary != before
     }
 }
