@@ -3,6 +3,7 @@
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)] // synchronous tool, not async code
 
 mod demo;
+mod hostbed;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -21,11 +22,17 @@ enum Task {
     /// Install and prepare everything the build and the tests need (Debian packages,
     /// nightly rust-src, bpf-linker, tracefs/bpffs mounts). Idempotent.
     Setup,
-    /// Setup, then run the whole test suite (`cargo test`, default members). Extra
-    /// arguments go to cargo test.
+    /// Setup, start the hostbed (libvirt and real KVM guests), then run the whole test
+    /// suite (`cargo test`, default members). Extra arguments go to cargo test.
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// The real-guest test bed: libvirtd under the project's subreaper, boot-sector KVM
+    /// guests (see xtask/src/hostbed.rs).
+    Hostbed {
+        #[command(subcommand)]
+        action: hostbed::Action,
     },
     /// Build the eBPF probes (they are built by watchdog/build.rs; this runs just that).
     BuildEbpf,
@@ -49,7 +56,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Setup => setup::run(),
-        Task::Test { args } => setup::run().and_then(|()| run_tests(&args)),
+        Task::Test { args } => setup::run().and_then(|()| {
+            // Stop afterwards what this run started (by PID); leave a hostbed that was
+            // already running as it was.
+            let was_running = hostbed::libvirt_answers();
+            hostbed::for_tests()?;
+            let tests = run_tests(&args);
+            if !was_running {
+                if let Err(e) = hostbed::stop() {
+                    eprintln!("xtask: stopping the hostbed: {e:#}");
+                }
+            }
+            tests
+        }),
+        Task::Hostbed { action } => hostbed::run(action),
         Task::BuildEbpf => cargo(&["build", "-p", "defib-watchdog"]),
         Task::Demo => setup::run().and_then(|()| demo::run()),
         Task::Sim { seeds } => {

@@ -1,0 +1,492 @@
+//! Real guests on the project's hostbed: libvirtd (started by `cargo xtask hostbed start`
+//! under the project's child subreaper) and KVM guests that are a 512-byte boot sector
+//! (`tests/guest/hbguest.S`: one disk-sector write and one `HB-IO <n>` serial line every
+//! second, optional ib700 watchdog).
+//!
+//! [`Hostbed::ensure`] checks that libvirtd answers (under `CI=true` its absence fails the
+//! test, elsewhere it is a skip: see [`require_hostbed!`](crate::require_hostbed));
+//! [`Guest::start`] defines and starts a domain and waits for its first disk write; a
+//! [`Guest`] is destroyed and undefined on drop, its files removed.
+//!
+//! Left out: the Linux guest under TCG of the reference test bed (no test here needs a
+//! real guest kernel yet).
+use std::io::Write as _;
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where the hostbed keeps its pid files, logs, the built guest image and guests' files.
+pub const RUN_DIR: &str = "/run/defib-hostbed";
+/// Every domain the project defines is named with this prefix; `hostbed stop` removes them.
+pub const GUEST_PREFIX: &str = "dfb-";
+pub const LIBVIRT_URI: &str = "qemu:///system";
+/// Size of the disks the harness makes.
+pub const DISK_SIZE: u64 = 16 << 20;
+
+/// The boot-sector image built by `cargo xtask hostbed start`.
+pub fn image_path() -> PathBuf {
+    Path::new(RUN_DIR).join("hbguest.bin")
+}
+
+/// Where guests' disks and serial logs go (readable by libvirt's qemu user).
+pub fn guests_dir() -> PathBuf {
+    Path::new(RUN_DIR).join("guests")
+}
+
+/// Runs `virsh -c qemu:///system ARGS` with a deadline; its stdout, or why it failed.
+pub fn virsh(args: &[&str], timeout: Duration) -> Result<String, String> {
+    let mut child = Command::new("virsh")
+        .args(["-q", "-c", LIBVIRT_URI])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running virsh: {e}"))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "virsh {} gave no answer within {timeout:?}",
+                    args.join(" ")
+                ));
+            }
+            Err(e) => return Err(format!("waiting for virsh: {e}")),
+        }
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "virsh {}: {} {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// The running hostbed.
+pub struct Hostbed {
+    image: Vec<u8>,
+}
+
+impl Hostbed {
+    /// The hostbed if libvirtd answers and the guest image is built, else why not.
+    pub fn ensure() -> Result<Hostbed, String> {
+        if !crate::is_root() {
+            return Err("root (libvirt's system instance, BPF)".into());
+        }
+        if !Path::new("/dev/kvm").exists() {
+            return Err("/dev/kvm".into());
+        }
+        if !crate::have_command("virsh") {
+            return Err("virsh (run `cargo xtask hostbed start`, which installs libvirt)".into());
+        }
+        virsh(&["version"], Duration::from_secs(10))
+            .map_err(|e| format!("a running libvirtd (`cargo xtask hostbed start`): {e}"))?;
+        let image = std::fs::read(image_path()).map_err(|e| {
+            format!(
+                "the guest image {} (`cargo xtask hostbed start` builds it): {e}",
+                image_path().display()
+            )
+        })?;
+        if image.len() != 512 || image[510..] != [0x55, 0xaa] {
+            return Err(format!("{} is not a boot sector", image_path().display()));
+        }
+        Ok(Hostbed { image })
+    }
+
+    /// The 512-byte boot sector.
+    pub fn boot_sector(&self) -> &[u8] {
+        &self.image
+    }
+
+    /// Writes the boot sector at the start of `path` (a file or a block device), leaving
+    /// the rest as it is. `wdt_pets` > 0 arms the ib700 watchdog and pets it that many
+    /// times (one a second) before it stops.
+    pub fn write_boot_sector(&self, path: &Path, wdt_pets: u8) {
+        let mut sector = self.image.clone();
+        sector[0x1f0] = wdt_pets;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        f.write_all_at(&sector, 0)
+            .unwrap_or_else(|e| panic!("write boot sector to {}: {e}", path.display()));
+        f.sync_all().expect("sync boot disk");
+    }
+
+    /// Makes a new bootable disk image of [`DISK_SIZE`] at `path`.
+    pub fn make_boot_disk(&self, path: &Path, format: DiskFormat, wdt_pets: u8) {
+        match format {
+            DiskFormat::Raw => {
+                let f = std::fs::File::create(path)
+                    .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+                f.set_len(DISK_SIZE).expect("size disk");
+                drop(f);
+                self.write_boot_sector(path, wdt_pets);
+            }
+            DiskFormat::Qcow2 => {
+                let raw = path.with_extension("boot-raw.tmp");
+                self.make_boot_disk(&raw, DiskFormat::Raw, wdt_pets);
+                let out = Command::new("qemu-img")
+                    .args(["convert", "-f", "raw", "-O", "qcow2"])
+                    .arg(&raw)
+                    .arg(path)
+                    .output()
+                    .expect("running qemu-img");
+                let _ = std::fs::remove_file(&raw);
+                assert!(
+                    out.status.success(),
+                    "qemu-img convert: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
+}
+
+/// Skips the test (or fails it under `CI=true`) unless the hostbed runs; else evaluates to
+/// the [`Hostbed`].
+#[macro_export]
+macro_rules! require_hostbed {
+    () => {
+        match $crate::guests::Hostbed::ensure() {
+            Ok(hostbed) => hostbed,
+            Err(reason) => {
+                if $crate::ci() {
+                    panic!("this test needs: {reason} (CI=true, so a missing requirement is a failure)");
+                }
+                eprintln!("SKIP: {reason}");
+                return;
+            }
+        }
+    };
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+impl DiskFormat {
+    fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// A guest's one disk (virtio, `vda`).
+#[derive(Clone, Debug)]
+pub enum GuestDisk {
+    /// A raw image the harness makes in the run dir (removed with the guest).
+    Plain,
+    /// A block device that already holds a boot disk (e.g. a loop device whose backing
+    /// file got [`Hostbed::write_boot_sector`]): `io='threads' cache='none'
+    /// error_policy='stop'`, as recipe A of the reference test bed.
+    Block(PathBuf),
+    /// An image file the caller made with [`Hostbed::make_boot_disk`], e.g. on a FUSE
+    /// mount: `cache='none' error_policy='stop'`. qemu runs as root for this one (a FUSE
+    /// mount without `allow_other` admits only its owner) and libvirt does not relabel it.
+    File { path: PathBuf, format: DiskFormat },
+}
+
+/// What a guest is made of.
+#[derive(Clone, Debug)]
+pub struct GuestSpec {
+    /// Part of the domain name: `dfb-<name>-<tag>`.
+    pub name: String,
+    /// The libvirt domain UUID (`-uuid` on qemu's command line).
+    pub uuid: String,
+    pub disk: GuestDisk,
+    /// `Some(action)`: an ib700 watchdog device with this libvirt action (`none`, `pause`,
+    /// `reset`, `poweroff`...); the guest arms it only if its disk's boot sector says so.
+    pub ib700: Option<String>,
+}
+
+/// A running libvirt domain, destroyed and undefined on drop.
+pub struct Guest {
+    name: String,
+    uuid: String,
+    pid: u32,
+    serial: PathBuf,
+    own_files: Vec<PathBuf>,
+}
+
+/// A UUID unique to this test process and call (libvirt refuses a second domain with the
+/// UUID of a defined one).
+pub fn unique_uuid() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!(
+        "defb0000-{:04x}-4{:03x}-8000-{:012x}",
+        std::process::id() & 0xffff,
+        N.fetch_add(1, Ordering::Relaxed) & 0xfff,
+        nanos & 0xffff_ffff_ffff
+    )
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&apos;")
+        .replace('"', "&quot;")
+}
+
+const VIRSH_WAIT: Duration = Duration::from_secs(30);
+
+impl Guest {
+    /// Starts a guest without a watchdog device; see [`Guest::start_spec`].
+    pub fn start(name: &str, uuid: &str, disk: GuestDisk) -> Guest {
+        Guest::start_spec(GuestSpec {
+            name: name.into(),
+            uuid: uuid.into(),
+            disk,
+            ib700: None,
+        })
+    }
+
+    /// Defines and starts the domain `dfb-<name>-<tag>` (type kvm, 16 MiB, one vCPU, the
+    /// boot disk, serial to a log file) and waits until the guest has written its disk
+    /// once (`HB-IO` on its serial port).
+    pub fn start_spec(spec: GuestSpec) -> Guest {
+        let hostbed = Hostbed::ensure().unwrap_or_else(|e| panic!("hostbed: {e}"));
+        let name = format!("{GUEST_PREFIX}{}-{}", spec.name, crate::tag());
+        let dir = guests_dir();
+        std::fs::create_dir_all(&dir).expect("create guests dir");
+        remove_stale_domain(&spec.uuid);
+
+        let serial = dir.join(format!("{name}.serial.log"));
+        std::fs::File::create(&serial).expect("create serial log");
+        let xml_path = dir.join(format!("{name}.xml"));
+        let mut own_files = vec![serial.clone(), xml_path.clone()];
+
+        let (disk_xml, seclabel) = match &spec.disk {
+            GuestDisk::Plain => {
+                let path = dir.join(format!("{name}.raw"));
+                hostbed.make_boot_disk(&path, DiskFormat::Raw, 0);
+                own_files.push(path.clone());
+                (
+                    format!(
+                        "<disk type='file' device='disk'>\
+                         <driver name='qemu' type='raw' cache='none' error_policy='stop'/>\
+                         <source file='{}'/><target dev='vda' bus='virtio'/></disk>",
+                        xml_escape(&path.display().to_string())
+                    ),
+                    "",
+                )
+            }
+            GuestDisk::Block(dev) => (
+                format!(
+                    "<disk type='block' device='disk'>\
+                     <driver name='qemu' type='raw' cache='none' io='threads' error_policy='stop'/>\
+                     <source dev='{}'/><target dev='vda' bus='virtio'/></disk>",
+                    xml_escape(&dev.display().to_string())
+                ),
+                "",
+            ),
+            GuestDisk::File { path, format } => (
+                format!(
+                    "<disk type='file' device='disk'>\
+                     <driver name='qemu' type='{}' cache='none' error_policy='stop'/>\
+                     <source file='{}'/><target dev='vda' bus='virtio'/></disk>",
+                    format.as_str(),
+                    xml_escape(&path.display().to_string())
+                ),
+                "<seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>",
+            ),
+        };
+        let watchdog = spec
+            .ib700
+            .as_deref()
+            .map(|a| format!("<watchdog model='ib700' action='{}'/>", xml_escape(a)))
+            .unwrap_or_default();
+        let xml = format!(
+            "<domain type='kvm'>
+  <name>{name}</name>
+  <uuid>{uuid}</uuid>
+  <memory unit='MiB'>16</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    {disk_xml}
+    <controller type='usb' model='none'/>
+    <serial type='file'><source path='{serial}'/><target port='0'/></serial>
+    {watchdog}
+    <memballoon model='none'/>
+  </devices>
+  {seclabel}
+</domain>
+",
+            uuid = xml_escape(&spec.uuid),
+            serial = xml_escape(&serial.display().to_string()),
+        );
+        std::fs::File::create(&xml_path)
+            .and_then(|mut f| f.write_all(xml.as_bytes()))
+            .expect("write domain xml");
+
+        // From here on, Drop cleans up whatever was made.
+        let mut guest = Guest {
+            name,
+            uuid: spec.uuid.clone(),
+            pid: 0,
+            serial,
+            own_files,
+        };
+        let xml_arg = xml_path.display().to_string();
+        if let Err(e) = virsh(&["define", &xml_arg], VIRSH_WAIT) {
+            panic!("defining {}: {e}\n{xml}", guest.name);
+        }
+        let started = Instant::now();
+        if let Err(e) = virsh(&["start", &guest.name], VIRSH_WAIT) {
+            panic!("starting {}: {e}", guest.name);
+        }
+        let pidfile = format!("/run/libvirt/qemu/{}.pid", guest.name);
+        guest.pid = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no qemu pid in {pidfile}"));
+        if !guest.wait_io(1, Duration::from_secs(30)) {
+            panic!(
+                "{} wrote nothing to its disk within 30 s; serial: {:?}",
+                guest.name,
+                std::fs::read_to_string(&guest.serial).unwrap_or_default()
+            );
+        }
+        eprintln!(
+            "guest {} (qemu pid {}) running, first disk write {:?} after virsh start",
+            guest.name,
+            guest.pid,
+            started.elapsed()
+        );
+        guest
+    }
+
+    /// The libvirt domain name (qemu's `-name guest=`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn uuid(&self) -> &str {
+        &self.uuid
+    }
+
+    /// The qemu process (from `/run/libvirt/qemu/<name>.pid`).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn serial_log(&self) -> &Path {
+        &self.serial
+    }
+
+    /// The number of the guest's newest completed disk write (`HB-IO <n>`), 0 if none.
+    pub fn io_count(&self) -> u64 {
+        let log = std::fs::read(&self.serial).unwrap_or_default();
+        String::from_utf8_lossy(&log)
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("HB-IO "))
+            .filter_map(|n| n.trim().parse().ok())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Waits until the guest has completed its `n`th disk write.
+    pub fn wait_io(&self, n: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.io_count() >= n {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// For a report: every thread of the qemu with its state, wchan and current syscall
+    /// (`/proc/PID/task/*/{stat,wchan,syscall}`).
+    pub fn threads(&self) -> String {
+        let mut out = String::new();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else {
+            return out;
+        };
+        let mut tasks: Vec<_> = tasks.filter_map(Result::ok).map(|e| e.path()).collect();
+        tasks.sort();
+        for t in tasks {
+            let read = |f: &str| {
+                std::fs::read_to_string(t.join(f))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            };
+            let stat = read("stat");
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .unwrap_or("?")
+                .to_string();
+            let syscall = read("syscall");
+            let nr = syscall.split_whitespace().next().unwrap_or("?").to_string();
+            out.push_str(&format!(
+                "{:>8} {:<16} {} wchan={:<24} syscall={} ({})\n",
+                t.file_name().unwrap_or_default().to_string_lossy(),
+                read("comm"),
+                state,
+                read("wchan"),
+                nr,
+                syscall
+            ));
+        }
+        out
+    }
+}
+
+/// A domain left behind with this UUID by an earlier run that was killed: removed if it
+/// is one of ours, else the test cannot go on.
+fn remove_stale_domain(uuid: &str) {
+    if let Ok(name) = virsh(&["domname", uuid], VIRSH_WAIT) {
+        let name = name.trim();
+        assert!(
+            name.starts_with(GUEST_PREFIX),
+            "a domain that is not the tests' ({name}) has UUID {uuid}"
+        );
+        let _ = virsh(&["destroy", name], VIRSH_WAIT);
+        let _ = virsh(&["undefine", name], VIRSH_WAIT);
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        // destroy fails when the qemu is already gone (a test killed it): fine.
+        let _ = virsh(&["destroy", &self.name], VIRSH_WAIT);
+        if let Err(e) = virsh(&["undefine", &self.name], VIRSH_WAIT) {
+            eprintln!("undefine {}: {e}", self.name);
+        }
+        for f in &self.own_files {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
