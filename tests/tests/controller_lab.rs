@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
+use defib_tests::guests::{unique_uuid, Guest, GuestDisk};
 use defib_tests::netns::LabNet;
-use defib_tests::{built_binary, is_root, require, FakeQemu};
+use defib_tests::{built_binary, is_root, require, require_hostbed, FakeQemu};
 use serde_json::Value;
 
 /// Every watchdog sees every qemu on this one kernel, so the labs of this file must not
@@ -52,10 +53,21 @@ struct Lab {
     dir: tempfile::TempDir,
     controller: Option<Daemon>,
     watchdogs: Vec<Daemon>,
+    /// Whether the watchdogs watch libvirt too (only sensible with one lab host: every
+    /// lab host shares this machine's libvirtd).
+    libvirt: bool,
 }
 
 impl Lab {
     fn start(hosts: usize) -> Lab {
+        Self::start_with(hosts, false)
+    }
+
+    fn start_with(hosts: usize, libvirt: bool) -> Lab {
+        assert!(
+            !libvirt || hosts == 1,
+            "one libvirtd serves the whole machine"
+        );
         let net = LabNet::new(hosts, 2);
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("cluster.key"), KEY).unwrap();
@@ -65,6 +77,7 @@ impl Lab {
             dir,
             controller: None,
             watchdogs: Vec::new(),
+            libvirt,
         };
         lab.start_controller();
         for h in 0..hosts {
@@ -157,11 +170,12 @@ heartbeat_addrs = ["{a0}:7410", "{a1}:7410"]
 event_addr = "{a0}:7411"
 key_file = {key:?}
 
-# One kernel and one libvirtd serve every lab host: each would report the machine's
-# libvirt guests as its own. These tests are about the spine without libvirt.
+# One kernel and one libvirtd serve every lab host: with several hosts each would report
+# the machine's libvirt guests as its own, so only a one-host lab watches libvirt.
 [libvirt]
-enabled = false
+enabled = {libvirt}
 "#,
+            libvirt = self.libvirt,
             state = state.display().to_string(),
             key = self.path("cluster.key").display().to_string(),
             a0 = self.net.controller_addr(0),
@@ -387,4 +401,89 @@ fn a_qemu_killed_on_a_host_becomes_a_vm_incident_at_the_controller_with_the_kern
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn a_real_guest_killed_on_a_host_gives_one_incident_with_the_kernels_and_libvirts_account() {
+    require!(is_root(), "root (network namespaces, BPF)");
+    let _hostbed = require_hostbed!();
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::start_with(1, true);
+    lab.wait_until("h0 Up", Duration::from_secs(60), |s| {
+        state_of(s, "h0") == "Up"
+    });
+    let uuid = unique_uuid();
+    let guest = Guest::start("lab-kill", &uuid, GuestDisk::Plain);
+    let subject = format!("vm:{uuid}");
+    // The controller knows the guest runs on h0 (from the watchdog's libvirt inventory).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let vms = lab.ctl(&["vms"]).to_string();
+        if vms.contains(&subject) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guest never listed: {vms}\n{}",
+            lab.watchdogs[0].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-9", &guest.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last_seen = serde_json::Value::Null;
+    let incident = loop {
+        let list = lab.ctl(&["incidents"]);
+        let ours: Vec<u64> = list["incidents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| i["subject"] == subject.as_str())
+            .filter_map(|i| i["id"].as_u64())
+            .collect();
+        assert!(ours.len() <= 1, "one failure, several incidents: {list}");
+        if let Some(id) = ours.first() {
+            let inc = lab.ctl(&["incidents", &id.to_string()]);
+            let has = |source: &str, cause: &str| {
+                inc["timeline"].as_array().into_iter().flatten().any(|e| {
+                    e["source"] == source && e["cause"].as_str().unwrap_or("").contains(cause)
+                })
+            };
+            if has("Ebpf", "killed by signal 9") && has("Libvirt", "libvirt: stopped") {
+                break inc;
+            }
+            last_seen = inc;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no incident with both accounts for {subject}: {last_seen}\n{list}\n--- controller\n{}\n--- watchdog\n{}",
+            lab.controller_log(),
+            lab.watchdogs[0].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // The kernel's account came first and acted; libvirt's joined the same incident.
+    let timeline = incident["timeline"].as_array().unwrap();
+    let position = |source: &str, cause: &str| {
+        timeline
+            .iter()
+            .position(|e| {
+                e["source"] == source && e["cause"].as_str().unwrap_or("").contains(cause)
+            })
+            .unwrap()
+    };
+    assert!(
+        position("Ebpf", "killed by signal 9") < position("Libvirt", "libvirt: stopped"),
+        "the kernel's account should come first: {incident}"
+    );
+    assert_eq!(
+        timeline[0]["source"], "Ebpf",
+        "the first entry is the one that acted: {incident}"
+    );
+    drop(guest);
 }

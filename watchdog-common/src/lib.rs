@@ -166,11 +166,19 @@ impl NamePattern {
 pub mod config_index {
     /// Syscalls lasting at least this long are reported by an `IoSlowEnd` record.
     pub const STALL_THRESHOLD_NS: u32 = 0;
-    /// Byte offset of `exit_code` in `struct task_struct`, found by the daemon in the
-    /// kernel's BTF (0: unknown, the status is then not read).
+    /// Byte offsets found by the daemon in the kernel's BTF (0: unknown, the status is
+    /// then not read): `task_struct.exit_code`, `task_struct.signal`,
+    /// `signal_struct.flags` and `signal_struct.group_exit_code`.
     pub const TASK_EXIT_CODE_OFFSET: u32 = 1;
-    pub const LEN: u32 = 2;
+    pub const TASK_SIGNAL_OFFSET: u32 = 2;
+    pub const SIGNAL_FLAGS_OFFSET: u32 = 3;
+    pub const SIGNAL_GROUP_EXIT_CODE_OFFSET: u32 = 4;
+    pub const LEN: u32 = 5;
 }
+
+/// `signal_struct.flags`: a group exit (exit_group, fatal signal) is in progress; its
+/// status is then `signal_struct.group_exit_code` (include/linux/sched/signal.h).
+pub const SIGNAL_GROUP_EXIT: u32 = 0x0000_0004;
 
 /// Indexes into the per-CPU `STATS` counters.
 pub mod stat_index {

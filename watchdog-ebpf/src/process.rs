@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use watchdog_common::{
     config_index, stat_index, ExecRecord, ExitRecord, RecordKind, WatchedProcess, COMM_LEN,
-    MAX_NAME_PATTERNS,
+    MAX_NAME_PATTERNS, SIGNAL_GROUP_EXIT,
 };
 
 use crate::maps::{
@@ -118,18 +118,47 @@ fn try_qemu_exit(ctx: &TracePointContext) -> Result<u32, i64> {
     Ok(0)
 }
 
-/// `current->exit_code`, which do_exit sets just before this tracepoint: the group's exit
-/// code for a group exit (so a SIGTERM that the kernel turned into a group-wide SIGKILL
-/// still reads as SIGTERM). The offset comes from the kernel's BTF via the daemon.
+/// The wait status the parent will see, computed as the kernel's `wait_task_zombie`
+/// does: during a group exit (exit_group, or a fatal signal, which the kernel delivers
+/// as a group-wide SIGKILL) it is `signal->group_exit_code`; otherwise the exiting task's
+/// `exit_code`. Reading `current->exit_code` alone is wrong for real qemu: the last
+/// thread of the group to exit can be a kernel-made worker (vhost, io_uring) that exits
+/// with 0. Offsets come from the kernel's BTF via the daemon.
 fn exit_status() -> (u32, i32) {
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let group = read_group_exit_code(task);
+    if let Some(code) = group {
+        return (1, code);
+    }
     let offset = config(config_index::TASK_EXIT_CODE_OFFSET);
     if offset == 0 {
         return (0, 0);
     }
-    let task = unsafe { bpf_get_current_task() } as *const u8;
     // SAFETY: a kernel read through the helper; a bad address fails, it does not fault.
     match unsafe { bpf_probe_read_kernel(task.add(offset as usize).cast::<i32>()) } {
         Ok(code) => (1, code),
         Err(_) => (0, 0),
+    }
+}
+
+/// `Some(signal->group_exit_code)` when a group exit is in progress.
+fn read_group_exit_code(task: *const u8) -> Option<i32> {
+    let signal_off = config(config_index::TASK_SIGNAL_OFFSET);
+    let flags_off = config(config_index::SIGNAL_FLAGS_OFFSET);
+    let code_off = config(config_index::SIGNAL_GROUP_EXIT_CODE_OFFSET);
+    if signal_off == 0 || code_off == 0 {
+        return None;
+    }
+    // SAFETY: kernel reads through the helper; a bad address fails, it does not fault.
+    unsafe {
+        let signal: u64 =
+            bpf_probe_read_kernel(task.add(signal_off as usize).cast::<u64>()).ok()?;
+        let signal = signal as *const u8;
+        let flags: u32 =
+            bpf_probe_read_kernel(signal.add(flags_off as usize).cast::<u32>()).ok()?;
+        if flags & SIGNAL_GROUP_EXIT == 0 {
+            return None;
+        }
+        bpf_probe_read_kernel(signal.add(code_off as usize).cast::<i32>()).ok()
     }
 }

@@ -149,11 +149,22 @@ pub fn field_offset(data: &[u8], name: &str, field: &str) -> Result<u32, BtfErro
     Err(BtfError::NotFound(name.into(), field.into()))
 }
 
-/// `field_offset` on the running kernel's BTF.
-pub fn kernel_field_offset(name: &str, field: &str) -> Result<u32, BtfError> {
-    let data = std::fs::read(Path::new(VMLINUX_BTF))
-        .map_err(|e| BtfError::Read(VMLINUX_BTF.into(), e.to_string()))?;
-    field_offset(&data, name, field)
+/// The running kernel's BTF, read once.
+pub struct KernelBtf {
+    data: Vec<u8>,
+}
+
+impl KernelBtf {
+    pub fn read() -> Result<Self, BtfError> {
+        let data = std::fs::read(Path::new(VMLINUX_BTF))
+            .map_err(|e| BtfError::Read(VMLINUX_BTF.into(), e.to_string()))?;
+        Ok(Self { data })
+    }
+
+    /// Byte offset of `field` in `struct name`.
+    pub fn field_offset(&self, name: &str, field: &str) -> Result<u32, BtfError> {
+        field_offset(&self.data, name, field)
+    }
 }
 
 #[cfg(test)]
@@ -213,12 +224,23 @@ mod tests {
     }
 
     #[test]
-    fn the_running_kernel_has_task_struct_exit_code() {
+    fn the_running_kernel_has_every_field_the_exit_probe_reads() {
         if !Path::new(VMLINUX_BTF).exists() {
             eprintln!("SKIP: no {VMLINUX_BTF}");
             return;
         }
-        let off = kernel_field_offset("task_struct", "exit_code").unwrap();
-        assert!(off > 0 && off < 16384, "implausible offset {off}");
+        let btf = KernelBtf::read().unwrap();
+        for (ty, field) in [
+            ("task_struct", "exit_code"),
+            ("task_struct", "signal"),
+            ("signal_struct", "flags"),
+            ("signal_struct", "group_exit_code"),
+        ] {
+            let off = btf.field_offset(ty, field).unwrap();
+            assert!(
+                off > 0 && off < 16384,
+                "implausible offset {off} of {ty}.{field}"
+            );
+        }
     }
 }

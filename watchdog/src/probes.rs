@@ -51,13 +51,27 @@ impl Probes {
                 cfg.probes.stall_threshold_ms * 1_000_000,
                 0,
             )?;
-            let exit_code_offset = crate::btf::kernel_field_offset("task_struct", "exit_code")
-                .context("finding task_struct.exit_code for exit statuses")?;
-            config.set(
-                config_index::TASK_EXIT_CODE_OFFSET,
-                u64::from(exit_code_offset),
-                0,
-            )?;
+            // Where the exit status lives (see exit_status in watchdog-ebpf/src/process.rs).
+            let btf = crate::btf::KernelBtf::read().context("reading the kernel's BTF")?;
+            for (index, ty, field) in [
+                (
+                    config_index::TASK_EXIT_CODE_OFFSET,
+                    "task_struct",
+                    "exit_code",
+                ),
+                (config_index::TASK_SIGNAL_OFFSET, "task_struct", "signal"),
+                (config_index::SIGNAL_FLAGS_OFFSET, "signal_struct", "flags"),
+                (
+                    config_index::SIGNAL_GROUP_EXIT_CODE_OFFSET,
+                    "signal_struct",
+                    "group_exit_code",
+                ),
+            ] {
+                let offset = btf
+                    .field_offset(ty, field)
+                    .with_context(|| format!("finding {ty}.{field} for exit statuses"))?;
+                config.set(index, u64::from(offset), 0)?;
+            }
         }
         {
             let mut names: Array<_, NamePattern> =

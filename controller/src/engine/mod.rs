@@ -177,6 +177,10 @@ struct ResourceEntry {
     steps: u32,
     restarts: Vec<Timestamp>,
     last_restored_at: Timestamp,
+    /// The incident opened by the last failure, and when that failure happened (host
+    /// clock): a second account of the same failure (libvirt after eBPF) that arrives
+    /// after the incident has ended still belongs to its timeline.
+    last_failure: Option<(IncidentId, Timestamp)>,
 }
 
 impl ResourceEntry {
@@ -189,6 +193,7 @@ impl ResourceEntry {
             steps: 0,
             restarts: Vec::new(),
             last_restored_at: Timestamp::ZERO,
+            last_failure: None,
         }
     }
 }
@@ -618,6 +623,13 @@ impl Engine {
             return;
         }
         if e.state == ResourceState::GaveUp {
+            // Given up: nothing to act on, but another source's account of the same
+            // failure goes into that incident's timeline.
+            if let Some((inc, failed_at)) = e.last_failure {
+                if at.0.abs_diff(failed_at.0) <= self.cfg.correlation_window.as_millis() as u64 {
+                    self.timeline(inc, subject, "-", "-", format!("also: {cause}"), source);
+                }
+            }
             return;
         }
         let hstate = self.hosts[host].state;
@@ -645,6 +657,9 @@ impl Engine {
             }
             HostState::Up | HostState::Fenced | HostState::Evacuating | HostState::Recovered => {
                 self.open_resource_incident(&resource, &cause, source);
+                if let Some(e) = self.resources.get_mut(&resource) {
+                    e.last_failure = e.owner.map(|inc| (inc, at));
+                }
             }
         }
     }

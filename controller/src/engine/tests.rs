@@ -832,3 +832,88 @@ fn the_intent_log_entries_are_serialisable() {
     let back: Vec<Action> = serde_json::from_str(&json).unwrap();
     assert_eq!(back, actions);
 }
+
+#[test]
+fn a_second_account_of_a_failure_whose_incident_already_gave_up_joins_that_incident() {
+    let cfg = Config {
+        max_restarts_in_place: 1,
+        max_evacuate_attempts: 1,
+        ..Config::default()
+    };
+    let mut h = Harness::with(3, cfg);
+    h.take();
+    let failed_at = h.now;
+    h.exit(1, "vm1", Source::Ebpf, failed_at);
+    // Every restore fails at once: the incident gives up before libvirt reports.
+    for _ in 0..2 {
+        let Some(a) =
+            h.find(|a| matches!(a, Action::RestartInPlace { .. } | Action::Evacuate { .. }))
+        else {
+            panic!("no restore action");
+        };
+        h.take();
+        let key = a.intent_key().cloned().expect("keyed");
+        h.input(Input::RestoreResult {
+            resource: Resource::vm("vm1"),
+            key,
+            outcome: RestoreOutcome::Failed {
+                reason: "no backend".into(),
+            },
+        });
+    }
+    assert_eq!(h.vm(1), ResourceState::GaveUp);
+    let incidents_before = h.engine.incidents().count();
+    h.run_for(200);
+    h.take();
+    h.exit(1, "vm1", Source::Libvirt, failed_at + 200);
+    assert_eq!(
+        h.engine.incidents().count(),
+        incidents_before,
+        "a second incident was opened"
+    );
+    assert!(h
+        .find(|a| matches!(a, Action::RestartInPlace { .. } | Action::Evacuate { .. }))
+        .is_none());
+    let inc = h
+        .engine
+        .incidents()
+        .find(|i| i.subject == Subject::Resource(Resource::vm("vm1")))
+        .expect("the incident");
+    assert!(
+        inc.timeline
+            .iter()
+            .any(|e| e.source == Source::Libvirt && e.cause.starts_with("also:")),
+        "libvirt's account is missing: {:#?}",
+        inc.timeline
+    );
+}
+
+#[test]
+fn a_failure_long_after_the_last_incident_gave_up_is_not_folded_into_it() {
+    let cfg = Config {
+        max_restarts_in_place: 1,
+        max_evacuate_attempts: 1,
+        ..Config::default()
+    };
+    let mut h = Harness::with(3, cfg);
+    h.take();
+    h.exit(1, "vm1", Source::Ebpf, h.now);
+    for _ in 0..2 {
+        let a = h
+            .find(|a| matches!(a, Action::RestartInPlace { .. } | Action::Evacuate { .. }))
+            .expect("restore action");
+        h.take();
+        h.input(Input::RestoreResult {
+            resource: Resource::vm("vm1"),
+            key: a.intent_key().cloned().expect("keyed"),
+            outcome: RestoreOutcome::Failed {
+                reason: "no backend".into(),
+            },
+        });
+    }
+    let inc = h.engine.incidents().last().expect("incident").id;
+    let len = h.engine.incident(inc).unwrap().timeline.len();
+    h.run_for(10_000);
+    h.exit(1, "vm1", Source::Libvirt, h.now);
+    assert_eq!(h.engine.incident(inc).unwrap().timeline.len(), len);
+}
