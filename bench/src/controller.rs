@@ -118,6 +118,41 @@ pub fn send_batch(sock: &UdpSocket, batch: &[&[u8]]) -> usize {
     sent
 }
 
+/// `UDP_SEGMENT` (linux/udp.h): the segment size of a UDP GSO send.
+const UDP_SEGMENT: libc::c_int = 103;
+
+/// Sends `bytes`, equal-sized datagrams of `seg_len` bytes back to back, with one
+/// `sendmsg` using UDP generic segmentation offload: the kernel cuts it into separate
+/// datagrams (on loopback, before they reach the receiving socket, which sees ordinary
+/// datagrams). Returns the datagrams sent.
+pub fn send_gso(sock: &UdpSocket, bytes: &[u8], seg_len: usize) -> std::io::Result<usize> {
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // u64s keep the control buffer aligned for cmsghdr.
+    let mut control = [0u64; 8];
+    // SAFETY: zeroed msghdr is valid; the control buffer holds one cmsg with a u16
+    // (CMSG_SPACE(2) <= 64 bytes); every pointer outlives the call.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(2) as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_UDP;
+        (*cmsg).cmsg_type = UDP_SEGMENT;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(2) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), seg_len as u16);
+        let r = libc::sendmsg(sock.as_raw_fd(), &msg, 0);
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(r as usize / seg_len)
+    }
+}
+
 /// A free loopback port (the controller binds it right after).
 fn free_port(udp: bool) -> anyhow::Result<u16> {
     Ok(if udp {
@@ -139,9 +174,14 @@ pub struct ControllerProcess {
 }
 
 impl ControllerProcess {
-    /// `cpus`: pin the whole process (every thread) to these cores.
-    pub fn start(cpus: Option<Vec<usize>>) -> anyhow::Result<Self> {
-        let bin = defib_tests::built_binary("defib-controller", "defib-controller");
+    /// `cpus`: pin the whole process (every thread) to these cores. `extra`: more TOML
+    /// appended to the config (e.g. a `[detector]` section).
+    pub fn start(cpus: Option<Vec<usize>>, extra: &str) -> anyhow::Result<Self> {
+        // DEFIB_BENCH_CONTROLLER: another build to compare (e.g. before a change).
+        let bin = match std::env::var_os("DEFIB_BENCH_CONTROLLER") {
+            Some(p) => PathBuf::from(p),
+            None => defib_tests::built_binary("defib-controller", "defib-controller"),
+        };
         let dir = std::env::temp_dir().join(format!("defib-bench-ctl-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
@@ -152,7 +192,7 @@ impl ControllerProcess {
         let cfg = format!(
             "[controller]\nid = \"bench-ctl\"\ncluster_id = \"{CLUSTER}\"\nkey_file = {:?}\n\
              heartbeat_listen = [\"{heartbeat}\"]\nevent_listen = \"{events}\"\n\
-             api_listen = \"{api}\"\nstore_path = {:?}\n",
+             api_listen = \"{api}\"\nstore_path = {:?}\n{extra}",
             dir.join("key").display().to_string(),
             dir.join("store.sqlite").display().to_string(),
         );
@@ -174,8 +214,7 @@ impl ControllerProcess {
                     for &c in &cpus {
                         libc::CPU_SET(c, &mut set);
                     }
-                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-                        != 0
+                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0
                     {
                         return Err(std::io::Error::last_os_error());
                     }
@@ -247,6 +286,18 @@ impl ControllerProcess {
         Ok(body)
     }
 
+    /// CPU time the controller used so far (every thread, user and system), seconds.
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
+        // Fields after the parenthesised command: state is field 3, utime 14, stime 15.
+        let rest = stat.rsplit_once(')').context("bad /proc/pid/stat")?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        Ok(ticks as f64 / hz)
+    }
+
     /// Resident set size of the controller process, bytes.
     pub fn rss_bytes(&self) -> anyhow::Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
@@ -307,7 +358,12 @@ pub fn metric_sum(text: &str, name: &str) -> u64 {
 /// One metric sample with exactly this label set (`name{k="v"}`), 0 if absent.
 pub fn metric_labelled(text: &str, series: &str) -> u64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse::<f64>().ok())
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .parse::<f64>()
+                .ok()
+        })
         .unwrap_or(0.0) as u64
 }
 

@@ -37,10 +37,23 @@ fn pre_encode(hosts: &[usize], rounds: usize) -> Pool {
     Pool { bytes, len, count }
 }
 
-pub fn run(hosts: usize, seconds: u64, senders: usize, pool_rate: u64) -> anyhow::Result<String> {
+pub fn run(
+    hosts: usize,
+    seconds: u64,
+    senders: usize,
+    pool_rate: u64,
+    interval_ms: Option<u64>,
+    gso: bool,
+) -> anyhow::Result<String> {
     let cores = controller::cores();
-    anyhow::ensure!(cores >= 2, "needs 2 cores: one for the controller, one for the senders");
-    anyhow::ensure!(hosts >= senders && senders >= 1, "need at least one host per sender");
+    anyhow::ensure!(
+        cores >= 2,
+        "needs 2 cores: one for the controller, one for the senders"
+    );
+    anyhow::ensure!(
+        hosts >= senders && senders >= 1,
+        "need at least one host per sender"
+    );
     let sender_cpus: Vec<usize> = (1..cores).collect();
 
     // Enough datagrams for `pool_rate`/s over the warm-up and the measured seconds.
@@ -64,7 +77,10 @@ pub fn run(hosts: usize, seconds: u64, senders: usize, pool_rate: u64) -> anyhow
             .collect()
     });
 
-    let c = ControllerProcess::start(Some(vec![0]))?;
+    let extra = interval_ms
+        .map(|ms| format!("[detector]\nheartbeat_interval_ms = {ms}\n"))
+        .unwrap_or_default();
+    let c = ControllerProcess::start(Some(vec![0]), &extra)?;
     let stop = Arc::new(AtomicBool::new(false));
     let sent: Arc<Vec<AtomicU64>> = Arc::new((0..senders).map(|_| AtomicU64::new(0)).collect());
     let exhausted = Arc::new(AtomicU64::new(0));
@@ -88,10 +104,15 @@ pub fn run(hosts: usize, seconds: u64, senders: usize, pool_rate: u64) -> anyhow
                     break;
                 }
                 let end = (next + BATCH).min(pool.count);
-                let batch: Vec<&[u8]> = (next..end)
-                    .map(|k| &pool.bytes[k * pool.len..(k + 1) * pool.len])
-                    .collect();
-                let n = controller::send_batch(&sock, &batch);
+                let n = if gso {
+                    let bytes = &pool.bytes[next * pool.len..end * pool.len];
+                    controller::send_gso(&sock, bytes, pool.len)?
+                } else {
+                    let batch: Vec<&[u8]> = (next..end)
+                        .map(|k| &pool.bytes[k * pool.len..(k + 1) * pool.len])
+                        .collect();
+                    controller::send_batch(&sock, &batch)
+                };
                 sent[t].fetch_add(n as u64, Ordering::Relaxed);
                 next = end;
             }
@@ -117,9 +138,11 @@ pub fn run(hosts: usize, seconds: u64, senders: usize, pool_rate: u64) -> anyhow
     let (acc0, rej0, busy0, drop0) = read(&c)?;
     let sent0 = total_sent();
     let t0 = crate::monotonic_ns();
+    let cpu0 = c.cpu_seconds()?;
     let mut rates = Vec::new();
     let mut sent_rates = Vec::new();
-    let (mut prev_acc, mut prev_sent, mut prev_t) = (acc0, sent0, t0);
+    let mut per_cpu = Vec::new();
+    let (mut prev_acc, mut prev_sent, mut prev_t, mut prev_cpu) = (acc0, sent0, t0, cpu0);
     for s in 1..=seconds {
         let target = t0 + s * 1_000_000_000;
         let now = crate::monotonic_ns();
@@ -127,18 +150,21 @@ pub fn run(hosts: usize, seconds: u64, senders: usize, pool_rate: u64) -> anyhow
             std::thread::sleep(Duration::from_nanos(target - now));
         }
         let (acc, _, _, _) = read(&c)?;
-        let (snt, t) = (total_sent(), crate::monotonic_ns());
+        let (snt, t, cpu) = (total_sent(), crate::monotonic_ns(), c.cpu_seconds()?);
         let dt = (t - prev_t) as f64 / 1e9;
         rates.push((acc - prev_acc) as f64 / dt);
         sent_rates.push((snt - prev_sent) as f64 / dt);
+        per_cpu.push((acc - prev_acc) as f64 / (cpu - prev_cpu).max(0.01));
         eprintln!(
-            "second {s}: accepted {:.0}/s, sent {:.0}/s",
+            "second {s}: accepted {:.0}/s, sent {:.0}/s, controller CPU {:.2}",
             rates.last().copied().unwrap_or(0.0),
-            sent_rates.last().copied().unwrap_or(0.0)
+            sent_rates.last().copied().unwrap_or(0.0),
+            (cpu - prev_cpu) / dt,
         );
-        (prev_acc, prev_sent, prev_t) = (acc, snt, t);
+        (prev_acc, prev_sent, prev_t, prev_cpu) = (acc, snt, t, cpu);
     }
     let (acc1, rej1, busy1, drop1) = read(&c)?;
+    let cpu1 = c.cpu_seconds()?;
     let sent1 = total_sent();
     let t1 = crate::monotonic_ns();
     stop.store(true, Ordering::SeqCst);
@@ -157,19 +183,30 @@ pub fn run(hosts: usize, seconds: u64, senders: usize, pool_rate: u64) -> anyhow
             samples_ms: rates,
         },
         Series {
-            name: "sent by the bench (sendmmsg), per second".into(),
+            name: "accepted per CPU-second the controller used, per second".into(),
+            samples_ms: per_cpu,
+        },
+        Series {
+            name: "sent by the bench, per second".into(),
             samples_ms: sent_rates,
         },
     ];
+    let how = if gso {
+        "one sendmsg with UDP GSO each, which the kernel splits into separate datagrams before \
+         the controller's socket"
+    } else {
+        "sendmmsg"
+    };
     let notes = format!(
         "defib-controller (release binary) with every thread pinned to core 0; {senders} \
          sender threads on cores {sender_cpus:?} send pre-encoded signed heartbeats of {hosts} \
          hosts (distinct ids, each with its own increasing sequence) to its one heartbeat \
-         socket over loopback, {BATCH} per sendmmsg, as fast as they can. Every accepted \
+         socket over loopback, {BATCH} per system call ({how}), as fast as they can. Every accepted \
          datagram is acked. Over the {secs:.1} s measured: {} datagrams sent, {} accepted \
          ({:.0}/s), {} rejected by the controller (of which {} forwards to the engine refused \
          as engine_busy, still acked), {} dropped by the kernel at the controller's full \
-         socket buffer; {up} hosts Up at the end.{} Target: ≥ 1 000 000 accepted \
+         socket buffer; {up} hosts Up at the end. The controller used {:.2} CPU-seconds per \
+         second.{} Target: ≥ 1 000 000 accepted \
          datagrams/s.",
         sent1 - sent0,
         acc1 - acc0,
@@ -177,6 +214,7 @@ pub fn run(hosts: usize, seconds: u64, senders: usize, pool_rate: u64) -> anyhow
         rej1 - rej0,
         busy1 - busy0,
         drop1 - drop0,
+        (cpu1 - cpu0) / secs,
         if ran_out > 0 {
             " The pre-encoded pool ran out before the end: raise --pool-rate."
         } else {
@@ -187,7 +225,9 @@ pub fn run(hosts: usize, seconds: u64, senders: usize, pool_rate: u64) -> anyhow
         &report::results_dir(),
         "heartbeat-intake",
         &format!(
-            "cargo xtask bench heartbeat-intake --hosts {hosts} --seconds {seconds} --senders {senders}"
+            "cargo xtask bench heartbeat-intake --hosts {hosts} --seconds {seconds} --senders {senders}{}{}",
+            interval_ms.map(|ms| format!(" --interval-ms {ms}")).unwrap_or_default(),
+            if gso { "" } else { " --no-gso" },
         ),
         &notes,
         Unit {

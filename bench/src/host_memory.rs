@@ -12,11 +12,14 @@ fn mib(b: u64) -> f64 {
 }
 
 pub fn run(counts: &[usize], seconds: u64) -> anyhow::Result<String> {
-    anyhow::ensure!(seconds >= 4, "--seconds must be at least 4 (3 s of warm-up)");
+    anyhow::ensure!(
+        seconds >= 4,
+        "--seconds must be at least 4 (3 s of warm-up)"
+    );
     let mut series = Vec::new();
     let mut lines = Vec::new();
     for &n in counts {
-        let c = ControllerProcess::start(None)?;
+        let c = ControllerProcess::start(None, "")?;
         std::thread::sleep(Duration::from_secs(1));
         let idle = c.rss_bytes()?;
         let senders = PacedSenders::start(c.heartbeat, n, INTERVAL)?;

@@ -6,6 +6,7 @@
 mod controller;
 mod heartbeat_intake;
 mod host_memory;
+mod real_guest_kill;
 mod report;
 mod suspect_latency;
 
@@ -56,6 +57,14 @@ enum Scenario {
         /// Pre-encode enough datagrams to send at this rate for the whole run.
         #[arg(long, default_value_t = 1_500_000)]
         pool_rate: u64,
+        /// Run the controller with this detector.heartbeat_interval_ms instead of the
+        /// default 100 (the intake forwards to the engine at most every interval/4 per host).
+        #[arg(long)]
+        interval_ms: Option<u64>,
+        /// Send with sendmmsg instead of UDP GSO (one core of senders may then not
+        /// reach 1 M datagrams/s).
+        #[arg(long)]
+        no_gso: bool,
     },
     /// Controller RSS idle and with N hosts heartbeating: bytes per tracked host.
     HostMemory {
@@ -64,6 +73,12 @@ enum Scenario {
         hosts: Vec<usize>,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+    },
+    /// SIGKILL of a real guest's qemu (libvirt, KVM) → the watchdog's kernel event and
+    /// libvirt's lifecycle event, both seen by one watchdog (needs the hostbed).
+    RealGuestKill {
+        #[arg(long, default_value_t = 100)]
+        kills: usize,
     },
 }
 
@@ -96,8 +111,11 @@ fn main() -> anyhow::Result<()> {
             seconds,
             senders,
             pool_rate,
-        } => heartbeat_intake::run(hosts, seconds, senders, pool_rate)?,
+            interval_ms,
+            no_gso,
+        } => heartbeat_intake::run(hosts, seconds, senders, pool_rate, interval_ms, !no_gso)?,
         Scenario::HostMemory { hosts, seconds } => host_memory::run(&hosts, seconds)?,
+        Scenario::RealGuestKill { kills } => real_guest_kill::run(kills)?,
     };
     println!("{md}");
     Ok(())

@@ -149,7 +149,9 @@ pub fn write_in(
         report.machine
     );
     if latency {
-        md.push_str("| measure | n | p50 ms | p90 ms | p99 ms | max ms |\n|---|---:|---:|---:|---:|---:|\n");
+        md.push_str(
+            "| measure | n | p50 ms | p90 ms | p99 ms | max ms |\n|---|---:|---:|---:|---:|---:|\n",
+        );
     } else {
         md.push_str(&format!(
             "| measure | n | min {u} | p50 {u} | p90 {u} | p99 {u} | max {u} |\n|---|---:|---:|---:|---:|---:|---:|\n"

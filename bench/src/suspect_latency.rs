@@ -11,11 +11,11 @@ use crate::report::{self, Series};
 const INTERVAL: Duration = Duration::from_millis(100);
 
 fn host_state(c: &ControllerProcess, host: &str) -> anyhow::Result<(String, Option<u64>)> {
+    // The host's fields are flattened into the response.
     let v = c.get_json(&format!("/v1/hosts/{host}"))?;
-    let h = &v["host"];
     Ok((
-        h["state"].as_str().unwrap_or_default().to_string(),
-        h["incident"].as_u64(),
+        v["state"].as_str().unwrap_or_default().to_string(),
+        v["incident"].as_u64(),
     ))
 }
 
@@ -41,8 +41,11 @@ fn wait_state(
 }
 
 pub fn run(hosts: usize, samples: usize) -> anyhow::Result<String> {
-    anyhow::ensure!(hosts >= 3, "use at least 3 hosts (one silent host must stay a minority)");
-    let c = ControllerProcess::start(None)?;
+    anyhow::ensure!(
+        hosts >= 3,
+        "use at least 3 hosts (one silent host must stay a minority)"
+    );
+    let c = ControllerProcess::start(None, "")?;
     let senders = PacedSenders::start(c.heartbeat, hosts, INTERVAL)?;
     for i in 0..hosts {
         wait_state(&c, &host_id(i), |s| s == "Up", Duration::from_secs(10))?;
@@ -64,8 +67,9 @@ pub fn run(hosts: usize, samples: usize) -> anyhow::Result<String> {
         )?;
         let incident = incident.context("a Suspect host without an incident")?;
         let last_ns = senders.last_sent_unix_ns(i);
+        // The incident's fields are flattened into the response.
         let inc = c.get_json(&format!("/v1/incidents/{incident}"))?;
-        let suspect_at_ms = inc["incident"]["timeline"]
+        let suspect_at_ms = inc["timeline"]
             .as_array()
             .into_iter()
             .flatten()

@@ -383,6 +383,40 @@ impl Guest {
         guest
     }
 
+    /// Starts the (defined, shut off) domain again with `virsh start`, e.g. after its qemu
+    /// was killed, and waits as [`Guest::start_spec`] does for the new qemu's first disk
+    /// write; returns the new qemu's pid (also [`Guest::pid`]). Much faster than defining
+    /// a new guest; the disk and serial log are reused (the log is emptied first).
+    pub fn restart(&mut self) -> u32 {
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&self.serial);
+        let started = Instant::now();
+        if let Err(e) = virsh(&["start", &self.name], VIRSH_WAIT) {
+            panic!("starting {} again: {e}", self.name);
+        }
+        let pidfile = format!("/run/libvirt/qemu/{}.pid", self.name);
+        self.pid = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no qemu pid in {pidfile}"));
+        if !self.wait_io(1, Duration::from_secs(30)) {
+            panic!(
+                "{} (restarted) wrote nothing to its disk within 30 s; serial: {:?}",
+                self.name,
+                std::fs::read_to_string(&self.serial).unwrap_or_default()
+            );
+        }
+        eprintln!(
+            "guest {} (qemu pid {}) running again, first disk write {:?} after virsh start",
+            self.name,
+            self.pid,
+            started.elapsed()
+        );
+        self.pid
+    }
+
     /// The libvirt domain name (qemu's `-name guest=`).
     pub fn name(&self) -> &str {
         &self.name

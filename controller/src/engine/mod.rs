@@ -339,12 +339,14 @@ impl Engine {
     /// One step: take in `input` at `now`, return the actions to carry out in order.
     pub fn step(&mut self, now: Timestamp, input: Input) -> Vec<Action> {
         self.now = self.now.max(now);
-        let before = self.revision;
         let mut reconcile = true;
         match input {
             Input::Heartbeat(hb) => {
-                self.on_heartbeat(hb);
-                reconcile = self.revision != before;
+                // Only a heartbeat that moved a host (back to Up) needs a reconcile; a
+                // first heartbeat that merely registers a host waits for the next tick,
+                // which always reconciles. With thousands of hosts starting at once, a
+                // reconcile per registration would cost O(hosts²).
+                reconcile = self.on_heartbeat(hb);
             }
             Input::HostEvent { host, event } => self.on_host_event(host, event),
             Input::Timer(TimerId::Tick) => self.on_tick(),
@@ -491,7 +493,8 @@ impl Engine {
 
     // ---------------------------------------------------------------- inputs
 
-    fn on_heartbeat(&mut self, hb: Heartbeat) {
+    /// Returns whether the host changed state.
+    fn on_heartbeat(&mut self, hb: Heartbeat) -> bool {
         let now = self.now;
         let host = hb.host.clone();
         self.ensure_host(&host);
@@ -523,6 +526,7 @@ impl Engine {
                     Source::Heartbeat,
                 );
                 self.close_host_incident(&host);
+                true
             }
             HostState::Fenced | HostState::Evacuating | HostState::Recovered
                 if fenced_at.is_some_and(|t| hb.at > t) =>
@@ -532,8 +536,9 @@ impl Engine {
                     AlarmKind::HostBackAwaitingUnfence,
                     "fenced host heartbeats again; not trusted until unfenced".into(),
                 );
+                false
             }
-            _ => {}
+            _ => false,
         }
     }
 
@@ -999,7 +1004,14 @@ impl Engine {
     }
 
     fn reconcile(&mut self) {
-        let hosts: Vec<HostId> = self.hosts.keys().cloned().collect();
+        // Hosts without an incident have nothing to reconcile (reconcile_host returns at
+        // once for them); skipping them here saves a clone per healthy host.
+        let hosts: Vec<HostId> = self
+            .hosts
+            .iter()
+            .filter(|(_, h)| h.incident.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
         for h in &hosts {
             self.reconcile_host(h);
         }

@@ -24,6 +24,8 @@ use crate::store::{intent_log_snapshot, Store};
 
 /// Alarms kept for the API (newest last).
 const ALARMS_KEPT: usize = 200;
+/// How often the API's snapshot is rebuilt.
+const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 
 pub struct Edges {
     pub fencer: Box<dyn Fencer + Send>,
@@ -56,7 +58,6 @@ pub struct EngineTask {
     hosts: BTreeMap<String, HostInfo>,
     alarms: VecDeque<AlarmSnapshot>,
     next_tick: Option<Timestamp>,
-    published_revision: Option<u64>,
 }
 
 /// Channels the rest of the runtime uses to talk to the engine task.
@@ -111,7 +112,6 @@ impl EngineTask {
             hosts: BTreeMap::new(),
             alarms: VecDeque::new(),
             next_tick: None,
-            published_revision: None,
         };
         Ok((
             task,
@@ -140,8 +140,11 @@ impl EngineTask {
         let mut actions = actions;
         actions.extend(self.engine.start(now));
         self.apply(actions)?;
-        self.publish(true);
-        let mut publish_tick = tokio::time::interval(Duration::from_millis(200));
+        self.publish();
+        // Snapshots are rebuilt on a timer, not per input: a rebuild costs O(hosts +
+        // incidents), and with thousands of hosts heartbeating a rebuild per input would
+        // starve the engine (and make healthy hosts look silent).
+        let mut publish_tick = tokio::time::interval(PUBLISH_EVERY);
         publish_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {
@@ -154,10 +157,9 @@ impl EngineTask {
                     self.next_tick = None;
                     self.step(Input::Timer(crate::engine::TimerId::Tick))?;
                 }
-                _ = publish_tick.tick() => self.publish(true),
+                _ = publish_tick.tick() => self.publish(),
                 _ = &mut shutdown => break,
             }
-            self.publish(false);
         }
         self.store.flush()?;
         Ok(())
@@ -271,7 +273,8 @@ impl EngineTask {
             (Ok(()), Some(reason)) => Err(reason),
             (Ok(()), None) => Ok(()),
         });
-        self.publish(true);
+        // An operator who just changed something sees it at once.
+        self.publish();
         result
     }
 
@@ -348,15 +351,10 @@ impl EngineTask {
         Ok(())
     }
 
-    /// Publishes a snapshot when the engine changed (or when `force`, for heartbeat times).
-    fn publish(&mut self, force: bool) {
-        let rev = self.engine.revision();
-        if !force && self.published_revision == Some(rev) {
-            return;
-        }
-        self.published_revision = Some(rev);
+    /// Publishes a fresh snapshot (for the API) and the host and incident gauges.
+    fn publish(&mut self) {
         let snap = self.build_snapshot();
-        for state in [
+        let mut per_state: BTreeMap<String, i64> = [
             "Up",
             "Suspect",
             "Confirming",
@@ -365,16 +363,18 @@ impl EngineTask {
             "Evacuating",
             "Recovered",
             "Maintenance",
-        ] {
-            let n = snap
-                .hosts
-                .iter()
-                .filter(|h| format!("{:?}", h.state) == state)
-                .count();
+        ]
+        .into_iter()
+        .map(|s| (s.to_string(), 0))
+        .collect();
+        for h in &snap.hosts {
+            *per_state.entry(format!("{:?}", h.state)).or_default() += 1;
+        }
+        for (state, n) in per_state {
             self.metrics
                 .hosts
                 .get_or_create(&Metrics::label("state", state))
-                .set(n as i64);
+                .set(n);
         }
         self.metrics.incidents_open.set(
             snap.incidents
@@ -554,7 +554,12 @@ pub fn host_event(payload: &EventPayload, unix_ns: u64) -> Option<HostEvent> {
             // What runs on the host: a defined but shut-off domain does not.
             resources: vms
                 .iter()
-                .filter(|v| matches!(v.state.as_str(), "running" | "paused" | "blocked" | "in shutdown"))
+                .filter(|v| {
+                    matches!(
+                        v.state.as_str(),
+                        "running" | "paused" | "blocked" | "in shutdown"
+                    )
+                })
                 .map(|v| {
                     Resource::vm(if v.uuid.is_empty() {
                         v.name.clone()
@@ -563,7 +568,8 @@ pub fn host_event(payload: &EventPayload, unix_ns: u64) -> Option<HostEvent> {
                     })
                 })
                 .collect(),
-            source: Source::Ebpf,
+            // The watchdog takes its inventory from libvirt.
+            source: Source::Libvirt,
             at,
         }),
         _ => None,
@@ -631,7 +637,13 @@ mod tests {
 
     #[test]
     fn io_errors_watchdog_actions_and_reboots_are_not_exits() {
-        for event in ["io_error", "watchdog", "reboot", "block_threshold", "control_error"] {
+        for event in [
+            "io_error",
+            "watchdog",
+            "reboot",
+            "block_threshold",
+            "control_error",
+        ] {
             assert_eq!(host_event(&lifecycle(event, "x"), 0), None, "{event}");
         }
     }
