@@ -39,6 +39,23 @@ pub struct ControllerSection {
     pub api_token_file: Option<PathBuf>,
     /// The SQLite store (intents, timelines, event dedup).
     pub store_path: PathBuf,
+    /// How resources are restored: `none` (every restore fails with the reason),
+    /// `libvirt` (restart a crashed domain in place through its host's watchdog).
+    /// `nova` is planned and refused for now.
+    pub backend: Backend,
+}
+
+/// `controller.backend`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// No restore backend: restores fail with "no restore backend configured".
+    #[default]
+    None,
+    /// libvirt only: restart in place through the host's watchdog (no evacuation yet).
+    Libvirt,
+    /// OpenStack Nova: not implemented yet, refused by [`ControllerConfig::resolve`].
+    Nova,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -76,6 +93,7 @@ impl Default for ControllerSection {
             api_listen: "127.0.0.1:7412".into(),
             api_token_file: None,
             store_path: "/var/lib/defib-controller/defib.sqlite".into(),
+            backend: Backend::None,
         }
     }
 }
@@ -227,6 +245,12 @@ impl ControllerConfig {
         if c.store_path.as_os_str().is_empty() {
             return Err(invalid("controller.store_path", "must not be empty"));
         }
+        if c.backend == Backend::Nova {
+            return Err(invalid(
+                "controller.backend",
+                "\"nova\" is not implemented yet; use \"none\" or \"libvirt\"",
+            ));
+        }
         let d = &self.detector;
         if !(10..=10_000).contains(&d.heartbeat_interval_ms) {
             return Err(invalid(
@@ -335,6 +359,35 @@ mod tests {
             err.to_string().contains("controller.api_token_file"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_backend_defaults_to_none_and_libvirt_can_be_chosen() {
+        let (_d, text) = with_key("");
+        let r = ControllerConfig::parse(&text).unwrap().resolve().unwrap();
+        assert_eq!(r.cfg.controller.backend, Backend::None);
+        let (_d, text) = with_key("backend = \"libvirt\"\n");
+        let r = ControllerConfig::parse(&text).unwrap().resolve().unwrap();
+        assert_eq!(r.cfg.controller.backend, Backend::Libvirt);
+    }
+
+    #[test]
+    fn the_nova_backend_is_refused_for_now_naming_the_field() {
+        let (_d, text) = with_key("backend = \"nova\"\n");
+        let err = ControllerConfig::parse(&text)
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("controller.backend"), "{text}");
+        assert!(text.contains("not implemented"), "{text}");
+    }
+
+    #[test]
+    fn an_unknown_backend_is_named() {
+        let (_d, text) = with_key("backend = \"xen\"\n");
+        let err = ControllerConfig::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("xen") && err.contains("backend"), "{err}");
     }
 
     #[test]

@@ -56,9 +56,11 @@ pub struct Envelope {
 /// Which way a frame travels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
-    /// Watchdog → controller: [`Message::Hello`], [`Message::Event`].
+    /// Watchdog → controller: [`Message::Hello`], [`Message::Event`],
+    /// [`Message::CommandResult`].
     ToController,
-    /// Controller → watchdog: [`Message::Welcome`], [`Message::EventAck`].
+    /// Controller → watchdog: [`Message::Welcome`], [`Message::EventAck`],
+    /// [`Message::Command`].
     ToWatchdog,
 }
 
@@ -70,6 +72,12 @@ pub enum Direction {
 /// controller sends `EventAck` (cumulative) once events are stored. At-least-once
 /// delivery, with the controller deduplicating by (host id, event id)
 /// ([`crate::EventDedup`]).
+///
+/// Once the stream is open (after `Welcome`) the controller may also send `Command`s
+/// for the watchdog to carry out on its host; the watchdog answers each with a
+/// `CommandResult` naming the same `command_id`. Commands are idempotent by design (a
+/// resent `StartDomain` for a running domain answers ok), so the controller may send
+/// one again after a lost connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Message {
@@ -100,16 +108,60 @@ pub enum Message {
         /// Cumulative high-water mark.
         up_to_event_id: u64,
     },
+    /// Controller → watchdog: carry out `command` on this host and answer with a
+    /// [`Message::CommandResult`] for `command_id`.
+    Command {
+        /// Which controller asks.
+        controller_id: String,
+        /// Chosen by the controller (derived from the intent it carries out); echoed in
+        /// the result.
+        command_id: u64,
+        /// What to do.
+        command: HostCommand,
+    },
+    /// Watchdog → controller: how a [`Message::Command`] ended.
+    CommandResult {
+        /// The command's id.
+        command_id: u64,
+        /// It was done (or there was nothing to do).
+        ok: bool,
+        /// What happened, or why it failed, for the incident's timeline.
+        detail: String,
+    },
 }
 
 impl Message {
     /// Which way this message is allowed to travel.
     pub fn direction(&self) -> Direction {
         match self {
-            Message::Hello { .. } | Message::Event(_) => Direction::ToController,
-            Message::Welcome { .. } | Message::EventAck { .. } => Direction::ToWatchdog,
+            Message::Hello { .. } | Message::Event(_) | Message::CommandResult { .. } => {
+                Direction::ToController
+            }
+            Message::Welcome { .. } | Message::EventAck { .. } | Message::Command { .. } => {
+                Direction::ToWatchdog
+            }
         }
     }
+}
+
+/// What the controller can ask a watchdog to do on its host. Serialized with an `"op"`
+/// tag in snake_case.
+///
+/// New commands may be added without a protocol version bump: an older watchdog
+/// decodes them as [`HostCommand::Unknown`] and answers with a failed result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum HostCommand {
+    /// Start a defined, shut-off libvirt domain (`virDomainCreate`). A domain that is
+    /// already running is an ok result ("already running"), so a resent command is
+    /// harmless.
+    StartDomain {
+        /// The domain's UUID (or, for a domain known only by name, its name).
+        vm_uuid: String,
+    },
+    /// A command this build does not know (sent by a newer controller).
+    #[serde(other)]
+    Unknown,
 }
 
 /// One event seen on a host.
@@ -233,10 +285,12 @@ fn check_envelope(envelope: &Envelope) -> Result<(), EncodeError> {
     check_cluster_id(&envelope.cluster_id).map_err(bad("cluster_id"))?;
     check_host_id(&envelope.host_id).map_err(bad("host_id"))?;
     match &envelope.message {
-        Message::Welcome { controller_id, .. } | Message::EventAck { controller_id, .. } => {
+        Message::Welcome { controller_id, .. }
+        | Message::EventAck { controller_id, .. }
+        | Message::Command { controller_id, .. } => {
             check_controller_id(controller_id).map_err(bad("controller_id"))
         }
-        Message::Hello { .. } | Message::Event(_) => Ok(()),
+        Message::Hello { .. } | Message::Event(_) | Message::CommandResult { .. } => Ok(()),
     }
 }
 

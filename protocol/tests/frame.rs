@@ -1,6 +1,7 @@
 mod common;
 
 use common::*;
+use protocol::frame::HostCommand;
 use protocol::{
     decode_frame, encode_frame, DecodeError, Direction, EncodeError, Envelope, Event, EventPayload,
     FrameDecoder, Message, VmInfo, FRAME_HEADER_LEN, MAC_LEN, MAX_FRAME_BODY_LEN,
@@ -85,6 +86,18 @@ fn every_message() -> Vec<Envelope> {
         envelope(Message::EventAck {
             controller_id: CONTROLLER.into(),
             up_to_event_id: 42,
+        }),
+        envelope(Message::Command {
+            controller_id: CONTROLLER.into(),
+            command_id: u64::MAX,
+            command: HostCommand::StartDomain {
+                vm_uuid: "6d1c5b1e-8a63-4c55-9e1f-3f0f3a1b2c3d".into(),
+            },
+        }),
+        envelope(Message::CommandResult {
+            command_id: 7,
+            ok: false,
+            detail: "starting instance-0000002a: \"quoted\" failure\n".into(),
         }),
     ];
     for (i, payload) in every_payload().into_iter().enumerate() {
@@ -299,5 +312,82 @@ fn an_inventory_too_large_for_one_frame_cannot_be_encoded() {
     assert!(matches!(
         encode_frame(&env, &key()),
         Err(EncodeError::FrameTooLarge { .. })
+    ));
+}
+
+fn start_domain(command_id: u64) -> Envelope {
+    envelope(Message::Command {
+        controller_id: CONTROLLER.into(),
+        command_id,
+        command: HostCommand::StartDomain {
+            vm_uuid: "u-1".into(),
+        },
+    })
+}
+
+#[test]
+fn a_command_travels_to_the_watchdog_and_its_result_back_to_the_controller() {
+    let result = envelope(Message::CommandResult {
+        command_id: 3,
+        ok: true,
+        detail: "already running".into(),
+    });
+    let mut to_watchdog = FrameDecoder::new(key(), Direction::ToWatchdog);
+    to_watchdog.push(&encode_frame(&start_domain(3), &key()).unwrap());
+    assert_eq!(to_watchdog.next_frame(), Ok(Some(start_domain(3))));
+    let mut to_controller = FrameDecoder::new(key(), Direction::ToController);
+    to_controller.push(&encode_frame(&result, &key()).unwrap());
+    assert_eq!(to_controller.next_frame(), Ok(Some(result.clone())));
+
+    // Reflected back at their senders, both are refused.
+    let mut dec = FrameDecoder::new(key(), Direction::ToController);
+    dec.push(&encode_frame(&start_domain(3), &key()).unwrap());
+    assert!(matches!(dec.next_frame(), Err(DecodeError::Malformed(_))));
+    let mut dec = FrameDecoder::new(key(), Direction::ToWatchdog);
+    dec.push(&encode_frame(&result, &key()).unwrap());
+    assert!(matches!(dec.next_frame(), Err(DecodeError::Malformed(_))));
+}
+
+#[test]
+fn a_command_is_json_with_its_op_named_in_snake_case() {
+    let bytes = encode_frame(&start_domain(9), &key()).unwrap();
+    let body: serde_json::Value =
+        serde_json::from_slice(&bytes[FRAME_HEADER_LEN..bytes.len() - MAC_LEN]).unwrap();
+    assert_eq!(body["message"]["type"], "command");
+    assert_eq!(body["message"]["command_id"], 9);
+    assert_eq!(body["message"]["command"]["op"], "start_domain");
+    assert_eq!(body["message"]["command"]["vm_uuid"], "u-1");
+}
+
+#[test]
+fn a_command_from_a_newer_controller_decodes_as_unknown_so_it_can_be_answered() {
+    let json = r#"{"type":"command","controller_id":"ctl","command_id":4,
+                   "command":{"op":"migrate_domain","vm_uuid":"u","to":"h9"}}"#;
+    let message: Message = serde_json::from_str(json).unwrap();
+    assert_eq!(
+        message,
+        Message::Command {
+            controller_id: "ctl".into(),
+            command_id: 4,
+            command: HostCommand::Unknown,
+        }
+    );
+}
+
+#[test]
+fn a_command_with_an_invalid_controller_id_cannot_be_encoded() {
+    let env = envelope(Message::Command {
+        controller_id: "bad\nctl".into(),
+        command_id: 1,
+        command: HostCommand::StartDomain {
+            vm_uuid: "u".into(),
+        },
+    });
+    assert!(matches!(
+        encode_frame(&env, &key()),
+        Err(EncodeError::BadId {
+            field: "controller_id",
+            ..
+        })
     ));
 }

@@ -56,6 +56,8 @@ struct Lab {
     /// Whether the watchdogs watch libvirt too (only sensible with one lab host: every
     /// lab host shares this machine's libvirtd).
     libvirt: bool,
+    /// The controller's `backend` (`none`, `libvirt`).
+    backend: &'static str,
 }
 
 impl Lab {
@@ -64,6 +66,10 @@ impl Lab {
     }
 
     fn start_with(hosts: usize, libvirt: bool) -> Lab {
+        Self::start_with_backend(hosts, libvirt, "none")
+    }
+
+    fn start_with_backend(hosts: usize, libvirt: bool, backend: &'static str) -> Lab {
         assert!(
             !libvirt || hosts == 1,
             "one libvirtd serves the whole machine"
@@ -78,6 +84,7 @@ impl Lab {
             controller: None,
             watchdogs: Vec::new(),
             libvirt,
+            backend,
         };
         lab.start_controller();
         for h in 0..hosts {
@@ -121,6 +128,7 @@ event_listen = "{a0}:7411"
 api_listen = "{a0}:7412"
 api_token_file = {token:?}
 store_path = {store:?}
+backend = "{backend}"
 
 [engine]
 # Leave room to restore a cut link before anyone is fenced.
@@ -131,6 +139,7 @@ fence_on_unknown_after_ms = 20000
             store = self.path("controller.sqlite").display().to_string(),
             a0 = self.net.controller_addr(0),
             a1 = self.net.controller_addr(1),
+            backend = self.backend,
         );
         std::fs::write(self.path("controller.toml"), cfg).unwrap();
         let bin = built_binary("defib-controller", "defib-controller");
@@ -485,5 +494,165 @@ fn a_real_guest_killed_on_a_host_gives_one_incident_with_the_kernels_and_libvirt
         timeline[0]["source"], "Ebpf",
         "the first entry is the one that acted: {incident}"
     );
+    drop(guest);
+}
+
+/// The guest's qemu pid as libvirt wrote it, if the domain runs.
+fn qemu_pid_file(name: &str) -> Option<u32> {
+    std::fs::read_to_string(format!("/run/libvirt/qemu/{name}.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+#[test]
+fn with_the_libvirt_backend_a_real_guest_killed_on_a_host_is_restarted_in_place_by_its_watchdog() {
+    require!(is_root(), "root (network namespaces, BPF)");
+    let _hostbed = require_hostbed!();
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::start_with_backend(1, true, "libvirt");
+    lab.wait_until("h0 Up", Duration::from_secs(60), |s| {
+        state_of(s, "h0") == "Up"
+    });
+    let uuid = unique_uuid();
+    let guest = Guest::start("lab-restart", &uuid, GuestDisk::Plain);
+    let subject = format!("vm:{uuid}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let vms = lab.ctl(&["vms"]).to_string();
+        if vms.contains(&subject) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guest never listed: {vms}\n{}",
+            lab.watchdogs[0].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let old_pid = guest.pid();
+    let killed_at = Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-9", &old_pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+
+    // One incident, closed once the watchdog has started the domain again.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last_seen = Value::Null;
+    let incident = loop {
+        let list = lab.ctl(&["incidents"]);
+        let ours: Vec<&Value> = list["incidents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| i["subject"] == subject.as_str())
+            .collect();
+        assert!(ours.len() <= 1, "one failure, several incidents: {list}");
+        if let Some(inc) = ours.first() {
+            if !inc["closed_at_ms"].is_null() {
+                break lab.ctl(&["incidents", &inc["id"].to_string()]);
+            }
+            last_seen = lab.ctl(&["incidents", &inc["id"].to_string()]);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no closed incident for {subject}: {last_seen}\n{list}\n--- controller\n{}\n--- watchdog\n{}",
+            lab.controller_log(),
+            lab.watchdogs[0].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!(
+        "incident closed {:?} after the kill: {incident}",
+        killed_at.elapsed()
+    );
+    let timeline = incident["timeline"].as_array().expect("timeline");
+    assert_eq!(timeline[0]["source"], "Ebpf", "{incident}");
+    assert!(
+        timeline.iter().any(
+            |e| e["to"].as_str().unwrap_or("").contains("RestartingInPlace")
+                || e["cause"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("restart in place #1 issued")
+        ),
+        "no restart in place in {incident}"
+    );
+    assert!(
+        !incident.to_string().contains("restart failed"),
+        "a restart failed: {incident}"
+    );
+    // The engine counts the VM running again.
+    let vms = lab.ctl(&["vms"]);
+    let vm = vms
+        .as_array()
+        .cloned()
+        .or_else(|| vms["vms"].as_array().cloned())
+        .unwrap_or_default()
+        .into_iter()
+        .find(|v| v["resource"] == subject.as_str())
+        .unwrap_or_else(|| panic!("{subject} not in {vms}"));
+    assert_eq!(vm["state"], "Running", "{vm}");
+    assert!(vm["owner"].is_null(), "{vm}");
+
+    // libvirt runs the domain again, with a new qemu.
+    let state = defib_tests::guests::virsh(&["domstate", guest.name()], Duration::from_secs(30))
+        .expect("virsh domstate");
+    assert_eq!(state.trim(), "running", "domstate of {}", guest.name());
+    let new_pid = qemu_pid_file(guest.name()).expect("a qemu pid file");
+    assert_ne!(new_pid, old_pid, "the qemu pid did not change");
+    assert!(
+        Path::new(&format!("/proc/{new_pid}")).exists(),
+        "qemu pid {new_pid} is not running"
+    );
+    let wd = lab.watchdogs[0].log_text();
+    assert!(wd.contains("command from the controller"), "{wd}");
+    for line in wd.lines().filter(|l| l.contains("command")) {
+        eprintln!("{line}");
+    }
+    let ctl = lab.controller_log();
+    let result = ctl
+        .lines()
+        .find(|l| l.contains("command result"))
+        .unwrap_or_else(|| panic!("no command result in the controller's log:\n{ctl}"));
+    eprintln!("{result}");
+    assert!(ctl.contains("domain started by the watchdog"), "{ctl}");
+
+    // A late account of the old failure opens no second incident.
+    std::thread::sleep(Duration::from_secs(2));
+    let list = lab.ctl(&["incidents"]);
+    let n = list["incidents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|i| i["subject"] == subject.as_str())
+        .count();
+    assert_eq!(n, 1, "{list}");
+
+    // An operator's destroy is a decision, not a crash: the kernel sees the qemu killed
+    // like any other and the engine asks for a restart, but the watchdog refuses to undo
+    // it and the domain stays off.
+    defib_tests::guests::virsh(&["destroy", guest.name()], Duration::from_secs(30))
+        .expect("virsh destroy");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !lab
+        .controller_log()
+        .contains("shut off on purpose (destroyed)")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no refused restart after the destroy:\n{}\n--- watchdog\n{}",
+            lab.controller_log(),
+            lab.watchdogs[0].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let state = defib_tests::guests::virsh(&["domstate", guest.name()], Duration::from_secs(30))
+        .expect("virsh domstate");
+    assert_eq!(state.trim(), "shut off", "the destroy was undone");
+    // The lab's daemons stop before the guest is undefined.
+    drop(lab);
     drop(guest);
 }

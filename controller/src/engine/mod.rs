@@ -1619,13 +1619,17 @@ impl Engine {
                 match o {
                     RestoreOutcome::Ok { .. } => {
                         e.last_restored_at = now;
-                        e.owner = None;
                         self.set_resource_state(
                             resource,
                             ResourceState::Running,
                             "restarted in place",
                             Source::Libvirt,
                         );
+                        // Released after the state change, so the change is on the
+                        // owning incident's timeline.
+                        if let Some(e) = self.resources.get_mut(resource) {
+                            e.owner = None;
+                        }
                         self.close_incident(*incident);
                     }
                     RestoreOutcome::Failed { reason } => {
@@ -1670,7 +1674,6 @@ impl Engine {
                         let e = self.resources.get_mut(resource).expect("known");
                         e.host = to.clone();
                         e.last_restored_at = now;
-                        e.owner = None;
                         e.steps = 0;
                         self.ensure_host(to);
                         self.set_resource_state(
@@ -1679,6 +1682,11 @@ impl Engine {
                             &format!("restored on {to}"),
                             source_for(resource),
                         );
+                        // Released after the state change, so the change is on the
+                        // owning incident's timeline.
+                        if let Some(e) = self.resources.get_mut(resource) {
+                            e.owner = None;
+                        }
                         if resource_incident {
                             self.close_incident(*incident);
                         }
@@ -1686,7 +1694,6 @@ impl Engine {
                     RestoreOutcome::Failed { reason } => {
                         if *attempt >= self.cfg.max_evacuate_attempts {
                             let e = self.resources.get_mut(resource).expect("known");
-                            e.owner = None;
                             e.steps = 0;
                             self.set_resource_state(
                                 resource,
@@ -1694,6 +1701,11 @@ impl Engine {
                                 &format!("evacuation #{attempt} failed: {reason}; giving up"),
                                 source_for(resource),
                             );
+                            // Released after the state change, so the change is on the
+                            // owning incident's timeline.
+                            if let Some(e) = self.resources.get_mut(resource) {
+                                e.owner = None;
+                            }
                             self.alarm(
                                 AlarmKind::RestoreGaveUp,
                                 None,

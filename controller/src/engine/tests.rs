@@ -917,3 +917,59 @@ fn a_failure_long_after_the_last_incident_gave_up_is_not_folded_into_it() {
     h.exit(1, "vm1", Source::Libvirt, h.now);
     assert_eq!(h.engine.incident(inc).unwrap().timeline.len(), len);
 }
+
+#[test]
+fn a_successful_restart_in_place_is_in_the_incidents_timeline() {
+    let mut h = Harness::new(3);
+    h.take();
+    h.exit(1, "vm1", Source::Ebpf, h.now);
+    let Some(Action::RestartInPlace { key, .. }) =
+        h.find(|a| matches!(a, Action::RestartInPlace { .. }))
+    else {
+        panic!("no restart");
+    };
+    h.input(Input::RestoreResult {
+        resource: Resource::vm("vm1"),
+        key,
+        outcome: RestoreOutcome::Ok { host: host(1) },
+    });
+    let inc = h
+        .engine
+        .incidents()
+        .find(|i| i.subject == Subject::Resource(Resource::vm("vm1")))
+        .expect("incident");
+    assert!(inc.closed_at.is_some());
+    let last = inc.timeline.last().expect("timeline");
+    assert_eq!(last.to, "Running", "{:#?}", inc.timeline);
+    assert_eq!(last.cause, "restarted in place");
+}
+
+#[test]
+fn a_successful_evacuation_is_in_the_incidents_timeline() {
+    let cfg = Config {
+        max_restarts_in_place: 0,
+        ..Config::default()
+    };
+    let mut h = Harness::with(3, cfg);
+    h.take();
+    h.exit(1, "vm1", Source::Ebpf, h.now);
+    let Some(Action::Evacuate { key, .. }) = h.find(|a| matches!(a, Action::Evacuate { .. }))
+    else {
+        panic!("no evacuation: {:#?}", h.actions);
+    };
+    h.input(Input::RestoreResult {
+        resource: Resource::vm("vm1"),
+        key,
+        outcome: RestoreOutcome::Ok { host: host(2) },
+    });
+    let inc = h
+        .engine
+        .incidents()
+        .find(|i| i.subject == Subject::Resource(Resource::vm("vm1")))
+        .expect("incident");
+    assert!(
+        inc.timeline.iter().any(|e| e.to == "Running"),
+        "{:#?}",
+        inc.timeline
+    );
+}

@@ -4,6 +4,7 @@ pub mod clock;
 pub mod edges;
 pub mod engine_task;
 pub mod intake;
+pub mod libvirt_backend;
 pub mod metrics;
 pub mod view;
 
@@ -12,7 +13,8 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::net::{TcpListener, UdpSocket};
 
-use crate::config::Resolved;
+use crate::config::{Backend, Resolved};
+use crate::engine::edge::Restorer;
 use edges::{HeartbeatOnlyConfirmer, UnconfiguredFencer, UnconfiguredRestorer};
 use engine_task::{EngineChannels, EngineTask, EngineTaskParts};
 use intake::HeartbeatIntake;
@@ -45,15 +47,30 @@ pub async fn run(
         controller_id: c.id.clone(),
         cluster_id: c.cluster_id.clone(),
     };
-    let (task, channels) = EngineTask::new(parts, |results| engine_task::Edges {
-        fencer: Box::new(UnconfiguredFencer {
-            results: results.clone(),
-        }),
-        restorer: Box::new(UnconfiguredRestorer {
-            results: results.clone(),
-        }),
-        confirmer: Box::new(HeartbeatOnlyConfirmer { results }),
+    // The hosts whose event stream is open, for edges that send them commands.
+    let streams = libvirt_backend::HostStreams::new();
+    let backend = c.backend;
+    let restorer_streams = streams.clone();
+    let (task, channels) = EngineTask::new(parts, |results| {
+        let restorer: Box<dyn Restorer + Send> = match backend {
+            Backend::Libvirt => Box::new(libvirt_backend::LibvirtRestorer::new(
+                results.clone(),
+                restorer_streams,
+            )),
+            // `nova` is refused by the configuration check.
+            Backend::None | Backend::Nova => Box::new(UnconfiguredRestorer {
+                results: results.clone(),
+            }),
+        };
+        engine_task::Edges {
+            fencer: Box::new(UnconfiguredFencer {
+                results: results.clone(),
+            }),
+            restorer,
+            confirmer: Box::new(HeartbeatOnlyConfirmer { results }),
+        }
     })?;
+    tracing::info!(backend = ?backend, "restore backend");
     let EngineChannels {
         intake: intake_tx,
         commands,
@@ -102,6 +119,7 @@ pub async fn run(
         c.id.clone(),
         intake_tx,
         metrics.clone(),
+        streams,
     ));
     let handle = view::ApiHandle {
         snapshot,

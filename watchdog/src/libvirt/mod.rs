@@ -13,11 +13,17 @@
 //! Monitor (pid → VM map) ─► sink (stdout / uplink: spool, stream, heartbeat status)
 //! ```
 //!
-//! Everything libvirt does happens on these two OS threads: a libvirt call that
-//! blocks (a hung libvirtd) or fails never holds up the probes or the heartbeats.
+//! The controller's commands (`StartDomain`, [`commands`]) open a short-lived
+//! read-write connection of their own on a blocking thread; the watcher's connection
+//! stays read-only.
+//!
+//! Everything the watcher does with libvirt happens on these two OS threads: a libvirt
+//! call that blocks (a hung libvirtd) or fails never holds up the probes or the
+//! heartbeats.
 //! The heartbeats learn whether libvirt is reachable from the
 //! [`WatchdogEvent::LibvirtConnected`] and [`WatchdogEvent::LibvirtDisconnected`]
 //! events (see `uplink::status`).
+pub mod commands;
 pub mod ffi;
 pub mod inventory;
 pub mod names;
@@ -85,6 +91,13 @@ impl LibvirtWatcher {
         settings: LibvirtSettings,
         out: UnboundedSender<WatchdogEvent>,
     ) -> anyhow::Result<Self> {
+        // Commands from the controller (StartDomain) act on the libvirt watched here.
+        commands::set_target(Some(commands::StartSettings {
+            uri: settings.uri.clone(),
+            pid_dir: settings.pid_dir.clone(),
+            proc_root: PathBuf::from("/proc"),
+            wait_for_stop: commands::WAIT_FOR_STOP,
+        }));
         let (tx, rx) = mpsc::channel();
         let (done_tx, done) = mpsc::channel();
         let thread_tx = tx.clone();

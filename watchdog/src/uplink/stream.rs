@@ -8,6 +8,13 @@
 //! a bad frame, no `Welcome` or no ack in time) drops the connection; the task waits
 //! (exponential backoff with jitter) and connects again. Events keep going into the
 //! spool the whole time, whatever the connection is doing.
+//!
+//! The controller may also send `Command`s on an established stream (today
+//! `StartDomain`, for its libvirt backend): each runs in its own task
+//! ([`crate::libvirt::commands::execute`]) and its `CommandResult` is written back on
+//! the same connection. A result whose connection is gone meanwhile is dropped; the
+//! controller fails the command on its side and may send it again (commands are
+//! idempotent).
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -83,6 +90,15 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.next = self.min;
     }
+}
+
+/// A command of the controller, carried out; its result goes back on the connection
+/// it came on.
+#[derive(Debug)]
+struct CommandDone {
+    command_id: u64,
+    ok: bool,
+    detail: String,
 }
 
 /// How a connection ended.
@@ -256,6 +272,8 @@ impl EventStream {
         let mut sent_up_to = highest;
         // Since when sent events have waited for an ack without progress.
         let mut awaiting_ack_since: Option<Instant> = None;
+        // Results of the controller's commands, to be written back on this connection.
+        let (results_tx, mut results) = mpsc::unbounded_channel::<CommandDone>();
         loop {
             while let Some(event) = self.spool.first_after(sent_up_to) {
                 let id = event.id;
@@ -267,7 +285,7 @@ impl EventStream {
                 awaiting_ack_since.get_or_insert_with(Instant::now);
                 while let Ok(message) = inbound.try_recv() {
                     if let Err(reason) =
-                        self.take_reply(message, sent_up_to, &mut awaiting_ack_since)
+                        self.take_reply(message, sent_up_to, &mut awaiting_ack_since, &results_tx)
                     {
                         return Ended::Lost(reason);
                     }
@@ -284,8 +302,18 @@ impl EventStream {
                     let Some(message) = message else {
                         return Ended::Lost("connection closed".into());
                     };
-                    if let Err(reason) = self.take_reply(message, sent_up_to, &mut awaiting_ack_since) {
+                    if let Err(reason) = self.take_reply(message, sent_up_to, &mut awaiting_ack_since, &results_tx) {
                         return Ended::Lost(reason);
+                    }
+                }
+                Some(done) = results.recv() => {
+                    let envelope = self.envelope(Message::CommandResult {
+                        command_id: done.command_id,
+                        ok: done.ok,
+                        detail: done.detail,
+                    });
+                    if let Err(ended) = self.write(shutdown, &mut writer, &envelope).await {
+                        return ended;
                     }
                 }
                 _ = sleep_until_some(ack_deadline) => {
@@ -301,6 +329,7 @@ impl EventStream {
         message: Result<Envelope, String>,
         sent_up_to: u64,
         awaiting_ack_since: &mut Option<Instant>,
+        command_results: &mpsc::UnboundedSender<CommandDone>,
     ) -> Result<(), String> {
         let envelope = message?;
         if !self.is_for_us(&envelope) {
@@ -317,6 +346,28 @@ impl EventStream {
                     *awaiting_ack_since = (up_to < sent_up_to).then(Instant::now);
                     self.publish_counts();
                 }
+                Ok(())
+            }
+            Message::Command {
+                controller_id,
+                command_id,
+                command,
+            } => {
+                tracing::info!(%controller_id, command_id, ?command, "command from the controller");
+                let results = command_results.clone();
+                tokio::spawn(async move {
+                    let (ok, detail) = crate::libvirt::commands::execute(command).await;
+                    if ok {
+                        tracing::info!(command_id, %detail, "command done");
+                    } else {
+                        tracing::warn!(command_id, %detail, "command failed");
+                    }
+                    let _ = results.send(CommandDone {
+                        command_id,
+                        ok,
+                        detail,
+                    });
+                });
                 Ok(())
             }
             other => Err(format!("unexpected frame {other:?}")),
@@ -427,6 +478,103 @@ async fn read_frames(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use protocol::frame::HostCommand;
+    use protocol::BootId;
+
+    /// A controller that welcomes the watchdog, sends it one command, and returns the
+    /// frame that answers it.
+    async fn controller_sending(
+        listener: tokio::net::TcpListener,
+        key: Key,
+        command: HostCommand,
+    ) -> Message {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut decoder = FrameDecoder::new(key.clone(), Direction::ToController);
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut hello: Option<Envelope> = None;
+        loop {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the watchdog closed the stream");
+            decoder.push(&buf[..n]);
+            while let Some(env) = decoder.next_frame().unwrap() {
+                match &env.message {
+                    Message::Hello { .. } => {
+                        for message in [
+                            Message::Welcome {
+                                controller_id: "ctl".into(),
+                                highest_event_id: 0,
+                            },
+                            Message::Command {
+                                controller_id: "ctl".into(),
+                                command_id: 77,
+                                command: command.clone(),
+                            },
+                        ] {
+                            let frame = encode_frame(
+                                &Envelope {
+                                    message,
+                                    ..env.clone()
+                                },
+                                &key,
+                            )
+                            .unwrap();
+                            conn.write_all(&frame).await.unwrap();
+                        }
+                        hello = Some(env.clone());
+                    }
+                    Message::CommandResult { .. } => {
+                        assert!(hello.is_some(), "a result before hello");
+                        return env.message;
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_command_on_the_stream_is_answered_with_its_result_on_the_same_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = Key::new(b"stream-test-key-0123456789abcdef").unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_events_tx, events) = mpsc::unbounded_channel();
+        let (status, _status_rx) = watch::channel(StreamStatus::default());
+        let stream = EventStream {
+            identity: RunIdentity {
+                cluster_id: "c".into(),
+                host_id: "h1".into(),
+                boot_id: BootId([3; 16]),
+                incarnation: 9,
+            },
+            key: key.clone(),
+            addr,
+            spool: Spool::open(dir.path(), 100).unwrap(),
+            events,
+            events_open: true,
+            status,
+            backoff: Backoff::new(Duration::from_millis(10), Duration::from_millis(50)),
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(stream.run(stop_rx));
+        // A command this watchdog does not know fails, whatever libvirt is here; the
+        // stream carries its result back and stays up.
+        let answer = tokio::time::timeout(
+            Duration::from_secs(30),
+            controller_sending(listener, key, HostCommand::Unknown),
+        )
+        .await
+        .expect("an answer in time");
+        match answer {
+            Message::CommandResult { command_id, ok, .. } => {
+                assert_eq!(command_id, 77);
+                assert!(!ok);
+            }
+            other => panic!("{other:?}"),
+        }
+        let _ = stop.send(true);
+        task.await.unwrap();
+    }
 
     #[test]
     fn reconnect_delays_double_from_the_minimum_to_the_maximum_within_their_jitter() {

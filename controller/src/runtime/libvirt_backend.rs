@@ -1,0 +1,605 @@
+//! The libvirt restore backend (`[controller] backend = "libvirt"`), for clusters
+//! without OpenStack: a crashed domain is restarted in place by the watchdog of its host,
+//! over that watchdog's open event stream (`Command {StartDomain}` →
+//! `CommandResult`), which starts the defined, shut-off domain with `virDomainCreate`.
+//!
+//! ```text
+//! engine ─RestartInPlace─► LibvirtRestorer ─► HostStreams[host] ─► the host's stream task
+//!                                                                     │ Command frame
+//!                                                                     ▼
+//!   engine ◄─RestoreResult── waiter task ◄── oneshot ◄── CommandResult frame ◄── watchdog
+//! ```
+//!
+//! - The command id is derived from the intent key, so a resumed controller that hands
+//!   the same intent over again sends the same id; the watchdog answers a `StartDomain`
+//!   for a domain that already runs with ok ("already running"), so a resent command is
+//!   harmless.
+//! - No stream for the host: `Failed` at once. No answer within
+//!   [`COMMAND_TIMEOUT`], or the stream closes before the answer: `Failed` (the engine
+//!   tries again within its restart budget, then evacuates).
+//! - Evacuating (starting a fenced host's domains elsewhere from their stored
+//!   definition) is not done yet: `Failed`, so the engine gives up with an alarm.
+//! - There is no compute service to force down without Nova: `force_down` and
+//!   `unfence` are `Ok` at once (nothing to do; the fence itself is what protects).
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use protocol::frame::HostCommand;
+use tokio::sync::{mpsc, oneshot};
+
+use super::edges::ResultSender;
+use crate::engine::edge::Restorer;
+use crate::engine::{HostId, Input, IntentKey, Resource, RestoreOutcome};
+
+/// How long the restorer waits for a watchdog's `CommandResult`. The watchdog may wait
+/// a few seconds for libvirt to notice a qemu's death before it can start the domain
+/// again, and starting it takes a while too.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Commands a host's stream task may hold before a sender waits.
+pub const COMMANDS_QUEUED: usize = 64;
+
+/// The answer to a command, as the watchdog gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandAnswer {
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// One command for a host's stream task to send; the answer goes to `reply`.
+#[derive(Debug)]
+pub struct CommandRequest {
+    pub command_id: u64,
+    pub command: HostCommand,
+    pub reply: oneshot::Sender<CommandAnswer>,
+}
+
+/// Which hosts have an open event stream, and how to hand each one a command. Filled
+/// by the intake when a stream says `Hello`, emptied when it closes.
+#[derive(Debug, Default)]
+pub struct HostStreams {
+    inner: Mutex<HashMap<String, (u64, mpsc::Sender<CommandRequest>)>>,
+    next_connection: AtomicU64,
+}
+
+/// A stream's entry in [`HostStreams`]; dropping it removes the entry, unless a newer
+/// stream of the same host has taken its place meanwhile.
+#[derive(Debug)]
+pub struct StreamRegistration {
+    streams: Arc<HostStreams>,
+    host: String,
+    connection: u64,
+}
+
+impl Drop for StreamRegistration {
+    fn drop(&mut self) {
+        let mut map = self.streams.lock();
+        if map.get(&self.host).map(|(c, _)| *c) == Some(self.connection) {
+            map.remove(&self.host);
+        }
+    }
+}
+
+impl HostStreams {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (u64, mpsc::Sender<CommandRequest>)>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `host`'s stream is open: commands for it go to `commands` until the returned
+    /// registration is dropped. A newer stream of the same host replaces an older one.
+    pub fn register(
+        self: &Arc<Self>,
+        host: &str,
+        commands: mpsc::Sender<CommandRequest>,
+    ) -> StreamRegistration {
+        let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(host.to_string(), (connection, commands));
+        StreamRegistration {
+            streams: self.clone(),
+            host: host.to_string(),
+            connection,
+        }
+    }
+
+    /// Where to send a command for `host`, if its stream is open.
+    pub fn sender(&self, host: &str) -> Option<mpsc::Sender<CommandRequest>> {
+        self.lock()
+            .get(host)
+            .map(|(_, tx)| tx.clone())
+            .filter(|tx| !tx.is_closed())
+    }
+
+    /// Hosts with an open stream, sorted.
+    pub fn hosts(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = self.lock().keys().cloned().collect();
+        hosts.sort();
+        hosts
+    }
+}
+
+/// The command id for an intent: FNV-1a over its key, so the same intent gives the same
+/// id across controller restarts.
+pub fn command_id(key: &IntentKey) -> u64 {
+    key.as_str()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+}
+
+/// Sends `command` to `host`'s watchdog and waits for its answer (at most `timeout`).
+pub async fn run_command(
+    streams: &HostStreams,
+    host: &str,
+    command_id: u64,
+    command: HostCommand,
+    timeout: Duration,
+) -> Result<CommandAnswer, String> {
+    let Some(tx) = streams.sender(host) else {
+        return Err(format!("the watchdog of {host} is not connected"));
+    };
+    let (reply, answer) = oneshot::channel();
+    let request = CommandRequest {
+        command_id,
+        command,
+        reply,
+    };
+    let waited = tokio::time::timeout(timeout, async {
+        tx.send(request)
+            .await
+            .map_err(|_| format!("the watchdog of {host} is not connected"))?;
+        answer
+            .await
+            .map_err(|_| format!("the event stream of {host} closed before the watchdog answered"))
+    })
+    .await;
+    match waited {
+        Ok(answer) => answer,
+        Err(_) => Err(format!(
+            "no answer from the watchdog of {host} within {} s",
+            timeout.as_secs_f64()
+        )),
+    }
+}
+
+/// The restorer of the libvirt backend (see the module docs).
+pub struct LibvirtRestorer {
+    pub results: ResultSender,
+    pub streams: Arc<HostStreams>,
+    pub timeout: Duration,
+}
+
+impl LibvirtRestorer {
+    pub fn new(results: ResultSender, streams: Arc<HostStreams>) -> Self {
+        Self {
+            results,
+            streams,
+            timeout: COMMAND_TIMEOUT,
+        }
+    }
+
+    fn restore_result(&self, resource: &Resource, key: &IntentKey, outcome: RestoreOutcome) {
+        let _ = self.results.send(Input::RestoreResult {
+            resource: resource.clone(),
+            key: key.clone(),
+            outcome,
+        });
+    }
+}
+
+impl Restorer for LibvirtRestorer {
+    fn force_down(&mut self, host: &HostId, key: &IntentKey) {
+        // Without Nova there is no compute service that could place VMs on the host:
+        // nothing to force down. The fence is what keeps the host from running them.
+        let _ = self.results.send(Input::HostActionResult {
+            host: host.clone(),
+            key: key.clone(),
+            outcome: RestoreOutcome::Ok { host: host.clone() },
+        });
+    }
+
+    fn restart_in_place(
+        &mut self,
+        resource: &Resource,
+        host: &HostId,
+        attempt: u32,
+        key: &IntentKey,
+    ) {
+        let Resource::Vm(vm) = resource else {
+            self.restore_result(
+                resource,
+                key,
+                RestoreOutcome::Failed {
+                    reason: "the libvirt backend restarts VMs only".into(),
+                },
+            );
+            return;
+        };
+        let command_id = command_id(key);
+        let command = HostCommand::StartDomain {
+            vm_uuid: vm.as_str().to_string(),
+        };
+        if self.streams.sender(host.as_str()).is_none() {
+            self.restore_result(
+                resource,
+                key,
+                RestoreOutcome::Failed {
+                    reason: format!("the watchdog of {host} is not connected"),
+                },
+            );
+            return;
+        }
+        tracing::info!(%host, %resource, attempt, %key, command_id, "asking the watchdog to start the domain");
+        let streams = self.streams.clone();
+        let results = self.results.clone();
+        let timeout = self.timeout;
+        let (resource, host, key) = (resource.clone(), host.clone(), key.clone());
+        tokio::spawn(async move {
+            let answer = run_command(&streams, host.as_str(), command_id, command, timeout).await;
+            let outcome = match answer {
+                Ok(CommandAnswer { ok: true, detail }) => {
+                    tracing::info!(%host, %resource, %key, %detail, "domain started by the watchdog");
+                    RestoreOutcome::Ok { host: host.clone() }
+                }
+                Ok(CommandAnswer { ok: false, detail }) => {
+                    tracing::warn!(%host, %resource, %key, %detail, "the watchdog could not start the domain");
+                    RestoreOutcome::Failed { reason: detail }
+                }
+                Err(reason) => {
+                    tracing::warn!(%host, %resource, %key, %reason, "restart in place failed");
+                    RestoreOutcome::Failed { reason }
+                }
+            };
+            let _ = results.send(Input::RestoreResult {
+                resource,
+                key,
+                outcome,
+            });
+        });
+    }
+
+    fn evacuate(&mut self, resource: &Resource, _from: &HostId, key: &IntentKey) {
+        self.restore_result(
+            resource,
+            key,
+            RestoreOutcome::Failed {
+                reason: "the libvirt backend cannot evacuate yet".into(),
+            },
+        );
+    }
+
+    fn unfence(&mut self, host: &HostId, key: &IntentKey) {
+        // Nothing was forced down (see force_down).
+        let _ = self.results.send(Input::HostActionResult {
+            host: host.clone(),
+            key: key.clone(),
+            outcome: RestoreOutcome::Ok { host: host.clone() },
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(s: &str) -> IntentKey {
+        IntentKey(s.into())
+    }
+
+    /// A stand-in for a host's stream task: answers every command with `answer`, after
+    /// recording it.
+    fn fake_stream(
+        streams: &Arc<HostStreams>,
+        host: &str,
+        answer: Option<CommandAnswer>,
+    ) -> (
+        StreamRegistration,
+        mpsc::UnboundedReceiver<(u64, HostCommand)>,
+    ) {
+        let (tx, mut rx) = mpsc::channel::<CommandRequest>(COMMANDS_QUEUED);
+        let (seen_tx, seen) = mpsc::unbounded_channel();
+        let registration = streams.register(host, tx);
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some(req) = rx.recv().await {
+                let _ = seen_tx.send((req.command_id, req.command.clone()));
+                match &answer {
+                    Some(a) => {
+                        let _ = req.reply.send(a.clone());
+                    }
+                    // A watchdog that never answers: keep the reply open.
+                    None => held.push(req.reply),
+                }
+            }
+        });
+        (registration, seen)
+    }
+
+    fn restorer(streams: &Arc<HostStreams>) -> (LibvirtRestorer, mpsc::UnboundedReceiver<Input>) {
+        let (results, rx) = mpsc::unbounded_channel();
+        (LibvirtRestorer::new(results, streams.clone()), rx)
+    }
+
+    async fn next_outcome(
+        rx: &mut mpsc::UnboundedReceiver<Input>,
+    ) -> (Resource, IntentKey, RestoreOutcome) {
+        match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+            Ok(Some(Input::RestoreResult {
+                resource,
+                key,
+                outcome,
+            })) => (resource, key, outcome),
+            other => panic!("expected a restore result, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_restart_sends_start_domain_to_the_hosts_stream_and_its_ok_answer_restores_the_vm() {
+        let streams = HostStreams::new();
+        let (_reg, mut seen) = fake_stream(
+            &streams,
+            "h1",
+            Some(CommandAnswer {
+                ok: true,
+                detail: "started".into(),
+            }),
+        );
+        let (mut r, mut results) = restorer(&streams);
+        let k = key("3/restart-1/vm:u-1");
+        r.restart_in_place(&Resource::vm("u-1"), &HostId::new("h1"), 1, &k);
+        let (id, command) = seen.recv().await.unwrap();
+        assert_eq!(id, command_id(&k));
+        assert_eq!(
+            command,
+            HostCommand::StartDomain {
+                vm_uuid: "u-1".into()
+            }
+        );
+        let (resource, got_key, outcome) = next_outcome(&mut results).await;
+        assert_eq!((resource, got_key), (Resource::vm("u-1"), k));
+        assert_eq!(
+            outcome,
+            RestoreOutcome::Ok {
+                host: HostId::new("h1")
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_answer_carries_the_watchdogs_reason() {
+        let streams = HostStreams::new();
+        let (_reg, _seen) = fake_stream(
+            &streams,
+            "h1",
+            Some(CommandAnswer {
+                ok: false,
+                detail: "no domain with UUID u-1".into(),
+            }),
+        );
+        let (mut r, mut results) = restorer(&streams);
+        r.restart_in_place(&Resource::vm("u-1"), &HostId::new("h1"), 1, &key("k"));
+        let (_, _, outcome) = next_outcome(&mut results).await;
+        assert_eq!(
+            outcome,
+            RestoreOutcome::Failed {
+                reason: "no domain with UUID u-1".into()
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watchdog_that_never_answers_fails_the_restart_after_the_timeout() {
+        let streams = HostStreams::new();
+        let (_reg, mut seen) = fake_stream(&streams, "h1", None);
+        let (mut r, mut results) = restorer(&streams);
+        let started = tokio::time::Instant::now();
+        r.restart_in_place(&Resource::vm("u-1"), &HostId::new("h1"), 1, &key("k"));
+        assert!(seen.recv().await.is_some(), "the command was sent");
+        let (_, _, outcome) = next_outcome(&mut results).await;
+        assert!(started.elapsed() >= COMMAND_TIMEOUT);
+        match outcome {
+            RestoreOutcome::Failed { reason } => {
+                assert!(
+                    reason.contains("no answer from the watchdog of h1"),
+                    "{reason}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_host_without_an_open_stream_fails_the_restart_at_once() {
+        let streams = HostStreams::new();
+        let (_other, _) = fake_stream(&streams, "h2", None);
+        let (mut r, mut results) = restorer(&streams);
+        r.restart_in_place(&Resource::vm("u-1"), &HostId::new("h1"), 1, &key("k"));
+        match results.try_recv() {
+            Ok(Input::RestoreResult {
+                outcome: RestoreOutcome::Failed { reason },
+                ..
+            }) => assert_eq!(reason, "the watchdog of h1 is not connected"),
+            other => panic!("expected an immediate failure, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_closes_before_answering_fails_the_restart() {
+        let streams = HostStreams::new();
+        let (tx, mut rx) = mpsc::channel::<CommandRequest>(COMMANDS_QUEUED);
+        let registration = streams.register("h1", tx);
+        tokio::spawn(async move {
+            // Takes the command, then the connection is gone.
+            let req = rx.recv().await;
+            drop(registration);
+            drop(req);
+        });
+        let (mut r, mut results) = restorer(&streams);
+        r.restart_in_place(&Resource::vm("u-1"), &HostId::new("h1"), 1, &key("k"));
+        match next_outcome(&mut results).await.2 {
+            RestoreOutcome::Failed { reason } => {
+                assert!(
+                    reason.contains("closed before the watchdog answered"),
+                    "{reason}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(streams.hosts().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_closed_stream_leaves_the_registry_but_not_a_newer_stream_of_the_same_host() {
+        let streams = HostStreams::new();
+        let (old_tx, _old_rx) = mpsc::channel(1);
+        let (new_tx, _new_rx) = mpsc::channel(1);
+        let old = streams.register("h1", old_tx);
+        assert_eq!(streams.hosts(), ["h1"]);
+        let new = streams.register("h1", new_tx.clone());
+        drop(old);
+        let sender = streams.sender("h1").expect("the newer stream stays");
+        assert!(sender.same_channel(&new_tx));
+        drop(new);
+        assert!(streams.sender("h1").is_none());
+        assert!(streams.hosts().is_empty());
+    }
+
+    /// The whole path over a real loopback socket: the intake registers the stream at
+    /// `Hello`, sends the restorer's command as a frame, and routes the watchdog's
+    /// result back; the registration goes when the stream closes.
+    #[tokio::test]
+    async fn over_the_event_stream_a_command_goes_out_as_a_frame_and_its_result_comes_back() {
+        use protocol::{encode_frame, BootId, Direction, Envelope, FrameDecoder, Key, Message};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let mac = Key::new(b"backend-test-key-0123456789abcdef").unwrap();
+        let streams = HostStreams::new();
+        let (intake_tx, mut intake_rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Some(msg) = intake_rx.recv().await {
+                if let super::super::intake::Intake::Hello { reply, .. } = msg {
+                    let _ = reply.send(0);
+                }
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(super::super::intake::serve_events(
+            listener,
+            mac.clone(),
+            "c".into(),
+            "ctl".into(),
+            intake_tx,
+            Arc::new(super::super::metrics::Metrics::new()),
+            streams.clone(),
+        ));
+
+        let mut wd = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let env = |message| Envelope {
+            cluster_id: "c".into(),
+            host_id: "h1".into(),
+            boot_id: BootId([7; 16]),
+            incarnation: 1,
+            message,
+        };
+        let mut decoder = FrameDecoder::new(mac.clone(), Direction::ToWatchdog);
+        let mut buf = vec![0u8; 4096];
+        let mut next_frame = async |wd: &mut tokio::net::TcpStream| loop {
+            if let Some(env) = decoder.next_frame().unwrap() {
+                return env.message;
+            }
+            let n = wd.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the controller closed the stream");
+            decoder.push(&buf[..n]);
+        };
+        wd.write_all(&encode_frame(&env(Message::Hello { last_event_id: 0 }), &mac).unwrap())
+            .await
+            .unwrap();
+        assert!(matches!(next_frame(&mut wd).await, Message::Welcome { .. }));
+        assert_eq!(streams.hosts(), ["h1"]);
+
+        let (mut r, mut results) = restorer(&streams);
+        let k = key("5/restart-1/vm:u-9");
+        r.restart_in_place(&Resource::vm("u-9"), &HostId::new("h1"), 1, &k);
+        let Message::Command {
+            controller_id,
+            command_id,
+            command,
+        } = next_frame(&mut wd).await
+        else {
+            panic!("expected a command");
+        };
+        assert_eq!(controller_id, "ctl");
+        assert_eq!(command_id, super::command_id(&k));
+        assert_eq!(
+            command,
+            HostCommand::StartDomain {
+                vm_uuid: "u-9".into()
+            }
+        );
+        let result = Message::CommandResult {
+            command_id,
+            ok: true,
+            detail: "started".into(),
+        };
+        wd.write_all(&encode_frame(&env(result), &mac).unwrap())
+            .await
+            .unwrap();
+        let (resource, got, outcome) = next_outcome(&mut results).await;
+        assert_eq!((resource, got), (Resource::vm("u-9"), k));
+        assert_eq!(
+            outcome,
+            RestoreOutcome::Ok {
+                host: HostId::new("h1")
+            }
+        );
+
+        drop(wd);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !streams.hosts().is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "still registered");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[test]
+    fn the_same_intent_always_gives_the_same_command_id_and_others_differ() {
+        let a = key("7/restart-1/vm:u-1");
+        assert_eq!(command_id(&a), command_id(&a.clone()));
+        assert_ne!(command_id(&a), command_id(&key("7/restart-2/vm:u-1")));
+    }
+
+    #[tokio::test]
+    async fn without_nova_force_down_and_unfence_are_nothing_to_do_and_evacuation_fails() {
+        let streams = HostStreams::new();
+        let (mut r, mut results) = restorer(&streams);
+        let h = HostId::new("h1");
+        r.force_down(&h, &key("f"));
+        r.unfence(&h, &key("u"));
+        r.evacuate(&Resource::vm("u-1"), &h, &key("e"));
+        for _ in 0..2 {
+            match results.try_recv() {
+                Ok(Input::HostActionResult {
+                    outcome: RestoreOutcome::Ok { host },
+                    ..
+                }) => assert_eq!(host, h),
+                other => panic!("{other:?}"),
+            }
+        }
+        match results.try_recv() {
+            Ok(Input::RestoreResult {
+                outcome: RestoreOutcome::Failed { reason },
+                ..
+            }) => assert!(reason.contains("cannot evacuate yet"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

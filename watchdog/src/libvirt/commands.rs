@@ -1,0 +1,385 @@
+//! Commands from the controller that act on this host's libvirt (today `StartDomain`:
+//! restart a crashed domain in place, for the controller's libvirt backend).
+//!
+//! The watcher's own connection stays read-only: each command opens a short-lived
+//! read-write connection to the watcher's URI, on a blocking thread
+//! ([`tokio::task::spawn_blocking`]), so a hung libvirtd holds up neither the stream nor
+//! the probes. Errors never stop anything: they are the command's failed result.
+//!
+//! Only a crash is undone: a domain shut off on purpose (destroyed, shut down by its
+//! guest, saved, migrated, reverted to a snapshot) is not started; the command fails
+//! with the reason. The kernel sees an operator's `virsh destroy` as a qemu killed by
+//! libvirtd like any other exit, so the controller does ask.
+//!
+//! Which URI: the one the libvirt watcher of this process was started with
+//! ([`set_target`], called by [`super::LibvirtWatcher::start`]). Without a watcher
+//! (`libvirt.enabled = false`) every command fails with the reason.
+//!
+//! `StartDomain` right after a qemu was killed: the kernel's account (eBPF) reaches the
+//! controller, and the command reaches the watchdog, before libvirt has noticed the death
+//! (it does ~0.2 s later, when qemu's monitor socket closes); until then libvirt still
+//! says the domain is active and `virDomainCreate` would fail with "domain is already
+//! running". So an active domain is judged by its qemu process (its pid file): alive →
+//! "already running", ok (a resent command is harmless); gone (or no pid file yet) → wait,
+//! looking again every [`POLL`], until libvirt reports the domain shut off, then start
+//! it; still active after [`StartSettings::wait_for_stop`] → failed if its qemu is gone,
+//! ok ("already running") if libvirt names no pid file for it at all. (On libvirt 9.0
+//! the first state query already answers "shut off": libvirtd answers it once it has
+//! handled the death; the wait is the safeguard for one that answers earlier.)
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use protocol::frame::HostCommand;
+use virt::connect::Connect;
+use virt::domain::Domain;
+
+use crate::clock::monotonic_ns;
+
+/// How often an active domain whose qemu is gone is looked at again.
+pub const POLL: Duration = Duration::from_millis(50);
+/// How long libvirt may take to notice a qemu's death before `StartDomain` gives up.
+pub const WAIT_FOR_STOP: Duration = Duration::from_secs(3);
+
+/// Where commands go: libvirt's URI, and where its qemu driver writes `NAME.pid`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartSettings {
+    pub uri: String,
+    pub pid_dir: PathBuf,
+    pub proc_root: PathBuf,
+    pub wait_for_stop: Duration,
+}
+
+static TARGET: Mutex<Option<StartSettings>> = Mutex::new(None);
+
+/// Commands go to this libvirt from now on (None: commands fail, no libvirt here).
+pub fn set_target(target: Option<StartSettings>) {
+    *TARGET.lock().unwrap_or_else(|e| e.into_inner()) = target;
+}
+
+/// Where commands go, if anywhere.
+pub fn target() -> Option<StartSettings> {
+    TARGET.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Carries out one command from the controller; `(ok, detail)` for its result. Never
+/// panics and never blocks the async runtime.
+pub async fn execute(command: HostCommand) -> (bool, String) {
+    let Some(settings) = target() else {
+        return (
+            false,
+            "this watchdog does not watch libvirt (libvirt.enabled = false)".into(),
+        );
+    };
+    let job = tokio::task::spawn_blocking(move || match command {
+        HostCommand::StartDomain { vm_uuid } => start_domain(&settings, &vm_uuid),
+        HostCommand::Unknown => Err("a command this watchdog does not know".into()),
+    });
+    match job.await {
+        Ok(Ok(detail)) => (true, detail),
+        Ok(Err(reason)) => (false, reason),
+        Err(e) => (false, format!("the command failed: {e}")),
+    }
+}
+
+/// Starts the defined domain `vm` (UUID, or name) unless it already runs; what was done,
+/// or why not. Blocking.
+pub fn start_domain(settings: &StartSettings, vm: &str) -> Result<String, String> {
+    let uri = &settings.uri;
+    let mut conn = Connect::open(Some(uri))
+        .map_err(|e| format!("cannot connect to {uri} read-write: {}", e.message()))?;
+    let result = match Domain::lookup_by_uuid_string(&conn, vm)
+        .or_else(|_| Domain::lookup_by_name(&conn, vm))
+    {
+        Ok(dom) => start_on(settings, &dom, vm),
+        Err(e) => Err(format!(
+            "no domain {vm} defined in {uri} (a transient domain is gone once its qemu \
+             died): {}",
+            e.message()
+        )),
+    };
+    if let Err(e) = conn.close() {
+        tracing::debug!(error = %e, "closing the command's libvirt connection");
+    }
+    result
+}
+
+/// Whether `pid` is a live process (not a zombie) whose command line does not name
+/// another domain than `name`.
+fn qemu_alive(proc_root: &Path, pid: u32, name: &str) -> bool {
+    let Some(args) = crate::procfs::read_args(proc_root, pid) else {
+        return false;
+    };
+    if crate::procfs::is_zombie(proc_root, pid) {
+        return false;
+    }
+    let id = crate::procfs::vm_identity_from_args(&args);
+    id.name.as_deref().is_none_or(|n| n == name)
+}
+
+fn start_on(settings: &StartSettings, dom: &Domain, vm: &str) -> Result<String, String> {
+    let name = dom.get_name().unwrap_or_else(|_| vm.to_string());
+    let deadline = monotonic_ns()
+        .saturating_add(u64::try_from(settings.wait_for_stop.as_nanos()).unwrap_or(u64::MAX));
+    let mut waited = false;
+    loop {
+        let active = dom
+            .is_active()
+            .map_err(|e| format!("reading the state of {name}: {}", e.message()))?;
+        if !active {
+            // Only a crash is undone: a domain shut off on purpose (an operator's destroy,
+            // the guest's own shutdown, a save or a migration) stays off, even though its
+            // qemu exit looked like any other to the kernel.
+            if let Ok((state, reason)) = dom.get_state() {
+                if state == virt::sys::VIR_DOMAIN_SHUTOFF && stopped_on_purpose(reason) {
+                    let (_, why) = super::names::state(state, reason);
+                    return Err(format!(
+                        "{name} was shut off on purpose ({why}); not starting it"
+                    ));
+                }
+            }
+            match dom.create() {
+                Ok(_) => {
+                    let pid = super::inventory::read_pid(&settings.pid_dir, &name);
+                    let after = if waited {
+                        " (after libvirt noticed its old qemu was gone)"
+                    } else {
+                        ""
+                    };
+                    return Ok(match pid {
+                        Some(pid) => format!("started {name}, qemu pid {pid}{after}"),
+                        None => format!("started {name}{after}"),
+                    });
+                }
+                // Someone else may have started it meanwhile: look again.
+                Err(e) if dom.is_active().unwrap_or(false) => {
+                    tracing::info!(domain = %name, error = %e.message(), "domain became active while starting it");
+                }
+                Err(e) => return Err(format!("starting {name}: {}", e.message())),
+            }
+        }
+        let pid = super::inventory::read_pid(&settings.pid_dir, &name);
+        if let Some(pid) = pid {
+            if qemu_alive(&settings.proc_root, pid, &name) {
+                return Ok(format!("already running, qemu pid {pid}"));
+            }
+        }
+        if monotonic_ns() >= deadline {
+            return match pid {
+                Some(pid) => Err(format!(
+                    "libvirt still reports {name} active {:?} after its qemu pid {pid} was found gone",
+                    settings.wait_for_stop
+                )),
+                None => Ok(format!(
+                    "already running (libvirt reports {name} active; no qemu pid file)"
+                )),
+            };
+        }
+        waited = true;
+        pause(POLL);
+    }
+}
+
+/// A shut-off reason that is someone's decision, not a failure.
+fn stopped_on_purpose(reason: i32) -> bool {
+    u32::try_from(reason).is_ok_and(|r| {
+        matches!(
+            r,
+            virt::sys::VIR_DOMAIN_SHUTOFF_SHUTDOWN
+                | virt::sys::VIR_DOMAIN_SHUTOFF_DESTROYED
+                | virt::sys::VIR_DOMAIN_SHUTOFF_MIGRATED
+                | virt::sys::VIR_DOMAIN_SHUTOFF_SAVED
+                | virt::sys::VIR_DOMAIN_SHUTOFF_FROM_SNAPSHOT
+        )
+    })
+}
+
+#[allow(
+    clippy::disallowed_methods,
+    reason = "runs on a blocking thread (spawn_blocking), outside the async runtime"
+)]
+fn pause(d: Duration) {
+    std::thread::sleep(d);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEST_URI: &str = "test:///default";
+
+    fn settings(pid_dir: &Path, wait: Duration) -> StartSettings {
+        StartSettings {
+            uri: TEST_URI.into(),
+            pid_dir: pid_dir.into(),
+            proc_root: "/proc".into(),
+            wait_for_stop: wait,
+        }
+    }
+
+    /// A domain of the test driver (shared by every connection of this process), defined
+    /// and shut off; undefined on drop.
+    struct TestDomain {
+        conn: Connect,
+        name: String,
+        uuid: String,
+    }
+
+    impl TestDomain {
+        fn define(name: &str, uuid: &str) -> TestDomain {
+            let conn = Connect::open(Some(TEST_URI)).unwrap();
+            let xml = format!(
+                "<domain type='test'><name>{name}</name><uuid>{uuid}</uuid>\
+                 <memory>8192</memory><os><type>hvm</type></os></domain>"
+            );
+            Domain::define_xml(&conn, &xml).unwrap();
+            TestDomain {
+                conn,
+                name: name.into(),
+                uuid: uuid.into(),
+            }
+        }
+
+        fn dom(&self) -> Domain {
+            Domain::lookup_by_name(&self.conn, &self.name).unwrap()
+        }
+    }
+
+    impl Drop for TestDomain {
+        fn drop(&mut self) {
+            let dom = self.dom();
+            let _ = dom.destroy();
+            let _ = dom.undefine();
+            drop(dom);
+            let _ = self.conn.close();
+        }
+    }
+
+    #[test]
+    fn a_shut_off_domain_is_started_by_uuid() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = TestDomain::define("cmd-start", "0c0d0000-0000-4000-8000-000000000001");
+        let detail = start_domain(&settings(dir.path(), WAIT_FOR_STOP), &d.uuid).unwrap();
+        assert!(detail.starts_with("started cmd-start"), "{detail}");
+        assert!(d.dom().is_active().unwrap());
+    }
+
+    #[test]
+    fn a_domain_already_running_with_a_live_qemu_is_ok_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = TestDomain::define("cmd-running", "0c0d0000-0000-4000-8000-000000000002");
+        d.dom().create().unwrap();
+        // This test process stands in for the domain's live qemu.
+        std::fs::write(
+            dir.path().join("cmd-running.pid"),
+            std::process::id().to_string(),
+        )
+        .unwrap();
+        let detail = start_domain(
+            &settings(dir.path(), Duration::from_secs(60)),
+            "cmd-running",
+        )
+        .unwrap();
+        assert_eq!(
+            detail,
+            format!("already running, qemu pid {}", std::process::id())
+        );
+    }
+
+    #[test]
+    fn an_active_domain_whose_qemu_is_gone_is_judged_once_libvirt_sees_it_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = TestDomain::define("cmd-dying", "0c0d0000-0000-4000-8000-000000000003");
+        d.dom().create().unwrap();
+        // A pid that is certainly gone: a child that exited and was reaped.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        std::fs::write(dir.path().join("cmd-dying.pid"), dead.to_string()).unwrap();
+        // libvirt notices the end a little later. (The test driver can only destroy, so
+        // the end is judged deliberate here; a real qemu's death reads "crashed" and is
+        // started, as the controller lab shows.)
+        let dom = d.dom();
+        let noticer = std::thread::spawn(move || {
+            pause(Duration::from_millis(300));
+            dom.destroy().unwrap();
+        });
+        let t0 = monotonic_ns();
+        let err = start_domain(&settings(dir.path(), WAIT_FOR_STOP), &d.uuid).unwrap_err();
+        let waited_ms = (monotonic_ns() - t0) / 1_000_000;
+        noticer.join().unwrap();
+        assert!(
+            waited_ms >= 250,
+            "answered after {waited_ms} ms, before libvirt saw the stop"
+        );
+        assert!(err.contains("shut off on purpose (destroyed)"), "{err}");
+    }
+
+    #[test]
+    fn an_active_domain_whose_qemu_is_gone_for_good_fails_after_the_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = TestDomain::define("cmd-stuck", "0c0d0000-0000-4000-8000-000000000004");
+        d.dom().create().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        std::fs::write(dir.path().join("cmd-stuck.pid"), dead.to_string()).unwrap();
+        let err =
+            start_domain(&settings(dir.path(), Duration::from_millis(200)), &d.uuid).unwrap_err();
+        assert!(err.contains("still reports cmd-stuck active"), "{err}");
+    }
+
+    #[test]
+    fn a_domain_destroyed_on_purpose_is_not_started_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = TestDomain::define("cmd-destroyed", "0c0d0000-0000-4000-8000-000000000005");
+        let dom = d.dom();
+        dom.create().unwrap();
+        dom.destroy().unwrap();
+        let err = start_domain(&settings(dir.path(), WAIT_FOR_STOP), &d.uuid).unwrap_err();
+        assert_eq!(
+            err,
+            "cmd-destroyed was shut off on purpose (destroyed); not starting it"
+        );
+        assert!(!dom.is_active().unwrap());
+    }
+
+    #[test]
+    fn only_a_crash_or_an_unknown_reason_lets_a_shut_off_domain_start() {
+        for r in [
+            virt::sys::VIR_DOMAIN_SHUTOFF_UNKNOWN,
+            virt::sys::VIR_DOMAIN_SHUTOFF_CRASHED,
+            virt::sys::VIR_DOMAIN_SHUTOFF_FAILED,
+            virt::sys::VIR_DOMAIN_SHUTOFF_DAEMON,
+        ] {
+            assert!(!stopped_on_purpose(r as i32), "{r}");
+        }
+        for r in [
+            virt::sys::VIR_DOMAIN_SHUTOFF_SHUTDOWN,
+            virt::sys::VIR_DOMAIN_SHUTOFF_DESTROYED,
+            virt::sys::VIR_DOMAIN_SHUTOFF_SAVED,
+        ] {
+            assert!(stopped_on_purpose(r as i32), "{r}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_domain_fails_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = start_domain(
+            &settings(dir.path(), WAIT_FOR_STOP),
+            "0c0d0000-0000-4000-8000-0000000000ff",
+        )
+        .unwrap_err();
+        assert!(err.contains("no domain"), "{err}");
+    }
+
+    #[test]
+    fn an_unreachable_libvirt_fails_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = settings(dir.path(), WAIT_FOR_STOP);
+        s.uri = "qemu+unix:///system?socket=/nonexistent/libvirt-sock".into();
+        let err = start_domain(&s, "x").unwrap_err();
+        assert!(err.contains("cannot connect"), "{err}");
+    }
+}
