@@ -45,7 +45,8 @@ enum Task {
         #[arg(long, default_value_t = 10_000)]
         seeds: u64,
     },
-    /// Setup, then run a benchmark scenario (see bench/): exit-latency | stall-latency.
+    /// Setup, then run a benchmark scenario (see bench/ and BENCHMARKS.md): exit-latency,
+    /// stall-latency, real-guest-kill, suspect-latency, heartbeat-intake, host-memory.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
