@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use defib_tests::guests::{unique_uuid, Guest, GuestDisk};
 use defib_tests::netns::LabNet;
-use defib_tests::{built_binary, is_root, require, require_hostbed, FakeQemu};
+use defib_tests::{built_binary, is_root, require, require_hostbed, stop_child, FakeQemu};
 use serde_json::Value;
 
 /// Every watchdog sees every qemu on this one kernel, so the labs of this file must not
@@ -33,18 +33,9 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if !stop_child(&mut self.child, Duration::from_secs(5)) {
+            eprintln!("{} did not stop on SIGTERM; killed", self.name);
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        eprintln!("{} did not stop on SIGTERM; killed", self.name);
     }
 }
 
@@ -237,6 +228,24 @@ enabled = {libvirt}
         serde_json::from_slice(&out.stdout).expect("defibctl --json output")
     }
 
+    /// Waits until the controller lists `subject` (`vm:UUID`), i.e. the watchdog's
+    /// libvirt inventory reached it.
+    fn wait_vm_listed(&self, subject: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let vms = self.ctl(&["vms"]).to_string();
+            if vms.contains(subject) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{subject} never listed: {vms}\n{}",
+                self.watchdogs[0].log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn controller_log(&self) -> String {
         self.controller
             .as_ref()
@@ -425,19 +434,7 @@ fn a_real_guest_killed_on_a_host_gives_one_incident_with_the_kernels_and_libvirt
     let guest = Guest::start("lab-kill", &uuid, GuestDisk::Plain);
     let subject = format!("vm:{uuid}");
     // The controller knows the guest runs on h0 (from the watchdog's libvirt inventory).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let vms = lab.ctl(&["vms"]).to_string();
-        if vms.contains(&subject) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "guest never listed: {vms}\n{}",
-            lab.watchdogs[0].log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    lab.wait_vm_listed(&subject);
     let status = std::process::Command::new("kill")
         .args(["-9", &guest.pid().to_string()])
         .status()
@@ -516,19 +513,7 @@ fn with_the_libvirt_backend_a_real_guest_killed_on_a_host_is_restarted_in_place_
     let uuid = unique_uuid();
     let guest = Guest::start("lab-restart", &uuid, GuestDisk::Plain);
     let subject = format!("vm:{uuid}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let vms = lab.ctl(&["vms"]).to_string();
-        if vms.contains(&subject) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "guest never listed: {vms}\n{}",
-            lab.watchdogs[0].log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    lab.wait_vm_listed(&subject);
     let old_pid = guest.pid();
     let killed_at = Instant::now();
     let status = std::process::Command::new("kill")
