@@ -524,3 +524,146 @@ impl Drop for Guest {
         }
     }
 }
+
+/// The argv of a live (not zombie) process, as `xtask hostbed` checks its pids.
+fn live_cmdline(pid: i32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let state = stat.rsplit_once(") ")?.1.split_whitespace().next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
+const LIBVIRTD_EXE: &str = "/usr/sbin/libvirtd";
+
+/// The hostbed's libvirtd as `cargo xtask hostbed start` recorded it: (the
+/// `defib-subreaper` pid from `libvirtd.pid`, the libvirtd pid from `libvirtd.child.pid`
+/// if it still runs libvirtd), or why not (e.g. a libvirtd somebody started by hand,
+/// which the tests never touch).
+pub fn hostbed_libvirtd() -> Result<(i32, Option<i32>), String> {
+    let pidfile = Path::new(RUN_DIR).join("libvirtd.pid");
+    let read = |p: &Path| -> Option<i32> { std::fs::read_to_string(p).ok()?.trim().parse().ok() };
+    let sub = read(&pidfile).ok_or_else(|| format!("no pid in {}", pidfile.display()))?;
+    let cmdline = live_cmdline(sub).ok_or_else(|| format!("pid {sub} (libvirtd.pid) is gone"))?;
+    if !(cmdline
+        .first()
+        .is_some_and(|a| a.ends_with("defib-subreaper"))
+        && cmdline.iter().any(|a| a == LIBVIRTD_EXE))
+    {
+        return Err(format!(
+            "pid {sub} (libvirtd.pid) is not the hostbed's subreaper of libvirtd: {cmdline:?}"
+        ));
+    }
+    let child = read(&Path::new(RUN_DIR).join("libvirtd.child.pid"))
+        .filter(|&c| live_cmdline(c).is_some_and(|c| c.first().is_some_and(|a| a == LIBVIRTD_EXE)));
+    Ok((sub, child))
+}
+
+/// The hostbed's libvirtd, stopped by [`stop_libvirtd`]; started again by
+/// [`LibvirtdDown::start`], or on drop (so a failing test leaves it running). Running
+/// guests survive: their qemu goes on, and libvirtd reconnects to it when it starts.
+#[must_use = "libvirtd is started again when this is dropped"]
+pub struct LibvirtdDown {
+    started: bool,
+}
+
+/// Stops the hostbed's libvirtd by pid, as `cargo xtask hostbed stop` does: SIGTERM to its
+/// `defib-subreaper` (which forwards it to libvirtd and exits with it), then waits until
+/// both are gone and libvirt no longer answers. virtlogd stays.
+pub fn stop_libvirtd() -> Result<LibvirtdDown, String> {
+    let (sub, child) = hostbed_libvirtd()?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sub),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .map_err(|e| format!("SIGTERM to the libvirtd subreaper {sub}: {e}"))?;
+    // From here on, the guard starts it again whatever happens.
+    let down = LibvirtdDown { started: false };
+    let mut pids = vec![sub];
+    pids.extend(child);
+    let deadline = Instant::now() + VIRSH_WAIT;
+    while pids.iter().any(|&p| live_cmdline(p).is_some()) {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "libvirtd (pids {pids:?}) still runs {VIRSH_WAIT:?} after SIGTERM"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("libvirtd stopped (pids {pids:?})");
+    Ok(down)
+}
+
+/// Starts the hostbed's libvirtd as `cargo xtask hostbed start` does (by running it: it
+/// starts what is not running and does nothing when all runs), then waits until
+/// `virsh version` answers.
+pub fn start_libvirtd() -> Result<(), String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let started = Instant::now();
+    // stdout and stderr to a file, not a pipe: nothing that outlives the command (the
+    // daemon it starts) may hold our end open.
+    let log_path = Path::new(RUN_DIR).join(format!("test-hostbed-start.{}.log", crate::tag()));
+    let log = std::fs::File::create(&log_path)
+        .map_err(|e| format!("create {}: {e}", log_path.display()))?;
+    let status = Command::new(cargo)
+        .args(["xtask", "hostbed", "start"])
+        .current_dir(crate::workspace_root())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .status()
+        .map_err(|e| format!("running cargo xtask hostbed start: {e}"));
+    let out = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&log_path);
+    let status = status?;
+    if !status.success() {
+        return Err(format!("cargo xtask hostbed start: {status}\n{out}"));
+    }
+    let deadline = Instant::now() + VIRSH_WAIT;
+    loop {
+        match virsh(&["version"], Duration::from_secs(5)) {
+            Ok(_) => break,
+            Err(e) if Instant::now() > deadline => {
+                return Err(format!(
+                    "libvirt does not answer after the start: {e}\n{out}"
+                ))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    eprintln!(
+        "libvirtd started again, answers {:?} after `cargo xtask hostbed start`",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+impl LibvirtdDown {
+    /// Starts libvirtd again (see [`start_libvirtd`]).
+    pub fn start(mut self) -> Result<(), String> {
+        self.started = true;
+        start_libvirtd()
+    }
+}
+
+impl Drop for LibvirtdDown {
+    fn drop(&mut self) {
+        if !self.started {
+            if let Err(e) = start_libvirtd() {
+                eprintln!("starting libvirtd again after a failure: {e}");
+            }
+        }
+    }
+}
+
+/// Restarts the hostbed's libvirtd by pid: [`stop_libvirtd`], then [`start_libvirtd`].
+pub fn restart_libvirtd() -> Result<(), String> {
+    stop_libvirtd()?.start()
+}
