@@ -38,7 +38,7 @@ pub struct Edges {
 struct HostInfo {
     paths: BTreeMap<u8, (Option<SocketAddr>, Timestamp)>,
     status: protocol::HostStatus,
-    boot_id: Option<String>,
+    boot_id: Option<protocol::BootId>,
     incarnation: Option<u64>,
 }
 
@@ -195,7 +195,7 @@ impl EngineTask {
         let info = self.hosts.entry(hb.host.clone()).or_default();
         info.paths.insert(hb.path, (Some(hb.peer), now));
         info.status = hb.status;
-        info.boot_id = Some(hb.boot_id.to_string());
+        info.boot_id = Some(hb.boot_id);
         info.incarnation = Some(hb.incarnation);
         let boot = u64::from_be_bytes(hb.boot_id.0[..8].try_into().unwrap_or([0; 8]));
         self.step(Input::Heartbeat(Heartbeat {
@@ -283,15 +283,9 @@ impl EngineTask {
     /// later action runs.
     fn apply(&mut self, actions: Vec<Action>) -> Result<(), EngineTaskError> {
         for action in actions {
-            match &action {
-                Action::PersistIntent(rec) => {
-                    self.store.record_intent(rec)?;
-                }
-                Action::CompleteIntent { key, completion } => {
-                    self.store.complete_intent(key, completion)?;
-                }
-                Action::RecordTimeline { incident, entry } => {
-                    self.store.append_timeline(*incident, entry)?;
+            // Intents, completions and timeline lines go to the store (in order).
+            if self.store.apply_action(&action)? {
+                if let Action::RecordTimeline { incident, entry } = &action {
                     tracing::info!(
                         incident = incident.0,
                         subject = %entry.subject,
@@ -302,6 +296,9 @@ impl EngineTask {
                         "timeline"
                     );
                 }
+                continue;
+            }
+            match &action {
                 Action::ArmTimer { at, .. } => {
                     self.next_tick = Some(self.next_tick.map_or(*at, |t| t.min(*at)));
                 }
@@ -391,7 +388,8 @@ impl EngineTask {
             .hosts()
             .into_iter()
             .map(|h| {
-                let info = self.hosts.get(h.host.as_str()).cloned().unwrap_or_default();
+                let unknown = HostInfo::default();
+                let info = self.hosts.get(h.host.as_str()).unwrap_or(&unknown);
                 HostSnapshot {
                     host: h.host.to_string(),
                     state: h.state,
@@ -409,7 +407,7 @@ impl EngineTask {
                     vm_count: info.status.vm_count,
                     stalled_vm_count: info.status.stalled_vm_count,
                     isolated: info.status.isolated,
-                    boot_id: info.boot_id,
+                    boot_id: info.boot_id.map(|b| b.to_string()),
                     incarnation: info.incarnation,
                 }
             })
