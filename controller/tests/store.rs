@@ -512,6 +512,7 @@ fn a_restarted_controller_never_repeats_a_finished_action() {
             host: host(i),
             event: HostEvent::Inventory {
                 resources,
+                stopped: vec![],
                 source: Source::Nova,
                 at: Timestamp(0),
             },

@@ -204,6 +204,13 @@ pub enum EventPayload {
         killer_pid: Option<u32>,
         /// The sender's command name, if known.
         killer_comm: Option<String>,
+        /// The signal came from the hypervisor's own management daemon (libvirtd,
+        /// virtqemud): a destroy or shutdown it carried out (an operator's `virsh
+        /// destroy`, Nova's stop or hard reboot). Its own lifecycle event says whether
+        /// that was a failure, so this account alone is not one. Absent from older
+        /// watchdogs: `false`.
+        #[serde(default)]
+        by_hypervisor: bool,
         /// The kernel's OOM killer chose it.
         oom_killed: bool,
         /// Kernel timestamp of the exit (`bpf_ktime_get_ns`, host monotonic ns).
@@ -274,6 +281,10 @@ pub struct VmInfo {
     pub name: String,
     /// libvirt domain state (`running`, `paused`, `shutoff`, …).
     pub state: String,
+    /// Why it is in that state (libvirt's reason: `booted`, `crashed`, `destroyed`,
+    /// `shutdown`, …); empty from older watchdogs.
+    #[serde(default)]
+    pub reason: String,
     /// qemu pid, when running.
     pub pid: Option<u32>,
     /// Disk sources (device or image paths).

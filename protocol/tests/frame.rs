@@ -36,6 +36,7 @@ fn every_payload() -> Vec<EventPayload> {
             signal: Some(9),
             killer_pid: Some(1),
             killer_comm: Some("systemd".into()),
+            by_hypervisor: false,
             oom_killed: true,
             kernel_ts_ns: u64::MAX,
         },
@@ -69,6 +70,7 @@ fn every_payload() -> Vec<EventPayload> {
                 uuid: "u".into(),
                 name: "n".into(),
                 state: "running".into(),
+                reason: "booted".into(),
                 pid: Some(99),
                 disks: vec!["/dev/sdb".into()],
             }],
@@ -304,6 +306,7 @@ fn an_inventory_too_large_for_one_frame_cannot_be_encoded() {
             uuid: format!("{i:036}"),
             name: format!("instance-{i:08x}"),
             state: "running".into(),
+            reason: "booted".into(),
             pid: Some(i),
             disks: vec![format!("/var/lib/nova/instances/{i:036}/disk")],
         })

@@ -89,9 +89,10 @@ fn payload() -> impl Strategy<Value = EventPayload> {
             any::<Option<u32>>(),
             opt_text(),
             any::<bool>(),
+            any::<bool>(),
             any::<u64>()
         )
-            .prop_map(|(u, n, pid, code, sig, kp, kc, oom, ts)| {
+            .prop_map(|(u, n, pid, code, sig, kp, kc, hv, oom, ts)| {
                 EventPayload::QemuExited {
                     vm_uuid: u,
                     vm_name: n,
@@ -100,6 +101,7 @@ fn payload() -> impl Strategy<Value = EventPayload> {
                     signal: sig,
                     killer_pid: kp,
                     killer_comm: kc,
+                    by_hypervisor: hv,
                     oom_killed: oom,
                     kernel_ts_ns: ts,
                 }
@@ -148,13 +150,15 @@ fn payload() -> impl Strategy<Value = EventPayload> {
                 ".{0,36}",
                 ".{0,20}",
                 ".{0,10}",
+                ".{0,10}",
                 any::<Option<u32>>(),
                 proptest::collection::vec(".{0,30}", 0..3)
             )
-                .prop_map(|(uuid, name, state, pid, disks)| VmInfo {
+                .prop_map(|(uuid, name, state, reason, pid, disks)| VmInfo {
                     uuid,
                     name,
                     state,
+                    reason,
                     pid,
                     disks
                 }),

@@ -189,8 +189,14 @@ pub struct LibvirtDisk {
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Killer {
+    /// The sender's process id (thread group).
     pub pid: u32,
+    /// The sending thread's name (e.g. `prio-rpc-libvir` for a libvirtd worker).
     pub comm: String,
+    /// The sending process's name (its main thread's `comm`), read from /proc when the
+    /// exit was handled; `None` if it had exited already.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process: Option<String>,
     pub signal: i32,
     pub kernel_ns: u64,
 }

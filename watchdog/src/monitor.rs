@@ -139,6 +139,8 @@ impl Monitor {
                 let killer = (r.killer_tgid != 0).then(|| Killer {
                     pid: r.killer_tgid,
                     comm: comm_str(&r.killer_comm),
+                    process: procfs::read_comm(&self.proc_root, r.killer_tgid)
+                        .map(|c| comm_str(&c)),
                     signal: r.killer_signal as i32,
                     kernel_ns: r.killer_ts_ns,
                 });

@@ -11,6 +11,14 @@
 //! with the reason. The kernel sees an operator's `virsh destroy` as a qemu killed by
 //! libvirtd like any other exit, so the controller does ask.
 //!
+//! A hung guest is undone too: a domain whose guest watchdog fired (any action but
+//! `reset`, which qemu carries out itself) or that libvirt reports crashed or paused by
+//! a panic or a watchdog is still active, with a live qemu; `StartDomain` then destroys
+//! it and starts it again. The watcher records each watchdog firing it sees
+//! ([`note_hung`]) and forgets it when the domain starts ([`note_started`]), because a
+//! watchdog with action `none` leaves the domain in a state that looks like any
+//! running one.
+//!
 //! Which URI: the one the libvirt watcher of this process was started with
 //! ([`set_target`], called by [`super::LibvirtWatcher::start`]). Without a watcher
 //! (`libvirt.enabled = false`) every command fails with the reason.
@@ -51,6 +59,58 @@ pub struct StartSettings {
 }
 
 static TARGET: Mutex<Option<StartSettings>> = Mutex::new(None);
+
+/// Domains (UUID, and name) whose guest watchdog fired since they last started.
+static HUNG: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
+/// The guest of this domain stopped petting its watchdog and was left hung: a restart
+/// must destroy it first.
+pub fn note_hung(uuid: &str, name: &str) {
+    let mut hung = HUNG.lock().unwrap_or_else(|e| e.into_inner());
+    if !hung.iter().any(|(u, n)| u == uuid && n == name) {
+        hung.push((uuid.to_string(), name.to_string()));
+    }
+}
+
+/// The domain started (again): whatever hung before is gone.
+pub fn note_started(uuid: &str, name: &str) {
+    let mut hung = HUNG.lock().unwrap_or_else(|e| e.into_inner());
+    hung.retain(|(u, n)| !same_domain((u, n), uuid, name));
+}
+
+fn noted_hung(uuid: &str, name: &str) -> bool {
+    HUNG.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .any(|(u, n)| same_domain((u, n), uuid, name))
+}
+
+/// The same domain: same UUID, or same name (either may be unknown, i.e. empty).
+fn same_domain((u, n): (&str, &str), uuid: &str, name: &str) -> bool {
+    (!uuid.is_empty() && u == uuid) || (!name.is_empty() && n == name)
+}
+
+/// Why an active domain must be destroyed before it can run again, if it must: its
+/// guest watchdog fired, or libvirt reports it crashed, or paused by a panic or by its
+/// watchdog.
+fn hung_reason(dom: &Domain, name: &str) -> Option<String> {
+    let uuid = dom.get_uuid_string().unwrap_or_default();
+    if noted_hung(&uuid, name) {
+        return Some("its guest watchdog fired".into());
+    }
+    let (state, reason) = dom.get_state().ok()?;
+    let reason_u = u32::try_from(reason).ok()?;
+    let stuck = state == virt::sys::VIR_DOMAIN_CRASHED
+        || (state == virt::sys::VIR_DOMAIN_PAUSED
+            && matches!(
+                reason_u,
+                virt::sys::VIR_DOMAIN_PAUSED_WATCHDOG | virt::sys::VIR_DOMAIN_PAUSED_CRASHED
+            ));
+    stuck.then(|| {
+        let (s, r) = super::names::state(state, reason);
+        format!("libvirt reports it {s} ({r})")
+    })
+}
 
 /// Commands go to this libvirt from now on (None: commands fail, no libvirt here).
 pub fn set_target(target: Option<StartSettings>) {
@@ -122,16 +182,30 @@ fn start_on(settings: &StartSettings, dom: &Domain, vm: &str) -> Result<String, 
     let deadline = monotonic_ns()
         .saturating_add(u64::try_from(settings.wait_for_stop.as_nanos()).unwrap_or(u64::MAX));
     let mut waited = false;
+    // Set once this command destroyed a hung domain: its "destroyed" state is ours.
+    let mut destroyed_hung: Option<String> = None;
     loop {
         let active = dom
             .is_active()
             .map_err(|e| format!("reading the state of {name}: {}", e.message()))?;
+        if active && destroyed_hung.is_none() {
+            if let Some(why) = hung_reason(dom, &name) {
+                dom.destroy()
+                    .map_err(|e| format!("destroying hung {name} ({why}): {}", e.message()))?;
+                tracing::info!(domain = %name, reason = %why, "destroyed a hung domain to restart it");
+                destroyed_hung = Some(why);
+                continue;
+            }
+        }
         if !active {
             // Only a crash is undone: a domain shut off on purpose (an operator's destroy,
             // the guest's own shutdown, a save or a migration) stays off, even though its
             // qemu exit looked like any other to the kernel.
             if let Ok((state, reason)) = dom.get_state() {
-                if state == virt::sys::VIR_DOMAIN_SHUTOFF && stopped_on_purpose(reason) {
+                if state == virt::sys::VIR_DOMAIN_SHUTOFF
+                    && stopped_on_purpose(reason)
+                    && destroyed_hung.is_none()
+                {
                     let (_, why) = super::names::state(state, reason);
                     return Err(format!(
                         "{name} was shut off on purpose ({why}); not starting it"
@@ -141,10 +215,10 @@ fn start_on(settings: &StartSettings, dom: &Domain, vm: &str) -> Result<String, 
             match dom.create() {
                 Ok(_) => {
                     let pid = super::inventory::read_pid(&settings.pid_dir, &name);
-                    let after = if waited {
-                        " (after libvirt noticed its old qemu was gone)"
-                    } else {
-                        ""
+                    let after = match (&destroyed_hung, waited) {
+                        (Some(why), _) => format!(" (destroyed first: {why})"),
+                        (None, true) => " (after libvirt noticed its old qemu was gone)".into(),
+                        (None, false) => String::new(),
                     };
                     return Ok(match pid {
                         Some(pid) => format!("started {name}, qemu pid {pid}{after}"),

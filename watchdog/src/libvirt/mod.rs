@@ -381,6 +381,9 @@ impl Watcher {
                         let observed_ns = monotonic_ns();
                         if let Some(event) = typed(raw, observed_ns) {
                             tracing::debug!(?event, "libvirt event");
+                            // Before the controller hears of it (and may ask for a
+                            // restart): what a restart of this domain must undo.
+                            note_for_commands(&event);
                             self.emit(event);
                         }
                     }
@@ -457,6 +460,28 @@ fn take_inventory(
     }
     vms.sort_by(|a, b| a.name.cmp(&b.name).then(a.uuid.cmp(&b.uuid)));
     Ok(vms)
+}
+
+/// Tells the command side which domains hang (their guest watchdog fired, action other
+/// than `reset`) and which started again.
+fn note_for_commands(event: &WatchdogEvent) {
+    let ids = |vm: &crate::procfs::VmIdentity| {
+        (
+            vm.uuid.clone().unwrap_or_default(),
+            vm.name.clone().unwrap_or_default(),
+        )
+    };
+    match event {
+        WatchdogEvent::LibvirtWatchdog { vm, action, .. } if action != "reset" => {
+            let (uuid, name) = ids(vm);
+            commands::note_hung(&uuid, &name);
+        }
+        WatchdogEvent::LibvirtLifecycle { vm, event, .. } if event == "started" => {
+            let (uuid, name) = ids(vm);
+            commands::note_started(&uuid, &name);
+        }
+        _ => {}
+    }
 }
 
 /// The typed event for a callback's record (none for a connection close, which the
