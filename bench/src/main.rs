@@ -8,6 +8,7 @@ mod heartbeat_intake;
 mod host_memory;
 mod real_guest_kill;
 mod report;
+mod restart_in_place;
 mod suspect_latency;
 
 use std::time::Duration;
@@ -80,6 +81,12 @@ enum Scenario {
         #[arg(long, default_value_t = 100)]
         kills: usize,
     },
+    /// SIGKILL of a real guest's qemu with the controller's libvirt backend → the domain
+    /// started again by its host's watchdog (needs the hostbed).
+    RestartInPlace {
+        #[arg(long, default_value_t = 30)]
+        kills: usize,
+    },
 }
 
 pub fn monotonic_ns() -> u64 {
@@ -116,6 +123,7 @@ fn main() -> anyhow::Result<()> {
         } => heartbeat_intake::run(hosts, seconds, senders, pool_rate, interval_ms, !no_gso)?,
         Scenario::HostMemory { hosts, seconds } => host_memory::run(&hosts, seconds)?,
         Scenario::RealGuestKill { kills } => real_guest_kill::run(kills)?,
+        Scenario::RestartInPlace { kills } => restart_in_place::run(kills)?,
     };
     println!("{md}");
     Ok(())
