@@ -43,7 +43,6 @@ pub fn run(kills: usize) -> anyhow::Result<String> {
     let guest = Guest::start("bench-rip", &uuid, GuestDisk::Plain);
     let subject = format!("vm:{uuid}");
     let (mut to_qemu, mut to_closed, mut to_guest) = (Vec::new(), Vec::new(), Vec::new());
-    let mut incidents_seen = 0usize;
     for i in 0..kills {
         // The controller knows the guest runs (libvirt inventory), and its last incident
         // (if any) is closed.
@@ -81,10 +80,10 @@ pub fn run(kills: usize) -> anyhow::Result<String> {
                 .filter(|inc| inc["subject"] == subject.as_str())
                 .cloned()
                 .collect();
-            (ours.len() > incidents_seen).then_some(())?;
+            // The incident of this kill (one per kill).
+            (ours.len() > i).then_some(())?;
             ours.last()?["closed_at_ms"].as_u64()
         })?;
-        incidents_seen += 1;
         let closed_ms = closed_at_ms.saturating_sub(kill_unix_ms) as f64;
         eprintln!(
             "kill {}/{kills}: qemu {old_pid} → {new_pid} in {qemu_ms:.0} ms, incident closed \
