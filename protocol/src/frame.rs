@@ -159,6 +159,16 @@ pub enum HostCommand {
         /// The domain's UUID (or, for a domain known only by name, its name).
         vm_uuid: String,
     },
+    /// Evacuation without Nova: define the domain on this host from the definition its
+    /// failed (and fenced) host reported, then start it as [`HostCommand::StartDomain`]
+    /// does. Refused unless every disk it names exists here (shared storage). A domain
+    /// already running here is an ok result, so a resent command is harmless.
+    StartFromDefinition {
+        /// The domain's UUID.
+        vm_uuid: String,
+        /// The domain XML (libvirt's inactive definition).
+        xml: String,
+    },
     /// A command this build does not know (sent by a newer controller).
     #[serde(other)]
     Unknown,
@@ -261,6 +271,17 @@ pub enum EventPayload {
         event: String,
         /// The event's detail (`Failed`, `Destroyed`, …).
         detail: String,
+    },
+    /// A persistent domain's definition (libvirt's inactive XML, without secrets), sent
+    /// when the watchdog first sees it and whenever it changes, so that the controller
+    /// can start the domain elsewhere once this host is fenced.
+    DomainDefinition {
+        /// The domain UUID.
+        vm_uuid: String,
+        /// The domain name.
+        vm_name: String,
+        /// The XML.
+        xml: String,
     },
     /// The full list of VMs on the host; sent after connecting and when it changes.
     Inventory {

@@ -65,6 +65,11 @@ fn every_payload() -> Vec<EventPayload> {
             event: "Stopped".into(),
             detail: "Failed".into(),
         },
+        EventPayload::DomainDefinition {
+            vm_uuid: "u".into(),
+            vm_name: "n".into(),
+            xml: "<domain type='kvm'><name>n</name></domain>".into(),
+        },
         EventPayload::Inventory {
             vms: vec![VmInfo {
                 uuid: "u".into(),
@@ -94,6 +99,14 @@ fn every_message() -> Vec<Envelope> {
             command_id: u64::MAX,
             command: HostCommand::StartDomain {
                 vm_uuid: "6d1c5b1e-8a63-4c55-9e1f-3f0f3a1b2c3d".into(),
+            },
+        }),
+        envelope(Message::Command {
+            controller_id: CONTROLLER.into(),
+            command_id: 1,
+            command: HostCommand::StartFromDefinition {
+                vm_uuid: "6d1c5b1e-8a63-4c55-9e1f-3f0f3a1b2c3d".into(),
+                xml: "<domain type='kvm'>\n  <name>n</name>\n</domain>".into(),
             },
         }),
         envelope(Message::CommandResult {

@@ -145,6 +145,13 @@ fn payload() -> impl Strategy<Value = EventPayload> {
                 detail: d,
             }
         }),
+        (".{0,36}", ".{0,20}", ".{0,200}").prop_map(|(u, n, x)| {
+            EventPayload::DomainDefinition {
+                vm_uuid: u,
+                vm_name: n,
+                xml: x,
+            }
+        }),
         proptest::collection::vec(
             (
                 ".{0,36}",
@@ -191,6 +198,13 @@ fn message() -> impl Strategy<Value = Message> {
             controller_id: c,
             command_id: n,
             command: protocol::frame::HostCommand::StartDomain { vm_uuid: vm },
+        }),
+        (id_string(64), any::<u64>(), ".{0,40}", ".{0,200}").prop_map(|(c, n, vm, xml)| {
+            Message::Command {
+                controller_id: c,
+                command_id: n,
+                command: protocol::frame::HostCommand::StartFromDefinition { vm_uuid: vm, xml },
+            }
         }),
         (any::<u64>(), any::<bool>(), ".{0,80}").prop_map(|(n, ok, detail)| {
             Message::CommandResult {

@@ -39,6 +39,13 @@ pub struct LibvirtConfig {
     pub reconnect_min_ms: u64,
     /// …up to this.
     pub reconnect_max_ms: u64,
+    /// Where libvirt's qemu driver writes `NAME.pid` for each running domain.
+    pub pid_dir: PathBuf,
+    /// Report only the qemu processes of this libvirt's own domains (from its domain
+    /// list). For several hypervisor instances on one kernel (a lab on one machine,
+    /// nested setups): the probes see every qemu of the kernel. Default `false`: every
+    /// watched process is reported.
+    pub only_own_domains: bool,
 }
 
 impl Default for LibvirtConfig {
@@ -49,6 +56,8 @@ impl Default for LibvirtConfig {
             inventory_interval_ms: 30_000,
             reconnect_min_ms: 100,
             reconnect_max_ms: 5_000,
+            pid_dir: PathBuf::from("/run/libvirt/qemu"),
+            only_own_domains: false,
         }
     }
 }
@@ -65,6 +74,9 @@ impl LibvirtConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.pid_dir.is_absolute() {
+            return Err(invalid("libvirt.pid_dir", "must be an absolute path"));
+        }
         if self.uri.is_empty()
             || self.uri.contains('\0')
             || self.uri.chars().any(char::is_whitespace)

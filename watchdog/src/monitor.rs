@@ -3,7 +3,7 @@
 //! Events from outside the probes (the libvirt watcher) come in on an optional
 //! channel and go to the same sink; the libvirt inventory also completes the pid → VM
 //! map.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -42,6 +42,9 @@ pub struct Monitor {
     external: Option<mpsc::UnboundedReceiver<WatchdogEvent>>,
     /// qemu pid → VM, from the last libvirt inventory.
     libvirt_pids: HashMap<u32, VmIdentity>,
+    /// Every domain (UUIDs and names) of the last libvirt inventory, for
+    /// `libvirt.only_own_domains`; `None` until the first inventory.
+    own_domains: Option<HashSet<String>>,
 }
 
 impl Monitor {
@@ -56,6 +59,7 @@ impl Monitor {
             last_stats: ProbeStats::default(),
             external: None,
             libvirt_pids: HashMap::new(),
+            own_domains: None,
         }
     }
 
@@ -103,6 +107,9 @@ impl Monitor {
                 vm: vm.clone(),
             },
         );
+        if self.foreign(&vm) {
+            return;
+        }
         let observed_ns = monotonic_ns();
         sink.emit(WatchdogEvent::QemuStarted {
             pid,
@@ -148,6 +155,9 @@ impl Monitor {
                     Some(k) => (k.comm, k.vm),
                     None => (comm_str(&r.comm), VmIdentity::default()),
                 };
+                if self.foreign(&vm) {
+                    return;
+                }
                 sink.emit(WatchdogEvent::QemuExited {
                     pid: r.tgid,
                     comm,
@@ -171,9 +181,29 @@ impl Monitor {
         }
     }
 
+    /// With `libvirt.only_own_domains`, a qemu whose VM is not one of this libvirt's
+    /// domains belongs to another hypervisor instance on the same kernel: not reported.
+    /// Before the first inventory nothing is known, and everything is reported.
+    fn foreign(&self, vm: &VmIdentity) -> bool {
+        if !self.cfg.libvirt.only_own_domains {
+            return false;
+        }
+        let Some(own) = &self.own_domains else {
+            return false;
+        };
+        let mine = |id: &Option<String>| id.as_ref().is_some_and(|i| own.contains(i));
+        !(mine(&vm.uuid) || mine(&vm.name))
+    }
+
     fn emit_stall(&self, change: StallChange, sink: &mut dyn EventSink) {
         let observed_ns = monotonic_ns();
         let vm_of = |pid| self.vms.get(&pid).map(|v| v.vm.clone()).unwrap_or_default();
+        let tgid = match &change {
+            StallChange::Started { tgid, .. } | StallChange::Ended { tgid, .. } => *tgid,
+        };
+        if self.foreign(&vm_of(tgid)) {
+            return;
+        }
         let event = match change {
             StallChange::Started {
                 tgid,
@@ -238,6 +268,12 @@ impl Monitor {
     /// missed) is watched from now on.
     fn reconcile_with_libvirt(&mut self, vms: &[LibvirtVm], sink: &mut dyn EventSink) {
         self.libvirt_pids = inventory::pid_map(vms);
+        self.own_domains = Some(
+            vms.iter()
+                .flat_map(|v| [v.uuid.clone(), v.name.clone()])
+                .filter(|id| !id.is_empty())
+                .collect(),
+        );
         let watched: HashMap<u32, VmIdentity> = self
             .vms
             .iter()

@@ -40,6 +40,19 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let store = crate::store::SqliteStore::open(&c.store_path)
         .with_context(|| format!("opening the store {}", c.store_path.display()))?;
+    // The hosts whose event stream is open, for edges that send them commands, and the
+    // domain definitions the hosts reported (for evacuation without Nova), as stored.
+    let streams = libvirt_backend::HostStreams::new();
+    for (host, payload) in store
+        .events_of_kind("domain_definition")
+        .context("reading the stored domain definitions")?
+    {
+        if let Ok(protocol::EventPayload::DomainDefinition { vm_uuid, xml, .. }) =
+            serde_json::from_str(&payload)
+        {
+            streams.note_definition(&host, &vm_uuid, &xml);
+        }
+    }
     let parts = EngineTaskParts {
         engine_config: cfg.engine_config(),
         store: Box::new(store),
@@ -47,8 +60,6 @@ pub async fn run(
         controller_id: c.id.clone(),
         cluster_id: c.cluster_id.clone(),
     };
-    // The hosts whose event stream is open, for edges that send them commands.
-    let streams = libvirt_backend::HostStreams::new();
     let backend = c.backend;
     let restorer_streams = streams.clone();
     let (task, channels) = EngineTask::new(parts, |results| {

@@ -184,6 +184,19 @@ pub fn pending_event(
         WatchdogEvent::LibvirtControlError {
             vm: v, observed_ns, ..
         } => (*observed_ns, lifecycle(v, "control_error", "")),
+        WatchdogEvent::LibvirtDefinition {
+            vm: v,
+            xml,
+            observed_ns,
+            ..
+        } => (
+            *observed_ns,
+            EventPayload::DomainDefinition {
+                vm_uuid: v.uuid.clone().unwrap_or_default(),
+                vm_name: v.name.clone().unwrap_or_default(),
+                xml: xml.clone(),
+            },
+        ),
         WatchdogEvent::LibvirtInventory {
             vms, observed_ns, ..
         } => (
@@ -448,6 +461,7 @@ mod tests {
                 reason: "booted".into(),
                 pid: Some(42),
                 disks: vec![disk("/a", &["/base"]), disk("/b", &["/base"])],
+                definition: Some("<domain/>".into()),
             }],
             observed_ns: 10,
             unix_ms: 0,

@@ -76,6 +76,7 @@ impl StatusTracker {
             | WatchdogEvent::LibvirtReboot { .. }
             | WatchdogEvent::LibvirtBlockThreshold { .. }
             | WatchdogEvent::LibvirtControlError { .. }
+            | WatchdogEvent::LibvirtDefinition { .. }
             | WatchdogEvent::LibvirtInventory { .. } => {}
         }
     }
