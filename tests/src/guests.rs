@@ -36,8 +36,13 @@ pub fn guests_dir() -> PathBuf {
 
 /// Runs `virsh -c qemu:///system ARGS` with a deadline; its stdout, or why it failed.
 pub fn virsh(args: &[&str], timeout: Duration) -> Result<String, String> {
+    run_virsh(LIBVIRT_URI, args, timeout)
+}
+
+/// Runs `virsh -c URI ARGS` with a deadline; its stdout, or why it failed.
+pub fn run_virsh(uri: &str, args: &[&str], timeout: Duration) -> Result<String, String> {
     let mut child = Command::new("virsh")
-        .args(["-q", "-c", LIBVIRT_URI])
+        .args(["-q", "-c", uri])
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod guests;
+pub mod hypervisor;
 pub mod netns;
 
 /// A short tag unique to this test process and call, for names of namespaces and files.
