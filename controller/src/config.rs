@@ -35,6 +35,14 @@ pub struct FenceSection {
     pub verify_timeout_ms: u64,
     /// Pause between those reads.
     pub verify_poll_ms: u64,
+    /// Opt-in: the watchdogs' `controller.isolation_timeout_ms`, for hosts whose
+    /// watchdog self-fences (`[self_fence] enabled`). Such a host, silent for this plus
+    /// `self_fence_margin_ms` while its last heartbeat said "armed", counts as fenced
+    /// (`SelfFenceDeadline`). Unset: off.
+    pub self_fence_isolation_timeout_ms: Option<u64>,
+    /// Time for the isolated watchdog to kill its VMs (and for clock drift) after its
+    /// isolation timeout (default 2000).
+    pub self_fence_margin_ms: u64,
     /// One entry per host; a host without one cannot be fenced (its fence fails with
     /// the reason, an alarm, and nothing is restored).
     pub host: Vec<FenceHost>,
@@ -45,6 +53,8 @@ impl Default for FenceSection {
         Self {
             verify_timeout_ms: 10_000,
             verify_poll_ms: 250,
+            self_fence_isolation_timeout_ms: None,
+            self_fence_margin_ms: 2_000,
             host: Vec::new(),
         }
     }
@@ -438,6 +448,10 @@ impl ControllerConfig {
             restart_window: Duration::from_secs(e.restart_window_s),
             max_evacuate_attempts: e.max_evacuate_attempts,
             max_dead_share: e.max_dead_share,
+            self_fence_deadline: self
+                .fence
+                .self_fence_isolation_timeout_ms
+                .map(|t| ms(t.saturating_add(self.fence.self_fence_margin_ms))),
             ..engine::Config::default()
         };
         cfg.detector.interval = ms(self.detector.heartbeat_interval_ms);
@@ -509,6 +523,20 @@ fn resolve_fence(f: &FenceSection) -> Result<(FenceTable, VerifyPolicy), ConfigE
     }
     if !(10..=60_000).contains(&f.verify_poll_ms) {
         return Err(invalid("fence.verify_poll_ms", "must be 10..=60000"));
+    }
+    if let Some(t) = f.self_fence_isolation_timeout_ms {
+        if !(20..=3_600_000).contains(&t) {
+            return Err(invalid(
+                "fence.self_fence_isolation_timeout_ms",
+                "must be 20..=3600000 (the watchdogs' controller.isolation_timeout_ms)",
+            ));
+        }
+    }
+    if !(500..=600_000).contains(&f.self_fence_margin_ms) {
+        return Err(invalid(
+            "fence.self_fence_margin_ms",
+            "must be 500..=600000",
+        ));
     }
     let mut table = FenceTable::new();
     for (i, h) in f.host.iter().enumerate() {
@@ -782,6 +810,32 @@ levels = [
             .unwrap_err()
             .to_string();
         assert!(err.contains("fence.host[0].levels[0].options"), "{err}");
+    }
+
+    #[test]
+    fn the_self_fence_deadline_is_the_isolation_timeout_plus_the_margin_and_off_by_default() {
+        let dir = dir_with_secrets();
+        let r = ControllerConfig::parse(&text(&dir, ""))
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(r.cfg.engine_config().self_fence_deadline, None);
+        let t = text(&dir, "[fence]\nself_fence_isolation_timeout_ms = 3000\n");
+        let r = ControllerConfig::parse(&t).unwrap().resolve().unwrap();
+        assert_eq!(
+            r.cfg.engine_config().self_fence_deadline,
+            Some(Duration::from_millis(5000))
+        );
+        let t = text(
+            &dir,
+            "[fence]\nself_fence_isolation_timeout_ms = 3000\nself_fence_margin_ms = 0\n",
+        );
+        let err = ControllerConfig::parse(&t)
+            .unwrap()
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fence.self_fence_margin_ms"), "{err}");
     }
 
     #[test]

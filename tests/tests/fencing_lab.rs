@@ -75,12 +75,16 @@ fn start(levels: impl Fn(&str) -> String) -> (Lab, Bmc) {
 }
 
 fn vms_on_h0(lab: &Lab) -> Vec<FakeQemu> {
+    vms_named(lab, &qemu_name(0))
+}
+
+fn vms_named(lab: &Lab, name: &str) -> Vec<FakeQemu> {
     let ns = lab.net.host_ns(0);
     (0..2)
         .map(|i| {
             FakeQemu::start_in(
                 Some(&ns),
-                &qemu_name(0),
+                name,
                 &format!("fence-vm{i}"),
                 &format!("fe0ce000-0000-4000-8000-00000000000{i}"),
                 &[],
@@ -320,4 +324,96 @@ fn with_its_bmc_unreachable_a_silent_host_is_not_restored_and_the_controller_rai
     for vm in &mut vms {
         assert!(alive(vm), "a qemu died although nothing fenced the host");
     }
+}
+
+#[test]
+fn an_isolated_watchdog_that_self_fences_kills_its_vms_and_only_then_does_the_controller_count_its_host_fenced(
+) {
+    require!(is_root(), "root (network namespaces, BPF)");
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // No BMC: h0's watchdog self-fences (isolation timeout 3 s, the default), and the
+    // controller counts it fenced 3 s + 1 s after its last heartbeat.
+    let spec = LabSpec {
+        hosts: 2,
+        backend: "libvirt",
+        controller_extra: r#"[engine]
+fence_on_unknown_after_ms = 5000
+
+[fence]
+self_fence_isolation_timeout_ms = 3000
+self_fence_margin_ms = 1000
+"#
+        .into(),
+        watchdog_extra: Box::new(|h| {
+            let mut s = format!("[probes]\nwatch_names = [\"qemu-sf-h{h}\"]\n");
+            if h == 0 {
+                s.push_str("\n[self_fence]\nenabled = true\n");
+            }
+            s
+        }),
+        bmc_network: false,
+    };
+    let mut lab = Lab::new(&spec);
+    lab.start_controller(&spec);
+    lab.start_watchdogs(&spec);
+    lab.wait_until("h0 and h1 Up", Duration::from_secs(60), |s| {
+        s.len() == 2 && s.iter().all(|(_, st)| st == "Up")
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lab.watchdogs[0].log_text().contains("self-fence armed") {
+        assert!(Instant::now() < deadline, "{}", lab.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!lab.watchdogs[1].log_text().contains("self-fence"));
+    let mut vms = vms_named(&lab, "qemu-sf-h0");
+
+    let cut = Instant::now();
+    lab.net.set_host_links(0, false);
+    let (mut dead_at, mut fenced_at) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dead_at.is_none() || fenced_at.is_none() {
+        if dead_at.is_none() && vms.iter_mut().all(|vm| !alive(vm)) {
+            dead_at = Some(cut.elapsed());
+        }
+        if fenced_at.is_none()
+            && matches!(
+                lab.state_of("h0").as_str(),
+                "Fenced" | "Evacuating" | "Recovered"
+            )
+        {
+            fenced_at = Some(cut.elapsed());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "qemus dead after {dead_at:?}, h0 fenced after {fenced_at:?}\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (dead_at, fenced_at) = (dead_at.unwrap(), fenced_at.unwrap());
+    eprintln!("links cut: qemus killed by the watchdog after {dead_at:?}, h0 counted fenced after {fenced_at:?}");
+    assert!(
+        dead_at < fenced_at,
+        "the controller counted h0 fenced while its VMs ran"
+    );
+    // Never before the isolation timeout plus the margin.
+    assert!(fenced_at >= Duration::from_secs(4), "{fenced_at:?}");
+    // The watchdog killed its VMs, not itself.
+    assert!(
+        matches!(lab.watchdogs[0].child.try_wait(), Ok(None)),
+        "{}",
+        lab.watchdogs[0].log_text()
+    );
+    let wd = lab.watchdogs[0].log_text();
+    assert!(wd.contains("self-fence: isolated"), "{wd}");
+    let incident = wait_restore_began(&lab);
+    let fenced = entry(&incident, "Fenced");
+    assert_eq!(fenced["source"], "SelfFence", "{incident}");
+    assert!(
+        fenced["cause"]
+            .as_str()
+            .unwrap()
+            .contains("SelfFenceDeadline"),
+        "{incident}"
+    );
 }
