@@ -12,6 +12,7 @@ use crate::detector::{DetectorConfig, DetectorKind};
 use crate::engine;
 use crate::fence::agent::{check_option, FenceAgent};
 use crate::fence::ipmi::IpmiTool;
+use crate::fence::pacemaker::Pacemaker;
 use crate::fence::{CallPolicy, FenceDriver};
 use crate::runtime::fencing::{FenceTable, VerifyPolicy};
 
@@ -43,9 +44,42 @@ pub struct FenceSection {
     /// Time for the isolated watchdog to kill its VMs (and for clock drift) after its
     /// isolation timeout (default 2000).
     pub self_fence_margin_ms: u64,
+    /// How `method = "pacemaker"` levels reach the cluster.
+    pub pacemaker: PacemakerSection,
     /// One entry per host; a host without one cannot be fenced (its fence fails with
     /// the reason, an alarm, and nothing is restored).
     pub host: Vec<FenceHost>,
+}
+
+/// `[fence.pacemaker]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PacemakerSection {
+    /// Put in front of `crm_mon` and `stonith_admin` (they must run on a cluster node):
+    /// e.g. `["ssh", "root@node1"]`. Empty: run them on the controller's machine.
+    pub command_prefix: Vec<String>,
+    /// One `crm_mon` or history call is killed after this long.
+    pub timeout_ms: u64,
+    /// Tries per call, with `backoff_ms` doubling between them.
+    pub attempts: u32,
+    pub backoff_ms: u64,
+    /// `stonith_admin --fence --timeout` (Pacemaker's own), plus 5 s of ours.
+    pub fence_timeout_ms: u64,
+    /// A fencing event older than this verifies nothing.
+    pub history_max_age_ms: u64,
+}
+
+impl Default for PacemakerSection {
+    fn default() -> Self {
+        Self {
+            command_prefix: Vec::new(),
+            timeout_ms: 10_000,
+            attempts: 2,
+            backoff_ms: 200,
+            fence_timeout_ms: 60_000,
+            history_max_age_ms: 120_000,
+        }
+    }
 }
 
 impl Default for FenceSection {
@@ -55,6 +89,7 @@ impl Default for FenceSection {
             verify_poll_ms: 250,
             self_fence_isolation_timeout_ms: None,
             self_fence_margin_ms: 2_000,
+            pacemaker: PacemakerSection::default(),
             host: Vec::new(),
         }
     }
@@ -78,6 +113,16 @@ pub enum FenceLevel {
     Ipmi(IpmiLevel),
     /// A ClusterLabs fence agent through its stdin interface.
     Agent(AgentLevel),
+    /// Pacemaker's own fencing, verified by its fencing history.
+    Pacemaker(PacemakerLevel),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PacemakerLevel {
+    /// The host's node name in the cluster (default: the host's name).
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -538,6 +583,26 @@ fn resolve_fence(f: &FenceSection) -> Result<(FenceTable, VerifyPolicy), ConfigE
             "must be 500..=600000",
         ));
     }
+    let pm = &f.pacemaker;
+    let pm_policy = policy("fence.pacemaker", pm.timeout_ms, pm.attempts, pm.backoff_ms)?;
+    if !(1_000..=3_600_000).contains(&pm.fence_timeout_ms) {
+        return Err(invalid(
+            "fence.pacemaker.fence_timeout_ms",
+            "must be 1000..=3600000",
+        ));
+    }
+    if !(1_000..=86_400_000).contains(&pm.history_max_age_ms) {
+        return Err(invalid(
+            "fence.pacemaker.history_max_age_ms",
+            "must be 1000..=86400000",
+        ));
+    }
+    if pm.command_prefix.iter().any(String::is_empty) {
+        return Err(invalid(
+            "fence.pacemaker.command_prefix",
+            "no empty arguments",
+        ));
+    }
     let mut table = FenceTable::new();
     for (i, h) in f.host.iter().enumerate() {
         let at = format!("fence.host[{i}]");
@@ -585,6 +650,19 @@ fn resolve_fence(f: &FenceSection) -> Result<(FenceTable, VerifyPolicy), ConfigE
                         cipher_suite: l.cipher_suite,
                         privilege: l.privilege.clone(),
                         policy: policy(&at, l.timeout_ms, l.attempts, l.backoff_ms)?,
+                    })
+                }
+                FenceLevel::Pacemaker(l) => {
+                    let node = l.node.clone().unwrap_or_else(|| h.name.clone());
+                    if node.is_empty() || node.chars().any(char::is_whitespace) {
+                        return Err(invalid(format!("{at}.node"), "must be a node name"));
+                    }
+                    Arc::new(Pacemaker {
+                        node,
+                        command_prefix: pm.command_prefix.clone(),
+                        policy: pm_policy,
+                        fence_timeout: Duration::from_millis(pm.fence_timeout_ms),
+                        history_max_age: Duration::from_millis(pm.history_max_age_ms),
                     })
                 }
                 FenceLevel::Agent(l) => {
@@ -836,6 +914,35 @@ levels = [
             .unwrap_err()
             .to_string();
         assert!(err.contains("fence.self_fence_margin_ms"), "{err}");
+    }
+
+    #[test]
+    fn a_pacemaker_level_takes_the_hosts_name_unless_it_names_its_node() {
+        let dir = dir_with_secrets();
+        let t = text(
+            &dir,
+            r#"
+[fence.pacemaker]
+command_prefix = ["ssh", "root@node1"]
+
+[[fence.host]]
+name = "node2"
+levels = [{ method = "pacemaker" }]
+
+[[fence.host]]
+name = "compute-3"
+levels = [{ method = "pacemaker", node = "node3" }]
+"#,
+        );
+        let r = ControllerConfig::parse(&t).unwrap().resolve().unwrap();
+        assert_eq!(
+            r.fence[&engine::HostId::new("node2")][0].describe(),
+            "pacemaker node node2"
+        );
+        assert_eq!(
+            r.fence[&engine::HostId::new("compute-3")][0].describe(),
+            "pacemaker node node3"
+        );
     }
 
     #[test]

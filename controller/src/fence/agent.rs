@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use super::{
     with_retries, BoxFuture, CallPolicy, FenceDriver, FenceError, Invocation, Output, Power,
 };
-use crate::engine::FenceVerifier;
+use crate::engine::{FenceVerifier, Source, Verdict};
 
 /// One fence agent configured for one host.
 #[derive(Debug, Clone)]
@@ -80,6 +80,18 @@ impl FenceAgent {
         }
     }
 
+    /// `action=off`.
+    pub async fn power_off(&self) -> Result<(), FenceError> {
+        self.call("off", |o| o.code == Some(0)).await?;
+        Ok(())
+    }
+
+    /// `action=status`.
+    pub async fn power_status(&self) -> Result<Power, FenceError> {
+        let out = self.call("status", |o| parse_status(o).is_some()).await?;
+        Ok(parse_status(&out).expect("accepted above"))
+    }
+
     async fn call(
         &self,
         action: &str,
@@ -123,24 +135,26 @@ impl FenceDriver for FenceAgent {
         }
     }
 
-    fn power_off(&self) -> BoxFuture<'_, Result<(), FenceError>> {
-        Box::pin(async move {
-            self.call("off", |o| o.code == Some(0)).await?;
-            Ok(())
-        })
+    fn fence(&self) -> BoxFuture<'_, Result<(), FenceError>> {
+        Box::pin(self.power_off())
     }
 
-    fn power_status(&self) -> BoxFuture<'_, Result<Power, FenceError>> {
-        Box::pin(async move {
-            let out = self.call("status", |o| parse_status(o).is_some()).await?;
-            Ok(parse_status(&out).expect("accepted above"))
-        })
+    fn is_fenced(&self) -> BoxFuture<'_, Result<bool, FenceError>> {
+        Box::pin(async move { Ok(self.power_status().await? == Power::Off) })
+    }
+
+    fn verdict(&self) -> BoxFuture<'_, Result<Verdict, FenceError>> {
+        Box::pin(async move { Ok(super::power_verdict(self.power_status().await?)) })
     }
 
     /// A fence agent reads the chassis power from the host's management controller, the
     /// same evidence as IPMI's power status.
     fn verifier(&self) -> FenceVerifier {
         FenceVerifier::IpmiPowerOff
+    }
+
+    fn source(&self) -> Source {
+        Source::Ipmi
     }
 }
 

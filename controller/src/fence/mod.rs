@@ -1,13 +1,17 @@
 //! Fence methods: the ways the controller powers a host off and reads its power back.
 //!
-//! Every method is a [`FenceDriver`]: `power_off` and `power_status`, each a bounded
-//! external call (a child process with a timeout, retried with backoff). A host has one
-//! or more drivers, its *levels*, tried in order like Pacemaker's fencing topology: the
-//! first level whose power-off is then verified wins (see [`crate::runtime::fencing`]).
+//! Every method is a [`FenceDriver`]: `fence`, `is_fenced` (the verification) and
+//! `verdict` (the confirmation), each made of bounded external calls (child processes
+//! with a timeout, retried with backoff). A host has one or more drivers, its *levels*,
+//! tried in order like Pacemaker's fencing topology: the first level whose fence is then
+//! verified wins (see [`crate::runtime::fencing`]).
 //!
-//! - [`ipmi::IpmiTool`]: `ipmitool -I lanplus` against the host's BMC.
+//! - [`ipmi::IpmiTool`]: `ipmitool -I lanplus` against the host's BMC (power off;
+//!   verified by power status off).
 //! - [`agent::FenceAgent`]: any ClusterLabs fence agent (`fence_ipmilan`, `fence_redfish`,
-//!   ...) through its standard stdin interface (`key=value` lines).
+//!   ...) through its standard stdin interface (`key=value` lines); same evidence.
+//! - [`pacemaker::Pacemaker`]: the cluster's own fencing (`stonith_admin --fence`),
+//!   verified by its fencing history; membership from `crm_mon`.
 use std::future::Future;
 use std::pin::Pin;
 use std::process::Stdio;
@@ -16,10 +20,11 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt as _;
 use tokio::process::Command;
 
-use crate::engine::FenceVerifier;
+use crate::engine::{FenceVerifier, Source, Verdict};
 
 pub mod agent;
 pub mod ipmi;
+pub mod pacemaker;
 
 /// Chassis power as a BMC reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,13 +60,28 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait FenceDriver: Send + Sync {
     /// A short description for logs and timelines (`ipmi 10.0.0.5:623`).
     fn describe(&self) -> String;
-    /// Power the host off (hard, not a graceful shutdown). `Ok` means the method says
-    /// it did so; only [`FenceDriver::power_status`] verifies it.
-    fn power_off(&self) -> BoxFuture<'_, Result<(), FenceError>>;
-    /// Read the chassis power.
-    fn power_status(&self) -> BoxFuture<'_, Result<Power, FenceError>>;
-    /// The evidence a verified power-off by this driver counts as.
+    /// Fence the host (hard power off, not a graceful shutdown). `Ok` means the method
+    /// says it did so; only [`FenceDriver::is_fenced`] verifies it.
+    fn fence(&self) -> BoxFuture<'_, Result<(), FenceError>>;
+    /// Independent evidence that the host is fenced now (power status off; a recent
+    /// successful fencing in Pacemaker's history).
+    fn is_fenced(&self) -> BoxFuture<'_, Result<bool, FenceError>>;
+    /// What this source says about a silent host (see [`crate::runtime::fencing`]).
+    fn verdict(&self) -> BoxFuture<'_, Result<Verdict, FenceError>>;
+    /// The evidence a verified fence by this driver counts as.
     fn verifier(&self) -> FenceVerifier;
+    /// The timeline source of its confirmations.
+    fn source(&self) -> Source;
+}
+
+/// A BMC's power as a confirmation: off → `Dead`; on → `Unknown`, because chassis power
+/// says nothing about whether the OS still runs VMs (a cut-off host and a hung one both
+/// show power on).
+pub fn power_verdict(p: Power) -> Verdict {
+    match p {
+        Power::Off => Verdict::Dead,
+        Power::On => Verdict::Unknown,
+    }
 }
 
 /// Timeouts and retries of one driver's calls.

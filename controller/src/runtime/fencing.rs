@@ -1,23 +1,25 @@
 //! The fencing edges: a [`Fencer`] that tries a host's configured fence levels in order
-//! and verifies the power-off, and a [`Confirmer`] that asks the host's BMC for its
-//! chassis power.
+//! and verifies each fence, and a [`Confirmer`] that asks the host's levels (its BMC's
+//! chassis power, Pacemaker's membership) whether it is dead.
 //!
 //! ```text
-//! engine ─Fence{key}─► LeveledFencer ─spawn─► level 1: power off ─► poll status until off ─► Verified
+//! engine ─Fence{key}─► LeveledFencer ─spawn─► level 1: fence ─► poll is_fenced until true ─► Verified
 //!                                               │ failed / never off
 //!                                               ▼
 //!                                             level 2 ... ─► all failed: Failed (or Unverified) ─► alarm
 //! ```
 //!
 //! Rules kept here:
-//! - Only a power status read back as *off* verifies a fence; a power-off command that
-//!   "succeeded" but is never confirmed off is `Unverified` (an alarm, no restore).
+//! - Only independent evidence verifies a fence (power status read back as *off*, a
+//!   successful fencing in Pacemaker's history); a fence command that "succeeded" but is
+//!   never verified is `Unverified` (an alarm, no restore).
 //! - Idempotent per intent key: a key handed over again while its fence runs is
 //!   ignored; one that has finished gets its first outcome again, nothing is redone.
 //! - A BMC reporting power *on* does not make a silent host `Alive`: the chassis runs,
 //!   but that says nothing about whether its OS still runs VMs (a cut-off host and a
 //!   hung one look the same). Only Pacemaker membership can say `Alive`. So power on
 //!   is `Unknown`, and the engine fences after its `fence_on_unknown_after` silence.
+//!   The first level that answers gives the verdict.
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,7 +27,7 @@ use std::time::Duration;
 use super::edges::ResultSender;
 use crate::engine::edge::{Confirmer, Fencer};
 use crate::engine::{FenceMethod, FenceOutcome, HostId, Input, IntentKey, Source, Verdict};
-use crate::fence::{FenceDriver, Power};
+use crate::fence::FenceDriver;
 
 /// Each host's fence levels, in the order they are tried.
 pub type FenceTable = HashMap<HostId, Vec<Arc<dyn FenceDriver>>>;
@@ -123,12 +125,12 @@ pub async fn fence_through_levels(
     let mut unverified = false;
     for (i, level) in levels.iter().enumerate() {
         let what = format!("level {} ({})", i + 1, level.describe());
-        if let Err(e) = level.power_off().await {
-            tracing::warn!(%host, level = %what, error = %e, "power off failed");
+        if let Err(e) = level.fence().await {
+            tracing::warn!(%host, level = %what, error = %e, "fence failed");
             reasons.push(format!("{what}: power off failed: {e}"));
             continue;
         }
-        match wait_power_off(level.as_ref(), verify).await {
+        match wait_fenced(level.as_ref(), verify).await {
             Ok(()) => return FenceOutcome::Verified(level.verifier()),
             Err(why) => {
                 tracing::warn!(%host, level = %what, %why, "power off not verified");
@@ -145,14 +147,16 @@ pub async fn fence_through_levels(
     }
 }
 
-async fn wait_power_off(level: &dyn FenceDriver, verify: VerifyPolicy) -> Result<(), String> {
+async fn wait_fenced(level: &dyn FenceDriver, verify: VerifyPolicy) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + verify.timeout;
     let mut last;
     loop {
-        match level.power_status().await {
-            Ok(Power::Off) => return Ok(()),
-            Ok(Power::On) => last = "power status still on".to_string(),
-            Err(e) => last = format!("power status unreadable: {e}"),
+        match level.is_fenced().await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {
+                last = "not fenced yet (power status on, or no fencing in the history)".to_string()
+            }
+            Err(e) => last = format!("no evidence: {e}"),
         }
         if tokio::time::Instant::now() + verify.poll > deadline {
             return Err(format!("{last} after {} ms", verify.timeout.as_millis()));
@@ -195,35 +199,33 @@ impl Confirmer for PowerConfirmer {
         }
         let (host, results, asking) = (host.clone(), self.results.clone(), self.asking.clone());
         tokio::spawn(async move {
-            let verdict = power_verdict(&host, &levels).await;
+            let (source, verdict) = levels_verdict(&host, &levels).await;
             asking.lock().expect("asking").remove(&host);
             let _ = results.send(Input::ConfirmationResult {
                 host,
-                source: Source::Ipmi,
+                source,
                 verdict,
             });
         });
     }
 }
 
-/// Off → `Dead`; on or unreadable → `Unknown` (see the module comment).
-pub async fn power_verdict(host: &HostId, levels: &[Arc<dyn FenceDriver>]) -> Verdict {
+/// The first level that answers gives the verdict; none answering is `Unknown` (see the
+/// module comment).
+pub async fn levels_verdict(host: &HostId, levels: &[Arc<dyn FenceDriver>]) -> (Source, Verdict) {
     for level in levels {
-        match level.power_status().await {
-            Ok(Power::Off) => {
-                tracing::info!(%host, level = %level.describe(), "BMC: power off");
-                return Verdict::Dead;
-            }
-            Ok(Power::On) => {
-                tracing::info!(%host, level = %level.describe(), "BMC: power on (the OS may still be running or hung)");
-                return Verdict::Unknown;
+        match level.verdict().await {
+            Ok(v) => {
+                tracing::info!(%host, level = %level.describe(), verdict = ?v, "confirmation");
+                return (level.source(), v);
             }
             Err(e) => {
-                tracing::warn!(%host, level = %level.describe(), error = %e, "BMC: no power status");
+                tracing::warn!(%host, level = %level.describe(), error = %e, "confirmation: no answer");
             }
         }
     }
-    Verdict::Unknown
+    let source = levels.first().map_or(Source::Heartbeat, |l| l.source());
+    (source, Verdict::Unknown)
 }
 
 #[cfg(test)]
@@ -232,7 +234,7 @@ mod tests {
 
     use super::*;
     use crate::engine::FenceVerifier;
-    use crate::fence::{BoxFuture, FenceError};
+    use crate::fence::{power_verdict, BoxFuture, FenceError, Power};
 
     /// A scripted driver for the level logic only (real BMCs are in tests/).
     struct Scripted {
@@ -266,7 +268,7 @@ mod tests {
         fn describe(&self) -> String {
             "scripted".into()
         }
-        fn power_off(&self) -> BoxFuture<'_, Result<(), FenceError>> {
+        fn fence(&self) -> BoxFuture<'_, Result<(), FenceError>> {
             self.offs.fetch_add(1, Ordering::SeqCst);
             let ok = self.off_ok;
             Box::pin(async move {
@@ -277,13 +279,26 @@ mod tests {
                 }
             })
         }
-        fn power_status(&self) -> BoxFuture<'_, Result<Power, FenceError>> {
-            let i = self.reads.fetch_add(1, Ordering::SeqCst) as usize;
-            let a = self.statuses[i.min(self.statuses.len() - 1)];
-            Box::pin(async move { a.map_err(|()| err()) })
+        fn is_fenced(&self) -> BoxFuture<'_, Result<bool, FenceError>> {
+            let a = self.status();
+            Box::pin(async move { a.map(|p| p == Power::Off).map_err(|()| err()) })
+        }
+        fn verdict(&self) -> BoxFuture<'_, Result<Verdict, FenceError>> {
+            let a = self.status();
+            Box::pin(async move { a.map(power_verdict).map_err(|()| err()) })
         }
         fn verifier(&self) -> FenceVerifier {
             FenceVerifier::IpmiPowerOff
+        }
+        fn source(&self) -> Source {
+            Source::Ipmi
+        }
+    }
+
+    impl Scripted {
+        fn status(&self) -> Result<Power, ()> {
+            let i = self.reads.fetch_add(1, Ordering::SeqCst) as usize;
+            self.statuses[i.min(self.statuses.len() - 1)]
         }
     }
 
@@ -319,7 +334,7 @@ mod tests {
         let o = fence_through_levels(&h(), &[only as Arc<dyn FenceDriver>], VERIFY).await;
         match o {
             FenceOutcome::Unverified { reason } => {
-                assert!(reason.contains("power status still on"), "{reason}")
+                assert!(reason.contains("not fenced yet"), "{reason}")
             }
             other => panic!("{other:?}"),
         }
@@ -346,22 +361,15 @@ mod tests {
         let off = Scripted::new(true, vec![Ok(Power::Off)]);
         let on = Scripted::new(true, vec![Ok(Power::On)]);
         let down = Scripted::new(true, vec![Err(())]);
+        let v =
+            |levels: Vec<Arc<dyn FenceDriver>>| async move { levels_verdict(&h(), &levels).await };
+        assert_eq!(v(vec![off.clone()]).await, (Source::Ipmi, Verdict::Dead));
+        assert_eq!(v(vec![on]).await, (Source::Ipmi, Verdict::Unknown));
         assert_eq!(
-            power_verdict(&h(), &[off.clone() as Arc<dyn FenceDriver>]).await,
-            Verdict::Dead
+            v(vec![down.clone()]).await,
+            (Source::Ipmi, Verdict::Unknown)
         );
-        assert_eq!(
-            power_verdict(&h(), &[on as Arc<dyn FenceDriver>]).await,
-            Verdict::Unknown
-        );
-        assert_eq!(
-            power_verdict(&h(), &[down.clone() as Arc<dyn FenceDriver>]).await,
-            Verdict::Unknown
-        );
-        assert_eq!(
-            power_verdict(&h(), &[down as Arc<dyn FenceDriver>, off]).await,
-            Verdict::Dead
-        );
+        assert_eq!(v(vec![down, off]).await, (Source::Ipmi, Verdict::Dead));
     }
 
     #[tokio::test]
