@@ -14,6 +14,7 @@ pub mod api;
 pub mod config;
 pub mod detector;
 pub mod engine;
+pub mod fence;
 pub mod runtime;
 pub mod sim;
 pub mod store;

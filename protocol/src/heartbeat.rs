@@ -7,7 +7,7 @@
 //!  4   1  protocol version (1)
 //!  5   1  kind (1 = heartbeat)
 //!  6   1  path index: which network path this copy was sent on
-//!  7   1  flags: bit 0 isolated, bit 1 libvirt reachable, bits 2..7 zero
+//!  7   1  flags: bit 0 isolated, bit 1 libvirt reachable, bit 2 self-fence armed, bits 3..7 zero
 //!  8  16  boot id
 //! 24   8  incarnation
 //! 32   8  sequence
@@ -34,7 +34,8 @@ pub const KIND_HEARTBEAT: u8 = 1;
 const FIXED_LEN: usize = 72;
 const FLAG_ISOLATED: u8 = 1 << 0;
 const FLAG_LIBVIRT_REACHABLE: u8 = 1 << 1;
-const KNOWN_FLAGS: u8 = FLAG_ISOLATED | FLAG_LIBVIRT_REACHABLE;
+const FLAG_SELF_FENCE_ARMED: u8 = 1 << 2;
+const KNOWN_FLAGS: u8 = FLAG_ISOLATED | FLAG_LIBVIRT_REACHABLE | FLAG_SELF_FENCE_ARMED;
 
 /// Longest valid heartbeat (longest ids): 423 bytes.
 pub const MAX_HEARTBEAT_LEN: usize =
@@ -54,6 +55,10 @@ pub struct HostStatus {
     pub isolated: bool,
     /// The watchdog's libvirt connection is up.
     pub libvirt_reachable: bool,
+    /// The watchdog self-fences: once isolated it kills its VMs (and, with a hardware
+    /// watchdog, lets the host reset), so the controller may count the host fenced once
+    /// its self-fence deadline has passed.
+    pub self_fence_armed: bool,
     /// Events the eBPF probes dropped (ring buffer full), cumulative since the
     /// watchdog started; a rise means the controller's view may be missing events.
     pub probe_drops: u64,
@@ -106,6 +111,9 @@ impl Heartbeat<'_> {
         }
         if self.status.libvirt_reachable {
             flags |= FLAG_LIBVIRT_REACHABLE;
+        }
+        if self.status.self_fence_armed {
+            flags |= FLAG_SELF_FENCE_ARMED;
         }
         out.push(flags);
         out.extend_from_slice(&self.boot_id.0);
@@ -176,6 +184,7 @@ pub fn decode_heartbeat<'a>(datagram: &'a [u8], key: &Key) -> Result<Heartbeat<'
             stalled_vm_count,
             isolated: flags & FLAG_ISOLATED != 0,
             libvirt_reachable: flags & FLAG_LIBVIRT_REACHABLE != 0,
+            self_fence_armed: flags & FLAG_SELF_FENCE_ARMED != 0,
             probe_drops,
         },
     })

@@ -31,6 +31,20 @@ fn a_heartbeat_with_isolation_and_no_libvirt_keeps_both_flags() {
 }
 
 #[test]
+fn the_self_fence_armed_flag_is_bit_two_and_survives_the_round_trip() {
+    let mut hb = heartbeat(7, 100);
+    hb.status.self_fence_armed = true;
+    let bytes = encode_heartbeat(&hb, &key()).unwrap();
+    assert_eq!(
+        bytes[7], 0b110,
+        "flags: libvirt reachable, self-fence armed"
+    );
+    let back = decode_heartbeat(&bytes, &key()).unwrap();
+    assert!(back.status.self_fence_armed);
+    assert!(!back.status.isolated);
+}
+
+#[test]
 fn the_encoded_heartbeat_starts_with_the_documented_fixed_layout() {
     let bytes = encoded();
     assert_eq!(&bytes[0..4], b"DFIB");

@@ -36,9 +36,9 @@ prop_compose! {
         boot in boot_id(),
         numbers in any::<(u64, u64, u64, u64, u64)>(),
         counts in any::<(u32, u32)>(),
-        flags in any::<(bool, bool)>(),
+        flags in any::<(bool, bool, bool)>(),
         path_index in any::<u8>(),
-    ) -> (String, String, BootId, (u64, u64, u64, u64, u64), (u32, u32), (bool, bool), u8) {
+    ) -> (String, String, BootId, (u64, u64, u64, u64, u64), (u32, u32), (bool, bool, bool), u8) {
         (cluster, host, boot, numbers, counts, flags, path_index)
     }
 }
@@ -49,7 +49,7 @@ type Parts = (
     BootId,
     (u64, u64, u64, u64, u64),
     (u32, u32),
-    (bool, bool),
+    (bool, bool, bool),
     u8,
 );
 
@@ -69,6 +69,7 @@ fn heartbeat_from(p: &Parts) -> Heartbeat<'_> {
             stalled_vm_count: c.1,
             isolated: f.0,
             libvirt_reachable: f.1,
+            self_fence_armed: f.2,
             probe_drops: n.4,
         },
     }

@@ -16,8 +16,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod bmc;
 pub mod guests;
 pub mod hypervisor;
+pub mod lab;
 pub mod netns;
 
 /// A short tag unique to this test process and call, for names of namespaces and files.
@@ -315,10 +317,31 @@ impl FakeQemu {
     /// Starts `NAME -name guest=<vm_name>,debug-threads=on -uuid <uuid> <extra...>` where
     /// NAME is a copy of the fake-qemu binary, and waits until it prints "ready".
     pub fn start(name: &str, vm_name: &str, uuid: &str, extra: &[&str]) -> FakeQemu {
+        Self::start_in(None, name, vm_name, uuid, extra)
+    }
+
+    /// [`FakeQemu::start`] inside network namespace `netns` (a lab host's), so that what
+    /// ends that lab host's processes ends it too.
+    pub fn start_in(
+        netns: Option<&str>,
+        name: &str,
+        vm_name: &str,
+        uuid: &str,
+        extra: &[&str],
+    ) -> FakeQemu {
         let exe = fake_qemu_named(name);
         let mut tries = 0;
         let mut child = loop {
-            let spawned = Command::new(&exe)
+            let mut cmd = match netns {
+                // `ip netns exec` execs the program: the child's pid is the fake qemu's.
+                Some(ns) => {
+                    let mut c = Command::new("ip");
+                    c.args(["netns", "exec", ns]).arg(&exe);
+                    c
+                }
+                None => Command::new(&exe),
+            };
+            let spawned = cmd
                 .args([
                     "-name",
                     &format!("guest={vm_name},debug-threads=on"),

@@ -75,6 +75,43 @@ impl LabNet {
         ip(&["-n", ns, "link", "set", inner, "up"]);
     }
 
+    /// Adds an out-of-band management network for BMCs: one namespace holding every
+    /// host's BMC address (`10.78.0.(10+i)`), wired straight to the controller's namespace
+    /// (`10.78.0.1`), apart from the hosts' own paths, as a BMC's LAN port is.
+    pub fn add_bmc_network(&mut self) {
+        let ns = self.bmc_ns();
+        ip(&["netns", "add", &ns]);
+        self.namespaces.push(ns.clone());
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        let ctl = self.controller_ns();
+        ip(&[
+            "-n", &ctl, "link", "add", "oob", "type", "veth", "peer", "name", "oob", "netns", &ns,
+        ]);
+        ip(&["-n", &ctl, "addr", "add", "10.78.0.1/24", "dev", "oob"]);
+        ip(&["-n", &ctl, "link", "set", "oob", "up"]);
+        for h in 0..self.hosts {
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", self.bmc_addr(h)),
+                "dev",
+                "oob",
+            ]);
+        }
+        ip(&["-n", &ns, "link", "set", "oob", "up"]);
+    }
+
+    pub fn bmc_ns(&self) -> String {
+        format!("dfb-{}-bmc", self.tag)
+    }
+
+    /// Host `host`'s BMC address on the management network.
+    pub fn bmc_addr(&self, host: usize) -> String {
+        format!("10.78.0.{}", 10 + host)
+    }
+
     pub fn switch_ns(&self) -> String {
         format!("dfb-{}-sw", self.tag)
     }

@@ -4,8 +4,8 @@
 //!
 //! Sections: `[probes]` (what the eBPF probes watch), `[host]` (who this watchdog is and
 //! where it keeps its state), `[controller]` (where heartbeats and events go;
-//! optional for `events`, required for `run`) and `[libvirt]` (the domain event and
-//! inventory watcher).
+//! optional for `events`, required for `run`), `[libvirt]` (the domain event and
+//! inventory watcher) and `[self_fence]` (opt-in: kill the VMs when isolated).
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -22,6 +22,43 @@ pub struct WatchdogConfig {
     /// Absent: the watchdog reports to no controller (enough for `events`).
     pub controller: Option<ControllerConfig>,
     pub libvirt: LibvirtConfig,
+    pub self_fence: SelfFenceConfig,
+}
+
+/// `[self_fence]`: for hosts without a BMC. Once the watchdog is isolated (no ack for
+/// `controller.isolation_timeout_ms` on any path) it SIGKILLs every watched qemu, and
+/// keeps doing so while isolated, so the controller may restore the VMs elsewhere
+/// after the isolation timeout plus a margin.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SelfFenceConfig {
+    /// Off by default.
+    pub enabled: bool,
+    /// A hardware or software watchdog device (`/dev/watchdog`, softdog) to arm: its
+    /// timeout is set to the isolation timeout (rounded up to whole seconds), it is
+    /// petted while the controller acks, and no longer once isolated, so the host
+    /// resets even when this daemon hangs. Unset: no device.
+    pub watchdog_device: Option<PathBuf>,
+}
+
+impl SelfFenceConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(dev) = &self.watchdog_device {
+            if !self.enabled {
+                return Err(invalid(
+                    "self_fence.watchdog_device",
+                    "needs self_fence.enabled = true",
+                ));
+            }
+            if !dev.is_absolute() {
+                return Err(invalid(
+                    "self_fence.watchdog_device",
+                    "must be an absolute path (/dev/watchdog)",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The libvirt watcher: domain events, the domain inventory, libvirt reachability.
@@ -292,6 +329,13 @@ impl WatchdogConfig {
             controller.validate()?;
         }
         self.libvirt.validate()?;
+        self.self_fence.validate()?;
+        if self.self_fence.enabled && self.controller.is_none() {
+            return Err(invalid(
+                "self_fence.enabled",
+                "needs a [controller] section: isolation is the loss of its acks",
+            ));
+        }
         Ok(())
     }
 
@@ -483,6 +527,30 @@ mod tests {
         assert_eq!(c.heartbeat_socket_addrs().unwrap().len(), 2);
         assert_eq!(cfg.host.cluster_id, "default");
         assert_eq!(cfg.host.state_dir, PathBuf::from("/var/lib/defib-watchdog"));
+    }
+
+    #[test]
+    fn self_fence_is_off_by_default_and_its_device_needs_it_on_and_an_absolute_path() {
+        let cfg = WatchdogConfig::parse(CONTROLLER).unwrap();
+        assert!(!cfg.self_fence.enabled);
+        assert_eq!(cfg.self_fence.watchdog_device, None);
+        let on = format!(
+            "{CONTROLLER}[self_fence]\nenabled = true\nwatchdog_device = \"/dev/watchdog\"\n"
+        );
+        WatchdogConfig::parse(&on).unwrap().validate().unwrap();
+        let off = format!("{CONTROLLER}[self_fence]\nwatchdog_device = \"/dev/watchdog\"\n");
+        let err = WatchdogConfig::parse(&off).unwrap().validate().unwrap_err();
+        assert!(
+            err.to_string().contains("self_fence.watchdog_device"),
+            "{err}"
+        );
+        let rel =
+            format!("{CONTROLLER}[self_fence]\nenabled = true\nwatchdog_device = \"watchdog\"\n");
+        let err = WatchdogConfig::parse(&rel).unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("absolute"), "{err}");
+        let alone = WatchdogConfig::parse("[self_fence]\nenabled = true\n").unwrap();
+        let err = alone.validate().unwrap_err();
+        assert!(err.to_string().contains("self_fence.enabled"), "{err}");
     }
 
     #[test]

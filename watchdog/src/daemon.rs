@@ -1,7 +1,8 @@
 //! `defib-watchdog run`: the daemon proper. The probes feed the monitor, the monitor
 //! feeds the uplink (events to the spool and the stream, counts to the heartbeats),
 //! until SIGTERM or SIGINT. The libvirt watcher (unless `libvirt.enabled = false`)
-//! feeds the monitor from its own thread.
+//! feeds the monitor from its own thread. With `[self_fence] enabled`, the self-fence
+//! task watches the uplink's reachability (see `selffence`).
 use std::future::Future;
 
 use protocol::Key;
@@ -9,6 +10,7 @@ use protocol::Key;
 use crate::config::WatchdogConfig;
 use crate::libvirt::{LibvirtSettings, LibvirtWatcher};
 use crate::monitor::Monitor;
+use crate::selffence::{SelfFence, SelfFenceSettings};
 use crate::uplink::{Uplink, UplinkConfig};
 
 /// Runs the daemon until `shutdown` resolves. `cfg` must be validated and have a
@@ -31,7 +33,20 @@ pub async fn run(
     crate::mounts::ensure_bpf_filesystems()?;
     let probes = crate::probes::Probes::load(&cfg)?;
     tracing::info!("probes attached");
+    let isolation_timeout = uplink_cfg.isolation_timeout;
     let uplink = Uplink::start(uplink_cfg, key)?;
+    let self_fence = cfg.self_fence.enabled.then(|| {
+        SelfFence::start(
+            SelfFenceSettings {
+                patterns: cfg.name_patterns(),
+                isolation_timeout,
+                device: cfg.self_fence.watchdog_device.clone(),
+                proc_root: "/proc".into(),
+            },
+            uplink.reachability(),
+            uplink.status(),
+        )
+    });
     let (libvirt_tx, libvirt_rx) = tokio::sync::mpsc::unbounded_channel();
     let libvirt = if cfg.libvirt.enabled_for_run() {
         Some(LibvirtWatcher::start(
@@ -52,6 +67,9 @@ pub async fn run(
     .await;
     if let Some(libvirt) = libvirt {
         stop_libvirt(libvirt).await;
+    }
+    if let Some(self_fence) = self_fence {
+        self_fence.stop().await;
     }
     let stream = uplink.shutdown().await;
     tracing::info!(

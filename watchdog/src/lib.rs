@@ -10,5 +10,6 @@ pub mod mounts;
 pub mod probes;
 pub mod procfs;
 pub mod records;
+pub mod selffence;
 pub mod stall;
 pub mod uplink;

@@ -294,6 +294,7 @@ async fn heartbeats_arrive_on_every_path_with_one_rising_sequence_a_valid_mac_an
             vm_count: 3,
             stalled_vm_count: 1,
             libvirt_reachable: false,
+            self_fence_armed: true,
             probe_drops: 7,
         }
     });
@@ -347,9 +348,10 @@ async fn heartbeats_arrive_on_every_path_with_one_rising_sequence_a_valid_mac_an
             last.vm_count,
             last.stalled_vm_count,
             last.probe_drops,
-            last.libvirt_reachable
+            last.libvirt_reachable,
+            last.self_fence_armed
         ),
-        (3, 1, 7, false)
+        (3, 1, 7, false, true)
     );
 }
 

@@ -3,6 +3,7 @@
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)] // synchronous tool, not async code
 
 mod demo;
+mod fencebed;
 mod hostbed;
 mod setup;
 
@@ -34,6 +35,12 @@ enum Task {
         #[command(subcommand)]
         action: hostbed::Action,
     },
+    /// What the fencing tests need: ipmi_sim, ipmitool, fence agents (see
+    /// xtask/src/fencebed.rs; the BMCs are started by the tests themselves).
+    Fencebed {
+        #[command(subcommand)]
+        action: fencebed::Action,
+    },
     /// Build the eBPF probes (they are built by watchdog/build.rs; this runs just that).
     BuildEbpf,
     /// Setup, then show the watchdog at work on this machine: a VM's qemu is killed, one
@@ -62,6 +69,7 @@ fn main() -> ExitCode {
             // already running as it was.
             let was_running = hostbed::libvirt_answers();
             hostbed::for_tests()?;
+            fencebed::for_tests()?;
             let tests = run_tests(&args);
             if !was_running {
                 if let Err(e) = hostbed::stop() {
@@ -71,6 +79,7 @@ fn main() -> ExitCode {
             tests
         }),
         Task::Hostbed { action } => hostbed::run(action),
+        Task::Fencebed { action } => fencebed::run(action),
         Task::BuildEbpf => cargo(&["build", "-p", "defib-watchdog"]),
         Task::Demo => setup::run().and_then(|()| demo::run()),
         Task::Sim { seeds } => {

@@ -1,35 +1,14 @@
-//! Edges for a controller that has no fencing or restore method configured yet. They
-//! answer at once, and always on the safe side: a fence that cannot be done is a failed
-//! fence (an alarm, never a restore), a restore that cannot be done fails with the reason,
-//! and a confirmation with no independent source is `Unknown`. Real edges (IPMI, fence
-//! agents, Pacemaker, Nova, libvirt) replace them per host as they are configured.
+//! The restore edge for a controller without a restore backend. It answers at once, and
+//! on the safe side: a restore that cannot be done fails with the reason. (Fencing and
+//! confirmation are in [`super::fencing`]; a host without fence levels gets a failed
+//! fence and an `Unknown` confirmation there.)
 use tokio::sync::mpsc;
 
-use crate::engine::edge::{Confirmer, Fencer, Restorer};
-use crate::engine::{
-    FenceMethod, FenceOutcome, HostId, Input, IntentKey, Resource, RestoreOutcome, Source, Verdict,
-};
+use crate::engine::edge::Restorer;
+use crate::engine::{HostId, Input, IntentKey, Resource, RestoreOutcome};
 
 /// Results go back to the engine task through this channel.
 pub type ResultSender = mpsc::UnboundedSender<Input>;
-
-pub struct UnconfiguredFencer {
-    pub results: ResultSender,
-}
-
-impl Fencer for UnconfiguredFencer {
-    fn fence(&mut self, host: &HostId, method: FenceMethod, key: &IntentKey) {
-        let _ = self.results.send(Input::FenceResult {
-            host: host.clone(),
-            key: key.clone(),
-            outcome: FenceOutcome::Failed {
-                reason: format!(
-                    "no fence method configured for host {host} (asked for {method:?})"
-                ),
-            },
-        });
-    }
-}
 
 pub struct UnconfiguredRestorer {
     pub results: ResultSender,
@@ -80,21 +59,6 @@ impl Restorer for UnconfiguredRestorer {
             host: host.clone(),
             key: key.clone(),
             outcome: RestoreOutcome::Ok { host: host.clone() },
-        });
-    }
-}
-
-/// Heartbeats are the only source: the answer is always `Unknown`.
-pub struct HeartbeatOnlyConfirmer {
-    pub results: ResultSender,
-}
-
-impl Confirmer for HeartbeatOnlyConfirmer {
-    fn confirm(&mut self, host: &HostId) {
-        let _ = self.results.send(Input::ConfirmationResult {
-            host: host.clone(),
-            source: Source::Heartbeat,
-            verdict: Verdict::Unknown,
         });
     }
 }

@@ -204,7 +204,7 @@ impl EngineTask {
             boot_id: boot,
             incarnation: hb.incarnation,
             at: Timestamp(hb.sent_unix_ns / 1_000_000),
-            self_fence_armed: false,
+            self_fence_armed: hb.status.self_fence_armed,
         }))
     }
 

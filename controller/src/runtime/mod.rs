@@ -3,6 +3,7 @@
 pub mod clock;
 pub mod edges;
 pub mod engine_task;
+pub mod fencing;
 pub mod intake;
 pub mod libvirt_backend;
 pub mod metrics;
@@ -15,7 +16,7 @@ use tokio::net::{TcpListener, UdpSocket};
 
 use crate::config::{Backend, Resolved};
 use crate::engine::edge::Restorer;
-use edges::{HeartbeatOnlyConfirmer, UnconfiguredFencer, UnconfiguredRestorer};
+use edges::UnconfiguredRestorer;
 use engine_task::{EngineChannels, EngineTask, EngineTaskParts};
 use intake::HeartbeatIntake;
 use metrics::Metrics;
@@ -62,6 +63,8 @@ pub async fn run(
     };
     let backend = c.backend;
     let restorer_streams = streams.clone();
+    let (fence_table, verify) = (resolved.fence.clone(), resolved.verify);
+    tracing::info!(hosts = fence_table.len(), "fence levels configured");
     let (task, channels) = EngineTask::new(parts, |results| {
         let restorer: Box<dyn Restorer + Send> = match backend {
             Backend::Libvirt => Box::new(libvirt_backend::LibvirtRestorer::new(
@@ -73,12 +76,16 @@ pub async fn run(
                 results: results.clone(),
             }),
         };
+        // A host without fence levels gets a failed fence (an alarm, no restore) and
+        // an `Unknown` confirmation: the same edges answer for it.
         engine_task::Edges {
-            fencer: Box::new(UnconfiguredFencer {
-                results: results.clone(),
-            }),
+            fencer: Box::new(fencing::LeveledFencer::new(
+                fence_table.clone(),
+                verify,
+                results.clone(),
+            )),
             restorer,
-            confirmer: Box::new(HeartbeatOnlyConfirmer { results }),
+            confirmer: Box::new(fencing::PowerConfirmer::new(fence_table, results)),
         }
     })?;
     tracing::info!(backend = ?backend, "restore backend");

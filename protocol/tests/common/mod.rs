@@ -34,6 +34,7 @@ pub fn heartbeat(incarnation: u64, sequence: u64) -> Heartbeat<'static> {
             stalled_vm_count: 1,
             isolated: false,
             libvirt_reachable: true,
+            self_fence_armed: false,
             probe_drops: 3,
         },
     }

@@ -1,0 +1,297 @@
+//! Fence methods: the ways the controller powers a host off and reads its power back.
+//!
+//! Every method is a [`FenceDriver`]: `fence`, `is_fenced` (the verification) and
+//! `verdict` (the confirmation), each made of bounded external calls (child processes
+//! with a timeout, retried with backoff). A host has one or more drivers, its *levels*,
+//! tried in order like Pacemaker's fencing topology: the first level whose fence is then
+//! verified wins (see [`crate::runtime::fencing`]).
+//!
+//! - [`ipmi::IpmiTool`]: `ipmitool -I lanplus` against the host's BMC (power off;
+//!   verified by power status off).
+//! - [`agent::FenceAgent`]: any ClusterLabs fence agent (`fence_ipmilan`, `fence_redfish`,
+//!   ...) through its standard stdin interface (`key=value` lines); same evidence.
+//! - [`pacemaker::Pacemaker`]: the cluster's own fencing (`stonith_admin --fence`),
+//!   verified by its fencing history; membership from `crm_mon`.
+use std::future::Future;
+use std::pin::Pin;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt as _;
+use tokio::process::Command;
+
+use crate::engine::{FenceVerifier, Source, Verdict};
+
+pub mod agent;
+pub mod ipmi;
+pub mod pacemaker;
+
+/// Chassis power as a BMC reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Power {
+    On,
+    Off,
+}
+
+/// Why a fence call did not give an answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FenceError {
+    /// The program could not be started (not installed, not executable).
+    #[error("cannot run {program}: {message}")]
+    Spawn { program: String, message: String },
+    /// No answer within the call's timeout; the child was killed.
+    #[error("{program} gave no answer within {timeout_ms} ms")]
+    Timeout { program: String, timeout_ms: u64 },
+    /// The program ran and failed (BMC unreachable, refused, bad credentials, ...).
+    #[error("{program} failed ({status}): {detail}")]
+    Failed {
+        program: String,
+        status: String,
+        detail: String,
+    },
+    /// The program answered something this driver does not understand.
+    #[error("{program} answered something unexpected: {detail}")]
+    Unexpected { program: String, detail: String },
+}
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One fence method for one host.
+pub trait FenceDriver: Send + Sync {
+    /// A short description for logs and timelines (`ipmi 10.0.0.5:623`).
+    fn describe(&self) -> String;
+    /// Fence the host (hard power off, not a graceful shutdown). `Ok` means the method
+    /// says it did so; only [`FenceDriver::is_fenced`] verifies it.
+    fn fence(&self) -> BoxFuture<'_, Result<(), FenceError>>;
+    /// Independent evidence that the host is fenced now (power status off; a recent
+    /// successful fencing in Pacemaker's history).
+    fn is_fenced(&self) -> BoxFuture<'_, Result<bool, FenceError>>;
+    /// What this source says about a silent host (see [`crate::runtime::fencing`]).
+    fn verdict(&self) -> BoxFuture<'_, Result<Verdict, FenceError>>;
+    /// The evidence a verified fence by this driver counts as.
+    fn verifier(&self) -> FenceVerifier;
+    /// The timeline source of its confirmations.
+    fn source(&self) -> Source;
+}
+
+/// A BMC's power as a confirmation: off → `Dead`; on → `Unknown`, because chassis power
+/// says nothing about whether the OS still runs VMs (a cut-off host and a hung one both
+/// show power on).
+pub fn power_verdict(p: Power) -> Verdict {
+    match p {
+        Power::Off => Verdict::Dead,
+        Power::On => Verdict::Unknown,
+    }
+}
+
+/// Timeouts and retries of one driver's calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallPolicy {
+    /// One call (one child process) is killed after this long.
+    pub timeout: Duration,
+    /// Tries per call (1 = no retry).
+    pub attempts: u32,
+    /// Pause before the second try; doubled before each further one.
+    pub backoff: Duration,
+}
+
+/// What a finished child process said.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    /// stderr (or stdout when stderr is empty), trimmed to one short line for messages.
+    pub fn detail(&self) -> String {
+        let text = if self.stderr.trim().is_empty() {
+            &self.stdout
+        } else {
+            &self.stderr
+        };
+        let one: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        let mut s = one.join(" / ");
+        if s.len() > 300 {
+            let mut cut = 300;
+            while !s.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            s.truncate(cut);
+            s.push('…');
+        }
+        s
+    }
+
+    pub fn status(&self) -> String {
+        match self.code {
+            Some(c) => format!("exit {c}"),
+            None => "killed by a signal".into(),
+        }
+    }
+}
+
+/// A child process to run: program, arguments, environment, stdin.
+#[derive(Debug, Clone, Default)]
+pub struct Invocation {
+    pub program: String,
+    pub args: Vec<String>,
+    /// Extra environment (secrets go here or on stdin, never in `args`, which any
+    /// local user can read in /proc).
+    pub env: Vec<(String, String)>,
+    pub stdin: Option<String>,
+}
+
+impl Invocation {
+    /// Runs it once, killing it after `timeout`.
+    pub async fn run_once(&self, timeout: Duration) -> Result<Output, FenceError> {
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(if self.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|e| FenceError::Spawn {
+            program: self.program.clone(),
+            message: e.to_string(),
+        })?;
+        if let (Some(text), Some(mut pipe)) = (&self.stdin, child.stdin.take()) {
+            // A program that exits without reading its stdin is not an error here: its
+            // exit status says what happened.
+            let _ = pipe.write_all(text.as_bytes()).await;
+            drop(pipe);
+        }
+        match tokio::time::timeout(timeout, child.wait_with_output()).await {
+            Ok(Ok(out)) => Ok(Output {
+                code: out.status.code(),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            }),
+            Ok(Err(e)) => Err(FenceError::Spawn {
+                program: self.program.clone(),
+                message: e.to_string(),
+            }),
+            // Dropping the future drops the child, which kill_on_drop kills.
+            Err(_) => Err(FenceError::Timeout {
+                program: self.program.clone(),
+                timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            }),
+        }
+    }
+}
+
+/// Calls `call` up to `policy.attempts` times with doubling pauses, until it gives an
+/// answer. A program that cannot be started is not retried (it will not appear).
+pub async fn with_retries<T, F, Fut>(policy: CallPolicy, mut call: F) -> Result<T, FenceError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, FenceError>>,
+{
+    let mut pause = policy.backoff;
+    let mut last = None;
+    for attempt in 1..=policy.attempts.max(1) {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(e @ FenceError::Spawn { .. }) => return Err(e),
+            Err(e) => {
+                tracing::debug!(attempt, error = %e, "fence call failed");
+                last = Some(e);
+            }
+        }
+        if attempt < policy.attempts {
+            tokio::time::sleep(pause).await;
+            pause = pause.saturating_mul(2);
+        }
+    }
+    Err(last.expect("at least one attempt"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(attempts: u32) -> CallPolicy {
+        CallPolicy {
+            timeout: Duration::from_secs(5),
+            attempts,
+            backoff: Duration::from_millis(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_that_fails_twice_then_answers_is_tried_three_times() {
+        let mut n = 0;
+        let r = with_retries(policy(3), || {
+            n += 1;
+            let this = n;
+            async move {
+                if this < 3 {
+                    Err(FenceError::Failed {
+                        program: "x".into(),
+                        status: "exit 1".into(),
+                        detail: "no".into(),
+                    })
+                } else {
+                    Ok(this)
+                }
+            }
+        })
+        .await;
+        assert_eq!(r, Ok(3));
+    }
+
+    #[tokio::test]
+    async fn a_program_that_cannot_start_is_not_retried() {
+        let mut n = 0;
+        let r: Result<(), _> = with_retries(policy(5), || {
+            n += 1;
+            async {
+                Invocation {
+                    program: "/nonexistent/fence_nothing".into(),
+                    ..Default::default()
+                }
+                .run_once(Duration::from_secs(1))
+                .await
+                .map(|_| ())
+            }
+        })
+        .await;
+        assert!(matches!(r, Err(FenceError::Spawn { .. })), "{r:?}");
+        assert_eq!(n, 1);
+    }
+
+    #[tokio::test]
+    async fn a_call_that_hangs_is_killed_at_its_timeout() {
+        let inv = Invocation {
+            program: "sleep".into(),
+            args: vec!["30".into()],
+            ..Default::default()
+        };
+        let r = inv.run_once(Duration::from_millis(100)).await;
+        assert!(matches!(r, Err(FenceError::Timeout { .. })), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn stdin_reaches_the_program_and_its_output_comes_back() {
+        let inv = Invocation {
+            program: "sh".into(),
+            args: vec!["-c".into(), "cat; echo err >&2; exit 2".into()],
+            stdin: Some("action=status\n".into()),
+            ..Default::default()
+        };
+        let out = inv.run_once(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(out.code, Some(2));
+        assert_eq!(out.stdout, "action=status\n");
+        assert_eq!(out.detail(), "err");
+    }
+}

@@ -1,0 +1,413 @@
+//! The fencing edges: a [`Fencer`] that tries a host's configured fence levels in order
+//! and verifies each fence, and a [`Confirmer`] that asks the host's levels (its BMC's
+//! chassis power, Pacemaker's membership) whether it is dead.
+//!
+//! ```text
+//! engine ─Fence{key}─► LeveledFencer ─spawn─► level 1: fence ─► poll is_fenced until true ─► Verified
+//!                                               │ failed / never off
+//!                                               ▼
+//!                                             level 2 ... ─► all failed: Failed (or Unverified) ─► alarm
+//! ```
+//!
+//! Rules kept here:
+//! - Only independent evidence verifies a fence (power status read back as *off*, a
+//!   successful fencing in Pacemaker's history); a fence command that "succeeded" but is
+//!   never verified is `Unverified` (an alarm, no restore).
+//! - Idempotent per intent key: a key handed over again while its fence runs is
+//!   ignored; one that has finished gets its first outcome again, nothing is redone.
+//! - A BMC reporting power *on* does not make a silent host `Alive`: the chassis runs,
+//!   but that says nothing about whether its OS still runs VMs (a cut-off host and a
+//!   hung one look the same). Only Pacemaker membership can say `Alive`. So power on
+//!   is `Unknown`, and the engine fences after its `fence_on_unknown_after` silence.
+//!   The first level that answers gives the verdict.
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::edges::ResultSender;
+use crate::engine::edge::{Confirmer, Fencer};
+use crate::engine::{FenceMethod, FenceOutcome, HostId, Input, IntentKey, Source, Verdict};
+use crate::fence::FenceDriver;
+
+/// Each host's fence levels, in the order they are tried.
+pub type FenceTable = HashMap<HostId, Vec<Arc<dyn FenceDriver>>>;
+
+/// How a power-off is verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifyPolicy {
+    /// Read the power status until it says off, for at most this long.
+    pub timeout: Duration,
+    /// Pause between reads.
+    pub poll: Duration,
+}
+
+/// Tries a host's levels in order until one is verified.
+pub struct LeveledFencer {
+    table: Arc<FenceTable>,
+    verify: VerifyPolicy,
+    results: ResultSender,
+    /// Intent key → its outcome once known (`None` while it runs). One entry per fence
+    /// try of an incident: small, and it must outlive the try to answer a repeat.
+    outcomes: Arc<Mutex<HashMap<IntentKey, Option<FenceOutcome>>>>,
+}
+
+impl LeveledFencer {
+    pub fn new(table: Arc<FenceTable>, verify: VerifyPolicy, results: ResultSender) -> Self {
+        LeveledFencer {
+            table,
+            verify,
+            results,
+            outcomes: Arc::default(),
+        }
+    }
+}
+
+impl Fencer for LeveledFencer {
+    fn fence(&mut self, host: &HostId, method: FenceMethod, key: &IntentKey) {
+        let send = |results: &ResultSender, outcome: FenceOutcome| {
+            let _ = results.send(Input::FenceResult {
+                host: host.clone(),
+                key: key.clone(),
+                outcome,
+            });
+        };
+        {
+            let mut outcomes = self.outcomes.lock().expect("fence outcomes");
+            match outcomes.get(key) {
+                Some(None) => {
+                    tracing::info!(%host, %key, "fence already running for this intent");
+                    return;
+                }
+                Some(Some(done)) => {
+                    send(&self.results, done.clone());
+                    return;
+                }
+                None => {}
+            }
+            outcomes.insert(key.clone(), None);
+        }
+        let Some(levels) = self.table.get(host).cloned().filter(|l| !l.is_empty()) else {
+            let outcome = FenceOutcome::Failed {
+                reason: format!(
+                    "no fence method configured for host {host} (asked for {method:?})"
+                ),
+            };
+            self.outcomes
+                .lock()
+                .expect("fence outcomes")
+                .insert(key.clone(), Some(outcome.clone()));
+            send(&self.results, outcome);
+            return;
+        };
+        let (host, key) = (host.clone(), key.clone());
+        let (verify, results, outcomes) =
+            (self.verify, self.results.clone(), self.outcomes.clone());
+        tokio::spawn(async move {
+            tracing::info!(%host, %key, levels = levels.len(), "fencing");
+            let outcome = fence_through_levels(&host, &levels, verify).await;
+            tracing::info!(%host, %key, ?outcome, "fence finished");
+            outcomes
+                .lock()
+                .expect("fence outcomes")
+                .insert(key.clone(), Some(outcome.clone()));
+            let _ = results.send(Input::FenceResult { host, key, outcome });
+        });
+    }
+}
+
+/// Level by level: power off, then read the power back until it is off.
+pub async fn fence_through_levels(
+    host: &HostId,
+    levels: &[Arc<dyn FenceDriver>],
+    verify: VerifyPolicy,
+) -> FenceOutcome {
+    let mut reasons = Vec::new();
+    let mut unverified = false;
+    for (i, level) in levels.iter().enumerate() {
+        let what = format!("level {} ({})", i + 1, level.describe());
+        if let Err(e) = level.fence().await {
+            tracing::warn!(%host, level = %what, error = %e, "fence failed");
+            reasons.push(format!("{what}: power off failed: {e}"));
+            continue;
+        }
+        match wait_fenced(level.as_ref(), verify).await {
+            Ok(()) => return FenceOutcome::Verified(level.verifier()),
+            Err(why) => {
+                tracing::warn!(%host, level = %what, %why, "power off not verified");
+                unverified = true;
+                reasons.push(format!("{what}: power off sent but not verified: {why}"));
+            }
+        }
+    }
+    let reason = reasons.join("; ");
+    if unverified {
+        FenceOutcome::Unverified { reason }
+    } else {
+        FenceOutcome::Failed { reason }
+    }
+}
+
+async fn wait_fenced(level: &dyn FenceDriver, verify: VerifyPolicy) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + verify.timeout;
+    let mut last;
+    loop {
+        match level.is_fenced().await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {
+                last = "not fenced yet (power status on, or no fencing in the history)".to_string()
+            }
+            Err(e) => last = format!("no evidence: {e}"),
+        }
+        if tokio::time::Instant::now() + verify.poll > deadline {
+            return Err(format!("{last} after {} ms", verify.timeout.as_millis()));
+        }
+        tokio::time::sleep(verify.poll).await;
+    }
+}
+
+/// Asks each host's fence levels, in order, for the chassis power.
+pub struct PowerConfirmer {
+    table: Arc<FenceTable>,
+    results: ResultSender,
+    /// Hosts being asked now: the engine may ask again before the answer.
+    asking: Arc<Mutex<HashSet<HostId>>>,
+}
+
+impl PowerConfirmer {
+    pub fn new(table: Arc<FenceTable>, results: ResultSender) -> Self {
+        PowerConfirmer {
+            table,
+            results,
+            asking: Arc::default(),
+        }
+    }
+}
+
+impl Confirmer for PowerConfirmer {
+    fn confirm(&mut self, host: &HostId) {
+        let Some(levels) = self.table.get(host).cloned().filter(|l| !l.is_empty()) else {
+            // Nothing to ask but the heartbeats, which already said "silent".
+            let _ = self.results.send(Input::ConfirmationResult {
+                host: host.clone(),
+                source: Source::Heartbeat,
+                verdict: Verdict::Unknown,
+            });
+            return;
+        };
+        if !self.asking.lock().expect("asking").insert(host.clone()) {
+            return;
+        }
+        let (host, results, asking) = (host.clone(), self.results.clone(), self.asking.clone());
+        tokio::spawn(async move {
+            let (source, verdict) = levels_verdict(&host, &levels).await;
+            asking.lock().expect("asking").remove(&host);
+            let _ = results.send(Input::ConfirmationResult {
+                host,
+                source,
+                verdict,
+            });
+        });
+    }
+}
+
+/// The first level that answers gives the verdict; none answering is `Unknown` (see the
+/// module comment).
+pub async fn levels_verdict(host: &HostId, levels: &[Arc<dyn FenceDriver>]) -> (Source, Verdict) {
+    for level in levels {
+        match level.verdict().await {
+            Ok(v) => {
+                tracing::info!(%host, level = %level.describe(), verdict = ?v, "confirmation");
+                return (level.source(), v);
+            }
+            Err(e) => {
+                tracing::warn!(%host, level = %level.describe(), error = %e, "confirmation: no answer");
+            }
+        }
+    }
+    let source = levels.first().map_or(Source::Heartbeat, |l| l.source());
+    (source, Verdict::Unknown)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+    use crate::engine::FenceVerifier;
+    use crate::fence::{power_verdict, BoxFuture, FenceError, Power};
+
+    /// A scripted driver for the level logic only (real BMCs are in tests/).
+    struct Scripted {
+        off_ok: bool,
+        /// Status answers in order; the last one repeats.
+        statuses: Vec<Result<Power, ()>>,
+        reads: AtomicU32,
+        offs: AtomicU32,
+    }
+
+    impl Scripted {
+        fn new(off_ok: bool, statuses: Vec<Result<Power, ()>>) -> Arc<Scripted> {
+            Arc::new(Scripted {
+                off_ok,
+                statuses,
+                reads: AtomicU32::new(0),
+                offs: AtomicU32::new(0),
+            })
+        }
+    }
+
+    fn err() -> FenceError {
+        FenceError::Failed {
+            program: "scripted".into(),
+            status: "exit 1".into(),
+            detail: "unreachable".into(),
+        }
+    }
+
+    impl FenceDriver for Scripted {
+        fn describe(&self) -> String {
+            "scripted".into()
+        }
+        fn fence(&self) -> BoxFuture<'_, Result<(), FenceError>> {
+            self.offs.fetch_add(1, Ordering::SeqCst);
+            let ok = self.off_ok;
+            Box::pin(async move {
+                if ok {
+                    Ok(())
+                } else {
+                    Err(err())
+                }
+            })
+        }
+        fn is_fenced(&self) -> BoxFuture<'_, Result<bool, FenceError>> {
+            let a = self.status();
+            Box::pin(async move { a.map(|p| p == Power::Off).map_err(|()| err()) })
+        }
+        fn verdict(&self) -> BoxFuture<'_, Result<Verdict, FenceError>> {
+            let a = self.status();
+            Box::pin(async move { a.map(power_verdict).map_err(|()| err()) })
+        }
+        fn verifier(&self) -> FenceVerifier {
+            FenceVerifier::IpmiPowerOff
+        }
+        fn source(&self) -> Source {
+            Source::Ipmi
+        }
+    }
+
+    impl Scripted {
+        fn status(&self) -> Result<Power, ()> {
+            let i = self.reads.fetch_add(1, Ordering::SeqCst) as usize;
+            self.statuses[i.min(self.statuses.len() - 1)]
+        }
+    }
+
+    const VERIFY: VerifyPolicy = VerifyPolicy {
+        timeout: Duration::from_millis(300),
+        poll: Duration::from_millis(10),
+    };
+
+    fn h() -> HostId {
+        HostId::new("h0")
+    }
+
+    #[tokio::test]
+    async fn the_first_level_that_powers_off_and_reads_off_verifies_the_fence() {
+        let first = Scripted::new(false, vec![Err(())]);
+        let second = Scripted::new(true, vec![Ok(Power::On), Ok(Power::Off)]);
+        let third = Scripted::new(true, vec![Ok(Power::Off)]);
+        let levels: Vec<Arc<dyn FenceDriver>> = vec![first.clone(), second.clone(), third.clone()];
+        let o = fence_through_levels(&h(), &levels, VERIFY).await;
+        assert_eq!(o, FenceOutcome::Verified(FenceVerifier::IpmiPowerOff));
+        assert_eq!(first.offs.load(Ordering::SeqCst), 1);
+        assert_eq!(second.reads.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            third.offs.load(Ordering::SeqCst),
+            0,
+            "a later level was tried"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_power_off_that_never_reads_off_is_unverified_with_the_reason() {
+        let only = Scripted::new(true, vec![Ok(Power::On)]);
+        let o = fence_through_levels(&h(), &[only as Arc<dyn FenceDriver>], VERIFY).await;
+        match o {
+            FenceOutcome::Unverified { reason } => {
+                assert!(reason.contains("not fenced yet"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn every_level_failing_is_a_failed_fence_naming_each_level() {
+        let a = Scripted::new(false, vec![Err(())]);
+        let b = Scripted::new(false, vec![Err(())]);
+        let o = fence_through_levels(&h(), &[a as Arc<dyn FenceDriver>, b], VERIFY).await;
+        match o {
+            FenceOutcome::Failed { reason } => {
+                assert!(
+                    reason.contains("level 1") && reason.contains("level 2"),
+                    "{reason}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn power_off_is_dead_power_on_is_unknown_and_an_unreachable_bmc_asks_the_next() {
+        let off = Scripted::new(true, vec![Ok(Power::Off)]);
+        let on = Scripted::new(true, vec![Ok(Power::On)]);
+        let down = Scripted::new(true, vec![Err(())]);
+        let v =
+            |levels: Vec<Arc<dyn FenceDriver>>| async move { levels_verdict(&h(), &levels).await };
+        assert_eq!(v(vec![off.clone()]).await, (Source::Ipmi, Verdict::Dead));
+        assert_eq!(v(vec![on]).await, (Source::Ipmi, Verdict::Unknown));
+        assert_eq!(
+            v(vec![down.clone()]).await,
+            (Source::Ipmi, Verdict::Unknown)
+        );
+        assert_eq!(v(vec![down, off]).await, (Source::Ipmi, Verdict::Dead));
+    }
+
+    #[tokio::test]
+    async fn an_intent_handed_over_again_is_not_fenced_twice_and_gets_its_first_outcome() {
+        let level = Scripted::new(true, vec![Ok(Power::Off)]);
+        let mut table = FenceTable::new();
+        table.insert(h(), vec![level.clone() as Arc<dyn FenceDriver>]);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut f = LeveledFencer::new(Arc::new(table), VERIFY, tx);
+        let key = IntentKey("i1/fence-1/host:h0".into());
+        f.fence(&h(), FenceMethod::Ipmi, &key);
+        f.fence(&h(), FenceMethod::Ipmi, &key);
+        let first = rx.recv().await.unwrap();
+        f.fence(&h(), FenceMethod::Ipmi, &key);
+        let again = rx.recv().await.unwrap();
+        assert_eq!(level.offs.load(Ordering::SeqCst), 1);
+        let outcome = |i: &Input| match i {
+            Input::FenceResult { outcome, .. } => outcome.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(outcome(&first), outcome(&again));
+        assert_eq!(
+            outcome(&first),
+            FenceOutcome::Verified(FenceVerifier::IpmiPowerOff)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_host_without_levels_fails_at_once_with_the_reason() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut f = LeveledFencer::new(Arc::default(), VERIFY, tx);
+        f.fence(&h(), FenceMethod::Ipmi, &IntentKey("k".into()));
+        match rx.recv().await.unwrap() {
+            Input::FenceResult {
+                outcome: FenceOutcome::Failed { reason },
+                ..
+            } => assert!(reason.contains("no fence method configured"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! A namespaced lab for tests that need a controller, watchdogs on lab hosts and,
+//! optionally, a BMC per host: [`LabNet`] for the network, real `defib-controller`,
+//! `defib-watchdog` and `defibctl` binaries, state in a temporary directory.
+//!
+//! (tests/tests/controller_lab.rs has an older copy of the same harness inline.)
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::netns::LabNet;
+use crate::{built_binary, stop_child};
+
+pub const KEY: &str = "lab-key-0123456789abcdef0123456789";
+pub const TOKEN: &str = "lab-api-token-0123456789";
+
+/// A daemon run by the lab, its output in a log file; SIGTERM (then SIGKILL) on drop.
+pub struct Daemon {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, Duration::from_secs(5));
+    }
+}
+
+/// What a lab runs.
+pub struct LabSpec {
+    pub hosts: usize,
+    /// The controller's `backend`.
+    pub backend: &'static str,
+    /// Appended to the controller's TOML (after `[controller]`; start with a section).
+    /// `{DIR}` is replaced by the lab's directory.
+    pub controller_extra: String,
+    /// Appended to host `i`'s watchdog TOML.
+    pub watchdog_extra: Box<dyn Fn(usize) -> String>,
+    /// Whether the lab has a BMC network (see [`LabNet::add_bmc_network`]).
+    pub bmc_network: bool,
+}
+
+pub struct Lab {
+    pub net: LabNet,
+    pub dir: tempfile::TempDir,
+    pub controller: Option<Daemon>,
+    pub watchdogs: Vec<Daemon>,
+}
+
+impl Lab {
+    /// Builds the network; the daemons start with [`Lab::start_controller`] and
+    /// [`Lab::start_watchdogs`] (so that fixtures such as BMCs can start in between).
+    pub fn new(spec: &LabSpec) -> Lab {
+        let mut net = LabNet::new(spec.hosts, 2);
+        if spec.bmc_network {
+            net.add_bmc_network();
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("cluster.key"), KEY).unwrap();
+        std::fs::write(dir.path().join("api.token"), TOKEN).unwrap();
+        Lab {
+            net,
+            dir,
+            controller: None,
+            watchdogs: Vec::new(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn spawn(&self, name: &str, ns: &str, bin: &Path, args: &[&str]) -> Daemon {
+        let log = self.path(&format!("{name}.log"));
+        let err = std::fs::File::create(&log).unwrap();
+        let out = err.try_clone().unwrap();
+        let child = self
+            .net
+            .command_in(ns, bin)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Daemon {
+            name: name.into(),
+            child,
+            log,
+        }
+    }
+
+    pub fn start_controller(&mut self, spec: &LabSpec) {
+        let dir = self.dir.path().display().to_string();
+        let cfg = format!(
+            r#"[controller]
+id = "ctl-lab"
+cluster_id = "lab"
+key_file = {key:?}
+heartbeat_listen = ["{a0}:7410", "{a1}:7410"]
+event_listen = "{a0}:7411"
+api_listen = "{a0}:7412"
+api_token_file = {token:?}
+store_path = {store:?}
+backend = "{backend}"
+
+{extra}
+"#,
+            key = self.path("cluster.key").display().to_string(),
+            token = self.path("api.token").display().to_string(),
+            store = self.path("controller.sqlite").display().to_string(),
+            a0 = self.net.controller_addr(0),
+            a1 = self.net.controller_addr(1),
+            backend = spec.backend,
+            extra = spec.controller_extra.replace("{DIR}", &dir),
+        );
+        std::fs::write(self.path("controller.toml"), cfg).unwrap();
+        let bin = built_binary("defib-controller", "defib-controller");
+        let conf = self.path("controller.toml").display().to_string();
+        let mut d = self.spawn(
+            "controller",
+            &self.net.controller_ns(),
+            &bin,
+            &["--config", &conf, "run"],
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !d.log_text().contains("defib-controller ready") {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("controller exited ({status}):\n{}", d.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "controller not ready:\n{}",
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.controller = Some(d);
+    }
+
+    pub fn start_watchdogs(&mut self, spec: &LabSpec) {
+        for h in 0..spec.hosts {
+            let state = self.path(&format!("wd{h}-state"));
+            std::fs::create_dir_all(&state).unwrap();
+            let cfg = format!(
+                r#"[host]
+id = "h{h}"
+cluster_id = "lab"
+state_dir = {state:?}
+
+[controller]
+heartbeat_addrs = ["{a0}:7410", "{a1}:7410"]
+event_addr = "{a0}:7411"
+key_file = {key:?}
+
+[libvirt]
+enabled = false
+
+{extra}
+"#,
+                state = state.display().to_string(),
+                key = self.path("cluster.key").display().to_string(),
+                a0 = self.net.controller_addr(0),
+                a1 = self.net.controller_addr(1),
+                extra = (spec.watchdog_extra)(h),
+            );
+            let conf_path = self.path(&format!("wd{h}.toml"));
+            std::fs::write(&conf_path, cfg).unwrap();
+            let bin = built_binary("defib-watchdog", "defib-watchdog");
+            let conf = conf_path.display().to_string();
+            let d = self.spawn(
+                &format!("watchdog-h{h}"),
+                &self.net.host_ns(h),
+                &bin,
+                &["--config", &conf, "run", "--print-events"],
+            );
+            self.watchdogs.push(d);
+        }
+    }
+
+    /// `defibctl --json ARGS` run inside the controller's namespace.
+    pub fn ctl(&self, args: &[&str]) -> Value {
+        let bin = built_binary("defibctl", "defibctl");
+        let url = format!("http://{}:7412", self.net.controller_addr(0));
+        let out = self
+            .net
+            .command_in(&self.net.controller_ns(), &bin)
+            .args(["--url", &url, "--token-file"])
+            .arg(self.path("api.token"))
+            .arg("--json")
+            .args(args)
+            .output()
+            .expect("run defibctl");
+        assert!(
+            out.status.success(),
+            "defibctl {args:?}: {}\n--- controller\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.controller_log(),
+        );
+        serde_json::from_slice(&out.stdout).expect("defibctl --json output")
+    }
+
+    pub fn controller_log(&self) -> String {
+        self.controller
+            .as_ref()
+            .map(Daemon::log_text)
+            .unwrap_or_default()
+    }
+
+    /// Every daemon's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut s = format!("--- controller\n{}", self.controller_log());
+        for w in &self.watchdogs {
+            s.push_str(&format!("\n--- {}\n{}", w.name, w.log_text()));
+        }
+        s
+    }
+
+    /// (host, state) for every host the controller knows, sorted.
+    pub fn host_states(&self) -> Vec<(String, String)> {
+        let hosts = self.ctl(&["hosts"]);
+        let list = hosts
+            .as_array()
+            .cloned()
+            .or_else(|| hosts["hosts"].as_array().cloned())
+            .unwrap_or_default();
+        let mut v: Vec<(String, String)> = list
+            .iter()
+            .map(|h| {
+                (
+                    h["host"].as_str().unwrap_or("").to_string(),
+                    h["state"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn state_of(&self, host: &str) -> String {
+        self.host_states()
+            .into_iter()
+            .find(|(h, _)| h == host)
+            .map(|(_, s)| s)
+            .unwrap_or_else(|| "absent".into())
+    }
+
+    /// Polls the host states until `ok`, panicking with every log after `timeout`.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        ok: impl Fn(&[(String, String)]) -> bool,
+    ) -> Vec<(String, String)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let states = self.host_states();
+            if ok(&states) {
+                return states;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {timeout:?}; hosts {states:?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The open or closed host incident of `host` (the newest), with its timeline.
+    pub fn host_incident(&self, host: &str) -> Option<Value> {
+        let subject = format!("host:{host}");
+        let list = self.ctl(&["incidents"]);
+        let id = list["incidents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| i["subject"] == subject.as_str())
+            .filter_map(|i| i["id"].as_u64())
+            .max()?;
+        Some(self.ctl(&["incidents", &id.to_string()]))
+    }
+
+    /// The kinds of every alarm raised about `host`.
+    pub fn alarm_kinds(&self, host: &str) -> Vec<String> {
+        let alarms = self.ctl(&["alarms"]);
+        let list = alarms
+            .as_array()
+            .cloned()
+            .or_else(|| alarms["alarms"].as_array().cloned())
+            .unwrap_or_default();
+        list.iter()
+            .filter(|a| a["host"] == host)
+            .filter_map(|a| a["kind"].as_str().map(String::from))
+            .collect()
+    }
+}
+
+/// The `to` states of a host incident's timeline entries about the host, in order.
+pub fn host_transitions(incident: &Value) -> Vec<String> {
+    incident["timeline"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["to"].as_str().is_some_and(|t| t != "-"))
+        .filter(|e| {
+            e["subject"].get("Host").is_some()
+                || e["subject"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("host:"))
+        })
+        .filter_map(|e| e["to"].as_str().map(String::from))
+        .collect()
+}
