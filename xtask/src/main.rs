@@ -4,6 +4,7 @@
 
 mod demo;
 mod hostbed;
+mod novabed;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -22,8 +23,8 @@ enum Task {
     /// Install and prepare everything the build and the tests need (Debian packages,
     /// nightly rust-src, bpf-linker, tracefs/bpffs mounts). Idempotent.
     Setup,
-    /// Setup, start the hostbed (libvirt and real KVM guests), then run the whole test
-    /// suite (`cargo test`, default members). Extra arguments go to cargo test.
+    /// Setup, start the hostbed (libvirt and real KVM guests) and the novabed (real
+    /// Nova), then run the whole test suite (`cargo test`, default members). Extra arguments go to cargo test.
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -33,6 +34,12 @@ enum Task {
     Hostbed {
         #[command(subcommand)]
         action: hostbed::Action,
+    },
+    /// The real OpenStack test bed: Nova 34, Placement, Glance, Neutron API, RabbitMQ,
+    /// MariaDB, 3 fake-driver computes (see xtask/src/novabed.rs).
+    Novabed {
+        #[command(subcommand)]
+        action: novabed::Action,
     },
     /// Build the eBPF probes (they are built by watchdog/build.rs; this runs just that).
     BuildEbpf,
@@ -62,7 +69,13 @@ fn main() -> ExitCode {
             // already running as it was.
             let was_running = hostbed::libvirt_answers();
             hostbed::for_tests()?;
-            let tests = run_tests(&args);
+            let nova_was_running = novabed::running();
+            let tests = novabed::for_tests().and_then(|()| run_tests(&args));
+            if !nova_was_running {
+                if let Err(e) = novabed::stop() {
+                    eprintln!("xtask: stopping the novabed: {e:#}");
+                }
+            }
             if !was_running {
                 if let Err(e) = hostbed::stop() {
                     eprintln!("xtask: stopping the hostbed: {e:#}");
@@ -71,6 +84,7 @@ fn main() -> ExitCode {
             tests
         }),
         Task::Hostbed { action } => hostbed::run(action),
+        Task::Novabed { action } => novabed::run(action),
         Task::BuildEbpf => cargo(&["build", "-p", "defib-watchdog"]),
         Task::Demo => setup::run().and_then(|()| demo::run()),
         Task::Sim { seeds } => {
