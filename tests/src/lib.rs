@@ -18,6 +18,7 @@ use serde_json::Value;
 
 pub mod guests;
 pub mod netns;
+pub mod novalab;
 
 /// A short tag unique to this test process and call, for names of namespaces and files.
 pub fn tag() -> String {

@@ -124,9 +124,11 @@ pub fn from_entry(c: &Value) -> Result<Cloud, String> {
             secret: s(auth, "application_credential_secret")
                 .ok_or("no auth.application_credential_secret")?,
         },
-        other => return Err(format!(
+        other => {
+            return Err(format!(
             "auth_type {other:?} is not supported (password, v3password, v3applicationcredential)"
-        )),
+        ))
+        }
     };
     Ok(Cloud {
         auth: Auth::Keystone {

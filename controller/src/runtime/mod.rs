@@ -6,6 +6,7 @@ pub mod engine_task;
 pub mod intake;
 pub mod libvirt_backend;
 pub mod metrics;
+pub mod nova_backend;
 pub mod view;
 
 use std::sync::Arc;
@@ -51,14 +52,28 @@ pub async fn run(
     let streams = libvirt_backend::HostStreams::new();
     let backend = c.backend;
     let restorer_streams = streams.clone();
+    let nova = match &resolved.nova {
+        Some(n) => Some(crate::openstack::compute::Compute::new(
+            Arc::new(
+                crate::openstack::Session::new(n.session.clone())
+                    .context("building the OpenStack client")?,
+            ),
+            n.microversion.clone(),
+        )),
+        None => None,
+    };
+    let nova_settings = resolved.nova.as_ref().map(|n| n.settings.clone());
     let (task, channels) = EngineTask::new(parts, |results| {
-        let restorer: Box<dyn Restorer + Send> = match backend {
-            Backend::Libvirt => Box::new(libvirt_backend::LibvirtRestorer::new(
+        let restorer: Box<dyn Restorer + Send> = match (backend, nova, nova_settings) {
+            (Backend::Libvirt, _, _) => Box::new(libvirt_backend::LibvirtRestorer::new(
                 results.clone(),
                 restorer_streams,
             )),
-            // `nova` is refused by the configuration check.
-            Backend::None | Backend::Nova => Box::new(UnconfiguredRestorer {
+            (Backend::Nova, Some(compute), Some(settings)) => Box::new(
+                nova_backend::NovaRestorer::start(compute, settings, results.clone(), None),
+            ),
+            // `nova` without its section cannot pass the configuration check.
+            (Backend::None | Backend::Nova, _, _) => Box::new(UnconfiguredRestorer {
                 results: results.clone(),
             }),
         };
