@@ -6,6 +6,7 @@
 mod controller;
 mod heartbeat_intake;
 mod host_memory;
+mod nova_evacuate;
 mod real_guest_kill;
 mod report;
 mod suspect_latency;
@@ -80,6 +81,14 @@ enum Scenario {
         #[arg(long, default_value_t = 100)]
         kills: usize,
     },
+    /// A Nova host with N servers fails → all ACTIVE elsewhere: defib's planned parallel
+    /// evacuation against the naive one-at-a-time way, same run (needs the novabed).
+    NovaEvacuate {
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        #[arg(long, default_value_t = 30)]
+        servers: usize,
+    },
 }
 
 pub fn monotonic_ns() -> u64 {
@@ -116,6 +125,7 @@ fn main() -> anyhow::Result<()> {
         } => heartbeat_intake::run(hosts, seconds, senders, pool_rate, interval_ms, !no_gso)?,
         Scenario::HostMemory { hosts, seconds } => host_memory::run(&hosts, seconds)?,
         Scenario::RealGuestKill { kills } => real_guest_kill::run(kills)?,
+        Scenario::NovaEvacuate { rounds, servers } => nova_evacuate::run(rounds, servers)?,
     };
     println!("{md}");
     Ok(())

@@ -315,6 +315,7 @@ impl NovaSection {
             poll_interval: Duration::from_millis(n.poll_interval_ms),
             restore_timeout: Duration::from_secs(n.restore_timeout_s),
             unforce_timeout: Duration::from_secs(n.unforce_timeout_s),
+            maintenance: Default::default(),
         };
         Ok(NovaResolved {
             session: SessionConfig {

@@ -63,6 +63,7 @@ pub async fn run(
         None => None,
     };
     let nova_settings = resolved.nova.as_ref().map(|n| n.settings.clone());
+    let maintenance = nova_settings.as_ref().map(|s| s.maintenance.clone());
     let (task, channels) = EngineTask::new(parts, |results| {
         let restorer: Box<dyn Restorer + Send> = match (backend, nova, nova_settings) {
             (Backend::Libvirt, _, _) => Box::new(libvirt_backend::LibvirtRestorer::new(
@@ -92,6 +93,10 @@ pub async fn run(
         snapshot,
         ..
     } = channels;
+    if let Some(set) = maintenance {
+        // Hosts in maintenance are never evacuation targets.
+        tokio::spawn(nova_backend::watch_maintenance(snapshot.clone(), set));
+    }
 
     // Bind everything before serving anything: a port in use is a clear error at start.
     let mut udp = Vec::new();

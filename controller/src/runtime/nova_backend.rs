@@ -59,6 +59,32 @@ pub struct NovaSettings {
     pub restore_timeout: Duration,
     /// How long an unforce is retried while Nova refuses it.
     pub unforce_timeout: Duration,
+    /// Hosts the engine has in maintenance, kept up to date by the runtime
+    /// ([`watch_maintenance`]): never targets.
+    pub maintenance: HostSet,
+}
+
+/// A set of host names shared between the runtime and the restorer.
+pub type HostSet = Arc<Mutex<BTreeSet<String>>>;
+
+/// Keeps `set` equal to the hosts in maintenance in the engine's snapshots.
+pub async fn watch_maintenance(
+    mut snapshots: tokio::sync::watch::Receiver<Arc<super::view::Snapshot>>,
+    set: HostSet,
+) {
+    loop {
+        let now: BTreeSet<String> = snapshots
+            .borrow_and_update()
+            .hosts
+            .iter()
+            .filter(|h| h.state == crate::engine::HostState::Maintenance)
+            .map(|h| h.host.clone())
+            .collect();
+        *set.lock().unwrap_or_else(|e| e.into_inner()) = now;
+        if snapshots.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Default for NovaSettings {
@@ -72,6 +98,7 @@ impl Default for NovaSettings {
             poll_interval: Duration::from_millis(500),
             restore_timeout: Duration::from_secs(600),
             unforce_timeout: Duration::from_secs(900),
+            maintenance: HostSet::default(),
         }
     }
 }
@@ -622,6 +649,12 @@ impl Worker {
         let services = self.compute.compute_services(None).await?;
         let hypervisors = self.compute.hypervisors().await?;
         let building = self.lock().building.clone();
+        let maintenance = self
+            .settings
+            .maintenance
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let mut out = Vec::new();
         for svc in services {
             if failed.contains(svc.host.as_str()) {
@@ -629,6 +662,8 @@ impl Worker {
             }
             let excluded = if self.settings.exclude_hosts.contains(&svc.host) {
                 Some("is excluded by the configuration".to_string())
+            } else if maintenance.contains(&svc.host) {
+                Some("is in maintenance".into())
             } else if svc.forced_down {
                 Some("is forced down".into())
             } else if svc.status != "enabled" {
