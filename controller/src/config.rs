@@ -134,6 +134,11 @@ pub struct NovaSection {
     /// Per request, and tries for a transient failure (backoff 0.2 s doubling to 5 s).
     pub request_timeout_s: u64,
     pub request_attempts: u32,
+    /// `operator` (defibctl unfence) or `automatic` (once the host heartbeats again
+    /// and its nova-compute reports again).
+    pub unforce: String,
+    /// Evacuate with `force` (2.67): no scheduler pass per server, no Nova filters.
+    pub bypass_scheduler: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -180,6 +185,8 @@ impl Default for NovaSection {
             unforce_timeout_s: s.unforce_timeout.as_secs(),
             request_timeout_s: 60,
             request_attempts: 5,
+            unforce: "operator".into(),
+            bypass_scheduler: false,
         }
     }
 }
@@ -315,7 +322,13 @@ impl NovaSection {
             poll_interval: Duration::from_millis(n.poll_interval_ms),
             restore_timeout: Duration::from_secs(n.restore_timeout_s),
             unforce_timeout: Duration::from_secs(n.unforce_timeout_s),
-            maintenance: Default::default(),
+            hosts: Default::default(),
+            bypass_scheduler: n.bypass_scheduler,
+            auto_unforce: match n.unforce.as_str() {
+                "operator" => false,
+                "automatic" => true,
+                _ => return Err(invalid("nova.unforce", "\"operator\" or \"automatic\"")),
+            },
         };
         Ok(NovaResolved {
             session: SessionConfig {

@@ -303,6 +303,7 @@ impl Controller {
         let (fence_tx, fences) = std_mpsc::channel();
         let (ev_tx, events) = tokio::sync::mpsc::unbounded_channel();
         let silent: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+        let host_view = settings.hosts.clone();
         let channels = rt.block_on(async {
             let store = controller::store::SqliteStore::open(store).expect("store");
             let parts = EngineTaskParts {
@@ -328,6 +329,11 @@ impl Controller {
                     panic!("engine task: {e}");
                 }
             });
+            // As the runtime does: the restorer sees the engine's hosts.
+            tokio::spawn(controller::runtime::nova_backend::watch_hosts(
+                channels.snapshot.clone(),
+                host_view,
+            ));
             let intake = channels.intake.clone();
             let silent = silent.clone();
             tokio::spawn(async move {

@@ -159,7 +159,14 @@ fn a_controller_killed_in_the_middle_of_a_restore_finishes_it_after_a_restart_wi
     );
 
     // The same store, a new controller: it resumes the open intents. fake-1 stays silent.
-    let mut ctl = Controller::start(&store, settings());
+    // This one unforces by policy, without an operator, once fake-1 is back.
+    let mut ctl = Controller::start(
+        &store,
+        NovaSettings {
+            auto_unforce: true,
+            ..settings()
+        },
+    );
     ctl.silence("fake-1");
     let done = nova.wait_all_active_elsewhere(&prefix, &ids, "fake-1", Duration::from_secs(300));
     assert_eq!(done.len(), 30);
@@ -185,8 +192,27 @@ fn a_controller_killed_in_the_middle_of_a_restore_finishes_it_after_a_restart_wi
     );
     assert_eq!(called + tracked, 30, "{events:?}");
     ctl.wait_host_state("fake-1", HostState::Recovered, Duration::from_secs(60));
+    assert!(
+        nova.service("fake-1").forced_down,
+        "stays forced down while the host is away"
+    );
 
-    host_returns_and_is_unforced(&nova, &ctl);
+    // fake-1 returns (compute and heartbeats): unforced by the policy alone.
+    nova.start_compute(1);
+    ctl.resume_heartbeats("fake-1");
+    let t0 = std::time::Instant::now();
+    loop {
+        let s = nova.service("fake-1");
+        if !s.forced_down && s.state == "up" {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "fake-1 not unforced by the policy: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    ctl.wait_host_state("fake-1", HostState::Up, Duration::from_secs(60));
     ctl.kill();
     nova.delete_named(&prefix);
 }

@@ -1,26 +1,32 @@
 #!/usr/bin/env bash
-# novabed: a REAL all-in-one OpenStack Nova 34.0.0 (+ placement 16, glance 33,
-# neutron 29 API-only, RabbitMQ, MariaDB) on one Debian 12 box, no systemd, no
-# docker, no keystone.  Compute hosts are separate nova-compute processes with
-# the fake virt driver, one per host name fake-1..fake-N.
+# novabed: defib's real OpenStack test bed (run it through `cargo xtask novabed ...`).
+# A REAL all-in-one Nova 34.0.0 (+ placement 16, glance 33, neutron 29 API-only,
+# keystone 30, RabbitMQ, MariaDB) on one Debian 12 box, no systemd, no docker.
+# Compute hosts are separate nova-compute processes with the fake virt driver, one
+# per host name fake-1..fake-N. Adapted from ../shared/testbed/novabed/recipe.sh.
 #
-#   recipe.sh install     apt + venv/pip (once per machine)
-#   recipe.sh start       configure, init DBs (first time), start everything,
-#                         register N fake computes, flavor "1" + image
-#   recipe.sh stop        kill exactly the PIDs recorded in $B/pids
-#   recipe.sh env         print the curl headers / endpoints to use
-#   recipe.sh mem         RSS/PSS of everything started
-#   recipe.sh start-compute N   (re)start nova-compute for host fake-N
+#   novabed.sh install     apt + venv/pip (once per machine; nothing to do after)
+#   novabed.sh start       configure, init DBs (first time), start everything,
+#                          register N fake computes, flavor "1" + image (nothing to
+#                          do when it runs)
+#   novabed.sh stop        kill exactly the PIDs recorded in $B/pids
+#   novabed.sh status      what runs (exit 3: not installed / not running)
+#   novabed.sh env         print the headers / endpoints to use
+#   novabed.sh mem         RSS/PSS of everything started
+#   novabed.sh start-compute N   (re)start nova-compute for host fake-N
 #
-# Pinned versions: if $B/constraints.txt exists (a `pip freeze` of a working
-# venv), install uses it as pip constraints.
-# Everything lives in $B (default /tmp/novabed) and listens on 127.0.0.1 only.
-# Auth: there is no keystone.  nova-api runs its normal paste pipeline minus the
-# keystonemiddleware "authtoken" filter, so nova's own NovaKeystoneContext builds
+# Pinned versions: constraints.txt beside this script (a `pip freeze` of a working venv).
+# Everything lives in $B (default /var/lib/defib-novabed) and listens on 127.0.0.1 only.
+# Auth, path 1 (no keystone): nova-api (:38774) runs its normal paste pipeline minus
+# the keystonemiddleware "authtoken" filter, so nova's own NovaKeystoneContext builds
 # the request context from the headers keystonemiddleware would have set:
 #   X-User-Id, X-Project-Id, X-Roles (send X-Roles: admin,member,reader).
-# placement: auth_strategy=noauth2 (X-Auth-Token: admin); glance: no-auth
+# placement (:38778): auth_strategy=noauth2 (X-Auth-Token: admin); glance: no-auth
 # "unauthenticated-context" pipeline + allow-all policy; neutron: auth_strategy=noauth.
+# Auth, path 2 (keystone, as real clouds): keystone (:35000, fernet, admin/admin) whose
+# catalog lists a second nova-api (:38775) and placement-api (:38779) that validate
+# tokens with keystonemiddleware; $B/data/keystone/appcred.json holds an application
+# credential of admin.
 set -euo pipefail
 
 B=${NOVABED:-/var/lib/defib-novabed}
@@ -39,6 +45,10 @@ NOVA_PORT=${NOVA_PORT:-38774}
 PLACEMENT_PORT=${PLACEMENT_PORT:-38778}
 GLANCE_PORT=${GLANCE_PORT:-39292}
 NEUTRON_PORT=${NEUTRON_PORT:-39696}
+# Keystone, and a second nova-api and placement-api that authenticate with it
+KEYSTONE_PORT=${KEYSTONE_PORT:-35000}
+NOVA_KS_PORT=${NOVA_KS_PORT:-38775}
+PLACEMENT_KS_PORT=${PLACEMENT_KS_PORT:-38779}
 DB="mysql+pymysql://os:os@127.0.0.1:$MYSQL_PORT"
 PIDS=$B/pids
 L=$B/logs
@@ -303,6 +313,39 @@ extension_drivers =
 flat_networks = *
 EOF
 
+  # --- keystone (fernet tokens) and the keystone-authenticated nova-api / placement-api
+  mkdir -p $B/etc/keystone $B/etc/nova-ks $B/etc/placement-ks $B/data/keystone/fernet-keys $B/data/keystone/credential-keys
+  mkdir -p $B/run/keystone $B/run/nova-api-ks $B/run/placement-api-ks
+  cat > $B/etc/keystone/keystone.conf <<KSEOF
+[DEFAULT]
+debug = False
+[database]
+connection = $DB/keystone?charset=utf8
+[token]
+provider = fernet
+expiration = 3600
+[fernet_tokens]
+key_repository = $B/data/keystone/fernet-keys
+[fernet_receipts]
+key_repository = $B/data/keystone/fernet-keys
+[credential]
+key_repository = $B/data/keystone/credential-keys
+KSEOF
+  local authtoken="[keystone_authtoken]
+www_authenticate_uri = http://127.0.0.1:$KEYSTONE_PORT
+auth_url = http://127.0.0.1:$KEYSTONE_PORT
+auth_type = password
+project_domain_name = Default
+user_domain_name = Default
+project_name = admin
+username = admin
+password = admin"
+  cp $V/etc/nova/api-paste.ini $B/etc/nova-ks/api-paste.ini
+  cp $B/etc/nova/nova-db.conf $B/etc/nova-ks/nova-db.conf
+  { cat $B/etc/nova/nova.conf; echo "$authtoken"; } > $B/etc/nova-ks/nova.conf
+  { printf '[DEFAULT]\ndebug = False\n[api]\nauth_strategy = keystone\n[placement_database]\nconnection = %s/placement?charset=utf8\n' "$DB"
+    echo "$authtoken"; } > $B/etc/placement-ks/placement.conf
+
   # --- gunicorn configs: gunicorn is started with NO argv (it reads
   # ./gunicorn.conf.py) because nova/neutron parse sys.argv with oslo.config.
   gconf() {  # gconf NAME MODULE PORT THREADS ENV
@@ -332,6 +375,9 @@ EOF
   gconf placement-api placement.wsgi.api:application $PLACEMENT_PORT 8 "OS_PLACEMENT_CONFIG_DIR=$B/etc/placement"
   gconf glance-api glance.wsgi.api:application $GLANCE_PORT 4 "OS_GLANCE_CONFIG_DIR=$B/etc/glance"
   gconf neutron-api neutron.wsgi.api:application $NEUTRON_PORT 4 "OS_NEUTRON_CONFIG_DIR=$B/etc/neutron"
+  gconf keystone keystone.wsgi.api:application $KEYSTONE_PORT 4 "OS_KEYSTONE_CONFIG_DIR=$B/etc/keystone"
+  gconf nova-api-ks nova.wsgi.osapi_compute:application $NOVA_KS_PORT 4 "OS_NOVA_CONFIG_DIR=$B/etc/nova-ks"
+  gconf placement-api-ks placement.wsgi.api:application $PLACEMENT_KS_PORT 4 "OS_PLACEMENT_CONFIG_DIR=$B/etc/placement-ks"
 }
 
 start_gunicorn() {  # start_gunicorn NAME ENVVAR=VALUE...
@@ -402,6 +448,24 @@ do_start() {
     log "db schemas synced in $(elapsed "$t") s"
   fi
 
+  # keystone: its database, keys and admin user, once
+  if [ ! -f $B/data/keystone/bootstrapped ]; then
+    local t; t=$(t_now)
+    mariadb --defaults-file=$B/etc/my.cnf -uroot -e "CREATE DATABASE IF NOT EXISTS keystone;"
+    ( set -e
+      K=(--config-file $B/etc/keystone/keystone.conf)
+      $V/bin/keystone-manage "${K[@]}" db_sync
+      $V/bin/keystone-manage "${K[@]}" fernet_setup --keystone-user root --keystone-group root
+      $V/bin/keystone-manage "${K[@]}" credential_setup --keystone-user root --keystone-group root
+      $V/bin/keystone-manage "${K[@]}" bootstrap --bootstrap-password admin \
+        --bootstrap-admin-url http://127.0.0.1:$KEYSTONE_PORT/v3 \
+        --bootstrap-internal-url http://127.0.0.1:$KEYSTONE_PORT/v3 \
+        --bootstrap-public-url http://127.0.0.1:$KEYSTONE_PORT/v3 --bootstrap-region-id RegionOne
+    ) > $L/keystone-setup.log 2>&1
+    touch $B/data/keystone/bootstrapped
+    log "keystone set up in $(elapsed "$t") s"
+  fi
+
   wait_for 90 rabbitmq rctl -q status
   log "rabbitmq up at +$(elapsed "$T0") s"
 
@@ -409,6 +473,9 @@ do_start() {
   start_gunicorn glance-api OS_GLANCE_CONFIG_DIR=$B/etc/glance
   start_gunicorn neutron-api OS_NEUTRON_CONFIG_DIR=$B/etc/neutron
   start_gunicorn nova-api OS_NOVA_CONFIG_DIR=$B/etc/nova OS_NOVA_CONFIG_FILES="api-paste.ini;nova.conf;nova-db.conf"
+  start_gunicorn keystone OS_KEYSTONE_CONFIG_DIR=$B/etc/keystone
+  start_gunicorn nova-api-ks OS_NOVA_CONFIG_DIR=$B/etc/nova-ks OS_NOVA_CONFIG_FILES="api-paste.ini;nova.conf;nova-db.conf"
+  start_gunicorn placement-api-ks OS_PLACEMENT_CONFIG_DIR=$B/etc/placement-ks
   nohup $V/bin/nova-conductor "${NOVA_CONF[@]}" --log-file $L/nova-conductor.log > $L/nova-conductor.out 2>&1 &
   record $! nova-conductor
   nohup $V/bin/nova-scheduler "${NOVA_CONF[@]}" --log-file $L/nova-scheduler.log > $L/nova-scheduler.out 2>&1 &
@@ -421,6 +488,8 @@ do_start() {
   # backrefs are configured lazily; GET /ports as first request -> 500), so warm up
   wait_for 120 neutron-api curl -sf -m 5 http://127.0.0.1:$NEUTRON_PORT/v2.0/networks
   wait_for 120 nova-api curl -sf -m 5 http://127.0.0.1:$NOVA_PORT/v2.1/
+  wait_for 120 keystone curl -sf -m 5 http://127.0.0.1:$KEYSTONE_PORT/v3
+  keystone_catalog
   log "all APIs answer at +$(elapsed "$T0") s"
 
   # all computes report "up", then map them into cell1
@@ -442,6 +511,42 @@ do_start() {
     echo "$img" > $B/data/image_id
   fi
   log "READY: nova-api http://127.0.0.1:$NOVA_PORT/v2.1 with $NCOMPUTE fake hosts, cold start took $(elapsed "$T0") s"
+}
+
+# Once: compute and placement in the catalog (the keystone-authenticated instances),
+# and an application credential of admin for tests ($B/data/keystone/appcred.json).
+keystone_catalog() {
+  [ -s $B/data/keystone/appcred.json ] && return 0
+  python3 - "$KEYSTONE_PORT" "$NOVA_KS_PORT" "$PLACEMENT_KS_PORT" "$B/data/keystone/appcred.json" <<'PYEOF'
+import json, sys, urllib.request
+kp, np, pp, out = sys.argv[1:]
+K = 'http://127.0.0.1:%s/v3' % kp
+def call(method, path, body=None, token=None):
+    h = {'Content-Type': 'application/json'}
+    if token:
+        h['X-Auth-Token'] = token
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(K + path, method=method, data=data, headers=h)
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return r.headers.get('X-Subject-Token'), json.loads(r.read() or b'null')
+tok, body = call('POST', '/auth/tokens', {'auth': {
+    'identity': {'methods': ['password'], 'password': {'user': {
+        'name': 'admin', 'domain': {'name': 'Default'}, 'password': 'admin'}}},
+    'scope': {'project': {'name': 'admin', 'domain': {'name': 'Default'}}}}})
+user = body['token']['user']['id']
+for typ, name, url in (('compute', 'nova', 'http://127.0.0.1:%s/v2.1' % np),
+                       ('placement', 'placement', 'http://127.0.0.1:%s' % pp)):
+    _, svc = call('POST', '/services', {'service': {'type': typ, 'name': name}}, tok)
+    for iface in ('public', 'internal', 'admin'):
+        call('POST', '/endpoints', {'endpoint': {'service_id': svc['service']['id'],
+             'interface': iface, 'url': url, 'region_id': 'RegionOne'}}, tok)
+_, ac = call('POST', '/users/%s/application_credentials' % user,
+             {'application_credential': {'name': 'defib-tests'}}, tok)
+with open(out, 'w') as f:
+    json.dump({'id': ac['application_credential']['id'],
+               'secret': ac['application_credential']['secret']}, f)
+PYEOF
+  log "keystone catalog: compute :$NOVA_KS_PORT, placement :$PLACEMENT_KS_PORT; application credential written"
 }
 
 compute_conf() {  # per-host config + state_path holding the node identity file
@@ -479,7 +584,8 @@ running() {
     case $name in nova-compute-*) continue ;; esac   # a test may have killed one
     kill -0 "$pid" 2>/dev/null || return 1
   done < $PIDS
-  curl -sf -m 5 "${H[@]}" http://127.0.0.1:$NOVA_PORT/v2.1/ >/dev/null
+  curl -sf -m 5 "${H[@]}" http://127.0.0.1:$NOVA_PORT/v2.1/ >/dev/null &&
+    curl -sf -m 5 http://127.0.0.1:$KEYSTONE_PORT/v3 >/dev/null
 }
 
 do_status() {
@@ -562,6 +668,8 @@ case "${1:-}" in
   env)
     echo "NOVA=http://127.0.0.1:$NOVA_PORT/v2.1  PLACEMENT=http://127.0.0.1:$PLACEMENT_PORT  GLANCE=http://127.0.0.1:$GLANCE_PORT  NEUTRON=http://127.0.0.1:$NEUTRON_PORT"
     echo "nova headers: X-User-Id: admin, X-Project-Id: admin, X-Roles: admin,member,reader, OpenStack-API-Version: compute 2.xx"
-    echo "placement header: X-Auth-Token: admin ; image id: $(cat $B/data/image_id 2>/dev/null)" ;;
+    echo "placement header: X-Auth-Token: admin ; image id: $(cat $B/data/image_id 2>/dev/null)"
+    echo "KEYSTONE=http://127.0.0.1:$KEYSTONE_PORT/v3 (admin/admin, project admin, domain Default; catalog: nova :$NOVA_KS_PORT, placement :$PLACEMENT_KS_PORT)"
+    echo "application credential of admin: $B/data/keystone/appcred.json" ;;
   *) echo "usage: $0 install|start|stop|status|mem|env|start-compute N" >&2; exit 2 ;;
 esac

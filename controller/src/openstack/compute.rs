@@ -15,6 +15,8 @@ pub const PLACEMENT_VERSION: &str = "1.39";
 /// The oldest compute microversion the restorer accepts: force-down by service uuid
 /// needs 2.53, the embedded flavor in server details 2.47.
 pub const MIN_COMPUTE_VERSION: (u32, u32) = (2, 53);
+/// The newest microversion that accepts `force` on evacuate (removed in 2.68).
+pub const FORCE_VERSION: &str = "2.67";
 /// The newest at which an evacuated server keeps its power state (ACTIVE stays ACTIVE);
 /// from 2.95 on Nova leaves it SHUTOFF and the restorer starts it.
 pub const KEEPS_POWER_STATE_UNTIL: (u32, u32) = (2, 94);
@@ -67,6 +69,9 @@ pub struct Server {
     pub metadata: BTreeMap<String, String>,
     #[serde(default)]
     pub fault: Option<Fault>,
+    /// Last change (Nova's clock).
+    #[serde(default)]
+    pub updated: Option<String>,
 }
 
 /// A compute service (`GET /os-services`, ≥ 2.53: `id` is a uuid).
@@ -266,6 +271,22 @@ impl Compute {
             None => json!({"evacuate": {}}),
         };
         self.post_action(id, body).await
+    }
+
+    /// Rebuilds a server of a down host on `target` without Nova's scheduler checking
+    /// the target (`force`, which exists up to microversion 2.67; the call is made at
+    /// 2.67, where an evacuated server also keeps its power state). Placement
+    /// allocations are still made by Nova.
+    pub async fn evacuate_forced(&self, id: &str, target: &str) -> Result<(), OsError> {
+        self.session
+            .request_raw(
+                Service::Compute(FORCE_VERSION),
+                Method::Post,
+                &format!("/servers/{id}/action"),
+                Some(&json!({"evacuate": {"host": target, "force": true}})),
+            )
+            .await
+            .map(|_| ())
     }
 
     pub async fn reboot_hard(&self, id: &str) -> Result<(), OsError> {

@@ -63,7 +63,7 @@ pub async fn run(
         None => None,
     };
     let nova_settings = resolved.nova.as_ref().map(|n| n.settings.clone());
-    let maintenance = nova_settings.as_ref().map(|s| s.maintenance.clone());
+    let host_view = nova_settings.as_ref().map(|s| s.hosts.clone());
     let (task, channels) = EngineTask::new(parts, |results| {
         let restorer: Box<dyn Restorer + Send> = match (backend, nova, nova_settings) {
             (Backend::Libvirt, _, _) => Box::new(libvirt_backend::LibvirtRestorer::new(
@@ -93,9 +93,9 @@ pub async fn run(
         snapshot,
         ..
     } = channels;
-    if let Some(set) = maintenance {
-        // Hosts in maintenance are never evacuation targets.
-        tokio::spawn(nova_backend::watch_maintenance(snapshot.clone(), set));
+    if let Some(view) = host_view {
+        // The restorer's view of the hosts (maintenance, heartbeats).
+        tokio::spawn(nova_backend::watch_hosts(snapshot.clone(), view));
     }
 
     // Bind everything before serving anything: a port in use is a clear error at start.

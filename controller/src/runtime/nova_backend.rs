@@ -30,7 +30,8 @@ use super::edges::ResultSender;
 use crate::arrange::{self, Amount, ClassCapacity};
 use crate::engine::edge::Restorer;
 use crate::engine::{
-    HostEvent, HostId, Input, IntentKey, Resource, RestoreOutcome, Source, Timestamp,
+    HostEvent, HostId, HostState, Input, IntentKey, OperatorCommand, Resource, RestoreOutcome,
+    Source, Timestamp,
 };
 use crate::openstack::compute::{self, Compute, Server};
 use crate::openstack::OsError;
@@ -39,6 +40,9 @@ use crate::openstack::OsError;
 /// all of a host's VMs over in one step; other hosts failing at the same moment follow
 /// within milliseconds).
 pub const BATCH_WINDOW: Duration = Duration::from_millis(30);
+
+/// How long the server list read at force-down stands for the host's first batch.
+const LISTING_FRESH: Duration = Duration::from_secs(10);
 
 /// The restorer's settings (from the `[nova]` section).
 #[derive(Debug, Clone)]
@@ -59,28 +63,52 @@ pub struct NovaSettings {
     pub restore_timeout: Duration,
     /// How long an unforce is retried while Nova refuses it.
     pub unforce_timeout: Duration,
-    /// Hosts the engine has in maintenance, kept up to date by the runtime
-    /// ([`watch_maintenance`]): never targets.
-    pub maintenance: HostSet,
+    /// The engine's view of the hosts, kept up to date by the runtime
+    /// ([`watch_hosts`]): hosts in maintenance are never targets; the automatic
+    /// unforce waits for a host to heartbeat again.
+    pub hosts: HostView,
+    /// Evacuate with `force` (at 2.67): Nova's scheduler does not check the target
+    /// again. Faster (no scheduler pass per server), but Nova's filters (server-group
+    /// anti-affinity, aggregates, AZs, PCI/NUMA) are not applied: only for clouds whose
+    /// placement rules the arrangement scheduler's capacity check covers.
+    pub bypass_scheduler: bool,
+    /// Unforce a recovered host without an operator, once it heartbeats again and its
+    /// nova-compute reports again (`[nova] unforce = "automatic"`).
+    pub auto_unforce: bool,
 }
 
-/// A set of host names shared between the runtime and the restorer.
-pub type HostSet = Arc<Mutex<BTreeSet<String>>>;
+/// What the restorer knows of a host from the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostSeen {
+    pub state: HostState,
+    /// Last heartbeat, unix ms.
+    pub last_heartbeat_ms: Option<u64>,
+}
 
-/// Keeps `set` equal to the hosts in maintenance in the engine's snapshots.
-pub async fn watch_maintenance(
+/// The engine's hosts, shared between the runtime and the restorer.
+pub type HostView = Arc<Mutex<BTreeMap<String, HostSeen>>>;
+
+/// Keeps `view` equal to the hosts of the engine's snapshots.
+pub async fn watch_hosts(
     mut snapshots: tokio::sync::watch::Receiver<Arc<super::view::Snapshot>>,
-    set: HostSet,
+    view: HostView,
 ) {
     loop {
-        let now: BTreeSet<String> = snapshots
+        let now: BTreeMap<String, HostSeen> = snapshots
             .borrow_and_update()
             .hosts
             .iter()
-            .filter(|h| h.state == crate::engine::HostState::Maintenance)
-            .map(|h| h.host.clone())
+            .map(|h| {
+                (
+                    h.host.clone(),
+                    HostSeen {
+                        state: h.state,
+                        last_heartbeat_ms: h.last_heartbeat_ms,
+                    },
+                )
+            })
             .collect();
-        *set.lock().unwrap_or_else(|e| e.into_inner()) = now;
+        *view.lock().unwrap_or_else(|e| e.into_inner()) = now;
         if snapshots.changed().await.is_err() {
             return;
         }
@@ -98,7 +126,9 @@ impl Default for NovaSettings {
             poll_interval: Duration::from_millis(500),
             restore_timeout: Duration::from_secs(600),
             unforce_timeout: Duration::from_secs(900),
-            maintenance: HostSet::default(),
+            hosts: HostView::default(),
+            auto_unforce: false,
+            bypass_scheduler: false,
         }
     }
 }
@@ -316,6 +346,9 @@ struct State {
     /// Planned evacuations waiting for a slot, per target.
     queued: BTreeMap<String, VecDeque<(String, String, IntentKey)>>,
     tracked: BTreeMap<String, Tracked>,
+    /// The server list read right after a force-down, per host, for the first batch of
+    /// that host's evacuations (taken once; later batches read Nova again).
+    listed: HashMap<String, (tokio::time::Instant, HashMap<String, Server>)>,
 }
 
 #[derive(Clone)]
@@ -391,6 +424,10 @@ impl Worker {
     async fn run(self, mut rx: mpsc::UnboundedReceiver<Job>) {
         let tracker = self.clone();
         tokio::spawn(async move { tracker.track_forever().await });
+        if self.settings.auto_unforce {
+            let w = self.clone();
+            tokio::spawn(async move { w.auto_unforce().await });
+        }
         while let Some(job) = rx.recv().await {
             let mut evacuations = Vec::new();
             let mut pending = vec![job];
@@ -444,6 +481,13 @@ impl Worker {
     async fn force_down(&self, host: HostId, key: IntentKey) {
         let outcome = match self.force_down_and_list(host.as_str()).await {
             Ok(servers) => {
+                self.lock().listed.insert(
+                    host.to_string(),
+                    (
+                        tokio::time::Instant::now(),
+                        servers.iter().map(|s| (s.id.clone(), s.clone())).collect(),
+                    ),
+                );
                 self.event(RestoreEvent::ForcedDown {
                     host: host.to_string(),
                 });
@@ -500,6 +544,15 @@ impl Worker {
         let mut by_host: BTreeMap<String, HashMap<String, Server>> = BTreeMap::new();
         for (_, from, _) in &batch {
             if by_host.contains_key(from) {
+                continue;
+            }
+            let fresh = self
+                .lock()
+                .listed
+                .remove(from)
+                .filter(|(at, _)| at.elapsed() < LISTING_FRESH);
+            if let Some((_, servers)) = fresh {
+                by_host.insert(from.clone(), servers);
                 continue;
             }
             let listed = match self.compute.servers_on_host(from).await {
@@ -646,15 +699,52 @@ impl Worker {
         to_plan: &[(Server, String, IntentKey)],
     ) -> Result<Vec<arrange::Target>, OsError> {
         let failed: BTreeSet<&str> = to_plan.iter().map(|(_, f, _)| f.as_str()).collect();
-        let services = self.compute.compute_services(None).await?;
-        let hypervisors = self.compute.hypervisors().await?;
+        // Independent reads, all at once: this is on the path to the first evacuation.
+        let (services, hypervisors) = tokio::join!(
+            self.compute.compute_services(None),
+            self.compute.hypervisors()
+        );
+        let (services, hypervisors) = (services?, hypervisors?);
+        let mut capacity = tokio::task::JoinSet::new();
+        for h in &hypervisors {
+            let c = self.compute.clone();
+            let id = h.id.clone();
+            capacity.spawn(async move {
+                let r = c.provider_capacity(&id).await;
+                (id, r)
+            });
+        }
+        let mut room: HashMap<String, Amount> = HashMap::new();
+        while let Some(joined) = capacity.join_next().await {
+            let Ok((id, r)) = joined else { continue };
+            let (inv, used) = r?;
+            let classes: BTreeMap<String, ClassCapacity> = inv
+                .into_iter()
+                .map(|(k, i)| {
+                    let u = used.get(&k).copied().unwrap_or(0);
+                    (
+                        k,
+                        ClassCapacity {
+                            total: i.total,
+                            reserved: i.reserved,
+                            allocation_ratio: i.allocation_ratio,
+                            used: u,
+                        },
+                    )
+                })
+                .collect();
+            room.insert(id, arrange::free_room(&classes));
+        }
         let building = self.lock().building.clone();
-        let maintenance = self
+        let maintenance: BTreeSet<String> = self
             .settings
-            .maintenance
+            .hosts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
+            .iter()
+            .filter(|(_, h)| h.state == HostState::Maintenance)
+            .map(|(n, _)| n.clone())
+            .collect();
         let mut out = Vec::new();
         for svc in services {
             if failed.contains(svc.host.as_str()) {
@@ -677,26 +767,11 @@ impl Worker {
             let mut free = Amount::default();
             if excluded.is_none() {
                 for h in hypervisors.iter().filter(|h| h.service.host == svc.host) {
-                    let (inv, used) = self.compute.provider_capacity(&h.id).await?;
-                    let classes: BTreeMap<String, ClassCapacity> = inv
-                        .into_iter()
-                        .map(|(k, i)| {
-                            let u = used.get(&k).copied().unwrap_or(0);
-                            (
-                                k,
-                                ClassCapacity {
-                                    total: i.total,
-                                    reserved: i.reserved,
-                                    allocation_ratio: i.allocation_ratio,
-                                    used: u,
-                                },
-                            )
-                        })
-                        .collect();
-                    let f = arrange::free_room(&classes);
-                    free.vcpus += f.vcpus;
-                    free.memory_mb += f.memory_mb;
-                    free.disk_gb += f.disk_gb;
+                    if let Some(f) = room.get(&h.id) {
+                        free.vcpus += f.vcpus;
+                        free.memory_mb += f.memory_mb;
+                        free.disk_gb += f.disk_gb;
+                    }
                 }
             }
             out.push(arrange::Target {
@@ -754,7 +829,12 @@ impl Worker {
             target: target.clone(),
         });
         tracing::info!(server, from, target, %key, "evacuating");
-        match self.compute.evacuate(&server, Some(&target)).await {
+        let call = if self.settings.bypass_scheduler {
+            self.compute.evacuate_forced(&server, &target).await
+        } else {
+            self.compute.evacuate(&server, Some(&target)).await
+        };
+        match call {
             Ok(()) => self.track(&server, &from, Some(target), key, true),
             Err(e) => {
                 // A 409 may mean an evacuation already runs (resent after a timeout):
@@ -807,35 +887,61 @@ impl Worker {
 
     // ------------------------------------------------------------ tracking
 
+    /// One incremental poll per interval: the servers Nova changed since the newest
+    /// change seen (Nova's own clock, less a margin), so each poll returns only what
+    /// moved and costs Nova little while it rebuilds. A tracked server not seen yet is
+    /// read once on its own; one past its timeout too.
     async fn track_forever(&self) {
-        let since = SystemTime::now() - Duration::from_secs(300);
-        let mut since = since;
+        const MARGIN: Duration = Duration::from_secs(2);
+        let mut since: Option<SystemTime> = None;
+        let mut seen: HashSet<String> = HashSet::new();
         loop {
             tokio::time::sleep(self.settings.poll_interval).await;
             if self.lock().tracked.is_empty() {
-                // Nothing to follow: the next poll may look back from now on.
-                since = SystemTime::now() - Duration::from_secs(300);
+                since = None;
+                seen.clear();
                 continue;
             }
+            let from = since.unwrap_or_else(|| SystemTime::now() - Duration::from_secs(300));
+            let changed = match self.compute.servers_changed_since(from).await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "polling server states failed; retrying");
+                    continue;
+                }
+            };
+            if let Some(newest) = changed
+                .iter()
+                .filter_map(|s| s.updated.as_deref())
+                .filter_map(crate::openstack::keystone::parse_rfc3339)
+                .max()
+            {
+                let next = newest - MARGIN;
+                since = Some(since.map_or(next, |s| s.max(next)));
+            }
             let servers: HashMap<String, Server> =
-                match self.compute.servers_changed_since(since).await {
-                    Ok(v) => v.into_iter().map(|s| (s.id.clone(), s)).collect(),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "polling server states failed; retrying");
-                        continue;
-                    }
-                };
+                changed.into_iter().map(|s| (s.id.clone(), s)).collect();
             let tracked: Vec<(String, Tracked)> = self
                 .lock()
                 .tracked
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
+            seen.retain(|id| tracked.iter().any(|(t, _)| t == id));
             for (id, t) in tracked {
                 let s = match servers.get(&id) {
                     Some(s) => Some(s.clone()),
-                    None => self.compute.server(&id).await.ok().flatten(),
+                    None if !seen.contains(&id)
+                        || t.started.elapsed() > self.settings.restore_timeout =>
+                    {
+                        match self.compute.server(&id).await {
+                            Ok(s) => s,
+                            Err(_) => continue,
+                        }
+                    }
+                    None => continue,
                 };
+                seen.insert(id.clone());
                 self.check(&id, &t, s).await;
             }
         }
@@ -941,6 +1047,55 @@ impl Worker {
     }
 
     // ------------------------------------------------------------ unforce
+
+    /// The automatic unforce policy: a host the engine has `Recovered` (every VM
+    /// accounted for) that heartbeats again, and whose forced-down nova-compute reports
+    /// again (its `updated_at` moves), is unfenced as an operator would: the engine
+    /// checks it as it checks `defibctl unfence`, then hands the unforce back here.
+    async fn auto_unforce(&self) {
+        const EVERY: Duration = Duration::from_secs(2);
+        const AGAIN_AFTER: Duration = Duration::from_secs(30);
+        let mut last_report: HashMap<String, Option<String>> = HashMap::new();
+        let mut asked: HashMap<String, tokio::time::Instant> = HashMap::new();
+        loop {
+            tokio::time::sleep(EVERY).await;
+            let now_ms = now_ts().0;
+            let candidates: Vec<String> = self
+                .settings
+                .hosts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .filter(|(_, h)| {
+                    h.state == HostState::Recovered
+                        && h.last_heartbeat_ms
+                            .is_some_and(|t| now_ms.saturating_sub(t) < 2_000)
+                })
+                .map(|(n, _)| n.clone())
+                .collect();
+            last_report.retain(|h, _| candidates.contains(h));
+            for host in candidates {
+                let svc = match self.compute.compute_services(Some(&host)).await {
+                    Ok(v) => v.into_iter().find(|s| s.host == host),
+                    Err(e) => {
+                        tracing::debug!(host, error = %e, "auto-unforce: reading the service");
+                        continue;
+                    }
+                };
+                let Some(svc) = svc else { continue };
+                let previous = last_report.insert(host.clone(), svc.updated_at.clone());
+                let reporting = matches!(previous, Some(p) if p != svc.updated_at);
+                let recently = asked.get(&host).is_some_and(|t| t.elapsed() < AGAIN_AFTER);
+                if reporting && !recently {
+                    tracing::info!(host, "host is back: unfencing (policy)");
+                    asked.insert(host.clone(), tokio::time::Instant::now());
+                    let _ = self.results.send(Input::Operator(OperatorCommand::Unfence {
+                        host: HostId::new(&host),
+                    }));
+                }
+            }
+        }
+    }
 
     async fn unforce(&self, host: HostId, key: IntentKey) {
         let started = tokio::time::Instant::now();
