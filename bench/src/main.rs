@@ -6,6 +6,7 @@
 mod controller;
 mod heartbeat_intake;
 mod host_memory;
+mod nova_evacuate;
 mod real_guest_kill;
 mod report;
 mod restart_in_place;
@@ -87,6 +88,14 @@ enum Scenario {
         #[arg(long, default_value_t = 30)]
         kills: usize,
     },
+    /// A Nova host with N servers fails → all ACTIVE elsewhere: defib's planned parallel
+    /// evacuation against the naive one-at-a-time way, same run (needs the novabed).
+    NovaEvacuate {
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        #[arg(long, default_value_t = 30)]
+        servers: usize,
+    },
 }
 
 pub fn monotonic_ns() -> u64 {
@@ -124,6 +133,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::HostMemory { hosts, seconds } => host_memory::run(&hosts, seconds)?,
         Scenario::RealGuestKill { kills } => real_guest_kill::run(kills)?,
         Scenario::RestartInPlace { kills } => restart_in_place::run(kills)?,
+        Scenario::NovaEvacuate { rounds, servers } => nova_evacuate::run(rounds, servers)?,
     };
     println!("{md}");
     Ok(())

@@ -21,6 +21,7 @@ pub mod guests;
 pub mod hypervisor;
 pub mod lab;
 pub mod netns;
+pub mod novalab;
 
 /// A short tag unique to this test process and call, for names of namespaces and files.
 pub fn tag() -> String {

@@ -7,6 +7,7 @@ pub mod fencing;
 pub mod intake;
 pub mod libvirt_backend;
 pub mod metrics;
+pub mod nova_backend;
 pub mod view;
 
 use std::sync::Arc;
@@ -65,14 +66,29 @@ pub async fn run(
     let restorer_streams = streams.clone();
     let (fence_table, verify) = (resolved.fence.clone(), resolved.verify);
     tracing::info!(hosts = fence_table.len(), "fence levels configured");
+    let nova = match &resolved.nova {
+        Some(n) => Some(crate::openstack::compute::Compute::new(
+            Arc::new(
+                crate::openstack::Session::new(n.session.clone())
+                    .context("building the OpenStack client")?,
+            ),
+            n.microversion.clone(),
+        )),
+        None => None,
+    };
+    let nova_settings = resolved.nova.as_ref().map(|n| n.settings.clone());
+    let host_view = nova_settings.as_ref().map(|s| s.hosts.clone());
     let (task, channels) = EngineTask::new(parts, |results| {
-        let restorer: Box<dyn Restorer + Send> = match backend {
-            Backend::Libvirt => Box::new(libvirt_backend::LibvirtRestorer::new(
+        let restorer: Box<dyn Restorer + Send> = match (backend, nova, nova_settings) {
+            (Backend::Libvirt, _, _) => Box::new(libvirt_backend::LibvirtRestorer::new(
                 results.clone(),
                 restorer_streams,
             )),
-            // `nova` is refused by the configuration check.
-            Backend::None | Backend::Nova => Box::new(UnconfiguredRestorer {
+            (Backend::Nova, Some(compute), Some(settings)) => Box::new(
+                nova_backend::NovaRestorer::start(compute, settings, results.clone(), None),
+            ),
+            // `nova` without its section cannot pass the configuration check.
+            (Backend::None | Backend::Nova, _, _) => Box::new(UnconfiguredRestorer {
                 results: results.clone(),
             }),
         };
@@ -95,6 +111,10 @@ pub async fn run(
         snapshot,
         ..
     } = channels;
+    if let Some(view) = host_view {
+        // The restorer's view of the hosts (maintenance, heartbeats).
+        tokio::spawn(nova_backend::watch_hosts(snapshot.clone(), view));
+    }
 
     // Bind everything before serving anything: a port in use is a clear error at start.
     let mut udp = Vec::new();
