@@ -25,7 +25,7 @@ pub trait EventSink {
     fn emit(&mut self, event: WatchdogEvent);
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct WatchedVm {
     comm: String,
     vm: VmIdentity,
@@ -42,6 +42,11 @@ pub struct Monitor {
     external: Option<mpsc::UnboundedReceiver<WatchdogEvent>>,
     /// qemu pid → VM, from the last libvirt inventory.
     libvirt_pids: HashMap<u32, VmIdentity>,
+    /// Where the pid → VM map is kept for the next run (see `with_vm_cache`).
+    vm_cache: Option<PathBuf>,
+    /// The previous run's pid → VM map: names the VMs of qemus that exited while no
+    /// daemon was reading (their exit records wait in the pinned ring buffer).
+    remembered: HashMap<u32, WatchedVm>,
 }
 
 impl Monitor {
@@ -56,6 +61,8 @@ impl Monitor {
             last_stats: ProbeStats::default(),
             external: None,
             libvirt_pids: HashMap::new(),
+            vm_cache: None,
+            remembered: HashMap::new(),
         }
     }
 
@@ -64,6 +71,41 @@ impl Monitor {
     pub fn with_external_events(mut self, rx: mpsc::UnboundedReceiver<WatchdogEvent>) -> Self {
         self.external = Some(rx);
         self
+    }
+
+    /// Keeps the pid → VM map in `path` (rewritten when it changes) and reads the one a
+    /// previous run left there. With pinned probes, a qemu that exits while the daemon
+    /// restarts has its exit record read by the next run, which then names its VM from
+    /// this file.
+    pub fn with_vm_cache(mut self, path: PathBuf) -> Self {
+        match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<HashMap<u32, WatchedVm>>(&bytes) {
+                Ok(map) => self.remembered = map,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "unreadable VM cache ignored")
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the VM cache")
+            }
+        }
+        self.vm_cache = Some(path);
+        self
+    }
+
+    fn save_vm_cache(&self) {
+        let Some(path) = &self.vm_cache else { return };
+        let mut all = self.remembered.clone();
+        all.extend(self.vms.iter().map(|(k, v)| (*k, v.clone())));
+        let tmp = path.with_extension("tmp");
+        let written = serde_json::to_vec(&all)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the VM cache");
+        }
     }
 
     /// Watches every matching process already running. Called after the probes are
@@ -103,6 +145,7 @@ impl Monitor {
                 vm: vm.clone(),
             },
         );
+        self.save_vm_cache();
         let observed_ns = monotonic_ns();
         sink.emit(WatchdogEvent::QemuStarted {
             pid,
@@ -131,7 +174,18 @@ impl Monitor {
             }
             Record::Exit(r) => {
                 let observed_ns = monotonic_ns();
-                let known = self.vms.remove(&r.tgid);
+                let comm_now = comm_str(&r.comm);
+                let known = match self.vms.remove(&r.tgid) {
+                    Some(k) => {
+                        self.save_vm_cache();
+                        Some(k)
+                    }
+                    // Exited while no daemon was reading: the previous run knew it.
+                    None => self
+                        .remembered
+                        .remove(&r.tgid)
+                        .filter(|k| k.comm == comm_now),
+                };
                 for c in self.stalls.on_exit(r.tgid, r.ts_ns) {
                     self.emit_stall(c, sink);
                 }
@@ -144,7 +198,7 @@ impl Monitor {
                 });
                 let (comm, vm) = match known {
                     Some(k) => (k.comm, k.vm),
-                    None => (comm_str(&r.comm), VmIdentity::default()),
+                    None => (comm_now, VmIdentity::default()),
                 };
                 sink.emit(WatchdogEvent::QemuExited {
                     pid: r.tgid,
@@ -306,6 +360,24 @@ impl Monitor {
             unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
                 .map_err(|e| anyhow::anyhow!("registering the ring buffer with tokio: {e}"))?;
         self.scan_proc(sink);
+        // What the pinned probes recorded while no daemon was reading, before anything
+        // new; after it, the previous run's map has named every VM it can.
+        let rb = ring.get_mut();
+        let mut pending = Vec::new();
+        while let Some(item) = rb.next() {
+            pending.push(item.to_vec());
+        }
+        if !pending.is_empty() {
+            tracing::info!(
+                records = pending.len(),
+                "probe records waiting in the ring buffer at start"
+            );
+        }
+        for bytes in pending {
+            self.handle(&bytes, sink);
+        }
+        self.remembered.clear();
+        self.save_vm_cache();
         let mut stall_tick = tokio::time::interval(Duration::from_millis(
             self.cfg.probes.stall_scan_interval_ms,
         ));
@@ -315,6 +387,7 @@ impl Monitor {
         stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         rescan_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut external = self.external.take();
+        let mut sd_watchdog = crate::systemd::WatchdogPinger::from_env();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -343,6 +416,8 @@ impl Monitor {
                     self.check_stats(sink);
                 }
                 _ = rescan_tick.tick() => self.scan_proc(sink),
+                // From this loop, so a loop that hangs stops the pings.
+                _ = sd_watchdog.due() => sd_watchdog.ping(),
                 event = next_external(&mut external) => match event {
                     Some(event) => self.external(event, sink),
                     None => external = None,

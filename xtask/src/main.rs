@@ -2,6 +2,7 @@
 //! (idempotent, and fast when everything is there), so a fresh machine needs nothing else.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)] // synchronous tool, not async code
 
+mod bundle;
 mod demo;
 mod hostbed;
 mod setup;
@@ -34,6 +35,10 @@ enum Task {
         #[command(subcommand)]
         action: hostbed::Action,
     },
+    /// Build the release binaries and pack the installable bundle: a versioned tar.gz
+    /// (binaries, systemd units, example configs, install.sh, docs, Grafana dashboard)
+    /// and its .sha256, in target/bundle/.
+    Bundle(bundle::Args),
     /// Build the eBPF probes (they are built by watchdog/build.rs; this runs just that).
     BuildEbpf,
     /// Setup, then show the watchdog at work on this machine: a VM's qemu is killed, one
@@ -71,6 +76,7 @@ fn main() -> ExitCode {
             tests
         }),
         Task::Hostbed { action } => hostbed::run(action),
+        Task::Bundle(args) => bundle::run(&args).map(|_| ()),
         Task::BuildEbpf => cargo(&["build", "-p", "defib-watchdog"]),
         Task::Demo => setup::run().and_then(|()| demo::run()),
         Task::Sim { seeds } => {

@@ -6,6 +6,7 @@ pub mod engine_task;
 pub mod intake;
 pub mod libvirt_backend;
 pub mod metrics;
+pub mod systemd;
 pub mod view;
 
 use std::sync::Arc;
