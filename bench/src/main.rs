@@ -9,6 +9,7 @@ mod host_memory;
 mod real_guest_kill;
 mod report;
 mod suspect_latency;
+mod watchdog_restart;
 
 use std::time::Duration;
 
@@ -74,6 +75,17 @@ enum Scenario {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Watchdog restarts while watched processes are killed every few ms: restart time
+    /// and exit events lost, with pinned probes and without.
+    WatchdogRestart {
+        #[arg(long, default_value_t = 20)]
+        restarts: usize,
+        #[arg(long, default_value_t = 5)]
+        kill_every_ms: u64,
+        /// Processes started per restart (must outlast the restart at that kill rate).
+        #[arg(long, default_value_t = 200)]
+        pool: usize,
+    },
     /// SIGKILL of a real guest's qemu (libvirt, KVM) → the watchdog's kernel event and
     /// libvirt's lifecycle event, both seen by one watchdog (needs the hostbed).
     RealGuestKill {
@@ -116,6 +128,11 @@ fn main() -> anyhow::Result<()> {
         } => heartbeat_intake::run(hosts, seconds, senders, pool_rate, interval_ms, !no_gso)?,
         Scenario::HostMemory { hosts, seconds } => host_memory::run(&hosts, seconds)?,
         Scenario::RealGuestKill { kills } => real_guest_kill::run(kills)?,
+        Scenario::WatchdogRestart {
+            restarts,
+            kill_every_ms,
+            pool,
+        } => watchdog_restart::run(restarts, kill_every_ms, pool)?,
     };
     println!("{md}");
     Ok(())

@@ -51,7 +51,8 @@ enum Task {
         seeds: u64,
     },
     /// Setup, then run a benchmark scenario (see bench/ and BENCHMARKS.md): exit-latency,
-    /// stall-latency, real-guest-kill, suspect-latency, heartbeat-intake, host-memory.
+    /// stall-latency, real-guest-kill, suspect-latency, heartbeat-intake, host-memory,
+    /// watchdog-restart.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
