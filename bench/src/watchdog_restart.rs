@@ -18,6 +18,9 @@ use crate::report::{self, Series};
 
 struct ModeResult {
     restart_ms: Vec<f64>,
+    stop_ms: Vec<f64>,
+    /// Exit → event decoded, for every exit seen (kernel stamp to the daemon's).
+    delay_ms: Vec<f64>,
     kills: usize,
     lost: usize,
     unnamed: usize,
@@ -38,6 +41,8 @@ fn run_mode(
     daemon.wait_attached(Duration::from_secs(60));
     let mut result = ModeResult {
         restart_ms: Vec::new(),
+        stop_ms: Vec::new(),
+        delay_ms: Vec::new(),
         kills: 0,
         lost: 0,
         unnamed: 0,
@@ -99,9 +104,21 @@ fn run_mode(
         };
         let t0 = Instant::now();
         anyhow::ensure!(daemon.stop(), "the daemon did not stop on SIGTERM");
+        let stopped = t0.elapsed();
+        if std::env::var_os("DEFIB_BENCH_DEBUG").is_some() {
+            let log = daemon.log();
+            let tail: Vec<&str> = log.lines().rev().take(6).collect();
+            eprintln!("old daemon's last lines: {tail:#?}");
+        }
         daemon = setup.start(&tx);
         daemon.wait_attached(Duration::from_secs(60));
-        result.restart_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        let restarted = t0.elapsed();
+        eprintln!(
+            "restart {r} ({}): stopped after {stopped:?}, attached after {restarted:?}",
+            if pinned { "pinned" } else { "unpinned" }
+        );
+        result.stop_ms.push(stopped.as_secs_f64() * 1e3);
+        result.restart_ms.push(restarted.as_secs_f64() * 1e3);
         std::thread::sleep(Duration::from_millis(50));
         stop.store(true, Ordering::Relaxed);
         let killed = killer
@@ -109,7 +126,7 @@ fn run_mode(
             .map_err(|_| anyhow::anyhow!("killer thread panicked"))?;
         anyhow::ensure!(
             killed.len() < pool,
-            "the pool of {pool} was used up before the restart ended; raise --pool"
+            "the pool of {pool} was used up before the restart ended ({restarted:?}); raise --pool"
         );
         killed_all.extend(killed);
         // The survivors are killed (and their exits counted) too, before the next round.
@@ -149,7 +166,17 @@ fn run_mode(
             _ => result.duplicated += 1,
         }
         if let Some(e) = exits.first() {
+            let k = e["kernel_ns"].as_u64().unwrap_or(0);
+            let o = e["observed_ns"].as_u64().unwrap_or(0);
+            result.delay_ms.push(o.saturating_sub(k) as f64 / 1e6);
             if e["vm"]["uuid"] != uuid.as_str() {
+                if result.unnamed == 0 {
+                    let started: Vec<&Value> = seen
+                        .iter()
+                        .filter(|v| v["type"] == "qemu_started" && v["pid"] == *pid)
+                        .collect();
+                    eprintln!("first exit not naming its VM {uuid}: {e}\nstarted: {started:?}");
+                }
                 result.unnamed += 1;
             }
         }
@@ -161,14 +188,21 @@ fn run_mode(
     Ok(result)
 }
 
-pub fn run(restarts: usize, kill_every_ms: u64, pool: usize) -> anyhow::Result<String> {
+pub fn run(
+    restarts: usize,
+    kill_every_ms: u64,
+    pool: usize,
+    pool_unpinned: usize,
+) -> anyhow::Result<String> {
     let pinned = run_mode(true, restarts, kill_every_ms, pool)?;
-    let unpinned = run_mode(false, restarts, kill_every_ms, pool)?;
+    let unpinned = run_mode(false, restarts, kill_every_ms, pool_unpinned)?;
     let notes = format!(
         "Each restart: SIGTERM to `defib-watchdog run` (release build), wait for its exit, start a new \
          one, until it logs \"probes attached\" (the sample). Meanwhile a thread SIGKILLs one watched \
          process every {kill_every_ms} ms, from the SIGTERM until 50 ms after the new daemon attached; \
-         then the rest are killed. Pinned (probes.pin_dir set, the default): {} kills, {} exit events \
+         then the rest are killed; each round starts {pool} processes (pinned) or {pool_unpinned} \
+         (unpinned), so each restart follows a burst of that many events, each fsynced to the spool \
+         before the daemon can stop (the controller here never acks). Pinned (probes.pin_dir set, the default): {} kills, {} exit events \
          lost, {} duplicated, {} not naming their VM. Unpinned (pin_dir = \"\"): {} kills, {} lost, \
          {} duplicated, {} not naming their VM.",
         pinned.kills,
@@ -182,6 +216,10 @@ pub fn run(restarts: usize, kill_every_ms: u64, pool: usize) -> anyhow::Result<S
     );
     let series = [
         Series {
+            name: "pinned: SIGTERM → old daemon exited".into(),
+            samples_ms: pinned.stop_ms,
+        },
+        Series {
             name: "restart, pinned: SIGTERM → new daemon attached".into(),
             samples_ms: pinned.restart_ms,
         },
@@ -189,12 +227,20 @@ pub fn run(restarts: usize, kill_every_ms: u64, pool: usize) -> anyhow::Result<S
             name: "restart, unpinned: SIGTERM → new daemon attached".into(),
             samples_ms: unpinned.restart_ms,
         },
+        Series {
+            name: "pinned: every kill's exit → its event decoded".into(),
+            samples_ms: pinned.delay_ms,
+        },
+        Series {
+            name: "unpinned: the same, for the exits seen".into(),
+            samples_ms: unpinned.delay_ms,
+        },
     ];
     report::write(
         &report::results_dir(),
         "watchdog-restart",
         &format!(
-            "cargo xtask bench watchdog-restart --restarts {restarts} --kill-every-ms {kill_every_ms} --pool {pool}"
+            "cargo xtask bench watchdog-restart --restarts {restarts} --kill-every-ms {kill_every_ms} --pool {pool} --pool-unpinned {pool_unpinned}"
         ),
         &notes,
         &series,

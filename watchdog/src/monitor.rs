@@ -20,6 +20,10 @@ use crate::procfs::{self, VmIdentity};
 use crate::records::{self, comm_str, Record};
 use crate::stall::{StallChange, StallTracker};
 
+/// How long the previous run's pid → VM map is kept after the start: every exit record
+/// written before the start's /proc scan has been read long before.
+const FORGET_REMEMBERED_AFTER: Duration = Duration::from_secs(10);
+
 /// Where events go: stdout for `events`, the controller stream later.
 pub trait EventSink {
     fn emit(&mut self, event: WatchdogEvent);
@@ -47,6 +51,8 @@ pub struct Monitor {
     /// The previous run's pid → VM map: names the VMs of qemus that exited while no
     /// daemon was reading (their exit records wait in the pinned ring buffer).
     remembered: HashMap<u32, WatchedVm>,
+    /// The pid → VM map changed since the cache was last written.
+    vm_cache_dirty: bool,
 }
 
 impl Monitor {
@@ -63,6 +69,7 @@ impl Monitor {
             libvirt_pids: HashMap::new(),
             vm_cache: None,
             remembered: HashMap::new(),
+            vm_cache_dirty: false,
         }
     }
 
@@ -94,7 +101,12 @@ impl Monitor {
         self
     }
 
-    fn save_vm_cache(&self) {
+    /// Writes the cache if the map changed: once per turn of the main loop, however many
+    /// qemus a ring-buffer batch or a /proc scan added.
+    fn save_vm_cache(&mut self) {
+        if !std::mem::take(&mut self.vm_cache_dirty) {
+            return;
+        }
         let Some(path) = &self.vm_cache else { return };
         let mut all = self.remembered.clone();
         all.extend(self.vms.iter().map(|(k, v)| (*k, v.clone())));
@@ -137,6 +149,14 @@ impl Monitor {
             .map(|a| procfs::vm_identity_from_args(&a))
             .filter(VmIdentity::is_known)
             .or_else(|| self.libvirt_pids.get(&pid).cloned())
+            // A qemu found by the start's scan while it was exiting has no command line
+            // left to read; the previous run knew it.
+            .or_else(|| {
+                self.remembered
+                    .get(&pid)
+                    .filter(|w| w.comm == comm)
+                    .map(|w| w.vm.clone())
+            })
             .unwrap_or_default();
         self.vms.insert(
             pid,
@@ -145,7 +165,7 @@ impl Monitor {
                 vm: vm.clone(),
             },
         );
-        self.save_vm_cache();
+        self.vm_cache_dirty = true;
         let observed_ns = monotonic_ns();
         sink.emit(WatchdogEvent::QemuStarted {
             pid,
@@ -177,7 +197,7 @@ impl Monitor {
                 let comm_now = comm_str(&r.comm);
                 let known = match self.vms.remove(&r.tgid) {
                     Some(k) => {
-                        self.save_vm_cache();
+                        self.vm_cache_dirty = true;
                         Some(k)
                     }
                     // Exited while no daemon was reading: the previous run knew it.
@@ -300,6 +320,7 @@ impl Monitor {
             if let Some(w) = self.vms.get_mut(&pid) {
                 tracing::info!(pid, ?vm, "libvirt names the VM of a watched qemu");
                 w.vm = vm;
+                self.vm_cache_dirty = true;
             }
         }
         for (pid, vm) in r.unwatched {
@@ -359,9 +380,9 @@ impl Monitor {
         let mut ring =
             unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
                 .map_err(|e| anyhow::anyhow!("registering the ring buffer with tokio: {e}"))?;
-        self.scan_proc(sink);
-        // What the pinned probes recorded while no daemon was reading, before anything
-        // new; after it, the previous run's map has named every VM it can.
+        // What the pinned probes recorded while no daemon was reading comes first (an
+        // exit recorded then belongs to the pid's old process, not to one the /proc
+        // scan might find under a reused pid); the previous run's map names the VMs.
         let rb = ring.get_mut();
         let mut pending = Vec::new();
         while let Some(item) = rb.next() {
@@ -376,7 +397,14 @@ impl Monitor {
         for bytes in pending {
             self.handle(&bytes, sink);
         }
-        self.remembered.clear();
+        self.scan_proc(sink);
+        // A qemu that died between the drain and the scan was not found by the scan; its
+        // exit record comes in the loop below, still named by the previous run's map.
+        // What is left of that map after a while belongs to records that never came.
+        self.remembered.retain(|pid, _| !self.vms.contains_key(pid));
+        let forget_remembered = tokio::time::sleep(FORGET_REMEMBERED_AFTER);
+        tokio::pin!(forget_remembered);
+        self.vm_cache_dirty = true;
         self.save_vm_cache();
         let mut stall_tick = tokio::time::interval(Duration::from_millis(
             self.cfg.probes.stall_scan_interval_ms,
@@ -422,8 +450,13 @@ impl Monitor {
                     Some(event) => self.external(event, sink),
                     None => external = None,
                 },
+                _ = &mut forget_remembered, if !self.remembered.is_empty() => {
+                    self.remembered.clear();
+                    self.vm_cache_dirty = true;
+                }
                 _ = &mut shutdown => break,
             }
+            self.save_vm_cache();
         }
         Ok(())
     }
