@@ -160,7 +160,11 @@ fence_on_unknown_after_ms = 20000
         let state = self.path(&format!("wd{h}-state"));
         std::fs::create_dir_all(&state).unwrap();
         let cfg = format!(
-            r#"[host]
+            r#"# Several lab hosts share one kernel: no pinning (one daemon per pin directory).
+[probes]
+pin_dir = ""
+
+[host]
 id = "h{h}"
 cluster_id = "lab"
 state_dir = {state:?}

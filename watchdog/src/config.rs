@@ -220,6 +220,11 @@ pub struct ProbeConfig {
     /// How often /proc is scanned again for watched processes the exec probe could not
     /// have seen (e.g. a qemu that forked without exec).
     pub proc_rescan_interval_ms: u64,
+    /// bpffs directory where `run` pins the probes' maps and links, so that a restarted
+    /// watchdog takes over the probes that kept running (and the events they recorded
+    /// meanwhile) instead of starting blind. Empty: no pinning (the probes detach when
+    /// the daemon exits). `events` never pins. One daemon per directory (it is locked).
+    pub pin_dir: String,
 }
 
 impl Default for ProbeConfig {
@@ -229,6 +234,7 @@ impl Default for ProbeConfig {
             stall_threshold_ms: 1000,
             stall_scan_interval_ms: 50,
             proc_rescan_interval_ms: 5000,
+            pin_dir: "/sys/fs/bpf/defib".into(),
         }
     }
 }
@@ -322,6 +328,12 @@ impl WatchdogConfig {
             return Err(invalid(
                 "probes.proc_rescan_interval_ms",
                 "must be 100..=3600000",
+            ));
+        }
+        if !p.pin_dir.is_empty() && !Path::new(&p.pin_dir).is_absolute() {
+            return Err(invalid(
+                "probes.pin_dir",
+                "must be an absolute path on a bpffs mount (or empty for no pinning)",
             ));
         }
         self.host.validate()?;

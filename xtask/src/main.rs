@@ -2,6 +2,7 @@
 //! (idempotent, and fast when everything is there), so a fresh machine needs nothing else.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)] // synchronous tool, not async code
 
+mod bundle;
 mod demo;
 mod fencebed;
 mod hostbed;
@@ -48,6 +49,10 @@ enum Task {
         #[command(subcommand)]
         action: novabed::Action,
     },
+    /// Build the release binaries and pack the installable bundle: a versioned tar.gz
+    /// (binaries, systemd units, example configs, install.sh, docs, Grafana dashboard)
+    /// and its .sha256, in target/bundle/.
+    Bundle(bundle::Args),
     /// Build the eBPF probes (they are built by watchdog/build.rs; this runs just that).
     BuildEbpf,
     /// Setup, then show the watchdog at work on this machine: a VM's qemu is killed, one
@@ -61,7 +66,8 @@ enum Task {
     },
     /// Setup, then run a benchmark scenario (see bench/ and BENCHMARKS.md): exit-latency,
     /// stall-latency, real-guest-kill, suspect-latency, heartbeat-intake, host-memory,
-    /// nova-evacuate (needs the novabed: `cargo xtask novabed start`).
+    /// nova-evacuate (needs the novabed: `cargo xtask novabed start`), watchdog-restart,
+    /// restart-in-place (needs the hostbed).
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -95,6 +101,7 @@ fn main() -> ExitCode {
         Task::Hostbed { action } => hostbed::run(action),
         Task::Fencebed { action } => fencebed::run(action),
         Task::Novabed { action } => novabed::run(action),
+        Task::Bundle(args) => bundle::run(&args).map(|_| ()),
         Task::BuildEbpf => cargo(&["build", "-p", "defib-watchdog"]),
         Task::Demo => setup::run().and_then(|()| demo::run()),
         Task::Sim { seeds } => {

@@ -146,6 +146,7 @@ impl EngineTask {
         // starve the engine (and make healthy hosts look silent).
         let mut publish_tick = tokio::time::interval(PUBLISH_EVERY);
         publish_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sd_watchdog = super::systemd::WatchdogPinger::from_env();
         tokio::pin!(shutdown);
         loop {
             let tick_at = self.next_tick.map(|t| self.clock.instant_at(t));
@@ -158,6 +159,7 @@ impl EngineTask {
                     self.step(Input::Timer(crate::engine::TimerId::Tick))?;
                 }
                 _ = publish_tick.tick() => self.publish(),
+                _ = sd_watchdog.due() => sd_watchdog.ping(),
                 _ = &mut shutdown => break,
             }
         }

@@ -8,6 +8,7 @@ pub mod intake;
 pub mod libvirt_backend;
 pub mod metrics;
 pub mod nova_backend;
+pub mod systemd;
 pub mod view;
 
 use std::sync::Arc;
