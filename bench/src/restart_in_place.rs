@@ -201,7 +201,8 @@ impl WatchdogProcess {
         let cfg = format!(
             "[host]\nid = \"{HOST}\"\ncluster_id = \"{cluster}\"\nstate_dir = {state:?}\n\n\
              [controller]\nheartbeat_addrs = [\"{hb}\"]\nevent_addr = \"{ev}\"\nkey_file = {key:?}\n\n\
-             [libvirt]\nenabled = true\n",
+             [libvirt]\nenabled = true\n\n\
+             [probes]\n# Its own probes, not pinned: the machine's pin directory is not ours.\npin_dir = \"\"\n",
             cluster = crate::controller::CLUSTER,
             state = dir.join("state").display().to_string(),
             hb = ctl.heartbeat,

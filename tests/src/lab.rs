@@ -154,7 +154,14 @@ backend = "{backend}"
         for h in 0..spec.hosts {
             let state = self.path(&format!("wd{h}-state"));
             std::fs::create_dir_all(&state).unwrap();
-            let extra = (spec.watchdog_extra)(h);
+            // Probes not pinned: several lab watchdogs (and maybe a real one) share this
+            // machine's bpffs, and a pin directory is one daemon's.
+            let extra = match (spec.watchdog_extra)(h) {
+                e if e.contains("[probes]\n") => {
+                    e.replacen("[probes]\n", "[probes]\npin_dir = \"\"\n", 1)
+                }
+                e => format!("[probes]\npin_dir = \"\"\n\n{e}"),
+            };
             let cfg = format!(
                 r#"[host]
 id = "h{h}"
@@ -297,6 +304,54 @@ key_file = {key:?}
             .filter_map(|i| i["id"].as_u64())
             .max()?;
         Some(self.ctl(&["incidents", &id.to_string()]))
+    }
+
+    /// Waits until the controller lists `subject` (e.g. `vm:UUID`) among its VMs: the
+    /// watchdog's libvirt inventory reached it.
+    pub fn wait_vm_listed(&self, subject: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let vms = self.ctl(&["vms"]).to_string();
+            if vms.contains(subject) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{subject} never listed: {vms}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for the one incident about `subject` to close and returns it with its
+    /// timeline; fails if a second incident about it appears meanwhile.
+    pub fn wait_closed_incident(&self, subject: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        let mut last_seen = Value::Null;
+        loop {
+            let list = self.ctl(&["incidents"]);
+            let ours: Vec<&Value> = list["incidents"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|i| i["subject"] == subject)
+                .collect();
+            assert!(ours.len() <= 1, "one failure, several incidents: {list}");
+            if let Some(inc) = ours.first() {
+                let full = self.ctl(&["incidents", &inc["id"].to_string()]);
+                if !inc["closed_at_ms"].is_null() {
+                    return full;
+                }
+                last_seen = full;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no closed incident for {subject}: {last_seen}\n{list}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// The kinds of every alarm raised about `host`.

@@ -3,340 +3,45 @@
 //! acks and the event stream cross real veth links and bridges.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
-use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use defib_tests::guests::{unique_uuid, Guest, GuestDisk, GuestSpec};
-use defib_tests::netns::LabNet;
-use defib_tests::{built_binary, is_root, require, require_hostbed, stop_child, FakeQemu};
+use defib_tests::lab::{Lab, LabSpec};
+use defib_tests::{is_root, require, require_hostbed, FakeQemu};
 use serde_json::Value;
 
 /// Every watchdog sees every qemu on this one kernel, so the labs of this file must not
 /// run at the same time.
 static ONE_LAB_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-const KEY: &str = "lab-key-0123456789abcdef0123456789";
-const TOKEN: &str = "lab-api-token-0123456789";
-
-struct Daemon {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if !stop_child(&mut self.child, Duration::from_secs(5)) {
-            eprintln!("{} did not stop on SIGTERM; killed", self.name);
-        }
-    }
-}
-
-struct Lab {
-    net: LabNet,
-    dir: tempfile::TempDir,
-    controller: Option<Daemon>,
-    watchdogs: Vec<Daemon>,
-    /// Whether the watchdogs watch libvirt too (only sensible with one lab host: every
-    /// lab host shares this machine's libvirtd).
-    libvirt: bool,
-    /// The controller's `backend` (`none`, `libvirt`).
-    backend: &'static str,
-}
-
-impl Lab {
-    fn start(hosts: usize) -> Lab {
-        Self::start_with(hosts, false)
-    }
-
-    fn start_with(hosts: usize, libvirt: bool) -> Lab {
-        Self::start_with_backend(hosts, libvirt, "none")
-    }
-
-    fn start_with_backend(hosts: usize, libvirt: bool, backend: &'static str) -> Lab {
-        assert!(
-            !libvirt || hosts == 1,
-            "one libvirtd serves the whole machine"
-        );
-        let net = LabNet::new(hosts, 2);
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("cluster.key"), KEY).unwrap();
-        std::fs::write(dir.path().join("api.token"), TOKEN).unwrap();
-        let mut lab = Lab {
-            net,
-            dir,
-            controller: None,
-            watchdogs: Vec::new(),
-            libvirt,
-            backend,
-        };
-        lab.start_controller();
-        for h in 0..hosts {
-            lab.start_watchdog(h);
-        }
-        lab
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn spawn(&self, name: &str, ns: &str, bin: &Path, args: &[&str]) -> Daemon {
-        let log = self.path(&format!("{name}.log"));
-        let err = std::fs::File::create(&log).unwrap();
-        let out = err.try_clone().unwrap();
-        let child = self
-            .net
-            .command_in(ns, bin)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        Daemon {
-            name: name.into(),
-            child,
-            log,
-        }
-    }
-
-    fn start_controller(&mut self) {
-        let cfg = format!(
-            r#"[controller]
-id = "ctl-lab"
-cluster_id = "lab"
-key_file = {key:?}
-heartbeat_listen = ["{a0}:7410", "{a1}:7410"]
-event_listen = "{a0}:7411"
-api_listen = "{a0}:7412"
-api_token_file = {token:?}
-store_path = {store:?}
-backend = "{backend}"
-
-[engine]
-# Leave room to restore a cut link before anyone is fenced.
-fence_on_unknown_after_ms = 20000
-"#,
-            key = self.path("cluster.key").display().to_string(),
-            token = self.path("api.token").display().to_string(),
-            store = self.path("controller.sqlite").display().to_string(),
-            a0 = self.net.controller_addr(0),
-            a1 = self.net.controller_addr(1),
-            backend = self.backend,
-        );
-        std::fs::write(self.path("controller.toml"), cfg).unwrap();
-        let bin = built_binary("defib-controller", "defib-controller");
-        let conf = self.path("controller.toml").display().to_string();
-        let mut d = self.spawn(
-            "controller",
-            &self.net.controller_ns(),
-            &bin,
-            &["--config", &conf, "run"],
-        );
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !d.log_text().contains("defib-controller ready") {
-            if let Ok(Some(status)) = d.child.try_wait() {
-                panic!("controller exited ({status}):\n{}", d.log_text());
+/// A lab of `hosts` hosts with two links each; with `libvirt`, the watchdogs watch the
+/// hostbed's libvirt (only sensible with one lab host: every lab host shares this
+/// machine's libvirtd).
+fn start_lab(hosts: usize, libvirt: bool, backend: &'static str) -> Lab {
+    assert!(
+        !libvirt || hosts == 1,
+        "one libvirtd serves the whole machine"
+    );
+    let spec = LabSpec {
+        hosts,
+        backend,
+        controller_extra: "[engine]\n# Leave room to restore a cut link before anyone is fenced.\n\
+                           fence_on_unknown_after_ms = 20000\n"
+            .into(),
+        watchdog_extra: Box::new(move |_| {
+            if libvirt {
+                "[libvirt]\nenabled = true\n".into()
+            } else {
+                String::new()
             }
-            assert!(
-                Instant::now() < deadline,
-                "controller not ready:\n{}",
-                d.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.controller = Some(d);
-    }
-
-    fn start_watchdog(&mut self, h: usize) {
-        let state = self.path(&format!("wd{h}-state"));
-        std::fs::create_dir_all(&state).unwrap();
-        let cfg = format!(
-            r#"# Several lab hosts share one kernel: no pinning (one daemon per pin directory).
-[probes]
-pin_dir = ""
-
-[host]
-id = "h{h}"
-cluster_id = "lab"
-state_dir = {state:?}
-
-[controller]
-heartbeat_addrs = ["{a0}:7410", "{a1}:7410"]
-event_addr = "{a0}:7411"
-key_file = {key:?}
-
-# One kernel and one libvirtd serve every lab host: with several hosts each would report
-# the machine's libvirt guests as its own, so only a one-host lab watches libvirt.
-[libvirt]
-enabled = {libvirt}
-"#,
-            libvirt = self.libvirt,
-            state = state.display().to_string(),
-            key = self.path("cluster.key").display().to_string(),
-            a0 = self.net.controller_addr(0),
-            a1 = self.net.controller_addr(1),
-        );
-        let conf_path = self.path(&format!("wd{h}.toml"));
-        std::fs::write(&conf_path, cfg).unwrap();
-        let bin = built_binary("defib-watchdog", "defib-watchdog");
-        let conf = conf_path.display().to_string();
-        let d = self.spawn(
-            &format!("watchdog-h{h}"),
-            &self.net.host_ns(h),
-            &bin,
-            // Its events go to its log too, for the failure messages.
-            &["--config", &conf, "run", "--print-events"],
-        );
-        self.watchdogs.push(d);
-    }
-
-    /// `defibctl --json ARGS` run inside the controller's namespace.
-    fn ctl(&self, args: &[&str]) -> Value {
-        let bin = built_binary("defibctl", "defibctl");
-        let url = format!("http://{}:7412", self.net.controller_addr(0));
-        let out = self
-            .net
-            .command_in(&self.net.controller_ns(), &bin)
-            .args(["--url", &url, "--token-file"])
-            .arg(self.path("api.token"))
-            .arg("--json")
-            .args(args)
-            .output()
-            .expect("run defibctl");
-        assert!(
-            out.status.success(),
-            "defibctl {args:?}: {}\ncontroller ({:?}, alive: {:?}) log:\n{}\nnamespaces: {}",
-            String::from_utf8_lossy(&out.stderr),
-            self.controller.as_ref().map(|d| d.log.clone()),
-            self.controller
-                .as_ref()
-                .map(|d| std::fs::metadata(&d.log).map(|m| m.len()).ok()),
-            self.controller_log(),
-            String::from_utf8_lossy(
-                &std::process::Command::new("ip")
-                    .args(["netns", "list"])
-                    .output()
-                    .unwrap()
-                    .stdout
-            )
-        );
-        serde_json::from_slice(&out.stdout).expect("defibctl --json output")
-    }
-
-    /// Waits until the controller lists `subject` (`vm:UUID`), i.e. the watchdog's
-    /// libvirt inventory reached it.
-    fn wait_vm_listed(&self, subject: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let vms = self.ctl(&["vms"]).to_string();
-            if vms.contains(subject) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{subject} never listed: {vms}\n{}",
-                self.watchdogs[0].log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn controller_log(&self) -> String {
-        self.controller
-            .as_ref()
-            .map(Daemon::log_text)
-            .unwrap_or_default()
-    }
-
-    fn host_states(&self) -> Vec<(String, String)> {
-        let hosts = self.ctl(&["hosts"]);
-        let list = hosts
-            .as_array()
-            .cloned()
-            .or_else(|| hosts["hosts"].as_array().cloned())
-            .unwrap_or_default();
-        let mut v: Vec<(String, String)> = list
-            .iter()
-            .map(|h| {
-                (
-                    h["host"].as_str().unwrap_or("").to_string(),
-                    h["state"].as_str().unwrap_or("").to_string(),
-                )
-            })
-            .collect();
-        v.sort();
-        v
-    }
-
-    fn wait_until(
-        &self,
-        what: &str,
-        timeout: Duration,
-        ok: impl Fn(&[(String, String)]) -> bool,
-    ) -> Vec<(String, String)> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let states = self.host_states();
-            if ok(&states) {
-                return states;
-            }
-            if Instant::now() > deadline {
-                let wd_logs: Vec<String> = self
-                    .watchdogs
-                    .iter()
-                    .map(|w| format!("--- {}\n{}", w.name, w.log_text()))
-                    .collect();
-                panic!(
-                    "{what}: not within {timeout:?}; hosts {states:?}\n--- controller\n{}\n{}",
-                    self.controller_log(),
-                    wd_logs.join("\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Lab {
-    /// Waits for the one incident about `subject` to close and returns it with its
-    /// timeline; fails if a second incident about it appears meanwhile.
-    fn wait_closed_incident(&self, subject: &str, timeout: Duration) -> Value {
-        let deadline = Instant::now() + timeout;
-        let mut last_seen = Value::Null;
-        loop {
-            let list = self.ctl(&["incidents"]);
-            let ours: Vec<&Value> = list["incidents"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|i| i["subject"] == subject)
-                .collect();
-            assert!(ours.len() <= 1, "one failure, several incidents: {list}");
-            if let Some(inc) = ours.first() {
-                let full = self.ctl(&["incidents", &inc["id"].to_string()]);
-                if !inc["closed_at_ms"].is_null() {
-                    return full;
-                }
-                last_seen = full;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no closed incident for {subject}: {last_seen}\n{list}\n--- controller\n{}\n--- watchdog\n{}",
-                self.controller_log(),
-                self.watchdogs[0].log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+        }),
+        bmc_network: false,
+    };
+    let mut lab = Lab::new(&spec);
+    lab.start_controller(&spec);
+    lab.start_watchdogs(&spec);
+    lab
 }
 
 fn state_of<'a>(states: &'a [(String, String)], host: &str) -> &'a str {
@@ -351,7 +56,7 @@ fn state_of<'a>(states: &'a [(String, String)], host: &str) -> &'a str {
 fn a_host_cut_off_on_every_path_goes_suspect_and_comes_back_up_unfenced_while_others_stay_up() {
     require!(is_root(), "root (network namespaces, BPF)");
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = Lab::start(3);
+    let lab = start_lab(3, false, "none");
     lab.wait_until("all three hosts Up", Duration::from_secs(60), |s| {
         s.len() == 3 && s.iter().all(|(_, st)| st == "Up")
     });
@@ -397,7 +102,7 @@ fn a_host_cut_off_on_every_path_goes_suspect_and_comes_back_up_unfenced_while_ot
 fn a_qemu_killed_on_a_host_becomes_a_vm_incident_at_the_controller_with_the_kernels_account() {
     require!(is_root(), "root (network namespaces, BPF)");
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = Lab::start(1);
+    let lab = start_lab(1, false, "none");
     lab.wait_until("h0 Up", Duration::from_secs(60), |s| {
         state_of(s, "h0") == "Up"
     });
@@ -463,7 +168,7 @@ fn a_real_guest_killed_on_a_host_gives_one_incident_with_the_kernels_and_libvirt
     require!(is_root(), "root (network namespaces, BPF)");
     let _hostbed = require_hostbed!();
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = Lab::start_with(1, true);
+    let lab = start_lab(1, true, "none");
     lab.wait_until("h0 Up", Duration::from_secs(60), |s| {
         state_of(s, "h0") == "Up"
     });
@@ -543,7 +248,7 @@ fn with_the_libvirt_backend_a_real_guest_killed_on_a_host_is_restarted_in_place_
     require!(is_root(), "root (network namespaces, BPF)");
     let _hostbed = require_hostbed!();
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = Lab::start_with_backend(1, true, "libvirt");
+    let lab = start_lab(1, true, "libvirt");
     lab.wait_until("h0 Up", Duration::from_secs(60), |s| {
         state_of(s, "h0") == "Up"
     });
@@ -679,7 +384,7 @@ fn with_the_libvirt_backend_a_guest_whose_watchdog_fires_is_destroyed_and_starte
     require!(is_root(), "root (network namespaces, BPF)");
     let _hostbed = require_hostbed!();
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = Lab::start_with_backend(1, true, "libvirt");
+    let lab = start_lab(1, true, "libvirt");
     lab.wait_until("h0 Up", Duration::from_secs(60), |s| {
         state_of(s, "h0") == "Up"
     });
