@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use defib_tests::guests::{unique_uuid, Guest, GuestDisk, GuestSpec};
 use defib_tests::lab::{Lab, LabSpec};
 use defib_tests::{is_root, require, require_hostbed, FakeQemu};
-use serde_json::Value;
 
 /// Every watchdog sees every qemu on this one kernel, so the labs of this file must not
 /// run at the same time.
