@@ -20,6 +20,7 @@ pub mod bmc;
 pub mod guests;
 pub mod lab;
 pub mod netns;
+pub mod pacemaker;
 
 /// A short tag unique to this test process and call, for names of namespaces and files.
 pub fn tag() -> String {

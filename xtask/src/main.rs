@@ -35,8 +35,8 @@ enum Task {
         #[command(subcommand)]
         action: hostbed::Action,
     },
-    /// What the fencing tests need: ipmi_sim, ipmitool, fence agents (see
-    /// xtask/src/fencebed.rs; the BMCs are started by the tests themselves).
+    /// What the fencing tests need: ipmi_sim, ipmitool, fence agents, corosync and
+    /// Pacemaker (see xtask/src/fencebed.rs; BMCs and clusters are started by the tests).
     Fencebed {
         #[command(subcommand)]
         action: fencebed::Action,
