@@ -53,7 +53,8 @@ enum Task {
         seeds: u64,
     },
     /// Setup, then run a benchmark scenario (see bench/ and BENCHMARKS.md): exit-latency,
-    /// stall-latency, real-guest-kill, suspect-latency, heartbeat-intake, host-memory.
+    /// stall-latency, real-guest-kill, suspect-latency, heartbeat-intake, host-memory,
+    /// fence-latency.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
