@@ -170,6 +170,7 @@ pub struct ControllerProcess {
     child: Child,
     dir: PathBuf,
     pub heartbeat: SocketAddr,
+    pub events: SocketAddr,
     pub api: SocketAddr,
 }
 
@@ -229,6 +230,7 @@ impl ControllerProcess {
             child,
             dir,
             heartbeat,
+            events,
             api,
         };
         for _ in 0..500 {
@@ -248,6 +250,11 @@ impl ControllerProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The cluster key file the watchdogs of a scenario must use too.
+    pub fn key_path(&self) -> PathBuf {
+        self.dir.join("key")
     }
 
     /// GET over a fresh connection: (status, body).

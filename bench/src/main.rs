@@ -7,9 +7,12 @@ mod controller;
 mod fence_latency;
 mod heartbeat_intake;
 mod host_memory;
+mod nova_evacuate;
 mod real_guest_kill;
 mod report;
+mod restart_in_place;
 mod suspect_latency;
+mod watchdog_restart;
 
 use std::time::Duration;
 
@@ -75,6 +78,23 @@ enum Scenario {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Watchdog restarts while watched processes are killed every few ms: restart time
+    /// and exit events lost, with pinned probes and without.
+    WatchdogRestart {
+        #[arg(long, default_value_t = 20)]
+        restarts: usize,
+        #[arg(long, default_value_t = 5)]
+        kill_every_ms: u64,
+        /// Processes started per restart with pinned probes (must outlast the restart at
+        /// that kill rate). Every event is fsynced to the spool, so a bigger burst makes
+        /// the stop slower.
+        #[arg(long, default_value_t = 100)]
+        pool: usize,
+        /// The same without pinning (an unpinned stop takes about 2 s: it detaches every
+        /// probe).
+        #[arg(long, default_value_t = 600)]
+        pool_unpinned: usize,
+    },
     /// SIGKILL of a real guest's qemu (libvirt, KVM) → the watchdog's kernel event and
     /// libvirt's lifecycle event, both seen by one watchdog (needs the hostbed).
     RealGuestKill {
@@ -91,6 +111,20 @@ enum Scenario {
         /// corosync totem.token
         #[arg(long, default_value_t = 1000)]
         token_ms: u64,
+    },
+    /// SIGKILL of a real guest's qemu with the controller's libvirt backend → the domain
+    /// started again by its host's watchdog (needs the hostbed).
+    RestartInPlace {
+        #[arg(long, default_value_t = 30)]
+        kills: usize,
+    },
+    /// A Nova host with N servers fails → all ACTIVE elsewhere: defib's planned parallel
+    /// evacuation against the naive one-at-a-time way, same run (needs the novabed).
+    NovaEvacuate {
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        #[arg(long, default_value_t = 30)]
+        servers: usize,
     },
 }
 
@@ -133,6 +167,14 @@ fn main() -> anyhow::Result<()> {
             pacemaker_samples,
             token_ms,
         } => fence_latency::run(ipmi_samples, pacemaker_samples, token_ms)?,
+        Scenario::RestartInPlace { kills } => restart_in_place::run(kills)?,
+        Scenario::NovaEvacuate { rounds, servers } => nova_evacuate::run(rounds, servers)?,
+        Scenario::WatchdogRestart {
+            restarts,
+            kill_every_ms,
+            pool,
+            pool_unpinned,
+        } => watchdog_restart::run(restarts, kill_every_ms, pool, pool_unpinned)?,
     };
     println!("{md}");
     Ok(())

@@ -11,10 +11,12 @@
 //!   [`sim::run_seeds`]).
 
 pub mod api;
+pub mod arrange;
 pub mod config;
 pub mod detector;
 pub mod engine;
 pub mod fence;
+pub mod openstack;
 pub mod runtime;
 pub mod sim;
 pub mod store;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use controller::config::{ControllerConfig, EXIT_BAD_CONFIG};
+use controller::runtime::systemd;
 
 #[derive(Parser)]
 #[command(
@@ -16,11 +17,21 @@ struct Cli {
     /// TOML configuration file.
     #[arg(long, short = 'c', global = true)]
     config: Option<PathBuf>,
-    /// Log as JSON lines on stderr.
+    /// Log format on stderr: `text`, or `json` (one object a line, for journald or a
+    /// log shipper).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Same as `--log-format json`.
     #[arg(long, global = true)]
     log_json: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -33,7 +44,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_json);
+    init_logging(cli.log_json || cli.log_format == LogFormat::Json);
     let resolved =
         match ControllerConfig::load(cli.config.as_deref()).and_then(ControllerConfig::resolve) {
             Ok(r) => r,
@@ -59,11 +70,12 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(controller::runtime::run(
-                resolved,
-                shutdown_signal(),
-                |_| {},
-            )) {
+            match rt.block_on(async {
+                controller::runtime::run(resolved, shutdown_signal(), |bound| {
+                    systemd::ready(&format!("api on {}", bound.api));
+                })
+                .await
+            }) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("defib-controller: {e:#}");
@@ -74,16 +86,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// Resolves on SIGTERM or SIGINT (then tells systemd the daemon is stopping). SIGHUP is
+/// taken and logged rather than left to its default (which would kill the daemon): the
+/// configuration is applied by a restart, which resumes from the store's intents.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot register signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => tracing::info!(
+                "SIGHUP: the controller has nothing to reload live; restart it to apply a new configuration (it resumes from its intents)"
+            ),
+        }
     }
+    tracing::info!("stopping: draining the engine and flushing the store");
+    systemd::stopping();
 }
 
 fn init_logging(json: bool) {

@@ -512,6 +512,7 @@ fn a_restarted_controller_never_repeats_a_finished_action() {
             host: host(i),
             event: HostEvent::Inventory {
                 resources,
+                stopped: vec![],
                 source: Source::Nova,
                 at: Timestamp(0),
             },
@@ -643,4 +644,25 @@ fn a_restarted_controller_never_repeats_a_finished_action() {
     let after = c.store.intents().unwrap();
     assert!(after.iter().all(|e| e.done.is_some()), "{after:?}");
     assert_eq!(after.len(), entries.len(), "no new intent was needed");
+}
+
+#[test]
+fn stored_events_of_one_kind_come_back_oldest_first_with_their_host() {
+    let mut s = SqliteStore::open_in_memory().expect("in-memory sqlite");
+    let def = |xml: &str| {
+        format!(r#"{{"kind":"domain_definition","vm_uuid":"u","vm_name":"n","xml":"{xml}"}}"#)
+    };
+    s.record_event("h0", 1, 1_000, &def("<a/>")).unwrap();
+    s.record_event("h0", 2, 1_001, r#"{"kind":"inventory","vms":[]}"#)
+        .unwrap();
+    s.record_event("h1", 1, 1_002, &def("<b/>")).unwrap();
+    let got = s.events_of_kind("domain_definition").unwrap();
+    assert_eq!(
+        got,
+        vec![
+            ("h0".to_string(), def("<a/>")),
+            ("h1".to_string(), def("<b/>"))
+        ]
+    );
+    assert!(s.events_of_kind("qemu_exited").unwrap().is_empty());
 }

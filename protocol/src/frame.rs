@@ -159,6 +159,16 @@ pub enum HostCommand {
         /// The domain's UUID (or, for a domain known only by name, its name).
         vm_uuid: String,
     },
+    /// Evacuation without Nova: define the domain on this host from the definition its
+    /// failed (and fenced) host reported, then start it as [`HostCommand::StartDomain`]
+    /// does. Refused unless every disk it names exists here (shared storage). A domain
+    /// already running here is an ok result, so a resent command is harmless.
+    StartFromDefinition {
+        /// The domain's UUID.
+        vm_uuid: String,
+        /// The domain XML (libvirt's inactive definition).
+        xml: String,
+    },
     /// A command this build does not know (sent by a newer controller).
     #[serde(other)]
     Unknown,
@@ -204,6 +214,13 @@ pub enum EventPayload {
         killer_pid: Option<u32>,
         /// The sender's command name, if known.
         killer_comm: Option<String>,
+        /// The signal came from the hypervisor's own management daemon (libvirtd,
+        /// virtqemud): a destroy or shutdown it carried out (an operator's `virsh
+        /// destroy`, Nova's stop or hard reboot). Its own lifecycle event says whether
+        /// that was a failure, so this account alone is not one. Absent from older
+        /// watchdogs: `false`.
+        #[serde(default)]
+        by_hypervisor: bool,
         /// The kernel's OOM killer chose it.
         oom_killed: bool,
         /// Kernel timestamp of the exit (`bpf_ktime_get_ns`, host monotonic ns).
@@ -255,6 +272,17 @@ pub enum EventPayload {
         /// The event's detail (`Failed`, `Destroyed`, …).
         detail: String,
     },
+    /// A persistent domain's definition (libvirt's inactive XML, without secrets), sent
+    /// when the watchdog first sees it and whenever it changes, so that the controller
+    /// can start the domain elsewhere once this host is fenced.
+    DomainDefinition {
+        /// The domain UUID.
+        vm_uuid: String,
+        /// The domain name.
+        vm_name: String,
+        /// The XML.
+        xml: String,
+    },
     /// The full list of VMs on the host; sent after connecting and when it changes.
     Inventory {
         /// Every VM.
@@ -274,6 +302,10 @@ pub struct VmInfo {
     pub name: String,
     /// libvirt domain state (`running`, `paused`, `shutoff`, …).
     pub state: String,
+    /// Why it is in that state (libvirt's reason: `booted`, `crashed`, `destroyed`,
+    /// `shutdown`, …); empty from older watchdogs.
+    #[serde(default)]
+    pub reason: String,
     /// qemu pid, when running.
     pub pid: Option<u32>,
     /// Disk sources (device or image paths).

@@ -36,6 +36,7 @@ fn every_payload() -> Vec<EventPayload> {
             signal: Some(9),
             killer_pid: Some(1),
             killer_comm: Some("systemd".into()),
+            by_hypervisor: false,
             oom_killed: true,
             kernel_ts_ns: u64::MAX,
         },
@@ -64,11 +65,17 @@ fn every_payload() -> Vec<EventPayload> {
             event: "Stopped".into(),
             detail: "Failed".into(),
         },
+        EventPayload::DomainDefinition {
+            vm_uuid: "u".into(),
+            vm_name: "n".into(),
+            xml: "<domain type='kvm'><name>n</name></domain>".into(),
+        },
         EventPayload::Inventory {
             vms: vec![VmInfo {
                 uuid: "u".into(),
                 name: "n".into(),
                 state: "running".into(),
+                reason: "booted".into(),
                 pid: Some(99),
                 disks: vec!["/dev/sdb".into()],
             }],
@@ -92,6 +99,14 @@ fn every_message() -> Vec<Envelope> {
             command_id: u64::MAX,
             command: HostCommand::StartDomain {
                 vm_uuid: "6d1c5b1e-8a63-4c55-9e1f-3f0f3a1b2c3d".into(),
+            },
+        }),
+        envelope(Message::Command {
+            controller_id: CONTROLLER.into(),
+            command_id: 1,
+            command: HostCommand::StartFromDefinition {
+                vm_uuid: "6d1c5b1e-8a63-4c55-9e1f-3f0f3a1b2c3d".into(),
+                xml: "<domain type='kvm'>\n  <name>n</name>\n</domain>".into(),
             },
         }),
         envelope(Message::CommandResult {
@@ -304,6 +319,7 @@ fn an_inventory_too_large_for_one_frame_cannot_be_encoded() {
             uuid: format!("{i:036}"),
             name: format!("instance-{i:08x}"),
             state: "running".into(),
+            reason: "booted".into(),
             pid: Some(i),
             disks: vec![format!("/var/lib/nova/instances/{i:036}/disk")],
         })

@@ -90,9 +90,10 @@ fn payload() -> impl Strategy<Value = EventPayload> {
             any::<Option<u32>>(),
             opt_text(),
             any::<bool>(),
+            any::<bool>(),
             any::<u64>()
         )
-            .prop_map(|(u, n, pid, code, sig, kp, kc, oom, ts)| {
+            .prop_map(|(u, n, pid, code, sig, kp, kc, hv, oom, ts)| {
                 EventPayload::QemuExited {
                     vm_uuid: u,
                     vm_name: n,
@@ -101,6 +102,7 @@ fn payload() -> impl Strategy<Value = EventPayload> {
                     signal: sig,
                     killer_pid: kp,
                     killer_comm: kc,
+                    by_hypervisor: hv,
                     oom_killed: oom,
                     kernel_ts_ns: ts,
                 }
@@ -144,18 +146,27 @@ fn payload() -> impl Strategy<Value = EventPayload> {
                 detail: d,
             }
         }),
+        (".{0,36}", ".{0,20}", ".{0,200}").prop_map(|(u, n, x)| {
+            EventPayload::DomainDefinition {
+                vm_uuid: u,
+                vm_name: n,
+                xml: x,
+            }
+        }),
         proptest::collection::vec(
             (
                 ".{0,36}",
                 ".{0,20}",
                 ".{0,10}",
+                ".{0,10}",
                 any::<Option<u32>>(),
                 proptest::collection::vec(".{0,30}", 0..3)
             )
-                .prop_map(|(uuid, name, state, pid, disks)| VmInfo {
+                .prop_map(|(uuid, name, state, reason, pid, disks)| VmInfo {
                     uuid,
                     name,
                     state,
+                    reason,
                     pid,
                     disks
                 }),
@@ -188,6 +199,13 @@ fn message() -> impl Strategy<Value = Message> {
             controller_id: c,
             command_id: n,
             command: protocol::frame::HostCommand::StartDomain { vm_uuid: vm },
+        }),
+        (id_string(64), any::<u64>(), ".{0,40}", ".{0,200}").prop_map(|(c, n, vm, xml)| {
+            Message::Command {
+                controller_id: c,
+                command_id: n,
+                command: protocol::frame::HostCommand::StartFromDefinition { vm_uuid: vm, xml },
+            }
         }),
         (any::<u64>(), any::<bool>(), ".{0,80}").prop_map(|(n, ok, detail)| {
             Message::CommandResult {

@@ -142,6 +142,18 @@ set_working_mc 0x20
         }
     }
 
+    /// Also runs `sh` (shell lines) at power off, after the host's processes are killed:
+    /// for what belongs to the lab host outside its namespace (e.g. the qemu of a real
+    /// guest, which its libvirtd starts in the root namespace).
+    pub fn also_on_power_off(&self, sh: &str) {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.join("off.sh"))
+            .expect("the power-off hook");
+        writeln!(f, "{sh}").expect("extend the power-off hook");
+    }
+
     /// `ipmitool ... chassis power WHAT` from the controller's namespace.
     pub fn ipmitool(&self, net: &LabNet, what: &str) -> Result<String, String> {
         let out = Command::new("ip")

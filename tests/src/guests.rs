@@ -36,8 +36,13 @@ pub fn guests_dir() -> PathBuf {
 
 /// Runs `virsh -c qemu:///system ARGS` with a deadline; its stdout, or why it failed.
 pub fn virsh(args: &[&str], timeout: Duration) -> Result<String, String> {
+    run_virsh(LIBVIRT_URI, args, timeout)
+}
+
+/// Runs `virsh -c URI ARGS` with a deadline; its stdout, or why it failed.
+pub fn run_virsh(uri: &str, args: &[&str], timeout: Duration) -> Result<String, String> {
     let mut child = Command::new("virsh")
-        .args(["-q", "-c", LIBVIRT_URI])
+        .args(["-q", "-c", uri])
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -213,6 +218,9 @@ pub struct GuestSpec {
     /// `Some(action)`: an ib700 watchdog device with this libvirt action (`none`, `pause`,
     /// `reset`, `poweroff`...); the guest arms it only if its disk's boot sector says so.
     pub ib700: Option<String>,
+    /// For a [`GuestDisk::Plain`] disk: > 0 makes the guest arm its ib700 watchdog and pet
+    /// it this many times (one a second) before it stops, so that it fires.
+    pub wdt_pets: u8,
 }
 
 /// A running libvirt domain, destroyed and undefined on drop.
@@ -222,6 +230,8 @@ pub struct Guest {
     pid: u32,
     serial: PathBuf,
     own_files: Vec<PathBuf>,
+    /// The boot disk, for a [`GuestDisk::Plain`] guest.
+    plain_disk: Option<PathBuf>,
 }
 
 /// A UUID unique to this test process and call (libvirt refuses a second domain with the
@@ -259,6 +269,7 @@ impl Guest {
             uuid: uuid.into(),
             disk,
             ib700: None,
+            wdt_pets: 0,
         })
     }
 
@@ -277,11 +288,13 @@ impl Guest {
         let xml_path = dir.join(format!("{name}.xml"));
         let mut own_files = vec![serial.clone(), xml_path.clone()];
 
+        let mut plain_disk = None;
         let (disk_xml, seclabel) = match &spec.disk {
             GuestDisk::Plain => {
                 let path = dir.join(format!("{name}.raw"));
-                hostbed.make_boot_disk(&path, DiskFormat::Raw, 0);
+                hostbed.make_boot_disk(&path, DiskFormat::Raw, spec.wdt_pets);
                 own_files.push(path.clone());
+                plain_disk = Some(path.clone());
                 (
                     format!(
                         "<disk type='file' device='disk'>\
@@ -353,6 +366,7 @@ impl Guest {
             pid: 0,
             serial,
             own_files,
+            plain_disk,
         };
         let xml_arg = xml_path.display().to_string();
         if let Err(e) = virsh(&["define", &xml_arg], VIRSH_WAIT) {
@@ -381,6 +395,17 @@ impl Guest {
             started.elapsed()
         );
         guest
+    }
+
+    /// Rewrites the boot sector of a [`GuestDisk::Plain`] guest so that its next boot does
+    /// not arm the ib700 watchdog (the running guest keeps the boot sector it loaded).
+    pub fn disarm_watchdog_for_next_boot(&self) {
+        let disk = self
+            .plain_disk
+            .as_ref()
+            .expect("only a Plain-disk guest can be disarmed");
+        let hostbed = Hostbed::ensure().unwrap_or_else(|e| panic!("hostbed: {e}"));
+        hostbed.write_boot_sector(disk, 0);
     }
 
     /// Starts the (defined, shut off) domain again with `virsh start`, e.g. after its qemu

@@ -157,6 +157,7 @@ backend = "{backend}"
         for h in 0..spec.hosts {
             let state = self.path(&format!("wd{h}-state"));
             std::fs::create_dir_all(&state).unwrap();
+            let extra = (spec.watchdog_extra)(h);
             let cfg = format!(
                 r#"[host]
 id = "h{h}"
@@ -168,16 +169,21 @@ heartbeat_addrs = ["{a0}:7410", "{a1}:7410"]
 event_addr = "{a0}:7411"
 key_file = {key:?}
 
-[libvirt]
-enabled = false
-
+{libvirt}
 {extra}
 "#,
                 state = state.display().to_string(),
                 key = self.path("cluster.key").display().to_string(),
                 a0 = self.net.controller_addr(0),
                 a1 = self.net.controller_addr(1),
-                extra = (spec.watchdog_extra)(h),
+                extra = extra,
+                // One kernel and one libvirtd serve every lab host: a host watches
+                // libvirt only if its extra configuration says which one.
+                libvirt = if extra.contains("[libvirt]") {
+                    ""
+                } else {
+                    "[libvirt]\nenabled = false\n"
+                },
             );
             let conf_path = self.path(&format!("wd{h}.toml"));
             std::fs::write(&conf_path, cfg).unwrap();

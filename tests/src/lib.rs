@@ -17,9 +17,12 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod bmc;
+pub mod daemon;
 pub mod guests;
+pub mod hypervisor;
 pub mod lab;
 pub mod netns;
+pub mod novalab;
 pub mod pacemaker;
 
 /// A short tag unique to this test process and call, for names of namespaces and files.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use defib_tests::guests::{unique_uuid, Guest, GuestDisk};
+use defib_tests::guests::{unique_uuid, Guest, GuestDisk, GuestSpec};
 use defib_tests::netns::LabNet;
 use defib_tests::{built_binary, is_root, require, require_hostbed, stop_child, FakeQemu};
 use serde_json::Value;
@@ -160,7 +160,11 @@ fence_on_unknown_after_ms = 20000
         let state = self.path(&format!("wd{h}-state"));
         std::fs::create_dir_all(&state).unwrap();
         let cfg = format!(
-            r#"[host]
+            r#"# Several lab hosts share one kernel: no pinning (one daemon per pin directory).
+[probes]
+pin_dir = ""
+
+[host]
 id = "h{h}"
 cluster_id = "lab"
 state_dir = {state:?}
@@ -298,6 +302,39 @@ enabled = {libvirt}
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Lab {
+    /// Waits for the one incident about `subject` to close and returns it with its
+    /// timeline; fails if a second incident about it appears meanwhile.
+    fn wait_closed_incident(&self, subject: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        let mut last_seen = Value::Null;
+        loop {
+            let list = self.ctl(&["incidents"]);
+            let ours: Vec<&Value> = list["incidents"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|i| i["subject"] == subject)
+                .collect();
+            assert!(ours.len() <= 1, "one failure, several incidents: {list}");
+            if let Some(inc) = ours.first() {
+                let full = self.ctl(&["incidents", &inc["id"].to_string()]);
+                if !inc["closed_at_ms"].is_null() {
+                    return full;
+                }
+                last_seen = full;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no closed incident for {subject}: {last_seen}\n{list}\n--- controller\n{}\n--- watchdog\n{}",
+                self.controller_log(),
+                self.watchdogs[0].log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }
@@ -523,31 +560,7 @@ fn with_the_libvirt_backend_a_real_guest_killed_on_a_host_is_restarted_in_place_
     assert!(status.success());
 
     // One incident, closed once the watchdog has started the domain again.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last_seen = Value::Null;
-    let incident = loop {
-        let list = lab.ctl(&["incidents"]);
-        let ours: Vec<&Value> = list["incidents"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|i| i["subject"] == subject.as_str())
-            .collect();
-        assert!(ours.len() <= 1, "one failure, several incidents: {list}");
-        if let Some(inc) = ours.first() {
-            if !inc["closed_at_ms"].is_null() {
-                break lab.ctl(&["incidents", &inc["id"].to_string()]);
-            }
-            last_seen = lab.ctl(&["incidents", &inc["id"].to_string()]);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no closed incident for {subject}: {last_seen}\n{list}\n--- controller\n{}\n--- watchdog\n{}",
-            lab.controller_log(),
-            lab.watchdogs[0].log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let incident = lab.wait_closed_incident(&subject, Duration::from_secs(60));
     eprintln!(
         "incident closed {:?} after the kill: {incident}",
         killed_at.elapsed()
@@ -615,29 +628,119 @@ fn with_the_libvirt_backend_a_real_guest_killed_on_a_host_is_restarted_in_place_
         .count();
     assert_eq!(n, 1, "{list}");
 
-    // An operator's destroy is a decision, not a crash: the kernel sees the qemu killed
-    // like any other and the engine asks for a restart, but the watchdog refuses to undo
-    // it and the domain stays off.
+    // An operator's destroy is a decision, not a crash: the kernel sees libvirtd end the
+    // qemu and waits for libvirt's own account ("stopped (destroyed)"), which is no
+    // failure: no incident, no restart, the domain stays off.
+    let started_before = wd.matches("command from the controller").count();
+    let destroyed_before = wd.matches("destroyed").count();
     defib_tests::guests::virsh(&["destroy", guest.name()], Duration::from_secs(30))
         .expect("virsh destroy");
+    // libvirt's account reaches the watchdog (which prints every event it sends).
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !lab
-        .controller_log()
-        .contains("shut off on purpose (destroyed)")
-    {
+    while lab.watchdogs[0].log_text().matches("destroyed").count() == destroyed_before {
         assert!(
             Instant::now() < deadline,
-            "no refused restart after the destroy:\n{}\n--- watchdog\n{}",
-            lab.controller_log(),
+            "libvirt's account of the destroy never came:\n{}",
             lab.watchdogs[0].log_text()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs(2));
+    let list = lab.ctl(&["incidents"]);
+    let n = list["incidents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|i| i["subject"] == subject.as_str())
+        .count();
+    assert_eq!(
+        n,
+        1,
+        "the destroy opened an incident: {list}\n{}\n--- watchdog\n{}",
+        lab.ctl(&["incidents", "2"]),
+        lab.watchdogs[0].log_text()
+    );
+    let wd = lab.watchdogs[0].log_text();
+    assert_eq!(
+        wd.matches("command from the controller").count(),
+        started_before,
+        "the controller asked for a restart after the destroy:\n{wd}"
+    );
     let state = defib_tests::guests::virsh(&["domstate", guest.name()], Duration::from_secs(30))
         .expect("virsh domstate");
     assert_eq!(state.trim(), "shut off", "the destroy was undone");
     // The lab's daemons stop before the guest is undefined.
+    drop(lab);
+    drop(guest);
+}
+
+#[test]
+fn with_the_libvirt_backend_a_guest_whose_watchdog_fires_is_destroyed_and_started_again() {
+    require!(is_root(), "root (network namespaces, BPF)");
+    let _hostbed = require_hostbed!();
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::start_with_backend(1, true, "libvirt");
+    lab.wait_until("h0 Up", Duration::from_secs(60), |s| {
+        state_of(s, "h0") == "Up"
+    });
+    let uuid = unique_uuid();
+    // The guest pets its ib700 three times, then hangs; the device (4 s) fires and qemu
+    // pauses the guest. Its next boot does not arm the watchdog again.
+    let guest = Guest::start_spec(GuestSpec {
+        name: "lab-wdt".into(),
+        uuid: uuid.clone(),
+        disk: GuestDisk::Plain,
+        ib700: Some("pause".into()),
+        wdt_pets: 3,
+    });
+    guest.disarm_watchdog_for_next_boot();
+    let subject = format!("vm:{uuid}");
+    lab.wait_vm_listed(&subject);
+    let old_pid = guest.pid();
+
+    let incident = lab.wait_closed_incident(&subject, Duration::from_secs(60));
+    let timeline = incident["timeline"].as_array().expect("timeline");
+    // libvirt's watchdog event is the account that acted (the qemu never exited).
+    assert_eq!(timeline[0]["source"], "Libvirt", "{incident}");
+    assert!(
+        timeline[0]["cause"]
+            .as_str()
+            .unwrap_or("")
+            .contains("guest watchdog fired (action pause)"),
+        "{incident}"
+    );
+    assert!(
+        timeline.iter().any(|e| e["cause"]
+            .as_str()
+            .unwrap_or("")
+            .contains("restart in place #1 issued")),
+        "no restart in place in {incident}"
+    );
+    assert!(
+        !incident.to_string().contains("restart failed"),
+        "a restart failed: {incident}"
+    );
+    // The hung domain was destroyed and started again: a new qemu runs it.
+    let ctl = lab.controller_log();
+    assert!(
+        ctl.contains("destroyed first: its guest watchdog fired"),
+        "the watchdog did not destroy the hung domain first:\n{ctl}"
+    );
+    let state = defib_tests::guests::virsh(&["domstate", guest.name()], Duration::from_secs(30))
+        .expect("virsh domstate");
+    assert_eq!(state.trim(), "running", "domstate of {}", guest.name());
+    let new_pid = qemu_pid_file(guest.name()).expect("a qemu pid file");
+    assert_ne!(new_pid, old_pid, "the qemu pid did not change");
+    // libvirtd's destroy of the hung qemu is its own doing: no second incident.
+    std::thread::sleep(Duration::from_secs(2));
+    let list = lab.ctl(&["incidents"]);
+    let n = list["incidents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|i| i["subject"] == subject.as_str())
+        .count();
+    assert_eq!(n, 1, "{list}");
     drop(lab);
     drop(guest);
 }

@@ -76,6 +76,13 @@ pub struct LibvirtConfig {
     pub reconnect_min_ms: u64,
     /// …up to this.
     pub reconnect_max_ms: u64,
+    /// Where libvirt's qemu driver writes `NAME.pid` for each running domain.
+    pub pid_dir: PathBuf,
+    /// Report only the qemu processes of this libvirt's own domains (from its domain
+    /// list). For several hypervisor instances on one kernel (a lab on one machine,
+    /// nested setups): the probes see every qemu of the kernel. Default `false`: every
+    /// watched process is reported.
+    pub only_own_domains: bool,
 }
 
 impl Default for LibvirtConfig {
@@ -86,6 +93,8 @@ impl Default for LibvirtConfig {
             inventory_interval_ms: 30_000,
             reconnect_min_ms: 100,
             reconnect_max_ms: 5_000,
+            pid_dir: PathBuf::from("/run/libvirt/qemu"),
+            only_own_domains: false,
         }
     }
 }
@@ -102,6 +111,9 @@ impl LibvirtConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.pid_dir.is_absolute() {
+            return Err(invalid("libvirt.pid_dir", "must be an absolute path"));
+        }
         if self.uri.is_empty()
             || self.uri.contains('\0')
             || self.uri.chars().any(char::is_whitespace)
@@ -208,6 +220,11 @@ pub struct ProbeConfig {
     /// How often /proc is scanned again for watched processes the exec probe could not
     /// have seen (e.g. a qemu that forked without exec).
     pub proc_rescan_interval_ms: u64,
+    /// bpffs directory where `run` pins the probes' maps and links, so that a restarted
+    /// watchdog takes over the probes that kept running (and the events they recorded
+    /// meanwhile) instead of starting blind. Empty: no pinning (the probes detach when
+    /// the daemon exits). `events` never pins. One daemon per directory (it is locked).
+    pub pin_dir: String,
 }
 
 impl Default for ProbeConfig {
@@ -217,6 +234,7 @@ impl Default for ProbeConfig {
             stall_threshold_ms: 1000,
             stall_scan_interval_ms: 50,
             proc_rescan_interval_ms: 5000,
+            pin_dir: "/sys/fs/bpf/defib".into(),
         }
     }
 }
@@ -310,6 +328,12 @@ impl WatchdogConfig {
             return Err(invalid(
                 "probes.proc_rescan_interval_ms",
                 "must be 100..=3600000",
+            ));
+        }
+        if !p.pin_dir.is_empty() && !Path::new(&p.pin_dir).is_absolute() {
+            return Err(invalid(
+                "probes.pin_dir",
+                "must be an absolute path on a bpffs mount (or empty for no pinning)",
             ));
         }
         self.host.validate()?;

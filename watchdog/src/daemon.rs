@@ -31,8 +31,16 @@ pub async fn run(
     // Probes first: the controller counts this host as watched from its first heartbeat,
     // so no heartbeat may leave before the probes see every qemu exit.
     crate::mounts::ensure_bpf_filesystems()?;
-    let probes = crate::probes::Probes::load(&cfg)?;
-    tracing::info!("probes attached");
+    let probes = if cfg.probes.pin_dir.is_empty() {
+        crate::probes::Probes::load(&cfg)?
+    } else {
+        crate::probes::Probes::load_pinned(&cfg, std::path::Path::new(&cfg.probes.pin_dir))?
+    };
+    tracing::info!(
+        pinned = !cfg.probes.pin_dir.is_empty(),
+        took_over = probes.took_over(),
+        "probes attached"
+    );
     let isolation_timeout = uplink_cfg.isolation_timeout;
     let uplink = Uplink::start(uplink_cfg, key)?;
     let self_fence = cfg.self_fence.enabled.then(|| {
@@ -57,10 +65,13 @@ pub async fn run(
         tracing::info!("libvirt watcher disabled (libvirt.enabled = false)");
         None
     };
+    let vm_cache = cfg.host.state_dir.join("vms.json");
+    crate::systemd::ready("probes attached");
     let monitored = async {
         let mut sink = uplink.sink(print_events);
         Monitor::new(probes, cfg.clone())
             .with_external_events(libvirt_rx)
+            .with_vm_cache(vm_cache)
             .run(&mut sink, shutdown)
             .await
     }

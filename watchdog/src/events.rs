@@ -135,6 +135,14 @@ pub enum WatchdogEvent {
         observed_ns: u64,
         unix_ms: u64,
     },
+    /// A persistent domain's definition (inactive XML, no secrets), first seen or changed.
+    LibvirtDefinition {
+        vm: VmIdentity,
+        #[serde(skip)]
+        xml: String,
+        observed_ns: u64,
+        unix_ms: u64,
+    },
     /// Every domain libvirt knows on this host, with its state, qemu pid and disks.
     LibvirtInventory {
         vms: Vec<LibvirtVm>,
@@ -157,6 +165,10 @@ pub struct LibvirtVm {
     /// The qemu pid (from libvirt's pid file), when the domain is active.
     pub pid: Option<u32>,
     pub disks: Vec<LibvirtDisk>,
+    /// A persistent domain's inactive XML (without secrets), for the controller to start
+    /// it elsewhere; sent once per change as [`WatchdogEvent::LibvirtDefinition`].
+    #[serde(skip)]
+    pub definition: Option<String>,
 }
 
 impl LibvirtVm {
@@ -189,8 +201,14 @@ pub struct LibvirtDisk {
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Killer {
+    /// The sender's process id (thread group).
     pub pid: u32,
+    /// The sending thread's name (e.g. `prio-rpc-libvir` for a libvirtd worker).
     pub comm: String,
+    /// The sending process's name (its main thread's `comm`), read from /proc when the
+    /// exit was handled; `None` if it had exited already.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process: Option<String>,
     pub signal: i32,
     pub kernel_ns: u64,
 }
@@ -313,6 +331,9 @@ impl WatchdogEvent {
             ),
             Self::LibvirtControlError { vm: v, .. } => {
                 format!("libvirt   {} lost control of its qemu", vm(v))
+            }
+            Self::LibvirtDefinition { vm: v, xml, .. } => {
+                format!("libvirt   {} definition ({} bytes)", vm(v), xml.len())
             }
             Self::LibvirtInventory { vms, .. } => {
                 let list: Vec<String> = vms

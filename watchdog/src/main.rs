@@ -18,11 +18,21 @@ struct Cli {
     /// TOML configuration file (every field has a default).
     #[arg(long, short = 'c', global = true)]
     config: Option<PathBuf>,
-    /// Log as JSON lines on stderr.
+    /// Log format on stderr: `text`, or `json` (one object a line, for journald or a
+    /// log shipper).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Same as `--log-format json`.
     #[arg(long, global = true)]
     log_json: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -53,11 +63,14 @@ enum Command {
     /// Validate the configuration (and read the controller key, if configured) and
     /// exit (0 if good, 64 if not).
     CheckConfig,
+    /// Remove the pinned probes under probes.pin_dir (they detach, their maps are
+    /// freed). For taking a host out of service; refused while a daemon runs.
+    Unpin,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_json);
+    init_logging(cli.log_json || cli.log_format == LogFormat::Json);
     let mut cfg = match WatchdogConfig::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => return bad_config(e),
@@ -71,6 +84,22 @@ fn main() -> ExitCode {
             }
             println!("configuration is valid");
             ExitCode::SUCCESS
+        }
+        Command::Unpin => {
+            if cfg.probes.pin_dir.is_empty() {
+                println!("probes.pin_dir is empty: nothing is pinned");
+                return ExitCode::SUCCESS;
+            }
+            match watchdog::pinning::unpin(std::path::Path::new(&cfg.probes.pin_dir)) {
+                Ok(n) => {
+                    println!("removed {n} pins under {}", cfg.probes.pin_dir);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("defib-watchdog: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Run { print_events } => {
             // Everything about the configuration is checked before anything is bound.
@@ -159,17 +188,28 @@ fn run_daemon(cfg: WatchdogConfig, key: protocol::Key, print_events: bool) -> an
     })
 }
 
-/// Registers for SIGTERM and SIGINT now (so one that arrives while the probes load is
-/// not fatal) and resolves when either arrives. Needs a tokio runtime context.
+/// Registers for SIGTERM, SIGINT and SIGHUP now (so one that arrives while the probes
+/// load is not fatal) and resolves on SIGTERM or SIGINT, after telling systemd the
+/// daemon is stopping. SIGHUP is logged, not obeyed: a restart applies a new
+/// configuration, and with pinned probes a restart leaves no blind window. Needs a
+/// tokio runtime context.
 fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     Ok(async move {
-        tokio::select! {
-            _ = interrupt.recv() => {}
-            _ = term.recv() => {}
+        loop {
+            tokio::select! {
+                _ = interrupt.recv() => break,
+                _ = term.recv() => break,
+                _ = hup.recv() => tracing::info!(
+                    "SIGHUP: restart the daemon to apply a new configuration (the pinned probes keep recording meanwhile)"
+                ),
+            }
         }
+        tracing::info!("stopping: draining events to the spool");
+        watchdog::systemd::stopping();
     })
 }
 

@@ -3,7 +3,7 @@
 //! Events from outside the probes (the libvirt watcher) come in on an optional
 //! channel and go to the same sink; the libvirt inventory also completes the pid → VM
 //! map.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -20,12 +20,16 @@ use crate::procfs::{self, VmIdentity};
 use crate::records::{self, comm_str, Record};
 use crate::stall::{StallChange, StallTracker};
 
+/// How long the previous run's pid → VM map is kept after the start: every exit record
+/// written before the start's /proc scan has been read long before.
+const FORGET_REMEMBERED_AFTER: Duration = Duration::from_secs(10);
+
 /// Where events go: stdout for `events`, the controller stream later.
 pub trait EventSink {
     fn emit(&mut self, event: WatchdogEvent);
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct WatchedVm {
     comm: String,
     vm: VmIdentity,
@@ -42,6 +46,16 @@ pub struct Monitor {
     external: Option<mpsc::UnboundedReceiver<WatchdogEvent>>,
     /// qemu pid → VM, from the last libvirt inventory.
     libvirt_pids: HashMap<u32, VmIdentity>,
+    /// Every domain (UUIDs and names) of the last libvirt inventory, for
+    /// `libvirt.only_own_domains`; `None` until the first inventory.
+    own_domains: Option<HashSet<String>>,
+    /// Where the pid → VM map is kept for the next run (see `with_vm_cache`).
+    vm_cache: Option<PathBuf>,
+    /// The previous run's pid → VM map: names the VMs of qemus that exited while no
+    /// daemon was reading (their exit records wait in the pinned ring buffer).
+    remembered: HashMap<u32, WatchedVm>,
+    /// The pid → VM map changed since the cache was last written.
+    vm_cache_dirty: bool,
 }
 
 impl Monitor {
@@ -56,6 +70,10 @@ impl Monitor {
             last_stats: ProbeStats::default(),
             external: None,
             libvirt_pids: HashMap::new(),
+            own_domains: None,
+            vm_cache: None,
+            remembered: HashMap::new(),
+            vm_cache_dirty: false,
         }
     }
 
@@ -64,6 +82,46 @@ impl Monitor {
     pub fn with_external_events(mut self, rx: mpsc::UnboundedReceiver<WatchdogEvent>) -> Self {
         self.external = Some(rx);
         self
+    }
+
+    /// Keeps the pid → VM map in `path` (rewritten when it changes) and reads the one a
+    /// previous run left there. With pinned probes, a qemu that exits while the daemon
+    /// restarts has its exit record read by the next run, which then names its VM from
+    /// this file.
+    pub fn with_vm_cache(mut self, path: PathBuf) -> Self {
+        match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<HashMap<u32, WatchedVm>>(&bytes) {
+                Ok(map) => self.remembered = map,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "unreadable VM cache ignored")
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the VM cache")
+            }
+        }
+        self.vm_cache = Some(path);
+        self
+    }
+
+    /// Writes the cache if the map changed: once per turn of the main loop, however many
+    /// qemus a ring-buffer batch or a /proc scan added.
+    fn save_vm_cache(&mut self) {
+        if !std::mem::take(&mut self.vm_cache_dirty) {
+            return;
+        }
+        let Some(path) = &self.vm_cache else { return };
+        let mut all = self.remembered.clone();
+        all.extend(self.vms.iter().map(|(k, v)| (*k, v.clone())));
+        let tmp = path.with_extension("tmp");
+        let written = serde_json::to_vec(&all)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the VM cache");
+        }
     }
 
     /// Watches every matching process already running. Called after the probes are
@@ -95,6 +153,14 @@ impl Monitor {
             .map(|a| procfs::vm_identity_from_args(&a))
             .filter(VmIdentity::is_known)
             .or_else(|| self.libvirt_pids.get(&pid).cloned())
+            // A qemu found by the start's scan while it was exiting has no command line
+            // left to read; the previous run knew it.
+            .or_else(|| {
+                self.remembered
+                    .get(&pid)
+                    .filter(|w| w.comm == comm)
+                    .map(|w| w.vm.clone())
+            })
             .unwrap_or_default();
         self.vms.insert(
             pid,
@@ -103,6 +169,10 @@ impl Monitor {
                 vm: vm.clone(),
             },
         );
+        self.vm_cache_dirty = true;
+        if self.foreign(&vm) {
+            return;
+        }
         let observed_ns = monotonic_ns();
         sink.emit(WatchdogEvent::QemuStarted {
             pid,
@@ -131,7 +201,18 @@ impl Monitor {
             }
             Record::Exit(r) => {
                 let observed_ns = monotonic_ns();
-                let known = self.vms.remove(&r.tgid);
+                let comm_now = comm_str(&r.comm);
+                let known = match self.vms.remove(&r.tgid) {
+                    Some(k) => {
+                        self.vm_cache_dirty = true;
+                        Some(k)
+                    }
+                    // Exited while no daemon was reading: the previous run knew it.
+                    None => self
+                        .remembered
+                        .remove(&r.tgid)
+                        .filter(|k| k.comm == comm_now),
+                };
                 for c in self.stalls.on_exit(r.tgid, r.ts_ns) {
                     self.emit_stall(c, sink);
                 }
@@ -139,13 +220,18 @@ impl Monitor {
                 let killer = (r.killer_tgid != 0).then(|| Killer {
                     pid: r.killer_tgid,
                     comm: comm_str(&r.killer_comm),
+                    process: procfs::read_comm(&self.proc_root, r.killer_tgid)
+                        .map(|c| comm_str(&c)),
                     signal: r.killer_signal as i32,
                     kernel_ns: r.killer_ts_ns,
                 });
                 let (comm, vm) = match known {
                     Some(k) => (k.comm, k.vm),
-                    None => (comm_str(&r.comm), VmIdentity::default()),
+                    None => (comm_now, VmIdentity::default()),
                 };
+                if self.foreign(&vm) {
+                    return;
+                }
                 sink.emit(WatchdogEvent::QemuExited {
                     pid: r.tgid,
                     comm,
@@ -169,9 +255,29 @@ impl Monitor {
         }
     }
 
+    /// With `libvirt.only_own_domains`, a qemu whose VM is not one of this libvirt's
+    /// domains belongs to another hypervisor instance on the same kernel: not reported.
+    /// Before the first inventory nothing is known, and everything is reported.
+    fn foreign(&self, vm: &VmIdentity) -> bool {
+        if !self.cfg.libvirt.only_own_domains {
+            return false;
+        }
+        let Some(own) = &self.own_domains else {
+            return false;
+        };
+        let mine = |id: &Option<String>| id.as_ref().is_some_and(|i| own.contains(i));
+        !(mine(&vm.uuid) || mine(&vm.name))
+    }
+
     fn emit_stall(&self, change: StallChange, sink: &mut dyn EventSink) {
         let observed_ns = monotonic_ns();
         let vm_of = |pid| self.vms.get(&pid).map(|v| v.vm.clone()).unwrap_or_default();
+        let tgid = match &change {
+            StallChange::Started { tgid, .. } | StallChange::Ended { tgid, .. } => *tgid,
+        };
+        if self.foreign(&vm_of(tgid)) {
+            return;
+        }
         let event = match change {
             StallChange::Started {
                 tgid,
@@ -236,6 +342,12 @@ impl Monitor {
     /// missed) is watched from now on.
     fn reconcile_with_libvirt(&mut self, vms: &[LibvirtVm], sink: &mut dyn EventSink) {
         self.libvirt_pids = inventory::pid_map(vms);
+        self.own_domains = Some(
+            vms.iter()
+                .flat_map(|v| [v.uuid.clone(), v.name.clone()])
+                .filter(|id| !id.is_empty())
+                .collect(),
+        );
         let watched: HashMap<u32, VmIdentity> = self
             .vms
             .iter()
@@ -246,6 +358,7 @@ impl Monitor {
             if let Some(w) = self.vms.get_mut(&pid) {
                 tracing::info!(pid, ?vm, "libvirt names the VM of a watched qemu");
                 w.vm = vm;
+                self.vm_cache_dirty = true;
             }
         }
         for (pid, vm) in r.unwatched {
@@ -305,7 +418,32 @@ impl Monitor {
         let mut ring =
             unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
                 .map_err(|e| anyhow::anyhow!("registering the ring buffer with tokio: {e}"))?;
+        // What the pinned probes recorded while no daemon was reading comes first (an
+        // exit recorded then belongs to the pid's old process, not to one the /proc
+        // scan might find under a reused pid); the previous run's map names the VMs.
+        let rb = ring.get_mut();
+        let mut pending = Vec::new();
+        while let Some(item) = rb.next() {
+            pending.push(item.to_vec());
+        }
+        if !pending.is_empty() {
+            tracing::info!(
+                records = pending.len(),
+                "probe records waiting in the ring buffer at start"
+            );
+        }
+        for bytes in pending {
+            self.handle(&bytes, sink);
+        }
         self.scan_proc(sink);
+        // A qemu that died between the drain and the scan was not found by the scan; its
+        // exit record comes in the loop below, still named by the previous run's map.
+        // What is left of that map after a while belongs to records that never came.
+        self.remembered.retain(|pid, _| !self.vms.contains_key(pid));
+        let forget_remembered = tokio::time::sleep(FORGET_REMEMBERED_AFTER);
+        tokio::pin!(forget_remembered);
+        self.vm_cache_dirty = true;
+        self.save_vm_cache();
         let mut stall_tick = tokio::time::interval(Duration::from_millis(
             self.cfg.probes.stall_scan_interval_ms,
         ));
@@ -315,6 +453,7 @@ impl Monitor {
         stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         rescan_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut external = self.external.take();
+        let mut sd_watchdog = crate::systemd::WatchdogPinger::from_env();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -343,12 +482,19 @@ impl Monitor {
                     self.check_stats(sink);
                 }
                 _ = rescan_tick.tick() => self.scan_proc(sink),
+                // From this loop, so a loop that hangs stops the pings.
+                _ = sd_watchdog.due() => sd_watchdog.ping(),
                 event = next_external(&mut external) => match event {
                     Some(event) => self.external(event, sink),
                     None => external = None,
                 },
+                _ = &mut forget_remembered, if !self.remembered.is_empty() => {
+                    self.remembered.clear();
+                    self.vm_cache_dirty = true;
+                }
                 _ = &mut shutdown => break,
             }
+            self.save_vm_cache();
         }
         Ok(())
     }

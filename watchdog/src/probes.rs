@@ -35,15 +35,51 @@ pub struct ProbeStats {
 
 pub struct Probes {
     ebpf: Ebpf,
+    /// Set when the maps and links are pinned: the lock on the pin directory and what
+    /// this start found there.
+    pinned: Option<crate::pinning::PinSet>,
 }
 
 impl Probes {
-    /// Loads and attaches everything. Order matters: the exec probe is attached before the
-    /// caller scans /proc, so a qemu started in between is seen by one or the other.
+    /// Loads and attaches everything, unpinned: the probes detach when this is dropped.
+    /// Order matters: the exec probe is attached before the caller scans /proc, so a qemu
+    /// started in between is seen by one or the other.
     pub fn load(cfg: &WatchdogConfig) -> anyhow::Result<Self> {
+        Self::load_with(cfg, None)
+    }
+
+    /// Loads the probes with their maps and links pinned under `pin_dir` (see
+    /// pinning.rs): a previous run's probes, still attached and recording, are taken
+    /// over; what is missing is attached and pinned.
+    pub fn load_pinned(cfg: &WatchdogConfig, pin_dir: &std::path::Path) -> anyhow::Result<Self> {
+        let set = crate::pinning::PinSet::open(pin_dir, PROBES_OBJECT)?;
+        Self::load_with(cfg, Some(set))
+    }
+
+    fn load_with(
+        cfg: &WatchdogConfig,
+        pinned: Option<crate::pinning::PinSet>,
+    ) -> anyhow::Result<Self> {
         raise_memlock_limit();
-        let mut ebpf =
-            Ebpf::load(PROBES_OBJECT).context("loading the eBPF object into the kernel")?;
+        let mut loader = aya::EbpfLoader::new();
+        if let Some(set) = &pinned {
+            for name in crate::pinning::MAPS {
+                loader.map_pin_path(name, set.map_path(name));
+            }
+        }
+        let mut ebpf = loader
+            .load(PROBES_OBJECT)
+            .context("loading the eBPF object into the kernel")?;
+        if pinned.is_some() {
+            // A map missing from MAPS would be created fresh on every start, and the
+            // probes a restart takes over would write to the old one.
+            for (name, _) in ebpf.maps() {
+                anyhow::ensure!(
+                    crate::pinning::MAPS.contains(&name),
+                    "map {name} is not in pinning::MAPS; add it there"
+                );
+            }
+        }
         {
             let mut config: Array<_, u64> = Array::try_from(map(&mut ebpf, "CONFIG")?)?;
             config.set(
@@ -86,7 +122,7 @@ impl Probes {
             }
         }
         for (prog, category, name) in TRACEPOINTS {
-            attach(&mut ebpf, prog, &[(category, name)])?;
+            attach(&mut ebpf, pinned.as_ref(), prog, &[(category, name)])?;
         }
         let enters: Vec<String> = io_syscalls::TRACKED
             .iter()
@@ -98,9 +134,17 @@ impl Probes {
             .collect();
         let enters: Vec<(&str, &str)> = enters.iter().map(|n| ("syscalls", n.as_str())).collect();
         let exits: Vec<(&str, &str)> = exits.iter().map(|n| ("syscalls", n.as_str())).collect();
-        attach(&mut ebpf, "qemu_io_enter", &enters)?;
-        attach(&mut ebpf, "qemu_io_exit", &exits)?;
-        Ok(Self { ebpf })
+        attach(&mut ebpf, pinned.as_ref(), "qemu_io_enter", &enters)?;
+        attach(&mut ebpf, pinned.as_ref(), "qemu_io_exit", &exits)?;
+        if let Some(set) = &pinned {
+            set.remove_other_versions();
+        }
+        Ok(Self { ebpf, pinned })
+    }
+
+    /// Whether this start took over probes a previous run left attached (pinned).
+    pub fn took_over(&self) -> bool {
+        self.pinned.as_ref().is_some_and(|p| p.took_over())
     }
 
     /// Takes the ring buffer out (once); the caller polls it.
@@ -150,7 +194,23 @@ fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::
         .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
 }
 
-fn attach(ebpf: &mut Ebpf, prog: &str, points: &[(&str, &str)]) -> anyhow::Result<()> {
+/// Attaches `prog` to each tracepoint. With a pin set, a tracepoint whose link is
+/// already pinned (a previous run's, still attached) is left as it is, and every new
+/// link is pinned; the program is loaded only if some link is missing.
+fn attach(
+    ebpf: &mut Ebpf,
+    pinned: Option<&crate::pinning::PinSet>,
+    prog: &str,
+    points: &[(&str, &str)],
+) -> anyhow::Result<()> {
+    let missing: Vec<(&str, &str)> = points
+        .iter()
+        .copied()
+        .filter(|(category, name)| pinned.is_none_or(|set| !set.has_link(prog, category, name)))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
     let program: &mut TracePoint = ebpf
         .program_mut(prog)
         .ok_or_else(|| anyhow!("program {prog} missing from the eBPF object"))?
@@ -158,10 +218,17 @@ fn attach(ebpf: &mut Ebpf, prog: &str, points: &[(&str, &str)]) -> anyhow::Resul
     program
         .load()
         .with_context(|| format!("loading program {prog} (verifier)"))?;
-    for (category, name) in points {
-        program
+    for (category, name) in missing {
+        let id = program
             .attach(category, name)
             .with_context(|| format!("attaching {prog} to tracepoint {category}/{name}"))?;
+        if let Some(set) = pinned {
+            let link = program.take_link(id)?;
+            let link = aya::programs::links::FdLink::try_from(link).with_context(|| {
+                format!("{prog} on {category}/{name}: the kernel gave no BPF link to pin (needs Linux ≥ 5.15); set probes.pin_dir = \"\"")
+            })?;
+            set.pin_link(link, prog, category, name)?;
+        }
     }
     Ok(())
 }

@@ -2,12 +2,12 @@
 //! the exec probe has seen anything), and which VM each one runs (its command line).
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use watchdog_common::{NamePattern, COMM_LEN};
 
 /// The VM a qemu process runs. libvirt passes the domain UUID (= the Nova instance UUID)
 /// as `-uuid` and the domain name as `-name guest=NAME,...`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmIdentity {
     pub uuid: Option<String>,
     pub name: Option<String>,

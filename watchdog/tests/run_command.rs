@@ -114,7 +114,7 @@ fn the_daemon_sends_heartbeats_to_the_controller_and_stops_cleanly_on_sigterm() 
         .unwrap();
     let events = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let toml = format!(
-        "[host]\nid = \"daemon-test\"\ncluster_id = \"t\"\nstate_dir = \"{}\"\n\
+        "[probes]\npin_dir = \"\"\n[host]\nid = \"daemon-test\"\ncluster_id = \"t\"\nstate_dir = \"{}\"\n\
          [controller]\nheartbeat_addrs = [\"{}\"]\nevent_addr = \"{}\"\nkey_file = \"{}\"\n",
         dir.path().join("state").display(),
         udp.local_addr().unwrap(),

@@ -2,9 +2,11 @@
 //! (idempotent, and fast when everything is there), so a fresh machine needs nothing else.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)] // synchronous tool, not async code
 
+mod bundle;
 mod demo;
 mod fencebed;
 mod hostbed;
+mod novabed;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -23,8 +25,8 @@ enum Task {
     /// Install and prepare everything the build and the tests need (Debian packages,
     /// nightly rust-src, bpf-linker, tracefs/bpffs mounts). Idempotent.
     Setup,
-    /// Setup, start the hostbed (libvirt and real KVM guests), then run the whole test
-    /// suite (`cargo test`, default members). Extra arguments go to cargo test.
+    /// Setup, start the hostbed (libvirt and real KVM guests) and the novabed (real
+    /// Nova), then run the whole test suite (`cargo test`, default members). Extra arguments go to cargo test.
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -41,6 +43,16 @@ enum Task {
         #[command(subcommand)]
         action: fencebed::Action,
     },
+    /// The real OpenStack test bed: Nova 34, Placement, Glance, Neutron API, RabbitMQ,
+    /// MariaDB, 3 fake-driver computes (see xtask/src/novabed.rs).
+    Novabed {
+        #[command(subcommand)]
+        action: novabed::Action,
+    },
+    /// Build the release binaries and pack the installable bundle: a versioned tar.gz
+    /// (binaries, systemd units, example configs, install.sh, docs, Grafana dashboard)
+    /// and its .sha256, in target/bundle/.
+    Bundle(bundle::Args),
     /// Build the eBPF probes (they are built by watchdog/build.rs; this runs just that).
     BuildEbpf,
     /// Setup, then show the watchdog at work on this machine: a VM's qemu is killed, one
@@ -54,7 +66,8 @@ enum Task {
     },
     /// Setup, then run a benchmark scenario (see bench/ and BENCHMARKS.md): exit-latency,
     /// stall-latency, real-guest-kill, suspect-latency, heartbeat-intake, host-memory,
-    /// fence-latency.
+    /// fence-latency, nova-evacuate (needs the novabed: `cargo xtask novabed start`),
+    /// watchdog-restart, restart-in-place (needs the hostbed).
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -71,7 +84,13 @@ fn main() -> ExitCode {
             let was_running = hostbed::libvirt_answers();
             hostbed::for_tests()?;
             fencebed::for_tests()?;
-            let tests = run_tests(&args);
+            let nova_was_running = novabed::running();
+            let tests = novabed::for_tests().and_then(|()| run_tests(&args));
+            if !nova_was_running {
+                if let Err(e) = novabed::stop() {
+                    eprintln!("xtask: stopping the novabed: {e:#}");
+                }
+            }
             if !was_running {
                 if let Err(e) = hostbed::stop() {
                     eprintln!("xtask: stopping the hostbed: {e:#}");
@@ -81,6 +100,8 @@ fn main() -> ExitCode {
         }),
         Task::Hostbed { action } => hostbed::run(action),
         Task::Fencebed { action } => fencebed::run(action),
+        Task::Novabed { action } => novabed::run(action),
+        Task::Bundle(args) => bundle::run(&args).map(|_| ()),
         Task::BuildEbpf => cargo(&["build", "-p", "defib-watchdog"]),
         Task::Demo => setup::run().and_then(|()| demo::run()),
         Task::Sim { seeds } => {

@@ -5,7 +5,9 @@ use anyhow::{bail, Context as _};
 
 /// Debian packages the build and tests use: FUSE passthrough and loop devices for disk
 /// stalls, iproute2 and ping for network namespaces, libvirt-dev and pkg-config to link the
-/// watchdog's libvirt watcher.
+/// watchdog's libvirt watcher, systemd for `systemd-analyze verify` and `systemd-sysusers`
+/// (the bundle test; nothing needs systemd running), binutils to strip the bundle's
+/// binaries.
 const DEBIAN_PACKAGES: &[&str] = &[
     "bindfs",
     "fuse3",
@@ -14,6 +16,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iputils-ping",
     "libvirt-dev",
     "pkg-config",
+    "systemd",
+    "binutils",
 ];
 const BPF_LINKER_VERSION: &str = "0.10.0";
 

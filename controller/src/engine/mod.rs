@@ -559,9 +559,13 @@ impl Engine {
             }
             HostEvent::Inventory {
                 resources,
+                stopped,
                 source,
                 at,
-            } => self.on_inventory(&host, resources, source, at),
+            } => {
+                self.forget_stopped(&host, &stopped);
+                self.on_inventory(&host, resources, source, at)
+            }
         }
     }
 
@@ -665,6 +669,23 @@ impl Engine {
                 if let Some(e) = self.resources.get_mut(&resource) {
                     e.last_failure = e.owner.map(|inc| (inc, at));
                 }
+            }
+        }
+    }
+
+    /// Resources stopped on purpose are no longer running there, and nothing is to be
+    /// restored: the engine forgets them (unless an incident owns them; it finishes).
+    /// Started again, they come back with the next inventory.
+    fn forget_stopped(&mut self, host: &HostId, stopped: &[Resource]) {
+        for r in stopped {
+            let forget = self.resources.get(r).is_some_and(|e| {
+                &e.host == host
+                    && e.owner.is_none()
+                    && matches!(e.state, ResourceState::Running | ResourceState::GaveUp)
+            });
+            if forget {
+                self.resources.remove(r);
+                self.bump();
             }
         }
     }

@@ -42,6 +42,7 @@ impl Harness {
                 host: host(i),
                 event: HostEvent::Inventory {
                     resources: vec![Resource::vm(format!("vm{i}"))],
+                    stopped: vec![],
                     source: Source::Nova,
                     at: Timestamp(0),
                 },
@@ -573,6 +574,7 @@ fn a_router_on_a_dead_host_is_moved_without_a_restart_in_place() {
         host: host(1),
         event: HostEvent::Inventory {
             resources: vec![Resource::vm("vm1"), Resource::router("r1")],
+            stopped: vec![],
             source: Source::Nova,
             at: Timestamp(h.now),
         },
@@ -676,6 +678,7 @@ fn a_fenced_host_is_not_trusted_until_an_operator_unfences_it() {
         host: host(2),
         event: HostEvent::Inventory {
             resources: vec![Resource::vm("vm2")],
+            stopped: vec![],
             source: Source::Libvirt,
             at: Timestamp(h.now),
         },
@@ -690,6 +693,7 @@ fn a_fenced_host_is_not_trusted_until_an_operator_unfences_it() {
         host: host(2),
         event: HostEvent::Inventory {
             resources: vec![],
+            stopped: vec![],
             source: Source::Libvirt,
             at: Timestamp(h.now),
         },
@@ -971,5 +975,43 @@ fn a_successful_evacuation_is_in_the_incidents_timeline() {
         inc.timeline.iter().any(|e| e.to == "Running"),
         "{:#?}",
         inc.timeline
+    );
+}
+
+#[test]
+fn a_vm_shut_off_on_purpose_is_forgotten_not_restarted_when_it_leaves_the_inventory() {
+    let mut h = Harness::new(1);
+    let inventory = |resources: Vec<Resource>, stopped: Vec<Resource>, at| Input::HostEvent {
+        host: host(0),
+        event: HostEvent::Inventory {
+            resources,
+            stopped,
+            source: Source::Libvirt,
+            at: Timestamp(at),
+        },
+    };
+    h.input(inventory(
+        vec![Resource::vm("vm0"), Resource::vm("web")],
+        vec![],
+        600,
+    ));
+    h.take();
+    // web destroyed by an operator, vm0 gone without a word: only vm0 is a failure.
+    h.input(inventory(vec![], vec![Resource::vm("web")], 700));
+    let restarted: Vec<Resource> = h
+        .take()
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::RestartInPlace { resource, .. } => Some(resource),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(restarted, vec![Resource::vm("vm0")]);
+    assert!(h.engine.resource(&Resource::vm("web")).is_none());
+    // Started again, it is tracked again.
+    h.input(inventory(vec![Resource::vm("web")], vec![], 800));
+    assert_eq!(
+        h.engine.resource_state(&Resource::vm("web")),
+        Some(ResourceState::Running)
     );
 }

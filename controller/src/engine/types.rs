@@ -250,7 +250,9 @@ pub enum RestoreOutcome {
 /// inventory.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HostEvent {
-    /// A resource's process exited or crashed (eBPF exit probe, libvirt Stopped/Failed).
+    /// A resource's process exited or crashed (eBPF exit probe, libvirt Stopped/Failed),
+    /// or it stopped working while its process lives on (a guest watchdog that fired and
+    /// left the guest hung): either way it must be restarted.
     ResourceExited {
         /// Which resource.
         resource: Resource,
@@ -279,6 +281,11 @@ pub enum HostEvent {
     Inventory {
         /// The resources.
         resources: Vec<Resource>,
+        /// Resources defined on the host but stopped on someone's decision (libvirt:
+        /// shut off because destroyed, shut down, saved, migrated): no longer running,
+        /// and not failed either. The engine stops tracking them.
+        #[serde(default)]
+        stopped: Vec<Resource>,
         /// Who reported it (the watchdog's scan or Nova).
         source: Source,
         /// When the list was taken.

@@ -146,6 +146,7 @@ impl EngineTask {
         // starve the engine (and make healthy hosts look silent).
         let mut publish_tick = tokio::time::interval(PUBLISH_EVERY);
         publish_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sd_watchdog = super::systemd::WatchdogPinger::from_env();
         tokio::pin!(shutdown);
         loop {
             let tick_at = self.next_tick.map(|t| self.clock.instant_at(t));
@@ -158,6 +159,7 @@ impl EngineTask {
                     self.step(Input::Timer(crate::engine::TimerId::Tick))?;
                 }
                 _ = publish_tick.tick() => self.publish(),
+                _ = sd_watchdog.due() => sd_watchdog.ping(),
                 _ = &mut shutdown => break,
             }
         }
@@ -473,6 +475,14 @@ fn action_kind(a: &Action) -> &'static str {
     }
 }
 
+/// libvirt's shut-off reasons that are someone's decision (`virDomainShutoffReason`).
+fn stopped_on_purpose(reason: &str) -> bool {
+    matches!(
+        reason,
+        "shutdown" | "destroyed" | "migrated" | "saved" | "from_snapshot"
+    )
+}
+
 /// The engine's view of a watchdog event (None: timeline-less kinds).
 pub fn host_event(payload: &EventPayload, unix_ns: u64) -> Option<HostEvent> {
     let at = Timestamp(unix_ns / 1_000_000);
@@ -488,9 +498,17 @@ pub fn host_event(payload: &EventPayload, unix_ns: u64) -> Option<HostEvent> {
             signal,
             killer_pid,
             killer_comm,
+            by_hypervisor,
             oom_killed,
             ..
         } => {
+            // libvirt ended this qemu itself (a destroy, a shutdown, a hard reboot): its
+            // lifecycle event says whether that was a failure ("stopped (crashed)") or
+            // someone's decision ("stopped (destroyed)"). The kernel's account stays in
+            // the event table.
+            if *by_hypervisor {
+                return None;
+            }
             let resource = vm(vm_uuid, vm_name)?;
             let mut reason = match (signal, exit_code) {
                 (Some(s), _) => format!("qemu pid {pid} killed by signal {s}"),
@@ -533,43 +551,60 @@ pub fn host_event(payload: &EventPayload, unix_ns: u64) -> Option<HostEvent> {
         } => {
             // Failures only: a shutdown or a destroy is someone's decision (Nova stop,
             // an operator), not a crash. They stay in the event table.
-            let failed = match event.as_str() {
-                "stopped" => matches!(detail.as_str(), "failed" | "crashed"),
-                "crashed" => true,
-                _ => false,
+            let reason = match event.as_str() {
+                "stopped" if matches!(detail.as_str(), "failed" | "crashed") => {
+                    format!("libvirt: {event} ({detail})")
+                }
+                "crashed" => format!("libvirt: {event} ({detail})"),
+                // The guest stopped petting its watchdog device: it hangs. With `reset`
+                // qemu has rebooted it already; with any other action (pause, none,
+                // poweroff, shutdown, dump, inject-nmi) it stays hung or off until
+                // someone restarts it.
+                "watchdog" if detail != "reset" => format!(
+                    "libvirt: guest watchdog fired (action {detail}): the guest stopped responding"
+                ),
+                _ => return None,
             };
-            if !failed {
-                return None;
-            }
             Some(HostEvent::ResourceExited {
                 resource: vm(vm_uuid, vm_name)?,
                 source: Source::Libvirt,
                 at,
-                reason: format!("libvirt: {event} ({detail})"),
+                reason,
             })
         }
-        EventPayload::Inventory { vms } => Some(HostEvent::Inventory {
-            // What runs on the host: a defined but shut-off domain does not.
-            resources: vms
-                .iter()
-                .filter(|v| {
-                    matches!(
-                        v.state.as_str(),
-                        "running" | "paused" | "blocked" | "in shutdown"
-                    )
+        EventPayload::Inventory { vms } => {
+            let id = |v: &protocol::VmInfo| {
+                Resource::vm(if v.uuid.is_empty() {
+                    v.name.clone()
+                } else {
+                    v.uuid.clone()
                 })
-                .map(|v| {
-                    Resource::vm(if v.uuid.is_empty() {
-                        v.name.clone()
-                    } else {
-                        v.uuid.clone()
+            };
+            Some(HostEvent::Inventory {
+                // What runs on the host: a defined but shut-off domain does not.
+                resources: vms
+                    .iter()
+                    .filter(|v| {
+                        matches!(
+                            v.state.as_str(),
+                            "running" | "paused" | "blocked" | "in shutdown"
+                        )
                     })
-                })
-                .collect(),
-            // The watchdog takes its inventory from libvirt.
-            source: Source::Libvirt,
-            at,
-        }),
+                    .map(id)
+                    .collect(),
+                // Shut off on someone's decision: not running, and not failed either
+                // (a domain shut off because it crashed or failed is neither listed here
+                // nor running: the engine counts it as an exit).
+                stopped: vms
+                    .iter()
+                    .filter(|v| v.state == "shutoff" && stopped_on_purpose(&v.reason))
+                    .map(id)
+                    .collect(),
+                // The watchdog takes its inventory from libvirt.
+                source: Source::Libvirt,
+                at,
+            })
+        }
         _ => None,
     }
 }
@@ -614,34 +649,78 @@ mod tests {
     }
 
     #[test]
-    fn an_inventory_counts_only_active_domains_as_running_on_the_host() {
-        let vm = |uuid: &str, state: &str| protocol::VmInfo {
+    fn an_inventory_counts_only_active_domains_as_running_and_names_those_shut_off_on_purpose() {
+        let vm = |uuid: &str, state: &str, reason: &str| protocol::VmInfo {
             uuid: uuid.into(),
             name: uuid.into(),
             state: state.into(),
+            reason: reason.into(),
             pid: None,
             disks: vec![],
         };
         let p = EventPayload::Inventory {
-            vms: vec![vm("a", "running"), vm("b", "shutoff"), vm("c", "paused")],
+            vms: vec![
+                vm("a", "running", "booted"),
+                vm("b", "shutoff", "destroyed"),
+                vm("c", "paused", "watchdog"),
+                vm("d", "shutoff", "crashed"),
+                vm("e", "shutoff", "shutdown"),
+            ],
         };
         match host_event(&p, 0) {
-            Some(HostEvent::Inventory { resources, .. }) => {
+            Some(HostEvent::Inventory {
+                resources, stopped, ..
+            }) => {
                 assert_eq!(resources, vec![Resource::vm("a"), Resource::vm("c")]);
+                // A crashed domain is neither running nor stopped on purpose.
+                assert_eq!(stopped, vec![Resource::vm("b"), Resource::vm("e")]);
             }
             other => panic!("{other:?}"),
         }
     }
 
     #[test]
-    fn io_errors_watchdog_actions_and_reboots_are_not_exits() {
-        for event in [
-            "io_error",
-            "watchdog",
-            "reboot",
-            "block_threshold",
-            "control_error",
+    fn a_guest_watchdog_that_leaves_the_guest_hung_is_a_failure_but_a_reset_is_not() {
+        for action in [
+            "pause",
+            "none",
+            "poweroff",
+            "shutdown",
+            "dump",
+            "inject-nmi",
         ] {
+            match host_event(&lifecycle("watchdog", action), 0) {
+                Some(HostEvent::ResourceExited { source, reason, .. }) => {
+                    assert_eq!(source, Source::Libvirt);
+                    assert!(reason.contains("guest watchdog fired"), "{reason}");
+                    assert!(reason.contains(action), "{reason}");
+                }
+                other => panic!("{action}: {other:?}"),
+            }
+        }
+        assert_eq!(host_event(&lifecycle("watchdog", "reset"), 0), None);
+    }
+
+    #[test]
+    fn a_qemu_ended_by_libvirts_daemon_waits_for_libvirts_own_account() {
+        let p = EventPayload::QemuExited {
+            vm_uuid: Some("u-1".into()),
+            vm_name: None,
+            pid: 42,
+            exit_code: Some(0),
+            signal: None,
+            killer_pid: Some(7),
+            killer_comm: Some("prio-rpc-libvir".into()),
+            by_hypervisor: true,
+            oom_killed: false,
+            kernel_ts_ns: 0,
+        };
+        assert_eq!(host_event(&p, 0), None);
+    }
+
+    #[test]
+    fn io_errors_reboots_block_thresholds_and_control_errors_are_not_exits() {
+        for event in ["io_error", "reboot", "block_threshold", "control_error"] {
             assert_eq!(host_event(&lifecycle(event, "x"), 0), None, "{event}");
         }
     }
@@ -656,6 +735,7 @@ mod tests {
             signal: Some(9),
             killer_pid: Some(7),
             killer_comm: Some("virsh".into()),
+            by_hypervisor: false,
             oom_killed: false,
             kernel_ts_ns: 0,
         };

@@ -604,6 +604,13 @@ impl EventConnection {
                             anyhow::bail!("stream of {host} sent a frame for {}", env.host_id);
                         }
                         let id = event.id;
+                        // For the libvirt backend's evacuations, once stored.
+                        let definition = match &event.payload {
+                            protocol::EventPayload::DomainDefinition { vm_uuid, xml, .. } => {
+                                Some((vm_uuid.clone(), xml.clone()))
+                            }
+                            _ => None,
+                        };
                         let (tx, rx) = oneshot::channel();
                         self.tx
                             .send(Intake::Event {
@@ -617,6 +624,9 @@ impl EventConnection {
                             // Not stored: no ack, so the watchdog keeps it and resends.
                             Err(e) => anyhow::bail!("event {id} not stored: {e}"),
                         };
+                        if let Some((uuid, xml)) = definition {
+                            self.streams.note_definition(host, &uuid, &xml);
+                        }
                         if stored.new {
                             self.metrics.events_received.inc();
                         } else {

@@ -17,8 +17,13 @@
 //! - No stream for the host: `Failed` at once. No answer within
 //!   [`COMMAND_TIMEOUT`], or the stream closes before the answer: `Failed` (the engine
 //!   tries again within its restart budget, then evacuates).
-//! - Evacuating (starting a fenced host's domains elsewhere from their stored
-//!   definition) is not done yet: `Failed`, so the engine gives up with an alarm.
+//! - Evacuating (the engine asks only once the host's fence is verified): the domain is
+//!   started on another host with an open stream (`Command {StartFromDefinition}`), from
+//!   the definition its own host last reported (`DomainDefinition` events, kept here
+//!   and reloaded from the store at start). The target is the connected host, other
+//!   than the failed one, to which this restorer has sent the fewest evacuations, and
+//!   not one that already failed for this VM; its watchdog refuses a domain whose disks
+//!   it cannot see (not shared storage). No definition, or no other host: `Failed`.
 //! - There is no compute service to force down without Nova: `force_down` and
 //!   `unfence` are `Ok` at once (nothing to do; the fence itself is what protects).
 use std::collections::HashMap;
@@ -62,6 +67,15 @@ pub struct CommandRequest {
 pub struct HostStreams {
     inner: Mutex<HashMap<String, (u64, mpsc::Sender<CommandRequest>)>>,
     next_connection: AtomicU64,
+    /// The last definition each host reported per domain (UUID → definition).
+    definitions: Mutex<HashMap<String, StoredDefinition>>,
+}
+
+/// A domain's definition as its host last reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredDefinition {
+    pub host: String,
+    pub xml: String,
 }
 
 /// A stream's entry in [`HostStreams`]; dropping it removes the entry, unless a newer
@@ -115,6 +129,29 @@ impl HostStreams {
             .get(host)
             .map(|(_, tx)| tx.clone())
             .filter(|tx| !tx.is_closed())
+    }
+
+    /// `host` reported `xml` as the definition of domain `uuid` (the latest wins).
+    pub fn note_definition(&self, host: &str, uuid: &str, xml: &str) {
+        self.definitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                uuid.to_ascii_lowercase(),
+                StoredDefinition {
+                    host: host.to_string(),
+                    xml: xml.to_string(),
+                },
+            );
+    }
+
+    /// The last reported definition of domain `uuid`.
+    pub fn definition(&self, uuid: &str) -> Option<StoredDefinition> {
+        self.definitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&uuid.to_ascii_lowercase())
+            .cloned()
     }
 
     /// Hosts with an open stream, sorted.
@@ -175,6 +212,10 @@ pub struct LibvirtRestorer {
     pub results: ResultSender,
     pub streams: Arc<HostStreams>,
     pub timeout: Duration,
+    /// Evacuations sent to each host, to spread them.
+    sent_to: HashMap<String, u64>,
+    /// Hosts an evacuation of each VM was sent to: a retry goes elsewhere.
+    tried: HashMap<Resource, Vec<String>>,
 }
 
 impl LibvirtRestorer {
@@ -183,7 +224,21 @@ impl LibvirtRestorer {
             results,
             streams,
             timeout: COMMAND_TIMEOUT,
+            sent_to: HashMap::new(),
+            tried: HashMap::new(),
         }
+    }
+
+    /// The connected host, other than `from` and those tried for `resource` already,
+    /// with the fewest evacuations sent to it (by name on a tie).
+    fn pick_target(&self, resource: &Resource, from: &HostId) -> Option<String> {
+        let tried = self.tried.get(resource);
+        self.streams
+            .hosts()
+            .into_iter()
+            .filter(|h| h != from.as_str())
+            .filter(|h| tried.is_none_or(|t| !t.contains(h)))
+            .min_by_key(|h| (self.sent_to.get(h).copied().unwrap_or(0), h.clone()))
     }
 
     fn restore_result(&self, resource: &Resource, key: &IntentKey, outcome: RestoreOutcome) {
@@ -266,14 +321,83 @@ impl Restorer for LibvirtRestorer {
         });
     }
 
-    fn evacuate(&mut self, resource: &Resource, _from: &HostId, key: &IntentKey) {
-        self.restore_result(
-            resource,
-            key,
-            RestoreOutcome::Failed {
-                reason: "the libvirt backend cannot evacuate yet".into(),
-            },
-        );
+    fn evacuate(&mut self, resource: &Resource, from: &HostId, key: &IntentKey) {
+        let failed = |reason: String| RestoreOutcome::Failed { reason };
+        let Resource::Vm(vm) = resource else {
+            self.restore_result(
+                resource,
+                key,
+                failed("the libvirt backend evacuates VMs only".into()),
+            );
+            return;
+        };
+        let Some(definition) = self.streams.definition(vm.as_str()) else {
+            self.restore_result(
+                resource,
+                key,
+                failed(format!(
+                    "no definition of {vm} was reported by its host: cannot start it elsewhere"
+                )),
+            );
+            return;
+        };
+        let Some(target) = self.pick_target(resource, from) else {
+            self.restore_result(
+                resource,
+                key,
+                failed(format!(
+                    "no other host's watchdog is connected to start {vm} on (tried: {})",
+                    self.tried
+                        .get(resource)
+                        .map(|t| t.join(", "))
+                        .unwrap_or_default()
+                )),
+            );
+            return;
+        };
+        *self.sent_to.entry(target.clone()).or_default() += 1;
+        self.tried
+            .entry(resource.clone())
+            .or_default()
+            .push(target.clone());
+        let command_id = command_id(key);
+        let command = HostCommand::StartFromDefinition {
+            vm_uuid: vm.as_str().to_string(),
+            xml: definition.xml,
+        };
+        tracing::info!(%from, %target, %resource, %key, command_id, "asking a watchdog to start an evacuated domain");
+        let streams = self.streams.clone();
+        let results = self.results.clone();
+        let timeout = self.timeout;
+        let (resource, key) = (resource.clone(), key.clone());
+        tokio::spawn(async move {
+            let answer = run_command(&streams, &target, command_id, command, timeout).await;
+            let outcome = match answer {
+                Ok(CommandAnswer { ok: true, detail }) => {
+                    tracing::info!(%target, %resource, %key, %detail, "evacuated domain started");
+                    RestoreOutcome::Ok {
+                        host: HostId::new(target.clone()),
+                    }
+                }
+                Ok(CommandAnswer { ok: false, detail }) => {
+                    tracing::warn!(%target, %resource, %key, %detail, "the target could not start the evacuated domain");
+                    RestoreOutcome::Failed {
+                        reason: format!("on {target}: {detail}"),
+                    }
+                }
+                Err(reason) => {
+                    tracing::warn!(%target, %resource, %key, %reason, "evacuation failed");
+                    RestoreOutcome::Failed {
+                        reason: format!("on {target}: {reason}"),
+                    }
+                }
+            };
+            let _ = results.send(Input::RestoreResult {
+                resource,
+                key,
+                outcome,
+            });
+        });
     }
 
     fn unfence(&mut self, host: &HostId, key: &IntentKey) {
@@ -578,7 +702,83 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn without_nova_force_down_and_unfence_are_nothing_to_do_and_evacuation_fails() {
+    async fn an_evacuation_starts_the_reported_definition_on_the_least_loaded_other_host() {
+        let streams = HostStreams::new();
+        let ok = Some(CommandAnswer {
+            ok: true,
+            detail: "started".into(),
+        });
+        let (_r0, mut seen0) = fake_stream(&streams, "h0", ok.clone());
+        let (_r1, mut seen1) = fake_stream(&streams, "h1", ok.clone());
+        let (_r2, mut seen2) = fake_stream(&streams, "h2", ok);
+        streams.note_definition("h0", "U-1", "<domain>one</domain>");
+        streams.note_definition("h0", "u-2", "<domain>two</domain>");
+        let (mut r, mut results) = restorer(&streams);
+        let from = HostId::new("h0");
+        r.evacuate(&Resource::vm("u-1"), &from, &key("1/evacuate-1/vm:u-1"));
+        r.evacuate(&Resource::vm("u-2"), &from, &key("1/evacuate-1/vm:u-2"));
+        let mut placed = Vec::new();
+        for _ in 0..2 {
+            match next_outcome(&mut results).await {
+                (vm, _, RestoreOutcome::Ok { host }) => placed.push((vm, host)),
+                other => panic!("{other:?}"),
+            }
+        }
+        placed.sort();
+        // Never the failed host; one VM each on the two others.
+        assert_eq!(
+            placed,
+            vec![
+                (Resource::vm("u-1"), HostId::new("h1")),
+                (Resource::vm("u-2"), HostId::new("h2"))
+            ]
+        );
+        assert!(seen0.try_recv().is_err());
+        let (_, cmd) = seen1.recv().await.unwrap();
+        assert_eq!(
+            cmd,
+            HostCommand::StartFromDefinition {
+                vm_uuid: "u-1".into(),
+                xml: "<domain>one</domain>".into()
+            }
+        );
+        assert!(matches!(
+            seen2.recv().await,
+            Some((_, HostCommand::StartFromDefinition { .. }))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_failed_evacuation_is_retried_on_another_host_and_then_fails_when_none_is_left() {
+        let streams = HostStreams::new();
+        let no = Some(CommandAnswer {
+            ok: false,
+            detail: "disk /img is not on this host (not shared storage)".into(),
+        });
+        let (_r1, _seen1) = fake_stream(&streams, "h1", no.clone());
+        let (_r2, _seen2) = fake_stream(&streams, "h2", no);
+        streams.note_definition("h0", "u-1", "<domain/>");
+        let (mut r, mut results) = restorer(&streams);
+        let (vm, from) = (Resource::vm("u-1"), HostId::new("h0"));
+        let mut tried = Vec::new();
+        for attempt in 1..=3 {
+            r.evacuate(&vm, &from, &key(&format!("1/evacuate-{attempt}/vm:u-1")));
+            match next_outcome(&mut results).await {
+                (_, _, RestoreOutcome::Failed { reason }) => tried.push(reason),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(tried[0].starts_with("on h1: disk /img"), "{tried:?}");
+        assert!(tried[1].starts_with("on h2: disk /img"), "{tried:?}");
+        assert!(
+            tried[2].contains("no other host's watchdog is connected")
+                && tried[2].contains("h1, h2"),
+            "{tried:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_nova_force_down_and_unfence_are_nothing_to_do_and_an_unknown_vm_cannot_move() {
         let streams = HostStreams::new();
         let (mut r, mut results) = restorer(&streams);
         let h = HostId::new("h1");
@@ -598,7 +798,7 @@ mod tests {
             Ok(Input::RestoreResult {
                 outcome: RestoreOutcome::Failed { reason },
                 ..
-            }) => assert!(reason.contains("cannot evacuate yet"), "{reason}"),
+            }) => assert!(reason.contains("no definition of u-1"), "{reason}"),
             other => panic!("{other:?}"),
         }
     }

@@ -7,6 +7,8 @@ pub mod fencing;
 pub mod intake;
 pub mod libvirt_backend;
 pub mod metrics;
+pub mod nova_backend;
+pub mod systemd;
 pub mod view;
 
 use std::sync::Arc;
@@ -41,6 +43,19 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let store = crate::store::SqliteStore::open(&c.store_path)
         .with_context(|| format!("opening the store {}", c.store_path.display()))?;
+    // The hosts whose event stream is open, for edges that send them commands, and the
+    // domain definitions the hosts reported (for evacuation without Nova), as stored.
+    let streams = libvirt_backend::HostStreams::new();
+    for (host, payload) in store
+        .events_of_kind("domain_definition")
+        .context("reading the stored domain definitions")?
+    {
+        if let Ok(protocol::EventPayload::DomainDefinition { vm_uuid, xml, .. }) =
+            serde_json::from_str(&payload)
+        {
+            streams.note_definition(&host, &vm_uuid, &xml);
+        }
+    }
     let parts = EngineTaskParts {
         engine_config: cfg.engine_config(),
         store: Box::new(store),
@@ -48,20 +63,33 @@ pub async fn run(
         controller_id: c.id.clone(),
         cluster_id: c.cluster_id.clone(),
     };
-    // The hosts whose event stream is open, for edges that send them commands.
-    let streams = libvirt_backend::HostStreams::new();
     let backend = c.backend;
     let restorer_streams = streams.clone();
     let (fence_table, verify) = (resolved.fence.clone(), resolved.verify);
     tracing::info!(hosts = fence_table.len(), "fence levels configured");
+    let nova = match &resolved.nova {
+        Some(n) => Some(crate::openstack::compute::Compute::new(
+            Arc::new(
+                crate::openstack::Session::new(n.session.clone())
+                    .context("building the OpenStack client")?,
+            ),
+            n.microversion.clone(),
+        )),
+        None => None,
+    };
+    let nova_settings = resolved.nova.as_ref().map(|n| n.settings.clone());
+    let host_view = nova_settings.as_ref().map(|s| s.hosts.clone());
     let (task, channels) = EngineTask::new(parts, |results| {
-        let restorer: Box<dyn Restorer + Send> = match backend {
-            Backend::Libvirt => Box::new(libvirt_backend::LibvirtRestorer::new(
+        let restorer: Box<dyn Restorer + Send> = match (backend, nova, nova_settings) {
+            (Backend::Libvirt, _, _) => Box::new(libvirt_backend::LibvirtRestorer::new(
                 results.clone(),
                 restorer_streams,
             )),
-            // `nova` is refused by the configuration check.
-            Backend::None | Backend::Nova => Box::new(UnconfiguredRestorer {
+            (Backend::Nova, Some(compute), Some(settings)) => Box::new(
+                nova_backend::NovaRestorer::start(compute, settings, results.clone(), None),
+            ),
+            // `nova` without its section cannot pass the configuration check.
+            (Backend::None | Backend::Nova, _, _) => Box::new(UnconfiguredRestorer {
                 results: results.clone(),
             }),
         };
@@ -84,6 +112,10 @@ pub async fn run(
         snapshot,
         ..
     } = channels;
+    if let Some(view) = host_view {
+        // The restorer's view of the hosts (maintenance, heartbeats).
+        tokio::spawn(nova_backend::watch_hosts(snapshot.clone(), view));
+    }
 
     // Bind everything before serving anything: a port in use is a clear error at start.
     let mut udp = Vec::new();

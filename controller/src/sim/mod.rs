@@ -547,6 +547,7 @@ impl<'a> Sim<'a> {
                 host: self.hosts[h].id.clone(),
                 event: HostEvent::Inventory {
                     resources,
+                    stopped: vec![],
                     source: Source::Nova,
                     at: Timestamp(0),
                 },
@@ -640,6 +641,7 @@ impl<'a> Sim<'a> {
                         let resources = self.listing(h, false);
                         self.hosts[h].outbox.push(HostEvent::Inventory {
                             resources,
+                            stopped: vec![],
                             source: Source::Libvirt,
                             at: Timestamp(self.now),
                         });
@@ -821,6 +823,7 @@ impl<'a> Sim<'a> {
                         host: self.hosts[h].id.clone(),
                         event: HostEvent::Inventory {
                             resources,
+                            stopped: vec![],
                             source: Source::Nova,
                             at: Timestamp(self.now),
                         },

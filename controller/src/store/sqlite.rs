@@ -123,6 +123,18 @@ impl SqliteStore {
     }
 
     /// The schema version in the file (after `open`: [`SCHEMA_VERSION`]).
+    /// The stored events of one payload kind (e.g. `domain_definition`), oldest first,
+    /// as (host, payload JSON).
+    pub fn events_of_kind(&self, kind: &str) -> StoreResult<Vec<(String, String)>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT host, payload_json FROM events
+             WHERE json_extract(payload_json, '$.kind') = ?1
+             ORDER BY received_unix_ms, host, event_id",
+        )?;
+        let rows = stmt.query_map([kind], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     pub fn schema_version(&self) -> StoreResult<i64> {
         Ok(self
             .conn

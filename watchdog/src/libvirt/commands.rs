@@ -11,6 +11,14 @@
 //! with the reason. The kernel sees an operator's `virsh destroy` as a qemu killed by
 //! libvirtd like any other exit, so the controller does ask.
 //!
+//! A hung guest is undone too: a domain whose guest watchdog fired (any action but
+//! `reset`, which qemu carries out itself) or that libvirt reports crashed or paused by
+//! a panic or a watchdog is still active, with a live qemu; `StartDomain` then destroys
+//! it and starts it again. The watcher records each watchdog firing it sees
+//! ([`note_hung`]) and forgets it when the domain starts ([`note_started`]), because a
+//! watchdog with action `none` leaves the domain in a state that looks like any
+//! running one.
+//!
 //! Which URI: the one the libvirt watcher of this process was started with
 //! ([`set_target`], called by [`super::LibvirtWatcher::start`]). Without a watcher
 //! (`libvirt.enabled = false`) every command fails with the reason.
@@ -52,6 +60,58 @@ pub struct StartSettings {
 
 static TARGET: Mutex<Option<StartSettings>> = Mutex::new(None);
 
+/// Domains (UUID, and name) whose guest watchdog fired since they last started.
+static HUNG: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
+/// The guest of this domain stopped petting its watchdog and was left hung: a restart
+/// must destroy it first.
+pub fn note_hung(uuid: &str, name: &str) {
+    let mut hung = HUNG.lock().unwrap_or_else(|e| e.into_inner());
+    if !hung.iter().any(|(u, n)| u == uuid && n == name) {
+        hung.push((uuid.to_string(), name.to_string()));
+    }
+}
+
+/// The domain started (again): whatever hung before is gone.
+pub fn note_started(uuid: &str, name: &str) {
+    let mut hung = HUNG.lock().unwrap_or_else(|e| e.into_inner());
+    hung.retain(|(u, n)| !same_domain((u, n), uuid, name));
+}
+
+fn noted_hung(uuid: &str, name: &str) -> bool {
+    HUNG.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .any(|(u, n)| same_domain((u, n), uuid, name))
+}
+
+/// The same domain: same UUID, or same name (either may be unknown, i.e. empty).
+fn same_domain((u, n): (&str, &str), uuid: &str, name: &str) -> bool {
+    (!uuid.is_empty() && u == uuid) || (!name.is_empty() && n == name)
+}
+
+/// Why an active domain must be destroyed before it can run again, if it must: its
+/// guest watchdog fired, or libvirt reports it crashed, or paused by a panic or by its
+/// watchdog.
+fn hung_reason(dom: &Domain, name: &str) -> Option<String> {
+    let uuid = dom.get_uuid_string().unwrap_or_default();
+    if noted_hung(&uuid, name) {
+        return Some("its guest watchdog fired".into());
+    }
+    let (state, reason) = dom.get_state().ok()?;
+    let reason_u = u32::try_from(reason).ok()?;
+    let stuck = state == virt::sys::VIR_DOMAIN_CRASHED
+        || (state == virt::sys::VIR_DOMAIN_PAUSED
+            && matches!(
+                reason_u,
+                virt::sys::VIR_DOMAIN_PAUSED_WATCHDOG | virt::sys::VIR_DOMAIN_PAUSED_CRASHED
+            ));
+    stuck.then(|| {
+        let (s, r) = super::names::state(state, reason);
+        format!("libvirt reports it {s} ({r})")
+    })
+}
+
 /// Commands go to this libvirt from now on (None: commands fail, no libvirt here).
 pub fn set_target(target: Option<StartSettings>) {
     *TARGET.lock().unwrap_or_else(|e| e.into_inner()) = target;
@@ -73,6 +133,9 @@ pub async fn execute(command: HostCommand) -> (bool, String) {
     };
     let job = tokio::task::spawn_blocking(move || match command {
         HostCommand::StartDomain { vm_uuid } => start_domain(&settings, &vm_uuid),
+        HostCommand::StartFromDefinition { vm_uuid, xml } => {
+            start_from_definition(&settings, &vm_uuid, &xml)
+        }
         HostCommand::Unknown => Err("a command this watchdog does not know".into()),
     });
     match job.await {
@@ -91,7 +154,7 @@ pub fn start_domain(settings: &StartSettings, vm: &str) -> Result<String, String
     let result = match Domain::lookup_by_uuid_string(&conn, vm)
         .or_else(|_| Domain::lookup_by_name(&conn, vm))
     {
-        Ok(dom) => start_on(settings, &dom, vm),
+        Ok(dom) => start_on(settings, &dom, vm, Restart::InPlace),
         Err(e) => Err(format!(
             "no domain {vm} defined in {uri} (a transient domain is gone once its qemu \
              died): {}",
@@ -117,21 +180,114 @@ fn qemu_alive(proc_root: &Path, pid: u32, name: &str) -> bool {
     id.name.as_deref().is_none_or(|n| n == name)
 }
 
-fn start_on(settings: &StartSettings, dom: &Domain, vm: &str) -> Result<String, String> {
+/// Starts a domain evacuated from a fenced host: checks that the definition is the
+/// domain's and that every disk it names is here (shared storage), defines it (or
+/// updates the definition of a domain already defined here), then starts it. Blocking.
+pub fn start_from_definition(
+    settings: &StartSettings,
+    vm: &str,
+    xml: &str,
+) -> Result<String, String> {
+    check_definition(vm, xml, Path::new("/"))?;
+    let uri = &settings.uri;
+    let mut conn = Connect::open(Some(uri))
+        .map_err(|e| format!("cannot connect to {uri} read-write: {}", e.message()))?;
+    let result = match Domain::lookup_by_uuid_string(&conn, vm) {
+        // Already defined here and running (a resent command): nothing to define.
+        Ok(dom) if dom.is_active().unwrap_or(false) => {
+            start_on(settings, &dom, vm, Restart::Evacuation)
+        }
+        _ => match Domain::define_xml(&conn, xml) {
+            Ok(dom) => start_on(settings, &dom, vm, Restart::Evacuation)
+                .map(|done| format!("defined from its fenced host's definition; {done}")),
+            Err(e) => Err(format!("defining {vm} here: {}", e.message())),
+        },
+    };
+    if let Err(e) = conn.close() {
+        tracing::debug!(error = %e, "closing the command's libvirt connection");
+    }
+    result
+}
+
+/// The definition is for `vm` and every disk it names exists under `root` (the disks
+/// must be on storage this host shares with the failed one). Network disks (`rbd:…`,
+/// `iscsi:…`) and pool volumes cannot be looked at here and are taken as shared.
+fn check_definition(vm: &str, xml: &str, root: &Path) -> Result<(), String> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| format!("unreadable definition: {e}"))?;
+    let uuid = doc
+        .root_element()
+        .children()
+        .find(|n| n.has_tag_name("uuid"))
+        .and_then(|n| n.text())
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    if uuid != vm.to_ascii_lowercase() {
+        return Err(format!(
+            "the definition is for domain {uuid:?}, not {vm}; not starting it"
+        ));
+    }
+    let disks = super::inventory::parse_disks(xml)?;
+    for path in disks
+        .iter()
+        .flat_map(|d| d.source.iter().chain(&d.backing))
+        .filter(|p| p.starts_with('/'))
+    {
+        let here = root.join(path.trim_start_matches('/'));
+        if std::fs::metadata(&here).is_err() {
+            return Err(format!(
+                "disk {path} of {vm} is not on this host (not shared storage); not starting it"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Why a domain is started: it decides whether a stop on purpose may be undone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Restart {
+    /// A crashed or hung domain on its own host: one stopped on purpose stays off.
+    InPlace,
+    /// A fenced host's domain, started here: whatever this host's libvirt last did with
+    /// it (e.g. it was evacuated away once and destroyed) is history.
+    Evacuation,
+}
+
+fn start_on(
+    settings: &StartSettings,
+    dom: &Domain,
+    vm: &str,
+    why: Restart,
+) -> Result<String, String> {
     let name = dom.get_name().unwrap_or_else(|_| vm.to_string());
     let deadline = monotonic_ns()
         .saturating_add(u64::try_from(settings.wait_for_stop.as_nanos()).unwrap_or(u64::MAX));
     let mut waited = false;
+    // Set once this command destroyed a hung domain: its "destroyed" state is ours.
+    let mut destroyed_hung: Option<String> = None;
     loop {
         let active = dom
             .is_active()
             .map_err(|e| format!("reading the state of {name}: {}", e.message()))?;
+        if active && destroyed_hung.is_none() {
+            if let Some(why) = hung_reason(dom, &name) {
+                dom.destroy()
+                    .map_err(|e| format!("destroying hung {name} ({why}): {}", e.message()))?;
+                tracing::info!(domain = %name, reason = %why, "destroyed a hung domain to restart it");
+                destroyed_hung = Some(why);
+                continue;
+            }
+        }
         if !active {
             // Only a crash is undone: a domain shut off on purpose (an operator's destroy,
             // the guest's own shutdown, a save or a migration) stays off, even though its
             // qemu exit looked like any other to the kernel.
             if let Ok((state, reason)) = dom.get_state() {
-                if state == virt::sys::VIR_DOMAIN_SHUTOFF && stopped_on_purpose(reason) {
+                if state == virt::sys::VIR_DOMAIN_SHUTOFF
+                    && stopped_on_purpose(reason)
+                    && destroyed_hung.is_none()
+                    && why == Restart::InPlace
+                {
                     let (_, why) = super::names::state(state, reason);
                     return Err(format!(
                         "{name} was shut off on purpose ({why}); not starting it"
@@ -141,10 +297,10 @@ fn start_on(settings: &StartSettings, dom: &Domain, vm: &str) -> Result<String, 
             match dom.create() {
                 Ok(_) => {
                     let pid = super::inventory::read_pid(&settings.pid_dir, &name);
-                    let after = if waited {
-                        " (after libvirt noticed its old qemu was gone)"
-                    } else {
-                        ""
+                    let after = match (&destroyed_hung, waited) {
+                        (Some(why), _) => format!(" (destroyed first: {why})"),
+                        (None, true) => " (after libvirt noticed its old qemu was gone)".into(),
+                        (None, false) => String::new(),
                     };
                     return Ok(match pid {
                         Some(pid) => format!("started {name}, qemu pid {pid}{after}"),
@@ -381,5 +537,92 @@ mod tests {
         s.uri = "qemu+unix:///system?socket=/nonexistent/libvirt-sock".into();
         let err = start_domain(&s, "x").unwrap_err();
         assert!(err.contains("cannot connect"), "{err}");
+    }
+
+    fn test_xml(name: &str, uuid: &str, disk: Option<&Path>) -> String {
+        let disk = disk
+            .map(|p| {
+                format!(
+                    "<disk type='file' device='disk'><source file='{}'/>\
+                     <target dev='vda' bus='virtio'/></disk>",
+                    p.display()
+                )
+            })
+            .unwrap_or_default();
+        format!(
+            "<domain type='test'><name>{name}</name><uuid>{uuid}</uuid>\
+             <memory>8192</memory><os><type>hvm</type></os><devices>{disk}</devices></domain>"
+        )
+    }
+
+    #[test]
+    fn a_definition_is_accepted_only_for_its_own_domain_with_every_disk_present() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk.raw");
+        std::fs::write(&disk, b"x").unwrap();
+        let uuid = "0c0d0000-0000-4000-8000-0000000000a1";
+        let root = Path::new("/");
+        check_definition(uuid, &test_xml("d", uuid, Some(&disk)), root).unwrap();
+        // UUIDs compare without regard to case.
+        check_definition(&uuid.to_uppercase(), &test_xml("d", uuid, None), root).unwrap();
+        let err = check_definition(
+            "0c0d0000-0000-4000-8000-0000000000a2",
+            &test_xml("d", uuid, None),
+            root,
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("not 0c0d0000-0000-4000-8000-0000000000a2"),
+            "{err}"
+        );
+        let gone = dir.path().join("elsewhere.raw");
+        let err = check_definition(uuid, &test_xml("d", uuid, Some(&gone)), root).unwrap_err();
+        assert!(
+            err.contains("not on this host (not shared storage)"),
+            "{err}"
+        );
+        assert!(check_definition(uuid, "<domain", root).is_err());
+    }
+
+    #[test]
+    fn a_fenced_hosts_domain_is_defined_and_started_from_its_definition_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let uuid = "0c0d0000-0000-4000-8000-0000000000a3";
+        let xml = test_xml("cmd-evacuated", uuid, None);
+        let s = settings(dir.path(), WAIT_FOR_STOP);
+        let detail = start_from_definition(&s, uuid, &xml).unwrap();
+        // Undefined on drop.
+        let d = TestDomain {
+            conn: Connect::open(Some(TEST_URI)).unwrap(),
+            name: "cmd-evacuated".into(),
+            uuid: uuid.into(),
+        };
+        assert!(
+            detail.starts_with("defined from its fenced host's definition; started cmd-evacuated"),
+            "{detail}"
+        );
+        assert!(d.dom().is_active().unwrap());
+        // A resent command finds it running (this process stands in for its qemu).
+        std::fs::write(
+            dir.path().join("cmd-evacuated.pid"),
+            std::process::id().to_string(),
+        )
+        .unwrap();
+        let again = start_from_definition(&s, uuid, &xml).unwrap();
+        assert!(again.starts_with("already running"), "{again}");
+    }
+
+    #[test]
+    fn an_evacuated_domain_once_destroyed_here_may_be_started_here_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = TestDomain::define("cmd-back", "0c0d0000-0000-4000-8000-0000000000a4");
+        let dom = d.dom();
+        dom.create().unwrap();
+        dom.destroy().unwrap();
+        let xml = test_xml("cmd-back", &d.uuid, None);
+        let detail =
+            start_from_definition(&settings(dir.path(), WAIT_FOR_STOP), &d.uuid, &xml).unwrap();
+        assert!(detail.contains("started cmd-back"), "{detail}");
+        assert!(dom.is_active().unwrap());
     }
 }

@@ -7,9 +7,6 @@ use std::path::Path;
 use crate::events::{LibvirtDisk, LibvirtVm};
 use crate::procfs::VmIdentity;
 
-/// Where libvirt's qemu driver keeps `NAME.pid` for each running domain.
-pub const QEMU_PID_DIR: &str = "/run/libvirt/qemu";
-
 /// The `<disk>` elements of a domain's XML, in document order.
 pub fn parse_disks(xml: &str) -> Result<Vec<LibvirtDisk>, String> {
     let doc = roxmltree::Document::parse(xml).map_err(|e| e.to_string())?;
@@ -248,6 +245,7 @@ mod tests {
             reason: reason.into(),
             pid,
             disks: vec![],
+            definition: None,
         }
     }
 

@@ -28,6 +28,7 @@ pub mod ffi;
 pub mod inventory;
 pub mod names;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
@@ -71,7 +72,7 @@ impl LibvirtSettings {
             reconnect_min: Duration::from_millis(cfg.reconnect_min_ms),
             reconnect_max: Duration::from_millis(cfg.reconnect_max_ms),
             alive_check_interval: Duration::from_secs(1),
-            pid_dir: PathBuf::from(inventory::QEMU_PID_DIR),
+            pid_dir: cfg.pid_dir.clone(),
             log_every: Duration::from_secs(60),
         }
     }
@@ -197,6 +198,9 @@ struct Watcher {
     backoff: Backoff,
     /// The last domain list, kept across a disconnect to find what changed meanwhile.
     last_inventory: Option<Vec<LibvirtVm>>,
+    /// The definition last sent for each domain (UUID → XML): sent again only when it
+    /// changes. Kept across reconnects; the watchdog's event spool keeps what was sent.
+    sent_definitions: HashMap<String, String>,
     /// What the last connection event said (none yet: the first failure is reported).
     reachable: Option<bool>,
     log: LogLimiter,
@@ -218,6 +222,7 @@ impl Watcher {
             tx,
             generation: 0,
             last_inventory: None,
+            sent_definitions: HashMap::new(),
             reachable: None,
         }
     }
@@ -381,6 +386,9 @@ impl Watcher {
                         let observed_ns = monotonic_ns();
                         if let Some(event) = typed(raw, observed_ns) {
                             tracing::debug!(?event, "libvirt event");
+                            // Before the controller hears of it (and may ask for a
+                            // restart): what a restart of this domain must undo.
+                            note_for_commands(&event);
                             self.emit(event);
                         }
                     }
@@ -406,6 +414,21 @@ impl Watcher {
     }
 
     fn send_inventory(&mut self, vms: Vec<LibvirtVm>) {
+        // Definitions first: a controller that learns of a domain can start it elsewhere.
+        for vm in &vms {
+            let Some(xml) = &vm.definition else { continue };
+            if self.sent_definitions.get(&vm.uuid) == Some(xml) {
+                continue;
+            }
+            self.sent_definitions.insert(vm.uuid.clone(), xml.clone());
+            let observed_ns = monotonic_ns();
+            self.emit(WatchdogEvent::LibvirtDefinition {
+                vm: vm.identity(),
+                xml: xml.clone(),
+                observed_ns,
+                unix_ms: mono_to_unix_ms(observed_ns),
+            });
+        }
         let observed_ns = monotonic_ns();
         self.last_inventory = Some(vms.clone());
         self.emit(WatchdogEvent::LibvirtInventory {
@@ -435,6 +458,13 @@ fn take_inventory(
             continue;
         };
         let (state, reason) = names::state(state, reason);
+        // The persistent definition, to start the domain elsewhere (no secrets: the
+        // controller keeps it, and VIR_DOMAIN_XML_SECURE is not asked for).
+        let definition = if dom.is_persistent().unwrap_or(false) {
+            dom.get_xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE).ok()
+        } else {
+            None
+        };
         let disks = match dom.get_xml_desc(0) {
             Ok(xml) => inventory::parse_disks(&xml).unwrap_or_else(|e| {
                 tracing::warn!(domain = %name, error = %e, "unreadable domain XML; disks unknown");
@@ -449,6 +479,7 @@ fn take_inventory(
             reason,
             pid: None,
             disks,
+            definition,
         };
         if vm.is_active() {
             vm.pid = inventory::read_pid(&settings.pid_dir, &vm.name);
@@ -457,6 +488,28 @@ fn take_inventory(
     }
     vms.sort_by(|a, b| a.name.cmp(&b.name).then(a.uuid.cmp(&b.uuid)));
     Ok(vms)
+}
+
+/// Tells the command side which domains hang (their guest watchdog fired, action other
+/// than `reset`) and which started again.
+fn note_for_commands(event: &WatchdogEvent) {
+    let ids = |vm: &crate::procfs::VmIdentity| {
+        (
+            vm.uuid.clone().unwrap_or_default(),
+            vm.name.clone().unwrap_or_default(),
+        )
+    };
+    match event {
+        WatchdogEvent::LibvirtWatchdog { vm, action, .. } if action != "reset" => {
+            let (uuid, name) = ids(vm);
+            commands::note_hung(&uuid, &name);
+        }
+        WatchdogEvent::LibvirtLifecycle { vm, event, .. } if event == "started" => {
+            let (uuid, name) = ids(vm);
+            commands::note_started(&uuid, &name);
+        }
+        _ => {}
+    }
 }
 
 /// The typed event for a callback's record (none for a connection close, which the

@@ -96,6 +96,10 @@ pub fn pending_event(
                     signal: *signal,
                     killer_pid: killer.as_ref().map(|k| k.pid),
                     killer_comm: killer.as_ref().map(|k| k.comm.clone()),
+                    by_hypervisor: killer
+                        .as_ref()
+                        .and_then(|k| k.process.as_deref())
+                        .is_some_and(is_hypervisor_daemon),
                     oom_killed: *oom_killed,
                     kernel_ts_ns: *kernel_ns,
                 },
@@ -180,6 +184,19 @@ pub fn pending_event(
         WatchdogEvent::LibvirtControlError {
             vm: v, observed_ns, ..
         } => (*observed_ns, lifecycle(v, "control_error", "")),
+        WatchdogEvent::LibvirtDefinition {
+            vm: v,
+            xml,
+            observed_ns,
+            ..
+        } => (
+            *observed_ns,
+            EventPayload::DomainDefinition {
+                vm_uuid: v.uuid.clone().unwrap_or_default(),
+                vm_name: v.name.clone().unwrap_or_default(),
+                xml: xml.clone(),
+            },
+        ),
         WatchdogEvent::LibvirtInventory {
             vms, observed_ns, ..
         } => (
@@ -195,6 +212,15 @@ pub fn pending_event(
         mono_ns: observed_ns,
         payload,
     })
+}
+
+/// The hypervisor's management daemons: a qemu they signal is being destroyed or shut
+/// down on someone's order (libvirt's monolithic daemon, or its modular qemu driver).
+pub const HYPERVISOR_DAEMONS: &[&str] = &["libvirtd", "virtqemud"];
+
+/// Whether a process name is one of [`HYPERVISOR_DAEMONS`].
+pub fn is_hypervisor_daemon(process: &str) -> bool {
+    HYPERVISOR_DAEMONS.contains(&process)
 }
 
 fn lifecycle(v: &VmIdentity, event: &str, detail: &str) -> EventPayload {
@@ -221,6 +247,7 @@ fn vm_info(v: &LibvirtVm) -> VmInfo {
         uuid: v.uuid.clone(),
         name: v.name.clone(),
         state: v.state.clone(),
+        reason: v.reason.clone(),
         pid: v.pid,
         disks,
     }
@@ -291,6 +318,7 @@ mod tests {
             killer: Some(Killer {
                 pid: 1,
                 comm: "systemd".into(),
+                process: Some("systemd".into()),
                 signal: 9,
                 kernel_ns: 900,
             }),
@@ -311,10 +339,48 @@ mod tests {
                 signal: Some(9),
                 killer_pid: Some(1),
                 killer_comm: Some("systemd".into()),
+                by_hypervisor: false,
                 oom_killed: true,
                 kernel_ts_ns: 1_000,
             }
         );
+    }
+
+    #[test]
+    fn a_qemu_signalled_by_libvirts_daemon_is_marked_as_the_hypervisors_doing() {
+        let exit = |process: Option<&str>| WatchdogEvent::QemuExited {
+            pid: 42,
+            comm: "qemu-system-x86".into(),
+            vm: vm(),
+            exit_code: Some(0),
+            signal: None,
+            signal_name: None,
+            core_dumped: false,
+            oom_killed: false,
+            killer: Some(Killer {
+                pid: 7,
+                // libvirtd's RPC worker thread sends the SIGTERM of a `virsh destroy`.
+                comm: "prio-rpc-libvir".into(),
+                process: process.map(str::to_string),
+                signal: 15,
+                kernel_ns: 900,
+            }),
+            kernel_ns: 1_000,
+            observed_ns: 2_000,
+            unix_ms: 0,
+        };
+        let by = |process| match pending_event(&exit(process), 5_000, 1_000_000)
+            .unwrap()
+            .payload
+        {
+            EventPayload::QemuExited { by_hypervisor, .. } => by_hypervisor,
+            other => panic!("{other:?}"),
+        };
+        assert!(by(Some("libvirtd")));
+        assert!(by(Some("virtqemud")));
+        assert!(!by(Some("bash")));
+        // The sender was gone before the exit was handled: not known to be libvirt.
+        assert!(!by(None));
     }
 
     #[test]
@@ -395,6 +461,7 @@ mod tests {
                 reason: "booted".into(),
                 pid: Some(42),
                 disks: vec![disk("/a", &["/base"]), disk("/b", &["/base"])],
+                definition: Some("<domain/>".into()),
             }],
             observed_ns: 10,
             unix_ms: 0,
@@ -406,6 +473,7 @@ mod tests {
                     uuid: "u1".into(),
                     name: "guest".into(),
                     state: "running".into(),
+                    reason: "booted".into(),
                     pid: Some(42),
                     disks: vec!["/a".into(), "/base".into(), "/b".into()],
                 }]

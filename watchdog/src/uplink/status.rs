@@ -78,6 +78,7 @@ impl StatusTracker {
             | WatchdogEvent::LibvirtReboot { .. }
             | WatchdogEvent::LibvirtBlockThreshold { .. }
             | WatchdogEvent::LibvirtControlError { .. }
+            | WatchdogEvent::LibvirtDefinition { .. }
             | WatchdogEvent::LibvirtInventory { .. } => {}
         }
     }

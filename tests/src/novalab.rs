@@ -1,0 +1,478 @@
+//! The Nova lab: the project's novabed (`cargo xtask novabed start`: a real Nova 34 with
+//! Placement and three fake-driver computes fake-1..fake-3) and an in-process
+//! controller — the real engine task, the real SQLite store and the real Nova restorer
+//! — whose hosts heartbeat through its real intake channel.
+//!
+//! The lab hosts are Nova's fake computes, with no watchdog and no BMC: a host "fails"
+//! when the test SIGKILLs its nova-compute and silences its heartbeats, and the
+//! fence the engine then asks for is answered by the test ([`Controller::answer_fence`],
+//! as a verified IPMI power-off: the compute process is dead, which is what a power-off
+//! would make sure of). Everything after that is the controller's own path.
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use controller::engine::edge::Fencer;
+use controller::engine::{
+    FenceMethod, FenceOutcome, FenceVerifier, HostId, HostState, Input, IntentKey,
+};
+use controller::openstack::compute::{ComputeService, Server};
+use controller::openstack::{
+    compute::Compute, Auth, Method, RetryPolicy, Service, Session, SessionConfig,
+};
+use controller::runtime::engine_task::{Edges, EngineChannels, EngineTask, EngineTaskParts};
+use controller::runtime::fencing::PowerConfirmer;
+use controller::runtime::intake::{HeartbeatSeen, Intake};
+use controller::runtime::nova_backend::{NovaRestorer, NovaSettings, RestoreEvent};
+use controller::runtime::view::{Command as OpCommand, Snapshot};
+use serde_json::json;
+
+pub const NOVA_URL: &str = "http://127.0.0.1:38774/v2.1";
+pub const PLACEMENT_URL: &str = "http://127.0.0.1:38778";
+pub const HOSTS: [&str; 3] = ["fake-1", "fake-2", "fake-3"];
+
+/// Where the novabed lives (as `cargo xtask novabed` installs it).
+pub fn novabed_dir() -> PathBuf {
+    std::env::var_os("NOVABED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/defib-novabed"))
+}
+
+fn script() -> PathBuf {
+    crate::workspace_root().join("xtask/novabed/novabed.sh")
+}
+
+/// The session config for the novabed's header identity.
+pub fn session_config() -> SessionConfig {
+    SessionConfig {
+        auth: Auth::Headers {
+            user_id: "admin".into(),
+            project_id: "admin".into(),
+            roles: "admin,member,reader".into(),
+            token: "admin".into(),
+        },
+        region: None,
+        interface: "internal".into(),
+        compute_url: Some(NOVA_URL.into()),
+        placement_url: Some(PLACEMENT_URL.into()),
+        retry: RetryPolicy::default(),
+    }
+}
+
+pub fn compute_client() -> Compute {
+    Compute::new(
+        Arc::new(Session::new(session_config()).expect("client")),
+        "2.94",
+    )
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// The test's own view of Nova (synchronous helpers).
+pub struct Nova {
+    rt: tokio::runtime::Runtime,
+    pub compute: Compute,
+}
+
+impl Nova {
+    /// `None` when the novabed does not answer.
+    pub fn connect() -> Option<Nova> {
+        let rt = runtime();
+        let compute = compute_client();
+        let ok = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), compute.compute_services(None))
+                .await
+                .is_ok_and(|r| r.is_ok_and(|s| s.len() >= 3))
+        });
+        ok.then_some(Nova { rt, compute })
+    }
+
+    pub fn block<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    pub fn service(&self, host: &str) -> ComputeService {
+        self.block(self.compute.compute_services(Some(host)))
+            .expect("os-services")
+            .into_iter()
+            .find(|s| s.host == host)
+            .expect("service of host")
+    }
+
+    pub fn servers_named(&self, prefix: &str) -> Vec<Server> {
+        self.block(self.compute.servers(&format!("name=%5E{prefix}")))
+            .expect("servers")
+    }
+
+    /// Boots `n` servers named `{prefix}-…` on `host` (2.74 `host`), with `metadata`, and
+    /// waits until all are ACTIVE. Returns their ids.
+    pub fn boot_on(
+        &self,
+        host: &str,
+        n: usize,
+        prefix: &str,
+        metadata: serde_json::Value,
+    ) -> Vec<String> {
+        let image = std::fs::read_to_string(novabed_dir().join("data/image_id"))
+            .expect("novabed image id")
+            .trim()
+            .to_string();
+        let body = json!({"server": {
+            "name": prefix, "imageRef": image, "flavorRef": "1", "networks": "none",
+            "min_count": n, "max_count": n, "host": host, "metadata": metadata}});
+        self.block(self.compute.session.request_raw(
+            Service::Compute("2.74"),
+            Method::Post,
+            "/servers",
+            Some(&body),
+        ))
+        .expect("boot servers");
+        let t0 = Instant::now();
+        loop {
+            let ss = self.servers_named(prefix);
+            if let Some(bad) = ss.iter().find(|s| s.status == "ERROR") {
+                panic!("boot ERROR: {:?}", bad.fault);
+            }
+            if ss.len() == n && ss.iter().all(|s| s.status == "ACTIVE") {
+                assert!(ss.iter().all(|s| s.host.as_deref() == Some(host)));
+                return ss.into_iter().map(|s| s.id).collect();
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(300),
+                "servers not ACTIVE in time"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Deletes every server named `{prefix}…` and waits until Nova has them gone.
+    pub fn delete_named(&self, prefix: &str) {
+        for s in self.servers_named(prefix) {
+            let _ = self.block(self.compute.session.request_raw(
+                Service::Compute("2.94"),
+                Method::Delete,
+                &format!("/servers/{}", s.id),
+                None,
+            ));
+        }
+        let t0 = Instant::now();
+        while !self.servers_named(prefix).is_empty() && t0.elapsed() < Duration::from_secs(180) {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Evacuation migrations Nova recorded for `server`.
+    pub fn evacuations(&self, server: &str) -> usize {
+        self.block(self.compute.evacuations(Some(server)))
+            .expect("os-migrations")
+            .len()
+    }
+
+    fn compute_pid(&self, n: u32) -> Option<i32> {
+        let pids = std::fs::read_to_string(novabed_dir().join("pids")).ok()?;
+        let name = format!("nova-compute-fake-{n}");
+        pids.lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(_, nm)| nm.trim() == name)
+            .filter_map(|(p, _)| p.parse::<i32>().ok())
+            .rfind(|p| {
+                std::fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("nova-compute"))
+            })
+    }
+
+    /// SIGKILLs host fake-`n`'s nova-compute (the host "dies").
+    pub fn kill_compute(&self, n: u32) {
+        let pid = self.compute_pid(n).expect("a running nova-compute");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill nova-compute");
+    }
+
+    /// Starts host fake-`n`'s nova-compute again (the host "returns").
+    pub fn start_compute(&self, n: u32) {
+        let st = Command::new("bash")
+            .arg(script())
+            .args(["start-compute", &n.to_string()])
+            .env("NOVABED", novabed_dir())
+            .status()
+            .expect("start-compute");
+        assert!(st.success());
+    }
+
+    /// Brings `fake-n` to a clean start: its compute runs, it is not forced down, and
+    /// Nova sees it up (a test that failed half-way may have left it otherwise).
+    pub fn ensure_host_ready(&self, n: u32) {
+        let host = format!("fake-{n}");
+        if self.compute_pid(n).is_none() {
+            self.start_compute(n);
+        }
+        let t0 = Instant::now();
+        loop {
+            let s = self.service(&host);
+            if s.forced_down {
+                let _ = self.block(self.compute.set_forced_down(&s.id, false));
+            } else if s.state == "up" {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(300),
+                "{host} did not come back up: {s:?}"
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
+    /// Waits until every server of `ids` is ACTIVE, settled, and not on `not_on`.
+    pub fn wait_all_active_elsewhere(
+        &self,
+        prefix: &str,
+        ids: &[String],
+        not_on: &str,
+        timeout: Duration,
+    ) -> Vec<Server> {
+        let t0 = Instant::now();
+        loop {
+            let ss = self.servers_named(prefix);
+            let done: Vec<Server> = ss
+                .iter()
+                .filter(|s| {
+                    ids.contains(&s.id)
+                        && s.status == "ACTIVE"
+                        && s.task_state.is_none()
+                        && s.host.as_deref().is_some_and(|h| h != not_on)
+                })
+                .cloned()
+                .collect();
+            if done.len() == ids.len() {
+                return done;
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "only {} of {} ACTIVE elsewhere after {timeout:?}",
+                done.len(),
+                ids.len()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+/// A fencer that hands every fence request to the test.
+struct TestFencer {
+    asked: std_mpsc::Sender<(HostId, IntentKey)>,
+}
+
+impl Fencer for TestFencer {
+    fn fence(&mut self, host: &HostId, _method: FenceMethod, key: &IntentKey) {
+        let _ = self.asked.send((host.clone(), key.clone()));
+    }
+}
+
+/// An in-process controller with the Nova restorer.
+pub struct Controller {
+    rt: tokio::runtime::Runtime,
+    pub channels: EngineChannels,
+    fences: std_mpsc::Receiver<(HostId, IntentKey)>,
+    events: tokio::sync::mpsc::UnboundedReceiver<RestoreEvent>,
+    silent: Arc<Mutex<BTreeSet<String>>>,
+}
+
+fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl Controller {
+    /// Starts the engine task on `store` (resuming what it holds) with the Nova
+    /// restorer; `HOSTS` heartbeat every 100 ms unless silenced.
+    pub fn start(store: &Path, settings: NovaSettings) -> Controller {
+        let rt = runtime();
+        let (fence_tx, fences) = std_mpsc::channel();
+        let (ev_tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let silent: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+        let host_view = settings.hosts.clone();
+        let channels = rt.block_on(async {
+            let store = controller::store::SqliteStore::open(store).expect("store");
+            let parts = EngineTaskParts {
+                engine_config: controller::engine::Config::default(),
+                store: Box::new(store),
+                metrics: Arc::new(controller::runtime::metrics::Metrics::new()),
+                controller_id: "lab".into(),
+                cluster_id: "lab".into(),
+            };
+            let (task, channels) = EngineTask::new(parts, |results| Edges {
+                fencer: Box::new(TestFencer { asked: fence_tx }),
+                restorer: Box::new(NovaRestorer::start(
+                    compute_client(),
+                    settings,
+                    results.clone(),
+                    Some(ev_tx),
+                )),
+                // No fence levels: the heartbeats are the only source ("Unknown").
+                confirmer: Box::new(PowerConfirmer::new(Arc::default(), results)),
+            })
+            .expect("engine task");
+            tokio::spawn(async move {
+                if let Err(e) = task.run(std::future::pending::<()>()).await {
+                    panic!("engine task: {e}");
+                }
+            });
+            // As the runtime does: the restorer sees the engine's hosts.
+            tokio::spawn(controller::runtime::nova_backend::watch_hosts(
+                channels.snapshot.clone(),
+                host_view,
+            ));
+            let intake = channels.intake.clone();
+            let silent = silent.clone();
+            tokio::spawn(async move {
+                let peer: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                loop {
+                    tick.tick().await;
+                    let quiet = silent.lock().expect("lock").clone();
+                    for (i, h) in HOSTS.iter().enumerate() {
+                        if quiet.contains(*h) {
+                            continue;
+                        }
+                        let hb = HeartbeatSeen {
+                            host: h.to_string(),
+                            path: 0,
+                            peer,
+                            boot_id: protocol::BootId([i as u8 + 1; 16]),
+                            incarnation: 1,
+                            sent_unix_ns: unix_ns(),
+                            status: Default::default(),
+                        };
+                        if intake.send(Intake::Heartbeat(hb)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+            channels
+        });
+        Controller {
+            rt,
+            channels,
+            fences,
+            events,
+            silent,
+        }
+    }
+
+    /// `host` stops heartbeating.
+    pub fn silence(&self, host: &str) {
+        self.silent.lock().expect("lock").insert(host.into());
+    }
+
+    /// `host` heartbeats again (its watchdog is back).
+    pub fn resume_heartbeats(&self, host: &str) {
+        self.silent.lock().expect("lock").remove(host);
+    }
+
+    /// Waits for the engine to ask for `host`'s fence and answers: verified. Returns
+    /// when the answer was handed in.
+    pub fn answer_fence(&self, host: &str, timeout: Duration) -> Instant {
+        let t0 = Instant::now();
+        loop {
+            let left = timeout.saturating_sub(t0.elapsed());
+            let (h, key) = self
+                .fences
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no fence of {host} asked within {timeout:?}"));
+            if h.as_str() != host {
+                continue;
+            }
+            let at = Instant::now();
+            self.channels
+                .results
+                .send(Input::FenceResult {
+                    host: h,
+                    key,
+                    outcome: FenceOutcome::Verified(FenceVerifier::IpmiPowerOff),
+                })
+                .expect("engine task runs");
+            return at;
+        }
+    }
+
+    pub fn send(&self, input: Input) {
+        self.channels.results.send(input).expect("engine task runs");
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.channels.snapshot.borrow().clone()
+    }
+
+    pub fn host_state(&self, host: &str) -> Option<HostState> {
+        self.snapshot()
+            .hosts
+            .iter()
+            .find(|h| h.host == host)
+            .map(|h| h.state)
+    }
+
+    pub fn wait_host_state(&self, host: &str, state: HostState, timeout: Duration) {
+        let t0 = Instant::now();
+        while self.host_state(host) != Some(state) {
+            assert!(
+                t0.elapsed() < timeout,
+                "{host} not {state:?} within {timeout:?}: {:?}",
+                self.host_state(host)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The operator's unfence (as `defibctl unfence` sends it).
+    pub fn unfence(&self, host: &str) -> Result<(), String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let commands = self.channels.commands.clone();
+        let host = host.to_string();
+        self.rt.block_on(async move {
+            commands
+                .send(OpCommand::Unfence { host, reply: tx })
+                .await
+                .map_err(|e| e.to_string())?;
+            rx.await.map_err(|e| e.to_string())?
+        })
+    }
+
+    /// The restorer's events so far.
+    pub fn events(&mut self) -> Vec<RestoreEvent> {
+        let mut v = Vec::new();
+        while let Ok(e) = self.events.try_recv() {
+            v.push(e);
+        }
+        v
+    }
+
+    /// The next restorer event (waits up to `timeout`).
+    pub fn next_event(&mut self, timeout: Duration) -> Option<RestoreEvent> {
+        let ev = &mut self.events;
+        self.rt.block_on(async {
+            tokio::time::timeout(timeout, ev.recv())
+                .await
+                .ok()
+                .flatten()
+        })
+    }
+
+    /// Ends the controller at once, like a crash: every task stops where it is.
+    pub fn kill(self) {
+        self.rt.shutdown_background();
+    }
+}

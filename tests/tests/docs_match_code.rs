@@ -1,0 +1,307 @@
+//! The documentation and the shipped files follow the code: every configuration field
+//! of both daemons is in docs/configuration.md and in the example configuration, and
+//! every metric the controller exposes is in docs/metrics.md (and the other way round),
+//! and the Grafana dashboard asks only for metrics that exist.
+//!
+//! The fields are found from the binaries themselves: their configurations refuse
+//! unknown fields, and serde's refusal lists the fields a section has, so probing
+//! `[section] __probe__ = 1` walks the whole tree. A field added to a config struct
+//! fails this test until it is documented.
+#![allow(clippy::disallowed_types, clippy::disallowed_methods)] // synchronous test code
+
+use std::io::{Read as _, Write as _};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use defib_tests::{built_binary, workspace_root};
+
+/// The names a section's "unknown field `__probe__`, expected one of `a`, `b`" lists;
+/// None when the probe is refused for another reason (the path is not a struct).
+fn fields_of(bin: &Path, section: &str, dir: &Path) -> Option<Vec<String>> {
+    let file = dir.join("probe.toml");
+    let text = if section.is_empty() {
+        "__probe__ = 1\n".to_string()
+    } else {
+        format!("[{section}]\n__probe__ = 1\n")
+    };
+    std::fs::write(&file, text).expect("write probe");
+    let out = Command::new(bin)
+        .arg("--config")
+        .arg(&file)
+        .arg("check-config")
+        .output()
+        .expect("run check-config");
+    assert_eq!(out.status.code(), Some(64), "{section}: not refused");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let rest = err.split("unknown field `__probe__`, expected ").nth(1)?;
+    let line = rest.lines().next().unwrap_or("");
+    Some(
+        line.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+/// Every leaf field, as dotted paths (`probes.watch_names`).
+fn config_leaves(bin: &Path) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut leaves = Vec::new();
+    let mut todo = vec![String::new()];
+    while let Some(section) = todo.pop() {
+        let fields = fields_of(bin, &section, dir.path())
+            .unwrap_or_else(|| panic!("section [{section}] lists no fields"));
+        for f in fields {
+            let path = if section.is_empty() {
+                f
+            } else {
+                format!("{section}.{f}")
+            };
+            if fields_of(bin, &path, dir.path()).is_some() {
+                todo.push(path);
+            } else {
+                leaves.push(path);
+            }
+        }
+    }
+    leaves.sort();
+    leaves
+}
+
+/// The part of docs/configuration.md about one daemon: from its `## <binary>` heading
+/// to the next `## `.
+fn doc_part(binary: &str) -> String {
+    let doc = std::fs::read_to_string(workspace_root().join("docs/configuration.md"))
+        .expect("docs/configuration.md");
+    let start = doc
+        .find(&format!("\n## {binary}"))
+        .unwrap_or_else(|| panic!("docs/configuration.md has no `## {binary}` section"));
+    let part = &doc[start + 1..];
+    let end = part[3..].find("\n## ").map_or(part.len(), |e| e + 3);
+    part[..end].to_string()
+}
+
+/// Whether an example TOML lists `section.field` (set or commented out): a `field =`
+/// line under `[section]`, or a `[section.field]` / `[[section.field]]` table.
+fn example_lists(example: &str, path: &str) -> bool {
+    let (section, field) = path.rsplit_once('.').unwrap_or(("", path));
+    let mut current = String::new();
+    for line in example.lines() {
+        let l = line.trim_start_matches('#').trim();
+        if l.starts_with('[') {
+            let name = l.trim_matches(|c| c == '[' || c == ']').trim();
+            if name == path {
+                return true;
+            }
+            // A header only counts when it is a TOML header, not prose in a comment.
+            if l.ends_with(']') && !name.contains(' ') {
+                current = name.to_string();
+            }
+            continue;
+        }
+        if current == section {
+            if let Some((key, _)) = l.split_once('=') {
+                if key.trim() == field {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
+fn check_config_docs(package: &str, binary: &str, example: &str) {
+    let leaves = config_leaves(&built_binary(package, binary));
+    assert!(leaves.len() > 10, "too few fields found: {leaves:?}");
+    let doc = doc_part(binary);
+    let example_text =
+        std::fs::read_to_string(workspace_root().join("packaging/config").join(example))
+            .expect("example config");
+    let undocumented: Vec<&String> = leaves
+        .iter()
+        .filter(|p| !doc.contains(&format!("`{p}`")))
+        .collect();
+    let not_in_example: Vec<&String> = leaves
+        .iter()
+        .filter(|p| !example_lists(&example_text, p))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "{binary}: fields missing from docs/configuration.md (## {binary}): {undocumented:?}"
+    );
+    assert!(
+        not_in_example.is_empty(),
+        "{binary}: fields missing from packaging/config/{example}: {not_in_example:?}"
+    );
+}
+
+#[test]
+fn every_watchdog_config_field_is_in_the_reference_and_the_example() {
+    check_config_docs("defib-watchdog", "defib-watchdog", "watchdog.toml");
+}
+
+#[test]
+fn every_controller_config_field_is_in_the_reference_and_the_example() {
+    check_config_docs("defib-controller", "defib-controller", "controller.toml");
+}
+
+#[test]
+fn the_example_configs_need_only_their_key_file_to_pass_check_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("cluster.key");
+    std::fs::write(&key, "docs-test-key-0123456789abcdef\n").expect("key");
+    for (package, binary, example) in [
+        ("defib-watchdog", "defib-watchdog", "watchdog.toml"),
+        ("defib-controller", "defib-controller", "controller.toml"),
+    ] {
+        let text = std::fs::read_to_string(workspace_root().join("packaging/config").join(example))
+            .expect("example");
+        // The controller's key_file is commented out (its default is the same path).
+        let text = text
+            .replace(
+                "# key_file = \"/etc/defib/cluster.key\"",
+                "key_file = \"/etc/defib/cluster.key\"",
+            )
+            .replace("/etc/defib/cluster.key", &key.display().to_string());
+        let file = dir.path().join(example);
+        std::fs::write(&file, text).expect("write");
+        let out = Command::new(built_binary(package, binary))
+            .arg("--config")
+            .arg(&file)
+            .arg("check-config")
+            .output()
+            .expect("check-config");
+        assert!(
+            out.status.success(),
+            "{example}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// `GET path` over plain HTTP/1.1; the body.
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    resp.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port()
+}
+
+/// (family name, type) from `# TYPE` lines.
+fn exposed_families(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?.to_string(), f.next()?.to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn the_metrics_reference_and_the_dashboard_match_what_the_controller_exposes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("key"), "metrics-test-key-0123456789abcdef").expect("key");
+    let api = format!("127.0.0.1:{}", free_port());
+    let cfg = format!(
+        "[controller]\nid = \"docs\"\nkey_file = {:?}\nheartbeat_listen = [\"127.0.0.1:0\"]\n\
+         event_listen = \"127.0.0.1:0\"\napi_listen = \"{api}\"\nstore_path = {:?}\n",
+        dir.path().join("key").display().to_string(),
+        dir.path().join("s.sqlite").display().to_string(),
+    );
+    std::fs::write(dir.path().join("c.toml"), cfg).expect("config");
+    let mut child = Command::new(built_binary("defib-controller", "defib-controller"))
+        .arg("--config")
+        .arg(dir.path().join("c.toml"))
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn controller");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        if std::net::TcpStream::connect(&api).is_ok() {
+            let t = http_get(&api, "/metrics");
+            // The engine publishes the host gauges on its first snapshot.
+            if t.contains("defib_hosts{") {
+                break t;
+            }
+        }
+        assert!(Instant::now() < deadline, "no /metrics from the controller");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    defib_tests::stop_child(&mut child, Duration::from_secs(5));
+
+    let families = exposed_families(&text);
+    assert!(families.len() >= 5, "{text}");
+    // Counters are documented by their sample name (`_total`).
+    let exposed: Vec<String> = families
+        .iter()
+        .map(|(n, t)| {
+            if t == "counter" {
+                format!("{n}_total")
+            } else {
+                n.clone()
+            }
+        })
+        .collect();
+    let doc =
+        std::fs::read_to_string(workspace_root().join("docs/metrics.md")).expect("docs/metrics.md");
+    let documented: Vec<String> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `defib_"))
+        .filter_map(|l| l.split('`').next())
+        .map(|n| format!("defib_{n}"))
+        .collect();
+    let missing: Vec<&String> = exposed.iter().filter(|n| !documented.contains(n)).collect();
+    let stale: Vec<&String> = documented.iter().filter(|n| !exposed.contains(n)).collect();
+    assert!(
+        missing.is_empty(),
+        "exposed but not in docs/metrics.md: {missing:?}"
+    );
+    assert!(
+        stale.is_empty(),
+        "in docs/metrics.md but not exposed: {stale:?}"
+    );
+
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(workspace_root().join("packaging/grafana/defib.json"))
+            .expect("dashboard"),
+    )
+    .expect("dashboard is JSON");
+    let mut asked = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("defib_") {
+                    asked.push(word.to_string());
+                }
+            }
+        }
+    }
+    assert!(!asked.is_empty());
+    let unknown: Vec<&String> = asked.iter().filter(|n| !exposed.contains(n)).collect();
+    assert!(
+        unknown.is_empty(),
+        "the dashboard asks for metrics that do not exist: {unknown:?}"
+    );
+}

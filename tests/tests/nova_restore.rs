@@ -1,0 +1,301 @@
+//! Restore through a real Nova (the project's novabed: `cargo xtask novabed start`).
+//!
+//! Each test runs an in-process controller — the real engine task, SQLite store and
+//! Nova restorer (tests/src/novalab.rs) — against Nova 34 with three fake-driver
+//! computes. A host failure is a SIGKILLed nova-compute plus silenced heartbeats; the
+//! fence the engine asks for is answered "verified" by the test. The tests share the
+//! novabed, so they run one at a time.
+#![allow(clippy::disallowed_types, clippy::disallowed_methods)]
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use controller::engine::{HostEvent, HostId, HostState, Input, Resource, Source, Timestamp};
+use controller::runtime::nova_backend::{NovaSettings, RestoreEvent};
+use defib_tests::novalab::{Controller, Nova};
+use defib_tests::{require, tag};
+use serde_json::json;
+
+static NOVABED: Mutex<()> = Mutex::new(());
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    NOVABED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn settings() -> NovaSettings {
+    NovaSettings {
+        poll_interval: Duration::from_millis(250),
+        ..NovaSettings::default()
+    }
+}
+
+/// fake-1 is back: its compute restarted, the operator unfences, and the restorer
+/// retries Nova's 400 until the host's evacuations are cleaned up.
+fn host_returns_and_is_unforced(nova: &Nova, ctl: &Controller) {
+    nova.start_compute(1);
+    ctl.resume_heartbeats("fake-1");
+    ctl.unfence("fake-1")
+        .expect("unfence accepted by the engine");
+    let t0 = std::time::Instant::now();
+    loop {
+        let s = nova.service("fake-1");
+        if !s.forced_down && s.state == "up" {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "fake-1 still forced down or down: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    ctl.wait_host_state("fake-1", HostState::Up, Duration::from_secs(60));
+}
+
+fn spread(servers: &[controller::openstack::compute::Server]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for s in servers {
+        *m.entry(s.host.clone().unwrap_or_default()).or_default() += 1;
+    }
+    m
+}
+
+#[test]
+fn thirty_servers_of_a_fenced_host_come_back_active_on_the_two_others_each_evacuated_once_and_the_host_is_unforced_when_back(
+) {
+    let _g = lock();
+    let nova = Nova::connect();
+    require!(nova.is_some(), "the novabed (cargo xtask novabed start)");
+    let nova = nova.unwrap();
+    for n in 1..=3 {
+        nova.ensure_host_ready(n);
+    }
+    let prefix = format!("t30-{}", tag());
+    let ids = nova.boot_on("fake-1", 30, &prefix, json!({}));
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Controller::start(&dir.path().join("store.sqlite"), settings());
+    ctl.wait_host_state("fake-1", HostState::Up, Duration::from_secs(10));
+
+    nova.kill_compute(1);
+    ctl.silence("fake-1");
+    ctl.answer_fence("fake-1", Duration::from_secs(30));
+
+    let done = nova.wait_all_active_elsewhere(&prefix, &ids, "fake-1", Duration::from_secs(300));
+    let hosts = spread(&done);
+    assert!(
+        hosts.get("fake-2").copied().unwrap_or(0) > 0
+            && hosts.get("fake-3").copied().unwrap_or(0) > 0,
+        "spread over both targets: {hosts:?}"
+    );
+    for id in &ids {
+        assert_eq!(
+            nova.evacuations(id),
+            1,
+            "server {id} evacuated exactly once"
+        );
+    }
+    // Nova was forced down first, and every evacuation named its target.
+    let events = ctl.events();
+    assert!(matches!(events.first(), Some(RestoreEvent::ForcedDown { host }) if host == "fake-1"));
+    let calls = events
+        .iter()
+        .filter(|e| matches!(e, RestoreEvent::EvacuateCalled { .. }))
+        .count();
+    assert_eq!(calls, 30, "{events:?}");
+    // The engine closes the incident once every VM is accounted for.
+    ctl.wait_host_state("fake-1", HostState::Recovered, Duration::from_secs(30));
+    let snap = ctl.snapshot();
+    for id in &ids {
+        let vm = snap
+            .vms
+            .iter()
+            .find(|v| v.id == *id)
+            .expect("the engine knows every server");
+        assert_ne!(vm.host, "fake-1");
+    }
+
+    host_returns_and_is_unforced(&nova, &ctl);
+    ctl.kill();
+    nova.delete_named(&prefix);
+}
+
+#[test]
+fn a_controller_killed_in_the_middle_of_a_restore_finishes_it_after_a_restart_without_evacuating_any_server_twice(
+) {
+    let _g = lock();
+    let nova = Nova::connect();
+    require!(nova.is_some(), "the novabed (cargo xtask novabed start)");
+    let nova = nova.unwrap();
+    for n in 1..=3 {
+        nova.ensure_host_ready(n);
+    }
+    let prefix = format!("trs-{}", tag());
+    let ids = nova.boot_on("fake-1", 30, &prefix, json!({}));
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store.sqlite");
+    // Few rebuilds at once, so the kill lands while most servers wait their turn.
+    let slow = NovaSettings {
+        max_concurrent_per_target: 2,
+        ..settings()
+    };
+    let mut ctl = Controller::start(&store, slow);
+    ctl.wait_host_state("fake-1", HostState::Up, Duration::from_secs(10));
+    nova.kill_compute(1);
+    ctl.silence("fake-1");
+    ctl.answer_fence("fake-1", Duration::from_secs(30));
+    let mut called = 0;
+    while called < 4 {
+        match ctl.next_event(Duration::from_secs(60)) {
+            Some(RestoreEvent::EvacuateCalled { .. }) => called += 1,
+            Some(_) => {}
+            None => panic!("no evacuation started"),
+        }
+    }
+    ctl.kill();
+    let moving = ids.iter().filter(|id| nova.evacuations(id) > 0).count();
+    assert!(
+        (1..30).contains(&moving),
+        "killed mid-restore: {moving} of 30 started"
+    );
+
+    // The same store, a new controller: it resumes the open intents. fake-1 stays silent.
+    // This one unforces by policy, without an operator, once fake-1 is back.
+    let mut ctl = Controller::start(
+        &store,
+        NovaSettings {
+            auto_unforce: true,
+            ..settings()
+        },
+    );
+    ctl.silence("fake-1");
+    let done = nova.wait_all_active_elsewhere(&prefix, &ids, "fake-1", Duration::from_secs(300));
+    assert_eq!(done.len(), 30);
+    for id in &ids {
+        assert_eq!(
+            nova.evacuations(id),
+            1,
+            "server {id} evacuated exactly once across the restart"
+        );
+    }
+    let events = ctl.events();
+    let tracked = events
+        .iter()
+        .filter(|e| matches!(e, RestoreEvent::Tracked { .. }))
+        .count();
+    let called = events
+        .iter()
+        .filter(|e| matches!(e, RestoreEvent::EvacuateCalled { .. }))
+        .count();
+    assert!(
+        tracked >= 1,
+        "the resumed controller followed the evacuations already running: {events:?}"
+    );
+    assert_eq!(called + tracked, 30, "{events:?}");
+    ctl.wait_host_state("fake-1", HostState::Recovered, Duration::from_secs(60));
+    assert!(
+        nova.service("fake-1").forced_down,
+        "stays forced down while the host is away"
+    );
+
+    // fake-1 returns (compute and heartbeats): unforced by the policy alone.
+    nova.start_compute(1);
+    ctl.resume_heartbeats("fake-1");
+    let t0 = std::time::Instant::now();
+    loop {
+        let s = nova.service("fake-1");
+        if !s.forced_down && s.state == "up" {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "fake-1 not unforced by the policy: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    ctl.wait_host_state("fake-1", HostState::Up, Duration::from_secs(60));
+    ctl.kill();
+    nova.delete_named(&prefix);
+}
+
+#[test]
+fn a_crashed_vm_on_a_healthy_host_is_restarted_in_place_through_nova() {
+    let _g = lock();
+    let nova = Nova::connect();
+    require!(nova.is_some(), "the novabed (cargo xtask novabed start)");
+    let nova = nova.unwrap();
+    nova.ensure_host_ready(2);
+    let prefix = format!("tcr-{}", tag());
+    let ids = nova.boot_on("fake-2", 2, &prefix, json!({}));
+    // One crash Nova has already noticed (SHUTOFF: the restorer starts it), one it has
+    // not (still ACTIVE in Nova: the restorer hard-reboots it).
+    let (stopped, running) = (&ids[0], &ids[1]);
+    nova.block(nova.compute.stop(stopped)).expect("os-stop");
+    let t0 = std::time::Instant::now();
+    while nova
+        .block(nova.compute.server(stopped))
+        .unwrap()
+        .is_none_or(|s| s.status != "SHUTOFF")
+    {
+        assert!(t0.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Controller::start(&dir.path().join("store.sqlite"), settings());
+    ctl.wait_host_state("fake-2", HostState::Up, Duration::from_secs(10));
+    for id in [stopped, running] {
+        ctl.send(Input::HostEvent {
+            host: HostId::new("fake-2"),
+            event: HostEvent::ResourceExited {
+                resource: Resource::vm(id),
+                source: Source::Libvirt,
+                at: Timestamp(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_millis() as u64,
+                ),
+                reason: "crashed".into(),
+            },
+        });
+    }
+    let mut restored = BTreeMap::new();
+    while restored.len() < 2 {
+        match ctl.next_event(Duration::from_secs(120)) {
+            Some(RestoreEvent::Restored { server, host }) => {
+                restored.insert(server, host);
+            }
+            Some(RestoreEvent::Failed { server, reason }) => panic!("{server}: {reason}"),
+            Some(RestoreEvent::EvacuateCalled { .. }) => panic!("evacuated instead of restarted"),
+            Some(_) => {}
+            None => panic!("not restored in time: {restored:?}"),
+        }
+    }
+    for id in [stopped, running] {
+        assert_eq!(restored[id], "fake-2");
+        let s = nova.block(nova.compute.server(id)).unwrap().unwrap();
+        assert_eq!(s.status, "ACTIVE");
+        assert_eq!(s.host.as_deref(), Some("fake-2"));
+        assert_eq!(nova.evacuations(id), 0);
+    }
+    // The hard reboot shows in the server's actions; the start in the other's.
+    let actions = |id: &str| -> Vec<String> {
+        let v: serde_json::Value = nova
+            .block(nova.compute.session.request(
+                controller::openstack::Service::Compute("2.94"),
+                controller::openstack::Method::Get,
+                &format!("/servers/{id}/os-instance-actions"),
+                None,
+            ))
+            .unwrap();
+        v["instanceActions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["action"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    assert!(actions(stopped).contains(&"start".to_string()));
+    assert!(actions(running).contains(&"reboot".to_string()));
+    ctl.kill();
+    nova.delete_named(&prefix);
+}
