@@ -4,6 +4,7 @@
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)] // a synchronous harness
 
 mod controller;
+mod fence_latency;
 mod heartbeat_intake;
 mod host_memory;
 mod nova_evacuate;
@@ -100,6 +101,17 @@ enum Scenario {
         #[arg(long, default_value_t = 100)]
         kills: usize,
     },
+    /// Host loss → fence verified, through ipmi_sim and through Pacemaker, with
+    /// Pacemaker's own detection and fencing timed in the same run.
+    FenceLatency {
+        #[arg(long, default_value_t = 5)]
+        ipmi_samples: usize,
+        #[arg(long, default_value_t = 3)]
+        pacemaker_samples: usize,
+        /// corosync totem.token
+        #[arg(long, default_value_t = 1000)]
+        token_ms: u64,
+    },
     /// SIGKILL of a real guest's qemu with the controller's libvirt backend → the domain
     /// started again by its host's watchdog (needs the hostbed).
     RestartInPlace {
@@ -150,6 +162,11 @@ fn main() -> anyhow::Result<()> {
         } => heartbeat_intake::run(hosts, seconds, senders, pool_rate, interval_ms, !no_gso)?,
         Scenario::HostMemory { hosts, seconds } => host_memory::run(&hosts, seconds)?,
         Scenario::RealGuestKill { kills } => real_guest_kill::run(kills)?,
+        Scenario::FenceLatency {
+            ipmi_samples,
+            pacemaker_samples,
+            token_ms,
+        } => fence_latency::run(ipmi_samples, pacemaker_samples, token_ms)?,
         Scenario::RestartInPlace { kills } => restart_in_place::run(kills)?,
         Scenario::NovaEvacuate { rounds, servers } => nova_evacuate::run(rounds, servers)?,
         Scenario::WatchdogRestart {

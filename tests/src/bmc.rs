@@ -57,6 +57,7 @@ impl Bmc {
         let dir = dir.join(format!("bmc-h{host}"));
         std::fs::create_dir_all(dir.join("state")).expect("bmc dir");
         let address = net.bmc_addr(host);
+        let _ = std::fs::remove_file(dir.join("power"));
         write_exec(&dir.join("chassis.sh"), CHASSIS);
         // Power loss: the host's processes die and its links go dark.
         let mut off = String::from("#!/bin/sh\n");

@@ -44,7 +44,7 @@ pub struct LabSpec {
     /// The controller's `backend`.
     pub backend: &'static str,
     /// Appended to the controller's TOML (after `[controller]`; start with a section).
-    /// `{DIR}` is replaced by the lab's directory.
+    /// `{DIR}` is replaced by the lab's directory, `{HOST0_NS}` by host 0's namespace.
     pub controller_extra: String,
     /// Appended to host `i`'s watchdog TOML.
     pub watchdog_extra: Box<dyn Fn(usize) -> String>,
@@ -124,7 +124,10 @@ backend = "{backend}"
             a0 = self.net.controller_addr(0),
             a1 = self.net.controller_addr(1),
             backend = spec.backend,
-            extra = spec.controller_extra.replace("{DIR}", &dir),
+            extra = spec
+                .controller_extra
+                .replace("{DIR}", &dir)
+                .replace("{HOST0_NS}", &self.net.host_ns(0)),
         );
         std::fs::write(self.path("controller.toml"), cfg).unwrap();
         let bin = built_binary("defib-controller", "defib-controller");

@@ -23,6 +23,7 @@ pub mod hypervisor;
 pub mod lab;
 pub mod netns;
 pub mod novalab;
+pub mod pacemaker;
 
 /// A short tag unique to this test process and call, for names of namespaces and files.
 pub fn tag() -> String {

@@ -75,20 +75,20 @@ impl LabNet {
         ip(&["-n", ns, "link", "set", inner, "up"]);
     }
 
-    /// Adds an out-of-band management network for BMCs: one namespace holding every
-    /// host's BMC address (`10.78.0.(10+i)`), wired straight to the controller's namespace
-    /// (`10.78.0.1`), apart from the hosts' own paths, as a BMC's LAN port is.
+    /// Adds the hosts' BMCs: one namespace holding every host's BMC address
+    /// (`10.77.0.(100+i)`), plugged into path 0's bridge by a port of its own, as a
+    /// BMC's LAN port is: the controller and the other hosts reach it, and cutting a
+    /// host's links does not cut its BMC.
     pub fn add_bmc_network(&mut self) {
         let ns = self.bmc_ns();
         ip(&["netns", "add", &ns]);
         self.namespaces.push(ns.clone());
         ip(&["-n", &ns, "link", "set", "lo", "up"]);
-        let ctl = self.controller_ns();
+        let sw = self.switch_ns();
         ip(&[
-            "-n", &ctl, "link", "add", "oob", "type", "veth", "peer", "name", "oob", "netns", &ns,
+            "-n", &sw, "link", "add", "bmc-p0", "type", "veth", "peer", "name", "oob", "netns", &ns,
         ]);
-        ip(&["-n", &ctl, "addr", "add", "10.78.0.1/24", "dev", "oob"]);
-        ip(&["-n", &ctl, "link", "set", "oob", "up"]);
+        ip(&["-n", &sw, "link", "set", "bmc-p0", "master", "br0", "up"]);
         for h in 0..self.hosts {
             ip(&[
                 "-n",
@@ -107,9 +107,9 @@ impl LabNet {
         format!("dfb-{}-bmc", self.tag)
     }
 
-    /// Host `host`'s BMC address on the management network.
+    /// Host `host`'s BMC address (on path 0's network).
     pub fn bmc_addr(&self, host: usize) -> String {
-        format!("10.78.0.{}", 10 + host)
+        format!("10.77.0.{}", 100 + host)
     }
 
     pub fn switch_ns(&self) -> String {

@@ -1,13 +1,15 @@
 //! Confirm and fence for real: lab hosts whose BMC is OpenIPMI's ipmi_sim (power off =
-//! every process of the lab host SIGKILLed and its links cut), a controller that reaches
-//! the BMCs over their own management network, ipmitool and fence_ipmilan as the fence
-//! methods. Only a verified fence lets the engine restore.
+//! every process of the lab host SIGKILLed and its links cut), BMCs on the management
+//! network with ports of their own, ipmitool and fence_ipmilan as the fence methods; a
+//! 3-node corosync + Pacemaker cluster of lab hosts. Only a verified fence lets the
+//! engine restore.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
 use std::time::{Duration, Instant};
 
 use defib_tests::bmc::{Bmc, BMC_PASSWORD, BMC_PORT, BMC_USER};
 use defib_tests::lab::{host_transitions, Lab, LabSpec};
+use defib_tests::pacemaker::Cluster;
 use defib_tests::{have_command, is_root, require, FakeQemu};
 use serde_json::Value;
 
@@ -60,7 +62,8 @@ fn agent_level(addr: &str) -> String {
 
 /// Starts the lab with h0's BMC running.
 fn start(levels: impl Fn(&str) -> String) -> (Lab, Bmc) {
-    let addr = "10.78.0.10";
+    // LabNet::bmc_addr(0), known before the lab exists.
+    let addr = "10.77.0.100";
     let spec = spec(&levels(addr));
     let mut lab = Lab::new(&spec);
     assert_eq!(lab.net.bmc_addr(0), addr);
@@ -270,7 +273,7 @@ fn a_partitioned_host_that_still_runs_is_powered_off_through_its_bmc_before_anyt
     );
     // fence_ipmilan did it (level 2), after level 1 failed.
     let log = lab.controller_log();
-    assert!(log.contains("level 1 (ipmi 10.78.0.10:9)"), "{log}");
+    assert!(log.contains("level 1 (ipmi 10.77.0.100:9)"), "{log}");
     assert!(
         bmc.chassis_log().lines().any(|l| l.contains("set power 0")),
         "{}",
@@ -318,7 +321,7 @@ fn with_its_bmc_unreachable_a_silent_host_is_not_restored_and_the_controller_rai
     assert!(text.contains("confirmation: Unknown"), "{text}");
     assert!(text.contains("no restore"), "{text}");
     assert!(
-        text.contains("level 1 (ipmi 10.78.0.10:623): power off failed"),
+        text.contains("level 1 (ipmi 10.77.0.100:623): power off failed"),
         "{text}"
     );
     for vm in &mut vms {
@@ -416,4 +419,117 @@ self_fence_margin_ms = 1000
             .contains("SelfFenceDeadline"),
         "{incident}"
     );
+}
+
+#[test]
+fn when_pacemaker_fences_a_node_itself_the_controller_accepts_its_fencing_history_as_verification()
+{
+    require!(
+        requirements()
+            && have_command("fence_ipmilan")
+            && have_command("corosync")
+            && have_command("pacemakerd")
+            && have_command("crm_mon"),
+        "root, ipmi_sim, ipmitool, fence-agents, corosync and pacemaker (cargo xtask fencebed install)"
+    );
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // Three lab hosts are three cluster nodes; h1's only fence level is Pacemaker, asked
+    // through h0.
+    let spec = LabSpec {
+        hosts: 3,
+        backend: "libvirt",
+        controller_extra: r#"[fence.pacemaker]
+command_prefix = ["ip", "netns", "exec", "{HOST0_NS}"]
+
+[[fence.host]]
+name = "h1"
+levels = [{ method = "pacemaker" }]
+"#
+        .into(),
+        watchdog_extra: Box::new(|h| format!("[probes]\nwatch_names = [\"qemu-pm-h{h}\"]\n")),
+        bmc_network: true,
+    };
+    let mut lab = Lab::new(&spec);
+    let bmcs: Vec<Bmc> = (0..3)
+        .map(|h| Bmc::start(&lab.net, h, lab.dir.path()))
+        .collect();
+    let cluster = Cluster::start(&lab.net, lab.dir.path(), 1000);
+    cluster.configure_ipmi_fencing(&lab.net, BMC_USER, BMC_PASSWORD);
+    lab.start_controller(&spec);
+    lab.start_watchdogs(&spec);
+    lab.wait_until("three hosts Up", Duration::from_secs(60), |s| {
+        s.len() == 3 && s.iter().all(|(_, st)| st == "Up")
+    });
+    let ns = lab.net.host_ns(1);
+    let mut vms: Vec<FakeQemu> = (0..2)
+        .map(|i| {
+            FakeQemu::start_in(
+                Some(&ns),
+                "qemu-pm-h1",
+                &format!("pm-vm{i}"),
+                &format!("fe0ce000-0000-4000-8000-0000000001{i:02}"),
+                &[],
+            )
+        })
+        .collect();
+
+    // The cluster fences h1 on its own (as it does for a node it lost): fence_ipmilan
+    // through h1's BMC, whose power-off kills everything on h1.
+    cluster
+        .run_on(0, "stonith_admin", &["--fence", "h1", "--timeout", "60"])
+        .expect("Pacemaker fences h1");
+    assert!(cluster.history("h1").contains("status=\"success\""));
+    for vm in &mut vms {
+        assert!(!alive(vm), "fenced by Pacemaker, but a qemu still runs");
+    }
+
+    lab.wait_until("h1 fenced", Duration::from_secs(30), |s| {
+        s.iter().any(|(h, st)| {
+            h == "h1" && matches!(st.as_str(), "Fenced" | "Evacuating" | "Recovered")
+        })
+    });
+    let incident = lab.host_incident("h1").expect("incident");
+    let text = incident.to_string();
+    let t = host_transitions(&incident);
+    assert!(
+        position(&t, "Confirming", &incident) < position(&t, "Fencing", &incident)
+            && position(&t, "Fencing", &incident) < position(&t, "Fenced", &incident),
+        "{t:?}"
+    );
+    // Pacemaker's membership confirmed it dead, its history verified the fence.
+    assert!(
+        incident["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| { e["source"] == "Pacemaker" && e["cause"] == "confirmation: Dead" }),
+        "{text}"
+    );
+    let fenced = entry(&incident, "Fenced");
+    assert_eq!(fenced["source"], "Pacemaker", "{text}");
+    assert!(
+        fenced["cause"]
+            .as_str()
+            .unwrap()
+            .contains("PacemakerHistory"),
+        "{text}"
+    );
+    // The controller did not fence a second time: the history was enough.
+    let log = lab.controller_log();
+    assert!(
+        log.contains("Pacemaker has fenced the node already"),
+        "{log}"
+    );
+    assert_eq!(
+        cluster.history("h1").matches("status=\"success\"").count(),
+        1,
+        "{}",
+        cluster.history("h1")
+    );
+    // `stonith_admin --fence` is an "off": the BMC left h1 off.
+    assert_eq!(bmcs[1].power_file(), "0");
+    assert!(bmcs[1].chassis_log().contains("set power 0"));
+    drop(cluster);
+    drop(bmcs);
+    drop(lab);
 }

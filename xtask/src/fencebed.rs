@@ -1,9 +1,11 @@
 //! `cargo xtask fencebed install|status`: what the fencing tests need on this machine.
 //!
-//! The BMCs themselves are per-test fixtures (tests/src/bmc.rs starts one `ipmi_sim` per
-//! lab host in the lab's own network namespace and stops it by PID), so this bed only
-//! installs: OpenIPMI's `ipmi_sim`, `ipmitool` and the ClusterLabs fence agents
-//! (`fence_ipmilan`). Adapted from the reference recipe 5 in ../shared/testbed/hostbed.
+//! The BMCs and the cluster are per-test fixtures (tests/src/bmc.rs starts one
+//! `ipmi_sim` per lab host in the lab's own network namespace; tests/src/pacemaker.rs a
+//! corosync + Pacemaker node in each lab host's namespaces; both stop what they started
+//! by PID), so this bed only installs: OpenIPMI's `ipmi_sim`, `ipmitool`, the ClusterLabs
+//! fence agents (`fence_ipmilan`), corosync and Pacemaker with its CLI tools. Adapted from
+//! the reference recipes 4 and 5 in ../shared/testbed/hostbed.
 //! Idempotent: nothing is done when every program is there.
 use std::process::{Command, Stdio};
 
@@ -12,7 +14,8 @@ use clap::Subcommand;
 
 #[derive(Subcommand)]
 pub enum Action {
-    /// Install openipmi (ipmi_sim), ipmitool and fence-agents. Idempotent.
+    /// Install openipmi (ipmi_sim), ipmitool, fence-agents, corosync, pacemaker and
+    /// pacemaker-cli-utils. Idempotent.
     Install,
     /// Print which of the programs are there.
     Status,
@@ -23,6 +26,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("openipmi", "ipmi_sim"),
     ("ipmitool", "ipmitool"),
     ("fence-agents", "fence_ipmilan"),
+    ("corosync", "corosync"),
+    ("pacemaker", "pacemakerd"),
+    ("pacemaker-cli-utils", "crm_mon"),
 ];
 
 pub fn run(action: Action) -> anyhow::Result<()> {

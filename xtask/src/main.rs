@@ -37,8 +37,8 @@ enum Task {
         #[command(subcommand)]
         action: hostbed::Action,
     },
-    /// What the fencing tests need: ipmi_sim, ipmitool, fence agents (see
-    /// xtask/src/fencebed.rs; the BMCs are started by the tests themselves).
+    /// What the fencing tests need: ipmi_sim, ipmitool, fence agents, corosync and
+    /// Pacemaker (see xtask/src/fencebed.rs; BMCs and clusters are started by the tests).
     Fencebed {
         #[command(subcommand)]
         action: fencebed::Action,
@@ -66,8 +66,8 @@ enum Task {
     },
     /// Setup, then run a benchmark scenario (see bench/ and BENCHMARKS.md): exit-latency,
     /// stall-latency, real-guest-kill, suspect-latency, heartbeat-intake, host-memory,
-    /// nova-evacuate (needs the novabed: `cargo xtask novabed start`), watchdog-restart,
-    /// restart-in-place (needs the hostbed).
+    /// fence-latency, nova-evacuate (needs the novabed: `cargo xtask novabed start`),
+    /// watchdog-restart, restart-in-place (needs the hostbed).
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
