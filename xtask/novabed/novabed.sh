@@ -85,6 +85,7 @@ rabbit_env() {
 }
 
 record() { echo "$1 $2" >> "$PIDS"; }
+port_free() { ! (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null; }
 rctl() { ( rabbit_env; /usr/lib/rabbitmq/bin/rabbitmqctl -n novabed@localhost "$@" ); }
 
 # ---------------------------------------------------------------- install
@@ -405,6 +406,8 @@ do_start() {
   do_configure
   : >> $PIDS
 
+  # a broker of an earlier run may still be letting its port go
+  wait_for 60 "port $RABBIT_PORT free" port_free $RABBIT_PORT
   # epmd (our own, loopback only) + rabbitmq
   ( rabbit_env; exec nohup /usr/bin/epmd -address 127.0.0.1 -port $EPMD_PORT > $L/epmd.log 2>&1 ) &
   record $! epmd
@@ -618,8 +621,15 @@ do_stop() {
     [ $alive = 0 ] && break
     sleep 0.5
   done
-  while read -r pid name; do kill -0 "$pid" 2>/dev/null && log "still alive: $pid $name"; done < $PIDS
+  # whatever ignored SIGTERM for 30 s: SIGKILL (only our recorded, verified pids)
+  while read -r pid name; do
+    if kill -0 "$pid" 2>/dev/null && grep -qaE "$B|gunicorn: master|epmd|rabbitmq|mariadbd|nova-|beam" /proc/$pid/cmdline 2>/dev/null; then
+      log "still alive after SIGTERM, SIGKILL: $pid $name"; kill -9 "$pid" 2>/dev/null || true
+    fi
+  done < $PIDS
   rm -f $PIDS
+  # the broker (beam) is a child of the recorded wrapper: stop returns once it let go
+  wait_for 60 "rabbitmq to let port $RABBIT_PORT go" port_free $RABBIT_PORT || true
 }
 
 do_mem() {  # PSS/RSS of each recorded process and its descendants

@@ -44,6 +44,9 @@ pub const BATCH_WINDOW: Duration = Duration::from_millis(30);
 /// How long the server list read at force-down stands for the host's first batch.
 const LISTING_FRESH: Duration = Duration::from_secs(10);
 
+/// How long capacity read during a force-down stands for the plan that follows.
+const CAPACITY_FRESH: Duration = Duration::from_secs(5);
+
 /// The restorer's settings (from the `[nova]` section).
 #[derive(Debug, Clone)]
 pub struct NovaSettings {
@@ -349,6 +352,18 @@ struct State {
     /// The server list read right after a force-down, per host, for the first batch of
     /// that host's evacuations (taken once; later batches read Nova again).
     listed: HashMap<String, (tokio::time::Instant, HashMap<String, Server>)>,
+    /// Servers that were SHUTOFF on the failed host: they stay SHUTOFF where they go.
+    was_shutoff: HashSet<String>,
+    /// Capacity read while a host was being forced down, for the plan right after.
+    capacity: Option<(tokio::time::Instant, Capacity)>,
+}
+
+/// What the targets are made of.
+struct Capacity {
+    services: Vec<compute::ComputeService>,
+    hypervisors: Vec<compute::Hypervisor>,
+    /// Free room per resource provider (hypervisor id).
+    room: HashMap<String, Amount>,
 }
 
 #[derive(Clone)]
@@ -525,17 +540,27 @@ impl Worker {
             .iter()
             .find(|s| s.host == host)
             .ok_or_else(|| format!("Nova has no nova-compute service on host {host}"))?;
-        if !svc.forced_down {
-            self.compute
-                .set_forced_down(&svc.id, true)
-                .await
-                .map_err(|e| e.to_string())?;
-        }
+        // The force-down, the server list and the targets' capacity at once: the
+        // evacuations wait for all three (reads only besides the force-down; nothing
+        // is evacuated before the force-down succeeded).
+        let force = async {
+            if svc.forced_down {
+                Ok(())
+            } else {
+                self.compute.set_forced_down(&svc.id, true).await
+            }
+        };
+        let (forced, servers, capacity) = tokio::join!(
+            force,
+            self.compute.servers_on_host(host),
+            self.read_capacity()
+        );
+        forced.map_err(|e| e.to_string())?;
         tracing::info!(host, "compute service forced down");
-        self.compute
-            .servers_on_host(host)
-            .await
-            .map_err(|e| e.to_string())
+        if let Ok(c) = capacity {
+            self.lock().capacity = Some((tokio::time::Instant::now(), c));
+        }
+        servers.map_err(|e| e.to_string())
     }
 
     // ------------------------------------------------------------ evacuate
@@ -608,6 +633,9 @@ impl Worker {
                 });
                 self.track(&id, &from, server.host.clone().filter(|_| moved), key, true);
                 continue;
+            }
+            if server.status == "SHUTOFF" {
+                self.lock().was_shutoff.insert(id.clone());
             }
             to_plan.push((server, from, key));
         }
@@ -694,13 +722,9 @@ impl Worker {
         self.pump();
     }
 
-    /// Every compute host as a target, with its free room and why it is excluded.
-    async fn targets(
-        &self,
-        to_plan: &[(Server, String, IntentKey)],
-    ) -> Result<Vec<arrange::Target>, OsError> {
-        let failed: BTreeSet<&str> = to_plan.iter().map(|(_, f, _)| f.as_str()).collect();
-        // Independent reads, all at once: this is on the path to the first evacuation.
+    /// Compute services, hypervisors and every provider's free room, read at once
+    /// (independent reads: this is on the path to the first evacuation).
+    async fn read_capacity(&self) -> Result<Capacity, OsError> {
         let (services, hypervisors) = tokio::join!(
             self.compute.compute_services(None),
             self.compute.hypervisors()
@@ -736,6 +760,33 @@ impl Worker {
                 .collect();
             room.insert(id, arrange::free_room(&classes));
         }
+        Ok(Capacity {
+            services,
+            hypervisors,
+            room,
+        })
+    }
+
+    /// Every compute host as a target, with its free room and why it is excluded.
+    async fn targets(
+        &self,
+        to_plan: &[(Server, String, IntentKey)],
+    ) -> Result<Vec<arrange::Target>, OsError> {
+        let failed: BTreeSet<&str> = to_plan.iter().map(|(_, f, _)| f.as_str()).collect();
+        // Read while the host was being forced down, if just now; else read now.
+        let prefetched = self
+            .lock()
+            .capacity
+            .take()
+            .filter(|(at, _)| at.elapsed() < CAPACITY_FRESH);
+        let Capacity {
+            services,
+            hypervisors,
+            room,
+        } = match prefetched {
+            Some((_, c)) => c,
+            None => self.read_capacity().await?,
+        };
         let building = self.lock().building.clone();
         let maintenance: BTreeSet<String> = self
             .settings
@@ -965,6 +1016,16 @@ impl Worker {
                         ),
                     })
                 } else if settled && s.status == "ACTIVE" && (moved || !t.evacuation) {
+                    Some(RestoreOutcome::Ok {
+                        host: HostId::new(host),
+                    })
+                } else if settled
+                    && s.status == "SHUTOFF"
+                    && moved
+                    && t.evacuation
+                    && self.lock().was_shutoff.contains(id)
+                {
+                    // It was stopped before its host failed: restored as it was.
                     Some(RestoreOutcome::Ok {
                         host: HostId::new(host),
                     })
