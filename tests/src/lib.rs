@@ -94,6 +94,27 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
+/// Removes the variables cargo sets for the package it runs (a test binary, xtask) from
+/// a nested cargo's environment. Some build scripts (ring's) rerun when
+/// `CARGO_PKG_NAME` or `CARGO_MANIFEST_DIR` change, so a build from a test and one from
+/// xtask would otherwise rebuild each other's artifacts every time.
+pub fn scrub_cargo_env(cmd: &mut Command) -> &mut Command {
+    for (key, _) in std::env::vars_os() {
+        let Some(k) = key.to_str() else { continue };
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || k.starts_with("CARGO_BIN_")
+            || matches!(
+                k,
+                "CARGO_CRATE_NAME" | "CARGO_PRIMARY_PACKAGE" | "CARGO_TARGET_TMPDIR"
+            )
+        {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
 /// Builds (once per test process) and returns the path of a workspace binary. Running
 /// cargo from a test is fine: cargo releases its build lock before it runs tests.
 /// `DEFIB_RELEASE=1` uses release builds (the benchmarks set it).
@@ -111,7 +132,7 @@ pub fn built_binary(package: &str, bin: &str) -> PathBuf {
         if release {
             args.push("--release");
         }
-        let status = Command::new(cargo)
+        let status = scrub_cargo_env(&mut Command::new(cargo))
             .args(&args)
             .current_dir(workspace_root())
             .status()

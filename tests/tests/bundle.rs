@@ -21,10 +21,18 @@ fn run(cmd: &mut Command) -> Output {
     out
 }
 
-/// Builds the bundle of dev builds (the ones `cargo xtask test` has just built).
+/// Packs the bundle from dev builds, built here like every test's binaries (xtask only
+/// packs them: a cargo nested in xtask sees another environment and would rebuild).
 fn build_bundle(out: &Path) -> PathBuf {
+    for (package, bin) in [
+        ("defib-watchdog", "defib-watchdog"),
+        ("defib-controller", "defib-controller"),
+        ("defibctl", "defibctl"),
+    ] {
+        defib_tests::built_binary(package, bin);
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let o = run(Command::new(cargo)
+    let o = run(defib_tests::scrub_cargo_env(&mut Command::new(cargo))
         .args([
             "run",
             "--quiet",
@@ -34,6 +42,7 @@ fn build_bundle(out: &Path) -> PathBuf {
             "bundle",
             "--profile",
             "dev",
+            "--no-build",
             "--out",
         ])
         .arg(out)

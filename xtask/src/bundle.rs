@@ -22,6 +22,10 @@ pub struct Args {
     /// Directory the tarball and its checksum are written to.
     #[arg(long, default_value = "target/bundle")]
     pub out: PathBuf,
+    /// Pack the binaries already built for the profile instead of building them (the
+    /// bundle test builds them itself first).
+    #[arg(long)]
+    pub no_build: bool,
 }
 
 /// Builds the bundle; returns the tarball's path.
@@ -35,7 +39,9 @@ pub fn run(args: &Args) -> anyhow::Result<PathBuf> {
             build.extend(["-p", package]);
         }
     }
-    cargo(&build)?;
+    if !args.no_build {
+        cargo(&build)?;
+    }
     let profile_dir = match args.profile.as_str() {
         "dev" | "test" => "debug",
         "release" | "bench" => "release",

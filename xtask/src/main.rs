@@ -143,7 +143,7 @@ fn run_tests(args: &[String]) -> anyhow::Result<()> {
 
 pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
+    let status = defib_tests::scrub_cargo_env(&mut Command::new(cargo))
         .args(args)
         .current_dir(defib_tests::workspace_root())
         .status()?;
