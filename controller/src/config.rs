@@ -229,7 +229,8 @@ pub struct ControllerSection {
     /// The SQLite store (intents, timelines, event dedup).
     pub store_path: PathBuf,
     /// How resources are restored: `none` (every restore fails with the reason),
-    /// `libvirt` (restart a crashed domain in place through its host's watchdog),
+    /// `libvirt` (restart a crashed domain in place through its host's watchdog, or
+    /// evacuate it to another host from its reported definition),
     /// `nova` (force-down, evacuate, restart through OpenStack Nova; see `[nova]`).
     pub backend: Backend,
 }
@@ -241,7 +242,8 @@ pub enum Backend {
     /// No restore backend: restores fail with "no restore backend configured".
     #[default]
     None,
-    /// libvirt only: restart in place through the host's watchdog (no evacuation yet).
+    /// libvirt only: restart in place through the host's watchdog; evacuate to another
+    /// connected host from the definition its watchdog reported (shared storage).
     Libvirt,
     /// OpenStack Nova (`[nova]` section).
     Nova,
