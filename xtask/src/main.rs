@@ -5,6 +5,7 @@
 mod demo;
 mod fencebed;
 mod hostbed;
+mod linuxguest;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -30,7 +31,7 @@ enum Task {
         args: Vec<String>,
     },
     /// The real-guest test bed: libvirtd under the project's subreaper, boot-sector KVM
-    /// guests (see xtask/src/hostbed.rs).
+    /// guests, a Linux guest under TCG (see xtask/src/hostbed.rs, xtask/src/linuxguest.rs).
     Hostbed {
         #[command(subcommand)]
         action: hostbed::Action,
