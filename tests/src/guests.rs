@@ -12,8 +12,9 @@
 //! busybox initramfs (`tests/guest/linux-init.sh`, built by `cargo xtask hostbed start`)
 //! under TCG (`<domain type='qemu'>`: this host's PVM-based KVM cannot run a stock Linux
 //! kernel), with an ISA pvpanic device and `<on_crash>destroy</on_crash>`, so that a guest
-//! kernel panic reads as libvirt's `crashed (panicked)` then `stopped (crashed)`. It boots
-//! in ~10 s (128 MiB, qemu RSS ~190 MB); it writes its disk and prints `HB-IO <n>` once a
+//! kernel panic reads as libvirt's `crashed (panicked)` then `stopped (crashed)`. It says
+//! `HB-LINUX-UP` 10–12 s after `virsh start` on a quiet machine, 20–75 s while parallel
+//! builds load it (128 MiB, qemu RSS ~190 MB); it writes its disk and prints `HB-IO <n>` once a
 //! second as the boot-sector guest does.
 use std::io::Write as _;
 use std::os::unix::fs::FileExt as _;
