@@ -8,8 +8,14 @@
 //! [`Guest::start`] defines and starts a domain and waits for its first disk write; a
 //! [`Guest`] is destroyed and undefined on drop, its files removed.
 //!
-//! Left out: the Linux guest under TCG of the reference test bed (no test here needs a
-//! real guest kernel yet).
+//! Where a test needs a real guest kernel, [`LinuxGuest`] runs Debian's kernel with a
+//! busybox initramfs (`tests/guest/linux-init.sh`, built by `cargo xtask hostbed start`)
+//! under TCG (`<domain type='qemu'>`: this host's PVM-based KVM cannot run a stock Linux
+//! kernel), with an ISA pvpanic device and `<on_crash>destroy</on_crash>`, so that a guest
+//! kernel panic reads as libvirt's `crashed (panicked)` then `stopped (crashed)`. It says
+//! `HB-LINUX-UP` 10–12 s after `virsh start` on a quiet machine, 20–75 s while parallel
+//! builds load it (128 MiB, qemu RSS ~190 MB); it writes its disk and prints `HB-IO <n>` once a
+//! second as the boot-sector guest does.
 use std::io::Write as _;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
@@ -32,6 +38,21 @@ pub fn image_path() -> PathBuf {
 /// Where guests' disks and serial logs go (readable by libvirt's qemu user).
 pub fn guests_dir() -> PathBuf {
     Path::new(RUN_DIR).join("guests")
+}
+
+/// Where `cargo xtask hostbed start` puts the TCG Linux guest's kernel and initramfs.
+pub fn linux_dir() -> PathBuf {
+    Path::new(RUN_DIR).join("linux")
+}
+
+/// The TCG Linux guest's kernel (Debian's, unpacked from its package).
+pub fn linux_kernel_path() -> PathBuf {
+    linux_dir().join("vmlinuz")
+}
+
+/// The TCG Linux guest's busybox initramfs (`/init` is tests/guest/linux-init.sh).
+pub fn linux_initrd_path() -> PathBuf {
+    linux_dir().join("initrd.gz")
 }
 
 /// Runs `virsh -c qemu:///system ARGS` with a deadline; its stdout, or why it failed.
@@ -107,6 +128,24 @@ impl Hostbed {
             return Err(format!("{} is not a boot sector", image_path().display()));
         }
         Ok(Hostbed { image })
+    }
+
+    /// The TCG Linux guest's kernel and initramfs, if `cargo xtask hostbed start` built
+    /// them, else why not.
+    pub fn linux_images() -> Result<(PathBuf, PathBuf), String> {
+        let (kernel, initrd) = (linux_kernel_path(), linux_initrd_path());
+        for f in [&kernel, &initrd] {
+            let len = std::fs::metadata(f).map(|m| m.len()).map_err(|e| {
+                format!(
+                    "the TCG Linux guest's {} (`cargo xtask hostbed start` builds it): {e}",
+                    f.display()
+                )
+            })?;
+            if len == 0 {
+                return Err(format!("{} is empty", f.display()));
+            }
+        }
+        Ok((kernel, initrd))
     }
 
     /// The 512-byte boot sector.
@@ -232,6 +271,93 @@ pub struct Guest {
     own_files: Vec<PathBuf>,
     /// The boot disk, for a [`GuestDisk::Plain`] guest.
     plain_disk: Option<PathBuf>,
+    /// How long a (re)start may take until the first disk write.
+    boot_timeout: Duration,
+}
+
+/// The parts of a libvirt domain definition that differ between the guest kinds.
+struct DomainXml<'a> {
+    /// `kvm` or `qemu` (TCG).
+    domain_type: &'a str,
+    memory_mib: u32,
+    /// The inside of `<os>`.
+    os: String,
+    /// The inside of `<features>`.
+    features: &'a str,
+    disk: String,
+    /// Devices beyond the disk and the serial port (a watchdog, a panic device).
+    extra_devices: String,
+    seclabel: &'a str,
+}
+
+/// A domain about to be defined: [`Guest::launch`] defines and starts it.
+struct Launch {
+    name: String,
+    uuid: String,
+    xml: String,
+    xml_path: PathBuf,
+    serial: PathBuf,
+    own_files: Vec<PathBuf>,
+    plain_disk: Option<PathBuf>,
+    boot_timeout: Duration,
+}
+
+/// A file-backed raw virtio disk (`cache='none' error_policy='stop'`).
+fn raw_file_disk_xml(path: &Path) -> String {
+    format!(
+        "<disk type='file' device='disk'>\
+         <driver name='qemu' type='raw' cache='none' error_policy='stop'/>\
+         <source file='{}'/><target dev='vda' bus='virtio'/></disk>",
+        xml_escape(&path.display().to_string())
+    )
+}
+
+fn domain_xml(name: &str, uuid: &str, serial: &Path, d: &DomainXml) -> String {
+    format!(
+        "<domain type='{domain_type}'>
+  <name>{name}</name>
+  <uuid>{uuid}</uuid>
+  <memory unit='MiB'>{memory}</memory>
+  <vcpu>1</vcpu>
+  <os>{os}</os>
+  <features>{features}</features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    {disk}
+    <controller type='usb' model='none'/>
+    <serial type='file'><source path='{serial}'/><target port='0'/></serial>
+    {extra}
+    <memballoon model='none'/>
+  </devices>
+  {seclabel}
+</domain>
+",
+        domain_type = d.domain_type,
+        uuid = xml_escape(uuid),
+        memory = d.memory_mib,
+        os = d.os,
+        features = d.features,
+        disk = d.disk,
+        serial = xml_escape(&serial.display().to_string()),
+        extra = d.extra_devices,
+        seclabel = d.seclabel,
+    )
+}
+
+/// The domain's name (`dfb-<name>-<tag>`), its serial log (created empty) and XML path,
+/// after removing a stale domain with this UUID.
+fn prepare(name: &str, uuid: &str) -> (String, PathBuf, PathBuf) {
+    let name = format!("{GUEST_PREFIX}{name}-{}", crate::tag());
+    let dir = guests_dir();
+    std::fs::create_dir_all(&dir).expect("create guests dir");
+    remove_stale_domain(uuid);
+    let serial = dir.join(format!("{name}.serial.log"));
+    std::fs::File::create(&serial).expect("create serial log");
+    let xml_path = dir.join(format!("{name}.xml"));
+    (name, serial, xml_path)
 }
 
 /// A UUID unique to this test process and call (libvirt refuses a second domain with the
@@ -278,32 +404,17 @@ impl Guest {
     /// once (`HB-IO` on its serial port).
     pub fn start_spec(spec: GuestSpec) -> Guest {
         let hostbed = Hostbed::ensure().unwrap_or_else(|e| panic!("hostbed: {e}"));
-        let name = format!("{GUEST_PREFIX}{}-{}", spec.name, crate::tag());
-        let dir = guests_dir();
-        std::fs::create_dir_all(&dir).expect("create guests dir");
-        remove_stale_domain(&spec.uuid);
-
-        let serial = dir.join(format!("{name}.serial.log"));
-        std::fs::File::create(&serial).expect("create serial log");
-        let xml_path = dir.join(format!("{name}.xml"));
+        let (name, serial, xml_path) = prepare(&spec.name, &spec.uuid);
         let mut own_files = vec![serial.clone(), xml_path.clone()];
 
         let mut plain_disk = None;
-        let (disk_xml, seclabel) = match &spec.disk {
+        let (disk, seclabel) = match &spec.disk {
             GuestDisk::Plain => {
-                let path = dir.join(format!("{name}.raw"));
+                let path = guests_dir().join(format!("{name}.raw"));
                 hostbed.make_boot_disk(&path, DiskFormat::Raw, spec.wdt_pets);
                 own_files.push(path.clone());
                 plain_disk = Some(path.clone());
-                (
-                    format!(
-                        "<disk type='file' device='disk'>\
-                         <driver name='qemu' type='raw' cache='none' error_policy='stop'/>\
-                         <source file='{}'/><target dev='vda' bus='virtio'/></disk>",
-                        xml_escape(&path.display().to_string())
-                    ),
-                    "",
-                )
+                (raw_file_disk_xml(&path), "")
             }
             GuestDisk::Block(dev) => (
                 format!(
@@ -330,64 +441,60 @@ impl Guest {
             .as_deref()
             .map(|a| format!("<watchdog model='ib700' action='{}'/>", xml_escape(a)))
             .unwrap_or_default();
-        let xml = format!(
-            "<domain type='kvm'>
-  <name>{name}</name>
-  <uuid>{uuid}</uuid>
-  <memory unit='MiB'>16</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
-  <features><acpi/></features>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>restart</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    {disk_xml}
-    <controller type='usb' model='none'/>
-    <serial type='file'><source path='{serial}'/><target port='0'/></serial>
-    {watchdog}
-    <memballoon model='none'/>
-  </devices>
-  {seclabel}
-</domain>
-",
-            uuid = xml_escape(&spec.uuid),
-            serial = xml_escape(&serial.display().to_string()),
+        let xml = domain_xml(
+            &name,
+            &spec.uuid,
+            &serial,
+            &DomainXml {
+                domain_type: "kvm",
+                memory_mib: 16,
+                os: "<type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/>".into(),
+                features: "<acpi/>",
+                disk,
+                extra_devices: watchdog,
+                seclabel,
+            },
         );
-        std::fs::File::create(&xml_path)
-            .and_then(|mut f| f.write_all(xml.as_bytes()))
+        Guest::launch(Launch {
+            name,
+            uuid: spec.uuid,
+            xml,
+            xml_path,
+            serial,
+            own_files,
+            plain_disk,
+            boot_timeout: Duration::from_secs(30),
+        })
+    }
+
+    /// Writes the definition, defines and starts the domain and waits for the guest's
+    /// first disk write. Every guest kind starts through here (and is cleaned up by the
+    /// one [`Drop`]).
+    fn launch(l: Launch) -> Guest {
+        std::fs::File::create(&l.xml_path)
+            .and_then(|mut f| f.write_all(l.xml.as_bytes()))
             .expect("write domain xml");
 
         // From here on, Drop cleans up whatever was made.
         let mut guest = Guest {
-            name,
-            uuid: spec.uuid.clone(),
+            name: l.name,
+            uuid: l.uuid,
             pid: 0,
-            serial,
-            own_files,
-            plain_disk,
+            serial: l.serial,
+            own_files: l.own_files,
+            plain_disk: l.plain_disk,
+            boot_timeout: l.boot_timeout,
         };
-        let xml_arg = xml_path.display().to_string();
+        let xml_arg = l.xml_path.display().to_string();
         if let Err(e) = virsh(&["define", &xml_arg], VIRSH_WAIT) {
-            panic!("defining {}: {e}\n{xml}", guest.name);
+            panic!("defining {}: {e}\n{}", guest.name, l.xml);
         }
         let started = Instant::now();
         if let Err(e) = virsh(&["start", &guest.name], VIRSH_WAIT) {
             panic!("starting {}: {e}", guest.name);
         }
-        let pidfile = format!("/run/libvirt/qemu/{}.pid", guest.name);
-        guest.pid = std::fs::read_to_string(&pidfile)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no qemu pid in {pidfile}"));
-        if !guest.wait_io(1, Duration::from_secs(30)) {
-            panic!(
-                "{} wrote nothing to its disk within 30 s; serial: {:?}",
-                guest.name,
-                std::fs::read_to_string(&guest.serial).unwrap_or_default()
-            );
-        }
+        guest.pid = guest.pid_from_libvirt();
+        guest.wait_first_io("");
         eprintln!(
             "guest {} (qemu pid {}) running, first disk write {:?} after virsh start",
             guest.name,
@@ -395,6 +502,26 @@ impl Guest {
             started.elapsed()
         );
         guest
+    }
+
+    /// The qemu pid libvirt wrote for the running domain.
+    fn pid_from_libvirt(&self) -> u32 {
+        let pidfile = format!("/run/libvirt/qemu/{}.pid", self.name);
+        std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no qemu pid in {pidfile}"))
+    }
+
+    fn wait_first_io(&self, what: &str) {
+        if !self.wait_io(1, self.boot_timeout) {
+            panic!(
+                "{}{what} wrote nothing to its disk within {:?}; serial: {:?}",
+                self.name,
+                self.boot_timeout,
+                std::fs::read_to_string(&self.serial).unwrap_or_default()
+            );
+        }
     }
 
     /// Rewrites the boot sector of a [`GuestDisk::Plain`] guest so that its next boot does
@@ -421,18 +548,8 @@ impl Guest {
         if let Err(e) = virsh(&["start", &self.name], VIRSH_WAIT) {
             panic!("starting {} again: {e}", self.name);
         }
-        let pidfile = format!("/run/libvirt/qemu/{}.pid", self.name);
-        self.pid = std::fs::read_to_string(&pidfile)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no qemu pid in {pidfile}"));
-        if !self.wait_io(1, Duration::from_secs(30)) {
-            panic!(
-                "{} (restarted) wrote nothing to its disk within 30 s; serial: {:?}",
-                self.name,
-                std::fs::read_to_string(&self.serial).unwrap_or_default()
-            );
-        }
+        self.pid = self.pid_from_libvirt();
+        self.wait_first_io(" (restarted)");
         eprintln!(
             "guest {} (qemu pid {}) running again, first disk write {:?} after virsh start",
             self.name,
@@ -521,6 +638,153 @@ impl Guest {
         }
         out
     }
+}
+
+/// A Linux guest under TCG (see the module doc): Debian's kernel, the hostbed's busybox
+/// initramfs, a raw virtio disk whose first sector is the guest's control line, an ISA
+/// pvpanic device, `<on_crash>destroy</on_crash>`. A [`Guest`] (deref) for everything
+/// else; destroyed and undefined on drop like any.
+pub struct LinuxGuest {
+    guest: Guest,
+    disk: PathBuf,
+}
+
+impl std::ops::Deref for LinuxGuest {
+    type Target = Guest;
+    fn deref(&self) -> &Guest {
+        &self.guest
+    }
+}
+
+impl std::ops::DerefMut for LinuxGuest {
+    fn deref_mut(&mut self) -> &mut Guest {
+        &mut self.guest
+    }
+}
+
+/// The kernel command line: `panic=0` leaves a panicked kernel halted (no reboot), so
+/// that libvirt's `<on_crash>` decides what happens to the domain.
+const LINUX_CMDLINE: &str = "console=ttyS0 quiet panic=0";
+/// TCG boots in ~10 s on an idle machine; a loaded 2-core machine is slower.
+const LINUX_BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+
+impl LinuxGuest {
+    /// Defines and starts the domain `dfb-<name>-<tag>` (type qemu, i.e. TCG; 128 MiB,
+    /// one vCPU) and waits until its init has written the disk once: `HB-LINUX-UP` then
+    /// `HB-IO 1` on its serial port.
+    pub fn start(name: &str, uuid: &str) -> LinuxGuest {
+        let (kernel, initrd) = Hostbed::linux_images().unwrap_or_else(|e| panic!("hostbed: {e}"));
+        let (name, serial, xml_path) = prepare(name, uuid);
+        let disk = guests_dir().join(format!("{name}.raw"));
+        let f = std::fs::File::create(&disk)
+            .unwrap_or_else(|e| panic!("create {}: {e}", disk.display()));
+        f.set_len(DISK_SIZE).expect("size disk");
+        drop(f);
+        let own_files = vec![serial.clone(), xml_path.clone(), disk.clone()];
+        write_control_sector(&disk, "hb_panic=off");
+        let xml = domain_xml(
+            &name,
+            uuid,
+            &serial,
+            &DomainXml {
+                domain_type: "qemu",
+                memory_mib: 128,
+                os: format!(
+                    "<type arch='x86_64' machine='pc'>hvm</type><kernel>{}</kernel>\
+                     <initrd>{}</initrd><cmdline>{LINUX_CMDLINE}</cmdline>",
+                    xml_escape(&kernel.display().to_string()),
+                    xml_escape(&initrd.display().to_string()),
+                ),
+                features: "<acpi/><tcg><tb-cache unit='MiB'>32</tb-cache></tcg>",
+                disk: raw_file_disk_xml(&disk),
+                extra_devices: "<panic model='isa'/>".into(),
+                seclabel: "",
+            },
+        );
+        let guest = Guest::launch(Launch {
+            name,
+            uuid: uuid.into(),
+            xml,
+            xml_path,
+            serial,
+            own_files,
+            plain_disk: None,
+            boot_timeout: LINUX_BOOT_TIMEOUT,
+        });
+        let linux = LinuxGuest { guest, disk };
+        let up = linux.up_line().unwrap_or_else(|| {
+            panic!(
+                "{} wrote its disk but never said HB-LINUX-UP: {}",
+                linux.name(),
+                linux.serial_text()
+            )
+        });
+        eprintln!("guest {}: {up}", linux.name());
+        linux
+    }
+
+    /// Makes the guest panic its kernel: its init reads the disk's control line once a
+    /// second, and on `hb_panic=now` rewrites it to `hb_panic=done` (so the next boot
+    /// runs on), prints `HB-PANIC-NOW` and crashes the kernel with sysrq `c`.
+    pub fn panic_now(&self) {
+        write_control_sector(&self.disk, "hb_panic=now");
+    }
+
+    /// The disk's control line as it is now (`hb_panic=off|now|done`).
+    pub fn control_line(&self) -> String {
+        let mut sector = [0u8; 512];
+        std::fs::File::open(&self.disk)
+            .and_then(|f| f.read_exact_at(&mut sector, 0))
+            .unwrap_or_else(|e| panic!("read {}: {e}", self.disk.display()));
+        String::from_utf8_lossy(&sector)
+            .trim_matches(char::from(0))
+            .trim()
+            .to_string()
+    }
+
+    /// What the serial port has printed since the domain (last) started.
+    pub fn serial_text(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(self.serial_log()).unwrap_or_default()).into_owned()
+    }
+
+    /// The init's newest `HB-LINUX-UP ...` line (it names the control line it read at
+    /// boot, e.g. `control= hb_panic=done `).
+    pub fn up_line(&self) -> Option<String> {
+        self.serial_text()
+            .lines()
+            .rev()
+            .find(|l| l.trim_start().starts_with("HB-LINUX-UP"))
+            .map(|l| l.trim().to_string())
+    }
+
+    /// Waits until the serial port has printed a line containing `needle`.
+    pub fn wait_serial(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.serial_text().contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The Linux guest's control line in its disk's first sector (the init's disk writes go
+/// to the 4 KiB blocks after it).
+fn write_control_sector(disk: &Path, line: &str) {
+    let mut sector = [0u8; 512];
+    let line = format!("{line}\n");
+    sector[..line.len()].copy_from_slice(line.as_bytes());
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk)
+        .unwrap_or_else(|e| panic!("open {}: {e}", disk.display()));
+    f.write_all_at(&sector, 0)
+        .unwrap_or_else(|e| panic!("write the control sector of {}: {e}", disk.display()));
+    f.sync_all().expect("sync the disk");
 }
 
 /// A domain left behind with this UUID by an earlier run that was killed: removed if it

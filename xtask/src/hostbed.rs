@@ -3,7 +3,9 @@
 //! libvirtd and virtlogd run without systemd, each under the project's child subreaper
 //! (`defib-subreaper`, tests/src/bin/subreaper.rs), with pid files and logs in
 //! [`RUN_DIR`]. Guests are KVM guests whose disk is the 512-byte boot sector built here
-//! from tests/guest/hbguest.S (tests/src/guests.rs runs them). Adapted from the reference
+//! from tests/guest/hbguest.S (tests/src/guests.rs runs them), and, where a test needs a
+//! real guest kernel, a Linux guest under TCG (Debian's kernel and a busybox initramfs,
+//! built by [`crate::linuxguest`]). Adapted from the reference
 //! recipes 0–3 in ../shared/testbed/hostbed, with their pitfalls:
 //!
 //! - this image ships qemu-utils 10 from bookworm-backports, which breaks bookworm's qemu
@@ -28,7 +30,8 @@ use defib_tests::guests::{image_path, virsh, GUEST_PREFIX, RUN_DIR};
 pub enum Action {
     /// Install the Debian packages (libvirt, qemu, binutils) and fix /dev/kvm. Idempotent.
     Install,
-    /// Install if needed, build the guest image, start virtlogd and libvirtd under the
+    /// Install if needed, build the guest images (the boot sector; the TCG Linux guest's
+    /// kernel and initramfs, downloaded once into /var/cache/defib-hostbed), start virtlogd and libvirtd under the
     /// subreaper and wait until libvirt answers. Nothing to do when it already runs.
     Start,
     /// Destroy and undefine the `dfb-` guests, stop the daemons `start` started (by pid).
@@ -50,6 +53,9 @@ const PACKAGES: &[&str] = &[
     "libvirt-clients",
     // as and ld for the boot-sector guest.
     "binutils",
+    // The TCG Linux guest's initramfs (xtask/src/linuxguest.rs).
+    "busybox-static",
+    "cpio",
 ];
 
 /// The daemons, in start order.
@@ -290,6 +296,7 @@ fn make_run_dir() -> anyhow::Result<()> {
         PathBuf::from(RUN_DIR),
         Path::new(RUN_DIR).join("bin"),
         defib_tests::guests::guests_dir(),
+        defib_tests::guests::linux_dir(),
     ] {
         std::fs::create_dir_all(&d).with_context(|| format!("mkdir {}", d.display()))?;
         // libvirt's qemu user reads guests' disks and serial logs in there.
@@ -318,6 +325,7 @@ pub fn start() -> anyhow::Result<()> {
     install()?;
     make_run_dir()?;
     build_image()?;
+    crate::linuxguest::build().context("the TCG Linux guest")?;
 
     if DAEMONS.iter().all(|d| d.running().is_some()) && libvirt_answers() {
         eprintln!("xtask hostbed: already running ({:?})", t0.elapsed());
@@ -499,6 +507,7 @@ pub fn status() -> anyhow::Result<()> {
             "not built"
         }
     );
+    println!("TCG Linux guest: {}", crate::linuxguest::describe());
     if answers {
         let all = virsh(&["list", "--all"], Duration::from_secs(10)).unwrap_or_default();
         let lab: Vec<&str> = all

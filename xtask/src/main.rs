@@ -6,6 +6,7 @@ mod bundle;
 mod demo;
 mod fencebed;
 mod hostbed;
+mod linuxguest;
 mod novabed;
 mod setup;
 
@@ -32,7 +33,7 @@ enum Task {
         args: Vec<String>,
     },
     /// The real-guest test bed: libvirtd under the project's subreaper, boot-sector KVM
-    /// guests (see xtask/src/hostbed.rs).
+    /// guests, a Linux guest under TCG (see xtask/src/hostbed.rs, xtask/src/linuxguest.rs).
     Hostbed {
         #[command(subcommand)]
         action: hostbed::Action,
