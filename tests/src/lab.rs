@@ -340,7 +340,17 @@ key_file = {key:?}
                 .flatten()
                 .filter(|i| i["subject"] == subject)
                 .collect();
-            assert!(ours.len() <= 1, "one failure, several incidents: {list}");
+            if ours.len() > 1 {
+                let timelines: Vec<String> = ours
+                    .iter()
+                    .map(|i| self.ctl(&["incidents", &i["id"].to_string()]).to_string())
+                    .collect();
+                panic!(
+                    "one failure, several incidents:\n{}\n{}",
+                    timelines.join("\n"),
+                    self.logs()
+                );
+            }
             if let Some(inc) = ours.first() {
                 let full = self.ctl(&["incidents", &inc["id"].to_string()]);
                 if !inc["closed_at_ms"].is_null() {

@@ -563,7 +563,7 @@ impl Engine {
                 source,
                 at,
             } => {
-                self.forget_stopped(&host, &stopped);
+                self.forget_stopped(&host, &stopped, at);
                 self.on_inventory(&host, resources, source, at)
             }
         }
@@ -675,12 +675,14 @@ impl Engine {
 
     /// Resources stopped on purpose are no longer running there, and nothing is to be
     /// restored: the engine forgets them (unless an incident owns them; it finishes).
-    /// Started again, they come back with the next inventory.
-    fn forget_stopped(&mut self, host: &HostId, stopped: &[Resource]) {
+    /// Started again, they come back with the next inventory. A list taken before the
+    /// resource's last restore is old news (it shows the stop that the restore undid).
+    fn forget_stopped(&mut self, host: &HostId, stopped: &[Resource], at: Timestamp) {
         for r in stopped {
             let forget = self.resources.get(r).is_some_and(|e| {
                 &e.host == host
                     && e.owner.is_none()
+                    && at > e.last_restored_at
                     && matches!(e.state, ResourceState::Running | ResourceState::GaveUp)
             });
             if forget {

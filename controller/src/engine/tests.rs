@@ -1015,3 +1015,45 @@ fn a_vm_shut_off_on_purpose_is_forgotten_not_restarted_when_it_leaves_the_invent
         Some(ResourceState::Running)
     );
 }
+
+#[test]
+fn a_domain_list_taken_before_a_restart_does_not_make_the_engine_forget_the_restarted_vm() {
+    let mut h = Harness::new(1);
+    let vm = Resource::vm("vm0");
+    let exited_at = Timestamp(h.now);
+    h.input(Input::HostEvent {
+        host: host(0),
+        event: HostEvent::ResourceExited {
+            resource: vm.clone(),
+            source: Source::Libvirt,
+            at: exited_at,
+            reason: "libvirt: guest watchdog fired (action pause)".into(),
+        },
+    });
+    let key = h
+        .take()
+        .into_iter()
+        .find_map(|a| match a {
+            Action::RestartInPlace { key, .. } => Some(key),
+            _ => None,
+        })
+        .expect("a restart in place");
+    h.now += 100;
+    h.input(Input::RestoreResult {
+        resource: vm.clone(),
+        key,
+        outcome: RestoreOutcome::Ok { host: host(0) },
+    });
+    assert_eq!(h.engine.resource_state(&vm), Some(ResourceState::Running));
+    // The list the watchdog took while it had the hung domain destroyed arrives late.
+    h.input(Input::HostEvent {
+        host: host(0),
+        event: HostEvent::Inventory {
+            resources: vec![],
+            stopped: vec![vm.clone()],
+            source: Source::Libvirt,
+            at: Timestamp(exited_at.0 + 50),
+        },
+    });
+    assert_eq!(h.engine.resource_state(&vm), Some(ResourceState::Running));
+}
