@@ -170,6 +170,11 @@ set_working_mc 0x20
         }
     }
 
+    /// The ipmi_sim process (its `ip netns exec` execs it), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The chassis power file: "0" off, "1" on.
     pub fn power_file(&self) -> String {
         std::fs::read_to_string(self.dir.join("power"))

@@ -227,6 +227,9 @@ pub struct GuestSpec {
 pub struct Guest {
     name: String,
     uuid: String,
+    /// The libvirt it is defined on, and where that libvirt writes qemu pid files.
+    uri: String,
+    pid_dir: PathBuf,
     pid: u32,
     serial: PathBuf,
     own_files: Vec<PathBuf>,
@@ -277,11 +280,17 @@ impl Guest {
     /// boot disk, serial to a log file) and waits until the guest has written its disk
     /// once (`HB-IO` on its serial port).
     pub fn start_spec(spec: GuestSpec) -> Guest {
+        Guest::start_spec_on(spec, LIBVIRT_URI, Path::new("/run/libvirt/qemu"))
+    }
+
+    /// As [`Guest::start_spec`], on the libvirt at `uri` whose qemu driver writes its
+    /// pid files to `pid_dir` (e.g. a [`crate::hypervisor::Hypervisor`] of a lab host).
+    pub fn start_spec_on(spec: GuestSpec, uri: &str, pid_dir: &Path) -> Guest {
         let hostbed = Hostbed::ensure().unwrap_or_else(|e| panic!("hostbed: {e}"));
         let name = format!("{GUEST_PREFIX}{}-{}", spec.name, crate::tag());
         let dir = guests_dir();
         std::fs::create_dir_all(&dir).expect("create guests dir");
-        remove_stale_domain(&spec.uuid);
+        remove_stale_domain(uri, &spec.uuid);
 
         let serial = dir.join(format!("{name}.serial.log"));
         std::fs::File::create(&serial).expect("create serial log");
@@ -363,24 +372,26 @@ impl Guest {
         let mut guest = Guest {
             name,
             uuid: spec.uuid.clone(),
+            uri: uri.to_string(),
+            pid_dir: pid_dir.to_path_buf(),
             pid: 0,
             serial,
             own_files,
             plain_disk,
         };
         let xml_arg = xml_path.display().to_string();
-        if let Err(e) = virsh(&["define", &xml_arg], VIRSH_WAIT) {
+        if let Err(e) = run_virsh(uri, &["define", &xml_arg], VIRSH_WAIT) {
             panic!("defining {}: {e}\n{xml}", guest.name);
         }
         let started = Instant::now();
-        if let Err(e) = virsh(&["start", &guest.name], VIRSH_WAIT) {
+        if let Err(e) = run_virsh(uri, &["start", &guest.name], VIRSH_WAIT) {
             panic!("starting {}: {e}", guest.name);
         }
-        let pidfile = format!("/run/libvirt/qemu/{}.pid", guest.name);
+        let pidfile = pid_dir.join(format!("{}.pid", guest.name));
         guest.pid = std::fs::read_to_string(&pidfile)
             .ok()
             .and_then(|s| s.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no qemu pid in {pidfile}"));
+            .unwrap_or_else(|| panic!("no qemu pid in {}", pidfile.display()));
         if !guest.wait_io(1, Duration::from_secs(30)) {
             panic!(
                 "{} wrote nothing to its disk within 30 s; serial: {:?}",
@@ -418,14 +429,14 @@ impl Guest {
             .truncate(true)
             .open(&self.serial);
         let started = Instant::now();
-        if let Err(e) = virsh(&["start", &self.name], VIRSH_WAIT) {
+        if let Err(e) = run_virsh(&self.uri, &["start", &self.name], VIRSH_WAIT) {
             panic!("starting {} again: {e}", self.name);
         }
-        let pidfile = format!("/run/libvirt/qemu/{}.pid", self.name);
+        let pidfile = self.pid_dir.join(format!("{}.pid", self.name));
         self.pid = std::fs::read_to_string(&pidfile)
             .ok()
             .and_then(|s| s.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no qemu pid in {pidfile}"));
+            .unwrap_or_else(|| panic!("no qemu pid in {}", pidfile.display()));
         if !self.wait_io(1, Duration::from_secs(30)) {
             panic!(
                 "{} (restarted) wrote nothing to its disk within 30 s; serial: {:?}",
@@ -451,7 +462,12 @@ impl Guest {
         &self.uuid
     }
 
-    /// The qemu process (from `/run/libvirt/qemu/<name>.pid`).
+    /// The libvirt URI the guest is defined on.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// The qemu process (from `<pid_dir>/<name>.pid`).
     pub fn pid(&self) -> u32 {
         self.pid
     }
@@ -525,23 +541,23 @@ impl Guest {
 
 /// A domain left behind with this UUID by an earlier run that was killed: removed if it
 /// is one of ours, else the test cannot go on.
-fn remove_stale_domain(uuid: &str) {
-    if let Ok(name) = virsh(&["domname", uuid], VIRSH_WAIT) {
+fn remove_stale_domain(uri: &str, uuid: &str) {
+    if let Ok(name) = run_virsh(uri, &["domname", uuid], VIRSH_WAIT) {
         let name = name.trim();
         assert!(
             name.starts_with(GUEST_PREFIX),
             "a domain that is not the tests' ({name}) has UUID {uuid}"
         );
-        let _ = virsh(&["destroy", name], VIRSH_WAIT);
-        let _ = virsh(&["undefine", name], VIRSH_WAIT);
+        let _ = run_virsh(uri, &["destroy", name], VIRSH_WAIT);
+        let _ = run_virsh(uri, &["undefine", name], VIRSH_WAIT);
     }
 }
 
 impl Drop for Guest {
     fn drop(&mut self) {
         // destroy fails when the qemu is already gone (a test killed it): fine.
-        let _ = virsh(&["destroy", &self.name], VIRSH_WAIT);
-        if let Err(e) = virsh(&["undefine", &self.name], VIRSH_WAIT) {
+        let _ = run_virsh(&self.uri, &["destroy", &self.name], VIRSH_WAIT);
+        if let Err(e) = run_virsh(&self.uri, &["undefine", &self.name], VIRSH_WAIT) {
             eprintln!("undefine {}: {e}", self.name);
         }
         for f in &self.own_files {

@@ -5,6 +5,7 @@
 mod demo;
 mod fencebed;
 mod hostbed;
+mod lab;
 mod novabed;
 mod setup;
 
@@ -47,6 +48,12 @@ enum Task {
     Novabed {
         #[command(subcommand)]
         action: novabed::Action,
+    },
+    /// The lab: defib on N namespaced hosts with KVM guests and BMCs, kept running
+    /// (`lab up`, `lab status`, `lab drill vm-crash`, `lab down`; see docs/lab.md).
+    Lab {
+        #[command(subcommand)]
+        action: lab::Action,
     },
     /// Build the eBPF probes (they are built by watchdog/build.rs; this runs just that).
     BuildEbpf,
@@ -95,6 +102,12 @@ fn main() -> ExitCode {
         Task::Hostbed { action } => hostbed::run(action),
         Task::Fencebed { action } => fencebed::run(action),
         Task::Novabed { action } => novabed::run(action),
+        Task::Lab { action } => if matches!(action, lab::Action::Up { .. }) {
+            setup::run()
+        } else {
+            Ok(())
+        }
+        .and_then(|()| lab::run(action)),
         Task::BuildEbpf => cargo(&["build", "-p", "defib-watchdog"]),
         Task::Demo => setup::run().and_then(|()| demo::run()),
         Task::Sim { seeds } => {
