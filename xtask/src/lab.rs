@@ -55,6 +55,12 @@ pub enum Action {
 pub enum Drill {
     /// Kill a guest's qemu: seen by the kernel (eBPF) and by libvirt, restarted in place.
     VmCrash,
+    /// Power a host off at its BMC: Suspect, fenced (IPMI power off verified), its guests
+    /// started on the other hosts; then power it on and unfence it.
+    HostLoss,
+    /// Cut every link of a host (it runs on): fenced through its BMC, guests evacuated;
+    /// then power it on and unfence it.
+    Partition,
 }
 
 pub fn run(action: Action) -> anyhow::Result<()> {
@@ -428,67 +434,7 @@ fn serve(hosts: usize, guests_per_host: usize) -> anyhow::Result<()> {
     }
     lab.start_controller(&spec);
     lab.start_watchdogs(&spec);
-    let state = |ready: bool| {
-        let mut processes = vec![
-            json!({"pid": lab.controller.as_ref().map(|d| d.pid()), "comm": "defib-controlle"}),
-        ];
-        let host_list: Vec<Value> = lab_hosts
-            .iter()
-            .enumerate()
-            .map(|(h, host)| {
-                let wd = lab.watchdogs[h].pid();
-                processes.push(json!({"pid": wd, "comm": "defib-watchdog"}));
-                json!({
-                    "name": format!("h{h}"),
-                    "ns": lab.net.host_ns(h),
-                    "watchdog_pid": wd,
-                    "libvirt_uri": host.uri,
-                    "pid_dir": host.pid_dir,
-                    "bmc_addr": lab.net.bmc_addr(h),
-                    "bmc_pid": bmcs[h].pid(),
-                    "guests": host.guests.iter().map(|g| json!({"name": g.name(), "uuid": g.uuid()})).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        for b in &bmcs {
-            processes.push(json!({"pid": b.pid(), "comm": "ipmi_sim"}));
-        }
-        // The lab's own libvirtds (their domains are destroyed first, by URI).
-        for hv in lab_hosts.iter().map(|h| &h.hv) {
-            let pid = std::fs::read_to_string(hv.root().join("child.pid")).unwrap_or_default();
-            if let Ok(pid) = pid.trim().parse::<u64>() {
-                processes.push(json!({"pid": pid, "comm": "libvirtd"}));
-            }
-        }
-        let mut namespaces = vec![
-            lab.net.switch_ns(),
-            lab.net.controller_ns(),
-            lab.net.bmc_ns(),
-        ];
-        namespaces.extend((0..hosts).map(|h| lab.net.host_ns(h)));
-        let mut dirs = vec![lab.dir.path().display().to_string()];
-        dirs.extend(
-            lab_hosts
-                .iter()
-                .map(|h| &h.hv)
-                .map(|hv| hv.root().display().to_string()),
-        );
-        json!({
-            "ready": ready,
-            "keeper_pid": std::process::id(),
-            "tag": tag,
-            "dir": lab.dir.path(),
-            "controller_ns": lab.net.controller_ns(),
-            "api_url": format!("http://{}:7412", lab.net.controller_addr(0)),
-            "token_file": lab.path("api.token"),
-            "pids": {"controller": lab.controller.as_ref().map(|d| d.pid())},
-            "hosts": host_list,
-            "processes": processes,
-            "namespaces": namespaces,
-            "dirs": dirs,
-        })
-    };
-    write_state(&state(false))?;
+    write_state(&describe(&lab, &lab_hosts, &bmcs, &tag, false))?;
     // Up when the controller sees every host Up and every guest Running.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -519,10 +465,24 @@ fn serve(hosts: usize, guests_per_host: usize) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     if !STOP.load(Ordering::SeqCst) {
-        write_state(&state(true))?;
+        write_state(&describe(&lab, &lab_hosts, &bmcs, &tag, true))?;
         eprintln!("lab: up; waiting for SIGTERM (`cargo xtask lab down`)");
     }
     while !STOP.load(Ordering::SeqCst) {
+        // A host powered on again after a power loss (a drill's `chassis power on`)
+        // boots: its links come up and its watchdog starts again.
+        for h in 0..hosts {
+            let dead = lab.watchdogs[h].child.try_wait().ok().flatten().is_some();
+            if dead && bmcs[h].power_file() == "1" {
+                lab.net.set_host_links(h, true);
+                lab.restart_watchdog(h);
+                eprintln!(
+                    "lab: h{h} powered on: links up, watchdog pid {}",
+                    lab.watchdogs[h].pid()
+                );
+                write_state(&describe(&lab, &lab_hosts, &bmcs, &tag, true))?;
+            }
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
     eprintln!("lab: stopping");
@@ -555,6 +515,8 @@ fn drill(kind: Drill) -> anyhow::Result<()> {
         .context("the lab is down (`cargo xtask lab up`)")?;
     match kind {
         Drill::VmCrash => vm_crash(&state),
+        Drill::HostLoss => lose_host(&state, false),
+        Drill::Partition => lose_host(&state, true),
     }
 }
 
@@ -612,4 +574,173 @@ fn newest_incident(state: &Value, subject: &str) -> anyhow::Result<Option<Value>
         .filter(|i| i["subject"] == subject)
         .max_by_key(|i| i["id"].as_u64())
         .cloned())
+}
+
+/// What the keeper made, for the state file.
+fn describe(lab: &Lab, lab_hosts: &[Host], bmcs: &[Bmc], tag: &str, ready: bool) -> Value {
+    let hosts = lab_hosts.len();
+    {
+        let mut processes = vec![
+            json!({"pid": lab.controller.as_ref().map(|d| d.pid()), "comm": "defib-controlle"}),
+        ];
+        let host_list: Vec<Value> = lab_hosts
+            .iter()
+            .enumerate()
+            .map(|(h, host)| {
+                let wd = lab.watchdogs[h].pid();
+                processes.push(json!({"pid": wd, "comm": "defib-watchdog"}));
+                json!({
+                    "name": format!("h{h}"),
+                    "ns": lab.net.host_ns(h),
+                    "watchdog_pid": wd,
+                    "libvirt_uri": host.uri,
+                    "pid_dir": host.pid_dir,
+                    "bmc_addr": lab.net.bmc_addr(h),
+                    "bmc_pid": bmcs[h].pid(),
+                    "guests": host.guests.iter().map(|g| json!({"name": g.name(), "uuid": g.uuid()})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        for b in bmcs {
+            processes.push(json!({"pid": b.pid(), "comm": "ipmi_sim"}));
+        }
+        // The lab's own libvirtds (their domains are destroyed first, by URI).
+        for hv in lab_hosts.iter().map(|h| &h.hv) {
+            let pid = std::fs::read_to_string(hv.root().join("child.pid")).unwrap_or_default();
+            if let Ok(pid) = pid.trim().parse::<u64>() {
+                processes.push(json!({"pid": pid, "comm": "libvirtd"}));
+            }
+        }
+        let mut namespaces = vec![
+            lab.net.switch_ns(),
+            lab.net.controller_ns(),
+            lab.net.bmc_ns(),
+        ];
+        namespaces.extend((0..hosts).map(|h| lab.net.host_ns(h)));
+        let mut dirs = vec![lab.dir.path().display().to_string()];
+        dirs.extend(
+            lab_hosts
+                .iter()
+                .map(|h| &h.hv)
+                .map(|hv| hv.root().display().to_string()),
+        );
+        json!({
+            "ready": ready,
+            "keeper_pid": std::process::id(),
+            "tag": tag,
+            "dir": lab.dir.path(),
+            "controller_ns": lab.net.controller_ns(),
+            "api_url": format!("http://{}:7412", lab.net.controller_addr(0)),
+            "token_file": lab.path("api.token"),
+            "pids": {"controller": lab.controller.as_ref().map(|d| d.pid())},
+            "hosts": host_list,
+            "processes": processes,
+            "namespaces": namespaces,
+            "dirs": dirs,
+        })
+    }
+}
+
+fn host_state(state: &Value, host: &str) -> anyhow::Result<String> {
+    let hosts = defibctl_json(state, &["hosts"])?;
+    Ok(hosts["hosts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|h| h["host"] == host)
+        .and_then(|h| h["state"].as_str())
+        .unwrap_or("absent")
+        .to_string())
+}
+
+/// Polls `ok` every 100 ms for up to `secs`.
+fn wait_for(
+    what: &str,
+    secs: u64,
+    mut ok: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !ok()? {
+        if Instant::now() > deadline {
+            bail!("{what}: not within {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// The host-loss and partition drills on the last lab host: the failure, the host's
+/// incident until its guests run elsewhere, its timeline; then the host back.
+fn lose_host(state: &Value, partition: bool) -> anyhow::Result<()> {
+    let hosts = state["hosts"].as_array().context("no hosts")?;
+    let host = hosts.last().context("no hosts")?;
+    let name = host["name"].as_str().unwrap_or("?").to_string();
+    let h: usize = name.trim_start_matches('h').parse()?;
+    let ctl_ns = state["controller_ns"].as_str().unwrap_or("");
+    let bmc = host["bmc_addr"].as_str().unwrap_or("");
+    let subjects: Vec<String> = host["guests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|g| g["uuid"].as_str().map(|u| format!("vm:{u}")))
+        .collect();
+    let old_wd = host["watchdog_pid"].as_u64();
+    anyhow::ensure!(
+        host_state(state, &name)? == "Up",
+        "{name} is not Up; run the drill on a healthy lab"
+    );
+    if partition {
+        let sw = state["namespaces"][0].as_str().unwrap_or("");
+        println!("drill partition: every link of {name} cut at the switch ({name} runs on)");
+        for p in 0..2 {
+            let port = format!("h{h}-p{p}");
+            let st = Command::new("ip")
+                .args(["-n", sw, "link", "set", &port, "down"])
+                .status()?;
+            anyhow::ensure!(st.success(), "cutting {port}");
+        }
+    } else {
+        println!("drill host-loss: {name} powered off at its BMC ({bmc})");
+        defib_tests::bmc::chassis_power(ctl_ns, bmc, "off").map_err(anyhow::Error::msg)?;
+    }
+    // Fenced, and every guest of the host running on another one.
+    wait_for(&format!("{name}'s guests running elsewhere"), 120, || {
+        let vms = defibctl_json(state, &["vms"])?;
+        let list = vms["vms"].as_array().cloned().unwrap_or_default();
+        Ok(subjects.iter().all(|s| {
+            list.iter().any(|v| {
+                v["resource"] == s.as_str() && v["state"] == "Running" && v["host"] != name.as_str()
+            })
+        }))
+    })?;
+    let id = newest_incident(state, &format!("host:{name}"))?
+        .and_then(|i| i["id"].as_u64())
+        .context("no host incident")?;
+    print!("{}", defibctl(state, &["incidents", &id.to_string()])?);
+    print!("{}", defibctl(state, &["vms"])?);
+
+    // Back to healthy: power on (the keeper brings its links up and starts its watchdog
+    // again), then trust it again.
+    println!("\n{name}: power on, unfence");
+    defib_tests::bmc::chassis_power(ctl_ns, bmc, "on").map_err(anyhow::Error::msg)?;
+    wait_for(&format!("{name}'s watchdog started again"), 30, || {
+        Ok(read_state()
+            .and_then(|s| {
+                s["hosts"]
+                    .as_array()
+                    .and_then(|l| l.iter().find(|x| x["name"] == name.as_str()).cloned())
+            })
+            .and_then(|x| x["watchdog_pid"].as_u64())
+            .is_some_and(|p| Some(p) != old_wd && alive(p)))
+    })?;
+    // Its heartbeats back, the fenced host is Recovered: the operator's word trusts it.
+    wait_for(&format!("{name} Recovered"), 60, || {
+        Ok(host_state(state, &name)? == "Recovered")
+    })?;
+    print!("{}", defibctl(state, &["unfence", &name])?);
+    wait_for(&format!("{name} Up again"), 60, || {
+        Ok(host_state(state, &name)? == "Up")
+    })?;
+    println!("{name} is Up again");
+    Ok(())
 }
