@@ -32,7 +32,7 @@ fn alive(pid: u64) -> bool {
 }
 
 #[test]
-fn lab_up_shows_every_host_up_and_lab_down_leaves_nothing_it_made() {
+fn lab_up_shows_every_host_up_drills_leave_it_healthy_and_lab_down_leaves_nothing_it_made() {
     require!(
         is_root() && have_command("ipmi_sim") && have_command("ipmitool"),
         "root, ipmi_sim and ipmitool (cargo xtask fencebed install)"
@@ -72,6 +72,25 @@ fn lab_up_shows_every_host_up_and_lab_down_leaves_nothing_it_made() {
     assert!(ok && again.contains("already up"), "{again}");
     let (ok, status) = xtask(&lab_dir, &["status"]);
     assert!(ok && status.contains("Running"), "{status}");
+
+    // The drills print defib's own account and leave the lab healthy.
+    let (ok, out) = xtask(&lab_dir, &["drill", "vm-crash"]);
+    assert!(ok, "drill vm-crash:\n{out}");
+    for seen in ["Ebpf", "Libvirt", "RestartingInPlace", "restarted in place"] {
+        assert!(out.contains(seen), "no {seen} in:\n{out}");
+    }
+    let (ok, out) = xtask(&lab_dir, &["drill", "host-loss"]);
+    assert!(ok, "drill host-loss:\n{out}");
+    let order: Vec<usize> = [
+        "Up → Suspect",
+        "fence verified (IpmiPowerOff)",
+        "restored on h0",
+        "h1 is Up again",
+    ]
+    .iter()
+    .map(|s| out.find(s).unwrap_or_else(|| panic!("no {s} in:\n{out}")))
+    .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{out}");
 
     let namespaces: Vec<String> = state["namespaces"]
         .as_array()

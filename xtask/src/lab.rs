@@ -672,18 +672,29 @@ fn wait_for(
 /// The host-loss and partition drills on the last lab host: the failure, the host's
 /// incident until its guests run elsewhere, its timeline; then the host back.
 fn lose_host(state: &Value, partition: bool) -> anyhow::Result<()> {
-    let hosts = state["hosts"].as_array().context("no hosts")?;
-    let host = hosts.last().context("no hosts")?;
+    // The last host that runs a VM now (an earlier drill may have emptied one).
+    let vms = defibctl_json(state, &["vms"])?;
+    let vms = vms["vms"].as_array().cloned().unwrap_or_default();
+    let runs_vms = |h: &Value| {
+        vms.iter()
+            .any(|v| v["host"] == h["name"] && v["state"] == "Running")
+    };
+    let host = state["hosts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .rfind(|h| runs_vms(h))
+        .context("no lab host runs a VM")?;
     let name = host["name"].as_str().unwrap_or("?").to_string();
     let h: usize = name.trim_start_matches('h').parse()?;
     let ctl_ns = state["controller_ns"].as_str().unwrap_or("");
     let bmc = host["bmc_addr"].as_str().unwrap_or("");
-    let subjects: Vec<String> = host["guests"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|g| g["uuid"].as_str().map(|u| format!("vm:{u}")))
+    let subjects: Vec<String> = vms
+        .iter()
+        .filter(|v| v["host"] == name.as_str() && v["state"] == "Running")
+        .filter_map(|v| v["resource"].as_str().map(String::from))
         .collect();
+    let earlier = newest_incident(state, &format!("host:{name}"))?.map(|i| i["id"].clone());
     let old_wd = host["watchdog_pid"].as_u64();
     anyhow::ensure!(
         host_state(state, &name)? == "Up",
@@ -714,8 +725,9 @@ fn lose_host(state: &Value, partition: bool) -> anyhow::Result<()> {
         }))
     })?;
     let id = newest_incident(state, &format!("host:{name}"))?
+        .filter(|i| Some(&i["id"]) != earlier.as_ref())
         .and_then(|i| i["id"].as_u64())
-        .context("no host incident")?;
+        .context("no new incident about the host")?;
     print!("{}", defibctl(state, &["incidents", &id.to_string()])?);
     print!("{}", defibctl(state, &["vms"])?);
 
