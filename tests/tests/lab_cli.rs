@@ -24,6 +24,13 @@ fn xtask(dir: &Path, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+fn read_state(lab_dir: &Path) -> Value {
+    std::fs::read_to_string(lab_dir.join("state.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(Value::Null)
+}
+
 fn alive(pid: u64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
         s.rsplit_once(") ")
@@ -46,10 +53,7 @@ fn lab_up_shows_every_host_up_drills_leave_it_healthy_and_lab_down_leaves_nothin
     assert!(ok && out.contains("the lab is down"), "{out}");
 
     let (ok, out) = xtask(&lab_dir, &["up", "--hosts", "2", "--guests-per-host", "1"]);
-    let state: Value = std::fs::read_to_string(lab_dir.join("state.json"))
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or(Value::Null);
+    let state = read_state(&lab_dir);
     // Whatever happens below, the lab goes down again.
     struct Down<'a>(&'a Path);
     impl Drop for Down<'_> {
@@ -91,6 +95,9 @@ fn lab_up_shows_every_host_up_drills_leave_it_healthy_and_lab_down_leaves_nothin
     .map(|s| out.find(s).unwrap_or_else(|| panic!("no {s} in:\n{out}")))
     .collect();
     assert!(order.windows(2).all(|w| w[0] < w[1]), "{out}");
+    // What runs now (h1 came back with a new watchdog).
+    let state = read_state(&lab_dir);
+    assert_eq!(state["ready"], true, "{state}");
 
     let namespaces: Vec<String> = state["namespaces"]
         .as_array()
