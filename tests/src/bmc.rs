@@ -156,19 +156,12 @@ set_working_mc 0x20
 
     /// `ipmitool ... chassis power WHAT` from the controller's namespace.
     pub fn ipmitool(&self, net: &LabNet, what: &str) -> Result<String, String> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &net.controller_ns(), "ipmitool"])
-            .args(["-I", "lanplus", "-C", "3", "-H", &self.address])
-            .args(["-p", &BMC_PORT.to_string(), "-U", BMC_USER, "-E"])
-            .args(["-N", "1", "-R", "1", "chassis", "power", what])
-            .env("IPMI_PASSWORD", BMC_PASSWORD)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        chassis_power(&net.controller_ns(), &self.address, what)
+    }
+
+    /// The ipmi_sim process (its `ip netns exec` execs it), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The chassis power file: "0" off, "1" on.
@@ -200,6 +193,24 @@ set_working_mc 0x20
 impl Drop for Bmc {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// `ipmitool ... chassis power WHAT` against the lab BMC at `address`, run in namespace
+/// `ns` (the controller's, which reaches the BMC network).
+pub fn chassis_power(ns: &str, address: &str, what: &str) -> Result<String, String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "ipmitool"])
+        .args(["-I", "lanplus", "-C", "3", "-H", address])
+        .args(["-p", &BMC_PORT.to_string(), "-U", BMC_USER, "-E"])
+        .args(["-N", "1", "-R", "1", "chassis", "power", what])
+        .env("IPMI_PASSWORD", BMC_PASSWORD)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
 

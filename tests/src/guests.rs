@@ -27,6 +27,8 @@ pub const RUN_DIR: &str = "/run/defib-hostbed";
 /// Every domain the project defines is named with this prefix; `hostbed stop` removes them.
 pub const GUEST_PREFIX: &str = "dfb-";
 pub const LIBVIRT_URI: &str = "qemu:///system";
+/// Where the system libvirt's qemu driver writes `NAME.pid`.
+pub const QEMU_PID_DIR: &str = "/run/libvirt/qemu";
 /// Size of the disks the harness makes.
 pub const DISK_SIZE: u64 = 16 << 20;
 
@@ -266,6 +268,9 @@ pub struct GuestSpec {
 pub struct Guest {
     name: String,
     uuid: String,
+    /// The libvirt it is defined on, and where that libvirt writes qemu pid files.
+    uri: String,
+    pid_dir: PathBuf,
     pid: u32,
     serial: PathBuf,
     own_files: Vec<PathBuf>,
@@ -294,6 +299,9 @@ struct DomainXml<'a> {
 struct Launch {
     name: String,
     uuid: String,
+    /// The libvirt to define it on, and where that libvirt writes qemu pid files.
+    uri: String,
+    pid_dir: PathBuf,
     xml: String,
     xml_path: PathBuf,
     serial: PathBuf,
@@ -349,11 +357,11 @@ fn domain_xml(name: &str, uuid: &str, serial: &Path, d: &DomainXml) -> String {
 
 /// The domain's name (`dfb-<name>-<tag>`), its serial log (created empty) and XML path,
 /// after removing a stale domain with this UUID.
-fn prepare(name: &str, uuid: &str) -> (String, PathBuf, PathBuf) {
+fn prepare(uri: &str, name: &str, uuid: &str) -> (String, PathBuf, PathBuf) {
     let name = format!("{GUEST_PREFIX}{name}-{}", crate::tag());
     let dir = guests_dir();
     std::fs::create_dir_all(&dir).expect("create guests dir");
-    remove_stale_domain(uuid);
+    remove_stale_domain(uri, uuid);
     let serial = dir.join(format!("{name}.serial.log"));
     std::fs::File::create(&serial).expect("create serial log");
     let xml_path = dir.join(format!("{name}.xml"));
@@ -403,8 +411,14 @@ impl Guest {
     /// boot disk, serial to a log file) and waits until the guest has written its disk
     /// once (`HB-IO` on its serial port).
     pub fn start_spec(spec: GuestSpec) -> Guest {
+        Guest::start_spec_on(spec, LIBVIRT_URI, Path::new(QEMU_PID_DIR))
+    }
+
+    /// As [`Guest::start_spec`], on the libvirt at `uri` whose qemu driver writes its
+    /// pid files to `pid_dir` (e.g. a [`crate::hypervisor::Hypervisor`] of a lab host).
+    pub fn start_spec_on(spec: GuestSpec, uri: &str, pid_dir: &Path) -> Guest {
         let hostbed = Hostbed::ensure().unwrap_or_else(|e| panic!("hostbed: {e}"));
-        let (name, serial, xml_path) = prepare(&spec.name, &spec.uuid);
+        let (name, serial, xml_path) = prepare(uri, &spec.name, &spec.uuid);
         let mut own_files = vec![serial.clone(), xml_path.clone()];
 
         let mut plain_disk = None;
@@ -458,6 +472,8 @@ impl Guest {
         Guest::launch(Launch {
             name,
             uuid: spec.uuid,
+            uri: uri.to_string(),
+            pid_dir: pid_dir.to_path_buf(),
             xml,
             xml_path,
             serial,
@@ -479,6 +495,8 @@ impl Guest {
         let mut guest = Guest {
             name: l.name,
             uuid: l.uuid,
+            uri: l.uri,
+            pid_dir: l.pid_dir,
             pid: 0,
             serial: l.serial,
             own_files: l.own_files,
@@ -486,11 +504,11 @@ impl Guest {
             boot_timeout: l.boot_timeout,
         };
         let xml_arg = l.xml_path.display().to_string();
-        if let Err(e) = virsh(&["define", &xml_arg], VIRSH_WAIT) {
+        if let Err(e) = run_virsh(&guest.uri, &["define", &xml_arg], VIRSH_WAIT) {
             panic!("defining {}: {e}\n{}", guest.name, l.xml);
         }
         let started = Instant::now();
-        if let Err(e) = virsh(&["start", &guest.name], VIRSH_WAIT) {
+        if let Err(e) = run_virsh(&guest.uri, &["start", &guest.name], VIRSH_WAIT) {
             panic!("starting {}: {e}", guest.name);
         }
         guest.pid = guest.pid_from_libvirt();
@@ -506,11 +524,11 @@ impl Guest {
 
     /// The qemu pid libvirt wrote for the running domain.
     fn pid_from_libvirt(&self) -> u32 {
-        let pidfile = format!("/run/libvirt/qemu/{}.pid", self.name);
+        let pidfile = self.pid_dir.join(format!("{}.pid", self.name));
         std::fs::read_to_string(&pidfile)
             .ok()
             .and_then(|s| s.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no qemu pid in {pidfile}"))
+            .unwrap_or_else(|| panic!("no qemu pid in {}", pidfile.display()))
     }
 
     fn wait_first_io(&self, what: &str) {
@@ -545,7 +563,7 @@ impl Guest {
             .truncate(true)
             .open(&self.serial);
         let started = Instant::now();
-        if let Err(e) = virsh(&["start", &self.name], VIRSH_WAIT) {
+        if let Err(e) = run_virsh(&self.uri, &["start", &self.name], VIRSH_WAIT) {
             panic!("starting {} again: {e}", self.name);
         }
         self.pid = self.pid_from_libvirt();
@@ -568,7 +586,12 @@ impl Guest {
         &self.uuid
     }
 
-    /// The qemu process (from `/run/libvirt/qemu/<name>.pid`).
+    /// The libvirt URI the guest is defined on.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// The qemu process (from `<pid_dir>/<name>.pid`).
     pub fn pid(&self) -> u32 {
         self.pid
     }
@@ -674,7 +697,7 @@ impl LinuxGuest {
     /// `HB-IO 1` on its serial port.
     pub fn start(name: &str, uuid: &str) -> LinuxGuest {
         let (kernel, initrd) = Hostbed::linux_images().unwrap_or_else(|e| panic!("hostbed: {e}"));
-        let (name, serial, xml_path) = prepare(name, uuid);
+        let (name, serial, xml_path) = prepare(LIBVIRT_URI, name, uuid);
         let disk = guests_dir().join(format!("{name}.raw"));
         let f = std::fs::File::create(&disk)
             .unwrap_or_else(|e| panic!("create {}: {e}", disk.display()));
@@ -704,6 +727,8 @@ impl LinuxGuest {
         let guest = Guest::launch(Launch {
             name,
             uuid: uuid.into(),
+            uri: LIBVIRT_URI.into(),
+            pid_dir: PathBuf::from(QEMU_PID_DIR),
             xml,
             xml_path,
             serial,
@@ -789,23 +814,23 @@ fn write_control_sector(disk: &Path, line: &str) {
 
 /// A domain left behind with this UUID by an earlier run that was killed: removed if it
 /// is one of ours, else the test cannot go on.
-fn remove_stale_domain(uuid: &str) {
-    if let Ok(name) = virsh(&["domname", uuid], VIRSH_WAIT) {
+fn remove_stale_domain(uri: &str, uuid: &str) {
+    if let Ok(name) = run_virsh(uri, &["domname", uuid], VIRSH_WAIT) {
         let name = name.trim();
         assert!(
             name.starts_with(GUEST_PREFIX),
             "a domain that is not the tests' ({name}) has UUID {uuid}"
         );
-        let _ = virsh(&["destroy", name], VIRSH_WAIT);
-        let _ = virsh(&["undefine", name], VIRSH_WAIT);
+        let _ = run_virsh(uri, &["destroy", name], VIRSH_WAIT);
+        let _ = run_virsh(uri, &["undefine", name], VIRSH_WAIT);
     }
 }
 
 impl Drop for Guest {
     fn drop(&mut self) {
         // destroy fails when the qemu is already gone (a test killed it): fine.
-        let _ = virsh(&["destroy", &self.name], VIRSH_WAIT);
-        if let Err(e) = virsh(&["undefine", &self.name], VIRSH_WAIT) {
+        let _ = run_virsh(&self.uri, &["destroy", &self.name], VIRSH_WAIT);
+        if let Err(e) = run_virsh(&self.uri, &["undefine", &self.name], VIRSH_WAIT) {
             eprintln!("undefine {}: {e}", self.name);
         }
         for f in &self.own_files {

@@ -114,6 +114,11 @@ exec /usr/sbin/libvirtd --pid-file {r}/libvirtd.pid"
         )
     }
 
+    /// Its directory (configuration, sockets, state, logs); removed on drop.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// Where its qemu driver writes `NAME.pid`.
     pub fn pid_dir(&self) -> PathBuf {
         self.root.join("run/qemu")

@@ -192,18 +192,31 @@ key_file = {key:?}
                     "[libvirt]\nenabled = false\n"
                 },
             );
-            let conf_path = self.path(&format!("wd{h}.toml"));
-            std::fs::write(&conf_path, cfg).unwrap();
-            let bin = built_binary("defib-watchdog", "defib-watchdog");
-            let conf = conf_path.display().to_string();
-            let d = self.spawn(
-                &format!("watchdog-h{h}"),
-                &self.net.host_ns(h),
-                &bin,
-                &["--config", &conf, "run", "--print-events"],
-            );
+            std::fs::write(self.path(&format!("wd{h}.toml")), cfg).unwrap();
+            let d = self.spawn_watchdog(h);
             self.watchdogs.push(d);
         }
+    }
+
+    /// Host `h`'s watchdog on the configuration [`Lab::start_watchdogs`] wrote.
+    fn spawn_watchdog(&self, h: usize) -> Daemon {
+        let bin = built_binary("defib-watchdog", "defib-watchdog");
+        let conf = self.path(&format!("wd{h}.toml")).display().to_string();
+        self.spawn(
+            &format!("watchdog-h{h}"),
+            &self.net.host_ns(h),
+            &bin,
+            &["--config", &conf, "run", "--print-events"],
+        )
+    }
+
+    /// Starts host `h`'s watchdog again (e.g. after a power loss killed it), its earlier
+    /// log kept beside the new one.
+    pub fn restart_watchdog(&mut self, h: usize) {
+        let old = self.path(&format!("watchdog-h{h}.log"));
+        let _ = std::fs::rename(&old, old.with_extension("log.old"));
+        let d = self.spawn_watchdog(h);
+        self.watchdogs[h] = d;
     }
 
     /// `defibctl --json ARGS` run inside the controller's namespace.

@@ -6,6 +6,7 @@ mod bundle;
 mod demo;
 mod fencebed;
 mod hostbed;
+mod lab;
 mod linuxguest;
 mod novabed;
 mod setup;
@@ -54,6 +55,12 @@ enum Task {
     /// (binaries, systemd units, example configs, install.sh, docs, Grafana dashboard)
     /// and its .sha256, in target/bundle/.
     Bundle(bundle::Args),
+    /// The lab: defib on N namespaced hosts with KVM guests and BMCs, kept running
+    /// (`lab up`, `lab status`, `lab drill vm-crash`, `lab down`; see docs/lab.md).
+    Lab {
+        #[command(subcommand)]
+        action: lab::Action,
+    },
     /// Build the eBPF probes (they are built by watchdog/build.rs; this runs just that).
     BuildEbpf,
     /// Setup, then show the watchdog at work on this machine: a VM's qemu is killed, one
@@ -103,6 +110,12 @@ fn main() -> ExitCode {
         Task::Fencebed { action } => fencebed::run(action),
         Task::Novabed { action } => novabed::run(action),
         Task::Bundle(args) => bundle::run(&args).map(|_| ()),
+        Task::Lab { action } => if matches!(action, lab::Action::Up { .. }) {
+            setup::run()
+        } else {
+            Ok(())
+        }
+        .and_then(|()| lab::run(action)),
         Task::BuildEbpf => cargo(&["build", "-p", "defib-watchdog"]),
         Task::Demo => setup::run().and_then(|()| demo::run()),
         Task::Sim { seeds } => {

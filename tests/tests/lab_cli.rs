@@ -1,0 +1,152 @@
+//! `cargo xtask lab up|status|down` (issue 7): the lab comes up, shows itself, and goes
+//! away without leaving anything it made.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+
+use std::path::Path;
+use std::process::Command;
+
+use defib_tests::{built_binary, have_command, is_root, require, require_hostbed};
+use serde_json::Value;
+
+fn xtask(dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(built_binary("xtask", "xtask"))
+        .args(["lab"])
+        .args(args)
+        .env("DEFIB_LAB_DIR", dir)
+        .current_dir(defib_tests::workspace_root())
+        .output()
+        .expect("run xtask");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn read_state(lab_dir: &Path) -> Value {
+    std::fs::read_to_string(lab_dir.join("state.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(Value::Null)
+}
+
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(") ")
+            .is_some_and(|(_, r)| !r.starts_with('Z'))
+    })
+}
+
+#[test]
+fn lab_up_shows_every_host_up_drills_leave_it_healthy_and_lab_down_leaves_nothing_it_made() {
+    require!(
+        is_root() && have_command("ipmi_sim") && have_command("ipmitool"),
+        "root, ipmi_sim and ipmitool (cargo xtask fencebed install)"
+    );
+    let _hostbed = require_hostbed!();
+    let dir = tempfile::tempdir().unwrap();
+    let lab_dir = dir.path().join("lab");
+
+    // Down when down is a no-op.
+    let (ok, out) = xtask(&lab_dir, &["down"]);
+    assert!(ok && out.contains("the lab is down"), "{out}");
+
+    let (ok, out) = xtask(&lab_dir, &["up", "--hosts", "2", "--guests-per-host", "1"]);
+    let state = read_state(&lab_dir);
+    // Whatever happens below, the lab goes down again.
+    struct Down<'a>(&'a Path);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            let _ = xtask(self.0, &["down"]);
+        }
+    }
+    let guard = Down(&lab_dir);
+    assert!(ok, "lab up failed:\n{out}");
+    assert_eq!(state["ready"], true, "{state}");
+    // `up` prints the status: both hosts Up in the controller's own table.
+    for h in ["h0", "h1"] {
+        assert!(
+            out.lines()
+                .any(|l| l.split_whitespace().next() == Some(h) && l.contains("Up")),
+            "{h} not Up in:\n{out}"
+        );
+    }
+    let (ok, again) = xtask(&lab_dir, &["up", "--hosts", "2", "--guests-per-host", "1"]);
+    assert!(ok && again.contains("already up"), "{again}");
+    let (ok, status) = xtask(&lab_dir, &["status"]);
+    assert!(ok && status.contains("Running"), "{status}");
+
+    // The drills print defib's own account and leave the lab healthy.
+    let (ok, out) = xtask(&lab_dir, &["drill", "vm-crash"]);
+    assert!(ok, "drill vm-crash:\n{out}");
+    for seen in ["Ebpf", "Libvirt", "RestartingInPlace", "restarted in place"] {
+        assert!(out.contains(seen), "no {seen} in:\n{out}");
+    }
+    let (ok, out) = xtask(&lab_dir, &["drill", "host-loss"]);
+    assert!(ok, "drill host-loss:\n{out}");
+    let order: Vec<usize> = [
+        "Up → Suspect",
+        "fence verified (IpmiPowerOff)",
+        "restored on h0",
+        "h1 is Up again",
+    ]
+    .iter()
+    .map(|s| out.find(s).unwrap_or_else(|| panic!("no {s} in:\n{out}")))
+    .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{out}");
+    // What runs now (h1 came back with a new watchdog).
+    let state = read_state(&lab_dir);
+    assert_eq!(state["ready"], true, "{state}");
+
+    let namespaces: Vec<String> = state["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(namespaces.len(), 2 + 1 + 2, "{state}");
+    for ns in &namespaces {
+        assert!(Path::new("/run/netns").join(ns).exists(), "{ns}");
+    }
+    let pids: Vec<u64> = state["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["pid"].as_u64())
+        .chain(state["keeper_pid"].as_u64())
+        .collect();
+    // The controller, per host a watchdog, a BMC and a libvirtd; the keeper.
+    assert_eq!(pids.len(), 1 + 3 * 2 + 1, "{state}");
+    assert!(pids.iter().all(|&p| alive(p)), "{state}");
+    let guests: Vec<String> = state["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|h| h["guests"].as_array().unwrap().clone())
+        .map(|g| g["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(guests.len(), 2);
+
+    drop(guard);
+    let (ok, out) = xtask(&lab_dir, &["down"]);
+    assert!(ok && out.contains("the lab is down"), "{out}");
+    for ns in &namespaces {
+        assert!(!Path::new("/run/netns").join(ns).exists(), "{ns} left");
+    }
+    for p in &pids {
+        assert!(!alive(*p), "pid {p} left running");
+    }
+    for d in state["dirs"].as_array().unwrap() {
+        assert!(!Path::new(d.as_str().unwrap()).exists(), "{d} left");
+    }
+    assert!(!lab_dir.exists(), "the lab's directory is left");
+    let all = defib_tests::guests::virsh(
+        &["list", "--all", "--name"],
+        std::time::Duration::from_secs(10),
+    )
+    .unwrap();
+    for g in &guests {
+        assert!(!all.contains(g.as_str()), "guest {g} left defined");
+    }
+}

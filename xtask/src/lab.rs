@@ -1,0 +1,758 @@
+//! `cargo xtask lab up|status|down|drill`: defib at work on one machine, kept running
+//! between commands.
+//!
+//! The lab is built from the test harness (tests/src: `Lab`, `LabNet`, `Bmc`,
+//! `Hypervisor`, `Guest`), whose pieces clean up on drop. So that they outlive `lab up`,
+//! they live in a *keeper*: `lab up` starts `xtask lab serve` in a session of its own,
+//! which builds the lab, writes what it made to `state.json` in the lab directory
+//! (`/run/defib-lab`, or `$DEFIB_LAB_DIR`) and waits for SIGTERM; then it drops the lab,
+//! which removes exactly what it made. `lab down` sends that SIGTERM and, should the
+//! keeper be gone (killed with SIGKILL), removes what the state file lists.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::Subcommand;
+use defib_tests::bmc::{Bmc, BMC_PASSWORD, BMC_PORT, BMC_USER};
+use defib_tests::guests::{run_virsh, unique_uuid, Guest, GuestDisk, GuestSpec, LIBVIRT_URI};
+use defib_tests::hypervisor::Hypervisor;
+use defib_tests::lab::{Lab, LabSpec};
+use serde_json::{json, Value};
+
+#[derive(Subcommand)]
+pub enum Action {
+    /// Build everything and start the lab: N lab hosts in network namespaces (management
+    /// and storage links, a defib-watchdog and a libvirtd each, an ipmi_sim BMC), KVM
+    /// guests, a defib-controller (libvirt backend, IPMI fencing). Says so if it is up.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        hosts: usize,
+        #[arg(long, default_value_t = 2)]
+        guests_per_host: usize,
+    },
+    /// What runs, and the controller's view of hosts and VMs.
+    Status,
+    /// Stop and remove everything `up` made (nothing else). A no-op when the lab is down.
+    Down,
+    /// Inject a failure and print the incident's timeline as defib recorded it.
+    Drill {
+        #[arg(value_enum)]
+        kind: Drill,
+    },
+    /// The keeper (run by `up`; not for direct use).
+    #[command(hide = true)]
+    Serve {
+        #[arg(long)]
+        hosts: usize,
+        #[arg(long)]
+        guests_per_host: usize,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Drill {
+    /// Kill a guest's qemu: seen by the kernel (eBPF) and by libvirt, restarted in place.
+    VmCrash,
+    /// Power a host off at its BMC: Suspect, fenced (IPMI power off verified), its guests
+    /// started on the other hosts; then power it on and unfence it.
+    HostLoss,
+    /// Cut every link of a host (it runs on): fenced through its BMC, guests evacuated;
+    /// then power it on and unfence it.
+    Partition,
+}
+
+pub fn run(action: Action) -> anyhow::Result<()> {
+    match action {
+        Action::Up {
+            hosts,
+            guests_per_host,
+        } => up(hosts, guests_per_host),
+        Action::Status => status(),
+        Action::Down => down(),
+        Action::Drill { kind } => drill(kind),
+        Action::Serve {
+            hosts,
+            guests_per_host,
+        } => serve(hosts, guests_per_host),
+    }
+}
+
+/// Where the lab keeps its state file and the keeper's log.
+pub fn lab_dir() -> PathBuf {
+    std::env::var_os("DEFIB_LAB_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/defib-lab"))
+}
+
+fn state_path() -> PathBuf {
+    lab_dir().join("state.json")
+}
+
+fn read_state() -> Option<Value> {
+    let text = std::fs::read_to_string(state_path()).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(") ")
+                .and_then(|(_, r)| r.split_whitespace().next().map(String::from))
+        })
+        .is_some_and(|st| st != "Z" && st != "X")
+}
+
+fn keeper_pid(state: &Value) -> Option<u64> {
+    state["keeper_pid"].as_u64().filter(|&p| alive(p))
+}
+
+fn up(hosts: usize, guests_per_host: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        hosts >= 2,
+        "a lab needs at least 2 hosts (one to evacuate to)"
+    );
+    anyhow::ensure!(
+        defib_tests::is_root(),
+        "the lab makes namespaces and loads BPF: run it as root"
+    );
+    if let Some(state) = read_state() {
+        if keeper_pid(&state).is_some() {
+            println!("the lab is already up (`cargo xtask lab status`, `cargo xtask lab down`)");
+            return Ok(());
+        }
+        bail!(
+            "a lab state file {} is left from a lab whose keeper is gone: `cargo xtask lab down` removes what it lists",
+            state_path().display()
+        );
+    }
+    crate::fencebed::install()?;
+    let started_hostbed = !crate::hostbed::libvirt_answers();
+    crate::hostbed::start()?;
+    // Everything the keeper runs, built now (as the keeper's harness builds them, so
+    // that its builds are no-ops) so that build errors show here.
+    for (package, bin) in [
+        ("defib-controller", "defib-controller"),
+        ("defib-watchdog", "defib-watchdog"),
+        ("defibctl", "defibctl"),
+        ("defib-tests", "defib-subreaper"),
+    ] {
+        defib_tests::built_binary(package, bin);
+    }
+    let dir = lab_dir();
+    std::fs::create_dir_all(&dir)?;
+    if started_hostbed {
+        std::fs::write(dir.join("started-hostbed"), "")?;
+    }
+    let log = std::fs::File::create(dir.join("keeper.log"))?;
+    // `setsid`: a session of its own, so the terminal's hangup or ^C does not reach it.
+    let mut keeper = Command::new("setsid")
+        .arg(std::env::current_exe()?)
+        .args(["lab", "serve", "--hosts", &hosts.to_string()])
+        .args(["--guests-per-host", &guests_per_host.to_string()])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting the lab keeper")?;
+    println!("lab: starting (keeper pid {}) …", keeper.id());
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Some(state) = read_state() {
+            if state["ready"] == true {
+                break;
+            }
+        }
+        if let Some(status) = keeper.try_wait()? {
+            let log = std::fs::read_to_string(dir.join("keeper.log")).unwrap_or_default();
+            bail!("the lab keeper exited ({status}) before the lab was up:\n{log}");
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the lab is not up after 300 s; see {}",
+                dir.join("keeper.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("lab: up");
+    status()
+}
+
+/// `defibctl ARGS` against the lab's controller, from its namespace.
+fn defibctl(state: &Value, args: &[&str]) -> anyhow::Result<String> {
+    // Built by `up`; building again here would only cost time.
+    let bin = defib_tests::workspace_root().join("target/debug/defibctl");
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            state["controller_ns"].as_str().unwrap_or(""),
+        ])
+        .arg(bin)
+        .args(["--url", state["api_url"].as_str().unwrap_or("")])
+        .args(["--token-file", state["token_file"].as_str().unwrap_or("")])
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "defibctl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn defibctl_json(state: &Value, args: &[&str]) -> anyhow::Result<Value> {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    Ok(serde_json::from_str(&defibctl(state, &a)?)?)
+}
+
+fn status() -> anyhow::Result<()> {
+    let Some(state) = read_state() else {
+        println!("the lab is down (`cargo xtask lab up` starts it)");
+        return Ok(());
+    };
+    let Some(pid) = keeper_pid(&state) else {
+        println!(
+            "the lab's keeper is gone; {} lists what is left (`cargo xtask lab down` removes it)",
+            state_path().display()
+        );
+        return Ok(());
+    };
+    println!("lab keeper pid {pid}, files in {}", state["dir"]);
+    println!(
+        "controller pid {} in namespace {} ({})",
+        state["pids"]["controller"], state["controller_ns"], state["api_url"]
+    );
+    for h in state["hosts"].as_array().into_iter().flatten() {
+        let guests: Vec<&str> = h["guests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|g| g["name"].as_str())
+            .collect();
+        println!(
+            "{}: namespace {}, watchdog pid {} ({}), libvirt {}, BMC {} (ipmi_sim pid {}), guests {}",
+            h["name"].as_str().unwrap_or("?"),
+            h["ns"].as_str().unwrap_or("?"),
+            h["watchdog_pid"],
+            if h["watchdog_pid"].as_u64().is_some_and(alive) {
+                "running"
+            } else {
+                "gone"
+            },
+            h["libvirt_uri"].as_str().unwrap_or("?"),
+            h["bmc_addr"].as_str().unwrap_or("?"),
+            h["bmc_pid"],
+            guests.join(", ")
+        );
+    }
+    println!();
+    print!("{}", defibctl(&state, &["hosts"])?);
+    println!();
+    print!("{}", defibctl(&state, &["vms"])?);
+    Ok(())
+}
+
+fn down() -> anyhow::Result<()> {
+    let Some(state) = read_state() else {
+        println!("the lab is down");
+        return Ok(());
+    };
+    if let Some(pid) = keeper_pid(&state) {
+        println!("lab: stopping (keeper pid {pid}) …");
+        kill(pid, "-TERM");
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if alive(pid) {
+            eprintln!(
+                "lab: the keeper did not stop within 180 s; SIGKILL and removing what it made"
+            );
+            kill(pid, "-KILL");
+        }
+    }
+    // Whatever is still there (a keeper killed with SIGKILL leaves it all).
+    remove_leftovers(&state);
+    let dir = lab_dir();
+    if dir.join("started-hostbed").exists() {
+        crate::hostbed::stop()?;
+    }
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    println!("lab: down");
+    Ok(())
+}
+
+fn kill(pid: u64, signal: &str) {
+    let _ = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Removes what the state file lists and still exists: guests, processes (by pid, if
+/// still the program recorded), namespaces, directories.
+fn remove_leftovers(state: &Value) {
+    for h in state["hosts"].as_array().into_iter().flatten() {
+        for g in h["guests"].as_array().into_iter().flatten() {
+            let name = g["name"].as_str().unwrap_or("");
+            let uri = h["libvirt_uri"].as_str().unwrap_or(LIBVIRT_URI);
+            for uri in [uri, LIBVIRT_URI] {
+                if run_virsh(uri, &["domstate", name], Duration::from_secs(5)).is_ok() {
+                    let _ = run_virsh(uri, &["destroy", name], Duration::from_secs(30));
+                    let _ = run_virsh(uri, &["undefine", name], Duration::from_secs(30));
+                }
+            }
+        }
+    }
+    for p in state["processes"].as_array().into_iter().flatten() {
+        let (Some(pid), Some(exe)) = (p["pid"].as_u64(), p["comm"].as_str()) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if alive(pid) && comm.trim() == exe {
+            eprintln!("lab: stopping leftover {exe} (pid {pid})");
+            kill(pid, "-KILL");
+        }
+    }
+    for ns in state["namespaces"].as_array().into_iter().flatten() {
+        let ns = ns.as_str().unwrap_or("");
+        if Path::new("/run/netns").join(ns).exists() {
+            eprintln!("lab: removing leftover namespace {ns}");
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+    for d in state["dirs"].as_array().into_iter().flatten() {
+        let d = Path::new(d.as_str().unwrap_or(""));
+        if d.is_absolute() && d.exists() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// One lab host as the keeper holds it.
+struct Host {
+    // Fields drop in order: the guests before their libvirtd.
+    guests: Vec<Guest>,
+    uri: String,
+    pid_dir: PathBuf,
+    hv: Hypervisor,
+}
+
+/// The keeper: builds the lab, records it, holds it until SIGTERM, then drops it.
+fn serve(hosts: usize, guests_per_host: usize) -> anyhow::Result<()> {
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(
+            libc::SIGTERM,
+            on_stop as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGINT,
+            on_stop as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+    }
+    let tag = defib_tests::tag();
+    // Each host's hypervisor: a libvirtd of its own, so that the lab's hosts see only the
+    // lab's guests (the hostbed's system libvirt is shared with the tests).
+    let mut lab_hosts = Vec::new();
+    for h in 0..hosts {
+        let hv = Hypervisor::start(&format!("lab-h{h}")).map_err(anyhow::Error::msg)?;
+        lab_hosts.push(Host {
+            uri: hv.uri(),
+            pid_dir: hv.pid_dir(),
+            hv,
+            guests: Vec::new(),
+        });
+    }
+    let fence_hosts: String = (0..hosts)
+        .map(|h| {
+            format!(
+                "[[fence.host]]\nname = \"h{h}\"\nlevels = [{{ method = \"ipmi\", address = \"10.78.0.{}\", port = {BMC_PORT}, username = \"{BMC_USER}\", password_file = \"{{DIR}}/bmc.pass\", timeout_ms = 1000, attempts = 2, backoff_ms = 100 }}]\n",
+                10 + h
+            )
+        })
+        .collect();
+    let libvirt: Vec<(String, String)> = lab_hosts
+        .iter()
+        .map(|h| (h.uri.clone(), h.pid_dir.display().to_string()))
+        .collect();
+    let spec = LabSpec {
+        hosts,
+        backend: "libvirt",
+        controller_extra: format!(
+            "[engine]\nfence_on_unknown_after_ms = 3000\nfence_retry_backoff_ms = 1000\n\n\
+             [fence]\nverify_timeout_ms = 5000\nverify_poll_ms = 100\n\n{fence_hosts}"
+        ),
+        // Each host watches its own libvirt and reports only its own domains (one kernel's
+        // probes see every qemu).
+        watchdog_extra: Box::new(move |h| {
+            let (uri, pids) = &libvirt[h];
+            format!(
+                "[libvirt]\nenabled = true\nonly_own_domains = true\nuri = {uri:?}\npid_dir = {pids:?}\n"
+            )
+        }),
+        bmc_network: true,
+    };
+    let mut lab = Lab::new(&spec);
+    std::fs::write(lab.path("bmc.pass"), format!("{BMC_PASSWORD}\n"))?;
+    let mut bmcs = Vec::new();
+    for (h, host) in lab_hosts.iter().enumerate() {
+        let bmc = Bmc::start(&lab.net, h, lab.dir.path());
+        // Power loss takes the host's guests too: its libvirt runs their qemus outside
+        // the host's namespace. Only the lab's own domains (by name) are killed.
+        bmc.also_on_power_off(&format!(
+            "for f in {}/dfb-lab{tag}-*.pid; do [ -f \"$f\" ] && kill -9 $(cat \"$f\") && echo \"$(date +%s.%N) killed guest qemu $f\"; done",
+            host.pid_dir.display()
+        ));
+        bmcs.push(bmc);
+    }
+    for (h, host) in lab_hosts.iter_mut().enumerate() {
+        for g in 0..guests_per_host {
+            let spec = GuestSpec {
+                name: format!("lab{tag}-h{h}-g{g}"),
+                uuid: unique_uuid(),
+                disk: GuestDisk::Plain,
+                ib700: None,
+                wdt_pets: 0,
+            };
+            host.guests
+                .push(Guest::start_spec_on(spec, &host.uri, &host.pid_dir));
+        }
+    }
+    lab.start_controller(&spec);
+    lab.start_watchdogs(&spec);
+    write_state(&describe(&lab, &lab_hosts, &bmcs, &tag, false))?;
+    // Up when the controller sees every host Up and every guest Running.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let vms = lab.ctl(&["vms"]);
+        let running = vms["vms"]
+            .as_array()
+            .or(vms.as_array())
+            .map(|l| l.iter().filter(|v| v["state"] == "Running").count())
+            .unwrap_or(0);
+        let states = lab.host_states();
+        if states.len() == hosts
+            && states.iter().all(|(_, s)| s == "Up")
+            && running >= hosts * guests_per_host
+        {
+            break;
+        }
+        if STOP.load(Ordering::SeqCst) {
+            break;
+        }
+        if Instant::now() > deadline {
+            eprintln!(
+                "lab: not up within 120 s: hosts {states:?}, {running} VMs running\n{}",
+                lab.logs()
+            );
+            STOP.store(true, Ordering::SeqCst);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if !STOP.load(Ordering::SeqCst) {
+        write_state(&describe(&lab, &lab_hosts, &bmcs, &tag, true))?;
+        eprintln!("lab: up; waiting for SIGTERM (`cargo xtask lab down`)");
+    }
+    while !STOP.load(Ordering::SeqCst) {
+        // A host powered on again after a power loss (a drill's `chassis power on`)
+        // boots: its links come up and its watchdog starts again.
+        for h in 0..hosts {
+            let dead = lab.watchdogs[h].child.try_wait().ok().flatten().is_some();
+            if dead && bmcs[h].power_file() == "1" {
+                lab.net.set_host_links(h, true);
+                lab.restart_watchdog(h);
+                eprintln!(
+                    "lab: h{h} powered on: links up, watchdog pid {}",
+                    lab.watchdogs[h].pid()
+                );
+                write_state(&describe(&lab, &lab_hosts, &bmcs, &tag, true))?;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("lab: stopping");
+    // Daemons first (so nothing reacts to the rest going), then guests, hypervisors, BMCs, network.
+    lab.controller = None;
+    lab.watchdogs.clear();
+    for host in &mut lab_hosts {
+        host.guests.clear();
+    }
+    // A guest evacuated to another host is on that host's libvirtd, which destroys its
+    // domains when it stops.
+    drop(lab_hosts);
+    drop(bmcs);
+    drop(lab);
+    let _ = std::fs::remove_file(state_path());
+    eprintln!("lab: stopped");
+    Ok(())
+}
+
+fn write_state(state: &Value) -> anyhow::Result<()> {
+    let tmp = state_path().with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(state)?)?;
+    std::fs::rename(&tmp, state_path())?;
+    Ok(())
+}
+
+fn drill(kind: Drill) -> anyhow::Result<()> {
+    let state = read_state()
+        .filter(|s| keeper_pid(s).is_some())
+        .context("the lab is down (`cargo xtask lab up`)")?;
+    match kind {
+        Drill::VmCrash => vm_crash(&state),
+        Drill::HostLoss => lose_host(&state, false),
+        Drill::Partition => lose_host(&state, true),
+    }
+}
+
+/// Kills the qemu of the first guest of h1 (or h0) with SIGKILL, waits for the VM to run
+/// again, and prints its incident's timeline.
+fn vm_crash(state: &Value) -> anyhow::Result<()> {
+    let host = state["hosts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|h| h["guests"].as_array().is_some_and(|g| !g.is_empty()))
+        .context("the lab has no guests")?;
+    let guest = &host["guests"][0];
+    let (name, uuid) = (
+        guest["name"].as_str().unwrap_or(""),
+        guest["uuid"].as_str().unwrap_or(""),
+    );
+    let pid_dir = Path::new(host["pid_dir"].as_str().unwrap_or(""));
+    let pid: u64 = std::fs::read_to_string(pid_dir.join(format!("{name}.pid")))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .with_context(|| format!("{name} does not run on {}", host["name"]))?;
+    let subject = format!("vm:{uuid}");
+    let before = newest_incident(state, &subject)?.map(|i| i["id"].clone());
+    println!(
+        "drill vm-crash: SIGKILL to qemu pid {pid} of {name} on {}",
+        host["name"].as_str().unwrap_or("?")
+    );
+    kill(pid, "-KILL");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let id = loop {
+        if let Some(inc) = newest_incident(state, &subject)? {
+            if Some(&inc["id"]) != before.as_ref() && !inc["closed_at_ms"].is_null() {
+                break inc["id"].as_u64().unwrap_or(0);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("no closed incident about {subject} within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    print!("{}", defibctl(state, &["incidents", &id.to_string()])?);
+    let new_pid = std::fs::read_to_string(pid_dir.join(format!("{name}.pid"))).unwrap_or_default();
+    println!("{name} runs again: qemu pid {}", new_pid.trim());
+    Ok(())
+}
+
+/// The newest incident about `subject` (its summary), if any.
+fn newest_incident(state: &Value, subject: &str) -> anyhow::Result<Option<Value>> {
+    let list = defibctl_json(state, &["incidents"])?;
+    Ok(list["incidents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|i| i["subject"] == subject)
+        .max_by_key(|i| i["id"].as_u64())
+        .cloned())
+}
+
+/// What the keeper made, for the state file.
+fn describe(lab: &Lab, lab_hosts: &[Host], bmcs: &[Bmc], tag: &str, ready: bool) -> Value {
+    let hosts = lab_hosts.len();
+    {
+        let mut processes = vec![
+            json!({"pid": lab.controller.as_ref().map(|d| d.pid()), "comm": "defib-controlle"}),
+        ];
+        let host_list: Vec<Value> = lab_hosts
+            .iter()
+            .enumerate()
+            .map(|(h, host)| {
+                let wd = lab.watchdogs[h].pid();
+                processes.push(json!({"pid": wd, "comm": "defib-watchdog"}));
+                json!({
+                    "name": format!("h{h}"),
+                    "ns": lab.net.host_ns(h),
+                    "watchdog_pid": wd,
+                    "libvirt_uri": host.uri,
+                    "pid_dir": host.pid_dir,
+                    "bmc_addr": lab.net.bmc_addr(h),
+                    "bmc_pid": bmcs[h].pid(),
+                    "guests": host.guests.iter().map(|g| json!({"name": g.name(), "uuid": g.uuid()})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        for b in bmcs {
+            processes.push(json!({"pid": b.pid(), "comm": "ipmi_sim"}));
+        }
+        // The lab's own libvirtds (their domains are destroyed first, by URI).
+        for hv in lab_hosts.iter().map(|h| &h.hv) {
+            let pid = std::fs::read_to_string(hv.root().join("child.pid")).unwrap_or_default();
+            if let Ok(pid) = pid.trim().parse::<u64>() {
+                processes.push(json!({"pid": pid, "comm": "libvirtd"}));
+            }
+        }
+        let mut namespaces = vec![
+            lab.net.switch_ns(),
+            lab.net.controller_ns(),
+            lab.net.bmc_ns(),
+        ];
+        namespaces.extend((0..hosts).map(|h| lab.net.host_ns(h)));
+        let mut dirs = vec![lab.dir.path().display().to_string()];
+        dirs.extend(
+            lab_hosts
+                .iter()
+                .map(|h| &h.hv)
+                .map(|hv| hv.root().display().to_string()),
+        );
+        json!({
+            "ready": ready,
+            "keeper_pid": std::process::id(),
+            "tag": tag,
+            "dir": lab.dir.path(),
+            "controller_ns": lab.net.controller_ns(),
+            "api_url": format!("http://{}:7412", lab.net.controller_addr(0)),
+            "token_file": lab.path("api.token"),
+            "pids": {"controller": lab.controller.as_ref().map(|d| d.pid())},
+            "hosts": host_list,
+            "processes": processes,
+            "namespaces": namespaces,
+            "dirs": dirs,
+        })
+    }
+}
+
+fn host_state(state: &Value, host: &str) -> anyhow::Result<String> {
+    let hosts = defibctl_json(state, &["hosts"])?;
+    Ok(hosts["hosts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|h| h["host"] == host)
+        .and_then(|h| h["state"].as_str())
+        .unwrap_or("absent")
+        .to_string())
+}
+
+/// Polls `ok` every 100 ms for up to `secs`.
+fn wait_for(
+    what: &str,
+    secs: u64,
+    mut ok: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !ok()? {
+        if Instant::now() > deadline {
+            bail!("{what}: not within {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// The host-loss and partition drills on the last lab host: the failure, the host's
+/// incident until its guests run elsewhere, its timeline; then the host back.
+fn lose_host(state: &Value, partition: bool) -> anyhow::Result<()> {
+    // The last host that runs a VM now (an earlier drill may have emptied one).
+    let vms = defibctl_json(state, &["vms"])?;
+    let vms = vms["vms"].as_array().cloned().unwrap_or_default();
+    let runs_vms = |h: &Value| {
+        vms.iter()
+            .any(|v| v["host"] == h["name"] && v["state"] == "Running")
+    };
+    let host = state["hosts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .rfind(|h| runs_vms(h))
+        .context("no lab host runs a VM")?;
+    let name = host["name"].as_str().unwrap_or("?").to_string();
+    let h: usize = name.trim_start_matches('h').parse()?;
+    let ctl_ns = state["controller_ns"].as_str().unwrap_or("");
+    let bmc = host["bmc_addr"].as_str().unwrap_or("");
+    let subjects: Vec<String> = vms
+        .iter()
+        .filter(|v| v["host"] == name.as_str() && v["state"] == "Running")
+        .filter_map(|v| v["resource"].as_str().map(String::from))
+        .collect();
+    let earlier = newest_incident(state, &format!("host:{name}"))?.map(|i| i["id"].clone());
+    let old_wd = host["watchdog_pid"].as_u64();
+    anyhow::ensure!(
+        host_state(state, &name)? == "Up",
+        "{name} is not Up; run the drill on a healthy lab"
+    );
+    if partition {
+        let sw = state["namespaces"][0].as_str().unwrap_or("");
+        println!("drill partition: every link of {name} cut at the switch ({name} runs on)");
+        for p in 0..2 {
+            let port = format!("h{h}-p{p}");
+            let st = Command::new("ip")
+                .args(["-n", sw, "link", "set", &port, "down"])
+                .status()?;
+            anyhow::ensure!(st.success(), "cutting {port}");
+        }
+    } else {
+        println!("drill host-loss: {name} powered off at its BMC ({bmc})");
+        defib_tests::bmc::chassis_power(ctl_ns, bmc, "off").map_err(anyhow::Error::msg)?;
+    }
+    // Fenced, and every guest of the host running on another one.
+    wait_for(&format!("{name}'s guests running elsewhere"), 120, || {
+        let vms = defibctl_json(state, &["vms"])?;
+        let list = vms["vms"].as_array().cloned().unwrap_or_default();
+        Ok(subjects.iter().all(|s| {
+            list.iter().any(|v| {
+                v["resource"] == s.as_str() && v["state"] == "Running" && v["host"] != name.as_str()
+            })
+        }))
+    })?;
+    let id = newest_incident(state, &format!("host:{name}"))?
+        .filter(|i| Some(&i["id"]) != earlier.as_ref())
+        .and_then(|i| i["id"].as_u64())
+        .context("no new incident about the host")?;
+    print!("{}", defibctl(state, &["incidents", &id.to_string()])?);
+    print!("{}", defibctl(state, &["vms"])?);
+
+    // Back to healthy: power on (the keeper brings its links up and starts its watchdog
+    // again), then trust it again.
+    println!("\n{name}: power on, unfence");
+    defib_tests::bmc::chassis_power(ctl_ns, bmc, "on").map_err(anyhow::Error::msg)?;
+    wait_for(&format!("{name}'s watchdog started again"), 30, || {
+        Ok(read_state()
+            .and_then(|s| {
+                s["hosts"]
+                    .as_array()
+                    .and_then(|l| l.iter().find(|x| x["name"] == name.as_str()).cloned())
+            })
+            .and_then(|x| x["watchdog_pid"].as_u64())
+            .is_some_and(|p| Some(p) != old_wd && alive(p)))
+    })?;
+    // Its heartbeats back, the fenced host is Recovered: the operator's word trusts it.
+    wait_for(&format!("{name} Recovered"), 60, || {
+        Ok(host_state(state, &name)? == "Recovered")
+    })?;
+    print!("{}", defibctl(state, &["unfence", &name])?);
+    wait_for(&format!("{name} Up again"), 60, || {
+        Ok(host_state(state, &name)? == "Up")
+    })?;
+    println!("{name} is Up again");
+    Ok(())
+}
