@@ -762,6 +762,11 @@ impl ControllerConfig {
                 .fence
                 .self_fence_isolation_timeout_ms
                 .map(|t| ms(t.saturating_add(self.fence.self_fence_margin_ms))),
+            vm_restorer: match self.controller.backend {
+                Backend::Nova => engine::Source::Nova,
+                Backend::Libvirt => engine::Source::Libvirt,
+                Backend::None => engine::Source::Controller,
+            },
             ..engine::Config::default()
         };
         cfg.detector.interval = ms(self.detector.heartbeat_interval_ms);
@@ -1021,9 +1026,15 @@ mod tests {
         let (_d, text) = with_key("");
         let r = ControllerConfig::parse(&text).unwrap().resolve().unwrap();
         assert_eq!(r.cfg.controller.backend, Backend::None);
+        assert_eq!(
+            r.cfg.engine_config().vm_restorer,
+            engine::Source::Controller
+        );
         let (_d, text) = with_key("backend = \"libvirt\"\n");
         let r = ControllerConfig::parse(&text).unwrap().resolve().unwrap();
         assert_eq!(r.cfg.controller.backend, Backend::Libvirt);
+        // The timeline names who restores VMs.
+        assert_eq!(r.cfg.engine_config().vm_restorer, engine::Source::Libvirt);
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub struct Config {
     pub max_dead_share: f64,
     /// How the fence is asked for (default IPMI).
     pub fence_method: super::types::FenceMethod,
+    /// Who restores VMs, named as the source of force-down and VM restore steps on the
+    /// timeline (default Nova; the libvirt backend is `Libvirt`).
+    pub vm_restorer: super::types::Source,
 }
 
 impl Default for Config {
@@ -66,6 +69,7 @@ impl Default for Config {
             correlation_window: Duration::from_secs(5),
             max_dead_share: 0.5,
             fence_method: super::types::FenceMethod::Ipmi,
+            vm_restorer: super::types::Source::Nova,
         }
     }
 }

@@ -1359,7 +1359,7 @@ impl Engine {
                     "-",
                     "-",
                     format!("force-down #{attempt} issued as {key}"),
-                    Source::Nova,
+                    self.cfg.vm_restorer,
                 );
             }
             Intent::RestartInPlace {
@@ -1585,7 +1585,7 @@ impl Engine {
                             host,
                             HostState::Evacuating,
                             "compute service forced down; evacuating",
-                            Source::Nova,
+                            self.cfg.vm_restorer,
                         );
                     }
                     RestoreOutcome::Ok { .. } => {}
@@ -1598,7 +1598,7 @@ impl Engine {
                             "-",
                             "-",
                             format!("force-down {key} failed: {reason}"),
-                            Source::Nova,
+                            self.cfg.vm_restorer,
                         );
                     }
                 }
@@ -1634,7 +1634,7 @@ impl Engine {
                         "-",
                         "-",
                         format!("superseded restart {key} finished: {o:?}"),
-                        Source::Nova,
+                        self.cfg.vm_restorer,
                     );
                     return;
                 }
@@ -1683,7 +1683,7 @@ impl Engine {
                         "-",
                         "-",
                         format!("late evacuation result {key}: {o:?}"),
-                        Source::Nova,
+                        self.cfg.vm_restorer,
                     );
                     return;
                 }
@@ -1703,7 +1703,7 @@ impl Engine {
                             resource,
                             ResourceState::Running,
                             &format!("restored on {to}"),
-                            source_for(resource),
+                            self.source_for(resource),
                         );
                         // Released after the state change, so the change is on the
                         // owning incident's timeline.
@@ -1722,7 +1722,7 @@ impl Engine {
                                 resource,
                                 ResourceState::GaveUp,
                                 &format!("evacuation #{attempt} failed: {reason}; giving up"),
-                                source_for(resource),
+                                self.source_for(resource),
                             );
                             // Released after the state change, so the change is on the
                             // owning incident's timeline.
@@ -1745,7 +1745,7 @@ impl Engine {
                                 "-",
                                 "-",
                                 format!("evacuation #{attempt} failed: {reason}"),
-                                source_for(resource),
+                                self.source_for(resource),
                             );
                         }
                     }
@@ -1756,6 +1756,14 @@ impl Engine {
     }
 
     // ---------------------------------------------------------------- helpers
+
+    /// Who restores a resource of this kind (a timeline source).
+    fn source_for(&self, r: &Resource) -> Source {
+        match r.kind() {
+            ResourceKind::Vm => self.cfg.vm_restorer,
+            ResourceKind::Router => Source::Neutron,
+        }
+    }
 
     fn bump(&mut self) {
         self.revision += 1;
@@ -2023,13 +2031,6 @@ fn verifier_source(by: FenceVerifier) -> Source {
         FenceVerifier::IpmiPowerOff => Source::Ipmi,
         FenceVerifier::PacemakerHistory => Source::Pacemaker,
         FenceVerifier::SelfFenceDeadline => Source::SelfFence,
-    }
-}
-
-fn source_for(r: &Resource) -> Source {
-    match r.kind() {
-        ResourceKind::Vm => Source::Nova,
-        ResourceKind::Router => Source::Neutron,
     }
 }
 
