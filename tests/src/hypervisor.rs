@@ -43,9 +43,11 @@ impl Hypervisor {
         }
         let qemu_conf = root.join("etc/qemu.conf");
         let mut conf = std::fs::read_to_string(&qemu_conf).unwrap_or_default();
-        conf.push_str(
-            "\n# defib test hypervisor: no virtlogd in this instance\nstdio_handler = \"file\"\n",
-        );
+        // No virtlogd in this instance. No remembered owners: the labels libvirt keeps in
+        // xattrs on shared files (a guest's disk and serial log, which another instance
+        // used last) would make a start right after an evacuation fail with "already in
+        // use" until that instance has restored them.
+        conf.push_str("\n# defib test hypervisor\nstdio_handler = \"file\"\nremember_owner = 0\n");
         std::fs::write(&qemu_conf, conf).map_err(|e| format!("qemu.conf: {e}"))?;
 
         let r = root.display().to_string();

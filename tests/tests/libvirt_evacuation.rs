@@ -98,7 +98,8 @@ fn a_partitioned_hosts_guest_is_fenced_through_its_bmc_then_started_on_another_h
     let old_pid = guest.pid();
     let subject = format!("vm:{uuid}");
 
-    let bmc_addr = "10.78.0.10";
+    // LabNet::bmc_addr(0), known before the lab exists.
+    let bmc_addr = "10.77.0.100";
     let (hv_uri, hv_pids) = (hv.uri(), hv.pid_dir().display().to_string());
     let spec = LabSpec {
         hosts: 2,

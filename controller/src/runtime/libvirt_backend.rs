@@ -21,9 +21,9 @@
 //!   started on another host with an open stream (`Command {StartFromDefinition}`), from
 //!   the definition its own host last reported (`DomainDefinition` events, kept here
 //!   and reloaded from the store at start). The target is the connected host, other
-//!   than the failed one, to which this restorer has sent the fewest evacuations, and
-//!   not one that already failed for this VM; its watchdog refuses a domain whose disks
-//!   it cannot see (not shared storage). No definition, or no other host: `Failed`.
+//!   than the failed one, least tried for this VM, then with the fewest evacuations
+//!   sent to it; its watchdog refuses a domain whose disks it cannot see (not shared
+//!   storage). No definition, or no other host: `Failed`.
 //! - There is no compute service to force down without Nova: `force_down` and
 //!   `unfence` are `Ok` at once (nothing to do; the fence itself is what protects).
 use std::collections::HashMap;
@@ -229,16 +229,24 @@ impl LibvirtRestorer {
         }
     }
 
-    /// The connected host, other than `from` and those tried for `resource` already,
-    /// with the fewest evacuations sent to it (by name on a tie).
+    /// The connected host other than `from` with the fewest evacuations sent to it (by
+    /// name on a tie), preferring those not tried for `resource` yet: a retry goes
+    /// elsewhere when there is an elsewhere, and to the least-tried host when not (a
+    /// refusal may be passing, e.g. a shared file still labelled for the failed host).
     fn pick_target(&self, resource: &Resource, from: &HostId) -> Option<String> {
         let tried = self.tried.get(resource);
+        let times_tried = |h: &String| tried.map_or(0, |t| t.iter().filter(|x| *x == h).count());
         self.streams
             .hosts()
             .into_iter()
             .filter(|h| h != from.as_str())
-            .filter(|h| tried.is_none_or(|t| !t.contains(h)))
-            .min_by_key(|h| (self.sent_to.get(h).copied().unwrap_or(0), h.clone()))
+            .min_by_key(|h| {
+                (
+                    times_tried(h),
+                    self.sent_to.get(h).copied().unwrap_or(0),
+                    h.clone(),
+                )
+            })
     }
 
     fn restore_result(&self, resource: &Resource, key: &IntentKey, outcome: RestoreOutcome) {
@@ -346,11 +354,7 @@ impl Restorer for LibvirtRestorer {
                 resource,
                 key,
                 failed(format!(
-                    "no other host's watchdog is connected to start {vm} on (tried: {})",
-                    self.tried
-                        .get(resource)
-                        .map(|t| t.join(", "))
-                        .unwrap_or_default()
+                    "no other host's watchdog is connected to start {vm} on"
                 )),
             );
             return;
@@ -749,7 +753,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_evacuation_is_retried_on_another_host_and_then_fails_when_none_is_left() {
+    async fn a_failed_evacuation_is_retried_on_another_host_first_then_on_the_least_tried() {
         let streams = HostStreams::new();
         let no = Some(CommandAnswer {
             ok: false,
@@ -770,11 +774,22 @@ mod tests {
         }
         assert!(tried[0].starts_with("on h1: disk /img"), "{tried:?}");
         assert!(tried[1].starts_with("on h2: disk /img"), "{tried:?}");
-        assert!(
-            tried[2].contains("no other host's watchdog is connected")
-                && tried[2].contains("h1, h2"),
-            "{tried:?}"
-        );
+        assert!(tried[2].starts_with("on h1: disk /img"), "{tried:?}");
+        // With no other host connected at all, it fails at once.
+        let lonely = HostStreams::new();
+        lonely.note_definition("h0", "u-1", "<domain/>");
+        let (mut alone, mut results) = restorer(&lonely);
+        alone.evacuate(&vm, &from, &key("2/evacuate-1/vm:u-1"));
+        match results.try_recv() {
+            Ok(Input::RestoreResult {
+                outcome: RestoreOutcome::Failed { reason },
+                ..
+            }) => assert!(
+                reason.contains("no other host's watchdog is connected"),
+                "{reason}"
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]
