@@ -19,6 +19,12 @@ pub struct LabNet {
     namespaces: Vec<String>,
 }
 
+/// Lab host `host`'s BMC address on the BMC network ([`LabNet::add_bmc_network`]), known
+/// before the lab exists (a controller's fence configuration names it).
+pub fn bmc_address(host: usize) -> String {
+    format!("10.77.0.{}", 100 + host)
+}
+
 impl LabNet {
     pub fn new(hosts: usize, paths: usize) -> LabNet {
         let tag = tag();
@@ -109,7 +115,7 @@ impl LabNet {
 
     /// Host `host`'s BMC address (on path 0's network).
     pub fn bmc_addr(&self, host: usize) -> String {
-        format!("10.77.0.{}", 100 + host)
+        bmc_address(host)
     }
 
     pub fn switch_ns(&self) -> String {

@@ -62,9 +62,8 @@ fn agent_level(addr: &str) -> String {
 
 /// Starts the lab with h0's BMC running.
 fn start(levels: impl Fn(&str) -> String) -> (Lab, Bmc) {
-    // LabNet::bmc_addr(0), known before the lab exists.
-    let addr = "10.77.0.100";
-    let spec = spec(&levels(addr));
+    let addr = defib_tests::netns::bmc_address(0);
+    let spec = spec(&levels(&addr));
     let mut lab = Lab::new(&spec);
     assert_eq!(lab.net.bmc_addr(0), addr);
     std::fs::write(lab.path("bmc.pass"), format!("{BMC_PASSWORD}\n")).unwrap();

@@ -98,8 +98,7 @@ fn a_partitioned_hosts_guest_is_fenced_through_its_bmc_then_started_on_another_h
     let old_pid = guest.pid();
     let subject = format!("vm:{uuid}");
 
-    // LabNet::bmc_addr(0), known before the lab exists.
-    let bmc_addr = "10.77.0.100";
+    let bmc_addr = defib_tests::netns::bmc_address(0);
     let (hv_uri, hv_pids) = (hv.uri(), hv.pid_dir().display().to_string());
     let spec = LabSpec {
         hosts: 2,

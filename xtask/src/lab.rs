@@ -380,8 +380,8 @@ fn serve(hosts: usize, guests_per_host: usize) -> anyhow::Result<()> {
     let fence_hosts: String = (0..hosts)
         .map(|h| {
             format!(
-                "[[fence.host]]\nname = \"h{h}\"\nlevels = [{{ method = \"ipmi\", address = \"10.78.0.{}\", port = {BMC_PORT}, username = \"{BMC_USER}\", password_file = \"{{DIR}}/bmc.pass\", timeout_ms = 1000, attempts = 2, backoff_ms = 100 }}]\n",
-                10 + h
+                "[[fence.host]]\nname = \"h{h}\"\nlevels = [{{ method = \"ipmi\", address = \"{}\", port = {BMC_PORT}, username = \"{BMC_USER}\", password_file = \"{{DIR}}/bmc.pass\", timeout_ms = 1000, attempts = 2, backoff_ms = 100 }}]\n",
+                defib_tests::netns::bmc_address(h)
             )
         })
         .collect();
