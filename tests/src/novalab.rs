@@ -93,7 +93,11 @@ impl Nova {
                 .await
                 .is_ok_and(|r| r.is_ok_and(|s| s.len() >= 3))
         });
-        ok.then_some(Nova { rt, compute })
+        let nova = ok.then_some(Nova { rt, compute })?;
+        // The test bed is the project's: servers an earlier, interrupted run (or a
+        // benchmark) left behind would count against the capacity and the plans here.
+        nova.delete_named("");
+        Some(nova)
     }
 
     pub fn block<F: std::future::Future>(&self, f: F) -> F::Output {
