@@ -367,6 +367,9 @@ self_fence_margin_ms = 1000
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!lab.watchdogs[1].log_text().contains("self-fence"));
+    // The controller learns "armed" from the heartbeats that follow (every 100 ms): let
+    // several reach it before the cut, or it rightly never counts h0 self-fenced.
+    std::thread::sleep(Duration::from_secs(1));
     let mut vms = vms_named(&lab, "qemu-sf-h0");
 
     let cut = Instant::now();
