@@ -403,10 +403,11 @@ mod tests {
 
     impl Drop for TestDomain {
         fn drop(&mut self) {
-            let dom = self.dom();
-            let _ = dom.destroy();
-            let _ = dom.undefine();
-            drop(dom);
+            // Never panic here: a failed test is unwinding through it.
+            if let Ok(dom) = Domain::lookup_by_name(&self.conn, &self.name) {
+                let _ = dom.destroy();
+                let _ = dom.undefine();
+            }
             let _ = self.conn.close();
         }
     }
@@ -590,13 +591,14 @@ mod tests {
         let uuid = "0c0d0000-0000-4000-8000-0000000000a3";
         let xml = test_xml("cmd-evacuated", uuid, None);
         let s = settings(dir.path(), WAIT_FOR_STOP);
-        let detail = start_from_definition(&s, uuid, &xml).unwrap();
-        // Undefined on drop.
+        // Undefined on drop. Its connection is opened first: the test driver's state
+        // lives only while a connection to it is open.
         let d = TestDomain {
             conn: Connect::open(Some(TEST_URI)).unwrap(),
             name: "cmd-evacuated".into(),
             uuid: uuid.into(),
         };
+        let detail = start_from_definition(&s, uuid, &xml).unwrap();
         assert!(
             detail.starts_with("defined from its fenced host's definition; started cmd-evacuated"),
             "{detail}"
