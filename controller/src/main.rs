@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use controller::config::{ControllerConfig, EXIT_BAD_CONFIG};
 use controller::runtime::systemd;
+use service_manager::LogFormat;
 
 #[derive(Parser)]
 #[command(
@@ -28,12 +29,6 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller.
@@ -44,7 +39,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_json || cli.log_format == LogFormat::Json);
+    service_manager::init_logging(if cli.log_json {
+        LogFormat::Json
+    } else {
+        cli.log_format
+    });
     let resolved =
         match ControllerConfig::load(cli.config.as_deref()).and_then(ControllerConfig::resolve) {
             Ok(r) => r,
@@ -109,17 +108,4 @@ async fn shutdown_signal() {
     }
     tracing::info!("stopping: draining the engine and flushing the store");
     systemd::stopping();
-}
-
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        b.json().init();
-    } else {
-        b.init();
-    }
 }

@@ -1,5 +1,5 @@
-//! systemd's service protocol (sd_notify over `$NOTIFY_SOCKET`): readiness, watchdog
-//! pings, stopping. Every call is a no-op when the daemon was not started by systemd
+//! How both daemons run under a service manager: systemd's service protocol (sd_notify
+//! over `$NOTIFY_SOCKET`: readiness, watchdog pings, stopping) and their logs. Every call is a no-op when the daemon was not started by systemd
 //! (no `$NOTIFY_SOCKET`), so tests and foreground runs need nothing.
 use std::time::Duration;
 
@@ -56,5 +56,27 @@ impl WatchdogPinger {
         if self.interval.is_some() {
             send(&[NotifyState::Watchdog]);
         }
+    }
+}
+
+/// `--log-format`: how a daemon logs on stderr.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human lines.
+    Text,
+    /// One JSON object a line, for journald or a log shipper.
+    Json,
+}
+
+/// Logs to stderr at `RUST_LOG` (default `info`), in `format`.
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
     }
 }

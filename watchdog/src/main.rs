@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use service_manager::LogFormat;
 use watchdog::config::{WatchdogConfig, EXIT_BAD_CONFIG};
 use watchdog::libvirt::{LibvirtSettings, LibvirtWatcher};
 use watchdog::monitor::{Monitor, StdoutSink};
@@ -27,12 +28,6 @@ struct Cli {
     log_json: bool,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -70,7 +65,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_json || cli.log_format == LogFormat::Json);
+    service_manager::init_logging(if cli.log_json {
+        LogFormat::Json
+    } else {
+        cli.log_format
+    });
     let mut cfg = match WatchdogConfig::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => return bad_config(e),
@@ -211,17 +210,4 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
         tracing::info!("stopping: draining events to the spool");
         watchdog::systemd::stopping();
     })
-}
-
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
