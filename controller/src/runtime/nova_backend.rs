@@ -217,6 +217,24 @@ impl NovaRestorer {
             let _ = self.results.send(on_fail);
         }
     }
+
+    /// Hands the worker a job about a VM (its server id); a router is refused at once,
+    /// and a job the worker cannot take fails as the restore of `resource`.
+    fn send_vm_job(&self, resource: &Resource, key: &IntentKey, job: impl FnOnce(String) -> Job) {
+        let result = |outcome| Input::RestoreResult {
+            resource: resource.clone(),
+            key: key.clone(),
+            outcome,
+        };
+        match server_of(resource) {
+            Some(server) => self.send(job(server), result(gone())),
+            None => {
+                let _ = self.results.send(result(RestoreOutcome::Failed {
+                    reason: "Nova restores VMs, not routers".into(),
+                }));
+            }
+        }
+    }
 }
 
 fn gone() -> RestoreOutcome {
@@ -256,55 +274,19 @@ impl Restorer for NovaRestorer {
         _attempt: u32,
         key: &IntentKey,
     ) {
-        let Some(server) = server_of(resource) else {
-            let _ = self.results.send(Input::RestoreResult {
-                resource: resource.clone(),
-                key: key.clone(),
-                outcome: RestoreOutcome::Failed {
-                    reason: "Nova restores VMs, not routers".into(),
-                },
-            });
-            return;
-        };
-        let fail = Input::RestoreResult {
-            resource: resource.clone(),
+        self.send_vm_job(resource, key, |server| Job::Restart {
+            server,
+            host: host.clone(),
             key: key.clone(),
-            outcome: gone(),
-        };
-        self.send(
-            Job::Restart {
-                server,
-                host: host.clone(),
-                key: key.clone(),
-            },
-            fail,
-        );
+        });
     }
 
     fn evacuate(&mut self, resource: &Resource, from: &HostId, key: &IntentKey) {
-        let Some(server) = server_of(resource) else {
-            let _ = self.results.send(Input::RestoreResult {
-                resource: resource.clone(),
-                key: key.clone(),
-                outcome: RestoreOutcome::Failed {
-                    reason: "Nova restores VMs, not routers".into(),
-                },
-            });
-            return;
-        };
-        let fail = Input::RestoreResult {
-            resource: resource.clone(),
+        self.send_vm_job(resource, key, |server| Job::Evacuate {
+            server,
+            from: from.clone(),
             key: key.clone(),
-            outcome: gone(),
-        };
-        self.send(
-            Job::Evacuate {
-                server,
-                from: from.clone(),
-                key: key.clone(),
-            },
-            fail,
-        );
+        });
     }
 
     fn unfence(&mut self, host: &HostId, key: &IntentKey) {
