@@ -43,6 +43,15 @@ fn start_lab(hosts: usize, libvirt: bool, backend: &'static str) -> Lab {
     lab
 }
 
+/// A one-host lab (see [`start_lab`]) whose host is Up at the controller.
+fn one_host_lab(libvirt: bool, backend: &'static str) -> Lab {
+    let lab = start_lab(1, libvirt, backend);
+    lab.wait_until("h0 Up", Duration::from_secs(60), |s| {
+        state_of(s, "h0") == "Up"
+    });
+    lab
+}
+
 fn state_of<'a>(states: &'a [(String, String)], host: &str) -> &'a str {
     states
         .iter()
@@ -101,10 +110,7 @@ fn a_host_cut_off_on_every_path_goes_suspect_and_comes_back_up_unfenced_while_ot
 fn a_qemu_killed_on_a_host_becomes_a_vm_incident_at_the_controller_with_the_kernels_account() {
     require!(is_root(), "root (network namespaces, BPF)");
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = start_lab(1, false, "none");
-    lab.wait_until("h0 Up", Duration::from_secs(60), |s| {
-        state_of(s, "h0") == "Up"
-    });
+    let lab = one_host_lab(false, "none");
     let uuid = "c0ffee00-0000-4000-8000-00000000c7a5";
     let vm = FakeQemu::start("qemu-system-x86_64", "lab-vm", uuid, &[]);
     let mut killer = std::process::Command::new("kill")
@@ -167,10 +173,7 @@ fn a_real_guest_killed_on_a_host_gives_one_incident_with_the_kernels_and_libvirt
     require!(is_root(), "root (network namespaces, BPF)");
     let _hostbed = require_hostbed!();
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = start_lab(1, true, "none");
-    lab.wait_until("h0 Up", Duration::from_secs(60), |s| {
-        state_of(s, "h0") == "Up"
-    });
+    let lab = one_host_lab(true, "none");
     let uuid = unique_uuid();
     let guest = Guest::start("lab-kill", &uuid, GuestDisk::Plain);
     let subject = format!("vm:{uuid}");
@@ -247,10 +250,7 @@ fn with_the_libvirt_backend_a_real_guest_killed_on_a_host_is_restarted_in_place_
     require!(is_root(), "root (network namespaces, BPF)");
     let _hostbed = require_hostbed!();
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = start_lab(1, true, "libvirt");
-    lab.wait_until("h0 Up", Duration::from_secs(60), |s| {
-        state_of(s, "h0") == "Up"
-    });
+    let lab = one_host_lab(true, "libvirt");
     let uuid = unique_uuid();
     let guest = Guest::start("lab-restart", &uuid, GuestDisk::Plain);
     let subject = format!("vm:{uuid}");
@@ -383,10 +383,7 @@ fn with_the_libvirt_backend_a_guest_whose_watchdog_fires_is_destroyed_and_starte
     require!(is_root(), "root (network namespaces, BPF)");
     let _hostbed = require_hostbed!();
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = start_lab(1, true, "libvirt");
-    lab.wait_until("h0 Up", Duration::from_secs(60), |s| {
-        state_of(s, "h0") == "Up"
-    });
+    let lab = one_host_lab(true, "libvirt");
     let uuid = unique_uuid();
     // The guest pets its ib700 three times, then hangs; the device (4 s) fires and qemu
     // pauses the guest. Its next boot does not arm the watchdog again.
