@@ -102,21 +102,25 @@ struct PacemakerSample {
     pacemaker_fenced: f64,
 }
 
-fn pacemaker_sample(token_ms: u64) -> anyhow::Result<PacemakerSample> {
+fn pacemaker_sample(token_ms: u64, confirm_retry_ms: u64) -> anyhow::Result<PacemakerSample> {
     let spec = LabSpec {
         hosts: 3,
         backend: "libvirt",
-        controller_extra: r#"[fence]
+        controller_extra: format!(
+            r#"[engine]
+confirm_retry_ms = {confirm_retry_ms}
+
+[fence]
 verify_poll_ms = 100
 
 [fence.pacemaker]
-command_prefix = ["ip", "netns", "exec", "{HOST0_NS}"]
+command_prefix = ["ip", "netns", "exec", "{{HOST0_NS}}"]
 
 [[fence.host]]
 name = "h1"
-levels = [{ method = "pacemaker" }]
+levels = [{{ method = "pacemaker" }}]
 "#
-        .into(),
+        ),
         watchdog_extra: Box::new(|h| format!("[probes]\nwatch_names = [\"qemu-fb-h{h}\"]\n")),
         bmc_network: true,
     };
@@ -179,7 +183,12 @@ levels = [{ method = "pacemaker" }]
     })
 }
 
-pub fn run(ipmi_samples: usize, pacemaker_samples: usize, token_ms: u64) -> anyhow::Result<String> {
+pub fn run(
+    ipmi_samples: usize,
+    pacemaker_samples: usize,
+    token_ms: u64,
+    confirm_retry_ms: u64,
+) -> anyhow::Result<String> {
     let mut s: Vec<Vec<f64>> = vec![Vec::new(); 9];
     for i in 0..ipmi_samples {
         let [a, b, c] = ipmi_sample()?;
@@ -189,7 +198,7 @@ pub fn run(ipmi_samples: usize, pacemaker_samples: usize, token_ms: u64) -> anyh
         s[2].push(c);
     }
     for i in 0..pacemaker_samples {
-        let p = pacemaker_sample(token_ms)?;
+        let p = pacemaker_sample(token_ms, confirm_retry_ms)?;
         eprintln!(
             "pacemaker sample {i}: defib {:?}, Pacemaker offline {:.0} ms, fenced {:.0} ms",
             p.defib, p.pacemaker_offline, p.pacemaker_fenced
@@ -224,12 +233,12 @@ pub fn run(ipmi_samples: usize, pacemaker_samples: usize, token_ms: u64) -> anyh
         &report::results_dir(),
         "fence-latency",
         &format!(
-            "cargo xtask bench fence-latency --ipmi-samples {ipmi_samples} --pacemaker-samples {pacemaker_samples} --token-ms {token_ms}"
+            "cargo xtask bench fence-latency --ipmi-samples {ipmi_samples} --pacemaker-samples {pacemaker_samples} --token-ms {token_ms} --confirm-retry-ms {confirm_retry_ms}"
         ),
         &format!(
             "Real watchdogs in network namespaces and the release defib-controller (default \
              engine: Suspect after 300 ms of silence, Confirming after 500 ms, confirmation \
-             re-asked every 2 s), a fresh lab per sample. ipmi: h0's ipmi_sim BMC powers it \
+             re-asked every {confirm_retry_ms} ms), a fresh lab per sample. ipmi: h0's ipmi_sim BMC powers it \
              off (its processes SIGKILLed, its links cut); fence level: ipmitool lanplus -C 3, \
              verify poll 50 ms. pacemaker: 3 lab hosts are a corosync 3 (knet, token \
              {token_ms} ms) + Pacemaker 2.1.5 cluster with fence_ipmilan (power_wait=0) \

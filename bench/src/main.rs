@@ -111,6 +111,10 @@ enum Scenario {
         /// corosync totem.token
         #[arg(long, default_value_t = 1000)]
         token_ms: u64,
+        /// The controller's `engine.confirm_retry_ms` (how often a confirmation that
+        /// answered Alive is asked again).
+        #[arg(long, default_value_t = 2000)]
+        confirm_retry_ms: u64,
     },
     /// SIGKILL of a real guest's qemu with the controller's libvirt backend → the domain
     /// started again by its host's watchdog (needs the hostbed).
@@ -166,7 +170,8 @@ fn main() -> anyhow::Result<()> {
             ipmi_samples,
             pacemaker_samples,
             token_ms,
-        } => fence_latency::run(ipmi_samples, pacemaker_samples, token_ms)?,
+            confirm_retry_ms,
+        } => fence_latency::run(ipmi_samples, pacemaker_samples, token_ms, confirm_retry_ms)?,
         Scenario::RestartInPlace { kills } => restart_in_place::run(kills)?,
         Scenario::NovaEvacuate { rounds, servers } => nova_evacuate::run(rounds, servers)?,
         Scenario::WatchdogRestart {

@@ -264,6 +264,7 @@ pub struct EngineSection {
     pub tick_ms: u64,
     pub confirm_after_ms: u64,
     pub confirm_timeout_ms: u64,
+    pub confirm_retry_ms: u64,
     pub fence_on_unknown_after_ms: u64,
     pub max_fence_attempts: u32,
     pub fence_retry_backoff_ms: u64,
@@ -566,6 +567,7 @@ impl Default for EngineSection {
             tick_ms: e.tick.as_millis() as u64,
             confirm_after_ms: e.confirm_after.as_millis() as u64,
             confirm_timeout_ms: e.confirm_timeout.as_millis() as u64,
+            confirm_retry_ms: e.confirm_retry.as_millis() as u64,
             fence_on_unknown_after_ms: e.fence_on_unknown_after.as_millis() as u64,
             max_fence_attempts: e.max_fence_attempts,
             fence_retry_backoff_ms: e.fence_retry_backoff.as_millis() as u64,
@@ -717,6 +719,14 @@ impl ControllerConfig {
         if !(5..=1000).contains(&e.tick_ms) {
             return Err(invalid("engine.tick_ms", "must be 5..=1000"));
         }
+        // Re-asking faster than the engine looks is pointless; re-asking slower than a
+        // minute leaves a host that an operator's cluster already saw die unfenced.
+        if !(e.tick_ms..=60_000).contains(&e.confirm_retry_ms) {
+            return Err(invalid(
+                "engine.confirm_retry_ms",
+                "must be between engine.tick_ms and 60000",
+            ));
+        }
         if !(e.max_dead_share > 0.0 && e.max_dead_share <= 1.0) {
             return Err(invalid("engine.max_dead_share", "must be in (0, 1]"));
         }
@@ -751,6 +761,7 @@ impl ControllerConfig {
             tick: ms(e.tick_ms),
             confirm_after: ms(e.confirm_after_ms),
             confirm_timeout: ms(e.confirm_timeout_ms),
+            confirm_retry: ms(e.confirm_retry_ms),
             fence_on_unknown_after: ms(e.fence_on_unknown_after_ms),
             max_fence_attempts: e.max_fence_attempts,
             fence_retry_backoff: ms(e.fence_retry_backoff_ms),
@@ -1006,6 +1017,23 @@ mod tests {
             ControllerConfig::parse("[controller]\nkey_file = \"/nonexistent/key\"\n").unwrap();
         let err = cfg.resolve().unwrap_err();
         assert!(err.to_string().contains("controller.key_file"), "{err}");
+    }
+
+    #[test]
+    fn the_confirm_retry_is_configurable_and_a_retry_below_the_tick_is_named() {
+        let (_d, text) = with_key("[engine]\nconfirm_retry_ms = 500\n");
+        let r = ControllerConfig::parse(&text).unwrap().resolve().unwrap();
+        assert_eq!(
+            r.cfg.engine_config().confirm_retry,
+            Duration::from_millis(500)
+        );
+
+        let (_d, text) = with_key("[engine]\ntick_ms = 50\nconfirm_retry_ms = 10\n");
+        let err = ControllerConfig::parse(&text)
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        assert!(err.to_string().contains("engine.confirm_retry_ms"), "{err}");
     }
 
     #[test]
