@@ -236,8 +236,8 @@ pub fn run(
             "cargo xtask bench fence-latency --ipmi-samples {ipmi_samples} --pacemaker-samples {pacemaker_samples} --token-ms {token_ms} --confirm-retry-ms {confirm_retry_ms}"
         ),
         &format!(
-            "Real watchdogs in network namespaces and the release defib-controller (default \
-             engine: Suspect after 300 ms of silence, Confirming after 500 ms, confirmation \
+            "Real watchdogs in network namespaces and the release defib-controller (engine: \
+             Suspect after 300 ms of silence, Confirming after 500 ms, confirmation \
              re-asked every {confirm_retry_ms} ms), a fresh lab per sample. ipmi: h0's ipmi_sim BMC powers it \
              off (its processes SIGKILLed, its links cut); fence level: ipmitool lanplus -C 3, \
              verify poll 50 ms. pacemaker: 3 lab hosts are a corosync 3 (knet, token \
