@@ -315,6 +315,11 @@ l3_ha_network_type = flat
 l3_ha_network_physical_name = l3ha
 [AGENT]
 report_interval = 1
+[quotas]
+# tests and benchmarks create hundreds of routers
+quota_router = -1
+quota_network = -1
+quota_port = -1
 [database]
 connection = $DB/neutron?charset=utf8
 [oslo_concurrency]
@@ -340,6 +345,8 @@ agent first reports what it still holds (routers moved away while it was dead
 included: stale), then syncs, dropping every router no longer bound to it (as the
 real agent's first full sync deletes the namespaces of routers not scheduled to it;
 an agent that is admin-down gets no routers at all), and reports again.
+
+Every change is appended to STATE_FILE.log ("<unix ms> gained|dropped <router>").
 
     python l3_agent_lab.py HOST NEUTRON_CONF STATE_FILE
 """
@@ -431,6 +438,13 @@ while True:
         state.pop('start_flag', None)
         bound = set(plugin.get_router_ids(ctx))
         if bound != held:
+            # The binding history, as this agent lived it (tests count moves by it).
+            with open(state_file + '.log', 'a') as f:
+                now = int(time.time() * 1000)
+                for r in sorted(bound - held):
+                    f.write('%d gained %s\n' % (now, r))
+                for r in sorted(held - bound):
+                    f.write('%d dropped %s\n' % (now, r))
             held = bound
             save(held)
     except Exception as e:  # the server may be restarting: keep going, like the agent

@@ -162,6 +162,9 @@ struct State {
     /// Hosts told about their stale routers, and hosts whose cleanup was seen.
     reported: BTreeSet<String>,
     cleaned: BTreeSet<String>,
+    /// Moves planned onto each agent whose binding is not made yet: a batch planned
+    /// while an earlier one is still binding counts them (Neutron does not yet).
+    binding: HashMap<String, usize>,
 }
 
 #[derive(Clone)]
@@ -510,6 +513,7 @@ impl Worker {
                 continue;
             };
             let to_host = targets[&agent].clone();
+            *self.lock().binding.entry(agent.clone()).or_default() += 1;
             let w = self.clone();
             tokio::spawn(async move {
                 let _slot = w.moves.acquire().await;
@@ -543,7 +547,8 @@ impl Worker {
         let mut loads = BTreeMap::new();
         while let Some(r) = counts.join_next().await {
             let Ok((id, routers)) = r else { continue };
-            loads.insert(id, routers.map_err(|e| e.to_string())?.len());
+            let pending = self.lock().binding.get(&id).copied().unwrap_or(0);
+            loads.insert(id, routers.map_err(|e| e.to_string())?.len() + pending);
         }
         Ok((targets.into_iter().map(|a| (a.id, a.host)).collect(), loads))
     }
@@ -557,10 +562,10 @@ impl Worker {
         to_host: &str,
     ) -> Result<(), String> {
         for b in bindings.iter().filter(|b| b.id != agent) {
-            self.network
-                .remove_router(&b.id, router)
-                .await
-                .map_err(|e| format!("unbinding from {} ({}): {e}", b.id, b.host))?;
+            if let Err(e) = self.network.remove_router(&b.id, router).await {
+                self.bound(agent);
+                return Err(format!("unbinding from {} ({}): {e}", b.id, b.host));
+            }
         }
         if !bindings.iter().any(|b| b.id == agent) {
             self.event(RouterEvent::Moved {
@@ -574,6 +579,7 @@ impl Worker {
                 tracing::warn!(router, agent, error = %e, "binding failed; reading bindings");
             }
         }
+        self.bound(agent);
         // Verify: bound to exactly the chosen agent.
         let t0 = tokio::time::Instant::now();
         loop {
@@ -602,6 +608,14 @@ impl Worker {
                 Err(e) => return Err(e.to_string()),
             }
             tokio::time::sleep(self.settings.poll_interval).await;
+        }
+    }
+
+    /// A planned binding is made (or given up): Neutron counts it from now on.
+    fn bound(&self, agent: &str) {
+        let mut st = self.lock();
+        if let Some(n) = st.binding.get_mut(agent) {
+            *n = n.saturating_sub(1);
         }
     }
 
