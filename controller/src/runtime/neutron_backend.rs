@@ -86,7 +86,7 @@ pub enum RouterEvent {
         routers: Vec<String>,
         skipped_ha: Vec<String>,
     },
-    /// A router was bound to a new agent (the POST was sent).
+    /// A router was bound to a new agent (Neutron answered the binding).
     Moved {
         router: String,
         from: String,
@@ -568,15 +568,17 @@ impl Worker {
             }
         }
         if !bindings.iter().any(|b| b.id == agent) {
-            self.event(RouterEvent::Moved {
-                router: router.into(),
-                from: from.into(),
-                to: to_host.into(),
-            });
-            if let Err(e) = self.network.add_router(agent, router).await {
+            match self.network.add_router(agent, router).await {
+                Ok(()) => self.event(RouterEvent::Moved {
+                    router: router.into(),
+                    from: from.into(),
+                    to: to_host.into(),
+                }),
                 // A POST whose answer was lost (or a 409: bound meanwhile) may have
                 // bound it: the bindings decide, below.
-                tracing::warn!(router, agent, error = %e, "binding failed; reading bindings");
+                Err(e) => {
+                    tracing::warn!(router, agent, error = %e, "binding failed; reading bindings")
+                }
             }
         }
         self.bound(agent);
