@@ -165,7 +165,7 @@ fn twenty_routers_spread_over_three_hosts_lose_host_1_and_its_routers_are_bound_
         *per_host.entry(bound[id].as_str()).or_default() += 1;
     }
     assert!(
-        per_host.get("fake-2").is_some() && per_host.get("fake-3").is_some(),
+        per_host.contains_key("fake-2") && per_host.contains_key("fake-3"),
         "host 1's routers spread over both: {per_host:?}"
     );
     let load = |h: &str| bound.values().filter(|b| *b == h).count();
