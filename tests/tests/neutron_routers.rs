@@ -201,7 +201,14 @@ fn twenty_routers_spread_over_three_hosts_lose_host_1_and_its_routers_are_bound_
             _ => None,
         })
         .collect();
-    assert_eq!(moved.len(), on_1.len(), "{events:?}");
+    // (A router Neutron itself scheduled on a live agent between the unbinding and the
+    // binding is verified and kept there, not bound again.)
+    let verified = events
+        .iter()
+        .filter(|e| matches!(e, RouterEvent::Verified { .. }))
+        .count();
+    assert!(moved.len() <= on_1.len(), "{events:?}");
+    assert_eq!(verified, on_1.len(), "{events:?}");
     // The HA router is Neutron's business: still on all three agents, not handed over.
     assert!(events.iter().any(
         |e| matches!(e, RouterEvent::Listed { host, skipped_ha, .. } if host == "fake-1" && skipped_ha.contains(&ha))

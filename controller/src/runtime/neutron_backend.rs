@@ -523,7 +523,7 @@ impl Worker {
                 if r.is_ok() {
                     w.note_moved(&from, &router);
                 }
-                w.finish_router(&router, &key, r.map(|()| to_host));
+                w.finish_router(&router, &key, r);
             });
         }
     }
@@ -560,7 +560,7 @@ impl Worker {
         bindings: &[Agent],
         agent: &str,
         to_host: &str,
-    ) -> Result<(), String> {
+    ) -> Result<String, String> {
         for b in bindings.iter().filter(|b| b.id != agent) {
             if let Err(e) = self.network.remove_router(&b.id, router).await {
                 self.bound(agent);
@@ -582,7 +582,10 @@ impl Worker {
             }
         }
         self.bound(agent);
-        // Verify: bound to exactly the chosen agent.
+        // Verify: bound to exactly the chosen agent. Between the DELETE and the POST a
+        // live agent's own sync may have had Neutron schedule the router (with
+        // router_auto_schedule, Neutron's default, get_router_ids schedules unbound
+        // routers): bound to exactly one live agent elsewhere is as good, and is kept.
         let t0 = tokio::time::Instant::now();
         loop {
             match self.network.router_agents(router).await {
@@ -591,7 +594,15 @@ impl Worker {
                         router: router.into(),
                         host: to_host.into(),
                     });
-                    return Ok(());
+                    return Ok(to_host.to_string());
+                }
+                Ok(b) if b.len() == 1 && b[0].alive && b[0].admin_state_up && b[0].host != from => {
+                    tracing::info!(router, host = %b[0].host, "scheduled by Neutron meanwhile; kept");
+                    self.event(RouterEvent::Verified {
+                        router: router.into(),
+                        host: b[0].host.clone(),
+                    });
+                    return Ok(b[0].host.clone());
                 }
                 Ok(b) if b.iter().all(|a| a.id != agent) => {
                     return Err(format!(
