@@ -11,6 +11,7 @@ mod nova_evacuate;
 mod real_guest_kill;
 mod report;
 mod restart_in_place;
+mod router_move;
 mod suspect_latency;
 mod watchdog_restart;
 
@@ -130,6 +131,15 @@ enum Scenario {
         #[arg(long, default_value_t = 30)]
         servers: usize,
     },
+    /// A host's L3 agent with N routers fails → all routers bound to live agents on the
+    /// other hosts, through a real Neutron (needs the novabed).
+    RouterMove {
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        /// Router counts, one measurement series each.
+        #[arg(long, value_delimiter = ',', default_value = "20,200")]
+        routers: Vec<usize>,
+    },
 }
 
 pub fn monotonic_ns() -> u64 {
@@ -174,6 +184,7 @@ fn main() -> anyhow::Result<()> {
         } => fence_latency::run(ipmi_samples, pacemaker_samples, token_ms, confirm_retry_ms)?,
         Scenario::RestartInPlace { kills } => restart_in_place::run(kills)?,
         Scenario::NovaEvacuate { rounds, servers } => nova_evacuate::run(rounds, servers)?,
+        Scenario::RouterMove { rounds, routers } => router_move::run(rounds, &routers)?,
         Scenario::WatchdogRestart {
             restarts,
             kill_every_ms,

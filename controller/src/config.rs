@@ -26,6 +26,75 @@ pub struct ControllerConfig {
     pub engine: EngineSection,
     pub fence: FenceSection,
     pub nova: NovaSection,
+    pub neutron: NeutronSection,
+}
+
+/// `[neutron]`: moving the routers of a failed host's L3 agents (with `backend =
+/// "nova"`, whose `[nova]` authentication it shares).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NeutronSection {
+    /// Move routers at all.
+    pub enabled: bool,
+    /// Neutron's endpoint instead of the catalog's (type `network`); required with
+    /// `nova.auth = "headers"`.
+    pub url: String,
+    /// Leave HA (VRRP) and DVR routers to Neutron (they fail over by themselves).
+    pub skip_ha: bool,
+    /// Moves at once.
+    pub max_concurrent: u32,
+    /// Bindings are read this often while a move is being verified.
+    pub poll_interval_ms: u64,
+    /// A router not bound to exactly its new agent this long after the move: failed.
+    pub verify_timeout_s: u64,
+}
+
+impl Default for NeutronSection {
+    fn default() -> Self {
+        let s = crate::runtime::neutron_backend::NeutronSettings::default();
+        Self {
+            enabled: false,
+            url: String::new(),
+            skip_ha: s.skip_ha,
+            max_concurrent: s.max_concurrent as u32,
+            poll_interval_ms: s.poll_interval.as_millis() as u64,
+            verify_timeout_s: s.verify_timeout.as_secs(),
+        }
+    }
+}
+
+impl NeutronSection {
+    /// The router restorer's settings, checked (`None`: not enabled).
+    pub fn resolve(
+        &self,
+        backend: Backend,
+    ) -> Result<Option<crate::runtime::neutron_backend::NeutronSettings>, ConfigError> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        if backend != Backend::Nova {
+            return Err(invalid(
+                "neutron.enabled",
+                "needs controller.backend = \"nova\" (it shares the [nova] authentication)",
+            ));
+        }
+        if !(1..=1000).contains(&self.max_concurrent) {
+            return Err(invalid("neutron.max_concurrent", "must be 1..=1000"));
+        }
+        if !(50..=60_000).contains(&self.poll_interval_ms) {
+            return Err(invalid("neutron.poll_interval_ms", "must be 50..=60000"));
+        }
+        if self.verify_timeout_s == 0 {
+            return Err(invalid("neutron.verify_timeout_s", "must be at least 1 s"));
+        }
+        Ok(Some(crate::runtime::neutron_backend::NeutronSettings {
+            skip_ha: self.skip_ha,
+            max_concurrent: self.max_concurrent as usize,
+            poll_interval: Duration::from_millis(self.poll_interval_ms),
+            verify_timeout: Duration::from_secs(self.verify_timeout_s),
+            hosts: Default::default(),
+        }))
+    }
 }
 
 /// `[fence]`: how each host is fenced and how a fence is verified.
@@ -408,13 +477,16 @@ fn opt(v: &str) -> Option<String> {
 }
 
 impl NovaSection {
-    pub fn resolve(&self) -> Result<NovaResolved, ConfigError> {
+    /// `neutron_url`: `[neutron] url` when Neutron is enabled (`None`: from clouds.yaml
+    /// or the catalog).
+    pub fn resolve(&self, neutron_url: Option<&str>) -> Result<NovaResolved, ConfigError> {
         use crate::openstack::{Auth, Credentials, RetryPolicy, SessionConfig};
         let n = self;
         let mut region = opt(&n.region_name);
         let mut interface = n.interface.clone();
         let mut compute_url = opt(&n.compute_url);
         let mut placement_url = opt(&n.placement_url);
+        let mut network_url = neutron_url.and_then(opt);
         let auth = match n.auth {
             NovaAuthKind::Cloud => {
                 let name = required("nova.cloud", &n.cloud)?;
@@ -426,6 +498,7 @@ impl NovaSection {
                 }
                 compute_url = compute_url.or(c.compute_url);
                 placement_url = placement_url.or(c.placement_url);
+                network_url = network_url.or(c.network_url);
                 c.auth
             }
             NovaAuthKind::Password => Auth::Keystone {
@@ -523,6 +596,7 @@ impl NovaSection {
                 interface,
                 compute_url,
                 placement_url,
+                network_url,
                 retry: RetryPolicy {
                     attempts: n.request_attempts,
                     timeout: Duration::from_secs(n.request_timeout_s),
@@ -618,6 +692,8 @@ pub struct Resolved {
     pub api_addr: SocketAddr,
     /// With `backend = "nova"`.
     pub nova: Option<NovaResolved>,
+    /// With `[neutron] enabled = true`.
+    pub neutron: Option<crate::runtime::neutron_backend::NeutronSettings>,
 }
 
 impl ControllerConfig {
@@ -701,8 +777,21 @@ impl ControllerConfig {
         if c.store_path.as_os_str().is_empty() {
             return Err(invalid("controller.store_path", "must not be empty"));
         }
+        let neutron = self.neutron.resolve(c.backend)?;
+        if neutron.is_some()
+            && self.nova.auth == NovaAuthKind::Headers
+            && opt(&self.neutron.url).is_none()
+        {
+            return Err(invalid(
+                "neutron.url",
+                "required with nova.auth = \"headers\" (no catalog)",
+            ));
+        }
         let nova = match c.backend {
-            Backend::Nova => Some(self.nova.resolve()?),
+            Backend::Nova => Some(
+                self.nova
+                    .resolve(neutron.is_some().then_some(self.neutron.url.as_str()))?,
+            ),
             _ => None,
         };
         let d = &self.detector;
@@ -744,6 +833,7 @@ impl ControllerConfig {
             event_addr,
             api_addr,
             nova,
+            neutron,
         })
     }
 

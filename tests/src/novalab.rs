@@ -20,18 +20,21 @@ use controller::engine::{
     FenceMethod, FenceOutcome, FenceVerifier, HostId, HostState, Input, IntentKey,
 };
 use controller::openstack::compute::{ComputeService, Server};
+use controller::openstack::network::{Agent, Network};
 use controller::openstack::{
     compute::Compute, Auth, Method, RetryPolicy, Service, Session, SessionConfig,
 };
 use controller::runtime::engine_task::{Edges, EngineChannels, EngineTask, EngineTaskParts};
 use controller::runtime::fencing::PowerConfirmer;
 use controller::runtime::intake::{HeartbeatSeen, Intake};
+use controller::runtime::neutron_backend::{NeutronSettings, RouterAwareRestorer, RouterEvent};
 use controller::runtime::nova_backend::{NovaRestorer, NovaSettings, RestoreEvent};
 use controller::runtime::view::{Command as OpCommand, Snapshot};
 use serde_json::json;
 
 pub const NOVA_URL: &str = "http://127.0.0.1:38774/v2.1";
 pub const PLACEMENT_URL: &str = "http://127.0.0.1:38778";
+pub const NEUTRON_URL: &str = "http://127.0.0.1:39696";
 pub const HOSTS: [&str; 3] = ["fake-1", "fake-2", "fake-3"];
 
 /// Where the novabed lives (as `cargo xtask novabed` installs it).
@@ -58,8 +61,13 @@ pub fn session_config() -> SessionConfig {
         interface: "internal".into(),
         compute_url: Some(NOVA_URL.into()),
         placement_url: Some(PLACEMENT_URL.into()),
+        network_url: Some(NEUTRON_URL.into()),
         retry: RetryPolicy::default(),
     }
+}
+
+pub fn network_client() -> Network {
+    Network::new(Arc::new(Session::new(session_config()).expect("client")))
 }
 
 pub fn compute_client() -> Compute {
@@ -290,6 +298,7 @@ pub struct Controller {
     pub channels: EngineChannels,
     fences: std_mpsc::Receiver<(HostId, IntentKey)>,
     events: tokio::sync::mpsc::UnboundedReceiver<RestoreEvent>,
+    router_events: tokio::sync::mpsc::UnboundedReceiver<RouterEvent>,
     silent: Arc<Mutex<BTreeSet<String>>>,
 }
 
@@ -303,7 +312,26 @@ impl Controller {
     /// Starts the engine task on `store` (resuming what it holds) with the Nova
     /// restorer; `HOSTS` heartbeat every 100 ms unless silenced.
     pub fn start(store: &Path, settings: NovaSettings) -> Controller {
+        Self::start_with(store, settings, None)
+    }
+
+    /// Like [`Controller::start`], with routers: the Nova restorer and the Neutron
+    /// router restorer joined (as the runtime does with `[neutron] enabled = true`).
+    pub fn start_with_routers(
+        store: &Path,
+        settings: NovaSettings,
+        neutron: NeutronSettings,
+    ) -> Controller {
+        Self::start_with(store, settings, Some(neutron))
+    }
+
+    fn start_with(
+        store: &Path,
+        settings: NovaSettings,
+        neutron: Option<NeutronSettings>,
+    ) -> Controller {
         let rt = runtime();
+        let (rev_tx, router_events) = tokio::sync::mpsc::unbounded_channel();
         let (fence_tx, fences) = std_mpsc::channel();
         let (ev_tx, events) = tokio::sync::mpsc::unbounded_channel();
         let silent: Arc<Mutex<BTreeSet<String>>> = Arc::default();
@@ -319,12 +347,31 @@ impl Controller {
             };
             let (task, channels) = EngineTask::new(parts, |results| Edges {
                 fencer: Box::new(TestFencer { asked: fence_tx }),
-                restorer: Box::new(NovaRestorer::start(
-                    compute_client(),
-                    settings,
-                    results.clone(),
-                    Some(ev_tx),
-                )),
+                restorer: match neutron {
+                    None => Box::new(NovaRestorer::start(
+                        compute_client(),
+                        settings,
+                        results.clone(),
+                        Some(ev_tx),
+                    )),
+                    Some(n) => Box::new(RouterAwareRestorer::start(
+                        |vm_results| {
+                            Box::new(NovaRestorer::start(
+                                compute_client(),
+                                settings,
+                                vm_results,
+                                Some(ev_tx),
+                            ))
+                        },
+                        network_client(),
+                        NeutronSettings {
+                            hosts: host_view.clone(),
+                            ..n
+                        },
+                        results.clone(),
+                        Some(rev_tx),
+                    )),
+                },
                 // No fence levels: the heartbeats are the only source ("Unknown").
                 confirmer: Box::new(PowerConfirmer::new(Arc::default(), results)),
             })
@@ -373,6 +420,7 @@ impl Controller {
             channels,
             fences,
             events,
+            router_events,
             silent,
         }
     }
@@ -475,8 +523,229 @@ impl Controller {
         })
     }
 
+    /// The router restorer's events so far.
+    pub fn router_events(&mut self) -> Vec<RouterEvent> {
+        let mut v = Vec::new();
+        while let Ok(e) = self.router_events.try_recv() {
+            v.push(e);
+        }
+        v
+    }
+
+    /// The next router restorer event (waits up to `timeout`).
+    pub fn next_router_event(&mut self, timeout: Duration) -> Option<RouterEvent> {
+        let ev = &mut self.router_events;
+        self.rt.block_on(async {
+            tokio::time::timeout(timeout, ev.recv())
+                .await
+                .ok()
+                .flatten()
+        })
+    }
+
     /// Ends the controller at once, like a crash: every task stops where it is.
     pub fn kill(self) {
         self.rt.shutdown_background();
     }
+}
+
+/// The test's own view of Neutron and of the lab L3 agents (one per lab host, the
+/// novabed's `l3_agent_lab.py`: Neutron's own agent RPC, no kernel work).
+pub struct Neutron {
+    rt: tokio::runtime::Runtime,
+    pub network: Network,
+}
+
+impl Neutron {
+    /// `None` when Neutron does not answer with three live L3 agents.
+    pub fn connect() -> Option<Neutron> {
+        let rt = runtime();
+        let network = network_client();
+        let ok = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), network.l3_agents(None))
+                .await
+                .is_ok_and(|r| r.is_ok_and(|a| a.len() >= 3))
+        });
+        let neutron = ok.then_some(Neutron { rt, network })?;
+        // The test bed is the project's: routers an earlier, interrupted run (or a
+        // benchmark) left behind would weigh on the agents' loads here.
+        neutron.delete_named("");
+        Some(neutron)
+    }
+
+    pub fn block<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    fn raw(&self, method: Method, path: &str, body: Option<serde_json::Value>) -> Vec<u8> {
+        self.block(
+            self.network
+                .session
+                .request_raw(Service::Network, method, path, body.as_ref()),
+        )
+        .unwrap_or_else(|e| panic!("{method:?} {path}: {e}"))
+    }
+
+    /// The L3 agent of `host`.
+    pub fn agent(&self, host: &str) -> Agent {
+        self.block(self.network.l3_agents(Some(host)))
+            .expect("agents")
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("no L3 agent on {host}"))
+    }
+
+    /// Creates `n` routers named `{prefix}-i` (`ha` as given); returns their ids in
+    /// that order. (Neutron has no bulk create for routers: 8 requests at once.)
+    pub fn create_routers(&self, prefix: &str, n: usize, ha: bool) -> Vec<String> {
+        let sem = Arc::new(tokio::sync::Semaphore::new(8));
+        let futs: Vec<_> = (0..n)
+            .map(|i| {
+                let body = json!({"router": {
+                    "name": format!("{prefix}-{i}"), "project_id": "admin", "ha": ha}});
+                let (session, sem) = (self.network.session.clone(), sem.clone());
+                self.rt.spawn(async move {
+                    let _slot = sem.acquire().await;
+                    session
+                        .request::<serde_json::Value>(
+                            Service::Network,
+                            Method::Post,
+                            "/v2.0/routers",
+                            Some(&body),
+                        )
+                        .await
+                })
+            })
+            .collect();
+        futs.into_iter()
+            .map(|f| {
+                let v = self
+                    .block(f)
+                    .expect("task")
+                    .unwrap_or_else(|e| panic!("creating a router: {e}"));
+                v["router"]["id"].as_str().expect("id").to_string()
+            })
+            .collect()
+    }
+
+    /// Deletes every router whose name starts with `prefix` ("" = all).
+    pub fn delete_named(&self, prefix: &str) {
+        let out = self.raw(Method::Get, "/v2.0/routers", None);
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
+        for r in v["routers"].as_array().into_iter().flatten() {
+            if r["name"].as_str().unwrap_or("").starts_with(prefix) {
+                let id = r["id"].as_str().expect("id");
+                let _ = self.block(self.network.session.request_raw(
+                    Service::Network,
+                    Method::Delete,
+                    &format!("/v2.0/routers/{id}"),
+                    None,
+                ));
+            }
+        }
+    }
+
+    /// Binds `router` to the agent of `host` only.
+    /// (Neutron may schedule a new router on its own meanwhile: retried until so.)
+    pub fn bind(&self, router: &str, host: &str) {
+        let to = self.agent(host);
+        for _ in 0..20 {
+            let b = self.bindings(router);
+            if b.len() == 1 && b[0].id == to.id {
+                return;
+            }
+            for a in b.iter().filter(|a| a.id != to.id) {
+                self.block(self.network.remove_router(&a.id, router))
+                    .expect("unbind");
+            }
+            if !b.iter().any(|a| a.id == to.id) {
+                let _ = self.block(self.network.add_router(&to.id, router));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("router {router} could not be bound to {host} alone");
+    }
+
+    pub fn bindings(&self, router: &str) -> Vec<Agent> {
+        self.block(self.network.router_agents(router))
+            .expect("l3-agents")
+    }
+
+    fn agent_pid(n: u32) -> Option<i32> {
+        let pids = std::fs::read_to_string(novabed_dir().join("pids")).ok()?;
+        let name = format!("l3-agent-fake-{n}");
+        pids.lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(_, nm)| *nm == name)
+            .filter_map(|(p, _)| p.parse::<i32>().ok())
+            .rfind(|p| {
+                std::fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("l3_agent_lab.py"))
+            })
+    }
+
+    /// SIGKILLs the L3 agent of fake-`n` (its routers' state file stays: the data
+    /// plane of a killed agent keeps its namespaces).
+    pub fn kill_agent(&self, n: u32) {
+        let pid = Self::agent_pid(n).expect("a running L3 agent");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill l3 agent");
+    }
+
+    /// Starts the L3 agent of fake-`n` again.
+    pub fn start_agent(&self, n: u32) {
+        let st = Command::new("bash")
+            .arg(script())
+            .args(["start-l3-agent", &n.to_string()])
+            .env("NOVABED", novabed_dir())
+            .status()
+            .expect("start-l3-agent");
+        assert!(st.success());
+    }
+
+    /// fake-`n`'s agent runs, is admin-up and alive (a failed test may have left it
+    /// otherwise).
+    pub fn ensure_agent_ready(&self, n: u32) {
+        let host = format!("fake-{n}");
+        if Self::agent_pid(n).is_none() {
+            self.start_agent(n);
+        }
+        let t0 = Instant::now();
+        loop {
+            let a = self.agent(&host);
+            if !a.admin_state_up {
+                let _ = self.block(self.network.set_agent_admin_state(&a.id, true));
+            } else if a.alive {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "the L3 agent of {host} is not alive: {a:?}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Routers the agent of fake-`n` gained since `since_ms` (unix ms), as its own log
+    /// says (each line: a sync that found the router newly bound to it).
+    pub fn gained_since(n: u32, since_ms: u64) -> Vec<String> {
+        let log = novabed_dir().join(format!("data/neutron/l3-agent-fake-{n}.json.log"));
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut it = l.split(' ');
+                let t: u64 = it.next()?.parse().ok()?;
+                (it.next()? == "gained" && t >= since_ms).then(|| it.next().map(str::to_string))?
+            })
+            .collect()
+    }
+}
+
+/// Now, in unix ms.
+pub fn unix_ms() -> u64 {
+    unix_ns() / 1_000_000
 }

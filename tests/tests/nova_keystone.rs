@@ -27,6 +27,7 @@ fn session(auth: Auth) -> Compute {
         interface: "internal".into(),
         compute_url: None,
         placement_url: None,
+        network_url: None,
         retry: RetryPolicy::default(),
     };
     Compute::new(Arc::new(Session::new(cfg).unwrap()), "2.94")
@@ -130,6 +131,7 @@ fn a_service_without_a_token_answers_401_and_the_error_says_so() {
         interface: "internal".into(),
         compute_url: Some("http://127.0.0.1:38775/v2.1".into()),
         placement_url: Some("http://127.0.0.1:38779".into()),
+        network_url: None,
         retry: RetryPolicy::default(),
     };
     let c = Compute::new(Arc::new(Session::new(cfg).unwrap()), "2.94");

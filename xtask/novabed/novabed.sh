@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # novabed: defib's real OpenStack test bed (run it through `cargo xtask novabed ...`).
-# A REAL all-in-one Nova 34.0.0 (+ placement 16, glance 33, neutron 29 API-only,
+# A REAL all-in-one Nova 34.0.0 (+ placement 16, glance 33, neutron 29 API + RPC server
+# with lab L3 agents that speak Neutron's agent RPC,
 # keystone 30, RabbitMQ, MariaDB) on one Debian 12 box, no systemd, no docker.
 # Compute hosts are separate nova-compute processes with the fake virt driver, one
 # per host name fake-1..fake-N. Adapted from ../shared/testbed/novabed/recipe.sh.
@@ -14,6 +15,7 @@
 #   novabed.sh env         print the headers / endpoints to use
 #   novabed.sh mem         RSS/PSS of everything started
 #   novabed.sh start-compute N   (re)start nova-compute for host fake-N
+#   novabed.sh start-l3-agent N  (re)start the lab L3 agent of host fake-N
 #
 # Pinned versions: constraints.txt beside this script (a `pip freeze` of a working venv).
 # Everything lives in $B (default /var/lib/defib-novabed) and listens on 127.0.0.1 only.
@@ -286,8 +288,14 @@ with open(sys.argv[1], 'w') as f:
         f.write('"%s": "@"\n' % r.name)
 EOF
 
-  # --- neutron: API server only, ML2 with no mechanism drivers, no agents.
-  # Nova needs it: evacuate/rebuild always list the instance's ports.
+  # --- neutron: the API server, an RPC server (agent state reports, the L3 plugin's
+  # agent RPC) and small L3 agents (l3_agent_lab.py below), ML2 with no mechanism
+  # drivers. Nova needs the API: evacuate/rebuild always list the instance's ports.
+  # Agent liveness is Neutron's own, tightened for a test bed: an agent reports every
+  # second and is dead after 10 s of silence (Neutron's defaults: 30 s and 75 s).
+  # Neutron's own router failover (allow_automatic_l3agent_failover) stays off, its
+  # default: moving routers off a dead agent is defib's job here. HA routers keep
+  # their VRRP network on a flat physnet (the project has no tenant network types).
   cp $V/etc/neutron/api-paste.ini $B/etc/neutron/
   cat > $B/etc/neutron/neutron.conf <<EOF
 [DEFAULT]
@@ -299,11 +307,152 @@ transport_url = rabbit://guest:guest@127.0.0.1:$RABBIT_PORT/
 notify_nova_on_port_status_changes = False
 notify_nova_on_port_data_changes = False
 state_path = $B/data/neutron
+rpc_workers = 1
+rpc_state_report_workers = 1
+agent_down_time = 10
+allow_automatic_l3agent_failover = False
+l3_ha_network_type = flat
+l3_ha_network_physical_name = l3ha
+[AGENT]
+report_interval = 1
+[quotas]
+# tests and benchmarks create hundreds of routers
+quota_router = -1
+quota_network = -1
+quota_port = -1
 [database]
 connection = $DB/neutron?charset=utf8
 [oslo_concurrency]
 lock_path = $B/data/neutron/lock
 EOF
+  # The lab's L3 agent (one process per lab host, `start_l3_agent N` -> host fake-N):
+  # Neutron's own RPC, no kernel work. See its docstring.
+  cat > $B/etc/neutron/l3_agent_lab.py <<'PYEOF'
+"""A lab L3 agent for Neutron: neutron-l3-agent's control plane without its data plane.
+
+It registers and reports state exactly as neutron-l3-agent does: Neutron's own
+PluginReportStateAPI (topic q-reports-plugin, agent_type 'L3 agent', binary
+neutron-l3-agent, topic l3_agent, start_flag on the first report) every
+[AGENT] report_interval, so the agent's liveness in GET /v2.0/agents is Neutron's own
+(alive = a report within agent_down_time). It syncs its routers over the L3 plugin's
+RPC (get_router_ids, as the real agent's full sync does) on every report, and at once
+when Neutron notifies it: like the real agent it serves the l3_agent topic (its host's
+queue and the fanout), where router_added_to_agent is an RPC call Neutron waits for.
+
+Its "data plane" is the set of routers it serves, kept in a state file that outlives
+the process, as qrouter- namespaces outlive a killed neutron-l3-agent. A restarted
+agent first reports what it still holds (routers moved away while it was dead
+included: stale), then syncs, dropping every router no longer bound to it (as the
+real agent's first full sync deletes the namespaces of routers not scheduled to it;
+an agent that is admin-down gets no routers at all), and reports again.
+
+Every change is appended to STATE_FILE.log ("<unix ms> gained|dropped <router>").
+
+    python l3_agent_lab.py HOST NEUTRON_CONF STATE_FILE
+"""
+import json
+import os
+import sys
+import time
+
+from neutron.agent import rpc as agent_rpc
+from neutron.agent.l3.agent import L3PluginApi
+from neutron.common import config as common_config
+from neutron.conf.agent import common as agent_config
+from neutron_lib.agent import topics
+from neutron_lib import context as n_context
+from neutron_lib import rpc as n_rpc
+from oslo_config import cfg
+import oslo_messaging
+import threading
+
+host, conf_file, state_file = sys.argv[1:4]
+common_config.register_common_config_options()
+agent_config.register_agent_state_opts_helper(cfg.CONF)
+common_config.init(['--config-file', conf_file])
+
+ctx = n_context.get_admin_context_without_session()
+reports = agent_rpc.PluginReportStateAPI(topics.REPORTS)
+plugin = L3PluginApi(topics.L3PLUGIN, host)
+
+
+wake = threading.Event()
+
+
+class Notifications:
+    """The l3_agent topic's methods (L3NATAgent's): every one means "sync now"."""
+    target = oslo_messaging.Target(version='1.4')
+
+    def __getattr__(self, name):
+        if name.startswith(('_', 'oslo_')):
+            raise AttributeError(name)
+        return lambda context, **kwargs: wake.set()
+
+
+conn = n_rpc.Connection()
+conn.create_consumer(topics.L3_AGENT, [Notifications()], fanout=False)
+conn.create_consumer('%s.%s' % (topics.L3_AGENT, host), [Notifications()], fanout=False)
+conn.create_consumer(topics.L3_AGENT, [Notifications()], fanout=True)
+conn.consume_in_threads()
+
+
+def load():
+    try:
+        with open(state_file) as f:
+            return set(json.load(f))
+    except (OSError, ValueError):
+        return set()
+
+
+def save(held):
+    tmp = state_file + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(sorted(held), f)
+    os.replace(tmp, state_file)
+
+
+held = load()
+state = {
+    'binary': 'neutron-l3-agent',
+    'host': host,
+    'availability_zone': 'nova',
+    'topic': topics.L3_AGENT,
+    'agent_type': 'L3 agent',
+    'start_flag': True,
+    'configurations': {
+        'agent_mode': 'legacy',
+        'handle_internal_only_routers': True,
+        'gateway_external_network_id': '',
+        'interface_driver': 'lab',
+        'log_agent_heartbeats': False,
+        'routers': len(held),
+        'ex_gw_ports': 0, 'interfaces': 0, 'floating_ips': 0,
+    },
+}
+interval = cfg.CONF.AGENT.report_interval
+while True:
+    t0 = time.monotonic()
+    try:
+        state['configurations']['routers'] = len(held)
+        reports.report_state(ctx, state, use_call=state.get('start_flag', False))
+        state.pop('start_flag', None)
+        bound = set(plugin.get_router_ids(ctx))
+        if bound != held:
+            # The binding history, as this agent lived it (tests count moves by it).
+            with open(state_file + '.log', 'a') as f:
+                now = int(time.time() * 1000)
+                for r in sorted(bound - held):
+                    f.write('%d gained %s\n' % (now, r))
+                for r in sorted(held - bound):
+                    f.write('%d dropped %s\n' % (now, r))
+            held = bound
+            save(held)
+    except Exception as e:  # the server may be restarting: keep going, like the agent
+        print('l3 agent %s: %s' % (host, e), file=sys.stderr, flush=True)
+    wake.wait(max(0.0, interval - (time.monotonic() - t0)))
+    wake.clear()
+PYEOF
+
   cat > $B/etc/neutron/plugins/ml2/ml2_conf.ini <<EOF
 [ml2]
 type_drivers = flat
@@ -399,7 +548,7 @@ do_start() {
   local T0; T0=$(t_now)
   installed || { log "not installed: run '$0 install' first"; exit 1; }
   if [ -s $PIDS ]; then
-    if running; then log "already running"; return 0; fi
+    if running; then ensure_neutron_agents; log "already running"; return 0; fi
     log "a previous start left $PIDS but nova-api does not answer: stopping it first"
     do_stop
   fi
@@ -483,7 +632,8 @@ do_start() {
   record $! nova-conductor
   nohup $V/bin/nova-scheduler "${NOVA_CONF[@]}" --log-file $L/nova-scheduler.log > $L/nova-scheduler.out 2>&1 &
   record $! nova-scheduler
-  for h in $(seq 1 "$NCOMPUTE"); do start_compute $h; done
+  start_rpc_server
+  for h in $(seq 1 "$NCOMPUTE"); do start_compute $h; start_l3_agent $h; done
 
   wait_for 120 placement-api curl -sf -m 5 http://127.0.0.1:$PLACEMENT_PORT/
   wait_for 120 glance-api curl -sf -m 5 http://127.0.0.1:$GLANCE_PORT/v2/images
@@ -513,6 +663,7 @@ do_start() {
       -H 'Content-Type: application/octet-stream' --data-binary @$B/data/fake.img
     echo "$img" > $B/data/image_id
   fi
+  wait_for 120 "$NCOMPUTE L3 agents alive" l3_agents_alive "$NCOMPUTE"
   log "READY: nova-api http://127.0.0.1:$NOVA_PORT/v2.1 with $NCOMPUTE fake hosts, cold start took $(elapsed "$T0") s"
 }
 
@@ -567,6 +718,57 @@ start_compute() {  # start_compute N  -> host fake-N
   record $! nova-compute-fake-$1
 }
 
+start_rpc_server() {  # Neutron's RPC server: agent state reports, the L3 plugin's RPC
+  nohup $V/bin/neutron-rpc-server --config-file $B/etc/neutron/neutron.conf \
+    --config-file $B/etc/neutron/plugins/ml2/ml2_conf.ini \
+    --log-file $L/neutron-rpc-server.log > $L/neutron-rpc-server.out 2>&1 &
+  record $! neutron-rpc-server
+}
+
+start_l3_agent() {  # start_l3_agent N  -> the L3 agent of lab host fake-N
+  nohup $V/bin/python $B/etc/neutron/l3_agent_lab.py fake-$1 $B/etc/neutron/neutron.conf \
+    $B/data/neutron/l3-agent-fake-$1.json > $L/l3-agent-fake-$1.log 2>&1 &
+  record $! l3-agent-fake-$1
+}
+
+# the pid of a recorded process NAME that still runs (the newest record)
+recorded_pid() {
+  local pid name found=
+  [ -s $PIDS ] || return 1
+  while read -r pid name; do
+    [ "$name" = "$1" ] && kill -0 "$pid" 2>/dev/null && found=$pid
+  done < $PIDS
+  [ -n "$found" ] && echo "$found"
+}
+
+l3_agents_alive() {
+  local n
+  n=$(curl -sf -m 5 "http://127.0.0.1:$NEUTRON_PORT/v2.0/agents?agent_type=L3%20agent" | python3 -c \
+    'import sys,json; print(sum(1 for a in json.load(sys.stdin)["agents"] if a["alive"]))') || return 1
+  [ "$n" -ge "$1" ]
+}
+
+# Neutron's RPC server and the lab's L3 agents run (a novabed started by an earlier
+# version of this script has neither, and a neutron-api without their settings: it is
+# restarted once, which takes seconds).
+ensure_neutron_agents() {
+  if ! recorded_pid neutron-rpc-server >/dev/null; then
+    do_configure
+    local api; api=$(recorded_pid neutron-api || true)
+    if [ -n "$api" ]; then
+      log "restarting neutron-api $api with the agents' settings"
+      kill "$api"; wait_for 30 "neutron-api $api to stop" bash -c "! kill -0 $api"
+      start_gunicorn neutron-api OS_NEUTRON_CONFIG_DIR=$B/etc/neutron
+      wait_for 120 neutron-api curl -sf -m 5 http://127.0.0.1:$NEUTRON_PORT/v2.0/networks
+    fi
+    start_rpc_server
+  fi
+  for h in $(seq 1 "$NCOMPUTE"); do
+    recorded_pid l3-agent-fake-$h >/dev/null || start_l3_agent $h
+  done
+  wait_for 120 "$NCOMPUTE L3 agents alive" l3_agents_alive "$NCOMPUTE"
+}
+
 computes_up() {
   local n services id
   services=$(nova_api GET '/os-services?binary=nova-compute') || return 1
@@ -592,7 +794,7 @@ running() {
   [ -s $PIDS ] || return 1
   local pid name
   while read -r pid name; do
-    case $name in nova-compute-*) continue ;; esac   # a test may have killed one
+    case $name in nova-compute-*|l3-agent-*) continue ;; esac   # a test may have killed one
     kill -0 "$pid" 2>/dev/null || return 1
   done < $PIDS
   curl -sf -m 5 "${H[@]}" http://127.0.0.1:$NOVA_PORT/v2.1/ >/dev/null &&
@@ -683,11 +885,12 @@ case "${1:-}" in
   status) do_status ;;
   mem) do_mem ;;
   start-compute) compute_conf "$2"; start_compute "$2" ;;
+  start-l3-agent) start_l3_agent "$2" ;;
   env)
     echo "NOVA=http://127.0.0.1:$NOVA_PORT/v2.1  PLACEMENT=http://127.0.0.1:$PLACEMENT_PORT  GLANCE=http://127.0.0.1:$GLANCE_PORT  NEUTRON=http://127.0.0.1:$NEUTRON_PORT"
     echo "nova headers: X-User-Id: admin, X-Project-Id: admin, X-Roles: admin,member,reader, OpenStack-API-Version: compute 2.xx"
     echo "placement header: X-Auth-Token: admin ; image id: $(cat $B/data/image_id 2>/dev/null)"
     echo "KEYSTONE=http://127.0.0.1:$KEYSTONE_PORT/v3 (admin/admin, project admin, domain Default; catalog: nova :$NOVA_KS_PORT, placement :$PLACEMENT_KS_PORT)"
     echo "application credential of admin: $B/data/keystone/appcred.json" ;;
-  *) echo "usage: $0 install|start|stop|status|mem|env|start-compute N" >&2; exit 2 ;;
+  *) echo "usage: $0 install|start|stop|status|mem|env|start-compute N|start-l3-agent N" >&2; exit 2 ;;
 esac

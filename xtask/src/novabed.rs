@@ -1,7 +1,8 @@
 //! `cargo xtask novabed install|start|stop|status|env`: the project's real OpenStack
-//! test bed — Nova 34 with Placement, Glance, the Neutron API, RabbitMQ and MariaDB,
-//! three nova-compute processes with a restartable fake virt driver (hosts
-//! fake-1..fake-3) — all on 127.0.0.1, installed under [`DIR`] (override with
+//! test bed — Nova 34 with Placement, Glance, Neutron (API, RPC server), RabbitMQ and
+//! MariaDB, three nova-compute processes with a restartable fake virt driver (hosts
+//! fake-1..fake-3) and one lab L3 agent per host (Neutron's own agent RPC: state
+//! reports, router sync, notifications) — all on 127.0.0.1, installed under [`DIR`] (override with
 //! `NOVABED`). The work is done by xtask/novabed/novabed.sh (adapted from the reference
 //! recipe in ../shared/testbed/novabed, pitfalls included; see the comments there).
 //!
@@ -25,7 +26,8 @@ pub enum Action {
     /// venv). Idempotent: nothing to do when installed.
     Install,
     /// Install if needed, then start everything and wait until Nova has its 3 fake
-    /// hosts, a flavor and an image. Nothing to do when it runs.
+    /// hosts, a flavor and an image, and Neutron 3 live L3 agents. Nothing to do when
+    /// it runs (but start Neutron's RPC server and L3 agents if they do not run).
     Start,
     /// Stop what `start` started (by pid).
     Stop,

@@ -732,12 +732,18 @@ impl Engine {
             }
         }
         if source != Source::Nova {
+            // A host's inventory speaks for the kind its source sees: Neutron's for the
+            // routers of the host's L3 agents, a watchdog's for its VMs. What it does
+            // not list of another kind is not missing, nor stale.
+            let covers =
+                |r: &Resource| (r.kind() == ResourceKind::Router) == (source == Source::Neutron);
             // Resources the host no longer runs: a missed exit.
             let missing: Vec<Resource> = self
                 .resources
                 .iter()
                 .filter(|(r, e)| {
-                    &e.host == host
+                    covers(r)
+                        && &e.host == host
                         && e.owner.is_none()
                         && e.state == ResourceState::Running
                         && at > e.last_restored_at
@@ -751,8 +757,11 @@ impl Engine {
                 }
             }
             let h = self.hosts.get_mut(host).expect("known");
-            if h.stale != stale {
-                h.stale = stale.clone();
+            let mut now_stale: BTreeSet<Resource> =
+                h.stale.iter().filter(|r| !covers(r)).cloned().collect();
+            now_stale.extend(stale.iter().cloned());
+            if h.stale != now_stale {
+                h.stale = now_stale;
                 self.revision += 1;
             }
             if !stale.is_empty() {
@@ -760,10 +769,19 @@ impl Engine {
                 self.host_alarm(
                     host,
                     AlarmKind::StaleResource,
-                    format!(
-                        "host reports resources that run elsewhere: {}",
-                        list.join(", ")
-                    ),
+                    if source == Source::Neutron {
+                        format!(
+                            "routers moved off this host while it was fenced may still be \
+                             served by its data plane (stale namespaces): {}; clean up \
+                             before its L3 agent is trusted again",
+                            list.join(", ")
+                        )
+                    } else {
+                        format!(
+                            "host reports resources that run elsewhere: {}",
+                            list.join(", ")
+                        )
+                    },
                 );
             }
         }

@@ -598,6 +598,105 @@ fn a_router_on_a_dead_host_is_moved_without_a_restart_in_place() {
 }
 
 #[test]
+fn routers_listed_by_neutron_at_force_down_are_moved_by_the_host_incident_and_reported_stale_on_return(
+) {
+    let mut h = Harness::new(3);
+    let key = h.kill_until_fence(1);
+    h.fence_result(1, key, FenceOutcome::Verified(FenceVerifier::IpmiPowerOff));
+    h.run_for(100);
+    // The force-down's restorer hands over what Neutron scheduled on the host.
+    let routers = vec![Resource::router("r1"), Resource::router("r2")];
+    h.input(Input::HostEvent {
+        host: host(1),
+        event: HostEvent::Inventory {
+            resources: routers.clone(),
+            stopped: vec![],
+            source: Source::Neutron,
+            at: Timestamp(h.now),
+        },
+    });
+    h.force_down_ok(1);
+    h.run_for(100);
+    let ev = evacuations(&h.actions);
+    let moved: Vec<&Resource> = ev.iter().map(|(r, _)| r).collect();
+    assert!(
+        moved.contains(&&routers[0])
+            && moved.contains(&&routers[1])
+            && moved.contains(&&Resource::vm("vm1"))
+    );
+    for (r, key) in ev {
+        let to = if r.kind() == ResourceKind::Router {
+            host(2)
+        } else {
+            host(0)
+        };
+        h.input(Input::RestoreResult {
+            resource: r,
+            key,
+            outcome: RestoreOutcome::Ok { host: to },
+        });
+    }
+    h.run_for(100);
+    assert_eq!(h.state(1), HostState::Recovered);
+    // A watchdog inventory of a host that runs the routers (host 2) lists only VMs:
+    // its routers are not "missing", nothing is opened for them.
+    h.input(Input::HostEvent {
+        host: host(2),
+        event: HostEvent::Inventory {
+            resources: vec![Resource::vm("vm2")],
+            stopped: vec![],
+            source: Source::Libvirt,
+            at: Timestamp(h.now),
+        },
+    });
+    assert_eq!(
+        h.engine.resource_state(&routers[0]),
+        Some(ResourceState::Running)
+    );
+    assert!(h.engine.claims().is_empty());
+    // Host 1 returns: the routers moved off it are reported (stale), and the unfence
+    // waits until they are cleared; its watchdog's inventory (VMs) does not clear them.
+    h.revive(1);
+    h.run_for(300);
+    h.take();
+    h.input(Input::HostEvent {
+        host: host(1),
+        event: HostEvent::Inventory {
+            resources: routers.clone(),
+            stopped: vec![],
+            source: Source::Neutron,
+            at: Timestamp(h.now),
+        },
+    });
+    assert!(alarms(&h.actions).contains(&AlarmKind::StaleResource));
+    h.input(Input::HostEvent {
+        host: host(1),
+        event: HostEvent::Inventory {
+            resources: vec![],
+            stopped: vec![],
+            source: Source::Libvirt,
+            at: Timestamp(h.now),
+        },
+    });
+    h.take();
+    h.input(Input::Operator(OperatorCommand::Unfence { host: host(1) }));
+    assert!(h.find(|a| matches!(a, Action::Unfence { .. })).is_none());
+    assert!(alarms(&h.actions).contains(&AlarmKind::CommandRefused));
+    // Neutron shows the routers gone from the host's agent: cleared, unfence goes.
+    h.input(Input::HostEvent {
+        host: host(1),
+        event: HostEvent::Inventory {
+            resources: vec![],
+            stopped: vec![],
+            source: Source::Neutron,
+            at: Timestamp(h.now),
+        },
+    });
+    h.input(Input::Operator(OperatorCommand::Unfence { host: host(1) }));
+    assert!(h.find(|a| matches!(a, Action::Unfence { .. })).is_some());
+}
+
+#[test]
 fn evacuation_failures_are_retried_then_given_up_with_an_alarm() {
     let mut h = Harness::new(4);
     let key = h.kill_until_fence(2);

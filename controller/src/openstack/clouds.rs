@@ -16,6 +16,7 @@ pub struct Cloud {
     pub interface: Option<String>,
     pub compute_url: Option<String>,
     pub placement_url: Option<String>,
+    pub network_url: Option<String>,
 }
 
 /// The files searched, in order.
@@ -139,6 +140,7 @@ pub fn from_entry(c: &Value) -> Result<Cloud, String> {
         interface: s(c, "interface"),
         compute_url: s(c, "compute_endpoint_override"),
         placement_url: s(c, "placement_endpoint_override"),
+        network_url: s(c, "network_endpoint_override"),
     })
 }
 

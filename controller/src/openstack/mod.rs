@@ -1,5 +1,5 @@
-//! A small OpenStack client (reqwest) for what the controller needs from Nova and
-//! Placement: authentication (Keystone v3 password or application credential, a
+//! A small OpenStack client (reqwest) for what the controller needs from Nova,
+//! Placement and Neutron: authentication (Keystone v3 password or application credential, a
 //! `clouds.yaml` cloud, or the identity headers of a cloud without Keystone such as the
 //! project's novabed), endpoints from the Keystone catalog or given, microversion
 //! headers, clear errors for 4xx/5xx, and retries with backoff for transient failures.
@@ -15,6 +15,7 @@
 pub mod clouds;
 pub mod compute;
 pub mod keystone;
+pub mod network;
 mod session;
 
 pub use keystone::{Auth, Credentials};

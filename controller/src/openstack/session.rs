@@ -14,6 +14,8 @@ pub enum Service<'a> {
     Compute(&'a str),
     /// Placement, e.g. `"1.39"`.
     Placement(&'a str),
+    /// Neutron (no microversions).
+    Network,
 }
 
 impl Service<'_> {
@@ -21,12 +23,14 @@ impl Service<'_> {
         match self {
             Service::Compute(_) => "compute",
             Service::Placement(_) => "placement",
+            Service::Network => "network",
         }
     }
-    fn version_header(&self) -> String {
+    fn version_header(&self) -> Option<String> {
         match self {
-            Service::Compute(v) => format!("compute {v}"),
-            Service::Placement(v) => format!("placement {v}"),
+            Service::Compute(v) => Some(format!("compute {v}")),
+            Service::Placement(v) => Some(format!("placement {v}")),
+            Service::Network => None,
         }
     }
 }
@@ -135,6 +139,8 @@ pub struct SessionConfig {
     /// Endpoints used instead of the catalog's (required with [`Auth::Headers`]).
     pub compute_url: Option<String>,
     pub placement_url: Option<String>,
+    /// Neutron's endpoint instead of the catalog's (type `network`).
+    pub network_url: Option<String>,
     pub retry: RetryPolicy,
 }
 
@@ -243,6 +249,7 @@ impl Session {
         let over = match service {
             Service::Compute(_) => &self.cfg.compute_url,
             Service::Placement(_) => &self.cfg.placement_url,
+            Service::Network => &self.cfg.network_url,
         };
         if let Some(u) = over {
             return Ok(u.trim_end_matches('/').to_string());
@@ -306,8 +313,10 @@ impl Session {
             let mut req = self
                 .http
                 .request(method.reqwest(), &url)
-                .header("OpenStack-API-Version", service.version_header())
                 .header("Accept", "application/json");
+            if let Some(v) = service.version_header() {
+                req = req.header("OpenStack-API-Version", v);
+            }
             if let Service::Compute(v) = service {
                 req = req.header("X-OpenStack-Nova-API-Version", v);
             }

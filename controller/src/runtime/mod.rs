@@ -7,6 +7,7 @@ pub mod fencing;
 pub mod intake;
 pub mod libvirt_backend;
 pub mod metrics;
+pub mod neutron_backend;
 pub mod nova_backend;
 pub mod systemd;
 pub mod view;
@@ -67,27 +68,61 @@ pub async fn run(
     let restorer_streams = streams.clone();
     let (fence_table, verify) = (resolved.fence.clone(), resolved.verify);
     tracing::info!(hosts = fence_table.len(), "fence levels configured");
-    let nova = match &resolved.nova {
-        Some(n) => Some(crate::openstack::compute::Compute::new(
-            Arc::new(
-                crate::openstack::Session::new(n.session.clone())
-                    .context("building the OpenStack client")?,
-            ),
-            n.microversion.clone(),
+    // One session (token, connections) for Nova, Placement and Neutron.
+    let session = match &resolved.nova {
+        Some(n) => Some(Arc::new(
+            crate::openstack::Session::new(n.session.clone())
+                .context("building the OpenStack client")?,
         )),
         None => None,
     };
+    let nova = match (&resolved.nova, &session) {
+        (Some(n), Some(s)) => Some(crate::openstack::compute::Compute::new(
+            s.clone(),
+            n.microversion.clone(),
+        )),
+        _ => None,
+    };
     let nova_settings = resolved.nova.as_ref().map(|n| n.settings.clone());
     let host_view = nova_settings.as_ref().map(|s| s.hosts.clone());
+    // Routers: the Neutron half shares the Nova half's view of the hosts.
+    let neutron = match (&resolved.neutron, &session, &host_view) {
+        (Some(n), Some(s), Some(view)) => Some((
+            crate::openstack::network::Network::new(s.clone()),
+            neutron_backend::NeutronSettings {
+                hosts: view.clone(),
+                ..n.clone()
+            },
+        )),
+        _ => None,
+    };
     let (task, channels) = EngineTask::new(parts, |results| {
         let restorer: Box<dyn Restorer + Send> = match (backend, nova, nova_settings) {
             (Backend::Libvirt, _, _) => Box::new(libvirt_backend::LibvirtRestorer::new(
                 results.clone(),
                 restorer_streams,
             )),
-            (Backend::Nova, Some(compute), Some(settings)) => Box::new(
-                nova_backend::NovaRestorer::start(compute, settings, results.clone(), None),
-            ),
+            (Backend::Nova, Some(compute), Some(settings)) => match neutron {
+                None => Box::new(nova_backend::NovaRestorer::start(
+                    compute,
+                    settings,
+                    results.clone(),
+                    None,
+                )),
+                Some((network, neutron_settings)) => {
+                    Box::new(neutron_backend::RouterAwareRestorer::start(
+                        |vm_results| {
+                            Box::new(nova_backend::NovaRestorer::start(
+                                compute, settings, vm_results, None,
+                            ))
+                        },
+                        network,
+                        neutron_settings,
+                        results.clone(),
+                        None,
+                    ))
+                }
+            },
             // `nova` without its section cannot pass the configuration check.
             (Backend::None | Backend::Nova, _, _) => Box::new(UnconfiguredRestorer {
                 results: results.clone(),

@@ -1,0 +1,1016 @@
+//! The router restorer (`[neutron] enabled = true`, beside the Nova backend): moves the
+//! logical routers of a failed host's L3 agents to live agents, at once, instead of
+//! Neutron's own failover (off by default, and waiting `agent_down_time`, 75 s).
+//!
+//! ```text
+//! engine ─ForceDown──► the host's L3 agents admin-down (Neutron schedules nothing there,
+//!                      and a returning agent's sync gets no router), list their routers
+//!                      (HA/DVR skipped: Neutron fails those over itself)
+//!        ◄─Inventory (Neutron: routers) + HostActionResult (joined with Nova's)
+//! engine ─Evacuate(router)×N─► batch ─► read each router's bindings:
+//!                      already on one live agent elsewhere → verified, not moved again;
+//!                      else plan (least routers per live, admin-up agent on a host
+//!                      that is Up) ─► DELETE from the dead agent, POST to the chosen one
+//!                      ─► poll until the router is bound to exactly that agent
+//!        ◄─RestoreResult Ok{agent's host} | Failed{reason}
+//! host heartbeats again (Recovered) ─► Inventory (Neutron) of the routers moved off it:
+//!                      the engine marks them stale (alarm; unfence refused) until the
+//!                      host's agent reports again holding no more routers than are
+//!                      bound to it ─► empty Inventory (Neutron): cleared
+//! engine ─Unfence────► refused while an alive agent of the host reports more routers
+//!                      than are bound to it; else the agents admin-up again
+//! ```
+//!
+//! Idempotent per intent key (a key answered is answered again with its first outcome,
+//! a key in flight is ignored), and safe across a controller restart: a router is only
+//! moved after its bindings were read, so one a previous controller already moved is
+//! verified where it is, never moved twice.
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, Semaphore};
+
+use super::edges::ResultSender;
+use super::nova_backend::HostView;
+use crate::engine::edge::Restorer;
+use crate::engine::{
+    HostEvent, HostId, HostState, Input, IntentKey, Resource, RestoreOutcome, Source, Timestamp,
+};
+use crate::openstack::network::{Agent, Network};
+
+/// Moves handed over within this window are planned together (the engine hands a
+/// host's routers over in one step).
+pub const BATCH_WINDOW: Duration = Duration::from_millis(30);
+
+/// How often returned hosts are looked at (stale report, cleanup).
+const RETURN_POLL: Duration = Duration::from_secs(1);
+
+/// A host heartbeating within this long counts as back.
+const BACK_WITHIN_MS: u64 = 2_000;
+
+/// The restorer's settings (the `[neutron]` section).
+#[derive(Debug, Clone)]
+pub struct NeutronSettings {
+    /// Leave HA (VRRP) and DVR routers to Neutron.
+    pub skip_ha: bool,
+    /// Moves at once.
+    pub max_concurrent: usize,
+    /// Bindings are read this often while a move is verified.
+    pub poll_interval: Duration,
+    /// Not bound to exactly the new agent this long after the move: failed.
+    pub verify_timeout: Duration,
+    /// The engine's view of the hosts (only agents on Up hosts are targets; a
+    /// Recovered host heartbeating again gets its stale report).
+    pub hosts: HostView,
+}
+
+impl Default for NeutronSettings {
+    fn default() -> Self {
+        NeutronSettings {
+            skip_ha: true,
+            max_concurrent: 10,
+            poll_interval: Duration::from_millis(200),
+            verify_timeout: Duration::from_secs(30),
+            hosts: HostView::default(),
+        }
+    }
+}
+
+/// What the restorer did, for tests and benchmarks (optional).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouterEvent {
+    /// At force-down: the host's agents were disabled and its routers listed.
+    Listed {
+        host: String,
+        routers: Vec<String>,
+        skipped_ha: Vec<String>,
+    },
+    /// A router was bound to a new agent (Neutron answered the binding).
+    Moved {
+        router: String,
+        from: String,
+        to: String,
+    },
+    /// A router handed over again was found already on a live agent: not moved.
+    AlreadyMoved {
+        router: String,
+        host: String,
+    },
+    /// A router is bound to exactly its new agent.
+    Verified {
+        router: String,
+        host: String,
+    },
+    Failed {
+        router: String,
+        reason: String,
+    },
+    /// A returned host was told which routers left it (the engine marks them stale).
+    StaleReported {
+        host: String,
+        routers: Vec<String>,
+    },
+    /// The returned host's agents hold no router that is not theirs: stale cleared.
+    CleanedUp {
+        host: String,
+    },
+    /// At unfence: the host's agents are admin-up again.
+    AgentsEnabled {
+        host: String,
+    },
+}
+
+/// One router's new agent: the least loaded of `candidates` (agent id → routers bound),
+/// ties broken by agent id so that a plan is reproducible. The count is increased.
+pub fn choose_agent(loads: &mut BTreeMap<String, usize>) -> Option<String> {
+    let (agent, _) = loads.iter().min_by_key(|(id, n)| (**n, (*id).clone()))?;
+    let agent = agent.clone();
+    *loads.get_mut(&agent).expect("present") += 1;
+    Some(agent)
+}
+
+enum Job {
+    Prepare {
+        host: HostId,
+        key: IntentKey,
+    },
+    Move {
+        router: String,
+        from: HostId,
+        key: IntentKey,
+    },
+    Enable {
+        host: HostId,
+        key: IntentKey,
+    },
+}
+
+/// The router half of the restore edge (see [`RouterAwareRestorer`] for the whole).
+pub struct NeutronRestorer {
+    jobs: mpsc::UnboundedSender<Job>,
+    results: ResultSender,
+}
+
+#[derive(Default)]
+struct State {
+    done: HashMap<IntentKey, Input>,
+    in_flight: HashSet<IntentKey>,
+    /// Routers moved off each host since it was fenced (their data plane there may
+    /// still hold them), until the host is unfenced.
+    moved_off: BTreeMap<String, BTreeSet<String>>,
+    /// Hosts told about their stale routers, and hosts whose cleanup was seen.
+    reported: BTreeSet<String>,
+    cleaned: BTreeSet<String>,
+    /// Moves planned onto each agent whose binding is not made yet: a batch planned
+    /// while an earlier one is still binding counts them (Neutron does not yet).
+    binding: HashMap<String, usize>,
+}
+
+#[derive(Clone)]
+struct Worker {
+    network: Network,
+    settings: NeutronSettings,
+    results: ResultSender,
+    events: Option<mpsc::UnboundedSender<RouterEvent>>,
+    state: Arc<Mutex<State>>,
+    moves: Arc<Semaphore>,
+}
+
+fn now_ts() -> Timestamp {
+    Timestamp(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    )
+}
+
+fn gone() -> RestoreOutcome {
+    RestoreOutcome::Failed {
+        reason: "the Neutron restorer stopped".into(),
+    }
+}
+
+impl NeutronRestorer {
+    /// Starts the worker (needs a tokio runtime).
+    pub fn start(
+        network: Network,
+        settings: NeutronSettings,
+        results: ResultSender,
+        events: Option<mpsc::UnboundedSender<RouterEvent>>,
+    ) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let worker = Worker {
+            moves: Arc::new(Semaphore::new(settings.max_concurrent.max(1))),
+            network,
+            settings,
+            results: results.clone(),
+            events,
+            state: Arc::default(),
+        };
+        tokio::spawn(worker.run(rx));
+        NeutronRestorer { jobs: tx, results }
+    }
+
+    fn send(&self, job: Job, on_fail: Input) {
+        if self.jobs.send(job).is_err() {
+            let _ = self.results.send(on_fail);
+        }
+    }
+}
+
+impl Restorer for NeutronRestorer {
+    fn force_down(&mut self, host: &HostId, key: &IntentKey) {
+        let fail = Input::HostActionResult {
+            host: host.clone(),
+            key: key.clone(),
+            outcome: gone(),
+        };
+        self.send(
+            Job::Prepare {
+                host: host.clone(),
+                key: key.clone(),
+            },
+            fail,
+        );
+    }
+
+    fn restart_in_place(&mut self, resource: &Resource, _: &HostId, _: u32, key: &IntentKey) {
+        // The engine never restarts a router in place (it moves it); say so if asked.
+        let _ = self.results.send(Input::RestoreResult {
+            resource: resource.clone(),
+            key: key.clone(),
+            outcome: RestoreOutcome::Failed {
+                reason: "routers are moved, not restarted in place".into(),
+            },
+        });
+    }
+
+    fn evacuate(&mut self, resource: &Resource, from: &HostId, key: &IntentKey) {
+        let fail = Input::RestoreResult {
+            resource: resource.clone(),
+            key: key.clone(),
+            outcome: gone(),
+        };
+        match resource {
+            Resource::Router(r) => self.send(
+                Job::Move {
+                    router: r.to_string(),
+                    from: from.clone(),
+                    key: key.clone(),
+                },
+                fail,
+            ),
+            Resource::Vm(_) => {
+                let _ = self.results.send(Input::RestoreResult {
+                    resource: resource.clone(),
+                    key: key.clone(),
+                    outcome: RestoreOutcome::Failed {
+                        reason: "Neutron moves routers, not VMs".into(),
+                    },
+                });
+            }
+        }
+    }
+
+    fn unfence(&mut self, host: &HostId, key: &IntentKey) {
+        let fail = Input::HostActionResult {
+            host: host.clone(),
+            key: key.clone(),
+            outcome: gone(),
+        };
+        self.send(
+            Job::Enable {
+                host: host.clone(),
+                key: key.clone(),
+            },
+            fail,
+        );
+    }
+}
+
+impl Worker {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn event(&self, e: RouterEvent) {
+        if let Some(tx) = &self.events {
+            let _ = tx.send(e);
+        }
+    }
+
+    fn claim(&self, key: &IntentKey) -> bool {
+        let mut st = self.lock();
+        if let Some(first) = st.done.get(key) {
+            let _ = self.results.send(first.clone());
+            return false;
+        }
+        st.in_flight.insert(key.clone())
+    }
+
+    fn finish(&self, key: &IntentKey, input: Input) {
+        let mut st = self.lock();
+        st.in_flight.remove(key);
+        st.done.insert(key.clone(), input.clone());
+        drop(st);
+        let _ = self.results.send(input);
+    }
+
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<Job>) {
+        let w = self.clone();
+        tokio::spawn(async move { w.watch_returns().await });
+        while let Some(job) = rx.recv().await {
+            let mut moves = Vec::new();
+            let mut pending = vec![job];
+            let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
+            loop {
+                for j in pending.drain(..) {
+                    match j {
+                        Job::Move { router, from, key } => {
+                            if self.claim(&key) {
+                                moves.push((router, from, key));
+                            }
+                        }
+                        Job::Prepare { host, key } => {
+                            if self.claim(&key) {
+                                let w = self.clone();
+                                tokio::spawn(async move { w.prepare(host, key).await });
+                            }
+                        }
+                        Job::Enable { host, key } => {
+                            if self.claim(&key) {
+                                let w = self.clone();
+                                tokio::spawn(async move { w.enable(host, key).await });
+                            }
+                        }
+                    }
+                }
+                if moves.is_empty() {
+                    break;
+                }
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(j)) => pending.push(j),
+                    _ => break,
+                }
+            }
+            if !moves.is_empty() {
+                let w = self.clone();
+                tokio::spawn(async move { w.move_batch(moves).await });
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ force down
+
+    async fn prepare(&self, host: HostId, key: IntentKey) {
+        let outcome = match self.disable_and_list(host.as_str()).await {
+            Ok(routers) => {
+                let _ = self.results.send(Input::HostEvent {
+                    host: host.clone(),
+                    event: HostEvent::Inventory {
+                        resources: routers.iter().map(Resource::router).collect(),
+                        stopped: vec![],
+                        source: Source::Neutron,
+                        at: now_ts(),
+                    },
+                });
+                RestoreOutcome::Ok { host: host.clone() }
+            }
+            Err(reason) => RestoreOutcome::Failed {
+                reason: format!("neutron: {reason}"),
+            },
+        };
+        self.finish(
+            &key,
+            Input::HostActionResult {
+                host,
+                key: key.clone(),
+                outcome,
+            },
+        );
+    }
+
+    /// Disables the host's L3 agents and lists the routers to move.
+    async fn disable_and_list(&self, host: &str) -> Result<Vec<String>, String> {
+        let agents = self
+            .network
+            .l3_agents(Some(host))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut routers = BTreeSet::new();
+        let mut skipped = BTreeSet::new();
+        for a in &agents {
+            if a.admin_state_up {
+                self.network
+                    .set_agent_admin_state(&a.id, false)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            for r in self
+                .network
+                .agent_routers(&a.id)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                if self.settings.skip_ha && r.failover_by_neutron() {
+                    skipped.insert(r.id);
+                } else {
+                    routers.insert(r.id);
+                }
+            }
+        }
+        let routers: Vec<String> = routers.into_iter().collect();
+        tracing::info!(
+            host,
+            agents = agents.len(),
+            routers = routers.len(),
+            left_to_neutron = skipped.len(),
+            "L3 agents disabled; routers to move"
+        );
+        self.event(RouterEvent::Listed {
+            host: host.into(),
+            routers: routers.clone(),
+            skipped_ha: skipped.into_iter().collect(),
+        });
+        Ok(routers)
+    }
+
+    // ------------------------------------------------------------ moves
+
+    /// Live, admin-up L3 agents on hosts the engine has Up (or does not know: a
+    /// network node without a watchdog), not on `failed`.
+    fn targets(&self, agents: &[Agent], failed: &BTreeSet<String>) -> Vec<Agent> {
+        let hosts = self
+            .settings
+            .hosts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        agents
+            .iter()
+            .filter(|a| a.alive && a.admin_state_up && !failed.contains(&a.host))
+            .filter(|a| hosts.get(&a.host).is_none_or(|h| h.state == HostState::Up))
+            .cloned()
+            .collect()
+    }
+
+    async fn move_batch(&self, moves: Vec<(String, HostId, IntentKey)>) {
+        let failed: BTreeSet<String> = moves.iter().map(|(_, f, _)| f.to_string()).collect();
+        let (targets, mut loads) = match self.plan_targets(&failed).await {
+            Ok(t) => t,
+            Err(reason) => {
+                for (router, _, key) in moves {
+                    self.finish_router(&router, &key, Err(reason.clone()));
+                }
+                return;
+            }
+        };
+        // Read every router's bindings first (concurrently): one already on a live
+        // agent elsewhere (moved by a controller before a restart) stays there.
+        let mut reads = tokio::task::JoinSet::new();
+        for (router, from, key) in moves {
+            let w = self.clone();
+            reads.spawn(async move {
+                let _slot = w.moves.acquire().await;
+                let b = w.network.router_agents(&router).await;
+                (router, from, key, b)
+            });
+        }
+        let mut todo = Vec::new();
+        while let Some(r) = reads.join_next().await {
+            let Ok((router, from, key, bindings)) = r else {
+                continue;
+            };
+            match bindings {
+                Err(e) => self.finish_router(&router, &key, Err(e.to_string())),
+                Ok(b) => {
+                    let live: Vec<&Agent> =
+                        b.iter().filter(|a| targets.contains_key(&a.id)).collect();
+                    if b.len() == 1 && live.len() == 1 {
+                        let host = live[0].host.clone();
+                        self.event(RouterEvent::AlreadyMoved {
+                            router: router.clone(),
+                            host: host.clone(),
+                        });
+                        self.note_moved(&from, &router);
+                        self.finish_router(&router, &key, Ok(host));
+                    } else {
+                        todo.push((router, from, key, b));
+                    }
+                }
+            }
+        }
+        // Least routers first, in a stable order.
+        todo.sort_by(|a, b| a.0.cmp(&b.0));
+        for (router, from, key, bindings) in todo {
+            let Some(agent) = choose_agent(&mut loads) else {
+                self.finish_router(
+                    &router,
+                    &key,
+                    Err("no live L3 agent on a healthy host to move it to".into()),
+                );
+                continue;
+            };
+            let to_host = targets[&agent].clone();
+            *self.lock().binding.entry(agent.clone()).or_default() += 1;
+            let w = self.clone();
+            tokio::spawn(async move {
+                let _slot = w.moves.acquire().await;
+                let r = w
+                    .move_one(&router, from.as_str(), &bindings, &agent, &to_host)
+                    .await;
+                if r.is_ok() {
+                    w.note_moved(&from, &router);
+                }
+                w.finish_router(&router, &key, r);
+            });
+        }
+    }
+
+    /// The target agents (id → host) and their loads (routers bound now).
+    async fn plan_targets(
+        &self,
+        failed: &BTreeSet<String>,
+    ) -> Result<(BTreeMap<String, String>, BTreeMap<String, usize>), String> {
+        let agents = self
+            .network
+            .l3_agents(None)
+            .await
+            .map_err(|e| e.to_string())?;
+        let targets = self.targets(&agents, failed);
+        let mut counts = tokio::task::JoinSet::new();
+        for a in &targets {
+            let (net, id) = (self.network.clone(), a.id.clone());
+            counts.spawn(async move { (id.clone(), net.agent_routers(&id).await) });
+        }
+        let mut loads = BTreeMap::new();
+        while let Some(r) = counts.join_next().await {
+            let Ok((id, routers)) = r else { continue };
+            let pending = self.lock().binding.get(&id).copied().unwrap_or(0);
+            loads.insert(id, routers.map_err(|e| e.to_string())?.len() + pending);
+        }
+        Ok((targets.into_iter().map(|a| (a.id, a.host)).collect(), loads))
+    }
+
+    async fn move_one(
+        &self,
+        router: &str,
+        from: &str,
+        bindings: &[Agent],
+        agent: &str,
+        to_host: &str,
+    ) -> Result<String, String> {
+        for b in bindings.iter().filter(|b| b.id != agent) {
+            if let Err(e) = self.network.remove_router(&b.id, router).await {
+                self.bound(agent);
+                return Err(format!("unbinding from {} ({}): {e}", b.id, b.host));
+            }
+        }
+        if !bindings.iter().any(|b| b.id == agent) {
+            match self.network.add_router(agent, router).await {
+                Ok(()) => self.event(RouterEvent::Moved {
+                    router: router.into(),
+                    from: from.into(),
+                    to: to_host.into(),
+                }),
+                // A POST whose answer was lost (or a 409: bound meanwhile) may have
+                // bound it: the bindings decide, below.
+                Err(e) => {
+                    tracing::warn!(router, agent, error = %e, "binding failed; reading bindings")
+                }
+            }
+        }
+        self.bound(agent);
+        // Verify: bound to exactly the chosen agent. Between the DELETE and the POST a
+        // live agent's own sync may have had Neutron schedule the router (with
+        // router_auto_schedule, Neutron's default, get_router_ids schedules unbound
+        // routers): bound to exactly one live agent elsewhere is as good, and is kept.
+        let t0 = tokio::time::Instant::now();
+        loop {
+            match self.network.router_agents(router).await {
+                Ok(b) if b.len() == 1 && b[0].id == agent => {
+                    self.event(RouterEvent::Verified {
+                        router: router.into(),
+                        host: to_host.into(),
+                    });
+                    return Ok(to_host.to_string());
+                }
+                Ok(b) if b.len() == 1 && b[0].alive && b[0].admin_state_up && b[0].host != from => {
+                    tracing::info!(router, host = %b[0].host, "scheduled by Neutron meanwhile; kept");
+                    self.event(RouterEvent::Verified {
+                        router: router.into(),
+                        host: b[0].host.clone(),
+                    });
+                    return Ok(b[0].host.clone());
+                }
+                Ok(b) if b.iter().all(|a| a.id != agent) => {
+                    return Err(format!(
+                        "not bound to the chosen agent on {to_host} (bound to: {:?})",
+                        b.iter().map(|a| &a.host).collect::<Vec<_>>()
+                    ))
+                }
+                Ok(_) | Err(_) if t0.elapsed() < self.settings.verify_timeout => {}
+                Ok(b) => {
+                    return Err(format!(
+                        "still bound to {} agents after {:?}",
+                        b.len(),
+                        self.settings.verify_timeout
+                    ))
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+            tokio::time::sleep(self.settings.poll_interval).await;
+        }
+    }
+
+    /// A planned binding is made (or given up): Neutron counts it from now on.
+    fn bound(&self, agent: &str) {
+        let mut st = self.lock();
+        if let Some(n) = st.binding.get_mut(agent) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    fn note_moved(&self, from: &HostId, router: &str) {
+        let mut st = self.lock();
+        st.moved_off
+            .entry(from.to_string())
+            .or_default()
+            .insert(router.into());
+        st.reported.remove(from.as_str());
+        st.cleaned.remove(from.as_str());
+    }
+
+    fn finish_router(&self, router: &str, key: &IntentKey, r: Result<String, String>) {
+        let outcome = match r {
+            Ok(host) => RestoreOutcome::Ok {
+                host: HostId::new(host),
+            },
+            Err(reason) => {
+                tracing::warn!(router, %key, reason, "router move failed");
+                self.event(RouterEvent::Failed {
+                    router: router.into(),
+                    reason: reason.clone(),
+                });
+                RestoreOutcome::Failed { reason }
+            }
+        };
+        self.finish(
+            key,
+            Input::RestoreResult {
+                resource: Resource::router(router),
+                key: key.clone(),
+                outcome,
+            },
+        );
+    }
+
+    // ------------------------------------------------------------ return, unfence
+
+    /// Reports the routers moved off a host once it heartbeats again, and clears the
+    /// report once the host's agents hold nothing that is not theirs.
+    async fn watch_returns(self) {
+        loop {
+            tokio::time::sleep(RETURN_POLL).await;
+            let now = now_ts().0;
+            let back: Vec<String> = self
+                .settings
+                .hosts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .filter(|(_, h)| {
+                    h.state == HostState::Recovered
+                        && h.last_heartbeat_ms
+                            .is_some_and(|t| now.saturating_sub(t) < BACK_WITHIN_MS)
+                })
+                .map(|(n, _)| n.clone())
+                .collect();
+            for host in back {
+                let (moved, reported, cleaned) = {
+                    let st = self.lock();
+                    let Some(m) = st.moved_off.get(&host) else {
+                        continue;
+                    };
+                    (
+                        m.clone(),
+                        st.reported.contains(&host),
+                        st.cleaned.contains(&host),
+                    )
+                };
+                if !reported {
+                    self.inventory(&host, &moved);
+                    self.lock().reported.insert(host.clone());
+                    tracing::warn!(
+                        host,
+                        routers = moved.len(),
+                        "routers moved off a returned host reported for cleanup"
+                    );
+                    self.event(RouterEvent::StaleReported {
+                        host: host.clone(),
+                        routers: moved.into_iter().collect(),
+                    });
+                } else if !cleaned {
+                    match self.holds_only_its_own(&host).await {
+                        Ok(None) => {
+                            self.inventory(&host, &BTreeSet::new());
+                            self.lock().cleaned.insert(host.clone());
+                            tracing::info!(host, "returned host's L3 agents clean");
+                            self.event(RouterEvent::CleanedUp { host });
+                        }
+                        Ok(Some(why)) => tracing::debug!(host, why, "not clean yet"),
+                        Err(e) => tracing::warn!(host, error = %e, "reading the L3 agents"),
+                    }
+                }
+            }
+        }
+    }
+
+    fn inventory(&self, host: &str, routers: &BTreeSet<String>) {
+        let _ = self.results.send(Input::HostEvent {
+            host: HostId::new(host),
+            event: HostEvent::Inventory {
+                resources: routers.iter().map(Resource::router).collect(),
+                stopped: vec![],
+                source: Source::Neutron,
+                at: now_ts(),
+            },
+        });
+    }
+
+    /// `None` when every L3 agent of `host` reports (alive) and holds no more routers
+    /// than Neutron binds to it (a returning neutron-l3-agent's first full sync removes
+    /// the namespaces of routers not scheduled to it; an admin-down agent gets none);
+    /// otherwise why not.
+    async fn holds_only_its_own(&self, host: &str) -> Result<Option<String>, String> {
+        let agents = self
+            .network
+            .l3_agents(Some(host))
+            .await
+            .map_err(|e| e.to_string())?;
+        for a in agents {
+            if !a.alive {
+                return Ok(Some(format!("L3 agent {} does not report", a.id)));
+            }
+            if let Some(why) = self.holds_foreign(&a).await? {
+                return Ok(Some(why));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn holds_foreign(&self, a: &Agent) -> Result<Option<String>, String> {
+        let bound = self
+            .network
+            .agent_routers(&a.id)
+            .await
+            .map_err(|e| e.to_string())?
+            .len() as u64;
+        Ok(match a.reported_routers() {
+            Some(n) if n > bound => Some(format!(
+                "L3 agent {} on {} still serves {n} routers, {bound} of them bound to it",
+                a.id, a.host
+            )),
+            _ => None,
+        })
+    }
+
+    async fn enable(&self, host: HostId, key: IntentKey) {
+        let outcome = match self.enable_agents(host.as_str()).await {
+            Ok(()) => {
+                let mut st = self.lock();
+                st.moved_off.remove(host.as_str());
+                st.reported.remove(host.as_str());
+                st.cleaned.remove(host.as_str());
+                drop(st);
+                self.event(RouterEvent::AgentsEnabled {
+                    host: host.to_string(),
+                });
+                RestoreOutcome::Ok { host: host.clone() }
+            }
+            Err(reason) => RestoreOutcome::Failed {
+                reason: format!("neutron: {reason}"),
+            },
+        };
+        self.finish(
+            &key,
+            Input::HostActionResult {
+                host,
+                key: key.clone(),
+                outcome,
+            },
+        );
+    }
+
+    /// Trusts the host's L3 agents again: refused while one that reports serves more
+    /// routers than are bound to it (stale routers still on its data plane).
+    async fn enable_agents(&self, host: &str) -> Result<(), String> {
+        let agents = self
+            .network
+            .l3_agents(Some(host))
+            .await
+            .map_err(|e| e.to_string())?;
+        for a in agents.iter().filter(|a| a.alive) {
+            if let Some(why) = self.holds_foreign(a).await? {
+                return Err(format!("{why}: clean it up before it is trusted again"));
+            }
+        }
+        for a in agents.iter().filter(|a| !a.admin_state_up) {
+            self.network
+                .set_agent_admin_state(&a.id, true)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- both halves
+
+/// The restore edge with routers: VMs go to `vms` (the Nova restorer), routers to
+/// Neutron; a force-down or unfence goes to both, and its one result is theirs joined
+/// (Ok when both are; else the failures' reasons). Both halves answer a key handed over
+/// again with their first outcome, so a joined key is answered again too.
+pub struct RouterAwareRestorer {
+    vms: Box<dyn Restorer + Send>,
+    routers: NeutronRestorer,
+    joined: Arc<Mutex<HashMap<IntentKey, Option<Input>>>>,
+}
+
+impl RouterAwareRestorer {
+    /// `vms` is built with the results sender it is handed (its results pass through
+    /// the joiner); the Neutron half likewise.
+    pub fn start(
+        vms: impl FnOnce(ResultSender) -> Box<dyn Restorer + Send>,
+        network: Network,
+        settings: NeutronSettings,
+        results: ResultSender,
+        events: Option<mpsc::UnboundedSender<RouterEvent>>,
+    ) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
+        let joined: Arc<Mutex<HashMap<IntentKey, Option<Input>>>> = Arc::default();
+        let vms = vms(tx.clone());
+        let routers = NeutronRestorer::start(network, settings, tx, events);
+        let j = joined.clone();
+        tokio::spawn(async move {
+            while let Some(input) = rx.recv().await {
+                let out = match &input {
+                    Input::HostActionResult { key, .. } => {
+                        let mut map = j.lock().unwrap_or_else(|e| e.into_inner());
+                        match map.get_mut(key) {
+                            // Not joined (cannot happen: both halves answer host
+                            // actions only when handed one through here).
+                            None => Some(input),
+                            Some(first @ None) => {
+                                *first = Some(input);
+                                None
+                            }
+                            Some(Some(first)) => {
+                                let joined = join(first, &input);
+                                map.insert(key.clone(), None);
+                                Some(joined)
+                            }
+                        }
+                    }
+                    _ => Some(input),
+                };
+                if let Some(out) = out {
+                    if results.send(out).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        RouterAwareRestorer {
+            vms,
+            routers,
+            joined,
+        }
+    }
+
+    fn expect_two(&self, key: &IntentKey) {
+        self.joined
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), None);
+    }
+}
+
+/// Two halves' results of one host action, as one.
+fn join(a: &Input, b: &Input) -> Input {
+    let (
+        Input::HostActionResult {
+            host,
+            key,
+            outcome: oa,
+        },
+        Input::HostActionResult { outcome: ob, .. },
+    ) = (a, b)
+    else {
+        return b.clone();
+    };
+    let outcome = match (oa, ob) {
+        (RestoreOutcome::Ok { .. }, RestoreOutcome::Ok { .. }) => {
+            RestoreOutcome::Ok { host: host.clone() }
+        }
+        (RestoreOutcome::Failed { reason }, RestoreOutcome::Ok { .. })
+        | (RestoreOutcome::Ok { .. }, RestoreOutcome::Failed { reason }) => {
+            RestoreOutcome::Failed {
+                reason: reason.clone(),
+            }
+        }
+        (RestoreOutcome::Failed { reason: x }, RestoreOutcome::Failed { reason: y }) => {
+            RestoreOutcome::Failed {
+                reason: format!("{x}; {y}"),
+            }
+        }
+    };
+    Input::HostActionResult {
+        host: host.clone(),
+        key: key.clone(),
+        outcome,
+    }
+}
+
+impl Restorer for RouterAwareRestorer {
+    fn force_down(&mut self, host: &HostId, key: &IntentKey) {
+        self.expect_two(key);
+        self.vms.force_down(host, key);
+        self.routers.force_down(host, key);
+    }
+
+    fn restart_in_place(&mut self, resource: &Resource, host: &HostId, n: u32, key: &IntentKey) {
+        match resource {
+            Resource::Vm(_) => self.vms.restart_in_place(resource, host, n, key),
+            Resource::Router(_) => self.routers.restart_in_place(resource, host, n, key),
+        }
+    }
+
+    fn evacuate(&mut self, resource: &Resource, from: &HostId, key: &IntentKey) {
+        match resource {
+            Resource::Vm(_) => self.vms.evacuate(resource, from, key),
+            Resource::Router(_) => self.routers.evacuate(resource, from, key),
+        }
+    }
+
+    fn unfence(&mut self, host: &HostId, key: &IntentKey) {
+        self.expect_two(key);
+        self.vms.unfence(host, key);
+        self.routers.unfence(host, key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routers_go_to_the_least_loaded_agent_and_spread_evenly() {
+        let mut loads: BTreeMap<String, usize> = [
+            ("a".to_string(), 5),
+            ("b".to_string(), 0),
+            ("c".to_string(), 2),
+        ]
+        .into();
+        let picks: Vec<String> = (0..9).map(|_| choose_agent(&mut loads).unwrap()).collect();
+        // b catches up with c, then with a, then they take turns.
+        assert_eq!(&picks[..2], ["b", "b"]);
+        assert_eq!(loads.values().copied().collect::<Vec<_>>(), vec![6, 5, 5]);
+        assert!(loads.values().max().unwrap() - loads.values().min().unwrap() <= 1);
+    }
+
+    #[test]
+    fn no_agent_no_target() {
+        assert_eq!(choose_agent(&mut BTreeMap::new()), None);
+    }
+
+    #[test]
+    fn a_joined_host_action_fails_with_the_failing_halfs_reason() {
+        let r = |o| Input::HostActionResult {
+            host: HostId::new("h"),
+            key: IntentKey("k".into()),
+            outcome: o,
+        };
+        let ok = || RestoreOutcome::Ok {
+            host: HostId::new("h"),
+        };
+        let bad = |s: &str| RestoreOutcome::Failed { reason: s.into() };
+        assert!(matches!(
+            join(&r(ok()), &r(ok())),
+            Input::HostActionResult {
+                outcome: RestoreOutcome::Ok { .. },
+                ..
+            }
+        ));
+        let Input::HostActionResult { outcome, .. } = join(&r(ok()), &r(bad("neutron: down")))
+        else {
+            panic!()
+        };
+        assert_eq!(outcome, bad("neutron: down"));
+        let Input::HostActionResult { outcome, .. } = join(&r(bad("x")), &r(bad("y"))) else {
+            panic!()
+        };
+        assert_eq!(outcome, bad("x; y"));
+    }
+}
