@@ -151,6 +151,16 @@ fn a_controller_killed_in_the_middle_of_a_restore_finishes_it_after_a_restart_wi
             None => panic!("no evacuation started"),
         }
     }
+    // The event is sent just before the POST: wait until Nova has recorded one, so the
+    // kill lands in the middle of the restore, not before it reached Nova.
+    let recorded_by = std::time::Instant::now() + Duration::from_secs(60);
+    while !ids.iter().any(|id| nova.evacuations(id) > 0) {
+        assert!(
+            std::time::Instant::now() < recorded_by,
+            "Nova recorded no evacuation within 60 s of four evacuate calls"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     ctl.kill();
     let moving = ids.iter().filter(|id| nova.evacuations(id) > 0).count();
     assert!(
