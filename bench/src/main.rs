@@ -12,6 +12,7 @@ mod real_guest_kill;
 mod report;
 mod restart_in_place;
 mod suspect_latency;
+mod watchdog_cost;
 mod watchdog_restart;
 
 use std::time::Duration;
@@ -118,6 +119,15 @@ enum Scenario {
         #[arg(long, default_value_t = 30)]
         kills: usize,
     },
+    /// The watchdog's cost with N real guests: the daemon's CPU and each probe's run
+    /// time from the kernel's BPF statistics, libvirtd beside it (needs the hostbed).
+    WatchdogCost {
+        #[arg(long, default_value_t = 50)]
+        guests: usize,
+        /// How long to sample (once a second).
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// A Nova host with N servers fails → all ACTIVE elsewhere: defib's planned parallel
     /// evacuation against the naive one-at-a-time way, same run (needs the novabed).
     NovaEvacuate {
@@ -168,6 +178,7 @@ fn main() -> anyhow::Result<()> {
             token_ms,
         } => fence_latency::run(ipmi_samples, pacemaker_samples, token_ms)?,
         Scenario::RestartInPlace { kills } => restart_in_place::run(kills)?,
+        Scenario::WatchdogCost { guests, seconds } => watchdog_cost::run(guests, seconds)?,
         Scenario::NovaEvacuate { rounds, servers } => nova_evacuate::run(rounds, servers)?,
         Scenario::WatchdogRestart {
             restarts,
