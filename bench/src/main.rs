@@ -6,6 +6,7 @@
 mod controller;
 mod fence_latency;
 mod heartbeat_intake;
+mod host_loss;
 mod host_memory;
 mod nova_evacuate;
 mod real_guest_kill;
@@ -119,6 +120,14 @@ enum Scenario {
         #[arg(long, default_value_t = 30)]
         kills: usize,
     },
+    /// A lab host powered off at its BMC → Suspect, → fenced, → first evacuation, → its
+    /// VMs running on the other hosts (brings up its own `cargo xtask lab`).
+    HostLoss {
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+        #[arg(long, default_value_t = 2)]
+        guests_per_host: usize,
+    },
     /// The watchdog's cost with N real guests: the daemon's CPU and each probe's run
     /// time from the kernel's BPF statistics, libvirtd beside it (needs the hostbed).
     WatchdogCost {
@@ -178,6 +187,10 @@ fn main() -> anyhow::Result<()> {
             token_ms,
         } => fence_latency::run(ipmi_samples, pacemaker_samples, token_ms)?,
         Scenario::RestartInPlace { kills } => restart_in_place::run(kills)?,
+        Scenario::HostLoss {
+            rounds,
+            guests_per_host,
+        } => host_loss::run(rounds, guests_per_host)?,
         Scenario::WatchdogCost { guests, seconds } => watchdog_cost::run(guests, seconds)?,
         Scenario::NovaEvacuate { rounds, servers } => nova_evacuate::run(rounds, servers)?,
         Scenario::WatchdogRestart {
