@@ -183,18 +183,27 @@ fn round(lab: &BenchLab, n: usize) -> anyhow::Result<Round> {
         state["controller_ns"].as_str().unwrap_or("").to_string(),
         host["bmc_addr"].as_str().unwrap_or("").to_string(),
     );
-    // The loss is the moment the host's watchdog is gone (the BMC's power-off kills the
-    // host's processes): the BMC is told from a thread while this one watches the pid.
-    let off = std::thread::spawn(move || defib_tests::bmc::chassis_power(&ns, &bmc, "off"));
+    // The loss is the moment the BMC's power-off killed the host's processes (its
+    // watchdog first): the BMC's own log of the kill, on the machine's clock.
+    let chassis_log = Path::new(state["dir"].as_str().unwrap_or(""))
+        .join(format!("bmc-{name}"))
+        .join("chassis.log");
+    let sent = unix_ms();
+    defib_tests::bmc::chassis_power(&ns, &bmc, "off")
+        .map_err(|e| anyhow::anyhow!("power off: {e}"))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while alive(wd) {
         anyhow::ensure!(Instant::now() < deadline, "{name} did not lose power");
         std::thread::sleep(Duration::from_millis(1));
     }
-    let t0 = unix_ms();
-    off.join()
-        .map_err(|_| anyhow::anyhow!("ipmitool thread"))?
-        .map_err(|e| anyhow::anyhow!("power off: {e}"))?;
+    let t0 = std::fs::read_to_string(&chassis_log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(" killed "))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|s| (s * 1000.0) as u64)
+        .find(|&ms| ms >= sent)
+        .ok_or_else(|| anyhow::anyhow!("no kill after {sent} in {}", chassis_log.display()))?;
     wait_for(&format!("{name}'s VMs running elsewhere"), || {
         let vms = lab.ctl(&["vms"])?;
         let list = vms["vms"].as_array().cloned().unwrap_or_default();
@@ -254,7 +263,11 @@ fn round(lab: &BenchLab, n: usize) -> anyhow::Result<Round> {
     wait_for(&format!("{name} Recovered"), || {
         Ok(lab.host_state(&name)? == "Recovered")
     })?;
-    lab.ctl(&["unfence", &name])?;
+    // Refused while the host still lists a domain that now runs elsewhere (its libvirt
+    // may not have noticed the killed qemu yet): asked again, as an operator would.
+    wait_for(&format!("{name} unfenced"), || {
+        Ok(lab.ctl(&["unfence", &name]).is_ok())
+    })?;
     wait_for(&format!("{name} Up"), || Ok(lab.host_state(&name)? == "Up"))?;
     // Its heartbeats steady again before the next loss.
     std::thread::sleep(Duration::from_secs(2));
@@ -310,9 +323,9 @@ pub fn run(rounds: usize, guests_per_host: usize) -> anyhow::Result<String> {
          defaults except fence_on_unknown_after_ms = 3000; one IPMI fence level per host \
          through its ipmi_sim BMC, verify poll 100 ms; libvirt backend). Each round powers \
          off the last host that runs VMs with `ipmitool chassis power off` at its BMC; t0 is \
-         the moment the bench (polling every 1 ms) sees that host's watchdog process gone \
-         (the power-off kills it, its guests' qemus and cuts its links), so the host's last \
-         heartbeat was at most 100 ms before t0. The other times are the controller's own \
+         the BMC's own log of killing the host's first process (its power-off cuts the \
+         host's links, kills its processes, the watchdog among them, then its guests' \
+         qemus; date +%s.%N), so the host's last heartbeat was at most 100 ms before t0. The other times are the controller's own \
          timeline entries (unix ms, same machine clock). \"Running\" is the watchdog of the \
          target host having started the domain from its definition (libvirt: the qemu runs); \
          the guests' disks are on the machine's file system or loop devices, which every lab \

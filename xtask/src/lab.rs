@@ -993,7 +993,24 @@ fn lose_host(state: &Value, partition: bool) -> anyhow::Result<()> {
     wait_for(&format!("{name} Recovered"), 60, || {
         Ok(host_state(state, &name)? == "Recovered")
     })?;
-    print!("{}", defibctl(state, &["unfence", &name])?);
+    // Refused while the host still lists a domain that now runs elsewhere (its libvirt
+    // may not have noticed the killed qemu yet): asked again, as an operator would.
+    let mut refused = None;
+    wait_for(&format!("{name} unfenced"), 60, || {
+        match defibctl(state, &["unfence", &name]) {
+            Ok(out) => {
+                print!("{out}");
+                Ok(true)
+            }
+            Err(e) => {
+                if refused.is_none() {
+                    println!("{e} (asking again)");
+                }
+                refused = Some(e);
+                Ok(false)
+            }
+        }
+    })?;
     wait_for(&format!("{name} Up again"), 60, || {
         Ok(host_state(state, &name)? == "Up")
     })?;
