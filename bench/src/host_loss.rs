@@ -234,7 +234,11 @@ fn round(lab: &BenchLab, n: usize) -> anyhow::Result<Round> {
     let first_evacuation = since(
         timeline
             .iter()
-            .filter(|e| e["to"].as_str().is_some_and(|t| t.starts_with("Evacuating")))
+            .filter(|e| {
+                e["to"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("Evacuating"))
+            })
             .filter_map(|e| e["at"].as_u64())
             .min(),
         "evacuation",
@@ -336,7 +340,9 @@ pub fn run(rounds: usize, guests_per_host: usize) -> anyhow::Result<String> {
     report::write(
         &report::results_dir(),
         "host-loss",
-        &format!("cargo xtask bench host-loss --rounds {rounds} --guests-per-host {guests_per_host}"),
+        &format!(
+            "cargo xtask bench host-loss --rounds {rounds} --guests-per-host {guests_per_host}"
+        ),
         &notes,
         &series,
     )

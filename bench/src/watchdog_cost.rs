@@ -96,10 +96,7 @@ fn prog_names(ids: impl Iterator<Item = u32>) -> BTreeMap<u32, String> {
     let mut names = BTreeMap::new();
     for info in aya::programs::loaded_programs().filter_map(Result::ok) {
         if wanted.contains(&info.id()) {
-            names.insert(
-                info.id(),
-                info.name_as_str().unwrap_or("?").to_string(),
-            );
+            names.insert(info.id(), info.name_as_str().unwrap_or("?").to_string());
         }
     }
     names
@@ -157,7 +154,10 @@ fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> anyhow::Resu
 }
 
 pub fn run(guests: usize, seconds: u64) -> anyhow::Result<String> {
-    anyhow::ensure!(guests > 0 && seconds > 0, "--guests and --seconds must be > 0");
+    anyhow::ensure!(
+        guests > 0 && seconds > 0,
+        "--guests and --seconds must be > 0"
+    );
     Hostbed::ensure().map_err(|e| {
         anyhow::anyhow!("this scenario needs the hostbed (`cargo xtask hostbed start`): {e}")
     })?;
@@ -195,7 +195,8 @@ pub fn run(guests: usize, seconds: u64) -> anyhow::Result<String> {
     let (mut daemon, mut probes_all, mut libvirt) = (Vec::new(), Vec::new(), Vec::new());
     let first_progs = prog_stats(pid);
     let first_cpu = cpu_ns(pid)?;
-    let (mut last_t, mut last_cpu, mut last_progs) = (Instant::now(), first_cpu, first_progs.clone());
+    let (mut last_t, mut last_cpu, mut last_progs) =
+        (Instant::now(), first_cpu, first_progs.clone());
     let mut last_lv = libvirtd.and_then(|p| cpu_ns(p).ok());
     let began = Instant::now();
     let lv_first = last_lv;
@@ -258,7 +259,11 @@ pub fn run(guests: usize, seconds: u64) -> anyhow::Result<String> {
         table.push_str(&format!(
             "| `{name}` | {:.0} | {:.0} | {:.4} |\n",
             *cnt as f64 / period,
-            if *cnt > 0 { *rt as f64 / *cnt as f64 } else { 0.0 },
+            if *cnt > 0 {
+                *rt as f64 / *cnt as f64
+            } else {
+                0.0
+            },
             *rt as f64 / period / 1e9 * 100.0
         ));
     }
