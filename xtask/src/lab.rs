@@ -773,13 +773,14 @@ fn disk_stall(state: &Value) -> anyhow::Result<()> {
             .find(|e| e["cause"].as_str().is_some_and(|c| c.starts_with(what)))
             .and_then(|e| e["at"].as_u64())
     };
-    if let (Some(seen), Some(ended)) = (at("disk stall started"), at("disk stall ended")) {
-        println!(
-            "stall seen by the probe (in the controller) at +{} ms after the storage stopped; ended at +{} ms after it ran again",
-            seen.saturating_sub(stopped_ms),
-            ended.saturating_sub(resumed_ms)
-        );
-    }
+    let (Some(seen), Some(ended)) = (at("disk stall started"), at("disk stall ended")) else {
+        bail!("incident i{id} is not the stall's (no disk stall started and ended): {inc}");
+    };
+    println!(
+        "stall seen by the probe (in the controller) at +{} ms after the storage stopped; ended at +{} ms after it ran again",
+        seen.saturating_sub(stopped_ms),
+        ended.saturating_sub(resumed_ms)
+    );
     // Healthy again: the guest writes its disk, and still runs where it ran.
     let now = io_lines(&serial);
     wait_for(&format!("{name} writing its disk again"), 30, || {
