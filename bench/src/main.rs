@@ -6,6 +6,7 @@
 mod controller;
 mod fence_latency;
 mod heartbeat_intake;
+mod host_loss;
 mod host_memory;
 mod nova_evacuate;
 mod real_guest_kill;
@@ -13,6 +14,7 @@ mod report;
 mod restart_in_place;
 mod router_move;
 mod suspect_latency;
+mod watchdog_cost;
 mod watchdog_restart;
 
 use std::time::Duration;
@@ -123,6 +125,23 @@ enum Scenario {
         #[arg(long, default_value_t = 30)]
         kills: usize,
     },
+    /// A lab host powered off at its BMC → Suspect, → fenced, → first evacuation, → its
+    /// VMs running on the other hosts (brings up its own `cargo xtask lab`).
+    HostLoss {
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+        #[arg(long, default_value_t = 2)]
+        guests_per_host: usize,
+    },
+    /// The watchdog's cost with N real guests: the daemon's CPU and each probe's run
+    /// time from the kernel's BPF statistics, libvirtd beside it (needs the hostbed).
+    WatchdogCost {
+        #[arg(long, default_value_t = 50)]
+        guests: usize,
+        /// How long to sample (once a second).
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// A Nova host with N servers fails → all ACTIVE elsewhere: defib's planned parallel
     /// evacuation against the naive one-at-a-time way, same run (needs the novabed).
     NovaEvacuate {
@@ -183,6 +202,11 @@ fn main() -> anyhow::Result<()> {
             confirm_retry_ms,
         } => fence_latency::run(ipmi_samples, pacemaker_samples, token_ms, confirm_retry_ms)?,
         Scenario::RestartInPlace { kills } => restart_in_place::run(kills)?,
+        Scenario::HostLoss {
+            rounds,
+            guests_per_host,
+        } => host_loss::run(rounds, guests_per_host)?,
+        Scenario::WatchdogCost { guests, seconds } => watchdog_cost::run(guests, seconds)?,
         Scenario::NovaEvacuate { rounds, servers } => nova_evacuate::run(rounds, servers)?,
         Scenario::RouterMove { rounds, routers } => router_move::run(rounds, &routers)?,
         Scenario::WatchdogRestart {

@@ -29,7 +29,7 @@ pub fn run(kills: usize) -> anyhow::Result<String> {
         None,
         "backend = \"libvirt\"\n[engine]\nmax_restarts_in_place = 1000000\n",
     )?;
-    let wd = WatchdogProcess::start(&ctl)?;
+    let wd = WatchdogProcess::start(&ctl, HOST)?;
     wait_for("the host Up at the controller", || {
         let hosts = ctl.get_json("/v1/hosts").ok()?;
         let list = hosts["hosts"].as_array().or(hosts.as_array())?.clone();
@@ -187,19 +187,20 @@ fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> anyhow::Resu
 
 /// `defib-watchdog run` on this host, streaming to the scenario's controller over
 /// loopback, libvirt enabled. Stopped (SIGTERM, then reaped) on drop.
-struct WatchdogProcess {
+pub(crate) struct WatchdogProcess {
     child: Child,
     dir: PathBuf,
 }
 
 impl WatchdogProcess {
-    fn start(ctl: &ControllerProcess) -> anyhow::Result<Self> {
+    /// Reports as host `host`.
+    pub(crate) fn start(ctl: &ControllerProcess, host: &str) -> anyhow::Result<Self> {
         let bin = defib_tests::built_binary("defib-watchdog", "defib-watchdog");
         let dir = std::env::temp_dir().join(format!("defib-bench-rip-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("state"))?;
         let cfg = format!(
-            "[host]\nid = \"{HOST}\"\ncluster_id = \"{cluster}\"\nstate_dir = {state:?}\n\n\
+            "[host]\nid = \"{host}\"\ncluster_id = \"{cluster}\"\nstate_dir = {state:?}\n\n\
              [controller]\nheartbeat_addrs = [\"{hb}\"]\nevent_addr = \"{ev}\"\nkey_file = {key:?}\n\n\
              [libvirt]\nenabled = true\n\n\
              [probes]\n# Its own probes, not pinned: the machine's pin directory is not ours.\npin_dir = \"\"\n",
@@ -223,8 +224,12 @@ impl WatchdogProcess {
         Ok(WatchdogProcess { child, dir })
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("watchdog.log")).unwrap_or_default()
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 

@@ -446,6 +446,11 @@ impl FuseBed {
         bed
     }
 
+    /// The FUSE daemon's pid (what [`FuseBed::stall`] stops).
+    pub fn pid(&self) -> u32 {
+        self.bindfs.id()
+    }
+
     pub fn real_dir(&self) -> PathBuf {
         self.dir.path().join("real")
     }

@@ -1,5 +1,6 @@
-//! `cargo xtask lab up|status|down` (issue 7): the lab comes up, shows itself, and goes
-//! away without leaving anything it made.
+//! `cargo xtask lab up|status|drill|down` (issue 7): the lab comes up, shows itself, its
+//! drills leave it healthy, and it goes away without leaving anything it made (processes,
+//! namespaces, directories, loop devices, FUSE mounts, domains).
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 use std::path::Path;
@@ -83,6 +84,25 @@ fn lab_up_shows_every_host_up_drills_leave_it_healthy_and_lab_down_leaves_nothin
     for seen in ["Ebpf", "Libvirt", "RestartingInPlace", "restarted in place"] {
         assert!(out.contains(seen), "no {seen} in:\n{out}");
     }
+    // The storage under a guest's loop device stops past the watchdog's threshold: the
+    // probe's stall is an incident of its own, started then ended, and the guest runs on.
+    let (ok, out) = xtask(&lab_dir, &["drill", "disk-stall"]);
+    assert!(ok, "drill disk-stall:\n{out}");
+    let order: Vec<usize> = [
+        "disk stall started",
+        "disk stall ended",
+        "writes its disk again",
+    ]
+    .iter()
+    .map(|s| out.find(s).unwrap_or_else(|| panic!("no {s} in:\n{out}")))
+    .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{out}");
+    assert!(
+        out.lines()
+            .filter(|l| l.contains("disk stall"))
+            .all(|l| l.trim_end().ends_with("Ebpf")),
+        "the stall is not the probe's account:\n{out}"
+    );
     let (ok, out) = xtask(&lab_dir, &["drill", "host-loss"]);
     assert!(ok, "drill host-loss:\n{out}");
     let order: Vec<usize> = [
@@ -116,8 +136,9 @@ fn lab_up_shows_every_host_up_drills_leave_it_healthy_and_lab_down_leaves_nothin
         .filter_map(|p| p["pid"].as_u64())
         .chain(state["keeper_pid"].as_u64())
         .collect();
-    // The controller, per host a watchdog, a BMC and a libvirtd; the keeper.
-    assert_eq!(pids.len(), 1 + 3 * 2 + 1, "{state}");
+    // The controller, per host a watchdog, a BMC, a libvirtd and a bindfs (the first
+    // guest's stallable disk); the keeper.
+    assert_eq!(pids.len(), 1 + 4 * 2 + 1, "{state}");
     assert!(pids.iter().all(|&p| alive(p)), "{state}");
     let guests: Vec<String> = state["hosts"]
         .as_array()
@@ -127,6 +148,17 @@ fn lab_up_shows_every_host_up_drills_leave_it_healthy_and_lab_down_leaves_nothin
         .map(|g| g["name"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(guests.len(), 2);
+    let stall_disks = state["stall_disks"].as_array().unwrap().clone();
+    assert_eq!(stall_disks.len(), 2, "{state}");
+    let mounts = || std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let loops = || {
+        String::from_utf8_lossy(&Command::new("losetup").arg("-a").output().unwrap().stdout)
+            .into_owned()
+    };
+    for d in &stall_disks {
+        assert!(mounts().contains(d["mount"].as_str().unwrap()), "{d}");
+        assert!(loops().contains(d["backing_file"].as_str().unwrap()), "{d}");
+    }
 
     drop(guard);
     let (ok, out) = xtask(&lab_dir, &["down"]);
@@ -141,6 +173,15 @@ fn lab_up_shows_every_host_up_drills_leave_it_healthy_and_lab_down_leaves_nothin
         assert!(!Path::new(d.as_str().unwrap()).exists(), "{d} left");
     }
     assert!(!lab_dir.exists(), "the lab's directory is left");
+    for d in &stall_disks {
+        assert!(
+            !mounts().contains(d["mount"].as_str().unwrap()),
+            "mount left: {d}"
+        );
+        let lo = d["loop"].as_str().unwrap();
+        let backing = d["backing_file"].as_str().unwrap();
+        assert!(!loops().contains(backing), "loop device {lo} left: {d}");
+    }
     let all = defib_tests::guests::virsh(
         &["list", "--all", "--name"],
         std::time::Duration::from_secs(10),

@@ -19,6 +19,7 @@ use defib_tests::bmc::{Bmc, BMC_PASSWORD, BMC_PORT, BMC_USER};
 use defib_tests::guests::{run_virsh, unique_uuid, Guest, GuestDisk, GuestSpec, LIBVIRT_URI};
 use defib_tests::hypervisor::Hypervisor;
 use defib_tests::lab::{Lab, LabSpec};
+use defib_tests::{FuseBed, LoopDevice};
 use serde_json::{json, Value};
 
 #[derive(Subcommand)]
@@ -55,6 +56,9 @@ pub enum Action {
 pub enum Drill {
     /// Kill a guest's qemu: seen by the kernel (eBPF) and by libvirt, restarted in place.
     VmCrash,
+    /// Stop the storage under a guest's disk (its loop device's FUSE daemon) past the
+    /// watchdog's stall threshold: the stall incident, then the storage back.
+    DiskStall,
     /// Power a host off at its BMC: Suspect, fenced (IPMI power off verified), its guests
     /// started on the other hosts; then power it on and unfence it.
     HostLoss,
@@ -311,6 +315,30 @@ fn remove_leftovers(state: &Value) {
             }
         }
     }
+    // The guests' stallable disks: storage running again, the loop device detached (if it
+    // still reads the lab's file), the FUSE mount gone; bindfs is stopped with the rest.
+    for d in state["stall_disks"].as_array().into_iter().flatten() {
+        if let Some(pid) = d["bindfs_pid"].as_u64().filter(|&p| alive(p)) {
+            kill(pid, "-CONT");
+        }
+        let lo = d["loop"].as_str().unwrap_or("");
+        let backing = Path::new("/sys/block")
+            .join(lo.trim_start_matches("/dev/"))
+            .join("loop/backing_file");
+        let file = std::fs::read_to_string(backing).unwrap_or_default();
+        if !lo.is_empty() && file.trim() == d["backing_file"].as_str().unwrap_or("-") {
+            eprintln!("lab: detaching leftover loop device {lo}");
+            let _ = Command::new("losetup").args(["-d", lo]).status();
+        }
+        let mount = d["mount"].as_str().unwrap_or("");
+        if !mount.is_empty() && is_mounted(mount) {
+            eprintln!("lab: unmounting leftover FUSE mount {mount}");
+            let _ = Command::new("fusermount")
+                .args(["-u", "-z", mount])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
     for p in state["processes"].as_array().into_iter().flatten() {
         let (Some(pid), Some(exe)) = (p["pid"].as_u64(), p["comm"].as_str()) else {
             continue;
@@ -336,6 +364,13 @@ fn remove_leftovers(state: &Value) {
     }
 }
 
+fn is_mounted(mountpoint: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(mountpoint))
+}
+
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_stop(_: libc::c_int) {
@@ -349,6 +384,51 @@ struct Host {
     uri: String,
     pid_dir: PathBuf,
     hv: Hypervisor,
+}
+
+/// A guest's disk that can be made to hang: a loop device whose backing file is on a
+/// FUSE (bindfs) mount; stopping bindfs (SIGSTOP) makes every I/O of the guest hang in
+/// the kernel, as a dead storage path would.
+struct StallDisk {
+    // Fields drop in order: the loop device is detached before the mount goes.
+    lo: LoopDevice,
+    bed: FuseBed,
+    host: usize,
+    /// The guest's domain name (set once the guest is defined).
+    guest: String,
+    /// The backing file, as seen outside the mount.
+    image: PathBuf,
+}
+
+impl StallDisk {
+    fn new(host: usize, file: &str) -> anyhow::Result<StallDisk> {
+        let hostbed =
+            defib_tests::guests::Hostbed::ensure().map_err(|e| anyhow::anyhow!("hostbed: {e}"))?;
+        let bed = FuseBed::new();
+        let through_fuse = bed.create_image(file, defib_tests::guests::DISK_SIZE);
+        let image = bed.real_dir().join(file);
+        hostbed.write_boot_sector(&image, 0);
+        let lo = LoopDevice::attach(&through_fuse);
+        Ok(StallDisk {
+            lo,
+            bed,
+            host,
+            guest: String::new(),
+            image,
+        })
+    }
+
+    fn describe(&self) -> Value {
+        json!({
+            "host": format!("h{}", self.host),
+            "guest": self.guest,
+            "bindfs_pid": self.bed.pid(),
+            "dir": self.bed.dir.path(),
+            "mount": self.bed.fuse_dir(),
+            "loop": self.lo.path,
+            "backing_file": self.bed.fuse_dir().join(self.image.file_name().unwrap_or_default()),
+        })
+    }
 }
 
 /// The keeper: builds the lab, records it, holds it until SIGTERM, then drops it.
@@ -419,22 +499,46 @@ fn serve(hosts: usize, guests_per_host: usize) -> anyhow::Result<()> {
         ));
         bmcs.push(bmc);
     }
+    // The first guest of each host has its disk on a loop device over FUSE, so that
+    // `drill disk-stall` can make its storage hang (the others have plain image files).
+    let mut stall_disks: Vec<StallDisk> = Vec::new();
     for (h, host) in lab_hosts.iter_mut().enumerate() {
         for g in 0..guests_per_host {
+            let name = format!("lab{tag}-h{h}-g{g}");
+            let disk = if g == 0 {
+                let d = StallDisk::new(h, &format!("{name}.raw"))?;
+                let dev = d.lo.path.clone();
+                stall_disks.push(d);
+                GuestDisk::Block(dev)
+            } else {
+                GuestDisk::Plain
+            };
             let spec = GuestSpec {
-                name: format!("lab{tag}-h{h}-g{g}"),
+                name,
                 uuid: unique_uuid(),
-                disk: GuestDisk::Plain,
+                disk,
                 ib700: None,
                 wdt_pets: 0,
             };
-            host.guests
-                .push(Guest::start_spec_on(spec, &host.uri, &host.pid_dir));
+            let guest = Guest::start_spec_on(spec, &host.uri, &host.pid_dir);
+            if g == 0 {
+                if let Some(d) = stall_disks.last_mut() {
+                    d.guest = guest.name().to_string();
+                }
+            }
+            host.guests.push(guest);
         }
     }
     lab.start_controller(&spec);
     lab.start_watchdogs(&spec);
-    write_state(&describe(&lab, &lab_hosts, &bmcs, &tag, false))?;
+    write_state(&describe(
+        &lab,
+        &lab_hosts,
+        &bmcs,
+        &stall_disks,
+        &tag,
+        false,
+    ))?;
     // Up when the controller sees every host Up and every guest Running.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -465,7 +569,7 @@ fn serve(hosts: usize, guests_per_host: usize) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     if !STOP.load(Ordering::SeqCst) {
-        write_state(&describe(&lab, &lab_hosts, &bmcs, &tag, true))?;
+        write_state(&describe(&lab, &lab_hosts, &bmcs, &stall_disks, &tag, true))?;
         eprintln!("lab: up; waiting for SIGTERM (`cargo xtask lab down`)");
     }
     while !STOP.load(Ordering::SeqCst) {
@@ -480,7 +584,7 @@ fn serve(hosts: usize, guests_per_host: usize) -> anyhow::Result<()> {
                     "lab: h{h} powered on: links up, watchdog pid {}",
                     lab.watchdogs[h].pid()
                 );
-                write_state(&describe(&lab, &lab_hosts, &bmcs, &tag, true))?;
+                write_state(&describe(&lab, &lab_hosts, &bmcs, &stall_disks, &tag, true))?;
             }
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -495,6 +599,8 @@ fn serve(hosts: usize, guests_per_host: usize) -> anyhow::Result<()> {
     // A guest evacuated to another host is on that host's libvirtd, which destroys its
     // domains when it stops.
     drop(lab_hosts);
+    // Their qemus gone, the guests' loop devices and FUSE mounts can go.
+    drop(stall_disks);
     drop(bmcs);
     drop(lab);
     let _ = std::fs::remove_file(state_path());
@@ -515,6 +621,7 @@ fn drill(kind: Drill) -> anyhow::Result<()> {
         .context("the lab is down (`cargo xtask lab up`)")?;
     match kind {
         Drill::VmCrash => vm_crash(&state),
+        Drill::DiskStall => disk_stall(&state),
         Drill::HostLoss => lose_host(&state, false),
         Drill::Partition => lose_host(&state, true),
     }
@@ -564,6 +671,132 @@ fn vm_crash(state: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sends SIGCONT to the FUSE daemon when dropped: a drill that fails half-way does not
+/// leave a guest's storage hanging.
+struct ResumeStorage(u64);
+
+impl Drop for ResumeStorage {
+    fn drop(&mut self) {
+        kill(self.0, "-CONT");
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Completed disk writes in a guest's serial log (`HB-IO <n>` lines; a restarted guest
+/// counts from 1 again, so lines are counted, not numbers read).
+fn io_lines(serial: &Path) -> usize {
+    String::from_utf8_lossy(&std::fs::read(serial).unwrap_or_default())
+        .lines()
+        .filter(|l| l.trim().starts_with("HB-IO "))
+        .count()
+}
+
+/// Stops the FUSE daemon under a running guest's loop device past the watchdog's stall
+/// threshold, waits for the stall incident, lets the storage run again, waits until the
+/// incident is closed and the guest writes again, and prints the timeline.
+fn disk_stall(state: &Value) -> anyhow::Result<()> {
+    let vms = defibctl_json(state, &["vms"])?;
+    let vms = vms["vms"].as_array().cloned().unwrap_or_default();
+    let guests: Vec<Value> = state["hosts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|h| h["guests"].as_array().cloned().unwrap_or_default())
+        .collect();
+    // A stallable guest that runs now (wherever an earlier drill put it).
+    let (disk, uuid, vm) = state["stall_disks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|d| {
+            let g = guests.iter().find(|g| g["name"] == d["guest"])?;
+            let uuid = g["uuid"].as_str()?.to_string();
+            let vm = vms
+                .iter()
+                .find(|v| v["resource"] == format!("vm:{uuid}") && v["state"] == "Running")?;
+            Some((d.clone(), uuid, vm.clone()))
+        })
+        .context("no guest with a stallable disk runs (`cargo xtask lab status`)")?;
+    let name = disk["guest"].as_str().unwrap_or("?").to_string();
+    let on = vm["host"].as_str().unwrap_or("?").to_string();
+    let bindfs = disk["bindfs_pid"]
+        .as_u64()
+        .filter(|&p| alive(p))
+        .context("the guest's FUSE daemon is gone")?;
+    let serial = defib_tests::guests::guests_dir().join(format!("{name}.serial.log"));
+    let subject = format!("vm:{uuid}");
+    let before = newest_incident(state, &subject)?.map(|i| i["id"].clone());
+    println!(
+        "drill disk-stall: the storage of {name} on {on} stops (SIGSTOP to bindfs pid {bindfs} under {})",
+        disk["loop"].as_str().unwrap_or("?")
+    );
+    let stopped_ms = unix_ms();
+    let resume = ResumeStorage(bindfs);
+    kill(bindfs, "-STOP");
+    let mut id = 0;
+    wait_for("the stall incident", 60, || {
+        Ok(match newest_incident(state, &subject)? {
+            Some(inc) if Some(&inc["id"]) != before.as_ref() => {
+                id = inc["id"].as_u64().unwrap_or(0);
+                true
+            }
+            _ => false,
+        })
+    })?;
+    // The guest is stuck: no disk write completes while the storage is stopped.
+    let stuck = io_lines(&serial);
+    std::thread::sleep(Duration::from_millis(1000));
+    anyhow::ensure!(
+        io_lines(&serial) == stuck,
+        "{name} wrote its disk while its storage was stopped"
+    );
+    println!("{name}: stall incident i{id} open; the storage runs again");
+    let resumed_ms = unix_ms();
+    drop(resume);
+    wait_for("the stall incident closed", 60, || {
+        let inc = defibctl_json(state, &["incidents", &id.to_string()])?;
+        Ok(!inc["closed_at_ms"].is_null())
+    })?;
+    let inc = defibctl_json(state, &["incidents", &id.to_string()])?;
+    print!("{}", defibctl(state, &["incidents", &id.to_string()])?);
+    let at = |what: &str| {
+        inc["timeline"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["cause"].as_str().is_some_and(|c| c.starts_with(what)))
+            .and_then(|e| e["at"].as_u64())
+    };
+    let (Some(seen), Some(ended)) = (at("disk stall started"), at("disk stall ended")) else {
+        bail!("incident i{id} is not the stall's (no disk stall started and ended): {inc}");
+    };
+    println!(
+        "stall seen by the probe (in the controller) at +{} ms after the storage stopped; ended at +{} ms after it ran again",
+        seen.saturating_sub(stopped_ms),
+        ended.saturating_sub(resumed_ms)
+    );
+    // Healthy again: the guest writes its disk, and still runs where it ran.
+    let now = io_lines(&serial);
+    wait_for(&format!("{name} writing its disk again"), 30, || {
+        Ok(io_lines(&serial) >= now + 2)
+    })?;
+    let vms = defibctl_json(state, &["vms"])?;
+    anyhow::ensure!(
+        vms["vms"].as_array().into_iter().flatten().any(|v| {
+            v["resource"] == subject.as_str() && v["state"] == "Running" && v["host"] == on.as_str()
+        }),
+        "{name} is not Running on {on} after the stall: {vms}"
+    );
+    println!("{name} writes its disk again and runs on {on}");
+    Ok(())
+}
+
 /// The newest incident about `subject` (its summary), if any.
 fn newest_incident(state: &Value, subject: &str) -> anyhow::Result<Option<Value>> {
     let list = defibctl_json(state, &["incidents"])?;
@@ -577,7 +810,14 @@ fn newest_incident(state: &Value, subject: &str) -> anyhow::Result<Option<Value>
 }
 
 /// What the keeper made, for the state file.
-fn describe(lab: &Lab, lab_hosts: &[Host], bmcs: &[Bmc], tag: &str, ready: bool) -> Value {
+fn describe(
+    lab: &Lab,
+    lab_hosts: &[Host],
+    bmcs: &[Bmc],
+    disks: &[StallDisk],
+    tag: &str,
+    ready: bool,
+) -> Value {
     let hosts = lab_hosts.len();
     {
         let mut processes = vec![
@@ -604,6 +844,9 @@ fn describe(lab: &Lab, lab_hosts: &[Host], bmcs: &[Bmc], tag: &str, ready: bool)
         for b in bmcs {
             processes.push(json!({"pid": b.pid(), "comm": "ipmi_sim"}));
         }
+        for d in disks {
+            processes.push(json!({"pid": d.bed.pid(), "comm": "bindfs"}));
+        }
         // The lab's own libvirtds (their domains are destroyed first, by URI).
         for hv in lab_hosts.iter().map(|h| &h.hv) {
             let pid = std::fs::read_to_string(hv.root().join("child.pid")).unwrap_or_default();
@@ -624,6 +867,7 @@ fn describe(lab: &Lab, lab_hosts: &[Host], bmcs: &[Bmc], tag: &str, ready: bool)
                 .map(|h| &h.hv)
                 .map(|hv| hv.root().display().to_string()),
         );
+        dirs.extend(disks.iter().map(|d| d.bed.dir.path().display().to_string()));
         json!({
             "ready": ready,
             "keeper_pid": std::process::id(),
@@ -634,6 +878,7 @@ fn describe(lab: &Lab, lab_hosts: &[Host], bmcs: &[Bmc], tag: &str, ready: bool)
             "token_file": lab.path("api.token"),
             "pids": {"controller": lab.controller.as_ref().map(|d| d.pid())},
             "hosts": host_list,
+            "stall_disks": disks.iter().map(StallDisk::describe).collect::<Vec<_>>(),
             "processes": processes,
             "namespaces": namespaces,
             "dirs": dirs,
@@ -749,7 +994,24 @@ fn lose_host(state: &Value, partition: bool) -> anyhow::Result<()> {
     wait_for(&format!("{name} Recovered"), 60, || {
         Ok(host_state(state, &name)? == "Recovered")
     })?;
-    print!("{}", defibctl(state, &["unfence", &name])?);
+    // Refused while the host still lists a domain that now runs elsewhere (its libvirt
+    // may not have noticed the killed qemu yet): asked again, as an operator would.
+    let mut refused = None;
+    wait_for(&format!("{name} unfenced"), 60, || {
+        match defibctl(state, &["unfence", &name]) {
+            Ok(out) => {
+                print!("{out}");
+                Ok(true)
+            }
+            Err(e) => {
+                if refused.is_none() {
+                    println!("{e} (asking again)");
+                }
+                refused = Some(e);
+                Ok(false)
+            }
+        }
+    })?;
     wait_for(&format!("{name} Up again"), 60, || {
         Ok(host_state(state, &name)? == "Up")
     })?;

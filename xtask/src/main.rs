@@ -75,7 +75,7 @@ enum Task {
     /// Setup, then run a benchmark scenario (see bench/ and BENCHMARKS.md): exit-latency,
     /// stall-latency, real-guest-kill, suspect-latency, heartbeat-intake, host-memory,
     /// fence-latency, nova-evacuate (needs the novabed: `cargo xtask novabed start`),
-    /// watchdog-restart, restart-in-place (needs the hostbed).
+    /// watchdog-restart, restart-in-place, watchdog-cost (need the hostbed), host-loss.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,

@@ -63,6 +63,8 @@
 //! that happened before the resource was last restored, or that come from a host the
 //! resource no longer runs on, are late and ignored. A watchdog inventory that no
 //! longer lists a resource counts as its exit (a safety net for lost events).
+//! A disk stall of a resource nobody owns is an incident of its own that records the
+//! stall's start and end and acts on nothing.
 //!
 //! # Defaults
 //!
@@ -228,6 +230,10 @@ pub struct Engine {
     incidents: BTreeMap<IncidentId, Incident>,
     next_incident: u64,
     intents: BTreeMap<IntentKey, Known>,
+    /// Open disk-stall incidents: a stall of a resource no other incident owns is an
+    /// incident of its own (observed, not acted on: restarting a VM whose storage hangs
+    /// cures nothing), closed when the stall ends.
+    stalls: BTreeMap<Resource, IncidentId>,
     gate: Gate,
     replaying: bool,
     out: Vec<Action>,
@@ -247,6 +253,7 @@ impl Engine {
             incidents: BTreeMap::new(),
             next_incident: 1,
             intents: BTreeMap::new(),
+            stalls: BTreeMap::new(),
             gate: Gate::default(),
             replaying: false,
             out: Vec::new(),
@@ -569,24 +576,41 @@ impl Engine {
         }
     }
 
+    /// A disk stall goes to the timeline of the incident that owns the resource (or its
+    /// host's incident). A stall nobody owns opens a stall incident of its own, which
+    /// records the start and the end and closes at the end; it changes no state and
+    /// issues no action (the watchdog's stall threshold has already passed when the
+    /// event arrives, and the cure is the storage, not a restart).
     fn note_stall(&mut self, host: &HostId, resource: Option<Resource>, at: Timestamp, what: &str) {
+        let ended = what.ends_with("ended");
         let owner = resource
             .as_ref()
             .and_then(|r| self.resources.get(r))
             .and_then(|e| e.owner)
             .or(self.hosts.get(host).and_then(|h| h.incident));
+        let stall = resource.as_ref().and_then(|r| self.stalls.get(r)).copied();
+        let subject = resource
+            .clone()
+            .map(Subject::Resource)
+            .unwrap_or(Subject::Host(host.clone()));
+        let cause = format!("{what} at {at}");
         if let Some(inc) = owner {
-            let subject = resource
-                .map(Subject::Resource)
-                .unwrap_or(Subject::Host(host.clone()));
-            self.timeline(
-                inc,
-                subject,
-                "-",
-                "-",
-                format!("{what} at {at}"),
-                Source::Ebpf,
-            );
+            self.timeline(inc, subject.clone(), "-", "-", cause.clone(), Source::Ebpf);
+        }
+        match (stall, resource) {
+            (Some(inc), Some(r)) if Some(inc) != owner => {
+                self.timeline(inc, subject, "-", "-", cause, Source::Ebpf);
+                if ended {
+                    self.stalls.remove(&r);
+                    self.close_incident(inc);
+                }
+            }
+            (None, Some(r)) if owner.is_none() && !ended && self.resources.contains_key(&r) => {
+                let inc = self.new_incident(subject.clone());
+                self.stalls.insert(r, inc);
+                self.timeline(inc, subject, "-", "-", cause, Source::Ebpf);
+            }
+            _ => {}
         }
     }
 
@@ -1901,6 +1925,19 @@ impl Engine {
             return;
         }
         let old = e.owner.replace(inc);
+        // A stall incident would wait for an end its dead host never reports.
+        if let Some(stall) = self.stalls.remove(r) {
+            self.timeline(
+                stall,
+                Subject::Resource(r.clone()),
+                "-",
+                "-",
+                format!("superseded by host incident {inc}"),
+                Source::Controller,
+            );
+            self.close_incident(stall);
+        }
+        let e = self.resources.get_mut(r).expect("known");
         // An in-flight action of the superseded incident stays recorded in `in_flight`
         // until its result arrives: the host incident waits for it before fencing, so
         // that a restart can never take effect after the fence.

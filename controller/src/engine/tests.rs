@@ -1156,3 +1156,91 @@ fn a_domain_list_taken_before_a_restart_does_not_make_the_engine_forget_the_rest
     });
     assert_eq!(h.engine.resource_state(&vm), Some(ResourceState::Running));
 }
+
+fn stall(h: &mut Harness, i: usize, vm: &str, started: bool) {
+    let (resource, at) = (Some(Resource::vm(vm)), Timestamp(h.now));
+    h.input(Input::HostEvent {
+        host: host(i),
+        event: if started {
+            HostEvent::DiskStallStarted { resource, at }
+        } else {
+            HostEvent::DiskStallEnded { resource, at }
+        },
+    });
+}
+
+fn incidents_about(h: &Harness, vm: &str) -> Vec<Incident> {
+    h.engine
+        .incidents()
+        .filter(|i| i.subject == Subject::Resource(Resource::vm(vm)))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn a_disk_stall_of_a_healthy_vm_is_an_incident_that_records_start_and_end_and_acts_on_nothing() {
+    let mut h = Harness::new(3);
+    h.take();
+    stall(&mut h, 1, "vm1", true);
+    h.run_for(1000);
+    let open = incidents_about(&h, "vm1");
+    assert_eq!(open.len(), 1, "{open:?}");
+    assert!(open[0].closed_at.is_none());
+    assert!(open[0].timeline[0].cause.starts_with("disk stall started"));
+    assert_eq!(open[0].timeline[0].source, Source::Ebpf);
+    // A repeated start (a restarted watchdog) is the same incident.
+    stall(&mut h, 1, "vm1", true);
+    assert_eq!(incidents_about(&h, "vm1").len(), 1);
+    stall(&mut h, 1, "vm1", false);
+    let done = incidents_about(&h, "vm1");
+    assert_eq!(done.len(), 1);
+    assert!(done[0].closed_at.is_some(), "{done:?}");
+    assert!(done[0]
+        .timeline
+        .last()
+        .is_some_and(|e| e.cause.starts_with("disk stall ended")));
+    // Observed, not acted on: the VM kept running, nothing was restarted or fenced.
+    assert_eq!(h.vm(1), ResourceState::Running);
+    assert!(h
+        .find(|a| matches!(
+            a,
+            Action::RestartInPlace { .. } | Action::Evacuate { .. } | Action::Fence { .. }
+        ))
+        .is_none());
+    // The next stall is a new incident.
+    stall(&mut h, 1, "vm1", true);
+    assert_eq!(incidents_about(&h, "vm1").len(), 2);
+}
+
+#[test]
+fn a_crash_during_a_disk_stall_is_still_restarted_and_the_stall_end_closes_the_stall_incident() {
+    let mut h = Harness::new(3);
+    stall(&mut h, 1, "vm1", true);
+    h.exit(1, "vm1", Source::Ebpf, h.now);
+    assert!(h
+        .find(|a| matches!(a, Action::RestartInPlace { .. }))
+        .is_some());
+    stall(&mut h, 1, "vm1", false);
+    let all = incidents_about(&h, "vm1");
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert!(all[0].closed_at.is_some(), "the stall incident: {all:?}");
+    assert!(all[1]
+        .timeline
+        .iter()
+        .any(|e| e.cause.starts_with("disk stall ended")));
+}
+
+#[test]
+fn a_stall_incident_is_closed_when_the_vms_host_incident_takes_the_vm_over() {
+    let mut h = Harness::new(3);
+    stall(&mut h, 1, "vm1", true);
+    let key = h.kill_until_fence(1);
+    h.fence_result(1, key, FenceOutcome::Verified(FenceVerifier::IpmiPowerOff));
+    h.run_for(100);
+    let stall_inc = &incidents_about(&h, "vm1")[0];
+    assert!(stall_inc.closed_at.is_some(), "{stall_inc:?}");
+    assert!(stall_inc
+        .timeline
+        .iter()
+        .any(|e| e.cause.starts_with("superseded by host incident")));
+}

@@ -1,0 +1,349 @@
+//! Issue 7: a whole host lost in the lab. The bench brings up `cargo xtask lab` (3 hosts
+//! in network namespaces, each with its own libvirtd and KVM guests, its watchdog and an
+//! ipmi_sim BMC; a controller with the libvirt backend and IPMI fencing; debug builds,
+//! as `lab up` runs them) in a lab directory of its own, and each round powers one
+//! host off at its BMC (its watchdog, its guests' qemus die and its links go dark), then
+//! reads the host incident's timeline as the controller recorded it: → Suspect, → Fenced
+//! (power off verified through IPMI), → first evacuation issued, → every VM of the host
+//! Running on another host. Then the host is powered on, its watchdog starts again, it
+//! is unfenced and Up before the next round.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+use crate::report::{self, Series};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(") ")
+            .is_some_and(|(_, r)| !r.starts_with('Z') && !r.starts_with('X'))
+    })
+}
+
+/// The lab, brought up by `xtask lab up` in a directory of the bench's own and taken
+/// down again on drop.
+struct BenchLab {
+    xtask: PathBuf,
+    dir: PathBuf,
+}
+
+impl BenchLab {
+    fn up(hosts: usize, guests_per_host: usize) -> anyhow::Result<BenchLab> {
+        let lab = BenchLab {
+            xtask: defib_tests::built_binary("xtask", "xtask"),
+            dir: PathBuf::from("/run/defib-bench-lab"),
+        };
+        let (ok, out) = lab.xtask(&[
+            "up",
+            "--hosts",
+            &hosts.to_string(),
+            "--guests-per-host",
+            &guests_per_host.to_string(),
+        ]);
+        anyhow::ensure!(ok, "lab up:\n{out}");
+        Ok(lab)
+    }
+
+    fn xtask(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(&self.xtask)
+            .arg("lab")
+            .args(args)
+            .env("DEFIB_LAB_DIR", &self.dir)
+            // The lab's daemons as `lab up` runs them (debug builds).
+            .env_remove("DEFIB_RELEASE")
+            .current_dir(defib_tests::workspace_root())
+            .output();
+        match out {
+            Ok(o) => (
+                o.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+            ),
+            Err(e) => (false, e.to_string()),
+        }
+    }
+
+    fn state(&self) -> anyhow::Result<Value> {
+        Ok(serde_json::from_str(&std::fs::read_to_string(
+            self.dir.join("state.json"),
+        )?)?)
+    }
+
+    /// `defibctl --json ARGS` against the lab's controller, from its namespace.
+    fn ctl(&self, args: &[&str]) -> anyhow::Result<Value> {
+        let st = self.state()?;
+        let out = Command::new("ip")
+            .args(["netns", "exec", st["controller_ns"].as_str().unwrap_or("")])
+            .arg(defib_tests::workspace_root().join("target/debug/defibctl"))
+            .args(["--url", st["api_url"].as_str().unwrap_or("")])
+            .args(["--token-file", st["token_file"].as_str().unwrap_or("")])
+            .arg("--json")
+            .args(args)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "defibctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    fn host_state(&self, host: &str) -> anyhow::Result<String> {
+        let hosts = self.ctl(&["hosts"])?;
+        Ok(hosts["hosts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|h| h["host"] == host)
+            .and_then(|h| h["state"].as_str())
+            .unwrap_or("absent")
+            .to_string())
+    }
+
+    fn newest_incident(&self, subject: &str) -> anyhow::Result<Option<u64>> {
+        let list = self.ctl(&["incidents"])?;
+        Ok(list["incidents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| i["subject"] == subject)
+            .filter_map(|i| i["id"].as_u64())
+            .max())
+    }
+}
+
+impl Drop for BenchLab {
+    fn drop(&mut self) {
+        let (_, out) = self.xtask(&["down"]);
+        eprintln!("{}", out.trim());
+    }
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
+    let deadline = Instant::now() + WAIT;
+    while !ok()? {
+        anyhow::ensure!(Instant::now() < deadline, "{what}: not within {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// One round's figures (ms after the loss).
+struct Round {
+    host: String,
+    vms: usize,
+    suspect: f64,
+    fenced: f64,
+    first_evacuation: f64,
+    all_running: f64,
+}
+
+fn round(lab: &BenchLab, n: usize) -> anyhow::Result<Round> {
+    let state = lab.state()?;
+    let vms = lab.ctl(&["vms"])?;
+    let vms = vms["vms"].as_array().cloned().unwrap_or_default();
+    // The last host that runs a VM now (earlier rounds move VMs around).
+    let host = state["hosts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .rfind(|h| {
+            vms.iter()
+                .any(|v| v["host"] == h["name"] && v["state"] == "Running")
+        })
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no lab host runs a VM"))?;
+    let name = host["name"].as_str().unwrap_or("?").to_string();
+    anyhow::ensure!(lab.host_state(&name)? == "Up", "{name} is not Up");
+    let subjects: Vec<String> = vms
+        .iter()
+        .filter(|v| v["host"] == name.as_str() && v["state"] == "Running")
+        .filter_map(|v| v["resource"].as_str().map(String::from))
+        .collect();
+    let earlier = lab.newest_incident(&format!("host:{name}"))?;
+    let wd = host["watchdog_pid"]
+        .as_u64()
+        .filter(|&p| alive(p))
+        .ok_or_else(|| anyhow::anyhow!("{name}'s watchdog does not run"))?;
+    let (ns, bmc) = (
+        state["controller_ns"].as_str().unwrap_or("").to_string(),
+        host["bmc_addr"].as_str().unwrap_or("").to_string(),
+    );
+    // The loss is the moment the BMC's power-off killed the host's processes (its
+    // watchdog first): the BMC's own log of the kill, on the machine's clock.
+    let chassis_log = Path::new(state["dir"].as_str().unwrap_or(""))
+        .join(format!("bmc-{name}"))
+        .join("chassis.log");
+    let sent = unix_ms();
+    defib_tests::bmc::chassis_power(&ns, &bmc, "off")
+        .map_err(|e| anyhow::anyhow!("power off: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(wd) {
+        anyhow::ensure!(Instant::now() < deadline, "{name} did not lose power");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let t0 = std::fs::read_to_string(&chassis_log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(" killed "))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|s| (s * 1000.0) as u64)
+        .find(|&ms| ms >= sent)
+        .ok_or_else(|| anyhow::anyhow!("no kill after {sent} in {}", chassis_log.display()))?;
+    wait_for(&format!("{name}'s VMs running elsewhere"), || {
+        let vms = lab.ctl(&["vms"])?;
+        let list = vms["vms"].as_array().cloned().unwrap_or_default();
+        Ok(subjects.iter().all(|s| {
+            list.iter().any(|v| {
+                v["resource"] == s.as_str() && v["state"] == "Running" && v["host"] != name.as_str()
+            })
+        }))
+    })?;
+    let id = lab
+        .newest_incident(&format!("host:{name}"))?
+        .filter(|&i| Some(i) != earlier)
+        .ok_or_else(|| anyhow::anyhow!("no new incident about {name}"))?;
+    let inc = lab.ctl(&["incidents", &id.to_string()])?;
+    let timeline = inc["timeline"].as_array().cloned().unwrap_or_default();
+    let of_host = |to: &str| {
+        timeline
+            .iter()
+            .find(|e| e["subject"]["Host"] == name.as_str() && e["to"] == to)
+            .and_then(|e| e["at"].as_u64())
+    };
+    let since = |at: Option<u64>, what: &str| -> anyhow::Result<f64> {
+        let at = at.ok_or_else(|| anyhow::anyhow!("no {what} in the timeline: {inc}"))?;
+        Ok(at.saturating_sub(t0) as f64)
+    };
+    let suspect = since(of_host("Suspect"), "Suspect")?;
+    let fenced = since(of_host("Fenced"), "Fenced")?;
+    let first_evacuation = since(
+        timeline
+            .iter()
+            .filter(|e| {
+                e["to"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("Evacuating"))
+            })
+            .filter_map(|e| e["at"].as_u64())
+            .min(),
+        "evacuation",
+    )?;
+    let mut all_running = 0.0f64;
+    for s in &subjects {
+        let uuid = s.trim_start_matches("vm:");
+        let at = timeline
+            .iter()
+            .filter(|e| e["subject"].to_string().contains(uuid) && e["to"] == "Running")
+            .filter_map(|e| e["at"].as_u64())
+            .max();
+        all_running = all_running.max(since(at, &format!("{s} Running"))?);
+    }
+    eprintln!(
+        "round {n}: {name} ({} VMs) → Suspect {suspect:.0} ms, Fenced {fenced:.0} ms, first \
+         evacuation {first_evacuation:.0} ms, all Running elsewhere {all_running:.0} ms",
+        subjects.len()
+    );
+
+    // Back: power on (the keeper brings its links up and starts its watchdog again), wait
+    // for Recovered, unfence, Up.
+    let ns = state["controller_ns"].as_str().unwrap_or("");
+    let bmc = host["bmc_addr"].as_str().unwrap_or("");
+    defib_tests::bmc::chassis_power(ns, bmc, "on").map_err(|e| anyhow::anyhow!("power on: {e}"))?;
+    wait_for(&format!("{name} Recovered"), || {
+        Ok(lab.host_state(&name)? == "Recovered")
+    })?;
+    // Refused while the host still lists a domain that now runs elsewhere (its libvirt
+    // may not have noticed the killed qemu yet): asked again, as an operator would.
+    wait_for(&format!("{name} unfenced"), || {
+        Ok(lab.ctl(&["unfence", &name]).is_ok())
+    })?;
+    wait_for(&format!("{name} Up"), || Ok(lab.host_state(&name)? == "Up"))?;
+    // Its heartbeats steady again before the next loss.
+    std::thread::sleep(Duration::from_secs(2));
+    Ok(Round {
+        host: name,
+        vms: subjects.len(),
+        suspect,
+        fenced,
+        first_evacuation,
+        all_running,
+    })
+}
+
+pub fn run(rounds: usize, guests_per_host: usize) -> anyhow::Result<String> {
+    anyhow::ensure!(rounds > 0, "--rounds must be at least 1");
+    anyhow::ensure!(
+        !Path::new("/run/defib-bench-lab/state.json").exists(),
+        "/run/defib-bench-lab/state.json exists: a bench lab is up (DEFIB_LAB_DIR=/run/defib-bench-lab cargo xtask lab down)"
+    );
+    let began = Instant::now();
+    let lab = BenchLab::up(3, guests_per_host)?;
+    let mut done = Vec::new();
+    for n in 1..=rounds {
+        done.push(round(&lab, n)?);
+    }
+    drop(lab);
+    let pick = |f: fn(&Round) -> f64| done.iter().map(f).collect::<Vec<f64>>();
+    let series = [
+        Series {
+            name: "power loss → Suspect".into(),
+            samples_ms: pick(|r| r.suspect),
+        },
+        Series {
+            name: "power loss → Fenced (IPMI power off read back)".into(),
+            samples_ms: pick(|r| r.fenced),
+        },
+        Series {
+            name: "power loss → first evacuation issued".into(),
+            samples_ms: pick(|r| r.first_evacuation),
+        },
+        Series {
+            name: "power loss → every VM of the host Running on another host".into(),
+            samples_ms: pick(|r| r.all_running),
+        },
+    ];
+    let per_round: Vec<String> = done
+        .iter()
+        .map(|r| format!("{} ({} VMs)", r.host, r.vms))
+        .collect();
+    let notes = format!(
+        "`cargo xtask lab up --hosts 3 --guests-per-host {guests_per_host}` in its own lab \
+         directory (debug builds of the daemons, as `lab up` runs them; controller engine \
+         defaults except fence_on_unknown_after_ms = 3000; one IPMI fence level per host \
+         through its ipmi_sim BMC, verify poll 100 ms; libvirt backend). Each round powers \
+         off the last host that runs VMs with `ipmitool chassis power off` at its BMC; t0 is \
+         the BMC's own log of killing the host's first process (its power-off cuts the \
+         host's links, kills its processes, the watchdog among them, then its guests' \
+         qemus; date +%s.%N), so the host's last heartbeat was at most 100 ms before t0. The other times are the controller's own \
+         timeline entries (unix ms, same machine clock). \"Running\" is the watchdog of the \
+         target host having started the domain from its definition (libvirt: the qemu runs); \
+         the guests' disks are on the machine's file system or loop devices, which every lab \
+         host sees (shared storage). Rounds: {}. Whole run {:.0} s.",
+        per_round.join(", "),
+        began.elapsed().as_secs_f64()
+    );
+    report::write(
+        &report::results_dir(),
+        "host-loss",
+        &format!(
+            "cargo xtask bench host-loss --rounds {rounds} --guests-per-host {guests_per_host}"
+        ),
+        &notes,
+        &series,
+    )
+}
