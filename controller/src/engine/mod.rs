@@ -774,16 +774,6 @@ impl Engine {
                 }
                 Some(e) if &e.host == host => {
                     let gave_up = e.state == ResourceState::GaveUp;
-                    if hstate.fence_decided()
-                        && e.owner.is_none()
-                        && e.state == ResourceState::Running
-                    {
-                        // Listed late (after the force-down's inventory): the host
-                        // incident takes it like the rest.
-                        if let Some(inc) = incident {
-                            self.take_ownership(r, inc, host);
-                        }
-                    }
                     // Neutron's list of a fenced host's agents says where a router is
                     // bound, not that it runs: a given-up router there stays given up.
                     let fenced_listing = source == Source::Neutron && hstate.fenced();
@@ -863,17 +853,16 @@ impl Engine {
     /// A `Recovered` host (fenced, everything it owned handled) whose routers Neutron
     /// lists only now (it was unreachable at force-down): the host incident reopens
     /// (`Recovered → Evacuating`, same incident, so a replayed log rebuilds it) and
-    /// takes the routers still bound there; they are moved like the others, then it is
-    /// `Recovered` again. Routers it lists that run elsewhere are the stale report, not
-    /// this; given-up ones stay given up.
+    /// takes the routers it never heard of that are still bound there; they are moved
+    /// like the others, then it is `Recovered` again. Routers it lists that run
+    /// elsewhere are the stale report, not this; given-up ones stay given up.
     fn reopen_for_late_resources(&mut self, host: &HostId, listed: &BTreeSet<Resource>) {
+        // Only resources the engine has never heard of: one it knows on this host was
+        // taken by the incident when the fence was decided (and is handled); one it
+        // knows elsewhere is stale here, not late.
         let late: Vec<Resource> = listed
             .iter()
-            .filter(|r| {
-                self.resources.get(*r).is_none_or(|e| {
-                    &e.host == host && e.owner.is_none() && e.state == ResourceState::Running
-                })
-            })
+            .filter(|r| !self.resources.contains_key(*r))
             .cloned()
             .collect();
         let Some(inc) = self.hosts[host].last_incident else {

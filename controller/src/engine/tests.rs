@@ -1235,11 +1235,22 @@ fn a_neutron_outage_at_force_down_holds_up_no_vm_and_raises_one_named_alarm() {
     let raised: Vec<Action> = h
         .actions
         .iter()
-        .filter(|a| matches!(a, Action::Alarm { kind: AlarmKind::InventoryFailed, .. }))
+        .filter(|a| {
+            matches!(
+                a,
+                Action::Alarm {
+                    kind: AlarmKind::InventoryFailed,
+                    ..
+                }
+            )
+        })
         .cloned()
         .collect();
     assert_eq!(raised.len(), 1, "one alarm per episode, not one per try");
-    let Action::Alarm { host: on, reason, .. } = &raised[0] else {
+    let Action::Alarm {
+        host: on, reason, ..
+    } = &raised[0]
+    else {
         unreachable!()
     };
     assert_eq!(on.as_ref(), Some(&host(1)));
@@ -1274,7 +1285,10 @@ fn routers_listed_before_the_vm_halfs_force_down_result_wait_for_it() {
     assert_eq!(h.state(1), HostState::Fenced);
     h.neutron_lists(1, &["r1"]);
     h.run_for(100);
-    assert!(evacuations(&h.actions).is_empty(), "nothing before force-down");
+    assert!(
+        evacuations(&h.actions).is_empty(),
+        "nothing before force-down"
+    );
     h.force_down_ok(1);
     h.run_for(100);
     let ev: Vec<Resource> = evacuations(&h.actions).into_iter().map(|e| e.0).collect();
@@ -1292,7 +1306,11 @@ fn routers_listed_after_the_host_incident_closed_reopen_it_and_are_moved() {
     h.take();
     h.neutron_lists(1, &["r1", "r2"]);
     assert_eq!(h.state(1), HostState::Evacuating);
-    assert_eq!(h.engine.host_incident(&host(1)), Some(inc), "the same incident");
+    assert_eq!(
+        h.engine.host_incident(&host(1)),
+        Some(inc),
+        "the same incident"
+    );
     assert!(h.incident_of(1).closed_at.is_none());
     h.run_for(100);
     let ev: Vec<Resource> = evacuations(&h.actions).into_iter().map(|e| e.0).collect();
@@ -1325,7 +1343,10 @@ fn a_late_router_inventory_is_safe_in_every_host_state() {
     // incident.
     let mut h = Harness::new(4);
     h.neutron_lists(1, &["up"]);
-    assert_eq!(h.engine.resource_state(&Resource::router("up")), Some(ResourceState::Running));
+    assert_eq!(
+        h.engine.resource_state(&Resource::router("up")),
+        Some(ResourceState::Running)
+    );
     h.kill(1);
     h.run_for(300);
     assert_eq!(h.state(1), HostState::Suspect);
@@ -1340,7 +1361,11 @@ fn a_late_router_inventory_is_safe_in_every_host_state() {
     assert_eq!(h.state(1), HostState::Fencing);
     h.neutron_lists(1, &["fencing"]);
     let fence = h.fences().last().cloned().unwrap();
-    h.fence_result(1, fence, FenceOutcome::Verified(FenceVerifier::IpmiPowerOff));
+    h.fence_result(
+        1,
+        fence,
+        FenceOutcome::Verified(FenceVerifier::IpmiPowerOff),
+    );
     assert_eq!(h.state(1), HostState::Fenced);
     h.neutron_lists(1, &["fenced"]);
     h.force_down_ok(1);
@@ -1355,7 +1380,11 @@ fn a_late_router_inventory_is_safe_in_every_host_state() {
     h.restore_all(2);
     assert_eq!(h.state(1), HostState::Recovered);
     h.neutron_lists(1, &[]);
-    assert_eq!(h.state(1), HostState::Recovered, "nothing listed, nothing reopened");
+    assert_eq!(
+        h.state(1),
+        HostState::Recovered,
+        "nothing listed, nothing reopened"
+    );
     h.revive(1);
     h.run_for(300);
     h.input(Input::Operator(OperatorCommand::Unfence { host: host(1) }));
@@ -1367,7 +1396,9 @@ fn a_late_router_inventory_is_safe_in_every_host_state() {
     assert!(evacuations(&h.actions).is_empty());
     assert!(!alarms(&h.actions).contains(&AlarmKind::InventoryFailed));
     // Maintenance.
-    h.input(Input::Operator(OperatorCommand::MaintenanceOn { host: host(3) }));
+    h.input(Input::Operator(OperatorCommand::MaintenanceOn {
+        host: host(3),
+    }));
     assert_eq!(h.state(3), HostState::Maintenance);
     h.neutron_lists(3, &["maintenance"]);
     assert_eq!(h.state(3), HostState::Maintenance);
@@ -1398,7 +1429,10 @@ fn the_routers_moved_off_a_host_are_rebuilt_from_the_intent_log_after_a_restart(
     assert_eq!(engine.host_state(&host(1)), Some(HostState::Recovered));
     assert_eq!(view(&engine), moved);
     // Healthy hosts have moved nothing off.
-    assert!(engine.hosts().iter().all(|v| v.host == host(1) || v.evacuated.is_empty()));
+    assert!(engine
+        .hosts()
+        .iter()
+        .all(|v| v.host == host(1) || v.evacuated.is_empty()));
     // Unfenced: nothing of it is stale any more, also after a restart.
     h.revive(1);
     h.run_for(300);
@@ -1422,11 +1456,18 @@ fn router_steps_are_labelled_neutron_on_the_timeline_whatever_restores_the_vms()
     h.run_for(100);
     // r1 fails once then moves; r2 moves.
     let ev = evacuations(&h.actions);
-    let r1 = ev.iter().find(|e| e.0 == Resource::router("r1")).unwrap().1.clone();
+    let r1 = ev
+        .iter()
+        .find(|e| e.0 == Resource::router("r1"))
+        .unwrap()
+        .1
+        .clone();
     h.input(Input::RestoreResult {
         resource: Resource::router("r1"),
         key: r1.clone(),
-        outcome: RestoreOutcome::Failed { reason: "no agent".into() },
+        outcome: RestoreOutcome::Failed {
+            reason: "no agent".into(),
+        },
     });
     h.run_for(100);
     h.restore_all(2);
@@ -1442,12 +1483,15 @@ fn router_steps_are_labelled_neutron_on_the_timeline_whatever_restores_the_vms()
     for e in &about_routers {
         assert_eq!(e.source, Source::Neutron, "{e:?}");
     }
-    assert!(about_routers.iter().any(|e| e.cause.contains("failed: no agent")));
+    assert!(about_routers
+        .iter()
+        .any(|e| e.cause.contains("failed: no agent")));
     // The listing's failure too; the VM's steps keep the VM backend's name.
     assert!(inc
         .timeline
         .iter()
         .any(|e| e.source == Source::Neutron && e.cause.contains("unreachable")));
-    assert!(inc.timeline.iter().any(|e| e.subject == Subject::Resource(Resource::vm("vm1"))
-        && e.source == Source::Libvirt));
+    assert!(inc.timeline.iter().any(
+        |e| e.subject == Subject::Resource(Resource::vm("vm1")) && e.source == Source::Libvirt
+    ));
 }
