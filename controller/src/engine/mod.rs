@@ -23,6 +23,8 @@
 //!   ▲                                                                          Recovered ◄── Evacuating ◄── Fenced
 //!   └──────────────────────── operator Unfence (host clean) ──────────────────────┘   (all restored)  (forced down)
 //!  Up/Suspect/Confirming ◄──► Maintenance (operator; planned work is not a failure)
+//!  Recovered ──► Evacuating: Neutron lists the fenced host's routers late (it was
+//!                unreachable at force-down); the same incident reopens to move them
 //! ```
 //!
 //! Resource ([`ResourceState`], the same machine for VMs and routers):
