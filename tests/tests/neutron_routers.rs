@@ -168,16 +168,6 @@ fn twenty_routers_spread_over_three_hosts_lose_host_1_and_its_routers_are_bound_
         per_host.contains_key("fake-2") && per_host.contains_key("fake-3"),
         "host 1's routers spread over both: {per_host:?}"
     );
-    let load = |h: &str| bound.values().filter(|b| *b == h).count();
-    // Even, within one router either way of the plan: a live agent's own sync may have
-    // Neutron schedule a router between its unbinding and its binding (Neutron's
-    // router_auto_schedule), and the restorer keeps it where Neutron put it.
-    assert!(
-        load("fake-2").abs_diff(load("fake-3")) <= 2,
-        "loads even: fake-2 {} fake-3 {}",
-        load("fake-2"),
-        load("fake-3")
-    );
     // Each moved router was gained by exactly one agent (Neutron's bindings, as the
     // agents synced them), and bound once by the restorer.
     let t0 = Instant::now();
@@ -197,6 +187,30 @@ fn twenty_routers_spread_over_three_hosts_lose_host_1_and_its_routers_are_bound_
         "only host 1's routers moved: {g:?}"
     );
     let events = ctl.router_events();
+    let load = |h: &str| bound.values().filter(|b| *b == h).count();
+    // Even, within one router, plus the slack Neutron's own auto-scheduling leaves: a
+    // live agent syncing between a router's unbinding and its binding gets it from
+    // Neutron (router_auto_schedule; the lab agents sync at every notification, so the
+    // POST of one router makes its agent take any other in that window), and the
+    // restorer keeps it there. Each such router moves the difference by at most 2.
+    let by_neutron = events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                RouterEvent::Verified {
+                    by_neutron: true,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert!(
+        load("fake-2").abs_diff(load("fake-3")) <= 1 + 2 * by_neutron,
+        "loads even: fake-2 {} fake-3 {} ({by_neutron} scheduled by Neutron meanwhile)",
+        load("fake-2"),
+        load("fake-3")
+    );
     let moved: Vec<&String> = events
         .iter()
         .filter_map(|e| match e {

@@ -111,10 +111,13 @@ pub enum RouterEvent {
         router: String,
         host: String,
     },
-    /// A router is bound to exactly its new agent.
+    /// A router is bound to exactly its new agent, or (`by_neutron`) to one live agent
+    /// elsewhere that Neutron's own auto-scheduling gave it between the unbinding and
+    /// the binding (a live agent syncing meanwhile: kept there, not moved again).
     Verified {
         router: String,
         host: String,
+        by_neutron: bool,
     },
     Failed {
         router: String,
@@ -644,6 +647,7 @@ impl Worker {
                     self.event(RouterEvent::Verified {
                         router: router.into(),
                         host: to_host.into(),
+                        by_neutron: false,
                     });
                     return Ok(to_host.to_string());
                 }
@@ -652,6 +656,7 @@ impl Worker {
                     self.event(RouterEvent::Verified {
                         router: router.into(),
                         host: b[0].host.clone(),
+                        by_neutron: true,
                     });
                     return Ok(b[0].host.clone());
                 }
