@@ -179,6 +179,10 @@ struct State {
     /// there), which is what hands the engine routers a failed listing left behind.
     listing: BTreeSet<String>,
     listed: BTreeSet<String>,
+    /// Hosts unfenced that the engine's view (published a moment later) may still show
+    /// fenced: the background lister leaves them alone until the view shows them
+    /// trusted, so that it never disables the agents an unfence just enabled.
+    unfenced: BTreeSet<String>,
     /// Hosts told about their stale routers (with what they were told), and hosts
     /// whose cleanup was seen. What was moved off a host comes from the engine
     /// ([`super::nova_backend::HostSeen::evacuated_routers`]), which rebuilds it from
@@ -349,7 +353,10 @@ impl Worker {
                                 moves.push((router, from, key));
                             }
                         }
-                        Job::List { host } => self.start_listing(host),
+                        Job::List { host } => {
+                            self.lock().unfenced.remove(host.as_str());
+                            self.start_listing(host)
+                        }
                         Job::Enable { host, key } => {
                             if self.claim(&key) {
                                 let w = self.clone();
@@ -729,7 +736,14 @@ impl Worker {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
             for (host, seen) in &hosts {
-                if seen.state.fenced() {
+                let just_unfenced = {
+                    let mut st = self.lock();
+                    if !seen.state.fenced() {
+                        st.unfenced.remove(host);
+                    }
+                    st.unfenced.contains(host)
+                };
+                if seen.state.fenced() && !just_unfenced {
                     self.start_listing(HostId::new(host));
                 }
             }
@@ -837,6 +851,7 @@ impl Worker {
             let mut st = self.lock();
             st.listing.remove(host.as_str());
             st.listed.remove(host.as_str());
+            st.unfenced.insert(host.to_string());
         }
         let outcome = match self.enable_agents(host.as_str()).await {
             Ok(()) => {
