@@ -119,8 +119,8 @@ pub fn run(rounds: usize, counts: &[usize]) -> anyhow::Result<String> {
         "{rounds} round(s) per size: N routers created in the novabed's Neutron 29 and bound \
          to the L3 agent of fake-1, whose nova-compute and L3 agent are then SIGKILLed. The \
          in-process controller (release build) is told the fence is verified; its router \
-         restorer disables fake-1's agent, lists its routers, reads each router's bindings, \
-         moves it (DELETE from the dead agent, POST to the least-loaded live agent of fake-2 \
+         restorer disables fake-1's agent, lists its routers, reads every router's bindings \
+         (one listing per L3 agent), moves each (DELETE from the dead agent, POST to the least-loaded live agent of fake-2 \
          and fake-3, ≤ 10 at once) and polls Neutron until the router is bound to exactly \
          that agent. \"All bound\" is the last router verified; the bench then checks every \
          binding in Neutron. Neutron's own failover (allow_automatic_l3agent_failover, off by \

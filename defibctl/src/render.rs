@@ -265,6 +265,7 @@ mod tests {
             isolated: false,
             boot_id: None,
             incarnation: None,
+            evacuated: vec![],
         }
     }
 

@@ -41,6 +41,7 @@ fn sample_snapshot() -> Snapshot {
         isolated: false,
         boot_id: None,
         incarnation: None,
+        evacuated: vec![],
     };
     let entry = |at: u64, from: &str, to: &str, cause: &str, source| TimelineEntry {
         at: Timestamp(at),

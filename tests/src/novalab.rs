@@ -67,7 +67,18 @@ pub fn session_config() -> SessionConfig {
 }
 
 pub fn network_client() -> Network {
-    Network::new(Arc::new(Session::new(session_config()).expect("client")))
+    network_client_at(NEUTRON_URL)
+}
+
+/// A Neutron client talking to `url` (e.g. a port where nothing listens yet).
+pub fn network_client_at(url: &str) -> Network {
+    Network::new(Arc::new(
+        Session::new(SessionConfig {
+            network_url: Some(url.into()),
+            ..session_config()
+        })
+        .expect("client"),
+    ))
 }
 
 pub fn compute_client() -> Compute {
@@ -322,13 +333,23 @@ impl Controller {
         settings: NovaSettings,
         neutron: NeutronSettings,
     ) -> Controller {
-        Self::start_with(store, settings, Some(neutron))
+        Self::start_with(store, settings, Some((neutron, NEUTRON_URL.into())))
+    }
+
+    /// Like [`Controller::start_with_routers`], with Neutron at `neutron_url`.
+    pub fn start_with_routers_at(
+        store: &Path,
+        settings: NovaSettings,
+        neutron: NeutronSettings,
+        neutron_url: &str,
+    ) -> Controller {
+        Self::start_with(store, settings, Some((neutron, neutron_url.into())))
     }
 
     fn start_with(
         store: &Path,
         settings: NovaSettings,
-        neutron: Option<NeutronSettings>,
+        neutron: Option<(NeutronSettings, String)>,
     ) -> Controller {
         let rt = runtime();
         let (rev_tx, router_events) = tokio::sync::mpsc::unbounded_channel();
@@ -354,7 +375,7 @@ impl Controller {
                         results.clone(),
                         Some(ev_tx),
                     )),
-                    Some(n) => Box::new(RouterAwareRestorer::start(
+                    Some((n, url)) => Box::new(RouterAwareRestorer::start(
                         |vm_results| {
                             Box::new(NovaRestorer::start(
                                 compute_client(),
@@ -363,7 +384,7 @@ impl Controller {
                                 Some(ev_tx),
                             ))
                         },
-                        network_client(),
+                        network_client_at(&url),
                         NeutronSettings {
                             hosts: host_view.clone(),
                             ..n
@@ -748,4 +769,53 @@ impl Neutron {
 /// Now, in unix ms.
 pub fn unix_ms() -> u64 {
     unix_ns() / 1_000_000
+}
+
+/// A TCP port that forwards to another once opened: before [`Forwarder::open`] nothing
+/// listens there (connections are refused, as with a Neutron API that is down).
+pub struct Forwarder {
+    pub port: u16,
+    to: SocketAddr,
+}
+
+impl Forwarder {
+    /// A free port on 127.0.0.1, closed for now.
+    pub fn closed(to: &str) -> Forwarder {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        drop(l);
+        Forwarder {
+            port,
+            to: to.parse().expect("addr"),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// From now on, every connection is forwarded (for the rest of the process).
+    pub fn open(&self) {
+        let l = std::net::TcpListener::bind(("127.0.0.1", self.port)).expect("bind forwarder");
+        let to = self.to;
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(a) = c else { continue };
+                let Ok(b) = std::net::TcpStream::connect(to) else {
+                    continue;
+                };
+                let (mut a2, mut b2) =
+                    (a.try_clone().expect("clone"), b.try_clone().expect("clone"));
+                let (mut a, mut b) = (a, b);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut a, &mut b);
+                    let _ = b.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut b2, &mut a2);
+                    let _ = a2.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+    }
 }

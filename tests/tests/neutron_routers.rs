@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use controller::engine::{AlarmKind, HostState};
 use controller::runtime::neutron_backend::{NeutronSettings, RouterEvent};
 use controller::runtime::nova_backend::NovaSettings;
-use defib_tests::novalab::{unix_ms, Controller, Neutron, Nova};
+use defib_tests::novalab::{unix_ms, Controller, Forwarder, Neutron, Nova, NEUTRON_URL};
 use defib_tests::{require, tag};
 
 static NOVABED: Mutex<()> = Mutex::new(());
@@ -168,16 +168,6 @@ fn twenty_routers_spread_over_three_hosts_lose_host_1_and_its_routers_are_bound_
         per_host.contains_key("fake-2") && per_host.contains_key("fake-3"),
         "host 1's routers spread over both: {per_host:?}"
     );
-    let load = |h: &str| bound.values().filter(|b| *b == h).count();
-    // Even, within one router either way of the plan: a live agent's own sync may have
-    // Neutron schedule a router between its unbinding and its binding (Neutron's
-    // router_auto_schedule), and the restorer keeps it where Neutron put it.
-    assert!(
-        load("fake-2").abs_diff(load("fake-3")) <= 2,
-        "loads even: fake-2 {} fake-3 {}",
-        load("fake-2"),
-        load("fake-3")
-    );
     // Each moved router was gained by exactly one agent (Neutron's bindings, as the
     // agents synced them), and bound once by the restorer.
     let t0 = Instant::now();
@@ -197,6 +187,30 @@ fn twenty_routers_spread_over_three_hosts_lose_host_1_and_its_routers_are_bound_
         "only host 1's routers moved: {g:?}"
     );
     let events = ctl.router_events();
+    let load = |h: &str| bound.values().filter(|b| *b == h).count();
+    // Even, within one router, plus the slack Neutron's own auto-scheduling leaves: a
+    // live agent syncing between a router's unbinding and its binding gets it from
+    // Neutron (router_auto_schedule; the lab agents sync at every notification, so the
+    // POST of one router makes its agent take any other in that window), and the
+    // restorer keeps it there. Each such router moves the difference by at most 2.
+    let by_neutron = events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                RouterEvent::Verified {
+                    by_neutron: true,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert!(
+        load("fake-2").abs_diff(load("fake-3")) <= 1 + 2 * by_neutron,
+        "loads even: fake-2 {} fake-3 {} ({by_neutron} scheduled by Neutron meanwhile)",
+        load("fake-2"),
+        load("fake-3")
+    );
     let moved: Vec<&String> = events
         .iter()
         .filter_map(|e| match e {
@@ -300,7 +314,7 @@ fn twenty_routers_spread_over_three_hosts_lose_host_1_and_its_routers_are_bound_
 }
 
 #[test]
-fn a_controller_killed_in_the_middle_of_moving_routers_finishes_after_a_restart_without_moving_any_router_twice(
+fn a_controller_killed_in_the_middle_of_moving_routers_finishes_after_a_restart_without_moving_any_router_twice_and_a_third_still_reports_them_when_host_1_returns(
 ) {
     let _g = lock();
     let beds = beds();
@@ -382,8 +396,143 @@ fn a_controller_killed_in_the_middle_of_moving_routers_finishes_after_a_restart_
     );
     ctl.wait_host_state("fake-1", HostState::Recovered, Duration::from_secs(60));
     ctl.kill();
+
+    // A third controller on the same store, and only now host 1 heartbeats again: the
+    // routers moved off it (by both controllers before) are still reported for
+    // cleanup: the list comes from the store, not from a restorer's memory.
+    let mut ctl = Controller::start_with_routers(&store, nova_settings(), neutron_settings());
+    let t0 = Instant::now();
+    let reported = loop {
+        match ctl.next_router_event(Duration::from_secs(10)) {
+            Some(RouterEvent::StaleReported { host, routers }) if host == "fake-1" => {
+                break routers
+            }
+            Some(_) => {}
+            None => assert!(t0.elapsed() < Duration::from_secs(30), "no stale report"),
+        }
+    };
+    assert_eq!(
+        reported.into_iter().collect::<BTreeSet<_>>(),
+        ids.iter().cloned().collect::<BTreeSet<_>>(),
+        "every router moved off host 1 reported after the restart"
+    );
+    let t0 = Instant::now();
+    while !ctl
+        .snapshot()
+        .alarms
+        .iter()
+        .any(|a| a.kind == AlarmKind::StaleResource && a.host.as_deref() == Some("fake-1"))
+    {
+        assert!(t0.elapsed() < Duration::from_secs(5), "no stale alarm");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ctl.unfence("fake-1").is_err_and(|e| e.contains("stale")));
+    ctl.kill();
     // Leave the bed as it was: host 1's compute and agent back, trusted.
     nova.ensure_host_ready(1);
     neutron.ensure_agent_ready(1);
+    cleanup(&neutron, &prefix);
+}
+
+#[test]
+fn a_neutron_outage_when_host_1_fails_holds_up_none_of_its_vms_and_its_routers_move_once_neutron_answers(
+) {
+    let _g = lock();
+    let beds = beds();
+    require!(
+        beds.is_some(),
+        "the novabed with Neutron's L3 agents (cargo xtask novabed start)"
+    );
+    let (nova, neutron) = beds.unwrap();
+    let prefix = format!("rout-{}", tag());
+    let servers = nova.boot_on("fake-1", 3, &prefix, serde_json::json!({}));
+    let ids = neutron.create_routers(&prefix, 6, false);
+    for id in &ids {
+        neutron.bind(id, "fake-1");
+    }
+    // The controller's Neutron is a port where nothing listens yet (neutron-server
+    // down: likely when the failed host was also a network node).
+    let api = Forwarder::closed(NEUTRON_URL.trim_start_matches("http://"));
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Controller::start_with_routers_at(
+        &dir.path().join("store.sqlite"),
+        nova_settings(),
+        neutron_settings(),
+        &api.url(),
+    );
+    ctl.wait_host_state("fake-1", HostState::Up, Duration::from_secs(10));
+    let fenced_at = fail_host_1(&nova, &neutron, &ctl);
+
+    // Every VM is restored without Neutron, and the host incident closes.
+    nova.wait_all_active_elsewhere(&prefix, &servers, "fake-1", Duration::from_secs(300));
+    ctl.wait_host_state("fake-1", HostState::Recovered, Duration::from_secs(60));
+    // The failing router half is an alarm, named, with Neutron's error.
+    let t0 = Instant::now();
+    let alarm =
+        loop {
+            if let Some(a) = ctl.snapshot().alarms.iter().find(|a| {
+                a.kind == AlarmKind::InventoryFailed && a.host.as_deref() == Some("fake-1")
+            }) {
+                break a.clone();
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "no InventoryFailed alarm"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+    assert!(alarm.reason.contains("neutron"), "{alarm:?}");
+    let failures = ctl
+        .router_events()
+        .into_iter()
+        .filter(|e| matches!(e, RouterEvent::ListFailed { host, .. } if host == "fake-1"))
+        .count();
+    assert!(failures >= 1);
+    for id in &ids {
+        assert_eq!(neutron.bindings(id)[0].host, "fake-1", "nothing moved yet");
+    }
+
+    // Neutron answers: the restorer's next try lists the routers, the host incident
+    // reopens for them, and each is moved once.
+    api.open();
+    let bound = wait_bound_elsewhere(&neutron, &ids, "fake-1", Duration::from_secs(90));
+    assert_eq!(bound.len(), ids.len());
+    ctl.wait_host_state("fake-1", HostState::Recovered, Duration::from_secs(60));
+    let t0 = Instant::now();
+    while ids.iter().any(|r| !gains(fenced_at).contains_key(r)) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "agents did not sync"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let g = gains(fenced_at);
+    for r in &ids {
+        assert_eq!(g[r], 1, "router {r} bound once: {g:?}");
+    }
+    let snap = ctl.snapshot();
+    let incident = snap
+        .incidents
+        .iter()
+        .rfind(|i| i.subject == "host:fake-1")
+        .expect("the host incident");
+    assert!(incident.closed_at_ms.is_some());
+    assert!(
+        incident.timeline.iter().any(|e| e.to == "Evacuating"
+            && e.source == controller::engine::Source::Neutron
+            && e.cause.contains("late")),
+        "the same incident reopened for the late routers"
+    );
+    assert!(
+        snap.incidents
+            .iter()
+            .filter(|i| i.subject == "host:fake-1")
+            .count()
+            == 1
+    );
+    ctl.kill();
+    nova.ensure_host_ready(1);
+    neutron.ensure_agent_ready(1);
+    nova.delete_named(&prefix);
     cleanup(&neutron, &prefix);
 }

@@ -58,6 +58,7 @@ fn sample_snapshot() -> Snapshot {
         isolated: false,
         boot_id: Some("b00t".into()),
         incarnation: Some(3),
+        evacuated: vec![],
     };
     let vm = |id: &str, host: &str, state, owner| ResourceSnapshot {
         resource: format!("vm:{id}"),

@@ -23,6 +23,8 @@
 //!   ▲                                                                          Recovered ◄── Evacuating ◄── Fenced
 //!   └──────────────────────── operator Unfence (host clean) ──────────────────────┘   (all restored)  (forced down)
 //!  Up/Suspect/Confirming ◄──► Maintenance (operator; planned work is not a failure)
+//!  Recovered ──► Evacuating: Neutron lists the fenced host's routers late (it was
+//!                unreachable at force-down); the same incident reopens to move them
 //! ```
 //!
 //! Resource ([`ResourceState`], the same machine for VMs and routers):
@@ -129,6 +131,13 @@ struct HostEntry {
     folded: BTreeSet<Resource>,
     stale: BTreeSet<Resource>,
     alarmed: BTreeSet<AlarmKind>,
+    /// The host incident that ended in `Recovered`: a source listing resources of the
+    /// fenced host late (Neutron was unreachable at force-down) reopens it.
+    last_incident: Option<IncidentId>,
+    /// Resources restored elsewhere by this host's incidents since its fence, until it
+    /// is unfenced: what its data plane may still hold (the stale-router report). Kept
+    /// here, not in the router restorer, so that it is rebuilt from the intent log.
+    evacuated: BTreeSet<Resource>,
 }
 
 impl HostEntry {
@@ -153,6 +162,8 @@ impl HostEntry {
             folded: BTreeSet::new(),
             stale: BTreeSet::new(),
             alarmed: BTreeSet::new(),
+            last_incident: None,
+            evacuated: BTreeSet::new(),
         }
     }
 
@@ -162,10 +173,19 @@ impl HostEntry {
             self.state,
             self.boot_id,
             self.self_fence_armed,
-            self.stale.clone(),
+            std::mem::take(&mut self.stale),
+            self.last_incident,
+            std::mem::take(&mut self.evacuated),
         );
         *self = HostEntry::new();
-        (self.state, self.boot_id, self.self_fence_armed, self.stale) = keep;
+        (
+            self.state,
+            self.boot_id,
+            self.self_fence_armed,
+            self.stale,
+            self.last_incident,
+            self.evacuated,
+        ) = keep;
     }
 }
 
@@ -418,6 +438,7 @@ impl Engine {
                 state: e.state,
                 incident: e.incident,
                 last_seen: self.detector.last_seen(h),
+                evacuated: e.evacuated.iter().cloned().collect(),
             })
             .collect()
     }
@@ -573,6 +594,31 @@ impl Engine {
                 self.forget_stopped(&host, &stopped, at);
                 self.on_inventory(&host, resources, source, at)
             }
+            HostEvent::InventoryFailed { source, reason } => {
+                let h = &self.hosts[&host];
+                // Only a fenced host's listing matters (its resources wait for it); a
+                // late report about a host trusted again is noise.
+                if h.state.fence_decided() || h.state == HostState::Recovered {
+                    if let Some(inc) = h.incident {
+                        self.timeline(
+                            inc,
+                            Subject::Host(host.clone()),
+                            "-",
+                            "-",
+                            format!("listing the host's resources failed (retrying): {reason}"),
+                            source,
+                        );
+                    }
+                    self.host_alarm(
+                        &host,
+                        AlarmKind::InventoryFailed,
+                        format!(
+                            "{source:?} cannot list this fenced host's resources (retrying; \
+                             they are moved once it answers): {reason}"
+                        ),
+                    );
+                }
+            }
         }
     }
 
@@ -724,7 +770,21 @@ impl Engine {
         at: Timestamp,
     ) {
         let listed: BTreeSet<Resource> = resources.into_iter().collect();
+        // The lister answered: a later failure is a new episode worth an alarm.
+        if self
+            .hosts
+            .get_mut(host)
+            .expect("known")
+            .alarmed
+            .remove(&AlarmKind::InventoryFailed)
+        {
+            self.bump();
+        }
+        if source == Source::Neutron && self.hosts[host].state == HostState::Recovered {
+            self.reopen_for_late_resources(host, &listed);
+        }
         let hstate = self.hosts[host].state;
+        let incident = self.hosts[host].incident;
         let mut stale = BTreeSet::new();
         for r in &listed {
             match self.resources.get(r) {
@@ -732,13 +792,18 @@ impl Engine {
                     self.resources
                         .insert(r.clone(), ResourceEntry::new(host.clone()));
                     self.bump();
-                    if hstate.fence_decided() {
-                        let inc = self.hosts[host].incident.expect("fence decided");
+                    // A fence was decided, so the host incident is open; should a
+                    // state ever lack one, the resource is merely known, never a panic.
+                    if let (true, Some(inc)) = (hstate.fence_decided(), incident) {
                         self.take_ownership(r, inc, host);
                     }
                 }
                 Some(e) if &e.host == host => {
-                    if e.state == ResourceState::GaveUp && source != Source::Nova {
+                    let gave_up = e.state == ResourceState::GaveUp;
+                    // Neutron's list of a fenced host's agents says where a router is
+                    // bound, not that it runs: a given-up router there stays given up.
+                    let fenced_listing = source == Source::Neutron && hstate.fenced();
+                    if gave_up && source != Source::Nova && !fenced_listing {
                         self.set_resource_state(
                             r,
                             ResourceState::Running,
@@ -808,6 +873,51 @@ impl Engine {
                     },
                 );
             }
+        }
+    }
+
+    /// A `Recovered` host (fenced, everything it owned handled) whose routers Neutron
+    /// lists only now (it was unreachable at force-down): the host incident reopens
+    /// (`Recovered → Evacuating`, same incident, so a replayed log rebuilds it) and
+    /// takes the routers it never heard of that are still bound there; they are moved
+    /// like the others, then it is `Recovered` again. Routers it lists that run
+    /// elsewhere are the stale report, not this; given-up ones stay given up.
+    fn reopen_for_late_resources(&mut self, host: &HostId, listed: &BTreeSet<Resource>) {
+        // Only resources the engine has never heard of: one it knows on this host was
+        // taken by the incident when the fence was decided (and is handled); one it
+        // knows elsewhere is stale here, not late.
+        let late: Vec<Resource> = listed
+            .iter()
+            .filter(|r| !self.resources.contains_key(*r))
+            .cloned()
+            .collect();
+        let Some(inc) = self.hosts[host].last_incident else {
+            return;
+        };
+        if late.is_empty() {
+            return;
+        }
+        if let Some(i) = self.incidents.get_mut(&inc) {
+            i.closed_at = None;
+        }
+        let h = self.hosts.get_mut(host).expect("known");
+        h.incident = Some(inc);
+        self.bump();
+        self.set_host_state(
+            host,
+            HostState::Evacuating,
+            &format!(
+                "Neutron listed {} routers of the fenced host late; moving them",
+                late.len()
+            ),
+            Source::Neutron,
+        );
+        for r in &late {
+            if !self.resources.contains_key(r) {
+                self.resources
+                    .insert(r.clone(), ResourceEntry::new(host.clone()));
+            }
+            self.take_ownership(r, inc, host);
         }
     }
 
@@ -1227,6 +1337,7 @@ impl Engine {
                     h.clear_incident();
                     h.fenced_at = fenced_at;
                     h.fenced_by = fenced_by;
+                    h.last_incident = Some(inc);
                 }
             }
             _ => {}
@@ -1466,6 +1577,15 @@ impl Engine {
                 let e = self.resources.get_mut(resource).expect("ensured");
                 e.steps += 1;
                 e.in_flight = Some(key.clone());
+                // A resource the host incident took after its force-down intent (listed
+                // by Nova or, late, by Neutron) is in no intent's resource list: its
+                // evacuation says it is the incident's, so that a replayed log has the
+                // incident wait for it (and retry it) like the rest.
+                if let Some(h) = self.hosts.get_mut(from) {
+                    if h.incident == Some(*incident) && h.owned.insert(resource.clone()) {
+                        self.revision += 1;
+                    }
+                }
                 self.set_resource_state(
                     resource,
                     ResourceState::Evacuating { attempt: *attempt },
@@ -1546,6 +1666,8 @@ impl Engine {
                 let h = self.hosts.get_mut(host).expect("ensured");
                 h.clear_incident();
                 h.stale.clear();
+                h.evacuated.clear();
+                h.last_incident = None;
                 h.fenced_at = None;
                 self.detector.reset(host, now);
             }
@@ -1710,9 +1832,9 @@ impl Engine {
             (
                 Intent::Evacuate {
                     resource,
+                    from,
                     incident,
                     attempt,
-                    ..
                 },
                 IntentOutcome::Restore(o),
             ) => {
@@ -1725,7 +1847,7 @@ impl Engine {
                         "-",
                         "-",
                         format!("late evacuation result {key}: {o:?}"),
-                        self.cfg.vm_restorer,
+                        self.source_for(resource),
                     );
                     return;
                 }
@@ -1736,6 +1858,13 @@ impl Engine {
                     .is_some_and(|i| matches!(i.subject, Subject::Resource(_)));
                 match o {
                     RestoreOutcome::Ok { host: to } => {
+                        if !resource_incident && to != from {
+                            // Moved off a fenced host by its incident: its data plane
+                            // may still hold a copy until it is cleaned and unfenced.
+                            if let Some(h) = self.hosts.get_mut(from) {
+                                h.evacuated.insert(resource.clone());
+                            }
+                        }
                         let e = self.resources.get_mut(resource).expect("known");
                         e.host = to.clone();
                         e.last_restored_at = now;

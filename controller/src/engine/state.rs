@@ -42,6 +42,8 @@ impl HostState {
                 | (Fencing, Fenced)
                 | (Fenced, Evacuating)
                 | (Evacuating, Recovered)
+                // resources of the fenced host listed late (Neutron was unreachable)
+                | (Recovered, Evacuating)
                 // an operator unfence: after recovery, or to give up on a failed fence
                 | (Recovered, Up)
                 | (Fencing, Up)

@@ -1244,3 +1244,342 @@ fn a_stall_incident_is_closed_when_the_vms_host_incident_takes_the_vm_over() {
         .iter()
         .any(|e| e.cause.starts_with("superseded by host incident")));
 }
+
+impl Harness {
+    fn neutron_lists(&mut self, i: usize, routers: &[&str]) -> Vec<Action> {
+        self.input(Input::HostEvent {
+            host: host(i),
+            event: HostEvent::Inventory {
+                resources: routers.iter().map(|r| Resource::router(*r)).collect(),
+                stopped: vec![],
+                source: Source::Neutron,
+                at: Timestamp(self.now),
+            },
+        })
+    }
+
+    fn neutron_fails(&mut self, i: usize, reason: &str) -> Vec<Action> {
+        self.input(Input::HostEvent {
+            host: host(i),
+            event: HostEvent::InventoryFailed {
+                source: Source::Neutron,
+                reason: reason.into(),
+            },
+        })
+    }
+
+    /// Host i fenced (verified) and its VM half forced down: `Evacuating`.
+    fn fence_and_force_down(&mut self, i: usize) {
+        let key = self.kill_until_fence(i);
+        self.fence_result(i, key, FenceOutcome::Verified(FenceVerifier::IpmiPowerOff));
+        self.run_for(100);
+        self.force_down_ok(i);
+        self.run_for(100);
+        assert_eq!(self.state(i), HostState::Evacuating);
+    }
+
+    /// Answers every evacuation not answered yet with Ok on `to`.
+    fn restore_all(&mut self, to: usize) {
+        let open: Vec<(Resource, IntentKey)> = self
+            .log
+            .iter()
+            .filter(|e| e.done.is_none())
+            .filter_map(|e| match &e.record.intent {
+                Intent::Evacuate { resource, .. } => Some((resource.clone(), e.record.key.clone())),
+                _ => None,
+            })
+            .collect();
+        for (r, key) in open {
+            self.input(Input::RestoreResult {
+                resource: r,
+                key,
+                outcome: RestoreOutcome::Ok { host: host(to) },
+            });
+        }
+        self.run_for(100);
+    }
+
+    fn incident_of(&self, i: usize) -> &Incident {
+        self.engine
+            .incidents()
+            .filter(|inc| inc.subject == Subject::Host(host(i)))
+            .last()
+            .expect("a host incident")
+    }
+}
+
+#[test]
+fn a_neutron_outage_at_force_down_holds_up_no_vm_and_raises_one_named_alarm() {
+    let mut h = Harness::new(3);
+    h.fence_and_force_down(1);
+    // The VMs are evacuated although Neutron has not answered.
+    assert!(evacuations(&h.actions)
+        .iter()
+        .any(|(r, _)| *r == Resource::vm("vm1")));
+    h.take();
+    h.neutron_fails(1, "connection refused");
+    h.run_for(500);
+    h.neutron_fails(1, "connection refused");
+    let raised: Vec<Action> = h
+        .actions
+        .iter()
+        .filter(|a| {
+            matches!(
+                a,
+                Action::Alarm {
+                    kind: AlarmKind::InventoryFailed,
+                    ..
+                }
+            )
+        })
+        .cloned()
+        .collect();
+    assert_eq!(raised.len(), 1, "one alarm per episode, not one per try");
+    let Action::Alarm {
+        host: on, reason, ..
+    } = &raised[0]
+    else {
+        unreachable!()
+    };
+    assert_eq!(on.as_ref(), Some(&host(1)));
+    assert!(reason.contains("connection refused"), "{reason}");
+    // Still no router, and the host incident carries the failure from Neutron.
+    assert!(h
+        .incident_of(1)
+        .timeline
+        .iter()
+        .any(|e| e.source == Source::Neutron && e.cause.contains("connection refused")));
+    // Neutron answers while the VMs are still being evacuated: its routers join.
+    h.take();
+    h.neutron_lists(1, &["r1", "r2"]);
+    h.run_for(100);
+    let ev: Vec<Resource> = evacuations(&h.actions).into_iter().map(|e| e.0).collect();
+    assert_eq!(ev, vec![Resource::router("r1"), Resource::router("r2")]);
+    h.restore_all(2);
+    assert_eq!(h.state(1), HostState::Recovered);
+    assert!(h.incident_of(1).closed_at.is_some());
+    // A later outage is a new episode: alarmed again.
+    h.take();
+    h.neutron_fails(1, "503");
+    assert!(alarms(&h.actions).contains(&AlarmKind::InventoryFailed));
+}
+
+#[test]
+fn routers_listed_before_the_vm_halfs_force_down_result_wait_for_it() {
+    let mut h = Harness::new(3);
+    let key = h.kill_until_fence(1);
+    h.fence_result(1, key, FenceOutcome::Verified(FenceVerifier::IpmiPowerOff));
+    h.run_for(100);
+    assert_eq!(h.state(1), HostState::Fenced);
+    h.neutron_lists(1, &["r1"]);
+    h.run_for(100);
+    assert!(
+        evacuations(&h.actions).is_empty(),
+        "nothing before force-down"
+    );
+    h.force_down_ok(1);
+    h.run_for(100);
+    let ev: Vec<Resource> = evacuations(&h.actions).into_iter().map(|e| e.0).collect();
+    assert!(ev.contains(&Resource::router("r1")) && ev.contains(&Resource::vm("vm1")));
+}
+
+#[test]
+fn routers_listed_after_the_host_incident_closed_reopen_it_and_are_moved() {
+    let mut h = Harness::new(3);
+    h.fence_and_force_down(1);
+    h.restore_all(0);
+    assert_eq!(h.state(1), HostState::Recovered);
+    let inc = h.incident_of(1).id;
+    assert!(h.incident_of(1).closed_at.is_some());
+    h.take();
+    h.neutron_lists(1, &["r1", "r2"]);
+    assert_eq!(h.state(1), HostState::Evacuating);
+    assert_eq!(
+        h.engine.host_incident(&host(1)),
+        Some(inc),
+        "the same incident"
+    );
+    assert!(h.incident_of(1).closed_at.is_none());
+    h.run_for(100);
+    let ev: Vec<Resource> = evacuations(&h.actions).into_iter().map(|e| e.0).collect();
+    assert_eq!(ev, vec![Resource::router("r1"), Resource::router("r2")]);
+    // A restart mid-move resumes the reopened incident from the log.
+    let (engine, again) = Engine::resume(Config::default(), &h.log, Timestamp(h.now + 10));
+    assert_eq!(engine.host_state(&host(1)), Some(HostState::Evacuating));
+    assert_eq!(
+        again
+            .iter()
+            .filter(|a| matches!(a, Action::Evacuate { .. }))
+            .count(),
+        2
+    );
+    h.restore_all(2);
+    assert_eq!(h.state(1), HostState::Recovered);
+    assert!(h.incident_of(1).closed_at.is_some());
+    // Listed again (a restarted restorer lists every fenced host once): moved ones are
+    // elsewhere now, so nothing reopens; they are stale for this host.
+    h.take();
+    h.neutron_lists(1, &["r1"]);
+    assert_eq!(h.state(1), HostState::Recovered);
+    assert!(evacuations(&h.actions).is_empty());
+}
+
+#[test]
+fn a_late_router_inventory_is_safe_in_every_host_state() {
+    // Up, Suspect, Confirming, Fencing, Fenced, Evacuating, Recovered, Maintenance,
+    // and unfenced again: no panic, and routers are taken only by a fenced host's
+    // incident.
+    let mut h = Harness::new(4);
+    h.neutron_lists(1, &["up"]);
+    assert_eq!(
+        h.engine.resource_state(&Resource::router("up")),
+        Some(ResourceState::Running)
+    );
+    h.kill(1);
+    h.run_for(300);
+    assert_eq!(h.state(1), HostState::Suspect);
+    h.neutron_lists(1, &["suspect"]);
+    h.run_for(300);
+    assert_eq!(h.state(1), HostState::Confirming);
+    h.neutron_lists(1, &["confirming"]);
+    h.neutron_fails(1, "x");
+    assert!(!alarms(&h.actions).contains(&AlarmKind::InventoryFailed));
+    h.confirm(1, Verdict::Dead);
+    h.run_for(100);
+    assert_eq!(h.state(1), HostState::Fencing);
+    h.neutron_lists(1, &["fencing"]);
+    let fence = h.fences().last().cloned().unwrap();
+    h.fence_result(
+        1,
+        fence,
+        FenceOutcome::Verified(FenceVerifier::IpmiPowerOff),
+    );
+    assert_eq!(h.state(1), HostState::Fenced);
+    h.neutron_lists(1, &["fenced"]);
+    h.force_down_ok(1);
+    h.run_for(100);
+    h.neutron_lists(1, &["evacuating"]);
+    h.run_for(100);
+    let inc = h.engine.host_incident(&host(1)).unwrap();
+    for r in ["fencing", "fenced", "evacuating"] {
+        let v = h.engine.resource(&Resource::router(r)).unwrap();
+        assert_eq!(v.owner, Some(inc), "{r}");
+    }
+    h.restore_all(2);
+    assert_eq!(h.state(1), HostState::Recovered);
+    h.neutron_lists(1, &[]);
+    assert_eq!(
+        h.state(1),
+        HostState::Recovered,
+        "nothing listed, nothing reopened"
+    );
+    h.revive(1);
+    h.run_for(300);
+    h.input(Input::Operator(OperatorCommand::Unfence { host: host(1) }));
+    assert_eq!(h.state(1), HostState::Up);
+    h.take();
+    h.neutron_lists(1, &["after-unfence"]);
+    h.neutron_fails(1, "late");
+    assert_eq!(h.state(1), HostState::Up);
+    assert!(evacuations(&h.actions).is_empty());
+    assert!(!alarms(&h.actions).contains(&AlarmKind::InventoryFailed));
+    // Maintenance.
+    h.input(Input::Operator(OperatorCommand::MaintenanceOn {
+        host: host(3),
+    }));
+    assert_eq!(h.state(3), HostState::Maintenance);
+    h.neutron_lists(3, &["maintenance"]);
+    assert_eq!(h.state(3), HostState::Maintenance);
+}
+
+#[test]
+fn the_routers_moved_off_a_host_are_rebuilt_from_the_intent_log_after_a_restart() {
+    let mut h = Harness::new(3);
+    h.fence_and_force_down(1);
+    h.neutron_lists(1, &["r1", "r2"]);
+    h.run_for(100);
+    h.restore_all(2);
+    assert_eq!(h.state(1), HostState::Recovered);
+    let view = |e: &Engine| {
+        e.hosts()
+            .into_iter()
+            .find(|v| v.host == host(1))
+            .unwrap()
+            .evacuated
+    };
+    let moved = vec![
+        Resource::vm("vm1"),
+        Resource::router("r1"),
+        Resource::router("r2"),
+    ];
+    assert_eq!(view(&h.engine), moved);
+    let (engine, _) = Engine::resume(Config::default(), &h.log, Timestamp(h.now + 10));
+    assert_eq!(engine.host_state(&host(1)), Some(HostState::Recovered));
+    assert_eq!(view(&engine), moved);
+    // Healthy hosts have moved nothing off.
+    assert!(engine
+        .hosts()
+        .iter()
+        .all(|v| v.host == host(1) || v.evacuated.is_empty()));
+    // Unfenced: nothing of it is stale any more, also after a restart.
+    h.revive(1);
+    h.run_for(300);
+    h.input(Input::Operator(OperatorCommand::Unfence { host: host(1) }));
+    assert!(view(&h.engine).is_empty());
+    let (engine, _) = Engine::resume(Config::default(), &h.log, Timestamp(h.now + 10));
+    assert!(view(&engine).is_empty());
+}
+
+#[test]
+fn router_steps_are_labelled_neutron_on_the_timeline_whatever_restores_the_vms() {
+    let cfg = Config {
+        vm_restorer: Source::Libvirt,
+        max_evacuate_attempts: 2,
+        ..Config::default()
+    };
+    let mut h = Harness::with(3, cfg);
+    h.fence_and_force_down(1);
+    h.neutron_fails(1, "unreachable");
+    h.neutron_lists(1, &["r1", "r2"]);
+    h.run_for(100);
+    // r1 fails once then moves; r2 moves.
+    let ev = evacuations(&h.actions);
+    let r1 = ev
+        .iter()
+        .find(|e| e.0 == Resource::router("r1"))
+        .unwrap()
+        .1
+        .clone();
+    h.input(Input::RestoreResult {
+        resource: Resource::router("r1"),
+        key: r1.clone(),
+        outcome: RestoreOutcome::Failed {
+            reason: "no agent".into(),
+        },
+    });
+    h.run_for(100);
+    h.restore_all(2);
+    assert_eq!(h.state(1), HostState::Recovered);
+    let inc = h.incident_of(1);
+    let about_routers: Vec<&TimelineEntry> = inc
+        .timeline
+        .iter()
+        .filter(|e| matches!(&e.subject, Subject::Resource(r) if r.kind() == ResourceKind::Router))
+        .filter(|e| e.source != Source::Controller)
+        .collect();
+    assert!(about_routers.len() >= 3, "{about_routers:?}");
+    for e in &about_routers {
+        assert_eq!(e.source, Source::Neutron, "{e:?}");
+    }
+    assert!(about_routers
+        .iter()
+        .any(|e| e.cause.contains("failed: no agent")));
+    // The listing's failure too; the VM's steps keep the VM backend's name.
+    assert!(inc
+        .timeline
+        .iter()
+        .any(|e| e.source == Source::Neutron && e.cause.contains("unreachable")));
+    assert!(inc.timeline.iter().any(
+        |e| e.subject == Subject::Resource(Resource::vm("vm1")) && e.source == Source::Libvirt
+    ));
+}

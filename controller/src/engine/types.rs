@@ -291,6 +291,15 @@ pub enum HostEvent {
         /// When the list was taken.
         at: Timestamp,
     },
+    /// A source could not list the host's resources and keeps trying (Neutron
+    /// unreachable while a fenced host's routers are to be listed). The resources it
+    /// would list stay where they are until its inventory comes, late.
+    InventoryFailed {
+        /// Who tried (Neutron).
+        source: Source,
+        /// Why it failed.
+        reason: String,
+    },
 }
 
 /// Timers the engine asks for; the runtime feeds them back as [`Input::Timer`].
@@ -418,6 +427,9 @@ pub enum AlarmKind {
     FenceExhausted,
     /// Forcing the compute service down failed.
     ForceDownFailed,
+    /// A fenced host's resources could not be listed (Neutron unreachable: its routers
+    /// are not moved yet); the lister keeps trying, and they are moved once it answers.
+    InventoryFailed,
     /// A resource could not be restored: given up.
     RestoreGaveUp,
     /// A fenced host is heartbeating again and waits for an unfence.
@@ -584,6 +596,9 @@ pub struct HostView {
     pub incident: Option<IncidentId>,
     /// The last heartbeat seen on any path.
     pub last_seen: Option<Timestamp>,
+    /// Resources restored elsewhere from this host since it was fenced (its stale
+    /// copies to clean up), until it is unfenced. Rebuilt from the intent log.
+    pub evacuated: Vec<Resource>,
 }
 
 /// A read-only view of one resource.

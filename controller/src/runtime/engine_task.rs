@@ -411,6 +411,7 @@ impl EngineTask {
                     isolated: info.status.isolated,
                     boot_id: info.boot_id.map(|b| b.to_string()),
                     incarnation: info.incarnation,
+                    evacuated: h.evacuated.iter().map(|r| r.to_string()).collect(),
                 }
             })
             .collect();

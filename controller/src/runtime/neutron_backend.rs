@@ -5,9 +5,12 @@
 //! ```text
 //! engine ─ForceDown──► the host's L3 agents admin-down (Neutron schedules nothing there,
 //!                      and a returning agent's sync gets no router), list their routers
-//!                      (HA/DVR skipped: Neutron fails those over itself)
-//!        ◄─Inventory (Neutron: routers) + HostActionResult (joined with Nova's)
-//! engine ─Evacuate(router)×N─► batch ─► read each router's bindings:
+//!                      (HA/DVR skipped: Neutron fails those over itself); retried with
+//!                      backoff while Neutron fails (each failure: InventoryFailed, an
+//!                      alarm), also for every fenced host after a restart
+//!        ◄─Inventory (Neutron: routers), whenever it works (the force-down's result
+//!                      is Nova's alone: a Neutron outage never holds up the VMs)
+//! engine ─Evacuate(router)×N─► batch ─► read the bindings (each L3 agent's routers):
 //!                      already on one live agent elsewhere → verified, not moved again;
 //!                      else plan (least routers per live, admin-up agent on a host
 //!                      that is Up) ─► DELETE from the dead agent, POST to the chosen one
@@ -43,8 +46,14 @@ use crate::openstack::network::{Agent, Network};
 /// host's routers over in one step).
 pub const BATCH_WINDOW: Duration = Duration::from_millis(30);
 
-/// How often returned hosts are looked at (stale report, cleanup).
+/// How often the hosts are looked at (fenced hosts not listed yet, stale report,
+/// cleanup).
 const RETURN_POLL: Duration = Duration::from_secs(1);
+
+/// A failed listing of a fenced host's routers is tried again after this long,
+/// doubling up to [`LIST_RETRY_MAX`].
+const LIST_RETRY_FIRST: Duration = Duration::from_secs(1);
+const LIST_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// A host heartbeating within this long counts as back.
 const BACK_WITHIN_MS: u64 = 2_000;
@@ -86,6 +95,11 @@ pub enum RouterEvent {
         routers: Vec<String>,
         skipped_ha: Vec<String>,
     },
+    /// Listing a fenced host's routers failed; tried again after a pause.
+    ListFailed {
+        host: String,
+        reason: String,
+    },
     /// A router was bound to a new agent (Neutron answered the binding).
     Moved {
         router: String,
@@ -97,10 +111,13 @@ pub enum RouterEvent {
         router: String,
         host: String,
     },
-    /// A router is bound to exactly its new agent.
+    /// A router is bound to exactly its new agent, or (`by_neutron`) to one live agent
+    /// elsewhere that Neutron's own auto-scheduling gave it between the unbinding and
+    /// the binding (a live agent syncing meanwhile: kept there, not moved again).
     Verified {
         router: String,
         host: String,
+        by_neutron: bool,
     },
     Failed {
         router: String,
@@ -131,9 +148,9 @@ pub fn choose_agent(loads: &mut BTreeMap<String, usize>) -> Option<String> {
 }
 
 enum Job {
-    Prepare {
+    /// Disable the host's L3 agents and list their routers (until it works).
+    List {
         host: HostId,
-        key: IntentKey,
     },
     Move {
         router: String,
@@ -156,11 +173,21 @@ pub struct NeutronRestorer {
 struct State {
     done: HashMap<IntentKey, Input>,
     in_flight: HashSet<IntentKey>,
-    /// Routers moved off each host since it was fenced (their data plane there may
-    /// still hold them), until the host is unfenced.
-    moved_off: BTreeMap<String, BTreeSet<String>>,
-    /// Hosts told about their stale routers, and hosts whose cleanup was seen.
-    reported: BTreeSet<String>,
+    /// Fenced hosts whose routers are being listed (retried until Neutron answers),
+    /// and those listed since their fence. In memory only: a restarted restorer lists
+    /// every fenced host once more (cheap: routers already moved are no longer bound
+    /// there), which is what hands the engine routers a failed listing left behind.
+    listing: BTreeSet<String>,
+    listed: BTreeSet<String>,
+    /// Hosts unfenced that the engine's view (published a moment later) may still show
+    /// fenced: the background lister leaves them alone until the view shows them
+    /// trusted, so that it never disables the agents an unfence just enabled.
+    unfenced: BTreeSet<String>,
+    /// Hosts told about their stale routers (with what they were told), and hosts
+    /// whose cleanup was seen. What was moved off a host comes from the engine
+    /// ([`super::nova_backend::HostSeen::evacuated_routers`]), which rebuilds it from
+    /// the intent log: a restarted controller reports it again.
+    reported: BTreeMap<String, BTreeSet<String>>,
     cleaned: BTreeSet<String>,
     /// Moves planned onto each agent whose binding is not made yet: a batch planned
     /// while an earlier one is still binding counts them (Neutron does not yet).
@@ -220,19 +247,13 @@ impl NeutronRestorer {
 }
 
 impl Restorer for NeutronRestorer {
-    fn force_down(&mut self, host: &HostId, key: &IntentKey) {
-        let fail = Input::HostActionResult {
-            host: host.clone(),
-            key: key.clone(),
-            outcome: gone(),
-        };
-        self.send(
-            Job::Prepare {
-                host: host.clone(),
-                key: key.clone(),
-            },
-            fail,
-        );
+    /// Starts listing the host's routers, and gives **no** result for `key`: the
+    /// force-down's outcome is the VM half's (a Neutron outage must not hold up the VMs'
+    /// restore). The listing goes on in the background, retried with backoff while
+    /// Neutron fails (each failure an `InventoryFailed` host event: the engine's alarm),
+    /// and hands the engine its routers when it works, late if need be.
+    fn force_down(&mut self, host: &HostId, _key: &IntentKey) {
+        let _ = self.jobs.send(Job::List { host: host.clone() });
     }
 
     fn restart_in_place(&mut self, resource: &Resource, _: &HostId, _: u32, key: &IntentKey) {
@@ -332,11 +353,9 @@ impl Worker {
                                 moves.push((router, from, key));
                             }
                         }
-                        Job::Prepare { host, key } => {
-                            if self.claim(&key) {
-                                let w = self.clone();
-                                tokio::spawn(async move { w.prepare(host, key).await });
-                            }
+                        Job::List { host } => {
+                            self.lock().unfenced.remove(host.as_str());
+                            self.start_listing(host)
                         }
                         Job::Enable { host, key } => {
                             if self.claim(&key) {
@@ -363,32 +382,68 @@ impl Worker {
 
     // ------------------------------------------------------------ force down
 
-    async fn prepare(&self, host: HostId, key: IntentKey) {
-        let outcome = match self.disable_and_list(host.as_str()).await {
-            Ok(routers) => {
-                let _ = self.results.send(Input::HostEvent {
-                    host: host.clone(),
-                    event: HostEvent::Inventory {
-                        resources: routers.iter().map(Resource::router).collect(),
-                        stopped: vec![],
-                        source: Source::Neutron,
-                        at: now_ts(),
-                    },
-                });
-                RestoreOutcome::Ok { host: host.clone() }
+    /// Lists a fenced host's routers unless that is under way or done since its fence.
+    fn start_listing(&self, host: HostId) {
+        {
+            let mut st = self.lock();
+            if st.listed.contains(host.as_str()) || !st.listing.insert(host.to_string()) {
+                return;
             }
-            Err(reason) => RestoreOutcome::Failed {
-                reason: format!("neutron: {reason}"),
-            },
-        };
-        self.finish(
-            &key,
-            Input::HostActionResult {
-                host,
-                key: key.clone(),
-                outcome,
-            },
-        );
+        }
+        let w = self.clone();
+        tokio::spawn(async move { w.list_until_done(host).await });
+    }
+
+    /// Still wanted: not unfenced meanwhile (an unfence stops the listing).
+    fn still_listing(&self, host: &str) -> bool {
+        self.lock().listing.contains(host)
+    }
+
+    async fn list_until_done(&self, host: HostId) {
+        let mut pause = LIST_RETRY_FIRST;
+        while self.still_listing(host.as_str()) {
+            match self.disable_and_list(host.as_str()).await {
+                Ok(routers) => {
+                    let mut st = self.lock();
+                    if !st.listing.remove(host.as_str()) {
+                        return;
+                    }
+                    st.listed.insert(host.to_string());
+                    // A host already told about its stale routers keeps them in its
+                    // inventory (this one replaces the last), until it is clean.
+                    let mut all: BTreeSet<String> = routers.into_iter().collect();
+                    if !st.cleaned.contains(host.as_str()) {
+                        if let Some(stale) = st.reported.get(host.as_str()) {
+                            all.extend(stale.iter().cloned());
+                        }
+                    }
+                    drop(st);
+                    self.inventory(host.as_str(), &all);
+                    return;
+                }
+                Err(reason) => {
+                    tracing::warn!(
+                        %host,
+                        reason,
+                        retry_in = ?pause,
+                        "listing the fenced host's routers failed; VMs go on, routers wait"
+                    );
+                    self.event(RouterEvent::ListFailed {
+                        host: host.to_string(),
+                        reason: reason.clone(),
+                    });
+                    let _ = self.results.send(Input::HostEvent {
+                        host: host.clone(),
+                        event: HostEvent::InventoryFailed {
+                            source: Source::Neutron,
+                            reason: format!("neutron: {reason}"),
+                        },
+                    });
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(LIST_RETRY_MAX);
+                }
+            }
+        }
     }
 
     /// Disables the host's L3 agents and lists the routers to move.
@@ -457,7 +512,9 @@ impl Worker {
 
     async fn move_batch(&self, moves: Vec<(String, HostId, IntentKey)>) {
         let failed: BTreeSet<String> = moves.iter().map(|(_, f, _)| f.to_string()).collect();
-        let (targets, mut loads) = match self.plan_targets(&failed).await {
+        // Every router's bindings at once: one listing per L3 agent, not one read per
+        // router (200 routers cost 12 s of reads that way before the first move).
+        let (targets, mut loads, mut bindings) = match self.read_bindings(&failed).await {
             Ok(t) => t,
             Err(reason) => {
                 for (router, _, key) in moves {
@@ -466,39 +523,21 @@ impl Worker {
                 return;
             }
         };
-        // Read every router's bindings first (concurrently): one already on a live
-        // agent elsewhere (moved by a controller before a restart) stays there.
-        let mut reads = tokio::task::JoinSet::new();
-        for (router, from, key) in moves {
-            let w = self.clone();
-            reads.spawn(async move {
-                let _slot = w.moves.acquire().await;
-                let b = w.network.router_agents(&router).await;
-                (router, from, key, b)
-            });
-        }
+        // One already on a live agent elsewhere (moved by a controller before a
+        // restart, or scheduled there by Neutron) stays there: never moved twice.
         let mut todo = Vec::new();
-        while let Some(r) = reads.join_next().await {
-            let Ok((router, from, key, bindings)) = r else {
-                continue;
-            };
-            match bindings {
-                Err(e) => self.finish_router(&router, &key, Err(e.to_string())),
-                Ok(b) => {
-                    let live: Vec<&Agent> =
-                        b.iter().filter(|a| targets.contains_key(&a.id)).collect();
-                    if b.len() == 1 && live.len() == 1 {
-                        let host = live[0].host.clone();
-                        self.event(RouterEvent::AlreadyMoved {
-                            router: router.clone(),
-                            host: host.clone(),
-                        });
-                        self.note_moved(&from, &router);
-                        self.finish_router(&router, &key, Ok(host));
-                    } else {
-                        todo.push((router, from, key, b));
-                    }
-                }
+        for (router, from, key) in moves {
+            let b = bindings.remove(&router).unwrap_or_default();
+            let live: Vec<&Agent> = b.iter().filter(|a| targets.contains_key(&a.id)).collect();
+            if b.len() == 1 && live.len() == 1 {
+                let host = live[0].host.clone();
+                self.event(RouterEvent::AlreadyMoved {
+                    router: router.clone(),
+                    host: host.clone(),
+                });
+                self.finish_router(&router, &key, Ok(host));
+            } else {
+                todo.push((router, from, key, b));
             }
         }
         // Least routers first, in a stable order.
@@ -520,37 +559,59 @@ impl Worker {
                 let r = w
                     .move_one(&router, from.as_str(), &bindings, &agent, &to_host)
                     .await;
-                if r.is_ok() {
-                    w.note_moved(&from, &router);
-                }
                 w.finish_router(&router, &key, r);
             });
         }
     }
 
-    /// The target agents (id → host) and their loads (routers bound now).
-    async fn plan_targets(
+    /// The target agents (id → host), their loads (routers bound now, plus moves
+    /// planned there and not bound yet) and every router's bindings (router → agents),
+    /// from one listing of the L3 agents and one of each agent's routers.
+    #[allow(clippy::type_complexity)]
+    async fn read_bindings(
         &self,
         failed: &BTreeSet<String>,
-    ) -> Result<(BTreeMap<String, String>, BTreeMap<String, usize>), String> {
+    ) -> Result<
+        (
+            BTreeMap<String, String>,
+            BTreeMap<String, usize>,
+            HashMap<String, Vec<Agent>>,
+        ),
+        String,
+    > {
         let agents = self
             .network
             .l3_agents(None)
             .await
             .map_err(|e| e.to_string())?;
         let targets = self.targets(&agents, failed);
-        let mut counts = tokio::task::JoinSet::new();
-        for a in &targets {
-            let (net, id) = (self.network.clone(), a.id.clone());
-            counts.spawn(async move { (id.clone(), net.agent_routers(&id).await) });
+        let mut reads = tokio::task::JoinSet::new();
+        for a in agents {
+            let (net, moves) = (self.network.clone(), self.moves.clone());
+            reads.spawn(async move {
+                let _slot = moves.acquire().await;
+                let routers = net.agent_routers(&a.id).await;
+                (a, routers)
+            });
         }
         let mut loads = BTreeMap::new();
-        while let Some(r) = counts.join_next().await {
-            let Ok((id, routers)) = r else { continue };
-            let pending = self.lock().binding.get(&id).copied().unwrap_or(0);
-            loads.insert(id, routers.map_err(|e| e.to_string())?.len() + pending);
+        let mut bindings: HashMap<String, Vec<Agent>> = HashMap::new();
+        while let Some(r) = reads.join_next().await {
+            let Ok((agent, routers)) = r else { continue };
+            let routers = routers.map_err(|e| format!("routers of L3 agent {}: {e}", agent.id))?;
+            if targets.iter().any(|t| t.id == agent.id) {
+                let pending = self.lock().binding.get(&agent.id).copied().unwrap_or(0);
+                loads.insert(agent.id.clone(), routers.len() + pending);
+            }
+            for r in routers {
+                bindings.entry(r.id).or_default().push(agent.clone());
+            }
         }
-        Ok((targets.into_iter().map(|a| (a.id, a.host)).collect(), loads))
+        Ok((
+            targets.into_iter().map(|a| (a.id, a.host)).collect(),
+            loads,
+            bindings,
+        ))
     }
 
     async fn move_one(
@@ -593,6 +654,7 @@ impl Worker {
                     self.event(RouterEvent::Verified {
                         router: router.into(),
                         host: to_host.into(),
+                        by_neutron: false,
                     });
                     return Ok(to_host.to_string());
                 }
@@ -601,6 +663,7 @@ impl Worker {
                     self.event(RouterEvent::Verified {
                         router: router.into(),
                         host: b[0].host.clone(),
+                        by_neutron: true,
                     });
                     return Ok(b[0].host.clone());
                 }
@@ -632,16 +695,6 @@ impl Worker {
         }
     }
 
-    fn note_moved(&self, from: &HostId, router: &str) {
-        let mut st = self.lock();
-        st.moved_off
-            .entry(from.to_string())
-            .or_default()
-            .insert(router.into());
-        st.reported.remove(from.as_str());
-        st.cleaned.remove(from.as_str());
-    }
-
     fn finish_router(&self, router: &str, key: &IntentKey, r: Result<String, String>) {
         let outcome = match r {
             Ok(host) => RestoreOutcome::Ok {
@@ -668,40 +721,55 @@ impl Worker {
 
     // ------------------------------------------------------------ return, unfence
 
-    /// Reports the routers moved off a host once it heartbeats again, and clears the
-    /// report once the host's agents hold nothing that is not theirs.
+    /// Lists every fenced host not listed yet (after a restart: routers a failed
+    /// listing left behind), reports the routers moved off a host once it heartbeats
+    /// again, and clears the report once the host's agents hold nothing that is not
+    /// theirs.
     async fn watch_returns(self) {
         loop {
             tokio::time::sleep(RETURN_POLL).await;
             let now = now_ts().0;
-            let back: Vec<String> = self
+            let hosts = self
                 .settings
                 .hosts
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .filter(|(_, h)| {
-                    h.state == HostState::Recovered
-                        && h.last_heartbeat_ms
-                            .is_some_and(|t| now.saturating_sub(t) < BACK_WITHIN_MS)
-                })
-                .map(|(n, _)| n.clone())
-                .collect();
-            for host in back {
-                let (moved, reported, cleaned) = {
+                .clone();
+            for (host, seen) in &hosts {
+                let just_unfenced = {
+                    let mut st = self.lock();
+                    if !seen.state.fenced() {
+                        st.unfenced.remove(host);
+                    }
+                    st.unfenced.contains(host)
+                };
+                if seen.state.fenced() && !just_unfenced {
+                    self.start_listing(HostId::new(host));
+                }
+            }
+            let back = hosts.into_iter().filter(|(_, h)| {
+                h.state == HostState::Recovered
+                    && h.last_heartbeat_ms
+                        .is_some_and(|t| now.saturating_sub(t) < BACK_WITHIN_MS)
+            });
+            for (host, seen) in back {
+                let moved = seen.evacuated_routers;
+                if moved.is_empty() {
+                    continue;
+                }
+                let (reported, cleaned) = {
                     let st = self.lock();
-                    let Some(m) = st.moved_off.get(&host) else {
-                        continue;
-                    };
                     (
-                        m.clone(),
-                        st.reported.contains(&host),
+                        st.reported.get(&host) == Some(&moved),
                         st.cleaned.contains(&host),
                     )
                 };
                 if !reported {
                     self.inventory(&host, &moved);
-                    self.lock().reported.insert(host.clone());
+                    let mut st = self.lock();
+                    st.reported.insert(host.clone(), moved.clone());
+                    st.cleaned.remove(&host);
+                    drop(st);
                     tracing::warn!(
                         host,
                         routers = moved.len(),
@@ -777,10 +845,17 @@ impl Worker {
     }
 
     async fn enable(&self, host: HostId, key: IntentKey) {
+        // Trusted again: a listing still retrying stops (its routers stay with the
+        // host's own agent), and a next fence lists again.
+        {
+            let mut st = self.lock();
+            st.listing.remove(host.as_str());
+            st.listed.remove(host.as_str());
+            st.unfenced.insert(host.to_string());
+        }
         let outcome = match self.enable_agents(host.as_str()).await {
             Ok(()) => {
                 let mut st = self.lock();
-                st.moved_off.remove(host.as_str());
                 st.reported.remove(host.as_str());
                 st.cleaned.remove(host.as_str());
                 drop(st);
@@ -829,9 +904,14 @@ impl Worker {
 // ---------------------------------------------------------------- both halves
 
 /// The restore edge with routers: VMs go to `vms` (the Nova restorer), routers to
-/// Neutron; a force-down or unfence goes to both, and its one result is theirs joined
-/// (Ok when both are; else the failures' reasons). Both halves answer a key handed over
-/// again with their first outcome, so a joined key is answered again too.
+/// Neutron. A force-down goes to both, and its result is the VM half's alone: the
+/// router half lists the host's routers in the background, retrying while Neutron is
+/// out (see [`NeutronRestorer`]'s `force_down`), so that a Neutron outage (likely when
+/// the failed host was also a network node) never holds up a VM. An unfence goes to
+/// both and its one result is theirs joined (Ok when both are; else the failures'
+/// reasons): a host's L3 agents are trusted again only once Neutron says so. Both
+/// halves answer a key handed over again with their first outcome, so a joined key is
+/// answered again too.
 pub struct RouterAwareRestorer {
     vms: Box<dyn Restorer + Send>,
     routers: NeutronRestorer,
@@ -935,7 +1015,6 @@ fn join(a: &Input, b: &Input) -> Input {
 
 impl Restorer for RouterAwareRestorer {
     fn force_down(&mut self, host: &HostId, key: &IntentKey) {
-        self.expect_two(key);
         self.vms.force_down(host, key);
         self.routers.force_down(host, key);
     }

@@ -86,6 +86,9 @@ pub struct HostSeen {
     pub state: HostState,
     /// Last heartbeat, unix ms.
     pub last_heartbeat_ms: Option<u64>,
+    /// Routers moved off the host by its incidents since its fence (from the engine,
+    /// which rebuilds them from the intent log): the stale-router report.
+    pub evacuated_routers: BTreeSet<String>,
 }
 
 /// The engine's hosts, shared between the runtime and the restorer.
@@ -107,6 +110,12 @@ pub async fn watch_hosts(
                     HostSeen {
                         state: h.state,
                         last_heartbeat_ms: h.last_heartbeat_ms,
+                        evacuated_routers: h
+                            .evacuated
+                            .iter()
+                            .filter_map(|r| r.strip_prefix("router:"))
+                            .map(str::to_string)
+                            .collect(),
                     },
                 )
             })

@@ -36,6 +36,10 @@ pub struct HostSnapshot {
     pub isolated: bool,
     pub boot_id: Option<String>,
     pub incarnation: Option<u64>,
+    /// Resources restored elsewhere by this host's incidents since its fence (its
+    /// stale copies: the stale-router report), until it is unfenced.
+    #[serde(default)]
+    pub evacuated: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

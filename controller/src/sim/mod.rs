@@ -638,13 +638,22 @@ impl<'a> Sim<'a> {
                 self.at(self.now + 2_000, Ev::InventoryRound);
                 for h in 0..self.hosts.len() {
                     if self.hosts[h].alive() {
-                        let resources = self.listing(h, false);
-                        self.hosts[h].outbox.push(HostEvent::Inventory {
-                            resources,
-                            stopped: vec![],
-                            source: Source::Libvirt,
-                            at: Timestamp(self.now),
-                        });
+                        // A watchdog's list speaks for VMs only, Neutron's for routers
+                        // only (the engine reads each for its own kind).
+                        let (routers, vms): (Vec<Resource>, Vec<Resource>) = self
+                            .listing(h, false)
+                            .into_iter()
+                            .partition(|r| r.kind() == crate::engine::ResourceKind::Router);
+                        for (resources, source) in
+                            [(vms, Source::Libvirt), (routers, Source::Neutron)]
+                        {
+                            self.hosts[h].outbox.push(HostEvent::Inventory {
+                                resources,
+                                stopped: vec![],
+                                source,
+                                at: Timestamp(self.now),
+                            });
+                        }
                     }
                 }
             }
