@@ -299,17 +299,24 @@ impl Engine {
         e.now = now;
         e.replaying = true;
         let entries = log.entries();
-        // Replay issues and completions in time order (issue before completion at the
-        // same instant, recording order otherwise).
-        let mut events: Vec<(Timestamp, u8, usize)> = Vec::new();
+        // Replay issues and completions in time order. Within one instant, results come
+        // before issues: the engine issues in reaction to what it has learnt (a result
+        // and the operator's unfence it allowed can share a millisecond, and replaying
+        // the unfence first would lose where the result put the VM). An intent issued
+        // and completed within the same instant is replayed issue first, then result.
+        let mut events: Vec<(Timestamp, u8, usize, u8)> = Vec::new();
         for (i, entry) in entries.iter().enumerate() {
-            events.push((entry.record.at, 0, i));
+            events.push((entry.record.at, 1, i, 0));
             if let Some(c) = &entry.done {
-                events.push((c.at.max(entry.record.at), 1, i));
+                if c.at > entry.record.at {
+                    events.push((c.at, 0, i, 1));
+                } else {
+                    events.push((entry.record.at, 1, i, 1));
+                }
             }
         }
         events.sort();
-        for (at, kind, i) in events {
+        for (at, _, i, kind) in events {
             let entry = &entries[i];
             e.now = at.max(e.now);
             if kind == 0 {

@@ -1583,3 +1583,53 @@ fn router_steps_are_labelled_neutron_on_the_timeline_whatever_restores_the_vms()
         |e| e.subject == Subject::Resource(Resource::vm("vm1")) && e.source == Source::Libvirt
     ));
 }
+
+/// The evacuation of vm1 (h1 → h2) still in flight, the open Evacuate intent's key.
+fn evacuation_in_flight(h: &Harness) -> IntentKey {
+    h.log
+        .iter()
+        .filter(|e| e.done.is_none())
+        .find_map(|e| match &e.record.intent {
+            Intent::Evacuate { resource, .. } if *resource == Resource::vm("vm1") => {
+                Some(e.record.key.clone())
+            }
+            _ => None,
+        })
+        .expect("vm1's evacuation in flight")
+}
+
+#[test]
+fn a_resumed_controller_keeps_an_evacuation_that_succeeded_in_the_same_millisecond_as_the_unfence()
+{
+    let mut h = Harness::new(3);
+    h.fence_and_force_down(1);
+    let key = evacuation_in_flight(&h);
+    h.revive(1);
+    h.run_for(300);
+    // Live: the success first, then the operator's unfence, both at the same instant.
+    h.input(Input::RestoreResult {
+        resource: Resource::vm("vm1"),
+        key,
+        outcome: RestoreOutcome::Ok { host: host(2) },
+    });
+    h.input(Input::Operator(OperatorCommand::Unfence { host: host(1) }));
+    let (mut engine, _) = Engine::resume(Config::default(), &h.log, Timestamp(h.now + 10));
+    assert_eq!(engine.resource(&Resource::vm("vm1")).unwrap().host, host(2));
+    let out = engine.step(
+        Timestamp(h.now + 20),
+        Input::HostEvent {
+            host: host(1),
+            event: HostEvent::Inventory {
+                resources: vec![],
+                stopped: vec![],
+                source: Source::Libvirt,
+                at: Timestamp(h.now + 20),
+            },
+        },
+    );
+    assert!(
+        out.iter()
+            .all(|a| !matches!(a, Action::RestartInPlace { .. } | Action::Evacuate { .. })),
+        "{out:?}"
+    );
+}
