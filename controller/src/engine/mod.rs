@@ -961,6 +961,12 @@ impl Engine {
             ) {
                 continue;
             }
+            // A host not heard since it was (re)registered — back from maintenance, or
+            // just known — is not yet silent, but it is no proof that the controller
+            // hears anyone either: it does not count until it is heard or turns Suspect.
+            if *live != Liveness::Suspect && self.detector.last_seen(h).is_none() {
+                continue;
+            }
             n += 1;
             if *live == Liveness::Suspect {
                 silent += 1;
@@ -1890,6 +1896,20 @@ impl Engine {
                         }
                         if resource_incident {
                             self.close_incident(*incident);
+                        }
+                        // The backend picks targets; if it picked a host that is about
+                        // to be fenced, that fence will stop the VM again: the host's
+                        // incident takes it, to restore it once more after the fence.
+                        // (A VM started on a host fenced already was not stopped by that
+                        // fence and must not be restored elsewhere on its account.)
+                        if let Some(target_incident) = self
+                            .hosts
+                            .get(to)
+                            .filter(|h| h.state == HostState::Fencing)
+                            .and_then(|h| h.incident)
+                        {
+                            let to = to.clone();
+                            self.take_ownership(resource, target_incident, &to);
                         }
                     }
                     RestoreOutcome::Failed { reason } => {

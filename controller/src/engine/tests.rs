@@ -1633,3 +1633,76 @@ fn a_resumed_controller_keeps_an_evacuation_that_succeeded_in_the_same_milliseco
         "{out:?}"
     );
 }
+
+#[test]
+fn leaving_maintenance_while_the_controller_hears_nobody_does_not_open_the_safety_gate() {
+    let mut h = Harness::new(2);
+    h.input(Input::Operator(OperatorCommand::MaintenanceOn {
+        host: host(0),
+    }));
+    // The controller is cut off: no heartbeat from anyone.
+    for i in 0..2 {
+        h.kill(i);
+    }
+    h.run_for(1000);
+    assert!(h
+        .find(|a| matches!(
+            a,
+            Action::Alarm {
+                kind: AlarmKind::ControllerIsolated,
+                ..
+            }
+        ))
+        .is_some());
+    // A host back from maintenance has not been heard since: it is no proof that the
+    // controller hears anyone.
+    h.input(Input::Operator(OperatorCommand::MaintenanceOff {
+        host: host(0),
+    }));
+    for i in 1..2 {
+        h.confirm(i, Verdict::Dead);
+    }
+    h.run_for(250);
+    assert!(h.fences().is_empty(), "{:?}", h.fences());
+}
+
+#[test]
+fn a_vm_restored_onto_a_host_whose_fence_is_decided_is_taken_by_that_hosts_incident() {
+    let mut h = Harness::new(4);
+    // h1 goes silent and is being fenced; its BMC does not answer yet.
+    let h1_fence = h.kill_until_fence(1);
+    h.fence_result(
+        1,
+        h1_fence,
+        FenceOutcome::Failed {
+            reason: "BMC did not answer".into(),
+        },
+    );
+    assert_eq!(h.state(1), HostState::Fencing);
+    // h2 dies and is fenced; the backend puts vm2 on h1 (the engine does not pick
+    // targets).
+    h.fence_and_force_down(2);
+    let key = h
+        .log
+        .iter()
+        .filter(|e| e.done.is_none())
+        .find_map(|e| match &e.record.intent {
+            Intent::Evacuate { resource, .. } if *resource == Resource::vm("vm2") => {
+                Some(e.record.key.clone())
+            }
+            _ => None,
+        })
+        .expect("vm2's evacuation");
+    h.input(Input::RestoreResult {
+        resource: Resource::vm("vm2"),
+        key,
+        outcome: RestoreOutcome::Ok { host: host(1) },
+    });
+    let vm2 = h.engine.resource(&Resource::vm("vm2")).unwrap();
+    assert_eq!(vm2.host, host(1));
+    assert_eq!(
+        vm2.owner,
+        Some(h.incident_of(1).id),
+        "h1's fence will kill vm2: h1's incident must restore it again"
+    );
+}
