@@ -215,9 +215,7 @@ fn round(lab: &BenchLab, n: usize, nova: Option<&NovaView>) -> anyhow::Result<Ro
         .ok_or_else(|| anyhow::anyhow!("no lab host runs a VM"))?;
     let name = host["name"].as_str().unwrap_or("?").to_string();
     anyhow::ensure!(lab.host_state(&name)? == "Up", "{name} is not Up");
-    let servers: Vec<String> = nova
-        .map(|v| v.servers_on(&name))
-        .unwrap_or_default();
+    let servers: Vec<String> = nova.map(|v| v.servers_on(&name)).unwrap_or_default();
     let subjects: Vec<String> = match nova {
         Some(_) => servers.iter().map(|id| format!("vm:{id}")).collect(),
         None => vms
@@ -338,9 +336,10 @@ fn round(lab: &BenchLab, n: usize, nova: Option<&NovaView>) -> anyhow::Result<Ro
     })?;
     wait_for(&format!("{name} Up"), || Ok(lab.host_state(&name)? == "Up"))?;
     if let Some(v) = nova {
-        wait_for(&format!("{name}'s nova-compute up and not forced down"), || {
-            Ok(v.compute_back(&name))
-        })?;
+        wait_for(
+            &format!("{name}'s nova-compute up and not forced down"),
+            || Ok(v.compute_back(&name)),
+        )?;
     }
     // Its heartbeats steady again before the next loss.
     std::thread::sleep(Duration::from_secs(2));

@@ -288,7 +288,7 @@ fn status() -> anyhow::Result<()> {
             } else {
                 "gone"
             },
-            h["libvirt_uri"].as_str().unwrap_or("?"),
+            h["libvirt_uri"].as_str().unwrap_or("none (a Nova fake compute)"),
             h["bmc_addr"].as_str().unwrap_or("?"),
             h["bmc_pid"],
             guests.join(", ")
@@ -655,9 +655,7 @@ fn serve(hosts: usize, guests_per_host: usize, nova: Option<usize>) -> anyhow::R
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    if let (Some(per_host), Some(api), false) =
-        (nova, &nova_api, STOP.load(Ordering::SeqCst))
-    {
+    if let (Some(per_host), Some(api), false) = (nova, &nova_api, STOP.load(Ordering::SeqCst)) {
         eprintln!("lab: booting {per_host} Nova servers onto each of {hosts} computes");
         let booted = crate::lab_nova::boot_servers(api, hosts, per_host, &nova_prefix);
         eprintln!("lab: {} servers ACTIVE", booted.len());
@@ -1053,7 +1051,9 @@ fn lose_host(state: &Value, partition: bool) -> anyhow::Result<()> {
         None => None,
     };
     let runs_vms = |h: &Value| match &nova {
-        Some((api, prefix)) => !crate::lab_nova::servers_on(api, prefix, h["name"].as_str().unwrap_or("?")).is_empty(),
+        Some((api, prefix)) => {
+            !crate::lab_nova::servers_on(api, prefix, h["name"].as_str().unwrap_or("?")).is_empty()
+        }
         None => vms
             .iter()
             .any(|v| v["host"] == h["name"] && v["state"] == "Running"),
@@ -1065,7 +1065,9 @@ fn lose_host(state: &Value, partition: bool) -> anyhow::Result<()> {
         .rfind(|h| runs_vms(h))
         .context("no lab host runs a VM")?;
     let name = host["name"].as_str().unwrap_or("?").to_string();
-    let h = host["index"].as_u64().context("the state file names no host index")? as usize;
+    let h = host["index"]
+        .as_u64()
+        .context("the state file names no host index")? as usize;
     let ctl_ns = state["controller_ns"].as_str().unwrap_or("");
     let bmc = host["bmc_addr"].as_str().unwrap_or("");
     let servers: Vec<String> = match &nova {
@@ -1108,7 +1110,9 @@ fn lose_host(state: &Value, partition: bool) -> anyhow::Result<()> {
             servers.len()
         );
         wait_for(&format!("{name}'s servers ACTIVE elsewhere"), 180, || {
-            Ok(crate::lab_nova::all_active_elsewhere(api, prefix, &servers, &name))
+            Ok(crate::lab_nova::all_active_elsewhere(
+                api, prefix, &servers, &name,
+            ))
         })?;
     }
     wait_for(&format!("{name}'s guests running elsewhere"), 120, || {

@@ -221,6 +221,8 @@ pub fn placement_of(nova: &Nova, prefix: &str, ids: &[String]) -> Vec<Value> {
     nova.servers_named(prefix)
         .into_iter()
         .filter(|s| ids.contains(&s.id))
-        .map(|s| serde_json::json!({"id": s.id, "name": s.name, "status": s.status, "host": s.host}))
+        .map(
+            |s| serde_json::json!({"id": s.id, "name": s.name, "status": s.status, "host": s.host}),
+        )
         .collect()
 }
