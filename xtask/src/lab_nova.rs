@@ -72,20 +72,39 @@ pub fn forward_into(ns: &str) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("the forwarder's thread panicked"))??;
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
-                let Ok(up) = TcpStream::connect(("127.0.0.1", port)) else {
-                    continue;
-                };
-                let _ = conn.set_nodelay(true);
-                let _ = up.set_nodelay(true);
-                let (Ok(c2), Ok(u2)) = (conn.try_clone(), up.try_clone()) else {
-                    continue;
-                };
-                std::thread::spawn(move || pipe(conn, up));
-                std::thread::spawn(move || pipe(u2, c2));
+                std::thread::spawn(move || relay(conn, port));
             }
         });
     }
     Ok(())
+}
+
+/// One forwarded connection. The upstream connection is made only once the client has
+/// sent its first bytes: an HTTP client may open a connection it then leaves unused, and
+/// nova-api's gthread worker gives each fresh connection one of its 8 threads until the
+/// request arrives; the lab should not hold those threads for a request that never comes.
+fn relay(mut conn: TcpStream, port: u16) {
+    let mut first = [0u8; 16384];
+    let n = match conn.read(&mut first) {
+        Ok(0) | Err(_) => return,
+        Ok(n) => n,
+    };
+    let Ok(mut up) = TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_secs(10),
+    ) else {
+        return;
+    };
+    let _ = conn.set_nodelay(true);
+    let _ = up.set_nodelay(true);
+    if up.write_all(&first[..n]).is_err() {
+        return;
+    }
+    let (Ok(c2), Ok(u2)) = (conn.try_clone(), up.try_clone()) else {
+        return;
+    };
+    std::thread::spawn(move || pipe(u2, c2));
+    pipe(conn, up);
 }
 
 /// Copies `from` to `to` until `from` ends, then ends `to`'s writing half.
