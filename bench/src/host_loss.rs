@@ -199,20 +199,26 @@ fn round(lab: &BenchLab, n: usize, nova: Option<&NovaView>) -> anyhow::Result<Ro
     let state = lab.state()?;
     let vms = lab.ctl(&["vms"])?;
     let vms = vms["vms"].as_array().cloned().unwrap_or_default();
-    // The last host that runs a VM now (earlier rounds move VMs around): in the Nova lab
-    // as Nova says (the controller learns a host's servers when it forces it down).
-    let host = state["hosts"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .rfind(|h| match nova {
-            Some(v) => !v.servers_on(h["name"].as_str().unwrap_or("?")).is_empty(),
-            None => vms
-                .iter()
-                .any(|v| v["host"] == h["name"] && v["state"] == "Running"),
-        })
-        .cloned()
-        .ok_or_else(|| anyhow::anyhow!("no lab host runs a VM"))?;
+    // The last host that runs a VM now (earlier rounds move VMs around). In the Nova lab:
+    // the host with the most of the lab's servers, as Nova says (the controller learns a
+    // host's servers when it forces it down), so that every round moves several.
+    let hosts = state["hosts"].as_array().cloned().unwrap_or_default();
+    let host = match nova {
+        Some(v) => hosts
+            .iter()
+            .map(|h| (v.servers_on(h["name"].as_str().unwrap_or("?")).len(), h))
+            .filter(|(n, _)| *n > 0)
+            .max_by_key(|(n, _)| *n)
+            .map(|(_, h)| h.clone()),
+        None => hosts
+            .iter()
+            .rfind(|h| {
+                vms.iter()
+                    .any(|v| v["host"] == h["name"] && v["state"] == "Running")
+            })
+            .cloned(),
+    }
+    .ok_or_else(|| anyhow::anyhow!("no lab host runs a VM"))?;
     let name = host["name"].as_str().unwrap_or("?").to_string();
     anyhow::ensure!(lab.host_state(&name)? == "Up", "{name} is not Up");
     let servers: Vec<String> = nova.map(|v| v.servers_on(&name)).unwrap_or_default();
@@ -474,7 +480,8 @@ pub fn run_nova(rounds: usize, servers_per_host: usize) -> anyhow::Result<String
          the controller (debug build) has backend = \"nova\" (header identity, default [nova] \
          settings: poll 500 ms, at most 10 rebuilds at once per target, Nova's scheduler), \
          engine defaults except fence_on_unknown_after_ms = 3000. t0 is the BMC's own log of \
-         the kill, as in host-loss. \"Running elsewhere\" is the controller's timeline entry \
+         the kill, as in host-loss. Each round loses the compute with the most of the lab's \
+         servers. \"Running elsewhere\" is the controller's timeline entry \
          for the server (the restorer saw it ACTIVE on the target); \"ACTIVE (Nova, polled)\" \
          is this bench's own poll of GET /servers/detail every 100 ms plus the request's time. \
          Between rounds the host is powered on (nova-compute started again), unfenced, Up, and \
