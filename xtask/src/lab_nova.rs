@@ -81,8 +81,10 @@ pub fn forward_into(ns: &str) -> anyhow::Result<()> {
 
 /// One forwarded connection. The upstream connection is made only once the client has
 /// sent its first bytes: an HTTP client may open a connection it then leaves unused, and
-/// nova-api's gthread worker gives each fresh connection one of its 8 threads until the
-/// request arrives; the lab should not hold those threads for a request that never comes.
+/// a gthread worker of the novabed's (8 threads) may give such a connection a thread
+/// while it waits for a request; a connection that never carries one costs Nova nothing.
+/// (Whether that ever mattered was not shown: the 60 s stalls first blamed on the
+/// forwarder were nova-api's hypervisor uptime RPC, see `Compute::hypervisors`.)
 fn relay(mut conn: TcpStream, port: u16) {
     let mut first = [0u8; 16384];
     let n = match conn.read(&mut first) {
