@@ -7,6 +7,12 @@
 //! (power off verified through IPMI), → first evacuation issued, → every VM of the host
 //! Running on another host. Then the host is powered on, its watchdog starts again, it
 //! is unfenced and Up before the next round.
+//!
+//! With `--nova` (`lab up --nova`): the hosts are the novabed's fake computes (fake-1…),
+//! the VMs Nova servers, the controller's backend Nova; a power-off also kills the host's
+//! nova-compute. Besides the timeline, Nova itself is polled for "every server of the host
+//! ACTIVE on another compute", and before the next round the compute must be back (up,
+//! not forced down: the unfence's unforce done).
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -39,18 +45,18 @@ struct BenchLab {
 }
 
 impl BenchLab {
-    fn up(hosts: usize, guests_per_host: usize) -> anyhow::Result<BenchLab> {
+    fn up(hosts: usize, guests_per_host: usize, nova: Option<usize>) -> anyhow::Result<BenchLab> {
         let lab = BenchLab {
             xtask: defib_tests::built_binary("xtask", "xtask"),
             dir: PathBuf::from("/run/defib-bench-lab"),
         };
-        let (ok, out) = lab.xtask(&[
-            "up",
-            "--hosts",
-            &hosts.to_string(),
-            "--guests-per-host",
-            &guests_per_host.to_string(),
-        ]);
+        let (h, g) = (hosts.to_string(), guests_per_host.to_string());
+        let mut args = vec!["up", "--hosts", &h, "--guests-per-host", &g];
+        let n = nova.map(|n| n.to_string()).unwrap_or_default();
+        if nova.is_some() {
+            args.extend(["--nova", "--servers-per-host", &n]);
+        }
+        let (ok, out) = lab.xtask(&args);
         anyhow::ensure!(ok, "lab up:\n{out}");
         Ok(lab)
     }
@@ -150,30 +156,80 @@ struct Round {
     fenced: f64,
     first_evacuation: f64,
     all_running: f64,
+    /// Nova lab: when polling Nova first saw every server ACTIVE elsewhere.
+    nova_active: Option<f64>,
 }
 
-fn round(lab: &BenchLab, n: usize) -> anyhow::Result<Round> {
+/// The Nova lab's view: Nova, and the prefix of the lab's servers.
+struct NovaView {
+    nova: defib_tests::novalab::Nova,
+    prefix: String,
+}
+
+impl NovaView {
+    /// The lab's servers on `host`.
+    fn servers_on(&self, host: &str) -> Vec<String> {
+        self.nova
+            .servers_named(&self.prefix)
+            .into_iter()
+            .filter(|s| s.host.as_deref() == Some(host))
+            .map(|s| s.id)
+            .collect()
+    }
+
+    fn all_active_elsewhere(&self, ids: &[String], not_on: &str) -> bool {
+        let ss = self.nova.servers_named(&self.prefix);
+        ids.iter().all(|id| {
+            ss.iter().any(|s| {
+                &s.id == id
+                    && s.status == "ACTIVE"
+                    && s.task_state.is_none()
+                    && s.host.as_deref().is_some_and(|h| h != not_on)
+            })
+        })
+    }
+
+    fn compute_back(&self, host: &str) -> bool {
+        let s = self.nova.service(host);
+        !s.forced_down && s.state == "up"
+    }
+}
+
+fn round(lab: &BenchLab, n: usize, nova: Option<&NovaView>) -> anyhow::Result<Round> {
     let state = lab.state()?;
     let vms = lab.ctl(&["vms"])?;
     let vms = vms["vms"].as_array().cloned().unwrap_or_default();
-    // The last host that runs a VM now (earlier rounds move VMs around).
-    let host = state["hosts"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .rfind(|h| {
-            vms.iter()
-                .any(|v| v["host"] == h["name"] && v["state"] == "Running")
-        })
-        .cloned()
-        .ok_or_else(|| anyhow::anyhow!("no lab host runs a VM"))?;
+    // The last host that runs a VM now (earlier rounds move VMs around). In the Nova lab:
+    // the host with the most of the lab's servers, as Nova says (the controller learns a
+    // host's servers when it forces it down), so that every round moves several.
+    let hosts = state["hosts"].as_array().cloned().unwrap_or_default();
+    let host = match nova {
+        Some(v) => hosts
+            .iter()
+            .map(|h| (v.servers_on(h["name"].as_str().unwrap_or("?")).len(), h))
+            .filter(|(n, _)| *n > 0)
+            .max_by_key(|(n, _)| *n)
+            .map(|(_, h)| h.clone()),
+        None => hosts
+            .iter()
+            .rfind(|h| {
+                vms.iter()
+                    .any(|v| v["host"] == h["name"] && v["state"] == "Running")
+            })
+            .cloned(),
+    }
+    .ok_or_else(|| anyhow::anyhow!("no lab host runs a VM"))?;
     let name = host["name"].as_str().unwrap_or("?").to_string();
     anyhow::ensure!(lab.host_state(&name)? == "Up", "{name} is not Up");
-    let subjects: Vec<String> = vms
-        .iter()
-        .filter(|v| v["host"] == name.as_str() && v["state"] == "Running")
-        .filter_map(|v| v["resource"].as_str().map(String::from))
-        .collect();
+    let servers: Vec<String> = nova.map(|v| v.servers_on(&name)).unwrap_or_default();
+    let subjects: Vec<String> = match nova {
+        Some(_) => servers.iter().map(|id| format!("vm:{id}")).collect(),
+        None => vms
+            .iter()
+            .filter(|v| v["host"] == name.as_str() && v["state"] == "Running")
+            .filter_map(|v| v["resource"].as_str().map(String::from))
+            .collect(),
+    };
     let earlier = lab.newest_incident(&format!("host:{name}"))?;
     let wd = host["watchdog_pid"]
         .as_u64()
@@ -185,9 +241,11 @@ fn round(lab: &BenchLab, n: usize) -> anyhow::Result<Round> {
     );
     // The loss is the moment the BMC's power-off killed the host's processes (its
     // watchdog first): the BMC's own log of the kill, on the machine's clock.
-    let chassis_log = Path::new(state["dir"].as_str().unwrap_or(""))
-        .join(format!("bmc-{name}"))
-        .join("chassis.log");
+    let chassis_log = match host["bmc_dir"].as_str() {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(state["dir"].as_str().unwrap_or("")).join(format!("bmc-{name}")),
+    }
+    .join("chassis.log");
     let sent = unix_ms();
     defib_tests::bmc::chassis_power(&ns, &bmc, "off")
         .map_err(|e| anyhow::anyhow!("power off: {e}"))?;
@@ -204,6 +262,13 @@ fn round(lab: &BenchLab, n: usize) -> anyhow::Result<Round> {
         .map(|s| (s * 1000.0) as u64)
         .find(|&ms| ms >= sent)
         .ok_or_else(|| anyhow::anyhow!("no kill after {sent} in {}", chassis_log.display()))?;
+    let mut nova_active = None;
+    if let Some(v) = nova {
+        wait_for(&format!("{name}'s servers ACTIVE elsewhere (Nova)"), || {
+            Ok(v.all_active_elsewhere(&servers, &name))
+        })?;
+        nova_active = Some(unix_ms().saturating_sub(t0) as f64);
+    }
     wait_for(&format!("{name}'s VMs running elsewhere"), || {
         let vms = lab.ctl(&["vms"])?;
         let list = vms["vms"].as_array().cloned().unwrap_or_default();
@@ -255,8 +320,11 @@ fn round(lab: &BenchLab, n: usize) -> anyhow::Result<Round> {
     }
     eprintln!(
         "round {n}: {name} ({} VMs) → Suspect {suspect:.0} ms, Fenced {fenced:.0} ms, first \
-         evacuation {first_evacuation:.0} ms, all Running elsewhere {all_running:.0} ms",
-        subjects.len()
+         evacuation {first_evacuation:.0} ms, all Running elsewhere {all_running:.0} ms{}",
+        subjects.len(),
+        nova_active
+            .map(|a| format!(", Nova: all ACTIVE elsewhere seen at {a:.0} ms"))
+            .unwrap_or_default()
     );
 
     // Back: power on (the keeper brings its links up and starts its watchdog again), wait
@@ -273,6 +341,12 @@ fn round(lab: &BenchLab, n: usize) -> anyhow::Result<Round> {
         Ok(lab.ctl(&["unfence", &name]).is_ok())
     })?;
     wait_for(&format!("{name} Up"), || Ok(lab.host_state(&name)? == "Up"))?;
+    if let Some(v) = nova {
+        wait_for(
+            &format!("{name}'s nova-compute up and not forced down"),
+            || Ok(v.compute_back(&name)),
+        )?;
+    }
     // Its heartbeats steady again before the next loss.
     std::thread::sleep(Duration::from_secs(2));
     Ok(Round {
@@ -282,6 +356,7 @@ fn round(lab: &BenchLab, n: usize) -> anyhow::Result<Round> {
         fenced,
         first_evacuation,
         all_running,
+        nova_active,
     })
 }
 
@@ -292,10 +367,10 @@ pub fn run(rounds: usize, guests_per_host: usize) -> anyhow::Result<String> {
         "/run/defib-bench-lab/state.json exists: a bench lab is up (DEFIB_LAB_DIR=/run/defib-bench-lab cargo xtask lab down)"
     );
     let began = Instant::now();
-    let lab = BenchLab::up(3, guests_per_host)?;
+    let lab = BenchLab::up(3, guests_per_host, None)?;
     let mut done = Vec::new();
     for n in 1..=rounds {
-        done.push(round(&lab, n)?);
+        done.push(round(&lab, n, None)?);
     }
     drop(lab);
     let pick = |f: fn(&Round) -> f64| done.iter().map(f).collect::<Vec<f64>>();
@@ -342,6 +417,83 @@ pub fn run(rounds: usize, guests_per_host: usize) -> anyhow::Result<String> {
         "host-loss",
         &format!(
             "cargo xtask bench host-loss --rounds {rounds} --guests-per-host {guests_per_host}"
+        ),
+        &notes,
+        &series,
+    )
+}
+
+/// `--nova`: the same rounds in `lab up --nova` (the novabed's computes as lab hosts).
+pub fn run_nova(rounds: usize, servers_per_host: usize) -> anyhow::Result<String> {
+    anyhow::ensure!(rounds > 0, "--rounds must be at least 1");
+    anyhow::ensure!(
+        !Path::new("/run/defib-bench-lab/state.json").exists(),
+        "/run/defib-bench-lab/state.json exists: a bench lab is up (DEFIB_LAB_DIR=/run/defib-bench-lab cargo xtask lab down)"
+    );
+    let began = Instant::now();
+    let lab = BenchLab::up(3, 0, Some(servers_per_host))?;
+    let nova = NovaView {
+        nova: defib_tests::novalab::Nova::attach()
+            .ok_or_else(|| anyhow::anyhow!("the novabed's Nova does not answer"))?,
+        prefix: lab.state()?["nova_prefix"]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("the lab is not a Nova lab"))?
+            .to_string(),
+    };
+    let mut done = Vec::new();
+    for n in 1..=rounds {
+        done.push(round(&lab, n, Some(&nova))?);
+    }
+    drop(lab);
+    let pick = |f: fn(&Round) -> f64| done.iter().map(f).collect::<Vec<f64>>();
+    let series = [
+        Series {
+            name: "power loss → Suspect".into(),
+            samples_ms: pick(|r| r.suspect),
+        },
+        Series {
+            name: "power loss → Fenced (IPMI power off read back)".into(),
+            samples_ms: pick(|r| r.fenced),
+        },
+        Series {
+            name: "power loss → first evacuation issued".into(),
+            samples_ms: pick(|r| r.first_evacuation),
+        },
+        Series {
+            name: "power loss → every server Running elsewhere (controller's timeline)".into(),
+            samples_ms: pick(|r| r.all_running),
+        },
+        Series {
+            name: "power loss → every server ACTIVE on another compute (Nova, polled)".into(),
+            samples_ms: pick(|r| r.nova_active.unwrap_or(f64::NAN)),
+        },
+    ];
+    let per_round: Vec<String> = done
+        .iter()
+        .map(|r| format!("{} ({} servers)", r.host, r.vms))
+        .collect();
+    let notes = format!(
+        "`cargo xtask lab up --nova --hosts 3 --servers-per-host {servers_per_host}` in its own \
+         lab directory: the lab hosts are the novabed's fake computes fake-1..fake-3 (Nova 34, \
+         fake virt driver: a rebuild does no guest work), each with its watchdog in a network \
+         namespace and an ipmi_sim BMC whose power-off also SIGKILLs the host's nova-compute; \
+         the controller (debug build) has backend = \"nova\" (header identity, default [nova] \
+         settings: poll 500 ms, at most 10 rebuilds at once per target, Nova's scheduler), \
+         engine defaults except fence_on_unknown_after_ms = 3000. t0 is the BMC's own log of \
+         the kill, as in host-loss. Each round loses the compute with the most of the lab's \
+         servers. \"Running elsewhere\" is the controller's timeline entry \
+         for the server (the restorer saw it ACTIVE on the target); \"ACTIVE (Nova, polled)\" \
+         is this bench's own poll of GET /servers/detail every 100 ms plus the request's time. \
+         Between rounds the host is powered on (nova-compute started again), unfenced, Up, and \
+         its compute up and no longer forced down. Rounds: {}. Whole run {:.0} s.",
+        per_round.join(", "),
+        began.elapsed().as_secs_f64()
+    );
+    report::write(
+        &report::results_dir(),
+        "host-loss-nova",
+        &format!(
+            "cargo xtask bench host-loss --nova --rounds {rounds} --servers-per-host {servers_per_host}"
         ),
         &notes,
         &series,

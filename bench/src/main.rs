@@ -132,6 +132,12 @@ enum Scenario {
         rounds: usize,
         #[arg(long, default_value_t = 2)]
         guests_per_host: usize,
+        /// `lab up --nova`: the hosts are the novabed's fake computes, the VMs Nova
+        /// servers (`--servers-per-host` each), the controller's Nova backend.
+        #[arg(long)]
+        nova: bool,
+        #[arg(long, default_value_t = 4)]
+        servers_per_host: usize,
     },
     /// The watchdog's cost with N real guests: the daemon's CPU and each probe's run
     /// time from the kernel's BPF statistics, libvirtd beside it (needs the hostbed).
@@ -205,7 +211,15 @@ fn main() -> anyhow::Result<()> {
         Scenario::HostLoss {
             rounds,
             guests_per_host,
+            nova: false,
+            ..
         } => host_loss::run(rounds, guests_per_host)?,
+        Scenario::HostLoss {
+            rounds,
+            servers_per_host,
+            nova: true,
+            ..
+        } => host_loss::run_nova(rounds, servers_per_host)?,
         Scenario::WatchdogCost { guests, seconds } => watchdog_cost::run(guests, seconds)?,
         Scenario::NovaEvacuate { rounds, servers } => nova_evacuate::run(rounds, servers)?,
         Scenario::RouterMove { rounds, routers } => router_move::run(rounds, &routers)?,

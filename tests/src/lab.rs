@@ -57,6 +57,9 @@ pub struct Lab {
     pub dir: tempfile::TempDir,
     pub controller: Option<Daemon>,
     pub watchdogs: Vec<Daemon>,
+    /// Each host's id (its watchdog's `host.id`): `h0`, `h1`, … unless set before
+    /// [`Lab::start_watchdogs`] (the Nova lab names them after Nova's computes).
+    pub host_names: Vec<String>,
 }
 
 impl Lab {
@@ -75,6 +78,7 @@ impl Lab {
             dir,
             controller: None,
             watchdogs: Vec::new(),
+            host_names: (0..spec.hosts).map(|h| format!("h{h}")).collect(),
         }
     }
 
@@ -167,7 +171,7 @@ backend = "{backend}"
             };
             let cfg = format!(
                 r#"[host]
-id = "h{h}"
+id = "{id}"
 cluster_id = "lab"
 state_dir = {state:?}
 
@@ -179,6 +183,7 @@ key_file = {key:?}
 {libvirt}
 {extra}
 "#,
+                id = self.host_names[h],
                 state = state.display().to_string(),
                 key = self.path("cluster.key").display().to_string(),
                 a0 = self.net.controller_addr(0),

@@ -119,6 +119,19 @@ impl Nova {
         Some(nova)
     }
 
+    /// Like [`Nova::connect`], but leaves every server as it is (the lab shares the
+    /// novabed and removes only its own servers).
+    pub fn attach() -> Option<Nova> {
+        let rt = runtime();
+        let compute = compute_client();
+        let ok = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), compute.compute_services(None))
+                .await
+                .is_ok_and(|r| r.is_ok_and(|s| s.len() >= 3))
+        });
+        ok.then_some(Nova { rt, compute })
+    }
+
     pub fn block<F: std::future::Future>(&self, f: F) -> F::Output {
         self.rt.block_on(f)
     }
@@ -200,7 +213,9 @@ impl Nova {
             .len()
     }
 
-    fn compute_pid(&self, n: u32) -> Option<i32> {
+    /// The pid of fake-`n`'s running nova-compute (from the novabed's pid list, checked
+    /// against the process's command line).
+    pub fn compute_pid(&self, n: u32) -> Option<i32> {
         let pids = std::fs::read_to_string(novabed_dir().join("pids")).ok()?;
         let name = format!("nova-compute-fake-{n}");
         pids.lines()

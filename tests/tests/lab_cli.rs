@@ -1,10 +1,13 @@
 //! `cargo xtask lab up|status|drill|down` (issue 7): the lab comes up, shows itself, its
 //! drills leave it healthy, and it goes away without leaving anything it made (processes,
-//! namespaces, directories, loop devices, FUSE mounts, domains).
+//! namespaces, directories, loop devices, FUSE mounts, domains). With `--nova` the lab's
+//! hosts are the novabed's computes: a host lost at its BMC has its servers evacuated by
+//! Nova, and the lab leaves Nova as it found it.
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Mutex;
 
 use defib_tests::{built_binary, have_command, is_root, require, require_hostbed};
 use serde_json::Value;
@@ -39,8 +42,12 @@ fn alive(pid: u64) -> bool {
     })
 }
 
+/// One lab at a time: each brings up daemons for several hosts on a 2-core machine.
+static ONE_LAB: Mutex<()> = Mutex::new(());
+
 #[test]
 fn lab_up_shows_every_host_up_drills_leave_it_healthy_and_lab_down_leaves_nothing_it_made() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
     require!(
         is_root() && have_command("ipmi_sim") && have_command("ipmitool"),
         "root, ipmi_sim and ipmitool (cargo xtask fencebed install)"
@@ -189,5 +196,127 @@ fn lab_up_shows_every_host_up_drills_leave_it_healthy_and_lab_down_leaves_nothin
     .unwrap();
     for g in &guests {
         assert!(!all.contains(g.as_str()), "guest {g} left defined");
+    }
+}
+
+#[test]
+fn nova_lab_loses_a_compute_at_its_bmc_its_servers_run_elsewhere_and_lab_down_leaves_nova_as_found()
+{
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    require!(
+        is_root() && have_command("ipmi_sim") && have_command("ipmitool"),
+        "root, ipmi_sim and ipmitool (cargo xtask fencebed install)"
+    );
+    let nova = defib_tests::novalab::Nova::attach();
+    require!(nova.is_some(), "the novabed (cargo xtask novabed start)");
+    let nova = nova.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lab_dir = dir.path().join("lab");
+
+    let (ok, out) = xtask(&lab_dir, &["up", "--nova", "--servers-per-host", "2"]);
+    let state = read_state(&lab_dir);
+    struct Down<'a>(&'a Path);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            let _ = xtask(self.0, &["down"]);
+        }
+    }
+    let guard = Down(&lab_dir);
+    assert!(ok, "lab up --nova failed:\n{out}");
+    assert_eq!(state["ready"], true, "{state}");
+    let prefix = state["nova_prefix"]
+        .as_str()
+        .expect("a Nova lab")
+        .to_string();
+    // The lab hosts are the computes, Up in the controller's table; Nova has the lab's
+    // servers on each.
+    for h in defib_tests::novalab::HOSTS {
+        assert!(
+            out.lines()
+                .any(|l| l.split_whitespace().next() == Some(h) && l.contains("Up")),
+            "{h} not Up in:\n{out}"
+        );
+        let on = nova
+            .servers_named(&prefix)
+            .into_iter()
+            .filter(|s| s.host.as_deref() == Some(h) && s.status == "ACTIVE")
+            .count();
+        assert_eq!(on, 2, "{h}: lab servers ACTIVE\n{out}");
+    }
+    assert!(out.contains("Nova (novabed):"), "{out}");
+
+    // No qemu to kill on a fake compute: said, not attempted.
+    let (ok, refused) = xtask(&lab_dir, &["drill", "vm-crash"]);
+    assert!(!ok && refused.contains("--nova"), "{refused}");
+
+    let compute_pid = nova.compute_pid(3).expect("fake-3's nova-compute runs");
+    let (ok, out) = xtask(&lab_dir, &["drill", "host-loss"]);
+    assert!(ok, "drill host-loss:\n{out}");
+    let order: Vec<usize> = [
+        "drill host-loss: fake-3 powered off",
+        "Up → Suspect",
+        "fence verified (IpmiPowerOff)",
+        "forced down",
+        "restored on fake-",
+        "fake-3: nova-compute up, not forced down",
+        "fake-3 is Up again",
+    ]
+    .iter()
+    .map(|s| out.find(s).unwrap_or_else(|| panic!("no {s} in:\n{out}")))
+    .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{out}");
+    // The power-off killed the compute; the power-on started another one.
+    assert!(
+        !alive(compute_pid as u64),
+        "fake-3's old nova-compute runs on"
+    );
+    assert!(
+        nova.compute_pid(3).is_some(),
+        "fake-3's nova-compute not started again"
+    );
+    // Nova: the two servers of fake-3 moved, none left there.
+    let servers = nova.servers_named(&prefix);
+    assert_eq!(servers.len(), 6, "{servers:?}");
+    assert!(
+        servers
+            .iter()
+            .all(|s| s.status == "ACTIVE" && s.host.as_deref() != Some("fake-3")),
+        "{servers:?}"
+    );
+
+    let state = read_state(&lab_dir);
+    let namespaces: Vec<String> = state["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap().to_string())
+        .collect();
+    let pids: Vec<u64> = state["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["pid"].as_u64())
+        .chain(state["keeper_pid"].as_u64())
+        .collect();
+    // The controller, per host a watchdog and a BMC; the keeper.
+    assert_eq!(pids.len(), 1 + 2 * 3 + 1, "{state}");
+
+    drop(guard);
+    for ns in &namespaces {
+        assert!(!Path::new("/run/netns").join(ns).exists(), "{ns} left");
+    }
+    for p in &pids {
+        assert!(!alive(*p), "pid {p} left running");
+    }
+    assert!(!lab_dir.exists(), "the lab's directory is left");
+    // Nova as found: no lab server, every compute running, up and not forced down.
+    assert!(nova.servers_named(&prefix).is_empty(), "lab servers left");
+    for (n, h) in defib_tests::novalab::HOSTS.iter().enumerate() {
+        let s = nova.service(h);
+        assert!(!s.forced_down && s.state == "up", "{h}: {s:?}");
+        assert!(
+            nova.compute_pid(n as u32 + 1).is_some(),
+            "{h}: no nova-compute"
+        );
     }
 }

@@ -27,11 +27,20 @@ pub enum Action {
     /// Build everything and start the lab: N lab hosts in network namespaces (management
     /// and storage links, a defib-watchdog and a libvirtd each, an ipmi_sim BMC), KVM
     /// guests, a defib-controller (libvirt backend, IPMI fencing). Says so if it is up.
+    /// With `--nova`: the lab hosts are the novabed's fake computes (fake-1…), the
+    /// controller has the Nova backend, and Nova servers instead of KVM guests.
     Up {
         #[arg(long, default_value_t = 3)]
         hosts: usize,
         #[arg(long, default_value_t = 2)]
         guests_per_host: usize,
+        /// The novabed's Nova (started if it does not run) with one fake compute per lab
+        /// host; `backend = "nova"`.
+        #[arg(long)]
+        nova: bool,
+        /// With `--nova`: servers booted onto each compute.
+        #[arg(long, default_value_t = 4)]
+        servers_per_host: usize,
     },
     /// What runs, and the controller's view of hosts and VMs.
     Status,
@@ -49,6 +58,9 @@ pub enum Action {
         hosts: usize,
         #[arg(long)]
         guests_per_host: usize,
+        /// Servers per compute with `--nova`; absent: the libvirt lab.
+        #[arg(long)]
+        nova_servers_per_host: Option<usize>,
     },
 }
 
@@ -72,14 +84,17 @@ pub fn run(action: Action) -> anyhow::Result<()> {
         Action::Up {
             hosts,
             guests_per_host,
-        } => up(hosts, guests_per_host),
+            nova,
+            servers_per_host,
+        } => up(hosts, guests_per_host, nova.then_some(servers_per_host)),
         Action::Status => status(),
         Action::Down => down(),
         Action::Drill { kind } => drill(kind),
         Action::Serve {
             hosts,
             guests_per_host,
-        } => serve(hosts, guests_per_host),
+            nova_servers_per_host,
+        } => serve(hosts, guests_per_host, nova_servers_per_host),
     }
 }
 
@@ -113,10 +128,14 @@ fn keeper_pid(state: &Value) -> Option<u64> {
     state["keeper_pid"].as_u64().filter(|&p| alive(p))
 }
 
-fn up(hosts: usize, guests_per_host: usize) -> anyhow::Result<()> {
+fn up(hosts: usize, guests_per_host: usize, nova: Option<usize>) -> anyhow::Result<()> {
     anyhow::ensure!(
         hosts >= 2,
         "a lab needs at least 2 hosts (one to evacuate to)"
+    );
+    anyhow::ensure!(
+        nova.is_none() || hosts <= 3,
+        "with --nova, at most 3 hosts: one per fake compute of the novabed (fake-1..fake-3)"
     );
     anyhow::ensure!(
         defib_tests::is_root(),
@@ -133,8 +152,20 @@ fn up(hosts: usize, guests_per_host: usize) -> anyhow::Result<()> {
         );
     }
     crate::fencebed::install()?;
-    let started_hostbed = !crate::hostbed::libvirt_answers();
-    crate::hostbed::start()?;
+    // The libvirt lab's guests boot from the hostbed's image; the Nova lab has no guests
+    // of libvirt's but needs the novabed (shared: started only if it does not run).
+    let (started_hostbed, started_novabed) = if nova.is_some() {
+        let was = crate::novabed::running();
+        if !was {
+            println!("lab: starting the novabed (`cargo xtask novabed start`) …");
+            crate::novabed::for_tests()?;
+        }
+        (false, !was)
+    } else {
+        let was = crate::hostbed::libvirt_answers();
+        crate::hostbed::start()?;
+        (!was, false)
+    };
     // Everything the keeper runs, built now (as the keeper's harness builds them, so
     // that its builds are no-ops) so that build errors show here.
     for (package, bin) in [
@@ -150,12 +181,19 @@ fn up(hosts: usize, guests_per_host: usize) -> anyhow::Result<()> {
     if started_hostbed {
         std::fs::write(dir.join("started-hostbed"), "")?;
     }
+    if started_novabed {
+        std::fs::write(dir.join("started-novabed"), "")?;
+    }
     let log = std::fs::File::create(dir.join("keeper.log"))?;
     // `setsid`: a session of its own, so the terminal's hangup or ^C does not reach it.
     let mut keeper = Command::new("setsid")
         .arg(std::env::current_exe()?)
         .args(["lab", "serve", "--hosts", &hosts.to_string()])
         .args(["--guests-per-host", &guests_per_host.to_string()])
+        .args(
+            nova.map(|n| vec!["--nova-servers-per-host".to_string(), n.to_string()])
+                .unwrap_or_default(),
+        )
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -250,7 +288,7 @@ fn status() -> anyhow::Result<()> {
             } else {
                 "gone"
             },
-            h["libvirt_uri"].as_str().unwrap_or("?"),
+            h["libvirt_uri"].as_str().unwrap_or("none (a Nova fake compute)"),
             h["bmc_addr"].as_str().unwrap_or("?"),
             h["bmc_pid"],
             guests.join(", ")
@@ -260,6 +298,11 @@ fn status() -> anyhow::Result<()> {
     print!("{}", defibctl(&state, &["hosts"])?);
     println!();
     print!("{}", defibctl(&state, &["vms"])?);
+    if let Some(prefix) = state["nova_prefix"].as_str() {
+        println!();
+        let hosts = state["hosts"].as_array().map_or(0, Vec::len);
+        crate::lab_nova::print_status(hosts, prefix)?;
+    }
     Ok(())
 }
 
@@ -287,6 +330,18 @@ fn down() -> anyhow::Result<()> {
     let dir = lab_dir();
     if dir.join("started-hostbed").exists() {
         crate::hostbed::stop()?;
+    }
+    // The Nova lab's servers and computes: its servers deleted, every compute running
+    // and not forced down (a drill's power-off may have left one dead or forced down).
+    if let Some(prefix) = state["nova_prefix"].as_str() {
+        let hosts = state["hosts"].as_array().map_or(0, Vec::len);
+        println!("lab: deleting the lab's Nova servers ({prefix}*), computes back up");
+        if let Err(e) = crate::lab_nova::clean_up(hosts, prefix) {
+            eprintln!("lab: {e:#}");
+        }
+    }
+    if dir.join("started-novabed").exists() {
+        crate::novabed::stop()?;
     }
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     println!("lab: down");
@@ -432,7 +487,7 @@ impl StallDisk {
 }
 
 /// The keeper: builds the lab, records it, holds it until SIGTERM, then drops it.
-fn serve(hosts: usize, guests_per_host: usize) -> anyhow::Result<()> {
+fn serve(hosts: usize, guests_per_host: usize, nova: Option<usize>) -> anyhow::Result<()> {
     // SAFETY: the handler only stores to an atomic.
     unsafe {
         libc::signal(
@@ -445,10 +500,20 @@ fn serve(hosts: usize, guests_per_host: usize) -> anyhow::Result<()> {
         );
     }
     let tag = defib_tests::tag();
+    // Under --nova the hosts are Nova's fake computes: no libvirt, no guests of the lab's
+    // own (Nova does not know them), Nova servers instead.
+    let guests_per_host = if nova.is_some() { 0 } else { guests_per_host };
+    let host_name = |h: usize| {
+        if nova.is_some() {
+            crate::lab_nova::compute_name(h)
+        } else {
+            format!("h{h}")
+        }
+    };
     // Each host's hypervisor: a libvirtd of its own, so that the lab's hosts see only the
     // lab's guests (the hostbed's system libvirt is shared with the tests).
     let mut lab_hosts = Vec::new();
-    for h in 0..hosts {
+    for h in (0..hosts).filter(|_| nova.is_none()) {
         let hv = Hypervisor::start(&format!("lab-h{h}")).map_err(anyhow::Error::msg)?;
         lab_hosts.push(Host {
             uri: hv.uri(),
@@ -460,26 +525,33 @@ fn serve(hosts: usize, guests_per_host: usize) -> anyhow::Result<()> {
     let fence_hosts: String = (0..hosts)
         .map(|h| {
             format!(
-                "[[fence.host]]\nname = \"h{h}\"\nlevels = [{{ method = \"ipmi\", address = \"{}\", port = {BMC_PORT}, username = \"{BMC_USER}\", password_file = \"{{DIR}}/bmc.pass\", timeout_ms = 1000, attempts = 2, backoff_ms = 100 }}]\n",
+                "[[fence.host]]\nname = \"{}\"\nlevels = [{{ method = \"ipmi\", address = \"{}\", port = {BMC_PORT}, username = \"{BMC_USER}\", password_file = \"{{DIR}}/bmc.pass\", timeout_ms = 1000, attempts = 2, backoff_ms = 100 }}]\n",
+                host_name(h),
                 defib_tests::netns::bmc_address(h)
             )
         })
         .collect();
+    let (backend, nova_section) = match nova {
+        Some(_) => ("nova", crate::lab_nova::controller_section()),
+        None => ("libvirt", String::new()),
+    };
     let libvirt: Vec<(String, String)> = lab_hosts
         .iter()
         .map(|h| (h.uri.clone(), h.pid_dir.display().to_string()))
         .collect();
     let spec = LabSpec {
         hosts,
-        backend: "libvirt",
+        backend,
         controller_extra: format!(
             "[engine]\nfence_on_unknown_after_ms = 3000\nfence_retry_backoff_ms = 1000\n\n\
-             [fence]\nverify_timeout_ms = 5000\nverify_poll_ms = 100\n\n{fence_hosts}"
+             [fence]\nverify_timeout_ms = 5000\nverify_poll_ms = 100\n\n{fence_hosts}\n{nova_section}"
         ),
         // Each host watches its own libvirt and reports only its own domains (one kernel's
-        // probes see every qemu).
+        // probes see every qemu). The Nova lab's hosts have no libvirt.
         watchdog_extra: Box::new(move |h| {
-            let (uri, pids) = &libvirt[h];
+            let Some((uri, pids)) = libvirt.get(h) else {
+                return String::new();
+            };
             format!(
                 "[libvirt]\nenabled = true\nonly_own_domains = true\nuri = {uri:?}\npid_dir = {pids:?}\n"
             )
@@ -487,18 +559,31 @@ fn serve(hosts: usize, guests_per_host: usize) -> anyhow::Result<()> {
         bmc_network: true,
     };
     let mut lab = Lab::new(&spec);
+    lab.host_names = (0..hosts).map(host_name).collect();
     std::fs::write(lab.path("bmc.pass"), format!("{BMC_PASSWORD}\n"))?;
     let mut bmcs = Vec::new();
-    for (h, host) in lab_hosts.iter().enumerate() {
+    for h in 0..hosts {
         let bmc = Bmc::start(&lab.net, h, lab.dir.path());
-        // Power loss takes the host's guests too: its libvirt runs their qemus outside
-        // the host's namespace. Only the lab's own domains (by name) are killed.
-        bmc.also_on_power_off(&format!(
-            "for f in {}/dfb-lab{tag}-*.pid; do [ -f \"$f\" ] && kill -9 $(cat \"$f\") && echo \"$(date +%s.%N) killed guest qemu $f\"; done",
-            host.pid_dir.display()
-        ));
+        match lab_hosts.get(h) {
+            // Power loss takes the host's guests too: its libvirt runs their qemus outside
+            // the host's namespace. Only the lab's own domains (by name) are killed.
+            Some(host) => bmc.also_on_power_off(&format!(
+                "for f in {}/dfb-lab{tag}-*.pid; do [ -f \"$f\" ] && kill -9 $(cat \"$f\") && echo \"$(date +%s.%N) killed guest qemu $f\"; done",
+                host.pid_dir.display()
+            )),
+            // … and its nova-compute (which runs outside the namespace too).
+            None => bmc.also_on_power_off(&crate::lab_nova::power_off_hook(h)),
+        }
         bmcs.push(bmc);
     }
+    let nova_api = match nova {
+        Some(_) => {
+            crate::lab_nova::forward_into(&lab.net.controller_ns())?;
+            Some(crate::lab_nova::attach()?)
+        }
+        None => None,
+    };
+    let nova_prefix = crate::lab_nova::server_prefix(&tag);
     // The first guest of each host has its disk on a loop device over FUSE, so that
     // `drill disk-stall` can make its storage hang (the others have plain image files).
     let mut stall_disks: Vec<StallDisk> = Vec::new();
@@ -531,12 +616,14 @@ fn serve(hosts: usize, guests_per_host: usize) -> anyhow::Result<()> {
     }
     lab.start_controller(&spec);
     lab.start_watchdogs(&spec);
+    let nova_state = nova.map(|_| nova_prefix.as_str());
     write_state(&describe(
         &lab,
         &lab_hosts,
         &bmcs,
         &stall_disks,
         &tag,
+        nova_state,
         false,
     ))?;
     // Up when the controller sees every host Up and every guest Running.
@@ -568,8 +655,21 @@ fn serve(hosts: usize, guests_per_host: usize) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    if let (Some(per_host), Some(api), false) = (nova, &nova_api, STOP.load(Ordering::SeqCst)) {
+        eprintln!("lab: booting {per_host} Nova servers onto each of {hosts} computes");
+        let booted = crate::lab_nova::boot_servers(api, hosts, per_host, &nova_prefix);
+        eprintln!("lab: {} servers ACTIVE", booted.len());
+    }
     if !STOP.load(Ordering::SeqCst) {
-        write_state(&describe(&lab, &lab_hosts, &bmcs, &stall_disks, &tag, true))?;
+        write_state(&describe(
+            &lab,
+            &lab_hosts,
+            &bmcs,
+            &stall_disks,
+            &tag,
+            nova_state,
+            true,
+        ))?;
         eprintln!("lab: up; waiting for SIGTERM (`cargo xtask lab down`)");
     }
     while !STOP.load(Ordering::SeqCst) {
@@ -581,10 +681,24 @@ fn serve(hosts: usize, guests_per_host: usize) -> anyhow::Result<()> {
                 lab.net.set_host_links(h, true);
                 lab.restart_watchdog(h);
                 eprintln!(
-                    "lab: h{h} powered on: links up, watchdog pid {}",
+                    "lab: {} powered on: links up, watchdog pid {}",
+                    lab.host_names[h],
                     lab.watchdogs[h].pid()
                 );
-                write_state(&describe(&lab, &lab_hosts, &bmcs, &stall_disks, &tag, true))?;
+                // A Nova lab host boots its nova-compute too.
+                if let Some(api) = &nova_api {
+                    crate::lab_nova::start_compute_if_dead(api, h);
+                    eprintln!("lab: {}: nova-compute started", lab.host_names[h]);
+                }
+                write_state(&describe(
+                    &lab,
+                    &lab_hosts,
+                    &bmcs,
+                    &stall_disks,
+                    &tag,
+                    nova_state,
+                    true,
+                ))?;
             }
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -619,6 +733,13 @@ fn drill(kind: Drill) -> anyhow::Result<()> {
     let state = read_state()
         .filter(|s| keeper_pid(s).is_some())
         .context("the lab is down (`cargo xtask lab up`)")?;
+    // The Nova lab's hosts are fake computes: no qemu to kill, no disk to stall.
+    if state["nova_prefix"].is_string() && matches!(kind, Drill::VmCrash | Drill::DiskStall) {
+        bail!(
+            "the lab runs with --nova: its hosts are Nova's fake computes, whose servers have no \
+             qemu and no disk (vm-crash and disk-stall need `cargo xtask lab up` without --nova)"
+        );
+    }
     match kind {
         Drill::VmCrash => vm_crash(&state),
         Drill::DiskStall => disk_stall(&state),
@@ -816,28 +937,30 @@ fn describe(
     bmcs: &[Bmc],
     disks: &[StallDisk],
     tag: &str,
+    nova_prefix: Option<&str>,
     ready: bool,
 ) -> Value {
-    let hosts = lab_hosts.len();
+    let hosts = lab.watchdogs.len().max(lab_hosts.len());
     {
         let mut processes = vec![
             json!({"pid": lab.controller.as_ref().map(|d| d.pid()), "comm": "defib-controlle"}),
         ];
-        let host_list: Vec<Value> = lab_hosts
-            .iter()
-            .enumerate()
-            .map(|(h, host)| {
-                let wd = lab.watchdogs[h].pid();
+        let host_list: Vec<Value> = (0..hosts)
+            .map(|h| {
+                let wd = lab.watchdogs.get(h).map(|w| w.pid());
                 processes.push(json!({"pid": wd, "comm": "defib-watchdog"}));
+                let host = lab_hosts.get(h);
                 json!({
-                    "name": format!("h{h}"),
+                    "name": lab.host_names[h],
+                    "index": h,
                     "ns": lab.net.host_ns(h),
                     "watchdog_pid": wd,
-                    "libvirt_uri": host.uri,
-                    "pid_dir": host.pid_dir,
+                    "libvirt_uri": host.map(|x| x.uri.clone()),
+                    "pid_dir": host.map(|x| x.pid_dir.clone()),
                     "bmc_addr": lab.net.bmc_addr(h),
                     "bmc_pid": bmcs[h].pid(),
-                    "guests": host.guests.iter().map(|g| json!({"name": g.name(), "uuid": g.uuid()})).collect::<Vec<_>>(),
+                    "bmc_dir": lab.path(&format!("bmc-h{h}")),
+                    "guests": host.map(|x| x.guests.iter().map(|g| json!({"name": g.name(), "uuid": g.uuid()})).collect::<Vec<_>>()).unwrap_or_default(),
                 })
             })
             .collect();
@@ -872,6 +995,7 @@ fn describe(
             "ready": ready,
             "keeper_pid": std::process::id(),
             "tag": tag,
+            "nova_prefix": nova_prefix,
             "dir": lab.dir.path(),
             "controller_ns": lab.net.controller_ns(),
             "api_url": format!("http://{}:7412", lab.net.controller_addr(0)),
@@ -917,12 +1041,22 @@ fn wait_for(
 /// The host-loss and partition drills on the last lab host: the failure, the host's
 /// incident until its guests run elsewhere, its timeline; then the host back.
 fn lose_host(state: &Value, partition: bool) -> anyhow::Result<()> {
-    // The last host that runs a VM now (an earlier drill may have emptied one).
+    // The last host that runs a VM now (an earlier drill may have emptied one): as the
+    // controller sees them, or, in the Nova lab, as Nova does (the controller learns a
+    // host's servers from Nova only when it forces the host's compute down).
     let vms = defibctl_json(state, &["vms"])?;
     let vms = vms["vms"].as_array().cloned().unwrap_or_default();
-    let runs_vms = |h: &Value| {
-        vms.iter()
-            .any(|v| v["host"] == h["name"] && v["state"] == "Running")
+    let nova = match state["nova_prefix"].as_str() {
+        Some(prefix) => Some((crate::lab_nova::attach()?, prefix.to_string())),
+        None => None,
+    };
+    let runs_vms = |h: &Value| match &nova {
+        Some((api, prefix)) => {
+            !crate::lab_nova::servers_on(api, prefix, h["name"].as_str().unwrap_or("?")).is_empty()
+        }
+        None => vms
+            .iter()
+            .any(|v| v["host"] == h["name"] && v["state"] == "Running"),
     };
     let host = state["hosts"]
         .as_array()
@@ -931,14 +1065,23 @@ fn lose_host(state: &Value, partition: bool) -> anyhow::Result<()> {
         .rfind(|h| runs_vms(h))
         .context("no lab host runs a VM")?;
     let name = host["name"].as_str().unwrap_or("?").to_string();
-    let h: usize = name.trim_start_matches('h').parse()?;
+    let h = host["index"]
+        .as_u64()
+        .context("the state file names no host index")? as usize;
     let ctl_ns = state["controller_ns"].as_str().unwrap_or("");
     let bmc = host["bmc_addr"].as_str().unwrap_or("");
-    let subjects: Vec<String> = vms
-        .iter()
-        .filter(|v| v["host"] == name.as_str() && v["state"] == "Running")
-        .filter_map(|v| v["resource"].as_str().map(String::from))
-        .collect();
+    let servers: Vec<String> = match &nova {
+        Some((api, prefix)) => crate::lab_nova::servers_on(api, prefix, &name),
+        None => Vec::new(),
+    };
+    let subjects: Vec<String> = match &nova {
+        Some(_) => servers.iter().map(|id| format!("vm:{id}")).collect(),
+        None => vms
+            .iter()
+            .filter(|v| v["host"] == name.as_str() && v["state"] == "Running")
+            .filter_map(|v| v["resource"].as_str().map(String::from))
+            .collect(),
+    };
     let earlier = newest_incident(state, &format!("host:{name}"))?.map(|i| i["id"].clone());
     let old_wd = host["watchdog_pid"].as_u64();
     anyhow::ensure!(
@@ -959,7 +1102,19 @@ fn lose_host(state: &Value, partition: bool) -> anyhow::Result<()> {
         println!("drill host-loss: {name} powered off at its BMC ({bmc})");
         defib_tests::bmc::chassis_power(ctl_ns, bmc, "off").map_err(anyhow::Error::msg)?;
     }
-    // Fenced, and every guest of the host running on another one.
+    // Fenced, and every guest of the host running on another one (in the Nova lab: every
+    // server ACTIVE on another compute, as Nova says).
+    if let Some((api, prefix)) = &nova {
+        println!(
+            "{name}'s nova-compute killed with it; {} servers of the lab on {name}",
+            servers.len()
+        );
+        wait_for(&format!("{name}'s servers ACTIVE elsewhere"), 180, || {
+            Ok(crate::lab_nova::all_active_elsewhere(
+                api, prefix, &servers, &name,
+            ))
+        })?;
+    }
     wait_for(&format!("{name}'s guests running elsewhere"), 120, || {
         let vms = defibctl_json(state, &["vms"])?;
         let list = vms["vms"].as_array().cloned().unwrap_or_default();
@@ -975,6 +1130,18 @@ fn lose_host(state: &Value, partition: bool) -> anyhow::Result<()> {
         .context("no new incident about the host")?;
     print!("{}", defibctl(state, &["incidents", &id.to_string()])?);
     print!("{}", defibctl(state, &["vms"])?);
+    if let Some((api, prefix)) = &nova {
+        println!("Nova:");
+        for s in crate::lab_nova::placement_of(api, prefix, &servers) {
+            println!(
+                "  {} {} {} on {}",
+                s["id"].as_str().unwrap_or("?"),
+                s["name"].as_str().unwrap_or("?"),
+                s["status"].as_str().unwrap_or("?"),
+                s["host"].as_str().unwrap_or("?")
+            );
+        }
+    }
 
     // Back to healthy: power on (the keeper brings its links up and starts its watchdog
     // again), then trust it again.
@@ -1015,6 +1182,12 @@ fn lose_host(state: &Value, partition: bool) -> anyhow::Result<()> {
     wait_for(&format!("{name} Up again"), 60, || {
         Ok(host_state(state, &name)? == "Up")
     })?;
+    // In the Nova lab the unfence also unforces the compute (Nova refuses until the
+    // returned nova-compute has cleaned up its evacuated servers; the controller retries).
+    if let Some((api, _)) = &nova {
+        crate::lab_nova::wait_compute_back(api, &name, 180)?;
+        println!("{name}: nova-compute up, not forced down");
+    }
     println!("{name} is Up again");
     Ok(())
 }

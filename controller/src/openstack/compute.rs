@@ -127,6 +127,10 @@ pub struct Migration {
     pub migration_type: String,
 }
 
+/// The microversion hypervisors are listed at (the newest without uptimes; see
+/// [`Compute::hypervisors`]).
+const HYPERVISORS_VERSION: &str = "2.87";
+
 /// Nova and Placement through one session, at one compute microversion.
 #[derive(Clone)]
 pub struct Compute {
@@ -302,9 +306,26 @@ impl Compute {
         self.post_action(id, json!({"os-stop": null})).await
     }
 
+    /// Every hypervisor with its service's host. Asked at 2.87, whatever the configured
+    /// microversion: from 2.88 on the detail view carries each hypervisor's uptime, which
+    /// nova-api asks every compute it believes up for over RPC, and a compute that has
+    /// just died (still counted up: its last report is recent, and this list is read
+    /// while it is being forced down) never answers: the request then takes Nova's RPC
+    /// timeout (60 s) and fails with 500 (seen in the lab's host-loss drill).
     pub async fn hypervisors(&self) -> Result<Vec<Hypervisor>, OsError> {
+        let minor = |v: &str| v.split_once('.').and_then(|(_, m)| m.parse::<u32>().ok());
+        let version = match minor(&self.version) {
+            Some(m) if m >= 88 => HYPERVISORS_VERSION,
+            _ => self.version.as_str(),
+        };
         Ok(self
-            .get::<Hypervisors>("/os-hypervisors/detail")
+            .session
+            .request::<Hypervisors>(
+                Service::Compute(version),
+                Method::Get,
+                "/os-hypervisors/detail",
+                None,
+            )
             .await?
             .hypervisors)
     }
