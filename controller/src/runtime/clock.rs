@@ -11,14 +11,21 @@ pub struct EngineClock {
     base: Instant,
 }
 
-impl EngineClock {
-    pub fn start() -> Self {
-        let base_unix_ms = std::time::SystemTime::now()
+/// The wall clock in the engine's unit (unix ms), for edges that compare with what the
+/// engine published (a host's last heartbeat) rather than drive the engine.
+pub fn wall_clock_now() -> Timestamp {
+    Timestamp(
+        std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+            .unwrap_or(0),
+    )
+}
+
+impl EngineClock {
+    pub fn start() -> Self {
         Self {
-            base_unix_ms,
+            base_unix_ms: wall_clock_now().0,
             base: Instant::now(),
         }
     }

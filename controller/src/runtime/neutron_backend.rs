@@ -28,17 +28,18 @@
 //! a key in flight is ignored), and safe across a controller restart: a router is only
 //! moved after its bindings were read, so one a previous controller already moved is
 //! verified where it is, never moved twice.
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, Semaphore};
 
-use super::edges::ResultSender;
+use super::clock::wall_clock_now;
+use super::edges::{AnsweredOnce, ResultSender};
 use super::nova_backend::HostView;
 use crate::engine::edge::Restorer;
 use crate::engine::{
-    HostEvent, HostId, HostState, Input, IntentKey, Resource, RestoreOutcome, Source, Timestamp,
+    HostEvent, HostId, HostState, Input, IntentKey, Resource, RestoreOutcome, Source,
 };
 use crate::openstack::network::{Agent, Network};
 
@@ -171,8 +172,7 @@ pub struct NeutronRestorer {
 
 #[derive(Default)]
 struct State {
-    done: HashMap<IntentKey, Input>,
-    in_flight: HashSet<IntentKey>,
+    intents: AnsweredOnce,
     /// Fenced hosts whose routers are being listed (retried until Neutron answers),
     /// and those listed since their fence. In memory only: a restarted restorer lists
     /// every fenced host once more (cheap: routers already moved are no longer bound
@@ -202,14 +202,6 @@ struct Worker {
     events: Option<mpsc::UnboundedSender<RouterEvent>>,
     state: Arc<Mutex<State>>,
     moves: Arc<Semaphore>,
-}
-
-fn now_ts() -> Timestamp {
-    Timestamp(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
-    )
 }
 
 fn gone() -> RestoreOutcome {
@@ -321,20 +313,13 @@ impl Worker {
         }
     }
 
+    /// Claims `key`: false if it is in flight (ignored) or done (answered again).
     fn claim(&self, key: &IntentKey) -> bool {
-        let mut st = self.lock();
-        if let Some(first) = st.done.get(key) {
-            let _ = self.results.send(first.clone());
-            return false;
-        }
-        st.in_flight.insert(key.clone())
+        self.lock().intents.claim(key, &self.results)
     }
 
     fn finish(&self, key: &IntentKey, input: Input) {
-        let mut st = self.lock();
-        st.in_flight.remove(key);
-        st.done.insert(key.clone(), input.clone());
-        drop(st);
+        self.lock().intents.answer(key, &input);
         let _ = self.results.send(input);
     }
 
@@ -728,7 +713,7 @@ impl Worker {
     async fn watch_returns(self) {
         loop {
             tokio::time::sleep(RETURN_POLL).await;
-            let now = now_ts().0;
+            let now = wall_clock_now().0;
             let hosts = self
                 .settings
                 .hosts
@@ -802,7 +787,7 @@ impl Worker {
                 resources: routers.iter().map(Resource::router).collect(),
                 stopped: vec![],
                 source: Source::Neutron,
-                at: now_ts(),
+                at: wall_clock_now(),
             },
         });
     }

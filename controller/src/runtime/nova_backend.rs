@@ -22,16 +22,17 @@
 //! second time (Nova itself refuses a second evacuate while one runs: 409).
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
 
-use super::edges::ResultSender;
+use super::clock::wall_clock_now;
+use super::edges::{AnsweredOnce, ResultSender};
 use crate::arrange::{self, Amount, ClassCapacity};
 use crate::engine::edge::Restorer;
 use crate::engine::{
     HostEvent, HostId, HostState, Input, IntentKey, OperatorCommand, Resource, RestoreOutcome,
-    Source, Timestamp,
+    Source,
 };
 use crate::openstack::compute::{self, Compute, Server};
 use crate::openstack::OsError;
@@ -227,6 +228,17 @@ impl NovaRestorer {
         }
     }
 
+    /// Hands the worker a job about a host; a job the worker cannot take fails as that
+    /// host action.
+    fn send_host_job(&self, host: &HostId, key: &IntentKey, job: Job) {
+        let fail = Input::HostActionResult {
+            host: host.clone(),
+            key: key.clone(),
+            outcome: gone(),
+        };
+        self.send(job, fail);
+    }
+
     /// Hands the worker a job about a VM (its server id); a router is refused at once,
     /// and a job the worker cannot take fails as the restore of `resource`.
     fn send_vm_job(&self, resource: &Resource, key: &IntentKey, job: impl FnOnce(String) -> Job) {
@@ -262,17 +274,13 @@ fn server_of(resource: &Resource) -> Option<String> {
 
 impl Restorer for NovaRestorer {
     fn force_down(&mut self, host: &HostId, key: &IntentKey) {
-        let fail = Input::HostActionResult {
-            host: host.clone(),
-            key: key.clone(),
-            outcome: gone(),
-        };
-        self.send(
+        self.send_host_job(
+            host,
+            key,
             Job::ForceDown {
                 host: host.clone(),
                 key: key.clone(),
             },
-            fail,
         );
     }
 
@@ -299,17 +307,13 @@ impl Restorer for NovaRestorer {
     }
 
     fn unfence(&mut self, host: &HostId, key: &IntentKey) {
-        let fail = Input::HostActionResult {
-            host: host.clone(),
-            key: key.clone(),
-            outcome: gone(),
-        };
-        self.send(
+        self.send_host_job(
+            host,
+            key,
             Job::Unforce {
                 host: host.clone(),
                 key: key.clone(),
             },
-            fail,
         );
     }
 }
@@ -331,8 +335,7 @@ struct Tracked {
 #[derive(Default)]
 struct State {
     /// First outcome per key, answered again if the key is handed over again.
-    done: HashMap<IntentKey, Input>,
-    in_flight: HashSet<IntentKey>,
+    intents: AnsweredOnce,
     /// Targets each server failed on.
     failed_on: HashMap<String, BTreeSet<String>>,
     /// Rebuilds running per target (a slot is held until the server is ACTIVE).
@@ -366,14 +369,6 @@ struct Worker {
     state: Arc<Mutex<State>>,
 }
 
-fn now_ts() -> Timestamp {
-    Timestamp(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
-    )
-}
-
 impl Worker {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -387,19 +382,11 @@ impl Worker {
 
     /// Claims `key`: false if it is in flight (ignored) or done (answered again).
     fn claim(&self, key: &IntentKey) -> bool {
-        let mut st = self.lock();
-        if let Some(first) = st.done.get(key) {
-            let _ = self.results.send(first.clone());
-            return false;
-        }
-        st.in_flight.insert(key.clone())
+        self.lock().intents.claim(key, &self.results)
     }
 
     fn finish(&self, key: &IntentKey, input: Input) {
-        let mut st = self.lock();
-        st.in_flight.remove(key);
-        st.done.insert(key.clone(), input.clone());
-        drop(st);
+        self.lock().intents.answer(key, &input);
         let _ = self.results.send(input);
     }
 
@@ -504,7 +491,7 @@ impl Worker {
                         resources: servers.iter().map(|s| Resource::vm(&s.id)).collect(),
                         stopped: vec![],
                         source: Source::Nova,
-                        at: now_ts(),
+                        at: wall_clock_now(),
                     },
                 });
                 RestoreOutcome::Ok { host: host.clone() }
@@ -1112,7 +1099,7 @@ impl Worker {
         let mut asked: HashMap<String, tokio::time::Instant> = HashMap::new();
         loop {
             tokio::time::sleep(EVERY).await;
-            let now_ms = now_ts().0;
+            let now_ms = wall_clock_now().0;
             let candidates: Vec<String> = self
                 .settings
                 .hosts
