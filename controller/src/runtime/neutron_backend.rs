@@ -431,13 +431,17 @@ impl Worker {
         }
     }
 
-    /// Disables the host's L3 agents and lists the routers to move.
-    async fn disable_and_list(&self, host: &str) -> Result<Vec<String>, String> {
-        let agents = self
-            .network
+    /// The host's L3 agents, as Neutron lists them.
+    async fn host_agents(&self, host: &str) -> Result<Vec<Agent>, String> {
+        self.network
             .l3_agents(Some(host))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())
+    }
+
+    /// Disables the host's L3 agents and lists the routers to move.
+    async fn disable_and_list(&self, host: &str) -> Result<Vec<String>, String> {
+        let agents = self.host_agents(host).await?;
         let mut routers = BTreeSet::new();
         let mut skipped = BTreeSet::new();
         for a in &agents {
@@ -797,11 +801,7 @@ impl Worker {
     /// the namespaces of routers not scheduled to it; an admin-down agent gets none);
     /// otherwise why not.
     async fn holds_only_its_own(&self, host: &str) -> Result<Option<String>, String> {
-        let agents = self
-            .network
-            .l3_agents(Some(host))
-            .await
-            .map_err(|e| e.to_string())?;
+        let agents = self.host_agents(host).await?;
         for a in agents {
             if !a.alive {
                 return Ok(Some(format!("L3 agent {} does not report", a.id)));
@@ -866,11 +866,7 @@ impl Worker {
     /// Trusts the host's L3 agents again: refused while one that reports serves more
     /// routers than are bound to it (stale routers still on its data plane).
     async fn enable_agents(&self, host: &str) -> Result<(), String> {
-        let agents = self
-            .network
-            .l3_agents(Some(host))
-            .await
-            .map_err(|e| e.to_string())?;
+        let agents = self.host_agents(host).await?;
         for a in agents.iter().filter(|a| a.alive) {
             if let Some(why) = self.holds_foreign(a).await? {
                 return Err(format!("{why}: clean it up before it is trusted again"));
