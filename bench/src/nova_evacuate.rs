@@ -6,8 +6,8 @@
 //! down, then evacuate one server at a time through Nova's scheduler, waiting for each.
 use std::time::{Duration, Instant};
 
+use controller::edges::nova::{NovaSettings, RestoreEvent};
 use controller::engine::HostState;
-use controller::runtime::nova_backend::{NovaSettings, RestoreEvent};
 use defib_tests::novalab::{Controller, Nova};
 use serde_json::json;
 

@@ -7,9 +7,9 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use controller::edges::neutron::{NeutronSettings, RouterEvent};
+use controller::edges::nova::NovaSettings;
 use controller::engine::HostState;
-use controller::runtime::neutron_backend::{NeutronSettings, RouterEvent};
-use controller::runtime::nova_backend::NovaSettings;
 use defib_tests::novalab::{Controller, Neutron, Nova};
 
 use crate::report::{self, Series};

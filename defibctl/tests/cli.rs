@@ -5,14 +5,14 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 
 use controller::api::router;
-use controller::engine::{
-    AlarmKind, HostId, HostState, ResourceState, Source, Subject, TimelineEntry, Timestamp,
-};
-use controller::runtime::metrics::Metrics;
-use controller::runtime::view::{
+use controller::api::view::{
     AlarmSnapshot, ApiHandle, Command as EngineCommand, HostSnapshot, IncidentSnapshot,
     PathSnapshot, ResourceSnapshot, Snapshot,
 };
+use controller::engine::{
+    AlarmKind, HostId, HostState, ResourceState, Source, Subject, TimelineEntry, Timestamp,
+};
+use controller::metrics::Metrics;
 use tokio::sync::{mpsc, watch};
 
 const TOKEN: &str = "0123456789abcdef-token";

@@ -15,7 +15,11 @@ use std::process::Command;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use controller::engine::edge::Fencer;
+use controller::api::view::{Command as OpCommand, Snapshot};
+use controller::edges::fencing::PowerConfirmer;
+use controller::edges::neutron::{NeutronSettings, RouterAwareRestorer, RouterEvent};
+use controller::edges::nova::{NovaRestorer, NovaSettings, RestoreEvent};
+use controller::edges::Fencer;
 use controller::engine::{
     FenceMethod, FenceOutcome, FenceVerifier, HostId, HostState, Input, IntentKey,
 };
@@ -25,11 +29,7 @@ use controller::openstack::{
     compute::Compute, Auth, Method, RetryPolicy, Service, Session, SessionConfig,
 };
 use controller::runtime::engine_task::{Edges, EngineChannels, EngineTask, EngineTaskParts};
-use controller::runtime::fencing::PowerConfirmer;
 use controller::runtime::intake::{HeartbeatSeen, Intake};
-use controller::runtime::neutron_backend::{NeutronSettings, RouterAwareRestorer, RouterEvent};
-use controller::runtime::nova_backend::{NovaRestorer, NovaSettings, RestoreEvent};
-use controller::runtime::view::{Command as OpCommand, Snapshot};
 use serde_json::json;
 
 pub const NOVA_URL: &str = "http://127.0.0.1:38774/v2.1";
@@ -377,7 +377,7 @@ impl Controller {
             let parts = EngineTaskParts {
                 engine_config: controller::engine::Config::default(),
                 store: Box::new(store),
-                metrics: Arc::new(controller::runtime::metrics::Metrics::new()),
+                metrics: Arc::new(controller::metrics::Metrics::new()),
                 controller_id: "lab".into(),
                 cluster_id: "lab".into(),
             };
@@ -418,7 +418,7 @@ impl Controller {
                 }
             });
             // As the runtime does: the restorer sees the engine's hosts.
-            tokio::spawn(controller::runtime::nova_backend::watch_hosts(
+            tokio::spawn(controller::edges::nova::watch_hosts(
                 channels.snapshot.clone(),
                 host_view,
             ));

@@ -17,9 +17,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use controller::edges::neutron::{NeutronSettings, RouterEvent};
+use controller::edges::nova::NovaSettings;
 use controller::engine::{AlarmKind, HostState};
-use controller::runtime::neutron_backend::{NeutronSettings, RouterEvent};
-use controller::runtime::nova_backend::NovaSettings;
 use defib_tests::novalab::{unix_ms, Controller, Forwarder, Neutron, Nova, NEUTRON_URL};
 use defib_tests::{require, tag};
 

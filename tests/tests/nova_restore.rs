@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use controller::edges::nova::{NovaSettings, RestoreEvent};
 use controller::engine::{HostEvent, HostId, HostState, Input, Resource, Source, Timestamp};
-use controller::runtime::nova_backend::{NovaSettings, RestoreEvent};
 use defib_tests::novalab::{Controller, Nova};
 use defib_tests::{require, tag};
 use serde_json::json;

@@ -37,9 +37,10 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
-use crate::runtime::view::{ApiHandle, Command, Snapshot};
+use crate::api::view::{ApiHandle, Command, Snapshot};
 
 mod types;
+pub mod view;
 pub use types::*;
 
 #[cfg(test)]

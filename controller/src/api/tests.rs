@@ -8,14 +8,14 @@ use tokio::sync::{mpsc, watch};
 use tower::ServiceExt;
 
 use super::*;
+use crate::api::view::{
+    AlarmSnapshot, HostSnapshot, IncidentSnapshot, PathSnapshot, ResourceSnapshot,
+};
 use crate::engine::{
     AlarmKind, HostId, HostState, Resource, ResourceState, Source, Subject, TimelineEntry,
     Timestamp,
 };
-use crate::runtime::metrics::Metrics;
-use crate::runtime::view::{
-    AlarmSnapshot, HostSnapshot, IncidentSnapshot, PathSnapshot, ResourceSnapshot,
-};
+use crate::metrics::Metrics;
 
 const TOKEN: &str = "s3cret-token";
 const NOW: u64 = 1_700_000_010_000;

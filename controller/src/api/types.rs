@@ -4,8 +4,8 @@
 //! client can show "3.2 s ago" against the controller's clock instead of its own.
 use serde::{Deserialize, Serialize};
 
+use crate::api::view::{AlarmSnapshot, HostSnapshot, IncidentSnapshot, ResourceSnapshot};
 use crate::engine::TimelineEntry;
-use crate::runtime::view::{AlarmSnapshot, HostSnapshot, IncidentSnapshot, ResourceSnapshot};
 
 /// `GET /v1/hosts`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::detector::DetectorConfig;
+use crate::engine::detector::DetectorConfig;
 
 /// Engine configuration. [`Config::default`] gives the documented defaults.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -9,7 +9,7 @@
 //! The runtime feeds heartbeats, host events, timers and effector results in, and
 //! carries the returned [`Action`]s out **in order**: store writes
 //! ([`Action::PersistIntent`] before the action it records), edge calls
-//! ([`edge::dispatch`]), timers, timeline lines and alarms. Nothing in here reads a
+//! ([`crate::edges::dispatch`]), timers, timeline lines and alarms. Nothing in here reads a
 //! clock, sleeps, does I/O or draws random numbers.
 //!
 //! # States
@@ -77,7 +77,7 @@
 //! 5 s, gate at more than half of the hosts dead, tick every 50 ms, self-fence off.
 
 mod config;
-pub mod edge;
+pub mod detector;
 mod intent;
 mod state;
 mod types;
@@ -85,7 +85,7 @@ mod types;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use crate::detector::{Detector, Liveness};
+use detector::{Detector, Liveness};
 
 pub use config::Config;
 pub use intent::{

@@ -10,16 +10,16 @@ use std::time::Duration;
 use protocol::{EventDedup, EventPayload, EventVerdict};
 use tokio::sync::{mpsc, watch};
 
-use super::clock::EngineClock;
-use super::edges::ResultSender;
 use super::intake::{EventStored, HeartbeatSeen, Intake};
-use super::metrics::Metrics;
-use super::view::*;
-use crate::engine::edge::{dispatch, Confirmer, Fencer, Restorer};
+use crate::api::view::*;
+use crate::clock::EngineClock;
+use crate::edges::ResultSender;
+use crate::edges::{dispatch, Confirmer, Fencer, Restorer};
 use crate::engine::{
     Action, Engine, Heartbeat, HostEvent, HostId, Input, OperatorCommand, PathId, Resource, Source,
     Timestamp,
 };
+use crate::metrics::Metrics;
 use crate::store::{intent_log_snapshot, Store};
 
 /// Alarms kept for the API (newest last).

@@ -1,16 +1,8 @@
 //! The running controller: intake (UDP heartbeats, TCP event streams), the engine task
 //! that owns the pure engine and carries its actions out, the store, and what the API sees.
-pub mod clock;
-pub mod edges;
 pub mod engine_task;
-pub mod fencing;
 pub mod intake;
-pub mod libvirt_backend;
-pub mod metrics;
-pub mod neutron_backend;
-pub mod nova_backend;
 pub mod systemd;
-pub mod view;
 
 use std::sync::Arc;
 
@@ -18,11 +10,11 @@ use anyhow::Context as _;
 use tokio::net::{TcpListener, UdpSocket};
 
 use crate::config::{Backend, Resolved};
-use crate::engine::edge::Restorer;
-use edges::UnconfiguredRestorer;
+use crate::edges::unconfigured::UnconfiguredRestorer;
+use crate::edges::{fencing, libvirt, neutron, nova, Restorer};
+use crate::metrics::Metrics;
 use engine_task::{EngineChannels, EngineTask, EngineTaskParts};
 use intake::HeartbeatIntake;
-use metrics::Metrics;
 
 /// Where a running controller listens (the OS picks ports given as 0).
 #[derive(Debug, Clone)]
@@ -46,7 +38,7 @@ pub async fn run(
         .with_context(|| format!("opening the store {}", c.store_path.display()))?;
     // The hosts whose event stream is open, for edges that send them commands, and the
     // domain definitions the hosts reported (for evacuation without Nova), as stored.
-    let streams = libvirt_backend::HostStreams::new();
+    let streams = libvirt::HostStreams::new();
     for (host, payload) in store
         .events_of_kind("domain_definition")
         .context("reading the stored domain definitions")?
@@ -89,7 +81,7 @@ pub async fn run(
     let neutron = match (&resolved.neutron, &session, &host_view) {
         (Some(n), Some(s), Some(view)) => Some((
             crate::openstack::network::Network::new(s.clone()),
-            neutron_backend::NeutronSettings {
+            neutron::NeutronSettings {
                 hosts: view.clone(),
                 ..n.clone()
             },
@@ -98,30 +90,28 @@ pub async fn run(
     };
     let (task, channels) = EngineTask::new(parts, |results| {
         let restorer: Box<dyn Restorer + Send> = match (backend, nova, nova_settings) {
-            (Backend::Libvirt, _, _) => Box::new(libvirt_backend::LibvirtRestorer::new(
+            (Backend::Libvirt, _, _) => Box::new(libvirt::LibvirtRestorer::new(
                 results.clone(),
                 restorer_streams,
             )),
             (Backend::Nova, Some(compute), Some(settings)) => match neutron {
-                None => Box::new(nova_backend::NovaRestorer::start(
+                None => Box::new(nova::NovaRestorer::start(
                     compute,
                     settings,
                     results.clone(),
                     None,
                 )),
-                Some((network, neutron_settings)) => {
-                    Box::new(neutron_backend::RouterAwareRestorer::start(
-                        |vm_results| {
-                            Box::new(nova_backend::NovaRestorer::start(
-                                compute, settings, vm_results, None,
-                            ))
-                        },
-                        network,
-                        neutron_settings,
-                        results.clone(),
-                        None,
-                    ))
-                }
+                Some((network, neutron_settings)) => Box::new(neutron::RouterAwareRestorer::start(
+                    |vm_results| {
+                        Box::new(nova::NovaRestorer::start(
+                            compute, settings, vm_results, None,
+                        ))
+                    },
+                    network,
+                    neutron_settings,
+                    results.clone(),
+                    None,
+                )),
             },
             // `nova` without its section cannot pass the configuration check.
             (Backend::None | Backend::Nova, _, _) => Box::new(UnconfiguredRestorer {
@@ -149,7 +139,7 @@ pub async fn run(
     } = channels;
     if let Some(view) = host_view {
         // The restorer's view of the hosts (maintenance, heartbeats).
-        tokio::spawn(nova_backend::watch_hosts(snapshot.clone(), view));
+        tokio::spawn(nova::watch_hosts(snapshot.clone(), view));
     }
 
     // Bind everything before serving anything: a port in use is a clear error at start.
@@ -195,7 +185,7 @@ pub async fn run(
         metrics.clone(),
         streams,
     ));
-    let handle = view::ApiHandle {
+    let handle = crate::api::view::ApiHandle {
         snapshot,
         commands,
         metrics,

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::detector::DetectorConfig;
+use crate::engine::detector::DetectorConfig;
 use crate::engine::{
     Action, Config, Engine, FenceOutcome, FenceVerifier, Heartbeat, HostEvent, HostId, HostState,
     Input, Intent, IntentKey, IntentLog, IntentOutcome, MemoryIntentLog, OperatorCommand, PathId,

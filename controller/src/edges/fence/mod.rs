@@ -4,7 +4,7 @@
 //! `verdict` (the confirmation), each made of bounded external calls (child processes
 //! with a timeout, retried with backoff). A host has one or more drivers, its *levels*,
 //! tried in order like Pacemaker's fencing topology: the first level whose fence is then
-//! verified wins (see [`crate::runtime::fencing`]).
+//! verified wins (see [`crate::edges::fencing`]).
 //!
 //! - [`ipmi::IpmiTool`]: `ipmitool -I lanplus` against the host's BMC (power off;
 //!   verified by power status off).
@@ -66,7 +66,7 @@ pub trait FenceDriver: Send + Sync {
     /// Independent evidence that the host is fenced now (power status off; a recent
     /// successful fencing in Pacemaker's history).
     fn is_fenced(&self) -> BoxFuture<'_, Result<bool, FenceError>>;
-    /// What this source says about a silent host (see [`crate::runtime::fencing`]).
+    /// What this source says about a silent host (see [`crate::edges::fencing`]).
     fn verdict(&self) -> BoxFuture<'_, Result<Verdict, FenceError>>;
     /// The evidence a verified fence by this driver counts as.
     fn verifier(&self) -> FenceVerifier;

@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::detector::{DetectorConfig, DetectorKind};
+use crate::edges::fence::agent::{check_option, FenceAgent};
+use crate::edges::fence::ipmi::IpmiTool;
+use crate::edges::fence::pacemaker::Pacemaker;
+use crate::edges::fence::{CallPolicy, FenceDriver};
+use crate::edges::fencing::{FenceTable, VerifyPolicy};
 use crate::engine;
-use crate::fence::agent::{check_option, FenceAgent};
-use crate::fence::ipmi::IpmiTool;
-use crate::fence::pacemaker::Pacemaker;
-use crate::fence::{CallPolicy, FenceDriver};
-use crate::runtime::fencing::{FenceTable, VerifyPolicy};
+use crate::engine::detector::{DetectorConfig, DetectorKind};
 
 pub const EXIT_BAD_CONFIG: i32 = 64;
 
@@ -51,7 +51,7 @@ pub struct NeutronSection {
 
 impl Default for NeutronSection {
     fn default() -> Self {
-        let s = crate::runtime::neutron_backend::NeutronSettings::default();
+        let s = crate::edges::neutron::NeutronSettings::default();
         Self {
             enabled: false,
             url: String::new(),
@@ -68,7 +68,7 @@ impl NeutronSection {
     pub fn resolve(
         &self,
         backend: Backend,
-    ) -> Result<Option<crate::runtime::neutron_backend::NeutronSettings>, ConfigError> {
+    ) -> Result<Option<crate::edges::neutron::NeutronSettings>, ConfigError> {
         if !self.enabled {
             return Ok(None);
         }
@@ -87,7 +87,7 @@ impl NeutronSection {
         if self.verify_timeout_s == 0 {
             return Err(invalid("neutron.verify_timeout_s", "must be at least 1 s"));
         }
-        Ok(Some(crate::runtime::neutron_backend::NeutronSettings {
+        Ok(Some(crate::edges::neutron::NeutronSettings {
             skip_ha: self.skip_ha,
             max_concurrent: self.max_concurrent as usize,
             poll_interval: Duration::from_millis(self.poll_interval_ms),
@@ -413,7 +413,7 @@ pub enum NovaAuthKind {
 
 impl Default for NovaSection {
     fn default() -> Self {
-        let s = crate::runtime::nova_backend::NovaSettings::default();
+        let s = crate::edges::nova::NovaSettings::default();
         Self {
             auth: NovaAuthKind::Cloud,
             cloud: String::new(),
@@ -456,7 +456,7 @@ impl Default for NovaSection {
 pub struct NovaResolved {
     pub session: crate::openstack::SessionConfig,
     pub microversion: String,
-    pub settings: crate::runtime::nova_backend::NovaSettings,
+    pub settings: crate::edges::nova::NovaSettings,
 }
 
 /// A required secret file (see [`read_secret`]).
@@ -548,7 +548,7 @@ impl NovaSection {
         if !matches!(interface.as_str(), "public" | "internal" | "admin") {
             return Err(invalid("nova.interface", "public, internal or admin"));
         }
-        if !crate::runtime::nova_backend::version_supported(&n.microversion) {
+        if !crate::edges::nova::version_supported(&n.microversion) {
             return Err(invalid(
                 "nova.microversion",
                 "must be 2.53 or newer (force-down by service id)",
@@ -572,7 +572,7 @@ impl NovaSection {
         if n.request_attempts == 0 {
             return Err(invalid("nova.request_attempts", "must be at least 1"));
         }
-        let settings = crate::runtime::nova_backend::NovaSettings {
+        let settings = crate::edges::nova::NovaSettings {
             max_concurrent_per_target: n.max_concurrent_per_target,
             reserved_hosts: n.reserved_hosts.iter().cloned().collect(),
             reserved_only: n.reserved_only,
@@ -693,7 +693,7 @@ pub struct Resolved {
     /// With `backend = "nova"`.
     pub nova: Option<NovaResolved>,
     /// With `[neutron] enabled = true`.
-    pub neutron: Option<crate::runtime::neutron_backend::NeutronSettings>,
+    pub neutron: Option<crate::edges::neutron::NeutronSettings>,
 }
 
 impl ControllerConfig {

@@ -34,8 +34,8 @@ use std::time::Duration;
 use protocol::frame::HostCommand;
 use tokio::sync::{mpsc, oneshot};
 
-use super::edges::ResultSender;
-use crate::engine::edge::Restorer;
+use super::ResultSender;
+use crate::edges::Restorer;
 use crate::engine::{HostId, Input, IntentKey, Resource, RestoreOutcome};
 
 /// How long the restorer waits for a watchdog's `CommandResult`. The watchdog may wait
@@ -613,20 +613,20 @@ mod tests {
         let (intake_tx, mut intake_rx) = mpsc::channel(16);
         tokio::spawn(async move {
             while let Some(msg) = intake_rx.recv().await {
-                if let super::super::intake::Intake::Hello { reply, .. } = msg {
+                if let crate::runtime::intake::Intake::Hello { reply, .. } = msg {
                     let _ = reply.send(0);
                 }
             }
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(super::super::intake::serve_events(
+        tokio::spawn(crate::runtime::intake::serve_events(
             listener,
             mac.clone(),
             "c".into(),
             "ctl".into(),
             intake_tx,
-            Arc::new(super::super::metrics::Metrics::new()),
+            Arc::new(crate::metrics::Metrics::new()),
             streams.clone(),
         ));
 

@@ -26,10 +26,10 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
 
-use super::clock::wall_clock_now;
-use super::edges::{AnsweredOnce, ResultSender};
+use super::{AnsweredOnce, ResultSender};
 use crate::arrange::{self, Amount, ClassCapacity};
-use crate::engine::edge::Restorer;
+use crate::clock::wall_clock_now;
+use crate::edges::Restorer;
 use crate::engine::{
     HostEvent, HostId, HostState, Input, IntentKey, OperatorCommand, Resource, RestoreOutcome,
     Source,
@@ -97,7 +97,7 @@ pub type HostView = Arc<Mutex<BTreeMap<String, HostSeen>>>;
 
 /// Keeps `view` equal to the hosts of the engine's snapshots.
 pub async fn watch_hosts(
-    mut snapshots: tokio::sync::watch::Receiver<Arc<super::view::Snapshot>>,
+    mut snapshots: tokio::sync::watch::Receiver<Arc<crate::api::view::Snapshot>>,
     view: HostView,
 ) {
     loop {

@@ -34,10 +34,10 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Semaphore};
 
-use super::clock::wall_clock_now;
-use super::edges::{AnsweredOnce, ResultSender};
-use super::nova_backend::HostView;
-use crate::engine::edge::Restorer;
+use super::nova::HostView;
+use super::{AnsweredOnce, ResultSender};
+use crate::clock::wall_clock_now;
+use crate::edges::Restorer;
 use crate::engine::{
     HostEvent, HostId, HostState, Input, IntentKey, Resource, RestoreOutcome, Source,
 };
@@ -185,7 +185,7 @@ struct State {
     unfenced: BTreeSet<String>,
     /// Hosts told about their stale routers (with what they were told), and hosts
     /// whose cleanup was seen. What was moved off a host comes from the engine
-    /// ([`super::nova_backend::HostSeen::evacuated_routers`]), which rebuilds it from
+    /// ([`super::nova::HostSeen::evacuated_routers`]), which rebuilds it from
     /// the intent log: a restarted controller reports it again.
     reported: BTreeMap<String, BTreeSet<String>>,
     cleaned: BTreeSet<String>,

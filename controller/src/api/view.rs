@@ -99,5 +99,5 @@ pub enum Command {
 pub struct ApiHandle {
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     pub commands: mpsc::Sender<Command>,
-    pub metrics: Arc<crate::runtime::metrics::Metrics>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }

@@ -20,10 +20,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
 
-use super::libvirt_backend::{
+use crate::edges::libvirt::{
     CommandAnswer, CommandRequest, HostStreams, StreamRegistration, COMMANDS_QUEUED,
 };
-use super::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// A heartbeat the intake accepted, as the engine task needs it.
 #[derive(Debug, Clone)]
@@ -505,7 +505,7 @@ struct EventConnection {
     tx: mpsc::Sender<Intake>,
     metrics: Arc<Metrics>,
     /// Where this stream registers itself once its `Hello` names the host, so edges
-    /// can send the watchdog commands (`libvirt_backend`).
+    /// can send the watchdog commands (`crate::edges::libvirt`).
     streams: Arc<HostStreams>,
 }
 

@@ -24,10 +24,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::edges::ResultSender;
-use crate::engine::edge::{Confirmer, Fencer};
+use super::ResultSender;
+use crate::edges::fence::FenceDriver;
+use crate::edges::{Confirmer, Fencer};
 use crate::engine::{FenceMethod, FenceOutcome, HostId, Input, IntentKey, Source, Verdict};
-use crate::fence::FenceDriver;
 
 /// Each host's fence levels, in the order they are tried.
 pub type FenceTable = HashMap<HostId, Vec<Arc<dyn FenceDriver>>>;
@@ -233,8 +233,8 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use super::*;
+    use crate::edges::fence::{power_verdict, BoxFuture, FenceError, Power};
     use crate::engine::FenceVerifier;
-    use crate::fence::{power_verdict, BoxFuture, FenceError, Power};
 
     /// A scripted driver for the level logic only (real BMCs are in tests/).
     struct Scripted {

@@ -1,0 +1,148 @@
+//! The edges: everything that touches the world on the engine's behalf, behind three
+//! small traits ([`Fencer`], [`Restorer`], [`Confirmer`]) that take the engine's actions
+//! and answer with typed facts (engine [`Input`]s) on a [`ResultSender`].
+//!
+//! - [`fencing`] and [`fence`]: per-host fence levels (IPMI, fence agents, Pacemaker),
+//!   verification and confirmation;
+//! - [`nova`], [`neutron`]: the OpenStack restore backend (VMs and routers);
+//! - [`libvirt`]: the restore backend for clouds without Nova;
+//! - [`unconfigured`]: the restore edge of a controller without a backend.
+//!
+//! Each call only *starts* the work: the implementation reports back later by feeding
+//! the matching [`Input`](super::Input) (`FenceResult`, `ForceDownResult`,
+//! `RestoreResult`, `ConfirmationResult`) into the engine. Implementations must be
+//! idempotent per [`IntentKey`]: a resumed engine may hand them an intent again whose
+//! outcome was never recorded, and they must then report the first outcome instead of
+//! acting twice.
+
+pub mod fence;
+pub mod fencing;
+pub mod libvirt;
+pub mod neutron;
+pub mod nova;
+pub mod unconfigured;
+
+use std::collections::{HashMap, HashSet};
+
+use tokio::sync::mpsc;
+
+use crate::engine::{Action, FenceMethod, HostId, Input, IntentKey, Resource};
+
+/// Powers hosts off and verifies it.
+pub trait Fencer {
+    /// Start fencing `host`.
+    fn fence(&mut self, host: &HostId, method: FenceMethod, key: &IntentKey);
+}
+
+/// Restores resources and manages compute services.
+pub trait Restorer {
+    /// Force the host's compute service down.
+    fn force_down(&mut self, host: &HostId, key: &IntentKey);
+    /// Restart a resource on its own host.
+    fn restart_in_place(
+        &mut self,
+        resource: &Resource,
+        host: &HostId,
+        attempt: u32,
+        key: &IntentKey,
+    );
+    /// Restore a resource on another host.
+    fn evacuate(&mut self, resource: &Resource, from: &HostId, key: &IntentKey);
+    /// Trust a host again (undo force-down).
+    fn unfence(&mut self, host: &HostId, key: &IntentKey);
+}
+
+/// Asks independent sources whether a silent host is dead.
+pub trait Confirmer {
+    /// Start asking about `host`.
+    fn confirm(&mut self, host: &HostId);
+}
+
+/// Hands a world-changing action to its edge. Returns `false` for actions that are not
+/// for an edge (timers, store writes, timeline, alarms): the runtime handles those.
+pub fn dispatch(
+    action: &Action,
+    fencer: &mut dyn Fencer,
+    restorer: &mut dyn Restorer,
+    confirmer: &mut dyn Confirmer,
+) -> bool {
+    match action {
+        Action::Fence {
+            host,
+            method_hint,
+            key,
+        } => fencer.fence(host, *method_hint, key),
+        Action::ForceDown { host, key } => restorer.force_down(host, key),
+        Action::RestartInPlace {
+            resource,
+            host,
+            attempt,
+            key,
+        } => restorer.restart_in_place(resource, host, *attempt, key),
+        Action::Evacuate {
+            resource,
+            from,
+            key,
+        } => restorer.evacuate(resource, from, key),
+        Action::Unfence { host, key } => restorer.unfence(host, key),
+        Action::Confirm { host } => confirmer.confirm(host),
+        _ => return false,
+    }
+    true
+}
+
+/// Results go back to the engine task through this channel.
+pub type ResultSender = mpsc::UnboundedSender<Input>;
+
+/// A restore backend's record of the intents it was handed, so that each is acted on
+/// once: the engine hands an open intent out again after a restart or a retry, and a
+/// key in flight must be ignored, a key answered must get its first answer again.
+#[derive(Debug, Default)]
+pub struct AnsweredOnce {
+    answered: HashMap<IntentKey, Input>,
+    in_flight: HashSet<IntentKey>,
+}
+
+impl AnsweredOnce {
+    /// Claims `key` for acting on it: false if it is in flight (ignored) or answered
+    /// (its first answer is sent again on `results`).
+    pub fn claim(&mut self, key: &IntentKey, results: &ResultSender) -> bool {
+        if let Some(first) = self.answered.get(key) {
+            let _ = results.send(first.clone());
+            return false;
+        }
+        self.in_flight.insert(key.clone())
+    }
+
+    /// Records `answer` as `key`'s answer (the caller sends it).
+    pub fn answer(&mut self, key: &IntentKey, answer: &Input) {
+        self.in_flight.remove(key);
+        self.answered.insert(key.clone(), answer.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{HostId, RestoreOutcome};
+
+    #[test]
+    fn an_intent_is_acted_on_once_and_a_repeat_gets_the_first_answer_again() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut intents = AnsweredOnce::default();
+        let key = IntentKey("i1/force-down-1/host:h1".into());
+        assert!(intents.claim(&key, &tx));
+        assert!(!intents.claim(&key, &tx), "in flight: ignored");
+        assert!(rx.try_recv().is_err());
+        let answer = Input::HostActionResult {
+            host: HostId::new("h1"),
+            key: key.clone(),
+            outcome: RestoreOutcome::Ok {
+                host: HostId::new("h1"),
+            },
+        };
+        intents.answer(&key, &answer);
+        assert!(!intents.claim(&key, &tx), "answered: not acted on again");
+        assert_eq!(rx.try_recv().ok(), Some(answer));
+    }
+}
