@@ -375,19 +375,23 @@ impl Controller {
         let channels = rt.block_on(async {
             let store = controller::store::SqliteStore::open(store).expect("store");
             let parts = EngineTaskParts {
-                engine_config: controller::engine::Config::default(),
+                // The automatic unforce is the engine's policy; the restorer reports.
+                engine_config: controller::engine::Config {
+                    auto_unfence: settings.auto_unforce,
+                    ..controller::engine::Config::default()
+                },
                 store: Box::new(store),
                 metrics: Arc::new(controller::metrics::Metrics::new()),
                 controller_id: "lab".into(),
                 cluster_id: "lab".into(),
             };
-            let (task, channels) = EngineTask::new(parts, |results| Edges {
+            let (task, channels) = EngineTask::new(parts, |links| Edges {
                 fencer: Box::new(TestFencer { asked: fence_tx }),
                 restorer: match neutron {
                     None => Box::new(NovaRestorer::start(
                         compute_client(),
                         settings,
-                        results.clone(),
+                        links.results.clone(),
                         Some(ev_tx),
                     )),
                     Some((n, url)) => Box::new(RouterAwareRestorer::start(
@@ -404,12 +408,12 @@ impl Controller {
                             hosts: host_view.clone(),
                             ..n
                         },
-                        results.clone(),
+                        links.results.clone(),
                         Some(rev_tx),
                     )),
                 },
                 // No fence levels: the heartbeats are the only source ("Unknown").
-                confirmer: Box::new(PowerConfirmer::new(Arc::default(), results)),
+                confirmer: Box::new(PowerConfirmer::new(Arc::default(), links.results)),
             })
             .expect("engine task");
             tokio::spawn(async move {

@@ -868,6 +868,9 @@ impl ControllerConfig {
                 Backend::Libvirt => engine::Source::Libvirt,
                 Backend::None => engine::Source::Controller,
             },
+            // Only the Nova backend reports a compute service coming back.
+            auto_unfence: self.controller.backend == Backend::Nova
+                && self.nova.unforce == "automatic",
             ..engine::Config::default()
         };
         cfg.detector.interval = ms(self.detector.heartbeat_interval_ms);
@@ -1199,6 +1202,17 @@ mod tests {
             .resolve()
             .unwrap_err();
         assert!(err.to_string().contains("nova.microversion"), "{err}");
+    }
+
+    #[test]
+    fn the_automatic_unforce_setting_is_the_engines_unfence_policy() {
+        let nova = "backend = \"nova\"\n[nova]\nauth = \"headers\"\ncompute_url = \"http://n\"\nplacement_url = \"http://p\"\n";
+        let (_d, text) = with_key(nova);
+        let c = ControllerConfig::parse(&text).unwrap();
+        assert!(!c.engine_config().auto_unfence, "operator by default");
+        let (_d, text) = with_key(&format!("{nova}unforce = \"automatic\"\n"));
+        let c = ControllerConfig::parse(&text).unwrap();
+        assert!(c.engine_config().auto_unfence);
     }
 
     #[test]

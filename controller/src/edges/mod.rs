@@ -22,11 +22,12 @@ pub mod neutron;
 pub mod nova;
 pub mod unconfigured;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
-use crate::engine::{Action, FenceMethod, HostId, Input, IntentKey, Resource};
+use crate::engine::{Action, FenceMethod, HostId, HostView, Input, IntentKey, Resource};
 
 /// Powers hosts off and verifies it.
 pub trait Fencer {
@@ -93,6 +94,21 @@ pub fn dispatch(
 
 /// Results go back to the engine task through this channel.
 pub type ResultSender = mpsc::UnboundedSender<Input>;
+
+/// The engine's hosts as typed facts (state, whether a fenced host is back, what was
+/// moved off it), as the engine task last published them: what an edge needs to pick
+/// targets and to follow a host's return. Read-only; decisions stay in the engine.
+pub type HostFacts = watch::Receiver<Arc<BTreeMap<HostId, HostView>>>;
+
+/// What every edge is handed when it is built: where to send its answers, and the hosts
+/// as the engine sees them.
+#[derive(Clone)]
+pub struct EdgeLinks {
+    /// Results (and facts an edge finds) go back to the engine here.
+    pub results: ResultSender,
+    /// The engine's hosts.
+    pub hosts: HostFacts,
+}
 
 /// A restore backend's record of the intents it was handed, so that each is acted on
 /// once: the engine hands an open intent out again after a restart or a retry, and a

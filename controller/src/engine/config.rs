@@ -49,6 +49,10 @@ pub struct Config {
     /// Who restores VMs, named as the source of force-down and VM restore steps on the
     /// timeline (default Nova; the libvirt backend is `Libvirt`).
     pub vm_restorer: super::types::Source,
+    /// Opt-in policy: a `Recovered` host that is heard again, holds no stale resource and
+    /// whose compute service reports again is unfenced without an operator (default
+    /// false: an operator runs `defibctl unfence`).
+    pub auto_unfence: bool,
 }
 
 impl Default for Config {
@@ -70,6 +74,7 @@ impl Default for Config {
             max_dead_share: 0.5,
             fence_method: super::types::FenceMethod::Ipmi,
             vm_restorer: super::types::Source::Nova,
+            auto_unfence: false,
         }
     }
 }

@@ -138,6 +138,9 @@ struct HostEntry {
     /// is unfenced: what its data plane may still hold (the stale-router report). Kept
     /// here, not in the router restorer, so that it is rebuilt from the intent log.
     evacuated: BTreeSet<Resource>,
+    /// A heartbeat was received after the verified fence (controller clock): the host
+    /// is back, and waits to be trusted again.
+    heard_since_fence: bool,
 }
 
 impl HostEntry {
@@ -164,6 +167,7 @@ impl HostEntry {
             alarmed: BTreeSet::new(),
             last_incident: None,
             evacuated: BTreeSet::new(),
+            heard_since_fence: false,
         }
     }
 
@@ -396,12 +400,25 @@ impl Engine {
             | Input::RestoreResult { key, outcome, .. } => {
                 self.complete(&key, IntentOutcome::Restore(outcome));
             }
-            Input::Operator(cmd) => self.on_operator(cmd),
         }
         if reconcile {
             self.reconcile();
         }
         std::mem::take(&mut self.out)
+    }
+
+    /// An operator's command at `now`: the actions that carry it out, or why it is
+    /// refused (then nothing changed and nothing is to be done).
+    pub fn command(
+        &mut self,
+        now: Timestamp,
+        cmd: OperatorCommand,
+    ) -> Result<Vec<Action>, Refusal> {
+        self.now = self.now.max(now);
+        let taken = self.on_operator(cmd);
+        self.reconcile();
+        let out = std::mem::take(&mut self.out);
+        taken.map(|()| out)
     }
 
     // ---------------------------------------------------------------- read-only views
@@ -446,8 +463,18 @@ impl Engine {
                 incident: e.incident,
                 last_seen: self.detector.last_seen(h),
                 evacuated: e.evacuated.iter().cloned().collect(),
+                back: self.is_back(h),
             })
             .collect()
+    }
+
+    /// Fenced, heard again since the fence, and not silent now.
+    fn is_back(&self, host: &HostId) -> bool {
+        self.hosts.get(host).is_some_and(|h| {
+            h.state.fenced()
+                && h.heard_since_fence
+                && self.detector.liveness(host, self.now) != Liveness::Suspect
+        })
     }
 
     /// Every resource.
@@ -563,9 +590,16 @@ impl Engine {
                 self.close_host_incident(&host);
                 true
             }
+            // Received after the verified fence, on the controller's clock (a host's own
+            // clock is never compared with the controller's).
             HostState::Fenced | HostState::Evacuating | HostState::Recovered
-                if fenced_at.is_some_and(|t| hb.at > t) =>
+                if fenced_at.is_some_and(|t| now > t) =>
             {
+                let h = self.hosts.get_mut(&host).expect("ensured");
+                if !h.heard_since_fence {
+                    h.heard_since_fence = true;
+                    self.bump();
+                }
                 self.host_alarm(
                     &host,
                     AlarmKind::HostBackAwaitingUnfence,
@@ -601,6 +635,7 @@ impl Engine {
                 self.forget_stopped(&host, &stopped, at);
                 self.on_inventory(&host, resources, source, at)
             }
+            HostEvent::ComputeServiceReporting => self.on_compute_reporting(&host),
             HostEvent::InventoryFailed { source, reason } => {
                 let h = &self.hosts[&host];
                 // Only a fenced host's listing matters (its resources wait for it); a
@@ -1111,23 +1146,50 @@ impl Engine {
         // A Dead verdict fences on the next tick (after the gates are evaluated).
     }
 
-    fn on_operator(&mut self, cmd: OperatorCommand) {
+    /// The automatic unfence policy: a recovered host that is back and clean, whose
+    /// compute service reports again, is trusted again as an operator would trust it
+    /// (the same checks as `defibctl unfence`; a host not clean yet waits, and its
+    /// stale-resource alarm says why).
+    fn on_compute_reporting(&mut self, host: &HostId) {
+        let h = &self.hosts[host];
+        if !self.cfg.auto_unfence
+            || h.state != HostState::Recovered
+            || !self.is_back(host)
+            || self.unfence_refusal(host).is_some()
+        {
+            return;
+        }
+        let key = IntentKey(format!("policy/unfence@{}/host:{host}", self.now.0));
+        self.issue(key, Intent::Unfence { host: host.clone() });
+    }
+
+    /// Why an unfence of `host` would be refused now, if it would.
+    fn unfence_refusal(&self, host: &HostId) -> Option<String> {
+        let h = self.hosts.get(host)?;
+        if !matches!(h.state, HostState::Recovered | HostState::Fencing) {
+            Some(format!("host is {}", h.state))
+        } else if h.fence_in_flight.is_some() {
+            Some("a fence is in flight".to_string())
+        } else if !h.stale.is_empty() {
+            Some(format!("host still runs {} stale resources", h.stale.len()))
+        } else {
+            None
+        }
+    }
+
+    fn on_operator(&mut self, cmd: OperatorCommand) -> Result<(), Refusal> {
         let now = self.now;
         match cmd {
             OperatorCommand::MaintenanceOn { host } => {
                 self.ensure_host(&host);
                 let state = self.hosts[&host].state;
                 if state == HostState::Maintenance {
-                    return;
+                    return Ok(());
                 }
                 if !state.can_become(HostState::Maintenance) {
-                    self.alarm(
-                        AlarmKind::CommandRefused,
-                        Some(host.clone()),
-                        None,
-                        format!("maintenance refused: host is {state}"),
-                    );
-                    return;
+                    return Err(Refusal {
+                        reason: format!("maintenance refused: host is {state}"),
+                    });
                 }
                 let key = IntentKey(format!("op/maintenance-on@{}/host:{host}", now.0));
                 self.issue(key.clone(), Intent::Maintenance { host, on: true });
@@ -1135,38 +1197,26 @@ impl Engine {
             }
             OperatorCommand::MaintenanceOff { host } => {
                 if self.host_state(&host) != Some(HostState::Maintenance) {
-                    return;
+                    return Ok(());
                 }
                 let key = IntentKey(format!("op/maintenance-off@{}/host:{host}", now.0));
                 self.issue(key.clone(), Intent::Maintenance { host, on: false });
                 self.complete(&key, IntentOutcome::Recorded);
             }
             OperatorCommand::Unfence { host } => {
-                let Some(h) = self.hosts.get(&host) else {
-                    return;
-                };
-                let why = if !matches!(h.state, HostState::Recovered | HostState::Fencing) {
-                    Some(format!("host is {}", h.state))
-                } else if h.fence_in_flight.is_some() {
-                    Some("a fence is in flight".to_string())
-                } else if !h.stale.is_empty() {
-                    Some(format!("host still runs {} stale resources", h.stale.len()))
-                } else {
-                    None
-                };
-                if let Some(why) = why {
-                    self.alarm(
-                        AlarmKind::CommandRefused,
-                        Some(host.clone()),
-                        None,
-                        format!("unfence refused: {why}"),
-                    );
-                    return;
+                if !self.hosts.contains_key(&host) {
+                    return Ok(());
+                }
+                if let Some(why) = self.unfence_refusal(&host) {
+                    return Err(Refusal {
+                        reason: format!("unfence refused: {why}"),
+                    });
                 }
                 let key = IntentKey(format!("op/unfence@{}/host:{host}", now.0));
                 self.issue(key, Intent::Unfence { host });
             }
         }
+        Ok(())
     }
 
     // ---------------------------------------------------------------- decisions
@@ -1347,9 +1397,11 @@ impl Engine {
                     let h = self.hosts.get_mut(host).expect("known");
                     let fenced_at = h.fenced_at;
                     let fenced_by = h.fenced_by;
+                    let heard = h.heard_since_fence;
                     h.clear_incident();
                     h.fenced_at = fenced_at;
                     h.fenced_by = fenced_by;
+                    h.heard_since_fence = heard;
                     h.last_incident = Some(inc);
                 }
             }

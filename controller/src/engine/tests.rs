@@ -59,6 +59,13 @@ impl Harness {
         self.actions.extend(actions);
     }
 
+    /// An operator's command: its actions are absorbed like any step's.
+    fn command(&mut self, cmd: OperatorCommand) -> Result<(), Refusal> {
+        let out = self.engine.command(Timestamp(self.now), cmd)?;
+        self.absorb(out);
+        Ok(())
+    }
+
     fn input(&mut self, input: Input) -> Vec<Action> {
         let out = self.engine.step(Timestamp(self.now), input);
         self.absorb(out.clone());
@@ -171,6 +178,40 @@ impl Harness {
             key,
             outcome: RestoreOutcome::Ok { host: host(i) },
         });
+    }
+}
+
+impl Harness {
+    /// Kill host i, fence it, force it down and restore its VM on host 0: `Recovered`.
+    fn fence_and_recover(&mut self, i: usize) {
+        let key = self.kill_until_fence(i);
+        self.fence_result(i, key, FenceOutcome::Verified(FenceVerifier::IpmiPowerOff));
+        self.force_down_ok(i);
+        let (r, key) = evacuations(&self.actions)
+            .into_iter()
+            .find(|(r, _)| *r == Resource::vm(format!("vm{i}")))
+            .expect("an evacuation");
+        self.input(Input::RestoreResult {
+            resource: r,
+            key,
+            outcome: RestoreOutcome::Ok { host: host(0) },
+        });
+        assert_eq!(self.state(i), HostState::Recovered);
+    }
+
+    fn compute_reports(&mut self, i: usize) {
+        self.input(Input::HostEvent {
+            host: host(i),
+            event: HostEvent::ComputeServiceReporting,
+        });
+    }
+
+    fn back(&self, i: usize) -> bool {
+        self.engine
+            .hosts()
+            .into_iter()
+            .find(|v| v.host == host(i))
+            .is_some_and(|v| v.back)
     }
 }
 
@@ -316,7 +357,8 @@ fn a_failed_fence_is_retried_with_backoff_then_left_to_an_operator() {
     assert!(alarms(&h.actions).contains(&AlarmKind::FenceExhausted));
     assert!(evacuations(&h.actions).is_empty());
     // The operator gives up on the fence: the host is Up again, nothing was restored.
-    h.input(Input::Operator(OperatorCommand::Unfence { host: host(1) }));
+    h.command(OperatorCommand::Unfence { host: host(1) })
+        .unwrap();
     assert_eq!(h.state(1), HostState::Up);
 }
 
@@ -527,9 +569,8 @@ fn a_controller_that_hears_nobody_suspects_itself_and_fences_nobody() {
 #[test]
 fn a_host_in_maintenance_is_never_fenced() {
     let mut h = Harness::new(4);
-    h.input(Input::Operator(OperatorCommand::MaintenanceOn {
-        host: host(1),
-    }));
+    h.command(OperatorCommand::MaintenanceOn { host: host(1) })
+        .unwrap();
     assert_eq!(h.state(1), HostState::Maintenance);
     h.kill(1);
     h.run_for(10_000);
@@ -537,9 +578,8 @@ fn a_host_in_maintenance_is_never_fenced() {
     assert!(h.fences().is_empty());
     h.revive(1);
     h.run_for(200);
-    h.input(Input::Operator(OperatorCommand::MaintenanceOff {
-        host: host(1),
-    }));
+    h.command(OperatorCommand::MaintenanceOff { host: host(1) })
+        .unwrap();
     h.run_for(500);
     assert_eq!(h.state(1), HostState::Up);
 }
@@ -679,9 +719,9 @@ fn routers_listed_by_neutron_at_force_down_are_moved_by_the_host_incident_and_re
         },
     });
     h.take();
-    h.input(Input::Operator(OperatorCommand::Unfence { host: host(1) }));
+    let refused = h.command(OperatorCommand::Unfence { host: host(1) });
     assert!(h.find(|a| matches!(a, Action::Unfence { .. })).is_none());
-    assert!(alarms(&h.actions).contains(&AlarmKind::CommandRefused));
+    assert!(refused.is_err(), "{refused:?}");
     // Neutron shows the routers gone from the host's agent: cleared, unfence goes.
     h.input(Input::HostEvent {
         host: host(1),
@@ -692,7 +732,8 @@ fn routers_listed_by_neutron_at_force_down_are_moved_by_the_host_incident_and_re
             at: Timestamp(h.now),
         },
     });
-    h.input(Input::Operator(OperatorCommand::Unfence { host: host(1) }));
+    h.command(OperatorCommand::Unfence { host: host(1) })
+        .unwrap();
     assert!(h.find(|a| matches!(a, Action::Unfence { .. })).is_some());
 }
 
@@ -784,8 +825,8 @@ fn a_fenced_host_is_not_trusted_until_an_operator_unfences_it() {
     });
     assert!(alarms(&h.actions).contains(&AlarmKind::StaleResource));
     h.take();
-    h.input(Input::Operator(OperatorCommand::Unfence { host: host(2) }));
-    assert!(alarms(&h.actions).contains(&AlarmKind::CommandRefused));
+    let refused = h.command(OperatorCommand::Unfence { host: host(2) });
+    assert!(refused.is_err(), "{refused:?}");
     assert_eq!(h.state(2), HostState::Recovered);
     // Clean now: the unfence goes through.
     h.input(Input::HostEvent {
@@ -797,7 +838,8 @@ fn a_fenced_host_is_not_trusted_until_an_operator_unfences_it() {
             at: Timestamp(h.now),
         },
     });
-    h.input(Input::Operator(OperatorCommand::Unfence { host: host(2) }));
+    h.command(OperatorCommand::Unfence { host: host(2) })
+        .unwrap();
     assert_eq!(h.state(2), HostState::Up);
     assert!(h.find(|a| matches!(a, Action::Unfence { .. })).is_some());
 }
@@ -1475,7 +1517,8 @@ fn a_late_router_inventory_is_safe_in_every_host_state() {
     );
     h.revive(1);
     h.run_for(300);
-    h.input(Input::Operator(OperatorCommand::Unfence { host: host(1) }));
+    h.command(OperatorCommand::Unfence { host: host(1) })
+        .unwrap();
     assert_eq!(h.state(1), HostState::Up);
     h.take();
     h.neutron_lists(1, &["after-unfence"]);
@@ -1484,9 +1527,8 @@ fn a_late_router_inventory_is_safe_in_every_host_state() {
     assert!(evacuations(&h.actions).is_empty());
     assert!(!alarms(&h.actions).contains(&AlarmKind::InventoryFailed));
     // Maintenance.
-    h.input(Input::Operator(OperatorCommand::MaintenanceOn {
-        host: host(3),
-    }));
+    h.command(OperatorCommand::MaintenanceOn { host: host(3) })
+        .unwrap();
     assert_eq!(h.state(3), HostState::Maintenance);
     h.neutron_lists(3, &["maintenance"]);
     assert_eq!(h.state(3), HostState::Maintenance);
@@ -1524,7 +1566,8 @@ fn the_routers_moved_off_a_host_are_rebuilt_from_the_intent_log_after_a_restart(
     // Unfenced: nothing of it is stale any more, also after a restart.
     h.revive(1);
     h.run_for(300);
-    h.input(Input::Operator(OperatorCommand::Unfence { host: host(1) }));
+    h.command(OperatorCommand::Unfence { host: host(1) })
+        .unwrap();
     assert!(view(&h.engine).is_empty());
     let (engine, _) = Engine::resume(Config::default(), &h.log, Timestamp(h.now + 10));
     assert!(view(&engine).is_empty());
@@ -1612,7 +1655,8 @@ fn a_resumed_controller_keeps_an_evacuation_that_succeeded_in_the_same_milliseco
         key,
         outcome: RestoreOutcome::Ok { host: host(2) },
     });
-    h.input(Input::Operator(OperatorCommand::Unfence { host: host(1) }));
+    h.command(OperatorCommand::Unfence { host: host(1) })
+        .unwrap();
     let (mut engine, _) = Engine::resume(Config::default(), &h.log, Timestamp(h.now + 10));
     assert_eq!(engine.resource(&Resource::vm("vm1")).unwrap().host, host(2));
     let out = engine.step(
@@ -1637,9 +1681,8 @@ fn a_resumed_controller_keeps_an_evacuation_that_succeeded_in_the_same_milliseco
 #[test]
 fn leaving_maintenance_while_the_controller_hears_nobody_does_not_open_the_safety_gate() {
     let mut h = Harness::new(2);
-    h.input(Input::Operator(OperatorCommand::MaintenanceOn {
-        host: host(0),
-    }));
+    h.command(OperatorCommand::MaintenanceOn { host: host(0) })
+        .unwrap();
     // The controller is cut off: no heartbeat from anyone.
     for i in 0..2 {
         h.kill(i);
@@ -1656,9 +1699,8 @@ fn leaving_maintenance_while_the_controller_hears_nobody_does_not_open_the_safet
         .is_some());
     // A host back from maintenance has not been heard since: it is no proof that the
     // controller hears anyone.
-    h.input(Input::Operator(OperatorCommand::MaintenanceOff {
-        host: host(0),
-    }));
+    h.command(OperatorCommand::MaintenanceOff { host: host(0) })
+        .unwrap();
     for i in 1..2 {
         h.confirm(i, Verdict::Dead);
     }
@@ -1705,4 +1747,90 @@ fn a_vm_restored_onto_a_host_whose_fence_is_decided_is_taken_by_that_hosts_incid
         Some(h.incident_of(1).id),
         "h1's fence will kill vm2: h1's incident must restore it again"
     );
+}
+
+#[test]
+fn a_recovered_host_is_back_while_it_is_heard_after_its_fence() {
+    let mut h = Harness::new(4);
+    h.fence_and_recover(2);
+    assert!(!h.back(2), "silent since the fence");
+    h.revive(2);
+    h.run_for(200);
+    assert!(h.back(2));
+    h.kill(2);
+    h.run_for(400);
+    assert!(!h.back(2), "silent again");
+}
+
+#[test]
+fn the_automatic_unfence_policy_trusts_a_host_back_whose_compute_reports_only_when_opted_in() {
+    for auto in [false, true] {
+        let cfg = Config {
+            auto_unfence: auto,
+            ..Config::default()
+        };
+        let mut h = Harness::with(4, cfg);
+        h.fence_and_recover(2);
+        // Its compute service reports, but the host itself is not heard: not trusted.
+        h.compute_reports(2);
+        assert_eq!(h.state(2), HostState::Recovered);
+        h.revive(2);
+        h.run_for(200);
+        h.take();
+        h.compute_reports(2);
+        let unfenced =
+            h.find(|a| matches!(a, Action::Unfence { host, .. } if *host == super::tests::host(2)));
+        if auto {
+            assert!(unfenced.is_some(), "auto: unfenced");
+            assert_eq!(h.state(2), HostState::Up);
+        } else {
+            assert!(
+                unfenced.is_none(),
+                "operator policy: the fact alone changes nothing"
+            );
+            assert_eq!(h.state(2), HostState::Recovered);
+        }
+    }
+}
+
+#[test]
+fn the_automatic_unfence_policy_waits_while_the_host_still_runs_resources_restored_elsewhere() {
+    let cfg = Config {
+        auto_unfence: true,
+        ..Config::default()
+    };
+    let mut h = Harness::with(4, cfg);
+    h.fence_and_recover(2);
+    h.revive(2);
+    h.run_for(200);
+    // Back with a stale qemu of vm2 (it runs on host 0 now).
+    h.input(Input::HostEvent {
+        host: host(2),
+        event: HostEvent::Inventory {
+            resources: vec![Resource::vm("vm2")],
+            stopped: vec![],
+            source: Source::Libvirt,
+            at: Timestamp(h.now),
+        },
+    });
+    h.take();
+    h.compute_reports(2);
+    assert!(h.find(|a| matches!(a, Action::Unfence { .. })).is_none());
+    assert!(
+        !alarms(&h.actions).contains(&AlarmKind::CommandRefused),
+        "a policy that waits is not a refused command"
+    );
+    assert_eq!(h.state(2), HostState::Recovered);
+    // Clean now: the next report unfences it.
+    h.input(Input::HostEvent {
+        host: host(2),
+        event: HostEvent::Inventory {
+            resources: vec![],
+            stopped: vec![],
+            source: Source::Libvirt,
+            at: Timestamp(h.now),
+        },
+    });
+    h.compute_reports(2);
+    assert_eq!(h.state(2), HostState::Up);
 }

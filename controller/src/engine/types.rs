@@ -300,6 +300,10 @@ pub enum HostEvent {
         /// Why it failed.
         reason: String,
     },
+    /// The host's compute service reports to its control plane again (Nova: the
+    /// forced-down `nova-compute`'s `updated_at` moves). A fact only: whether that
+    /// unfences the host is the engine's decision ([`super::Config::auto_unfence`]).
+    ComputeServiceReporting,
 }
 
 /// Timers the engine asks for; the runtime feeds them back as [`Input::Timer`].
@@ -308,6 +312,21 @@ pub enum TimerId {
     /// The periodic evaluation tick (detector, deadlines, retries).
     Tick,
 }
+
+/// Why the engine refused an operator command (the operator is told; nothing changed).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// What was refused and why, for the operator.
+    pub reason: String,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl std::error::Error for Refusal {}
 
 /// A command from `defibctl`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -327,6 +346,17 @@ pub enum OperatorCommand {
         /// The host.
         host: HostId,
     },
+}
+
+impl OperatorCommand {
+    /// The host it is about.
+    pub fn host(&self) -> &HostId {
+        match self {
+            OperatorCommand::MaintenanceOn { host }
+            | OperatorCommand::MaintenanceOff { host }
+            | OperatorCommand::Unfence { host } => host,
+        }
+    }
 }
 
 /// One heartbeat datagram, as the ingest decoded it.
@@ -397,8 +427,6 @@ pub enum Input {
         /// How it went.
         outcome: RestoreOutcome,
     },
-    /// An operator command.
-    Operator(OperatorCommand),
 }
 
 /// How the runtime should fence (a hint; the fencer edge picks the agent).
@@ -599,6 +627,9 @@ pub struct HostView {
     /// Resources restored elsewhere from this host since it was fenced (its stale
     /// copies to clean up), until it is unfenced. Rebuilt from the intent log.
     pub evacuated: Vec<Resource>,
+    /// Fenced, and heard again since the fence (by the controller's receive time) and
+    /// not silent now: the host is back and waits to be trusted again.
+    pub back: bool,
 }
 
 /// A read-only view of one resource.

@@ -10,11 +10,12 @@ use std::time::Duration;
 use protocol::{EventDedup, EventPayload, EventVerdict};
 use tokio::sync::{mpsc, watch};
 
+use super::host_view::HostFactsPublisher;
 use super::intake::{EventStored, HeartbeatSeen, Intake};
 use crate::api::view::*;
 use crate::clock::EngineClock;
-use crate::edges::ResultSender;
 use crate::edges::{dispatch, Confirmer, Fencer, Restorer};
+use crate::edges::{EdgeLinks, HostFacts, ResultSender};
 use crate::engine::{
     Action, Engine, Heartbeat, HostEvent, HostId, Input, OperatorCommand, PathId, Resource, Source,
     Timestamp,
@@ -52,6 +53,7 @@ pub struct EngineTask {
     results: mpsc::UnboundedReceiver<Input>,
     commands: mpsc::Receiver<Command>,
     snapshot: watch::Sender<Arc<Snapshot>>,
+    host_facts: HostFactsPublisher,
     metrics: Arc<Metrics>,
     controller_id: String,
     cluster_id: String,
@@ -66,6 +68,8 @@ pub struct EngineChannels {
     pub results: ResultSender,
     pub commands: mpsc::Sender<Command>,
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    /// The hosts as typed facts (what the edges are handed).
+    pub hosts: HostFacts,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,15 +87,17 @@ pub struct EngineTaskParts {
 }
 
 impl EngineTask {
-    /// Builds the task and its channels. `edges` gets the results sender to report back on.
+    /// Builds the task and its channels. `make_edges` gets the links every edge needs:
+    /// the results sender to report back on, and the hosts as typed facts.
     pub fn new(
         parts: EngineTaskParts,
-        make_edges: impl FnOnce(ResultSender) -> Edges,
+        make_edges: impl FnOnce(EdgeLinks) -> Edges,
     ) -> Result<(EngineTask, EngineChannels), EngineTaskError> {
         let (intake_tx, intake_rx) = mpsc::channel(65_536);
         let (results_tx, results_rx) = mpsc::unbounded_channel();
         let (commands_tx, commands_rx) = mpsc::channel(64);
         let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
+        let (host_facts, hosts) = HostFactsPublisher::new();
         let mut dedup = EventDedup::new();
         for (host, high) in parts.store.event_high_waters()? {
             dedup.restore(&host, high);
@@ -101,11 +107,15 @@ impl EngineTask {
             clock: EngineClock::start(),
             store: parts.store,
             dedup,
-            edges: make_edges(results_tx.clone()),
+            edges: make_edges(EdgeLinks {
+                results: results_tx.clone(),
+                hosts: hosts.clone(),
+            }),
             intake: intake_rx,
             results: results_rx,
             commands: commands_rx,
             snapshot: snapshot_tx,
+            host_facts,
             metrics: parts.metrics,
             controller_id: parts.controller_id,
             cluster_id: parts.cluster_id,
@@ -120,6 +130,7 @@ impl EngineTask {
                 results: results_tx,
                 commands: commands_tx,
                 snapshot: snapshot_rx,
+                hosts,
             },
         ))
     }
@@ -260,24 +271,32 @@ impl EngineTask {
             ),
         };
         let now = self.clock.now();
-        let actions = self.engine.step(now, Input::Operator(op));
-        let refused = actions.iter().find_map(|a| match a {
-            Action::Alarm {
-                kind: crate::engine::AlarmKind::CommandRefused,
-                reason,
-                ..
-            } => Some(reason.clone()),
-            _ => None,
-        });
-        let result = self.apply(actions);
-        let _ = reply.send(match (&result, refused) {
-            (Err(e), _) => Err(e.to_string()),
-            (Ok(()), Some(reason)) => Err(reason),
-            (Ok(()), None) => Ok(()),
-        });
+        let host = op.host().clone();
+        let (stored, answer) = match self.engine.command(now, op) {
+            Ok(actions) => {
+                let stored = self.apply(actions);
+                let answer = stored.as_ref().map(|_| ()).map_err(|e| e.to_string());
+                (stored, answer)
+            }
+            Err(refusal) => {
+                // The operator is told, and the refusal is listed with the alarms.
+                let stored = self.apply(vec![Action::Alarm {
+                    kind: crate::engine::AlarmKind::CommandRefused,
+                    host: Some(host),
+                    resource: None,
+                    reason: refusal.reason.clone(),
+                }]);
+                let answer = match &stored {
+                    Ok(()) => Err(refusal.reason),
+                    Err(e) => Err(e.to_string()),
+                };
+                (stored, answer)
+            }
+        };
+        let _ = reply.send(answer);
         // An operator who just changed something sees it at once.
         self.publish();
-        result
+        stored
     }
 
     /// Carries actions out in order. Store writes come first in every batch (the engine
@@ -350,9 +369,12 @@ impl EngineTask {
         Ok(())
     }
 
-    /// Publishes a fresh snapshot (for the API) and the host and incident gauges.
+    /// Publishes a fresh snapshot (for the API), the hosts as typed facts (for the
+    /// edges) and the host and incident gauges.
     fn publish(&mut self) {
-        let snap = self.build_snapshot();
+        let hosts = self.engine.hosts();
+        let snap = self.build_snapshot(&hosts);
+        self.host_facts.publish(hosts);
         let mut per_state: BTreeMap<String, i64> = [
             "Up",
             "Suspect",
@@ -384,11 +406,9 @@ impl EngineTask {
         self.snapshot.send_replace(Arc::new(snap));
     }
 
-    fn build_snapshot(&self) -> Snapshot {
-        let hosts = self
-            .engine
-            .hosts()
-            .into_iter()
+    fn build_snapshot(&self, hosts: &[crate::engine::HostView]) -> Snapshot {
+        let hosts = hosts
+            .iter()
             .map(|h| {
                 let unknown = HostInfo::default();
                 let info = self.hosts.get(h.host.as_str()).unwrap_or(&unknown);

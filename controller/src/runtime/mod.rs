@@ -1,6 +1,7 @@
 //! The running controller: intake (UDP heartbeats, TCP event streams), the engine task
 //! that owns the pure engine and carries its actions out, the store, and what the API sees.
 pub mod engine_task;
+pub mod host_view;
 pub mod intake;
 pub mod systemd;
 
@@ -88,7 +89,8 @@ pub async fn run(
         )),
         _ => None,
     };
-    let (task, channels) = EngineTask::new(parts, |results| {
+    let (task, channels) = EngineTask::new(parts, |links| {
+        let results = links.results;
         let restorer: Box<dyn Restorer + Send> = match (backend, nova, nova_settings) {
             (Backend::Libvirt, _, _) => Box::new(libvirt::LibvirtRestorer::new(
                 results.clone(),

@@ -674,7 +674,7 @@ impl<'a> Sim<'a> {
             Ev::MaintenanceOff(h) => {
                 self.hosts[h].maintenance = false;
                 let host = self.hosts[h].id.clone();
-                self.deliver(Input::Operator(OperatorCommand::MaintenanceOff { host }))?;
+                self.command(OperatorCommand::MaintenanceOff { host })?;
             }
             Ev::PowerOn(h) => {
                 let w = &mut self.hosts[h];
@@ -801,9 +801,7 @@ impl<'a> Sim<'a> {
                     return Ok(());
                 }
                 let id = w.id.clone();
-                self.deliver(Input::Operator(OperatorCommand::MaintenanceOn {
-                    host: id.clone(),
-                }))?;
+                self.command(OperatorCommand::MaintenanceOn { host: id.clone() })?;
                 if self.engine.host_state(&id) == Some(HostState::Maintenance) {
                     self.hosts[host].maintenance = true;
                     self.hosts[host].cut = [true; 2];
@@ -851,10 +849,26 @@ impl<'a> Sim<'a> {
             if self.engine.host_state(&id) != Some(HostState::Recovered) {
                 self.unfence_asked.remove(&h);
             } else if self.connected(h) && self.unfence_asked.insert(h) {
-                self.deliver(Input::Operator(OperatorCommand::Unfence { host: id }))?;
+                self.command(OperatorCommand::Unfence { host: id })?;
             }
         }
         Ok(())
+    }
+
+    /// An operator's command; a refusal changes nothing (it is traced).
+    fn command(&mut self, cmd: OperatorCommand) -> Result<(), Box<Violation>> {
+        self.trace(format!("{:>6} CMD {cmd:?}", self.now));
+        match self.engine.command(Timestamp(self.now), cmd) {
+            Ok(actions) => {
+                self.report.steps += 1;
+                self.apply_actions(actions)?;
+                self.check_engine()
+            }
+            Err(refusal) => {
+                self.trace(format!("{:>6} REFUSED {refusal}", self.now));
+                Ok(())
+            }
+        }
     }
 
     fn deliver(&mut self, input: Input) -> Result<(), Box<Violation>> {

@@ -31,8 +31,7 @@ use crate::arrange::{self, Amount, ClassCapacity};
 use crate::clock::wall_clock_now;
 use crate::edges::Restorer;
 use crate::engine::{
-    HostEvent, HostId, HostState, Input, IntentKey, OperatorCommand, Resource, RestoreOutcome,
-    Source,
+    HostEvent, HostId, HostState, Input, IntentKey, Resource, RestoreOutcome, Source,
 };
 use crate::openstack::compute::{self, Compute, Server};
 use crate::openstack::OsError;
@@ -1129,9 +1128,10 @@ impl Worker {
                 if reporting && !recently {
                     tracing::info!(host, "host is back: unfencing (policy)");
                     asked.insert(host.clone(), tokio::time::Instant::now());
-                    let _ = self.results.send(Input::Operator(OperatorCommand::Unfence {
+                    let _ = self.results.send(Input::HostEvent {
                         host: HostId::new(&host),
-                    }));
+                        event: HostEvent::ComputeServiceReporting,
+                    });
                 }
             }
         }
