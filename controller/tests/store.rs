@@ -6,9 +6,9 @@ use std::collections::BTreeSet;
 
 use controller::engine::{
     Action, Completion, Config, Engine, FenceOutcome, FenceVerifier, Heartbeat, HostEvent, HostId,
-    HostState, IncidentId, Input, Intent, IntentKey, IntentLog, IntentOutcome, IntentRecord,
-    MemoryIntentLog, PathId, Resource, RestoreOutcome, Source, Subject, TimelineEntry, TimerId,
-    Timestamp, Verdict,
+    HostState, HostTime, IncidentId, Input, Intent, IntentKey, IntentLog, IntentOutcome,
+    IntentRecord, ListedAt, MemoryIntentLog, PathId, Resource, RestoreOutcome, Source, Subject,
+    TimelineEntry, TimerId, Timestamp, Verdict,
 };
 use controller::store::{
     intent_log_snapshot, MemoryStore, SqliteStore, Store, StoreError, SCHEMA_VERSION,
@@ -60,6 +60,7 @@ fn verified(at: u64) -> Completion {
     Completion {
         at: Timestamp(at),
         outcome: IntentOutcome::Fence(FenceOutcome::Verified(FenceVerifier::IpmiPowerOff)),
+        host_clock: None,
     }
 }
 
@@ -128,6 +129,7 @@ fn completing_twice_keeps_the_first_completion() {
             outcome: IntentOutcome::Fence(FenceOutcome::Failed {
                 reason: "late".into(),
             }),
+            host_clock: None,
         };
         s.complete_intent(&r.key, &failed).unwrap();
         // An unknown key is a no-op too, and creates nothing.
@@ -457,7 +459,7 @@ impl Controller {
                         path: PathId(0),
                         boot_id: 1,
                         incarnation: 1,
-                        at: Timestamp(self.now),
+                        at: HostTime(self.now),
                         self_fence_armed: true,
                     }));
                 }
@@ -514,7 +516,7 @@ fn a_restarted_controller_never_repeats_a_finished_action() {
                 resources,
                 stopped: vec![],
                 source: Source::Nova,
-                at: Timestamp(0),
+                at: ListedAt::Controller(Timestamp(0)),
             },
         });
     }

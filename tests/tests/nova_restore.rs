@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use controller::edges::nova::{NovaSettings, RestoreEvent};
-use controller::engine::{HostEvent, HostId, HostState, Input, Resource, Source, Timestamp};
+use controller::engine::{HostEvent, HostId, HostState, HostTime, Input, Resource, Source};
 use defib_tests::novalab::{Controller, Nova};
 use defib_tests::{require, tag};
 use serde_json::json;
@@ -276,7 +276,7 @@ fn a_crashed_vm_on_a_healthy_host_is_restarted_in_place_through_nova() {
             event: HostEvent::ResourceExited {
                 resource: Resource::vm(id),
                 source: Source::Libvirt,
-                at: Timestamp(
+                at: HostTime(
                     std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .unwrap()

@@ -791,7 +791,7 @@ impl Worker {
                 resources: routers.iter().map(Resource::router).collect(),
                 stopped: vec![],
                 source: Source::Neutron,
-                at: wall_clock_now(),
+                at: crate::engine::ListedAt::Controller(wall_clock_now()),
             },
         });
     }

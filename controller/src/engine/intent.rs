@@ -11,9 +11,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{
-    Action, FenceMethod, FenceOutcome, HostId, IncidentId, Resource, RestoreOutcome, Timestamp,
-};
+use super::ids::{HostId, HostTime, IncidentId, Resource, Timestamp};
+use super::types::{Action, FenceMethod, FenceOutcome, RestoreOutcome};
 
 /// An idempotency key.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -195,6 +194,11 @@ pub struct Completion {
     pub at: Timestamp,
     /// The result.
     pub outcome: IntentOutcome,
+    /// For a restore that succeeded: the clock of the host the resource runs on now, as
+    /// last heard when the result was taken in. News from that host stamped before it
+    /// happened before the restore (a late account of the failure it cured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_clock: Option<HostTime>,
 }
 
 /// A row with its completion, as [`IntentLog::entries`] returns it.

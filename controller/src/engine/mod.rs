@@ -78,6 +78,7 @@
 
 mod config;
 pub mod detector;
+mod ids;
 mod intent;
 mod state;
 mod types;
@@ -88,6 +89,7 @@ use std::time::Duration;
 use detector::{Detector, Liveness};
 
 pub use config::Config;
+pub use ids::*;
 pub use intent::{
     Completion, Intent, IntentEntry, IntentKey, IntentLog, IntentOutcome, IntentRecord,
     MemoryIntentLog,
@@ -141,6 +143,13 @@ struct HostEntry {
     /// A heartbeat was received after the verified fence (controller clock): the host
     /// is back, and waits to be trusted again.
     heard_since_fence: bool,
+    /// The host's own clock as the controller reckons it from its heartbeats: a restore
+    /// onto this host is dated with it, so that the host's later news can be told from
+    /// its earlier news without comparing its clock with the controller's.
+    clock: Option<HostClock>,
+    /// Resources restored onto this host while its clock was unknown: the next
+    /// heartbeat dates their restore.
+    undated: BTreeSet<Resource>,
 }
 
 impl HostEntry {
@@ -168,6 +177,8 @@ impl HostEntry {
             last_incident: None,
             evacuated: BTreeSet::new(),
             heard_since_fence: false,
+            clock: None,
+            undated: BTreeSet::new(),
         }
     }
 
@@ -180,6 +191,8 @@ impl HostEntry {
             std::mem::take(&mut self.stale),
             self.last_incident,
             std::mem::take(&mut self.evacuated),
+            self.clock,
+            std::mem::take(&mut self.undated),
         );
         *self = HostEntry::new();
         (
@@ -189,6 +202,8 @@ impl HostEntry {
             self.stale,
             self.last_incident,
             self.evacuated,
+            self.clock,
+            self.undated,
         ) = keep;
     }
 }
@@ -202,11 +217,38 @@ struct ResourceEntry {
     /// Resource-level intents issued under the current owner (key step counter).
     steps: u32,
     restarts: Vec<Timestamp>,
-    last_restored_at: Timestamp,
-    /// The incident opened by the last failure, and when that failure happened (host
-    /// clock): a second account of the same failure (libvirt after eBPF) that arrives
-    /// after the incident has ended still belongs to its timeline.
-    last_failure: Option<(IncidentId, Timestamp)>,
+    /// When it was last started again (in place or elsewhere).
+    restored: Option<Restored>,
+    /// The incident opened by the last failure, and when that failure happened (on the
+    /// clock of whoever saw it): a second account of the same failure (libvirt after
+    /// eBPF) that arrives after the incident has ended still belongs to its timeline.
+    last_failure: Option<(IncidentId, ListedAt)>,
+}
+
+/// A host's clock as the controller reckons it: a reading heard from the host, and when
+/// (controller clock) it was heard. The reading plus the controller's own time since is
+/// a lower bound of the host's clock now (the reading was on its way for a while), and
+/// no host clock is ever compared with the controller's.
+#[derive(Clone, Copy, Debug)]
+struct HostClock {
+    read: HostTime,
+    heard_at: Timestamp,
+}
+
+impl HostClock {
+    fn at(&self, now: Timestamp) -> HostTime {
+        let since = u64::try_from(now.since(self.heard_at).as_millis()).unwrap_or(u64::MAX);
+        HostTime(self.read.0.saturating_add(since))
+    }
+}
+
+/// When a resource was last restored, on both clocks that may date news about it: the
+/// controller's, and its host's as last heard at that moment (unknown until the host is
+/// heard). The line between news from before the restore (late) and after it.
+#[derive(Clone, Copy, Debug)]
+struct Restored {
+    at: Timestamp,
+    host_clock: Option<HostTime>,
 }
 
 impl ResourceEntry {
@@ -218,8 +260,29 @@ impl ResourceEntry {
             in_flight: None,
             steps: 0,
             restarts: Vec::new(),
-            last_restored_at: Timestamp::ZERO,
+            restored: None,
             last_failure: None,
+        }
+    }
+
+    /// News dated `t` happened before the resource's last restore. Each clock is
+    /// compared only with itself; news whose clock the restore has no date on (its host
+    /// was not heard yet) is not late.
+    fn before_restore(&self, t: ListedAt) -> bool {
+        match (self.restored, t) {
+            (None, _) => false,
+            (Some(r), ListedAt::Controller(at)) => at < r.at,
+            (Some(r), ListedAt::Host(at)) => r.host_clock.is_some_and(|c| at < c),
+        }
+    }
+
+    /// News dated `t` is newer than the resource's last restore (never true while the
+    /// restore has no date on that clock: a listing of unknown age does not undo it).
+    fn after_restore(&self, t: ListedAt) -> bool {
+        match (self.restored, t) {
+            (None, _) => true,
+            (Some(r), ListedAt::Controller(at)) => at > r.at,
+            (Some(r), ListedAt::Host(at)) => r.host_clock.is_some_and(|c| at > c),
         }
     }
 }
@@ -337,7 +400,7 @@ impl Engine {
                 if let Some(k) = e.intents.get_mut(&entry.record.key) {
                     k.done = true;
                 }
-                e.apply_outcome(&entry.record, &c.outcome);
+                e.apply_outcome(&entry.record, c);
             }
         }
         e.replaying = false;
@@ -565,8 +628,19 @@ impl Engine {
             let h = self.hosts.get_mut(&host).expect("ensured");
             h.self_fence_armed = hb.self_fence_armed;
             let old = h.boot_id.replace(hb.boot_id);
+            // Heartbeats may arrive out of order over two paths: the clock only goes
+            // forward, unless the host rebooted (a new clock for a new boot).
+            let read = match h.clock {
+                Some(c) if old == Some(hb.boot_id) => c.at(now).max(hb.at),
+                _ => hb.at,
+            };
+            h.clock = Some(HostClock {
+                read,
+                heard_at: now,
+            });
             (h.state, h.fenced_at, old)
         };
+        self.date_restores(&host, hb.at);
         if old_boot.is_some_and(|b| b != hb.boot_id) {
             if let Some(inc) = self.hosts[&host].incident {
                 self.timeline(
@@ -619,12 +693,12 @@ impl Engine {
                 source,
                 at,
                 reason,
-            } => self.on_exit(&host, resource, source, at, &reason),
+            } => self.on_exit(&host, resource, source, ListedAt::Host(at), &reason),
             HostEvent::DiskStallStarted { resource, at } => {
-                self.note_stall(&host, resource, at, "disk stall started")
+                self.note_stall(&host, resource, at, Stall::Started)
             }
             HostEvent::DiskStallEnded { resource, at } => {
-                self.note_stall(&host, resource, at, "disk stall ended")
+                self.note_stall(&host, resource, at, Stall::Ended)
             }
             HostEvent::Inventory {
                 resources,
@@ -669,8 +743,14 @@ impl Engine {
     /// records the start and the end and closes at the end; it changes no state and
     /// issues no action (the watchdog's stall threshold has already passed when the
     /// event arrives, and the cure is the storage, not a restart).
-    fn note_stall(&mut self, host: &HostId, resource: Option<Resource>, at: Timestamp, what: &str) {
-        let ended = what.ends_with("ended");
+    fn note_stall(
+        &mut self,
+        host: &HostId,
+        resource: Option<Resource>,
+        at: HostTime,
+        phase: Stall,
+    ) {
+        let ended = phase == Stall::Ended;
         let owner = resource
             .as_ref()
             .and_then(|r| self.resources.get(r))
@@ -681,7 +761,7 @@ impl Engine {
             .clone()
             .map(Subject::Resource)
             .unwrap_or(Subject::Host(host.clone()));
-        let cause = format!("{what} at {at}");
+        let cause = format!("{phase} at {at}");
         if let Some(inc) = owner {
             self.timeline(inc, subject.clone(), "-", "-", cause.clone(), Source::Ebpf);
         }
@@ -707,7 +787,7 @@ impl Engine {
         host: &HostId,
         resource: Resource,
         source: Source,
-        at: Timestamp,
+        at: ListedAt,
         reason: &str,
     ) {
         if !self.resources.contains_key(&resource) {
@@ -732,7 +812,7 @@ impl Engine {
             }
             return;
         }
-        if at < e.last_restored_at {
+        if e.before_restore(at) {
             if let Some(inc) = e.owner {
                 self.timeline(inc, subject, "-", "-", format!("late: {cause}"), source);
             }
@@ -747,7 +827,7 @@ impl Engine {
             // Given up: nothing to act on, but another source's account of the same
             // failure goes into that incident's timeline.
             if let Some((inc, failed_at)) = e.last_failure {
-                if at.0.abs_diff(failed_at.0) <= self.cfg.correlation_window.as_millis() as u64 {
+                if same_failure(failed_at, at, self.cfg.correlation_window) {
                     self.timeline(inc, subject, "-", "-", format!("also: {cause}"), source);
                 }
             }
@@ -789,12 +869,12 @@ impl Engine {
     /// restored: the engine forgets them (unless an incident owns them; it finishes).
     /// Started again, they come back with the next inventory. A list taken before the
     /// resource's last restore is old news (it shows the stop that the restore undid).
-    fn forget_stopped(&mut self, host: &HostId, stopped: &[Resource], at: Timestamp) {
+    fn forget_stopped(&mut self, host: &HostId, stopped: &[Resource], at: ListedAt) {
         for r in stopped {
             let forget = self.resources.get(r).is_some_and(|e| {
                 &e.host == host
                     && e.owner.is_none()
-                    && at > e.last_restored_at
+                    && e.after_restore(at)
                     && matches!(e.state, ResourceState::Running | ResourceState::GaveUp)
             });
             if forget {
@@ -809,7 +889,7 @@ impl Engine {
         host: &HostId,
         resources: Vec<Resource>,
         source: Source,
-        at: Timestamp,
+        at: ListedAt,
     ) {
         let listed: BTreeSet<Resource> = resources.into_iter().collect();
         // The lister answered: a later failure is a new episode worth an alarm.
@@ -855,7 +935,7 @@ impl Engine {
                     }
                 }
                 Some(e) => {
-                    if at < e.last_restored_at || source == Source::Nova {
+                    if e.before_restore(at) || source == Source::Nova {
                         continue;
                     }
                     stale.insert(r.clone());
@@ -877,7 +957,7 @@ impl Engine {
                         && &e.host == host
                         && e.owner.is_none()
                         && e.state == ResourceState::Running
-                        && at > e.last_restored_at
+                        && e.after_restore(at)
                         && !listed.contains(*r)
                 })
                 .map(|(r, _)| r.clone())
@@ -1499,14 +1579,28 @@ impl Engine {
             }
             _ => return false,
         };
+        // A restore is dated on its host's clock too (see `Restored`).
+        let host_clock = match (&record.intent, &outcome) {
+            (
+                Intent::RestartInPlace { .. } | Intent::Evacuate { .. },
+                IntentOutcome::Restore(RestoreOutcome::Ok { host }),
+            ) => self
+                .hosts
+                .get(host)
+                .and_then(|h| h.clock)
+                .map(|c| c.at(self.now)),
+            _ => None,
+        };
+        let completion = Completion {
+            at: self.now,
+            outcome,
+            host_clock,
+        };
         self.out.push(Action::CompleteIntent {
             key: key.clone(),
-            completion: Completion {
-                at: self.now,
-                outcome: outcome.clone(),
-            },
+            completion: completion.clone(),
         });
-        self.apply_outcome(&record, &outcome);
+        self.apply_outcome(&record, &completion);
         true
     }
 
@@ -1740,9 +1834,10 @@ impl Engine {
     }
 
     /// The state a result implies (live and on replay).
-    fn apply_outcome(&mut self, rec: &IntentRecord, outcome: &IntentOutcome) {
+    fn apply_outcome(&mut self, rec: &IntentRecord, completion: &Completion) {
         let now = self.now;
         let key = &rec.key;
+        let outcome = &completion.outcome;
         self.bump();
         match (&rec.intent, outcome) {
             (Intent::Fence { host, incident, .. }, IntentOutcome::Fence(o)) => {
@@ -1870,7 +1965,7 @@ impl Engine {
                 e.in_flight = None;
                 match o {
                     RestoreOutcome::Ok { .. } => {
-                        e.last_restored_at = now;
+                        self.mark_restored(resource, completion.host_clock);
                         self.set_resource_state(
                             resource,
                             ResourceState::Running,
@@ -1932,9 +2027,9 @@ impl Engine {
                         }
                         let e = self.resources.get_mut(resource).expect("known");
                         e.host = to.clone();
-                        e.last_restored_at = now;
                         e.steps = 0;
                         self.ensure_host(to);
+                        self.mark_restored(resource, completion.host_clock);
                         self.set_resource_state(
                             resource,
                             ResourceState::Running,
@@ -2012,6 +2107,41 @@ impl Engine {
         match r.kind() {
             ResourceKind::Vm => self.cfg.vm_restorer,
             ResourceKind::Router => Source::Neutron,
+        }
+    }
+
+    /// Dates a resource's restore on the controller's clock and on its host's clock as
+    /// last heard (`host_clock`); a host not heard yet dates it with its next heartbeat.
+    fn mark_restored(&mut self, r: &Resource, host_clock: Option<HostTime>) {
+        let now = self.now;
+        let e = self.resources.get_mut(r).expect("known");
+        e.restored = Some(Restored {
+            at: now,
+            host_clock,
+        });
+        if host_clock.is_none() {
+            let host = e.host.clone();
+            if let Some(h) = self.hosts.get_mut(&host) {
+                h.undated.insert(r.clone());
+            }
+        }
+    }
+
+    /// The first heartbeat of a host after restores it could not date dates them.
+    fn date_restores(&mut self, host: &HostId, at: HostTime) {
+        let h = self.hosts.get_mut(host).expect("known");
+        if h.undated.is_empty() {
+            return;
+        }
+        for r in std::mem::take(&mut h.undated) {
+            if let Some(e) = self.resources.get_mut(&r) {
+                if &e.host != host {
+                    continue;
+                }
+                if let Some(restored) = e.restored.as_mut().filter(|x| x.host_clock.is_none()) {
+                    restored.host_clock = Some(at);
+                }
+            }
         }
     }
 
@@ -2286,6 +2416,33 @@ impl Engine {
             );
         }
         self.alarm(kind, Some(host.clone()), None, reason);
+    }
+}
+
+/// Two accounts of a failure (eBPF's and libvirt's) within the correlation window of
+/// each other, on the same clock, are the same failure.
+fn same_failure(a: ListedAt, b: ListedAt, window: Duration) -> bool {
+    let window = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+    match (a, b) {
+        (ListedAt::Host(a), ListedAt::Host(b)) => a.0.abs_diff(b.0) <= window,
+        (ListedAt::Controller(a), ListedAt::Controller(b)) => a.0.abs_diff(b.0) <= window,
+        _ => false,
+    }
+}
+
+/// Where a disk stall is: its start or its end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stall {
+    Started,
+    Ended,
+}
+
+impl std::fmt::Display for Stall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stall::Started => "disk stall started",
+            Stall::Ended => "disk stall ended",
+        })
     }
 }
 

@@ -13,6 +13,8 @@ struct Harness {
     hosts: Vec<HostId>,
     alive: BTreeSet<HostId>,
     actions: Vec<Action>,
+    /// How far the hosts' clocks are off the controller's (ms).
+    host_offset_ms: i64,
 }
 
 fn host(i: usize) -> HostId {
@@ -25,16 +27,23 @@ impl Harness {
     }
 
     fn with(n: usize, cfg: Config) -> Self {
+        Self::clocked(n, cfg, 0, 0)
+    }
+
+    /// The controller's clock starts at `start_ms`; the hosts' clocks read
+    /// `host_offset_ms` more (or less).
+    fn clocked(n: usize, cfg: Config, start_ms: u64, host_offset_ms: i64) -> Self {
         let mut engine = Engine::new(cfg);
-        let start = engine.start(Timestamp(0));
+        let start = engine.start(Timestamp(start_ms));
         let hosts: Vec<HostId> = (0..n).map(host).collect();
         let mut h = Harness {
             engine,
             log: MemoryIntentLog::new(),
-            now: 0,
+            now: start_ms,
             alive: hosts.iter().cloned().collect(),
             hosts,
             actions: Vec::new(),
+            host_offset_ms,
         };
         h.absorb(start);
         for i in 0..n {
@@ -44,12 +53,20 @@ impl Harness {
                     resources: vec![Resource::vm(format!("vm{i}"))],
                     stopped: vec![],
                     source: Source::Nova,
-                    at: Timestamp(0),
+                    at: ListedAt::Controller(Timestamp(start_ms)),
                 },
             });
         }
         h.run_for(500);
         h
+    }
+
+    /// The hosts' clock at controller time `t`.
+    fn host_clock(&self, t: u64) -> HostTime {
+        HostTime(
+            t.checked_add_signed(self.host_offset_ms)
+                .expect("a host time"),
+        )
     }
 
     fn absorb(&mut self, actions: Vec<Action>) {
@@ -84,7 +101,7 @@ impl Harness {
                         path: PathId(0),
                         boot_id: 1,
                         incarnation: 1,
-                        at: Timestamp(self.now),
+                        at: self.host_clock(self.now),
                         self_fence_armed: true,
                     }));
                 }
@@ -162,7 +179,7 @@ impl Harness {
             event: HostEvent::ResourceExited {
                 resource: Resource::vm(vm),
                 source,
-                at: Timestamp(at),
+                at: self.host_clock(at),
                 reason: "SIGKILL".into(),
             },
         });
@@ -616,7 +633,7 @@ fn a_router_on_a_dead_host_is_moved_without_a_restart_in_place() {
             resources: vec![Resource::vm("vm1"), Resource::router("r1")],
             stopped: vec![],
             source: Source::Nova,
-            at: Timestamp(h.now),
+            at: ListedAt::Controller(Timestamp(h.now)),
         },
     });
     // A router crash on a healthy host goes straight to a move.
@@ -625,7 +642,7 @@ fn a_router_on_a_dead_host_is_moved_without_a_restart_in_place() {
         event: HostEvent::ResourceExited {
             resource: Resource::router("r1"),
             source: Source::Neutron,
-            at: Timestamp(h.now),
+            at: HostTime(h.now),
             reason: "l3 agent lost it".into(),
         },
     });
@@ -652,7 +669,7 @@ fn routers_listed_by_neutron_at_force_down_are_moved_by_the_host_incident_and_re
             resources: routers.clone(),
             stopped: vec![],
             source: Source::Neutron,
-            at: Timestamp(h.now),
+            at: ListedAt::Controller(Timestamp(h.now)),
         },
     });
     h.force_down_ok(1);
@@ -686,7 +703,7 @@ fn routers_listed_by_neutron_at_force_down_are_moved_by_the_host_incident_and_re
             resources: vec![Resource::vm("vm2")],
             stopped: vec![],
             source: Source::Libvirt,
-            at: Timestamp(h.now),
+            at: ListedAt::Host(HostTime(h.now)),
         },
     });
     assert_eq!(
@@ -705,7 +722,7 @@ fn routers_listed_by_neutron_at_force_down_are_moved_by_the_host_incident_and_re
             resources: routers.clone(),
             stopped: vec![],
             source: Source::Neutron,
-            at: Timestamp(h.now),
+            at: ListedAt::Controller(Timestamp(h.now)),
         },
     });
     assert!(alarms(&h.actions).contains(&AlarmKind::StaleResource));
@@ -715,7 +732,7 @@ fn routers_listed_by_neutron_at_force_down_are_moved_by_the_host_incident_and_re
             resources: vec![],
             stopped: vec![],
             source: Source::Libvirt,
-            at: Timestamp(h.now),
+            at: ListedAt::Host(HostTime(h.now)),
         },
     });
     h.take();
@@ -729,7 +746,7 @@ fn routers_listed_by_neutron_at_force_down_are_moved_by_the_host_incident_and_re
             resources: vec![],
             stopped: vec![],
             source: Source::Neutron,
-            at: Timestamp(h.now),
+            at: ListedAt::Controller(Timestamp(h.now)),
         },
     });
     h.command(OperatorCommand::Unfence { host: host(1) })
@@ -820,7 +837,7 @@ fn a_fenced_host_is_not_trusted_until_an_operator_unfences_it() {
             resources: vec![Resource::vm("vm2")],
             stopped: vec![],
             source: Source::Libvirt,
-            at: Timestamp(h.now),
+            at: ListedAt::Host(HostTime(h.now)),
         },
     });
     assert!(alarms(&h.actions).contains(&AlarmKind::StaleResource));
@@ -835,7 +852,7 @@ fn a_fenced_host_is_not_trusted_until_an_operator_unfences_it() {
             resources: vec![],
             stopped: vec![],
             source: Source::Libvirt,
-            at: Timestamp(h.now),
+            at: ListedAt::Host(HostTime(h.now)),
         },
     });
     h.command(OperatorCommand::Unfence { host: host(2) })
@@ -1128,7 +1145,7 @@ fn a_vm_shut_off_on_purpose_is_forgotten_not_restarted_when_it_leaves_the_invent
             resources,
             stopped,
             source: Source::Libvirt,
-            at: Timestamp(at),
+            at: ListedAt::Host(HostTime(at)),
         },
     };
     h.input(inventory(
@@ -1161,7 +1178,7 @@ fn a_vm_shut_off_on_purpose_is_forgotten_not_restarted_when_it_leaves_the_invent
 fn a_domain_list_taken_before_a_restart_does_not_make_the_engine_forget_the_restarted_vm() {
     let mut h = Harness::new(1);
     let vm = Resource::vm("vm0");
-    let exited_at = Timestamp(h.now);
+    let exited_at = HostTime(h.now);
     h.input(Input::HostEvent {
         host: host(0),
         event: HostEvent::ResourceExited {
@@ -1193,14 +1210,14 @@ fn a_domain_list_taken_before_a_restart_does_not_make_the_engine_forget_the_rest
             resources: vec![],
             stopped: vec![vm.clone()],
             source: Source::Libvirt,
-            at: Timestamp(exited_at.0 + 50),
+            at: ListedAt::Host(HostTime(exited_at.0 + 50)),
         },
     });
     assert_eq!(h.engine.resource_state(&vm), Some(ResourceState::Running));
 }
 
 fn stall(h: &mut Harness, i: usize, vm: &str, started: bool) {
-    let (resource, at) = (Some(Resource::vm(vm)), Timestamp(h.now));
+    let (resource, at) = (Some(Resource::vm(vm)), HostTime(h.now));
     h.input(Input::HostEvent {
         host: host(i),
         event: if started {
@@ -1295,7 +1312,7 @@ impl Harness {
                 resources: routers.iter().map(|r| Resource::router(*r)).collect(),
                 stopped: vec![],
                 source: Source::Neutron,
-                at: Timestamp(self.now),
+                at: ListedAt::Controller(Timestamp(self.now)),
             },
         })
     }
@@ -1667,7 +1684,7 @@ fn a_resumed_controller_keeps_an_evacuation_that_succeeded_in_the_same_milliseco
                 resources: vec![],
                 stopped: vec![],
                 source: Source::Libvirt,
-                at: Timestamp(h.now + 20),
+                at: ListedAt::Host(HostTime(h.now + 20)),
             },
         },
     );
@@ -1810,7 +1827,7 @@ fn the_automatic_unfence_policy_waits_while_the_host_still_runs_resources_restor
             resources: vec![Resource::vm("vm2")],
             stopped: vec![],
             source: Source::Libvirt,
-            at: Timestamp(h.now),
+            at: ListedAt::Host(HostTime(h.now)),
         },
     });
     h.take();
@@ -1828,9 +1845,97 @@ fn the_automatic_unfence_policy_waits_while_the_host_still_runs_resources_restor
             resources: vec![],
             stopped: vec![],
             source: Source::Libvirt,
-            at: Timestamp(h.now),
+            at: ListedAt::Host(HostTime(h.now)),
         },
     });
     h.compute_reports(2);
     assert_eq!(h.state(2), HostState::Up);
+}
+
+/// A day in the life of a small cloud, on hosts whose clocks read `offset_ms` more than
+/// the controller's: a VM crash restarted in place, libvirt's late account of it, a
+/// second crash, a host lost, fenced and evacuated, back with a stale copy. Its
+/// decisions, without what shows the hosts' own times (timeline lines, the restores'
+/// dates on their hosts' clocks).
+fn decisions_with_host_clocks_off_by(offset_ms: i64) -> Vec<Action> {
+    let start = 1_000_000;
+    let mut h = Harness::clocked(3, Config::default(), start, offset_ms);
+    // vm1 crashes; restarted in place; libvirt's account of the same crash comes after.
+    let crashed = h.now;
+    h.exit(1, "vm1", Source::Ebpf, crashed);
+    let Some(Action::RestartInPlace { key, .. }) =
+        h.find(|a| matches!(a, Action::RestartInPlace { .. }))
+    else {
+        panic!("no restart in place")
+    };
+    h.run_for(200);
+    h.input(Input::RestoreResult {
+        resource: Resource::vm("vm1"),
+        key,
+        outcome: RestoreOutcome::Ok { host: host(1) },
+    });
+    h.run_for(100);
+    h.exit(1, "vm1", Source::Libvirt, crashed + 10);
+    h.run_for(5_000);
+    // A new crash, after the restore.
+    let again = h.now;
+    h.exit(1, "vm1", Source::Ebpf, again);
+    h.run_for(100);
+    // Host 2 is lost, fenced, its VM restored on host 0; it comes back with a stale copy.
+    h.fence_and_recover(2);
+    h.revive(2);
+    h.run_for(300);
+    let listed = h.host_clock(h.now);
+    h.input(Input::HostEvent {
+        host: host(2),
+        event: HostEvent::Inventory {
+            resources: vec![Resource::vm("vm2")],
+            stopped: vec![],
+            source: Source::Libvirt,
+            at: ListedAt::Host(listed),
+        },
+    });
+    h.run_for(100);
+    h.actions
+        .into_iter()
+        .filter(|a| !matches!(a, Action::RecordTimeline { .. }))
+        .map(|a| match a {
+            // The restore's date on its host's clock is the hosts' own time.
+            Action::CompleteIntent {
+                key,
+                mut completion,
+            } => {
+                completion.host_clock = None;
+                Action::CompleteIntent { key, completion }
+            }
+            other => other,
+        })
+        .collect()
+}
+
+#[test]
+fn a_host_whose_clock_is_ten_minutes_ahead_or_behind_is_handled_exactly_like_one_with_a_true_clock()
+{
+    let true_clock = decisions_with_host_clocks_off_by(0);
+    // The run means something: one restart per crash (libvirt's late account of the
+    // first is not a third), the host fenced, its VM evacuated, back and stale.
+    let restarts = true_clock
+        .iter()
+        .filter(|a| matches!(a, Action::RestartInPlace { .. }))
+        .count();
+    assert_eq!(restarts, 2, "{true_clock:#?}");
+    assert_eq!(evacuations(&true_clock).len(), 1);
+    let kinds = alarms(&true_clock);
+    assert!(
+        kinds.contains(&AlarmKind::HostBackAwaitingUnfence),
+        "{kinds:?}"
+    );
+    assert!(kinds.contains(&AlarmKind::StaleResource), "{kinds:?}");
+    for offset in [-600_000, 600_000] {
+        assert_eq!(
+            decisions_with_host_clocks_off_by(offset),
+            true_clock,
+            "hosts' clocks off by {offset} ms"
+        );
+    }
 }

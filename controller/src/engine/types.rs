@@ -1,171 +1,16 @@
-//! Plain data the engine speaks: identifiers, time, inputs and actions.
+//! The engine's vocabulary: its inputs (facts from the world), its actions (decisions
+//! as values), evidence, outcomes, alarms and the read-only views.
 //!
 //! Everything here is `serde`-serialisable so that inputs can be recorded, actions
 //! written to the store and both replayed in tests.
 
 use std::fmt;
-use std::ops::Add;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::ids::*;
 use super::intent::{IntentKey, IntentRecord};
 use super::state::{HostState, ResourceState};
-
-/// A point in time on the controller's monotonic clock, in milliseconds since an
-/// arbitrary epoch (the runtime's start). The engine never reads a clock itself: the
-/// runtime passes `now` into every step.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
-pub struct Timestamp(pub u64);
-
-impl Timestamp {
-    /// The epoch.
-    pub const ZERO: Timestamp = Timestamp(0);
-
-    /// A timestamp `ms` milliseconds after the epoch.
-    pub const fn from_millis(ms: u64) -> Self {
-        Timestamp(ms)
-    }
-
-    /// Milliseconds since the epoch.
-    pub const fn as_millis(self) -> u64 {
-        self.0
-    }
-
-    /// Time elapsed from `earlier` to `self`, zero if `earlier` is later.
-    pub fn since(self, earlier: Timestamp) -> Duration {
-        Duration::from_millis(self.0.saturating_sub(earlier.0))
-    }
-}
-
-impl Add<Duration> for Timestamp {
-    type Output = Timestamp;
-    fn add(self, rhs: Duration) -> Timestamp {
-        let ms = u64::try_from(rhs.as_millis()).unwrap_or(u64::MAX);
-        Timestamp(self.0.saturating_add(ms))
-    }
-}
-
-impl fmt::Display for Timestamp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{:03}s", self.0 / 1000, self.0 % 1000)
-    }
-}
-
-macro_rules! string_id {
-    ($(#[$doc:meta])* $name:ident) => {
-        $(#[$doc])*
-        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-        pub struct $name(pub String);
-
-        impl $name {
-            /// Builds the id from anything string-like.
-            pub fn new(s: impl Into<String>) -> Self {
-                $name(s.into())
-            }
-            /// The id as text.
-            pub fn as_str(&self) -> &str {
-                &self.0
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-    };
-}
-
-string_id!(
-    /// A hypervisor (Nova compute host name).
-    HostId
-);
-string_id!(
-    /// A VM (libvirt domain UUID = Nova instance UUID).
-    VmId
-);
-string_id!(
-    /// A Neutron logical router (hosted by an L3 agent on a host).
-    RouterId
-);
-
-/// Which heartbeat path (network) a heartbeat came over; hosts send on every path.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
-)]
-pub struct PathId(pub u16);
-
-/// The kinds of resources the engine restores. A new kind is a new variant here and in
-/// [`Resource`]; it goes through the same engine and the same rules.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum ResourceKind {
-    /// A KVM guest.
-    Vm,
-    /// A logical router on an L3 agent.
-    Router,
-}
-
-impl ResourceKind {
-    /// Whether a failed resource of this kind is first restarted where it was. A VM is
-    /// (its host is healthy); a router is moved to a live agent straight away.
-    pub fn restarts_in_place(self) -> bool {
-        match self {
-            ResourceKind::Vm => true,
-            ResourceKind::Router => false,
-        }
-    }
-}
-
-/// One restorable thing: the unit of ownership.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Resource {
-    /// A VM.
-    Vm(VmId),
-    /// A logical router.
-    Router(RouterId),
-}
-
-impl Resource {
-    /// A VM resource.
-    pub fn vm(id: impl Into<String>) -> Self {
-        Resource::Vm(VmId::new(id))
-    }
-    /// A router resource.
-    pub fn router(id: impl Into<String>) -> Self {
-        Resource::Router(RouterId::new(id))
-    }
-    /// Its kind.
-    pub fn kind(&self) -> ResourceKind {
-        match self {
-            Resource::Vm(_) => ResourceKind::Vm,
-            Resource::Router(_) => ResourceKind::Router,
-        }
-    }
-}
-
-impl fmt::Display for Resource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Resource::Vm(v) => write!(f, "vm:{v}"),
-            Resource::Router(r) => write!(f, "router:{r}"),
-        }
-    }
-}
-
-/// An incident: one failure being handled, with one owner per resource.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
-)]
-pub struct IncidentId(pub u64);
-
-impl fmt::Display for IncidentId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "i{}", self.0)
-    }
-}
 
 /// Where a piece of evidence came from (timeline `source`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -258,8 +103,8 @@ pub enum HostEvent {
         resource: Resource,
         /// Who saw it.
         source: Source,
-        /// When it happened (host clock).
-        at: Timestamp,
+        /// When it happened (the host's clock).
+        at: HostTime,
         /// Signal, OOM, libvirt reason...
         reason: String,
     },
@@ -268,14 +113,14 @@ pub enum HostEvent {
         /// Affected resource, if known.
         resource: Option<Resource>,
         /// When.
-        at: Timestamp,
+        at: HostTime,
     },
     /// The stall ended (timeline only).
     DiskStallEnded {
         /// Affected resource, if known.
         resource: Option<Resource>,
         /// When.
-        at: Timestamp,
+        at: HostTime,
     },
     /// The full list of resources running on the host.
     Inventory {
@@ -289,7 +134,7 @@ pub enum HostEvent {
         /// Who reported it (the watchdog's scan or Nova).
         source: Source,
         /// When the list was taken.
-        at: Timestamp,
+        at: ListedAt,
     },
     /// A source could not list the host's resources and keeps trying (Neutron
     /// unreachable while a fenced host's routers are to be listed). The resources it
@@ -371,7 +216,7 @@ pub struct Heartbeat {
     /// The watchdog process incarnation (changes on daemon restart).
     pub incarnation: u64,
     /// Sent at (host clock); liveness is judged by the receive time `now`.
-    pub at: Timestamp,
+    pub at: HostTime,
     /// The host's self-fence watchdog is armed.
     pub self_fence_armed: bool,
 }
@@ -484,24 +329,6 @@ pub struct TimelineEntry {
     pub cause: String,
     /// Evidence source.
     pub source: Source,
-}
-
-/// What an incident or a timeline line is about.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Subject {
-    /// A host.
-    Host(HostId),
-    /// A resource.
-    Resource(Resource),
-}
-
-impl fmt::Display for Subject {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Subject::Host(h) => write!(f, "host:{h}"),
-            Subject::Resource(r) => write!(f, "{r}"),
-        }
-    }
 }
 
 /// A decision, as a value. The runtime carries actions out **in order**; an action with

@@ -17,8 +17,8 @@ use crate::clock::EngineClock;
 use crate::edges::{dispatch, Confirmer, Fencer, Restorer};
 use crate::edges::{EdgeLinks, HostFacts, ResultSender};
 use crate::engine::{
-    Action, Engine, Heartbeat, HostEvent, HostId, Input, OperatorCommand, PathId, Resource, Source,
-    Timestamp,
+    Action, Engine, Heartbeat, HostEvent, HostId, HostTime, Input, ListedAt, OperatorCommand,
+    PathId, Resource, Source, Timestamp,
 };
 use crate::metrics::Metrics;
 use crate::store::{intent_log_snapshot, Store};
@@ -216,7 +216,7 @@ impl EngineTask {
             path: PathId(u16::from(hb.path)),
             boot_id: boot,
             incarnation: hb.incarnation,
-            at: Timestamp(hb.sent_unix_ns / 1_000_000),
+            at: HostTime(hb.sent_unix_ns / 1_000_000),
             self_fence_armed: hb.status.self_fence_armed,
         }))
     }
@@ -506,7 +506,8 @@ fn stopped_on_purpose(reason: &str) -> bool {
 
 /// The engine's view of a watchdog event (None: timeline-less kinds).
 pub fn host_event(payload: &EventPayload, unix_ns: u64) -> Option<HostEvent> {
-    let at = Timestamp(unix_ns / 1_000_000);
+    // The watchdog's stamp: the host's clock.
+    let at = HostTime(unix_ns / 1_000_000);
     let vm = |uuid: &Option<String>, name: &Option<String>| {
         uuid.clone().or_else(|| name.clone()).map(Resource::vm)
     };
@@ -623,7 +624,7 @@ pub fn host_event(payload: &EventPayload, unix_ns: u64) -> Option<HostEvent> {
                     .collect(),
                 // The watchdog takes its inventory from libvirt.
                 source: Source::Libvirt,
-                at,
+                at: ListedAt::Host(at),
             })
         }
         _ => None,
@@ -654,7 +655,7 @@ mod tests {
             }) => {
                 assert_eq!(resource, Resource::vm("u-1"));
                 assert_eq!(source, Source::Libvirt);
-                assert_eq!(at, Timestamp(2));
+                assert_eq!(at, HostTime(2));
                 assert!(reason.contains("stopped (failed)"), "{reason}");
             }
             other => panic!("{other:?}"),

@@ -35,8 +35,8 @@ use serde::{Deserialize, Serialize};
 use crate::engine::detector::DetectorConfig;
 use crate::engine::{
     Action, Config, Engine, FenceOutcome, FenceVerifier, Heartbeat, HostEvent, HostId, HostState,
-    Input, Intent, IntentKey, IntentLog, IntentOutcome, MemoryIntentLog, OperatorCommand, PathId,
-    Resource, ResourceState, RestoreOutcome, Source, Timestamp, Verdict,
+    HostTime, Input, Intent, IntentKey, IntentLog, IntentOutcome, ListedAt, MemoryIntentLog,
+    OperatorCommand, PathId, Resource, ResourceState, RestoreOutcome, Source, Timestamp, Verdict,
 };
 
 pub use rng::Rng;
@@ -123,6 +123,14 @@ pub struct Scenario {
     pub heal_at: u64,
     /// The run ends at (ms).
     pub end_at: u64,
+    /// Each host's clock offset from the controller's (ms, up to ten minutes either way):
+    /// a host's clock must not change any decision.
+    #[serde(default)]
+    pub clock_offsets_ms: Vec<i64>,
+    /// The automatic unfence policy (a fake Nova reports a recovered host's compute
+    /// service) instead of a patient operator.
+    #[serde(default)]
+    pub auto_unfence: bool,
 }
 
 impl Scenario {
@@ -192,11 +200,25 @@ impl Scenario {
             1 => 0.1,
             _ => 0.3,
         };
+        // Drawn from a stream of their own, so that adding them left every seed's
+        // cloud and faults as they were.
+        let mut more = Rng::new(seed.rotate_left(29) ^ 0xC10C_C10C);
+        let clock_offsets_ms = (0..hosts)
+            .map(|_| match more.range(0, 3) {
+                0 => 0,
+                1 => -600_000,
+                2 => 600_000,
+                _ => more.range(0, 1_200_000) as i64 - 600_000,
+            })
+            .collect();
+        let auto_unfence = more.chance(0.5);
         Scenario {
             seed,
             hosts,
             resources,
             faults,
+            clock_offsets_ms,
+            auto_unfence,
             p_fence_fail: pick(&mut rng),
             p_fence_unverified: pick(&mut rng) / 2.0,
             p_restore_fail: pick(&mut rng),
@@ -220,6 +242,7 @@ impl Scenario {
         if self.self_fence {
             cfg.self_fence_deadline = Some(Duration::from_secs(5));
         }
+        cfg.auto_unfence = self.auto_unfence;
         cfg
     }
 }
@@ -549,7 +572,7 @@ impl<'a> Sim<'a> {
                     resources,
                     stopped: vec![],
                     source: Source::Nova,
-                    at: Timestamp(0),
+                    at: ListedAt::Controller(Timestamp(0)),
                 },
             })?;
         }
@@ -614,7 +637,7 @@ impl<'a> Sim<'a> {
                         path: PathId(path as u16),
                         boot_id: w.boot_id,
                         incarnation: 1,
-                        at: Timestamp(self.now),
+                        at: self.host_time(h),
                         self_fence_armed: self.sc.self_fence,
                     };
                     let outbox = std::mem::take(&mut self.hosts[h].outbox);
@@ -647,11 +670,17 @@ impl<'a> Sim<'a> {
                         for (resources, source) in
                             [(vms, Source::Libvirt), (routers, Source::Neutron)]
                         {
+                            // The watchdog lists on its host's clock; Neutron's lister
+                            // is the controller's.
+                            let at = match source {
+                                Source::Neutron => ListedAt::Controller(Timestamp(self.now)),
+                                _ => ListedAt::Host(self.host_time(h)),
+                            };
                             self.hosts[h].outbox.push(HostEvent::Inventory {
                                 resources,
                                 stopped: vec![],
                                 source,
-                                at: Timestamp(self.now),
+                                at,
                             });
                         }
                     }
@@ -781,7 +810,7 @@ impl<'a> Sim<'a> {
                 }
                 r.instances.remove(&h);
                 let res = r.r.clone();
-                let t = Timestamp(self.now);
+                let t = self.host_time(h);
                 self.hosts[h].outbox.push(HostEvent::ResourceExited {
                     resource: res.clone(),
                     source: Source::Ebpf,
@@ -832,7 +861,7 @@ impl<'a> Sim<'a> {
                             resources,
                             stopped: vec![],
                             source: Source::Nova,
-                            at: Timestamp(self.now),
+                            at: ListedAt::Controller(Timestamp(self.now)),
                         },
                     })?;
                 }
@@ -842,17 +871,33 @@ impl<'a> Sim<'a> {
         self.check_world()
     }
 
-    /// A patient operator: unfences a recovered host once it is back and clean.
+    /// A patient operator: unfences a recovered host once it is back and clean. Under
+    /// the automatic policy, a fake Nova instead reports a recovered host's compute
+    /// service while the host runs, on every round, and the engine decides.
     fn sim_operator(&mut self) -> Result<(), Box<Violation>> {
         for h in 0..self.hosts.len() {
             let id = self.hosts[h].id.clone();
             if self.engine.host_state(&id) != Some(HostState::Recovered) {
                 self.unfence_asked.remove(&h);
+            } else if self.sc.auto_unfence {
+                if self.hosts[h].alive() {
+                    self.deliver(Input::HostEvent {
+                        host: id,
+                        event: HostEvent::ComputeServiceReporting,
+                    })?;
+                }
             } else if self.connected(h) && self.unfence_asked.insert(h) {
                 self.command(OperatorCommand::Unfence { host: id })?;
             }
         }
         Ok(())
+    }
+
+    /// Host `h`'s own clock now (a plausible unix time, off by its scenario offset).
+    fn host_time(&self, h: usize) -> HostTime {
+        const HOST_EPOCH_MS: i64 = 1_800_000_000_000;
+        let offset = self.sc.clock_offsets_ms.get(h).copied().unwrap_or(0);
+        HostTime((HOST_EPOCH_MS + self.now as i64 + offset) as u64)
     }
 
     /// An operator's command; a refusal changes nothing (it is traced).

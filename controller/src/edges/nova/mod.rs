@@ -490,7 +490,7 @@ impl Worker {
                         resources: servers.iter().map(|s| Resource::vm(&s.id)).collect(),
                         stopped: vec![],
                         source: Source::Nova,
-                        at: wall_clock_now(),
+                        at: crate::engine::ListedAt::Controller(wall_clock_now()),
                     },
                 });
                 RestoreOutcome::Ok { host: host.clone() }
