@@ -1,8 +1,9 @@
 //! Intents: every action that changes the world is written down, with an idempotency
 //! key, before it is carried out (DESIGN rule 3).
 //!
-//! Keys are derived from meaning, not from a counter: `"{incident}/{step}/{target}"`,
-//! for example `i4/fence-1/host:cmp-07` or `i4/evacuate-2/vm:5f0c…`. A restarted engine
+//! Keys are derived from meaning, not from a counter: `"{scope}/{step}/{target}"`, for
+//! example `i4/fence-1/host:cmp-07` or `i4/evacuate-2/vm:5f0c…` for an incident's steps,
+//! `op/unfence@1796407896480/host:cmp-07` for an operator's command. A restarted engine
 //! that reaches the same decision computes the same key, sees it in the log and does not
 //! act twice.
 
@@ -18,10 +19,37 @@ use super::types::{Action, FenceMethod, FenceOutcome, RestoreOutcome};
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct IntentKey(pub String);
 
+/// Whose decision an intent carries out: the first part of its key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyScope {
+    /// A step of an incident (`i4`).
+    Incident(IncidentId),
+    /// An operator's command (`op`).
+    Operator,
+    /// A policy the operator configured, such as the automatic unfence (`policy`).
+    Policy,
+}
+
+impl From<IncidentId> for KeyScope {
+    fn from(id: IncidentId) -> Self {
+        KeyScope::Incident(id)
+    }
+}
+
+impl fmt::Display for KeyScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyScope::Incident(id) => id.fmt(f),
+            KeyScope::Operator => f.write_str("op"),
+            KeyScope::Policy => f.write_str("policy"),
+        }
+    }
+}
+
 impl IntentKey {
-    /// `"{incident}/{step}/{target}"`.
-    pub fn derive(incident: IncidentId, step: &str, target: &dyn fmt::Display) -> Self {
-        IntentKey(format!("{incident}/{step}/{target}"))
+    /// `"{scope}/{step}/{target}"`.
+    pub fn derive(scope: impl Into<KeyScope>, step: &str, target: &dyn fmt::Display) -> Self {
+        IntentKey(format!("{}/{step}/{target}", scope.into()))
     }
     /// The key as text.
     pub fn as_str(&self) -> &str {

@@ -91,10 +91,10 @@ use detector::{Detector, Liveness};
 pub use config::Config;
 pub use ids::*;
 pub use intent::{
-    Completion, Intent, IntentEntry, IntentKey, IntentLog, IntentOutcome, IntentRecord,
+    Completion, Intent, IntentEntry, IntentKey, IntentLog, IntentOutcome, IntentRecord, KeyScope,
     MemoryIntentLog,
 };
-pub use state::{HostState, IllegalTransition, ResourceState};
+pub use state::{HostState, IllegalTransition, Machine, ResourceState};
 pub use types::*;
 
 /// An incident and its timeline.
@@ -121,14 +121,12 @@ struct HostEntry {
     confirm_asked_at: Option<Timestamp>,
     awaiting_confirmation: bool,
     verdict: Option<(Verdict, Source)>,
-    fence_attempts: u32,
-    fence_in_flight: Option<IntentKey>,
-    next_fence_at: Timestamp,
+    /// Fence tries of the current incident.
+    fence: Retry,
     fenced_by: Option<FenceVerifier>,
     fenced_at: Option<Timestamp>,
-    force_down_attempts: u32,
-    force_down_in_flight: Option<IntentKey>,
-    next_force_down_at: Timestamp,
+    /// Force-down tries of the current incident.
+    force_down: Retry,
     owned: BTreeSet<Resource>,
     folded: BTreeSet<Resource>,
     stale: BTreeSet<Resource>,
@@ -162,14 +160,10 @@ impl HostEntry {
             confirm_asked_at: None,
             awaiting_confirmation: false,
             verdict: None,
-            fence_attempts: 0,
-            fence_in_flight: None,
-            next_fence_at: Timestamp::ZERO,
+            fence: Retry::default(),
             fenced_by: None,
             fenced_at: None,
-            force_down_attempts: 0,
-            force_down_in_flight: None,
-            next_force_down_at: Timestamp::ZERO,
+            force_down: Retry::default(),
             owned: BTreeSet::new(),
             folded: BTreeSet::new(),
             stale: BTreeSet::new(),
@@ -206,6 +200,15 @@ impl HostEntry {
             self.undated,
         ) = keep;
     }
+}
+
+/// A host action that is retried (a fence, a force-down): tries so far, the one in
+/// flight, and when the next may start.
+#[derive(Clone, Debug, Default)]
+struct Retry {
+    attempts: u32,
+    in_flight: Option<IntentKey>,
+    next_at: Timestamp,
 }
 
 #[derive(Clone, Debug)]
@@ -415,11 +418,9 @@ impl Engine {
                 if let Some(a) = entry.record.intent.action(&entry.record.key) {
                     if let Some(inc) = entry.record.intent.incident() {
                         let subject = e.incident_subject(inc);
-                        e.timeline(
+                        e.note(
                             inc,
                             subject,
-                            "-",
-                            "-",
                             format!(
                                 "controller resumed; re-handing open intent {}",
                                 entry.record.key
@@ -643,11 +644,9 @@ impl Engine {
         self.date_restores(&host, hb.at);
         if old_boot.is_some_and(|b| b != hb.boot_id) {
             if let Some(inc) = self.hosts[&host].incident {
-                self.timeline(
+                self.note(
                     inc,
                     Subject::Host(host.clone()),
-                    "-",
-                    "-",
                     format!("host rebooted (boot id {})", hb.boot_id),
                     Source::Heartbeat,
                 );
@@ -716,11 +715,9 @@ impl Engine {
                 // late report about a host trusted again is noise.
                 if h.state.fence_decided() || h.state == HostState::Recovered {
                     if let Some(inc) = h.incident {
-                        self.timeline(
+                        self.note(
                             inc,
                             Subject::Host(host.clone()),
-                            "-",
-                            "-",
                             format!("listing the host's resources failed (retrying): {reason}"),
                             source,
                         );
@@ -763,11 +760,11 @@ impl Engine {
             .unwrap_or(Subject::Host(host.clone()));
         let cause = format!("{phase} at {at}");
         if let Some(inc) = owner {
-            self.timeline(inc, subject.clone(), "-", "-", cause.clone(), Source::Ebpf);
+            self.note(inc, subject.clone(), cause.clone(), Source::Ebpf);
         }
         match (stall, resource) {
             (Some(inc), Some(r)) if Some(inc) != owner => {
-                self.timeline(inc, subject, "-", "-", cause, Source::Ebpf);
+                self.note(inc, subject, cause, Source::Ebpf);
                 if ended {
                     self.stalls.remove(&r);
                     self.close_incident(inc);
@@ -776,7 +773,7 @@ impl Engine {
             (None, Some(r)) if owner.is_none() && !ended && self.resources.contains_key(&r) => {
                 let inc = self.new_incident(subject.clone());
                 self.stalls.insert(r, inc);
-                self.timeline(inc, subject, "-", "-", cause, Source::Ebpf);
+                self.note(inc, subject, cause, Source::Ebpf);
             }
             _ => {}
         }
@@ -790,37 +787,26 @@ impl Engine {
         at: ListedAt,
         reason: &str,
     ) {
-        if !self.resources.contains_key(&resource) {
-            self.resources
-                .insert(resource.clone(), ResourceEntry::new(host.clone()));
-            self.bump();
-        }
+        self.ensure_resource(&resource, host);
         let e = &self.resources[&resource];
         let subject = Subject::Resource(resource.clone());
         let cause = format!("exited ({reason}) at {at}");
         if &e.host != host {
             // Late news from a host the resource has left.
             if let Some(inc) = e.owner {
-                self.timeline(
-                    inc,
-                    subject,
-                    "-",
-                    "-",
-                    format!("late: {cause} on {host}"),
-                    source,
-                );
+                self.note(inc, subject, format!("late: {cause} on {host}"), source);
             }
             return;
         }
         if e.before_restore(at) {
             if let Some(inc) = e.owner {
-                self.timeline(inc, subject, "-", "-", format!("late: {cause}"), source);
+                self.note(inc, subject, format!("late: {cause}"), source);
             }
             return;
         }
         if let Some(inc) = e.owner {
             // Correlated: the first event acted, this one enriches the timeline.
-            self.timeline(inc, subject, "-", "-", format!("also: {cause}"), source);
+            self.note(inc, subject, format!("also: {cause}"), source);
             return;
         }
         if e.state == ResourceState::GaveUp {
@@ -828,7 +814,7 @@ impl Engine {
             // failure goes into that incident's timeline.
             if let Some((inc, failed_at)) = e.last_failure {
                 if same_failure(failed_at, at, self.cfg.correlation_window) {
-                    self.timeline(inc, subject, "-", "-", format!("also: {cause}"), source);
+                    self.note(inc, subject, format!("also: {cause}"), source);
                 }
             }
             return;
@@ -846,11 +832,9 @@ impl Engine {
                     .insert(resource.clone());
                 self.bump();
                 if let Some(inc) = inc {
-                    self.timeline(
+                    self.note(
                         inc,
                         subject,
-                        "-",
-                        "-",
                         format!("folded into host incident: {cause}"),
                         source,
                     );
@@ -911,9 +895,7 @@ impl Engine {
         for r in &listed {
             match self.resources.get(r) {
                 None => {
-                    self.resources
-                        .insert(r.clone(), ResourceEntry::new(host.clone()));
-                    self.bump();
+                    self.ensure_resource(r, host);
                     // A fence was decided, so the host incident is open; should a
                     // state ever lack one, the resource is merely known, never a panic.
                     if let (true, Some(inc)) = (hstate.fence_decided(), incident) {
@@ -1035,10 +1017,7 @@ impl Engine {
             Source::Neutron,
         );
         for r in &late {
-            if !self.resources.contains_key(r) {
-                self.resources
-                    .insert(r.clone(), ResourceEntry::new(host.clone()));
-            }
+            self.ensure_resource(r, host);
             self.take_ownership(r, inc, host);
         }
     }
@@ -1150,11 +1129,9 @@ impl Engine {
                     let inc = h.incident;
                     self.bump();
                     if let Some(inc) = inc {
-                        self.timeline(
+                        self.note(
                             inc,
                             Subject::Host(host.clone()),
-                            "-",
-                            "-",
                             "confirmation timed out".into(),
                             Source::Controller,
                         );
@@ -1207,11 +1184,9 @@ impl Engine {
         let inc = h.incident;
         self.bump();
         if let Some(inc) = inc {
-            self.timeline(
+            self.note(
                 inc,
                 Subject::Host(host.clone()),
-                "-",
-                "-",
                 format!("confirmation: {verdict:?}"),
                 source,
             );
@@ -1239,7 +1214,11 @@ impl Engine {
         {
             return;
         }
-        let key = IntentKey(format!("policy/unfence@{}/host:{host}", self.now.0));
+        let key = IntentKey::derive(
+            KeyScope::Policy,
+            &format!("unfence@{}", self.now.0),
+            &Subject::Host(host.clone()),
+        );
         self.issue(key, Intent::Unfence { host: host.clone() });
     }
 
@@ -1248,7 +1227,7 @@ impl Engine {
         let h = self.hosts.get(host)?;
         if !matches!(h.state, HostState::Recovered | HostState::Fencing) {
             Some(format!("host is {}", h.state))
-        } else if h.fence_in_flight.is_some() {
+        } else if h.fence.in_flight.is_some() {
             Some("a fence is in flight".to_string())
         } else if !h.stale.is_empty() {
             Some(format!("host still runs {} stale resources", h.stale.len()))
@@ -1271,7 +1250,7 @@ impl Engine {
                         reason: format!("maintenance refused: host is {state}"),
                     });
                 }
-                let key = IntentKey(format!("op/maintenance-on@{}/host:{host}", now.0));
+                let key = operator_key("maintenance-on", now, &host);
                 self.issue(key.clone(), Intent::Maintenance { host, on: true });
                 self.complete(&key, IntentOutcome::Recorded);
             }
@@ -1279,7 +1258,7 @@ impl Engine {
                 if self.host_state(&host) != Some(HostState::Maintenance) {
                     return Ok(());
                 }
-                let key = IntentKey(format!("op/maintenance-off@{}/host:{host}", now.0));
+                let key = operator_key("maintenance-off", now, &host);
                 self.issue(key.clone(), Intent::Maintenance { host, on: false });
                 self.complete(&key, IntentOutcome::Recorded);
             }
@@ -1292,7 +1271,7 @@ impl Engine {
                         reason: format!("unfence refused: {why}"),
                     });
                 }
-                let key = IntentKey(format!("op/unfence@{}/host:{host}", now.0));
+                let key = operator_key("unfence", now, &host);
                 self.issue(key, Intent::Unfence { host });
             }
         }
@@ -1372,7 +1351,7 @@ impl Engine {
                     .cfg
                     .self_fence_deadline
                     .is_some_and(|d| h.self_fence_armed && silence >= d);
-                let attempt = h.fence_attempts + 1;
+                let attempt = h.fence.attempts + 1;
                 let resources: Vec<Resource> = h.owned.iter().cloned().collect();
                 if self_fenced {
                     let key = IntentKey::derive(
@@ -1395,10 +1374,10 @@ impl Engine {
                             )),
                         );
                     }
-                } else if h.fence_in_flight.is_some() {
+                } else if h.fence.in_flight.is_some() {
                     // Wait for the fence result (or the self-fence deadline).
-                } else if h.fence_attempts >= self.cfg.max_fence_attempts {
-                    let n = h.fence_attempts;
+                } else if h.fence.attempts >= self.cfg.max_fence_attempts {
+                    let n = h.fence.attempts;
                     self.host_alarm(
                         host,
                         AlarmKind::FenceExhausted,
@@ -1406,7 +1385,7 @@ impl Engine {
                             "{n} fence tries failed; operator needed (unfence or fix the fence)"
                         ),
                     );
-                } else if now >= h.next_fence_at
+                } else if now >= h.fence.next_at
                     && self.gate.open()
                     && self.detector.liveness(host, now) == Liveness::Suspect
                 {
@@ -1425,15 +1404,15 @@ impl Engine {
                     self.issue(key, intent);
                 }
             }
-            HostState::Fenced if h.force_down_in_flight.is_none() => {
-                let attempt = h.force_down_attempts + 1;
-                if h.force_down_attempts >= self.cfg.max_fence_attempts {
+            HostState::Fenced if h.force_down.in_flight.is_none() => {
+                let attempt = h.force_down.attempts + 1;
+                if h.force_down.attempts >= self.cfg.max_fence_attempts {
                     self.host_alarm(
                         host,
                         AlarmKind::ForceDownFailed,
                         "forcing the compute service down keeps failing; operator needed".into(),
                     );
-                } else if now >= h.next_force_down_at {
+                } else if now >= h.force_down.next_at {
                     let key = IntentKey::derive(
                         inc,
                         &format!("force-down-{attempt}"),
@@ -1624,26 +1603,21 @@ impl Engine {
                     h.incident = Some(*incident);
                 }
                 for r in resources {
-                    if !self.resources.contains_key(r) {
-                        self.resources
-                            .insert(r.clone(), ResourceEntry::new(host.clone()));
-                    }
+                    self.ensure_resource(r, host);
                     self.take_ownership(r, *incident, host);
                 }
                 let h = self.hosts.get_mut(host).expect("ensured");
-                h.fence_attempts = *attempt;
+                h.fence.attempts = *attempt;
                 if method.is_some() {
-                    h.fence_in_flight = Some(key.clone());
+                    h.fence.in_flight = Some(key.clone());
                 }
                 let what = match method {
                     Some(m) => format!("fence #{attempt} ({m:?}) issued as {key}"),
                     None => format!("self-fence deadline passed; recorded as {key}"),
                 };
-                self.timeline(
+                self.note(
                     *incident,
                     Subject::Host(host.clone()),
-                    "-",
-                    "-",
                     what,
                     Source::Controller,
                 );
@@ -1656,20 +1630,15 @@ impl Engine {
             } => {
                 self.ensure_host(host);
                 for r in resources {
-                    if !self.resources.contains_key(r) {
-                        self.resources
-                            .insert(r.clone(), ResourceEntry::new(host.clone()));
-                    }
+                    self.ensure_resource(r, host);
                     self.take_ownership(r, *incident, host);
                 }
                 let h = self.hosts.get_mut(host).expect("ensured");
-                h.force_down_attempts = *attempt;
-                h.force_down_in_flight = Some(key.clone());
-                self.timeline(
+                h.force_down.attempts = *attempt;
+                h.force_down.in_flight = Some(key.clone());
+                self.note(
                     *incident,
                     Subject::Host(host.clone()),
-                    "-",
-                    "-",
                     format!("force-down #{attempt} issued as {key}"),
                     self.cfg.vm_restorer,
                 );
@@ -1681,10 +1650,7 @@ impl Engine {
                 attempt,
             } => {
                 self.ensure_host(host);
-                if !self.resources.contains_key(resource) {
-                    self.resources
-                        .insert(resource.clone(), ResourceEntry::new(host.clone()));
-                }
+                self.ensure_resource(resource, host);
                 if self.replaying {
                     self.ensure_incident(*incident, Subject::Resource(resource.clone()), rec.at);
                     let e = self.resources.get_mut(resource).expect("ensured");
@@ -1714,10 +1680,7 @@ impl Engine {
                 attempt,
             } => {
                 self.ensure_host(from);
-                if !self.resources.contains_key(resource) {
-                    self.resources
-                        .insert(resource.clone(), ResourceEntry::new(from.clone()));
-                }
+                self.ensure_resource(resource, from);
                 if self.replaying {
                     self.ensure_incident(*incident, Subject::Resource(resource.clone()), rec.at);
                     let e = self.resources.get_mut(resource).expect("ensured");
@@ -1842,8 +1805,8 @@ impl Engine {
         match (&rec.intent, outcome) {
             (Intent::Fence { host, incident, .. }, IntentOutcome::Fence(o)) => {
                 let h = self.hosts.get_mut(host).expect("fenced host known");
-                if h.fence_in_flight.as_ref() == Some(key) {
-                    h.fence_in_flight = None;
+                if h.fence.in_flight.as_ref() == Some(key) {
+                    h.fence.in_flight = None;
                 }
                 let current = h.incident == Some(*incident) && h.state == HostState::Fencing;
                 let subject = Subject::Host(host.clone());
@@ -1860,11 +1823,9 @@ impl Engine {
                                 verifier_source(*by),
                             );
                         } else {
-                            self.timeline(
+                            self.note(
                                 *incident,
                                 subject,
-                                "-",
-                                "-",
                                 format!("late fence result {key}: verified ({by:?})"),
                                 verifier_source(*by),
                             );
@@ -1878,12 +1839,10 @@ impl Engine {
                             _ => (AlarmKind::FenceFailed, "failed"),
                         };
                         let h = self.hosts.get_mut(host).expect("known");
-                        h.next_fence_at = now + self.cfg.fence_retry_backoff;
-                        self.timeline(
+                        h.fence.next_at = now + self.cfg.fence_retry_backoff;
+                        self.note(
                             *incident,
                             subject,
-                            "-",
-                            "-",
                             format!("fence {key} {what}: {reason}; no restore"),
                             Source::Ipmi,
                         );
@@ -1899,8 +1858,8 @@ impl Engine {
             }
             (Intent::ForceDown { host, incident, .. }, IntentOutcome::Restore(o)) => {
                 let h = self.hosts.get_mut(host).expect("known");
-                if h.force_down_in_flight.as_ref() == Some(key) {
-                    h.force_down_in_flight = None;
+                if h.force_down.in_flight.as_ref() == Some(key) {
+                    h.force_down.in_flight = None;
                 }
                 let current = h.incident == Some(*incident) && h.state == HostState::Fenced;
                 match o {
@@ -1915,12 +1874,10 @@ impl Engine {
                     RestoreOutcome::Ok { .. } => {}
                     RestoreOutcome::Failed { reason } => {
                         let h = self.hosts.get_mut(host).expect("known");
-                        h.next_force_down_at = now + self.cfg.fence_retry_backoff;
-                        self.timeline(
+                        h.force_down.next_at = now + self.cfg.fence_retry_backoff;
+                        self.note(
                             *incident,
                             Subject::Host(host.clone()),
-                            "-",
-                            "-",
                             format!("force-down {key} failed: {reason}"),
                             self.cfg.vm_restorer,
                         );
@@ -1952,11 +1909,9 @@ impl Engine {
                             Source::Libvirt,
                         );
                     }
-                    self.timeline(
+                    self.note(
                         *incident,
                         Subject::Resource(resource.clone()),
-                        "-",
-                        "-",
                         format!("superseded restart {key} finished: {o:?}"),
                         self.cfg.vm_restorer,
                     );
@@ -2001,11 +1956,9 @@ impl Engine {
                 let e = self.resources.get_mut(resource).expect("known");
                 let current = e.owner == Some(*incident) && e.in_flight.as_ref() == Some(key);
                 if !current {
-                    self.timeline(
+                    self.note(
                         *incident,
                         Subject::Resource(resource.clone()),
-                        "-",
-                        "-",
                         format!("late evacuation result {key}: {o:?}"),
                         self.source_for(resource),
                     );
@@ -2084,11 +2037,9 @@ impl Engine {
                                 self.close_incident(*incident);
                             }
                         } else {
-                            self.timeline(
+                            self.note(
                                 *incident,
                                 Subject::Resource(resource.clone()),
-                                "-",
-                                "-",
                                 format!("evacuation #{attempt} failed: {reason}"),
                                 self.source_for(resource),
                             );
@@ -2162,6 +2113,15 @@ impl Engine {
         if !self.hosts.contains_key(host) {
             self.hosts.insert(host.clone(), HostEntry::new());
             self.detector.register(host, self.now);
+            self.bump();
+        }
+    }
+
+    /// A resource the engine hears of for the first time is known on `host`.
+    fn ensure_resource(&mut self, r: &Resource, host: &HostId) {
+        if !self.resources.contains_key(r) {
+            self.resources
+                .insert(r.clone(), ResourceEntry::new(host.clone()));
             self.bump();
         }
     }
@@ -2265,11 +2225,9 @@ impl Engine {
         let old = e.owner.replace(inc);
         // A stall incident would wait for an end its dead host never reports.
         if let Some(stall) = self.stalls.remove(r) {
-            self.timeline(
+            self.note(
                 stall,
                 Subject::Resource(r.clone()),
-                "-",
-                "-",
                 format!("superseded by host incident {inc}"),
                 Source::Controller,
             );
@@ -2282,21 +2240,17 @@ impl Engine {
         e.steps = 0;
         self.bump();
         if let Some(old) = old {
-            self.timeline(
+            self.note(
                 old,
                 Subject::Resource(r.clone()),
-                "-",
-                "-",
                 format!("superseded by host incident {inc}"),
                 Source::Controller,
             );
             self.close_incident(old);
         }
-        self.timeline(
+        self.note(
             inc,
             Subject::Resource(r.clone()),
-            "-",
-            "-",
             "owned by the host incident".into(),
             Source::Controller,
         );
@@ -2304,21 +2258,36 @@ impl Engine {
 
     fn set_host_state(&mut self, host: &HostId, to: HostState, cause: &str, source: Source) {
         let h = self.hosts.get_mut(host).expect("known");
-        let from = h.state;
-        if from == to {
-            return;
+        let owner = h.incident;
+        if let Some(from) = step_machine(&mut h.state, to, self.replaying) {
+            self.record_move(owner, Subject::Host(host.clone()), from, to, cause, source);
         }
-        debug_assert!(
-            self.replaying || from.can_become(to),
-            "illegal host transition {from:?} -> {to:?} for {host}"
-        );
-        h.state = to;
-        let inc = h.incident;
+    }
+
+    fn set_resource_state(&mut self, r: &Resource, to: ResourceState, cause: &str, source: Source) {
+        let e = self.resources.get_mut(r).expect("known");
+        let owner = e.owner;
+        if let Some(from) = step_machine(&mut e.state, to, self.replaying) {
+            self.record_move(owner, Subject::Resource(r.clone()), from, to, cause, source);
+        }
+    }
+
+    /// A state change happened: the revision moves, and the owning incident's timeline
+    /// shows it.
+    fn record_move<S: Machine>(
+        &mut self,
+        owner: Option<IncidentId>,
+        subject: Subject,
+        from: S,
+        to: S,
+        cause: &str,
+        source: Source,
+    ) {
         self.bump();
-        if let Some(inc) = inc {
+        if let Some(inc) = owner {
             self.timeline(
                 inc,
-                Subject::Host(host.clone()),
+                subject,
                 &from.to_string(),
                 &to.to_string(),
                 cause.to_string(),
@@ -2327,29 +2296,9 @@ impl Engine {
         }
     }
 
-    fn set_resource_state(&mut self, r: &Resource, to: ResourceState, cause: &str, source: Source) {
-        let e = self.resources.get_mut(r).expect("known");
-        let from = e.state;
-        if from == to {
-            return;
-        }
-        debug_assert!(
-            self.replaying || from.can_become(to),
-            "illegal resource transition {from:?} -> {to:?} for {r}"
-        );
-        e.state = to;
-        let inc = e.owner;
-        self.bump();
-        if let Some(inc) = inc {
-            self.timeline(
-                inc,
-                Subject::Resource(r.clone()),
-                &from.to_string(),
-                &to.to_string(),
-                cause.to_string(),
-                source,
-            );
-        }
+    /// A timeline line that records no state change: evidence, a decision's why.
+    fn note(&mut self, inc: IncidentId, subject: Subject, cause: String, source: Source) {
+        self.timeline(inc, subject, "-", "-", cause, source);
     }
 
     fn timeline(
@@ -2406,17 +2355,40 @@ impl Engine {
         let inc = h.incident;
         self.bump();
         if let Some(inc) = inc {
-            self.timeline(
+            self.note(
                 inc,
                 Subject::Host(host.clone()),
-                "-",
-                "-",
                 format!("alarm {kind:?}: {reason}"),
                 Source::Controller,
             );
         }
         self.alarm(kind, Some(host.clone()), None, reason);
     }
+}
+
+/// Moves `state` to `to`, returning where it was; `None` when it is there already. A
+/// move the machine does not allow is a bug in the engine (replay restores states
+/// without walking every move).
+fn step_machine<S: Machine>(state: &mut S, to: S, replaying: bool) -> Option<S> {
+    let from = *state;
+    if from == to {
+        return None;
+    }
+    debug_assert!(
+        replaying || from.can_become(to),
+        "illegal transition {from:?} -> {to:?}"
+    );
+    *state = to;
+    Some(from)
+}
+
+/// The key of an operator's command about a host, issued at `now`.
+fn operator_key(step: &str, now: Timestamp, host: &HostId) -> IntentKey {
+    IntentKey::derive(
+        KeyScope::Operator,
+        &format!("{step}@{}", now.0),
+        &Subject::Host(host.clone()),
+    )
 }
 
 /// Two accounts of a failure (eBPF's and libvirt's) within the correlation window of

@@ -7,6 +7,25 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+/// A state machine's states: which moves are legal. Hosts and resources are two
+/// machines; the engine moves both the same way (and records every move).
+pub trait Machine: Copy + Eq + fmt::Debug + fmt::Display {
+    /// Whether `self → to` is a legal move.
+    fn can_become(self, to: Self) -> bool;
+
+    /// The move, or an error naming it.
+    fn transition(self, to: Self) -> Result<Self, IllegalTransition> {
+        if self.can_become(to) {
+            Ok(to)
+        } else {
+            Err(IllegalTransition {
+                from: format!("{self:?}"),
+                to: format!("{to:?}"),
+            })
+        }
+    }
+}
+
 /// A hypervisor's state (DESIGN.md, "States").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum HostState {
@@ -28,9 +47,8 @@ pub enum HostState {
     Maintenance,
 }
 
-impl HostState {
-    /// Whether `self → to` is a legal move.
-    pub fn can_become(self, to: HostState) -> bool {
+impl Machine for HostState {
+    fn can_become(self, to: HostState) -> bool {
         use HostState::*;
         matches!(
             (self, to),
@@ -54,19 +72,9 @@ impl HostState {
                 | (Maintenance, Up)
         )
     }
+}
 
-    /// The move, or an error naming it.
-    pub fn transition(self, to: HostState) -> Result<HostState, IllegalTransition> {
-        if self.can_become(to) {
-            Ok(to)
-        } else {
-            Err(IllegalTransition {
-                from: format!("{self:?}"),
-                to: format!("{to:?}"),
-            })
-        }
-    }
-
+impl HostState {
     /// The host has an open incident in this state.
     pub fn in_incident(self) -> bool {
         use HostState::*;
@@ -113,9 +121,8 @@ pub enum ResourceState {
     GaveUp,
 }
 
-impl ResourceState {
-    /// Whether `self → to` is a legal move.
-    pub fn can_become(self, to: ResourceState) -> bool {
+impl Machine for ResourceState {
+    fn can_become(self, to: ResourceState) -> bool {
         use ResourceState::*;
         match (self, to) {
             (Running, Failed) => true,
@@ -136,19 +143,9 @@ impl ResourceState {
             _ => false,
         }
     }
+}
 
-    /// The move, or an error naming it.
-    pub fn transition(self, to: ResourceState) -> Result<ResourceState, IllegalTransition> {
-        if self.can_become(to) {
-            Ok(to)
-        } else {
-            Err(IllegalTransition {
-                from: format!("{self:?}"),
-                to: format!("{to:?}"),
-            })
-        }
-    }
-
+impl ResourceState {
     /// Nothing more will be done about it (until something new happens).
     pub fn is_settled(self) -> bool {
         matches!(self, ResourceState::Running | ResourceState::GaveUp)
