@@ -9,8 +9,10 @@
 //! - [`unconfigured`]: the restore edge of a controller without a backend.
 //!
 //! Each call only *starts* the work: the implementation reports back later by feeding
-//! the matching [`Input`](super::Input) (`FenceResult`, `ForceDownResult`,
-//! `RestoreResult`, `ConfirmationResult`) into the engine. Implementations must be
+//! the matching [`Input`] (`FenceResult`, `HostActionResult` for a force-down or an
+//! unfence, `RestoreResult`, `ConfirmationResult`) into the engine. What an edge finds
+//! on its own (a listing, a compute service reporting again) goes back as an
+//! `Input::HostEvent`: a fact, which the engine decides on. Implementations must be
 //! idempotent per [`IntentKey`]: a resumed engine may hand them an intent again whose
 //! outcome was never recorded, and they must then report the first outcome instead of
 //! acting twice.

@@ -1,0 +1,199 @@
+//! What the engine keeps per host and per resource, and the safety gate.
+
+use super::*;
+
+#[derive(Clone, Debug)]
+pub(super) struct HostEntry {
+    pub(super) state: HostState,
+    pub(super) incident: Option<IncidentId>,
+    pub(super) boot_id: Option<u64>,
+    pub(super) self_fence_armed: bool,
+    pub(super) confirm_asked_at: Option<Timestamp>,
+    pub(super) awaiting_confirmation: bool,
+    pub(super) verdict: Option<(Verdict, Source)>,
+    /// Fence tries of the current incident.
+    pub(super) fence: Retry,
+    pub(super) fenced_by: Option<FenceVerifier>,
+    pub(super) fenced_at: Option<Timestamp>,
+    /// Force-down tries of the current incident.
+    pub(super) force_down: Retry,
+    pub(super) owned: BTreeSet<Resource>,
+    pub(super) folded: BTreeSet<Resource>,
+    pub(super) stale: BTreeSet<Resource>,
+    pub(super) alarmed: BTreeSet<AlarmKind>,
+    /// The host incident that ended in `Recovered`: a source listing resources of the
+    /// fenced host late (Neutron was unreachable at force-down) reopens it.
+    pub(super) last_incident: Option<IncidentId>,
+    /// Resources restored elsewhere by this host's incidents since its fence, until it
+    /// is unfenced: what its data plane may still hold (the stale-router report). Kept
+    /// here, not in the router restorer, so that it is rebuilt from the intent log.
+    pub(super) evacuated: BTreeSet<Resource>,
+    /// A heartbeat was received after the verified fence (controller clock): the host
+    /// is back, and waits to be trusted again.
+    pub(super) heard_since_fence: bool,
+    /// The host's own clock as the controller reckons it from its heartbeats: a restore
+    /// onto this host is dated with it, so that the host's later news can be told from
+    /// its earlier news without comparing its clock with the controller's.
+    pub(super) clock: Option<HostClock>,
+    /// Resources restored onto this host while its clock was unknown: the next
+    /// heartbeat dates their restore.
+    pub(super) undated: BTreeSet<Resource>,
+}
+
+impl HostEntry {
+    pub(super) fn new() -> Self {
+        HostEntry {
+            state: HostState::Up,
+            incident: None,
+            boot_id: None,
+            self_fence_armed: false,
+            confirm_asked_at: None,
+            awaiting_confirmation: false,
+            verdict: None,
+            fence: Retry::default(),
+            fenced_by: None,
+            fenced_at: None,
+            force_down: Retry::default(),
+            owned: BTreeSet::new(),
+            folded: BTreeSet::new(),
+            stale: BTreeSet::new(),
+            alarmed: BTreeSet::new(),
+            last_incident: None,
+            evacuated: BTreeSet::new(),
+            heard_since_fence: false,
+            clock: None,
+            undated: BTreeSet::new(),
+        }
+    }
+
+    /// Forget everything about the (closed) host incident.
+    pub(super) fn clear_incident(&mut self) {
+        let keep = (
+            self.state,
+            self.boot_id,
+            self.self_fence_armed,
+            std::mem::take(&mut self.stale),
+            self.last_incident,
+            std::mem::take(&mut self.evacuated),
+            self.clock,
+            std::mem::take(&mut self.undated),
+        );
+        *self = HostEntry::new();
+        (
+            self.state,
+            self.boot_id,
+            self.self_fence_armed,
+            self.stale,
+            self.last_incident,
+            self.evacuated,
+            self.clock,
+            self.undated,
+        ) = keep;
+    }
+}
+
+/// A host action that is retried (a fence, a force-down): tries so far, the one in
+/// flight, and when the next may start.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Retry {
+    pub(super) attempts: u32,
+    pub(super) in_flight: Option<IntentKey>,
+    pub(super) next_at: Timestamp,
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct ResourceEntry {
+    pub(super) host: HostId,
+    pub(super) state: ResourceState,
+    pub(super) owner: Option<IncidentId>,
+    pub(super) in_flight: Option<IntentKey>,
+    /// Resource-level intents issued under the current owner (key step counter).
+    pub(super) steps: u32,
+    pub(super) restarts: Vec<Timestamp>,
+    /// When it was last started again (in place or elsewhere).
+    pub(super) restored: Option<Restored>,
+    /// The incident opened by the last failure, and when that failure happened (on the
+    /// clock of whoever saw it): a second account of the same failure (libvirt after
+    /// eBPF) that arrives after the incident has ended still belongs to its timeline.
+    pub(super) last_failure: Option<(IncidentId, ListedAt)>,
+}
+
+/// A host's clock as the controller reckons it: a reading heard from the host, and when
+/// (controller clock) it was heard. The reading plus the controller's own time since is
+/// a lower bound of the host's clock now (the reading was on its way for a while), and
+/// no host clock is ever compared with the controller's.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct HostClock {
+    pub(super) read: HostTime,
+    pub(super) heard_at: Timestamp,
+}
+
+impl HostClock {
+    pub(super) fn at(&self, now: Timestamp) -> HostTime {
+        let since = u64::try_from(now.since(self.heard_at).as_millis()).unwrap_or(u64::MAX);
+        HostTime(self.read.0.saturating_add(since))
+    }
+}
+
+/// When a resource was last restored, on both clocks that may date news about it: the
+/// controller's, and its host's as last heard at that moment (unknown until the host is
+/// heard). The line between news from before the restore (late) and after it.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Restored {
+    pub(super) at: Timestamp,
+    pub(super) host_clock: Option<HostTime>,
+}
+
+impl ResourceEntry {
+    pub(super) fn new(host: HostId) -> Self {
+        ResourceEntry {
+            host,
+            state: ResourceState::Running,
+            owner: None,
+            in_flight: None,
+            steps: 0,
+            restarts: Vec::new(),
+            restored: None,
+            last_failure: None,
+        }
+    }
+
+    /// News dated `t` happened before the resource's last restore. Each clock is
+    /// compared only with itself; news whose clock the restore has no date on (its host
+    /// was not heard yet) is not late.
+    pub(super) fn before_restore(&self, t: ListedAt) -> bool {
+        match (self.restored, t) {
+            (None, _) => false,
+            (Some(r), ListedAt::Controller(at)) => at < r.at,
+            (Some(r), ListedAt::Host(at)) => r.host_clock.is_some_and(|c| at < c),
+        }
+    }
+
+    /// News dated `t` is newer than the resource's last restore (never true while the
+    /// restore has no date on that clock: a listing of unknown age does not undo it).
+    pub(super) fn after_restore(&self, t: ListedAt) -> bool {
+        match (self.restored, t) {
+            (None, _) => true,
+            (Some(r), ListedAt::Controller(at)) => at > r.at,
+            (Some(r), ListedAt::Host(at)) => r.host_clock.is_some_and(|c| at > c),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct Known {
+    pub(super) record: IntentRecord,
+    pub(super) done: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+pub(super) struct Gate {
+    pub(super) isolated: bool,
+    pub(super) mass: bool,
+}
+
+impl Gate {
+    pub(super) fn open(&self) -> bool {
+        !self.isolated && !self.mass
+    }
+}

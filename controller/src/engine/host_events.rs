@@ -1,0 +1,371 @@
+//! What the hosts report: qemu exits (eBPF, libvirt), disk stalls and inventories,
+//! folded into incidents under the one-owner rule; late news recognised on its own clock.
+
+use super::*;
+
+impl Engine {
+    pub(super) fn on_host_event(&mut self, host: HostId, event: HostEvent) {
+        self.ensure_host(&host);
+        match event {
+            HostEvent::ResourceExited {
+                resource,
+                source,
+                at,
+                reason,
+            } => self.on_exit(&host, resource, source, ListedAt::Host(at), &reason),
+            HostEvent::DiskStallStarted { resource, at } => {
+                self.note_stall(&host, resource, at, Stall::Started)
+            }
+            HostEvent::DiskStallEnded { resource, at } => {
+                self.note_stall(&host, resource, at, Stall::Ended)
+            }
+            HostEvent::Inventory {
+                resources,
+                stopped,
+                source,
+                at,
+            } => {
+                self.forget_stopped(&host, &stopped, at);
+                self.on_inventory(&host, resources, source, at)
+            }
+            HostEvent::ComputeServiceReporting => self.on_compute_reporting(&host),
+            HostEvent::InventoryFailed { source, reason } => {
+                let h = &self.hosts[&host];
+                // Only a fenced host's listing matters (its resources wait for it); a
+                // late report about a host trusted again is noise.
+                if h.state.fence_decided() || h.state == HostState::Recovered {
+                    if let Some(inc) = h.incident {
+                        self.note(
+                            inc,
+                            Subject::Host(host.clone()),
+                            format!("listing the host's resources failed (retrying): {reason}"),
+                            source,
+                        );
+                    }
+                    self.host_alarm(
+                        &host,
+                        AlarmKind::InventoryFailed,
+                        format!(
+                            "{source:?} cannot list this fenced host's resources (retrying; \
+                             they are moved once it answers): {reason}"
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    /// A disk stall goes to the timeline of the incident that owns the resource (or its
+    /// host's incident). A stall nobody owns opens a stall incident of its own, which
+    /// records the start and the end and closes at the end; it changes no state and
+    /// issues no action (the watchdog's stall threshold has already passed when the
+    /// event arrives, and the cure is the storage, not a restart).
+    fn note_stall(
+        &mut self,
+        host: &HostId,
+        resource: Option<Resource>,
+        at: HostTime,
+        phase: Stall,
+    ) {
+        let ended = phase == Stall::Ended;
+        let owner = resource
+            .as_ref()
+            .and_then(|r| self.resources.get(r))
+            .and_then(|e| e.owner)
+            .or(self.hosts.get(host).and_then(|h| h.incident));
+        let stall = resource.as_ref().and_then(|r| self.stalls.get(r)).copied();
+        let subject = resource
+            .clone()
+            .map(Subject::Resource)
+            .unwrap_or(Subject::Host(host.clone()));
+        let cause = format!("{phase} at {at}");
+        if let Some(inc) = owner {
+            self.note(inc, subject.clone(), cause.clone(), Source::Ebpf);
+        }
+        match (stall, resource) {
+            (Some(inc), Some(r)) if Some(inc) != owner => {
+                self.note(inc, subject, cause, Source::Ebpf);
+                if ended {
+                    self.stalls.remove(&r);
+                    self.close_incident(inc);
+                }
+            }
+            (None, Some(r)) if owner.is_none() && !ended && self.resources.contains_key(&r) => {
+                let inc = self.new_incident(subject.clone());
+                self.stalls.insert(r, inc);
+                self.note(inc, subject, cause, Source::Ebpf);
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn on_exit(
+        &mut self,
+        host: &HostId,
+        resource: Resource,
+        source: Source,
+        at: ListedAt,
+        reason: &str,
+    ) {
+        self.ensure_resource(&resource, host);
+        let e = &self.resources[&resource];
+        let subject = Subject::Resource(resource.clone());
+        let cause = format!("exited ({reason}) at {at}");
+        if &e.host != host {
+            // Late news from a host the resource has left.
+            if let Some(inc) = e.owner {
+                self.note(inc, subject, format!("late: {cause} on {host}"), source);
+            }
+            return;
+        }
+        if e.before_restore(at) {
+            if let Some(inc) = e.owner {
+                self.note(inc, subject, format!("late: {cause}"), source);
+            }
+            return;
+        }
+        if let Some(inc) = e.owner {
+            // Correlated: the first event acted, this one enriches the timeline.
+            self.note(inc, subject, format!("also: {cause}"), source);
+            return;
+        }
+        if e.state == ResourceState::GaveUp {
+            // Given up: nothing to act on, but another source's account of the same
+            // failure goes into that incident's timeline.
+            if let Some((inc, failed_at)) = e.last_failure {
+                if same_failure(failed_at, at, self.cfg.correlation_window) {
+                    self.note(inc, subject, format!("also: {cause}"), source);
+                }
+            }
+            return;
+        }
+        let hstate = self.hosts[host].state;
+        match hstate {
+            HostState::Maintenance => {}
+            HostState::Suspect | HostState::Confirming | HostState::Fencing => {
+                // Rule 1: folded into the host incident, never restarted separately.
+                let inc = self.hosts[host].incident;
+                self.hosts
+                    .get_mut(host)
+                    .expect("known")
+                    .folded
+                    .insert(resource.clone());
+                self.bump();
+                if let Some(inc) = inc {
+                    self.note(
+                        inc,
+                        subject,
+                        format!("folded into host incident: {cause}"),
+                        source,
+                    );
+                }
+            }
+            HostState::Up | HostState::Fenced | HostState::Evacuating | HostState::Recovered => {
+                self.open_resource_incident(&resource, &cause, source);
+                if let Some(e) = self.resources.get_mut(&resource) {
+                    e.last_failure = e.owner.map(|inc| (inc, at));
+                }
+            }
+        }
+    }
+
+    /// Resources stopped on purpose are no longer running there, and nothing is to be
+    /// restored: the engine forgets them (unless an incident owns them; it finishes).
+    /// Started again, they come back with the next inventory. A list taken before the
+    /// resource's last restore is old news (it shows the stop that the restore undid).
+    pub(super) fn forget_stopped(&mut self, host: &HostId, stopped: &[Resource], at: ListedAt) {
+        for r in stopped {
+            let forget = self.resources.get(r).is_some_and(|e| {
+                &e.host == host
+                    && e.owner.is_none()
+                    && e.after_restore(at)
+                    && matches!(e.state, ResourceState::Running | ResourceState::GaveUp)
+            });
+            if forget {
+                self.resources.remove(r);
+                self.bump();
+            }
+        }
+    }
+
+    pub(super) fn on_inventory(
+        &mut self,
+        host: &HostId,
+        resources: Vec<Resource>,
+        source: Source,
+        at: ListedAt,
+    ) {
+        let listed: BTreeSet<Resource> = resources.into_iter().collect();
+        // The lister answered: a later failure is a new episode worth an alarm.
+        if self
+            .hosts
+            .get_mut(host)
+            .expect("known")
+            .alarmed
+            .remove(&AlarmKind::InventoryFailed)
+        {
+            self.bump();
+        }
+        if source == Source::Neutron && self.hosts[host].state == HostState::Recovered {
+            self.reopen_for_late_resources(host, &listed);
+        }
+        let hstate = self.hosts[host].state;
+        let incident = self.hosts[host].incident;
+        let mut stale = BTreeSet::new();
+        for r in &listed {
+            match self.resources.get(r) {
+                None => {
+                    self.ensure_resource(r, host);
+                    // A fence was decided, so the host incident is open; should a
+                    // state ever lack one, the resource is merely known, never a panic.
+                    if let (true, Some(inc)) = (hstate.fence_decided(), incident) {
+                        self.take_ownership(r, inc, host);
+                    }
+                }
+                Some(e) if &e.host == host => {
+                    let gave_up = e.state == ResourceState::GaveUp;
+                    // Neutron's list of a fenced host's agents says where a router is
+                    // bound, not that it runs: a given-up router there stays given up.
+                    let fenced_listing = source == Source::Neutron && hstate.fenced();
+                    if gave_up && source != Source::Nova && !fenced_listing {
+                        self.set_resource_state(
+                            r,
+                            ResourceState::Running,
+                            "found running again",
+                            source,
+                        );
+                    }
+                }
+                Some(e) => {
+                    if e.before_restore(at) || source == Source::Nova {
+                        continue;
+                    }
+                    stale.insert(r.clone());
+                }
+            }
+        }
+        if source != Source::Nova {
+            // A host's inventory speaks for the kind its source sees: Neutron's for the
+            // routers of the host's L3 agents, a watchdog's for its VMs. What it does
+            // not list of another kind is not missing, nor stale.
+            let covers =
+                |r: &Resource| (r.kind() == ResourceKind::Router) == (source == Source::Neutron);
+            // Resources the host no longer runs: a missed exit.
+            let missing: Vec<Resource> = self
+                .resources
+                .iter()
+                .filter(|(r, e)| {
+                    covers(r)
+                        && &e.host == host
+                        && e.owner.is_none()
+                        && e.state == ResourceState::Running
+                        && e.after_restore(at)
+                        && !listed.contains(*r)
+                })
+                .map(|(r, _)| r.clone())
+                .collect();
+            if hstate == HostState::Up {
+                for r in missing {
+                    self.on_exit(host, r, source, at, "missing from inventory");
+                }
+            }
+            let h = self.hosts.get_mut(host).expect("known");
+            let mut now_stale: BTreeSet<Resource> =
+                h.stale.iter().filter(|r| !covers(r)).cloned().collect();
+            now_stale.extend(stale.iter().cloned());
+            if h.stale != now_stale {
+                h.stale = now_stale;
+                self.revision += 1;
+            }
+            if !stale.is_empty() {
+                let list: Vec<String> = stale.iter().map(|r| r.to_string()).collect();
+                self.host_alarm(
+                    host,
+                    AlarmKind::StaleResource,
+                    if source == Source::Neutron {
+                        format!(
+                            "routers moved off this host while it was fenced may still be \
+                             served by its data plane (stale namespaces): {}; clean up \
+                             before its L3 agent is trusted again",
+                            list.join(", ")
+                        )
+                    } else {
+                        format!(
+                            "host reports resources that run elsewhere: {}",
+                            list.join(", ")
+                        )
+                    },
+                );
+            }
+        }
+    }
+
+    /// A `Recovered` host (fenced, everything it owned handled) whose routers Neutron
+    /// lists only now (it was unreachable at force-down): the host incident reopens
+    /// (`Recovered → Evacuating`, same incident, so a replayed log rebuilds it) and
+    /// takes the routers it never heard of that are still bound there; they are moved
+    /// like the others, then it is `Recovered` again. Routers it lists that run
+    /// elsewhere are the stale report, not this; given-up ones stay given up.
+    pub(super) fn reopen_for_late_resources(&mut self, host: &HostId, listed: &BTreeSet<Resource>) {
+        // Only resources the engine has never heard of: one it knows on this host was
+        // taken by the incident when the fence was decided (and is handled); one it
+        // knows elsewhere is stale here, not late.
+        let late: Vec<Resource> = listed
+            .iter()
+            .filter(|r| !self.resources.contains_key(*r))
+            .cloned()
+            .collect();
+        let Some(inc) = self.hosts[host].last_incident else {
+            return;
+        };
+        if late.is_empty() {
+            return;
+        }
+        if let Some(i) = self.incidents.get_mut(&inc) {
+            i.closed_at = None;
+        }
+        let h = self.hosts.get_mut(host).expect("known");
+        h.incident = Some(inc);
+        self.bump();
+        self.set_host_state(
+            host,
+            HostState::Evacuating,
+            &format!(
+                "Neutron listed {} routers of the fenced host late; moving them",
+                late.len()
+            ),
+            Source::Neutron,
+        );
+        for r in &late {
+            self.ensure_resource(r, host);
+            self.take_ownership(r, inc, host);
+        }
+    }
+}
+
+/// Two accounts of a failure (eBPF's and libvirt's) within the correlation window of
+/// each other, on the same clock, are the same failure.
+fn same_failure(a: ListedAt, b: ListedAt, window: Duration) -> bool {
+    let window = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+    match (a, b) {
+        (ListedAt::Host(a), ListedAt::Host(b)) => a.0.abs_diff(b.0) <= window,
+        (ListedAt::Controller(a), ListedAt::Controller(b)) => a.0.abs_diff(b.0) <= window,
+        _ => false,
+    }
+}
+
+/// Where a disk stall is: its start or its end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stall {
+    Started,
+    Ended,
+}
+
+impl std::fmt::Display for Stall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stall::Started => "disk stall started",
+            Stall::Ended => "disk stall ended",
+        })
+    }
+}

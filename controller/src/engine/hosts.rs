@@ -1,0 +1,259 @@
+//! Hosts' liveness: heartbeats, the tick that asks the detector, the safety gate,
+//! the confirmation of a silent host and the decision to fence it.
+
+use super::*;
+
+impl Engine {
+    /// Returns whether the host changed state.
+    pub(super) fn on_heartbeat(&mut self, hb: Heartbeat) -> bool {
+        let now = self.now;
+        let host = hb.host.clone();
+        self.ensure_host(&host);
+        self.detector.heartbeat(&host, hb.path, now);
+        let (state, fenced_at, old_boot) = {
+            let h = self.hosts.get_mut(&host).expect("ensured");
+            h.self_fence_armed = hb.self_fence_armed;
+            let old = h.boot_id.replace(hb.boot_id);
+            // Heartbeats may arrive out of order over two paths: the clock only goes
+            // forward, unless the host rebooted (a new clock for a new boot).
+            let read = match h.clock {
+                Some(c) if old == Some(hb.boot_id) => c.at(now).max(hb.at),
+                _ => hb.at,
+            };
+            h.clock = Some(HostClock {
+                read,
+                heard_at: now,
+            });
+            (h.state, h.fenced_at, old)
+        };
+        self.date_restores(&host, hb.at);
+        if old_boot.is_some_and(|b| b != hb.boot_id) {
+            if let Some(inc) = self.hosts[&host].incident {
+                self.note(
+                    inc,
+                    Subject::Host(host.clone()),
+                    format!("host rebooted (boot id {})", hb.boot_id),
+                    Source::Heartbeat,
+                );
+            }
+        }
+        match state {
+            HostState::Suspect | HostState::Confirming => {
+                self.set_host_state(
+                    &host,
+                    HostState::Up,
+                    "heartbeats resumed",
+                    Source::Heartbeat,
+                );
+                self.close_host_incident(&host);
+                true
+            }
+            // Received after the verified fence, on the controller's clock (a host's own
+            // clock is never compared with the controller's).
+            HostState::Fenced | HostState::Evacuating | HostState::Recovered
+                if fenced_at.is_some_and(|t| now > t) =>
+            {
+                let h = self.hosts.get_mut(&host).expect("ensured");
+                if !h.heard_since_fence {
+                    h.heard_since_fence = true;
+                    self.bump();
+                }
+                self.host_alarm(
+                    &host,
+                    AlarmKind::HostBackAwaitingUnfence,
+                    "fenced host heartbeats again; not trusted until unfenced".into(),
+                );
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// Fenced, heard again since the fence, and not silent now.
+    pub(super) fn is_back(&self, host: &HostId) -> bool {
+        self.hosts.get(host).is_some_and(|h| {
+            h.state.fenced()
+                && h.heard_since_fence
+                && self.detector.liveness(host, self.now) != Liveness::Suspect
+        })
+    }
+
+    pub(super) fn on_tick(&mut self) {
+        let now = self.now;
+        if self.next_tick_at.is_none_or(|t| now >= t) {
+            self.arm_tick();
+        }
+        // The detector is asked once per host and tick.
+        let seen: Vec<(HostId, Liveness, Duration)> = self
+            .hosts
+            .keys()
+            .map(|h| {
+                (
+                    h.clone(),
+                    self.detector.liveness(h, now),
+                    self.detector.silence(h, now).unwrap_or_default(),
+                )
+            })
+            .collect();
+        self.evaluate_gate(&seen);
+        for (host, live, silence) in &seen {
+            self.evaluate_host(host, *live, *silence);
+        }
+    }
+
+    pub(super) fn evaluate_gate(&mut self, seen: &[(HostId, Liveness, Duration)]) {
+        let mut n = 0usize;
+        let mut silent = 0usize;
+        for (h, live, _) in seen {
+            if matches!(
+                self.hosts[h].state,
+                HostState::Maintenance | HostState::Recovered
+            ) {
+                continue;
+            }
+            // A host not heard since it was (re)registered — back from maintenance, or
+            // just known — is not yet silent, but it is no proof that the controller
+            // hears anyone either: it does not count until it is heard or turns Suspect.
+            if *live != Liveness::Suspect && self.detector.last_seen(h).is_none() {
+                continue;
+            }
+            n += 1;
+            if *live == Liveness::Suspect {
+                silent += 1;
+            }
+        }
+        let isolated = n > 0 && silent == n;
+        let mass = n > 0 && (silent as f64) > self.cfg.max_dead_share * n as f64;
+        if isolated && !self.gate.isolated {
+            self.alarm(
+                AlarmKind::ControllerIsolated,
+                None,
+                None,
+                format!("no heartbeat from any of {n} hosts: suspecting a partition of the controller; fencing nobody"),
+            );
+        } else if mass && !isolated && !self.gate.mass {
+            self.alarm(
+                AlarmKind::MassFailure,
+                None,
+                None,
+                format!(
+                    "{silent} of {n} hosts look dead (more than {:.0}%): fencing stopped",
+                    self.cfg.max_dead_share * 100.0
+                ),
+            );
+        }
+        if self.gate.isolated != isolated || self.gate.mass != mass {
+            self.bump();
+        }
+        self.gate = Gate { isolated, mass };
+    }
+
+    pub(super) fn evaluate_host(&mut self, host: &HostId, live: Liveness, silence: Duration) {
+        let now = self.now;
+        let state = self.hosts[host].state;
+        match state {
+            HostState::Up if live == Liveness::Suspect => {
+                self.open_host_incident(host);
+                self.set_host_state(
+                    host,
+                    HostState::Suspect,
+                    &format!("no heartbeat on any path for {} ms", silence.as_millis()),
+                    Source::Heartbeat,
+                );
+            }
+            HostState::Suspect if silence >= self.cfg.confirm_after => {
+                self.set_host_state(
+                    host,
+                    HostState::Confirming,
+                    &format!(
+                        "silent for {} ms; asking independent sources",
+                        silence.as_millis()
+                    ),
+                    Source::Heartbeat,
+                );
+                self.ask_confirmation(host);
+            }
+            HostState::Confirming => {
+                let h = &self.hosts[host];
+                let asked = h.confirm_asked_at.unwrap_or(now);
+                if h.awaiting_confirmation && now >= asked + self.cfg.confirm_timeout {
+                    let h = self.hosts.get_mut(host).expect("known");
+                    h.awaiting_confirmation = false;
+                    if h.verdict.is_none() {
+                        h.verdict = Some((Verdict::Unknown, Source::Controller));
+                    }
+                    let inc = h.incident;
+                    self.bump();
+                    if let Some(inc) = inc {
+                        self.note(
+                            inc,
+                            Subject::Host(host.clone()),
+                            "confirmation timed out".into(),
+                            Source::Controller,
+                        );
+                    }
+                }
+                let h = &self.hosts[host];
+                let verdict = h.verdict.map(|v| v.0);
+                if !h.awaiting_confirmation
+                    && matches!(verdict, Some(Verdict::Alive | Verdict::Unknown))
+                    && now >= asked + self.cfg.confirm_retry
+                {
+                    self.ask_confirmation(host);
+                }
+                let decide = match verdict {
+                    Some(Verdict::Dead) => true,
+                    Some(Verdict::Unknown) => silence >= self.cfg.fence_on_unknown_after,
+                    Some(Verdict::Alive) | None => false,
+                };
+                if decide && live == Liveness::Suspect && self.gate.open() {
+                    let cause = match verdict {
+                        Some(Verdict::Dead) => "confirmed dead".to_string(),
+                        _ => format!("unconfirmed, silent for {} ms", silence.as_millis()),
+                    };
+                    let src = self.hosts[host].verdict.map_or(Source::Controller, |v| v.1);
+                    self.decide_fence(host, &cause, src);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn ask_confirmation(&mut self, host: &HostId) {
+        let now = self.now;
+        let h = self.hosts.get_mut(host).expect("known");
+        h.confirm_asked_at = Some(now);
+        h.awaiting_confirmation = true;
+        self.bump();
+        self.out.push(Action::Confirm { host: host.clone() });
+    }
+
+    pub(super) fn on_confirmation(&mut self, host: HostId, source: Source, verdict: Verdict) {
+        let Some(h) = self.hosts.get_mut(&host) else {
+            return;
+        };
+        if h.state != HostState::Confirming {
+            return;
+        }
+        h.awaiting_confirmation = false;
+        h.verdict = Some((verdict, source));
+        let inc = h.incident;
+        self.bump();
+        if let Some(inc) = inc {
+            self.note(
+                inc,
+                Subject::Host(host.clone()),
+                format!("confirmation: {verdict:?}"),
+                source,
+            );
+        }
+        if verdict == Verdict::Alive {
+            self.host_alarm(
+                &host,
+                AlarmKind::HostAliveButSilent,
+                format!("{source:?} says the host is alive but the controller hears nothing: not fencing"),
+            );
+        }
+        // A Dead verdict fences on the next tick (after the gates are evaluated).
+    }
+}

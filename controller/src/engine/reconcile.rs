@@ -1,0 +1,253 @@
+//! The decisions that move incidents forward: fence, force down, restart in place,
+//! evacuate, each issued as an intent once its preconditions hold.
+
+use super::*;
+
+impl Engine {
+    pub(super) fn decide_fence(&mut self, host: &HostId, cause: &str, source: Source) {
+        let inc = self.hosts[host].incident.expect("host incident open");
+        self.set_host_state(host, HostState::Fencing, cause, source);
+        // Rule 1: the host incident takes everything on the host, except resources
+        // already being restored elsewhere by their own incident.
+        let on_host: Vec<Resource> = self
+            .resources
+            .iter()
+            .filter(|(_, e)| {
+                &e.host == host
+                    && e.state != ResourceState::GaveUp
+                    && !(e.owner.is_some() && matches!(e.state, ResourceState::Evacuating { .. }))
+            })
+            .map(|(r, _)| r.clone())
+            .collect();
+        for r in on_host {
+            self.take_ownership(&r, inc, host);
+        }
+    }
+
+    pub(super) fn reconcile(&mut self) {
+        // Hosts without an incident have nothing to reconcile (reconcile_host returns at
+        // once for them); skipping them here saves a clone per healthy host.
+        let hosts: Vec<HostId> = self
+            .hosts
+            .iter()
+            .filter(|(_, h)| h.incident.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for h in &hosts {
+            self.reconcile_host(h);
+        }
+        let pending: Vec<Resource> = self
+            .resources
+            .iter()
+            .filter(|(_, e)| {
+                e.in_flight.is_none()
+                    && e.owner.is_some_and(|o| {
+                        self.incidents
+                            .get(&o)
+                            .is_some_and(|i| matches!(i.subject, Subject::Resource(_)))
+                    })
+            })
+            .map(|(r, _)| r.clone())
+            .collect();
+        for r in pending {
+            self.reconcile_resource(&r);
+        }
+    }
+
+    pub(super) fn reconcile_host(&mut self, host: &HostId) {
+        let now = self.now;
+        let h = &self.hosts[host];
+        let Some(inc) = h.incident else {
+            return;
+        };
+        match h.state {
+            HostState::Fencing if h.fenced_by.is_none() => {
+                let waiting = h
+                    .owned
+                    .iter()
+                    .any(|r| self.resources.get(r).is_some_and(|e| e.in_flight.is_some()));
+                if waiting {
+                    // A superseded restart is still in flight; its result comes first.
+                    return;
+                }
+                let silence = self.detector.silence(host, now).unwrap_or_default();
+                let self_fenced = self
+                    .cfg
+                    .self_fence_deadline
+                    .is_some_and(|d| h.self_fence_armed && silence >= d);
+                let attempt = h.fence.attempts + 1;
+                let resources: Vec<Resource> = h.owned.iter().cloned().collect();
+                if self_fenced {
+                    let key = IntentKey::derive(
+                        inc,
+                        &format!("self-fence-{attempt}"),
+                        &Subject::Host(host.clone()),
+                    );
+                    let intent = Intent::Fence {
+                        host: host.clone(),
+                        incident: inc,
+                        attempt,
+                        method: None,
+                        resources,
+                    };
+                    if self.issue(key.clone(), intent) {
+                        self.complete(
+                            &key,
+                            IntentOutcome::Fence(FenceOutcome::Verified(
+                                FenceVerifier::SelfFenceDeadline,
+                            )),
+                        );
+                    }
+                } else if h.fence.in_flight.is_some() {
+                    // Wait for the fence result (or the self-fence deadline).
+                } else if h.fence.attempts >= self.cfg.max_fence_attempts {
+                    let n = h.fence.attempts;
+                    self.host_alarm(
+                        host,
+                        AlarmKind::FenceExhausted,
+                        format!(
+                            "{n} fence tries failed; operator needed (unfence or fix the fence)"
+                        ),
+                    );
+                } else if now >= h.fence.next_at
+                    && self.gate.open()
+                    && self.detector.liveness(host, now) == Liveness::Suspect
+                {
+                    let key = IntentKey::derive(
+                        inc,
+                        &format!("fence-{attempt}"),
+                        &Subject::Host(host.clone()),
+                    );
+                    let intent = Intent::Fence {
+                        host: host.clone(),
+                        incident: inc,
+                        attempt,
+                        method: Some(self.cfg.fence_method),
+                        resources,
+                    };
+                    self.issue(key, intent);
+                }
+            }
+            HostState::Fenced if h.force_down.in_flight.is_none() => {
+                let attempt = h.force_down.attempts + 1;
+                if h.force_down.attempts >= self.cfg.max_fence_attempts {
+                    self.host_alarm(
+                        host,
+                        AlarmKind::ForceDownFailed,
+                        "forcing the compute service down keeps failing; operator needed".into(),
+                    );
+                } else if now >= h.force_down.next_at {
+                    let key = IntentKey::derive(
+                        inc,
+                        &format!("force-down-{attempt}"),
+                        &Subject::Host(host.clone()),
+                    );
+                    let intent = Intent::ForceDown {
+                        host: host.clone(),
+                        incident: inc,
+                        attempt,
+                        resources: h.owned.iter().cloned().collect(),
+                    };
+                    self.issue(key, intent);
+                }
+            }
+            HostState::Evacuating => {
+                let owned: Vec<Resource> = h.owned.iter().cloned().collect();
+                let mut all_done = true;
+                for r in owned {
+                    let e = &self.resources[&r];
+                    if e.owner != Some(inc) {
+                        continue;
+                    }
+                    all_done = false;
+                    if e.in_flight.is_some() {
+                        continue;
+                    }
+                    let attempt = match e.state {
+                        ResourceState::Evacuating { attempt } => attempt + 1,
+                        _ => 1,
+                    };
+                    self.issue_evacuate(&r, host, inc, attempt);
+                }
+                if all_done {
+                    self.set_host_state(
+                        host,
+                        HostState::Recovered,
+                        "every resource handled; waiting for an operator to unfence",
+                        Source::Controller,
+                    );
+                    self.close_incident(inc);
+                    let h = self.hosts.get_mut(host).expect("known");
+                    let fenced_at = h.fenced_at;
+                    let fenced_by = h.fenced_by;
+                    let heard = h.heard_since_fence;
+                    h.clear_incident();
+                    h.fenced_at = fenced_at;
+                    h.fenced_by = fenced_by;
+                    h.heard_since_fence = heard;
+                    h.last_incident = Some(inc);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn reconcile_resource(&mut self, r: &Resource) {
+        let e = &self.resources[r];
+        let inc = e.owner.expect("owned");
+        let host = e.host.clone();
+        let hstate = self.hosts.get(&host).map_or(HostState::Up, |h| h.state);
+        let can_restart = r.kind().restarts_in_place() && hstate == HostState::Up;
+        let fenced = hstate.fenced();
+        match e.state {
+            ResourceState::Failed if hstate == HostState::Up || fenced => {
+                let window_start = Timestamp(
+                    self.now
+                        .0
+                        .saturating_sub(self.cfg.restart_window.as_millis() as u64),
+                );
+                let tries = e.restarts.iter().filter(|t| **t >= window_start).count() as u32;
+                if can_restart && tries < self.cfg.max_restarts_in_place {
+                    let step = e.steps + 1;
+                    let key = IntentKey::derive(inc, &format!("restart-{step}"), r);
+                    self.issue(
+                        key,
+                        Intent::RestartInPlace {
+                            resource: r.clone(),
+                            host,
+                            incident: inc,
+                            attempt: tries + 1,
+                        },
+                    );
+                } else {
+                    self.issue_evacuate(r, &host, inc, 1);
+                }
+            }
+            ResourceState::Evacuating { attempt } => {
+                // A failed try: the next one (the resource is known dead, or its host
+                // fenced, so it cannot run twice).
+                self.issue_evacuate(r, &host, inc, attempt + 1);
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn issue_evacuate(
+        &mut self,
+        r: &Resource,
+        from: &HostId,
+        inc: IncidentId,
+        attempt: u32,
+    ) {
+        let key = IntentKey::derive(inc, &format!("evacuate-{attempt}"), r);
+        self.issue(
+            key,
+            Intent::Evacuate {
+                resource: r.clone(),
+                from: from.clone(),
+                incident: inc,
+                attempt,
+            },
+        );
+    }
+}
