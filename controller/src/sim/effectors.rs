@@ -1,0 +1,216 @@
+//! The fake edges: they act on the world after a delay and report back, deduplicating
+//! by intent key.
+
+use super::*;
+
+impl Sim<'_> {
+    pub(super) fn apply_actions(&mut self, actions: Vec<Action>) -> Result<(), Box<Violation>> {
+        for a in actions {
+            if !matches!(a, Action::ArmTimer { .. } | Action::RecordTimeline { .. }) {
+                self.trace(format!("{:>6} OUT {a:?}", self.now));
+            }
+            self.check_action(&a)?;
+            match &a {
+                Action::ArmTimer { id, at } => {
+                    let id = id.clone();
+                    self.at(at.0.max(self.now), Ev::Deliver(Input::Timer(id)));
+                }
+                Action::PersistIntent(_) | Action::CompleteIntent { .. } => self.log.apply(&a),
+                Action::RecordTimeline { .. } => {}
+                Action::Alarm { .. } => self.report.alarms += 1,
+                Action::Confirm { host } => {
+                    let h = self.index(host);
+                    let w = &self.hosts[h];
+                    let verdict = if !w.powered || w.crashed {
+                        Verdict::Dead
+                    } else if w.hung {
+                        Verdict::Unknown
+                    } else if self.rng.chance(0.7) {
+                        Verdict::Alive
+                    } else {
+                        Verdict::Unknown
+                    };
+                    if !self.rng.chance(0.1) {
+                        let input = Input::ConfirmationResult {
+                            host: host.clone(),
+                            source: Source::Pacemaker,
+                            verdict,
+                        };
+                        self.later(50, 500, Ev::Deliver(input));
+                    }
+                }
+                Action::Fence { key, .. }
+                | Action::ForceDown { key, .. }
+                | Action::RestartInPlace { key, .. }
+                | Action::Evacuate { key, .. }
+                | Action::Unfence { key, .. } => {
+                    match a {
+                        Action::Fence { .. } => self.report.fences += 1,
+                        Action::RestartInPlace { .. } => self.report.restarts += 1,
+                        Action::Evacuate { .. } => self.report.evacuations += 1,
+                        _ => {}
+                    }
+                    match self.effects.get(key) {
+                        // Already done: the fake reports the first outcome again.
+                        Some(Some(result)) => {
+                            let result = result.clone();
+                            self.later(10, 100, Ev::Deliver(result));
+                        }
+                        Some(None) => {}
+                        None => {
+                            self.effects.insert(key.clone(), None);
+                            let (lo, hi) = match a {
+                                Action::Fence { .. } => (200, 1_500),
+                                Action::Evacuate { .. } => (300, 2_500),
+                                Action::RestartInPlace { .. } => (100, 800),
+                                _ => (20, 300),
+                            };
+                            self.later(lo, hi, Ev::Exec(a.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out an action in the world and reports back.
+    pub(super) fn exec(&mut self, a: Action) -> Result<(), Box<Violation>> {
+        let (key, result) = match a {
+            Action::Fence { host, key, .. } => {
+                let h = self.index(&host);
+                let outcome = if self.hosts[h].bmc_broken || self.rng.chance(self.sc.p_fence_fail) {
+                    FenceOutcome::Failed {
+                        reason: "BMC did not answer".into(),
+                    }
+                } else if self.rng.chance(self.sc.p_fence_unverified) {
+                    FenceOutcome::Unverified {
+                        reason: "power state unreadable".into(),
+                    }
+                } else {
+                    self.power_off(h);
+                    if self.rng.chance(0.5) {
+                        FenceOutcome::Verified(FenceVerifier::IpmiPowerOff)
+                    } else {
+                        FenceOutcome::Verified(FenceVerifier::PacemakerHistory)
+                    }
+                };
+                let r = Input::FenceResult {
+                    host,
+                    key: key.clone(),
+                    outcome,
+                };
+                (key, r)
+            }
+            Action::ForceDown { host, key } => {
+                let h = self.index(&host);
+                let outcome = if self.rng.chance(0.05) {
+                    RestoreOutcome::Failed {
+                        reason: "nova API 503".into(),
+                    }
+                } else {
+                    self.hosts[h].forced_down = true;
+                    RestoreOutcome::Ok { host: host.clone() }
+                };
+                let r = Input::HostActionResult {
+                    host,
+                    key: key.clone(),
+                    outcome,
+                };
+                (key, r)
+            }
+            Action::Unfence { host, key } => {
+                let h = self.index(&host);
+                self.hosts[h].forced_down = false;
+                let r = Input::HostActionResult {
+                    host: host.clone(),
+                    key: key.clone(),
+                    outcome: RestoreOutcome::Ok { host },
+                };
+                (key, r)
+            }
+            Action::RestartInPlace {
+                resource,
+                host,
+                key,
+                ..
+            } => {
+                let h = self.index(&host);
+                let i = self.res_index(&resource);
+                let w = &self.hosts[h];
+                let ok = w.alive()
+                    && !w.forced_down
+                    && self.res[i].placement == h
+                    && !self.rng.chance(self.sc.p_restore_fail);
+                let outcome = if ok {
+                    if self.res[i].instances.iter().any(|&o| o != h) {
+                        return self.fail(
+                            Invariant::NoRestoreBeforeVerifiedFence,
+                            format!("{resource} restarted on {host} while running elsewhere"),
+                        );
+                    }
+                    self.res[i].instances.insert(h);
+                    RestoreOutcome::Ok { host: host.clone() }
+                } else {
+                    RestoreOutcome::Failed {
+                        reason: "domain start failed".into(),
+                    }
+                };
+                let r = Input::RestoreResult {
+                    resource,
+                    key: key.clone(),
+                    outcome,
+                };
+                (key, r)
+            }
+            Action::Evacuate {
+                resource,
+                from,
+                key,
+            } => {
+                let i = self.res_index(&resource);
+                let f = self.index(&from);
+                let targets: Vec<usize> = (0..self.hosts.len())
+                    .filter(|&t| {
+                        let w = &self.hosts[t];
+                        t != f && w.alive() && !w.forced_down && !w.maintenance
+                    })
+                    .collect();
+                let outcome = if targets.is_empty() || self.rng.chance(self.sc.p_restore_fail) {
+                    RestoreOutcome::Failed {
+                        reason: "no valid host".into(),
+                    }
+                } else {
+                    if !self.res[i].instances.is_empty() {
+                        return self.fail(
+                            Invariant::NoRestoreBeforeVerifiedFence,
+                            format!(
+                                "{resource} evacuated while still running on {:?}",
+                                self.res[i].instances
+                            ),
+                        );
+                    }
+                    let t = targets[self.rng.index(targets.len())];
+                    self.res[i].placement = t;
+                    self.res[i].instances.insert(t);
+                    RestoreOutcome::Ok {
+                        host: self.hosts[t].id.clone(),
+                    }
+                };
+                let r = Input::RestoreResult {
+                    resource,
+                    key: key.clone(),
+                    outcome,
+                };
+                (key, r)
+            }
+            _ => return Ok(()),
+        };
+        self.effects.insert(key, Some(result.clone()));
+        if self.rng.chance(0.05) {
+            self.later(200, 3_000, Ev::Deliver(result.clone()));
+        }
+        self.deliver(result)?;
+        self.check_world()
+    }
+}

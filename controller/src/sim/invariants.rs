@@ -1,0 +1,270 @@
+//! The invariants the simulation checks after every step and at the end, and the
+//! violation it reports when one breaks.
+
+use super::*;
+
+/// Which invariant broke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Invariant {
+    /// A restore before a verified fence, or a resource running twice in the world.
+    NoRestoreBeforeVerifiedFence,
+    /// Two owners for one resource.
+    OneOwner,
+    /// A dead resource nobody handles.
+    NoVmLeftBehind,
+    /// An action issued twice (or without its intent).
+    NoActionTwice,
+    /// A fence issued while the controller hears nobody (safety gate).
+    SafetyGate,
+    /// The engine panicked.
+    NoPanic,
+}
+
+/// A broken invariant, with the recent history that led to it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Violation {
+    /// The seed.
+    pub seed: u64,
+    /// Simulated time (ms).
+    pub at: u64,
+    /// Which invariant.
+    pub invariant: Invariant,
+    /// Details.
+    pub detail: String,
+    /// The last steps (inputs and actions).
+    pub trace: Vec<String>,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "seed {} at {} ms: {:?}: {}",
+            self.seed, self.at, self.invariant, self.detail
+        )?;
+        for l in &self.trace {
+            writeln!(f, "  {l}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Sim<'_> {
+    pub(super) fn violation(&self, invariant: Invariant, detail: String) -> Violation {
+        Violation {
+            seed: self.sc.seed,
+            at: self.now,
+            invariant,
+            detail,
+            trace: self.trace.iter().rev().take(40).rev().cloned().collect(),
+        }
+    }
+
+    pub(super) fn fail(&self, invariant: Invariant, detail: String) -> Result<(), Box<Violation>> {
+        Err(Box::new(self.violation(invariant, detail)))
+    }
+
+    pub(super) fn check_action(&mut self, a: &Action) -> Result<(), Box<Violation>> {
+        match a {
+            Action::PersistIntent(rec) => {
+                if self.log.contains(&rec.key) {
+                    return self.fail(
+                        Invariant::NoActionTwice,
+                        format!("intent {} persisted twice", rec.key),
+                    );
+                }
+                if let Some(r) = rec.intent.resource() {
+                    if let Some(other) = self.open_per_resource.get(r) {
+                        if self.log.get(other).is_some_and(|e| e.done.is_none()) {
+                            return self.fail(
+                                Invariant::OneOwner,
+                                format!("{r}: {} issued while {other} is open", rec.key),
+                            );
+                        }
+                    }
+                    self.open_per_resource.insert(r.clone(), rec.key.clone());
+                }
+                if let Intent::Evacuate {
+                    resource, incident, ..
+                } = &rec.intent
+                {
+                    // Rule 2, on the log: a host incident's restore needs a verified fence.
+                    let fences: Vec<_> = self
+                        .log
+                        .iter()
+                        .filter(|e| {
+                            matches!(&e.record.intent, Intent::Fence { incident: i, .. } if *i == *incident)
+                        })
+                        .collect();
+                    let verified = fences.iter().any(|e| {
+                        matches!(
+                            e.done.as_ref().map(|c| &c.outcome),
+                            Some(IntentOutcome::Fence(FenceOutcome::Verified(_)))
+                        )
+                    });
+                    if !fences.is_empty() && !verified {
+                        return self.fail(
+                            Invariant::NoRestoreBeforeVerifiedFence,
+                            format!("{resource} evacuated by {incident} without a verified fence"),
+                        );
+                    }
+                    // And in the world: nothing restored that may still run.
+                    let i = self.res_index(resource);
+                    if !self.res[i].instances.is_empty() {
+                        return self.fail(
+                            Invariant::NoRestoreBeforeVerifiedFence,
+                            format!(
+                                "{resource} evacuation decided while it runs on {:?}",
+                                self.res[i].instances
+                            ),
+                        );
+                    }
+                }
+            }
+            Action::Fence { key, .. }
+            | Action::ForceDown { key, .. }
+            | Action::RestartInPlace { key, .. }
+            | Action::Evacuate { key, .. }
+            | Action::Unfence { key, .. } => {
+                let Some(entry) = self.log.get(key) else {
+                    return self.fail(
+                        Invariant::NoActionTwice,
+                        format!("{key} carried out without a persisted intent"),
+                    );
+                };
+                if entry.done.is_some() {
+                    return self.fail(
+                        Invariant::NoActionTwice,
+                        format!("{key} issued again after it was done"),
+                    );
+                }
+                if matches!(a, Action::Fence { .. })
+                    && self.isolated
+                    && self.now > self.isolated_since + 1_000
+                    && entry.record.at.0 == self.now
+                {
+                    return self.fail(
+                        Invariant::SafetyGate,
+                        format!("{key} issued while the controller hears nobody"),
+                    );
+                }
+                if !self.issued_this_life.insert(key.clone()) {
+                    return self.fail(
+                        Invariant::NoActionTwice,
+                        format!("{key} issued twice by one engine"),
+                    );
+                }
+                if entry.record.at.0 != self.now && !self.resumed_open.contains(key) {
+                    // Only a resumed engine may hand an older intent out again.
+                    return self.fail(
+                        Invariant::NoActionTwice,
+                        format!("{key} re-issued without a restart"),
+                    );
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    pub(super) fn check_world(&self) -> Result<(), Box<Violation>> {
+        for r in &self.res {
+            if r.instances.len() > 1 {
+                return self.fail(
+                    Invariant::NoRestoreBeforeVerifiedFence,
+                    format!(
+                        "{} runs on {} hosts: {:?}",
+                        r.r,
+                        r.instances.len(),
+                        r.instances
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn check_engine(&mut self) -> Result<(), Box<Violation>> {
+        let rev = self.engine.revision();
+        if rev == self.last_revision {
+            return Ok(());
+        }
+        self.last_revision = rev;
+        let mut claimed: BTreeMap<Resource, crate::engine::IncidentId> = BTreeMap::new();
+        for (inc, r) in self.engine.claims() {
+            if let Some(other) = claimed.insert(r.clone(), inc) {
+                return self.fail(
+                    Invariant::OneOwner,
+                    format!("{r} claimed by {other} and {inc}"),
+                );
+            }
+        }
+        for v in self.engine.resources() {
+            if !v.state.is_settled() {
+                let open = v
+                    .owner
+                    .and_then(|o| self.engine.incident(o))
+                    .is_some_and(|i| i.closed_at.is_none());
+                if !open {
+                    return self.fail(
+                        Invariant::NoVmLeftBehind,
+                        format!("{} is {} with no open owner", v.resource, v.state),
+                    );
+                }
+            }
+            if let Some(o) = v.owner {
+                if claimed.get(&v.resource) != Some(&o) {
+                    return self.fail(
+                        Invariant::OneOwner,
+                        format!("{} owned by {o} which does not claim it", v.resource),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn final_check(&mut self) -> Result<(), Box<Violation>> {
+        self.check_world()?;
+        let gave_up: BTreeSet<Resource> = self
+            .engine
+            .resources()
+            .into_iter()
+            .filter(|v| v.state == ResourceState::GaveUp)
+            .map(|v| v.resource)
+            .collect();
+        for i in 0..self.res.len() {
+            if !self.res[i].instances.is_empty() {
+                continue;
+            }
+            let r = self.res[i].r.clone();
+            if gave_up.contains(&r) {
+                self.report.gave_up += 1;
+                continue;
+            }
+            let h = self.res[i].placement;
+            let host = self.hosts[h].id.clone();
+            let held = self.engine.host_alarmed(&host)
+                || self.hosts[h].maintenance
+                || self.engine.host_state(&host) == Some(HostState::Maintenance);
+            if held {
+                self.report.held += 1;
+                continue;
+            }
+            // Still being worked on at the end (a late retry) is fine if owned.
+            let owned = self.engine.resource(&r).is_some_and(|v| v.owner.is_some());
+            if owned {
+                continue;
+            }
+            return self.fail(
+                Invariant::NoVmLeftBehind,
+                format!(
+                    "{r} is dead in the world (placed on {host}, host {:?}) and nobody handles it: engine says {:?}",
+                    self.engine.host_state(&host),
+                    self.engine.resource(&r)
+                ),
+            );
+        }
+        Ok(())
+    }
+}
