@@ -4,6 +4,7 @@ pub mod engine_task;
 pub mod host_view;
 pub mod intake;
 pub mod systemd;
+pub mod translate;
 
 use std::sync::Arc;
 
