@@ -59,7 +59,7 @@ fn sample_snapshot() -> Snapshot {
             host("h1", HostState::Up, None, now - 100),
             host("compute-2", HostState::Fencing, Some(1), now - 4_000),
         ],
-        vms: vec![ResourceSnapshot {
+        resources: vec![ResourceSnapshot {
             resource: "vm:bbbb".into(),
             kind: "vm".into(),
             id: "bbbb".into(),

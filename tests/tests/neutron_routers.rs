@@ -237,7 +237,7 @@ fn twenty_routers_spread_over_three_hosts_lose_host_1_and_its_routers_are_bound_
     let snap = ctl.snapshot();
     for id in &on_1 {
         let r = snap
-            .vms
+            .resources
             .iter()
             .find(|v| v.id == *id)
             .expect("the engine knows every router of host 1");

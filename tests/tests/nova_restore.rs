@@ -107,7 +107,7 @@ fn thirty_servers_of_a_fenced_host_come_back_active_on_the_two_others_each_evacu
     let snap = ctl.snapshot();
     for id in &ids {
         let vm = snap
-            .vms
+            .resources
             .iter()
             .find(|v| v.id == *id)
             .expect("the engine knows every server");

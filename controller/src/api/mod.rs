@@ -209,7 +209,12 @@ async fn host(State(state): State<AppState>, Path(id): Path<String>) -> ApiResul
     Ok(Json(HostResponse {
         at_ms: snap.at_ms,
         host: host.clone(),
-        resources: snap.vms.iter().filter(|v| v.host == id).cloned().collect(),
+        resources: snap
+            .resources
+            .iter()
+            .filter(|v| v.host == id)
+            .cloned()
+            .collect(),
     }))
 }
 
@@ -226,7 +231,7 @@ async fn vms(
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let snap = latest(&state);
     let vms = snap
-        .vms
+        .resources
         .iter()
         .filter(|v| query.host.as_ref().is_none_or(|h| &v.host == h))
         .cloned()

@@ -76,7 +76,7 @@ fn sample_snapshot() -> Snapshot {
             host("h1", HostState::Up, None, Some(NOW - 100)),
             host("h2", HostState::Fencing, Some(1), Some(NOW - 4_000)),
         ],
-        vms: vec![
+        resources: vec![
             vm("aaaa", "h1", ResourceState::Running, None),
             vm(
                 "bbbb",
@@ -389,7 +389,7 @@ async fn an_unknown_host_is_404() {
 async fn vms_lists_resources_and_can_be_filtered_by_host() {
     let (app, _) = app(Some(TOKEN), Engine::Answers);
     let all: VmsResponse = serde_json::from_str(&get(&app, "/v1/vms").await.body).unwrap();
-    assert_eq!(all.vms, sample_snapshot().vms);
+    assert_eq!(all.vms, sample_snapshot().resources);
     let v = get(&app, "/v1/vms").await.json();
     assert_eq!(v["vms"][1]["state"]["Evacuating"]["attempt"], 1);
     assert_eq!(v["vms"][1]["owner"], 1);

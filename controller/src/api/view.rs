@@ -15,7 +15,8 @@ pub struct Snapshot {
     pub cluster_id: String,
     pub at_ms: u64,
     pub hosts: Vec<HostSnapshot>,
-    pub vms: Vec<ResourceSnapshot>,
+    /// Every resource the engine tracks: VMs and routers (`kind` says which).
+    pub resources: Vec<ResourceSnapshot>,
     pub incidents: Vec<IncidentSnapshot>,
     /// The most recent alarms, newest last (bounded).
     pub alarms: Vec<AlarmSnapshot>,

@@ -425,7 +425,7 @@ impl EngineTask {
                 }
             })
             .collect();
-        let vms = self
+        let resources = self
             .engine
             .resources()
             .into_iter()
@@ -460,7 +460,7 @@ impl EngineTask {
             cluster_id: self.cluster_id.clone(),
             at_ms: self.clock.now().0,
             hosts,
-            vms,
+            resources,
             incidents,
             alarms: self.alarms.iter().cloned().collect(),
         }
