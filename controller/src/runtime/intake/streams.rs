@@ -226,3 +226,120 @@ impl EventConnection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use protocol::frame::HostCommand;
+
+    use super::*;
+    use crate::edges::libvirt::LibvirtRestorer;
+    use crate::edges::Restorer;
+    use crate::engine::{HostId, Input, IntentKey, Resource, RestoreOutcome};
+
+    /// The whole path over a real loopback socket: the intake registers the stream at
+    /// `Hello`, sends the restorer's command as a frame, and routes the watchdog's
+    /// result back; the registration goes when the stream closes. (It was the libvirt
+    /// edge's test; it lives here because an edge must not reach into the runtime.)
+    #[tokio::test]
+    async fn over_the_event_stream_a_command_goes_out_as_a_frame_and_its_result_comes_back() {
+        let mac = Key::new(b"backend-test-key-0123456789abcdef").unwrap();
+        let streams = HostStreams::new();
+        let (intake_tx, mut intake_rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Some(msg) = intake_rx.recv().await {
+                if let Intake::Hello { reply, .. } = msg {
+                    let _ = reply.send(0);
+                }
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_events(
+            listener,
+            mac.clone(),
+            "c".into(),
+            "ctl".into(),
+            intake_tx,
+            Arc::new(Metrics::new()),
+            streams.clone(),
+        ));
+
+        let mut wd = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let env = |message| Envelope {
+            cluster_id: "c".into(),
+            host_id: "h1".into(),
+            boot_id: BootId([7; 16]),
+            incarnation: 1,
+            message,
+        };
+        let mut decoder = FrameDecoder::new(mac.clone(), Direction::ToWatchdog);
+        let mut buf = vec![0u8; 4096];
+        let mut next_frame = async |wd: &mut tokio::net::TcpStream| loop {
+            if let Some(env) = decoder.next_frame().unwrap() {
+                return env.message;
+            }
+            let n = wd.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the controller closed the stream");
+            decoder.push(&buf[..n]);
+        };
+        wd.write_all(&encode_frame(&env(Message::Hello { last_event_id: 0 }), &mac).unwrap())
+            .await
+            .unwrap();
+        assert!(matches!(next_frame(&mut wd).await, Message::Welcome { .. }));
+        assert_eq!(streams.hosts(), ["h1"]);
+
+        let (results_tx, mut results) = mpsc::unbounded_channel();
+        let mut r = LibvirtRestorer::new(results_tx, streams.clone());
+        let k = IntentKey("5/restart-1/vm:u-9".into());
+        r.restart_in_place(&Resource::vm("u-9"), &HostId::new("h1"), 1, &k);
+        let Message::Command {
+            controller_id,
+            command_id,
+            command,
+        } = next_frame(&mut wd).await
+        else {
+            panic!("expected a command");
+        };
+        assert_eq!(controller_id, "ctl");
+        assert_eq!(command_id, crate::edges::libvirt::command_id(&k));
+        assert_eq!(
+            command,
+            HostCommand::StartDomain {
+                vm_uuid: "u-9".into()
+            }
+        );
+        let result = Message::CommandResult {
+            command_id,
+            ok: true,
+            detail: "started".into(),
+        };
+        wd.write_all(&encode_frame(&env(result), &mac).unwrap())
+            .await
+            .unwrap();
+        let (resource, got, outcome) =
+            match tokio::time::timeout(Duration::from_secs(60), results.recv()).await {
+                Ok(Some(Input::RestoreResult {
+                    resource,
+                    key,
+                    outcome,
+                })) => (resource, key, outcome),
+                other => panic!("expected a restore result, got {other:?}"),
+            };
+        assert_eq!((resource, got), (Resource::vm("u-9"), k));
+        assert_eq!(
+            outcome,
+            RestoreOutcome::Ok {
+                host: HostId::new("h1")
+            }
+        );
+
+        drop(wd);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !streams.hosts().is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "still registered");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
