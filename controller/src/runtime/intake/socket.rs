@@ -7,16 +7,13 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use protocol::DATAGRAM_RECV_BUFFER_LEN;
 use tokio::net::UdpSocket;
 
 use super::heartbeats::{HeartbeatIntake, IntakeCounters};
 
 /// Datagrams taken off a heartbeat socket per `recvmmsg` (and acks per `sendmmsg`).
 pub const BATCH: usize = 64;
-
-/// Receive buffer per datagram: larger than any heartbeat, so a longer datagram is
-/// refused by the decoder (oversize, or its MAC fails) rather than read in part.
-const DATAGRAM_BUF: usize = 2048;
 
 /// How often a socket thread blocked in `recvmmsg` looks whether it should stop.
 const STOP_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
@@ -76,7 +73,9 @@ pub fn spawn_heartbeat_thread(
 
 fn receive_loop(socket: &std::net::UdpSocket, intake: &HeartbeatIntake, stop: &AtomicBool) {
     let fd = socket.as_raw_fd();
-    let mut bufs = vec![0u8; BATCH * DATAGRAM_BUF];
+    // One buffer per datagram of a batch, each the protocol's receive buffer size (larger
+    // than any valid datagram, so a longer one is refused as oversize, not read in part).
+    let mut bufs = vec![0u8; BATCH * DATAGRAM_RECV_BUFFER_LEN];
     // SAFETY (all zeroed() below): these are plain C structs for which all-zero is valid.
     let mut names: Vec<libc::sockaddr_storage> = vec![unsafe { std::mem::zeroed() }; BATCH];
     let mut iovs: Vec<libc::iovec> = vec![unsafe { std::mem::zeroed() }; BATCH];
@@ -92,9 +91,9 @@ fn receive_loop(socket: &std::net::UdpSocket, intake: &HeartbeatIntake, stop: &A
     while !stop.load(Ordering::Relaxed) {
         let base = bufs.as_mut_ptr();
         for i in 0..BATCH {
-            // SAFETY: i * DATAGRAM_BUF + DATAGRAM_BUF <= bufs.len().
-            iovs[i].iov_base = unsafe { base.add(i * DATAGRAM_BUF) }.cast();
-            iovs[i].iov_len = DATAGRAM_BUF;
+            // SAFETY: i * DATAGRAM_RECV_BUFFER_LEN + DATAGRAM_RECV_BUFFER_LEN <= bufs.len().
+            iovs[i].iov_base = unsafe { base.add(i * DATAGRAM_RECV_BUFFER_LEN) }.cast();
+            iovs[i].iov_len = DATAGRAM_RECV_BUFFER_LEN;
             let h = &mut msgs[i].msg_hdr;
             h.msg_name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
             h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
@@ -129,10 +128,12 @@ fn receive_loop(socket: &std::net::UdpSocket, intake: &HeartbeatIntake, stop: &A
         let n = r as usize;
         let datagrams: Vec<(&[u8], SocketAddr)> = (0..n)
             .map(|i| {
-                let len = (msgs[i].msg_len as usize).min(DATAGRAM_BUF);
+                let len = (msgs[i].msg_len as usize).min(DATAGRAM_RECV_BUFFER_LEN);
                 // SAFETY: the kernel wrote `len` bytes at this offset; nothing writes to
                 // `bufs` until the next recvmmsg, after these slices are gone.
-                let bytes = unsafe { std::slice::from_raw_parts(base.add(i * DATAGRAM_BUF), len) };
+                let bytes = unsafe {
+                    std::slice::from_raw_parts(base.add(i * DATAGRAM_RECV_BUFFER_LEN), len)
+                };
                 let peer = socket_addr(&names[i], msgs[i].msg_hdr.msg_namelen);
                 (bytes, peer.unwrap_or(unknown_peer))
             })
@@ -297,7 +298,7 @@ mod tests {
             )
             .unwrap();
         let mut seqs = Vec::new();
-        let mut buf = [0u8; 1024];
+        let mut buf = [0u8; DATAGRAM_RECV_BUFFER_LEN];
         while seqs.len() < n as usize {
             let got = client.recv(&mut buf).expect("an ack");
             seqs.push(decode_ack(&buf[..got], &k).unwrap().sequence);
