@@ -115,7 +115,7 @@ async fn heartbeats_are_acked_and_forged_or_replayed_ones_are_counted_and_droppe
     let key = Key::new(KEY).unwrap();
     let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let to = c.bound.heartbeat[0];
-    let mut buf = [0u8; 1024];
+    let mut buf = [0u8; protocol::DATAGRAM_RECV_BUFFER_LEN];
 
     sock.send_to(&heartbeat(1, &key), to).await.unwrap();
     let n = tokio::time::timeout(Duration::from_secs(5), sock.recv(&mut buf))

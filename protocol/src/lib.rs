@@ -114,10 +114,17 @@ pub const MAGIC: [u8; 4] = *b"DFIB";
 /// The protocol version this build speaks. A receiver refuses any other.
 pub const PROTOCOL_VERSION: u8 = 1;
 
-/// A UDP receive buffer this large holds any valid datagram with room to spare, so
-/// an oversize one is seen as oversize rather than silently cut by the kernel.
+/// The receive buffer for one heartbeat or ack datagram, the one size every receiver
+/// uses (the controller's heartbeat sockets, the watchdog's ack sockets, their tests).
+/// It is larger than the largest valid datagram (an ack, [`MAX_ACK_LEN`]; a heartbeat,
+/// [`MAX_HEARTBEAT_LEN`], is shorter), so a datagram longer than any valid one still
+/// arrives longer than valid and is refused as oversize, instead of being cut by the
+/// kernel to a length that passes the length check and is then refused for its MAC
+/// (the wrong reason in the counters). Any size above the largest valid datagram does
+/// that (checked below); 1024 is about twice it, room for longer ids, and small enough
+/// for the controller, which holds one such buffer per datagram of a `recvmmsg` batch.
 pub const DATAGRAM_RECV_BUFFER_LEN: usize = 1024;
 
-// Any valid datagram fits the recommended receive buffer with room to spare.
+// Any valid datagram fits the receive buffer with room to spare.
 const _: () = assert!(MAX_HEARTBEAT_LEN < DATAGRAM_RECV_BUFFER_LEN);
 const _: () = assert!(MAX_ACK_LEN < DATAGRAM_RECV_BUFFER_LEN);

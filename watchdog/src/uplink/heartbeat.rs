@@ -270,7 +270,7 @@ impl HeartbeatTask {
 
 /// Forwards every datagram that arrives on one path's socket to the heartbeat task.
 async fn receive_acks(path: usize, socket: Arc<UdpSocket>, acks: mpsc::Sender<Vec<u8>>) {
-    let mut buf = vec![0u8; protocol::DATAGRAM_RECV_BUFFER_LEN];
+    let mut buf = vec![0u8; DATAGRAM_RECV_BUFFER_LEN];
     loop {
         match socket.recv_from(&mut buf).await {
             Ok((n, _from)) => {

@@ -9,9 +9,8 @@
 use std::collections::BTreeMap;
 
 use super::{
-    with_retries, BoxFuture, CallPolicy, FenceDriver, FenceError, Invocation, Output, Power,
+    with_retries, BoxFuture, CallPolicy, FenceError, Invocation, Output, Power, PowerSwitch,
 };
-use crate::engine::{FenceVerifier, Source, Verdict};
 
 /// One fence agent configured for one host.
 #[derive(Debug, Clone)]
@@ -80,18 +79,6 @@ impl FenceAgent {
         }
     }
 
-    /// `action=off`.
-    pub async fn power_off(&self) -> Result<(), FenceError> {
-        self.call("off", |o| o.code == Some(0)).await?;
-        Ok(())
-    }
-
-    /// `action=status`.
-    pub async fn power_status(&self) -> Result<Power, FenceError> {
-        let out = self.call("status", |o| parse_status(o).is_some()).await?;
-        Ok(parse_status(&out).expect("accepted above"))
-    }
-
     async fn call(
         &self,
         action: &str,
@@ -123,7 +110,7 @@ pub fn parse_status(out: &Output) -> Option<Power> {
     }
 }
 
-impl FenceDriver for FenceAgent {
+impl PowerSwitch for FenceAgent {
     fn describe(&self) -> String {
         match self
             .options
@@ -135,26 +122,20 @@ impl FenceDriver for FenceAgent {
         }
     }
 
-    fn fence(&self) -> BoxFuture<'_, Result<(), FenceError>> {
-        Box::pin(self.power_off())
+    /// `action=off`.
+    fn power_off(&self) -> BoxFuture<'_, Result<(), FenceError>> {
+        Box::pin(async move {
+            self.call("off", |o| o.code == Some(0)).await?;
+            Ok(())
+        })
     }
 
-    fn is_fenced(&self) -> BoxFuture<'_, Result<bool, FenceError>> {
-        Box::pin(async move { Ok(self.power_status().await? == Power::Off) })
-    }
-
-    fn verdict(&self) -> BoxFuture<'_, Result<Verdict, FenceError>> {
-        Box::pin(async move { Ok(super::power_verdict(self.power_status().await?)) })
-    }
-
-    /// A fence agent reads the chassis power from the host's management controller, the
-    /// same evidence as IPMI's power status.
-    fn verifier(&self) -> FenceVerifier {
-        FenceVerifier::IpmiPowerOff
-    }
-
-    fn source(&self) -> Source {
-        Source::Ipmi
+    /// `action=status`.
+    fn power_status(&self) -> BoxFuture<'_, Result<Power, FenceError>> {
+        Box::pin(async move {
+            let out = self.call("status", |o| parse_status(o).is_some()).await?;
+            Ok(parse_status(&out).expect("accepted above"))
+        })
     }
 }
 

@@ -7,9 +7,8 @@
 use std::time::Duration;
 
 use super::{
-    with_retries, BoxFuture, CallPolicy, FenceDriver, FenceError, Invocation, Output, Power,
+    with_retries, BoxFuture, CallPolicy, FenceError, Invocation, Output, Power, PowerSwitch,
 };
-use crate::engine::{FenceVerifier, Source, Verdict};
 
 /// One BMC, reached with ipmitool.
 #[derive(Debug, Clone)]
@@ -64,29 +63,6 @@ impl IpmiTool {
         }
     }
 
-    /// `chassis power off`.
-    pub async fn power_off(&self) -> Result<(), FenceError> {
-        let out = self.call("off").await?;
-        // "Chassis Power Control: Down/Off"
-        if out.stdout.to_ascii_lowercase().contains("down/off") {
-            Ok(())
-        } else {
-            Err(FenceError::Unexpected {
-                program: self.describe(),
-                detail: out.detail(),
-            })
-        }
-    }
-
-    /// `chassis power status`.
-    pub async fn power_status(&self) -> Result<Power, FenceError> {
-        let out = self.call("status").await?;
-        parse_power_status(&out.stdout).ok_or_else(|| FenceError::Unexpected {
-            program: self.describe(),
-            detail: out.detail(),
-        })
-    }
-
     async fn call(&self, what: &str) -> Result<Output, FenceError> {
         let inv = self.invocation(what);
         with_retries(self.policy, || async {
@@ -118,29 +94,36 @@ pub fn parse_power_status(stdout: &str) -> Option<Power> {
     })
 }
 
-impl FenceDriver for IpmiTool {
+impl PowerSwitch for IpmiTool {
     fn describe(&self) -> String {
         format!("ipmi {}:{}", self.address, self.port)
     }
 
-    fn fence(&self) -> BoxFuture<'_, Result<(), FenceError>> {
-        Box::pin(self.power_off())
+    /// `chassis power off`.
+    fn power_off(&self) -> BoxFuture<'_, Result<(), FenceError>> {
+        Box::pin(async move {
+            let out = self.call("off").await?;
+            // "Chassis Power Control: Down/Off"
+            if out.stdout.to_ascii_lowercase().contains("down/off") {
+                Ok(())
+            } else {
+                Err(FenceError::Unexpected {
+                    program: self.describe(),
+                    detail: out.detail(),
+                })
+            }
+        })
     }
 
-    fn is_fenced(&self) -> BoxFuture<'_, Result<bool, FenceError>> {
-        Box::pin(async move { Ok(self.power_status().await? == Power::Off) })
-    }
-
-    fn verdict(&self) -> BoxFuture<'_, Result<Verdict, FenceError>> {
-        Box::pin(async move { Ok(super::power_verdict(self.power_status().await?)) })
-    }
-
-    fn verifier(&self) -> FenceVerifier {
-        FenceVerifier::IpmiPowerOff
-    }
-
-    fn source(&self) -> Source {
-        Source::Ipmi
+    /// `chassis power status`.
+    fn power_status(&self) -> BoxFuture<'_, Result<Power, FenceError>> {
+        Box::pin(async move {
+            let out = self.call("status").await?;
+            parse_power_status(&out.stdout).ok_or_else(|| FenceError::Unexpected {
+                program: self.describe(),
+                detail: out.detail(),
+            })
+        })
     }
 }
 

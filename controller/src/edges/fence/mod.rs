@@ -12,6 +12,11 @@
 //!   ...) through its standard stdin interface (`key=value` lines); same evidence.
 //! - [`pacemaker::Pacemaker`]: the cluster's own fencing (`stonith_admin --fence`),
 //!   verified by its fencing history; membership from `crm_mon`.
+//!
+//! The first two are only two ways of reaching the same thing, a host's power switch:
+//! each implements [`PowerSwitch`] (power off, power status), and one blanket impl makes
+//! every power switch a [`FenceDriver`], so what counts as fenced cannot differ between
+//! them.
 use std::future::Future;
 use std::pin::Pin;
 use std::process::Stdio;
@@ -72,6 +77,52 @@ pub trait FenceDriver: Send + Sync {
     fn verifier(&self) -> FenceVerifier;
     /// The timeline source of its confirmations.
     fn source(&self) -> Source;
+}
+
+/// A host's power switch, however it is reached (ipmitool, a fence agent): it can cut the
+/// host's chassis power and read it back. That is all a power-based fence method needs;
+/// the [`FenceDriver`] on top is the same for every switch (the impl below).
+pub trait PowerSwitch: Send + Sync {
+    /// A short description for logs and timelines (`ipmi 10.0.0.5:623`).
+    fn describe(&self) -> String;
+    /// Hard power off (not a graceful shutdown). `Ok` means the switch says it did so;
+    /// only a later [`PowerSwitch::power_status`] verifies it.
+    fn power_off(&self) -> BoxFuture<'_, Result<(), FenceError>>;
+    /// The chassis power now.
+    fn power_status(&self) -> BoxFuture<'_, Result<Power, FenceError>>;
+}
+
+/// Every power switch fences the same way: power off, verified by the power status
+/// reading off, confirmed by [`power_verdict`]. A blanket impl rather than a wrapper
+/// type, so a switch is used as a driver as it is (`Arc::new(IpmiTool { .. })` is an
+/// `Arc<dyn FenceDriver>`); drivers with other evidence (Pacemaker) implement
+/// [`FenceDriver`] themselves and must not also be a `PowerSwitch`.
+impl<T: PowerSwitch> FenceDriver for T {
+    fn describe(&self) -> String {
+        PowerSwitch::describe(self)
+    }
+
+    fn fence(&self) -> BoxFuture<'_, Result<(), FenceError>> {
+        self.power_off()
+    }
+
+    fn is_fenced(&self) -> BoxFuture<'_, Result<bool, FenceError>> {
+        Box::pin(async move { Ok(self.power_status().await? == Power::Off) })
+    }
+
+    fn verdict(&self) -> BoxFuture<'_, Result<Verdict, FenceError>> {
+        Box::pin(async move { Ok(power_verdict(self.power_status().await?)) })
+    }
+
+    /// Whichever client read it (ipmitool, a fence agent), the chassis power comes from
+    /// the host's management controller: the same evidence as IPMI's power status.
+    fn verifier(&self) -> FenceVerifier {
+        FenceVerifier::IpmiPowerOff
+    }
+
+    fn source(&self) -> Source {
+        Source::Ipmi
+    }
 }
 
 /// A BMC's power as a confirmation: off → `Dead`; on → `Unknown`, because chassis power

@@ -1,0 +1,360 @@
+//! Judging heartbeat datagrams: authentic and fresh ones are acked, and at most one per
+//! host and path per `forward_every_ms` goes on to the engine task.
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::metrics::counter::Counter;
+use protocol::{Ack, Freshness, HeartbeatReceiver, Key};
+use tokio::sync::mpsc;
+
+use super::{HeartbeatSeen, Intake};
+use crate::metrics::Metrics;
+
+/// Shared by the UDP sockets: one replay guard per host across every path (a watchdog
+/// numbers its heartbeats with one counter over all paths).
+pub struct HeartbeatIntake {
+    state: Mutex<IntakeState>,
+    key: Key,
+    controller_id: String,
+    /// Forward at most one heartbeat per host and path per this many ms to the engine:
+    /// the detector's resolution needs no more, and the engine's load stays bounded
+    /// whatever the datagram rate. Every heartbeat is still acked.
+    forward_every_ms: u64,
+    tx: mpsc::Sender<Intake>,
+    /// Each socket thread resolves its own [`IntakeCounters`] from these.
+    pub(super) metrics: Arc<Metrics>,
+}
+
+struct IntakeState {
+    receiver: HeartbeatReceiver,
+    /// Per host, per path index: when a heartbeat was last forwarded (unix ms). Looked
+    /// up by `&str`, so a known host costs no allocation.
+    last_forwarded_ms: HashMap<String, Vec<(u8, u64)>>,
+}
+
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// The heartbeat intake's labelled counters, resolved once per socket thread: the hot path
+/// increments plain counters and never builds a label set or looks one up. A labelled
+/// counter is created on its first use, so /metrics shows only what happened.
+pub struct IntakeCounters {
+    metrics: Arc<Metrics>,
+    rejected: Vec<(&'static str, Counter)>,
+    /// By path index.
+    received: Vec<Option<Counter>>,
+}
+
+impl IntakeCounters {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics,
+            rejected: Vec::new(),
+            received: vec![None; 256],
+        }
+    }
+
+    fn reject(&mut self, reason: &'static str) {
+        if let Some((_, c)) = self.rejected.iter().find(|(r, _)| *r == reason) {
+            c.inc();
+            return;
+        }
+        let c = self
+            .metrics
+            .heartbeats_rejected
+            .get_or_create(&Metrics::label("reason", reason))
+            .clone();
+        c.inc();
+        self.rejected.push((reason, c));
+    }
+
+    fn received(&mut self, path: u8) {
+        let metrics = &self.metrics;
+        self.received[usize::from(path)]
+            .get_or_insert_with(|| {
+                metrics
+                    .heartbeats_received
+                    .get_or_create(&Metrics::label("path", path.to_string()))
+                    .clone()
+            })
+            .inc();
+    }
+}
+
+impl HeartbeatIntake {
+    pub fn new(
+        key: Key,
+        cluster_id: &str,
+        controller_id: &str,
+        forward_every_ms: u64,
+        tx: mpsc::Sender<Intake>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(IntakeState {
+                receiver: HeartbeatReceiver::new(key.clone(), cluster_id),
+                last_forwarded_ms: HashMap::new(),
+            }),
+            key,
+            controller_id: controller_id.to_string(),
+            forward_every_ms,
+            tx,
+            metrics,
+        })
+    }
+
+    /// Handles one datagram: true, with its ack in `ack`, if it was accepted.
+    pub fn handle(&self, datagram: &[u8], peer: SocketAddr, ack: &mut Vec<u8>) -> bool {
+        let mut counters = IntakeCounters::new(self.metrics.clone());
+        let mut accepted = [false];
+        self.handle_batch(
+            &[(datagram, peer)],
+            std::slice::from_mut(ack),
+            &mut accepted,
+            &mut counters,
+        );
+        accepted[0]
+    }
+
+    /// Judges a batch of datagrams under one acquisition of the lock. For each datagram
+    /// `i`, `accepted[i]` says whether it was accepted and must be acked, and `acks[i]`
+    /// then holds the signed ack. Heartbeats due for the engine are forwarded after the
+    /// lock is released. Returns how many were accepted.
+    pub fn handle_batch(
+        &self,
+        datagrams: &[(&[u8], SocketAddr)],
+        acks: &mut [Vec<u8>],
+        accepted: &mut [bool],
+        counters: &mut IntakeCounters,
+    ) -> usize {
+        let now_ns = unix_ns();
+        let now_ms = now_ns / 1_000_000;
+        let mut n_accepted = 0;
+        let mut forwards = Vec::new();
+        {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let IntakeState {
+                receiver,
+                last_forwarded_ms,
+            } = &mut *st;
+            for (((datagram, peer), ack), ok) in datagrams.iter().zip(acks).zip(&mut *accepted) {
+                *ok = false;
+                let verdict = match receiver.receive(datagram) {
+                    Ok(a) => a,
+                    Err(reason) => {
+                        counters.reject(reason.as_str());
+                        continue;
+                    }
+                };
+                let hb = verdict.heartbeat;
+                if Ack::answering(&hb, &self.controller_id, now_ns)
+                    .encode_into(&self.key, ack)
+                    .is_err()
+                {
+                    continue;
+                }
+                *ok = true;
+                n_accepted += 1;
+                let new_epoch = !matches!(verdict.freshness, Freshness::Current);
+                let paths = match last_forwarded_ms.get_mut(hb.host_id) {
+                    Some(p) => p,
+                    None => last_forwarded_ms
+                        .entry(hb.host_id.to_owned())
+                        .or_insert_with(|| Vec::with_capacity(1)),
+                };
+                let due = match paths.iter_mut().find(|(p, _)| *p == hb.path_index) {
+                    Some((_, last)) => {
+                        let due =
+                            new_epoch || now_ms.saturating_sub(*last) >= self.forward_every_ms;
+                        if due {
+                            *last = now_ms;
+                        }
+                        due
+                    }
+                    None => {
+                        paths.push((hb.path_index, now_ms));
+                        true
+                    }
+                };
+                if due {
+                    forwards.push(HeartbeatSeen {
+                        host: hb.host_id.to_string(),
+                        path: hb.path_index,
+                        peer: *peer,
+                        boot_id: hb.boot_id,
+                        incarnation: hb.incarnation,
+                        sent_unix_ns: hb.sent_unix_ns,
+                        status: hb.status,
+                    });
+                }
+            }
+        }
+        self.metrics.heartbeats_accepted.inc_by(n_accepted as u64);
+        for seen in forwards {
+            counters.received(seen.path);
+            if self.tx.try_send(Intake::Heartbeat(seen)).is_err() {
+                counters.reject("engine_busy");
+            }
+        }
+        n_accepted
+    }
+}
+
+// The helpers that build heartbeats and an intake are crate-visible: the socket tests
+// (`super::socket`) drive the same intake over a real socket.
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use protocol::{decode_ack, encode_heartbeat, BootId, Heartbeat, HostStatus};
+
+    const KEY: &[u8] = b"intake-test-key-0123456789abcdef";
+
+    pub(crate) fn key() -> Key {
+        Key::new(KEY).unwrap()
+    }
+
+    pub(crate) fn hb(host: &str, incarnation: u64, seq: u64, path: u8, key: &Key) -> Vec<u8> {
+        encode_heartbeat(
+            &Heartbeat {
+                cluster_id: "t",
+                host_id: host,
+                boot_id: BootId([7; 16]),
+                incarnation,
+                sequence: seq,
+                sent_unix_ns: 1,
+                sent_mono_ns: seq,
+                path_index: path,
+                status: HostStatus::default(),
+            },
+            key,
+        )
+        .unwrap()
+    }
+
+    pub(crate) fn intake(
+        forward_every_ms: u64,
+        capacity: usize,
+    ) -> (Arc<HeartbeatIntake>, mpsc::Receiver<Intake>, Arc<Metrics>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let metrics = Arc::new(Metrics::new());
+        let i = HeartbeatIntake::new(key(), "t", "ctl", forward_every_ms, tx, metrics.clone());
+        (i, rx, metrics)
+    }
+
+    fn forwarded(rx: &mut mpsc::Receiver<Intake>) -> Vec<(String, u8, u64)> {
+        let mut out = Vec::new();
+        while let Ok(Intake::Heartbeat(h)) = rx.try_recv() {
+            out.push((h.host, h.path, h.incarnation));
+        }
+        out
+    }
+
+    fn run_batch(i: &HeartbeatIntake, datagrams: &[Vec<u8>]) -> (Vec<bool>, Vec<Vec<u8>>) {
+        let peer = SocketAddr::from(([127, 0, 0, 1], 9));
+        let batch: Vec<(&[u8], SocketAddr)> =
+            datagrams.iter().map(|d| (d.as_slice(), peer)).collect();
+        let mut acks = vec![Vec::new(); datagrams.len()];
+        let mut accepted = vec![true; datagrams.len()];
+        let mut counters = IntakeCounters::new(i.metrics.clone());
+        let n = i.handle_batch(&batch, &mut acks, &mut accepted, &mut counters);
+        assert_eq!(n, accepted.iter().filter(|a| **a).count());
+        (accepted, acks)
+    }
+
+    #[test]
+    fn a_batch_acks_every_accepted_datagram_and_counts_refusals_by_reason() {
+        let (i, mut rx, m) = intake(60_000, 16);
+        let k = key();
+        let forged = hb(
+            "h1",
+            5,
+            2,
+            0,
+            &Key::new(b"another-key-0123456789abcdefghij").unwrap(),
+        );
+        let batch = vec![
+            hb("h1", 5, 1, 0, &k),
+            hb("h1", 5, 1, 0, &k), // replayed
+            forged,
+            hb("h1", 5, 3, 0, &k)[..20].to_vec(), // truncated
+            hb("h2", 5, 1, 0, &k),
+            hb("h1", 5, 2, 0, &k),
+        ];
+        let (accepted, acks) = run_batch(&i, &batch);
+        assert_eq!(accepted, [true, false, false, false, true, true]);
+        for (n, seq, host) in [(0, 1, "h1"), (4, 1, "h2"), (5, 2, "h1")] {
+            let ack = decode_ack(&acks[n], &k).expect("a valid ack");
+            assert_eq!(
+                (ack.host_id, ack.sequence, ack.controller_id),
+                (host, seq, "ctl")
+            );
+        }
+        assert_eq!(m.heartbeats_accepted.get(), 3);
+        let text = m.encode();
+        for reason in ["replayed", "bad_mac", "truncated"] {
+            assert!(
+                text.contains(&format!(
+                    "defib_heartbeats_rejected_total{{reason=\"{reason}\"}} 1"
+                )),
+                "{text}"
+            );
+        }
+        // h1's second accepted heartbeat came well within forward_every_ms.
+        assert_eq!(
+            forwarded(&mut rx),
+            [("h1".to_string(), 0, 5), ("h2".to_string(), 0, 5)]
+        );
+        assert!(
+            text.contains("defib_heartbeats_received_total{path=\"0\"} 2"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn each_path_is_forwarded_on_its_own_and_a_new_incarnation_at_once() {
+        let (i, mut rx, _) = intake(60_000, 16);
+        let k = key();
+        let batch = vec![
+            hb("h1", 5, 1, 0, &k),
+            hb("h1", 5, 2, 1, &k),
+            hb("h1", 5, 3, 0, &k),
+            hb("h1", 5, 4, 1, &k),
+            hb("h1", 6, 1, 0, &k), // the watchdog restarted
+        ];
+        let (accepted, _) = run_batch(&i, &batch);
+        assert!(accepted.iter().all(|a| *a));
+        assert_eq!(
+            forwarded(&mut rx),
+            [
+                ("h1".to_string(), 0, 5),
+                ("h1".to_string(), 1, 5),
+                ("h1".to_string(), 0, 6)
+            ]
+        );
+        // With no rate limit every heartbeat goes through.
+        let (i, mut rx, _) = intake(0, 16);
+        run_batch(&i, &[hb("h1", 5, 1, 0, &k), hb("h1", 5, 2, 0, &k)]);
+        assert_eq!(forwarded(&mut rx).len(), 2);
+    }
+
+    #[test]
+    fn a_full_engine_queue_is_counted_and_the_heartbeat_still_acked() {
+        let (i, mut rx, m) = intake(60_000, 1);
+        let k = key();
+        let mut ack = Vec::new();
+        let peer = SocketAddr::from(([127, 0, 0, 1], 9));
+        assert!(i.handle(&hb("h1", 5, 1, 0, &k), peer, &mut ack));
+        assert!(i.handle(&hb("h2", 5, 1, 0, &k), peer, &mut ack));
+        assert_eq!(decode_ack(&ack, &k).unwrap().host_id, "h2");
+        assert_eq!(forwarded(&mut rx).len(), 1);
+        assert_eq!(m.heartbeats_accepted.get(), 2);
+        assert!(m
+            .encode()
+            .contains("defib_heartbeats_rejected_total{reason=\"engine_busy\"} 1"));
+    }
+}
