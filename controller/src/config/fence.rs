@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
+use service_manager::check_range;
 
 use super::{invalid, read_secret, ConfigError};
 use crate::edges::fence::agent::{check_option, FenceAgent};
@@ -201,21 +202,9 @@ fn policy(
     attempts: u32,
     backoff_ms: u64,
 ) -> Result<CallPolicy, ConfigError> {
-    if !(100..=600_000).contains(&timeout_ms) {
-        return Err(invalid(
-            format!("{field}.timeout_ms"),
-            "must be 100..=600000",
-        ));
-    }
-    if !(1..=10).contains(&attempts) {
-        return Err(invalid(format!("{field}.attempts"), "must be 1..=10"));
-    }
-    if backoff_ms > 60_000 {
-        return Err(invalid(
-            format!("{field}.backoff_ms"),
-            "must be at most 60000",
-        ));
-    }
+    check_range(format!("{field}.timeout_ms"), timeout_ms, 100..=600_000)?;
+    check_range(format!("{field}.attempts"), attempts, 1..=10)?;
+    check_range(format!("{field}.backoff_ms"), backoff_ms, ..=60_000)?;
     Ok(CallPolicy {
         timeout: Duration::from_millis(timeout_ms),
         attempts,
@@ -225,40 +214,42 @@ fn policy(
 
 /// Checks `[fence]` and reads every password file.
 pub(super) fn resolve_fence(f: &FenceSection) -> Result<(FenceTable, VerifyPolicy), ConfigError> {
-    if !(100..=600_000).contains(&f.verify_timeout_ms) {
-        return Err(invalid("fence.verify_timeout_ms", "must be 100..=600000"));
-    }
-    if !(10..=60_000).contains(&f.verify_poll_ms) {
-        return Err(invalid("fence.verify_poll_ms", "must be 10..=60000"));
-    }
+    check_range(
+        "fence.verify_timeout_ms",
+        f.verify_timeout_ms,
+        100..=600_000,
+    )?;
+    check_range("fence.verify_poll_ms", f.verify_poll_ms, 10..=60_000)?;
     if let Some(t) = f.self_fence_isolation_timeout_ms {
-        if !(20..=3_600_000).contains(&t) {
-            return Err(invalid(
-                "fence.self_fence_isolation_timeout_ms",
-                "must be 20..=3600000 (the watchdogs' controller.isolation_timeout_ms)",
-            ));
-        }
+        // Meant to equal the watchdogs' controller.isolation_timeout_ms (same range): the
+        // message says so.
+        check_range("fence.self_fence_isolation_timeout_ms", t, 20..=3_600_000).map_err(|e| {
+            invalid(
+                e.field,
+                format!(
+                    "{} (the watchdogs' controller.isolation_timeout_ms)",
+                    e.message
+                ),
+            )
+        })?;
     }
-    if !(500..=600_000).contains(&f.self_fence_margin_ms) {
-        return Err(invalid(
-            "fence.self_fence_margin_ms",
-            "must be 500..=600000",
-        ));
-    }
+    check_range(
+        "fence.self_fence_margin_ms",
+        f.self_fence_margin_ms,
+        500..=600_000,
+    )?;
     let pm = &f.pacemaker;
     let pm_policy = policy("fence.pacemaker", pm.timeout_ms, pm.attempts, pm.backoff_ms)?;
-    if !(1_000..=3_600_000).contains(&pm.fence_timeout_ms) {
-        return Err(invalid(
-            "fence.pacemaker.fence_timeout_ms",
-            "must be 1000..=3600000",
-        ));
-    }
-    if !(1_000..=86_400_000).contains(&pm.history_max_age_ms) {
-        return Err(invalid(
-            "fence.pacemaker.history_max_age_ms",
-            "must be 1000..=86400000",
-        ));
-    }
+    check_range(
+        "fence.pacemaker.fence_timeout_ms",
+        pm.fence_timeout_ms,
+        1_000..=3_600_000,
+    )?;
+    check_range(
+        "fence.pacemaker.history_max_age_ms",
+        pm.history_max_age_ms,
+        1_000..=86_400_000,
+    )?;
     if pm.command_prefix.iter().any(String::is_empty) {
         return Err(invalid(
             "fence.pacemaker.command_prefix",
@@ -300,9 +291,7 @@ pub(super) fn resolve_fence(f: &FenceSection) -> Result<(FenceTable, VerifyPolic
                             "one of ADMINISTRATOR, OPERATOR, USER, CALLBACK, OEM",
                         ));
                     }
-                    if l.cipher_suite > 17 {
-                        return Err(invalid(format!("{at}.cipher_suite"), "must be 0..=17"));
-                    }
+                    check_range(format!("{at}.cipher_suite"), l.cipher_suite, 0..=17)?;
                     Arc::new(IpmiTool {
                         program: l.ipmitool.clone(),
                         address: l.address.clone(),

@@ -1,11 +1,13 @@
 //! The controller's configuration: one TOML file, every field defaulted, validated (and
 //! its secrets read) before anything binds. A bad file exits with code 64 naming the field.
 use std::net::SocketAddr;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
+use service_manager::{check_range, OutOfRange};
 
 use crate::edges::fencing::{FenceTable, VerifyPolicy};
 use crate::engine;
@@ -169,6 +171,13 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError 
     }
 }
 
+/// `check_range(..)?` in the checks of every section.
+impl<F: Into<String>> From<OutOfRange<F>> for ConfigError {
+    fn from(e: OutOfRange<F>) -> Self {
+        invalid(e.field, e.message)
+    }
+}
+
 /// Everything resolved and read, ready to bind.
 #[derive(Clone)]
 pub struct Resolved {
@@ -270,19 +279,18 @@ impl ControllerConfig {
         }
         let (nova, neutron) = openstack::resolve(c.backend, &self.nova, &self.neutron)?;
         let d = &self.detector;
-        if !(10..=10_000).contains(&d.heartbeat_interval_ms) {
-            return Err(invalid(
-                "detector.heartbeat_interval_ms",
-                "must be 10..=10000",
-            ));
-        }
-        if !(1..=100).contains(&d.suspect_after_missed) {
-            return Err(invalid("detector.suspect_after_missed", "must be 1..=100"));
-        }
+        check_range(
+            "detector.heartbeat_interval_ms",
+            d.heartbeat_interval_ms,
+            10..=10_000,
+        )?;
+        check_range(
+            "detector.suspect_after_missed",
+            d.suspect_after_missed,
+            1..=100,
+        )?;
         let e = &self.engine;
-        if !(5..=1000).contains(&e.tick_ms) {
-            return Err(invalid("engine.tick_ms", "must be 5..=1000"));
-        }
+        check_range("engine.tick_ms", e.tick_ms, 5..=1000)?;
         // Re-asking faster than the engine looks is pointless; re-asking slower than a
         // minute leaves a host that an operator's cluster already saw die unfenced.
         if !(e.tick_ms..=60_000).contains(&e.confirm_retry_ms) {
@@ -291,12 +299,12 @@ impl ControllerConfig {
                 "must be between engine.tick_ms and 60000",
             ));
         }
-        if !(e.max_dead_share > 0.0 && e.max_dead_share <= 1.0) {
-            return Err(invalid("engine.max_dead_share", "must be in (0, 1]"));
-        }
-        if e.max_fence_attempts == 0 {
-            return Err(invalid("engine.max_fence_attempts", "must be at least 1"));
-        }
+        check_range(
+            "engine.max_dead_share",
+            e.max_dead_share,
+            (Bound::Excluded(0.0), Bound::Included(1.0)),
+        )?;
+        check_range("engine.max_fence_attempts", e.max_fence_attempts, 1..)?;
         let (fence, verify) = fence::resolve_fence(&self.fence)?;
         Ok(Resolved {
             cfg: self,

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
+use service_manager::check_range;
 
 use super::{invalid, read_secret, Backend, ConfigError};
 
@@ -57,15 +58,13 @@ impl NeutronSection {
                 "needs controller.backend = \"nova\" (it shares the [nova] authentication)",
             ));
         }
-        if !(1..=1000).contains(&self.max_concurrent) {
-            return Err(invalid("neutron.max_concurrent", "must be 1..=1000"));
-        }
-        if !(50..=60_000).contains(&self.poll_interval_ms) {
-            return Err(invalid("neutron.poll_interval_ms", "must be 50..=60000"));
-        }
-        if self.verify_timeout_s == 0 {
-            return Err(invalid("neutron.verify_timeout_s", "must be at least 1 s"));
-        }
+        check_range("neutron.max_concurrent", self.max_concurrent, 1..=1000)?;
+        check_range(
+            "neutron.poll_interval_ms",
+            self.poll_interval_ms,
+            50..=60_000,
+        )?;
+        check_range("neutron.verify_timeout_s", self.verify_timeout_s, 1..)?;
         Ok(Some(crate::edges::neutron::NeutronSettings {
             skip_ha: self.skip_ha,
             max_concurrent: self.max_concurrent as usize,
@@ -287,24 +286,18 @@ impl NovaSection {
                 "must be 2.53 or newer (force-down by service id)",
             ));
         }
-        if !(1..=1000).contains(&n.max_concurrent_per_target) {
-            return Err(invalid(
-                "nova.max_concurrent_per_target",
-                "must be 1..=1000",
-            ));
-        }
-        if !(50..=60_000).contains(&n.poll_interval_ms) {
-            return Err(invalid("nova.poll_interval_ms", "must be 50..=60000"));
-        }
-        if n.restore_timeout_s == 0 || n.unforce_timeout_s == 0 || n.request_timeout_s == 0 {
-            return Err(invalid(
-                "nova.restore_timeout_s",
-                "timeouts must be at least 1 s",
-            ));
-        }
-        if n.request_attempts == 0 {
-            return Err(invalid("nova.request_attempts", "must be at least 1"));
-        }
+        check_range(
+            "nova.max_concurrent_per_target",
+            n.max_concurrent_per_target,
+            1..=1000,
+        )?;
+        check_range("nova.poll_interval_ms", n.poll_interval_ms, 50..=60_000)?;
+        // Each timeout is named on its own (this was one check that named
+        // nova.restore_timeout_s for any of the three).
+        check_range("nova.restore_timeout_s", n.restore_timeout_s, 1..)?;
+        check_range("nova.unforce_timeout_s", n.unforce_timeout_s, 1..)?;
+        check_range("nova.request_timeout_s", n.request_timeout_s, 1..)?;
+        check_range("nova.request_attempts", n.request_attempts, 1..)?;
         let settings = crate::edges::nova::NovaSettings {
             max_concurrent_per_target: n.max_concurrent_per_target,
             reserved_hosts: n.reserved_hosts.iter().cloned().collect(),

@@ -146,3 +146,42 @@ fn a_bad_listen_address_names_the_field() {
         "{err}"
     );
 }
+
+#[test]
+fn each_nova_timeout_out_of_range_names_itself() {
+    for field in [
+        "restore_timeout_s",
+        "unforce_timeout_s",
+        "request_timeout_s",
+    ] {
+        let (_d, text) = with_key(&format!(
+            "backend = \"nova\"\n[nova]\nauth = \"headers\"\ncompute_url = \"http://n\"\nplacement_url = \"http://p\"\n{field} = 0\n",
+        ));
+        let err = ControllerConfig::parse(&text)
+            .unwrap()
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            format!("config field `nova.{field}`: must be at least 1"),
+            "{field}"
+        );
+    }
+}
+
+#[test]
+fn a_range_message_is_written_from_the_range() {
+    let (_d, text) = with_key("[engine]\nmax_dead_share = 0.0\n");
+    let err = ControllerConfig::parse(&text)
+        .unwrap()
+        .resolve()
+        .unwrap_err();
+    assert_eq!(
+        err,
+        ConfigError::Invalid {
+            field: "engine.max_dead_share".into(),
+            message: "must be in (0, 1]".into()
+        }
+    );
+}
