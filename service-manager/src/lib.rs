@@ -6,5 +6,5 @@ mod logs;
 mod systemd;
 
 pub use config::{check_range, OutOfRange};
-pub use logs::{init_logging, LogFormat};
+pub use logs::{init_logging, LogArgs, LogFormat};
 pub use systemd::{ready, stopping, WatchdogPinger};
