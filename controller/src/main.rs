@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use controller::config::{ControllerConfig, EXIT_BAD_CONFIG};
 use controller::runtime::systemd;
-use service_manager::LogFormat;
+use service_manager::LogArgs;
 
 #[derive(Parser)]
 #[command(
@@ -18,13 +18,8 @@ struct Cli {
     /// TOML configuration file.
     #[arg(long, short = 'c', global = true)]
     config: Option<PathBuf>,
-    /// Log format on stderr: `text`, or `json` (one object a line, for journald or a
-    /// log shipper).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-    /// Same as `--log-format json`.
-    #[arg(long, global = true)]
-    log_json: bool,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,11 +34,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    service_manager::init_logging(if cli.log_json {
-        LogFormat::Json
-    } else {
-        cli.log_format
-    });
+    service_manager::init_logging(cli.log.format());
     let resolved =
         match ControllerConfig::load(cli.config.as_deref()).and_then(ControllerConfig::resolve) {
             Ok(r) => r,

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use service_manager::{check_range, OutOfRange};
 use watchdog_common::{NamePattern, COMM_LEN, MAX_NAME_PATTERNS};
 
 pub const EXIT_BAD_CONFIG: i32 = 64;
@@ -123,18 +124,21 @@ impl LibvirtConfig {
                 "must be a libvirt URI such as \"qemu:///system\" (no spaces)",
             ));
         }
-        if !(1_000..=86_400_000).contains(&self.inventory_interval_ms) {
-            return Err(invalid(
-                "libvirt.inventory_interval_ms",
-                "must be 1000..=86400000",
-            ));
-        }
-        if !(10..=60_000).contains(&self.reconnect_min_ms) {
-            return Err(invalid("libvirt.reconnect_min_ms", "must be 10..=60000"));
-        }
-        if !(10..=600_000).contains(&self.reconnect_max_ms) {
-            return Err(invalid("libvirt.reconnect_max_ms", "must be 10..=600000"));
-        }
+        check_range(
+            "libvirt.inventory_interval_ms",
+            self.inventory_interval_ms,
+            1_000..=86_400_000,
+        )?;
+        check_range(
+            "libvirt.reconnect_min_ms",
+            self.reconnect_min_ms,
+            10..=60_000,
+        )?;
+        check_range(
+            "libvirt.reconnect_max_ms",
+            self.reconnect_max_ms,
+            10..=600_000,
+        )?;
         if self.reconnect_max_ms < self.reconnect_min_ms {
             return Err(invalid(
                 "libvirt.reconnect_max_ms",
@@ -309,27 +313,27 @@ impl WatchdogConfig {
                 tracing::info!(name = %n, "longer than the kernel's comm; matched by its first 15 bytes");
             }
         }
-        if !(10..=3_600_000).contains(&p.stall_threshold_ms) {
-            return Err(invalid("probes.stall_threshold_ms", "must be 10..=3600000"));
-        }
-        if !(5..=10_000).contains(&p.stall_scan_interval_ms) {
-            return Err(invalid(
-                "probes.stall_scan_interval_ms",
-                "must be 5..=10000",
-            ));
-        }
+        check_range(
+            "probes.stall_threshold_ms",
+            p.stall_threshold_ms,
+            10..=3_600_000,
+        )?;
+        check_range(
+            "probes.stall_scan_interval_ms",
+            p.stall_scan_interval_ms,
+            5..=10_000,
+        )?;
         if p.stall_scan_interval_ms > p.stall_threshold_ms {
             return Err(invalid(
                 "probes.stall_scan_interval_ms",
                 "must not exceed probes.stall_threshold_ms",
             ));
         }
-        if !(100..=3_600_000).contains(&p.proc_rescan_interval_ms) {
-            return Err(invalid(
-                "probes.proc_rescan_interval_ms",
-                "must be 100..=3600000",
-            ));
-        }
+        check_range(
+            "probes.proc_rescan_interval_ms",
+            p.proc_rescan_interval_ms,
+            100..=3_600_000,
+        )?;
         if !p.pin_dir.is_empty() && !Path::new(&p.pin_dir).is_absolute() {
             return Err(invalid(
                 "probes.pin_dir",
@@ -420,30 +424,27 @@ impl ControllerConfig {
                 "is required (a file holding the cluster's HMAC key)",
             ));
         }
-        if !(10..=10_000).contains(&self.heartbeat_interval_ms) {
-            return Err(invalid(
-                "controller.heartbeat_interval_ms",
-                "must be 10..=10000",
-            ));
-        }
-        if !(20..=3_600_000).contains(&self.isolation_timeout_ms) {
-            return Err(invalid(
-                "controller.isolation_timeout_ms",
-                "must be 20..=3600000",
-            ));
-        }
+        check_range(
+            "controller.heartbeat_interval_ms",
+            self.heartbeat_interval_ms,
+            10..=10_000,
+        )?;
+        check_range(
+            "controller.isolation_timeout_ms",
+            self.isolation_timeout_ms,
+            20..=3_600_000,
+        )?;
         if self.isolation_timeout_ms < 2 * self.heartbeat_interval_ms {
             return Err(invalid(
                 "controller.isolation_timeout_ms",
                 "must be at least twice controller.heartbeat_interval_ms (one lost heartbeat must not isolate the host)",
             ));
         }
-        if !(1..=10_000_000).contains(&self.spool_max_events) {
-            return Err(invalid(
-                "controller.spool_max_events",
-                "must be 1..=10000000",
-            ));
-        }
+        check_range(
+            "controller.spool_max_events",
+            self.spool_max_events,
+            1..=10_000_000,
+        )?;
         Ok(())
     }
 
@@ -495,6 +496,13 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field,
         message: message.into(),
+    }
+}
+
+/// `check_range(..)?` in the checks above.
+impl From<OutOfRange<&'static str>> for ConfigError {
+    fn from(e: OutOfRange<&'static str>) -> Self {
+        invalid(e.field, e.message)
     }
 }
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use service_manager::LogFormat;
+use service_manager::LogArgs;
 use watchdog::config::{WatchdogConfig, EXIT_BAD_CONFIG};
 use watchdog::libvirt::{LibvirtSettings, LibvirtWatcher};
 use watchdog::monitor::{Monitor, StdoutSink};
@@ -19,13 +19,8 @@ struct Cli {
     /// TOML configuration file (every field has a default).
     #[arg(long, short = 'c', global = true)]
     config: Option<PathBuf>,
-    /// Log format on stderr: `text`, or `json` (one object a line, for journald or a
-    /// log shipper).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-    /// Same as `--log-format json`.
-    #[arg(long, global = true)]
-    log_json: bool,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -65,11 +60,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    service_manager::init_logging(if cli.log_json {
-        LogFormat::Json
-    } else {
-        cli.log_format
-    });
+    service_manager::init_logging(cli.log.format());
     let mut cfg = match WatchdogConfig::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => return bad_config(e),

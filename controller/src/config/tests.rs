@@ -1,0 +1,198 @@
+//! Whole-file tests of the controller's configuration: defaults, the `[controller]`,
+//! `[detector]`, `[engine]` and `[nova]` checks, named fields.
+use super::*;
+
+fn with_key(extra: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    std::fs::write(&key, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let text = format!(
+        "[controller]\nkey_file = {:?}\n{extra}",
+        key.display().to_string()
+    );
+    (dir, text)
+}
+
+#[test]
+fn a_file_with_only_the_key_gives_the_documented_defaults() {
+    let (_d, text) = with_key("");
+    let r = ControllerConfig::parse(&text).unwrap().resolve().unwrap();
+    assert_eq!(r.cfg.detector.heartbeat_interval_ms, 100);
+    assert_eq!(r.cfg.detector.suspect_after_missed, 3);
+    assert_eq!(r.heartbeat_addrs.len(), 1);
+    assert!(r.api_token.is_none());
+}
+
+#[test]
+fn an_unknown_field_is_named() {
+    let err = ControllerConfig::parse("[detector]\nheartbeat_intervall_ms = 5\n").unwrap_err();
+    assert!(err.to_string().contains("heartbeat_intervall_ms"), "{err}");
+}
+
+#[test]
+fn a_missing_key_file_names_the_field() {
+    let cfg = ControllerConfig::parse("[controller]\nkey_file = \"/nonexistent/key\"\n").unwrap();
+    let err = cfg.resolve().unwrap_err();
+    assert!(err.to_string().contains("controller.key_file"), "{err}");
+}
+
+#[test]
+fn the_confirm_retry_is_configurable_and_a_retry_below_the_tick_is_named() {
+    let (_d, text) = with_key("[engine]\nconfirm_retry_ms = 500\n");
+    let r = ControllerConfig::parse(&text).unwrap().resolve().unwrap();
+    assert_eq!(
+        r.cfg.engine_config().confirm_retry,
+        Duration::from_millis(500)
+    );
+
+    let (_d, text) = with_key("[engine]\ntick_ms = 50\nconfirm_retry_ms = 10\n");
+    let err = ControllerConfig::parse(&text)
+        .unwrap()
+        .resolve()
+        .unwrap_err();
+    assert!(err.to_string().contains("engine.confirm_retry_ms"), "{err}");
+}
+
+#[test]
+fn an_api_on_a_public_address_without_a_token_is_refused() {
+    let (_d, text) = with_key("api_listen = \"0.0.0.0:7412\"\n");
+    let err = ControllerConfig::parse(&text)
+        .unwrap()
+        .resolve()
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("controller.api_token_file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_backend_defaults_to_none_and_libvirt_can_be_chosen() {
+    let (_d, text) = with_key("");
+    let r = ControllerConfig::parse(&text).unwrap().resolve().unwrap();
+    assert_eq!(r.cfg.controller.backend, Backend::None);
+    assert_eq!(
+        r.cfg.engine_config().vm_restorer,
+        engine::Source::Controller
+    );
+    let (_d, text) = with_key("backend = \"libvirt\"\n");
+    let r = ControllerConfig::parse(&text).unwrap().resolve().unwrap();
+    assert_eq!(r.cfg.controller.backend, Backend::Libvirt);
+    // The timeline names who restores VMs.
+    assert_eq!(r.cfg.engine_config().vm_restorer, engine::Source::Libvirt);
+}
+
+#[test]
+fn the_nova_backend_needs_its_auth_and_names_the_missing_field() {
+    let (_d, text) = with_key("backend = \"nova\"\n");
+    let err = ControllerConfig::parse(&text)
+        .unwrap()
+        .resolve()
+        .unwrap_err();
+    assert!(err.to_string().contains("nova.cloud"), "{err}");
+    let (_d, text) =
+        with_key("backend = \"nova\"\n[nova]\nauth = \"headers\"\ncompute_url = \"http://n\"\n");
+    let err = ControllerConfig::parse(&text)
+        .unwrap()
+        .resolve()
+        .unwrap_err();
+    assert!(err.to_string().contains("nova.placement_url"), "{err}");
+    let (_d, text) = with_key(
+        "backend = \"nova\"\n[nova]\nauth = \"password\"\nauth_url = \"http://k\"\nusername = \"u\"\nproject_name = \"p\"\npassword_file = \"/nonexistent\"\n",
+    );
+    let err = ControllerConfig::parse(&text)
+        .unwrap()
+        .resolve()
+        .unwrap_err();
+    assert!(err.to_string().contains("nova.password_file"), "{err}");
+}
+
+#[test]
+fn the_nova_backend_with_header_identity_resolves_with_the_documented_defaults() {
+    let (_d, text) = with_key(
+        "backend = \"nova\"\n[nova]\nauth = \"headers\"\ncompute_url = \"http://n/v2.1\"\nplacement_url = \"http://p\"\n",
+    );
+    let r = ControllerConfig::parse(&text).unwrap().resolve().unwrap();
+    let n = r.nova.unwrap();
+    assert_eq!(n.microversion, "2.94");
+    assert_eq!(n.settings.max_concurrent_per_target, 10);
+    assert_eq!(n.settings.priority_key, "defib:priority");
+    let (_d, text) = with_key(
+        "backend = \"nova\"\n[nova]\nauth = \"headers\"\ncompute_url = \"http://n\"\nplacement_url = \"http://p\"\nmicroversion = \"2.50\"\n",
+    );
+    let err = ControllerConfig::parse(&text)
+        .unwrap()
+        .resolve()
+        .unwrap_err();
+    assert!(err.to_string().contains("nova.microversion"), "{err}");
+}
+
+#[test]
+fn the_automatic_unforce_setting_is_the_engines_unfence_policy() {
+    let nova = "backend = \"nova\"\n[nova]\nauth = \"headers\"\ncompute_url = \"http://n\"\nplacement_url = \"http://p\"\n";
+    let (_d, text) = with_key(nova);
+    let c = ControllerConfig::parse(&text).unwrap();
+    assert!(!c.engine_config().auto_unfence, "operator by default");
+    let (_d, text) = with_key(&format!("{nova}unforce = \"automatic\"\n"));
+    let c = ControllerConfig::parse(&text).unwrap();
+    assert!(c.engine_config().auto_unfence);
+}
+
+#[test]
+fn an_unknown_backend_is_named() {
+    let (_d, text) = with_key("backend = \"xen\"\n");
+    let err = ControllerConfig::parse(&text).unwrap_err().to_string();
+    assert!(err.contains("xen") && err.contains("backend"), "{err}");
+}
+
+#[test]
+fn a_bad_listen_address_names_the_field() {
+    let (_d, text) = with_key("heartbeat_listen = [\"nowhere\"]\n");
+    let err = ControllerConfig::parse(&text)
+        .unwrap()
+        .resolve()
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("controller.heartbeat_listen"),
+        "{err}"
+    );
+}
+
+#[test]
+fn each_nova_timeout_out_of_range_names_itself() {
+    for field in [
+        "restore_timeout_s",
+        "unforce_timeout_s",
+        "request_timeout_s",
+    ] {
+        let (_d, text) = with_key(&format!(
+            "backend = \"nova\"\n[nova]\nauth = \"headers\"\ncompute_url = \"http://n\"\nplacement_url = \"http://p\"\n{field} = 0\n",
+        ));
+        let err = ControllerConfig::parse(&text)
+            .unwrap()
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            format!("config field `nova.{field}`: must be at least 1"),
+            "{field}"
+        );
+    }
+}
+
+#[test]
+fn a_range_message_is_written_from_the_range() {
+    let (_d, text) = with_key("[engine]\nmax_dead_share = 0.0\n");
+    let err = ControllerConfig::parse(&text)
+        .unwrap()
+        .resolve()
+        .unwrap_err();
+    assert_eq!(
+        err,
+        ConfigError::Invalid {
+            field: "engine.max_dead_share".into(),
+            message: "must be in (0, 1]".into()
+        }
+    );
+}
