@@ -6,7 +6,9 @@
 //!   verification and confirmation;
 //! - [`nova`], [`neutron`]: the OpenStack restore backend (VMs and routers);
 //! - [`libvirt`]: the restore backend for clouds without Nova;
-//! - [`unconfigured`]: the restore edge of a controller without a backend.
+//! - [`unconfigured`]: the restore edge of a controller without a backend;
+//! - [`worker`]: the job loop the OpenStack edges share (jobs that arrive together
+//!   batched, each intent key acted on once).
 //!
 //! Each call only *starts* the work: the implementation reports back later by feeding
 //! the matching [`Input`](super::Input) (`FenceResult`, `ForceDownResult`,
@@ -21,6 +23,7 @@ pub mod libvirt;
 pub mod neutron;
 pub mod nova;
 pub mod unconfigured;
+pub mod worker;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;

@@ -35,17 +35,14 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
 
 use super::nova::HostView;
-use super::{AnsweredOnce, ResultSender};
+use super::worker::{self, Answers, Core, JobOf, Jobs, Work};
+use super::ResultSender;
 use crate::clock::wall_clock_now;
 use crate::edges::Restorer;
 use crate::engine::{
     HostEvent, HostId, HostState, Input, IntentKey, Resource, RestoreOutcome, Source,
 };
 use crate::openstack::network::{Agent, Network};
-
-/// Moves handed over within this window are planned together (the engine hands a
-/// host's routers over in one step).
-pub const BATCH_WINDOW: Duration = Duration::from_millis(30);
 
 /// How often the hosts are looked at (fenced hosts not listed yet, stale report,
 /// cleanup).
@@ -148,31 +145,32 @@ pub fn choose_agent(loads: &mut BTreeMap<String, usize>) -> Option<String> {
     Some(agent)
 }
 
-enum Job {
-    /// Disable the host's L3 agents and list their routers (until it works).
-    List {
-        host: HostId,
-    },
-    Move {
-        router: String,
-        from: HostId,
-        key: IntentKey,
-    },
-    Enable {
-        host: HostId,
-        key: IntentKey,
-    },
+/// A router move, batched with those handed over together.
+struct Move {
+    router: String,
+    from: HostId,
 }
+
+/// Re-enable a host's L3 agents (the unfence), run on its own.
+struct Enable {
+    host: HostId,
+}
+
+/// Disable the host's L3 agents and list their routers (until it works): no intent,
+/// started from the worker's loop.
+struct List {
+    host: HostId,
+}
+
+type Job = JobOf<Worker>;
 
 /// The router half of the restore edge (see [`RouterAwareRestorer`] for the whole).
 pub struct NeutronRestorer {
-    jobs: mpsc::UnboundedSender<Job>,
-    results: ResultSender,
+    jobs: Jobs<Worker>,
 }
 
 #[derive(Default)]
 struct State {
-    intents: AnsweredOnce,
     /// Fenced hosts whose routers are being listed (retried until Neutron answers),
     /// and those listed since their fence. In memory only: a restarted restorer lists
     /// every fenced host once more (cheap: routers already moved are no longer bound
@@ -198,16 +196,8 @@ struct State {
 struct Worker {
     network: Network,
     settings: NeutronSettings,
-    results: ResultSender,
-    events: Option<mpsc::UnboundedSender<RouterEvent>>,
-    state: Arc<Mutex<State>>,
+    core: Core<State, RouterEvent>,
     moves: Arc<Semaphore>,
-}
-
-fn gone() -> RestoreOutcome {
-    RestoreOutcome::Failed {
-        reason: "the Neutron restorer stopped".into(),
-    }
 }
 
 impl NeutronRestorer {
@@ -218,22 +208,16 @@ impl NeutronRestorer {
         results: ResultSender,
         events: Option<mpsc::UnboundedSender<RouterEvent>>,
     ) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
         let worker = Worker {
             moves: Arc::new(Semaphore::new(settings.max_concurrent.max(1))),
             network,
             settings,
-            results: results.clone(),
-            events,
-            state: Arc::default(),
+            core: Core::new(results, events),
         };
-        tokio::spawn(worker.run(rx));
-        NeutronRestorer { jobs: tx, results }
-    }
-
-    fn send(&self, job: Job, on_fail: Input) {
-        if self.jobs.send(job).is_err() {
-            let _ = self.results.send(on_fail);
+        let w = worker.clone();
+        tokio::spawn(async move { w.watch_returns().await });
+        NeutronRestorer {
+            jobs: worker::start(worker, "the Neutron restorer stopped"),
         }
     }
 }
@@ -245,12 +229,13 @@ impl Restorer for NeutronRestorer {
     /// Neutron fails (each failure an `InventoryFailed` host event: the engine's alarm),
     /// and hands the engine its routers when it works, late if need be.
     fn force_down(&mut self, host: &HostId, _key: &IntentKey) {
-        let _ = self.jobs.send(Job::List { host: host.clone() });
+        self.jobs
+            .send_unanswered(Job::Now(List { host: host.clone() }));
     }
 
     fn restart_in_place(&mut self, resource: &Resource, _: &HostId, _: u32, key: &IntentKey) {
         // The engine never restarts a router in place (it moves it); say so if asked.
-        let _ = self.results.send(Input::RestoreResult {
+        self.jobs.answer(Input::RestoreResult {
             resource: resource.clone(),
             key: key.clone(),
             outcome: RestoreOutcome::Failed {
@@ -260,117 +245,71 @@ impl Restorer for NeutronRestorer {
     }
 
     fn evacuate(&mut self, resource: &Resource, from: &HostId, key: &IntentKey) {
-        let fail = Input::RestoreResult {
-            resource: resource.clone(),
-            key: key.clone(),
-            outcome: gone(),
-        };
         match resource {
-            Resource::Router(r) => self.send(
-                Job::Move {
-                    router: r.to_string(),
-                    from: from.clone(),
-                    key: key.clone(),
-                },
-                fail,
-            ),
-            Resource::Vm(_) => {
-                let _ = self.results.send(Input::RestoreResult {
-                    resource: resource.clone(),
-                    key: key.clone(),
-                    outcome: RestoreOutcome::Failed {
-                        reason: "Neutron moves routers, not VMs".into(),
+            Resource::Router(r) => self.jobs.send_resource(
+                resource,
+                key,
+                Job::Batch(
+                    key.clone(),
+                    Move {
+                        router: r.to_string(),
+                        from: from.clone(),
                     },
-                });
-            }
+                ),
+            ),
+            Resource::Vm(_) => self.jobs.answer(Input::RestoreResult {
+                resource: resource.clone(),
+                key: key.clone(),
+                outcome: RestoreOutcome::Failed {
+                    reason: "Neutron moves routers, not VMs".into(),
+                },
+            }),
         }
     }
 
     fn unfence(&mut self, host: &HostId, key: &IntentKey) {
-        let fail = Input::HostActionResult {
-            host: host.clone(),
-            key: key.clone(),
-            outcome: gone(),
-        };
-        self.send(
-            Job::Enable {
-                host: host.clone(),
-                key: key.clone(),
-            },
-            fail,
+        self.jobs.send_host(
+            host,
+            key,
+            Job::Alone(key.clone(), Enable { host: host.clone() }),
         );
     }
 }
 
+impl Work for Worker {
+    type Batched = Move;
+    type Alone = Enable;
+    type Now = List;
+
+    fn answers(&self) -> &Answers {
+        self.core.answers()
+    }
+
+    async fn batch(self, batch: Vec<(IntentKey, Move)>) {
+        let moves = batch
+            .into_iter()
+            .map(|(key, m)| (m.router, m.from, key))
+            .collect();
+        self.move_batch(moves).await
+    }
+
+    async fn alone(self, key: IntentKey, job: Enable) {
+        self.enable(job.host, key).await
+    }
+
+    fn now(&self, job: List) {
+        self.core.lock().unfenced.remove(job.host.as_str());
+        self.start_listing(job.host)
+    }
+}
+
 impl Worker {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn event(&self, e: RouterEvent) {
-        if let Some(tx) = &self.events {
-            let _ = tx.send(e);
-        }
-    }
-
-    /// Claims `key`: false if it is in flight (ignored) or done (answered again).
-    fn claim(&self, key: &IntentKey) -> bool {
-        self.lock().intents.claim(key, &self.results)
-    }
-
-    fn finish(&self, key: &IntentKey, input: Input) {
-        self.lock().intents.answer(key, &input);
-        let _ = self.results.send(input);
-    }
-
-    async fn run(self, mut rx: mpsc::UnboundedReceiver<Job>) {
-        let w = self.clone();
-        tokio::spawn(async move { w.watch_returns().await });
-        while let Some(job) = rx.recv().await {
-            let mut moves = Vec::new();
-            let mut pending = vec![job];
-            let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
-            loop {
-                for j in pending.drain(..) {
-                    match j {
-                        Job::Move { router, from, key } => {
-                            if self.claim(&key) {
-                                moves.push((router, from, key));
-                            }
-                        }
-                        Job::List { host } => {
-                            self.lock().unfenced.remove(host.as_str());
-                            self.start_listing(host)
-                        }
-                        Job::Enable { host, key } => {
-                            if self.claim(&key) {
-                                let w = self.clone();
-                                tokio::spawn(async move { w.enable(host, key).await });
-                            }
-                        }
-                    }
-                }
-                if moves.is_empty() {
-                    break;
-                }
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(j)) => pending.push(j),
-                    _ => break,
-                }
-            }
-            if !moves.is_empty() {
-                let w = self.clone();
-                tokio::spawn(async move { w.move_batch(moves).await });
-            }
-        }
-    }
-
     // ------------------------------------------------------------ force down
 
     /// Lists a fenced host's routers unless that is under way or done since its fence.
     fn start_listing(&self, host: HostId) {
         {
-            let mut st = self.lock();
+            let mut st = self.core.lock();
             if st.listed.contains(host.as_str()) || !st.listing.insert(host.to_string()) {
                 return;
             }
@@ -381,7 +320,7 @@ impl Worker {
 
     /// Still wanted: not unfenced meanwhile (an unfence stops the listing).
     fn still_listing(&self, host: &str) -> bool {
-        self.lock().listing.contains(host)
+        self.core.lock().listing.contains(host)
     }
 
     async fn list_until_done(&self, host: HostId) {
@@ -389,7 +328,7 @@ impl Worker {
         while self.still_listing(host.as_str()) {
             match self.disable_and_list(host.as_str()).await {
                 Ok(routers) => {
-                    let mut st = self.lock();
+                    let mut st = self.core.lock();
                     if !st.listing.remove(host.as_str()) {
                         return;
                     }
@@ -413,11 +352,11 @@ impl Worker {
                         retry_in = ?pause,
                         "listing the fenced host's routers failed; VMs go on, routers wait"
                     );
-                    self.event(RouterEvent::ListFailed {
+                    self.core.event(RouterEvent::ListFailed {
                         host: host.to_string(),
                         reason: reason.clone(),
                     });
-                    let _ = self.results.send(Input::HostEvent {
+                    self.core.report(Input::HostEvent {
                         host: host.clone(),
                         event: HostEvent::InventoryFailed {
                             source: Source::Neutron,
@@ -472,7 +411,7 @@ impl Worker {
             left_to_neutron = skipped.len(),
             "L3 agents disabled; routers to move"
         );
-        self.event(RouterEvent::Listed {
+        self.core.event(RouterEvent::Listed {
             host: host.into(),
             routers: routers.clone(),
             skipped_ha: skipped.into_iter().collect(),
@@ -520,7 +459,7 @@ impl Worker {
             let live: Vec<&Agent> = b.iter().filter(|a| targets.contains_key(&a.id)).collect();
             if b.len() == 1 && live.len() == 1 {
                 let host = live[0].host.clone();
-                self.event(RouterEvent::AlreadyMoved {
+                self.core.event(RouterEvent::AlreadyMoved {
                     router: router.clone(),
                     host: host.clone(),
                 });
@@ -541,7 +480,7 @@ impl Worker {
                 continue;
             };
             let to_host = targets[&agent].clone();
-            *self.lock().binding.entry(agent.clone()).or_default() += 1;
+            *self.core.lock().binding.entry(agent.clone()).or_default() += 1;
             let w = self.clone();
             tokio::spawn(async move {
                 let _slot = w.moves.acquire().await;
@@ -589,7 +528,13 @@ impl Worker {
             let Ok((agent, routers)) = r else { continue };
             let routers = routers.map_err(|e| format!("routers of L3 agent {}: {e}", agent.id))?;
             if targets.iter().any(|t| t.id == agent.id) {
-                let pending = self.lock().binding.get(&agent.id).copied().unwrap_or(0);
+                let pending = self
+                    .core
+                    .lock()
+                    .binding
+                    .get(&agent.id)
+                    .copied()
+                    .unwrap_or(0);
                 loads.insert(agent.id.clone(), routers.len() + pending);
             }
             for r in routers {
@@ -619,7 +564,7 @@ impl Worker {
         }
         if !bindings.iter().any(|b| b.id == agent) {
             match self.network.add_router(agent, router).await {
-                Ok(()) => self.event(RouterEvent::Moved {
+                Ok(()) => self.core.event(RouterEvent::Moved {
                     router: router.into(),
                     from: from.into(),
                     to: to_host.into(),
@@ -640,7 +585,7 @@ impl Worker {
         loop {
             match self.network.router_agents(router).await {
                 Ok(b) if b.len() == 1 && b[0].id == agent => {
-                    self.event(RouterEvent::Verified {
+                    self.core.event(RouterEvent::Verified {
                         router: router.into(),
                         host: to_host.into(),
                         by_neutron: false,
@@ -649,7 +594,7 @@ impl Worker {
                 }
                 Ok(b) if b.len() == 1 && b[0].alive && b[0].admin_state_up && b[0].host != from => {
                     tracing::info!(router, host = %b[0].host, "scheduled by Neutron meanwhile; kept");
-                    self.event(RouterEvent::Verified {
+                    self.core.event(RouterEvent::Verified {
                         router: router.into(),
                         host: b[0].host.clone(),
                         by_neutron: true,
@@ -678,7 +623,7 @@ impl Worker {
 
     /// A planned binding is made (or given up): Neutron counts it from now on.
     fn bound(&self, agent: &str) {
-        let mut st = self.lock();
+        let mut st = self.core.lock();
         if let Some(n) = st.binding.get_mut(agent) {
             *n = n.saturating_sub(1);
         }
@@ -691,14 +636,14 @@ impl Worker {
             },
             Err(reason) => {
                 tracing::warn!(router, %key, reason, "router move failed");
-                self.event(RouterEvent::Failed {
+                self.core.event(RouterEvent::Failed {
                     router: router.into(),
                     reason: reason.clone(),
                 });
                 RestoreOutcome::Failed { reason }
             }
         };
-        self.finish(
+        self.core.finish(
             key,
             Input::RestoreResult {
                 resource: Resource::router(router),
@@ -726,7 +671,7 @@ impl Worker {
                 .clone();
             for (host, seen) in &hosts {
                 let just_unfenced = {
-                    let mut st = self.lock();
+                    let mut st = self.core.lock();
                     if !seen.state.fenced() {
                         st.unfenced.remove(host);
                     }
@@ -747,7 +692,7 @@ impl Worker {
                     continue;
                 }
                 let (reported, cleaned) = {
-                    let st = self.lock();
+                    let st = self.core.lock();
                     (
                         st.reported.get(&host) == Some(&moved),
                         st.cleaned.contains(&host),
@@ -755,7 +700,7 @@ impl Worker {
                 };
                 if !reported {
                     self.inventory(&host, &moved);
-                    let mut st = self.lock();
+                    let mut st = self.core.lock();
                     st.reported.insert(host.clone(), moved.clone());
                     st.cleaned.remove(&host);
                     drop(st);
@@ -764,7 +709,7 @@ impl Worker {
                         routers = moved.len(),
                         "routers moved off a returned host reported for cleanup"
                     );
-                    self.event(RouterEvent::StaleReported {
+                    self.core.event(RouterEvent::StaleReported {
                         host: host.clone(),
                         routers: moved.into_iter().collect(),
                     });
@@ -772,9 +717,9 @@ impl Worker {
                     match self.holds_only_its_own(&host).await {
                         Ok(None) => {
                             self.inventory(&host, &BTreeSet::new());
-                            self.lock().cleaned.insert(host.clone());
+                            self.core.lock().cleaned.insert(host.clone());
                             tracing::info!(host, "returned host's L3 agents clean");
-                            self.event(RouterEvent::CleanedUp { host });
+                            self.core.event(RouterEvent::CleanedUp { host });
                         }
                         Ok(Some(why)) => tracing::debug!(host, why, "not clean yet"),
                         Err(e) => tracing::warn!(host, error = %e, "reading the L3 agents"),
@@ -785,7 +730,7 @@ impl Worker {
     }
 
     fn inventory(&self, host: &str, routers: &BTreeSet<String>) {
-        let _ = self.results.send(Input::HostEvent {
+        self.core.report(Input::HostEvent {
             host: HostId::new(host),
             event: HostEvent::Inventory {
                 resources: routers.iter().map(Resource::router).collect(),
@@ -833,18 +778,18 @@ impl Worker {
         // Trusted again: a listing still retrying stops (its routers stay with the
         // host's own agent), and a next fence lists again.
         {
-            let mut st = self.lock();
+            let mut st = self.core.lock();
             st.listing.remove(host.as_str());
             st.listed.remove(host.as_str());
             st.unfenced.insert(host.to_string());
         }
         let outcome = match self.enable_agents(host.as_str()).await {
             Ok(()) => {
-                let mut st = self.lock();
+                let mut st = self.core.lock();
                 st.reported.remove(host.as_str());
                 st.cleaned.remove(host.as_str());
                 drop(st);
-                self.event(RouterEvent::AgentsEnabled {
+                self.core.event(RouterEvent::AgentsEnabled {
                     host: host.to_string(),
                 });
                 RestoreOutcome::Ok { host: host.clone() }
@@ -853,7 +798,7 @@ impl Worker {
                 reason: format!("neutron: {reason}"),
             },
         };
-        self.finish(
+        self.core.finish(
             &key,
             Input::HostActionResult {
                 host,

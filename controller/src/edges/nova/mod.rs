@@ -3,7 +3,7 @@
 //! ```text
 //! engine ─ForceDown──► force the compute service down (≥ 2.53), list its servers
 //!        ◄─Inventory (Nova) + HostActionResult
-//! engine ─Evacuate×N─► batch (everything handed over within BATCH_WINDOW) ─► plan
+//! engine ─Evacuate×N─► batch (everything handed over within worker::BATCH_WINDOW) ─► plan
 //!                      (crate::arrange: Placement capacity, priorities, spread)
 //!                      ─► per target ≤ max_concurrent_per_target rebuilds at once,
 //!                         POST evacuate {host: target} at ≤ 2.94 (stays ACTIVE)
@@ -21,12 +21,14 @@
 //! failed host, or is being rebuilt (`task_state` set), is tracked, never evacuated a
 //! second time (Nova itself refuses a second evacuate while one runs: 409).
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
 
-use super::{AnsweredOnce, ResultSender};
+use super::worker::{self, Answers, Core, JobOf, Jobs, Work};
+use super::ResultSender;
 use crate::arrange::{self, Amount, ClassCapacity};
 use crate::clock::wall_clock_now;
 use crate::edges::Restorer;
@@ -35,11 +37,6 @@ use crate::engine::{
 };
 use crate::openstack::compute::{self, Compute, Server};
 use crate::openstack::OsError;
-
-/// Evacuations handed over within this window are planned together (the engine hands
-/// all of a host's VMs over in one step; other hosts failing at the same moment follow
-/// within milliseconds).
-pub const BATCH_WINDOW: Duration = Duration::from_millis(30);
 
 /// How long the server list read at force-down stands for the host's first batch.
 const LISTING_FRESH: Duration = Duration::from_secs(10);
@@ -173,31 +170,22 @@ pub enum RestoreEvent {
     },
 }
 
-enum Job {
-    ForceDown {
-        host: HostId,
-        key: IntentKey,
-    },
-    Evacuate {
-        server: String,
-        from: HostId,
-        key: IntentKey,
-    },
-    Restart {
-        server: String,
-        host: HostId,
-        key: IntentKey,
-    },
-    Unforce {
-        host: HostId,
-        key: IntentKey,
-    },
+/// An evacuation, batched with those handed over together.
+struct Evacuation {
+    server: String,
+    from: HostId,
 }
 
-/// The [`Restorer`] handed to the engine task; the work runs on a tokio task.
+/// A job run on its own.
+enum Single {
+    ForceDown { host: HostId },
+    Restart { server: String, host: HostId },
+    Unforce { host: HostId },
+}
+
+/// The [`Restorer`] handed to the engine task; the work runs on tokio tasks.
 pub struct NovaRestorer {
-    jobs: mpsc::UnboundedSender<Job>,
-    results: ResultSender,
+    jobs: Jobs<Worker>,
 }
 
 impl NovaRestorer {
@@ -208,58 +196,39 @@ impl NovaRestorer {
         results: ResultSender,
         events: Option<mpsc::UnboundedSender<RestoreEvent>>,
     ) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
         let worker = Worker {
             compute,
             settings,
-            results: results.clone(),
-            events,
-            state: Arc::new(Mutex::new(State::default())),
+            core: Core::new(results, events),
         };
-        tokio::spawn(worker.run(rx));
-        NovaRestorer { jobs: tx, results }
-    }
-
-    fn send(&self, job: Job, on_fail: Input) {
-        if self.jobs.send(job).is_err() {
-            // The worker is gone (runtime shutting down): say so rather than hang.
-            let _ = self.results.send(on_fail);
+        let tracker = worker.clone();
+        tokio::spawn(async move { tracker.track_forever().await });
+        if worker.settings.auto_unforce {
+            let w = worker.clone();
+            tokio::spawn(async move { w.auto_unforce().await });
+        }
+        NovaRestorer {
+            jobs: worker::start(worker, "the Nova restorer stopped"),
         }
     }
 
-    /// Hands the worker a job about a host; a job the worker cannot take fails as that
-    /// host action.
-    fn send_host_job(&self, host: &HostId, key: &IntentKey, job: Job) {
-        let fail = Input::HostActionResult {
-            host: host.clone(),
-            key: key.clone(),
-            outcome: gone(),
-        };
-        self.send(job, fail);
+    /// Hands the worker a job about a host.
+    fn send_host_job(&self, host: &HostId, key: &IntentKey, job: Single) {
+        self.jobs.send_host(host, key, Job::Alone(key.clone(), job));
     }
 
-    /// Hands the worker a job about a VM (its server id); a router is refused at once,
-    /// and a job the worker cannot take fails as the restore of `resource`.
+    /// Hands the worker a job about a VM (its server id); a router is refused at once.
     fn send_vm_job(&self, resource: &Resource, key: &IntentKey, job: impl FnOnce(String) -> Job) {
-        let result = |outcome| Input::RestoreResult {
-            resource: resource.clone(),
-            key: key.clone(),
-            outcome,
-        };
         match server_of(resource) {
-            Some(server) => self.send(job(server), result(gone())),
-            None => {
-                let _ = self.results.send(result(RestoreOutcome::Failed {
+            Some(server) => self.jobs.send_resource(resource, key, job(server)),
+            None => self.jobs.answer(Input::RestoreResult {
+                resource: resource.clone(),
+                key: key.clone(),
+                outcome: RestoreOutcome::Failed {
                     reason: "Nova restores VMs, not routers".into(),
-                }));
-            }
+                },
+            }),
         }
-    }
-}
-
-fn gone() -> RestoreOutcome {
-    RestoreOutcome::Failed {
-        reason: "the Nova restorer stopped".into(),
     }
 }
 
@@ -271,16 +240,11 @@ fn server_of(resource: &Resource) -> Option<String> {
     }
 }
 
+type Job = JobOf<Worker>;
+
 impl Restorer for NovaRestorer {
     fn force_down(&mut self, host: &HostId, key: &IntentKey) {
-        self.send_host_job(
-            host,
-            key,
-            Job::ForceDown {
-                host: host.clone(),
-                key: key.clone(),
-            },
-        );
+        self.send_host_job(host, key, Single::ForceDown { host: host.clone() });
     }
 
     fn restart_in_place(
@@ -290,30 +254,31 @@ impl Restorer for NovaRestorer {
         _attempt: u32,
         key: &IntentKey,
     ) {
-        self.send_vm_job(resource, key, |server| Job::Restart {
-            server,
-            host: host.clone(),
-            key: key.clone(),
+        self.send_vm_job(resource, key, |server| {
+            Job::Alone(
+                key.clone(),
+                Single::Restart {
+                    server,
+                    host: host.clone(),
+                },
+            )
         });
     }
 
     fn evacuate(&mut self, resource: &Resource, from: &HostId, key: &IntentKey) {
-        self.send_vm_job(resource, key, |server| Job::Evacuate {
-            server,
-            from: from.clone(),
-            key: key.clone(),
+        self.send_vm_job(resource, key, |server| {
+            Job::Batch(
+                key.clone(),
+                Evacuation {
+                    server,
+                    from: from.clone(),
+                },
+            )
         });
     }
 
     fn unfence(&mut self, host: &HostId, key: &IntentKey) {
-        self.send_host_job(
-            host,
-            key,
-            Job::Unforce {
-                host: host.clone(),
-                key: key.clone(),
-            },
-        );
+        self.send_host_job(host, key, Single::Unforce { host: host.clone() });
     }
 }
 
@@ -333,8 +298,6 @@ struct Tracked {
 
 #[derive(Default)]
 struct State {
-    /// First outcome per key, answered again if the key is handed over again.
-    intents: AnsweredOnce,
     /// Targets each server failed on.
     failed_on: HashMap<String, BTreeSet<String>>,
     /// Rebuilds running per target (a slot is held until the server is ACTIVE).
@@ -363,47 +326,55 @@ struct Capacity {
 struct Worker {
     compute: Compute,
     settings: NovaSettings,
-    results: ResultSender,
-    events: Option<mpsc::UnboundedSender<RestoreEvent>>,
-    state: Arc<Mutex<State>>,
+    core: Core<State, RestoreEvent>,
 }
 
-impl Worker {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+impl Work for Worker {
+    type Batched = Evacuation;
+    type Alone = Single;
+    type Now = Infallible;
+
+    fn answers(&self) -> &Answers {
+        self.core.answers()
     }
 
-    fn event(&self, e: RestoreEvent) {
-        if let Some(tx) = &self.events {
-            let _ = tx.send(e);
+    async fn batch(self, batch: Vec<(IntentKey, Evacuation)>) {
+        let batch = batch
+            .into_iter()
+            .map(|(key, e)| (e.server, e.from.to_string(), key))
+            .collect();
+        self.evacuate_batch(batch).await
+    }
+
+    async fn alone(self, key: IntentKey, job: Single) {
+        match job {
+            Single::ForceDown { host } => self.force_down(host, key).await,
+            Single::Restart { server, host } => self.restart(server, host, key).await,
+            Single::Unforce { host } => self.unforce(host, key).await,
         }
     }
 
-    /// Claims `key`: false if it is in flight (ignored) or done (answered again).
-    fn claim(&self, key: &IntentKey) -> bool {
-        self.lock().intents.claim(key, &self.results)
+    fn now(&self, job: Infallible) {
+        match job {}
     }
+}
 
-    fn finish(&self, key: &IntentKey, input: Input) {
-        self.lock().intents.answer(key, &input);
-        let _ = self.results.send(input);
-    }
-
+impl Worker {
     fn finish_server(&self, server: &str, key: &IntentKey, outcome: RestoreOutcome) {
         match &outcome {
-            RestoreOutcome::Ok { host } => self.event(RestoreEvent::Restored {
+            RestoreOutcome::Ok { host } => self.core.event(RestoreEvent::Restored {
                 server: server.into(),
                 host: host.to_string(),
             }),
             RestoreOutcome::Failed { reason } => {
                 tracing::warn!(server, %key, reason, "restore failed");
-                self.event(RestoreEvent::Failed {
+                self.core.event(RestoreEvent::Failed {
                     server: server.into(),
                     reason: reason.clone(),
                 })
             }
         }
-        self.finish(
+        self.core.finish(
             key,
             Input::RestoreResult {
                 resource: Resource::vm(server),
@@ -413,78 +384,23 @@ impl Worker {
         );
     }
 
-    async fn run(self, mut rx: mpsc::UnboundedReceiver<Job>) {
-        let tracker = self.clone();
-        tokio::spawn(async move { tracker.track_forever().await });
-        if self.settings.auto_unforce {
-            let w = self.clone();
-            tokio::spawn(async move { w.auto_unforce().await });
-        }
-        while let Some(job) = rx.recv().await {
-            let mut evacuations = Vec::new();
-            let mut pending = vec![job];
-            // Gather what arrives together, so one plan places it all.
-            let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
-            loop {
-                for j in pending.drain(..) {
-                    match j {
-                        Job::Evacuate { server, from, key } => {
-                            if self.claim(&key) {
-                                evacuations.push((server, from.to_string(), key));
-                            }
-                        }
-                        Job::ForceDown { host, key } => {
-                            if self.claim(&key) {
-                                let w = self.clone();
-                                tokio::spawn(async move { w.force_down(host, key).await });
-                            }
-                        }
-                        Job::Restart { server, host, key } => {
-                            if self.claim(&key) {
-                                let w = self.clone();
-                                tokio::spawn(async move { w.restart(server, host, key).await });
-                            }
-                        }
-                        Job::Unforce { host, key } => {
-                            if self.claim(&key) {
-                                let w = self.clone();
-                                tokio::spawn(async move { w.unforce(host, key).await });
-                            }
-                        }
-                    }
-                }
-                if evacuations.is_empty() {
-                    break;
-                }
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(j)) => pending.push(j),
-                    _ => break,
-                }
-            }
-            if !evacuations.is_empty() {
-                let w = self.clone();
-                tokio::spawn(async move { w.evacuate_batch(evacuations).await });
-            }
-        }
-    }
-
     // ------------------------------------------------------------ force down
 
     async fn force_down(&self, host: HostId, key: IntentKey) {
         let outcome = match self.force_down_and_list(host.as_str()).await {
             Ok(servers) => {
-                self.lock().listed.insert(
+                self.core.lock().listed.insert(
                     host.to_string(),
                     (
                         tokio::time::Instant::now(),
                         servers.iter().map(|s| (s.id.clone(), s.clone())).collect(),
                     ),
                 );
-                self.event(RestoreEvent::ForcedDown {
+                self.core.event(RestoreEvent::ForcedDown {
                     host: host.to_string(),
                 });
                 // The engine learns what ran there before it starts evacuating.
-                let _ = self.results.send(Input::HostEvent {
+                self.core.report(Input::HostEvent {
                     host: host.clone(),
                     event: HostEvent::Inventory {
                         resources: servers.iter().map(|s| Resource::vm(&s.id)).collect(),
@@ -497,7 +413,7 @@ impl Worker {
             }
             Err(reason) => RestoreOutcome::Failed { reason },
         };
-        self.finish(
+        self.core.finish(
             &key,
             Input::HostActionResult {
                 host,
@@ -535,7 +451,7 @@ impl Worker {
         forced.map_err(|e| e.to_string())?;
         tracing::info!(host, "compute service forced down");
         if let Ok(c) = capacity {
-            self.lock().capacity = Some((tokio::time::Instant::now(), c));
+            self.core.lock().capacity = Some((tokio::time::Instant::now(), c));
         }
         servers.map_err(|e| e.to_string())
     }
@@ -550,6 +466,7 @@ impl Worker {
                 continue;
             }
             let fresh = self
+                .core
                 .lock()
                 .listed
                 .remove(from)
@@ -604,7 +521,7 @@ impl Worker {
                 } else {
                     "already being rebuilt"
                 };
-                self.event(RestoreEvent::Tracked {
+                self.core.event(RestoreEvent::Tracked {
                     server: id.clone(),
                     reason,
                 });
@@ -612,7 +529,7 @@ impl Worker {
                 continue;
             }
             if server.status == "SHUTOFF" {
-                self.lock().was_shutoff.insert(id.clone());
+                self.core.lock().was_shutoff.insert(id.clone());
             }
             to_plan.push((server, from, key));
         }
@@ -634,7 +551,7 @@ impl Worker {
                 return;
             }
         };
-        let failed_on = self.lock().failed_on.clone();
+        let failed_on = self.core.lock().failed_on.clone();
         let vms: Vec<arrange::Vm> = to_plan
             .iter()
             .map(|(s, from, _)| arrange::Vm {
@@ -665,7 +582,7 @@ impl Worker {
             unplaced = plan.unplaced.len(),
             "evacuation plan"
         );
-        self.event(RestoreEvent::Planned {
+        self.core.event(RestoreEvent::Planned {
             placed: plan.placements.len(),
             unplaced: plan.unplaced.len(),
         });
@@ -685,7 +602,7 @@ impl Worker {
             }
         }
         {
-            let mut st = self.lock();
+            let mut st = self.core.lock();
             for p in plan.placements {
                 if let Some((from, key)) = keys.get(&p.vm) {
                     st.queued.entry(p.target).or_default().push_back((
@@ -752,6 +669,7 @@ impl Worker {
         let failed: BTreeSet<&str> = to_plan.iter().map(|(_, f, _)| f.as_str()).collect();
         // Read while the host was being forced down, if just now; else read now.
         let prefetched = self
+            .core
             .lock()
             .capacity
             .take()
@@ -764,7 +682,7 @@ impl Worker {
             Some((_, c)) => c,
             None => self.read_capacity().await?,
         };
-        let building = self.lock().building.clone();
+        let building = self.core.lock().building.clone();
         let maintenance: BTreeSet<String> = self
             .settings
             .hosts
@@ -819,7 +737,7 @@ impl Worker {
         let max = self.settings.max_concurrent_per_target.max(1);
         let mut start = Vec::new();
         {
-            let mut st = self.lock();
+            let mut st = self.core.lock();
             let targets: Vec<String> = st.queued.keys().cloned().collect();
             for t in targets {
                 loop {
@@ -844,7 +762,7 @@ impl Worker {
 
     fn release(&self, target: &str) {
         {
-            let mut st = self.lock();
+            let mut st = self.core.lock();
             if let Some(n) = st.building.get_mut(target) {
                 *n = n.saturating_sub(1);
             }
@@ -853,7 +771,7 @@ impl Worker {
     }
 
     async fn evacuate_one(&self, server: String, from: String, target: String, key: IntentKey) {
-        self.event(RestoreEvent::EvacuateCalled {
+        self.core.event(RestoreEvent::EvacuateCalled {
             server: server.clone(),
             target: target.clone(),
         });
@@ -876,7 +794,8 @@ impl Worker {
                         }
                     }
                 }
-                self.lock()
+                self.core
+                    .lock()
                     .failed_on
                     .entry(server.clone())
                     .or_default()
@@ -901,7 +820,7 @@ impl Worker {
         key: IntentKey,
         evacuation: bool,
     ) {
-        self.lock().tracked.insert(
+        self.core.lock().tracked.insert(
             server.to_string(),
             Tracked {
                 key,
@@ -926,7 +845,7 @@ impl Worker {
         let mut seen: HashSet<String> = HashSet::new();
         loop {
             tokio::time::sleep(self.settings.poll_interval).await;
-            if self.lock().tracked.is_empty() {
+            if self.core.lock().tracked.is_empty() {
                 since = None;
                 seen.clear();
                 continue;
@@ -951,6 +870,7 @@ impl Worker {
             let servers: HashMap<String, Server> =
                 changed.into_iter().map(|s| (s.id.clone(), s)).collect();
             let tracked: Vec<(String, Tracked)> = self
+                .core
                 .lock()
                 .tracked
                 .iter()
@@ -1000,7 +920,7 @@ impl Worker {
                     && s.status == "SHUTOFF"
                     && moved
                     && t.evacuation
-                    && self.lock().was_shutoff.contains(id)
+                    && self.core.lock().was_shutoff.contains(id)
                 {
                     // It was stopped before its host failed: restored as it was.
                     Some(RestoreOutcome::Ok {
@@ -1012,7 +932,7 @@ impl Worker {
                         if let Err(e) = self.compute.start(id).await {
                             tracing::warn!(server = id, error = %e, "starting after evacuation");
                         }
-                        if let Some(x) = self.lock().tracked.get_mut(id) {
+                        if let Some(x) = self.core.lock().tracked.get_mut(id) {
                             x.started_after = true;
                         }
                     }
@@ -1032,14 +952,15 @@ impl Worker {
             }
         };
         let Some(outcome) = outcome else { return };
-        let removed = self.lock().tracked.remove(id);
+        let removed = self.core.lock().tracked.remove(id);
         if removed.is_none() {
             return;
         }
         if t.evacuation {
             if let RestoreOutcome::Failed { .. } = &outcome {
                 if let Some(target) = &t.target {
-                    self.lock()
+                    self.core
+                        .lock()
                         .failed_on
                         .entry(id.to_string())
                         .or_default()
@@ -1047,7 +968,7 @@ impl Worker {
                 }
             }
             if let Some(target) = &t.target {
-                let held = self.lock().building.get(target).copied().unwrap_or(0) > 0;
+                let held = self.core.lock().building.get(target).copied().unwrap_or(0) > 0;
                 if held {
                     self.release(target);
                 }
@@ -1128,7 +1049,7 @@ impl Worker {
                 if reporting && !recently {
                     tracing::info!(host, "host is back: unfencing (policy)");
                     asked.insert(host.clone(), tokio::time::Instant::now());
-                    let _ = self.results.send(Input::HostEvent {
+                    self.core.report(Input::HostEvent {
                         host: HostId::new(&host),
                         event: HostEvent::ComputeServiceReporting,
                     });
@@ -1173,7 +1094,7 @@ impl Worker {
                 }
             }
         };
-        self.finish(
+        self.core.finish(
             &key,
             Input::HostActionResult {
                 host,
