@@ -11,7 +11,7 @@
 //!   batched, each intent key acted on once).
 //!
 //! Each call only *starts* the work: the implementation reports back later by feeding
-//! the matching [`Input`](super::Input) (`FenceResult`, `ForceDownResult`,
+//! the matching [`Input`] (`FenceResult`, `HostActionResult`,
 //! `RestoreResult`, `ConfirmationResult`) into the engine. Implementations must be
 //! idempotent per [`IntentKey`]: a resumed engine may hand them an intent again whose
 //! outcome was never recorded, and they must then report the first outcome instead of

@@ -1,0 +1,183 @@
+//! A host's compute service: force-down, unforce, and the watcher of returned ones.
+//!
+//! The force-down reads the host's servers and the targets' capacity at once; the
+//! unforce is retried while Nova refuses it (400).
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::{RestoreEvent, Worker};
+use crate::clock::wall_clock_now;
+use crate::engine::{
+    HostEvent, HostId, HostState, Input, IntentKey, Resource, RestoreOutcome, Source,
+};
+use crate::openstack::compute::Server;
+
+impl Worker {
+    pub(super) async fn force_down(&self, host: HostId, key: IntentKey) {
+        let outcome = match self.force_down_and_list(host.as_str()).await {
+            Ok(servers) => {
+                self.core.lock().listed.insert(
+                    host.to_string(),
+                    (
+                        tokio::time::Instant::now(),
+                        servers.iter().map(|s| (s.id.clone(), s.clone())).collect(),
+                    ),
+                );
+                self.core.event(RestoreEvent::ForcedDown {
+                    host: host.to_string(),
+                });
+                // The engine learns what ran there before it starts evacuating.
+                self.core.report(Input::HostEvent {
+                    host: host.clone(),
+                    event: HostEvent::Inventory {
+                        resources: servers.iter().map(|s| Resource::vm(&s.id)).collect(),
+                        stopped: vec![],
+                        source: Source::Nova,
+                        at: wall_clock_now(),
+                    },
+                });
+                RestoreOutcome::Ok { host: host.clone() }
+            }
+            Err(reason) => RestoreOutcome::Failed { reason },
+        };
+        self.core.finish(
+            &key,
+            Input::HostActionResult {
+                host,
+                key: key.clone(),
+                outcome,
+            },
+        );
+    }
+
+    async fn force_down_and_list(&self, host: &str) -> Result<Vec<Server>, String> {
+        let services = self
+            .compute
+            .compute_services(Some(host))
+            .await
+            .map_err(|e| e.to_string())?;
+        let svc = services
+            .iter()
+            .find(|s| s.host == host)
+            .ok_or_else(|| format!("Nova has no nova-compute service on host {host}"))?;
+        // The force-down, the server list and the targets' capacity at once: the
+        // evacuations wait for all three (reads only besides the force-down; nothing
+        // is evacuated before the force-down succeeded).
+        let force = async {
+            if svc.forced_down {
+                Ok(())
+            } else {
+                self.compute.set_forced_down(&svc.id, true).await
+            }
+        };
+        let (forced, servers, capacity) = tokio::join!(
+            force,
+            self.compute.servers_on_host(host),
+            self.read_capacity()
+        );
+        forced.map_err(|e| e.to_string())?;
+        tracing::info!(host, "compute service forced down");
+        if let Ok(c) = capacity {
+            self.core.lock().capacity = Some((tokio::time::Instant::now(), c));
+        }
+        servers.map_err(|e| e.to_string())
+    }
+
+    // ------------------------------------------------------------ unforce
+
+    /// The automatic unforce policy: a host the engine has `Recovered` (every VM
+    /// accounted for) that heartbeats again, and whose forced-down nova-compute reports
+    /// again (its `updated_at` moves), is unfenced as an operator would: the engine
+    /// checks it as it checks `defibctl unfence`, then hands the unforce back here.
+    pub(super) async fn auto_unforce(&self) {
+        const EVERY: Duration = Duration::from_secs(2);
+        const AGAIN_AFTER: Duration = Duration::from_secs(30);
+        let mut last_report: HashMap<String, Option<String>> = HashMap::new();
+        let mut asked: HashMap<String, tokio::time::Instant> = HashMap::new();
+        loop {
+            tokio::time::sleep(EVERY).await;
+            let now_ms = wall_clock_now().0;
+            let candidates: Vec<String> = self
+                .settings
+                .hosts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .filter(|(_, h)| {
+                    h.state == HostState::Recovered
+                        && h.last_heartbeat_ms
+                            .is_some_and(|t| now_ms.saturating_sub(t) < 2_000)
+                })
+                .map(|(n, _)| n.clone())
+                .collect();
+            last_report.retain(|h, _| candidates.contains(h));
+            for host in candidates {
+                let svc = match self.compute.compute_services(Some(&host)).await {
+                    Ok(v) => v.into_iter().find(|s| s.host == host),
+                    Err(e) => {
+                        tracing::debug!(host, error = %e, "auto-unforce: reading the service");
+                        continue;
+                    }
+                };
+                let Some(svc) = svc else { continue };
+                let previous = last_report.insert(host.clone(), svc.updated_at.clone());
+                let reporting = matches!(previous, Some(p) if p != svc.updated_at);
+                let recently = asked.get(&host).is_some_and(|t| t.elapsed() < AGAIN_AFTER);
+                if reporting && !recently {
+                    tracing::info!(host, "host is back: unfencing (policy)");
+                    asked.insert(host.clone(), tokio::time::Instant::now());
+                    self.core.report(Input::HostEvent {
+                        host: HostId::new(&host),
+                        event: HostEvent::ComputeServiceReporting,
+                    });
+                }
+            }
+        }
+    }
+
+    pub(super) async fn unforce(&self, host: HostId, key: IntentKey) {
+        let started = tokio::time::Instant::now();
+        let mut wait = Duration::from_secs(1);
+        let outcome = loop {
+            let attempt = async {
+                let services = self.compute.compute_services(Some(host.as_str())).await?;
+                match services.iter().find(|s| s.host == host.as_str()) {
+                    Some(s) if s.forced_down => self.compute.set_forced_down(&s.id, false).await,
+                    _ => Ok(()),
+                }
+            }
+            .await;
+            match attempt {
+                Ok(()) => break RestoreOutcome::Ok { host: host.clone() },
+                // 400: the host's evacuations are not cleaned up yet (its compute has
+                // not come back, or not finished init_host): ask again.
+                Err(e) if e.status() == Some(400) || e.status().is_none() => {
+                    if started.elapsed() > self.settings.unforce_timeout {
+                        break RestoreOutcome::Failed {
+                            reason: format!(
+                                "Nova still refuses after {} s: {e}",
+                                self.settings.unforce_timeout.as_secs()
+                            ),
+                        };
+                    }
+                    tracing::info!(host = %host, error = %e, "unforce refused for now; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(10));
+                }
+                Err(e) => {
+                    break RestoreOutcome::Failed {
+                        reason: e.to_string(),
+                    }
+                }
+            }
+        };
+        self.core.finish(
+            &key,
+            Input::HostActionResult {
+                host,
+                key: key.clone(),
+                outcome,
+            },
+        );
+    }
+}
