@@ -371,7 +371,6 @@ impl Controller {
         let (fence_tx, fences) = std_mpsc::channel();
         let (ev_tx, events) = tokio::sync::mpsc::unbounded_channel();
         let silent: Arc<Mutex<BTreeSet<String>>> = Arc::default();
-        let host_view = settings.hosts.clone();
         let channels = rt.block_on(async {
             let store = controller::store::SqliteStore::open(store).expect("store");
             let parts = EngineTaskParts {
@@ -387,33 +386,30 @@ impl Controller {
             };
             let (task, channels) = EngineTask::new(parts, |links| Edges {
                 fencer: Box::new(TestFencer { asked: fence_tx }),
+                // No fence levels: the heartbeats are the only source ("Unknown").
+                confirmer: Box::new(PowerConfirmer::new(Arc::default(), links.results.clone())),
                 restorer: match neutron {
                     None => Box::new(NovaRestorer::start(
                         compute_client(),
                         settings,
-                        links.results.clone(),
+                        links,
                         Some(ev_tx),
                     )),
                     Some((n, url)) => Box::new(RouterAwareRestorer::start(
-                        |vm_results| {
+                        |halves| {
                             Box::new(NovaRestorer::start(
                                 compute_client(),
                                 settings,
-                                vm_results,
+                                halves,
                                 Some(ev_tx),
                             ))
                         },
                         network_client_at(&url),
-                        NeutronSettings {
-                            hosts: host_view.clone(),
-                            ..n
-                        },
-                        links.results.clone(),
+                        n,
+                        links,
                         Some(rev_tx),
                     )),
                 },
-                // No fence levels: the heartbeats are the only source ("Unknown").
-                confirmer: Box::new(PowerConfirmer::new(Arc::default(), links.results)),
             })
             .expect("engine task");
             tokio::spawn(async move {
@@ -421,11 +417,6 @@ impl Controller {
                     panic!("engine task: {e}");
                 }
             });
-            // As the runtime does: the restorer sees the engine's hosts.
-            tokio::spawn(controller::edges::nova::watch_hosts(
-                channels.snapshot.clone(),
-                host_view,
-            ));
             let intake = channels.intake.clone();
             let silent = silent.clone();
             tokio::spawn(async move {

@@ -92,7 +92,6 @@ impl NeutronSection {
             max_concurrent: self.max_concurrent as usize,
             poll_interval: Duration::from_millis(self.poll_interval_ms),
             verify_timeout: Duration::from_secs(self.verify_timeout_s),
-            hosts: Default::default(),
         }))
     }
 }
@@ -581,7 +580,6 @@ impl NovaSection {
             poll_interval: Duration::from_millis(n.poll_interval_ms),
             restore_timeout: Duration::from_secs(n.restore_timeout_s),
             unforce_timeout: Duration::from_secs(n.unforce_timeout_s),
-            hosts: Default::default(),
             bypass_scheduler: n.bypass_scheduler,
             auto_unforce: match n.unforce.as_str() {
                 "operator" => false,

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
 use super::{NeutronRestorer, NeutronSettings, RouterEvent};
-use crate::edges::{Restorer, ResultSender};
+use crate::edges::{EdgeLinks, Restorer};
 use crate::engine::{HostId, Input, IntentKey, Resource, RestoreOutcome};
 use crate::openstack::network::Network;
 
@@ -25,19 +25,21 @@ pub struct RouterAwareRestorer {
 }
 
 impl RouterAwareRestorer {
-    /// `vms` is built with the results sender it is handed (its results pass through
-    /// the joiner); the Neutron half likewise.
+    /// `vms` is built with the links it is handed: the engine's hosts, and a results
+    /// sender whose results pass through the joiner; the Neutron half likewise.
     pub fn start(
-        vms: impl FnOnce(ResultSender) -> Box<dyn Restorer + Send>,
+        vms: impl FnOnce(EdgeLinks) -> Box<dyn Restorer + Send>,
         network: Network,
         settings: NeutronSettings,
-        results: ResultSender,
+        links: EdgeLinks,
         events: Option<mpsc::UnboundedSender<RouterEvent>>,
     ) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
         let joined: Arc<Mutex<HashMap<IntentKey, Option<Input>>>> = Arc::default();
-        let vms = vms(tx.clone());
-        let routers = NeutronRestorer::start(network, settings, tx, events);
+        let EdgeLinks { results, hosts } = links;
+        let halves = EdgeLinks { results: tx, hosts };
+        let vms = vms(halves.clone());
+        let routers = NeutronRestorer::start(network, settings, halves, events);
         let j = joined.clone();
         tokio::spawn(async move {
             while let Some(input) = rx.recv().await {

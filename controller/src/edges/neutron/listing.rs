@@ -1,7 +1,8 @@
 //! Force-down: a fenced host's L3 agents disabled and their routers listed, retried.
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use super::returns::Watched;
 use super::{RouterEvent, Worker};
 use crate::engine::{HostEvent, HostId, Input, Source};
 
@@ -11,6 +12,25 @@ const LIST_RETRY_FIRST: Duration = Duration::from_secs(1);
 const LIST_RETRY_MAX: Duration = Duration::from_secs(30);
 
 impl Worker {
+    /// Lists every host the engine has fenced, unless it is listed or being listed
+    /// already, or was just unfenced (the engine's hosts, published a moment later,
+    /// may still show it fenced: it is left alone until they show it trusted, so that
+    /// the agents an unfence enabled are never disabled again).
+    pub(super) fn list_fenced(&self, hosts: &BTreeMap<HostId, Watched>) {
+        for (host, seen) in hosts {
+            let just_unfenced = {
+                let mut st = self.core.lock();
+                if !seen.state.fenced() {
+                    st.unfenced.remove(host.as_str());
+                }
+                st.unfenced.contains(host.as_str())
+            };
+            if seen.state.fenced() && !just_unfenced {
+                self.start_listing(host.clone());
+            }
+        }
+    }
+
     /// Lists a fenced host's routers unless that is under way or done since its fence.
     pub(super) fn start_listing(&self, host: HostId) {
         {

@@ -15,10 +15,11 @@
 //! engine ─Evacuate(router)×N─► batch ─► read the bindings (each L3 agent's routers):
 //!                      already on one live agent elsewhere → verified, not moved again;
 //!                      else plan (least routers per live, admin-up agent on a host
-//!                      that is Up) ─► DELETE from the dead agent, POST to the chosen one
+//!                      the facts show Up) ─► DELETE from the dead agent, POST to the chosen one
 //!                      ─► poll until the router is bound to exactly that agent
 //!        ◄─RestoreResult Ok{agent's host} | Failed{reason}
-//! host heartbeats again (Recovered) ─► Inventory (Neutron) of the routers moved off it:
+//! host back (facts: Recovered, back) ─► Inventory (Neutron) of the routers moved off it
+//!                      (facts: evacuated):
 //!                      the engine marks them stale (alarm; unfence refused) until the
 //!                      host's agent reports again holding no more routers than are
 //!                      bound to it ─► empty Inventory (Neutron): cleared
@@ -30,6 +31,10 @@
 //! a key in flight is ignored), and safe across a controller restart: a router is only
 //! moved after its bindings were read, so one a previous controller already moved is
 //! verified where it is, never moved twice.
+//!
+//! The hosts come from the engine as typed facts ([`HostFacts`]): their states, whether
+//! a fenced host is back, what was moved off it. The background watcher wakes when
+//! they change (and, while a returned host is not clean yet, to read its agents again).
 //!
 //! Here: the settings, the jobs and the worker's state; `listing` disables a fenced
 //! host's agents and lists its routers, `moves` moves them, `returns` follows the
@@ -48,9 +53,8 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Semaphore};
 
-use super::nova::HostView;
 use super::worker::{self, Answers, Core, JobOf, Jobs, Work};
-use super::ResultSender;
+use super::{EdgeLinks, HostFacts};
 use crate::clock::wall_clock_now;
 use crate::edges::Restorer;
 use crate::engine::{HostEvent, HostId, Input, IntentKey, Resource, RestoreOutcome, Source};
@@ -67,9 +71,6 @@ pub struct NeutronSettings {
     pub poll_interval: Duration,
     /// Not bound to exactly the new agent this long after the move: failed.
     pub verify_timeout: Duration,
-    /// The engine's view of the hosts (only agents on Up hosts are targets; a
-    /// Recovered host heartbeating again gets its stale report).
-    pub hosts: HostView,
 }
 
 impl Default for NeutronSettings {
@@ -79,7 +80,6 @@ impl Default for NeutronSettings {
             max_concurrent: 10,
             poll_interval: Duration::from_millis(200),
             verify_timeout: Duration::from_secs(30),
-            hosts: HostView::default(),
         }
     }
 }
@@ -174,7 +174,7 @@ struct State {
     unfenced: BTreeSet<String>,
     /// Hosts told about their stale routers (with what they were told), and hosts
     /// whose cleanup was seen. What was moved off a host comes from the engine
-    /// ([`super::nova::HostSeen::evacuated_routers`]), which rebuilds it from
+    /// ([`HostView::evacuated`](crate::engine::HostView::evacuated)), which rebuilds it from
     /// the intent log: a restarted controller reports it again.
     reported: BTreeMap<String, BTreeSet<String>>,
     cleaned: BTreeSet<String>,
@@ -187,6 +187,9 @@ struct State {
 struct Worker {
     network: Network,
     settings: NeutronSettings,
+    /// The engine's hosts: only agents on Up hosts are targets; fenced hosts are
+    /// listed; a Recovered host that is back gets its stale report.
+    hosts: HostFacts,
     core: Core<State, RouterEvent>,
     moves: Arc<Semaphore>,
 }
@@ -196,14 +199,15 @@ impl NeutronRestorer {
     pub fn start(
         network: Network,
         settings: NeutronSettings,
-        results: ResultSender,
+        links: EdgeLinks,
         events: Option<mpsc::UnboundedSender<RouterEvent>>,
     ) -> Self {
         let worker = Worker {
             moves: Arc::new(Semaphore::new(settings.max_concurrent.max(1))),
             network,
             settings,
-            core: Core::new(results, events),
+            hosts: links.hosts,
+            core: Core::new(links.results, events),
         };
         let w = worker.clone();
         tokio::spawn(async move { w.watch_returns().await });

@@ -18,16 +18,15 @@ impl Worker {
     /// Live, admin-up L3 agents on hosts the engine has Up (or does not know: a
     /// network node without a watchdog), not on `failed`.
     fn targets(&self, agents: &[Agent], failed: &BTreeSet<String>) -> Vec<Agent> {
-        let hosts = self
-            .settings
-            .hosts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let hosts = self.hosts.borrow().clone();
         agents
             .iter()
             .filter(|a| a.alive && a.admin_state_up && !failed.contains(&a.host))
-            .filter(|a| hosts.get(&a.host).is_none_or(|h| h.state == HostState::Up))
+            .filter(|a| {
+                hosts
+                    .get(&HostId::new(&a.host))
+                    .is_none_or(|h| h.state == HostState::Up)
+            })
             .cloned()
             .collect()
     }

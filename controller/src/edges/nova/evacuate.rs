@@ -252,13 +252,11 @@ impl Worker {
         };
         let building = self.core.lock().building.clone();
         let maintenance: BTreeSet<String> = self
-            .settings
             .hosts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|(_, h)| h.state == HostState::Maintenance)
-            .map(|(n, _)| n.clone())
+            .borrow()
+            .values()
+            .filter(|h| h.state == HostState::Maintenance)
+            .map(|h| h.host.to_string())
             .collect();
         let mut out = Vec::new();
         for svc in services {

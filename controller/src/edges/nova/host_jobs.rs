@@ -86,7 +86,7 @@ impl Worker {
     // ------------------------------------------------------------ unforce
 
     /// The automatic unforce policy: a host the engine has `Recovered` (every VM
-    /// accounted for) that heartbeats again, and whose forced-down nova-compute reports
+    /// accounted for) that is back (heard again since its fence), and whose forced-down nova-compute reports
     /// again (its `updated_at` moves), is unfenced as an operator would: the engine
     /// checks it as it checks `defibctl unfence`, then hands the unforce back here.
     pub(super) async fn auto_unforce(&self) {
@@ -96,19 +96,12 @@ impl Worker {
         let mut asked: HashMap<String, tokio::time::Instant> = HashMap::new();
         loop {
             tokio::time::sleep(EVERY).await;
-            let now_ms = wall_clock_now().0;
             let candidates: Vec<String> = self
-                .settings
                 .hosts
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .filter(|(_, h)| {
-                    h.state == HostState::Recovered
-                        && h.last_heartbeat_ms
-                            .is_some_and(|t| now_ms.saturating_sub(t) < 2_000)
-                })
-                .map(|(n, _)| n.clone())
+                .borrow()
+                .values()
+                .filter(|h| h.state == HostState::Recovered && h.back)
+                .map(|h| h.host.to_string())
                 .collect();
             last_report.retain(|h, _| candidates.contains(h));
             for host in candidates {

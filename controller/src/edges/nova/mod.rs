@@ -30,15 +30,14 @@ mod tracker;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
 use super::worker::{self, Answers, Core, JobOf, Jobs, Work};
-use super::ResultSender;
+use super::{EdgeLinks, HostFacts};
 use crate::edges::Restorer;
-use crate::engine::{HostId, HostState, Input, IntentKey, Resource, RestoreOutcome};
+use crate::engine::{HostId, Input, IntentKey, Resource, RestoreOutcome};
 use crate::openstack::compute::{self, Compute, Server};
 use crate::openstack::OsError;
 
@@ -61,10 +60,6 @@ pub struct NovaSettings {
     pub restore_timeout: Duration,
     /// How long an unforce is retried while Nova refuses it.
     pub unforce_timeout: Duration,
-    /// The engine's view of the hosts, kept up to date by the runtime
-    /// ([`watch_hosts`]): hosts in maintenance are never targets; the automatic
-    /// unforce waits for a host to heartbeat again.
-    pub hosts: HostView,
     /// Evacuate with `force` (at 2.67): Nova's scheduler does not check the target
     /// again. Faster (no scheduler pass per server), but Nova's filters (server-group
     /// anti-affinity, aggregates, AZs, PCI/NUMA) are not applied: only for clouds whose
@@ -73,53 +68,6 @@ pub struct NovaSettings {
     /// Unforce a recovered host without an operator, once it heartbeats again and its
     /// nova-compute reports again (`[nova] unforce = "automatic"`).
     pub auto_unforce: bool,
-}
-
-/// What the restorer knows of a host from the engine.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostSeen {
-    pub state: HostState,
-    /// Last heartbeat, unix ms.
-    pub last_heartbeat_ms: Option<u64>,
-    /// Routers moved off the host by its incidents since its fence (from the engine,
-    /// which rebuilds them from the intent log): the stale-router report.
-    pub evacuated_routers: BTreeSet<String>,
-}
-
-/// The engine's hosts, shared between the runtime and the restorer.
-pub type HostView = Arc<Mutex<BTreeMap<String, HostSeen>>>;
-
-/// Keeps `view` equal to the hosts of the engine's snapshots.
-pub async fn watch_hosts(
-    mut snapshots: tokio::sync::watch::Receiver<Arc<crate::api::view::Snapshot>>,
-    view: HostView,
-) {
-    loop {
-        let now: BTreeMap<String, HostSeen> = snapshots
-            .borrow_and_update()
-            .hosts
-            .iter()
-            .map(|h| {
-                (
-                    h.host.clone(),
-                    HostSeen {
-                        state: h.state,
-                        last_heartbeat_ms: h.last_heartbeat_ms,
-                        evacuated_routers: h
-                            .evacuated
-                            .iter()
-                            .filter_map(|r| r.strip_prefix("router:"))
-                            .map(str::to_string)
-                            .collect(),
-                    },
-                )
-            })
-            .collect();
-        *view.lock().unwrap_or_else(|e| e.into_inner()) = now;
-        if snapshots.changed().await.is_err() {
-            return;
-        }
-    }
 }
 
 impl Default for NovaSettings {
@@ -133,7 +81,6 @@ impl Default for NovaSettings {
             poll_interval: Duration::from_millis(500),
             restore_timeout: Duration::from_secs(600),
             unforce_timeout: Duration::from_secs(900),
-            hosts: HostView::default(),
             auto_unforce: false,
             bypass_scheduler: false,
         }
@@ -191,13 +138,14 @@ impl NovaRestorer {
     pub fn start(
         compute: Compute,
         settings: NovaSettings,
-        results: ResultSender,
+        links: EdgeLinks,
         events: Option<mpsc::UnboundedSender<RestoreEvent>>,
     ) -> Self {
         let worker = Worker {
             compute,
             settings,
-            core: Core::new(results, events),
+            hosts: links.hosts,
+            core: Core::new(links.results, events),
         };
         let tracker = worker.clone();
         tokio::spawn(async move { tracker.track_forever().await });
@@ -302,6 +250,9 @@ struct State {
 struct Worker {
     compute: Compute,
     settings: NovaSettings,
+    /// The engine's hosts: hosts in maintenance are never targets; the compute
+    /// services of recovered hosts that are back are watched.
+    hosts: HostFacts,
     core: Core<State, RestoreEvent>,
 }
 
