@@ -581,12 +581,11 @@ impl NovaSection {
             restore_timeout: Duration::from_secs(n.restore_timeout_s),
             unforce_timeout: Duration::from_secs(n.unforce_timeout_s),
             bypass_scheduler: n.bypass_scheduler,
-            auto_unforce: match n.unforce.as_str() {
-                "operator" => false,
-                "automatic" => true,
-                _ => return Err(invalid("nova.unforce", "\"operator\" or \"automatic\"")),
-            },
         };
+        // The policy itself is the engine's (`engine_config`: `auto_unfence`).
+        if !matches!(n.unforce.as_str(), "operator" | "automatic") {
+            return Err(invalid("nova.unforce", "\"operator\" or \"automatic\""));
+        }
         Ok(NovaResolved {
             session: SessionConfig {
                 auth,

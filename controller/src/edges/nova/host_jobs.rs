@@ -2,15 +2,33 @@
 //!
 //! The force-down reads the host's servers and the targets' capacity at once; the
 //! unforce is retried while Nova refuses it (400).
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use super::{RestoreEvent, Worker};
 use crate::clock::wall_clock_now;
 use crate::engine::{
-    HostEvent, HostId, HostState, Input, IntentKey, Resource, RestoreOutcome, Source,
+    HostEvent, HostId, HostState, HostView, Input, IntentKey, Resource, RestoreOutcome, Source,
 };
 use crate::openstack::compute::Server;
+
+/// The compute services of returned hosts are read this often.
+const SERVICE_POLL: Duration = Duration::from_secs(2);
+
+/// A host whose compute service was reported reporting is left alone this long before
+/// it is read (and reported) again: the engine may have refused to act on it then
+/// (e.g. stale resources), and may act now.
+const REPORT_AGAIN_AFTER: Duration = Duration::from_secs(30);
+
+/// The hosts the engine has `Recovered` and back: those whose compute service is
+/// watched.
+fn returned(hosts: &BTreeMap<HostId, HostView>) -> Vec<String> {
+    hosts
+        .values()
+        .filter(|h| h.state == HostState::Recovered && h.back)
+        .map(|h| h.host.to_string())
+        .collect()
+}
 
 impl Worker {
     pub(super) async fn force_down(&self, host: HostId, key: IntentKey) {
@@ -85,46 +103,54 @@ impl Worker {
 
     // ------------------------------------------------------------ unforce
 
-    /// The automatic unforce policy: a host the engine has `Recovered` (every VM
-    /// accounted for) that is back (heard again since its fence), and whose forced-down nova-compute reports
-    /// again (its `updated_at` moves), is unfenced as an operator would: the engine
-    /// checks it as it checks `defibctl unfence`, then hands the unforce back here.
-    pub(super) async fn auto_unforce(&self) {
-        const EVERY: Duration = Duration::from_secs(2);
-        const AGAIN_AFTER: Duration = Duration::from_secs(30);
-        let mut last_report: HashMap<String, Option<String>> = HashMap::new();
-        let mut asked: HashMap<String, tokio::time::Instant> = HashMap::new();
+    /// Watches the compute services of the hosts the engine has `Recovered` (every VM
+    /// accounted for) and back (heard again since the fence), and reports
+    /// [`HostEvent::ComputeServiceReporting`] when a forced-down service reports again
+    /// (its `updated_at` moves between two reads), at most every [`REPORT_AGAIN_AFTER`]
+    /// per host. A fact, not a decision: whether that unfences the host is the engine's
+    /// policy (`engine::Config::auto_unfence`, from `[nova] unforce`), under the checks
+    /// of an operator's unfence. With no such host it waits for the engine's hosts to
+    /// change; with some, it reads their services every [`SERVICE_POLL`].
+    pub(super) async fn watch_compute_services(&self) {
+        let mut facts = self.hosts.clone();
+        let mut last_read: HashMap<String, Option<String>> = HashMap::new();
+        let mut told: HashMap<String, tokio::time::Instant> = HashMap::new();
         loop {
-            tokio::time::sleep(EVERY).await;
-            let candidates: Vec<String> = self
-                .hosts
-                .borrow()
-                .values()
-                .filter(|h| h.state == HostState::Recovered && h.back)
-                .map(|h| h.host.to_string())
-                .collect();
-            last_report.retain(|h, _| candidates.contains(h));
-            for host in candidates {
+            let watched = returned(&facts.borrow_and_update());
+            last_read.retain(|h, _| watched.contains(h));
+            if watched.is_empty() {
+                if facts.wait_for(|h| !returned(h).is_empty()).await.is_err() {
+                    return; // the engine task is gone
+                }
+                continue;
+            }
+            for host in watched {
+                if told
+                    .get(&host)
+                    .is_some_and(|t| t.elapsed() < REPORT_AGAIN_AFTER)
+                {
+                    continue;
+                }
                 let svc = match self.compute.compute_services(Some(&host)).await {
                     Ok(v) => v.into_iter().find(|s| s.host == host),
                     Err(e) => {
-                        tracing::debug!(host, error = %e, "auto-unforce: reading the service");
+                        tracing::debug!(host, error = %e, "reading a returned host's compute service");
                         continue;
                     }
                 };
                 let Some(svc) = svc else { continue };
-                let previous = last_report.insert(host.clone(), svc.updated_at.clone());
-                let reporting = matches!(previous, Some(p) if p != svc.updated_at);
-                let recently = asked.get(&host).is_some_and(|t| t.elapsed() < AGAIN_AFTER);
-                if reporting && !recently {
-                    tracing::info!(host, "host is back: unfencing (policy)");
-                    asked.insert(host.clone(), tokio::time::Instant::now());
+                let previous = last_read.insert(host.clone(), svc.updated_at.clone());
+                let moved = matches!(previous, Some(p) if p != svc.updated_at);
+                if svc.forced_down && moved {
+                    tracing::info!(host, "forced-down compute service reports again");
+                    told.insert(host.clone(), tokio::time::Instant::now());
                     self.core.report(Input::HostEvent {
                         host: HostId::new(&host),
                         event: HostEvent::ComputeServiceReporting,
                     });
                 }
             }
+            tokio::time::sleep(SERVICE_POLL).await;
         }
     }
 

@@ -13,6 +13,9 @@
 //! engine ─RestartInPlace─► start (SHUTOFF) or hard reboot, tracked to ACTIVE
 //! engine ─Unfence─────► forced_down=false, retried while Nova answers 400 (it refuses
 //!                      until the returned compute has cleaned up its evacuations)
+//! host back (facts: Recovered, back) ─► its forced-down nova-compute reports again
+//!        ◄─HostEvent ComputeServiceReporting  (a fact: the engine decides whether
+//!                      that unfences the host, `engine::Config::auto_unfence`)
 //! ```
 //!
 //! Idempotent per intent key, and safe across a controller restart: a key already
@@ -65,9 +68,6 @@ pub struct NovaSettings {
     /// anti-affinity, aggregates, AZs, PCI/NUMA) are not applied: only for clouds whose
     /// placement rules the arrangement scheduler's capacity check covers.
     pub bypass_scheduler: bool,
-    /// Unforce a recovered host without an operator, once it heartbeats again and its
-    /// nova-compute reports again (`[nova] unforce = "automatic"`).
-    pub auto_unforce: bool,
 }
 
 impl Default for NovaSettings {
@@ -81,7 +81,6 @@ impl Default for NovaSettings {
             poll_interval: Duration::from_millis(500),
             restore_timeout: Duration::from_secs(600),
             unforce_timeout: Duration::from_secs(900),
-            auto_unforce: false,
             bypass_scheduler: false,
         }
     }
@@ -149,10 +148,8 @@ impl NovaRestorer {
         };
         let tracker = worker.clone();
         tokio::spawn(async move { tracker.track_forever().await });
-        if worker.settings.auto_unforce {
-            let w = worker.clone();
-            tokio::spawn(async move { w.auto_unforce().await });
-        }
+        let watcher = worker.clone();
+        tokio::spawn(async move { watcher.watch_compute_services().await });
         NovaRestorer {
             jobs: worker::start(worker, "the Nova restorer stopped"),
         }
