@@ -11,9 +11,9 @@ pub struct EngineClock {
     base: Instant,
 }
 
-/// The wall clock in the engine's unit (unix ms), for edges that compare with what the
-/// engine published (a host's last heartbeat) rather than drive the engine.
-pub fn wall_clock_now() -> Timestamp {
+/// The wall clock in the engine's unit (unix ms): read once, when the engine's clock
+/// starts.
+fn wall_clock_now() -> Timestamp {
     Timestamp(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -21,7 +21,8 @@ use controller::edges::neutron::{NeutronSettings, RouterAwareRestorer, RouterEve
 use controller::edges::nova::{NovaRestorer, NovaSettings, RestoreEvent};
 use controller::edges::Fencer;
 use controller::engine::{
-    FenceMethod, FenceOutcome, FenceVerifier, HostId, HostState, Input, IntentKey,
+    Config as EngineConfig, FenceMethod, FenceOutcome, FenceVerifier, HostId, HostState, Input,
+    IntentKey,
 };
 use controller::openstack::compute::{ComputeService, Server};
 use controller::openstack::network::{Agent, Network};
@@ -336,9 +337,22 @@ fn unix_ns() -> u64 {
 
 impl Controller {
     /// Starts the engine task on `store` (resuming what it holds) with the Nova
-    /// restorer; `HOSTS` heartbeat every 100 ms unless silenced.
+    /// restorer; `HOSTS` heartbeat every 100 ms unless silenced. The engine's settings
+    /// are its defaults: an operator unfences.
     pub fn start(store: &Path, settings: NovaSettings) -> Controller {
-        Self::start_with(store, settings, None)
+        Self::start_with(store, EngineConfig::default(), settings, None)
+    }
+
+    /// Like [`Controller::start`], with the engine's settings `engine` (e.g. the
+    /// automatic unfence policy, `auto_unfence`, that `[nova] unforce = "automatic"`
+    /// sets: the engine unfences a returned host whose compute service the Nova
+    /// restorer sees reporting again).
+    pub fn start_with_engine(
+        store: &Path,
+        engine: EngineConfig,
+        settings: NovaSettings,
+    ) -> Controller {
+        Self::start_with(store, engine, settings, None)
     }
 
     /// Like [`Controller::start`], with routers: the Nova restorer and the Neutron
@@ -348,7 +362,12 @@ impl Controller {
         settings: NovaSettings,
         neutron: NeutronSettings,
     ) -> Controller {
-        Self::start_with(store, settings, Some((neutron, NEUTRON_URL.into())))
+        Self::start_with(
+            store,
+            EngineConfig::default(),
+            settings,
+            Some((neutron, NEUTRON_URL.into())),
+        )
     }
 
     /// Like [`Controller::start_with_routers`], with Neutron at `neutron_url`.
@@ -358,11 +377,17 @@ impl Controller {
         neutron: NeutronSettings,
         neutron_url: &str,
     ) -> Controller {
-        Self::start_with(store, settings, Some((neutron, neutron_url.into())))
+        Self::start_with(
+            store,
+            EngineConfig::default(),
+            settings,
+            Some((neutron, neutron_url.into())),
+        )
     }
 
     fn start_with(
         store: &Path,
+        engine: EngineConfig,
         settings: NovaSettings,
         neutron: Option<(NeutronSettings, String)>,
     ) -> Controller {
@@ -371,15 +396,11 @@ impl Controller {
         let (fence_tx, fences) = std_mpsc::channel();
         let (ev_tx, events) = tokio::sync::mpsc::unbounded_channel();
         let silent: Arc<Mutex<BTreeSet<String>>> = Arc::default();
-        let host_view = settings.hosts.clone();
         let channels = rt.block_on(async {
             let store = controller::store::SqliteStore::open(store).expect("store");
             let parts = EngineTaskParts {
                 // The automatic unforce is the engine's policy; the restorer reports.
-                engine_config: controller::engine::Config {
-                    auto_unfence: settings.auto_unforce,
-                    ..controller::engine::Config::default()
-                },
+                engine_config: engine,
                 store: Box::new(store),
                 metrics: Arc::new(controller::metrics::Metrics::new()),
                 controller_id: "lab".into(),
@@ -387,33 +408,30 @@ impl Controller {
             };
             let (task, channels) = EngineTask::new(parts, |links| Edges {
                 fencer: Box::new(TestFencer { asked: fence_tx }),
+                // No fence levels: the heartbeats are the only source ("Unknown").
+                confirmer: Box::new(PowerConfirmer::new(Arc::default(), links.results.clone())),
                 restorer: match neutron {
                     None => Box::new(NovaRestorer::start(
                         compute_client(),
                         settings,
-                        links.results.clone(),
+                        links,
                         Some(ev_tx),
                     )),
                     Some((n, url)) => Box::new(RouterAwareRestorer::start(
-                        |vm_results| {
+                        |halves| {
                             Box::new(NovaRestorer::start(
                                 compute_client(),
                                 settings,
-                                vm_results,
+                                halves,
                                 Some(ev_tx),
                             ))
                         },
                         network_client_at(&url),
-                        NeutronSettings {
-                            hosts: host_view.clone(),
-                            ..n
-                        },
-                        links.results.clone(),
+                        n,
+                        links,
                         Some(rev_tx),
                     )),
                 },
-                // No fence levels: the heartbeats are the only source ("Unknown").
-                confirmer: Box::new(PowerConfirmer::new(Arc::default(), links.results)),
             })
             .expect("engine task");
             tokio::spawn(async move {
@@ -421,11 +439,6 @@ impl Controller {
                     panic!("engine task: {e}");
                 }
             });
-            // As the runtime does: the restorer sees the engine's hosts.
-            tokio::spawn(controller::edges::nova::watch_hosts(
-                channels.snapshot.clone(),
-                host_view,
-            ));
             let intake = channels.intake.clone();
             let silent = silent.clone();
             tokio::spawn(async move {

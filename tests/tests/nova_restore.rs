@@ -12,7 +12,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use controller::edges::nova::{NovaSettings, RestoreEvent};
-use controller::engine::{HostEvent, HostId, HostState, HostTime, Input, Resource, Source};
+use controller::engine::{
+    Config as EngineConfig, HostEvent, HostId, HostState, HostTime, Input, Resource, Source,
+};
 use defib_tests::novalab::{Controller, Nova};
 use defib_tests::{require, tag};
 use serde_json::json;
@@ -170,12 +172,13 @@ fn a_controller_killed_in_the_middle_of_a_restore_finishes_it_after_a_restart_wi
 
     // The same store, a new controller: it resumes the open intents. fake-1 stays silent.
     // This one unforces by policy, without an operator, once fake-1 is back.
-    let mut ctl = Controller::start(
+    let mut ctl = Controller::start_with_engine(
         &store,
-        NovaSettings {
-            auto_unforce: true,
-            ..settings()
+        EngineConfig {
+            auto_unfence: true,
+            ..EngineConfig::default()
         },
+        settings(),
     );
     ctl.silence("fake-1");
     let done = nova.wait_all_active_elsewhere(&prefix, &ids, "fake-1", Duration::from_secs(300));

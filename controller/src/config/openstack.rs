@@ -70,7 +70,6 @@ impl NeutronSection {
             max_concurrent: self.max_concurrent as usize,
             poll_interval: Duration::from_millis(self.poll_interval_ms),
             verify_timeout: Duration::from_secs(self.verify_timeout_s),
-            hosts: Default::default(),
         }))
     }
 }
@@ -307,14 +306,12 @@ impl NovaSection {
             poll_interval: Duration::from_millis(n.poll_interval_ms),
             restore_timeout: Duration::from_secs(n.restore_timeout_s),
             unforce_timeout: Duration::from_secs(n.unforce_timeout_s),
-            hosts: Default::default(),
             bypass_scheduler: n.bypass_scheduler,
-            auto_unforce: match n.unforce.as_str() {
-                "operator" => false,
-                "automatic" => true,
-                _ => return Err(invalid("nova.unforce", "\"operator\" or \"automatic\"")),
-            },
         };
+        // The policy itself is the engine's (`engine_config`: `auto_unfence`).
+        if !matches!(n.unforce.as_str(), "operator" | "automatic") {
+            return Err(invalid("nova.unforce", "\"operator\" or \"automatic\""));
+        }
         Ok(NovaResolved {
             session: SessionConfig {
                 auth,

@@ -6,7 +6,9 @@
 //!   verification and confirmation;
 //! - [`nova`], [`neutron`]: the OpenStack restore backend (VMs and routers);
 //! - [`libvirt`]: the restore backend for clouds without Nova;
-//! - [`unconfigured`]: the restore edge of a controller without a backend.
+//! - [`unconfigured`]: the restore edge of a controller without a backend;
+//! - [`worker`]: the job loop the OpenStack edges share (jobs that arrive together
+//!   batched, each intent key acted on once).
 //!
 //! Each call only *starts* the work: the implementation reports back later by feeding
 //! the matching [`Input`] (`FenceResult`, `HostActionResult` for a force-down or an
@@ -23,6 +25,7 @@ pub mod libvirt;
 pub mod neutron;
 pub mod nova;
 pub mod unconfigured;
+pub mod worker;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -110,6 +113,9 @@ pub struct EdgeLinks {
     pub results: ResultSender,
     /// The engine's hosts.
     pub hosts: HostFacts,
+    /// The engine's clock, for facts an edge dates itself (a listing it took), so the
+    /// engine compares them with its own times on one clock.
+    pub clock: crate::clock::EngineClock,
 }
 
 /// A restore backend's record of the intents it was handed, so that each is acted on

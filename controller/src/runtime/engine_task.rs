@@ -100,14 +100,16 @@ impl EngineTask {
         for (host, high) in parts.store.event_high_waters()? {
             dedup.restore(&host, high);
         }
+        let clock = EngineClock::start();
         let task = EngineTask {
             engine: Engine::new(parts.engine_config),
-            clock: EngineClock::start(),
+            clock,
             store: parts.store,
             dedup,
             edges: make_edges(EdgeLinks {
                 results: results_tx.clone(),
                 hosts: hosts.clone(),
+                clock,
             }),
             intake: intake_rx,
             results: results_rx,

@@ -21,11 +21,20 @@ impl HostFactsPublisher {
         (HostFactsPublisher { tx }, rx)
     }
 
-    /// Publishes `hosts` if they differ from what was published last (edges waiting on
-    /// a change wake only for a real one).
+    /// Publishes `hosts` if they differ from what was published last, so that edges
+    /// waiting on a change wake only for one. The last heartbeat's time is left out: it
+    /// moves ten times a second, and liveness is the engine's to judge (`back`, states).
     pub fn publish(&self, hosts: Vec<HostView>) {
-        let next: BTreeMap<HostId, HostView> =
-            hosts.into_iter().map(|h| (h.host.clone(), h)).collect();
+        let next: BTreeMap<HostId, HostView> = hosts
+            .into_iter()
+            .map(|h| {
+                let fact = HostView {
+                    last_seen: None,
+                    ..h
+                };
+                (fact.host.clone(), fact)
+            })
+            .collect();
         self.tx.send_if_modified(|current| {
             if **current == next {
                 return false;
@@ -61,8 +70,14 @@ mod tests {
             facts.borrow_and_update()[&HostId::new("h1")].state,
             HostState::Up
         );
-        publisher.publish(vec![view("h1", HostState::Up)]);
-        assert!(!facts.has_changed().unwrap(), "the same hosts again");
+        publisher.publish(vec![HostView {
+            last_seen: Some(crate::engine::Timestamp(5)),
+            ..view("h1", HostState::Up)
+        }]);
+        assert!(
+            !facts.has_changed().unwrap(),
+            "the same hosts again, heard once more"
+        );
         publisher.publish(vec![view("h1", HostState::Suspect)]);
         assert!(facts.has_changed().unwrap());
     }

@@ -78,41 +78,28 @@ pub async fn run(
         _ => None,
     };
     let nova_settings = resolved.nova.as_ref().map(|n| n.settings.clone());
-    let host_view = nova_settings.as_ref().map(|s| s.hosts.clone());
-    // Routers: the Neutron half shares the Nova half's view of the hosts.
-    let neutron = match (&resolved.neutron, &session, &host_view) {
-        (Some(n), Some(s), Some(view)) => Some((
+    // Routers: the Neutron half beside the Nova half.
+    let neutron = match (&resolved.neutron, &session) {
+        (Some(n), Some(s)) => Some((
             crate::openstack::network::Network::new(s.clone()),
-            neutron::NeutronSettings {
-                hosts: view.clone(),
-                ..n.clone()
-            },
+            n.clone(),
         )),
         _ => None,
     };
     let (task, channels) = EngineTask::new(parts, |links| {
-        let results = links.results;
+        let results = links.results.clone();
         let restorer: Box<dyn Restorer + Send> = match (backend, nova, nova_settings) {
             (Backend::Libvirt, _, _) => Box::new(libvirt::LibvirtRestorer::new(
                 results.clone(),
                 restorer_streams,
             )),
             (Backend::Nova, Some(compute), Some(settings)) => match neutron {
-                None => Box::new(nova::NovaRestorer::start(
-                    compute,
-                    settings,
-                    results.clone(),
-                    None,
-                )),
+                None => Box::new(nova::NovaRestorer::start(compute, settings, links, None)),
                 Some((network, neutron_settings)) => Box::new(neutron::RouterAwareRestorer::start(
-                    |vm_results| {
-                        Box::new(nova::NovaRestorer::start(
-                            compute, settings, vm_results, None,
-                        ))
-                    },
+                    |halves| Box::new(nova::NovaRestorer::start(compute, settings, halves, None)),
                     network,
                     neutron_settings,
-                    results.clone(),
+                    links,
                     None,
                 )),
             },
@@ -140,10 +127,6 @@ pub async fn run(
         snapshot,
         ..
     } = channels;
-    if let Some(view) = host_view {
-        // The restorer's view of the hosts (maintenance, heartbeats).
-        tokio::spawn(nova::watch_hosts(snapshot.clone(), view));
-    }
 
     // Bind everything before serving anything: a port in use is a clear error at start.
     let mut udp = Vec::new();
