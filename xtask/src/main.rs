@@ -7,7 +7,6 @@ mod demo;
 mod fencebed;
 mod hostbed;
 mod lab;
-mod lab_nova;
 mod linuxguest;
 mod novabed;
 mod setup;
