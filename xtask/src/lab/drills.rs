@@ -8,53 +8,168 @@ use anyhow::{bail, Context as _};
 use serde_json::Value;
 
 use super::describe::{defibctl, defibctl_json, host_state, newest_incident};
+use super::placement::{self, Vm};
 use super::{alive, keeper_pid, kill, read_state, Drill};
 
-/// `lab drill KIND`, on a lab whose keeper runs.
-pub(super) fn drill(kind: Drill) -> anyhow::Result<()> {
-    let state = read_state()
-        .filter(|s| keeper_pid(s).is_some())
-        .context("the lab is down (`cargo xtask lab up`)")?;
-    // The Nova lab's hosts are fake computes: no qemu to kill, no disk to stall.
-    if state["nova_prefix"].is_string() && matches!(kind, Drill::VmCrash | Drill::DiskStall) {
-        bail!(
-            "the lab runs with --nova: its hosts are Nova's fake computes, whose servers have no \
-             qemu and no disk (vm-crash and disk-stall need `cargo xtask lab up` without --nova)"
-        );
-    }
-    match kind {
-        Drill::VmCrash => vm_crash(&state),
-        Drill::DiskStall => disk_stall(&state),
-        Drill::HostLoss => lose_host(&state, false),
-        Drill::Partition => lose_host(&state, true),
+/// How a drill picks its target among those that qualify now: the usual one (each drill
+/// says which), or one at random (`drill random`).
+pub(super) enum Pick<'a> {
+    Usual,
+    Random(&'a mut fastrand::Rng),
+}
+
+impl Pick<'_> {
+    /// `items[usual]`, or a random item; `None` if there are none.
+    fn one<'i, T>(&mut self, items: &'i [T], usual: usize) -> Option<&'i T> {
+        match self {
+            _ if items.is_empty() => None,
+            Pick::Usual => items.get(usual.min(items.len() - 1)),
+            Pick::Random(rng) => items.get(rng.usize(..items.len())),
+        }
     }
 }
 
-/// Kills the qemu of the first guest of h1 (or h0) with SIGKILL, waits for the VM to run
-/// again, and prints its incident's timeline.
-fn vm_crash(state: &Value) -> anyhow::Result<()> {
-    let host = state["hosts"]
+/// The running lab's state file (read again before each drill: a host that came back
+/// has a new watchdog pid).
+fn running_lab() -> anyhow::Result<Value> {
+    read_state()
+        .filter(|s| keeper_pid(s).is_some())
+        .context("the lab is down (`cargo xtask lab up`)")
+}
+
+/// `lab drill KIND`, on a lab whose keeper runs.
+pub(super) fn drill(kind: Drill) -> anyhow::Result<()> {
+    let state = running_lab()?;
+    // The Nova lab's hosts are fake computes: no qemu to kill, no disk to stall.
+    if state["nova_prefix"].is_string()
+        && matches!(
+            kind,
+            Drill::VmCrash | Drill::DiskStall | Drill::Random { .. }
+        )
+    {
+        bail!(
+            "the lab runs with --nova: its hosts are Nova's fake computes, whose servers have no \
+             qemu and no disk (vm-crash, disk-stall and random need `cargo xtask lab up` without --nova)"
+        );
+    }
+    match kind {
+        Drill::Random { rounds, seed } => random(rounds, seed),
+        kind => one(&state, kind, &mut Pick::Usual),
+    }
+}
+
+/// One drill of `kind`.
+fn one(state: &Value, kind: Drill, pick: &mut Pick) -> anyhow::Result<()> {
+    match kind {
+        Drill::VmCrash => vm_crash(state, pick),
+        Drill::DiskStall => disk_stall(state, pick),
+        Drill::HostLoss => lose_host(state, false, pick),
+        Drill::Partition => lose_host(state, true, pick),
+        Drill::Random { .. } => bail!("random is not a drill of its own kind"),
+    }
+}
+
+/// `drill random`: `rounds` drills of random kinds on random targets, each followed by
+/// the health check; the seed first, so that a failure can be replayed.
+fn random(rounds: usize, seed: Option<u64>) -> anyhow::Result<()> {
+    let seed = seed.unwrap_or_else(|| fastrand::u64(..));
+    println!(
+        "drill random: seed {seed}, {rounds} rounds (replay: cargo xtask lab drill random --rounds {rounds} --seed {seed})"
+    );
+    let mut rng = fastrand::Rng::with_seed(seed);
+    // A lab that is not healthy before the first drill would be blamed on it.
+    healthy(&running_lab()?).context("before the first drill")?;
+    for round in 1..=rounds {
+        let kind = Drill::KINDS[rng.usize(..Drill::KINDS.len())];
+        println!("\n== round {round}/{rounds}: {} (seed {seed})", kind.name());
+        let state = running_lab()?;
+        one(&state, kind, &mut Pick::Random(&mut rng))
+            .and_then(|()| healthy(&state))
+            .with_context(|| format!("round {round} of {rounds}, {}, seed {seed}", kind.name()))?;
+    }
+    println!("\ndrill random: {rounds} rounds passed (seed {seed})");
+    Ok(())
+}
+
+/// How long after a drill the lab may take to settle (a heartbeat's count, the
+/// controller's list) before the health check fails.
+const SETTLE: Duration = Duration::from_secs(10);
+
+/// The check after each drill: every lab VM runs exactly once (one qemu with its UUID on
+/// the whole machine, run by the libvirt of the host defib places it on) and is Running
+/// in defib, and each host's watchdog counts what defib places on it. A second qemu of a
+/// VM fails at once (the lab kills a lost host's qemus with its power, so there is no
+/// moment when two may run); the rest may take `SETTLE`.
+pub(super) fn healthy(state: &Value) -> anyhow::Result<()> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let vms = placement::survey(state)?;
+        if let Some(twice) = vms.iter().find(|v| v.qemus.len() > 1) {
+            bail!("a VM runs twice: {}", twice.problem().unwrap_or_default());
+        }
+        let mut problems: Vec<String> = vms.iter().filter_map(Vm::problem).collect();
+        problems.extend(count_problems(state, &vms)?);
+        if problems.is_empty() {
+            println!(
+                "check: each of {} VMs runs exactly once and is Running in defib; every watchdog counts what defib places on its host",
+                vms.len()
+            );
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "not healthy {} s after the drill:\n  {}",
+                SETTLE.as_secs(),
+                problems.join("\n  ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Hosts whose watchdog's VM count differs from the VMs defib places there.
+fn count_problems(state: &Value, vms: &[Vm]) -> anyhow::Result<Vec<String>> {
+    let hosts = defibctl_json(state, &["hosts"])?;
+    Ok(hosts["hosts"]
         .as_array()
         .into_iter()
         .flatten()
-        .find(|h| h["guests"].as_array().is_some_and(|g| !g.is_empty()))
-        .context("the lab has no guests")?;
-    let guest = &host["guests"][0];
-    let (name, uuid) = (
-        guest["name"].as_str().unwrap_or(""),
-        guest["uuid"].as_str().unwrap_or(""),
-    );
-    let pid_dir = Path::new(host["pid_dir"].as_str().unwrap_or(""));
-    let pid: u64 = std::fs::read_to_string(pid_dir.join(format!("{name}.pid")))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .with_context(|| format!("{name} does not run on {}", host["name"]))?;
+        .filter_map(|h| {
+            let name = h["host"].as_str()?;
+            let placed = vms
+                .iter()
+                .filter(|v| v.defib.as_ref().is_some_and(|(on, _)| on == name))
+                .count() as u64;
+            let counted = h["vm_count"].as_u64()?;
+            (counted != placed).then(|| {
+                format!(
+                    "{name}: its watchdog counts {counted} qemus, defib places {placed} VMs there"
+                )
+            })
+        })
+        .collect())
+}
+
+/// Kills the qemu of a lab VM that runs (once, Running in defib) with SIGKILL, wherever
+/// it runs now (usually the first lab guest that does), waits until defib closed the
+/// incident and the VM runs again (restarted in place, or evacuated once its restart
+/// budget is spent), and prints the incident's timeline.
+fn vm_crash(state: &Value, pick: &mut Pick) -> anyhow::Result<()> {
+    let vms = placement::survey(state)?;
+    anyhow::ensure!(!vms.is_empty(), "the lab has no guests");
+    let running: Vec<&Vm> = vms.iter().filter(|v| v.runs_once_on().is_some()).collect();
+    let Some(vm) = pick.one(&running, 0) else {
+        let why: Vec<String> = vms.iter().filter_map(Vm::problem).collect();
+        bail!(
+            "no lab VM runs once and Running in defib:\n  {}",
+            why.join("\n  ")
+        );
+    };
+    let (name, uuid, pid) = (&vm.name, &vm.uuid, vm.qemus[0].pid);
+    let on = vm.runs_once_on().unwrap_or("?").to_string();
     let subject = format!("vm:{uuid}");
     let before = newest_incident(state, &subject)?.map(|i| i["id"].clone());
-    println!(
-        "drill vm-crash: SIGKILL to qemu pid {pid} of {name} on {}",
-        host["name"].as_str().unwrap_or("?")
-    );
+    println!("drill vm-crash: SIGKILL to qemu pid {pid} of {name} on {on}");
     kill(pid, "-KILL");
     let deadline = Instant::now() + Duration::from_secs(60);
     let id = loop {
@@ -69,8 +184,25 @@ fn vm_crash(state: &Value) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     };
     print!("{}", defibctl(state, &["incidents", &id.to_string()])?);
-    let new_pid = std::fs::read_to_string(pid_dir.join(format!("{name}.pid"))).unwrap_or_default();
-    println!("{name} runs again: qemu pid {}", new_pid.trim());
+    // A new qemu: restarted in place, or on another host once the VM's restart budget
+    // (engine.max_restarts_in_place within engine.restart_window_s) is spent.
+    let mut again = None;
+    wait_for(&format!("{name} running again"), 30, || {
+        let now = placement::survey(state)?;
+        again = now
+            .iter()
+            .find(|v| v.uuid == *uuid)
+            .and_then(|v| Some((v.runs_once_on()?.to_string(), v.qemus[0].pid)))
+            .filter(|(_, p)| *p != pid);
+        Ok(again.is_some())
+    })?;
+    let (now_on, new_pid) = again.unwrap_or_default();
+    let how = if now_on == on {
+        "restarted in place".to_string()
+    } else {
+        format!("not restarted in place: started on another host than {on}, see the timeline")
+    };
+    println!("{name} runs again on {now_on}: qemu pid {new_pid} ({how})");
     Ok(())
 }
 
@@ -104,31 +236,27 @@ fn io_lines(serial: &Path) -> usize {
 /// Stops the FUSE daemon under a running guest's loop device past the watchdog's stall
 /// threshold, waits for the stall incident, lets the storage run again, waits until the
 /// incident is closed and the guest writes again, and prints the timeline.
-fn disk_stall(state: &Value) -> anyhow::Result<()> {
-    let vms = defibctl_json(state, &["vms"])?;
-    let vms = vms["vms"].as_array().cloned().unwrap_or_default();
-    let guests: Vec<Value> = state["hosts"]
+fn disk_stall(state: &Value, pick: &mut Pick) -> anyhow::Result<()> {
+    let vms = placement::survey(state)?;
+    // The stallable guests that run now (wherever an earlier drill put them); usually
+    // the first.
+    let stallable: Vec<(Value, &Vm)> = state["stall_disks"]
         .as_array()
         .into_iter()
         .flatten()
-        .flat_map(|h| h["guests"].as_array().cloned().unwrap_or_default())
-        .collect();
-    // A stallable guest that runs now (wherever an earlier drill put it).
-    let (disk, uuid, vm) = state["stall_disks"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find_map(|d| {
-            let g = guests.iter().find(|g| g["name"] == d["guest"])?;
-            let uuid = g["uuid"].as_str()?.to_string();
+        .filter_map(|d| {
             let vm = vms
                 .iter()
-                .find(|v| v["resource"] == format!("vm:{uuid}") && v["state"] == "Running")?;
-            Some((d.clone(), uuid, vm.clone()))
+                .find(|v| d["guest"] == v.name.as_str() && v.runs_once_on().is_some())?;
+            Some((d.clone(), vm))
         })
+        .collect();
+    let (disk, vm) = pick
+        .one(&stallable, 0)
         .context("no guest with a stallable disk runs (`cargo xtask lab status`)")?;
+    let (disk, uuid) = (disk.clone(), vm.uuid.clone());
     let name = disk["guest"].as_str().unwrap_or("?").to_string();
-    let on = vm["host"].as_str().unwrap_or("?").to_string();
+    let on = vm.runs_once_on().unwrap_or("?").to_string();
     let bindfs = disk["bindfs_pid"]
         .as_u64()
         .filter(|&p| alive(p))
@@ -219,10 +347,10 @@ fn wait_for(
 
 /// The host-loss and partition drills on the last lab host: the failure, the host's
 /// incident until its guests run elsewhere, its timeline; then the host back.
-fn lose_host(state: &Value, partition: bool) -> anyhow::Result<()> {
-    // The last host that runs a VM now (an earlier drill may have emptied one): as the
-    // controller sees them, or, in the Nova lab, as Nova does (the controller learns a
-    // host's servers from Nova only when it forces the host's compute down).
+fn lose_host(state: &Value, partition: bool, pick: &mut Pick) -> anyhow::Result<()> {
+    // A host that runs a VM now (an earlier drill may have emptied one), usually the last:
+    // as the controller sees them, or, in the Nova lab, as Nova does (the controller
+    // learns a host's servers from Nova only when it forces the host's compute down).
     let vms = defibctl_json(state, &["vms"])?;
     let vms = vms["vms"].as_array().cloned().unwrap_or_default();
     let nova = match state["nova_prefix"].as_str() {
@@ -237,11 +365,14 @@ fn lose_host(state: &Value, partition: bool) -> anyhow::Result<()> {
             .iter()
             .any(|v| v["host"] == h["name"] && v["state"] == "Running"),
     };
-    let host = state["hosts"]
+    let candidates: Vec<&Value> = state["hosts"]
         .as_array()
         .into_iter()
         .flatten()
-        .rfind(|h| runs_vms(h))
+        .filter(|h| runs_vms(h))
+        .collect();
+    let host = *pick
+        .one(&candidates, candidates.len().saturating_sub(1))
         .context("no lab host runs a VM")?;
     let name = host["name"].as_str().unwrap_or("?").to_string();
     let h = host["index"]

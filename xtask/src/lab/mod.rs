@@ -17,6 +17,7 @@ mod describe;
 mod drills;
 mod keeper;
 mod nova;
+mod placement;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -50,7 +51,7 @@ pub enum Action {
     Down,
     /// Inject a failure and print the incident's timeline as defib recorded it.
     Drill {
-        #[arg(value_enum)]
+        #[command(subcommand)]
         kind: Drill,
     },
     /// The keeper (run by `up`; not for direct use).
@@ -66,7 +67,7 @@ pub enum Action {
     },
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Subcommand)]
 pub enum Drill {
     /// Kill a guest's qemu: seen by the kernel (eBPF) and by libvirt, restarted in place.
     VmCrash,
@@ -79,6 +80,37 @@ pub enum Drill {
     /// Cut every link of a host (it runs on): fenced through its BMC, guests evacuated;
     /// then power it on and unfence it.
     Partition,
+    /// N drills of random kinds on random targets; after each, every VM must run exactly
+    /// once (one qemu per VM UUID) and be Running in defib. Prints the seed first, so
+    /// that a failure can be replayed with `--seed`.
+    Random {
+        #[arg(long)]
+        rounds: usize,
+        /// The RNG's seed (default: a random one, printed).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+}
+
+impl Drill {
+    /// The kinds `random` draws from (every drill but `random`).
+    const KINDS: [Drill; 4] = [
+        Drill::VmCrash,
+        Drill::DiskStall,
+        Drill::HostLoss,
+        Drill::Partition,
+    ];
+
+    /// Its name on the command line.
+    fn name(self) -> &'static str {
+        match self {
+            Drill::VmCrash => "vm-crash",
+            Drill::DiskStall => "disk-stall",
+            Drill::HostLoss => "host-loss",
+            Drill::Partition => "partition",
+            Drill::Random { .. } => "random",
+        }
+    }
 }
 
 pub fn run(action: Action) -> anyhow::Result<()> {
