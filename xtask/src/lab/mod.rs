@@ -69,7 +69,8 @@ pub enum Action {
 
 #[derive(Clone, Copy, Debug, PartialEq, Subcommand)]
 pub enum Drill {
-    /// Kill a guest's qemu: seen by the kernel (eBPF) and by libvirt, restarted in place.
+    /// Kill the qemu of a guest where it runs now: seen by the kernel (eBPF) and by
+    /// libvirt, restarted in place (elsewhere once its restarts in place are spent).
     VmCrash,
     /// Stop the storage under a guest's disk (its loop device's FUSE daemon) past the
     /// watchdog's stall threshold: the stall incident, then the storage back.
@@ -84,6 +85,7 @@ pub enum Drill {
     /// once (one qemu per VM UUID) and be Running in defib. Prints the seed first, so
     /// that a failure can be replayed with `--seed`.
     Random {
+        /// How many drills.
         #[arg(long)]
         rounds: usize,
         /// The RNG's seed (default: a random one, printed).
