@@ -79,10 +79,11 @@ pub struct LibvirtConfig {
     pub reconnect_max_ms: u64,
     /// Where libvirt's qemu driver writes `NAME.pid` for each running domain.
     pub pid_dir: PathBuf,
-    /// Report only the qemu processes of this libvirt's own domains (from its domain
-    /// list). For several hypervisor instances on one kernel (a lab on one machine,
-    /// nested setups): the probes see every qemu of the kernel. Default `false`: every
-    /// watched process is reported.
+    /// Report only the qemu processes this libvirt runs (its domain list has their domain
+    /// active, with their pid; a qemu's events wait for the list that says so, see
+    /// `reporting`). For several hypervisor instances on one kernel (a lab on one
+    /// machine, nested setups): the probes see every qemu of the kernel. Default
+    /// `false`: every watched process is reported. Needs the libvirt watcher.
     pub only_own_domains: bool,
 }
 
@@ -139,6 +140,13 @@ impl LibvirtConfig {
             self.reconnect_max_ms,
             10..=600_000,
         )?;
+        // Without the watcher no domain list ever comes, and nothing would be reported.
+        if self.only_own_domains && self.enabled == Some(false) {
+            return Err(invalid(
+                "libvirt.only_own_domains",
+                "needs the libvirt watcher (libvirt.enabled = false: no domain list would ever say which qemus are this host's)",
+            ));
+        }
         if self.reconnect_max_ms < self.reconnect_min_ms {
             return Err(invalid(
                 "libvirt.reconnect_max_ms",
@@ -683,6 +691,10 @@ mod tests {
             (
                 "reconnect_min_ms = 2000\nreconnect_max_ms = 1000",
                 "libvirt.reconnect_max_ms",
+            ),
+            (
+                "enabled = false\nonly_own_domains = true",
+                "libvirt.only_own_domains",
             ),
         ] {
             let err = WatchdogConfig::parse(&format!("[libvirt]\n{text}\n"))

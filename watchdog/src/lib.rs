@@ -11,6 +11,7 @@ pub mod pinning;
 pub mod probes;
 pub mod procfs;
 pub mod records;
+pub mod reporting;
 pub mod selffence;
 pub mod stall;
 pub mod systemd;

@@ -137,7 +137,15 @@ fn bad_config(e: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_BAD_CONFIG as u8)
 }
 
-fn run_events(cfg: WatchdogConfig, json: bool, libvirt: bool) -> anyhow::Result<()> {
+fn run_events(mut cfg: WatchdogConfig, json: bool, libvirt: bool) -> anyhow::Result<()> {
+    // `events` follows libvirt only when asked: without its domain list, which qemus are
+    // this host's cannot be told, and every one is printed.
+    if !libvirt && cfg.libvirt.only_own_domains {
+        tracing::info!(
+            "libvirt.only_own_domains ignored: `events` runs without libvirt (--libvirt)"
+        );
+        cfg.libvirt.only_own_domains = false;
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -2,8 +2,8 @@
 //! tracker, and hands typed events to a sink. Runs on the tokio runtime of the daemon.
 //! Events from outside the probes (the libvirt watcher) come in on an optional
 //! channel and go to the same sink; the libvirt inventory also completes the pid → VM
-//! map.
-use std::collections::{HashMap, HashSet};
+//! map and says which qemus are this host's (see `reporting`).
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use crate::libvirt::inventory;
 use crate::probes::{ProbeStats, Probes};
 use crate::procfs::{self, VmIdentity};
 use crate::records::{self, comm_str, Record};
+use crate::reporting::Reporting;
 use crate::stall::{StallChange, StallTracker};
 
 /// How long the previous run's pid → VM map is kept after the start: every exit record
@@ -46,9 +47,8 @@ pub struct Monitor {
     external: Option<mpsc::UnboundedReceiver<WatchdogEvent>>,
     /// qemu pid → VM, from the last libvirt inventory.
     libvirt_pids: HashMap<u32, VmIdentity>,
-    /// Every domain (UUIDs and names) of the last libvirt inventory, for
-    /// `libvirt.only_own_domains`; `None` until the first inventory.
-    own_domains: Option<HashSet<String>>,
+    /// Which qemus' events go to the sink (`libvirt.only_own_domains`).
+    reporting: Reporting,
     /// Where the pid → VM map is kept for the next run (see `with_vm_cache`).
     vm_cache: Option<PathBuf>,
     /// The previous run's pid → VM map: names the VMs of qemus that exited while no
@@ -64,13 +64,13 @@ impl Monitor {
         Self {
             probes,
             proc_root: PathBuf::from("/proc"),
+            reporting: Reporting::new(cfg.libvirt.only_own_domains),
             cfg,
             vms: HashMap::new(),
             stalls: StallTracker::new(threshold),
             last_stats: ProbeStats::default(),
             external: None,
             libvirt_pids: HashMap::new(),
-            own_domains: None,
             vm_cache: None,
             remembered: HashMap::new(),
             vm_cache_dirty: false,
@@ -170,19 +170,17 @@ impl Monitor {
             },
         );
         self.vm_cache_dirty = true;
-        if self.foreign(&vm) {
-            return;
-        }
         let observed_ns = monotonic_ns();
-        sink.emit(WatchdogEvent::QemuStarted {
+        let event = WatchdogEvent::QemuStarted {
             pid,
             comm,
-            vm,
+            vm: vm.clone(),
             source,
             kernel_ns,
             observed_ns,
             unix_ms: mono_to_unix_ms(kernel_ns.unwrap_or(observed_ns)),
-        });
+        };
+        self.reporting.event(pid, &vm, event, sink);
     }
 
     fn handle(&mut self, bytes: &[u8], sink: &mut dyn EventSink) {
@@ -202,6 +200,10 @@ impl Monitor {
             Record::Exit(r) => {
                 let observed_ns = monotonic_ns();
                 let comm_now = comm_str(&r.comm);
+                // Its stall ends first, while the map still names its VM.
+                for c in self.stalls.on_exit(r.tgid, r.ts_ns) {
+                    self.emit_stall(c, sink);
+                }
                 let known = match self.vms.remove(&r.tgid) {
                     Some(k) => {
                         self.vm_cache_dirty = true;
@@ -213,9 +215,6 @@ impl Monitor {
                         .remove(&r.tgid)
                         .filter(|k| k.comm == comm_now),
                 };
-                for c in self.stalls.on_exit(r.tgid, r.ts_ns) {
-                    self.emit_stall(c, sink);
-                }
                 let (exit_code, signal, core_dumped) = decode_wait_status(r.status_known, r.status);
                 let killer = (r.killer_tgid != 0).then(|| Killer {
                     pid: r.killer_tgid,
@@ -229,13 +228,10 @@ impl Monitor {
                     Some(k) => (k.comm, k.vm),
                     None => (comm_now, VmIdentity::default()),
                 };
-                if self.foreign(&vm) {
-                    return;
-                }
-                sink.emit(WatchdogEvent::QemuExited {
+                let event = WatchdogEvent::QemuExited {
                     pid: r.tgid,
                     comm,
-                    vm,
+                    vm: vm.clone(),
                     exit_code,
                     signal,
                     signal_name: signal.and_then(signal_name),
@@ -245,7 +241,8 @@ impl Monitor {
                     kernel_ns: r.ts_ns,
                     observed_ns,
                     unix_ms: mono_to_unix_ms(r.ts_ns),
-                });
+                };
+                self.reporting.event(r.tgid, &vm, event, sink);
             }
             Record::IoSlowEnd(r) => {
                 for c in self.stalls.on_slow_end(&r) {
@@ -255,29 +252,13 @@ impl Monitor {
         }
     }
 
-    /// With `libvirt.only_own_domains`, a qemu whose VM is not one of this libvirt's
-    /// domains belongs to another hypervisor instance on the same kernel: not reported.
-    /// Before the first inventory nothing is known, and everything is reported.
-    fn foreign(&self, vm: &VmIdentity) -> bool {
-        if !self.cfg.libvirt.only_own_domains {
-            return false;
-        }
-        let Some(own) = &self.own_domains else {
-            return false;
-        };
-        let mine = |id: &Option<String>| id.as_ref().is_some_and(|i| own.contains(i));
-        !(mine(&vm.uuid) || mine(&vm.name))
-    }
-
-    fn emit_stall(&self, change: StallChange, sink: &mut dyn EventSink) {
+    fn emit_stall(&mut self, change: StallChange, sink: &mut dyn EventSink) {
         let observed_ns = monotonic_ns();
         let vm_of = |pid| self.vms.get(&pid).map(|v| v.vm.clone()).unwrap_or_default();
         let tgid = match &change {
             StallChange::Started { tgid, .. } | StallChange::Ended { tgid, .. } => *tgid,
         };
-        if self.foreign(&vm_of(tgid)) {
-            return;
-        }
+        let vm = vm_of(tgid);
         let event = match change {
             StallChange::Started {
                 tgid,
@@ -315,7 +296,7 @@ impl Monitor {
                 unix_ms: mono_to_unix_ms(end_ns),
             },
         };
-        sink.emit(event);
+        self.reporting.event(tgid, &vm, event, sink);
     }
 
     fn scan_stalls(&mut self, sink: &mut dyn EventSink) {
@@ -342,12 +323,6 @@ impl Monitor {
     /// missed) is watched from now on.
     fn reconcile_with_libvirt(&mut self, vms: &[LibvirtVm], sink: &mut dyn EventSink) {
         self.libvirt_pids = inventory::pid_map(vms);
-        self.own_domains = Some(
-            vms.iter()
-                .flat_map(|v| [v.uuid.clone(), v.name.clone()])
-                .filter(|id| !id.is_empty())
-                .collect(),
-        );
         let watched: HashMap<u32, VmIdentity> = self
             .vms
             .iter()
@@ -361,6 +336,10 @@ impl Monitor {
                 self.vm_cache_dirty = true;
             }
         }
+        // Which qemus are this host's: decided on the names just updated.
+        let known = &self.vms;
+        self.reporting
+            .domains(vms, |pid| known.get(&pid).map(|w| w.vm.clone()), sink);
         for (pid, vm) in r.unwatched {
             // The pid file may be stale, or the pid reused: the process must exist and
             // must not be running another VM.

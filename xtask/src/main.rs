@@ -7,7 +7,6 @@ mod demo;
 mod fencebed;
 mod hostbed;
 mod lab;
-mod lab_nova;
 mod linuxguest;
 mod novabed;
 mod setup;
@@ -57,7 +56,8 @@ enum Task {
     /// and its .sha256, in target/bundle/.
     Bundle(bundle::Args),
     /// The lab: defib on N namespaced hosts with KVM guests and BMCs, kept running
-    /// (`lab up`, `lab status`, `lab drill vm-crash`, `lab down`; see docs/lab.md).
+    /// (`lab up`, `lab status`, `lab drill vm-crash`, `lab drill random --rounds N`,
+    /// `lab down`; see docs/lab.md).
     Lab {
         #[command(subcommand)]
         action: lab::Action,

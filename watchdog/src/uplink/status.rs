@@ -11,7 +11,8 @@ use crate::probes::ProbeStats;
 /// `libvirt_reachable` without touching the monitor's counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct HostSummary {
-    /// Watched qemu processes (VMs) alive now.
+    /// Reported qemu processes (VMs) alive now: with `libvirt.only_own_domains`, only
+    /// those this host's libvirt runs.
     pub vm_count: u32,
     /// Of those, how many have a disk stall in progress.
     pub stalled_vm_count: u32,
@@ -29,10 +30,11 @@ pub struct HostSummary {
 
 /// Derives the monitor's part of [`HostSummary`] from the events it emits.
 ///
-/// The monitor emits `qemu_started` exactly when it starts tracking a process,
-/// `qemu_exited` when it stops, and ends a process's stall (`disk_stall_ended`) before
-/// reporting its exit, so following the events gives the same counts as its own
-/// tables, without reaching into them.
+/// The monitor emits `qemu_started` exactly when it starts reporting a process (at once,
+/// or with `libvirt.only_own_domains` once this host's libvirt lists it running, see
+/// `reporting`), `qemu_exited` when a reported process exits, and ends a process's stall
+/// (`disk_stall_ended`) before reporting its exit, so following the events counts the
+/// qemus this host reports, without reaching into the monitor's tables.
 #[derive(Debug, Default)]
 pub struct StatusTracker {
     alive: HashSet<u32>,
