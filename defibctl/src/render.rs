@@ -1,10 +1,10 @@
 //! Human output: one table per listing, times as UTC ISO plus "ago" against the
 //! snapshot's clock.
 use controller::api::view::{HostSnapshot, ResourceSnapshot};
+use controller::api::TimelineEntry;
 use controller::api::{
     AlarmsResponse, HostResponse, HostsResponse, IncidentResponse, IncidentsResponse, VmsResponse,
 };
-use controller::engine::TimelineEntry;
 
 use crate::table::Table;
 use crate::time::{ago, duration, iso, iso_ms};
@@ -228,7 +228,7 @@ pub fn alarms(r: &AlarmsResponse) -> String {
 mod tests {
     use controller::api::view::{AlarmSnapshot, IncidentSnapshot, PathSnapshot};
     use controller::api::IncidentSummary;
-    use controller::engine::{AlarmKind, HostId, HostState, Source, Subject, Timestamp};
+    use controller::api::{AlarmKind, HostId, HostState, Source, Subject, Timestamp};
 
     use super::*;
 

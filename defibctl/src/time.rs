@@ -6,48 +6,17 @@ const PLAUSIBLE_UNIX_MS: u64 = 1_000_000_000_000;
 
 /// `2023-11-14 22:13:20Z` (UTC).
 pub fn iso(unix_ms: u64) -> String {
+    let full = iso_ms(unix_ms);
     if unix_ms < PLAUSIBLE_UNIX_MS {
-        return format!("{}.{:03}s", unix_ms / 1000, unix_ms % 1000);
+        return full;
     }
-    let (date, secs_of_day) = civil(unix_ms);
-    format!(
-        "{date} {:02}:{:02}:{:02}Z",
-        secs_of_day / 3600,
-        secs_of_day / 60 % 60,
-        secs_of_day % 60
-    )
+    // Without the milliseconds: `…20.123Z` → `…20Z`.
+    format!("{}Z", &full[..full.len() - 5])
 }
 
-/// `2023-11-14 22:13:20.123Z` (UTC), for timelines.
+/// `2023-11-14 22:13:20.123Z` (UTC), for timelines: as the controller shows host times.
 pub fn iso_ms(unix_ms: u64) -> String {
-    if unix_ms < PLAUSIBLE_UNIX_MS {
-        return iso(unix_ms);
-    }
-    let (date, secs_of_day) = civil(unix_ms);
-    format!(
-        "{date} {:02}:{:02}:{:02}.{:03}Z",
-        secs_of_day / 3600,
-        secs_of_day / 60 % 60,
-        secs_of_day % 60,
-        unix_ms % 1000
-    )
-}
-
-/// (`YYYY-MM-DD`, seconds into the day) for a unix time in ms.
-fn civil(unix_ms: u64) -> (String, u64) {
-    let secs = unix_ms / 1000;
-    let days = (secs / 86_400) as i64;
-    // Howard Hinnant's days_from_civil, inverted.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (format!("{year:04}-{month:02}-{day:02}"), secs % 86_400)
+    controller::api::utc_ms(unix_ms)
 }
 
 /// A duration in ms, short: `0.1 s`, `42.0 s`, `4m 12s`, `3h 05m`, `2d 04h`.

@@ -9,10 +9,9 @@ use controller::api::view::{
     AlarmSnapshot, ApiHandle, Command as EngineCommand, HostSnapshot, IncidentSnapshot,
     PathSnapshot, ResourceSnapshot, Snapshot,
 };
-use controller::engine::{
-    AlarmKind, HostId, HostState, ResourceState, Source, Subject, TimelineEntry, Timestamp,
+use controller::api::{
+    AlarmKind, HostId, HostState, Metrics, ResourceState, Source, Subject, TimelineEntry, Timestamp,
 };
-use controller::metrics::Metrics;
 use tokio::sync::{mpsc, watch};
 
 const TOKEN: &str = "0123456789abcdef-token";

@@ -41,6 +41,12 @@ use crate::api::view::{ApiHandle, Command, Snapshot};
 
 mod types;
 pub mod view;
+/// The engine's and the runtime's types the API's bodies and handle carry: a client
+/// (`defibctl`) needs nothing but this module.
+pub use crate::engine::{
+    utc_ms, AlarmKind, HostId, HostState, ResourceState, Source, Subject, TimelineEntry, Timestamp,
+};
+pub use crate::metrics::Metrics;
 pub use types::*;
 
 #[cfg(test)]

@@ -1,3 +1,4 @@
+//! The REST API against hand-made snapshots, through tower's `oneshot`: routes, auth, bodies and errors.
 use std::sync::Arc;
 
 use axum::body::Body;

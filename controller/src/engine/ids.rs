@@ -190,10 +190,10 @@ impl fmt::Display for HostTime {
     }
 }
 
-/// A unix time in ms as `YYYY-MM-DD HH:MM:SS.mmmZ`; below 2001 (not a wall-clock
-/// reading) as `S.mmms`.
+/// A unix time in ms as `YYYY-MM-DD HH:MM:SS.mmmZ` (UTC); before 2001-09-09 (not a
+/// wall-clock reading: simulations, tests) as `S.mmms`.
 pub fn utc_ms(unix_ms: u64) -> String {
-    const PLAUSIBLE_UNIX_MS: u64 = 978_307_200_000; // 2001-01-01
+    const PLAUSIBLE_UNIX_MS: u64 = 1_000_000_000_000;
     if unix_ms < PLAUSIBLE_UNIX_MS {
         return format!("{}.{:03}s", unix_ms / 1000, unix_ms % 1000);
     }
@@ -257,5 +257,21 @@ impl fmt::Display for Subject {
             Subject::Host(h) => write!(f, "host:{h}"),
             Subject::Resource(r) => write!(f, "{r}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_time_shows_as_a_utc_date_and_says_it_is_the_hosts_clock() {
+        assert_eq!(
+            HostTime(1_709_164_800_123).to_string(),
+            "2024-02-29 00:00:00.123Z (host clock)"
+        );
+        assert_eq!(utc_ms(1_796_407_896_480), "2026-12-04 18:11:36.480Z");
+        // Not a wall-clock reading (simulations, tests): seconds.
+        assert_eq!(HostTime(1_500).to_string(), "1.500s (host clock)");
     }
 }
