@@ -267,6 +267,16 @@ impl<S, E> Core<S, E> {
     pub fn report(&self, input: Input) {
         self.answers.report(input)
     }
+
+    /// Answers a host action (a force-down, an unfence) with its outcome.
+    pub fn finish_host(&self, host: HostId, key: IntentKey, outcome: RestoreOutcome) {
+        let input = Input::HostActionResult {
+            host,
+            key: key.clone(),
+            outcome,
+        };
+        self.finish(&key, input)
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use super::{RouterEvent, Worker};
-use crate::engine::{HostId, HostState, HostView, Input, IntentKey, Resource, RestoreOutcome};
+use crate::engine::{HostId, HostState, HostView, IntentKey, Resource, RestoreOutcome};
 use crate::openstack::network::Agent;
 
 /// A returned host's agents are read this often until they are clean (at most: the
@@ -190,14 +190,7 @@ impl Worker {
                 reason: format!("neutron: {reason}"),
             },
         };
-        self.core.finish(
-            &key,
-            Input::HostActionResult {
-                host,
-                key: key.clone(),
-                outcome,
-            },
-        );
+        self.core.finish_host(host, key, outcome);
     }
 
     /// Trusts the host's L3 agents again: refused while one that reports serves more

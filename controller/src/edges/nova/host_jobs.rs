@@ -57,14 +57,7 @@ impl Worker {
             }
             Err(reason) => RestoreOutcome::Failed { reason },
         };
-        self.core.finish(
-            &key,
-            Input::HostActionResult {
-                host,
-                key: key.clone(),
-                outcome,
-            },
-        );
+        self.core.finish_host(host, key, outcome);
     }
 
     async fn force_down_and_list(&self, host: &str) -> Result<Vec<Server>, String> {
@@ -189,13 +182,6 @@ impl Worker {
                 }
             }
         };
-        self.core.finish(
-            &key,
-            Input::HostActionResult {
-                host,
-                key: key.clone(),
-                outcome,
-            },
-        );
+        self.core.finish_host(host, key, outcome);
     }
 }
