@@ -99,6 +99,7 @@ pub struct EngineSection {
     pub max_restarts_in_place: u32,
     pub restart_window_s: u64,
     pub max_evacuate_attempts: u32,
+    pub restore_retry_backoff_ms: u64,
     pub max_dead_share: f64,
 }
 
@@ -141,6 +142,7 @@ impl Default for EngineSection {
             max_restarts_in_place: e.max_restarts_in_place,
             restart_window_s: e.restart_window.as_secs(),
             max_evacuate_attempts: e.max_evacuate_attempts,
+            restore_retry_backoff_ms: e.restore_retry_backoff.as_millis() as u64,
             max_dead_share: e.max_dead_share,
         }
     }
@@ -300,6 +302,11 @@ impl ControllerConfig {
             ));
         }
         check_range(
+            "engine.restore_retry_backoff_ms",
+            e.restore_retry_backoff_ms,
+            0..=60_000,
+        )?;
+        check_range(
             "engine.max_dead_share",
             e.max_dead_share,
             (Bound::Excluded(0.0), Bound::Included(1.0)),
@@ -341,6 +348,7 @@ impl ControllerConfig {
             max_restarts_in_place: e.max_restarts_in_place,
             restart_window: Duration::from_secs(e.restart_window_s),
             max_evacuate_attempts: e.max_evacuate_attempts,
+            restore_retry_backoff: ms(e.restore_retry_backoff_ms),
             max_dead_share: e.max_dead_share,
             self_fence_deadline: self
                 .fence

@@ -38,6 +38,11 @@ pub struct Config {
     pub restart_window: Duration,
     /// Evacuation tries per resource and incident before giving up (default 3).
     pub max_evacuate_attempts: u32,
+    /// Pause before a failed restore (restart in place or evacuation) is tried again
+    /// (default 1 s): a target that fails at once (its watchdog's stream reconnecting
+    /// after a partition) gets time to recover instead of the tries being spent within
+    /// milliseconds.
+    pub restore_retry_backoff: Duration,
     /// Events about the same resource within this window belong to one incident: the
     /// first acts, later ones only enrich the timeline (default 5 s).
     pub correlation_window: Duration,
@@ -70,6 +75,7 @@ impl Default for Config {
             max_restarts_in_place: 3,
             restart_window: Duration::from_secs(600),
             max_evacuate_attempts: 3,
+            restore_retry_backoff: Duration::from_secs(1),
             correlation_window: Duration::from_secs(5),
             max_dead_share: 0.5,
             fence_method: super::types::FenceMethod::Ipmi,

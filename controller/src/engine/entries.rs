@@ -112,6 +112,9 @@ pub(super) struct ResourceEntry {
     pub(super) restarts: Vec<Timestamp>,
     /// When it was last started again (in place or elsewhere).
     pub(super) restored: Option<Restored>,
+    /// A failed restore is not tried again before this (a target that failed at once,
+    /// such as a host whose stream is reconnecting, gets time to recover).
+    pub(super) retry_at: Timestamp,
     /// The incident opened by the last failure, and when that failure happened (on the
     /// clock of whoever saw it): a second account of the same failure (libvirt after
     /// eBPF) that arrives after the incident has ended still belongs to its timeline.
@@ -154,6 +157,7 @@ impl ResourceEntry {
             steps: 0,
             restarts: Vec::new(),
             restored: None,
+            retry_at: Timestamp::ZERO,
             last_failure: None,
         }
     }

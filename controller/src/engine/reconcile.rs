@@ -160,7 +160,7 @@ impl Engine {
                         continue;
                     }
                     all_done = false;
-                    if e.in_flight.is_some() {
+                    if e.in_flight.is_some() || now < e.retry_at {
                         continue;
                     }
                     let attempt = match e.state {
@@ -199,6 +199,10 @@ impl Engine {
         let hstate = self.hosts.get(&host).map_or(HostState::Up, |h| h.state);
         let can_restart = r.kind().restarts_in_place() && hstate == HostState::Up;
         let fenced = hstate.fenced();
+        if self.now < e.retry_at {
+            // A failed try's pause.
+            return;
+        }
         match e.state {
             ResourceState::Failed if hstate == HostState::Up || fenced => {
                 let window_start = Timestamp(

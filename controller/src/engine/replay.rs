@@ -496,6 +496,7 @@ impl Engine {
                         self.close_incident(*incident);
                     }
                     RestoreOutcome::Failed { reason } => {
+                        e.retry_at = now + self.cfg.restore_retry_backoff;
                         self.set_resource_state(
                             resource,
                             ResourceState::Failed,
@@ -598,6 +599,8 @@ impl Engine {
                                 self.close_incident(*incident);
                             }
                         } else {
+                            let e = self.resources.get_mut(resource).expect("known");
+                            e.retry_at = now + self.cfg.restore_retry_backoff;
                             self.note(
                                 *incident,
                                 Subject::Resource(resource.clone()),

@@ -772,6 +772,7 @@ fn evacuation_failures_are_retried_then_given_up_with_an_alarm() {
                 reason: "no valid host".into(),
             },
         });
+        h.run_for(1_000);
     }
     assert_eq!(h.vm(2), ResourceState::GaveUp);
     assert!(alarms(&h.actions).contains(&AlarmKind::RestoreGaveUp));
@@ -1000,6 +1001,8 @@ fn a_second_account_of_a_failure_whose_incident_already_gave_up_joins_that_incid
     let cfg = Config {
         max_restarts_in_place: 1,
         max_evacuate_attempts: 1,
+        // Every try fails at once, and the next follows at once.
+        restore_retry_backoff: Duration::ZERO,
         ..Config::default()
     };
     let mut h = Harness::with(3, cfg);
@@ -1055,6 +1058,8 @@ fn a_failure_long_after_the_last_incident_gave_up_is_not_folded_into_it() {
     let cfg = Config {
         max_restarts_in_place: 1,
         max_evacuate_attempts: 1,
+        // Every try fails at once, and the next follows at once.
+        restore_retry_backoff: Duration::ZERO,
         ..Config::default()
     };
     let mut h = Harness::with(3, cfg);
@@ -1617,7 +1622,8 @@ fn router_steps_are_labelled_neutron_on_the_timeline_whatever_restores_the_vms()
             reason: "no agent".into(),
         },
     });
-    h.run_for(100);
+    // The next try after the pause.
+    h.run_for(1_100);
     h.restore_all(2);
     assert_eq!(h.state(1), HostState::Recovered);
     let inc = h.incident_of(1);
@@ -1938,4 +1944,39 @@ fn a_host_whose_clock_is_ten_minutes_ahead_or_behind_is_handled_exactly_like_one
             "hosts' clocks off by {offset} ms"
         );
     }
+}
+
+#[test]
+fn a_failed_restore_is_tried_again_after_a_pause_not_at_once() {
+    // A target whose watchdog stream just closed (a host back from a partition) fails
+    // an evacuation at once; retrying at once would spend every try within
+    // milliseconds and give the VM up while the cloud recovers.
+    let mut h = Harness::new(3);
+    h.exit(1, "vm1", Source::Ebpf, h.now);
+    let restart = |h: &Harness| {
+        h.actions
+            .iter()
+            .filter(|a| matches!(a, Action::RestartInPlace { .. }))
+            .count()
+    };
+    let Some(Action::RestartInPlace { key, .. }) =
+        h.find(|a| matches!(a, Action::RestartInPlace { .. }))
+    else {
+        panic!("no restart")
+    };
+    h.input(Input::RestoreResult {
+        resource: Resource::vm("vm1"),
+        key,
+        outcome: RestoreOutcome::Failed {
+            reason: "the event stream of h1 closed before the watchdog answered".into(),
+        },
+    });
+    h.run_for(500);
+    assert_eq!(restart(&h), 1, "not again within half a second");
+    h.run_for(600);
+    assert_eq!(restart(&h), 2, "again after the pause");
+    assert_eq!(
+        h.engine.resource_state(&Resource::vm("vm1")),
+        Some(ResourceState::RestartingInPlace { attempt: 2 })
+    );
 }
