@@ -31,6 +31,12 @@ pub struct Metrics {
     pub actions: Family<Labels, Counter>,
     /// Alarms raised, by kind.
     pub alarms: Family<Labels, Counter>,
+    /// Store writes that failed (`error`) or were refused (`intent_exists`), by reason.
+    /// Each one stops the controller from acting.
+    pub store_write_failures: Family<Labels, Counter>,
+    /// 1 while the controller has stopped acting after a failed store write (until it
+    /// restarts), else 0.
+    pub stopped_acting: Gauge,
 }
 
 impl Default for Metrics {
@@ -53,6 +59,8 @@ impl Metrics {
             incidents_open: Gauge::default(),
             actions: Family::default(),
             alarms: Family::default(),
+            store_write_failures: Family::default(),
+            stopped_acting: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -93,6 +101,16 @@ impl Metrics {
             m.actions.clone(),
         );
         registry.register("alarms", "Alarms raised, by kind", m.alarms.clone());
+        registry.register(
+            "store_write_failures",
+            "Store writes that failed or were refused, by reason (each stops all acting)",
+            m.store_write_failures.clone(),
+        );
+        registry.register(
+            "stopped_acting",
+            "Whether the controller has stopped acting after a failed store write (1) or acts (0)",
+            m.stopped_acting.clone(),
+        );
         Metrics { registry, ..m }
     }
 

@@ -1,7 +1,25 @@
 //! The engine task: the only owner of the engine and the store. It feeds the engine
 //! (heartbeats, events, timer ticks, edge results, operator commands), carries the
 //! returned actions out in order — an intent is on disk before its action starts, and a
-//! store failure stops the controller before the action — and publishes snapshots.
+//! failed store write stops all acting before the action — and publishes snapshots.
+//!
+//! # When a store write fails
+//!
+//! A write that fails (disk full, I/O error) or is refused (an intent whose key is
+//! already stored: [`StoreError::IntentExists`]) means the engine now believes in an
+//! action the store does not hold. The task then **stops acting**: nothing behind the
+//! failed write runs, the engine takes no more inputs (its state would only drift
+//! further from the store's), events are not stored (so not acked: the watchdogs keep
+//! them and send them again), operator commands are refused. It raises the alarm (log,
+//! `defib_alarms_total`, `defib_store_write_failures_total`, `defib_stopped_acting`)
+//! and stays up so the operator can see it and what it knew, while it tries a small
+//! store write every [`STORE_PROBE_EVERY`]. Once one succeeds, [`EngineTask::run`]
+//! returns [`EngineTaskError::StoppedActing`]: the controller exits non-zero, systemd
+//! starts it again, and it resumes from the intents in the store (what is persisted is
+//! the truth; nothing unpersisted was done), with fresh edges and a fresh detector grace
+//! period for every host. Rebuilding the engine in place instead would pair a resumed
+//! engine with edges that remember the old one, a combination nothing else exercises;
+//! a restart is the path every controller restart already takes.
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,14 +35,21 @@ use crate::api::view::*;
 use crate::clock::EngineClock;
 use crate::edges::{dispatch, Confirmer, Fencer, Restorer};
 use crate::edges::{EdgeLinks, HostFacts, ResultSender};
-use crate::engine::{Action, Engine, HostId, Input, OperatorCommand, Resource, Timestamp};
+use crate::engine::{
+    utc_ms, Action, AlarmKind, Engine, HostId, Input, OperatorCommand, Resource, Timestamp,
+};
 use crate::metrics::Metrics;
-use crate::store::{intent_log_snapshot, Store};
+use crate::store::{intent_log_snapshot, Store, StoreError};
 
 /// Alarms kept for the API (newest last).
 const ALARMS_KEPT: usize = 200;
 /// How often the API's snapshot is rebuilt.
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+/// How often a task that stopped acting tries a store write, to learn that the store
+/// works again (then the controller restarts and resumes from it).
+pub const STORE_PROBE_EVERY: Duration = Duration::from_secs(1);
+/// The meta key the probe writes (the time of the last successful probe).
+const STORE_PROBE_KEY: &str = "store_probe_at_ms";
 
 pub struct Edges {
     pub fencer: Box<dyn Fencer + Send>,
@@ -39,6 +64,32 @@ struct HostInfo {
     status: protocol::HostStatus,
     boot_id: Option<protocol::BootId>,
     incarnation: Option<u64>,
+}
+
+/// The store write that stopped the task from acting.
+#[derive(Debug, Clone)]
+struct StoreFailure {
+    /// When (engine clock).
+    at: Timestamp,
+    /// What was being written (`intent i3/fence-1/host:h1`, `event 12 of h1`...).
+    write: String,
+    /// The store's error.
+    error: String,
+    /// When the store is next tried.
+    next_probe: tokio::time::Instant,
+}
+
+impl StoreFailure {
+    /// What an operator (or a watchdog) is told when the task refuses something.
+    fn refusal(&self) -> String {
+        format!(
+            "the controller stopped acting at {} after a failed store write ({}: {}); \
+             it restarts and resumes from its store once the store takes writes again",
+            utc_ms(self.at.0),
+            self.write,
+            self.error
+        )
+    }
 }
 
 pub struct EngineTask {
@@ -58,6 +109,8 @@ pub struct EngineTask {
     hosts: BTreeMap<String, HostInfo>,
     alarms: VecDeque<AlarmSnapshot>,
     next_tick: Option<Timestamp>,
+    /// Set once a store write failed: the task acts on nothing from then on.
+    stopped: Option<StoreFailure>,
 }
 
 /// Channels the rest of the runtime uses to talk to the engine task.
@@ -72,8 +125,22 @@ pub struct EngineChannels {
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineTaskError {
+    /// The store could not be read at start, or flushed at shutdown.
     #[error("store: {0}")]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] StoreError),
+    /// A store write failed or was refused; the task stopped acting and has returned
+    /// (the store takes writes again, or shutdown was asked) so that the controller
+    /// restarts and resumes from the intents in its store.
+    #[error(
+        "stopped acting after a failed store write ({write}: {error}); restart the \
+         controller to resume from the intents in its store"
+    )]
+    StoppedActing {
+        /// What was being written.
+        write: String,
+        /// The store's error.
+        error: String,
+    },
 }
 
 pub struct EngineTaskParts {
@@ -122,6 +189,7 @@ impl EngineTask {
             hosts: BTreeMap::new(),
             alarms: VecDeque::new(),
             next_tick: None,
+            stopped: None,
         };
         Ok((
             task,
@@ -135,8 +203,9 @@ impl EngineTask {
         ))
     }
 
-    /// Runs until `shutdown` resolves, or until the store fails (then the controller must
-    /// stop: it cannot promise an intent is recorded before its action).
+    /// Runs until `shutdown` resolves. After a failed store write it stops acting (see
+    /// the module docs) and returns [`EngineTaskError::StoppedActing`] once the store
+    /// takes a write again, or at shutdown.
     pub async fn run(
         mut self,
         shutdown: impl std::future::Future<Output = ()>,
@@ -150,7 +219,7 @@ impl EngineTask {
         self.engine = engine;
         let mut actions = actions;
         actions.extend(self.engine.start(now));
-        self.apply(actions)?;
+        self.apply(actions);
         self.publish();
         // Snapshots are rebuilt on a timer, not per input: a rebuild costs O(hosts +
         // incidents), and with thousands of hosts heartbeating a rebuild per input would
@@ -160,50 +229,63 @@ impl EngineTask {
         let mut sd_watchdog = super::systemd::WatchdogPinger::from_env();
         tokio::pin!(shutdown);
         loop {
+            let acting = self.stopped.is_none();
             let tick_at = self.next_tick.map(|t| self.clock.instant_at(t));
+            let probe_at = self.stopped.as_ref().map(|f| f.next_probe);
             tokio::select! {
-                Some(msg) = self.intake.recv() => self.on_intake(msg)?,
-                Some(input) = self.results.recv() => self.step(input)?,
-                Some(cmd) = self.commands.recv() => self.on_command(cmd)?,
-                _ = sleep_until_opt(tick_at) => {
+                Some(msg) = self.intake.recv() => self.on_intake(msg),
+                // Once stopped, results wait unread: the restarted controller hands their
+                // intents out again instead.
+                Some(input) = self.results.recv(), if acting => self.step(input),
+                Some(cmd) = self.commands.recv() => self.on_command(cmd),
+                _ = sleep_until_opt(tick_at), if acting => {
                     self.next_tick = None;
-                    self.step(Input::Timer(crate::engine::TimerId::Tick))?;
+                    self.step(Input::Timer(crate::engine::TimerId::Tick));
+                }
+                _ = sleep_until_opt(probe_at) => {
+                    if self.store_takes_writes() {
+                        break;
+                    }
                 }
                 _ = publish_tick.tick() => self.publish(),
                 _ = sd_watchdog.due() => sd_watchdog.ping(),
                 _ = &mut shutdown => break,
             }
         }
+        if let Some(failure) = self.stopped.take() {
+            return Err(EngineTaskError::StoppedActing {
+                write: failure.write,
+                error: failure.error,
+            });
+        }
         self.store.flush()?;
         Ok(())
     }
 
-    fn step(&mut self, input: Input) -> Result<(), EngineTaskError> {
+    /// Feeds the engine one input and carries its actions out, unless the task stopped
+    /// acting (then the input is dropped: the restarted engine learns afresh).
+    fn step(&mut self, input: Input) {
+        if self.stopped.is_some() {
+            return;
+        }
         let now = self.clock.now();
         let actions = self.engine.step(now, input);
-        self.apply(actions)
+        self.apply(actions);
     }
 
-    fn on_intake(&mut self, msg: Intake) -> Result<(), EngineTaskError> {
+    fn on_intake(&mut self, msg: Intake) {
         match msg {
             Intake::Heartbeat(hb) => self.on_heartbeat(hb),
             Intake::Hello { host, reply } => {
                 let _ = reply.send(self.dedup.highest(&host));
-                Ok(())
             }
             Intake::Event { host, event, reply } => {
-                let result = self.on_event(&host, &event);
-                let answer = match &result {
-                    Ok(stored) => Ok(*stored),
-                    Err(e) => Err(e.to_string()),
-                };
-                let _ = reply.send(answer);
-                result.map(|_| ())
+                let _ = reply.send(self.on_event(&host, &event));
             }
         }
     }
 
-    fn on_heartbeat(&mut self, hb: HeartbeatSeen) -> Result<(), EngineTaskError> {
+    fn on_heartbeat(&mut self, hb: HeartbeatSeen) {
         let now = self.clock.now();
         let info = self.hosts.entry(hb.host.clone()).or_default();
         info.paths.insert(hb.path, (Some(hb.peer), now));
@@ -213,11 +295,17 @@ impl EngineTask {
         self.step(Input::Heartbeat(heartbeat(hb)))
     }
 
-    fn on_event(
-        &mut self,
-        host: &str,
-        event: &protocol::Event,
-    ) -> Result<EventStored, EngineTaskError> {
+    /// Stores an event (then feeds it to the engine) and says how far the host's events
+    /// are stored; an error (the event is not stored, so not acked) closes the stream
+    /// and the watchdog sends it again later.
+    fn on_event(&mut self, host: &str, event: &protocol::Event) -> Result<EventStored, String> {
+        if let Some(failure) = &self.stopped {
+            return Err(format!(
+                "event {} not stored: {}",
+                event.id,
+                failure.refusal()
+            ));
+        }
         if let EventVerdict::Duplicate = self.dedup.check(host, event.id) {
             return Ok(EventStored {
                 new: false,
@@ -225,9 +313,17 @@ impl EngineTask {
             });
         }
         let payload = serde_json::to_string(&event.payload).unwrap_or_default();
-        let new = self
+        let new = match self
             .store
-            .record_event(host, event.id, self.clock.now().0, &payload)?;
+            .record_event(host, event.id, self.clock.now().0, &payload)
+        {
+            Ok(new) => new,
+            Err(e) => {
+                let reason = format!("event {} not stored: {e}", event.id);
+                self.stop_acting(format!("event {} of {host}", event.id), &e);
+                return Err(reason);
+            }
+        };
         self.dedup.commit(host, event.id);
         if new {
             tracing::info!(host, id = event.id, payload = %payload, "event");
@@ -235,7 +331,7 @@ impl EngineTask {
                 self.step(Input::HostEvent {
                     host: HostId::new(host),
                     event: he,
-                })?;
+                });
             }
         }
         Ok(EventStored {
@@ -244,7 +340,7 @@ impl EngineTask {
         })
     }
 
-    fn on_command(&mut self, cmd: Command) -> Result<(), EngineTaskError> {
+    fn on_command(&mut self, cmd: Command) {
         let (op, reply) = match cmd {
             Command::Maintenance { host, on, reply } => {
                 let host = HostId::new(host);
@@ -264,40 +360,143 @@ impl EngineTask {
         };
         let now = self.clock.now();
         let host = op.host().clone();
-        let (stored, answer) = match self.engine.command(now, op) {
-            Ok(actions) => {
-                let stored = self.apply(actions);
-                let answer = stored.as_ref().map(|_| ()).map_err(|e| e.to_string());
-                (stored, answer)
-            }
-            Err(refusal) => {
-                // The operator is told, and the refusal is listed with the alarms.
-                let stored = self.apply(vec![Action::Alarm {
-                    kind: crate::engine::AlarmKind::CommandRefused,
-                    host: Some(host),
-                    resource: None,
-                    reason: refusal.reason.clone(),
-                }]);
-                let answer = match &stored {
-                    Ok(()) => Err(refusal.reason),
-                    Err(e) => Err(e.to_string()),
-                };
-                (stored, answer)
+        let answer = if let Some(failure) = &self.stopped {
+            // Nothing can be recorded, so nothing is done: the operator is told why.
+            let reason = failure.refusal();
+            self.raise_alarm(AlarmKind::CommandRefused, Some(&host), None, &reason);
+            Err(reason)
+        } else {
+            match self.engine.command(now, op) {
+                Ok(actions) => {
+                    self.apply(actions);
+                    match &self.stopped {
+                        None => Ok(()),
+                        Some(failure) => Err(failure.refusal()),
+                    }
+                }
+                Err(refusal) => {
+                    // The operator is told, and the refusal is listed with the alarms.
+                    self.raise_alarm(
+                        AlarmKind::CommandRefused,
+                        Some(&host),
+                        None,
+                        &refusal.reason,
+                    );
+                    Err(refusal.reason)
+                }
             }
         };
         let _ = reply.send(answer);
         // An operator who just changed something sees it at once.
         self.publish();
-        stored
     }
 
-    /// Carries actions out in order. Store writes come first in every batch (the engine
-    /// puts each PersistIntent before its action); a failed write returns before any
-    /// later action runs.
-    fn apply(&mut self, actions: Vec<Action>) -> Result<(), EngineTaskError> {
-        for action in actions {
+    /// Stops all acting after a failed or refused store write `write`, and raises the
+    /// alarm (see the module docs).
+    fn stop_acting(&mut self, write: String, error: &StoreError) {
+        let (kind, reason) = match error {
+            StoreError::IntentExists { .. } => ("IntentExists", "intent_exists"),
+            _ => ("StoreWriteFailed", "error"),
+        };
+        tracing::error!(
+            kind,
+            write = %write,
+            error = %error,
+            reason = "a store write failed: the controller stops acting, and restarts to \
+                      resume from its store once the store takes writes again",
+            "ALARM"
+        );
+        self.metrics
+            .store_write_failures
+            .get_or_create(&Metrics::label("reason", reason))
+            .inc();
+        self.metrics
+            .alarms
+            .get_or_create(&Metrics::label("kind", kind))
+            .inc();
+        self.metrics.stopped_acting.set(1);
+        self.stopped = Some(StoreFailure {
+            at: self.clock.now(),
+            write,
+            error: error.to_string(),
+            next_probe: tokio::time::Instant::now() + STORE_PROBE_EVERY,
+        });
+    }
+
+    /// Once stopped: tries a small store write. True when it succeeded (the store works
+    /// again; the controller should restart and resume from it).
+    fn store_takes_writes(&mut self) -> bool {
+        let now = self.clock.now();
+        match self.store.set_meta(STORE_PROBE_KEY, &now.0.to_string()) {
+            Ok(()) => {
+                tracing::warn!(
+                    "the store takes writes again: stopping so that the controller restarts \
+                     and resumes from the intents in its store"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "the store still fails");
+                if let Some(failure) = &mut self.stopped {
+                    failure.next_probe = tokio::time::Instant::now() + STORE_PROBE_EVERY;
+                }
+                false
+            }
+        }
+    }
+
+    /// Logs, counts and lists an alarm for the API.
+    fn raise_alarm(
+        &mut self,
+        kind: AlarmKind,
+        host: Option<&HostId>,
+        resource: Option<&Resource>,
+        reason: &str,
+    ) {
+        tracing::warn!(kind = ?kind, host = ?host.map(|h| h.as_str()), reason = %reason, "ALARM");
+        self.metrics
+            .alarms
+            .get_or_create(&Metrics::label("kind", format!("{kind:?}")))
+            .inc();
+        self.alarms.push_back(AlarmSnapshot {
+            at_ms: self.clock.now().0,
+            kind,
+            host: host.map(|h| h.to_string()),
+            resource: resource.map(|r| r.to_string()),
+            reason: reason.to_owned(),
+        });
+        while self.alarms.len() > ALARMS_KEPT {
+            self.alarms.pop_front();
+        }
+    }
+
+    /// Carries actions out in order. Each intent's write comes before its action (the
+    /// engine puts each PersistIntent first); a failed or refused write stops the task
+    /// from acting, and nothing behind it in the batch runs but its alarms (they report,
+    /// they act on nothing).
+    fn apply(&mut self, actions: Vec<Action>) {
+        let mut actions = actions.into_iter();
+        while let Some(action) = actions.next() {
             // Intents, completions and timeline lines go to the store (in order).
-            if self.store.apply_action(&action)? {
+            let stored = match self.store.apply_action(&action) {
+                Ok(stored) => stored,
+                Err(e) => {
+                    self.stop_acting(store_write(&action), &e);
+                    for rest in actions {
+                        if let Action::Alarm {
+                            kind,
+                            host,
+                            resource,
+                            reason,
+                        } = &rest
+                        {
+                            self.raise_alarm(*kind, host.as_ref(), resource.as_ref(), reason);
+                        }
+                    }
+                    return;
+                }
+            };
+            if stored {
                 if let Action::RecordTimeline { incident, entry } = &action {
                     tracing::info!(
                         incident = incident.0,
@@ -320,23 +519,7 @@ impl EngineTask {
                     host,
                     resource,
                     reason,
-                } => {
-                    tracing::warn!(kind = ?kind, host = ?host.as_ref().map(|h| h.as_str()), reason = %reason, "ALARM");
-                    self.metrics
-                        .alarms
-                        .get_or_create(&Metrics::label("kind", format!("{kind:?}")))
-                        .inc();
-                    self.alarms.push_back(AlarmSnapshot {
-                        at_ms: self.clock.now().0,
-                        kind: *kind,
-                        host: host.as_ref().map(|h| h.to_string()),
-                        resource: resource.as_ref().map(|r| r.to_string()),
-                        reason: reason.clone(),
-                    });
-                    while self.alarms.len() > ALARMS_KEPT {
-                        self.alarms.pop_front();
-                    }
-                }
+                } => self.raise_alarm(*kind, host.as_ref(), resource.as_ref(), reason),
                 other => {
                     let kind = action_kind(other);
                     tracing::info!(action = kind, ?other, "action");
@@ -358,7 +541,6 @@ impl EngineTask {
                 }
             }
         }
-        Ok(())
     }
 
     /// Publishes a fresh snapshot (for the API), the hosts as typed facts (for the
@@ -473,6 +655,18 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+/// What a store action writes, for the log and the operator.
+fn store_write(a: &Action) -> String {
+    match a {
+        Action::PersistIntent(record) => format!("intent {}", record.key),
+        Action::CompleteIntent { key, .. } => format!("completion of intent {key}"),
+        Action::RecordTimeline { incident, .. } => {
+            format!("timeline line of incident {}", incident.0)
+        }
+        other => format!("{other:?}"),
     }
 }
 

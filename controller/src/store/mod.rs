@@ -11,12 +11,15 @@
 //!
 //! The engine task is the only writer. It carries the engine's actions out in order and
 //! hands every store action to [`Store::apply_action`] first; **if that fails it stops
-//! before carrying out anything after it**, so no action runs whose intent is not on
-//! disk. (The engine's own [`IntentLog`] is infallible; this trait is not, on
-//! purpose.) After a restart:
+//! acting before anything after it**, so no action runs whose intent is not on disk.
+//! A write that does not do what the engine asked is a failure too: an intent whose key
+//! is already in the store ([`StoreError::IntentExists`]) means the store and the engine
+//! disagree, and its action is refused, never carried out. (The engine's own
+//! [`IntentLog`] is infallible; this trait is not, on purpose.) What the engine task
+//! does then is in `runtime/engine_task.rs`. After a restart:
 //!
 //! ```text
-//! let store = SqliteStore::open(&cfg.store.path)?;
+//! let store = SqliteStore::open(&cfg.store.path)?;        // integrity-checked
 //! let log = intent_log_snapshot(&store)?;                // intents + completions
 //! let (engine, actions) = Engine::resume(cfg, &log, now); // re-hands open intents only
 //! for (host, mark) in store.event_high_waters()? { dedup.restore(&host, mark) }
@@ -101,9 +104,33 @@ pub enum StoreError {
         /// The value.
         value: u64,
     },
+    /// The file failed SQLite's integrity check at open: it is damaged.
+    #[error(
+        "the store at {path} is damaged (SQLite integrity check: {problems}); refusing to \
+         open it: restore it from a backup, or salvage it with `sqlite3 FILE .recover` \
+         (see the operator guide)"
+    )]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What the check found (its first lines, joined).
+        problems: String,
+    },
     /// The stored data contradicts itself.
     #[error("the store is inconsistent: {0}")]
     Corrupt(String),
+    /// An intent's key is already in the store. The engine never issues a key twice, so
+    /// the store and the engine disagree (another writer on the same store, a log
+    /// replayed wrongly): the action is refused, not taken as recorded.
+    #[error(
+        "intent {key} is already in the store, but the engine has just issued it: the \
+         store and the engine disagree (another controller on the same store?); its \
+         action is refused"
+    )]
+    IntentExists {
+        /// The key.
+        key: IntentKey,
+    },
 }
 
 /// Result of a store operation.
@@ -178,11 +205,17 @@ pub trait Store: Send {
     /// [`Action::CompleteIntent`], [`Action::RecordTimeline`]); other actions are left
     /// alone. Returns whether `action` was a store action. The runtime calls this for
     /// every action in order and stops on an error, so that no action runs whose intent
-    /// was not persisted.
+    /// was not persisted. An intent whose key is already stored is an error
+    /// ([`StoreError::IntentExists`]), not a success: the engine has just issued it, so
+    /// whoever stored it first is not this engine.
     fn apply_action(&mut self, action: &Action) -> StoreResult<bool> {
         match action {
             Action::PersistIntent(record) => {
-                self.record_intent(record)?;
+                if !self.record_intent(record)? {
+                    return Err(StoreError::IntentExists {
+                        key: record.key.clone(),
+                    });
+                }
                 Ok(true)
             }
             Action::CompleteIntent { key, completion } => {
