@@ -360,32 +360,25 @@ impl EngineTask {
         };
         let now = self.clock.now();
         let host = op.host().clone();
-        let answer = if let Some(failure) = &self.stopped {
-            // Nothing can be recorded, so nothing is done: the operator is told why.
-            let reason = failure.refusal();
-            self.raise_alarm(AlarmKind::CommandRefused, Some(&host), None, &reason);
-            Err(reason)
-        } else {
-            match self.engine.command(now, op) {
+        let answer = match &self.stopped {
+            // Nothing can be recorded, so nothing is done.
+            Some(failure) => Err(failure.refusal()),
+            None => match self.engine.command(now, op) {
                 Ok(actions) => {
                     self.apply(actions);
-                    match &self.stopped {
-                        None => Ok(()),
-                        Some(failure) => Err(failure.refusal()),
-                    }
+                    // A write that failed names itself: the command's intent, or a line
+                    // after it (then the restarted controller has the intent).
+                    self.stopped
+                        .as_ref()
+                        .map_or(Ok(()), |failure| Err(failure.refusal()))
                 }
-                Err(refusal) => {
-                    // The operator is told, and the refusal is listed with the alarms.
-                    self.raise_alarm(
-                        AlarmKind::CommandRefused,
-                        Some(&host),
-                        None,
-                        &refusal.reason,
-                    );
-                    Err(refusal.reason)
-                }
-            }
+                Err(refusal) => Err(refusal.reason),
+            },
         };
+        // The operator is told why, and the refusal is listed with the alarms.
+        if let Err(reason) = &answer {
+            self.raise_alarm(AlarmKind::CommandRefused, Some(&host), None, reason);
+        }
         let _ = reply.send(answer);
         // An operator who just changed something sees it at once.
         self.publish();
@@ -402,8 +395,8 @@ impl EngineTask {
             kind,
             write = %write,
             error = %error,
-            reason = "a store write failed: the controller stops acting, and restarts to \
-                      resume from its store once the store takes writes again",
+            reason = "a store write failed or was refused: the controller stops acting, and \
+                      restarts to resume from its store once the store takes writes again",
             "ALARM"
         );
         self.metrics

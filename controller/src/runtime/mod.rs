@@ -27,7 +27,10 @@ pub struct Bound {
 }
 
 /// Opens the store, binds every socket, then runs until `shutdown`. `on_ready` is called
-/// once everything is bound (systemd readiness, tests).
+/// once everything is bound (systemd readiness, tests). After a failed store write the
+/// engine task stops acting and, once the store takes writes again, ends with an error:
+/// the caller exits non-zero so that the restart resumes from the store
+/// ([`engine_task`] says why).
 pub async fn run(
     resolved: Resolved,
     shutdown: impl std::future::Future<Output = ()>,

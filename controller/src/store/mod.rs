@@ -107,8 +107,7 @@ pub enum StoreError {
     /// The file failed SQLite's integrity check at open: it is damaged.
     #[error(
         "the store at {path} is damaged (SQLite integrity check: {problems}); refusing to \
-         open it: restore it from a backup, or salvage it with `sqlite3 FILE .recover` \
-         (see the operator guide)"
+         open it (docs/operator-guide.md, \"A damaged store\", says what to do)"
     )]
     Damaged {
         /// The file.
