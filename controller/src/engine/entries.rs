@@ -31,6 +31,10 @@ pub(super) struct HostEntry {
     /// A heartbeat was received after the verified fence (controller clock): the host
     /// is back, and waits to be trusted again.
     pub(super) heard_since_fence: bool,
+    /// Resources a backend started here while the host was being fenced (its incident
+    /// took them, for its fence stops them): a self-fence deadline says nothing about
+    /// them (the host may have rebooted meanwhile), only a power fence does.
+    pub(super) arrived: BTreeSet<Resource>,
     /// The host's own clock as the controller reckons it from its heartbeats: a restore
     /// onto this host is dated with it, so that the host's later news can be told from
     /// its earlier news without comparing its clock with the controller's.
@@ -61,6 +65,7 @@ impl HostEntry {
             last_incident: None,
             evacuated: BTreeSet::new(),
             heard_since_fence: false,
+            arrived: BTreeSet::new(),
             clock: None,
             undated: BTreeSet::new(),
         }

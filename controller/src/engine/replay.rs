@@ -383,6 +383,9 @@ impl Engine {
                                 &format!("fence verified ({by:?})"),
                                 verifier_source(*by),
                             );
+                            if *by == FenceVerifier::SelfFenceDeadline {
+                                self.release_arrivals(host, *incident);
+                            }
                         } else {
                             self.note(
                                 *incident,
@@ -572,6 +575,9 @@ impl Engine {
                         {
                             let to = to.clone();
                             self.take_ownership(resource, target_incident, &to);
+                            if let Some(h) = self.hosts.get_mut(&to) {
+                                h.arrived.insert(resource.clone());
+                            }
                         }
                     }
                     RestoreOutcome::Failed { reason } => {
@@ -612,6 +618,36 @@ impl Engine {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// A host fenced by its self-fence deadline: what a backend started on it after it
+    /// fell silent was not stopped by that (it may have rebooted since); the incident
+    /// lets it go, running where it is, instead of starting it a second time elsewhere.
+    fn release_arrivals(&mut self, host: &HostId, incident: IncidentId) {
+        let arrived = std::mem::take(&mut self.hosts.get_mut(host).expect("known").arrived);
+        for r in arrived {
+            if self
+                .resources
+                .get(&r)
+                .is_none_or(|e| e.owner != Some(incident))
+            {
+                continue;
+            }
+            self.note(
+                incident,
+                Subject::Resource(r.clone()),
+                "started here while the host was silent: its self-fence deadline does not \
+                 cover it; left running"
+                    .into(),
+                Source::Controller,
+            );
+            if let Some(e) = self.resources.get_mut(&r) {
+                e.owner = None;
+            }
+            if let Some(h) = self.hosts.get_mut(host) {
+                h.owned.remove(&r);
+            }
         }
     }
 

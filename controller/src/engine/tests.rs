@@ -1980,3 +1980,45 @@ fn a_failed_restore_is_tried_again_after_a_pause_not_at_once() {
         Some(ResourceState::RestartingInPlace { attempt: 2 })
     );
 }
+
+#[test]
+fn a_vm_restored_onto_a_silent_host_is_not_evacuated_on_the_strength_of_its_self_fence_deadline() {
+    // The deadline says the host killed what it ran when it fell silent (then rebooted);
+    // a VM the backend started there afterwards is not covered by it.
+    let cfg = Config {
+        self_fence_deadline: Some(Duration::from_secs(5)),
+        max_restarts_in_place: 0,
+        ..Config::default()
+    };
+    let mut h = Harness::with(4, cfg);
+    h.kill_until_fence(2);
+    // vm1 crashes on host 1; the backend restores it on host 2, which is being fenced.
+    h.exit(1, "vm1", Source::Ebpf, h.now);
+    let (r, key) = evacuations(&h.actions)
+        .into_iter()
+        .find(|(r, _)| *r == Resource::vm("vm1"))
+        .expect("vm1 evacuated");
+    h.input(Input::RestoreResult {
+        resource: r,
+        key,
+        outcome: RestoreOutcome::Ok { host: host(2) },
+    });
+    h.run_for(6_000);
+    assert_eq!(h.state(2), HostState::Fenced, "fenced by its deadline");
+    h.force_down_ok(2);
+    let moved: Vec<Resource> = h
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Evacuate { resource, from, .. } if *from == host(2) => Some(resource.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        !moved.contains(&Resource::vm("vm1")),
+        "vm1 evacuated off host 2 on the deadline's account: {moved:?}"
+    );
+    assert!(moved.contains(&Resource::vm("vm2")), "{moved:?}");
+    let vm1 = h.engine.resource(&Resource::vm("vm1")).unwrap();
+    assert_eq!((vm1.host, vm1.state), (host(2), ResourceState::Running));
+}
