@@ -158,6 +158,10 @@ impl Engine {
     ) {
         let h = self.hosts.get_mut(host).expect("known");
         let owner = h.incident;
+        if to == HostState::Up {
+            // Heard again: what arrived during the silence is judged by the next one.
+            h.arrived.clear();
+        }
         if let Some(from) = step_machine(&mut h.state, to, self.replaying) {
             self.record_move(owner, Subject::Host(host.clone()), from, to, cause, source);
         }

@@ -31,9 +31,10 @@ pub(super) struct HostEntry {
     /// A heartbeat was received after the verified fence (controller clock): the host
     /// is back, and waits to be trusted again.
     pub(super) heard_since_fence: bool,
-    /// Resources a backend started here while the host was being fenced (its incident
-    /// took them, for its fence stops them): a self-fence deadline says nothing about
-    /// them (the host may have rebooted meanwhile), only a power fence does.
+    /// Resources a backend started here while the host was silent (suspect, confirming
+    /// or being fenced; its incident takes them, for its fence stops them): a self-fence
+    /// deadline says nothing about them (the host may have rebooted meanwhile), only a
+    /// power fence does. Forgotten when the host is heard again.
     pub(super) arrived: BTreeSet<Resource>,
     /// The host's own clock as the controller reckons it from its heartbeats: a restore
     /// onto this host is dated with it, so that the host's later news can be told from

@@ -578,6 +578,13 @@ impl Engine {
                             if let Some(h) = self.hosts.get_mut(&to) {
                                 h.arrived.insert(resource.clone());
                             }
+                        } else if let Some(h) = self.hosts.get_mut(to).filter(|h| {
+                            matches!(h.state, HostState::Suspect | HostState::Confirming)
+                        }) {
+                            // Silent, not yet fenced: a fence decided later takes what
+                            // runs here, this too, and its self-fence deadline must
+                            // still tell it apart.
+                            h.arrived.insert(resource.clone());
                         }
                     }
                     RestoreOutcome::Failed { reason } => {

@@ -2022,3 +2022,90 @@ fn a_vm_restored_onto_a_silent_host_is_not_evacuated_on_the_strength_of_its_self
     let vm1 = h.engine.resource(&Resource::vm("vm1")).unwrap();
     assert_eq!((vm1.host, vm1.state), (host(2), ResourceState::Running));
 }
+
+#[test]
+fn a_vm_restored_onto_a_host_that_is_only_suspect_is_not_moved_again_on_its_self_fence_deadline() {
+    // Found by the simulation (seed 65488): the backend moved a router (here a VM) onto a host that
+    // had fallen silent but was not yet being fenced; the host's incident then took it
+    // with the rest, and its self-fence deadline (which covers only what ran when the
+    // host fell silent) moved it a second time while it ran.
+    let cfg = Config {
+        self_fence_deadline: Some(Duration::from_secs(5)),
+        max_restarts_in_place: 0,
+        ..Config::default()
+    };
+    let mut h = Harness::with(4, cfg);
+    h.kill(2);
+    h.run_for(600);
+    assert_eq!(h.state(2), HostState::Confirming);
+    // vm1 crashes on host 1; the backend restores it on host 2, silent but not fenced.
+    h.exit(1, "vm1", Source::Ebpf, h.now);
+    let (r, key) = evacuations(&h.actions)
+        .into_iter()
+        .find(|(r, _)| *r == Resource::vm("vm1"))
+        .expect("vm1 evacuated");
+    h.input(Input::RestoreResult {
+        resource: r,
+        key,
+        outcome: RestoreOutcome::Ok { host: host(2) },
+    });
+    h.confirm(2, Verdict::Dead);
+    h.run_for(6_000);
+    assert_eq!(h.state(2), HostState::Fenced, "fenced by its deadline");
+    h.force_down_ok(2);
+    let moved: Vec<Resource> = h
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Evacuate { resource, from, .. } if *from == host(2) => Some(resource.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        !moved.contains(&Resource::vm("vm1")),
+        "vm1 evacuated off host 2 on the deadline's account: {moved:?}"
+    );
+    assert!(moved.contains(&Resource::vm("vm2")), "{moved:?}");
+}
+
+#[test]
+fn a_host_heard_again_forgets_what_arrived_while_it_was_silent() {
+    // An arrival is judged against the silence it arrived in: after the host is heard
+    // again, a later loss and self-fence of it covers everything it runs.
+    let cfg = Config {
+        self_fence_deadline: Some(Duration::from_secs(5)),
+        max_restarts_in_place: 0,
+        ..Config::default()
+    };
+    let mut h = Harness::with(4, cfg);
+    h.kill(2);
+    h.run_for(600);
+    h.exit(1, "vm1", Source::Ebpf, h.now);
+    let (r, key) = evacuations(&h.actions)
+        .into_iter()
+        .find(|(r, _)| *r == Resource::vm("vm1"))
+        .expect("vm1 evacuated");
+    h.input(Input::RestoreResult {
+        resource: r,
+        key,
+        outcome: RestoreOutcome::Ok { host: host(2) },
+    });
+    h.revive(2);
+    h.run_for(1_000);
+    assert_eq!(h.state(2), HostState::Up);
+    h.kill(2);
+    h.run_for(600);
+    h.confirm(2, Verdict::Dead);
+    h.run_for(6_000);
+    assert_eq!(h.state(2), HostState::Fenced, "fenced by its deadline");
+    h.force_down_ok(2);
+    let moved: Vec<Resource> = h
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Evacuate { resource, from, .. } if *from == host(2) => Some(resource.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(moved.contains(&Resource::vm("vm1")), "{moved:?}");
+}

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use prometheus_client::metrics::counter::Counter;
 use protocol::{Ack, Freshness, HeartbeatReceiver, Key};
@@ -24,11 +25,24 @@ pub struct HeartbeatIntake {
     tx: mpsc::Sender<Intake>,
     /// Each socket thread resolves its own [`IntakeCounters`] from these.
     pub(super) metrics: Arc<Metrics>,
+    /// The throttle's clock: monotonic, so a wall clock stepped back does not stop
+    /// forwarding (the engine would then suspect every host).
+    started: Instant,
+}
+
+/// The two clocks one batch is judged by.
+#[derive(Debug, Clone, Copy)]
+struct BatchTime {
+    /// Unix ns, for the acks (what the watchdog logs as the controller's time).
+    wall_ns: u64,
+    /// Monotonic ms since the intake started, for the forwarding throttle.
+    mono_ms: u64,
 }
 
 struct IntakeState {
     receiver: HeartbeatReceiver,
-    /// Per host, per path index: when a heartbeat was last forwarded (unix ms). Looked
+    /// Per host, per path index: when a heartbeat was last forwarded (monotonic ms since
+    /// the intake started). Looked
     /// up by `&str`, so a known host costs no allocation.
     last_forwarded_ms: HashMap<String, Vec<(u8, u64)>>,
 }
@@ -105,6 +119,7 @@ impl HeartbeatIntake {
             forward_every_ms,
             tx,
             metrics,
+            started: Instant::now(),
         })
     }
 
@@ -132,8 +147,22 @@ impl HeartbeatIntake {
         accepted: &mut [bool],
         counters: &mut IntakeCounters,
     ) -> usize {
-        let now_ns = unix_ns();
-        let now_ms = now_ns / 1_000_000;
+        let now = BatchTime {
+            wall_ns: unix_ns(),
+            mono_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        };
+        self.judge_batch(datagrams, acks, accepted, counters, now)
+    }
+
+    fn judge_batch(
+        &self,
+        datagrams: &[(&[u8], SocketAddr)],
+        acks: &mut [Vec<u8>],
+        accepted: &mut [bool],
+        counters: &mut IntakeCounters,
+        now: BatchTime,
+    ) -> usize {
+        let now_ms = now.mono_ms;
         let mut n_accepted = 0;
         let mut forwards = Vec::new();
         {
@@ -152,7 +181,7 @@ impl HeartbeatIntake {
                     }
                 };
                 let hb = verdict.heartbeat;
-                if Ack::answering(&hb, &self.controller_id, now_ns)
+                if Ack::answering(&hb, &self.controller_id, now.wall_ns)
                     .encode_into(&self.key, ack)
                     .is_err()
                 {
@@ -312,6 +341,32 @@ pub(crate) mod tests {
         assert!(
             text.contains("defib_heartbeats_received_total{path=\"0\"} 2"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn a_wall_clock_stepped_an_hour_back_does_not_stop_forwarding() {
+        let (i, mut rx, _) = intake(100, 16);
+        let k = key();
+        let peer = SocketAddr::from(([127, 0, 0, 1], 9));
+        let hour_ns = 3_600 * 1_000_000_000u64;
+        let mut send = |seq: u64, wall_ns: u64, mono_ms: u64| {
+            let d = hb("h1", 5, seq, 0, &k);
+            let mut acks = vec![Vec::new()];
+            let mut accepted = vec![false];
+            let mut counters = IntakeCounters::new(i.metrics.clone());
+            let now = BatchTime { wall_ns, mono_ms };
+            i.judge_batch(&[(&d, peer)], &mut acks, &mut accepted, &mut counters, now);
+            assert!(accepted[0], "heartbeat {seq} is acked");
+        };
+        send(1, 10 * hour_ns, 0);
+        // The wall clock steps an hour back; monotonic time goes on.
+        send(2, 9 * hour_ns, 150);
+        send(3, 9 * hour_ns + 300_000_000, 450);
+        assert_eq!(
+            forwarded(&mut rx).len(),
+            3,
+            "every heartbeat a throttle period apart goes on to the engine"
         );
     }
 
