@@ -1,6 +1,7 @@
 //! Deterministic simulation: 1,000 seeded fault scenarios, invariants checked after
 //! every step. More seeds: `cargo xtask sim --seeds N` (calls `controller::sim::run_seeds`)
-//! or `DEFIB_SIM_SEEDS=N cargo test -p defib-controller --test simulation`.
+//! or `DEFIB_SIM_SEEDS=N cargo test -p defib-controller --test simulation`. One seed's
+//! whole trace, to replay a failure: `cargo xtask sim --seed S`.
 
 use controller::sim;
 
@@ -33,6 +34,10 @@ fn a_thousand_seeded_fault_scenarios_keep_every_invariant() {
     );
     for v in violations.iter().take(3) {
         eprintln!("{v}");
+        eprintln!(
+            "  replay it step by step: cargo xtask sim --seed {}",
+            v.seed
+        );
     }
     assert!(
         violations.is_empty(),
@@ -47,10 +52,37 @@ fn a_thousand_seeded_fault_scenarios_keep_every_invariant() {
 }
 
 #[test]
-fn the_same_seed_gives_the_same_run() {
-    for seed in [1, 42, 977] {
-        let a = sim::run_seed(seed).map(|r| serde_json::to_string(&r).unwrap());
-        let b = sim::run_seed(seed).map(|r| serde_json::to_string(&r).unwrap());
-        assert_eq!(a.ok(), b.ok());
+fn the_same_seed_gives_the_same_run_step_for_step() {
+    // Compared on the whole outcome, trace digest included (or the violation with its
+    // trace), so two runs that fail alike or take different steps to the same counts
+    // are told apart.
+    for seed in [1, 42, 977, 65_488] {
+        let a = serde_json::to_string(&sim::run_seed(seed)).unwrap();
+        let b = serde_json::to_string(&sim::run_seed(seed)).unwrap();
+        assert_eq!(a, b, "seed {seed}");
+    }
+}
+
+#[test]
+fn different_seeds_take_different_steps() {
+    // The check above would pass on a digest that never changes.
+    let digests: std::collections::BTreeSet<u64> = (0..20)
+        .map(|seed| sim::run_seed(seed).expect("a clean seed").trace_digest)
+        .collect();
+    assert_eq!(digests.len(), 20);
+}
+
+#[test]
+fn a_replayed_seed_has_its_whole_trace_and_the_same_outcome() {
+    for seed in [42, 65_488] {
+        let (replayed, trace) = sim::replay_seed(seed);
+        let digest = replayed.expect("a clean seed").trace_digest;
+        assert_eq!(digest, sim::run_seed(seed).unwrap().trace_digest);
+        // Every line that went into the digest is in the trace, in order.
+        let mut d: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in trace.iter().flat_map(|l| l.bytes().chain([b'\n'])) {
+            d = (d ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        assert_eq!(d, digest, "seed {seed}: {} lines", trace.len());
     }
 }

@@ -69,9 +69,13 @@ enum Task {
     Demo,
     /// Run the incident engine's deterministic simulation over N seeds (release build),
     /// checking every invariant after every step. The normal test run does 1,000.
+    /// `--seed S` replays one seed and prints its whole trace.
     Sim {
         #[arg(long, default_value_t = 10_000)]
         seeds: u64,
+        /// Replay this one seed, printing every step.
+        #[arg(long, conflicts_with = "seeds")]
+        seed: Option<u64>,
     },
     /// Setup, then run a benchmark scenario (see bench/ and BENCHMARKS.md): exit-latency,
     /// stall-latency, real-guest-kill, suspect-latency, heartbeat-intake, host-memory,
@@ -119,7 +123,19 @@ fn main() -> ExitCode {
         .and_then(|()| lab::run(action)),
         Task::BuildEbpf => cargo(&["build", "-p", "defib-watchdog"]),
         Task::Demo => setup::run().and_then(|()| demo::run()),
-        Task::Sim { seeds } => {
+        Task::Sim {
+            seed: Some(seed), ..
+        } => cargo(&[
+            "run",
+            "--release",
+            "-p",
+            "defib-controller",
+            "--example",
+            "sim_replay",
+            "--",
+            &seed.to_string(),
+        ]),
+        Task::Sim { seeds, seed: None } => {
             std::env::set_var("DEFIB_SIM_SEEDS", seeds.to_string());
             cargo(&[
                 "test",

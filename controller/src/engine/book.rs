@@ -161,6 +161,7 @@ impl Engine {
         if to == HostState::Up {
             // Heard again: what arrived during the silence is judged by the next one.
             h.arrived.clear();
+            h.awaiting_word.clear();
         }
         if let Some(from) = step_machine(&mut h.state, to, self.replaying) {
             self.record_move(owner, Subject::Host(host.clone()), from, to, cause, source);

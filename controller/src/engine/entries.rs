@@ -36,6 +36,10 @@ pub(super) struct HostEntry {
     /// deadline says nothing about them (the host may have rebooted meanwhile), only a
     /// power fence does. Forgotten when the host is heard again.
     pub(super) arrived: BTreeSet<Resource>,
+    /// Arrivals of a host fenced by its self-fence deadline: they may have died with it
+    /// or run on it after a reboot. Not restored elsewhere, nor taken as running, until
+    /// the host lists what it runs (a listing newer than their restore).
+    pub(super) awaiting_word: BTreeSet<Resource>,
     /// The host's own clock as the controller reckons it from its heartbeats: a restore
     /// onto this host is dated with it, so that the host's later news can be told from
     /// its earlier news without comparing its clock with the controller's.
@@ -67,6 +71,7 @@ impl HostEntry {
             evacuated: BTreeSet::new(),
             heard_since_fence: false,
             arrived: BTreeSet::new(),
+            awaiting_word: BTreeSet::new(),
             clock: None,
             undated: BTreeSet::new(),
         }

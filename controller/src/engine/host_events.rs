@@ -269,6 +269,7 @@ impl Engine {
                     self.on_exit(host, r, source, at, "missing from inventory");
                 }
             }
+            self.hear_word_on_arrivals(host, &listed, &covers, source, at);
             let h = self.hosts.get_mut(host).expect("known");
             let mut now_stale: BTreeSet<Resource> =
                 h.stale.iter().filter(|r| !covers(r)).cloned().collect();
@@ -296,6 +297,65 @@ impl Engine {
                         )
                     },
                 );
+            }
+        }
+    }
+
+    /// A host's listing, newer than their restore, settles the arrivals it was fenced
+    /// with by its self-fence deadline: listed, they run there and the incident lets
+    /// them go; not listed, they are dead and the incident restores them elsewhere.
+    pub(super) fn hear_word_on_arrivals(
+        &mut self,
+        host: &HostId,
+        listed: &BTreeSet<Resource>,
+        covers: &dyn Fn(&Resource) -> bool,
+        source: Source,
+        at: ListedAt,
+    ) {
+        let waiting: Vec<Resource> = self.hosts[host]
+            .awaiting_word
+            .iter()
+            .filter(|r| covers(r))
+            .filter(|r| self.resources.get(*r).is_some_and(|e| e.after_restore(at)))
+            .cloned()
+            .collect();
+        for r in waiting {
+            let h = self.hosts.get_mut(host).expect("known");
+            h.awaiting_word.remove(&r);
+            let done = h.awaiting_word.is_empty();
+            let Some(inc) = self.resources.get(&r).and_then(|e| e.owner) else {
+                continue;
+            };
+            if listed.contains(&r) {
+                self.note(
+                    inc,
+                    Subject::Resource(r.clone()),
+                    "listed by its host: it runs there; left running".into(),
+                    source,
+                );
+                if let Some(e) = self.resources.get_mut(&r) {
+                    e.owner = None;
+                }
+                if let Some(h) = self.hosts.get_mut(host) {
+                    h.owned.remove(&r);
+                }
+            } else {
+                self.note(
+                    inc,
+                    Subject::Resource(r.clone()),
+                    "not listed by its host since its restore: it died with the host; \
+                     restoring it elsewhere"
+                        .into(),
+                    source,
+                );
+            }
+            if done
+                && self
+                    .hosts
+                    .get_mut(host)
+                    .is_some_and(|h| h.alarmed.remove(&AlarmKind::AwaitingHostWord))
+            {
+                self.bump();
             }
         }
     }

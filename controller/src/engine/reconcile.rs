@@ -153,6 +153,7 @@ impl Engine {
             }
             HostState::Evacuating => {
                 let owned: Vec<Resource> = h.owned.iter().cloned().collect();
+                let awaiting = h.awaiting_word.clone();
                 let mut all_done = true;
                 for r in owned {
                     let e = &self.resources[&r];
@@ -160,7 +161,7 @@ impl Engine {
                         continue;
                     }
                     all_done = false;
-                    if e.in_flight.is_some() || now < e.retry_at {
+                    if e.in_flight.is_some() || now < e.retry_at || awaiting.contains(&r) {
                         continue;
                     }
                     let attempt = match e.state {

@@ -384,7 +384,7 @@ impl Engine {
                                 verifier_source(*by),
                             );
                             if *by == FenceVerifier::SelfFenceDeadline {
-                                self.release_arrivals(host, *incident);
+                                self.await_word_on_arrivals(host, *incident);
                             }
                         } else {
                             self.note(
@@ -629,10 +629,13 @@ impl Engine {
     }
 
     /// A host fenced by its self-fence deadline: what a backend started on it after it
-    /// fell silent was not stopped by that (it may have rebooted since); the incident
-    /// lets it go, running where it is, instead of starting it a second time elsewhere.
-    fn release_arrivals(&mut self, host: &HostId, incident: IncidentId) {
+    /// fell silent is not covered by that (it died with the host if the host was merely
+    /// cut off, or runs if the host had rebooted meanwhile). The incident keeps it but
+    /// neither restores it elsewhere nor lets it go until the host lists what it runs
+    /// ([`Engine::hear_word_on_arrivals`]).
+    fn await_word_on_arrivals(&mut self, host: &HostId, incident: IncidentId) {
         let arrived = std::mem::take(&mut self.hosts.get_mut(host).expect("known").arrived);
+        let mut waiting = Vec::new();
         for r in arrived {
             if self
                 .resources
@@ -645,16 +648,28 @@ impl Engine {
                 incident,
                 Subject::Resource(r.clone()),
                 "started here while the host was silent: its self-fence deadline does not \
-                 cover it; left running"
+                 say whether it still runs; waiting for the host to list what it runs"
                     .into(),
                 Source::Controller,
             );
-            if let Some(e) = self.resources.get_mut(&r) {
-                e.owner = None;
-            }
-            if let Some(h) = self.hosts.get_mut(host) {
-                h.owned.remove(&r);
-            }
+            waiting.push(r.to_string());
+            self.hosts
+                .get_mut(host)
+                .expect("known")
+                .awaiting_word
+                .insert(r);
+        }
+        if !waiting.is_empty() {
+            self.host_alarm(
+                host,
+                AlarmKind::AwaitingHostWord,
+                format!(
+                    "started here while the host was silent, before its self-fence deadline \
+                     passed: {}; not restored elsewhere until the host lists what it runs \
+                     (or is powered off and unfenced by hand)",
+                    waiting.join(", ")
+                ),
+            );
         }
     }
 

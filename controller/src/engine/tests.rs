@@ -2019,8 +2019,82 @@ fn a_vm_restored_onto_a_silent_host_is_not_evacuated_on_the_strength_of_its_self
         "vm1 evacuated off host 2 on the deadline's account: {moved:?}"
     );
     assert!(moved.contains(&Resource::vm("vm2")), "{moved:?}");
+    assert!(alarms(&h.actions).contains(&AlarmKind::AwaitingHostWord));
+    // The host comes back (it had rebooted) and lists vm1: it runs there.
+    h.revive(2);
+    h.run_for(300);
+    let at = h.host_clock(h.now);
+    h.input(Input::HostEvent {
+        host: host(2),
+        event: HostEvent::Inventory {
+            resources: vec![Resource::vm("vm1")],
+            stopped: vec![],
+            source: Source::Libvirt,
+            at: ListedAt::Host(at),
+        },
+    });
+    h.run_for(300);
     let vm1 = h.engine.resource(&Resource::vm("vm1")).unwrap();
-    assert_eq!((vm1.host, vm1.state), (host(2), ResourceState::Running));
+    assert_eq!(
+        (vm1.host, vm1.state, vm1.owner),
+        (host(2), ResourceState::Running, None)
+    );
+    let moves = evacuations(&h.actions)
+        .into_iter()
+        .filter(|(r, _)| *r == Resource::vm("vm1"))
+        .count();
+    assert_eq!(moves, 1, "vm1 moved only once (off host 1)");
+}
+
+#[test]
+fn an_arrival_its_silent_host_does_not_list_once_back_is_restored_elsewhere() {
+    let cfg = Config {
+        self_fence_deadline: Some(Duration::from_secs(5)),
+        max_restarts_in_place: 0,
+        ..Config::default()
+    };
+    let mut h = Harness::with(4, cfg);
+    h.kill_until_fence(2);
+    h.exit(1, "vm1", Source::Ebpf, h.now);
+    let (r, key) = evacuations(&h.actions)
+        .into_iter()
+        .find(|(r, _)| *r == Resource::vm("vm1"))
+        .expect("vm1 evacuated");
+    h.input(Input::RestoreResult {
+        resource: r,
+        key,
+        outcome: RestoreOutcome::Ok { host: host(2) },
+    });
+    h.run_for(6_000);
+    h.force_down_ok(2);
+    h.run_for(500);
+    let off_2 = |h: &Harness| {
+        h.actions
+            .iter()
+            .filter(|a| matches!(a, Action::Evacuate { resource, from, .. } if *resource == Resource::vm("vm1") && *from == host(2)))
+            .count()
+    };
+    assert_eq!(off_2(&h), 0, "not moved while the host says nothing");
+    // The host comes back, cut off long enough that its watchdog killed vm1: it lists
+    // nothing. A listing older than the restore would say nothing about vm1.
+    h.revive(2);
+    h.run_for(300);
+    let at = h.host_clock(h.now);
+    h.input(Input::HostEvent {
+        host: host(2),
+        event: HostEvent::Inventory {
+            resources: vec![],
+            stopped: vec![],
+            source: Source::Libvirt,
+            at: ListedAt::Host(at),
+        },
+    });
+    h.run_for(300);
+    assert_eq!(
+        off_2(&h),
+        1,
+        "restored elsewhere once the host said it lacks it"
+    );
 }
 
 #[test]

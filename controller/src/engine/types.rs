@@ -309,6 +309,10 @@ pub enum AlarmKind {
     HostBackAwaitingUnfence,
     /// A host reports a resource that runs elsewhere (stale qemu).
     StaleResource,
+    /// A host fenced by its self-fence deadline had resources started on it while it
+    /// was silent: whether they run is not known until the host lists what it runs;
+    /// they are neither restored elsewhere nor taken as running until then.
+    AwaitingHostWord,
     /// An operator command was refused (unfence of a host that is not clean or not
     /// fenced, maintenance during a fence).
     CommandRefused,

@@ -65,7 +65,13 @@ impl Sim<'_> {
                                 Action::RestartInPlace { .. } => (100, 800),
                                 _ => (20, 300),
                             };
-                            self.later(lo, hi, Ev::Exec(a.clone()));
+                            if let Some(asker) = self.under_way.get_mut(key) {
+                                // Joins the request under way: its answer comes here.
+                                *asker = self.lifetime;
+                            } else {
+                                self.under_way.insert(key.clone(), self.lifetime);
+                                self.later(lo, hi, Ev::Exec(a.clone(), self.lifetime));
+                            }
                         }
                     }
                 }
@@ -74,8 +80,17 @@ impl Sim<'_> {
         Ok(())
     }
 
-    /// Carries out an action in the world and reports back.
-    pub(super) fn exec(&mut self, a: Action) -> Result<(), Box<Violation>> {
+    /// Carries out an action in the world and reports back to the process that sent
+    /// it, if that one still runs. The world answers a repeated action from its state,
+    /// as Nova and libvirt do: a power-off of a host that is off is a success, an
+    /// evacuation of a VM that already left the failed host reports where it is, a
+    /// start of a running domain is a success.
+    pub(super) fn exec(&mut self, a: Action, life: u64) -> Result<(), Box<Violation>> {
+        let asker = self
+            .under_way
+            .remove(a.intent_key().expect("an effect"))
+            .unwrap_or(life);
+        let heard = asker == self.lifetime;
         let (key, result) = match a {
             Action::Fence { host, key, .. } => {
                 let h = self.index(&host);
@@ -170,6 +185,18 @@ impl Sim<'_> {
             } => {
                 let i = self.res_index(&resource);
                 let f = self.index(&from);
+                if self.res[i].placement != f {
+                    // Nova: the server already left the failed host (an earlier
+                    // request of this intent moved it); the edge tracks it there.
+                    let r = Input::RestoreResult {
+                        resource,
+                        key: key.clone(),
+                        outcome: RestoreOutcome::Ok {
+                            host: self.hosts[self.res[i].placement].id.clone(),
+                        },
+                    };
+                    return self.answer(key, r, heard);
+                }
                 let targets: Vec<usize> = (0..self.hosts.len())
                     .filter(|&t| {
                         let w = &self.hosts[t];
@@ -206,6 +233,15 @@ impl Sim<'_> {
             }
             _ => return Ok(()),
         };
+        self.answer(key, result, heard)
+    }
+
+    /// Reports an effect's outcome, unless the process that asked is gone.
+    fn answer(&mut self, key: IntentKey, result: Input, heard: bool) -> Result<(), Box<Violation>> {
+        if !heard {
+            self.trace(format!("{:>6} LOST {result:?}", self.now));
+            return self.check_world();
+        }
         self.effects.insert(key, Some(result.clone()));
         if self.rng.chance(0.05) {
             self.later(200, 3_000, Ev::Deliver(result.clone()));

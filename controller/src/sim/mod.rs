@@ -69,6 +69,9 @@ pub struct Report {
     pub gave_up: u64,
     /// Resources dead at the end, behind a held (alarmed) host.
     pub held: u64,
+    /// A digest (FNV-1a) of every traced line, in order: two runs with equal digests
+    /// took the same steps (determinism is checked on this, not on counts).
+    pub trace_digest: u64,
 }
 
 /// The summary of many seeds.
@@ -88,6 +91,16 @@ pub fn run_seed(seed: u64) -> Result<Report, Box<Violation>> {
     run_scenario(&sc)
 }
 
+/// Runs one seed and keeps its whole trace (every input but heartbeats and timers, every
+/// action but timers): `cargo xtask sim --seed S` prints it, to replay a failing seed.
+pub fn replay_seed(seed: u64) -> (Result<Report, Box<Violation>>, Vec<String>) {
+    let sc = Scenario::generate(seed);
+    let mut sim = Sim::new(&sc);
+    sim.keep_whole_trace = true;
+    let r = run_sim(&mut sim);
+    (r, std::mem::take(&mut sim.trace))
+}
+
 /// Runs every seed in the range; `cargo xtask sim --seeds N` calls this with `0..N`.
 pub fn run_seeds(seeds: Range<u64>) -> Summary {
     let mut s = Summary::default();
@@ -105,6 +118,7 @@ pub fn run_seeds(seeds: Range<u64>) -> Summary {
                 t.controller_restarts += r.controller_restarts;
                 t.gave_up += r.gave_up;
                 t.held += r.held;
+                t.trace_digest ^= r.trace_digest.rotate_left((seed % 64) as u32);
             }
             Err(v) => s.violations.push(*v),
         }
@@ -114,10 +128,13 @@ pub fn run_seeds(seeds: Range<u64>) -> Summary {
 
 /// Runs a scenario (possibly hand-written).
 pub fn run_scenario(sc: &Scenario) -> Result<Report, Box<Violation>> {
-    let mut sim = Sim::new(sc);
+    run_sim(&mut Sim::new(sc))
+}
+
+fn run_sim(sim: &mut Sim<'_>) -> Result<Report, Box<Violation>> {
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sim.run()));
     match r {
-        Ok(Ok(())) => Ok(sim.report),
+        Ok(Ok(())) => Ok(sim.report.clone()),
         Ok(Err(v)) => Err(v),
         Err(p) => {
             let msg = p
@@ -130,8 +147,4 @@ pub fn run_scenario(sc: &Scenario) -> Result<Report, Box<Violation>> {
             ))
         }
     }
-}
-
-impl<'a> Sim<'a> {
-    // -------------------------------------------------------------------- invariants
 }

@@ -45,7 +45,9 @@ pub(super) enum Ev {
     MaintenanceEnd(usize),
     MaintenanceOff(usize),
     PowerOn(usize),
-    Exec(Action),
+    /// An effector carries out an action, sent by the controller's `life`-th process:
+    /// if that process has died since, the effect still happens but nobody hears of it.
+    Exec(Action, u64),
     Heal,
 }
 
@@ -86,8 +88,15 @@ pub(super) struct Sim<'a> {
     pub(super) isolated_since: u64,
     pub(super) engine: Engine,
     pub(super) log: MemoryIntentLog,
-    /// Effects done or pending per key: the fakes are idempotent per key.
+    /// Effects done or pending per key, as the edges' in-memory dedup maps know them
+    /// (`AnsweredOnce`, the fencer's outcomes, the libvirt edge's `tried`): forgotten
+    /// when the controller restarts, like theirs.
     pub(super) effects: BTreeMap<IntentKey, Option<Input>>,
+    /// Actions the world (Nova, a BMC) is still carrying out, by key, with the
+    /// controller life that last asked: this survives a controller restart, and a
+    /// repeated request joins the one under way (Nova answers 409 while a server's
+    /// task runs, and the edge tracks that task) instead of starting another.
+    pub(super) under_way: BTreeMap<IntentKey, u64>,
     pub(super) lifetime: u64,
     pub(super) issued_this_life: BTreeSet<IntentKey>,
     pub(super) resumed_open: BTreeSet<IntentKey>,
@@ -96,6 +105,8 @@ pub(super) struct Sim<'a> {
     pub(super) healed: bool,
     pub(super) report: Report,
     pub(super) trace: Vec<String>,
+    /// Keep every trace line (a replay), not only the last few hundred.
+    pub(super) keep_whole_trace: bool,
     pub(super) last_revision: u64,
 }
 
@@ -141,6 +152,7 @@ impl<'a> Sim<'a> {
             isolated_since: 0,
             log: MemoryIntentLog::new(),
             effects: BTreeMap::new(),
+            under_way: BTreeMap::new(),
             lifetime: 0,
             issued_this_life: BTreeSet::new(),
             resumed_open: BTreeSet::new(),
@@ -149,9 +161,12 @@ impl<'a> Sim<'a> {
             healed: false,
             report: Report {
                 faults: sc.faults.len(),
+                // FNV-1a's offset basis.
+                trace_digest: 0xcbf2_9ce4_8422_2325,
                 ..Report::default()
             },
             trace: Vec::new(),
+            keep_whole_trace: false,
             last_revision: u64::MAX,
         }
     }
@@ -167,7 +182,13 @@ impl<'a> Sim<'a> {
     }
 
     pub(super) fn trace(&mut self, line: String) {
-        if self.trace.len() >= 400 {
+        // FNV-1a over the line and a separator.
+        let mut d = self.report.trace_digest;
+        for b in line.bytes().chain([b'\n']) {
+            d = (d ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.report.trace_digest = d;
+        if !self.keep_whole_trace && self.trace.len() >= 400 {
             self.trace.drain(..200);
         }
         self.trace.push(line);
@@ -326,7 +347,7 @@ impl<'a> Sim<'a> {
                 w.boot_id += 1;
                 w.outbox.clear();
             }
-            Ev::Exec(a) => self.exec(a)?,
+            Ev::Exec(a, life) => self.exec(a, life)?,
             Ev::Heal => {
                 self.healed = true;
                 self.isolated = false;
@@ -456,6 +477,9 @@ impl<'a> Sim<'a> {
                     Engine::resume(self.cfg.clone(), &self.log, Timestamp(self.now));
                 self.engine = engine;
                 self.lifetime += 1;
+                // The edges' memory died with the process: a re-handed intent is sent
+                // to the world again, which answers from what it now is.
+                self.effects.clear();
                 self.issued_this_life.clear();
                 self.resumed_open = self.log.open().into_iter().map(|r| r.key).collect();
                 self.last_revision = u64::MAX;

@@ -350,7 +350,7 @@ pub(crate) mod tests {
         let k = key();
         let peer = SocketAddr::from(([127, 0, 0, 1], 9));
         let hour_ns = 3_600 * 1_000_000_000u64;
-        let mut send = |seq: u64, wall_ns: u64, mono_ms: u64| {
+        let send = |seq: u64, wall_ns: u64, mono_ms: u64| {
             let d = hb("h1", 5, seq, 0, &k);
             let mut acks = vec![Vec::new()];
             let mut accepted = vec![false];
