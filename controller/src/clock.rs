@@ -3,7 +3,7 @@
 //! tests can advance time by hand.
 use tokio::time::Instant;
 
-use crate::engine::Timestamp;
+use crate::engine::{IntentEntry, IntentLog, Timestamp};
 
 #[derive(Debug, Clone, Copy)]
 pub struct EngineClock {
@@ -22,12 +22,47 @@ fn wall_clock_now() -> Timestamp {
     )
 }
 
+/// The latest time the intent log holds (an intent's or a completion's), on the clock
+/// of the controller that wrote it.
+pub fn latest_in_log(log: &impl IntentLog) -> Option<Timestamp> {
+    latest_of(&log.entries())
+}
+
+/// The latest time among these intents and their completions.
+pub fn latest_of(entries: &[IntentEntry]) -> Option<Timestamp> {
+    entries
+        .iter()
+        .flat_map(|e| [Some(e.record.at), e.done.as_ref().map(|d| d.at)])
+        .flatten()
+        .max()
+}
+
 impl EngineClock {
     pub fn start() -> Self {
         Self {
             base_unix_ms: wall_clock_now().0,
             base: Instant::now(),
         }
+    }
+
+    /// Starts after `latest` (the latest time the store holds) even if the wall clock
+    /// was stepped back while the controller was down: the engine compares the times it
+    /// wrote before its restart with its clock now, and a retry or a deadline computed
+    /// from them must not lie an hour ahead.
+    pub fn start_not_before(latest: Option<Timestamp>) -> Self {
+        let mut clock = Self::start();
+        if let Some(latest) = latest {
+            if clock.base_unix_ms <= latest.0 {
+                tracing::warn!(
+                    wall_ms = clock.base_unix_ms,
+                    latest_in_store_ms = latest.0,
+                    "the wall clock reads earlier than the store's latest intent (stepped \
+                     back?); the engine's clock starts just after the store's"
+                );
+                clock.base_unix_ms = latest.0 + 1;
+            }
+        }
+        clock
     }
 
     pub fn now(&self) -> Timestamp {

@@ -514,6 +514,27 @@ impl Controller {
         }
     }
 
+    /// The next fence the engine asks for `host`, unanswered (None within `timeout`).
+    pub fn next_fence(&self, host: &str, timeout: Duration) -> Option<IntentKey> {
+        let t0 = Instant::now();
+        loop {
+            let left = timeout.saturating_sub(t0.elapsed());
+            let (h, key) = self.fences.recv_timeout(left).ok()?;
+            if h.as_str() == host {
+                return Some(key);
+            }
+        }
+    }
+
+    /// Answers the fence `key` of `host`: verified by its BMC.
+    pub fn verify_fence(&self, host: &str, key: IntentKey) {
+        self.send(Input::FenceResult {
+            host: HostId::new(host),
+            key,
+            outcome: FenceOutcome::Verified(FenceVerifier::IpmiPowerOff),
+        });
+    }
+
     pub fn send(&self, input: Input) {
         self.channels.results.send(input).expect("engine task runs");
     }
@@ -539,6 +560,26 @@ impl Controller {
                 self.host_state(host)
             );
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until `host` has gone past `state` on the way of a recovery (the snapshot
+    /// is published on a timer, so a fast host may skip showing `state` itself).
+    pub fn wait_host_state_past(&self, host: &str, state: HostState, timeout: Duration) {
+        use HostState::*;
+        let order = [
+            Up, Suspect, Confirming, Fencing, Fenced, Evacuating, Recovered,
+        ];
+        let rank = |s: HostState| order.iter().position(|o| *o == s);
+        let want = rank(state);
+        let t0 = Instant::now();
+        while self.host_state(host).and_then(rank) < want {
+            assert!(
+                t0.elapsed() < timeout,
+                "{host} not past {state:?} within {timeout:?}: {:?}",
+                self.host_state(host)
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -13,8 +13,10 @@ use std::time::Duration;
 
 use controller::edges::nova::{NovaSettings, RestoreEvent};
 use controller::engine::{
-    Config as EngineConfig, HostEvent, HostId, HostState, HostTime, Input, Resource, Source,
+    Config as EngineConfig, HostEvent, HostId, HostState, HostTime, Input, Intent, IntentEntry,
+    Resource, Source,
 };
+use controller::store::{SqliteStore, Store as _};
 use defib_tests::novalab::{Controller, Nova};
 use defib_tests::{require, tag};
 use serde_json::json;
@@ -246,6 +248,129 @@ fn a_controller_killed_in_the_middle_of_a_restore_finishes_it_after_a_restart_wi
     ctl.wait_host_state("fake-1", HostState::Up, Duration::from_secs(60));
     ctl.kill();
     nova.delete_named(&prefix);
+}
+
+/// Where in a host's recovery the controller is killed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum KillPoint {
+    /// The fence intent is stored and handed to the fencer, not answered.
+    FenceAsked,
+    /// The fence was verified (the host is Fenced), force-down not yet seen in Nova.
+    FenceVerified,
+    /// Nova has the compute service forced down.
+    ForcedDown,
+}
+
+/// The intents the store holds about `host`'s recovery (fences, force-downs) and the
+/// evacuations of `servers`.
+fn recovery_intents(store: &std::path::Path, host: &str, servers: &[String]) -> Vec<IntentEntry> {
+    let store = SqliteStore::open(store).expect("store");
+    store
+        .intents()
+        .expect("intents")
+        .into_iter()
+        .filter(|e| match &e.record.intent {
+            Intent::Fence { host: h, .. } | Intent::ForceDown { host: h, .. } => h.as_str() == host,
+            Intent::Evacuate { resource, .. } => {
+                servers.iter().any(|s| *resource == Resource::vm(s))
+            }
+            _ => false,
+        })
+        .collect()
+}
+
+#[test]
+fn a_controller_killed_after_the_fence_intent_after_the_fence_or_after_force_down_resumes_with_no_action_twice(
+) {
+    // The mid-evacuation kill is the test above. Here the kill is the in-process
+    // controller's runtime shut down where it stands (every task dropped mid-await,
+    // the SQLite store as the crash left it), then a new controller on the same store.
+    let _g = lock();
+    let nova = Nova::connect();
+    require!(nova.is_some(), "the novabed (cargo xtask novabed start)");
+    let nova = nova.unwrap();
+    for point in [
+        KillPoint::FenceAsked,
+        KillPoint::FenceVerified,
+        KillPoint::ForcedDown,
+    ] {
+        for n in 1..=3 {
+            nova.ensure_host_ready(n);
+        }
+        let prefix = format!("tkp-{}", tag());
+        let ids = nova.boot_on("fake-1", 4, &prefix, json!({}));
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store.sqlite");
+        let ctl = Controller::start(&store, settings());
+        ctl.wait_host_state("fake-1", HostState::Up, Duration::from_secs(10));
+        nova.kill_compute(1);
+        ctl.silence("fake-1");
+        let first_fence = ctl
+            .next_fence("fake-1", Duration::from_secs(30))
+            .expect("a fence asked");
+        if point != KillPoint::FenceAsked {
+            ctl.verify_fence("fake-1", first_fence.clone());
+            ctl.wait_host_state_past("fake-1", HostState::Fenced, Duration::from_secs(10));
+        }
+        if point == KillPoint::ForcedDown {
+            let t0 = std::time::Instant::now();
+            while !nova.service("fake-1").forced_down {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "{point:?}: not forced down"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        ctl.kill();
+
+        let ctl = Controller::start(&store, settings());
+        ctl.silence("fake-1");
+        // Only an unanswered fence is handed out again, under its first key.
+        match ctl.next_fence("fake-1", Duration::from_secs(3)) {
+            Some(key) => {
+                assert_eq!(point, KillPoint::FenceAsked, "fenced again after {point:?}");
+                assert_eq!(key, first_fence, "the resumed fence keeps its key");
+                ctl.verify_fence("fake-1", key);
+            }
+            None => assert_ne!(
+                point,
+                KillPoint::FenceAsked,
+                "the open fence was not resumed"
+            ),
+        }
+        let done =
+            nova.wait_all_active_elsewhere(&prefix, &ids, "fake-1", Duration::from_secs(300));
+        assert_eq!(done.len(), 4, "{point:?}");
+        for id in &ids {
+            assert_eq!(nova.evacuations(id), 1, "{point:?}: {id} evacuated once");
+        }
+        ctl.wait_host_state("fake-1", HostState::Recovered, Duration::from_secs(60));
+        let intents = recovery_intents(&store, "fake-1", &ids);
+        let count = |f: fn(&Intent) -> bool| intents.iter().filter(|e| f(&e.record.intent)).count();
+        assert_eq!(
+            count(|i| matches!(i, Intent::Fence { .. })),
+            1,
+            "{point:?}: {intents:?}"
+        );
+        assert_eq!(
+            count(|i| matches!(i, Intent::ForceDown { .. })),
+            1,
+            "{point:?}: {intents:?}"
+        );
+        assert_eq!(
+            count(|i| matches!(i, Intent::Evacuate { .. })),
+            4,
+            "{point:?}: {intents:?}"
+        );
+        assert!(
+            intents.iter().all(|e| e.done.is_some()),
+            "{point:?}: {intents:?}"
+        );
+        host_returns_and_is_unforced(&nova, &ctl);
+        ctl.kill();
+        nova.delete_named(&prefix);
+    }
 }
 
 #[test]

@@ -167,7 +167,8 @@ impl EngineTask {
         for (host, high) in parts.store.event_high_waters()? {
             dedup.restore(&host, high);
         }
-        let clock = EngineClock::start();
+        // After the store's latest time, whatever the wall clock says now.
+        let clock = EngineClock::start_not_before(crate::clock::latest_of(&parts.store.intents()?));
         let task = EngineTask {
             engine: Engine::new(parts.engine_config),
             clock,

@@ -13,7 +13,7 @@ impl Sim<'_> {
             match &a {
                 Action::ArmTimer { id, at } => {
                     let id = id.clone();
-                    self.at(at.0.max(self.now), Ev::Deliver(Input::Timer(id)));
+                    self.at(self.sim_time_at(*at), Ev::Deliver(Input::Timer(id)));
                 }
                 Action::PersistIntent(_) | Action::CompleteIntent { .. } => self.log.apply(&a),
                 Action::RecordTimeline { .. } => {}

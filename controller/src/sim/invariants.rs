@@ -141,7 +141,7 @@ impl Sim<'_> {
                 if matches!(a, Action::Fence { .. })
                     && self.isolated
                     && self.now > self.isolated_since + 1_000
-                    && entry.record.at.0 == self.now
+                    && entry.record.at == self.engine_now()
                 {
                     return self.fail(
                         Invariant::SafetyGate,
@@ -154,7 +154,7 @@ impl Sim<'_> {
                         format!("{key} issued twice by one engine"),
                     );
                 }
-                if entry.record.at.0 != self.now && !self.resumed_open.contains(key) {
+                if entry.record.at != self.engine_now() && !self.resumed_open.contains(key) {
                     // Only a resumed engine may hand an older intent out again.
                     return self.fail(
                         Invariant::NoActionTwice,

@@ -92,6 +92,10 @@ pub struct Scenario {
     /// service) instead of a patient operator.
     #[serde(default)]
     pub auto_unfence: bool,
+    /// By how much the controller's wall clock was stepped before each of its restarts
+    /// (ms; an hour back or forth, or anything between).
+    #[serde(default)]
+    pub controller_clock_steps_ms: Vec<i64>,
 }
 
 impl Scenario {
@@ -173,6 +177,14 @@ impl Scenario {
             })
             .collect();
         let auto_unfence = more.chance(0.5);
+        let controller_clock_steps_ms = (0..8)
+            .map(|_| match more.range(0, 3) {
+                0 => 0,
+                1 => -3_600_000,
+                2 => 3_600_000,
+                _ => more.range(0, 7_200_000) as i64 - 3_600_000,
+            })
+            .collect();
         Scenario {
             seed,
             hosts,
@@ -180,6 +192,7 @@ impl Scenario {
             faults,
             clock_offsets_ms,
             auto_unfence,
+            controller_clock_steps_ms,
             p_fence_fail: pick(&mut rng),
             p_fence_unverified: pick(&mut rng) / 2.0,
             p_restore_fail: pick(&mut rng),

@@ -75,6 +75,10 @@ impl Ord for Queued {
     }
 }
 
+/// Where the hosts' clocks and the engine's start (plausible unix ms).
+const HOST_EPOCH_MS: i64 = 1_800_000_000_000;
+const ENGINE_EPOCH_MS: i64 = HOST_EPOCH_MS;
+
 pub(super) struct Sim<'a> {
     pub(super) sc: &'a Scenario,
     pub(super) cfg: Config,
@@ -105,6 +109,10 @@ pub(super) struct Sim<'a> {
     pub(super) healed: bool,
     pub(super) report: Report,
     pub(super) trace: Vec<String>,
+    /// The engine's clock minus simulated time (ms). The engine's clock is the
+    /// controller's wall clock read at start and advanced monotonically; a restarted
+    /// controller reads a wall clock that may have been stepped meanwhile.
+    pub(super) engine_offset_ms: i64,
     /// Keep every trace line (a replay), not only the last few hundred.
     pub(super) keep_whole_trace: bool,
     pub(super) last_revision: u64,
@@ -167,6 +175,7 @@ impl<'a> Sim<'a> {
             },
             trace: Vec::new(),
             keep_whole_trace: false,
+            engine_offset_ms: ENGINE_EPOCH_MS,
             last_revision: u64::MAX,
         }
     }
@@ -195,7 +204,7 @@ impl<'a> Sim<'a> {
     }
 
     pub(super) fn run(&mut self) -> Result<(), Box<Violation>> {
-        let start = self.engine.start(Timestamp(0));
+        let start = self.engine.start(self.engine_now());
         self.apply_actions(start)?;
         // Nova's inventory, then the world starts.
         for h in 0..self.hosts.len() {
@@ -206,7 +215,7 @@ impl<'a> Sim<'a> {
                     resources,
                     stopped: vec![],
                     source: Source::Nova,
-                    at: ListedAt::Controller(Timestamp(0)),
+                    at: ListedAt::Controller(self.engine_now()),
                 },
             })?;
         }
@@ -307,7 +316,7 @@ impl<'a> Sim<'a> {
                             // The watchdog lists on its host's clock; Neutron's lister
                             // is the controller's.
                             let at = match source {
-                                Source::Neutron => ListedAt::Controller(Timestamp(self.now)),
+                                Source::Neutron => ListedAt::Controller(self.engine_now()),
                                 _ => ListedAt::Host(self.host_time(h)),
                             };
                             self.hosts[h].outbox.push(HostEvent::Inventory {
@@ -473,8 +482,9 @@ impl<'a> Sim<'a> {
             }
             Fault::ControllerRestart => {
                 self.report.controller_restarts += 1;
+                self.step_controller_clock();
                 let (engine, actions) =
-                    Engine::resume(self.cfg.clone(), &self.log, Timestamp(self.now));
+                    Engine::resume(self.cfg.clone(), &self.log, self.engine_now());
                 self.engine = engine;
                 self.lifetime += 1;
                 // The edges' memory died with the process: a re-handed intent is sent
@@ -498,7 +508,7 @@ impl<'a> Sim<'a> {
                             resources,
                             stopped: vec![],
                             source: Source::Nova,
-                            at: ListedAt::Controller(Timestamp(self.now)),
+                            at: ListedAt::Controller(self.engine_now()),
                         },
                     })?;
                 }
@@ -530,9 +540,42 @@ impl<'a> Sim<'a> {
         Ok(())
     }
 
+    /// The engine's clock now (the controller's wall clock as its current process
+    /// reckons it).
+    pub(super) fn engine_now(&self) -> Timestamp {
+        Timestamp((self.now as i64 + self.engine_offset_ms) as u64)
+    }
+
+    /// Simulated time at which the engine's clock reads `at` (never in the past).
+    pub(super) fn sim_time_at(&self, at: Timestamp) -> u64 {
+        ((at.0 as i64 - self.engine_offset_ms).max(self.now as i64)) as u64
+    }
+
+    /// A controller restart: the wall clock may have been stepped while it was down;
+    /// the new process starts its clock no earlier than the latest time in the store,
+    /// as `EngineClock::start_not_before` does.
+    fn step_controller_clock(&mut self) {
+        let i = self.report.controller_restarts as usize - 1;
+        let step = self
+            .sc
+            .controller_clock_steps_ms
+            .get(i)
+            .copied()
+            .unwrap_or(0);
+        let wall = self.engine_now().0 as i64 + step;
+        let latest = crate::clock::latest_in_log(&self.log).map_or(0, |t| t.0 as i64);
+        let start = wall.max(latest + 1);
+        self.engine_offset_ms = start - self.now as i64;
+        if step != 0 {
+            self.trace(format!(
+                "{:>6} CLOCK stepped {step:+} ms; engine starts at {start}",
+                self.now
+            ));
+        }
+    }
+
     /// Host `h`'s own clock now (a plausible unix time, off by its scenario offset).
     pub(super) fn host_time(&self, h: usize) -> HostTime {
-        const HOST_EPOCH_MS: i64 = 1_800_000_000_000;
         let offset = self.sc.clock_offsets_ms.get(h).copied().unwrap_or(0);
         HostTime((HOST_EPOCH_MS + self.now as i64 + offset) as u64)
     }
@@ -540,7 +583,7 @@ impl<'a> Sim<'a> {
     /// An operator's command; a refusal changes nothing (it is traced).
     pub(super) fn command(&mut self, cmd: OperatorCommand) -> Result<(), Box<Violation>> {
         self.trace(format!("{:>6} CMD {cmd:?}", self.now));
-        match self.engine.command(Timestamp(self.now), cmd) {
+        match self.engine.command(self.engine_now(), cmd) {
             Ok(actions) => {
                 self.report.steps += 1;
                 self.apply_actions(actions)?;
@@ -557,7 +600,7 @@ impl<'a> Sim<'a> {
         if !matches!(input, Input::Heartbeat(_) | Input::Timer(_)) {
             self.trace(format!("{:>6} IN  {input:?}", self.now));
         }
-        let actions = self.engine.step(Timestamp(self.now), input);
+        let actions = self.engine.step(self.engine_now(), input);
         self.report.steps += 1;
         self.apply_actions(actions)?;
         self.check_engine()

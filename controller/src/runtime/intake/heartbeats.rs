@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use prometheus_client::metrics::counter::Counter;
 use protocol::{Ack, Freshness, HeartbeatReceiver, Key};
