@@ -7,7 +7,8 @@ pub(super) struct HostEntry {
     pub(super) state: HostState,
     pub(super) incident: Option<IncidentId>,
     pub(super) boot_id: Option<u64>,
-    pub(super) self_fence_armed: bool,
+    /// The last heartbeat's self-fence: armed with this timeout (see [`Heartbeat`]).
+    pub(super) self_fence: Option<Duration>,
     pub(super) confirm_asked_at: Option<Timestamp>,
     pub(super) awaiting_confirmation: bool,
     pub(super) verdict: Option<(Verdict, Source)>,
@@ -50,7 +51,7 @@ impl HostEntry {
             state: HostState::Up,
             incident: None,
             boot_id: None,
-            self_fence_armed: false,
+            self_fence: None,
             confirm_asked_at: None,
             awaiting_confirmation: false,
             verdict: None,
@@ -76,7 +77,7 @@ impl HostEntry {
         let keep = (
             self.state,
             self.boot_id,
-            self.self_fence_armed,
+            self.self_fence,
             std::mem::take(&mut self.stale),
             self.last_incident,
             std::mem::take(&mut self.evacuated),
@@ -87,7 +88,7 @@ impl HostEntry {
         (
             self.state,
             self.boot_id,
-            self.self_fence_armed,
+            self.self_fence,
             self.stale,
             self.last_incident,
             self.evacuated,

@@ -70,11 +70,14 @@ impl Engine {
                     // A superseded restart is still in flight; its result comes first.
                     return;
                 }
+                // Silence is reckoned from the controller's receive times; the timeout is
+                // the one the host's last heartbeat promised (no setting to keep equal on
+                // both sides), and a host that did not say "armed" is never fenced by it.
                 let silence = self.detector.silence(host, now).unwrap_or_default();
-                let self_fenced = self
-                    .cfg
-                    .self_fence_deadline
-                    .is_some_and(|d| h.self_fence_armed && silence >= d);
+                let self_fenced = match (self.cfg.self_fence_margin, h.self_fence) {
+                    (Some(margin), Some(timeout)) => silence >= timeout.saturating_add(margin),
+                    _ => false,
+                };
                 let attempt = h.fence.attempts + 1;
                 let resources: Vec<Resource> = h.owned.iter().cloned().collect();
                 if self_fenced {
