@@ -260,8 +260,9 @@ async fn run(
             acked = true;
         }
         // The device is opened once acked (opening starts its countdown), and tried again
-        // on later ticks if that failed.
-        if acked && device.is_none() {
+        // on later ticks if that failed, only while the controller acks: opened while
+        // isolated, it would reset a host that was never armed.
+        if state == Reachability::Reachable && device.is_none() {
             if let Some(path) = &settings.device {
                 match WatchdogDevice::arm(path, settings.isolation_timeout, tick_every) {
                     Ok((d, took)) => {
