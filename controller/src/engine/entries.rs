@@ -9,6 +9,8 @@ pub(super) struct HostEntry {
     pub(super) boot_id: Option<u64>,
     /// The last heartbeat's self-fence: armed with this timeout (see [`Heartbeat`]).
     pub(super) self_fence: Option<Duration>,
+    /// The current incident's timeline says its self-fence did not count (once).
+    pub(super) self_fence_unarmed_noted: bool,
     pub(super) confirm_asked_at: Option<Timestamp>,
     pub(super) awaiting_confirmation: bool,
     pub(super) verdict: Option<(Verdict, Source)>,
@@ -52,6 +54,7 @@ impl HostEntry {
             incident: None,
             boot_id: None,
             self_fence: None,
+            self_fence_unarmed_noted: false,
             confirm_asked_at: None,
             awaiting_confirmation: false,
             verdict: None,

@@ -2099,6 +2099,15 @@ fn a_host_whose_heartbeats_say_its_self_fence_is_not_armed_is_never_counted_fenc
         "vm1 evacuated off a host nobody fenced"
     );
     assert!(alarms(&h.actions).contains(&AlarmKind::FenceExhausted));
+    // The incident says once why the self-fence did not count.
+    let id = h.engine.host_incident(&host(1)).unwrap();
+    let inc = h.engine.incident(id).unwrap();
+    let notes = inc
+        .timeline
+        .iter()
+        .filter(|e| e.cause.starts_with("self-fence not counted"))
+        .count();
+    assert_eq!(notes, 1, "{:#?}", inc.timeline);
 }
 
 #[test]
