@@ -639,7 +639,7 @@ impl Controller {
                         boot_id: 1,
                         incarnation: 1,
                         at: HostTime(self.now),
-                        self_fence_armed: true,
+                        self_fence: Some(std::time::Duration::from_secs(3)),
                     }));
                 }
             }

@@ -47,6 +47,10 @@ fn host_row(t: &mut Table, h: &HostSnapshot, now: u64) {
     if h.isolated {
         flags.push("isolated".to_string());
     }
+    // The reason is in `--json` (`self_fence`): too long for a column.
+    if h.self_fence.starts_with("not armed") {
+        flags.push("self-fence-not-armed".to_string());
+    }
     t.row([
         h.host.clone(),
         h.state.to_string(),
@@ -263,6 +267,7 @@ mod tests {
             vm_count: 3,
             stalled_vm_count: 0,
             isolated: false,
+            self_fence: "off".into(),
             boot_id: None,
             incarnation: None,
             evacuated: vec![],
@@ -274,20 +279,18 @@ mod tests {
         let mut h2 = h("compute-2", HostState::Fencing, Some(NOW - 4_200));
         h2.incident = Some(7);
         h2.isolated = true;
+        let mut h3 = h("h3", HostState::Maintenance, None);
+        h3.self_fence = "not armed: no permission to kill qemu pid 7 owned by uid 64055".into();
         let r = HostsResponse {
             at_ms: NOW,
-            hosts: vec![
-                h("h1", HostState::Up, Some(NOW - 100)),
-                h2,
-                h("h3", HostState::Maintenance, None),
-            ],
+            hosts: vec![h("h1", HostState::Up, Some(NOW - 100)), h2, h3],
         };
         assert_eq!(
             hosts(&r),
             "HOST       STATE        INCIDENT  LAST HEARTBEAT  PATHS (AGE)  VMS  STALLED  FLAGS\n\
              h1         Up           -         0.1 s ago       p0 0.1 s     3    0        -\n\
              compute-2  Fencing      i7        4.2 s ago       p0 4.2 s     3    0        isolated\n\
-             h3         Maintenance  -         -               -            3    0        -\n"
+             h3         Maintenance  -         -               -            3    0        self-fence-not-armed\n"
         );
     }
 

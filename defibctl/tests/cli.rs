@@ -38,6 +38,7 @@ fn sample_snapshot() -> Snapshot {
         vm_count: 1,
         stalled_vm_count: 0,
         isolated: false,
+        self_fence: "off".into(),
         boot_id: None,
         incarnation: None,
         evacuated: vec![],

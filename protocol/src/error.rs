@@ -11,8 +11,9 @@ pub enum DecodeError {
     /// The first four bytes are not [`crate::MAGIC`]: not ours at all.
     #[error("bad magic: not a defib message")]
     BadMagic,
-    /// Ours, but a protocol version this build does not speak.
-    #[error("unsupported protocol version {0} (this build speaks {v})", v = crate::PROTOCOL_VERSION)]
+    /// Ours, but a version of this kind's layout this build does not speak (acks and
+    /// frames: [`crate::PROTOCOL_VERSION`]; heartbeats: 1 and [`crate::HEARTBEAT_VERSION`]).
+    #[error("unsupported protocol version {0} for this kind of message")]
     UnsupportedVersion(u8),
     /// A valid header for another kind of message (for example an ack where a
     /// heartbeat was expected, or a heartbeat replayed on the ack port).

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!  0   4  magic "DFIB"
-//!  4   1  protocol version (1)
+//!  4   1  heartbeat layout version (2; version 1 is still decoded, see below)
 //!  5   1  kind (1 = heartbeat)
 //!  6   1  path index: which network path this copy was sent on
 //!  7   1  flags: bit 0 isolated, bit 1 libvirt reachable, bit 2 self-fence armed, bits 3..7 zero
@@ -16,12 +16,22 @@
 //! 56   4  VM count
 //! 60   4  VMs with an active disk stall
 //! 64   8  probe drop count (cumulative since the watchdog started)
-//! 72   1  C = cluster id length (1..=64)
-//! 73   C  cluster id, UTF-8
+//! 72   4  self-fence timeout, ms: the watchdog's own isolation timeout (0: self-fence off)
+//! 76   1  self-fence state: 0 off, 1 armed, 2.. not armed, the code saying why
+//! 77   4  reason detail a (e.g. the qemu pid it may not kill)
+//! 81   4  reason detail b (e.g. that qemu's uid)
+//! 85   1  C = cluster id length (1..=64)
+//! 86   C  cluster id, UTF-8
 //!  .   1  H = host id length (1..=253)
 //!  .   H  host id, UTF-8
 //!  .  32  HMAC-SHA256 over every byte before it
 //! ```
+//!
+//! Version 1 (watchdogs before the self-fence block) lacks bytes 72..85. It is still
+//! decoded, with its self-fence reported as [`SelfFence::NotArmed`] for
+//! [`NotArmed::Unproven`], whatever its bit 2 says: such a watchdog proved neither that
+//! it may kill its qemus nor which timeout it keeps, so its silence must not count as a
+//! fence (the controller fences it by its other levels, or waits and alarms).
 
 use crate::error::{DecodeError, EncodeError};
 use crate::ids::{check_cluster_id, check_host_id, BootId, MAX_CLUSTER_ID_LEN, MAX_HOST_ID_LEN};
@@ -31,17 +41,208 @@ use crate::wire::{self, Reader};
 /// Kind byte of a heartbeat.
 pub const KIND_HEARTBEAT: u8 = 1;
 
-const FIXED_LEN: usize = 72;
+/// The heartbeat layout this build sends: 2, with the self-fence block. Version 1
+/// (without it) is still accepted from older watchdogs.
+pub const HEARTBEAT_VERSION: u8 = 2;
+const DECODED_VERSIONS: [u8; 2] = [1, HEARTBEAT_VERSION];
+
+const FIXED_LEN: usize = 85;
+/// The self-fence block's length (absent in version 1).
+const SELF_FENCE_LEN: usize = 13;
 const FLAG_ISOLATED: u8 = 1 << 0;
 const FLAG_LIBVIRT_REACHABLE: u8 = 1 << 1;
 const FLAG_SELF_FENCE_ARMED: u8 = 1 << 2;
 const KNOWN_FLAGS: u8 = FLAG_ISOLATED | FLAG_LIBVIRT_REACHABLE | FLAG_SELF_FENCE_ARMED;
 
-/// Longest valid heartbeat (longest ids): 423 bytes.
+/// Longest valid heartbeat (longest ids): 436 bytes.
 pub const MAX_HEARTBEAT_LEN: usize =
     FIXED_LEN + 1 + MAX_CLUSTER_ID_LEN + 1 + MAX_HOST_ID_LEN + MAC_LEN;
-/// Shortest valid heartbeat (one-byte ids).
-pub const MIN_HEARTBEAT_LEN: usize = FIXED_LEN + 1 + 1 + 1 + 1 + MAC_LEN;
+/// Shortest valid heartbeat (one-byte ids; version 1, without the self-fence block).
+pub const MIN_HEARTBEAT_LEN: usize = FIXED_LEN - SELF_FENCE_LEN + 1 + 1 + 1 + 1 + MAC_LEN;
+
+/// The watchdog's self-fence as its heartbeats report it.
+///
+/// Armed means *effective*: the watchdog has been acked by a controller, may signal
+/// every qemu it watches (`kill(pid, 0)` succeeded for each, re-checked on every tick),
+/// and, with a hardware watchdog device, has it running with a timeout the driver took.
+/// Only then may the controller count the host fenced once it has been silent for
+/// `timeout_ms` plus the controller's margin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SelfFence {
+    /// Not enabled on this host.
+    #[default]
+    Off,
+    /// Armed: once isolated for `timeout_ms` (no controller ack), the host kills its
+    /// qemus, and a hung daemon lets the device reset the host within it.
+    Armed {
+        /// The watchdog's own isolation timeout (at least the device's, if it has one).
+        timeout_ms: u32,
+    },
+    /// Enabled but not armed: its silence proves nothing.
+    NotArmed {
+        /// The isolation timeout it would keep (0 when unknown, as from an old watchdog).
+        timeout_ms: u32,
+        /// Why.
+        reason: NotArmed,
+    },
+}
+
+impl SelfFence {
+    /// The isolation timeout the host promises to self-fence within, if armed.
+    pub fn armed_timeout_ms(&self) -> Option<u32> {
+        match *self {
+            SelfFence::Armed { timeout_ms } => Some(timeout_ms),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for SelfFence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SelfFence::Off => f.write_str("off"),
+            SelfFence::Armed { timeout_ms } => {
+                write!(f, "armed (isolation timeout {timeout_ms} ms)")
+            }
+            SelfFence::NotArmed { reason, .. } => write!(f, "not armed: {reason}"),
+        }
+    }
+}
+
+/// Why a host's self-fence is not armed. On the wire: a code and two details.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotArmed {
+    /// No controller has acked this run yet (a watchdog that no controller hears must
+    /// not kill VMs that nobody would restore). Code 2.
+    AwaitingFirstAck,
+    /// `kill(pid, 0)` on a watched qemu failed (EPERM: no CAP_KILL for another user's
+    /// process). Code 3.
+    CannotKill {
+        /// The qemu's pid.
+        pid: u32,
+        /// Its owner's uid.
+        uid: u32,
+    },
+    /// The watchdog device could not be opened or set up. Code 4.
+    DeviceFailed {
+        /// The errno of the failing call.
+        errno: u32,
+    },
+    /// The watchdog device's driver took a timeout that cannot back the promise (none,
+    /// disagreeing read-back, or too short to be petted in time). Code 5.
+    DeviceTimeout {
+        /// Seconds asked for.
+        requested_s: u32,
+        /// Seconds the driver reports it took.
+        taken_s: u32,
+    },
+    /// A version 1 heartbeat, from a watchdog that does not prove its self-fence.
+    /// Code 6.
+    Unproven,
+    /// A code this build does not know (from a newer watchdog); still not armed.
+    Other {
+        /// The code.
+        code: u8,
+        /// Detail a.
+        a: u32,
+        /// Detail b.
+        b: u32,
+    },
+}
+
+impl std::fmt::Display for NotArmed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            NotArmed::AwaitingFirstAck => f.write_str("no controller has acked this watchdog yet"),
+            NotArmed::CannotKill { pid, uid } => {
+                write!(f, "no permission to kill qemu pid {pid} owned by uid {uid}")
+            }
+            NotArmed::DeviceFailed { errno } => {
+                write!(f, "the watchdog device cannot be armed (errno {errno})")
+            }
+            NotArmed::DeviceTimeout {
+                requested_s,
+                taken_s,
+            } => write!(
+                f,
+                "the watchdog device took a timeout of {taken_s} s (asked for {requested_s} s)"
+            ),
+            NotArmed::Unproven => f.write_str(
+                "an older watchdog (heartbeat version 1) does not prove it can self-fence",
+            ),
+            NotArmed::Other { code, a, b } => {
+                write!(
+                    f,
+                    "reason code {code} unknown to this controller ({a}, {b})"
+                )
+            }
+        }
+    }
+}
+
+const STATE_OFF: u8 = 0;
+const STATE_ARMED: u8 = 1;
+
+impl NotArmed {
+    fn to_wire(self) -> (u8, u32, u32) {
+        match self {
+            NotArmed::AwaitingFirstAck => (2, 0, 0),
+            NotArmed::CannotKill { pid, uid } => (3, pid, uid),
+            NotArmed::DeviceFailed { errno } => (4, errno, 0),
+            NotArmed::DeviceTimeout {
+                requested_s,
+                taken_s,
+            } => (5, requested_s, taken_s),
+            NotArmed::Unproven => (6, 0, 0),
+            NotArmed::Other { code, a, b } => (code, a, b),
+        }
+    }
+
+    /// The reason for `code` (2..), or None if the details are not the canonical ones
+    /// of a known code (every accepted datagram re-encodes to the same bytes).
+    fn from_wire(code: u8, a: u32, b: u32) -> Option<NotArmed> {
+        let r = match code {
+            STATE_OFF | STATE_ARMED => return None,
+            2 => NotArmed::AwaitingFirstAck,
+            3 => NotArmed::CannotKill { pid: a, uid: b },
+            4 => NotArmed::DeviceFailed { errno: a },
+            5 => NotArmed::DeviceTimeout {
+                requested_s: a,
+                taken_s: b,
+            },
+            6 => NotArmed::Unproven,
+            _ => NotArmed::Other { code, a, b },
+        };
+        (r.to_wire() == (code, a, b)).then_some(r)
+    }
+}
+
+impl SelfFence {
+    fn to_wire(self) -> (u32, u8, u32, u32) {
+        match self {
+            SelfFence::Off => (0, STATE_OFF, 0, 0),
+            SelfFence::Armed { timeout_ms } => (timeout_ms, STATE_ARMED, 0, 0),
+            SelfFence::NotArmed { timeout_ms, reason } => {
+                let (code, a, b) = reason.to_wire();
+                (timeout_ms, code, a, b)
+            }
+        }
+    }
+
+    fn from_wire(timeout_ms: u32, state: u8, a: u32, b: u32) -> Result<SelfFence, DecodeError> {
+        let bad = DecodeError::Malformed("inconsistent self-fence block");
+        match state {
+            STATE_OFF if (timeout_ms, a, b) == (0, 0, 0) => Ok(SelfFence::Off),
+            STATE_ARMED if timeout_ms > 0 && (a, b) == (0, 0) => {
+                Ok(SelfFence::Armed { timeout_ms })
+            }
+            STATE_OFF | STATE_ARMED => Err(bad),
+            code => NotArmed::from_wire(code, a, b)
+                .map(|reason| SelfFence::NotArmed { timeout_ms, reason })
+                .ok_or(bad),
+        }
+    }
+}
 
 /// What the watchdog reports about its host in every heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -55,10 +256,9 @@ pub struct HostStatus {
     pub isolated: bool,
     /// The watchdog's libvirt connection is up.
     pub libvirt_reachable: bool,
-    /// The watchdog self-fences: once isolated it kills its VMs (and, with a hardware
-    /// watchdog, lets the host reset), so the controller may count the host fenced once
-    /// its self-fence deadline has passed.
-    pub self_fence_armed: bool,
+    /// The watchdog's self-fence: armed (with the timeout it keeps), not armed and why,
+    /// or off. Flag bit 2 says "armed" and always agrees with it.
+    pub self_fence: SelfFence,
     /// Events the eBPF probes dropped (ring buffer full), cumulative since the
     /// watchdog started; a rise means the controller's view may be missing events.
     pub probe_drops: u64,
@@ -103,7 +303,7 @@ impl Heartbeat<'_> {
         })?;
         out.clear();
         out.reserve(MAX_HEARTBEAT_LEN);
-        wire::put_preamble(out, KIND_HEARTBEAT);
+        wire::put_preamble_of(out, HEARTBEAT_VERSION, KIND_HEARTBEAT);
         out.push(self.path_index);
         let mut flags = 0;
         if self.status.isolated {
@@ -112,7 +312,7 @@ impl Heartbeat<'_> {
         if self.status.libvirt_reachable {
             flags |= FLAG_LIBVIRT_REACHABLE;
         }
-        if self.status.self_fence_armed {
+        if self.status.self_fence.armed_timeout_ms().is_some() {
             flags |= FLAG_SELF_FENCE_ARMED;
         }
         out.push(flags);
@@ -124,6 +324,11 @@ impl Heartbeat<'_> {
         out.extend_from_slice(&self.status.vm_count.to_be_bytes());
         out.extend_from_slice(&self.status.stalled_vm_count.to_be_bytes());
         out.extend_from_slice(&self.status.probe_drops.to_be_bytes());
+        let (timeout_ms, state, a, b) = self.status.self_fence.to_wire();
+        out.extend_from_slice(&timeout_ms.to_be_bytes());
+        out.push(state);
+        out.extend_from_slice(&a.to_be_bytes());
+        out.extend_from_slice(&b.to_be_bytes());
         wire::put_short_str(out, self.cluster_id);
         wire::put_short_str(out, self.host_id);
         wire::append_mac(out, key);
@@ -151,7 +356,7 @@ pub fn decode_heartbeat<'a>(datagram: &'a [u8], key: &Key) -> Result<Heartbeat<'
             max: MAX_HEARTBEAT_LEN,
         });
     }
-    wire::check_preamble(datagram, KIND_HEARTBEAT)?;
+    let version = wire::check_preamble_of(datagram, KIND_HEARTBEAT, &DECODED_VERSIONS)?;
     let mut r = Reader::new(datagram);
     r.take(wire::PREAMBLE_LEN)?;
     let path_index = r.u8()?;
@@ -167,6 +372,28 @@ pub fn decode_heartbeat<'a>(datagram: &'a [u8], key: &Key) -> Result<Heartbeat<'
     let vm_count = r.u32()?;
     let stalled_vm_count = r.u32()?;
     let probe_drops = r.u64()?;
+    let self_fence = if version == 1 {
+        // Whatever its armed bit says: see the module docs.
+        if flags & FLAG_SELF_FENCE_ARMED != 0 {
+            SelfFence::NotArmed {
+                timeout_ms: 0,
+                reason: NotArmed::Unproven,
+            }
+        } else {
+            SelfFence::Off
+        }
+    } else {
+        let timeout_ms = r.u32()?;
+        let state = r.u8()?;
+        let (a, b) = (r.u32()?, r.u32()?);
+        let self_fence = SelfFence::from_wire(timeout_ms, state, a, b)?;
+        if self_fence.armed_timeout_ms().is_some() != (flags & FLAG_SELF_FENCE_ARMED != 0) {
+            return Err(DecodeError::Malformed(
+                "the armed flag disagrees with the self-fence block",
+            ));
+        }
+        self_fence
+    };
     let cluster_id = r.short_str(check_cluster_id, "invalid cluster id")?;
     let host_id = r.short_str(check_host_id, "invalid host id")?;
     wire::check_trailing_mac(datagram, &r, key)?;
@@ -184,7 +411,7 @@ pub fn decode_heartbeat<'a>(datagram: &'a [u8], key: &Key) -> Result<Heartbeat<'
             stalled_vm_count,
             isolated: flags & FLAG_ISOLATED != 0,
             libvirt_reachable: flags & FLAG_LIBVIRT_REACHABLE != 0,
-            self_fence_armed: flags & FLAG_SELF_FENCE_ARMED != 0,
+            self_fence,
             probe_drops,
         },
     })

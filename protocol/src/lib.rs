@@ -10,8 +10,12 @@
 //! | heartbeat ack | 2 | UDP, one per heartbeat | controller → watchdog | [`ack`] |
 //! | stream frame | 3 | TCP (any byte stream) | both | [`frame`] |
 //!
-//! Every message starts with the same preamble: the magic `"DFIB"`, the protocol
-//! version ([`PROTOCOL_VERSION`], 1) and the kind byte; all integers are big-endian.
+//! Every message starts with the same preamble: the magic `"DFIB"`, the version of that
+//! kind's layout and the kind byte; all integers are big-endian. Acks and frames are at
+//! [`PROTOCOL_VERSION`] (1); heartbeats at [`HEARTBEAT_VERSION`] (2, which added the
+//! self-fence block), and version 1 heartbeats of older watchdogs are still decoded.
+//! A version is per kind so that a new heartbeat layout leaves the acks an older
+//! watchdog expects unchanged (a watchdog refusing acks would count itself isolated).
 //! The HMAC is the last 32 bytes and covers every byte before it, preamble included,
 //! so one kind can never be passed off as another. Datagrams are fixed binary
 //! layouts (decoded without allocating, for the controller's million heartbeats a
@@ -99,8 +103,8 @@ pub use guard::{
     SequenceWindow, REORDER_WINDOW,
 };
 pub use heartbeat::{
-    decode_heartbeat, encode_heartbeat, Heartbeat, HostStatus, KIND_HEARTBEAT, MAX_HEARTBEAT_LEN,
-    MIN_HEARTBEAT_LEN,
+    decode_heartbeat, encode_heartbeat, Heartbeat, HostStatus, NotArmed, SelfFence,
+    HEARTBEAT_VERSION, KIND_HEARTBEAT, MAX_HEARTBEAT_LEN, MIN_HEARTBEAT_LEN,
 };
 pub use ids::{
     check_cluster_id, check_controller_id, check_host_id, BootId, BootIdParseError, IdError,
@@ -111,7 +115,8 @@ pub use key::{load_key, Key, KeyError, KeyTooShort, MAC_LEN, MIN_KEY_LEN};
 /// The four bytes every message starts with.
 pub const MAGIC: [u8; 4] = *b"DFIB";
 
-/// The protocol version this build speaks. A receiver refuses any other.
+/// The version of the ack and stream frame layouts. A receiver refuses any other for
+/// them (heartbeats have their own, [`HEARTBEAT_VERSION`]).
 pub const PROTOCOL_VERSION: u8 = 1;
 
 /// The receive buffer for one heartbeat or ack datagram, the one size every receiver

@@ -74,11 +74,23 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Checks the magic, version and kind at the start of `buf`.
+/// Checks the magic, version ([`PROTOCOL_VERSION`]) and kind at the start of `buf`.
+pub(crate) fn check_preamble(buf: &[u8], expected_kind: u8) -> Result<(), DecodeError> {
+    check_preamble_of(buf, expected_kind, &[PROTOCOL_VERSION]).map(|_| ())
+}
+
+/// Checks the magic, the version (one of `versions`: each kind's layout has its own
+/// version, see the crate docs) and the kind at the start of `buf`; returns the version.
 ///
 /// The magic is checked on whatever prefix arrived, so a short datagram of someone
-/// else's protocol counts as bad magic, not as truncated.
-pub(crate) fn check_preamble(buf: &[u8], expected_kind: u8) -> Result<(), DecodeError> {
+/// else's protocol counts as bad magic, not as truncated. The kind is checked before
+/// the version, since versions are per kind: a heartbeat reflected onto the ack port is
+/// refused for its kind, whatever its layout version.
+pub(crate) fn check_preamble_of(
+    buf: &[u8],
+    expected_kind: u8,
+    versions: &[u8],
+) -> Result<u8, DecodeError> {
     let have = buf.len().min(MAGIC.len());
     if buf.get(..have) != MAGIC.get(..have) {
         return Err(DecodeError::BadMagic);
@@ -86,9 +98,6 @@ pub(crate) fn check_preamble(buf: &[u8], expected_kind: u8) -> Result<(), Decode
     let mut r = Reader::new(buf);
     r.take(MAGIC.len())?;
     let version = r.u8()?;
-    if version != PROTOCOL_VERSION {
-        return Err(DecodeError::UnsupportedVersion(version));
-    }
     let kind = r.u8()?;
     if kind != expected_kind {
         return Err(DecodeError::WrongKind {
@@ -96,7 +105,10 @@ pub(crate) fn check_preamble(buf: &[u8], expected_kind: u8) -> Result<(), Decode
             expected: expected_kind,
         });
     }
-    Ok(())
+    if !versions.contains(&version) {
+        return Err(DecodeError::UnsupportedVersion(version));
+    }
+    Ok(version)
 }
 
 /// After the body has been read: exactly [`MAC_LEN`] bytes must remain, and they must
@@ -127,8 +139,13 @@ pub(crate) fn check_trailing_mac(buf: &[u8], r: &Reader<'_>, key: &Key) -> Resul
 }
 
 pub(crate) fn put_preamble(out: &mut Vec<u8>, kind: u8) {
+    put_preamble_of(out, PROTOCOL_VERSION, kind);
+}
+
+/// The preamble of a kind whose layout has its own version.
+pub(crate) fn put_preamble_of(out: &mut Vec<u8>, version: u8, kind: u8) {
     out.extend_from_slice(&MAGIC);
-    out.push(PROTOCOL_VERSION);
+    out.push(version);
     out.push(kind);
 }
 

@@ -2,8 +2,8 @@ mod common;
 
 use common::*;
 use protocol::{
-    decode_heartbeat, encode_heartbeat, DecodeError, EncodeError, Heartbeat, IdError, RejectReason,
-    MAC_LEN, MAX_HEARTBEAT_LEN, MIN_HEARTBEAT_LEN,
+    decode_heartbeat, encode_heartbeat, DecodeError, EncodeError, Heartbeat, IdError, NotArmed,
+    RejectReason, SelfFence, MAC_LEN, MAX_HEARTBEAT_LEN, MIN_HEARTBEAT_LEN,
 };
 
 fn encoded() -> Vec<u8> {
@@ -31,24 +31,137 @@ fn a_heartbeat_with_isolation_and_no_libvirt_keeps_both_flags() {
 }
 
 #[test]
-fn the_self_fence_armed_flag_is_bit_two_and_survives_the_round_trip() {
+fn the_self_fence_armed_flag_is_bit_two_and_the_timeout_travels_with_it() {
     let mut hb = heartbeat(7, 100);
-    hb.status.self_fence_armed = true;
+    hb.status.self_fence = SelfFence::Armed { timeout_ms: 3500 };
     let bytes = encode_heartbeat(&hb, &key()).unwrap();
     assert_eq!(
         bytes[7], 0b110,
         "flags: libvirt reachable, self-fence armed"
     );
+    assert_eq!(bytes[72..76], 3500u32.to_be_bytes(), "self-fence timeout");
+    assert_eq!(bytes[76], 1, "self-fence state: armed");
     let back = decode_heartbeat(&bytes, &key()).unwrap();
-    assert!(back.status.self_fence_armed);
+    assert_eq!(back.status.self_fence.armed_timeout_ms(), Some(3500));
     assert!(!back.status.isolated);
+}
+
+#[test]
+fn a_not_armed_self_fence_carries_its_reason_and_clears_the_armed_flag() {
+    let mut hb = heartbeat(7, 100);
+    let reason = NotArmed::CannotKill {
+        pid: 4242,
+        uid: 64055,
+    };
+    hb.status.self_fence = SelfFence::NotArmed {
+        timeout_ms: 3000,
+        reason,
+    };
+    let bytes = encode_heartbeat(&hb, &key()).unwrap();
+    assert_eq!(bytes[7] & 0b100, 0, "armed flag");
+    assert_eq!(bytes[76], 3, "reason code: cannot kill");
+    assert_eq!(bytes[77..81], 4242u32.to_be_bytes());
+    assert_eq!(bytes[81..85], 64055u32.to_be_bytes());
+    let back = decode_heartbeat(&bytes, &key()).unwrap();
+    assert_eq!(back.status.self_fence, hb.status.self_fence);
+    assert_eq!(back.status.self_fence.armed_timeout_ms(), None);
+    assert_eq!(
+        back.status.self_fence.to_string(),
+        "not armed: no permission to kill qemu pid 4242 owned by uid 64055"
+    );
+}
+
+/// Re-signs `bytes` after an edit (the MAC covers every byte before it), with the key
+/// of [`key`].
+fn resign(mut bytes: Vec<u8>) -> Vec<u8> {
+    use hmac::Mac as _;
+    let n = bytes.len() - MAC_LEN;
+    bytes.truncate(n);
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(KEY_BYTES).unwrap();
+    mac.update(&bytes);
+    bytes.extend_from_slice(&mac.finalize().into_bytes());
+    bytes
+}
+
+#[test]
+fn a_signed_heartbeat_whose_armed_flag_disagrees_with_its_self_fence_block_is_malformed() {
+    let mut hb = heartbeat(7, 100);
+    hb.status.self_fence = SelfFence::NotArmed {
+        timeout_ms: 3000,
+        reason: NotArmed::AwaitingFirstAck,
+    };
+    let mut bytes = encode_heartbeat(&hb, &key()).unwrap();
+    bytes[7] |= 0b100;
+    let bytes = resign(bytes);
+    assert!(matches!(
+        decode_heartbeat(&bytes, &key()),
+        Err(DecodeError::Malformed(_))
+    ));
+    // Armed with no timeout promises nothing: refused too.
+    hb.status.self_fence = SelfFence::Armed { timeout_ms: 1 };
+    let mut bytes = encode_heartbeat(&hb, &key()).unwrap();
+    bytes[72..76].fill(0);
+    let bytes = resign(bytes);
+    assert!(matches!(
+        decode_heartbeat(&bytes, &key()),
+        Err(DecodeError::Malformed(_))
+    ));
+}
+
+/// A version 1 datagram, as watchdogs before the self-fence block sent it.
+fn version_one(armed: bool) -> Vec<u8> {
+    let bytes = encode_heartbeat(&heartbeat(7, 100), &key()).unwrap();
+    let mut v1 = bytes[..72].to_vec();
+    v1[4] = 1;
+    if armed {
+        v1[7] |= 0b100;
+    }
+    v1.extend_from_slice(&bytes[85..bytes.len() - MAC_LEN]);
+    v1.extend_from_slice(&[0; MAC_LEN]);
+    resign(v1)
+}
+
+#[test]
+fn a_version_one_heartbeat_is_still_accepted_but_its_armed_flag_counts_as_unproven() {
+    let (armed_bytes, off_bytes) = (version_one(true), version_one(false));
+    let armed = decode_heartbeat(&armed_bytes, &key()).unwrap();
+    assert_eq!(
+        armed.status.self_fence,
+        SelfFence::NotArmed {
+            timeout_ms: 0,
+            reason: NotArmed::Unproven
+        }
+    );
+    assert_eq!(armed.status.self_fence.armed_timeout_ms(), None);
+    assert_eq!(armed.status.vm_count, 42);
+    assert_eq!(armed.host_id, HOST);
+    let off = decode_heartbeat(&off_bytes, &key()).unwrap();
+    assert_eq!(off.status.self_fence, SelfFence::Off);
+    assert_eq!(version_one(false).len() + 13, encoded().len());
+}
+
+#[test]
+fn an_unknown_not_armed_code_from_a_newer_watchdog_decodes_as_not_armed() {
+    let mut hb = heartbeat(7, 100);
+    hb.status.self_fence = SelfFence::NotArmed {
+        timeout_ms: 3000,
+        reason: NotArmed::Other {
+            code: 99,
+            a: 1,
+            b: 2,
+        },
+    };
+    let bytes = encode_heartbeat(&hb, &key()).unwrap();
+    let back = decode_heartbeat(&bytes, &key()).unwrap();
+    assert_eq!(back, hb);
+    assert_eq!(back.status.self_fence.armed_timeout_ms(), None);
 }
 
 #[test]
 fn the_encoded_heartbeat_starts_with_the_documented_fixed_layout() {
     let bytes = encoded();
     assert_eq!(&bytes[0..4], b"DFIB");
-    assert_eq!(bytes[4], 1, "version");
+    assert_eq!(bytes[4], 2, "heartbeat layout version");
     assert_eq!(bytes[5], 1, "kind");
     assert_eq!(bytes[6], 0, "path index");
     assert_eq!(bytes[7], 0b10, "flags: libvirt reachable only");
@@ -56,10 +169,12 @@ fn the_encoded_heartbeat_starts_with_the_documented_fixed_layout() {
     assert_eq!(bytes[24..32], 7u64.to_be_bytes(), "incarnation");
     assert_eq!(bytes[32..40], 100u64.to_be_bytes(), "sequence");
     assert_eq!(bytes[56..60], 42u32.to_be_bytes(), "vm count");
-    assert_eq!(bytes[72] as usize, CLUSTER.len());
+    assert_eq!(bytes[72..76], [0; 4], "self-fence timeout: off");
+    assert_eq!(bytes[76], 0, "self-fence state: off");
+    assert_eq!(bytes[85] as usize, CLUSTER.len());
     assert_eq!(
         bytes.len(),
-        72 + 1 + CLUSTER.len() + 1 + HOST.len() + MAC_LEN
+        85 + 1 + CLUSTER.len() + 1 + HOST.len() + MAC_LEN
     );
 }
 
@@ -161,10 +276,10 @@ fn a_datagram_of_another_protocol_is_rejected_for_its_magic() {
 #[test]
 fn a_heartbeat_of_another_protocol_version_is_rejected_for_its_version() {
     let mut bytes = encoded();
-    bytes[4] = 2;
+    bytes[4] = 3;
     assert_eq!(
         decode_heartbeat(&bytes, &key()),
-        Err(DecodeError::UnsupportedVersion(2))
+        Err(DecodeError::UnsupportedVersion(3))
     );
 }
 

@@ -69,7 +69,16 @@ fn heartbeat_from(p: &Parts) -> Heartbeat<'_> {
             stalled_vm_count: c.1,
             isolated: f.0,
             libvirt_reachable: f.1,
-            self_fence_armed: f.2,
+            self_fence: if f.2 {
+                protocol::SelfFence::Armed {
+                    timeout_ms: c.0 | 1,
+                }
+            } else {
+                protocol::SelfFence::NotArmed {
+                    timeout_ms: c.1,
+                    reason: protocol::NotArmed::CannotKill { pid: c.0, uid: c.1 },
+                }
+            },
             probe_drops: n.4,
         },
     }

@@ -60,6 +60,10 @@ pub struct Lab {
     /// Each host's id (its watchdog's `host.id`): `h0`, `h1`, … unless set before
     /// [`Lab::start_watchdogs`] (the Nova lab names them after Nova's computes).
     pub host_names: Vec<String>,
+    /// Put in front of each watchdog's command line if set before
+    /// [`Lab::start_watchdogs`], e.g. `setpriv --bounding-set=…` to run it with the
+    /// unit's capabilities only.
+    pub watchdog_prefix: Vec<String>,
 }
 
 impl Lab {
@@ -79,6 +83,7 @@ impl Lab {
             controller: None,
             watchdogs: Vec::new(),
             host_names: (0..spec.hosts).map(|h| format!("h{h}")).collect(),
+            watchdog_prefix: Vec::new(),
         }
     }
 
@@ -207,11 +212,22 @@ key_file = {key:?}
     fn spawn_watchdog(&self, h: usize) -> Daemon {
         let bin = built_binary("defib-watchdog", "defib-watchdog");
         let conf = self.path(&format!("wd{h}.toml")).display().to_string();
+        let args = ["--config", &conf, "run", "--print-events"];
+        let Some((program, prefix)) = self.watchdog_prefix.split_first() else {
+            return self.spawn(&format!("watchdog-h{h}"), &self.net.host_ns(h), &bin, &args);
+        };
+        let bin = bin.display().to_string();
+        let all: Vec<&str> = prefix
+            .iter()
+            .map(String::as_str)
+            .chain(std::iter::once(bin.as_str()))
+            .chain(args)
+            .collect();
         self.spawn(
             &format!("watchdog-h{h}"),
             &self.net.host_ns(h),
-            &bin,
-            &["--config", &conf, "run", "--print-events"],
+            Path::new(program),
+            &all,
         )
     }
 

@@ -353,18 +353,44 @@ impl FakeQemu {
         uuid: &str,
         extra: &[&str],
     ) -> FakeQemu {
+        Self::start_as(netns, None, name, vm_name, uuid, extra)
+    }
+
+    /// [`FakeQemu::start_in`], run as `user` (uid, gid) if given, as libvirt runs qemu
+    /// as `libvirt-qemu`: `setpriv` (which execs, keeping the pid) switches to it.
+    pub fn start_as(
+        netns: Option<&str>,
+        user: Option<(u32, u32)>,
+        name: &str,
+        vm_name: &str,
+        uuid: &str,
+        extra: &[&str],
+    ) -> FakeQemu {
         let exe = fake_qemu_named(name);
+        if user.is_some() {
+            // Another user must reach the copy: its directory is 0700 when made.
+            use std::os::unix::fs::PermissionsExt as _;
+            let dir = exe.parent().expect("the copy's directory");
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+                .expect("chmod the fake qemu directory");
+        }
         let mut tries = 0;
         let mut child = loop {
-            let mut cmd = match netns {
-                // `ip netns exec` execs the program: the child's pid is the fake qemu's.
-                Some(ns) => {
-                    let mut c = Command::new("ip");
-                    c.args(["netns", "exec", ns]).arg(&exe);
-                    c
-                }
-                None => Command::new(&exe),
-            };
+            // `ip netns exec` and `setpriv` exec the next program: the child's pid is the
+            // fake qemu's.
+            let mut argv: Vec<std::ffi::OsString> = Vec::new();
+            if let Some(ns) = netns {
+                argv.extend(["ip", "netns", "exec", ns].map(Into::into));
+            }
+            if let Some((uid, gid)) = user {
+                argv.push("setpriv".into());
+                argv.push(format!("--reuid={uid}").into());
+                argv.push(format!("--regid={gid}").into());
+                argv.push("--clear-groups".into());
+            }
+            argv.push(exe.clone().into());
+            let mut cmd = Command::new(&argv[0]);
+            cmd.args(&argv[1..]);
             let spawned = cmd
                 .args([
                     "-name",

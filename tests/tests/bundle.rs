@@ -239,7 +239,13 @@ fn the_bundle_installs_into_a_fresh_root_where_its_binaries_run_and_its_units_ve
         .lines()
         .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
         .expect("the watchdog unit bounds its capabilities");
-    for cap in ["CAP_BPF", "CAP_PERFMON", "CAP_SYS_RESOURCE"] {
+    for cap in [
+        "CAP_BPF",
+        "CAP_PERFMON",
+        "CAP_SYS_RESOURCE",
+        "CAP_SYS_PTRACE",
+        "CAP_KILL",
+    ] {
         assert!(caps.contains(cap), "{caps}");
     }
     assert!(!caps.contains("CAP_SYS_ADMIN"), "{caps}");

@@ -333,8 +333,8 @@ fn an_isolated_watchdog_that_self_fences_kills_its_vms_and_only_then_does_the_co
 ) {
     require!(is_root(), "root (network namespaces, BPF)");
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    // No BMC: h0's watchdog self-fences (isolation timeout 3 s, the default), and the
-    // controller counts it fenced 3 s + 1 s after its last heartbeat.
+    // No BMC: h0's watchdog self-fences (isolation timeout 3 s, the default, carried in
+    // its heartbeats), and the controller counts it fenced 3 s + 1 s after its last one.
     let spec = LabSpec {
         hosts: 2,
         backend: "libvirt",
@@ -342,7 +342,7 @@ fn an_isolated_watchdog_that_self_fences_kills_its_vms_and_only_then_does_the_co
 fence_on_unknown_after_ms = 5000
 
 [fence]
-self_fence_isolation_timeout_ms = 3000
+self_fence = true
 self_fence_margin_ms = 1000
 "#
         .into(),

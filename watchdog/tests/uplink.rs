@@ -294,7 +294,7 @@ async fn heartbeats_arrive_on_every_path_with_one_rising_sequence_a_valid_mac_an
             vm_count: 3,
             stalled_vm_count: 1,
             libvirt_reachable: false,
-            self_fence_armed: true,
+            self_fence: protocol::SelfFence::Armed { timeout_ms: 2500 },
             probe_drops: 7,
         }
     });
@@ -349,9 +349,15 @@ async fn heartbeats_arrive_on_every_path_with_one_rising_sequence_a_valid_mac_an
             last.stalled_vm_count,
             last.probe_drops,
             last.libvirt_reachable,
-            last.self_fence_armed
+            last.self_fence
         ),
-        (3, 1, 7, false, true)
+        (
+            3,
+            1,
+            7,
+            false,
+            protocol::SelfFence::Armed { timeout_ms: 2500 }
+        )
     );
 }
 

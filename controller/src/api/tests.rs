@@ -57,6 +57,7 @@ fn sample_snapshot() -> Snapshot {
         vm_count: 1,
         stalled_vm_count: 0,
         isolated: false,
+        self_fence: "off".into(),
         boot_id: Some("b00t".into()),
         incarnation: Some(3),
         evacuated: vec![],

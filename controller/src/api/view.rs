@@ -35,6 +35,11 @@ pub struct HostSnapshot {
     pub vm_count: u32,
     pub stalled_vm_count: u32,
     pub isolated: bool,
+    /// The watchdog's self-fence as its latest heartbeat reports it: `off`, `armed
+    /// (isolation timeout N ms)`, or `not armed: <why>` (such a host is never counted
+    /// fenced by its silence).
+    #[serde(default)]
+    pub self_fence: String,
     pub boot_id: Option<String>,
     pub incarnation: Option<u64>,
     /// Resources restored elsewhere by this host's incidents since its fence (its

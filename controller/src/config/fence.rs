@@ -25,12 +25,12 @@ pub struct FenceSection {
     pub verify_timeout_ms: u64,
     /// Pause between those reads.
     pub verify_poll_ms: u64,
-    /// Opt-in: the watchdogs' `controller.isolation_timeout_ms`, for hosts whose
-    /// watchdog self-fences (`[self_fence] enabled`). Such a host, silent for this plus
-    /// `self_fence_margin_ms` while its last heartbeat said "armed", counts as fenced
-    /// (`SelfFenceDeadline`). Unset: off.
-    pub self_fence_isolation_timeout_ms: Option<u64>,
-    /// Time for the isolated watchdog to kill its VMs (and for clock drift) after its
+    /// Opt-in (default false): a host whose watchdog self-fences (`[self_fence] enabled`)
+    /// and whose last heartbeat said "armed" counts as fenced (`SelfFenceDeadline`) once
+    /// silent for the isolation timeout that heartbeat carried plus
+    /// `self_fence_margin_ms`. A host not armed is never fenced by its silence.
+    pub self_fence: bool,
+    /// Time for the isolated watchdog to kill its VMs (and for its tick) after its
     /// isolation timeout (default 2000).
     pub self_fence_margin_ms: u64,
     /// How `method = "pacemaker"` levels reach the cluster.
@@ -76,7 +76,7 @@ impl Default for FenceSection {
         Self {
             verify_timeout_ms: 10_000,
             verify_poll_ms: 250,
-            self_fence_isolation_timeout_ms: None,
+            self_fence: false,
             self_fence_margin_ms: 2_000,
             pacemaker: PacemakerSection::default(),
             host: Vec::new(),
@@ -220,19 +220,6 @@ pub(super) fn resolve_fence(f: &FenceSection) -> Result<(FenceTable, VerifyPolic
         100..=600_000,
     )?;
     check_range("fence.verify_poll_ms", f.verify_poll_ms, 10..=60_000)?;
-    if let Some(t) = f.self_fence_isolation_timeout_ms {
-        // Meant to equal the watchdogs' controller.isolation_timeout_ms (same range): the
-        // message says so.
-        check_range("fence.self_fence_isolation_timeout_ms", t, 20..=3_600_000).map_err(|e| {
-            invalid(
-                e.field,
-                format!(
-                    "{} (the watchdogs' controller.isolation_timeout_ms)",
-                    e.message
-                ),
-            )
-        })?;
-    }
     check_range(
         "fence.self_fence_margin_ms",
         f.self_fence_margin_ms,
@@ -448,22 +435,23 @@ levels = [
     }
 
     #[test]
-    fn the_self_fence_deadline_is_the_isolation_timeout_plus_the_margin_and_off_by_default() {
+    fn the_self_fence_is_off_by_default_and_when_on_its_margin_is_added_to_each_hosts_own_timeout()
+    {
         let dir = dir_with_secrets();
         let r = ControllerConfig::parse(&text(&dir, ""))
             .unwrap()
             .resolve()
             .unwrap();
-        assert_eq!(r.cfg.engine_config().self_fence_deadline, None);
-        let t = text(&dir, "[fence]\nself_fence_isolation_timeout_ms = 3000\n");
+        assert_eq!(r.cfg.engine_config().self_fence_margin, None);
+        let t = text(&dir, "[fence]\nself_fence = true\n");
         let r = ControllerConfig::parse(&t).unwrap().resolve().unwrap();
         assert_eq!(
-            r.cfg.engine_config().self_fence_deadline,
-            Some(Duration::from_millis(5000))
+            r.cfg.engine_config().self_fence_margin,
+            Some(Duration::from_millis(2000))
         );
         let t = text(
             &dir,
-            "[fence]\nself_fence_isolation_timeout_ms = 3000\nself_fence_margin_ms = 0\n",
+            "[fence]\nself_fence = true\nself_fence_margin_ms = 0\n",
         );
         let err = ControllerConfig::parse(&t)
             .unwrap()
@@ -471,6 +459,10 @@ levels = [
             .unwrap_err()
             .to_string();
         assert!(err.contains("fence.self_fence_margin_ms"), "{err}");
+        // The old setting that had to match the watchdogs' is gone: refused as unknown.
+        let t = text(&dir, "[fence]\nself_fence_isolation_timeout_ms = 3000\n");
+        let err = ControllerConfig::parse(&t).unwrap_err().to_string();
+        assert!(err.contains("self_fence_isolation_timeout_ms"), "{err}");
     }
 
     #[test]

@@ -350,10 +350,10 @@ impl ControllerConfig {
             max_evacuate_attempts: e.max_evacuate_attempts,
             restore_retry_backoff: ms(e.restore_retry_backoff_ms),
             max_dead_share: e.max_dead_share,
-            self_fence_deadline: self
+            self_fence_margin: self
                 .fence
-                .self_fence_isolation_timeout_ms
-                .map(|t| ms(t.saturating_add(self.fence.self_fence_margin_ms))),
+                .self_fence
+                .then(|| ms(self.fence.self_fence_margin_ms)),
             vm_restorer: match self.controller.backend {
                 Backend::Nova => engine::Source::Nova,
                 Backend::Libvirt => engine::Source::Libvirt,

@@ -29,9 +29,10 @@ pub struct Config {
     pub max_fence_attempts: u32,
     /// Pause between fence (and force-down) tries (default 2 s).
     pub fence_retry_backoff: Duration,
-    /// Opt-in: a silent host whose self-fence watchdog was armed counts as fenced once
-    /// this long has passed since its last heartbeat (default `None`: off).
-    pub self_fence_deadline: Option<Duration>,
+    /// Opt-in: a silent host whose last heartbeat said its self-fence is armed, with a
+    /// timeout `t`, counts as fenced once `t` plus this margin has passed since that
+    /// heartbeat arrived (default `None`: off).
+    pub self_fence_margin: Option<Duration>,
     /// Restart-in-place tries per resource in [`Config::restart_window`] (default 3).
     pub max_restarts_in_place: u32,
     /// The window for restart tries (default 10 min).
@@ -71,7 +72,7 @@ impl Default for Config {
             fence_on_unknown_after: Duration::from_secs(3),
             max_fence_attempts: 3,
             fence_retry_backoff: Duration::from_secs(2),
-            self_fence_deadline: None,
+            self_fence_margin: None,
             max_restarts_in_place: 3,
             restart_window: Duration::from_secs(600),
             max_evacuate_attempts: 3,

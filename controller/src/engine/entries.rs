@@ -7,7 +7,10 @@ pub(super) struct HostEntry {
     pub(super) state: HostState,
     pub(super) incident: Option<IncidentId>,
     pub(super) boot_id: Option<u64>,
-    pub(super) self_fence_armed: bool,
+    /// The last heartbeat's self-fence: armed with this timeout (see [`Heartbeat`]).
+    pub(super) self_fence: Option<Duration>,
+    /// The current incident's timeline says its self-fence did not count (once).
+    pub(super) self_fence_unarmed_noted: bool,
     pub(super) confirm_asked_at: Option<Timestamp>,
     pub(super) awaiting_confirmation: bool,
     pub(super) verdict: Option<(Verdict, Source)>,
@@ -55,7 +58,8 @@ impl HostEntry {
             state: HostState::Up,
             incident: None,
             boot_id: None,
-            self_fence_armed: false,
+            self_fence: None,
+            self_fence_unarmed_noted: false,
             confirm_asked_at: None,
             awaiting_confirmation: false,
             verdict: None,
@@ -82,7 +86,7 @@ impl HostEntry {
         let keep = (
             self.state,
             self.boot_id,
-            self.self_fence_armed,
+            self.self_fence,
             std::mem::take(&mut self.stale),
             self.last_incident,
             std::mem::take(&mut self.evacuated),
@@ -93,7 +97,7 @@ impl HostEntry {
         (
             self.state,
             self.boot_id,
-            self.self_fence_armed,
+            self.self_fence,
             self.stale,
             self.last_incident,
             self.evacuated,

@@ -12,7 +12,7 @@ impl Engine {
         self.detector.heartbeat(&host, hb.path, now);
         let (state, fenced_at, old_boot) = {
             let h = self.hosts.get_mut(&host).expect("ensured");
-            h.self_fence_armed = hb.self_fence_armed;
+            h.self_fence = hb.self_fence;
             let old = h.boot_id.replace(hb.boot_id);
             // Heartbeats may arrive out of order over two paths: the clock only goes
             // forward, unless the host rebooted (a new clock for a new boot).

@@ -53,8 +53,10 @@
 //!    evacuated away by its own incident stays with that incident.
 //! 2. **No restore before a verified fence.** Resources of a host incident are
 //!    evacuated only after a [`FenceOutcome::Verified`] (IPMI power off, Pacemaker
-//!    fencing history, or, opt-in, the self-fence deadline passed with the watchdog
-//!    armed) and a successful force-down. An unverified or failed fence raises an alarm
+//!    fencing history, or, opt-in, the self-fence deadline passed: the host's last
+//!    heartbeat said its watchdog is armed, and the controller has not heard it for the
+//!    timeout that heartbeat carried plus `self_fence_margin`) and a successful
+//!    force-down. An unverified or failed fence raises an alarm
 //!    and is retried (at most `max_fence_attempts`), never followed by a restore.
 //! 3. **Intents.** Every world-changing action is preceded by [`Action::PersistIntent`]
 //!    with a key derived from meaning (`i4/fence-1/host:cmp-07`), and results complete

@@ -54,7 +54,40 @@ impl Engine {
         }
     }
 
+    /// With the self-fence opted in, a host being fenced whose last heartbeat did not say
+    /// "armed" is never counted fenced by its silence: its incident says so once, so the
+    /// operator looking at a stuck fence knows the deadline does not apply (the reason is
+    /// in the host view, from the heartbeat).
+    fn note_unarmed_self_fence(&mut self, host: &HostId) {
+        if self.cfg.self_fence_margin.is_none() {
+            return;
+        }
+        let Some(h) = self.hosts.get_mut(host) else {
+            return;
+        };
+        let Some(inc) = h.incident else {
+            return;
+        };
+        if h.state != HostState::Fencing
+            || h.fenced_by.is_some()
+            || h.self_fence.is_some()
+            || h.self_fence_unarmed_noted
+        {
+            return;
+        }
+        h.self_fence_unarmed_noted = true;
+        self.note(
+            inc,
+            Subject::Host(host.clone()),
+            "self-fence not counted: the host's last heartbeat did not say its self-fence is \
+             armed (the host view's self_fence says why)"
+                .into(),
+            Source::Heartbeat,
+        );
+    }
+
     pub(super) fn reconcile_host(&mut self, host: &HostId) {
+        self.note_unarmed_self_fence(host);
         let now = self.now;
         let h = &self.hosts[host];
         let Some(inc) = h.incident else {
@@ -70,11 +103,14 @@ impl Engine {
                     // A superseded restart is still in flight; its result comes first.
                     return;
                 }
+                // Silence is reckoned from the controller's receive times; the timeout is
+                // the one the host's last heartbeat promised (no setting to keep equal on
+                // both sides), and a host that did not say "armed" is never fenced by it.
                 let silence = self.detector.silence(host, now).unwrap_or_default();
-                let self_fenced = self
-                    .cfg
-                    .self_fence_deadline
-                    .is_some_and(|d| h.self_fence_armed && silence >= d);
+                let self_fenced = match (self.cfg.self_fence_margin, h.self_fence) {
+                    (Some(margin), Some(timeout)) => silence >= timeout.saturating_add(margin),
+                    _ => false,
+                };
                 let attempt = h.fence.attempts + 1;
                 let resources: Vec<Resource> = h.owned.iter().cloned().collect();
                 if self_fenced {

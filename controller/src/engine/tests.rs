@@ -15,6 +15,9 @@ struct Harness {
     actions: Vec<Action>,
     /// How far the hosts' clocks are off the controller's (ms).
     host_offset_ms: i64,
+    /// What each host's heartbeats say of its self-fence: armed with this timeout, or
+    /// (None) not armed. Hosts not listed say armed with 3 s.
+    self_fence: BTreeMap<HostId, Option<Duration>>,
 }
 
 fn host(i: usize) -> HostId {
@@ -44,6 +47,7 @@ impl Harness {
             hosts,
             actions: Vec::new(),
             host_offset_ms,
+            self_fence: BTreeMap::new(),
         };
         h.absorb(start);
         for i in 0..n {
@@ -96,13 +100,18 @@ impl Harness {
             self.now += 50;
             if self.now.is_multiple_of(100) {
                 for h in self.alive.clone() {
+                    let self_fence = self
+                        .self_fence
+                        .get(&h)
+                        .copied()
+                        .unwrap_or(Some(Duration::from_secs(3)));
                     self.input(Input::Heartbeat(Heartbeat {
                         host: h,
                         path: PathId(0),
                         boot_id: 1,
                         incarnation: 1,
                         at: self.host_clock(self.now),
-                        self_fence_armed: true,
+                        self_fence,
                     }));
                 }
             }
@@ -864,8 +873,9 @@ fn a_fenced_host_is_not_trusted_until_an_operator_unfences_it() {
 
 #[test]
 fn the_self_fence_deadline_counts_as_a_verified_fence_only_when_opted_in() {
+    // Heartbeats say armed with 3 s; 3 s plus the 2 s margin.
     let cfg = Config {
-        self_fence_deadline: Some(Duration::from_secs(5)),
+        self_fence_margin: Some(Duration::from_secs(2)),
         ..Config::default()
     };
     let mut h = Harness::with(4, cfg);
@@ -1986,7 +1996,7 @@ fn a_vm_restored_onto_a_silent_host_is_not_evacuated_on_the_strength_of_its_self
     // The deadline says the host killed what it ran when it fell silent (then rebooted);
     // a VM the backend started there afterwards is not covered by it.
     let cfg = Config {
-        self_fence_deadline: Some(Duration::from_secs(5)),
+        self_fence_margin: Some(Duration::from_secs(2)),
         max_restarts_in_place: 0,
         ..Config::default()
     };
@@ -2182,4 +2192,160 @@ fn a_host_heard_again_forgets_what_arrived_while_it_was_silent() {
         })
         .collect();
     assert!(moved.contains(&Resource::vm("vm1")), "{moved:?}");
+}
+
+/// Host `i`'s fence fails (no BMC), leaving the self-fence deadline as the only way the
+/// engine could count it fenced.
+fn fence_fails_on(h: &mut Harness, i: usize) {
+    let key = h.kill_until_fence(i);
+    h.fence_result(
+        i,
+        key,
+        FenceOutcome::Failed {
+            reason: "no BMC".into(),
+        },
+    );
+    assert_eq!(h.state(i), HostState::Fencing);
+}
+
+fn self_fenced(h: &Harness, i: usize) -> bool {
+    h.log.iter().any(|e| {
+        matches!(&e.record.intent, Intent::Fence { host, method: None, .. } if *host == self::host(i))
+            && matches!(
+                e.done.as_ref().map(|c| &c.outcome),
+                Some(IntentOutcome::Fence(FenceOutcome::Verified(
+                    FenceVerifier::SelfFenceDeadline
+                )))
+            )
+    })
+}
+
+#[test]
+fn a_host_whose_heartbeats_say_its_self_fence_is_not_armed_is_never_counted_fenced_by_its_silence()
+{
+    let cfg = Config {
+        self_fence_margin: Some(Duration::from_secs(1)),
+        ..Config::default()
+    };
+    let mut h = Harness::with(4, cfg);
+    h.self_fence.insert(host(1), None);
+    h.run_for(1_000);
+    fence_fails_on(&mut h, 1);
+    // Far past any deadline: the fence keeps being retried by its levels (and alarms
+    // once they are exhausted), but silence alone fences nothing.
+    for _ in 0..6 {
+        h.run_for(5_000);
+        for key in h.fences() {
+            if !h
+                .log
+                .iter()
+                .any(|e| e.record.key == key && e.done.is_some())
+            {
+                h.fence_result(
+                    1,
+                    key,
+                    FenceOutcome::Failed {
+                        reason: "no BMC".into(),
+                    },
+                );
+            }
+        }
+    }
+    assert_eq!(h.state(1), HostState::Fencing);
+    assert!(!self_fenced(&h, 1));
+    assert!(
+        evacuations(&h.actions)
+            .iter()
+            .all(|(r, _)| *r != Resource::vm("vm1")),
+        "vm1 evacuated off a host nobody fenced"
+    );
+    assert!(alarms(&h.actions).contains(&AlarmKind::FenceExhausted));
+    // The incident says once why the self-fence did not count.
+    let id = h.engine.host_incident(&host(1)).unwrap();
+    let inc = h.engine.incident(id).unwrap();
+    let notes = inc
+        .timeline
+        .iter()
+        .filter(|e| e.cause.starts_with("self-fence not counted"))
+        .count();
+    assert_eq!(notes, 1, "{:#?}", inc.timeline);
+}
+
+#[test]
+fn the_self_fence_deadline_comes_from_the_timeout_each_host_reports_plus_the_margin() {
+    let cfg = Config {
+        self_fence_margin: Some(Duration::from_secs(1)),
+        max_fence_attempts: 1,
+        ..Config::default()
+    };
+    let mut h = Harness::with(5, cfg);
+    h.self_fence.insert(host(1), Some(Duration::from_secs(2)));
+    h.self_fence.insert(host(2), Some(Duration::from_secs(8)));
+    h.run_for(1_000);
+    // Both fall silent together; their fences fail.
+    h.kill(1);
+    h.kill(2);
+    let silent_at = h.now;
+    h.run_for(600);
+    h.confirm(1, Verdict::Dead);
+    h.confirm(2, Verdict::Dead);
+    h.run_for(100);
+    for key in h.fences() {
+        let i = if h.log.iter().any(|e| {
+            e.record.key == key
+                && matches!(&e.record.intent, Intent::Fence { host, .. } if *host == self::host(1))
+        }) {
+            1
+        } else {
+            2
+        };
+        h.fence_result(
+            i,
+            key,
+            FenceOutcome::Failed {
+                reason: "no BMC".into(),
+            },
+        );
+    }
+    let mut fenced_after = [None, None];
+    while h.now < silent_at + 12_000 {
+        h.run_for(50);
+        for (n, i) in [1, 2].into_iter().enumerate() {
+            if fenced_after[n].is_none() && self_fenced(&h, i) {
+                fenced_after[n] = Some(h.now - silent_at);
+            }
+        }
+    }
+    let [one, two] = fenced_after.map(|t| t.expect("counted fenced by its deadline"));
+    // The last heartbeat came at most 100 ms before the silence began; the deadline is
+    // that host's own timeout plus the 1 s margin, reckoned on the controller's clock.
+    assert!(
+        (2_900..=3_200).contains(&one),
+        "host 1 fenced after {one} ms"
+    );
+    assert!(
+        (8_900..=9_200).contains(&two),
+        "host 2 fenced after {two} ms"
+    );
+}
+
+#[test]
+fn the_self_fence_deadline_ignores_the_hosts_clock() {
+    // The hosts' clocks run an hour ahead of the controller's: the deadline is reckoned
+    // from when the controller last heard the host, so it is the same as with true clocks.
+    let cfg = Config {
+        self_fence_margin: Some(Duration::from_secs(1)),
+        ..Config::default()
+    };
+    let mut h = Harness::clocked(4, cfg, 10_000, 3_600_000);
+    h.self_fence.insert(host(1), Some(Duration::from_secs(2)));
+    h.run_for(1_000);
+    let silent_at = h.now;
+    fence_fails_on(&mut h, 1);
+    while !self_fenced(&h, 1) {
+        assert!(h.now < silent_at + 10_000, "never counted fenced");
+        h.run_for(50);
+    }
+    let after = h.now - silent_at;
+    assert!((2_900..=3_200).contains(&after), "fenced after {after} ms");
 }

@@ -5,6 +5,7 @@
 //! written to the store and both replayed in tests.
 
 use std::fmt;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -217,8 +218,10 @@ pub struct Heartbeat {
     pub incarnation: u64,
     /// Sent at (host clock); liveness is judged by the receive time `now`.
     pub at: HostTime,
-    /// The host's self-fence watchdog is armed.
-    pub self_fence_armed: bool,
+    /// The host's self-fence: `Some(t)` when its watchdog says it is armed (proven able
+    /// to kill its qemus) and self-fences within `t` (its own isolation timeout) of
+    /// losing the controller; `None` when not armed, off, or unknown (an older watchdog).
+    pub self_fence: Option<Duration>,
 }
 
 /// Everything the engine reacts to.

@@ -597,6 +597,7 @@ impl EngineTask {
                     vm_count: info.status.vm_count,
                     stalled_vm_count: info.status.stalled_vm_count,
                     isolated: info.status.isolated,
+                    self_fence: info.status.self_fence.to_string(),
                     boot_id: info.boot_id.map(|b| b.to_string()),
                     incarnation: info.incarnation,
                     evacuated: h.evacuated.iter().map(|r| r.to_string()).collect(),

@@ -16,7 +16,13 @@ pub fn heartbeat(hb: HeartbeatSeen) -> Heartbeat {
         boot_id: boot,
         incarnation: hb.incarnation,
         at: HostTime(hb.sent_unix_ns / 1_000_000),
-        self_fence_armed: hb.status.self_fence_armed,
+        // Only "armed" (never an older watchdog's unproven flag) with the host's own
+        // timeout: see `protocol::SelfFence`.
+        self_fence: hb
+            .status
+            .self_fence
+            .armed_timeout_ms()
+            .map(|ms| std::time::Duration::from_millis(u64::from(ms))),
     }
 }
 

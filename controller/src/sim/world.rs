@@ -281,7 +281,8 @@ impl<'a> Sim<'a> {
                         boot_id: w.boot_id,
                         incarnation: 1,
                         at: self.host_time(h),
-                        self_fence_armed: self.sc.self_fence,
+                        // The world's watchdog powers its host off 2 s into a cut.
+                        self_fence: self.sc.self_fence.then_some(Duration::from_secs(2)),
                     };
                     let outbox = std::mem::take(&mut self.hosts[h].outbox);
                     let host = self.hosts[h].id.clone();

@@ -1,5 +1,6 @@
 //! Any bytes into the heartbeat decoder: it must never panic, and whatever it
-//! accepts must encode back to the very same bytes.
+//! accepts in the current layout must encode back to the very same bytes (a version 1
+//! datagram is re-encoded in the current layout, so it is only decoded).
 #![no_main]
 
 mod common;
@@ -18,6 +19,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let key = common::key();
     if let Ok(hb) = decode_heartbeat(&bytes, &key) {
+        if bytes.get(4) != Some(&protocol::HEARTBEAT_VERSION) {
+            return;
+        }
         let again = encode_heartbeat(&hb, &key).expect("a decoded heartbeat re-encodes");
         assert_eq!(again, bytes, "decode→encode is not the identity");
     }

@@ -7,8 +7,10 @@ pub const CLUSTER: &str = "prod-az1";
 pub const HOST: &str = "compute-17.example.org";
 pub const CONTROLLER: &str = "ctl-a";
 
+pub const KEY_BYTES: &[u8] = b"an example cluster key, 32 bytes";
+
 pub fn key() -> Key {
-    Key::new(b"an example cluster key, 32 bytes").unwrap()
+    Key::new(KEY_BYTES).unwrap()
 }
 
 pub fn other_key() -> Key {
@@ -34,7 +36,7 @@ pub fn heartbeat(incarnation: u64, sequence: u64) -> Heartbeat<'static> {
             stalled_vm_count: 1,
             isolated: false,
             libvirt_reachable: true,
-            self_fence_armed: false,
+            self_fence: protocol::SelfFence::Off,
             probe_drops: 3,
         },
     }

@@ -222,7 +222,7 @@ impl HeartbeatTask {
             stalled_vm_count: summary.stalled_vm_count,
             isolated: self.tracker.report().state == Reachability::Isolated,
             libvirt_reachable: summary.libvirt_reachable,
-            self_fence_armed: summary.self_fence_armed,
+            self_fence: summary.self_fence,
             probe_drops: summary.probe_drops,
         };
         for (index, (addr, socket)) in self.paths.iter().enumerate() {

@@ -24,8 +24,9 @@ pub struct HostSummary {
     /// watch map overflows, since any of them means the controller's view may be
     /// missing something.
     pub probe_drops: u64,
-    /// Self-fencing is on and armed (set by the self-fence task, see `selffence`).
-    pub self_fence_armed: bool,
+    /// The self-fence: off, armed with its timeout, or not armed and why (set by the
+    /// self-fence task, see `selffence`).
+    pub self_fence: protocol::SelfFence,
 }
 
 /// Derives the monitor's part of [`HostSummary`] from the events it emits.
