@@ -20,18 +20,13 @@ use watchdog::uplink::spool::{Spool, RELEASED_FILE, SPOOL_FILE};
 /// Small, so the fuzzer also reaches the drop-the-oldest path.
 const MAX_EVENTS: usize = 4;
 
-/// One directory per fuzzing process, on tmpfs where there is one: every run writes
-/// and fsyncs both files.
+/// One directory per fuzzing process, under the temporary directory (`cargo xtask
+/// fuzz` points TMPDIR at tmpfs, as every run writes and fsyncs both files, and
+/// removes it afterwards).
 fn dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let shm = std::path::Path::new("/dev/shm");
-        let base = if shm.is_dir() {
-            shm.to_path_buf()
-        } else {
-            std::env::temp_dir()
-        };
-        base.join(format!("defib-fuzz-spool-{}", std::process::id()))
+        std::env::temp_dir().join(format!("defib-fuzz-spool-{}", std::process::id()))
     })
 }
 

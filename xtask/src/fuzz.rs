@@ -42,15 +42,34 @@ pub fn run(seconds: u64) -> anyhow::Result<()> {
             started.elapsed().as_secs_f64()
         );
     }
+    // The targets' own files (the spool's, the controller's fixtures) go here, on tmpfs
+    // where there is one, and are removed afterwards.
+    let shm = Path::new("/dev/shm");
+    let tmp = if shm.is_dir() {
+        shm.join(format!("defib-fuzz-{}", std::process::id()))
+    } else {
+        scratch.join("tmp")
+    };
+    std::fs::create_dir_all(&tmp)?;
     let mut crashes = Vec::new();
-    for (dir, targets) in FUZZ_CRATES {
+    let mut result = Ok(());
+    'targets: for (dir, targets) in FUZZ_CRATES {
         let fuzz_dir = root.join(dir).join("fuzz");
         for target in *targets {
-            if let Some(artifact) = fuzz_one(&fuzz_dir, target, &scratch, seconds)? {
-                crashes.push(artifact);
+            match fuzz_one(&fuzz_dir, target, &scratch, &tmp, seconds) {
+                Ok(Some(artifact)) => crashes.push(artifact),
+                Ok(None) => {}
+                Err(e) => {
+                    result = Err(e);
+                    break 'targets;
+                }
             }
         }
     }
+    if let Err(e) = std::fs::remove_dir_all(&tmp) {
+        eprintln!("xtask fuzz: removing {}: {e}", tmp.display());
+    }
+    result?;
     if !crashes.is_empty() {
         for c in &crashes {
             eprintln!("xtask fuzz: crash artifact {}", c.display());
@@ -70,6 +89,7 @@ fn fuzz_one(
     fuzz_dir: &Path,
     target: &str,
     scratch: &Path,
+    tmp: &Path,
     seconds: u64,
 ) -> anyhow::Result<Option<PathBuf>> {
     let seeds = fuzz_dir.join("corpus").join(target);
@@ -105,6 +125,7 @@ fn fuzz_one(
         .arg("-timeout=10")
         .arg(format!("-artifact_prefix={}/", artifacts.display()))
         .arg("-print_final_stats=1")
+        .env("TMPDIR", tmp)
         .stdout(log.try_clone()?)
         .stderr(log)
         .status()
