@@ -5,6 +5,7 @@
 mod bundle;
 mod demo;
 mod fencebed;
+mod fuzz;
 mod hostbed;
 mod lab;
 mod linuxguest;
@@ -77,6 +78,14 @@ enum Task {
         #[arg(long, conflicts_with = "seeds")]
         seed: Option<u64>,
     },
+    /// Run every cargo-fuzz target (protocol/fuzz: heartbeat, ack, frame; fuzz/:
+    /// watchdog_config, controller_config, spool_records, spool_open) for N seconds
+    /// each on a copy of its committed seed corpus (nightly; installs cargo-fuzz if
+    /// missing). Fails naming the crash artifact if a target finds one.
+    Fuzz {
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
     /// Setup, then run a benchmark scenario (see bench/ and BENCHMARKS.md): exit-latency,
     /// stall-latency, real-guest-kill, suspect-latency, heartbeat-intake, host-memory,
     /// fence-latency, nova-evacuate (needs the novabed: `cargo xtask novabed start`),
@@ -148,6 +157,7 @@ fn main() -> ExitCode {
                 "--nocapture",
             ])
         }
+        Task::Fuzz { seconds } => fuzz::run(seconds),
         Task::Bench { args } => setup::run().and_then(|()| {
             let mut a = vec!["run", "--release", "-p", "defib-bench", "--"];
             a.extend(args.iter().map(String::as_str));

@@ -44,6 +44,11 @@ pub const SPOOL_FILE: &str = "events.spool";
 pub const RELEASED_FILE: &str = "events.released";
 
 const RECORD_HEADER_LEN: usize = 8;
+/// The highest event id the spool hands out or accepts. A released mark, a record or a
+/// controller's word above it is corruption, not history: at a million events a second
+/// it takes 290,000 years to get here, and the controller stores ids as SQLite's
+/// signed 64-bit integers. Without the bound, such an id made the next id overflow.
+pub const MAX_EVENT_ID: u64 = i64::MAX as u64;
 /// Released records are compacted away once there are this many (or once nothing is
 /// left unreleased): rewriting the log on every ack would cost more than it saves.
 const COMPACT_MIN_RECORDS: usize = 1024;
@@ -155,6 +160,7 @@ impl Spool {
     /// Releases every event with an id up to `id`: the controller acknowledged them
     /// (a cumulative `EventAck`, or the `highest_event_id` of its `Welcome`).
     pub fn release_up_to(&mut self, id: u64) -> io::Result<()> {
+        check_id(id)?;
         if id <= self.released_up_to {
             return Ok(());
         }
@@ -173,6 +179,8 @@ impl Spool {
     /// directory): numbering continues above `highest`, and the events waiting here are
     /// renumbered above it too, or the controller would drop them as duplicates.
     pub fn continue_above(&mut self, highest: u64) -> io::Result<()> {
+        // Renumbering stays below the bound too: the waiting events need room above.
+        check_id(highest.saturating_add(self.pending.len() as u64))?;
         if highest < self.next_id {
             return Ok(());
         }
@@ -287,32 +295,61 @@ impl Spool {
     }
 }
 
+/// A controller's id beyond [`MAX_EVENT_ID`] is refused: counting on above it would
+/// overflow, and the controller cannot have stored it.
+fn check_id(id: u64) -> io::Result<()> {
+    if id > MAX_EVENT_ID {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("event id {id} is above the highest possible, {MAX_EVENT_ID}"),
+        ));
+    }
+    Ok(())
+}
+
 fn read_released(path: &Path) -> io::Result<u64> {
     match fs::read_to_string(path) {
-        Ok(text) => Ok(text.trim().parse().unwrap_or_else(|_| {
-            // Resending acknowledged events is harmless (the controller dedups them).
-            tracing::warn!(path = %path.display(), "released mark is garbled; resending the whole spool");
-            0
-        })),
+        Ok(text) => Ok(text
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&id| id <= MAX_EVENT_ID)
+            .unwrap_or_else(|| {
+                // Resending acknowledged events is harmless (the controller dedups them).
+                tracing::warn!(
+                    path = %path.display(),
+                    "released mark is garbled; resending the whole spool"
+                );
+                0
+            })),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
         Err(e) => Err(e),
     }
 }
 
-fn encode_record(event: &Event) -> Vec<u8> {
+/// One event as a spool record (header and JSON body), exactly as [`Spool::append`]
+/// writes it. Public for the fuzz targets and their seed corpus (fuzz/).
+pub fn encode_record(event: &Event) -> Vec<u8> {
     // Serializing a struct of strings and integers into a Vec cannot fail.
-    let body = serde_json::to_vec(event).unwrap_or_default();
+    seal_record(&serde_json::to_vec(event).unwrap_or_default())
+}
+
+/// A record of any body: the header (length, checksum) in front of it. Public so the
+/// fuzz targets can hand the decoder bodies that pass the checksum.
+pub fn seal_record(body: &[u8]) -> Vec<u8> {
     let mut record = Vec::with_capacity(RECORD_HEADER_LEN + body.len());
     record.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    record.extend_from_slice(&fnv1a32(&body).to_be_bytes());
-    record.extend_from_slice(&body);
+    record.extend_from_slice(&fnv1a32(body).to_be_bytes());
+    record.extend_from_slice(body);
     record
 }
 
 /// The whole records at the start of `bytes`, in order, and how many bytes they take.
-/// Stops at the first record that is short, fails its checksum, is not an event, or
-/// does not have a higher id than the one before.
-fn parse_records(bytes: &[u8]) -> (Vec<Event>, usize) {
+/// Stops at the first record that is short, fails its checksum, is not an event, has
+/// an id of 0 or above [`MAX_EVENT_ID`], or does not have a higher id than the one
+/// before. This is what [`Spool::open`] reads a
+/// log with; public for the fuzz targets (fuzz/).
+pub fn parse_records(bytes: &[u8]) -> (Vec<Event>, usize) {
     let mut events: Vec<Event> = Vec::new();
     let mut at = 0;
     while let Some(header) = bytes.get(at..at + RECORD_HEADER_LEN) {
@@ -331,7 +368,10 @@ fn parse_records(bytes: &[u8]) -> (Vec<Event>, usize) {
         let Ok(event) = serde_json::from_slice::<Event>(body) else {
             break;
         };
-        if event.id == 0 || events.last().is_some_and(|last| event.id <= last.id) {
+        if event.id == 0
+            || event.id > MAX_EVENT_ID
+            || events.last().is_some_and(|last| event.id <= last.id)
+        {
             break;
         }
         events.push(event);
@@ -488,5 +528,139 @@ mod tests {
         assert_eq!(spool.first_after(0).unwrap().id, 1);
         assert_eq!(spool.first_after(2).unwrap().id, 3);
         assert!(spool.first_after(3).is_none());
+    }
+
+    #[test]
+    fn a_released_mark_too_high_to_count_above_is_garbled_and_the_whole_spool_is_resent() {
+        // Found by the spool_open fuzz target: next id = mark + 1 overflowed.
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 10).unwrap();
+        spool.append(0, 0, started(1)).unwrap();
+        spool.append(0, 0, started(2)).unwrap();
+        drop(spool);
+        fs::write(dir.path().join(RELEASED_FILE), format!("{}\n", u64::MAX)).unwrap();
+        let mut spool = Spool::open(dir.path(), 10).unwrap();
+        assert_eq!(ids(&spool), [1, 2]);
+        assert_eq!(spool.released_up_to(), 0);
+        assert_eq!(spool.append(0, 0, started(3)).unwrap(), 3);
+    }
+
+    #[test]
+    fn a_record_with_an_id_too_high_to_count_above_ends_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 10).unwrap();
+        spool.append(0, 0, started(1)).unwrap();
+        drop(spool);
+        let path = dir.path().join(SPOOL_FILE);
+        let whole = fs::read(&path).unwrap();
+        let mut bytes = whole.clone();
+        bytes.extend_from_slice(&encode_record(&Event {
+            id: u64::MAX,
+            unix_ns: 0,
+            mono_ns: 0,
+            payload: started(2),
+        }));
+        fs::write(&path, &bytes).unwrap();
+        let mut spool = Spool::open(dir.path(), 10).unwrap();
+        assert_eq!(ids(&spool), [1]);
+        assert_eq!(fs::read(&path).unwrap(), whole);
+        assert_eq!(spool.append(0, 0, started(2)).unwrap(), 2);
+    }
+
+    #[test]
+    fn a_controller_claiming_an_id_too_high_to_count_above_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 10).unwrap();
+        spool.append(0, 0, started(1)).unwrap();
+        for highest in [MAX_EVENT_ID + 1, u64::MAX] {
+            let err = spool.continue_above(highest).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+            let err = spool.release_up_to(highest).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        }
+        assert_eq!(ids(&spool), [1]);
+        assert_eq!(spool.append(0, 0, started(2)).unwrap(), 2);
+    }
+
+    /// The seeds of the fuzz targets `spool_records` (a log) and `spool_open` (a
+    /// released mark line, then a log): logs as the encoder writes them, one torn.
+    fn fuzz_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
+        let event = |id: u64, payload: EventPayload| Event {
+            id,
+            unix_ns: 1_790_000_000_000_000_000 + id,
+            mono_ns: 9_000_000_000 + id,
+            payload,
+        };
+        let exited = EventPayload::QemuExited {
+            vm_uuid: Some("5b3a2f7e-1c2d-4e6f-8a9b-0c1d2e3f4a5b".into()),
+            vm_name: Some("instance-0000002a".into()),
+            pid: 4242,
+            exit_code: None,
+            signal: Some(9),
+            killer_pid: Some(1),
+            killer_comm: Some("systemd".into()),
+            by_hypervisor: false,
+            oom_killed: false,
+            kernel_ts_ns: 9_000_000_002,
+        };
+        let one = encode_record(&event(1, started(4242)));
+        let three: Vec<u8> = [
+            event(1, started(4242)),
+            event(2, exited),
+            event(3, EventPayload::Unknown),
+        ]
+        .iter()
+        .flat_map(encode_record)
+        .collect();
+        let mut torn = three.clone();
+        torn.extend_from_slice(&encode_record(&event(4, started(7)))[..20]);
+        // The targets' first byte (after the mark line, for spool_open): 0 for a log as
+        // it is, 1 for NUL-separated bodies the target seals (fuzz/fuzz_targets/common.rs).
+        let raw = |log: &[u8]| [&[0u8][..], log].concat();
+        let sealed = |events: &[Event]| {
+            let bodies: Vec<Vec<u8>> = events
+                .iter()
+                .map(|e| serde_json::to_vec(e).unwrap())
+                .collect();
+            [vec![1u8], bodies.join(&0u8)].concat()
+        };
+        let with_mark = |mark: &str, input: &[u8]| [mark.as_bytes(), input].concat();
+        let sealed_pair = sealed(&[event(5, started(9)), event(6, EventPayload::Unknown)]);
+        vec![
+            ("spool_records", "one", raw(&one)),
+            ("spool_records", "three", raw(&three)),
+            ("spool_records", "torn", raw(&torn)),
+            ("spool_records", "sealed", sealed_pair.clone()),
+            ("spool_open", "unreleased", with_mark("\n", &raw(&three))),
+            ("spool_open", "released_two", with_mark("2\n", &raw(&three))),
+            (
+                "spool_open",
+                "garbled_mark_torn",
+                with_mark("x\n", &raw(&torn)),
+            ),
+            ("spool_open", "mark_only", with_mark("5\n", &raw(&[]))),
+            ("spool_open", "sealed", with_mark("4\n", &sealed_pair)),
+        ]
+    }
+
+    #[test]
+    fn the_committed_fuzz_seeds_are_what_the_encoder_writes() {
+        // DEFIB_WRITE_FUZZ_SEEDS=1 rewrites them after a record format change.
+        let write = std::env::var_os("DEFIB_WRITE_FUZZ_SEEDS").is_some();
+        let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+        for (target, name, bytes) in fuzz_seeds() {
+            let path = corpus.join(target).join(format!("{name}.bin"));
+            if write {
+                fs::create_dir_all(corpus.join(target)).unwrap();
+                fs::write(&path, &bytes).unwrap();
+            }
+            let committed = fs::read(&path).unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e} (DEFIB_WRITE_FUZZ_SEEDS=1 writes it)",
+                    path.display()
+                )
+            });
+            assert_eq!(committed, bytes, "{} is stale", path.display());
+        }
     }
 }
