@@ -31,6 +31,15 @@ pub(super) struct HostEntry {
     /// A heartbeat was received after the verified fence (controller clock): the host
     /// is back, and waits to be trusted again.
     pub(super) heard_since_fence: bool,
+    /// The boot id the host was last heard with when a power fence (BMC, Pacemaker) was
+    /// verified; `None` for a self-fence (the host stays up by design) or when no
+    /// heartbeat was heard yet (a replayed log). Heard with it again after the
+    /// verification, the host was never powered off.
+    pub(super) fence_boot: Option<u64>,
+    /// Heard with `fence_boot` after its power fence was verified: the evidence was
+    /// false (a BMC that says off for a host that stays on, or the wrong host fenced).
+    /// Nothing more of the incident is restored.
+    pub(super) fence_contradicted: bool,
     /// Resources a backend started here while the host was being fenced (its incident
     /// took them, for its fence stops them): a self-fence deadline says nothing about
     /// them (the host may have rebooted meanwhile), only a power fence does.
@@ -65,6 +74,8 @@ impl HostEntry {
             last_incident: None,
             evacuated: BTreeSet::new(),
             heard_since_fence: false,
+            fence_boot: None,
+            fence_contradicted: false,
             arrived: BTreeSet::new(),
             clock: None,
             undated: BTreeSet::new(),

@@ -128,6 +128,9 @@ impl Engine {
                     self.issue(key, intent);
                 }
             }
+            HostState::Fenced | HostState::Evacuating if self.restore_held(host) => {
+                // Heard with the boot it had at its power fence: see restore_held.
+            }
             HostState::Fenced if h.force_down.in_flight.is_none() => {
                 let attempt = h.force_down.attempts + 1;
                 if h.force_down.attempts >= self.cfg.max_fence_attempts {
@@ -181,7 +184,9 @@ impl Engine {
                     let fenced_at = h.fenced_at;
                     let fenced_by = h.fenced_by;
                     let heard = h.heard_since_fence;
+                    let (fence_boot, contradicted) = (h.fence_boot, h.fence_contradicted);
                     h.clear_incident();
+                    (h.fence_boot, h.fence_contradicted) = (fence_boot, contradicted);
                     h.fenced_at = fenced_at;
                     h.fenced_by = fenced_by;
                     h.heard_since_fence = heard;
@@ -190,6 +195,20 @@ impl Engine {
             }
             _ => {}
         }
+    }
+
+    /// Whether a fenced host's restore waits: it was power-fenced and is heard with the
+    /// boot it had when the fence was verified. Heard after the verification, the
+    /// power-off did not happen (`fence_contradicted`): it waits for an operator. Heard
+    /// only before it (its last heartbeats may have left just before the power-off), it
+    /// waits until the host is silent. A host that rebooted (a new boot id) was powered
+    /// off; a self-fenced one stays up by design and is not held.
+    pub(super) fn restore_held(&self, host: &HostId) -> bool {
+        let h = &self.hosts[host];
+        h.fence_contradicted
+            || (h.fence_boot.is_some()
+                && h.fence_boot == h.boot_id
+                && self.detector.liveness(host, self.now) != Liveness::Suspect)
     }
 
     pub(super) fn reconcile_resource(&mut self, r: &Resource) {

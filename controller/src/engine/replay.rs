@@ -377,6 +377,12 @@ impl Engine {
                             let h = self.hosts.get_mut(host).expect("known");
                             h.fenced_by = Some(*by);
                             h.fenced_at = Some(now);
+                            h.fence_boot = match by {
+                                FenceVerifier::SelfFenceDeadline => None,
+                                FenceVerifier::IpmiPowerOff | FenceVerifier::PacemakerHistory => {
+                                    h.boot_id
+                                }
+                            };
                             self.set_host_state(
                                 host,
                                 HostState::Fenced,

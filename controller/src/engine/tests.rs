@@ -15,6 +15,8 @@ struct Harness {
     actions: Vec<Action>,
     /// How far the hosts' clocks are off the controller's (ms).
     host_offset_ms: i64,
+    /// Each host's boot id in its heartbeats (1 unless it was powered on again).
+    boots: BTreeMap<HostId, u64>,
 }
 
 fn host(i: usize) -> HostId {
@@ -44,6 +46,7 @@ impl Harness {
             hosts,
             actions: Vec::new(),
             host_offset_ms,
+            boots: BTreeMap::new(),
         };
         h.absorb(start);
         for i in 0..n {
@@ -96,25 +99,38 @@ impl Harness {
             self.now += 50;
             if self.now.is_multiple_of(100) {
                 for h in self.alive.clone() {
-                    self.input(Input::Heartbeat(Heartbeat {
-                        host: h,
-                        path: PathId(0),
-                        boot_id: 1,
-                        incarnation: 1,
-                        at: self.host_clock(self.now),
-                        self_fence_armed: true,
-                    }));
+                    self.heartbeat(h);
                 }
             }
             self.input(Input::Timer(TimerId::Tick));
         }
     }
 
+    /// One heartbeat from `h`, now.
+    fn heartbeat(&mut self, h: HostId) {
+        let boot_id = self.boots.get(&h).copied().unwrap_or(1);
+        self.input(Input::Heartbeat(Heartbeat {
+            host: h,
+            path: PathId(0),
+            boot_id,
+            incarnation: 1,
+            at: self.host_clock(self.now),
+            self_fence_armed: true,
+        }));
+    }
+
     fn kill(&mut self, i: usize) {
         self.alive.remove(&host(i));
     }
 
+    /// Heard again with the boot it had (a partition that heals, a hang that ends).
     fn revive(&mut self, i: usize) {
+        self.alive.insert(host(i));
+    }
+
+    /// Powered on again after a power-off: heard with a new boot id.
+    fn power_on(&mut self, i: usize) {
+        *self.boots.entry(host(i)).or_insert(1) += 1;
         self.alive.insert(host(i));
     }
 
@@ -1670,7 +1686,7 @@ fn a_resumed_controller_keeps_an_evacuation_that_succeeded_in_the_same_milliseco
     let mut h = Harness::new(3);
     h.fence_and_force_down(1);
     let key = evacuation_in_flight(&h);
-    h.revive(1);
+    h.power_on(1);
     h.run_for(300);
     // Live: the success first, then the operator's unfence, both at the same instant.
     h.input(Input::RestoreResult {
@@ -2021,4 +2037,131 @@ fn a_vm_restored_onto_a_silent_host_is_not_evacuated_on_the_strength_of_its_self
     assert!(moved.contains(&Resource::vm("vm2")), "{moved:?}");
     let vm1 = h.engine.resource(&Resource::vm("vm1")).unwrap();
     assert_eq!((vm1.host, vm1.state), (host(2), ResourceState::Running));
+}
+
+fn force_downs(actions: &[Action]) -> usize {
+    actions
+        .iter()
+        .filter(|a| matches!(a, Action::ForceDown { .. }))
+        .count()
+}
+
+#[test]
+fn a_host_still_heard_after_a_successful_power_fence_is_not_restored_and_raises_an_alarm() {
+    let mut h = Harness::new(4);
+    let key = h.kill_until_fence(2);
+    // The partition heals while the BMC is asked: the host is heard again, and the BMC
+    // answers "off" for it all the same.
+    h.revive(2);
+    h.run_for(200);
+    h.fence_result(2, key, FenceOutcome::Verified(FenceVerifier::IpmiPowerOff));
+    assert_eq!(h.state(2), HostState::Fenced);
+    h.run_for(1000);
+    assert_eq!(
+        force_downs(&h.actions),
+        0,
+        "restore began while the host is heard"
+    );
+    assert!(evacuations(&h.actions).is_empty());
+    assert!(alarms(&h.actions).contains(&AlarmKind::FenceContradicted));
+    assert_eq!(h.vm(2), ResourceState::Running, "vm2 untouched");
+    // Silent again later: the fence was shown false, so silence proves nothing now.
+    h.kill(2);
+    h.run_for(3000);
+    assert_eq!(force_downs(&h.actions), 0);
+    assert!(evacuations(&h.actions).is_empty());
+    let inc = h
+        .engine
+        .incidents()
+        .find(|i| i.subject == Subject::Host(host(2)));
+    assert!(
+        inc.expect("h2's incident")
+            .timeline
+            .iter()
+            .any(|e| e.cause.contains("never powered off")),
+        "the timeline says why"
+    );
+}
+
+#[test]
+fn a_power_fenced_host_heard_just_before_its_power_off_is_restored_once_it_is_silent() {
+    let mut h = Harness::new(4);
+    let key = h.kill_until_fence(2);
+    // A last heartbeat that left before the power-off arrives with the verification.
+    h.heartbeat(host(2));
+    h.fence_result(2, key, FenceOutcome::Verified(FenceVerifier::IpmiPowerOff));
+    assert_eq!(h.state(2), HostState::Fenced);
+    assert_eq!(force_downs(&h.actions), 0, "held while the host is heard");
+    h.run_for(500);
+    assert_eq!(force_downs(&h.actions), 1, "silent since: restored");
+    assert!(!alarms(&h.actions).contains(&AlarmKind::FenceContradicted));
+}
+
+#[test]
+fn a_power_fenced_host_that_comes_back_with_a_new_boot_is_not_held() {
+    let mut h = Harness::new(4);
+    let key = h.kill_until_fence(2);
+    h.fence_result(
+        2,
+        key,
+        FenceOutcome::Verified(FenceVerifier::PacemakerHistory),
+    );
+    h.power_on(2);
+    h.run_for(300);
+    h.force_down_ok(2);
+    assert_eq!(h.state(2), HostState::Evacuating);
+    assert_eq!(evacuations(&h.actions).len(), 1);
+    let kinds = alarms(&h.actions);
+    assert!(
+        kinds.contains(&AlarmKind::HostBackAwaitingUnfence),
+        "{kinds:?}"
+    );
+    assert!(!kinds.contains(&AlarmKind::FenceContradicted), "{kinds:?}");
+}
+
+#[test]
+fn a_self_fenced_host_heard_again_with_the_same_boot_is_restored_as_before() {
+    // A self-fence kills the VMs, not the host: the same boot comes back by design.
+    let cfg = Config {
+        self_fence_deadline: Some(Duration::from_secs(5)),
+        ..Config::default()
+    };
+    let mut h = Harness::with(4, cfg);
+    let key = h.kill_until_fence(1);
+    h.fence_result(
+        1,
+        key,
+        FenceOutcome::Failed {
+            reason: "no BMC".into(),
+        },
+    );
+    h.run_for(5000);
+    assert_eq!(h.state(1), HostState::Fenced);
+    h.revive(1);
+    h.run_for(300);
+    h.force_down_ok(1);
+    assert_eq!(h.state(1), HostState::Evacuating);
+    assert_eq!(evacuations(&h.actions).len(), 1);
+    assert!(!alarms(&h.actions).contains(&AlarmKind::FenceContradicted));
+}
+
+#[test]
+fn a_recovered_host_heard_with_the_boot_it_had_at_its_fence_raises_an_alarm_that_its_vms_may_run_twice(
+) {
+    let mut h = Harness::new(4);
+    h.fence_and_recover(2);
+    h.take();
+    h.revive(2);
+    h.run_for(200);
+    let kinds = alarms(&h.actions);
+    assert!(kinds.contains(&AlarmKind::FenceContradicted), "{kinds:?}");
+    let raised = h.actions.iter().find_map(|a| match a {
+        Action::Alarm {
+            kind: AlarmKind::FenceContradicted,
+            reason,
+            ..
+        } => Some(reason.clone()),
+        _ => None,
+    });
+    assert!(raised.unwrap().contains("may run twice"));
 }
