@@ -429,7 +429,7 @@ mod tests {
         let on = event("node2", "on", "success", "stonith_admin.4242", AT + 63);
         for e in [failed, pending, on] {
             assert_eq!(
-                fenced_since(&[e.clone()], "node2", requested, &baseline()),
+                fenced_since(std::slice::from_ref(&e), "node2", requested, &baseline()),
                 None,
                 "{e:?}"
             );
