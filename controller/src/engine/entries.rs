@@ -7,6 +7,9 @@ pub(super) struct HostEntry {
     pub(super) state: HostState,
     pub(super) incident: Option<IncidentId>,
     pub(super) boot_id: Option<u64>,
+    /// The watchdog process last heard: `(boot id, incarnation)`. The incarnation is
+    /// raised at every start of the daemon.
+    pub(super) watchdog: Option<(u64, u64)>,
     pub(super) self_fence_armed: bool,
     pub(super) confirm_asked_at: Option<Timestamp>,
     pub(super) awaiting_confirmation: bool,
@@ -31,12 +34,12 @@ pub(super) struct HostEntry {
     /// A heartbeat was received after the verified fence (controller clock): the host
     /// is back, and waits to be trusted again.
     pub(super) heard_since_fence: bool,
-    /// The boot id the host was last heard with when a power fence (BMC, Pacemaker) was
-    /// verified; `None` for a self-fence (the host stays up by design) or when no
-    /// heartbeat was heard yet (a replayed log). Heard with it again after the
-    /// verification, the host was never powered off.
-    pub(super) fence_boot: Option<u64>,
-    /// Heard with `fence_boot` after its power fence was verified: the evidence was
+    /// The watchdog process (boot id, incarnation) last heard when a power fence (BMC,
+    /// Pacemaker) was verified; `None` for a self-fence (the host stays up by design)
+    /// or when none was heard yet (a replayed log). The same process heard after the
+    /// verification ran through the power-off: the host was never powered off.
+    pub(super) fenced_watchdog: Option<(u64, u64)>,
+    /// `fenced_watchdog` was heard after its power fence was verified: the evidence was
     /// false (a BMC that says off for a host that stays on, or the wrong host fenced).
     /// Nothing more of the incident is restored.
     pub(super) fence_contradicted: bool,
@@ -59,6 +62,7 @@ impl HostEntry {
             state: HostState::Up,
             incident: None,
             boot_id: None,
+            watchdog: None,
             self_fence_armed: false,
             confirm_asked_at: None,
             awaiting_confirmation: false,
@@ -74,7 +78,7 @@ impl HostEntry {
             last_incident: None,
             evacuated: BTreeSet::new(),
             heard_since_fence: false,
-            fence_boot: None,
+            fenced_watchdog: None,
             fence_contradicted: false,
             arrived: BTreeSet::new(),
             clock: None,
@@ -87,6 +91,7 @@ impl HostEntry {
         let keep = (
             self.state,
             self.boot_id,
+            self.watchdog,
             self.self_fence_armed,
             std::mem::take(&mut self.stale),
             self.last_incident,
@@ -98,6 +103,7 @@ impl HostEntry {
         (
             self.state,
             self.boot_id,
+            self.watchdog,
             self.self_fence_armed,
             self.stale,
             self.last_incident,

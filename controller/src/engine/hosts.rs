@@ -14,6 +14,7 @@ impl Engine {
             let h = self.hosts.get_mut(&host).expect("ensured");
             h.self_fence_armed = hb.self_fence_armed;
             let old = h.boot_id.replace(hb.boot_id);
+            h.watchdog = Some((hb.boot_id, hb.incarnation));
             // Heartbeats may arrive out of order over two paths: the clock only goes
             // forward, unless the host rebooted (a new clock for a new boot).
             let read = match h.clock {
@@ -59,7 +60,8 @@ impl Engine {
                     self.bump();
                 }
                 let h = &self.hosts[&host];
-                if h.fence_boot == Some(hb.boot_id) && !h.fence_contradicted {
+                if h.fenced_watchdog == Some((hb.boot_id, hb.incarnation)) && !h.fence_contradicted
+                {
                     self.contradict_fence(&host, state);
                 }
                 self.host_alarm(
@@ -73,8 +75,9 @@ impl Engine {
         }
     }
 
-    /// A power-fenced host heard after the verification with the boot it had: it never
-    /// lost power, whatever the BMC or the history said. Nothing more is restored (see
+    /// A power-fenced host heard after the verification from the watchdog process heard
+    /// before it: that process ran through the power-off, so the host never lost power,
+    /// whatever the BMC or the history said. Nothing more is restored (see
     /// `restore_held`); what was restored already may run twice, which the alarm says.
     fn contradict_fence(&mut self, host: &HostId, state: HostState) {
         let h = self.hosts.get_mut(host).expect("known");
@@ -85,8 +88,8 @@ impl Engine {
         let closed = h.incident.is_none().then_some(h.last_incident).flatten();
         self.bump();
         let what = format!(
-            "heard after its fence was verified ({by:?}) with the boot it had: it was never \
-             powered off; {}",
+            "heard after its fence was verified ({by:?}) from the same watchdog process (same \
+             boot, same incarnation): it was never powered off; {}",
             if state == HostState::Recovered {
                 "its resources were restored elsewhere already and may run twice"
             } else {

@@ -129,7 +129,8 @@ impl Engine {
                 }
             }
             HostState::Fenced | HostState::Evacuating if self.restore_held(host) => {
-                // Heard with the boot it had at its power fence: see restore_held.
+                // Heard from the watchdog process that ran at its power fence: see
+                // restore_held.
             }
             HostState::Fenced if h.force_down.in_flight.is_none() => {
                 let attempt = h.force_down.attempts + 1;
@@ -184,9 +185,9 @@ impl Engine {
                     let fenced_at = h.fenced_at;
                     let fenced_by = h.fenced_by;
                     let heard = h.heard_since_fence;
-                    let (fence_boot, contradicted) = (h.fence_boot, h.fence_contradicted);
+                    let (fenced_watchdog, contradicted) = (h.fenced_watchdog, h.fence_contradicted);
                     h.clear_incident();
-                    (h.fence_boot, h.fence_contradicted) = (fence_boot, contradicted);
+                    (h.fenced_watchdog, h.fence_contradicted) = (fenced_watchdog, contradicted);
                     h.fenced_at = fenced_at;
                     h.fenced_by = fenced_by;
                     h.heard_since_fence = heard;
@@ -197,17 +198,20 @@ impl Engine {
         }
     }
 
-    /// Whether a fenced host's restore waits: it was power-fenced and is heard with the
-    /// boot it had when the fence was verified. Heard after the verification, the
-    /// power-off did not happen (`fence_contradicted`): it waits for an operator. Heard
-    /// only before it (its last heartbeats may have left just before the power-off), it
-    /// waits until the host is silent. A host that rebooted (a new boot id) was powered
-    /// off; a self-fenced one stays up by design and is not held.
+    /// Whether a fenced host's restore waits: it was power-fenced and is heard from the
+    /// watchdog process (same boot id, same incarnation) heard when the fence was
+    /// verified. Heard after the verification, that process ran through the power-off,
+    /// which did not happen (`fence_contradicted`): it waits for an operator. Heard only
+    /// before it (its last heartbeats may have left just before the power-off), it waits
+    /// until the host is silent. A host that rebooted (a new boot id) was powered off; a
+    /// self-fenced one stays up by design and is not held. A new incarnation on the same
+    /// boot (the daemon restarted) is not taken as proof either way: it is how a lab
+    /// host, which shares the test machine's kernel, comes back from its power-off.
     pub(super) fn restore_held(&self, host: &HostId) -> bool {
         let h = &self.hosts[host];
         h.fence_contradicted
-            || (h.fence_boot.is_some()
-                && h.fence_boot == h.boot_id
+            || (h.fenced_watchdog.is_some()
+                && h.fenced_watchdog == h.watchdog
                 && self.detector.liveness(host, self.now) != Liveness::Suspect)
     }
 

@@ -377,10 +377,10 @@ impl Engine {
                             let h = self.hosts.get_mut(host).expect("known");
                             h.fenced_by = Some(*by);
                             h.fenced_at = Some(now);
-                            h.fence_boot = match by {
+                            h.fenced_watchdog = match by {
                                 FenceVerifier::SelfFenceDeadline => None,
                                 FenceVerifier::IpmiPowerOff | FenceVerifier::PacemakerHistory => {
-                                    h.boot_id
+                                    h.watchdog
                                 }
                             };
                             self.set_host_state(

@@ -15,8 +15,9 @@ struct Harness {
     actions: Vec<Action>,
     /// How far the hosts' clocks are off the controller's (ms).
     host_offset_ms: i64,
-    /// Each host's boot id in its heartbeats (1 unless it was powered on again).
-    boots: BTreeMap<HostId, u64>,
+    /// Each host's watchdog in its heartbeats, (boot id, incarnation): (1, 1) unless it
+    /// was powered on again or its daemon restarted.
+    watchdogs: BTreeMap<HostId, (u64, u64)>,
 }
 
 fn host(i: usize) -> HostId {
@@ -46,7 +47,7 @@ impl Harness {
             hosts,
             actions: Vec::new(),
             host_offset_ms,
-            boots: BTreeMap::new(),
+            watchdogs: BTreeMap::new(),
         };
         h.absorb(start);
         for i in 0..n {
@@ -108,12 +109,12 @@ impl Harness {
 
     /// One heartbeat from `h`, now.
     fn heartbeat(&mut self, h: HostId) {
-        let boot_id = self.boots.get(&h).copied().unwrap_or(1);
+        let (boot_id, incarnation) = self.watchdogs.get(&h).copied().unwrap_or((1, 1));
         self.input(Input::Heartbeat(Heartbeat {
             host: h,
             path: PathId(0),
             boot_id,
-            incarnation: 1,
+            incarnation,
             at: self.host_clock(self.now),
             self_fence_armed: true,
         }));
@@ -128,9 +129,18 @@ impl Harness {
         self.alive.insert(host(i));
     }
 
-    /// Powered on again after a power-off: heard with a new boot id.
+    /// Powered on again after a power-off: heard with a new boot id, from a new
+    /// watchdog process.
     fn power_on(&mut self, i: usize) {
-        *self.boots.entry(host(i)).or_insert(1) += 1;
+        let w = self.watchdogs.entry(host(i)).or_insert((1, 1));
+        *w = (w.0 + 1, w.1 + 1);
+        self.alive.insert(host(i));
+    }
+
+    /// Heard again from a new watchdog process on the same boot (the daemon restarted,
+    /// or a lab host, which shares the test machine's kernel, was powered on again).
+    fn restart_watchdog(&mut self, i: usize) {
+        self.watchdogs.entry(host(i)).or_insert((1, 1)).1 += 1;
         self.alive.insert(host(i));
     }
 
@@ -2117,6 +2127,19 @@ fn a_power_fenced_host_that_comes_back_with_a_new_boot_is_not_held() {
         "{kinds:?}"
     );
     assert!(!kinds.contains(&AlarmKind::FenceContradicted), "{kinds:?}");
+}
+
+#[test]
+fn a_power_fenced_host_heard_from_a_new_watchdog_process_on_the_same_boot_is_not_held() {
+    let mut h = Harness::new(4);
+    let key = h.kill_until_fence(2);
+    h.fence_result(2, key, FenceOutcome::Verified(FenceVerifier::IpmiPowerOff));
+    h.restart_watchdog(2);
+    h.run_for(300);
+    h.force_down_ok(2);
+    assert_eq!(h.state(2), HostState::Evacuating);
+    assert_eq!(evacuations(&h.actions).len(), 1);
+    assert!(!alarms(&h.actions).contains(&AlarmKind::FenceContradicted));
 }
 
 #[test]

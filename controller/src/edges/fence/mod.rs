@@ -25,7 +25,8 @@
 //!
 //! A BMC can still lie (answer off for a host that stays on); no reading of the BMC
 //! alone can tell. The engine covers that case: a power-fenced host still heard with
-//! the boot it had is not restored (see `controller::engine`).
+//! the watchdog process it had (same boot id and incarnation) is not restored (see
+//! `controller::engine`).
 //!
 //! The first two are only two ways of reaching the same thing, a host's power switch:
 //! each implements [`PowerSwitch`] (power off, power status), and one blanket impl makes
