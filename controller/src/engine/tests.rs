@@ -2094,6 +2094,46 @@ fn a_host_still_heard_after_a_successful_power_fence_is_not_restored_and_raises_
 }
 
 #[test]
+fn a_resumed_controller_still_restores_nothing_of_a_host_heard_from_the_watchdog_that_ran_through_its_fence(
+) {
+    let mut h = Harness::new(4);
+    let key = h.kill_until_fence(2);
+    h.revive(2);
+    h.run_for(200);
+    h.fence_result(2, key, FenceOutcome::Verified(FenceVerifier::IpmiPowerOff));
+    assert_eq!(force_downs(&h.actions), 0);
+    // The controller restarts before h2's next heartbeat; the fence's completion in the
+    // log says which watchdog process was heard at the fence.
+    let (mut engine, _) = Engine::resume(Config::default(), &h.log, Timestamp(h.now + 10));
+    let mut out = Vec::new();
+    for step in 1..=40u64 {
+        let now = h.now + 10 + step * 50;
+        if step % 2 == 0 {
+            for i in 0..4 {
+                out.extend(engine.step(
+                    Timestamp(now),
+                    Input::Heartbeat(Heartbeat {
+                        host: host(i),
+                        path: PathId(0),
+                        boot_id: 1,
+                        incarnation: 1,
+                        at: HostTime(now),
+                        self_fence_armed: true,
+                    }),
+                ));
+            }
+        }
+        out.extend(engine.step(Timestamp(now), Input::Timer(TimerId::Tick)));
+    }
+    assert_eq!(force_downs(&out), 0, "{out:?}");
+    assert!(evacuations(&out).is_empty(), "{out:?}");
+    assert!(
+        alarms(&out).contains(&AlarmKind::FenceContradicted),
+        "{out:?}"
+    );
+}
+
+#[test]
 fn a_power_fenced_host_heard_just_before_its_power_off_is_restored_once_it_is_silent() {
     let mut h = Harness::new(4);
     let key = h.kill_until_fence(2);
