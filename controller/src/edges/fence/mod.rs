@@ -23,6 +23,10 @@
 //!   that completed no earlier than the request, whoever asked for it; membership from
 //!   `crm_mon`.
 //!
+//! The self-fence is not a level here: the engine counts it (`SelfFenceDeadline`) when
+//! the host's last heartbeat said its watchdog is armed and the host has been silent,
+//! on the controller's clock, for the isolation timeout plus a margin since then.
+//!
 //! A BMC can still lie (answer off for a host that stays on); no reading of the BMC
 //! alone can tell. The engine covers that case: a power-fenced host still heard with
 //! the watchdog process it had (same boot id and incarnation) is not restored (see
