@@ -61,6 +61,7 @@ fn verified(at: u64) -> Completion {
         at: Timestamp(at),
         outcome: IntentOutcome::Fence(FenceOutcome::Verified(FenceVerifier::IpmiPowerOff)),
         host_clock: None,
+        fenced_watchdog: Some((7, 1)),
     }
 }
 
@@ -130,6 +131,7 @@ fn completing_twice_keeps_the_first_completion() {
                 reason: "late".into(),
             }),
             host_clock: None,
+            fenced_watchdog: None,
         };
         s.complete_intent(&r.key, &failed).unwrap();
         // An unknown key is a no-op too, and creates nothing.

@@ -154,6 +154,19 @@ set_working_mc 0x20
         writeln!(f, "{sh}").expect("extend the power-off hook");
     }
 
+    /// Makes this BMC lie: from now on "power off" does nothing to the host and runs
+    /// only `sh` (shell lines), yet the chassis records the power as off, so every
+    /// later status says off for a host that stays on. Like many real BMCs it answers
+    /// the power-off at once and its power reads off only later: once `sh` is done
+    /// (which may `sleep` to say how much later).
+    pub fn lie_on_power_off(&self, sh: &str) {
+        write_exec(&self.dir.join("off.sh"), &format!("#!/bin/sh\n{sh}\n"));
+        let sync = r#"then "$D/off.sh" >> "$D/chassis.log" 2>&1; echo 0 > "$f""#;
+        assert!(CHASSIS.contains(sync), "the chassis script changed");
+        let later = r#"then ( "$D/off.sh"; echo 0 > "$f" ) >> "$D/chassis.log" 2>&1 &"#;
+        write_exec(&self.dir.join("chassis.sh"), &CHASSIS.replace(sync, later));
+    }
+
     /// `ipmitool ... chassis power WHAT` from the controller's namespace.
     pub fn ipmitool(&self, net: &LabNet, what: &str) -> Result<String, String> {
         chassis_power(&net.controller_ns(), &self.address, what)

@@ -8,7 +8,7 @@
 //! fence the engine then asks for is answered by the test ([`Controller::answer_fence`],
 //! as a verified IPMI power-off: the compute process is dead, which is what a power-off
 //! would make sure of). Everything after that is the controller's own path.
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -327,6 +327,9 @@ pub struct Controller {
     events: tokio::sync::mpsc::UnboundedReceiver<RestoreEvent>,
     router_events: tokio::sync::mpsc::UnboundedReceiver<RouterEvent>,
     silent: Arc<Mutex<BTreeSet<String>>>,
+    /// Each host's boots so far, less one: raised when it returns (see
+    /// [`Controller::resume_heartbeats`]).
+    reboots: Arc<Mutex<BTreeMap<String, u8>>>,
 }
 
 fn unix_ns() -> u64 {
@@ -396,6 +399,7 @@ impl Controller {
         let (fence_tx, fences) = std_mpsc::channel();
         let (ev_tx, events) = tokio::sync::mpsc::unbounded_channel();
         let silent: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+        let reboots: Arc<Mutex<BTreeMap<String, u8>>> = Arc::default();
         let channels = rt.block_on(async {
             let store = controller::store::SqliteStore::open(store).expect("store");
             let parts = EngineTaskParts {
@@ -441,12 +445,14 @@ impl Controller {
             });
             let intake = channels.intake.clone();
             let silent = silent.clone();
+            let reboots = reboots.clone();
             tokio::spawn(async move {
                 let peer: SocketAddr = "127.0.0.1:1".parse().expect("addr");
                 let mut tick = tokio::time::interval(Duration::from_millis(100));
                 loop {
                     tick.tick().await;
                     let quiet = silent.lock().expect("lock").clone();
+                    let reboots = reboots.lock().expect("lock").clone();
                     for (i, h) in HOSTS.iter().enumerate() {
                         if quiet.contains(*h) {
                             continue;
@@ -455,7 +461,11 @@ impl Controller {
                             host: h.to_string(),
                             path: 0,
                             peer,
-                            boot_id: protocol::BootId([i as u8 + 1; 16]),
+                            boot_id: protocol::BootId({
+                                let mut id = [i as u8 + 1; 16];
+                                id[0] = id[0].wrapping_add(reboots.get(*h).copied().unwrap_or(0));
+                                id
+                            }),
                             incarnation: 1,
                             sent_unix_ns: unix_ns(),
                             status: Default::default(),
@@ -475,6 +485,7 @@ impl Controller {
             events,
             router_events,
             silent,
+            reboots,
         }
     }
 
@@ -483,8 +494,16 @@ impl Controller {
         self.silent.lock().expect("lock").insert(host.into());
     }
 
-    /// `host` heartbeats again (its watchdog is back).
+    /// `host` heartbeats again: it is back from its fence, a power-off, so it heartbeats
+    /// with a new boot id (the same one would say it never lost power: the engine's
+    /// `FenceContradicted`).
     pub fn resume_heartbeats(&self, host: &str) {
+        *self
+            .reboots
+            .lock()
+            .expect("lock")
+            .entry(host.into())
+            .or_default() += 1;
         self.silent.lock().expect("lock").remove(host);
     }
 

@@ -2,7 +2,9 @@
 //! every process of the lab host SIGKILLed and its links cut), BMCs on the management
 //! network with ports of their own, ipmitool and fence_ipmilan as the fence methods; a
 //! 3-node corosync + Pacemaker cluster of lab hosts. Only a verified fence lets the
-//! engine restore.
+//! engine restore, and only evidence tied to the attempt verifies it: an older fence in
+//! Pacemaker's history does not, and a BMC that answers off for a host that stays on
+//! gets no restore while the host is heard.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
 use std::time::{Duration, Instant};
@@ -424,30 +426,87 @@ self_fence_margin_ms = 1000
 }
 
 #[test]
-fn when_pacemaker_fences_a_node_itself_the_controller_accepts_its_fencing_history_as_verification()
-{
+fn a_bmc_that_answers_off_for_a_host_that_stays_on_gets_no_restore_while_the_host_is_heard_but_an_alarm(
+) {
     require!(
-        requirements()
-            && have_command("fence_ipmilan")
-            && have_command("corosync")
-            && have_command("pacemakerd")
-            && have_command("crm_mon"),
-        "root, ipmi_sim, ipmitool, fence-agents, corosync and pacemaker (cargo xtask fencebed install)"
+        requirements(),
+        "root, ipmi_sim and ipmitool (cargo xtask fencebed install)"
     );
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    // Three lab hosts are three cluster nodes; h1's only fence level is Pacemaker, asked
-    // through h0.
+    let (lab, bmc) = start(|a| ipmi_level(a, BMC_PORT));
+    let mut vms = vms_on_h0(&lab);
+    // The BMC lies: its power-off kills nothing and records "off". Meanwhile h0's
+    // partition heals, 1.5 s before the BMC's power reads off (time for the links'
+    // neighbours to be found again and for many heartbeats), so h0 is heard again
+    // when its BMC says it is off.
+    let mut heal: String = (0..lab.net.paths)
+        .map(|p| format!("ip -n {} link set h0-p{p} up\n", lab.net.switch_ns()))
+        .collect();
+    heal.push_str("sleep 1.5\n");
+    bmc.lie_on_power_off(&heal);
+
+    lab.net.set_host_links(0, false);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !lab
+        .alarm_kinds("h0")
+        .iter()
+        .any(|k| k == "FenceContradicted")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no FenceContradicted alarm: {:?} {:?}\n{}",
+            lab.alarm_kinds("h0"),
+            lab.host_incident("h0"),
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The BMC did say off, and the fence was verified by it ...
+    assert_eq!(bmc.power_file(), "0");
+    assert!(
+        bmc.chassis_log().lines().any(|l| l.contains("set power 0")),
+        "{}",
+        bmc.chassis_log()
+    );
+    // ... but while h0 is heard, nothing of it is restored: give a restore time to show.
+    std::thread::sleep(Duration::from_secs(3));
+    let incident = lab.host_incident("h0").expect("incident");
+    assert_eq!(lab.state_of("h0"), "Fenced", "{incident}");
+    let t = host_transitions(&incident);
+    assert!(t.iter().any(|s| s == "Fenced"), "{t:?}: {incident}");
+    assert!(
+        !t.iter()
+            .any(|s| matches!(s.as_str(), "Evacuating" | "Recovered")),
+        "{t:?}: {incident}"
+    );
+    assert!(
+        incident.to_string().contains("never powered off"),
+        "{incident}"
+    );
+    for vm in &mut vms {
+        assert!(
+            alive(vm),
+            "h0's qemu died, but nothing should have touched it"
+        );
+    }
+}
+
+/// Three lab hosts are three cluster nodes, each with its BMC; h1's only fence level is
+/// Pacemaker, asked through h0. `pacemaker_extra` goes into `[fence.pacemaker]`.
+fn pacemaker_lab(pacemaker_extra: &str) -> (Lab, Vec<Bmc>, Cluster, Vec<FakeQemu>) {
     let spec = LabSpec {
         hosts: 3,
         backend: "libvirt",
-        controller_extra: r#"[fence.pacemaker]
-command_prefix = ["ip", "netns", "exec", "{HOST0_NS}"]
+        controller_extra: format!(
+            r#"[fence.pacemaker]
+command_prefix = ["ip", "netns", "exec", "{{HOST0_NS}}"]
+{pacemaker_extra}
 
 [[fence.host]]
 name = "h1"
-levels = [{ method = "pacemaker" }]
+levels = [{{ method = "pacemaker" }}]
 "#
-        .into(),
+        ),
         watchdog_extra: Box::new(|h| format!("[probes]\nwatch_names = [\"qemu-pm-h{h}\"]\n")),
         bmc_network: true,
     };
@@ -463,7 +522,7 @@ levels = [{ method = "pacemaker" }]
         s.len() == 3 && s.iter().all(|(_, st)| st == "Up")
     });
     let ns = lab.net.host_ns(1);
-    let mut vms: Vec<FakeQemu> = (0..2)
+    let vms: Vec<FakeQemu> = (0..2)
         .map(|i| {
             FakeQemu::start_in(
                 Some(&ns),
@@ -474,9 +533,39 @@ levels = [{ method = "pacemaker" }]
             )
         })
         .collect();
+    (lab, bmcs, cluster, vms)
+}
 
-    // The cluster fences h1 on its own (as it does for a node it lost): fence_ipmilan
-    // through h1's BMC, whose power-off kills everything on h1.
+fn pacemaker_requirements() -> bool {
+    requirements()
+        && have_command("fence_ipmilan")
+        && have_command("corosync")
+        && have_command("pacemakerd")
+        && have_command("crm_mon")
+}
+
+/// The `<fence_event>` lines of `history` that `stonith_admin` asked for (Pacemaker's
+/// own controller may add a reboot of its own, client `pacemaker-controld`).
+fn asked_through_stonith_admin(history: &str) -> Vec<&str> {
+    history
+        .lines()
+        .filter(|l| l.contains("<fence_event") && l.contains("client=\"stonith_admin"))
+        .collect()
+}
+
+#[test]
+fn a_node_pacemaker_fenced_before_the_controller_asked_is_fenced_again_and_verified_by_the_new_history_entry(
+) {
+    require!(
+        pacemaker_requirements(),
+        "root, ipmi_sim, ipmitool, fence-agents, corosync and pacemaker (cargo xtask fencebed install)"
+    );
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (lab, bmcs, cluster, mut vms) = pacemaker_lab("");
+
+    // The cluster fences h1 on its own (as it does for a node it lost), before the
+    // controller has noticed anything: fence_ipmilan through h1's BMC, whose power-off
+    // kills everything on h1.
     cluster
         .run_on(0, "stonith_admin", &["--fence", "h1", "--timeout", "60"])
         .expect("Pacemaker fences h1");
@@ -485,7 +574,7 @@ levels = [{ method = "pacemaker" }]
         assert!(!alive(vm), "fenced by Pacemaker, but a qemu still runs");
     }
 
-    lab.wait_until("h1 fenced", Duration::from_secs(30), |s| {
+    lab.wait_until("h1 fenced", Duration::from_secs(60), |s| {
         s.iter().any(|(h, st)| {
             h == "h1" && matches!(st.as_str(), "Fenced" | "Evacuating" | "Recovered")
         })
@@ -516,24 +605,100 @@ levels = [{ method = "pacemaker" }]
             .contains("PacemakerHistory"),
         "{text}"
     );
-    // The controller did not fence a second time: the history was enough.
+    // The earlier fence, seconds old, was not taken as this attempt's evidence: the
+    // controller fenced h1 itself, and its own new event verified it.
     let log = lab.controller_log();
     assert!(
-        log.contains("Pacemaker has fenced the node already"),
+        log.contains("fencing history: fenced since the request"),
         "{log}"
     );
-    // Only one fence was asked through stonith_admin: the test's. (Pacemaker's own
-    // controller may add a reboot of its own once the node left the membership: that one
-    // is Pacemaker's, client `pacemaker-controld`.)
     let history = cluster.history("h1");
-    let asked: Vec<&str> = history
-        .lines()
-        .filter(|l| l.contains("<fence_event") && l.contains("client=\"stonith_admin"))
-        .collect();
-    assert_eq!(asked.len(), 1, "{history}");
+    let asked = asked_through_stonith_admin(&history);
+    assert_eq!(asked.len(), 2, "{history}");
+    assert!(
+        asked.iter().all(|l| l.contains("status=\"success\"")),
+        "{history}"
+    );
     // `stonith_admin --fence` is an "off": the BMC left h1 off.
     assert_eq!(bmcs[1].power_file(), "0");
     assert!(bmcs[1].chassis_log().contains("set power 0"));
+    drop(cluster);
+    drop(bmcs);
+    drop(lab);
+}
+
+#[test]
+fn an_older_successful_fence_in_pacemakers_history_does_not_verify_a_new_attempt_whose_fence_device_fails(
+) {
+    require!(
+        pacemaker_requirements(),
+        "root, ipmi_sim, ipmitool, fence-agents, corosync and pacemaker (cargo xtask fencebed install)"
+    );
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // Pacemaker's own timeout bounds the failing fence (the call gets 5 s more).
+    let (lab, mut bmcs, cluster, _vms) = pacemaker_lab("fence_timeout_ms = 15000");
+
+    // A successful fence of h1 ...
+    cluster
+        .run_on(0, "stonith_admin", &["--fence", "h1", "--timeout", "60"])
+        .expect("Pacemaker fences h1");
+    let first = Instant::now();
+    assert!(cluster.history("h1").contains("status=\"success\""));
+    // ... and then h1's fence device fails: its BMC no longer answers.
+    bmcs[1].stop();
+
+    // The controller's attempt comes well within 120 s of that success, and fails.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !lab.alarm_kinds("h1").iter().any(|k| k == "FenceFailed") {
+        let state = lab.state_of("h1");
+        assert!(
+            !matches!(state.as_str(), "Fenced" | "Evacuating" | "Recovered"),
+            "h1 counted fenced on the strength of the older fence: {state}\n{}\n{}",
+            cluster.history("h1"),
+            lab.logs()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no FenceFailed alarm: {:?}\n{}",
+            lab.alarm_kinds("h1"),
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        first.elapsed() < Duration::from_secs(120),
+        "the older success was not recent enough to show anything: {:?}",
+        first.elapsed()
+    );
+    assert_eq!(lab.state_of("h1"), "Fencing");
+    let incident = lab.host_incident("h1").expect("incident");
+    let t = host_transitions(&incident);
+    assert!(
+        !t.iter()
+            .any(|s| matches!(s.as_str(), "Fenced" | "Evacuating" | "Recovered")),
+        "{t:?}: {incident}"
+    );
+    let text = incident.to_string();
+    assert!(
+        text.contains("level 1 (pacemaker node h1): power off failed"),
+        "{text}"
+    );
+    assert!(text.contains("no restore"), "{text}");
+    // The controller did ask (the older event alone is no reason not to), and the
+    // history still holds that older success next to it.
+    let history = cluster.history("h1");
+    let asked = asked_through_stonith_admin(&history);
+    assert!(asked.len() >= 2, "{history}");
+    assert!(
+        asked.iter().any(|l| l.contains("status=\"success\"")),
+        "{history}"
+    );
+    assert!(
+        !lab.controller_log()
+            .contains("fencing history: fenced since the request"),
+        "{}",
+        lab.controller_log()
+    );
     drop(cluster);
     drop(bmcs);
     drop(lab);

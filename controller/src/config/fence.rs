@@ -54,8 +54,12 @@ pub struct PacemakerSection {
     pub backoff_ms: u64,
     /// `stonith_admin --fence --timeout` (Pacemaker's own), plus 5 s of ours.
     pub fence_timeout_ms: u64,
-    /// A fencing event older than this verifies nothing.
-    pub history_max_age_ms: u64,
+    /// Deprecated and ignored: an event's age never decided whether it was evidence
+    /// for the attempt at hand (an older success within it was wrongly accepted); a
+    /// fence now counts only if it is new since the attempt's request. Still accepted
+    /// (and range-checked as before) so that existing configurations keep working; a
+    /// warning says it is ignored.
+    pub history_max_age_ms: Option<u64>,
 }
 
 impl Default for PacemakerSection {
@@ -66,7 +70,7 @@ impl Default for PacemakerSection {
             attempts: 2,
             backoff_ms: 200,
             fence_timeout_ms: 60_000,
-            history_max_age_ms: 120_000,
+            history_max_age_ms: None,
         }
     }
 }
@@ -232,11 +236,18 @@ pub(super) fn resolve_fence(f: &FenceSection) -> Result<(FenceTable, VerifyPolic
         pm.fence_timeout_ms,
         1_000..=3_600_000,
     )?;
-    check_range(
-        "fence.pacemaker.history_max_age_ms",
-        pm.history_max_age_ms,
-        1_000..=86_400_000,
-    )?;
+    if let Some(age) = pm.history_max_age_ms {
+        check_range(
+            "fence.pacemaker.history_max_age_ms",
+            age,
+            1_000..=86_400_000,
+        )?;
+        tracing::warn!(
+            field = "fence.pacemaker.history_max_age_ms",
+            "deprecated and ignored: a Pacemaker fence is verified only by a fencing event \
+             that is new since the attempt's request, whatever its age; remove the field"
+        );
+    }
     if pm.command_prefix.iter().any(String::is_empty) {
         return Err(invalid(
             "fence.pacemaker.command_prefix",
@@ -300,7 +311,6 @@ pub(super) fn resolve_fence(f: &FenceSection) -> Result<(FenceTable, VerifyPolic
                         command_prefix: pm.command_prefix.clone(),
                         policy: pm_policy,
                         fence_timeout: Duration::from_millis(pm.fence_timeout_ms),
-                        history_max_age: Duration::from_millis(pm.history_max_age_ms),
                     })
                 }
                 FenceLevel::Agent(l) => {
@@ -492,6 +502,31 @@ levels = [{ method = "pacemaker", node = "node3" }]
             r.fence[&engine::HostId::new("compute-3")][0].describe(),
             "pacemaker node node3"
         );
+    }
+
+    #[test]
+    fn the_deprecated_history_max_age_is_still_accepted_and_still_range_checked() {
+        let dir = dir_with_secrets();
+        let level = "[[fence.host]]\nname = \"node2\"\nlevels = [{ method = \"pacemaker\" }]\n";
+        let t = text(
+            &dir,
+            &format!("[fence.pacemaker]\nhistory_max_age_ms = 120000\n{level}"),
+        );
+        let r = ControllerConfig::parse(&t).unwrap().resolve().unwrap();
+        assert_eq!(
+            r.fence[&engine::HostId::new("node2")][0].describe(),
+            "pacemaker node node2"
+        );
+        let t = text(
+            &dir,
+            &format!("[fence.pacemaker]\nhistory_max_age_ms = 5\n{level}"),
+        );
+        let err = ControllerConfig::parse(&t)
+            .unwrap()
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fence.pacemaker.history_max_age_ms"), "{err}");
     }
 
     #[test]

@@ -10,9 +10,12 @@
 //! ```
 //!
 //! Rules kept here:
-//! - Only independent evidence verifies a fence (power status read back as *off*, a
-//!   successful fencing in Pacemaker's history); a fence command that "succeeded" but is
-//!   never verified is `Unverified` (an alarm, no restore).
+//! - Only independent evidence tied to this attempt verifies a fence (DESIGN rule 8): a
+//!   level's `fence` returns the [`FenceAttempt`] and only `is_fenced(attempt)` is asked
+//!   (power status read back as *off* after the attempt's own acknowledged power-off; a
+//!   success in Pacemaker's history that was not there before the request). A fence
+//!   command that "succeeded" but is never verified is `Unverified` (an alarm, no
+//!   restore).
 //! - Idempotent per intent key: a key handed over again while its fence runs is
 //!   ignored; one that has finished gets its first outcome again, nothing is redone.
 //! - A BMC reporting power *on* does not make a silent host `Alive`: the chassis runs,
@@ -25,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::ResultSender;
-use crate::edges::fence::FenceDriver;
+use crate::edges::fence::{FenceAttempt, FenceDriver};
 use crate::edges::{Confirmer, Fencer};
 use crate::engine::{FenceMethod, FenceOutcome, HostId, Input, IntentKey, Source, Verdict};
 
@@ -115,7 +118,7 @@ impl Fencer for LeveledFencer {
     }
 }
 
-/// Level by level: power off, then read the power back until it is off.
+/// Level by level: fence, then look for that attempt's evidence until it is there.
 pub async fn fence_through_levels(
     host: &HostId,
     levels: &[Arc<dyn FenceDriver>],
@@ -125,12 +128,15 @@ pub async fn fence_through_levels(
     let mut unverified = false;
     for (i, level) in levels.iter().enumerate() {
         let what = format!("level {} ({})", i + 1, level.describe());
-        if let Err(e) = level.fence().await {
-            tracing::warn!(%host, level = %what, error = %e, "fence failed");
-            reasons.push(format!("{what}: power off failed: {e}"));
-            continue;
-        }
-        match wait_fenced(level.as_ref(), verify).await {
+        let attempt = match level.fence().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(%host, level = %what, error = %e, "fence failed");
+                reasons.push(format!("{what}: power off failed: {e}"));
+                continue;
+            }
+        };
+        match wait_fenced(level.as_ref(), &attempt, verify).await {
             Ok(()) => return FenceOutcome::Verified(level.verifier()),
             Err(why) => {
                 tracing::warn!(%host, level = %what, %why, "power off not verified");
@@ -147,14 +153,20 @@ pub async fn fence_through_levels(
     }
 }
 
-async fn wait_fenced(level: &dyn FenceDriver, verify: VerifyPolicy) -> Result<(), String> {
+async fn wait_fenced(
+    level: &dyn FenceDriver,
+    attempt: &FenceAttempt,
+    verify: VerifyPolicy,
+) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + verify.timeout;
     let mut last;
     loop {
-        match level.is_fenced().await {
+        match level.is_fenced(attempt).await {
             Ok(true) => return Ok(()),
             Ok(false) => {
-                last = "not fenced yet (power status on, or no fencing in the history)".to_string()
+                last = "not fenced yet (power status on, or no fencing in the history since \
+                        this attempt was requested)"
+                    .to_string()
             }
             Err(e) => last = format!("no evidence: {e}"),
         }
@@ -233,7 +245,7 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use super::*;
-    use crate::edges::fence::{power_verdict, BoxFuture, FenceError, Power};
+    use crate::edges::fence::{power_verdict, Baseline, BoxFuture, FenceError, Power};
     use crate::engine::FenceVerifier;
 
     /// A scripted driver for the level logic only (real BMCs are in tests/).
@@ -268,18 +280,21 @@ mod tests {
         fn describe(&self) -> String {
             "scripted".into()
         }
-        fn fence(&self) -> BoxFuture<'_, Result<(), FenceError>> {
+        fn fence(&self) -> BoxFuture<'_, Result<FenceAttempt, FenceError>> {
             self.offs.fetch_add(1, Ordering::SeqCst);
             let ok = self.off_ok;
             Box::pin(async move {
                 if ok {
-                    Ok(())
+                    Ok(FenceAttempt::now(Baseline::PowerOffAcknowledged))
                 } else {
                     Err(err())
                 }
             })
         }
-        fn is_fenced(&self) -> BoxFuture<'_, Result<bool, FenceError>> {
+        fn is_fenced<'a>(
+            &'a self,
+            _attempt: &'a FenceAttempt,
+        ) -> BoxFuture<'a, Result<bool, FenceError>> {
             let a = self.status();
             Box::pin(async move { a.map(|p| p == Power::Off).map_err(|()| err()) })
         }
@@ -326,6 +341,44 @@ mod tests {
             0,
             "a later level was tried"
         );
+    }
+
+    /// A power switch (through the blanket `FenceDriver` impl) whose power-off is refused
+    /// but whose status always reads off: someone else's power-off, or a BMC that says
+    /// off whatever happens.
+    struct OffWithoutAck {
+        reads: AtomicU32,
+    }
+
+    impl crate::edges::fence::PowerSwitch for OffWithoutAck {
+        fn describe(&self) -> String {
+            "always-off".into()
+        }
+        fn power_off(&self) -> BoxFuture<'_, Result<(), FenceError>> {
+            Box::pin(async { Err(err()) })
+        }
+        fn power_status(&self) -> BoxFuture<'_, Result<Power, FenceError>> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { Ok(Power::Off) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_power_status_of_off_without_the_attempts_own_acknowledged_power_off_verifies_nothing(
+    ) {
+        let switch = Arc::new(OffWithoutAck {
+            reads: AtomicU32::new(0),
+        });
+        let o = fence_through_levels(&h(), &[switch.clone() as Arc<dyn FenceDriver>], VERIFY).await;
+        assert!(matches!(o, FenceOutcome::Failed { .. }), "{o:?}");
+        assert_eq!(
+            switch.reads.load(Ordering::SeqCst),
+            0,
+            "status read as evidence"
+        );
+        // Nor does an attempt made by another kind of level.
+        let foreign = FenceAttempt::now(Baseline::History(Vec::new()));
+        assert!(switch.is_fenced(&foreign).await.is_err());
     }
 
     #[tokio::test]

@@ -11,6 +11,9 @@ pub(super) struct HostEntry {
     pub(super) self_fence: Option<Duration>,
     /// The current incident's timeline says its self-fence did not count (once).
     pub(super) self_fence_unarmed_noted: bool,
+    /// The watchdog process last heard: `(boot id, incarnation)`. The incarnation is
+    /// raised at every start of the daemon.
+    pub(super) watchdog: Option<(u64, u64)>,
     pub(super) confirm_asked_at: Option<Timestamp>,
     pub(super) awaiting_confirmation: bool,
     pub(super) verdict: Option<(Verdict, Source)>,
@@ -34,6 +37,15 @@ pub(super) struct HostEntry {
     /// A heartbeat was received after the verified fence (controller clock): the host
     /// is back, and waits to be trusted again.
     pub(super) heard_since_fence: bool,
+    /// The watchdog process (boot id, incarnation) last heard when a power fence (BMC,
+    /// Pacemaker) was verified; `None` for a self-fence (the host stays up by design)
+    /// or when none was heard yet (a replayed log). The same process heard after the
+    /// verification ran through the power-off: the host was never powered off.
+    pub(super) fenced_watchdog: Option<(u64, u64)>,
+    /// `fenced_watchdog` was heard after its power fence was verified: the evidence was
+    /// false (a BMC that says off for a host that stays on, or the wrong host fenced).
+    /// Nothing more of the incident is restored.
+    pub(super) fence_contradicted: bool,
     /// Resources a backend started here while the host was silent (suspect, confirming
     /// or being fenced; its incident takes them, for its fence stops them): a self-fence
     /// deadline says nothing about them (the host may have rebooted meanwhile), only a
@@ -60,6 +72,7 @@ impl HostEntry {
             boot_id: None,
             self_fence: None,
             self_fence_unarmed_noted: false,
+            watchdog: None,
             confirm_asked_at: None,
             awaiting_confirmation: false,
             verdict: None,
@@ -74,6 +87,8 @@ impl HostEntry {
             last_incident: None,
             evacuated: BTreeSet::new(),
             heard_since_fence: false,
+            fenced_watchdog: None,
+            fence_contradicted: false,
             arrived: BTreeSet::new(),
             awaiting_word: BTreeSet::new(),
             clock: None,
@@ -87,6 +102,7 @@ impl HostEntry {
             self.state,
             self.boot_id,
             self.self_fence,
+            self.watchdog,
             std::mem::take(&mut self.stale),
             self.last_incident,
             std::mem::take(&mut self.evacuated),
@@ -98,6 +114,7 @@ impl HostEntry {
             self.state,
             self.boot_id,
             self.self_fence,
+            self.watchdog,
             self.stale,
             self.last_incident,
             self.evacuated,

@@ -14,6 +14,7 @@ impl Engine {
             let h = self.hosts.get_mut(&host).expect("ensured");
             h.self_fence = hb.self_fence;
             let old = h.boot_id.replace(hb.boot_id);
+            h.watchdog = Some((hb.boot_id, hb.incarnation));
             // Heartbeats may arrive out of order over two paths: the clock only goes
             // forward, unless the host rebooted (a new clock for a new boot).
             let read = match h.clock {
@@ -58,6 +59,11 @@ impl Engine {
                     h.heard_since_fence = true;
                     self.bump();
                 }
+                let h = &self.hosts[&host];
+                if h.fenced_watchdog == Some((hb.boot_id, hb.incarnation)) && !h.fence_contradicted
+                {
+                    self.contradict_fence(&host, state);
+                }
                 self.host_alarm(
                     &host,
                     AlarmKind::HostBackAwaitingUnfence,
@@ -67,6 +73,38 @@ impl Engine {
             }
             _ => false,
         }
+    }
+
+    /// A power-fenced host heard after the verification from the watchdog process heard
+    /// before it: that process ran through the power-off, so the host never lost power,
+    /// whatever the BMC or the history said. Nothing more is restored (see
+    /// `restore_held`); what was restored already may run twice, which the alarm says.
+    fn contradict_fence(&mut self, host: &HostId, state: HostState) {
+        let h = self.hosts.get_mut(host).expect("known");
+        h.fence_contradicted = true;
+        let by = h.fenced_by;
+        // An open incident gets the alarm in its timeline (host_alarm); a recovered host's
+        // closed one gets it here, next to the restores it questions.
+        let closed = h.incident.is_none().then_some(h.last_incident).flatten();
+        self.bump();
+        let what = format!(
+            "heard after its fence was verified ({by:?}) from the same watchdog process (same \
+             boot, same incarnation): it was never powered off; {}",
+            if state == HostState::Recovered {
+                "its resources were restored elsewhere already and may run twice"
+            } else {
+                "nothing more of it is restored"
+            }
+        );
+        if let Some(inc) = closed {
+            self.note(
+                inc,
+                Subject::Host(host.clone()),
+                what.clone(),
+                Source::Heartbeat,
+            );
+        }
+        self.host_alarm(host, AlarmKind::FenceContradicted, what);
     }
 
     /// Fenced, heard again since the fence, and not silent now.

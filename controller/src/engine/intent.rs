@@ -227,6 +227,12 @@ pub struct Completion {
     /// happened before the restore (a late account of the failure it cured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_clock: Option<HostTime>,
+    /// For a verified power fence (IPMI, Pacemaker): the watchdog process the host was
+    /// last heard from when the result was taken in, `(boot id, incarnation)`. Heard
+    /// from it after the fence, the host never lost power; kept here so that a resumed
+    /// engine still knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced_watchdog: Option<(u64, u64)>,
 }
 
 /// A row with its completion, as [`IntentLog::entries`] returns it.

@@ -56,8 +56,17 @@
 //!    fencing history, or, opt-in, the self-fence deadline passed: the host's last
 //!    heartbeat said its watchdog is armed, and the controller has not heard it for the
 //!    timeout that heartbeat carried plus `self_fence_margin`) and a successful
-//!    force-down. An unverified or failed fence raises an alarm
-//!    and is retried (at most `max_fence_attempts`), never followed by a restore.
+//!    force-down. An unverified or failed fence raises an alarm and is retried (at most
+//!    `max_fence_attempts`), never followed by a restore. The edges verify a fence only
+//!    with evidence tied to that attempt (`edges::fence`).
+//!    Evidence can still lie (a BMC answering off for a host that stays on), so a
+//!    power fence (IPMI, Pacemaker) also has to agree with the heartbeats: a host heard
+//!    from the watchdog process (boot id and incarnation) heard when the verification
+//!    came in is held (nothing restored) until it falls silent, and one heard from it
+//!    *after* the verification was never powered off: [`AlarmKind::FenceContradicted`],
+//!    nothing more of it is restored (an operator decides). A new boot id means it was
+//!    powered off and came back. A self-fence kills the VMs, not the host: its watchdog
+//!    going on is expected and not held.
 //! 3. **Intents.** Every world-changing action is preceded by [`Action::PersistIntent`]
 //!    with a key derived from meaning (`i4/fence-1/host:cmp-07`), and results complete
 //!    it ([`Action::CompleteIntent`]). [`Engine::resume`] replays the log: it rebuilds

@@ -164,6 +164,10 @@ impl Engine {
                     self.issue(key, intent);
                 }
             }
+            HostState::Fenced | HostState::Evacuating if self.restore_held(host) => {
+                // Heard from the watchdog process that ran at its power fence: see
+                // restore_held.
+            }
             HostState::Fenced if h.force_down.in_flight.is_none() => {
                 let attempt = h.force_down.attempts + 1;
                 if h.force_down.attempts >= self.cfg.max_fence_attempts {
@@ -218,7 +222,9 @@ impl Engine {
                     let fenced_at = h.fenced_at;
                     let fenced_by = h.fenced_by;
                     let heard = h.heard_since_fence;
+                    let (fenced_watchdog, contradicted) = (h.fenced_watchdog, h.fence_contradicted);
                     h.clear_incident();
+                    (h.fenced_watchdog, h.fence_contradicted) = (fenced_watchdog, contradicted);
                     h.fenced_at = fenced_at;
                     h.fenced_by = fenced_by;
                     h.heard_since_fence = heard;
@@ -227,6 +233,23 @@ impl Engine {
             }
             _ => {}
         }
+    }
+
+    /// Whether a fenced host's restore waits: it was power-fenced and is heard from the
+    /// watchdog process (same boot id, same incarnation) heard when the fence was
+    /// verified. Heard after the verification, that process ran through the power-off,
+    /// which did not happen (`fence_contradicted`): it waits for an operator. Heard only
+    /// before it (its last heartbeats may have left just before the power-off), it waits
+    /// until the host is silent. A host that rebooted (a new boot id) was powered off; a
+    /// self-fenced one stays up by design and is not held. A new incarnation on the same
+    /// boot (the daemon restarted) is not taken as proof either way: it is how a lab
+    /// host, which shares the test machine's kernel, comes back from its power-off.
+    pub(super) fn restore_held(&self, host: &HostId) -> bool {
+        let h = &self.hosts[host];
+        h.fence_contradicted
+            || (h.fenced_watchdog.is_some()
+                && h.fenced_watchdog == h.watchdog
+                && self.detector.liveness(host, self.now) != Liveness::Suspect)
     }
 
     pub(super) fn reconcile_resource(&mut self, r: &Resource) {

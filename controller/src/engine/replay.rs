@@ -131,10 +131,21 @@ impl Engine {
                 .map(|c| c.at(self.now)),
             _ => None,
         };
+        // A self-fence kills the VMs, not the host: its watchdog goes on by design.
+        let fenced_watchdog = match (&record.intent, &outcome) {
+            (
+                Intent::Fence { host, .. },
+                IntentOutcome::Fence(FenceOutcome::Verified(
+                    FenceVerifier::IpmiPowerOff | FenceVerifier::PacemakerHistory,
+                )),
+            ) => self.hosts.get(host).and_then(|h| h.watchdog),
+            _ => None,
+        };
         let completion = Completion {
             at: self.now,
             outcome,
             host_clock,
+            fenced_watchdog,
         };
         self.out.push(Action::CompleteIntent {
             key: key.clone(),
@@ -377,6 +388,7 @@ impl Engine {
                             let h = self.hosts.get_mut(host).expect("known");
                             h.fenced_by = Some(*by);
                             h.fenced_at = Some(now);
+                            h.fenced_watchdog = completion.fenced_watchdog;
                             self.set_host_state(
                                 host,
                                 HostState::Fenced,

@@ -18,6 +18,9 @@ struct Harness {
     /// What each host's heartbeats say of its self-fence: armed with this timeout, or
     /// (None) not armed. Hosts not listed say armed with 3 s.
     self_fence: BTreeMap<HostId, Option<Duration>>,
+    /// Each host's watchdog in its heartbeats, (boot id, incarnation): (1, 1) unless it
+    /// was powered on again or its daemon restarted.
+    watchdogs: BTreeMap<HostId, (u64, u64)>,
 }
 
 fn host(i: usize) -> HostId {
@@ -48,6 +51,7 @@ impl Harness {
             actions: Vec::new(),
             host_offset_ms,
             self_fence: BTreeMap::new(),
+            watchdogs: BTreeMap::new(),
         };
         h.absorb(start);
         for i in 0..n {
@@ -100,30 +104,52 @@ impl Harness {
             self.now += 50;
             if self.now.is_multiple_of(100) {
                 for h in self.alive.clone() {
-                    let self_fence = self
-                        .self_fence
-                        .get(&h)
-                        .copied()
-                        .unwrap_or(Some(Duration::from_secs(3)));
-                    self.input(Input::Heartbeat(Heartbeat {
-                        host: h,
-                        path: PathId(0),
-                        boot_id: 1,
-                        incarnation: 1,
-                        at: self.host_clock(self.now),
-                        self_fence,
-                    }));
+                    self.heartbeat(h);
                 }
             }
             self.input(Input::Timer(TimerId::Tick));
         }
     }
 
+    /// One heartbeat from `h`, now.
+    fn heartbeat(&mut self, h: HostId) {
+        let (boot_id, incarnation) = self.watchdogs.get(&h).copied().unwrap_or((1, 1));
+        let self_fence = self
+            .self_fence
+            .get(&h)
+            .copied()
+            .unwrap_or(Some(Duration::from_secs(3)));
+        self.input(Input::Heartbeat(Heartbeat {
+            host: h,
+            path: PathId(0),
+            boot_id,
+            incarnation,
+            at: self.host_clock(self.now),
+            self_fence,
+        }));
+    }
+
     fn kill(&mut self, i: usize) {
         self.alive.remove(&host(i));
     }
 
+    /// Heard again with the boot it had (a partition that heals, a hang that ends).
     fn revive(&mut self, i: usize) {
+        self.alive.insert(host(i));
+    }
+
+    /// Powered on again after a power-off: heard with a new boot id, from a new
+    /// watchdog process.
+    fn power_on(&mut self, i: usize) {
+        let w = self.watchdogs.entry(host(i)).or_insert((1, 1));
+        *w = (w.0 + 1, w.1 + 1);
+        self.alive.insert(host(i));
+    }
+
+    /// Heard again from a new watchdog process on the same boot (the daemon restarted,
+    /// or a lab host, which shares the test machine's kernel, was powered on again).
+    fn restart_watchdog(&mut self, i: usize) {
+        self.watchdogs.entry(host(i)).or_insert((1, 1)).1 += 1;
         self.alive.insert(host(i));
     }
 
@@ -1680,7 +1706,7 @@ fn a_resumed_controller_keeps_an_evacuation_that_succeeded_in_the_same_milliseco
     let mut h = Harness::new(3);
     h.fence_and_force_down(1);
     let key = evacuation_in_flight(&h);
-    h.revive(1);
+    h.power_on(1);
     h.run_for(300);
     // Live: the success first, then the operator's unfence, both at the same instant.
     h.input(Input::RestoreResult {
@@ -2059,7 +2085,7 @@ fn a_vm_restored_onto_a_silent_host_is_not_evacuated_on_the_strength_of_its_self
 #[test]
 fn an_arrival_its_silent_host_does_not_list_once_back_is_restored_elsewhere() {
     let cfg = Config {
-        self_fence_deadline: Some(Duration::from_secs(5)),
+        self_fence_margin: Some(Duration::from_secs(2)),
         max_restarts_in_place: 0,
         ..Config::default()
     };
@@ -2114,7 +2140,7 @@ fn a_vm_restored_onto_a_host_that_is_only_suspect_is_not_moved_again_on_its_self
     // with the rest, and its self-fence deadline (which covers only what ran when the
     // host fell silent) moved it a second time while it ran.
     let cfg = Config {
-        self_fence_deadline: Some(Duration::from_secs(5)),
+        self_fence_margin: Some(Duration::from_secs(2)),
         max_restarts_in_place: 0,
         ..Config::default()
     };
@@ -2157,7 +2183,7 @@ fn a_host_heard_again_forgets_what_arrived_while_it_was_silent() {
     // An arrival is judged against the silence it arrived in: after the host is heard
     // again, a later loss and self-fence of it covers everything it runs.
     let cfg = Config {
-        self_fence_deadline: Some(Duration::from_secs(5)),
+        self_fence_margin: Some(Duration::from_secs(2)),
         max_restarts_in_place: 0,
         ..Config::default()
     };
@@ -2348,4 +2374,184 @@ fn the_self_fence_deadline_ignores_the_hosts_clock() {
     }
     let after = h.now - silent_at;
     assert!((2_900..=3_200).contains(&after), "fenced after {after} ms");
+}
+
+fn force_downs(actions: &[Action]) -> usize {
+    actions
+        .iter()
+        .filter(|a| matches!(a, Action::ForceDown { .. }))
+        .count()
+}
+
+#[test]
+fn a_host_still_heard_after_a_successful_power_fence_is_not_restored_and_raises_an_alarm() {
+    let mut h = Harness::new(4);
+    let key = h.kill_until_fence(2);
+    // The partition heals while the BMC is asked: the host is heard again, and the BMC
+    // answers "off" for it all the same.
+    h.revive(2);
+    h.run_for(200);
+    h.fence_result(2, key, FenceOutcome::Verified(FenceVerifier::IpmiPowerOff));
+    assert_eq!(h.state(2), HostState::Fenced);
+    h.run_for(1000);
+    assert_eq!(
+        force_downs(&h.actions),
+        0,
+        "restore began while the host is heard"
+    );
+    assert!(evacuations(&h.actions).is_empty());
+    assert!(alarms(&h.actions).contains(&AlarmKind::FenceContradicted));
+    assert_eq!(h.vm(2), ResourceState::Running, "vm2 untouched");
+    // Silent again later: the fence was shown false, so silence proves nothing now.
+    h.kill(2);
+    h.run_for(3000);
+    assert_eq!(force_downs(&h.actions), 0);
+    assert!(evacuations(&h.actions).is_empty());
+    let inc = h
+        .engine
+        .incidents()
+        .find(|i| i.subject == Subject::Host(host(2)));
+    assert!(
+        inc.expect("h2's incident")
+            .timeline
+            .iter()
+            .any(|e| e.cause.contains("never powered off")),
+        "the timeline says why"
+    );
+}
+
+#[test]
+fn a_resumed_controller_still_restores_nothing_of_a_host_heard_from_the_watchdog_that_ran_through_its_fence(
+) {
+    let mut h = Harness::new(4);
+    let key = h.kill_until_fence(2);
+    h.revive(2);
+    h.run_for(200);
+    h.fence_result(2, key, FenceOutcome::Verified(FenceVerifier::IpmiPowerOff));
+    assert_eq!(force_downs(&h.actions), 0);
+    // The controller restarts before h2's next heartbeat; the fence's completion in the
+    // log says which watchdog process was heard at the fence.
+    let (mut engine, _) = Engine::resume(Config::default(), &h.log, Timestamp(h.now + 10));
+    let mut out = Vec::new();
+    for step in 1..=40u64 {
+        let now = h.now + 10 + step * 50;
+        if step % 2 == 0 {
+            for i in 0..4 {
+                out.extend(engine.step(
+                    Timestamp(now),
+                    Input::Heartbeat(Heartbeat {
+                        host: host(i),
+                        path: PathId(0),
+                        boot_id: 1,
+                        incarnation: 1,
+                        at: HostTime(now),
+                        self_fence: Some(Duration::from_secs(3)),
+                    }),
+                ));
+            }
+        }
+        out.extend(engine.step(Timestamp(now), Input::Timer(TimerId::Tick)));
+    }
+    assert_eq!(force_downs(&out), 0, "{out:?}");
+    assert!(evacuations(&out).is_empty(), "{out:?}");
+    assert!(
+        alarms(&out).contains(&AlarmKind::FenceContradicted),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_power_fenced_host_heard_just_before_its_power_off_is_restored_once_it_is_silent() {
+    let mut h = Harness::new(4);
+    let key = h.kill_until_fence(2);
+    // A last heartbeat that left before the power-off arrives with the verification.
+    h.heartbeat(host(2));
+    h.fence_result(2, key, FenceOutcome::Verified(FenceVerifier::IpmiPowerOff));
+    assert_eq!(h.state(2), HostState::Fenced);
+    assert_eq!(force_downs(&h.actions), 0, "held while the host is heard");
+    h.run_for(500);
+    assert_eq!(force_downs(&h.actions), 1, "silent since: restored");
+    assert!(!alarms(&h.actions).contains(&AlarmKind::FenceContradicted));
+}
+
+#[test]
+fn a_power_fenced_host_that_comes_back_with_a_new_boot_is_not_held() {
+    let mut h = Harness::new(4);
+    let key = h.kill_until_fence(2);
+    h.fence_result(
+        2,
+        key,
+        FenceOutcome::Verified(FenceVerifier::PacemakerHistory),
+    );
+    h.power_on(2);
+    h.run_for(300);
+    h.force_down_ok(2);
+    assert_eq!(h.state(2), HostState::Evacuating);
+    assert_eq!(evacuations(&h.actions).len(), 1);
+    let kinds = alarms(&h.actions);
+    assert!(
+        kinds.contains(&AlarmKind::HostBackAwaitingUnfence),
+        "{kinds:?}"
+    );
+    assert!(!kinds.contains(&AlarmKind::FenceContradicted), "{kinds:?}");
+}
+
+#[test]
+fn a_power_fenced_host_heard_from_a_new_watchdog_process_on_the_same_boot_is_not_held() {
+    let mut h = Harness::new(4);
+    let key = h.kill_until_fence(2);
+    h.fence_result(2, key, FenceOutcome::Verified(FenceVerifier::IpmiPowerOff));
+    h.restart_watchdog(2);
+    h.run_for(300);
+    h.force_down_ok(2);
+    assert_eq!(h.state(2), HostState::Evacuating);
+    assert_eq!(evacuations(&h.actions).len(), 1);
+    assert!(!alarms(&h.actions).contains(&AlarmKind::FenceContradicted));
+}
+
+#[test]
+fn a_self_fenced_host_heard_again_with_the_same_boot_is_restored_as_before() {
+    // A self-fence kills the VMs, not the host: the same boot comes back by design.
+    let cfg = Config {
+        self_fence_margin: Some(Duration::from_secs(2)),
+        ..Config::default()
+    };
+    let mut h = Harness::with(4, cfg);
+    let key = h.kill_until_fence(1);
+    h.fence_result(
+        1,
+        key,
+        FenceOutcome::Failed {
+            reason: "no BMC".into(),
+        },
+    );
+    h.run_for(5000);
+    assert_eq!(h.state(1), HostState::Fenced);
+    h.revive(1);
+    h.run_for(300);
+    h.force_down_ok(1);
+    assert_eq!(h.state(1), HostState::Evacuating);
+    assert_eq!(evacuations(&h.actions).len(), 1);
+    assert!(!alarms(&h.actions).contains(&AlarmKind::FenceContradicted));
+}
+
+#[test]
+fn a_recovered_host_heard_with_the_boot_it_had_at_its_fence_raises_an_alarm_that_its_vms_may_run_twice(
+) {
+    let mut h = Harness::new(4);
+    h.fence_and_recover(2);
+    h.take();
+    h.revive(2);
+    h.run_for(200);
+    let kinds = alarms(&h.actions);
+    assert!(kinds.contains(&AlarmKind::FenceContradicted), "{kinds:?}");
+    let raised = h.actions.iter().find_map(|a| match a {
+        Action::Alarm {
+            kind: AlarmKind::FenceContradicted,
+            reason,
+            ..
+        } => Some(reason.clone()),
+        _ => None,
+    });
+    assert!(raised.unwrap().contains("may run twice"));
 }

@@ -301,6 +301,10 @@ pub enum AlarmKind {
     FenceUnverified,
     /// Fencing gave up after the configured attempts: operator needed.
     FenceExhausted,
+    /// A power-fenced host was heard from the same watchdog process (boot id and
+    /// incarnation) after its fence was verified: the evidence was false (a BMC answering off for a host that stays on).
+    /// Nothing more of it is restored; operator needed.
+    FenceContradicted,
     /// Forcing the compute service down failed.
     ForceDownFailed,
     /// A fenced host's resources could not be listed (Neutron unreachable: its routers

@@ -6,12 +6,31 @@
 //! tried in order like Pacemaker's fencing topology: the first level whose fence is then
 //! verified wins (see [`crate::edges::fencing`]).
 //!
-//! - [`ipmi::IpmiTool`]: `ipmitool -I lanplus` against the host's BMC (power off;
-//!   verified by power status off).
+//! Evidence is tied to the attempt (DESIGN rule 8): `fence` returns a [`FenceAttempt`],
+//! made when the fence is requested, and `is_fenced` judges only that attempt, so that
+//! something true before it (an older fence in a history, a power state read before the
+//! power-off) can never verify it. What each level accepts:
+//!
+//! - [`ipmi::IpmiTool`]: `ipmitool -I lanplus` against the host's BMC. Evidence: this
+//!   attempt's own `chassis power off` was acknowledged (no attempt exists otherwise)
+//!   **and** a `chassis power status` read after it says off.
 //! - [`agent::FenceAgent`]: any ClusterLabs fence agent (`fence_ipmilan`, `fence_redfish`,
-//!   ...) through its standard stdin interface (`key=value` lines); same evidence.
-//! - [`pacemaker::Pacemaker`]: the cluster's own fencing (`stonith_admin --fence`),
-//!   verified by its fencing history; membership from `crm_mon`.
+//!   ...) through its standard stdin interface (`key=value` lines). Same evidence:
+//!   `action=off` exited 0, then `action=status` read after it exits 2 (off).
+//! - [`pacemaker::Pacemaker`]: the cluster's own fencing (`stonith_admin --fence`).
+//!   Evidence: a successful `off`/`reboot` of this node in the fencing history that was
+//!   not there when the attempt was made (the history is read before the request) and
+//!   that completed no earlier than the request, whoever asked for it; membership from
+//!   `crm_mon`.
+//!
+//! The self-fence is not a level here: the engine counts it (`SelfFenceDeadline`) when
+//! the host's last heartbeat said its watchdog is armed and the host has been silent,
+//! on the controller's clock, for the isolation timeout plus a margin since then.
+//!
+//! A BMC can still lie (answer off for a host that stays on); no reading of the BMC
+//! alone can tell. The engine covers that case: a power-fenced host still heard with
+//! the watchdog process it had (same boot id and incarnation) is not restored (see
+//! `controller::engine`).
 //!
 //! The first two are only two ways of reaching the same thing, a host's power switch:
 //! each implements [`PowerSwitch`] (power off, power status), and one blanket impl makes
@@ -20,7 +39,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::io::AsyncWriteExt as _;
 use tokio::process::Command;
@@ -61,16 +80,54 @@ pub enum FenceError {
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// One fence attempt of one level, made when its fence is requested. It fixes what will
+/// count as evidence for this attempt and nothing else: evidence from before it (an
+/// older fence of the same node, a power-off someone else sent) is not tied to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FenceAttempt {
+    /// The controller's wall clock when the fence was requested (taken before anything
+    /// was sent or read for it).
+    pub requested_at: SystemTime,
+    /// What was true before the request, against which the evidence is judged.
+    pub baseline: Baseline,
+}
+
+/// What a level knew when it requested the fence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Baseline {
+    /// A power switch acknowledged this attempt's own power-off (an attempt of a power
+    /// switch exists only then): a power status read after it that says off verifies it.
+    PowerOffAcknowledged,
+    /// Pacemaker: the node's fencing events as the history listed them just before
+    /// `stonith_admin --fence` was sent. None of them verifies the attempt.
+    History(Vec<pacemaker::FenceEvent>),
+}
+
+impl FenceAttempt {
+    /// An attempt requested now.
+    pub fn now(baseline: Baseline) -> Self {
+        FenceAttempt {
+            requested_at: SystemTime::now(),
+            baseline,
+        }
+    }
+}
+
 /// One fence method for one host.
 pub trait FenceDriver: Send + Sync {
     /// A short description for logs and timelines (`ipmi 10.0.0.5:623`).
     fn describe(&self) -> String;
     /// Fence the host (hard power off, not a graceful shutdown). `Ok` means the method
-    /// says it did so; only [`FenceDriver::is_fenced`] verifies it.
-    fn fence(&self) -> BoxFuture<'_, Result<(), FenceError>>;
-    /// Independent evidence that the host is fenced now (power status off; a recent
-    /// successful fencing in Pacemaker's history).
-    fn is_fenced(&self) -> BoxFuture<'_, Result<bool, FenceError>>;
+    /// says it did so, and carries the attempt; only [`FenceDriver::is_fenced`] on that
+    /// attempt verifies it.
+    fn fence(&self) -> BoxFuture<'_, Result<FenceAttempt, FenceError>>;
+    /// Independent evidence, produced after `attempt` was requested, that the host is
+    /// fenced (a power status read after the acknowledged power-off says off; a success
+    /// in Pacemaker's history that the attempt's baseline does not hold).
+    fn is_fenced<'a>(
+        &'a self,
+        attempt: &'a FenceAttempt,
+    ) -> BoxFuture<'a, Result<bool, FenceError>>;
     /// What this source says about a silent host (see [`crate::edges::fencing`]).
     fn verdict(&self) -> BoxFuture<'_, Result<Verdict, FenceError>>;
     /// The evidence a verified fence by this driver counts as.
@@ -93,7 +150,7 @@ pub trait PowerSwitch: Send + Sync {
 }
 
 /// Every power switch fences the same way: power off, verified by the power status
-/// reading off, confirmed by [`power_verdict`]. A blanket impl rather than a wrapper
+/// read after the acknowledged power-off saying off, confirmed by [`power_verdict`]. A blanket impl rather than a wrapper
 /// type, so a switch is used as a driver as it is (`Arc::new(IpmiTool { .. })` is an
 /// `Arc<dyn FenceDriver>`); drivers with other evidence (Pacemaker) implement
 /// [`FenceDriver`] themselves and must not also be a `PowerSwitch`.
@@ -102,12 +159,35 @@ impl<T: PowerSwitch> FenceDriver for T {
         PowerSwitch::describe(self)
     }
 
-    fn fence(&self) -> BoxFuture<'_, Result<(), FenceError>> {
-        self.power_off()
+    /// The attempt exists only once the switch acknowledged this power-off: a switch
+    /// that refused or did not answer gives no attempt, so a status of off read later
+    /// (someone else's power-off, a BMC that always says off) verifies nothing.
+    fn fence(&self) -> BoxFuture<'_, Result<FenceAttempt, FenceError>> {
+        Box::pin(async move {
+            let requested_at = SystemTime::now();
+            self.power_off().await?;
+            Ok(FenceAttempt {
+                requested_at,
+                baseline: Baseline::PowerOffAcknowledged,
+            })
+        })
     }
 
-    fn is_fenced(&self) -> BoxFuture<'_, Result<bool, FenceError>> {
-        Box::pin(async move { Ok(self.power_status().await? == Power::Off) })
+    /// Called only after `fence` returned the attempt, so the status is read after the
+    /// acknowledged power-off.
+    fn is_fenced<'a>(
+        &'a self,
+        attempt: &'a FenceAttempt,
+    ) -> BoxFuture<'a, Result<bool, FenceError>> {
+        Box::pin(async move {
+            if attempt.baseline != Baseline::PowerOffAcknowledged {
+                return Err(FenceError::Unexpected {
+                    program: PowerSwitch::describe(self),
+                    detail: "asked to verify an attempt that did not power this switch off".into(),
+                });
+            }
+            Ok(self.power_status().await? == Power::Off)
+        })
     }
 
     fn verdict(&self) -> BoxFuture<'_, Result<Verdict, FenceError>> {

@@ -10,15 +10,22 @@
 //! - Verdict: the node `online` → `Alive` (the cluster hears it: the controller alone is
 //!   cut off from it); offline (clean or not) → `Dead`; not listed or no answer → an
 //!   error (the engine counts `Unknown`).
-//! - Verified: the node's newest fencing event succeeded and completed at most
-//!   `history_max_age` ago, and Pacemaker does not still hold the node `unclean`.
-//!   Pacemaker may fence a lost node itself before defib asks: that counts (the history
-//!   is the evidence, whoever asked).
-//! - Fence: when not verified already, `stonith_admin --fence NODE --timeout S`, which
-//!   returns once the cluster's fencing is done (or failed).
+//! - Fence: read the node's history (the attempt's baseline), then
+//!   `stonith_admin --fence NODE --timeout S`, which returns once the cluster's fencing
+//!   is done (or failed). A history that cannot be read first fails the level: without
+//!   a baseline, this attempt's evidence cannot be told from older events.
+//! - Verified ([`fenced_since`]): the history holds a successful `off` or `reboot` of
+//!   this node that is not in the baseline and completed no earlier than the request
+//!   (less [`CLOCK_MARGIN`]), and Pacemaker does not still hold the node `unclean`.
+//!   Whoever asked counts: Pacemaker fencing the node on its own after the request is
+//!   evidence of this loss. An older success (from an earlier incident a minute ago)
+//!   is not, however recent.
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::{with_retries, BoxFuture, CallPolicy, FenceDriver, FenceError, Invocation, Output};
+use super::{
+    with_retries, Baseline, BoxFuture, CallPolicy, FenceAttempt, FenceDriver, FenceError,
+    Invocation, Output,
+};
 use crate::engine::{FenceVerifier, Source, Verdict};
 
 #[derive(Debug, Clone)]
@@ -31,9 +38,13 @@ pub struct Pacemaker {
     pub policy: CallPolicy,
     /// For `stonith_admin --fence` (one try; Pacemaker retries its own devices).
     pub fence_timeout: Duration,
-    /// A fencing event older than this does not verify anything.
-    pub history_max_age: Duration,
 }
+
+/// The history's completion times are whole seconds read from a cluster node's clock,
+/// not the controller's: an event may show up to this much before the request and
+/// still be the attempt's (rounding, and a little clock difference). An event that old
+/// also has to be missing from the baseline to count.
+pub const CLOCK_MARGIN: Duration = Duration::from_secs(2);
 
 /// One node in `crm_mon`'s `<nodes>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,12 +53,19 @@ pub struct NodeState {
     pub unclean: bool,
 }
 
-/// One `<fence_event>` of the history.
+/// One `<fence_event>` of the history. Two events are the same event when every field
+/// is equal (the history has no event id).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FenceEvent {
     pub target: String,
     pub action: String,
     pub status: String,
+    /// Who asked (`stonith_admin.1234`, `pacemaker-controld.5928`).
+    pub client: String,
+    /// The node the request came from.
+    pub origin: String,
+    /// The node whose device carried it out.
+    pub delegate: String,
     /// Unix seconds, when completed.
     pub completed: Option<u64>,
 }
@@ -106,18 +124,25 @@ impl Pacemaker {
         })
     }
 
-    async fn verified_now(&self) -> Result<bool, FenceError> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+    async fn verified(&self, attempt: &FenceAttempt) -> Result<bool, FenceError> {
+        let Baseline::History(before) = &attempt.baseline else {
+            return Err(FenceError::Unexpected {
+                program: self.describe(),
+                detail: "asked to verify an attempt without a fencing history baseline".into(),
+            });
+        };
         let events = self.history().await?;
-        if !recently_fenced(&events, &self.node, now, self.history_max_age) {
+        let Some(event) = fenced_since(&events, &self.node, attempt.requested_at, before) else {
             return Ok(false);
-        }
+        };
         let state = self.membership().await?;
         // Offline and unclean: Pacemaker itself still wants it fenced.
-        Ok(!state.unclean || state.online)
+        let verified = !state.unclean || state.online;
+        if verified {
+            tracing::info!(node = %self.node, client = %event.client, action = %event.action,
+                completed = ?event.completed, "fencing history: fenced since the request");
+        }
+        Ok(verified)
     }
 }
 
@@ -148,6 +173,9 @@ pub fn parse_history(xml: &str) -> Result<Vec<FenceEvent>, String> {
             target: n.attribute("target").unwrap_or("").into(),
             action: n.attribute("action").unwrap_or("").into(),
             status: n.attribute("status").unwrap_or("").into(),
+            client: n.attribute("client").unwrap_or("").into(),
+            origin: n.attribute("origin").unwrap_or("").into(),
+            delegate: n.attribute("delegate").unwrap_or("").into(),
             completed: n.attribute("completed").and_then(parse_completed),
         })
         .collect())
@@ -175,17 +203,30 @@ pub fn parse_completed(text: &str) -> Option<u64> {
     u64::try_from(days * 86_400 + hh * 3600 + mm * 60 + ss).ok()
 }
 
-/// The newest completed event for `node` succeeded, at most `max_age` before `now`.
-pub fn recently_fenced(events: &[FenceEvent], node: &str, now: u64, max_age: Duration) -> bool {
-    events
-        .iter()
-        .filter(|e| e.target == node && e.completed.is_some())
-        .max_by_key(|e| e.completed)
-        .is_some_and(|e| {
-            e.status == "success"
-                && e.completed
-                    .is_some_and(|c| now.saturating_sub(c) <= max_age.as_secs())
-        })
+/// The evidence for an attempt requested at `requested_at` whose baseline is `before`:
+/// a successful `off` or `reboot` of `node` (an `on` powers nothing off) that is not in
+/// `before` and completed no earlier than `requested_at` less [`CLOCK_MARGIN`]. Both
+/// checks, because each covers what the other cannot: the baseline needs no clock, and
+/// the time catches an old event that only reached this node's history after the
+/// baseline was read (Pacemaker syncs histories between nodes).
+pub fn fenced_since<'a>(
+    events: &'a [FenceEvent],
+    node: &str,
+    requested_at: SystemTime,
+    before: &[FenceEvent],
+) -> Option<&'a FenceEvent> {
+    let requested = requested_at
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let earliest = requested.saturating_sub(CLOCK_MARGIN.as_secs());
+    events.iter().find(|e| {
+        e.target == node
+            && e.status == "success"
+            && matches!(e.action.as_str(), "off" | "reboot")
+            && e.completed.is_some_and(|c| c >= earliest)
+            && !before.contains(e)
+    })
 }
 
 impl FenceDriver for Pacemaker {
@@ -193,12 +234,18 @@ impl FenceDriver for Pacemaker {
         format!("pacemaker node {}", self.node)
     }
 
-    fn fence(&self) -> BoxFuture<'_, Result<(), FenceError>> {
+    /// No shortcut for a node Pacemaker fenced already: that fence happened before this
+    /// attempt and is in its baseline, so the node is fenced again (an `off` of a node
+    /// that is off succeeds and leaves the attempt's own event in the history).
+    fn fence(&self) -> BoxFuture<'_, Result<FenceAttempt, FenceError>> {
         Box::pin(async move {
-            if self.verified_now().await.unwrap_or(false) {
-                tracing::info!(node = %self.node, "Pacemaker has fenced the node already");
-                return Ok(());
-            }
+            let requested_at = SystemTime::now();
+            let before: Vec<FenceEvent> = self
+                .history()
+                .await?
+                .into_iter()
+                .filter(|e| e.target == self.node)
+                .collect();
             let secs = self.fence_timeout.as_secs().max(1).to_string();
             let inv = self.invocation(
                 "stonith_admin",
@@ -209,7 +256,10 @@ impl FenceDriver for Pacemaker {
                 .run_once(self.fence_timeout + Duration::from_secs(5))
                 .await?;
             if out.code == Some(0) {
-                Ok(())
+                Ok(FenceAttempt {
+                    requested_at,
+                    baseline: Baseline::History(before),
+                })
             } else {
                 Err(FenceError::Failed {
                     program: format!("stonith_admin --fence {}", self.node),
@@ -220,8 +270,11 @@ impl FenceDriver for Pacemaker {
         })
     }
 
-    fn is_fenced(&self) -> BoxFuture<'_, Result<bool, FenceError>> {
-        Box::pin(self.verified_now())
+    fn is_fenced<'a>(
+        &'a self,
+        attempt: &'a FenceAttempt,
+    ) -> BoxFuture<'a, Result<bool, FenceError>> {
+        Box::pin(self.verified(attempt))
     }
 
     fn verdict(&self) -> BoxFuture<'_, Result<Verdict, FenceError>> {
@@ -294,6 +347,11 @@ mod tests {
         let h = parse_history(HISTORY).unwrap();
         assert_eq!(h.len(), 3);
         assert_eq!(h[0].status, "success");
+        assert_eq!(h[0].client, "pacemaker-controld.5928");
+        assert_eq!(
+            (h[0].origin.as_str(), h[0].delegate.as_str()),
+            ("node3", "node1")
+        );
         assert_eq!(h[0].completed, Some(1_795_371_016));
         assert_eq!(h[2].completed, None);
     }
@@ -306,28 +364,138 @@ mod tests {
         assert_eq!(parse_completed("yesterday"), None);
     }
 
-    #[test]
-    fn only_a_recent_success_as_the_newest_event_counts_as_fenced() {
-        let h = parse_history(HISTORY).unwrap();
-        let at = 1_795_371_016;
-        let age = Duration::from_secs(120);
-        assert!(recently_fenced(&h, "node2", at + 5, age));
-        assert!(!recently_fenced(&h, "node2", at + 600, age), "too old");
-        assert!(!recently_fenced(&h, "node3", at, age), "pending only");
-        assert!(!recently_fenced(&h, "node1", at, age), "no event");
-        let mut failed_last = h.clone();
-        failed_last.push(FenceEvent {
-            target: "node2".into(),
-            action: "off".into(),
-            status: "failed".into(),
-            completed: Some(at + 1),
-        });
-        assert!(!recently_fenced(&failed_last, "node2", at + 5, age));
+    /// 2026-11-22 18:10:16Z, the completion of HISTORY's success for node2.
+    const AT: u64 = 1_795_371_016;
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    fn event(target: &str, action: &str, status: &str, client: &str, completed: u64) -> FenceEvent {
+        FenceEvent {
+            target: target.into(),
+            action: action.into(),
+            status: status.into(),
+            client: client.into(),
+            origin: "node1".into(),
+            delegate: "node3".into(),
+            completed: Some(completed),
+        }
+    }
+
+    /// node2's events in HISTORY: what a baseline taken now holds.
+    fn baseline() -> Vec<FenceEvent> {
+        parse_history(HISTORY)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.target == "node2")
+            .collect()
     }
 
     #[test]
-    fn commands_run_behind_the_prefix() {
-        let p = Pacemaker {
+    fn an_older_successful_fence_of_the_same_node_in_the_history_is_not_evidence_for_a_new_attempt()
+    {
+        // A minute after an earlier incident's fence, a new attempt: the history holds
+        // that success, and nothing new arrives.
+        let history = parse_history(HISTORY).unwrap();
+        let requested = at(AT + 60);
+        assert_eq!(
+            fenced_since(&history, "node2", requested, &baseline()),
+            None
+        );
+        // Nor when the old success reached this node's history only after the baseline
+        // was read (an empty baseline): it completed before the request.
+        assert_eq!(fenced_since(&history, "node2", requested, &[]), None);
+    }
+
+    #[test]
+    fn a_fence_completed_after_the_request_counts() {
+        let requested = at(AT + 60);
+        let mut history = parse_history(HISTORY).unwrap();
+        let ours = event("node2", "off", "success", "stonith_admin.4242", AT + 63);
+        history.push(ours.clone());
+        assert_eq!(
+            fenced_since(&history, "node2", requested, &baseline()),
+            Some(&ours)
+        );
+        // Completed in the second of the request (the history's times are whole seconds)
+        // or a little before it by the cluster's clock: still this attempt's, being new.
+        let same_second = event("node2", "off", "success", "stonith_admin.4242", AT + 59);
+        assert!(fenced_since(&[same_second], "node2", requested, &baseline()).is_some());
+        // A failed or a pending fence after the request is no evidence, nor is an `on`.
+        let failed = event("node2", "off", "failed", "stonith_admin.4242", AT + 63);
+        let mut pending = event("node2", "off", "pending", "stonith_admin.4242", AT + 63);
+        pending.completed = None;
+        let on = event("node2", "on", "success", "stonith_admin.4242", AT + 63);
+        for e in [failed, pending, on] {
+            assert_eq!(
+                fenced_since(std::slice::from_ref(&e), "node2", requested, &baseline()),
+                None,
+                "{e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_fence_of_another_node_does_not_count() {
+        let requested = at(AT + 60);
+        let mut history = parse_history(HISTORY).unwrap();
+        history.push(event(
+            "node3",
+            "off",
+            "success",
+            "stonith_admin.4242",
+            AT + 63,
+        ));
+        assert_eq!(
+            fenced_since(&history, "node2", requested, &baseline()),
+            None
+        );
+    }
+
+    #[test]
+    fn pacemakers_own_fence_after_the_request_counts() {
+        // The cluster lost the node and rebooted it itself, while (or before) defib's
+        // stonith_admin ran: after the request, so tied to this loss.
+        let requested = at(AT + 60);
+        let mut history = parse_history(HISTORY).unwrap();
+        let own = event(
+            "node2",
+            "reboot",
+            "success",
+            "pacemaker-controld.5928",
+            AT + 64,
+        );
+        history.push(own.clone());
+        assert_eq!(
+            fenced_since(&history, "node2", requested, &baseline()),
+            Some(&own)
+        );
+        // One that was still pending when the baseline was read and completed since
+        // is new too.
+        let mut was_pending = own.clone();
+        was_pending.status = "pending".into();
+        was_pending.completed = None;
+        let mut before = baseline();
+        before.push(was_pending);
+        assert_eq!(
+            fenced_since(&history, "node2", requested, &before),
+            Some(&own)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pacemaker_level_refuses_to_verify_an_attempt_without_a_history_baseline() {
+        let p = pacemaker();
+        let power = FenceAttempt::now(Baseline::PowerOffAcknowledged);
+        assert!(matches!(
+            p.is_fenced(&power).await,
+            Err(FenceError::Unexpected { .. })
+        ));
+    }
+
+    fn pacemaker() -> Pacemaker {
+        Pacemaker {
             node: "node2".into(),
             command_prefix: vec!["ssh".into(), "root@node1".into()],
             policy: CallPolicy {
@@ -336,9 +504,12 @@ mod tests {
                 backoff: Duration::from_millis(1),
             },
             fence_timeout: Duration::from_secs(60),
-            history_max_age: Duration::from_secs(120),
-        };
-        let inv = p.invocation("crm_mon", &["-1", "--output-as=xml"]);
+        }
+    }
+
+    #[test]
+    fn commands_run_behind_the_prefix() {
+        let inv = pacemaker().invocation("crm_mon", &["-1", "--output-as=xml"]);
         assert_eq!(inv.program, "ssh");
         assert_eq!(inv.args, ["root@node1", "crm_mon", "-1", "--output-as=xml"]);
     }
