@@ -264,7 +264,17 @@ enum KillPoint {
 /// The intents the store holds about `host`'s recovery (fences, force-downs) and the
 /// evacuations of `servers`.
 fn recovery_intents(store: &std::path::Path, host: &str, servers: &[String]) -> Vec<IntentEntry> {
-    let store = SqliteStore::open(store).expect("store");
+    // The store is opened by one controller at a time: wait until the killed one let go.
+    let t0 = std::time::Instant::now();
+    let store = loop {
+        match SqliteStore::open(store) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(t0.elapsed() < Duration::from_secs(30), "store: {e:?}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
     store
         .intents()
         .expect("intents")
@@ -346,6 +356,8 @@ fn a_controller_killed_after_the_fence_intent_after_the_fence_or_after_force_dow
             assert_eq!(nova.evacuations(id), 1, "{point:?}: {id} evacuated once");
         }
         ctl.wait_host_state("fake-1", HostState::Recovered, Duration::from_secs(60));
+        host_returns_and_is_unforced(&nova, &ctl);
+        ctl.kill();
         let intents = recovery_intents(&store, "fake-1", &ids);
         let count = |f: fn(&Intent) -> bool| intents.iter().filter(|e| f(&e.record.intent)).count();
         assert_eq!(
@@ -367,8 +379,6 @@ fn a_controller_killed_after_the_fence_intent_after_the_fence_or_after_force_dow
             intents.iter().all(|e| e.done.is_some()),
             "{point:?}: {intents:?}"
         );
-        host_returns_and_is_unforced(&nova, &ctl);
-        ctl.kill();
         nova.delete_named(&prefix);
     }
 }
