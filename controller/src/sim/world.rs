@@ -491,6 +491,33 @@ impl<'a> Sim<'a> {
                 // The edges' memory died with the process: a re-handed intent is sent
                 // to the world again, which answers from what it now is.
                 self.effects.clear();
+                // So did the in-process listers' news on their way to the engine: a
+                // listing dated on the dead process's clock never reaches the new one.
+                let dated_by_dead_process = |input: &Input| {
+                    matches!(
+                        input,
+                        Input::HostEvent {
+                            event: HostEvent::Inventory {
+                                at: ListedAt::Controller(_),
+                                ..
+                            },
+                            ..
+                        }
+                    )
+                };
+                self.queue
+                    .retain(|Reverse(Queued(_, _, ev))| !matches!(ev, Ev::Deliver(i) if dated_by_dead_process(i)));
+                for w in &mut self.hosts {
+                    w.outbox.retain(|e| {
+                        !matches!(
+                            e,
+                            HostEvent::Inventory {
+                                at: ListedAt::Controller(_),
+                                ..
+                            }
+                        )
+                    });
+                }
                 self.issued_this_life.clear();
                 self.resumed_open = self.log.open().into_iter().map(|r| r.key).collect();
                 self.last_revision = u64::MAX;
