@@ -3,7 +3,7 @@
 //! tests can advance time by hand.
 use tokio::time::Instant;
 
-use crate::engine::{IntentEntry, IntentLog, Timestamp};
+use crate::engine::{IntentLog, Timestamp};
 
 #[derive(Debug, Clone, Copy)]
 pub struct EngineClock {
@@ -25,12 +25,7 @@ fn wall_clock_now() -> Timestamp {
 /// The latest time the intent log holds (an intent's or a completion's), on the clock
 /// of the controller that wrote it.
 pub fn latest_in_log(log: &impl IntentLog) -> Option<Timestamp> {
-    latest_of(&log.entries())
-}
-
-/// The latest time among these intents and their completions.
-pub fn latest_of(entries: &[IntentEntry]) -> Option<Timestamp> {
-    entries
+    log.entries()
         .iter()
         .flat_map(|e| [Some(e.record.at), e.done.as_ref().map(|d| d.at)])
         .flatten()

@@ -319,10 +319,15 @@ impl Engine {
             .filter(|r| self.resources.get(*r).is_some_and(|e| e.after_restore(at)))
             .cloned()
             .collect();
+        if waiting.is_empty() {
+            return;
+        }
         for r in waiting {
-            let h = self.hosts.get_mut(host).expect("known");
-            h.awaiting_word.remove(&r);
-            let done = h.awaiting_word.is_empty();
+            self.hosts
+                .get_mut(host)
+                .expect("known")
+                .awaiting_word
+                .remove(&r);
             let Some(inc) = self.resources.get(&r).and_then(|e| e.owner) else {
                 continue;
             };
@@ -349,14 +354,10 @@ impl Engine {
                     source,
                 );
             }
-            if done
-                && self
-                    .hosts
-                    .get_mut(host)
-                    .is_some_and(|h| h.alarmed.remove(&AlarmKind::AwaitingHostWord))
-            {
-                self.bump();
-            }
+        }
+        let h = self.hosts.get_mut(host).expect("known");
+        if h.awaiting_word.is_empty() && h.alarmed.remove(&AlarmKind::AwaitingHostWord) {
+            self.bump();
         }
     }
 

@@ -2017,18 +2017,18 @@ fn a_failed_restore_is_tried_again_after_a_pause_not_at_once() {
     );
 }
 
-#[test]
-fn a_vm_restored_onto_a_silent_host_is_not_evacuated_on_the_strength_of_its_self_fence_deadline() {
-    // The deadline says the host killed what it ran when it fell silent (then rebooted);
-    // a VM the backend started there afterwards is not covered by it.
+/// Self-fencing on (hosts say armed with 3 s; 2 s margin), no restarts in place.
+fn self_fencing_harness() -> Harness {
     let cfg = Config {
         self_fence_margin: Some(Duration::from_secs(2)),
         max_restarts_in_place: 0,
         ..Config::default()
     };
-    let mut h = Harness::with(4, cfg);
-    h.kill_until_fence(2);
-    // vm1 crashes on host 1; the backend restores it on host 2, which is being fenced.
+    Harness::with(4, cfg)
+}
+
+/// vm1 crashes on host 1 and the backend restores it on host `to`.
+fn crash_vm1_and_restore_it_on(h: &mut Harness, to: usize) {
     h.exit(1, "vm1", Source::Ebpf, h.now);
     let (r, key) = evacuations(&h.actions)
         .into_iter()
@@ -2037,19 +2037,47 @@ fn a_vm_restored_onto_a_silent_host_is_not_evacuated_on_the_strength_of_its_self
     h.input(Input::RestoreResult {
         resource: r,
         key,
-        outcome: RestoreOutcome::Ok { host: host(2) },
+        outcome: RestoreOutcome::Ok { host: host(to) },
     });
+}
+
+/// What was evacuated off host `i` so far.
+fn evacuated_off(h: &Harness, i: usize) -> Vec<Resource> {
+    h.actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Evacuate { resource, from, .. } if *from == host(i) => Some(resource.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Host `i`'s watchdog lists the VMs it runs, now on its clock.
+fn libvirt_lists(h: &mut Harness, i: usize, resources: Vec<Resource>) {
+    let at = h.host_clock(h.now);
+    h.input(Input::HostEvent {
+        host: host(i),
+        event: HostEvent::Inventory {
+            resources,
+            stopped: vec![],
+            source: Source::Libvirt,
+            at: ListedAt::Host(at),
+        },
+    });
+}
+
+#[test]
+fn a_vm_restored_onto_a_silent_host_is_not_evacuated_on_the_strength_of_its_self_fence_deadline() {
+    // The deadline says the host killed what it ran when it fell silent (then rebooted);
+    // a VM the backend started there afterwards is not covered by it.
+    let mut h = self_fencing_harness();
+    h.kill_until_fence(2);
+    // vm1 crashes on host 1; the backend restores it on host 2, which is being fenced.
+    crash_vm1_and_restore_it_on(&mut h, 2);
     h.run_for(6_000);
     assert_eq!(h.state(2), HostState::Fenced, "fenced by its deadline");
     h.force_down_ok(2);
-    let moved: Vec<Resource> = h
-        .actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Evacuate { resource, from, .. } if *from == host(2) => Some(resource.clone()),
-            _ => None,
-        })
-        .collect();
+    let moved = evacuated_off(&h, 2);
     assert!(
         !moved.contains(&Resource::vm("vm1")),
         "vm1 evacuated off host 2 on the deadline's account: {moved:?}"
@@ -2059,16 +2087,7 @@ fn a_vm_restored_onto_a_silent_host_is_not_evacuated_on_the_strength_of_its_self
     // The host comes back (it had rebooted) and lists vm1: it runs there.
     h.revive(2);
     h.run_for(300);
-    let at = h.host_clock(h.now);
-    h.input(Input::HostEvent {
-        host: host(2),
-        event: HostEvent::Inventory {
-            resources: vec![Resource::vm("vm1")],
-            stopped: vec![],
-            source: Source::Libvirt,
-            at: ListedAt::Host(at),
-        },
-    });
+    libvirt_lists(&mut h, 2, vec![Resource::vm("vm1")]);
     h.run_for(300);
     let vm1 = h.engine.resource(&Resource::vm("vm1")).unwrap();
     assert_eq!(
@@ -2084,30 +2103,16 @@ fn a_vm_restored_onto_a_silent_host_is_not_evacuated_on_the_strength_of_its_self
 
 #[test]
 fn an_arrival_its_silent_host_does_not_list_once_back_is_restored_elsewhere() {
-    let cfg = Config {
-        self_fence_margin: Some(Duration::from_secs(2)),
-        max_restarts_in_place: 0,
-        ..Config::default()
-    };
-    let mut h = Harness::with(4, cfg);
+    let mut h = self_fencing_harness();
     h.kill_until_fence(2);
-    h.exit(1, "vm1", Source::Ebpf, h.now);
-    let (r, key) = evacuations(&h.actions)
-        .into_iter()
-        .find(|(r, _)| *r == Resource::vm("vm1"))
-        .expect("vm1 evacuated");
-    h.input(Input::RestoreResult {
-        resource: r,
-        key,
-        outcome: RestoreOutcome::Ok { host: host(2) },
-    });
+    crash_vm1_and_restore_it_on(&mut h, 2);
     h.run_for(6_000);
     h.force_down_ok(2);
     h.run_for(500);
     let off_2 = |h: &Harness| {
-        h.actions
+        evacuated_off(h, 2)
             .iter()
-            .filter(|a| matches!(a, Action::Evacuate { resource, from, .. } if *resource == Resource::vm("vm1") && *from == host(2)))
+            .filter(|r| **r == Resource::vm("vm1"))
             .count()
     };
     assert_eq!(off_2(&h), 0, "not moved while the host says nothing");
@@ -2115,16 +2120,7 @@ fn an_arrival_its_silent_host_does_not_list_once_back_is_restored_elsewhere() {
     // nothing. A listing older than the restore would say nothing about vm1.
     h.revive(2);
     h.run_for(300);
-    let at = h.host_clock(h.now);
-    h.input(Input::HostEvent {
-        host: host(2),
-        event: HostEvent::Inventory {
-            resources: vec![],
-            stopped: vec![],
-            source: Source::Libvirt,
-            at: ListedAt::Host(at),
-        },
-    });
+    libvirt_lists(&mut h, 2, vec![]);
     h.run_for(300);
     assert_eq!(
         off_2(&h),
@@ -2139,38 +2135,17 @@ fn a_vm_restored_onto_a_host_that_is_only_suspect_is_not_moved_again_on_its_self
     // had fallen silent but was not yet being fenced; the host's incident then took it
     // with the rest, and its self-fence deadline (which covers only what ran when the
     // host fell silent) moved it a second time while it ran.
-    let cfg = Config {
-        self_fence_margin: Some(Duration::from_secs(2)),
-        max_restarts_in_place: 0,
-        ..Config::default()
-    };
-    let mut h = Harness::with(4, cfg);
+    let mut h = self_fencing_harness();
     h.kill(2);
     h.run_for(600);
     assert_eq!(h.state(2), HostState::Confirming);
     // vm1 crashes on host 1; the backend restores it on host 2, silent but not fenced.
-    h.exit(1, "vm1", Source::Ebpf, h.now);
-    let (r, key) = evacuations(&h.actions)
-        .into_iter()
-        .find(|(r, _)| *r == Resource::vm("vm1"))
-        .expect("vm1 evacuated");
-    h.input(Input::RestoreResult {
-        resource: r,
-        key,
-        outcome: RestoreOutcome::Ok { host: host(2) },
-    });
+    crash_vm1_and_restore_it_on(&mut h, 2);
     h.confirm(2, Verdict::Dead);
     h.run_for(6_000);
     assert_eq!(h.state(2), HostState::Fenced, "fenced by its deadline");
     h.force_down_ok(2);
-    let moved: Vec<Resource> = h
-        .actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Evacuate { resource, from, .. } if *from == host(2) => Some(resource.clone()),
-            _ => None,
-        })
-        .collect();
+    let moved = evacuated_off(&h, 2);
     assert!(
         !moved.contains(&Resource::vm("vm1")),
         "vm1 evacuated off host 2 on the deadline's account: {moved:?}"
@@ -2182,24 +2157,10 @@ fn a_vm_restored_onto_a_host_that_is_only_suspect_is_not_moved_again_on_its_self
 fn a_host_heard_again_forgets_what_arrived_while_it_was_silent() {
     // An arrival is judged against the silence it arrived in: after the host is heard
     // again, a later loss and self-fence of it covers everything it runs.
-    let cfg = Config {
-        self_fence_margin: Some(Duration::from_secs(2)),
-        max_restarts_in_place: 0,
-        ..Config::default()
-    };
-    let mut h = Harness::with(4, cfg);
+    let mut h = self_fencing_harness();
     h.kill(2);
     h.run_for(600);
-    h.exit(1, "vm1", Source::Ebpf, h.now);
-    let (r, key) = evacuations(&h.actions)
-        .into_iter()
-        .find(|(r, _)| *r == Resource::vm("vm1"))
-        .expect("vm1 evacuated");
-    h.input(Input::RestoreResult {
-        resource: r,
-        key,
-        outcome: RestoreOutcome::Ok { host: host(2) },
-    });
+    crash_vm1_and_restore_it_on(&mut h, 2);
     h.revive(2);
     h.run_for(1_000);
     assert_eq!(h.state(2), HostState::Up);
@@ -2209,14 +2170,7 @@ fn a_host_heard_again_forgets_what_arrived_while_it_was_silent() {
     h.run_for(6_000);
     assert_eq!(h.state(2), HostState::Fenced, "fenced by its deadline");
     h.force_down_ok(2);
-    let moved: Vec<Resource> = h
-        .actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Evacuate { resource, from, .. } if *from == host(2) => Some(resource.clone()),
-            _ => None,
-        })
-        .collect();
+    let moved = evacuated_off(&h, 2);
     assert!(moved.contains(&Resource::vm("vm1")), "{moved:?}");
 }
 

@@ -36,7 +36,8 @@ use crate::clock::EngineClock;
 use crate::edges::{dispatch, Confirmer, Fencer, Restorer};
 use crate::edges::{EdgeLinks, HostFacts, ResultSender};
 use crate::engine::{
-    utc_ms, Action, AlarmKind, Engine, HostId, Input, OperatorCommand, Resource, Timestamp,
+    utc_ms, Action, AlarmKind, Engine, HostId, Input, MemoryIntentLog, OperatorCommand, Resource,
+    Timestamp,
 };
 use crate::metrics::Metrics;
 use crate::store::{intent_log_snapshot, Store, StoreError};
@@ -95,6 +96,9 @@ impl StoreFailure {
 pub struct EngineTask {
     engine: Engine,
     clock: EngineClock,
+    /// The store's intent log as read at construction (its latest time starts the
+    /// clock), replayed once by `run`.
+    resume_from: MemoryIntentLog,
     store: Box<dyn Store + Send>,
     dedup: EventDedup,
     edges: Edges,
@@ -167,11 +171,13 @@ impl EngineTask {
         for (host, high) in parts.store.event_high_waters()? {
             dedup.restore(&host, high);
         }
+        let resume_from = intent_log_snapshot(parts.store.as_ref())?;
         // After the store's latest time, whatever the wall clock says now.
-        let clock = EngineClock::start_not_before(crate::clock::latest_of(&parts.store.intents()?));
+        let clock = EngineClock::start_not_before(crate::clock::latest_in_log(&resume_from));
         let task = EngineTask {
             engine: Engine::new(parts.engine_config),
             clock,
+            resume_from,
             store: parts.store,
             dedup,
             edges: make_edges(EdgeLinks {
@@ -212,7 +218,7 @@ impl EngineTask {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), EngineTaskError> {
         let now = self.clock.now();
-        let log = intent_log_snapshot(self.store.as_ref())?;
+        let log = std::mem::take(&mut self.resume_from);
         let (engine, actions) = Engine::resume(self.engine.config().clone(), &log, now);
         if !log.is_empty() {
             tracing::info!(intents = log.len(), "resumed from the store");

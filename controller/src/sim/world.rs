@@ -493,30 +493,20 @@ impl<'a> Sim<'a> {
                 self.effects.clear();
                 // So did the in-process listers' news on their way to the engine: a
                 // listing dated on the dead process's clock never reaches the new one.
-                let dated_by_dead_process = |input: &Input| {
+                let by_dead_lister = |e: &HostEvent| {
                     matches!(
-                        input,
-                        Input::HostEvent {
-                            event: HostEvent::Inventory {
-                                at: ListedAt::Controller(_),
-                                ..
-                            },
+                        e,
+                        HostEvent::Inventory {
+                            at: ListedAt::Controller(_),
                             ..
                         }
                     )
                 };
-                self.queue
-                    .retain(|Reverse(Queued(_, _, ev))| !matches!(ev, Ev::Deliver(i) if dated_by_dead_process(i)));
+                self.queue.retain(|Reverse(Queued(_, _, ev))| {
+                    !matches!(ev, Ev::Deliver(Input::HostEvent { event, .. }) if by_dead_lister(event))
+                });
                 for w in &mut self.hosts {
-                    w.outbox.retain(|e| {
-                        !matches!(
-                            e,
-                            HostEvent::Inventory {
-                                at: ListedAt::Controller(_),
-                                ..
-                            }
-                        )
-                    });
+                    w.outbox.retain(|e| !by_dead_lister(e));
                 }
                 self.issued_this_life.clear();
                 self.resumed_open = self.log.open().into_iter().map(|r| r.key).collect();

@@ -3,11 +3,11 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use tokio::time::Instant;
 
 use prometheus_client::metrics::counter::Counter;
 use protocol::{Ack, Freshness, HeartbeatReceiver, Key};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::{HeartbeatSeen, Intake};
 use crate::metrics::Metrics;
@@ -42,8 +42,7 @@ struct BatchTime {
 struct IntakeState {
     receiver: HeartbeatReceiver,
     /// Per host, per path index: when a heartbeat was last forwarded (monotonic ms since
-    /// the intake started). Looked
-    /// up by `&str`, so a known host costs no allocation.
+    /// the intake started). Looked up by `&str`, so a known host costs no allocation.
     last_forwarded_ms: HashMap<String, Vec<(u8, u64)>>,
 }
 
