@@ -56,6 +56,12 @@ pub trait Restorer {
     fn evacuate(&mut self, resource: &Resource, from: &HostId, key: &IntentKey);
     /// Trust a host again (undo force-down).
     fn unfence(&mut self, host: &HostId, key: &IntentKey);
+    /// Ask `host` whether `resource` runs there now; answer with `Input::HostAnswer`.
+    /// The engine asks only after a restore answered `RestoreOutcome::Unknown`, so a
+    /// backend that never answers that is never asked (and does nothing here).
+    fn ask_host(&mut self, host: &HostId, resource: &Resource) {
+        let _ = (host, resource);
+    }
 }
 
 /// Asks independent sources whether a silent host is dead.
@@ -91,6 +97,7 @@ pub fn dispatch(
             key,
         } => restorer.evacuate(resource, from, key),
         Action::Unfence { host, key } => restorer.unfence(host, key),
+        Action::AskHost { host, resource } => restorer.ask_host(host, resource),
         Action::Confirm { host } => confirmer.confirm(host),
         _ => return false,
     }

@@ -190,6 +190,11 @@ impl Engine {
                 reconcile = self.on_heartbeat(hb);
             }
             Input::HostEvent { host, event } => self.on_host_event(host, event),
+            Input::HostAnswer {
+                host,
+                resource,
+                runs,
+            } => self.on_host_answer(&host, &resource, runs),
             Input::Timer(TimerId::Tick) => self.on_tick(),
             Input::ConfirmationResult {
                 host,

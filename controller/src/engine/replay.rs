@@ -448,7 +448,8 @@ impl Engine {
                         );
                     }
                     RestoreOutcome::Ok { .. } => {}
-                    RestoreOutcome::Failed { reason } => {
+                    // Forcing a service down again is harmless: not known is failed.
+                    RestoreOutcome::Failed { reason } | RestoreOutcome::Unknown { reason, .. } => {
                         let h = self.hosts.get_mut(host).expect("known");
                         h.force_down.next_at = now + self.cfg.fence_retry_backoff;
                         self.note(
@@ -476,7 +477,9 @@ impl Engine {
                         e.in_flight = None;
                         let to = match o {
                             RestoreOutcome::Ok { .. } => ResourceState::Running,
-                            RestoreOutcome::Failed { .. } => ResourceState::Failed,
+                            RestoreOutcome::Failed { .. } | RestoreOutcome::Unknown { .. } => {
+                                ResourceState::Failed
+                            }
                         };
                         self.set_resource_state(
                             resource,
@@ -510,7 +513,10 @@ impl Engine {
                         }
                         self.close_incident(*incident);
                     }
-                    RestoreOutcome::Failed { reason } => {
+                    // A restart in place goes to the same host again, where a second
+                    // start of a running domain answers "already running": not known
+                    // is failed, and the retry finds out.
+                    RestoreOutcome::Failed { reason } | RestoreOutcome::Unknown { reason, .. } => {
                         e.retry_at = now + self.cfg.restore_retry_backoff;
                         self.set_resource_state(
                             resource,
@@ -599,7 +605,7 @@ impl Engine {
                             h.arrived.insert(resource.clone());
                         }
                     }
-                    RestoreOutcome::Failed { reason } => {
+                    RestoreOutcome::Unknown { reason, .. } | RestoreOutcome::Failed { reason } => {
                         if *attempt >= self.cfg.max_evacuate_attempts {
                             let e = self.resources.get_mut(resource).expect("known");
                             e.steps = 0;

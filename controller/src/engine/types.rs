@@ -90,6 +90,18 @@ pub enum RestoreOutcome {
         /// Why.
         reason: String,
     },
+    /// Not known: the restore was sent and may have been carried out, but no answer
+    /// came (a command that timed out, a stream that closed before the answer, an
+    /// answer lost with the controller process that waited for it). The resource is
+    /// neither retried elsewhere nor taken as running until the host that may run it
+    /// says (see [`Action::AskHost`]) or is fenced.
+    Unknown {
+        /// Where the restore was sent; `None`: the edge does not know (it forgot with a
+        /// restarted controller), so every host may run it.
+        target: Option<HostId>,
+        /// Why it is not known.
+        reason: String,
+    },
 }
 
 /// Something a host's watchdog reported (over the reliable event stream), or Nova's
@@ -275,6 +287,18 @@ pub enum Input {
         /// How it went.
         outcome: RestoreOutcome,
     },
+    /// A host answered an [`Action::AskHost`]: whether the resource runs there now,
+    /// as its watchdog sees it after every command it was sent before has finished.
+    HostAnswer {
+        /// The host asked.
+        host: HostId,
+        /// The resource asked about.
+        resource: Resource,
+        /// `Some(true)`: it runs there (active in any state); `Some(false)`: it does
+        /// not (not defined, or shut off); `None`: the host could not be asked (no open
+        /// stream, no answer in time, an error), so nothing is known yet.
+        runs: Option<bool>,
+    },
 }
 
 /// How the runtime should fence (a hint; the fencer edge picks the agent).
@@ -423,6 +447,15 @@ pub enum Action {
         host: HostId,
         /// Idempotency key.
         key: IntentKey,
+    },
+    /// Ask `host` whether `resource` runs there now (read-only, so no intent); answer
+    /// with [`Input::HostAnswer`]. Asked when a restore's outcome is unknown, before
+    /// it is tried anywhere else.
+    AskHost {
+        /// The host to ask.
+        host: HostId,
+        /// The resource asked about.
+        resource: Resource,
     },
     /// Tell a human.
     Alarm {

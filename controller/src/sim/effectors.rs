@@ -18,6 +18,8 @@ impl Sim<'_> {
                 Action::PersistIntent(_) | Action::CompleteIntent { .. } => self.log.apply(&a),
                 Action::RecordTimeline { .. } => {}
                 Action::Alarm { .. } => self.report.alarms += 1,
+                // Nothing in the simulated world answers "not known" yet.
+                Action::AskHost { .. } => {}
                 Action::Confirm { host } => {
                     let h = self.index(host);
                     let w = &self.hosts[h];

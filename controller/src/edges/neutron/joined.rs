@@ -121,6 +121,10 @@ fn join(a: &Input, b: &Input) -> Input {
                 reason: format!("{x}; {y}"),
             }
         }
+        // One half may have been carried out: the whole is not known either.
+        (u @ RestoreOutcome::Unknown { .. }, _) | (_, u @ RestoreOutcome::Unknown { .. }) => {
+            u.clone()
+        }
     };
     Input::HostActionResult {
         host: host.clone(),

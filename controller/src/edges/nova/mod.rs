@@ -294,7 +294,7 @@ impl Worker {
                 server: server.into(),
                 host: host.to_string(),
             }),
-            RestoreOutcome::Failed { reason } => {
+            RestoreOutcome::Failed { reason } | RestoreOutcome::Unknown { reason, .. } => {
                 tracing::warn!(server, %key, reason, "restore failed");
                 self.core.event(RestoreEvent::Failed {
                     server: server.into(),
