@@ -4,16 +4,6 @@
 use super::*;
 
 impl Engine {
-    /// A host's answer to [`Action::AskHost`].
-    pub(super) fn on_host_answer(
-        &mut self,
-        host: &HostId,
-        resource: &Resource,
-        runs: Option<bool>,
-    ) {
-        let _ = (host, resource, runs);
-    }
-
     pub(super) fn on_host_event(&mut self, host: HostId, event: HostEvent) {
         self.ensure_host(&host);
         match event {

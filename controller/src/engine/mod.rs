@@ -110,6 +110,7 @@ mod reconcile;
 mod replay;
 mod state;
 mod types;
+mod unsure;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -144,6 +145,11 @@ pub struct Engine {
     /// cures nothing), closed when the stall ends.
     stalls: BTreeMap<Resource, IncidentId>,
     gate: Gate,
+    /// Evacuations sent and not answered: held until the hosts that may run them say.
+    unsure: BTreeMap<Resource, unsure::Unsure>,
+    /// Hosts an earlier controller process heard from (the store's event streams),
+    /// handed in at resume: an evacuation whose target was forgotten may run on any.
+    hosts_in_store: BTreeSet<HostId>,
     replaying: bool,
     out: Vec<Action>,
     revision: u64,
@@ -164,6 +170,8 @@ impl Engine {
             intents: BTreeMap::new(),
             stalls: BTreeMap::new(),
             gate: Gate::default(),
+            unsure: BTreeMap::new(),
+            hosts_in_store: BTreeSet::new(),
             replaying: false,
             out: Vec::new(),
             revision: 0,

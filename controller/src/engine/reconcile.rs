@@ -52,6 +52,7 @@ impl Engine {
         for r in pending {
             self.reconcile_resource(&r);
         }
+        self.reconcile_unsure();
     }
 
     /// With the self-fence opted in, a host being fenced whose last heartbeat did not say
@@ -201,7 +202,11 @@ impl Engine {
                         continue;
                     }
                     all_done = false;
-                    if e.in_flight.is_some() || now < e.retry_at || awaiting.contains(&r) {
+                    if e.in_flight.is_some()
+                        || now < e.retry_at
+                        || awaiting.contains(&r)
+                        || self.unsure.contains_key(&r)
+                    {
                         continue;
                     }
                     let attempt = match e.state {
@@ -259,8 +264,8 @@ impl Engine {
         let hstate = self.hosts.get(&host).map_or(HostState::Up, |h| h.state);
         let can_restart = r.kind().restarts_in_place() && hstate == HostState::Up;
         let fenced = hstate.fenced();
-        if self.now < e.retry_at {
-            // A failed try's pause.
+        if self.now < e.retry_at || self.unsure.contains_key(r) {
+            // A failed try's pause, or an unanswered one that may have started it.
             return;
         }
         match e.state {

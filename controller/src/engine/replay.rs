@@ -11,7 +11,20 @@ impl Engine {
     /// again with the same key (they deduplicate); done intents are never issued again.
     /// Hosts get a fresh detector grace period from `now`.
     pub fn resume(cfg: Config, log: &dyn IntentLog, now: Timestamp) -> (Engine, Vec<Action>) {
+        Self::resume_knowing(cfg, log, &[], now)
+    }
+
+    /// [`Engine::resume`], knowing the hosts an earlier controller process heard from
+    /// (the store's event streams): an evacuation it sent and never heard back about
+    /// may run on any of them.
+    pub fn resume_knowing(
+        cfg: Config,
+        log: &dyn IntentLog,
+        hosts_in_store: &[HostId],
+        now: Timestamp,
+    ) -> (Engine, Vec<Action>) {
         let mut e = Engine::new(cfg);
+        e.hosts_in_store = hosts_in_store.iter().cloned().collect();
         e.now = now;
         e.replaying = true;
         let entries = log.entries();
@@ -61,6 +74,21 @@ impl Engine {
         }
         for entry in &entries {
             if entry.done.is_none() {
+                if let Intent::Evacuate { resource, .. } = &entry.record.intent {
+                    if !e.restorer_remembers_targets(resource) {
+                        // Handed again, the backend would pick a target afresh, maybe
+                        // another one than the first: not known, and the hosts are asked.
+                        e.complete(
+                            &entry.record.key,
+                            IntentOutcome::Restore(RestoreOutcome::Unknown {
+                                target: None,
+                                reason: "the controller restarted before the answer, and                                          the backend does not remember where it sent it"
+                                    .into(),
+                            }),
+                        );
+                        continue;
+                    }
+                }
                 if let Some(a) = entry.record.intent.action(&entry.record.key) {
                     if let Some(inc) = entry.record.intent.incident() {
                         let subject = e.incident_subject(inc);
@@ -223,6 +251,9 @@ impl Engine {
             } => {
                 self.ensure_host(host);
                 self.ensure_resource(resource, host);
+                // A later try supersedes an unanswered one's wait (a replayed log: the
+                // wait was settled before this was issued).
+                self.unsure.remove(resource);
                 if self.replaying {
                     self.ensure_incident(*incident, Subject::Resource(resource.clone()), rec.at);
                     let e = self.resources.get_mut(resource).expect("ensured");
@@ -253,6 +284,7 @@ impl Engine {
             } => {
                 self.ensure_host(from);
                 self.ensure_resource(resource, from);
+                self.unsure.remove(resource);
                 if self.replaying {
                     self.ensure_incident(*incident, Subject::Resource(resource.clone()), rec.at);
                     let e = self.resources.get_mut(resource).expect("ensured");
@@ -548,97 +580,22 @@ impl Engine {
                     return;
                 }
                 e.in_flight = None;
-                let resource_incident = self
-                    .incidents
-                    .get(incident)
-                    .is_some_and(|i| matches!(i.subject, Subject::Resource(_)));
                 match o {
                     RestoreOutcome::Ok { host: to } => {
-                        if !resource_incident && to != from {
-                            // Moved off a fenced host by its incident: its data plane
-                            // may still hold a copy until it is cleaned and unfenced.
-                            if let Some(h) = self.hosts.get_mut(from) {
-                                h.evacuated.insert(resource.clone());
-                            }
-                        }
-                        let e = self.resources.get_mut(resource).expect("known");
-                        e.host = to.clone();
-                        e.steps = 0;
-                        self.ensure_host(to);
-                        self.mark_restored(resource, completion.host_clock);
-                        self.set_resource_state(
-                            resource,
-                            ResourceState::Running,
-                            &format!("restored on {to}"),
-                            self.source_for(resource),
-                        );
-                        // Released after the state change, so the change is on the
-                        // owning incident's timeline.
-                        if let Some(e) = self.resources.get_mut(resource) {
-                            e.owner = None;
-                        }
-                        if resource_incident {
-                            self.close_incident(*incident);
-                        }
-                        // The backend picks targets; if it picked a host that is about
-                        // to be fenced, that fence will stop the VM again: the host's
-                        // incident takes it, to restore it once more after the fence.
-                        // (A VM started on a host fenced already was not stopped by that
-                        // fence and must not be restored elsewhere on its account.)
-                        if let Some(target_incident) = self
-                            .hosts
-                            .get(to)
-                            .filter(|h| h.state == HostState::Fencing)
-                            .and_then(|h| h.incident)
-                        {
-                            let to = to.clone();
-                            self.take_ownership(resource, target_incident, &to);
-                            if let Some(h) = self.hosts.get_mut(&to) {
-                                h.arrived.insert(resource.clone());
-                            }
-                        } else if let Some(h) = self.hosts.get_mut(to).filter(|h| {
-                            matches!(h.state, HostState::Suspect | HostState::Confirming)
-                        }) {
-                            // Silent, not yet fenced: a fence decided later takes what
-                            // runs here, this too, and its self-fence deadline must
-                            // still tell it apart.
-                            h.arrived.insert(resource.clone());
-                        }
+                        self.evacuated_to(resource, from, *incident, to, completion.host_clock);
                     }
-                    RestoreOutcome::Unknown { reason, .. } | RestoreOutcome::Failed { reason } => {
-                        if *attempt >= self.cfg.max_evacuate_attempts {
-                            let e = self.resources.get_mut(resource).expect("known");
-                            e.steps = 0;
-                            self.set_resource_state(
-                                resource,
-                                ResourceState::GaveUp,
-                                &format!("evacuation #{attempt} failed: {reason}; giving up"),
-                                self.source_for(resource),
-                            );
-                            // Released after the state change, so the change is on the
-                            // owning incident's timeline.
-                            if let Some(e) = self.resources.get_mut(resource) {
-                                e.owner = None;
-                            }
-                            self.alarm(
-                                AlarmKind::RestoreGaveUp,
-                                None,
-                                Some(resource.clone()),
-                                format!("{attempt} restore tries failed, last: {reason}"),
-                            );
-                            if resource_incident {
-                                self.close_incident(*incident);
-                            }
-                        } else {
-                            let e = self.resources.get_mut(resource).expect("known");
-                            e.retry_at = now + self.cfg.restore_retry_backoff;
-                            self.note(
-                                *incident,
-                                Subject::Resource(resource.clone()),
-                                format!("evacuation #{attempt} failed: {reason}"),
-                                self.source_for(resource),
-                            );
-                        }
+                    RestoreOutcome::Failed { reason } => {
+                        self.evacuation_failed(resource, *incident, *attempt, reason);
+                    }
+                    RestoreOutcome::Unknown { target, reason } => {
+                        self.begin_unsure(
+                            resource,
+                            from,
+                            *incident,
+                            *attempt,
+                            target.clone(),
+                            reason,
+                        );
                     }
                 }
             }
@@ -651,6 +608,124 @@ impl Engine {
     /// cut off, or runs if the host had rebooted meanwhile). The incident keeps it but
     /// neither restores it elsewhere nor lets it go until the host lists what it runs
     /// ([`Engine::hear_word_on_arrivals`]).
+    /// Whether `incident` is a resource's own (a crash), not its host's.
+    fn is_resource_incident(&self, incident: IncidentId) -> bool {
+        self.incidents
+            .get(&incident)
+            .is_some_and(|i| matches!(i.subject, Subject::Resource(_)))
+    }
+
+    /// An evacuation of `resource` off `from` by `incident` started it on `to`
+    /// (answered, or a host that says it runs it after an unanswered one).
+    pub(super) fn evacuated_to(
+        &mut self,
+        resource: &Resource,
+        from: &HostId,
+        incident: IncidentId,
+        to: &HostId,
+        host_clock: Option<HostTime>,
+    ) {
+        let resource_incident = self.is_resource_incident(incident);
+        if !resource_incident && to != from {
+            // Moved off a fenced host by its incident: its data plane
+            // may still hold a copy until it is cleaned and unfenced.
+            if let Some(h) = self.hosts.get_mut(from) {
+                h.evacuated.insert(resource.clone());
+            }
+        }
+        let e = self.resources.get_mut(resource).expect("known");
+        e.host = to.clone();
+        e.steps = 0;
+        self.ensure_host(to);
+        self.mark_restored(resource, host_clock);
+        self.set_resource_state(
+            resource,
+            ResourceState::Running,
+            &format!("restored on {to}"),
+            self.source_for(resource),
+        );
+        // Released after the state change, so the change is on the
+        // owning incident's timeline.
+        if let Some(e) = self.resources.get_mut(resource) {
+            e.owner = None;
+        }
+        if resource_incident {
+            self.close_incident(incident);
+        }
+        // The backend picks targets; if it picked a host that is about
+        // to be fenced, that fence will stop the VM again: the host's
+        // incident takes it, to restore it once more after the fence.
+        // (A VM started on a host fenced already was not stopped by that
+        // fence and must not be restored elsewhere on its account.)
+        if let Some(target_incident) = self
+            .hosts
+            .get(to)
+            .filter(|h| h.state == HostState::Fencing)
+            .and_then(|h| h.incident)
+        {
+            let to = to.clone();
+            self.take_ownership(resource, target_incident, &to);
+            if let Some(h) = self.hosts.get_mut(&to) {
+                h.arrived.insert(resource.clone());
+            }
+        } else if let Some(h) = self
+            .hosts
+            .get_mut(to)
+            .filter(|h| matches!(h.state, HostState::Suspect | HostState::Confirming))
+        {
+            // Silent, not yet fenced: a fence decided later takes what
+            // runs here, this too, and its self-fence deadline must
+            // still tell it apart.
+            h.arrived.insert(resource.clone());
+        }
+    }
+
+    /// Evacuation `attempt` of `resource` by `incident` did not start it: try again
+    /// after a pause, or give up after the configured tries.
+    pub(super) fn evacuation_failed(
+        &mut self,
+        resource: &Resource,
+        incident: IncidentId,
+        attempt: u32,
+        reason: &str,
+    ) {
+        let now = self.now;
+        let resource_incident = self.is_resource_incident(incident);
+        if attempt >= self.cfg.max_evacuate_attempts {
+            let e = self.resources.get_mut(resource).expect("known");
+            e.steps = 0;
+            self.set_resource_state(
+                resource,
+                ResourceState::GaveUp,
+                &format!("evacuation #{attempt} failed: {reason}; giving up"),
+                self.source_for(resource),
+            );
+            // Released after the state change, so the change is on the owning
+            // incident's timeline.
+            if let Some(e) = self.resources.get_mut(resource) {
+                e.owner = None;
+            }
+            self.alarm(
+                AlarmKind::RestoreGaveUp,
+                None,
+                Some(resource.clone()),
+                format!("{attempt} restore tries failed, last: {reason}"),
+            );
+            if resource_incident {
+                self.close_incident(incident);
+            }
+        } else {
+            let e = self.resources.get_mut(resource).expect("known");
+            e.retry_at = now + self.cfg.restore_retry_backoff;
+            self.note(
+                incident,
+                Subject::Resource(resource.clone()),
+                format!("evacuation #{attempt} failed: {reason}"),
+                self.source_for(resource),
+            );
+        }
+    }
+
     fn await_word_on_arrivals(&mut self, host: &HostId, incident: IncidentId) {
         let arrived = std::mem::take(&mut self.hosts.get_mut(host).expect("known").arrived);
         let mut waiting = Vec::new();

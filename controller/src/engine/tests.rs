@@ -2509,3 +2509,267 @@ fn a_recovered_host_heard_with_the_boot_it_had_at_its_fence_raises_an_alarm_that
     });
     assert!(raised.unwrap().contains("may run twice"));
 }
+
+// ------------------------------------------------ evacuations whose outcome is unknown
+
+/// A libvirt-backed cloud of 4 hosts whose host 1 is fenced and forced down: vm1's
+/// first evacuation is in flight.
+fn libvirt_evacuating_vm1() -> (Harness, IntentKey) {
+    let cfg = Config {
+        vm_restorer: Source::Libvirt,
+        ..Config::default()
+    };
+    let mut h = Harness::with(4, cfg);
+    h.fence_and_force_down(1);
+    let (_, key) = evacuations(&h.actions)
+        .into_iter()
+        .find(|(r, _)| *r == Resource::vm("vm1"))
+        .expect("vm1 evacuated");
+    (h, key)
+}
+
+/// The hosts asked about vm1 since the last `take`.
+fn asked_about_vm1(actions: &[Action]) -> BTreeSet<HostId> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::AskHost { host, resource } if *resource == Resource::vm("vm1") => {
+                Some(host.clone())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn answer(h: &mut Harness, i: usize, runs: Option<bool>) {
+    h.input(Input::HostAnswer {
+        host: host(i),
+        resource: Resource::vm("vm1"),
+        runs,
+    });
+}
+
+fn unknown_on(h: &mut Harness, key: IntentKey, target: Option<usize>) {
+    h.input(Input::RestoreResult {
+        resource: Resource::vm("vm1"),
+        key,
+        outcome: RestoreOutcome::Unknown {
+            target: target.map(host),
+            reason: "no answer within 30 s".into(),
+        },
+    });
+}
+
+#[test]
+fn an_evacuation_whose_outcome_is_unknown_is_not_tried_elsewhere_until_its_target_says_it_does_not_run_it(
+) {
+    let (mut h, key) = libvirt_evacuating_vm1();
+    h.take();
+    unknown_on(&mut h, key, Some(2));
+    assert!(alarms(&h.actions).contains(&AlarmKind::RestoreOutcomeUnknown));
+    h.run_for(5_000);
+    // Asked, and asked again while it cannot answer; nothing tried anywhere else.
+    let asked = h
+        .actions
+        .iter()
+        .filter(|a| matches!(a, Action::AskHost { host: x, .. } if *x == host(2)))
+        .count();
+    assert!(asked >= 3, "asked {asked} times");
+    assert!(evacuations(&h.actions).is_empty());
+    answer(&mut h, 2, None);
+    h.run_for(500);
+    assert!(evacuations(&h.actions).is_empty());
+    assert_eq!(h.state(1), HostState::Evacuating);
+    // It does not run there: the next try.
+    answer(&mut h, 2, Some(false));
+    h.run_for(100);
+    let next = evacuations(&h.actions);
+    assert_eq!(next.len(), 1, "{next:?}");
+    assert_ne!(
+        next[0].1,
+        IntentKey::derive(h.incident_of(1).id, "evacuate-1", &Resource::vm("vm1"))
+    );
+}
+
+#[test]
+fn a_target_that_says_it_runs_the_vm_after_an_unknown_outcome_is_where_it_runs() {
+    let (mut h, key) = libvirt_evacuating_vm1();
+    unknown_on(&mut h, key, Some(2));
+    h.run_for(200);
+    h.take();
+    answer(&mut h, 2, Some(true));
+    h.run_for(2_000);
+    assert!(evacuations(&h.actions).is_empty());
+    assert_eq!(h.vm(1), ResourceState::Running);
+    assert_eq!(h.state(1), HostState::Recovered);
+    assert!(h
+        .engine
+        .resources()
+        .iter()
+        .any(|v| v.resource == Resource::vm("vm1") && v.host == host(2)));
+    // Asked no more.
+    h.take();
+    h.run_for(2_000);
+    assert!(asked_about_vm1(&h.actions).is_empty());
+}
+
+#[test]
+fn a_target_powered_off_after_an_unknown_outcome_no_longer_holds_the_vm() {
+    let (mut h, key) = libvirt_evacuating_vm1();
+    unknown_on(&mut h, key, Some(2));
+    h.take();
+    // Host 2 falls silent and is fenced by its BMC: whatever it was sent is dead.
+    let fence = h.kill_until_fence(2);
+    assert!(evacuations(&h.actions).is_empty());
+    h.fence_result(
+        2,
+        fence,
+        FenceOutcome::Verified(FenceVerifier::IpmiPowerOff),
+    );
+    h.run_for(200);
+    assert!(evacuations(&h.actions)
+        .iter()
+        .any(|(r, _)| *r == Resource::vm("vm1")));
+}
+
+#[test]
+fn a_self_fence_deadline_does_not_rule_out_a_target_of_an_unknown_outcome() {
+    let cfg = Config {
+        vm_restorer: Source::Libvirt,
+        self_fence_margin: Some(Duration::from_secs(2)),
+        ..Config::default()
+    };
+    let mut h = Harness::with(4, cfg);
+    h.fence_and_force_down(1);
+    let (_, key) = evacuations(&h.actions).into_iter().next().expect("vm1");
+    unknown_on(&mut h, key, Some(2));
+    h.take();
+    // Host 2 falls silent: fenced by its deadline only (no answer to Confirm).
+    h.kill(2);
+    h.run_for(8_000);
+    assert!(h.state(2).fenced(), "{:?}", h.state(2));
+    // It may have rebooted and started vm1: vm1 (h1's) is not moved again.
+    assert!(!evacuations(&h.actions)
+        .iter()
+        .any(|(r, _)| *r == Resource::vm("vm1")));
+    // Heard again, it says it does not run it: the next try.
+    h.revive(2);
+    h.run_for(300);
+    answer(&mut h, 2, Some(false));
+    h.run_for(100);
+    assert!(evacuations(&h.actions)
+        .iter()
+        .any(|(r, _)| *r == Resource::vm("vm1")));
+}
+
+#[test]
+fn a_controller_restarted_with_a_libvirt_evacuation_unanswered_asks_every_host_before_trying_again()
+{
+    let (h, _key) = libvirt_evacuating_vm1();
+    let cfg = h.engine.config().clone();
+    // Host 9 was heard by the dead process only (the store's event streams).
+    let (mut engine, out) =
+        Engine::resume_knowing(cfg, &h.log, &[host(9)], Timestamp(h.now + 1_000));
+    assert!(evacuations(&out).is_empty(), "not handed again: {out:?}");
+    assert!(out
+        .iter()
+        .any(|a| matches!(a, Action::CompleteIntent { .. })));
+    // The resumed engine knows host 1 (its log) and host 9 (the store) so far.
+    assert_eq!(asked_about_vm1(&out), [host(9)].into());
+    let mut now = h.now + 1_100;
+    // The other hosts are heard again one by one, and asked too.
+    let mut asked = BTreeSet::new();
+    for i in [0, 2, 3] {
+        let hb = Input::Heartbeat(Heartbeat {
+            host: host(i),
+            path: PathId(0),
+            boot_id: 1,
+            incarnation: 1,
+            at: HostTime(now),
+            self_fence: None,
+        });
+        engine.step(Timestamp(now), hb);
+    }
+    now += 1_100;
+    asked.extend(asked_about_vm1(
+        &engine.step(Timestamp(now), Input::Timer(TimerId::Tick)),
+    ));
+    let expected: BTreeSet<HostId> = [host(0), host(2), host(3), host(9)].into();
+    assert_eq!(asked, expected);
+    // All but host 9 say no: still waiting for host 9.
+    for i in [0, 2, 3] {
+        let out = engine.step(
+            Timestamp(now),
+            Input::HostAnswer {
+                host: host(i),
+                resource: Resource::vm("vm1"),
+                runs: Some(false),
+            },
+        );
+        assert!(evacuations(&out).is_empty());
+        now += 10;
+    }
+    let out = engine.step(Timestamp(now), Input::Timer(TimerId::Tick));
+    assert!(evacuations(&out).is_empty());
+    // Host 9 is silent, so it is suspected like any other host (not forgotten).
+    let mut later = Vec::new();
+    for _ in 0..40 {
+        now += 50;
+        for i in [0, 2, 3] {
+            later.extend(engine.step(
+                Timestamp(now),
+                Input::Heartbeat(Heartbeat {
+                    host: host(i),
+                    path: PathId(0),
+                    boot_id: 1,
+                    incarnation: 1,
+                    at: HostTime(now),
+                    self_fence: None,
+                }),
+            ));
+        }
+        later.extend(engine.step(Timestamp(now), Input::Timer(TimerId::Tick)));
+    }
+    assert!(
+        later
+            .iter()
+            .any(|a| matches!(a, Action::Confirm { host: x } if *x == host(9))),
+        "host 9 suspected: {later:?}"
+    );
+    assert!(evacuations(&later).is_empty());
+    let out = engine.step(
+        Timestamp(now),
+        Input::HostAnswer {
+            host: host(9),
+            resource: Resource::vm("vm1"),
+            runs: Some(false),
+        },
+    );
+    assert_eq!(evacuations(&out).len(), 1, "{out:?}");
+}
+
+#[test]
+fn a_controller_restarted_with_a_nova_evacuation_unanswered_hands_it_to_nova_again() {
+    let mut h = Harness::new(4);
+    h.fence_and_force_down(1);
+    let (_, key) = evacuations(&h.actions).into_iter().next().expect("vm1");
+    let (_, out) = Engine::resume_knowing(
+        Config::default(),
+        &h.log,
+        &[host(9)],
+        Timestamp(h.now + 1_000),
+    );
+    assert_eq!(evacuations(&out), vec![(Resource::vm("vm1"), key)]);
+    assert!(asked_about_vm1(&out).is_empty());
+}
+
+#[test]
+fn a_replayed_unknown_outcome_is_asked_about_again_after_a_restart() {
+    let (mut h, key) = libvirt_evacuating_vm1();
+    unknown_on(&mut h, key, Some(2));
+    h.run_for(200);
+    let cfg = h.engine.config().clone();
+    let (_, out) = Engine::resume(cfg, &h.log, Timestamp(h.now + 1_000));
+    assert_eq!(asked_about_vm1(&out), [host(2)].into());
+    assert!(evacuations(&out).is_empty());
+}

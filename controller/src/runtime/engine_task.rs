@@ -99,6 +99,8 @@ pub struct EngineTask {
     /// The store's intent log as read at construction (its latest time starts the
     /// clock), replayed once by `run`.
     resume_from: MemoryIntentLog,
+    /// The hosts the store has event streams of, handed to the engine at resume.
+    hosts_in_store: Vec<HostId>,
     store: Box<dyn Store + Send>,
     dedup: EventDedup,
     edges: Edges,
@@ -168,8 +170,10 @@ impl EngineTask {
         let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
         let (host_facts, hosts) = HostFactsPublisher::new();
         let mut dedup = EventDedup::new();
+        let mut hosts_in_store = Vec::new();
         for (host, high) in parts.store.event_high_waters()? {
             dedup.restore(&host, high);
+            hosts_in_store.push(HostId::new(&host));
         }
         let resume_from = intent_log_snapshot(parts.store.as_ref())?;
         // After the store's latest time, whatever the wall clock says now.
@@ -178,6 +182,7 @@ impl EngineTask {
             engine: Engine::new(parts.engine_config),
             clock,
             resume_from,
+            hosts_in_store,
             store: parts.store,
             dedup,
             edges: make_edges(EdgeLinks {
@@ -219,7 +224,9 @@ impl EngineTask {
     ) -> Result<(), EngineTaskError> {
         let now = self.clock.now();
         let log = std::mem::take(&mut self.resume_from);
-        let (engine, actions) = Engine::resume(self.engine.config().clone(), &log, now);
+        let hosts_in_store = std::mem::take(&mut self.hosts_in_store);
+        let (engine, actions) =
+            Engine::resume_knowing(self.engine.config().clone(), &log, &hosts_in_store, now);
         if !log.is_empty() {
             tracing::info!(intents = log.len(), "resumed from the store");
         }
