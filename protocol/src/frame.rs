@@ -169,9 +169,69 @@ pub enum HostCommand {
         /// The domain XML (libvirt's inactive definition).
         xml: String,
     },
+    /// Read only: does the domain run on this host now? Asked when an evacuation's
+    /// outcome is not known (its answer was lost), before it is tried anywhere else.
+    ///
+    /// The watchdog answers only after every command it received earlier for the same
+    /// domain (same `vm_uuid`, ignoring case) has finished, so a query sent after a slow
+    /// [`HostCommand::StartFromDefinition`] sees that start's result.
+    ///
+    /// The answer is a [`Message::CommandResult`]; [`query_domain_answer`] reads it:
+    /// - `ok = true`, `detail` = `"running"`, or `"running: "` and the state: the domain
+    ///   is active in any state (running, paused, being started, shutting down);
+    /// - `ok = true`, `detail` = `"not running"`, or `"not running: "` and why: the
+    ///   domain is not defined here, or it is defined and shut off;
+    /// - `ok = false`: the watchdog could not tell (libvirt unreachable, or a watchdog
+    ///   too old to know this command, which answers as to any [`HostCommand::Unknown`]);
+    ///   `detail` says why.
+    QueryDomain {
+        /// The domain's UUID.
+        vm_uuid: String,
+    },
     /// A command this build does not know (sent by a newer controller).
     #[serde(other)]
     Unknown,
+}
+
+/// How a [`HostCommand::QueryDomain`] answer's `detail` begins when the domain runs.
+pub const QUERY_RUNNING: &str = "running";
+/// How a [`HostCommand::QueryDomain`] answer's `detail` begins when it does not.
+pub const QUERY_NOT_RUNNING: &str = "not running";
+
+/// The `detail` of a [`HostCommand::QueryDomain`] answer (sent with `ok = true`):
+/// whether the domain runs, then, if `why` is not empty, `": "` and `why`.
+pub fn query_domain_detail(runs: bool, why: &str) -> String {
+    let word = if runs {
+        QUERY_RUNNING
+    } else {
+        QUERY_NOT_RUNNING
+    };
+    if why.is_empty() {
+        word.to_string()
+    } else {
+        format!("{word}: {why}")
+    }
+}
+
+/// Reads a [`HostCommand::QueryDomain`] answer: `Some(true)` it runs there,
+/// `Some(false)` it does not, `None` the watchdog could not tell (or answered something
+/// this build cannot read, which is not taken as either).
+pub fn query_domain_answer(ok: bool, detail: &str) -> Option<bool> {
+    if !ok {
+        return None;
+    }
+    let is = |word: &str| {
+        detail
+            .strip_prefix(word)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(": "))
+    };
+    if is(QUERY_RUNNING) {
+        Some(true)
+    } else if is(QUERY_NOT_RUNNING) {
+        Some(false)
+    } else {
+        None
+    }
 }
 
 /// One event seen on a host.
@@ -595,5 +655,51 @@ mod tests {
             decode_frame(&signed_frame(&body), &key()),
             Err(DecodeError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_query_domain_travels_as_its_op_and_the_uuid() {
+        let body = format!(
+            r#"{{"cluster_id":"c","host_id":"h","boot_id":"{BOOT}","incarnation":1,
+               "message":{{"type":"command","controller_id":"ctl","command_id":5,
+                           "command":{{"op":"query_domain","vm_uuid":"u-1"}}}}}}"#
+        );
+        let (env, _) = decode_frame(&signed_frame(&body), &key()).unwrap();
+        assert_eq!(
+            env.message,
+            Message::Command {
+                controller_id: "ctl".into(),
+                command_id: 5,
+                command: HostCommand::QueryDomain {
+                    vm_uuid: "u-1".into()
+                },
+            }
+        );
+    }
+
+    #[test]
+    fn a_query_answer_reads_as_runs_does_not_run_or_could_not_tell() {
+        for (runs, why) in [(true, ""), (true, "paused (starting up)"), (false, "")] {
+            let detail = query_domain_detail(runs, why);
+            assert_eq!(query_domain_answer(true, &detail), Some(runs), "{detail}");
+        }
+        assert_eq!(
+            query_domain_detail(false, "not defined here"),
+            "not running: not defined here"
+        );
+        assert_eq!(
+            query_domain_answer(true, "not running: shut off (crashed)"),
+            Some(false)
+        );
+        // The watchdog could not tell; an older one does not know the command.
+        assert_eq!(query_domain_answer(false, "running"), None);
+        assert_eq!(
+            query_domain_answer(false, "a command this watchdog does not know"),
+            None
+        );
+        // Anything else is not read as either answer.
+        for detail in ["", "runningx", "started u-1", "not runnings", "Running"] {
+            assert_eq!(query_domain_answer(true, detail), None, "{detail:?}");
+        }
     }
 }

@@ -109,6 +109,13 @@ fn every_message() -> Vec<Envelope> {
                 xml: "<domain type='kvm'>\n  <name>n</name>\n</domain>".into(),
             },
         }),
+        envelope(Message::Command {
+            controller_id: CONTROLLER.into(),
+            command_id: 2,
+            command: HostCommand::QueryDomain {
+                vm_uuid: "6d1c5b1e-8a63-4c55-9e1f-3f0f3a1b2c3d".into(),
+            },
+        }),
         envelope(Message::CommandResult {
             command_id: 7,
             ok: false,

@@ -6,6 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
+use protocol::frame::HostCommand;
 use protocol::{
     encode_ack, encode_frame, encode_heartbeat, Ack, Envelope, Event, EventPayload, Key, Message,
 };
@@ -78,6 +79,16 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             Message::EventAck {
                 controller_id: CONTROLLER.into(),
                 up_to_event_id: 13,
+            },
+        ),
+        (
+            "query_domain",
+            Message::Command {
+                controller_id: CONTROLLER.into(),
+                command_id: 14,
+                command: HostCommand::QueryDomain {
+                    vm_uuid: "5b3a2f7e-1c2d-4e6f-8a9b-0c1d2e3f4a5b".into(),
+                },
             },
         ),
     ];

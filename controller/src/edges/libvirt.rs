@@ -14,24 +14,37 @@
 //!   the same intent over again sends the same id; the watchdog answers a `StartDomain`
 //!   for a domain that already runs with ok ("already running"), so a resent command is
 //!   harmless.
-//! - No stream for the host: `Failed` at once. No answer within
-//!   [`COMMAND_TIMEOUT`], or the stream closes before the answer: `Failed` (the engine
-//!   tries again within its restart budget, then evacuates).
+//! - Restart in place, no stream for the host: `Failed` at once. No answer within
+//!   [`COMMAND_TIMEOUT`], or the stream closes before the answer: `Failed` too, although
+//!   the start may have happened: the engine tries again on the same host only (within
+//!   its restart budget, then it evacuates, which needs the host fenced first), and a
+//!   second `StartDomain` there answers "already running".
 //! - Evacuating (the engine asks only once the host's fence is verified): the domain is
 //!   started on another host with an open stream (`Command {StartFromDefinition}`), from
 //!   the definition its own host last reported (`DomainDefinition` events, kept here
 //!   and reloaded from the store at start). The target is the connected host, other
 //!   than the failed one, least tried for this VM, then with the fewest evacuations
 //!   sent to it; its watchdog refuses a domain whose disks it cannot see (not shared
-//!   storage). No definition, or no other host: `Failed`.
+//!   storage). No definition, no other host, or the command never handed to the
+//!   target's stream (it closed first): `Failed`. Handed over, then no answer within
+//!   [`COMMAND_TIMEOUT`] or the stream closed before it: `Unknown` with that target, since
+//!   the domain may be running there now, and a retry elsewhere could run it twice; the
+//!   engine asks first.
+//! - Asking (`ask_host`, after an `Unknown`): `Command {QueryDomain}` on the host's
+//!   stream; its watchdog answers once every earlier command for the domain has finished
+//!   (so after the start whose answer was lost), and the answer becomes
+//!   `Input::HostAnswer` (`runs`: whether the domain is active there; `None` when there
+//!   is no stream, no answer within [`QUERY_TIMEOUT`], or the watchdog could not tell).
+//!   One query per host and VM is in flight at a time: the engine asks again every
+//!   second while it waits, and a query queued behind a slow start answers for all.
 //! - There is no compute service to force down without Nova: `force_down` and
 //!   `unfence` are `Ok` at once (nothing to do; the fence itself is what protects).
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use protocol::frame::HostCommand;
+use protocol::frame::{query_domain_answer, HostCommand};
 use tokio::sync::{mpsc, oneshot};
 
 use super::ResultSender;
@@ -42,6 +55,11 @@ use crate::engine::{HostId, Input, IntentKey, Resource, RestoreOutcome};
 /// a few seconds for libvirt to notice a qemu's death before it can start the domain
 /// again, and starting it takes a while too.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the restorer waits for a watchdog's answer to `QueryDomain`. The watchdog
+/// answers after the domain's earlier commands (a start may take up to
+/// [`COMMAND_TIMEOUT`] and more); meanwhile the engine's repeated asks are not sent again.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Commands a host's stream task may hold before a sender waits.
 pub const COMMANDS_QUEUED: usize = 64;
@@ -165,23 +183,48 @@ impl HostStreams {
 /// The command id for an intent: FNV-1a over its key, so the same intent gives the same
 /// id across controller restarts.
 pub fn command_id(key: &IntentKey) -> u64 {
-    key.as_str()
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        })
+    fnv1a(key.as_str())
 }
 
-/// Sends `command` to `host`'s watchdog and waits for its answer (at most `timeout`).
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Why a command has no answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandError {
+    /// It never reached the host's stream (none open, or it closed first): not carried
+    /// out.
+    NotSent(String),
+    /// It was handed to the host's stream, then no answer came (in time, or before the
+    /// stream closed): it may have been carried out.
+    NoAnswer(String),
+}
+
+impl CommandError {
+    /// Why, in words.
+    pub fn reason(&self) -> &str {
+        match self {
+            CommandError::NotSent(r) | CommandError::NoAnswer(r) => r,
+        }
+    }
+}
+
+/// Sends `command` to `host`'s watchdog and waits for its answer (at most `timeout` in
+/// all).
 pub async fn run_command(
     streams: &HostStreams,
     host: &str,
     command_id: u64,
     command: HostCommand,
     timeout: Duration,
-) -> Result<CommandAnswer, String> {
+) -> Result<CommandAnswer, CommandError> {
+    let not_connected =
+        || CommandError::NotSent(format!("the watchdog of {host} is not connected"));
     let Some(tx) = streams.sender(host) else {
-        return Err(format!("the watchdog of {host} is not connected"));
+        return Err(not_connected());
     };
     let (reply, answer) = oneshot::channel();
     let request = CommandRequest {
@@ -189,21 +232,30 @@ pub async fn run_command(
         command,
         reply,
     };
-    let waited = tokio::time::timeout(timeout, async {
-        tx.send(request)
-            .await
-            .map_err(|_| format!("the watchdog of {host} is not connected"))?;
-        answer
-            .await
-            .map_err(|_| format!("the event stream of {host} closed before the watchdog answered"))
-    })
-    .await;
-    match waited {
-        Ok(answer) => answer,
-        Err(_) => Err(format!(
+    let deadline = tokio::time::Instant::now() + timeout;
+    let no_answer = || {
+        format!(
             "no answer from the watchdog of {host} within {} s",
             timeout.as_secs_f64()
-        )),
+        )
+    };
+    // Until the stream task holds the request, nothing was sent.
+    match tokio::time::timeout_at(deadline, tx.send(request)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return Err(not_connected()),
+        Err(_) => {
+            return Err(CommandError::NotSent(format!(
+                "{}; the command was never sent (its stream is full)",
+                no_answer()
+            )))
+        }
+    }
+    match tokio::time::timeout_at(deadline, answer).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(_)) => Err(CommandError::NoAnswer(format!(
+            "the event stream of {host} closed before the watchdog answered"
+        ))),
+        Err(_) => Err(CommandError::NoAnswer(no_answer())),
     }
 }
 
@@ -216,6 +268,11 @@ pub struct LibvirtRestorer {
     sent_to: HashMap<String, u64>,
     /// Hosts an evacuation of each VM was sent to: a retry goes elsewhere.
     tried: HashMap<Resource, Vec<String>>,
+    /// (host, VM) queries in flight: asked again meanwhile, nothing more is sent.
+    asking: Arc<Mutex<HashSet<(String, String)>>>,
+    /// Tells this process's queries apart from an earlier process's in command ids.
+    query_nonce: u64,
+    queries: u64,
 }
 
 impl LibvirtRestorer {
@@ -226,6 +283,11 @@ impl LibvirtRestorer {
             timeout: COMMAND_TIMEOUT,
             sent_to: HashMap::new(),
             tried: HashMap::new(),
+            asking: Arc::new(Mutex::new(HashSet::new())),
+            query_nonce: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+            queries: 0,
         }
     }
 
@@ -316,7 +378,9 @@ impl Restorer for LibvirtRestorer {
                     tracing::warn!(%host, %resource, %key, %detail, "the watchdog could not start the domain");
                     RestoreOutcome::Failed { reason: detail }
                 }
-                Err(reason) => {
+                // Sent or not, a second start on this host is harmless (module docs).
+                Err(e) => {
+                    let reason = e.reason().to_string();
                     tracing::warn!(%host, %resource, %key, %reason, "restart in place failed");
                     RestoreOutcome::Failed { reason }
                 }
@@ -389,9 +453,17 @@ impl Restorer for LibvirtRestorer {
                         reason: format!("on {target}: {detail}"),
                     }
                 }
-                Err(reason) => {
+                Err(CommandError::NotSent(reason)) => {
                     tracing::warn!(%target, %resource, %key, %reason, "evacuation failed");
                     RestoreOutcome::Failed {
+                        reason: format!("on {target}: {reason}"),
+                    }
+                }
+                // Sent: it may be running there now.
+                Err(CommandError::NoAnswer(reason)) => {
+                    tracing::warn!(%target, %resource, %key, %reason, "evacuation not answered: its outcome is not known");
+                    RestoreOutcome::Unknown {
+                        target: Some(HostId::new(target.clone())),
                         reason: format!("on {target}: {reason}"),
                     }
                 }
@@ -412,6 +484,66 @@ impl Restorer for LibvirtRestorer {
             outcome: RestoreOutcome::Ok { host: host.clone() },
         });
     }
+
+    fn ask_host(&mut self, host: &HostId, resource: &Resource) {
+        let answer = |runs: Option<bool>| Input::HostAnswer {
+            host: host.clone(),
+            resource: resource.clone(),
+            runs,
+        };
+        let Resource::Vm(vm) = resource else {
+            let _ = self.results.send(answer(None));
+            return;
+        };
+        if self.streams.sender(host.as_str()).is_none() {
+            tracing::info!(%host, %resource, "cannot ask: the watchdog is not connected");
+            let _ = self.results.send(answer(None));
+            return;
+        }
+        let asked = (host.as_str().to_string(), vm.as_str().to_string());
+        if !lock(&self.asking).insert(asked.clone()) {
+            // Its answer to the query in flight answers this ask too.
+            return;
+        }
+        self.queries += 1;
+        let command_id = fnv1a(&format!(
+            "query/{}/{}/{host}/{resource}",
+            self.query_nonce, self.queries
+        ));
+        let command = HostCommand::QueryDomain {
+            vm_uuid: vm.as_str().to_string(),
+        };
+        tracing::info!(%host, %resource, command_id, "asking the watchdog whether the domain runs there");
+        let streams = self.streams.clone();
+        let results = self.results.clone();
+        let asking = self.asking.clone();
+        let (host, resource) = (host.clone(), resource.clone());
+        tokio::spawn(async move {
+            let answer =
+                run_command(&streams, host.as_str(), command_id, command, QUERY_TIMEOUT).await;
+            lock(&asking).remove(&asked);
+            let runs = match answer {
+                Ok(CommandAnswer { ok, detail }) => {
+                    let runs = query_domain_answer(ok, &detail);
+                    tracing::info!(%host, %resource, ?runs, %detail, "the watchdog answered");
+                    runs
+                }
+                Err(e) => {
+                    tracing::warn!(%host, %resource, reason = e.reason(), "no answer to the query");
+                    None
+                }
+            };
+            let _ = results.send(Input::HostAnswer {
+                host,
+                resource,
+                runs,
+            });
+        });
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
@@ -692,6 +824,170 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_evacuation_sent_and_never_answered_is_unknown_on_its_target_not_failed() {
+        let streams = HostStreams::new();
+        let (_r1, mut seen) = fake_stream(&streams, "h1", None);
+        streams.note_definition("h0", "u-1", "<domain/>");
+        let (mut r, mut results) = restorer(&streams);
+        let started = tokio::time::Instant::now();
+        r.evacuate(
+            &Resource::vm("u-1"),
+            &HostId::new("h0"),
+            &key("1/evacuate-1/vm:u-1"),
+        );
+        assert!(seen.recv().await.is_some(), "the command was sent");
+        let (_, _, outcome) = next_outcome(&mut results).await;
+        assert!(started.elapsed() >= COMMAND_TIMEOUT);
+        match outcome {
+            RestoreOutcome::Unknown { target, reason } => {
+                assert_eq!(target, Some(HostId::new("h1")));
+                assert!(
+                    reason.starts_with("on h1: no answer from the watchdog of h1"),
+                    "{reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_evacuation_whose_stream_closes_after_taking_it_is_unknown_on_that_host() {
+        let streams = HostStreams::new();
+        let (tx, mut rx) = mpsc::channel::<CommandRequest>(COMMANDS_QUEUED);
+        let registration = streams.register("h1", tx);
+        tokio::spawn(async move {
+            let req = rx.recv().await;
+            drop(registration);
+            drop(req);
+        });
+        streams.note_definition("h0", "u-1", "<domain/>");
+        let (mut r, mut results) = restorer(&streams);
+        r.evacuate(&Resource::vm("u-1"), &HostId::new("h0"), &key("k"));
+        match next_outcome(&mut results).await.2 {
+            RestoreOutcome::Unknown { target, reason } => {
+                assert_eq!(target, Some(HostId::new("h1")));
+                assert!(
+                    reason.contains("closed before the watchdog answered"),
+                    "{reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_evacuation_never_handed_to_a_stream_fails_because_nothing_was_sent() {
+        let streams = HostStreams::new();
+        // h1 is still listed, but its stream task is gone: the command cannot be handed.
+        let (tx, rx) = mpsc::channel::<CommandRequest>(1);
+        let _registration = streams.register("h1", tx);
+        drop(rx);
+        streams.note_definition("h0", "u-1", "<domain/>");
+        let (mut r, mut results) = restorer(&streams);
+        r.evacuate(&Resource::vm("u-1"), &HostId::new("h0"), &key("k"));
+        match next_outcome(&mut results).await.2 {
+            RestoreOutcome::Failed { reason } => {
+                assert_eq!(reason, "on h1: the watchdog of h1 is not connected")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn next_answer(
+        rx: &mut mpsc::UnboundedReceiver<Input>,
+    ) -> (HostId, Resource, Option<bool>) {
+        match tokio::time::timeout(Duration::from_secs(120), rx.recv()).await {
+            Ok(Some(Input::HostAnswer {
+                host,
+                resource,
+                runs,
+            })) => (host, resource, runs),
+            other => panic!("expected a host answer, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn asking_a_host_sends_query_domain_and_its_answer_says_whether_the_vm_runs_there() {
+        let streams = HostStreams::new();
+        let answer = |ok: bool, detail: &str| {
+            Some(CommandAnswer {
+                ok,
+                detail: detail.into(),
+            })
+        };
+        let (_r1, mut seen1) = fake_stream(
+            &streams,
+            "h1",
+            answer(true, "running: paused (starting_up)"),
+        );
+        let (_r2, _) = fake_stream(
+            &streams,
+            "h2",
+            answer(true, "not running: not defined here"),
+        );
+        let (_r3, _) = fake_stream(
+            &streams,
+            "h3",
+            answer(false, "cannot connect to qemu:///system"),
+        );
+        let (mut r, mut results) = restorer(&streams);
+        let vm = Resource::vm("u-1");
+        for (host, runs) in [("h1", Some(true)), ("h2", Some(false)), ("h3", None)] {
+            r.ask_host(&HostId::new(host), &vm);
+            assert_eq!(
+                next_answer(&mut results).await,
+                (HostId::new(host), vm.clone(), runs)
+            );
+        }
+        let (id, command) = seen1.recv().await.unwrap();
+        assert_eq!(
+            command,
+            HostCommand::QueryDomain {
+                vm_uuid: "u-1".into()
+            }
+        );
+        // Each query has an id of its own, unlike any intent's.
+        r.ask_host(&HostId::new("h1"), &vm);
+        next_answer(&mut results).await;
+        let (again, _) = seen1.recv().await.unwrap();
+        assert_ne!(id, again);
+        // Not connected: not known, at once.
+        r.ask_host(&HostId::new("h9"), &vm);
+        match results.try_recv() {
+            Ok(Input::HostAnswer {
+                host, runs: None, ..
+            }) => assert_eq!(host, HostId::new("h9")),
+            other => panic!("expected an immediate answer, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_host_asked_again_before_it_answered_gets_one_query_and_silence_is_not_known() {
+        let streams = HostStreams::new();
+        let (_r1, mut seen) = fake_stream(&streams, "h1", None);
+        let (mut r, mut results) = restorer(&streams);
+        let (h1, vm) = (HostId::new("h1"), Resource::vm("u-1"));
+        let started = tokio::time::Instant::now();
+        for _ in 0..3 {
+            r.ask_host(&h1, &vm);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert!(seen.recv().await.is_some());
+        assert!(
+            seen.try_recv().is_err(),
+            "asked again while the first was in flight"
+        );
+        assert_eq!(
+            next_answer(&mut results).await,
+            (h1.clone(), vm.clone(), None)
+        );
+        assert!(started.elapsed() >= QUERY_TIMEOUT);
+        // Once it is over, the next ask is sent.
+        r.ask_host(&h1, &vm);
+        assert!(seen.recv().await.is_some());
     }
 
     #[tokio::test]

@@ -1,10 +1,33 @@
-//! Commands from the controller that act on this host's libvirt (today `StartDomain`:
-//! restart a crashed domain in place, for the controller's libvirt backend).
+//! Commands from the controller that act on this host's libvirt, for the controller's
+//! libvirt backend: `StartDomain` (restart a crashed domain in place),
+//! `StartFromDefinition` (start a fenced host's domain here) and `QueryDomain` (does a
+//! domain run here: asked when an evacuation's answer was lost).
 //!
 //! The watcher's own connection stays read-only: each command opens a short-lived
-//! read-write connection to the watcher's URI, on a blocking thread
-//! ([`tokio::task::spawn_blocking`]), so a hung libvirtd holds up neither the stream nor
-//! the probes. Errors never stop anything: they are the command's failed result.
+//! connection to the watcher's URI (read-write to start, read-only to query), on a
+//! blocking thread ([`tokio::task::spawn_blocking`]), so a hung libvirtd holds up neither
+//! the stream nor the probes. Errors never stop anything: they are the command's failed
+//! result.
+//!
+//! Commands for one domain run one after the other, in the order they arrived (their
+//! place is taken when [`execute`] is called, before anything is awaited); commands for
+//! different domains run at once. A `QueryDomain` thus answers only after every earlier
+//! command for its domain has finished, so a query sent after a slow
+//! `StartFromDefinition` (whose answer the controller lost) sees the start's result, not
+//! the domain half-started. Per domain rather than one queue for all: an evacuation
+//! starts many domains on one host at once, and one slow start (a hook, a big guest)
+//! must not hold up the others. The order holds across the watchdog's connections (a
+//! controller that restarted asks on a new one) but not across watchdog restarts (a
+//! start handed to libvirtd by a watchdog that then died goes on in libvirtd; libvirt
+//! reports the domain active from the moment it begins starting it, which is what a
+//! query reads).
+//!
+//! "Runs" means libvirt reports the domain active, in any state: running, paused, shut
+//! down in progress, and being started (during `virDomainCreate` libvirt marks it active
+//! and "paused (starting up)" before it launches qemu, and while its `prepare` hook runs
+//! a query waits for the domain's lock). Not defined here, or defined and shut off:
+//! "not running". libvirt unreachable: the query fails (the controller could not tell).
+//! The answer's exact form is [`protocol::frame::query_domain_detail`].
 //!
 //! Only a crash is undone: a domain shut off on purpose (destroyed, shut down by its
 //! guest, saved, migrated, reverted to a snapshot) is not started; the command fails
@@ -34,13 +57,16 @@
 //! ok ("already running") if libvirt names no pid file for it at all. (On libvirt 9.0
 //! the first state query already answers "shut off": libvirtd answers it once it has
 //! handled the death; the wait is the safeguard for one that answers earlier.)
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use protocol::frame::HostCommand;
+use protocol::frame::{query_domain_detail, HostCommand};
+use tokio::sync::oneshot;
 use virt::connect::Connect;
 use virt::domain::Domain;
+use virt::error::ErrorNumber;
 
 use crate::clock::monotonic_ns;
 
@@ -122,27 +148,145 @@ pub fn target() -> Option<StartSettings> {
     TARGET.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
-/// Carries out one command from the controller; `(ok, detail)` for its result. Never
-/// panics and never blocks the async runtime.
-pub async fn execute(command: HostCommand) -> (bool, String) {
-    let Some(settings) = target() else {
-        return (
-            false,
-            "this watchdog does not watch libvirt (libvirt.enabled = false)".into(),
-        );
-    };
-    let job = tokio::task::spawn_blocking(move || match command {
-        HostCommand::StartDomain { vm_uuid } => start_domain(&settings, &vm_uuid),
-        HostCommand::StartFromDefinition { vm_uuid, xml } => {
-            start_from_definition(&settings, &vm_uuid, &xml)
-        }
-        HostCommand::Unknown => Err("a command this watchdog does not know".into()),
-    });
-    match job.await {
-        Ok(Ok(detail)) => (true, detail),
-        Ok(Err(reason)) => (false, reason),
-        Err(e) => (false, format!("the command failed: {e}")),
+/// The domain a command is about (its queue's key, see the module docs), if any.
+fn domain_of(command: &HostCommand) -> Option<String> {
+    match command {
+        HostCommand::StartDomain { vm_uuid }
+        | HostCommand::StartFromDefinition { vm_uuid, .. }
+        | HostCommand::QueryDomain { vm_uuid } => Some(vm_uuid.to_ascii_lowercase()),
+        HostCommand::Unknown => None,
     }
+}
+
+/// For each domain with commands queued or running: the newest command's number and
+/// what its successor waits on (closed when that command has finished).
+static QUEUES: Mutex<Vec<(String, u64, oneshot::Receiver<()>)>> = Mutex::new(Vec::new());
+static NEXT_TURN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A command's place in its domain's queue: it may run once `before` is closed, and its
+/// successor may once this is dropped.
+struct Turn {
+    domain: String,
+    number: u64,
+    before: Option<oneshot::Receiver<()>>,
+    _done: oneshot::Sender<()>,
+}
+
+impl Turn {
+    /// Takes the next place in `domain`'s queue (synchronously: the order of calls is
+    /// the order of running).
+    fn take(domain: String) -> Turn {
+        let number = NEXT_TURN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (done, after) = oneshot::channel();
+        let mut queues = QUEUES.lock().unwrap_or_else(|e| e.into_inner());
+        let before = match queues.iter().position(|(d, _, _)| *d == domain) {
+            Some(i) => {
+                let (_, _, prev) =
+                    std::mem::replace(&mut queues[i], (domain.clone(), number, after));
+                Some(prev)
+            }
+            None => {
+                queues.push((domain.clone(), number, after));
+                None
+            }
+        };
+        Turn {
+            domain,
+            number,
+            before,
+            _done: done,
+        }
+    }
+
+    /// Waits until every earlier command for the domain has finished.
+    async fn wait(&mut self) {
+        if let Some(before) = self.before.take() {
+            // Closed (never sent on) when the earlier command's turn is dropped.
+            let _ = before.await;
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        // Last in its queue: the queue goes (nobody waits on it).
+        let mut queues = QUEUES.lock().unwrap_or_else(|e| e.into_inner());
+        queues.retain(|(d, n, _)| !(*d == self.domain && *n == self.number));
+    }
+}
+
+/// Carries out one command from the controller; `(ok, detail)` for its result. Takes
+/// the command's place in its domain's queue when called (see the module docs), then
+/// runs it on its own task, which goes on if the returned future is dropped. Never
+/// panics and never blocks the async runtime. Must be called within a tokio runtime.
+pub fn execute(command: HostCommand) -> impl Future<Output = (bool, String)> {
+    let settings = target();
+    let turn = settings
+        .as_ref()
+        .and_then(|_| domain_of(&command))
+        .map(Turn::take);
+    let job = tokio::spawn(async move {
+        let Some(settings) = settings else {
+            return (
+                false,
+                "this watchdog does not watch libvirt (libvirt.enabled = false)".into(),
+            );
+        };
+        let mut turn = turn;
+        if let Some(t) = turn.as_mut() {
+            t.wait().await;
+        }
+        let job = tokio::task::spawn_blocking(move || run(&settings, command));
+        let result = match job.await {
+            Ok(Ok(detail)) => (true, detail),
+            Ok(Err(reason)) => (false, reason),
+            Err(e) => (false, format!("the command failed: {e}")),
+        };
+        // Only now may the domain's next command run.
+        drop(turn);
+        result
+    });
+    async move {
+        job.await
+            .unwrap_or_else(|e| (false, format!("the command failed: {e}")))
+    }
+}
+
+/// One command, on a blocking thread.
+fn run(settings: &StartSettings, command: HostCommand) -> Result<String, String> {
+    match command {
+        HostCommand::StartDomain { vm_uuid } => start_domain(settings, &vm_uuid),
+        HostCommand::StartFromDefinition { vm_uuid, xml } => {
+            start_from_definition(settings, &vm_uuid, &xml)
+        }
+        HostCommand::QueryDomain { vm_uuid } => query_domain(settings, &vm_uuid),
+        HostCommand::Unknown => Err("a command this watchdog does not know".into()),
+    }
+}
+
+/// Whether domain `vm` (UUID) runs here: the `detail` of an ok answer
+/// ([`query_domain_detail`]), or why it cannot tell. Blocking.
+pub fn query_domain(settings: &StartSettings, vm: &str) -> Result<String, String> {
+    let uri = &settings.uri;
+    let mut conn = Connect::open_read_only(Some(uri))
+        .map_err(|e| format!("cannot connect to {uri}: {}", e.message()))?;
+    let result = match Domain::lookup_by_uuid_string(&conn, vm) {
+        Ok(dom) => match (dom.is_active(), dom.get_state()) {
+            (Ok(active), Ok((state, reason))) => {
+                let (s, r) = super::names::state(state, reason);
+                Ok(query_domain_detail(active, &format!("{s} ({r})")))
+            }
+            (Err(e), _) | (_, Err(e)) => Err(format!("reading the state of {vm}: {}", e.message())),
+        },
+        Err(e) if e.code() == ErrorNumber::NoDomain => {
+            Ok(query_domain_detail(false, "not defined here"))
+        }
+        Err(e) => Err(format!("looking up {vm}: {}", e.message())),
+    };
+    if let Err(e) = conn.close() {
+        tracing::debug!(error = %e, "closing the query's libvirt connection");
+    }
+    result
 }
 
 /// Starts the defined domain `vm` (UUID, or name) unless it already runs; what was done,
@@ -612,6 +756,106 @@ mod tests {
         .unwrap();
         let again = start_from_definition(&s, uuid, &xml).unwrap();
         assert!(again.starts_with("already running"), "{again}");
+    }
+
+    #[tokio::test]
+    async fn a_domains_commands_run_in_the_order_taken_and_other_domains_do_not_wait() {
+        let mut first = Turn::take("order-a".into());
+        let mut second = Turn::take("order-a".into());
+        let mut other = Turn::take("order-b".into());
+        first.wait().await;
+        // Another domain's command does not wait for this one's.
+        tokio::time::timeout(Duration::from_secs(5), other.wait())
+            .await
+            .expect("another domain's command runs at once");
+        let waiting = tokio::spawn(async move {
+            second.wait().await;
+            second
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !waiting.is_finished(),
+            "the second ran before the first ended"
+        );
+        drop(first);
+        let second = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the second runs once the first ended")
+            .unwrap();
+        drop(other);
+        drop(second);
+        assert!(
+            !QUEUES
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(d, _, _)| d.starts_with("order-")),
+            "a finished queue stays"
+        );
+    }
+
+    #[test]
+    fn a_query_says_whether_the_domain_is_active_and_a_domain_not_defined_does_not_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path(), WAIT_FOR_STOP);
+        let d = TestDomain::define("cmd-query", "0c0d0000-0000-4000-8000-0000000000b1");
+        let read = |detail: &str| protocol::frame::query_domain_answer(true, detail);
+        let off = query_domain(&s, &d.uuid).unwrap();
+        assert_eq!(off, "not running: shutoff (unknown)");
+        d.dom().create().unwrap();
+        let on = query_domain(&s, &d.uuid).unwrap();
+        assert_eq!(read(&on), Some(true), "{on}");
+        assert!(on.starts_with("running: running ("), "{on}");
+        d.dom().suspend().unwrap();
+        let paused = query_domain(&s, &d.uuid).unwrap();
+        assert_eq!(read(&paused), Some(true), "{paused}");
+        let gone = query_domain(&s, "0c0d0000-0000-4000-8000-0000000000bf").unwrap();
+        assert_eq!(gone, "not running: not defined here");
+        let mut bad = s.clone();
+        bad.uri = "qemu+unix:///system?socket=/nonexistent/libvirt-sock".into();
+        let err = query_domain(&bad, &d.uuid).unwrap_err();
+        assert!(err.contains("cannot connect"), "{err}");
+    }
+
+    /// Through [`execute`], as the stream calls it: a query taken after a start that is
+    /// still waiting answers with the start's outcome, not the state before it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_query_after_a_slow_start_of_the_same_domain_answers_once_the_start_has_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = TestDomain::define("cmd-queued", "0c0d0000-0000-4000-8000-0000000000b2");
+        let dom = d.dom();
+        dom.create().unwrap();
+        // Active, but its qemu is gone: the start waits for libvirt to see it stopped.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        std::fs::write(dir.path().join("cmd-queued.pid"), dead.to_string()).unwrap();
+        set_target(Some(settings(dir.path(), WAIT_FOR_STOP)));
+        let t0 = tokio::time::Instant::now();
+        let start = execute(HostCommand::StartDomain {
+            vm_uuid: d.uuid.to_uppercase(),
+        });
+        let query = execute(HostCommand::QueryDomain {
+            vm_uuid: d.uuid.clone(),
+        });
+        // Meanwhile libvirt notices the end (the test driver can only destroy).
+        let noticer = std::thread::spawn(move || {
+            pause(Duration::from_millis(300));
+            dom.destroy().unwrap();
+        });
+        let (ok, detail) = query.await;
+        let waited = t0.elapsed();
+        noticer.join().unwrap();
+        let (start_ok, start_detail) = start.await;
+        set_target(None);
+        assert!(!start_ok, "{start_detail}");
+        assert!(ok, "{detail}");
+        // Without the queue it would have said "running" at once.
+        assert_eq!(detail, "not running: shutoff (destroyed)");
+        assert!(
+            waited >= Duration::from_millis(250),
+            "answered after {waited:?}"
+        );
     }
 
     #[test]

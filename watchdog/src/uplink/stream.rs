@@ -355,8 +355,11 @@ impl EventStream {
             } => {
                 tracing::info!(%controller_id, command_id, ?command, "command from the controller");
                 let results = command_results.clone();
+                // Called here, not in the task: its place among the domain's commands
+                // is the order they arrived in.
+                let job = crate::libvirt::commands::execute(command);
                 tokio::spawn(async move {
-                    let (ok, detail) = crate::libvirt::commands::execute(command).await;
+                    let (ok, detail) = job.await;
                     if ok {
                         tracing::info!(command_id, %detail, "command done");
                     } else {
