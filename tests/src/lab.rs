@@ -208,6 +208,25 @@ key_file = {key:?}
         }
     }
 
+    /// SIGKILLs the controller (as a crash or a power loss of its machine would end it,
+    /// with whatever it was waiting for lost); its log is kept as `controller.log.N`
+    /// (N = 1 for the first one killed), and returned.
+    pub fn kill_controller(&mut self) -> String {
+        let Some(mut d) = self.controller.take() else {
+            return String::new();
+        };
+        let _ = d.child.kill();
+        let _ = d.child.wait();
+        let mut n = 1;
+        while self.path(&format!("controller.log.{n}")).exists() {
+            n += 1;
+        }
+        let kept = self.path(&format!("controller.log.{n}"));
+        let _ = std::fs::rename(&d.log, &kept);
+        d.log = kept;
+        d.log_text()
+    }
+
     /// Host `h`'s watchdog on the configuration [`Lab::start_watchdogs`] wrote.
     fn spawn_watchdog(&self, h: usize) -> Daemon {
         let bin = built_binary("defib-watchdog", "defib-watchdog");

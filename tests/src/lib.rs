@@ -289,6 +289,10 @@ impl Drop for Watchdog {
 /// Stops a child the way its daemon expects (SIGTERM), and kills it if it has not exited
 /// within `grace`. Returns whether it stopped on SIGTERM.
 pub fn stop_child(child: &mut Child, grace: Duration) -> bool {
+    // Already reaped: its pid may be another process's by now.
+    if let Ok(Some(_)) = child.try_wait() {
+        return true;
+    }
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use defib_tests::bmc::{Bmc, BMC_PASSWORD, BMC_PORT, BMC_USER};
 use defib_tests::guests::{unique_uuid, Guest, GuestDisk, GuestSpec};
-use defib_tests::hypervisor::Hypervisor;
+use defib_tests::hypervisor::{Hypervisor, HypervisorOptions};
 use defib_tests::lab::{Lab, LabSpec};
 use defib_tests::{FuseBed, LoopDevice};
 use serde_json::{json, Value};
@@ -203,10 +203,17 @@ pub(super) fn serve(
         }
     };
     // Each host's hypervisor: a libvirtd of its own, so that the lab's hosts see only the
-    // lab's guests (the hostbed's system libvirt is shared with the tests).
+    // lab's guests (the hostbed's system libvirt is shared with the tests), with disk
+    // leases (a virtlockd of its own): the backstop a cluster without Nova should run,
+    // should a guest be started on a second host while its first qemu still runs.
     let mut lab_hosts = Vec::new();
+    let leases = HypervisorOptions {
+        disk_leases: true,
+        ..HypervisorOptions::default()
+    };
     for h in (0..hosts).filter(|_| nova.is_none()) {
-        let hv = Hypervisor::start(&format!("lab-h{h}")).map_err(anyhow::Error::msg)?;
+        let hv =
+            Hypervisor::start_with(&format!("lab-h{h}"), &leases).map_err(anyhow::Error::msg)?;
         lab_hosts.push(Host {
             uri: hv.uri(),
             pid_dir: hv.pid_dir(),
@@ -459,6 +466,10 @@ fn lab_state(
             let pid = std::fs::read_to_string(hv.root().join("child.pid")).unwrap_or_default();
             if let Ok(pid) = pid.trim().parse::<u64>() {
                 processes.push(json!({"pid": pid, "comm": "libvirtd"}));
+            }
+            // Its virtlockd (after its libvirtd in this list, as the stop goes).
+            if let Some(pid) = hv.virtlockd_pid() {
+                processes.push(json!({"pid": pid, "comm": "virtlockd"}));
             }
         }
         let mut namespaces = vec![
