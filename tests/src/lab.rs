@@ -64,6 +64,13 @@ pub struct Lab {
     /// [`Lab::start_watchdogs`], e.g. `setpriv --bounding-set=…` to run it with the
     /// unit's capabilities only.
     pub watchdog_prefix: Vec<String>,
+    /// Extra environment of host `i`'s watchdog (index `i`; hosts past the end get
+    /// none), set before [`Lab::start_watchdogs`]: e.g. libfaketime's variables to run
+    /// one host on a wall clock of its own.
+    pub watchdog_env: Vec<Vec<(String, String)>>,
+    /// Lines added to host `i`'s `[controller]` section (index `i`), set before
+    /// [`Lab::start_watchdogs`]: e.g. `spool_max_events = 8`.
+    pub watchdog_controller_extra: Vec<String>,
 }
 
 impl Lab {
@@ -84,6 +91,8 @@ impl Lab {
             watchdogs: Vec::new(),
             host_names: (0..spec.hosts).map(|h| format!("h{h}")).collect(),
             watchdog_prefix: Vec::new(),
+            watchdog_env: Vec::new(),
+            watchdog_controller_extra: Vec::new(),
         }
     }
 
@@ -92,6 +101,18 @@ impl Lab {
     }
 
     pub fn spawn(&self, name: &str, ns: &str, bin: &Path, args: &[&str]) -> Daemon {
+        self.spawn_with_env(name, ns, bin, args, &[])
+    }
+
+    /// [`Lab::spawn`] with `env` added to the daemon's environment.
+    pub fn spawn_with_env(
+        &self,
+        name: &str,
+        ns: &str,
+        bin: &Path,
+        args: &[&str],
+        env: &[(String, String)],
+    ) -> Daemon {
         let log = self.path(&format!("{name}.log"));
         let err = std::fs::File::create(&log).unwrap();
         let out = err.try_clone().unwrap();
@@ -100,6 +121,7 @@ impl Lab {
             .command_in(ns, bin)
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(out)
             .stderr(err)
             .spawn()
@@ -184,6 +206,7 @@ state_dir = {state:?}
 heartbeat_addrs = ["{a0}:7410", "{a1}:7410"]
 event_addr = "{a0}:7411"
 key_file = {key:?}
+{controller_extra}
 
 {libvirt}
 {extra}
@@ -194,6 +217,10 @@ key_file = {key:?}
                 a0 = self.net.controller_addr(0),
                 a1 = self.net.controller_addr(1),
                 extra = extra,
+                controller_extra = self
+                    .watchdog_controller_extra
+                    .get(h)
+                    .map_or("", String::as_str),
                 // One kernel and one libvirtd serve every lab host: a host watches
                 // libvirt only if its extra configuration says which one.
                 libvirt = if extra.contains("[libvirt]") {
@@ -232,8 +259,15 @@ key_file = {key:?}
         let bin = built_binary("defib-watchdog", "defib-watchdog");
         let conf = self.path(&format!("wd{h}.toml")).display().to_string();
         let args = ["--config", &conf, "run", "--print-events"];
+        let env = self.watchdog_env.get(h).map_or(&[][..], Vec::as_slice);
         let Some((program, prefix)) = self.watchdog_prefix.split_first() else {
-            return self.spawn(&format!("watchdog-h{h}"), &self.net.host_ns(h), &bin, &args);
+            return self.spawn_with_env(
+                &format!("watchdog-h{h}"),
+                &self.net.host_ns(h),
+                &bin,
+                &args,
+                env,
+            );
         };
         let bin = bin.display().to_string();
         let all: Vec<&str> = prefix
@@ -242,11 +276,12 @@ key_file = {key:?}
             .chain(std::iter::once(bin.as_str()))
             .chain(args)
             .collect();
-        self.spawn(
+        self.spawn_with_env(
             &format!("watchdog-h{h}"),
             &self.net.host_ns(h),
             Path::new(program),
             &all,
+            env,
         )
     }
 

@@ -24,6 +24,7 @@ pub mod lab;
 pub mod netns;
 pub mod novalab;
 pub mod pacemaker;
+pub mod tmpfs;
 
 /// A short tag unique to this test process and call, for names of namespaces and files.
 pub fn tag() -> String {

@@ -162,6 +162,28 @@ impl LabNet {
         c
     }
 
+    /// `iptables ARGS` inside namespace `ns` (one of this lab's), panicking with its
+    /// stderr if it fails; returns its output. The rules live and die with the
+    /// namespace, so a test that fails half-way leaves none behind.
+    pub fn iptables(&self, ns: &str, args: &[&str]) -> String {
+        assert!(
+            self.namespaces.iter().any(|n| n == ns),
+            "{ns} is not one of this lab's namespaces"
+        );
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "iptables", "-w"])
+            .args(args)
+            .output()
+            .expect("running iptables");
+        assert!(
+            out.status.success(),
+            "iptables {} in {ns}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Does `ping` from `ns` reach `addr`?
     pub fn reachable(&self, ns: &str, addr: &str) -> bool {
         Command::new("ip")

@@ -330,6 +330,10 @@ pub struct Controller {
     /// Each host's boots so far, less one: raised when it returns (see
     /// [`Controller::resume_heartbeats`]).
     reboots: Arc<Mutex<BTreeMap<String, u8>>>,
+    /// The engine task's metrics (its alarms and `defib_stopped_acting`).
+    pub metrics: Arc<controller::metrics::Metrics>,
+    /// How the engine task ended, once it has (the error's whole chain as text).
+    ended: std_mpsc::Receiver<Result<(), String>>,
 }
 
 fn unix_ns() -> u64 {
@@ -400,13 +404,15 @@ impl Controller {
         let (ev_tx, events) = tokio::sync::mpsc::unbounded_channel();
         let silent: Arc<Mutex<BTreeSet<String>>> = Arc::default();
         let reboots: Arc<Mutex<BTreeMap<String, u8>>> = Arc::default();
+        let metrics = Arc::new(controller::metrics::Metrics::new());
+        let (ended_tx, ended) = std_mpsc::channel();
         let channels = rt.block_on(async {
             let store = controller::store::SqliteStore::open(store).expect("store");
             let parts = EngineTaskParts {
                 // The automatic unforce is the engine's policy; the restorer reports.
                 engine_config: engine,
                 store: Box::new(store),
-                metrics: Arc::new(controller::metrics::Metrics::new()),
+                metrics: metrics.clone(),
                 controller_id: "lab".into(),
                 cluster_id: "lab".into(),
             };
@@ -439,9 +445,12 @@ impl Controller {
             })
             .expect("engine task");
             tokio::spawn(async move {
-                if let Err(e) = task.run(std::future::pending::<()>()).await {
-                    panic!("engine task: {e}");
+                let result = task.run(std::future::pending::<()>()).await;
+                if let Err(e) = &result {
+                    // Said here too: a test that does not wait for the end still shows it.
+                    eprintln!("engine task ended: {e}");
                 }
+                let _ = ended_tx.send(result.map_err(|e| format!("{e:#}")));
             });
             let intake = channels.intake.clone();
             let silent = silent.clone();
@@ -486,6 +495,8 @@ impl Controller {
             router_events,
             silent,
             reboots,
+            metrics,
+            ended,
         }
     }
 
@@ -654,6 +665,11 @@ impl Controller {
                 .ok()
                 .flatten()
         })
+    }
+
+    /// How the engine task ended, if it ends within `timeout`.
+    pub fn wait_ended(&self, timeout: Duration) -> Option<Result<(), String>> {
+        self.ended.recv_timeout(timeout).ok()
     }
 
     /// Ends the controller at once, like a crash: every task stops where it is.

@@ -383,6 +383,172 @@ fn a_controller_killed_after_the_fence_intent_after_the_fence_or_after_force_dow
     }
 }
 
+/// Waits until `cond` holds on the in-process controller's metrics text.
+fn until_metrics(ctl: &Controller, within: Duration, cond: impl Fn(&str) -> bool) -> String {
+    let t0 = std::time::Instant::now();
+    loop {
+        let m = ctl.metrics.encode();
+        if cond(&m) {
+            return m;
+        }
+        assert!(t0.elapsed() < within, "{m}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_store_that_fills_up_during_a_host_recovery_stops_every_unpersisted_action_and_once_freed_each_server_is_evacuated_exactly_once(
+) {
+    // The store is the real SQLite on a 2 MiB tmpfs; the disk fills right after the
+    // fence intent is on it (the fencer is handed the fence only once it is), before
+    // the fence is answered: force-down and the evacuations are still to be decided.
+    require!(defib_tests::is_root(), "root, to mount a tmpfs");
+    let _g = lock();
+    // Only this test's servers are touched (the novabed may be shared).
+    let nova = Nova::attach();
+    require!(nova.is_some(), "the novabed (cargo xtask novabed start)");
+    let nova = nova.unwrap();
+    for n in 1..=3 {
+        nova.ensure_host_ready(n);
+    }
+    let prefix = format!("tfull-{}", tag());
+    let ids = nova.boot_on("fake-1", 4, &prefix, json!({}));
+    let disk = defib_tests::tmpfs::Tmpfs::mount("2m");
+    let store = disk.mnt.join("store.sqlite");
+    let mut ctl = Controller::start(&store, settings());
+    ctl.wait_host_state("fake-1", HostState::Up, Duration::from_secs(10));
+    nova.kill_compute(1);
+    ctl.silence("fake-1");
+    let fence = ctl
+        .next_fence("fake-1", Duration::from_secs(30))
+        .expect("a fence asked");
+
+    // ---- the disk fills; the fence is answered: verified.
+    let filler = disk.fill();
+    ctl.verify_fence("fake-1", fence.clone());
+    let m = until_metrics(&ctl, Duration::from_secs(30), |m| {
+        m.lines().any(|l| l == "defib_stopped_acting 1")
+    });
+    assert!(
+        m.lines()
+            .any(|l| l == r#"defib_alarms_total{kind="StoreWriteFailed"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.lines()
+            .any(|l| l == r#"defib_store_write_failures_total{reason="error"} 1"#),
+        "{m}"
+    );
+    // Stopped: for as long as the disk stays full nothing more is done (not the
+    // force-down the verified fence calls for, no evacuation, no second fence), and
+    // the controller is up, not crashed.
+    std::thread::sleep(Duration::from_secs(5));
+    let seen = ctl.events();
+    assert!(seen.is_empty(), "acted on a full disk: {seen:?}");
+    assert!(ctl
+        .next_fence("fake-1", Duration::from_millis(500))
+        .is_none());
+    assert!(
+        !nova.service("fake-1").forced_down,
+        "forced down unpersisted"
+    );
+    for id in &ids {
+        assert_eq!(nova.evacuations(id), 0, "{id} evacuated unpersisted");
+    }
+    assert!(
+        ctl.wait_ended(Duration::ZERO).is_none(),
+        "it ended while full"
+    );
+
+    // ---- space is freed: the engine task ends (the real controller then exits and
+    // systemd starts it again), naming the write that failed.
+    std::fs::remove_file(&filler).unwrap();
+    let ended = ctl
+        .wait_ended(Duration::from_secs(10))
+        .expect("the engine task ends once the store takes writes")
+        .expect_err("it ends with the store failure");
+    assert!(ended.contains("stopped acting"), "{ended}");
+    assert!(ended.contains("full"), "{ended}");
+    ctl.kill();
+    // The store kept the intent it had, unfinished, and nothing decided after the fill.
+    let kept = recovery_intents(&store, "fake-1", &ids);
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(
+        matches!(kept[0].record.intent, Intent::Fence { .. }),
+        "{kept:?}"
+    );
+    assert_eq!(kept[0].record.key, fence, "{kept:?}");
+    assert!(kept[0].done.is_none(), "{kept:?}");
+
+    // ---- the restart resumes from the store: the fence under its first key, then
+    // force-down and every evacuation, each once.
+    let mut ctl = Controller::start(&store, settings());
+    ctl.silence("fake-1");
+    let again = ctl
+        .next_fence("fake-1", Duration::from_secs(30))
+        .expect("the unanswered fence is handed out again");
+    assert_eq!(again, fence, "the resumed fence keeps its key");
+    ctl.verify_fence("fake-1", again);
+    let done = nova.wait_all_active_elsewhere(&prefix, &ids, "fake-1", Duration::from_secs(300));
+    assert_eq!(done.len(), ids.len());
+    for id in &ids {
+        assert_eq!(nova.evacuations(id), 1, "{id} evacuated once");
+    }
+    ctl.wait_host_state("fake-1", HostState::Recovered, Duration::from_secs(60));
+    let seen = ctl.events();
+    host_returns_and_is_unforced(&nova, &ctl);
+    ctl.kill();
+
+    // Every action the edges saw has its intent in the store, and each intent was
+    // carried out once: one fence (asked twice under one key: before the fill and
+    // again on resume, as an unanswered fence is), one force-down, one evacuation per
+    // server.
+    let intents = recovery_intents(&store, "fake-1", &ids);
+    let forced = seen
+        .iter()
+        .filter(|e| matches!(e, RestoreEvent::ForcedDown { host } if host == "fake-1"))
+        .count();
+    let mut evacuated: Vec<String> = seen
+        .iter()
+        .filter_map(|e| match e {
+            RestoreEvent::EvacuateCalled { server, .. } => Some(server.clone()),
+            _ => None,
+        })
+        .collect();
+    evacuated.sort();
+    let mut evacuate_intents: Vec<String> = intents
+        .iter()
+        .filter_map(|e| match &e.record.intent {
+            Intent::Evacuate { resource, .. } => Some(resource.to_string()),
+            _ => None,
+        })
+        .collect();
+    evacuate_intents.sort();
+    let mut expected: Vec<String> = ids.iter().map(|i| Resource::vm(i).to_string()).collect();
+    expected.sort();
+    let fences: Vec<_> = intents
+        .iter()
+        .filter(|e| matches!(e.record.intent, Intent::Fence { .. }))
+        .map(|e| e.record.key.clone())
+        .collect();
+    assert_eq!(fences, vec![fence], "{intents:?}");
+    assert_eq!(forced, 1, "{seen:?}");
+    let force_downs = intents
+        .iter()
+        .filter(|e| matches!(e.record.intent, Intent::ForceDown { .. }))
+        .count();
+    assert_eq!(force_downs, 1, "{intents:?}");
+    let mut called: Vec<String> = evacuated
+        .iter()
+        .map(|s| Resource::vm(s).to_string())
+        .collect();
+    called.sort();
+    assert_eq!(called, expected, "{seen:?}");
+    assert_eq!(evacuate_intents, expected, "{intents:?}");
+    assert!(intents.iter().all(|e| e.done.is_some()), "{intents:?}");
+    nova.delete_named(&prefix);
+}
+
 #[test]
 fn a_crashed_vm_on_a_healthy_host_is_restarted_in_place_through_nova() {
     let _g = lock();

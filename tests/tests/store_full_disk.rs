@@ -7,72 +7,20 @@
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)] // test code
 
 use std::collections::BTreeSet;
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use controller::config::ControllerConfig;
 use controller::engine::{HostId, Intent};
 use controller::store::{SqliteStore, Store};
+use defib_tests::tmpfs::Tmpfs;
 use defib_tests::{is_root, require};
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use protocol::{encode_heartbeat, BootId, Heartbeat, HostStatus, Key};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
 const KEY: &[u8] = b"full-disk-test-key-0123456789abcdef";
-
-/// A tmpfs of `size` mounted on a fresh directory; lazily unmounted when dropped (the
-/// test's tasks may still hold a file on it while a failed test unwinds).
-struct Tmpfs {
-    mnt: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mnt = dir.path().join("store");
-        std::fs::create_dir(&mnt).expect("mount point");
-        mount(
-            Some("tmpfs"),
-            &mnt,
-            Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            Some(format!("size={size},mode=0700").as_str()),
-        )
-        .expect("mount tmpfs");
-        Tmpfs { mnt, _dir: dir }
-    }
-
-    /// Writes a file until the filesystem has no room left; returns its path.
-    fn fill(&self) -> PathBuf {
-        let path = self.mnt.join("filler");
-        let mut f = std::fs::File::create(&path).expect("filler");
-        for chunk in [64 * 1024, 4096, 512, 1] {
-            let buf = vec![0x5a; chunk];
-            loop {
-                match f.write(&buf) {
-                    Ok(n) if n == chunk => continue,
-                    Ok(_) => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
-                    Err(e) => panic!("filling {}: {e}", path.display()),
-                }
-            }
-        }
-        f.sync_all().expect("sync filler");
-        path
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        if let Err(e) = umount2(&self.mnt, MntFlags::MNT_DETACH) {
-            eprintln!("unmounting {}: {e}", self.mnt.display());
-        }
-    }
-}
 
 /// One run of the controller on `store`.
 struct Controller {

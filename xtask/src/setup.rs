@@ -7,7 +7,9 @@ use anyhow::{bail, Context as _};
 /// stalls, iproute2 and ping for network namespaces, libvirt-dev and pkg-config to link the
 /// watchdog's libvirt watcher, systemd for `systemd-analyze verify` and `systemd-sysusers`
 /// (the bundle test; nothing needs systemd running), binutils to strip the bundle's
-/// binaries.
+/// binaries, iptables to drop one direction of a lab host's traffic (the asymmetric
+/// partitions) and faketime (libfaketime) to run a lab host's watchdog on a wall clock
+/// ten minutes off.
 const DEBIAN_PACKAGES: &[&str] = &[
     "bindfs",
     "fuse3",
@@ -18,6 +20,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "pkg-config",
     "systemd",
     "binutils",
+    "iptables",
+    "faketime",
 ];
 const BPF_LINKER_VERSION: &str = "0.10.0";
 
