@@ -109,6 +109,13 @@ fn every_message() -> Vec<Envelope> {
                 xml: "<domain type='kvm'>\n  <name>n</name>\n</domain>".into(),
             },
         }),
+        envelope(Message::Command {
+            controller_id: CONTROLLER.into(),
+            command_id: 2,
+            command: HostCommand::DestroyDomain {
+                vm_uuid: "6d1c5b1e-8a63-4c55-9e1f-3f0f3a1b2c3d".into(),
+            },
+        }),
         envelope(Message::CommandResult {
             command_id: 7,
             ok: false,
@@ -372,6 +379,22 @@ fn a_command_is_json_with_its_op_named_in_snake_case() {
     assert_eq!(body["message"]["type"], "command");
     assert_eq!(body["message"]["command_id"], 9);
     assert_eq!(body["message"]["command"]["op"], "start_domain");
+    assert_eq!(body["message"]["command"]["vm_uuid"], "u-1");
+}
+
+#[test]
+fn a_stale_copys_destroy_is_named_destroy_domain_on_the_wire() {
+    let env = envelope(Message::Command {
+        controller_id: CONTROLLER.into(),
+        command_id: 5,
+        command: HostCommand::DestroyDomain {
+            vm_uuid: "u-1".into(),
+        },
+    });
+    let bytes = encode_frame(&env, &key()).unwrap();
+    let body: serde_json::Value =
+        serde_json::from_slice(&bytes[FRAME_HEADER_LEN..bytes.len() - MAC_LEN]).unwrap();
+    assert_eq!(body["message"]["command"]["op"], "destroy_domain");
     assert_eq!(body["message"]["command"]["vm_uuid"], "u-1");
 }
 

@@ -216,6 +216,11 @@ fn message() -> impl Strategy<Value = Message> {
                 command: protocol::frame::HostCommand::StartFromDefinition { vm_uuid: vm, xml },
             }
         }),
+        (id_string(64), any::<u64>(), ".{0,40}").prop_map(|(c, n, vm)| Message::Command {
+            controller_id: c,
+            command_id: n,
+            command: protocol::frame::HostCommand::DestroyDomain { vm_uuid: vm },
+        }),
         (any::<u64>(), any::<bool>(), ".{0,80}").prop_map(|(n, ok, detail)| {
             Message::CommandResult {
                 command_id: n,

@@ -49,7 +49,38 @@ impl Hypervisor {
         // use" until that instance has restored them.
         conf.push_str("\n# defib test hypervisor\nstdio_handler = \"file\"\nremember_owner = 0\n");
         std::fs::write(&qemu_conf, conf).map_err(|e| format!("qemu.conf: {e}"))?;
+        let mut hv = Hypervisor {
+            name,
+            root,
+            child: None,
+        };
+        hv.spawn()?;
+        Ok(hv)
+    }
 
+    /// Starts its `libvirtd` as a host's boot does, after the daemon was stopped (or
+    /// killed, e.g. by a lab BMC's power-off): `/run/libvirt` is empty again, so libvirt
+    /// starts every domain whose autostart is on. Waits until it answers.
+    pub fn boot_again(&mut self) -> Result<(), String> {
+        if let Some(mut child) = self.child.take() {
+            if !matches!(child.try_wait(), Ok(Some(_))) {
+                crate::stop_child(&mut child, Duration::from_secs(15));
+            }
+        }
+        let run = self.root.join("run");
+        let _ = std::fs::remove_dir_all(&run);
+        std::fs::create_dir_all(&run).map_err(|e| format!("run: {e}"))?;
+        self.spawn()
+    }
+
+    /// The pid its `libvirtd` wrote (a lab BMC's power-off stops it by this).
+    pub fn daemon_pid_file(&self) -> PathBuf {
+        self.root.join("libvirtd.pid")
+    }
+
+    /// Starts `libvirtd` in its own mount namespace and waits until it answers.
+    fn spawn(&mut self) -> Result<(), String> {
+        let (name, root) = (&self.name, &self.root);
         let r = root.display().to_string();
         let script = format!(
             "set -e
@@ -60,7 +91,11 @@ mount --bind {r}/log /var/log/libvirt
 mount --bind {r}/cache /var/cache/libvirt
 exec /usr/sbin/libvirtd --pid-file {r}/libvirtd.pid"
         );
-        let log = std::fs::File::create(root.join("libvirtd.log")).map_err(|e| e.to_string())?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(root.join("libvirtd.log"))
+            .map_err(|e| e.to_string())?;
         let child = Command::new(crate::built_binary("defib-tests", "defib-subreaper"))
             .arg("--child-pidfile")
             .arg(root.join("child.pid"))
@@ -80,28 +115,24 @@ exec /usr/sbin/libvirtd --pid-file {r}/libvirtd.pid"
             .stderr(log)
             .spawn()
             .map_err(|e| format!("starting libvirtd {name}: {e}"))?;
-        let mut hv = Hypervisor {
-            name,
-            root,
-            child: Some(child),
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if hv.virsh(&["version"], Duration::from_secs(5)).is_ok() {
-                return Ok(hv);
+            if self.virsh(&["version"], Duration::from_secs(5)).is_ok() {
+                return Ok(());
             }
-            if let Some(Ok(Some(status))) = hv.child.as_mut().map(Child::try_wait) {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
                 return Err(format!(
                     "libvirtd {} exited with {status}: {}",
-                    hv.name,
-                    hv.log()
+                    self.name,
+                    self.log()
                 ));
             }
             if Instant::now() > deadline {
                 return Err(format!(
                     "libvirtd {} does not answer after 30 s: {}",
-                    hv.name,
-                    hv.log()
+                    self.name,
+                    self.log()
                 ));
             }
             std::thread::sleep(Duration::from_millis(50));
