@@ -27,8 +27,11 @@ pub struct Metrics {
     pub hosts: Family<Labels, Gauge>,
     /// Open incidents.
     pub incidents_open: Gauge,
-    /// World-changing actions issued, by kind (fence, force_down, restart_in_place, evacuate, unfence, confirm).
+    /// World-changing actions issued, by kind (fence, force_down, restart_in_place,
+    /// evacuate, unfence, confirm, ask_host, stop_stale_copy).
     pub actions: Family<Labels, Counter>,
+    /// Destroys of stale copies sent to watchdogs, by how they ended.
+    pub stale_copies: Family<Labels, Counter>,
     /// Alarms raised, by kind.
     pub alarms: Family<Labels, Counter>,
     /// Store writes that failed (`error`) or were refused (`intent_exists`), by reason.
@@ -58,6 +61,7 @@ impl Metrics {
             hosts: Family::default(),
             incidents_open: Gauge::default(),
             actions: Family::default(),
+            stale_copies: Family::default(),
             alarms: Family::default(),
             store_write_failures: Family::default(),
             stopped_acting: Gauge::default(),
@@ -99,6 +103,11 @@ impl Metrics {
             "actions",
             "World-changing actions issued, by kind",
             m.actions.clone(),
+        );
+        registry.register(
+            "stale_copies",
+            "Destroys of stale copies (VMs moved off a host, found or started there again), by outcome",
+            m.stale_copies.clone(),
         );
         registry.register("alarms", "Alarms raised, by kind", m.alarms.clone());
         registry.register(

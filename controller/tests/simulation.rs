@@ -32,6 +32,13 @@ fn a_thousand_seeded_fault_scenarios_keep_every_invariant() {
         "{n} seeds, {steps} steps, {fences} fences, {restarts} restarts in place, {evacuations} evacuations, {resumes} controller restarts, {} violations",
         violations.len()
     );
+    let copies_started = a.totals.stale_copies_started + b.totals.stale_copies_started;
+    let copies_destroyed = a.totals.stale_copies_destroyed + b.totals.stale_copies_destroyed;
+    let copies_left = a.totals.stale_copies_left + b.totals.stale_copies_left;
+    let stops = a.totals.stale_copy_stops + b.totals.stale_copy_stops;
+    eprintln!(
+        "stale copies: {copies_started} autostarted on a host's return, {copies_destroyed} destroyed, {copies_left} left at the end (reported, not destroyable), {stops} StopStaleCopy actions"
+    );
     for v in violations.iter().take(3) {
         eprintln!("{v}");
         eprintln!(
@@ -49,6 +56,10 @@ fn a_thousand_seeded_fault_scenarios_keep_every_invariant() {
     assert!(evacuations > n / 10, "too few evacuations: {evacuations}");
     assert!(restarts > n / 10, "too few restarts: {restarts}");
     assert!(resumes > n / 10, "too few controller restarts: {resumes}");
+    assert!(
+        copies_destroyed > n / 100,
+        "too few stale copies destroyed: {copies_destroyed}"
+    );
 }
 
 #[test]

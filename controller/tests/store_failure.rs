@@ -292,6 +292,7 @@ fn start(
         fencer: Box::new(RecordingFencer(recorder.clone())),
         restorer: Box::new(RecordingRestorer(recorder.clone())),
         confirmer: Box::new(DeadConfirmer(recorder, links.results.clone())),
+        copies: Box::new(controller::edges::stale_copies::NoStreams),
     })
     .expect("engine task");
     let task = tokio::spawn(task.run(std::future::pending::<()>()));

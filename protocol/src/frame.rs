@@ -188,6 +188,16 @@ pub enum HostCommand {
         /// The domain's UUID.
         vm_uuid: String,
     },
+    /// A stale copy: the controller moved this domain off this host and it runs
+    /// elsewhere. Destroy it if it is active (`virDomainDestroy`) and turn its autostart
+    /// off, so that the next boot does not start it either; never undefine it (its
+    /// definition is for operators and Nova to clean up). Ok with what was done: the
+    /// detail starts with `destroyed` when a copy ran, with `not running` when none did
+    /// (also for a domain not defined here). A resent command is harmless.
+    DestroyDomain {
+        /// The domain's UUID (or, for a domain known only by name, its name).
+        vm_uuid: String,
+    },
     /// A command this build does not know (sent by a newer controller).
     #[serde(other)]
     Unknown,

@@ -383,6 +383,22 @@ fn a_command_is_json_with_its_op_named_in_snake_case() {
 }
 
 #[test]
+fn a_stale_copys_destroy_is_named_destroy_domain_on_the_wire() {
+    let env = envelope(Message::Command {
+        controller_id: CONTROLLER.into(),
+        command_id: 5,
+        command: HostCommand::DestroyDomain {
+            vm_uuid: "u-1".into(),
+        },
+    });
+    let bytes = encode_frame(&env, &key()).unwrap();
+    let body: serde_json::Value =
+        serde_json::from_slice(&bytes[FRAME_HEADER_LEN..bytes.len() - MAC_LEN]).unwrap();
+    assert_eq!(body["message"]["command"]["op"], "destroy_domain");
+    assert_eq!(body["message"]["command"]["vm_uuid"], "u-1");
+}
+
+#[test]
 fn a_command_from_a_newer_controller_decodes_as_unknown_so_it_can_be_answered() {
     let json = r#"{"type":"command","controller_id":"ctl","command_id":4,
                    "command":{"op":"migrate_domain","vm_uuid":"u","to":"h9"}}"#;

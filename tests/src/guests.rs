@@ -238,6 +238,11 @@ impl DiskFormat {
 pub enum GuestDisk {
     /// A raw image the harness makes in the run dir (removed with the guest).
     Plain,
+    /// As [`GuestDisk::Plain`], marked `<shareable/>`: qemu takes no exclusive lock on
+    /// it, so a second hypervisor of this machine can run the domain at the same time,
+    /// as shared storage without locking lets two hosts do (the stale copy a returning
+    /// host starts; qemu's own image lock refuses it on a plain disk).
+    Shared,
     /// A block device that already holds a boot disk (e.g. a loop device whose backing
     /// file got [`Hostbed::write_boot_sector`]): `io='threads' cache='none'
     /// error_policy='stop'`, as recipe A of the reference test bed.
@@ -423,12 +428,16 @@ impl Guest {
 
         let mut plain_disk = None;
         let (disk, seclabel) = match &spec.disk {
-            GuestDisk::Plain => {
+            GuestDisk::Plain | GuestDisk::Shared => {
                 let path = guests_dir().join(format!("{name}.raw"));
                 hostbed.make_boot_disk(&path, DiskFormat::Raw, spec.wdt_pets);
                 own_files.push(path.clone());
                 plain_disk = Some(path.clone());
-                (raw_file_disk_xml(&path), "")
+                let mut disk = raw_file_disk_xml(&path);
+                if matches!(spec.disk, GuestDisk::Shared) {
+                    disk = disk.replace("</disk>", "<shareable/></disk>");
+                }
+                (disk, "")
             }
             GuestDisk::Block(dev) => (
                 format!(

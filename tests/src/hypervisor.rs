@@ -51,6 +51,7 @@ pub struct Hypervisor {
     child: Option<Child>,
     /// Its virtlockd, if it runs one.
     virtlockd: Option<u32>,
+    options: HypervisorOptions,
 }
 
 impl Hypervisor {
@@ -100,6 +101,45 @@ impl Hypervisor {
             write_hook(&root)?;
         }
 
+        let mut hv = Hypervisor {
+            name,
+            root,
+            child: None,
+            virtlockd: None,
+            options: options.clone(),
+        };
+        hv.spawn()?;
+        Ok(hv)
+    }
+
+    /// Starts its `libvirtd` as a host's boot does, after the daemon was stopped (or
+    /// killed, e.g. by a lab BMC's power-off): `/run/libvirt` is empty again, so libvirt
+    /// starts every domain whose autostart is on. Waits until it answers.
+    pub fn boot_again(&mut self) -> Result<(), String> {
+        if let Some(mut child) = self.child.take() {
+            if !matches!(child.try_wait(), Ok(Some(_))) {
+                crate::stop_child(&mut child, Duration::from_secs(15));
+            }
+        }
+        if let Some(pid) = self.virtlockd.take() {
+            stop_pid(pid, "virtlockd", Duration::from_secs(10));
+        }
+        let run = self.root.join("run");
+        let _ = std::fs::remove_dir_all(&run);
+        std::fs::create_dir_all(&run).map_err(|e| format!("run: {e}"))?;
+        let _ = std::fs::remove_file(self.root.join("virtlockd.pid"));
+        self.spawn()
+    }
+
+    /// The pid its `libvirtd` wrote (a lab BMC's power-off stops it by this).
+    pub fn daemon_pid_file(&self) -> PathBuf {
+        self.root.join("libvirtd.pid")
+    }
+
+    /// Starts `libvirtd` (and its virtlockd, with `disk_leases`) in its own mount
+    /// namespace and waits until it answers.
+    fn spawn(&mut self) -> Result<(), String> {
+        let (name, root, options) = (self.name.clone(), self.root.clone(), self.options.clone());
         let r = root.display().to_string();
         // virtlockd first (libvirtd asks it at each domain start), in the background of
         // this shell, its pid recorded for the stop; then libvirtd in the shell's place.
@@ -128,7 +168,11 @@ mount --bind {r}/log /var/log/libvirt
 mount --bind {r}/cache /var/cache/libvirt
 {virtlockd}exec /usr/sbin/libvirtd --pid-file {r}/libvirtd.pid"
         );
-        let log = std::fs::File::create(root.join("libvirtd.log")).map_err(|e| e.to_string())?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(root.join("libvirtd.log"))
+            .map_err(|e| e.to_string())?;
         let child = Command::new(crate::built_binary("defib-tests", "defib-subreaper"))
             .arg("--child-pidfile")
             .arg(root.join("child.pid"))
@@ -148,12 +192,8 @@ mount --bind {r}/cache /var/cache/libvirt
             .stderr(log)
             .spawn()
             .map_err(|e| format!("starting libvirtd {name}: {e}"))?;
-        let mut hv = Hypervisor {
-            name,
-            root,
-            child: Some(child),
-            virtlockd: None,
-        };
+        let hv = self;
+        hv.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if options.disk_leases && hv.virtlockd.is_none() {
@@ -164,7 +204,7 @@ mount --bind {r}/cache /var/cache/libvirt
             if hv.virsh(&["version"], Duration::from_secs(5)).is_ok()
                 && (!options.disk_leases || hv.virtlockd.is_some())
             {
-                return Ok(hv);
+                return Ok(());
             }
             if let Some(Ok(Some(status))) = hv.child.as_mut().map(Child::try_wait) {
                 return Err(format!(

@@ -415,6 +415,44 @@ key_file = {key:?}
         }
     }
 
+    /// The controller's view of a VM (`vm:UUID`): the host it runs on and its state, if
+    /// the controller knows it.
+    pub fn vm_view(&self, subject: &str) -> Option<(String, String)> {
+        let vms = self.ctl(&["vms"]);
+        let list = vms
+            .as_array()
+            .cloned()
+            .or_else(|| vms["vms"].as_array().cloned())
+            .unwrap_or_default();
+        list.iter().find(|v| v["resource"] == subject).map(|v| {
+            (
+                v["host"].as_str().unwrap_or("").to_string(),
+                v["state"].as_str().unwrap_or("").to_string(),
+            )
+        })
+    }
+
+    /// Waits (at most `timeout`) until the controller's view of `subject` is `host`,
+    /// `state`.
+    pub fn wait_vm_on(&self, subject: &str, host: &str, state: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let view = self.vm_view(subject);
+            if view
+                .as_ref()
+                .is_some_and(|(h, st)| h == host && st == state)
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{subject} not {state} on {host} within {timeout:?} ({view:?})\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits for the one incident about `subject` to close and returns it with its
     /// timeline; fails if a second incident about it appears meanwhile.
     pub fn wait_closed_incident(&self, subject: &str, timeout: Duration) -> Value {

@@ -442,6 +442,8 @@ impl Controller {
                         Some(rev_tx),
                     )),
                 },
+                // The fake hosts have no watchdog streams.
+                copies: Box::new(controller::edges::stale_copies::NoStreams),
             })
             .expect("engine task");
             tokio::spawn(async move {

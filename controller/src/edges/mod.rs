@@ -1,12 +1,15 @@
-//! The edges: everything that touches the world on the engine's behalf, behind three
-//! small traits ([`Fencer`], [`Restorer`], [`Confirmer`]) that take the engine's actions
-//! and answer with typed facts (engine [`Input`]s) on a [`ResultSender`].
+//! The edges: everything that touches the world on the engine's behalf, behind four
+//! small traits ([`Fencer`], [`Restorer`], [`Confirmer`], [`CopyStopper`]) that take the
+//! engine's actions and answer with typed facts (engine [`Input`]s) on a
+//! [`ResultSender`].
 //!
 //! - [`fencing`] and [`fence`]: per-host fence levels (IPMI, fence agents, Pacemaker),
 //!   verification and confirmation;
 //! - [`nova`], [`neutron`]: the OpenStack restore backend (VMs and routers);
 //! - [`libvirt`]: the restore backend for clouds without Nova;
 //! - [`unconfigured`]: the restore edge of a controller without a backend;
+//! - [`stale_copies`]: stale copies of moved VMs destroyed on the host they left, over
+//!   that host's event stream, whatever the backend;
 //! - [`worker`]: the job loop the OpenStack edges share (jobs that arrive together
 //!   batched, each intent key acted on once).
 //!
@@ -24,6 +27,7 @@ pub mod fencing;
 pub mod libvirt;
 pub mod neutron;
 pub mod nova;
+pub mod stale_copies;
 pub mod unconfigured;
 pub mod worker;
 
@@ -70,6 +74,13 @@ pub trait Confirmer {
     fn confirm(&mut self, host: &HostId);
 }
 
+/// Destroys stale copies of VMs on the hosts they were moved off. Nothing answers: the
+/// host's next listing says whether the copy is gone.
+pub trait CopyStopper {
+    /// Destroy `resource`'s copy on `host` if it runs there, and turn its autostart off.
+    fn stop_stale_copy(&mut self, host: &HostId, resource: &Resource);
+}
+
 /// Hands a world-changing action to its edge. Returns `false` for actions that are not
 /// for an edge (timers, store writes, timeline, alarms): the runtime handles those.
 pub fn dispatch(
@@ -77,6 +88,7 @@ pub fn dispatch(
     fencer: &mut dyn Fencer,
     restorer: &mut dyn Restorer,
     confirmer: &mut dyn Confirmer,
+    copies: &mut dyn CopyStopper,
 ) -> bool {
     match action {
         Action::Fence {
@@ -99,6 +111,7 @@ pub fn dispatch(
         Action::Unfence { host, key } => restorer.unfence(host, key),
         Action::AskHost { host, resource } => restorer.ask_host(host, resource),
         Action::Confirm { host } => confirmer.confirm(host),
+        Action::StopStaleCopy { host, resource } => copies.stop_stale_copy(host, resource),
         _ => return false,
     }
     true

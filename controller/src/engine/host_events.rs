@@ -237,7 +237,7 @@ impl Engine {
                     }
                 }
                 Some(e) => {
-                    if e.before_restore(at) || source == Source::Nova {
+                    if listed_before_restore(e, at) || source == Source::Nova {
                         continue;
                     }
                     stale.insert(r.clone());
@@ -279,6 +279,7 @@ impl Engine {
                 self.revision += 1;
             }
             if !stale.is_empty() {
+                let stopping = self.stop_listed_copies(host, &stale, at);
                 let list: Vec<String> = stale.iter().map(|r| r.to_string()).collect();
                 self.host_alarm(
                     host,
@@ -288,6 +289,12 @@ impl Engine {
                             "routers moved off this host while it was fenced may still be \
                              served by its data plane (stale namespaces): {}; clean up \
                              before its L3 agent is trusted again",
+                            list.join(", ")
+                        )
+                    } else if stopping > 0 {
+                        format!(
+                            "host reports resources that run elsewhere: {}; the VMs moved \
+                             off it are being destroyed there (their autostart turned off)",
                             list.join(", ")
                         )
                     } else {
@@ -402,6 +409,15 @@ impl Engine {
             self.take_ownership(r, inc, host);
         }
     }
+}
+
+/// A listing that shows a resource the engine has on another host is old news only on a
+/// clock its restore is dated on too: the controller's (a lister of the controller's,
+/// Neutron). A host dates its listing on its own clock, and the restore is dated on the
+/// clock of the host it went to: no host clock is compared with another's, so such a
+/// listing counts as current.
+fn listed_before_restore(e: &ResourceEntry, at: ListedAt) -> bool {
+    matches!(at, ListedAt::Controller(_)) && e.before_restore(at)
 }
 
 /// Two accounts of a failure (eBPF's and libvirt's) within the correlation window of

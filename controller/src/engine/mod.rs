@@ -12,7 +12,8 @@
 //! `state` (the two state machines), [`detector`], `config`; the engine's
 //! own rooms are `entries` (what it keeps per host and resource), `book` (incidents,
 //! ownership, timelines, alarms), `hosts` (heartbeats, the tick, the gate,
-//! confirmation), `host_events` (exits, stalls, inventories), `operator` (commands and
+//! confirmation), `host_events` (exits, stalls, inventories), `copies` (stale copies of
+//! moved VMs destroyed on the host they left), `operator` (commands and
 //! the automatic unfence), `reconcile` (the decisions that move incidents on) and
 //! `replay` (issuing and completing intents, and resuming from the log).
 //!
@@ -79,7 +80,9 @@
 //!    clears. A single-host cloud therefore never fences.
 //! 5. **Unfence.** A fenced host that heartbeats again is not trusted (alarm) until an
 //!    operator unfences it, which is refused while it reports resources that now run
-//!    elsewhere.
+//!    elsewhere. A VM the engine moved off it that it runs again (libvirt autostart) is
+//!    destroyed there and its autostart turned off ([`Action::StopStaleCopy`]), when it
+//!    lists it, when the move completes and when it is unfenced.
 //!
 //! Events about the same resource are one incident: while an incident owns the
 //! resource, later events (e.g. libvirt after eBPF) only enrich its timeline; events
@@ -99,6 +102,7 @@
 
 mod book;
 mod config;
+mod copies;
 pub mod detector;
 mod entries;
 mod host_events;

@@ -356,6 +356,7 @@ impl Engine {
             }
             Intent::Unfence { host } => {
                 self.ensure_host(host);
+                self.stop_copies_before_trust(host);
                 let now = self.now;
                 let inc = self.hosts[host].incident;
                 if self.replaying {
@@ -678,6 +679,7 @@ impl Engine {
             // still tell it apart.
             h.arrived.insert(resource.clone());
         }
+        self.stop_copy_left_behind(resource, from);
     }
 
     /// Evacuation `attempt` of `resource` by `incident` did not start it: try again

@@ -2773,3 +2773,219 @@ fn a_replayed_unknown_outcome_is_asked_about_again_after_a_restart() {
     assert_eq!(asked_about_vm1(&out), [host(2)].into());
     assert!(evacuations(&out).is_empty());
 }
+
+/// The stale copies the engine asked to destroy since the last `take`: (host, VM).
+fn copies_stopped(actions: &[Action]) -> Vec<(HostId, Resource)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::StopStaleCopy { host, resource } => Some((host.clone(), resource.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_vm_moved_off_a_fenced_host_is_destroyed_there_when_the_move_completes_whenever_the_host_lists_it_and_at_its_unfence(
+) {
+    let mut h = Harness::new(4);
+    let key = h.kill_until_fence(2);
+    h.fence_result(2, key, FenceOutcome::Verified(FenceVerifier::IpmiPowerOff));
+    h.force_down_ok(2);
+    let (r, key) = evacuations(&h.actions)[0].clone();
+    h.take();
+    h.input(Input::RestoreResult {
+        resource: r,
+        key,
+        outcome: RestoreOutcome::Ok { host: host(0) },
+    });
+    let vm2 = Resource::vm("vm2");
+    // The move completed: host 2 may run a copy already, or start one at its next boot.
+    assert_eq!(copies_stopped(&h.actions), [(host(2), vm2.clone())]);
+    assert_eq!(h.state(2), HostState::Recovered);
+    // Powered on again, libvirt autostarts vm2: each listing that shows it asks again.
+    h.power_on(2);
+    h.run_for(300);
+    h.take();
+    libvirt_lists(&mut h, 2, vec![vm2.clone()]);
+    assert_eq!(copies_stopped(&h.actions), [(host(2), vm2.clone())]);
+    assert!(alarms(&h.actions).contains(&AlarmKind::StaleResource));
+    let noted = h.incident_of(2).timeline.iter().any(|t| {
+        t.subject == Subject::Resource(vm2.clone()) && t.cause.contains("destroying that copy")
+    });
+    assert!(noted, "{:#?}", h.incident_of(2).timeline);
+    h.take();
+    libvirt_lists(&mut h, 2, vec![vm2.clone()]);
+    assert_eq!(copies_stopped(&h.actions), [(host(2), vm2.clone())]);
+    // Gone from its listing: nothing more to destroy, and it may be trusted again.
+    h.take();
+    libvirt_lists(&mut h, 2, vec![]);
+    h.run_for(100);
+    assert!(copies_stopped(&h.actions).is_empty());
+    // Trusted again: what was moved off it is destroyed (autostart off) once more first.
+    h.command(OperatorCommand::Unfence { host: host(2) })
+        .unwrap();
+    let stop = h
+        .actions
+        .iter()
+        .position(|a| matches!(a, Action::StopStaleCopy { .. }))
+        .expect("a destroy at the unfence");
+    let unfence = h
+        .actions
+        .iter()
+        .position(|a| matches!(a, Action::Unfence { .. }))
+        .expect("the unfence");
+    assert!(stop < unfence, "{:#?}", h.actions);
+    assert_eq!(copies_stopped(&h.actions), [(host(2), vm2.clone())]);
+    // Up again: it lists vm2 (someone migrated it there): reported, never destroyed.
+    h.take();
+    libvirt_lists(&mut h, 2, vec![vm2]);
+    assert!(copies_stopped(&h.actions).is_empty());
+}
+
+#[test]
+fn a_listing_dated_before_the_restore_on_the_controllers_clock_is_old_news_and_a_hosts_own_clock_is_never_compared_with_another_hosts(
+) {
+    let mut h = Harness::new(4);
+    let restored_at = h.now;
+    h.fence_and_recover(2);
+    h.power_on(2);
+    h.run_for(300);
+    h.take();
+    let vm2 = Resource::vm("vm2");
+    let lists = |h: &mut Harness, at: ListedAt| {
+        h.input(Input::HostEvent {
+            host: host(2),
+            event: HostEvent::Inventory {
+                resources: vec![Resource::vm("vm2")],
+                stopped: vec![],
+                source: Source::Libvirt,
+                at,
+            },
+        })
+    };
+    // Taken before the restore, by the controller's clock (the one the restore is on).
+    lists(&mut h, ListedAt::Controller(Timestamp(restored_at)));
+    assert!(copies_stopped(&h.actions).is_empty());
+    assert!(!alarms(&h.actions).contains(&AlarmKind::StaleResource));
+    // On host 2's own clock, long before anything else: vm2's restore is dated on host
+    // 0's clock, which says nothing about host 2's. It may show a copy that runs.
+    lists(&mut h, ListedAt::Host(HostTime(1)));
+    assert_eq!(copies_stopped(&h.actions), [(host(2), vm2)]);
+    assert!(alarms(&h.actions).contains(&AlarmKind::StaleResource));
+}
+
+#[test]
+fn an_arrival_awaiting_its_hosts_word_is_left_running_while_what_was_moved_off_that_host_is_destroyed(
+) {
+    let mut h = self_fencing_harness();
+    h.kill_until_fence(2);
+    // vm1 crashes on host 1 and is restored on host 2, silent: an arrival.
+    crash_vm1_and_restore_it_on(&mut h, 2);
+    h.run_for(6_000);
+    assert_eq!(h.state(2), HostState::Fenced, "fenced by its deadline");
+    h.force_down_ok(2);
+    let (r, key) = evacuations(&h.actions)
+        .into_iter()
+        .find(|(r, _)| *r == Resource::vm("vm2"))
+        .expect("vm2 moved off host 2");
+    h.input(Input::RestoreResult {
+        resource: r,
+        key,
+        outcome: RestoreOutcome::Ok { host: host(3) },
+    });
+    h.revive(2);
+    h.run_for(300);
+    h.take();
+    libvirt_lists(&mut h, 2, vec![Resource::vm("vm1"), Resource::vm("vm2")]);
+    assert_eq!(copies_stopped(&h.actions), [(host(2), Resource::vm("vm2"))]);
+    let vm1 = h.engine.resource(&Resource::vm("vm1")).unwrap();
+    assert_eq!((vm1.host, vm1.state), (host(2), ResourceState::Running));
+}
+
+#[test]
+fn a_vm_whose_move_is_under_way_or_of_unknown_outcome_is_destroyed_nowhere() {
+    let (mut h, key) = libvirt_evacuating_vm1();
+    let vm1 = Resource::vm("vm1");
+    // Host 1 is back (a new boot) and lists vm1 while its move is under way.
+    h.power_on(1);
+    h.run_for(300);
+    h.take();
+    libvirt_lists(&mut h, 1, vec![vm1.clone()]);
+    assert!(copies_stopped(&h.actions).is_empty());
+    // The move's outcome is not known: host 2 may run it, host 1 lists it still.
+    unknown_on(&mut h, key, Some(2));
+    h.run_for(200);
+    libvirt_lists(&mut h, 2, vec![vm1.clone()]);
+    libvirt_lists(&mut h, 1, vec![vm1.clone()]);
+    assert!(copies_stopped(&h.actions).is_empty(), "{:#?}", h.actions);
+    // Host 2 says it runs it: settled there, and host 1's copy is stale from now on.
+    answer(&mut h, 2, Some(true));
+    assert_eq!(copies_stopped(&h.actions), [(host(1), vm1.clone())]);
+    h.take();
+    libvirt_lists(&mut h, 1, vec![vm1.clone()]);
+    assert_eq!(copies_stopped(&h.actions), [(host(1), vm1)]);
+}
+
+#[test]
+fn a_vm_listed_by_a_host_it_was_never_moved_off_is_reported_not_destroyed() {
+    // Someone migrated it there (the engine hears its old host's "shut off, migrated"
+    // later): a copy the engine did not move is not the engine's to destroy.
+    let mut h = Harness::new(3);
+    h.take();
+    libvirt_lists(&mut h, 2, vec![Resource::vm("vm1"), Resource::vm("vm2")]);
+    assert!(copies_stopped(&h.actions).is_empty());
+    assert!(alarms(&h.actions).contains(&AlarmKind::StaleResource));
+}
+
+#[test]
+fn a_resumed_controller_destroys_a_copy_its_predecessor_moved_off_a_host_when_the_host_lists_it() {
+    let mut h = Harness::new(4);
+    h.fence_and_recover(2);
+    let (mut engine, out) = Engine::resume(Config::default(), &h.log, Timestamp(h.now + 10));
+    assert!(
+        copies_stopped(&out).is_empty(),
+        "replaying asks for nothing"
+    );
+    let out = engine.step(
+        Timestamp(h.now + 20),
+        Input::HostEvent {
+            host: host(2),
+            event: HostEvent::Inventory {
+                resources: vec![Resource::vm("vm2")],
+                stopped: vec![],
+                source: Source::Libvirt,
+                at: ListedAt::Host(HostTime(h.now + 20)),
+            },
+        },
+    );
+    assert_eq!(copies_stopped(&out), [(host(2), Resource::vm("vm2"))]);
+}
+
+#[test]
+fn a_vm_moved_off_a_healthy_host_by_its_own_incident_is_destroyed_there_and_again_if_that_host_lists_it_once_fenced(
+) {
+    let cfg = Config {
+        max_restarts_in_place: 0,
+        ..Config::default()
+    };
+    let mut h = Harness::with(4, cfg);
+    h.take();
+    // vm1 crashes on host 1 and is restored on host 0: host 1 keeps its definition, and
+    // its autostart would start it at the next boot.
+    crash_vm1_and_restore_it_on(&mut h, 0);
+    let vm1 = Resource::vm("vm1");
+    assert_eq!(copies_stopped(&h.actions), [(host(1), vm1.clone())]);
+    // Up, host 1 lists vm1 (a migration back, say): reported, not destroyed.
+    h.take();
+    libvirt_lists(&mut h, 1, vec![vm1.clone()]);
+    assert!(copies_stopped(&h.actions).is_empty());
+    // Host 1 is lost and fenced; powered on, its libvirt autostarts vm1.
+    let key = h.kill_until_fence(1);
+    h.fence_result(1, key, FenceOutcome::Verified(FenceVerifier::IpmiPowerOff));
+    h.power_on(1);
+    h.run_for(300);
+    h.take();
+    libvirt_lists(&mut h, 1, vec![vm1.clone()]);
+    assert_eq!(copies_stopped(&h.actions), [(host(1), vm1)]);
+}

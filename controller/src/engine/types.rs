@@ -338,7 +338,8 @@ pub enum AlarmKind {
     RestoreGaveUp,
     /// A fenced host is heartbeating again and waits for an unfence.
     HostBackAwaitingUnfence,
-    /// A host reports a resource that runs elsewhere (stale qemu).
+    /// A host reports a resource that runs elsewhere (stale qemu); a VM the engine moved
+    /// off that host is destroyed there ([`Action::StopStaleCopy`]).
     StaleResource,
     /// A host fenced by its self-fence deadline had resources started on it while it
     /// was silent: whether they run is not known until the host lists what it runs;
@@ -459,6 +460,18 @@ pub enum Action {
         /// The host to ask.
         host: HostId,
         /// The resource asked about.
+        resource: Resource,
+    },
+    /// Destroy `host`'s copy of the VM `resource` if it runs there, and stop `host`
+    /// from starting it again (libvirt autostart off); its definition stays. The engine
+    /// moved the VM off `host` and knows it runs elsewhere, so whatever runs there is a
+    /// stale copy (libvirt's autostart on the host's return). No intent and no answer:
+    /// destroying a copy that does not run changes nothing, so a repeat is harmless,
+    /// and every listing of `host` that still shows the copy asks again.
+    StopStaleCopy {
+        /// The host the VM was moved off.
+        host: HostId,
+        /// The VM.
         resource: Resource,
     },
     /// Tell a human.

@@ -33,7 +33,7 @@ use super::intake::{EventStored, HeartbeatSeen, Intake};
 use super::translate::{heartbeat, host_event};
 use crate::api::view::*;
 use crate::clock::EngineClock;
-use crate::edges::{dispatch, Confirmer, Fencer, Restorer};
+use crate::edges::{dispatch, Confirmer, CopyStopper, Fencer, Restorer};
 use crate::edges::{EdgeLinks, HostFacts, ResultSender};
 use crate::engine::{
     utc_ms, Action, AlarmKind, Engine, HostId, Input, MemoryIntentLog, OperatorCommand, Resource,
@@ -56,6 +56,8 @@ pub struct Edges {
     pub fencer: Box<dyn Fencer + Send>,
     pub restorer: Box<dyn Restorer + Send>,
     pub confirmer: Box<dyn Confirmer + Send>,
+    /// Stale copies of moved VMs, destroyed over the hosts' event streams.
+    pub copies: Box<dyn CopyStopper + Send>,
 }
 
 /// What the engine task knows about a host beyond the engine's own view.
@@ -538,12 +540,14 @@ impl EngineTask {
                         fencer,
                         restorer,
                         confirmer,
+                        copies,
                     } = &mut self.edges;
                     dispatch(
                         other,
                         fencer.as_mut(),
                         restorer.as_mut(),
                         confirmer.as_mut(),
+                        copies.as_mut(),
                     );
                 }
             }
@@ -686,6 +690,8 @@ fn action_kind(a: &Action) -> &'static str {
         Action::Evacuate { .. } => "evacuate",
         Action::Unfence { .. } => "unfence",
         Action::Confirm { .. } => "confirm",
+        Action::AskHost { .. } => "ask_host",
+        Action::StopStaleCopy { .. } => "stop_stale_copy",
         _ => "other",
     }
 }

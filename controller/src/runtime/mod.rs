@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, UdpSocket};
 
 use crate::config::{Backend, Resolved};
 use crate::edges::unconfigured::UnconfiguredRestorer;
-use crate::edges::{fencing, libvirt, neutron, nova, Restorer};
+use crate::edges::{fencing, libvirt, neutron, nova, stale_copies, Restorer};
 use crate::metrics::Metrics;
 use engine_task::{EngineChannels, EngineTask, EngineTaskParts};
 use intake::HeartbeatIntake;
@@ -63,6 +63,7 @@ pub async fn run(
     };
     let backend = c.backend;
     let restorer_streams = streams.clone();
+    let (copies_streams, copies_metrics) = (streams.clone(), metrics.clone());
     let (fence_table, verify) = (resolved.fence.clone(), resolved.verify);
     tracing::info!(hosts = fence_table.len(), "fence levels configured");
     // One session (token, connections) for Nova, Placement and Neutron.
@@ -121,6 +122,11 @@ pub async fn run(
             )),
             restorer,
             confirmer: Box::new(fencing::PowerConfirmer::new(fence_table, results)),
+            // Every backend: the watchdogs' streams are open whatever restores the VMs.
+            copies: Box::new(stale_copies::StaleCopies::new(
+                copies_streams,
+                copies_metrics,
+            )),
         }
     })?;
     tracing::info!(backend = ?backend, "restore backend");

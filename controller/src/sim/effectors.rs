@@ -20,6 +20,16 @@ impl Sim<'_> {
                 Action::Alarm { .. } => self.report.alarms += 1,
                 // Nothing in the simulated world answers "not known" yet.
                 Action::AskHost { .. } => {}
+                // Over the host's event stream, open while the controller hears it; a
+                // host not heard drops it (its next listing asks again).
+                Action::StopStaleCopy { host, resource } => {
+                    self.report.stale_copy_stops += 1;
+                    let h = self.index(host);
+                    if self.connected(h) {
+                        let i = self.res_index(resource);
+                        self.later(20, 300, Ev::StopCopy(h, i));
+                    }
+                }
                 Action::Confirm { host } => {
                     let h = self.index(host);
                     let w = &self.hosts[h];

@@ -18,6 +18,9 @@ pub enum Invariant {
     SafetyGate,
     /// The engine panicked.
     NoPanic,
+    /// A stale copy (a VM the engine moved off a host, which that host started again on
+    /// its return) that the engine does not ask to destroy.
+    StaleCopyDestroyed,
 }
 
 /// A broken invariant, with the recent history that led to it.
@@ -184,6 +187,61 @@ impl Sim<'_> {
         Ok(())
     }
 
+    /// Stale copies still running at the end on a host the controller hears: one of a
+    /// VM the engine has settled elsewhere, on a host still fenced or whose incident
+    /// moved it off, must be asked to be destroyed by the host's next listing (delivered
+    /// here, so that a copy that came up just before the end is judged like the others).
+    /// The others (the host was trusted again before its listing showed the copy, and
+    /// the VM had left it by its own incident or was not settled elsewhere at the
+    /// unfence) are counted: the stale-resource alarm is all they get.
+    fn check_copies(&mut self) -> Result<(), Box<Violation>> {
+        let moved_off: BTreeMap<HostId, Vec<Resource>> = self
+            .engine
+            .hosts()
+            .into_iter()
+            .map(|v| (v.host, v.evacuated))
+            .collect();
+        for i in 0..self.res.len() {
+            for h in self.res[i].copies.clone() {
+                if !self.connected(h) {
+                    continue;
+                }
+                let (r, id) = (self.res[i].r.clone(), self.hosts[h].id.clone());
+                let settled_elsewhere = self.engine.resource(&r).is_some_and(|v| {
+                    v.host != id && v.state == ResourceState::Running && v.owner.is_none()
+                });
+                let fenced = self.engine.host_state(&id).is_some_and(|s| s.fenced());
+                let moved = fenced || moved_off.get(&id).is_some_and(|m| m.contains(&r));
+                if !(settled_elsewhere && moved) {
+                    self.report.stale_copies_left += 1;
+                    continue;
+                }
+                let listing = Input::HostEvent {
+                    host: id.clone(),
+                    event: HostEvent::Inventory {
+                        resources: self.listing(h, false),
+                        stopped: vec![],
+                        source: Source::Libvirt,
+                        at: ListedAt::Host(self.host_time(h)),
+                    },
+                };
+                self.trace(format!("{:>6} IN  {listing:?}", self.now));
+                let out = self.engine.step(self.engine_now(), listing);
+                let asked = out.iter().any(|a| {
+                    matches!(a, Action::StopStaleCopy { host, resource } if *host == id && *resource == r)
+                });
+                self.apply_actions(out)?;
+                if !asked {
+                    return self.fail(
+                        Invariant::StaleCopyDestroyed,
+                        format!("{id} lists a copy of {r}, which runs elsewhere; not destroyed"),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn check_engine(&mut self) -> Result<(), Box<Violation>> {
         let rev = self.engine.revision();
         if rev == self.last_revision {
@@ -226,6 +284,7 @@ impl Sim<'_> {
 
     pub(super) fn final_check(&mut self) -> Result<(), Box<Violation>> {
         self.check_world()?;
+        self.check_copies()?;
         let gave_up: BTreeSet<Resource> = self
             .engine
             .resources()

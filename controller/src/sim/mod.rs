@@ -6,9 +6,12 @@
 //! path or all), the controller cut off from everyone, flapping heartbeats, VM crashes
 //! (seen by eBPF and libvirt, sometimes duplicated, sometimes late), maintenance,
 //! controller restarts (the engine rebuilt with [`Engine::resume`] from the intent
-//! log), broken BMCs, and random fence, confirmation and restore failures. Effectors
-//! are fakes that act on the world after a delay and report back. At `heal_at` every
-//! fault is lifted and the world runs until `end_at`.
+//! log), broken BMCs, and random fence, confirmation and restore failures. On half the
+//! seeds libvirt autostarts each VM on the host it first ran on: a host powered on again
+//! starts a stale copy of every VM moved off it meanwhile, which only a destroy command
+//! (`StopStaleCopy`, carried over the host's stream while the controller hears it)
+//! stops. Effectors are fakes that act on the world after a delay and report back. At
+//! `heal_at` every fault is lifted and the world runs until `end_at`.
 //!
 //! Invariants, checked after every step (see [`Invariant`]):
 //!
@@ -18,7 +21,11 @@
 //!   at the end: every dead VM is restored, given up with an alarm, or behind a host
 //!   the engine holds with an alarm);
 //! * no action issued twice, across restarts (every world action was persisted first,
-//!   no key is persisted twice, a done key is never issued again).
+//!   no key is persisted twice, a done key is never issued again);
+//! * stale copies are destroyed (at the end, a copy on a host the controller hears, of
+//!   a VM the engine has settled elsewhere, on a host still fenced or whose incident
+//!   moved it off, is asked to be destroyed by the host's next listing; the others are
+//!   counted in [`Report::stale_copies_left`]).
 //!
 //! [`run_seeds`] is the entry point for `cargo xtask sim --seeds N`.
 
@@ -69,6 +76,20 @@ pub struct Report {
     pub gave_up: u64,
     /// Resources dead at the end, behind a held (alarmed) host.
     pub held: u64,
+    /// Stale copies a returning host's autostart started (the VM ran elsewhere).
+    #[serde(default)]
+    pub stale_copies_started: u64,
+    /// Stale copies a destroy command stopped.
+    #[serde(default)]
+    pub stale_copies_destroyed: u64,
+    /// Stale copies left at the end on a host the controller hears, that the engine
+    /// does not destroy: the host was trusted again before the VM was settled elsewhere,
+    /// or the VM is not settled (the stale-resource alarm reports them).
+    #[serde(default)]
+    pub stale_copies_left: u64,
+    /// `StopStaleCopy` actions the engine issued.
+    #[serde(default)]
+    pub stale_copy_stops: u64,
     /// A digest (FNV-1a) of every traced line, in order: two runs with equal digests
     /// took the same steps (determinism is checked on this, not on counts).
     pub trace_digest: u64,
@@ -118,6 +139,10 @@ pub fn run_seeds(seeds: Range<u64>) -> Summary {
                 t.controller_restarts += r.controller_restarts;
                 t.gave_up += r.gave_up;
                 t.held += r.held;
+                t.stale_copies_started += r.stale_copies_started;
+                t.stale_copies_destroyed += r.stale_copies_destroyed;
+                t.stale_copies_left += r.stale_copies_left;
+                t.stale_copy_stops += r.stale_copy_stops;
                 t.trace_digest ^= r.trace_digest.rotate_left((seed % 64) as u32);
             }
             Err(v) => s.violations.push(*v),

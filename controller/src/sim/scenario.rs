@@ -96,6 +96,10 @@ pub struct Scenario {
     /// (ms; an hour back or forth, or anything between).
     #[serde(default)]
     pub controller_clock_steps_ms: Vec<i64>,
+    /// The hosts' libvirt autostarts each VM where it first ran: a host powered on again
+    /// starts a stale copy of every VM moved off it meanwhile.
+    #[serde(default)]
+    pub autostart: bool,
 }
 
 impl Scenario {
@@ -185,9 +189,12 @@ impl Scenario {
                 _ => more.range(0, 7_200_000) as i64 - 3_600_000,
             })
             .collect();
+        // Drawn after the others, so that it left each of them as it was.
+        let autostart = more.chance(0.5);
         Scenario {
             seed,
             hosts,
+            autostart,
             resources,
             faults,
             clock_offsets_ms,

@@ -30,6 +30,14 @@ pub(super) struct WRes {
     pub(super) r: Resource,
     pub(super) placement: usize,
     pub(super) instances: BTreeSet<usize>,
+    /// Hosts whose libvirt starts the VM when the host boots (autostart on its
+    /// definition there): where it first ran, until a destroy command turns it off.
+    pub(super) autostart: BTreeSet<usize>,
+    /// Hosts that run a stale copy: started by autostart when the host came back while
+    /// the VM ran elsewhere. Not in `instances` (the engine cannot stop a boot from
+    /// starting it, only destroy it once it is there), and checked on their own: a copy
+    /// the engine knows about must not outlive the run.
+    pub(super) copies: BTreeSet<usize>,
 }
 
 #[derive(Clone, Debug)]
@@ -45,6 +53,9 @@ pub(super) enum Ev {
     MaintenanceEnd(usize),
     MaintenanceOff(usize),
     PowerOn(usize),
+    /// A host's watchdog destroys its copy of a resource (a `StopStaleCopy` command
+    /// that reached it) and turns its autostart off.
+    StopCopy(usize, usize),
     /// An effector carries out an action, sent by the controller's `life`-th process:
     /// if that process has died since, the effect still happens but nobody hears of it.
     Exec(Action, u64),
@@ -144,6 +155,12 @@ impl<'a> Sim<'a> {
                 r: r.clone(),
                 placement: *h,
                 instances: [*h].into_iter().collect(),
+                autostart: if sc.autostart && r.kind() == crate::engine::ResourceKind::Vm {
+                    [*h].into_iter().collect()
+                } else {
+                    BTreeSet::new()
+                },
+                copies: BTreeSet::new(),
             })
             .collect();
         Sim {
@@ -242,7 +259,7 @@ impl<'a> Sim<'a> {
                 if nova {
                     r.placement == h
                 } else {
-                    r.instances.contains(&h)
+                    r.instances.contains(&h) || r.copies.contains(&h)
                 }
             })
             .map(|r| r.r.clone())
@@ -356,6 +373,21 @@ impl<'a> Sim<'a> {
                 w.hung = false;
                 w.boot_id += 1;
                 w.outbox.clear();
+                self.autostart(h);
+            }
+            Ev::StopCopy(h, i) => {
+                if self.hosts[h].alive() {
+                    let r = &mut self.res[i];
+                    r.autostart.remove(&h);
+                    if r.copies.remove(&h) {
+                        self.report.stale_copies_destroyed += 1;
+                        let line = format!(
+                            "{:>6} WORLD {} destroyed the copy of {}",
+                            self.now, self.hosts[h].id, r.r
+                        );
+                        self.trace(line);
+                    }
+                }
             }
             Ev::Exec(a, life) => self.exec(a, life)?,
             Ev::Heal => {
@@ -371,6 +403,25 @@ impl<'a> Sim<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Host `h` booted: its libvirt starts every VM whose definition there has autostart
+    /// on and that runs elsewhere now (it was moved off while the host was down): a stale
+    /// copy. A VM that runs nowhere is left off: a boot that starts the only copy of a VM
+    /// the engine is moving is a hazard no listing can undo in time, and not modelled.
+    fn autostart(&mut self, h: usize) {
+        for i in 0..self.res.len() {
+            let r = &mut self.res[i];
+            if r.autostart.contains(&h) && !r.instances.is_empty() && !r.instances.contains(&h) {
+                r.copies.insert(h);
+                self.report.stale_copies_started += 1;
+                let line = format!(
+                    "{:>6} WORLD {} autostarted a copy of {} (runs on {:?})",
+                    self.now, self.hosts[h].id, r.r, r.instances
+                );
+                self.trace(line);
+            }
+        }
     }
 
     /// The host's self-fence: an armed watchdog powers the host off after 2 s without
@@ -404,6 +455,7 @@ impl<'a> Sim<'a> {
         w.silent_since = None;
         for r in &mut self.res {
             r.instances.remove(&h);
+            r.copies.remove(&h);
         }
         self.later(3_000, 8_000, Ev::PowerOn(h));
     }
@@ -417,6 +469,7 @@ impl<'a> Sim<'a> {
                     self.hosts[host].outbox.clear();
                     for r in &mut self.res {
                         r.instances.remove(&host);
+                        r.copies.remove(&host);
                     }
                 }
             }

@@ -1,7 +1,10 @@
-//! Commands from the controller that act on this host's libvirt, for the controller's
-//! libvirt backend: `StartDomain` (restart a crashed domain in place),
-//! `StartFromDefinition` (start a fenced host's domain here) and `QueryDomain` (does a
-//! domain run here: asked when an evacuation's answer was lost).
+//! Commands from the controller that act on this host's libvirt: `StartDomain` (restart
+//! a crashed domain in place), `StartFromDefinition` (start a fenced host's domain here)
+//! and `QueryDomain` (does a domain run here: asked when an evacuation's answer was
+//! lost), for the controller's libvirt backend; `DestroyDomain` (a stale copy of a
+//! domain the controller moved off this host, e.g. started by libvirt's autostart when
+//! the host came back: destroyed, its autostart turned off, its definition kept), for
+//! every backend.
 //!
 //! The watcher's own connection stays read-only: each command opens a short-lived
 //! connection to the watcher's URI (read-write to start, read-only to query), on a
@@ -153,7 +156,8 @@ fn domain_of(command: &HostCommand) -> Option<String> {
     match command {
         HostCommand::StartDomain { vm_uuid }
         | HostCommand::StartFromDefinition { vm_uuid, .. }
-        | HostCommand::QueryDomain { vm_uuid } => Some(vm_uuid.to_ascii_lowercase()),
+        | HostCommand::QueryDomain { vm_uuid }
+        | HostCommand::DestroyDomain { vm_uuid } => Some(vm_uuid.to_ascii_lowercase()),
         HostCommand::Unknown => None,
     }
 }
@@ -260,6 +264,7 @@ fn run(settings: &StartSettings, command: HostCommand) -> Result<String, String>
             start_from_definition(settings, &vm_uuid, &xml)
         }
         HostCommand::QueryDomain { vm_uuid } => query_domain(settings, &vm_uuid),
+        HostCommand::DestroyDomain { vm_uuid } => destroy_domain(settings, &vm_uuid),
         HostCommand::Unknown => Err("a command this watchdog does not know".into()),
     }
 }
@@ -309,6 +314,70 @@ pub fn start_domain(settings: &StartSettings, vm: &str) -> Result<String, String
         tracing::debug!(error = %e, "closing the command's libvirt connection");
     }
     result
+}
+
+/// Destroys the stale copy `vm` (UUID, or name) if it is active and turns its autostart
+/// off; never undefines it. What was done; a domain not defined here, or not running, is
+/// ok ("not running"). Blocking.
+pub fn destroy_domain(settings: &StartSettings, vm: &str) -> Result<String, String> {
+    let uri = &settings.uri;
+    let mut conn = Connect::open(Some(uri))
+        .map_err(|e| format!("cannot connect to {uri} read-write: {}", e.message()))?;
+    let result = match Domain::lookup_by_uuid_string(&conn, vm)
+        .or_else(|_| Domain::lookup_by_name(&conn, vm))
+    {
+        Ok(dom) => destroy_copy(settings, &dom, vm),
+        Err(_) => Ok(format!("not running: no domain {vm} is defined in {uri}")),
+    };
+    if let Err(e) = conn.close() {
+        tracing::debug!(error = %e, "closing the command's libvirt connection");
+    }
+    result
+}
+
+fn destroy_copy(settings: &StartSettings, dom: &Domain, vm: &str) -> Result<String, String> {
+    let name = dom.get_name().unwrap_or_else(|_| vm.to_string());
+    let active = dom
+        .is_active()
+        .map_err(|e| format!("reading the state of {name}: {}", e.message()))?;
+    // Destroyed first: a copy that runs on is the harm, an autostart only a later one.
+    let done = if active {
+        let pid = super::inventory::read_pid(&settings.pid_dir, &name);
+        match dom.destroy() {
+            Ok(()) => {
+                tracing::warn!(domain = %name, ?pid, "destroyed a stale copy the controller moved off this host");
+                match pid {
+                    Some(pid) => format!("destroyed {name} (qemu pid {pid})"),
+                    None => format!("destroyed {name}"),
+                }
+            }
+            // It stopped meanwhile (its qemu died, someone destroyed it): nothing runs.
+            Err(e) if !dom.is_active().unwrap_or(true) => {
+                format!(
+                    "not running: {name} stopped as it was destroyed ({})",
+                    e.message()
+                )
+            }
+            Err(e) => return Err(format!("destroying {name}: {}", e.message())),
+        }
+    } else {
+        format!("not running: {name} is shut off")
+    };
+    // A transient domain has no autostart (and refuses the call).
+    let autostart = match dom.get_autostart() {
+        Ok(false) => "autostart was off".to_string(),
+        Ok(true) => match dom.set_autostart(false) {
+            Ok(_) => "autostart turned off".to_string(),
+            Err(e) => {
+                return Err(format!(
+                    "{done}, but its autostart could not be turned off: {}",
+                    e.message()
+                ))
+            }
+        },
+        Err(e) => format!("autostart unknown ({})", e.message()),
+    };
+    Ok(format!("{done}; {autostart}"))
 }
 
 /// Whether `pid` is a live process (not a zombie) whose command line does not name
@@ -662,6 +731,43 @@ mod tests {
         ] {
             assert!(stopped_on_purpose(r as i32), "{r}");
         }
+    }
+
+    #[test]
+    fn a_stale_copy_is_destroyed_and_its_autostart_turned_off_but_its_definition_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = TestDomain::define("cmd-stale", "0c0d0000-0000-4000-8000-000000000006");
+        let dom = d.dom();
+        dom.set_autostart(true).unwrap();
+        dom.create().unwrap();
+        let s = settings(dir.path(), WAIT_FOR_STOP);
+        let detail = destroy_domain(&s, &d.uuid).unwrap();
+        assert_eq!(detail, "destroyed cmd-stale; autostart turned off");
+        assert!(!dom.is_active().unwrap());
+        assert!(!dom.get_autostart().unwrap());
+        assert!(dom.is_persistent().unwrap(), "still defined");
+        // Again (a resent command, a second listing): nothing runs, nothing to do.
+        let again = destroy_domain(&s, "cmd-stale").unwrap();
+        assert_eq!(
+            again,
+            "not running: cmd-stale is shut off; autostart was off"
+        );
+    }
+
+    #[test]
+    fn a_stale_copy_that_is_not_running_only_loses_its_autostart_and_an_unknown_one_is_ok() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = TestDomain::define("cmd-stale-off", "0c0d0000-0000-4000-8000-000000000007");
+        d.dom().set_autostart(true).unwrap();
+        let s = settings(dir.path(), WAIT_FOR_STOP);
+        let detail = destroy_domain(&s, &d.uuid).unwrap();
+        assert_eq!(
+            detail,
+            "not running: cmd-stale-off is shut off; autostart turned off"
+        );
+        assert!(!d.dom().get_autostart().unwrap());
+        let unknown = destroy_domain(&s, "0c0d0000-0000-4000-8000-0000000000fe").unwrap();
+        assert!(unknown.starts_with("not running: no domain"), "{unknown}");
     }
 
     #[test]
