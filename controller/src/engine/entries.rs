@@ -170,6 +170,14 @@ impl HostClock {
     }
 }
 
+/// How far a host's clock as the controller reckons it ([`HostClock`]: the last
+/// heartbeat's send time plus the controller's time since it arrived) may run behind the
+/// host's own: by that heartbeat's time in transit, and by what the host's clock gained
+/// since (drift). A restore dated on the reckoning may have happened that much later on
+/// the host's clock, so a listing dated within this after it may have been taken before
+/// it: it is no proof that the restored resource is gone (the next listing is).
+pub(super) const RECKONING_SLACK: Duration = Duration::from_secs(1);
+
 /// When a resource was last restored, on both clocks that may date news about it: the
 /// controller's, and its host's as last heard at that moment (unknown until the host is
 /// heard). The line between news from before the restore (late) and after it.
@@ -207,11 +215,16 @@ impl ResourceEntry {
 
     /// News dated `t` is newer than the resource's last restore (never true while the
     /// restore has no date on that clock: a listing of unknown age does not undo it).
+    /// On the host's clock only beyond [`RECKONING_SLACK`]: the restore's date there is
+    /// reckoned, and may run behind.
     pub(super) fn after_restore(&self, t: ListedAt) -> bool {
         match (self.restored, t) {
             (None, _) => true,
             (Some(r), ListedAt::Controller(at)) => at > r.at,
-            (Some(r), ListedAt::Host(at)) => r.host_clock.is_some_and(|c| at > c),
+            (Some(r), ListedAt::Host(at)) => r.host_clock.is_some_and(|c| {
+                let slack = u64::try_from(RECKONING_SLACK.as_millis()).unwrap_or(u64::MAX);
+                at.0 > c.0.saturating_add(slack)
+            }),
         }
     }
 }

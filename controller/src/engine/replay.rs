@@ -253,7 +253,7 @@ impl Engine {
                 self.ensure_resource(resource, host);
                 // A later try supersedes an unanswered one's wait (a replayed log: the
                 // wait was settled before this was issued).
-                self.unsure.remove(resource);
+                self.supersede_wait(resource, *incident, host);
                 if self.replaying {
                     self.ensure_incident(*incident, Subject::Resource(resource.clone()), rec.at);
                     let e = self.resources.get_mut(resource).expect("ensured");
@@ -284,7 +284,7 @@ impl Engine {
             } => {
                 self.ensure_host(from);
                 self.ensure_resource(resource, from);
-                self.unsure.remove(resource);
+                self.supersede_wait(resource, *incident, from);
                 if self.replaying {
                     self.ensure_incident(*incident, Subject::Resource(resource.clone()), rec.at);
                     let e = self.resources.get_mut(resource).expect("ensured");
@@ -614,6 +614,20 @@ impl Engine {
         self.incidents
             .get(&incident)
             .is_some_and(|i| matches!(i.subject, Subject::Resource(_)))
+    }
+
+    /// A restore of `resource` on or off `on` by `incident` ends the wait of an
+    /// unanswered evacuation. Live, a later restore is issued only after that wait was
+    /// settled; a wait of another incident was settled by a host that said it ran the
+    /// resource (a retry would be the same incident's), which the log does not hold: on
+    /// replay the later restore says it was `on`, and that settles the wait as it did.
+    fn supersede_wait(&mut self, resource: &Resource, incident: IncidentId, on: &HostId) {
+        let Some(u) = self.unsure.remove(resource) else {
+            return;
+        };
+        if self.replaying && u.incident != incident {
+            self.evacuated_to(resource, &u.from, u.incident, on, None);
+        }
     }
 
     /// An evacuation of `resource` off `from` by `incident` started it on `to`

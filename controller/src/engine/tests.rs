@@ -2774,6 +2774,119 @@ fn a_replayed_unknown_outcome_is_asked_about_again_after_a_restart() {
     assert!(evacuations(&out).is_empty());
 }
 
+#[test]
+fn a_vm_a_host_said_it_runs_after_an_unknown_evacuation_has_one_owner_after_a_restart_once_a_later_incident_took_it(
+) {
+    let cfg = Config {
+        vm_restorer: Source::Libvirt,
+        max_restarts_in_place: 0,
+        ..Config::default()
+    };
+    let mut h = Harness::with(4, cfg.clone());
+    let vm1 = Resource::vm("vm1");
+    // vm1 crashes on host 1; its evacuation is not answered; host 2 says it runs it.
+    h.exit(1, "vm1", Source::Ebpf, h.now);
+    let (_, key) = evacuations(&h.actions)
+        .into_iter()
+        .find(|(r, _)| *r == vm1)
+        .expect("vm1 evacuated");
+    unknown_on(&mut h, key, Some(2));
+    h.run_for(200);
+    answer(&mut h, 2, Some(true));
+    assert_eq!(h.vm(1), ResourceState::Running);
+    // Later it crashes on host 2: a new incident moves it off host 2.
+    h.run_for(6_000);
+    h.take();
+    h.exit(2, "vm1", Source::Ebpf, h.now);
+    assert!(evacuated_off(&h, 2).contains(&vm1));
+    let live: Vec<_> = h
+        .engine
+        .claims()
+        .into_iter()
+        .filter(|(_, r)| *r == vm1)
+        .collect();
+    assert_eq!(live.len(), 1, "{live:?}");
+    // A restarted controller replays the log, where the host's word is not: the later
+    // incident's evacuation says the wait was settled, and by a host that ran it.
+    let (engine, _) = Engine::resume_knowing(cfg, &h.log, &[], Timestamp(h.now + 1_000));
+    let claims: Vec<_> = engine
+        .claims()
+        .into_iter()
+        .filter(|(_, r)| *r == vm1)
+        .collect();
+    assert_eq!(claims, live);
+}
+
+#[test]
+fn a_listing_taken_just_before_a_restart_in_place_does_not_make_the_vm_missing_when_the_hosts_heartbeats_arrive_late(
+) {
+    let cfg = Config {
+        max_restarts_in_place: 1,
+        ..Config::default()
+    };
+    let mut h = Harness::with(4, cfg.clone());
+    let vm1 = Resource::vm("vm1");
+    h.exit(1, "vm1", Source::Ebpf, h.now);
+    let Some(Action::RestartInPlace { key, .. }) =
+        h.find(|a| matches!(a, Action::RestartInPlace { .. }))
+    else {
+        panic!("vm1 restarted in place");
+    };
+    // The controller restarts; from then on host 1's heartbeats take 300 ms to arrive,
+    // so the new process reckons host 1's clock 300 ms behind.
+    let (engine, _) = Engine::resume(cfg, &h.log, Timestamp(h.now + 10));
+    h.engine = engine;
+    h.kill(1);
+    for _ in 0..10 {
+        h.run_for(100);
+        let sent = h.host_clock(h.now - 300);
+        h.input(Input::Heartbeat(Heartbeat {
+            host: host(1),
+            path: PathId(0),
+            boot_id: 1,
+            incarnation: 1,
+            at: sent,
+            self_fence: None,
+        }));
+    }
+    // Host 1 lists what it runs (not vm1 yet), then starts vm1; the start is answered
+    // before the listing arrives (Nova answers it; the listing comes over the stream).
+    let listed_at = h.host_clock(h.now - 10);
+    h.take();
+    h.input(Input::RestoreResult {
+        resource: vm1.clone(),
+        key,
+        outcome: RestoreOutcome::Ok { host: host(1) },
+    });
+    assert_eq!(h.vm(1), ResourceState::Running);
+    h.input(Input::HostEvent {
+        host: host(1),
+        event: HostEvent::Inventory {
+            resources: vec![],
+            stopped: vec![],
+            source: Source::Libvirt,
+            at: ListedAt::Host(listed_at),
+        },
+    });
+    // Older than the start on the host's own clock: not news that vm1 is gone.
+    assert_eq!(h.vm(1), ResourceState::Running);
+    assert!(evacuations(&h.actions).is_empty(), "{:?}", h.actions);
+    // A listing taken well after the start that does not show it is.
+    h.revive(1);
+    h.run_for(1_000);
+    let at = h.host_clock(h.now);
+    h.input(Input::HostEvent {
+        host: host(1),
+        event: HostEvent::Inventory {
+            resources: vec![],
+            stopped: vec![],
+            source: Source::Libvirt,
+            at: ListedAt::Host(at),
+        },
+    });
+    assert_ne!(h.vm(1), ResourceState::Running);
+}
+
 /// The stale copies the engine asked to destroy since the last `take`: (host, VM).
 fn copies_stopped(actions: &[Action]) -> Vec<(HostId, Resource)> {
     actions
