@@ -39,6 +39,13 @@ fn a_thousand_seeded_fault_scenarios_keep_every_invariant() {
     eprintln!(
         "stale copies: {copies_started} autostarted on a host's return, {copies_destroyed} destroyed, {copies_left} left at the end (reported, not destroyable), {stops} StopStaleCopy actions"
     );
+    let unknown = a.totals.restores_unknown + b.totals.restores_unknown;
+    let asks = a.totals.asks + b.totals.asks;
+    let lost = a.totals.answers_lost + b.totals.answers_lost;
+    let stuck = a.totals.unanswered_open_at_end + b.totals.unanswered_open_at_end;
+    eprintln!(
+        "unknown outcomes: {unknown} evacuations answered Unknown, {asks} AskHost actions, {lost} evacuations never answered ({stuck} of them still awaited at the end)"
+    );
     for v in violations.iter().take(3) {
         eprintln!("{v}");
         eprintln!(

@@ -18,8 +18,16 @@ impl Sim<'_> {
                 Action::PersistIntent(_) | Action::CompleteIntent { .. } => self.log.apply(&a),
                 Action::RecordTimeline { .. } => {}
                 Action::Alarm { .. } => self.report.alarms += 1,
-                // Nothing in the simulated world answers "not known" yet.
-                Action::AskHost { .. } => {}
+                // Over the host's event stream, like a command: a host not heard drops
+                // it (the engine asks again); its watchdog answers from what runs there.
+                Action::AskHost { host, resource } => {
+                    self.report.asks += 1;
+                    let h = self.index(host);
+                    if self.connected(h) {
+                        let i = self.res_index(resource);
+                        self.later(5, 300, Ev::Answer(h, i, self.lifetime));
+                    }
+                }
                 // Over the host's event stream, open while the controller hears it; a
                 // host not heard drops it (its next listing asks again).
                 Action::StopStaleCopy { host, resource } => {
@@ -77,12 +85,23 @@ impl Sim<'_> {
                                 Action::RestartInPlace { .. } => (100, 800),
                                 _ => (20, 300),
                             };
-                            if let Some(asker) = self.under_way.get_mut(key) {
+                            let nova = match &a {
+                                Action::Evacuate { resource, .. } => self.remembers(resource),
+                                _ => true,
+                            };
+                            if let (true, Some(asker)) = (nova, self.under_way.get_mut(key)) {
                                 // Joins the request under way: its answer comes here.
                                 *asker = self.lifetime;
                             } else {
+                                // The libvirt backend keeps no record outside its
+                                // process: handed again, it sends a start again.
                                 self.under_way.insert(key.clone(), self.lifetime);
-                                self.later(lo, hi, Ev::Exec(a.clone(), self.lifetime));
+                                let target = self.pick_target(&a);
+                                if let (Some(t), Action::Evacuate { resource, .. }) = (target, &a) {
+                                    let i = self.res_index(resource);
+                                    *self.starts_on_way.entry((t, i)).or_default() += 1;
+                                }
+                                self.later(lo, hi, Ev::Exec(a.clone(), self.lifetime, target));
                             }
                         }
                     }
@@ -97,7 +116,21 @@ impl Sim<'_> {
     /// as Nova and libvirt do: a power-off of a host that is off is a success, an
     /// evacuation of a VM that already left the failed host reports where it is, a
     /// start of a running domain is a success.
-    pub(super) fn exec(&mut self, a: Action, life: u64) -> Result<(), Box<Violation>> {
+    pub(super) fn exec(
+        &mut self,
+        a: Action,
+        life: u64,
+        sent_to: Option<usize>,
+    ) -> Result<(), Box<Violation>> {
+        if let (Some(t), Action::Evacuate { resource, .. }) = (sent_to, &a) {
+            let i = self.res_index(resource);
+            if let Some(n) = self.starts_on_way.get_mut(&(t, i)) {
+                *n -= 1;
+                if *n == 0 {
+                    self.starts_on_way.remove(&(t, i));
+                }
+            }
+        }
         let asker = self
             .under_way
             .remove(a.intent_key().expect("an effect"))
@@ -165,10 +198,15 @@ impl Sim<'_> {
                 let h = self.index(&host);
                 let i = self.res_index(&resource);
                 let w = &self.hosts[h];
-                let ok = w.alive()
-                    && !w.forced_down
-                    && self.res[i].placement == h
-                    && !self.rng.chance(self.sc.p_restore_fail);
+                // A start of a domain that runs already is a success (libvirt's "already
+                // active", and Nova's start of an ACTIVE server): the edge never says it
+                // failed while it runs.
+                let running = w.alive() && self.res[i].instances.contains(&h);
+                let ok = running
+                    || w.alive()
+                        && !w.forced_down
+                        && self.res[i].placement == h
+                        && !self.rng.chance(self.sc.p_restore_fail);
                 let outcome = if ok {
                     if self.res[i].instances.iter().any(|&o| o != h) {
                         return self.fail(
@@ -197,9 +235,10 @@ impl Sim<'_> {
             } => {
                 let i = self.res_index(&resource);
                 let f = self.index(&from);
-                if self.res[i].placement != f {
+                if self.res[i].placement != f && self.remembers(&resource) {
                     // Nova: the server already left the failed host (an earlier
                     // request of this intent moved it); the edge tracks it there.
+                    // (The libvirt backend has no such record: it starts it again.)
                     let r = Input::RestoreResult {
                         resource,
                         key: key.clone(),
@@ -209,31 +248,70 @@ impl Sim<'_> {
                     };
                     return self.answer(key, r, heard);
                 }
-                let targets: Vec<usize> = (0..self.hosts.len())
-                    .filter(|&t| {
-                        let w = &self.hosts[t];
-                        t != f && w.alive() && !w.forced_down && !w.maintenance
-                    })
-                    .collect();
-                let outcome = if targets.is_empty() || self.rng.chance(self.sc.p_restore_fail) {
+                // Nova's scheduler picks a target now; the libvirt backend picked it when
+                // it sent the start there, and a target dead since never answers.
+                let targets: Vec<usize> = if self.remembers(&resource) {
+                    self.targets(f)
+                } else {
+                    sent_to.into_iter().collect()
+                };
+                let outcome = if let Some(t) = sent_to.filter(|&t| !self.hosts[t].alive()) {
+                    self.report.restores_unknown += 1;
+                    RestoreOutcome::Unknown {
+                        target: Some(self.hosts[t].id.clone()),
+                        reason: "the target did not answer".into(),
+                    }
+                } else if targets.is_empty() || self.rng.chance(self.sc.p_restore_fail) {
+                    // Refused before anything started (no valid host, the command
+                    // never sent): the edge knows it did not happen.
                     RestoreOutcome::Failed {
                         reason: "no valid host".into(),
                     }
                 } else {
-                    if !self.res[i].instances.is_empty() {
-                        return self.fail(
-                            Invariant::NoRestoreBeforeVerifiedFence,
-                            format!(
-                                "{resource} evacuated while still running on {:?}",
-                                self.res[i].instances
-                            ),
-                        );
-                    }
                     let t = targets[self.rng.index(targets.len())];
-                    self.res[i].placement = t;
-                    self.res[i].instances.insert(t);
-                    RestoreOutcome::Ok {
-                        host: self.hosts[t].id.clone(),
+                    let target = self.hosts[t].id.clone();
+                    // The answer lost or late after the request was sent: started there
+                    // or not, the edge cannot tell.
+                    // (VMs only: Neutron's router moves are answered, and nothing answers
+                    // a question about a router.)
+                    let unknown = resource.kind() == crate::engine::ResourceKind::Vm
+                        && self.rng.chance(self.sc.p_restore_unknown);
+                    let started = !unknown || self.rng.chance(0.5);
+                    if started {
+                        if !self.res[i].instances.is_empty() {
+                            return self.fail(
+                                Invariant::NoRestoreBeforeVerifiedFence,
+                                format!(
+                                    "{resource} evacuated to {target} while still running on {:?}",
+                                    self.res[i].instances
+                                ),
+                            );
+                        }
+                        self.res[i].placement = t;
+                        self.res[i].instances.insert(t);
+                    }
+                    if started && self.rng.chance(self.sc.p_answer_lost) {
+                        self.report.answers_lost += 1;
+                        self.unanswered.insert(key.clone());
+                        self.trace(format!(
+                            "{:>6} WORLD {resource} started on {target}; its answer never comes",
+                            self.now
+                        ));
+                        return self.check_world();
+                    }
+                    if unknown {
+                        self.report.restores_unknown += 1;
+                        self.trace(format!(
+                            "{:>6} WORLD {resource} {} on {target}; the answer is lost",
+                            self.now,
+                            if started { "started" } else { "not started" }
+                        ));
+                        RestoreOutcome::Unknown {
+                            target: Some(target),
+                            reason: "no answer within 30 s".into(),
+                        }
+                    } else {
+                        RestoreOutcome::Ok { host: target }
                     }
                 };
                 let r = Input::RestoreResult {
@@ -246,6 +324,40 @@ impl Sim<'_> {
             _ => return Ok(()),
         };
         self.answer(key, result, heard)
+    }
+
+    /// The hosts an evacuation off `f` may go to.
+    fn targets(&self, f: usize) -> Vec<usize> {
+        (0..self.hosts.len())
+            .filter(|&t| {
+                let w = &self.hosts[t];
+                t != f && w.alive() && !w.forced_down && !w.maintenance
+            })
+            .collect()
+    }
+
+    /// The libvirt backend picks an evacuation's target when it sends the start, among
+    /// the hosts whose stream is open (a start it could not send is a failure).
+    fn pick_target(&mut self, a: &Action) -> Option<usize> {
+        let Action::Evacuate { resource, from, .. } = a else {
+            return None;
+        };
+        if self.remembers(resource) {
+            return None;
+        }
+        let f = self.index(from);
+        let open: Vec<usize> = self
+            .targets(f)
+            .into_iter()
+            .filter(|&t| self.connected(t))
+            .collect();
+        (!open.is_empty()).then(|| open[self.rng.index(open.len())])
+    }
+
+    /// Whether the world keeps where a resource went (Nova's server record, Neutron's
+    /// router binding), or only the libvirt backend's process knew.
+    fn remembers(&self, r: &Resource) -> bool {
+        r.kind() != crate::engine::ResourceKind::Vm || !self.sc.libvirt_restorer
     }
 
     /// Reports an effect's outcome, unless the process that asked is gone.

@@ -141,9 +141,13 @@ impl Sim<'_> {
                         format!("{key} issued again after it was done"),
                     );
                 }
+                // Once the detector had time to notice: the fixed one suspects a host
+                // after 300 ms; the phi-accrual one adapts to the gaps in a host's
+                // history (an earlier isolation, lost heartbeats), and may take longer.
+                let notice = if self.sc.phi { 3_000 } else { 1_000 };
                 if matches!(a, Action::Fence { .. })
                     && self.isolated
-                    && self.now > self.isolated_since + 1_000
+                    && self.now > self.isolated_since + notice
                     && entry.record.at == self.engine_now()
                 {
                     return self.fail(
@@ -284,6 +288,11 @@ impl Sim<'_> {
 
     pub(super) fn final_check(&mut self) -> Result<(), Box<Violation>> {
         self.check_world()?;
+        self.report.unanswered_open_at_end = self
+            .unanswered
+            .iter()
+            .filter(|k| self.log.get(k).is_some_and(|e| e.done.is_none()))
+            .count() as u64;
         self.check_copies()?;
         let gave_up: BTreeSet<Resource> = self
             .engine

@@ -13,6 +13,29 @@
 //! stops. Effectors are fakes that act on the world after a delay and report back. At
 //! `heal_at` every fault is lifted and the world runs until `end_at`.
 //!
+//! What issue 14 added:
+//!
+//! * one-way networks: a host that hears nothing from the controller while its
+//!   heartbeats arrive ([`Fault::HostDeaf`]: no acks, its stream down), and one whose
+//!   heartbeats are lost while its stream works ([`Fault::HeartbeatsLost`]); the
+//!   world's self-fence counts from the send time of the last acked heartbeat, and a
+//!   watchdog is armed (says so in its heartbeats) only once acked after its boot;
+//! * late heartbeats, out of order ([`Fault::HeartbeatDelay`], up to 800 ms each);
+//! * hosts' clocks drifting (up to ±500 ppm, or ±2 % on a clock gone wrong) on top of
+//!   their offsets;
+//! * the restorer per seed: Nova (keeps where each server went: an evacuation handed
+//!   again is answered with its host) or the libvirt backend (`vm_restorer = Libvirt`:
+//!   it picks the target when it sends the start and forgets it with its process, so an
+//!   evacuation open at a restart becomes `Unknown { target: None }` and every host is
+//!   asked; handed again, it would start a second copy);
+//! * evacuations of VMs whose answer is lost after they were sent: `Unknown` with the
+//!   target, the VM started there or not; a start sent to a target that dies; and, on a
+//!   few seeds, a start carried out whose answer never comes at all (counted in
+//!   [`Report::unanswered_open_at_end`]: the engine has no deadline for it);
+//! * hosts answering [`Action::AskHost`] from what runs there (a stale copy too), after
+//!   every start sent to them before, over their stream while the controller hears
+//!   them, sometimes with "cannot say"; the answer is lost with a restarted controller.
+//!
 //! Invariants, checked after every step (see [`Invariant`]):
 //!
 //! * no restore before a verified fence (and, in the world, no VM ever runs twice);
@@ -90,6 +113,19 @@ pub struct Report {
     /// `StopStaleCopy` actions the engine issued.
     #[serde(default)]
     pub stale_copy_stops: u64,
+    /// Evacuations whose edge reported `Unknown` (started or not).
+    #[serde(default)]
+    pub restores_unknown: u64,
+    /// `AskHost` actions the engine issued.
+    #[serde(default)]
+    pub asks: u64,
+    /// Evacuations carried out whose answer never reached the engine.
+    #[serde(default)]
+    pub answers_lost: u64,
+    /// Of those, the ones whose intent was still open at the end (the engine still
+    /// waiting for an answer that will never come).
+    #[serde(default)]
+    pub unanswered_open_at_end: u64,
     /// A digest (FNV-1a) of every traced line, in order: two runs with equal digests
     /// took the same steps (determinism is checked on this, not on counts).
     pub trace_digest: u64,
@@ -143,6 +179,10 @@ pub fn run_seeds(seeds: Range<u64>) -> Summary {
                 t.stale_copies_destroyed += r.stale_copies_destroyed;
                 t.stale_copies_left += r.stale_copies_left;
                 t.stale_copy_stops += r.stale_copy_stops;
+                t.restores_unknown += r.restores_unknown;
+                t.asks += r.asks;
+                t.answers_lost += r.answers_lost;
+                t.unanswered_open_at_end += r.unanswered_open_at_end;
                 t.trace_digest ^= r.trace_digest.rotate_left((seed % 64) as u32);
             }
             Err(v) => s.violations.push(*v),

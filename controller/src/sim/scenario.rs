@@ -57,6 +57,35 @@ pub enum Fault {
         /// Host index.
         host: usize,
     },
+    /// One way only: the controller hears the host's heartbeats, but nothing it sends
+    /// reaches the host. The host gets no acks (an armed watchdog self-fences 2 s after
+    /// the send time of its last acked heartbeat), and its event stream, which needs
+    /// both ways, is down: no events in, no commands or questions out.
+    HostDeaf {
+        /// Host index.
+        host: usize,
+        /// How long.
+        for_ms: u64,
+    },
+    /// One way only: the host's heartbeats never arrive (UDP lost or filtered), while
+    /// its event stream works both ways. With no heartbeat to ack, the host gets no acks
+    /// either (an armed watchdog self-fences).
+    HeartbeatsLost {
+        /// Host index.
+        host: usize,
+        /// How long.
+        for_ms: u64,
+    },
+    /// Each heartbeat the host sends is delayed by up to `max_ms`, so they arrive late
+    /// and out of order for a while.
+    HeartbeatDelay {
+        /// Host index.
+        host: usize,
+        /// How long.
+        for_ms: u64,
+        /// The largest extra delay of one heartbeat.
+        max_ms: u64,
+    },
 }
 
 /// One generated scenario.
@@ -100,6 +129,25 @@ pub struct Scenario {
     /// starts a stale copy of every VM moved off it meanwhile.
     #[serde(default)]
     pub autostart: bool,
+    /// VMs are restored by the libvirt backend (it picks a target itself and forgets it
+    /// with its process: `vm_restorer = Libvirt`, so an evacuation open at a restart is
+    /// not known and every host is asked) instead of Nova (which keeps one host per
+    /// server: an evacuation handed again is answered with where the server is).
+    #[serde(default)]
+    pub libvirt_restorer: bool,
+    /// Probability that an evacuation's answer is lost or times out after it was sent:
+    /// the edge reports `Unknown` with its target, whether it started the VM there or
+    /// not (half each).
+    #[serde(default)]
+    pub p_restore_unknown: f64,
+    /// Probability that an evacuation is carried out and no answer at all ever reaches
+    /// the engine (an edge that neither answers nor times out).
+    #[serde(default)]
+    pub p_answer_lost: f64,
+    /// Each host's clock drift (ppm: its clock gains this many µs a second); a host's
+    /// clock must not change any decision.
+    #[serde(default)]
+    pub clock_drift_ppm: Vec<i64>,
 }
 
 impl Scenario {
@@ -191,7 +239,46 @@ impl Scenario {
             .collect();
         // Drawn after the others, so that it left each of them as it was.
         let autostart = more.chance(0.5);
+        // The faults of issue 14 (one-way networks, late heartbeats, drifting clocks,
+        // unknown outcomes) from a third stream, leaving the others as they were.
+        let mut third = Rng::new(seed.rotate_left(43) ^ 0x0014_5EED);
+        for _ in 0..third.range(0, 2) {
+            let at = third.range(1_000, 9_000);
+            let host = third.index(hosts);
+            let for_ms = third.range(300, 8_000);
+            let f = match third.range(0, 2) {
+                0 => Fault::HostDeaf { host, for_ms },
+                1 => Fault::HeartbeatsLost { host, for_ms },
+                _ => Fault::HeartbeatDelay {
+                    host,
+                    for_ms,
+                    // Within the engine's RECKONING_SLACK (1 s) with the drift:
+                    // beyond it a listing taken before a restore may be read as after.
+                    max_ms: [100, 300, 800][third.index(3)],
+                },
+            };
+            faults.push((at, f));
+        }
+        faults.sort_by_key(|(t, _)| *t);
+        let libvirt_restorer = third.chance(0.5);
+        let p_restore_unknown = [0.0, 0.1, 0.3][third.index(3)];
+        let p_answer_lost = if third.chance(0.1) { 0.05 } else { 0.0 };
+        let clock_drift_ppm = (0..hosts)
+            .map(|_| {
+                let sign = if third.chance(0.5) { 1 } else { -1 };
+                sign * match third.range(0, 3) {
+                    0 => 0,
+                    // A clock gone wrong (a bad clocksource): 2 % fast or slow.
+                    1 => 20_000,
+                    _ => third.range(0, 500) as i64,
+                }
+            })
+            .collect();
         Scenario {
+            libvirt_restorer,
+            p_restore_unknown,
+            p_answer_lost,
+            clock_drift_ppm,
             seed,
             hosts,
             autostart,
@@ -225,6 +312,9 @@ impl Scenario {
             cfg.self_fence_margin = Some(Duration::from_secs(3));
         }
         cfg.auto_unfence = self.auto_unfence;
+        if self.libvirt_restorer {
+            cfg.vm_restorer = Source::Libvirt;
+        }
         cfg
     }
 }

@@ -16,12 +16,26 @@ pub(super) struct WHost {
     pub(super) maintenance: bool,
     pub(super) bmc_broken: bool,
     pub(super) outbox: Vec<HostEvent>,
-    pub(super) silent_since: Option<u64>,
+    /// The send time of the last heartbeat the controller acked (the watchdog's
+    /// self-fence counts from it); `None` until one is acked after a boot, and until
+    /// then the watchdog is not armed.
+    pub(super) last_acked: Option<u64>,
+    /// One-way: nothing the controller sends reaches the host.
+    pub(super) deaf: bool,
+    /// One-way: the host's heartbeats are lost (its stream works).
+    pub(super) heartbeats_lost: bool,
+    /// Heartbeats delayed by up to this much each (0: on time).
+    pub(super) heartbeat_delay_ms: u64,
 }
 
 impl WHost {
     pub(super) fn alive(&self) -> bool {
         self.powered && !self.crashed && !self.hung
+    }
+
+    /// Both paths to the controller cut.
+    pub(super) fn cut_off(&self) -> bool {
+        self.cut[0] && self.cut[1]
     }
 }
 
@@ -43,6 +57,11 @@ pub(super) struct WRes {
 #[derive(Clone, Debug)]
 pub(super) enum Ev {
     Deliver(Input),
+    /// A heartbeat that host `.0` sent at `.1` arrives.
+    Heartbeat(usize, u64, Heartbeat),
+    /// Host `.0`'s watchdog answers whether resource `.1` runs there, to the
+    /// controller's `.2`-th process (an `AskHost` it was sent).
+    Answer(usize, usize, u64),
     HeartbeatRound,
     InventoryRound,
     Fault(Fault),
@@ -50,6 +69,9 @@ pub(super) enum Ev {
     Unpartition(usize, Option<u16>),
     Unisolate,
     Unflap(usize),
+    Hear(usize),
+    HeartbeatsBack(usize),
+    HeartbeatsPrompt(usize),
     MaintenanceEnd(usize),
     MaintenanceOff(usize),
     PowerOn(usize),
@@ -58,7 +80,9 @@ pub(super) enum Ev {
     StopCopy(usize, usize),
     /// An effector carries out an action, sent by the controller's `life`-th process:
     /// if that process has died since, the effect still happens but nobody hears of it.
-    Exec(Action, u64),
+    /// The libvirt backend's evacuations name the target it picked when it sent the
+    /// start (`None`: no host to send it to).
+    Exec(Action, u64, Option<usize>),
     Heal,
 }
 
@@ -127,6 +151,12 @@ pub(super) struct Sim<'a> {
     /// Keep every trace line (a replay), not only the last few hundred.
     pub(super) keep_whole_trace: bool,
     pub(super) last_revision: u64,
+    /// Evacuations carried out whose answer never reaches the engine.
+    pub(super) unanswered: BTreeSet<IntentKey>,
+    /// Starts the libvirt backend sent and the target has not carried out yet, by
+    /// (target, resource): that host's watchdog answers a question about the resource
+    /// after them.
+    pub(super) starts_on_way: BTreeMap<(usize, usize), u32>,
 }
 
 impl<'a> Sim<'a> {
@@ -145,7 +175,10 @@ impl<'a> Sim<'a> {
                 maintenance: false,
                 bmc_broken: false,
                 outbox: Vec::new(),
-                silent_since: None,
+                last_acked: None,
+                deaf: false,
+                heartbeats_lost: false,
+                heartbeat_delay_ms: 0,
             })
             .collect();
         let res = sc
@@ -194,6 +227,8 @@ impl<'a> Sim<'a> {
             keep_whole_trace: false,
             engine_offset_ms: ENGINE_EPOCH_MS,
             last_revision: u64::MAX,
+            unanswered: BTreeSet::new(),
+            starts_on_way: BTreeMap::new(),
         }
     }
 
@@ -266,19 +301,81 @@ impl<'a> Sim<'a> {
             .collect()
     }
 
+    /// Whether the host's event stream is open: events in, commands and questions out
+    /// (TCP: both ways needed).
     pub(super) fn connected(&self, h: usize) -> bool {
         let w = &self.hosts[h];
-        w.alive() && !self.isolated && !(w.cut[0] && w.cut[1])
+        w.alive() && !self.isolated && !w.cut_off() && !w.deaf
+    }
+
+    /// Whether a heartbeat the host sends now reaches the controller.
+    fn heartbeats_arrive(&self, h: usize) -> bool {
+        let w = &self.hosts[h];
+        w.alive() && !self.isolated && !w.cut_off() && !w.heartbeats_lost
     }
 
     pub(super) fn handle(&mut self, ev: Ev) -> Result<(), Box<Violation>> {
         match ev {
             Ev::Deliver(input) => self.deliver(input)?,
+            Ev::Heartbeat(h, sent, hb) => {
+                // The controller acks what arrives; the ack reaches a host that hears it.
+                let w = &self.hosts[h];
+                if w.powered
+                    && !w.crashed
+                    && !w.deaf
+                    && !self.isolated
+                    && !w.cut_off()
+                    && hb.boot_id == w.boot_id
+                {
+                    let last = self.hosts[h].last_acked.unwrap_or(0);
+                    self.hosts[h].last_acked = Some(last.max(sent));
+                }
+                self.deliver(Input::Heartbeat(hb))?;
+            }
+            Ev::Answer(h, i, life) => {
+                // The watchdog answers after every command it was sent before has
+                // finished: a start of this VM still on its way is carried out first.
+                let r = self.res[i].r.clone();
+                if self.starts_on_way.contains_key(&(h, i)) {
+                    self.at(self.now + 50, Ev::Answer(h, i, life));
+                } else if life == self.lifetime && self.connected(h) {
+                    // A copy that runs there runs there too (its watchdog cannot tell).
+                    let runs =
+                        self.res[i].instances.contains(&h) || self.res[i].copies.contains(&h);
+                    // Nothing answers about a router (the libvirt edge says `None`).
+                    let vm = r.kind() == crate::engine::ResourceKind::Vm;
+                    let runs = if !vm || self.rng.chance(0.1) {
+                        None
+                    } else {
+                        Some(runs)
+                    };
+                    self.deliver(Input::HostAnswer {
+                        host: self.hosts[h].id.clone(),
+                        resource: r,
+                        runs,
+                    })?;
+                }
+            }
             Ev::HeartbeatRound => {
                 self.at(self.now + 100, Ev::HeartbeatRound);
                 for h in 0..self.hosts.len() {
                     self.world_watchdog(h);
-                    if !self.connected(h) {
+                    if self.connected(h) {
+                        let outbox = std::mem::take(&mut self.hosts[h].outbox);
+                        let host = self.hosts[h].id.clone();
+                        for event in outbox {
+                            let dup = self.rng.chance(0.05);
+                            let input = Input::HostEvent {
+                                host: host.clone(),
+                                event,
+                            };
+                            if dup {
+                                self.later(100, 3_000, Ev::Deliver(input.clone()));
+                            }
+                            self.later(1, 40, Ev::Deliver(input));
+                        }
+                    }
+                    if !self.heartbeats_arrive(h) {
                         continue;
                     }
                     let w = &self.hosts[h];
@@ -298,23 +395,20 @@ impl<'a> Sim<'a> {
                         boot_id: w.boot_id,
                         incarnation: 1,
                         at: self.host_time(h),
-                        // The world's watchdog powers its host off 2 s into a cut.
-                        self_fence: self.sc.self_fence.then_some(Duration::from_secs(2)),
+                        // The world's watchdog powers its host off 2 s after the send
+                        // time of its last acked heartbeat; armed once one was acked.
+                        self_fence: (self.sc.self_fence && w.last_acked.is_some())
+                            .then_some(Duration::from_secs(2)),
                     };
-                    let outbox = std::mem::take(&mut self.hosts[h].outbox);
-                    let host = self.hosts[h].id.clone();
-                    for event in outbox {
-                        let dup = self.rng.chance(0.05);
-                        let input = Input::HostEvent {
-                            host: host.clone(),
-                            event,
-                        };
-                        if dup {
-                            self.later(100, 3_000, Ev::Deliver(input.clone()));
-                        }
-                        self.later(1, 40, Ev::Deliver(input));
+                    let delay = match w.heartbeat_delay_ms {
+                        0 => 0,
+                        max => self.rng.range(0, max),
+                    };
+                    if delay == 0 {
+                        self.handle(Ev::Heartbeat(h, self.now, hb))?;
+                    } else {
+                        self.at(self.now + delay, Ev::Heartbeat(h, self.now, hb));
                     }
-                    self.deliver(Input::Heartbeat(hb))?;
                 }
                 self.sim_operator()?;
             }
@@ -357,6 +451,9 @@ impl<'a> Sim<'a> {
             },
             Ev::Unisolate => self.isolated = false,
             Ev::Unflap(h) => self.hosts[h].flapping = false,
+            Ev::Hear(h) => self.hosts[h].deaf = false,
+            Ev::HeartbeatsBack(h) => self.hosts[h].heartbeats_lost = false,
+            Ev::HeartbeatsPrompt(h) => self.hosts[h].heartbeat_delay_ms = 0,
             Ev::MaintenanceEnd(h) => {
                 self.hosts[h].cut = [false; 2];
                 self.later(1_000, 1_000, Ev::MaintenanceOff(h));
@@ -373,6 +470,7 @@ impl<'a> Sim<'a> {
                 w.hung = false;
                 w.boot_id += 1;
                 w.outbox.clear();
+                w.last_acked = None;
                 self.autostart(h);
             }
             Ev::StopCopy(h, i) => {
@@ -389,7 +487,7 @@ impl<'a> Sim<'a> {
                     }
                 }
             }
-            Ev::Exec(a, life) => self.exec(a, life)?,
+            Ev::Exec(a, life, target) => self.exec(a, life, target)?,
             Ev::Heal => {
                 self.healed = true;
                 self.isolated = false;
@@ -399,6 +497,9 @@ impl<'a> Sim<'a> {
                     }
                     w.hung = false;
                     w.flapping = false;
+                    w.deaf = false;
+                    w.heartbeats_lost = false;
+                    w.heartbeat_delay_ms = 0;
                 }
             }
         }
@@ -424,21 +525,27 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// The host's self-fence: an armed watchdog powers the host off after 2 s without
-    /// the controller (isolated, or hung).
+    /// The host's self-fence: an armed watchdog (one the controller has acked since
+    /// the host booted) powers the host off 2 s after the send time of the last
+    /// heartbeat the controller acked (cut off, deaf, its heartbeats lost, or hung).
     pub(super) fn world_watchdog(&mut self, h: usize) {
         if !self.sc.self_fence {
             return;
         }
         let w = &self.hosts[h];
-        let cut_off =
-            w.powered && !w.crashed && (w.hung || self.isolated || (w.cut[0] && w.cut[1]));
-        if !cut_off || w.maintenance {
-            self.hosts[h].silent_since = None;
+        if !w.powered || w.crashed {
             return;
         }
-        let since = *self.hosts[h].silent_since.get_or_insert(self.now);
-        if self.now >= since + 2_000 {
+        if w.maintenance {
+            // Disarmed for planned work, armed again once acked.
+            self.hosts[h].last_acked = None;
+            return;
+        }
+        if w.last_acked.is_some_and(|t| self.now >= t + 2_000) {
+            self.trace(format!(
+                "{:>6} WORLD {} self-fenced (no ack for 2 s)",
+                self.now, self.hosts[h].id
+            ));
             self.power_off(h);
         }
     }
@@ -452,7 +559,7 @@ impl<'a> Sim<'a> {
         w.hung = false;
         w.crashed = false;
         w.outbox.clear();
-        w.silent_since = None;
+        w.last_acked = None;
         for r in &mut self.res {
             r.instances.remove(&h);
             r.copies.remove(&h);
@@ -537,8 +644,10 @@ impl<'a> Sim<'a> {
             Fault::ControllerRestart => {
                 self.report.controller_restarts += 1;
                 self.step_controller_clock();
+                // The store's event streams name every host a process heard.
+                let heard: Vec<HostId> = self.hosts.iter().map(|w| w.id.clone()).collect();
                 let (engine, actions) =
-                    Engine::resume(self.cfg.clone(), &self.log, self.engine_now());
+                    Engine::resume_knowing(self.cfg.clone(), &self.log, &heard, self.engine_now());
                 self.engine = engine;
                 self.lifetime += 1;
                 // The edges' memory died with the process: a re-handed intent is sent
@@ -585,6 +694,22 @@ impl<'a> Sim<'a> {
                 }
             }
             Fault::BmcBroken { host } => self.hosts[host].bmc_broken = true,
+            Fault::HostDeaf { host, for_ms } => {
+                self.hosts[host].deaf = true;
+                self.at(self.now + for_ms, Ev::Hear(host));
+            }
+            Fault::HeartbeatsLost { host, for_ms } => {
+                self.hosts[host].heartbeats_lost = true;
+                self.at(self.now + for_ms, Ev::HeartbeatsBack(host));
+            }
+            Fault::HeartbeatDelay {
+                host,
+                for_ms,
+                max_ms,
+            } => {
+                self.hosts[host].heartbeat_delay_ms = max_ms;
+                self.at(self.now + for_ms, Ev::HeartbeatsPrompt(host));
+            }
         }
         self.check_world()
     }
@@ -645,10 +770,13 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// Host `h`'s own clock now (a plausible unix time, off by its scenario offset).
+    /// Host `h`'s own clock now (a plausible unix time, off by its scenario offset and
+    /// drifting by its scenario drift).
     pub(super) fn host_time(&self, h: usize) -> HostTime {
         let offset = self.sc.clock_offsets_ms.get(h).copied().unwrap_or(0);
-        HostTime((HOST_EPOCH_MS + self.now as i64 + offset) as u64)
+        let ppm = self.sc.clock_drift_ppm.get(h).copied().unwrap_or(0);
+        let drift = self.now as i64 * ppm / 1_000_000;
+        HostTime((HOST_EPOCH_MS + self.now as i64 + offset + drift) as u64)
     }
 
     /// An operator's command; a refusal changes nothing (it is traced).
