@@ -420,7 +420,10 @@ impl Engine {
                         if current {
                             let h = self.hosts.get_mut(host).expect("known");
                             h.fenced_by = Some(*by);
-                            h.fenced_at = Some(now);
+                            // When it was verified (on replay, the log's time, not the
+                            // resumed engine's: an evacuation sent before it is not one
+                            // it stopped).
+                            h.fenced_at = Some(completion.at);
                             h.fenced_watchdog = completion.fenced_watchdog;
                             self.set_host_state(
                                 host,

@@ -2775,6 +2775,66 @@ fn a_replayed_unknown_outcome_is_asked_about_again_after_a_restart() {
 }
 
 #[test]
+fn a_fenced_host_that_came_back_is_asked_after_a_restart_about_an_evacuation_the_dead_controller_may_have_sent_it(
+) {
+    let cfg = Config {
+        vm_restorer: Source::Libvirt,
+        ..Config::default()
+    };
+    let mut h = Harness::with(4, cfg.clone());
+    // Host 2 was lost, fenced by its BMC and its VM restored elsewhere; it is powered
+    // on again and heard (its stream open: the libvirt backend may send it a start).
+    h.fence_and_recover(2);
+    h.power_on(2);
+    h.run_for(300);
+    // Host 1 is lost and fenced; vm1's start is sent, and the controller restarts
+    // before the answer.
+    h.take();
+    h.fence_and_force_down(1);
+    assert!(evacuations(&h.actions)
+        .iter()
+        .any(|(r, _)| *r == Resource::vm("vm1")));
+    let hosts: Vec<HostId> = (0..4).map(host).collect();
+    let now = h.now + 1_000;
+    let (mut engine, out) = Engine::resume_knowing(cfg, &h.log, &hosts, Timestamp(now));
+    let mut asked = asked_about_vm1(&out);
+    // The new process has not heard host 2 since its fence yet: that is no proof that
+    // it is still off. Heard again, it is asked like the others.
+    for t in (now + 100..now + 1_500).step_by(100) {
+        for i in [0, 2, 3] {
+            engine.step(
+                Timestamp(t),
+                Input::Heartbeat(Heartbeat {
+                    host: host(i),
+                    path: PathId(0),
+                    boot_id: if i == 2 { 2 } else { 1 },
+                    incarnation: if i == 2 { 2 } else { 1 },
+                    at: HostTime(t),
+                    self_fence: None,
+                }),
+            );
+        }
+        asked.extend(asked_about_vm1(
+            &engine.step(Timestamp(t), Input::Timer(TimerId::Tick)),
+        ));
+    }
+    assert!(asked.contains(&host(2)), "asked {asked:?}");
+    let out = engine.step(
+        Timestamp(now + 1_500),
+        Input::HostAnswer {
+            host: host(2),
+            resource: Resource::vm("vm1"),
+            runs: Some(true),
+        },
+    );
+    assert!(evacuations(&out).is_empty());
+    assert!(engine
+        .resources()
+        .iter()
+        .any(|v| v.resource == Resource::vm("vm1") && v.host == host(2)));
+}
+
+#[test]
 fn a_vm_a_host_said_it_runs_after_an_unknown_evacuation_has_one_owner_after_a_restart_once_a_later_incident_took_it(
 ) {
     let cfg = Config {

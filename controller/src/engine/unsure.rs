@@ -119,7 +119,10 @@ impl Engine {
     }
 
     /// Whether `host` cannot be running what an evacuation sent at `since` started: a
-    /// power fence verified after it, or one it has not been heard from since.
+    /// power fence verified after it, or one it has not been heard from since and is
+    /// silent. (Not heard is not enough: a resumed controller has heard nobody yet, and
+    /// a host that came back after its fence may have been sent the start by the
+    /// process that died.)
     fn ruled_out(&self, host: &HostId, since: Timestamp) -> bool {
         let Some(h) = self.hosts.get(host) else {
             return false;
@@ -128,9 +131,10 @@ impl Engine {
             h.fenced_by,
             Some(FenceVerifier::IpmiPowerOff | FenceVerifier::PacemakerHistory)
         );
+        let silent = self.detector.liveness(host, self.now) == Liveness::Suspect;
         h.state.fenced()
             && power
-            && (h.fenced_at.is_some_and(|t| t >= since) || !h.heard_since_fence)
+            && (h.fenced_at.is_some_and(|t| t >= since) || !h.heard_since_fence && silent)
     }
 
     /// Per reconcile: drops the hosts a power fence ruled out, settles what no host may
