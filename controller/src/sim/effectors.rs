@@ -251,7 +251,7 @@ impl Sim<'_> {
                 // Nova's scheduler picks a target now; the libvirt backend picked it when
                 // it sent the start there, and a target dead since never answers.
                 let targets: Vec<usize> = if self.remembers(&resource) {
-                    self.targets(f)
+                    self.targets(&resource, f)
                 } else {
                     sent_to.into_iter().collect()
                 };
@@ -326,12 +326,21 @@ impl Sim<'_> {
         self.answer(key, result, heard)
     }
 
-    /// The hosts an evacuation off `f` may go to.
-    fn targets(&self, f: usize) -> Vec<usize> {
+    /// The hosts an evacuation of `r` off `f` may go to. Nova's scheduler takes a host
+    /// once its compute service reports, seconds after a boot (its watchdog's heartbeats
+    /// start at once), and Neutron's an agent alike.
+    fn targets(&self, r: &Resource, f: usize) -> Vec<usize> {
+        let nova = self.remembers(r);
         (0..self.hosts.len())
             .filter(|&t| {
                 let w = &self.hosts[t];
-                t != f && w.alive() && !w.forced_down && !w.maintenance
+                // The libvirt backend forces nothing down (there is no compute service)
+                // and sends a start to any host whose stream is open, fenced or not.
+                t != f
+                    && w.alive()
+                    && !(nova && w.forced_down)
+                    && !w.maintenance
+                    && !(nova && w.boot_id > 1 && self.now < w.booted_at + 2_000)
             })
             .collect()
     }
@@ -347,7 +356,7 @@ impl Sim<'_> {
         }
         let f = self.index(from);
         let open: Vec<usize> = self
-            .targets(f)
+            .targets(resource, f)
             .into_iter()
             .filter(|&t| self.connected(t))
             .collect();

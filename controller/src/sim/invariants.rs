@@ -306,6 +306,18 @@ impl Sim<'_> {
                 continue;
             }
             let r = self.res[i].r.clone();
+            // A copy autostarted while the VM ran elsewhere, which outlived the other
+            // one, is the VM now: running where the engine has it is not left behind.
+            let runs_as_copy = self.engine.resource(&r).is_some_and(|v| {
+                v.state == ResourceState::Running
+                    && self.res[i]
+                        .copies
+                        .iter()
+                        .any(|&h| self.hosts[h].id == v.host)
+            });
+            if runs_as_copy {
+                continue;
+            }
             if gave_up.contains(&r) {
                 self.report.gave_up += 1;
                 continue;

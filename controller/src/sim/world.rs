@@ -26,6 +26,8 @@ pub(super) struct WHost {
     pub(super) heartbeats_lost: bool,
     /// Heartbeats delayed by up to this much each (0: on time).
     pub(super) heartbeat_delay_ms: u64,
+    /// When it last booted (ms): Nova's compute service there takes a while to start.
+    pub(super) booted_at: u64,
 }
 
 impl WHost {
@@ -179,6 +181,7 @@ impl<'a> Sim<'a> {
                 deaf: false,
                 heartbeats_lost: false,
                 heartbeat_delay_ms: 0,
+                booted_at: 0,
             })
             .collect();
         let res = sc
@@ -471,6 +474,7 @@ impl<'a> Sim<'a> {
                 w.boot_id += 1;
                 w.outbox.clear();
                 w.last_acked = None;
+                w.booted_at = self.now;
                 self.autostart(h);
             }
             Ev::StopCopy(h, i) => {
