@@ -496,7 +496,10 @@ impl Engine {
             }
             (
                 Intent::RestartInPlace {
-                    resource, incident, ..
+                    resource,
+                    incident,
+                    host,
+                    attempt,
                 },
                 IntentOutcome::Restore(o),
             ) => {
@@ -532,30 +535,29 @@ impl Engine {
                 e.in_flight = None;
                 match o {
                     RestoreOutcome::Ok { .. } => {
-                        self.mark_restored(resource, completion.host_clock);
-                        self.set_resource_state(
-                            resource,
-                            ResourceState::Running,
-                            "restarted in place",
-                            Source::Libvirt,
-                        );
-                        // Released after the state change, so the change is on the
-                        // owning incident's timeline.
-                        if let Some(e) = self.resources.get_mut(resource) {
-                            e.owner = None;
-                        }
-                        self.close_incident(*incident);
+                        self.restart_settled(resource, *incident, Ok(completion.host_clock));
                     }
-                    // A restart in place goes to the same host again, where a second
-                    // start of a running domain answers "already running": not known
-                    // is failed, and the retry finds out.
-                    RestoreOutcome::Failed { reason } | RestoreOutcome::Unknown { reason, .. } => {
+                    RestoreOutcome::Failed { reason } => {
                         e.retry_at = now + self.cfg.restore_retry_backoff;
                         self.set_resource_state(
                             resource,
                             ResourceState::Failed,
                             &format!("restart failed: {reason}"),
                             Source::Libvirt,
+                        );
+                    }
+                    // A second start on the same host would be harmless ("already
+                    // running"), but once the restarts are spent the next step is an
+                    // evacuation: held until the host says (unsure.rs).
+                    RestoreOutcome::Unknown { reason, .. } => {
+                        self.begin_unsure(
+                            Tried::Restart,
+                            resource,
+                            host,
+                            *incident,
+                            *attempt,
+                            Some(host.clone()),
+                            reason,
                         );
                     }
                 }
@@ -590,6 +592,7 @@ impl Engine {
                     }
                     RestoreOutcome::Unknown { target, reason } => {
                         self.begin_unsure(
+                            Tried::Evacuation,
                             resource,
                             from,
                             *incident,
@@ -614,6 +617,66 @@ impl Engine {
         self.incidents
             .get(&incident)
             .is_some_and(|i| matches!(i.subject, Subject::Resource(_)))
+    }
+
+    /// A restart in place of `resource` by `incident` took (`Ok`, with the host's clock
+    /// when known) or did not (`Err`, why), answered late: its host said after an
+    /// unanswered try, or a power fence ruled it out.
+    pub(super) fn restart_settled(
+        &mut self,
+        resource: &Resource,
+        incident: IncidentId,
+        result: Result<Option<HostTime>, &str>,
+    ) {
+        let current = self
+            .resources
+            .get(resource)
+            .is_some_and(|e| e.owner == Some(incident));
+        match result {
+            Ok(host_clock) if current => {
+                self.mark_restored(resource, host_clock);
+                self.set_resource_state(
+                    resource,
+                    ResourceState::Running,
+                    "restarted in place",
+                    Source::Libvirt,
+                );
+                // Released after the state change, so the change is on the owning
+                // incident's timeline.
+                if let Some(e) = self.resources.get_mut(resource) {
+                    e.owner = None;
+                }
+                self.close_incident(incident);
+            }
+            Err(reason) if current => {
+                // Tried again at once: its pause was the wait for the host's word.
+                self.resources.get_mut(resource).expect("known").retry_at = self.now;
+                self.set_resource_state(
+                    resource,
+                    ResourceState::Failed,
+                    &format!("restart failed: {reason}"),
+                    Source::Libvirt,
+                );
+            }
+            // Superseded by a host incident meanwhile: the state follows the result, the
+            // host incident keeps it.
+            _ => {
+                let (to, cause) = match result {
+                    Ok(_) => (
+                        ResourceState::Running,
+                        "superseded restart took".to_string(),
+                    ),
+                    Err(reason) => (
+                        ResourceState::Failed,
+                        format!("superseded restart failed: {reason}"),
+                    ),
+                };
+                self.set_resource_state(resource, to, &cause, Source::Libvirt);
+                if let Some(e) = self.resources.get_mut(resource) {
+                    e.retry_at = self.now;
+                }
+            }
+        }
     }
 
     /// An evacuation of `resource` off `from` by `incident` started it on `to`

@@ -2989,3 +2989,87 @@ fn a_vm_moved_off_a_healthy_host_by_its_own_incident_is_destroyed_there_and_agai
     libvirt_lists(&mut h, 1, vec![vm1.clone()]);
     assert_eq!(copies_stopped(&h.actions), [(host(1), vm1)]);
 }
+
+// ---------------------------------------------- restarts in place whose outcome is unknown
+
+/// vm1 crashed on healthy host 1 with one restart in place allowed: its restart was
+/// sent and not answered.
+fn restart_of_vm1_unanswered() -> Harness {
+    let cfg = Config {
+        vm_restorer: Source::Libvirt,
+        max_restarts_in_place: 1,
+        ..Config::default()
+    };
+    let mut h = Harness::with(3, cfg);
+    h.exit(1, "vm1", Source::Ebpf, h.now);
+    let Some(Action::RestartInPlace { key, .. }) =
+        h.find(|a| matches!(a, Action::RestartInPlace { .. }))
+    else {
+        panic!("no restart");
+    };
+    h.take();
+    h.input(Input::RestoreResult {
+        resource: Resource::vm("vm1"),
+        key,
+        outcome: RestoreOutcome::Unknown {
+            target: Some(host(1)),
+            reason: "no answer within 30 s".into(),
+        },
+    });
+    h
+}
+
+#[test]
+fn a_restart_in_place_whose_outcome_is_unknown_is_not_followed_by_an_evacuation_until_its_host_says_the_vm_is_not_running(
+) {
+    let mut h = restart_of_vm1_unanswered();
+    assert!(alarms(&h.actions).contains(&AlarmKind::RestoreOutcomeUnknown));
+    h.run_for(5_000);
+    // The host may run it: asked (again while it cannot answer), not evacuated.
+    assert!(evacuations(&h.actions).is_empty(), "{:?}", h.actions);
+    assert_eq!(asked_about_vm1(&h.actions), [host(1)].into());
+    answer(&mut h, 1, None);
+    h.run_for(500);
+    assert!(evacuations(&h.actions).is_empty());
+    // It does not run there: the restarts are spent, so it is evacuated.
+    answer(&mut h, 1, Some(false));
+    h.run_for(100);
+    assert_eq!(evacuations(&h.actions).len(), 1, "{:?}", h.actions);
+}
+
+#[test]
+fn a_host_that_says_it_runs_the_vm_after_an_unknown_restart_in_place_closes_the_incident() {
+    let mut h = restart_of_vm1_unanswered();
+    h.run_for(200);
+    let inc = h.engine.resource(&Resource::vm("vm1")).unwrap().owner;
+    assert!(inc.is_some());
+    answer(&mut h, 1, Some(true));
+    h.run_for(2_000);
+    assert!(evacuations(&h.actions).is_empty());
+    assert_eq!(h.vm(1), ResourceState::Running);
+    assert_eq!(h.engine.resource(&Resource::vm("vm1")).unwrap().owner, None);
+    h.take();
+    h.run_for(2_000);
+    assert!(asked_about_vm1(&h.actions).is_empty());
+}
+
+#[test]
+fn a_host_powered_off_after_an_unknown_restart_in_place_has_its_vm_evacuated() {
+    let mut h = restart_of_vm1_unanswered();
+    h.run_for(200);
+    let fence = h.kill_until_fence(1);
+    assert!(evacuations(&h.actions).is_empty());
+    h.fence_result(
+        1,
+        fence,
+        FenceOutcome::Verified(FenceVerifier::IpmiPowerOff),
+    );
+    h.run_for(100);
+    h.force_down_ok(1);
+    h.run_for(500);
+    let evacuated: Vec<Resource> = evacuations(&h.actions)
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect();
+    assert!(evacuated.contains(&Resource::vm("vm1")), "{:?}", h.actions);
+}
