@@ -354,7 +354,10 @@ impl Engine {
                     self.detector.reset(host, now);
                 }
             }
-            Intent::Unfence { host } => {
+            Intent::Unfence {
+                host,
+                before_return,
+            } => {
                 self.ensure_host(host);
                 self.stop_copies_before_trust(host);
                 let now = self.now;
@@ -393,7 +396,12 @@ impl Engine {
                 let h = self.hosts.get_mut(host).expect("ensured");
                 h.clear_incident();
                 h.stale.clear();
-                h.evacuated.clear();
+                // Trusted before it is back: those destroys cannot reach it, and its
+                // libvirt may autostart what was moved off it when it boots. What was
+                // moved stays marked until a listing of its return settles it.
+                if !before_return {
+                    h.evacuated.clear();
+                }
                 h.last_incident = None;
                 h.fenced_at = None;
                 self.detector.reset(host, now);

@@ -2844,6 +2844,47 @@ fn a_vm_moved_off_a_fenced_host_is_destroyed_there_when_the_move_completes_whene
 }
 
 #[test]
+fn a_host_unfenced_while_dark_has_the_copy_its_autostart_starts_destroyed_when_it_returns() {
+    let mut h = Harness::new(4);
+    h.fence_and_recover(2);
+    let vm2 = Resource::vm("vm2");
+    // Trusted again before it is back: the destroy asked for now cannot reach it.
+    h.command(OperatorCommand::Unfence { host: host(2) })
+        .unwrap();
+    assert_eq!(h.state(2), HostState::Up);
+    // It boots, and libvirt autostarts the copy of vm2 it ran before its fence.
+    h.power_on(2);
+    h.run_for(300);
+    h.take();
+    libvirt_lists(&mut h, 2, vec![vm2.clone()]);
+    assert_eq!(copies_stopped(&h.actions), [(host(2), vm2.clone())]);
+    // A restarted controller knows it too (from the unfence's intent).
+    let (mut resumed, _) = Engine::resume(Config::default(), &h.log, Timestamp(h.now + 10));
+    let listing = Input::HostEvent {
+        host: host(2),
+        event: HostEvent::Inventory {
+            resources: vec![vm2.clone()],
+            stopped: vec![],
+            source: Source::Libvirt,
+            at: ListedAt::Host(h.host_clock(h.now + 20)),
+        },
+    };
+    let out = resumed.step(Timestamp(h.now + 20), listing);
+    assert_eq!(copies_stopped(&out), [(host(2), vm2.clone())]);
+    // Listed again before it is gone: asked again.
+    h.take();
+    libvirt_lists(&mut h, 2, vec![vm2.clone()]);
+    assert_eq!(copies_stopped(&h.actions), [(host(2), vm2.clone())]);
+    // Gone; later listed again (someone migrated it there): reported, not destroyed.
+    h.run_for(100);
+    libvirt_lists(&mut h, 2, vec![]);
+    h.run_for(100);
+    h.take();
+    libvirt_lists(&mut h, 2, vec![vm2]);
+    assert!(copies_stopped(&h.actions).is_empty(), "{:#?}", h.actions);
+}
+
+#[test]
 fn a_listing_dated_before_the_restore_on_the_controllers_clock_is_old_news_and_a_hosts_own_clock_is_never_compared_with_another_hosts(
 ) {
     let mut h = Harness::new(4);
