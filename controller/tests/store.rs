@@ -110,6 +110,7 @@ fn recording_an_existing_key_is_a_no_op() {
         let mut other = fence_record("i1/fence-1/host:cmp-07", 1, 99);
         other.intent = Intent::Unfence {
             host: HostId::new("elsewhere"),
+            before_return: false,
         };
         assert!(!s.record_intent(&other).unwrap());
         assert!(!s.record_intent(&first).unwrap());

@@ -15,10 +15,10 @@
 //!   for a domain that already runs with ok ("already running"), so a resent command is
 //!   harmless.
 //! - Restart in place, no stream for the host: `Failed` at once. No answer within
-//!   [`COMMAND_TIMEOUT`], or the stream closes before the answer: `Failed` too, although
-//!   the start may have happened: the engine tries again on the same host only (within
-//!   its restart budget, then it evacuates, which needs the host fenced first), and a
-//!   second `StartDomain` there answers "already running".
+//!   [`COMMAND_TIMEOUT`], or the stream closes after the command was handed over:
+//!   `Unknown` on that host. A second `StartDomain` there would answer "already
+//!   running", but once the restart budget is spent the engine's next step is an
+//!   evacuation elsewhere, so it asks the host first (as below).
 //! - Evacuating (the engine asks only once the host's fence is verified): the domain is
 //!   started on another host with an open stream (`Command {StartFromDefinition}`), from
 //!   the definition its own host last reported (`DomainDefinition` events, kept here
@@ -378,11 +378,18 @@ impl Restorer for LibvirtRestorer {
                     tracing::warn!(%host, %resource, %key, %detail, "the watchdog could not start the domain");
                     RestoreOutcome::Failed { reason: detail }
                 }
-                // Sent or not, a second start on this host is harmless (module docs).
-                Err(e) => {
-                    let reason = e.reason().to_string();
+                Err(CommandError::NotSent(reason)) => {
                     tracing::warn!(%host, %resource, %key, %reason, "restart in place failed");
                     RestoreOutcome::Failed { reason }
+                }
+                // Sent: it may be running now. A second start here would be harmless
+                // (module docs), but an evacuation after the last restart would not.
+                Err(CommandError::NoAnswer(reason)) => {
+                    tracing::warn!(%host, %resource, %key, %reason, "restart in place not answered: its outcome is not known");
+                    RestoreOutcome::Unknown {
+                        target: Some(host.clone()),
+                        reason,
+                    }
                 }
             };
             let _ = results.send(Input::RestoreResult {
@@ -656,7 +663,8 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_watchdog_that_never_answers_fails_the_restart_after_the_timeout() {
+    async fn a_watchdog_that_never_answers_leaves_the_restart_unknown_on_its_host_after_the_timeout(
+    ) {
         let streams = HostStreams::new();
         let (_reg, mut seen) = fake_stream(&streams, "h1", None);
         let (mut r, mut results) = restorer(&streams);
@@ -666,7 +674,8 @@ mod tests {
         let (_, _, outcome) = next_outcome(&mut results).await;
         assert!(started.elapsed() >= COMMAND_TIMEOUT);
         match outcome {
-            RestoreOutcome::Failed { reason } => {
+            RestoreOutcome::Unknown { target, reason } => {
+                assert_eq!(target, Some(HostId::new("h1")));
                 assert!(
                     reason.contains("no answer from the watchdog of h1"),
                     "{reason}"
@@ -692,7 +701,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_stream_that_closes_before_answering_fails_the_restart() {
+    async fn a_stream_that_closes_after_taking_the_restart_leaves_it_unknown_on_its_host() {
         let streams = HostStreams::new();
         let (tx, mut rx) = mpsc::channel::<CommandRequest>(COMMANDS_QUEUED);
         let registration = streams.register("h1", tx);
@@ -705,7 +714,8 @@ mod tests {
         let (mut r, mut results) = restorer(&streams);
         r.restart_in_place(&Resource::vm("u-1"), &HostId::new("h1"), 1, &key("k"));
         match next_outcome(&mut results).await.2 {
-            RestoreOutcome::Failed { reason } => {
+            RestoreOutcome::Unknown { target, reason } => {
+                assert_eq!(target, Some(HostId::new("h1")));
                 assert!(
                     reason.contains("closed before the watchdog answered"),
                     "{reason}"

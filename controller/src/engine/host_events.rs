@@ -270,6 +270,9 @@ impl Engine {
                 }
             }
             self.hear_word_on_arrivals(host, &listed, &covers, source, at);
+            if !hstate.fenced() {
+                self.forget_moved_copies_not_listed(host, &listed, &covers, at);
+            }
             let h = self.hosts.get_mut(host).expect("known");
             let mut now_stale: BTreeSet<Resource> =
                 h.stale.iter().filter(|r| !covers(r)).cloned().collect();
@@ -305,6 +308,35 @@ impl Engine {
                     },
                 );
             }
+        }
+    }
+
+    /// A host unfenced before it was back keeps what was moved off it marked (its
+    /// copies are destroyed when listed); a listing of it, newer than their restore,
+    /// that does not show one settles that one: listed later, someone migrated it there.
+    fn forget_moved_copies_not_listed(
+        &mut self,
+        host: &HostId,
+        listed: &BTreeSet<Resource>,
+        covers: &dyn Fn(&Resource) -> bool,
+        at: ListedAt,
+    ) {
+        let gone: Vec<Resource> = self.hosts[host]
+            .evacuated
+            .iter()
+            .filter(|r| {
+                covers(r)
+                    && !listed.contains(*r)
+                    && self
+                        .resources
+                        .get(*r)
+                        .is_none_or(|e| !listed_before_restore(e, at))
+            })
+            .cloned()
+            .collect();
+        let h = self.hosts.get_mut(host).expect("known");
+        for r in gone {
+            h.evacuated.remove(&r);
         }
     }
 

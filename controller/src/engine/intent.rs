@@ -124,6 +124,11 @@ pub enum Intent {
     Unfence {
         /// The host.
         host: HostId,
+        /// Trusted before it was back (not heard since its fence): what was moved off
+        /// it stays marked until a listing of its return settles it (logs from before
+        /// this field read as `false`).
+        #[serde(default)]
+        before_return: bool,
     },
 }
 
@@ -163,7 +168,7 @@ impl Intent {
                 from: from.clone(),
                 key,
             }),
-            Intent::Unfence { host } => Some(Action::Unfence {
+            Intent::Unfence { host, .. } => Some(Action::Unfence {
                 host: host.clone(),
                 key,
             }),

@@ -121,6 +121,7 @@ use std::time::Duration;
 
 use detector::{Detector, Liveness};
 use entries::{Gate, HostClock, HostEntry, Known, ResourceEntry, Restored};
+use unsure::Tried;
 
 pub use book::Incident;
 pub use config::Config;

@@ -22,7 +22,13 @@ impl Engine {
             &format!("unfence@{}", self.now.0),
             &Subject::Host(host.clone()),
         );
-        self.issue(key, Intent::Unfence { host: host.clone() });
+        self.issue(
+            key,
+            Intent::Unfence {
+                host: host.clone(),
+                before_return: false,
+            },
+        );
     }
 
     /// Why an unfence of `host` would be refused now, if it would.
@@ -75,7 +81,14 @@ impl Engine {
                     });
                 }
                 let key = operator_key("unfence", now, &host);
-                self.issue(key, Intent::Unfence { host });
+                let before_return = !self.is_back(&host);
+                self.issue(
+                    key,
+                    Intent::Unfence {
+                        host,
+                        before_return,
+                    },
+                );
             }
         }
         Ok(())

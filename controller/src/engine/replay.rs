@@ -354,7 +354,10 @@ impl Engine {
                     self.detector.reset(host, now);
                 }
             }
-            Intent::Unfence { host } => {
+            Intent::Unfence {
+                host,
+                before_return,
+            } => {
                 self.ensure_host(host);
                 self.stop_copies_before_trust(host);
                 let now = self.now;
@@ -393,7 +396,12 @@ impl Engine {
                 let h = self.hosts.get_mut(host).expect("ensured");
                 h.clear_incident();
                 h.stale.clear();
-                h.evacuated.clear();
+                // Trusted before it is back: those destroys cannot reach it, and its
+                // libvirt may autostart what was moved off it when it boots. What was
+                // moved stays marked until a listing of its return settles it.
+                if !before_return {
+                    h.evacuated.clear();
+                }
                 h.last_incident = None;
                 h.fenced_at = None;
                 self.detector.reset(host, now);
@@ -499,7 +507,10 @@ impl Engine {
             }
             (
                 Intent::RestartInPlace {
-                    resource, incident, ..
+                    resource,
+                    incident,
+                    host,
+                    attempt,
                 },
                 IntentOutcome::Restore(o),
             ) => {
@@ -535,30 +546,29 @@ impl Engine {
                 e.in_flight = None;
                 match o {
                     RestoreOutcome::Ok { .. } => {
-                        self.mark_restored(resource, completion.host_clock);
-                        self.set_resource_state(
-                            resource,
-                            ResourceState::Running,
-                            "restarted in place",
-                            Source::Libvirt,
-                        );
-                        // Released after the state change, so the change is on the
-                        // owning incident's timeline.
-                        if let Some(e) = self.resources.get_mut(resource) {
-                            e.owner = None;
-                        }
-                        self.close_incident(*incident);
+                        self.restart_settled(resource, *incident, Ok(completion.host_clock));
                     }
-                    // A restart in place goes to the same host again, where a second
-                    // start of a running domain answers "already running": not known
-                    // is failed, and the retry finds out.
-                    RestoreOutcome::Failed { reason } | RestoreOutcome::Unknown { reason, .. } => {
+                    RestoreOutcome::Failed { reason } => {
                         e.retry_at = now + self.cfg.restore_retry_backoff;
                         self.set_resource_state(
                             resource,
                             ResourceState::Failed,
                             &format!("restart failed: {reason}"),
                             Source::Libvirt,
+                        );
+                    }
+                    // A second start on the same host would be harmless ("already
+                    // running"), but once the restarts are spent the next step is an
+                    // evacuation: held until the host says (unsure.rs).
+                    RestoreOutcome::Unknown { reason, .. } => {
+                        self.begin_unsure(
+                            Tried::Restart,
+                            resource,
+                            host,
+                            *incident,
+                            *attempt,
+                            Some(host.clone()),
+                            reason,
                         );
                     }
                 }
@@ -593,6 +603,7 @@ impl Engine {
                     }
                     RestoreOutcome::Unknown { target, reason } => {
                         self.begin_unsure(
+                            Tried::Evacuation,
                             resource,
                             from,
                             *incident,
@@ -620,16 +631,79 @@ impl Engine {
     }
 
     /// A restore of `resource` on or off `on` by `incident` ends the wait of an
-    /// unanswered evacuation. Live, a later restore is issued only after that wait was
-    /// settled; a wait of another incident was settled by a host that said it ran the
-    /// resource (a retry would be the same incident's), which the log does not hold: on
-    /// replay the later restore says it was `on`, and that settles the wait as it did.
+    /// unanswered try. Live, a later restore is issued only after that wait was settled;
+    /// a wait of another incident was settled by a host that said it ran the resource (a
+    /// retry would be the same incident's), which the log does not hold: on replay the
+    /// later restore says it was `on`, and that settles the wait as it did.
     fn supersede_wait(&mut self, resource: &Resource, incident: IncidentId, on: &HostId) {
         let Some(u) = self.unsure.remove(resource) else {
             return;
         };
         if self.replaying && u.incident != incident {
-            self.evacuated_to(resource, &u.from, u.incident, on, None);
+            match u.tried {
+                Tried::Evacuation => self.evacuated_to(resource, &u.from, u.incident, on, None),
+                Tried::Restart => self.restart_settled(resource, u.incident, Ok(None)),
+            }
+        }
+    }
+
+    /// A restart in place of `resource` by `incident` took (`Ok`, with the host's clock
+    /// when known) or did not (`Err`, why), answered late: its host said after an
+    /// unanswered try, or a power fence ruled it out.
+    pub(super) fn restart_settled(
+        &mut self,
+        resource: &Resource,
+        incident: IncidentId,
+        result: Result<Option<HostTime>, &str>,
+    ) {
+        let current = self
+            .resources
+            .get(resource)
+            .is_some_and(|e| e.owner == Some(incident));
+        match result {
+            Ok(host_clock) if current => {
+                self.mark_restored(resource, host_clock);
+                self.set_resource_state(
+                    resource,
+                    ResourceState::Running,
+                    "restarted in place",
+                    Source::Libvirt,
+                );
+                // Released after the state change, so the change is on the owning
+                // incident's timeline.
+                if let Some(e) = self.resources.get_mut(resource) {
+                    e.owner = None;
+                }
+                self.close_incident(incident);
+            }
+            Err(reason) if current => {
+                // Tried again at once: its pause was the wait for the host's word.
+                self.resources.get_mut(resource).expect("known").retry_at = self.now;
+                self.set_resource_state(
+                    resource,
+                    ResourceState::Failed,
+                    &format!("restart failed: {reason}"),
+                    Source::Libvirt,
+                );
+            }
+            // Superseded by a host incident meanwhile: the state follows the result, the
+            // host incident keeps it.
+            _ => {
+                let (to, cause) = match result {
+                    Ok(_) => (
+                        ResourceState::Running,
+                        "superseded restart took".to_string(),
+                    ),
+                    Err(reason) => (
+                        ResourceState::Failed,
+                        format!("superseded restart failed: {reason}"),
+                    ),
+                };
+                self.set_resource_state(resource, to, &cause, Source::Libvirt);
+                if let Some(e) = self.resources.get_mut(resource) {
+                    e.retry_at = self.now;
+                }
+            }
         }
     }
 

@@ -3017,6 +3017,47 @@ fn a_vm_moved_off_a_fenced_host_is_destroyed_there_when_the_move_completes_whene
 }
 
 #[test]
+fn a_host_unfenced_while_dark_has_the_copy_its_autostart_starts_destroyed_when_it_returns() {
+    let mut h = Harness::new(4);
+    h.fence_and_recover(2);
+    let vm2 = Resource::vm("vm2");
+    // Trusted again before it is back: the destroy asked for now cannot reach it.
+    h.command(OperatorCommand::Unfence { host: host(2) })
+        .unwrap();
+    assert_eq!(h.state(2), HostState::Up);
+    // It boots, and libvirt autostarts the copy of vm2 it ran before its fence.
+    h.power_on(2);
+    h.run_for(300);
+    h.take();
+    libvirt_lists(&mut h, 2, vec![vm2.clone()]);
+    assert_eq!(copies_stopped(&h.actions), [(host(2), vm2.clone())]);
+    // A restarted controller knows it too (from the unfence's intent).
+    let (mut resumed, _) = Engine::resume(Config::default(), &h.log, Timestamp(h.now + 10));
+    let listing = Input::HostEvent {
+        host: host(2),
+        event: HostEvent::Inventory {
+            resources: vec![vm2.clone()],
+            stopped: vec![],
+            source: Source::Libvirt,
+            at: ListedAt::Host(h.host_clock(h.now + 20)),
+        },
+    };
+    let out = resumed.step(Timestamp(h.now + 20), listing);
+    assert_eq!(copies_stopped(&out), [(host(2), vm2.clone())]);
+    // Listed again before it is gone: asked again.
+    h.take();
+    libvirt_lists(&mut h, 2, vec![vm2.clone()]);
+    assert_eq!(copies_stopped(&h.actions), [(host(2), vm2.clone())]);
+    // Gone; later listed again (someone migrated it there): reported, not destroyed.
+    h.run_for(100);
+    libvirt_lists(&mut h, 2, vec![]);
+    h.run_for(100);
+    h.take();
+    libvirt_lists(&mut h, 2, vec![vm2]);
+    assert!(copies_stopped(&h.actions).is_empty(), "{:#?}", h.actions);
+}
+
+#[test]
 fn a_listing_dated_before_the_restore_on_the_controllers_clock_is_old_news_and_a_hosts_own_clock_is_never_compared_with_another_hosts(
 ) {
     let mut h = Harness::new(4);
@@ -3161,4 +3202,88 @@ fn a_vm_moved_off_a_healthy_host_by_its_own_incident_is_destroyed_there_and_agai
     h.take();
     libvirt_lists(&mut h, 1, vec![vm1.clone()]);
     assert_eq!(copies_stopped(&h.actions), [(host(1), vm1)]);
+}
+
+// ---------------------------------------------- restarts in place whose outcome is unknown
+
+/// vm1 crashed on healthy host 1 with one restart in place allowed: its restart was
+/// sent and not answered.
+fn restart_of_vm1_unanswered() -> Harness {
+    let cfg = Config {
+        vm_restorer: Source::Libvirt,
+        max_restarts_in_place: 1,
+        ..Config::default()
+    };
+    let mut h = Harness::with(3, cfg);
+    h.exit(1, "vm1", Source::Ebpf, h.now);
+    let Some(Action::RestartInPlace { key, .. }) =
+        h.find(|a| matches!(a, Action::RestartInPlace { .. }))
+    else {
+        panic!("no restart");
+    };
+    h.take();
+    h.input(Input::RestoreResult {
+        resource: Resource::vm("vm1"),
+        key,
+        outcome: RestoreOutcome::Unknown {
+            target: Some(host(1)),
+            reason: "no answer within 30 s".into(),
+        },
+    });
+    h
+}
+
+#[test]
+fn a_restart_in_place_whose_outcome_is_unknown_is_not_followed_by_an_evacuation_until_its_host_says_the_vm_is_not_running(
+) {
+    let mut h = restart_of_vm1_unanswered();
+    assert!(alarms(&h.actions).contains(&AlarmKind::RestoreOutcomeUnknown));
+    h.run_for(5_000);
+    // The host may run it: asked (again while it cannot answer), not evacuated.
+    assert!(evacuations(&h.actions).is_empty(), "{:?}", h.actions);
+    assert_eq!(asked_about_vm1(&h.actions), [host(1)].into());
+    answer(&mut h, 1, None);
+    h.run_for(500);
+    assert!(evacuations(&h.actions).is_empty());
+    // It does not run there: the restarts are spent, so it is evacuated.
+    answer(&mut h, 1, Some(false));
+    h.run_for(100);
+    assert_eq!(evacuations(&h.actions).len(), 1, "{:?}", h.actions);
+}
+
+#[test]
+fn a_host_that_says_it_runs_the_vm_after_an_unknown_restart_in_place_closes_the_incident() {
+    let mut h = restart_of_vm1_unanswered();
+    h.run_for(200);
+    let inc = h.engine.resource(&Resource::vm("vm1")).unwrap().owner;
+    assert!(inc.is_some());
+    answer(&mut h, 1, Some(true));
+    h.run_for(2_000);
+    assert!(evacuations(&h.actions).is_empty());
+    assert_eq!(h.vm(1), ResourceState::Running);
+    assert_eq!(h.engine.resource(&Resource::vm("vm1")).unwrap().owner, None);
+    h.take();
+    h.run_for(2_000);
+    assert!(asked_about_vm1(&h.actions).is_empty());
+}
+
+#[test]
+fn a_host_powered_off_after_an_unknown_restart_in_place_has_its_vm_evacuated() {
+    let mut h = restart_of_vm1_unanswered();
+    h.run_for(200);
+    let fence = h.kill_until_fence(1);
+    assert!(evacuations(&h.actions).is_empty());
+    h.fence_result(
+        1,
+        fence,
+        FenceOutcome::Verified(FenceVerifier::IpmiPowerOff),
+    );
+    h.run_for(100);
+    h.force_down_ok(1);
+    h.run_for(500);
+    let evacuated: Vec<Resource> = evacuations(&h.actions)
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect();
+    assert!(evacuated.contains(&Resource::vm("vm1")), "{:?}", h.actions);
 }

@@ -345,9 +345,10 @@ pub enum AlarmKind {
     /// was silent: whether they run is not known until the host lists what it runs;
     /// they are neither restored elsewhere nor taken as running until then.
     AwaitingHostWord,
-    /// An evacuation was sent and not answered: it may have started the resource. It
-    /// is tried nowhere else until every host that may run it has said it does not, or
-    /// was powered off since; a host that says it runs it settles it there.
+    /// An evacuation or a restart in place was sent and not answered: it may have
+    /// started the resource. It is tried again nowhere until every host that may run it
+    /// has said it does not, or was powered off since; a host that says it runs it
+    /// settles it there.
     RestoreOutcomeUnknown,
     /// An operator command was refused (unfence of a host that is not clean or not
     /// fenced, maintenance during a fence).

@@ -1,4 +1,4 @@
-//! Evacuations whose outcome is not known: the hosts that may run the resource, asking
+//! Restores whose outcome is not known: the hosts that may run the resource, asking
 //! them, and settling it once one says it runs it, or every one has said no or been
 //! powered off.
 //!
@@ -11,6 +11,10 @@
 //! Pacemaker) verified after the evacuation was sent, or while it has not been heard
 //! since. A self-fence deadline rules nothing out: the host may have rebooted and
 //! started what it was sent. One host answering "running" settles it there.
+//!
+//! A restart in place not answered is held the same way on its own host: once its
+//! restarts are spent the next step is an evacuation, which must not start a second
+//! copy of a restart that did take.
 
 use super::*;
 
@@ -18,9 +22,28 @@ use super::*;
 /// asked again.
 pub(super) const ASK_AGAIN: Duration = Duration::from_secs(1);
 
-/// An evacuation sent and not answered.
+/// What was sent and not answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Tried {
+    /// An evacuation off `from`.
+    Evacuation,
+    /// A restart in place on `from` (its target).
+    Restart,
+}
+
+impl Tried {
+    fn name(self) -> &'static str {
+        match self {
+            Tried::Evacuation => "evacuation",
+            Tried::Restart => "restart in place",
+        }
+    }
+}
+
+/// A restore sent and not answered.
 #[derive(Clone, Debug)]
 pub(super) struct Unsure {
+    pub(super) tried: Tried,
     pub(super) incident: IncidentId,
     pub(super) from: HostId,
     pub(super) attempt: u32,
@@ -48,9 +71,12 @@ impl Engine {
     }
 
     /// The evacuation `attempt` of `resource` off `from` may have started it on
-    /// `target` (anywhere but `from` when `None`): hold it until that is settled.
+    /// `target` (anywhere but `from` when `None`), or the restart `attempt` on `from`
+    /// (`target` is `from`): hold it until that is settled.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn begin_unsure(
         &mut self,
+        tried: Tried,
         resource: &Resource,
         from: &HostId,
         incident: IncidentId,
@@ -68,6 +94,7 @@ impl Engine {
             self.ensure_host(h);
         }
         let u = Unsure {
+            tried,
             incident,
             from: from.clone(),
             attempt,
@@ -82,8 +109,9 @@ impl Engine {
             incident,
             Subject::Resource(resource.clone()),
             format!(
-                "evacuation #{attempt}: outcome not known ({reason}); not tried elsewhere \
+                "{} #{attempt}: outcome not known ({reason}); not tried again or elsewhere \
                  until it is known not to run on: {}",
+                tried.name(),
                 names.join(", ")
             ),
             self.source_for(resource),
@@ -93,7 +121,8 @@ impl Engine {
             None,
             Some(resource.clone()),
             format!(
-                "evacuation #{attempt} not answered ({reason}); asking {}",
+                "{} #{attempt} not answered ({reason}); asking {}",
+                tried.name(),
                 names.join(", ")
             ),
         );
@@ -209,7 +238,8 @@ impl Engine {
                     inc,
                     Subject::Resource(r.clone()),
                     format!(
-                        "{host} runs it: the unanswered evacuation #{} started it",
+                        "{host} runs it: the unanswered {} #{} started it",
+                        u.tried.name(),
                         u.attempt
                     ),
                     self.source_for(r),
@@ -219,21 +249,25 @@ impl Engine {
                     .get(host)
                     .and_then(|h| h.clock)
                     .map(|c| c.at(self.now));
-                self.evacuated_to(r, &u.from, u.incident, host, host_clock);
+                match u.tried {
+                    Tried::Evacuation => {
+                        self.evacuated_to(r, &u.from, u.incident, host, host_clock);
+                    }
+                    Tried::Restart => self.restart_settled(r, u.incident, Ok(host_clock)),
+                }
             }
         }
     }
 
-    /// No host may run it: the unanswered evacuation counts as a failed one.
+    /// No host may run it: the unanswered restore counts as a failed one.
     fn settle_not_running(&mut self, r: &Resource) {
         let u = self.unsure.remove(r).expect("present");
         self.bump();
-        self.evacuation_failed(
-            r,
-            u.incident,
-            u.attempt,
-            "its outcome was not known, and no host runs it",
-        );
+        let reason = "its outcome was not known, and no host runs it";
+        match u.tried {
+            Tried::Evacuation => self.evacuation_failed(r, u.incident, u.attempt, reason),
+            Tried::Restart => self.restart_settled(r, u.incident, Err(reason)),
+        }
         // Tried again at once: its pause was the wait for the hosts' word.
         if let Some(e) = self.resources.get_mut(r) {
             e.retry_at = self.now;

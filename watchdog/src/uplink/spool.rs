@@ -25,7 +25,9 @@
 //!
 //! Bound: at most `max_events` unreleased events. When full, appending drops the
 //! oldest one (its id is released and [`Spool::dropped`] counts it): the monitor is
-//! never blocked, and the controller sees the gap in the ids.
+//! never blocked. Nothing tells the controller about the gap in the ids; the drop is
+//! logged and counted in the stream's status (`dropped`), and a VM whose exit was
+//! dropped is caught as missing by the next libvirt listing.
 //!
 //! The unreleased events are also kept in memory (at most `max_events` of them), so
 //! resending after a reconnect reads nothing back from disk.
