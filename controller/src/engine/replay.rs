@@ -82,7 +82,8 @@ impl Engine {
                             &entry.record.key,
                             IntentOutcome::Restore(RestoreOutcome::Unknown {
                                 target: None,
-                                reason: "the controller restarted before the answer, and                                          the backend does not remember where it sent it"
+                                reason: "the controller restarted before the answer, and the backend does not \
+                                         remember where it sent it"
                                     .into(),
                             }),
                         );
