@@ -100,6 +100,7 @@ pub struct EngineSection {
     pub restart_window_s: u64,
     pub max_evacuate_attempts: u32,
     pub restore_retry_backoff_ms: u64,
+    pub unanswered_after_ms: u64,
     pub max_dead_share: f64,
 }
 
@@ -143,6 +144,7 @@ impl Default for EngineSection {
             restart_window_s: e.restart_window.as_secs(),
             max_evacuate_attempts: e.max_evacuate_attempts,
             restore_retry_backoff_ms: e.restore_retry_backoff.as_millis() as u64,
+            unanswered_after_ms: e.unanswered_after.as_millis() as u64,
             max_dead_share: e.max_dead_share,
         }
     }
@@ -307,6 +309,11 @@ impl ControllerConfig {
             0..=60_000,
         )?;
         check_range(
+            "engine.unanswered_after_ms",
+            e.unanswered_after_ms,
+            60_000..=86_400_000,
+        )?;
+        check_range(
             "engine.max_dead_share",
             e.max_dead_share,
             (Bound::Excluded(0.0), Bound::Included(1.0)),
@@ -349,6 +356,7 @@ impl ControllerConfig {
             restart_window: Duration::from_secs(e.restart_window_s),
             max_evacuate_attempts: e.max_evacuate_attempts,
             restore_retry_backoff: ms(e.restore_retry_backoff_ms),
+            unanswered_after: ms(e.unanswered_after_ms),
             max_dead_share: e.max_dead_share,
             self_fence_margin: self
                 .fence

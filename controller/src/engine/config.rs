@@ -44,6 +44,12 @@ pub struct Config {
     /// after a partition) gets time to recover instead of the tries being spent within
     /// milliseconds.
     pub restore_retry_backoff: Duration,
+    /// A backstop for an edge that never answers: an action (fence, force-down,
+    /// restore, unfence) not answered after this long is handed to its edge again under
+    /// its key, and a libvirt evacuation (whose target the backend may have lost) is
+    /// taken as not known, so the hosts are asked (default 15 min: longer than the
+    /// edges' own default timeouts, so it does not fire while they keep their word).
+    pub unanswered_after: Duration,
     /// Events about the same resource within this window belong to one incident: the
     /// first acts, later ones only enrich the timeline (default 5 s).
     pub correlation_window: Duration,
@@ -77,6 +83,7 @@ impl Default for Config {
             restart_window: Duration::from_secs(600),
             max_evacuate_attempts: 3,
             restore_retry_backoff: Duration::from_secs(1),
+            unanswered_after: Duration::from_secs(900),
             correlation_window: Duration::from_secs(5),
             max_dead_share: 0.5,
             fence_method: super::types::FenceMethod::Ipmi,

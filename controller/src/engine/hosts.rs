@@ -137,6 +137,7 @@ impl Engine {
         for (host, live, silence) in &seen {
             self.evaluate_host(host, *live, *silence);
         }
+        self.chase_unanswered();
     }
 
     pub(super) fn evaluate_gate(&mut self, seen: &[(HostId, Liveness, Duration)]) {

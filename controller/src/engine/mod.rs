@@ -114,6 +114,7 @@ mod reconcile;
 mod replay;
 mod state;
 mod types;
+mod unanswered;
 mod unsure;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -152,6 +153,8 @@ pub struct Engine {
     gate: Gate,
     /// Evacuations sent and not answered: held until the hosts that may run them say.
     unsure: BTreeMap<Resource, unsure::Unsure>,
+    /// Open intents whose action was handed to an edge, and when (unanswered.rs).
+    handed: BTreeMap<IntentKey, Timestamp>,
     /// Hosts an earlier controller process heard from (the store's event streams),
     /// handed in at resume: an evacuation whose target was forgotten may run on any.
     hosts_in_store: BTreeSet<HostId>,
@@ -176,6 +179,7 @@ impl Engine {
             stalls: BTreeMap::new(),
             gate: Gate::default(),
             unsure: BTreeMap::new(),
+            handed: BTreeMap::new(),
             hosts_in_store: BTreeSet::new(),
             replaying: false,
             out: Vec::new(),
@@ -236,10 +240,12 @@ impl Engine {
         cmd: OperatorCommand,
     ) -> Result<Vec<Action>, Refusal> {
         self.now = self.now.max(now);
-        let taken = self.on_operator(cmd);
+        // Refused, nothing changed, and nothing is reconciled either: what a reconcile
+        // issued would be dropped with the refusal (recorded as handed out, never
+        // persisted nor carried out). The next tick reconciles.
+        self.on_operator(cmd)?;
         self.reconcile();
-        let out = std::mem::take(&mut self.out);
-        taken.map(|()| out)
+        Ok(std::mem::take(&mut self.out))
     }
 
     // ---------------------------------------------------------------- read-only views

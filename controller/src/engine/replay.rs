@@ -104,6 +104,7 @@ impl Engine {
                         );
                     }
                     e.out.push(a);
+                    e.handed(&entry.record.key);
                 }
             }
         }
@@ -134,6 +135,7 @@ impl Engine {
         self.apply_issue(&record);
         if let Some(a) = record.intent.action(&key) {
             self.out.push(a);
+            self.handed(&key);
         }
         true
     }
@@ -148,6 +150,7 @@ impl Engine {
             }
             _ => return false,
         };
+        self.handed.remove(key);
         // A restore is dated on its host's clock too (see `Restored`).
         let host_clock = match (&record.intent, &outcome) {
             (

@@ -3287,3 +3287,116 @@ fn a_host_powered_off_after_an_unknown_restart_in_place_has_its_vm_evacuated() {
         .collect();
     assert!(evacuated.contains(&Resource::vm("vm1")), "{:?}", h.actions);
 }
+
+// ---------------------------------------------------- actions whose answer never comes
+
+fn backstop(cfg: Config) -> Config {
+    Config {
+        unanswered_after: Duration::from_secs(60),
+        ..cfg
+    }
+}
+
+#[test]
+fn an_evacuation_never_answered_is_handed_to_nova_again_under_its_key_after_the_backstop() {
+    let mut h = Harness::with(4, backstop(Config::default()));
+    h.fence_and_force_down(1);
+    let (_, key) = evacuations(&h.actions)
+        .into_iter()
+        .find(|(r, _)| *r == Resource::vm("vm1"))
+        .expect("vm1 evacuated");
+    h.take();
+    h.run_for(59_000);
+    assert!(
+        evacuations(&h.actions).is_empty(),
+        "not before the backstop"
+    );
+    h.run_for(1_100);
+    assert_eq!(
+        evacuations(&h.actions),
+        [(Resource::vm("vm1"), key.clone())]
+    );
+    let noted = h
+        .incident_of(1)
+        .timeline
+        .iter()
+        .any(|t| t.cause.contains("handed to its edge again"));
+    assert!(noted);
+    // Answered now: nothing more is handed.
+    h.input(Input::RestoreResult {
+        resource: Resource::vm("vm1"),
+        key,
+        outcome: RestoreOutcome::Ok { host: host(2) },
+    });
+    h.take();
+    h.run_for(120_000);
+    assert!(evacuations(&h.actions).is_empty());
+    assert_eq!(h.vm(1), ResourceState::Running);
+}
+
+#[test]
+fn a_libvirt_evacuation_never_answered_is_taken_as_not_known_and_the_hosts_are_asked_not_handed_again(
+) {
+    let cfg = backstop(Config {
+        vm_restorer: Source::Libvirt,
+        ..Config::default()
+    });
+    let mut h = Harness::with(4, cfg);
+    h.fence_and_force_down(1);
+    h.take();
+    h.run_for(60_100);
+    // Not handed again (the backend would pick a target afresh): every other host is
+    // asked, and the VM is tried again only once they all said no.
+    assert!(evacuations(&h.actions).is_empty(), "{:?}", h.actions);
+    assert!(alarms(&h.actions).contains(&AlarmKind::RestoreOutcomeUnknown));
+    assert_eq!(
+        asked_about_vm1(&h.actions),
+        [host(0), host(2), host(3)].into()
+    );
+    for i in [0, 2, 3] {
+        answer(&mut h, i, Some(false));
+    }
+    h.run_for(100);
+    assert!(evacuations(&h.actions)
+        .iter()
+        .any(|(r, _)| *r == Resource::vm("vm1")));
+}
+
+#[test]
+fn a_fence_never_answered_is_handed_to_the_fencer_again_after_the_backstop() {
+    let mut h = Harness::with(4, backstop(Config::default()));
+    let key = h.kill_until_fence(1);
+    h.take();
+    h.run_for(60_100);
+    assert_eq!(h.fences(), [key.clone()]);
+    assert_eq!(h.state(1), HostState::Fencing);
+    h.fence_result(1, key, FenceOutcome::Verified(FenceVerifier::IpmiPowerOff));
+    assert_eq!(h.state(1), HostState::Fenced);
+}
+
+#[test]
+fn a_refused_operator_command_issues_nothing_it_does_not_hand_back() {
+    let (mut h, key) = libvirt_evacuating_vm1();
+    h.input(Input::RestoreResult {
+        resource: Resource::vm("vm1"),
+        key,
+        outcome: RestoreOutcome::Failed {
+            reason: "no valid host".into(),
+        },
+    });
+    // The retry is due; before the next tick an operator's command is refused (host 2
+    // is up: nothing to unfence).
+    h.now += 1_500;
+    h.take();
+    assert!(h
+        .command(OperatorCommand::Unfence { host: host(2) })
+        .is_err());
+    // The retry is issued, and handed out, by the next tick.
+    h.run_for(100);
+    let retried = evacuations(&h.actions);
+    assert_eq!(retried.len(), 1, "{:?}", h.actions);
+    assert!(h
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::PersistIntent(r) if r.key == retried[0].1)));
+}

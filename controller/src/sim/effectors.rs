@@ -70,6 +70,14 @@ impl Sim<'_> {
                         Action::Evacuate { .. } => self.report.evacuations += 1,
                         _ => {}
                     }
+                    if matches!(self.effects.get(key), Some(None)) && self.unanswered.contains(key)
+                    {
+                        // Its answer was lost: handed again (the engine's backstop), the
+                        // edge, which kept no answer, asks the world afresh, and the
+                        // world answers from its state.
+                        self.effects.remove(key);
+                        self.under_way.remove(key);
+                    }
                     match self.effects.get(key) {
                         // Already done: the fake reports the first outcome again.
                         Some(Some(result)) => {

@@ -155,14 +155,22 @@ impl Sim<'_> {
                         format!("{key} issued while the controller hears nobody"),
                     );
                 }
-                if !self.issued_this_life.insert(key.clone()) {
+                // Handed again by one engine only as its backstop for an answer that
+                // never came, not sooner.
+                let backstop = self.engine.config().unanswered_after.as_millis() as u64;
+                let again = self.issued_this_life.insert(key.clone(), self.now);
+                if again.is_some_and(|before| self.now < before + backstop) {
                     return self.fail(
                         Invariant::NoActionTwice,
-                        format!("{key} issued twice by one engine"),
+                        format!("{key} issued twice by one engine within {backstop} ms"),
                     );
                 }
-                if entry.record.at != self.engine_now() && !self.resumed_open.contains(key) {
-                    // Only a resumed engine may hand an older intent out again.
+                if entry.record.at != self.engine_now()
+                    && !self.resumed_open.contains(key)
+                    && again.is_none()
+                {
+                    // Only a resumed engine, or the backstop, may hand an older intent
+                    // out again.
                     return self.fail(
                         Invariant::NoActionTwice,
                         format!("{key} re-issued without a restart"),

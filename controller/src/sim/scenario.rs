@@ -302,6 +302,9 @@ impl Scenario {
         let mut cfg = Config {
             // Ticks at the heartbeat period keep 1,000 seeds within seconds.
             tick: Duration::from_millis(100),
+            // The backstop for lost answers, scaled to a 30 s run: it fires on answers
+            // merely slow too, which must be as safe.
+            unanswered_after: Duration::from_secs(5),
             ..Config::default()
         };
         if self.phi {

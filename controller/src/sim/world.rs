@@ -139,7 +139,7 @@ pub(super) struct Sim<'a> {
     /// task runs, and the edge tracks that task) instead of starting another.
     pub(super) under_way: BTreeMap<IntentKey, u64>,
     pub(super) lifetime: u64,
-    pub(super) issued_this_life: BTreeSet<IntentKey>,
+    pub(super) issued_this_life: BTreeMap<IntentKey, u64>,
     pub(super) resumed_open: BTreeSet<IntentKey>,
     pub(super) open_per_resource: BTreeMap<Resource, IntentKey>,
     pub(super) unfence_asked: BTreeSet<usize>,
@@ -215,7 +215,7 @@ impl<'a> Sim<'a> {
             effects: BTreeMap::new(),
             under_way: BTreeMap::new(),
             lifetime: 0,
-            issued_this_life: BTreeSet::new(),
+            issued_this_life: BTreeMap::new(),
             resumed_open: BTreeSet::new(),
             open_per_resource: BTreeMap::new(),
             unfence_asked: BTreeSet::new(),

@@ -1,0 +1,74 @@
+//! Actions whose answer never came: a backstop for an edge that loses one.
+//!
+//! Every edge answers what it is handed, a timeout included (the libvirt backend's
+//! lost command is `Unknown`, Nova's tracker gives up after `restore_timeout`, each
+//! fence level has its own). Should one lose an answer anyway, what waits on it would
+//! wait forever: a host held in `Fencing`, a VM never restored. After
+//! [`Config::unanswered_after`](super::Config::unanswered_after) the action is handed to
+//! its edge again under the same key, which the edges answer from what they or the
+//! world know (an answered key is answered again, one under way is joined, Nova reads
+//! the server first). A libvirt evacuation is not: handed again, the backend would
+//! pick a target afresh while the first may have started it, so it is taken as not
+//! known and the hosts are asked, as after a controller restart.
+
+use super::*;
+
+impl Engine {
+    /// Notes that the action of `key` was handed to its edge now.
+    pub(super) fn handed(&mut self, key: &IntentKey) {
+        self.handed.insert(key.clone(), self.now);
+    }
+
+    /// Per tick: hands again, or takes as not known, what has waited too long.
+    pub(super) fn chase_unanswered(&mut self) {
+        let after = self.cfg.unanswered_after;
+        let now = self.now;
+        let due: Vec<IntentKey> = self
+            .handed
+            .iter()
+            .filter(|(_, at)| now.since(**at) >= after)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            let record = match self.intents.get(&key) {
+                Some(k) if !k.done => k.record.clone(),
+                _ => {
+                    self.handed.remove(&key);
+                    continue;
+                }
+            };
+            let secs = after.as_secs();
+            if let Intent::Evacuate { resource, .. } = &record.intent {
+                if !self.restorer_remembers_targets(resource) {
+                    self.handed.remove(&key);
+                    self.complete(
+                        &key,
+                        IntentOutcome::Restore(RestoreOutcome::Unknown {
+                            target: None,
+                            reason: format!(
+                                "no answer within {secs} s, and the backend may have lost \
+                                 where it sent it"
+                            ),
+                        }),
+                    );
+                    continue;
+                }
+            }
+            let Some(action) = record.intent.action(&key) else {
+                self.handed.remove(&key);
+                continue;
+            };
+            if let Some(inc) = record.intent.incident() {
+                let subject = self.incident_subject(inc);
+                self.note(
+                    inc,
+                    subject,
+                    format!("no answer to {key} within {secs} s: handed to its edge again"),
+                    Source::Controller,
+                );
+            }
+            self.out.push(action);
+            self.handed(&key);
+        }
+    }
+}
