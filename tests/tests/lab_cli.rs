@@ -143,9 +143,9 @@ fn lab_up_shows_every_host_up_drills_leave_it_healthy_and_lab_down_leaves_nothin
         .filter_map(|p| p["pid"].as_u64())
         .chain(state["keeper_pid"].as_u64())
         .collect();
-    // The controller, per host a watchdog, a BMC, a libvirtd and a bindfs (the first
-    // guest's stallable disk); the keeper.
-    assert_eq!(pids.len(), 1 + 4 * 2 + 1, "{state}");
+    // The controller, per host a watchdog, a BMC, a libvirtd, its virtlockd (disk leases)
+    // and a bindfs (the first guest's stallable disk); the keeper.
+    assert_eq!(pids.len(), 1 + 5 * 2 + 1, "{state}");
     assert!(pids.iter().all(|&p| alive(p)), "{state}");
     let guests: Vec<String> = state["hosts"]
         .as_array()
