@@ -44,7 +44,7 @@ fn a_thousand_seeded_fault_scenarios_keep_every_invariant() {
     let lost = a.totals.answers_lost + b.totals.answers_lost;
     let stuck = a.totals.unanswered_open_at_end + b.totals.unanswered_open_at_end;
     eprintln!(
-        "unknown outcomes: {unknown} evacuations answered Unknown, {asks} AskHost actions, {lost} evacuations never answered ({stuck} of them still awaited at the end)"
+        "unknown outcomes: {unknown} restores (evacuations, restarts in place) answered Unknown, {asks} AskHost actions, {lost} evacuations never answered ({stuck} of them still awaited at the end)"
     );
     for v in violations.iter().take(3) {
         eprintln!("{v}");

@@ -215,6 +215,10 @@ impl Sim<'_> {
                         && !w.forced_down
                         && self.res[i].placement == h
                         && !self.rng.chance(self.sc.p_restore_fail);
+                // The libvirt backend's start whose answer is lost (a start that sleeps
+                // past its 30 s, a stream that closes): started or not, it cannot tell.
+                let unknown =
+                    !self.remembers(&resource) && self.rng.chance(self.sc.p_restore_unknown);
                 let outcome = if ok {
                     if self.res[i].instances.iter().any(|&o| o != h) {
                         return self.fail(
@@ -223,7 +227,21 @@ impl Sim<'_> {
                         );
                     }
                     self.res[i].instances.insert(h);
-                    RestoreOutcome::Ok { host: host.clone() }
+                    if unknown {
+                        self.report.restores_unknown += 1;
+                        RestoreOutcome::Unknown {
+                            target: Some(host.clone()),
+                            reason: "no answer within 30 s".into(),
+                        }
+                    } else {
+                        RestoreOutcome::Ok { host: host.clone() }
+                    }
+                } else if unknown {
+                    self.report.restores_unknown += 1;
+                    RestoreOutcome::Unknown {
+                        target: Some(host.clone()),
+                        reason: "no answer within 30 s".into(),
+                    }
                 } else {
                     RestoreOutcome::Failed {
                         reason: "domain start failed".into(),

@@ -30,8 +30,11 @@
 //!   asked; handed again, it would start a second copy);
 //! * evacuations of VMs whose answer is lost after they were sent: `Unknown` with the
 //!   target, the VM started there or not; a start sent to a target that dies; and, on a
-//!   few seeds, a start carried out whose answer never comes at all (counted in
-//!   [`Report::unanswered_open_at_end`]: the engine has no deadline for it);
+//!   few seeds, a start carried out whose answer never comes at all (the engine's
+//!   backstop, `unanswered_after`, 5 s here, hands it again or takes it as not known;
+//!   [`Report::unanswered_open_at_end`] counts those still awaited at the end);
+//! * the libvirt backend's restarts in place answered `Unknown` on their host, the
+//!   domain started or not;
 //! * hosts answering [`Action::AskHost`] from what runs there (a stale copy too), after
 //!   every start sent to them before, over their stream while the controller hears
 //!   them, sometimes with "cannot say"; the answer is lost with a restarted controller.
@@ -44,7 +47,8 @@
 //!   at the end: every dead VM is restored, given up with an alarm, or behind a host
 //!   the engine holds with an alarm);
 //! * no action issued twice, across restarts (every world action was persisted first,
-//!   no key is persisted twice, a done key is never issued again);
+//!   no key is persisted twice, a done key is never issued again, and one engine hands
+//!   an open key again only as its backstop for a lost answer, not sooner);
 //! * stale copies are destroyed (at the end, a copy on a host the controller hears, of
 //!   a VM the engine has settled elsewhere, on a host still fenced or whose incident
 //!   moved it off, is asked to be destroyed by the host's next listing; the others are
@@ -113,7 +117,8 @@ pub struct Report {
     /// `StopStaleCopy` actions the engine issued.
     #[serde(default)]
     pub stale_copy_stops: u64,
-    /// Evacuations whose edge reported `Unknown` (started or not).
+    /// Restores (evacuations, and the libvirt backend's restarts in place) whose edge
+    /// reported `Unknown` (started or not).
     #[serde(default)]
     pub restores_unknown: u64,
     /// `AskHost` actions the engine issued.
