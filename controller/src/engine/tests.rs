@@ -3368,7 +3368,7 @@ fn a_fence_never_answered_is_handed_to_the_fencer_again_after_the_backstop() {
     let key = h.kill_until_fence(1);
     h.take();
     h.run_for(60_100);
-    assert_eq!(h.fences(), [key.clone()]);
+    assert_eq!(h.fences(), std::slice::from_ref(&key));
     assert_eq!(h.state(1), HostState::Fencing);
     h.fence_result(1, key, FenceOutcome::Verified(FenceVerifier::IpmiPowerOff));
     assert_eq!(h.state(1), HostState::Fenced);
