@@ -46,6 +46,8 @@ fn a_thousand_seeded_fault_scenarios_keep_every_invariant() {
     eprintln!(
         "unknown outcomes: {unknown} restores (evacuations, restarts in place) answered Unknown, {asks} AskHost actions, {lost} evacuations never answered ({stuck} of them still awaited at the end)"
     );
+    let store = a.totals.store_failures + b.totals.store_failures;
+    eprintln!("store: {store} writes failed or were the last before the process died");
     for v in violations.iter().take(3) {
         eprintln!("{v}");
         eprintln!(

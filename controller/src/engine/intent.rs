@@ -113,6 +113,22 @@ pub enum Intent {
         /// 1-based try.
         attempt: u32,
     },
+    /// A host said it runs a resource whose restore was not answered (recorded so that
+    /// a restarted controller knows where it runs: asked again, the host might be
+    /// fenced or gone by then). Carried out by nothing; completed at once.
+    FoundRunning {
+        /// The resource.
+        resource: Resource,
+        /// The host the unanswered restore moved it off (for a restart in place, the
+        /// host it runs on).
+        from: HostId,
+        /// The incident whose restore it was.
+        incident: IncidentId,
+        /// That restore's try.
+        attempt: u32,
+        /// A restart in place, not an evacuation.
+        restart: bool,
+    },
     /// Operator: maintenance on/off (recorded so that it survives a restart).
     Maintenance {
         /// The host.
@@ -172,7 +188,7 @@ impl Intent {
                 host: host.clone(),
                 key,
             }),
-            Intent::Maintenance { .. } => None,
+            Intent::Maintenance { .. } | Intent::FoundRunning { .. } => None,
         }
     }
 
@@ -192,7 +208,8 @@ impl Intent {
             Intent::Fence { incident, .. }
             | Intent::ForceDown { incident, .. }
             | Intent::RestartInPlace { incident, .. }
-            | Intent::Evacuate { incident, .. } => Some(*incident),
+            | Intent::Evacuate { incident, .. }
+            | Intent::FoundRunning { incident, .. } => Some(*incident),
             _ => None,
         }
     }

@@ -154,7 +154,9 @@ impl Engine {
         // A restore is dated on its host's clock too (see `Restored`).
         let host_clock = match (&record.intent, &outcome) {
             (
-                Intent::RestartInPlace { .. } | Intent::Evacuate { .. },
+                Intent::RestartInPlace { .. }
+                | Intent::Evacuate { .. }
+                | Intent::FoundRunning { .. },
                 IntentOutcome::Restore(RestoreOutcome::Ok { host }),
             ) => self
                 .hosts
@@ -323,6 +325,8 @@ impl Engine {
                     Source::Controller,
                 );
             }
+            // Settled by its outcome (apply_outcome).
+            Intent::FoundRunning { .. } => {}
             Intent::Maintenance { host, on } => {
                 self.ensure_host(host);
                 let now = self.now;
@@ -617,6 +621,27 @@ impl Engine {
                         );
                     }
                 }
+            }
+            (
+                Intent::FoundRunning {
+                    resource,
+                    from,
+                    incident,
+                    restart,
+                    ..
+                },
+                IntentOutcome::Restore(RestoreOutcome::Ok { host: on }),
+            ) => {
+                self.ensure_host(on);
+                self.ensure_resource(resource, from);
+                self.found_running(
+                    resource,
+                    from,
+                    *incident,
+                    *restart,
+                    on,
+                    completion.host_clock,
+                );
             }
             _ => {}
         }

@@ -3400,3 +3400,21 @@ fn a_refused_operator_command_issues_nothing_it_does_not_hand_back() {
         .iter()
         .any(|a| matches!(a, Action::PersistIntent(r) if r.key == retried[0].1)));
 }
+
+#[test]
+fn a_host_saying_it_runs_a_vm_after_an_unknown_evacuation_is_remembered_across_a_restart() {
+    let (mut h, key) = libvirt_evacuating_vm1();
+    unknown_on(&mut h, key, Some(2));
+    h.run_for(200);
+    answer(&mut h, 2, Some(true));
+    assert_eq!(h.vm(1), ResourceState::Running);
+    let cfg = h.engine.config().clone();
+    let (mut engine, out) = Engine::resume_knowing(cfg, &h.log, &[], Timestamp(h.now + 1_000));
+    // Where it runs is in the log: not asked again, not moved again.
+    assert!(asked_about_vm1(&out).is_empty(), "{out:?}");
+    assert!(evacuations(&out).is_empty());
+    let vm1 = engine.resource(&Resource::vm("vm1")).unwrap();
+    assert_eq!((vm1.host, vm1.state), (host(2), ResourceState::Running));
+    let later = engine.step(Timestamp(h.now + 3_000), Input::Timer(TimerId::Tick));
+    assert!(asked_about_vm1(&later).is_empty(), "{later:?}");
+}

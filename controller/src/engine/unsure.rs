@@ -232,8 +232,7 @@ impl Engine {
                 }
             }
             Some(true) => {
-                let u = self.unsure.remove(r).expect("present");
-                self.bump();
+                let u = self.unsure[r].clone();
                 self.note(
                     inc,
                     Subject::Resource(r.clone()),
@@ -244,18 +243,47 @@ impl Engine {
                     ),
                     self.source_for(r),
                 );
-                let host_clock = self
-                    .hosts
-                    .get(host)
-                    .and_then(|h| h.clock)
-                    .map(|c| c.at(self.now));
-                match u.tried {
-                    Tried::Evacuation => {
-                        self.evacuated_to(r, &u.from, u.incident, host, host_clock);
-                    }
-                    Tried::Restart => self.restart_settled(r, u.incident, Ok(host_clock)),
+                // Recorded, so a restarted controller knows it too; the outcome settles
+                // it (apply_outcome, then `found_running`).
+                let key = IntentKey::derive(u.incident, &format!("found-{}", u.attempt), r);
+                let intent = Intent::FoundRunning {
+                    resource: r.clone(),
+                    from: u.from.clone(),
+                    incident: u.incident,
+                    attempt: u.attempt,
+                    restart: u.tried == Tried::Restart,
+                };
+                // Already recorded (by a process that died before its outcome; this
+                // one asked again): its outcome is still to come.
+                self.issue(key.clone(), intent);
+                let outcome = IntentOutcome::Restore(RestoreOutcome::Ok { host: host.clone() });
+                if !self.complete(&key, outcome) {
+                    self.unsure.remove(r);
+                    self.bump();
                 }
             }
+        }
+    }
+
+    /// A host said it runs what an unanswered restore was for (live, or replayed from
+    /// its [`Intent::FoundRunning`]): settled there.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn found_running(
+        &mut self,
+        r: &Resource,
+        from: &HostId,
+        incident: IncidentId,
+        restart: bool,
+        on: &HostId,
+        host_clock: Option<HostTime>,
+    ) {
+        if self.unsure.remove(r).is_some() {
+            self.bump();
+        }
+        if restart {
+            self.restart_settled(r, incident, Ok(host_clock));
+        } else {
+            self.evacuated_to(r, from, incident, on, host_clock);
         }
     }
 

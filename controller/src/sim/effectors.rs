@@ -15,7 +15,29 @@ impl Sim<'_> {
                     let id = id.clone();
                     self.at(self.sim_time_at(*at), Ev::Deliver(Input::Timer(id)));
                 }
-                Action::PersistIntent(_) | Action::CompleteIntent { .. } => self.log.apply(&a),
+                Action::PersistIntent(_) | Action::CompleteIntent { .. } => {
+                    if self.sc.p_store_fail > 0.0 && self.rng.chance(self.sc.p_store_fail) {
+                        // The write fails, or the process dies right after it: the
+                        // runtime acts on nothing more (the rest of this batch is
+                        // dropped) and the controller restarts from what was written.
+                        let written = self.rng.chance(0.5);
+                        if written {
+                            self.log.apply(&a);
+                        }
+                        self.report.store_failures += 1;
+                        self.trace(format!(
+                            "{:>6} STORE {}; the controller stops acting and restarts",
+                            self.now,
+                            if written {
+                                "written, then the process died"
+                            } else {
+                                "write failed"
+                            }
+                        ));
+                        return self.fault(Fault::ControllerRestart);
+                    }
+                    self.log.apply(&a)
+                }
                 Action::RecordTimeline { .. } => {}
                 Action::Alarm { .. } => self.report.alarms += 1,
                 // Over the host's event stream, like a command: a host not heard drops

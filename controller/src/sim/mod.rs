@@ -131,6 +131,10 @@ pub struct Report {
     /// waiting for an answer that will never come).
     #[serde(default)]
     pub unanswered_open_at_end: u64,
+    /// Store writes that failed (or after which the process died): each stopped the
+    /// controller, which restarted from what was written.
+    #[serde(default)]
+    pub store_failures: u64,
     /// A digest (FNV-1a) of every traced line, in order: two runs with equal digests
     /// took the same steps (determinism is checked on this, not on counts).
     pub trace_digest: u64,
@@ -188,6 +192,7 @@ pub fn run_seeds(seeds: Range<u64>) -> Summary {
                 t.asks += r.asks;
                 t.answers_lost += r.answers_lost;
                 t.unanswered_open_at_end += r.unanswered_open_at_end;
+                t.store_failures += r.store_failures;
                 t.trace_digest ^= r.trace_digest.rotate_left((seed % 64) as u32);
             }
             Err(v) => s.violations.push(*v),

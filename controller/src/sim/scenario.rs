@@ -148,6 +148,15 @@ pub struct Scenario {
     /// clock must not change any decision.
     #[serde(default)]
     pub clock_drift_ppm: Vec<i64>,
+    /// Probability that a write to the store fails (an I/O error, a full disk), or
+    /// that the controller dies between an intent's write and its action: the runtime
+    /// acts on nothing more and restarts from what was written.
+    #[serde(default)]
+    pub p_store_fail: f64,
+    /// Hosts whose self-fence cannot kill (no permission, no watchdog device): their
+    /// watchdog says "not armed" in its heartbeats, and nothing happens when cut off.
+    #[serde(default)]
+    pub self_fence_broken: Vec<bool>,
 }
 
 impl Scenario {
@@ -274,7 +283,11 @@ impl Scenario {
                 }
             })
             .collect();
+        let p_store_fail = if third.chance(0.2) { 0.01 } else { 0.0 };
+        let self_fence_broken = (0..hosts).map(|_| third.chance(0.2)).collect();
         Scenario {
+            p_store_fail,
+            self_fence_broken,
             libvirt_restorer,
             p_restore_unknown,
             p_answer_lost,

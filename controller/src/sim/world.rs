@@ -400,8 +400,10 @@ impl<'a> Sim<'a> {
                         at: self.host_time(h),
                         // The world's watchdog powers its host off 2 s after the send
                         // time of its last acked heartbeat; armed once one was acked.
-                        self_fence: (self.sc.self_fence && w.last_acked.is_some())
-                            .then_some(Duration::from_secs(2)),
+                        self_fence: (self.sc.self_fence
+                            && w.last_acked.is_some()
+                            && !self.sc.self_fence_broken.get(h).copied().unwrap_or(false))
+                        .then_some(Duration::from_secs(2)),
                     };
                     let delay = match w.heartbeat_delay_ms {
                         0 => 0,
@@ -533,7 +535,8 @@ impl<'a> Sim<'a> {
     /// the host booted) powers the host off 2 s after the send time of the last
     /// heartbeat the controller acked (cut off, deaf, its heartbeats lost, or hung).
     pub(super) fn world_watchdog(&mut self, h: usize) {
-        if !self.sc.self_fence {
+        if !self.sc.self_fence || self.sc.self_fence_broken.get(h).copied().unwrap_or(false) {
+            // A self-fence that cannot kill does nothing (and says "not armed").
             return;
         }
         let w = &self.hosts[h];
