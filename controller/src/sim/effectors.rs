@@ -34,7 +34,10 @@ impl Sim<'_> {
                                 "write failed"
                             }
                         ));
-                        return self.fault(Fault::ControllerRestart);
+                        // The restart runs after the event that killed it, not within.
+                        self.controller_dead = true;
+                        self.at(self.now, Ev::Fault(Fault::ControllerRestart));
+                        return Ok(());
                     }
                     self.log.apply(&a)
                 }
@@ -425,7 +428,7 @@ impl Sim<'_> {
         }
         self.effects.insert(key, Some(result.clone()));
         if self.rng.chance(0.05) {
-            self.later(200, 3_000, Ev::Deliver(result.clone()));
+            self.later(200, 3_000, Ev::Redeliver(self.lifetime, result.clone()));
         }
         self.deliver(result)?;
         self.check_world()

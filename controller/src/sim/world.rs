@@ -59,6 +59,9 @@ pub(super) struct WRes {
 #[derive(Clone, Debug)]
 pub(super) enum Ev {
     Deliver(Input),
+    /// An edge's answer delivered again to the controller process `.0` (an edge's
+    /// duplicate, in-process: it dies with the process).
+    Redeliver(u64, Input),
     /// A heartbeat that host `.0` sent at `.1` arrives.
     Heartbeat(usize, u64, Heartbeat),
     /// Host `.0`'s watchdog answers whether resource `.1` runs there, to the
@@ -139,6 +142,9 @@ pub(super) struct Sim<'a> {
     /// task runs, and the edge tracks that task) instead of starting another.
     pub(super) under_way: BTreeMap<IntentKey, u64>,
     pub(super) lifetime: u64,
+    /// The controller process died (a failed store write): nothing reaches it and it
+    /// does nothing until its restart, queued behind the event that killed it.
+    pub(super) controller_dead: bool,
     pub(super) issued_this_life: BTreeMap<IntentKey, u64>,
     pub(super) resumed_open: BTreeSet<IntentKey>,
     pub(super) open_per_resource: BTreeMap<Resource, IntentKey>,
@@ -215,6 +221,7 @@ impl<'a> Sim<'a> {
             effects: BTreeMap::new(),
             under_way: BTreeMap::new(),
             lifetime: 0,
+            controller_dead: false,
             issued_this_life: BTreeMap::new(),
             resumed_open: BTreeSet::new(),
             open_per_resource: BTreeMap::new(),
@@ -320,6 +327,11 @@ impl<'a> Sim<'a> {
     pub(super) fn handle(&mut self, ev: Ev) -> Result<(), Box<Violation>> {
         match ev {
             Ev::Deliver(input) => self.deliver(input)?,
+            Ev::Redeliver(life, input) => {
+                if life == self.lifetime {
+                    self.deliver(input)?;
+                }
+            }
             Ev::Heartbeat(h, sent, hb) => {
                 // The controller acks what arrives; the ack reaches a host that hears it.
                 let w = &self.hosts[h];
@@ -649,6 +661,7 @@ impl<'a> Sim<'a> {
                 }
             }
             Fault::ControllerRestart => {
+                self.controller_dead = false;
                 self.report.controller_restarts += 1;
                 self.step_controller_clock();
                 // The store's event streams name every host a process heard.
@@ -788,6 +801,9 @@ impl<'a> Sim<'a> {
 
     /// An operator's command; a refusal changes nothing (it is traced).
     pub(super) fn command(&mut self, cmd: OperatorCommand) -> Result<(), Box<Violation>> {
+        if self.controller_dead {
+            return Ok(());
+        }
         self.trace(format!("{:>6} CMD {cmd:?}", self.now));
         match self.engine.command(self.engine_now(), cmd) {
             Ok(actions) => {
@@ -803,6 +819,10 @@ impl<'a> Sim<'a> {
     }
 
     pub(super) fn deliver(&mut self, input: Input) -> Result<(), Box<Violation>> {
+        if self.controller_dead {
+            // Lost with the dead process (what it had persisted is in the log).
+            return Ok(());
+        }
         if !matches!(input, Input::Heartbeat(_) | Input::Timer(_)) {
             self.trace(format!("{:>6} IN  {input:?}", self.now));
         }
