@@ -35,6 +35,12 @@
 //!   [`Report::unanswered_open_at_end`] counts those still awaited at the end);
 //! * the libvirt backend's restarts in place answered `Unknown` on their host, the
 //!   domain started or not;
+//! * a failing store: a write of an intent or of its outcome fails, or the process dies
+//!   right after it; the controller acts on nothing more and restarts from what was
+//!   written (after the event that killed it);
+//! * self-fences that cannot kill (no permission, no watchdog device): the host's
+//!   watchdog says "not armed" and does nothing when cut off; a hung daemon is a hung
+//!   host, which an armed watchdog device powers off;
 //! * hosts answering [`Action::AskHost`] from what runs there (a stale copy too), after
 //!   every start sent to them before, over their stream while the controller hears
 //!   them, sometimes with "cannot say"; the answer is lost with a restarted controller.
