@@ -38,6 +38,39 @@ impl Drop for Daemon {
     }
 }
 
+/// Host `h`'s watchdog TOML for a lab whose host `h` watches its own libvirt
+/// (`libvirt[h]`: its URI and qemu pid directory) and reports only its own domains (the
+/// probes see every qemu of the one kernel).
+pub fn own_libvirt(libvirt: Vec<(String, String)>) -> Box<dyn Fn(usize) -> String> {
+    Box::new(move |h| {
+        let (uri, pids) = &libvirt[h];
+        format!(
+            "[libvirt]\nenabled = true\nonly_own_domains = true\nuri = {uri:?}\npid_dir = {pids:?}\n"
+        )
+    })
+}
+
+/// Controller TOML that fences h0 through its lab BMC at `bmc_addr` (IPMI, the
+/// password in `{DIR}/bmc.pass`), with the lab's short waits: an `Unknown`
+/// confirmation fences after 3 s of silence, a power-off is verified within 5 s.
+pub fn fence_h0_by_ipmi(bmc_addr: &str) -> String {
+    use crate::bmc::{BMC_PORT, BMC_USER};
+    format!(
+        r#"[engine]
+fence_on_unknown_after_ms = 3000
+fence_retry_backoff_ms = 1000
+
+[fence]
+verify_timeout_ms = 5000
+verify_poll_ms = 100
+
+[[fence.host]]
+name = "h0"
+levels = [{{ method = "ipmi", address = "{bmc_addr}", port = {BMC_PORT}, username = "{BMC_USER}", password_file = "{{DIR}}/bmc.pass", timeout_ms = 1000, attempts = 2, backoff_ms = 100 }}]
+"#
+    )
+}
+
 /// What a lab runs.
 pub struct LabSpec {
     pub hosts: usize,

@@ -31,7 +31,7 @@ use controller::engine::Intent;
 use controller::store::{SqliteStore, Store as _};
 use defib_tests::guests::{unique_uuid, Guest, GuestDisk, GuestSpec};
 use defib_tests::hypervisor::Hypervisor;
-use defib_tests::lab::{host_transitions, Lab, LabSpec};
+use defib_tests::lab::{host_transitions, own_libvirt, Lab, LabSpec};
 use defib_tests::{is_root, require, require_hostbed};
 use serde_json::Value;
 
@@ -157,12 +157,7 @@ fn skewed_host_is_judged_like_a_right_one(offset: &str, offset_ms: i64) {
                            fence_on_unknown_after_ms = 20000\n"
             .into(),
         // Each host watches its own libvirt and reports only its own domains.
-        watchdog_extra: Box::new(move |h| {
-            let (uri, pids) = &libvirt[h];
-            format!(
-                "[libvirt]\nenabled = true\nonly_own_domains = true\nuri = {uri:?}\npid_dir = {pids:?}\n"
-            )
-        }),
+        watchdog_extra: own_libvirt(libvirt.to_vec()),
         bmc_network: false,
     };
     let mut lab = Lab::new(&spec);

@@ -10,11 +10,10 @@
 
 use std::time::{Duration, Instant};
 
-use defib_tests::bmc::{Bmc, BMC_PASSWORD, BMC_PORT, BMC_USER};
+use defib_tests::bmc::{Bmc, BMC_PASSWORD};
 use defib_tests::guests::{unique_uuid, virsh, Guest, GuestDisk, GuestSpec};
 use defib_tests::hypervisor::{Hypervisor, HypervisorOptions};
-use defib_tests::lab::LabSpec;
-use defib_tests::lab::{host_transitions, Lab};
+use defib_tests::lab::{fence_h0_by_ipmi, host_transitions, own_libvirt, Lab, LabSpec};
 use defib_tests::{have_command, is_root, require, require_hostbed};
 
 #[test]
@@ -108,20 +107,7 @@ fn a_partitioned_hosts_guest_is_fenced_through_its_bmc_then_started_on_another_h
     let spec = LabSpec {
         hosts: 2,
         backend: "libvirt",
-        controller_extra: format!(
-            r#"[engine]
-fence_on_unknown_after_ms = 3000
-fence_retry_backoff_ms = 1000
-
-[fence]
-verify_timeout_ms = 5000
-verify_poll_ms = 100
-
-[[fence.host]]
-name = "h0"
-levels = [{{ method = "ipmi", address = "{bmc_addr}", port = {BMC_PORT}, username = "{BMC_USER}", password_file = "{{DIR}}/bmc.pass", timeout_ms = 1000, attempts = 2, backoff_ms = 100 }}]
-"#
-        ),
+        controller_extra: fence_h0_by_ipmi(&bmc_addr),
         // Each host watches its own libvirt and reports only its domains (the probes
         // see every qemu of this one kernel).
         watchdog_extra: Box::new(move |h| {
@@ -279,26 +265,8 @@ fn a_controller_killed_while_an_evacuations_start_is_in_flight_resumes_by_asking
     let spec = LabSpec {
         hosts: 3,
         backend: "libvirt",
-        controller_extra: format!(
-            r#"[engine]
-fence_on_unknown_after_ms = 3000
-fence_retry_backoff_ms = 1000
-
-[fence]
-verify_timeout_ms = 5000
-verify_poll_ms = 100
-
-[[fence.host]]
-name = "h0"
-levels = [{{ method = "ipmi", address = "{bmc_addr}", port = {BMC_PORT}, username = "{BMC_USER}", password_file = "{{DIR}}/bmc.pass", timeout_ms = 1000, attempts = 2, backoff_ms = 100 }}]
-"#
-        ),
-        watchdog_extra: Box::new(move |h| {
-            let (uri, pids) = &libvirt[h];
-            format!(
-                "[libvirt]\nenabled = true\nonly_own_domains = true\nuri = {uri:?}\npid_dir = {pids:?}\n"
-            )
-        }),
+        controller_extra: fence_h0_by_ipmi(&bmc_addr),
+        watchdog_extra: own_libvirt(libvirt.to_vec()),
         bmc_network: true,
     };
     let mut lab = Lab::new(&spec);

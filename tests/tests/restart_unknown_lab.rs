@@ -30,7 +30,7 @@ use controller::engine::Intent;
 use controller::store::{SqliteStore, Store as _};
 use defib_tests::guests::{unique_uuid, Guest, GuestDisk, GuestSpec};
 use defib_tests::hypervisor::{Hypervisor, HypervisorOptions};
-use defib_tests::lab::{Lab, LabSpec};
+use defib_tests::lab::{own_libvirt, Lab, LabSpec};
 use defib_tests::{is_root, require, require_hostbed};
 use serde_json::Value;
 
@@ -174,12 +174,7 @@ fn a_restart_in_place_whose_answer_is_lost_is_not_followed_by_an_evacuation_and_
         backend: "libvirt",
         // One restart in place, then an evacuation (to h1, the only other host).
         controller_extra: "[engine]\nmax_restarts_in_place = 1\n".into(),
-        watchdog_extra: Box::new(move |h| {
-            let (uri, pids) = &libvirt[h];
-            format!(
-                "[libvirt]\nenabled = true\nonly_own_domains = true\nuri = {uri:?}\npid_dir = {pids:?}\n"
-            )
-        }),
+        watchdog_extra: own_libvirt(libvirt.to_vec()),
         bmc_network: false,
     };
     let mut lab = Lab::new(&spec);

@@ -14,10 +14,10 @@ use std::path::PathBuf;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use defib_tests::bmc::{Bmc, BMC_PASSWORD, BMC_PORT, BMC_USER};
+use defib_tests::bmc::{Bmc, BMC_PASSWORD};
 use defib_tests::guests::{unique_uuid, Guest, GuestDisk, GuestSpec};
 use defib_tests::hypervisor::Hypervisor;
-use defib_tests::lab::{Lab, LabSpec};
+use defib_tests::lab::{fence_h0_by_ipmi, own_libvirt, Lab, LabSpec};
 use defib_tests::{have_command, is_root, require, require_hostbed};
 
 /// How long a stale copy may run before the test gives up on its destroy.
@@ -184,27 +184,9 @@ fn a_returning_hosts_autostarted_copy_of_an_evacuated_vm_is_destroyed_and_its_au
     let spec = LabSpec {
         hosts: 2,
         backend: "libvirt",
-        controller_extra: format!(
-            r#"[engine]
-fence_on_unknown_after_ms = 3000
-fence_retry_backoff_ms = 1000
-
-[fence]
-verify_timeout_ms = 5000
-verify_poll_ms = 100
-
-[[fence.host]]
-name = "h0"
-levels = [{{ method = "ipmi", address = "{bmc_addr}", port = {BMC_PORT}, username = "{BMC_USER}", password_file = "{{DIR}}/bmc.pass", timeout_ms = 1000, attempts = 2, backoff_ms = 100 }}]
-"#
-        ),
+        controller_extra: fence_h0_by_ipmi(&bmc_addr),
         // Each host watches its own hypervisor.
-        watchdog_extra: Box::new(move |h| {
-            let (uri, pids) = &uris[h];
-            format!(
-                "[libvirt]\nenabled = true\nonly_own_domains = true\nuri = {uri:?}\npid_dir = {pids:?}\n"
-            )
-        }),
+        watchdog_extra: own_libvirt(uris.to_vec()),
         bmc_network: true,
     };
     let mut lab = Lab::new(&spec);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use defib_tests::guests::{unique_uuid, Guest, GuestDisk, GuestSpec};
 use defib_tests::hypervisor::Hypervisor;
-use defib_tests::lab::{Lab, LabSpec};
+use defib_tests::lab::{own_libvirt, Lab, LabSpec};
 use defib_tests::{is_root, require, require_hostbed};
 use serde_json::Value;
 
@@ -100,12 +100,7 @@ fn two_watchdogs_on_one_kernel_each_count_and_report_only_the_qemus_their_own_li
         hosts: 2,
         backend: "libvirt",
         controller_extra: String::new(),
-        watchdog_extra: Box::new(move |h| {
-            let (uri, pids) = &libvirt[h];
-            format!(
-                "[libvirt]\nenabled = true\nonly_own_domains = true\nuri = {uri:?}\npid_dir = {pids:?}\n"
-            )
-        }),
+        watchdog_extra: own_libvirt(libvirt.to_vec()),
         bmc_network: false,
     };
     let mut lab = Lab::new(&spec);
