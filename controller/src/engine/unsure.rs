@@ -267,7 +267,6 @@ impl Engine {
 
     /// A host said it runs what an unanswered restore was for (live, or replayed from
     /// its [`Intent::FoundRunning`]): settled there.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn found_running(
         &mut self,
         r: &Resource,
