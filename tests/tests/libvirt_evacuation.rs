@@ -55,26 +55,10 @@ fn a_second_hypervisor_runs_a_hostbed_guest_from_its_definition_on_the_shared_di
     drop(guest);
 }
 
-/// The engine's view of a VM: (host, state), if it knows the VM.
-fn vm_view(lab: &Lab, subject: &str) -> Option<(String, String)> {
-    let vms = lab.ctl(&["vms"]);
-    let list = vms
-        .as_array()
-        .cloned()
-        .or_else(|| vms["vms"].as_array().cloned())
-        .unwrap_or_default();
-    list.iter().find(|v| v["resource"] == subject).map(|v| {
-        (
-            v["host"].as_str().unwrap_or("").to_string(),
-            v["state"].as_str().unwrap_or("").to_string(),
-        )
-    })
-}
-
 fn wait_vm(lab: &Lab, subject: &str, what: &str, ok: impl Fn(&(String, String)) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let view = vm_view(lab, subject);
+        let view = lab.vm_view(subject);
         if view.as_ref().is_some_and(&ok) {
             return;
         }
@@ -313,13 +297,16 @@ fn a_controller_killed_while_an_evacuations_start_is_in_flight_resumes_by_asking
     let all_logs = |lab: &Lab| format!("--- first controller\n{first}\n{}", lab.logs());
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        if vm_view(&lab, &subject).is_some_and(|(h, st)| h == "h1" && st == "Running") {
+        if lab
+            .vm_view(&subject)
+            .is_some_and(|(h, st)| h == "h1" && st == "Running")
+        {
             break;
         }
         assert!(
             Instant::now() < deadline,
             "{subject} not running on h1 within 90 s of the resume ({:?})\n{}",
-            vm_view(&lab, &subject),
+            lab.vm_view(&subject),
             all_logs(&lab)
         );
         std::thread::sleep(Duration::from_millis(100));

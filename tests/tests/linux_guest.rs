@@ -16,22 +16,6 @@ use serde_json::Value;
 /// A TCG boot on a loaded 2-core machine is slow; these are limits, not expectations.
 const WAIT: Duration = Duration::from_secs(180);
 
-/// The engine's view of a VM: (host, state), if it knows the VM.
-fn vm_view(lab: &Lab, subject: &str) -> Option<(String, String)> {
-    let vms = lab.ctl(&["vms"]);
-    let list = vms
-        .as_array()
-        .cloned()
-        .or_else(|| vms["vms"].as_array().cloned())
-        .unwrap_or_default();
-    list.iter().find(|v| v["resource"] == subject).map(|v| {
-        (
-            v["host"].as_str().unwrap_or("").to_string(),
-            v["state"].as_str().unwrap_or("").to_string(),
-        )
-    })
-}
-
 /// The incidents about `subject` (id, closed).
 fn incidents_of(lab: &Lab, subject: &str) -> Vec<(u64, bool)> {
     lab.ctl(&["incidents"])["incidents"]
@@ -99,11 +83,11 @@ fn a_linux_guest_whose_kernel_panics_is_one_incident_and_runs_again_after_its_wa
     // The controller knows the guest runs on h0 (the watchdog's libvirt inventory)
     // before anything happens to it.
     let deadline = Instant::now() + WAIT;
-    while vm_view(&lab, &subject) != Some(("h0".into(), "Running".into())) {
+    while lab.vm_view(&subject) != Some(("h0".into(), "Running".into())) {
         assert!(
             Instant::now() < deadline,
             "{subject} never listed running on h0: {:?}\n{}",
-            vm_view(&lab, &subject),
+            lab.vm_view(&subject),
             lab.logs()
         );
         std::thread::sleep(Duration::from_millis(100));
@@ -255,10 +239,7 @@ fn a_linux_guest_whose_kernel_panics_is_one_incident_and_runs_again_after_its_wa
         "the restarted guest panicked again: {}",
         guest.serial_text()
     );
-    assert_eq!(
-        vm_view(&lab, &subject),
-        Some(("h0".into(), "Running".into()))
-    );
+    assert_eq!(lab.vm_view(&subject), Some(("h0".into(), "Running".into())));
     assert_eq!(
         incidents_of(&lab, &subject).len(),
         1,
