@@ -9,7 +9,9 @@ use anyhow::{bail, Context as _};
 /// (the bundle test; nothing needs systemd running), binutils to strip the bundle's
 /// binaries, iptables to drop one direction of a lab host's traffic (the asymmetric
 /// partitions) and faketime (libfaketime) to run a lab host's watchdog on a wall clock
-/// ten minutes off.
+/// ten minutes off, etcd (server and etcdctl) for several controllers electing a leader,
+/// and protoc with its well-known types, which the `etcd-client` crate's build script
+/// needs to generate its gRPC code.
 const DEBIAN_PACKAGES: &[&str] = &[
     "bindfs",
     "fuse3",
@@ -22,6 +24,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "binutils",
     "iptables",
     "faketime",
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 const BPF_LINKER_VERSION: &str = "0.10.0";
 
