@@ -13,6 +13,7 @@
 //! * [`arrange`]: the pure arrangement scheduler the Nova edge plans evacuations with.
 //! * [`openstack`]: the Keystone, Nova, Placement and Neutron client.
 //! * [`store`]: intents, timelines and event marks (SQLite, or in memory).
+//! * [`ha`]: several controllers: the leader election on etcd and the store there.
 //! * [`config`]: the configuration file, parsed and validated (exit 64 on a bad one).
 //! * [`runtime`]: builds everything from the configuration, binds, and serves: intake,
 //!   the engine task, the edges.
@@ -25,6 +26,7 @@ pub mod clock;
 pub mod config;
 pub mod edges;
 pub mod engine;
+pub mod ha;
 pub mod metrics;
 pub mod openstack;
 pub mod runtime;

@@ -40,6 +40,10 @@ pub struct Metrics {
     /// 1 while the controller has stopped acting after a failed store write (until it
     /// restarts), else 0.
     pub stopped_acting: Gauge,
+    /// 1 while this controller leads (acts), 0 while it follows.
+    pub leader: Gauge,
+    /// Times this controller became leader since it started.
+    pub leader_terms: Counter,
 }
 
 impl Default for Metrics {
@@ -65,6 +69,8 @@ impl Metrics {
             alarms: Family::default(),
             store_write_failures: Family::default(),
             stopped_acting: Gauge::default(),
+            leader: Gauge::default(),
+            leader_terms: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -119,6 +125,16 @@ impl Metrics {
             "stopped_acting",
             "Whether the controller has stopped acting after a failed store write (1) or acts (0)",
             m.stopped_acting.clone(),
+        );
+        registry.register(
+            "leader",
+            "Whether this controller leads and acts (1) or follows (0); always 1 for a single controller on SQLite",
+            m.leader.clone(),
+        );
+        registry.register(
+            "leader_terms",
+            "Times this controller became leader since it started",
+            m.leader_terms.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -43,6 +43,8 @@ pub enum Cmd {
     },
     /// Recent alarms, oldest first.
     Alarms,
+    /// Every controller (several elect a leader on etcd), which one leads, and since when.
+    Controllers,
     /// Planned work on a host: its silence is not a failure while on.
     Maintenance {
         host: String,

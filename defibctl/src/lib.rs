@@ -44,6 +44,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), CtlError> {
             render::incident,
         )?,
         Cmd::Alarms => show(&client, cli.json, "/v1/alarms", render::alarms)?,
+        Cmd::Controllers => show(&client, cli.json, "/v1/controllers", render::controllers)?,
         Cmd::Maintenance { host, state } => {
             let on = *state == OnOff::On;
             let body = client.put_json(

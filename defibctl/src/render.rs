@@ -1,6 +1,6 @@
 //! Human output: one table per listing, times as UTC ISO plus "ago" against the
 //! snapshot's clock.
-use controller::api::view::{HostSnapshot, ResourceSnapshot};
+use controller::api::view::{HostSnapshot, ResourceSnapshot, RoleSnapshot};
 use controller::api::TimelineEntry;
 use controller::api::{
     AlarmsResponse, HostResponse, HostsResponse, IncidentResponse, IncidentsResponse, VmsResponse,
@@ -228,6 +228,42 @@ pub fn alarms(r: &AlarmsResponse) -> String {
     t.render()
 }
 
+/// The controllers: who leads since when, and what this one is.
+pub fn controllers(r: &RoleSnapshot) -> String {
+    let mut out = String::new();
+    let leader = match (&r.leader, r.leader_since_ms) {
+        (Some(l), Some(since)) => format!("{l} since {}", iso(since)),
+        (Some(l), None) => l.clone(),
+        (None, _) => "none".into(),
+    };
+    out.push_str(&format!(
+        "store: {}    leader: {leader}    this controller: {}\n",
+        if r.store.is_empty() { "-" } else { &r.store },
+        if r.role.is_empty() {
+            "starting"
+        } else {
+            &r.role
+        }
+    ));
+    if let Some(p) = &r.problem {
+        out.push_str(&format!("problem: {}\n", flat(p)));
+    }
+    if let Some(p) = &r.last_step_down {
+        out.push_str(&format!("last step-down: {}\n", flat(p)));
+    }
+    let mut t = Table::new(["CONTROLLER", "ROLE", "API", "STARTED"]);
+    for c in &r.controllers {
+        t.row([
+            c.id.clone(),
+            if c.leader { "leader" } else { "follower" }.to_owned(),
+            c.api.clone(),
+            iso(c.started_ms),
+        ]);
+    }
+    out.push_str(&t.render());
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use controller::api::view::{AlarmSnapshot, IncidentSnapshot, PathSnapshot};
@@ -237,6 +273,42 @@ mod tests {
     use super::*;
 
     const NOW: u64 = 1_700_000_010_000;
+
+    #[test]
+    fn controllers_show_the_leader_since_when_and_every_controller() {
+        use controller::api::view::ControllerSnapshot;
+        let r = RoleSnapshot {
+            role: "follower".into(),
+            store: "etcd".into(),
+            leader: Some("c1".into()),
+            leader_api: Some("http://127.0.0.1:1".into()),
+            leader_since_ms: Some(NOW - 1_000),
+            terms: 0,
+            problem: None,
+            last_step_down: None,
+            controllers: vec![
+                ControllerSnapshot {
+                    id: "c1".into(),
+                    api: "http://127.0.0.1:1".into(),
+                    started_ms: NOW - 5_000,
+                    leader: true,
+                },
+                ControllerSnapshot {
+                    id: "c2".into(),
+                    api: "http://127.0.0.1:2".into(),
+                    started_ms: NOW - 4_000,
+                    leader: false,
+                },
+            ],
+        };
+        assert_eq!(
+            controllers(&r),
+            "store: etcd    leader: c1 since 2023-11-14 22:13:29Z    this controller: follower\n\
+             CONTROLLER  ROLE      API                 STARTED\n\
+             c1          leader    http://127.0.0.1:1  2023-11-14 22:13:25Z\n\
+             c2          follower  http://127.0.0.1:2  2023-11-14 22:13:26Z\n"
+        );
+    }
 
     fn entry(at: u64, from: &str, to: &str, cause: &str, source: Source) -> TimelineEntry {
         TimelineEntry {

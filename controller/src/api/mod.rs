@@ -2,7 +2,7 @@
 //!
 //! | route | auth | what |
 //! |---|---|---|
-//! | `GET /healthz` | no | `ok` |
+//! | `GET /healthz` | no | `{"status":"ok","controller":ID,"role":"leader"\|"follower"\|"starting","leader":ID}` |
 //! | `GET /metrics` | no | Prometheus text |
 //! | `GET /v1/hosts` | yes | every host ([`HostsResponse`]) |
 //! | `GET /v1/hosts/{id}` | yes | one host and its resources ([`HostResponse`]) |
@@ -12,6 +12,7 @@
 //! | `GET /v1/incidents` | yes | incidents without their timelines ([`IncidentsResponse`]) |
 //! | `GET /v1/incidents/{id}` | yes | one incident with its timeline ([`IncidentResponse`]); `12` or `i12` |
 //! | `GET /v1/alarms` | yes | recent alarms, newest last ([`AlarmsResponse`]) |
+//! | `GET /v1/controllers` | yes | this controller's role, the leader, every controller ([`RoleSnapshot`]) |
 //! | `GET /v1/snapshot` | yes | the whole [`Snapshot`] |
 //!
 //! When a token is configured, every `/v1` route wants `Authorization: Bearer <token>`
@@ -37,7 +38,7 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
-use crate::api::view::{ApiHandle, Command, Snapshot};
+use crate::api::view::{ApiHandle, Command, RoleSnapshot, Snapshot};
 
 mod types;
 pub mod view;
@@ -83,11 +84,12 @@ pub fn router(handle: ApiHandle, token: Option<String>) -> Router {
         .route("/incidents", get(incidents))
         .route("/incidents/{id}", get(incident))
         .route("/alarms", get(alarms))
+        .route("/controllers", get(controllers))
         .route("/snapshot", get(snapshot))
         .method_not_allowed_fallback(method_not_allowed)
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .nest("/v1", v1)
         .fallback(not_found)
@@ -191,6 +193,26 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)],
         state.handle.metrics.encode(),
     )
+}
+
+/// Liveness with the role: a follower is healthy too (it is ready to take over).
+async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let snap = latest(&state);
+    let role = if snap.role.role.is_empty() {
+        "starting"
+    } else {
+        snap.role.role.as_str()
+    };
+    Json(serde_json::json!({
+        "status": "ok",
+        "controller": snap.controller_id,
+        "role": role,
+        "leader": snap.role.leader,
+    }))
+}
+
+async fn controllers(State(state): State<AppState>) -> Json<RoleSnapshot> {
+    Json(latest(&state).role.clone())
 }
 
 async fn snapshot(State(state): State<AppState>) -> Json<Snapshot> {

@@ -20,6 +20,44 @@ pub struct Snapshot {
     pub incidents: Vec<IncidentSnapshot>,
     /// The most recent alarms, newest last (bounded).
     pub alarms: Vec<AlarmSnapshot>,
+    /// This controller's role among the controllers, and who they are.
+    #[serde(default)]
+    pub role: RoleSnapshot,
+}
+
+/// Whether this controller leads, and the controllers it knows of.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RoleSnapshot {
+    /// `leader` (acts), `follower` (hears heartbeats, acts on nothing), `starting`.
+    pub role: String,
+    /// Where intents live: `sqlite` (one controller) or `etcd` (several).
+    pub store: String,
+    /// The leading controller's id, if known.
+    pub leader: Option<String>,
+    /// The leader's API URL, if known.
+    pub leader_api: Option<String>,
+    /// Since when the leader leads (its wall clock, unix ms), if known.
+    pub leader_since_ms: Option<u64>,
+    /// How many times this controller became leader since it started.
+    pub terms: u64,
+    /// Why this controller does not lead or cannot campaign, if there is a reason
+    /// beyond another controller leading (etcd unreachable, lease lost...).
+    pub problem: Option<String>,
+    /// Why this controller's last term ended.
+    pub last_step_down: Option<String>,
+    /// Every controller with a live lease (with etcd), or just this one (SQLite).
+    pub controllers: Vec<ControllerSnapshot>,
+}
+
+/// One controller.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ControllerSnapshot {
+    pub id: String,
+    pub api: String,
+    /// When it started (its wall clock, unix ms).
+    pub started_ms: u64,
+    /// Whether it leads.
+    pub leader: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

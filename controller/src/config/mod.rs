@@ -34,6 +34,49 @@ pub struct ControllerConfig {
     pub fence: FenceSection,
     pub nova: NovaSection,
     pub neutron: NeutronSection,
+    pub etcd: EtcdSection,
+}
+
+/// `[etcd]`: several controllers electing a leader on etcd, with the intents there.
+/// Without endpoints (the default) the controller is alone and keeps its intents in
+/// SQLite (`controller.store_path`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EtcdSection {
+    /// The etcd members' client URLs (`http://host:port`). Non-empty: several
+    /// controllers, one leader; `controller.store_path` is not used.
+    pub endpoints: Vec<String>,
+    /// The leader's lease, in whole seconds (etcd's unit). Default 1: with etcd's
+    /// `--heartbeat-interval 50 --election-timeout 500` a follower takes over 0.8–1.5 s
+    /// after the leader dies. etcd silently grants at least ⌈1.5 × its election
+    /// timeout⌉ (2 s with its defaults 100/1000); the controller logs what it got.
+    pub lease_ttl_s: u64,
+    /// The leader stops acting this long before its lease can expire on etcd's side
+    /// (clock drift, scheduling delay between the check and the action).
+    pub stop_margin_ms: u64,
+    /// Bound of every etcd call; a call without an answer moves to the next member.
+    pub call_timeout_ms: u64,
+    /// How often a follower tries to take the lead (and the leader refreshes its view).
+    pub campaign_every_ms: u64,
+    /// Keys live under `<prefix><controller.cluster_id>/`.
+    pub prefix: String,
+    /// This controller's API as the others should name it to operators (a follower
+    /// refusing a write says where the leader is). Default: `http://<api_listen>`.
+    pub advertise_api: String,
+}
+
+impl Default for EtcdSection {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            lease_ttl_s: 1,
+            stop_margin_ms: 250,
+            call_timeout_ms: 500,
+            campaign_every_ms: 100,
+            prefix: "/defib/".into(),
+            advertise_api: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -198,6 +241,8 @@ pub struct Resolved {
     pub nova: Option<NovaResolved>,
     /// With `[neutron] enabled = true`.
     pub neutron: Option<crate::edges::neutron::NeutronSettings>,
+    /// With `[etcd] endpoints`: several controllers, one leader.
+    pub etcd: Option<crate::ha::EtcdSettings>,
 }
 
 impl ControllerConfig {
@@ -320,6 +365,7 @@ impl ControllerConfig {
         )?;
         check_range("engine.max_fence_attempts", e.max_fence_attempts, 1..)?;
         let (fence, verify) = fence::resolve_fence(&self.fence)?;
+        let etcd = resolve_etcd(&self.etcd, c, api_addr)?;
         Ok(Resolved {
             cfg: self,
             fence: Arc::new(fence),
@@ -331,6 +377,7 @@ impl ControllerConfig {
             api_addr,
             nova,
             neutron,
+            etcd,
         })
     }
 
@@ -388,6 +435,80 @@ impl std::fmt::Debug for Resolved {
             .field("api_addr", &self.api_addr)
             .finish_non_exhaustive()
     }
+}
+
+/// `[etcd]` checked: `None` without endpoints (one controller on SQLite).
+fn resolve_etcd(
+    e: &EtcdSection,
+    c: &ControllerSection,
+    api_addr: SocketAddr,
+) -> Result<Option<crate::ha::EtcdSettings>, ConfigError> {
+    if e.endpoints.is_empty() {
+        return Ok(None);
+    }
+    for (i, ep) in e.endpoints.iter().enumerate() {
+        let hostport = ep.strip_prefix("http://").unwrap_or(ep);
+        if ep.starts_with("https://") {
+            return Err(invalid(
+                "etcd.endpoints",
+                format!("{ep}: TLS to etcd is not supported yet; use http:// on a trusted network"),
+            ));
+        }
+        if hostport.is_empty() || !hostport.contains(':') || hostport.contains('/') {
+            return Err(invalid(
+                "etcd.endpoints",
+                format!("{ep}: not http://host:port"),
+            ));
+        }
+        if e.endpoints[..i].contains(ep) {
+            return Err(invalid("etcd.endpoints", format!("{ep} is listed twice")));
+        }
+    }
+    check_range("etcd.lease_ttl_s", e.lease_ttl_s, 1..=60)?;
+    let ttl_ms = e.lease_ttl_s * 1000;
+    if e.stop_margin_ms < 50 || e.stop_margin_ms * 2 > ttl_ms {
+        return Err(invalid(
+            "etcd.stop_margin_ms",
+            "must be at least 50 and at most half of etcd.lease_ttl_s",
+        ));
+    }
+    if e.call_timeout_ms < 50 || e.call_timeout_ms >= ttl_ms - e.stop_margin_ms {
+        return Err(invalid(
+            "etcd.call_timeout_ms",
+            "must be at least 50 and below etcd.lease_ttl_s minus etcd.stop_margin_ms (a \
+             keep-alive must be able to answer in time)",
+        ));
+    }
+    check_range("etcd.campaign_every_ms", e.campaign_every_ms, 10..=10_000)?;
+    if !e.prefix.starts_with('/') || !e.prefix.ends_with('/') {
+        return Err(invalid("etcd.prefix", "must start and end with '/'"));
+    }
+    let advertise_api = if e.advertise_api.is_empty() {
+        format!("http://{api_addr}")
+    } else {
+        e.advertise_api.clone()
+    };
+    let ms = Duration::from_millis;
+    Ok(Some(crate::ha::EtcdSettings {
+        endpoints: e
+            .endpoints
+            .iter()
+            .map(|ep| {
+                if ep.starts_with("http://") {
+                    ep.clone()
+                } else {
+                    format!("http://{ep}")
+                }
+            })
+            .collect(),
+        lease_ttl: Duration::from_secs(e.lease_ttl_s),
+        stop_margin: ms(e.stop_margin_ms),
+        call_timeout: ms(e.call_timeout_ms),
+        campaign_every: ms(e.campaign_every_ms),
+        prefix: format!("{}{}/", e.prefix, c.cluster_id),
+        controller_id: c.id.clone(),
+        advertise_api,
+    }))
 }
 
 fn read_secret(field: &str, path: &Path) -> Result<String, ConfigError> {

@@ -14,6 +14,34 @@ impl Engine {
         Self::resume_knowing(cfg, log, &[], now)
     }
 
+    /// [`Engine::resume_knowing`] for a controller that takes the lead from another: it
+    /// was hearing the hosts' heartbeats while it followed, and `heard` says when it
+    /// last heard each host on each path (at or before `now`). Silence then counts from
+    /// those times, not from `now`: a host that died with the old leader is suspected
+    /// as soon as its silence is long enough, without a fresh grace period. A host
+    /// never heard keeps the grace period from `now`.
+    pub fn resume_warm(
+        cfg: Config,
+        log: &dyn IntentLog,
+        hosts_in_store: &[HostId],
+        heard: &[(HostId, PathId, Timestamp)],
+        now: Timestamp,
+    ) -> (Engine, Vec<Action>) {
+        let (mut e, actions) = Self::resume_knowing(cfg, log, hosts_in_store, now);
+        e.note_heard(heard);
+        (e, actions)
+    }
+
+    /// Notes heartbeats heard elsewhere (by this controller while it followed), each at
+    /// its own time, at or before the engine's `now`: the hosts become known and their
+    /// silence counts from then. Decides nothing by itself.
+    pub fn note_heard(&mut self, heard: &[(HostId, PathId, Timestamp)]) {
+        for (host, path, at) in heard {
+            self.ensure_host(host);
+            self.detector.heartbeat(host, *path, (*at).min(self.now));
+        }
+    }
+
     /// [`Engine::resume`], knowing the hosts an earlier controller process heard from
     /// (the store's event streams): an evacuation it sent and never heard back about
     /// may run on any of them.

@@ -353,6 +353,14 @@ pub enum AlarmKind {
     /// An operator command was refused (unfence of a host that is not clean or not
     /// fenced, maintenance during a fence).
     CommandRefused,
+    /// Several controllers: this controller led and stopped acting (its lease was not
+    /// renewed in time, etcd refused a write, or it was asked to step down). Raised by
+    /// the runtime, never by the engine.
+    LeadershipLost,
+    /// Several controllers: this controller cannot take part in the election (etcd
+    /// unreachable, or without quorum); while that lasts no controller may act. Raised
+    /// by the runtime, never by the engine.
+    NoLeader,
 }
 
 /// One line of an incident's timeline.

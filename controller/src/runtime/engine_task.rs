@@ -62,11 +62,26 @@ pub struct Edges {
 
 /// What the engine task knows about a host beyond the engine's own view.
 #[derive(Debug, Clone, Default)]
-struct HostInfo {
+pub(crate) struct HostInfo {
     paths: BTreeMap<u8, (Option<SocketAddr>, Timestamp)>,
     status: protocol::HostStatus,
     boot_id: Option<protocol::BootId>,
     incarnation: Option<u64>,
+}
+
+impl HostInfo {
+    /// A heartbeat heard at `now`.
+    pub(crate) fn heard(&mut self, hb: &HeartbeatSeen, now: Timestamp) {
+        self.paths.insert(hb.path, (Some(hb.peer), now));
+        self.status = hb.status.clone();
+        self.boot_id = Some(hb.boot_id);
+        self.incarnation = Some(hb.incarnation);
+    }
+
+    /// When each path was last heard.
+    pub(crate) fn paths_heard(&self) -> impl Iterator<Item = (u8, Timestamp)> + '_ {
+        self.paths.iter().map(|(p, (_, at))| (*p, *at))
+    }
 }
 
 /// The store write that stopped the task from acting.
@@ -119,6 +134,9 @@ pub struct EngineTask {
     next_tick: Option<Timestamp>,
     /// Set once a store write failed: the task acts on nothing from then on.
     stopped: Option<StoreFailure>,
+    heard: Vec<(HostId, crate::engine::PathId, Duration)>,
+    end_on_store_failure: bool,
+    role: RoleSnapshot,
 }
 
 /// Channels the rest of the runtime uses to talk to the engine task.
@@ -157,6 +175,16 @@ pub struct EngineTaskParts {
     pub metrics: Arc<Metrics>,
     pub controller_id: String,
     pub cluster_id: String,
+    /// What this controller heard while it followed: per host and path, how long ago
+    /// (at the moment it took the lead) the last heartbeat came. Empty for a single
+    /// controller. See [`Engine::resume_warm`].
+    pub heard: Vec<(HostId, crate::engine::PathId, Duration)>,
+    /// Several controllers: a failed or refused store write ends [`EngineTask::run`] at
+    /// once (the leadership is given up and the next leader resumes from the store),
+    /// instead of waiting for the store to take writes again.
+    pub end_on_store_failure: bool,
+    /// The role shown in snapshots.
+    pub role: RoleSnapshot,
 }
 
 impl EngineTask {
@@ -204,6 +232,9 @@ impl EngineTask {
             alarms: VecDeque::new(),
             next_tick: None,
             stopped: None,
+            heard: parts.heard,
+            end_on_store_failure: parts.end_on_store_failure,
+            role: parts.role,
         };
         Ok((
             task,
@@ -227,8 +258,23 @@ impl EngineTask {
         let now = self.clock.now();
         let log = std::mem::take(&mut self.resume_from);
         let hosts_in_store = std::mem::take(&mut self.hosts_in_store);
-        let (engine, actions) =
-            Engine::resume_knowing(self.engine.config().clone(), &log, &hosts_in_store, now);
+        let heard: Vec<_> = std::mem::take(&mut self.heard)
+            .into_iter()
+            .map(|(host, path, ago)| {
+                (
+                    host,
+                    path,
+                    Timestamp(now.0.saturating_sub(ago.as_millis() as u64)),
+                )
+            })
+            .collect();
+        let (engine, actions) = Engine::resume_warm(
+            self.engine.config().clone(),
+            &log,
+            &hosts_in_store,
+            &heard,
+            now,
+        );
         if !log.is_empty() {
             tracing::info!(intents = log.len(), "resumed from the store");
         }
@@ -245,6 +291,9 @@ impl EngineTask {
         let mut sd_watchdog = super::systemd::WatchdogPinger::from_env();
         tokio::pin!(shutdown);
         loop {
+            if self.stopped.is_some() && self.end_on_store_failure {
+                break;
+            }
             let acting = self.stopped.is_none();
             let tick_at = self.next_tick.map(|t| self.clock.instant_at(t));
             let probe_at = self.stopped.as_ref().map(|f| f.next_probe);
@@ -293,7 +342,7 @@ impl EngineTask {
         match msg {
             Intake::Heartbeat(hb) => self.on_heartbeat(hb),
             Intake::Hello { host, reply } => {
-                let _ = reply.send(self.dedup.highest(&host));
+                let _ = reply.send(Ok(self.dedup.highest(&host)));
             }
             Intake::Event { host, event, reply } => {
                 let _ = reply.send(self.on_event(&host, &event));
@@ -303,11 +352,10 @@ impl EngineTask {
 
     fn on_heartbeat(&mut self, hb: HeartbeatSeen) {
         let now = self.clock.now();
-        let info = self.hosts.entry(hb.host.clone()).or_default();
-        info.paths.insert(hb.path, (Some(hb.peer), now));
-        info.status = hb.status;
-        info.boot_id = Some(hb.boot_id);
-        info.incarnation = Some(hb.incarnation);
+        self.hosts
+            .entry(hb.host.clone())
+            .or_default()
+            .heard(&hb, now);
         self.step(Input::Heartbeat(heartbeat(hb)))
     }
 
@@ -405,6 +453,7 @@ impl EngineTask {
     fn stop_acting(&mut self, write: String, error: &StoreError) {
         let (kind, reason) = match error {
             StoreError::IntentExists { .. } => ("IntentExists", "intent_exists"),
+            StoreError::NotLeader(_) => ("LeadershipLost", "not_leader"),
             _ => ("StoreWriteFailed", "error"),
         };
         tracing::error!(
@@ -592,74 +641,95 @@ impl EngineTask {
     }
 
     fn build_snapshot(&self, hosts: &[crate::engine::HostView]) -> Snapshot {
-        let hosts = hosts
-            .iter()
-            .map(|h| {
-                let unknown = HostInfo::default();
-                let info = self.hosts.get(h.host.as_str()).unwrap_or(&unknown);
-                HostSnapshot {
-                    host: h.host.to_string(),
-                    state: h.state,
-                    incident: h.incident.map(|i| i.0),
-                    last_heartbeat_ms: h.last_seen.map(|t| t.0),
-                    paths: info
-                        .paths
-                        .iter()
-                        .map(|(p, (peer, at))| PathSnapshot {
-                            path: u16::from(*p),
-                            peer: peer.map(|a| a.to_string()),
-                            last_heartbeat_ms: at.0,
-                        })
-                        .collect(),
-                    vm_count: info.status.vm_count,
-                    stalled_vm_count: info.status.stalled_vm_count,
-                    isolated: info.status.isolated,
-                    self_fence: info.status.self_fence.to_string(),
-                    boot_id: info.boot_id.map(|b| b.to_string()),
-                    incarnation: info.incarnation,
-                    evacuated: h.evacuated.iter().map(|r| r.to_string()).collect(),
-                }
-            })
-            .collect();
-        let resources = self
-            .engine
-            .resources()
-            .into_iter()
-            .map(|r| {
-                let (kind, id) = match &r.resource {
-                    Resource::Vm(v) => ("vm", v.to_string()),
-                    Resource::Router(x) => ("router", x.to_string()),
-                };
-                ResourceSnapshot {
-                    resource: r.resource.to_string(),
-                    kind: kind.into(),
-                    id,
-                    host: r.host.to_string(),
-                    state: r.state,
-                    owner: r.owner.map(|i| i.0),
-                }
-            })
-            .collect();
-        let incidents = self
-            .engine
-            .incidents()
-            .map(|i| IncidentSnapshot {
-                id: i.id.0,
-                subject: i.subject.to_string(),
-                opened_at_ms: i.opened_at.0,
-                closed_at_ms: i.closed_at.map(|t| t.0),
-                timeline: i.timeline.clone(),
-            })
-            .collect();
-        Snapshot {
-            controller_id: self.controller_id.clone(),
-            cluster_id: self.cluster_id.clone(),
-            at_ms: self.clock.now().0,
+        snapshot_of(
+            &self.engine,
             hosts,
-            resources,
-            incidents,
-            alarms: self.alarms.iter().cloned().collect(),
-        }
+            &self.hosts,
+            self.alarms.iter().cloned().collect(),
+            (&self.controller_id, &self.cluster_id),
+            self.clock.now(),
+            self.role.clone(),
+        )
+    }
+}
+
+/// The API's picture of an engine: its hosts (with what their heartbeats said), its
+/// resources and incidents, and the alarms given.
+pub(crate) fn snapshot_of(
+    engine: &Engine,
+    hosts: &[crate::engine::HostView],
+    infos: &BTreeMap<String, HostInfo>,
+    alarms: Vec<AlarmSnapshot>,
+    (controller_id, cluster_id): (&str, &str),
+    now: Timestamp,
+    role: RoleSnapshot,
+) -> Snapshot {
+    let hosts = hosts
+        .iter()
+        .map(|h| {
+            let unknown = HostInfo::default();
+            let info = infos.get(h.host.as_str()).unwrap_or(&unknown);
+            HostSnapshot {
+                host: h.host.to_string(),
+                state: h.state,
+                incident: h.incident.map(|i| i.0),
+                last_heartbeat_ms: h.last_seen.map(|t| t.0),
+                paths: info
+                    .paths
+                    .iter()
+                    .map(|(p, (peer, at))| PathSnapshot {
+                        path: u16::from(*p),
+                        peer: peer.map(|a| a.to_string()),
+                        last_heartbeat_ms: at.0,
+                    })
+                    .collect(),
+                vm_count: info.status.vm_count,
+                stalled_vm_count: info.status.stalled_vm_count,
+                isolated: info.status.isolated,
+                self_fence: info.status.self_fence.to_string(),
+                boot_id: info.boot_id.map(|b| b.to_string()),
+                incarnation: info.incarnation,
+                evacuated: h.evacuated.iter().map(|r| r.to_string()).collect(),
+            }
+        })
+        .collect();
+    let resources = engine
+        .resources()
+        .into_iter()
+        .map(|r| {
+            let (kind, id) = match &r.resource {
+                Resource::Vm(v) => ("vm", v.to_string()),
+                Resource::Router(x) => ("router", x.to_string()),
+            };
+            ResourceSnapshot {
+                resource: r.resource.to_string(),
+                kind: kind.into(),
+                id,
+                host: r.host.to_string(),
+                state: r.state,
+                owner: r.owner.map(|i| i.0),
+            }
+        })
+        .collect();
+    let incidents = engine
+        .incidents()
+        .map(|i| IncidentSnapshot {
+            id: i.id.0,
+            subject: i.subject.to_string(),
+            opened_at_ms: i.opened_at.0,
+            closed_at_ms: i.closed_at.map(|t| t.0),
+            timeline: i.timeline.clone(),
+        })
+        .collect();
+    Snapshot {
+        controller_id: controller_id.to_owned(),
+        cluster_id: cluster_id.to_owned(),
+        at_ms: now.0,
+        hosts,
+        resources,
+        incidents,
+        alarms,
+        role,
     }
 }
 

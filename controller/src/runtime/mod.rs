@@ -1,6 +1,7 @@
 //! The running controller: intake (UDP heartbeats, TCP event streams), the engine task
 //! that owns the pure engine and carries its actions out, the store, and what the API sees.
 pub mod engine_task;
+pub mod ha;
 pub mod host_view;
 pub mod intake;
 pub mod systemd;
@@ -11,9 +12,10 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::net::{TcpListener, UdpSocket};
 
+use crate::api::view::{ControllerSnapshot, RoleSnapshot};
 use crate::config::{Backend, Resolved};
 use crate::edges::unconfigured::UnconfiguredRestorer;
-use crate::edges::{fencing, libvirt, neutron, nova, stale_copies, Restorer};
+use crate::edges::{fencing, libvirt, neutron, nova, stale_copies, EdgeLinks, Restorer};
 use crate::metrics::Metrics;
 use engine_task::{EngineChannels, EngineTask, EngineTaskParts};
 use intake::HeartbeatIntake;
@@ -26,78 +28,69 @@ pub struct Bound {
     pub api: std::net::SocketAddr,
 }
 
-/// Opens the store, binds every socket, then runs until `shutdown`. `on_ready` is called
-/// once everything is bound (systemd readiness, tests). After a failed store write the
-/// engine task stops acting and, once the store takes writes again, ends with an error:
-/// the caller exits non-zero so that the restart resumes from the store
-/// ([`engine_task`] says why).
-pub async fn run(
-    resolved: Resolved,
-    shutdown: impl std::future::Future<Output = ()>,
-    on_ready: impl FnOnce(&Bound),
-) -> anyhow::Result<()> {
-    let cfg = &resolved.cfg;
-    let c = &cfg.controller;
-    let metrics = Arc::new(Metrics::new());
-    let store = crate::store::SqliteStore::open(&c.store_path)
-        .with_context(|| format!("opening the store {}", c.store_path.display()))?;
-    // The hosts whose event stream is open, for edges that send them commands, and the
-    // domain definitions the hosts reported (for evacuation without Nova), as stored.
-    let streams = libvirt::HostStreams::new();
-    for (host, payload) in store
-        .events_of_kind("domain_definition")
-        .context("reading the stored domain definitions")?
-    {
-        if let Ok(protocol::EventPayload::DomainDefinition { vm_uuid, xml, .. }) =
-            serde_json::from_str(&payload)
-        {
-            streams.note_definition(&host, &vm_uuid, &xml);
-        }
-    }
-    let parts = EngineTaskParts {
-        engine_config: cfg.engine_config(),
-        store: Box::new(store),
-        metrics: metrics.clone(),
-        controller_id: c.id.clone(),
-        cluster_id: c.cluster_id.clone(),
-    };
-    let backend = c.backend;
-    let restorer_streams = streams.clone();
-    let (copies_streams, copies_metrics) = (streams.clone(), metrics.clone());
-    let (fence_table, verify) = (resolved.fence.clone(), resolved.verify);
-    tracing::info!(hosts = fence_table.len(), "fence levels configured");
-    // One session (token, connections) for Nova, Placement and Neutron.
-    let session = match &resolved.nova {
-        Some(n) => Some(Arc::new(
-            crate::openstack::Session::new(n.session.clone())
-                .context("building the OpenStack client")?,
-        )),
-        None => None,
-    };
-    let nova = match (&resolved.nova, &session) {
-        (Some(n), Some(s)) => Some(crate::openstack::compute::Compute::new(
-            s.clone(),
-            n.microversion.clone(),
-        )),
-        _ => None,
-    };
-    let nova_settings = resolved.nova.as_ref().map(|n| n.settings.clone());
-    // Routers: the Neutron half beside the Nova half.
-    let neutron = match (&resolved.neutron, &session) {
-        (Some(n), Some(s)) => Some((
-            crate::openstack::network::Network::new(s.clone()),
-            n.clone(),
-        )),
-        _ => None,
-    };
-    let (task, channels) = EngineTask::new(parts, |links| {
-        let results = links.results.clone();
-        let restorer: Box<dyn Restorer + Send> = match (backend, nova, nova_settings) {
-            (Backend::Libvirt, _, _) => Box::new(libvirt::LibvirtRestorer::new(
-                results.clone(),
-                restorer_streams,
+/// Builds the edges for an engine task; kept so that every leadership term gets fresh
+/// ones (an edge remembers the engine it serves).
+#[derive(Clone)]
+pub(crate) struct EdgeFactory {
+    backend: Backend,
+    streams: Arc<libvirt::HostStreams>,
+    metrics: Arc<Metrics>,
+    fence: Arc<crate::edges::fencing::FenceTable>,
+    verify: crate::edges::fencing::VerifyPolicy,
+    session: Option<Arc<crate::openstack::Session>>,
+    nova: Option<crate::config::NovaResolved>,
+    neutron: Option<crate::edges::neutron::NeutronSettings>,
+}
+
+impl EdgeFactory {
+    pub(crate) fn new(
+        resolved: &Resolved,
+        streams: Arc<libvirt::HostStreams>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        // One session (token, connections) for Nova, Placement and Neutron.
+        let session = match &resolved.nova {
+            Some(n) => Some(Arc::new(
+                crate::openstack::Session::new(n.session.clone())
+                    .context("building the OpenStack client")?,
             )),
-            (Backend::Nova, Some(compute), Some(settings)) => match neutron {
+            None => None,
+        };
+        Ok(EdgeFactory {
+            backend: resolved.cfg.controller.backend,
+            streams,
+            metrics,
+            fence: resolved.fence.clone(),
+            verify: resolved.verify,
+            session,
+            nova: resolved.nova.clone(),
+            neutron: resolved.neutron.clone(),
+        })
+    }
+
+    pub(crate) fn build(&self, links: EdgeLinks) -> engine_task::Edges {
+        let results = links.results.clone();
+        let compute = match (&self.nova, &self.session) {
+            (Some(n), Some(s)) => Some((
+                crate::openstack::compute::Compute::new(s.clone(), n.microversion.clone()),
+                n.settings.clone(),
+            )),
+            _ => None,
+        };
+        // Routers: the Neutron half beside the Nova half.
+        let neutron = match (&self.neutron, &self.session) {
+            (Some(n), Some(s)) => Some((
+                crate::openstack::network::Network::new(s.clone()),
+                n.clone(),
+            )),
+            _ => None,
+        };
+        let restorer: Box<dyn Restorer + Send> = match (self.backend, compute) {
+            (Backend::Libvirt, _) => Box::new(libvirt::LibvirtRestorer::new(
+                results.clone(),
+                self.streams.clone(),
+            )),
+            (Backend::Nova, Some((compute, settings))) => match neutron {
                 None => Box::new(nova::NovaRestorer::start(compute, settings, links, None)),
                 Some((network, neutron_settings)) => Box::new(neutron::RouterAwareRestorer::start(
                     |halves| Box::new(nova::NovaRestorer::start(compute, settings, halves, None)),
@@ -108,7 +101,7 @@ pub async fn run(
                 )),
             },
             // `nova` without its section cannot pass the configuration check.
-            (Backend::None | Backend::Nova, _, _) => Box::new(UnconfiguredRestorer {
+            (Backend::None | Backend::Nova, _) => Box::new(UnconfiguredRestorer {
                 results: results.clone(),
             }),
         };
@@ -116,28 +109,50 @@ pub async fn run(
         // an `Unknown` confirmation: the same edges answer for it.
         engine_task::Edges {
             fencer: Box::new(fencing::LeveledFencer::new(
-                fence_table.clone(),
-                verify,
+                self.fence.clone(),
+                self.verify,
                 results.clone(),
             )),
             restorer,
-            confirmer: Box::new(fencing::PowerConfirmer::new(fence_table, results)),
+            confirmer: Box::new(fencing::PowerConfirmer::new(self.fence.clone(), results)),
             // Every backend: the watchdogs' streams are open whatever restores the VMs.
             copies: Box::new(stale_copies::StaleCopies::new(
-                copies_streams,
-                copies_metrics,
+                self.streams.clone(),
+                self.metrics.clone(),
             )),
         }
-    })?;
-    tracing::info!(backend = ?backend, "restore backend");
-    let EngineChannels {
-        intake: intake_tx,
-        commands,
-        snapshot,
-        ..
-    } = channels;
+    }
+}
 
-    // Bind everything before serving anything: a port in use is a clear error at start.
+/// Notes the domain definitions the hosts reported (for evacuation without Nova), as
+/// stored, in the hosts' streams.
+pub(crate) fn note_stored_definitions(
+    store: &dyn crate::store::Store,
+    streams: &libvirt::HostStreams,
+) -> anyhow::Result<()> {
+    for (host, payload) in store
+        .events_of_kind("domain_definition")
+        .context("reading the stored domain definitions")?
+    {
+        if let Ok(protocol::EventPayload::DomainDefinition { vm_uuid, xml, .. }) =
+            serde_json::from_str(&payload)
+        {
+            streams.note_definition(&host, &vm_uuid, &xml);
+        }
+    }
+    Ok(())
+}
+
+/// The sockets, bound before anything is served: a port in use is a clear error at
+/// start.
+pub(crate) struct Sockets {
+    pub udp: Vec<UdpSocket>,
+    pub events: TcpListener,
+    pub api: TcpListener,
+    pub bound: Bound,
+}
+
+pub(crate) async fn bind(resolved: &Resolved) -> anyhow::Result<Sockets> {
     let mut udp = Vec::new();
     for addr in &resolved.heartbeat_addrs {
         udp.push(
@@ -157,7 +172,26 @@ pub async fn run(
         events: events.local_addr()?,
         api: api.local_addr()?,
     };
+    Ok(Sockets {
+        udp,
+        events,
+        api,
+        bound,
+    })
+}
 
+/// Serves the heartbeat sockets and the event streams into `intake_tx`; returns the
+/// heartbeat intake (its ack switch is what a follower turns off).
+pub(crate) fn serve_intake(
+    resolved: &Resolved,
+    udp: Vec<UdpSocket>,
+    events: TcpListener,
+    intake_tx: tokio::sync::mpsc::Sender<intake::Intake>,
+    metrics: Arc<Metrics>,
+    streams: Arc<libvirt::HostStreams>,
+) -> Arc<HeartbeatIntake> {
+    let cfg = &resolved.cfg;
+    let c = &cfg.controller;
     // Forward at most four heartbeats per host and path per interval to the engine.
     let forward_every_ms = (cfg.detector.heartbeat_interval_ms / 4).max(1);
     let hb_intake = HeartbeatIntake::new(
@@ -177,20 +211,108 @@ pub async fn run(
         c.cluster_id.clone(),
         c.id.clone(),
         intake_tx,
-        metrics.clone(),
+        metrics,
         streams,
     ));
-    let handle = crate::api::view::ApiHandle {
-        snapshot,
-        commands,
-        metrics,
-    };
-    let router = crate::api::router(handle, resolved.api_token.clone());
+    hb_intake
+}
+
+/// Serves the REST API and /metrics.
+pub(crate) fn serve_api(
+    api: TcpListener,
+    handle: crate::api::view::ApiHandle,
+    token: Option<String>,
+) {
+    let router = crate::api::router(handle, token);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(api, router).await {
             tracing::error!(error = %e, "API server stopped");
         }
     });
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Opens the store, binds every socket, then runs until `shutdown`. `on_ready` is called
+/// once everything is bound (systemd readiness, tests). With `[etcd]` endpoints the
+/// controller is one of several and acts only while it leads ([`ha`]); without, it is
+/// alone on SQLite. After a failed store write the engine task stops acting and, once
+/// the store takes writes again, ends with an error: the caller exits non-zero so that
+/// the restart resumes from the store ([`engine_task`] says why).
+pub async fn run(
+    resolved: Resolved,
+    shutdown: impl std::future::Future<Output = ()>,
+    on_ready: impl FnOnce(&Bound),
+) -> anyhow::Result<()> {
+    if let Some(etcd) = resolved.etcd.clone() {
+        return ha::run(resolved, etcd, shutdown, on_ready).await;
+    }
+    let cfg = &resolved.cfg;
+    let c = &cfg.controller;
+    let metrics = Arc::new(Metrics::new());
+    let store = crate::store::SqliteStore::open(&c.store_path)
+        .with_context(|| format!("opening the store {}", c.store_path.display()))?;
+    // The hosts whose event stream is open, for edges that send them commands, and the
+    // domain definitions the hosts reported (for evacuation without Nova), as stored.
+    let streams = libvirt::HostStreams::new();
+    note_stored_definitions(&store, &streams)?;
+    let started_ms = unix_ms();
+    let role = RoleSnapshot {
+        role: "leader".into(),
+        store: "sqlite".into(),
+        leader: Some(c.id.clone()),
+        leader_api: Some(format!("http://{}", resolved.api_addr)),
+        leader_since_ms: Some(started_ms),
+        terms: 1,
+        problem: None,
+        last_step_down: None,
+        controllers: vec![ControllerSnapshot {
+            id: c.id.clone(),
+            api: format!("http://{}", resolved.api_addr),
+            started_ms,
+            leader: true,
+        }],
+    };
+    metrics.leader.set(1);
+    metrics.leader_terms.inc();
+    let parts = EngineTaskParts {
+        engine_config: cfg.engine_config(),
+        store: Box::new(store),
+        metrics: metrics.clone(),
+        controller_id: c.id.clone(),
+        cluster_id: c.cluster_id.clone(),
+        heard: Vec::new(),
+        end_on_store_failure: false,
+        role,
+    };
+    let factory = EdgeFactory::new(&resolved, streams.clone(), metrics.clone())?;
+    tracing::info!(hosts = resolved.fence.len(), "fence levels configured");
+    let (task, channels) = EngineTask::new(parts, |links| factory.build(links))?;
+    tracing::info!(backend = ?c.backend, "restore backend");
+    let EngineChannels {
+        intake: intake_tx,
+        commands,
+        snapshot,
+        ..
+    } = channels;
+    let Sockets {
+        udp,
+        events,
+        api,
+        bound,
+    } = bind(&resolved).await?;
+    serve_intake(&resolved, udp, events, intake_tx, metrics.clone(), streams);
+    let handle = crate::api::view::ApiHandle {
+        snapshot,
+        commands,
+        metrics,
+    };
+    serve_api(api, handle, resolved.api_token.clone());
     tracing::info!(?bound, controller = %c.id, cluster = %c.cluster_id, "defib-controller ready");
     on_ready(&bound);
     task.run(shutdown).await?;

@@ -111,6 +111,24 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    fn events_of_kind(&self, kind: &str) -> StoreResult<Vec<(String, String)>> {
+        let mut out: Vec<(u64, &str, u64, &str)> = self
+            .events
+            .iter()
+            .filter(|(_, (_, p))| {
+                serde_json::from_str::<serde_json::Value>(p)
+                    .ok()
+                    .is_some_and(|v| v.get("kind").and_then(|k| k.as_str()) == Some(kind))
+            })
+            .map(|((h, id), (at, p))| (*at, h.as_str(), *id, p.as_str()))
+            .collect();
+        out.sort();
+        Ok(out
+            .into_iter()
+            .map(|(_, h, _, p)| (h.to_owned(), p.to_owned()))
+            .collect())
+    }
+
     fn prune_events(&mut self, before_unix_ms: u64) -> StoreResult<u64> {
         let before = self.events.len();
         self.events.retain(|_, (at, _)| *at >= before_unix_ms);

@@ -3,9 +3,9 @@
 //!
 //! [`Store`] is the trait the runtime talks to; [`SqliteStore`] is the default (an
 //! embedded SQLite file, path in the config), [`MemoryStore`] the in-process one for
-//! tests and simulation. An etcd-backed store with leader election implements the same
-//! trait: every method is one small, self-contained write or read, so each maps onto
-//! one etcd transaction.
+//! tests and simulation. [`crate::ha::EtcdStore`], for several controllers with a leader
+//! elected on etcd, implements the same trait: every method is one small, self-contained
+//! write or read, so each maps onto one etcd transaction guarded by the leader's lease.
 //!
 //! # How the runtime uses it
 //!
@@ -130,6 +130,13 @@ pub enum StoreError {
         /// The key.
         key: IntentKey,
     },
+    /// etcd did not answer, or answered with an error, on every member tried.
+    #[error("etcd: {0}")]
+    Etcd(String),
+    /// A write on etcd was refused or came too late because this controller does not
+    /// (or no longer) lead: its action is not carried out.
+    #[error("not the leader: {0}")]
+    NotLeader(String),
 }
 
 /// Result of a store operation.
@@ -184,6 +191,10 @@ pub trait Store: Send {
     /// Drops stored event payloads received before `before_unix_ms`; the high-water
     /// marks stay. Returns how many were dropped.
     fn prune_events(&mut self, before_unix_ms: u64) -> StoreResult<u64>;
+
+    /// The stored events of one payload kind (e.g. `domain_definition`), oldest first,
+    /// as (host, payload JSON).
+    fn events_of_kind(&self, kind: &str) -> StoreResult<Vec<(String, String)>>;
 
     // --------------------------------------------------------------------- meta
 

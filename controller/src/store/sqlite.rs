@@ -134,18 +134,6 @@ impl SqliteStore {
         &self.path
     }
 
-    /// The stored events of one payload kind (e.g. `domain_definition`), oldest first,
-    /// as (host, payload JSON).
-    pub fn events_of_kind(&self, kind: &str) -> StoreResult<Vec<(String, String)>> {
-        let mut stmt = self.conn.prepare(
-            "SELECT host, payload_json FROM events
-             WHERE json_extract(payload_json, '$.kind') = ?1
-             ORDER BY received_unix_ms, host, event_id",
-        )?;
-        let rows = stmt.query_map([kind], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
     /// The schema version in the file (after `open`: [`SCHEMA_VERSION`]).
     pub fn schema_version(&self) -> StoreResult<i64> {
         Ok(self
@@ -432,6 +420,16 @@ impl Store for SqliteStore {
             out.push((host, uint("event high-water mark", mark)?));
         }
         Ok(out)
+    }
+
+    fn events_of_kind(&self, kind: &str) -> StoreResult<Vec<(String, String)>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT host, payload_json FROM events
+             WHERE json_extract(payload_json, '$.kind') = ?1
+             ORDER BY received_unix_ms, host, event_id",
+        )?;
+        let rows = stmt.query_map([kind], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn prune_events(&mut self, before_unix_ms: u64) -> StoreResult<u64> {

@@ -2,6 +2,7 @@
 //! host and path per `forward_every_ms` goes on to the engine task.
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::metrics::counter::Counter;
@@ -28,6 +29,11 @@ pub struct HeartbeatIntake {
     /// The throttle's clock: monotonic, so a wall clock stepped back does not stop
     /// forwarding (the engine would then suspect every host).
     started: Instant,
+    /// Whether accepted heartbeats are acked. Only a controller that acts acks: a
+    /// watchdog's acks say "a controller that can restore your VMs hears you", and its
+    /// self-fence counts from their loss. A follower still takes heartbeats in (its
+    /// detector stays warm for a takeover) but does not ack them.
+    acking: Arc<AtomicBool>,
 }
 
 /// The two clocks one batch is judged by.
@@ -119,7 +125,14 @@ impl HeartbeatIntake {
             tx,
             metrics,
             started: Instant::now(),
+            acking: Arc::new(AtomicBool::new(true)),
         })
+    }
+
+    /// The switch that turns acking on (leader, or a single controller: the default)
+    /// and off (follower).
+    pub fn acking(&self) -> Arc<AtomicBool> {
+        self.acking.clone()
     }
 
     /// Handles one datagram: true, with its ack in `ack`, if it was accepted.
@@ -162,6 +175,7 @@ impl HeartbeatIntake {
         now: BatchTime,
     ) -> usize {
         let now_ms = now.mono_ms;
+        let acking = self.acking.load(Ordering::Relaxed);
         let mut n_accepted = 0;
         let mut forwards = Vec::new();
         {
@@ -180,13 +194,15 @@ impl HeartbeatIntake {
                     }
                 };
                 let hb = verdict.heartbeat;
-                if Ack::answering(&hb, &self.controller_id, now.wall_ns)
-                    .encode_into(&self.key, ack)
-                    .is_err()
-                {
-                    continue;
+                if acking {
+                    if Ack::answering(&hb, &self.controller_id, now.wall_ns)
+                        .encode_into(&self.key, ack)
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    *ok = true;
                 }
-                *ok = true;
                 n_accepted += 1;
                 let new_epoch = !matches!(verdict.freshness, Freshness::Current);
                 let paths = match last_forwarded_ms.get_mut(hb.host_id) {

@@ -38,10 +38,12 @@ pub struct HeartbeatSeen {
 #[derive(Debug)]
 pub enum Intake {
     Heartbeat(HeartbeatSeen),
-    /// A watchdog opened its stream: what is the highest event id stored for it?
+    /// A watchdog opened its stream: what is the highest event id stored for it? A
+    /// controller that does not lead refuses (the stream closes and the watchdog tries
+    /// its next controller address).
     Hello {
         host: String,
-        reply: oneshot::Sender<u64>,
+        reply: oneshot::Sender<Result<u64, String>>,
     },
     /// An event to store (deduplicated) and feed to the engine; the reply says it is
     /// stored, after which it may be acked.

@@ -137,7 +137,13 @@ impl EventConnection {
                                 reply: tx,
                             })
                             .await?;
-                        let highest = rx.await?;
+                        let highest = match rx.await? {
+                            Ok(h) => h,
+                            Err(why) => {
+                                tracing::info!(host = %env.host_id, %why, "event stream refused");
+                                anyhow::bail!("stream of {} refused: {why}", env.host_id);
+                            }
+                        };
                         tracing::info!(host = %env.host_id, last_event_id, highest, "event stream opened");
                         peer = Some((env.host_id.clone(), env.boot_id, env.incarnation));
                         _registration =
@@ -250,7 +256,7 @@ mod tests {
         tokio::spawn(async move {
             while let Some(msg) = intake_rx.recv().await {
                 if let Intake::Hello { reply, .. } = msg {
-                    let _ = reply.send(0);
+                    let _ = reply.send(Ok(0));
                 }
             }
         });
