@@ -16,7 +16,8 @@ use controller::store::{
 
 // ------------------------------------------------------------------------ helpers
 
-/// Runs `check` on a fresh store of every kind.
+/// Runs `check` on a fresh store of every kind: SQLite in memory and in a file, the
+/// in-memory store, and the etcd store of a leader on a real (one-member) etcd.
 fn on_every_store(check: impl Fn(&mut dyn Store)) {
     let mut sqlite = SqliteStore::open_in_memory().expect("in-memory sqlite");
     check(&mut sqlite);
@@ -25,7 +26,14 @@ fn on_every_store(check: impl Fn(&mut dyn Store)) {
     check(&mut file);
     let mut memory = MemoryStore::new();
     check(&mut memory);
+    if let Some(etcd) = etcd::OneEtcd::start() {
+        let (mut store, _lease) = etcd.leader_store("/defib/contract/");
+        check(&mut store);
+    }
 }
+
+#[path = "support/etcd.rs"]
+mod etcd;
 
 fn key(s: &str) -> IntentKey {
     IntentKey(s.to_owned())
@@ -284,7 +292,116 @@ fn a_store_is_an_object_that_can_move_to_the_engine_task() {
         Box::new(SqliteStore::open_in_memory().unwrap()),
         Box::new(MemoryStore::new()),
     ];
+    fn etcd_store_is_send(s: controller::ha::EtcdStore) -> Box<dyn Store + Send> {
+        Box::new(s)
+    }
+    let _ = etcd_store_is_send;
     needs_send(&boxed);
+}
+
+// ------------------------------------------------------- the etcd store's guard
+
+#[test]
+fn a_deposed_leaders_writes_are_refused_by_etcd_and_change_nothing() {
+    let Some(etcd) = etcd::OneEtcd::start() else {
+        return;
+    };
+    let prefix = "/defib/deposed/";
+    let (mut old, old_lease) = etcd.leader_store(prefix);
+    assert!(old
+        .record_intent(&fence_record("i1/fence-1/host:cmp-07", 1, 10))
+        .unwrap());
+    // Its lease ends (expired or revoked) and another controller takes the lead.
+    etcd.revoke(old_lease);
+    let (mut new, _) = etcd.leader_store(prefix);
+    let refused = [
+        old.record_intent(&fence_record("i2/fence-1/host:cmp-07", 2, 20))
+            .map(|_| ()),
+        old.complete_intent(&key("i1/fence-1/host:cmp-07"), &verified(30)),
+        old.append_timeline(IncidentId(1), &line(30, "late")),
+        old.record_event("cmp-07", 1, 30, "{}").map(|_| ()),
+        old.set_meta("x", "y"),
+    ];
+    for r in refused {
+        let err = r.unwrap_err();
+        assert!(matches!(&err, StoreError::NotLeader(_)), "{err:?}");
+        assert!(
+            err.to_string().contains("another controller leads"),
+            "{err}"
+        );
+    }
+    // Nothing of the deposed leader's late writes is there; the new leader writes.
+    let back = new.intents().unwrap();
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].done, None);
+    assert!(new.timeline(IncidentId(1)).unwrap().is_empty());
+    assert_eq!(new.event_high_water("cmp-07").unwrap(), 0);
+    assert!(new
+        .record_intent(&fence_record("i2/fence-1/host:cmp-07", 2, 20))
+        .unwrap());
+}
+
+#[test]
+fn a_followers_etcd_store_reads_but_refuses_every_write() {
+    let Some(etcd) = etcd::OneEtcd::start() else {
+        return;
+    };
+    let prefix = "/defib/follower/";
+    let (mut leader, _) = etcd.leader_store(prefix);
+    leader
+        .record_intent(&fence_record("i1/fence-1/host:cmp-07", 1, 10))
+        .unwrap();
+    let mut follower = controller::ha::EtcdStore::open(
+        vec![etcd.endpoint.clone()],
+        std::time::Duration::from_secs(2),
+        prefix.to_owned(),
+        None,
+        None,
+    )
+    .unwrap();
+    assert_eq!(follower.intents().unwrap().len(), 1);
+    let err = follower.set_meta("x", "y").unwrap_err();
+    assert!(
+        matches!(&err, StoreError::NotLeader(m) if m.contains("read-only")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_write_of_a_leader_past_its_local_deadline_is_not_reported_as_done() {
+    let Some(etcd) = etcd::OneEtcd::start() else {
+        return;
+    };
+    let prefix = "/defib/deadline/";
+    let guard = etcd.take_lead(prefix);
+    let deadline =
+        controller::ha::leadership::SharedDeadline::new(std::time::Duration::from_millis(100));
+    deadline.renewed(
+        tokio::time::Instant::now(),
+        std::time::Duration::from_millis(300),
+    );
+    let mut store = controller::ha::EtcdStore::open(
+        vec![etcd.endpoint.clone()],
+        std::time::Duration::from_secs(2),
+        prefix.to_owned(),
+        Some(guard),
+        Some(deadline),
+    )
+    .unwrap();
+    assert!(store
+        .record_intent(&fence_record("i1/fence-1/host:cmp-07", 1, 10))
+        .unwrap());
+    // The lease is still alive on etcd's side, but this controller's deadline passed:
+    // it must not act, so no write may say it succeeded.
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    let err = store
+        .record_intent(&fence_record("i2/fence-1/host:cmp-07", 2, 20))
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::NotLeader(m) if m.contains("deadline")),
+        "{err:?}"
+    );
+    assert_eq!(store.intents().unwrap().len(), 1);
 }
 
 // ------------------------------------------------------------- durability (files)

@@ -137,8 +137,14 @@ pub struct LeadershipHandle {
 pub struct SharedDeadline(Arc<Mutex<LeaseDeadline>>);
 
 impl SharedDeadline {
-    fn new(margin: Duration) -> Self {
+    /// Not valid until renewed.
+    pub fn new(margin: Duration) -> Self {
         SharedDeadline(Arc::new(Mutex::new(LeaseDeadline::new(margin))))
+    }
+    /// A keep-alive sent at `sent_at` was answered with `ttl` (the election task does
+    /// this; tests too).
+    pub fn renewed(&self, sent_at: Instant, ttl: Duration) {
+        self.with(|d| d.renewed(sent_at, ttl));
     }
     fn with<T>(&self, f: impl FnOnce(&mut LeaseDeadline) -> T) -> T {
         f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()))
