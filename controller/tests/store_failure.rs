@@ -286,6 +286,9 @@ fn start(
         metrics: metrics.clone(),
         controller_id: "ctl-t".into(),
         cluster_id: "t".into(),
+        heard: Vec::new(),
+        end_on_store_failure: false,
+        role: Default::default(),
     };
     let recorder = edges.clone();
     let (task, channels) = EngineTask::new(parts, |links| Edges {

@@ -103,6 +103,30 @@ fn sample_snapshot() -> Snapshot {
             resource: None,
             reason: "BMC unreachable".into(),
         }],
+        role: controller::api::view::RoleSnapshot {
+            role: "follower".into(),
+            store: "etcd".into(),
+            leader: Some("ctl-0".into()),
+            leader_api: Some("http://10.0.0.1:7412".into()),
+            leader_since_ms: Some(now - 60_000),
+            terms: 0,
+            problem: None,
+            last_step_down: None,
+            controllers: vec![
+                controller::api::view::ControllerSnapshot {
+                    id: "ctl-0".into(),
+                    api: "http://10.0.0.1:7412".into(),
+                    started_ms: now - 120_000,
+                    leader: true,
+                },
+                controller::api::view::ControllerSnapshot {
+                    id: "ctl-1".into(),
+                    api: "http://10.0.0.2:7412".into(),
+                    started_ms: now - 110_000,
+                    leader: false,
+                },
+            ],
+        },
     }
 }
 
@@ -287,6 +311,36 @@ fn vms_and_alarms_are_listed() {
         run.stdout
     );
     assert!(run.stdout.contains("BMC unreachable"), "{}", run.stdout);
+}
+
+#[test]
+fn controllers_shows_which_controller_leads_and_every_controller() {
+    let server = serve();
+    let token = token_file("controllers", TOKEN);
+    let run = defibctl(&server.url, Some(&token), &["controllers"]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        run.stdout.contains("store: etcd    leader: ctl-0 since"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("this controller: follower"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("ctl-0       leader    http://10.0.0.1:7412"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("ctl-1       follower  http://10.0.0.2:7412"),
+        "{}",
+        run.stdout
+    );
 }
 
 #[test]

@@ -104,6 +104,16 @@ pub struct Lab {
     /// Lines added to host `i`'s `[controller]` section (index `i`), set before
     /// [`Lab::start_watchdogs`]: e.g. `spool_max_events = 8`.
     pub watchdog_controller_extra: Vec<String>,
+    /// Several controllers ([`Lab::start_controllers`]): controller `i` (`ctl-i`), or
+    /// `None` once killed. Empty with one controller ([`Lab::controller`]).
+    pub controllers: Vec<Option<Daemon>>,
+}
+
+/// Where controller `i` of several listens in the controller namespace: heartbeats,
+/// event streams, API (controller 0 on the single controller's ports).
+pub fn controller_ports(i: usize) -> (u16, u16, u16) {
+    let base = 7410 + 10 * i as u16;
+    (base, base + 1, base + 2)
 }
 
 impl Lab {
@@ -126,6 +136,7 @@ impl Lab {
             watchdog_prefix: Vec::new(),
             watchdog_env: Vec::new(),
             watchdog_controller_extra: Vec::new(),
+            controllers: Vec::new(),
         }
     }
 
@@ -217,6 +228,161 @@ backend = "{backend}"
         self.controller = Some(d);
     }
 
+    /// Starts `n` controllers that elect a leader on etcd (`[etcd]`, issue 15), each on
+    /// ports of its own ([`controller_ports`]); `etcd_endpoints(i)` is how controller `i`
+    /// reaches the etcd members. The watchdogs started after this send heartbeats to
+    /// every controller and try their event streams on each in turn.
+    pub fn start_controllers(
+        &mut self,
+        spec: &LabSpec,
+        n: usize,
+        etcd_endpoints: impl Fn(usize) -> Vec<String>,
+    ) {
+        for i in 0..n {
+            let d = self.spawn_ha_controller(spec, i, &etcd_endpoints(i));
+            self.controllers.push(Some(d));
+        }
+        for i in 0..n {
+            self.wait_ready(i);
+        }
+    }
+
+    fn spawn_ha_controller(&self, spec: &LabSpec, i: usize, endpoints: &[String]) -> Daemon {
+        let dir = self.dir.path().display().to_string();
+        let (hb, ev, api) = controller_ports(i);
+        let cfg = format!(
+            r#"[controller]
+id = "ctl-{i}"
+cluster_id = "lab"
+key_file = {key:?}
+heartbeat_listen = ["{a0}:{hb}", "{a1}:{hb}"]
+event_listen = "{a0}:{ev}"
+api_listen = "{a0}:{api}"
+api_token_file = {token:?}
+store_path = {store:?}
+backend = "{backend}"
+
+[etcd]
+endpoints = {endpoints:?}
+
+{extra}
+"#,
+            key = self.path("cluster.key").display().to_string(),
+            token = self.path("api.token").display().to_string(),
+            store = self
+                .path(&format!("controller-{i}.sqlite"))
+                .display()
+                .to_string(),
+            a0 = self.net.controller_addr(0),
+            a1 = self.net.controller_addr(1),
+            backend = spec.backend,
+            extra = spec
+                .controller_extra
+                .replace("{DIR}", &dir)
+                .replace("{HOST0_NS}", &self.net.host_ns(0)),
+        );
+        let conf = self.path(&format!("controller-{i}.toml"));
+        std::fs::write(&conf, cfg).unwrap();
+        let bin = built_binary("defib-controller", "defib-controller");
+        let conf = conf.display().to_string();
+        self.spawn(
+            &format!("controller-{i}"),
+            &self.net.controller_ns(),
+            &bin,
+            &["--config", &conf, "run"],
+        )
+    }
+
+    fn wait_ready(&mut self, i: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let d = self.controllers[i].as_mut().expect("started");
+        while !d.log_text().contains("defib-controller ready") {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("controller {i} exited ({status}):\n{}", d.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "controller {i} not ready:\n{}",
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts controller `i` of several again (after [`Lab::kill_controller_at`]).
+    pub fn restart_controller_at(&mut self, spec: &LabSpec, i: usize, endpoints: &[String]) {
+        let d = self.spawn_ha_controller(spec, i, endpoints);
+        self.controllers[i] = Some(d);
+        self.wait_ready(i);
+    }
+
+    /// SIGKILLs controller `i` of several; its log is kept as `controller-i.log.N` and
+    /// returned.
+    pub fn kill_controller_at(&mut self, i: usize) -> String {
+        let Some(mut d) = self.controllers.get_mut(i).and_then(Option::take) else {
+            return String::new();
+        };
+        let _ = d.child.kill();
+        let _ = d.child.wait();
+        let mut n = 1;
+        while self.path(&format!("controller-{i}.log.{n}")).exists() {
+            n += 1;
+        }
+        let kept = self.path(&format!("controller-{i}.log.{n}"));
+        let _ = std::fs::rename(&d.log, &kept);
+        d.log = kept;
+        d.log_text()
+    }
+
+    /// `defibctl --json ARGS` against controller `i` of several (any role).
+    pub fn ctl_at(&self, i: usize, args: &[&str]) -> Result<Value, String> {
+        let bin = built_binary("defibctl", "defibctl");
+        let url = format!(
+            "http://{}:{}",
+            self.net.controller_addr(0),
+            controller_ports(i).2
+        );
+        let out = self
+            .net
+            .command_in(&self.net.controller_ns(), &bin)
+            .args(["--url", &url, "--token-file"])
+            .arg(self.path("api.token"))
+            .arg("--json")
+            .args(args)
+            .output()
+            .map_err(|e| format!("run defibctl: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("defibctl --json output: {e}"))
+    }
+
+    /// Which of several controllers says it leads (acts), if one does.
+    pub fn leader(&self) -> Option<usize> {
+        (0..self.controllers.len())
+            .filter(|&i| self.controllers[i].is_some())
+            .find(|&i| {
+                self.ctl_at(i, &["controllers"])
+                    .is_ok_and(|v| v["role"] == "leader")
+            })
+    }
+
+    /// Waits until one of several controllers leads; returns it.
+    pub fn wait_leader(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.leader() {
+                return i;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no controller leads within {timeout:?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn start_watchdogs(&mut self, spec: &LabSpec) {
         for h in 0..spec.hosts {
             let state = self.path(&format!("wd{h}-state"));
@@ -236,8 +402,8 @@ cluster_id = "lab"
 state_dir = {state:?}
 
 [controller]
-heartbeat_addrs = ["{a0}:7410", "{a1}:7410"]
-event_addr = "{a0}:7411"
+heartbeat_addrs = {heartbeat_addrs}
+{event_addrs}
 key_file = {key:?}
 {controller_extra}
 
@@ -247,8 +413,8 @@ key_file = {key:?}
                 id = self.host_names[h],
                 state = state.display().to_string(),
                 key = self.path("cluster.key").display().to_string(),
-                a0 = self.net.controller_addr(0),
-                a1 = self.net.controller_addr(1),
+                heartbeat_addrs = self.watchdog_heartbeat_addrs(),
+                event_addrs = self.watchdog_event_addrs(),
                 extra = extra,
                 controller_extra = self
                     .watchdog_controller_extra
@@ -266,6 +432,34 @@ key_file = {key:?}
             let d = self.spawn_watchdog(h);
             self.watchdogs.push(d);
         }
+    }
+
+    /// The controllers' heartbeat addresses as a watchdog lists them: every path of
+    /// every controller.
+    fn watchdog_heartbeat_addrs(&self) -> String {
+        let n = self.controllers.len().max(1);
+        let addrs: Vec<String> = (0..n)
+            .flat_map(|i| {
+                let port = controller_ports(i).0;
+                [
+                    format!("{}:{port}", self.net.controller_addr(0)),
+                    format!("{}:{port}", self.net.controller_addr(1)),
+                ]
+            })
+            .collect();
+        format!("{addrs:?}")
+    }
+
+    /// The `event_addr` line (one controller) or `event_addrs` (several).
+    fn watchdog_event_addrs(&self) -> String {
+        let a0 = self.net.controller_addr(0);
+        if self.controllers.is_empty() {
+            return format!("event_addr = \"{a0}:7411\"");
+        }
+        let addrs: Vec<String> = (0..self.controllers.len())
+            .map(|i| format!("{a0}:{}", controller_ports(i).1))
+            .collect();
+        format!("event_addrs = {addrs:?}")
     }
 
     /// SIGKILLs the controller (as a crash or a power loss of its machine would end it,
@@ -327,8 +521,15 @@ key_file = {key:?}
         self.watchdogs[h] = d;
     }
 
-    /// `defibctl --json ARGS` run inside the controller's namespace.
+    /// `defibctl --json ARGS` run inside the controller's namespace (with several
+    /// controllers: against the one that leads now).
     pub fn ctl(&self, args: &[&str]) -> Value {
+        if !self.controllers.is_empty() {
+            let leader = self.wait_leader(Duration::from_secs(30));
+            return self
+                .ctl_at(leader, args)
+                .unwrap_or_else(|e| panic!("defibctl {args:?}: {e}\n{}", self.logs()));
+        }
         let bin = built_binary("defibctl", "defibctl");
         let url = format!("http://{}:7412", self.net.controller_addr(0));
         let out = self
@@ -359,6 +560,9 @@ key_file = {key:?}
     /// Every daemon's log, for failure messages.
     pub fn logs(&self) -> String {
         let mut s = format!("--- controller\n{}", self.controller_log());
+        for d in self.controllers.iter().flatten() {
+            s.push_str(&format!("\n--- {}\n{}", d.name, d.log_text()));
+        }
         for w in &self.watchdogs {
             s.push_str(&format!("\n--- {}\n{}", w.name, w.log_text()));
         }

@@ -415,6 +415,9 @@ impl Controller {
                 metrics: metrics.clone(),
                 controller_id: "lab".into(),
                 cluster_id: "lab".into(),
+                heard: Vec::new(),
+                end_on_store_failure: false,
+                role: Default::default(),
             };
             let (task, channels) = EngineTask::new(parts, |links| Edges {
                 fencer: Box::new(TestFencer { asked: fence_tx }),

@@ -133,6 +133,12 @@ fn sample_snapshot() -> Snapshot {
             resource: None,
             reason: "BMC unreachable".into(),
         }],
+        role: crate::api::view::RoleSnapshot {
+            role: "leader".into(),
+            store: "etcd".into(),
+            leader: Some("ctl-1".into()),
+            ..Default::default()
+        },
     }
 }
 
@@ -260,7 +266,8 @@ async fn healthz_answers_ok_without_a_token() {
     assert_eq!(r.status, StatusCode::OK);
     let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(v["status"], "ok");
-    assert_eq!(v["role"], "starting", "{v}");
+    assert_eq!(v["role"], "leader", "{v}");
+    assert_eq!(v["leader"], "ctl-1", "{v}");
 }
 
 #[tokio::test]

@@ -196,3 +196,59 @@ fn a_range_message_is_written_from_the_range() {
         }
     );
 }
+
+#[test]
+fn without_etcd_endpoints_the_controller_is_alone_on_sqlite() {
+    let (_d, text) = with_key("");
+    let r = ControllerConfig::parse(&text).unwrap().resolve().unwrap();
+    assert_eq!(r.etcd, None);
+}
+
+#[test]
+fn etcd_endpoints_give_several_controllers_with_the_documented_defaults() {
+    let (_d, text) = with_key(
+        "id = \"c1\"\ncluster_id = \"west\"\n[etcd]\nendpoints = [\"http://10.0.0.1:2379\", \"10.0.0.2:2379\"]\n",
+    );
+    let r = ControllerConfig::parse(&text).unwrap().resolve().unwrap();
+    let e = r.etcd.expect("several controllers");
+    assert_eq!(
+        e.endpoints,
+        ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+    );
+    assert_eq!(e.lease_ttl, Duration::from_secs(1));
+    assert_eq!(e.stop_margin, Duration::from_millis(250));
+    assert_eq!(e.call_timeout, Duration::from_millis(500));
+    assert_eq!(e.prefix, "/defib/west/");
+    assert_eq!(e.controller_id, "c1");
+    assert_eq!(e.advertise_api, "http://127.0.0.1:7412");
+}
+
+#[test]
+fn each_bad_etcd_field_is_named() {
+    for (extra, field) in [
+        ("endpoints = [\"https://e:2379\"]", "etcd.endpoints"),
+        ("endpoints = [\"e\"]", "etcd.endpoints"),
+        ("endpoints = [\"e:1\", \"e:1\"]", "etcd.endpoints"),
+        ("endpoints = [\"e:1\"]\nlease_ttl_s = 0", "etcd.lease_ttl_s"),
+        (
+            "endpoints = [\"e:1\"]\nstop_margin_ms = 600",
+            "etcd.stop_margin_ms",
+        ),
+        (
+            "endpoints = [\"e:1\"]\ncall_timeout_ms = 750",
+            "etcd.call_timeout_ms",
+        ),
+        (
+            "endpoints = [\"e:1\"]\ncampaign_every_ms = 1",
+            "etcd.campaign_every_ms",
+        ),
+        ("endpoints = [\"e:1\"]\nprefix = \"defib\"", "etcd.prefix"),
+    ] {
+        let (_d, text) = with_key(&format!("[etcd]\n{extra}\n"));
+        let err = ControllerConfig::parse(&text)
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        assert!(err.to_string().contains(field), "{extra}: {err}");
+    }
+}

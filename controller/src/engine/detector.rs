@@ -170,6 +170,16 @@ impl Detector {
         );
     }
 
+    /// A heartbeat from `host` over `path` was received at `at`, before the host was
+    /// registered here (a follower heard it, then took the lead): silence counts from
+    /// `at`, not from the registration.
+    pub fn heard_before(&mut self, host: &HostId, path: PathId, at: Timestamp) {
+        if let Some(h) = self.hosts.get_mut(host) {
+            h.registered = h.registered.min(at);
+        }
+        self.heartbeat(host, path, at);
+    }
+
     /// A heartbeat from `host` over `path` was received at `now`.
     pub fn heartbeat(&mut self, host: &HostId, path: PathId, now: Timestamp) {
         let window = match self.cfg.kind {

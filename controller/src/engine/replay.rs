@@ -38,7 +38,7 @@ impl Engine {
     pub fn note_heard(&mut self, heard: &[(HostId, PathId, Timestamp)]) {
         for (host, path, at) in heard {
             self.ensure_host(host);
-            self.detector.heartbeat(host, *path, (*at).min(self.now));
+            self.detector.heard_before(host, *path, (*at).min(self.now));
         }
     }
 

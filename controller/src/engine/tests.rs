@@ -3418,3 +3418,36 @@ fn a_host_saying_it_runs_a_vm_after_an_unknown_evacuation_is_remembered_across_a
     let later = engine.step(Timestamp(h.now + 3_000), Input::Timer(TimerId::Tick));
     assert!(asked_about_vm1(&later).is_empty(), "{later:?}");
 }
+
+#[test]
+fn a_new_leader_suspects_a_host_silent_since_before_the_takeover_without_a_fresh_grace_period() {
+    // The follower heard h1 until t=1000 and h2 until t=1950; it takes the lead at 2000
+    // with an empty intent log.
+    let log = MemoryIntentLog::new();
+    let mut heard = vec![(host(1), PathId(0), Timestamp(1_000))];
+    // Four more hosts heard just now (one silent host in five is no mass failure).
+    heard.extend((2..6).map(|i| (host(i), PathId(0), Timestamp(1_950))));
+    let (mut warm, _) = Engine::resume_warm(Config::default(), &log, &[], &heard, Timestamp(2_000));
+    let (mut cold, _) = Engine::resume_knowing(
+        Config::default(),
+        &log,
+        &[host(1), host(2)],
+        Timestamp(2_000),
+    );
+    warm.step(Timestamp(2_010), Input::Timer(TimerId::Tick));
+    cold.step(Timestamp(2_010), Input::Timer(TimerId::Tick));
+    // Silent for 1 s (more than 3 × 100 ms): suspect at the first look; h2 is not.
+    assert_eq!(warm.host_state(&host(1)), Some(HostState::Suspect));
+    assert_eq!(warm.host_state(&host(2)), Some(HostState::Up));
+    // A cold start would give h1 a fresh grace period (or not know it at all).
+    assert_ne!(cold.host_state(&host(1)), Some(HostState::Suspect));
+    // A time after `now` is taken as `now`.
+    let (later, _) = Engine::resume_warm(
+        Config::default(),
+        &log,
+        &[],
+        &[(host(3), PathId(0), Timestamp(9_000))],
+        Timestamp(2_000),
+    );
+    assert_eq!(later.host_state(&host(3)), Some(HostState::Up));
+}
