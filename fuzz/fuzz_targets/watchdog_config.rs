@@ -27,6 +27,6 @@ fuzz_target!(|data: &[u8]| {
     let _ = cfg.libvirt.enabled_for_run();
     if let Some(controller) = &cfg.controller {
         let _ = controller.heartbeat_socket_addrs();
-        let _ = controller.event_socket_addr();
+        let _ = controller.event_socket_addrs();
     }
 });

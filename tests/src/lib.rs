@@ -18,6 +18,7 @@ use serde_json::Value;
 
 pub mod bmc;
 pub mod daemon;
+pub mod etcd;
 pub mod guests;
 pub mod hypervisor;
 pub mod lab;

@@ -190,8 +190,13 @@ impl Default for HostConfig {
 pub struct ControllerConfig {
     /// One "ip:port" per network path; every heartbeat goes out on each.
     pub heartbeat_addrs: Vec<String>,
-    /// "ip:port" of the controller's event stream (TCP).
+    /// "ip:port" of the controller's event stream (TCP), for a single controller.
+    /// Exclusive with `event_addrs`.
     pub event_addr: String,
+    /// "ip:port" of every controller's event stream (TCP), for several controllers of
+    /// which one leads: the followers refuse the stream (they close it after the
+    /// `Hello`) and the watchdog tries the next address. Exclusive with `event_addr`.
+    pub event_addrs: Vec<String>,
     /// File holding the cluster's shared HMAC key (at least 16 bytes).
     pub key_file: PathBuf,
     /// Time between heartbeats.
@@ -208,6 +213,7 @@ impl Default for ControllerConfig {
         Self {
             heartbeat_addrs: Vec::new(),
             event_addr: String::new(),
+            event_addrs: Vec::new(),
             key_file: PathBuf::new(),
             heartbeat_interval_ms: 100,
             isolation_timeout_ms: 3000,
@@ -368,7 +374,7 @@ impl WatchdogConfig {
         self.controller.as_ref().ok_or_else(|| {
             invalid(
                 "controller",
-                "the [controller] section is required by `run` (heartbeat_addrs, event_addr, key_file)",
+                "the [controller] section is required by `run` (heartbeat_addrs, event_addrs or event_addr, key_file)",
             )
         })
     }
@@ -425,7 +431,7 @@ impl ControllerConfig {
                 format!("{a} is listed twice (entry {i})"),
             ));
         }
-        self.event_socket_addr()?;
+        self.event_socket_addrs()?;
         if self.key_file.as_os_str().is_empty() {
             return Err(invalid(
                 "controller.key_file",
@@ -464,15 +470,38 @@ impl ControllerConfig {
             .collect()
     }
 
-    /// The event stream's address, parsed.
-    pub fn event_socket_addr(&self) -> Result<SocketAddr, ConfigError> {
-        if self.event_addr.is_empty() {
-            return Err(invalid(
-                "controller.event_addr",
-                "is required (\"ip:port\" of the controller's event stream)",
-            ));
+    /// The event stream's addresses, parsed, in the configured order: `event_addrs`, or
+    /// `event_addr` alone. Exactly one of the two must be set, without duplicates.
+    pub fn event_socket_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
+        match (self.event_addr.is_empty(), self.event_addrs.is_empty()) {
+            (false, false) => Err(invalid(
+                "controller.event_addrs",
+                "set either event_addrs (every controller) or event_addr (a single controller), not both",
+            )),
+            (true, true) => Err(invalid(
+                "controller.event_addrs",
+                "is required: the \"ip:port\" of every controller's event stream (or event_addr for a single controller)",
+            )),
+            (false, true) => Ok(vec![parse_addr("controller.event_addr", &self.event_addr)?]),
+            (true, false) => {
+                let addrs = self
+                    .event_addrs
+                    .iter()
+                    .map(|a| parse_addr("controller.event_addrs", a))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if let Some((i, a)) = addrs
+                    .iter()
+                    .enumerate()
+                    .find(|(i, a)| addrs[..*i].contains(a))
+                {
+                    return Err(invalid(
+                        "controller.event_addrs",
+                        format!("{a} is listed twice (entry {i})"),
+                    ));
+                }
+                Ok(addrs)
+            }
         }
-        parse_addr("controller.event_addr", &self.event_addr)
     }
 
     /// Reads the HMAC key named by `key_file`; a missing, empty or short key is a
@@ -610,7 +639,7 @@ mod tests {
                 "controller.heartbeat_addrs",
             ),
             ("event_addr = \"10.0.0.1\"", "controller.event_addr"),
-            ("event_addr = \"\"", "controller.event_addr"),
+            ("event_addr = \"\"", "controller.event_addrs"),
             ("key_file = \"\"", "controller.key_file"),
             (
                 "heartbeat_interval_ms = 5",
@@ -646,6 +675,78 @@ mod tests {
         ] {
             let err = WatchdogConfig::parse(text).unwrap().validate().unwrap_err();
             assert!(err.to_string().contains(field), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn event_addrs_lists_every_controller_in_order_and_event_addr_alone_still_names_one() {
+        let one = WatchdogConfig::parse(CONTROLLER).unwrap();
+        one.validate().unwrap();
+        assert_eq!(
+            one.controller_for_run()
+                .unwrap()
+                .event_socket_addrs()
+                .unwrap(),
+            ["10.0.0.1:7401".parse::<SocketAddr>().unwrap()]
+        );
+        let several = CONTROLLER.replace(
+            "event_addr = \"10.0.0.1:7401\"",
+            "event_addrs = [\"10.0.0.3:7401\", \"10.0.0.1:7401\", \"[fd00::2]:7401\"]",
+        );
+        let cfg = WatchdogConfig::parse(&several).unwrap();
+        cfg.validate().unwrap();
+        let addrs: Vec<String> = cfg
+            .controller_for_run()
+            .unwrap()
+            .event_socket_addrs()
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(addrs, ["10.0.0.3:7401", "10.0.0.1:7401", "[fd00::2]:7401"]);
+    }
+
+    #[test]
+    fn event_addrs_with_event_addr_or_neither_or_a_duplicate_or_a_bad_entry_is_refused() {
+        let without = CONTROLLER.replace("event_addr = \"10.0.0.1:7401\"\n", "");
+        for (extra, field, words) in [
+            (
+                "event_addr = \"10.0.0.1:7401\"\nevent_addrs = [\"10.0.0.2:7401\"]",
+                "controller.event_addrs",
+                "not both",
+            ),
+            ("", "controller.event_addrs", "is required"),
+            ("event_addrs = []", "controller.event_addrs", "is required"),
+            (
+                "event_addrs = [\"10.0.0.1:7401\", \"10.0.0.2:7401\", \"10.0.0.1:7401\"]",
+                "controller.event_addrs",
+                "10.0.0.1:7401 is listed twice (entry 2)",
+            ),
+            (
+                "event_addrs = [\"10.0.0.1:7401\", \"ctl-2:7401\"]",
+                "controller.event_addrs",
+                "\"ctl-2:7401\" is not",
+            ),
+            (
+                "event_addrs = [\"10.0.0.1:0\"]",
+                "controller.event_addrs",
+                "nonzero port",
+            ),
+            (
+                "event_addr = \"0.0.0.0:7401\"",
+                "controller.event_addr",
+                "real address",
+            ),
+        ] {
+            let text = format!("{without}{extra}\n");
+            let err = WatchdogConfig::parse(&text)
+                .unwrap()
+                .validate()
+                .unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Invalid { field: f, message } if *f == field && message.contains(words)),
+                "{extra}: {err}"
+            );
         }
     }
 

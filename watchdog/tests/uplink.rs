@@ -47,6 +47,8 @@ struct Seen {
     heartbeat_rejects: u64,
     /// `(incarnation, last_event_id)` of every Hello.
     hellos: Vec<(u64, u64)>,
+    /// When each Hello arrived (refused ones included).
+    hello_times: Vec<Instant>,
     /// Every event frame received, duplicates included: `(incarnation, id)`.
     received: Vec<(u64, u64)>,
     /// Events stored (deduplicated), in arrival order.
@@ -58,12 +60,17 @@ struct Seen {
 /// `ack_key`) while `ack_heartbeats` is set, and on the stream answers Hello with the
 /// highest stored id, stores new events and acks them while `store_events` is set
 /// (otherwise it reads them and says nothing, like a controller that dies before
-/// storing).
+/// storing). While `leading` is cleared it is a follower of several controllers: it
+/// reads the Hello and closes the stream without a Welcome (redirect by refusal).
+/// `drop_streams` closes every stream it holds, as a controller that restarts or loses
+/// its leadership does.
 struct FakeController {
     heartbeat_addrs: Vec<SocketAddr>,
     seen: Arc<Mutex<Seen>>,
     ack_heartbeats: Arc<AtomicBool>,
     store_events: Arc<AtomicBool>,
+    leading: Arc<AtomicBool>,
+    drop_streams: tokio::sync::watch::Sender<u64>,
 }
 
 impl FakeController {
@@ -122,19 +129,68 @@ impl FakeController {
             seen,
             ack_heartbeats,
             store_events,
+            leading: Arc::new(AtomicBool::new(true)),
+            drop_streams: tokio::sync::watch::channel(0).0,
         }
+    }
+
+    /// A fake controller that does not lead (yet): it refuses the event stream and
+    /// does not ack heartbeats.
+    async fn follower() -> FakeController {
+        let controller = FakeController::start(1, key()).await;
+        controller.set_leading(false);
+        controller
+    }
+
+    /// Leads (Welcome, acks) or follows (refuses the stream, no heartbeat acks).
+    fn set_leading(&self, leading: bool) {
+        self.leading.store(leading, Ordering::SeqCst);
+        self.ack_heartbeats.store(leading, Ordering::SeqCst);
+    }
+
+    /// Closes every event stream this controller holds.
+    fn drop_streams(&self) {
+        self.drop_streams.send_modify(|n| *n += 1);
     }
 
     /// Starts serving the event stream on `addr`.
     async fn serve_events(&self, addr: SocketAddr) {
         let listener = TcpListener::bind(addr).await.unwrap();
-        let (seen, storing) = (self.seen.clone(), self.store_events.clone());
+        let (seen, storing, leading) = (
+            self.seen.clone(),
+            self.store_events.clone(),
+            self.leading.clone(),
+        );
+        let dropping = self.drop_streams.subscribe();
         tokio::spawn(async move {
             loop {
                 let (conn, _) = listener.accept().await.unwrap();
-                tokio::spawn(serve_connection(conn, seen.clone(), storing.clone()));
+                let mut dropping = dropping.clone();
+                dropping.mark_unchanged();
+                let serve = serve_connection(conn, seen.clone(), storing.clone(), leading.clone());
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = serve => {}
+                        _ = dropping.changed() => {}
+                    }
+                });
             }
         });
+    }
+
+    /// Serves the event stream on a port of its own, and returns it.
+    async fn serve_events_anywhere(&self) -> SocketAddr {
+        let addr = free_port_addr();
+        self.serve_events(addr).await;
+        addr
+    }
+
+    fn hello_times(&self) -> Vec<Instant> {
+        self.seen().hello_times.clone()
+    }
+
+    fn received_ids(&self) -> Vec<u64> {
+        self.seen().received.iter().map(|&(_, id)| id).collect()
     }
 
     fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
@@ -150,6 +206,7 @@ async fn serve_connection(
     mut conn: tokio::net::TcpStream,
     seen: Arc<Mutex<Seen>>,
     storing: Arc<AtomicBool>,
+    leading: Arc<AtomicBool>,
 ) {
     let mut decoder = FrameDecoder::new(key(), Direction::ToController);
     let mut buf = vec![0u8; 64 * 1024];
@@ -165,6 +222,11 @@ async fn serve_connection(
                 match &envelope.message {
                     Message::Hello { last_event_id } => {
                         seen.hellos.push((envelope.incarnation, *last_event_id));
+                        seen.hello_times.push(Instant::now());
+                        if !leading.load(Ordering::SeqCst) {
+                            // A follower: no Welcome, the connection closes.
+                            return;
+                        }
                         Some(Message::Welcome {
                             controller_id: "fake-ctl".into(),
                             highest_event_id: seen.dedup.highest(&envelope.host_id),
@@ -212,12 +274,21 @@ fn uplink_config(
     heartbeat_addrs: Vec<SocketAddr>,
     event_addr: SocketAddr,
 ) -> UplinkConfig {
+    uplink_config_for_all(state_dir, heartbeat_addrs, vec![event_addr])
+}
+
+/// With several controllers' event addresses.
+fn uplink_config_for_all(
+    state_dir: &Path,
+    heartbeat_addrs: Vec<SocketAddr>,
+    event_addrs: Vec<SocketAddr>,
+) -> UplinkConfig {
     UplinkConfig {
         cluster_id: CLUSTER.into(),
         host_id: HOST.into(),
         state_dir: state_dir.to_path_buf(),
         heartbeat_addrs,
-        event_addr,
+        event_addrs,
         heartbeat_interval: Duration::from_millis(20),
         isolation_timeout: Duration::from_millis(300),
         spool_max_events: 1000,
@@ -611,4 +682,230 @@ async fn without_any_ack_the_watchdog_is_isolated_exactly_when_the_isolation_tim
         "isolated after {took:?}"
     );
     uplink.shutdown().await;
+}
+
+/// Several controllers: the heartbeat paths and event addresses of all of them, in
+/// their order.
+fn heartbeat_addrs_of(controllers: &[&FakeController]) -> Vec<SocketAddr> {
+    controllers
+        .iter()
+        .flat_map(|c| c.heartbeat_addrs.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_follower_that_closes_after_hello_and_a_dead_controller_are_passed_over_at_once_and_the_leader_is_connected_within_one_round(
+) {
+    let follower = FakeController::follower().await;
+    let leader = FakeController::start(1, key()).await;
+    let follower_addr = follower.serve_events_anywhere().await;
+    let leader_addr = leader.serve_events_anywhere().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = uplink_config_for_all(
+        dir.path(),
+        heartbeat_addrs_of(&[&follower, &leader]),
+        vec![follower_addr, free_port_addr(), leader_addr],
+    );
+    // Any wait between the addresses of a round would take a minute.
+    cfg.reconnect_min = Duration::from_secs(60);
+    cfg.reconnect_max = Duration::from_secs(60);
+    let begun = Instant::now();
+    let uplink = start_uplink(cfg);
+    wait_for_stream(&uplink, "the leader's welcome", |s| s.connected).await;
+    assert!(
+        begun.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        begun.elapsed()
+    );
+    let status = uplink.stream_status().borrow().clone();
+    assert_eq!(status.addr, Some(leader_addr));
+    assert_eq!(status.controller_id.as_deref(), Some("fake-ctl"));
+    assert_eq!(
+        follower.hello_times().len(),
+        1,
+        "the follower was asked once"
+    );
+    assert_eq!(leader.hello_times().len(), 1);
+
+    uplink.event_sender().send(started(1));
+    wait_for_stream(&uplink, "the event acked", |s| s.released_up_to == 1).await;
+    uplink.shutdown().await;
+    assert_eq!(leader.stored_ids(), [1]);
+    assert!(follower.received_ids().is_empty());
+}
+
+#[tokio::test]
+async fn when_every_controller_refuses_the_next_round_waits_for_the_backoff_delay() {
+    let first = FakeController::follower().await;
+    let second = FakeController::follower().await;
+    let first_addr = first.serve_events_anywhere().await;
+    let second_addr = second.serve_events_anywhere().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = uplink_config_for_all(
+        dir.path(),
+        heartbeat_addrs_of(&[&first, &second]),
+        vec![first_addr, free_port_addr(), second_addr],
+    );
+    // Each delay is drawn from 500 ms..=1 s.
+    cfg.reconnect_min = Duration::from_secs(1);
+    cfg.reconnect_max = Duration::from_secs(1);
+    let uplink = start_uplink(cfg);
+    eventually("two rounds", || {
+        first.hello_times().len() >= 2 && second.hello_times().len() >= 2
+    })
+    .await;
+    let (a, b) = (first.hello_times(), second.hello_times());
+    assert!(a[0] < b[0] && b[0] < a[1] && a[1] < b[1], "rounds in order");
+    let within_round = b[0] - a[0];
+    assert!(
+        within_round < Duration::from_millis(500),
+        "the second address waited {within_round:?} after the first"
+    );
+    let between_rounds = a[1] - b[0];
+    assert!(
+        between_rounds >= Duration::from_millis(500),
+        "the next round began after only {between_rounds:?}"
+    );
+    assert!(!uplink.stream_status().borrow().connected);
+
+    // Once one leads, a later round finds it.
+    second.set_leading(true);
+    wait_for_stream(&uplink, "the new leader's welcome", |s| {
+        s.connected && s.addr == Some(second_addr)
+    })
+    .await;
+    uplink.shutdown().await;
+}
+
+#[tokio::test]
+async fn after_a_blip_on_the_leaders_stream_the_next_round_starts_at_the_controller_that_led_last()
+{
+    let before = FakeController::follower().await;
+    let leader = FakeController::start(1, key()).await;
+    let after = FakeController::follower().await;
+    let before_addr = before.serve_events_anywhere().await;
+    let leader_addr = leader.serve_events_anywhere().await;
+    let after_addr = after.serve_events_anywhere().await;
+    let dir = tempfile::tempdir().unwrap();
+    let uplink = start_uplink(uplink_config_for_all(
+        dir.path(),
+        heartbeat_addrs_of(&[&before, &leader, &after]),
+        vec![before_addr, leader_addr, after_addr],
+    ));
+    wait_for_stream(&uplink, "the leader's welcome", |s| {
+        s.addr == Some(leader_addr)
+    })
+    .await;
+    assert_eq!(
+        (before.hello_times().len(), after.hello_times().len()),
+        (1, 0)
+    );
+
+    leader.drop_streams();
+    eventually("a second hello to the leader", || {
+        leader.hello_times().len() == 2
+    })
+    .await;
+    wait_for_stream(&uplink, "the leader's welcome again", |s| {
+        s.connected && s.addr == Some(leader_addr)
+    })
+    .await;
+    uplink.event_sender().send(started(1));
+    wait_for_stream(&uplink, "the event acked", |s| s.released_up_to == 1).await;
+    uplink.shutdown().await;
+    assert_eq!(
+        (before.hello_times().len(), after.hello_times().len()),
+        (1, 0),
+        "the round after the blip began at the last leader"
+    );
+    assert_eq!(leader.stored_ids(), [1]);
+}
+
+#[tokio::test]
+async fn when_the_leader_is_lost_the_next_leader_gets_every_unacked_event_above_its_welcome_high_water(
+) {
+    let old = FakeController::start(1, key()).await;
+    let new = FakeController::follower().await;
+    let old_addr = old.serve_events_anywhere().await;
+    let new_addr = new.serve_events_anywhere().await;
+    let dir = tempfile::tempdir().unwrap();
+    let uplink = start_uplink(uplink_config_for_all(
+        dir.path(),
+        heartbeat_addrs_of(&[&old, &new]),
+        vec![old_addr, new_addr],
+    ));
+    wait_for_stream(&uplink, "the first leader's welcome", |s| {
+        s.addr == Some(old_addr)
+    })
+    .await;
+    let events = uplink.event_sender();
+    for pid in 1..=2 {
+        events.send(started(pid));
+    }
+    wait_for_stream(&uplink, "two events acked", |s| s.released_up_to == 2).await;
+    // The old leader takes 3 and 4 but acks neither; the new one holds up to 3 (its
+    // store has it), not 4.
+    old.store_events.store(false, Ordering::SeqCst);
+    for pid in 3..=4 {
+        events.send(started(pid));
+    }
+    eventually("3 and 4 on the old leader's wire", || {
+        old.received_ids().ends_with(&[3, 4])
+    })
+    .await;
+    new.seen().dedup.restore(HOST, 3);
+
+    old.set_leading(false);
+    new.set_leading(true);
+    old.drop_streams();
+    // Sent while no controller leads for the watchdog: spooled, then delivered.
+    events.send(started(5));
+    wait_for_stream(&uplink, "everything acked by the new leader", |s| {
+        s.connected && s.addr == Some(new_addr) && s.released_up_to == 5 && s.spooled == 0
+    })
+    .await;
+    uplink.shutdown().await;
+
+    assert_eq!(
+        new.received_ids(),
+        [4, 5],
+        "only what the new leader did not hold was sent to it"
+    );
+    assert_eq!(new.stored_ids(), [4, 5]);
+    assert_eq!(old.received_ids(), [1, 2, 3, 4]);
+    let (old_hellos, new_hellos) = (old.hello_times(), new.hello_times());
+    assert_eq!(
+        old_hellos.len(),
+        2,
+        "the next round began at the old leader"
+    );
+    assert_eq!(new_hellos.len(), 1);
+    assert!(old_hellos[1] < new_hellos[0]);
+}
+
+#[tokio::test]
+async fn heartbeats_go_to_every_controller_and_the_leaders_acks_alone_keep_the_watchdog_reachable()
+{
+    let follower = FakeController::follower().await;
+    let leader = FakeController::start(1, key()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let uplink = start_uplink(uplink_config(
+        dir.path(),
+        heartbeat_addrs_of(&[&follower, &leader]),
+        free_port_addr(),
+    ));
+    wait_for_state(&uplink, Reachability::Reachable).await;
+    eventually("heartbeats at both controllers", || {
+        follower.seen().heartbeats.len() >= 5 && leader.seen().heartbeats.len() >= 5
+    })
+    .await;
+    // Well past the isolation timeout (300 ms): still reachable on the leader's acks.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let report = uplink.reachability().borrow().clone();
+    assert_eq!(report.state, Reachability::Reachable);
+    assert_eq!(report.last_acked_send_mono_ns_by_path[0], None);
+    assert!(report.last_acked_send_mono_ns_by_path[1].is_some());
+    uplink.shutdown().await;
+    assert!(follower.seen().heartbeats.iter().all(|h| h.path_index == 0));
+    assert!(leader.seen().heartbeats.iter().all(|h| h.path_index == 1));
 }

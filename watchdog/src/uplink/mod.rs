@@ -50,8 +50,10 @@ pub struct UplinkConfig {
     pub state_dir: PathBuf,
     /// `controller.heartbeat_addrs`: one per path, index = path index.
     pub heartbeat_addrs: Vec<SocketAddr>,
-    /// `controller.event_addr`.
-    pub event_addr: SocketAddr,
+    /// `controller.event_addrs` (or `controller.event_addr` alone): every controller's
+    /// event stream, tried in this order until one (the leader) answers `Hello` with a
+    /// `Welcome`. Not empty.
+    pub event_addrs: Vec<SocketAddr>,
     /// `controller.heartbeat_interval_ms`.
     pub heartbeat_interval: Duration,
     /// `controller.isolation_timeout_ms`.
@@ -80,7 +82,7 @@ impl UplinkConfig {
             host_id: host.id.clone(),
             state_dir: host.state_dir.clone(),
             heartbeat_addrs: controller.heartbeat_socket_addrs()?,
-            event_addr: controller.event_socket_addr()?,
+            event_addrs: controller.event_socket_addrs()?,
             heartbeat_interval: Duration::from_millis(controller.heartbeat_interval_ms),
             isolation_timeout: Duration::from_millis(controller.isolation_timeout_ms),
             spool_max_events: controller.spool_max_events,
@@ -134,6 +136,10 @@ impl Uplink {
         boot_id: BootId,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Uplink> {
+        anyhow::ensure!(
+            !cfg.event_addrs.is_empty(),
+            "no event stream address (controller.event_addrs)"
+        );
         std::fs::create_dir_all(&cfg.state_dir)
             .with_context(|| format!("creating the state directory {}", cfg.state_dir.display()))?;
         let incarnation = state::raise_incarnation(&cfg.state_dir, clock.unix_ns() / 1_000_000)
@@ -159,7 +165,7 @@ impl Uplink {
             boot_id = %identity.boot_id,
             incarnation,
             paths = ?cfg.heartbeat_addrs,
-            event_addr = %cfg.event_addr,
+            event_addrs = ?cfg.event_addrs,
             spooled = spool.len(),
             last_event_id = spool.last_assigned_id(),
             "uplink starting"
@@ -189,7 +195,8 @@ impl Uplink {
             stream::EventStream {
                 identity: identity.clone(),
                 key,
-                addr: cfg.event_addr,
+                addrs: cfg.event_addrs,
+                last_leader: 0,
                 spool,
                 events: events_rx,
                 events_open: true,

@@ -5,9 +5,19 @@
 //! `Welcome {highest_event_id}`, release what the controller already holds, send every
 //! spooled event above it in id order, then new events as they come. The controller's
 //! cumulative `EventAck` releases events from the spool. Any error (refused, reset,
-//! a bad frame, no `Welcome` or no ack in time) drops the connection; the task waits
-//! (exponential backoff with jitter) and connects again. Events keep going into the
-//! spool the whole time, whatever the connection is doing.
+//! a bad frame, no `Welcome` or no ack in time) drops the connection. Events keep
+//! going into the spool the whole time, whatever the connection is doing.
+//!
+//! Several controllers (`controller.event_addrs`), one of which leads: a follower
+//! accepts the connection, reads the `Hello` and closes it without a `Welcome`
+//! (redirect by refusal). The task tries the addresses in rounds: the one that led
+//! last first, then the others in the configured order, each at once after the one
+//! before failed (refused, unreachable, no `Welcome`), until one welcomes it. Only
+//! when every address of a round failed does it wait (exponential backoff with
+//! jitter) before the next round. Once welcomed it stays on that connection; when it
+//! is lost, the next round starts (after the backoff's shortest delay, as the
+//! `Welcome` reset it) at that same address: after a short blip it likely still leads.
+//! One address is the same with rounds of one.
 //!
 //! The controller may also send `Command`s on an established stream (today
 //! `StartDomain`, for its libvirt backend): each runs in its own task
@@ -15,6 +25,7 @@
 //! the same connection. A result whose connection is gone meanwhile is dropped; the
 //! controller fails the command on its side and may send it again (commands are
 //! idempotent).
+use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -45,8 +56,11 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct StreamStatus {
     /// A controller answered `Hello` on the current connection.
     pub connected: bool,
-    /// Which controller, once connected.
+    /// Which controller, once connected (its `controller_id`).
     pub controller_id: Option<String>,
+    /// The address of the controller the stream is connected to, once connected: of
+    /// several controllers, the leader.
+    pub addr: Option<SocketAddr>,
     /// Events in the spool waiting for an ack.
     pub spooled: usize,
     /// The highest event id handed out.
@@ -104,14 +118,56 @@ struct CommandDone {
 /// How a connection ended.
 enum Ended {
     Shutdown,
+    /// Before a `Welcome`: no connection, a write failed, no `Welcome` in time, a bad
+    /// or foreign frame.
+    Failed(String),
+    /// Closed (or reset) by the controller after the `Hello`, without a `Welcome`: a
+    /// follower's refusal (or a controller going away just then).
+    Refused(String),
+    /// An established stream (after a `Welcome`) ended.
     Lost(String),
+}
+
+impl Ended {
+    /// The same failure, before the `Welcome`.
+    fn before_welcome(self) -> Ended {
+        match self {
+            Ended::Lost(reason) => Ended::Failed(reason),
+            other => other,
+        }
+    }
+}
+
+/// Why the reader stopped.
+#[derive(Debug)]
+enum ReadError {
+    /// The controller closed the connection.
+    Closed,
+    /// Reading failed (reset, …).
+    Io(String),
+    /// A frame that does not decode or verify.
+    BadFrame(String),
+}
+
+impl fmt::Display for ReadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReadError::Closed => f.write_str("closed by the controller"),
+            ReadError::Io(e) => write!(f, "read: {e}"),
+            ReadError::BadFrame(e) => write!(f, "bad frame: {e}"),
+        }
+    }
 }
 
 /// The stream task's state; the spool lives here alone, so nothing else touches it.
 pub(crate) struct EventStream {
     pub identity: RunIdentity,
     pub key: Key,
-    pub addr: SocketAddr,
+    /// Every controller's event address, in the configured order; not empty.
+    pub addrs: Vec<SocketAddr>,
+    /// Index in `addrs` of the controller that welcomed the stream last (0 before
+    /// any did): each round starts there.
+    pub last_leader: usize,
     pub spool: Spool,
     pub events: mpsc::UnboundedReceiver<PendingEvent>,
     pub events_open: bool,
@@ -123,32 +179,83 @@ impl EventStream {
     /// Connects, streams, reconnects, until `shutdown` turns true; then moves every
     /// event still in the channel into the spool and returns.
     pub(crate) async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> StreamStatus {
-        self.publish(false, None);
-        loop {
-            match self.connect_and_stream(&mut shutdown).await {
-                Ended::Shutdown => break,
-                Ended::Lost(reason) => {
-                    let was_connected = self.status.borrow().connected;
-                    self.publish(false, None);
-                    let delay = self.backoff.next_delay();
-                    if was_connected {
-                        tracing::warn!(addr = %self.addr, %reason, "event stream lost; reconnecting");
-                    } else {
-                        tracing::debug!(addr = %self.addr, %reason, ?delay, "event stream not connected");
-                    }
-                    if self
-                        .while_spooling(&mut shutdown, tokio::time::sleep(delay))
-                        .await
-                        .is_none()
-                    {
+        self.publish(None);
+        // Rounds in a row in which no controller welcomed the stream: moves between
+        // addresses are logged at info in the first, at debug in the following ones
+        // (a long outage must not flood the log).
+        let mut failed_rounds: u32 = 0;
+        'rounds: loop {
+            let order = self.round_order();
+            let mut lost = false;
+            for (k, &index) in order.iter().enumerate() {
+                // round_order gives indexes into `addrs` only.
+                let addr = self.addrs[index];
+                let next = order.get(k + 1).map(|&i| self.addrs[i]);
+                let loud = failed_rounds == 0;
+                match self.connect_and_stream(index, &mut shutdown).await {
+                    Ended::Shutdown => break 'rounds,
+                    Ended::Lost(reason) => {
+                        self.publish(None);
+                        tracing::warn!(%addr, %reason, "event stream lost; reconnecting");
+                        failed_rounds = 0;
+                        lost = true;
                         break;
                     }
+                    Ended::Refused(reason) => match next {
+                        Some(next) if loud => tracing::info!(
+                            %reason,
+                            "event stream: {addr} refused (not the leader?); trying {next}"
+                        ),
+                        Some(next) => tracing::debug!(
+                            %reason,
+                            "event stream: {addr} refused (not the leader?); trying {next}"
+                        ),
+                        None => tracing::debug!(%addr, %reason, "event stream refused"),
+                    },
+                    Ended::Failed(reason) => match next {
+                        Some(next) if loud => tracing::info!(
+                            %reason,
+                            "event stream: {addr} failed; trying {next}"
+                        ),
+                        Some(next) => tracing::debug!(
+                            %reason,
+                            "event stream: {addr} failed; trying {next}"
+                        ),
+                        None => tracing::debug!(%addr, %reason, "event stream not connected"),
+                    },
                 }
+            }
+            let delay = self.backoff.next_delay();
+            if !lost {
+                failed_rounds = failed_rounds.saturating_add(1);
+                if failed_rounds == 1 && self.addrs.len() > 1 {
+                    tracing::info!(
+                        addrs = ?self.addrs,
+                        ?delay,
+                        "event stream: no controller accepted it; trying them all again after a delay"
+                    );
+                } else {
+                    tracing::debug!(?delay, failed_rounds, "event stream: round failed");
+                }
+            }
+            if self
+                .while_spooling(&mut shutdown, tokio::time::sleep(delay))
+                .await
+                .is_none()
+            {
+                break;
             }
         }
         self.flush();
-        self.publish(false, None);
+        self.publish(None);
         self.status.borrow().clone()
+    }
+
+    /// The indexes in `addrs` to try in the next round: the controller that led last
+    /// (likely still leading after a short blip), then the others in the configured
+    /// order.
+    fn round_order(&self) -> Vec<usize> {
+        round_order(self.addrs.len(), self.last_leader)
     }
 
     /// Takes every event already queued into the spool (appends are fsynced, so once
@@ -211,13 +318,21 @@ impl EventStream {
             && envelope.incarnation == self.identity.incarnation
     }
 
-    async fn connect_and_stream(&mut self, shutdown: &mut watch::Receiver<bool>) -> Ended {
-        let addr = self.addr;
+    /// One connection to `addrs[index]`, until it ends; a `Welcome` makes `index` the
+    /// last leader.
+    async fn connect_and_stream(
+        &mut self,
+        index: usize,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Ended {
+        let Some(addr) = self.addrs.get(index).copied() else {
+            return Ended::Failed(format!("no event address {index}"));
+        };
         let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr));
         let stream = match self.while_spooling(shutdown, connect).await {
             None => return Ended::Shutdown,
-            Some(Err(_)) => return Ended::Lost("connect timed out".into()),
-            Some(Ok(Err(e))) => return Ended::Lost(format!("connect: {e}")),
+            Some(Err(_)) => return Ended::Failed("connect timed out".into()),
+            Some(Ok(Err(e))) => return Ended::Failed(format!("connect: {e}")),
             Some(Ok(Ok(stream))) => stream,
         };
         let _ = stream.set_nodelay(true);
@@ -234,22 +349,24 @@ impl EventStream {
         let hello = self.envelope(Message::Hello {
             last_event_id: self.spool.last_assigned_id(),
         });
-        match self.write(shutdown, &mut writer, &hello).await {
-            Ok(()) => {}
-            Err(ended) => return ended,
+        if let Err(ended) = self.write(shutdown, &mut writer, &hello).await {
+            return ended.before_welcome();
         }
         let welcome = tokio::time::timeout(WELCOME_TIMEOUT, inbound.recv());
         let (controller_id, highest) = match self.while_spooling(shutdown, welcome).await {
             None => return Ended::Shutdown,
-            Some(Err(_)) => return Ended::Lost("no welcome in time".into()),
-            Some(Ok(None)) => return Ended::Lost("connection closed".into()),
-            Some(Ok(Some(Err(e)))) => return Ended::Lost(e),
+            Some(Err(_)) => return Ended::Failed("no welcome in time".into()),
+            Some(Ok(None)) => return Ended::Refused("connection closed".into()),
+            Some(Ok(Some(Err(e @ (ReadError::Closed | ReadError::Io(_)))))) => {
+                return Ended::Refused(e.to_string())
+            }
+            Some(Ok(Some(Err(e)))) => return Ended::Failed(e.to_string()),
             Some(Ok(Some(Ok(envelope)))) => match envelope.message {
                 Message::Welcome {
                     controller_id,
                     highest_event_id,
                 } if self.is_for_us(&envelope) => (controller_id, highest_event_id),
-                other => return Ended::Lost(format!("expected a welcome for us, got {other:?}")),
+                other => return Ended::Failed(format!("expected a welcome for us, got {other:?}")),
             },
         };
         if let Err(e) = self
@@ -260,6 +377,7 @@ impl EventStream {
             tracing::error!(error = %e, "cannot update the event spool");
         }
         self.backoff.reset();
+        self.last_leader = index;
         tracing::info!(
             %addr,
             %controller_id,
@@ -267,7 +385,7 @@ impl EventStream {
             resending = self.spool.len(),
             "event stream connected"
         );
-        self.publish(true, Some(controller_id));
+        self.publish(Some((addr, controller_id)));
 
         let mut sent_up_to = highest;
         // Since when sent events have waited for an ack without progress.
@@ -326,12 +444,12 @@ impl EventStream {
     /// Handles one frame from the controller on an established stream.
     fn take_reply(
         &mut self,
-        message: Result<Envelope, String>,
+        message: Result<Envelope, ReadError>,
         sent_up_to: u64,
         awaiting_ack_since: &mut Option<Instant>,
         command_results: &mpsc::UnboundedSender<CommandDone>,
     ) -> Result<(), String> {
-        let envelope = message?;
+        let envelope = message.map_err(|e| e.to_string())?;
         if !self.is_for_us(&envelope) {
             return Err("a frame for another watchdog run".into());
         }
@@ -402,10 +520,11 @@ impl EventStream {
         }
     }
 
-    fn publish(&self, connected: bool, controller_id: Option<String>) {
+    /// The connection's state: the controller's address and id while connected.
+    fn publish(&self, connection: Option<(SocketAddr, String)>) {
         self.status.send_modify(|s| {
-            s.connected = connected;
-            s.controller_id = controller_id;
+            s.connected = connection.is_some();
+            (s.addr, s.controller_id) = connection.unzip();
         });
         self.publish_counts();
     }
@@ -421,6 +540,16 @@ impl EventStream {
             *s != before
         });
     }
+}
+
+/// The order of one round over `len` addresses: `first` (the last leader), then the
+/// others in the configured order.
+fn round_order(len: usize, first: usize) -> Vec<usize> {
+    let first = if first < len { Some(first) } else { None };
+    first
+        .into_iter()
+        .chain((0..len).filter(|&i| Some(i) != first))
+        .collect()
 }
 
 async fn sleep_until_some(deadline: Option<Instant>) {
@@ -444,19 +573,19 @@ impl Drop for AbortOnDrop {
 async fn read_frames(
     mut read: OwnedReadHalf,
     key: Key,
-    frames: mpsc::Sender<Result<Envelope, String>>,
+    frames: mpsc::Sender<Result<Envelope, ReadError>>,
 ) {
     let mut decoder = FrameDecoder::new(key, Direction::ToWatchdog);
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = match read.read(&mut buf).await {
             Ok(0) => {
-                let _ = frames.send(Err("closed by the controller".into())).await;
+                let _ = frames.send(Err(ReadError::Closed)).await;
                 return;
             }
             Ok(n) => n,
             Err(e) => {
-                let _ = frames.send(Err(format!("read: {e}"))).await;
+                let _ = frames.send(Err(ReadError::Io(e.to_string()))).await;
                 return;
             }
         };
@@ -470,7 +599,7 @@ async fn read_frames(
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = frames.send(Err(format!("bad frame: {e}"))).await;
+                    let _ = frames.send(Err(ReadError::BadFrame(e.to_string()))).await;
                     return;
                 }
             }
@@ -551,7 +680,8 @@ mod tests {
                 incarnation: 9,
             },
             key: key.clone(),
-            addr,
+            addrs: vec![addr],
+            last_leader: 0,
             spool: Spool::open(dir.path(), 100).unwrap(),
             events,
             events_open: true,
@@ -577,6 +707,17 @@ mod tests {
         }
         let _ = stop.send(true);
         task.await.unwrap();
+    }
+
+    #[test]
+    fn a_round_tries_the_last_leader_first_then_the_others_in_the_configured_order() {
+        assert_eq!(round_order(1, 0), [0]);
+        assert_eq!(round_order(3, 0), [0, 1, 2]);
+        assert_eq!(round_order(3, 1), [1, 0, 2]);
+        assert_eq!(round_order(4, 3), [3, 0, 1, 2]);
+        // An index past the end (cannot happen) still gives every address once.
+        assert_eq!(round_order(2, 5), [0, 1]);
+        assert!(round_order(0, 0).is_empty());
     }
 
     #[test]
