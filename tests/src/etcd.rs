@@ -74,6 +74,13 @@ pub struct EtcdOpts {
     pub start_timeout: Duration,
     /// More `etcd` flags, given to every member.
     pub extra_args: Vec<String>,
+    /// Run the members (and etcdctl) in this network namespace (the lab's controller
+    /// namespace); `None`: this process's.
+    pub netns: Option<String>,
+    /// Listen for clients on every address (`0.0.0.0`), not only 127.0.0.1: a client may
+    /// then reach a member through any 127.x.y.z address, which a test can cut on its
+    /// own (one controller's path to etcd) with a firewall rule.
+    pub listen_any: bool,
 }
 
 impl Default for EtcdOpts {
@@ -87,6 +94,8 @@ impl Default for EtcdOpts {
             dir: None,
             start_timeout: Duration::from_secs(20),
             extra_args: Vec::new(),
+            netns: None,
+            listen_any: false,
         }
     }
 }
@@ -109,6 +118,8 @@ struct Layout {
     election_ms: u64,
     keepalive_min: String,
     extra_args: Vec<String>,
+    netns: Option<String>,
+    listen_any: bool,
 }
 
 impl Layout {
@@ -122,6 +133,8 @@ impl Layout {
             election_ms: opts.election_ms,
             keepalive_min: opts.grpc_keepalive_min_time.clone(),
             extra_args: opts.extra_args.clone(),
+            netns: opts.netns.clone(),
+            listen_any: opts.listen_any,
         }
     }
 
@@ -165,7 +178,11 @@ impl Layout {
             "--data-dir",
             &self.data_dir(i).display().to_string(),
             "--listen-client-urls",
-            &self.endpoint(i),
+            &if self.listen_any {
+                format!("http://0.0.0.0:{}", self.client_ports[i])
+            } else {
+                self.endpoint(i)
+            },
             "--advertise-client-urls",
             &self.endpoint(i),
             "--listen-peer-urls",
@@ -205,6 +222,8 @@ impl Layout {
             "election_ms": self.election_ms,
             "grpc_keepalive_min_time": self.keepalive_min,
             "extra_args": self.extra_args,
+            "netns": self.netns,
+            "listen_any": self.listen_any,
             "endpoints": (0..self.n()).map(|i| self.endpoint(i)).collect::<Vec<_>>(),
         })
     }
@@ -229,6 +248,8 @@ impl Layout {
                 .iter()
                 .map(|a| a.as_str().map(str::to_string))
                 .collect::<Option<_>>()?,
+            netns: v["netns"].as_str().map(str::to_string),
+            listen_any: v["listen_any"].as_bool().unwrap_or(false),
         };
         (layout.client_ports.len() == layout.peer_ports.len() && layout.n() > 0).then_some(layout)
     }
@@ -399,7 +420,15 @@ fn spawn_member(layout: &Layout, i: usize, state: &str, detached: bool) -> Resul
             .as_secs_f64(),
         args.join(" ")
     );
-    let mut cmd = Command::new("etcd");
+    let mut cmd = match &layout.netns {
+        None => Command::new("etcd"),
+        Some(ns) => {
+            // `ip netns exec` execs etcd in place: the PID is etcd's.
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "etcd"]);
+            c
+        }
+    };
     cmd.args(&args)
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|e| e.to_string())?)
@@ -443,8 +472,15 @@ fn spawn_member(layout: &Layout, i: usize, state: &str, detached: bool) -> Resul
 }
 
 /// `etcdctl --endpoints=E... ARGS`, its own environment cleared of ETCDCTL_*.
-fn etcdctl_with(endpoints: &[String], args: &[&str]) -> Output {
-    let mut cmd = Command::new("etcdctl");
+fn etcdctl_with(netns: Option<&str>, endpoints: &[String], args: &[&str]) -> Output {
+    let mut cmd = match netns {
+        None => Command::new("etcdctl"),
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "etcdctl"]);
+            c
+        }
+    };
     for (key, _) in std::env::vars_os() {
         if key.to_str().is_some_and(|k| k.starts_with("ETCDCTL_")) {
             cmd.env_remove(key);
@@ -476,6 +512,7 @@ fn health(layout: &Layout, members: &[usize]) -> Result<(), (Vec<usize>, String)
     }
     let endpoints: Vec<String> = members.iter().map(|&i| layout.endpoint(i)).collect();
     let out = etcdctl_with(
+        layout.netns.as_deref(),
         &endpoints,
         &[
             "--command-timeout=500ms",
@@ -667,6 +704,7 @@ fn leader_of(layout: &Layout, members: &[usize]) -> Option<usize> {
     }
     let endpoints: Vec<String> = members.iter().map(|&i| layout.endpoint(i)).collect();
     let out = etcdctl_with(
+        layout.netns.as_deref(),
         &endpoints,
         &[
             "--command-timeout=500ms",
@@ -939,13 +977,13 @@ impl EtcdCluster {
     /// `etcdctl --endpoints=<live members> --dial-timeout=1s --command-timeout=2s ARGS`
     /// (flags in `args` override these).
     pub fn etcdctl(&self, args: &[&str]) -> Output {
-        etcdctl_with(&self.live_endpoints(), args)
+        etcdctl_with(self.layout.netns.as_deref(), &self.live_endpoints(), args)
     }
 
     /// [`etcdctl`](Self::etcdctl) against the given members only.
     pub fn etcdctl_on(&self, members: &[usize], args: &[&str]) -> Output {
         let endpoints: Vec<String> = members.iter().map(|&i| self.endpoint(i)).collect();
-        etcdctl_with(&endpoints, args)
+        etcdctl_with(self.layout.netns.as_deref(), &endpoints, args)
     }
 
     /// The options it was started with.

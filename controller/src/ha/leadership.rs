@@ -159,6 +159,10 @@ impl SharedDeadline {
     }
 }
 
+/// etcd 3.4 looks for expired leases every 500 ms: a lease goes at most this long after
+/// its TTL.
+const LESSOR_SLACK: Duration = Duration::from_millis(500);
+
 /// Starts the election task.
 pub fn start(settings: EtcdSettings) -> LeadershipHandle {
     let (tx, rx) = watch::channel(LeadershipState::initial());
@@ -247,7 +251,25 @@ async fn run(
         let mut member_written = false;
         let mut members_read_at: Option<Instant> = None;
         let mut leading: Option<(Guard, u64)> = None;
+        // A term that stopped at its deadline, and when: it may resume on the same lease.
+        let mut lapsed: Option<((Guard, u64), Instant)> = None;
         let mut pending_step: Option<StepDown> = None;
+        // Sleeps `d`, or leaves the campaign loop on a step-down request.
+        macro_rules! wait_or_step {
+            ($d:expr) => {
+                tokio::select! {
+                    _ = tokio::time::sleep($d) => {}
+                    step = step_rx.recv() => {
+                        let step = step.unwrap_or(StepDown::Retire);
+                        pending_step = Some(step.clone());
+                        break match step {
+                            StepDown::Restart(why) => why,
+                            StepDown::Retire => "shutting down".to_owned(),
+                        };
+                    }
+                }
+            };
+        }
         // Campaign and hold, until the lease is gone or a step-down is asked.
         let end_reason = loop {
             if let Ok(step) = step_rx.try_recv() {
@@ -267,12 +289,65 @@ async fn run(
                     .unwrap_or_else(|e| e.into_inner())
                     .clone()
                     .unwrap_or_else(|| "no answer".into());
-                break format!(
+                let why = format!(
                     "the lease was not renewed in time (the local deadline, TTL {} s minus \
                      {} ms, passed; last etcd error: {err})",
                     ttl.as_secs(),
                     s.stop_margin.as_millis()
                 );
+                // Stop acting now. The lease may still live on etcd's side (an etcd
+                // leader election renews every lease): keep it alive, and if it comes
+                // back before etcd could have expired it, lead again on it.
+                if let Some(held) = leading.take() {
+                    tracing::warn!(controller = %s.controller_id, reason = %why, "LEADERSHIP LOST: this controller stopped acting");
+                    tx.send_modify(|st| {
+                        st.role = Role::Follower {
+                            leader: None,
+                            problem: Some(why.clone()),
+                        };
+                        st.last_step_down = Some(why.clone());
+                    });
+                    lapsed = Some((held, now));
+                }
+                match &lapsed {
+                    // etcd expires a lease at most TTL + 0.5 s after its last renewal.
+                    Some((_, since)) if now.duration_since(*since) < ttl + LESSOR_SLACK => {
+                        wait_or_step!(s.campaign_every);
+                        continue;
+                    }
+                    _ => break why,
+                }
+            }
+            if let Some(((guard, since), _)) = lapsed.take() {
+                // Renewed again after a lapse: lead again only if the leader key is
+                // still this term's (its lease outlived the lapse).
+                let key = conn.get(&leader_key).await;
+                match key {
+                    Ok(Some(kv)) if kv.create_revision() == guard.create_revision => {
+                        tracing::info!(
+                            controller = %s.controller_id,
+                            revision = guard.create_revision,
+                            "LEADER: this controller leads again (its lease outlived etcd's unavailability)"
+                        );
+                        let until = deadline.until().unwrap_or(now);
+                        tx.send_modify(|st| {
+                            st.term += 1;
+                            st.role = Role::Leader {
+                                guard: guard.clone(),
+                                since_unix_ms: since,
+                                until,
+                            };
+                        });
+                        leading = Some((guard, since));
+                    }
+                    Ok(_) => break "the leader key is gone after a lapse".to_owned(),
+                    Err(e) => {
+                        lapsed = Some(((guard, since), now));
+                        set_problem(&tx, format!("cannot read the leader key: {e}"));
+                        wait_or_step!(s.campaign_every);
+                        continue;
+                    }
+                }
             }
             if !member_written {
                 let put = Txn::new().and_then(vec![TxnOp::put(
@@ -375,6 +450,7 @@ async fn run(
         if was_leading {
             tracing::warn!(controller = %s.controller_id, reason = %end_reason, "LEADERSHIP LOST: this controller stopped acting");
         }
+        let was_leading = was_leading || lapsed.is_some();
         tx.send_modify(|st| {
             st.role = Role::Follower {
                 leader: None,

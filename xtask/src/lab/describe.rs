@@ -8,8 +8,46 @@ use serde_json::Value;
 use super::placement::{self, Vm};
 use super::{alive, keeper_pid, read_state, state_path};
 
-/// `defibctl ARGS` against the lab's controller, from its namespace.
+/// `defibctl ARGS` against the lab's controller (with `--ha`: the one that leads now),
+/// from its namespace.
 pub(super) fn defibctl(state: &Value, args: &[&str]) -> anyhow::Result<String> {
+    let url = match leader(state)? {
+        Some((_, url)) => url,
+        None => state["api_url"].as_str().unwrap_or("").to_owned(),
+    };
+    defibctl_at(state, &url, args)
+}
+
+/// With `--ha`: the leading controller's (id, API URL), waiting up to 10 s for one (a
+/// handover); `None` for a lab of one controller.
+pub(super) fn leader(state: &Value) -> anyhow::Result<Option<(String, String)>> {
+    let Some(controllers) = state["controllers"].as_array().filter(|c| !c.is_empty()) else {
+        return Ok(None);
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        for c in controllers {
+            let Some(url) = c["api_url"].as_str() else {
+                continue;
+            };
+            let leads = defibctl_at(state, url, &["--json", "controllers"])
+                .ok()
+                .and_then(|out| serde_json::from_str::<Value>(&out).ok())
+                .is_some_and(|v| v["role"] == "leader");
+            if leads {
+                let id = c["id"].as_str().unwrap_or("?").to_owned();
+                return Ok(Some((id, url.to_owned())));
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("no lab controller leads (etcd without quorum?); `cargo xtask lab status`");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// `defibctl ARGS` against the controller at `url`.
+fn defibctl_at(state: &Value, url: &str, args: &[&str]) -> anyhow::Result<String> {
     // Built by `up`; building again here would only cost time.
     let bin = defib_tests::workspace_root().join("target/debug/defibctl");
     let out = Command::new("ip")
@@ -19,7 +57,7 @@ pub(super) fn defibctl(state: &Value, args: &[&str]) -> anyhow::Result<String> {
             state["controller_ns"].as_str().unwrap_or(""),
         ])
         .arg(bin)
-        .args(["--url", state["api_url"].as_str().unwrap_or("")])
+        .args(["--url", url])
         .args(["--token-file", state["token_file"].as_str().unwrap_or("")])
         .args(args)
         .output()?;
@@ -55,10 +93,19 @@ pub(super) fn status() -> anyhow::Result<()> {
         return Ok(());
     };
     println!("lab keeper pid {pid}, files in {}", state["dir"]);
-    println!(
-        "controller pid {} in namespace {} ({})",
-        state["pids"]["controller"], state["controller_ns"], state["api_url"]
-    );
+    match state["controllers"].as_array().filter(|c| !c.is_empty()) {
+        Some(_) => {
+            println!(
+                "controllers in namespace {} on etcd {}:",
+                state["controller_ns"], state["etcd_endpoints"]
+            );
+            print!("{}", defibctl(&state, &["controllers"])?);
+        }
+        None => println!(
+            "controller pid {} in namespace {} ({})",
+            state["pids"]["controller"], state["controller_ns"], state["api_url"]
+        ),
+    }
     for h in state["hosts"].as_array().into_iter().flatten() {
         let guests: Vec<&str> = h["guests"]
             .as_array()

@@ -65,6 +65,7 @@ fn one(state: &Value, kind: Drill, pick: &mut Pick) -> anyhow::Result<()> {
         Drill::DiskStall => disk_stall(state, pick),
         Drill::HostLoss => lose_host(state, false, pick),
         Drill::Partition => lose_host(state, true, pick),
+        Drill::ControllerLoss => controller_loss(state, pick),
         Drill::Random { .. } => bail!("random is not a drill of its own kind"),
     }
 }
@@ -347,7 +348,65 @@ fn wait_for(
 
 /// The host-loss and partition drills on the last lab host: the failure, the host's
 /// incident until its guests run elsewhere, its timeline; then the host back.
+/// `drill controller-loss`: a host powered off, and the leading controller SIGKILLed
+/// right after (while it detects the loss); a follower takes the lead and finishes.
+fn controller_loss(state: &Value, pick: &mut Pick) -> anyhow::Result<()> {
+    let Some((leader, _)) = super::describe::leader(state)? else {
+        bail!("controller-loss needs several controllers: `cargo xtask lab up --ha`");
+    };
+    let pid = state["controllers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["id"] == leader.as_str())
+        .and_then(|c| c["pid"].as_u64())
+        .context("the state file has no pid for the leader")?;
+    lose_host_then(state, false, pick, &mut |_| {
+        std::thread::sleep(Duration::from_millis(200));
+        kill(pid, "-KILL");
+        let at = Instant::now();
+        println!("drill controller-loss: the leader {leader} (pid {pid}) SIGKILLed");
+        let (new, _) = wait_new_leader(state, &leader)?;
+        println!(
+            "drill controller-loss: {new} leads {:.2} s after the kill",
+            at.elapsed().as_secs_f64()
+        );
+        Ok(())
+    })?;
+    if let Some((finisher, _)) = super::describe::leader(state)? {
+        println!("drill controller-loss: the recovery was finished by {finisher} (the killed leader was {leader})");
+    }
+    Ok(())
+}
+
+/// Waits until a controller other than `old` leads.
+fn wait_new_leader(state: &Value, old: &str) -> anyhow::Result<(String, String)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some((id, url))) = super::describe::leader(state) {
+            if id != old {
+                return Ok((id, url));
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("no controller took the lead from {old} within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn lose_host(state: &Value, partition: bool, pick: &mut Pick) -> anyhow::Result<()> {
+    lose_host_then(state, partition, pick, &mut |_| Ok(()))
+}
+
+/// A host lost (powered off, or cut off with `partition`); `meanwhile` runs right after
+/// the loss; then the wait for the recovery, the timeline, and the host back.
+fn lose_host_then(
+    state: &Value,
+    partition: bool,
+    pick: &mut Pick,
+    meanwhile: &mut dyn FnMut(&str) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     // A host that runs a VM now (an earlier drill may have emptied one), usually the last:
     // as the controller sees them, or, in the Nova lab, as Nova does (the controller
     // learns a host's servers from Nova only when it forces the host's compute down).
@@ -412,6 +471,7 @@ fn lose_host(state: &Value, partition: bool, pick: &mut Pick) -> anyhow::Result<
         println!("drill host-loss: {name} powered off at its BMC ({bmc})");
         defib_tests::bmc::chassis_power(ctl_ns, bmc, "off").map_err(anyhow::Error::msg)?;
     }
+    meanwhile(&name)?;
     // Fenced, and every guest of the host running on another one (in the Nova lab: every
     // server ACTIVE on another compute, as Nova says).
     if let Some((api, prefix)) = &nova {

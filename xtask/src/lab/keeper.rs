@@ -18,7 +18,12 @@ use super::{keeper_pid, lab_dir, read_state, state_path, write_state};
 
 /// `lab up`: the keeper started in a session of its own, then waited for until its state
 /// file says the lab is ready (or it exits, and its log says why).
-pub(super) fn up(hosts: usize, guests_per_host: usize, nova: Option<usize>) -> anyhow::Result<()> {
+pub(super) fn up(
+    hosts: usize,
+    guests_per_host: usize,
+    nova: Option<usize>,
+    ha: bool,
+) -> anyhow::Result<()> {
     anyhow::ensure!(
         hosts >= 2,
         "a lab needs at least 2 hosts (one to evacuate to)"
@@ -84,6 +89,7 @@ pub(super) fn up(hosts: usize, guests_per_host: usize, nova: Option<usize>) -> a
             nova.map(|n| vec!["--nova-servers-per-host".to_string(), n.to_string()])
                 .unwrap_or_default(),
         )
+        .args(ha.then_some("--ha"))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -112,6 +118,9 @@ pub(super) fn up(hosts: usize, guests_per_host: usize, nova: Option<usize>) -> a
     println!("lab: up");
     status()
 }
+
+/// Controllers of a lab started with `--ha`.
+const HA_CONTROLLERS: usize = 3;
 
 /// Set by SIGTERM or SIGINT: the keeper leaves its loop and drops the lab.
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -179,6 +188,7 @@ pub(super) fn serve(
     hosts: usize,
     guests_per_host: usize,
     nova: Option<usize>,
+    ha: bool,
 ) -> anyhow::Result<()> {
     // SAFETY: the handler only stores to an atomic.
     unsafe {
@@ -313,7 +323,21 @@ pub(super) fn serve(
             host.guests.push(guest);
         }
     }
-    lab.start_controller(&spec);
+    // With --ha: a 3-member etcd cluster in the controller namespace (stopped with the
+    // keeper: its members die with it) and three controllers electing a leader on it.
+    let etcd = if ha {
+        let etcd = defib_tests::etcd::EtcdCluster::try_start(defib_tests::etcd::EtcdOpts {
+            netns: Some(lab.net.controller_ns()),
+            dir: Some(lab.path("etcd")),
+            ..Default::default()
+        })
+        .map_err(anyhow::Error::msg)?;
+        lab.start_controllers(&spec, HA_CONTROLLERS, |_| etcd.endpoints());
+        Some(etcd)
+    } else {
+        lab.start_controller(&spec);
+        None
+    };
     lab.start_watchdogs(&spec);
     let nova_state = nova.map(|_| nova_prefix.as_str());
     write_state(&lab_state(
@@ -323,6 +347,7 @@ pub(super) fn serve(
         &stall_disks,
         &tag,
         nova_state,
+        etcd.as_ref(),
         false,
     ))?;
     // Up when the controller sees every host Up and every guest Running.
@@ -367,11 +392,35 @@ pub(super) fn serve(
             &stall_disks,
             &tag,
             nova_state,
+            etcd.as_ref(),
             true,
         ))?;
         eprintln!("lab: up; waiting for SIGTERM (`cargo xtask lab down`)");
     }
     while !STOP.load(Ordering::SeqCst) {
+        // A controller killed by a drill (`controller-loss`) starts again, as a
+        // follower, as systemd would restart it.
+        if let Some(etcd) = &etcd {
+            for i in 0..lab.controllers.len() {
+                let dead = lab.controllers[i]
+                    .as_mut()
+                    .is_none_or(|d| d.child.try_wait().ok().flatten().is_some());
+                if dead {
+                    lab.restart_controller_at(&spec, i, &etcd.endpoints());
+                    eprintln!("lab: controller ctl-{i} started again");
+                    write_state(&lab_state(
+                        &lab,
+                        &lab_hosts,
+                        &bmcs,
+                        &stall_disks,
+                        &tag,
+                        nova_state,
+                        Some(etcd),
+                        true,
+                    ))?;
+                }
+            }
+        }
         // A host powered on again after a power loss (a drill's `chassis power on`)
         // boots: its links come up and its watchdog starts again.
         for h in 0..hosts {
@@ -396,6 +445,7 @@ pub(super) fn serve(
                     &stall_disks,
                     &tag,
                     nova_state,
+                    etcd.as_ref(),
                     true,
                 ))?;
             }
@@ -405,7 +455,9 @@ pub(super) fn serve(
     eprintln!("lab: stopping");
     // Daemons first (so nothing reacts to the rest going), then guests, hypervisors, BMCs, network.
     lab.controller = None;
+    lab.controllers.clear();
     lab.watchdogs.clear();
+    drop(etcd);
     for host in &mut lab_hosts {
         host.guests.clear();
     }
@@ -429,6 +481,7 @@ fn lab_state(
     disks: &[StallDisk],
     tag: &str,
     nova_prefix: Option<&str>,
+    etcd: Option<&defib_tests::etcd::EtcdCluster>,
     ready: bool,
 ) -> Value {
     let hosts = lab.watchdogs.len().max(lab_hosts.len());
@@ -457,6 +510,30 @@ fn lab_state(
             .collect();
         for b in bmcs {
             processes.push(json!({"pid": b.pid(), "comm": "ipmi_sim"}));
+        }
+        // Several controllers and their etcd.
+        let controllers: Vec<Value> = lab
+            .controllers
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let pid = d.as_ref().map(|d| d.pid());
+                processes.push(json!({"pid": pid, "comm": "defib-controlle"}));
+                json!({
+                    "id": format!("ctl-{i}"),
+                    "pid": pid,
+                    "api_url": format!(
+                        "http://{}:{}",
+                        lab.net.controller_addr(0),
+                        defib_tests::lab::controller_ports(i).2
+                    ),
+                })
+            })
+            .collect();
+        if let Some(etcd) = etcd {
+            for i in 0..etcd.len() {
+                processes.push(json!({"pid": etcd.pid(i), "comm": "etcd"}));
+            }
         }
         for d in disks {
             processes.push(json!({"pid": d.bed.pid(), "comm": "bindfs"}));
@@ -496,6 +573,8 @@ fn lab_state(
             "api_url": format!("http://{}:7412", lab.net.controller_addr(0)),
             "token_file": lab.path("api.token"),
             "pids": {"controller": lab.controller.as_ref().map(|d| d.pid())},
+            "controllers": controllers,
+            "etcd_endpoints": etcd.map(|e| e.endpoints()),
             "hosts": host_list,
             "stall_disks": disks.iter().map(StallDisk::describe).collect::<Vec<_>>(),
             "processes": processes,

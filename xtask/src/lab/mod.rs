@@ -44,6 +44,10 @@ pub enum Action {
         /// With `--nova`: servers booted onto each compute.
         #[arg(long, default_value_t = 4)]
         servers_per_host: usize,
+        /// Three controllers electing a leader on a 3-member etcd cluster (in the
+        /// controller namespace) instead of one controller on SQLite.
+        #[arg(long)]
+        ha: bool,
     },
     /// What runs, and the controller's view of hosts and VMs.
     Status,
@@ -64,6 +68,9 @@ pub enum Action {
         /// Servers per compute with `--nova`; absent: the libvirt lab.
         #[arg(long)]
         nova_servers_per_host: Option<usize>,
+        /// Three controllers on etcd.
+        #[arg(long)]
+        ha: bool,
     },
 }
 
@@ -81,6 +88,10 @@ pub enum Drill {
     /// Cut every link of a host (it runs on): fenced through its BMC, guests evacuated;
     /// then power it on and unfence it.
     Partition,
+    /// With `lab up --ha`: power a host off and SIGKILL the leading controller right
+    /// after; a follower takes the lead and finishes the recovery (the drill prints
+    /// which); the keeper starts the killed controller again, as a follower.
+    ControllerLoss,
     /// N drills of random kinds on random targets; after each, every VM must run exactly
     /// once (one qemu per VM UUID) and be Running in defib. Prints the seed first, so
     /// that a failure can be replayed with `--seed`.
@@ -110,6 +121,7 @@ impl Drill {
             Drill::DiskStall => "disk-stall",
             Drill::HostLoss => "host-loss",
             Drill::Partition => "partition",
+            Drill::ControllerLoss => "controller-loss",
             Drill::Random { .. } => "random",
         }
     }
@@ -122,7 +134,8 @@ pub fn run(action: Action) -> anyhow::Result<()> {
             guests_per_host,
             nova,
             servers_per_host,
-        } => keeper::up(hosts, guests_per_host, nova.then_some(servers_per_host)),
+            ha,
+        } => keeper::up(hosts, guests_per_host, nova.then_some(servers_per_host), ha),
         Action::Status => describe::status(),
         Action::Down => cleanup::down(),
         Action::Drill { kind } => drills::drill(kind),
@@ -130,7 +143,8 @@ pub fn run(action: Action) -> anyhow::Result<()> {
             hosts,
             guests_per_host,
             nova_servers_per_host,
-        } => keeper::serve(hosts, guests_per_host, nova_servers_per_host),
+            ha,
+        } => keeper::serve(hosts, guests_per_host, nova_servers_per_host, ha),
     }
 }
 
