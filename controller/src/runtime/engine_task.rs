@@ -282,6 +282,7 @@ impl EngineTask {
         let mut actions = actions;
         actions.extend(self.engine.start(now));
         self.apply(actions);
+        self.replay_inventories();
         self.publish();
         // Snapshots are rebuilt on a timer, not per input: a rebuild costs O(hosts +
         // incidents), and with thousands of hosts heartbeating a rebuild per input would
@@ -325,6 +326,38 @@ impl EngineTask {
         }
         self.store.flush()?;
         Ok(())
+    }
+
+    /// After a resume: hands the engine each host's latest stored inventory. A watchdog
+    /// sends its inventory when its stream connects and whenever it changes, so the
+    /// latest one stored is what the host ran when it was last heard; without it, a host
+    /// that died while no controller acted (a restart, a handover) would be recovered
+    /// with its VMs unknown, i.e. not restored. Live hosts send a fresh one when their
+    /// streams reconnect.
+    fn replay_inventories(&mut self) {
+        let stored = match self.store.events_of_kind("inventory") {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the stored inventories; the hosts' VMs are learnt as they report");
+                return;
+            }
+        };
+        let mut latest: BTreeMap<String, String> = BTreeMap::new();
+        for (host, payload) in stored {
+            latest.insert(host, payload);
+        }
+        for (host, payload) in latest {
+            let Some((event, unix_ns)) = stored_event(&payload) else {
+                continue;
+            };
+            if let Some(he) = host_event(&event, unix_ns) {
+                tracing::info!(host, "resumed with the host's latest stored inventory");
+                self.step(Input::HostEvent {
+                    host: HostId::new(&host),
+                    event: he,
+                });
+            }
+        }
     }
 
     /// Feeds the engine one input and carries its actions out, unless the task stopped
@@ -376,7 +409,7 @@ impl EngineTask {
                 high_water: self.dedup.highest(host),
             });
         }
-        let payload = serde_json::to_string(&event.payload).unwrap_or_default();
+        let payload = stored_payload(event);
         let new = match self
             .store
             .record_event(host, event.id, self.clock.now().0, &payload)
@@ -738,6 +771,27 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
+}
+
+/// The key under which a stored event's payload keeps the host's time of the event.
+const HOST_UNIX_NS: &str = "host_unix_ns";
+
+/// An event's payload as stored: its JSON with the host's time of the event added (an
+/// older controller reading it ignores the extra field).
+fn stored_payload(event: &protocol::Event) -> String {
+    let mut v = serde_json::to_value(&event.payload).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.insert(HOST_UNIX_NS.into(), event.unix_ns.into());
+    }
+    v.to_string()
+}
+
+/// A stored payload back, with the host's time; `None` when it has no time (stored by
+/// an older controller) or does not parse.
+fn stored_event(payload: &str) -> Option<(protocol::EventPayload, u64)> {
+    let v: serde_json::Value = serde_json::from_str(payload).ok()?;
+    let unix_ns = v.get(HOST_UNIX_NS)?.as_u64()?;
+    Some((serde_json::from_value(v).ok()?, unix_ns))
 }
 
 /// What a store action writes, for the log and the operator.
