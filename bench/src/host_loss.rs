@@ -39,13 +39,23 @@ fn alive(pid: u64) -> bool {
 
 /// The lab, brought up by `xtask lab up` in a directory of the bench's own and taken
 /// down again on drop.
-struct BenchLab {
+pub(crate) struct BenchLab {
     xtask: PathBuf,
     dir: PathBuf,
 }
 
 impl BenchLab {
     fn up(hosts: usize, guests_per_host: usize, nova: Option<usize>) -> anyhow::Result<BenchLab> {
+        Self::up_with(hosts, guests_per_host, nova, false)
+    }
+
+    /// `lab up`, with `--ha` (three controllers on etcd) if `ha`.
+    pub(crate) fn up_with(
+        hosts: usize,
+        guests_per_host: usize,
+        nova: Option<usize>,
+        ha: bool,
+    ) -> anyhow::Result<BenchLab> {
         let lab = BenchLab {
             xtask: defib_tests::built_binary("xtask", "xtask"),
             dir: PathBuf::from("/run/defib-bench-lab"),
@@ -55,6 +65,9 @@ impl BenchLab {
         let n = nova.map(|n| n.to_string()).unwrap_or_default();
         if nova.is_some() {
             args.extend(["--nova", "--servers-per-host", &n]);
+        }
+        if ha {
+            args.push("--ha");
         }
         let (ok, out) = lab.xtask(&args);
         anyhow::ensure!(ok, "lab up:\n{out}");
@@ -83,19 +96,55 @@ impl BenchLab {
         }
     }
 
-    fn state(&self) -> anyhow::Result<Value> {
+    pub(crate) fn state(&self) -> anyhow::Result<Value> {
         Ok(serde_json::from_str(&std::fs::read_to_string(
             self.dir.join("state.json"),
         )?)?)
     }
 
-    /// `defibctl --json ARGS` against the lab's controller, from its namespace.
+    /// `defibctl --json ARGS` against the lab's controller (with `--ha`, the one that
+    /// leads now), from its namespace.
     fn ctl(&self, args: &[&str]) -> anyhow::Result<Value> {
+        let st = self.state()?;
+        let url = match self.leader()? {
+            Some((_, url, _)) => url,
+            None => st["api_url"].as_str().unwrap_or("").to_owned(),
+        };
+        self.ctl_at(&url, args)
+    }
+
+    /// With `--ha`: the leading controller's (id, API URL, pid), waiting up to 10 s.
+    pub(crate) fn leader(&self) -> anyhow::Result<Option<(String, String, u64)>> {
+        let st = self.state()?;
+        let Some(controllers) = st["controllers"].as_array().filter(|c| !c.is_empty()) else {
+            return Ok(None);
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            for c in controllers {
+                let url = c["api_url"].as_str().unwrap_or("");
+                if self
+                    .ctl_at(url, &["controllers"])
+                    .is_ok_and(|v| v["role"] == "leader")
+                {
+                    return Ok(Some((
+                        c["id"].as_str().unwrap_or("?").to_owned(),
+                        url.to_owned(),
+                        c["pid"].as_u64().unwrap_or(0),
+                    )));
+                }
+            }
+            anyhow::ensure!(Instant::now() < deadline, "no lab controller leads");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn ctl_at(&self, url: &str, args: &[&str]) -> anyhow::Result<Value> {
         let st = self.state()?;
         let out = Command::new("ip")
             .args(["netns", "exec", st["controller_ns"].as_str().unwrap_or("")])
             .arg(defib_tests::workspace_root().join("target/debug/defibctl"))
-            .args(["--url", st["api_url"].as_str().unwrap_or("")])
+            .args(["--url", url])
             .args(["--token-file", st["token_file"].as_str().unwrap_or("")])
             .arg("--json")
             .args(args)
@@ -149,19 +198,21 @@ fn wait_for(what: &str, mut ok: impl FnMut() -> anyhow::Result<bool>) -> anyhow:
 }
 
 /// One round's figures (ms after the loss).
-struct Round {
-    host: String,
-    vms: usize,
+pub(crate) struct Round {
+    pub host: String,
+    pub vms: usize,
     suspect: f64,
-    fenced: f64,
+    pub fenced: f64,
     first_evacuation: f64,
-    all_running: f64,
+    pub all_running: f64,
+    /// With a leader killed: (its id, the new leader's id, ms from the loss to the kill).
+    pub killed: Option<(String, String, f64)>,
     /// Nova lab: when polling Nova first saw every server ACTIVE elsewhere.
     nova_active: Option<f64>,
 }
 
 /// The Nova lab's view: Nova, and the prefix of the lab's servers.
-struct NovaView {
+pub(crate) struct NovaView {
     nova: defib_tests::novalab::Nova,
     prefix: String,
 }
@@ -196,6 +247,21 @@ impl NovaView {
 }
 
 fn round(lab: &BenchLab, n: usize, nova: Option<&NovaView>) -> anyhow::Result<Round> {
+    round_killing(lab, n, nova, None)
+}
+
+/// A round; with `kill_leader_after`, the leading controller is SIGKILLed that long
+/// after the power-off (mid-recovery).
+pub(crate) fn round_killing(
+    lab: &BenchLab,
+    n: usize,
+    nova: Option<&NovaView>,
+    kill_leader_after: Option<Duration>,
+) -> anyhow::Result<Round> {
+    let leader = match kill_leader_after {
+        Some(_) => lab.leader()?,
+        None => None,
+    };
     let state = lab.state()?;
     let vms = lab.ctl(&["vms"])?;
     let vms = vms["vms"].as_array().cloned().unwrap_or_default();
@@ -253,6 +319,28 @@ fn round(lab: &BenchLab, n: usize, nova: Option<&NovaView>) -> anyhow::Result<Ro
     while alive(wd) {
         anyhow::ensure!(Instant::now() < deadline, "{name} did not lose power");
         std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut killed = None;
+    if let (Some(after), Some((old, _, pid))) = (kill_leader_after, &leader) {
+        std::thread::sleep(after);
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+        let at = unix_ms();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let new = loop {
+            if let Ok(Some((id, _, _))) = lab.leader() {
+                if id != *old {
+                    break id;
+                }
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "no controller took the lead from {old}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        killed = Some((old.clone(), new, at));
     }
     let t0 = std::fs::read_to_string(&chassis_log)
         .unwrap_or_default()
@@ -357,6 +445,7 @@ fn round(lab: &BenchLab, n: usize, nova: Option<&NovaView>) -> anyhow::Result<Ro
         first_evacuation,
         all_running,
         nova_active,
+        killed: killed.map(|(old, new, at)| (old, new, at.saturating_sub(t0) as f64)),
     })
 }
 

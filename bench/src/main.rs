@@ -4,6 +4,7 @@
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)] // a synchronous harness
 
 mod controller;
+mod controller_failover;
 mod fence_latency;
 mod heartbeat_intake;
 mod host_loss;
@@ -139,6 +140,18 @@ enum Scenario {
         #[arg(long, default_value_t = 4)]
         servers_per_host: usize,
     },
+    /// Several controllers on etcd: leader SIGKILL → the new leader's first action; a
+    /// host lost with the leader killed mid-recovery (lab --ha); per-intent etcd write
+    /// latency and rate against SQLite.
+    ControllerFailover {
+        #[arg(long, default_value_t = 30)]
+        rounds: usize,
+        /// Host-loss rounds in `lab up --ha` (0: skip).
+        #[arg(long, default_value_t = 20)]
+        lab_rounds: usize,
+        #[arg(long, default_value_t = 2000)]
+        intents: usize,
+    },
     /// The watchdog's cost with N real guests: the daemon's CPU and each probe's run
     /// time from the kernel's BPF statistics, libvirtd beside it (needs the hostbed).
     WatchdogCost {
@@ -221,6 +234,11 @@ fn main() -> anyhow::Result<()> {
             ..
         } => host_loss::run_nova(rounds, servers_per_host)?,
         Scenario::WatchdogCost { guests, seconds } => watchdog_cost::run(guests, seconds)?,
+        Scenario::ControllerFailover {
+            rounds,
+            lab_rounds,
+            intents,
+        } => controller_failover::run(rounds, lab_rounds, intents)?,
         Scenario::NovaEvacuate { rounds, servers } => nova_evacuate::run(rounds, servers)?,
         Scenario::RouterMove { rounds, routers } => router_move::run(rounds, &routers)?,
         Scenario::WatchdogRestart {

@@ -371,10 +371,18 @@ fn one_etcd_member_down_changes_nothing_and_without_quorum_no_controller_acts_an
     let etcd_leader = etcd.leader().expect("an etcd leader");
     etcd.kill(etcd_leader);
     std::thread::sleep(Duration::from_secs(5));
-    assert_eq!(lab.wait_leader(Duration::from_secs(10)), leader, "{}", lab.logs());
+    assert_eq!(
+        lab.wait_leader(Duration::from_secs(10)),
+        leader,
+        "{}",
+        lab.logs()
+    );
     for i in (0..3).filter(|&i| i != leader) {
         let log = lab.controllers[i].as_ref().unwrap().log_text();
-        assert!(!log.contains("LEADING"), "controller {i} took the lead\n{log}");
+        assert!(
+            !log.contains("LEADING"),
+            "controller {i} took the lead\n{log}"
+        );
     }
     lab.wait_until("hosts still Up", Duration::from_secs(5), |s| {
         s.iter().all(|(_, st)| st == "Up")

@@ -78,6 +78,7 @@ impl Term {
         let (done_tx, done_rx) = oneshot::channel();
         let ctx = ctx.clone();
         let term_guard = guard.clone();
+        let (term_guard_lease, term_guard_revision) = (guard.lease, guard.create_revision);
         std::thread::Builder::new()
             .name("leader-term".into())
             .spawn(move || {
@@ -102,6 +103,19 @@ impl Term {
                             e.prefix.clone(),
                             Some(term_guard),
                             Some(deadline),
+                        )?;
+                        let mut store = store;
+                        // The term's first guarded write, before anything acts: the
+                        // store takes this leader's writes, and etcd records who leads.
+                        store.set_meta(
+                            "leader",
+                            &serde_json::json!({
+                                "id": ctx.resolved.cfg.controller.id,
+                                "lease": format!("{:x}", term_guard_lease),
+                                "revision": term_guard_revision,
+                                "since_unix_ms": super::unix_ms(),
+                            })
+                            .to_string(),
                         )?;
                         note_stored_definitions(&store, &ctx.streams)?;
                         let parts = EngineTaskParts {
@@ -315,7 +329,7 @@ pub async fn run(
                                     term = st.term,
                                     revision = guard.create_revision,
                                     started_in_ms = t0.elapsed().as_millis() as u64,
-                                    "LEADING: the engine resumed from the intents on etcd"
+                                    "LEADING: first guarded write done; the engine resumed from the intents on etcd"
                                 );
                                 metrics.leader.set(1);
                                 metrics.leader_terms.inc();
