@@ -48,6 +48,19 @@ fn a_thousand_seeded_fault_scenarios_keep_every_invariant() {
     );
     let store = a.totals.store_failures + b.totals.store_failures;
     eprintln!("store: {store} writes failed or were the last before the process died");
+    let t = |f: fn(&sim::Report) -> u64| f(&a.totals) + f(&b.totals);
+    let changes = t(|r| r.leader_changes);
+    eprintln!(
+        "leaders: {changes} leader changes (each a resume from the intent log), {} processes restarted ({} leaders killed), {} local-deadline stops, {} deposed-leader writes refused by the guard, {} writes unanswered (etcd unreachable), {} etcd outages, {} leader stalls, {:.1} s without a leader",
+        t(|r| r.controller_restarts),
+        t(|r| r.leader_kills),
+        t(|r| r.deadline_stops),
+        t(|r| r.guard_refusals),
+        t(|r| r.etcd_write_failures),
+        t(|r| r.etcd_outages),
+        t(|r| r.leader_stalls),
+        t(|r| r.leaderless_ms) as f64 / 1_000.0
+    );
     for v in violations.iter().take(3) {
         eprintln!("{v}");
         eprintln!(
@@ -65,6 +78,15 @@ fn a_thousand_seeded_fault_scenarios_keep_every_invariant() {
     assert!(evacuations > n / 10, "too few evacuations: {evacuations}");
     assert!(restarts > n / 10, "too few restarts: {restarts}");
     assert!(resumes > n / 10, "too few controller restarts: {resumes}");
+    assert!(changes > n / 2, "too few leader changes: {changes}");
+    assert!(
+        t(|r| r.guard_refusals) > n / 100,
+        "too few writes refused by the guard"
+    );
+    assert!(
+        t(|r| r.deadline_stops) > n / 100,
+        "too few local-deadline stops"
+    );
     assert!(
         copies_destroyed > n / 100,
         "too few stale copies destroyed: {copies_destroyed}"
@@ -105,4 +127,81 @@ fn a_replayed_seed_has_its_whole_trace_and_the_same_outcome() {
         }
         assert_eq!(d, digest, "seed {seed}: {} lines", trace.len());
     }
+}
+
+/// Seeds 0..n, their controllers left alone but for this: the leader cut off from etcd
+/// at 4 s, after etcd's answers to its keep-alives began coming up to `late_ms` late;
+/// each changed by `wrong`.
+fn cut_leaders(
+    n: u64,
+    late_ms: u64,
+    wrong: impl Fn(&mut sim::Scenario),
+) -> (u64, Vec<sim::Violation>) {
+    let mut bad = Vec::new();
+    for seed in 0..n {
+        let mut sc = sim::Scenario::generate(seed);
+        sc.faults.retain(|(_, f)| {
+            !matches!(
+                f,
+                sim::Fault::ControllerRestart
+                    | sim::Fault::LeaderKilled
+                    | sim::Fault::LeaderCutFromEtcd { .. }
+                    | sim::Fault::EtcdDown { .. }
+                    | sim::Fault::KeepAliveDelay { .. }
+                    | sim::Fault::LeaderStall { .. }
+            )
+        });
+        sc.p_store_fail = 0.0;
+        sc.faults.push((
+            1_500,
+            sim::Fault::KeepAliveDelay {
+                for_ms: 8_000,
+                max_ms: late_ms,
+            },
+        ));
+        sc.faults
+            .push((4_000, sim::Fault::LeaderCutFromEtcd { for_ms: 5_000 }));
+        sc.faults.sort_by_key(|(t, _)| *t);
+        wrong(&mut sc);
+        if let Err(v) = sim::run_scenario(&sc) {
+            bad.push(*v);
+        }
+    }
+    (n, bad)
+}
+
+#[test]
+fn a_leader_cut_off_from_etcd_stops_before_its_lease_expires() {
+    let (_, bad) = cut_leaders(100, 2_500, |_| {});
+    assert!(bad.is_empty(), "{}", bad[0]);
+}
+
+#[test]
+fn the_simulation_catches_a_leader_that_counts_its_deadline_from_the_keep_alive_answer() {
+    // A wrong runtime: it counts TTL - margin from when etcd's answer arrived, not from
+    // when it sent the keep-alive. With answers late (up to 1.5 s), it still acts when
+    // its lease expires on etcd's side.
+    let (n, bad) = cut_leaders(100, 1_500, |sc| sc.lease_deadline_from_reply = true);
+    let caught = bad
+        .iter()
+        .filter(|v| v.invariant == sim::Invariant::OneLeader)
+        .count() as u64;
+    eprintln!("deadline counted from the answer: {caught} of {n} seeds caught");
+    assert!(caught > n / 10, "only {caught} of {n} seeds caught");
+}
+
+#[test]
+fn the_simulation_catches_a_margin_that_does_not_cover_the_leaders_clock_drift() {
+    // No margin, and every controller's clock 2 % slow: its deadline comes after the
+    // lease can expire on etcd's side (by up to 60 ms over a 3 s TTL).
+    let (n, bad) = cut_leaders(200, 10, |sc| {
+        sc.lease_margin_ms = 0;
+        sc.controller_drift_ppm = vec![-20_000; sc.controllers];
+    });
+    let caught = bad
+        .iter()
+        .filter(|v| v.invariant == sim::Invariant::OneLeader)
+        .count() as u64;
+    eprintln!("no margin, clocks 2 % slow: {caught} of {n} seeds caught");
+    assert!(caught > 0, "none of {n} seeds caught");
 }

@@ -155,6 +155,9 @@ pub struct Engine {
     unsure: BTreeMap<Resource, unsure::Unsure>,
     /// Open intents whose action was handed to an edge, and when (unanswered.rs).
     handed: BTreeMap<IntentKey, Timestamp>,
+    /// Open intents handed to their edge again (at resume, or by the backstop): an
+    /// earlier hand of the same key may have taken effect unheard (unanswered.rs).
+    rehanded: BTreeSet<IntentKey>,
     /// Hosts an earlier controller process heard from (the store's event streams),
     /// handed in at resume: an evacuation whose target was forgotten may run on any.
     hosts_in_store: BTreeSet<HostId>,
@@ -180,6 +183,7 @@ impl Engine {
             gate: Gate::default(),
             unsure: BTreeMap::new(),
             handed: BTreeMap::new(),
+            rehanded: BTreeSet::new(),
             hosts_in_store: BTreeSet::new(),
             replaying: false,
             out: Vec::new(),
@@ -223,6 +227,7 @@ impl Engine {
             }
             Input::HostActionResult { key, outcome, .. }
             | Input::RestoreResult { key, outcome, .. } => {
+                let outcome = self.rehanded_outcome(&key, outcome);
                 self.complete(&key, IntentOutcome::Restore(outcome));
             }
         }

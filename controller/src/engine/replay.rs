@@ -133,6 +133,7 @@ impl Engine {
                     }
                     e.out.push(a);
                     e.handed(&entry.record.key);
+                    e.rehanded.insert(entry.record.key.clone());
                 }
             }
         }
@@ -179,6 +180,7 @@ impl Engine {
             _ => return false,
         };
         self.handed.remove(key);
+        self.rehanded.remove(key);
         // A restore is dated on its host's clock too (see `Restored`).
         let host_clock = match (&record.intent, &outcome) {
             (

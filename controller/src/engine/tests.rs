@@ -3288,6 +3288,81 @@ fn a_host_powered_off_after_an_unknown_restart_in_place_has_its_vm_evacuated() {
     assert!(evacuated.contains(&Resource::vm("vm1")), "{:?}", h.actions);
 }
 
+/// A restart in place handed again by a resumed controller (a new leader) whose edge
+/// could not carry it out says nothing of the first hand, which may have started the VM
+/// before its answer was lost with the former process (simulation seed 8069: Nova's
+/// restart re-handed to a hung host came back failed, the VM was evacuated while the
+/// first hand's copy ran there). Not known, then: the host is asked before anything else.
+#[test]
+fn a_restart_in_place_handed_again_after_a_restart_and_failed_is_not_known_until_its_host_says() {
+    let cfg = Config {
+        max_restarts_in_place: 1,
+        ..Config::default()
+    };
+    let mut h = Harness::with(3, cfg.clone());
+    h.exit(1, "vm1", Source::Ebpf, h.now);
+    let Some(Action::RestartInPlace { key, .. }) =
+        h.find(|a| matches!(a, Action::RestartInPlace { .. }))
+    else {
+        panic!("no restart");
+    };
+    // The controller dies before the answer; its successor hands the restart again.
+    let (engine, out) = Engine::resume(cfg, &h.log, Timestamp(h.now + 10));
+    h.engine = engine;
+    h.now += 10;
+    assert!(out.iter().any(|a| a.intent_key() == Some(&key)), "{out:?}");
+    h.take();
+    h.absorb(out);
+    h.input(Input::RestoreResult {
+        resource: Resource::vm("vm1"),
+        key: key.clone(),
+        outcome: RestoreOutcome::Failed {
+            reason: "the watchdog of h1 is not connected".into(),
+        },
+    });
+    assert!(alarms(&h.actions).contains(&AlarmKind::RestoreOutcomeUnknown));
+    assert!(matches!(
+        h.log
+            .get(&key)
+            .and_then(|e| e.done.as_ref())
+            .map(|c| &c.outcome),
+        Some(IntentOutcome::Restore(RestoreOutcome::Unknown { .. }))
+    ));
+    h.run_for(2_000);
+    assert!(evacuations(&h.actions).is_empty(), "{:?}", h.actions);
+    assert_eq!(asked_about_vm1(&h.actions), [host(1)].into());
+    // It runs there (the first hand started it): settled, nothing evacuated.
+    answer(&mut h, 1, Some(true));
+    h.run_for(1_000);
+    assert!(evacuations(&h.actions).is_empty());
+    assert_eq!(h.vm(1), ResourceState::Running);
+}
+
+#[test]
+fn a_restart_in_place_that_failed_at_its_first_hand_is_taken_as_failed() {
+    let cfg = Config {
+        max_restarts_in_place: 1,
+        ..Config::default()
+    };
+    let mut h = Harness::with(3, cfg);
+    h.exit(1, "vm1", Source::Ebpf, h.now);
+    let Some(Action::RestartInPlace { key, .. }) =
+        h.find(|a| matches!(a, Action::RestartInPlace { .. }))
+    else {
+        panic!("no restart");
+    };
+    h.input(Input::RestoreResult {
+        resource: Resource::vm("vm1"),
+        key,
+        outcome: RestoreOutcome::Failed {
+            reason: "domain start failed".into(),
+        },
+    });
+    h.run_for(2_000);
+    assert!(!alarms(&h.actions).contains(&AlarmKind::RestoreOutcomeUnknown));
+    assert_eq!(evacuations(&h.actions).len(), 1, "{:?}", h.actions);
+}
+
 // ---------------------------------------------------- actions whose answer never comes
 
 fn backstop(cfg: Config) -> Config {

@@ -69,6 +69,43 @@ impl Engine {
             }
             self.out.push(action);
             self.handed(&key);
+            self.rehanded.insert(key);
+        }
+    }
+
+    /// A restart in place handed again (by a resumed controller, or by the backstop)
+    /// that its edge could not carry out (the host's stream down, Nova's reboot never
+    /// done) speaks for this hand only: the first hand of the same key may have started
+    /// the VM, its answer lost with the process that sent it. Its outcome is not known,
+    /// then, and the host is asked (unsure.rs) before an evacuation could start a
+    /// second copy.
+    pub(super) fn rehanded_outcome(
+        &self,
+        key: &IntentKey,
+        outcome: RestoreOutcome,
+    ) -> RestoreOutcome {
+        let RestoreOutcome::Failed { reason } = &outcome else {
+            return outcome;
+        };
+        if !self.rehanded.contains(key) {
+            return outcome;
+        }
+        match self.intents.get(key) {
+            Some(Known {
+                record:
+                    IntentRecord {
+                        intent: Intent::RestartInPlace { host, .. },
+                        ..
+                    },
+                done: false,
+            }) => RestoreOutcome::Unknown {
+                target: Some(host.clone()),
+                reason: format!(
+                    "handed again, and this hand failed ({reason}); an earlier hand may have \
+                     started it"
+                ),
+            },
+            _ => outcome,
         }
     }
 }

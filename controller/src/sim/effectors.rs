@@ -4,25 +4,57 @@
 use super::*;
 
 impl Sim<'_> {
+    /// Carries out a batch of the current term's actions in order, as the runtime's
+    /// engine task does: before each action that leaves the process it checks its
+    /// local lease deadline, and every store write is an etcd transaction guarded by
+    /// its lease; a deadline passed, or a write refused or unanswered, stops the term
+    /// before anything after it.
     pub(super) fn apply_actions(&mut self, actions: Vec<Action>) -> Result<(), Box<Violation>> {
-        for a in actions {
+        let mut actions = actions.into_iter();
+        while let Some(a) = actions.next() {
+            if !self.acting {
+                // The term stopped within this batch: nothing more of it runs.
+                return Ok(());
+            }
             if !matches!(a, Action::ArmTimer { .. } | Action::RecordTimeline { .. }) {
                 self.trace(format!("{:>6} OUT {a:?}", self.now));
+            }
+            let write = matches!(a, Action::PersistIntent(_) | Action::CompleteIntent { .. });
+            if acts(&a) {
+                if std::mem::take(&mut self.deadline_checked) {
+                    // The stalled write: its deadline was checked before the stall.
+                } else if self.local_ms(self.leader) >= self.deadline_local {
+                    return self.step_down(StepDown::LocalDeadline);
+                }
+                if write {
+                    if let Some(ms) = self.stall_armed.take() {
+                        self.stall(ms, std::iter::once(a).chain(actions).collect());
+                        return Ok(());
+                    }
+                    if let Err(e) = self.guard(self.leader, self.lease_id) {
+                        return self.step_down(e);
+                    }
+                }
+                self.check_leader_acts(&a)?;
             }
             self.check_action(&a)?;
             match &a {
                 Action::ArmTimer { id, at } => {
                     let id = id.clone();
-                    self.at(self.sim_time_at(*at), Ev::Deliver(Input::Timer(id)));
+                    let t = self.sim_time_at(*at);
+                    self.at(t, Ev::Redeliver(self.lifetime, Input::Timer(id)));
                 }
                 Action::PersistIntent(_) | Action::CompleteIntent { .. } => {
                     if self.sc.p_store_fail > 0.0 && self.rng.chance(self.sc.p_store_fail) {
                         // The write fails, or the process dies right after it: the
                         // runtime acts on nothing more (the rest of this batch is
-                        // dropped) and the controller restarts from what was written.
+                        // dropped) and the process exits, to start again as a follower;
+                        // the lease it held expires, and a leader resumes from what was
+                        // written.
                         let written = self.rng.chance(0.5);
                         if written {
                             self.log.apply(&a);
+                            self.note_write(&a);
                         }
                         self.report.store_failures += 1;
                         self.trace(format!(
@@ -34,12 +66,11 @@ impl Sim<'_> {
                                 "write failed"
                             }
                         ));
-                        // The restart runs after the event that killed it, not within.
-                        self.controller_dead = true;
-                        self.at(self.now, Ev::Fault(Fault::ControllerRestart));
+                        self.kill_process(self.leader);
                         return Ok(());
                     }
-                    self.log.apply(&a)
+                    self.log.apply(&a);
+                    self.note_write(&a);
                 }
                 Action::RecordTimeline { .. } => {}
                 Action::Alarm { .. } => self.report.alarms += 1,
@@ -81,7 +112,7 @@ impl Sim<'_> {
                             source: Source::Pacemaker,
                             verdict,
                         };
-                        self.later(50, 500, Ev::Deliver(input));
+                        self.later(50, 500, Ev::Redeliver(self.lifetime, input));
                     }
                 }
                 Action::Fence { key, .. }
@@ -107,7 +138,7 @@ impl Sim<'_> {
                         // Already done: the fake reports the first outcome again.
                         Some(Some(result)) => {
                             let result = result.clone();
-                            self.later(10, 100, Ev::Deliver(result));
+                            self.later(10, 100, Ev::Redeliver(self.lifetime, result));
                         }
                         Some(None) => {}
                         None => {
@@ -155,6 +186,7 @@ impl Sim<'_> {
         life: u64,
         sent_to: Option<usize>,
     ) -> Result<(), Box<Violation>> {
+        self.check_exec_intent(&a)?;
         if let (Some(t), Action::Evacuate { resource, .. }) = (sent_to, &a) {
             let i = self.res_index(resource);
             if let Some(n) = self.starts_on_way.get_mut(&(t, i)) {
@@ -168,6 +200,8 @@ impl Sim<'_> {
             .under_way
             .remove(a.intent_key().expect("an effect"))
             .unwrap_or(life);
+        // The process that asked hears it if it is still the current term's (a stopped
+        // term's deliveries go nowhere).
         let heard = asker == self.lifetime;
         let (key, result) = match a {
             Action::Fence { host, key, .. } => {
@@ -433,4 +467,10 @@ impl Sim<'_> {
         self.deliver(result)?;
         self.check_world()
     }
+}
+
+/// Whether an action leaves the process (to the world, the store or the operator), as
+/// opposed to the engine's own timers and timeline lines.
+pub(super) fn acts(a: &Action) -> bool {
+    !matches!(a, Action::ArmTimer { .. } | Action::RecordTimeline { .. })
 }

@@ -21,6 +21,13 @@ pub enum Invariant {
     /// A stale copy (a VM the engine moved off a host, which that host started again on
     /// its return) that the engine does not ask to destroy.
     StaleCopyDestroyed,
+    /// Two controllers acting at once (rule 9): an action or store write from a
+    /// controller whose lease was not valid on etcd's side at that instant, a lease that
+    /// expired on etcd's side while its holder still acted, a deposed leader's write
+    /// accepted, a takeover while the former leader still acted.
+    OneLeader,
+    /// A new leader acted before a former leader's last action.
+    LeadersInOrder,
 }
 
 /// A broken invariant, with the recent history that led to it.
@@ -65,6 +72,111 @@ impl Sim<'_> {
 
     pub(super) fn fail(&self, invariant: Invariant, detail: String) -> Result<(), Box<Violation>> {
         Err(Box::new(self.violation(invariant, detail)))
+    }
+
+    /// Every action that leaves a controller (and every store write it makes) comes
+    /// from the holder of the lease that is the leader key's on etcd's side at that
+    /// instant: at most one controller acts at a time. A term's first act comes after
+    /// the last act of every earlier term.
+    pub(super) fn check_leader_acts(&mut self, a: &Action) -> Result<(), Box<Violation>> {
+        let valid = self
+            .etcd
+            .lease
+            .as_ref()
+            .is_some_and(|l| l.id == self.lease_id && l.holder == self.leader);
+        if !valid || !self.acting || self.paused_until.is_some() {
+            return self.fail(
+                Invariant::OneLeader,
+                format!(
+                    "ctl-{} acts under lease {} while etcd's leader key is {:?}: {a:?}",
+                    self.leader,
+                    self.lease_id,
+                    self.etcd.lease.as_ref().map(|l| (l.id, l.holder))
+                ),
+            );
+        }
+        if self.term_first_act.is_none() {
+            if let Some((t, life)) = self.earlier_terms_last_act {
+                if self.now <= t {
+                    return self.fail(
+                        Invariant::LeadersInOrder,
+                        format!(
+                            "ctl-{}'s term {} first acts at {} ms, not after term {life}'s last act at {t} ms",
+                            self.leader, self.lifetime, self.now
+                        ),
+                    );
+                }
+            }
+            self.term_first_act = Some(self.now);
+        }
+        self.term_last_act = Some(self.now);
+        Ok(())
+    }
+
+    /// An intent written to the store: by whom, under which lease, at which etcd
+    /// revision.
+    pub(super) fn note_write(&mut self, a: &Action) {
+        self.etcd.revision += 1;
+        if let Action::PersistIntent(rec) = a {
+            self.intent_writes.insert(
+                rec.key.clone(),
+                (self.leader, self.lease_id, self.etcd.revision),
+            );
+        }
+    }
+
+    /// A world action carried out (by an edge, maybe long after its controller stopped):
+    /// its intent was written by a controller whose lease was the leader key's on etcd's
+    /// side at that instant, by the history of the leases.
+    pub(super) fn check_exec_intent(&self, a: &Action) -> Result<(), Box<Violation>> {
+        let Some(key) = a.intent_key() else {
+            return Ok(());
+        };
+        let valid = self.intent_writes.get(key).is_some_and(|(c, lease, at)| {
+            self.lease_history
+                .get(lease)
+                .is_some_and(|(holder, from, until)| {
+                    holder == c && from <= at && until.is_none_or(|u| *at < u)
+                })
+        });
+        if !valid {
+            return self.fail(
+                Invariant::OneLeader,
+                format!(
+                    "{key} carried out, its intent written {:?} (controller, lease, etcd revision) outside that lease's life on etcd",
+                    self.intent_writes.get(key)
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Rule 9 at the instant a lease goes on etcd's side (expired or revoked): its
+    /// holder does not act any more. A holder stalled before a write is the guard's to
+    /// stop: that write is refused when it arrives.
+    pub(super) fn check_lease_gone(
+        &self,
+        l: &super::leader::EtcdLease,
+    ) -> Result<(), Box<Violation>> {
+        if l.id == self.lease_id && self.acting && self.paused_until.is_none() {
+            return self.fail(
+                Invariant::OneLeader,
+                format!(
+                    "lease {} expired on etcd's side while ctl-{} still acts on it (its clock {} ms, local deadline {} ms)",
+                    l.id,
+                    l.holder,
+                    self.local_ms(l.holder),
+                    self.deadline_local
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// The engine time of the batch being carried out: now, or when a stalled batch was
+    /// made.
+    fn batch_time(&self) -> Timestamp {
+        self.batch_engine_at.unwrap_or_else(|| self.engine_now())
     }
 
     pub(super) fn check_action(&mut self, a: &Action) -> Result<(), Box<Violation>> {
@@ -148,7 +260,7 @@ impl Sim<'_> {
                 if matches!(a, Action::Fence { .. })
                     && self.isolated
                     && self.now > self.isolated_since + notice
-                    && entry.record.at == self.engine_now()
+                    && entry.record.at == self.batch_time()
                 {
                     return self.fail(
                         Invariant::SafetyGate,
@@ -158,14 +270,18 @@ impl Sim<'_> {
                 // Handed again by one engine only as its backstop for an answer that
                 // never came, not sooner.
                 let backstop = self.engine.config().unanswered_after.as_millis() as u64;
-                let again = self.issued_this_life.insert(key.clone(), self.now);
+                // When the engine handed it: a stalled batch is sent later than that.
+                let handed_at = self
+                    .now
+                    .saturating_sub(self.engine_now().0.saturating_sub(self.batch_time().0));
+                let again = self.issued_this_life.insert(key.clone(), handed_at);
                 if again.is_some_and(|before| self.now < before + backstop) {
                     return self.fail(
                         Invariant::NoActionTwice,
                         format!("{key} issued twice by one engine within {backstop} ms"),
                     );
                 }
-                if entry.record.at != self.engine_now()
+                if entry.record.at != self.batch_time()
                     && !self.resumed_open.contains(key)
                     && again.is_none()
                 {
@@ -296,6 +412,16 @@ impl Sim<'_> {
 
     pub(super) fn final_check(&mut self) -> Result<(), Box<Violation>> {
         self.check_world()?;
+        if !self.acting || self.paused_until.is_some() {
+            return self.fail(
+                Invariant::NoVmLeftBehind,
+                "no controller leads at the end (30 s after it should have)".into(),
+            );
+        }
+        if let Some(since) = self.leaderless_since.take() {
+            let until = self.now.min(self.sc.end_at);
+            self.report.leaderless_ms += until.saturating_sub(since.min(until));
+        }
         self.report.unanswered_open_at_end = self
             .unanswered
             .iter()

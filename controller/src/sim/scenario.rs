@@ -86,6 +86,37 @@ pub enum Fault {
         /// The largest extra delay of one heartbeat.
         max_ms: u64,
     },
+    /// The leader's process is killed (SIGKILL): it stops at once, its lease stays on
+    /// etcd until it expires, and it starts again as a follower a while later.
+    LeaderKilled,
+    /// The leader is cut off from etcd while it still hears the hosts: no keep-alive
+    /// gets through and none of its writes, until it heals.
+    LeaderCutFromEtcd {
+        /// How long.
+        for_ms: u64,
+    },
+    /// etcd has no quorum for a while: no write succeeds, no lease is renewed, nobody is
+    /// elected (and, as etcd's lessor does, no lease expires meanwhile: a new etcd leader
+    /// extends every lease by its TTL and an election timeout).
+    EtcdDown {
+        /// How long.
+        for_ms: u64,
+    },
+    /// etcd's answers to the leader's keep-alives come late, by up to `max_ms` each.
+    KeepAliveDelay {
+        /// How long.
+        for_ms: u64,
+        /// The largest delay of one answer.
+        max_ms: u64,
+    },
+    /// The leader's process stalls (descheduled, its VM paused) right after it checked
+    /// its local deadline and before its next store write reaches etcd: the write
+    /// arrives `for_ms` later, and nothing else runs in the process meanwhile (no
+    /// keep-alive either).
+    LeaderStall {
+        /// How long.
+        for_ms: u64,
+    },
 }
 
 /// One generated scenario.
@@ -157,7 +188,45 @@ pub struct Scenario {
     /// watchdog says "not armed" in its heartbeats, and nothing happens when cut off.
     #[serde(default)]
     pub self_fence_broken: Vec<bool>,
+    /// Controller processes sharing the store and electing a leader on etcd (issue 15).
+    #[serde(default = "two")]
+    pub controllers: usize,
+    /// Each controller's monotonic clock drift (ppm), which its local lease deadline is
+    /// measured on.
+    #[serde(default)]
+    pub controller_drift_ppm: Vec<i64>,
+    /// The etcd lease's TTL (ms).
+    #[serde(default = "lease_ttl")]
+    pub lease_ttl_ms: u64,
+    /// The leader stops acting this long before its TTL runs out, counted from the
+    /// send time of its last keep-alive etcd answered, on its own clock (ms).
+    #[serde(default = "lease_margin")]
+    pub lease_margin_ms: u64,
+    /// A wrong runtime, for the test that shows the invariant catches it: the leader
+    /// counts its deadline from when an answer to its keep-alive arrived, not from when
+    /// it sent the keep-alive. Never set by [`Scenario::generate`].
+    #[serde(default)]
+    pub lease_deadline_from_reply: bool,
 }
+
+fn two() -> usize {
+    2
+}
+
+fn lease_ttl() -> u64 {
+    LEASE_TTL_MS
+}
+
+fn lease_margin() -> u64 {
+    LEASE_MARGIN_MS
+}
+
+/// The lease TTL, scaled like the rest of the simulation to a 30 s run (3 s; etcd's
+/// lessor checks for expired leases every 500 ms, so a lease lives 3–3.5 s after the
+/// last keep-alive it received).
+pub const LEASE_TTL_MS: u64 = 3_000;
+/// The leader's safety margin (500 ms: a clock 2 % slow loses 60 ms over a TTL).
+pub const LEASE_MARGIN_MS: u64 = 500;
 
 impl Scenario {
     /// The scenario a seed gives.
@@ -285,7 +354,53 @@ impl Scenario {
             .collect();
         let p_store_fail = if third.chance(0.2) { 0.01 } else { 0.0 };
         let self_fence_broken = (0..hosts).map(|_| third.chance(0.2)).collect();
+        // Several controllers on etcd (issue 15), from a fourth stream, leaving the
+        // others as they were.
+        let mut fourth = Rng::new(seed.rotate_left(17) ^ 0x0015_1EAD);
+        let controllers = if fourth.chance(0.25) { 3 } else { 2 };
+        let controller_drift_ppm = (0..controllers)
+            .map(|_| {
+                let sign = if fourth.chance(0.5) { 1 } else { -1 };
+                sign * match fourth.range(0, 3) {
+                    0 => 0,
+                    // A clock gone wrong: 2 % fast or slow.
+                    1 => 20_000,
+                    _ => fourth.range(0, 500) as i64,
+                }
+            })
+            .collect();
+        for _ in 0..fourth.range(0, 3) {
+            let at = fourth.range(1_000, 9_000);
+            let f = match fourth.range(0, 99) {
+                0..=24 => Fault::LeaderKilled,
+                25..=49 => Fault::LeaderCutFromEtcd {
+                    for_ms: fourth.range(500, 8_000),
+                },
+                50..=64 => Fault::EtcdDown {
+                    for_ms: fourth.range(500, 6_000),
+                },
+                65..=79 => Fault::KeepAliveDelay {
+                    for_ms: fourth.range(1_000, 8_000),
+                    max_ms: [300, 1_000, 2_500][fourth.index(3)],
+                },
+                _ => Fault::LeaderStall {
+                    // Short (the lease survives it) or longer than the TTL.
+                    for_ms: if fourth.chance(0.5) {
+                        fourth.range(50, 400)
+                    } else {
+                        fourth.range(3_000, 6_000)
+                    },
+                },
+            };
+            faults.push((at, f));
+        }
+        faults.sort_by_key(|(t, _)| *t);
         Scenario {
+            controllers,
+            controller_drift_ppm,
+            lease_ttl_ms: LEASE_TTL_MS,
+            lease_margin_ms: LEASE_MARGIN_MS,
+            lease_deadline_from_reply: false,
             p_store_fail,
             self_fence_broken,
             libvirt_restorer,

@@ -59,8 +59,8 @@ pub(super) struct WRes {
 #[derive(Clone, Debug)]
 pub(super) enum Ev {
     Deliver(Input),
-    /// An edge's answer delivered again to the controller process `.0` (an edge's
-    /// duplicate, in-process: it dies with the process).
+    /// An input for the controller term `.0` only (a timer it armed, an answer to
+    /// what it asked, an edge's duplicate, in-process): it dies with the term.
     Redeliver(u64, Input),
     /// A heartbeat that host `.0` sent at `.1` arrives.
     Heartbeat(usize, u64, Heartbeat),
@@ -89,11 +89,29 @@ pub(super) enum Ev {
     /// start (`None`: no host to send it to).
     Exec(Action, u64, Option<usize>),
     Heal,
+    /// etcd's lessor looks for expired leases (every 500 ms).
+    Lessor,
+    /// The controllers that can reach etcd campaign for the leader key.
+    Elect,
+    /// Term `.0`'s leader sends a keep-alive (every second).
+    KeepAlive(u64),
+    /// Term `.0`'s keep-alive for lease `.1`, sent at `.2` on its clock, reaches etcd.
+    KeepAliveArrives(u64, u64, u64),
+    /// etcd's answer to it (`.3`: the lease was there) reaches the controller.
+    KeepAliveAnswered(u64, u64, u64, bool),
+    /// Term `.0`'s local deadline may have passed.
+    Deadline(u64),
+    /// A stalled process of term `.0` runs again.
+    Wake(u64),
+    /// Controller process `.0` is started again (a follower).
+    ControllerUp(usize),
+    /// etcd has a quorum again.
+    EtcdUp,
 }
 
 /// A queued event, ordered by (time, sequence).
 #[derive(Debug)]
-pub(super) struct Queued(u64, u64, Ev);
+pub(super) struct Queued(pub(super) u64, pub(super) u64, pub(super) Ev);
 
 impl PartialEq for Queued {
     fn eq(&self, other: &Self) -> bool {
@@ -141,10 +159,46 @@ pub(super) struct Sim<'a> {
     /// repeated request joins the one under way (Nova answers 409 while a server's
     /// task runs, and the edge tracks that task) instead of starting another.
     pub(super) under_way: BTreeMap<IntentKey, u64>,
+    /// The current controller term (a leader's engine, from its takeover): the
+    /// edges, timers and answers of an earlier term are not this one's.
     pub(super) lifetime: u64,
-    /// The controller process died (a failed store write): nothing reaches it and it
-    /// does nothing until its restart, queued behind the event that killed it.
-    pub(super) controller_dead: bool,
+    /// The current term acts: its leader holds the lease and has not stopped (its
+    /// local deadline, a write refused or unanswered, its process killed). While it
+    /// does not, nothing reaches an engine and nothing acts.
+    pub(super) acting: bool,
+    /// The controller processes and etcd (issue 15; see `leader.rs`).
+    pub(super) ctls: Vec<Ctl>,
+    pub(super) etcd: Etcd,
+    /// The current term's controller, its lease and its local deadline (on its clock).
+    pub(super) leader: usize,
+    pub(super) lease_id: u64,
+    pub(super) deadline_local: u64,
+    /// The current term's process is stalled until then (its batch in `stalled`).
+    pub(super) paused_until: Option<u64>,
+    /// The current leader's next store write stalls for this long.
+    pub(super) stall_armed: Option<u64>,
+    pub(super) stalled: Option<Stalled>,
+    /// A former term's batch, held by a stall when another took the lead.
+    pub(super) stalled_old: Option<Stalled>,
+    /// The next action is the stalled write: its deadline was checked before the stall.
+    pub(super) deadline_checked: bool,
+    /// While a stalled batch is carried out: the engine's time when it was made.
+    pub(super) batch_engine_at: Option<Timestamp>,
+    /// etcd's answers to keep-alives are late by up to this much (ms; 0: on time).
+    pub(super) keep_alive_delay_ms: u64,
+    pub(super) keep_alive_delay_until: u64,
+    /// When the current term first and last acted, and the latest act of every earlier
+    /// term with that term.
+    pub(super) term_first_act: Option<u64>,
+    pub(super) term_last_act: Option<u64>,
+    pub(super) earlier_terms_last_act: Option<(u64, u64)>,
+    pub(super) term_started_at: u64,
+    pub(super) leaderless_since: Option<u64>,
+    /// Every lease etcd granted: its holder, the revision it was granted at, and the one
+    /// it went at (expired, revoked).
+    pub(super) lease_history: BTreeMap<u64, (usize, u64, Option<u64>)>,
+    /// Every intent written: by which controller, under which lease, at which revision.
+    pub(super) intent_writes: BTreeMap<IntentKey, (usize, u64, u64)>,
     pub(super) issued_this_life: BTreeMap<IntentKey, u64>,
     pub(super) resumed_open: BTreeSet<IntentKey>,
     pub(super) open_per_resource: BTreeMap<Resource, IntentKey>,
@@ -221,7 +275,46 @@ impl<'a> Sim<'a> {
             effects: BTreeMap::new(),
             under_way: BTreeMap::new(),
             lifetime: 0,
-            controller_dead: false,
+            acting: true,
+            ctls: (0..sc.controllers.max(1))
+                .map(|c| Ctl {
+                    up: true,
+                    etcd_cut_until: 0,
+                    ppm: sc.controller_drift_ppm.get(c).copied().unwrap_or(0),
+                    paused_until: 0,
+                    to_revoke: None,
+                })
+                .collect(),
+            etcd: Etcd {
+                available: true,
+                down_until: 0,
+                // The first controller took the lead before the world starts.
+                lease: Some(EtcdLease {
+                    id: 1,
+                    holder: 0,
+                    expires_at: sc.lease_ttl_ms,
+                }),
+                next_id: 2,
+                revision: 1,
+            },
+            leader: 0,
+            lease_id: 1,
+            deadline_local: sc.lease_ttl_ms.saturating_sub(sc.lease_margin_ms),
+            paused_until: None,
+            stall_armed: None,
+            stalled: None,
+            stalled_old: None,
+            deadline_checked: false,
+            batch_engine_at: None,
+            keep_alive_delay_ms: 0,
+            keep_alive_delay_until: 0,
+            term_first_act: None,
+            term_last_act: None,
+            earlier_terms_last_act: None,
+            term_started_at: 0,
+            leaderless_since: None,
+            lease_history: [(1, (0, 0, None))].into_iter().collect(),
+            intent_writes: BTreeMap::new(),
             issued_this_life: BTreeMap::new(),
             resumed_open: BTreeSet::new(),
             open_per_resource: BTreeMap::new(),
@@ -283,12 +376,20 @@ impl<'a> Sim<'a> {
         }
         self.at(0, Ev::HeartbeatRound);
         self.at(500, Ev::InventoryRound);
+        // etcd's lessor, on a phase of its own; the first leader's keep-alives.
+        self.at(self.sc.seed % 500, Ev::Lessor);
+        self.at(self.sim_at_local(0, 1_000), Ev::KeepAlive(0));
+        self.at(self.sim_at_local(0, self.deadline_local), Ev::Deadline(0));
         for (t, f) in self.sc.faults.clone() {
             self.at(t, Ev::Fault(f));
         }
         self.at(self.sc.heal_at, Ev::Heal);
         while let Some(Reverse(Queued(t, _, ev))) = self.queue.pop() {
-            if t > self.sc.end_at {
+            // The run ends at `end_at`, or later: once a leader has acted for 5 s (one
+            // that took over just before the end has its time to catch up).
+            let settled =
+                self.acting && self.paused_until.is_none() && t >= self.term_started_at + 5_000;
+            if t > self.sc.end_at && (settled || t > self.sc.end_at + 30_000) {
                 break;
             }
             self.now = t;
@@ -326,7 +427,22 @@ impl<'a> Sim<'a> {
 
     pub(super) fn handle(&mut self, ev: Ev) -> Result<(), Box<Violation>> {
         match ev {
-            Ev::Deliver(input) => self.deliver(input)?,
+            Ev::Deliver(input) => {
+                // A host's event stream is open to the leader only: what reaches a
+                // process that does not act (or is stalled) was not acked, and the
+                // watchdog sends it again to whoever leads next. A listing an
+                // in-process lister dated dies with its process.
+                if !self.acting || self.paused_until.is_some() {
+                    if let Input::HostEvent { host, event } = input {
+                        if !by_controller_lister(&event) {
+                            let h = self.index(&host);
+                            self.hosts[h].outbox.push(event);
+                        }
+                    }
+                    return Ok(());
+                }
+                self.deliver(input)?
+            }
             Ev::Redeliver(life, input) => {
                 if life == self.lifetime {
                     self.deliver(input)?;
@@ -375,7 +491,7 @@ impl<'a> Sim<'a> {
                 self.at(self.now + 100, Ev::HeartbeatRound);
                 for h in 0..self.hosts.len() {
                     self.world_watchdog(h);
-                    if self.connected(h) {
+                    if self.connected(h) && self.acting && self.paused_until.is_none() {
                         let outbox = std::mem::take(&mut self.hosts[h].outbox);
                         let host = self.hosts[h].id.clone();
                         for event in outbox {
@@ -478,7 +594,10 @@ impl<'a> Sim<'a> {
             Ev::MaintenanceOff(h) => {
                 self.hosts[h].maintenance = false;
                 let host = self.hosts[h].id.clone();
-                self.command(OperatorCommand::MaintenanceOff { host })?;
+                if !self.command(OperatorCommand::MaintenanceOff { host })? {
+                    // No leader took it: the operator tries again.
+                    self.at(self.now + 500, Ev::MaintenanceOff(h));
+                }
             }
             Ev::PowerOn(h) => {
                 let w = &mut self.hosts[h];
@@ -506,9 +625,19 @@ impl<'a> Sim<'a> {
                 }
             }
             Ev::Exec(a, life, target) => self.exec(a, life, target)?,
+            Ev::Lessor
+            | Ev::Elect
+            | Ev::KeepAlive(_)
+            | Ev::KeepAliveArrives(..)
+            | Ev::KeepAliveAnswered(..)
+            | Ev::Deadline(_)
+            | Ev::Wake(_)
+            | Ev::ControllerUp(_)
+            | Ev::EtcdUp => self.handle_leader(ev)?,
             Ev::Heal => {
                 self.healed = true;
                 self.isolated = false;
+                self.heal_etcd()?;
                 for w in &mut self.hosts {
                     if !w.maintenance {
                         w.cut = [false; 2];
@@ -653,66 +782,29 @@ impl<'a> Sim<'a> {
                     return Ok(());
                 }
                 let id = w.id.clone();
-                self.command(OperatorCommand::MaintenanceOn { host: id.clone() })?;
-                if self.engine.host_state(&id) == Some(HostState::Maintenance) {
+                // Taken (and written) by a leader, or the operator does not start.
+                let taken = self.command(OperatorCommand::MaintenanceOn { host: id.clone() })?;
+                if taken && self.engine.host_state(&id) == Some(HostState::Maintenance) {
                     self.hosts[host].maintenance = true;
                     self.hosts[host].cut = [true; 2];
                     self.at(self.now + for_ms, Ev::MaintenanceEnd(host));
                 }
             }
             Fault::ControllerRestart => {
-                self.controller_dead = false;
-                self.report.controller_restarts += 1;
-                self.step_controller_clock();
-                // The store's event streams name every host a process heard.
-                let heard: Vec<HostId> = self.hosts.iter().map(|w| w.id.clone()).collect();
-                let (engine, actions) =
-                    Engine::resume_knowing(self.cfg.clone(), &self.log, &heard, self.engine_now());
-                self.engine = engine;
-                self.lifetime += 1;
-                // The edges' memory died with the process: a re-handed intent is sent
-                // to the world again, which answers from what it now is.
-                self.effects.clear();
-                // So did the in-process listers' news on their way to the engine: a
-                // listing dated on the dead process's clock never reaches the new one.
-                let by_dead_lister = |e: &HostEvent| {
-                    matches!(
-                        e,
-                        HostEvent::Inventory {
-                            at: ListedAt::Controller(_),
-                            ..
-                        }
-                    )
-                };
-                self.queue.retain(|Reverse(Queued(_, _, ev))| {
-                    !matches!(ev, Ev::Deliver(Input::HostEvent { event, .. }) if by_dead_lister(event))
-                });
-                for w in &mut self.hosts {
-                    w.outbox.retain(|e| !by_dead_lister(e));
-                }
-                self.issued_this_life.clear();
-                self.resumed_open = self.log.open().into_iter().map(|r| r.key).collect();
-                self.last_revision = u64::MAX;
-                self.trace(format!(
-                    "{:>6} RESUME open={:?}",
-                    self.now, self.resumed_open
-                ));
-                self.apply_actions(actions)?;
-                self.check_engine()?;
-                // The runtime reloads Nova's inventory at start.
-                for h in 0..self.hosts.len() {
-                    let resources = self.listing(h, true);
-                    self.deliver(Input::HostEvent {
-                        host: self.hosts[h].id.clone(),
-                        event: HostEvent::Inventory {
-                            resources,
-                            stopped: vec![],
-                            source: Source::Nova,
-                            at: ListedAt::Controller(self.engine_now()),
-                        },
-                    })?;
+                // The leader's process is restarted (systemd, an upgrade): it stops
+                // acting, gives its lease back if it reaches etcd (a follower takes the
+                // lead at once), and starts again as a follower.
+                let c = self.leader;
+                if self.ctls[c].up {
+                    self.step_down(StepDown::Restart)?;
+                    self.kill_process(c);
                 }
             }
+            Fault::LeaderKilled
+            | Fault::LeaderCutFromEtcd { .. }
+            | Fault::EtcdDown { .. }
+            | Fault::KeepAliveDelay { .. }
+            | Fault::LeaderStall { .. } => self.leader_fault(f)?,
             Fault::BmcBroken { host } => self.hosts[host].bmc_broken = true,
             Fault::HostDeaf { host, for_ms } => {
                 self.hosts[host].deaf = true;
@@ -738,6 +830,10 @@ impl<'a> Sim<'a> {
     /// the automatic policy, a fake Nova instead reports a recovered host's compute
     /// service while the host runs, on every round, and the engine decides.
     pub(super) fn sim_operator(&mut self) -> Result<(), Box<Violation>> {
+        if !self.acting || self.paused_until.is_some() {
+            // Nobody leads: the operator waits.
+            return Ok(());
+        }
         for h in 0..self.hosts.len() {
             let id = self.hosts[h].id.clone();
             if self.engine.host_state(&id) != Some(HostState::Recovered) {
@@ -749,8 +845,11 @@ impl<'a> Sim<'a> {
                         event: HostEvent::ComputeServiceReporting,
                     })?;
                 }
-            } else if self.connected(h) && self.unfence_asked.insert(h) {
-                self.command(OperatorCommand::Unfence { host: id })?;
+            } else if self.connected(h)
+                && !self.unfence_asked.contains(&h)
+                && self.command(OperatorCommand::Unfence { host: id })?
+            {
+                self.unfence_asked.insert(h);
             }
         }
         Ok(())
@@ -767,11 +866,11 @@ impl<'a> Sim<'a> {
         ((at.0 as i64 - self.engine_offset_ms).max(self.now as i64)) as u64
     }
 
-    /// A controller restart: the wall clock may have been stepped while it was down;
-    /// the new process starts its clock no earlier than the latest time in the store,
-    /// as `EngineClock::start_not_before` does.
-    fn step_controller_clock(&mut self) {
-        let i = self.report.controller_restarts as usize - 1;
+    /// A new leader's engine clock: its wall clock may be off the former leader's (or,
+    /// the same process restarted, stepped while it was down); it starts no earlier than
+    /// the latest time in the store, as `EngineClock::start_not_before` does.
+    pub(super) fn step_controller_clock(&mut self) {
+        let i = self.report.leader_changes as usize - 1;
         let step = self
             .sc
             .controller_clock_steps_ms
@@ -799,28 +898,45 @@ impl<'a> Sim<'a> {
         HostTime((HOST_EPOCH_MS + self.now as i64 + offset + drift) as u64)
     }
 
-    /// An operator's command; a refusal changes nothing (it is traced).
-    pub(super) fn command(&mut self, cmd: OperatorCommand) -> Result<(), Box<Violation>> {
-        if self.controller_dead {
-            return Ok(());
+    /// An operator's command; a refusal changes nothing (it is traced). Returns whether
+    /// a leader took it and still acts after it (its writes went through): the operator
+    /// knows that much.
+    pub(super) fn command(&mut self, cmd: OperatorCommand) -> Result<bool, Box<Violation>> {
+        if !self.acting || self.paused_until.is_some() {
+            return Ok(false);
         }
         self.trace(format!("{:>6} CMD {cmd:?}", self.now));
         match self.engine.command(self.engine_now(), cmd) {
             Ok(actions) => {
                 self.report.steps += 1;
                 self.apply_actions(actions)?;
-                self.check_engine()
+                self.check_engine()?;
+                Ok(self.acting && self.paused_until.is_none())
             }
             Err(refusal) => {
                 self.trace(format!("{:>6} REFUSED {refusal}", self.now));
-                Ok(())
+                Ok(true)
             }
         }
     }
 
     pub(super) fn deliver(&mut self, input: Input) -> Result<(), Box<Violation>> {
-        if self.controller_dead {
-            // Lost with the dead process (what it had persisted is in the log).
+        if !self.acting {
+            // Lost with the term that stopped (what it had persisted is in the log).
+            return Ok(());
+        }
+        if let Some(until) = self.paused_until {
+            // A stalled process reads nothing until it runs again: heartbeats overflow
+            // its socket buffer; a watchdog's events go back to the host, which sends
+            // them again; the rest waits.
+            match input {
+                Input::Heartbeat(_) => {}
+                Input::HostEvent { host, event } if !by_controller_lister(&event) => {
+                    let h = self.index(&host);
+                    self.hosts[h].outbox.push(event);
+                }
+                input => self.at(until, Ev::Redeliver(self.lifetime, input)),
+            }
             return Ok(());
         }
         if !matches!(input, Input::Heartbeat(_) | Input::Timer(_)) {
@@ -842,4 +958,16 @@ impl<'a> Sim<'a> {
     pub(super) fn res_index(&self, r: &Resource) -> usize {
         self.res.iter().position(|w| &w.r == r).expect("known res")
     }
+}
+
+/// A listing an in-process lister (Nova's, Neutron's) dated on its controller's clock:
+/// it dies with the process or term that took it.
+pub(super) fn by_controller_lister(e: &HostEvent) -> bool {
+    matches!(
+        e,
+        HostEvent::Inventory {
+            at: ListedAt::Controller(_),
+            ..
+        }
+    )
 }
