@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use controller::engine::{HostId, IncidentId, Intent, IntentKey, IntentRecord, Timestamp};
+use controller::engine::{HostId, Intent, IntentKey, IntentRecord, Timestamp};
 use controller::store::{SqliteStore, Store};
 use defib_tests::etcd::{EtcdCluster, EtcdOpts};
 
@@ -214,21 +214,23 @@ fn record(i: usize) -> IntentRecord {
     }
 }
 
-/// Per-write latencies (ms) and the rate (intents/s) of `n` intents written one after
-/// the other into `store`.
-fn writes(store: &mut dyn Store, n: usize) -> anyhow::Result<(Vec<f64>, f64)> {
+/// Per-write latencies (ms) and the rate (intents/s) of one writer.
+type Writes = (Vec<f64>, f64);
+
+/// [`Writes`] of `n` intents written one after the other into `store`.
+fn writes(store: &mut dyn Store, n: usize) -> anyhow::Result<Writes> {
     let mut lat = Vec::with_capacity(n);
     let began = Instant::now();
     for i in 0..n {
         let t = Instant::now();
         anyhow::ensure!(store.record_intent(&record(i))?, "intent {i} refused");
         lat.push(t.elapsed().as_secs_f64() * 1000.0);
-        let _ = IncidentId(0);
     }
     Ok((lat, n as f64 / began.elapsed().as_secs_f64()))
 }
 
-fn intents(n: usize, dir: &Path) -> anyhow::Result<((Vec<f64>, f64), (Vec<f64>, f64))> {
+/// The same `n` intents on etcd (guarded, 3 members), then on SQLite.
+fn intents(n: usize, dir: &Path) -> anyhow::Result<(Writes, Writes)> {
     let etcd = EtcdCluster::try_start(EtcdOpts::default()).map_err(anyhow::Error::msg)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

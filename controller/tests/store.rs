@@ -368,6 +368,7 @@ fn a_followers_etcd_store_reads_but_refuses_every_write() {
 }
 
 #[test]
+#[allow(clippy::disallowed_methods)] // synchronous test code
 fn a_write_of_a_leader_past_its_local_deadline_is_not_reported_as_done() {
     let Some(etcd) = etcd::OneEtcd::start() else {
         return;

@@ -508,7 +508,7 @@ impl Store for EtcdStore {
                 out.push((e.received_unix_ms, host, e.payload));
             }
         }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.sort_by_key(|e| e.0);
         Ok(out.into_iter().map(|(_, h, p)| (h, p)).collect())
     }
 

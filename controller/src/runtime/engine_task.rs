@@ -73,7 +73,7 @@ impl HostInfo {
     /// A heartbeat heard at `now`.
     pub(crate) fn heard(&mut self, hb: &HeartbeatSeen, now: Timestamp) {
         self.paths.insert(hb.path, (Some(hb.peer), now));
-        self.status = hb.status.clone();
+        self.status = hb.status;
         self.boot_id = Some(hb.boot_id);
         self.incarnation = Some(hb.incarnation);
     }

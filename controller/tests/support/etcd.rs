@@ -1,6 +1,7 @@
 //! A real one-member etcd for the store tests (the lab tests run a 3-member cluster:
 //! tests/src/etcd.rs). Under `CI=true` a missing etcd fails the test; elsewhere the etcd
 //! part is skipped with the reason printed.
+#![allow(clippy::disallowed_types, clippy::disallowed_methods)] // synchronous test code
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
