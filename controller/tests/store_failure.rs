@@ -148,6 +148,9 @@ impl Store for FaultyStore {
         self.check(Write::Other)?;
         self.data.lock().unwrap().prune_events(before_unix_ms)
     }
+    fn events_of_kind(&self, kind: &str) -> StoreResult<Vec<(String, String)>> {
+        self.data.lock().unwrap().events_of_kind(kind)
+    }
     fn set_meta(&mut self, key: &str, value: &str) -> StoreResult<()> {
         self.check(Write::Other)?;
         self.data.lock().unwrap().set_meta(key, value)
