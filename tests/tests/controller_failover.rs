@@ -435,3 +435,226 @@ fn one_etcd_member_down_changes_nothing_and_without_quorum_no_controller_acts_an
     );
     drop(lab);
 }
+
+/// Where in a host's recovery the leader is killed: the first leader log line that
+/// matches (the `--log-format text` lines, colours stripped).
+const STEPS: [(&str, &str); 5] = [
+    ("suspected", "to=Suspect"),
+    ("confirming", "action=\"confirm\""),
+    ("fence issued", "action=\"fence\""),
+    ("fence verified", "to=Fenced"),
+    (
+        "evacuation sent",
+        "asking a watchdog to start an evacuated domain",
+    ),
+];
+
+#[test]
+fn killing_the_leader_at_every_step_of_a_recovery_never_runs_a_vm_twice_nor_issues_an_action_twice()
+{
+    require!(
+        is_root() && have_command("ipmi_sim") && have_command("ipmitool"),
+        "root, ipmi_sim and ipmitool (cargo xtask fencebed install)"
+    );
+    require!(etcd::installed(), "{}", etcd::NOT_INSTALLED);
+    let _hostbed = require_hostbed!();
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let leases = HypervisorOptions {
+        disk_leases: true,
+        ..HypervisorOptions::default()
+    };
+    let hvs = [
+        Hypervisor::start_with("st-h0", &leases),
+        Hypervisor::start_with("st-h1", &leases),
+        Hypervisor::start_with("st-h2", &leases),
+    ]
+    .map(|h| h.unwrap_or_else(|e| panic!("{e}")));
+    let uuid = unique_uuid();
+    let guest = Guest::start_spec_on(
+        GuestSpec {
+            name: "st".into(),
+            uuid: uuid.clone(),
+            disk: GuestDisk::Plain,
+            ib700: None,
+            wdt_pets: 0,
+        },
+        &hvs[0].uri(),
+        &hvs[0].pid_dir(),
+    );
+    let name = guest.name().to_string();
+    let subject = format!("vm:{uuid}");
+    // Every host is fenced through its own BMC.
+    let fence_hosts: String = (0..3)
+        .map(|h| {
+            format!(
+                "[[fence.host]]\nname = \"h{h}\"\nlevels = [{{ method = \"ipmi\", address = \"{}\", port = {}, username = \"{}\", password_file = \"{{DIR}}/bmc.pass\", timeout_ms = 1000, attempts = 2, backoff_ms = 100 }}]\n",
+                defib_tests::netns::bmc_address(h),
+                defib_tests::bmc::BMC_PORT,
+                defib_tests::bmc::BMC_USER,
+            )
+        })
+        .collect();
+    let libvirt: Vec<(String, String)> = hvs
+        .iter()
+        .map(|h| (h.uri(), h.pid_dir().display().to_string()))
+        .collect();
+    let spec = LabSpec {
+        hosts: 3,
+        backend: "libvirt",
+        controller_extra: format!(
+            "[engine]\nfence_on_unknown_after_ms = 3000\nfence_retry_backoff_ms = 1000\n\n\
+             [fence]\nverify_timeout_ms = 5000\nverify_poll_ms = 100\n\n{fence_hosts}"
+        ),
+        watchdog_extra: own_libvirt(libvirt.to_vec()),
+        bmc_network: true,
+    };
+    let (mut lab, etcd) = start_ha_lab(&spec);
+    std::fs::write(lab.path("bmc.pass"), format!("{BMC_PASSWORD}\n")).unwrap();
+    let bmcs: Vec<Bmc> = (0..3)
+        .map(|h| {
+            let bmc = Bmc::start(&lab.net, h, lab.dir.path());
+            bmc.also_on_power_off(&format!(
+                "[ -f {dir}/{name}.pid ] && kill -9 $(cat {dir}/{name}.pid)",
+                dir = hvs[h].pid_dir().display()
+            ));
+            bmc
+        })
+        .collect();
+    lab.start_controllers(&spec, 3, |i| endpoints_for(&etcd, i));
+    lab.start_watchdogs(&spec);
+    lab.wait_until("h0, h1 and h2 Up", Duration::from_secs(60), |s| {
+        s.len() == 3 && s.iter().all(|(_, st)| st == "Up")
+    });
+    let mut killed_logs = String::new();
+    for (round, (step, marker)) in STEPS.iter().enumerate() {
+        // Where the guest runs now (defib's view, then libvirt's).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let host = loop {
+            if let Some((h, st)) = lab.vm_view(&subject) {
+                if st == "Running" {
+                    break h;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: {subject} not Running\n{}",
+                lab.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let h: usize = host.trim_start_matches('h').parse().unwrap();
+        let leader = lab.wait_leader(Duration::from_secs(30));
+        let starts_before: usize = lab
+            .watchdogs
+            .iter()
+            .map(|w| starts_received(&w.log_text(), &uuid))
+            .sum();
+        let leader_log_len = lab.controllers[leader].as_ref().unwrap().log_text().len();
+        // The host loses power; the leader dies at `step`.
+        defib_tests::bmc::chassis_power(
+            &lab.net.controller_ns(),
+            &defib_tests::netns::bmc_address(h),
+            "off",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let log = strip_ansi(&lab.controllers[leader].as_ref().unwrap().log_text());
+            if log.get(leader_log_len.min(log.len())..).is_some_and(|new| {
+                new.lines().any(|l| {
+                    l.contains(marker)
+                        && (l.contains(&format!("host:{host}"))
+                            || l.contains(&format!("\"{host}\""))
+                            || l.contains(&uuid))
+                })
+            }) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the leader never reached '{step}'\n{}",
+                lab.logs()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        killed_logs.push_str(&format!(
+            "--- ctl-{leader} killed at '{step}'\n{}\n",
+            lab.kill_controller_at(leader)
+        ));
+        // Recovered by the next leader: the guest runs on one other host, started once.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if lab
+                .vm_view(&subject)
+                .is_some_and(|(on, st)| on != host && st == "Running")
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round} ({step}): {subject} not running elsewhere ({:?})\n{killed_logs}{}",
+                lab.vm_view(&subject),
+                lab.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let running: Vec<usize> = (0..3).filter(|&x| runs_on(&hvs[x], &name)).collect();
+        assert_eq!(
+            running.len(),
+            1,
+            "round {round} ({step}): runs on {running:?}\n{killed_logs}{}",
+            lab.logs()
+        );
+        let starts: usize = lab
+            .watchdogs
+            .iter()
+            .map(|w| starts_received(&w.log_text(), &uuid))
+            .sum();
+        assert_eq!(
+            starts - starts_before,
+            1,
+            "round {round} ({step}): starts sent\n{killed_logs}{}",
+            lab.logs()
+        );
+        // Back: the killed controller starts again (a follower), the host is powered on,
+        // its links up and its watchdog started, then unfenced.
+        lab.restart_controller_at(&spec, leader, &endpoints_for(&etcd, leader));
+        defib_tests::bmc::chassis_power(
+            &lab.net.controller_ns(),
+            &defib_tests::netns::bmc_address(h),
+            "on",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        lab.net.set_host_links(h, true);
+        lab.restart_watchdog(h);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            // Refused while the host still lists the guest (its libvirt may not have
+            // seen the killed qemu yet): asked again, as an operator would.
+            let l = lab.wait_leader(Duration::from_secs(30));
+            let _ = lab.ctl_at(l, &["unfence", &host]);
+            if lab.state_of(&host) == "Up" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: {host} not Up again\n{}",
+                lab.logs()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    // No intent was ever written twice, and each host incident fenced its host once:
+    // one fence intent per incident.
+    let keys = etcd.etcdctl(&["get", "--prefix", "--keys-only", "/defib/lab/intents/"]);
+    let keys: Vec<String> = String::from_utf8_lossy(&keys.stdout)
+        .lines()
+        .filter(|k| !k.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let fences: Vec<&String> = keys.iter().filter(|k| k.contains("/fence-")).collect();
+    assert_eq!(fences.len(), STEPS.len(), "{fences:?}");
+    drop(bmcs);
+    drop(lab);
+    drop(guest);
+}
