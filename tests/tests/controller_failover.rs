@@ -314,7 +314,7 @@ fn a_leader_cut_off_from_etcd_but_hearing_the_hosts_stops_acting_before_the_new_
     let new_log = lab.controllers[new].as_ref().unwrap().log_text();
     let stopped = logged_at(&old_log, "term ended: this controller no longer acts")
         .unwrap_or_else(|| panic!("the old leader never said it stopped\n{old_log}"));
-    let started = logged_at(&new_log, "LEADING: the engine resumed")
+    let started = logged_at(&new_log, "LEADING: first guarded write done")
         .unwrap_or_else(|| panic!("the new leader never said it leads\n{new_log}"));
     assert!(
         stopped < started,
@@ -549,7 +549,9 @@ fn killing_the_leader_at_every_step_of_a_recovery_never_runs_a_vm_twice_nor_issu
             .iter()
             .map(|w| starts_received(&w.log_text(), &uuid))
             .sum();
-        let leader_log_len = lab.controllers[leader].as_ref().unwrap().log_text().len();
+        // Measured on the text the loop below reads (colours stripped).
+        let leader_log_len =
+            strip_ansi(&lab.controllers[leader].as_ref().unwrap().log_text()).len();
         // The host loses power; the leader dies at `step`.
         defib_tests::bmc::chassis_power(
             &lab.net.controller_ns(),
