@@ -506,13 +506,17 @@ async fn keep_alive(
     }
 }
 
-enum Campaign {
+/// One campaign round's outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Campaign {
+    /// This controller holds the leader key: the guard, and since when it leads.
     Won(Guard, u64),
+    /// Another controller holds it (who, if its record reads).
     Lost(Option<LeaderRecord>),
 }
 
 /// One round: create the leader key if absent, bound to `lease`; else read who leads.
-async fn campaign(
+pub async fn campaign(
     conn: &mut EtcdConn,
     leader_key: &str,
     lease: i64,
@@ -548,13 +552,28 @@ async fn campaign(
             since,
         ));
     }
-    let leader = r.op_responses().into_iter().find_map(|op| match op {
-        TxnOpResponse::Get(g) => g
-            .kvs()
-            .first()
-            .and_then(|kv| serde_json::from_slice::<LeaderRecord>(kv.value()).ok()),
+    let held = r.op_responses().into_iter().find_map(|op| match op {
+        TxnOpResponse::Get(g) => g.kvs().first().cloned(),
         _ => None,
     });
+    let leader = held
+        .as_ref()
+        .and_then(|kv| serde_json::from_slice::<LeaderRecord>(kv.value()).ok());
+    // The key on our own lease: an earlier round's put took effect although its answer
+    // was lost (a timeout is an unknown outcome). The key is ours; not claiming it
+    // would leave nobody leading for as long as this controller keeps its lease alive.
+    if let (Some(kv), Some(record)) = (&held, &leader) {
+        if kv.lease() == lease {
+            return Ok(Campaign::Won(
+                Guard {
+                    leader_key: leader_key.to_owned(),
+                    create_revision: kv.create_revision(),
+                    lease,
+                },
+                record.since_unix_ms,
+            ));
+        }
+    }
     Ok(Campaign::Lost(leader))
 }
 

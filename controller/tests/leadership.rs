@@ -1,0 +1,68 @@
+//! The election's campaign round against a real etcd (one member): what a controller
+//! concludes from the leader key.
+#![allow(clippy::disallowed_types, clippy::disallowed_methods)] // synchronous test code
+
+use std::time::Duration;
+
+use controller::ha::conn::EtcdConn;
+use controller::ha::leadership::{campaign, Campaign};
+use controller::ha::EtcdSettings;
+
+#[path = "support/etcd.rs"]
+mod etcd;
+
+fn settings(endpoint: &str, id: &str) -> EtcdSettings {
+    EtcdSettings {
+        endpoints: vec![endpoint.to_owned()],
+        lease_ttl: Duration::from_secs(5),
+        stop_margin: Duration::from_millis(250),
+        call_timeout: Duration::from_secs(2),
+        campaign_every: Duration::from_millis(100),
+        prefix: "/defib/campaign/".into(),
+        controller_id: id.into(),
+        advertise_api: format!("http://{id}:7403"),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn a_campaign_whose_winning_answer_was_lost_finds_the_key_on_its_own_lease_and_leads() {
+    let Some(etcd) = etcd::OneEtcd::start() else {
+        return;
+    };
+    let rt = runtime();
+    rt.block_on(async {
+        let s = settings(&etcd.endpoint, "ctl-a");
+        let key = format!("{}leader", s.prefix);
+        let mut conn = EtcdConn::new(s.endpoints.clone(), s.call_timeout, 0);
+        let lease = conn.lease_grant(5).await.expect("lease").id();
+        // The first round's put lands on etcd, but its answer never reaches the
+        // controller (a timeout: an unknown outcome).
+        let Campaign::Won(first, _) = campaign(&mut conn, &key, lease, &s).await.unwrap() else {
+            panic!("the key was free");
+        };
+        // The next round finds the key on this controller's own lease: it leads, with
+        // the same fencing token (not a follower of itself, which would leave nobody
+        // leading while it keeps its lease alive).
+        match campaign(&mut conn, &key, lease, &s).await.unwrap() {
+            Campaign::Won(again, _) => assert_eq!(again, first),
+            other => panic!("{other:?}"),
+        }
+        // Another controller, on its own lease, sees ctl-a leading.
+        let other = settings(&etcd.endpoint, "ctl-b");
+        let their_lease = conn.lease_grant(5).await.expect("lease").id();
+        match campaign(&mut conn, &key, their_lease, &other)
+            .await
+            .unwrap()
+        {
+            Campaign::Lost(Some(leader)) => assert_eq!(leader.id, "ctl-a"),
+            other => panic!("{other:?}"),
+        }
+    });
+}
