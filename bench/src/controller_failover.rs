@@ -94,32 +94,13 @@ impl Drop for Ctl {
     }
 }
 
-/// Unix ms of a log line's RFC 3339 stamp (`2026-12-06T06:31:55.349239Z ...`).
-fn stamp_ms(line: &str) -> Option<u64> {
-    let s = line.split_whitespace().next()?;
-    let (date, time) = s.trim_end_matches('Z').split_once('T')?;
-    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
-    let mut t = hms.split(':').map(|x| x.parse::<i64>().ok());
-    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
-    let ms: i64 = format!("{:0<3}", &frac[..frac.len().min(3)]).parse().ok()?;
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * ((m + 9) % 12) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    u64::try_from((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000 + ms).ok()
-}
-
 /// The first line of `log` with `what` stamped at or after `since` (unix ms).
 fn first_after(log: &Path, what: &str, since: u64) -> Option<u64> {
     std::fs::read_to_string(log)
         .ok()?
         .lines()
         .filter(|l| l.contains(what))
-        .filter_map(stamp_ms)
+        .filter_map(defib_tests::logs::line_unix_ms)
         .find(|&t| t >= since)
 }
 
@@ -298,8 +279,9 @@ pub fn run(rounds: usize, lab_rounds: usize, intents_n: usize) -> anyhow::Result
             let r =
                 crate::host_loss::round_killing(&lab, n, None, Some(Duration::from_millis(300)))?;
             if let Some((old, new, at)) = &r.killed {
+                let again = if new == old { " started again" } else { "" };
                 names.push(format!(
-                    "{} ({} VMs; {old} killed at {at:.0} ms, {new} finished)",
+                    "{} ({} VMs; {old} killed at {at:.0} ms, {new}{again} finished)",
                     r.host, r.vms
                 ));
             }

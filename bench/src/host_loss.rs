@@ -107,14 +107,14 @@ impl BenchLab {
     fn ctl(&self, args: &[&str]) -> anyhow::Result<Value> {
         let st = self.state()?;
         let url = match self.leader()? {
-            Some((_, url, _)) => url,
+            Some(l) => l.url,
             None => st["api_url"].as_str().unwrap_or("").to_owned(),
         };
         self.ctl_at(&url, args)
     }
 
-    /// With `--ha`: the leading controller's (id, API URL, pid), waiting up to 10 s.
-    pub(crate) fn leader(&self) -> anyhow::Result<Option<(String, String, u64)>> {
+    /// With `--ha`: the leading controller, waiting up to 10 s.
+    pub(crate) fn leader(&self) -> anyhow::Result<Option<LabLeader>> {
         let st = self.state()?;
         let Some(controllers) = st["controllers"].as_array().filter(|c| !c.is_empty()) else {
             return Ok(None);
@@ -123,15 +123,17 @@ impl BenchLab {
         loop {
             for c in controllers {
                 let url = c["api_url"].as_str().unwrap_or("");
-                if self
+                let answer = self
                     .ctl_at(url, &["controllers"])
-                    .is_ok_and(|v| v["role"] == "leader")
-                {
-                    return Ok(Some((
-                        c["id"].as_str().unwrap_or("?").to_owned(),
-                        url.to_owned(),
-                        c["pid"].as_u64().unwrap_or(0),
-                    )));
+                    .ok()
+                    .filter(|v| v["role"] == "leader");
+                if let Some(v) = answer {
+                    return Ok(Some(LabLeader {
+                        id: c["id"].as_str().unwrap_or("?").to_owned(),
+                        url: url.to_owned(),
+                        pid: c["pid"].as_u64().unwrap_or(0),
+                        since_ms: v["leader_since_ms"].as_u64().unwrap_or(0),
+                    }));
                 }
             }
             anyhow::ensure!(Instant::now() < deadline, "no lab controller leads");
@@ -250,6 +252,15 @@ fn round(lab: &BenchLab, n: usize, nova: Option<&NovaView>) -> anyhow::Result<Ro
     round_killing(lab, n, nova, None)
 }
 
+/// The lab's leading controller, as it says.
+pub(crate) struct LabLeader {
+    pub id: String,
+    pub url: String,
+    pub pid: u64,
+    /// When its term began (its wall clock, unix ms).
+    pub since_ms: u64,
+}
+
 /// A round; with `kill_leader_after`, the leading controller is SIGKILLed that long
 /// after the power-off (mid-recovery).
 pub(crate) fn round_killing(
@@ -321,26 +332,29 @@ pub(crate) fn round_killing(
         std::thread::sleep(Duration::from_millis(1));
     }
     let mut killed = None;
-    if let (Some(after), Some((old, _, pid))) = (kill_leader_after, &leader) {
+    if let (Some(after), Some(old)) = (kill_leader_after, &leader) {
         std::thread::sleep(after);
-        let _ = Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status();
         let at = unix_ms();
+        let _ = Command::new("kill")
+            .args(["-KILL", &old.pid.to_string()])
+            .status();
+        // The next term: another controller, or the killed one started again by the
+        // lab's keeper (as systemd would) and elected again.
         let deadline = Instant::now() + Duration::from_secs(30);
         let new = loop {
-            if let Ok(Some((id, _, _))) = lab.leader() {
-                if id != *old {
-                    break id;
+            if let Ok(Some(l)) = lab.leader() {
+                if l.since_ms >= at {
+                    break l.id;
                 }
             }
             anyhow::ensure!(
                 Instant::now() < deadline,
-                "no controller took the lead from {old}"
+                "no controller began a new term after {} was killed",
+                old.id
             );
             std::thread::sleep(Duration::from_millis(20));
         };
-        killed = Some((old.clone(), new, at));
+        killed = Some((old.id.clone(), new, at));
     }
     let t0 = std::fs::read_to_string(&chassis_log)
         .unwrap_or_default()

@@ -8,6 +8,8 @@ use controller::ha::conn::EtcdConn;
 use controller::ha::leadership::{campaign, Campaign};
 use controller::ha::EtcdSettings;
 
+// Only the one-member cluster is used here, not its store helpers.
+#[allow(dead_code)]
 #[path = "support/etcd.rs"]
 mod etcd;
 
@@ -64,5 +66,39 @@ fn a_campaign_whose_winning_answer_was_lost_finds_the_key_on_its_own_lease_and_l
             Campaign::Lost(Some(leader)) => assert_eq!(leader.id, "ctl-a"),
             other => panic!("{other:?}"),
         }
+    });
+}
+
+#[test]
+fn a_controller_that_has_just_started_hears_the_hosts_for_one_lease_ttl_before_it_campaigns() {
+    let Some(etcd) = etcd::OneEtcd::start() else {
+        return;
+    };
+    let rt = runtime();
+    rt.block_on(async {
+        let mut s = settings(&etcd.endpoint, "ctl-fresh");
+        s.lease_ttl = Duration::from_secs(2);
+        let started = tokio::time::Instant::now();
+        let handle = controller::ha::leadership::start(s);
+        let mut state = handle.state.clone();
+        // Nobody leads, yet it does not campaign while it warms up: a follower that has
+        // heard the hosts all along (none here) would win first.
+        let led_after = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if state.borrow_and_update().leading().is_some() {
+                    return started.elapsed();
+                }
+                state.changed().await.expect("the election task runs");
+            }
+        })
+        .await
+        .expect("it leads once warmed up");
+        assert!(
+            led_after >= Duration::from_secs(2),
+            "led {led_after:?} after its start"
+        );
+        let _ = handle
+            .step_down
+            .send(controller::ha::leadership::StepDown::Retire);
     });
 }

@@ -319,16 +319,23 @@ endpoints = {endpoints:?}
     /// SIGKILLs controller `i` of several; its log is kept as `controller-i.log.N` and
     /// returned.
     pub fn kill_controller_at(&mut self, i: usize) -> String {
-        let Some(mut d) = self.controllers.get_mut(i).and_then(Option::take) else {
+        let d = self.controllers.get_mut(i).and_then(Option::take);
+        self.kill_keeping_log(d, &format!("controller-{i}"))
+    }
+
+    /// SIGKILLs `d` (if any) and keeps its log as `<name>.log.N` (N = 1 for the first
+    /// one killed); its text.
+    fn kill_keeping_log(&self, d: Option<Daemon>, name: &str) -> String {
+        let Some(mut d) = d else {
             return String::new();
         };
         let _ = d.child.kill();
         let _ = d.child.wait();
         let mut n = 1;
-        while self.path(&format!("controller-{i}.log.{n}")).exists() {
+        while self.path(&format!("{name}.log.{n}")).exists() {
             n += 1;
         }
-        let kept = self.path(&format!("controller-{i}.log.{n}"));
+        let kept = self.path(&format!("{name}.log.{n}"));
         let _ = std::fs::rename(&d.log, &kept);
         d.log = kept;
         d.log_text()
@@ -466,19 +473,8 @@ key_file = {key:?}
     /// with whatever it was waiting for lost); its log is kept as `controller.log.N`
     /// (N = 1 for the first one killed), and returned.
     pub fn kill_controller(&mut self) -> String {
-        let Some(mut d) = self.controller.take() else {
-            return String::new();
-        };
-        let _ = d.child.kill();
-        let _ = d.child.wait();
-        let mut n = 1;
-        while self.path(&format!("controller.log.{n}")).exists() {
-            n += 1;
-        }
-        let kept = self.path(&format!("controller.log.{n}"));
-        let _ = std::fs::rename(&d.log, &kept);
-        d.log = kept;
-        d.log_text()
+        let d = self.controller.take();
+        self.kill_keeping_log(d, "controller")
     }
 
     /// Host `h`'s watchdog on the configuration [`Lab::start_watchdogs`] wrote.

@@ -22,6 +22,7 @@ pub mod etcd;
 pub mod guests;
 pub mod hypervisor;
 pub mod lab;
+pub mod logs;
 pub mod netns;
 pub mod novalab;
 pub mod pacemaker;

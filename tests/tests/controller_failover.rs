@@ -20,6 +20,7 @@ use defib_tests::etcd::{self, EtcdCluster, EtcdOpts};
 use defib_tests::guests::{unique_uuid, Guest, GuestDisk, GuestSpec};
 use defib_tests::hypervisor::{Hypervisor, HypervisorOptions};
 use defib_tests::lab::{fence_h0_by_ipmi, own_libvirt, Lab, LabSpec};
+use defib_tests::logs::{line_unix_ms, strip_ansi};
 use defib_tests::{have_command, is_root, require, require_hostbed};
 
 /// Every watchdog sees every qemu on this one kernel: one lab at a time.
@@ -46,50 +47,9 @@ fn runs_on(hv: &Hypervisor, name: &str) -> bool {
         .is_ok_and(|s| !matches!(s.trim(), "shut off" | "crashed"))
 }
 
-/// The instant (unix ms) of the first line of `log` containing `what` (the logs'
-/// RFC 3339 timestamps, UTC).
+/// The instant (unix ms) of the first line of `log` containing `what`.
 fn logged_at(log: &str, what: &str) -> Option<u64> {
-    let line = log.lines().find(|l| l.contains(what))?;
-    let plain: String = strip_ansi(line);
-    let stamp = plain.split_whitespace().next()?;
-    parse_rfc3339_ms(stamp)
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::new();
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// `2026-12-06T06:31:55.349239Z` → unix ms.
-fn parse_rfc3339_ms(s: &str) -> Option<u64> {
-    let (date, time) = s.trim_end_matches('Z').split_once('T')?;
-    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
-    let mut t = hms.split(':').map(|x| x.parse::<i64>().ok());
-    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
-    let ms: i64 = format!("{:0<3}", &frac[..frac.len().min(3)]).parse().ok()?;
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    u64::try_from(((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000) + ms).ok()
+    line_unix_ms(log.lines().find(|l| l.contains(what))?)
 }
 
 /// A lab of `hosts` lab hosts with an etcd cluster in its controller namespace and
@@ -113,6 +73,31 @@ fn endpoints_for(etcd: &EtcdCluster, i: usize) -> Vec<String> {
         .collect()
 }
 
+/// Three hypervisors of their own (`<prefix>-h0..2`, disk leases on) and a KVM guest
+/// started on the first: the guest and its uuid.
+fn three_hypervisors_and_a_guest_on_the_first(prefix: &str) -> ([Hypervisor; 3], Guest, String) {
+    let leases = HypervisorOptions {
+        disk_leases: true,
+        ..HypervisorOptions::default()
+    };
+    let hvs = [0, 1, 2]
+        .map(|h| Hypervisor::start_with(&format!("{prefix}-h{h}"), &leases))
+        .map(|h| h.unwrap_or_else(|e| panic!("{e}")));
+    let uuid = unique_uuid();
+    let guest = Guest::start_spec_on(
+        GuestSpec {
+            name: prefix.into(),
+            uuid: uuid.clone(),
+            disk: GuestDisk::Plain,
+            ib700: None,
+            wdt_pets: 0,
+        },
+        &hvs[0].uri(),
+        &hvs[0].pid_dir(),
+    );
+    (hvs, guest, uuid)
+}
+
 #[test]
 fn a_sigkilled_leader_is_replaced_and_a_host_lost_during_the_handover_is_recovered_exactly_once() {
     require!(
@@ -122,28 +107,7 @@ fn a_sigkilled_leader_is_replaced_and_a_host_lost_during_the_handover_is_recover
     require!(etcd::installed(), "{}", etcd::NOT_INSTALLED);
     let _hostbed = require_hostbed!();
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let leases = HypervisorOptions {
-        disk_leases: true,
-        ..HypervisorOptions::default()
-    };
-    let hvs = [
-        Hypervisor::start_with("ha-h0", &leases),
-        Hypervisor::start_with("ha-h1", &leases),
-        Hypervisor::start_with("ha-h2", &leases),
-    ]
-    .map(|h| h.unwrap_or_else(|e| panic!("{e}")));
-    let uuid = unique_uuid();
-    let guest = Guest::start_spec_on(
-        GuestSpec {
-            name: "ha".into(),
-            uuid: uuid.clone(),
-            disk: GuestDisk::Plain,
-            ib700: None,
-            wdt_pets: 0,
-        },
-        &hvs[0].uri(),
-        &hvs[0].pid_dir(),
-    );
+    let (hvs, guest, uuid) = three_hypervisors_and_a_guest_on_the_first("ha");
     let name = guest.name().to_string();
     let subject = format!("vm:{uuid}");
     let bmc_addr = defib_tests::netns::bmc_address(0);
@@ -459,28 +423,7 @@ fn killing_the_leader_at_every_step_of_a_recovery_never_runs_a_vm_twice_nor_issu
     require!(etcd::installed(), "{}", etcd::NOT_INSTALLED);
     let _hostbed = require_hostbed!();
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let leases = HypervisorOptions {
-        disk_leases: true,
-        ..HypervisorOptions::default()
-    };
-    let hvs = [
-        Hypervisor::start_with("st-h0", &leases),
-        Hypervisor::start_with("st-h1", &leases),
-        Hypervisor::start_with("st-h2", &leases),
-    ]
-    .map(|h| h.unwrap_or_else(|e| panic!("{e}")));
-    let uuid = unique_uuid();
-    let guest = Guest::start_spec_on(
-        GuestSpec {
-            name: "st".into(),
-            uuid: uuid.clone(),
-            disk: GuestDisk::Plain,
-            ib700: None,
-            wdt_pets: 0,
-        },
-        &hvs[0].uri(),
-        &hvs[0].pid_dir(),
-    );
+    let (hvs, guest, uuid) = three_hypervisors_and_a_guest_on_the_first("st");
     let name = guest.name().to_string();
     let subject = format!("vm:{uuid}");
     // Every host is fenced through its own BMC.

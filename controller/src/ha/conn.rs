@@ -90,31 +90,35 @@ impl EtcdConn {
             .with_keep_alive(Duration::from_millis(500), Duration::from_millis(500))
             // A member that knows it has no leader answers at once instead of hanging.
             .with_require_leader(true);
-        match tokio::time::timeout(
+        let connected = tokio::time::timeout(
             self.timeout,
             Client::connect([endpoint.as_str()], Some(opts)),
         )
-        .await
-        {
-            Ok(Ok(c)) => {
-                self.client = Some(c.clone());
-                Ok(c)
-            }
-            Ok(Err(e)) => {
-                self.fail_over();
-                Err(EtcdError::Call {
-                    endpoint,
-                    message: e.to_string(),
-                })
-            }
-            Err(_) => {
-                self.fail_over();
-                Err(EtcdError::Timeout {
-                    endpoint,
-                    timeout_ms: self.timeout.as_millis() as u64,
-                })
-            }
-        }
+        .await;
+        let c = self.outcome(endpoint, connected)?;
+        self.client = Some(c.clone());
+        Ok(c)
+    }
+
+    /// A bounded call's result; a failure or a timeout moves to the next member.
+    fn outcome<T>(
+        &mut self,
+        endpoint: String,
+        r: Result<Result<T, etcd_client::Error>, tokio::time::error::Elapsed>,
+    ) -> Result<T, EtcdError> {
+        let err = match r {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => EtcdError::Call {
+                endpoint,
+                message: e.to_string(),
+            },
+            Err(_) => EtcdError::Timeout {
+                endpoint,
+                timeout_ms: self.timeout.as_millis() as u64,
+            },
+        };
+        self.fail_over();
+        Err(err)
     }
 
     /// Runs one call on the current member, bounded; on failure moves to the next.
@@ -125,23 +129,8 @@ impl EtcdConn {
     {
         let client = self.client().await?;
         let endpoint = self.endpoint().to_owned();
-        match tokio::time::timeout(self.timeout, f(client)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                self.fail_over();
-                Err(EtcdError::Call {
-                    endpoint,
-                    message: e.to_string(),
-                })
-            }
-            Err(_) => {
-                self.fail_over();
-                Err(EtcdError::Timeout {
-                    endpoint,
-                    timeout_ms: self.timeout.as_millis() as u64,
-                })
-            }
-        }
+        let r = tokio::time::timeout(self.timeout, f(client)).await;
+        self.outcome(endpoint, r)
     }
 
     /// A transaction.

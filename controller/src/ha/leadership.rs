@@ -123,6 +123,16 @@ pub enum StepDown {
     Retire,
 }
 
+impl StepDown {
+    /// Why the term ends, for the log and the alarm.
+    fn reason(&self) -> String {
+        match self {
+            StepDown::Restart(why) => why.clone(),
+            StepDown::Retire => "shutting down".to_owned(),
+        }
+    }
+}
+
 /// The running election: its state and how to ask it to step down.
 pub struct LeadershipHandle {
     pub state: watch::Receiver<LeadershipState>,
@@ -195,6 +205,7 @@ async fn run(
     deadline: SharedDeadline,
 ) {
     let started_unix_ms = unix_ms();
+    let started = Instant::now();
     let leader_key = format!("{}leader", s.prefix);
     let member_key = format!("{}members/{}", s.prefix, s.controller_id);
     let mut conn = EtcdConn::new(
@@ -262,10 +273,7 @@ async fn run(
                     step = step_rx.recv() => {
                         let step = step.unwrap_or(StepDown::Retire);
                         pending_step = Some(step.clone());
-                        break match step {
-                            StepDown::Restart(why) => why,
-                            StepDown::Retire => "shutting down".to_owned(),
-                        };
+                        break step.reason();
                     }
                 }
             };
@@ -274,10 +282,7 @@ async fn run(
         let end_reason = loop {
             if let Ok(step) = step_rx.try_recv() {
                 pending_step = Some(step.clone());
-                break match step {
-                    StepDown::Restart(why) => why,
-                    StepDown::Retire => "shutting down".to_owned(),
-                };
+                break step.reason();
             }
             let now = Instant::now();
             if gone.load(std::sync::atomic::Ordering::SeqCst) {
@@ -365,15 +370,22 @@ async fn run(
                         since_unix_ms: *since,
                         until,
                     };
-                    tx.send_if_modified(|st| {
-                        if st.role != role {
-                            st.role = role;
-                            true
-                        } else {
-                            false
-                        }
-                    });
+                    publish_role(&tx, role);
                 }
+                // Warming up: a controller that has just started (a restart right
+                // after a crash, the usual way a killed leader comes back) has heard
+                // the hosts for less than a TTL; a follower that has heard them all
+                // along should take over first. It only reads who leads.
+                None if started.elapsed() < s.lease_ttl => match conn.get(&leader_key).await {
+                    Ok(kv) => {
+                        let role = Role::Follower {
+                            leader: kv.and_then(|kv| serde_json::from_slice(kv.value()).ok()),
+                            problem: None,
+                        };
+                        publish_role(&tx, role);
+                    }
+                    Err(e) => set_problem(&tx, format!("cannot read who leads: {e}")),
+                },
                 None => match campaign(&mut conn, &leader_key, lease, &s).await {
                     Ok(Campaign::Won(guard, since)) => {
                         tracing::info!(
@@ -398,14 +410,7 @@ async fn run(
                             leader,
                             problem: None,
                         };
-                        tx.send_if_modified(|st| {
-                            if st.role != role {
-                                st.role = role;
-                                true
-                            } else {
-                                false
-                            }
-                        });
+                        publish_role(&tx, role);
                     }
                     Err(e) => set_problem(&tx, format!("cannot campaign: {e}")),
                 },
@@ -431,17 +436,7 @@ async fn run(
             // Wake for the next campaign round, or just as the deadline passes.
             let next = Instant::now() + s.campaign_every;
             let wake = deadline.until().map_or(next, |u| u.min(next));
-            tokio::select! {
-                _ = tokio::time::sleep_until(wake) => {}
-                step = step_rx.recv() => {
-                    let step = step.unwrap_or(StepDown::Retire);
-                    pending_step = Some(step.clone());
-                    break match step {
-                        StepDown::Restart(why) => why,
-                        StepDown::Retire => "shutting down".to_owned(),
-                    };
-                }
-            }
+            wait_or_step!(wake.saturating_duration_since(Instant::now()));
         };
         // The term (if any) ends here: nothing may act on this lease any more.
         keeper.abort();
@@ -575,6 +570,18 @@ pub async fn campaign(
         }
     }
     Ok(Campaign::Lost(leader))
+}
+
+/// Publishes `role` if it changed.
+fn publish_role(tx: &watch::Sender<LeadershipState>, role: Role) {
+    tx.send_if_modified(|st| {
+        if st.role != role {
+            st.role = role;
+            true
+        } else {
+            false
+        }
+    });
 }
 
 fn set_problem(tx: &watch::Sender<LeadershipState>, problem: String) {

@@ -12,15 +12,24 @@ use super::{alive, keeper_pid, read_state, state_path};
 /// from its namespace.
 pub(super) fn defibctl(state: &Value, args: &[&str]) -> anyhow::Result<String> {
     let url = match leader(state)? {
-        Some((_, url)) => url,
+        Some(l) => l.url,
         None => state["api_url"].as_str().unwrap_or("").to_owned(),
     };
     defibctl_at(state, &url, args)
 }
 
-/// With `--ha`: the leading controller's (id, API URL), waiting up to 10 s for one (a
-/// handover); `None` for a lab of one controller.
-pub(super) fn leader(state: &Value) -> anyhow::Result<Option<(String, String)>> {
+/// The controller that leads, as it says.
+pub(super) struct Leader {
+    pub id: String,
+    pub url: String,
+    /// When its term began (its wall clock, unix ms): a controller killed and started
+    /// again (the keeper does, as systemd would) may lead again under the same id.
+    pub since_ms: u64,
+}
+
+/// With `--ha`: the leading controller, waiting up to 10 s for one (a handover); `None`
+/// for a lab of one controller.
+pub(super) fn leader(state: &Value) -> anyhow::Result<Option<Leader>> {
     let Some(controllers) = state["controllers"].as_array().filter(|c| !c.is_empty()) else {
         return Ok(None);
     };
@@ -30,13 +39,16 @@ pub(super) fn leader(state: &Value) -> anyhow::Result<Option<(String, String)>> 
             let Some(url) = c["api_url"].as_str() else {
                 continue;
             };
-            let leads = defibctl_at(state, url, &["--json", "controllers"])
+            let answer = defibctl_at(state, url, &["--json", "controllers"])
                 .ok()
                 .and_then(|out| serde_json::from_str::<Value>(&out).ok())
-                .is_some_and(|v| v["role"] == "leader");
-            if leads {
-                let id = c["id"].as_str().unwrap_or("?").to_owned();
-                return Ok(Some((id, url.to_owned())));
+                .filter(|v| v["role"] == "leader");
+            if let Some(v) = answer {
+                return Ok(Some(Leader {
+                    id: c["id"].as_str().unwrap_or("?").to_owned(),
+                    url: url.to_owned(),
+                    since_ms: v["leader_since_ms"].as_u64().unwrap_or(0),
+                }));
             }
         }
         if std::time::Instant::now() > deadline {

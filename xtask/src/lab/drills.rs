@@ -351,45 +351,57 @@ fn wait_for(
 /// `drill controller-loss`: a host powered off, and the leading controller SIGKILLed
 /// right after (while it detects the loss); a follower takes the lead and finishes.
 fn controller_loss(state: &Value, pick: &mut Pick) -> anyhow::Result<()> {
-    let Some((leader, _)) = super::describe::leader(state)? else {
+    let Some(leader) = super::describe::leader(state)? else {
         bail!("controller-loss needs several controllers: `cargo xtask lab up --ha`");
     };
+    let old = leader.id;
     let pid = state["controllers"]
         .as_array()
         .into_iter()
         .flatten()
-        .find(|c| c["id"] == leader.as_str())
+        .find(|c| c["id"] == old.as_str())
         .and_then(|c| c["pid"].as_u64())
         .context("the state file has no pid for the leader")?;
     lose_host_then(state, false, pick, &mut |_| {
         std::thread::sleep(Duration::from_millis(200));
+        let killed_ms = unix_ms();
         kill(pid, "-KILL");
         let at = Instant::now();
-        println!("drill controller-loss: the leader {leader} (pid {pid}) SIGKILLed");
-        let (new, _) = wait_new_leader(state, &leader)?;
+        println!("drill controller-loss: the leader {old} (pid {pid}) SIGKILLed");
+        let new = wait_new_term(state, killed_ms)?;
         println!(
-            "drill controller-loss: {new} leads {:.2} s after the kill",
+            "drill controller-loss: {}{} leads {:.2} s after the kill",
+            new.id,
+            if new.id == old {
+                " (killed, started again by the keeper as systemd would, and elected again)"
+            } else {
+                ""
+            },
             at.elapsed().as_secs_f64()
         );
         Ok(())
     })?;
-    if let Some((finisher, _)) = super::describe::leader(state)? {
-        println!("drill controller-loss: the recovery was finished by {finisher} (the killed leader was {leader})");
+    if let Some(finisher) = super::describe::leader(state)? {
+        println!(
+            "drill controller-loss: the recovery was finished by {} (the killed leader was {old})",
+            finisher.id
+        );
     }
     Ok(())
 }
 
-/// Waits until a controller other than `old` leads.
-fn wait_new_leader(state: &Value, old: &str) -> anyhow::Result<(String, String)> {
+/// Waits until a controller leads in a term that began after `after_ms` (unix ms): any
+/// other controller, or the killed one started again.
+fn wait_new_term(state: &Value, after_ms: u64) -> anyhow::Result<super::describe::Leader> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(Some((id, url))) = super::describe::leader(state) {
-            if id != old {
-                return Ok((id, url));
+        if let Ok(Some(l)) = super::describe::leader(state) {
+            if l.since_ms >= after_ms {
+                return Ok(l);
             }
         }
         if Instant::now() > deadline {
-            bail!("no controller took the lead from {old} within 30 s");
+            bail!("no controller began a new term within 30 s of the kill");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
