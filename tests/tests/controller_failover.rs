@@ -52,6 +52,29 @@ fn logged_at(log: &str, what: &str) -> Option<u64> {
     line_unix_ms(log.lines().find(|l| l.contains(what))?)
 }
 
+/// The states host `host`'s newest incident went through, as controller `i` shows its
+/// timeline.
+fn host_steps(lab: &Lab, i: usize, host: &str) -> Vec<String> {
+    let subject = format!("host:{host}");
+    let incidents = lab.ctl_at(i, &["incidents"]).unwrap();
+    let id = incidents["incidents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|x| x["subject"] == subject.as_str())
+        .filter_map(|x| x["id"].as_u64())
+        .max()
+        .unwrap_or_else(|| panic!("no incident about {host}: {incidents}"));
+    let incident = lab.ctl_at(i, &["incidents", &id.to_string()]).unwrap();
+    incident["timeline"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["subject"]["Host"] == host && e["to"] != "-")
+        .map(|e| e["to"].as_str().unwrap_or("?").to_owned())
+        .collect()
+}
+
 /// A lab of `hosts` lab hosts with an etcd cluster in its controller namespace and
 /// three controllers; etcd listens on every address so that each controller can reach
 /// it through an address of its own (`127.0.1.(i+1)`), which a test may cut.
@@ -213,6 +236,15 @@ fn a_sigkilled_leader_is_replaced_and_a_host_lost_during_the_handover_is_recover
         .map(|w| starts_received(&w.log_text(), &uuid))
         .sum();
     assert_eq!(starts, 1, "starts sent\n{}", all_logs(&lab));
+    // The new leader shows the incident's whole timeline: the suspicion the killed
+    // leader wrote before it died, then its own steps.
+    let steps = host_steps(&lab, new_leader, "h0");
+    assert_eq!(
+        steps.first().map(String::as_str),
+        Some("Suspect"),
+        "{steps:?}"
+    );
+    assert!(steps.iter().any(|s| s == "Fenced"), "{steps:?}");
     // The new leader finished the recovery; the killed one had not fenced yet.
     let finisher = lab.controllers[new_leader].as_ref().unwrap().log_text();
     assert!(finisher.contains("evacuated domain started"), "{finisher}");
@@ -549,6 +581,19 @@ fn killing_the_leader_at_every_step_of_a_recovery_never_runs_a_vm_twice_nor_issu
             1,
             "round {round} ({step}): runs on {running:?}\n{killed_logs}{}",
             lab.logs()
+        );
+        // The new leader shows the incident's whole timeline, the killed leader's steps
+        // first (a resumed incident keeps what was written before the takeover).
+        let steps = host_steps(&lab, lab.wait_leader(Duration::from_secs(30)), &host);
+        assert_eq!(
+            steps.first().map(String::as_str),
+            Some("Suspect"),
+            "round {round} ({step}): {steps:?}"
+        );
+        assert_eq!(
+            steps.iter().filter(|s| *s == "Fenced").count(),
+            1,
+            "round {round} ({step}): {steps:?}"
         );
         let starts: usize = lab
             .watchdogs

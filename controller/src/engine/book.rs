@@ -36,6 +36,21 @@ impl Engine {
         });
     }
 
+    /// Puts what an incident's timeline held before a resume (as the store kept it:
+    /// written by the process or the leader that acted before) in place of the lines
+    /// the replay rebuilt, in front of what this engine has recorded since. The
+    /// timeline is a record for operators; no decision reads it.
+    pub fn restore_timeline(&mut self, id: IncidentId, earlier: Vec<TimelineEntry>) {
+        let replayed = self.replayed_lines.remove(&id).unwrap_or(0);
+        if let Some(incident) = self.incidents.get_mut(&id) {
+            let rebuilt = replayed.min(incident.timeline.len());
+            let since: Vec<TimelineEntry> = incident.timeline.drain(rebuilt..).collect();
+            incident.timeline = earlier;
+            incident.timeline.extend(since);
+            self.bump();
+        }
+    }
+
     pub(super) fn incident_subject(&self, id: IncidentId) -> Subject {
         self.incidents
             .get(&id)

@@ -162,6 +162,10 @@ pub struct Engine {
     /// handed in at resume: an evacuation whose target was forgotten may run on any.
     hosts_in_store: BTreeSet<HostId>,
     replaying: bool,
+    /// Per incident, how many lines at the head of its timeline the replay rebuilt at
+    /// resume (never recorded again: the store holds the originals, which
+    /// [`Engine::restore_timeline`] puts in their place).
+    replayed_lines: BTreeMap<IncidentId, usize>,
     out: Vec<Action>,
     revision: u64,
 }
@@ -186,6 +190,7 @@ impl Engine {
             rehanded: BTreeSet::new(),
             hosts_in_store: BTreeSet::new(),
             replaying: false,
+            replayed_lines: BTreeMap::new(),
             out: Vec::new(),
             revision: 0,
         }

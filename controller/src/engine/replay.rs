@@ -94,6 +94,11 @@ impl Engine {
             }
         }
         e.replaying = false;
+        e.replayed_lines = e
+            .incidents
+            .iter()
+            .map(|(id, i)| (*id, i.timeline.len()))
+            .collect();
         e.now = now.max(e.now);
         let now = e.now;
         let hosts: Vec<HostId> = e.hosts.keys().cloned().collect();

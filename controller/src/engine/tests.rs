@@ -990,6 +990,53 @@ fn a_restarted_controller_resumes_an_open_incident_without_repeating_done_action
 }
 
 #[test]
+fn a_resumed_incident_shows_its_stored_timeline_in_place_of_what_the_replay_rebuilt() {
+    let mut h = Harness::new(4);
+    let fence = h.kill_until_fence(2);
+    h.fence_result(
+        2,
+        fence,
+        FenceOutcome::Verified(FenceVerifier::IpmiPowerOff),
+    );
+    // What the first process recorded of h2's incident (what the store holds).
+    let recorded: Vec<(IncidentId, TimelineEntry)> = h
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::RecordTimeline { incident, entry } => Some((*incident, entry.clone())),
+            _ => None,
+        })
+        .collect();
+    let id = recorded
+        .iter()
+        .find(|(_, e)| e.subject == Subject::Host(host(2)))
+        .map(|(i, _)| *i)
+        .expect("h2's incident");
+    let stored: Vec<TimelineEntry> = recorded
+        .into_iter()
+        .filter(|(i, _)| *i == id)
+        .map(|(_, e)| e)
+        .collect();
+    assert!(stored.iter().any(|e| e.to == "Suspect"));
+    let resumed_at = h.now + 10;
+    let (mut engine, _) = Engine::resume(Config::default(), &h.log, Timestamp(resumed_at));
+    engine.restore_timeline(id, stored.clone());
+    let timeline = &engine.incident(id).expect("resumed").timeline;
+    // The stored lines first, as they were; then only what the resumed engine wrote
+    // (its re-hand of the open force-down), none of the replay's rebuilt lines again.
+    assert_eq!(&timeline[..stored.len()], &stored[..]);
+    let after: Vec<&TimelineEntry> = timeline[stored.len()..].iter().collect();
+    assert!(!after.is_empty());
+    assert!(
+        after
+            .iter()
+            .all(|e| e.at.0 >= resumed_at && e.cause.contains("resumed")),
+        "{after:?}"
+    );
+    assert_eq!(timeline.iter().filter(|e| e.to == "Fenced").count(), 1);
+}
+
+#[test]
 fn the_state_machines_reject_illegal_moves() {
     assert!(HostState::Up.transition(HostState::Fencing).is_err());
     assert!(HostState::Confirming.transition(HostState::Fenced).is_err());

@@ -36,8 +36,8 @@ use crate::clock::EngineClock;
 use crate::edges::{dispatch, Confirmer, CopyStopper, Fencer, Restorer};
 use crate::edges::{EdgeLinks, HostFacts, ResultSender};
 use crate::engine::{
-    utc_ms, Action, AlarmKind, Engine, HostId, Input, MemoryIntentLog, OperatorCommand, Resource,
-    Timestamp,
+    utc_ms, Action, AlarmKind, Engine, HostId, IncidentId, Input, MemoryIntentLog, OperatorCommand,
+    Resource, Timestamp,
 };
 use crate::metrics::Metrics;
 use crate::store::{intent_log_snapshot, Store, StoreError};
@@ -279,6 +279,7 @@ impl EngineTask {
             tracing::info!(intents = log.len(), "resumed from the store");
         }
         self.engine = engine;
+        self.restore_timelines();
         let mut actions = actions;
         actions.extend(self.engine.start(now));
         self.apply(actions);
@@ -326,6 +327,22 @@ impl EngineTask {
         }
         self.store.flush()?;
         Ok(())
+    }
+
+    /// After a resume, before anything new is written: each resumed incident's timeline
+    /// as stored (what the process or leader before wrote), so that an operator sees the
+    /// whole incident, not only what came after the takeover.
+    fn restore_timelines(&mut self) {
+        let ids: Vec<IncidentId> = self.engine.incidents().map(|i| i.id).collect();
+        for id in ids {
+            match self.store.timeline(id) {
+                Ok(earlier) if !earlier.is_empty() => self.engine.restore_timeline(id, earlier),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(incident = id.0, error = %e, "cannot read the incident's stored timeline; it shows from the resume on");
+                }
+            }
+        }
     }
 
     /// After a resume: hands the engine each host's latest stored inventory. A watchdog
