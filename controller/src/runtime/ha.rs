@@ -186,8 +186,14 @@ struct TermContext {
 struct Follower {
     /// Per host: its heartbeats' paths and status, as heard (engine-clock times).
     hosts: BTreeMap<String, HostInfo>,
-    /// Read-only store, for the picture of the leader's decisions.
+    /// Read-only store, for the picture of the leader's decisions (away while a read
+    /// runs: the read owns it).
     store: Option<EtcdStore>,
+    /// A read of the store in flight, off the supervisor's loop: a slow etcd must not
+    /// hold up the intake (a heartbeat is noted when the loop takes it).
+    reading: Option<oneshot::Receiver<FollowerRead>>,
+    /// To open the read-only store (again, after a read died with it).
+    settings: EtcdSettings,
     /// The picture built from it, and when.
     engine: Option<Engine>,
     read_at: Option<Instant>,
@@ -248,14 +254,9 @@ pub async fn run(
     let clock = crate::clock::EngineClock::start();
     let mut follower = Follower {
         hosts: BTreeMap::new(),
-        store: EtcdStore::open(
-            etcd.endpoints.clone(),
-            etcd.call_timeout,
-            etcd.prefix.clone(),
-            None,
-            None,
-        )
-        .ok(),
+        store: None,
+        settings: etcd.clone(),
+        reading: None,
         engine: None,
         read_at: None,
         read_error: None,
@@ -389,7 +390,7 @@ pub async fn run(
                 let role = role_snapshot(&st, &controller_id, term.is_some());
                 let mut snap = match &mut term {
                     Some(t) => (*t.snapshot.borrow_and_update()).as_ref().clone(),
-                    None => follower_snapshot(&mut follower, &engine_config, (&controller_id, &cluster_id), clock.now()).await,
+                    None => follower_snapshot(&mut follower, &engine_config, (&controller_id, &cluster_id), clock.now()),
                 };
                 snap.role = role;
                 snap.alarms.extend(alarms.iter().cloned());
@@ -554,19 +555,60 @@ fn role_snapshot(st: &LeadershipState, me: &str, acting: bool) -> RoleSnapshot {
     }
 }
 
+/// What a follower's read of the store gives back: the store, and the picture.
+type FollowerRead = (EtcdStore, crate::store::StoreResult<Engine>);
+
 /// A follower's picture: the leader's decisions as the intents on etcd imply them
-/// (re-read every [`FOLLOWER_READ_EVERY`]), the hosts as this controller hears them.
-async fn follower_snapshot(
+/// (re-read every [`FOLLOWER_READ_EVERY`] on a blocking thread; the latest finished
+/// read is shown), the hosts as this controller hears them.
+fn follower_snapshot(
     f: &mut Follower,
     cfg: &crate::engine::Config,
     ids: (&str, &str),
     now: Timestamp,
 ) -> Snapshot {
-    if f.read_at.is_none_or(|t| t.elapsed() >= FOLLOWER_READ_EVERY) {
-        f.read_at = Some(Instant::now());
+    if let Some(rx) = &mut f.reading {
+        match rx.try_recv() {
+            Ok((store, result)) => {
+                f.store = Some(store);
+                f.reading = None;
+                match result {
+                    Ok(engine) => {
+                        f.engine = Some(engine);
+                        f.read_error = None;
+                    }
+                    Err(e) => f.read_error = Some(e.to_string()),
+                }
+            }
+            Err(oneshot::error::TryRecvError::Empty) => {}
+            Err(oneshot::error::TryRecvError::Closed) => {
+                // The read died (it panicked): the store went with it; open another.
+                f.reading = None;
+                f.read_error = Some("the store read failed".into());
+            }
+        }
+    }
+    let due = f.read_at.is_none_or(|t| t.elapsed() >= FOLLOWER_READ_EVERY);
+    if due && f.reading.is_none() && f.store.is_none() {
+        let e = &f.settings;
+        match EtcdStore::open(
+            e.endpoints.clone(),
+            e.call_timeout,
+            e.prefix.clone(),
+            None,
+            None,
+        ) {
+            Ok(store) => f.store = Some(store),
+            Err(err) => f.read_error = Some(err.to_string()),
+        }
+    }
+    if due && f.reading.is_none() {
         if let Some(store) = f.store.take() {
+            f.read_at = Some(Instant::now());
             let cfg = cfg.clone();
-            let (store, result) = tokio::task::spawn_blocking(move || {
+            let (tx, rx) = oneshot::channel();
+            f.reading = Some(rx);
+            tokio::task::spawn_blocking(move || {
                 let r = intent_log_snapshot(&store).and_then(|log| {
                     let hosts: Vec<HostId> = store
                         .event_high_waters()?
@@ -575,18 +617,8 @@ async fn follower_snapshot(
                         .collect();
                     Ok(Engine::resume_knowing(cfg, &log, &hosts, now).0)
                 });
-                (store, r)
-            })
-            .await
-            .unwrap_or_else(|e| panic!("follower read task: {e}"));
-            f.store = Some(store);
-            match result {
-                Ok(engine) => {
-                    f.engine = Some(engine);
-                    f.read_error = None;
-                }
-                Err(e) => f.read_error = Some(e.to_string()),
-            }
+                let _ = tx.send((store, r));
+            });
         }
     }
     let mut engine = f.engine.clone().unwrap_or_else(|| Engine::new(cfg.clone()));
