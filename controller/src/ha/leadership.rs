@@ -334,15 +334,7 @@ async fn run(
                             revision = guard.create_revision,
                             "LEADER: this controller leads again (its lease outlived etcd's unavailability)"
                         );
-                        let until = deadline.until().unwrap_or(now);
-                        tx.send_modify(|st| {
-                            st.term += 1;
-                            st.role = Role::Leader {
-                                guard: guard.clone(),
-                                since_unix_ms: since,
-                                until,
-                            };
-                        });
+                        begin_term(&tx, &guard, since, deadline.until().unwrap_or(now));
                         leading = Some((guard, since));
                     }
                     Ok(_) => break "the leader key is gone after a lapse".to_owned(),
@@ -394,15 +386,7 @@ async fn run(
                             revision = guard.create_revision,
                             "LEADER: this controller leads"
                         );
-                        let until = deadline.until().unwrap_or(now);
-                        tx.send_modify(|st| {
-                            st.term += 1;
-                            st.role = Role::Leader {
-                                guard: guard.clone(),
-                                since_unix_ms: since,
-                                until,
-                            };
-                        });
+                        begin_term(&tx, &guard, since, deadline.until().unwrap_or(now));
                         leading = Some((guard, since));
                     }
                     Ok(Campaign::Lost(leader)) => {
@@ -570,6 +554,18 @@ pub async fn campaign(
         }
     }
     Ok(Campaign::Lost(leader))
+}
+
+/// A new term: this controller leads under `guard` until `until` (its deadline now).
+fn begin_term(tx: &watch::Sender<LeadershipState>, guard: &Guard, since: u64, until: Instant) {
+    tx.send_modify(|st| {
+        st.term += 1;
+        st.role = Role::Leader {
+            guard: guard.clone(),
+            since_unix_ms: since,
+            until,
+        };
+    });
 }
 
 /// Publishes `role` if it changed.
