@@ -47,7 +47,7 @@ pub struct EtcdSection {
     /// controllers, one leader; `controller.store_path` is not used.
     pub endpoints: Vec<String>,
     /// The leader's lease, in whole seconds (etcd's unit). Default 1: with etcd's
-    /// `--heartbeat-interval 50 --election-timeout 500` a follower takes over 0.8–1.5 s
+    /// `--heartbeat-interval 50 --election-timeout 500` a follower takes over 0.9–1.5 s
     /// after the leader dies. etcd silently grants at least ⌈1.5 × its election
     /// timeout⌉ (2 s with its defaults 100/1000); the controller logs what it got.
     pub lease_ttl_s: u64,
