@@ -101,6 +101,19 @@ fn alive(vm: &mut FakeQemu) -> bool {
     matches!(vm.child.try_wait(), Ok(None))
 }
 
+/// Whether `vm` is still alive 2 s from now: a power-off's SIGKILL is sent before the
+/// BMC answers, but the kernel may finish the process's exit a moment later.
+fn outlives_a_kill(vm: &mut FakeQemu) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while alive(vm) {
+        if Instant::now() > deadline {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
 fn requirements() -> bool {
     is_root() && have_command("ipmi_sim") && have_command("ipmitool")
 }
@@ -165,7 +178,7 @@ fn a_host_powered_off_through_its_bmc_is_confirmed_dead_fenced_with_power_status
         .expect("power off through the BMC");
     assert_eq!(bmc.power_file(), "0");
     for vm in &mut vms {
-        assert!(!alive(vm), "a power loss left a qemu running");
+        assert!(!outlives_a_kill(vm), "a power loss left a qemu running");
     }
 
     wait_fenced(&lab, Duration::from_secs(30));
@@ -228,7 +241,10 @@ fn a_partitioned_host_that_still_runs_is_powered_off_through_its_bmc_before_anyt
     let incident = wait_fenced(&lab, Duration::from_secs(40));
     // By the time the fence counts as verified, the BMC has killed the host's processes.
     for vm in &mut vms {
-        assert!(!alive(vm), "fenced, but a qemu still runs: {incident}");
+        assert!(
+            !outlives_a_kill(vm),
+            "fenced, but a qemu still runs: {incident}"
+        );
     }
     // The watchdog was killed too (a process holding BPF programs may take a moment
     // to be reaped).
@@ -571,7 +587,10 @@ fn a_node_pacemaker_fenced_before_the_controller_asked_is_fenced_again_and_verif
         .expect("Pacemaker fences h1");
     assert!(cluster.history("h1").contains("status=\"success\""));
     for vm in &mut vms {
-        assert!(!alive(vm), "fenced by Pacemaker, but a qemu still runs");
+        assert!(
+            !outlives_a_kill(vm),
+            "fenced by Pacemaker, but a qemu still runs"
+        );
     }
 
     lab.wait_until("h1 fenced", Duration::from_secs(60), |s| {
