@@ -68,20 +68,12 @@ fn logged_at(log: &str, what: &str) -> Option<u64> {
     line_unix_ms(log.lines().find(|l| l.contains(what))?)
 }
 
-/// The states host `host`'s newest incident went through, as controller `i` shows its
+/// The states host `host`'s newest incident went through, as the leader shows its
 /// timeline.
-fn host_steps(lab: &Lab, i: usize, host: &str) -> Vec<String> {
-    let subject = format!("host:{host}");
-    let incidents = lab.ctl_at(i, &["incidents"]).unwrap();
-    let id = incidents["incidents"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|x| x["subject"] == subject.as_str())
-        .filter_map(|x| x["id"].as_u64())
-        .max()
-        .unwrap_or_else(|| panic!("no incident about {host}: {incidents}"));
-    let incident = lab.ctl_at(i, &["incidents", &id.to_string()]).unwrap();
+fn host_steps(lab: &Lab, host: &str) -> Vec<String> {
+    let incident = lab
+        .host_incident(host)
+        .unwrap_or_else(|| panic!("no incident about {host}"));
     incident["timeline"]
         .as_array()
         .into_iter()
@@ -254,7 +246,7 @@ fn a_sigkilled_leader_is_replaced_and_a_host_lost_during_the_handover_is_recover
     assert_eq!(starts, 1, "starts carried out\n{}", all_logs(&lab));
     // The new leader shows the incident's whole timeline: the suspicion the killed
     // leader wrote before it died, then its own steps.
-    let steps = host_steps(&lab, new_leader, "h0");
+    let steps = host_steps(&lab, "h0");
     assert_eq!(
         steps.first().map(String::as_str),
         Some("Suspect"),
@@ -600,7 +592,7 @@ fn killing_the_leader_at_every_step_of_a_recovery_never_runs_a_vm_twice_nor_issu
         );
         // The new leader shows the incident's whole timeline, the killed leader's steps
         // first (a resumed incident keeps what was written before the takeover).
-        let steps = host_steps(&lab, lab.wait_leader(Duration::from_secs(30)), &host);
+        let steps = host_steps(&lab, &host);
         assert_eq!(
             steps.first().map(String::as_str),
             Some("Suspect"),
