@@ -94,5 +94,5 @@ install -D -m 0644 "$HERE/grafana/defib.json" "$ROOT$PREFIX/share/defib/grafana/
 if [ -z "$ROOT" ] && [ "$RELOAD" = yes ] && [ -d /run/systemd/system ]; then
     systemctl daemon-reload
 fi
-[ -e "$ROOT/etc/defib/cluster.key" ] || say "next: put the cluster's key in /etc/defib/cluster.key (mode 0640, group defib)"
+[ -e "$ROOT/etc/defib/cluster.key" ] || say "next: put the cluster's key in /etc/defib/cluster.key (mode 0600; owner root for the watchdog, defib for the controller)"
 say "installed defib $(cat "$HERE/VERSION") into ${ROOT:-/}"

@@ -186,7 +186,7 @@ impl ControllerProcess {
         let dir = std::env::temp_dir().join(format!("defib-bench-ctl-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("key"), KEY)?;
+        defib_tests::write_secret(dir.join("key"), KEY)?;
         let heartbeat: SocketAddr = format!("127.0.0.1:{}", free_port(true)?).parse()?;
         let events: SocketAddr = format!("127.0.0.1:{}", free_port(false)?).parse()?;
         let api: SocketAddr = format!("127.0.0.1:{}", free_port(false)?).parse()?;

@@ -106,7 +106,7 @@ fn first_after(log: &Path, what: &str, since: u64) -> Option<u64> {
 
 fn takeover(rounds: usize, dir: &Path) -> anyhow::Result<(Vec<f64>, Vec<f64>, Vec<String>)> {
     let etcd = EtcdCluster::try_start(EtcdOpts::default()).map_err(anyhow::Error::msg)?;
-    std::fs::write(dir.join("key"), "0123456789abcdef0123456789abcdef\n")?;
+    defib_tests::write_secret(dir.join("key"), "0123456789abcdef0123456789abcdef\n")?;
     let mut ctls: Vec<Ctl> = Vec::new();
     for i in 0..3 {
         let base = 27_410 + 10 * i as u16;

@@ -81,7 +81,7 @@ levels = [{{ method = "ipmi", address = "{addr}", port = {BMC_PORT}, username = 
         bmc_network: true,
     };
     let mut lab = Lab::new(&spec);
-    std::fs::write(lab.path("bmc.pass"), format!("{BMC_PASSWORD}\n"))?;
+    defib_tests::write_secret(lab.path("bmc.pass"), format!("{BMC_PASSWORD}\n"))?;
     let bmc = Bmc::start(&lab.net, 0, lab.dir.path());
     lab.start_controller(&spec);
     lab.start_watchdogs(&spec);

@@ -12,6 +12,13 @@ use tokio::net::{TcpStream, UdpSocket};
 
 const KEY: &[u8] = b"daemon-test-key-0123456789abcdef";
 
+/// Writes a secret file with mode 0600, as the controller requires of it.
+fn write_secret(path: &std::path::Path, contents: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, contents).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 #[test]
 fn a_bad_config_exits_64_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
@@ -51,7 +58,7 @@ struct Running {
 
 async fn start_controller() -> Running {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("key"), KEY).unwrap();
+    write_secret(&dir.path().join("key"), KEY);
     let text = format!(
         "[controller]\nid = \"ctl-t\"\ncluster_id = \"t\"\nkey_file = {:?}\nheartbeat_listen = [\"127.0.0.1:0\"]\nevent_listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\nstore_path = {:?}\n",
         dir.path().join("key").display().to_string(),

@@ -648,6 +648,11 @@ fn the_daemon_exits_1_at_start_on_a_damaged_store_naming_the_file() {
     store_with_intents(&path, 2_000);
     damage_the_intents_table(&path);
     std::fs::write(dir.path().join("key"), "damaged-store-test-key-0123456789").unwrap();
+    std::fs::set_permissions(
+        dir.path().join("key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let cfg = dir.path().join("c.toml");
     std::fs::write(
         &cfg,

@@ -178,6 +178,8 @@ fn token_file(name: &str, contents: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("defibctl-{}-{name}.token", std::process::id()));
     std::fs::write(&path, contents).unwrap();
+    // 0600, as a secret file is written for defib's daemons.
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     path
 }
 

@@ -27,9 +27,15 @@ fn enter_fixtures() {
             ("pass", "secret\n"),
         ];
         let made = std::fs::create_dir_all(&dir).and_then(|()| {
-            files
-                .iter()
-                .try_for_each(|(name, text)| std::fs::write(dir.join(name), text))
+            files.iter().try_for_each(|(name, text)| {
+                // 0600: the controller refuses secret files open to group or others.
+                std::fs::write(dir.join(name), text).and_then(|()| {
+                    std::fs::set_permissions(
+                        dir.join(name),
+                        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                    )
+                })
+            })
         });
         if let Err(e) = made.and_then(|()| std::env::set_current_dir(&dir)) {
             panic!(

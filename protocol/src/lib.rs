@@ -110,7 +110,10 @@ pub use ids::{
     check_cluster_id, check_controller_id, check_host_id, BootId, BootIdParseError, IdError,
     BOOT_ID_PATH, MAX_CLUSTER_ID_LEN, MAX_CONTROLLER_ID_LEN, MAX_HOST_ID_LEN,
 };
-pub use key::{load_key, Key, KeyError, KeyTooShort, MAC_LEN, MIN_KEY_LEN};
+pub use key::{
+    check_secret_file_mode, load_key, Key, KeyError, KeyTooShort, SecretFileError, MAC_LEN,
+    MIN_KEY_LEN, SECRET_MODE_FORBIDDEN,
+};
 
 /// The four bytes every message starts with.
 pub const MAGIC: [u8; 4] = *b"DFIB";

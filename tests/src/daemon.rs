@@ -31,7 +31,7 @@ impl PinnedSetup {
             .tempdir()
             .expect("tempdir");
         let key = dir.path().join("cluster.key");
-        std::fs::write(&key, "restart-test-key-0123456789abcdef\n").expect("key");
+        crate::write_secret(&key, "restart-test-key-0123456789abcdef\n").expect("key");
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("tcp");
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/defib-test-{}", crate::tag()));

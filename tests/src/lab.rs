@@ -125,8 +125,8 @@ impl Lab {
             net.add_bmc_network();
         }
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("cluster.key"), KEY).unwrap();
-        std::fs::write(dir.path().join("api.token"), TOKEN).unwrap();
+        crate::write_secret(dir.path().join("cluster.key"), KEY).unwrap();
+        crate::write_secret(dir.path().join("api.token"), TOKEN).unwrap();
         Lab {
             net,
             dir,

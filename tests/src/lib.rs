@@ -91,6 +91,23 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Writes a secret (a cluster key, an API token, a BMC password) to `path` with mode
+/// 0600, as the daemons require of their secret files (a key or token that group or
+/// others may read is refused). An existing file is made 0600 before it is rewritten.
+pub fn write_secret(path: impl AsRef<Path>, contents: impl AsRef<[u8]>) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.set_len(0)?;
+    file.write_all(contents.as_ref())
+}
+
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)

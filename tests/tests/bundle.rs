@@ -189,7 +189,7 @@ fn the_bundle_installs_into_a_fresh_root_where_its_binaries_run_and_its_units_ve
             String::from_utf8_lossy(&out.stderr).contains("key_file"),
             "{out:?}"
         );
-        std::fs::write(&key, "bundle-test-key-0123456789abcdef\n").unwrap();
+        defib_tests::write_secret(&key, "bundle-test-key-0123456789abcdef\n").unwrap();
         run(Command::new(bin.join(b))
             .arg("--config")
             .arg(&moved)

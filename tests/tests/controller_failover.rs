@@ -154,7 +154,7 @@ fn a_sigkilled_leader_is_replaced_and_a_host_lost_during_the_handover_is_recover
         bmc_network: true,
     };
     let (mut lab, etcd) = start_ha_lab(&spec);
-    std::fs::write(lab.path("bmc.pass"), format!("{BMC_PASSWORD}\n")).unwrap();
+    defib_tests::write_secret(lab.path("bmc.pass"), format!("{BMC_PASSWORD}\n")).unwrap();
     let bmc = Bmc::start(&lab.net, 0, lab.dir.path());
     bmc.also_on_power_off(&format!(
         "kill -9 $(cat {}/{name}.pid)",
@@ -492,7 +492,7 @@ fn killing_the_leader_at_every_step_of_a_recovery_never_runs_a_vm_twice_nor_issu
         bmc_network: true,
     };
     let (mut lab, etcd) = start_ha_lab(&spec);
-    std::fs::write(lab.path("bmc.pass"), format!("{BMC_PASSWORD}\n")).unwrap();
+    defib_tests::write_secret(lab.path("bmc.pass"), format!("{BMC_PASSWORD}\n")).unwrap();
     let bmcs: Vec<Bmc> = (0..3)
         .map(|h| {
             let bmc = Bmc::start(&lab.net, h, lab.dir.path());

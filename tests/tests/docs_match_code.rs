@@ -151,7 +151,7 @@ fn every_controller_config_field_is_in_the_reference_and_the_example() {
 fn the_example_configs_need_only_their_key_file_to_pass_check_config() {
     let dir = tempfile::tempdir().expect("tempdir");
     let key = dir.path().join("cluster.key");
-    std::fs::write(&key, "docs-test-key-0123456789abcdef\n").expect("key");
+    defib_tests::write_secret(&key, "docs-test-key-0123456789abcdef\n").expect("key");
     for (package, binary, example) in [
         ("defib-watchdog", "defib-watchdog", "watchdog.toml"),
         ("defib-controller", "defib-controller", "controller.toml"),
@@ -219,7 +219,8 @@ fn exposed_families(text: &str) -> Vec<(String, String)> {
 #[test]
 fn the_metrics_reference_and_the_dashboard_match_what_the_controller_exposes() {
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("key"), "metrics-test-key-0123456789abcdef").expect("key");
+    defib_tests::write_secret(dir.path().join("key"), "metrics-test-key-0123456789abcdef")
+        .expect("key");
     let api = format!("127.0.0.1:{}", free_port());
     let cfg = format!(
         "[controller]\nid = \"docs\"\nkey_file = {:?}\nheartbeat_listen = [\"127.0.0.1:0\"]\n\

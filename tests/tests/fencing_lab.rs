@@ -68,7 +68,7 @@ fn start(levels: impl Fn(&str) -> String) -> (Lab, Bmc) {
     let spec = spec(&levels(&addr));
     let mut lab = Lab::new(&spec);
     assert_eq!(lab.net.bmc_addr(0), addr);
-    std::fs::write(lab.path("bmc.pass"), format!("{BMC_PASSWORD}\n")).unwrap();
+    defib_tests::write_secret(lab.path("bmc.pass"), format!("{BMC_PASSWORD}\n")).unwrap();
     let bmc = Bmc::start(&lab.net, 0, lab.dir.path());
     lab.start_controller(&spec);
     lab.start_watchdogs(&spec);

@@ -106,7 +106,7 @@ fn a_partitioned_hosts_guest_is_fenced_through_its_bmc_then_started_on_another_h
     };
     let mut lab = Lab::new(&spec);
     assert_eq!(lab.net.bmc_addr(0), bmc_addr);
-    std::fs::write(lab.path("bmc.pass"), format!("{BMC_PASSWORD}\n")).unwrap();
+    defib_tests::write_secret(lab.path("bmc.pass"), format!("{BMC_PASSWORD}\n")).unwrap();
     let bmc = Bmc::start(&lab.net, 0, lab.dir.path());
     // h0's power is also its guest's: libvirtd runs that qemu outside h0's namespace.
     bmc.also_on_power_off(&format!(
@@ -254,7 +254,7 @@ fn a_controller_killed_while_an_evacuations_start_is_in_flight_resumes_by_asking
         bmc_network: true,
     };
     let mut lab = Lab::new(&spec);
-    std::fs::write(lab.path("bmc.pass"), format!("{BMC_PASSWORD}\n")).unwrap();
+    defib_tests::write_secret(lab.path("bmc.pass"), format!("{BMC_PASSWORD}\n")).unwrap();
     let bmc = Bmc::start(&lab.net, 0, lab.dir.path());
     bmc.also_on_power_off(&format!(
         "kill -9 $(cat {}/{name}.pid) && echo \"$(date +%s.%N) killed the guest's qemu\"",

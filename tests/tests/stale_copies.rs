@@ -190,7 +190,7 @@ fn a_returning_hosts_autostarted_copy_of_an_evacuated_vm_is_destroyed_and_its_au
         bmc_network: true,
     };
     let mut lab = Lab::new(&spec);
-    std::fs::write(lab.path("bmc.pass"), format!("{BMC_PASSWORD}\n")).unwrap();
+    defib_tests::write_secret(lab.path("bmc.pass"), format!("{BMC_PASSWORD}\n")).unwrap();
     let bmc = Bmc::start(&lab.net, 0, lab.dir.path());
     // h0's power is also its hypervisor's: its guest's qemu and its libvirtd run outside
     // h0's namespace.

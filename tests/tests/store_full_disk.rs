@@ -141,7 +141,7 @@ async fn host_state(api: std::net::SocketAddr, host: &str) -> String {
 async fn on_a_full_disk_the_controller_alarms_keeps_its_intents_and_acts_on_nothing_unpersisted() {
     require!(is_root(), "root, to mount a tmpfs");
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("key"), KEY).unwrap();
+    defib_tests::write_secret(dir.path().join("key"), KEY).unwrap();
     let disk = Tmpfs::mount("2m");
     let store = disk.mnt.join("defib.sqlite");
 

@@ -149,7 +149,7 @@ fn speaks_the_protocol(bin: &Path, config: &Path, dir: &Path) {
 #[test]
 fn the_controller_notifies_ready_pings_the_watchdog_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("key"), "sd-test-key-0123456789abcdef").expect("key");
+    defib_tests::write_secret(dir.path().join("key"), "sd-test-key-0123456789abcdef").expect("key");
     let cfg = format!(
         "[controller]\nid = \"sd\"\nkey_file = {:?}\nheartbeat_listen = [\"127.0.0.1:0\"]\n\
          event_listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\nstore_path = {:?}\n",
@@ -168,7 +168,7 @@ fn the_controller_notifies_ready_pings_the_watchdog_and_stops_on_sigterm() {
 fn the_watchdog_notifies_ready_pings_the_watchdog_and_stops_on_sigterm() {
     require!(is_root(), "root, for the BPF probes");
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("key"), "sd-test-key-0123456789abcdef").expect("key");
+    defib_tests::write_secret(dir.path().join("key"), "sd-test-key-0123456789abcdef").expect("key");
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
     let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("tcp");
     let cfg = format!(

@@ -26,6 +26,13 @@ fn run_with_config(dir: &Path, toml: &str) -> (i32, String) {
     )
 }
 
+/// Writes a key file with mode 0600, as `run` requires of it.
+fn write_key(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 fn controller_section(key_file: &Path, extra: &str) -> String {
     format!(
         "[controller]\nheartbeat_addrs = [\"127.0.0.1:7400\"]\nevent_addr = \"127.0.0.1:7401\"\nkey_file = \"{}\"\n{extra}\n",
@@ -37,7 +44,7 @@ fn controller_section(key_file: &Path, extra: &str) -> String {
 fn a_bad_heartbeat_interval_makes_run_exit_64_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("cluster.key");
-    std::fs::write(&key, "0123456789abcdef0123456789abcdef\n").unwrap();
+    write_key(&key, "0123456789abcdef0123456789abcdef\n");
     let (code, stderr) = run_with_config(
         dir.path(),
         &controller_section(&key, "heartbeat_interval_ms = 5"),
@@ -64,10 +71,28 @@ fn a_missing_key_file_makes_run_exit_64_naming_controller_key_file() {
 fn a_key_shorter_than_sixteen_bytes_makes_run_exit_64_naming_controller_key_file() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("short.key");
-    std::fs::write(&key, "short\n").unwrap();
+    write_key(&key, "short\n");
     let (code, stderr) = run_with_config(dir.path(), &controller_section(&key, ""));
     assert_eq!(code, 64, "{stderr}");
     assert!(stderr.contains("controller.key_file"), "{stderr}");
+}
+
+#[test]
+fn a_key_file_readable_by_group_or_others_makes_run_exit_64_naming_controller_key_file_and_its_mode(
+) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cluster.key");
+    write_key(&key, "0123456789abcdef0123456789abcdef\n");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, stderr) = run_with_config(dir.path(), &controller_section(&key, ""));
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains("controller.key_file"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("key file {} has mode 0644", key.display())),
+        "{stderr}"
+    );
+    assert!(stderr.contains("chmod 600"), "{stderr}");
 }
 
 #[test]
@@ -82,7 +107,7 @@ fn run_without_a_controller_section_exits_64_naming_it() {
 fn an_unknown_field_in_the_controller_section_exits_64_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("cluster.key");
-    std::fs::write(&key, "0123456789abcdef0123456789abcdef\n").unwrap();
+    write_key(&key, "0123456789abcdef0123456789abcdef\n");
     let (code, stderr) = run_with_config(
         dir.path(),
         &controller_section(&key, "heartbeat_interval = 100"),
@@ -108,7 +133,7 @@ fn the_daemon_sends_heartbeats_to_the_controller_and_stops_cleanly_on_sigterm() 
     let dir = tempfile::tempdir().unwrap();
     let key_text = "0123456789abcdef0123456789abcdef";
     let key_path = dir.path().join("cluster.key");
-    std::fs::write(&key_path, key_text).unwrap();
+    write_key(&key_path, key_text);
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     udp.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();

@@ -354,8 +354,9 @@ mod tests {
 
     fn dir_with_secrets() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("k"), "0123456789abcdef0123456789abcdef\n").unwrap();
-        std::fs::write(dir.path().join("bmc.pass"), "bmc-pass-7f3a\n").unwrap();
+        let secret = crate::config::tests::write_secret;
+        secret(&dir.path().join("k"), "0123456789abcdef0123456789abcdef\n");
+        secret(&dir.path().join("bmc.pass"), "bmc-pass-7f3a\n");
         dir
     }
 
@@ -409,6 +410,31 @@ levels = [
         );
         let err = ControllerConfig::parse(&t).unwrap_err().to_string();
         assert!(err.contains("telepathy"), "{err}");
+    }
+
+    #[test]
+    fn a_password_file_open_to_group_or_others_is_refused_naming_the_level_and_the_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = dir_with_secrets();
+        let pass = dir.path().join("bmc.pass");
+        std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o604)).unwrap();
+        let t = text(
+            &dir,
+            "[[fence.host]]\nname = \"h0\"\nlevels = [{ method = \"ipmi\", address = \"a\", username = \"u\", password_file = \"PASS\" }]\n",
+        );
+        let err = ControllerConfig::parse(&t)
+            .unwrap()
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("fence.host[0].levels[0].password_file"),
+            "{err}"
+        );
+        assert!(
+            err.contains(&format!("{} has mode 0604", pass.display())),
+            "{err}"
+        );
     }
 
     #[test]

@@ -306,6 +306,8 @@ impl ControllerConfig {
                 let t = std::fs::read_to_string(p).map_err(|e| {
                     invalid("controller.api_token_file", format!("{}: {e}", p.display()))
                 })?;
+                protocol::check_secret_file_mode(p)
+                    .map_err(|e| invalid("controller.api_token_file", e.to_string()))?;
                 let t = t.trim().to_string();
                 if t.len() < 16 {
                     return Err(invalid(
@@ -514,6 +516,7 @@ fn resolve_etcd(
 fn read_secret(field: &str, path: &Path) -> Result<String, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| invalid(field, format!("{}: {e}", path.display())))?;
+    protocol::check_secret_file_mode(path).map_err(|e| invalid(field, e.to_string()))?;
     let secret = text.trim_end_matches(['\n', '\r']).to_string();
     if secret.is_empty() {
         return Err(invalid(field, format!("{} is empty", path.display())));

@@ -2,10 +2,17 @@
 //! `[detector]`, `[engine]` and `[nova]` checks, named fields.
 use super::*;
 
+/// Writes a secret file (key, token, password) with mode 0600, as the controller needs.
+pub(super) fn write_secret(path: &Path, contents: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, contents).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 fn with_key(extra: &str) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("k");
-    std::fs::write(&key, "0123456789abcdef0123456789abcdef\n").unwrap();
+    write_secret(&key, "0123456789abcdef0123456789abcdef\n");
     let text = format!(
         "[controller]\nkey_file = {:?}\n{extra}",
         key.display().to_string()
@@ -64,6 +71,38 @@ fn an_api_on_a_public_address_without_a_token_is_refused() {
         err.to_string().contains("controller.api_token_file"),
         "{err}"
     );
+}
+
+#[test]
+fn a_key_or_api_token_file_open_to_group_or_others_is_refused_naming_the_field_and_the_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, text) = with_key("api_listen = \"0.0.0.0:7412\"\napi_token_file = \"TOKEN\"\n");
+    let token = dir.path().join("api.token");
+    let text = text.replace("TOKEN", &token.display().to_string());
+    write_secret(&token, "an-api-token-0123456789\n");
+    ControllerConfig::parse(&text).unwrap().resolve().unwrap();
+
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = ControllerConfig::parse(&text)
+        .unwrap()
+        .resolve()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("controller.api_token_file"), "{err}");
+    assert!(
+        err.contains(&format!("{} has mode 0644", token.display())),
+        "{err}"
+    );
+    assert!(err.contains("0600 or 0400"), "{err}");
+
+    std::fs::set_permissions(dir.path().join("k"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    let err = ControllerConfig::parse(&text)
+        .unwrap()
+        .resolve()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("controller.key_file"), "{err}");
+    assert!(err.contains("has mode 0640"), "{err}");
 }
 
 #[test]

@@ -269,7 +269,7 @@ pub(super) fn serve(
     };
     let mut lab = Lab::new(&spec);
     lab.host_names = (0..hosts).map(host_name).collect();
-    std::fs::write(lab.path("bmc.pass"), format!("{BMC_PASSWORD}\n"))?;
+    defib_tests::write_secret(lab.path("bmc.pass"), format!("{BMC_PASSWORD}\n"))?;
     let mut bmcs = Vec::new();
     for h in 0..hosts {
         let bmc = Bmc::start(&lab.net, h, lab.dir.path());
