@@ -239,16 +239,14 @@ fn the_bundle_installs_into_a_fresh_root_where_its_binaries_run_and_its_units_ve
         .lines()
         .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
         .expect("the watchdog unit bounds its capabilities");
-    for cap in [
-        "CAP_BPF",
-        "CAP_PERFMON",
-        "CAP_SYS_RESOURCE",
-        "CAP_SYS_PTRACE",
-        "CAP_KILL",
-    ] {
+    for cap in ["CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE", "CAP_KILL"] {
         assert!(caps.contains(cap), "{caps}");
     }
-    assert!(!caps.contains("CAP_SYS_ADMIN"), "{caps}");
+    // No CAP_SYS_RESOURCE: BPF memory is charged to the memory cgroup on every
+    // supported kernel (docs/security.md).
+    for cap in ["CAP_SYS_ADMIN", "CAP_SYS_RESOURCE", "CAP_DAC_OVERRIDE"] {
+        assert!(!caps.contains(cap), "{caps}");
+    }
 
     // And the watchdog attaches its probes with exactly that capability set.
     let set: Vec<String> = caps
