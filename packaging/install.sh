@@ -95,4 +95,5 @@ if [ -z "$ROOT" ] && [ "$RELOAD" = yes ] && [ -d /run/systemd/system ]; then
     systemctl daemon-reload
 fi
 [ -e "$ROOT/etc/defib/cluster.key" ] || say "next: put the cluster's key in /etc/defib/cluster.key (mode 0600; owner root for the watchdog, defib for the controller)"
+[ -e "$ROOT/etc/defib/api.token" ] || say "next, on the controller host: put the API's bearer token in /etc/defib/api.token (openssl rand -hex 32; mode 0600, owner defib): the controller refuses to start without it"
 say "installed defib $(cat "$HERE/VERSION") into ${ROOT:-/}"

@@ -164,6 +164,22 @@ fn free_port(udp: bool) -> anyhow::Result<u16> {
     })
 }
 
+/// Writes the bench controller's API token (the API wants one; the bench reads only
+/// `/healthz` and `/metrics`, which need none) into `dir`, mode 0600.
+pub fn api_token_file(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = dir.join("api.token");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?
+        .write_all(b"bench-api-token-0123456789abcdef\n")?;
+    Ok(path)
+}
+
 /// The release `defib-controller` binary, running as a child on loopback with the default
 /// detector and engine settings. Killed (SIGTERM, then reaped) on drop.
 pub struct ControllerProcess {
@@ -193,8 +209,9 @@ impl ControllerProcess {
         let cfg = format!(
             "[controller]\nid = \"bench-ctl\"\ncluster_id = \"{CLUSTER}\"\nkey_file = {:?}\n\
              heartbeat_listen = [\"{heartbeat}\"]\nevent_listen = \"{events}\"\n\
-             api_listen = \"{api}\"\nstore_path = {:?}\n{extra}",
+             api_listen = \"{api}\"\napi_token_file = {:?}\nstore_path = {:?}\n{extra}",
             dir.join("key").display().to_string(),
+            api_token_file(&dir)?.display().to_string(),
             dir.join("store.sqlite").display().to_string(),
         );
         std::fs::write(dir.join("controller.toml"), cfg)?;

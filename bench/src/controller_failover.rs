@@ -116,11 +116,12 @@ fn takeover(rounds: usize, dir: &Path) -> anyhow::Result<(Vec<f64>, Vec<f64>, Ve
             format!(
                 "[controller]\nid = \"c{i}\"\ncluster_id = \"bench{}\"\nkey_file = {:?}\n\
                  heartbeat_listen = [\"127.0.0.1:{base}\"]\nevent_listen = \"127.0.0.1:{}\"\n\
-                 api_listen = \"127.0.0.1:{}\"\n\n[etcd]\nendpoints = {:?}\n",
+                 api_listen = \"127.0.0.1:{}\"\napi_token_file = {:?}\n\n[etcd]\nendpoints = {:?}\n",
                 std::process::id(),
                 dir.join("key").display().to_string(),
                 base + 1,
                 base + 2,
+                crate::controller::api_token_file(dir)?.display().to_string(),
                 etcd.endpoints()
             ),
         )?;

@@ -148,6 +148,13 @@ impl BenchLab {
             .arg(defib_tests::workspace_root().join("target/debug/defibctl"))
             .args(["--url", url])
             .args(["--token-file", st["token_file"].as_str().unwrap_or("")])
+            .args(
+                st["ca_file"]
+                    .as_str()
+                    .map(|ca| ["--ca-file", ca])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--json")
             .args(args)
             .output()?;

@@ -18,6 +18,8 @@
 //! * [`runtime`]: builds everything from the configuration, binds, and serves: intake,
 //!   the engine task, the edges.
 //! * [`api`]: the REST API and the snapshot it serves (`defibctl` reads only this).
+//! * [`tls`]: the controller's TLS certificate and key, one rustls configuration for
+//!   every TLS listener.
 //! * [`clock`], [`metrics`]: the engine's clock; the Prometheus metrics.
 
 pub mod api;
@@ -32,3 +34,4 @@ pub mod openstack;
 pub mod runtime;
 pub mod sim;
 pub mod store;
+pub mod tls;

@@ -60,7 +60,7 @@ async fn start_controller() -> Running {
     let dir = tempfile::tempdir().unwrap();
     write_secret(&dir.path().join("key"), KEY);
     let text = format!(
-        "[controller]\nid = \"ctl-t\"\ncluster_id = \"t\"\nkey_file = {:?}\nheartbeat_listen = [\"127.0.0.1:0\"]\nevent_listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\nstore_path = {:?}\n",
+        "[controller]\nid = \"ctl-t\"\ncluster_id = \"t\"\nkey_file = {:?}\nheartbeat_listen = [\"127.0.0.1:0\"]\nevent_listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\nstore_path = {:?}\n[api]\ninsecure_no_token = true\n",
         dir.path().join("key").display().to_string(),
         dir.path().join("s.sqlite").display().to_string()
     );

@@ -658,7 +658,8 @@ fn the_daemon_exits_1_at_start_on_a_damaged_store_naming_the_file() {
         &cfg,
         format!(
             "[controller]\nkey_file = {:?}\nheartbeat_listen = [\"127.0.0.1:0\"]\n\
-             event_listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\nstore_path = {:?}\n",
+             event_listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\nstore_path = {:?}\n\
+             [api]\ninsecure_no_token = true\n",
             dir.path().join("key").display().to_string(),
             path.display().to_string()
         ),

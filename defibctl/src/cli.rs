@@ -10,12 +10,16 @@ pub const DEFAULT_URL: &str = "http://127.0.0.1:7412";
 #[derive(Debug, Parser)]
 #[command(name = "defibctl", version)]
 pub struct Cli {
-    /// The controller's API.
+    /// The controller's API (`https://…` when the controller has a `[tls]` certificate).
     #[arg(long, env = "DEFIB_URL", default_value = DEFAULT_URL, global = true)]
     pub url: String,
     /// A file holding the API's bearer token (surrounding whitespace is ignored).
     #[arg(long, env = "DEFIB_TOKEN_FILE", global = true, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
+    /// PEM file of the CA(s) that signed the controller's certificate: an https:// URL
+    /// is trusted through these only. Without it, the public web CAs.
+    #[arg(long, env = "DEFIB_CA_FILE", global = true, value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
     /// Print the API's JSON (pretty) instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
@@ -120,6 +124,8 @@ mod tests {
                 ..
             }
         ));
+        let cli = parse(&["hosts", "--ca-file", "/etc/defib/ca.pem"]).unwrap();
+        assert_eq!(cli.ca_file, Some(PathBuf::from("/etc/defib/ca.pem")));
         assert!(parse(&["maintenance", "h1", "maybe"]).is_err());
         assert!(parse(&["maintenance", "h1"]).is_err());
     }

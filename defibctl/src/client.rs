@@ -1,13 +1,19 @@
 //! A small blocking client for the controller's REST API.
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Everything that makes `defibctl` exit with 1.
 #[derive(Debug)]
 pub enum CtlError {
-    /// No connection (refused, DNS, timeout, TLS).
-    Unreachable { url: String, detail: String },
+    /// No connection (refused, DNS, timeout, TLS). `ca_file`: whether `--ca-file` was
+    /// given (a certificate problem without it says how to give it).
+    Unreachable {
+        url: String,
+        detail: String,
+        ca_file: bool,
+    },
     /// 401 from the controller.
     TokenRejected { url: String, sent: bool },
     /// Any other 4xx/5xx: the server's `{"error": ...}` text.
@@ -21,8 +27,28 @@ pub enum CtlError {
 impl fmt::Display for CtlError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CtlError::Unreachable { url, detail } => {
-                write!(f, "cannot reach the controller at {url}: {detail}")
+            CtlError::Unreachable {
+                url,
+                detail,
+                ca_file,
+            } => {
+                write!(f, "cannot reach the controller at {url}: {detail}")?;
+                if detail.contains("certificate") || detail.contains("UnknownIssuer") {
+                    if *ca_file {
+                        write!(
+                            f,
+                            " (is --ca-file / DEFIB_CA_FILE the CA that signed its certificate, \
+                             and is the URL's host one of the certificate's names?)"
+                        )?;
+                    } else {
+                        write!(
+                            f,
+                            " (pass --ca-file or set DEFIB_CA_FILE to the PEM file of the CA that \
+                             signed its certificate)"
+                        )?;
+                    }
+                }
+                Ok(())
             }
             CtlError::TokenRejected { url, sent: true } => write!(
                 f,
@@ -50,20 +76,64 @@ pub struct Client {
     base: String,
     token: Option<String>,
     agent: ureq::Agent,
+    /// Whether `tls` came from a CA file (for the error messages).
+    ca_file: bool,
 }
 
 impl Client {
-    /// A client for the API at `base` (`http://host:port`, a trailing `/` is fine).
-    pub fn new(base: &str, token: Option<String>) -> Self {
+    /// A client for the API at `base` (`http://host:port` or `https://host:port`, a
+    /// trailing `/` is fine). `tls`: the TLS configuration for https:// ([`Client::trusting`]);
+    /// `None`: the public web CAs.
+    pub fn new(base: &str, token: Option<String>, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
+        let mut agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(3))
+            // The controller waits up to 5 s for the engine to take a command.
+            .timeout(Duration::from_secs(15));
+        let ca_file = tls.is_some();
+        if let Some(tls) = tls {
+            agent = agent.tls_config(tls);
+        }
         Client {
             base: base.trim_end_matches('/').to_string(),
             token,
-            agent: ureq::AgentBuilder::new()
-                .timeout_connect(Duration::from_secs(3))
-                // The controller waits up to 5 s for the engine to take a command.
-                .timeout(Duration::from_secs(15))
-                .build(),
+            agent: agent.build(),
+            ca_file,
         }
+    }
+
+    /// A TLS configuration that trusts the CA certificates of the PEM file `ca_file`
+    /// and nothing else.
+    pub fn trusting(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>, CtlError> {
+        use rustls_pki_types::pem::PemObject;
+        let bad = |m: String| CtlError::Local(format!("the CA file {}: {m}", ca_file.display()));
+        let text = std::fs::read(ca_file).map_err(|e| {
+            CtlError::Local(format!(
+                "cannot read the CA file {}: {e}",
+                ca_file.display()
+            ))
+        })?;
+        let certs = rustls_pki_types::CertificateDer::pem_slice_iter(&text)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(format!("not PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(bad(
+                "holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into(),
+            ));
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| bad(format!("not a usable CA certificate: {e}")))?;
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Ok(Arc::new(config))
     }
 
     /// Reads the token from `path` (trimmed; an empty file is an error).
@@ -142,6 +212,7 @@ impl Client {
             Err(ureq::Error::Transport(t)) => Err(CtlError::Unreachable {
                 url: self.base.clone(),
                 detail: transport_detail(&t),
+                ca_file: self.ca_file,
             }),
         }
     }
@@ -187,6 +258,7 @@ mod tests {
         let e = CtlError::Unreachable {
             url: "http://127.0.0.1:1".into(),
             detail: "Connection refused".into(),
+            ca_file: false,
         };
         assert_eq!(
             e.to_string(),

@@ -20,7 +20,8 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), CtlError> {
         .as_deref()
         .map(Client::read_token)
         .transpose()?;
-    let client = Client::new(&cli.url, token);
+    let tls = cli.ca_file.as_deref().map(Client::trusting).transpose()?;
+    let client = Client::new(&cli.url, token, tls);
     let text = match &cli.command {
         Cmd::Hosts { host: None } => show(&client, cli.json, "/v1/hosts", render::hosts)?,
         Cmd::Hosts { host: Some(h) } => show(

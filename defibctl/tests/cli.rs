@@ -193,6 +193,7 @@ fn defibctl(url: &str, token: Option<&PathBuf>, args: &[&str]) -> Run {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_defibctl"));
     cmd.env_remove("DEFIB_URL")
         .env_remove("DEFIB_TOKEN_FILE")
+        .env_remove("DEFIB_CA_FILE")
         .arg("--url")
         .arg(url);
     if let Some(t) = token {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::certs::LabCerts;
 use crate::netns::LabNet;
 use crate::{built_binary, stop_child};
 
@@ -144,6 +145,34 @@ impl Lab {
         self.dir.path().join(name)
     }
 
+    /// The lab's TLS files in its directory ([`crate::certs`]: `ca.pem`, `server.pem`,
+    /// `server.key`), made on first use: a lab CA and a certificate it signs for the
+    /// controllers' addresses on both paths. Every controller config has their `[tls]`.
+    pub fn certs(&self) -> LabCerts {
+        let certs = LabCerts::in_dir(self.dir.path());
+        if !certs.key.exists() {
+            let ips = [0, 1].map(|p| {
+                self.net
+                    .controller_addr(p)
+                    .parse()
+                    .expect("a controller address")
+            });
+            crate::certs::write_lab_certs(self.dir.path(), &ips).expect("lab certificates");
+        }
+        certs
+    }
+
+    /// The lab CA's certificate (PEM): what a client of a lab controller trusts.
+    pub fn ca_file(&self) -> PathBuf {
+        self.certs().ca
+    }
+
+    /// The API of controller `i` of several (`api_port` = [`controller_ports`]`(i).2`,
+    /// 7412 for the single controller), over HTTPS.
+    pub fn api_url(&self, api_port: u16) -> String {
+        format!("https://{}:{api_port}", self.net.controller_addr(0))
+    }
+
     pub fn spawn(&self, name: &str, ns: &str, bin: &Path, args: &[&str]) -> Daemon {
         self.spawn_with_env(name, ns, bin, args, &[])
     }
@@ -191,10 +220,12 @@ api_token_file = {token:?}
 store_path = {store:?}
 backend = "{backend}"
 
+{tls}
 {extra}
 "#,
             key = self.path("cluster.key").display().to_string(),
             token = self.path("api.token").display().to_string(),
+            tls = self.certs().tls_section(),
             store = self.path("controller.sqlite").display().to_string(),
             a0 = self.net.controller_addr(0),
             a1 = self.net.controller_addr(1),
@@ -265,10 +296,12 @@ backend = "{backend}"
 [etcd]
 endpoints = {endpoints:?}
 
+{tls}
 {extra}
 "#,
             key = self.path("cluster.key").display().to_string(),
             token = self.path("api.token").display().to_string(),
+            tls = self.certs().tls_section(),
             store = self
                 .path(&format!("controller-{i}.sqlite"))
                 .display()
@@ -344,16 +377,14 @@ endpoints = {endpoints:?}
     /// `defibctl --json ARGS` against controller `i` of several (any role).
     pub fn ctl_at(&self, i: usize, args: &[&str]) -> Result<Value, String> {
         let bin = built_binary("defibctl", "defibctl");
-        let url = format!(
-            "http://{}:{}",
-            self.net.controller_addr(0),
-            controller_ports(i).2
-        );
+        let url = self.api_url(controller_ports(i).2);
         let out = self
             .net
             .command_in(&self.net.controller_ns(), &bin)
             .args(["--url", &url, "--token-file"])
             .arg(self.path("api.token"))
+            .arg("--ca-file")
+            .arg(self.ca_file())
             .arg("--json")
             .args(args)
             .output()
@@ -527,12 +558,14 @@ key_file = {key:?}
                 .unwrap_or_else(|e| panic!("defibctl {args:?}: {e}\n{}", self.logs()));
         }
         let bin = built_binary("defibctl", "defibctl");
-        let url = format!("http://{}:7412", self.net.controller_addr(0));
+        let url = self.api_url(7412);
         let out = self
             .net
             .command_in(&self.net.controller_ns(), &bin)
             .args(["--url", &url, "--token-file"])
             .arg(self.path("api.token"))
+            .arg("--ca-file")
+            .arg(self.ca_file())
             .arg("--json")
             .args(args)
             .output()

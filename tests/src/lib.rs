@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod bmc;
+pub mod certs;
 pub mod daemon;
 pub mod etcd;
 pub mod guests;

@@ -163,8 +163,12 @@ fn the_bundle_installs_into_a_fresh_root_where_its_binaries_run_and_its_units_ve
         );
     }
     // The installed configurations pass check-config once the key is there (paths
-    // moved under the fresh root), and name the key file when it is not.
+    // moved under the fresh root), and name the key file when it is not. The
+    // controller's also wants its API token (the packaged config names the file).
     let key = root.join("etc/defib/cluster.key");
+    let token = tmp.path().join("api.token");
+    std::fs::write(&token, "bundle-test-api-token-0123456789\n").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     for (b, conf) in [
         ("defib-watchdog", "watchdog.toml"),
         ("defib-controller", "controller.toml"),
@@ -175,7 +179,8 @@ fn the_bundle_installs_into_a_fresh_root_where_its_binaries_run_and_its_units_ve
                 "# key_file = \"/etc/defib/cluster.key\"",
                 "key_file = \"/etc/defib/cluster.key\"",
             )
-            .replace("/etc/defib/cluster.key", &key.display().to_string());
+            .replace("/etc/defib/cluster.key", &key.display().to_string())
+            .replace("/etc/defib/api.token", &token.display().to_string());
         let moved = tmp.path().join(conf);
         std::fs::write(&moved, text).unwrap();
         let out = Command::new(bin.join(b))

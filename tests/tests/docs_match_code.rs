@@ -148,10 +148,13 @@ fn every_controller_config_field_is_in_the_reference_and_the_example() {
 }
 
 #[test]
-fn the_example_configs_need_only_their_key_file_to_pass_check_config() {
+fn the_example_configs_need_only_their_key_file_and_the_api_token_to_pass_check_config() {
     let dir = tempfile::tempdir().expect("tempdir");
     let key = dir.path().join("cluster.key");
     defib_tests::write_secret(&key, "docs-test-key-0123456789abcdef\n").expect("key");
+    // The controller's API wants a token (controller.api_token_file is set).
+    let token = dir.path().join("api.token");
+    defib_tests::write_secret(&token, "docs-test-api-token-0123456789\n").expect("token");
     for (package, binary, example) in [
         ("defib-watchdog", "defib-watchdog", "watchdog.toml"),
         ("defib-controller", "defib-controller", "controller.toml"),
@@ -164,7 +167,8 @@ fn the_example_configs_need_only_their_key_file_to_pass_check_config() {
                 "# key_file = \"/etc/defib/cluster.key\"",
                 "key_file = \"/etc/defib/cluster.key\"",
             )
-            .replace("/etc/defib/cluster.key", &key.display().to_string());
+            .replace("/etc/defib/cluster.key", &key.display().to_string())
+            .replace("/etc/defib/api.token", &token.display().to_string());
         let file = dir.path().join(example);
         std::fs::write(&file, text).expect("write");
         let out = Command::new(built_binary(package, binary))
@@ -224,7 +228,8 @@ fn the_metrics_reference_and_the_dashboard_match_what_the_controller_exposes() {
     let api = format!("127.0.0.1:{}", free_port());
     let cfg = format!(
         "[controller]\nid = \"docs\"\nkey_file = {:?}\nheartbeat_listen = [\"127.0.0.1:0\"]\n\
-         event_listen = \"127.0.0.1:0\"\napi_listen = \"{api}\"\nstore_path = {:?}\n",
+         event_listen = \"127.0.0.1:0\"\napi_listen = \"{api}\"\nstore_path = {:?}\n\
+         [api]\ninsecure_no_token = true\n",
         dir.path().join("key").display().to_string(),
         dir.path().join("s.sqlite").display().to_string(),
     );

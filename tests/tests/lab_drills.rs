@@ -43,6 +43,7 @@ fn defib_vms(state: &Value) -> BTreeMap<String, (String, String)> {
         .arg(built_binary("defibctl", "defibctl"))
         .args(["--url", state["api_url"].as_str().unwrap()])
         .args(["--token-file", state["token_file"].as_str().unwrap()])
+        .args(["--ca-file", state["ca_file"].as_str().unwrap()])
         .args(["--json", "vms"])
         .output()
         .expect("defibctl");

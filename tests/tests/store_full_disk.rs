@@ -34,7 +34,7 @@ async fn start(dir: &Path, store: &Path) -> Controller {
     let text = format!(
         "[controller]\nid = \"ctl-t\"\ncluster_id = \"t\"\nkey_file = {:?}\n\
          heartbeat_listen = [\"127.0.0.1:0\"]\nevent_listen = \"127.0.0.1:0\"\n\
-         api_listen = \"127.0.0.1:0\"\nstore_path = {:?}\n",
+         api_listen = \"127.0.0.1:0\"\nstore_path = {:?}\n[api]\ninsecure_no_token = true\n",
         dir.join("key").display().to_string(),
         store.display().to_string()
     );

@@ -152,7 +152,8 @@ fn the_controller_notifies_ready_pings_the_watchdog_and_stops_on_sigterm() {
     defib_tests::write_secret(dir.path().join("key"), "sd-test-key-0123456789abcdef").expect("key");
     let cfg = format!(
         "[controller]\nid = \"sd\"\nkey_file = {:?}\nheartbeat_listen = [\"127.0.0.1:0\"]\n\
-         event_listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\nstore_path = {:?}\n",
+         event_listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\nstore_path = {:?}\n\
+         [api]\ninsecure_no_token = true\n",
         dir.path().join("key").display().to_string(),
         dir.path().join("s.sqlite").display().to_string(),
     );

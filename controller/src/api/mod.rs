@@ -18,8 +18,11 @@
 //! When a token is configured, every `/v1` route wants `Authorization: Bearer <token>`
 //! (compared in constant time). Errors are `{"error": "..."}` with a fitting status:
 //! 400 bad request, 401 no or wrong token, 404 unknown host/incident/route, 405 wrong
-//! method, 409 the engine refused a command (the body says why), 503 the engine did not
-//! answer a command within [`COMMAND_TIMEOUT`] or is not running.
+//! method, 409 the engine refused a command (the body says why), 413 a body over
+//! [`MAX_BODY_BYTES`], 503 the engine did not answer a command within
+//! [`COMMAND_TIMEOUT`] or is not running, or the request took over [`REQUEST_TIMEOUT`].
+//!
+//! [`serve()`] serves the router, over TLS when the controller has a certificate.
 //!
 //! The API never touches the engine directly: reads come from the latest published
 //! [`Snapshot`], commands go over [`ApiHandle::commands`] and wait for the engine's reply.
@@ -27,8 +30,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -40,6 +43,7 @@ use tokio::sync::oneshot;
 
 use crate::api::view::{ApiHandle, Command, RoleSnapshot, Snapshot};
 
+pub mod serve;
 mod types;
 pub mod view;
 /// The engine's and the runtime's types the API's bodies and handle carry: a client
@@ -48,6 +52,7 @@ pub use crate::engine::{
     utc_ms, AlarmKind, HostId, HostState, ResourceState, Source, Subject, TimelineEntry, Timestamp,
 };
 pub use crate::metrics::Metrics;
+pub use serve::serve;
 pub use types::*;
 
 #[cfg(test)]
@@ -55,6 +60,12 @@ mod tests;
 
 /// How long a command waits for the engine's answer before the API gives up with 503.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The largest request body the API reads (its bodies are a few bytes of JSON).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// The longest a request may take, its body included, from its headers to its answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The content type of `/metrics` (Prometheus text exposition format).
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -95,6 +106,31 @@ pub fn router(handle: ApiHandle, token: Option<String>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+        // Outermost first: the size is refused before any route runs.
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(limit_request))
+}
+
+/// A declared body over [`MAX_BODY_BYTES`] is refused at once (a body without a
+/// length is cut by the extractor, [`DefaultBodyLimit`]); every request ends within
+/// [`REQUEST_TIMEOUT`].
+async fn limit_request(req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return ApiError::too_large().into_response();
+    }
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::unavailable(format!(
+            "the request took over {} s",
+            REQUEST_TIMEOUT.as_secs()
+        ))
+        .into_response(),
+    }
 }
 
 /// An error answer: `{"error": message}` with `status`.
@@ -122,6 +158,12 @@ impl ApiError {
     }
     fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
+    }
+    fn too_large() -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body over {MAX_BODY_BYTES} bytes"),
+        )
     }
 }
 
@@ -313,21 +355,28 @@ async fn alarms(State(state): State<AppState>) -> Json<AlarmsResponse> {
 }
 
 /// Parses a JSON body whatever its content type (curl's `-d` sends form encoding), so
-/// that every mistake is a 400 naming the problem.
-fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+/// that every mistake is a 400 naming the problem (and a body over
+/// [`MAX_BODY_BYTES`] a 413).
+fn json_body<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(),
+        status => ApiError::new(status, e.body_text()),
+    })?;
     if body.is_empty() {
         return Err(ApiError::bad_request("missing JSON body"));
     }
-    serde_json::from_slice(body)
+    serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
 async fn maintenance(
     State(state): State<AppState>,
     Path(host): Path<String>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<MaintenanceResponse> {
-    let MaintenanceRequest { on } = json_body(&body)?;
+    let MaintenanceRequest { on } = json_body(body)?;
     let h = host.clone();
     send_command(&state, move |reply| Command::Maintenance {
         host: h,

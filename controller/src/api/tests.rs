@@ -627,3 +627,197 @@ fn bearer_tokens_are_parsed_case_insensitively_and_empty_ones_ignored() {
     assert!(!token_matches(b"abc", b"abd"));
     assert!(!token_matches(b"", b""));
 }
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_refused_with_413_and_a_json_error() {
+    let (app, _) = app(Some(TOKEN), Engine::Answers);
+    // A body without a declared length: cut by the extractor.
+    let big = format!(r#"{{"on": true, "pad": "{}"}}"#, "x".repeat(MAX_BODY_BYTES));
+    let r = call(
+        &app,
+        Method::PUT,
+        "/v1/hosts/h1/maintenance",
+        Some(TOKEN),
+        Some(&big),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.body);
+    assert_eq!(r.error(), "request body over 65536 bytes");
+    // A declared length over the limit: refused before any route runs, even one that
+    // reads no body, and before the token is looked at.
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/hosts/h1/unfence")
+        .header(header::CONTENT_LENGTH, (MAX_BODY_BYTES + 1).to_string())
+        .body(Body::from(vec![b' '; MAX_BODY_BYTES + 1]))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"], "request body over 65536 bytes");
+    // A body just under the limit is read (and judged on its contents).
+    let padded = format!("{{\"on\": true}}{}", " ".repeat(MAX_BODY_BYTES - 20));
+    let r = call(
+        &app,
+        Method::PUT,
+        "/v1/hosts/h1/maintenance",
+        Some(TOKEN),
+        Some(&padded),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_whose_body_never_ends_is_answered_503_after_the_request_timeout() {
+    let (app, _) = app(Some(TOKEN), Engine::Answers);
+    let never = futures_util::stream::pending::<Result<axum::body::Bytes, std::io::Error>>();
+    let req = Request::builder()
+        .method(Method::PUT)
+        .uri("/v1/hosts/h1/maintenance")
+        .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+        .body(Body::from_stream(never))
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(started.elapsed(), REQUEST_TIMEOUT);
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"], "the request took over 30 s");
+}
+
+/// The router served on a loopback port over TLS with a fresh CA; the CA's PEM.
+async fn serve_tls(dir: &std::path::Path) -> (std::net::SocketAddr, String) {
+    let certs = crate::tls::test_certs::write(dir);
+    let tls = crate::tls::load_server_config(&certs.cert, &certs.key).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (app, _) = app(Some(TOKEN), Engine::Answers);
+    tokio::spawn(serve(listener, app, Some(tls)));
+    (addr, certs.ca_pem)
+}
+
+/// A TLS client trusting only `ca_pem`.
+fn tls_client(ca_pem: &str) -> tokio_rustls::TlsConnector {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// One `GET path` with `Connection: close`; the whole answer as text.
+async fn raw_get<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+    path: &str,
+) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+#[tokio::test]
+async fn a_client_trusting_the_ca_gets_healthz_over_tls_on_a_real_loopback_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, ca) = serve_tls(dir.path()).await;
+    for name in ["127.0.0.1", "localhost"] {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let server_name = rustls_pki_types::ServerName::try_from(name.to_string()).unwrap();
+        let tls = tls_client(&ca).connect(server_name, tcp).await.unwrap();
+        let answer = raw_get(tls, "/healthz").await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{name}: {answer}");
+        assert!(answer.contains(r#""status":"ok""#), "{answer}");
+    }
+}
+
+#[tokio::test]
+async fn a_client_trusting_another_ca_fails_its_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let (addr, _) = serve_tls(dir.path()).await;
+    let other_ca = crate::tls::test_certs::write(other.path()).ca_pem;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let server_name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let err = tls_client(&other_ca)
+        .connect(server_name, tcp)
+        .await
+        .unwrap_err();
+    // Both test CAs have the same (empty) name: the signature does not check out.
+    assert!(
+        err.to_string().contains("invalid peer certificate"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_plain_http_client_on_the_tls_port_gets_no_api_answer_but_is_told_to_use_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, ca) = serve_tls(dir.path()).await;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let answer = raw_get(tcp, "/healthz").await.unwrap_or_default();
+    assert!(!answer.contains(r#""status":"ok""#), "{answer}");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("this API speaks HTTPS"), "{answer}");
+    // The server goes on serving TLS clients.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let server_name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tls_client(&ca).connect(server_name, tcp).await.unwrap();
+    let answer = raw_get(tls, "/healthz").await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_client_stuck_in_its_handshake_or_sending_garbage_does_not_hold_up_the_others() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, ca) = serve_tls(dir.path()).await;
+    // Connected, silent (it would be dropped after the handshake timeout).
+    let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // A TLS record header, then nothing.
+    let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
+    half.write_all(&[0x16, 0x03, 0x01, 0x02]).await.unwrap();
+    // Garbage that is not a TLS record at all.
+    let mut garbage = tokio::net::TcpStream::connect(addr).await.unwrap();
+    garbage.write_all(&[0x00; 64]).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let server_name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tokio::time::timeout(
+        Duration::from_secs(5),
+        tls_client(&ca).connect(server_name, tcp),
+    )
+    .await
+    .expect("handshake not held up")
+    .unwrap();
+    let answer = raw_get(tls, "/healthz").await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+}
+
+#[tokio::test]
+async fn plain_http_is_served_without_tls() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (app, _) = app(Some(TOKEN), Engine::Answers);
+    tokio::spawn(serve(listener, app, None));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let answer = raw_get(tcp, "/healthz").await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+}

@@ -362,7 +362,7 @@ mod tests {
 
     fn text(dir: &tempfile::TempDir, fence: &str) -> String {
         format!(
-            "[controller]\nkey_file = {:?}\n{fence}",
+            "[api]\ninsecure_no_token = true\n[controller]\nkey_file = {:?}\n{fence}",
             dir.path().join("k").display().to_string()
         )
         .replace("PASS", &dir.path().join("bmc.pass").display().to_string())

@@ -35,6 +35,33 @@ pub struct ControllerConfig {
     pub nova: NovaSection,
     pub neutron: NeutronSection,
     pub etcd: EtcdSection,
+    pub api: ApiSection,
+    pub tls: TlsSection,
+}
+
+/// `[api]`: how the REST API treats its clients (its address and token file are
+/// `controller.api_listen` and `controller.api_token_file`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSection {
+    /// Serve the API without a bearer token: anyone who reaches it can read every
+    /// host and VM and set maintenance or unfence. Only for a throwaway test setup;
+    /// the controller says so loudly at every start. Without it,
+    /// `controller.api_token_file` is required.
+    pub insecure_no_token: bool,
+}
+
+/// `[tls]`: the controller's certificate. Set: the API speaks HTTPS only. Unset: plain
+/// HTTP, and the controller warns at every start that the API is not encrypted.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// PEM certificate chain: the controller's own certificate first, then any
+    /// intermediates. Its names (or IP addresses) must be those clients connect to.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of that certificate (PKCS#8, PKCS#1 or SEC1). Mode 0600, owned
+    /// by the controller's user.
+    pub key_file: Option<PathBuf>,
 }
 
 /// `[etcd]`: several controllers electing a leader on etcd, with the intents there.
@@ -61,7 +88,8 @@ pub struct EtcdSection {
     /// Keys live under `<prefix><controller.cluster_id>/`.
     pub prefix: String,
     /// This controller's API as the others should name it to operators (a follower
-    /// refusing a write says where the leader is). Default: `http://<api_listen>`.
+    /// refusing a write says where the leader is). Default: `https://<api_listen>`
+    /// with `[tls]`, `http://<api_listen>` without.
     pub advertise_api: String,
 }
 
@@ -95,7 +123,7 @@ pub struct ControllerSection {
     /// TCP address of the REST API and /metrics.
     pub api_listen: String,
     /// Bearer token for the API (everything but /healthz and /metrics). Required unless
-    /// the API listens on loopback only.
+    /// `api.insecure_no_token` is set.
     pub api_token_file: Option<PathBuf>,
     /// The SQLite store (intents, timelines, event dedup).
     pub store_path: PathBuf,
@@ -233,7 +261,10 @@ pub struct Resolved {
     pub fence: Arc<FenceTable>,
     pub verify: VerifyPolicy,
     pub key: protocol::Key,
+    /// `None` only with `api.insecure_no_token`.
     pub api_token: Option<String>,
+    /// With `[tls]`: the certificate and key, ready for every TLS listener.
+    pub tls: Option<Arc<crate::tls::ServerConfig>>,
     pub heartbeat_addrs: Vec<SocketAddr>,
     pub event_addr: SocketAddr,
     pub api_addr: SocketAddr,
@@ -317,14 +348,22 @@ impl ControllerConfig {
                 }
                 Some(t)
             }
-            None if !api_addr.ip().is_loopback() => {
+            None if self.api.insecure_no_token => None,
+            None => {
                 return Err(invalid(
                     "controller.api_token_file",
-                    "required when controller.api_listen is not a loopback address",
+                    "required: the API wants a bearer token (api.insecure_no_token = true \
+                     serves it to anyone, for a throwaway test setup only)",
                 ))
             }
-            None => None,
         };
+        if api_token.is_some() && self.api.insecure_no_token {
+            return Err(invalid(
+                "api.insecure_no_token",
+                "set together with controller.api_token_file: remove one of them",
+            ));
+        }
+        let tls = resolve_tls(&self.tls)?;
         if c.store_path.as_os_str().is_empty() {
             return Err(invalid("controller.store_path", "must not be empty"));
         }
@@ -367,13 +406,14 @@ impl ControllerConfig {
         )?;
         check_range("engine.max_fence_attempts", e.max_fence_attempts, 1..)?;
         let (fence, verify) = fence::resolve_fence(&self.fence)?;
-        let etcd = resolve_etcd(&self.etcd, c, api_addr)?;
+        let etcd = resolve_etcd(&self.etcd, c, api_addr, tls.is_some())?;
         Ok(Resolved {
             cfg: self,
             fence: Arc::new(fence),
             verify,
             key,
             api_token,
+            tls,
             heartbeat_addrs,
             event_addr,
             api_addr,
@@ -435,7 +475,43 @@ impl std::fmt::Debug for Resolved {
             .field("heartbeat_addrs", &self.heartbeat_addrs)
             .field("event_addr", &self.event_addr)
             .field("api_addr", &self.api_addr)
+            .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
+    }
+}
+
+/// `[tls]` checked and loaded: both files or neither.
+fn resolve_tls(t: &TlsSection) -> Result<Option<Arc<crate::tls::ServerConfig>>, ConfigError> {
+    let (cert, key) = match (&t.cert_file, &t.key_file) {
+        (None, None) => return Ok(None),
+        (Some(c), Some(k)) => (c, k),
+        (Some(_), None) => {
+            return Err(invalid(
+                "tls.key_file",
+                "missing: tls.cert_file is set, and its private key is needed with it",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "tls.cert_file",
+                "missing: tls.key_file is set, and its certificate is needed with it",
+            ))
+        }
+    };
+    crate::tls::load_server_config(cert, key)
+        .map(Some)
+        .map_err(|e| match e.file {
+            crate::tls::TlsFile::Cert => invalid("tls.cert_file", e.message),
+            crate::tls::TlsFile::Key => invalid("tls.key_file", e.message),
+        })
+}
+
+/// `http://` or, with `[tls]`, `https://`: how clients name this controller's API.
+pub fn api_scheme(tls: bool) -> &'static str {
+    if tls {
+        "https"
+    } else {
+        "http"
     }
 }
 
@@ -444,6 +520,7 @@ fn resolve_etcd(
     e: &EtcdSection,
     c: &ControllerSection,
     api_addr: SocketAddr,
+    tls: bool,
 ) -> Result<Option<crate::ha::EtcdSettings>, ConfigError> {
     if e.endpoints.is_empty() {
         return Ok(None);
@@ -486,7 +563,7 @@ fn resolve_etcd(
         return Err(invalid("etcd.prefix", "must start and end with '/'"));
     }
     let advertise_api = if e.advertise_api.is_empty() {
-        format!("http://{api_addr}")
+        format!("{}://{api_addr}", api_scheme(tls))
     } else {
         e.advertise_api.clone()
     };

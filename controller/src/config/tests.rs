@@ -9,7 +9,22 @@ pub(super) fn write_secret(path: &Path, contents: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
+/// A config with the cluster key and the API token (the two required secrets), then
+/// `extra` (more `[controller]` lines, or sections).
 fn with_key(extra: &str) -> (tempfile::TempDir, String) {
+    let (dir, text) = with_key_only("");
+    let token = dir.path().join("api.token");
+    std::fs::write(&token, "0123456789abcdef-api-token\n").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let text = format!(
+        "{text}api_token_file = {:?}\n{extra}",
+        token.display().to_string()
+    );
+    (dir, text)
+}
+
+/// A config with the cluster key only, then `extra`.
+fn with_key_only(extra: &str) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("k");
     write_secret(&key, "0123456789abcdef0123456789abcdef\n");
@@ -20,14 +35,99 @@ fn with_key(extra: &str) -> (tempfile::TempDir, String) {
     (dir, text)
 }
 
+fn resolve_err(text: &str) -> String {
+    ControllerConfig::parse(text)
+        .unwrap()
+        .resolve()
+        .unwrap_err()
+        .to_string()
+}
+
 #[test]
-fn a_file_with_only_the_key_gives_the_documented_defaults() {
+fn a_file_with_only_the_key_and_the_token_gives_the_documented_defaults() {
     let (_d, text) = with_key("");
     let r = ControllerConfig::parse(&text).unwrap().resolve().unwrap();
     assert_eq!(r.cfg.detector.heartbeat_interval_ms, 100);
     assert_eq!(r.cfg.detector.suspect_after_missed, 3);
     assert_eq!(r.heartbeat_addrs.len(), 1);
+    assert_eq!(r.api_token.as_deref(), Some("0123456789abcdef-api-token"));
+    assert!(r.tls.is_none(), "plain HTTP without [tls]");
+    assert!(!r.cfg.api.insecure_no_token);
+}
+
+#[test]
+fn a_config_without_a_token_file_and_without_the_insecure_flag_names_the_token_file() {
+    let (_d, text) = with_key_only("");
+    let err = resolve_err(&text);
+    assert!(err.contains("controller.api_token_file"), "{err}");
+    assert!(
+        err.contains("api.insecure_no_token"),
+        "the way out is named: {err}"
+    );
+}
+
+#[test]
+fn the_insecure_flag_serves_the_api_without_a_token() {
+    let (_d, text) = with_key_only("[api]\ninsecure_no_token = true\n");
+    let r = ControllerConfig::parse(&text).unwrap().resolve().unwrap();
     assert!(r.api_token.is_none());
+    // Even off loopback: the flag is the operator's explicit choice (and logged).
+    let (_d, text) =
+        with_key_only("api_listen = \"0.0.0.0:7412\"\n[api]\ninsecure_no_token = true\n");
+    let r = ControllerConfig::parse(&text).unwrap().resolve().unwrap();
+    assert!(r.api_token.is_none());
+}
+
+#[test]
+fn a_token_file_and_the_insecure_flag_together_are_refused_naming_the_flag() {
+    let (_d, text) = with_key("[api]\ninsecure_no_token = true\n");
+    let err = resolve_err(&text);
+    assert!(err.contains("api.insecure_no_token"), "{err}");
+}
+
+#[test]
+fn tls_with_only_one_of_its_files_names_the_missing_one() {
+    let (d, text) = with_key("");
+    let certs = crate::tls::test_certs::write(d.path());
+    let err = resolve_err(&format!("{text}[tls]\ncert_file = {:?}\n", certs.cert));
+    assert!(err.contains("tls.key_file"), "{err}");
+    let err = resolve_err(&format!("{text}[tls]\nkey_file = {:?}\n", certs.key));
+    assert!(err.contains("tls.cert_file"), "{err}");
+}
+
+#[test]
+fn a_tls_certificate_and_key_load_and_make_the_advertised_api_https() {
+    let (d, text) = with_key("");
+    let certs = crate::tls::test_certs::write(d.path());
+    let text = format!(
+        "{text}[tls]\ncert_file = {:?}\nkey_file = {:?}\n[etcd]\nendpoints = [\"10.0.0.1:2379\"]\n",
+        certs.cert, certs.key
+    );
+    let r = ControllerConfig::parse(&text).unwrap().resolve().unwrap();
+    assert!(r.tls.is_some());
+    assert_eq!(r.etcd.unwrap().advertise_api, "https://127.0.0.1:7412");
+}
+
+#[test]
+fn a_bad_or_missing_certificate_or_key_file_is_named_with_its_field_and_path() {
+    let (d, text) = with_key("");
+    let certs = crate::tls::test_certs::write(d.path());
+    let junk = d.path().join("junk.pem");
+    std::fs::write(&junk, "this is not a certificate\n").unwrap();
+    let absent = d.path().join("absent.pem");
+    for (cert, key, field, named) in [
+        (&junk, &certs.key, "tls.cert_file", &junk),
+        (&certs.cert, &junk, "tls.key_file", &junk),
+        (&absent, &certs.key, "tls.cert_file", &absent),
+        // A CA certificate given as the key: no key in it.
+        (&certs.cert, &certs.ca, "tls.key_file", &certs.ca),
+    ] {
+        let err = resolve_err(&format!(
+            "{text}[tls]\ncert_file = {cert:?}\nkey_file = {key:?}\n"
+        ));
+        assert!(err.contains(field), "{field}: {err}");
+        assert!(err.contains(&named.display().to_string()), "{field}: {err}");
+    }
 }
 
 #[test]
@@ -62,7 +162,7 @@ fn the_confirm_retry_is_configurable_and_a_retry_below_the_tick_is_named() {
 
 #[test]
 fn an_api_on_a_public_address_without_a_token_is_refused() {
-    let (_d, text) = with_key("api_listen = \"0.0.0.0:7412\"\n");
+    let (_d, text) = with_key_only("api_listen = \"0.0.0.0:7412\"\n");
     let err = ControllerConfig::parse(&text)
         .unwrap()
         .resolve()
@@ -76,7 +176,7 @@ fn an_api_on_a_public_address_without_a_token_is_refused() {
 #[test]
 fn a_key_or_api_token_file_open_to_group_or_others_is_refused_naming_the_field_and_the_mode() {
     use std::os::unix::fs::PermissionsExt;
-    let (dir, text) = with_key("api_listen = \"0.0.0.0:7412\"\napi_token_file = \"TOKEN\"\n");
+    let (dir, text) = with_key_only("api_listen = \"0.0.0.0:7412\"\napi_token_file = \"TOKEN\"\n");
     let token = dir.path().join("api.token");
     let text = text.replace("TOKEN", &token.display().to_string());
     write_secret(&token, "an-api-token-0123456789\n");

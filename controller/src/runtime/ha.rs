@@ -237,7 +237,7 @@ pub async fn run(
             commands: commands_tx,
             metrics: metrics.clone(),
         },
-        resolved.api_token.clone(),
+        &resolved,
     );
     let controller_id = resolved.cfg.controller.id.clone();
     let cluster_id = resolved.cfg.controller.cluster_id.clone();

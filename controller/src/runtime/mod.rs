@@ -217,18 +217,40 @@ pub(crate) fn serve_intake(
     hb_intake
 }
 
-/// Serves the REST API and /metrics.
+/// Serves the REST API and /metrics: HTTPS with `[tls]`, else plain HTTP. What is not
+/// protected is said loudly at every start.
 pub(crate) fn serve_api(
     api: TcpListener,
     handle: crate::api::view::ApiHandle,
-    token: Option<String>,
+    resolved: &Resolved,
 ) {
-    let router = crate::api::router(handle, token);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(api, router).await {
-            tracing::error!(error = %e, "API server stopped");
-        }
-    });
+    let addr = resolved.api_addr;
+    if resolved.tls.is_none() {
+        tracing::warn!(
+            %addr,
+            "the API is NOT ENCRYPTED (no [tls] section): its token and answers cross the \
+             network in clear text; set tls.cert_file and tls.key_file"
+        );
+    }
+    if resolved.api_token.is_none() {
+        tracing::warn!(
+            %addr,
+            "the API accepts UNAUTHENTICATED requests (api.insecure_no_token = true): \
+             anyone who reaches it can read every host and VM, set maintenance and unfence \
+             hosts; set controller.api_token_file"
+        );
+    }
+    let router = crate::api::router(handle, resolved.api_token.clone());
+    tokio::spawn(crate::api::serve(api, router, resolved.tls.clone()));
+}
+
+/// This controller's API as clients name it (`https://` with `[tls]`).
+pub(crate) fn api_url(resolved: &Resolved) -> String {
+    format!(
+        "{}://{}",
+        crate::config::api_scheme(resolved.tls.is_some()),
+        resolved.api_addr
+    )
 }
 
 fn unix_ms() -> u64 {
@@ -266,14 +288,14 @@ pub async fn run(
         role: "leader".into(),
         store: "sqlite".into(),
         leader: Some(c.id.clone()),
-        leader_api: Some(format!("http://{}", resolved.api_addr)),
+        leader_api: Some(api_url(&resolved)),
         leader_since_ms: Some(started_ms),
         terms: 1,
         problem: None,
         last_step_down: None,
         controllers: vec![ControllerSnapshot {
             id: c.id.clone(),
-            api: format!("http://{}", resolved.api_addr),
+            api: api_url(&resolved),
             started_ms,
             leader: true,
         }],
@@ -312,7 +334,7 @@ pub async fn run(
         commands,
         metrics,
     };
-    serve_api(api, handle, resolved.api_token.clone());
+    serve_api(api, handle, &resolved);
     tracing::info!(?bound, controller = %c.id, cluster = %c.cluster_id, "defib-controller ready");
     on_ready(&bound);
     task.run(shutdown).await?;

@@ -71,6 +71,14 @@ fn defibctl_at(state: &Value, url: &str, args: &[&str]) -> anyhow::Result<String
         .arg(bin)
         .args(["--url", url])
         .args(["--token-file", state["token_file"].as_str().unwrap_or("")])
+        // The lab CA (a lab kept by an older xtask has none, and plain HTTP).
+        .args(
+            state["ca_file"]
+                .as_str()
+                .map(|ca| ["--ca-file", ca])
+                .into_iter()
+                .flatten(),
+        )
         .args(args)
         .output()?;
     if !out.status.success() {

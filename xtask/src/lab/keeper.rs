@@ -523,11 +523,7 @@ fn lab_state(
                 json!({
                     "id": format!("ctl-{i}"),
                     "pid": pid,
-                    "api_url": format!(
-                        "http://{}:{}",
-                        lab.net.controller_addr(0),
-                        defib_tests::lab::controller_ports(i).2
-                    ),
+                    "api_url": lab.api_url(defib_tests::lab::controller_ports(i).2),
                 })
             })
             .collect();
@@ -571,8 +567,9 @@ fn lab_state(
             "nova_prefix": nova_prefix,
             "dir": lab.dir.path(),
             "controller_ns": lab.net.controller_ns(),
-            "api_url": format!("http://{}:7412", lab.net.controller_addr(0)),
+            "api_url": lab.api_url(7412),
             "token_file": lab.path("api.token"),
+            "ca_file": lab.ca_file(),
             "pids": {"controller": lab.controller.as_ref().map(|d| d.pid())},
             "controllers": controllers,
             "etcd_endpoints": etcd.map(|e| e.endpoints()),
