@@ -62,23 +62,44 @@ async fn serve_tls_connection(
     stream: TcpStream,
     router: Router,
 ) -> Result<(), String> {
+    // One deadline for everything before the first request: a client cannot hold the
+    // connection longer by sending its handshake a byte at a time.
+    let timeout = crate::tls::HANDSHAKE_TIMEOUT;
+    let tls = match tokio::time::timeout(timeout, handshake(acceptor, stream)).await {
+        Err(_) => {
+            return Err(format!(
+                "TLS handshake not done within {} s",
+                timeout.as_secs()
+            ))
+        }
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(Some(tls))) => tls,
+    };
+    serve_connection(tls, router).await
+}
+
+/// The server side of the TLS handshake; `None` when the client went away first.
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+) -> Result<Option<crate::tls::TlsStream<TcpStream>>, String> {
     // A TLS client speaks first with a handshake record (0x16); a request line starts
     // with a letter. Tell a plain-HTTP client what is wrong instead of dropping it.
     let mut first = [0u8; 1];
-    match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
-        Err(_) => return Err("nothing sent before the TLS handshake timeout".into()),
-        Ok(Err(e)) => return Err(e.to_string()),
-        Ok(Ok(0)) => return Ok(()),
-        Ok(Ok(_)) if first[0].is_ascii_uppercase() => {
+    match stream.peek(&mut first).await {
+        Err(e) => Err(e.to_string()),
+        Ok(0) => Ok(None),
+        Ok(_) if first[0].is_ascii_uppercase() => {
             answer_plain_http(stream).await;
-            return Err("plain HTTP on the HTTPS port".into());
+            Err("plain HTTP on the HTTPS port".into())
         }
-        Ok(Ok(_)) => {}
+        Ok(_) => acceptor
+            .accept(stream)
+            .await
+            .map(Some)
+            .map_err(|e| format!("TLS handshake failed: {e}")),
     }
-    let tls = crate::tls::accept(acceptor, stream)
-        .await
-        .map_err(|e| e.to_string())?;
-    serve_connection(tls, router).await
 }
 
 /// Takes the request (what came in one read: the client must see the answer rather

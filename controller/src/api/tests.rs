@@ -821,3 +821,53 @@ async fn plain_http_is_served_without_tls() {
     let answer = raw_get(tcp, "/healthz").await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_that_sends_no_request_headers_is_closed_after_the_header_read_timeout() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (app, _) = app(Some(TOKEN), Engine::Answers);
+    tokio::spawn(serve(listener, app, None));
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; 256];
+    // The server closes it (an empty read, or a 408 answer then the close).
+    loop {
+        match silent.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= serve::HEADER_READ_TIMEOUT && waited < serve::HEADER_READ_TIMEOUT * 2,
+        "{waited:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_starts_no_tls_handshake_or_does_not_finish_it_is_closed_after_10_s() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, _) = serve_tls(dir.path()).await;
+    // Silent; a TLS record header and nothing more.
+    for sends in [&[][..], &[0x16, 0x03, 0x01, 0x02, 0x00][..]] {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let started = tokio::time::Instant::now();
+        stream.write_all(sends).await.unwrap();
+        let mut buf = [0u8; 256];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        let waited = started.elapsed();
+        assert!(
+            waited >= crate::tls::HANDSHAKE_TIMEOUT
+                && waited < crate::tls::HANDSHAKE_TIMEOUT + Duration::from_secs(1),
+            "held for {waited:?}"
+        );
+    }
+}
