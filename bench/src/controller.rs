@@ -48,6 +48,7 @@ pub fn encode(key: &Key, host: &str, i: usize, sequence: u64, out: &mut Vec<u8>)
         sent_unix_ns: unix_ns(),
         sent_mono_ns: crate::monotonic_ns(),
         path_index: 0,
+        session: 0,
         status: HostStatus::default(),
     }
     .encode_into(key, out)

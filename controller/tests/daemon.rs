@@ -60,7 +60,7 @@ async fn start_controller() -> Running {
     let dir = tempfile::tempdir().unwrap();
     write_secret(&dir.path().join("key"), KEY);
     let text = format!(
-        "[controller]\nid = \"ctl-t\"\ncluster_id = \"t\"\nkey_file = {:?}\nheartbeat_listen = [\"127.0.0.1:0\"]\nevent_listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\nstore_path = {:?}\n[api]\ninsecure_no_token = true\n",
+        "[controller]\nid = \"ctl-t\"\ncluster_id = \"t\"\nkey_file = {:?}\nheartbeat_listen = [\"127.0.0.1:0\"]\nevent_listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\nstore_path = {:?}\n[api]\ninsecure_no_token = true\n[intake]\nenrolled_hosts = [\"h1\", \"h2\"]\n",
         dir.path().join("key").display().to_string(),
         dir.path().join("s.sqlite").display().to_string()
     );
@@ -88,17 +88,27 @@ async fn start_controller() -> Running {
     }
 }
 
+/// The key the controller expects `host` to sign with (derived from its master key).
+fn host_key(host: &str) -> Key {
+    protocol::MasterKey::new(KEY).unwrap().host_key(host)
+}
+
 fn heartbeat(seq: u64, key: &Key) -> Vec<u8> {
+    heartbeat_of("h1", seq, 0, key)
+}
+
+fn heartbeat_of(host: &str, seq: u64, session: u64, key: &Key) -> Vec<u8> {
     encode_heartbeat(
         &Heartbeat {
             cluster_id: "t",
-            host_id: "h1",
+            host_id: host,
             boot_id: BootId([7; 16]),
             incarnation: 5,
             sequence: seq,
             sent_unix_ns: 1,
             sent_mono_ns: seq * 100_000_000,
             path_index: 0,
+            session,
             status: HostStatus::default(),
         },
         key,
@@ -119,7 +129,7 @@ async fn metrics(api: std::net::SocketAddr) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_are_acked_and_forged_or_replayed_ones_are_counted_and_dropped() {
     let c = start_controller().await;
-    let key = Key::new(KEY).unwrap();
+    let key = host_key("h1");
     let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let to = c.bound.heartbeat[0];
     let mut buf = [0u8; protocol::DATAGRAM_RECV_BUFFER_LEN];
@@ -164,9 +174,70 @@ async fn heartbeats_are_acked_and_forged_or_replayed_ones_are_counted_and_droppe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_enrolled_hosts_speak_each_for_itself_and_only_a_heartbeat_echoing_the_session_counts()
+{
+    let c = start_controller().await;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let to = c.bound.heartbeat[0];
+    let mut buf = [0u8; protocol::DATAGRAM_RECV_BUFFER_LEN];
+    // Not enrolled; and h2 speaking for h1 with its own key.
+    sock.send_to(&heartbeat_of("h9", 1, 0, &host_key("h9")), to)
+        .await
+        .unwrap();
+    sock.send_to(&heartbeat_of("h1", 1, 0, &host_key("h2")), to)
+        .await
+        .unwrap();
+    // The master key is nobody's host key.
+    sock.send_to(&heartbeat_of("h1", 2, 0, &Key::new(KEY).unwrap()), to)
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sock.recv(&mut buf))
+            .await
+            .is_err(),
+        "a refused heartbeat was acked"
+    );
+
+    // h1 before it knows the session: acked, not counting, carrying the session.
+    let k1 = host_key("h1");
+    sock.send_to(&heartbeat_of("h1", 3, 0, &k1), to)
+        .await
+        .unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), sock.recv(&mut buf))
+        .await
+        .expect("ack")
+        .unwrap();
+    let ack = decode_ack(&buf[..n], &k1).unwrap();
+    assert!(!ack.counts, "an unproven heartbeat's ack must not count");
+    let session = ack.session;
+    assert_ne!(session, 0);
+    sock.send_to(&heartbeat_of("h1", 4, session, &k1), to)
+        .await
+        .unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), sock.recv(&mut buf))
+        .await
+        .expect("ack")
+        .unwrap();
+    let ack = decode_ack(&buf[..n], &k1).unwrap();
+    assert!(ack.counts && ack.session == session);
+
+    let m = metrics(c.bound.api).await;
+    for line in [
+        "defib_heartbeats_rejected_total{reason=\"unknown_host\"} 1",
+        "defib_heartbeats_rejected_total{reason=\"bad_mac\"} 2",
+        "defib_heartbeats_rejected_total{reason=\"unproven_session\"} 1",
+        "defib_heartbeats_accepted_total 1",
+    ] {
+        assert!(m.contains(line), "{line}\n{m}");
+    }
+    let _ = c.stop.send(());
+    c.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_are_stored_once_and_acked_cumulatively_even_when_sent_twice() {
     let c = start_controller().await;
-    let key = Key::new(KEY).unwrap();
+    let key = host_key("h1");
     let mut s = TcpStream::connect(c.bound.events).await.unwrap();
     let env = |message| Envelope {
         cluster_id: "t".into(),

@@ -292,6 +292,7 @@ fn start(
         heard: Vec::new(),
         end_on_store_failure: false,
         role: Default::default(),
+        enrollment: None,
     };
     let recorder = edges.clone();
     let (task, channels) = EngineTask::new(parts, |links| Edges {

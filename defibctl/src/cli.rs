@@ -30,9 +30,17 @@ pub struct Cli {
 #[derive(Debug, Subcommand, PartialEq, Eq)]
 pub enum Cmd {
     /// Hosts with their state and heartbeats; one host also lists its resources.
+    /// `hosts enroll HOST` lets a host speak to the controller and prints (or, with
+    /// `--key-out`, writes with mode 0600) the key its watchdog signs with;
+    /// `hosts revoke HOST` refuses it from then on.
     Hosts {
         /// Show only this host, with its VMs.
         host: Option<String>,
+        /// With `enroll` or `revoke`: the host.
+        target: Option<String>,
+        /// With `enroll`: write the host's key to this file (mode 0600) instead of printing it.
+        #[arg(long)]
+        key_out: Option<std::path::PathBuf>,
     },
     /// VMs (and other restorable resources) with their state and owning incident.
     Vms {
@@ -86,7 +94,14 @@ mod tests {
         for cli in [a, b] {
             assert_eq!(cli.url, "http://c:1");
             assert!(cli.json);
-            assert_eq!(cli.command, Cmd::Hosts { host: None });
+            assert_eq!(
+                cli.command,
+                Cmd::Hosts {
+                    host: None,
+                    target: None,
+                    key_out: None
+                }
+            );
         }
     }
 

@@ -171,6 +171,10 @@ impl Client {
         self.send("POST", path, None)
     }
 
+    pub fn delete(&self, path: &str) -> Result<String, CtlError> {
+        self.send("DELETE", path, None)
+    }
+
     fn send(
         &self,
         method: &str,

@@ -23,8 +23,39 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), CtlError> {
     let tls = cli.ca_file.as_deref().map(Client::trusting).transpose()?;
     let client = Client::new(&cli.url, token, tls);
     let text = match &cli.command {
-        Cmd::Hosts { host: None } => show(&client, cli.json, "/v1/hosts", render::hosts)?,
-        Cmd::Hosts { host: Some(h) } => show(
+        Cmd::Hosts {
+            host: Some(action),
+            target: Some(host),
+            key_out,
+        } if action == "enroll" || action == "revoke" => enrollment(
+            &client,
+            cli.json,
+            action == "enroll",
+            host,
+            key_out.as_deref(),
+        )?,
+        Cmd::Hosts {
+            host: Some(action),
+            target: Some(_),
+            ..
+        } => {
+            return Err(CtlError::Local(format!(
+                "unknown hosts action {action:?}: use `hosts enroll HOST` or `hosts revoke HOST`"
+            )))
+        }
+        Cmd::Hosts {
+            host: None,
+            target: None,
+            ..
+        } => show(&client, cli.json, "/v1/hosts", render::hosts)?,
+        Cmd::Hosts { host: None, .. } => {
+            return Err(CtlError::Local("a host id is missing".into()))
+        }
+        Cmd::Hosts {
+            host: Some(h),
+            target: None,
+            ..
+        } => show(
             &client,
             cli.json,
             &format!("/v1/hosts/{}", segment(h)),
@@ -70,6 +101,53 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), CtlError> {
     out.write_all(text.as_bytes())?;
     out.flush()?;
     Ok(())
+}
+
+/// Enrolls or revokes `host`; an enrolled host's key is printed, or written to `key_out`
+/// with mode 0600.
+fn enrollment(
+    client: &Client,
+    json: bool,
+    enroll: bool,
+    host: &str,
+    key_out: Option<&std::path::Path>,
+) -> Result<String, CtlError> {
+    let path = format!("/v1/hosts/{}/enrollment", segment(host));
+    let body = if enroll {
+        client.post(&path)?
+    } else {
+        client.delete(&path)?
+    };
+    let answer: serde_json::Value = serde_json::from_str(&body)
+        .map_err(|e| CtlError::BadResponse(format!("enrollment answer is not JSON: {e}")))?;
+    let key = answer.get("key").and_then(|k| k.as_str());
+    if let (Some(path), Some(key)) = (key_out, key) {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| CtlError::Local(format!("writing {}: {e}", path.display())))?;
+        f.write_all(key.as_bytes())
+            .map_err(|e| CtlError::Local(format!("writing {}: {e}", path.display())))?;
+        return Ok(format!(
+            "{host}: enrolled; key written to {}\n",
+            path.display()
+        ));
+    }
+    if json {
+        return pretty(&body);
+    }
+    Ok(match (enroll, key) {
+        (true, Some(key)) => format!(
+            "{host}: enrolled. Its key (install as the host's controller.key_file, mode 0600):\n{key}\n"
+        ),
+        (true, None) => format!("{host}: enrolled\n"),
+        (false, _) => format!("{host}: revoked\n"),
+    })
 }
 
 /// GETs `path` and renders it as a table, or as pretty JSON with `--json`.

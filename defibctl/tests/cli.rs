@@ -157,6 +157,13 @@ fn serve() -> Server {
                             Err(format!("{host} is being fenced"))
                         });
                     }
+                    EngineCommand::Enrollment {
+                        host,
+                        enroll,
+                        reply,
+                    } => {
+                        let _ = reply.send(Ok(enroll.then(|| format!("key-of-{host}"))));
+                    }
                 }
             }
         });

@@ -7,18 +7,19 @@
 //!
 //! ```text
 //!  0   4  magic "DFIB"
-//!  4   1  protocol version (1)
+//!  4   1  ack layout version (2)
 //!  5   1  kind (2 = ack)
 //!  6   1  path index, echoed from the heartbeat
-//!  7   1  reserved, zero
+//!  7   1  flags: bit 0 "counts" (see [`Ack::counts`]), bits 1..7 zero
 //!  8  16  boot id, echoed
 //! 24   8  incarnation, echoed
 //! 32   8  sequence, echoed
 //! 40   8  the heartbeat's monotonic send time, echoed (lets the watchdog measure
 //!         round-trip time without keeping state per heartbeat)
 //! 48   8  controller time, unix ns (wall clock)
-//! 56   1  C = cluster id length (1..=64)
-//! 57   C  cluster id
+//! 56   8  controller session (random per controller process, never 0)
+//! 64   1  C = cluster id length (1..=64)
+//! 65   C  cluster id
 //!  .   1  H = host id length (1..=253)
 //!  .   H  host id, echoed
 //!  .   1  K = controller id length (1..=64)
@@ -38,9 +39,13 @@ use crate::wire::{self, Reader};
 /// Kind byte of a heartbeat ack.
 pub const KIND_ACK: u8 = 2;
 
-const FIXED_LEN: usize = 56;
+/// The ack layout this build sends and takes: 2, with the flags and the session.
+pub const ACK_VERSION: u8 = 2;
 
-/// Longest valid ack: 472 bytes.
+const FIXED_LEN: usize = 64;
+const FLAG_COUNTS: u8 = 1 << 0;
+
+/// Longest valid ack: 480 bytes.
 pub const MAX_ACK_LEN: usize =
     FIXED_LEN + 1 + MAX_CLUSTER_ID_LEN + 1 + MAX_HOST_ID_LEN + 1 + MAX_CONTROLLER_ID_LEN + MAC_LEN;
 
@@ -67,6 +72,14 @@ pub struct Ack<'a> {
     /// The controller's wall clock when it answered, unix ns; lets the watchdog
     /// notice a large clock difference.
     pub controller_unix_ns: u64,
+    /// The controller process's session, for the watchdog to echo in its next
+    /// heartbeats on this path (see [`crate::heartbeat`], "Freshness").
+    pub session: u64,
+    /// Whether this ack says "a controller that acts (the leader, or the only one)
+    /// heard your heartbeat as a fresh sign of life". Only such acks keep a watchdog
+    /// reachable (and its self-fence disarmed). A follower's acks, and acks to a
+    /// heartbeat that echoed an old session, only teach the session.
+    pub counts: bool,
 }
 
 impl<'a> Ack<'a> {
@@ -86,7 +99,19 @@ impl<'a> Ack<'a> {
             echoed_sent_mono_ns: heartbeat.sent_mono_ns,
             controller_id,
             controller_unix_ns,
+            session: 0,
+            counts: true,
         }
+    }
+
+    /// The same ack carrying the controller's `session`.
+    pub fn with_session(self, session: u64) -> Self {
+        Ack { session, ..self }
+    }
+
+    /// The same ack with its "counts" flag set to `counts`.
+    pub fn counting(self, counts: bool) -> Self {
+        Ack { counts, ..self }
     }
 
     /// Appends the signed datagram to `out` after clearing it.
@@ -97,14 +122,15 @@ impl<'a> Ack<'a> {
         check_controller_id(self.controller_id).map_err(bad("controller_id"))?;
         out.clear();
         out.reserve(MAX_ACK_LEN);
-        wire::put_preamble(out, KIND_ACK);
+        wire::put_preamble_of(out, ACK_VERSION, KIND_ACK);
         out.push(self.path_index);
-        out.push(0);
+        out.push(if self.counts { FLAG_COUNTS } else { 0 });
         out.extend_from_slice(&self.boot_id.0);
         out.extend_from_slice(&self.incarnation.to_be_bytes());
         out.extend_from_slice(&self.sequence.to_be_bytes());
         out.extend_from_slice(&self.echoed_sent_mono_ns.to_be_bytes());
         out.extend_from_slice(&self.controller_unix_ns.to_be_bytes());
+        out.extend_from_slice(&self.session.to_be_bytes());
         wire::put_short_str(out, self.cluster_id);
         wire::put_short_str(out, self.host_id);
         wire::put_short_str(out, self.controller_id);
@@ -129,18 +155,20 @@ pub fn decode_ack<'a>(datagram: &'a [u8], key: &Key) -> Result<Ack<'a>, DecodeEr
             max: MAX_ACK_LEN,
         });
     }
-    wire::check_preamble(datagram, KIND_ACK)?;
+    wire::check_preamble_of(datagram, KIND_ACK, &[ACK_VERSION])?;
     let mut r = Reader::new(datagram);
     r.take(wire::PREAMBLE_LEN)?;
     let path_index = r.u8()?;
-    if r.u8()? != 0 {
-        return Err(DecodeError::Malformed("reserved ack byte set"));
+    let flags = r.u8()?;
+    if flags & !FLAG_COUNTS != 0 {
+        return Err(DecodeError::Malformed("reserved ack flag bits set"));
     }
     let boot_id = BootId(r.array()?);
     let incarnation = r.u64()?;
     let sequence = r.u64()?;
     let echoed_sent_mono_ns = r.u64()?;
     let controller_unix_ns = r.u64()?;
+    let session = r.u64()?;
     let cluster_id = r.short_str(check_cluster_id, "invalid cluster id")?;
     let host_id = r.short_str(check_host_id, "invalid host id")?;
     let controller_id = r.short_str(check_controller_id, "invalid controller id")?;
@@ -155,5 +183,7 @@ pub fn decode_ack<'a>(datagram: &'a [u8], key: &Key) -> Result<Ack<'a>, DecodeEr
         echoed_sent_mono_ns,
         controller_id,
         controller_unix_ns,
+        session,
+        counts: flags & FLAG_COUNTS != 0,
     })
 }

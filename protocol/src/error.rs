@@ -49,6 +49,10 @@ pub enum DecodeError {
     /// The HMAC does not match: forged, corrupted, or signed with another key.
     #[error("bad MAC: forged, corrupted or signed with another key")]
     BadMac,
+    /// Signed, as far as can be told, for a host the receiver has no key for: a host
+    /// that was never enrolled, or was revoked. Refused before any MAC is computed.
+    #[error("unknown host: no key is enrolled for this host id")]
+    UnknownHost,
     /// The frame is authentic but its JSON payload does not parse as an envelope.
     /// Only possible between peers that disagree on the schema, since the MAC has
     /// already been checked.
@@ -67,6 +71,7 @@ impl DecodeError {
             DecodeError::Oversize { .. } => RejectReason::Oversize,
             DecodeError::Malformed(_) | DecodeError::BadPayload(_) => RejectReason::Malformed,
             DecodeError::BadMac => RejectReason::BadMac,
+            DecodeError::UnknownHost => RejectReason::UnknownHost,
         }
     }
 }
@@ -116,6 +121,8 @@ pub enum RejectReason {
     Malformed,
     /// HMAC mismatch.
     BadMac,
+    /// From a host id with no enrolled key (never enrolled, or revoked).
+    UnknownHost,
     /// Authentic, but for another cluster id than the receiver's.
     UnknownCluster,
     /// A sequence number already seen, or older than the reorder window.
@@ -130,7 +137,7 @@ pub enum RejectReason {
 
 impl RejectReason {
     /// Every reason, in counter order.
-    pub const ALL: [RejectReason; 11] = [
+    pub const ALL: [RejectReason; 12] = [
         RejectReason::BadMagic,
         RejectReason::BadVersion,
         RejectReason::WrongKind,
@@ -138,6 +145,7 @@ impl RejectReason {
         RejectReason::Oversize,
         RejectReason::Malformed,
         RejectReason::BadMac,
+        RejectReason::UnknownHost,
         RejectReason::UnknownCluster,
         RejectReason::Replayed,
         RejectReason::StaleIncarnation,
@@ -154,6 +162,7 @@ impl RejectReason {
             RejectReason::Oversize => "oversize",
             RejectReason::Malformed => "malformed",
             RejectReason::BadMac => "bad_mac",
+            RejectReason::UnknownHost => "unknown_host",
             RejectReason::UnknownCluster => "unknown_cluster",
             RejectReason::Replayed => "replayed",
             RejectReason::StaleIncarnation => "stale_incarnation",

@@ -18,6 +18,8 @@
 //! caller closes the connection; the watchdog reconnects and resends what was not
 //! acked.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DecodeError, EncodeError};
@@ -454,6 +456,62 @@ fn frame_len(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
     Ok(Some(FRAME_HEADER_LEN + body_len + MAC_LEN))
 }
 
+/// Gives the key of an enrolled host, `None` for any other host id.
+pub type KeyLookup = Arc<dyn Fn(&str) -> Option<Key> + Send + Sync>;
+
+/// The key(s) a [`FrameDecoder`] verifies with.
+#[derive(Clone)]
+pub enum FrameKeys {
+    /// Every frame is signed with this key: a watchdog reading its controller's
+    /// frames, signed with the watchdog's own host key.
+    One(Key),
+    /// Each frame is signed with the key of the host its envelope names; the function
+    /// gives it for an enrolled host and `None` for any other (refused as
+    /// [`DecodeError::UnknownHost`]). What the controller reads watchdog streams with.
+    PerHost(KeyLookup),
+}
+
+impl std::fmt::Debug for FrameKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameKeys::One(_) => f.write_str("FrameKeys::One(<redacted>)"),
+            FrameKeys::PerHost(_) => f.write_str("FrameKeys::PerHost"),
+        }
+    }
+}
+
+impl From<Key> for FrameKeys {
+    fn from(key: Key) -> Self {
+        FrameKeys::One(key)
+    }
+}
+
+/// Just the host id of an envelope, read to pick the key before the MAC is checked.
+#[derive(Deserialize)]
+struct HostOfEnvelope<'a> {
+    #[serde(borrow)]
+    host_id: std::borrow::Cow<'a, str>,
+}
+
+/// Authenticates and parses one complete frame (`frame` is exactly one frame), with the
+/// key the envelope's host has.
+fn parse_frame_keyed(frame: &[u8], keys: &FrameKeys) -> Result<Envelope, DecodeError> {
+    let per_host = match keys {
+        FrameKeys::One(key) => return parse_frame(frame, key),
+        FrameKeys::PerHost(f) => f,
+    };
+    let body = frame
+        .get(FRAME_HEADER_LEN..frame.len().saturating_sub(MAC_LEN))
+        .ok_or(DecodeError::Truncated {
+            need: FRAME_HEADER_LEN + MAC_LEN,
+            have: frame.len(),
+        })?;
+    let host: HostOfEnvelope<'_> =
+        serde_json::from_slice(body).map_err(|e| DecodeError::BadPayload(e.to_string()))?;
+    let key = per_host(&host.host_id).ok_or(DecodeError::UnknownHost)?;
+    parse_frame(frame, &key)
+}
+
 /// Authenticates and parses one complete frame (`frame` is exactly one frame).
 fn parse_frame(frame: &[u8], key: &Key) -> Result<Envelope, DecodeError> {
     let mac_at = frame.len().saturating_sub(MAC_LEN);
@@ -496,6 +554,29 @@ pub fn decode_frame(bytes: &[u8], key: &Key) -> Result<(Envelope, usize), Decode
     Ok((parse_frame(frame, key)?, len))
 }
 
+/// Decodes exactly one whole frame (as a length-delimited codec hands it over) with
+/// `keys`, refusing one meant for the other `direction`.
+pub fn decode_frame_keyed(
+    frame: &[u8],
+    keys: &FrameKeys,
+    direction: Direction,
+) -> Result<Envelope, DecodeError> {
+    let len = frame_len(frame)?.ok_or(DecodeError::Truncated {
+        need: FRAME_HEADER_LEN,
+        have: frame.len(),
+    })?;
+    if len != frame.len() {
+        return Err(DecodeError::Malformed(
+            "frame length disagrees with its header",
+        ));
+    }
+    let envelope = parse_frame_keyed(frame, keys)?;
+    if envelope.message.direction() != direction {
+        return Err(DecodeError::Malformed("frame sent in the wrong direction"));
+    }
+    Ok(envelope)
+}
+
 /// Splits a byte stream into authenticated envelopes, whatever the transport: push
 /// the bytes as they arrive, then pop frames until it returns `Ok(None)`.
 ///
@@ -504,7 +585,7 @@ pub fn decode_frame(bytes: &[u8], key: &Key) -> Result<(Envelope, usize), Decode
 /// the connection.
 #[derive(Debug)]
 pub struct FrameDecoder {
-    key: Key,
+    keys: FrameKeys,
     direction: Direction,
     buf: Vec<u8>,
     /// Bytes of `buf` already consumed; compacted lazily so popping is cheap.
@@ -513,10 +594,11 @@ pub struct FrameDecoder {
 }
 
 impl FrameDecoder {
-    /// A decoder for frames travelling in `direction`.
-    pub fn new(key: Key, direction: Direction) -> Self {
+    /// A decoder for frames travelling in `direction`, signed with `keys` (one key, or
+    /// [`FrameKeys::PerHost`]).
+    pub fn new(keys: impl Into<FrameKeys>, direction: Direction) -> Self {
         FrameDecoder {
-            key,
+            keys: keys.into(),
             direction,
             buf: Vec::new(),
             start: 0,
@@ -561,7 +643,7 @@ impl FrameDecoder {
         let Some(frame) = pending.get(..len) else {
             return Ok(None);
         };
-        let envelope = parse_frame(frame, &self.key)?;
+        let envelope = parse_frame_keyed(frame, &self.keys)?;
         if envelope.message.direction() != self.direction {
             return Err(DecodeError::Malformed("frame sent in the wrong direction"));
         }

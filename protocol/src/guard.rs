@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::ack::{decode_ack, Ack};
 use crate::error::{RejectCounters, RejectReason};
-use crate::heartbeat::{decode_heartbeat, Heartbeat};
+use crate::heartbeat::{decode_heartbeat_keyed, Heartbeat};
+use crate::hostkeys::HostKeys;
 use crate::ids::BootId;
 use crate::key::Key;
 
@@ -159,6 +160,20 @@ pub struct Accepted<'a> {
     pub heartbeat: Heartbeat<'a>,
     /// What it means for the host's epoch.
     pub freshness: Freshness,
+    /// It echoes this receiver's session (always true for a receiver without one): a
+    /// sign of life. False: authentic and not seen before by this process, but it may
+    /// have been recorded before this controller started, so it proves nothing; ack it
+    /// (without the "counts" flag) so that a live watchdog learns the session.
+    pub proven: bool,
+}
+
+/// Which key a heartbeat must be signed with.
+#[derive(Debug, Clone)]
+enum ReceiverKeys {
+    /// One key for every host (tests, tools).
+    Shared(Key),
+    /// Each enrolled host's own key; any other host id is refused.
+    PerHost(HostKeys),
 }
 
 /// The controller's heartbeat intake: decode, authenticate, check the cluster, then
@@ -168,20 +183,59 @@ pub struct Accepted<'a> {
 /// one). After warm-up, accepting a heartbeat allocates nothing.
 #[derive(Debug)]
 pub struct HeartbeatReceiver {
-    key: Key,
+    keys: ReceiverKeys,
     cluster_id: String,
     hosts: HashMap<String, ReplayGuard>,
     counters: RejectCounters,
+    /// The session heartbeats must echo to be proven; `None`: not checked.
+    session: Option<u64>,
 }
 
 impl HeartbeatReceiver {
-    /// A receiver for heartbeats of `cluster_id` signed with `key`.
+    /// A receiver for heartbeats of `cluster_id` all signed with `key`, without a
+    /// session (every accepted heartbeat is proven). For tests and tools; the
+    /// controller uses [`HeartbeatReceiver::per_host`].
     pub fn new(key: Key, cluster_id: impl Into<String>) -> Self {
         HeartbeatReceiver {
-            key,
+            keys: ReceiverKeys::Shared(key),
             cluster_id: cluster_id.into(),
             hosts: HashMap::new(),
             counters: RejectCounters::default(),
+            session: None,
+        }
+    }
+
+    /// A receiver for heartbeats of `cluster_id` from the hosts enrolled in `keys`,
+    /// each signed with its own key, proven only when they echo `session`.
+    pub fn per_host(keys: HostKeys, cluster_id: impl Into<String>, session: u64) -> Self {
+        HeartbeatReceiver {
+            keys: ReceiverKeys::PerHost(keys),
+            cluster_id: cluster_id.into(),
+            hosts: HashMap::new(),
+            counters: RejectCounters::default(),
+            session: Some(session),
+        }
+    }
+
+    /// The session heartbeats must echo, if checked.
+    pub fn session(&self) -> Option<u64> {
+        self.session
+    }
+
+    /// The key `host_id`'s heartbeats are signed with (and its acks must be).
+    pub fn key_for(&self, host_id: &str) -> Option<&Key> {
+        match &self.keys {
+            ReceiverKeys::Shared(key) => Some(key),
+            ReceiverKeys::PerHost(keys) => keys.get(host_id),
+        }
+    }
+
+    /// The enrolled hosts' keys, to enroll or revoke (`None` for a shared-key receiver).
+    /// A revoked host's replay state is dropped by [`HeartbeatReceiver::forget_host`].
+    pub fn host_keys_mut(&mut self) -> Option<&mut HostKeys> {
+        match &mut self.keys {
+            ReceiverKeys::Shared(_) => None,
+            ReceiverKeys::PerHost(keys) => Some(keys),
         }
     }
 
@@ -195,7 +249,11 @@ impl HeartbeatReceiver {
     }
 
     fn judge<'a>(&mut self, datagram: &'a [u8]) -> Result<Accepted<'a>, RejectReason> {
-        let heartbeat = decode_heartbeat(datagram, &self.key).map_err(|e| e.reason())?;
+        let heartbeat = match &self.keys {
+            ReceiverKeys::Shared(key) => decode_heartbeat_keyed(datagram, |_| Some(key)),
+            ReceiverKeys::PerHost(keys) => decode_heartbeat_keyed(datagram, |h| keys.get(h)),
+        }
+        .map_err(|e| e.reason())?;
         if heartbeat.cluster_id != self.cluster_id {
             return Err(RejectReason::UnknownCluster);
         }
@@ -207,6 +265,7 @@ impl HeartbeatReceiver {
         Ok(Accepted {
             heartbeat,
             freshness,
+            proven: self.session.is_none_or(|s| s == heartbeat.session),
         })
     }
 
@@ -231,7 +290,8 @@ impl HeartbeatReceiver {
 /// heartbeats?
 ///
 /// It does not refuse duplicate acks (several controllers may ack the same
-/// heartbeat). Replays cannot fake reachability anyway: what counts is
+/// heartbeat). Only acks with the "counts" flag ([`Ack::counts`]) move reachability;
+/// the others are returned (for their session) and change nothing here. Replays cannot fake reachability anyway: what counts is
 /// [`AckReceiver::newest_acked_send_mono_ns`], the send time of the newest
 /// heartbeat any controller answered, which the MAC protects. The watchdog's
 /// isolation timeout runs from that instant, not from when an ack arrived.
@@ -299,6 +359,11 @@ impl AckReceiver {
         }
         if ack.sequence > highest_sent {
             return Err(RejectReason::NotForUs);
+        }
+        if !ack.counts {
+            // Authentic and ours, but from a follower or for a heartbeat that echoed an
+            // old session: it teaches the session, and says nothing about reachability.
+            return Ok(ack);
         }
         let newest = self.newest_acked_send_mono_ns.get_or_insert(0);
         *newest = (*newest).max(ack.echoed_sent_mono_ns);

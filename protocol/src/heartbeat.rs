@@ -20,14 +20,30 @@
 //! 76   1  self-fence state: 0 off, 1 armed, 2.. not armed, the code saying why
 //! 77   4  reason detail a (e.g. the qemu pid it may not kill)
 //! 81   4  reason detail b (e.g. that qemu's uid)
-//! 85   1  C = cluster id length (1..=64)
-//! 86   C  cluster id, UTF-8
+//! 85   8  controller session, echoed: the session of the newest ack heard on this path
+//!         (0: none yet); see below
+//! 93   1  C = cluster id length (1..=64)
+//! 94   C  cluster id, UTF-8
 //!  .   1  H = host id length (1..=253)
 //!  .   H  host id, UTF-8
 //!  .  32  HMAC-SHA256 over every byte before it
 //! ```
 //!
-//! Version 1 (watchdogs before the self-fence block) lacks bytes 72..85. It is still
+//! # Freshness across controller restarts: the echoed session
+//!
+//! Every controller process draws a random, non-zero 64-bit session at start and puts it
+//! in every ack ([`crate::Ack::session`]). The watchdog echoes, in each heartbeat it sends
+//! on a path, the session of the newest ack it got on that path. The controller counts a
+//! heartbeat as a sign of life only when it echoes the controller's own session: a
+//! heartbeat recorded before the controller restarted (a dead host's, replayed) carries
+//! an older session and proves nothing, however fresh its sequence number looks to the
+//! new process's empty replay window. Such a heartbeat is still acked, with the ack's
+//! "counts" flag clear, so a live watchdog learns the new session one interval after a
+//! controller restart. Nothing is persisted for this, so it costs no store write.
+//!
+//! Version 2 (watchdogs before the session) lacks bytes 85..93 and is decoded with
+//! session 0, which never proves a sign of life to a controller that checks sessions.
+//! Version 1 (watchdogs before the self-fence block) also lacks bytes 72..85. It is still
 //! decoded, with its self-fence reported as [`SelfFence::NotArmed`] for
 //! [`NotArmed::Unproven`], whatever its bit 2 says: such a watchdog proved neither that
 //! it may kill its qemus nor which timeout it keeps, so its silence must not count as a
@@ -41,24 +57,28 @@ use crate::wire::{self, Reader};
 /// Kind byte of a heartbeat.
 pub const KIND_HEARTBEAT: u8 = 1;
 
-/// The heartbeat layout this build sends: 2, with the self-fence block. Version 1
-/// (without it) is still accepted from older watchdogs.
-pub const HEARTBEAT_VERSION: u8 = 2;
-const DECODED_VERSIONS: [u8; 2] = [1, HEARTBEAT_VERSION];
+/// The heartbeat layout this build sends: 3, with the echoed controller session.
+/// Versions 1 (without the self-fence block) and 2 (without the session) are still
+/// decoded from older watchdogs.
+pub const HEARTBEAT_VERSION: u8 = 3;
+const DECODED_VERSIONS: [u8; 3] = [1, 2, HEARTBEAT_VERSION];
 
-const FIXED_LEN: usize = 85;
+const FIXED_LEN: usize = 93;
 /// The self-fence block's length (absent in version 1).
 const SELF_FENCE_LEN: usize = 13;
+/// The echoed session's length (absent in versions 1 and 2).
+const SESSION_LEN: usize = 8;
 const FLAG_ISOLATED: u8 = 1 << 0;
 const FLAG_LIBVIRT_REACHABLE: u8 = 1 << 1;
 const FLAG_SELF_FENCE_ARMED: u8 = 1 << 2;
 const KNOWN_FLAGS: u8 = FLAG_ISOLATED | FLAG_LIBVIRT_REACHABLE | FLAG_SELF_FENCE_ARMED;
 
-/// Longest valid heartbeat (longest ids): 436 bytes.
+/// Longest valid heartbeat (longest ids): 444 bytes.
 pub const MAX_HEARTBEAT_LEN: usize =
     FIXED_LEN + 1 + MAX_CLUSTER_ID_LEN + 1 + MAX_HOST_ID_LEN + MAC_LEN;
 /// Shortest valid heartbeat (one-byte ids; version 1, without the self-fence block).
-pub const MIN_HEARTBEAT_LEN: usize = FIXED_LEN - SELF_FENCE_LEN + 1 + 1 + 1 + 1 + MAC_LEN;
+pub const MIN_HEARTBEAT_LEN: usize =
+    FIXED_LEN - SELF_FENCE_LEN - SESSION_LEN + 1 + 1 + 1 + 1 + MAC_LEN;
 
 /// The watchdog's self-fence as its heartbeats report it.
 ///
@@ -285,6 +305,9 @@ pub struct Heartbeat<'a> {
     pub sent_mono_ns: u64,
     /// Which network path (index in the watchdog's configured list) this copy took.
     pub path_index: u8,
+    /// The controller session this watchdog last heard on this path, echoed (0: none
+    /// yet). See the module docs.
+    pub session: u64,
     /// The status summary.
     pub status: HostStatus,
 }
@@ -329,6 +352,7 @@ impl Heartbeat<'_> {
         out.push(state);
         out.extend_from_slice(&a.to_be_bytes());
         out.extend_from_slice(&b.to_be_bytes());
+        out.extend_from_slice(&self.session.to_be_bytes());
         wire::put_short_str(out, self.cluster_id);
         wire::put_short_str(out, self.host_id);
         wire::append_mac(out, key);
@@ -350,6 +374,16 @@ pub fn encode_heartbeat(heartbeat: &Heartbeat<'_>, key: &Key) -> Result<Vec<u8>,
 /// cluster id, sequence and incarnation are the receiver's business
 /// ([`crate::HeartbeatReceiver`]).
 pub fn decode_heartbeat<'a>(datagram: &'a [u8], key: &Key) -> Result<Heartbeat<'a>, DecodeError> {
+    decode_heartbeat_keyed(datagram, |_| Some(key))
+}
+
+/// [`decode_heartbeat`] with a key per host: `key_for` is asked for the key of the host
+/// id the datagram names (after the structure has been checked, before the MAC is);
+/// `None` refuses it as [`DecodeError::UnknownHost`] without computing a MAC.
+pub fn decode_heartbeat_keyed<'a, 'k>(
+    datagram: &'a [u8],
+    key_for: impl FnOnce(&str) -> Option<&'k Key>,
+) -> Result<Heartbeat<'a>, DecodeError> {
     if datagram.len() > MAX_HEARTBEAT_LEN {
         return Err(DecodeError::Oversize {
             len: datagram.len(),
@@ -394,8 +428,10 @@ pub fn decode_heartbeat<'a>(datagram: &'a [u8], key: &Key) -> Result<Heartbeat<'
         }
         self_fence
     };
+    let session = if version >= 3 { r.u64()? } else { 0 };
     let cluster_id = r.short_str(check_cluster_id, "invalid cluster id")?;
     let host_id = r.short_str(check_host_id, "invalid host id")?;
+    let key = key_for(host_id).ok_or(DecodeError::UnknownHost)?;
     wire::check_trailing_mac(datagram, &r, key)?;
     Ok(Heartbeat {
         cluster_id,
@@ -406,6 +442,7 @@ pub fn decode_heartbeat<'a>(datagram: &'a [u8], key: &Key) -> Result<Heartbeat<'
         sent_unix_ns,
         sent_mono_ns,
         path_index,
+        session,
         status: HostStatus {
             vm_count,
             stalled_vm_count,

@@ -88,24 +88,27 @@ mod error;
 pub mod frame;
 mod guard;
 pub mod heartbeat;
+mod hostkeys;
 mod ids;
 mod key;
 mod wire;
 
-pub use ack::{decode_ack, encode_ack, Ack, KIND_ACK, MAX_ACK_LEN};
+pub use ack::{decode_ack, encode_ack, Ack, ACK_VERSION, KIND_ACK, MAX_ACK_LEN};
 pub use error::{DecodeError, EncodeError, RejectCounters, RejectReason};
 pub use frame::{
-    decode_frame, encode_frame, Direction, Envelope, Event, EventPayload, FrameDecoder, Message,
-    VmInfo, FRAME_HEADER_LEN, KIND_FRAME, MAX_FRAME_BODY_LEN, MAX_FRAME_LEN,
+    decode_frame, decode_frame_keyed, encode_frame, Direction, Envelope, Event, EventPayload,
+    FrameDecoder, FrameKeys, Message, VmInfo, FRAME_HEADER_LEN, KIND_FRAME, MAX_FRAME_BODY_LEN,
+    MAX_FRAME_LEN,
 };
 pub use guard::{
     Accepted, AckReceiver, EventDedup, EventVerdict, Freshness, HeartbeatReceiver, ReplayGuard,
     SequenceWindow, REORDER_WINDOW,
 };
 pub use heartbeat::{
-    decode_heartbeat, encode_heartbeat, Heartbeat, HostStatus, NotArmed, SelfFence,
-    HEARTBEAT_VERSION, KIND_HEARTBEAT, MAX_HEARTBEAT_LEN, MIN_HEARTBEAT_LEN,
+    decode_heartbeat, decode_heartbeat_keyed, encode_heartbeat, Heartbeat, HostStatus, NotArmed,
+    SelfFence, HEARTBEAT_VERSION, KIND_HEARTBEAT, MAX_HEARTBEAT_LEN, MIN_HEARTBEAT_LEN,
 };
+pub use hostkeys::{HostKeys, MasterKey};
 pub use ids::{
     check_cluster_id, check_controller_id, check_host_id, BootId, BootIdParseError, IdError,
     BOOT_ID_PATH, MAX_CLUSTER_ID_LEN, MAX_CONTROLLER_ID_LEN, MAX_HOST_ID_LEN,

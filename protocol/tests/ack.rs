@@ -25,6 +25,18 @@ fn an_ack_echoes_the_heartbeat_it_answers() {
 }
 
 #[test]
+fn an_ack_carries_the_controller_session_and_whether_it_counts() {
+    for counts in [true, false] {
+        let ack = ack_for(&heartbeat(7, 100))
+            .with_session(0x5e55_1011)
+            .counting(counts);
+        let bytes = encode_ack(&ack, &key()).unwrap();
+        let back = decode_ack(&bytes, &key()).unwrap();
+        assert_eq!((back.session, back.counts), (0x5e55_1011, counts));
+    }
+}
+
+#[test]
 fn the_longest_possible_ack_fits_the_declared_maximum() {
     let host = "h".repeat(protocol::MAX_HOST_ID_LEN);
     let cluster = "c".repeat(protocol::MAX_CLUSTER_ID_LEN);
@@ -87,9 +99,9 @@ fn a_heartbeat_reflected_back_as_an_ack_is_rejected_for_its_kind() {
 }
 
 #[test]
-fn an_ack_with_its_reserved_byte_set_is_rejected_as_malformed() {
+fn an_ack_with_a_reserved_flag_bit_set_is_rejected_as_malformed() {
     let mut bytes = encode_ack(&ack_for(&heartbeat(7, 100)), &key()).unwrap();
-    bytes[7] = 1;
+    bytes[7] |= 2;
     assert!(matches!(
         decode_ack(&bytes, &key()),
         Err(DecodeError::Malformed(_))

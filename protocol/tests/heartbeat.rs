@@ -116,9 +116,39 @@ fn version_one(armed: bool) -> Vec<u8> {
     if armed {
         v1[7] |= 0b100;
     }
-    v1.extend_from_slice(&bytes[85..bytes.len() - MAC_LEN]);
+    v1.extend_from_slice(&bytes[93..bytes.len() - MAC_LEN]);
     v1.extend_from_slice(&[0; MAC_LEN]);
     resign(v1)
+}
+
+/// A version 2 datagram, as watchdogs before the echoed session sent it.
+fn version_two(hb: &protocol::Heartbeat<'_>) -> Vec<u8> {
+    let bytes = encode_heartbeat(hb, &key()).unwrap();
+    let mut v2 = bytes[..85].to_vec();
+    v2[4] = 2;
+    v2.extend_from_slice(&bytes[93..bytes.len() - MAC_LEN]);
+    v2.extend_from_slice(&[0; MAC_LEN]);
+    resign(v2)
+}
+
+#[test]
+fn a_version_two_heartbeat_is_still_decoded_with_session_zero() {
+    let mut hb = heartbeat(7, 100);
+    hb.session = 99;
+    let bytes = version_two(&hb);
+    let back = decode_heartbeat(&bytes, &key()).unwrap();
+    assert_eq!(back.session, 0);
+    assert_eq!(back.status, hb.status);
+    assert_eq!(version_two(&hb).len() + 8, encoded().len());
+}
+
+#[test]
+fn a_heartbeat_carries_the_session_it_echoes() {
+    let mut hb = heartbeat(7, 100);
+    hb.session = 0xfeed_beef_0000_0001;
+    let bytes = encode_heartbeat(&hb, &key()).unwrap();
+    assert_eq!(bytes[85..93], hb.session.to_be_bytes());
+    assert_eq!(decode_heartbeat(&bytes, &key()).unwrap(), hb);
 }
 
 #[test]
@@ -137,7 +167,7 @@ fn a_version_one_heartbeat_is_still_accepted_but_its_armed_flag_counts_as_unprov
     assert_eq!(armed.host_id, HOST);
     let off = decode_heartbeat(&off_bytes, &key()).unwrap();
     assert_eq!(off.status.self_fence, SelfFence::Off);
-    assert_eq!(version_one(false).len() + 13, encoded().len());
+    assert_eq!(version_one(false).len() + 13 + 8, encoded().len());
 }
 
 #[test]
@@ -161,7 +191,7 @@ fn an_unknown_not_armed_code_from_a_newer_watchdog_decodes_as_not_armed() {
 fn the_encoded_heartbeat_starts_with_the_documented_fixed_layout() {
     let bytes = encoded();
     assert_eq!(&bytes[0..4], b"DFIB");
-    assert_eq!(bytes[4], 2, "heartbeat layout version");
+    assert_eq!(bytes[4], 3, "heartbeat layout version");
     assert_eq!(bytes[5], 1, "kind");
     assert_eq!(bytes[6], 0, "path index");
     assert_eq!(bytes[7], 0b10, "flags: libvirt reachable only");
@@ -171,10 +201,11 @@ fn the_encoded_heartbeat_starts_with_the_documented_fixed_layout() {
     assert_eq!(bytes[56..60], 42u32.to_be_bytes(), "vm count");
     assert_eq!(bytes[72..76], [0; 4], "self-fence timeout: off");
     assert_eq!(bytes[76], 0, "self-fence state: off");
-    assert_eq!(bytes[85] as usize, CLUSTER.len());
+    assert_eq!(bytes[85..93], [0; 8], "echoed session: none yet");
+    assert_eq!(bytes[93] as usize, CLUSTER.len());
     assert_eq!(
         bytes.len(),
-        85 + 1 + CLUSTER.len() + 1 + HOST.len() + MAC_LEN
+        93 + 1 + CLUSTER.len() + 1 + HOST.len() + MAC_LEN
     );
 }
 
@@ -276,10 +307,10 @@ fn a_datagram_of_another_protocol_is_rejected_for_its_magic() {
 #[test]
 fn a_heartbeat_of_another_protocol_version_is_rejected_for_its_version() {
     let mut bytes = encoded();
-    bytes[4] = 3;
+    bytes[4] = 4;
     assert_eq!(
         decode_heartbeat(&bytes, &key()),
-        Err(DecodeError::UnsupportedVersion(3))
+        Err(DecodeError::UnsupportedVersion(4))
     );
 }
 

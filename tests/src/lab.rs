@@ -220,9 +220,11 @@ api_token_file = {token:?}
 store_path = {store:?}
 backend = "{backend}"
 
+{intake}
 {tls}
 {extra}
 "#,
+            intake = self.intake_section(),
             key = self.path("cluster.key").display().to_string(),
             token = self.path("api.token").display().to_string(),
             tls = self.certs().tls_section(),
@@ -296,9 +298,11 @@ backend = "{backend}"
 [etcd]
 endpoints = {endpoints:?}
 
+{intake}
 {tls}
 {extra}
 "#,
+            intake = self.intake_section(),
             key = self.path("cluster.key").display().to_string(),
             token = self.path("api.token").display().to_string(),
             tls = self.certs().tls_section(),
@@ -421,6 +425,29 @@ endpoints = {endpoints:?}
         }
     }
 
+    /// The controllers' `[intake]` section: every lab host enrolled by the configuration;
+    /// the lab's hosts share a source address, so the per-source heartbeat rate is raised
+    /// to fit them all.
+    fn intake_section(&self) -> String {
+        format!(
+            "[intake]\nenrolled_hosts = {:?}\nheartbeat_rate_per_source = 5000\n\
+             heartbeat_burst_per_source = 10000\n",
+            self.host_names
+        )
+    }
+
+    /// Lab host `h`'s own key file (derived from the master key, as `defibctl hosts
+    /// enroll` hands it out), written on first use with mode 0600.
+    pub fn host_key_file(&self, h: usize) -> PathBuf {
+        let path = self.path(&format!("wd{h}.key"));
+        if !path.exists() {
+            let master = protocol::MasterKey::new(KEY.as_bytes()).expect("lab master key");
+            crate::write_secret(&path, master.host_key_text(&self.host_names[h]))
+                .expect("host key");
+        }
+        path
+    }
+
     pub fn start_watchdogs(&mut self, spec: &LabSpec) {
         for h in 0..spec.hosts {
             let state = self.path(&format!("wd{h}-state"));
@@ -450,7 +477,7 @@ key_file = {key:?}
 "#,
                 id = self.host_names[h],
                 state = state.display().to_string(),
-                key = self.path("cluster.key").display().to_string(),
+                key = self.host_key_file(h).display().to_string(),
                 heartbeat_addrs = self.watchdog_heartbeat_addrs(),
                 event_addrs = self.watchdog_event_addrs(),
                 extra = extra,

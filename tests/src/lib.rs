@@ -27,6 +27,7 @@ pub mod logs;
 pub mod netns;
 pub mod novalab;
 pub mod pacemaker;
+pub mod simhosts;
 pub mod tmpfs;
 
 /// A short tag unique to this test process and call, for names of namespaces and files.

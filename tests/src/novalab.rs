@@ -418,6 +418,7 @@ impl Controller {
                 heard: Vec::new(),
                 end_on_store_failure: false,
                 role: Default::default(),
+                enrollment: None,
             };
             let (task, channels) = EngineTask::new(parts, |links| Edges {
                 fencer: Box::new(TestFencer { asked: fence_tx }),

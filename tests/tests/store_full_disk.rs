@@ -16,9 +16,8 @@ use controller::engine::{HostId, Intent};
 use controller::store::{SqliteStore, Store};
 use defib_tests::tmpfs::Tmpfs;
 use defib_tests::{is_root, require};
-use protocol::{encode_heartbeat, BootId, Heartbeat, HostStatus, Key};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::TcpStream;
 
 const KEY: &[u8] = b"full-disk-test-key-0123456789abcdef";
 
@@ -34,7 +33,8 @@ async fn start(dir: &Path, store: &Path) -> Controller {
     let text = format!(
         "[controller]\nid = \"ctl-t\"\ncluster_id = \"t\"\nkey_file = {:?}\n\
          heartbeat_listen = [\"127.0.0.1:0\"]\nevent_listen = \"127.0.0.1:0\"\n\
-         api_listen = \"127.0.0.1:0\"\nstore_path = {:?}\n[api]\ninsecure_no_token = true\n",
+         api_listen = \"127.0.0.1:0\"\nstore_path = {:?}\n[api]\ninsecure_no_token = true\n\
+         [intake]\nenrolled_hosts = [\"h0\", \"h1\", \"h2\", \"h3\"]\n",
         dir.join("key").display().to_string(),
         store.display().to_string()
     );
@@ -58,35 +58,11 @@ async fn start(dir: &Path, store: &Path) -> Controller {
     Controller { bound, stop, task }
 }
 
-/// Heartbeats every 100 ms from each host in `alive` to `to`.
+/// Heartbeats every 100 ms from each host in `alive` to `to`, each signed with its own
+/// key and echoing the controller's session.
 fn heartbeats(to: std::net::SocketAddr, alive: Arc<Mutex<BTreeSet<String>>>) {
-    tokio::spawn(async move {
-        let key = Key::new(KEY).unwrap();
-        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let mut every = tokio::time::interval(Duration::from_millis(100));
-        for seq in 1u64.. {
-            every.tick().await;
-            let hosts: Vec<String> = alive.lock().unwrap().iter().cloned().collect();
-            for host in hosts {
-                let datagram = encode_heartbeat(
-                    &Heartbeat {
-                        cluster_id: "t",
-                        host_id: &host,
-                        boot_id: BootId([7; 16]),
-                        incarnation: 5,
-                        sequence: seq,
-                        sent_unix_ns: seq * 100_000_000,
-                        sent_mono_ns: seq * 100_000_000,
-                        path_index: 0,
-                        status: HostStatus::default(),
-                    },
-                    &key,
-                )
-                .unwrap();
-                let _ = sock.send_to(&datagram, to).await;
-            }
-        }
-    });
+    let master = protocol::MasterKey::new(KEY).unwrap();
+    defib_tests::simhosts::spawn_heartbeats(to, master, "t", alive);
 }
 
 /// One HTTP request to the API: (status, body).

@@ -8,6 +8,8 @@
 //! | `GET /v1/hosts/{id}` | yes | one host and its resources ([`HostResponse`]) |
 //! | `PUT /v1/hosts/{id}/maintenance` | yes | body `{"on": true\|false}` |
 //! | `POST /v1/hosts/{id}/unfence` | yes | trust a fenced host again |
+//! | `POST /v1/hosts/{id}/enrollment` | yes | enroll a host; the answer carries its key ([`EnrollmentResponse`]) |
+//! | `DELETE /v1/hosts/{id}/enrollment` | yes | revoke a host: its heartbeats and streams are refused |
 //! | `GET /v1/vms[?host=ID]` | yes | resources ([`VmsResponse`]) |
 //! | `GET /v1/incidents` | yes | incidents without their timelines ([`IncidentsResponse`]) |
 //! | `GET /v1/incidents/{id}` | yes | one incident with its timeline ([`IncidentResponse`]); `12` or `i12` |
@@ -91,6 +93,7 @@ pub fn router(handle: ApiHandle, token: Option<String>) -> Router {
         .route("/hosts/{id}", get(host))
         .route("/hosts/{id}/maintenance", put(maintenance))
         .route("/hosts/{id}/unfence", post(unfence))
+        .route("/hosts/{id}/enrollment", post(enroll).delete(revoke))
         .route("/vms", get(vms))
         .route("/incidents", get(incidents))
         .route("/incidents/{id}", get(incident))
@@ -402,12 +405,51 @@ async fn unfence(
     }))
 }
 
+/// Enrolls a host: from now on its heartbeats and streams are taken, signed with its own
+/// key, which the answer carries (install it as the host's `controller.key_file`).
+async fn enroll(
+    State(state): State<AppState>,
+    Path(host): Path<String>,
+) -> ApiResult<EnrollmentResponse> {
+    let h = host.clone();
+    let key = send_command(&state, move |reply| Command::Enrollment {
+        host: h,
+        enroll: true,
+        reply,
+    })
+    .await?;
+    Ok(Json(EnrollmentResponse {
+        host,
+        enrolled: true,
+        key,
+    }))
+}
+
+/// Revokes a host: its heartbeats and streams are refused from the next one on.
+async fn revoke(
+    State(state): State<AppState>,
+    Path(host): Path<String>,
+) -> ApiResult<EnrollmentResponse> {
+    let h = host.clone();
+    send_command(&state, move |reply| Command::Enrollment {
+        host: h,
+        enroll: false,
+        reply,
+    })
+    .await?;
+    Ok(Json(EnrollmentResponse {
+        host,
+        enrolled: false,
+        key: None,
+    }))
+}
+
 /// Hands a command to the engine and waits (at most [`COMMAND_TIMEOUT`], queueing
 /// included) for its answer; a refusal is 409 with the engine's reason.
-async fn send_command(
+async fn send_command<T>(
     state: &AppState,
-    make: impl FnOnce(oneshot::Sender<Result<(), String>>) -> Command,
-) -> Result<(), ApiError> {
+    make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Command,
+) -> Result<T, ApiError> {
     let (tx, rx) = oneshot::channel();
     let command = make(tx);
     let exchange = async {
@@ -418,7 +460,7 @@ async fn send_command(
             .await
             .map_err(|_| ApiError::unavailable("the engine is not running"))?;
         match rx.await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(answer)) => Ok(answer),
             Ok(Err(reason)) => Err(ApiError::new(StatusCode::CONFLICT, reason)),
             Err(_) => Err(ApiError::unavailable(
                 "the engine dropped the command without answering",

@@ -175,6 +175,13 @@ fn app(token: Option<&str>, engine: Engine) -> (Router, Arc<Metrics>) {
                                 Err(format!("{host} is not fenced"))
                             });
                         }
+                        Command::Enrollment {
+                            host,
+                            enroll,
+                            reply,
+                        } => {
+                            let _ = reply.send(Ok(enroll.then(|| format!("key-of-{host}"))));
+                        }
                     }
                 }
             });

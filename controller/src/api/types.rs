@@ -98,6 +98,18 @@ pub struct UnfenceResponse {
     pub unfenced: bool,
 }
 
+/// Answer to `POST` and `DELETE /v1/hosts/{id}/enrollment`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EnrollmentResponse {
+    pub host: String,
+    pub enrolled: bool,
+    /// On enrollment: the host's key file contents (64 hex characters), to be written to
+    /// the host's `controller.key_file` with mode 0600. It is derived from the master
+    /// key, so asking again gives the same key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
 /// Every error: `{"error": "..."}` with a matching HTTP status.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ErrorBody {

@@ -136,6 +136,13 @@ pub enum Command {
         host: String,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// Enroll (`enroll = true`, answered with the host's key file contents) or revoke a
+    /// host: which hosts the controller takes heartbeats and streams from.
+    Enrollment {
+        host: String,
+        enroll: bool,
+        reply: oneshot::Sender<Result<Option<String>, String>>,
+    },
 }
 
 /// What the API needs from the runtime.

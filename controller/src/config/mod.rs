@@ -37,6 +37,48 @@ pub struct ControllerConfig {
     pub etcd: EtcdSection,
     pub api: ApiSection,
     pub tls: TlsSection,
+    pub intake: IntakeSection,
+}
+
+/// `[intake]`: what one source may cost the controller on the watchdog ports. The
+/// defaults fit a cloud whose hosts each have their own address; a source that stands
+/// for many hosts (a NAT, a test bed) needs a higher heartbeat rate.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntakeSection {
+    /// Heartbeat datagrams per second one source address may send on average; over
+    /// it they are dropped before their MAC is checked (counted as
+    /// `source_over_rate`). 0: no limit. A watchdog sends 10/s per path.
+    pub heartbeat_rate_per_source: u64,
+    /// How many datagrams one source may send at once.
+    pub heartbeat_burst_per_source: u64,
+    /// Event streams open at once from one source address; more are closed at accept.
+    pub stream_connections_per_source: usize,
+    /// Event streams open at once in total.
+    pub stream_connections_total: usize,
+    /// A new event stream must complete its `Hello` within this (slowloris).
+    pub stream_handshake_timeout_ms: u64,
+    /// An event stream with no frame from the watchdog for this long is closed (the
+    /// watchdog reconnects and resends what was not acked).
+    pub stream_idle_timeout_ms: u64,
+    /// Hosts enrolled by this file, in addition to those enrolled in the store with
+    /// `defibctl hosts enroll` (for clouds whose host list lives in configuration
+    /// management). They cannot be revoked through the API: remove them here.
+    pub enrolled_hosts: Vec<String>,
+}
+
+impl Default for IntakeSection {
+    fn default() -> Self {
+        Self {
+            heartbeat_rate_per_source: 200,
+            heartbeat_burst_per_source: 400,
+            stream_connections_per_source: 8,
+            stream_connections_total: 16_384,
+            stream_handshake_timeout_ms: 10_000,
+            stream_idle_timeout_ms: 300_000,
+            enrolled_hosts: Vec::new(),
+        }
+    }
 }
 
 /// `[api]`: how the REST API treats its clients (its address and token file are
@@ -114,7 +156,8 @@ pub struct ControllerSection {
     pub id: String,
     /// Only heartbeats and streams of this cluster are taken in.
     pub cluster_id: String,
-    /// HMAC key shared with every watchdog (≥ 16 bytes).
+    /// The master key (≥ 16 bytes, mode 0600): each enrolled host's HMAC key is derived
+    /// from it by HKDF over the host id (`defibctl hosts enroll` prints a host's key).
     pub key_file: PathBuf,
     /// UDP addresses for heartbeats, one per network path.
     pub heartbeat_listen: Vec<String>,
@@ -260,7 +303,8 @@ pub struct Resolved {
     /// Each configured host's fence levels, secrets read.
     pub fence: Arc<FenceTable>,
     pub verify: VerifyPolicy,
-    pub key: protocol::Key,
+    /// The master key every host's key derives from (`controller.key_file`).
+    pub master: protocol::MasterKey,
     /// `None` only with `api.insecure_no_token`.
     pub api_token: Option<String>,
     /// With `[tls]`: the certificate and key, ready for every TLS listener.
@@ -330,8 +374,44 @@ impl ControllerConfig {
             .api_listen
             .parse()
             .map_err(|e| invalid("controller.api_listen", format!("not ip:port: {e}")))?;
-        let key = protocol::load_key(&c.key_file)
+        let master = protocol::MasterKey::load(&c.key_file)
             .map_err(|e| invalid("controller.key_file", e.to_string()))?;
+        let i = &self.intake;
+        if i.heartbeat_rate_per_source > 0 && i.heartbeat_burst_per_source == 0 {
+            return Err(invalid(
+                "intake.heartbeat_burst_per_source",
+                "must be at least 1 when intake.heartbeat_rate_per_source is set",
+            ));
+        }
+        for h in &i.enrolled_hosts {
+            protocol::check_host_id(h)
+                .map_err(|e| invalid("intake.enrolled_hosts", format!("{h:?}: {e}")))?;
+        }
+        for (field, v) in [
+            (
+                "intake.stream_connections_per_source",
+                i.stream_connections_per_source,
+            ),
+            (
+                "intake.stream_connections_total",
+                i.stream_connections_total,
+            ),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, "must be at least 1"));
+            }
+        }
+        for (field, v) in [
+            (
+                "intake.stream_handshake_timeout_ms",
+                i.stream_handshake_timeout_ms,
+            ),
+            ("intake.stream_idle_timeout_ms", i.stream_idle_timeout_ms),
+        ] {
+            if v < 100 {
+                return Err(invalid(field, "must be at least 100 ms"));
+            }
+        }
         let api_token = match &c.api_token_file {
             Some(p) => {
                 let t = std::fs::read_to_string(p).map_err(|e| {
@@ -411,7 +491,7 @@ impl ControllerConfig {
             cfg: self,
             fence: Arc::new(fence),
             verify,
-            key,
+            master,
             api_token,
             tls,
             heartbeat_addrs,

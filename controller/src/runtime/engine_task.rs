@@ -28,6 +28,7 @@ use std::time::Duration;
 use protocol::{EventDedup, EventVerdict};
 use tokio::sync::{mpsc, watch};
 
+use super::enrollment::Enrollment;
 use super::host_view::HostFactsPublisher;
 use super::intake::{EventStored, HeartbeatSeen, Intake};
 use super::translate::{heartbeat, host_event};
@@ -137,6 +138,8 @@ pub struct EngineTask {
     heard: Vec<(HostId, crate::engine::PathId, Duration)>,
     end_on_store_failure: bool,
     role: RoleSnapshot,
+    /// Enrolls and revokes hosts in this task's store (`None` in tests without it).
+    enrollment: Option<Arc<Enrollment>>,
 }
 
 /// Channels the rest of the runtime uses to talk to the engine task.
@@ -185,6 +188,8 @@ pub struct EngineTaskParts {
     pub end_on_store_failure: bool,
     /// The role shown in snapshots.
     pub role: RoleSnapshot,
+    /// Enrolls and revokes hosts (operator commands), `None`: refused.
+    pub enrollment: Option<Arc<Enrollment>>,
 }
 
 impl EngineTask {
@@ -234,6 +239,7 @@ impl EngineTask {
             stopped: None,
             heard: parts.heard,
             end_on_store_failure: parts.end_on_store_failure,
+            enrollment: parts.enrollment,
             role: parts.role,
         };
         Ok((
@@ -459,6 +465,19 @@ impl EngineTask {
 
     fn on_command(&mut self, cmd: Command) {
         let (op, reply) = match cmd {
+            Command::Enrollment {
+                host,
+                enroll,
+                reply,
+            } => {
+                let answer = match (&self.stopped, &self.enrollment) {
+                    (Some(failure), _) => Err(failure.refusal()),
+                    (None, None) => Err("enrollment is not managed by this controller".into()),
+                    (None, Some(e)) => e.change(self.store.as_mut(), &host, enroll),
+                };
+                let _ = reply.send(answer);
+                return;
+            }
             Command::Maintenance { host, on, reply } => {
                 let host = HostId::new(host);
                 let op = if on {

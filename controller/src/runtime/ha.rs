@@ -35,6 +35,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::engine_task::{snapshot_of, EngineTask, EngineTaskParts, HostInfo};
+use super::enrollment::{self, Enrollment};
 use super::intake::Intake;
 use super::{bind, note_stored_definitions, serve_api, serve_intake, EdgeFactory, Sockets};
 use crate::api::view::{
@@ -127,6 +128,7 @@ impl Term {
                             heard,
                             end_on_store_failure: true,
                             role: RoleSnapshot::default(),
+                            enrollment: Some(ctx.enrollment.clone()),
                         };
                         let factory = ctx.factory.clone();
                         Ok(EngineTask::new(parts, |links| factory.build(links))?)
@@ -180,6 +182,7 @@ struct TermContext {
     factory: EdgeFactory,
     metrics: Arc<Metrics>,
     streams: Arc<HostStreams>,
+    enrollment: Arc<Enrollment>,
 }
 
 /// What the controller knows while it follows.
@@ -199,6 +202,8 @@ struct Follower {
     read_at: Option<Instant>,
     /// Why the last read failed.
     read_error: Option<String>,
+    /// Where the enrolled hosts read with the picture go (to the intake).
+    enrollment: Arc<Enrollment>,
 }
 
 /// Runs one of several controllers until `shutdown`.
@@ -218,6 +223,33 @@ pub async fn run(
         bound,
     } = bind(&resolved).await?;
     let (intake_tx, mut intake_rx) = mpsc::channel(65_536);
+    // The enrolled hosts as etcd holds them now; a follower re-reads them with its
+    // picture, a leader's engine task changes them.
+    let first_read = {
+        let e = etcd.clone();
+        tokio::task::spawn_blocking(move || {
+            let store = EtcdStore::open(e.endpoints, e.call_timeout, e.prefix, None, None)?;
+            enrollment::read(&store)
+        })
+        .await
+    };
+    let enrolled = match first_read {
+        Ok(Ok(hosts)) => hosts,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot read the enrolled hosts from etcd yet: none until the next read");
+            Vec::new()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the enrolled hosts failed");
+            Vec::new()
+        }
+    };
+    let (enrolled_tx, enrolled_rx) = watch::channel(enrolled);
+    let enrollment = Arc::new(Enrollment {
+        master: resolved.master.clone(),
+        tx: enrolled_tx,
+        configured: resolved.cfg.intake.enrolled_hosts.clone(),
+    });
     let hb_intake = serve_intake(
         &resolved,
         udp,
@@ -225,6 +257,7 @@ pub async fn run(
         intake_tx,
         metrics.clone(),
         streams.clone(),
+        enrolled_rx,
     );
     let acking = hb_intake.acking();
     acking.store(false, Ordering::SeqCst);
@@ -250,9 +283,11 @@ pub async fn run(
         factory,
         metrics: metrics.clone(),
         streams,
+        enrollment: enrollment.clone(),
     };
     let clock = crate::clock::EngineClock::start();
     let mut follower = Follower {
+        enrollment,
         hosts: BTreeMap::new(),
         store: None,
         settings: etcd.clone(),
@@ -509,6 +544,9 @@ fn refuse_command(cmd: Command, why: String) {
         Command::Maintenance { reply, .. } | Command::Unfence { reply, .. } => {
             let _ = reply.send(Err(why));
         }
+        Command::Enrollment { reply, .. } => {
+            let _ = reply.send(Err(why));
+        }
     }
 }
 
@@ -608,7 +646,20 @@ fn follower_snapshot(
             let cfg = cfg.clone();
             let (tx, rx) = oneshot::channel();
             f.reading = Some(rx);
+            let enrollment = f.enrollment.clone();
             tokio::task::spawn_blocking(move || {
+                match super::enrollment::read(&store) {
+                    Ok(hosts) => {
+                        enrollment.tx.send_if_modified(|current| {
+                            let changed = *current != hosts;
+                            if changed {
+                                *current = hosts;
+                            }
+                            changed
+                        });
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reading the enrolled hosts failed"),
+                }
                 let r = intent_log_snapshot(&store).and_then(|log| {
                     let hosts: Vec<HostId> = store
                         .event_high_waters()?

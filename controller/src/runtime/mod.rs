@@ -1,6 +1,7 @@
 //! The running controller: intake (UDP heartbeats, TCP event streams), the engine task
 //! that owns the pure engine and carries its actions out, the store, and what the API sees.
 pub mod engine_task;
+pub mod enrollment;
 pub mod ha;
 pub mod host_view;
 pub mod intake;
@@ -189,25 +190,43 @@ pub(crate) fn serve_intake(
     intake_tx: tokio::sync::mpsc::Sender<intake::Intake>,
     metrics: Arc<Metrics>,
     streams: Arc<libvirt::HostStreams>,
+    enrolled: tokio::sync::watch::Receiver<Vec<String>>,
 ) -> Arc<HeartbeatIntake> {
     let cfg = &resolved.cfg;
     let c = &cfg.controller;
     // Forward at most four heartbeats per host and path per interval to the engine.
     let forward_every_ms = (cfg.detector.heartbeat_interval_ms / 4).max(1);
-    let hb_intake = HeartbeatIntake::new(
-        resolved.key.clone(),
+    let session = new_session();
+    tracing::info!(session = format!("{session:016x}"), "heartbeat session");
+    let receiver = protocol::HeartbeatReceiver::per_host(
+        protocol::HostKeys::new(resolved.master.clone()),
         &c.cluster_id,
+        session,
+    );
+    let hb_intake = HeartbeatIntake::new(
+        receiver,
+        intake::SourceRate {
+            per_s: cfg.intake.heartbeat_rate_per_source,
+            burst: cfg.intake.heartbeat_burst_per_source,
+        },
         &c.id,
         forward_every_ms,
         intake_tx.clone(),
         metrics.clone(),
     );
+    let configured = cfg.intake.enrolled_hosts.clone();
+    hb_intake.set_enrolled(&enrollment::union(&enrolled.borrow(), &configured));
+    tokio::spawn(enrollment::apply(enrolled, configured, hb_intake.clone()));
     for socket in udp {
         tokio::spawn(intake::serve_heartbeats(socket, hb_intake.clone()));
     }
+    let keys_of = hb_intake.clone();
     tokio::spawn(intake::serve_events(
         events,
-        resolved.key.clone(),
+        intake::StreamSettings::new(
+            protocol::FrameKeys::PerHost(Arc::new(move |h: &str| keys_of.key_for(h))),
+            &cfg.intake,
+        ),
         c.cluster_id.clone(),
         c.id.clone(),
         intake_tx,
@@ -215,6 +234,20 @@ pub(crate) fn serve_intake(
         streams,
     ));
     hb_intake
+}
+
+/// A random, non-zero session for this process (protocol::heartbeat, "Freshness").
+fn new_session() -> u64 {
+    use std::io::Read as _;
+    let mut buf = [0u8; 8];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf));
+    let random = u64::from_ne_bytes(buf);
+    if read.is_err() || random == 0 {
+        // No randomness: time and pid still differ between two runs of this process.
+        let t = unix_ms() ^ (u64::from(std::process::id()) << 40);
+        return t.max(1);
+    }
+    random
 }
 
 /// Serves the REST API and /metrics: HTTPS with `[tls]`, else plain HTTP. What is not
@@ -302,7 +335,15 @@ pub async fn run(
     };
     metrics.leader.set(1);
     metrics.leader_terms.inc();
+    let (enrolled_tx, enrolled_rx) = tokio::sync::watch::channel(
+        enrollment::read(&store).context("reading the enrolled hosts from the store")?,
+    );
     let parts = EngineTaskParts {
+        enrollment: Some(Arc::new(enrollment::Enrollment {
+            master: resolved.master.clone(),
+            tx: enrolled_tx,
+            configured: cfg.intake.enrolled_hosts.clone(),
+        })),
         engine_config: cfg.engine_config(),
         store: Box::new(store),
         metrics: metrics.clone(),
@@ -328,7 +369,15 @@ pub async fn run(
         api,
         bound,
     } = bind(&resolved).await?;
-    serve_intake(&resolved, udp, events, intake_tx, metrics.clone(), streams);
+    serve_intake(
+        &resolved,
+        udp,
+        events,
+        intake_tx,
+        metrics.clone(),
+        streams,
+        enrolled_rx,
+    );
     let handle = crate::api::view::ApiHandle {
         snapshot,
         commands,

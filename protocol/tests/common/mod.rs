@@ -31,6 +31,7 @@ pub fn heartbeat(incarnation: u64, sequence: u64) -> Heartbeat<'static> {
         sent_unix_ns: 1_790_000_000_000_000_000,
         sent_mono_ns: 5_000_000_000 + sequence * 100_000_000,
         path_index: 0,
+        session: 0,
         status: HostStatus {
             vm_count: 42,
             stalled_vm_count: 1,

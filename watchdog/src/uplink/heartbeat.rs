@@ -117,6 +117,39 @@ impl ReachabilityTracker {
     }
 }
 
+/// Which controller session to echo on each path: the one in the ack, heard on that path,
+/// that answers the highest sequence (protocol::heartbeat, "Freshness"). Ordering by the
+/// answered sequence, not by arrival, means a replayed old ack cannot set an old
+/// session back (which would make this host's heartbeats prove nothing).
+#[derive(Debug, Clone, Default)]
+pub struct SessionEcho {
+    /// Per path index: (answered sequence, session).
+    by_path: Vec<(u64, u64)>,
+}
+
+impl SessionEcho {
+    /// Nothing heard yet on any of `paths` paths.
+    pub fn new(paths: usize) -> Self {
+        SessionEcho {
+            by_path: vec![(0, 0); paths],
+        }
+    }
+
+    /// An authentic ack for this run arrived on `path`.
+    pub fn on_ack(&mut self, path: u8, answered_sequence: u64, session: u64) {
+        if let Some(slot) = self.by_path.get_mut(usize::from(path)) {
+            if answered_sequence > slot.0 {
+                *slot = (answered_sequence, session);
+            }
+        }
+    }
+
+    /// The session to echo on `path` (0: none heard yet).
+    pub fn session(&self, path: usize) -> u64 {
+        self.by_path.get(path).map_or(0, |(_, s)| *s)
+    }
+}
+
 /// Everything the heartbeat task needs.
 pub(crate) struct HeartbeatTask {
     pub identity: RunIdentity,
@@ -151,6 +184,7 @@ impl HeartbeatTask {
             self.identity.boot_id,
             self.identity.incarnation,
         );
+        let mut sessions = SessionEcho::new(self.paths.len());
         let mut sequence = 0u64;
         let mut datagram = Vec::with_capacity(protocol::MAX_HEARTBEAT_LEN);
         let mut last_error_log: Vec<Option<Instant>> = vec![None; self.paths.len()];
@@ -166,13 +200,18 @@ impl HeartbeatTask {
                 _ = stopped(&mut shutdown) => break,
                 _ = tick.tick() => {
                     self.judge();
-                    self.send_all(&mut sequence, &mut datagram, &mut last_error_log);
+                    self.send_all(&mut sequence, &mut datagram, &mut last_error_log, &sessions);
                 }
                 Some(ack) = ack_rx.recv() => {
                     match acks.receive(&ack, sequence) {
                         Ok(ack) => {
-                            self.tracker.on_ack(ack.path_index, ack.echoed_sent_mono_ns);
-                            self.judge();
+                            sessions.on_ack(ack.path_index, ack.sequence, ack.session);
+                            // Only an acting controller that took the heartbeat as a
+                            // sign of life keeps this host reachable.
+                            if ack.counts {
+                                self.tracker.on_ack(ack.path_index, ack.echoed_sent_mono_ns);
+                                self.judge();
+                            }
                         }
                         Err(reason) => tracing::debug!(reason = reason.as_str(), "heartbeat ack refused"),
                     }
@@ -215,6 +254,7 @@ impl HeartbeatTask {
         sequence: &mut u64,
         datagram: &mut Vec<u8>,
         last_error_log: &mut [Option<Instant>],
+        sessions: &SessionEcho,
     ) {
         let summary = *self.status.borrow();
         let status = HostStatus {
@@ -237,6 +277,7 @@ impl HeartbeatTask {
                 sent_mono_ns: self.clock.mono_ns(),
                 // At most 256 paths (checked by the config).
                 path_index: u8::try_from(index).unwrap_or(u8::MAX),
+                session: sessions.session(index),
                 status,
             };
             if let Err(e) = heartbeat.encode_into(&self.key, datagram) {
@@ -341,6 +382,23 @@ mod tests {
         t.on_ack(0, 1_000 * MS);
         assert_eq!(t.evaluate(5_001 * MS), None);
         assert_eq!(t.report().state, Reachability::Isolated);
+    }
+
+    #[test]
+    fn the_session_echoed_on_a_path_is_the_one_of_the_ack_answering_the_highest_sequence() {
+        let mut echo = SessionEcho::new(2);
+        assert_eq!(echo.session(0), 0, "nothing heard yet");
+        echo.on_ack(0, 10, 0xaaaa);
+        echo.on_ack(1, 11, 0xbbbb);
+        assert_eq!((echo.session(0), echo.session(1)), (0xaaaa, 0xbbbb));
+        // The controller restarted: a new session on a later answer.
+        echo.on_ack(0, 20, 0xcccc);
+        // A replayed ack from before cannot set the old session back.
+        echo.on_ack(0, 10, 0xaaaa);
+        assert_eq!(echo.session(0), 0xcccc);
+        // An ack for a path this watchdog does not have changes nothing.
+        echo.on_ack(7, 99, 0xdddd);
+        assert_eq!(echo.session(7), 0);
     }
 
     #[test]

@@ -1,5 +1,11 @@
 //! Judging heartbeat datagrams: authentic and fresh ones are acked, and at most one per
 //! host and path per `forward_every_ms` goes on to the engine task.
+//!
+//! Each enrolled host signs with its own key (`protocol::HostKeys`); a source address
+//! over its rate is dropped before any MAC is computed ([`super::limiter`]). Only a
+//! heartbeat that echoes this process's session is a sign of life (protocol::heartbeat,
+//! "Freshness"): one that does not is acked without the "counts" flag, so the watchdog
+//! learns the session, and is not forwarded to the engine.
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -7,6 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use prometheus_client::metrics::counter::Counter;
 use protocol::{Ack, Freshness, HeartbeatReceiver, Key};
+
+use super::limiter::{Limited, SourceLimiter};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -17,7 +25,8 @@ use crate::metrics::Metrics;
 /// numbers its heartbeats with one counter over all paths).
 pub struct HeartbeatIntake {
     state: Mutex<IntakeState>,
-    key: Key,
+    /// This process's session, put in every ack (0 when the receiver checks none).
+    session: u64,
     controller_id: String,
     /// Forward at most one heartbeat per host and path per this many ms to the engine:
     /// the detector's resolution needs no more, and the engine's load stays bounded
@@ -29,10 +38,11 @@ pub struct HeartbeatIntake {
     /// The throttle's clock: monotonic, so a wall clock stepped back does not stop
     /// forwarding (the engine would then suspect every host).
     started: Instant,
-    /// Whether accepted heartbeats are acked. Only a controller that acts acks: a
-    /// watchdog's acks say "a controller that can restore your VMs hears you", and its
-    /// self-fence counts from their loss. A follower still takes heartbeats in (its
-    /// detector stays warm for a takeover) but does not ack them.
+    /// Whether acks carry the "counts" flag. Only a controller that acts says so: a
+    /// watchdog's counting acks say "a controller that can restore your VMs hears you",
+    /// and its self-fence counts from their loss. A follower still takes heartbeats in
+    /// (its detector stays warm for a takeover) and acks them without the flag, so that
+    /// the watchdog learns its session and its heartbeats prove life to it too.
     acking: Arc<AtomicBool>,
 }
 
@@ -47,6 +57,7 @@ struct BatchTime {
 
 struct IntakeState {
     receiver: HeartbeatReceiver,
+    limiter: SourceLimiter,
     /// Per host, per path index: when a heartbeat was last forwarded (monotonic ms since
     /// the intake started). Looked up by `&str`, so a known host costs no allocation.
     last_forwarded_ms: HashMap<String, Vec<(u8, u64)>>,
@@ -105,21 +116,38 @@ impl IntakeCounters {
     }
 }
 
+/// Limits on what one source address may send to the heartbeat port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceRate {
+    /// Datagrams per second per source address, on average (0: no limit).
+    pub per_s: u64,
+    /// How many may come at once.
+    pub burst: u64,
+}
+
+impl SourceRate {
+    /// No limit (tests, benches that send every host from one address).
+    pub const UNLIMITED: SourceRate = SourceRate { per_s: 0, burst: 1 };
+}
+
 impl HeartbeatIntake {
+    /// An intake judging with `receiver` (per-host keys and a session in the daemon; one
+    /// shared key in tests).
     pub fn new(
-        key: Key,
-        cluster_id: &str,
+        receiver: HeartbeatReceiver,
+        rate: SourceRate,
         controller_id: &str,
         forward_every_ms: u64,
         tx: mpsc::Sender<Intake>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
+            session: receiver.session().unwrap_or(0),
             state: Mutex::new(IntakeState {
-                receiver: HeartbeatReceiver::new(key.clone(), cluster_id),
+                receiver,
+                limiter: SourceLimiter::new(rate.per_s, rate.burst),
                 last_forwarded_ms: HashMap::new(),
             }),
-            key,
             controller_id: controller_id.to_string(),
             forward_every_ms,
             tx,
@@ -127,6 +155,30 @@ impl HeartbeatIntake {
             started: Instant::now(),
             acking: Arc::new(AtomicBool::new(true)),
         })
+    }
+
+    /// Makes the enrolled hosts exactly `hosts`: a revoked host's replay state goes, and
+    /// its heartbeats are refused as `unknown_host` from the next datagram on.
+    pub fn set_enrolled(&self, hosts: &[String]) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let before = st
+            .receiver
+            .host_keys_mut()
+            .map(|k| k.enrolled())
+            .unwrap_or_default();
+        if let Some(keys) = st.receiver.host_keys_mut() {
+            keys.set_enrolled(hosts.iter().map(String::as_str));
+        }
+        for gone in before.iter().filter(|h| !hosts.contains(h)) {
+            st.receiver.forget_host(gone);
+            st.last_forwarded_ms.remove(gone);
+        }
+    }
+
+    /// The key an enrolled host signs with (for its event stream).
+    pub fn key_for(&self, host: &str) -> Option<Key> {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.receiver.key_for(host).cloned()
     }
 
     /// The switch that turns acking on (leader, or a single controller: the default)
@@ -182,10 +234,22 @@ impl HeartbeatIntake {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let IntakeState {
                 receiver,
+                limiter,
                 last_forwarded_ms,
             } = &mut *st;
             for (((datagram, peer), ack), ok) in datagrams.iter().zip(acks).zip(&mut *accepted) {
                 *ok = false;
+                match limiter.allow(peer.ip(), now_ms) {
+                    Ok(()) => {}
+                    Err(Limited::OverRate) => {
+                        counters.reject("source_over_rate");
+                        continue;
+                    }
+                    Err(Limited::TooManySources) => {
+                        counters.reject("too_many_sources");
+                        continue;
+                    }
+                }
                 let verdict = match receiver.receive(datagram) {
                     Ok(a) => a,
                     Err(reason) => {
@@ -194,14 +258,23 @@ impl HeartbeatIntake {
                     }
                 };
                 let hb = verdict.heartbeat;
-                if acking {
-                    if Ack::answering(&hb, &self.controller_id, now.wall_ns)
-                        .encode_into(&self.key, ack)
-                        .is_err()
-                    {
-                        continue;
-                    }
+                // Acked either way: an unproven heartbeat's ack only teaches the session
+                // (its "counts" flag is clear), and a follower's never counts.
+                let Some(key) = receiver.key_for(hb.host_id) else {
+                    continue;
+                };
+                if Ack::answering(&hb, &self.controller_id, now.wall_ns)
+                    .with_session(self.session)
+                    .counting(acking && verdict.proven)
+                    .encode_into(key, ack)
+                    .is_ok()
+                {
                     *ok = true;
+                }
+                if !verdict.proven {
+                    // Possibly recorded before this process started: no sign of life.
+                    counters.reject("unproven_session");
+                    continue;
                 }
                 n_accepted += 1;
                 let new_epoch = !matches!(verdict.freshness, Freshness::Current);
@@ -273,6 +346,7 @@ pub(crate) mod tests {
                 sent_unix_ns: 1,
                 sent_mono_ns: seq,
                 path_index: path,
+                session: 0,
                 status: HostStatus::default(),
             },
             key,
@@ -286,7 +360,14 @@ pub(crate) mod tests {
     ) -> (Arc<HeartbeatIntake>, mpsc::Receiver<Intake>, Arc<Metrics>) {
         let (tx, rx) = mpsc::channel(capacity);
         let metrics = Arc::new(Metrics::new());
-        let i = HeartbeatIntake::new(key(), "t", "ctl", forward_every_ms, tx, metrics.clone());
+        let i = HeartbeatIntake::new(
+            HeartbeatReceiver::new(key(), "t"),
+            SourceRate::UNLIMITED,
+            "ctl",
+            forward_every_ms,
+            tx,
+            metrics.clone(),
+        );
         (i, rx, metrics)
     }
 
@@ -306,7 +387,8 @@ pub(crate) mod tests {
         let mut accepted = vec![true; datagrams.len()];
         let mut counters = IntakeCounters::new(i.metrics.clone());
         let n = i.handle_batch(&batch, &mut acks, &mut accepted, &mut counters);
-        assert_eq!(n, accepted.iter().filter(|a| **a).count());
+        // Every sign of life is acked; an unproven heartbeat is acked too.
+        assert!(n <= accepted.iter().filter(|a| **a).count());
         (accepted, acks)
     }
 
@@ -410,6 +492,87 @@ pub(crate) mod tests {
         let (i, mut rx, _) = intake(0, 16);
         run_batch(&i, &[hb("h1", 5, 1, 0, &k), hb("h1", 5, 2, 0, &k)]);
         assert_eq!(forwarded(&mut rx).len(), 2);
+    }
+
+    #[test]
+    fn only_a_heartbeat_echoing_this_session_is_forwarded_and_acked_as_counting() {
+        let master = protocol::MasterKey::new(b"intake master key 0123456789abcd").unwrap();
+        let mut keys = protocol::HostKeys::new(master.clone());
+        keys.enroll("h1");
+        let (tx, mut rx) = mpsc::channel(16);
+        let metrics = Arc::new(Metrics::new());
+        let i = HeartbeatIntake::new(
+            HeartbeatReceiver::per_host(keys, "t", 0x5e55),
+            SourceRate::UNLIMITED,
+            "ctl",
+            0,
+            tx,
+            metrics.clone(),
+        );
+        let k = master.host_key("h1");
+        let with_session = |seq: u64, session: u64| {
+            let mut d = Vec::new();
+            Heartbeat {
+                cluster_id: "t",
+                host_id: "h1",
+                boot_id: BootId([7; 16]),
+                incarnation: 5,
+                sequence: seq,
+                sent_unix_ns: 1,
+                sent_mono_ns: seq,
+                path_index: 0,
+                session,
+                status: HostStatus::default(),
+            }
+            .encode_into(&k, &mut d)
+            .unwrap();
+            d
+        };
+        let (accepted, acks) = run_batch(&i, &[with_session(1, 0), with_session(2, 0x5e55)]);
+        assert_eq!(accepted, [true, true], "both are acked");
+        let first = decode_ack(&acks[0], &k).unwrap();
+        assert_eq!((first.session, first.counts), (0x5e55, false));
+        let second = decode_ack(&acks[1], &k).unwrap();
+        assert_eq!((second.session, second.counts), (0x5e55, true));
+        assert_eq!(forwarded(&mut rx).len(), 1, "only the proven one");
+        assert!(metrics
+            .encode()
+            .contains("defib_heartbeats_rejected_total{reason=\"unproven_session\"} 1"));
+        // A follower acks, never counting.
+        i.acking().store(false, Ordering::SeqCst);
+        let (_, acks) = run_batch(&i, &[with_session(3, 0x5e55)]);
+        assert!(!decode_ack(&acks[0], &k).unwrap().counts);
+        // A revoked host is refused from the next datagram on.
+        i.set_enrolled(&[]);
+        let (accepted, _) = run_batch(&i, &[with_session(4, 0x5e55)]);
+        assert_eq!(accepted, [false]);
+        assert!(metrics
+            .encode()
+            .contains("defib_heartbeats_rejected_total{reason=\"unknown_host\"} 1"));
+    }
+
+    #[test]
+    fn a_flood_from_one_address_is_dropped_before_its_mac_is_checked() {
+        let (tx, _rx) = mpsc::channel(16);
+        let metrics = Arc::new(Metrics::new());
+        let i = HeartbeatIntake::new(
+            HeartbeatReceiver::new(key(), "t"),
+            SourceRate {
+                per_s: 10,
+                burst: 5,
+            },
+            "ctl",
+            0,
+            tx,
+            metrics.clone(),
+        );
+        let k = key();
+        let batch: Vec<Vec<u8>> = (1..=20).map(|s| hb("h1", 5, s, 0, &k)).collect();
+        let (accepted, _) = run_batch(&i, &batch);
+        assert_eq!(accepted.iter().filter(|a| **a).count(), 5, "the burst");
+        assert!(metrics
+            .encode()
+            .contains("defib_heartbeats_rejected_total{reason=\"source_over_rate\"} 15"));
     }
 
     #[test]

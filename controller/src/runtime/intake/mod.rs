@@ -10,6 +10,7 @@
 //! - [`streams`]: the watchdogs' TCP event streams (events in, stored before they are
 //!   acked; commands out, for the edges that send them).
 pub mod heartbeats;
+pub mod limiter;
 pub mod socket;
 pub mod streams;
 
@@ -18,9 +19,9 @@ use std::net::SocketAddr;
 use protocol::{BootId, Event, HostStatus};
 use tokio::sync::oneshot;
 
-pub use heartbeats::{HeartbeatIntake, IntakeCounters};
+pub use heartbeats::{HeartbeatIntake, IntakeCounters, SourceRate};
 pub use socket::{serve_heartbeats, spawn_heartbeat_thread, BATCH};
-pub use streams::serve_events;
+pub use streams::{serve_events, StreamSettings};
 
 /// A heartbeat the intake accepted, as the engine task needs it.
 #[derive(Debug, Clone)]

@@ -138,14 +138,16 @@ fn receive_loop(socket: &std::net::UdpSocket, intake: &HeartbeatIntake, stop: &A
                 (bytes, peer.unwrap_or(unknown_peer))
             })
             .collect();
-        let n_accepted = intake.handle_batch(
+        intake.handle_batch(
             &datagrams,
             &mut acks[..n],
             &mut accepted[..n],
             &mut counters,
         );
         drop(datagrams);
-        if n_accepted == 0 {
+        // Acked: every sign of life, and every authentic heartbeat that echoed an old
+        // session (its ack teaches the session).
+        if !accepted[..n].iter().any(|a| *a) {
             continue;
         }
         let mut k = 0;

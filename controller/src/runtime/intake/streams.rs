@@ -3,42 +3,178 @@
 //! edges send the host (`crate::edges::libvirt`) go out on it as frames, their results
 //! routed back.
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use protocol::{encode_frame, BootId, Direction, Envelope, FrameDecoder, Key, Message};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use futures_util::StreamExt as _;
+use protocol::{
+    decode_frame_keyed, encode_frame, BootId, Direction, Envelope, FrameKeys, Key, Message,
+    FRAME_HEADER_LEN, MAC_LEN, MAX_FRAME_BODY_LEN,
+};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 use super::Intake;
+use crate::config::IntakeSection;
 use crate::edges::libvirt::{
     CommandAnswer, CommandRequest, HostStreams, StreamRegistration, COMMANDS_QUEUED,
 };
 use crate::metrics::Metrics;
 
+/// How the event port treats its connections: the keys frames are checked with, and the
+/// bounds on what one source may hold.
+#[derive(Clone)]
+pub struct StreamSettings {
+    /// Per host (the daemon) or one key (tests).
+    pub keys: FrameKeys,
+    pub per_source: usize,
+    pub total: usize,
+    /// From accept to a `Hello` answered (the TLS handshake included).
+    pub handshake_timeout: Duration,
+    /// No frame from the watchdog for this long: closed.
+    pub idle_timeout: Duration,
+    /// With `[tls]`: streams are TLS, with the controller's certificate.
+    pub tls: Option<crate::tls::TlsAcceptor>,
+}
+
+impl StreamSettings {
+    /// The daemon's settings from `[intake]`.
+    pub fn new(keys: FrameKeys, intake: &IntakeSection) -> Self {
+        StreamSettings {
+            keys,
+            per_source: intake.stream_connections_per_source,
+            total: intake.stream_connections_total,
+            handshake_timeout: Duration::from_millis(intake.stream_handshake_timeout_ms),
+            idle_timeout: Duration::from_millis(intake.stream_idle_timeout_ms),
+            tls: None,
+        }
+    }
+
+    /// Streams over TLS with `config`.
+    pub fn with_tls(mut self, config: Option<Arc<crate::tls::ServerConfig>>) -> Self {
+        self.tls = config.map(crate::tls::TlsAcceptor::from);
+        self
+    }
+}
+
+/// Open connections, per source address and in total; a slot is given back when its
+/// [`ConnSlot`] drops.
+#[derive(Default)]
+struct ConnTable {
+    by_source: Mutex<HashMap<IpAddr, usize>>,
+}
+
+struct ConnSlot {
+    table: Arc<ConnTable>,
+    source: IpAddr,
+}
+
+impl ConnTable {
+    /// A slot for a new connection from `source`, or why not.
+    fn take(
+        self: &Arc<Self>,
+        source: IpAddr,
+        per_source: usize,
+        total: usize,
+    ) -> Result<ConnSlot, &'static str> {
+        let mut by = self.by_source.lock().unwrap_or_else(|e| e.into_inner());
+        let open: usize = by.values().sum();
+        if open >= total {
+            return Err("connections_total");
+        }
+        let n = by.entry(source).or_insert(0);
+        if *n >= per_source {
+            return Err("connections_per_source");
+        }
+        *n += 1;
+        Ok(ConnSlot {
+            table: self.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut by = self
+            .table
+            .by_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = by.get_mut(&self.source) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                by.remove(&self.source);
+            }
+        }
+    }
+}
+
 /// Accepts watchdog event streams.
 pub async fn serve_events(
     listener: TcpListener,
-    key: Key,
+    settings: StreamSettings,
     cluster_id: String,
     controller_id: String,
     tx: mpsc::Sender<Intake>,
     metrics: Arc<Metrics>,
     streams: Arc<HostStreams>,
 ) {
+    let table = Arc::new(ConnTable::default());
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let slot = match table.take(peer.ip(), settings.per_source, settings.total) {
+                    Ok(slot) => slot,
+                    Err(reason) => {
+                        metrics
+                            .frames_rejected
+                            .get_or_create(&Metrics::label("reason", reason))
+                            .inc();
+                        tracing::debug!(%peer, reason, "event stream refused at accept");
+                        drop(stream);
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
                 let conn = EventConnection {
-                    key: key.clone(),
+                    keys: settings.keys.clone(),
                     cluster_id: cluster_id.clone(),
                     controller_id: controller_id.clone(),
                     tx: tx.clone(),
                     metrics: metrics.clone(),
                     streams: streams.clone(),
+                    handshake_timeout: settings.handshake_timeout,
+                    idle_timeout: settings.idle_timeout,
                 };
+                let tls = settings.tls.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = conn.run(stream).await {
+                    let _slot = slot;
+                    let result = match tls {
+                        None => conn.run(stream, peer).await,
+                        Some(acceptor) => {
+                            match tokio::time::timeout(
+                                conn.handshake_timeout,
+                                crate::tls::accept(&acceptor, stream),
+                            )
+                            .await
+                            {
+                                Ok(Ok(tls)) => conn.run(tls, peer).await,
+                                Ok(Err(e)) => {
+                                    conn.reject("tls_handshake");
+                                    Err(anyhow::anyhow!("{e}"))
+                                }
+                                Err(_) => {
+                                    conn.reject("handshake_timeout");
+                                    Err(anyhow::anyhow!("TLS handshake timed out"))
+                                }
+                            }
+                        }
+                    };
+                    if let Err(e) = result {
                         tracing::info!(%peer, error = %e, "event stream closed");
                     }
                 });
@@ -52,7 +188,7 @@ pub async fn serve_events(
 }
 
 struct EventConnection {
-    key: Key,
+    keys: FrameKeys,
     cluster_id: String,
     controller_id: String,
     tx: mpsc::Sender<Intake>,
@@ -60,6 +196,25 @@ struct EventConnection {
     /// Where this stream registers itself once its `Hello` names the host, so edges
     /// can send the watchdog commands (`crate::edges::libvirt`).
     streams: Arc<HostStreams>,
+    handshake_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+/// The frame layout as a length-delimited codec reads it: a 4-byte body length at
+/// offset 8 of the 12-byte header, the 32-byte MAC after the body; the whole frame is
+/// handed over, header and MAC included. A length above the limit fails the stream
+/// before anything is buffered for the body (the codec's `InvalidData`).
+fn frame_codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_offset(FRAME_HEADER_LEN - 4)
+        .length_field_length(4)
+        // With nothing skipped the codec hands over `length + adjustment` bytes from the
+        // frame's first byte: the header before the body and the MAC after it.
+        .length_adjustment((FRAME_HEADER_LEN + MAC_LEN) as isize)
+        .num_skip(0)
+        .max_frame_length(MAX_FRAME_BODY_LEN)
+        .big_endian()
+        .new_codec()
 }
 
 impl EventConnection {
@@ -70,22 +225,45 @@ impl EventConnection {
             .inc();
     }
 
-    async fn run(self, mut stream: TcpStream) -> anyhow::Result<()> {
-        let _ = stream.set_nodelay(true);
-        let mut decoder = FrameDecoder::new(self.key.clone(), Direction::ToController);
-        let mut buf = vec![0u8; 16 * 1024];
-        // Set by Hello: which host this stream speaks for, and its epoch for the replies.
+    async fn run<S>(self, stream: S, _addr: SocketAddr) -> anyhow::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin,
+    {
+        let (read, mut write) = tokio::io::split(stream);
+        let mut frames = FramedRead::new(read, frame_codec());
+        let opened = tokio::time::Instant::now();
+        // Set by Hello: which host this stream speaks for, its key, and its epoch for
+        // the replies.
         let mut peer: Option<(String, BootId, u64)> = None;
+        let mut key: Option<Key> = None;
         // Commands for this host's watchdog (registered at Hello, gone when this returns),
         // and the ones sent that wait for their result, by command id.
         let (command_tx, mut commands) = mpsc::channel::<CommandRequest>(COMMANDS_QUEUED);
         let mut _registration: Option<StreamRegistration> = None;
         let mut waiting: HashMap<u64, Vec<oneshot::Sender<CommandAnswer>>> = HashMap::new();
         loop {
-            let n = tokio::select! {
-                read = stream.read(&mut buf) => read?,
+            // Before Hello the handshake deadline holds; after it, the idle timeout.
+            let wait = match peer {
+                None => self.handshake_timeout.saturating_sub(opened.elapsed()),
+                Some(_) => self.idle_timeout,
+            };
+            let frame = tokio::select! {
+                next = tokio::time::timeout(wait, frames.next()) => match next {
+                    Err(_) => {
+                        let reason = if peer.is_none() { "handshake_timeout" } else { "idle_timeout" };
+                        self.reject(reason);
+                        anyhow::bail!("no frame within {wait:?} ({reason})");
+                    }
+                    Ok(None) => return Ok(()),
+                    Ok(Some(Err(e))) => {
+                        let reason = if e.kind() == std::io::ErrorKind::InvalidData { "oversize" } else { "read_failed" };
+                        self.reject(reason);
+                        anyhow::bail!("reading the stream: {e}");
+                    }
+                    Ok(Some(Ok(frame))) => frame,
+                },
                 Some(request) = commands.recv() => {
-                    let Some((host, boot_id, incarnation)) = peer.clone() else {
+                    let (Some((host, boot_id, incarnation)), Some(key)) = (peer.clone(), key.as_ref()) else {
                         continue;
                     };
                     tracing::info!(%host, command_id = request.command_id, command = ?request.command, "command sent to the watchdog");
@@ -101,24 +279,19 @@ impl EventConnection {
                                 command: request.command,
                             },
                         },
-                        &self.key,
+                        key,
                     )?;
                     waiting
                         .entry(request.command_id)
                         .or_default()
                         .push(request.reply);
-                    stream.write_all(&out).await?;
+                    write.write_all(&out).await?;
                     continue;
                 }
             };
-            if n == 0 {
-                return Ok(());
-            }
-            decoder.push(&buf[..n]);
-            loop {
-                let env = match decoder.next_frame() {
-                    Ok(Some(env)) => env,
-                    Ok(None) => break,
+            {
+                let env = match decode_frame_keyed(&frame, &self.keys, Direction::ToController) {
+                    Ok(env) => env,
                     Err(e) => {
                         self.reject(e.reason().as_str());
                         anyhow::bail!("bad frame: {e}");
@@ -127,6 +300,12 @@ impl EventConnection {
                 if env.cluster_id != self.cluster_id {
                     self.reject("unknown_cluster");
                     anyhow::bail!("frame for cluster {:?}", env.cluster_id);
+                }
+                if let Some((host, _, _)) = &peer {
+                    if *host != env.host_id {
+                        self.reject("host_changed");
+                        anyhow::bail!("stream of {host} sent a frame for {}", env.host_id);
+                    }
                 }
                 let reply = match env.message {
                     Message::Hello { last_event_id } => {
@@ -145,6 +324,14 @@ impl EventConnection {
                             }
                         };
                         tracing::info!(host = %env.host_id, last_event_id, highest, "event stream opened");
+                        if peer.is_some() {
+                            self.reject("second_hello");
+                            anyhow::bail!("a second Hello on the stream of {}", env.host_id);
+                        }
+                        key = match &self.keys {
+                            FrameKeys::One(k) => Some(k.clone()),
+                            FrameKeys::PerHost(f) => f(&env.host_id),
+                        };
                         peer = Some((env.host_id.clone(), env.boot_id, env.incarnation));
                         _registration =
                             Some(self.streams.register(&env.host_id, command_tx.clone()));
@@ -158,10 +345,6 @@ impl EventConnection {
                             self.reject("event_before_hello");
                             anyhow::bail!("event before hello");
                         };
-                        if *host != env.host_id {
-                            self.reject("host_changed");
-                            anyhow::bail!("stream of {host} sent a frame for {}", env.host_id);
-                        }
                         let id = event.id;
                         // For the libvirt backend's evacuations, once stored.
                         let definition = match &event.payload {
@@ -183,7 +366,9 @@ impl EventConnection {
                             // Not stored: no ack, so the watchdog keeps it and resends.
                             Err(e) => anyhow::bail!("event {id} not stored: {e}"),
                         };
-                        if let Some((uuid, xml)) = definition {
+                        // A duplicate (a resend, or a replay) changes nothing: the
+                        // definition noted is the one stored first under this id.
+                        if let (Some((uuid, xml)), true) = (definition, stored.new) {
                             self.streams.note_definition(host, &uuid, &xml);
                         }
                         if stored.new {
@@ -201,6 +386,10 @@ impl EventConnection {
                         ok,
                         detail,
                     } => {
+                        if peer.is_none() {
+                            self.reject("result_before_hello");
+                            anyhow::bail!("a command result before hello");
+                        }
                         let host = peer.as_ref().map(|(h, _, _)| h.as_str()).unwrap_or("?");
                         tracing::info!(host, command_id, ok, %detail, "command result");
                         for reply in waiting.remove(&command_id).unwrap_or_default() {
@@ -217,6 +406,11 @@ impl EventConnection {
                     }
                 };
                 let (host, boot_id, incarnation) = peer.clone().unwrap_or_default();
+                let Some(key) = key.as_ref() else {
+                    // Revoked between the frame's check and Hello's lookup.
+                    self.reject("unknown_host");
+                    anyhow::bail!("no key for {host}");
+                };
                 let out = encode_frame(
                     &Envelope {
                         cluster_id: self.cluster_id.clone(),
@@ -225,9 +419,9 @@ impl EventConnection {
                         incarnation,
                         message: reply,
                     },
-                    &self.key,
+                    key,
                 )?;
-                stream.write_all(&out).await?;
+                write.write_all(&out).await?;
             }
         }
     }
@@ -243,6 +437,8 @@ mod tests {
     use crate::edges::libvirt::LibvirtRestorer;
     use crate::edges::Restorer;
     use crate::engine::{HostId, Input, IntentKey, Resource, RestoreOutcome};
+    use protocol::FrameDecoder;
+    use tokio::io::AsyncReadExt;
 
     /// The whole path over a real loopback socket: the intake registers the stream at
     /// `Hello`, sends the restorer's command as a frame, and routes the watchdog's
@@ -264,7 +460,10 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(serve_events(
             listener,
-            mac.clone(),
+            StreamSettings::new(
+                FrameKeys::One(mac.clone()),
+                &crate::config::IntakeSection::default(),
+            ),
             "c".into(),
             "ctl".into(),
             intake_tx,

@@ -1,0 +1,150 @@
+//! A key per host and the echoed controller session: who may speak for which host, and
+//! what counts as a fresh sign of life.
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use protocol::{
+    encode_ack, encode_frame, encode_heartbeat, AckReceiver, BootId, DecodeError, Direction,
+    Envelope, FrameDecoder, FrameKeys, Heartbeat, HeartbeatReceiver, HostKeys, MasterKey, Message,
+    RejectReason,
+};
+
+const SESSION: u64 = 0x1234_5678_9abc_def0;
+
+fn master() -> MasterKey {
+    MasterKey::new(b"the controller's master key, 32b").unwrap()
+}
+
+fn receiver(enrolled: &[&str]) -> HeartbeatReceiver {
+    let mut keys = HostKeys::new(master());
+    keys.set_enrolled(enrolled.iter().copied());
+    HeartbeatReceiver::per_host(keys, CLUSTER, SESSION)
+}
+
+fn signed_by(hb: &Heartbeat<'_>, host: &str) -> Vec<u8> {
+    encode_heartbeat(hb, &master().host_key(host)).unwrap()
+}
+
+#[test]
+fn a_heartbeat_of_an_enrolled_host_signed_with_its_own_key_is_accepted() {
+    let mut rx = receiver(&[HOST]);
+    let hb = Heartbeat {
+        session: SESSION,
+        ..heartbeat(7, 100)
+    };
+    let bytes = signed_by(&hb, HOST);
+    assert!(rx.receive(&bytes).unwrap().proven);
+}
+
+#[test]
+fn a_host_that_was_never_enrolled_is_refused_as_unknown() {
+    let mut rx = receiver(&["someone-else"]);
+    let hb = heartbeat(7, 100);
+    assert_eq!(
+        rx.receive(&signed_by(&hb, HOST)).unwrap_err(),
+        RejectReason::UnknownHost
+    );
+    assert_eq!(rx.counters().get(RejectReason::UnknownHost), 1);
+}
+
+#[test]
+fn a_host_speaking_for_another_host_with_its_own_key_is_refused_as_forged() {
+    let mut rx = receiver(&[HOST, "compute-18"]);
+    // compute-18 holds only its own key and signs a heartbeat naming compute-17.
+    let hb = heartbeat(7, 100);
+    assert_eq!(
+        rx.receive(&signed_by(&hb, "compute-18")).unwrap_err(),
+        RejectReason::BadMac
+    );
+    // The old shared key (the master itself) is no host's key either.
+    let with_master = encode_heartbeat(
+        &hb,
+        &protocol::Key::new(b"the controller's master key, 32b").unwrap(),
+    )
+    .unwrap();
+    assert_eq!(rx.receive(&with_master).unwrap_err(), RejectReason::BadMac);
+}
+
+#[test]
+fn a_revoked_host_is_refused_from_then_on() {
+    let mut rx = receiver(&[HOST]);
+    assert!(rx.receive(&signed_by(&heartbeat(7, 100), HOST)).is_ok());
+    assert!(rx.host_keys_mut().unwrap().revoke(HOST));
+    rx.forget_host(HOST);
+    assert_eq!(
+        rx.receive(&signed_by(&heartbeat(7, 101), HOST))
+            .unwrap_err(),
+        RejectReason::UnknownHost
+    );
+}
+
+#[test]
+fn a_heartbeat_echoing_an_older_session_is_accepted_but_proves_nothing() {
+    // A recording made before the controller restarted: authentic, never seen by this
+    // process's window, but it echoes the old process's session (or none).
+    let mut rx = receiver(&[HOST]);
+    for (sequence, session) in [(100, 0), (101, 0x0bad_5e55)] {
+        let hb = Heartbeat {
+            session,
+            ..heartbeat(7, sequence)
+        };
+        let bytes = signed_by(&hb, HOST);
+        assert!(!rx.receive(&bytes).unwrap().proven, "session {session:#x}");
+    }
+    let hb = Heartbeat {
+        session: SESSION,
+        ..heartbeat(7, 102)
+    };
+    assert!(rx.receive(&signed_by(&hb, HOST)).unwrap().proven);
+}
+
+#[test]
+fn an_ack_that_does_not_count_leaves_the_watchdog_unreached() {
+    let key = master().host_key(HOST);
+    let hb = heartbeat(7, 100);
+    let mut acks = AckReceiver::new(key.clone(), CLUSTER, HOST, hb.boot_id, hb.incarnation);
+    let standby = encode_ack(&ack_for(&hb).with_session(SESSION).counting(false), &key).unwrap();
+    let got = acks.receive(&standby, 100).unwrap();
+    assert_eq!((got.session, got.counts), (SESSION, false));
+    assert_eq!(acks.newest_acked_send_mono_ns(), None);
+    let counting = encode_ack(&ack_for(&hb).with_session(SESSION), &key).unwrap();
+    acks.receive(&counting, 100).unwrap();
+    assert_eq!(acks.newest_acked_send_mono_ns(), Some(hb.sent_mono_ns));
+}
+
+fn envelope(host: &str) -> Envelope {
+    Envelope {
+        cluster_id: CLUSTER.into(),
+        host_id: host.into(),
+        boot_id: BootId([1; 16]),
+        incarnation: 7,
+        message: Message::Hello { last_event_id: 0 },
+    }
+}
+
+fn per_host_decoder(enrolled: &[&str]) -> FrameDecoder {
+    let mut keys = HostKeys::new(master());
+    keys.set_enrolled(enrolled.iter().copied());
+    let keys = Arc::new(keys);
+    FrameDecoder::new(
+        FrameKeys::PerHost(Arc::new(move |h: &str| keys.get(h).cloned())),
+        Direction::ToController,
+    )
+}
+
+#[test]
+fn a_stream_frame_is_checked_with_the_key_of_the_host_it_names() {
+    let mut dec = per_host_decoder(&[HOST, "compute-18"]);
+    dec.push(&encode_frame(&envelope(HOST), &master().host_key(HOST)).unwrap());
+    assert_eq!(dec.next_frame().unwrap().unwrap().host_id, HOST);
+
+    let mut dec = per_host_decoder(&[HOST, "compute-18"]);
+    dec.push(&encode_frame(&envelope(HOST), &master().host_key("compute-18")).unwrap());
+    assert_eq!(dec.next_frame().unwrap_err(), DecodeError::BadMac);
+
+    let mut dec = per_host_decoder(&["compute-18"]);
+    dec.push(&encode_frame(&envelope(HOST), &master().host_key(HOST)).unwrap());
+    assert_eq!(dec.next_frame().unwrap_err(), DecodeError::UnknownHost);
+}
