@@ -1,8 +1,9 @@
 //! The wire format between `defib-watchdog` (one per hypervisor) and
 //! `defib-controller`.
 //!
-//! Three kinds of message, all authenticated with HMAC-SHA256 under one shared
-//! cluster key ([`Key`], loaded with [`load_key`]):
+//! Three kinds of message, all authenticated with HMAC-SHA256 under the watchdog's own
+//! host key ([`Key`], loaded with [`load_key`]; the controller derives every enrolled
+//! host's key from its master key, [`HostKeys`]):
 //!
 //! | kind | byte | transport | direction | module |
 //! |---|---|---|---|---|
