@@ -1,7 +1,8 @@
 //! Shared harness of the controller scenarios: the release `defib-controller` binary run
-//! as a child on loopback (optionally pinned to some cores), a minimal HTTP client for its
-//! API and /metrics, simulated watchdogs that send real signed heartbeats, and batched
-//! UDP sends (`sendmmsg`).
+//! as a child on loopback (optionally pinned to some cores) with the scenario's hosts
+//! enrolled, a minimal HTTP client for its API and /metrics, simulated watchdogs that send
+//! real heartbeats signed with their own host keys and echoing the controller's session,
+//! and batched UDP sends (`sendmmsg`).
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -13,13 +14,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use protocol::{BootId, Heartbeat, HostStatus, Key};
+use protocol::{decode_ack, BootId, Heartbeat, HostStatus, Key, MasterKey};
 
 pub const CLUSTER: &str = "bench";
+/// The bench controller's master key (its `controller.key_file`); every host's key is
+/// derived from it, as `defibctl hosts enroll` hands it out.
 const KEY: &[u8] = b"defib-bench-cluster-key-0123456789";
 
-pub fn key() -> Key {
-    Key::new(KEY).expect("a long enough key")
+pub fn master() -> MasterKey {
+    MasterKey::new(KEY).expect("a long enough key")
+}
+
+/// The key simulated host `i` signs with (and its acks are checked with).
+pub fn host_key(i: usize) -> Key {
+    master().host_key(&host_id(i))
 }
 
 pub fn unix_ns() -> u64 {
@@ -35,8 +43,10 @@ pub fn host_id(i: usize) -> String {
     format!("bench-h{i:05}")
 }
 
-/// A signed heartbeat of simulated host `i` (path 0).
-pub fn encode(key: &Key, host: &str, i: usize, sequence: u64, out: &mut Vec<u8>) {
+/// A heartbeat of simulated host `i` (path 0), signed with `key` (the host's own,
+/// [`host_key`]) and echoing the controller's `session` ([`learn_session`]; 0 before it is
+/// known: such a heartbeat is acked but proves nothing).
+pub fn encode(key: &Key, host: &str, i: usize, sequence: u64, session: u64, out: &mut Vec<u8>) {
     let mut boot = [0u8; 16];
     boot[..8].copy_from_slice(&(i as u64 + 1).to_be_bytes());
     Heartbeat {
@@ -48,11 +58,45 @@ pub fn encode(key: &Key, host: &str, i: usize, sequence: u64, out: &mut Vec<u8>)
         sent_unix_ns: unix_ns(),
         sent_mono_ns: crate::monotonic_ns(),
         path_index: 0,
-        session: 0,
+        session,
         status: HostStatus::default(),
     }
     .encode_into(key, out)
     .expect("encodable heartbeat");
+}
+
+/// The controller process's session, learnt as a watchdog learns it: simulated host `i`
+/// sends one heartbeat with sequence `first_sequence` and no session (acked, without the
+/// "counts" flag, and not a sign of life), and the ack, checked with the host's key,
+/// carries the session. The session is one per controller process, so one host learns
+/// it for all; a restarted controller has a new one (learn it again). A lost datagram is
+/// retried with the next sequence. Returns the session and the host's next unused
+/// sequence (the controller's replay window has seen the ones sent here).
+pub fn learn_session(to: SocketAddr, i: usize, first_sequence: u64) -> anyhow::Result<(u64, u64)> {
+    let key = host_key(i);
+    let host = host_id(i);
+    let sock = UdpSocket::bind("127.0.0.1:0")?;
+    sock.connect(to)?;
+    sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let (mut out, mut buf) = (Vec::new(), vec![0u8; protocol::DATAGRAM_RECV_BUFFER_LEN]);
+    let mut sequence = first_sequence;
+    for _ in 0..50 {
+        encode(&key, &host, i, sequence, 0, &mut out);
+        sequence += 1;
+        sock.send(&out)?;
+        let deadline = crate::monotonic_ns() + 200_000_000;
+        while crate::monotonic_ns() < deadline {
+            let Ok(n) = sock.recv(&mut buf) else {
+                continue; // timed out (or a refused send): wait out the deadline
+            };
+            if let Ok(ack) = decode_ack(&buf[..n], &key) {
+                if ack.host_id == host && ack.sequence == sequence - 1 && ack.session != 0 {
+                    return Ok((ack.session, sequence));
+                }
+            }
+        }
+    }
+    anyhow::bail!("no ack from the controller at {to} for {host} (is it enrolled?)")
 }
 
 /// Pins the calling thread to `cpus`.
@@ -165,8 +209,11 @@ fn free_port(udp: bool) -> anyhow::Result<u16> {
     })
 }
 
-/// Writes the bench controller's API token (the API wants one; the bench reads only
-/// `/healthz` and `/metrics`, which need none) into `dir`, mode 0600.
+/// The bench controller's API token: `/v1` routes want it as a bearer token
+/// (`/healthz` and `/metrics` need none).
+const API_TOKEN: &str = "bench-api-token-0123456789abcdef";
+
+/// Writes the bench controller's API token ([`API_TOKEN`]) into `dir`, mode 0600.
 pub fn api_token_file(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
@@ -177,12 +224,70 @@ pub fn api_token_file(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
         .truncate(true)
         .mode(0o600)
         .open(&path)?
-        .write_all(b"bench-api-token-0123456789abcdef\n")?;
+        .write_all(format!("{API_TOKEN}\n").as_bytes())?;
     Ok(path)
 }
 
+/// The hosts a bench controller enrolls (`[intake] enrolled_hosts`): it refuses every other
+/// host id as `unknown_host`.
+pub enum Enrolled<'a> {
+    /// Simulated hosts `host_id(0..n)`, all sending from the bench's one loopback address.
+    /// The per-source heartbeat limit is off (`heartbeat_rate_per_source = 0`): at its
+    /// default (200/s) it would drop nearly all of them, and the bench measures the
+    /// intake, not the limiter.
+    Simulated(usize),
+    /// Real watchdogs with these host ids (one address each, 10 heartbeats/s per path):
+    /// the default per-source limit stays, as it ships.
+    Watchdogs(&'a [&'a str]),
+}
+
+impl Enrolled<'_> {
+    /// The config's `[intake]` section.
+    fn section(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::from("[intake]\nenrolled_hosts = [");
+        let mut add = |h: &str| {
+            let _ = write!(s, "\n  \"{h}\",");
+        };
+        match self {
+            Enrolled::Simulated(n) => (0..*n).for_each(|i| add(&host_id(i))),
+            Enrolled::Watchdogs(hosts) => hosts.iter().for_each(|h| add(h)),
+        }
+        s.push_str("\n]\n");
+        if let Enrolled::Simulated(_) = self {
+            s.push_str(
+                "# Every simulated host sends from one address: no per-source limit (the\n\
+                 # bench measures the intake, not the limiter).\n\
+                 heartbeat_rate_per_source = 0\n",
+            );
+        }
+        s
+    }
+}
+
+/// The bench controller's config: `extra` (top-level `[controller]` keys first, then
+/// sections) after the `[controller]` keys, then the `[intake]` section.
+fn config_text(
+    dir: &std::path::Path,
+    token: &std::path::Path,
+    (heartbeat, events, api): (SocketAddr, SocketAddr, SocketAddr),
+    enrolled: &Enrolled<'_>,
+    extra: &str,
+) -> String {
+    format!(
+        "[controller]\nid = \"bench-ctl\"\ncluster_id = \"{CLUSTER}\"\nkey_file = {:?}\n\
+         heartbeat_listen = [\"{heartbeat}\"]\nevent_listen = \"{events}\"\n\
+         api_listen = \"{api}\"\napi_token_file = {:?}\nstore_path = {:?}\n{extra}\n{}",
+        dir.join("key").display().to_string(),
+        token.display().to_string(),
+        dir.join("store.sqlite").display().to_string(),
+        enrolled.section(),
+    )
+}
+
 /// The release `defib-controller` binary, running as a child on loopback with the default
-/// detector and engine settings. Killed (SIGTERM, then reaped) on drop.
+/// detector and engine settings and `enrolled`'s hosts enrolled. Killed (SIGTERM, then
+/// reaped) on drop.
 pub struct ControllerProcess {
     child: Child,
     dir: PathBuf,
@@ -193,8 +298,13 @@ pub struct ControllerProcess {
 
 impl ControllerProcess {
     /// `cpus`: pin the whole process (every thread) to these cores. `extra`: more TOML
-    /// appended to the config (e.g. a `[detector]` section).
-    pub fn start(cpus: Option<Vec<usize>>, extra: &str) -> anyhow::Result<Self> {
+    /// appended to the config (e.g. a `[detector]` section; no `[intake]`, which
+    /// `enrolled` makes).
+    pub fn start(
+        cpus: Option<Vec<usize>>,
+        enrolled: Enrolled<'_>,
+        extra: &str,
+    ) -> anyhow::Result<Self> {
         // DEFIB_BENCH_CONTROLLER: another build to compare (e.g. before a change).
         let bin = match std::env::var_os("DEFIB_BENCH_CONTROLLER") {
             Some(p) => PathBuf::from(p),
@@ -207,13 +317,12 @@ impl ControllerProcess {
         let heartbeat: SocketAddr = format!("127.0.0.1:{}", free_port(true)?).parse()?;
         let events: SocketAddr = format!("127.0.0.1:{}", free_port(false)?).parse()?;
         let api: SocketAddr = format!("127.0.0.1:{}", free_port(false)?).parse()?;
-        let cfg = format!(
-            "[controller]\nid = \"bench-ctl\"\ncluster_id = \"{CLUSTER}\"\nkey_file = {:?}\n\
-             heartbeat_listen = [\"{heartbeat}\"]\nevent_listen = \"{events}\"\n\
-             api_listen = \"{api}\"\napi_token_file = {:?}\nstore_path = {:?}\n{extra}",
-            dir.join("key").display().to_string(),
-            api_token_file(&dir)?.display().to_string(),
-            dir.join("store.sqlite").display().to_string(),
+        let cfg = config_text(
+            &dir,
+            &api_token_file(&dir)?,
+            (heartbeat, events, api),
+            &enrolled,
+            extra,
         );
         std::fs::write(dir.join("controller.toml"), cfg)?;
         let log = std::fs::File::create(dir.join("controller.log"))?;
@@ -270,19 +379,15 @@ impl ControllerProcess {
         self.child.id()
     }
 
-    /// The cluster key file the watchdogs of a scenario must use too.
-    pub fn key_path(&self) -> PathBuf {
-        self.dir.join("key")
-    }
-
-    /// GET over a fresh connection: (status, body).
+    /// GET over a fresh connection, with the API token: (status, body).
     pub fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
         let mut s = TcpStream::connect_timeout(&self.api, Duration::from_secs(2))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
         s.set_nodelay(true)?;
         write!(
             s,
-            "GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {API_TOKEN}\r\n\
+             Connection: close\r\n\r\n"
         )?;
         let mut out = String::new();
         s.read_to_string(&mut out)?;
@@ -392,10 +497,11 @@ pub fn metric_labelled(text: &str, series: &str) -> u64 {
         .unwrap_or(0.0) as u64
 }
 
-/// Simulated watchdogs: one thread sends a signed heartbeat for each of `hosts` every
-/// `interval` (hosts spread evenly over the interval, like unsynchronised watchdogs), each
-/// host with its own increasing sequence. A host can be paused and resumed; the time of
-/// its last sent heartbeat is kept.
+/// Simulated watchdogs: one thread sends a heartbeat for each of `hosts` every `interval`
+/// (hosts spread evenly over the interval, like unsynchronised watchdogs), each signed
+/// with the host's own key, with its own increasing sequence, and echoing the
+/// controller's session (learnt once at start: the controller must not restart under
+/// them). A host can be paused and resumed; the time of its last sent heartbeat is kept.
 pub struct PacedSenders {
     shared: Arc<PacedShared>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -410,6 +516,11 @@ struct PacedShared {
 
 impl PacedSenders {
     pub fn start(to: SocketAddr, hosts: usize, interval: Duration) -> anyhow::Result<Self> {
+        anyhow::ensure!(hosts > 0, "no hosts to simulate");
+        let (session, next0) = learn_session(to, 0, 1)?;
+        let mut seq = vec![0u64; hosts];
+        // The last sequence host 0 used to learn the session.
+        seq[0] = next0 - 1;
         let shared = Arc::new(PacedShared {
             paused: (0..hosts).map(|_| AtomicBool::new(false)).collect(),
             last_sent_unix_ns: (0..hosts).map(|_| AtomicU64::new(0)).collect(),
@@ -419,7 +530,7 @@ impl PacedSenders {
         let sock = UdpSocket::bind("127.0.0.1:0")?;
         sock.connect(to)?;
         let sh = shared.clone();
-        let thread = std::thread::spawn(move || paced_loop(&sock, &sh, interval));
+        let thread = std::thread::spawn(move || paced_loop(&sock, &sh, interval, session, seq));
         Ok(PacedSenders {
             shared,
             thread: Some(thread),
@@ -452,11 +563,17 @@ impl Drop for PacedSenders {
     }
 }
 
-fn paced_loop(sock: &UdpSocket, sh: &PacedShared, interval: Duration) {
-    let key = key();
+/// `seq`: each host's last used sequence.
+fn paced_loop(
+    sock: &UdpSocket,
+    sh: &PacedShared,
+    interval: Duration,
+    session: u64,
+    mut seq: Vec<u64>,
+) {
     let hosts = sh.paused.len();
     let ids: Vec<String> = (0..hosts).map(host_id).collect();
-    let mut seq = vec![0u64; hosts];
+    let keys: Vec<Key> = (0..hosts).map(host_key).collect();
     // Slots of the interval: host i sends in slot i % slots.
     let slots = hosts.clamp(1, 100);
     let slot_ns = interval.as_nanos() as u64 / slots as u64;
@@ -475,7 +592,7 @@ fn paced_loop(sock: &UdpSocket, sh: &PacedShared, interval: Duration) {
             if bufs.len() <= n {
                 bufs.push(Vec::new());
             }
-            encode(&key, &ids[i], i, seq[i], &mut bufs[n]);
+            encode(&keys[i], &ids[i], i, seq[i], session, &mut bufs[n]);
             sent_hosts.push(i);
             n += 1;
         }
@@ -515,11 +632,67 @@ mod tests {
 
     #[test]
     fn simulated_heartbeats_all_have_one_size() {
-        let k = key();
         let (mut a, mut b) = (Vec::new(), Vec::new());
-        encode(&k, &host_id(0), 0, 1, &mut a);
-        encode(&k, &host_id(99_999), 99_999, u64::MAX, &mut b);
+        encode(&host_key(0), &host_id(0), 0, 1, 7, &mut a);
+        encode(
+            &host_key(99_999),
+            &host_id(99_999),
+            99_999,
+            u64::MAX,
+            7,
+            &mut b,
+        );
         assert_eq!(a.len(), b.len());
-        assert!(protocol::decode_heartbeat(&a, &k).is_ok());
+    }
+
+    #[test]
+    fn simulated_heartbeats_are_proven_only_by_their_own_key_and_the_session() {
+        let mut keys = protocol::HostKeys::new(master());
+        keys.enroll(&host_id(0));
+        keys.enroll(&host_id(1));
+        let mut rx = protocol::HeartbeatReceiver::per_host(keys, CLUSTER, 7);
+        let mut d = Vec::new();
+        encode(&host_key(0), &host_id(0), 0, 1, 7, &mut d);
+        assert!(rx.receive(&d).expect("host 0 with its own key").proven);
+        encode(&host_key(1), &host_id(1), 1, 1, 0, &mut d);
+        assert!(
+            !rx.receive(&d).expect("authentic").proven,
+            "no session echoed"
+        );
+        encode(&host_key(0), &host_id(1), 1, 2, 7, &mut d);
+        assert!(rx.receive(&d).is_err(), "host 1 signed with host 0's key");
+        encode(&host_key(2), &host_id(2), 2, 1, 7, &mut d);
+        assert!(rx.receive(&d).is_err(), "host 2 is not enrolled");
+    }
+
+    #[test]
+    fn the_config_enrolls_the_hosts_and_lifts_the_limit_only_for_simulated_ones() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let dir = std::path::Path::new("/nonexistent");
+        let parse = |e: Enrolled<'_>, extra: &str| {
+            controller::config::ControllerConfig::parse(&config_text(
+                dir,
+                &dir.join("t"),
+                (addr, addr, addr),
+                &e,
+                extra,
+            ))
+            .expect("the bench's config parses")
+        };
+        let sim = parse(
+            Enrolled::Simulated(3),
+            "backend = \"libvirt\"\n[engine]\nmax_restarts_in_place = 5\n",
+        );
+        assert_eq!(
+            sim.intake.enrolled_hosts,
+            ["bench-h00000", "bench-h00001", "bench-h00002"]
+        );
+        assert_eq!(sim.intake.heartbeat_rate_per_source, 0);
+        let real = parse(Enrolled::Watchdogs(&["bench-rip"]), "");
+        assert_eq!(real.intake.enrolled_hosts, ["bench-rip"]);
+        assert_eq!(
+            real.intake.heartbeat_rate_per_source,
+            controller::config::IntakeSection::default().heartbeat_rate_per_source
+        );
     }
 }

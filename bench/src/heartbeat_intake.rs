@@ -1,36 +1,39 @@
 //! Controller heartbeat intake on one core: the release controller pinned to core 0,
-//! signed heartbeats of many simulated hosts blasted at it from the other cores over
-//! loopback with `sendmmsg`, and the controller's own count of accepted datagrams read
-//! from /metrics once a second.
+//! heartbeats of many simulated hosts (each enrolled, signed with its own key and echoing
+//! the controller's session, so every one is a proven sign of life) blasted at it from
+//! the other cores over loopback with `sendmmsg`, and the controller's own count of
+//! accepted (proven) datagrams read from /metrics once a second.
 use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::controller::{self, host_id, metric_labelled, metric_sum, ControllerProcess};
+use crate::controller::{self, host_id, metric_labelled, metric_sum, ControllerProcess, Enrolled};
 use crate::report::{self, Series, Unit};
 
 const BATCH: usize = 64;
 
 /// Heartbeats pre-encoded for one sender thread: `rounds` rounds over its hosts, every
-/// host's sequence increasing by one per round.
+/// host's sequence increasing by one per round from `first_sequence`, every heartbeat
+/// echoing `session`.
 struct Pool {
     bytes: Vec<u8>,
     len: usize,
     count: usize,
 }
 
-fn pre_encode(hosts: &[usize], rounds: usize) -> Pool {
-    let key = controller::key();
+fn pre_encode(hosts: &[usize], rounds: usize, first_sequence: u64, session: u64) -> Pool {
     let ids: Vec<String> = hosts.iter().map(|&i| host_id(i)).collect();
+    let keys: Vec<protocol::Key> = hosts.iter().map(|&i| controller::host_key(i)).collect();
     let mut one = Vec::new();
-    controller::encode(&key, &ids[0], hosts[0], 1, &mut one);
+    controller::encode(&keys[0], &ids[0], hosts[0], 1, session, &mut one);
     let len = one.len();
     let count = rounds * hosts.len();
     let mut bytes = Vec::with_capacity(count * len);
     for r in 0..rounds {
         for (k, &i) in hosts.iter().enumerate() {
-            controller::encode(&key, &ids[k], i, r as u64 + 1, &mut one);
+            let sequence = first_sequence + r as u64;
+            controller::encode(&keys[k], &ids[k], i, sequence, session, &mut one);
             bytes.extend_from_slice(&one);
         }
     }
@@ -56,6 +59,15 @@ pub fn run(
     );
     let sender_cpus: Vec<usize> = (1..cores).collect();
 
+    // The controller first: the heartbeats must echo its session, which it draws at start.
+    let extra = interval_ms
+        .map(|ms| format!("[detector]\nheartbeat_interval_ms = {ms}\n"))
+        .unwrap_or_default();
+    let c = ControllerProcess::start(Some(vec![0]), Enrolled::Simulated(hosts), &extra)?;
+    // Host 0 learns it with its first sequences; every host's pooled heartbeats start after
+    // them (a sequence that skips ahead is fresh).
+    let (session, first_sequence) = controller::learn_session(c.heartbeat, 0, 1)?;
+
     // Enough datagrams for `pool_rate`/s over the warm-up and the measured seconds.
     let warmup = 2u64;
     let total = pool_rate * (seconds + warmup + 1);
@@ -68,7 +80,7 @@ pub fn run(
         let handles: Vec<_> = (0..senders)
             .map(|t| {
                 let mine: Vec<usize> = (t..hosts).step_by(senders).collect();
-                s.spawn(move || pre_encode(&mine, rounds))
+                s.spawn(move || pre_encode(&mine, rounds, first_sequence, session))
             })
             .collect();
         handles
@@ -77,10 +89,6 @@ pub fn run(
             .collect()
     });
 
-    let extra = interval_ms
-        .map(|ms| format!("[detector]\nheartbeat_interval_ms = {ms}\n"))
-        .unwrap_or_default();
-    let c = ControllerProcess::start(Some(vec![0]), &extra)?;
     let stop = Arc::new(AtomicBool::new(false));
     let sent: Arc<Vec<AtomicU64>> = Arc::new((0..senders).map(|_| AtomicU64::new(0)).collect());
     let exhausted = Arc::new(AtomicU64::new(0));
@@ -175,6 +183,15 @@ pub fn run(
     let ran_out = exhausted.load(Ordering::SeqCst);
     let m = c.metrics()?;
     let up = metric_labelled(&m, "defib_hosts{state=\"Up\"}");
+    // Only the heartbeats that learnt the session: every pooled one echoes it.
+    let unproven_total = metric_labelled(
+        &m,
+        "defib_heartbeats_rejected_total{reason=\"unproven_session\"}",
+    );
+    anyhow::ensure!(
+        unproven_total < first_sequence,
+        "{unproven_total} heartbeats did not prove the session (the pool's session is wrong)"
+    );
     drop(c);
 
     let series = [
@@ -200,9 +217,11 @@ pub fn run(
     let notes = format!(
         "defib-controller (release binary) with every thread pinned to core 0; {senders} \
          sender threads on cores {sender_cpus:?} send pre-encoded signed heartbeats of {hosts} \
-         hosts (distinct ids, each with its own increasing sequence) to its one heartbeat \
-         socket over loopback, {BATCH} per system call ({how}), as fast as they can. Every accepted \
-         datagram is acked. Over the {secs:.1} s measured: {} datagrams sent, {} accepted \
+         hosts (distinct ids, all enrolled by the config, each signing with its own key and \
+         with its own increasing sequence, every heartbeat echoing the controller's session, \
+         learnt from one ack before the run) to its one heartbeat socket over loopback, \
+         {BATCH} per system call ({how}), as fast as they can; the per-source limit is off \
+         (every host sends from one address). Every accepted datagram is acked. Over the {secs:.1} s measured: {} datagrams sent, {} accepted \
          ({:.0}/s), {} rejected by the controller (of which {} forwards to the engine refused \
          as engine_busy, still acked), {} dropped by the kernel at the controller's full \
          socket buffer; {up} hosts Up at the end. The controller used {:.2} CPU-seconds per \

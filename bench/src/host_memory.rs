@@ -2,7 +2,7 @@
 //! simulated watchdogs heartbeating every 100 ms.
 use std::time::Duration;
 
-use crate::controller::{metric_labelled, ControllerProcess, PacedSenders};
+use crate::controller::{metric_labelled, ControllerProcess, Enrolled, PacedSenders};
 use crate::report::{self, Series, Unit};
 
 const INTERVAL: Duration = Duration::from_millis(100);
@@ -19,7 +19,7 @@ pub fn run(counts: &[usize], seconds: u64) -> anyhow::Result<String> {
     let mut series = Vec::new();
     let mut lines = Vec::new();
     for &n in counts {
-        let c = ControllerProcess::start(None, "")?;
+        let c = ControllerProcess::start(None, Enrolled::Simulated(n), "")?;
         std::thread::sleep(Duration::from_secs(1));
         let idle = c.rss_bytes()?;
         let senders = PacedSenders::start(c.heartbeat, n, INTERVAL)?;
@@ -64,9 +64,11 @@ pub fn run(counts: &[usize], seconds: u64) -> anyhow::Result<String> {
         "host-memory",
         &format!("cargo xtask bench host-memory --hosts {list} --seconds {seconds}"),
         &format!(
-            "A fresh defib-controller (release binary, child process) per host count; VmRSS \
-             from /proc/<pid>/status after 1 s idle, then each second from the 4th to the \
-             {seconds}th of the hosts heartbeating every 100 ms. {}.",
+            "A fresh defib-controller (release binary, child process) per host count, every \
+             host enrolled by its config (so the idle RSS already holds each host's derived \
+             key); VmRSS from /proc/<pid>/status after 1 s idle, then each second from the 4th to the \
+             {seconds}th of the hosts heartbeating every 100 ms (each signing with its own key \
+             and echoing the controller's session). {}.",
             lines.join("; ")
         ),
         Unit {

@@ -93,8 +93,13 @@ fn machine() -> String {
     format!("{cores} cores, {cpu}")
 }
 
+/// `bench/results/`, or `DEFIB_BENCH_RESULTS` (for smoke runs that must not overwrite
+/// the committed results).
 pub fn results_dir() -> PathBuf {
-    defib_tests::workspace_root().join("bench").join("results")
+    match std::env::var_os("DEFIB_BENCH_RESULTS") {
+        Some(dir) => PathBuf::from(dir),
+        None => defib_tests::workspace_root().join("bench").join("results"),
+    }
 }
 
 /// Writes `<dir>/<scenario>.json|.md|.svg` (latencies in ms) and returns the Markdown.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use defib_tests::guests::{unique_uuid, Guest, GuestDisk, Hostbed};
 
-use crate::controller::ControllerProcess;
+use crate::controller::{ControllerProcess, Enrolled};
 use crate::report::{self, Series};
 
 const HOST: &str = "bench-rip";
@@ -27,6 +27,7 @@ pub fn run(kills: usize) -> anyhow::Result<String> {
     // Every kill is a new failure: lift the restart budget (default 3 in 10 min).
     let ctl = ControllerProcess::start(
         None,
+        Enrolled::Watchdogs(&[HOST]),
         "backend = \"libvirt\"\n[engine]\nmax_restarts_in_place = 1000000\n",
     )?;
     let wd = WatchdogProcess::start(&ctl, HOST)?;
@@ -193,12 +194,15 @@ pub(crate) struct WatchdogProcess {
 }
 
 impl WatchdogProcess {
-    /// Reports as host `host`.
+    /// Reports as host `host` (which `ctl` must enroll), with that host's own key.
     pub(crate) fn start(ctl: &ControllerProcess, host: &str) -> anyhow::Result<Self> {
         let bin = defib_tests::built_binary("defib-watchdog", "defib-watchdog");
         let dir = std::env::temp_dir().join(format!("defib-bench-rip-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("state"))?;
+        // The host's own key, as `defibctl hosts enroll --key-out` writes it (mode 0600).
+        let key = dir.join("host.key");
+        defib_tests::write_secret(&key, crate::controller::master().host_key_text(host))?;
         let cfg = format!(
             "[host]\nid = \"{host}\"\ncluster_id = \"{cluster}\"\nstate_dir = {state:?}\n\n\
              [controller]\nheartbeat_addrs = [\"{hb}\"]\nevent_addr = \"{ev}\"\nkey_file = {key:?}\n\n\
@@ -208,7 +212,7 @@ impl WatchdogProcess {
             state = dir.join("state").display().to_string(),
             hb = ctl.heartbeat,
             ev = ctl.events,
-            key = ctl.key_path().display().to_string(),
+            key = key.display().to_string(),
         );
         std::fs::write(dir.join("watchdog.toml"), cfg)?;
         let log = std::fs::File::create(dir.join("watchdog.log"))?;
@@ -237,5 +241,31 @@ impl Drop for WatchdogProcess {
     fn drop(&mut self) {
         defib_tests::stop_child(&mut self.child, Duration::from_secs(5));
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wiring the hostbed scenarios (restart-in-place, watchdog-cost) share, without
+    /// the hostbed: a real watchdog with its own host key, enrolled by the bench
+    /// controller, learns the session and is Up. Needs root (the watchdog's probes):
+    /// `cargo test -p defib-bench -- --ignored`.
+    #[test]
+    #[ignore = "needs root and BPF; starts a real watchdog and controller"]
+    fn a_real_watchdog_with_its_own_key_is_up_at_the_bench_controller() {
+        let ctl = ControllerProcess::start(None, Enrolled::Watchdogs(&[HOST]), "").unwrap();
+        let wd = WatchdogProcess::start(&ctl, HOST).unwrap();
+        let up = wait_for("the host Up at the controller", || {
+            let hosts = ctl.get_json("/v1/hosts").ok()?;
+            let list = hosts["hosts"].as_array().or(hosts.as_array())?.clone();
+            list.iter()
+                .any(|h| h["host"] == HOST && h["state"] == "Up")
+                .then_some(())
+        });
+        assert!(up.is_ok(), "{up:?}; watchdog log:\n{}", wd.log());
+        let m = ctl.metrics().unwrap();
+        assert!(crate::controller::metric_sum(&m, "defib_heartbeats_accepted_total") > 0);
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use crate::controller::{host_id, unix_ns, ControllerProcess, PacedSenders};
+use crate::controller::{host_id, unix_ns, ControllerProcess, Enrolled, PacedSenders};
 use crate::report::{self, Series};
 
 const INTERVAL: Duration = Duration::from_millis(100);
@@ -45,7 +45,7 @@ pub fn run(hosts: usize, samples: usize) -> anyhow::Result<String> {
         hosts >= 3,
         "use at least 3 hosts (one silent host must stay a minority)"
     );
-    let c = ControllerProcess::start(None, "")?;
+    let c = ControllerProcess::start(None, Enrolled::Simulated(hosts), "")?;
     let senders = PacedSenders::start(c.heartbeat, hosts, INTERVAL)?;
     for i in 0..hosts {
         wait_state(&c, &host_id(i), |s| s == "Up", Duration::from_secs(10))?;
@@ -105,7 +105,8 @@ pub fn run(hosts: usize, samples: usize) -> anyhow::Result<String> {
         &format!(
             "defib-controller (release binary, default detector: 100 ms interval, 3 missed → \
              Suspect, 50 ms engine tick) on loopback; {hosts} simulated watchdogs in the bench \
-             send signed heartbeats every 100 ms, spread over the interval. Per sample one host \
+             (enrolled, each signing with its own key and echoing the controller's session) \
+             send heartbeats every 100 ms, spread over the interval. Per sample one host \
              stops; the Up → Suspect timestamp is the controller's timeline entry (its clock, \
              unix ms, so ±1 ms), compared with the bench's wall clock at the host's last sent \
              heartbeat and at the stop. The host then resumes and is Up again before the next \

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use defib_tests::guests::{unique_uuid, Guest, GuestDisk, Hostbed};
 
-use crate::controller::ControllerProcess;
+use crate::controller::{ControllerProcess, Enrolled};
 use crate::report::{self, Series, Unit};
 use crate::restart_in_place::WatchdogProcess;
 
@@ -165,7 +165,11 @@ pub fn run(guests: usize, seconds: u64) -> anyhow::Result<String> {
         .ok()
         .and_then(|(_, child)| child)
         .map(|p| p as u32);
-    let ctl = ControllerProcess::start(None, "backend = \"libvirt\"\n")?;
+    let ctl = ControllerProcess::start(
+        None,
+        Enrolled::Watchdogs(&[HOST]),
+        "backend = \"libvirt\"\n",
+    )?;
     let wd = WatchdogProcess::start(&ctl, HOST)?;
     let vms = start_guests(guests);
     // Every guest known to the controller as Running through this watchdog.
