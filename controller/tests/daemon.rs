@@ -234,42 +234,115 @@ async fn only_enrolled_hosts_speak_each_for_itself_and_only_a_heartbeat_echoing_
     c.task.await.unwrap().unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_are_stored_once_and_acked_cumulatively_even_when_sent_twice() {
-    let c = start_controller().await;
-    let key = host_key("h1");
-    let mut s = TcpStream::connect(c.bound.events).await.unwrap();
-    let env = |message| Envelope {
+fn envelope(conn: u64, message: Message) -> Envelope {
+    Envelope {
         cluster_id: "t".into(),
         host_id: "h1".into(),
         boot_id: BootId([7; 16]),
         incarnation: 5,
+        conn,
         message,
-    };
+    }
+}
+
+async fn next(s: &mut TcpStream, dec: &mut FrameDecoder, buf: &mut [u8]) -> Envelope {
+    loop {
+        if let Some(e) = dec.next_frame().unwrap() {
+            return e;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "controller closed the stream");
+        dec.push(&buf[..n]);
+    }
+}
+
+/// Opens an event stream as h1's watchdog does: Hello with a nonce, the controller's
+/// challenge, Hello again carrying it; returns the stream, its decoder, the challenge
+/// and the Welcome's high-water mark, and the frames sent (for replays).
+async fn open_stream(
+    addr: std::net::SocketAddr,
+    key: &Key,
+    last_event_id: u64,
+) -> (TcpStream, FrameDecoder, u64, u64, Vec<Vec<u8>>) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
     let mut dec = FrameDecoder::new(key.clone(), Direction::ToWatchdog);
     let mut buf = vec![0u8; 4096];
-    async fn next(s: &mut TcpStream, dec: &mut FrameDecoder, buf: &mut [u8]) -> Message {
-        loop {
-            if let Some(e) = dec.next_frame().unwrap() {
-                return e.message;
-            }
-            let n = tokio::time::timeout(Duration::from_secs(5), s.read(buf))
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(n > 0, "controller closed the stream");
-            dec.push(&buf[..n]);
-        }
-    }
-    s.write_all(&encode_frame(&env(Message::Hello { last_event_id: 2 }), &key).unwrap())
-        .await
-        .unwrap();
-    match next(&mut s, &mut dec, &mut buf).await {
-        Message::Welcome {
-            highest_event_id, ..
-        } => assert_eq!(highest_event_id, 0),
+    let nonce = protocol::fresh_nonce();
+    let hello = Message::Hello {
+        last_event_id,
+        nonce,
+    };
+    let first = encode_frame(&envelope(0, hello.clone()), key).unwrap();
+    s.write_all(&first).await.unwrap();
+    let challenge = match next(&mut s, &mut dec, &mut buf).await {
+        Envelope {
+            conn,
+            message: Message::Challenge { nonce: c },
+            ..
+        } if conn == nonce => c,
+        other => panic!("expected a challenge bound to our nonce, got {other:?}"),
+    };
+    let second = encode_frame(&envelope(challenge, hello), key).unwrap();
+    s.write_all(&second).await.unwrap();
+    let highest = match next(&mut s, &mut dec, &mut buf).await {
+        Envelope {
+            conn,
+            message: Message::Welcome {
+                highest_event_id, ..
+            },
+            ..
+        } if conn == nonce => highest_event_id,
         other => panic!("expected Welcome, got {other:?}"),
+    };
+    (s, dec, challenge, highest, vec![first, second])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_recorded_on_one_connection_and_replayed_on_another_is_refused() {
+    let c = start_controller().await;
+    let key = host_key("h1");
+    let (_s, _dec, _challenge, _, recorded) = open_stream(c.bound.events, &key, 0).await;
+    // The attacker replays both frames on a new connection: the first gets a fresh
+    // challenge, the second answers the old one.
+    let mut r = TcpStream::connect(c.bound.events).await.unwrap();
+    for frame in &recorded {
+        r.write_all(frame).await.unwrap();
     }
+    let mut dec = FrameDecoder::new(key.clone(), Direction::ToWatchdog);
+    let mut buf = vec![0u8; 4096];
+    let first = next(&mut r, &mut dec, &mut buf).await;
+    assert!(matches!(first.message, Message::Challenge { .. }));
+    // Then the controller closes the stream without a Welcome.
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), r.read_to_end(&mut rest))
+        .await
+        .expect("closed")
+        .unwrap_or(0);
+    dec.push(&rest[..n]);
+    assert!(
+        dec.next_frame().unwrap().is_none(),
+        "no Welcome after a replayed Hello"
+    );
+    let m = metrics(c.bound.api).await;
+    assert!(
+        m.contains("defib_frames_rejected_total{reason=\"wrong_connection\"} 1"),
+        "{m}"
+    );
+    let _ = c.stop.send(());
+    c.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_stored_once_and_acked_cumulatively_even_when_sent_twice() {
+    let c = start_controller().await;
+    let key = host_key("h1");
+    let (mut s, mut dec, challenge, highest, _) = open_stream(c.bound.events, &key, 2).await;
+    assert_eq!(highest, 0);
+    let mut buf = vec![0u8; 4096];
+    let env = |message| envelope(challenge, message);
     let event = |id| {
         env(Message::Event(Event {
             id,
@@ -289,7 +362,7 @@ async fn events_are_stored_once_and_acked_cumulatively_even_when_sent_twice() {
     }
     let mut acks = Vec::new();
     for _ in 0..4 {
-        match next(&mut s, &mut dec, &mut buf).await {
+        match next(&mut s, &mut dec, &mut buf).await.message {
             Message::EventAck { up_to_event_id, .. } => acks.push(up_to_event_id),
             other => panic!("expected EventAck, got {other:?}"),
         }
@@ -300,17 +373,8 @@ async fn events_are_stored_once_and_acked_cumulatively_even_when_sent_twice() {
     assert!(m.contains("defib_events_duplicate_total 2"), "{m}");
 
     // A new stream (e.g. a restarted watchdog) is told the high-water mark.
-    let mut s2 = TcpStream::connect(c.bound.events).await.unwrap();
-    let mut dec2 = FrameDecoder::new(key.clone(), Direction::ToWatchdog);
-    s2.write_all(&encode_frame(&env(Message::Hello { last_event_id: 0 }), &key).unwrap())
-        .await
-        .unwrap();
-    match next(&mut s2, &mut dec2, &mut buf).await {
-        Message::Welcome {
-            highest_event_id, ..
-        } => assert_eq!(highest_event_id, 2),
-        other => panic!("expected Welcome, got {other:?}"),
-    }
+    let (_s2, _dec2, _, highest, _) = open_stream(c.bound.events, &key, 0).await;
+    assert_eq!(highest, 2);
     let _ = c.stop.send(());
     c.task.await.unwrap().unwrap();
 }

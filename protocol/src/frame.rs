@@ -51,8 +51,37 @@ pub struct Envelope {
     pub boot_id: BootId,
     /// The watchdog's incarnation.
     pub incarnation: u64,
+    /// Binds the frame to its connection (0: not bound, as on [`Message::Challenge`]).
+    /// From the watchdog: the controller's challenge for this connection; from the
+    /// controller: the watchdog's nonce from its `Hello`. Each side refuses a frame
+    /// whose value is not its own for this connection, so a frame recorded on one
+    /// connection cannot be replayed on another (on top of TLS, which already stops a
+    /// replay on the wire).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub conn: u64,
     /// What this frame says.
     pub message: Message,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// A fresh random nonce for a connection (never 0), from the kernel's random source.
+pub fn fresh_nonce() -> u64 {
+    use std::io::Read as _;
+    let mut buf = [0u8; 8];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf));
+    let n = u64::from_ne_bytes(buf);
+    if read.is_ok() && n != 0 {
+        return n;
+    }
+    // No random source: the time still differs between two connections.
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+        .max(1)
 }
 
 /// Which way a frame travels.
@@ -68,8 +97,11 @@ pub enum Direction {
 
 /// The messages on the stream.
 ///
-/// The conversation: the watchdog connects and sends `Hello`; the controller answers
-/// `Welcome` with the highest event id it holds for the host; the watchdog sends
+/// The conversation: the watchdog connects; the controller sends `Challenge` with a
+/// fresh nonce; the watchdog answers `Hello` carrying that nonce (in
+/// [`Envelope::conn`]) and a fresh nonce of its own; the controller answers `Welcome`
+/// with the highest event id it holds for the host (carrying the watchdog's nonce, as
+/// every later frame of either side carries the other's); the watchdog sends
 /// every event above that id, in order, then new events as they happen; the
 /// controller sends `EventAck` (cumulative) once events are stored. At-least-once
 /// delivery, with the controller deduplicating by (host id, event id)
@@ -83,10 +115,22 @@ pub enum Direction {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Message {
-    /// Watchdog → controller, first frame on a connection.
+    /// Controller → watchdog, the first frame on a connection: a fresh nonce that the
+    /// watchdog's `Hello` (and every later frame of the watchdog on this connection)
+    /// must carry in [`Envelope::conn`]. A recorded `Hello` replayed on a new connection
+    /// answers an old challenge and is refused.
+    Challenge {
+        /// The challenge.
+        nonce: u64,
+    },
+    /// Watchdog → controller, the answer to `Challenge`.
     Hello {
         /// The highest event id the watchdog has assigned (0: none yet).
         last_event_id: u64,
+        /// The watchdog's own fresh nonce: every later frame of the controller on this
+        /// connection carries it in [`Envelope::conn`].
+        #[serde(default)]
+        nonce: u64,
     },
     /// Controller → watchdog, the answer to `Hello`.
     ///
@@ -139,9 +183,10 @@ impl Message {
             Message::Hello { .. } | Message::Event(_) | Message::CommandResult { .. } => {
                 Direction::ToController
             }
-            Message::Welcome { .. } | Message::EventAck { .. } | Message::Command { .. } => {
-                Direction::ToWatchdog
-            }
+            Message::Challenge { .. }
+            | Message::Welcome { .. }
+            | Message::EventAck { .. }
+            | Message::Command { .. } => Direction::ToWatchdog,
         }
     }
 }
@@ -394,7 +439,10 @@ fn check_envelope(envelope: &Envelope) -> Result<(), EncodeError> {
         | Message::Command { controller_id, .. } => {
             check_controller_id(controller_id).map_err(bad("controller_id"))
         }
-        Message::Hello { .. } | Message::Event(_) | Message::CommandResult { .. } => Ok(()),
+        Message::Challenge { .. }
+        | Message::Hello { .. }
+        | Message::Event(_)
+        | Message::CommandResult { .. } => Ok(()),
     }
 }
 
@@ -710,7 +758,13 @@ mod tests {
                "zone":"az1","message":{{"type":"hello","last_event_id":3,"extra":true}}}}"#
         );
         let (env, _) = decode_frame(&signed_frame(&body), &key()).unwrap();
-        assert_eq!(env.message, Message::Hello { last_event_id: 3 });
+        assert_eq!(
+            env.message,
+            Message::Hello {
+                last_event_id: 3,
+                nonce: 0
+            }
+        );
     }
 
     #[test]

@@ -29,8 +29,10 @@
 //! ```
 //! use protocol::*;
 //!
-//! let key = Key::new(b"a shared cluster key of 32 bytes")?;
-//! // Watchdog side.
+//! // The controller's master key; each host's key derives from it.
+//! let master = MasterKey::new(b"the controller's master key, 32b").expect("long enough");
+//! let key = master.host_key("compute-17");
+//! // Watchdog side (its key file holds master.host_key_text("compute-17")).
 //! let hb = Heartbeat {
 //!     cluster_id: "prod-az1",
 //!     host_id: "compute-17",
@@ -40,21 +42,32 @@
 //!     sent_unix_ns: 1_790_000_000_000_000_000,
 //!     sent_mono_ns: 9_000_000_000,
 //!     path_index: 0,
+//!     session: 0, // none heard yet
 //!     status: HostStatus { vm_count: 12, libvirt_reachable: true, ..HostStatus::default() },
 //! };
 //! let datagram = encode_heartbeat(&hb, &key)?;
 //!
 //! // Controller side.
-//! let mut receiver = HeartbeatReceiver::new(key.clone(), "prod-az1");
+//! let mut hosts = HostKeys::new(master.clone());
+//! hosts.enroll("compute-17");
+//! let session = 0x5e55_1011; // random per controller process
+//! let mut receiver = HeartbeatReceiver::per_host(hosts, "prod-az1", session);
 //! let accepted = receiver.receive(&datagram).expect("authentic and fresh");
 //! assert_eq!(accepted.freshness, Freshness::First);
-//! let ack = encode_ack(&Ack::answering(&accepted.heartbeat, "ctl-a", 1_790_000_000_001_000_000), &key)?;
+//! // It does not echo this process's session yet: acked, but no sign of life.
+//! assert!(!accepted.proven);
+//! let answer = Ack::answering(&accepted.heartbeat, "ctl-a", 1_790_000_000_001_000_000)
+//!     .with_session(session)
+//!     .counting(accepted.proven);
+//! let ack = encode_ack(&answer, &key)?;
 //! assert_eq!(receiver.receive(&datagram).unwrap_err(), RejectReason::Replayed);
 //!
 //! // Back on the watchdog.
 //! let mut acks = AckReceiver::new(key, "prod-az1", "compute-17", hb.boot_id, hb.incarnation);
-//! acks.receive(&ack, hb.sequence).expect("answers our heartbeat");
-//! assert_eq!(acks.newest_acked_send_mono_ns(), Some(hb.sent_mono_ns));
+//! let got = acks.receive(&ack, hb.sequence).expect("answers our heartbeat");
+//! // The watchdog now echoes the session; this ack did not count for reachability.
+//! assert_eq!(got.session, session);
+//! assert_eq!(acks.newest_acked_send_mono_ns(), None);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
@@ -97,9 +110,9 @@ mod wire;
 pub use ack::{decode_ack, encode_ack, Ack, ACK_VERSION, KIND_ACK, MAX_ACK_LEN};
 pub use error::{DecodeError, EncodeError, RejectCounters, RejectReason};
 pub use frame::{
-    decode_frame, decode_frame_keyed, encode_frame, Direction, Envelope, Event, EventPayload,
-    FrameDecoder, FrameKeys, Message, VmInfo, FRAME_HEADER_LEN, KIND_FRAME, MAX_FRAME_BODY_LEN,
-    MAX_FRAME_LEN,
+    decode_frame, decode_frame_keyed, encode_frame, fresh_nonce, Direction, Envelope, Event,
+    EventPayload, FrameDecoder, FrameKeys, Message, VmInfo, FRAME_HEADER_LEN, KIND_FRAME,
+    MAX_FRAME_BODY_LEN, MAX_FRAME_LEN,
 };
 pub use guard::{
     Accepted, AckReceiver, EventDedup, EventVerdict, Freshness, HeartbeatReceiver, ReplayGuard,

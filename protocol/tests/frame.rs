@@ -13,6 +13,7 @@ fn envelope(message: Message) -> Envelope {
         host_id: HOST.into(),
         boot_id: boot(1),
         incarnation: 7,
+        conn: 0,
         message,
     }
 }
@@ -85,7 +86,10 @@ fn every_payload() -> Vec<EventPayload> {
 
 fn every_message() -> Vec<Envelope> {
     let mut all = vec![
-        envelope(Message::Hello { last_event_id: 0 }),
+        envelope(Message::Hello {
+            last_event_id: 0,
+            nonce: 0,
+        }),
         envelope(Message::Welcome {
             controller_id: CONTROLLER.into(),
             highest_event_id: 41,
@@ -140,7 +144,14 @@ fn every_message_and_event_kind_survives_encoding_and_decoding_unchanged() {
 
 #[test]
 fn the_frame_header_carries_the_body_length_and_the_mac_closes_the_frame() {
-    let bytes = encode_frame(&envelope(Message::Hello { last_event_id: 5 }), &key()).unwrap();
+    let bytes = encode_frame(
+        &envelope(Message::Hello {
+            last_event_id: 5,
+            nonce: 0,
+        }),
+        &key(),
+    )
+    .unwrap();
     assert_eq!(&bytes[0..4], b"DFIB");
     assert_eq!(bytes[4], 1);
     assert_eq!(bytes[5], 3);
@@ -203,7 +214,14 @@ fn several_frames_pushed_at_once_come_out_in_order() {
 
 #[test]
 fn a_frame_with_a_flipped_bit_in_its_body_is_rejected_as_forged() {
-    let mut bytes = encode_frame(&envelope(Message::Hello { last_event_id: 5 }), &key()).unwrap();
+    let mut bytes = encode_frame(
+        &envelope(Message::Hello {
+            last_event_id: 5,
+            nonce: 0,
+        }),
+        &key(),
+    )
+    .unwrap();
     bytes[FRAME_HEADER_LEN + 3] ^= 0x04;
     assert_eq!(
         decode_frame(&bytes, &key()).unwrap_err(),
@@ -213,8 +231,22 @@ fn a_frame_with_a_flipped_bit_in_its_body_is_rejected_as_forged() {
 
 #[test]
 fn a_frame_signed_with_another_key_is_rejected_and_the_stream_stays_failed() {
-    let bad = encode_frame(&envelope(Message::Hello { last_event_id: 5 }), &other_key()).unwrap();
-    let good = encode_frame(&envelope(Message::Hello { last_event_id: 6 }), &key()).unwrap();
+    let bad = encode_frame(
+        &envelope(Message::Hello {
+            last_event_id: 5,
+            nonce: 0,
+        }),
+        &other_key(),
+    )
+    .unwrap();
+    let good = encode_frame(
+        &envelope(Message::Hello {
+            last_event_id: 6,
+            nonce: 0,
+        }),
+        &key(),
+    )
+    .unwrap();
     let mut dec = FrameDecoder::new(key(), Direction::ToController);
     dec.push(&bad);
     dec.push(&good);
@@ -255,7 +287,14 @@ fn a_stream_of_another_protocol_is_refused_by_its_first_bytes() {
 
 #[test]
 fn a_truncated_frame_is_rejected_as_truncated_when_decoded_on_its_own() {
-    let bytes = encode_frame(&envelope(Message::Hello { last_event_id: 5 }), &key()).unwrap();
+    let bytes = encode_frame(
+        &envelope(Message::Hello {
+            last_event_id: 5,
+            nonce: 0,
+        }),
+        &key(),
+    )
+    .unwrap();
     for len in 4..bytes.len() {
         assert!(
             matches!(
@@ -277,7 +316,10 @@ fn a_frame_sent_the_wrong_way_is_refused() {
     dec.push(&encode_frame(&welcome, &key()).unwrap());
     assert!(matches!(dec.next_frame(), Err(DecodeError::Malformed(_))));
 
-    let hello = envelope(Message::Hello { last_event_id: 0 });
+    let hello = envelope(Message::Hello {
+        last_event_id: 0,
+        nonce: 0,
+    });
     let mut dec = FrameDecoder::new(key(), Direction::ToWatchdog);
     dec.push(&encode_frame(&hello, &key()).unwrap());
     assert!(matches!(dec.next_frame(), Err(DecodeError::Malformed(_))));
@@ -285,7 +327,14 @@ fn a_frame_sent_the_wrong_way_is_refused() {
 
 #[test]
 fn a_frame_with_a_bad_version_or_reserved_bytes_is_refused() {
-    let good = encode_frame(&envelope(Message::Hello { last_event_id: 5 }), &key()).unwrap();
+    let good = encode_frame(
+        &envelope(Message::Hello {
+            last_event_id: 5,
+            nonce: 0,
+        }),
+        &key(),
+    )
+    .unwrap();
     let mut v2 = good.clone();
     v2[4] = 2;
     assert_eq!(
@@ -308,7 +357,10 @@ fn a_frame_with_a_bad_version_or_reserved_bytes_is_refused() {
 
 #[test]
 fn an_envelope_with_an_invalid_host_id_cannot_be_encoded() {
-    let mut env = envelope(Message::Hello { last_event_id: 0 });
+    let mut env = envelope(Message::Hello {
+        last_event_id: 0,
+        nonce: 0,
+    });
     env.host_id = "bad\nhost".into();
     assert!(matches!(
         encode_frame(&env, &key()),

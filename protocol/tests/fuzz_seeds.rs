@@ -30,6 +30,7 @@ fn envelope(message: Message) -> Envelope {
         host_id: HOST.into(),
         boot_id: boot(1),
         incarnation: 7,
+        conn: 0,
         message,
     }
 }
@@ -60,7 +61,13 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     ];
     // The frame target reads a split byte after the mode byte.
     let frames = [
-        ("hello", Message::Hello { last_event_id: 12 }),
+        (
+            "hello",
+            Message::Hello {
+                last_event_id: 12,
+                nonce: 0,
+            },
+        ),
         (
             "event",
             Message::Event(Event {

@@ -120,7 +120,11 @@ fn envelope(host: &str) -> Envelope {
         host_id: host.into(),
         boot_id: BootId([1; 16]),
         incarnation: 7,
-        message: Message::Hello { last_event_id: 0 },
+        conn: 0,
+        message: Message::Hello {
+            last_event_id: 0,
+            nonce: 0,
+        },
     }
 }
 
@@ -147,4 +151,30 @@ fn a_stream_frame_is_checked_with_the_key_of_the_host_it_names() {
     let mut dec = per_host_decoder(&["compute-18"]);
     dec.push(&encode_frame(&envelope(HOST), &master().host_key(HOST)).unwrap());
     assert_eq!(dec.next_frame().unwrap_err(), DecodeError::UnknownHost);
+}
+
+#[test]
+fn a_frame_keeps_the_connection_it_is_bound_to_and_a_challenge_travels_only_to_the_watchdog() {
+    let key = master().host_key(HOST);
+    let bound = Envelope {
+        conn: 0xc0ffee,
+        ..envelope(HOST)
+    };
+    let mut dec = FrameDecoder::new(key.clone(), Direction::ToController);
+    dec.push(&encode_frame(&bound, &key).unwrap());
+    assert_eq!(dec.next_frame().unwrap().unwrap().conn, 0xc0ffee);
+
+    let challenge = Envelope {
+        message: Message::Challenge { nonce: 9 },
+        ..envelope(HOST)
+    };
+    let mut to_watchdog = FrameDecoder::new(key.clone(), Direction::ToWatchdog);
+    to_watchdog.push(&encode_frame(&challenge, &key).unwrap());
+    assert!(to_watchdog.next_frame().unwrap().is_some());
+    let mut to_controller = FrameDecoder::new(key.clone(), Direction::ToController);
+    to_controller.push(&encode_frame(&challenge, &key).unwrap());
+    assert!(
+        to_controller.next_frame().is_err(),
+        "a challenge sent the wrong way"
+    );
 }

@@ -188,7 +188,10 @@ fn payload() -> impl Strategy<Value = EventPayload> {
 
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
-        any::<u64>().prop_map(|n| Message::Hello { last_event_id: n }),
+        any::<u64>().prop_map(|n| Message::Hello {
+            last_event_id: n,
+            nonce: 0
+        }),
         (id_string(64), any::<u64>()).prop_map(|(c, n)| Message::Welcome {
             controller_id: c,
             highest_event_id: n
@@ -246,6 +249,7 @@ fn envelope() -> impl Strategy<Value = Envelope> {
                 host_id,
                 boot_id,
                 incarnation,
+                conn: 0,
                 message,
             },
         )

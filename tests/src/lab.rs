@@ -470,6 +470,7 @@ state_dir = {state:?}
 heartbeat_addrs = {heartbeat_addrs}
 {event_addrs}
 key_file = {key:?}
+ca_file = {ca:?}
 {controller_extra}
 
 {libvirt}
@@ -478,6 +479,7 @@ key_file = {key:?}
                 id = self.host_names[h],
                 state = state.display().to_string(),
                 key = self.host_key_file(h).display().to_string(),
+                ca = self.ca_file().display().to_string(),
                 heartbeat_addrs = self.watchdog_heartbeat_addrs(),
                 event_addrs = self.watchdog_event_addrs(),
                 extra = extra,

@@ -197,8 +197,15 @@ pub struct ControllerConfig {
     /// which one leads: the followers refuse the stream (they close it after the
     /// `Hello`) and the watchdog tries the next address. Exclusive with `event_addr`.
     pub event_addrs: Vec<String>,
-    /// File holding the cluster's shared HMAC key (at least 16 bytes).
+    /// File holding this host's own HMAC key, as `defibctl hosts enroll` hands it out.
     pub key_file: PathBuf,
+    /// PEM file of the CA(s) that signed the controllers' certificate. Set: the event
+    /// stream speaks TLS (the controllers must have `[tls]`); unset: plain TCP, and a
+    /// warning at every start.
+    pub ca_file: Option<PathBuf>,
+    /// The name the controllers' certificate must carry; empty: the IP address of the
+    /// event address connected to.
+    pub tls_server_name: String,
     /// Time between heartbeats.
     pub heartbeat_interval_ms: u64,
     /// No ack for this long on any path: the watchdog reports itself isolated.
@@ -215,6 +222,8 @@ impl Default for ControllerConfig {
             event_addr: String::new(),
             event_addrs: Vec::new(),
             key_file: PathBuf::new(),
+            ca_file: None,
+            tls_server_name: String::new(),
             heartbeat_interval_ms: 100,
             isolation_timeout_ms: 3000,
             spool_max_events: 100_000,
@@ -504,6 +513,32 @@ impl ControllerConfig {
         }
     }
 
+    /// The event stream's TLS client with `ca_file`, or `None` without it; a bad CA file
+    /// or server name is a configuration error naming its field.
+    pub fn stream_tls(&self) -> Result<Option<crate::uplink::StreamTls>, ConfigError> {
+        let Some(ca) = &self.ca_file else {
+            if !self.tls_server_name.is_empty() {
+                return Err(invalid(
+                    "controller.tls_server_name",
+                    "needs controller.ca_file (TLS is on only with a CA)",
+                ));
+            }
+            return Ok(None);
+        };
+        crate::uplink::StreamTls::new(ca, &self.tls_server_name)
+            .map(Some)
+            .map_err(|e| {
+                let field = if e.starts_with(&format!("{:?}", self.tls_server_name))
+                    && !self.tls_server_name.is_empty()
+                {
+                    "controller.tls_server_name"
+                } else {
+                    "controller.ca_file"
+                };
+                invalid(field, e)
+            })
+    }
+
     /// Reads the HMAC key named by `key_file`; a missing, empty or short key is a
     /// configuration error naming `controller.key_file`.
     pub fn load_key(&self) -> Result<protocol::Key, ConfigError> {
@@ -758,6 +793,37 @@ mod tests {
         .unwrap();
         let err = cfg.controller_for_run().unwrap().load_key().unwrap_err();
         assert!(err.to_string().contains("controller.key_file"), "{err}");
+    }
+
+    #[test]
+    fn a_ca_file_that_is_missing_or_not_pem_is_a_config_error_naming_controller_ca_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        for ca in [
+            "/nonexistent/ca.pem".to_string(),
+            not_pem.display().to_string(),
+        ] {
+            let cfg = WatchdogConfig::parse(&format!("{CONTROLLER}ca_file = {ca:?}\n")).unwrap();
+            let err = cfg.controller_for_run().unwrap().stream_tls().unwrap_err();
+            assert!(err.to_string().contains("controller.ca_file"), "{err}");
+        }
+        // A server name without a CA turns nothing on: refused.
+        let cfg =
+            WatchdogConfig::parse(&format!("{CONTROLLER}tls_server_name = \"ctl\"\n")).unwrap();
+        let err = cfg.controller_for_run().unwrap().stream_tls().unwrap_err();
+        assert!(
+            err.to_string().contains("controller.tls_server_name"),
+            "{err}"
+        );
+        // No CA: plain TCP.
+        let cfg = WatchdogConfig::parse(CONTROLLER).unwrap();
+        assert!(cfg
+            .controller_for_run()
+            .unwrap()
+            .stream_tls()
+            .unwrap()
+            .is_none());
     }
 
     #[test]

@@ -210,6 +210,10 @@ async fn serve_connection(
 ) {
     let mut decoder = FrameDecoder::new(key(), Direction::ToController);
     let mut buf = vec![0u8; 64 * 1024];
+    // The handshake, as the real controller does it: the first Hello brings the
+    // watchdog's nonce and gets a challenge; the second carries the challenge.
+    const CHALLENGE: u64 = 0xc4a1;
+    let mut wd_nonce = 0u64;
     loop {
         let n = match conn.read(&mut buf).await {
             Ok(0) | Err(_) => return,
@@ -220,7 +224,14 @@ async fn serve_connection(
             let reply = {
                 let mut seen = seen.lock().unwrap();
                 match &envelope.message {
-                    Message::Hello { last_event_id } => {
+                    Message::Hello { nonce, .. } if envelope.conn == 0 => {
+                        wd_nonce = *nonce;
+                        Some(Message::Challenge { nonce: CHALLENGE })
+                    }
+                    _ if envelope.conn != CHALLENGE => {
+                        panic!("a frame not bound to the connection: {envelope:?}")
+                    }
+                    Message::Hello { last_event_id, .. } => {
                         seen.hellos.push((envelope.incarnation, *last_event_id));
                         seen.hello_times.push(Instant::now());
                         if !leading.load(Ordering::SeqCst) {
@@ -255,6 +266,7 @@ async fn serve_connection(
             if let Some(message) = reply {
                 let frame = encode_frame(
                     &Envelope {
+                        conn: wd_nonce,
                         message,
                         ..envelope.clone()
                     },
@@ -290,6 +302,7 @@ fn uplink_config_for_all(
         heartbeat_addrs,
         event_addrs,
         heartbeat_interval: Duration::from_millis(20),
+        tls: None,
         isolation_timeout: Duration::from_millis(300),
         spool_max_events: 1000,
         reconnect_min: Duration::from_millis(20),

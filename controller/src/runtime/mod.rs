@@ -226,7 +226,8 @@ pub(crate) fn serve_intake(
         intake::StreamSettings::new(
             protocol::FrameKeys::PerHost(Arc::new(move |h: &str| keys_of.key_for(h))),
             &cfg.intake,
-        ),
+        )
+        .with_tls(resolved.tls.clone()),
         c.cluster_id.clone(),
         c.id.clone(),
         intake_tx,

@@ -18,6 +18,7 @@ pub mod spool;
 pub mod state;
 pub mod status;
 pub mod stream;
+pub mod tls;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -36,6 +37,7 @@ pub use sink::{pending_event, EventSender, PendingEvent, UplinkSink};
 pub use spool::Spool;
 pub use status::{HostSummary, StatusTracker};
 pub use stream::{Backoff, StreamStatus};
+pub use tls::StreamTls;
 
 use crate::config::{ConfigError, ControllerConfig, HostConfig};
 
@@ -56,6 +58,8 @@ pub struct UplinkConfig {
     pub event_addrs: Vec<SocketAddr>,
     /// `controller.heartbeat_interval_ms`.
     pub heartbeat_interval: Duration,
+    /// With `controller.ca_file`: the event stream speaks TLS.
+    pub tls: Option<StreamTls>,
     /// `controller.isolation_timeout_ms`.
     pub isolation_timeout: Duration,
     /// `controller.spool_max_events`.
@@ -84,6 +88,7 @@ impl UplinkConfig {
             heartbeat_addrs: controller.heartbeat_socket_addrs()?,
             event_addrs: controller.event_socket_addrs()?,
             heartbeat_interval: Duration::from_millis(controller.heartbeat_interval_ms),
+            tls: controller.stream_tls()?,
             isolation_timeout: Duration::from_millis(controller.isolation_timeout_ms),
             spool_max_events: controller.spool_max_events,
             reconnect_min: RECONNECT_MIN,
@@ -170,6 +175,12 @@ impl Uplink {
             last_event_id = spool.last_assigned_id(),
             "uplink starting"
         );
+        if cfg.tls.is_none() {
+            tracing::warn!(
+                "the event stream is NOT ENCRYPTED (no controller.ca_file): domain definitions \
+                 and events cross the network in clear text (frames are still authenticated)"
+            );
+        }
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (status, status_rx) = watch::channel(HostSummary::default());
@@ -195,6 +206,9 @@ impl Uplink {
             stream::EventStream {
                 identity: identity.clone(),
                 key,
+                tls: cfg.tls.clone(),
+                conn_out: 0,
+                conn_in: 0,
                 addrs: cfg.event_addrs,
                 last_leader: 0,
                 spool,

@@ -31,8 +31,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use protocol::{encode_frame, Direction, Envelope, FrameDecoder, Key, Message};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -163,6 +162,13 @@ impl fmt::Display for ReadError {
 pub(crate) struct EventStream {
     pub identity: RunIdentity,
     pub key: Key,
+    /// With `controller.ca_file`: connections are TLS.
+    pub tls: Option<super::StreamTls>,
+    /// The current connection's binding (protocol `Envelope::conn`): the controller's
+    /// challenge, carried by every frame sent, and this side's nonce, which every frame
+    /// received must carry. 0 between connections.
+    pub conn_out: u64,
+    pub conn_in: u64,
     /// Every controller's event address, in the configured order; not empty.
     pub addrs: Vec<SocketAddr>,
     /// Index in `addrs` of the controller that welcomed the stream last (0 before
@@ -306,6 +312,7 @@ impl EventStream {
             host_id: self.identity.host_id.clone(),
             boot_id: self.identity.boot_id,
             incarnation: self.identity.incarnation,
+            conn: self.conn_out,
             message,
         }
     }
@@ -316,6 +323,7 @@ impl EventStream {
             && envelope.host_id == self.identity.host_id
             && envelope.boot_id == self.identity.boot_id
             && envelope.incarnation == self.identity.incarnation
+            && envelope.conn == self.conn_in
     }
 
     /// One connection to `addrs[index]`, until it ends; a `Welcome` makes `index` the
@@ -336,7 +344,19 @@ impl EventStream {
             Some(Ok(Ok(stream))) => stream,
         };
         let _ = stream.set_nodelay(true);
-        let (read_half, mut writer) = stream.into_split();
+        let stream: Box<dyn Duplex> = match self.tls.clone() {
+            None => Box::new(stream),
+            Some(tls) => {
+                let handshake = tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(addr, stream));
+                match self.while_spooling(shutdown, handshake).await {
+                    None => return Ended::Shutdown,
+                    Some(Err(_)) => return Ended::Failed("TLS handshake timed out".into()),
+                    Some(Ok(Err(e))) => return Ended::Failed(format!("TLS: {e}")),
+                    Some(Ok(Ok(tls))) => Box::new(tls),
+                }
+            }
+        };
+        let (read_half, mut writer) = tokio::io::split(stream);
         // A separate reader keeps acks flowing while a long resend is being written,
         // so neither side can block the other with full buffers.
         let (inbound_tx, mut inbound) = mpsc::channel(64);
@@ -346,22 +366,37 @@ impl EventStream {
             inbound_tx,
         )));
 
+        // The handshake: Hello with a fresh nonce of ours; the controller's Challenge
+        // (carrying our nonce); Hello again, carrying the challenge; Welcome.
+        self.conn_out = 0;
+        self.conn_in = protocol::fresh_nonce();
         let hello = self.envelope(Message::Hello {
             last_event_id: self.spool.last_assigned_id(),
+            nonce: self.conn_in,
         });
         if let Err(ended) = self.write(shutdown, &mut writer, &hello).await {
             return ended.before_welcome();
         }
-        let welcome = tokio::time::timeout(WELCOME_TIMEOUT, inbound.recv());
-        let (controller_id, highest) = match self.while_spooling(shutdown, welcome).await {
-            None => return Ended::Shutdown,
-            Some(Err(_)) => return Ended::Failed("no welcome in time".into()),
-            Some(Ok(None)) => return Ended::Refused("connection closed".into()),
-            Some(Ok(Some(Err(e @ (ReadError::Closed | ReadError::Io(_)))))) => {
-                return Ended::Refused(e.to_string())
-            }
-            Some(Ok(Some(Err(e)))) => return Ended::Failed(e.to_string()),
-            Some(Ok(Some(Ok(envelope)))) => match envelope.message {
+        let challenge = match self.handshake_reply(shutdown, &mut inbound).await {
+            Err(ended) => return ended,
+            Ok(envelope) => match envelope.message {
+                Message::Challenge { nonce } if self.is_for_us(&envelope) && nonce != 0 => nonce,
+                other => {
+                    return Ended::Failed(format!("expected a challenge for us, got {other:?}"))
+                }
+            },
+        };
+        self.conn_out = challenge;
+        let answer = self.envelope(Message::Hello {
+            last_event_id: self.spool.last_assigned_id(),
+            nonce: self.conn_in,
+        });
+        if let Err(ended) = self.write(shutdown, &mut writer, &answer).await {
+            return ended.before_welcome();
+        }
+        let (controller_id, highest) = match self.handshake_reply(shutdown, &mut inbound).await {
+            Err(ended) => return ended,
+            Ok(envelope) => match envelope.message {
                 Message::Welcome {
                     controller_id,
                     highest_event_id,
@@ -441,6 +476,25 @@ impl EventStream {
         }
     }
 
+    /// The controller's next frame during the handshake, within [`WELCOME_TIMEOUT`].
+    async fn handshake_reply(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+        inbound: &mut mpsc::Receiver<Result<Envelope, ReadError>>,
+    ) -> Result<Envelope, Ended> {
+        let reply = tokio::time::timeout(WELCOME_TIMEOUT, inbound.recv());
+        match self.while_spooling(shutdown, reply).await {
+            None => Err(Ended::Shutdown),
+            Some(Err(_)) => Err(Ended::Failed("no welcome in time".into())),
+            Some(Ok(None)) => Err(Ended::Refused("connection closed".into())),
+            Some(Ok(Some(Err(e @ (ReadError::Closed | ReadError::Io(_)))))) => {
+                Err(Ended::Refused(e.to_string()))
+            }
+            Some(Ok(Some(Err(e)))) => Err(Ended::Failed(e.to_string())),
+            Some(Ok(Some(Ok(envelope)))) => Ok(envelope),
+        }
+    }
+
     /// Handles one frame from the controller on an established stream.
     fn take_reply(
         &mut self,
@@ -499,7 +553,7 @@ impl EventStream {
     async fn write(
         &mut self,
         shutdown: &mut watch::Receiver<bool>,
-        writer: &mut tokio::net::tcp::OwnedWriteHalf,
+        writer: &mut (impl AsyncWrite + Unpin),
         envelope: &Envelope,
     ) -> Result<(), Ended> {
         let frame = match encode_frame(envelope, &self.key) {
@@ -559,6 +613,10 @@ async fn sleep_until_some(deadline: Option<Instant>) {
     }
 }
 
+/// A connection to a controller: plain TCP or TLS over it.
+trait Duplex: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Duplex for T {}
+
 /// Aborts the task when dropped, so a connection's reader never outlives it.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -571,7 +629,7 @@ impl Drop for AbortOnDrop {
 /// Reads frames from the controller and passes them on; the first error (or the end
 /// of the stream) is passed on too and ends the reader.
 async fn read_frames(
-    mut read: OwnedReadHalf,
+    mut read: impl AsyncRead + Unpin,
     key: Key,
     frames: mpsc::Sender<Result<Envelope, ReadError>>,
 ) {
@@ -630,7 +688,18 @@ mod tests {
             decoder.push(&buf[..n]);
             while let Some(env) = decoder.next_frame().unwrap() {
                 match &env.message {
-                    Message::Hello { .. } => {
+                    Message::Hello { nonce, .. } if env.conn == 0 => {
+                        let challenge = Envelope {
+                            conn: *nonce,
+                            message: Message::Challenge { nonce: 42 },
+                            ..env.clone()
+                        };
+                        conn.write_all(&encode_frame(&challenge, &key).unwrap())
+                            .await
+                            .unwrap();
+                    }
+                    Message::Hello { nonce, .. } => {
+                        assert_eq!(env.conn, 42, "the second Hello answers the challenge");
                         for message in [
                             Message::Welcome {
                                 controller_id: "ctl".into(),
@@ -644,6 +713,7 @@ mod tests {
                         ] {
                             let frame = encode_frame(
                                 &Envelope {
+                                    conn: *nonce,
                                     message,
                                     ..env.clone()
                                 },
@@ -680,6 +750,9 @@ mod tests {
                 incarnation: 9,
             },
             key: key.clone(),
+            tls: None,
+            conn_out: 0,
+            conn_in: 0,
             addrs: vec![addr],
             last_leader: 0,
             spool: Spool::open(dir.path(), 100).unwrap(),

@@ -169,7 +169,8 @@ impl HeartbeatIntake {
         if let Some(keys) = st.receiver.host_keys_mut() {
             keys.set_enrolled(hosts.iter().map(String::as_str));
         }
-        for gone in before.iter().filter(|h| !hosts.contains(h)) {
+        let now: std::collections::HashSet<&str> = hosts.iter().map(String::as_str).collect();
+        for gone in before.iter().filter(|h| !now.contains(h.as_str())) {
             st.receiver.forget_host(gone);
             st.last_forwarded_ms.remove(gone);
         }

@@ -236,6 +236,12 @@ impl EventConnection {
         // the replies.
         let mut peer: Option<(String, BootId, u64)> = None;
         let mut key: Option<Key> = None;
+        // The handshake: the challenge sent for the first Hello, the watchdog's nonce
+        // (carried by every frame this side sends), and whether the second Hello, which
+        // answered the challenge, was welcomed.
+        let mut challenge: Option<u64> = None;
+        let mut watchdog_nonce = 0u64;
+        let mut welcomed = false;
         // Commands for this host's watchdog (registered at Hello, gone when this returns),
         // and the ones sent that wait for their result, by command id.
         let (command_tx, mut commands) = mpsc::channel::<CommandRequest>(COMMANDS_QUEUED);
@@ -243,14 +249,15 @@ impl EventConnection {
         let mut waiting: HashMap<u64, Vec<oneshot::Sender<CommandAnswer>>> = HashMap::new();
         loop {
             // Before Hello the handshake deadline holds; after it, the idle timeout.
-            let wait = match peer {
-                None => self.handshake_timeout.saturating_sub(opened.elapsed()),
-                Some(_) => self.idle_timeout,
+            let wait = if welcomed {
+                self.idle_timeout
+            } else {
+                self.handshake_timeout.saturating_sub(opened.elapsed())
             };
             let frame = tokio::select! {
                 next = tokio::time::timeout(wait, frames.next()) => match next {
                     Err(_) => {
-                        let reason = if peer.is_none() { "handshake_timeout" } else { "idle_timeout" };
+                        let reason = if welcomed { "idle_timeout" } else { "handshake_timeout" };
                         self.reject(reason);
                         anyhow::bail!("no frame within {wait:?} ({reason})");
                     }
@@ -263,7 +270,7 @@ impl EventConnection {
                     Ok(Some(Ok(frame))) => frame,
                 },
                 Some(request) = commands.recv() => {
-                    let (Some((host, boot_id, incarnation)), Some(key)) = (peer.clone(), key.as_ref()) else {
+                    let (Some((host, boot_id, incarnation)), Some(key), true) = (peer.clone(), key.as_ref(), welcomed) else {
                         continue;
                     };
                     tracing::info!(%host, command_id = request.command_id, command = ?request.command, "command sent to the watchdog");
@@ -273,6 +280,7 @@ impl EventConnection {
                             host_id: host,
                             boot_id,
                             incarnation,
+                            conn: watchdog_nonce,
                             message: Message::Command {
                                 controller_id: self.controller_id.clone(),
                                 command_id: request.command_id,
@@ -307,8 +315,38 @@ impl EventConnection {
                         anyhow::bail!("stream of {host} sent a frame for {}", env.host_id);
                     }
                 }
+                // After the challenge, every frame must carry it.
+                if let Some(c) = challenge {
+                    if env.conn != c {
+                        self.reject("wrong_connection");
+                        anyhow::bail!("a frame not bound to this connection's challenge");
+                    }
+                }
                 let reply = match env.message {
-                    Message::Hello { last_event_id } => {
+                    Message::Hello { nonce, .. } if challenge.is_none() => {
+                        // The first Hello names the host (and so the key) and brings the
+                        // watchdog's nonce; it proves nothing yet (it may be recorded):
+                        // answer with a challenge only a holder of the host's key can
+                        // answer with a second Hello.
+                        if nonce == 0 {
+                            self.reject("no_nonce");
+                            anyhow::bail!("a Hello without a nonce from {}", env.host_id);
+                        }
+                        key = match &self.keys {
+                            FrameKeys::One(k) => Some(k.clone()),
+                            FrameKeys::PerHost(f) => f(&env.host_id),
+                        };
+                        peer = Some((env.host_id.clone(), env.boot_id, env.incarnation));
+                        watchdog_nonce = nonce;
+                        let c = protocol::fresh_nonce();
+                        challenge = Some(c);
+                        Message::Challenge { nonce: c }
+                    }
+                    Message::Hello { last_event_id, .. } => {
+                        if welcomed {
+                            self.reject("second_hello");
+                            anyhow::bail!("a second Hello on the stream of {}", env.host_id);
+                        }
                         let (tx, rx) = oneshot::channel();
                         self.tx
                             .send(Intake::Hello {
@@ -324,15 +362,7 @@ impl EventConnection {
                             }
                         };
                         tracing::info!(host = %env.host_id, last_event_id, highest, "event stream opened");
-                        if peer.is_some() {
-                            self.reject("second_hello");
-                            anyhow::bail!("a second Hello on the stream of {}", env.host_id);
-                        }
-                        key = match &self.keys {
-                            FrameKeys::One(k) => Some(k.clone()),
-                            FrameKeys::PerHost(f) => f(&env.host_id),
-                        };
-                        peer = Some((env.host_id.clone(), env.boot_id, env.incarnation));
+                        welcomed = true;
                         _registration =
                             Some(self.streams.register(&env.host_id, command_tx.clone()));
                         Message::Welcome {
@@ -341,7 +371,7 @@ impl EventConnection {
                         }
                     }
                     Message::Event(event) => {
-                        let Some((host, _, _)) = &peer else {
+                        let (Some((host, _, _)), true) = (&peer, welcomed) else {
                             self.reject("event_before_hello");
                             anyhow::bail!("event before hello");
                         };
@@ -386,7 +416,7 @@ impl EventConnection {
                         ok,
                         detail,
                     } => {
-                        if peer.is_none() {
+                        if !welcomed {
                             self.reject("result_before_hello");
                             anyhow::bail!("a command result before hello");
                         }
@@ -417,6 +447,7 @@ impl EventConnection {
                         host_id: host,
                         boot_id,
                         incarnation,
+                        conn: watchdog_nonce,
                         message: reply,
                     },
                     key,
@@ -444,6 +475,175 @@ mod tests {
     /// `Hello`, sends the restorer's command as a frame, and routes the watchdog's
     /// result back; the registration goes when the stream closes. (It was the libvirt
     /// edge's test; it lives here because an edge must not reach into the runtime.)
+    /// A port with tight bounds for the tests below: 2 streams per source, 300 ms to
+    /// say Hello; an intake that stores every event as new unless `dup` says it is a
+    /// duplicate.
+    async fn bounded_port(
+        dup: Arc<std::sync::atomic::AtomicBool>,
+    ) -> (SocketAddr, Arc<Metrics>, Arc<HostStreams>, Key) {
+        let mac = Key::new(b"bounds-test-key-0123456789abcdef").unwrap();
+        let streams = HostStreams::new();
+        let metrics = Arc::new(Metrics::new());
+        let (intake_tx, mut intake_rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Some(msg) = intake_rx.recv().await {
+                match msg {
+                    Intake::Hello { reply, .. } => {
+                        let _ = reply.send(Ok(0));
+                    }
+                    Intake::Event { event, reply, .. } => {
+                        let new = !dup.load(std::sync::atomic::Ordering::SeqCst);
+                        let _ = reply.send(Ok(super::super::EventStored {
+                            new,
+                            high_water: event.id,
+                        }));
+                    }
+                    Intake::Heartbeat(_) => {}
+                }
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let intake = crate::config::IntakeSection {
+            stream_connections_per_source: 2,
+            stream_handshake_timeout_ms: 300,
+            ..Default::default()
+        };
+        tokio::spawn(serve_events(
+            listener,
+            StreamSettings::new(FrameKeys::One(mac.clone()), &intake),
+            "c".into(),
+            "ctl".into(),
+            intake_tx,
+            metrics.clone(),
+            streams.clone(),
+        ));
+        (addr, metrics, streams, mac)
+    }
+
+    async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 1024];
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+                Err(_) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_stream_is_closed_at_the_handshake_timeout_and_a_third_from_one_source_at_accept(
+    ) {
+        let (addr, metrics, _, _) = bounded_port(Arc::default()).await;
+        let mut a = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut b = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // One byte, as a slowloris sends it: not a Hello.
+        b.write_all(b"D").await.unwrap();
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(
+            closed_within(&mut c, Duration::from_millis(200)).await,
+            "a third stream from one source is refused at accept"
+        );
+        assert!(closed_within(&mut a, Duration::from_secs(5)).await);
+        assert!(closed_within(&mut b, Duration::from_secs(5)).await);
+        let text = metrics.encode();
+        for line in [
+            "defib_frames_rejected_total{reason=\"connections_per_source\"} 1",
+            "defib_frames_rejected_total{reason=\"handshake_timeout\"} 2",
+        ] {
+            assert!(text.contains(line), "{line}\n{text}");
+        }
+        // Their slots are given back.
+        let mut d = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(!closed_within(&mut d, Duration::from_millis(100)).await);
+    }
+
+    #[tokio::test]
+    async fn a_frame_declaring_more_than_a_mebibyte_ends_the_stream_before_its_body_arrives() {
+        let (addr, metrics, _, _) = bounded_port(Arc::default()).await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut header = b"DFIB\x01\x03\x00\x00".to_vec();
+        header.extend_from_slice(&(protocol::MAX_FRAME_BODY_LEN as u32 + 1).to_be_bytes());
+        s.write_all(&header).await.unwrap();
+        assert!(closed_within(&mut s, Duration::from_secs(5)).await);
+        assert!(metrics
+            .encode()
+            .contains("defib_frames_rejected_total{reason=\"oversize\"} 1"));
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_event_does_not_overwrite_the_domain_definition_stored_first() {
+        let dup = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (addr, _, streams, mac) = bounded_port(dup.clone()).await;
+        let mut wd = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let env = |conn, message| Envelope {
+            cluster_id: "c".into(),
+            host_id: "h1".into(),
+            boot_id: BootId([7; 16]),
+            incarnation: 1,
+            conn,
+            message,
+        };
+        let mut decoder = FrameDecoder::new(mac.clone(), Direction::ToWatchdog);
+        let mut buf = vec![0u8; 4096];
+        let mut next_frame = async |wd: &mut tokio::net::TcpStream| loop {
+            if let Some(env) = decoder.next_frame().unwrap() {
+                return env.message;
+            }
+            let n = wd.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the controller closed the stream");
+            decoder.push(&buf[..n]);
+        };
+        let hello = Message::Hello {
+            last_event_id: 0,
+            nonce: 5,
+        };
+        wd.write_all(&encode_frame(&env(0, hello.clone()), &mac).unwrap())
+            .await
+            .unwrap();
+        let Message::Challenge { nonce: c } = next_frame(&mut wd).await else {
+            panic!("expected a challenge");
+        };
+        wd.write_all(&encode_frame(&env(c, hello), &mac).unwrap())
+            .await
+            .unwrap();
+        assert!(matches!(next_frame(&mut wd).await, Message::Welcome { .. }));
+        let definition = |xml: &str| {
+            Message::Event(protocol::Event {
+                id: 1,
+                unix_ns: 1,
+                mono_ns: 1,
+                payload: protocol::EventPayload::DomainDefinition {
+                    vm_uuid: "u-1".into(),
+                    vm_name: "vm1".into(),
+                    xml: xml.into(),
+                },
+            })
+        };
+        wd.write_all(&encode_frame(&env(c, definition("<domain>first</domain>")), &mac).unwrap())
+            .await
+            .unwrap();
+        assert!(matches!(
+            next_frame(&mut wd).await,
+            Message::EventAck { .. }
+        ));
+        // The same event id again, with another definition: a duplicate.
+        dup.store(true, std::sync::atomic::Ordering::SeqCst);
+        wd.write_all(&encode_frame(&env(c, definition("<domain>forged</domain>")), &mac).unwrap())
+            .await
+            .unwrap();
+        assert!(matches!(
+            next_frame(&mut wd).await,
+            Message::EventAck { .. }
+        ));
+        assert_eq!(
+            streams.definition("u-1").unwrap().xml,
+            "<domain>first</domain>"
+        );
+    }
+
     #[tokio::test]
     async fn over_the_event_stream_a_command_goes_out_as_a_frame_and_its_result_comes_back() {
         let mac = Key::new(b"backend-test-key-0123456789abcdef").unwrap();
@@ -472,27 +672,45 @@ mod tests {
         ));
 
         let mut wd = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let env = |message| Envelope {
+        let env_on = |conn, message| Envelope {
             cluster_id: "c".into(),
             host_id: "h1".into(),
             boot_id: BootId([7; 16]),
             incarnation: 1,
+            conn,
             message,
         };
         let mut decoder = FrameDecoder::new(mac.clone(), Direction::ToWatchdog);
         let mut buf = vec![0u8; 4096];
         let mut next_frame = async |wd: &mut tokio::net::TcpStream| loop {
             if let Some(env) = decoder.next_frame().unwrap() {
+                assert_eq!(env.conn, 77, "every controller frame carries our nonce");
                 return env.message;
             }
             let n = wd.read(&mut buf).await.unwrap();
             assert!(n > 0, "the controller closed the stream");
             decoder.push(&buf[..n]);
         };
-        wd.write_all(&encode_frame(&env(Message::Hello { last_event_id: 0 }), &mac).unwrap())
+        let hello = Message::Hello {
+            last_event_id: 0,
+            nonce: 77,
+        };
+        wd.write_all(&encode_frame(&env_on(0, hello.clone()), &mac).unwrap())
+            .await
+            .unwrap();
+        let Message::Challenge { nonce: challenge } = next_frame(&mut wd).await else {
+            panic!("expected a challenge");
+        };
+        assert_eq!(
+            streams.hosts(),
+            Vec::<String>::new(),
+            "not before the answer"
+        );
+        wd.write_all(&encode_frame(&env_on(challenge, hello), &mac).unwrap())
             .await
             .unwrap();
         assert!(matches!(next_frame(&mut wd).await, Message::Welcome { .. }));
+        let env = |message| env_on(challenge, message);
         assert_eq!(streams.hosts(), ["h1"]);
 
         let (results_tx, mut results) = mpsc::unbounded_channel();
