@@ -378,3 +378,76 @@ async fn events_are_stored_once_and_acked_cumulatively_even_when_sent_twice() {
     let _ = c.stop.send(());
     c.task.await.unwrap().unwrap();
 }
+
+/// One request to the API (plain HTTP, no token: the test controller runs without).
+async fn http(api: std::net::SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(api).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_enrolled_through_the_api_is_heard_with_the_key_it_was_given_until_it_is_revoked() {
+    let c = start_controller().await;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let to = c.bound.heartbeat[0];
+    let mut buf = [0u8; protocol::DATAGRAM_RECV_BUFFER_LEN];
+    let acked = async |sock: &UdpSocket, buf: &mut [u8]| {
+        tokio::time::timeout(Duration::from_millis(500), sock.recv(buf))
+            .await
+            .is_ok()
+    };
+    let derived = host_key("h5");
+    sock.send_to(&heartbeat_of("h5", 1, 0, &derived), to)
+        .await
+        .unwrap();
+    assert!(!acked(&sock, &mut buf).await, "h5 is not enrolled yet");
+
+    let (status, body) = http(c.bound.api, "POST", "/v1/hosts/h5/enrollment").await;
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let key_text = answer["key"].as_str().expect("the host's key");
+    let given = Key::new(key_text.as_bytes()).unwrap();
+    sock.send_to(&heartbeat_of("h5", 2, 0, &given), to)
+        .await
+        .unwrap();
+    assert!(
+        acked(&sock, &mut buf).await,
+        "enrolled: heard with the key it was given"
+    );
+    // The key given is the one derived from the master key.
+    sock.send_to(&heartbeat_of("h5", 3, 0, &derived), to)
+        .await
+        .unwrap();
+    assert!(acked(&sock, &mut buf).await);
+
+    // A host enrolled by the configuration cannot be revoked through the API.
+    let (status, body) = http(c.bound.api, "DELETE", "/v1/hosts/h1/enrollment").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("intake.enrolled_hosts"), "{body}");
+
+    let (status, body) = http(c.bound.api, "DELETE", "/v1/hosts/h5/enrollment").await;
+    assert_eq!(status, 200, "{body}");
+    sock.send_to(&heartbeat_of("h5", 4, 0, &given), to)
+        .await
+        .unwrap();
+    assert!(!acked(&sock, &mut buf).await, "revoked: refused");
+    let m = metrics(c.bound.api).await;
+    assert!(
+        m.contains("defib_heartbeats_rejected_total{reason=\"unknown_host\"} 2"),
+        "{m}"
+    );
+    let _ = c.stop.send(());
+    c.task.await.unwrap().unwrap();
+}

@@ -441,3 +441,41 @@ fn a_missing_token_file_is_reported_by_path() {
         run.stderr
     );
 }
+
+#[test]
+fn hosts_enroll_prints_or_writes_the_hosts_key_and_hosts_revoke_says_so() {
+    let server = serve();
+    let token = token_file("enroll", TOKEN);
+    let run = defibctl(&server.url, Some(&token), &["hosts", "enroll", "h7"]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(run.stdout.contains("h7: enrolled"), "{}", run.stdout);
+    assert!(run.stdout.contains("key-of-h7"), "{}", run.stdout);
+
+    let out = std::env::temp_dir().join(format!("defibctl-enroll-{}.key", std::process::id()));
+    let _ = std::fs::remove_file(&out);
+    let run = defibctl(
+        &server.url,
+        Some(&token),
+        &["hosts", "enroll", "h7", "--key-out", out.to_str().unwrap()],
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        !run.stdout.contains("key-of-h7"),
+        "the key goes to the file only"
+    );
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "key-of-h7");
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let _ = std::fs::remove_file(&out);
+
+    let run = defibctl(&server.url, Some(&token), &["hosts", "revoke", "h7"]);
+    assert_eq!((run.code, run.stdout.as_str()), (Some(0), "h7: revoked\n"));
+    let run = defibctl(&server.url, Some(&token), &["hosts", "rename", "h7"]);
+    assert_ne!(run.code, Some(0));
+    assert!(
+        run.stderr.contains("unknown hosts action"),
+        "{}",
+        run.stderr
+    );
+}
