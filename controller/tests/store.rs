@@ -974,3 +974,23 @@ fn stored_events_of_one_kind_come_back_oldest_first_with_their_host() {
     );
     assert!(s.events_of_kind("qemu_exited").unwrap().is_empty());
 }
+
+#[test]
+fn enrolled_hosts_are_kept_in_the_store_sorted_once_each() {
+    use controller::runtime::enrollment;
+    on_every_store(|s| {
+        assert_eq!(enrollment::read(s).unwrap(), Vec::<String>::new());
+        for h in ["h2", "h1", "h2"] {
+            enrollment::change(s, h, true).unwrap();
+        }
+        assert_eq!(enrollment::read(s).unwrap(), ["h1", "h2"]);
+        let (hosts, changed) = enrollment::change(s, "h1", false).unwrap();
+        assert!(changed);
+        assert_eq!(hosts, ["h2"]);
+        assert!(
+            !enrollment::change(s, "h1", false).unwrap().1,
+            "already revoked"
+        );
+        assert_eq!(enrollment::read(s).unwrap(), ["h2"]);
+    });
+}
