@@ -64,7 +64,8 @@ impl StreamSettings {
 /// [`ConnSlot`] drops.
 #[derive(Default)]
 struct ConnTable {
-    by_source: Mutex<HashMap<IpAddr, usize>>,
+    /// Open connections per source address, and in total.
+    open: Mutex<(HashMap<IpAddr, usize>, usize)>,
 }
 
 struct ConnSlot {
@@ -80,9 +81,9 @@ impl ConnTable {
         per_source: usize,
         total: usize,
     ) -> Result<ConnSlot, &'static str> {
-        let mut by = self.by_source.lock().unwrap_or_else(|e| e.into_inner());
-        let open: usize = by.values().sum();
-        if open >= total {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let (by, all) = &mut *open;
+        if *all >= total {
             return Err("connections_total");
         }
         let n = by.entry(source).or_insert(0);
@@ -90,6 +91,7 @@ impl ConnTable {
             return Err("connections_per_source");
         }
         *n += 1;
+        *all += 1;
         Ok(ConnSlot {
             table: self.clone(),
             source,
@@ -99,11 +101,9 @@ impl ConnTable {
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        let mut by = self
-            .table
-            .by_source
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut open = self.table.open.lock().unwrap_or_else(|e| e.into_inner());
+        let (by, all) = &mut *open;
+        *all = all.saturating_sub(1);
         if let Some(n) = by.get_mut(&self.source) {
             *n = n.saturating_sub(1);
             if *n == 0 {
