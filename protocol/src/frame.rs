@@ -602,6 +602,25 @@ pub fn decode_frame(bytes: &[u8], key: &Key) -> Result<(Envelope, usize), Decode
     Ok((parse_frame(frame, key)?, len))
 }
 
+/// The frame layout as tokio-util's length-delimited codec reads it (feature `codec`):
+/// the 4-byte body length at offset 8 of the 12-byte header, the 32-byte MAC after the
+/// body; each item is one whole frame, header and MAC included, for
+/// [`decode_frame_keyed`]. A length above [`MAX_FRAME_BODY_LEN`] fails the stream from
+/// the header alone (`InvalidData`), before anything is buffered for the body.
+#[cfg(feature = "codec")]
+pub fn frame_codec() -> tokio_util::codec::LengthDelimitedCodec {
+    tokio_util::codec::LengthDelimitedCodec::builder()
+        .length_field_offset(FRAME_HEADER_LEN - 4)
+        .length_field_length(4)
+        // With nothing skipped the codec hands over `length + adjustment` bytes from the
+        // frame's first byte: the header before the body and the MAC after it.
+        .length_adjustment((FRAME_HEADER_LEN + MAC_LEN) as isize)
+        .num_skip(0)
+        .max_frame_length(MAX_FRAME_BODY_LEN)
+        .big_endian()
+        .new_codec()
+}
+
 /// Decodes exactly one whole frame (as a length-delimited codec hands it over) with
 /// `keys`, refusing one meant for the other `direction`.
 pub fn decode_frame_keyed(

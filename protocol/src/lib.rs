@@ -109,6 +109,8 @@ mod wire;
 
 pub use ack::{decode_ack, encode_ack, Ack, ACK_VERSION, KIND_ACK, MAX_ACK_LEN};
 pub use error::{DecodeError, EncodeError, RejectCounters, RejectReason};
+#[cfg(feature = "codec")]
+pub use frame::frame_codec;
 pub use frame::{
     decode_frame, decode_frame_keyed, encode_frame, fresh_nonce, Direction, Envelope, Event,
     EventPayload, FrameDecoder, FrameKeys, Message, VmInfo, FRAME_HEADER_LEN, KIND_FRAME,

@@ -178,3 +178,42 @@ fn a_frame_keeps_the_connection_it_is_bound_to_and_a_challenge_travels_only_to_t
         "a challenge sent the wrong way"
     );
 }
+
+#[cfg(feature = "codec")]
+#[test]
+fn the_length_delimited_codec_hands_over_whole_frames_and_refuses_a_huge_one_from_its_header() {
+    use tokio_util::codec::Decoder as _;
+    let key = master().host_key(HOST);
+    let a = encode_frame(&envelope(HOST), &key).unwrap();
+    let b = encode_frame(
+        &Envelope {
+            conn: 3,
+            ..envelope(HOST)
+        },
+        &key,
+    )
+    .unwrap();
+    let mut codec = protocol::frame_codec();
+    let mut buf = bytes::BytesMut::new();
+    // Byte by byte: nothing until a whole frame is there.
+    let mut frames = Vec::new();
+    for byte in a.iter().chain(&b) {
+        buf.extend_from_slice(&[*byte]);
+        if let Some(frame) = codec.decode(&mut buf).unwrap() {
+            frames.push(frame);
+        }
+    }
+    assert_eq!(frames.len(), 2);
+    assert_eq!(&frames[0][..], &a[..]);
+    let keys = FrameKeys::One(key);
+    let second = protocol::decode_frame_keyed(&frames[1], &keys, Direction::ToController).unwrap();
+    assert_eq!(second.conn, 3);
+
+    let mut huge = b"DFIB\x01\x03\x00\x00".to_vec();
+    huge.extend_from_slice(&(protocol::MAX_FRAME_BODY_LEN as u32 + 1).to_be_bytes());
+    let mut buf = bytes::BytesMut::from(&huge[..]);
+    assert!(
+        codec.decode(&mut buf).is_err(),
+        "refused from the header alone"
+    );
+}

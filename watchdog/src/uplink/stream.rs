@@ -30,11 +30,13 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use protocol::{encode_frame, Direction, Envelope, FrameDecoder, Key, Message};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use futures_util::StreamExt as _;
+use protocol::{decode_frame_keyed, encode_frame, Direction, Envelope, FrameKeys, Key, Message};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+use tokio_util::codec::FramedRead;
 
 use super::sink::PendingEvent;
 use super::spool::Spool;
@@ -626,41 +628,29 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Reads frames from the controller and passes them on; the first error (or the end
-/// of the stream) is passed on too and ends the reader.
+/// Reads frames from the controller (tokio-util's length-delimited codec over the frame
+/// header) and passes them on; the first error (or the end of the stream) is passed on
+/// too and ends the reader.
 async fn read_frames(
-    mut read: impl AsyncRead + Unpin,
+    read: impl AsyncRead + Unpin,
     key: Key,
     frames: mpsc::Sender<Result<Envelope, ReadError>>,
 ) {
-    let mut decoder = FrameDecoder::new(key, Direction::ToWatchdog);
-    let mut buf = vec![0u8; 16 * 1024];
+    let keys = FrameKeys::One(key);
+    let mut reader = FramedRead::new(read, protocol::frame_codec());
     loop {
-        let n = match read.read(&mut buf).await {
-            Ok(0) => {
-                let _ = frames.send(Err(ReadError::Closed)).await;
-                return;
+        let outcome = match reader.next().await {
+            None => Err(ReadError::Closed),
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                Err(ReadError::BadFrame(e.to_string()))
             }
-            Ok(n) => n,
-            Err(e) => {
-                let _ = frames.send(Err(ReadError::Io(e.to_string()))).await;
-                return;
-            }
+            Some(Err(e)) => Err(ReadError::Io(e.to_string())),
+            Some(Ok(frame)) => decode_frame_keyed(&frame, &keys, Direction::ToWatchdog)
+                .map_err(|e| ReadError::BadFrame(e.to_string())),
         };
-        decoder.push(buf.get(..n).unwrap_or_default());
-        loop {
-            match decoder.next_frame() {
-                Ok(Some(envelope)) => {
-                    if frames.send(Ok(envelope)).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let _ = frames.send(Err(ReadError::BadFrame(e.to_string()))).await;
-                    return;
-                }
-            }
+        let failed = outcome.is_err();
+        if frames.send(outcome).await.is_err() || failed {
+            return;
         }
     }
 }
@@ -670,6 +660,8 @@ mod tests {
     use super::*;
     use protocol::frame::HostCommand;
     use protocol::BootId;
+    use protocol::FrameDecoder;
+    use tokio::io::AsyncReadExt as _;
 
     /// A controller that welcomes the watchdog, sends it one command, and returns the
     /// frame that answers it.

@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use protocol::{
-    decode_frame_keyed, encode_frame, BootId, Direction, Envelope, FrameKeys, Key, Message,
-    FRAME_HEADER_LEN, MAC_LEN, MAX_FRAME_BODY_LEN,
+    decode_frame_keyed, encode_frame, frame_codec, BootId, Direction, Envelope, FrameKeys, Key,
+    Message,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
+use tokio_util::codec::FramedRead;
 
 use super::Intake;
 use crate::config::IntakeSection;
@@ -198,23 +198,6 @@ struct EventConnection {
     streams: Arc<HostStreams>,
     handshake_timeout: Duration,
     idle_timeout: Duration,
-}
-
-/// The frame layout as a length-delimited codec reads it: a 4-byte body length at
-/// offset 8 of the 12-byte header, the 32-byte MAC after the body; the whole frame is
-/// handed over, header and MAC included. A length above the limit fails the stream
-/// before anything is buffered for the body (the codec's `InvalidData`).
-fn frame_codec() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .length_field_offset(FRAME_HEADER_LEN - 4)
-        .length_field_length(4)
-        // With nothing skipped the codec hands over `length + adjustment` bytes from the
-        // frame's first byte: the header before the body and the MAC after it.
-        .length_adjustment((FRAME_HEADER_LEN + MAC_LEN) as isize)
-        .num_skip(0)
-        .max_frame_length(MAX_FRAME_BODY_LEN)
-        .big_endian()
-        .new_codec()
 }
 
 impl EventConnection {
