@@ -108,6 +108,10 @@ pub struct Lab {
     /// Several controllers ([`Lab::start_controllers`]): controller `i` (`ctl-i`), or
     /// `None` once killed. Empty with one controller ([`Lab::controller`]).
     pub controllers: Vec<Option<Daemon>>,
+    /// Lines added to the controllers' `[intake]` section, set before
+    /// [`Lab::start_controller`]: e.g. `stream_handshake_timeout_ms = 1000` (the
+    /// section cannot be given twice, so [`LabSpec::controller_extra`] cannot set it).
+    pub intake_extra: String,
 }
 
 /// Where controller `i` of several listens in the controller namespace: heartbeats,
@@ -138,6 +142,7 @@ impl Lab {
             watchdog_env: Vec::new(),
             watchdog_controller_extra: Vec::new(),
             controllers: Vec::new(),
+            intake_extra: String::new(),
         }
     }
 
@@ -431,8 +436,8 @@ endpoints = {endpoints:?}
     fn intake_section(&self) -> String {
         format!(
             "[intake]\nenrolled_hosts = {:?}\nheartbeat_rate_per_source = 5000\n\
-             heartbeat_burst_per_source = 10000\n",
-            self.host_names
+             heartbeat_burst_per_source = 10000\n{}",
+            self.host_names, self.intake_extra
         )
     }
 

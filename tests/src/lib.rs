@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod attacks;
 pub mod bmc;
 pub mod certs;
 pub mod daemon;
