@@ -3,7 +3,7 @@
 //! edges send the host (`crate::edges::libvirt`) go out on it as frames, their results
 //! routed back.
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +23,10 @@ use crate::edges::libvirt::{
     CommandAnswer, CommandRequest, HostStreams, StreamRegistration, COMMANDS_QUEUED,
 };
 use crate::metrics::Metrics;
+
+/// The largest frame body taken before the stream is welcomed: a Hello is a few hundred
+/// bytes.
+pub const HANDSHAKE_FRAME_MAX: usize = 4096;
 
 /// How the event port treats its connections: the keys frames are checked with, and the
 /// bounds on what one source may hold.
@@ -140,6 +144,8 @@ pub async fn serve_events(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                // The handshake deadline counts from here, the TLS handshake included.
+                let accepted = tokio::time::Instant::now();
                 let conn = EventConnection {
                     keys: settings.keys.clone(),
                     cluster_id: cluster_id.clone(),
@@ -154,7 +160,7 @@ pub async fn serve_events(
                 tokio::spawn(async move {
                     let _slot = slot;
                     let result = match tls {
-                        None => conn.run(stream, peer).await,
+                        None => conn.run(stream, accepted).await,
                         Some(acceptor) => {
                             match tokio::time::timeout(
                                 conn.handshake_timeout,
@@ -162,7 +168,7 @@ pub async fn serve_events(
                             )
                             .await
                             {
-                                Ok(Ok(tls)) => conn.run(tls, peer).await,
+                                Ok(Ok(tls)) => conn.run(tls, accepted).await,
                                 Ok(Err(e)) => {
                                     conn.reject("tls_handshake");
                                     Err(anyhow::anyhow!("{e}"))
@@ -208,13 +214,18 @@ impl EventConnection {
             .inc();
     }
 
-    async fn run<S>(self, stream: S, _addr: SocketAddr) -> anyhow::Result<()>
+    /// Serves one stream accepted at `opened` (the handshake deadline counts from it).
+    async fn run<S>(self, stream: S, opened: tokio::time::Instant) -> anyhow::Result<()>
     where
         S: AsyncRead + AsyncWrite + Send + Unpin,
     {
         let (read, mut write) = tokio::io::split(stream);
-        let mut frames = FramedRead::new(read, frame_codec());
-        let opened = tokio::time::Instant::now();
+        // Until the stream is welcomed only a small frame (a Hello) is taken: a source
+        // that never says Hello cannot make the controller buffer a mebibyte per
+        // connection until the handshake timeout.
+        let mut codec = frame_codec();
+        codec.set_max_frame_length(HANDSHAKE_FRAME_MAX);
+        let mut frames = FramedRead::new(read, codec);
         // Set by Hello: which host this stream speaks for, its key, and its epoch for
         // the replies.
         let mut peer: Option<(String, BootId, u64)> = None;
@@ -346,6 +357,9 @@ impl EventConnection {
                         };
                         tracing::info!(host = %env.host_id, last_event_id, highest, "event stream opened");
                         welcomed = true;
+                        frames
+                            .decoder_mut()
+                            .set_max_frame_length(protocol::MAX_FRAME_BODY_LEN);
                         _registration =
                             Some(self.streams.register(&env.host_id, command_tx.clone()));
                         Message::Welcome {
@@ -461,6 +475,8 @@ mod tests {
     /// A port with tight bounds for the tests below: 2 streams per source, 300 ms to
     /// say Hello; an intake that stores every event as new unless `dup` says it is a
     /// duplicate.
+    use std::net::SocketAddr;
+
     async fn bounded_port(
         dup: Arc<std::sync::atomic::AtomicBool>,
     ) -> (SocketAddr, Arc<Metrics>, Arc<HostStreams>, Key) {
@@ -549,6 +565,19 @@ mod tests {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut header = b"DFIB\x01\x03\x00\x00".to_vec();
         header.extend_from_slice(&(protocol::MAX_FRAME_BODY_LEN as u32 + 1).to_be_bytes());
+        s.write_all(&header).await.unwrap();
+        assert!(closed_within(&mut s, Duration::from_secs(5)).await);
+        assert!(metrics
+            .encode()
+            .contains("defib_frames_rejected_total{reason=\"oversize\"} 1"));
+    }
+
+    #[tokio::test]
+    async fn before_its_hello_a_stream_may_not_announce_more_than_a_small_frame() {
+        let (addr, metrics, _, _) = bounded_port(Arc::default()).await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut header = b"DFIB\x01\x03\x00\x00".to_vec();
+        header.extend_from_slice(&(HANDSHAKE_FRAME_MAX as u32 + 1).to_be_bytes());
         s.write_all(&header).await.unwrap();
         assert!(closed_within(&mut s, Duration::from_secs(5)).await);
         assert!(metrics
