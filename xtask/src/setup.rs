@@ -11,7 +11,8 @@ use anyhow::{bail, Context as _};
 /// partitions) and faketime (libfaketime) to run a lab host's watchdog on a wall clock
 /// ten minutes off, etcd (server and etcdctl) for several controllers electing a leader,
 /// and protoc with its well-known types, which the `etcd-client` crate's build script
-/// needs to generate its gRPC code.
+/// needs to generate its gRPC code; openssl (`s_client`) and curl, the adversarial
+/// suite's TLS clients.
 const DEBIAN_PACKAGES: &[&str] = &[
     "bindfs",
     "fuse3",
@@ -28,6 +29,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "etcd-client",
     "protobuf-compiler",
     "libprotobuf-dev",
+    "openssl",
+    "curl",
 ];
 const BPF_LINKER_VERSION: &str = "0.10.0";
 
