@@ -113,6 +113,21 @@ fn a_qemu_killed_on_a_host_becomes_a_vm_incident_at_the_controller_with_the_kern
     let lab = one_host_lab(false, "none");
     let uuid = "c0ffee00-0000-4000-8000-00000000c7a5";
     let vm = FakeQemu::start("qemu-system-x86_64", "lab-vm", uuid, &[]);
+    // Kill it only once the watchdog has mapped it to its VM: under load the watchdog may
+    // take the exec event after a qemu killed at once has gone, and then cannot read
+    // its command line (the exit is then reported without a VM; seen in a CI run).
+    let mapped = Instant::now() + Duration::from_secs(10);
+    while !lab.watchdogs[0]
+        .log_text()
+        .contains(&format!("\"uuid\":\"{uuid}\""))
+    {
+        assert!(
+            Instant::now() < mapped,
+            "the watchdog never mapped the qemu to its VM\n{}",
+            lab.watchdogs[0].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let mut killer = std::process::Command::new("kill")
         .args(["-9", &vm.pid().to_string()])
         .spawn()
