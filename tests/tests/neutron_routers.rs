@@ -151,6 +151,11 @@ fn twenty_routers_spread_over_three_hosts_lose_host_1_and_its_routers_are_bound_
         neutron_settings(),
     );
     ctl.wait_host_state("fake-1", HostState::Up, Duration::from_secs(10));
+    // The spread needs both remaining agents alive in Neutron's eyes when the move is
+    // planned: after creating and binding twenty routers on a loaded machine, a late
+    // agent report can make one look down (seen in a CI run: all seven went to fake-3).
+    neutron.ensure_agent_ready(2);
+    neutron.ensure_agent_ready(3);
 
     let fenced_at = fail_host_1(&nova, &neutron, &ctl);
     let bound = wait_bound_elsewhere(&neutron, &ids, "fake-1", Duration::from_secs(60));
