@@ -75,7 +75,7 @@ impl Default for IntakeSection {
             stream_connections_per_source: 8,
             stream_connections_total: 16_384,
             stream_handshake_timeout_ms: 10_000,
-            stream_idle_timeout_ms: 300_000,
+            stream_idle_timeout_ms: 1_800_000,
             enrolled_hosts: Vec::new(),
         }
     }
