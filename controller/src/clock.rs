@@ -64,6 +64,13 @@ impl EngineClock {
         Timestamp(self.base_unix_ms + self.base.elapsed().as_millis() as u64)
     }
 
+    /// What the engine's clock read at `instant` (not before its start).
+    pub fn at_instant(&self, instant: Instant) -> Timestamp {
+        Timestamp(
+            self.base_unix_ms + instant.saturating_duration_since(self.base).as_millis() as u64,
+        )
+    }
+
     /// The tokio instant at which the engine's clock reads `at`.
     pub fn instant_at(&self, at: Timestamp) -> Instant {
         self.base + std::time::Duration::from_millis(at.0.saturating_sub(self.base_unix_ms))

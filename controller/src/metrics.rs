@@ -5,6 +5,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 type Labels = Vec<(String, String)>;
 
@@ -44,6 +45,25 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Times this controller became leader since it started.
     pub leader_terms: Counter,
+    // The controller's own load (issue 17): how late it is, so that it never blames a
+    // host for silence it caused.
+    /// Heartbeat datagrams the kernel dropped because a heartbeat socket's receive
+    /// queue was full (`SO_RXQ_OVFL`): the controller did not read fast enough.
+    pub heartbeat_socket_drops: Counter,
+    /// The lag the engine extends every host's silence deadline by (0 when on time).
+    pub controller_lag_seconds: Gauge<f64, AtomicU64>,
+    /// Longest wait of a heartbeat in the last measurement window, from its arrival in
+    /// the kernel to the engine.
+    pub heartbeat_wait_seconds: Gauge<f64, AtomicU64>,
+    /// How late the engine's last timer fired.
+    pub engine_timer_lateness_seconds: Gauge<f64, AtomicU64>,
+    /// Messages waiting in the engine's intake queue.
+    pub engine_queue_depth: Gauge,
+    /// 1 while the controller judges itself overloaded (its deadlines extended), else 0.
+    pub controller_overloaded: Gauge,
+    /// Time the engine task spent working (taking in messages, stepping the engine,
+    /// carrying out actions): its CPU share is the rate of this counter.
+    pub engine_busy_seconds: Counter<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -71,6 +91,13 @@ impl Metrics {
             stopped_acting: Gauge::default(),
             leader: Gauge::default(),
             leader_terms: Counter::default(),
+            heartbeat_socket_drops: Counter::default(),
+            controller_lag_seconds: Gauge::default(),
+            heartbeat_wait_seconds: Gauge::default(),
+            engine_timer_lateness_seconds: Gauge::default(),
+            engine_queue_depth: Gauge::default(),
+            controller_overloaded: Gauge::default(),
+            engine_busy_seconds: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -135,6 +162,41 @@ impl Metrics {
             "leader_terms",
             "Times this controller became leader since it started",
             m.leader_terms.clone(),
+        );
+        registry.register(
+            "heartbeat_socket_drops",
+            "Heartbeat datagrams the kernel dropped on a full socket receive queue (the controller read too slowly)",
+            m.heartbeat_socket_drops.clone(),
+        );
+        registry.register(
+            "controller_lag_seconds",
+            "The controller's own lag, by which it extends every host's silence deadline (0 when on time)",
+            m.controller_lag_seconds.clone(),
+        );
+        registry.register(
+            "heartbeat_wait_seconds",
+            "Longest wait of a heartbeat from the kernel to the engine in the last window",
+            m.heartbeat_wait_seconds.clone(),
+        );
+        registry.register(
+            "engine_timer_lateness_seconds",
+            "How late the engine's last timer fired",
+            m.engine_timer_lateness_seconds.clone(),
+        );
+        registry.register(
+            "engine_queue_depth",
+            "Messages waiting in the engine's intake queue",
+            m.engine_queue_depth.clone(),
+        );
+        registry.register(
+            "controller_overloaded",
+            "Whether the controller judges itself overloaded and extends its deadlines (1) or not (0)",
+            m.controller_overloaded.clone(),
+        );
+        registry.register(
+            "engine_busy_seconds",
+            "Time the engine task spent working; its rate is the engine's share of a core",
+            m.engine_busy_seconds.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -766,6 +766,7 @@ impl Controller {
                         boot_id: 1,
                         incarnation: 1,
                         at: HostTime(self.now),
+                        received: None,
                         self_fence: Some(std::time::Duration::from_secs(3)),
                     }));
                 }

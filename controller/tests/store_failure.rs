@@ -312,7 +312,7 @@ fn start(
             let now: Vec<String> = alive.lock().unwrap().iter().cloned().collect();
             for host in now {
                 let _ = intake
-                    .send(Intake::Heartbeat(HeartbeatSeen {
+                    .send(Intake::Heartbeats(vec![HeartbeatSeen {
                         host,
                         path: 0,
                         peer: "127.0.0.1:9".parse().unwrap(),
@@ -320,7 +320,8 @@ fn start(
                         incarnation: 1,
                         sent_unix_ns: seq * 100_000_000,
                         status: HostStatus::default(),
-                    }))
+                        received: tokio::time::Instant::now(),
+                    }]))
                     .await;
             }
         }

@@ -484,8 +484,9 @@ impl Controller {
                             incarnation: 1,
                             sent_unix_ns: unix_ns(),
                             status: Default::default(),
+                            received: tokio::time::Instant::now(),
                         };
-                        if intake.send(Intake::Heartbeat(hb)).await.is_err() {
+                        if intake.send(Intake::Heartbeats(vec![hb])).await.is_err() {
                             return;
                         }
                     }

@@ -216,6 +216,10 @@ pub struct EngineSection {
     pub restore_retry_backoff_ms: u64,
     pub unanswered_after_ms: u64,
     pub max_dead_share: f64,
+    /// A lag of the controller's own above this is an overload (alarm).
+    pub overload_lag_ms: u64,
+    /// The most a silence is excused by the controller's own lag and blind time.
+    pub max_overload_allowance_ms: u64,
 }
 
 impl Default for ControllerSection {
@@ -260,6 +264,8 @@ impl Default for EngineSection {
             restore_retry_backoff_ms: e.restore_retry_backoff.as_millis() as u64,
             unanswered_after_ms: e.unanswered_after.as_millis() as u64,
             max_dead_share: e.max_dead_share,
+            overload_lag_ms: e.overload_lag.as_millis() as u64,
+            max_overload_allowance_ms: e.max_overload_allowance.as_millis() as u64,
         }
     }
 }
@@ -485,6 +491,12 @@ impl ControllerConfig {
             (Bound::Excluded(0.0), Bound::Included(1.0)),
         )?;
         check_range("engine.max_fence_attempts", e.max_fence_attempts, 1..)?;
+        check_range("engine.overload_lag_ms", e.overload_lag_ms, 1..=60_000)?;
+        check_range(
+            "engine.max_overload_allowance_ms",
+            e.max_overload_allowance_ms,
+            0..=600_000,
+        )?;
         let (fence, verify) = fence::resolve_fence(&self.fence)?;
         let etcd = resolve_etcd(&self.etcd, c, api_addr, tls.is_some())?;
         Ok(Resolved {
@@ -527,6 +539,8 @@ impl ControllerConfig {
             restore_retry_backoff: ms(e.restore_retry_backoff_ms),
             unanswered_after: ms(e.unanswered_after_ms),
             max_dead_share: e.max_dead_share,
+            overload_lag: ms(e.overload_lag_ms),
+            max_overload_allowance: ms(e.max_overload_allowance_ms),
             self_fence_margin: self
                 .fence
                 .self_fence

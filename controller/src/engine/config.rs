@@ -53,6 +53,15 @@ pub struct Config {
     /// Events about the same resource within this window belong to one incident: the
     /// first acts, later ones only enrich the timeline (default 5 s).
     pub correlation_window: Duration,
+    /// A controller whose own lag (heartbeat wait from the kernel to the engine, or
+    /// timer lateness) exceeds this is overloaded and raises
+    /// [`super::AlarmKind::ControllerOverloaded`] (default 50 ms). Any lag, however
+    /// small, extends the hosts' silence deadlines.
+    pub overload_lag: Duration,
+    /// The most a silence is excused by the controller's own lag and blind time
+    /// (default 30 s): past it, a silent host is suspected however loaded the
+    /// controller is (its confirmation and the gates still stand before a fence).
+    pub max_overload_allowance: Duration,
     /// Safety gate: if more than this share of the (non-maintenance) hosts look dead at
     /// once, nothing is fenced and an alarm is raised (default 0.5).
     pub max_dead_share: f64,
@@ -85,6 +94,8 @@ impl Default for Config {
             restore_retry_backoff: Duration::from_secs(1),
             unanswered_after: Duration::from_secs(900),
             correlation_window: Duration::from_secs(5),
+            overload_lag: Duration::from_millis(50),
+            max_overload_allowance: Duration::from_secs(30),
             max_dead_share: 0.5,
             fence_method: super::types::FenceMethod::Ipmi,
             vm_restorer: super::types::Source::Nova,

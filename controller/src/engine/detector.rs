@@ -221,6 +221,30 @@ impl Detector {
             .max()
     }
 
+    /// Since when the host is silent: its last heartbeat on any path, or its
+    /// (re)registration if later. `None` for a host the detector does not know.
+    pub fn silent_since(&self, host: &HostId) -> Option<Timestamp> {
+        let h = self.hosts.get(host)?;
+        Some(
+            h.paths
+                .values()
+                .map(|p| p.last_seen)
+                .max()
+                .unwrap_or(h.registered)
+                .max(h.registered),
+        )
+    }
+
+    /// When the fixed rule turns the host suspect if nothing more is heard (`None`
+    /// for an unknown host, and under phi accrual, whose deadline moves with φ: the
+    /// engine's periodic tick judges those).
+    pub fn deadline(&self, host: &HostId) -> Option<Timestamp> {
+        match self.cfg.kind {
+            DetectorKind::Fixed { .. } => Some(self.silent_since(host)? + self.cfg.suspect_after()),
+            DetectorKind::PhiAccrual { .. } => None,
+        }
+    }
+
     /// The last heartbeat per path.
     pub fn path_last_seen(&self, host: &HostId) -> Vec<(PathId, Timestamp)> {
         self.hosts
@@ -232,15 +256,7 @@ impl Detector {
     /// How long the host has been silent on every path (from registration if never
     /// heard). `None` for a host the detector does not know.
     pub fn silence(&self, host: &HostId, now: Timestamp) -> Option<Duration> {
-        let h = self.hosts.get(host)?;
-        let last = h
-            .paths
-            .values()
-            .map(|p| p.last_seen)
-            .max()
-            .unwrap_or(h.registered)
-            .max(h.registered);
-        Some(now.since(last))
+        Some(now.since(self.silent_since(host)?))
     }
 
     /// φ for one host: the smallest over its paths (the host is as alive as its

@@ -5,6 +5,9 @@ use super::*;
 #[derive(Clone, Debug)]
 pub(super) struct HostEntry {
     pub(super) state: HostState,
+    /// The deadline the host is queued at in the engine's deadline heap (deadlines.rs);
+    /// an entry at another time is a stale one.
+    pub(super) queued: Option<Timestamp>,
     pub(super) incident: Option<IncidentId>,
     pub(super) boot_id: Option<u64>,
     /// The last heartbeat's self-fence: armed with this timeout (see [`Heartbeat`]).
@@ -93,6 +96,7 @@ impl HostEntry {
             awaiting_word: BTreeSet::new(),
             clock: None,
             undated: BTreeSet::new(),
+            queued: None,
         }
     }
 

@@ -1,15 +1,19 @@
-//! Hosts' liveness: heartbeats, the tick that asks the detector, the safety gate,
-//! the confirmation of a silent host and the decision to fence it.
+//! Hosts' liveness: heartbeats, each host's silence deadline and the periodic tick that
+//! ask the detector (net of the controller's own lag), the safety gate, the
+//! confirmation of a silent host and the decision to fence it.
 
 use super::*;
 
 impl Engine {
     /// Returns whether the host changed state.
     pub(super) fn on_heartbeat(&mut self, hb: Heartbeat) -> bool {
-        let now = self.now;
+        // Dated by its arrival: a heartbeat that waited in the controller's queues was
+        // heard when it arrived, not when the engine got to it.
+        let now = hb.received.map_or(self.now, |r| r.min(self.now));
         let host = hb.host.clone();
         self.ensure_host(&host);
         self.detector.heartbeat(&host, hb.path, now);
+        self.queue_deadline(&host);
         let (state, fenced_at, old_boot) = {
             let h = self.hosts.get_mut(&host).expect("ensured");
             h.self_fence = hb.self_fence;
@@ -50,7 +54,9 @@ impl Engine {
                 true
             }
             // Received after the verified fence, on the controller's clock (a host's own
-            // clock is never compared with the controller's).
+            // clock is never compared with the controller's); dated by its arrival, so a
+            // heartbeat that waited in the controller's queues across the verification
+            // is not taken for one sent after it.
             HostState::Fenced | HostState::Evacuating | HostState::Recovered
                 if fenced_at.is_some_and(|t| now > t) =>
             {
@@ -109,28 +115,91 @@ impl Engine {
 
     /// Fenced, heard again since the fence, and not silent now.
     pub(super) fn is_back(&self, host: &HostId) -> bool {
-        self.hosts.get(host).is_some_and(|h| {
-            h.state.fenced()
-                && h.heard_since_fence
-                && self.detector.liveness(host, self.now) != Liveness::Suspect
-        })
+        self.hosts
+            .get(host)
+            .is_some_and(|h| h.state.fenced() && h.heard_since_fence && !self.silent(host))
+    }
+
+    /// Queues the host's silence deadline unless it is queued at that time or earlier
+    /// (deadlines.rs): a later deadline is found when the earlier entry falls due, an
+    /// earlier one (silence dated back, at a takeover) is queued at once.
+    pub(super) fn queue_deadline(&mut self, host: &HostId) {
+        let Some(h) = self.hosts.get_mut(host) else {
+            return;
+        };
+        let Some(at) = self.detector.deadline(host) else {
+            return;
+        };
+        if h.queued.is_some_and(|q| q <= at) {
+            return;
+        }
+        h.queued = Some(at);
+        self.deadlines.push(at, host.clone());
+    }
+
+    /// The detector's judgement of a host and its silence, net of what the controller
+    /// owes (its lag and the time it lost heartbeats itself, load.rs): the host is
+    /// judged as of `now` minus that allowance.
+    pub(super) fn judge(&self, host: &HostId) -> (Liveness, Duration) {
+        let since = self.detector.silent_since(host).unwrap_or(self.now);
+        let owed = self
+            .load
+            .allowance(since, self.now, self.cfg.max_overload_allowance);
+        let at = Timestamp(self.now.0.saturating_sub(owed.as_millis() as u64));
+        (
+            self.detector.liveness(host, at),
+            self.detector.silence(host, at).unwrap_or_default(),
+        )
+    }
+
+    /// Whether the host is silent past its deadline, net of the controller's own lag.
+    pub(super) fn silent(&self, host: &HostId) -> bool {
+        self.judge(host).0 == Liveness::Suspect
     }
 
     pub(super) fn on_tick(&mut self) {
         let now = self.now;
-        if self.next_tick_at.is_none_or(|t| now >= t) {
-            self.arm_tick();
+        if self.armed_at.is_some_and(|t| now >= t) {
+            self.armed_at = None;
         }
-        // The detector is asked once per host and tick.
+        // Hosts whose deadline fell due: judged now, not on the next periodic tick.
+        while let Some((due, host)) = self.deadlines.pop_due(now) {
+            let Some(h) = self.hosts.get_mut(&host) else {
+                continue;
+            };
+            if h.queued != Some(due) {
+                // Superseded by an earlier entry for the same host.
+                continue;
+            }
+            h.queued = None;
+            if h.state != HostState::Up {
+                // The periodic tick follows it until it is heard again.
+                continue;
+            }
+            let (live, silence) = self.judge(&host);
+            if live == Liveness::Suspect {
+                self.evaluate_host(&host, live, silence);
+            } else if let Some(at) = self.detector.deadline(&host) {
+                // Heard since it was queued, or excused by the controller's lag: due
+                // again at its new deadline, or as soon as the lag is spent.
+                let owed = self.judge_owed(&host);
+                let next = (at + owed).max(now + Duration::from_millis(1));
+                let h = self.hosts.get_mut(&host).expect("known");
+                h.queued = Some(next);
+                self.deadlines.push(next, host);
+            }
+        }
+        if self.next_tick_at.is_some_and(|t| now < t) {
+            return;
+        }
+        self.arm_tick();
+        // The detector is asked once per host and periodic tick.
         let seen: Vec<(HostId, Liveness, Duration)> = self
             .hosts
             .keys()
             .map(|h| {
-                (
-                    h.clone(),
-                    self.detector.liveness(h, now),
-                    self.detector.silence(h, now).unwrap_or_default(),
-                )
+                let (live, silence) = self.judge(h);
+                (h.clone(), live, silence)
             })
             .collect();
         self.evaluate_gate(&seen);
@@ -138,6 +207,40 @@ impl Engine {
             self.evaluate_host(host, *live, *silence);
         }
         self.chase_unanswered();
+    }
+
+    /// What the controller owes the host's current silence (load.rs).
+    fn judge_owed(&self, host: &HostId) -> Duration {
+        let since = self.detector.silent_since(host).unwrap_or(self.now);
+        self.load
+            .allowance(since, self.now, self.cfg.max_overload_allowance)
+    }
+
+    /// The runtime's report of the controller's own load: kept for the judgements, and
+    /// an alarm when the controller turns overloaded.
+    pub(super) fn on_load(&mut self, load: super::load::ControllerLoad) {
+        let report = load.clone();
+        match self.load.report(self.now, load, self.cfg.overload_lag) {
+            Some(super::load::LoadChange::Overloaded) => {
+                self.bump();
+                self.alarm(
+                    AlarmKind::ControllerOverloaded,
+                    None,
+                    None,
+                    format!(
+                        "the controller is the slow one: heartbeats waited up to {} ms to reach the engine, its timer fired {} ms late, it lost {} heartbeats itself, {} messages queued; every host's silence deadline is extended by its lag ({} ms) and blind time, at most {} s",
+                        report.heartbeat_wait.as_millis(),
+                        report.timer_lateness.as_millis(),
+                        report.lost,
+                        report.queue_depth,
+                        self.load.lag().as_millis(),
+                        self.cfg.max_overload_allowance.as_secs()
+                    ),
+                );
+            }
+            Some(super::load::LoadChange::Recovered) => self.bump(),
+            None => {}
+        }
     }
 
     pub(super) fn evaluate_gate(&mut self, seen: &[(HostId, Liveness, Duration)]) {

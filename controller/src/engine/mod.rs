@@ -103,12 +103,14 @@
 mod book;
 mod config;
 mod copies;
+mod deadlines;
 pub mod detector;
 mod entries;
 mod host_events;
 mod hosts;
 mod ids;
 mod intent;
+pub mod load;
 mod operator;
 mod reconcile;
 mod replay;
@@ -140,7 +142,15 @@ pub struct Engine {
     cfg: Config,
     detector: Detector,
     now: Timestamp,
+    /// When the periodic work (gates, confirmations, retries) is next due.
     next_tick_at: Option<Timestamp>,
+    /// The timer asked of the runtime and not yet fired: the earlier of the periodic
+    /// tick and the first host deadline.
+    armed_at: Option<Timestamp>,
+    /// Up hosts' silence deadlines (deadlines.rs).
+    deadlines: deadlines::Deadlines,
+    /// The controller's own load (load.rs).
+    load: load::SelfLoad,
     hosts: BTreeMap<HostId, HostEntry>,
     resources: BTreeMap<Resource, ResourceEntry>,
     incidents: BTreeMap<IncidentId, Incident>,
@@ -178,6 +188,9 @@ impl Engine {
             cfg,
             now: Timestamp::ZERO,
             next_tick_at: None,
+            armed_at: None,
+            deadlines: deadlines::Deadlines::default(),
+            load: load::SelfLoad::default(),
             hosts: BTreeMap::new(),
             resources: BTreeMap::new(),
             incidents: BTreeMap::new(),
@@ -200,6 +213,7 @@ impl Engine {
     pub fn start(&mut self, now: Timestamp) -> Vec<Action> {
         self.now = self.now.max(now);
         self.arm_tick();
+        self.arm_timer();
         std::mem::take(&mut self.out)
     }
 
@@ -222,6 +236,10 @@ impl Engine {
                 runs,
             } => self.on_host_answer(&host, &resource, runs),
             Input::Timer(TimerId::Tick) => self.on_tick(),
+            Input::Load(load) => {
+                self.on_load(load);
+                reconcile = false;
+            }
             Input::ConfirmationResult {
                 host,
                 source,
@@ -239,6 +257,7 @@ impl Engine {
         if reconcile {
             self.reconcile();
         }
+        self.arm_timer();
         std::mem::take(&mut self.out)
     }
 
@@ -255,6 +274,7 @@ impl Engine {
         // persisted nor carried out). The next tick reconciles.
         self.on_operator(cmd)?;
         self.reconcile();
+        self.arm_timer();
         Ok(std::mem::take(&mut self.out))
     }
 
@@ -263,6 +283,11 @@ impl Engine {
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// The controller's own load as last reported (load.rs).
+    pub fn self_load(&self) -> &load::SelfLoad {
+        &self.load
     }
 
     /// The failure detector (per-path last-seen times).
@@ -395,12 +420,29 @@ impl Engine {
         self.revision += 1;
     }
 
+    /// Schedules the next periodic tick.
     fn arm_tick(&mut self) {
-        let at = self.now + self.cfg.tick;
-        self.next_tick_at = Some(at);
+        self.next_tick_at = Some(self.now + self.cfg.tick);
+    }
+
+    /// Asks the runtime for a timer at the earlier of the periodic tick and the first
+    /// host deadline, unless one at least that early is armed already (one
+    /// [`Action::ArmTimer`] per change, not per step).
+    fn arm_timer(&mut self) {
+        let want = match (self.next_tick_at, self.deadlines.next()) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => match a.or(b) {
+                Some(t) => t,
+                None => return,
+            },
+        };
+        if self.armed_at.is_some_and(|armed| armed <= want) {
+            return;
+        }
+        self.armed_at = Some(want);
         self.out.push(Action::ArmTimer {
             id: TimerId::Tick,
-            at,
+            at: want,
         });
     }
 
@@ -408,6 +450,7 @@ impl Engine {
         if !self.hosts.contains_key(host) {
             self.hosts.insert(host.clone(), HostEntry::new());
             self.detector.register(host, self.now);
+            self.queue_deadline(host);
             self.bump();
         }
     }

@@ -107,7 +107,7 @@ impl Engine {
                 // Silence is reckoned from the controller's receive times; the timeout is
                 // the one the host's last heartbeat promised (no setting to keep equal on
                 // both sides), and a host that did not say "armed" is never fenced by it.
-                let silence = self.detector.silence(host, now).unwrap_or_default();
+                let silence = self.judge(host).1;
                 let self_fenced = match (self.cfg.self_fence_margin, h.self_fence) {
                     (Some(margin), Some(timeout)) => silence >= timeout.saturating_add(margin),
                     _ => false,
@@ -146,10 +146,7 @@ impl Engine {
                             "{n} fence tries failed; operator needed (unfence or fix the fence)"
                         ),
                     );
-                } else if now >= h.fence.next_at
-                    && self.gate.open()
-                    && self.detector.liveness(host, now) == Liveness::Suspect
-                {
+                } else if now >= h.fence.next_at && self.gate.open() && self.silent(host) {
                     let key = IntentKey::derive(
                         inc,
                         &format!("fence-{attempt}"),
@@ -254,7 +251,7 @@ impl Engine {
         h.fence_contradicted
             || (h.fenced_watchdog.is_some()
                 && h.fenced_watchdog == h.watchdog
-                && self.detector.liveness(host, self.now) != Liveness::Suspect)
+                && !self.silent(host))
     }
 
     pub(super) fn reconcile_resource(&mut self, r: &Resource) {

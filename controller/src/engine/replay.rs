@@ -39,6 +39,7 @@ impl Engine {
         for (host, path, at) in heard {
             self.ensure_host(host);
             self.detector.heard_before(host, *path, (*at).min(self.now));
+            self.queue_deadline(host);
         }
     }
 
@@ -395,6 +396,7 @@ impl Engine {
                         );
                     }
                     self.detector.reset(host, now);
+                    self.queue_deadline(host);
                 }
             }
             Intent::Unfence {
@@ -448,6 +450,7 @@ impl Engine {
                 h.last_incident = None;
                 h.fenced_at = None;
                 self.detector.reset(host, now);
+                self.queue_deadline(host);
             }
         }
     }

@@ -125,6 +125,7 @@ impl Harness {
             boot_id,
             incarnation,
             at: self.host_clock(self.now),
+            received: None,
             self_fence,
         }));
     }
@@ -2446,6 +2447,7 @@ fn a_resumed_controller_still_restores_nothing_of_a_host_heard_from_the_watchdog
                         boot_id: 1,
                         incarnation: 1,
                         at: HostTime(now),
+                        received: None,
                         self_fence: Some(Duration::from_secs(3)),
                     }),
                 ));
@@ -2733,6 +2735,7 @@ fn a_controller_restarted_with_a_libvirt_evacuation_unanswered_asks_every_host_b
             boot_id: 1,
             incarnation: 1,
             at: HostTime(now),
+            received: None,
             self_fence: None,
         });
         engine.step(Timestamp(now), hb);
@@ -2771,6 +2774,7 @@ fn a_controller_restarted_with_a_libvirt_evacuation_unanswered_asks_every_host_b
                     boot_id: 1,
                     incarnation: 1,
                     at: HostTime(now),
+                    received: None,
                     self_fence: None,
                 }),
             ));
@@ -2857,6 +2861,7 @@ fn a_fenced_host_that_came_back_is_asked_after_a_restart_about_an_evacuation_the
                     boot_id: if i == 2 { 2 } else { 1 },
                     incarnation: if i == 2 { 2 } else { 1 },
                     at: HostTime(t),
+                    received: None,
                     self_fence: None,
                 }),
             );
@@ -2953,6 +2958,7 @@ fn a_listing_taken_just_before_a_restart_in_place_does_not_make_the_vm_missing_w
             boot_id: 1,
             incarnation: 1,
             at: sent,
+            received: None,
             self_fence: None,
         }));
     }

@@ -228,8 +228,13 @@ pub struct Heartbeat {
     pub boot_id: u64,
     /// The watchdog process incarnation (changes on daemon restart).
     pub incarnation: u64,
-    /// Sent at (host clock); liveness is judged by the receive time `now`.
+    /// Sent at (host clock); liveness is judged by the receive time.
     pub at: HostTime,
+    /// When it reached the controller (controller clock), if the runtime knows: a
+    /// heartbeat that waited in the controller's queues is dated by its arrival, not
+    /// by when the engine took it. `None`: at the step's `now`.
+    #[serde(default)]
+    pub received: Option<Timestamp>,
     /// The host's self-fence: `Some(t)` when its watchdog says it is armed (proven able
     /// to kill its qemus) and self-fences within `t` (its own isolation timeout) of
     /// losing the controller; `None` when not armed, off, or unknown (an older watchdog).
@@ -250,6 +255,9 @@ pub enum Input {
     },
     /// A timer the engine armed fired.
     Timer(TimerId),
+    /// The runtime's measure of the controller's own load (lag, heartbeats it lost),
+    /// reported periodically: silence the controller caused is not held against hosts.
+    Load(super::load::ControllerLoad),
     /// An independent source answered a [`Action::Confirm`].
     ConfirmationResult {
         /// The host.
@@ -353,6 +361,12 @@ pub enum AlarmKind {
     /// An operator command was refused (unfence of a host that is not clean or not
     /// fenced, maintenance during a fence).
     CommandRefused,
+    /// The controller is the slow one: its heartbeats wait longer than
+    /// [`super::Config::overload_lag`] between the kernel and the engine, its timers
+    /// fire that late, or it lost heartbeats itself (a full socket or engine queue).
+    /// While it lasts, every host's silence deadline is extended by the controller's
+    /// own lag and blind time (capped by [`super::Config::max_overload_allowance`]).
+    ControllerOverloaded,
     /// Several controllers: this controller led and stopped acting (its lease was not
     /// renewed in time, etcd refused a write, or it was asked to step down). Raised by
     /// the runtime, never by the engine.

@@ -160,7 +160,7 @@ impl Engine {
             h.fenced_by,
             Some(FenceVerifier::IpmiPowerOff | FenceVerifier::PacemakerHistory)
         );
-        let silent = self.detector.liveness(host, self.now) == Liveness::Suspect;
+        let silent = self.silent(host);
         h.state.fenced()
             && power
             && (h.fenced_at.is_some_and(|t| t >= since) || !h.heard_since_fence && silent)

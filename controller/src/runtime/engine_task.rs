@@ -47,6 +47,9 @@ use crate::store::{intent_log_snapshot, Store, StoreError};
 const ALARMS_KEPT: usize = 200;
 /// How often the API's snapshot is rebuilt.
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+/// How often the engine is told the controller's own load (at most: the report rides
+/// on the engine's timer).
+const LOAD_EVERY: Duration = Duration::from_millis(50);
 /// How often a task that stopped acting tries a store write, to learn that the store
 /// works again (then the controller restarts and resumes from it).
 pub const STORE_PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -136,6 +139,8 @@ pub struct EngineTask {
     /// Set once a store write failed: the task acts on nothing from then on.
     stopped: Option<StoreFailure>,
     heard: Vec<(HostId, crate::engine::PathId, Duration)>,
+    /// The controller's own load since the last report to the engine.
+    load: LoadMeter,
     end_on_store_failure: bool,
     role: RoleSnapshot,
     /// Enrolls and revokes hosts in this task's store (`None` in tests without it).
@@ -199,7 +204,8 @@ impl EngineTask {
         parts: EngineTaskParts,
         make_edges: impl FnOnce(EdgeLinks) -> Edges,
     ) -> Result<(EngineTask, EngineChannels), EngineTaskError> {
-        let (intake_tx, intake_rx) = mpsc::channel(65_536);
+        // Bounded in messages: a batch of heartbeats is one, so at most ~64 Ki heartbeats wait.
+        let (intake_tx, intake_rx) = mpsc::channel(1_024);
         let (results_tx, results_rx) = mpsc::unbounded_channel();
         let (commands_tx, commands_rx) = mpsc::channel(64);
         let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
@@ -238,6 +244,7 @@ impl EngineTask {
             next_tick: None,
             stopped: None,
             heard: parts.heard,
+            load: LoadMeter::new(),
             end_on_store_failure: parts.end_on_store_failure,
             enrollment: parts.enrollment,
             role: parts.role,
@@ -313,7 +320,9 @@ impl EngineTask {
                 Some(cmd) = self.commands.recv() => self.on_command(cmd),
                 _ = sleep_until_opt(tick_at), if acting => {
                     self.next_tick = None;
-                    self.step(Input::Timer(crate::engine::TimerId::Tick));
+                    if let Some(due) = tick_at {
+                        self.on_timer(due);
+                    }
                 }
                 _ = sleep_until_opt(probe_at) => {
                     if self.store_takes_writes() {
@@ -397,9 +406,74 @@ impl EngineTask {
         self.apply(actions);
     }
 
+    /// The engine's timer fired (it was due at `due`): what waits in the intake queue
+    /// goes in first, so that no heartbeat that already arrived is judged missing; the
+    /// engine hears of the controller's own load, then ticks.
+    fn on_timer(&mut self, due: tokio::time::Instant) {
+        let started = thread_cpu();
+        self.load.timer_lateness = tokio::time::Instant::now().saturating_duration_since(due);
+        // Only what is queued now: a queue refilled faster than it drains must not
+        // starve the timer.
+        let queued = self.intake.len();
+        for _ in 0..queued {
+            match self.intake.try_recv() {
+                Ok(msg) => self.on_intake(msg),
+                Err(_) => break,
+            }
+        }
+        if self.load.due() {
+            let lost = self.lost_so_far();
+            let report = self.load.report(lost, self.intake.len() as u64);
+            self.metrics
+                .heartbeat_wait_seconds
+                .set(report.heartbeat_wait.as_secs_f64());
+            self.metrics
+                .engine_timer_lateness_seconds
+                .set(report.timer_lateness.as_secs_f64());
+            self.metrics
+                .engine_queue_depth
+                .set(report.queue_depth as i64);
+            self.step(Input::Load(report));
+            let own = self.engine.self_load();
+            self.metrics
+                .controller_lag_seconds
+                .set(own.lag().as_secs_f64());
+            self.metrics
+                .controller_overloaded
+                .set(i64::from(own.overloaded_since().is_some()));
+        }
+        self.step(Input::Timer(crate::engine::TimerId::Tick));
+        self.metrics
+            .engine_busy_seconds
+            .inc_by(thread_cpu().saturating_sub(started).as_secs_f64());
+    }
+
+    /// Heartbeats the controller lost itself so far: the kernel's drops on full
+    /// heartbeat sockets and the intake's on a full engine queue.
+    fn lost_so_far(&self) -> u64 {
+        self.metrics.heartbeat_socket_drops.get()
+            + self
+                .metrics
+                .heartbeats_rejected
+                .get_or_create(&Metrics::label("reason", "engine_busy"))
+                .get()
+    }
+
     fn on_intake(&mut self, msg: Intake) {
+        let started = thread_cpu();
+        self.take_intake(msg);
+        self.metrics
+            .engine_busy_seconds
+            .inc_by(thread_cpu().saturating_sub(started).as_secs_f64());
+    }
+
+    fn take_intake(&mut self, msg: Intake) {
         match msg {
-            Intake::Heartbeat(hb) => self.on_heartbeat(hb),
+            Intake::Heartbeats(batch) => {
+                for hb in batch {
+                    self.on_heartbeat(hb);
+                }
+            }
             Intake::Hello { host, reply } => {
                 let _ = reply.send(Ok(self.dedup.highest(&host)));
             }
@@ -411,11 +485,17 @@ impl EngineTask {
 
     fn on_heartbeat(&mut self, hb: HeartbeatSeen) {
         let now = self.clock.now();
-        self.hosts
-            .entry(hb.host.clone())
-            .or_default()
-            .heard(&hb, now);
-        self.step(Input::Heartbeat(heartbeat(hb)))
+        let received = self.clock.at_instant(hb.received).min(now);
+        self.load.heard(now.since(received));
+        match self.hosts.get_mut(&hb.host) {
+            Some(info) => info.heard(&hb, received),
+            None => self
+                .hosts
+                .entry(hb.host.clone())
+                .or_default()
+                .heard(&hb, received),
+        }
+        self.step(Input::Heartbeat(heartbeat(hb, received)))
     }
 
     /// Stores an event (then feeds it to the engine) and says how far the host's events
@@ -803,6 +883,69 @@ pub(crate) fn snapshot_of(
         alarms,
         role,
     }
+}
+
+/// What the engine task measures of its own load between two reports to the engine.
+#[derive(Debug)]
+struct LoadMeter {
+    /// When the last report was made.
+    since: tokio::time::Instant,
+    /// The longest a heartbeat waited from the kernel to the engine since then.
+    heartbeat_wait: Duration,
+    /// How late the last timer fired.
+    timer_lateness: Duration,
+    /// Heartbeats lost by the controller itself, as counted at the last report.
+    lost_before: Option<u64>,
+}
+
+impl LoadMeter {
+    fn new() -> Self {
+        LoadMeter {
+            since: tokio::time::Instant::now(),
+            heartbeat_wait: Duration::ZERO,
+            timer_lateness: Duration::ZERO,
+            lost_before: None,
+        }
+    }
+
+    fn heard(&mut self, waited: Duration) {
+        self.heartbeat_wait = self.heartbeat_wait.max(waited);
+    }
+
+    fn due(&self) -> bool {
+        self.since.elapsed() >= LOAD_EVERY
+    }
+
+    /// The report for the window since the last one; `lost_total`: the controller's
+    /// own losses so far (cumulative).
+    fn report(&mut self, lost_total: u64, queue_depth: u64) -> crate::engine::load::ControllerLoad {
+        let now = tokio::time::Instant::now();
+        let report = crate::engine::load::ControllerLoad {
+            window: now.saturating_duration_since(self.since),
+            heartbeat_wait: self.heartbeat_wait,
+            timer_lateness: self.timer_lateness,
+            lost: self
+                .lost_before
+                .map_or(0, |before| lost_total.saturating_sub(before)),
+            queue_depth,
+        };
+        self.since = now;
+        self.heartbeat_wait = Duration::ZERO;
+        self.lost_before = Some(lost_total);
+        report
+    }
+}
+
+/// The CPU time the calling thread has used: what the engine task's work costs, on
+/// whichever runtime thread polls it (one poll runs on one thread).
+fn thread_cpu() -> Duration {
+    // SAFETY: clock_gettime writes a timespec into a live local.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if r != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {

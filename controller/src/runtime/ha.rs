@@ -326,14 +326,25 @@ pub async fn run(
         let deadline_at = term.as_ref().and(leadership.deadline.until());
         tokio::select! {
             Some(msg) = intake_rx.recv() => {
-                if let Intake::Heartbeat(hb) = &msg {
-                    follower.hosts.entry(hb.host.clone()).or_default().heard(hb, clock.now());
+                if let Intake::Heartbeats(batch) = &msg {
+                    let now = clock.now();
+                    for hb in batch {
+                        follower.hosts.entry(hb.host.clone()).or_default().heard(hb, now);
+                    }
                 }
                 match &term {
                     Some(t) => {
-                        // Full: a heartbeat is dropped like the intake drops one; a
-                        // stream's reply is dropped and its stream closes (resent later).
-                        let _ = t.intake.try_send(msg);
+                        // Full: heartbeats are dropped and counted like the intake drops
+                        // them (the engine learns it lost them); a stream's reply is
+                        // dropped and its stream closes (resent later).
+                        if let Err(mpsc::error::TrySendError::Full(Intake::Heartbeats(lost))) =
+                            t.intake.try_send(msg)
+                        {
+                            metrics
+                                .heartbeats_rejected
+                                .get_or_create(&Metrics::label("reason", "engine_busy"))
+                                .inc_by(lost.len() as u64);
+                        }
                     }
                     None => refuse_intake(msg, &state_rx.borrow(), &controller_id),
                 }
@@ -529,7 +540,7 @@ fn not_leader_reason(st: &LeadershipState, me: &str) -> String {
 
 fn refuse_intake(msg: Intake, st: &LeadershipState, me: &str) {
     match msg {
-        Intake::Heartbeat(_) => {}
+        Intake::Heartbeats(_) => {}
         Intake::Hello { reply, .. } => {
             let _ = reply.send(Err(not_leader_reason(st, me)));
         }

@@ -4,11 +4,13 @@
 use protocol::EventPayload;
 
 use super::intake::HeartbeatSeen;
-use crate::engine::{Heartbeat, HostEvent, HostId, HostTime, ListedAt, PathId, Resource, Source};
+use crate::engine::{
+    Heartbeat, HostEvent, HostId, HostTime, ListedAt, PathId, Resource, Source, Timestamp,
+};
 
 /// The engine's heartbeat from one the intake accepted. Its send time is the host's
 /// clock; liveness is judged by the engine's receive time.
-pub fn heartbeat(hb: HeartbeatSeen) -> Heartbeat {
+pub fn heartbeat(hb: HeartbeatSeen, received: Timestamp) -> Heartbeat {
     let boot = u64::from_be_bytes(hb.boot_id.0[..8].try_into().unwrap_or([0; 8]));
     Heartbeat {
         host: HostId::new(hb.host),
@@ -16,6 +18,7 @@ pub fn heartbeat(hb: HeartbeatSeen) -> Heartbeat {
         boot_id: boot,
         incarnation: hb.incarnation,
         at: HostTime(hb.sent_unix_ns / 1_000_000),
+        received: Some(received),
         // Only "armed" (never an older watchdog's unproven flag) with the host's own
         // timeout: see `protocol::SelfFence`.
         self_fence: hb

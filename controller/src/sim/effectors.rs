@@ -72,7 +72,14 @@ impl Sim<'_> {
                     self.log.apply(&a);
                     self.note_write(&a);
                 }
-                Action::RecordTimeline { .. } => {}
+                Action::RecordTimeline { entry, .. } => {
+                    if matches!(entry.subject, crate::engine::Subject::Host(_))
+                        && entry.to == "Suspect"
+                    {
+                        self.report.suspects += 1;
+                        self.trace(format!("{:>6} SUSPECT {entry:?}", self.now));
+                    }
+                }
                 Action::Alarm { .. } => self.report.alarms += 1,
                 // Over the host's event stream, like a command: a host not heard drops
                 // it (the engine asks again); its watchdog answers from what runs there.

@@ -158,6 +158,8 @@ use world::{by_controller_lister, Ev, Queued, Sim};
 /// What one scenario did.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Report {
+    /// Hosts turned Suspect (true or false: the slow-controller suite expects none).
+    pub suspects: u64,
     /// Engine steps taken.
     pub steps: u64,
     /// Faults injected.

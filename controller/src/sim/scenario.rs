@@ -117,6 +117,19 @@ pub enum Fault {
         /// How long.
         for_ms: u64,
     },
+    /// The controller is the slow one (issue 17): starved of CPU or flooded, it takes
+    /// every heartbeat and timer `lag_ms` late, in order, and loses `loss_pct` % of the
+    /// heartbeats itself (a full socket or engine queue; those are not acked). The
+    /// runtime measures it (heartbeat wait, timer lateness, its own losses) and reports
+    /// it to the engine before each tick, at most every 50 ms.
+    ControllerSlow {
+        /// How long.
+        for_ms: u64,
+        /// How late every heartbeat and timer is taken.
+        lag_ms: u64,
+        /// Heartbeats lost by the controller itself, in percent.
+        loss_pct: u64,
+    },
 }
 
 /// One generated scenario.
@@ -207,6 +220,15 @@ pub struct Scenario {
     /// it sent the keep-alive. Never set by [`Scenario::generate`].
     #[serde(default)]
     pub lease_deadline_from_reply: bool,
+    /// No heartbeat is lost on the network (the slow-controller suite: every silence
+    /// is then the controller's own doing). Never set by [`Scenario::generate`].
+    #[serde(default)]
+    pub lossless_network: bool,
+    /// A wrong engine setting, for the test that shows the slow-controller suite can
+    /// fail: no silence is excused by the controller's own lag
+    /// (`max_overload_allowance` 0). Never set by [`Scenario::generate`].
+    #[serde(default)]
+    pub own_lag_ignored: bool,
 }
 
 fn two() -> usize {
@@ -394,6 +416,11 @@ impl Scenario {
             };
             faults.push((at, f));
         }
+        // A slow controller (issue 17), from a fifth stream, on a third of the seeds.
+        let mut fifth = Rng::new(seed.rotate_left(29) ^ 0x0017_510E);
+        if fifth.chance(0.33) {
+            faults.push((fifth.range(1_000, 9_000), slow_controller(&mut fifth)));
+        }
         faults.sort_by_key(|(t, _)| *t);
         Scenario {
             controllers,
@@ -401,6 +428,8 @@ impl Scenario {
             lease_ttl_ms: LEASE_TTL_MS,
             lease_margin_ms: LEASE_MARGIN_MS,
             lease_deadline_from_reply: false,
+            lossless_network: false,
+            own_lag_ignored: false,
             p_store_fail,
             self_fence_broken,
             libvirt_restorer,
@@ -443,9 +472,50 @@ impl Scenario {
             cfg.self_fence_margin = Some(Duration::from_secs(3));
         }
         cfg.auto_unfence = self.auto_unfence;
+        if self.own_lag_ignored {
+            cfg.max_overload_allowance = Duration::ZERO;
+        }
         if self.libvirt_restorer {
             cfg.vm_restorer = Source::Libvirt;
         }
         cfg
+    }
+}
+
+/// A slow-controller fault: late by up to 1.5 s, losing up to 90 % of the heartbeats
+/// itself, for up to 8 s.
+fn slow_controller(rng: &mut Rng) -> Fault {
+    Fault::ControllerSlow {
+        for_ms: rng.range(500, 8_000),
+        lag_ms: [5, 60, 250, 700, 1_500][rng.index(5)],
+        loss_pct: [0, 0, 10, 50, 90][rng.index(5)],
+    }
+}
+
+impl Scenario {
+    /// Healthy hosts on a lossless network and a controller that is the slow one, on and
+    /// off (fixed detector): any host turned Suspect is one the controller blamed for
+    /// silence it caused itself. The simulation suite asserts there is none.
+    pub fn slow_controller_only(seed: u64) -> Scenario {
+        let mut sc = Scenario::generate(seed);
+        let mut rng = Rng::new(seed ^ 0x5105_0017);
+        sc.faults = (0..rng.range(1, 4))
+            .map(|i| {
+                (
+                    1_000 + i * 6_000 + rng.range(0, 2_000),
+                    slow_controller(&mut rng),
+                )
+            })
+            .collect();
+        sc.controllers = 1;
+        sc.phi = false;
+        // Watchdogs unarmed: a controller losing most heartbeats for longer than the
+        // isolation timeout acks too few, and an armed watchdog would rightly
+        // self-fence its host (then it is not a healthy host any more).
+        sc.self_fence = false;
+        sc.lossless_network = true;
+        sc.p_store_fail = 0.0;
+        sc.heal_at = 25_000;
+        sc
     }
 }

@@ -56,6 +56,44 @@ pub(super) struct WRes {
     pub(super) copies: BTreeSet<usize>,
 }
 
+/// A slow controller (Fault::ControllerSlow).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Slow {
+    pub(super) until: u64,
+    pub(super) lag_ms: u64,
+    pub(super) loss: f64,
+}
+
+/// The controller's own load as its runtime measures it between two reports.
+#[derive(Clone, Debug, Default)]
+pub(super) struct OwnLoad {
+    /// Longest heartbeat wait since the last report (ms).
+    pub(super) wait: u64,
+    /// How late the last timer was taken (ms).
+    pub(super) lateness: u64,
+    /// Heartbeats the controller lost itself (cumulative) and as of the last report.
+    pub(super) lost: u64,
+    pub(super) lost_reported: u64,
+    pub(super) reported_at: u64,
+}
+
+impl OwnLoad {
+    pub(super) fn report(&mut self, now: u64) -> crate::engine::load::ControllerLoad {
+        let r = crate::engine::load::ControllerLoad {
+            window: Duration::from_millis(now - self.reported_at),
+            heartbeat_wait: Duration::from_millis(self.wait),
+            timer_lateness: Duration::from_millis(self.lateness),
+            lost: self.lost - self.lost_reported,
+            queue_depth: 0,
+        };
+        self.wait = 0;
+        self.lateness = 0;
+        self.lost_reported = self.lost;
+        self.reported_at = now;
+        r
+    }
+}
+
 #[derive(Clone, Debug)]
 pub(super) enum Ev {
     Deliver(Input),
@@ -64,6 +102,9 @@ pub(super) enum Ev {
     Redeliver(u64, Input),
     /// A heartbeat that host `.0` sent at `.1` arrives.
     Heartbeat(usize, u64, Heartbeat),
+    /// An input that waited in a slow controller's queue since `.1`, for its term
+    /// `.0`: the engine takes it now.
+    Queued(u64, u64, Input),
     /// Host `.0`'s watchdog answers whether resource `.1` runs there, to the
     /// controller's `.2`-th process (an `AskHost` it was sent).
     Answer(usize, usize, u64),
@@ -204,6 +245,10 @@ pub(super) struct Sim<'a> {
     pub(super) open_per_resource: BTreeMap<Resource, IntentKey>,
     pub(super) unfence_asked: BTreeSet<usize>,
     pub(super) healed: bool,
+    /// The controller is the slow one (Fault::ControllerSlow) until then.
+    pub(super) slow: Option<Slow>,
+    /// What the runtime measures of the controller's own load.
+    pub(super) own_load: OwnLoad,
     pub(super) report: Report,
     pub(super) trace: Vec<String>,
     /// The engine's clock minus simulated time (ms). The engine's clock is the
@@ -320,6 +365,8 @@ impl<'a> Sim<'a> {
             open_per_resource: BTreeMap::new(),
             unfence_asked: BTreeSet::new(),
             healed: false,
+            slow: None,
+            own_load: OwnLoad::default(),
             report: Report {
                 faults: sc.faults.len(),
                 // FNV-1a's offset basis.
@@ -448,7 +495,26 @@ impl<'a> Sim<'a> {
                     self.deliver(input)?;
                 }
             }
+            Ev::Queued(life, since, input) => {
+                if life == self.lifetime {
+                    let waited = self.now - since;
+                    match input {
+                        Input::Heartbeat(_) => {
+                            self.own_load.wait = self.own_load.wait.max(waited);
+                        }
+                        _ => self.own_load.lateness = waited,
+                    }
+                    self.deliver_taken(input)?;
+                }
+            }
             Ev::Heartbeat(h, sent, hb) => {
+                if let Some(slow) = self.slow.filter(|s| self.now < s.until && self.acting) {
+                    if self.rng.chance(slow.loss) {
+                        // Lost by the controller itself before it was read: no ack.
+                        self.own_load.lost += 1;
+                        return Ok(());
+                    }
+                }
                 // The controller acks what arrives; the ack reaches a host that hears it.
                 let w = &self.hosts[h];
                 if w.powered
@@ -510,7 +576,9 @@ impl<'a> Sim<'a> {
                         continue;
                     }
                     let w = &self.hosts[h];
-                    if w.flapping && self.rng.chance(0.6) || self.rng.chance(0.02) {
+                    if w.flapping && self.rng.chance(0.6)
+                        || self.rng.chance(0.02) && !self.sc.lossless_network
+                    {
                         continue;
                     }
                     let path = if w.cut[0] {
@@ -526,6 +594,7 @@ impl<'a> Sim<'a> {
                         boot_id: w.boot_id,
                         incarnation: 1,
                         at: self.host_time(h),
+                        received: None,
                         // The world's watchdog powers its host off 2 s after the send
                         // time of its last acked heartbeat; armed once one was acked.
                         self_fence: (self.sc.self_fence
@@ -637,6 +706,7 @@ impl<'a> Sim<'a> {
             Ev::Heal => {
                 self.healed = true;
                 self.isolated = false;
+                self.slow = None;
                 self.heal_etcd()?;
                 for w in &mut self.hosts {
                     if !w.maintenance {
@@ -822,6 +892,17 @@ impl<'a> Sim<'a> {
                 self.hosts[host].heartbeat_delay_ms = max_ms;
                 self.at(self.now + for_ms, Ev::HeartbeatsPrompt(host));
             }
+            Fault::ControllerSlow {
+                for_ms,
+                lag_ms,
+                loss_pct,
+            } => {
+                self.slow = Some(Slow {
+                    until: self.now + for_ms,
+                    lag_ms,
+                    loss: loss_pct as f64 / 100.0,
+                });
+            }
         }
         self.check_world()
     }
@@ -927,10 +1008,14 @@ impl<'a> Sim<'a> {
         }
         if let Some(until) = self.paused_until {
             // A stalled process reads nothing until it runs again: heartbeats overflow
-            // its socket buffer; a watchdog's events go back to the host, which sends
-            // them again; the rest waits.
+            // its socket buffer (the kernel counts them); a watchdog's events go back to
+            // the host, which sends them again; the rest waits (a timer fires late).
             match input {
-                Input::Heartbeat(_) => {}
+                Input::Heartbeat(_) => self.own_load.lost += 1,
+                input @ Input::Timer(_) => {
+                    self.own_load.lateness = self.own_load.lateness.max(until - self.now);
+                    self.at(until, Ev::Redeliver(self.lifetime, input));
+                }
                 Input::HostEvent { host, event } if !by_controller_lister(&event) => {
                     let h = self.index(&host);
                     self.hosts[h].outbox.push(event);
@@ -938,6 +1023,48 @@ impl<'a> Sim<'a> {
                 input => self.at(until, Ev::Redeliver(self.lifetime, input)),
             }
             return Ok(());
+        }
+        if let Some(slow) = self.slow.filter(|s| self.now < s.until) {
+            // Heartbeats and timers wait their turn in order behind the backlog; some
+            // heartbeats the controller loses itself (not acked: see Ev::Heartbeat).
+            match input {
+                Input::Heartbeat(mut hb) => {
+                    hb.received = Some(self.engine_now());
+                    let at = self.now + slow.lag_ms;
+                    self.at(
+                        at,
+                        Ev::Queued(self.lifetime, self.now, Input::Heartbeat(hb)),
+                    );
+                    return Ok(());
+                }
+                input @ Input::Timer(_) => {
+                    let at = self.now + slow.lag_ms;
+                    self.at(at, Ev::Queued(self.lifetime, self.now, input));
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
+        self.deliver_taken(input)
+    }
+
+    /// The engine takes `input` now (after any queue it waited in); before a timer, the
+    /// runtime reports the controller's own load, as `EngineTask::on_timer` does.
+    pub(super) fn deliver_taken(&mut self, input: Input) -> Result<(), Box<Violation>> {
+        if !self.acting || self.paused_until.is_some() {
+            // Lost with the term that stopped; or taken when the stall ends (rare:
+            // queued across a stall) — dropped like a heartbeat on a full socket.
+            return Ok(());
+        }
+        if matches!(input, Input::Timer(_)) && self.now >= self.own_load.reported_at + 50 {
+            let report = self.own_load.report(self.now);
+            let actions = self.engine.step(self.engine_now(), Input::Load(report));
+            self.report.steps += 1;
+            self.apply_actions(actions)?;
+            self.check_engine()?;
+            if !self.acting {
+                return Ok(());
+            }
         }
         if !matches!(input, Input::Heartbeat(_) | Input::Timer(_)) {
             self.trace(format!("{:>6} IN  {input:?}", self.now));

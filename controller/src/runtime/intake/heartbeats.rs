@@ -1,5 +1,6 @@
 //! Judging heartbeat datagrams: authentic and fresh ones are acked, and at most one per
-//! host and path per `forward_every_ms` goes on to the engine task.
+//! host and path per `forward_every_ms` goes on to the engine task, each batch's in one
+//! message stamped with when each datagram reached the kernel.
 //!
 //! Each enrolled host signs with its own key (`protocol::HostKeys`); a source address
 //! over its rate is dropped before any MAC is computed ([`super::limiter`]). Only a
@@ -46,6 +47,15 @@ pub struct HeartbeatIntake {
     acking: Arc<AtomicBool>,
 }
 
+/// One received datagram: its bytes, who sent it, and when it reached this host (the
+/// kernel's receive stamp when the socket gives one, else when it was read).
+#[derive(Debug, Clone, Copy)]
+pub struct Datagram<'a> {
+    pub bytes: &'a [u8],
+    pub peer: SocketAddr,
+    pub received: Instant,
+}
+
 /// The two clocks one batch is judged by.
 #[derive(Debug, Clone, Copy)]
 struct BatchTime {
@@ -90,8 +100,12 @@ impl IntakeCounters {
     }
 
     fn reject(&mut self, reason: &'static str) {
+        self.reject_n(reason, 1);
+    }
+
+    fn reject_n(&mut self, reason: &'static str, n: u64) {
         if let Some((_, c)) = self.rejected.iter().find(|(r, _)| *r == reason) {
-            c.inc();
+            c.inc_by(n);
             return;
         }
         let c = self
@@ -99,7 +113,7 @@ impl IntakeCounters {
             .heartbeats_rejected
             .get_or_create(&Metrics::label("reason", reason))
             .clone();
-        c.inc();
+        c.inc_by(n);
         self.rejected.push((reason, c));
     }
 
@@ -193,7 +207,11 @@ impl HeartbeatIntake {
         let mut counters = IntakeCounters::new(self.metrics.clone());
         let mut accepted = [false];
         self.handle_batch(
-            &[(datagram, peer)],
+            &[Datagram {
+                bytes: datagram,
+                peer,
+                received: Instant::now(),
+            }],
             std::slice::from_mut(ack),
             &mut accepted,
             &mut counters,
@@ -207,7 +225,7 @@ impl HeartbeatIntake {
     /// lock is released. Returns how many were accepted.
     pub fn handle_batch(
         &self,
-        datagrams: &[(&[u8], SocketAddr)],
+        datagrams: &[Datagram<'_>],
         acks: &mut [Vec<u8>],
         accepted: &mut [bool],
         counters: &mut IntakeCounters,
@@ -221,7 +239,7 @@ impl HeartbeatIntake {
 
     fn judge_batch(
         &self,
-        datagrams: &[(&[u8], SocketAddr)],
+        datagrams: &[Datagram<'_>],
         acks: &mut [Vec<u8>],
         accepted: &mut [bool],
         counters: &mut IntakeCounters,
@@ -238,7 +256,8 @@ impl HeartbeatIntake {
                 limiter,
                 last_forwarded_ms,
             } = &mut *st;
-            for (((datagram, peer), ack), ok) in datagrams.iter().zip(acks).zip(&mut *accepted) {
+            for ((d, ack), ok) in datagrams.iter().zip(acks).zip(&mut *accepted) {
+                let (datagram, peer) = (d.bytes, &d.peer);
                 *ok = false;
                 match limiter.allow(peer.ip(), now_ms) {
                     Ok(()) => {}
@@ -308,16 +327,24 @@ impl HeartbeatIntake {
                         incarnation: hb.incarnation,
                         sent_unix_ns: hb.sent_unix_ns,
                         status: hb.status,
+                        received: d.received,
                     });
                 }
             }
         }
         self.metrics.heartbeats_accepted.inc_by(n_accepted as u64);
-        for seen in forwards {
+        if forwards.is_empty() {
+            return n_accepted;
+        }
+        for seen in &forwards {
             counters.received(seen.path);
-            if self.tx.try_send(Intake::Heartbeat(seen)).is_err() {
-                counters.reject("engine_busy");
-            }
+        }
+        // One message per batch: the engine's queue is bounded in messages, and a
+        // message per heartbeat would cost the engine more in channel traffic than in
+        // judging them.
+        let n = forwards.len();
+        if self.tx.try_send(Intake::Heartbeats(forwards)).is_err() {
+            counters.reject_n("engine_busy", n as u64);
         }
         n_accepted
     }
@@ -374,16 +401,22 @@ pub(crate) mod tests {
 
     fn forwarded(rx: &mut mpsc::Receiver<Intake>) -> Vec<(String, u8, u64)> {
         let mut out = Vec::new();
-        while let Ok(Intake::Heartbeat(h)) = rx.try_recv() {
-            out.push((h.host, h.path, h.incarnation));
+        while let Ok(Intake::Heartbeats(batch)) = rx.try_recv() {
+            out.extend(batch.into_iter().map(|h| (h.host, h.path, h.incarnation)));
         }
         out
     }
 
     fn run_batch(i: &HeartbeatIntake, datagrams: &[Vec<u8>]) -> (Vec<bool>, Vec<Vec<u8>>) {
         let peer = SocketAddr::from(([127, 0, 0, 1], 9));
-        let batch: Vec<(&[u8], SocketAddr)> =
-            datagrams.iter().map(|d| (d.as_slice(), peer)).collect();
+        let batch: Vec<Datagram> = datagrams
+            .iter()
+            .map(|d| Datagram {
+                bytes: d.as_slice(),
+                peer,
+                received: Instant::now(),
+            })
+            .collect();
         let mut acks = vec![Vec::new(); datagrams.len()];
         let mut accepted = vec![true; datagrams.len()];
         let mut counters = IntakeCounters::new(i.metrics.clone());
@@ -454,7 +487,12 @@ pub(crate) mod tests {
             let mut accepted = vec![false];
             let mut counters = IntakeCounters::new(i.metrics.clone());
             let now = BatchTime { wall_ns, mono_ms };
-            i.judge_batch(&[(&d, peer)], &mut acks, &mut accepted, &mut counters, now);
+            let datagram = Datagram {
+                bytes: &d,
+                peer,
+                received: Instant::now(),
+            };
+            i.judge_batch(&[datagram], &mut acks, &mut accepted, &mut counters, now);
             assert!(accepted[0], "heartbeat {seq} is acked");
         };
         send(1, 10 * hour_ns, 0);

@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use protocol::{BootId, Event, HostStatus};
 use tokio::sync::oneshot;
 
-pub use heartbeats::{HeartbeatIntake, IntakeCounters, SourceRate};
+pub use heartbeats::{Datagram, HeartbeatIntake, IntakeCounters, SourceRate};
 pub use socket::{serve_heartbeats, spawn_heartbeat_thread, BATCH};
 pub use streams::{serve_events, StreamSettings};
 
@@ -33,12 +33,16 @@ pub struct HeartbeatSeen {
     pub incarnation: u64,
     pub sent_unix_ns: u64,
     pub status: HostStatus,
+    /// When the datagram reached this host (the kernel's stamp where the socket gives
+    /// one): the engine dates the heartbeat by it and measures its own lag from it.
+    pub received: tokio::time::Instant,
 }
 
 /// What the intake hands the engine task.
 #[derive(Debug)]
 pub enum Intake {
-    Heartbeat(HeartbeatSeen),
+    /// The heartbeats of one received batch that are due for the engine.
+    Heartbeats(Vec<HeartbeatSeen>),
     /// A watchdog opened its stream: what is the highest event id stored for it? A
     /// controller that does not lead refuses (the stream closes and the watchdog tries
     /// its next controller address).

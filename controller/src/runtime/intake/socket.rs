@@ -1,7 +1,8 @@
 //! The heartbeat sockets: one OS thread per socket takes datagrams in batches
 //! (`recvmmsg`), has [`HeartbeatIntake::handle_batch`] judge each batch under one lock,
-//! and sends the acks back with one `sendmmsg`; plus the kernel's peer addresses read
-//! back as [`SocketAddr`]s.
+//! and sends the acks back with one `sendmmsg`; plus the kernel's peer addresses, receive
+//! stamps (`SO_TIMESTAMPNS`) and drop counts (`SO_RXQ_OVFL`) read back from the control
+//! messages, so that the controller knows how late it reads and what it lost.
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,13 +11,21 @@ use std::sync::Arc;
 use protocol::DATAGRAM_RECV_BUFFER_LEN;
 use tokio::net::UdpSocket;
 
-use super::heartbeats::{HeartbeatIntake, IntakeCounters};
+use super::heartbeats::{Datagram, HeartbeatIntake, IntakeCounters};
 
 /// Datagrams taken off a heartbeat socket per `recvmmsg` (and acks per `sendmmsg`).
 pub const BATCH: usize = 64;
 
 /// How often a socket thread blocked in `recvmmsg` looks whether it should stop.
 const STOP_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Control-message space per datagram: a receive stamp (`SCM_TIMESTAMPNS`, a timespec)
+/// and the socket's drop counter (`SO_RXQ_OVFL`, a u32), each with its header.
+const CONTROL_LEN: usize = 128;
+
+/// A kernel stamp further back than this is not believed (a wall clock stepped while
+/// the datagram waited): the datagram is dated when it was read.
+const MAX_BELIEVED_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Receive buffer asked for on heartbeat sockets (the kernel caps it at
 /// `net.core.rmem_max`), so bursts from many hosts wait rather than drop.
@@ -66,6 +75,27 @@ pub fn spawn_heartbeat_thread(
     if r != 0 {
         tracing::debug!(error = %std::io::Error::last_os_error(), "SO_RCVBUF not raised");
     }
+    for (option, name) in [
+        (libc::SO_TIMESTAMPNS, "SO_TIMESTAMPNS"),
+        (libc::SO_RXQ_OVFL, "SO_RXQ_OVFL"),
+    ] {
+        let on: libc::c_int = 1;
+        // SAFETY: as above.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            // Without stamps the datagrams are dated when read, and without the drop
+            // count the controller cannot see what it lost: both are reported.
+            tracing::warn!(error = %std::io::Error::last_os_error(), option = name, "heartbeat socket option not set; the controller measures its own lag less well");
+        }
+    }
     std::thread::Builder::new()
         .name("defib-heartbeats".into())
         .spawn(move || receive_loop(&socket, &intake, &stop))
@@ -80,6 +110,9 @@ fn receive_loop(socket: &std::net::UdpSocket, intake: &HeartbeatIntake, stop: &A
     let mut names: Vec<libc::sockaddr_storage> = vec![unsafe { std::mem::zeroed() }; BATCH];
     let mut iovs: Vec<libc::iovec> = vec![unsafe { std::mem::zeroed() }; BATCH];
     let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; BATCH];
+    // u64s, so that every control buffer is aligned for a cmsghdr.
+    let mut controls = vec![0u64; BATCH * CONTROL_LEN / 8];
+    let mut drops_seen: Option<u32> = None;
     let mut acks: Vec<Vec<u8>> = (0..BATCH)
         .map(|_| Vec::with_capacity(protocol::MAX_ACK_LEN))
         .collect();
@@ -100,6 +133,9 @@ fn receive_loop(socket: &std::net::UdpSocket, intake: &HeartbeatIntake, stop: &A
             h.msg_iov = &mut iovs[i];
             h.msg_iovlen = 1;
             h.msg_flags = 0;
+            // SAFETY: i * CONTROL_LEN / 8 + CONTROL_LEN / 8 <= controls.len().
+            h.msg_control = unsafe { controls.as_mut_ptr().add(i * CONTROL_LEN / 8) }.cast();
+            h.msg_controllen = CONTROL_LEN as _;
             msgs[i].msg_len = 0;
         }
         // SAFETY: every header points at live buffers of the stated sizes.
@@ -126,7 +162,10 @@ fn receive_loop(socket: &std::net::UdpSocket, intake: &HeartbeatIntake, stop: &A
             continue;
         }
         let n = r as usize;
-        let datagrams: Vec<(&[u8], SocketAddr)> = (0..n)
+        let read_at = tokio::time::Instant::now();
+        let wall_now = std::time::SystemTime::now();
+        let mut drops = None;
+        let datagrams: Vec<Datagram> = (0..n)
             .map(|i| {
                 let len = (msgs[i].msg_len as usize).min(DATAGRAM_RECV_BUFFER_LEN);
                 // SAFETY: the kernel wrote `len` bytes at this offset; nothing writes to
@@ -135,9 +174,29 @@ fn receive_loop(socket: &std::net::UdpSocket, intake: &HeartbeatIntake, stop: &A
                     std::slice::from_raw_parts(base.add(i * DATAGRAM_RECV_BUFFER_LEN), len)
                 };
                 let peer = socket_addr(&names[i], msgs[i].msg_hdr.msg_namelen);
-                (bytes, peer.unwrap_or(unknown_peer))
+                // SAFETY: the header's control fields are what the kernel left there.
+                let control = unsafe { read_control(&msgs[i].msg_hdr) };
+                drops = control.drops.or(drops);
+                let waited = control
+                    .stamp
+                    .and_then(|t| wall_now.duration_since(t).ok())
+                    .filter(|w| *w <= MAX_BELIEVED_WAIT)
+                    .unwrap_or_default();
+                Datagram {
+                    bytes,
+                    peer: peer.unwrap_or(unknown_peer),
+                    received: read_at - waited,
+                }
             })
             .collect();
+        if let Some(total) = drops {
+            // The kernel's count is cumulative per socket (and wraps at 2^32).
+            let new = drops_seen.map_or(total, |seen| total.wrapping_sub(seen));
+            if new > 0 {
+                intake.metrics.heartbeat_socket_drops.inc_by(u64::from(new));
+            }
+            drops_seen = Some(total);
+        }
         intake.handle_batch(
             &datagrams,
             &mut acks[..n],
@@ -185,6 +244,51 @@ fn receive_loop(socket: &std::net::UdpSocket, intake: &HeartbeatIntake, stop: &A
             }
         }
     }
+}
+
+/// What a datagram's control messages said.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Control {
+    /// When the kernel received it (`SCM_TIMESTAMPNS`, the wall clock).
+    stamp: Option<std::time::SystemTime>,
+    /// The socket's cumulative count of datagrams dropped on a full receive queue.
+    drops: Option<u32>,
+}
+
+/// Reads the control messages of one received datagram.
+///
+/// # Safety
+/// `hdr.msg_control` must point at `hdr.msg_controllen` readable bytes, as the kernel
+/// left them after `recvmmsg`.
+unsafe fn read_control(hdr: &libc::msghdr) -> Control {
+    let mut out = Control::default();
+    if hdr.msg_control.is_null() || (hdr.msg_flags & libc::MSG_CTRUNC) != 0 {
+        return out;
+    }
+    // SAFETY: the CMSG_* macros walk the buffer within msg_controllen.
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(hdr) };
+    while !c.is_null() {
+        // SAFETY: c points at a complete cmsghdr inside the buffer.
+        let (level, kind) = unsafe { ((*c).cmsg_level, (*c).cmsg_type) };
+        // SAFETY: the data follows the header; the kernel wrote the type it names.
+        let data = unsafe { libc::CMSG_DATA(c) };
+        if level == libc::SOL_SOCKET && kind == libc::SCM_TIMESTAMPNS {
+            // SAFETY: SCM_TIMESTAMPNS carries a timespec (maybe unaligned).
+            let ts = unsafe { std::ptr::read_unaligned(data.cast::<libc::timespec>()) };
+            if ts.tv_sec >= 0 && (0..1_000_000_000).contains(&ts.tv_nsec) {
+                out.stamp = Some(
+                    std::time::UNIX_EPOCH
+                        + std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32),
+                );
+            }
+        } else if level == libc::SOL_SOCKET && kind == libc::SO_RXQ_OVFL {
+            // SAFETY: SO_RXQ_OVFL carries a u32.
+            out.drops = Some(unsafe { std::ptr::read_unaligned(data.cast::<u32>()) });
+        }
+        // SAFETY: as above.
+        c = unsafe { libc::CMSG_NXTHDR(hdr, c) };
+    }
+    out
 }
 
 #[allow(
@@ -315,11 +419,15 @@ mod tests {
         assert!(m
             .encode()
             .contains("defib_heartbeats_rejected_total{reason=\"bad_mac\"} 1"));
-        let peer = match rx.try_recv() {
-            Ok(Intake::Heartbeat(h)) => h.peer,
-            other => panic!("expected a forwarded heartbeat, got {other:?}"),
+        let seen = match rx.try_recv() {
+            Ok(Intake::Heartbeats(batch)) => batch[0].clone(),
+            other => panic!("expected forwarded heartbeats, got {other:?}"),
         };
-        assert_eq!(peer, client.local_addr().unwrap());
+        assert_eq!(seen.peer, client.local_addr().unwrap());
+        assert!(
+            seen.received <= tokio::time::Instant::now(),
+            "dated by the kernel's stamp, in the past"
+        );
         stop.store(true, Ordering::SeqCst);
         thread.join().unwrap();
     }

@@ -497,7 +497,7 @@ mod tests {
                             high_water: event.id,
                         }));
                     }
-                    Intake::Heartbeat(_) => {}
+                    Intake::Heartbeats(_) => {}
                 }
             }
         });
