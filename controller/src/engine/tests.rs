@@ -3579,3 +3579,118 @@ fn a_new_leader_suspects_a_host_silent_since_before_the_takeover_without_a_fresh
     );
     assert_eq!(later.host_state(&host(3)), Some(HostState::Up));
 }
+
+/// A heartbeat from host `i` at the harness's now, received by the controller at
+/// `received` (it waited in the controller's queues since).
+fn late_heartbeat(i: usize, received: u64, at: HostTime) -> Input {
+    Input::Heartbeat(Heartbeat {
+        host: host(i),
+        path: PathId(0),
+        boot_id: 1,
+        incarnation: 1,
+        at,
+        received: Some(Timestamp(received)),
+        self_fence: None,
+    })
+}
+
+fn lagging(ms: u64) -> Input {
+    Input::Load(load::ControllerLoad {
+        window: Duration::from_millis(50),
+        heartbeat_wait: Duration::from_millis(ms),
+        ..load::ControllerLoad::default()
+    })
+}
+
+#[test]
+fn a_host_turns_suspect_when_its_deadline_falls_due_not_on_the_next_tick() {
+    // A periodic tick of 1 s: only the host's own deadline can be this exact.
+    let cfg = Config {
+        tick: Duration::from_secs(1),
+        ..Config::default()
+    };
+    let mut h = Harness::with(2, cfg);
+    h.kill(0);
+    // Silent since h0's last heartbeat: its deadline is 300 ms later.
+    let last = h.engine.detector().last_seen(&host(0)).unwrap().0;
+    let deadline = last + 300;
+    let mut e = h.engine.clone();
+    // h1 goes on heartbeating.
+    e.step(
+        Timestamp(deadline - 100),
+        late_heartbeat(1, deadline - 100, HostTime(deadline - 100)),
+    );
+    let before = e.step(Timestamp(deadline - 1), Input::Timer(TimerId::Tick));
+    assert_eq!(e.host_state(&host(0)), Some(HostState::Up));
+    // The engine asked its runtime for a timer at exactly that deadline.
+    let timers: Vec<u64> = h
+        .actions
+        .iter()
+        .chain(&before)
+        .filter_map(|a| match a {
+            Action::ArmTimer { at, .. } => Some(at.0),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        timers.contains(&deadline),
+        "a timer at {deadline}: {timers:?}"
+    );
+    e.step(Timestamp(deadline), Input::Timer(TimerId::Tick));
+    assert_eq!(e.host_state(&host(0)), Some(HostState::Suspect));
+    assert_eq!(e.host_state(&host(1)), Some(HostState::Up));
+}
+
+#[test]
+fn a_heartbeat_that_waited_in_the_controllers_queue_counts_from_its_arrival() {
+    let mut h = Harness::new(1);
+    h.kill(0);
+    let t = h.now;
+    // Arrived at t + 250, taken by the engine at t + 400 (the controller lagged).
+    h.now = t + 400;
+    let at = h.host_clock(t + 250);
+    h.input(lagging(150));
+    h.input(late_heartbeat(0, t + 250, at));
+    assert_eq!(
+        h.engine.detector().last_seen(&host(0)),
+        Some(Timestamp(t + 250))
+    );
+    // Its deadline is 300 ms after the arrival, plus the lag the controller owes.
+    h.now = t + 250 + 300 + 149;
+    h.input(Input::Timer(TimerId::Tick));
+    assert_eq!(h.engine.host_state(&host(0)), Some(HostState::Up));
+    h.now = t + 250 + 300 + 150;
+    h.input(Input::Timer(TimerId::Tick));
+    assert_eq!(h.engine.host_state(&host(0)), Some(HostState::Suspect));
+}
+
+#[test]
+fn a_controller_that_lost_heartbeats_itself_suspects_nobody_for_that_silence_and_alarms_once() {
+    let mut h = Harness::new(3);
+    let t = h.now;
+    // The controller drops every heartbeat for 2 s (a full socket queue) and says so.
+    let mut raised = Vec::new();
+    for step in 1..=40 {
+        h.now = t + step * 50;
+        raised.extend(alarms(&h.input(Input::Load(load::ControllerLoad {
+            window: Duration::from_millis(50),
+            lost: 3,
+            ..load::ControllerLoad::default()
+        }))));
+        h.input(Input::Timer(TimerId::Tick));
+    }
+    assert_eq!(
+        raised,
+        [AlarmKind::ControllerOverloaded],
+        "once per episode"
+    );
+    for i in 0..3 {
+        assert_eq!(h.engine.host_state(&host(i)), Some(HostState::Up));
+    }
+    // It keeps up again: heartbeats flow, and a host that then dies is suspected.
+    h.run_for(1_500);
+    h.kill(2);
+    h.run_for(1_000);
+    assert_ne!(h.engine.host_state(&host(2)), Some(HostState::Up));
+    assert_eq!(h.engine.host_state(&host(0)), Some(HostState::Up));
+}
