@@ -10,6 +10,7 @@ mod heartbeat_intake;
 mod host_loss;
 mod host_memory;
 mod nova_evacuate;
+mod overload;
 mod real_guest_kill;
 mod report;
 mod restart_in_place;
@@ -52,6 +53,16 @@ enum Scenario {
         hosts: usize,
         #[arg(long, default_value_t = 100)]
         samples: usize,
+    },
+    /// The controller starved of CPU (a cgroup quota) and flooded, with healthy hosts:
+    /// false Suspects with and without its own-lag allowance.
+    Overload {
+        #[arg(long, default_value_t = 1_000)]
+        hosts: usize,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        #[arg(long, default_value_t = 10)]
+        quota_pct: u64,
     },
     /// Accepted heartbeat datagrams per second, the controller pinned to one core.
     HeartbeatIntake {
@@ -212,6 +223,11 @@ fn main() -> anyhow::Result<()> {
             interval_ms,
             no_gso,
         } => heartbeat_intake::run(hosts, seconds, senders, pool_rate, interval_ms, !no_gso)?,
+        Scenario::Overload {
+            hosts,
+            seconds,
+            quota_pct,
+        } => overload::run(hosts, seconds, quota_pct)?,
         Scenario::HostMemory { hosts, seconds } => host_memory::run(&hosts, seconds)?,
         Scenario::RealGuestKill { kills } => real_guest_kill::run(kills)?,
         Scenario::FenceLatency {

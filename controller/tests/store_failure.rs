@@ -293,6 +293,7 @@ fn start(
         end_on_store_failure: false,
         role: Default::default(),
         enrollment: None,
+        backlog: Default::default(),
     };
     let recorder = edges.clone();
     let (task, channels) = EngineTask::new(parts, |links| Edges {

@@ -419,6 +419,7 @@ impl Controller {
                 end_on_store_failure: false,
                 role: Default::default(),
                 enrollment: None,
+                backlog: Default::default(),
             };
             let (task, channels) = EngineTask::new(parts, |links| Edges {
                 fencer: Box::new(TestFencer { asked: fence_tx }),

@@ -295,13 +295,18 @@ impl Engine {
         let state = self.hosts[host].state;
         match state {
             HostState::Up if live == Liveness::Suspect => {
+                let owed = self.judge_owed(host);
+                let cause = if owed.is_zero() {
+                    format!("no heartbeat on any path for {} ms", silence.as_millis())
+                } else {
+                    format!(
+                        "no heartbeat on any path for {} ms beyond the {} ms the controller's own lag and lost heartbeats excuse",
+                        silence.as_millis(),
+                        owed.as_millis()
+                    )
+                };
                 self.open_host_incident(host);
-                self.set_host_state(
-                    host,
-                    HostState::Suspect,
-                    &format!("no heartbeat on any path for {} ms", silence.as_millis()),
-                    Source::Heartbeat,
-                );
+                self.set_host_state(host, HostState::Suspect, &cause, Source::Heartbeat);
             }
             HostState::Suspect if silence >= self.cfg.confirm_after => {
                 self.set_host_state(

@@ -141,6 +141,8 @@ pub struct EngineTask {
     heard: Vec<(HostId, crate::engine::PathId, Duration)>,
     /// The controller's own load since the last report to the engine.
     load: LoadMeter,
+    /// The heartbeat sockets, asked without being read.
+    backlog: Arc<super::intake::SocketBacklog>,
     end_on_store_failure: bool,
     role: RoleSnapshot,
     /// Enrolls and revokes hosts in this task's store (`None` in tests without it).
@@ -195,6 +197,8 @@ pub struct EngineTaskParts {
     pub role: RoleSnapshot,
     /// Enrolls and revokes hosts (operator commands), `None`: refused.
     pub enrollment: Option<Arc<Enrollment>>,
+    /// The heartbeat sockets' drops and unread backlog (empty without sockets).
+    pub backlog: Arc<super::intake::SocketBacklog>,
 }
 
 impl EngineTask {
@@ -245,6 +249,7 @@ impl EngineTask {
             stopped: None,
             heard: parts.heard,
             load: LoadMeter::new(),
+            backlog: parts.backlog,
             end_on_store_failure: parts.end_on_store_failure,
             enrollment: parts.enrollment,
             role: parts.role,
@@ -422,7 +427,17 @@ impl EngineTask {
             }
         }
         if self.load.due() {
-            let lost = self.lost_so_far();
+            // Asked of the kernel now, not when a socket thread next reads: a starved
+            // thread would tell of its drops and its backlog only once it runs again.
+            let backlog = self.backlog.sample();
+            let dropped_before = self.load.dropped.replace(backlog.dropped);
+            if let Some(before) = dropped_before {
+                self.metrics
+                    .heartbeat_socket_drops
+                    .inc_by(backlog.dropped.saturating_sub(before));
+            }
+            self.load.unread_for = backlog.unread_for;
+            let lost = backlog.dropped + self.refused_so_far();
             let report = self.load.report(lost, self.intake.len() as u64);
             self.metrics
                 .heartbeat_wait_seconds
@@ -448,15 +463,12 @@ impl EngineTask {
             .inc_by(thread_cpu().saturating_sub(started).as_secs_f64());
     }
 
-    /// Heartbeats the controller lost itself so far: the kernel's drops on full
-    /// heartbeat sockets and the intake's on a full engine queue.
-    fn lost_so_far(&self) -> u64 {
-        self.metrics.heartbeat_socket_drops.get()
-            + self
-                .metrics
-                .heartbeats_rejected
-                .get_or_create(&Metrics::label("reason", "engine_busy"))
-                .get()
+    /// Heartbeats the intake refused so far on a full engine queue.
+    fn refused_so_far(&self) -> u64 {
+        self.metrics
+            .heartbeats_rejected
+            .get_or_create(&Metrics::label("reason", "engine_busy"))
+            .get()
     }
 
     fn on_intake(&mut self, msg: Intake) {
@@ -894,6 +906,10 @@ struct LoadMeter {
     heartbeat_wait: Duration,
     /// How late the last timer fired.
     timer_lateness: Duration,
+    /// How long datagrams have waited unread in the heartbeat sockets.
+    unread_for: Duration,
+    /// The kernel's drop count at the last report.
+    dropped: Option<u64>,
     /// Heartbeats lost by the controller itself, as counted at the last report.
     lost_before: Option<u64>,
 }
@@ -904,6 +920,8 @@ impl LoadMeter {
             since: tokio::time::Instant::now(),
             heartbeat_wait: Duration::ZERO,
             timer_lateness: Duration::ZERO,
+            unread_for: Duration::ZERO,
+            dropped: None,
             lost_before: None,
         }
     }
@@ -922,7 +940,8 @@ impl LoadMeter {
         let now = tokio::time::Instant::now();
         let report = crate::engine::load::ControllerLoad {
             window: now.saturating_duration_since(self.since),
-            heartbeat_wait: self.heartbeat_wait,
+            // A datagram still unread has waited at least this long already.
+            heartbeat_wait: self.heartbeat_wait.max(self.unread_for),
             timer_lateness: self.timer_lateness,
             lost: self
                 .lost_before

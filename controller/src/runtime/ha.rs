@@ -129,6 +129,7 @@ impl Term {
                             end_on_store_failure: true,
                             role: RoleSnapshot::default(),
                             enrollment: Some(ctx.enrollment.clone()),
+                            backlog: ctx.backlog.clone(),
                         };
                         let factory = ctx.factory.clone();
                         Ok(EngineTask::new(parts, |links| factory.build(links))?)
@@ -183,6 +184,8 @@ struct TermContext {
     metrics: Arc<Metrics>,
     streams: Arc<HostStreams>,
     enrollment: Arc<Enrollment>,
+    /// The heartbeat sockets' drops and unread backlog, for each term's engine task.
+    backlog: Arc<super::intake::SocketBacklog>,
 }
 
 /// What the controller knows while it follows.
@@ -250,6 +253,7 @@ pub async fn run(
         tx: enrolled_tx,
         configured: resolved.cfg.intake.enrolled_hosts.clone(),
     });
+    let backlog = Arc::new(super::intake::SocketBacklog::default());
     let hb_intake = serve_intake(
         &resolved,
         udp,
@@ -258,6 +262,7 @@ pub async fn run(
         metrics.clone(),
         streams.clone(),
         enrolled_rx,
+        backlog.clone(),
     );
     let acking = hb_intake.acking();
     acking.store(false, Ordering::SeqCst);
@@ -284,6 +289,7 @@ pub async fn run(
         metrics: metrics.clone(),
         streams,
         enrollment: enrollment.clone(),
+        backlog,
     };
     let clock = crate::clock::EngineClock::start();
     let mut follower = Follower {

@@ -183,6 +183,10 @@ pub(crate) async fn bind(resolved: &Resolved) -> anyhow::Result<Sockets> {
 
 /// Serves the heartbeat sockets and the event streams into `intake_tx`; returns the
 /// heartbeat intake (its ack switch is what a follower turns off).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the intake's parts, each made by the caller that also hands them elsewhere"
+)]
 pub(crate) fn serve_intake(
     resolved: &Resolved,
     udp: Vec<UdpSocket>,
@@ -191,6 +195,7 @@ pub(crate) fn serve_intake(
     metrics: Arc<Metrics>,
     streams: Arc<libvirt::HostStreams>,
     enrolled: tokio::sync::watch::Receiver<Vec<String>>,
+    backlog: Arc<intake::SocketBacklog>,
 ) -> Arc<HeartbeatIntake> {
     let cfg = &resolved.cfg;
     let c = &cfg.controller;
@@ -218,7 +223,11 @@ pub(crate) fn serve_intake(
     hb_intake.set_enrolled(&enrollment::union(&enrolled.borrow(), &configured));
     tokio::spawn(enrollment::apply(enrolled, configured, hb_intake.clone()));
     for socket in udp {
-        tokio::spawn(intake::serve_heartbeats(socket, hb_intake.clone()));
+        tokio::spawn(intake::serve_heartbeats(
+            socket,
+            hb_intake.clone(),
+            backlog.clone(),
+        ));
     }
     let keys_of = hb_intake.clone();
     tokio::spawn(intake::serve_events(
@@ -339,6 +348,7 @@ pub async fn run(
     let (enrolled_tx, enrolled_rx) = tokio::sync::watch::channel(
         enrollment::read(&store).context("reading the enrolled hosts from the store")?,
     );
+    let backlog = Arc::new(intake::SocketBacklog::default());
     let parts = EngineTaskParts {
         enrollment: Some(Arc::new(enrollment::Enrollment {
             master: resolved.master.clone(),
@@ -353,6 +363,7 @@ pub async fn run(
         heard: Vec::new(),
         end_on_store_failure: false,
         role,
+        backlog: backlog.clone(),
     };
     let factory = EdgeFactory::new(&resolved, streams.clone(), metrics.clone())?;
     tracing::info!(hosts = resolved.fence.len(), "fence levels configured");
@@ -378,6 +389,7 @@ pub async fn run(
         metrics.clone(),
         streams,
         enrolled_rx,
+        backlog,
     );
     let handle = crate::api::view::ApiHandle {
         snapshot,

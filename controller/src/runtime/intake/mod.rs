@@ -20,7 +20,7 @@ use protocol::{BootId, Event, HostStatus};
 use tokio::sync::oneshot;
 
 pub use heartbeats::{Datagram, HeartbeatIntake, IntakeCounters, SourceRate};
-pub use socket::{serve_heartbeats, spawn_heartbeat_thread, BATCH};
+pub use socket::{serve_heartbeats, spawn_heartbeat_thread, Backlog, SocketBacklog, BATCH};
 pub use streams::{serve_events, StreamSettings};
 
 /// A heartbeat the intake accepted, as the engine task needs it.

@@ -1,12 +1,14 @@
 //! The heartbeat sockets: one OS thread per socket takes datagrams in batches
 //! (`recvmmsg`), has [`HeartbeatIntake::handle_batch`] judge each batch under one lock,
-//! and sends the acks back with one `sendmmsg`; plus the kernel's peer addresses, receive
-//! stamps (`SO_TIMESTAMPNS`) and drop counts (`SO_RXQ_OVFL`) read back from the control
-//! messages, so that the controller knows how late it reads and what it lost.
+//! and sends the acks back with one `sendmmsg`; plus the kernel's peer addresses and
+//! receive stamps (`SO_TIMESTAMPNS`) read back from the control messages, and
+//! [`SocketBacklog`]: what the kernel dropped and how long unread datagrams have waited,
+//! asked of the sockets without reading them, so that the controller knows how late it
+//! reads and what it lost even while its socket threads get no CPU.
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use protocol::DATAGRAM_RECV_BUFFER_LEN;
 use tokio::net::UdpSocket;
@@ -20,8 +22,8 @@ pub const BATCH: usize = 64;
 const STOP_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Control-message space per datagram: a receive stamp (`SCM_TIMESTAMPNS`, a timespec)
-/// and the socket's drop counter (`SO_RXQ_OVFL`, a u32), each with its header.
-const CONTROL_LEN: usize = 128;
+/// with its header, and room to spare.
+const CONTROL_LEN: usize = 64;
 
 /// A kernel stamp further back than this is not believed (a wall clock stepped while
 /// the datagram waited): the datagram is dated when it was read.
@@ -31,9 +33,98 @@ const MAX_BELIEVED_WAIT: std::time::Duration = std::time::Duration::from_secs(10
 /// `net.core.rmem_max`), so bursts from many hosts wait rather than drop.
 const RECEIVE_BUFFER: libc::c_int = 4 << 20;
 
+/// The heartbeat sockets as the engine task sees them, without reading them: how many
+/// datagrams the kernel dropped on their full receive queues (`SO_MEMINFO`), and how
+/// long datagrams have been waiting unread (a socket with data queued whose thread last
+/// read at time t has datagrams at least that old).
+#[derive(Debug, Default)]
+pub struct SocketBacklog {
+    sockets: Mutex<Vec<Watched>>,
+}
+
+#[derive(Debug)]
+struct Watched {
+    /// A duplicate of the socket's descriptor (same socket), for `getsockopt`.
+    fd: OwnedFd,
+    /// When its thread last came back from `recvmmsg` (ms since `started`).
+    last_read_ms: Arc<AtomicU64>,
+}
+
+/// What [`SocketBacklog::sample`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// Datagrams the kernel dropped on these sockets so far (cumulative).
+    pub dropped: u64,
+    /// How long the oldest unread datagrams may have waited: since the last read of a
+    /// socket that has data queued (zero when every queue is empty).
+    pub unread_for: std::time::Duration,
+}
+
+/// The monotonic clock the backlog's read times are on.
+fn mono_ms() -> u64 {
+    static START: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(tokio::time::Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+impl SocketBacklog {
+    /// Watches `socket`; the returned clock is its thread's, to set after every read.
+    fn watch(&self, socket: &std::net::UdpSocket) -> std::io::Result<Arc<AtomicU64>> {
+        let fd = socket.as_fd().try_clone_to_owned()?;
+        let last_read_ms = Arc::new(AtomicU64::new(mono_ms()));
+        self.sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Watched {
+                fd,
+                last_read_ms: last_read_ms.clone(),
+            });
+        Ok(last_read_ms)
+    }
+
+    /// Asks every watched socket now.
+    pub fn sample(&self) -> Backlog {
+        let now = mono_ms();
+        let mut out = Backlog::default();
+        for w in self
+            .sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            // SK_MEMINFO_VARS is 9 on every kernel this runs on (drops, index 8, is the last).
+            let mut info = [0u32; libc::SK_MEMINFO_DROPS as usize + 1];
+            let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+            // SAFETY: getsockopt writes at most `len` bytes into `info`.
+            let r = unsafe {
+                libc::getsockopt(
+                    w.fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_MEMINFO,
+                    info.as_mut_ptr().cast(),
+                    &mut len,
+                )
+            };
+            if r != 0 {
+                continue;
+            }
+            out.dropped += u64::from(info[libc::SK_MEMINFO_DROPS as usize]);
+            if info[libc::SK_MEMINFO_RMEM_ALLOC as usize] > 0 {
+                let waited = now.saturating_sub(w.last_read_ms.load(Ordering::Relaxed));
+                out.unread_for = out.unread_for.max(std::time::Duration::from_millis(waited));
+            }
+        }
+        out
+    }
+}
+
 /// Receives heartbeats on one socket and acks each accepted one back to its sender, on a
 /// dedicated OS thread ([`spawn_heartbeat_thread`]) that stops once this future is dropped.
-pub async fn serve_heartbeats(socket: UdpSocket, intake: Arc<HeartbeatIntake>) {
+pub async fn serve_heartbeats(
+    socket: UdpSocket,
+    intake: Arc<HeartbeatIntake>,
+    backlog: Arc<SocketBacklog>,
+) {
     struct StopOnDrop(Arc<AtomicBool>);
     impl Drop for StopOnDrop {
         fn drop(&mut self) {
@@ -44,7 +135,7 @@ pub async fn serve_heartbeats(socket: UdpSocket, intake: Arc<HeartbeatIntake>) {
     let _stop_on_drop = StopOnDrop(stop.clone());
     let started = socket
         .into_std()
-        .and_then(|s| spawn_heartbeat_thread(s, intake, stop));
+        .and_then(|s| spawn_heartbeat_thread(s, intake, &backlog, stop));
     match started {
         Ok(_) => std::future::pending::<()>().await,
         Err(e) => tracing::error!(error = %e, "cannot start the heartbeat receiver thread"),
@@ -58,8 +149,10 @@ pub async fn serve_heartbeats(socket: UdpSocket, intake: Arc<HeartbeatIntake>) {
 pub fn spawn_heartbeat_thread(
     socket: std::net::UdpSocket,
     intake: Arc<HeartbeatIntake>,
+    backlog: &SocketBacklog,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let last_read = backlog.watch(&socket)?;
     socket.set_nonblocking(false)?;
     socket.set_read_timeout(Some(STOP_CHECK))?;
     // SAFETY: setsockopt reads a c_int from a live local.
@@ -75,33 +168,32 @@ pub fn spawn_heartbeat_thread(
     if r != 0 {
         tracing::debug!(error = %std::io::Error::last_os_error(), "SO_RCVBUF not raised");
     }
-    for (option, name) in [
-        (libc::SO_TIMESTAMPNS, "SO_TIMESTAMPNS"),
-        (libc::SO_RXQ_OVFL, "SO_RXQ_OVFL"),
-    ] {
-        let on: libc::c_int = 1;
-        // SAFETY: as above.
-        let r = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                (&on as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            // Without stamps the datagrams are dated when read, and without the drop
-            // count the controller cannot see what it lost: both are reported.
-            tracing::warn!(error = %std::io::Error::last_os_error(), option = name, "heartbeat socket option not set; the controller measures its own lag less well");
-        }
+    let on: libc::c_int = 1;
+    // SAFETY: as above.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        // Without stamps the datagrams are dated when read: said, not fatal.
+        tracing::warn!(error = %std::io::Error::last_os_error(), "SO_TIMESTAMPNS not set on a heartbeat socket; the controller measures its own lag less well");
     }
     std::thread::Builder::new()
         .name("defib-heartbeats".into())
-        .spawn(move || receive_loop(&socket, &intake, &stop))
+        .spawn(move || receive_loop(&socket, &intake, &last_read, &stop))
 }
 
-fn receive_loop(socket: &std::net::UdpSocket, intake: &HeartbeatIntake, stop: &AtomicBool) {
+fn receive_loop(
+    socket: &std::net::UdpSocket,
+    intake: &HeartbeatIntake,
+    last_read: &AtomicU64,
+    stop: &AtomicBool,
+) {
     let fd = socket.as_raw_fd();
     // One buffer per datagram of a batch, each the protocol's receive buffer size (larger
     // than any valid datagram, so a longer one is refused as oversize, not read in part).
@@ -112,7 +204,6 @@ fn receive_loop(socket: &std::net::UdpSocket, intake: &HeartbeatIntake, stop: &A
     let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; BATCH];
     // u64s, so that every control buffer is aligned for a cmsghdr.
     let mut controls = vec![0u64; BATCH * CONTROL_LEN / 8];
-    let mut drops_seen: Option<u32> = None;
     let mut acks: Vec<Vec<u8>> = (0..BATCH)
         .map(|_| Vec::with_capacity(protocol::MAX_ACK_LEN))
         .collect();
@@ -148,6 +239,7 @@ fn receive_loop(socket: &std::net::UdpSocket, intake: &HeartbeatIntake, stop: &A
                 std::ptr::null_mut(),
             )
         };
+        last_read.store(mono_ms(), Ordering::Relaxed);
         if r < 0 {
             let e = std::io::Error::last_os_error();
             if !matches!(
@@ -164,7 +256,6 @@ fn receive_loop(socket: &std::net::UdpSocket, intake: &HeartbeatIntake, stop: &A
         let n = r as usize;
         let read_at = tokio::time::Instant::now();
         let wall_now = std::time::SystemTime::now();
-        let mut drops = None;
         let datagrams: Vec<Datagram> = (0..n)
             .map(|i| {
                 let len = (msgs[i].msg_len as usize).min(DATAGRAM_RECV_BUFFER_LEN);
@@ -175,10 +266,8 @@ fn receive_loop(socket: &std::net::UdpSocket, intake: &HeartbeatIntake, stop: &A
                 };
                 let peer = socket_addr(&names[i], msgs[i].msg_hdr.msg_namelen);
                 // SAFETY: the header's control fields are what the kernel left there.
-                let control = unsafe { read_control(&msgs[i].msg_hdr) };
-                drops = control.drops.or(drops);
-                let waited = control
-                    .stamp
+                let stamp = unsafe { receive_stamp(&msgs[i].msg_hdr) };
+                let waited = stamp
                     .and_then(|t| wall_now.duration_since(t).ok())
                     .filter(|w| *w <= MAX_BELIEVED_WAIT)
                     .unwrap_or_default();
@@ -189,14 +278,6 @@ fn receive_loop(socket: &std::net::UdpSocket, intake: &HeartbeatIntake, stop: &A
                 }
             })
             .collect();
-        if let Some(total) = drops {
-            // The kernel's count is cumulative per socket (and wraps at 2^32).
-            let new = drops_seen.map_or(total, |seen| total.wrapping_sub(seen));
-            if new > 0 {
-                intake.metrics.heartbeat_socket_drops.inc_by(u64::from(new));
-            }
-            drops_seen = Some(total);
-        }
         intake.handle_batch(
             &datagrams,
             &mut acks[..n],
@@ -246,22 +327,14 @@ fn receive_loop(socket: &std::net::UdpSocket, intake: &HeartbeatIntake, stop: &A
     }
 }
 
-/// What a datagram's control messages said.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Control {
-    /// When the kernel received it (`SCM_TIMESTAMPNS`, the wall clock).
-    stamp: Option<std::time::SystemTime>,
-    /// The socket's cumulative count of datagrams dropped on a full receive queue.
-    drops: Option<u32>,
-}
-
-/// Reads the control messages of one received datagram.
+/// When the kernel received a datagram (`SCM_TIMESTAMPNS`, the wall clock), from its
+/// control messages.
 ///
 /// # Safety
 /// `hdr.msg_control` must point at `hdr.msg_controllen` readable bytes, as the kernel
 /// left them after `recvmmsg`.
-unsafe fn read_control(hdr: &libc::msghdr) -> Control {
-    let mut out = Control::default();
+unsafe fn receive_stamp(hdr: &libc::msghdr) -> Option<std::time::SystemTime> {
+    let mut out = None;
     if hdr.msg_control.is_null() || (hdr.msg_flags & libc::MSG_CTRUNC) != 0 {
         return out;
     }
@@ -276,14 +349,11 @@ unsafe fn read_control(hdr: &libc::msghdr) -> Control {
             // SAFETY: SCM_TIMESTAMPNS carries a timespec (maybe unaligned).
             let ts = unsafe { std::ptr::read_unaligned(data.cast::<libc::timespec>()) };
             if ts.tv_sec >= 0 && (0..1_000_000_000).contains(&ts.tv_nsec) {
-                out.stamp = Some(
+                out = Some(
                     std::time::UNIX_EPOCH
                         + std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32),
                 );
             }
-        } else if level == libc::SOL_SOCKET && kind == libc::SO_RXQ_OVFL {
-            // SAFETY: SO_RXQ_OVFL carries a u32.
-            out.drops = Some(unsafe { std::ptr::read_unaligned(data.cast::<u32>()) });
         }
         // SAFETY: as above.
         c = unsafe { libc::CMSG_NXTHDR(hdr, c) };
@@ -360,6 +430,39 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::disallowed_methods, reason = "a plain test thread, no runtime")]
+    fn the_backlog_sees_kernel_drops_and_how_long_datagrams_wait_unread() {
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let small: libc::c_int = 1;
+        // SAFETY: setsockopt reads a c_int from a live local (the kernel's minimum wins).
+        unsafe {
+            libc::setsockopt(
+                server.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&small as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        let backlog = SocketBacklog::default();
+        let _last_read = backlog.watch(&server).unwrap();
+        assert_eq!(backlog.sample(), Backlog::default(), "nothing yet");
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..500 {
+            client
+                .send_to(&[0u8; 200], server.local_addr().unwrap())
+                .unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        let b = backlog.sample();
+        assert!(b.dropped > 0, "{b:?}");
+        assert!(
+            b.unread_for >= std::time::Duration::from_millis(50),
+            "{b:?}"
+        );
+    }
+
+    #[test]
     fn peer_addresses_are_read_back_from_the_kernel_structures() {
         for addr in [
             "10.1.2.3:7410".parse::<SocketAddr>().unwrap(),
@@ -381,7 +484,8 @@ mod tests {
         let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let to = server.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let thread = spawn_heartbeat_thread(server, i, stop.clone()).unwrap();
+        let backlog = SocketBacklog::default();
+        let thread = spawn_heartbeat_thread(server, i, &backlog, stop.clone()).unwrap();
         let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         client
             .set_read_timeout(Some(std::time::Duration::from_secs(5)))
