@@ -48,7 +48,7 @@ pub struct Metrics {
     // The controller's own load (issue 17): how late it is, so that it never blames a
     // host for silence it caused.
     /// Heartbeat datagrams the kernel dropped because a heartbeat socket's receive
-    /// queue was full (`SO_RXQ_OVFL`): the controller did not read fast enough.
+    /// queue was full (`SO_MEMINFO`, asked at every load report): the controller did not read fast enough.
     pub heartbeat_socket_drops: Counter,
     /// The lag the engine extends every host's silence deadline by (0 when on time).
     pub controller_lag_seconds: Gauge<f64, AtomicU64>,
