@@ -509,6 +509,8 @@ pub struct PacedSenders {
 
 struct PacedShared {
     paused: Vec<AtomicBool>,
+    /// Hosts that send only every other heartbeat (one of two paths down).
+    thinned: Vec<AtomicBool>,
     last_sent_unix_ns: Vec<AtomicU64>,
     sent: AtomicU64,
     stop: AtomicBool,
@@ -523,6 +525,7 @@ impl PacedSenders {
         seq[0] = next0 - 1;
         let shared = Arc::new(PacedShared {
             paused: (0..hosts).map(|_| AtomicBool::new(false)).collect(),
+            thinned: (0..hosts).map(|_| AtomicBool::new(false)).collect(),
             last_sent_unix_ns: (0..hosts).map(|_| AtomicU64::new(0)).collect(),
             sent: AtomicU64::new(0),
             stop: AtomicBool::new(false),
@@ -543,6 +546,11 @@ impl PacedSenders {
 
     pub fn resume(&self, host: usize) {
         self.shared.paused[host].store(false, Ordering::SeqCst);
+    }
+
+    /// `on`: the host sends only every other heartbeat (one of its two paths is down).
+    pub fn thin(&self, host: usize, on: bool) {
+        self.shared.thinned[host].store(on, Ordering::SeqCst);
     }
 
     pub fn last_sent_unix_ns(&self, host: usize) -> u64 {
@@ -586,6 +594,9 @@ fn paced_loop(
         let mut sent_hosts = Vec::new();
         for i in (slot..hosts).step_by(slots) {
             if sh.paused[i].load(Ordering::SeqCst) {
+                continue;
+            }
+            if sh.thinned[i].load(Ordering::Relaxed) && (tick / slots as u64) % 2 == 1 {
                 continue;
             }
             seq[i] += 1;

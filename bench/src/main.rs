@@ -15,6 +15,7 @@ mod real_guest_kill;
 mod report;
 mod restart_in_place;
 mod router_move;
+mod soak;
 mod suspect_latency;
 mod watchdog_cost;
 mod watchdog_restart;
@@ -53,6 +54,22 @@ enum Scenario {
         hosts: usize,
         #[arg(long, default_value_t = 100)]
         samples: usize,
+    },
+    /// A long run with many simulated hosts (two heartbeats per interval each): the
+    /// controller's CPU, engine CPU, memory and lag per second, and every false Suspect;
+    /// `--churn`: hosts join, leave, restart and lose a path meanwhile.
+    Soak {
+        #[arg(long, default_value_t = 10_000)]
+        hosts: usize,
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        /// Overrides --minutes (short runs).
+        #[arg(long)]
+        seconds: Option<u64>,
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+        #[arg(long)]
+        churn: bool,
     },
     /// The controller starved of CPU (a cgroup quota) and flooded, with healthy hosts:
     /// false Suspects with and without its own-lag allowance.
@@ -223,6 +240,18 @@ fn main() -> anyhow::Result<()> {
             interval_ms,
             no_gso,
         } => heartbeat_intake::run(hosts, seconds, senders, pool_rate, interval_ms, !no_gso)?,
+        Scenario::Soak {
+            hosts,
+            minutes,
+            seconds,
+            interval_ms,
+            churn,
+        } => soak::run(&soak::Soak {
+            hosts,
+            seconds: seconds.unwrap_or(minutes * 60),
+            interval_ms,
+            churn,
+        })?,
         Scenario::Overload {
             hosts,
             seconds,

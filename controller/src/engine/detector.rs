@@ -16,7 +16,7 @@
 //! quiet. A host the detector has never heard from is judged from the time it was
 //! registered (a grace period: a restarted controller does not suspect everyone).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -121,14 +121,35 @@ impl PathState {
 #[derive(Clone, Debug)]
 struct HostState {
     registered: Timestamp,
-    paths: BTreeMap<PathId, PathState>,
+    /// By path, in path order (a host has one to a few paths: a vector beats a map).
+    paths: Vec<(PathId, PathState)>,
 }
 
-/// The detector's memory: per host, per path, the last receive time.
+impl HostState {
+    fn new(registered: Timestamp) -> Self {
+        HostState {
+            registered,
+            paths: Vec::new(),
+        }
+    }
+
+    fn last_seen(&self) -> Option<Timestamp> {
+        self.paths.iter().map(|(_, p)| p.last_seen).max()
+    }
+
+    fn silent_since(&self) -> Timestamp {
+        self.last_seen()
+            .unwrap_or(self.registered)
+            .max(self.registered)
+    }
+}
+
+/// The detector's memory: per host, per path, the last receive time. Looked up by host
+/// only (never iterated), so a hash map: the engine asks it once per heartbeat.
 #[derive(Clone, Debug)]
 pub struct Detector {
     cfg: DetectorConfig,
-    hosts: BTreeMap<HostId, HostState>,
+    hosts: HashMap<HostId, HostState>,
 }
 
 impl Detector {
@@ -136,7 +157,7 @@ impl Detector {
     pub fn new(cfg: DetectorConfig) -> Self {
         Detector {
             cfg,
-            hosts: BTreeMap::new(),
+            hosts: HashMap::new(),
         }
     }
 
@@ -148,26 +169,14 @@ impl Detector {
     /// Starts watching a host without a heartbeat yet; silence counts from `now`.
     pub fn register(&mut self, host: &HostId, now: Timestamp) {
         if !self.hosts.contains_key(host) {
-            self.hosts.insert(
-                host.clone(),
-                HostState {
-                    registered: now,
-                    paths: BTreeMap::new(),
-                },
-            );
+            self.hosts.insert(host.clone(), HostState::new(now));
         }
     }
 
     /// Restarts the grace period of a host (after maintenance, unfence, controller
     /// restart): silence counts from `now` until the next heartbeat.
     pub fn reset(&mut self, host: &HostId, now: Timestamp) {
-        self.hosts.insert(
-            host.clone(),
-            HostState {
-                registered: now,
-                paths: BTreeMap::new(),
-            },
-        );
+        self.hosts.insert(host.clone(), HostState::new(now));
     }
 
     /// A heartbeat from `host` over `path` was received at `at`, before the host was
@@ -180,18 +189,23 @@ impl Detector {
         self.heartbeat(host, path, at);
     }
 
-    /// A heartbeat from `host` over `path` was received at `now`.
-    pub fn heartbeat(&mut self, host: &HostId, path: PathId, now: Timestamp) {
+    /// A heartbeat from `host` over `path` was received at `now`. Returns the host's
+    /// deadline under the fixed rule (see [`Detector::deadline`]).
+    pub fn heartbeat(&mut self, host: &HostId, path: PathId, now: Timestamp) -> Option<Timestamp> {
         let window = match self.cfg.kind {
             DetectorKind::PhiAccrual { window, .. } => window.max(1),
             DetectorKind::Fixed { .. } => 0,
         };
-        let h = self.hosts.entry(host.clone()).or_insert_with(|| HostState {
-            registered: now,
-            paths: BTreeMap::new(),
-        });
-        match h.paths.get_mut(&path) {
-            Some(p) => {
+        // No key clone for a known host (the common case, many times a second).
+        let h = match self.hosts.get_mut(host) {
+            Some(h) => h,
+            None => self
+                .hosts
+                .entry(host.clone())
+                .or_insert_with(|| HostState::new(now)),
+        };
+        match h.paths.iter_mut().find(|(p, _)| *p == path) {
+            Some((_, p)) => {
                 if now > p.last_seen {
                     if window > 0 {
                         p.push(now.since(p.last_seen).as_millis() as f64, window);
@@ -200,39 +214,31 @@ impl Detector {
                 }
             }
             None => {
-                h.paths.insert(
+                h.paths.push((
                     path,
                     PathState {
                         last_seen: now,
                         ..PathState::default()
                     },
-                );
+                ));
+                h.paths.sort_by_key(|(p, _)| *p);
             }
+        }
+        match self.cfg.kind {
+            DetectorKind::Fixed { .. } => Some(h.silent_since() + self.cfg.suspect_after()),
+            DetectorKind::PhiAccrual { .. } => None,
         }
     }
 
     /// The last heartbeat on any path.
     pub fn last_seen(&self, host: &HostId) -> Option<Timestamp> {
-        self.hosts
-            .get(host)?
-            .paths
-            .values()
-            .map(|p| p.last_seen)
-            .max()
+        self.hosts.get(host)?.last_seen()
     }
 
     /// Since when the host is silent: its last heartbeat on any path, or its
     /// (re)registration if later. `None` for a host the detector does not know.
     pub fn silent_since(&self, host: &HostId) -> Option<Timestamp> {
-        let h = self.hosts.get(host)?;
-        Some(
-            h.paths
-                .values()
-                .map(|p| p.last_seen)
-                .max()
-                .unwrap_or(h.registered)
-                .max(h.registered),
-        )
+        Some(self.hosts.get(host)?.silent_since())
     }
 
     /// When the fixed rule turns the host suspect if nothing more is heard (`None`
@@ -273,7 +279,7 @@ impl Detector {
         };
         let interval = self.cfg.interval.as_millis() as f64;
         let mut best: Option<f64> = None;
-        for p in h.paths.values() {
+        for (_, p) in &h.paths {
             let n = p.intervals_ms.len();
             let (mean, std) = if n < 3 {
                 (interval, min_std.as_millis() as f64)
@@ -304,7 +310,7 @@ impl Detector {
                 let few = self
                     .hosts
                     .get(host)
-                    .is_none_or(|h| h.paths.values().all(|p| p.intervals_ms.len() < 3));
+                    .is_none_or(|h| h.paths.iter().all(|(_, p)| p.intervals_ms.len() < 3));
                 if few {
                     silence >= self.cfg.suspect_after()
                 } else {

@@ -5,6 +5,8 @@ use super::*;
 #[derive(Clone, Debug)]
 pub(super) struct HostEntry {
     pub(super) state: HostState,
+    /// Heard since it was (re)registered with the detector (its last reset).
+    pub(super) heard: bool,
     /// The deadline the host is queued at in the engine's deadline heap (deadlines.rs);
     /// an entry at another time is a stale one.
     pub(super) queued: Option<Timestamp>,
@@ -97,6 +99,7 @@ impl HostEntry {
             clock: None,
             undated: BTreeSet::new(),
             queued: None,
+            heard: false,
         }
     }
 

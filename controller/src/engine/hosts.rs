@@ -10,28 +10,37 @@ impl Engine {
         // Dated by its arrival: a heartbeat that waited in the controller's queues was
         // heard when it arrived, not when the engine got to it.
         let now = hb.received.map_or(self.now, |r| r.min(self.now));
-        let host = hb.host.clone();
-        self.ensure_host(&host);
-        self.detector.heartbeat(&host, hb.path, now);
-        self.queue_deadline(&host);
-        let (state, fenced_at, old_boot) = {
-            let h = self.hosts.get_mut(&host).expect("ensured");
-            h.self_fence = hb.self_fence;
-            let old = h.boot_id.replace(hb.boot_id);
-            h.watchdog = Some((hb.boot_id, hb.incarnation));
-            // Heartbeats may arrive out of order over two paths: the clock only goes
-            // forward, unless the host rebooted (a new clock for a new boot).
-            let read = match h.clock {
-                Some(c) if old == Some(hb.boot_id) => c.at(now).max(hb.at),
-                _ => hb.at,
-            };
-            h.clock = Some(HostClock {
-                read,
-                heard_at: now,
-            });
-            (h.state, h.fenced_at, old)
+        // Many times a second per host: one lookup of the host here, one in the detector,
+        // no key cloned unless its deadline is queued again.
+        let Some(h) = self.hosts.get_mut(&hb.host) else {
+            self.ensure_host(&hb.host);
+            return self.on_heartbeat(hb);
         };
-        self.date_restores(&host, hb.at);
+        if let Some(at) = self.detector.heartbeat(&hb.host, hb.path, now) {
+            if h.queued.is_none_or(|q| q > at) {
+                h.queued = Some(at);
+                self.deadlines.push(at, hb.host.clone());
+            }
+        }
+        h.heard = true;
+        h.self_fence = hb.self_fence;
+        let old_boot = h.boot_id.replace(hb.boot_id);
+        h.watchdog = Some((hb.boot_id, hb.incarnation));
+        // Heartbeats may arrive out of order over two paths: the clock only goes
+        // forward, unless the host rebooted (a new clock for a new boot).
+        let read = match h.clock {
+            Some(c) if old_boot == Some(hb.boot_id) => c.at(now).max(hb.at),
+            _ => hb.at,
+        };
+        h.clock = Some(HostClock {
+            read,
+            heard_at: now,
+        });
+        let (state, fenced_at, undated) = (h.state, h.fenced_at, !h.undated.is_empty());
+        let host = hb.host;
+        if undated {
+            self.date_restores(&host, hb.at);
+        }
         if old_boot.is_some_and(|b| b != hb.boot_id) {
             if let Some(inc) = self.hosts[&host].incident {
                 self.note(
@@ -120,6 +129,15 @@ impl Engine {
             .is_some_and(|h| h.state.fenced() && h.heard_since_fence && !self.silent(host))
     }
 
+    /// Restarts the host's grace period (after maintenance, unfence, a restart): its
+    /// silence counts from `now` until it is heard again.
+    pub(super) fn reset_silence(&mut self, host: &HostId, now: Timestamp) {
+        self.detector.reset(host, now);
+        if let Some(h) = self.hosts.get_mut(host) {
+            h.heard = false;
+        }
+    }
+
     /// Queues the host's silence deadline unless it is queued at that time or earlier
     /// (deadlines.rs): a later deadline is found when the earlier entry falls due, an
     /// earlier one (silence dated back, at a takeover) is queued at once.
@@ -193,17 +211,35 @@ impl Engine {
             return;
         }
         self.arm_tick();
-        // The detector is asked once per host and periodic tick.
-        let seen: Vec<(HostId, Liveness, Duration)> = self
-            .hosts
-            .keys()
-            .map(|h| {
-                let (live, silence) = self.judge(h);
-                (h.clone(), live, silence)
-            })
-            .collect();
-        self.evaluate_gate(&seen);
-        for (host, live, silence) in &seen {
+        // Every host, every periodic tick: an Up host whose deadline is queued later than
+        // now is alive by construction (its deadline falls due in the heap above), so it
+        // costs no judgement here; the others (and every host under phi accrual, which
+        // has no deadline) are judged, and the gate counts them all.
+        let mut judged: Vec<(HostId, Liveness, Duration)> = Vec::new();
+        let (mut n, mut silent) = (0usize, 0usize);
+        for (host, h) in &self.hosts {
+            let counted = !matches!(h.state, HostState::Maintenance | HostState::Recovered);
+            if h.state == HostState::Up && h.queued.is_some_and(|q| q > now) {
+                // Alive; it counts once it was heard since it was (re)registered.
+                if counted && h.heard {
+                    n += 1;
+                }
+                continue;
+            }
+            let (live, silence) = self.judge(host);
+            // A host not heard since it was (re)registered — back from maintenance, or
+            // just known — is not yet silent, but it is no proof that the controller
+            // hears anyone either: it does not count until it is heard or turns Suspect.
+            if counted && (live == Liveness::Suspect || self.detector.last_seen(host).is_some()) {
+                n += 1;
+                if live == Liveness::Suspect {
+                    silent += 1;
+                }
+            }
+            judged.push((host.clone(), live, silence));
+        }
+        self.evaluate_gate(n, silent);
+        for (host, live, silence) in &judged {
             self.evaluate_host(host, *live, *silence);
         }
         self.chase_unanswered();
@@ -243,27 +279,9 @@ impl Engine {
         }
     }
 
-    pub(super) fn evaluate_gate(&mut self, seen: &[(HostId, Liveness, Duration)]) {
-        let mut n = 0usize;
-        let mut silent = 0usize;
-        for (h, live, _) in seen {
-            if matches!(
-                self.hosts[h].state,
-                HostState::Maintenance | HostState::Recovered
-            ) {
-                continue;
-            }
-            // A host not heard since it was (re)registered — back from maintenance, or
-            // just known — is not yet silent, but it is no proof that the controller
-            // hears anyone either: it does not count until it is heard or turns Suspect.
-            if *live != Liveness::Suspect && self.detector.last_seen(h).is_none() {
-                continue;
-            }
-            n += 1;
-            if *live == Liveness::Suspect {
-                silent += 1;
-            }
-        }
+    /// The safety gate from the counts of a periodic tick: `n` hosts that count (heard,
+    /// not in maintenance nor recovered), `silent` of them Suspect.
+    pub(super) fn evaluate_gate(&mut self, n: usize, silent: usize) {
         let isolated = n > 0 && silent == n;
         let mass = n > 0 && (silent as f64) > self.cfg.max_dead_share * n as f64;
         if isolated && !self.gate.isolated {

@@ -39,6 +39,9 @@ impl Engine {
         for (host, path, at) in heard {
             self.ensure_host(host);
             self.detector.heard_before(host, *path, (*at).min(self.now));
+            if let Some(h) = self.hosts.get_mut(host) {
+                h.heard = true;
+            }
             self.queue_deadline(host);
         }
     }
@@ -104,7 +107,7 @@ impl Engine {
         let now = e.now;
         let hosts: Vec<HostId> = e.hosts.keys().cloned().collect();
         for h in &hosts {
-            e.detector.reset(h, now);
+            e.reset_silence(h, now);
         }
         for entry in &entries {
             if entry.done.is_none() {
@@ -395,7 +398,7 @@ impl Engine {
                             Source::Operator,
                         );
                     }
-                    self.detector.reset(host, now);
+                    self.reset_silence(host, now);
                     self.queue_deadline(host);
                 }
             }
@@ -449,7 +452,7 @@ impl Engine {
                 }
                 h.last_incident = None;
                 h.fenced_at = None;
-                self.detector.reset(host, now);
+                self.reset_silence(host, now);
                 self.queue_deadline(host);
             }
         }

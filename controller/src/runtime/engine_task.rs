@@ -20,7 +20,7 @@
 //! period for every host. Rebuilding the engine in place instead would pair a resumed
 //! engine with edges that remember the old one, a combination nothing else exercises;
 //! a restart is the path every controller restart already takes.
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,6 +50,8 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 /// How often the engine is told the controller's own load (at most: the report rides
 /// on the engine's timer).
 const LOAD_EVERY: Duration = Duration::from_millis(50);
+/// Intake messages taken per turn of the task's loop (each up to 64 heartbeats).
+const INTAKE_BURST: usize = 16;
 /// How often a task that stopped acting tries a store write, to learn that the store
 /// works again (then the controller restarts and resumes from it).
 pub const STORE_PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -67,7 +69,8 @@ pub struct Edges {
 /// What the engine task knows about a host beyond the engine's own view.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct HostInfo {
-    paths: BTreeMap<u8, (Option<SocketAddr>, Timestamp)>,
+    /// By path index, in order (a host has one to a few paths).
+    paths: Vec<(u8, (Option<SocketAddr>, Timestamp))>,
     status: protocol::HostStatus,
     boot_id: Option<protocol::BootId>,
     incarnation: Option<u64>,
@@ -76,7 +79,13 @@ pub(crate) struct HostInfo {
 impl HostInfo {
     /// A heartbeat heard at `now`.
     pub(crate) fn heard(&mut self, hb: &HeartbeatSeen, now: Timestamp) {
-        self.paths.insert(hb.path, (Some(hb.peer), now));
+        match self.paths.iter_mut().find(|(p, _)| *p == hb.path) {
+            Some((_, heard)) => *heard = (Some(hb.peer), now),
+            None => {
+                self.paths.push((hb.path, (Some(hb.peer), now)));
+                self.paths.sort_by_key(|(p, _)| *p);
+            }
+        }
         self.status = hb.status;
         self.boot_id = Some(hb.boot_id);
         self.incarnation = Some(hb.incarnation);
@@ -133,7 +142,8 @@ pub struct EngineTask {
     metrics: Arc<Metrics>,
     controller_id: String,
     cluster_id: String,
-    hosts: BTreeMap<String, HostInfo>,
+    /// Per host, what its heartbeats said: looked up once per heartbeat, so hashed.
+    hosts: HashMap<String, HostInfo>,
     alarms: VecDeque<AlarmSnapshot>,
     next_tick: Option<Timestamp>,
     /// Set once a store write failed: the task acts on nothing from then on.
@@ -243,7 +253,7 @@ impl EngineTask {
             metrics: parts.metrics,
             controller_id: parts.controller_id,
             cluster_id: parts.cluster_id,
-            hosts: BTreeMap::new(),
+            hosts: HashMap::new(),
             alarms: VecDeque::new(),
             next_tick: None,
             stopped: None,
@@ -306,8 +316,7 @@ impl EngineTask {
         // Snapshots are rebuilt on a timer, not per input: a rebuild costs O(hosts +
         // incidents), and with thousands of hosts heartbeating a rebuild per input would
         // starve the engine (and make healthy hosts look silent).
-        let mut publish_tick = tokio::time::interval(PUBLISH_EVERY);
-        publish_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_publish = tokio::time::Instant::now() + PUBLISH_EVERY;
         let mut sd_watchdog = super::systemd::WatchdogPinger::from_env();
         tokio::pin!(shutdown);
         loop {
@@ -334,7 +343,16 @@ impl EngineTask {
                         break;
                     }
                 }
-                _ = publish_tick.tick() => self.publish(),
+                _ = tokio::time::sleep_until(next_publish) => {
+                    let started = thread_cpu();
+                    self.publish();
+                    let took = thread_cpu().saturating_sub(started);
+                    self.metrics.engine_busy_seconds.inc_by(took.as_secs_f64());
+                    // At most a twentieth of the task's time goes to snapshots: with tens
+                    // of thousands of hosts a rebuild takes milliseconds, and the API may
+                    // then lag a little behind rather than the engine behind the hosts.
+                    next_publish = tokio::time::Instant::now() + PUBLISH_EVERY.max(took * 20);
+                }
                 _ = sd_watchdog.due() => sd_watchdog.ping(),
                 _ = &mut shutdown => break,
             }
@@ -422,7 +440,7 @@ impl EngineTask {
         let queued = self.intake.len();
         for _ in 0..queued {
             match self.intake.try_recv() {
-                Ok(msg) => self.on_intake(msg),
+                Ok(msg) => self.take_intake(msg),
                 Err(_) => break,
             }
         }
@@ -471,9 +489,17 @@ impl EngineTask {
             .get()
     }
 
+    /// One message from the intake, and up to [`INTAKE_BURST`] more already queued: the
+    /// task's loop (its timers, its other channels) runs once per burst, not per batch.
     fn on_intake(&mut self, msg: Intake) {
         let started = thread_cpu();
         self.take_intake(msg);
+        for _ in 1..INTAKE_BURST {
+            match self.intake.try_recv() {
+                Ok(msg) => self.take_intake(msg),
+                Err(_) => break,
+            }
+        }
         self.metrics
             .engine_busy_seconds
             .inc_by(thread_cpu().saturating_sub(started).as_secs_f64());
@@ -822,7 +848,7 @@ impl EngineTask {
 pub(crate) fn snapshot_of(
     engine: &Engine,
     hosts: &[crate::engine::HostView],
-    infos: &BTreeMap<String, HostInfo>,
+    infos: &HashMap<String, HostInfo>,
     alarms: Vec<AlarmSnapshot>,
     (controller_id, cluster_id): (&str, &str),
     now: Timestamp,

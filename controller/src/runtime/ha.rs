@@ -25,7 +25,7 @@
 //! task of the term is dropped, so nothing it started goes on acting. What it sent
 //! before is in the intents, and the next leader resumes those like a restarted
 //! controller does.
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -191,7 +191,7 @@ struct TermContext {
 /// What the controller knows while it follows.
 struct Follower {
     /// Per host: its heartbeats' paths and status, as heard (engine-clock times).
-    hosts: BTreeMap<String, HostInfo>,
+    hosts: HashMap<String, HostInfo>,
     /// Read-only store, for the picture of the leader's decisions (away while a read
     /// runs: the read owns it).
     store: Option<EtcdStore>,
@@ -294,7 +294,7 @@ pub async fn run(
     let clock = crate::clock::EngineClock::start();
     let mut follower = Follower {
         enrollment,
-        hosts: BTreeMap::new(),
+        hosts: HashMap::new(),
         store: None,
         settings: etcd.clone(),
         reading: None,
@@ -503,10 +503,7 @@ async fn sleep_until_opt(at: Option<Instant>) {
 }
 
 /// For each host and path: how long ago it was last heard.
-fn heard_ago(
-    hosts: &BTreeMap<String, HostInfo>,
-    now: Timestamp,
-) -> Vec<(HostId, PathId, Duration)> {
+fn heard_ago(hosts: &HashMap<String, HostInfo>, now: Timestamp) -> Vec<(HostId, PathId, Duration)> {
     hosts
         .iter()
         .flat_map(|(h, info)| {
