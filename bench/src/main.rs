@@ -54,6 +54,8 @@ enum Scenario {
         hosts: usize,
         #[arg(long, default_value_t = 100)]
         samples: usize,
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
     },
     /// A long run with many simulated hosts (two heartbeats per interval each): the
     /// controller's CPU, engine CPU, memory and lag per second, and every false Suspect;
@@ -231,7 +233,11 @@ fn main() -> anyhow::Result<()> {
             episodes,
             threshold_ms,
         } => stall_latency(episodes, threshold_ms)?,
-        Scenario::SuspectLatency { hosts, samples } => suspect_latency::run(hosts, samples)?,
+        Scenario::SuspectLatency {
+            hosts,
+            samples,
+            interval_ms,
+        } => suspect_latency::run(hosts, samples, interval_ms)?,
         Scenario::HeartbeatIntake {
             hosts,
             seconds,

@@ -8,8 +8,6 @@ use anyhow::Context as _;
 use crate::controller::{host_id, unix_ns, ControllerProcess, Enrolled, PacedSenders};
 use crate::report::{self, Series};
 
-const INTERVAL: Duration = Duration::from_millis(100);
-
 fn host_state(c: &ControllerProcess, host: &str) -> anyhow::Result<(String, Option<u64>)> {
     // The host's fields are flattened into the response.
     let v = c.get_json(&format!("/v1/hosts/{host}"))?;
@@ -40,13 +38,18 @@ fn wait_state(
     }
 }
 
-pub fn run(hosts: usize, samples: usize) -> anyhow::Result<String> {
+pub fn run(hosts: usize, samples: usize, interval_ms: u64) -> anyhow::Result<String> {
+    let interval = Duration::from_millis(interval_ms);
     anyhow::ensure!(
         hosts >= 3,
         "use at least 3 hosts (one silent host must stay a minority)"
     );
-    let c = ControllerProcess::start(None, Enrolled::Simulated(hosts), "")?;
-    let senders = PacedSenders::start(c.heartbeat, hosts, INTERVAL)?;
+    let c = ControllerProcess::start(
+        None,
+        Enrolled::Simulated(hosts),
+        &format!("[detector]\nheartbeat_interval_ms = {interval_ms}\n"),
+    )?;
+    let senders = PacedSenders::start(c.heartbeat, hosts, interval)?;
     for i in 0..hosts {
         wait_state(&c, &host_id(i), |s| s == "Up", Duration::from_secs(10))?;
     }
@@ -56,7 +59,7 @@ pub fn run(hosts: usize, samples: usize) -> anyhow::Result<String> {
         let i = k % hosts;
         let host = host_id(i);
         // Vary the phase of the stop against the heartbeat and engine-tick cadence.
-        std::thread::sleep(Duration::from_millis(150 + (k as u64 * 37) % 100));
+        std::thread::sleep(interval * 3 / 2 + interval * ((k as u32 * 37) % 100) / 100);
         let stop_ns = unix_ns();
         senders.pause(i);
         let (_, incident, seen_ns) = wait_state(
@@ -98,19 +101,28 @@ pub fn run(hosts: usize, samples: usize) -> anyhow::Result<String> {
         },
     ];
     drop(senders);
+    let name = if interval_ms == 100 {
+        "suspect-latency".to_string()
+    } else {
+        format!("suspect-latency-{interval_ms}ms")
+    };
     report::write(
         &report::results_dir(),
-        "suspect-latency",
-        &format!("cargo xtask bench suspect-latency --hosts {hosts} --samples {samples}"),
+        &name,
         &format!(
-            "defib-controller (release binary, default detector: 100 ms interval, 3 missed → \
-             Suspect, 50 ms engine tick) on loopback; {hosts} simulated watchdogs in the bench \
-             (enrolled, each signing with its own key and echoing the controller's session) \
-             send heartbeats every 100 ms, spread over the interval. Per sample one host \
-             stops; the Up → Suspect timestamp is the controller's timeline entry (its clock, \
-             unix ms, so ±1 ms), compared with the bench's wall clock at the host's last sent \
-             heartbeat and at the stop. The host then resumes and is Up again before the next \
-             sample. Target: p99 ≤ 350 ms."
+            "cargo xtask bench suspect-latency --hosts {hosts} --samples {samples} --interval-ms {interval_ms}"
+        ),
+        &format!(
+            "defib-controller (release binary, detector: {interval_ms} ms interval, 3 missed → \
+             Suspect, each host's deadline falling due on its own timer) on loopback; {hosts} \
+             simulated watchdogs in the bench (enrolled, each signing with its own key and \
+             echoing the controller's session) send heartbeats every {interval_ms} ms, spread \
+             over the interval. Per sample one host stops; the Up → Suspect timestamp is the \
+             controller's timeline entry (its clock, unix ms, so ±1 ms), compared with the \
+             bench's wall clock at the host's last sent heartbeat and at the stop. The host \
+             then resumes and is Up again before the next sample. Target: p99 of the first \
+             series ≤ 3 × {interval_ms} + 15 = {} ms.",
+            3 * interval_ms + 15
         ),
         &series,
     )

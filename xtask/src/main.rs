@@ -87,7 +87,8 @@ enum Task {
         seconds: u64,
     },
     /// Setup, then run a benchmark scenario (see bench/ and BENCHMARKS.md): exit-latency,
-    /// stall-latency, real-guest-kill, suspect-latency, heartbeat-intake, host-memory,
+    /// stall-latency, real-guest-kill, suspect-latency, heartbeat-intake, soak, overload
+    /// (root: a cgroup CPU quota), host-memory,
     /// fence-latency, nova-evacuate (needs the novabed: `cargo xtask novabed start`),
     /// watchdog-restart, restart-in-place, watchdog-cost (need the hostbed), host-loss.
     Bench {
