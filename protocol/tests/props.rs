@@ -64,7 +64,8 @@ fn heartbeat_from(p: &Parts) -> Heartbeat<'_> {
         sent_unix_ns: n.2,
         sent_mono_ns: n.3,
         path_index: *path,
-        session: 0,
+        session: n.0 ^ n.1,
+        ack_period_ms: c.0 ^ c.1,
         status: HostStatus {
             vm_count: c.0,
             stalled_vm_count: c.1,
