@@ -43,9 +43,14 @@ pub fn host_id(i: usize) -> String {
     format!("bench-h{i:05}")
 }
 
+/// The ack period simulated hosts ask for: what a watchdog with the default settings
+/// asks (an eighth of its 3 s isolation timeout).
+pub const ACK_PERIOD_MS: u32 = 375;
+
 /// A heartbeat of simulated host `i` (path 0), signed with `key` (the host's own,
-/// [`host_key`]) and echoing the controller's `session` ([`learn_session`]; 0 before it is
-/// known: such a heartbeat is acked but proves nothing).
+/// [`host_key`]), echoing the controller's `session` ([`learn_session`]; 0 before it is
+/// known: such a heartbeat is acked but proves nothing) and asking for an ack every
+/// [`ACK_PERIOD_MS`].
 pub fn encode(key: &Key, host: &str, i: usize, sequence: u64, session: u64, out: &mut Vec<u8>) {
     let mut boot = [0u8; 16];
     boot[..8].copy_from_slice(&(i as u64 + 1).to_be_bytes());
@@ -59,6 +64,7 @@ pub fn encode(key: &Key, host: &str, i: usize, sequence: u64, session: u64, out:
         sent_mono_ns: crate::monotonic_ns(),
         path_index: 0,
         session,
+        ack_period_ms: ACK_PERIOD_MS,
         status: HostStatus::default(),
     }
     .encode_into(key, out)

@@ -109,6 +109,7 @@ fn heartbeat_of(host: &str, seq: u64, session: u64, key: &Key) -> Vec<u8> {
             sent_mono_ns: seq * 100_000_000,
             path_index: 0,
             session,
+            ack_period_ms: 0,
             status: HostStatus::default(),
         },
         key,
@@ -211,6 +212,12 @@ async fn only_enrolled_hosts_speak_each_for_itself_and_only_a_heartbeat_echoing_
     assert!(!ack.counts, "an unproven heartbeat's ack must not count");
     let session = ack.session;
     assert_ne!(session, 0);
+    // Acks are paced (protocol::ack, "Pacing"): the counting ack comes at once, but never
+    // within the floor of the last ack on the path, as no real watchdog sends faster.
+    tokio::time::sleep(Duration::from_millis(
+        u64::from(protocol::ACK_PERIOD_FLOOR_MS) * 2,
+    ))
+    .await;
     sock.send_to(&heartbeat_of("h1", 4, session, &k1), to)
         .await
         .unwrap();
@@ -426,7 +433,12 @@ async fn a_host_enrolled_through_the_api_is_heard_with_the_key_it_was_given_unti
         acked(&sock, &mut buf).await,
         "enrolled: heard with the key it was given"
     );
-    // The key given is the one derived from the master key.
+    // The key given is the one derived from the master key. (Past the ack floor: this
+    // heartbeat asks for an ack every time, and the floor is all that paces it.)
+    tokio::time::sleep(Duration::from_millis(
+        u64::from(protocol::ACK_PERIOD_FLOOR_MS) * 2,
+    ))
+    .await;
     sock.send_to(&heartbeat_of("h5", 3, 0, &derived), to)
         .await
         .unwrap();
