@@ -175,6 +175,45 @@ async fn heartbeats_are_acked_and_forged_or_replayed_ones_are_counted_and_droppe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_of_the_previous_version_is_answered_with_a_refusal_and_counted_as_old_version()
+{
+    let c = start_controller().await;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let to = c.bound.heartbeat[0];
+    let mut buf = [0u8; protocol::DATAGRAM_RECV_BUFFER_LEN];
+    // What a version 3 watchdog of h1 sends: its preamble says 3 (the rest does not
+    // matter: nothing behind the version is read).
+    let mut old = heartbeat(1, &host_key("h1"));
+    old[4] = 3;
+    for _ in 0..3 {
+        sock.send_to(&old, to).await.unwrap();
+    }
+    let n = tokio::time::timeout(Duration::from_secs(5), sock.recv(&mut buf))
+        .await
+        .expect("a refusal, not silence")
+        .unwrap();
+    assert!(n < old.len(), "smaller than what it answers");
+    let refusal = protocol::decode_refusal(&buf[..n]).expect("a refusal");
+    assert_eq!(refusal.refused_version, 3);
+    assert_eq!(refusal.accepted_versions, [protocol::HEARTBEAT_VERSION]);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sock.recv(&mut buf))
+            .await
+            .is_err(),
+        "one refusal per second per source"
+    );
+    let m = metrics(c.bound.api).await;
+    for line in [
+        "defib_heartbeats_rejected_total{reason=\"old_version\"} 3",
+        "defib_heartbeat_refusals_total 1",
+    ] {
+        assert!(m.contains(line), "{line}: {m}");
+    }
+    let _ = c.stop.send(());
+    c.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_enrolled_hosts_speak_each_for_itself_and_only_a_heartbeat_echoing_the_session_counts()
 {
     let c = start_controller().await;
