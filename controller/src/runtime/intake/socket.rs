@@ -118,7 +118,7 @@ impl SocketBacklog {
     }
 }
 
-/// Receives heartbeats on one socket and acks each accepted one back to its sender, on a
+/// Receives heartbeats on one socket and answers them (paced acks, refusals), on a
 /// dedicated OS thread ([`spawn_heartbeat_thread`]) that stops once this future is dropped.
 pub async fn serve_heartbeats(
     socket: UdpSocket,
