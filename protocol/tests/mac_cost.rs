@@ -94,3 +94,54 @@ fn what_a_datagram_mac_costs() {
         println!("  decode_heartbeat (parse + verify):       {t:6.0} ns");
     }
 }
+
+#[test]
+#[ignore = "a timing loop: run it by hand in release (see the module docs)"]
+fn what_judging_a_heartbeat_costs_among_10000_hosts() {
+    use protocol::{HeartbeatReceiver, HostKeys, MasterKey};
+    const HOSTS: usize = 10_000;
+    const ROUNDS: u64 = 50;
+    let master = MasterKey::new(b"the controller's master key, 32b").unwrap();
+    let mut keys = HostKeys::new(master.clone());
+    let ids: Vec<String> = (0..HOSTS).map(|i| format!("bench-h{i:05}")).collect();
+    for id in &ids {
+        keys.enroll(id);
+    }
+    let session = 0x5e55;
+    // Round-robin over the hosts, as the intake bench sends: every lookup a cache miss.
+    let datagrams: Vec<Vec<u8>> = (1..=ROUNDS)
+        .flat_map(|seq| {
+            ids.iter()
+                .map(move |id| (id.clone(), seq))
+                .collect::<Vec<_>>()
+        })
+        .map(|(id, seq)| {
+            let hb = Heartbeat {
+                cluster_id: "bench",
+                host_id: &id,
+                session,
+                ..heartbeat(7, seq)
+            };
+            encode_heartbeat(&hb, &master.host_key(&id)).unwrap()
+        })
+        .collect();
+    let mut rx = HeartbeatReceiver::per_host(keys, "bench", session);
+    // Warm-up: every host and path known.
+    for d in &datagrams[..HOSTS] {
+        rx.receive_paced(d, 0, true).unwrap();
+    }
+    let rest = &datagrams[HOSTS..];
+    let t = Instant::now();
+    let mut due = 0usize;
+    for (i, d) in rest.iter().enumerate() {
+        let got = rx
+            .receive_paced(black_box(d), 10 + i as u64 / 1000, true)
+            .unwrap();
+        due += usize::from(got.ack_due);
+    }
+    let ns = t.elapsed().as_nanos() as f64 / rest.len() as f64;
+    println!(
+        "receive_paced, {HOSTS} hosts round-robin: {ns:6.0} ns per heartbeat ({due} acks due of {})",
+        rest.len()
+    );
+}
