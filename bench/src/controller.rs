@@ -43,10 +43,29 @@ pub fn host_id(i: usize) -> String {
     format!("bench-h{i:05}")
 }
 
+/// The ack period simulated hosts ask for: what a watchdog with the default settings
+/// asks (an eighth of its 3 s isolation timeout).
+pub const ACK_PERIOD_MS: u32 = 375;
+
 /// A heartbeat of simulated host `i` (path 0), signed with `key` (the host's own,
-/// [`host_key`]) and echoing the controller's `session` ([`learn_session`]; 0 before it is
-/// known: such a heartbeat is acked but proves nothing).
+/// [`host_key`]), echoing the controller's `session` ([`learn_session`]; 0 before it is
+/// known: such a heartbeat is acked but proves nothing) and asking for an ack every
+/// [`ACK_PERIOD_MS`].
 pub fn encode(key: &Key, host: &str, i: usize, sequence: u64, session: u64, out: &mut Vec<u8>) {
+    encode_asking(key, host, i, sequence, session, ACK_PERIOD_MS, out);
+}
+
+/// [`encode`], asking for an ack every `ack_period_ms` (0: every heartbeat, paced only by
+/// the controller's floor) instead of [`ACK_PERIOD_MS`].
+pub fn encode_asking(
+    key: &Key,
+    host: &str,
+    i: usize,
+    sequence: u64,
+    session: u64,
+    ack_period_ms: u32,
+    out: &mut Vec<u8>,
+) {
     let mut boot = [0u8; 16];
     boot[..8].copy_from_slice(&(i as u64 + 1).to_be_bytes());
     Heartbeat {
@@ -59,6 +78,7 @@ pub fn encode(key: &Key, host: &str, i: usize, sequence: u64, session: u64, out:
         sent_mono_ns: crate::monotonic_ns(),
         path_index: 0,
         session,
+        ack_period_ms,
         status: HostStatus::default(),
     }
     .encode_into(key, out)
@@ -423,6 +443,29 @@ impl ControllerProcess {
         let rest = stat.rsplit_once(')').context("bad /proc/pid/stat")?.1;
         let f: Vec<&str> = rest.split_whitespace().collect();
         let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        Ok(ticks as f64 / hz)
+    }
+
+    /// CPU time (user + system) of the controller's threads named `comm` (as the kernel
+    /// keeps it: at most 15 bytes), seconds.
+    pub fn thread_cpu_seconds(&self, comm: &str) -> anyhow::Result<f64> {
+        let mut ticks = 0u64;
+        for task in std::fs::read_dir(format!("/proc/{}/task", self.pid()))? {
+            let dir = task?.path();
+            let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            if name.trim_end() != comm {
+                continue;
+            }
+            let stat = std::fs::read_to_string(dir.join("stat"))?;
+            let rest = stat
+                .rsplit_once(')')
+                .context("bad /proc/pid/task/tid/stat")?
+                .1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            ticks += f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+        }
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         Ok(ticks as f64 / hz)

@@ -1,8 +1,9 @@
 //! Controller heartbeat intake on one core: the release controller pinned to core 0,
-//! heartbeats of many simulated hosts (each enrolled, signed with its own key and echoing
-//! the controller's session, so every one is a proven sign of life) blasted at it from
-//! the other cores over loopback with `sendmmsg`, and the controller's own count of
-//! accepted (proven) datagrams read from /metrics once a second.
+//! heartbeats of many simulated hosts (each enrolled, signed with its own key, echoing
+//! the controller's session, so every one is a proven sign of life, and asking for an
+//! ack every 375 ms like a default watchdog) blasted at it from the other cores over
+//! loopback with `sendmmsg`, and the controller's own counts of accepted (proven)
+//! datagrams and of acks sent read from /metrics once a second.
 use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,6 +14,10 @@ use crate::report::{self, Series, Unit};
 
 const BATCH: usize = 64;
 
+/// The controller's heartbeat socket thread ("defib-heartbeats", as the kernel keeps a
+/// thread's name: 15 bytes).
+const INTAKE_THREAD: &str = "defib-heartbeat";
+
 /// Heartbeats pre-encoded for one sender thread: `rounds` rounds over its hosts, every
 /// host's sequence increasing by one per round from `first_sequence`, every heartbeat
 /// echoing `session`.
@@ -22,7 +27,13 @@ struct Pool {
     count: usize,
 }
 
-fn pre_encode(hosts: &[usize], rounds: usize, first_sequence: u64, session: u64) -> Pool {
+fn pre_encode(
+    hosts: &[usize],
+    rounds: usize,
+    first_sequence: u64,
+    session: u64,
+    ack_period_ms: u32,
+) -> Pool {
     let ids: Vec<String> = hosts.iter().map(|&i| host_id(i)).collect();
     let keys: Vec<protocol::Key> = hosts.iter().map(|&i| controller::host_key(i)).collect();
     let mut one = Vec::new();
@@ -33,7 +44,15 @@ fn pre_encode(hosts: &[usize], rounds: usize, first_sequence: u64, session: u64)
     for r in 0..rounds {
         for (k, &i) in hosts.iter().enumerate() {
             let sequence = first_sequence + r as u64;
-            controller::encode(&keys[k], &ids[k], i, sequence, session, &mut one);
+            controller::encode_asking(
+                &keys[k],
+                &ids[k],
+                i,
+                sequence,
+                session,
+                ack_period_ms,
+                &mut one,
+            );
             bytes.extend_from_slice(&one);
         }
     }
@@ -47,6 +66,7 @@ pub fn run(
     pool_rate: u64,
     interval_ms: Option<u64>,
     gso: bool,
+    ack_period_ms: u32,
 ) -> anyhow::Result<String> {
     let cores = controller::cores();
     anyhow::ensure!(
@@ -80,7 +100,7 @@ pub fn run(
         let handles: Vec<_> = (0..senders)
             .map(|t| {
                 let mine: Vec<usize> = (t..hosts).step_by(senders).collect();
-                s.spawn(move || pre_encode(&mine, rounds, first_sequence, session))
+                s.spawn(move || pre_encode(&mine, rounds, first_sequence, session, ack_period_ms))
             })
             .collect();
         handles
@@ -128,7 +148,7 @@ pub fn run(
         }));
     }
 
-    let read = |c: &ControllerProcess| -> anyhow::Result<(u64, u64, u64, u64)> {
+    let read = |c: &ControllerProcess| -> anyhow::Result<(u64, u64, u64, u64, u64)> {
         let m = c.metrics()?;
         Ok((
             metric_sum(&m, "defib_heartbeats_accepted_total"),
@@ -138,41 +158,55 @@ pub fn run(
                 "defib_heartbeats_rejected_total{reason=\"engine_busy\"}",
             ),
             c.socket_drops()?,
+            metric_sum(&m, "defib_heartbeat_acks_total"),
         ))
     };
     let total_sent = || sent.iter().map(|s| s.load(Ordering::Relaxed)).sum::<u64>();
 
     std::thread::sleep(Duration::from_secs(warmup));
-    let (acc0, rej0, busy0, drop0) = read(&c)?;
+    let (acc0, rej0, busy0, drop0, acks0) = read(&c)?;
     let sent0 = total_sent();
     let t0 = crate::monotonic_ns();
     let cpu0 = c.cpu_seconds()?;
+    let intake_cpu0 = c.thread_cpu_seconds(INTAKE_THREAD)?;
     let mut rates = Vec::new();
     let mut sent_rates = Vec::new();
     let mut per_cpu = Vec::new();
-    let (mut prev_acc, mut prev_sent, mut prev_t, mut prev_cpu) = (acc0, sent0, t0, cpu0);
+    let mut per_intake_cpu = Vec::new();
+    let mut ack_rates = Vec::new();
+    let (mut prev_acc, mut prev_sent, mut prev_t, mut prev_cpu, mut prev_acks) =
+        (acc0, sent0, t0, cpu0, acks0);
+    let mut prev_intake_cpu = intake_cpu0;
     for s in 1..=seconds {
         let target = t0 + s * 1_000_000_000;
         let now = crate::monotonic_ns();
         if target > now {
             std::thread::sleep(Duration::from_nanos(target - now));
         }
-        let (acc, _, _, _) = read(&c)?;
+        let (acc, _, _, _, acks) = read(&c)?;
         let (snt, t, cpu) = (total_sent(), crate::monotonic_ns(), c.cpu_seconds()?);
+        let intake_cpu = c.thread_cpu_seconds(INTAKE_THREAD)?;
         let dt = (t - prev_t) as f64 / 1e9;
         rates.push((acc - prev_acc) as f64 / dt);
         sent_rates.push((snt - prev_sent) as f64 / dt);
         per_cpu.push((acc - prev_acc) as f64 / (cpu - prev_cpu).max(0.01));
+        ack_rates.push((acks - prev_acks) as f64 / dt);
+        per_intake_cpu.push((acc - prev_acc) as f64 / (intake_cpu - prev_intake_cpu).max(0.01));
+        let prev_intake_cpu_before = std::mem::replace(&mut prev_intake_cpu, intake_cpu);
         eprintln!(
-            "second {s}: accepted {:.0}/s, sent {:.0}/s, controller CPU {:.2}",
+            "second {s}: accepted {:.0}/s, sent {:.0}/s, acks {:.0}/s, controller CPU {:.2} \
+             (intake thread {:.2})",
             rates.last().copied().unwrap_or(0.0),
             sent_rates.last().copied().unwrap_or(0.0),
+            ack_rates.last().copied().unwrap_or(0.0),
             (cpu - prev_cpu) / dt,
+            (intake_cpu - prev_intake_cpu_before) / dt,
         );
-        (prev_acc, prev_sent, prev_t, prev_cpu) = (acc, snt, t, cpu);
+        (prev_acc, prev_sent, prev_t, prev_cpu, prev_acks) = (acc, snt, t, cpu, acks);
     }
-    let (acc1, rej1, busy1, drop1) = read(&c)?;
+    let (acc1, rej1, busy1, drop1, acks1) = read(&c)?;
     let cpu1 = c.cpu_seconds()?;
+    let intake_cpu1 = c.thread_cpu_seconds(INTAKE_THREAD)?;
     let sent1 = total_sent();
     let t1 = crate::monotonic_ns();
     stop.store(true, Ordering::SeqCst);
@@ -204,8 +238,16 @@ pub fn run(
             samples_ms: per_cpu,
         },
         Series {
+            name: "accepted per CPU-second the intake thread used, per second".into(),
+            samples_ms: per_intake_cpu,
+        },
+        Series {
             name: "sent by the bench, per second".into(),
             samples_ms: sent_rates,
+        },
+        Series {
+            name: "acks sent by the controller (heartbeat_acks), per second".into(),
+            samples_ms: ack_rates,
         },
     ];
     let how = if gso {
@@ -216,24 +258,31 @@ pub fn run(
     };
     let notes = format!(
         "defib-controller (release binary) with every thread pinned to core 0; {senders} \
-         sender threads on cores {sender_cpus:?} send pre-encoded signed heartbeats of {hosts} \
-         hosts (distinct ids, all enrolled by the config, each signing with its own key and \
-         with its own increasing sequence, every heartbeat echoing the controller's session, \
-         learnt from one ack before the run) to its one heartbeat socket over loopback, \
-         {BATCH} per system call ({how}), as fast as they can; the per-source limit is off \
-         (every host sends from one address). Every accepted datagram is acked. Over the {secs:.1} s measured: {} datagrams sent, {} accepted \
-         ({:.0}/s), {} rejected by the controller (of which {} forwards to the engine refused \
-         as engine_busy, still acked), {} dropped by the kernel at the controller's full \
-         socket buffer; {up} hosts Up at the end. The controller used {:.2} CPU-seconds per \
-         second.{} Target: ≥ 1 000 000 accepted \
-         datagrams/s.",
+         sender threads on cores {sender_cpus:?} send pre-encoded signed heartbeats (layout \
+         version {}) of {hosts} hosts (distinct ids, all enrolled by the config, each signing \
+         with its own key and with its own increasing sequence, every heartbeat echoing the \
+         controller's session, learnt from one ack before the run, and asking for an ack every \
+         {} ms) to its one heartbeat socket over loopback, {BATCH} per system call ({how}), as \
+         fast as they can; the per-source limit is off (every host sends from one address). \
+         Over the {secs:.1} s measured: {} datagrams sent, {} accepted ({:.0}/s), {} acks sent \
+         ({:.0}/s: at most one per host and ack period), {} rejected by the controller (of \
+         which {} forwards to the engine refused as engine_busy), {} dropped by the kernel at \
+         the controller's full socket buffer; {up} hosts Up at the end. The controller used \
+         {:.2} CPU-seconds per second, its intake thread (defib-heartbeats: receiving, \
+         judging, acking) {:.2}, the rest (the engine task and the runtime) the difference.{} \
+         Target: ≥ 1 000 000 accepted datagrams/s.",
+        protocol::HEARTBEAT_VERSION,
+        ack_period_ms,
         sent1 - sent0,
         acc1 - acc0,
         (acc1 - acc0) as f64 / secs,
+        acks1 - acks0,
+        (acks1 - acks0) as f64 / secs,
         rej1 - rej0,
         busy1 - busy0,
         drop1 - drop0,
         (cpu1 - cpu0) / secs,
+        (intake_cpu1 - intake_cpu0) / secs,
         if ran_out > 0 {
             " The pre-encoded pool ran out before the end: raise --pool-rate."
         } else {
@@ -244,9 +293,14 @@ pub fn run(
         &report::results_dir(),
         "heartbeat-intake",
         &format!(
-            "cargo xtask bench heartbeat-intake --hosts {hosts} --seconds {seconds} --senders {senders}{}{}",
+            "cargo xtask bench heartbeat-intake --hosts {hosts} --seconds {seconds} --senders {senders}{}{}{}",
             interval_ms.map(|ms| format!(" --interval-ms {ms}")).unwrap_or_default(),
             if gso { "" } else { " --no-gso" },
+            if ack_period_ms == controller::ACK_PERIOD_MS {
+                String::new()
+            } else {
+                format!(" --ack-period-ms {ack_period_ms}")
+            },
         ),
         &notes,
         Unit {

@@ -103,6 +103,10 @@ enum Scenario {
         /// reach 1 M datagrams/s).
         #[arg(long)]
         no_gso: bool,
+        /// The ack period the simulated hosts ask for, ms (a default watchdog's: 375;
+        /// 0 asks for every heartbeat to be acked, as before heartbeat version 4).
+        #[arg(long, default_value_t = 375)]
+        ack_period_ms: u32,
     },
     /// Controller RSS idle and with N hosts heartbeating: bytes per tracked host.
     HostMemory {
@@ -245,7 +249,16 @@ fn main() -> anyhow::Result<()> {
             pool_rate,
             interval_ms,
             no_gso,
-        } => heartbeat_intake::run(hosts, seconds, senders, pool_rate, interval_ms, !no_gso)?,
+            ack_period_ms,
+        } => heartbeat_intake::run(
+            hosts,
+            seconds,
+            senders,
+            pool_rate,
+            interval_ms,
+            !no_gso,
+            ack_period_ms,
+        )?,
         Scenario::Soak {
             hosts,
             minutes,

@@ -64,6 +64,13 @@ pub struct Metrics {
     /// Time the engine task spent working (taking in messages, stepping the engine,
     /// carrying out actions): its CPU share is the rate of this counter.
     pub engine_busy_seconds: Counter<f64, AtomicU64>,
+    // What the heartbeat intake answers (heartbeat v4, issue 17): paced acks and
+    // refusals of other heartbeat versions.
+    /// Heartbeat acks sent, by `counts` ("true": a leader's ack to a proven heartbeat;
+    /// "false": a follower's, or one teaching the session).
+    pub heartbeat_acks: Family<Labels, Counter>,
+    /// Refusals sent to heartbeats of a layout version this controller does not take.
+    pub heartbeat_refusals: Counter,
 }
 
 impl Default for Metrics {
@@ -98,6 +105,8 @@ impl Metrics {
             engine_queue_depth: Gauge::default(),
             controller_overloaded: Gauge::default(),
             engine_busy_seconds: Counter::default(),
+            heartbeat_acks: Family::default(),
+            heartbeat_refusals: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -197,6 +206,16 @@ impl Metrics {
             "engine_busy_seconds",
             "Time the engine task spent working; its rate is the engine's share of a core",
             m.engine_busy_seconds.clone(),
+        );
+        registry.register(
+            "heartbeat_acks",
+            "Heartbeat acks sent (at most one per host, path and ack period), by whether they count",
+            m.heartbeat_acks.clone(),
+        );
+        registry.register(
+            "heartbeat_refusals",
+            "Refusals sent to heartbeats of a layout version this controller does not take",
+            m.heartbeat_refusals.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -109,6 +109,7 @@ fn heartbeat_of(host: &str, seq: u64, session: u64, key: &Key) -> Vec<u8> {
             sent_mono_ns: seq * 100_000_000,
             path_index: 0,
             session,
+            ack_period_ms: 0,
             status: HostStatus::default(),
         },
         key,
@@ -174,6 +175,45 @@ async fn heartbeats_are_acked_and_forged_or_replayed_ones_are_counted_and_droppe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_of_the_previous_version_is_answered_with_a_refusal_and_counted_as_old_version()
+{
+    let c = start_controller().await;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let to = c.bound.heartbeat[0];
+    let mut buf = [0u8; protocol::DATAGRAM_RECV_BUFFER_LEN];
+    // What a version 3 watchdog of h1 sends: its preamble says 3 (the rest does not
+    // matter: nothing behind the version is read).
+    let mut old = heartbeat(1, &host_key("h1"));
+    old[4] = 3;
+    for _ in 0..3 {
+        sock.send_to(&old, to).await.unwrap();
+    }
+    let n = tokio::time::timeout(Duration::from_secs(5), sock.recv(&mut buf))
+        .await
+        .expect("a refusal, not silence")
+        .unwrap();
+    assert!(n < old.len(), "smaller than what it answers");
+    let refusal = protocol::decode_refusal(&buf[..n]).expect("a refusal");
+    assert_eq!(refusal.refused_version, 3);
+    assert_eq!(refusal.accepted_versions, [protocol::HEARTBEAT_VERSION]);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sock.recv(&mut buf))
+            .await
+            .is_err(),
+        "one refusal per second per source"
+    );
+    let m = metrics(c.bound.api).await;
+    for line in [
+        "defib_heartbeats_rejected_total{reason=\"old_version\"} 3",
+        "defib_heartbeat_refusals_total 1",
+    ] {
+        assert!(m.contains(line), "{line}: {m}");
+    }
+    let _ = c.stop.send(());
+    c.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_enrolled_hosts_speak_each_for_itself_and_only_a_heartbeat_echoing_the_session_counts()
 {
     let c = start_controller().await;
@@ -211,6 +251,12 @@ async fn only_enrolled_hosts_speak_each_for_itself_and_only_a_heartbeat_echoing_
     assert!(!ack.counts, "an unproven heartbeat's ack must not count");
     let session = ack.session;
     assert_ne!(session, 0);
+    // Acks are paced (protocol::ack, "Pacing"): the counting ack comes at once, but never
+    // within the floor of the last ack on the path, as no real watchdog sends faster.
+    tokio::time::sleep(Duration::from_millis(
+        u64::from(protocol::ACK_PERIOD_FLOOR_MS) * 2,
+    ))
+    .await;
     sock.send_to(&heartbeat_of("h1", 4, session, &k1), to)
         .await
         .unwrap();
@@ -426,7 +472,12 @@ async fn a_host_enrolled_through_the_api_is_heard_with_the_key_it_was_given_unti
         acked(&sock, &mut buf).await,
         "enrolled: heard with the key it was given"
     );
-    // The key given is the one derived from the master key.
+    // The key given is the one derived from the master key. (Past the ack floor: this
+    // heartbeat asks for an ack every time, and the floor is all that paces it.)
+    tokio::time::sleep(Duration::from_millis(
+        u64::from(protocol::ACK_PERIOD_FLOOR_MS) * 2,
+    ))
+    .await;
     sock.send_to(&heartbeat_of("h5", 3, 0, &derived), to)
         .await
         .unwrap();

@@ -11,10 +11,16 @@ pub enum DecodeError {
     /// The first four bytes are not [`crate::MAGIC`]: not ours at all.
     #[error("bad magic: not a defib message")]
     BadMagic,
-    /// Ours, but a version of this kind's layout this build does not speak (acks and
-    /// frames: [`crate::PROTOCOL_VERSION`]; heartbeats: 1 and [`crate::HEARTBEAT_VERSION`]).
+    /// Ours, but a version of this kind's layout this build does not speak and that is
+    /// not older than those it does: a newer peer, or garbage (frames:
+    /// [`crate::PROTOCOL_VERSION`]; acks: [`crate::ACK_VERSION`]; heartbeats:
+    /// [`crate::HEARTBEAT_VERSION`]).
     #[error("unsupported protocol version {0} for this kind of message")]
     UnsupportedVersion(u8),
+    /// Ours, but an older version of this kind's layout than any this build speaks: a
+    /// peer that has not been upgraded.
+    #[error("protocol version {0} of this kind of message is older than any this build speaks")]
+    OldVersion(u8),
     /// A valid header for another kind of message (for example an ack where a
     /// heartbeat was expected, or a heartbeat replayed on the ack port).
     #[error("unexpected message kind {found} (expected {expected})")]
@@ -66,6 +72,7 @@ impl DecodeError {
         match self {
             DecodeError::BadMagic => RejectReason::BadMagic,
             DecodeError::UnsupportedVersion(_) => RejectReason::BadVersion,
+            DecodeError::OldVersion(_) => RejectReason::OldVersion,
             DecodeError::WrongKind { .. } => RejectReason::WrongKind,
             DecodeError::Truncated { .. } => RejectReason::Truncated,
             DecodeError::Oversize { .. } => RejectReason::Oversize,
@@ -109,8 +116,12 @@ pub enum EncodeError {
 pub enum RejectReason {
     /// Not our magic.
     BadMagic,
-    /// Our magic, another protocol version.
+    /// Our magic, a protocol version that is not older than this build's but not one
+    /// it speaks (a newer peer).
     BadVersion,
+    /// Our magic, an older protocol version than any this build speaks (a peer not yet
+    /// upgraded).
+    OldVersion,
     /// A message of another kind than the receiver takes.
     WrongKind,
     /// Shorter than its own header says.
@@ -137,9 +148,10 @@ pub enum RejectReason {
 
 impl RejectReason {
     /// Every reason, in counter order.
-    pub const ALL: [RejectReason; 12] = [
+    pub const ALL: [RejectReason; 13] = [
         RejectReason::BadMagic,
         RejectReason::BadVersion,
+        RejectReason::OldVersion,
         RejectReason::WrongKind,
         RejectReason::Truncated,
         RejectReason::Oversize,
@@ -157,6 +169,7 @@ impl RejectReason {
         match self {
             RejectReason::BadMagic => "bad_magic",
             RejectReason::BadVersion => "bad_version",
+            RejectReason::OldVersion => "old_version",
             RejectReason::WrongKind => "wrong_kind",
             RejectReason::Truncated => "truncated",
             RejectReason::Oversize => "oversize",

@@ -472,7 +472,7 @@ pub fn encode_frame(envelope: &Envelope, key: &Key) -> Result<Vec<u8>, EncodeErr
     if let Some(slot) = out.get_mut(8..FRAME_HEADER_LEN) {
         slot.copy_from_slice(&len_bytes);
     }
-    wire::append_mac(&mut out, key);
+    wire::append_frame_mac(&mut out, key);
     Ok(out)
 }
 
@@ -569,7 +569,7 @@ fn parse_frame(frame: &[u8], key: &Key) -> Result<Envelope, DecodeError> {
             need: MAC_LEN,
             have: frame.len(),
         })?;
-    if !key.verify(signed, tag) {
+    if !key.verify_frame(signed, tag) {
         return Err(DecodeError::BadMac);
     }
     let body = signed
@@ -749,7 +749,7 @@ mod tests {
         out.extend_from_slice(&[0, 0]);
         out.extend_from_slice(&(body.len() as u32).to_be_bytes());
         out.extend_from_slice(body.as_bytes());
-        wire::append_mac(&mut out, &key());
+        wire::append_frame_mac(&mut out, &key());
         out
     }
 

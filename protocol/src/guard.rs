@@ -5,12 +5,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::ack::{decode_ack, Ack};
+use crate::ack::{decode_ack, Ack, AckPacer};
 use crate::error::{RejectCounters, RejectReason};
 use crate::heartbeat::{decode_heartbeat_keyed, Heartbeat};
 use crate::hostkeys::HostKeys;
 use crate::ids::BootId;
-use crate::key::Key;
+use crate::key::{DatagramKey, Key};
 
 /// How far back (in sequence numbers) a datagram may arrive out of order and still
 /// be accepted. Heartbeats on different paths share one sequence, so a slow path's
@@ -165,6 +165,24 @@ pub struct Accepted<'a> {
     /// have been recorded before this controller started, so it proves nothing; ack it
     /// (without the "counts" flag) so that a live watchdog learns the session.
     pub proven: bool,
+    /// The host's datagram key, looked up once to verify the heartbeat: sign the ack
+    /// with it.
+    pub key: DatagramKey,
+    /// Whether to ack it now ([`HeartbeatReceiver::receive_paced`] applies the pacing of
+    /// [`crate::ack`]; [`HeartbeatReceiver::receive`] says yes to every one).
+    pub ack_due: bool,
+    /// The "counts" flag its ack carries: proven, and the caller acts
+    /// ([`HeartbeatReceiver::receive_paced`]'s `acting`; true for
+    /// [`HeartbeatReceiver::receive`]).
+    pub ack_counts: bool,
+}
+
+/// What a receiver keeps per host: its replay guard and its ack pacing, found with one
+/// lookup.
+#[derive(Debug, Clone, Default)]
+struct HostState {
+    guard: ReplayGuard,
+    pacer: AckPacer,
 }
 
 /// Which key a heartbeat must be signed with.
@@ -185,7 +203,7 @@ enum ReceiverKeys {
 pub struct HeartbeatReceiver {
     keys: ReceiverKeys,
     cluster_id: String,
-    hosts: HashMap<String, ReplayGuard>,
+    hosts: HashMap<String, HostState>,
     counters: RejectCounters,
     /// The session heartbeats must echo to be proven; `None`: not checked.
     session: Option<u64>,
@@ -239,33 +257,86 @@ impl HeartbeatReceiver {
         }
     }
 
-    /// Judges one datagram as it came off the socket.
+    /// Judges one datagram as it came off the socket; every accepted heartbeat is to be
+    /// acked ([`Accepted::ack_due`]), counting if proven. For tests and tools: the
+    /// controller paces its acks with [`HeartbeatReceiver::receive_paced`].
     pub fn receive<'a>(&mut self, datagram: &'a [u8]) -> Result<Accepted<'a>, RejectReason> {
-        let verdict = self.judge(datagram);
+        let verdict = self.judge(datagram, None);
         if let Err(reason) = verdict {
             self.counters.record(reason);
         }
         verdict
     }
 
-    fn judge<'a>(&mut self, datagram: &'a [u8]) -> Result<Accepted<'a>, RejectReason> {
+    /// [`HeartbeatReceiver::receive`] with the ack pacing of [`crate::ack`]: at
+    /// `now_ms` (the caller's monotonic clock, ms), is the ack of this heartbeat due?
+    /// `acting`: the caller's acks say "counts" for proven heartbeats (a leader, or the
+    /// only controller); a follower's never do.
+    pub fn receive_paced<'a>(
+        &mut self,
+        datagram: &'a [u8],
+        now_ms: u64,
+        acting: bool,
+    ) -> Result<Accepted<'a>, RejectReason> {
+        let verdict = self.judge(datagram, Some((now_ms, acting)));
+        if let Err(reason) = verdict {
+            self.counters.record(reason);
+        }
+        verdict
+    }
+
+    fn judge<'a>(
+        &mut self,
+        datagram: &'a [u8],
+        paced: Option<(u64, bool)>,
+    ) -> Result<Accepted<'a>, RejectReason> {
+        // The key is looked up once: to verify, and (copied out) to sign the ack.
+        let mut key = None;
         let heartbeat = match &self.keys {
-            ReceiverKeys::Shared(key) => decode_heartbeat_keyed(datagram, |_| Some(key)),
-            ReceiverKeys::PerHost(keys) => decode_heartbeat_keyed(datagram, |h| keys.get(h)),
+            ReceiverKeys::Shared(k) => decode_heartbeat_keyed(datagram, |_| {
+                key = Some(*k.datagram_key());
+                Some(k)
+            }),
+            ReceiverKeys::PerHost(keys) => decode_heartbeat_keyed(datagram, |h| {
+                let k = keys.get(h)?;
+                key = Some(*k.datagram_key());
+                Some(k)
+            }),
         }
         .map_err(|e| e.reason())?;
+        // Decoding succeeded, so the key was found.
+        let key = key.ok_or(RejectReason::UnknownHost)?;
         if heartbeat.cluster_id != self.cluster_id {
             return Err(RejectReason::UnknownCluster);
         }
-        let guard = match self.hosts.get_mut(heartbeat.host_id) {
-            Some(guard) => guard,
+        let host = match self.hosts.get_mut(heartbeat.host_id) {
+            Some(host) => host,
             None => self.hosts.entry(heartbeat.host_id.to_owned()).or_default(),
         };
-        let freshness = guard.check_heartbeat(&heartbeat)?;
+        let freshness = host.guard.check_heartbeat(&heartbeat)?;
+        let proven = self.session.is_none_or(|s| s == heartbeat.session);
+        let (ack_due, ack_counts) = match paced {
+            None => (true, proven),
+            Some((now_ms, acting)) => {
+                let counts = acting && proven;
+                let new_run = !matches!(freshness, Freshness::Current);
+                let due = host.pacer.due(
+                    heartbeat.path_index,
+                    now_ms,
+                    heartbeat.ack_period_ms,
+                    counts,
+                    new_run,
+                );
+                (due, counts)
+            }
+        };
         Ok(Accepted {
             heartbeat,
             freshness,
-            proven: self.session.is_none_or(|s| s == heartbeat.session),
+            proven,
+            key,
+            ack_due,
+            ack_counts,
         })
     }
 
@@ -276,13 +347,13 @@ impl HeartbeatReceiver {
 
     /// The guard of one host, if it has been heard from.
     pub fn guard(&self, host_id: &str) -> Option<&ReplayGuard> {
-        self.hosts.get(host_id)
+        self.hosts.get(host_id).map(|h| &h.guard)
     }
 
     /// Forgets a host (for example one removed from the cluster); its next heartbeat
-    /// is treated as the first.
+    /// is treated as the first (and acked at once).
     pub fn forget_host(&mut self, host_id: &str) -> Option<ReplayGuard> {
-        self.hosts.remove(host_id)
+        self.hosts.remove(host_id).map(|h| h.guard)
     }
 }
 

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!  0   4  magic "DFIB"
-//!  4   1  heartbeat layout version (2; version 1 is still decoded, see below)
+//!  4   1  heartbeat layout version (4; no other is decoded, see "Versions" below)
 //!  5   1  kind (1 = heartbeat)
 //!  6   1  path index: which network path this copy was sent on
 //!  7   1  flags: bit 0 isolated, bit 1 libvirt reachable, bit 2 self-fence armed, bits 3..7 zero
@@ -22,11 +22,13 @@
 //! 81   4  reason detail b (e.g. that qemu's uid)
 //! 85   8  controller session, echoed: the session of the newest ack heard on this path
 //!         (0: none yet); see below
-//! 93   1  C = cluster id length (1..=64)
-//! 94   C  cluster id, UTF-8
+//! 93   4  ack period asked, ms: answer at most one heartbeat per this period on this
+//!         path (see [`crate::ack`], "Pacing"; 0: every heartbeat)
+//! 97   1  C = cluster id length (1..=64)
+//! 98   C  cluster id, UTF-8
 //!  .   1  H = host id length (1..=253)
 //!  .   H  host id, UTF-8
-//!  .  32  HMAC-SHA256 over every byte before it
+//!  .  16  keyed BLAKE3 tag over every byte before it (see [`crate::Key`])
 //! ```
 //!
 //! # Freshness across controller restarts: the echoed session
@@ -38,47 +40,45 @@
 //! heartbeat recorded before the controller restarted (a dead host's, replayed) carries
 //! an older session and proves nothing, however fresh its sequence number looks to the
 //! new process's empty replay window. Such a heartbeat is still acked, with the ack's
-//! "counts" flag clear, so a live watchdog learns the new session one interval after a
-//! controller restart. Nothing is persisted for this, so it costs no store write.
+//! "counts" flag clear and without waiting for the ack period, so a live watchdog
+//! learns the new session one interval after a controller restart. Nothing is persisted
+//! for this, so it costs no store write.
 //!
-//! Version 2 (watchdogs before the session) lacks bytes 85..93 and is decoded with
-//! session 0, which never proves a sign of life to a controller that checks sessions.
-//! Version 1 (watchdogs before the self-fence block) also lacks bytes 72..85. It is still
-//! decoded, with its self-fence reported as [`SelfFence::NotArmed`] for
-//! [`NotArmed::Unproven`], whatever its bit 2 says: such a watchdog proved neither that
-//! it may kill its qemus nor which timeout it keeps, so its silence must not count as a
-//! fence (the controller fences it by its other levels, or waits and alarms).
+//! # Versions
+//!
+//! Version 4 brought the keyed-BLAKE3 tag (16 bytes, was a 32-byte HMAC-SHA256) and the
+//! ack period (bytes 93..97). Older layouts (1: no self-fence block, 2: no session, 3:
+//! HMAC) are no longer decoded: a controller answers a heartbeat of any version it
+//! does not take with a [`crate::refusal`] datagram naming the versions it takes, so
+//! that the watchdog can say why it is not heard, and counts it
+//! ([`crate::RejectReason::OldVersion`] or [`crate::RejectReason::BadVersion`]).
 
 use crate::error::{DecodeError, EncodeError};
 use crate::ids::{check_cluster_id, check_host_id, BootId, MAX_CLUSTER_ID_LEN, MAX_HOST_ID_LEN};
-use crate::key::{Key, MAC_LEN};
+use crate::key::{DatagramKey, Key, DATAGRAM_MAC_LEN};
 use crate::wire::{self, Reader};
 
 /// Kind byte of a heartbeat.
 pub const KIND_HEARTBEAT: u8 = 1;
 
-/// The heartbeat layout this build sends: 3, with the echoed controller session.
-/// Versions 1 (without the self-fence block) and 2 (without the session) are still
-/// decoded from older watchdogs.
-pub const HEARTBEAT_VERSION: u8 = 3;
-const DECODED_VERSIONS: [u8; 3] = [1, 2, HEARTBEAT_VERSION];
+/// The heartbeat layout this build sends and takes: 4, with the keyed-BLAKE3 tag and the
+/// ack period. No other version is decoded (see the module docs).
+pub const HEARTBEAT_VERSION: u8 = 4;
 
-const FIXED_LEN: usize = 93;
-/// The self-fence block's length (absent in version 1).
-const SELF_FENCE_LEN: usize = 13;
-/// The echoed session's length (absent in versions 1 and 2).
-const SESSION_LEN: usize = 8;
+/// Every heartbeat layout version this build takes, as a refusal lists them.
+pub const HEARTBEAT_VERSIONS: [u8; 1] = [HEARTBEAT_VERSION];
+
+pub(crate) const FIXED_LEN: usize = 97;
 const FLAG_ISOLATED: u8 = 1 << 0;
 const FLAG_LIBVIRT_REACHABLE: u8 = 1 << 1;
 const FLAG_SELF_FENCE_ARMED: u8 = 1 << 2;
 const KNOWN_FLAGS: u8 = FLAG_ISOLATED | FLAG_LIBVIRT_REACHABLE | FLAG_SELF_FENCE_ARMED;
 
-/// Longest valid heartbeat (longest ids): 444 bytes.
+/// Longest valid heartbeat (longest ids): 432 bytes.
 pub const MAX_HEARTBEAT_LEN: usize =
-    FIXED_LEN + 1 + MAX_CLUSTER_ID_LEN + 1 + MAX_HOST_ID_LEN + MAC_LEN;
-/// Shortest valid heartbeat (one-byte ids; version 1, without the self-fence block).
-pub const MIN_HEARTBEAT_LEN: usize =
-    FIXED_LEN - SELF_FENCE_LEN - SESSION_LEN + 1 + 1 + 1 + 1 + MAC_LEN;
+    FIXED_LEN + 1 + MAX_CLUSTER_ID_LEN + 1 + MAX_HOST_ID_LEN + DATAGRAM_MAC_LEN;
+/// Shortest valid heartbeat (one-byte ids): 117 bytes.
+pub const MIN_HEARTBEAT_LEN: usize = FIXED_LEN + 1 + 1 + 1 + 1 + DATAGRAM_MAC_LEN;
 
 /// The watchdog's self-fence as its heartbeats report it.
 ///
@@ -156,8 +156,9 @@ pub enum NotArmed {
         /// Seconds the driver reports it took.
         taken_s: u32,
     },
-    /// A version 1 heartbeat, from a watchdog that does not prove its self-fence.
-    /// Code 6.
+    /// A version 1 heartbeat, from a watchdog that did not prove its self-fence. Code 6;
+    /// no longer produced since version 1 is refused, still decoded (a code is never
+    /// given another meaning).
     Unproven,
     /// A code this build does not know (from a newer watchdog); still not armed.
     Other {
@@ -308,14 +309,22 @@ pub struct Heartbeat<'a> {
     /// The controller session this watchdog last heard on this path, echoed (0: none
     /// yet). See the module docs.
     pub session: u64,
+    /// How often this watchdog wants its heartbeats on this path acked, at most, in ms
+    /// (0: every one). See [`crate::ack`], "Pacing".
+    pub ack_period_ms: u32,
     /// The status summary.
     pub status: HostStatus,
 }
 
 impl Heartbeat<'_> {
     /// Appends the signed datagram to `out` after clearing it. With a reused `out`
-    /// this allocates nothing once `out` has grown to [`MAX_HEARTBEAT_LEN`].
-    pub fn encode_into(&self, key: &Key, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    /// this allocates nothing once `out` has grown to [`MAX_HEARTBEAT_LEN`]. `key` is a
+    /// [`Key`] or its [`DatagramKey`].
+    pub fn encode_into(
+        &self,
+        key: &impl AsRef<DatagramKey>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), EncodeError> {
         check_cluster_id(self.cluster_id).map_err(|error| EncodeError::BadId {
             field: "cluster_id",
             error,
@@ -353,15 +362,19 @@ impl Heartbeat<'_> {
         out.extend_from_slice(&a.to_be_bytes());
         out.extend_from_slice(&b.to_be_bytes());
         out.extend_from_slice(&self.session.to_be_bytes());
+        out.extend_from_slice(&self.ack_period_ms.to_be_bytes());
         wire::put_short_str(out, self.cluster_id);
         wire::put_short_str(out, self.host_id);
-        wire::append_mac(out, key);
+        wire::append_datagram_mac(out, key.as_ref());
         Ok(())
     }
 }
 
 /// Encodes and signs a heartbeat into a new buffer.
-pub fn encode_heartbeat(heartbeat: &Heartbeat<'_>, key: &Key) -> Result<Vec<u8>, EncodeError> {
+pub fn encode_heartbeat(
+    heartbeat: &Heartbeat<'_>,
+    key: &impl AsRef<DatagramKey>,
+) -> Result<Vec<u8>, EncodeError> {
     let mut out = Vec::with_capacity(MAX_HEARTBEAT_LEN);
     heartbeat.encode_into(key, &mut out)?;
     Ok(out)
@@ -369,7 +382,7 @@ pub fn encode_heartbeat(heartbeat: &Heartbeat<'_>, key: &Key) -> Result<Vec<u8>,
 
 /// Decodes and authenticates a heartbeat datagram.
 ///
-/// Never panics and never allocates: the ids borrow from `datagram`, and the HMAC is
+/// Never panics and never allocates: the ids borrow from `datagram`, and the MAC is
 /// computed once, over the datagram in place. It checks structure and MAC only; the
 /// cluster id, sequence and incarnation are the receiver's business
 /// ([`crate::HeartbeatReceiver`]).
@@ -390,7 +403,7 @@ pub fn decode_heartbeat_keyed<'a, 'k>(
             max: MAX_HEARTBEAT_LEN,
         });
     }
-    let version = wire::check_preamble_of(datagram, KIND_HEARTBEAT, &DECODED_VERSIONS)?;
+    wire::check_preamble_of(datagram, KIND_HEARTBEAT, &HEARTBEAT_VERSIONS)?;
     let mut r = Reader::new(datagram);
     r.take(wire::PREAMBLE_LEN)?;
     let path_index = r.u8()?;
@@ -406,33 +419,21 @@ pub fn decode_heartbeat_keyed<'a, 'k>(
     let vm_count = r.u32()?;
     let stalled_vm_count = r.u32()?;
     let probe_drops = r.u64()?;
-    let self_fence = if version == 1 {
-        // Whatever its armed bit says: see the module docs.
-        if flags & FLAG_SELF_FENCE_ARMED != 0 {
-            SelfFence::NotArmed {
-                timeout_ms: 0,
-                reason: NotArmed::Unproven,
-            }
-        } else {
-            SelfFence::Off
-        }
-    } else {
-        let timeout_ms = r.u32()?;
-        let state = r.u8()?;
-        let (a, b) = (r.u32()?, r.u32()?);
-        let self_fence = SelfFence::from_wire(timeout_ms, state, a, b)?;
-        if self_fence.armed_timeout_ms().is_some() != (flags & FLAG_SELF_FENCE_ARMED != 0) {
-            return Err(DecodeError::Malformed(
-                "the armed flag disagrees with the self-fence block",
-            ));
-        }
-        self_fence
-    };
-    let session = if version >= 3 { r.u64()? } else { 0 };
+    let timeout_ms = r.u32()?;
+    let state = r.u8()?;
+    let (a, b) = (r.u32()?, r.u32()?);
+    let self_fence = SelfFence::from_wire(timeout_ms, state, a, b)?;
+    if self_fence.armed_timeout_ms().is_some() != (flags & FLAG_SELF_FENCE_ARMED != 0) {
+        return Err(DecodeError::Malformed(
+            "the armed flag disagrees with the self-fence block",
+        ));
+    }
+    let session = r.u64()?;
+    let ack_period_ms = r.u32()?;
     let cluster_id = r.short_str(check_cluster_id, "invalid cluster id")?;
     let host_id = r.short_str(check_host_id, "invalid host id")?;
     let key = key_for(host_id).ok_or(DecodeError::UnknownHost)?;
-    wire::check_trailing_mac(datagram, &r, key)?;
+    wire::check_trailing_mac(datagram, &r, key.datagram_key())?;
     Ok(Heartbeat {
         cluster_id,
         host_id,
@@ -443,6 +444,7 @@ pub fn decode_heartbeat_keyed<'a, 'k>(
         sent_mono_ns,
         path_index,
         session,
+        ack_period_ms,
         status: HostStatus {
             vm_count,
             stalled_vm_count,

@@ -9,9 +9,10 @@
 //! Why derived rather than stored: the controller keeps one secret (the master key) and
 //! needs no key database; a host's key is `HKDF-SHA256(salt = "defib host key v1",
 //! ikm = master key, info = host id)`, 32 bytes, written to the host's key file as 64
-//! lowercase hex characters. The watchdog loads that file like any key file (its HMAC
-//! key is the 64 ASCII characters), so a watchdog needs no code to know it is keyed per
-//! host. Revoking a host removes it from the enrolled set; rotating every host's key is
+//! lowercase hex characters. The watchdog loads that file like any key file (its key
+//! bytes are the 64 ASCII characters, from which [`crate::Key`] makes the datagram MAC's
+//! BLAKE3 key and the frames' HMAC key), so a watchdog needs no code to know it is keyed
+//! per host. Both are made once, at enrollment (controller) or at start (watchdog). Revoking a host removes it from the enrolled set; rotating every host's key is
 //! rotating the master key (see docs/security.md).
 
 use std::collections::HashMap;
@@ -182,7 +183,11 @@ mod tests {
     fn a_host_key_signs_what_the_host_key_text_signs() {
         let m = master();
         let from_text = Key::new(m.host_key_text("h").as_bytes()).unwrap();
-        assert_eq!(m.host_key("h").sign(b"x"), from_text.sign(b"x"));
+        assert_eq!(m.host_key("h").frame_tag(b"x"), from_text.frame_tag(b"x"));
+        assert_eq!(
+            m.host_key("h").datagram_tag(b"x"),
+            from_text.datagram_tag(b"x")
+        );
     }
 
     #[test]

@@ -1,29 +1,99 @@
-//! The shared HMAC-SHA256 key and how daemons load it from a file.
+//! A watchdog's key (or a shared one), the two MACs made with it, and how daemons load
+//! it from a file.
+//!
+//! # Two MACs from one key
+//!
+//! - **Datagrams** (heartbeats, acks): keyed BLAKE3 with a 16-byte tag
+//!   ([`DATAGRAM_MAC_LEN`]). The BLAKE3 key is `BLAKE3-derive_key(`[`DATAGRAM_MAC_CONTEXT`]`,
+//!   key bytes)`: the key file's bytes, whatever their length, give a 32-byte key, and
+//!   the derivation keeps it apart from the HMAC key below. BLAKE3 needs no nonce and no
+//!   key schedule (the key is the initial chaining value), so a host's MAC state is just
+//!   those 32 bytes, derived once when the key is loaded or the host enrolled. Measured
+//!   on the project's machine (`cargo test -p defib-protocol --release --test mac_cost
+//!   -- --ignored --nocapture`), it costs about as much as HMAC-SHA256 with a pre-keyed
+//!   state on a CPU with the SHA extensions, and a quarter of it on one without them
+//!   (most Xeons before Ice Lake): BENCHMARKS.md, heartbeat intake.
+//! - **Stream frames**: HMAC-SHA256 with a 32-byte tag ([`MAC_LEN`]), unchanged: frames
+//!   are few (events, commands), and keeping their MAC keeps the event stream's layout.
 
 use std::path::{Path, PathBuf};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use subtle::ConstantTimeEq;
 
-/// Shortest key accepted, in bytes. HMAC-SHA256 accepts any length, but a short key
-/// is guessable; 16 bytes is 128 bits.
+/// Shortest key accepted, in bytes. Both MACs take any length, but a short key is
+/// guessable; 16 bytes is 128 bits.
 pub const MIN_KEY_LEN: usize = 16;
 
-/// Length of the HMAC-SHA256 tag at the end of every message.
+/// Length of the HMAC-SHA256 tag at the end of every stream frame.
 pub const MAC_LEN: usize = 32;
+
+/// Length of the keyed-BLAKE3 tag at the end of every datagram (heartbeat, ack): the
+/// first 16 bytes of BLAKE3's output, 128 bits, as strong against forgery as the tags
+/// of Poly1305 or AES-GCM.
+pub const DATAGRAM_MAC_LEN: usize = 16;
+
+/// The BLAKE3 `derive_key` context that turns key bytes into the datagram MAC's key.
+/// Fixed: changing it changes every datagram's tag (a new datagram layout version).
+pub const DATAGRAM_MAC_CONTEXT: &str = "defib 2026-12 datagram MAC v1: heartbeats and acks";
 
 pub(crate) type HmacSha256 = Hmac<Sha256>;
 
-/// The cluster's shared secret, ready to sign and verify.
+/// The key of the datagram MAC (keyed BLAKE3), derived from a [`Key`]: 32 bytes, cheap
+/// to copy, so a receiver can hand it on with what it accepted and sign the answer
+/// without looking the host up again. `Debug` never prints it.
+#[derive(Clone, Copy)]
+pub struct DatagramKey([u8; 32]);
+
+impl DatagramKey {
+    /// The 16-byte tag of `data`.
+    pub fn tag(&self, data: &[u8]) -> [u8; DATAGRAM_MAC_LEN] {
+        let hash = blake3::keyed_hash(&self.0, data);
+        let mut tag = [0u8; DATAGRAM_MAC_LEN];
+        tag.copy_from_slice(&hash.as_bytes()[..DATAGRAM_MAC_LEN]);
+        tag
+    }
+
+    /// Checks `tag` against `data` in constant time.
+    pub(crate) fn verify(&self, data: &[u8], tag: &[u8]) -> bool {
+        bool::from(self.tag(data).as_slice().ct_eq(tag))
+    }
+}
+
+/// In constant time, like every comparison of secrets here.
+impl PartialEq for DatagramKey {
+    fn eq(&self, other: &Self) -> bool {
+        bool::from(self.0.ct_eq(&other.0))
+    }
+}
+
+impl Eq for DatagramKey {}
+
+impl AsRef<DatagramKey> for DatagramKey {
+    fn as_ref(&self) -> &DatagramKey {
+        self
+    }
+}
+
+impl std::fmt::Debug for DatagramKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatagramKey(<redacted>)")
+    }
+}
+
+/// A secret, ready to sign and verify: a watchdog's host key, or a shared key in tests
+/// and tools.
 ///
-/// It keeps the HMAC state with the key already absorbed (inner and outer pads
-/// hashed once), so each message costs only its own blocks: this is what lets the
-/// controller check a million heartbeats a second on one core.
+/// It keeps both MACs ready (see the module docs): the 32-byte datagram key, and the
+/// HMAC state with the key already absorbed (inner and outer pads hashed once), so
+/// each message costs only its own blocks.
 ///
 /// `Debug` never prints the key.
 #[derive(Clone)]
 pub struct Key {
-    keyed: HmacSha256,
+    datagram: DatagramKey,
+    frames: HmacSha256,
 }
 
 /// A key shorter than [`MIN_KEY_LEN`], given as bytes rather than from a file.
@@ -145,22 +215,41 @@ impl Key {
             return Err(KeyTooShort { len: bytes.len() });
         }
         // new_from_slice only fails for fixed-size-key MACs; HMAC takes any length.
-        let keyed = HmacSha256::new_from_slice(bytes).map_err(|_| KeyTooShort { len: 0 })?;
-        Ok(Key { keyed })
+        let frames = HmacSha256::new_from_slice(bytes).map_err(|_| KeyTooShort { len: 0 })?;
+        let datagram = DatagramKey(blake3::derive_key(DATAGRAM_MAC_CONTEXT, bytes));
+        Ok(Key { datagram, frames })
     }
 
-    /// Signs `data`.
-    pub(crate) fn sign(&self, data: &[u8]) -> [u8; MAC_LEN] {
-        let mut mac = self.keyed.clone();
+    /// The datagram MAC's key.
+    pub fn datagram_key(&self) -> &DatagramKey {
+        &self.datagram
+    }
+
+    /// The 16-byte keyed-BLAKE3 tag a datagram (heartbeat, ack) over `data` ends with;
+    /// for tests and tools that build datagrams by hand.
+    pub fn datagram_tag(&self, data: &[u8]) -> [u8; DATAGRAM_MAC_LEN] {
+        self.datagram.tag(data)
+    }
+
+    /// The 32-byte HMAC-SHA256 tag a stream frame over `data` ends with; for tests and
+    /// tools that build frames by hand.
+    pub fn frame_tag(&self, data: &[u8]) -> [u8; MAC_LEN] {
+        let mut mac = self.frames.clone();
         mac.update(data);
         mac.finalize().into_bytes().into()
     }
 
-    /// Checks `tag` against `data` in constant time.
-    pub(crate) fn verify(&self, data: &[u8], tag: &[u8]) -> bool {
-        let mut mac = self.keyed.clone();
+    /// Checks a stream frame's `tag` against `data` in constant time.
+    pub(crate) fn verify_frame(&self, data: &[u8], tag: &[u8]) -> bool {
+        let mut mac = self.frames.clone();
         mac.update(data);
         mac.verify_slice(tag).is_ok()
+    }
+}
+
+impl AsRef<DatagramKey> for Key {
+    fn as_ref(&self) -> &DatagramKey {
+        &self.datagram
     }
 }
 
@@ -291,8 +380,10 @@ mod tests {
         let with = load_key(temp_file("with-newline", b"0123456789abcdef\n")).unwrap();
         let without = load_key(temp_file("without-newline", b"0123456789abcdef")).unwrap();
         let crlf = load_key(temp_file("crlf", b"0123456789abcdef\r\n")).unwrap();
-        assert_eq!(with.sign(b"x"), without.sign(b"x"));
-        assert_eq!(crlf.sign(b"x"), without.sign(b"x"));
+        assert_eq!(with.frame_tag(b"x"), without.frame_tag(b"x"));
+        assert_eq!(crlf.frame_tag(b"x"), without.frame_tag(b"x"));
+        assert_eq!(with.datagram_tag(b"x"), without.datagram_tag(b"x"));
+        assert_eq!(crlf.datagram_tag(b"x"), without.datagram_tag(b"x"));
     }
 
     #[test]
@@ -323,5 +414,37 @@ mod tests {
     fn a_key_never_shows_its_bytes_in_debug_output() {
         let key = Key::new(b"super-secret-key-material").unwrap();
         assert!(!format!("{key:?}").contains("secret"));
+        assert_eq!(
+            format!("{:?}", key.datagram_key()),
+            "DatagramKey(<redacted>)"
+        );
+    }
+
+    #[test]
+    fn the_datagram_tag_is_keyed_blake3_under_the_derived_key_cut_to_sixteen_bytes() {
+        let bytes = b"an example cluster key, 32 bytes";
+        let key = Key::new(bytes).unwrap();
+        let derived = blake3::derive_key(DATAGRAM_MAC_CONTEXT, bytes);
+        let full = blake3::keyed_hash(&derived, b"message");
+        assert_eq!(key.datagram_tag(b"message"), full.as_bytes()[..16]);
+        // Not the raw key: the derivation keeps the BLAKE3 key apart from the HMAC key.
+        let mut raw = [0u8; 32];
+        raw.copy_from_slice(bytes);
+        assert_ne!(
+            key.datagram_tag(b"message"),
+            blake3::keyed_hash(&raw, b"message").as_bytes()[..16]
+        );
+    }
+
+    #[test]
+    fn a_datagram_tag_verifies_only_for_its_own_data_and_its_whole_length() {
+        let key = Key::new(b"an example cluster key, 32 bytes").unwrap();
+        let dk = key.datagram_key();
+        let tag = key.datagram_tag(b"data");
+        assert!(dk.verify(b"data", &tag));
+        assert!(!dk.verify(b"date", &tag));
+        assert!(!dk.verify(b"data", &tag[..15]), "a shortened tag");
+        let other = Key::new(b"a different key of the same size").unwrap();
+        assert!(!other.datagram_key().verify(b"data", &tag));
     }
 }

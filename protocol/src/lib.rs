@@ -1,28 +1,29 @@
 //! The wire format between `defib-watchdog` (one per hypervisor) and
 //! `defib-controller`.
 //!
-//! Three kinds of message, all authenticated with HMAC-SHA256 under the watchdog's own
-//! host key ([`Key`], loaded with [`load_key`]; the controller derives every enrolled
-//! host's key from its master key, [`HostKeys`]):
+//! Four kinds of message, all but the refusal authenticated under the watchdog's own host
+//! key ([`Key`], loaded with [`load_key`]; the controller derives every enrolled host's
+//! key from its master key, [`HostKeys`]):
 //!
-//! | kind | byte | transport | direction | module |
-//! |---|---|---|---|---|
-//! | heartbeat | 1 | UDP, every 100 ms on every path | watchdog → controller | [`heartbeat`] |
-//! | heartbeat ack | 2 | UDP, one per heartbeat | controller → watchdog | [`ack`] |
-//! | stream frame | 3 | TCP (any byte stream) | both | [`frame`] |
+//! | kind | byte | transport | direction | MAC | module |
+//! |---|---|---|---|---|---|
+//! | heartbeat | 1 | UDP, every 100 ms on every path | watchdog → controller | keyed BLAKE3, 16 bytes | [`heartbeat`] |
+//! | heartbeat ack | 2 | UDP, at most one per host, path and ack period | controller → watchdog | keyed BLAKE3, 16 bytes | [`ack`] |
+//! | stream frame | 3 | TCP (any byte stream) | both | HMAC-SHA256, 32 bytes | [`frame`] |
+//! | refusal | 4 | UDP, answers a heartbeat of a version the controller does not take | controller → watchdog | none (only ever logged) | [`refusal`] |
 //!
 //! Every message starts with the same preamble: the magic `"DFIB"`, the version of that
-//! kind's layout and the kind byte; all integers are big-endian. Acks and frames are at
-//! [`PROTOCOL_VERSION`] (1); heartbeats at [`HEARTBEAT_VERSION`] (2, which added the
-//! self-fence block), and version 1 heartbeats of older watchdogs are still decoded.
-//! A version is per kind so that a new heartbeat layout leaves the acks an older
-//! watchdog expects unchanged (a watchdog refusing acks would count itself isolated).
-//! The HMAC is the last 32 bytes and covers every byte before it, preamble included,
-//! so one kind can never be passed off as another. Datagrams are fixed binary
-//! layouts (decoded without allocating, for the controller's million heartbeats a
-//! second); stream frames carry a length-prefixed JSON [`Envelope`], because events
-//! are rare and their schema grows. The exact layouts are in each module's docs
-//! and in the crate's `README.md`.
+//! kind's layout and the kind byte; all integers are big-endian. Heartbeats are at
+//! [`HEARTBEAT_VERSION`] (4), acks at [`ACK_VERSION`] (3), frames at
+//! [`PROTOCOL_VERSION`] (1); no other version of a heartbeat or an ack is decoded, and a
+//! controller answers a heartbeat of another version with a refusal naming the ones it
+//! takes. A version is per kind so that a new layout of one kind leaves the others
+//! unchanged. The MAC is the last bytes of a message and covers every byte before it,
+//! preamble included, so one kind can never be passed off as another. Datagrams are
+//! fixed binary layouts (decoded without allocating, for the controller's million
+//! heartbeats a second); stream frames carry a length-prefixed JSON [`Envelope`],
+//! because events are rare and their schema grows. The exact layouts are in each
+//! module's docs and in the crate's `README.md`.
 //!
 //! # Example: one heartbeat and its ack
 //!
@@ -43,6 +44,7 @@
 //!     sent_mono_ns: 9_000_000_000,
 //!     path_index: 0,
 //!     session: 0, // none heard yet
+//!     ack_period_ms: 375, // an eighth of a 3 s isolation timeout
 //!     status: HostStatus { vm_count: 12, libvirt_reachable: true, ..HostStatus::default() },
 //! };
 //! let datagram = encode_heartbeat(&hb, &key)?;
@@ -56,10 +58,12 @@
 //! assert_eq!(accepted.freshness, Freshness::First);
 //! // It does not echo this process's session yet: acked, but no sign of life.
 //! assert!(!accepted.proven);
+//! assert!(accepted.ack_due, "receive() acks every heartbeat; receive_paced() paces");
 //! let answer = Ack::answering(&accepted.heartbeat, "ctl-a", 1_790_000_000_001_000_000)
 //!     .with_session(session)
-//!     .counting(accepted.proven);
-//! let ack = encode_ack(&answer, &key)?;
+//!     .counting(accepted.ack_counts);
+//! // Signed with the key the heartbeat was verified with.
+//! let ack = encode_ack(&answer, &accepted.key)?;
 //! assert_eq!(receiver.receive(&datagram).unwrap_err(), RejectReason::Replayed);
 //!
 //! // Back on the watchdog.
@@ -105,9 +109,13 @@ pub mod heartbeat;
 mod hostkeys;
 mod ids;
 mod key;
+pub mod refusal;
 mod wire;
 
-pub use ack::{decode_ack, encode_ack, Ack, ACK_VERSION, KIND_ACK, MAX_ACK_LEN};
+pub use ack::{
+    ack_spacing_ms, decode_ack, encode_ack, Ack, AckPacer, ACK_PERIOD_CEILING_MS,
+    ACK_PERIOD_FLOOR_MS, ACK_VERSION, KIND_ACK, MAX_ACK_LEN,
+};
 pub use error::{DecodeError, EncodeError, RejectCounters, RejectReason};
 #[cfg(feature = "codec")]
 pub use frame::frame_codec;
@@ -122,7 +130,8 @@ pub use guard::{
 };
 pub use heartbeat::{
     decode_heartbeat, decode_heartbeat_keyed, encode_heartbeat, Heartbeat, HostStatus, NotArmed,
-    SelfFence, HEARTBEAT_VERSION, KIND_HEARTBEAT, MAX_HEARTBEAT_LEN, MIN_HEARTBEAT_LEN,
+    SelfFence, HEARTBEAT_VERSION, HEARTBEAT_VERSIONS, KIND_HEARTBEAT, MAX_HEARTBEAT_LEN,
+    MIN_HEARTBEAT_LEN,
 };
 pub use hostkeys::{HostKeys, MasterKey};
 pub use ids::{
@@ -130,15 +139,18 @@ pub use ids::{
     BOOT_ID_PATH, MAX_CLUSTER_ID_LEN, MAX_CONTROLLER_ID_LEN, MAX_HOST_ID_LEN,
 };
 pub use key::{
-    check_secret_file_mode, load_key, Key, KeyError, KeyTooShort, SecretFileError, MAC_LEN,
-    MIN_KEY_LEN, SECRET_MODE_FORBIDDEN,
+    check_secret_file_mode, load_key, DatagramKey, Key, KeyError, KeyTooShort, SecretFileError,
+    DATAGRAM_MAC_CONTEXT, DATAGRAM_MAC_LEN, MAC_LEN, MIN_KEY_LEN, SECRET_MODE_FORBIDDEN,
+};
+pub use refusal::{
+    decode_refusal, refusal_for, Refusal, RefusedHeartbeat, KIND_REFUSAL, REFUSAL_VERSION,
 };
 
 /// The four bytes every message starts with.
 pub const MAGIC: [u8; 4] = *b"DFIB";
 
-/// The version of the ack and stream frame layouts. A receiver refuses any other for
-/// them (heartbeats have their own, [`HEARTBEAT_VERSION`]).
+/// The version of the stream frame layout. A receiver refuses any other for it
+/// (heartbeats and acks have their own, [`HEARTBEAT_VERSION`] and [`ACK_VERSION`]).
 pub const PROTOCOL_VERSION: u8 = 1;
 
 /// The receive buffer for one heartbeat or ack datagram, the one size every receiver

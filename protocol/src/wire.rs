@@ -4,7 +4,7 @@
 
 use crate::error::DecodeError;
 use crate::ids::IdError;
-use crate::key::{Key, MAC_LEN};
+use crate::key::{DatagramKey, Key, DATAGRAM_MAC_LEN};
 use crate::{MAGIC, PROTOCOL_VERSION};
 
 /// Size of the header every datagram and frame starts with: magic, version, kind.
@@ -81,6 +81,8 @@ pub(crate) fn check_preamble(buf: &[u8], expected_kind: u8) -> Result<(), Decode
 
 /// Checks the magic, the version (one of `versions`: each kind's layout has its own
 /// version, see the crate docs) and the kind at the start of `buf`; returns the version.
+/// A version older than all of `versions` is [`DecodeError::OldVersion`], any other
+/// unknown one [`DecodeError::UnsupportedVersion`].
 ///
 /// The magic is checked on whatever prefix arrived, so a short datagram of someone
 /// else's protocol counts as bad magic, not as truncated. The kind is checked before
@@ -106,23 +108,32 @@ pub(crate) fn check_preamble_of(
         });
     }
     if !versions.contains(&version) {
+        if versions.iter().all(|v| version < *v) {
+            return Err(DecodeError::OldVersion(version));
+        }
         return Err(DecodeError::UnsupportedVersion(version));
     }
     Ok(version)
 }
 
-/// After the body has been read: exactly [`MAC_LEN`] bytes must remain, and they must
-/// be the HMAC of everything before them.
-pub(crate) fn check_trailing_mac(buf: &[u8], r: &Reader<'_>, key: &Key) -> Result<(), DecodeError> {
+/// After a datagram's body has been read: exactly [`DATAGRAM_MAC_LEN`] bytes must
+/// remain, and they must be the keyed-BLAKE3 tag of everything before them.
+pub(crate) fn check_trailing_mac(
+    buf: &[u8],
+    r: &Reader<'_>,
+    key: &DatagramKey,
+) -> Result<(), DecodeError> {
     let body_end = r.position();
     match r.remaining() {
-        n if n < MAC_LEN => {
+        n if n < DATAGRAM_MAC_LEN => {
             return Err(DecodeError::Truncated {
-                need: body_end.saturating_add(MAC_LEN),
+                need: body_end.saturating_add(DATAGRAM_MAC_LEN),
                 have: buf.len(),
             })
         }
-        n if n > MAC_LEN => return Err(DecodeError::Malformed("trailing bytes after the MAC")),
+        n if n > DATAGRAM_MAC_LEN => {
+            return Err(DecodeError::Malformed("trailing bytes after the MAC"))
+        }
         _ => {}
     }
     let (signed, tag) = buf
@@ -156,7 +167,14 @@ pub(crate) fn put_short_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-pub(crate) fn append_mac(out: &mut Vec<u8>, key: &Key) {
-    let tag = key.sign(out);
+/// Appends the datagram tag (keyed BLAKE3, [`DATAGRAM_MAC_LEN`] bytes) of `out`.
+pub(crate) fn append_datagram_mac(out: &mut Vec<u8>, key: &DatagramKey) {
+    let tag = key.tag(out);
+    out.extend_from_slice(&tag);
+}
+
+/// Appends the frame tag (HMAC-SHA256, [`crate::MAC_LEN`] bytes) of `out`.
+pub(crate) fn append_frame_mac(out: &mut Vec<u8>, key: &Key) {
+    let tag = key.frame_tag(out);
     out.extend_from_slice(&tag);
 }

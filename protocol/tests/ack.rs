@@ -1,7 +1,9 @@
 mod common;
 
 use common::*;
-use protocol::{decode_ack, encode_ack, encode_heartbeat, Ack, DecodeError, MAC_LEN, MAX_ACK_LEN};
+use protocol::{
+    decode_ack, encode_ack, encode_heartbeat, Ack, DecodeError, DATAGRAM_MAC_LEN, MAX_ACK_LEN,
+};
 
 #[test]
 fn an_ack_survives_encoding_and_decoding_unchanged() {
@@ -66,7 +68,7 @@ fn an_ack_with_a_flipped_bit_is_never_accepted() {
 fn an_ack_with_a_forged_mac_is_rejected_as_forged() {
     let mut bytes = encode_ack(&ack_for(&heartbeat(7, 100)), &key()).unwrap();
     let n = bytes.len();
-    bytes[n - MAC_LEN] ^= 1;
+    bytes[n - DATAGRAM_MAC_LEN] ^= 1;
     assert_eq!(decode_ack(&bytes, &key()), Err(DecodeError::BadMac));
     let other = encode_ack(&ack_for(&heartbeat(7, 100)), &other_key()).unwrap();
     assert_eq!(decode_ack(&other, &key()), Err(DecodeError::BadMac));
@@ -124,4 +126,40 @@ fn an_ack_with_an_empty_controller_id_cannot_be_encoded() {
         ..ack_for(&heartbeat(1, 1))
     };
     assert!(encode_ack(&ack, &key()).is_err());
+}
+
+#[test]
+fn the_encoded_ack_follows_the_documented_layout_and_ends_with_its_blake3_tag() {
+    let mut hb = heartbeat(7, 100);
+    hb.path_index = 3;
+    let ack = ack_for(&hb).with_session(0x5e55).counting(true);
+    let bytes = encode_ack(&ack, &key()).unwrap();
+    assert_eq!(&bytes[0..4], b"DFIB");
+    assert_eq!(bytes[4], 3, "ack layout version");
+    assert_eq!(bytes[5], 2, "kind");
+    assert_eq!(bytes[6], 3, "path index");
+    assert_eq!(bytes[7], 1, "flags: counts");
+    assert_eq!(bytes[32..40], 100u64.to_be_bytes(), "sequence");
+    assert_eq!(bytes[40..48], hb.sent_mono_ns.to_be_bytes(), "send time");
+    assert_eq!(bytes[56..64], 0x5e55u64.to_be_bytes(), "session");
+    assert_eq!(bytes[64] as usize, CLUSTER.len());
+    let mac_at = 64 + 1 + CLUSTER.len() + 1 + HOST.len() + 1 + CONTROLLER.len();
+    assert_eq!(bytes.len(), mac_at + DATAGRAM_MAC_LEN);
+    assert_eq!(bytes[mac_at..], key().datagram_tag(&bytes[..mac_at]));
+}
+
+#[test]
+fn an_ack_of_the_previous_layout_is_refused_as_old() {
+    let mut bytes = encode_ack(&ack_for(&heartbeat(7, 100)), &key()).unwrap();
+    bytes[4] = 2;
+    assert_eq!(decode_ack(&bytes, &key()), Err(DecodeError::OldVersion(2)));
+}
+
+#[test]
+fn an_ack_signed_with_the_key_a_receiver_handed_on_is_the_one_signed_with_the_key() {
+    let ack = ack_for(&heartbeat(7, 100));
+    assert_eq!(
+        encode_ack(&ack, key().datagram_key()).unwrap(),
+        encode_ack(&ack, &key()).unwrap()
+    );
 }

@@ -3,7 +3,7 @@ mod common;
 use common::*;
 use protocol::{
     decode_heartbeat, encode_heartbeat, DecodeError, EncodeError, Heartbeat, IdError, NotArmed,
-    RejectReason, SelfFence, MAC_LEN, MAX_HEARTBEAT_LEN, MIN_HEARTBEAT_LEN,
+    RejectReason, SelfFence, DATAGRAM_MAC_LEN, MAX_HEARTBEAT_LEN, MIN_HEARTBEAT_LEN,
 };
 
 fn encoded() -> Vec<u8> {
@@ -74,12 +74,10 @@ fn a_not_armed_self_fence_carries_its_reason_and_clears_the_armed_flag() {
 /// Re-signs `bytes` after an edit (the MAC covers every byte before it), with the key
 /// of [`key`].
 fn resign(mut bytes: Vec<u8>) -> Vec<u8> {
-    use hmac::Mac as _;
-    let n = bytes.len() - MAC_LEN;
+    let n = bytes.len() - DATAGRAM_MAC_LEN;
     bytes.truncate(n);
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(KEY_BYTES).unwrap();
-    mac.update(&bytes);
-    bytes.extend_from_slice(&mac.finalize().into_bytes());
+    let tag = key().datagram_tag(&bytes);
+    bytes.extend_from_slice(&tag);
     bytes
 }
 
@@ -108,38 +106,61 @@ fn a_signed_heartbeat_whose_armed_flag_disagrees_with_its_self_fence_block_is_ma
     ));
 }
 
-/// A version 1 datagram, as watchdogs before the self-fence block sent it.
-fn version_one(armed: bool) -> Vec<u8> {
-    let bytes = encode_heartbeat(&heartbeat(7, 100), &key()).unwrap();
-    let mut v1 = bytes[..72].to_vec();
-    v1[4] = 1;
-    if armed {
-        v1[7] |= 0b100;
-    }
-    v1.extend_from_slice(&bytes[93..bytes.len() - MAC_LEN]);
-    v1.extend_from_slice(&[0; MAC_LEN]);
-    resign(v1)
-}
-
-/// A version 2 datagram, as watchdogs before the echoed session sent it.
-fn version_two(hb: &protocol::Heartbeat<'_>) -> Vec<u8> {
-    let bytes = encode_heartbeat(hb, &key()).unwrap();
-    let mut v2 = bytes[..85].to_vec();
-    v2[4] = 2;
-    v2.extend_from_slice(&bytes[93..bytes.len() - MAC_LEN]);
-    v2.extend_from_slice(&[0; MAC_LEN]);
-    resign(v2)
+/// A version 3 datagram, as watchdogs before the ack period and keyed BLAKE3 sent it
+/// (their HMAC is all zeros here: the version is refused before any MAC is looked at).
+fn version_three() -> Vec<u8> {
+    let bytes = encoded();
+    let mut v3 = bytes[..93].to_vec();
+    v3[4] = 3;
+    v3.extend_from_slice(&bytes[97..bytes.len() - DATAGRAM_MAC_LEN]);
+    v3.extend_from_slice(&[0; 32]);
+    v3
 }
 
 #[test]
-fn a_version_two_heartbeat_is_still_decoded_with_session_zero() {
+fn a_heartbeat_of_an_older_layout_is_refused_as_old_whatever_its_mac() {
+    let v3 = version_three();
+    assert_eq!(
+        decode_heartbeat(&v3, &key()),
+        Err(DecodeError::OldVersion(3))
+    );
+    assert_eq!(
+        DecodeError::OldVersion(3).reason().as_str(),
+        "old_version",
+        "the label the controller counts it under"
+    );
+    for version in [1, 2] {
+        let mut old = v3.clone();
+        old[4] = version;
+        assert_eq!(
+            decode_heartbeat(&old, &key()),
+            Err(DecodeError::OldVersion(version))
+        );
+    }
+}
+
+#[test]
+fn a_heartbeat_of_a_newer_layout_is_refused_as_unsupported() {
+    let mut bytes = encoded();
+    bytes[4] = 5;
+    let bytes = resign(bytes);
+    assert_eq!(
+        decode_heartbeat(&bytes, &key()),
+        Err(DecodeError::UnsupportedVersion(5))
+    );
+    assert_eq!(
+        DecodeError::UnsupportedVersion(5).reason(),
+        RejectReason::BadVersion
+    );
+}
+
+#[test]
+fn a_heartbeat_carries_the_ack_period_it_asks_for() {
     let mut hb = heartbeat(7, 100);
-    hb.session = 99;
-    let bytes = version_two(&hb);
-    let back = decode_heartbeat(&bytes, &key()).unwrap();
-    assert_eq!(back.session, 0);
-    assert_eq!(back.status, hb.status);
-    assert_eq!(version_two(&hb).len() + 8, encoded().len());
+    hb.ack_period_ms = 0x0102_0304;
+    let bytes = encode_heartbeat(&hb, &key()).unwrap();
+    assert_eq!(bytes[93..97], [1, 2, 3, 4]);
+    assert_eq!(decode_heartbeat(&bytes, &key()).unwrap(), hb);
 }
 
 #[test]
@@ -149,25 +170,6 @@ fn a_heartbeat_carries_the_session_it_echoes() {
     let bytes = encode_heartbeat(&hb, &key()).unwrap();
     assert_eq!(bytes[85..93], hb.session.to_be_bytes());
     assert_eq!(decode_heartbeat(&bytes, &key()).unwrap(), hb);
-}
-
-#[test]
-fn a_version_one_heartbeat_is_still_accepted_but_its_armed_flag_counts_as_unproven() {
-    let (armed_bytes, off_bytes) = (version_one(true), version_one(false));
-    let armed = decode_heartbeat(&armed_bytes, &key()).unwrap();
-    assert_eq!(
-        armed.status.self_fence,
-        SelfFence::NotArmed {
-            timeout_ms: 0,
-            reason: NotArmed::Unproven
-        }
-    );
-    assert_eq!(armed.status.self_fence.armed_timeout_ms(), None);
-    assert_eq!(armed.status.vm_count, 42);
-    assert_eq!(armed.host_id, HOST);
-    let off = decode_heartbeat(&off_bytes, &key()).unwrap();
-    assert_eq!(off.status.self_fence, SelfFence::Off);
-    assert_eq!(version_one(false).len() + 13 + 8, encoded().len());
 }
 
 #[test]
@@ -191,7 +193,7 @@ fn an_unknown_not_armed_code_from_a_newer_watchdog_decodes_as_not_armed() {
 fn the_encoded_heartbeat_starts_with_the_documented_fixed_layout() {
     let bytes = encoded();
     assert_eq!(&bytes[0..4], b"DFIB");
-    assert_eq!(bytes[4], 3, "heartbeat layout version");
+    assert_eq!(bytes[4], 4, "heartbeat layout version");
     assert_eq!(bytes[5], 1, "kind");
     assert_eq!(bytes[6], 0, "path index");
     assert_eq!(bytes[7], 0b10, "flags: libvirt reachable only");
@@ -202,10 +204,21 @@ fn the_encoded_heartbeat_starts_with_the_documented_fixed_layout() {
     assert_eq!(bytes[72..76], [0; 4], "self-fence timeout: off");
     assert_eq!(bytes[76], 0, "self-fence state: off");
     assert_eq!(bytes[85..93], [0; 8], "echoed session: none yet");
-    assert_eq!(bytes[93] as usize, CLUSTER.len());
+    assert_eq!(bytes[93..97], 375u32.to_be_bytes(), "ack period asked");
+    assert_eq!(bytes[97] as usize, CLUSTER.len());
+    assert_eq!(&bytes[98..98 + CLUSTER.len()], CLUSTER.as_bytes());
+    let host_at = 98 + CLUSTER.len();
+    assert_eq!(bytes[host_at] as usize, HOST.len());
     assert_eq!(
-        bytes.len(),
-        93 + 1 + CLUSTER.len() + 1 + HOST.len() + MAC_LEN
+        &bytes[host_at + 1..host_at + 1 + HOST.len()],
+        HOST.as_bytes()
+    );
+    let mac_at = host_at + 1 + HOST.len();
+    assert_eq!(bytes.len(), mac_at + DATAGRAM_MAC_LEN);
+    assert_eq!(
+        bytes[mac_at..],
+        key().datagram_tag(&bytes[..mac_at]),
+        "keyed BLAKE3 over every byte before it"
     );
 }
 
@@ -254,7 +267,7 @@ fn a_heartbeat_signed_with_another_key_is_rejected_as_forged() {
 fn a_heartbeat_with_its_mac_replaced_by_zeros_is_rejected_as_forged() {
     let mut bytes = encoded();
     let n = bytes.len();
-    bytes[n - MAC_LEN..].fill(0);
+    bytes[n - DATAGRAM_MAC_LEN..].fill(0);
     assert_eq!(decode_heartbeat(&bytes, &key()), Err(DecodeError::BadMac));
 }
 
@@ -307,10 +320,10 @@ fn a_datagram_of_another_protocol_is_rejected_for_its_magic() {
 #[test]
 fn a_heartbeat_of_another_protocol_version_is_rejected_for_its_version() {
     let mut bytes = encoded();
-    bytes[4] = 4;
+    bytes[4] = 200;
     assert_eq!(
         decode_heartbeat(&bytes, &key()),
-        Err(DecodeError::UnsupportedVersion(4))
+        Err(DecodeError::UnsupportedVersion(200))
     );
 }
 
@@ -339,8 +352,9 @@ fn a_heartbeat_with_reserved_flag_bits_set_is_rejected_as_malformed() {
 #[test]
 fn a_heartbeat_whose_host_id_is_not_utf8_is_rejected_as_malformed() {
     let mut bytes = encoded();
-    let host_at = 72 + 1 + CLUSTER.len() + 1;
+    let host_at = 97 + 1 + CLUSTER.len() + 1;
     bytes[host_at] = 0xff;
+    let bytes = resign(bytes);
     assert!(matches!(
         decode_heartbeat(&bytes, &key()),
         Err(DecodeError::Malformed(_))

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use common::*;
 use protocol::{
-    encode_ack, encode_frame, encode_heartbeat, AckReceiver, BootId, DecodeError, Direction,
-    Envelope, FrameDecoder, FrameKeys, Heartbeat, HeartbeatReceiver, HostKeys, MasterKey, Message,
-    RejectReason,
+    decode_ack, encode_ack, encode_frame, encode_heartbeat, AckReceiver, BootId, DecodeError,
+    Direction, Envelope, FrameDecoder, FrameKeys, Heartbeat, HeartbeatReceiver, HostKeys,
+    MasterKey, Message, RejectReason,
 };
 
 const SESSION: u64 = 0x1234_5678_9abc_def0;
@@ -216,4 +216,74 @@ fn the_length_delimited_codec_hands_over_whole_frames_and_refuses_a_huge_one_fro
         codec.decode(&mut buf).is_err(),
         "refused from the header alone"
     );
+}
+
+/// What the receiver said of `hb`, signed by its host, at `now_ms`: (proven, ack due,
+/// ack counts), and the ack (signed with the key it handed on) if due.
+fn paced(
+    rx: &mut HeartbeatReceiver,
+    hb: &Heartbeat<'_>,
+    now_ms: u64,
+    acting: bool,
+) -> (bool, bool, bool, Option<Vec<u8>>) {
+    let bytes = signed_by(hb, HOST);
+    let got = rx.receive_paced(&bytes, now_ms, acting).unwrap();
+    let ack = got.ack_due.then(|| {
+        encode_ack(
+            &ack_for(&heartbeat(hb.incarnation, hb.sequence)).counting(got.ack_counts),
+            &got.key,
+        )
+        .unwrap()
+    });
+    (got.proven, got.ack_due, got.ack_counts, ack)
+}
+
+fn with_session(sequence: u64, session: u64) -> Heartbeat<'static> {
+    Heartbeat {
+        session,
+        ..heartbeat(7, sequence)
+    }
+}
+
+#[test]
+fn the_controller_acks_each_path_once_per_period_with_the_key_the_heartbeat_was_verified_with() {
+    let mut rx = receiver(&[HOST]);
+    let key = master().host_key(HOST);
+    let mut acked = Vec::new();
+    // Every 100 ms on path 0, asking for an ack every 375 ms (a 3 s isolation timeout).
+    for k in 0..10u64 {
+        let (proven, _, counts, ack) =
+            paced(&mut rx, &with_session(100 + k, SESSION), k * 100, true);
+        assert!(proven && counts);
+        if let Some(ack) = ack {
+            decode_ack(&ack, &key).expect("signed with the host's own key");
+            acked.push(k * 100);
+        }
+    }
+    assert_eq!(acked, [0, 300, 600, 900]);
+}
+
+#[test]
+fn a_heartbeat_that_does_not_echo_the_session_is_acked_at_once_without_counting() {
+    let mut rx = receiver(&[HOST]);
+    let (proven, due, counts, _) = paced(&mut rx, &with_session(100, 0x0bad_5e55), 0, true);
+    assert!(!proven && due && !counts, "the session is taught at once");
+    // The watchdog learnt it: its next heartbeat counts and is acked at once too.
+    let (_, due, counts, _) = paced(&mut rx, &with_session(101, SESSION), 100, true);
+    assert!(due && counts);
+    let (_, due, _, _) = paced(&mut rx, &with_session(102, SESSION), 200, true);
+    assert!(!due, "then paced");
+}
+
+#[test]
+fn a_follower_paces_its_acks_too_and_none_of_them_counts() {
+    let mut rx = receiver(&[HOST]);
+    let mut due = 0;
+    for k in 0..10u64 {
+        let (proven, d, counts, _) =
+            paced(&mut rx, &with_session(100 + k, SESSION), k * 100, false);
+        assert!(proven && !counts);
+        due += usize::from(d);
+    }
+    assert_eq!(due, 4);
 }

@@ -68,6 +68,24 @@ fn decoding_and_accepting_heartbeats_allocates_nothing() {
 }
 
 #[test]
+fn pacing_the_acks_of_a_known_host_path_allocates_nothing() {
+    let key = key();
+    let datagrams: Vec<Vec<u8>> = (0..1000)
+        .map(|seq| encode_heartbeat(&heartbeat(7, seq), &key).unwrap())
+        .collect();
+    let mut rx = HeartbeatReceiver::new(key.clone(), CLUSTER);
+    // Warm-up: the host's entry and its path's pacing slot.
+    rx.receive_paced(&datagrams[0], 0, true).unwrap();
+    let before = allocations();
+    let mut acked = 0;
+    for (ms, bytes) in (1u64..).zip(&datagrams[1..]) {
+        acked += usize::from(rx.receive_paced(bytes, ms * 10, true).unwrap().ack_due);
+    }
+    assert_eq!(allocations() - before, 0);
+    assert!(acked > 0 && acked < 999, "paced: {acked}");
+}
+
+#[test]
 fn encoding_a_heartbeat_into_a_reused_buffer_allocates_nothing() {
     let key = key();
     let mut buf = Vec::new();

@@ -6,9 +6,9 @@ mod common;
 use common::*;
 use proptest::prelude::*;
 use protocol::{
-    decode_ack, decode_frame, decode_heartbeat, encode_ack, encode_frame, encode_heartbeat, Ack,
-    BootId, Direction, Envelope, Event, EventPayload, FrameDecoder, Heartbeat, HeartbeatReceiver,
-    HostStatus, Message, VmInfo,
+    decode_ack, decode_frame, decode_heartbeat, decode_refusal, encode_ack, encode_frame,
+    encode_heartbeat, refusal_for, Ack, BootId, Direction, Envelope, Event, EventPayload,
+    FrameDecoder, Heartbeat, HeartbeatReceiver, HostStatus, Message, VmInfo,
 };
 
 fn id_string(max: usize) -> impl Strategy<Value = String> {
@@ -64,7 +64,8 @@ fn heartbeat_from(p: &Parts) -> Heartbeat<'_> {
         sent_unix_ns: n.2,
         sent_mono_ns: n.3,
         path_index: *path,
-        session: 0,
+        session: n.0 ^ n.1,
+        ack_period_ms: c.0 ^ c.1,
         status: HostStatus {
             vm_count: c.0,
             stalled_vm_count: c.1,
@@ -300,11 +301,37 @@ proptest! {
         let _ = decode_heartbeat(&bytes, &key);
         let _ = decode_ack(&bytes, &key);
         let _ = decode_frame(&bytes, &key);
+        let _ = decode_refusal(&bytes);
+        let _ = refusal_for(&bytes, &mut Vec::new());
         let mut dec = FrameDecoder::new(key.clone(), Direction::ToController);
         dec.push(&bytes);
         let _ = dec.next_frame();
         let mut rx = HeartbeatReceiver::new(key, CLUSTER);
         prop_assert!(rx.receive(&bytes).is_err());
+    }
+
+    #[test]
+    fn a_refusal_is_always_shorter_than_the_heartbeat_it_answers_and_names_its_version(
+        version in any::<u8>(),
+        tail in proptest::collection::vec(any::<u8>(), 0..600),
+    ) {
+        let mut bytes = b"DFIB".to_vec();
+        bytes.push(version);
+        bytes.push(protocol::KIND_HEARTBEAT);
+        bytes.extend(tail);
+        let mut out = vec![0xee];
+        match refusal_for(&bytes, &mut out) {
+            // This build's own version is judged, not refused.
+            None => prop_assert_eq!(version, protocol::HEARTBEAT_VERSION),
+            Some(seen) => {
+                prop_assert_eq!(seen.version, version);
+                if !out.is_empty() {
+                    prop_assert!(out.len() < bytes.len());
+                    let r = decode_refusal(&out).unwrap();
+                    prop_assert_eq!(r.refused_version, version);
+                }
+            }
+        }
     }
 
     #[test]
@@ -319,6 +346,7 @@ proptest! {
         let _ = decode_heartbeat(&bytes, &key);
         let _ = decode_ack(&bytes, &key);
         let _ = decode_frame(&bytes, &key);
+        let _ = decode_refusal(&bytes);
         let mut dec = FrameDecoder::new(key, Direction::ToWatchdog);
         dec.push(&bytes);
         let _ = dec.next_frame();

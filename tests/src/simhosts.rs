@@ -66,6 +66,7 @@ pub fn spawn_heartbeats(
                         sent_mono_ns: seq * 100_000_000,
                         path_index: 0,
                         session,
+                        ack_period_ms: 375,
                         status: HostStatus::default(),
                     },
                     &master.host_key(&host),

@@ -267,6 +267,7 @@ fn heartbeat(cluster: &str, host: &str, seq: u64, session: u64, key: &Key) -> Ve
             sent_mono_ns: seq * 100_000_000,
             path_index: 0,
             session,
+            ack_period_ms: 375,
             status: HostStatus {
                 libvirt_reachable: true,
                 ..HostStatus::default()

@@ -197,7 +197,7 @@ pub struct ControllerConfig {
     /// which one leads: the followers refuse the stream (they close it after the
     /// `Hello`) and the watchdog tries the next address. Exclusive with `event_addr`.
     pub event_addrs: Vec<String>,
-    /// File holding this host's own HMAC key, as `defibctl hosts enroll` hands it out.
+    /// File holding this host's own key, as `defibctl hosts enroll` hands it out.
     pub key_file: PathBuf,
     /// PEM file of the CA(s) that signed the controllers' certificate. Set: the event
     /// stream speaks TLS (the controllers must have `[tls]`); unset: plain TCP, and a
@@ -444,7 +444,7 @@ impl ControllerConfig {
         if self.key_file.as_os_str().is_empty() {
             return Err(invalid(
                 "controller.key_file",
-                "is required (a file holding the cluster's HMAC key)",
+                "is required (a file holding this host's key)",
             ));
         }
         check_range(
@@ -539,7 +539,7 @@ impl ControllerConfig {
             })
     }
 
-    /// Reads the HMAC key named by `key_file`; a missing, empty or short key is a
+    /// Reads the key named by `key_file`; a missing, empty or short key is a
     /// configuration error naming `controller.key_file`.
     pub fn load_key(&self) -> Result<protocol::Key, ConfigError> {
         protocol::load_key(&self.key_file)

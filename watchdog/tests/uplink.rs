@@ -3,13 +3,13 @@
 //! does not depend on the probes.
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use protocol::{
     encode_ack, encode_frame, Ack, BootId, Direction, Envelope, Event, EventDedup, EventPayload,
-    EventVerdict, FrameDecoder, HeartbeatReceiver, HostStatus, Key, Message,
+    EventVerdict, FrameDecoder, HeartbeatReceiver, HostStatus, Key, Message, Refusal,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, UdpSocket};
@@ -68,6 +68,11 @@ struct FakeController {
     heartbeat_addrs: Vec<SocketAddr>,
     seen: Arc<Mutex<Seen>>,
     ack_heartbeats: Arc<AtomicBool>,
+    /// Answer every heartbeat with a refusal (as a controller of another release does)
+    /// instead of judging it.
+    refuse_heartbeats: Arc<AtomicBool>,
+    /// Acks sent: at most one per path and ack period, as a real controller paces them.
+    acks_sent: Arc<AtomicU64>,
     store_events: Arc<AtomicBool>,
     leading: Arc<AtomicBool>,
     drop_streams: tokio::sync::watch::Sender<u64>,
@@ -77,8 +82,11 @@ impl FakeController {
     async fn start(paths: usize, ack_key: Key) -> FakeController {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let ack_heartbeats = Arc::new(AtomicBool::new(true));
+        let refuse_heartbeats = Arc::new(AtomicBool::new(false));
+        let acks_sent = Arc::new(AtomicU64::new(0));
         let store_events = Arc::new(AtomicBool::new(true));
         let receiver = Arc::new(Mutex::new(HeartbeatReceiver::new(key(), CLUSTER)));
+        let started = Instant::now();
         let mut heartbeat_addrs = Vec::new();
         for socket_index in 0..paths {
             let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -89,14 +97,27 @@ impl FakeController {
                 ack_heartbeats.clone(),
                 ack_key.clone(),
             );
+            let (refusing, acks_sent) = (refuse_heartbeats.clone(), acks_sent.clone());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; protocol::DATAGRAM_RECV_BUFFER_LEN];
                 loop {
                     let (n, from) = socket.recv_from(&mut buf).await.unwrap();
+                    if refusing.load(Ordering::SeqCst) {
+                        let mut refusal = Vec::new();
+                        Refusal {
+                            refused_kind: protocol::KIND_HEARTBEAT,
+                            refused_version: buf[4],
+                            accepted_versions: &[protocol::HEARTBEAT_VERSION + 1],
+                        }
+                        .encode_into(&mut refusal);
+                        let _ = socket.send_to(&refusal, from).await;
+                        continue;
+                    }
                     let ack = {
                         let mut receiver = receiver.lock().unwrap();
                         let mut seen = seen.lock().unwrap();
-                        match receiver.receive(&buf[..n]) {
+                        let now_ms = started.elapsed().as_millis() as u64;
+                        match receiver.receive_paced(&buf[..n], now_ms, true) {
                             Ok(accepted) => {
                                 let hb = accepted.heartbeat;
                                 seen.heartbeats.push(SeenHeartbeat {
@@ -107,7 +128,7 @@ impl FakeController {
                                     boot_id: hb.boot_id,
                                     status: hb.status,
                                 });
-                                acking.load(Ordering::SeqCst).then(|| {
+                                (accepted.ack_due && acking.load(Ordering::SeqCst)).then(|| {
                                     encode_ack(&Ack::answering(&hb, "fake-ctl", 1), &ack_key)
                                         .unwrap()
                                 })
@@ -119,6 +140,7 @@ impl FakeController {
                         }
                     };
                     if let Some(ack) = ack {
+                        acks_sent.fetch_add(1, Ordering::SeqCst);
                         let _ = socket.send_to(&ack, from).await;
                     }
                 }
@@ -128,6 +150,8 @@ impl FakeController {
             heartbeat_addrs,
             seen,
             ack_heartbeats,
+            refuse_heartbeats,
+            acks_sent,
             store_events,
             leading: Arc::new(AtomicBool::new(true)),
             drop_streams: tokio::sync::watch::channel(0).0,
@@ -484,6 +508,60 @@ async fn acks_make_the_watchdog_reachable_and_their_absence_isolates_it_after_th
 
     controller.ack_heartbeats.store(true, Ordering::SeqCst);
     wait_for_state(&uplink, Reachability::Reachable).await;
+    uplink.shutdown().await;
+}
+
+#[tokio::test]
+async fn with_acks_paced_by_the_controller_the_watchdog_stays_reachable_through_many_timeouts() {
+    let controller = FakeController::start(2, key()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let uplink = start_uplink(uplink_config(
+        dir.path(),
+        controller.heartbeat_addrs.clone(),
+        free_port_addr(),
+    ));
+    wait_for_state(&uplink, Reachability::Reachable).await;
+    let (heartbeats0, acks0) = (
+        controller.seen().heartbeats.len(),
+        controller.acks_sent.load(Ordering::SeqCst),
+    );
+    // Five isolation timeouts (300 ms) of heartbeats every 20 ms, asking for an ack every
+    // 37 ms (an eighth of the timeout): acked about every other heartbeat on each path.
+    let mut states = uplink.reachability();
+    let stayed = tokio::time::timeout(Duration::from_millis(1500), async {
+        loop {
+            states.changed().await.unwrap();
+            if states.borrow().state != Reachability::Reachable {
+                return states.borrow().state;
+            }
+        }
+    })
+    .await;
+    assert!(stayed.is_err(), "left reachable: {stayed:?}");
+    let heartbeats = (controller.seen().heartbeats.len() - heartbeats0) as u64;
+    let acks = controller.acks_sent.load(Ordering::SeqCst) - acks0;
+    assert!(
+        acks > 0 && acks * 10 < heartbeats * 8,
+        "{acks} acks for {heartbeats} heartbeats: not paced"
+    );
+    uplink.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_controller_that_refuses_this_heartbeat_version_leaves_the_watchdog_unreached() {
+    let controller = FakeController::start(1, key()).await;
+    controller.refuse_heartbeats.store(true, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let uplink = start_uplink(uplink_config(
+        dir.path(),
+        controller.heartbeat_addrs.clone(),
+        free_port_addr(),
+    ));
+    // A refusal is no ack: unconfirmed, then isolated once the timeout has run out,
+    // heartbeating all along (the refusal itself is logged).
+    wait_for_state(&uplink, Reachability::Isolated).await;
+    let r = uplink.reachability();
+    assert_eq!(r.borrow().last_acked_send_mono_ns, None);
     uplink.shutdown().await;
 }
 

@@ -156,7 +156,7 @@ pub struct ControllerSection {
     pub id: String,
     /// Only heartbeats and streams of this cluster are taken in.
     pub cluster_id: String,
-    /// The master key (≥ 16 bytes, mode 0600): each enrolled host's HMAC key is derived
+    /// The master key (≥ 16 bytes, mode 0600): each enrolled host's key is derived
     /// from it by HKDF over the host id (`defibctl hosts enroll` prints a host's key).
     pub key_file: PathBuf,
     /// UDP addresses for heartbeats, one per network path.

@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let bytes = if sign {
-        common::signed(rest.to_vec())
+        common::signed_datagram(rest.to_vec())
     } else {
         rest.to_vec()
     };

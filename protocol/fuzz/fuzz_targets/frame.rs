@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
         frame.extend_from_slice(b"DFIB\x01\x03\x00\x00");
         frame.extend_from_slice(&len.to_be_bytes());
         frame.extend_from_slice(rest);
-        common::signed(frame)
+        common::signed_frame(frame)
     } else {
         rest.to_vec()
     };

@@ -32,6 +32,7 @@ pub fn heartbeat(incarnation: u64, sequence: u64) -> Heartbeat<'static> {
         sent_mono_ns: 5_000_000_000 + sequence * 100_000_000,
         path_index: 0,
         session: 0,
+        ack_period_ms: 375,
         status: HostStatus {
             vm_count: 42,
             stalled_vm_count: 1,

@@ -3,15 +3,26 @@
 //!
 //! Every `heartbeat_interval` one datagram goes out on every path, each with the next
 //! number of one sequence shared by all paths (the controller's replay window spans
-//! paths). The controller answers each with an ack on the same path; the watchdog is
-//! reachable as of the *send time of the newest acked heartbeat*
-//! (`AckReceiver::newest_acked_send_mono_ns`), which a replayed ack cannot move
-//! forward, and isolated once that is `isolation_timeout` old on every path.
+//! paths). Each asks for an ack at most every [`ack_period_asked`] (an eighth of the
+//! isolation timeout, never less than the interval), and the controller answers at
+//! most that often on each path, always echoing the newest heartbeat it acks
+//! (protocol::ack, "Pacing"). The watchdog is reachable as of the *send time of the
+//! newest acked heartbeat* (`AckReceiver::newest_acked_send_mono_ns`), which a replayed
+//! ack cannot move forward, and isolated once that is `isolation_timeout` old on every
+//! path: acks arriving once a period instead of once a heartbeat change nothing to
+//! that rule, only how many acks may be lost in a row before it bites (about seven).
+//!
+//! A controller that does not take this build's heartbeat version answers with a
+//! refusal (protocol::refusal), logged as an error at most once a minute per path; so is
+//! an ack of a version this build does not take.
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::{AckReceiver, Heartbeat, HostStatus, Key, DATAGRAM_RECV_BUFFER_LEN};
+use protocol::{
+    decode_refusal, AckReceiver, Heartbeat, HostStatus, Key, RejectReason,
+    DATAGRAM_RECV_BUFFER_LEN, HEARTBEAT_VERSION, KIND_REFUSAL,
+};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -150,6 +161,61 @@ impl SessionEcho {
     }
 }
 
+/// The ack period a watchdog asks for in its heartbeats, ms: an eighth of its
+/// isolation timeout, so that about seven acks in a row may be lost before it counts
+/// itself isolated, but never less than its heartbeat interval (it cannot be acked more
+/// often than it sends). With an isolation timeout of at most eight intervals, that
+/// is every heartbeat, as before acks were paced.
+pub fn ack_period_asked(interval: Duration, isolation_timeout: Duration) -> u32 {
+    let eighth = isolation_timeout / 8;
+    u32::try_from(eighth.max(interval).as_millis()).unwrap_or(u32::MAX)
+}
+
+/// Logs each kind of complaint from the controller's side at most once a minute per
+/// path: a controller that refuses this build's heartbeats refuses every one of them.
+#[derive(Debug, Default)]
+struct Complaints {
+    last: std::collections::HashMap<(usize, &'static str), Instant>,
+}
+
+impl Complaints {
+    /// Whether a complaint of `what` on `path` is due for logging now.
+    fn due(&mut self, path: usize, what: &'static str) -> bool {
+        let now = Instant::now();
+        match self.last.get_mut(&(path, what)) {
+            Some(last) if now - *last < COMPLAINT_LOG_INTERVAL => false,
+            Some(last) => {
+                *last = now;
+                true
+            }
+            None => {
+                self.last.insert((path, what), now);
+                true
+            }
+        }
+    }
+}
+
+/// What to log for a refusal datagram: `Ok` (an error) when it refuses this build's
+/// heartbeat version, `Err` (for debug) when it is about something else or malformed.
+fn refusal_complaint(datagram: &[u8]) -> Result<String, String> {
+    let r = decode_refusal(datagram).map_err(|e| format!("malformed refusal: {e}"))?;
+    if r.refused_kind != protocol::KIND_HEARTBEAT || r.refused_version != HEARTBEAT_VERSION {
+        return Err(format!(
+            "a refusal of something this watchdog did not send: {r}"
+        ));
+    }
+    let speaks: Vec<String> = r.accepted_versions.iter().map(|v| v.to_string()).collect();
+    Ok(format!(
+        "controller refuses heartbeat version {HEARTBEAT_VERSION}; it speaks {}: this host is \
+         not heard there (run one release of the controller and the watchdogs)",
+        speaks.join(", ")
+    ))
+}
+
+/// A refusal or an ack of another version is logged at most this often per path.
+const COMPLAINT_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
 /// Everything the heartbeat task needs.
 pub(crate) struct HeartbeatTask {
     pub identity: RunIdentity,
@@ -157,6 +223,8 @@ pub(crate) struct HeartbeatTask {
     /// The controller's address and a socket, per path; the index is the path index.
     pub paths: Vec<(SocketAddr, Arc<UdpSocket>)>,
     pub interval: Duration,
+    /// What each heartbeat asks for ([`ack_period_asked`]).
+    pub ack_period_ms: u32,
     pub tracker: ReachabilityTracker,
     pub status: watch::Receiver<HostSummary>,
     pub reachability: watch::Sender<ReachabilityReport>,
@@ -170,7 +238,7 @@ const SEND_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(60);
 impl HeartbeatTask {
     /// Sends heartbeats and takes acks until `shutdown` turns true.
     pub(crate) async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let (ack_tx, mut ack_rx) = mpsc::channel::<Vec<u8>>(256);
+        let (ack_tx, mut ack_rx) = mpsc::channel::<(usize, Vec<u8>)>(256);
         // Dropped when this task ends, which aborts the receivers.
         let mut receivers = JoinSet::new();
         for (index, (_, socket)) in self.paths.iter().enumerate() {
@@ -185,6 +253,7 @@ impl HeartbeatTask {
             self.identity.incarnation,
         );
         let mut sessions = SessionEcho::new(self.paths.len());
+        let mut complaints = Complaints::default();
         let mut sequence = 0u64;
         let mut datagram = Vec::with_capacity(protocol::MAX_HEARTBEAT_LEN);
         let mut last_error_log: Vec<Option<Instant>> = vec![None; self.paths.len()];
@@ -202,8 +271,12 @@ impl HeartbeatTask {
                     self.judge();
                     self.send_all(&mut sequence, &mut datagram, &mut last_error_log, &sessions);
                 }
-                Some(ack) = ack_rx.recv() => {
-                    match acks.receive(&ack, sequence) {
+                Some((path, datagram)) = ack_rx.recv() => {
+                    if datagram.get(5) == Some(&KIND_REFUSAL) {
+                        self.on_refusal(path, &datagram, &mut complaints);
+                        continue;
+                    }
+                    match acks.receive(&datagram, sequence) {
                         Ok(ack) => {
                             sessions.on_ack(ack.path_index, ack.sequence, ack.session);
                             // Only an acting controller that took the heartbeat as a
@@ -213,6 +286,22 @@ impl HeartbeatTask {
                                 self.judge();
                             }
                         }
+                        Err(reason @ (RejectReason::OldVersion | RejectReason::BadVersion)) => {
+                            let version = datagram.get(4).copied().unwrap_or(0);
+                            if complaints.due(path, "ack version") {
+                                tracing::error!(
+                                    path,
+                                    addr = ?self.paths.get(path).map(|(a, _)| *a),
+                                    version,
+                                    takes = protocol::ACK_VERSION,
+                                    reason = reason.as_str(),
+                                    "the controller answers with ack version {version}; this \
+                                     watchdog takes version {}: its acks cannot count (run one \
+                                     release of the controller and the watchdogs)",
+                                    protocol::ACK_VERSION
+                                );
+                            }
+                        }
                         Err(reason) => tracing::debug!(reason = reason.as_str(), "heartbeat ack refused"),
                     }
                 }
@@ -220,6 +309,21 @@ impl HeartbeatTask {
             }
         }
         receivers.abort_all();
+    }
+
+    /// A refusal arrived on `path`: unauthenticated (anyone can send one), so it is only
+    /// logged, as an error when it refuses this build's heartbeat version.
+    fn on_refusal(&self, path: usize, datagram: &[u8], complaints: &mut Complaints) {
+        let addr = self.paths.get(path).map(|(a, _)| *a);
+        match refusal_complaint(datagram) {
+            Ok(complaint) => {
+                if complaints.due(path, "refusal") {
+                    tracing::error!(path, ?addr, "{complaint}");
+                }
+            }
+            // Not about what this watchdog sends (a stale or forged refusal).
+            Err(other) => tracing::debug!(path, ?addr, "{other}"),
+        }
     }
 
     /// Re-judges reachability, logs a change and publishes the report.
@@ -278,6 +382,7 @@ impl HeartbeatTask {
                 // At most 256 paths (checked by the config).
                 path_index: u8::try_from(index).unwrap_or(u8::MAX),
                 session: sessions.session(index),
+                ack_period_ms: self.ack_period_ms,
                 status,
             };
             if let Err(e) = heartbeat.encode_into(&self.key, datagram) {
@@ -309,8 +414,9 @@ impl HeartbeatTask {
     }
 }
 
-/// Forwards every datagram that arrives on one path's socket to the heartbeat task.
-async fn receive_acks(path: usize, socket: Arc<UdpSocket>, acks: mpsc::Sender<Vec<u8>>) {
+/// Forwards every datagram that arrives on one path's socket to the heartbeat task,
+/// with the path it came in on.
+async fn receive_acks(path: usize, socket: Arc<UdpSocket>, acks: mpsc::Sender<(usize, Vec<u8>)>) {
     let mut buf = vec![0u8; DATAGRAM_RECV_BUFFER_LEN];
     loop {
         match socket.recv_from(&mut buf).await {
@@ -321,7 +427,7 @@ async fn receive_acks(path: usize, socket: Arc<UdpSocket>, acks: mpsc::Sender<Ve
                 if n >= DATAGRAM_RECV_BUFFER_LEN {
                     tracing::debug!(path, "oversize datagram on a heartbeat socket");
                 }
-                if acks.send(datagram.to_vec()).await.is_err() {
+                if acks.send((path, datagram.to_vec())).await.is_err() {
                     return;
                 }
             }
@@ -338,6 +444,120 @@ mod tests {
     use super::*;
 
     const MS: u64 = 1_000_000;
+
+    #[test]
+    fn a_watchdog_asks_for_an_ack_every_eighth_of_its_isolation_timeout_but_not_more_often_than_it_sends(
+    ) {
+        let ms = Duration::from_millis;
+        assert_eq!(ack_period_asked(ms(100), ms(3000)), 375);
+        assert_eq!(ack_period_asked(ms(100), ms(800)), 100);
+        assert_eq!(ack_period_asked(ms(100), ms(200)), 100, "every heartbeat");
+        assert_eq!(ack_period_asked(ms(10), ms(3_600_000)), 450_000);
+    }
+
+    /// Heartbeats every 100 ms from t = 0 through `until_ms`, each arriving `late_ms` ms
+    /// after it was sent; acked by the controller's pacing rule unless the arrival falls
+    /// in `lost` (the ack is lost); each ack arrives 1 ms after the heartbeat did.
+    /// Returns the tracker's state changes, evaluated every millisecond.
+    fn run_paced(
+        isolation_ms: u64,
+        until_ms: u64,
+        lost: std::ops::Range<u64>,
+    ) -> Vec<(u64, Reachability)> {
+        let interval = Duration::from_millis(100);
+        let asked = ack_period_asked(interval, Duration::from_millis(isolation_ms));
+        let mut pacer = protocol::AckPacer::new();
+        let mut t = ReachabilityTracker::new(1, Duration::from_millis(isolation_ms), 0);
+        let mut pending: Vec<(u64, u64)> = Vec::new(); // (ack arrives at, echoed send time)
+        let mut changes = Vec::new();
+        for now in 0..=until_ms {
+            if now % 100 == 0 {
+                let sent = now;
+                let arrives = sent + 3;
+                if pacer.due(0, arrives, asked, true, sent == 0) && !lost.contains(&arrives) {
+                    pending.push((arrives + 1, sent));
+                }
+            }
+            pending.retain(|&(at, sent)| {
+                if at == now {
+                    t.on_ack(0, sent * MS);
+                }
+                at != now
+            });
+            if let Some((_, to)) = t.evaluate(now * MS) {
+                changes.push((now, to));
+            }
+        }
+        changes
+    }
+
+    #[test]
+    fn with_paced_acks_a_heard_watchdog_stays_reachable() {
+        for isolation_ms in [200, 800, 3000, 10_000] {
+            let changes = run_paced(isolation_ms, 60_000, 0..0);
+            assert_eq!(
+                changes,
+                [(4, Reachability::Reachable)],
+                "isolation timeout {isolation_ms} ms"
+            );
+        }
+    }
+
+    #[test]
+    fn with_paced_acks_isolation_comes_only_after_the_isolation_timeout_without_a_counting_ack() {
+        // Every ack lost from 10 s on: the last one answered a heartbeat sent within a
+        // period before that, and isolation follows the timeout after its send time.
+        let changes = run_paced(3000, 20_000, 10_000..30_000);
+        let (at, to) = *changes.last().unwrap();
+        assert_eq!(to, Reachability::Isolated);
+        assert!(
+            (10_000 + 3000 - 400..=10_000 + 3000).contains(&at),
+            "isolated at {at} ms"
+        );
+        // Acks lost for less than the timeout minus a period: never isolated.
+        let changes = run_paced(3000, 20_000, 10_000..12_500);
+        assert_eq!(changes, [(4, Reachability::Reachable)]);
+    }
+
+    #[test]
+    fn a_refusal_of_this_builds_heartbeats_is_an_error_naming_both_versions() {
+        let mut refusal = Vec::new();
+        protocol::Refusal {
+            refused_kind: protocol::KIND_HEARTBEAT,
+            refused_version: HEARTBEAT_VERSION,
+            accepted_versions: &[5, 6],
+        }
+        .encode_into(&mut refusal);
+        let text = refusal_complaint(&refusal).unwrap();
+        assert!(
+            text.starts_with(&format!(
+                "controller refuses heartbeat version {HEARTBEAT_VERSION}; it speaks 5, 6"
+            )),
+            "{text}"
+        );
+        // About a version this watchdog does not send: not its problem.
+        protocol::Refusal {
+            refused_kind: protocol::KIND_HEARTBEAT,
+            refused_version: HEARTBEAT_VERSION - 1,
+            accepted_versions: &[HEARTBEAT_VERSION],
+        }
+        .encode_into(&mut refusal);
+        assert!(refusal_complaint(&refusal).is_err());
+        assert!(refusal_complaint(b"DFIB\x01\x04").is_err(), "cut short");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_complaint_is_logged_at_most_once_a_minute_per_path_and_kind() {
+        let mut c = Complaints::default();
+        assert!(c.due(0, "refusal"));
+        assert!(!c.due(0, "refusal"));
+        assert!(c.due(1, "refusal"), "another path");
+        assert!(c.due(0, "ack version"), "another kind");
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(!c.due(0, "refusal"));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(c.due(0, "refusal"));
+    }
 
     #[test]
     fn a_fresh_tracker_is_unconfirmed_until_the_timeout_then_isolated() {

@@ -195,6 +195,10 @@ impl Uplink {
                 key: key.clone(),
                 paths,
                 interval: cfg.heartbeat_interval,
+                ack_period_ms: heartbeat::ack_period_asked(
+                    cfg.heartbeat_interval,
+                    cfg.isolation_timeout,
+                ),
                 tracker,
                 status: status_rx,
                 reachability: reachability_tx,

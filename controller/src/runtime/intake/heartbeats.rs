@@ -7,15 +7,25 @@
 //! heartbeat that echoes this process's session is a sign of life (protocol::heartbeat,
 //! "Freshness"): one that does not is acked without the "counts" flag, so the watchdog
 //! learns the session, and is not forwarded to the engine.
+//!
+//! Acks are paced (protocol::ack, "Pacing"): a host and path gets at most one per the
+//! ack period its heartbeats ask for, the newest heartbeat arriving once it has passed
+//! being the one acked, and at once when the ack's "counts" flag would change (a session
+//! to teach, a follower turned leader) or a watchdog run starts. The host's key is looked
+//! up once per datagram, to verify it and to sign its ack. A heartbeat of a layout
+//! version this controller does not take is counted (`old_version`, or `bad_version` for
+//! a newer one), answered with a refusal naming the version it takes and logged, each at
+//! most so often per source address ([`super::refusals`]).
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::metrics::counter::Counter;
-use protocol::{Ack, Freshness, HeartbeatReceiver, Key};
+use protocol::{Ack, Freshness, HeartbeatReceiver, Key, RejectReason};
 
 use super::limiter::{Limited, SourceLimiter};
+use super::refusals::Refusals;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -31,7 +41,7 @@ pub struct HeartbeatIntake {
     controller_id: String,
     /// Forward at most one heartbeat per host and path per this many ms to the engine:
     /// the detector's resolution needs no more, and the engine's load stays bounded
-    /// whatever the datagram rate. Every heartbeat is still acked.
+    /// whatever the datagram rate. Acks are paced on their own (see the module docs).
     forward_every_ms: u64,
     tx: mpsc::Sender<Intake>,
     /// Each socket thread resolves its own [`IntakeCounters`] from these.
@@ -61,13 +71,15 @@ pub struct Datagram<'a> {
 struct BatchTime {
     /// Unix ns, for the acks (what the watchdog logs as the controller's time).
     wall_ns: u64,
-    /// Monotonic ms since the intake started, for the forwarding throttle.
+    /// Monotonic ms since the intake started, for the forwarding throttle, the ack
+    /// pacing and the refusals' rate.
     mono_ms: u64,
 }
 
 struct IntakeState {
     receiver: HeartbeatReceiver,
     limiter: SourceLimiter,
+    refusals: Refusals,
     /// Per host, per path index: when a heartbeat was last forwarded (monotonic ms since
     /// the intake started). Looked up by `&str`, so a known host costs no allocation.
     last_forwarded_ms: HashMap<String, Vec<(u8, u64)>>,
@@ -88,6 +100,8 @@ pub struct IntakeCounters {
     rejected: Vec<(&'static str, Counter)>,
     /// By path index.
     received: Vec<Option<Counter>>,
+    /// Acks sent, not counting and counting.
+    acks: [Option<Counter>; 2],
 }
 
 impl IntakeCounters {
@@ -96,7 +110,20 @@ impl IntakeCounters {
             metrics,
             rejected: Vec::new(),
             received: vec![None; 256],
+            acks: [None, None],
         }
+    }
+
+    fn acked(&mut self, counts: bool) {
+        let metrics = &self.metrics;
+        self.acks[usize::from(counts)]
+            .get_or_insert_with(|| {
+                metrics
+                    .heartbeat_acks
+                    .get_or_create(&Metrics::label("counts", counts.to_string()))
+                    .clone()
+            })
+            .inc();
     }
 
     fn reject(&mut self, reason: &'static str) {
@@ -160,6 +187,7 @@ impl HeartbeatIntake {
             state: Mutex::new(IntakeState {
                 receiver,
                 limiter: SourceLimiter::new(rate.per_s, rate.burst),
+                refusals: Refusals::default(),
                 last_forwarded_ms: HashMap::new(),
             }),
             controller_id: controller_id.to_string(),
@@ -202,7 +230,8 @@ impl HeartbeatIntake {
         self.acking.clone()
     }
 
-    /// Handles one datagram: true, with its ack in `ack`, if it was accepted.
+    /// Handles one datagram: true, with the reply to send (an ack, or a refusal) in
+    /// `ack`, if one is due.
     pub fn handle(&self, datagram: &[u8], peer: SocketAddr, ack: &mut Vec<u8>) -> bool {
         let mut counters = IntakeCounters::new(self.metrics.clone());
         let mut accepted = [false];
@@ -220,9 +249,11 @@ impl HeartbeatIntake {
     }
 
     /// Judges a batch of datagrams under one acquisition of the lock. For each datagram
-    /// `i`, `accepted[i]` says whether it was accepted and must be acked, and `acks[i]`
-    /// then holds the signed ack. Heartbeats due for the engine are forwarded after the
-    /// lock is released. Returns how many were accepted.
+    /// `i`, `accepted[i]` says whether a reply is due, and `acks[i]` then holds it: the
+    /// signed ack of an accepted heartbeat whose ack is due by the pacing, or the
+    /// refusal of a heartbeat of another version. Heartbeats due for the engine are
+    /// forwarded after the lock is released. Returns how many were accepted as signs of
+    /// life.
     pub fn handle_batch(
         &self,
         datagrams: &[Datagram<'_>],
@@ -254,6 +285,7 @@ impl HeartbeatIntake {
             let IntakeState {
                 receiver,
                 limiter,
+                refusals,
                 last_forwarded_ms,
             } = &mut *st;
             for ((d, ack), ok) in datagrams.iter().zip(acks).zip(&mut *accepted) {
@@ -270,26 +302,31 @@ impl HeartbeatIntake {
                         continue;
                     }
                 }
-                let verdict = match receiver.receive(datagram) {
+                let verdict = match receiver.receive_paced(datagram, now_ms, acking) {
                     Ok(a) => a,
                     Err(reason) => {
                         counters.reject(reason.as_str());
+                        if matches!(reason, RejectReason::OldVersion | RejectReason::BadVersion) {
+                            *ok = refuse(datagram, peer, now_ms, refusals, ack);
+                            if *ok {
+                                self.metrics.heartbeat_refusals.inc();
+                            }
+                        }
                         continue;
                     }
                 };
                 let hb = verdict.heartbeat;
-                // Acked either way: an unproven heartbeat's ack only teaches the session
-                // (its "counts" flag is clear), and a follower's never counts.
-                let Some(key) = receiver.key_for(hb.host_id) else {
-                    continue;
-                };
-                if Ack::answering(&hb, &self.controller_id, now.wall_ns)
-                    .with_session(self.session)
-                    .counting(acking && verdict.proven)
-                    .encode_into(key, ack)
-                    .is_ok()
+                // Acked either way when due: an unproven heartbeat's ack only teaches the
+                // session (its "counts" flag is clear), and a follower's never counts.
+                if verdict.ack_due
+                    && Ack::answering(&hb, &self.controller_id, now.wall_ns)
+                        .with_session(self.session)
+                        .counting(verdict.ack_counts)
+                        .encode_into(&verdict.key, ack)
+                        .is_ok()
                 {
                     *ok = true;
+                    counters.acked(verdict.ack_counts);
                 }
                 if !verdict.proven {
                     // Possibly recorded before this process started: no sign of life.
@@ -350,6 +387,43 @@ impl HeartbeatIntake {
     }
 }
 
+/// A heartbeat of a layout version this controller does not take came from `peer`:
+/// writes the refusal into `reply` and says whether to send it (at most one a second per
+/// source address, and only if shorter than what it answers), and warns at most once a
+/// minute per source address.
+fn refuse(
+    datagram: &[u8],
+    peer: &SocketAddr,
+    now_ms: u64,
+    refusals: &mut Refusals,
+    reply: &mut Vec<u8>,
+) -> bool {
+    let Some(seen) = protocol::refusal_for(datagram, reply) else {
+        return false;
+    };
+    let answer = refusals.answer(peer.ip(), now_ms);
+    if answer.warn {
+        let takes = protocol::HEARTBEAT_VERSION;
+        let which = if seen.version < takes {
+            "an older watchdog: upgrade it"
+        } else {
+            "a newer watchdog: upgrade this controller"
+        };
+        tracing::warn!(
+            %peer,
+            claimed_host = seen.claimed_host_id.unwrap_or("?"),
+            version = seen.version,
+            takes,
+            "heartbeat layout version {} refused from {peer} (claiming host {}): this \
+             controller takes version {takes}, so that host is not heard here ({which}); \
+             answered with a refusal at most once a second, logged at most once a minute",
+            seen.version,
+            seen.claimed_host_id.unwrap_or("?"),
+        );
+    }
+    answer.reply && !reply.is_empty()
+}
+
 // The helpers that build heartbeats and an intake are crate-visible: the socket tests
 // (`super::socket`) drive the same intake over a real socket.
 #[cfg(test)]
@@ -363,6 +437,9 @@ pub(crate) mod tests {
         Key::new(KEY).unwrap()
     }
 
+    /// The ack period the test heartbeats ask for: a default watchdog's.
+    pub(crate) const ACK_PERIOD_MS: u32 = 375;
+
     pub(crate) fn hb(host: &str, incarnation: u64, seq: u64, path: u8, key: &Key) -> Vec<u8> {
         encode_heartbeat(
             &Heartbeat {
@@ -375,6 +452,7 @@ pub(crate) mod tests {
                 sent_mono_ns: seq,
                 path_index: path,
                 session: 0,
+                ack_period_ms: ACK_PERIOD_MS,
                 status: HostStatus::default(),
             },
             key,
@@ -407,7 +485,15 @@ pub(crate) mod tests {
         out
     }
 
-    fn run_batch(i: &HeartbeatIntake, datagrams: &[Vec<u8>]) -> (Vec<bool>, Vec<Vec<u8>>) {
+    /// What one batch judged at monotonic `mono_ms` gave: for each datagram whether a
+    /// reply is due and the reply, and how many were accepted as signs of life.
+    struct Judged {
+        replies: Vec<bool>,
+        acks: Vec<Vec<u8>>,
+        accepted: usize,
+    }
+
+    fn run_batch_at(i: &HeartbeatIntake, datagrams: &[Vec<u8>], mono_ms: u64) -> Judged {
         let peer = SocketAddr::from(([127, 0, 0, 1], 9));
         let batch: Vec<Datagram> = datagrams
             .iter()
@@ -418,16 +504,26 @@ pub(crate) mod tests {
             })
             .collect();
         let mut acks = vec![Vec::new(); datagrams.len()];
-        let mut accepted = vec![true; datagrams.len()];
+        let mut replies = vec![true; datagrams.len()];
         let mut counters = IntakeCounters::new(i.metrics.clone());
-        let n = i.handle_batch(&batch, &mut acks, &mut accepted, &mut counters);
-        // Every sign of life is acked; an unproven heartbeat is acked too.
-        assert!(n <= accepted.iter().filter(|a| **a).count());
-        (accepted, acks)
+        let now = BatchTime {
+            wall_ns: 1,
+            mono_ms,
+        };
+        let accepted = i.judge_batch(&batch, &mut acks, &mut replies, &mut counters, now);
+        Judged {
+            replies,
+            acks,
+            accepted,
+        }
+    }
+
+    fn run_batch(i: &HeartbeatIntake, datagrams: &[Vec<u8>]) -> Judged {
+        run_batch_at(i, datagrams, 0)
     }
 
     #[test]
-    fn a_batch_acks_every_accepted_datagram_and_counts_refusals_by_reason() {
+    fn a_batch_acks_the_first_heartbeat_of_each_host_and_path_and_counts_refusals_by_reason() {
         let (i, mut rx, m) = intake(60_000, 16);
         let k = key();
         let forged = hb(
@@ -443,17 +539,24 @@ pub(crate) mod tests {
             forged,
             hb("h1", 5, 3, 0, &k)[..20].to_vec(), // truncated
             hb("h2", 5, 1, 0, &k),
-            hb("h1", 5, 2, 0, &k),
+            hb("h1", 5, 2, 0, &k), // accepted, but h1's ack period has not passed
         ];
-        let (accepted, acks) = run_batch(&i, &batch);
-        assert_eq!(accepted, [true, false, false, false, true, true]);
-        for (n, seq, host) in [(0, 1, "h1"), (4, 1, "h2"), (5, 2, "h1")] {
-            let ack = decode_ack(&acks[n], &k).expect("a valid ack");
+        let judged = run_batch(&i, &batch);
+        assert_eq!(judged.replies, [true, false, false, false, true, false]);
+        assert_eq!(judged.accepted, 3);
+        for (n, seq, host) in [(0, 1, "h1"), (4, 1, "h2")] {
+            let ack = decode_ack(&judged.acks[n], &k).expect("a valid ack");
             assert_eq!(
                 (ack.host_id, ack.sequence, ack.controller_id),
                 (host, seq, "ctl")
             );
         }
+        assert!(
+            m.encode()
+                .contains("defib_heartbeat_acks_total{counts=\"true\"} 2"),
+            "{}",
+            m.encode()
+        );
         assert_eq!(m.heartbeats_accepted.get(), 3);
         let text = m.encode();
         for reason in ["replayed", "bad_mac", "truncated"] {
@@ -492,8 +595,8 @@ pub(crate) mod tests {
                 peer,
                 received: Instant::now(),
             };
-            i.judge_batch(&[datagram], &mut acks, &mut accepted, &mut counters, now);
-            assert!(accepted[0], "heartbeat {seq} is acked");
+            let n = i.judge_batch(&[datagram], &mut acks, &mut accepted, &mut counters, now);
+            assert_eq!(n, 1, "heartbeat {seq} is accepted");
         };
         send(1, 10 * hour_ns, 0);
         // The wall clock steps an hour back; monotonic time goes on.
@@ -517,8 +620,7 @@ pub(crate) mod tests {
             hb("h1", 5, 4, 1, &k),
             hb("h1", 6, 1, 0, &k), // the watchdog restarted
         ];
-        let (accepted, _) = run_batch(&i, &batch);
-        assert!(accepted.iter().all(|a| *a));
+        assert_eq!(run_batch(&i, &batch).accepted, 5);
         assert_eq!(
             forwarded(&mut rx),
             [
@@ -561,33 +663,135 @@ pub(crate) mod tests {
                 sent_mono_ns: seq,
                 path_index: 0,
                 session,
+                ack_period_ms: ACK_PERIOD_MS,
                 status: HostStatus::default(),
             }
             .encode_into(&k, &mut d)
             .unwrap();
             d
         };
-        let (accepted, acks) = run_batch(&i, &[with_session(1, 0), with_session(2, 0x5e55)]);
-        assert_eq!(accepted, [true, true], "both are acked");
-        let first = decode_ack(&acks[0], &k).unwrap();
-        assert_eq!((first.session, first.counts), (0x5e55, false));
-        let second = decode_ack(&acks[1], &k).unwrap();
-        assert_eq!((second.session, second.counts), (0x5e55, true));
+        // Before the watchdog knows the session, then once it echoes it, 100 ms later:
+        // both acked at once, the second counting.
+        let first = run_batch_at(&i, &[with_session(1, 0)], 0);
+        let second = run_batch_at(&i, &[with_session(2, 0x5e55)], 100);
+        assert_eq!((first.replies[0], second.replies[0]), (true, true));
+        let ack = decode_ack(&first.acks[0], &k).unwrap();
+        assert_eq!((ack.session, ack.counts), (0x5e55, false));
+        let ack = decode_ack(&second.acks[0], &k).unwrap();
+        assert_eq!((ack.session, ack.counts), (0x5e55, true));
         assert_eq!(forwarded(&mut rx).len(), 1, "only the proven one");
-        assert!(metrics
-            .encode()
-            .contains("defib_heartbeats_rejected_total{reason=\"unproven_session\"} 1"));
-        // A follower acks, never counting.
+        let text = metrics.encode();
+        for line in [
+            "defib_heartbeats_rejected_total{reason=\"unproven_session\"} 1",
+            "defib_heartbeat_acks_total{counts=\"false\"} 1",
+            "defib_heartbeat_acks_total{counts=\"true\"} 1",
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
+        // A follower acks (at once, since its ack no longer counts), never counting.
         i.acking().store(false, Ordering::SeqCst);
-        let (_, acks) = run_batch(&i, &[with_session(3, 0x5e55)]);
-        assert!(!decode_ack(&acks[0], &k).unwrap().counts);
+        let judged = run_batch_at(&i, &[with_session(3, 0x5e55)], 200);
+        assert!(judged.replies[0]);
+        assert!(!decode_ack(&judged.acks[0], &k).unwrap().counts);
         // A revoked host is refused from the next datagram on.
         i.set_enrolled(&[]);
-        let (accepted, _) = run_batch(&i, &[with_session(4, 0x5e55)]);
-        assert_eq!(accepted, [false]);
+        let judged = run_batch_at(&i, &[with_session(4, 0x5e55)], 1_000);
+        assert_eq!(judged.replies, [false]);
         assert!(metrics
             .encode()
             .contains("defib_heartbeats_rejected_total{reason=\"unknown_host\"} 1"));
+    }
+
+    #[test]
+    fn each_host_and_path_is_acked_at_most_once_per_period_echoing_the_heartbeat_acked() {
+        let (i, _rx, m) = intake(0, 1024);
+        let k = key();
+        let mut acked = Vec::new();
+        // h1 sends every 100 ms on two paths (one sequence over both), asking 375 ms.
+        for round in 0..10u64 {
+            let batch = [
+                hb("h1", 5, 2 * round + 1, 0, &k),
+                hb("h1", 5, 2 * round + 2, 1, &k),
+            ];
+            let judged = run_batch_at(&i, &batch, round * 100);
+            assert_eq!(judged.accepted, 2, "every heartbeat is a sign of life");
+            for (n, reply) in judged.replies.iter().enumerate() {
+                if *reply {
+                    let ack = decode_ack(&judged.acks[n], &k).unwrap();
+                    acked.push((round * 100, ack.path_index, ack.sequence));
+                }
+            }
+        }
+        // Once the ack period less a quarter (281 ms) has passed: at 0, 300, 600, 900.
+        assert_eq!(
+            acked,
+            [
+                (0, 0, 1),
+                (0, 1, 2),
+                (300, 0, 7),
+                (300, 1, 8),
+                (600, 0, 13),
+                (600, 1, 14),
+                (900, 0, 19),
+                (900, 1, 20)
+            ]
+        );
+        assert_eq!(m.heartbeats_accepted.get(), 20);
+    }
+
+    /// A heartbeat as a watchdog of layout `version` would send it: our preamble, the
+    /// current layout's bytes behind it (what matters is that it is long and ours).
+    fn of_version(version: u8, host: &str) -> Vec<u8> {
+        let mut d = hb(host, 5, 1, 0, &key());
+        d[4] = version;
+        d
+    }
+
+    #[test]
+    fn a_heartbeat_of_another_version_is_counted_and_answered_with_a_shorter_refusal_once_a_second()
+    {
+        let (i, mut rx, m) = intake(0, 16);
+        let old: Vec<Vec<u8>> = (0..10).map(|_| of_version(3, "h1")).collect();
+        let judged = run_batch_at(&i, &old, 0);
+        assert_eq!(judged.accepted, 0);
+        assert_eq!(
+            judged.replies.iter().filter(|r| **r).count(),
+            1,
+            "one refusal per source per second"
+        );
+        let refusal = &judged.acks[0];
+        assert!(refusal.len() < old[0].len(), "no amplification");
+        let r = protocol::decode_refusal(refusal).expect("a refusal");
+        assert_eq!(
+            (r.refused_kind, r.refused_version, r.accepted_versions),
+            (
+                protocol::KIND_HEARTBEAT,
+                3,
+                &[protocol::HEARTBEAT_VERSION][..]
+            )
+        );
+        let again = run_batch_at(&i, &old[..1], 999);
+        assert_eq!(again.replies, [false]);
+        let again = run_batch_at(&i, &old[..1], 1_000);
+        assert_eq!(again.replies, [true]);
+        // A newer watchdog's: refused too, counted as bad_version.
+        let newer = run_batch_at(&i, &[of_version(9, "h1")], 2_000);
+        assert_eq!(newer.replies, [true]);
+        assert_eq!(
+            protocol::decode_refusal(&newer.acks[0])
+                .unwrap()
+                .refused_version,
+            9
+        );
+        let text = m.encode();
+        for line in [
+            "defib_heartbeats_rejected_total{reason=\"old_version\"} 12",
+            "defib_heartbeats_rejected_total{reason=\"bad_version\"} 1",
+            "defib_heartbeat_refusals_total 3",
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
+        assert!(forwarded(&mut rx).is_empty());
     }
 
     #[test]
@@ -607,8 +811,7 @@ pub(crate) mod tests {
         );
         let k = key();
         let batch: Vec<Vec<u8>> = (1..=20).map(|s| hb("h1", 5, s, 0, &k)).collect();
-        let (accepted, _) = run_batch(&i, &batch);
-        assert_eq!(accepted.iter().filter(|a| **a).count(), 5, "the burst");
+        assert_eq!(run_batch(&i, &batch).accepted, 5, "the burst");
         assert!(metrics
             .encode()
             .contains("defib_heartbeats_rejected_total{reason=\"source_over_rate\"} 15"));

@@ -3,7 +3,9 @@
 //! protocol crate; refusals are counted by reason and dropped, never crash the daemon.
 //!
 //! - [`heartbeats`]: judging heartbeat datagrams (one replay guard per host across every
-//!   path), acking the accepted ones and forwarding a throttled few to the engine;
+//!   path), acking the accepted ones at the pace their hosts ask for and forwarding a
+//!   throttled few to the engine; [`refusals`]: how often a heartbeat of another layout
+//!   version is answered with a refusal and logged;
 //! - [`socket`]: one OS thread per heartbeat socket taking datagrams in batches
 //!   (`recvmmsg`), judging a whole batch under one lock and acking it with one
 //!   `sendmmsg` (BENCHMARKS.md, heartbeat-intake, has its rate on one core);
@@ -11,6 +13,7 @@
 //!   acked; commands out, for the edges that send them).
 pub mod heartbeats;
 pub mod limiter;
+pub mod refusals;
 pub mod socket;
 pub mod streams;
 

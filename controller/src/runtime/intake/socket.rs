@@ -118,7 +118,7 @@ impl SocketBacklog {
     }
 }
 
-/// Receives heartbeats on one socket and acks each accepted one back to its sender, on a
+/// Receives heartbeats on one socket and answers them (paced acks, refusals), on a
 /// dedicated OS thread ([`spawn_heartbeat_thread`]) that stops once this future is dropped.
 pub async fn serve_heartbeats(
     socket: UdpSocket,
@@ -285,8 +285,9 @@ fn receive_loop(
             &mut counters,
         );
         drop(datagrams);
-        // Acked: every sign of life, and every authentic heartbeat that echoed an old
-        // session (its ack teaches the session).
+        // Answered: the authentic heartbeats whose ack is due by the pacing (a sign of
+        // life, or one that echoed an old session: its ack teaches the session), and the
+        // refusals of other heartbeat versions.
         if !accepted[..n].iter().any(|a| *a) {
             continue;
         }
@@ -490,10 +491,14 @@ mod tests {
         client
             .set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
-        // More than one batch, sent before the thread reads, plus one forgery.
+        // More than one batch, sent before the thread reads, plus one forgery. Each from
+        // a host of its own: a host's first heartbeat is acked at once, the others of a
+        // burst only once its ack period has passed (protocol::ack, "Pacing").
         let n = BATCH as u64 + 10;
         for seq in 1..=n {
-            client.send_to(&hb("h1", 5, seq, 0, &k), to).unwrap();
+            client
+                .send_to(&hb(&format!("h{seq}"), 5, seq, 0, &k), to)
+                .unwrap();
         }
         client
             .send_to(
