@@ -194,6 +194,9 @@ enum Scenario {
         /// How long to sample (once a second).
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+        /// The heartbeat interval of the watchdog and the controller's detector.
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
     },
     /// A Nova host with N servers fails → all ACTIVE elsewhere: defib's planned parallel
     /// evacuation against the naive one-at-a-time way, same run (needs the novabed).
@@ -297,7 +300,11 @@ fn main() -> anyhow::Result<()> {
             nova: true,
             ..
         } => host_loss::run_nova(rounds, servers_per_host)?,
-        Scenario::WatchdogCost { guests, seconds } => watchdog_cost::run(guests, seconds)?,
+        Scenario::WatchdogCost {
+            guests,
+            seconds,
+            interval_ms,
+        } => watchdog_cost::run(guests, seconds, interval_ms)?,
         Scenario::ControllerFailover {
             rounds,
             lab_rounds,

@@ -190,10 +190,14 @@ pub fn write_in(
     Ok(md)
 }
 
-/// A large figure with thousands separated by a thin space: `1 234 567`.
+/// A large figure with thousands separated by a thin space: `1 234 567`; a small one
+/// (below 100, not whole) with three decimals: `0.427`.
 pub fn big(x: f64) -> String {
     if !x.is_finite() {
         return format!("{x}");
+    }
+    if x.abs() < 100.0 && x.fract() != 0.0 {
+        return format!("{x:.3}");
     }
     let digits = format!("{:.0}", x.abs());
     let mut out = String::new();

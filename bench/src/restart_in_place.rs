@@ -196,6 +196,16 @@ pub(crate) struct WatchdogProcess {
 impl WatchdogProcess {
     /// Reports as host `host` (which `ctl` must enroll), with that host's own key.
     pub(crate) fn start(ctl: &ControllerProcess, host: &str) -> anyhow::Result<Self> {
+        Self::start_with(ctl, host, "")
+    }
+
+    /// [`WatchdogProcess::start`] with more `[controller]` keys (`controller_keys`, e.g.
+    /// `heartbeat_interval_ms = 50`).
+    pub(crate) fn start_with(
+        ctl: &ControllerProcess,
+        host: &str,
+        controller_keys: &str,
+    ) -> anyhow::Result<Self> {
         let bin = defib_tests::built_binary("defib-watchdog", "defib-watchdog");
         let dir = std::env::temp_dir().join(format!("defib-bench-rip-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -205,7 +215,7 @@ impl WatchdogProcess {
         defib_tests::write_secret(&key, crate::controller::master().host_key_text(host))?;
         let cfg = format!(
             "[host]\nid = \"{host}\"\ncluster_id = \"{cluster}\"\nstate_dir = {state:?}\n\n\
-             [controller]\nheartbeat_addrs = [\"{hb}\"]\nevent_addr = \"{ev}\"\nkey_file = {key:?}\n\n\
+             [controller]\nheartbeat_addrs = [\"{hb}\"]\nevent_addr = \"{ev}\"\nkey_file = {key:?}\n{controller_keys}\n\
              [libvirt]\nenabled = true\n\n\
              [probes]\n# Its own probes, not pinned: the machine's pin directory is not ours.\npin_dir = \"\"\n",
             cluster = crate::controller::CLUSTER,

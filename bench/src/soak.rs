@@ -284,9 +284,13 @@ pub fn run(s: &Soak) -> anyhow::Result<String> {
         &report::results_dir(),
         &name,
         &format!(
-            "cargo xtask bench soak --hosts {} --seconds {} --interval-ms {}{}",
+            "cargo xtask bench soak --hosts {} {} --interval-ms {}{}",
             s.hosts,
-            s.seconds,
+            if s.seconds % 60 == 0 {
+                format!("--minutes {}", s.seconds / 60)
+            } else {
+                format!("--seconds {}", s.seconds)
+            },
             s.interval_ms,
             if s.churn { " --churn" } else { "" }
         ),

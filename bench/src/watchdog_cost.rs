@@ -153,7 +153,7 @@ fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> anyhow::Resu
     }
 }
 
-pub fn run(guests: usize, seconds: u64) -> anyhow::Result<String> {
+pub fn run(guests: usize, seconds: u64, interval_ms: u64) -> anyhow::Result<String> {
     anyhow::ensure!(
         guests > 0 && seconds > 0,
         "--guests and --seconds must be > 0"
@@ -168,9 +168,13 @@ pub fn run(guests: usize, seconds: u64) -> anyhow::Result<String> {
     let ctl = ControllerProcess::start(
         None,
         Enrolled::Watchdogs(&[HOST]),
-        "backend = \"libvirt\"\n",
+        &format!("backend = \"libvirt\"\n[detector]\nheartbeat_interval_ms = {interval_ms}\n"),
     )?;
-    let wd = WatchdogProcess::start(&ctl, HOST)?;
+    let wd = WatchdogProcess::start_with(
+        &ctl,
+        HOST,
+        &format!("heartbeat_interval_ms = {interval_ms}\n"),
+    )?;
     let vms = start_guests(guests);
     // Every guest known to the controller as Running through this watchdog.
     wait_for("every guest Running at the controller", || {
@@ -309,8 +313,14 @@ pub fn run(guests: usize, seconds: u64) -> anyhow::Result<String> {
     );
     let md = report::write_in(
         &report::results_dir(),
-        "watchdog-cost",
-        &format!("cargo xtask bench watchdog-cost --guests {guests} --seconds {seconds}"),
+        &if interval_ms == 100 {
+            "watchdog-cost".to_string()
+        } else {
+            format!("watchdog-cost-{interval_ms}ms")
+        },
+        &format!(
+            "cargo xtask bench watchdog-cost --guests {guests} --seconds {seconds} --interval-ms {interval_ms}"
+        ),
         &notes,
         Unit {
             symbol: "µs CPU/s",

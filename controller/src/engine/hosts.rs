@@ -259,12 +259,15 @@ impl Engine {
         match self.load.report(self.now, load, self.cfg.overload_lag) {
             Some(super::load::LoadChange::Overloaded) => {
                 self.bump();
+                let Some(episodes) = self.load.alarm_due(self.now) else {
+                    return;
+                };
                 self.alarm(
                     AlarmKind::ControllerOverloaded,
                     None,
                     None,
                     format!(
-                        "the controller is the slow one: heartbeats waited up to {} ms to reach the engine, its timer fired {} ms late, it lost {} heartbeats itself, {} messages queued; every host's silence deadline is extended by its lag ({} ms) and blind time, at most {} s",
+                        "the controller is the slow one ({episodes} overload episode(s) since the last alarm): heartbeats waited up to {} ms to reach the engine, its timer fired {} ms late, it lost {} heartbeats itself, {} messages queued; every host's silence deadline is extended by its lag ({} ms) and blind time, at most {} s",
                         report.heartbeat_wait.as_millis(),
                         report.timer_lateness.as_millis(),
                         report.lost,

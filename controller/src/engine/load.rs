@@ -27,6 +27,11 @@ pub const LAG_HOLD: Duration = Duration::from_secs(1);
 /// Blind windows older than this are forgotten (no silence that long is excused).
 const BLIND_KEPT: Duration = Duration::from_secs(120);
 
+/// At most one `ControllerOverloaded` alarm per this long: a controller at the edge of
+/// its capacity goes in and out of overload many times a minute, and one alarm (with the
+/// count of episodes since the last) says as much as a hundred.
+pub const ALARM_EVERY: Duration = Duration::from_secs(60);
+
 /// What the runtime measured of itself over one window (an [`super::Input::Load`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ControllerLoad {
@@ -71,6 +76,9 @@ pub struct SelfLoad {
     overloaded_since: Option<Timestamp>,
     /// The last report, for the API and the alarm.
     last: ControllerLoad,
+    /// When the last alarm was raised, and the overload episodes begun since.
+    alarmed_at: Option<Timestamp>,
+    episodes_since_alarm: u64,
 }
 
 impl SelfLoad {
@@ -122,6 +130,20 @@ impl SelfLoad {
     /// The lag that extends every deadline: the longest reported within [`LAG_HOLD`].
     pub fn lag(&self) -> Duration {
         self.lags.iter().map(|(_, l)| *l).max().unwrap_or_default()
+    }
+
+    /// At the start of an overload episode at `now`: whether to raise the alarm (at most
+    /// one per [`ALARM_EVERY`]), and how many episodes began since the last one.
+    pub fn alarm_due(&mut self, now: Timestamp) -> Option<u64> {
+        self.episodes_since_alarm += 1;
+        if self
+            .alarmed_at
+            .is_some_and(|at| now.since(at) < ALARM_EVERY)
+        {
+            return None;
+        }
+        self.alarmed_at = Some(now);
+        Some(std::mem::take(&mut self.episodes_since_alarm))
     }
 
     /// The last report.
@@ -229,6 +251,15 @@ mod tests {
             MS(0),
             "a silence after the window owes nothing to it"
         );
+    }
+
+    #[test]
+    fn overload_episodes_raise_one_alarm_a_minute_counting_the_episodes() {
+        let mut l = SelfLoad::default();
+        assert_eq!(l.alarm_due(Timestamp(1_000)), Some(1));
+        assert_eq!(l.alarm_due(Timestamp(5_000)), None);
+        assert_eq!(l.alarm_due(Timestamp(30_000)), None);
+        assert_eq!(l.alarm_due(Timestamp(61_000)), Some(3));
     }
 
     #[test]
