@@ -88,6 +88,14 @@ rabbit_env() {
 
 record() { echo "$1 $2" >> "$PIDS"; }
 port_free() { ! (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null; }
+# Adds the test bed's fixed ports to net.ipv4.ip_local_reserved_ports (idempotent: the
+# kernel keeps a set).
+reserve_ports() {
+  local f=/proc/sys/net/ipv4/ip_local_reserved_ports have
+  have=$(cat $f)
+  echo "${have:+$have,}$RABBIT_PORT,$((RABBIT_PORT + 1)),$EPMD_PORT,$MYSQL_PORT,$NOVA_PORT,$PLACEMENT_PORT,$GLANCE_PORT,$NEUTRON_PORT,$KEYSTONE_PORT,$NOVA_KS_PORT,$PLACEMENT_KS_PORT" > $f
+}
+
 rctl() { ( rabbit_env; /usr/lib/rabbitmq/bin/rabbitmqctl -n novabed@localhost "$@" ); }
 
 # ---------------------------------------------------------------- install
@@ -555,6 +563,11 @@ do_start() {
   do_configure
   : >> $PIDS
 
+  # Every port above sits in the kernel's ephemeral range (32768-60999): any outgoing
+  # connection on the machine may be given one of them between our check and our bind
+  # (rabbitmq once failed with eaddrinuse that way). Reserved, the kernel never hands
+  # them out on its own; binding them explicitly still works.
+  reserve_ports
   # a broker of an earlier run may still be letting its port go
   wait_for 60 "port $RABBIT_PORT free" port_free $RABBIT_PORT
   # epmd (our own, loopback only) + rabbitmq
