@@ -48,8 +48,17 @@ struct Away {
     windows: Vec<(u64, u64)>,
 }
 
-/// One host incident: its host and when it opened (unix ms).
-fn host_incidents(c: &ControllerProcess) -> anyhow::Result<Vec<(String, u64)>> {
+/// When host `i`'s silence began if it is paused at `now_ms`: then, or when its last
+/// pause began if that ended less than a send period (plus the churn loop's 10 ms) ago.
+fn began(last_pause: &BTreeMap<usize, (u64, u64)>, i: usize, now_ms: u64, within_ms: u64) -> u64 {
+    match last_pause.get(&i) {
+        Some(&(began, resumed)) if now_ms <= resumed + within_ms => began,
+        _ => now_ms,
+    }
+}
+
+/// One host incident: its host, when it opened (unix ms) and its id.
+fn host_incidents(c: &ControllerProcess) -> anyhow::Result<Vec<(String, u64, u64)>> {
     let v = c.get_json("/v1/incidents")?;
     let list = v
         .get("incidents")
@@ -61,7 +70,7 @@ fn host_incidents(c: &ControllerProcess) -> anyhow::Result<Vec<(String, u64)>> {
         .iter()
         .filter_map(|i| {
             let host = i["subject"].as_str()?.strip_prefix("host:")?.to_string();
-            Some((host, i["opened_at_ms"].as_u64()?))
+            Some((host, i["opened_at_ms"].as_u64()?, i["id"].as_u64()?))
         })
         .collect())
 }
@@ -122,13 +131,23 @@ pub fn run(s: &Soak) -> anyhow::Result<String> {
     let engine_total = |m: &str| gauge(m, "defib_engine_busy_seconds_total");
     let mut prev_engine = engine_total(&c.metrics()?);
     let t0 = crate::monotonic_ns();
-    // Pending churn: (unix ms, what).
-    let mut resumes: Vec<(u64, usize)> = Vec::new();
+    // Pending churn: (unix ms, what); a pause also with when it began.
+    let mut resumes: Vec<(u64, usize, u64)> = Vec::new();
+    // A pause makes the host silent from its last heartbeat before it to the first after
+    // it: up to the pause plus one send period. One that long (by when the bench really
+    // resumed it) may rightly be suspected.
+    let deadline_ms = 3 * s.interval_ms;
+    let send_period_ms = s.interval_ms / 2;
+    // Per host, its last pause: (when it began, when it was resumed). A pause that starts
+    // within a send period of the last one's end continues it: the host sent nothing in
+    // between, so its silence runs from the first pause's start.
+    let mut last_pause: BTreeMap<usize, (u64, u64)> = BTreeMap::new();
     let mut unthins: Vec<(u64, usize)> = Vec::new();
     let (mut leaves, mut restarts, mut flaps) = (0u64, 0u64, 0u64);
     for sec in 1..=s.seconds {
         let target = t0 + sec * 1_000_000_000;
-        // Churn in 10 steps of 100 ms within the second.
+        // Churn every 100 ms, resumes looked at every 10 ms.
+        let mut step = 0u64;
         loop {
             let now_ns = crate::monotonic_ns();
             if now_ns >= target {
@@ -141,11 +160,16 @@ pub fn run(s: &Soak) -> anyhow::Result<String> {
                 }
                 at > now_ms
             });
-            resumes.retain(|&(at, i)| {
-                if at <= now_ms {
-                    senders.resume(i);
+            resumes.retain(|&(at, i, began)| {
+                if at > now_ms {
+                    return true;
                 }
-                at > now_ms
+                senders.resume(i);
+                if now_ms - began + send_period_ms >= deadline_ms {
+                    away.entry(i).or_default().windows.push((began, now_ms));
+                }
+                last_pause.insert(i, (began, now_ms));
+                false
             });
             unthins.retain(|&(at, i)| {
                 if at <= now_ms {
@@ -153,9 +177,10 @@ pub fn run(s: &Soak) -> anyhow::Result<String> {
                 }
                 at > now_ms
             });
-            if s.churn {
-                let busy = |i: usize, r: &[(u64, usize)], u: &[(u64, usize)]| {
-                    r.iter().chain(u).any(|(_, h)| *h == i)
+            step += 1;
+            if s.churn && step % 10 == 1 {
+                let busy = |i: usize, r: &[(u64, usize, u64)], u: &[(u64, usize)]| {
+                    r.iter().any(|(_, h, _)| *h == i) || u.iter().any(|(_, h)| *h == i)
                 };
                 // Per 100 ms: a host leaves for 3–10 s with probability 1/20 (one every
                 // 2 s), restarts its watchdog (silent 80–180 ms) with 1/4, loses one
@@ -166,13 +191,21 @@ pub fn run(s: &Soak) -> anyhow::Result<String> {
                         0 => {
                             let back = now_ms + 3_000 + rng.below(7_000);
                             senders.pause(i);
-                            resumes.push((back, i));
-                            away.entry(i).or_default().windows.push((now_ms, back));
+                            resumes.push((
+                                back,
+                                i,
+                                began(&last_pause, i, now_ms, send_period_ms + 10),
+                            ));
                             leaves += 1;
                         }
                         1..=5 => {
                             senders.pause(i);
-                            resumes.push((now_ms + 80 + rng.below(100), i));
+                            let back = now_ms + 80 + rng.below(100);
+                            resumes.push((
+                                back,
+                                i,
+                                began(&last_pause, i, now_ms, send_period_ms + 10),
+                            ));
                             restarts += 1;
                         }
                         6..=10 => {
@@ -184,7 +217,7 @@ pub fn run(s: &Soak) -> anyhow::Result<String> {
                     }
                 }
             }
-            std::thread::sleep(Duration::from_millis(100).min(Duration::from_nanos(
+            std::thread::sleep(Duration::from_millis(10).min(Duration::from_nanos(
                 target.saturating_sub(crate::monotonic_ns()),
             )));
         }
@@ -208,12 +241,19 @@ pub fn run(s: &Soak) -> anyhow::Result<String> {
             );
         }
     }
+    // Hosts still away at the end.
+    for (_, i, began) in &resumes {
+        away.entry(*i)
+            .or_default()
+            .windows
+            .push((*began, u64::MAX - 2_000));
+    }
     let m = c.metrics()?;
     let incidents = host_incidents(&c)?;
     let ids: BTreeMap<String, usize> = (0..s.hosts).map(|i| (host_id(i), i)).collect();
     let mut false_positives = Vec::new();
     let mut true_positives = 0;
-    for (host, opened) in &incidents {
+    for (host, opened, id) in &incidents {
         let explained = ids.get(host).and_then(|i| away.get(i)).is_some_and(|a| {
             a.windows
                 .iter()
@@ -222,7 +262,13 @@ pub fn run(s: &Soak) -> anyhow::Result<String> {
         if explained {
             true_positives += 1;
         } else {
-            false_positives.push((host.clone(), *opened));
+            // Why the controller suspected it: the first line of its timeline.
+            let why = c
+                .get_json(&format!("/v1/incidents/{id}"))
+                .ok()
+                .and_then(|v| v["timeline"][0]["cause"].as_str().map(str::to_string))
+                .unwrap_or_default();
+            false_positives.push((host.clone(), *opened, why));
         }
     }
     let alarms = metric_labelled(&m, "defib_alarms_total{kind=\"ControllerOverloaded\"}");
