@@ -332,7 +332,7 @@ pub fn run(s: &Soak) -> anyhow::Result<String> {
         &format!(
             "cargo xtask bench soak --hosts {} {} --interval-ms {}{}",
             s.hosts,
-            if s.seconds % 60 == 0 {
+            if s.seconds.is_multiple_of(60) {
                 format!("--minutes {}", s.seconds / 60)
             } else {
                 format!("--seconds {}", s.seconds)
