@@ -159,10 +159,7 @@ impl Engine {
     /// owes (its lag and the time it lost heartbeats itself, load.rs): the host is
     /// judged as of `now` minus that allowance.
     pub(super) fn judge(&self, host: &HostId) -> (Liveness, Duration) {
-        let since = self.detector.silent_since(host).unwrap_or(self.now);
-        let owed = self
-            .load
-            .allowance(since, self.now, self.cfg.max_overload_allowance);
+        let owed = self.judge_owed(host);
         let at = Timestamp(self.now.0.saturating_sub(owed.as_millis() as u64));
         (
             self.detector.liveness(host, at),

@@ -155,37 +155,39 @@ pub fn spawn_heartbeat_thread(
     let last_read = backlog.watch(&socket)?;
     socket.set_nonblocking(false)?;
     socket.set_read_timeout(Some(STOP_CHECK))?;
+    if let Err(error) = set_int_option(&socket, libc::SO_RCVBUF, RECEIVE_BUFFER) {
+        tracing::debug!(%error, "SO_RCVBUF not raised");
+    }
+    if let Err(error) = set_int_option(&socket, libc::SO_TIMESTAMPNS, 1) {
+        // Without stamps the datagrams are dated when read: said, not fatal.
+        tracing::warn!(%error, "SO_TIMESTAMPNS not set on a heartbeat socket; the controller measures its own lag less well");
+    }
+    std::thread::Builder::new()
+        .name("defib-heartbeats".into())
+        .spawn(move || receive_loop(&socket, &intake, &last_read, &stop))
+}
+
+/// Sets a `SOL_SOCKET` option that takes a C int.
+fn set_int_option(
+    socket: &impl AsRawFd,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
     // SAFETY: setsockopt reads a c_int from a live local.
     let r = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&RECEIVE_BUFFER as *const libc::c_int).cast(),
+            option,
+            (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if r != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "SO_RCVBUF not raised");
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
-    let on: libc::c_int = 1;
-    // SAFETY: as above.
-    let r = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_TIMESTAMPNS,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        // Without stamps the datagrams are dated when read: said, not fatal.
-        tracing::warn!(error = %std::io::Error::last_os_error(), "SO_TIMESTAMPNS not set on a heartbeat socket; the controller measures its own lag less well");
-    }
-    std::thread::Builder::new()
-        .name("defib-heartbeats".into())
-        .spawn(move || receive_loop(&socket, &intake, &last_read, &stop))
 }
 
 fn receive_loop(
@@ -434,17 +436,8 @@ mod tests {
     #[allow(clippy::disallowed_methods, reason = "a plain test thread, no runtime")]
     fn the_backlog_sees_kernel_drops_and_how_long_datagrams_wait_unread() {
         let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let small: libc::c_int = 1;
-        // SAFETY: setsockopt reads a c_int from a live local (the kernel's minimum wins).
-        unsafe {
-            libc::setsockopt(
-                server.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&small as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+        // The kernel's minimum wins.
+        set_int_option(&server, libc::SO_RCVBUF, 1).unwrap();
         let backlog = SocketBacklog::default();
         let _last_read = backlog.watch(&server).unwrap();
         assert_eq!(backlog.sample(), Backlog::default(), "nothing yet");
