@@ -1051,10 +1051,14 @@ impl<'a> Sim<'a> {
     /// The engine takes `input` now (after any queue it waited in); before a timer, the
     /// runtime reports the controller's own load, as `EngineTask::on_timer` does.
     pub(super) fn deliver_taken(&mut self, input: Input) -> Result<(), Box<Violation>> {
-        if !self.acting || self.paused_until.is_some() {
-            // Lost with the term that stopped; or taken when the stall ends (rare:
-            // queued across a stall) — dropped like a heartbeat on a full socket.
+        if !self.acting {
+            // Lost with the term that stopped.
             return Ok(());
+        }
+        if self.paused_until.is_some() {
+            // Queued across a stall: the stalled process takes it as it takes anything
+            // then (a heartbeat lost, a timer late, the rest when it runs again).
+            return self.deliver(input);
         }
         if matches!(input, Input::Timer(_)) && self.now >= self.own_load.reported_at + 50 {
             let report = self.own_load.report(self.now);
