@@ -67,7 +67,25 @@ pub(super) struct HostEntry {
     /// Resources restored onto this host while its clock was unknown: the next
     /// heartbeat dates their restore.
     pub(super) undated: BTreeSet<Resource>,
+    /// Exits the host reported, on its own clock, about resources whose restore is not
+    /// dated on that clock yet: they cannot be told from news older than the restore (a
+    /// stream replaying its backlog to a new leader), so they wait for the heartbeat
+    /// that dates the restore and are judged then (at most [`MAX_HELD_EXITS`]).
+    pub(super) held_exits: Vec<HeldExit>,
 }
+
+/// An exit report waiting for its host's clock (see `HostEntry::held_exits`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct HeldExit {
+    pub(super) resource: Resource,
+    pub(super) source: Source,
+    pub(super) at: HostTime,
+    pub(super) reason: String,
+}
+
+/// Exits held per host at most: a host runs far fewer resources; beyond it the oldest
+/// is dropped (and noted), for the host's inventory reports what is gone anyway.
+pub(super) const MAX_HELD_EXITS: usize = 256;
 
 impl HostEntry {
     pub(super) fn new() -> Self {
@@ -98,6 +116,7 @@ impl HostEntry {
             awaiting_word: BTreeSet::new(),
             clock: None,
             undated: BTreeSet::new(),
+            held_exits: Vec::new(),
             queued: None,
             heard: false,
         }
@@ -115,6 +134,7 @@ impl HostEntry {
             std::mem::take(&mut self.evacuated),
             self.clock,
             std::mem::take(&mut self.undated),
+            std::mem::take(&mut self.held_exits),
         );
         *self = HostEntry::new();
         (
@@ -127,6 +147,7 @@ impl HostEntry {
             self.evacuated,
             self.clock,
             self.undated,
+            self.held_exits,
         ) = keep;
     }
 }

@@ -118,6 +118,42 @@ impl Engine {
             }
             return;
         }
+        if let (
+            ListedAt::Host(t),
+            Some(Restored {
+                host_clock: None, ..
+            }),
+        ) = (at, e.restored)
+        {
+            // Not yet comparable with the restore: judged once the host's next
+            // heartbeat dates it (`release_held_exits`).
+            let held = HeldExit {
+                resource: resource.clone(),
+                source,
+                at: t,
+                reason: reason.to_string(),
+            };
+            let h = self.hosts.get_mut(host).expect("known");
+            // (A restore told to a process that had not met the host yet was not put
+            // on its list to date.)
+            h.undated.insert(resource.clone());
+            if !h.held_exits.contains(&held) {
+                if h.held_exits.len() >= MAX_HELD_EXITS {
+                    h.held_exits.remove(0);
+                }
+                h.held_exits.push(held);
+                self.bump();
+            }
+            if let Some(inc) = self.resources[&resource].owner {
+                self.note(
+                    inc,
+                    subject,
+                    format!("held until {host}'s clock dates the last restore: {cause}"),
+                    source,
+                );
+            }
+            return;
+        }
         if e.before_restore(at) {
             if let Some(inc) = e.owner {
                 self.note(inc, subject, format!("late: {cause}"), source);
@@ -166,6 +202,15 @@ impl Engine {
                     e.last_failure = e.owner.map(|inc| (inc, at));
                 }
             }
+        }
+    }
+
+    /// The exits held for the host's clock, judged now that its heartbeat dated the
+    /// restores they wait for.
+    pub(super) fn release_held_exits(&mut self, host: &HostId) {
+        let held = std::mem::take(&mut self.hosts.get_mut(host).expect("known").held_exits);
+        for x in held {
+            self.on_exit(host, x.resource, x.source, ListedAt::Host(x.at), &x.reason);
         }
     }
 

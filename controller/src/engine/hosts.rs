@@ -41,6 +41,9 @@ impl Engine {
         if undated {
             self.date_restores(&host, hb.at);
         }
+        if !self.hosts[&host].held_exits.is_empty() {
+            self.release_held_exits(&host);
+        }
         if old_boot.is_some_and(|b| b != hb.boot_id) {
             if let Some(inc) = self.hosts[&host].incident {
                 self.note(
@@ -220,16 +223,27 @@ impl Engine {
                 // Alive; it counts once it was heard since it was (re)registered.
                 if counted && h.heard {
                     n += 1;
+                    // Past its own deadline and queued later only because the
+                    // controller's lag excuses it: not suspected, but no proof that the
+                    // controller hears anyone either (it may be the one cut off).
+                    if self.detector.deadline(host).is_some_and(|d| d <= now) {
+                        silent += 1;
+                    }
                 }
                 continue;
             }
             let (live, silence) = self.judge(host);
+            // For the gate, silence the controller's lag excuses still counts as silence:
+            // the allowance spares a host an incident, it does not show the controller
+            // hears it.
+            let gate_silent =
+                live == Liveness::Suspect || self.detector.liveness(host, now) == Liveness::Suspect;
             // A host not heard since it was (re)registered — back from maintenance, or
             // just known — is not yet silent, but it is no proof that the controller
             // hears anyone either: it does not count until it is heard or turns Suspect.
-            if counted && (live == Liveness::Suspect || self.detector.last_seen(host).is_some()) {
+            if counted && (gate_silent || self.detector.last_seen(host).is_some()) {
                 n += 1;
-                if live == Liveness::Suspect {
+                if gate_silent {
                     silent += 1;
                 }
             }

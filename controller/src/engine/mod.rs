@@ -123,7 +123,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use detector::{Detector, Liveness};
-use entries::{Gate, HostClock, HostEntry, Known, ResourceEntry, Restored};
+use entries::{
+    Gate, HeldExit, HostClock, HostEntry, Known, ResourceEntry, Restored, MAX_HELD_EXITS,
+};
 use unsure::Tried;
 
 pub use book::Incident;

@@ -3694,3 +3694,91 @@ fn a_controller_that_lost_heartbeats_itself_suspects_nobody_for_that_silence_and
     assert_ne!(h.engine.host_state(&host(2)), Some(HostState::Up));
     assert_eq!(h.engine.host_state(&host(0)), Some(HostState::Up));
 }
+
+#[test]
+fn a_fence_waits_while_the_controller_hears_its_other_hosts_only_through_its_own_lag() {
+    let mut h = Harness::new(4);
+    h.kill(1);
+    // Long silent: well past its deadline even with the lag below added.
+    h.run_for(2_500);
+    assert_eq!(h.state(1), HostState::Confirming);
+    // The controller is cut off and slow at once: nobody is heard, and its lag excuses
+    // the others' silence (they are not suspected), but that is no proof that it hears
+    // them, so the gate stays shut.
+    for i in [0, 2, 3] {
+        h.kill(i);
+    }
+    for _ in 0..8 {
+        h.now += 50;
+        h.input(lagging(1_500));
+        h.input(Input::Timer(TimerId::Tick));
+    }
+    for i in [0, 2, 3] {
+        assert_eq!(h.state(i), HostState::Up, "h{i} is excused, not suspected");
+    }
+    h.confirm(1, Verdict::Dead);
+    for _ in 0..4 {
+        h.now += 50;
+        h.input(lagging(1_500));
+        h.input(Input::Timer(TimerId::Tick));
+    }
+    assert!(h.fences().is_empty(), "{:?}", h.fences());
+    // The others heard again: h1 is fenced.
+    for i in [0, 2, 3] {
+        h.revive(i);
+    }
+    // (Once its own silence exceeds the lag the controller still owes it.)
+    h.run_for(1_500);
+    assert_eq!(h.fences().len(), 1, "{:?}", h.fences());
+}
+
+#[test]
+fn an_exit_older_than_a_restore_the_hosts_clock_has_not_dated_yet_is_held_and_then_found_late() {
+    // One restart in place, then evacuation: old news acted on would move a VM that runs.
+    let cfg = Config {
+        max_restarts_in_place: 1,
+        ..Config::default()
+    };
+    let mut h = Harness::with(2, cfg.clone());
+    let crashed_at = h.now;
+    h.exit(0, "vm0", Source::Ebpf, crashed_at);
+    let key = h
+        .find(|a| matches!(a, Action::RestartInPlace { .. }))
+        .and_then(|a| match a {
+            Action::RestartInPlace { key, .. } => Some(key),
+            _ => None,
+        })
+        .expect("a restart in place");
+    // The controller restarts before the answer: the new process has heard no host,
+    // so the restore it is told of has no date on h0's clock.
+    h.now += 100;
+    let (engine, out) = Engine::resume(cfg, &h.log, Timestamp(h.now));
+    h.engine = engine;
+    h.absorb(out);
+    h.input(Input::RestoreResult {
+        resource: Resource::vm("vm0"),
+        key,
+        outcome: RestoreOutcome::Ok { host: host(0) },
+    });
+    assert_eq!(h.vm(0), ResourceState::Running);
+    h.take();
+    // h0's event stream replays the crash to the new process before any heartbeat.
+    h.exit(0, "vm0", Source::Libvirt, crashed_at);
+    let acted = |actions: &[Action]| {
+        actions.iter().any(|a| {
+            matches!(
+                a,
+                Action::Evacuate { .. } | Action::RestartInPlace { .. } | Action::PersistIntent(_)
+            )
+        })
+    };
+    assert!(!acted(&h.take()), "held for h0's clock");
+    // Its heartbeat dates the restore: the crash was before it.
+    h.run_for(500);
+    assert!(!acted(&h.take()), "late news");
+    assert_eq!(h.vm(0), ResourceState::Running);
+    // A crash after the restore is acted on.
+    let now = h.now;
+    h.exit(0, "vm0", Source::Ebpf, now);
+    assert!(acted(&h.take()));
+}
