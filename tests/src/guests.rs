@@ -247,6 +247,10 @@ pub enum GuestDisk {
     /// file got [`Hostbed::write_boot_sector`]): `io='threads' cache='none'
     /// error_policy='stop'`, as recipe A of the reference test bed.
     Block(PathBuf),
+    /// As [`GuestDisk::Block`], with qemu's other I/O engines: `io='native'` (Linux
+    /// AIO: `io_submit` returns at once and the request waits in the block layer) or
+    /// `io='io_uring'` (requests on a ring, never through the read/write syscalls).
+    BlockWith { dev: PathBuf, io: &'static str },
     /// An image file the caller made with [`Hostbed::make_boot_disk`], e.g. on a FUSE
     /// mount: `cache='none' error_policy='stop'`. qemu runs as root for this one (a FUSE
     /// mount without `allow_other` admits only its owner) and libvirt does not relabel it.
@@ -443,6 +447,15 @@ impl Guest {
                 format!(
                     "<disk type='block' device='disk'>\
                      <driver name='qemu' type='raw' cache='none' io='threads' error_policy='stop'/>\
+                     <source dev='{}'/><target dev='vda' bus='virtio'/></disk>",
+                    xml_escape(&dev.display().to_string())
+                ),
+                "",
+            ),
+            GuestDisk::BlockWith { dev, io } => (
+                format!(
+                    "<disk type='block' device='disk'>\
+                     <driver name='qemu' type='raw' cache='none' io='{io}' error_policy='stop'/>\
                      <source dev='{}'/><target dev='vda' bus='virtio'/></disk>",
                     xml_escape(&dev.display().to_string())
                 ),

@@ -68,7 +68,47 @@ fn a_real_guest_on_a_loop_device_over_stopped_fuse_gives_a_stall_while_stuck_and
     let lo = LoopDevice::attach(&image);
     let lo_name = lo.path.display().to_string();
     let guest = Guest::start("stall-a", &unique_uuid(), GuestDisk::Block(lo.path.clone()));
-    stall_scenario(&bed, &guest, &lo_name);
+    stall_scenario(&bed, &guest, &lo_name, "syscall");
+}
+
+/// Stall kind A with Linux AIO (`io='native' cache='none'`): `io_submit` returns at once,
+/// so no syscall is in flight; the request waits in the block layer of the loop device.
+#[test]
+fn a_real_guest_with_native_aio_on_a_loop_device_over_stopped_fuse_gives_a_stall_while_stuck_and_an_end_after(
+) {
+    block_stall_with_io("native");
+}
+
+/// Stall kind A with io_uring (`io='io_uring'`): the request is on qemu's ring and in the
+/// block layer, never in a read/write syscall.
+#[test]
+fn a_real_guest_with_io_uring_on_a_loop_device_over_stopped_fuse_gives_a_stall_while_stuck_and_an_end_after(
+) {
+    block_stall_with_io("io_uring");
+}
+
+fn block_stall_with_io(io: &'static str) {
+    let hostbed = require_hostbed!();
+    require!(have_command("bindfs"), "bindfs (FUSE passthrough)");
+    require!(Path::new("/dev/fuse").exists(), "/dev/fuse");
+    let bed = FuseBed::new();
+    let file = format!("guest-{io}.raw");
+    let image = bed.create_image(&file, defib_tests::guests::DISK_SIZE);
+    hostbed.write_boot_sector(&bed.real_dir().join(&file), 0);
+    let lo = LoopDevice::attach(&image);
+    let lo_name = lo.path.display().to_string();
+    let guest = Guest::start(
+        &format!("stall-{}", io.replace('_', "")),
+        &unique_uuid(),
+        GuestDisk::BlockWith {
+            dev: lo.path.clone(),
+            io,
+        },
+    );
+    // Only the block layer sees a native request (io_submit has long returned); an
+    // io_uring one is seen on its ring too.
+    let layer = if io == "native" { "block" } else { "io_uring" };
+    stall_scenario(&bed, &guest, &lo_name, layer);
 }
 
 /// Stall kind B on a real guest: its qcow2 image sits directly on the stopped FUSE mount.
@@ -89,7 +129,7 @@ fn a_real_guest_with_a_qcow2_image_on_a_stopped_fuse_mount_gives_a_stall_while_s
             format: DiskFormat::Qcow2,
         },
     );
-    stall_scenario(&bed, &guest, "guest-b.qcow2");
+    stall_scenario(&bed, &guest, "guest-b.qcow2", "syscall");
 }
 
 /// Resumes the FUSE daemon when dropped, so that a failing test does not leave a qemu
@@ -102,7 +142,9 @@ impl Drop for ResumeOnDrop<'_> {
     }
 }
 
-fn stall_scenario(bed: &FuseBed, guest: &Guest, path_contains: &str) {
+/// `layer`: the probe family that must report a stuck operation (`syscall`, `block`,
+/// `io_uring`).
+fn stall_scenario(bed: &FuseBed, guest: &Guest, path_contains: &str, layer: &str) {
     let _resume = ResumeOnDrop(bed);
     let mut wd = Watchdog::start(&["--stall-threshold-ms", "1000"]);
     let pid = guest.pid();
@@ -159,6 +201,10 @@ fn stall_scenario(bed: &FuseBed, guest: &Guest, path_contains: &str) {
         ops.iter()
             .any(|o| o["path"].as_str().unwrap_or("").contains(path_contains)),
         "no stuck op on {path_contains}: {started}"
+    );
+    assert!(
+        ops.iter().any(|o| o["layer"] == layer),
+        "no stuck op seen by the {layer} probes: {started}"
     );
     assert!(
         !wd.seen()

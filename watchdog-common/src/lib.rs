@@ -21,6 +21,10 @@ pub enum RecordKind {
     Exit = 2,
     /// A tracked I/O syscall of a watched process returned after the stall threshold: [`IoSlowEndRecord`].
     IoSlowEnd = 3,
+    /// A block request on a watched device completed after the stall threshold: [`BlockSlowEndRecord`].
+    BlockSlowEnd = 4,
+    /// An io_uring I/O request of a watched process completed after the stall threshold: [`UringSlowEndRecord`].
+    UringSlowEnd = 5,
 }
 
 impl RecordKind {
@@ -29,6 +33,8 @@ impl RecordKind {
             1 => Some(Self::Exec),
             2 => Some(Self::Exit),
             3 => Some(Self::IoSlowEnd),
+            4 => Some(Self::BlockSlowEnd),
+            5 => Some(Self::UringSlowEnd),
             _ => None,
         }
     }
@@ -86,6 +92,98 @@ pub struct IoSlowEndRecord {
     pub fd: i64,
     /// Return value of the syscall.
     pub ret: i64,
+}
+
+/// Key of the block-request in-flight map: the request's device (the kernel's `dev_t`,
+/// `major << 20 | minor`, as the block tracepoints give it) and first sector. Two
+/// requests in flight at once on the same sector of one device are not told apart (the
+/// second is counted as a collision, and the first one's completion ends both).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BlockKey {
+    pub dev: u32,
+    pub _pad: u32,
+    pub sector: u64,
+}
+
+/// Value of the block-request in-flight map: when the request was issued to the driver.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BlockInflight {
+    pub start_ns: u64,
+    pub nr_sector: u32,
+    /// 1 for a write (or flush), 0 for a read.
+    pub write: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockSlowEndRecord {
+    pub kind: u32,
+    pub dev: u32,
+    pub sector: u64,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    /// The completion's status (0, or a negative errno).
+    pub error: i32,
+    pub _pad: u32,
+}
+
+/// Value of the io_uring in-flight map (key: the kernel's request pointer, which the
+/// submit and complete tracepoints both carry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UringInflight {
+    pub tgid: u32,
+    /// `IORING_OP_*`.
+    pub opcode: u32,
+    pub start_ns: u64,
+    pub user_data: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct UringSlowEndRecord {
+    pub kind: u32,
+    pub tgid: u32,
+    pub req: u64,
+    pub opcode: u32,
+    pub res: i32,
+    pub start_ns: u64,
+    pub end_ns: u64,
+}
+
+/// The io_uring operations that move guest disk data (UAPI numbers): readv, writev,
+/// fsync, read/write fixed, sync_file_range, fallocate, read, write. Others (a poll
+/// qemu keeps armed on its event fds, timeouts) wait by design and are not tracked.
+pub mod uring_ops {
+    pub const TRACKED: [(&str, u32); 9] = [
+        ("readv", 1),
+        ("writev", 2),
+        ("fsync", 3),
+        ("read_fixed", 4),
+        ("write_fixed", 5),
+        ("sync_file_range", 8),
+        ("fallocate", 17),
+        ("read", 22),
+        ("write", 23),
+    ];
+
+    #[inline(always)]
+    pub fn tracked(op: u32) -> bool {
+        matches!(op, 1..=5 | 8 | 17 | 22 | 23)
+    }
+
+    pub fn name(op: u32) -> &'static str {
+        let mut i = 0;
+        while i < TRACKED.len() {
+            if TRACKED[i].1 == op {
+                return TRACKED[i].0;
+            }
+            i += 1;
+        }
+        "unknown"
+    }
 }
 
 /// Value of the in-flight map (key: tid): one I/O syscall of a watched thread that has
@@ -188,13 +286,20 @@ pub mod stat_index {
     pub const INFLIGHT_FULL: u32 = 1;
     /// Processes that could not be added to the watched map at exec.
     pub const WATCH_FULL: u32 = 2;
-    pub const LEN: u32 = 3;
+    /// Block requests on watched devices that did not fit in their in-flight map.
+    pub const BLOCK_INFLIGHT_FULL: u32 = 3;
+    /// io_uring requests of watched processes that did not fit in their in-flight map.
+    pub const URING_INFLIGHT_FULL: u32 = 4;
+    pub const LEN: u32 = 5;
 }
 
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
     unsafe impl aya::Pod for InflightIo {}
+    unsafe impl aya::Pod for BlockKey {}
+    unsafe impl aya::Pod for BlockInflight {}
+    unsafe impl aya::Pod for UringInflight {}
     unsafe impl aya::Pod for WatchedProcess {}
     unsafe impl aya::Pod for KillerInfo {}
     unsafe impl aya::Pod for NamePattern {}
@@ -237,6 +342,22 @@ mod tests {
         assert_eq!(core::mem::size_of::<IoSlowEndRecord>(), 48);
         assert_eq!(core::mem::size_of::<ExecRecord>(), 32);
         assert_eq!(core::mem::size_of::<InflightIo>(), 24);
+        assert_eq!(core::mem::size_of::<BlockKey>(), 16);
+        assert_eq!(core::mem::size_of::<BlockInflight>(), 16);
+        assert_eq!(core::mem::size_of::<BlockSlowEndRecord>(), 40);
+        assert_eq!(core::mem::size_of::<UringInflight>(), 24);
+        assert_eq!(core::mem::size_of::<UringSlowEndRecord>(), 40);
+    }
+
+    #[test]
+    fn the_tracked_uring_ops_and_their_fast_test_agree() {
+        for op in 0..64 {
+            assert_eq!(
+                uring_ops::tracked(op),
+                uring_ops::TRACKED.iter().any(|(_, o)| *o == op),
+                "op {op}"
+            );
+        }
     }
 }
 

@@ -5,14 +5,18 @@
 //! - `signal`: who sent a terminating signal, and whether one was delivered fatally.
 //! - `oom`: the OOM killer's victim.
 //! - `io`: I/O syscalls of watched processes that are in flight (stall detection).
+//! - `block`: block requests on the VMs' block devices in flight (Linux AIO, io_uring).
+//! - `uring`: io_uring requests of watched processes in flight.
 #![no_std]
 #![no_main]
 
+mod block;
 mod io;
 mod maps;
 mod oom;
 mod process;
 mod signal;
+mod uring;
 
 #[cfg(not(test))]
 #[panic_handler]

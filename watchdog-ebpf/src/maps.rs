@@ -4,8 +4,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use watchdog_common::{
-    config_index, stat_index, InflightIo, KillerInfo, NamePattern, WatchedProcess,
-    MAX_NAME_PATTERNS,
+    config_index, stat_index, BlockInflight, BlockKey, InflightIo, KillerInfo, NamePattern,
+    UringInflight, WatchedProcess, MAX_NAME_PATTERNS,
 };
 
 /// Records to the daemon (exec, exit, slow I/O end).
@@ -31,6 +31,19 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat_index::L
 /// I/O syscalls in flight, by tid.
 #[map(name = "INFLIGHT")]
 pub static INFLIGHT: HashMap<u32, InflightIo> = HashMap::with_max_entries(16384, 0);
+
+/// Block devices whose requests are tracked (the VMs' `type='block'` disks), by the
+/// kernel's `dev_t`; written by the daemon from the libvirt inventory.
+#[map(name = "WATCHED_DEVS")]
+pub static WATCHED_DEVS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
+/// Block requests in flight on watched devices.
+#[map(name = "BLK_INFLIGHT")]
+pub static BLK_INFLIGHT: HashMap<BlockKey, BlockInflight> = HashMap::with_max_entries(16384, 0);
+
+/// io_uring I/O requests of watched processes in flight, by request pointer.
+#[map(name = "URING_INFLIGHT")]
+pub static URING_INFLIGHT: HashMap<u64, UringInflight> = HashMap::with_max_entries(16384, 0);
 
 /// Last terminating signal sent to a watched process, by target tgid.
 #[map(name = "KILLERS")]

@@ -215,7 +215,13 @@ pub struct Killer {
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct StuckIo {
+    /// The qemu thread in the call (`syscall` layer); 0 for the other layers.
     pub tid: u32,
+    /// Where it waits: `syscall` (a read/write/flush call of a qemu thread), `block` (a
+    /// request on the VM's block device) or `io_uring` (a request on a qemu's ring).
+    pub layer: &'static str,
+    /// The operation: the syscall's name, `read`/`write` for a block request, the
+    /// io_uring opcode's name.
     pub syscall: &'static str,
     pub fd: i64,
     /// What the file descriptor points to (image file or block device), if it could be read.
@@ -284,8 +290,12 @@ impl WatchdogEvent {
                 format!("unstalled pid {pid} {} after {duration_ms} ms", vm(v))
             }
             Self::ProbeLoss { stats, .. } => format!(
-                "LOSS      ring buffer drops {}, in-flight map full {}, watch map full {}",
-                stats.ringbuf_drops, stats.inflight_full, stats.watch_full
+                "LOSS      ring buffer drops {}, in-flight map full {}, watch map full {}, block map full {}, io_uring map full {}",
+                stats.ringbuf_drops,
+                stats.inflight_full,
+                stats.watch_full,
+                stats.block_inflight_full,
+                stats.uring_inflight_full
             ),
             Self::LibvirtConnected { uri, .. } => format!("libvirt   connected to {uri}"),
             Self::LibvirtDisconnected { uri, reason, .. } => {

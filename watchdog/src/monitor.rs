@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
-use watchdog_common::io_syscalls;
+use watchdog_common::{io_syscalls, uring_ops};
 
 use crate::clock::{mono_to_unix_ms, monotonic_ns};
 use crate::config::WatchdogConfig;
@@ -19,11 +19,14 @@ use crate::probes::{ProbeStats, Probes};
 use crate::procfs::{self, VmIdentity};
 use crate::records::{self, comm_str, Record};
 use crate::reporting::Reporting;
-use crate::stall::{StallChange, StallTracker};
+use crate::stall::{InflightOp, OpKey, OpKind, StallChange, StallTracker, StuckOp};
 
 /// How long the previous run's pid → VM map is kept after the start: every exit record
 /// written before the start's /proc scan has been read long before.
 const FORGET_REMEMBERED_AFTER: Duration = Duration::from_secs(10);
+
+/// How often the VMs' block devices are looked up again (their qemus' open files).
+const BLOCK_DEVS_REFRESH: Duration = Duration::from_secs(1);
 
 /// Where events go: stdout for `events`, the controller stream later.
 pub trait EventSink {
@@ -56,6 +59,12 @@ pub struct Monitor {
     remembered: HashMap<u32, WatchedVm>,
     /// The pid → VM map changed since the cache was last written.
     vm_cache_dirty: bool,
+    /// The VMs' block devices whose requests the probes track: kernel `dev_t` → the
+    /// qemu that has it open and the path it opened (from the libvirt inventory's disks
+    /// and the qemus' open files).
+    block_devs: HashMap<u32, (u32, String)>,
+    /// The active domains' disk sources (qemu pid, path), from the last libvirt inventory.
+    disk_sources: Vec<(u32, String)>,
 }
 
 impl Monitor {
@@ -74,6 +83,8 @@ impl Monitor {
             vm_cache: None,
             remembered: HashMap::new(),
             vm_cache_dirty: false,
+            block_devs: HashMap::new(),
+            disk_sources: Vec::new(),
         }
     }
 
@@ -245,7 +256,41 @@ impl Monitor {
                 self.reporting.event(r.tgid, &vm, event, sink);
             }
             Record::IoSlowEnd(r) => {
-                for c in self.stalls.on_slow_end(&r) {
+                let op = StuckOp {
+                    key: OpKey::Syscall { tid: r.tid },
+                    kind: OpKind::Syscall {
+                        nr: r.syscall_nr,
+                        fd: r.fd,
+                    },
+                    start_ns: r.start_ns,
+                };
+                for c in self.stalls.on_slow_end(r.tgid, op, r.end_ns) {
+                    self.emit_stall(c, sink);
+                }
+            }
+            Record::BlockSlowEnd(r) => {
+                let Some(&(tgid, _)) = self.block_devs.get(&r.dev) else {
+                    return;
+                };
+                let op = StuckOp {
+                    key: OpKey::Block {
+                        dev: r.dev,
+                        sector: r.sector,
+                    },
+                    kind: OpKind::Block { write: false },
+                    start_ns: r.start_ns,
+                };
+                for c in self.stalls.on_slow_end(tgid, op, r.end_ns) {
+                    self.emit_stall(c, sink);
+                }
+            }
+            Record::UringSlowEnd(r) => {
+                let op = StuckOp {
+                    key: OpKey::Uring { req: r.req },
+                    kind: OpKind::Uring { opcode: r.opcode },
+                    start_ns: r.start_ns,
+                };
+                for c in self.stalls.on_slow_end(r.tgid, op, r.end_ns) {
                     self.emit_stall(c, sink);
                 }
             }
@@ -269,16 +314,7 @@ impl Monitor {
                 vm: vm_of(tgid),
                 since_ns,
                 threshold_ms: self.cfg.probes.stall_threshold_ms,
-                stuck_ops: ops
-                    .into_iter()
-                    .map(|o| StuckIo {
-                        tid: o.tid,
-                        syscall: io_syscalls::name(o.syscall_nr),
-                        fd: o.fd,
-                        path: procfs::fd_target(&self.proc_root, tgid, o.fd),
-                        start_ns: o.start_ns,
-                    })
-                    .collect(),
+                stuck_ops: ops.into_iter().map(|o| self.stuck_io(tgid, o)).collect(),
                 observed_ns,
                 unix_ms: mono_to_unix_ms(observed_ns),
             },
@@ -299,14 +335,121 @@ impl Monitor {
         self.reporting.event(tgid, &vm, event, sink);
     }
 
+    /// A stuck operation as the event reports it.
+    fn stuck_io(&self, tgid: u32, o: StuckOp) -> StuckIo {
+        let (layer, op, tid, fd, path) = match (o.key, o.kind) {
+            (OpKey::Syscall { tid }, OpKind::Syscall { nr, fd }) => (
+                "syscall",
+                io_syscalls::name(nr),
+                tid,
+                fd,
+                procfs::fd_target(&self.proc_root, tgid, fd),
+            ),
+            (OpKey::Block { dev, .. }, OpKind::Block { write }) => (
+                "block",
+                if write { "write" } else { "read" },
+                0,
+                -1,
+                self.block_devs.get(&dev).map(|(_, p)| p.clone()),
+            ),
+            (_, OpKind::Uring { opcode }) => ("io_uring", uring_ops::name(opcode), 0, -1, None),
+            _ => ("unknown", "unknown", 0, -1, None),
+        };
+        StuckIo {
+            tid,
+            layer,
+            syscall: op,
+            fd,
+            path,
+            start_ns: o.start_ns,
+        }
+    }
+
     fn scan_stalls(&mut self, sink: &mut dyn EventSink) {
+        let mut ops: Vec<InflightOp> = Vec::new();
         match self.probes.inflight() {
-            Ok(inflight) => {
-                for c in self.stalls.on_scan(monotonic_ns(), &inflight) {
-                    self.emit_stall(c, sink);
-                }
-            }
+            Ok(inflight) => ops.extend(inflight.into_iter().map(|(tid, io)| InflightOp {
+                tgid: io.tgid,
+                op: StuckOp {
+                    key: OpKey::Syscall { tid },
+                    kind: OpKind::Syscall {
+                        nr: io.syscall_nr,
+                        fd: io.fd,
+                    },
+                    start_ns: io.start_ns,
+                },
+            })),
             Err(e) => tracing::warn!(error = %e, "cannot read the in-flight I/O map"),
+        }
+        if !self.block_devs.is_empty() {
+            match self.probes.block_inflight() {
+                Ok(inflight) => {
+                    for (key, rq) in inflight {
+                        // A device no VM has open any more is not charged to anyone.
+                        let Some(&(tgid, _)) = self.block_devs.get(&key.dev) else {
+                            continue;
+                        };
+                        ops.push(InflightOp {
+                            tgid,
+                            op: StuckOp {
+                                key: OpKey::Block {
+                                    dev: key.dev,
+                                    sector: key.sector,
+                                },
+                                kind: OpKind::Block {
+                                    write: rq.write != 0,
+                                },
+                                start_ns: rq.start_ns,
+                            },
+                        });
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read the block-request map"),
+            }
+        }
+        match self.probes.uring_inflight() {
+            Ok(inflight) => ops.extend(inflight.into_iter().map(|(req, io)| InflightOp {
+                tgid: io.tgid,
+                op: StuckOp {
+                    key: OpKey::Uring { req },
+                    kind: OpKind::Uring { opcode: io.opcode },
+                    start_ns: io.start_ns,
+                },
+            })),
+            Err(e) => tracing::warn!(error = %e, "cannot read the io_uring request map"),
+        }
+        for c in self.stalls.on_scan(monotonic_ns(), &ops) {
+            self.emit_stall(c, sink);
+        }
+    }
+
+    /// Which block devices the VMs use: their libvirt disks that are block devices, and
+    /// the block devices their qemus have open. The probes track requests on these only.
+    /// Run at every libvirt inventory and every second (a qemu opens its disks after
+    /// its exec, and without libvirt its open files are all there is).
+    fn refresh_block_devs(&mut self) {
+        let mut devs: HashMap<u32, (u32, String)> = HashMap::new();
+        for (pid, source) in &self.disk_sources {
+            if let Some(dev) = procfs::block_dev_of(std::path::Path::new(source)) {
+                devs.insert(dev, (*pid, source.clone()));
+            }
+        }
+        for pid in self.vms.keys() {
+            for (dev, path) in procfs::open_block_devices(&self.proc_root, *pid) {
+                devs.entry(dev).or_insert((*pid, path));
+            }
+        }
+        if devs == self.block_devs {
+            return;
+        }
+        let set: std::collections::BTreeSet<u32> = devs.keys().copied().collect();
+        match self.probes.set_watched_devs(&set) {
+            Ok(()) => {
+                tracing::info!(devices = ?devs.values().map(|(p, d)| format!("{d} (qemu {p})")).collect::<Vec<_>>(),
+                    "tracking block requests on the VMs' block devices");
+                self.block_devs = devs;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot update the watched block devices"),
         }
     }
 
@@ -323,6 +466,17 @@ impl Monitor {
     /// missed) is watched from now on.
     fn reconcile_with_libvirt(&mut self, vms: &[LibvirtVm], sink: &mut dyn EventSink) {
         self.libvirt_pids = inventory::pid_map(vms);
+        self.disk_sources = vms
+            .iter()
+            .filter(|vm| vm.is_active())
+            .filter_map(|vm| vm.pid.map(|pid| (pid, vm)))
+            .flat_map(|(pid, vm)| {
+                vm.disks
+                    .iter()
+                    .filter_map(move |d| d.source.clone().map(|s| (pid, s)))
+            })
+            .collect();
+        self.refresh_block_devs();
         let watched: HashMap<u32, VmIdentity> = self
             .vms
             .iter()
@@ -429,6 +583,8 @@ impl Monitor {
         let mut rescan_tick = tokio::time::interval(Duration::from_millis(
             self.cfg.probes.proc_rescan_interval_ms,
         ));
+        let mut block_devs_tick = tokio::time::interval(BLOCK_DEVS_REFRESH);
+        block_devs_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         rescan_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut external = self.external.take();
@@ -461,6 +617,7 @@ impl Monitor {
                     self.check_stats(sink);
                 }
                 _ = rescan_tick.tick() => self.scan_proc(sink),
+                _ = block_devs_tick.tick() => self.refresh_block_devs(),
                 // From this loop, so a loop that hangs stops the pings.
                 _ = sd_watchdog.due() => sd_watchdog.ping(),
                 event = next_external(&mut external) => match event {

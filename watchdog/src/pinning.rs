@@ -27,6 +27,9 @@ pub const MAPS: &[&str] = &[
     "CONFIG",
     "STATS",
     "INFLIGHT",
+    "WATCHED_DEVS",
+    "BLK_INFLIGHT",
+    "URING_INFLIGHT",
     "KILLERS",
     "OOM_VICTIMS",
 ];

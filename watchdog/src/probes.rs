@@ -7,8 +7,8 @@ use aya::{
     Ebpf,
 };
 use watchdog_common::{
-    config_index, io_syscalls, stat_index, InflightIo, NamePattern, WatchedProcess,
-    MAX_NAME_PATTERNS,
+    config_index, io_syscalls, stat_index, BlockInflight, BlockKey, InflightIo, NamePattern,
+    UringInflight, WatchedProcess, MAX_NAME_PATTERNS,
 };
 
 use crate::config::WatchdogConfig;
@@ -23,6 +23,11 @@ const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("qemu_exit", "sched", "sched_process_exit"),
     ("qemu_signal_generate", "signal", "signal_generate"),
     ("qemu_oom_victim", "oom", "mark_victim"),
+    ("blk_rq_issue", "block", "block_rq_issue"),
+    ("blk_rq_complete", "block", "block_rq_complete"),
+    ("blk_rq_requeue", "block", "block_rq_requeue"),
+    ("uring_submit", "io_uring", "io_uring_submit_req"),
+    ("uring_complete", "io_uring", "io_uring_complete"),
 ];
 
 /// Probe counters, summed over CPUs.
@@ -31,6 +36,8 @@ pub struct ProbeStats {
     pub ringbuf_drops: u64,
     pub inflight_full: u64,
     pub watch_full: u64,
+    pub block_inflight_full: u64,
+    pub uring_inflight_full: u64,
 }
 
 pub struct Probes {
@@ -178,6 +185,52 @@ impl Probes {
         Ok(inflight.iter().filter_map(Result::ok).collect())
     }
 
+    /// Block requests in flight on the watched devices right now.
+    pub fn block_inflight(&mut self) -> anyhow::Result<Vec<(BlockKey, BlockInflight)>> {
+        let m: HashMap<_, BlockKey, BlockInflight> =
+            HashMap::try_from(map(&mut self.ebpf, "BLK_INFLIGHT")?)?;
+        Ok(m.iter().filter_map(Result::ok).collect())
+    }
+
+    /// io_uring requests of watched processes in flight right now, by request pointer.
+    pub fn uring_inflight(&mut self) -> anyhow::Result<Vec<(u64, UringInflight)>> {
+        let m: HashMap<_, u64, UringInflight> =
+            HashMap::try_from(map(&mut self.ebpf, "URING_INFLIGHT")?)?;
+        Ok(m.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Makes `devs` (kernel `dev_t`s) the set of block devices whose requests are
+    /// tracked: added ones start, others stop (their requests in flight are dropped).
+    pub fn set_watched_devs(
+        &mut self,
+        devs: &std::collections::BTreeSet<u32>,
+    ) -> anyhow::Result<()> {
+        let mut m: HashMap<_, u32, u32> = HashMap::try_from(map(&mut self.ebpf, "WATCHED_DEVS")?)?;
+        let now: Vec<u32> = m.keys().filter_map(Result::ok).collect();
+        for dev in &now {
+            if !devs.contains(dev) {
+                let _ = m.remove(dev);
+            }
+        }
+        for dev in devs {
+            if !now.contains(dev) {
+                m.insert(dev, 1, 0)
+                    .with_context(|| format!("watching block device {dev:#x}"))?;
+            }
+        }
+        let mut inflight: HashMap<_, BlockKey, BlockInflight> =
+            HashMap::try_from(map(&mut self.ebpf, "BLK_INFLIGHT")?)?;
+        let stale: Vec<BlockKey> = inflight
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !devs.contains(&k.dev))
+            .collect();
+        for k in stale {
+            let _ = inflight.remove(&k);
+        }
+        Ok(())
+    }
+
     pub fn stats(&mut self) -> anyhow::Result<ProbeStats> {
         let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(map(&mut self.ebpf, "STATS")?)?;
         let sum = |i: u32| -> anyhow::Result<u64> { Ok(stats.get(&i, 0)?.iter().sum()) };
@@ -185,6 +238,8 @@ impl Probes {
             ringbuf_drops: sum(stat_index::RINGBUF_DROPS)?,
             inflight_full: sum(stat_index::INFLIGHT_FULL)?,
             watch_full: sum(stat_index::WATCH_FULL)?,
+            block_inflight_full: sum(stat_index::BLOCK_INFLIGHT_FULL)?,
+            uring_inflight_full: sum(stat_index::URING_INFLIGHT_FULL)?,
         })
     }
 }

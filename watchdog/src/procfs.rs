@@ -124,6 +124,41 @@ pub fn fd_target(proc_root: &Path, pid: u32, fd: i64) -> Option<String> {
         .map(|p| p.to_string_lossy().into_owned())
 }
 
+/// The kernel's `dev_t` (`major << 20 | minor`, as the block tracepoints give it) of a
+/// block device node, or `None` for anything else (a file, a missing path).
+pub fn block_dev_of(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.file_type().is_block_device() {
+        return None;
+    }
+    let rdev = meta.rdev();
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    Some((major << 20) | (minor & 0xf_ffff))
+}
+
+/// The block devices a process has open, by kernel `dev_t`, with the path it opened.
+pub fn open_block_devices(proc_root: &Path, pid: u32) -> Vec<(u32, String)> {
+    let Ok(fds) = std::fs::read_dir(proc_root.join(pid.to_string()).join("fd")) else {
+        return Vec::new();
+    };
+    let mut devs = Vec::new();
+    for fd in fds.flatten() {
+        let Ok(target) = std::fs::read_link(fd.path()) else {
+            continue;
+        };
+        if !target.starts_with("/dev") {
+            continue;
+        }
+        if let Some(dev) = block_dev_of(&fd.path()) {
+            devs.push((dev, target.to_string_lossy().into_owned()));
+        }
+    }
+    devs.sort();
+    devs.dedup();
+    devs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,11 +1,15 @@
 //! Decoding ring-buffer bytes into the typed records of `watchdog-common`.
-use watchdog_common::{ExecRecord, ExitRecord, IoSlowEndRecord, RecordKind};
+use watchdog_common::{
+    BlockSlowEndRecord, ExecRecord, ExitRecord, IoSlowEndRecord, RecordKind, UringSlowEndRecord,
+};
 
 #[derive(Debug, Clone, Copy)]
 pub enum Record {
     Exec(ExecRecord),
     Exit(ExitRecord),
     IoSlowEnd(IoSlowEndRecord),
+    BlockSlowEnd(BlockSlowEndRecord),
+    UringSlowEnd(UringSlowEndRecord),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -31,6 +35,8 @@ pub fn decode(bytes: &[u8]) -> Result<Record, RecordError> {
         Some(RecordKind::Exec) => read(bytes).map(Record::Exec),
         Some(RecordKind::Exit) => read(bytes).map(Record::Exit),
         Some(RecordKind::IoSlowEnd) => read(bytes).map(Record::IoSlowEnd),
+        Some(RecordKind::BlockSlowEnd) => read(bytes).map(Record::BlockSlowEnd),
+        Some(RecordKind::UringSlowEnd) => read(bytes).map(Record::UringSlowEnd),
         None => Err(RecordError::UnknownKind(kind)),
     }
 }

@@ -1,33 +1,59 @@
-//! Turns the in-flight I/O the probes track into per-VM stall episodes.
+//! Turns the I/O the probes track in flight into per-VM stall episodes.
 //!
-//! Pure: the daemon feeds it snapshots of the `INFLIGHT` map (taken every
-//! `stall_scan_interval`), the `IoSlowEnd` records, and process exits, with the time
-//! passed in; it answers with episode starts and ends. A VM is stalled from the moment
-//! one of its I/O calls has been in flight for `threshold` until none is any more, so a
-//! VM with several stuck worker threads gives one episode, not one per thread.
+//! Pure: the daemon feeds it snapshots of what is in flight (the syscall map, the
+//! block-request map with each device resolved to its VM's qemu, and the io_uring map,
+//! taken every `stall_scan_interval`), the slow-end records, and process exits, with
+//! the time passed in; it answers with episode starts and ends. A VM is stalled from the
+//! moment one of its operations has been in flight for `threshold` until none is any
+//! more, so a VM with several stuck worker threads, or one stuck request seen both as an
+//! io_uring request and as a block request, gives one episode.
 //!
-//! Exactness: a call seen stuck and then gone from the map ends at the end time of its
-//! `IoSlowEnd` record (the probe submits the record before it removes the entry, and the
-//! daemon drains the ring before every scan). A slow call that returned between two scans
-//! gives a start and an end together, so no stall longer than the threshold goes unreported.
-use std::collections::{BTreeMap, HashMap};
+//! Exactness: an operation seen stuck and then gone from its map ends at the end time
+//! of its slow-end record (the probes submit the record before they remove the entry,
+//! and the daemon drains the ring before every scan). A slow operation that ended
+//! between two scans gives a start and an end together, so no stall longer than the
+//! threshold goes unreported.
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use watchdog_common::{InflightIo, IoSlowEndRecord};
+/// Which in-flight entry an operation is: each probe family has its own key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum OpKey {
+    /// A tracked I/O syscall of a qemu thread (a thread has one in flight at most).
+    Syscall { tid: u32 },
+    /// A block request on a VM's block device (kernel `dev_t`, first sector).
+    Block { dev: u32, sector: u64 },
+    /// An io_uring request of a qemu (the kernel's request pointer).
+    Uring { req: u64 },
+}
 
-/// One I/O call of a stalled VM.
+/// What the operation is, for the report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    Syscall { nr: u32, fd: i64 },
+    Block { write: bool },
+    Uring { opcode: u32 },
+}
+
+/// One operation of a stalled VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StuckOp {
-    pub tid: u32,
-    pub syscall_nr: u32,
-    pub fd: i64,
+    pub key: OpKey,
+    pub kind: OpKind,
     pub start_ns: u64,
+}
+
+/// One operation in flight, with the qemu (tgid) it is charged to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InflightOp {
+    pub tgid: u32,
+    pub op: StuckOp,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StallChange {
     Started {
         tgid: u32,
-        /// When the oldest stuck call was entered.
+        /// When the oldest stuck operation began.
         since_ns: u64,
         ops: Vec<StuckOp>,
     },
@@ -41,8 +67,8 @@ pub enum StallChange {
 #[derive(Debug, Default)]
 struct VmStall {
     since_ns: u64,
-    /// Stuck calls by (tid, start): a thread has at most one call in flight.
-    ops: BTreeMap<(u32, u64), StuckOp>,
+    /// Stuck operations by (key, start).
+    ops: BTreeMap<(OpKey, u64), StuckOp>,
 }
 
 #[derive(Debug)]
@@ -68,14 +94,12 @@ impl StallTracker {
         self.stalled.len()
     }
 
-    /// A snapshot of every in-flight call (tid → call) at `now_ns`.
-    pub fn on_scan(&mut self, now_ns: u64, inflight: &[(u32, InflightIo)]) -> Vec<StallChange> {
+    /// A snapshot of every operation in flight at `now_ns`.
+    pub fn on_scan(&mut self, now_ns: u64, inflight: &[InflightOp]) -> Vec<StallChange> {
         let mut changes = Vec::new();
-        // Calls that ended without a record (ring buffer full, or thread gone).
-        let present: std::collections::HashSet<(u32, u64)> = inflight
-            .iter()
-            .map(|(tid, io)| (*tid, io.start_ns))
-            .collect();
+        // Operations that ended without a record (ring buffer full, or thread gone).
+        let present: HashSet<(OpKey, u64)> =
+            inflight.iter().map(|i| (i.op.key, i.op.start_ns)).collect();
         let mut gone_vms = Vec::new();
         for (tgid, vm) in self.stalled.iter_mut() {
             vm.ops.retain(|key, _| present.contains(key));
@@ -92,33 +116,27 @@ impl StallTracker {
                 });
             }
         }
-        // Calls newly past the threshold, grouped by process.
+        // Operations newly past the threshold, grouped by process.
         let mut new_ops: BTreeMap<u32, Vec<StuckOp>> = BTreeMap::new();
-        for (tid, io) in inflight {
-            if now_ns.saturating_sub(io.start_ns) < self.threshold_ns {
+        for i in inflight {
+            if now_ns.saturating_sub(i.op.start_ns) < self.threshold_ns {
                 continue;
             }
-            let op = StuckOp {
-                tid: *tid,
-                syscall_nr: io.syscall_nr,
-                fd: io.fd,
-                start_ns: io.start_ns,
-            };
-            match self.stalled.get_mut(&io.tgid) {
+            match self.stalled.get_mut(&i.tgid) {
                 Some(vm) => {
-                    vm.ops.insert((*tid, io.start_ns), op);
+                    vm.ops.insert((i.op.key, i.op.start_ns), i.op.clone());
                 }
-                None => new_ops.entry(io.tgid).or_default().push(op),
+                None => new_ops.entry(i.tgid).or_default().push(i.op.clone()),
             }
         }
         for (tgid, mut ops) in new_ops {
-            ops.sort_by_key(|o| o.start_ns);
+            ops.sort_by_key(|o| (o.start_ns, o.key));
             let since_ns = ops[0].start_ns;
             let vm = VmStall {
                 since_ns,
                 ops: ops
                     .iter()
-                    .map(|o| ((o.tid, o.start_ns), o.clone()))
+                    .map(|o| ((o.key, o.start_ns), o.clone()))
                     .collect(),
             };
             self.stalled.insert(tgid, vm);
@@ -131,41 +149,38 @@ impl StallTracker {
         changes
     }
 
-    /// A call returned after at least the threshold.
-    pub fn on_slow_end(&mut self, rec: &IoSlowEndRecord) -> Vec<StallChange> {
-        let key = (rec.tid, rec.start_ns);
-        if let Some(vm) = self.stalled.get_mut(&rec.tgid) {
+    /// An operation of `tgid` ended at `end_ns` after at least the threshold.
+    pub fn on_slow_end(&mut self, tgid: u32, op: StuckOp, end_ns: u64) -> Vec<StallChange> {
+        let key = (op.key, op.start_ns);
+        if let Some(vm) = self.stalled.get_mut(&tgid) {
             if vm.ops.remove(&key).is_some() && vm.ops.is_empty() {
                 let since_ns = vm.since_ns;
-                self.stalled.remove(&rec.tgid);
+                self.stalled.remove(&tgid);
                 return vec![StallChange::Ended {
-                    tgid: rec.tgid,
+                    tgid,
                     since_ns,
-                    end_ns: rec.end_ns,
+                    end_ns,
                 }];
             }
-            // Part of an episode that other calls keep open.
+            // Part of an episode that other operations keep open (or one the episode
+            // never saw: it began and ended between two scans while others were stuck).
             return Vec::new();
         }
-        if rec.end_ns.saturating_sub(rec.start_ns) < self.threshold_ns {
+        if end_ns.saturating_sub(op.start_ns) < self.threshold_ns {
             return Vec::new();
         }
         // Stuck and done between two scans: report it whole.
+        let since_ns = op.start_ns;
         vec![
             StallChange::Started {
-                tgid: rec.tgid,
-                since_ns: rec.start_ns,
-                ops: vec![StuckOp {
-                    tid: rec.tid,
-                    syscall_nr: rec.syscall_nr,
-                    fd: rec.fd,
-                    start_ns: rec.start_ns,
-                }],
+                tgid,
+                since_ns,
+                ops: vec![op],
             },
             StallChange::Ended {
-                tgid: rec.tgid,
-                since_ns: rec.start_ns,
-                end_ns: rec.end_ns,
+                tgid,
+                since_ns,
+                end_ns,
             },
         ]
     }
@@ -189,52 +204,70 @@ mod tests {
 
     const MS: u64 = 1_000_000;
 
-    fn io(tgid: u32, start_ms: u64) -> InflightIo {
-        InflightIo {
-            tgid,
-            syscall_nr: 296,
+    fn syscall(tid: u32, start_ms: u64) -> StuckOp {
+        StuckOp {
+            key: OpKey::Syscall { tid },
+            kind: OpKind::Syscall { nr: 296, fd: 12 },
             start_ns: start_ms * MS,
-            fd: 12,
         }
     }
 
-    fn slow_end(tgid: u32, tid: u32, start_ms: u64, end_ms: u64) -> IoSlowEndRecord {
-        IoSlowEndRecord {
-            kind: 3,
+    fn io(tgid: u32, tid: u32, start_ms: u64) -> InflightOp {
+        InflightOp {
             tgid,
-            tid,
-            syscall_nr: 296,
-            start_ns: start_ms * MS,
-            end_ns: end_ms * MS,
-            fd: 12,
-            ret: 4096,
+            op: syscall(tid, start_ms),
+        }
+    }
+
+    fn block(tgid: u32, sector: u64, start_ms: u64) -> InflightOp {
+        InflightOp {
+            tgid,
+            op: StuckOp {
+                key: OpKey::Block {
+                    dev: 7 << 20 | 3,
+                    sector,
+                },
+                kind: OpKind::Block { write: true },
+                start_ns: start_ms * MS,
+            },
+        }
+    }
+
+    fn uring(tgid: u32, req: u64, start_ms: u64) -> InflightOp {
+        InflightOp {
+            tgid,
+            op: StuckOp {
+                key: OpKey::Uring { req },
+                kind: OpKind::Uring { opcode: 23 },
+                start_ns: start_ms * MS,
+            },
         }
     }
 
     #[test]
     fn a_call_in_flight_shorter_than_the_threshold_is_not_a_stall() {
         let mut t = StallTracker::new(1000 * MS);
-        assert!(t.on_scan(900 * MS, &[(11, io(10, 0))]).is_empty());
+        assert!(t.on_scan(900 * MS, &[io(10, 11, 0)]).is_empty());
     }
 
     #[test]
     fn a_call_past_the_threshold_starts_a_stall_while_it_is_still_stuck() {
         let mut t = StallTracker::new(1000 * MS);
-        let c = t.on_scan(1050 * MS, &[(11, io(10, 0))]);
+        let c = t.on_scan(1050 * MS, &[io(10, 11, 0)]);
         assert!(
             matches!(&c[..], [StallChange::Started { tgid: 10, since_ns: 0, ops }] if ops.len() == 1)
         );
         // Still stuck on the next scan: nothing new.
-        assert!(t.on_scan(1100 * MS, &[(11, io(10, 0))]).is_empty());
+        assert!(t.on_scan(1100 * MS, &[io(10, 11, 0)]).is_empty());
     }
 
     #[test]
     fn several_stuck_threads_of_one_vm_make_one_episode_that_ends_with_the_last() {
         let mut t = StallTracker::new(1000 * MS);
-        let c = t.on_scan(2000 * MS, &[(11, io(10, 0)), (12, io(10, 500))]);
+        let c = t.on_scan(2000 * MS, &[io(10, 11, 0), io(10, 12, 500)]);
         assert_eq!(c.len(), 1);
-        assert!(t.on_slow_end(&slow_end(10, 11, 0, 2100)).is_empty());
-        let c = t.on_slow_end(&slow_end(10, 12, 500, 2200));
+        assert!(t.on_slow_end(10, syscall(11, 0), 2100 * MS).is_empty());
+        let c = t.on_slow_end(10, syscall(12, 500), 2200 * MS);
         assert_eq!(
             c,
             vec![StallChange::Ended {
@@ -248,7 +281,7 @@ mod tests {
     #[test]
     fn a_stall_that_ended_between_two_scans_is_reported_whole() {
         let mut t = StallTracker::new(1000 * MS);
-        let c = t.on_slow_end(&slow_end(10, 11, 0, 1020));
+        let c = t.on_slow_end(10, syscall(11, 0), 1020 * MS);
         assert!(matches!(c[0], StallChange::Started { since_ns: 0, .. }));
         assert!(matches!(c[1], StallChange::Ended { end_ns, .. } if end_ns == 1020 * MS));
     }
@@ -256,7 +289,7 @@ mod tests {
     #[test]
     fn a_stuck_call_that_vanished_without_a_record_ends_at_the_scan() {
         let mut t = StallTracker::new(1000 * MS);
-        t.on_scan(1500 * MS, &[(11, io(10, 0))]);
+        t.on_scan(1500 * MS, &[io(10, 11, 0)]);
         let c = t.on_scan(1550 * MS, &[]);
         assert_eq!(
             c,
@@ -271,7 +304,7 @@ mod tests {
     #[test]
     fn a_process_that_dies_while_stalled_ends_its_episode() {
         let mut t = StallTracker::new(1000 * MS);
-        t.on_scan(1500 * MS, &[(11, io(10, 0))]);
+        t.on_scan(1500 * MS, &[io(10, 11, 0)]);
         assert_eq!(t.on_exit(10, 1600 * MS).len(), 1);
         assert_eq!(t.stalled_count(), 0);
     }
@@ -279,10 +312,45 @@ mod tests {
     #[test]
     fn two_vms_stall_and_recover_independently() {
         let mut t = StallTracker::new(1000 * MS);
-        let c = t.on_scan(1500 * MS, &[(11, io(10, 0)), (21, io(20, 100))]);
+        let c = t.on_scan(1500 * MS, &[io(10, 11, 0), io(20, 21, 100)]);
         assert_eq!(c.len(), 2);
-        let c = t.on_scan(1600 * MS, &[(21, io(20, 100))]);
+        let c = t.on_scan(1600 * MS, &[io(20, 21, 100)]);
         assert!(matches!(c[..], [StallChange::Ended { tgid: 10, .. }]));
         assert_eq!(t.stalled_count(), 1);
+    }
+
+    #[test]
+    fn a_request_stuck_in_the_block_layer_and_on_its_ring_is_one_episode_that_ends_with_both() {
+        // io='io_uring' on a block device: the ring's request and the block request it
+        // became are both in flight.
+        let mut t = StallTracker::new(1000 * MS);
+        let c = t.on_scan(1500 * MS, &[uring(10, 0xffff_1000, 0), block(10, 2048, 1)]);
+        assert!(
+            matches!(&c[..], [StallChange::Started { tgid: 10, since_ns: 0, ops }] if ops.len() == 2),
+            "{c:?}"
+        );
+        // The block request completes first; the ring's completion ends the episode.
+        assert!(t
+            .on_slow_end(10, block(10, 2048, 1).op, 3000 * MS)
+            .is_empty());
+        let c = t.on_slow_end(10, uring(10, 0xffff_1000, 0).op, 3001 * MS);
+        assert_eq!(
+            c,
+            vec![StallChange::Ended {
+                tgid: 10,
+                since_ns: 0,
+                end_ns: 3001 * MS
+            }]
+        );
+    }
+
+    #[test]
+    fn a_block_request_stuck_without_any_syscall_in_flight_is_a_stall() {
+        // io='native': io_submit returned long ago; only the block request waits.
+        let mut t = StallTracker::new(1000 * MS);
+        let c = t.on_scan(1200 * MS, &[block(10, 8, 100)]);
+        assert!(matches!(&c[..], [StallChange::Started { tgid: 10, .. }]));
+        let c = t.on_scan(1300 * MS, &[]);
+        assert!(matches!(&c[..], [StallChange::Ended { tgid: 10, .. }]));
     }
 }

@@ -386,6 +386,7 @@ mod tests {
     #[test]
     fn a_stall_maps_to_the_protocol_event_with_its_distinct_paths() {
         let op = |tid, path: &str| StuckIo {
+            layer: "syscall",
             tid,
             syscall: "pwrite64",
             fd: 3,
@@ -512,11 +513,13 @@ mod tests {
                 ringbuf_drops: 3,
                 inflight_full: 1,
                 watch_full: 0,
+                block_inflight_full: 2,
+                uring_inflight_full: 1,
             },
             observed_ns: 1,
         });
         assert!(rx.try_recv().is_err());
-        assert_eq!(status_rx.borrow().probe_drops, 4);
+        assert_eq!(status_rx.borrow().probe_drops, 7);
     }
 
     #[test]
