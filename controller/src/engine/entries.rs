@@ -84,7 +84,7 @@ pub(super) struct HeldExit {
 }
 
 /// Exits held per host at most: a host runs far fewer resources; beyond it the oldest
-/// is dropped (and noted), for the host's inventory reports what is gone anyway.
+/// is dropped, for the host's inventory reports what is gone anyway.
 pub(super) const MAX_HELD_EXITS: usize = 256;
 
 impl HostEntry {
