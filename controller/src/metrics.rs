@@ -7,7 +7,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
-type Labels = Vec<(String, String)>;
+pub type Labels = Vec<(String, String)>;
 
 pub struct Metrics {
     registry: Registry,

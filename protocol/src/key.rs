@@ -9,8 +9,8 @@
 //!   the derivation keeps it apart from the HMAC key below. BLAKE3 needs no nonce and no
 //!   key schedule (the key is the initial chaining value), so a host's MAC state is just
 //!   those 32 bytes, derived once when the key is loaded or the host enrolled. Measured
-//!   on the project's machine (`cargo test -p defib-protocol --release --test mac_cost
-//!   -- --ignored --nocapture`), it costs about as much as HMAC-SHA256 with a pre-keyed
+//!   on the project's machine (`cargo run -p defib-protocol --release --example mac_cost`),
+//!   it costs about as much as HMAC-SHA256 with a pre-keyed
 //!   state on a CPU with the SHA extensions, and a quarter of it on one without them
 //!   (most Xeons before Ice Lake): BENCHMARKS.md, heartbeat intake.
 //! - **Stream frames**: HMAC-SHA256 with a 32-byte tag ([`MAC_LEN`]), unchanged: frames

@@ -126,7 +126,8 @@ pub struct BlockSlowEndRecord {
     pub end_ns: u64,
     /// The completion's status (0, or a negative errno).
     pub error: i32,
-    pub _pad: u32,
+    /// 1 for a write (or flush), 0 for a read, as at its issue.
+    pub write: u32,
 }
 
 /// Value of the io_uring in-flight map (key: the kernel's request pointer, which the

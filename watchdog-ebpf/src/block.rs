@@ -8,11 +8,9 @@
 //! `BlockSlowEnd` record for the stall's exact end. Requests on other devices cost a
 //! lookup and nothing more.
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
-use watchdog_common::{
-    config_index, stat_index, BlockInflight, BlockKey, BlockSlowEndRecord, RecordKind,
-};
+use watchdog_common::{stat_index, BlockInflight, BlockKey, BlockSlowEndRecord, RecordKind};
 
-use crate::maps::{config, count, BLK_INFLIGHT, EVENTS, WATCHED_DEVS};
+use crate::maps::{count, send, was_slow, BLK_INFLIGHT, WATCHED_DEVS};
 
 // block/block_rq_{issue,complete,requeue}: dev @8 (u32), sector @16 (u64),
 // nr_sector @24 (u32); complete: error @28 (i32); issue: rwbs @34.
@@ -77,24 +75,17 @@ fn try_complete(ctx: &TracePointContext, completed: bool) -> Result<u32, i64> {
         return Ok(0);
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    let threshold = config(config_index::STALL_THRESHOLD_NS);
-    if completed && threshold > 0 && now.saturating_sub(rq.start_ns) >= threshold {
+    if completed && was_slow(rq.start_ns, now) {
         // Submitted before the entry goes: a scan that misses the entry finds this.
-        match EVENTS.reserve::<BlockSlowEndRecord>(0) {
-            Some(mut entry) => {
-                entry.write(BlockSlowEndRecord {
-                    kind: RecordKind::BlockSlowEnd as u32,
-                    dev: key.dev,
-                    sector: key.sector,
-                    start_ns: rq.start_ns,
-                    end_ns: now,
-                    error: unsafe { ctx.read_at(COMPLETE_ERROR) }.unwrap_or(0),
-                    _pad: 0,
-                });
-                entry.submit(0);
-            }
-            None => count(stat_index::RINGBUF_DROPS),
-        }
+        send(BlockSlowEndRecord {
+            kind: RecordKind::BlockSlowEnd as u32,
+            dev: key.dev,
+            sector: key.sector,
+            start_ns: rq.start_ns,
+            end_ns: now,
+            error: unsafe { ctx.read_at(COMPLETE_ERROR) }.unwrap_or(0),
+            write: rq.write,
+        });
     }
     let _ = BLK_INFLIGHT.remove(&key);
     Ok(0)

@@ -10,9 +10,9 @@
 //! `watchdog_common::io_syscalls::TRACKED`: those tracepoints fire only for those calls,
 //! which keeps the cost off every other syscall on the host.
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
-use watchdog_common::{config_index, stat_index, InflightIo, IoSlowEndRecord, RecordKind};
+use watchdog_common::{stat_index, InflightIo, IoSlowEndRecord, RecordKind};
 
-use crate::maps::{config, count, current_ids, is_watched, EVENTS, INFLIGHT};
+use crate::maps::{count, current_ids, is_watched, send, was_slow, INFLIGHT};
 
 // syscalls/sys_enter_*: __syscall_nr @8, first argument @16. sys_exit_*: ret @16.
 const SYSCALL_NR: usize = 8;
@@ -54,26 +54,19 @@ fn try_io_exit(ctx: &TracePointContext) -> Result<u32, i64> {
         return Ok(0);
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    let threshold = config(config_index::STALL_THRESHOLD_NS);
-    if threshold > 0 && now.saturating_sub(io.start_ns) >= threshold {
+    if was_slow(io.start_ns, now) {
         // Submitted before the entry is removed: a daemon scan that no longer finds the
         // entry will find this record in the ring buffer first.
-        match EVENTS.reserve::<IoSlowEndRecord>(0) {
-            Some(mut entry) => {
-                entry.write(IoSlowEndRecord {
-                    kind: RecordKind::IoSlowEnd as u32,
-                    tgid: io.tgid,
-                    tid,
-                    syscall_nr: io.syscall_nr,
-                    start_ns: io.start_ns,
-                    end_ns: now,
-                    fd: io.fd,
-                    ret: unsafe { ctx.read_at(RET) }.unwrap_or(0),
-                });
-                entry.submit(0);
-            }
-            None => count(stat_index::RINGBUF_DROPS),
-        }
+        send(IoSlowEndRecord {
+            kind: RecordKind::IoSlowEnd as u32,
+            tgid: io.tgid,
+            tid,
+            syscall_nr: io.syscall_nr,
+            start_ns: io.start_ns,
+            end_ns: now,
+            fd: io.fd,
+            ret: unsafe { ctx.read_at(RET) }.unwrap_or(0),
+        });
     }
     let _ = INFLIGHT.remove(tid);
     Ok(0)

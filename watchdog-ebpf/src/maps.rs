@@ -72,6 +72,26 @@ pub fn config(index: u32) -> u64 {
     CONFIG.get(index).copied().unwrap_or(0)
 }
 
+/// Sends a record to the daemon; a full ring buffer is counted, never silent.
+#[inline(always)]
+pub fn send<T: 'static>(record: T) {
+    match EVENTS.reserve::<T>(0) {
+        Some(mut entry) => {
+            entry.write(record);
+            entry.submit(0);
+        }
+        None => count(stat_index::RINGBUF_DROPS),
+    }
+}
+
+/// An operation begun at `start_ns` and over at `now_ns` lasted the stall threshold:
+/// its end gets a slow-end record.
+#[inline(always)]
+pub fn was_slow(start_ns: u64, now_ns: u64) -> bool {
+    let threshold = config(config_index::STALL_THRESHOLD_NS);
+    threshold > 0 && now_ns.saturating_sub(start_ns) >= threshold
+}
+
 /// Splits `bpf_get_current_pid_tgid()` into (tgid, tid).
 #[inline(always)]
 pub fn current_ids() -> (u32, u32) {

@@ -8,11 +8,9 @@
 //! daemon scans the map, and a completion after the threshold leaves an
 //! `UringSlowEnd` record. qemu's own long waits on its rings (polls) are not tracked.
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
-use watchdog_common::{
-    config_index, stat_index, uring_ops, RecordKind, UringInflight, UringSlowEndRecord,
-};
+use watchdog_common::{stat_index, uring_ops, RecordKind, UringInflight, UringSlowEndRecord};
 
-use crate::maps::{config, count, current_ids, is_watched, EVENTS, URING_INFLIGHT};
+use crate::maps::{count, current_ids, is_watched, send, was_slow, URING_INFLIGHT};
 
 // io_uring/io_uring_submit_req: req @16, user_data @24, opcode @32 (u8).
 // io_uring/io_uring_complete: req @16, res @32 (i32).
@@ -59,23 +57,16 @@ fn try_complete(ctx: &TracePointContext) -> Result<u32, i64> {
         return Ok(0);
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    let threshold = config(config_index::STALL_THRESHOLD_NS);
-    if threshold > 0 && now.saturating_sub(io.start_ns) >= threshold {
-        match EVENTS.reserve::<UringSlowEndRecord>(0) {
-            Some(mut entry) => {
-                entry.write(UringSlowEndRecord {
-                    kind: RecordKind::UringSlowEnd as u32,
-                    tgid: io.tgid,
-                    req,
-                    opcode: io.opcode,
-                    res: unsafe { ctx.read_at(COMPLETE_RES) }.unwrap_or(0),
-                    start_ns: io.start_ns,
-                    end_ns: now,
-                });
-                entry.submit(0);
-            }
-            None => count(stat_index::RINGBUF_DROPS),
-        }
+    if was_slow(io.start_ns, now) {
+        send(UringSlowEndRecord {
+            kind: RecordKind::UringSlowEnd as u32,
+            tgid: io.tgid,
+            req,
+            opcode: io.opcode,
+            res: unsafe { ctx.read_at(COMPLETE_RES) }.unwrap_or(0),
+            start_ns: io.start_ns,
+            end_ns: now,
+        });
     }
     let _ = URING_INFLIGHT.remove(&req);
     Ok(0)

@@ -19,7 +19,7 @@ use crate::probes::{ProbeStats, Probes};
 use crate::procfs::{self, VmIdentity};
 use crate::records::{self, comm_str, Record};
 use crate::reporting::Reporting;
-use crate::stall::{InflightOp, OpKey, OpKind, StallChange, StallTracker, StuckOp};
+use crate::stall::{InflightOp, Op, StallChange, StallTracker, StuckOp};
 
 /// How long the previous run's pid → VM map is kept after the start: every exit record
 /// written before the start's /proc scan has been read long before.
@@ -256,44 +256,47 @@ impl Monitor {
                 self.reporting.event(r.tgid, &vm, event, sink);
             }
             Record::IoSlowEnd(r) => {
-                let op = StuckOp {
-                    key: OpKey::Syscall { tid: r.tid },
-                    kind: OpKind::Syscall {
-                        nr: r.syscall_nr,
-                        fd: r.fd,
-                    },
-                    start_ns: r.start_ns,
+                let op = Op::Syscall {
+                    tid: r.tid,
+                    nr: r.syscall_nr,
+                    fd: r.fd,
                 };
-                for c in self.stalls.on_slow_end(r.tgid, op, r.end_ns) {
-                    self.emit_stall(c, sink);
-                }
+                self.stall_op_ended(r.tgid, op, r.start_ns, r.end_ns, sink);
             }
             Record::BlockSlowEnd(r) => {
                 let Some(&(tgid, _)) = self.block_devs.get(&r.dev) else {
                     return;
                 };
-                let op = StuckOp {
-                    key: OpKey::Block {
-                        dev: r.dev,
-                        sector: r.sector,
-                    },
-                    kind: OpKind::Block { write: false },
-                    start_ns: r.start_ns,
+                let op = Op::Block {
+                    dev: r.dev,
+                    sector: r.sector,
+                    write: r.write != 0,
                 };
-                for c in self.stalls.on_slow_end(tgid, op, r.end_ns) {
-                    self.emit_stall(c, sink);
-                }
+                self.stall_op_ended(tgid, op, r.start_ns, r.end_ns, sink);
             }
             Record::UringSlowEnd(r) => {
-                let op = StuckOp {
-                    key: OpKey::Uring { req: r.req },
-                    kind: OpKind::Uring { opcode: r.opcode },
-                    start_ns: r.start_ns,
+                let op = Op::Uring {
+                    req: r.req,
+                    opcode: r.opcode,
                 };
-                for c in self.stalls.on_slow_end(r.tgid, op, r.end_ns) {
-                    self.emit_stall(c, sink);
-                }
+                self.stall_op_ended(r.tgid, op, r.start_ns, r.end_ns, sink);
             }
+        }
+    }
+
+    /// A slow-end record: an operation of `tgid` begun at `start_ns` ended at `end_ns`,
+    /// after the threshold.
+    fn stall_op_ended(
+        &mut self,
+        tgid: u32,
+        op: Op,
+        start_ns: u64,
+        end_ns: u64,
+        sink: &mut dyn EventSink,
+    ) {
+        let stuck = StuckOp { op, start_ns };
+        for c in self.stalls.on_slow_end(tgid, stuck, end_ns) {
+            self.emit_stall(c, sink);
         }
     }
 
@@ -337,23 +340,22 @@ impl Monitor {
 
     /// A stuck operation as the event reports it.
     fn stuck_io(&self, tgid: u32, o: StuckOp) -> StuckIo {
-        let (layer, op, tid, fd, path) = match (o.key, o.kind) {
-            (OpKey::Syscall { tid }, OpKind::Syscall { nr, fd }) => (
+        let (layer, op, tid, fd, path) = match o.op {
+            Op::Syscall { tid, nr, fd } => (
                 "syscall",
                 io_syscalls::name(nr),
                 tid,
                 fd,
                 procfs::fd_target(&self.proc_root, tgid, fd),
             ),
-            (OpKey::Block { dev, .. }, OpKind::Block { write }) => (
+            Op::Block { dev, write, .. } => (
                 "block",
                 if write { "write" } else { "read" },
                 0,
                 -1,
                 self.block_devs.get(&dev).map(|(_, p)| p.clone()),
             ),
-            (_, OpKind::Uring { opcode }) => ("io_uring", uring_ops::name(opcode), 0, -1, None),
-            _ => ("unknown", "unknown", 0, -1, None),
+            Op::Uring { opcode, .. } => ("io_uring", uring_ops::name(opcode), 0, -1, None),
         };
         StuckIo {
             tid,
@@ -367,54 +369,32 @@ impl Monitor {
 
     fn scan_stalls(&mut self, sink: &mut dyn EventSink) {
         let mut ops: Vec<InflightOp> = Vec::new();
+        let op = |tgid, op, start_ns| InflightOp {
+            tgid,
+            stuck: StuckOp { op, start_ns },
+        };
         match self.probes.inflight() {
-            Ok(inflight) => ops.extend(inflight.into_iter().map(|(tid, io)| InflightOp {
-                tgid: io.tgid,
-                op: StuckOp {
-                    key: OpKey::Syscall { tid },
-                    kind: OpKind::Syscall {
-                        nr: io.syscall_nr,
-                        fd: io.fd,
-                    },
-                    start_ns: io.start_ns,
-                },
+            Ok(inflight) => ops.extend(inflight.into_iter().map(|(tid, io)| {
+                let nr = io.syscall_nr;
+                op(io.tgid, Op::Syscall { tid, nr, fd: io.fd }, io.start_ns)
             })),
             Err(e) => tracing::warn!(error = %e, "cannot read the in-flight I/O map"),
         }
         if !self.block_devs.is_empty() {
             match self.probes.block_inflight() {
-                Ok(inflight) => {
-                    for (key, rq) in inflight {
-                        // A device no VM has open any more is not charged to anyone.
-                        let Some(&(tgid, _)) = self.block_devs.get(&key.dev) else {
-                            continue;
-                        };
-                        ops.push(InflightOp {
-                            tgid,
-                            op: StuckOp {
-                                key: OpKey::Block {
-                                    dev: key.dev,
-                                    sector: key.sector,
-                                },
-                                kind: OpKind::Block {
-                                    write: rq.write != 0,
-                                },
-                                start_ns: rq.start_ns,
-                            },
-                        });
-                    }
-                }
+                // A device no VM has open any more is not charged to anyone.
+                Ok(inflight) => ops.extend(inflight.into_iter().filter_map(|(key, rq)| {
+                    let &(tgid, _) = self.block_devs.get(&key.dev)?;
+                    let (dev, sector, write) = (key.dev, key.sector, rq.write != 0);
+                    Some(op(tgid, Op::Block { dev, sector, write }, rq.start_ns))
+                })),
                 Err(e) => tracing::warn!(error = %e, "cannot read the block-request map"),
             }
         }
         match self.probes.uring_inflight() {
-            Ok(inflight) => ops.extend(inflight.into_iter().map(|(req, io)| InflightOp {
-                tgid: io.tgid,
-                op: StuckOp {
-                    key: OpKey::Uring { req },
-                    kind: OpKind::Uring { opcode: io.opcode },
-                    start_ns: io.start_ns,
-                },
+            Ok(inflight) => ops.extend(inflight.into_iter().map(|(req, io)| {
+                let opcode = io.opcode;
+                op(io.tgid, Op::Uring { req, opcode }, io.start_ns)
             })),
             Err(e) => tracing::warn!(error = %e, "cannot read the io_uring request map"),
         }

@@ -206,17 +206,13 @@ impl Probes {
         devs: &std::collections::BTreeSet<u32>,
     ) -> anyhow::Result<()> {
         let mut m: HashMap<_, u32, u32> = HashMap::try_from(map(&mut self.ebpf, "WATCHED_DEVS")?)?;
-        let now: Vec<u32> = m.keys().filter_map(Result::ok).collect();
-        for dev in &now {
-            if !devs.contains(dev) {
-                let _ = m.remove(dev);
-            }
+        let now: std::collections::BTreeSet<u32> = m.keys().filter_map(Result::ok).collect();
+        for dev in now.difference(devs) {
+            let _ = m.remove(dev);
         }
-        for dev in devs {
-            if !now.contains(dev) {
-                m.insert(dev, 1, 0)
-                    .with_context(|| format!("watching block device {dev:#x}"))?;
-            }
+        for dev in devs.difference(&now) {
+            m.insert(dev, 1, 0)
+                .with_context(|| format!("watching block device {dev:#x}"))?;
         }
         let mut inflight: HashMap<_, BlockKey, BlockInflight> =
             HashMap::try_from(map(&mut self.ebpf, "BLK_INFLIGHT")?)?;

@@ -15,30 +15,22 @@
 //! threshold goes unreported.
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-/// Which in-flight entry an operation is: each probe family has its own key.
+/// An operation the probes track, with what identifies it in its map (each probe
+/// family has its own) and what the report says of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum OpKey {
+pub enum Op {
     /// A tracked I/O syscall of a qemu thread (a thread has one in flight at most).
-    Syscall { tid: u32 },
+    Syscall { tid: u32, nr: u32, fd: i64 },
     /// A block request on a VM's block device (kernel `dev_t`, first sector).
-    Block { dev: u32, sector: u64 },
-    /// An io_uring request of a qemu (the kernel's request pointer).
-    Uring { req: u64 },
+    Block { dev: u32, sector: u64, write: bool },
+    /// An io_uring request of a qemu (the kernel's request pointer, `IORING_OP_*`).
+    Uring { req: u64, opcode: u32 },
 }
 
-/// What the operation is, for the report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OpKind {
-    Syscall { nr: u32, fd: i64 },
-    Block { write: bool },
-    Uring { opcode: u32 },
-}
-
-/// One operation of a stalled VM.
+/// One operation of a stalled VM: an [`Op`] and when it began.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StuckOp {
-    pub key: OpKey,
-    pub kind: OpKind,
+    pub op: Op,
     pub start_ns: u64,
 }
 
@@ -46,7 +38,7 @@ pub struct StuckOp {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InflightOp {
     pub tgid: u32,
-    pub op: StuckOp,
+    pub stuck: StuckOp,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,8 +59,8 @@ pub enum StallChange {
 #[derive(Debug, Default)]
 struct VmStall {
     since_ns: u64,
-    /// Stuck operations by (key, start).
-    ops: BTreeMap<(OpKey, u64), StuckOp>,
+    /// Stuck operations by (operation, start).
+    ops: BTreeMap<(Op, u64), StuckOp>,
 }
 
 #[derive(Debug)]
@@ -98,8 +90,10 @@ impl StallTracker {
     pub fn on_scan(&mut self, now_ns: u64, inflight: &[InflightOp]) -> Vec<StallChange> {
         let mut changes = Vec::new();
         // Operations that ended without a record (ring buffer full, or thread gone).
-        let present: HashSet<(OpKey, u64)> =
-            inflight.iter().map(|i| (i.op.key, i.op.start_ns)).collect();
+        let present: HashSet<(Op, u64)> = inflight
+            .iter()
+            .map(|i| (i.stuck.op, i.stuck.start_ns))
+            .collect();
         let mut gone_vms = Vec::new();
         for (tgid, vm) in self.stalled.iter_mut() {
             vm.ops.retain(|key, _| present.contains(key));
@@ -119,24 +113,25 @@ impl StallTracker {
         // Operations newly past the threshold, grouped by process.
         let mut new_ops: BTreeMap<u32, Vec<StuckOp>> = BTreeMap::new();
         for i in inflight {
-            if now_ns.saturating_sub(i.op.start_ns) < self.threshold_ns {
+            if now_ns.saturating_sub(i.stuck.start_ns) < self.threshold_ns {
                 continue;
             }
             match self.stalled.get_mut(&i.tgid) {
                 Some(vm) => {
-                    vm.ops.insert((i.op.key, i.op.start_ns), i.op.clone());
+                    vm.ops
+                        .insert((i.stuck.op, i.stuck.start_ns), i.stuck.clone());
                 }
-                None => new_ops.entry(i.tgid).or_default().push(i.op.clone()),
+                None => new_ops.entry(i.tgid).or_default().push(i.stuck.clone()),
             }
         }
         for (tgid, mut ops) in new_ops {
-            ops.sort_by_key(|o| (o.start_ns, o.key));
+            ops.sort_by_key(|o| (o.start_ns, o.op));
             let since_ns = ops[0].start_ns;
             let vm = VmStall {
                 since_ns,
                 ops: ops
                     .iter()
-                    .map(|o| ((o.key, o.start_ns), o.clone()))
+                    .map(|o| ((o.op, o.start_ns), o.clone()))
                     .collect(),
             };
             self.stalled.insert(tgid, vm);
@@ -151,7 +146,7 @@ impl StallTracker {
 
     /// An operation of `tgid` ended at `end_ns` after at least the threshold.
     pub fn on_slow_end(&mut self, tgid: u32, op: StuckOp, end_ns: u64) -> Vec<StallChange> {
-        let key = (op.key, op.start_ns);
+        let key = (op.op, op.start_ns);
         if let Some(vm) = self.stalled.get_mut(&tgid) {
             if vm.ops.remove(&key).is_some() && vm.ops.is_empty() {
                 let since_ns = vm.since_ns;
@@ -206,8 +201,11 @@ mod tests {
 
     fn syscall(tid: u32, start_ms: u64) -> StuckOp {
         StuckOp {
-            key: OpKey::Syscall { tid },
-            kind: OpKind::Syscall { nr: 296, fd: 12 },
+            op: Op::Syscall {
+                tid,
+                nr: 296,
+                fd: 12,
+            },
             start_ns: start_ms * MS,
         }
     }
@@ -215,19 +213,19 @@ mod tests {
     fn io(tgid: u32, tid: u32, start_ms: u64) -> InflightOp {
         InflightOp {
             tgid,
-            op: syscall(tid, start_ms),
+            stuck: syscall(tid, start_ms),
         }
     }
 
     fn block(tgid: u32, sector: u64, start_ms: u64) -> InflightOp {
         InflightOp {
             tgid,
-            op: StuckOp {
-                key: OpKey::Block {
+            stuck: StuckOp {
+                op: Op::Block {
                     dev: 7 << 20 | 3,
                     sector,
+                    write: true,
                 },
-                kind: OpKind::Block { write: true },
                 start_ns: start_ms * MS,
             },
         }
@@ -236,9 +234,8 @@ mod tests {
     fn uring(tgid: u32, req: u64, start_ms: u64) -> InflightOp {
         InflightOp {
             tgid,
-            op: StuckOp {
-                key: OpKey::Uring { req },
-                kind: OpKind::Uring { opcode: 23 },
+            stuck: StuckOp {
+                op: Op::Uring { req, opcode: 23 },
                 start_ns: start_ms * MS,
             },
         }
@@ -331,9 +328,9 @@ mod tests {
         );
         // The block request completes first; the ring's completion ends the episode.
         assert!(t
-            .on_slow_end(10, block(10, 2048, 1).op, 3000 * MS)
+            .on_slow_end(10, block(10, 2048, 1).stuck, 3000 * MS)
             .is_empty());
-        let c = t.on_slow_end(10, uring(10, 0xffff_1000, 0).op, 3001 * MS);
+        let c = t.on_slow_end(10, uring(10, 0xffff_1000, 0).stuck, 3001 * MS);
         assert_eq!(
             c,
             vec![StallChange::Ended {

@@ -226,7 +226,7 @@ impl Engine {
                     // Past its own deadline and queued later only because the
                     // controller's lag excuses it: not suspected, but no proof that the
                     // controller hears anyone either (it may be the one cut off).
-                    if self.detector.deadline(host).is_some_and(|d| d <= now) {
+                    if self.detector.liveness(host, now) == Liveness::Suspect {
                         silent += 1;
                     }
                 }

@@ -3695,6 +3695,16 @@ fn a_controller_that_lost_heartbeats_itself_suspects_nobody_for_that_silence_and
     assert_eq!(h.engine.host_state(&host(0)), Some(HostState::Up));
 }
 
+/// `n` ticks 50 ms apart, each after the controller reports a lag of `lag_ms`; no
+/// heartbeats.
+fn ticks_lagging(h: &mut Harness, n: usize, lag_ms: u64) {
+    for _ in 0..n {
+        h.now += 50;
+        h.input(lagging(lag_ms));
+        h.input(Input::Timer(TimerId::Tick));
+    }
+}
+
 #[test]
 fn a_fence_waits_while_the_controller_hears_its_other_hosts_only_through_its_own_lag() {
     let mut h = Harness::new(4);
@@ -3708,20 +3718,12 @@ fn a_fence_waits_while_the_controller_hears_its_other_hosts_only_through_its_own
     for i in [0, 2, 3] {
         h.kill(i);
     }
-    for _ in 0..8 {
-        h.now += 50;
-        h.input(lagging(1_500));
-        h.input(Input::Timer(TimerId::Tick));
-    }
+    ticks_lagging(&mut h, 8, 1_500);
     for i in [0, 2, 3] {
         assert_eq!(h.state(i), HostState::Up, "h{i} is excused, not suspected");
     }
     h.confirm(1, Verdict::Dead);
-    for _ in 0..4 {
-        h.now += 50;
-        h.input(lagging(1_500));
-        h.input(Input::Timer(TimerId::Tick));
-    }
+    ticks_lagging(&mut h, 4, 1_500);
     assert!(h.fences().is_empty(), "{:?}", h.fences());
     // The others heard again: h1 is fenced.
     for i in [0, 2, 3] {
@@ -3742,13 +3744,11 @@ fn an_exit_older_than_a_restore_the_hosts_clock_has_not_dated_yet_is_held_and_th
     let mut h = Harness::with(2, cfg.clone());
     let crashed_at = h.now;
     h.exit(0, "vm0", Source::Ebpf, crashed_at);
-    let key = h
-        .find(|a| matches!(a, Action::RestartInPlace { .. }))
-        .and_then(|a| match a {
-            Action::RestartInPlace { key, .. } => Some(key),
-            _ => None,
-        })
-        .expect("a restart in place");
+    let Some(Action::RestartInPlace { key, .. }) =
+        h.find(|a| matches!(a, Action::RestartInPlace { .. }))
+    else {
+        panic!("no restart in place");
+    };
     // The controller restarts before the answer: the new process has heard no host,
     // so the restore it is told of has no date on h0's clock.
     h.now += 100;

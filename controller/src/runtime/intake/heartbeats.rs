@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use protocol::{Ack, Freshness, HeartbeatReceiver, Key, RejectReason};
 
 use super::limiter::{Limited, SourceLimiter};
@@ -30,7 +31,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::{HeartbeatSeen, Intake};
-use crate::metrics::Metrics;
+use crate::metrics::{Labels, Metrics};
 
 /// Shared by the UDP sockets: one replay guard per host across every path (a watchdog
 /// numbers its heartbeats with one counter over all paths).
@@ -115,15 +116,9 @@ impl IntakeCounters {
     }
 
     fn acked(&mut self, counts: bool) {
-        let metrics = &self.metrics;
-        self.acks[usize::from(counts)]
-            .get_or_insert_with(|| {
-                metrics
-                    .heartbeat_acks
-                    .get_or_create(&Metrics::label("counts", counts.to_string()))
-                    .clone()
-            })
-            .inc();
+        let family = &self.metrics.heartbeat_acks;
+        let slot = &mut self.acks[usize::from(counts)];
+        labelled(slot, family, "counts", counts).inc();
     }
 
     fn reject(&mut self, reason: &'static str) {
@@ -145,16 +140,24 @@ impl IntakeCounters {
     }
 
     fn received(&mut self, path: u8) {
-        let metrics = &self.metrics;
-        self.received[usize::from(path)]
-            .get_or_insert_with(|| {
-                metrics
-                    .heartbeats_received
-                    .get_or_create(&Metrics::label("path", path.to_string()))
-                    .clone()
-            })
-            .inc();
+        let family = &self.metrics.heartbeats_received;
+        let slot = &mut self.received[usize::from(path)];
+        labelled(slot, family, "path", path).inc();
     }
+}
+
+/// `family`'s counter for `key = value`, kept in `slot` from its first use on.
+fn labelled<'a>(
+    slot: &'a mut Option<Counter>,
+    family: &Family<Labels, Counter>,
+    key: &str,
+    value: impl ToString,
+) -> &'a Counter {
+    slot.get_or_insert_with(|| {
+        family
+            .get_or_create(&Metrics::label(key, value.to_string()))
+            .clone()
+    })
 }
 
 /// Limits on what one source address may send to the heartbeat port.

@@ -2,17 +2,18 @@
 //! schedule redone per message, HMAC-SHA256 from a pre-keyed state cloned per message,
 //! and keyed BLAKE3 (what heartbeats and acks use since heartbeat version 4), over
 //! heartbeat-sized messages; then the whole decode of a heartbeat. A timing loop, not a
-//! test: it asserts nothing about time and is ignored by default. Run it in release on
-//! an idle core:
+//! test (it asserts nothing about time), so an example. Run it in release on an idle
+//! core:
 //!
 //! ```text
-//! cargo test -p defib-protocol --release --test mac_cost -- --ignored --nocapture
+//! cargo run -p defib-protocol --release --example mac_cost
 //! ```
 //!
 //! BENCHMARKS.md (heartbeat intake) has the figures measured on the project's machine.
 // A wall-clock timing loop: nothing here runs under a paused tokio clock.
 #![allow(clippy::disallowed_types)]
 
+#[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::hint::black_box;
@@ -22,6 +23,11 @@ use common::*;
 use hmac::{Hmac, Mac};
 use protocol::{decode_heartbeat, encode_heartbeat, Heartbeat};
 use sha2::Sha256;
+
+fn main() {
+    what_a_datagram_mac_costs();
+    what_judging_a_heartbeat_costs_among_10000_hosts();
+}
 
 /// Best of 5 runs of `n` calls, in ns per call.
 fn ns_per_call(n: u64, mut f: impl FnMut(u64) -> u8) -> f64 {
@@ -41,8 +47,6 @@ fn ns_per_call(n: u64, mut f: impl FnMut(u64) -> u8) -> f64 {
         .fold(f64::MAX, f64::min)
 }
 
-#[test]
-#[ignore = "a timing loop: run it by hand in release (see the module docs)"]
 fn what_a_datagram_mac_costs() {
     let n = 1_000_000;
     let key_bytes = KEY_BYTES;
@@ -95,8 +99,6 @@ fn what_a_datagram_mac_costs() {
     }
 }
 
-#[test]
-#[ignore = "a timing loop: run it by hand in release (see the module docs)"]
 fn what_judging_a_heartbeat_costs_among_10000_hosts() {
     use protocol::{HeartbeatReceiver, HostKeys, MasterKey};
     const HOSTS: usize = 10_000;
