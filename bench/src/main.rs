@@ -23,6 +23,7 @@ mod watchdog_restart;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use defib_tests::guests::{unique_uuid, Guest, GuestDisk, Hostbed};
 use defib_tests::{is_event, is_root, FakeQemu, FuseBed, LoopDevice, Watchdog};
 use report::Series;
 
@@ -42,7 +43,8 @@ enum Scenario {
     },
     /// A disk that stops answering → the stall event, measured past the threshold.
     StallLatency {
-        /// Episodes per stall kind (A: loop over FUSE, B: image on FUSE).
+        /// Episodes per stall kind (A: loop over FUSE, B: image on FUSE, then real guests
+        /// on such a loop device with io='native' and io='io_uring').
         #[arg(long, default_value_t = 10)]
         episodes: usize,
         #[arg(long, default_value_t = 1000)]
@@ -197,6 +199,9 @@ enum Scenario {
         /// The heartbeat interval of the watchdog and the controller's detector.
         #[arg(long, default_value_t = 100)]
         interval_ms: u64,
+        /// The guests' disk I/O engine: threads, native (Linux AIO) or io_uring.
+        #[arg(long, default_value = "threads")]
+        io: String,
     },
     /// A Nova host with N servers fails → all ACTIVE elsewhere: defib's planned parallel
     /// evacuation against the naive one-at-a-time way, same run (needs the novabed).
@@ -304,7 +309,8 @@ fn main() -> anyhow::Result<()> {
             guests,
             seconds,
             interval_ms,
-        } => watchdog_cost::run(guests, seconds, interval_ms)?,
+            io,
+        } => watchdog_cost::run(guests, seconds, interval_ms, &io)?,
         Scenario::ControllerFailover {
             rounds,
             lab_rounds,
@@ -378,7 +384,6 @@ fn exit_latency(kills: usize) -> anyhow::Result<String> {
 fn stall_latency(episodes: usize, threshold_ms: u64) -> anyhow::Result<String> {
     let threshold = threshold_ms.to_string();
     let mut wd = Watchdog::start(&["--stall-threshold-ms", &threshold]);
-    let wait = Duration::from_secs(threshold_ms / 1000 + 10);
     let mut series = Vec::new();
     for kind in ["A", "B"] {
         let bed = FuseBed::new();
@@ -398,34 +403,53 @@ fn stall_latency(episodes: usize, threshold_ms: u64) -> anyhow::Result<String> {
             "c0ffee00-0000-4000-8000-00000000be1d",
             &args,
         );
-        let pid = vm.pid();
-        let (mut past_threshold, mut since_stop) = (Vec::new(), Vec::new());
-        for _ in 0..episodes {
-            std::thread::sleep(Duration::from_millis(300));
-            let stopped = monotonic_ns();
-            bed.stall();
-            let started = wd.expect("disk_stall_started", wait, |v| {
-                is_event(v, "disk_stall_started", pid)
-                    && v["since_ns"].as_u64().unwrap_or(0) >= stopped.saturating_sub(200_000_000)
-            });
-            bed.resume();
-            let since = started["since_ns"].as_u64().unwrap_or(0);
-            let observed = started["observed_ns"].as_u64().unwrap_or(0);
-            past_threshold.push(ms(observed.saturating_sub(since + threshold_ms * 1_000_000)));
-            since_stop.push(ms(observed.saturating_sub(stopped)));
-            wd.expect("disk_stall_ended", wait, |v| {
-                is_event(v, "disk_stall_ended", pid) && v["since_ns"] == started["since_ns"]
-            });
-        }
-        series.push(Series {
-            name: format!("kind {kind}: stuck call's start + threshold → event"),
-            samples_ms: past_threshold,
-        });
-        series.push(Series {
-            name: format!("kind {kind}: SIGSTOP of the FUSE daemon → event"),
-            samples_ms: since_stop,
-        });
+        let label = format!("kind {kind}");
+        series.extend(stall_episodes(
+            &mut wd,
+            &bed,
+            vm.pid(),
+            episodes,
+            threshold_ms,
+            &label,
+        ));
         drop(vm);
+    }
+    // qemu's other I/O engines, on real KVM guests (a fake writer would not use them):
+    // only the block and io_uring probes see these requests.
+    let hostbed = Hostbed::ensure().map_err(|e| {
+        anyhow::anyhow!(
+            "the native and io_uring kinds need the hostbed (`cargo xtask hostbed start`): {e}"
+        )
+    })?;
+    for io in ["native", "io_uring"] {
+        let bed = FuseBed::new();
+        let file = format!("bench-{io}.raw");
+        let image = bed.create_image(&file, defib_tests::guests::DISK_SIZE);
+        hostbed.write_boot_sector(&bed.real_dir().join(&file), 0);
+        let lo = LoopDevice::attach(&image);
+        let guest = Guest::start(
+            &format!("bench-stall-{}", io.replace('_', "")),
+            &unique_uuid(),
+            GuestDisk::BlockWith {
+                dev: lo.path.clone(),
+                io,
+            },
+        );
+        anyhow::ensure!(
+            guest.wait_io(guest.io_count() + 2, Duration::from_secs(10)),
+            "the {io} guest does not write its disk"
+        );
+        let label = format!("io='{io}' guest");
+        let pid = guest.pid();
+        series.extend(stall_episodes(
+            &mut wd,
+            &bed,
+            pid,
+            episodes,
+            threshold_ms,
+            &label,
+        ));
+        drop(guest);
     }
     report::write(
         &report::results_dir(),
@@ -435,9 +459,54 @@ fn stall_latency(episodes: usize, threshold_ms: u64) -> anyhow::Result<String> {
         ),
         "Kind A: a disk on a loop device whose backing file is on a bindfs (FUSE) mount, O_DIRECT \
          writes, bindfs SIGSTOPped (writer in D state). Kind B: the image file directly on the \
-         bindfs mount (writer asleep in FUSE, S state). The first row of each kind is the \
-         detection delay past the threshold (the daemon scans in-flight I/O every 50 ms). \
-         Target: ≤ 150 ms.",
+         bindfs mount (writer asleep in FUSE, S state). Then real KVM guests whose disk is such a \
+         loop device with io='native' cache='none' (Linux AIO: seen by the block-layer probes \
+         only) and io='io_uring' (seen on the ring and in the block layer); a guest writes once \
+         a second, so its SIGSTOP → event row includes the wait for its next write. The first \
+         row of each kind is the detection delay past the threshold (the daemon scans the \
+         in-flight maps every 50 ms). Target: ≤ 150 ms.",
         &series,
     )
+}
+
+/// `episodes` stalls of the writer `pid` on `bed`: each stops the FUSE daemon, waits for
+/// the stall, resumes it and waits for the end. Two series: past the threshold, and
+/// since the stop.
+fn stall_episodes(
+    wd: &mut Watchdog,
+    bed: &FuseBed,
+    pid: u32,
+    episodes: usize,
+    threshold_ms: u64,
+    label: &str,
+) -> [Series; 2] {
+    let wait = Duration::from_secs(threshold_ms / 1000 + 10);
+    let (mut past_threshold, mut since_stop) = (Vec::new(), Vec::new());
+    for _ in 0..episodes {
+        std::thread::sleep(Duration::from_millis(300));
+        let stopped = monotonic_ns();
+        bed.stall();
+        let started = wd.expect("disk_stall_started", wait, |v| {
+            is_event(v, "disk_stall_started", pid)
+                && v["since_ns"].as_u64().unwrap_or(0) >= stopped.saturating_sub(200_000_000)
+        });
+        bed.resume();
+        let since = started["since_ns"].as_u64().unwrap_or(0);
+        let observed = started["observed_ns"].as_u64().unwrap_or(0);
+        past_threshold.push(ms(observed.saturating_sub(since + threshold_ms * 1_000_000)));
+        since_stop.push(ms(observed.saturating_sub(stopped)));
+        wd.expect("disk_stall_ended", wait, |v| {
+            is_event(v, "disk_stall_ended", pid) && v["since_ns"] == started["since_ns"]
+        });
+    }
+    [
+        Series {
+            name: format!("{label}: stuck operation's start + threshold → event"),
+            samples_ms: past_threshold,
+        },
+        Series {
+            name: format!("{label}: SIGSTOP of the FUSE daemon → event"),
+            samples_ms: since_stop,
+        },
+    ]
 }

@@ -102,7 +102,7 @@ fn prog_names(ids: impl Iterator<Item = u32>) -> BTreeMap<u32, String> {
     names
 }
 
-fn start_guests(n: usize) -> Vec<Guest> {
+fn start_guests(n: usize, io: &'static str) -> Vec<Guest> {
     let mut guests = Vec::new();
     for chunk in (0..n).collect::<Vec<_>>().chunks(PARALLEL_STARTS) {
         let started: Vec<Guest> = std::thread::scope(|s| {
@@ -119,7 +119,7 @@ fn start_guests(n: usize) -> Vec<Guest> {
                                 Guest::start(
                                     &format!("bench-cost-{i}"),
                                     &unique_uuid(),
-                                    GuestDisk::Plain,
+                                    GuestDisk::PlainIo(io),
                                 )
                             };
                             match std::panic::catch_unwind(start) {
@@ -153,7 +153,14 @@ fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> anyhow::Resu
     }
 }
 
-pub fn run(guests: usize, seconds: u64, interval_ms: u64) -> anyhow::Result<String> {
+/// `io`: the guests' disk I/O engine (`threads`, `native`, `io_uring`).
+pub fn run(guests: usize, seconds: u64, interval_ms: u64, io: &str) -> anyhow::Result<String> {
+    let io: &'static str = match io {
+        "threads" => "threads",
+        "native" => "native",
+        "io_uring" => "io_uring",
+        other => anyhow::bail!("--io {other}: threads, native or io_uring"),
+    };
     anyhow::ensure!(
         guests > 0 && seconds > 0,
         "--guests and --seconds must be > 0"
@@ -175,7 +182,7 @@ pub fn run(guests: usize, seconds: u64, interval_ms: u64) -> anyhow::Result<Stri
         HOST,
         &format!("heartbeat_interval_ms = {interval_ms}\n"),
     )?;
-    let vms = start_guests(guests);
+    let vms = start_guests(guests, io);
     // Every guest known to the controller as Running through this watchdog.
     wait_for("every guest Running at the controller", || {
         let list = ctl.get_json("/v1/vms").ok()?;
@@ -296,10 +303,10 @@ pub fn run(guests: usize, seconds: u64, interval_ms: u64) -> anyhow::Result<Stri
     );
     eprintln!("{summary}");
     let notes = format!(
-        "{summary} {guests} boot-sector KVM guests (16 MiB, 1 vCPU, plain raw disk; one disk \
-         write and one serial line a second each) under the hostbed's libvirtd; one \
+        "{summary} {guests} boot-sector KVM guests (16 MiB, 1 vCPU, plain raw disk with io='{io}'; \
+         one disk write and one serial line a second each) under the hostbed's libvirtd; one \
          defib-watchdog `run` (release build, libvirt enabled, unpinned probes) heartbeating \
-         every 100 ms and streaming to a release defib-controller over loopback. Sampled every \
+         every {interval_ms} ms and streaming to a release defib-controller over loopback. Sampled every \
          second for {seconds} s after every guest was Running at the controller and 5 s more. \
          CPU is µs of CPU time per second of wall time (10 000 µs/s = 1 % of one core): the \
          daemon's and libvirtd's from /proc/PID/stat (utime+stime, 10 ms ticks, so single \
@@ -307,19 +314,21 @@ pub fn run(guests: usize, seconds: u64, interval_ms: u64) -> anyhow::Result<Stri
          (kernel.bpf_stats_enabled = 1 during the run, then put back; /proc/PID/fdinfo of \
          the daemon's program fds: run_time_ns, run_cnt). The probes run for every task on \
          the machine that hits their tracepoints (the I/O probes on every pread/pwrite/preadv/\
-         pwritev (and -v2), fsync, fdatasync, io_submit and fallocate of any process, the exit \
+         pwritev (and -v2), fsync, fdatasync, io_submit and fallocate of any process, the block \
+         probes on every block request's issue and completion (a map lookup unless its device \
+         is a VM's), the io_uring probes on every io_uring submission and completion, the exit \
          probe on every process exit), so their cost follows the whole machine's activity, \
          not only the guests'. Per program over the whole period:\n{table}",
     );
     let md = report::write_in(
         &report::results_dir(),
-        &if interval_ms == 100 {
-            "watchdog-cost".to_string()
-        } else {
-            format!("watchdog-cost-{interval_ms}ms")
+        &match (interval_ms, io) {
+            (100, "threads") => "watchdog-cost".to_string(),
+            (_, "threads") => format!("watchdog-cost-{interval_ms}ms"),
+            _ => format!("watchdog-cost-{interval_ms}ms-{io}"),
         },
         &format!(
-            "cargo xtask bench watchdog-cost --guests {guests} --seconds {seconds} --interval-ms {interval_ms}"
+            "cargo xtask bench watchdog-cost --guests {guests} --seconds {seconds} --interval-ms {interval_ms} --io {io}"
         ),
         &notes,
         Unit {

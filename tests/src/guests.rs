@@ -238,6 +238,9 @@ impl DiskFormat {
 pub enum GuestDisk {
     /// A raw image the harness makes in the run dir (removed with the guest).
     Plain,
+    /// As [`GuestDisk::Plain`], with qemu's I/O engine named (`io='threads'`, `'native'`
+    /// or `'io_uring'`).
+    PlainIo(&'static str),
     /// As [`GuestDisk::Plain`], marked `<shareable/>`: qemu takes no exclusive lock on
     /// it, so a second hypervisor of this machine can run the domain at the same time,
     /// as shared storage without locking lets two hosts do (the stale copy a returning
@@ -432,14 +435,18 @@ impl Guest {
 
         let mut plain_disk = None;
         let (disk, seclabel) = match &spec.disk {
-            GuestDisk::Plain | GuestDisk::Shared => {
+            GuestDisk::Plain | GuestDisk::Shared | GuestDisk::PlainIo(_) => {
                 let path = guests_dir().join(format!("{name}.raw"));
                 hostbed.make_boot_disk(&path, DiskFormat::Raw, spec.wdt_pets);
                 own_files.push(path.clone());
                 plain_disk = Some(path.clone());
                 let mut disk = raw_file_disk_xml(&path);
-                if matches!(spec.disk, GuestDisk::Shared) {
-                    disk = disk.replace("</disk>", "<shareable/></disk>");
+                match spec.disk {
+                    GuestDisk::Shared => disk = disk.replace("</disk>", "<shareable/></disk>"),
+                    GuestDisk::PlainIo(io) => {
+                        disk = disk.replace("cache='none'", &format!("cache='none' io='{io}'"))
+                    }
+                    _ => {}
                 }
                 (disk, "")
             }
