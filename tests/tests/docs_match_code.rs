@@ -1,7 +1,7 @@
 //! The documentation and the shipped files follow the code: every configuration field
 //! of both daemons is in docs/configuration.md and in the example configuration, and
-//! every metric the controller exposes is in docs/metrics.md (and the other way round),
-//! and the Grafana dashboard asks only for metrics that exist.
+//! every metric the controller and the watchdog expose is in docs/metrics.md (and the
+//! other way round), and the Grafana dashboard asks only for metrics that exist.
 //!
 //! The fields are found from the binaries themselves: their configurations refuse
 //! unknown fields, and serde's refusal lists the fields a section has, so probing
@@ -220,6 +220,113 @@ fn exposed_families(text: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The sample names a family of each type is asked for by: counters by `_total`
+/// (as documented), histograms also by `_bucket`, `_sum` and `_count`.
+fn exposed_names(families: &[(String, String)]) -> (Vec<String>, Vec<String>) {
+    let mut documented_as = Vec::new();
+    let mut queryable = Vec::new();
+    for (n, t) in families {
+        match t.as_str() {
+            "counter" => {
+                documented_as.push(format!("{n}_total"));
+                queryable.push(format!("{n}_total"));
+            }
+            "histogram" => {
+                documented_as.push(n.clone());
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    queryable.push(format!("{n}{suffix}"));
+                }
+            }
+            _ => {
+                documented_as.push(n.clone());
+                queryable.push(n.clone());
+            }
+        }
+    }
+    (documented_as, queryable)
+}
+
+/// The metric names documented in docs/metrics.md under `### {heading}`.
+fn documented_metrics(heading: &str) -> Vec<String> {
+    let doc =
+        std::fs::read_to_string(workspace_root().join("docs/metrics.md")).expect("docs/metrics.md");
+    let start = doc
+        .find(&format!("\n### {heading}\n"))
+        .unwrap_or_else(|| panic!("docs/metrics.md has no `### {heading}`"));
+    let part = &doc[start + 1..];
+    let end = part[4..].find("\n#").map_or(part.len(), |e| e + 4);
+    part[..end]
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `defib_"))
+        .filter_map(|l| l.split('`').next())
+        .map(|n| format!("defib_{n}"))
+        .collect()
+}
+
+/// Every `defib_…` name the Grafana dashboard queries: in its panels' targets and its
+/// template variables.
+fn dashboard_metrics() -> Vec<String> {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(workspace_root().join("packaging/grafana/defib.json"))
+            .expect("dashboard"),
+    )
+    .expect("dashboard is JSON");
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        // A row has no targets.
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            exprs.push(target["expr"].as_str().expect("expr").to_string());
+        }
+    }
+    for var in dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating")
+    {
+        if let Some(q) = var["query"]["query"].as_str() {
+            exprs.push(q.to_string());
+        }
+    }
+    let mut asked = Vec::new();
+    for expr in exprs {
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("defib_") && !asked.iter().any(|a| a == word) {
+                asked.push(word.to_string());
+            }
+        }
+    }
+    asked
+}
+
+/// What a daemon's `/metrics` shows against the reference: nothing undocumented,
+/// nothing documented that is not exposed, and every dashboard query of its metrics
+/// (those `is_its` picks) asks for one that exists.
+fn check_metrics_docs(text: &str, heading: &str, is_its: impl Fn(&str) -> bool) {
+    let families = exposed_families(text);
+    assert!(families.len() >= 5, "{text}");
+    let (exposed, queryable) = exposed_names(&families);
+    let documented = documented_metrics(heading);
+    let missing: Vec<&String> = exposed.iter().filter(|n| !documented.contains(n)).collect();
+    let stale: Vec<&String> = documented.iter().filter(|n| !exposed.contains(n)).collect();
+    assert!(
+        missing.is_empty(),
+        "exposed but not in docs/metrics.md ({heading}): {missing:?}"
+    );
+    assert!(
+        stale.is_empty(),
+        "in docs/metrics.md ({heading}) but not exposed: {stale:?}"
+    );
+    let asked: Vec<String> = dashboard_metrics()
+        .into_iter()
+        .filter(|n| is_its(n))
+        .collect();
+    assert!(!asked.is_empty(), "the dashboard asks for none of them");
+    let unknown: Vec<&String> = asked.iter().filter(|n| !queryable.contains(n)).collect();
+    assert!(
+        unknown.is_empty(),
+        "the dashboard asks for metrics that do not exist: {unknown:?}"
+    );
+}
+
 #[test]
 fn the_metrics_reference_and_the_dashboard_match_what_the_controller_exposes() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -255,59 +362,51 @@ fn the_metrics_reference_and_the_dashboard_match_what_the_controller_exposes() {
         std::thread::sleep(Duration::from_millis(50));
     };
     defib_tests::stop_child(&mut child, Duration::from_secs(5));
+    check_metrics_docs(&text, "Controller metrics", |n| {
+        !n.starts_with("defib_watchdog_")
+    });
+}
 
-    let families = exposed_families(&text);
-    assert!(families.len() >= 5, "{text}");
-    // Counters are documented by their sample name (`_total`).
-    let exposed: Vec<String> = families
-        .iter()
-        .map(|(n, t)| {
-            if t == "counter" {
-                format!("{n}_total")
-            } else {
-                n.clone()
-            }
-        })
-        .collect();
-    let doc =
-        std::fs::read_to_string(workspace_root().join("docs/metrics.md")).expect("docs/metrics.md");
-    let documented: Vec<String> = doc
-        .lines()
-        .filter_map(|l| l.strip_prefix("| `defib_"))
-        .filter_map(|l| l.split('`').next())
-        .map(|n| format!("defib_{n}"))
-        .collect();
-    let missing: Vec<&String> = exposed.iter().filter(|n| !documented.contains(n)).collect();
-    let stale: Vec<&String> = documented.iter().filter(|n| !exposed.contains(n)).collect();
-    assert!(
-        missing.is_empty(),
-        "exposed but not in docs/metrics.md: {missing:?}"
+#[test]
+fn the_metrics_reference_and_the_dashboards_host_row_match_what_the_watchdog_exposes() {
+    defib_tests::require!(defib_tests::is_root(), "root (the watchdog's BPF probes)");
+    let dir = tempfile::tempdir().expect("tempdir");
+    defib_tests::write_secret(dir.path().join("key"), "metrics-test-key-0123456789abcdef")
+        .expect("key");
+    let metrics = format!("127.0.0.1:{}", free_port());
+    // No controller listens there: the watchdog runs (and serves) all the same.
+    let cfg = format!(
+        "[probes]\npin_dir = \"\"\n[host]\nid = \"docs\"\ncluster_id = \"docs\"\nstate_dir = {:?}\n\
+         [controller]\nheartbeat_addrs = [\"127.0.0.1:{}\"]\nevent_addr = \"127.0.0.1:{}\"\nkey_file = {:?}\n\
+         [libvirt]\nenabled = false\n[metrics]\nlisten = \"{metrics}\"\n",
+        dir.path().join("state").display().to_string(),
+        free_port(),
+        free_port(),
+        dir.path().join("key").display().to_string(),
     );
-    assert!(
-        stale.is_empty(),
-        "in docs/metrics.md but not exposed: {stale:?}"
-    );
-
-    let dashboard: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(workspace_root().join("packaging/grafana/defib.json"))
-            .expect("dashboard"),
-    )
-    .expect("dashboard is JSON");
-    let mut asked = Vec::new();
-    for panel in dashboard["panels"].as_array().expect("panels") {
-        for target in panel["targets"].as_array().expect("targets") {
-            let expr = target["expr"].as_str().expect("expr");
-            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
-                if word.starts_with("defib_") {
-                    asked.push(word.to_string());
-                }
+    std::fs::write(dir.path().join("w.toml"), cfg).expect("config");
+    let mut child = Command::new(built_binary("defib-watchdog", "defib-watchdog"))
+        .arg("--config")
+        .arg(dir.path().join("w.toml"))
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn watchdog");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        if std::net::TcpStream::connect(&metrics).is_ok() {
+            let t = http_get(&metrics, "/metrics");
+            // Heartbeats go out from the start; the first one creates its path's series.
+            if t.contains("defib_watchdog_heartbeats_sent_total{") {
+                break t;
             }
         }
-    }
-    assert!(!asked.is_empty());
-    let unknown: Vec<&String> = asked.iter().filter(|n| !exposed.contains(n)).collect();
-    assert!(
-        unknown.is_empty(),
-        "the dashboard asks for metrics that do not exist: {unknown:?}"
-    );
+        assert!(Instant::now() < deadline, "no /metrics from the watchdog");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    defib_tests::stop_child(&mut child, Duration::from_secs(5));
+    check_metrics_docs(&text, "Watchdog metrics", |n| {
+        n.starts_with("defib_watchdog_")
+    });
 }

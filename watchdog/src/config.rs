@@ -5,7 +5,8 @@
 //! Sections: `[probes]` (what the eBPF probes watch), `[host]` (who this watchdog is and
 //! where it keeps its state), `[controller]` (where heartbeats and events go;
 //! optional for `events`, required for `run`), `[libvirt]` (the domain event and
-//! inventory watcher) and `[self_fence]` (opt-in: kill the VMs when isolated).
+//! inventory watcher), `[self_fence]` (opt-in: kill the VMs when isolated) and
+//! `[metrics]` (opt-in: Prometheus `/metrics` of the daemon).
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -24,6 +25,57 @@ pub struct WatchdogConfig {
     pub controller: Option<ControllerConfig>,
     pub libvirt: LibvirtConfig,
     pub self_fence: SelfFenceConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: the daemon's Prometheus endpoint (`run` only). Off by default: a
+/// hypervisor opens no port it was not asked to.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// "ip:port" to serve `GET /metrics` on (plain HTTP, no authentication: keep it on
+    /// loopback or a management network). Unset: no endpoint.
+    pub listen: Option<String>,
+    /// Report the probes' run time: the kernel's BPF run-time statistics are switched
+    /// on while the daemon serves metrics (every BPF program on the host then pays two
+    /// clock reads a run). Off: the run-time series stay at 0.
+    pub probe_run_time: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            probe_run_time: true,
+        }
+    }
+}
+
+impl MetricsConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr().map(|_| ())
+    }
+
+    /// Where to serve, if anywhere. An unspecified address (`0.0.0.0:9464`) is allowed
+    /// here, unlike the controller's addresses: it means every interface.
+    pub fn listen_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let Some(text) = &self.listen else {
+            return Ok(None);
+        };
+        let addr: SocketAddr = text.parse().map_err(|_| {
+            invalid(
+                "metrics.listen",
+                format!("{text:?} is not \"ip:port\" (an IPv4 or [IPv6] address and a port)"),
+            )
+        })?;
+        if addr.port() == 0 {
+            return Err(invalid(
+                "metrics.listen",
+                format!("{text:?} needs a nonzero port"),
+            ));
+        }
+        Ok(Some(addr))
+    }
 }
 
 /// `[self_fence]`: for hosts without a BMC. Once the watchdog is isolated (no ack for
@@ -369,6 +421,7 @@ impl WatchdogConfig {
         }
         self.libvirt.validate()?;
         self.self_fence.validate()?;
+        self.metrics.validate()?;
         if self.self_fence.enabled && self.controller.is_none() {
             return Err(invalid(
                 "self_fence.enabled",
@@ -604,6 +657,23 @@ mod tests {
             err.to_string().contains("probes.stall_threshold_ms"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn metrics_are_off_by_default_and_a_bad_listen_address_names_metrics_listen() {
+        let cfg = WatchdogConfig::parse("").unwrap();
+        assert_eq!(cfg.metrics.listen_addr().unwrap(), None);
+        let on = WatchdogConfig::parse("[metrics]\nlisten = \"127.0.0.1:9464\"\n").unwrap();
+        on.validate().unwrap();
+        assert_eq!(
+            on.metrics.listen_addr().unwrap(),
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
+        for bad in ["localhost:9464", "127.0.0.1", "127.0.0.1:0"] {
+            let cfg = WatchdogConfig::parse(&format!("[metrics]\nlisten = {bad:?}\n")).unwrap();
+            let err = cfg.validate().unwrap_err();
+            assert!(err.to_string().contains("metrics.listen"), "{bad}: {err}");
+        }
     }
 
     const CONTROLLER: &str = "[controller]\nheartbeat_addrs = [\"10.0.0.1:7400\", \"10.1.0.1:7400\"]\nevent_addr = \"10.0.0.1:7401\"\nkey_file = \"/etc/defib/cluster.key\"\n";

@@ -2,7 +2,8 @@
 //! feeds the uplink (events to the spool and the stream, counts to the heartbeats),
 //! until SIGTERM or SIGINT. The libvirt watcher (unless `libvirt.enabled = false`)
 //! feeds the monitor from its own thread. With `[self_fence] enabled`, the self-fence
-//! task watches the uplink's reachability (see `selffence`).
+//! task watches the uplink's reachability (see `selffence`). With `[metrics] listen`,
+//! a task serves `/metrics` (see `metrics`).
 use std::future::Future;
 
 use protocol::Key;
@@ -31,7 +32,7 @@ pub async fn run(
     // Probes first: the controller counts this host as watched from its first heartbeat,
     // so no heartbeat may leave before the probes see every qemu exit.
     crate::mounts::ensure_bpf_filesystems()?;
-    let probes = if cfg.probes.pin_dir.is_empty() {
+    let mut probes = if cfg.probes.pin_dir.is_empty() {
         crate::probes::Probes::load(&cfg)?
     } else {
         crate::probes::Probes::load_pinned(&cfg, std::path::Path::new(&cfg.probes.pin_dir))?
@@ -65,6 +66,7 @@ pub async fn run(
         tracing::info!("libvirt watcher disabled (libvirt.enabled = false)");
         None
     };
+    let metrics = serve_metrics(&cfg, &uplink, probes.take_programs())?;
     let vm_cache = cfg.host.state_dir.join("vms.json");
     crate::systemd::ready("probes attached");
     let monitored = async {
@@ -82,6 +84,16 @@ pub async fn run(
     if let Some(self_fence) = self_fence {
         self_fence.stop().await;
     }
+    if let Some(mut metrics) = metrics {
+        let _ = metrics.stop.send(true);
+        // A scraper's idle keep-alive connection would hold a graceful stop up.
+        if tokio::time::timeout(std::time::Duration::from_secs(1), &mut metrics.task)
+            .await
+            .is_err()
+        {
+            metrics.task.abort();
+        }
+    }
     let stream = uplink.shutdown().await;
     tracing::info!(
         spooled = stream.spooled,
@@ -90,6 +102,41 @@ pub async fn run(
         "stopped; unacknowledged events stay in the spool for the next run"
     );
     monitored
+}
+
+/// The metrics endpoint's task and the switch that stops it.
+struct MetricsTask {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the metrics endpoint if `[metrics] listen` is set.
+fn serve_metrics(
+    cfg: &WatchdogConfig,
+    uplink: &Uplink,
+    programs: crate::metrics::ProbePrograms,
+) -> anyhow::Result<Option<MetricsTask>> {
+    use crate::metrics::{MetricsRegistry, RunTimeStats, ScrapeSources};
+    let Some(listen) = cfg.metrics.listen_addr()? else {
+        return Ok(None);
+    };
+    let registry = MetricsRegistry::new(ScrapeSources {
+        metrics: uplink.metrics(),
+        status: uplink.status().subscribe(),
+        reachability: uplink.reachability(),
+        stream: uplink.stream_status(),
+        programs,
+        run_time_stats: RunTimeStats::start(cfg.metrics.probe_run_time),
+        mono_ns: crate::clock::monotonic_ns,
+        unix_ns: crate::clock::realtime_ns,
+    });
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(crate::metrics::serve(
+        listen,
+        std::sync::Arc::new(registry),
+        stopped,
+    ));
+    Ok(Some(MetricsTask { stop, task }))
 }
 
 /// Stops the libvirt watcher without blocking the runtime; a watcher stuck in a libvirt

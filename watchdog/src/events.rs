@@ -230,6 +230,28 @@ pub struct StuckIo {
 }
 
 impl WatchdogEvent {
+    /// Its kind, as the JSON `type` field names it (the `kind` label of
+    /// `defib_watchdog_events_total`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WatchdogEvent::QemuStarted { .. } => "qemu_started",
+            WatchdogEvent::QemuExited { .. } => "qemu_exited",
+            WatchdogEvent::DiskStallStarted { .. } => "disk_stall_started",
+            WatchdogEvent::DiskStallEnded { .. } => "disk_stall_ended",
+            WatchdogEvent::ProbeLoss { .. } => "probe_loss",
+            WatchdogEvent::LibvirtConnected { .. } => "libvirt_connected",
+            WatchdogEvent::LibvirtDisconnected { .. } => "libvirt_disconnected",
+            WatchdogEvent::LibvirtLifecycle { .. } => "libvirt_lifecycle",
+            WatchdogEvent::LibvirtIoError { .. } => "libvirt_io_error",
+            WatchdogEvent::LibvirtWatchdog { .. } => "libvirt_watchdog",
+            WatchdogEvent::LibvirtReboot { .. } => "libvirt_reboot",
+            WatchdogEvent::LibvirtBlockThreshold { .. } => "libvirt_block_threshold",
+            WatchdogEvent::LibvirtControlError { .. } => "libvirt_control_error",
+            WatchdogEvent::LibvirtDefinition { .. } => "libvirt_definition",
+            WatchdogEvent::LibvirtInventory { .. } => "libvirt_inventory",
+        }
+    }
+
     /// One line for people (the default output of `defib-watchdog events`).
     pub fn human(&self) -> String {
         let vm = |v: &VmIdentity| match (&v.name, &v.uuid) {
@@ -363,4 +385,68 @@ pub fn signal_name(sig: i32) -> Option<&'static str> {
     nix::sys::signal::Signal::try_from(sig)
         .ok()
         .map(|s| s.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_events_kind_is_its_json_type() {
+        let vm = VmIdentity::default;
+        let events = [
+            WatchdogEvent::ProbeLoss {
+                stats: ProbeStats::default(),
+                observed_ns: 1,
+            },
+            WatchdogEvent::LibvirtConnected {
+                uri: "qemu:///system".into(),
+                observed_ns: 1,
+                unix_ms: 1,
+            },
+            WatchdogEvent::LibvirtDisconnected {
+                uri: "qemu:///system".into(),
+                reason: "gone".into(),
+                observed_ns: 1,
+                unix_ms: 1,
+            },
+            WatchdogEvent::LibvirtReboot {
+                vm: vm(),
+                observed_ns: 1,
+                unix_ms: 1,
+            },
+            WatchdogEvent::LibvirtControlError {
+                vm: vm(),
+                observed_ns: 1,
+                unix_ms: 1,
+            },
+            WatchdogEvent::LibvirtInventory {
+                vms: Vec::new(),
+                observed_ns: 1,
+                unix_ms: 1,
+            },
+            WatchdogEvent::DiskStallEnded {
+                pid: 1,
+                vm: vm(),
+                since_ns: 1,
+                end_ns: 2,
+                duration_ms: 1,
+                observed_ns: 2,
+                unix_ms: 1,
+            },
+            WatchdogEvent::LibvirtBlockThreshold {
+                vm: vm(),
+                dev: "vda".into(),
+                path: "/x".into(),
+                threshold: 1,
+                excess: 1,
+                observed_ns: 1,
+                unix_ms: 1,
+            },
+        ];
+        for e in events {
+            let json = serde_json::to_value(&e).unwrap();
+            assert_eq!(json["type"], e.kind(), "{json}");
+        }
+    }
 }

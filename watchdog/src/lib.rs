@@ -5,6 +5,7 @@ pub mod config;
 pub mod daemon;
 pub mod events;
 pub mod libvirt;
+pub mod metrics;
 pub mod monitor;
 pub mod mounts;
 pub mod pinning;

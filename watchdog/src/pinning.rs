@@ -90,6 +90,12 @@ impl PinSet {
         self.dir.join(format!("map_{name}"))
     }
 
+    /// Where a program is pinned: not to keep it (its links do), but so that a run that
+    /// takes it over can read its run time.
+    pub fn program_path(&self, prog: &str) -> PathBuf {
+        self.dir.join(format!("prog_{prog}"))
+    }
+
     fn link_path(&self, prog: &str, category: &str, name: &str) -> PathBuf {
         self.dir.join(link_file(prog, category, name))
     }

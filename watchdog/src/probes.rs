@@ -12,6 +12,7 @@ use watchdog_common::{
 };
 
 use crate::config::WatchdogConfig;
+use crate::metrics::ProgramSource;
 
 /// The object file, built for bpfel-unknown-none by build.rs (aya-build).
 static PROBES_OBJECT: &[u8] =
@@ -42,6 +43,8 @@ pub struct ProbeStats {
 
 pub struct Probes {
     ebpf: Ebpf,
+    /// Where each program's run time is read (for the metrics), until taken.
+    programs: crate::metrics::ProbePrograms,
     /// Set when the maps and links are pinned: the lock on the pin directory and what
     /// this start found there.
     pinned: Option<crate::pinning::PinSet>,
@@ -128,8 +131,14 @@ impl Probes {
                 names.set(i as u32, p, 0)?;
             }
         }
+        let mut programs = Vec::new();
         for (prog, category, name) in TRACEPOINTS {
-            attach(&mut ebpf, pinned.as_ref(), prog, &[(category, name)])?;
+            programs.push(attach(
+                &mut ebpf,
+                pinned.as_ref(),
+                prog,
+                &[(category, name)],
+            )?);
         }
         let enters: Vec<String> = io_syscalls::TRACKED
             .iter()
@@ -141,17 +150,32 @@ impl Probes {
             .collect();
         let enters: Vec<(&str, &str)> = enters.iter().map(|n| ("syscalls", n.as_str())).collect();
         let exits: Vec<(&str, &str)> = exits.iter().map(|n| ("syscalls", n.as_str())).collect();
-        attach(&mut ebpf, pinned.as_ref(), "qemu_io_enter", &enters)?;
-        attach(&mut ebpf, pinned.as_ref(), "qemu_io_exit", &exits)?;
+        programs.push(attach(
+            &mut ebpf,
+            pinned.as_ref(),
+            "qemu_io_enter",
+            &enters,
+        )?);
+        programs.push(attach(&mut ebpf, pinned.as_ref(), "qemu_io_exit", &exits)?);
         if let Some(set) = &pinned {
             set.remove_other_versions();
         }
-        Ok(Self { ebpf, pinned })
+        let programs = crate::metrics::ProbePrograms(programs.into_iter().flatten().collect());
+        Ok(Self {
+            ebpf,
+            programs,
+            pinned,
+        })
     }
 
     /// Whether this start took over probes a previous run left attached (pinned).
     pub fn took_over(&self) -> bool {
         self.pinned.as_ref().is_some_and(|p| p.took_over())
+    }
+
+    /// Takes out where the programs' run time is read (for the metrics endpoint).
+    pub fn take_programs(&mut self) -> crate::metrics::ProbePrograms {
+        std::mem::take(&mut self.programs)
     }
 
     /// Takes the ring buffer out (once); the caller polls it.
@@ -247,20 +271,27 @@ fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::
 
 /// Attaches `prog` to each tracepoint. With a pin set, a tracepoint whose link is
 /// already pinned (a previous run's, still attached) is left as it is, and every new
-/// link is pinned; the program is loaded only if some link is missing.
+/// link is pinned; the program is loaded only if some link is missing, and then pinned
+/// too. Returns where the program's run time can be read: its pin, or this run's fd;
+/// None for a taken-over program a previous release did not pin.
 fn attach(
     ebpf: &mut Ebpf,
     pinned: Option<&crate::pinning::PinSet>,
     prog: &str,
     points: &[(&str, &str)],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<(String, ProgramSource)>> {
     let missing: Vec<(&str, &str)> = points
         .iter()
         .copied()
         .filter(|(category, name)| pinned.is_none_or(|set| !set.has_link(prog, category, name)))
         .collect();
+    let pinned_source = |set: &crate::pinning::PinSet| {
+        let path = set.program_path(prog);
+        path.exists()
+            .then(|| (prog.to_string(), ProgramSource::Pin(path)))
+    };
     if missing.is_empty() {
-        return Ok(());
+        return Ok(pinned.and_then(pinned_source));
     }
     let program: &mut TracePoint = ebpf
         .program_mut(prog)
@@ -281,7 +312,23 @@ fn attach(
             set.pin_link(link, prog, category, name)?;
         }
     }
-    Ok(())
+    match pinned {
+        Some(set) => {
+            // The program pin only lets a later run read this program's run time: the
+            // links keep it attached. A pin left by an earlier run names the instance
+            // this one replaces (some of its links were missing).
+            let path = set.program_path(prog);
+            let _ = std::fs::remove_file(&path);
+            program
+                .pin(&path)
+                .with_context(|| format!("pinning the program {}", path.display()))?;
+            Ok(pinned_source(set))
+        }
+        None => {
+            let fd = program.fd()?.try_clone()?;
+            Ok(Some((prog.to_string(), ProgramSource::Fd(fd))))
+        }
+    }
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use memcg and ignore it.

@@ -229,6 +229,7 @@ pub(crate) struct HeartbeatTask {
     pub status: watch::Receiver<HostSummary>,
     pub reachability: watch::Sender<ReachabilityReport>,
     pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<crate::metrics::WatchdogMetrics>,
 }
 
 /// Send errors on a path are logged at most this often (an unplugged network fails
@@ -278,6 +279,12 @@ impl HeartbeatTask {
                     }
                     match acks.receive(&datagram, sequence) {
                         Ok(ack) => {
+                            let rtt = self.clock.mono_ns().saturating_sub(ack.echoed_sent_mono_ns);
+                            self.metrics.heartbeat_acked(
+                                ack.path_index,
+                                ack.counts,
+                                Duration::from_nanos(rtt),
+                            );
                             sessions.on_ack(ack.path_index, ack.sequence, ack.session);
                             // Only an acting controller that took the heartbeat as a
                             // sign of life keeps this host reachable.
@@ -392,7 +399,9 @@ impl HeartbeatTask {
             }
             // try_send_to: a full socket buffer means the path is in trouble; skipping
             // one beat is the right answer, waiting would delay the other paths.
-            if let Err(e) = socket.try_send_to(datagram, *addr) {
+            let sent = socket.try_send_to(datagram, *addr);
+            self.metrics.heartbeat_sent(index, sent.is_ok());
+            if let Err(e) = sent {
                 let now = Instant::now();
                 let log = last_error_log
                     .get_mut(index)

@@ -40,6 +40,7 @@ pub use stream::{Backoff, StreamStatus};
 pub use tls::StreamTls;
 
 use crate::config::{ConfigError, ControllerConfig, HostConfig};
+use crate::metrics::WatchdogMetrics;
 
 /// Everything the uplink needs to run, resolved from the configuration.
 #[derive(Debug, Clone)]
@@ -118,6 +119,7 @@ pub struct Uplink {
     status: watch::Sender<HostSummary>,
     reachability: watch::Receiver<ReachabilityReport>,
     stream_status: watch::Receiver<StreamStatus>,
+    metrics: Arc<WatchdogMetrics>,
     shutdown: watch::Sender<bool>,
     heartbeats: JoinHandle<()>,
     stream: JoinHandle<StreamStatus>,
@@ -188,6 +190,7 @@ impl Uplink {
         let (reachability_tx, reachability) = watch::channel(tracker.report().clone());
         let (stream_status_tx, stream_status) = watch::channel(StreamStatus::default());
         let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let metrics = Arc::new(WatchdogMetrics::default());
 
         let heartbeats = tokio::spawn(
             heartbeat::HeartbeatTask {
@@ -203,6 +206,7 @@ impl Uplink {
                 status: status_rx,
                 reachability: reachability_tx,
                 clock,
+                metrics: metrics.clone(),
             }
             .run(shutdown_rx.clone()),
         );
@@ -229,6 +233,7 @@ impl Uplink {
             status,
             reachability,
             stream_status,
+            metrics,
             shutdown,
             heartbeats,
             stream,
@@ -260,9 +265,15 @@ impl Uplink {
         self.stream_status.clone()
     }
 
+    /// What the daemon counts (events, heartbeats, acks), for the metrics endpoint.
+    pub fn metrics(&self) -> Arc<WatchdogMetrics> {
+        self.metrics.clone()
+    }
+
     /// The monitor's sink that feeds this uplink (and prints JSON lines if asked).
     pub fn sink(&self, print_json: bool) -> UplinkSink {
         UplinkSink::new(self.event_sender(), self.status(), print_json)
+            .with_metrics(self.metrics.clone())
     }
 
     /// Stops both tasks. Every event sent before this call is in the spool on disk

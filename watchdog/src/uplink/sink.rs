@@ -260,6 +260,7 @@ pub struct UplinkSink {
     status: watch::Sender<HostSummary>,
     tracker: StatusTracker,
     print: Option<StdoutSink>,
+    metrics: Option<std::sync::Arc<crate::metrics::WatchdogMetrics>>,
 }
 
 impl UplinkSink {
@@ -271,13 +272,26 @@ impl UplinkSink {
             status,
             tracker: StatusTracker::default(),
             print: print_json.then_some(StdoutSink { json: true }),
+            metrics: None,
         }
+    }
+
+    /// Also counts every event in `metrics`.
+    pub fn with_metrics(
+        mut self,
+        metrics: std::sync::Arc<crate::metrics::WatchdogMetrics>,
+    ) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 }
 
 impl EventSink for UplinkSink {
     fn emit(&mut self, event: WatchdogEvent) {
         self.tracker.observe(&event);
+        if let Some(metrics) = &self.metrics {
+            metrics.observe(&event);
+        }
         self.status
             .send_if_modified(|summary| self.tracker.apply_to(summary));
         if let Some(pending) = pending_event(&event, monotonic_ns(), realtime_ns()) {

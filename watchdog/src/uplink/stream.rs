@@ -70,6 +70,8 @@ pub struct StreamStatus {
     pub released_up_to: u64,
     /// Events dropped unsent because the spool was full, since start.
     pub dropped: u64,
+    /// Wall-clock stamp (unix ns) of the oldest event waiting in the spool.
+    pub oldest_pending_unix_ns: Option<u64>,
 }
 
 /// Reconnect delays: start at `min`, double after every failure up to `max`, reset
@@ -593,6 +595,7 @@ impl EventStream {
             s.last_event_id = spool.last_assigned_id();
             s.released_up_to = spool.released_up_to();
             s.dropped = spool.dropped();
+            s.oldest_pending_unix_ns = spool.pending().next().map(|e| e.unix_ns);
             *s != before
         });
     }
