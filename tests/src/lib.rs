@@ -18,6 +18,7 @@ use serde_json::Value;
 
 pub mod attacks;
 pub mod bmc;
+pub mod cephbed;
 pub mod certs;
 pub mod daemon;
 pub mod etcd;

@@ -25,6 +25,8 @@ pub enum RecordKind {
     BlockSlowEnd = 4,
     /// An io_uring I/O request of a watched process completed after the stall threshold: [`UringSlowEndRecord`].
     UringSlowEnd = 5,
+    /// A librbd request of a watched process completed after the stall threshold: [`RbdSlowEndRecord`].
+    RbdSlowEnd = 6,
 }
 
 impl RecordKind {
@@ -35,6 +37,7 @@ impl RecordKind {
             3 => Some(Self::IoSlowEnd),
             4 => Some(Self::BlockSlowEnd),
             5 => Some(Self::UringSlowEnd),
+            6 => Some(Self::RbdSlowEnd),
             _ => None,
         }
     }
@@ -187,6 +190,68 @@ pub mod uring_ops {
     }
 }
 
+/// Key of the librbd in-flight map: the qemu and the request's completion (an
+/// `rbd_completion_t`, a pointer in that process: unique there while the request runs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RbdKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub completion: u64,
+}
+
+/// Value of the librbd in-flight map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RbdInflight {
+    /// [`rbd_ops`].
+    pub op: u32,
+    pub _pad: u32,
+    pub start_ns: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RbdSlowEndRecord {
+    pub kind: u32,
+    pub tgid: u32,
+    pub completion: u64,
+    pub op: u32,
+    pub _pad: u32,
+    pub start_ns: u64,
+    pub end_ns: u64,
+}
+
+/// The librbd calls that submit a guest's disk I/O (qemu's rbd driver), as the probes
+/// number them: the attach cookie of each uprobe. Every one takes the request's
+/// completion as one of its arguments; `rbd_aio_release` ends the request.
+pub mod rbd_ops {
+    /// (librbd symbol, op, op name, argument index of the completion: one probe program
+    /// per index, `rbd_submit_a1`, `_a3`, `_a4`).
+    pub const TRACKED: [(&str, u32, &str, usize); 7] = [
+        ("rbd_aio_readv", 1, "read", 4),
+        ("rbd_aio_read", 1, "read", 4),
+        ("rbd_aio_writev", 2, "write", 4),
+        ("rbd_aio_write", 2, "write", 4),
+        ("rbd_aio_flush", 3, "flush", 1),
+        ("rbd_aio_discard", 4, "discard", 3),
+        ("rbd_aio_write_zeroes", 5, "write_zeroes", 3),
+    ];
+    /// Where a request ends (its completion is the first argument).
+    pub const RELEASE: &str = "rbd_aio_release";
+
+    pub fn name(op: u32) -> &'static str {
+        match op {
+            1 => "read",
+            2 => "write",
+            3 => "flush",
+            4 => "discard",
+            5 => "write_zeroes",
+            _ => "unknown",
+        }
+    }
+}
+
 /// Value of the in-flight map (key: tid): one I/O syscall of a watched thread that has
 /// been entered and has not returned yet. The daemon scans this map to see stalls while
 /// they last.
@@ -291,7 +356,9 @@ pub mod stat_index {
     pub const BLOCK_INFLIGHT_FULL: u32 = 3;
     /// io_uring requests of watched processes that did not fit in their in-flight map.
     pub const URING_INFLIGHT_FULL: u32 = 4;
-    pub const LEN: u32 = 5;
+    /// librbd requests of watched processes that did not fit in their in-flight map.
+    pub const RBD_INFLIGHT_FULL: u32 = 5;
+    pub const LEN: u32 = 6;
 }
 
 #[cfg(feature = "user")]
@@ -301,6 +368,8 @@ mod pod {
     unsafe impl aya::Pod for BlockKey {}
     unsafe impl aya::Pod for BlockInflight {}
     unsafe impl aya::Pod for UringInflight {}
+    unsafe impl aya::Pod for RbdKey {}
+    unsafe impl aya::Pod for RbdInflight {}
     unsafe impl aya::Pod for WatchedProcess {}
     unsafe impl aya::Pod for KillerInfo {}
     unsafe impl aya::Pod for NamePattern {}
@@ -348,6 +417,20 @@ mod tests {
         assert_eq!(core::mem::size_of::<BlockSlowEndRecord>(), 40);
         assert_eq!(core::mem::size_of::<UringInflight>(), 24);
         assert_eq!(core::mem::size_of::<UringSlowEndRecord>(), 40);
+        assert_eq!(core::mem::size_of::<RbdKey>(), 16);
+        assert_eq!(core::mem::size_of::<RbdInflight>(), 16);
+        assert_eq!(core::mem::size_of::<RbdSlowEndRecord>(), 40);
+    }
+
+    #[test]
+    fn every_tracked_rbd_call_has_its_completion_where_the_probe_reads_it() {
+        for (symbol, op, name, arg) in rbd_ops::TRACKED {
+            assert!(
+                [1, 3, 4].contains(&arg),
+                "{symbol}: no rbd_submit_a{arg} program"
+            );
+            assert_eq!(rbd_ops::name(op), name, "{symbol}");
+        }
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! defib's eBPF probes. One file per hook family; each `#[tracepoint]` is a thin wrapper
+//! defib's eBPF probes. One file per hook family; each probe is a thin wrapper
 //! around a `try_*` function so the logic reads as ordinary Rust with `?`.
 //!
 //! - `process`: exec of a watched name (start watching), exit of a watched process.
@@ -7,6 +7,7 @@
 //! - `io`: I/O syscalls of watched processes that are in flight (stall detection).
 //! - `block`: block requests on the VMs' block devices in flight (Linux AIO, io_uring).
 //! - `uring`: io_uring requests of watched processes in flight.
+//! - `rbd`: librbd requests of watched processes in flight (uprobes).
 #![no_std]
 #![no_main]
 
@@ -15,6 +16,7 @@ mod io;
 mod maps;
 mod oom;
 mod process;
+mod rbd;
 mod signal;
 mod uring;
 

@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use watchdog_common::{
     config_index, stat_index, BlockInflight, BlockKey, InflightIo, KillerInfo, NamePattern,
-    UringInflight, WatchedProcess, MAX_NAME_PATTERNS,
+    RbdInflight, RbdKey, UringInflight, WatchedProcess, MAX_NAME_PATTERNS,
 };
 
 /// Records to the daemon (exec, exit, slow I/O end).
@@ -44,6 +44,10 @@ pub static BLK_INFLIGHT: HashMap<BlockKey, BlockInflight> = HashMap::with_max_en
 /// io_uring I/O requests of watched processes in flight, by request pointer.
 #[map(name = "URING_INFLIGHT")]
 pub static URING_INFLIGHT: HashMap<u64, UringInflight> = HashMap::with_max_entries(16384, 0);
+
+/// librbd requests of watched processes in flight, by process and completion.
+#[map(name = "RBD_INFLIGHT")]
+pub static RBD_INFLIGHT: HashMap<RbdKey, RbdInflight> = HashMap::with_max_entries(16384, 0);
 
 /// Last terminating signal sent to a watched process, by target tgid.
 #[map(name = "KILLERS")]

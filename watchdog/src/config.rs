@@ -304,6 +304,9 @@ pub struct ProbeConfig {
     /// meanwhile) instead of starting blind. Empty: no pinning (the probes detach when
     /// the daemon exits). `events` never pins. One daemon per directory (it is locked).
     pub pin_dir: String,
+    /// librbd, whose requests the probes follow to see a stall of a disk on Ceph RBD
+    /// (uprobes on every process that maps it). Missing, or empty: not tracked.
+    pub librbd_path: String,
 }
 
 impl Default for ProbeConfig {
@@ -314,6 +317,7 @@ impl Default for ProbeConfig {
             stall_scan_interval_ms: 50,
             proc_rescan_interval_ms: 5000,
             pin_dir: "/sys/fs/bpf/defib".into(),
+            librbd_path: "/usr/lib/x86_64-linux-gnu/librbd.so.1".into(),
         }
     }
 }
@@ -409,6 +413,12 @@ impl WatchdogConfig {
             p.proc_rescan_interval_ms,
             100..=3_600_000,
         )?;
+        if !p.librbd_path.is_empty() && !Path::new(&p.librbd_path).is_absolute() {
+            return Err(invalid(
+                "probes.librbd_path",
+                "must be an absolute path (or empty: RBD stalls not tracked)",
+            ));
+        }
         if !p.pin_dir.is_empty() && !Path::new(&p.pin_dir).is_absolute() {
             return Err(invalid(
                 "probes.pin_dir",

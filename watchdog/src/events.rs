@@ -312,12 +312,13 @@ impl WatchdogEvent {
                 format!("unstalled pid {pid} {} after {duration_ms} ms", vm(v))
             }
             Self::ProbeLoss { stats, .. } => format!(
-                "LOSS      ring buffer drops {}, in-flight map full {}, watch map full {}, block map full {}, io_uring map full {}",
+                "LOSS      ring buffer drops {}, in-flight map full {}, watch map full {}, block map full {}, io_uring map full {}, rbd map full {}",
                 stats.ringbuf_drops,
                 stats.inflight_full,
                 stats.watch_full,
                 stats.block_inflight_full,
-                stats.uring_inflight_full
+                stats.uring_inflight_full,
+                stats.rbd_inflight_full
             ),
             Self::LibvirtConnected { uri, .. } => format!("libvirt   connected to {uri}"),
             Self::LibvirtDisconnected { uri, reason, .. } => {

@@ -367,6 +367,7 @@ impl Collector for ScrapeSources {
             ("watch_full", stats.watch_full),
             ("block_inflight_full", stats.block_inflight_full),
             ("uring_inflight_full", stats.uring_inflight_full),
+            ("rbd_inflight_full", stats.rbd_inflight_full),
         ]
         .into_iter()
         .map(|(reason, n)| (vec![("reason", reason.to_string())], ConstCounter::new(n)))
@@ -379,6 +380,13 @@ impl Collector for ScrapeSources {
             &samples,
         )?;
 
+        let rbd = self.programs.0.iter().any(|(p, _)| p == "rbd_release");
+        encode_one(
+            &mut encoder,
+            "rbd_stalls_tracked",
+            "Whether the librbd uprobes are attached, so stalls of disks on Ceph RBD are seen (1) or not (0)",
+            &ConstGauge::new(i64::from(rbd)),
+        )?;
         encode_one(
             &mut encoder,
             "probe_run_time_counted",
@@ -616,6 +624,7 @@ mod tests {
             "defib_watchdog_probe_drops_total{reason=\"ringbuf_full\"} 3",
             "defib_watchdog_probe_drops_total{reason=\"block_inflight_full\"} 2",
             "defib_watchdog_probe_run_time_counted ",
+            "defib_watchdog_rbd_stalls_tracked 0",
             "# TYPE defib_watchdog_probe_run_seconds counter",
             "# TYPE defib_watchdog_probe_runs counter",
         ] {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
-use watchdog_common::{io_syscalls, uring_ops};
+use watchdog_common::{io_syscalls, rbd_ops, uring_ops};
 
 use crate::clock::{mono_to_unix_ms, monotonic_ns};
 use crate::config::WatchdogConfig;
@@ -281,6 +281,13 @@ impl Monitor {
                 };
                 self.stall_op_ended(r.tgid, op, r.start_ns, r.end_ns, sink);
             }
+            Record::RbdSlowEnd(r) => {
+                let op = Op::Rbd {
+                    completion: r.completion,
+                    op: r.op,
+                };
+                self.stall_op_ended(r.tgid, op, r.start_ns, r.end_ns, sink);
+            }
         }
     }
 
@@ -356,6 +363,9 @@ impl Monitor {
                 self.block_devs.get(&dev).map(|(_, p)| p.clone()),
             ),
             Op::Uring { opcode, .. } => ("io_uring", uring_ops::name(opcode), 0, -1, None),
+            // librbd does not say which image a completion belongs to: name the VM's RBD
+            // disk when libvirt lists exactly one.
+            Op::Rbd { op, .. } => ("rbd", rbd_ops::name(op), 0, -1, self.only_rbd_disk(tgid)),
         };
         StuckIo {
             tid,
@@ -364,6 +374,19 @@ impl Monitor {
             fd,
             path,
             start_ns: o.start_ns,
+        }
+    }
+
+    /// The one RBD disk (`rbd:pool/image`) libvirt lists for the qemu `tgid`, if it
+    /// lists exactly one.
+    fn only_rbd_disk(&self, tgid: u32) -> Option<String> {
+        let mut rbd = self
+            .disk_sources
+            .iter()
+            .filter(|(pid, source)| *pid == tgid && source.starts_with("rbd:"));
+        match (rbd.next(), rbd.next()) {
+            (Some((_, source)), None) => Some(source.clone()),
+            _ => None,
         }
     }
 
@@ -397,6 +420,20 @@ impl Monitor {
                 op(io.tgid, Op::Uring { req, opcode }, io.start_ns)
             })),
             Err(e) => tracing::warn!(error = %e, "cannot read the io_uring request map"),
+        }
+        match self.probes.rbd_inflight() {
+            Ok(inflight) => ops.extend(inflight.into_iter().map(|(key, io)| {
+                let (completion, rbd_op) = (key.completion, io.op);
+                op(
+                    key.tgid,
+                    Op::Rbd {
+                        completion,
+                        op: rbd_op,
+                    },
+                    io.start_ns,
+                )
+            })),
+            Err(e) => tracing::warn!(error = %e, "cannot read the librbd request map"),
         }
         for c in self.stalls.on_scan(monotonic_ns(), &ops) {
             self.emit_stall(c, sink);

@@ -30,6 +30,7 @@ pub const MAPS: &[&str] = &[
     "WATCHED_DEVS",
     "BLK_INFLIGHT",
     "URING_INFLIGHT",
+    "RBD_INFLIGHT",
     "KILLERS",
     "OOM_VICTIMS",
 ];

@@ -3,12 +3,15 @@
 use anyhow::{anyhow, Context as _};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+        TracePoint, UProbe,
+    },
     Ebpf,
 };
 use watchdog_common::{
-    config_index, io_syscalls, stat_index, BlockInflight, BlockKey, InflightIo, NamePattern,
-    UringInflight, WatchedProcess, MAX_NAME_PATTERNS,
+    config_index, io_syscalls, rbd_ops, stat_index, BlockInflight, BlockKey, InflightIo,
+    NamePattern, RbdInflight, RbdKey, UringInflight, WatchedProcess, MAX_NAME_PATTERNS,
 };
 
 use crate::config::WatchdogConfig;
@@ -39,6 +42,7 @@ pub struct ProbeStats {
     pub watch_full: u64,
     pub block_inflight_full: u64,
     pub uring_inflight_full: u64,
+    pub rbd_inflight_full: u64,
 }
 
 pub struct Probes {
@@ -157,6 +161,17 @@ impl Probes {
             &enters,
         )?);
         programs.push(attach(&mut ebpf, pinned.as_ref(), "qemu_io_exit", &exits)?);
+        // RBD stalls are one kind of stall among others: a host where the uprobes cannot
+        // be attached still watches everything else.
+        match attach_librbd(&mut ebpf, pinned.as_ref(), &cfg.probes.librbd_path) {
+            Ok(sources) => programs.extend(sources.into_iter().map(Some)),
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "RBD stalls NOT tracked: the librbd uprobes cannot be attached (on kernels \
+                 whose uprobe events need CAP_SYS_ADMIN, grant it to the unit: docs/watchdog.md, \
+                 \"How the probes work\")"
+            ),
+        }
         if let Some(set) = &pinned {
             set.remove_other_versions();
         }
@@ -223,6 +238,13 @@ impl Probes {
         Ok(m.iter().filter_map(Result::ok).collect())
     }
 
+    /// librbd requests of watched processes in flight right now.
+    pub fn rbd_inflight(&mut self) -> anyhow::Result<Vec<(RbdKey, RbdInflight)>> {
+        let m: HashMap<_, RbdKey, RbdInflight> =
+            HashMap::try_from(map(&mut self.ebpf, "RBD_INFLIGHT")?)?;
+        Ok(m.iter().filter_map(Result::ok).collect())
+    }
+
     /// Makes `devs` (kernel `dev_t`s) the set of block devices whose requests are
     /// tracked: added ones start, others stop (their requests in flight are dropped).
     pub fn set_watched_devs(
@@ -260,6 +282,7 @@ impl Probes {
             watch_full: sum(stat_index::WATCH_FULL)?,
             block_inflight_full: sum(stat_index::BLOCK_INFLIGHT_FULL)?,
             uring_inflight_full: sum(stat_index::URING_INFLIGHT_FULL)?,
+            rbd_inflight_full: sum(stat_index::RBD_INFLIGHT_FULL)?,
         })
     }
 }
@@ -329,6 +352,94 @@ fn attach(
             Ok(Some((prog.to_string(), ProgramSource::Fd(fd))))
         }
     }
+}
+
+/// The librbd uprobes (`rbd_submit_aN` on every submitting call whose completion is
+/// argument N, with the operation as its cookie; `rbd_release` on `rbd_aio_release`), on the library at `path`: every
+/// process that maps it, now or later, runs them. No library there (a host without
+/// Ceph) or an empty path: nothing is attached, and that is said once. Pinned like the
+/// tracepoints (the link's "category" is `uprobe`, its name the symbol).
+fn attach_librbd(
+    ebpf: &mut Ebpf,
+    pinned: Option<&crate::pinning::PinSet>,
+    path: &str,
+) -> anyhow::Result<Vec<(String, ProgramSource)>> {
+    if path.is_empty() {
+        tracing::info!("RBD stalls not tracked (probes.librbd_path is empty)");
+        return Ok(Vec::new());
+    }
+    if !std::path::Path::new(path).exists() {
+        tracing::info!(
+            path,
+            "RBD stalls not tracked: no librbd at probes.librbd_path"
+        );
+        return Ok(Vec::new());
+    }
+    // The program that reads the completion from the call's argument `arg`.
+    let submits = |arg: usize| -> Vec<(&'static str, u64)> {
+        rbd_ops::TRACKED
+            .iter()
+            .filter(|t| t.3 == arg)
+            .map(|(symbol, op, _, _)| (*symbol, u64::from(*op)))
+            .collect()
+    };
+    let mut sources = Vec::new();
+    for (prog, calls) in [
+        ("rbd_submit_a1", submits(1)),
+        ("rbd_submit_a3", submits(3)),
+        ("rbd_submit_a4", submits(4)),
+        ("rbd_release", vec![(rbd_ops::RELEASE, 0)]),
+    ] {
+        let missing: Vec<(&str, u64)> = calls
+            .iter()
+            .copied()
+            .filter(|(symbol, _)| pinned.is_none_or(|set| !set.has_link(prog, "uprobe", symbol)))
+            .collect();
+        if !missing.is_empty() {
+            let program: &mut UProbe = ebpf
+                .program_mut(prog)
+                .ok_or_else(|| anyhow!("program {prog} missing from the eBPF object"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("loading program {prog} (verifier)"))?;
+            for (symbol, cookie) in missing {
+                let point = UProbeAttachPoint {
+                    location: UProbeAttachLocation::Symbol(symbol),
+                    cookie: Some(cookie),
+                };
+                let id = program
+                    .attach(point, path, UProbeScope::AllProcesses)
+                    .with_context(|| format!("attaching {prog} to {symbol} in {path}"))?;
+                if let Some(set) = pinned {
+                    let link = aya::programs::links::FdLink::try_from(program.take_link(id)?)
+                        .with_context(|| format!("{prog} on {symbol}: no BPF link to pin"))?;
+                    set.pin_link(link, prog, "uprobe", symbol)?;
+                }
+            }
+            match pinned {
+                Some(set) => {
+                    let pin = set.program_path(prog);
+                    let _ = std::fs::remove_file(&pin);
+                    program
+                        .pin(&pin)
+                        .with_context(|| format!("pinning the program {}", pin.display()))?;
+                }
+                None => sources.push((
+                    prog.to_string(),
+                    ProgramSource::Fd(program.fd()?.try_clone()?),
+                )),
+            }
+        }
+        if let Some(set) = pinned {
+            let pin = set.program_path(prog);
+            if pin.exists() {
+                sources.push((prog.to_string(), ProgramSource::Pin(pin)));
+            }
+        }
+    }
+    tracing::info!(path, "RBD stalls tracked (librbd uprobes)");
+    Ok(sources)
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use memcg and ignore it.

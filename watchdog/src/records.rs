@@ -1,6 +1,7 @@
 //! Decoding ring-buffer bytes into the typed records of `watchdog-common`.
 use watchdog_common::{
-    BlockSlowEndRecord, ExecRecord, ExitRecord, IoSlowEndRecord, RecordKind, UringSlowEndRecord,
+    BlockSlowEndRecord, ExecRecord, ExitRecord, IoSlowEndRecord, RbdSlowEndRecord, RecordKind,
+    UringSlowEndRecord,
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -10,6 +11,7 @@ pub enum Record {
     IoSlowEnd(IoSlowEndRecord),
     BlockSlowEnd(BlockSlowEndRecord),
     UringSlowEnd(UringSlowEndRecord),
+    RbdSlowEnd(RbdSlowEndRecord),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -37,6 +39,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, RecordError> {
         Some(RecordKind::IoSlowEnd) => read(bytes).map(Record::IoSlowEnd),
         Some(RecordKind::BlockSlowEnd) => read(bytes).map(Record::BlockSlowEnd),
         Some(RecordKind::UringSlowEnd) => read(bytes).map(Record::UringSlowEnd),
+        Some(RecordKind::RbdSlowEnd) => read(bytes).map(Record::RbdSlowEnd),
         None => Err(RecordError::UnknownKind(kind)),
     }
 }

@@ -1,9 +1,9 @@
 //! Turns the I/O the probes track in flight into per-VM stall episodes.
 //!
 //! Pure: the daemon feeds it snapshots of what is in flight (the syscall map, the
-//! block-request map with each device resolved to its VM's qemu, and the io_uring map,
-//! taken every `stall_scan_interval`), the slow-end records, and process exits, with
-//! the time passed in; it answers with episode starts and ends. A VM is stalled from the
+//! block-request map with each device resolved to its VM's qemu, the io_uring map and
+//! the librbd map, taken every `stall_scan_interval`), the slow-end records, and process
+//! exits, with the time passed in; it answers with episode starts and ends. A VM is stalled from the
 //! moment one of its operations has been in flight for `threshold` until none is any
 //! more, so a VM with several stuck worker threads, or one stuck request seen both as an
 //! io_uring request and as a block request, gives one episode.
@@ -25,6 +25,8 @@ pub enum Op {
     Block { dev: u32, sector: u64, write: bool },
     /// An io_uring request of a qemu (the kernel's request pointer, `IORING_OP_*`).
     Uring { req: u64, opcode: u32 },
+    /// A librbd request of a qemu (its completion pointer, `rbd_ops`).
+    Rbd { completion: u64, op: u32 },
 }
 
 /// One operation of a stalled VM: an [`Op`] and when it began.

@@ -3,6 +3,7 @@
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)] // synchronous tool, not async code
 
 mod bundle;
+mod cephbed;
 mod demo;
 mod fencebed;
 mod fuzz;
@@ -28,8 +29,8 @@ enum Task {
     /// Install and prepare everything the build and the tests need (Debian packages,
     /// nightly rust-src, bpf-linker, tracefs/bpffs mounts). Idempotent.
     Setup,
-    /// Setup, start the hostbed (libvirt and real KVM guests) and the novabed (real
-    /// Nova), then run the whole test suite (`cargo test`, default members). Extra arguments go to cargo test.
+    /// Setup, start the hostbed (libvirt and real KVM guests), the novabed (real Nova)
+    /// and the cephbed (real Ceph), then run the whole test suite (`cargo test`, default members). Extra arguments go to cargo test.
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -51,6 +52,12 @@ enum Task {
     Novabed {
         #[command(subcommand)]
         action: novabed::Action,
+    },
+    /// The real Ceph test bed: a single-node Ceph (mon, mgr, one OSD on a sparse file)
+    /// for VM disks on RBD through qemu's librbd (see xtask/src/cephbed.rs).
+    Cephbed {
+        #[command(subcommand)]
+        action: cephbed::Action,
     },
     /// Build the release binaries and pack the installable bundle: a versioned tar.gz
     /// (binaries, systemd units, example configs, install.sh, docs, Grafana dashboard)
@@ -108,7 +115,15 @@ fn main() -> ExitCode {
             hostbed::for_tests()?;
             fencebed::for_tests()?;
             let nova_was_running = novabed::running();
-            let tests = novabed::for_tests().and_then(|()| run_tests(&args));
+            let ceph_was_running = cephbed::running();
+            let tests = novabed::for_tests()
+                .and_then(|()| cephbed::for_tests())
+                .and_then(|()| run_tests(&args));
+            if !ceph_was_running {
+                if let Err(e) = cephbed::stop() {
+                    eprintln!("xtask: stopping the cephbed: {e:#}");
+                }
+            }
             if !nova_was_running {
                 if let Err(e) = novabed::stop() {
                     eprintln!("xtask: stopping the novabed: {e:#}");
@@ -124,6 +139,7 @@ fn main() -> ExitCode {
         Task::Hostbed { action } => hostbed::run(action),
         Task::Fencebed { action } => fencebed::run(action),
         Task::Novabed { action } => novabed::run(action),
+        Task::Cephbed { action } => cephbed::run(action),
         Task::Bundle(args) => bundle::run(&args).map(|_| ()),
         Task::Lab { action } => if matches!(action, lab::Action::Up { .. }) {
             setup::run()

@@ -529,11 +529,12 @@ mod tests {
                 watch_full: 0,
                 block_inflight_full: 2,
                 uring_inflight_full: 1,
+                rbd_inflight_full: 2,
             },
             observed_ns: 1,
         });
         assert!(rx.try_recv().is_err());
-        assert_eq!(status_rx.borrow().probe_drops, 7);
+        assert_eq!(status_rx.borrow().probe_drops, 9);
     }
 
     #[test]

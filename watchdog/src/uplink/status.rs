@@ -69,13 +69,15 @@ impl StatusTracker {
                     watch_full,
                     block_inflight_full,
                     uring_inflight_full,
+                    rbd_inflight_full,
                 } = *stats;
                 // The probe counters are cumulative, so the latest report is the total.
                 self.probe_drops = ringbuf_drops
                     .saturating_add(inflight_full)
                     .saturating_add(watch_full)
                     .saturating_add(block_inflight_full)
-                    .saturating_add(uring_inflight_full);
+                    .saturating_add(uring_inflight_full)
+                    .saturating_add(rbd_inflight_full);
             }
             WatchdogEvent::LibvirtConnected { .. } => self.libvirt_reachable = Some(true),
             WatchdogEvent::LibvirtDisconnected { .. } => self.libvirt_reachable = Some(false),
