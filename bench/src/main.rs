@@ -23,6 +23,7 @@ mod watchdog_restart;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use defib_tests::cephbed::{BootSectorQemu, Cephbed};
 use defib_tests::guests::{unique_uuid, Guest, GuestDisk, Hostbed};
 use defib_tests::{is_event, is_root, FakeQemu, FuseBed, LoopDevice, Watchdog};
 use report::Series;
@@ -451,6 +452,40 @@ fn stall_latency(episodes: usize, threshold_ms: u64) -> anyhow::Result<String> {
         ));
         drop(guest);
     }
+    // A real KVM guest whose disk is an RBD image of the Ceph test bed (qemu's librbd):
+    // only the librbd uprobes see its requests; the OSD is stopped.
+    let ceph = Cephbed::ensure().map_err(|e| {
+        anyhow::anyhow!("the rbd kind needs the Ceph test bed (`cargo xtask cephbed start`): {e}")
+    })?;
+    let image = ceph.import("bench-stall", hostbed.boot_sector(), 16 << 20);
+    let guest = BootSectorQemu::start("bench-stall-rbd", &unique_uuid(), &image.qemu_drive("none"));
+    anyhow::ensure!(
+        guest.wait_writes(3, Duration::from_secs(30)),
+        "the RBD guest does not write its disk"
+    );
+    let osd = ceph.osd_pid();
+    let signal = |sig| {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(osd as i32), sig);
+    };
+    let stop = || signal(nix::sys::signal::Signal::SIGSTOP);
+    let resume = || signal(nix::sys::signal::Signal::SIGCONT);
+    // Whatever happens below (a panic on a missing event), Ceph is not left frozen.
+    struct ContinueOsd<F: Fn()>(F);
+    impl<F: Fn()> Drop for ContinueOsd<F> {
+        fn drop(&mut self) {
+            (self.0)();
+        }
+    }
+    let _continue = ContinueOsd(resume);
+    series.extend(stall_episodes_with(
+        &mut wd,
+        (&stop, &resume, "SIGSTOP of the OSD"),
+        guest.pid(),
+        episodes,
+        threshold_ms,
+        "RBD guest",
+    ));
+    drop(guest);
     report::write(
         &report::results_dir(),
         "stall-latency",
@@ -461,8 +496,9 @@ fn stall_latency(episodes: usize, threshold_ms: u64) -> anyhow::Result<String> {
          writes, bindfs SIGSTOPped (writer in D state). Kind B: the image file directly on the \
          bindfs mount (writer asleep in FUSE, S state). Then real KVM guests whose disk is such a \
          loop device with io='native' cache='none' (Linux AIO: seen by the block-layer probes \
-         only) and io='io_uring' (seen on the ring and in the block layer); a guest writes once \
-         a second, so its SIGSTOP → event row includes the wait for its next write. The first \
+         only) and io='io_uring' (seen on the ring and in the block layer), and a guest whose \
+         disk is an RBD image of the Ceph test bed through qemu's librbd, its OSD SIGSTOPped \
+         (seen by the librbd uprobes only); a guest writes once a second, so its SIGSTOP → event row includes the wait for its next write. The first \
          row of each kind is the detection delay past the threshold (the daemon scans the \
          in-flight maps every 50 ms). Target: ≤ 150 ms.",
         &series,
@@ -480,17 +516,38 @@ fn stall_episodes(
     threshold_ms: u64,
     label: &str,
 ) -> [Series; 2] {
+    let stop = || bed.stall();
+    let resume = || bed.resume();
+    stall_episodes_with(
+        wd,
+        (&stop, &resume, "SIGSTOP of the FUSE daemon"),
+        pid,
+        episodes,
+        threshold_ms,
+        label,
+    )
+}
+
+/// [`stall_episodes`] with any way to stop and resume the writer's storage.
+fn stall_episodes_with(
+    wd: &mut Watchdog,
+    (stop, resume, stopped_what): (&dyn Fn(), &dyn Fn(), &str),
+    pid: u32,
+    episodes: usize,
+    threshold_ms: u64,
+    label: &str,
+) -> [Series; 2] {
     let wait = Duration::from_secs(threshold_ms / 1000 + 10);
     let (mut past_threshold, mut since_stop) = (Vec::new(), Vec::new());
     for _ in 0..episodes {
         std::thread::sleep(Duration::from_millis(300));
         let stopped = monotonic_ns();
-        bed.stall();
+        stop();
         let started = wd.expect("disk_stall_started", wait, |v| {
             is_event(v, "disk_stall_started", pid)
                 && v["since_ns"].as_u64().unwrap_or(0) >= stopped.saturating_sub(200_000_000)
         });
-        bed.resume();
+        resume();
         let since = started["since_ns"].as_u64().unwrap_or(0);
         let observed = started["observed_ns"].as_u64().unwrap_or(0);
         past_threshold.push(ms(observed.saturating_sub(since + threshold_ms * 1_000_000)));
@@ -505,7 +562,7 @@ fn stall_episodes(
             samples_ms: past_threshold,
         },
         Series {
-            name: format!("{label}: SIGSTOP of the FUSE daemon → event"),
+            name: format!("{label}: {stopped_what} → event"),
             samples_ms: since_stop,
         },
     ]

@@ -3,13 +3,17 @@
 //! `client.cinder`. Images made here are removed when dropped; an OSD stopped here is
 //! continued when its guard is dropped, so a failing test never leaves Ceph frozen.
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// Where the bed lives (xtask/src/cephbed.rs).
 pub const DIR: &str = "/var/lib/defib-cephbed";
 /// The pool RBD images go in.
 pub const POOL: &str = "volumes";
+/// The libvirt secret that holds `client.cinder`'s key (one per libvirt instance).
+pub const SECRET_UUID: &str = "c0ffee00-cef0-4000-8000-000000000001";
+/// The monitor's v1 address, as a libvirt `<host>` names it.
+pub const MON_PORT: u16 = 26789;
 
 /// A running Ceph test bed.
 pub struct Cephbed {
@@ -104,6 +108,45 @@ impl Cephbed {
         }
     }
 
+    /// The libvirt secret (its UUID) holding `client.cinder`'s key on the libvirt at
+    /// `uri`, defined there if missing: a domain's RBD disk names it in `<auth>`, as Nova
+    /// does with `rbd_secret_uuid`.
+    pub fn libvirt_secret(&self, uri: &str) -> String {
+        let uuid = SECRET_UUID;
+        let virsh = |args: &[&str]| crate::guests::run_virsh(uri, args, Duration::from_secs(30));
+        if virsh(&["secret-get-value", uuid]).is_err() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let xml = dir.path().join("secret.xml");
+            std::fs::write(
+                &xml,
+                format!(
+                    "<secret ephemeral='no' private='no'><uuid>{uuid}</uuid>\
+                     <usage type='ceph'><name>client.cinder {uuid}</name></usage></secret>"
+                ),
+            )
+            .expect("secret xml");
+            virsh(&["secret-define", &xml.display().to_string()])
+                .unwrap_or_else(|e| panic!("defining the Ceph secret on {uri}: {e}"));
+            let key = self
+                .run(
+                    "ceph",
+                    &["auth", "get-key", "client.cinder"],
+                    Duration::from_secs(15),
+                )
+                .unwrap_or_else(|e| panic!("client.cinder's key: {e}"));
+            let file = dir.path().join("key");
+            std::fs::write(&file, key.trim()).expect("key file");
+            virsh(&[
+                "secret-set-value",
+                uuid,
+                "--file",
+                &file.display().to_string(),
+            ])
+            .unwrap_or_else(|e| panic!("setting the Ceph secret on {uri}: {e}"));
+        }
+        uuid.to_string()
+    }
+
     /// The OSD daemon's pid (the bed records it).
     pub fn osd_pid(&self) -> u32 {
         let pids = std::fs::read_to_string(Path::new(DIR).join("pids")).expect("the bed's pids");
@@ -148,6 +191,20 @@ pub struct RbdImage {
 }
 
 impl RbdImage {
+    /// A libvirt `<disk>` for it: a network disk through qemu's librbd, as
+    /// `client.cinder` with the key in the libvirt secret `secret_uuid`
+    /// ([`Cephbed::libvirt_secret`]), as Nova writes one for a Cinder RBD volume.
+    pub fn libvirt_disk_xml(&self, secret_uuid: &str) -> String {
+        format!(
+            "<disk type='network' device='disk'>\
+             <driver name='qemu' type='raw' cache='none' error_policy='stop'/>\
+             <source protocol='rbd' name='{}'><host name='127.0.0.1' port='{MON_PORT}'/></source>\
+             <auth username='cinder'><secret type='ceph' uuid='{secret_uuid}'/></auth>\
+             <target dev='vda' bus='virtio'/></disk>",
+            self.spec
+        )
+    }
+
     /// qemu's `-drive` for it, through its own librbd driver as `client.cinder`.
     pub fn qemu_drive(&self, cache: &str) -> String {
         format!(
@@ -164,5 +221,68 @@ impl Drop for RbdImage {
             .args(["30", "rbd", "rm", "--no-progress", &self.spec])
             .env("CEPH_CONF", &self.conf)
             .output();
+    }
+}
+
+/// A plain qemu (KVM) running the hostbed's boot-sector guest (one sector written and
+/// one serial line a second) from a disk given as a `-drive`, without libvirt; killed
+/// when dropped. The watchdog names its VM from `-name` and `-uuid`, as libvirt passes
+/// them.
+pub struct BootSectorQemu {
+    child: Child,
+    serial: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl BootSectorQemu {
+    pub fn start(name: &str, uuid: &str, drive: &str) -> BootSectorQemu {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let serial = dir.path().join("serial.log");
+        let child = Command::new("qemu-system-x86_64")
+            .args(["-accel", "kvm", "-machine", "pc", "-m", "16", "-nodefaults"])
+            .args(["-display", "none", "-no-user-config"])
+            .args(["-name", &format!("guest={name}"), "-uuid", uuid])
+            .args(["-drive", drive])
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start qemu-system-x86_64");
+        BootSectorQemu {
+            child,
+            serial,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sector writes the guest reported done (its serial heartbeat lines).
+    pub fn writes(&self) -> usize {
+        std::fs::read_to_string(&self.serial)
+            .map(|s| s.lines().filter(|l| l.starts_with("HB-IO")).count())
+            .unwrap_or(0)
+    }
+
+    /// Waits until the guest has reported `n` writes; false after `timeout`.
+    pub fn wait_writes(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.writes() < n {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        true
+    }
+}
+
+impl Drop for BootSectorQemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

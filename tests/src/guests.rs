@@ -258,6 +258,9 @@ pub enum GuestDisk {
     /// mount: `cache='none' error_policy='stop'`. qemu runs as root for this one (a FUSE
     /// mount without `allow_other` admits only its owner) and libvirt does not relabel it.
     File { path: PathBuf, format: DiskFormat },
+    /// A libvirt `<disk>` the caller wrote, e.g. an RBD network disk
+    /// ([`crate::cephbed::RbdImage::libvirt_disk_xml`]) that already holds a boot disk.
+    Xml(String),
 }
 
 /// What a guest is made of.
@@ -468,6 +471,7 @@ impl Guest {
                 ),
                 "",
             ),
+            GuestDisk::Xml(xml) => (xml.clone(), ""),
             GuestDisk::File { path, format } => (
                 format!(
                     "<disk type='file' device='disk'>\
