@@ -11,6 +11,7 @@ mod host_loss;
 mod host_memory;
 mod nova_evacuate;
 mod overload;
+mod rbd_uprobe_cost;
 mod real_guest_kill;
 mod report;
 mod restart_in_place;
@@ -204,6 +205,15 @@ enum Scenario {
         #[arg(long, default_value = "threads")]
         io: String,
     },
+    /// What the librbd uprobes cost a qemu doing RBD I/O: `qemu-img bench` on an image
+    /// of the Ceph test bed without and with a watchdog watching it (needs the cephbed).
+    RbdUprobeCost {
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// 4 KiB writes per run.
+        #[arg(long, default_value_t = 20000)]
+        requests: usize,
+    },
     /// A Nova host with N servers fails → all ACTIVE elsewhere: defib's planned parallel
     /// evacuation against the naive one-at-a-time way, same run (needs the novabed).
     NovaEvacuate {
@@ -318,6 +328,7 @@ fn main() -> anyhow::Result<()> {
             intents,
         } => controller_failover::run(rounds, lab_rounds, intents)?,
         Scenario::NovaEvacuate { rounds, servers } => nova_evacuate::run(rounds, servers)?,
+        Scenario::RbdUprobeCost { rounds, requests } => rbd_uprobe_cost::run(rounds, requests)?,
         Scenario::RouterMove { rounds, routers } => router_move::run(rounds, &routers)?,
         Scenario::WatchdogRestart {
             restarts,

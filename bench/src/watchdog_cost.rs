@@ -22,14 +22,14 @@ const WAIT: Duration = Duration::from_secs(120);
 const PARALLEL_STARTS: usize = 2;
 
 /// `kernel.bpf_stats_enabled` on while this lives, then as it was.
-struct BpfStats {
+pub(crate) struct BpfStats {
     before: String,
 }
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 impl BpfStats {
-    fn enable() -> anyhow::Result<BpfStats> {
+    pub(crate) fn enable() -> anyhow::Result<BpfStats> {
         let before = std::fs::read_to_string(BPF_STATS)?.trim().to_string();
         std::fs::write(BPF_STATS, "1")?;
         Ok(BpfStats { before })
@@ -60,7 +60,7 @@ fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
 }
 
 /// Per BPF program the process holds: id → (run_time_ns, run_cnt), from its fdinfo.
-fn prog_stats(pid: u32) -> BTreeMap<u32, (u64, u64)> {
+pub(crate) fn prog_stats(pid: u32) -> BTreeMap<u32, (u64, u64)> {
     let mut out = BTreeMap::new();
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return out;
@@ -91,7 +91,7 @@ fn prog_stats(pid: u32) -> BTreeMap<u32, (u64, u64)> {
 }
 
 /// The kernel's names of the programs with these ids.
-fn prog_names(ids: impl Iterator<Item = u32>) -> BTreeMap<u32, String> {
+pub(crate) fn prog_names(ids: impl Iterator<Item = u32>) -> BTreeMap<u32, String> {
     let wanted: Vec<u32> = ids.collect();
     let mut names = BTreeMap::new();
     for info in aya::programs::loaded_programs().filter_map(Result::ok) {

@@ -48,6 +48,9 @@ pub(super) fn down() -> anyhow::Result<()> {
     if dir.join("started-novabed").exists() {
         crate::novabed::stop()?;
     }
+    if dir.join("started-cephbed").exists() {
+        crate::cephbed::stop()?;
+    }
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     println!("lab: down");
     Ok(())
@@ -113,6 +116,21 @@ fn remove_leftovers(state: &Value) {
         let d = Path::new(d.as_str().unwrap_or(""));
         if d.is_absolute() && d.exists() {
             let _ = std::fs::remove_dir_all(d);
+        }
+    }
+    // RBD images of `--ceph` (their guests' qemus are gone by now).
+    for image in state["rbd_images"].as_array().into_iter().flatten() {
+        let image = image.as_str().unwrap_or("");
+        let conf = Path::new(defib_tests::cephbed::DIR).join("etc/ceph.conf");
+        if !image.is_empty() && conf.exists() {
+            let removed = Command::new("timeout")
+                .args(["30", "rbd", "rm", "--no-progress", image])
+                .env("CEPH_CONF", &conf)
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if removed {
+                eprintln!("lab: removed leftover RBD image {image}");
+            }
         }
     }
 }

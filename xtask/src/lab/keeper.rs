@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use defib_tests::bmc::{Bmc, BMC_PASSWORD, BMC_PORT, BMC_USER};
+use defib_tests::cephbed::{Cephbed, RbdImage};
 use defib_tests::guests::{unique_uuid, Guest, GuestDisk, GuestSpec};
 use defib_tests::hypervisor::{Hypervisor, HypervisorOptions};
 use defib_tests::lab::{Lab, LabSpec};
@@ -23,7 +24,13 @@ pub(super) fn up(
     guests_per_host: usize,
     nova: Option<usize>,
     ha: bool,
+    ceph: bool,
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !ceph || (nova.is_none() && guests_per_host >= 2),
+        "--ceph puts the last guest of each host on RBD: it needs the libvirt lab (not --nova) \
+         and --guests-per-host of at least 2 (the first guest's disk is the one disk-stall stops)"
+    );
     anyhow::ensure!(
         hosts >= 2,
         "a lab needs at least 2 hosts (one to evacuate to)"
@@ -71,8 +78,16 @@ pub(super) fn up(
     ] {
         defib_tests::built_binary(package, bin);
     }
+    let started_cephbed = ceph && !crate::cephbed::running();
+    if started_cephbed {
+        println!("lab: starting the cephbed (`cargo xtask cephbed start`) …");
+        crate::cephbed::for_tests()?;
+    }
     let dir = lab_dir();
     std::fs::create_dir_all(&dir)?;
+    if started_cephbed {
+        std::fs::write(dir.join("started-cephbed"), "")?;
+    }
     if started_hostbed {
         std::fs::write(dir.join("started-hostbed"), "")?;
     }
@@ -90,6 +105,7 @@ pub(super) fn up(
                 .unwrap_or_default(),
         )
         .args(ha.then_some("--ha"))
+        .args(ceph.then_some("--ceph"))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -189,6 +205,7 @@ pub(super) fn serve(
     guests_per_host: usize,
     nova: Option<usize>,
     ha: bool,
+    ceph: bool,
 ) -> anyhow::Result<()> {
     // SAFETY: the handler only stores to an atomic.
     unsafe {
@@ -216,6 +233,14 @@ pub(super) fn serve(
     // lab's guests (the hostbed's system libvirt is shared with the tests), with disk
     // leases (a virtlockd of its own): the backstop a cluster without Nova should run,
     // should a guest be started on a second host while its first qemu still runs.
+    // RBD images outlive the guests on them (declared first, dropped last): an image a
+    // qemu still has open cannot be removed.
+    let mut rbd_images: Vec<RbdImage> = Vec::new();
+    let ceph = if ceph {
+        Some(Cephbed::ensure().map_err(|e| anyhow::anyhow!("--ceph: {e}"))?)
+    } else {
+        None
+    };
     let mut lab_hosts = Vec::new();
     let leases = HypervisorOptions {
         disk_leases: true,
@@ -296,10 +321,31 @@ pub(super) fn serve(
     // The first guest of each host has its disk on a loop device over FUSE, so that
     // `drill disk-stall` can make its storage hang (the others have plain image files).
     let mut stall_disks: Vec<StallDisk> = Vec::new();
+    // With --ceph, every host's libvirt holds the cephx key (an evacuated guest's
+    // definition names the secret), and each host's last guest is on RBD.
+    let rbd_secret = match &ceph {
+        Some(ceph) => {
+            let mut secret = String::new();
+            for host in &lab_hosts {
+                secret = ceph.libvirt_secret(&host.uri);
+            }
+            Some(secret)
+        }
+        None => None,
+    };
     for (h, host) in lab_hosts.iter_mut().enumerate() {
         for g in 0..guests_per_host {
             let name = format!("lab{tag}-h{h}-g{g}");
-            let disk = if g == 0 {
+            let on_rbd = g + 1 == guests_per_host && g > 0;
+            let disk = if let (Some(ceph), Some(secret), true) = (&ceph, &rbd_secret, on_rbd) {
+                let hostbed = defib_tests::guests::Hostbed::ensure()
+                    .map_err(|e| anyhow::anyhow!("hostbed: {e}"))?;
+                let image =
+                    ceph.import(&name, hostbed.boot_sector(), defib_tests::guests::DISK_SIZE);
+                let xml = image.libvirt_disk_xml(secret);
+                rbd_images.push(image);
+                GuestDisk::Xml(xml)
+            } else if g == 0 {
                 let d = StallDisk::new(h, &format!("{name}.raw"))?;
                 let dev = d.lo.path.clone();
                 stall_disks.push(d);
@@ -345,6 +391,7 @@ pub(super) fn serve(
         &lab_hosts,
         &bmcs,
         &stall_disks,
+        &rbd_images,
         &tag,
         nova_state,
         etcd.as_ref(),
@@ -390,6 +437,7 @@ pub(super) fn serve(
             &lab_hosts,
             &bmcs,
             &stall_disks,
+            &rbd_images,
             &tag,
             nova_state,
             etcd.as_ref(),
@@ -413,6 +461,7 @@ pub(super) fn serve(
                         &lab_hosts,
                         &bmcs,
                         &stall_disks,
+                        &rbd_images,
                         &tag,
                         nova_state,
                         Some(etcd),
@@ -443,6 +492,7 @@ pub(super) fn serve(
                     &lab_hosts,
                     &bmcs,
                     &stall_disks,
+                    &rbd_images,
                     &tag,
                     nova_state,
                     etcd.as_ref(),
@@ -480,6 +530,7 @@ fn lab_state(
     lab_hosts: &[Host],
     bmcs: &[Bmc],
     disks: &[StallDisk],
+    rbd_images: &[RbdImage],
     tag: &str,
     nova_prefix: Option<&str>,
     etcd: Option<&defib_tests::etcd::EtcdCluster>,
@@ -575,6 +626,7 @@ fn lab_state(
             "etcd_endpoints": etcd.map(|e| e.endpoints()),
             "hosts": host_list,
             "stall_disks": disks.iter().map(StallDisk::describe).collect::<Vec<_>>(),
+            "rbd_images": rbd_images.iter().map(|i| i.spec.clone()).collect::<Vec<_>>(),
             "processes": processes,
             "namespaces": namespaces,
             "dirs": dirs,

@@ -48,6 +48,11 @@ pub enum Action {
         /// controller namespace) instead of one controller on SQLite.
         #[arg(long)]
         ha: bool,
+        /// The Ceph test bed (started if it does not run; `cargo xtask cephbed`): the
+        /// last guest of each host has its disk on an RBD image through qemu's librbd,
+        /// with the cephx key in every lab host's libvirt secret.
+        #[arg(long)]
+        ceph: bool,
     },
     /// What runs, and the controller's view of hosts and VMs.
     Status,
@@ -71,6 +76,9 @@ pub enum Action {
         /// Three controllers on etcd.
         #[arg(long)]
         ha: bool,
+        /// Guests with RBD disks.
+        #[arg(long)]
+        ceph: bool,
     },
 }
 
@@ -135,7 +143,14 @@ pub fn run(action: Action) -> anyhow::Result<()> {
             nova,
             servers_per_host,
             ha,
-        } => keeper::up(hosts, guests_per_host, nova.then_some(servers_per_host), ha),
+            ceph,
+        } => keeper::up(
+            hosts,
+            guests_per_host,
+            nova.then_some(servers_per_host),
+            ha,
+            ceph,
+        ),
         Action::Status => describe::status(),
         Action::Down => cleanup::down(),
         Action::Drill { kind } => drills::drill(kind),
@@ -144,7 +159,8 @@ pub fn run(action: Action) -> anyhow::Result<()> {
             guests_per_host,
             nova_servers_per_host,
             ha,
-        } => keeper::serve(hosts, guests_per_host, nova_servers_per_host, ha),
+            ceph,
+        } => keeper::serve(hosts, guests_per_host, nova_servers_per_host, ha, ceph),
     }
 }
 
