@@ -217,10 +217,29 @@ impl RbdImage {
 
 impl Drop for RbdImage {
     fn drop(&mut self) {
-        let _ = Command::new("timeout")
-            .args(["30", "rbd", "rm", "--no-progress", &self.spec])
-            .env("CEPH_CONF", &self.conf)
+        remove_image(&self.spec, &self.conf);
+    }
+}
+
+/// Removes `spec`. A client killed with SIGKILL (a lab host's power-off) leaves its
+/// watch on the image until the OSD's watch timeout (30 s) ends it, and `rbd rm`
+/// refuses an image with watchers: it is tried again for up to 45 s.
+pub fn remove_image(spec: &str, conf: &Path) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(45);
+    loop {
+        let out = Command::new("timeout")
+            .args(["30", "rbd", "rm", "--no-progress", spec])
+            .env("CEPH_CONF", conf)
             .output();
+        let Ok(out) = out else { return false };
+        if out.status.success() {
+            return true;
+        }
+        let watched = String::from_utf8_lossy(&out.stderr).contains("watchers");
+        if !watched || std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_secs(1));
     }
 }
 

@@ -122,15 +122,8 @@ fn remove_leftovers(state: &Value) {
     for image in state["rbd_images"].as_array().into_iter().flatten() {
         let image = image.as_str().unwrap_or("");
         let conf = Path::new(defib_tests::cephbed::DIR).join("etc/ceph.conf");
-        if !image.is_empty() && conf.exists() {
-            let removed = Command::new("timeout")
-                .args(["30", "rbd", "rm", "--no-progress", image])
-                .env("CEPH_CONF", &conf)
-                .output()
-                .is_ok_and(|o| o.status.success());
-            if removed {
-                eprintln!("lab: removed leftover RBD image {image}");
-            }
+        if !image.is_empty() && conf.exists() && defib_tests::cephbed::remove_image(image, &conf) {
+            eprintln!("lab: removed leftover RBD image {image}");
         }
     }
 }
