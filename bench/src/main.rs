@@ -409,12 +409,7 @@ fn stall_latency(
         format!("[probes]\nstall_scan_interval_ms = {scan_interval_ms}\n"),
     )?;
     let config_path = config.path().display().to_string();
-    let mut wd = Watchdog::start(&[
-        "--stall-threshold-ms",
-        &threshold,
-        "--config",
-        &config_path,
-    ]);
+    let mut wd = Watchdog::start(&["--stall-threshold-ms", &threshold, "--config", &config_path]);
     let mut series = Vec::new();
     for kind in ["A", "B"] {
         let bed = FuseBed::new();

@@ -38,7 +38,8 @@ pub struct MetricsConfig {
     pub listen: Option<String>,
     /// Report the probes' run time: the kernel's BPF run-time statistics are switched
     /// on while the daemon serves metrics (every BPF program on the host then pays two
-    /// clock reads a run). Off: the run-time series stay at 0.
+    /// clock reads a run; needs CAP_SYS_ADMIN). Off, or without the capability: the
+    /// run-time series count only while `kernel.bpf_stats_enabled = 1`.
     pub probe_run_time: bool,
 }
 
@@ -56,7 +57,7 @@ impl MetricsConfig {
         self.listen_addr().map(|_| ())
     }
 
-    /// Where to serve, if anywhere. An unspecified address (`0.0.0.0:9464`) is allowed
+    /// Where to serve, if anywhere. An unspecified address (`0.0.0.0:7413`) is allowed
     /// here, unlike the controller's addresses: it means every interface.
     pub fn listen_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
         let Some(text) = &self.listen else {
