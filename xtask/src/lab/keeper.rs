@@ -81,7 +81,7 @@ pub(super) fn up(
     let started_cephbed = ceph && !crate::cephbed::running();
     if started_cephbed {
         println!("lab: starting the cephbed (`cargo xtask cephbed start`) …");
-        crate::cephbed::for_tests()?;
+        crate::cephbed::start()?;
     }
     let dir = lab_dir();
     std::fs::create_dir_all(&dir)?;
