@@ -207,6 +207,9 @@ enum Scenario {
         /// The guests' disk I/O engine: threads, native (Linux AIO) or io_uring.
         #[arg(long, default_value = "threads")]
         io: String,
+        /// The watchdog's `probes.stall_scan_interval_ms` (its default: 50).
+        #[arg(long, default_value_t = 50)]
+        scan_interval_ms: u64,
     },
     /// What the librbd uprobes cost a qemu doing RBD I/O: `qemu-img bench` on an image
     /// of the Ceph test bed without and with a watchdog watching it (needs the cephbed).
@@ -325,7 +328,8 @@ fn main() -> anyhow::Result<()> {
             seconds,
             interval_ms,
             io,
-        } => watchdog_cost::run(guests, seconds, interval_ms, &io)?,
+            scan_interval_ms,
+        } => watchdog_cost::run(guests, seconds, interval_ms, &io, scan_interval_ms)?,
         Scenario::ControllerFailover {
             rounds,
             lab_rounds,

@@ -206,6 +206,17 @@ impl WatchdogProcess {
         host: &str,
         controller_keys: &str,
     ) -> anyhow::Result<Self> {
+        Self::start_with_probes(ctl, host, controller_keys, "")
+    }
+
+    /// [`WatchdogProcess::start_with`] with more `[probes]` keys (e.g.
+    /// `stall_scan_interval_ms = 10`).
+    pub(crate) fn start_with_probes(
+        ctl: &ControllerProcess,
+        host: &str,
+        controller_keys: &str,
+        probes_keys: &str,
+    ) -> anyhow::Result<Self> {
         let bin = defib_tests::built_binary("defib-watchdog", "defib-watchdog");
         let dir = std::env::temp_dir().join(format!("defib-bench-rip-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -217,7 +228,7 @@ impl WatchdogProcess {
             "[host]\nid = \"{host}\"\ncluster_id = \"{cluster}\"\nstate_dir = {state:?}\n\n\
              [controller]\nheartbeat_addrs = [\"{hb}\"]\nevent_addr = \"{ev}\"\nkey_file = {key:?}\n{controller_keys}\n\
              [libvirt]\nenabled = true\n\n\
-             [probes]\n# Its own probes, not pinned: the machine's pin directory is not ours.\npin_dir = \"\"\n",
+             [probes]\n# Its own probes, not pinned: the machine's pin directory is not ours.\npin_dir = \"\"\n{probes_keys}\n",
             cluster = crate::controller::CLUSTER,
             state = dir.join("state").display().to_string(),
             hb = ctl.heartbeat,

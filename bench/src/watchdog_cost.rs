@@ -153,8 +153,15 @@ fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> anyhow::Resu
     }
 }
 
-/// `io`: the guests' disk I/O engine (`threads`, `native`, `io_uring`).
-pub fn run(guests: usize, seconds: u64, interval_ms: u64, io: &str) -> anyhow::Result<String> {
+/// `io`: the guests' disk I/O engine (`threads`, `native`, `io_uring`); `scan_ms`: the
+/// watchdog's `probes.stall_scan_interval_ms`.
+pub fn run(
+    guests: usize,
+    seconds: u64,
+    interval_ms: u64,
+    io: &str,
+    scan_ms: u64,
+) -> anyhow::Result<String> {
     let io: &'static str = match io {
         "threads" => "threads",
         "native" => "native",
@@ -177,10 +184,11 @@ pub fn run(guests: usize, seconds: u64, interval_ms: u64, io: &str) -> anyhow::R
         Enrolled::Watchdogs(&[HOST]),
         &format!("backend = \"libvirt\"\n[detector]\nheartbeat_interval_ms = {interval_ms}\n"),
     )?;
-    let wd = WatchdogProcess::start_with(
+    let wd = WatchdogProcess::start_with_probes(
         &ctl,
         HOST,
         &format!("heartbeat_interval_ms = {interval_ms}\n"),
+        &format!("stall_scan_interval_ms = {scan_ms}\n"),
     )?;
     let vms = start_guests(guests, io);
     // Every guest known to the controller as Running through this watchdog.
@@ -306,7 +314,7 @@ pub fn run(guests: usize, seconds: u64, interval_ms: u64, io: &str) -> anyhow::R
         "{summary} {guests} boot-sector KVM guests (16 MiB, 1 vCPU, plain raw disk with io='{io}'; \
          one disk write and one serial line a second each) under the hostbed's libvirtd; one \
          defib-watchdog `run` (release build, libvirt enabled, unpinned probes) heartbeating \
-         every {interval_ms} ms and streaming to a release defib-controller over loopback. Sampled every \
+         every {interval_ms} ms, scanning its in-flight maps every {scan_ms} ms, and streaming to a release defib-controller over loopback. Sampled every \
          second for {seconds} s after every guest was Running at the controller and 5 s more. \
          CPU is µs of CPU time per second of wall time (10 000 µs/s = 1 % of one core): the \
          daemon's and libvirtd's from /proc/PID/stat (utime+stime, 10 ms ticks, so single \
@@ -322,13 +330,14 @@ pub fn run(guests: usize, seconds: u64, interval_ms: u64, io: &str) -> anyhow::R
     );
     let md = report::write_in(
         &report::results_dir(),
-        &match (interval_ms, io) {
-            (100, "threads") => "watchdog-cost".to_string(),
-            (_, "threads") => format!("watchdog-cost-{interval_ms}ms"),
-            _ => format!("watchdog-cost-{interval_ms}ms-{io}"),
+        &match (interval_ms, io, scan_ms) {
+            (100, "threads", 50) => "watchdog-cost".to_string(),
+            (_, "threads", 50) => format!("watchdog-cost-{interval_ms}ms"),
+            (_, _, 50) => format!("watchdog-cost-{interval_ms}ms-{io}"),
+            _ => format!("watchdog-cost-{interval_ms}ms-{io}-scan-{scan_ms}ms"),
         },
         &format!(
-            "cargo xtask bench watchdog-cost --guests {guests} --seconds {seconds} --interval-ms {interval_ms} --io {io}"
+            "cargo xtask bench watchdog-cost --guests {guests} --seconds {seconds} --interval-ms {interval_ms} --io {io} --scan-interval-ms {scan_ms}"
         ),
         &notes,
         Unit {
