@@ -49,6 +49,7 @@ fn fence_record(k: &str, incident: u64, at: u64) -> IntentRecord {
             attempt: 1,
             method: Some(controller::engine::FenceMethod::Ipmi),
             resources: vec![Resource::vm("5f0c"), Resource::router("r1")],
+            rbd_only: vec![],
         },
     }
 }
@@ -822,6 +823,7 @@ fn a_restarted_controller_never_repeats_a_finished_action() {
             event: HostEvent::Inventory {
                 resources,
                 stopped: vec![],
+                rbd_only: vec![],
                 source: Source::Nova,
                 at: ListedAt::Controller(Timestamp(0)),
             },

@@ -166,17 +166,34 @@ impl Nova {
         let body = json!({"server": {
             "name": prefix, "imageRef": image, "flavorRef": "1", "networks": "none",
             "min_count": n, "max_count": n, "host": host, "metadata": metadata}});
-        self.block(self.compute.session.request_raw(
-            Service::Compute("2.74"),
-            Method::Post,
-            "/servers",
-            Some(&body),
-        ))
-        .expect("boot servers");
+        let boot = || {
+            self.block(self.compute.session.request_raw(
+                Service::Compute("2.74"),
+                Method::Post,
+                "/servers",
+                Some(&body),
+            ))
+            .expect("boot servers");
+        };
+        boot();
         let t0 = Instant::now();
         loop {
             let ss = self.servers_named(prefix);
             if let Some(bad) = ss.iter().find(|s| s.status == "ERROR") {
+                // A host that Nova's API already lists up may not be in its scheduler's
+                // view yet (a compute service just restarted by the test before): the
+                // boot is tried again, for a minute, before it counts as a failure.
+                let no_host = bad
+                    .fault
+                    .as_ref()
+                    .is_some_and(|f| f.message.contains("No valid host"));
+                if no_host && t0.elapsed() < Duration::from_secs(60) {
+                    eprintln!("boot on {host}: no valid host yet; trying again");
+                    self.delete_named(prefix);
+                    std::thread::sleep(Duration::from_secs(2));
+                    boot();
+                    continue;
+                }
                 panic!("boot ERROR: {:?}", bad.fault);
             }
             if ss.len() == n && ss.iter().all(|s| s.status == "ACTIVE") {
@@ -297,12 +314,29 @@ impl Nova {
             if done.len() == ids.len() {
                 return done;
             }
-            assert!(
-                t0.elapsed() < timeout,
-                "only {} of {} ACTIVE elsewhere after {timeout:?}",
-                done.len(),
-                ids.len()
-            );
+            if t0.elapsed() >= timeout {
+                // What each server was doing says whether the controller never asked or
+                // Nova never finished.
+                let states: Vec<String> = ss
+                    .iter()
+                    .filter(|s| ids.contains(&s.id))
+                    .map(|s| {
+                        format!(
+                            "{} {} task={:?} host={:?} evacuations={}",
+                            s.id,
+                            s.status,
+                            s.task_state,
+                            s.host,
+                            self.evacuations(&s.id)
+                        )
+                    })
+                    .collect();
+                panic!(
+                    "only {} of {} ACTIVE elsewhere after {timeout:?}: {states:#?}",
+                    done.len(),
+                    ids.len()
+                );
+            }
             std::thread::sleep(Duration::from_millis(250));
         }
     }

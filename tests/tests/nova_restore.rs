@@ -304,6 +304,7 @@ fn a_controller_killed_after_the_fence_intent_after_the_fence_or_after_force_dow
         KillPoint::FenceVerified,
         KillPoint::ForcedDown,
     ] {
+        eprintln!("kill point {point:?}");
         for n in 1..=3 {
             nova.ensure_host_ready(n);
         }

@@ -10,6 +10,7 @@ use service_manager::check_range;
 
 use super::{invalid, read_secret, ConfigError};
 use crate::edges::fence::agent::{check_option, FenceAgent};
+use crate::edges::fence::ceph::CephBlocklist;
 use crate::edges::fence::ipmi::IpmiTool;
 use crate::edges::fence::pacemaker::Pacemaker;
 use crate::edges::fence::{CallPolicy, FenceDriver};
@@ -108,6 +109,73 @@ pub enum FenceLevel {
     Agent(AgentLevel),
     /// Pacemaker's own fencing, verified by its fencing history.
     Pacemaker(PacemakerLevel),
+    /// A storage fence: the host's Ceph client addresses on the OSD blocklist.
+    #[serde(rename = "ceph-blocklist")]
+    CephBlocklist(CephBlocklistLevel),
+}
+
+/// Whether a verified storage fence counts on its own.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum StorageFenceCounts {
+    /// Only together with a power fence of a later level (the default): the blocklist
+    /// still stops the old copies' writes at once.
+    #[default]
+    WithPower,
+    /// Alone, for the VMs whose every disk is on RBD (the others wait for an operator).
+    Alone,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CephBlocklistLevel {
+    /// The host's IP addresses on Ceph's public network (its qemus connect from them).
+    pub addresses: Vec<String>,
+    /// Pools whose images are checked for watchers from those addresses (the pools the
+    /// host's VM disks are in: Cinder's `volumes`, Nova's `vms`).
+    pub pools: Vec<String>,
+    /// `with-power` (default) or `alone`.
+    #[serde(default)]
+    pub counts: StorageFenceCounts,
+    /// `ceph.conf` of the cluster (default: the programs' own default).
+    #[serde(default)]
+    pub conf: Option<PathBuf>,
+    /// The Ceph user, without `client.` (default: the programs' default, `admin`); it
+    /// needs `mon 'allow r, allow command "osd blocklist"'` and `osd 'allow r'`.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Its keyring (default: the one `ceph.conf` names).
+    #[serde(default)]
+    pub keyring: Option<PathBuf>,
+    /// How long an entry lasts if it is never lifted, in seconds (default 604800, a
+    /// week; the unfence lifts it).
+    #[serde(default = "default_blocklist_expire_s")]
+    pub expire_s: u64,
+    #[serde(default = "default_ceph_program")]
+    pub ceph: String,
+    #[serde(default = "default_rbd_program")]
+    pub rbd: String,
+    /// One call is killed after this long (default 15000).
+    #[serde(default = "default_ceph_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Tries per call (default 3), with a pause of `backoff_ms` doubling each time.
+    #[serde(default = "default_ipmi_attempts")]
+    pub attempts: u32,
+    #[serde(default = "default_agent_backoff_ms")]
+    pub backoff_ms: u64,
+}
+
+fn default_blocklist_expire_s() -> u64 {
+    604_800
+}
+fn default_ceph_program() -> String {
+    "ceph".into()
+}
+fn default_rbd_program() -> String {
+    "rbd".into()
+}
+fn default_ceph_timeout_ms() -> u64 {
+    15_000
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -335,6 +403,7 @@ pub(super) fn resolve_fence(f: &FenceSection) -> Result<(FenceTable, VerifyPolic
                         policy: policy(&at, l.timeout_ms, l.attempts, l.backoff_ms)?,
                     })
                 }
+                FenceLevel::CephBlocklist(l) => Arc::new(ceph_level(&at, l)?),
             };
             levels.push(driver);
         }
@@ -345,6 +414,67 @@ pub(super) fn resolve_fence(f: &FenceSection) -> Result<(FenceTable, VerifyPolic
         poll: Duration::from_millis(f.verify_poll_ms),
     };
     Ok((table, verify))
+}
+
+/// Checks a `ceph-blocklist` level and builds its driver.
+fn ceph_level(at: &str, l: &CephBlocklistLevel) -> Result<CephBlocklist, ConfigError> {
+    if l.addresses.is_empty() {
+        return Err(invalid(format!("{at}.addresses"), "at least one address"));
+    }
+    let mut addresses = Vec::new();
+    for a in &l.addresses {
+        let ip: std::net::IpAddr = a.parse().map_err(|_| {
+            invalid(
+                format!("{at}.addresses"),
+                format!("{a:?} is not an IP address"),
+            )
+        })?;
+        if ip.is_unspecified() {
+            return Err(invalid(
+                format!("{at}.addresses"),
+                "0.0.0.0 or :: would blocklist every client",
+            ));
+        }
+        addresses.push(ip);
+    }
+    if l.pools.is_empty() || l.pools.iter().any(|p| p.is_empty() || p.starts_with('-')) {
+        return Err(invalid(
+            format!("{at}.pools"),
+            "at least one pool, each a pool name",
+        ));
+    }
+    check_range(format!("{at}.expire_s"), l.expire_s, 60..=31_536_000)?;
+    for (field, program) in [("ceph", &l.ceph), ("rbd", &l.rbd)] {
+        if program.is_empty() {
+            return Err(invalid(format!("{at}.{field}"), "must name a program"));
+        }
+    }
+    let mut common_args = Vec::new();
+    if let Some(conf) = &l.conf {
+        common_args.extend(["--conf".to_string(), conf.display().to_string()]);
+    }
+    if let Some(id) = &l.id {
+        if id.is_empty() || id.starts_with("client.") || id.chars().any(char::is_whitespace) {
+            return Err(invalid(
+                format!("{at}.id"),
+                "a Ceph user name without `client.`",
+            ));
+        }
+        common_args.extend(["--id".to_string(), id.clone()]);
+    }
+    if let Some(keyring) = &l.keyring {
+        common_args.extend(["--keyring".to_string(), keyring.display().to_string()]);
+    }
+    Ok(CephBlocklist {
+        addresses,
+        pools: l.pools.clone(),
+        ceph: l.ceph.clone(),
+        rbd: l.rbd.clone(),
+        common_args,
+        expire: Duration::from_secs(l.expire_s),
+        counts_alone: l.counts == StorageFenceCounts::Alone,
+        policy: policy(at, l.timeout_ms, l.attempts, l.backoff_ms)?,
+    })
 }
 
 #[cfg(test)]
@@ -566,5 +696,79 @@ levels = [{ method = "pacemaker", node = "node3" }]
             .unwrap_err()
             .to_string();
         assert!(err.contains("fence.host[1].name"), "{err}");
+    }
+
+    #[test]
+    fn a_ceph_blocklist_level_resolves_as_a_storage_level_that_counts_with_power_by_default() {
+        use crate::edges::fence::LevelKind;
+        let dir = dir_with_secrets();
+        let t = text(
+            &dir,
+            r#"
+[[fence.host]]
+name = "h0"
+levels = [
+  { method = "ceph-blocklist", addresses = ["10.0.0.5", "fd00::5"], pools = ["volumes", "vms"], id = "defib", conf = "/etc/ceph/ceph.conf" },
+  { method = "ceph-blocklist", addresses = ["10.0.0.6"], pools = ["volumes"], counts = "alone" },
+]
+"#,
+        );
+        let r = ControllerConfig::parse(&t).unwrap().resolve().unwrap();
+        let levels = &r.fence[&engine::HostId::new("h0")];
+        assert_eq!(levels[0].describe(), "ceph-blocklist 10.0.0.5,fd00::5");
+        assert_eq!(
+            levels[0].kind(),
+            LevelKind::Storage {
+                counts_alone: false
+            }
+        );
+        assert_eq!(levels[1].kind(), LevelKind::Storage { counts_alone: true });
+    }
+
+    #[test]
+    fn a_ceph_blocklist_level_without_addresses_or_with_a_wildcard_or_a_bad_policy_is_refused_naming_the_field(
+    ) {
+        let dir = dir_with_secrets();
+        for (level, field) in [
+            (
+                r#"addresses = [], pools = ["volumes"]"#,
+                "levels[0].addresses",
+            ),
+            (
+                r#"addresses = ["0.0.0.0"], pools = ["volumes"]"#,
+                "levels[0].addresses",
+            ),
+            (
+                r#"addresses = ["h0.example"], pools = ["volumes"]"#,
+                "levels[0].addresses",
+            ),
+            (r#"addresses = ["10.0.0.5"], pools = []"#, "levels[0].pools"),
+            (
+                r#"addresses = ["10.0.0.5"], pools = ["v"], id = "client.admin""#,
+                "levels[0].id",
+            ),
+            (
+                r#"addresses = ["10.0.0.5"], pools = ["v"], expire_s = 5"#,
+                "levels[0].expire_s",
+            ),
+        ] {
+            let t = text(
+                &dir,
+                &format!(
+                    "[[fence.host]]\nname = \"h0\"\nlevels = [{{ method = \"ceph-blocklist\", {level} }}]\n"
+                ),
+            );
+            let err = ControllerConfig::parse(&t)
+                .and_then(|c| c.resolve().map(|_| ()))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{level}: {err}");
+        }
+        let t = text(
+            &dir,
+            "[[fence.host]]\nname = \"h0\"\nlevels = [{ method = \"ceph-blocklist\", addresses = [\"10.0.0.5\"], pools = [\"v\"], counts = \"sometimes\" }]\n",
+        );
+        let err = ControllerConfig::parse(&t).unwrap_err().to_string();
+        assert!(err.contains("sometimes"), "{err}");
     }
 }

@@ -28,9 +28,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::ResultSender;
-use crate::edges::fence::{FenceAttempt, FenceDriver};
+use crate::edges::fence::{FenceAttempt, FenceDriver, LevelKind};
 use crate::edges::{Confirmer, Fencer};
-use crate::engine::{FenceMethod, FenceOutcome, HostId, Input, IntentKey, Source, Verdict};
+use crate::engine::{
+    FenceMethod, FenceOutcome, HostEvent, HostId, Input, IntentKey, Source, Verdict,
+};
 
 /// Each host's fence levels, in the order they are tried.
 pub type FenceTable = HashMap<HostId, Vec<Arc<dyn FenceDriver>>>;
@@ -116,6 +118,46 @@ impl Fencer for LeveledFencer {
             let _ = results.send(Input::FenceResult { host, key, outcome });
         });
     }
+
+    fn lift(&mut self, host: &HostId) {
+        self.lift_storage(host);
+    }
+}
+
+impl LeveledFencer {
+    /// Lifts every storage level of `host` and reports what it removed (or why not).
+    fn lift_storage(&self, host: &HostId) {
+        let levels: Vec<Arc<dyn FenceDriver>> = self
+            .table
+            .get(host)
+            .into_iter()
+            .flatten()
+            .filter(|l| matches!(l.kind(), LevelKind::Storage { .. }))
+            .cloned()
+            .collect();
+        if levels.is_empty() {
+            return;
+        }
+        let (host, results) = (host.clone(), self.results.clone());
+        tokio::spawn(async move {
+            let mut removed = Vec::new();
+            let mut error = None;
+            for level in &levels {
+                match level.lift().await {
+                    Ok(r) => removed.extend(r),
+                    Err(e) => {
+                        tracing::error!(%host, level = %level.describe(), error = %e, "lifting the storage fence failed");
+                        error = Some(format!("{}: {e}", level.describe()));
+                    }
+                }
+            }
+            tracing::info!(%host, ?removed, "storage fence lifted");
+            let _ = results.send(Input::HostEvent {
+                host,
+                event: HostEvent::StorageFenceLifted { removed, error },
+            });
+        });
+    }
 }
 
 /// Level by level: fence, then look for that attempt's evidence until it is there.
@@ -132,16 +174,39 @@ pub async fn fence_through_levels(
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(%host, level = %what, error = %e, "fence failed");
-                reasons.push(format!("{what}: power off failed: {e}"));
+                reasons.push(format!("{what}: {} failed: {e}", verb(level.as_ref())));
                 continue;
             }
         };
-        match wait_fenced(level.as_ref(), &attempt, verify).await {
-            Ok(()) => return FenceOutcome::Verified(level.verifier()),
-            Err(why) => {
-                tracing::warn!(%host, level = %what, %why, "power off not verified");
+        match (
+            wait_fenced(level.as_ref(), &attempt, verify).await,
+            level.kind(),
+        ) {
+            (Ok(()), LevelKind::Power) => return FenceOutcome::Verified(level.verifier()),
+            (Ok(()), LevelKind::Storage { counts_alone: true }) => {
+                return FenceOutcome::Verified(level.verifier())
+            }
+            (
+                Ok(()),
+                LevelKind::Storage {
+                    counts_alone: false,
+                },
+            ) => {
+                // Done, and it stops the old copies' writes; but by its policy it counts
+                // only with a power fence: the next levels are tried.
+                tracing::info!(%host, level = %what, "storage fence verified; needs a power fence too");
                 unverified = true;
-                reasons.push(format!("{what}: power off sent but not verified: {why}"));
+                reasons.push(format!(
+                    "{what}: verified, but it counts only with a power fence (counts = \"with-power\")"
+                ));
+            }
+            (Err(why), _) => {
+                tracing::warn!(%host, level = %what, %why, "fence not verified");
+                unverified = true;
+                reasons.push(format!(
+                    "{what}: {} sent but not verified: {why}",
+                    verb(level.as_ref())
+                ));
             }
         }
     }
@@ -150,6 +215,14 @@ pub async fn fence_through_levels(
         FenceOutcome::Unverified { reason }
     } else {
         FenceOutcome::Failed { reason }
+    }
+}
+
+/// What a level's fence does, for reasons.
+fn verb(level: &dyn FenceDriver) -> &'static str {
+    match level.kind() {
+        LevelKind::Power => "power off",
+        LevelKind::Storage { .. } => "blocklist",
     }
 }
 
@@ -164,8 +237,8 @@ async fn wait_fenced(
         match level.is_fenced(attempt).await {
             Ok(true) => return Ok(()),
             Ok(false) => {
-                last = "not fenced yet (power status on, or no fencing in the history since \
-                        this attempt was requested)"
+                last = "not fenced yet (power status on, no fencing in the history since \
+                        this attempt was requested, or a blocklisted address still watching)"
                     .to_string()
             }
             Err(e) => last = format!("no evidence: {e}"),
@@ -225,7 +298,8 @@ impl Confirmer for PowerConfirmer {
 /// The first level that answers gives the verdict; none answering is `Unknown` (see the
 /// module comment).
 pub async fn levels_verdict(host: &HostId, levels: &[Arc<dyn FenceDriver>]) -> (Source, Verdict) {
-    for level in levels {
+    // A storage fence knows nothing of the host's life: it is not asked.
+    for level in levels.iter().filter(|l| l.kind() == LevelKind::Power) {
         match level.verdict().await {
             Ok(v) => {
                 tracing::info!(%host, level = %level.describe(), verdict = ?v, "confirmation");
@@ -462,5 +536,92 @@ mod tests {
             } => assert!(reason.contains("no fence method configured"), "{reason}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A storage level for the walk only: its fence always verifies.
+    struct Storage {
+        counts_alone: bool,
+        fenced: AtomicU32,
+    }
+
+    impl FenceDriver for Storage {
+        fn describe(&self) -> String {
+            "storage".into()
+        }
+        fn fence(&self) -> BoxFuture<'_, Result<FenceAttempt, FenceError>> {
+            self.fenced.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { Ok(FenceAttempt::now(Baseline::Blocklist(Default::default()))) })
+        }
+        fn is_fenced<'a>(
+            &'a self,
+            _attempt: &'a FenceAttempt,
+        ) -> BoxFuture<'a, Result<bool, FenceError>> {
+            Box::pin(async { Ok(true) })
+        }
+        fn verdict(&self) -> BoxFuture<'_, Result<Verdict, FenceError>> {
+            Box::pin(async { Ok(Verdict::Alive) })
+        }
+        fn verifier(&self) -> FenceVerifier {
+            FenceVerifier::CephBlocklist
+        }
+        fn source(&self) -> Source {
+            Source::Ceph
+        }
+        fn kind(&self) -> LevelKind {
+            LevelKind::Storage {
+                counts_alone: self.counts_alone,
+            }
+        }
+    }
+
+    fn storage(counts_alone: bool) -> Arc<Storage> {
+        Arc::new(Storage {
+            counts_alone,
+            fenced: AtomicU32::new(0),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_storage_fence_that_counts_only_with_power_is_done_and_then_the_power_level_decides()
+    {
+        let s = storage(false);
+        let power = Scripted::new(true, vec![Ok(Power::Off)]);
+        let o =
+            fence_through_levels(&h(), &[s.clone() as Arc<dyn FenceDriver>, power], VERIFY).await;
+        assert_eq!(o, FenceOutcome::Verified(FenceVerifier::IpmiPowerOff));
+        assert_eq!(
+            s.fenced.load(Ordering::SeqCst),
+            1,
+            "the blocklist was still made"
+        );
+
+        let s = storage(false);
+        let dead_bmc = Scripted::new(false, vec![Err(())]);
+        let o = fence_through_levels(&h(), &[s as Arc<dyn FenceDriver>, dead_bmc], VERIFY).await;
+        match o {
+            FenceOutcome::Unverified { reason } => {
+                assert!(
+                    reason.contains("counts only with a power fence"),
+                    "{reason}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_storage_fence_that_counts_alone_verifies_the_fence_when_the_bmc_is_unreachable() {
+        let dead_bmc = Scripted::new(false, vec![Err(())]);
+        let s = storage(true);
+        let o = fence_through_levels(&h(), &[dead_bmc as Arc<dyn FenceDriver>, s], VERIFY).await;
+        assert_eq!(o, FenceOutcome::Verified(FenceVerifier::CephBlocklist));
+    }
+
+    #[tokio::test]
+    async fn a_storage_level_is_never_asked_whether_the_host_is_alive() {
+        let s = storage(true);
+        let on = Scripted::new(true, vec![Ok(Power::Off)]);
+        let (source, verdict) = levels_verdict(&h(), &[s as Arc<dyn FenceDriver>, on]).await;
+        assert_eq!((source, verdict), (Source::Ipmi, Verdict::Dead));
     }
 }

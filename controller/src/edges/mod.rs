@@ -42,6 +42,12 @@ use crate::engine::{Action, FenceMethod, HostId, HostView, Input, IntentKey, Res
 pub trait Fencer {
     /// Start fencing `host`.
     fn fence(&mut self, host: &HostId, method: FenceMethod, key: &IntentKey);
+    /// `host` is trusted again (unfenced): lift what its fence left in force (a storage
+    /// fence's blocklist entries), answering with `HostEvent::StorageFenceLifted` if
+    /// there was something to lift.
+    fn lift(&mut self, host: &HostId) {
+        let _ = host;
+    }
 }
 
 /// Restores resources and manages compute services.
@@ -108,7 +114,10 @@ pub fn dispatch(
             from,
             key,
         } => restorer.evacuate(resource, from, key),
-        Action::Unfence { host, key } => restorer.unfence(host, key),
+        Action::Unfence { host, key } => {
+            restorer.unfence(host, key);
+            fencer.lift(host);
+        }
         Action::AskHost { host, resource } => restorer.ask_host(host, resource),
         Action::Confirm { host } => confirmer.confirm(host),
         Action::StopStaleCopy { host, resource } => copies.stop_stale_copy(host, resource),

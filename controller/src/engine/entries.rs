@@ -72,6 +72,14 @@ pub(super) struct HostEntry {
     /// stream replaying its backlog to a new leader), so they wait for the heartbeat
     /// that dates the restore and are judged then (at most [`MAX_HELD_EXITS`]).
     pub(super) held_exits: Vec<HeldExit>,
+    /// Resources whose every disk is on RBD, as the host's watchdog last listed them.
+    pub(super) rbd_only: BTreeSet<Resource>,
+    /// What the current fence attempt's intent recorded of `rbd_only` (see
+    /// `Intent::Fence`): the resources a storage fence alone may restore.
+    pub(super) storage_covered: BTreeSet<Resource>,
+    /// The incident of the host's last unfence: where lifting its storage fence is
+    /// recorded.
+    pub(super) unfenced_from: Option<IncidentId>,
 }
 
 /// An exit report waiting for its host's clock (see `HostEntry::held_exits`).
@@ -117,6 +125,9 @@ impl HostEntry {
             clock: None,
             undated: BTreeSet::new(),
             held_exits: Vec::new(),
+            rbd_only: BTreeSet::new(),
+            storage_covered: BTreeSet::new(),
+            unfenced_from: None,
             queued: None,
             heard: false,
         }
@@ -135,6 +146,8 @@ impl HostEntry {
             self.clock,
             std::mem::take(&mut self.undated),
             std::mem::take(&mut self.held_exits),
+            std::mem::take(&mut self.rbd_only),
+            self.unfenced_from,
         );
         *self = HostEntry::new();
         (
@@ -148,6 +161,8 @@ impl HostEntry {
             self.clock,
             self.undated,
             self.held_exits,
+            self.rbd_only,
+            self.unfenced_from,
         ) = keep;
     }
 }

@@ -22,11 +22,21 @@ impl Engine {
             HostEvent::Inventory {
                 resources,
                 stopped,
+                rbd_only,
                 source,
                 at,
             } => {
+                // Only the watchdog's listing knows the disks (Nova's and Neutron's
+                // leave this empty, which must not erase it).
+                if source == Source::Libvirt {
+                    self.hosts.get_mut(&host).expect("ensured").rbd_only =
+                        rbd_only.into_iter().collect();
+                }
                 self.forget_stopped(&host, &stopped, at);
                 self.on_inventory(&host, resources, source, at)
+            }
+            HostEvent::StorageFenceLifted { removed, error } => {
+                self.on_storage_fence_lifted(&host, removed, error)
             }
             HostEvent::ComputeServiceReporting => self.on_compute_reporting(&host),
             HostEvent::InventoryFailed { source, reason } => {
@@ -229,6 +239,47 @@ impl Engine {
             if forget {
                 self.resources.remove(r);
                 self.bump();
+            }
+        }
+    }
+
+    /// Records the lift of a host's storage fence on its last unfenced incident; a
+    /// failure is an alarm, for the host cannot write to RBD until it is lifted.
+    fn on_storage_fence_lifted(
+        &mut self,
+        host: &HostId,
+        removed: Vec<String>,
+        error: Option<String>,
+    ) {
+        let inc = self.hosts[host].unfenced_from;
+        let line = match &error {
+            None => format!("storage fence lifted: {}", removed.join(", ")),
+            Some(e) => {
+                format!("lifting the storage fence failed (the host cannot write to RBD): {e}")
+            }
+        };
+        if let Some(inc) = inc {
+            self.note(inc, Subject::Host(host.clone()), line, Source::Ceph);
+        }
+        match error {
+            Some(e) => self.host_alarm(
+                host,
+                AlarmKind::StorageUnfenceFailed,
+                format!(
+                    "its Ceph blocklist entries could not be removed after its unfence, so \
+                     its VMs cannot write to RBD: {e} (remove them with `ceph osd blocklist rm`)"
+                ),
+            ),
+            None => {
+                if self
+                    .hosts
+                    .get_mut(host)
+                    .expect("known")
+                    .alarmed
+                    .remove(&AlarmKind::StorageUnfenceFailed)
+                {
+                    self.bump();
+                }
             }
         }
     }

@@ -79,6 +79,11 @@ pub enum Intent {
         method: Option<FenceMethod>,
         /// Resources the host incident owns.
         resources: Vec<Resource>,
+        /// Of `resources`, those whose every disk is on RBD as the host last listed
+        /// them: what a storage fence (Ceph blocklist) alone may restore. Kept in the
+        /// intent so that a resumed engine, which cannot ask a dead host, knows it.
+        #[serde(default)]
+        rbd_only: Vec<Resource>,
     },
     /// Force the compute service down before evacuating.
     ForceDown {

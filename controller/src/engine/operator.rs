@@ -34,7 +34,17 @@ impl Engine {
     /// Why an unfence of `host` would be refused now, if it would.
     pub(super) fn unfence_refusal(&self, host: &HostId) -> Option<String> {
         let h = self.hosts.get(host)?;
-        if !matches!(h.state, HostState::Recovered | HostState::Fencing) {
+        // A host fenced by its blocklist alone keeps, in Evacuating, the VMs it does
+        // not cover; once the rest is restored, trusting it again gives those back.
+        let storage_held = h.state == HostState::Evacuating
+            && h.fenced_by == Some(FenceVerifier::CephBlocklist)
+            && h.owned.iter().all(|r| {
+                self.resources.get(r).is_none_or(|e| {
+                    e.owner != h.incident
+                        || (!h.storage_covered.contains(r) && e.in_flight.is_none())
+                })
+            });
+        if !matches!(h.state, HostState::Recovered | HostState::Fencing) && !storage_held {
             Some(format!("host is {}", h.state))
         } else if h.fence.in_flight.is_some() {
             Some("a fence is in flight".to_string())

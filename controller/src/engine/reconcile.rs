@@ -114,6 +114,7 @@ impl Engine {
                 };
                 let attempt = h.fence.attempts + 1;
                 let resources: Vec<Resource> = h.owned.iter().cloned().collect();
+                let rbd_only: Vec<Resource> = h.owned.intersection(&h.rbd_only).cloned().collect();
                 if self_fenced {
                     let key = IntentKey::derive(
                         inc,
@@ -126,6 +127,7 @@ impl Engine {
                         attempt,
                         method: None,
                         resources,
+                        rbd_only,
                     };
                     if self.issue(key.clone(), intent) {
                         self.complete(
@@ -158,6 +160,7 @@ impl Engine {
                         attempt,
                         method: Some(self.cfg.fence_method),
                         resources,
+                        rbd_only,
                     };
                     self.issue(key, intent);
                 }
@@ -192,6 +195,7 @@ impl Engine {
             HostState::Evacuating => {
                 let owned: Vec<Resource> = h.owned.iter().cloned().collect();
                 let awaiting = h.awaiting_word.clone();
+                let uncovered = self.storage_uncovered(host);
                 let mut all_done = true;
                 for r in owned {
                     let e = &self.resources[&r];
@@ -199,6 +203,11 @@ impl Engine {
                         continue;
                     }
                     all_done = false;
+                    if uncovered.contains(&r) {
+                        // Fenced by its blocklist alone: a disk off RBD may still be
+                        // written by the copy on the host (the alarm below).
+                        continue;
+                    }
                     if e.in_flight.is_some()
                         || now < e.retry_at
                         || awaiting.contains(&r)
@@ -211,6 +220,19 @@ impl Engine {
                         _ => 1,
                     };
                     self.issue_evacuate(&r, host, inc, attempt);
+                }
+                if !uncovered.is_empty() {
+                    let names: Vec<String> = uncovered.iter().map(ToString::to_string).collect();
+                    self.host_alarm(
+                        host,
+                        AlarmKind::StorageFenceUncovered,
+                        format!(
+                            "fenced by its Ceph blocklist alone, which does not stop writes to \
+                             disks off RBD: {} not restored (power the host off and unfence \
+                             it, or fix its power fence)",
+                            names.join(", ")
+                        ),
+                    );
                 }
                 if all_done {
                     self.set_host_state(
@@ -235,6 +257,21 @@ impl Engine {
             }
             _ => {}
         }
+    }
+
+    /// The resources of a host fenced by its storage fence alone (a Ceph blocklist) that
+    /// the fence does not cover: some disk off RBD, or disks not known when the fence
+    /// was issued. Empty for any other fence.
+    pub(super) fn storage_uncovered(&self, host: &HostId) -> BTreeSet<Resource> {
+        let h = &self.hosts[host];
+        if h.fenced_by != Some(FenceVerifier::CephBlocklist) {
+            return BTreeSet::new();
+        }
+        h.owned
+            .iter()
+            .filter(|r| !h.storage_covered.contains(*r))
+            .cloned()
+            .collect()
     }
 
     /// Whether a fenced host's restore waits: it was power-fenced and is heard from the

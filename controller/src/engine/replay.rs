@@ -239,9 +239,12 @@ impl Engine {
                 attempt,
                 method,
                 resources,
+                rbd_only,
             } => {
                 self.ensure_host(host);
                 self.ensure_incident(*incident, Subject::Host(host.clone()), rec.at);
+                self.hosts.get_mut(host).expect("ensured").storage_covered =
+                    rbd_only.iter().cloned().collect();
                 if self.replaying {
                     let h = self.hosts.get_mut(host).expect("ensured");
                     h.state = HostState::Fencing;
@@ -410,6 +413,8 @@ impl Engine {
                 self.stop_copies_before_trust(host);
                 let now = self.now;
                 let inc = self.hosts[host].incident;
+                let h = self.hosts.get_mut(host).expect("ensured");
+                h.unfenced_from = inc.or(h.last_incident);
                 if self.replaying {
                     self.hosts.get_mut(host).expect("ensured").state = HostState::Up;
                 } else {
@@ -970,5 +975,6 @@ fn verifier_source(by: FenceVerifier) -> Source {
         FenceVerifier::IpmiPowerOff => Source::Ipmi,
         FenceVerifier::PacemakerHistory => Source::Pacemaker,
         FenceVerifier::SelfFenceDeadline => Source::SelfFence,
+        FenceVerifier::CephBlocklist => Source::Ceph,
     }
 }

@@ -65,6 +65,8 @@ impl Machine for HostState {
                 // an operator unfence: after recovery, or to give up on a failed fence
                 | (Recovered, Up)
                 | (Fencing, Up)
+                // ... or to give back the VMs a storage fence alone did not cover
+                | (Evacuating, Up)
                 // planned work, only before fencing started
                 | (Up, Maintenance)
                 | (Suspect, Maintenance)

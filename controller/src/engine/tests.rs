@@ -60,6 +60,7 @@ impl Harness {
                 event: HostEvent::Inventory {
                     resources: vec![Resource::vm(format!("vm{i}"))],
                     stopped: vec![],
+                    rbd_only: vec![],
                     source: Source::Nova,
                     at: ListedAt::Controller(Timestamp(start_ms)),
                 },
@@ -668,6 +669,7 @@ fn a_router_on_a_dead_host_is_moved_without_a_restart_in_place() {
         event: HostEvent::Inventory {
             resources: vec![Resource::vm("vm1"), Resource::router("r1")],
             stopped: vec![],
+            rbd_only: vec![],
             source: Source::Nova,
             at: ListedAt::Controller(Timestamp(h.now)),
         },
@@ -704,6 +706,7 @@ fn routers_listed_by_neutron_at_force_down_are_moved_by_the_host_incident_and_re
         event: HostEvent::Inventory {
             resources: routers.clone(),
             stopped: vec![],
+            rbd_only: vec![],
             source: Source::Neutron,
             at: ListedAt::Controller(Timestamp(h.now)),
         },
@@ -738,6 +741,7 @@ fn routers_listed_by_neutron_at_force_down_are_moved_by_the_host_incident_and_re
         event: HostEvent::Inventory {
             resources: vec![Resource::vm("vm2")],
             stopped: vec![],
+            rbd_only: vec![],
             source: Source::Libvirt,
             at: ListedAt::Host(HostTime(h.now)),
         },
@@ -757,6 +761,7 @@ fn routers_listed_by_neutron_at_force_down_are_moved_by_the_host_incident_and_re
         event: HostEvent::Inventory {
             resources: routers.clone(),
             stopped: vec![],
+            rbd_only: vec![],
             source: Source::Neutron,
             at: ListedAt::Controller(Timestamp(h.now)),
         },
@@ -767,6 +772,7 @@ fn routers_listed_by_neutron_at_force_down_are_moved_by_the_host_incident_and_re
         event: HostEvent::Inventory {
             resources: vec![],
             stopped: vec![],
+            rbd_only: vec![],
             source: Source::Libvirt,
             at: ListedAt::Host(HostTime(h.now)),
         },
@@ -781,6 +787,7 @@ fn routers_listed_by_neutron_at_force_down_are_moved_by_the_host_incident_and_re
         event: HostEvent::Inventory {
             resources: vec![],
             stopped: vec![],
+            rbd_only: vec![],
             source: Source::Neutron,
             at: ListedAt::Controller(Timestamp(h.now)),
         },
@@ -873,6 +880,7 @@ fn a_fenced_host_is_not_trusted_until_an_operator_unfences_it() {
         event: HostEvent::Inventory {
             resources: vec![Resource::vm("vm2")],
             stopped: vec![],
+            rbd_only: vec![],
             source: Source::Libvirt,
             at: ListedAt::Host(HostTime(h.now)),
         },
@@ -888,6 +896,7 @@ fn a_fenced_host_is_not_trusted_until_an_operator_unfences_it() {
         event: HostEvent::Inventory {
             resources: vec![],
             stopped: vec![],
+            rbd_only: vec![],
             source: Source::Libvirt,
             at: ListedAt::Host(HostTime(h.now)),
         },
@@ -1233,6 +1242,7 @@ fn a_vm_shut_off_on_purpose_is_forgotten_not_restarted_when_it_leaves_the_invent
         event: HostEvent::Inventory {
             resources,
             stopped,
+            rbd_only: vec![],
             source: Source::Libvirt,
             at: ListedAt::Host(HostTime(at)),
         },
@@ -1298,6 +1308,7 @@ fn a_domain_list_taken_before_a_restart_does_not_make_the_engine_forget_the_rest
         event: HostEvent::Inventory {
             resources: vec![],
             stopped: vec![vm.clone()],
+            rbd_only: vec![],
             source: Source::Libvirt,
             at: ListedAt::Host(HostTime(exited_at.0 + 50)),
         },
@@ -1400,6 +1411,7 @@ impl Harness {
             event: HostEvent::Inventory {
                 resources: routers.iter().map(|r| Resource::router(*r)).collect(),
                 stopped: vec![],
+                rbd_only: vec![],
                 source: Source::Neutron,
                 at: ListedAt::Controller(Timestamp(self.now)),
             },
@@ -1773,6 +1785,7 @@ fn a_resumed_controller_keeps_an_evacuation_that_succeeded_in_the_same_milliseco
             event: HostEvent::Inventory {
                 resources: vec![],
                 stopped: vec![],
+                rbd_only: vec![],
                 source: Source::Libvirt,
                 at: ListedAt::Host(HostTime(h.now + 20)),
             },
@@ -1916,6 +1929,7 @@ fn the_automatic_unfence_policy_waits_while_the_host_still_runs_resources_restor
         event: HostEvent::Inventory {
             resources: vec![Resource::vm("vm2")],
             stopped: vec![],
+            rbd_only: vec![],
             source: Source::Libvirt,
             at: ListedAt::Host(HostTime(h.now)),
         },
@@ -1934,6 +1948,7 @@ fn the_automatic_unfence_policy_waits_while_the_host_still_runs_resources_restor
         event: HostEvent::Inventory {
             resources: vec![],
             stopped: vec![],
+            rbd_only: vec![],
             source: Source::Libvirt,
             at: ListedAt::Host(HostTime(h.now)),
         },
@@ -1981,6 +1996,7 @@ fn decisions_with_host_clocks_off_by(offset_ms: i64) -> Vec<Action> {
         event: HostEvent::Inventory {
             resources: vec![Resource::vm("vm2")],
             stopped: vec![],
+            rbd_only: vec![],
             source: Source::Libvirt,
             at: ListedAt::Host(listed),
         },
@@ -2108,6 +2124,7 @@ fn libvirt_lists(h: &mut Harness, i: usize, resources: Vec<Resource>) {
         event: HostEvent::Inventory {
             resources,
             stopped: vec![],
+            rbd_only: vec![],
             source: Source::Libvirt,
             at: ListedAt::Host(at),
         },
@@ -2977,6 +2994,7 @@ fn a_listing_taken_just_before_a_restart_in_place_does_not_make_the_vm_missing_w
         event: HostEvent::Inventory {
             resources: vec![],
             stopped: vec![],
+            rbd_only: vec![],
             source: Source::Libvirt,
             at: ListedAt::Host(listed_at),
         },
@@ -2993,6 +3011,7 @@ fn a_listing_taken_just_before_a_restart_in_place_does_not_make_the_vm_missing_w
         event: HostEvent::Inventory {
             resources: vec![],
             stopped: vec![],
+            rbd_only: vec![],
             source: Source::Libvirt,
             at: ListedAt::Host(at),
         },
@@ -3091,6 +3110,7 @@ fn a_host_unfenced_while_dark_has_the_copy_its_autostart_starts_destroyed_when_i
         event: HostEvent::Inventory {
             resources: vec![vm2.clone()],
             stopped: vec![],
+            rbd_only: vec![],
             source: Source::Libvirt,
             at: ListedAt::Host(h.host_clock(h.now + 20)),
         },
@@ -3126,6 +3146,7 @@ fn a_listing_dated_before_the_restore_on_the_controllers_clock_is_old_news_and_a
             event: HostEvent::Inventory {
                 resources: vec![Resource::vm("vm2")],
                 stopped: vec![],
+                rbd_only: vec![],
                 source: Source::Libvirt,
                 at,
             },
@@ -3221,6 +3242,7 @@ fn a_resumed_controller_destroys_a_copy_its_predecessor_moved_off_a_host_when_th
             event: HostEvent::Inventory {
                 resources: vec![Resource::vm("vm2")],
                 stopped: vec![],
+                rbd_only: vec![],
                 source: Source::Libvirt,
                 at: ListedAt::Host(HostTime(h.now + 20)),
             },
@@ -3781,4 +3803,158 @@ fn an_exit_older_than_a_restore_the_hosts_clock_has_not_dated_yet_is_held_and_th
     let now = h.now;
     h.exit(0, "vm0", Source::Ebpf, now);
     assert!(acted(&h.take()));
+}
+
+/// Host `i`'s watchdog lists `vms` running, of which `rbd` have every disk on RBD.
+fn watchdog_lists(h: &mut Harness, i: usize, vms: &[&str], rbd: &[&str]) {
+    let at = h.host_clock(h.now);
+    h.input(Input::HostEvent {
+        host: host(i),
+        event: HostEvent::Inventory {
+            resources: vms.iter().map(|v| Resource::vm(*v)).collect(),
+            stopped: vec![],
+            rbd_only: rbd.iter().map(|v| Resource::vm(*v)).collect(),
+            source: Source::Libvirt,
+            at: ListedAt::Host(at),
+        },
+    });
+}
+
+#[test]
+fn a_host_fenced_by_its_blocklist_alone_restores_only_its_vms_on_rbd_and_names_the_others_in_an_alarm(
+) {
+    let mut h = Harness::new(3);
+    watchdog_lists(&mut h, 1, &["vm1", "rbd1", "mixed1"], &["rbd1"]);
+    h.run_for(200);
+    let key = h.kill_until_fence(1);
+    h.fence_result(1, key, FenceOutcome::Verified(FenceVerifier::CephBlocklist));
+    assert_eq!(h.state(1), HostState::Fenced);
+    // A storage fence does not power the host off: nothing holds its restore.
+    h.run_for(100);
+    h.force_down_ok(1);
+    h.run_for(200);
+    let moved: Vec<Resource> = evacuations(&h.actions)
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect();
+    assert_eq!(moved, vec![Resource::vm("rbd1")], "only the RBD-only VM");
+    assert!(alarms(&h.actions).contains(&AlarmKind::StorageFenceUncovered));
+    let inc = h.incident_of(1);
+    assert!(
+        inc.timeline
+            .iter()
+            .any(|e| e.cause.contains("fence verified (CephBlocklist)")),
+        "{:?}",
+        inc.timeline
+    );
+    assert!(inc
+        .timeline
+        .iter()
+        .any(|e| e.cause.contains("mixed1") && e.cause.contains("vm1")));
+    h.restore_all(2);
+    // What the blocklist does not cover keeps the host in Evacuating: never restored.
+    h.run_for(5_000);
+    assert_eq!(h.state(1), HostState::Evacuating);
+    assert_eq!(evacuations(&h.actions).len(), 1);
+    // An operator who trusts the host again gives those VMs back to it.
+    h.command(OperatorCommand::Unfence { host: host(1) })
+        .expect("unfence of a storage-fenced host with only uncovered VMs left");
+    assert_eq!(h.state(1), HostState::Up);
+    assert!(h
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::Unfence { host: u, .. } if *u == host(1))));
+}
+
+#[test]
+fn a_power_fence_restores_every_vm_whatever_its_disks() {
+    let mut h = Harness::new(3);
+    watchdog_lists(&mut h, 1, &["vm1", "rbd1"], &["rbd1"]);
+    h.run_for(200);
+    let key = h.kill_until_fence(1);
+    h.fence_result(1, key, FenceOutcome::Verified(FenceVerifier::IpmiPowerOff));
+    h.run_for(100);
+    h.force_down_ok(1);
+    h.run_for(200);
+    assert_eq!(evacuations(&h.actions).len(), 2);
+    assert!(!alarms(&h.actions).contains(&AlarmKind::StorageFenceUncovered));
+}
+
+#[test]
+fn what_a_blocklist_covers_is_what_the_fence_intent_recorded_so_a_resumed_engine_restores_the_same_vms(
+) {
+    let mut h = Harness::new(3);
+    watchdog_lists(&mut h, 1, &["vm1", "rbd1"], &["rbd1"]);
+    h.run_for(200);
+    let key = h.kill_until_fence(1);
+    h.fence_result(1, key, FenceOutcome::Verified(FenceVerifier::CephBlocklist));
+    // The resumed engine never hears the dead host list its disks again.
+    let (mut engine, mut out) = Engine::resume(Config::default(), &h.log, Timestamp(h.now + 10));
+    for t in 1..=20 {
+        out.extend(engine.step(Timestamp(h.now + 10 + t * 50), Input::Timer(TimerId::Tick)));
+    }
+    let force_down = out.iter().find_map(|a| match a {
+        Action::ForceDown { key, .. } => Some(key.clone()),
+        _ => None,
+    });
+    let key = force_down.expect("a force-down");
+    out.extend(engine.step(
+        Timestamp(h.now + 1_100),
+        Input::HostActionResult {
+            host: host(1),
+            key,
+            outcome: RestoreOutcome::Ok { host: host(1) },
+        },
+    ));
+    for t in 1..=5 {
+        out.extend(engine.step(
+            Timestamp(h.now + 1_100 + t * 50),
+            Input::Timer(TimerId::Tick),
+        ));
+    }
+    let moved: Vec<Resource> = evacuations(&out).into_iter().map(|(r, _)| r).collect();
+    assert_eq!(moved, vec![Resource::vm("rbd1")]);
+}
+
+#[test]
+fn lifting_a_storage_fence_is_recorded_on_the_unfenced_incident_and_a_failure_is_an_alarm() {
+    let mut h = Harness::new(3);
+    watchdog_lists(&mut h, 1, &["vm1"], &["vm1"]);
+    h.run_for(200);
+    let key = h.kill_until_fence(1);
+    h.fence_result(1, key, FenceOutcome::Verified(FenceVerifier::CephBlocklist));
+    h.run_for(100);
+    h.force_down_ok(1);
+    h.run_for(100);
+    h.restore_all(2);
+    assert_eq!(h.state(1), HostState::Recovered);
+    h.command(OperatorCommand::Unfence { host: host(1) })
+        .expect("a clean recovered host is unfenced");
+    h.input(Input::HostEvent {
+        host: host(1),
+        event: HostEvent::StorageFenceLifted {
+            removed: vec![],
+            error: Some("ceph gave no answer within 15000 ms".into()),
+        },
+    });
+    assert!(alarms(&h.actions).contains(&AlarmKind::StorageUnfenceFailed));
+    h.input(Input::HostEvent {
+        host: host(1),
+        event: HostEvent::StorageFenceLifted {
+            removed: vec!["ceph osd blocklist rm 10.0.0.5:0/0".into()],
+            error: None,
+        },
+    });
+    let inc = h.incident_of(1);
+    assert!(
+        inc.timeline
+            .iter()
+            .any(|e| e.cause == "storage fence lifted: ceph osd blocklist rm 10.0.0.5:0/0"),
+        "{:?}",
+        inc.timeline
+    );
+    assert!(inc
+        .timeline
+        .iter()
+        .any(|e| e.cause.starts_with("lifting the storage fence failed")));
 }

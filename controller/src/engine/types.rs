@@ -28,6 +28,8 @@ pub enum Source {
     Pacemaker,
     /// The host's own self-fence deadline.
     SelfFence,
+    /// Ceph (the OSD blocklist, the images' watchers).
+    Ceph,
     /// Nova (inventory, evacuation).
     Nova,
     /// Neutron (router moves).
@@ -58,6 +60,11 @@ pub enum FenceVerifier {
     PacemakerHistory,
     /// Opt-in: the host's self-fence deadline passed while its watchdog was armed.
     SelfFenceDeadline,
+    /// A storage fence: the host's Ceph client addresses are on the OSD blocklist (an
+    /// entry made by this attempt) and none of them still watches an image. It stops
+    /// the host's writes to RBD, not the host: only VMs whose every disk is on RBD may
+    /// be restored on it alone (the fence level's `counts = "alone"`).
+    CephBlocklist,
 }
 
 /// The outcome of a fence action.
@@ -144,6 +151,12 @@ pub enum HostEvent {
         /// and not failed either. The engine stops tracking them.
         #[serde(default)]
         stopped: Vec<Resource>,
+        /// Of `resources`, those whose every disk is an RBD image (libvirt's network
+        /// disks of protocol `rbd`, as the watchdog lists them): the ones a Ceph
+        /// blocklist alone stops from writing. Empty from sources that do not know the
+        /// disks (Nova, Neutron) and from older watchdogs.
+        #[serde(default)]
+        rbd_only: Vec<Resource>,
         /// Who reported it (the watchdog's scan or Nova).
         source: Source,
         /// When the list was taken.
@@ -162,6 +175,15 @@ pub enum HostEvent {
     /// forced-down `nova-compute`'s `updated_at` moves). A fact only: whether that
     /// unfences the host is the engine's decision ([`super::Config::auto_unfence`]).
     ComputeServiceReporting,
+    /// The host's storage fence was lifted after its unfence (its Ceph blocklist
+    /// entries removed), or lifting it failed: `error` says why, and the host cannot
+    /// write to RBD until an operator removes them.
+    StorageFenceLifted {
+        /// What was removed (`ceph osd blocklist rm 10.0.0.5:0/0`), for the timeline.
+        removed: Vec<String>,
+        /// Why lifting failed, if it did.
+        error: Option<String>,
+    },
 }
 
 /// Timers the engine asks for; the runtime feeds them back as [`Input::Timer`].
@@ -353,6 +375,13 @@ pub enum AlarmKind {
     /// was silent: whether they run is not known until the host lists what it runs;
     /// they are neither restored elsewhere nor taken as running until then.
     AwaitingHostWord,
+    /// A host fenced by its Ceph blocklist alone runs VMs with disks off RBD: the
+    /// blocklist does not stop those, so they are not restored (an operator powers the
+    /// host off and unfences it, or fixes its power fence).
+    StorageFenceUncovered,
+    /// A host's storage fence could not be lifted after its unfence: it cannot write to
+    /// RBD until an operator removes its blocklist entries.
+    StorageUnfenceFailed,
     /// An evacuation or a restart in place was sent and not answered: it may have
     /// started the resource. It is tried again nowhere until every host that may run it
     /// has said it does not, or was powered off since; a host that says it runs it

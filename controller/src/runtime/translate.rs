@@ -155,6 +155,15 @@ pub fn host_event(payload: &EventPayload, unix_ns: u64) -> Option<HostEvent> {
                     .filter(|v| v.state == "shutoff" && stopped_on_purpose(&v.reason))
                     .map(id)
                     .collect(),
+                // Every disk source an RBD image (the watchdog names those `rbd:`): what
+                // a Ceph blocklist alone stops from writing. No disk known, no claim.
+                rbd_only: vms
+                    .iter()
+                    .filter(|v| {
+                        !v.disks.is_empty() && v.disks.iter().all(|d| d.starts_with("rbd:"))
+                    })
+                    .map(id)
+                    .collect(),
                 // The watchdog takes its inventory from libvirt.
                 source: Source::Libvirt,
                 at: ListedAt::Host(at),

@@ -349,6 +349,7 @@ impl Sim<'_> {
                     event: HostEvent::Inventory {
                         resources: self.listing(h, false),
                         stopped: vec![],
+                        rbd_only: vec![],
                         source: Source::Libvirt,
                         at: ListedAt::Host(self.host_time(h)),
                     },

@@ -415,6 +415,7 @@ impl Sim<'_> {
                 event: HostEvent::Inventory {
                     resources,
                     stopped: vec![],
+                    rbd_only: vec![],
                     source: Source::Nova,
                     at: ListedAt::Controller(self.engine_now()),
                 },

@@ -416,6 +416,7 @@ impl<'a> Sim<'a> {
                 event: HostEvent::Inventory {
                     resources,
                     stopped: vec![],
+                    rbd_only: vec![],
                     source: Source::Nova,
                     at: ListedAt::Controller(self.engine_now()),
                 },
@@ -636,6 +637,7 @@ impl<'a> Sim<'a> {
                             self.hosts[h].outbox.push(HostEvent::Inventory {
                                 resources,
                                 stopped: vec![],
+                                rbd_only: vec![],
                                 source,
                                 at,
                             });

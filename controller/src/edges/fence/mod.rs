@@ -23,6 +23,11 @@
 //!   that completed no earlier than the request, whoever asked for it; membership from
 //!   `crm_mon`.
 //!
+//! - [`ceph::CephBlocklist`]: a storage fence, the host's Ceph client addresses on the
+//!   OSD blocklist. Evidence: each address's entry is new (or renewed) against the list
+//!   read before the attempt, and no image of the configured pools is still watched from
+//!   one of them. It stops writes to RBD only ([`LevelKind::Storage`]).
+//!
 //! The self-fence is not a level here: the engine counts it (`SelfFenceDeadline`) when
 //! the host's last heartbeat said its watchdog is armed and the host has been silent,
 //! on the controller's clock, for the isolation timeout plus a margin since then.
@@ -47,6 +52,7 @@ use tokio::process::Command;
 use crate::engine::{FenceVerifier, Source, Verdict};
 
 pub mod agent;
+pub mod ceph;
 pub mod ipmi;
 pub mod pacemaker;
 
@@ -101,6 +107,20 @@ pub enum Baseline {
     /// Pacemaker: the node's fencing events as the history listed them just before
     /// `stonith_admin --fence` was sent. None of them verifies the attempt.
     History(Vec<pacemaker::FenceEvent>),
+    /// Ceph: the host's blocklist entries (address → expiry) just before this attempt
+    /// added them; an entry the same as one of these is not this attempt's.
+    Blocklist(std::collections::BTreeMap<String, String>),
+}
+
+/// What a level's fence stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LevelKind {
+    /// The host itself (its power, or the cluster's fencing of the node).
+    Power,
+    /// Only the host's writes to shared storage ([`ceph::CephBlocklist`]). Alone it
+    /// counts only where configured so (`counts_alone`), and the engine then restores
+    /// only what it covers; otherwise a later power level must verify too.
+    Storage { counts_alone: bool },
 }
 
 impl FenceAttempt {
@@ -134,6 +154,15 @@ pub trait FenceDriver: Send + Sync {
     fn verifier(&self) -> FenceVerifier;
     /// The timeline source of its confirmations.
     fn source(&self) -> Source;
+    /// What its fence stops (a power fence unless it says otherwise).
+    fn kind(&self) -> LevelKind {
+        LevelKind::Power
+    }
+    /// Lifts what its fence left in force once the host is trusted again (the unfence),
+    /// returning what it removed; a power fence leaves nothing (the host boots).
+    fn lift(&self) -> BoxFuture<'_, Result<Vec<String>, FenceError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
 }
 
 /// A host's power switch, however it is reached (ipmitool, a fence agent): it can cut the

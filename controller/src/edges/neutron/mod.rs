@@ -316,6 +316,7 @@ impl Worker {
             event: HostEvent::Inventory {
                 resources: routers.iter().map(Resource::router).collect(),
                 stopped: vec![],
+                rbd_only: vec![],
                 source: Source::Neutron,
                 at: crate::engine::ListedAt::Controller(self.clock.now()),
             },

@@ -49,6 +49,7 @@ impl Worker {
                     event: HostEvent::Inventory {
                         resources: servers.iter().map(|s| Resource::vm(&s.id)).collect(),
                         stopped: vec![],
+                        rbd_only: vec![],
                         source: Source::Nova,
                         at: crate::engine::ListedAt::Controller(self.clock.now()),
                     },
