@@ -42,6 +42,10 @@ pub struct HypervisorOptions {
     pub disk_leases: bool,
     /// A qemu hook that can make a domain's start slow ([`Hypervisor::slow_start`]).
     pub slow_start_hook: bool,
+    /// Its qemus run as root instead of the system instance's qemu user: another user
+    /// on the wire, e.g. to give them another source address than the system
+    /// instance's qemus (an iptables owner match, tests/tests/ceph_fence.rs).
+    pub qemu_as_root: bool,
 }
 
 /// A running second libvirt (see the module docs).
@@ -84,6 +88,9 @@ impl Hypervisor {
         // used last) would make a start right after an evacuation fail with "already in
         // use" until that instance has restored them.
         conf.push_str("\n# defib test hypervisor\nstdio_handler = \"file\"\nremember_owner = 0\n");
+        if options.qemu_as_root {
+            conf.push_str("user = \"root\"\ngroup = \"root\"\n");
+        }
         if options.disk_leases {
             conf.push_str("lock_manager = \"lockd\"\n");
             let lockd_conf = root.join("etc/qemu-lockd.conf");

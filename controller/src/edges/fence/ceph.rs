@@ -93,6 +93,19 @@ pub fn address_ip(addr: &str) -> Option<IpAddr> {
         .ok()
 }
 
+/// `ceph osd blocklist ls --format json`: the address list comes first; Pacific prints
+/// the range blocklist (a second list) right after it.
+fn parse_blocklist(text: &str) -> Result<Vec<BlocklistEntry>, FenceError> {
+    serde_json::Deserializer::from_str(text.trim())
+        .into_iter::<Vec<BlocklistEntry>>()
+        .next()
+        .unwrap_or(Ok(Vec::new()))
+        .map_err(|e| FenceError::Unexpected {
+            program: "ceph osd blocklist ls".into(),
+            detail: format!("{e}: {}", text.trim()),
+        })
+}
+
 impl CephBlocklist {
     async fn run(&self, program: &str, args: &[&str]) -> Result<String, FenceError> {
         let inv = Invocation {
@@ -125,11 +138,7 @@ impl CephBlocklist {
         let text = self
             .run(&self.ceph, &["osd", "blocklist", "ls", "--format", "json"])
             .await?;
-        let all: Vec<BlocklistEntry> =
-            serde_json::from_str(text.trim()).map_err(|e| FenceError::Unexpected {
-                program: "ceph osd blocklist ls".into(),
-                detail: format!("{e}: {}", text.trim()),
-            })?;
+        let all = parse_blocklist(&text)?;
         let ours: Vec<String> = self.addresses.iter().map(|a| entry_for(*a)).collect();
         Ok(all
             .into_iter()
@@ -276,6 +285,16 @@ mod tests {
         assert_eq!(ip("v1:10.0.0.5:6800/12").as_deref(), Some("10.0.0.5"));
         assert_eq!(ip("[::1]:0/7").as_deref(), Some("::1"));
         assert_eq!(ip("garbage"), None);
+    }
+
+    #[test]
+    fn the_blocklist_listing_is_read_up_to_the_range_list_that_follows_it() {
+        let text = r#"[{"addr":"127.0.0.10:0/0","until":"2026-12-07T16:10:57.010706+0000"}][]"#;
+        let all = parse_blocklist(text).unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].addr, "127.0.0.10:0/0");
+        assert!(parse_blocklist("").unwrap().is_empty());
+        assert!(parse_blocklist("listed 3 entries").is_err());
     }
 
     #[test]

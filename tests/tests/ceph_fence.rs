@@ -1,0 +1,428 @@
+//! The storage fence for real (issue 24, item 2): a lab host whose VM's disk is an RBD
+//! image on the Ceph test bed is cut off on every path, and its BMC does not answer. Its
+//! only fence that can work is the `ceph-blocklist` level, which counts alone here: the
+//! host's Ceph client address goes on the OSD blocklist, its qemu (which runs on) can no
+//! longer write, and the VM is started on the other host.
+//!
+//! Hosts of this one machine share 127.0.0.1 towards Ceph, so h0 gets an address of its
+//! own the way a hypervisor has one: its qemus (the hostbed's system libvirt, qemu user
+//! `libvirt-qemu`) leave with source 127.0.0.10 (an iptables owner match and SNAT, made
+//! here and removed on drop); h1's qemus (a libvirtd of its own, qemu as root) and the
+//! controller's Ceph CLI keep 127.0.0.1. The controller runs in its lab namespace, so its
+//! `ceph` and `rbd` are wrappers that enter this process's network namespace, where Ceph
+//! listens.
+//!
+//! What is read back is the image itself. The boot-sector guest writes its counter `n`
+//! into sector `n % 63 + 1` every second; the old copy ran for 30 writes or more before
+//! the cut, and once the VM runs on h1 (whose copy counts from 1 again, its writes
+//! counted by qemu), no sector may hold a number past the last one the old copy had
+//! written when the fence was verified. The old copy itself is paused by qemu on the
+//! I/O error (`error_policy='stop'`), not killed.
+//!
+//! Then the host returns: its stale copy is destroyed, an operator unfences it, and the
+//! unfence lifts its blocklist entry (recorded on its incident).
+//!
+//! Needs root, KVM, the hostbed, the Ceph test bed, iptables and nsenter: under
+//! `CI=true` a missing one fails the test.
+#![allow(clippy::disallowed_types, clippy::disallowed_methods)]
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use defib_tests::cephbed::Cephbed;
+use defib_tests::guests::{unique_uuid, virsh, Guest, GuestDisk};
+use defib_tests::hypervisor::{Hypervisor, HypervisorOptions};
+use defib_tests::lab::{host_transitions, Lab, LabSpec};
+use defib_tests::{have_command, is_root, require, require_cephbed, require_hostbed};
+
+/// h0's address on Ceph's network.
+const H0_CEPH_ADDR: &str = "127.0.0.10";
+/// The mark and the chains of the source-address rules.
+const MARK: &str = "0x4cef";
+const CHAIN: &str = "defib-ceph-h0";
+
+/// h0's qemus (the system libvirt's qemu user) leave with [`H0_CEPH_ADDR`] while it
+/// lives.
+struct H0Address;
+
+impl H0Address {
+    fn install() -> H0Address {
+        H0Address::remove();
+        let ipt = |args: &[&str]| {
+            let out = Command::new("iptables")
+                .args(args)
+                .output()
+                .expect("iptables");
+            assert!(
+                out.status.success(),
+                "iptables {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ipt(&["-t", "mangle", "-N", CHAIN]);
+        ipt(&["-t", "mangle", "-A", "OUTPUT", "-j", CHAIN]);
+        ipt(&[
+            "-t",
+            "mangle",
+            "-A",
+            CHAIN,
+            "-p",
+            "tcp",
+            "-m",
+            "owner",
+            "--uid-owner",
+            "libvirt-qemu",
+            "-j",
+            "MARK",
+            "--set-mark",
+            MARK,
+        ]);
+        ipt(&["-t", "nat", "-N", CHAIN]);
+        ipt(&["-t", "nat", "-A", "POSTROUTING", "-j", CHAIN]);
+        ipt(&[
+            "-t",
+            "nat",
+            "-A",
+            CHAIN,
+            "-m",
+            "mark",
+            "--mark",
+            MARK,
+            "-j",
+            "SNAT",
+            "--to-source",
+            H0_CEPH_ADDR,
+        ]);
+        H0Address
+    }
+
+    fn remove() {
+        for table in ["mangle", "nat"] {
+            let hook = if table == "nat" {
+                "POSTROUTING"
+            } else {
+                "OUTPUT"
+            };
+            let _ = Command::new("iptables")
+                .args(["-t", table, "-D", hook, "-j", CHAIN])
+                .output();
+            let _ = Command::new("iptables")
+                .args(["-t", table, "-F", CHAIN])
+                .output();
+            let _ = Command::new("iptables")
+                .args(["-t", table, "-X", CHAIN])
+                .output();
+        }
+    }
+}
+
+impl Drop for H0Address {
+    fn drop(&mut self) {
+        H0Address::remove();
+    }
+}
+
+/// Removes h0's blocklist entry when dropped, so that a failing test leaves none.
+struct Unblock<'a>(&'a Cephbed);
+
+impl Drop for Unblock<'_> {
+    fn drop(&mut self) {
+        let entry = format!("{H0_CEPH_ADDR}:0/0");
+        let _ = self.0.run(
+            "ceph",
+            &["osd", "blocklist", "rm", &entry],
+            Duration::from_secs(30),
+        );
+    }
+}
+
+/// A wrapper for `program` that runs it in this process's network namespace.
+fn in_our_netns(dir: &std::path::Path, program: &str) -> String {
+    let path = dir.join(format!("{program}-in-test-netns"));
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\nexec nsenter --net=/proc/{}/ns/net -- {program} \"$@\"\n",
+            std::process::id()
+        ),
+    )
+    .expect("wrapper");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path.display().to_string()
+}
+
+/// The counter each written sector (1..=63) of the image holds now.
+fn sector_counters(ceph: &Cephbed, spec: &str) -> Vec<u16> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("image.raw");
+    ceph.run(
+        "rbd",
+        &["export", "--no-progress", spec, &out.display().to_string()],
+        Duration::from_secs(60),
+    )
+    .unwrap_or_else(|e| panic!("rbd export {spec}: {e}"));
+    let data = std::fs::read(&out).expect("exported image");
+    (1..=63)
+        .map(|lba| u16::from_le_bytes([data[lba * 512], data[lba * 512 + 1]]))
+        .collect()
+}
+
+/// `defibctl` against the lab's controller; its stderr when it fails.
+fn try_ctl(lab: &Lab, args: &[&str]) -> Result<String, String> {
+    let bin = defib_tests::built_binary("defibctl", "defibctl");
+    let out = lab
+        .net
+        .command_in(&lab.net.controller_ns(), &bin)
+        .args(["--url", &lab.api_url(7412), "--token-file"])
+        .arg(lab.path("api.token"))
+        .arg("--ca-file")
+        .arg(lab.ca_file())
+        .args(args)
+        .output()
+        .expect("run defibctl");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn blocklisted(ceph: &Cephbed) -> bool {
+    ceph.run(
+        "ceph",
+        &["osd", "blocklist", "ls", "--format", "json"],
+        Duration::from_secs(30),
+    )
+    .map(|t| t.contains(&format!("\"{H0_CEPH_ADDR}:0/0\"")))
+    .unwrap_or(false)
+}
+
+#[test]
+fn a_cut_off_host_with_a_dead_bmc_is_blocklisted_its_rbd_vm_runs_elsewhere_and_no_write_of_the_old_copy_lands_after_the_fence(
+) {
+    require!(
+        is_root() && have_command("iptables") && have_command("nsenter"),
+        "root, iptables and nsenter"
+    );
+    let hostbed = require_hostbed!();
+    let ceph = require_cephbed!();
+    let _unblock = Unblock(&ceph);
+    let _h0_address = H0Address::install();
+
+    let hv = Hypervisor::start_with(
+        "ceph-h1",
+        &HypervisorOptions {
+            qemu_as_root: true,
+            ..HypervisorOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let image = ceph.import("fence", hostbed.boot_sector(), 16 << 20);
+    let secret = ceph.libvirt_secret(defib_tests::guests::LIBVIRT_URI);
+    assert_eq!(ceph.libvirt_secret(&hv.uri()), secret);
+    let uuid = unique_uuid();
+    let guest = Guest::start(
+        "ceph-fence",
+        &uuid,
+        GuestDisk::Xml(image.libvirt_disk_xml(&secret)),
+    );
+    let old_pid = guest.pid();
+    let subject = format!("vm:{uuid}");
+
+    // h0's BMC address answers nothing (no BMC runs there); the blocklist counts alone.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ceph_bin, rbd_bin) = (
+        in_our_netns(dir.path(), "ceph"),
+        in_our_netns(dir.path(), "rbd"),
+    );
+    let controller_extra = format!(
+        r#"[engine]
+fence_on_unknown_after_ms = 3000
+fence_retry_backoff_ms = 1000
+
+[fence]
+verify_timeout_ms = 10000
+verify_poll_ms = 200
+
+[[fence.host]]
+name = "h0"
+levels = [
+  {{ method = "ipmi", address = "{bmc}", port = 9623, username = "admin", password_file = "{{DIR}}/bmc.pass", timeout_ms = 1000, attempts = 1 }},
+  {{ method = "ceph-blocklist", addresses = ["{H0_CEPH_ADDR}"], pools = ["{pool}"], counts = "alone", conf = {conf:?}, ceph = {ceph_bin:?}, rbd = {rbd_bin:?} }},
+]
+"#,
+        bmc = defib_tests::netns::bmc_address(0),
+        pool = defib_tests::cephbed::POOL,
+        conf = ceph.conf().display().to_string(),
+    );
+    let (hv_uri, hv_pids) = (hv.uri(), hv.pid_dir().display().to_string());
+    let spec = LabSpec {
+        hosts: 2,
+        backend: "libvirt",
+        controller_extra,
+        watchdog_extra: Box::new(move |h| {
+            match h {
+            0 => "[libvirt]\nenabled = true\nonly_own_domains = true\n".into(),
+            _ => format!(
+                "[libvirt]\nenabled = true\nonly_own_domains = true\nuri = {hv_uri:?}\npid_dir = {hv_pids:?}\n"
+            ),
+        }
+        }),
+        bmc_network: true,
+    };
+    let mut lab = Lab::new(&spec);
+    defib_tests::write_secret(lab.path("bmc.pass"), "unused\n".to_string()).unwrap();
+    lab.start_controller(&spec);
+    lab.start_watchdogs(&spec);
+    lab.wait_until("h0 and h1 Up", Duration::from_secs(60), |s| {
+        s.len() == 2 && s.iter().all(|(_, st)| st == "Up")
+    });
+    lab.wait_vm_on(&subject, "h0", "Running", Duration::from_secs(60));
+    // The old copy runs long enough that its counter is past anything the new copy
+    // writes in the seconds it is watched.
+    assert!(
+        guest.wait_io(30, Duration::from_secs(90)),
+        "the guest did not write 30 times"
+    );
+    let ours = ceph
+        .run(
+            "rbd",
+            &["status", &image.spec, "--format", "json"],
+            Duration::from_secs(30),
+        )
+        .expect("rbd status");
+    assert!(
+        ours.contains(&format!("\"{H0_CEPH_ADDR}:")),
+        "h0's qemu does not reach Ceph from its own address: {ours}"
+    );
+
+    lab.net.set_host_links(0, false);
+    lab.wait_until("h0 fenced", Duration::from_secs(60), |s| {
+        s.iter().any(|(h, st)| {
+            h == "h0" && matches!(st.as_str(), "Fenced" | "Evacuating" | "Recovered")
+        })
+    });
+    let at_fence = sector_counters(&ceph, &image.spec);
+    let last_old = *at_fence.iter().max().expect("sectors");
+    assert!(last_old >= 30, "{at_fence:?}");
+    assert!(blocklisted(&ceph), "no blocklist entry for h0");
+    assert!(
+        std::path::Path::new(&format!("/proc/{old_pid}")).exists(),
+        "the old copy's qemu died: the storage fence must not need that"
+    );
+
+    lab.wait_vm_on(&subject, "h1", "Running", Duration::from_secs(60));
+    let new_pid = hv.qemu_pid(guest.name()).expect("a qemu on h1");
+    assert_ne!(new_pid, old_pid);
+    // The new copy writes (qemu counts its completed writes, and with
+    // `error_policy='stop'` a failed one would pause it); the old one writes nothing
+    // more: no sector holds a number past the last it wrote before the fence. (The new
+    // copy counts from 1 again, so the numbers alone do not tell its writes apart.)
+    let writes = |hv: &Hypervisor| -> u64 {
+        hv.virsh(
+            &["domblkstat", guest.name(), "vda"],
+            Duration::from_secs(30),
+        )
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.trim().strip_prefix("vda wr_req"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while writes(&hv) < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the new copy on h1 did not write: {:?}",
+            hv.virsh(&["domblkstat", guest.name()], Duration::from_secs(30))
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let h1_state = hv
+        .virsh(
+            &["domstate", "--reason", guest.name()],
+            Duration::from_secs(30),
+        )
+        .expect("domstate on h1");
+    assert!(h1_state.starts_with("running"), "h1's copy: {h1_state}");
+    let after = sector_counters(&ceph, &image.spec);
+    assert!(
+        after.iter().all(|v| *v <= last_old),
+        "a write of the old copy landed after the fence (its last was {last_old}): {after:?}"
+    );
+    // The old copy hit the blocklist: qemu stopped it on the I/O error.
+    let old_state = virsh(
+        &["domstate", "--reason", guest.name()],
+        Duration::from_secs(30),
+    )
+    .expect("domstate on h0");
+    assert!(old_state.contains("paused"), "h0's copy: {old_state}");
+
+    let incident = lab.host_incident("h0").expect("h0's incident");
+    let text = incident.to_string();
+    assert!(
+        text.contains("fence verified (CephBlocklist)"),
+        "{text}\n{}",
+        lab.logs()
+    );
+    // The BMC level was tried first and failed.
+    let log = lab.controller_log();
+    assert!(
+        log.contains("level 1 (ipmi") && log.contains("fence failed"),
+        "{log}"
+    );
+    let t = host_transitions(&incident);
+    let pos = |s: &str| t.iter().position(|x| x == s).unwrap_or(usize::MAX);
+    assert!(pos("Fenced") < pos("Evacuating"), "{t:?}");
+
+    // The host returns: its stale copy is destroyed, and only then is it clean.
+    lab.net.set_host_links(0, true);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while virsh(&["domstate", guest.name()], Duration::from_secs(30))
+        .is_ok_and(|s| !s.contains("shut off"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "h0's stale copy was not destroyed\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(blocklisted(&ceph), "lifted before the unfence");
+    // Refused while the host still lists its stale copy; taken once it is clean.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = try_ctl(&lab, &["unfence", "h0"]) {
+        assert!(
+            e.contains("refused") && Instant::now() < deadline,
+            "unfence: {e}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while blocklisted(&ceph) {
+        assert!(
+            Instant::now() < deadline,
+            "h0's blocklist entry outlived its unfence\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = lab
+            .host_incident("h0")
+            .map(|i| i.to_string())
+            .unwrap_or_default();
+        if text.contains("storage fence lifted") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not recorded: {text}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(lab);
+    drop(guest);
+    drop(hv);
+}
