@@ -272,7 +272,7 @@ levels = [
         bmc_network: true,
     };
     let mut lab = Lab::new(&spec);
-    defib_tests::write_secret(lab.path("bmc.pass"), "unused\n".to_string()).unwrap();
+    defib_tests::write_secret(lab.path("bmc.pass"), "unused\n").unwrap();
     lab.start_controller(&spec);
     lab.start_watchdogs(&spec);
     lab.wait_until("h0 and h1 Up", Duration::from_secs(60), |s| {
