@@ -3,6 +3,7 @@
 //! Speed goals live here, not in timed test assertions.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)] // a synchronous harness
 
+mod blocklist_fence;
 mod controller;
 mod controller_failover;
 mod fence_latency;
@@ -145,6 +146,12 @@ enum Scenario {
     RealGuestKill {
         #[arg(long, default_value_t = 100)]
         kills: usize,
+    },
+    /// The ceph-blocklist storage fence: decision → blocklist acknowledged and →
+    /// verified, against the Ceph test bed.
+    BlocklistFence {
+        #[arg(long, default_value_t = 20)]
+        samples: usize,
     },
     /// Host loss → fence verified, through ipmi_sim and through Pacemaker, with
     /// Pacemaker's own detection and fencing timed in the same run.
@@ -337,6 +344,7 @@ fn main() -> anyhow::Result<()> {
         } => controller_failover::run(rounds, lab_rounds, intents)?,
         Scenario::NovaEvacuate { rounds, servers } => nova_evacuate::run(rounds, servers)?,
         Scenario::RbdUprobeCost { rounds, requests } => rbd_uprobe_cost::run(rounds, requests)?,
+        Scenario::BlocklistFence { samples } => blocklist_fence::run(samples)?,
         Scenario::RouterMove { rounds, routers } => router_move::run(rounds, &routers)?,
         Scenario::WatchdogRestart {
             restarts,

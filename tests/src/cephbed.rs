@@ -305,3 +305,85 @@ impl Drop for BootSectorQemu {
         let _ = self.child.wait();
     }
 }
+
+/// TCP of one local user's processes leaves with another source address while this
+/// lives (an iptables owner match marks it, SNAT rewrites it; removed on drop): on this
+/// one machine, a lab host's qemus reach Ceph from an address of their own, as a
+/// hypervisor's do, so that a blocklist can name them alone.
+pub struct SourceAddress {
+    chain: String,
+}
+
+impl SourceAddress {
+    /// `user`'s TCP leaves from `addr` (a 127/8 address: every one is local).
+    pub fn for_user(user: &str, addr: &str) -> SourceAddress {
+        let chain = format!("defib-src-{}", addr.replace('.', "-"));
+        let this = SourceAddress { chain };
+        this.remove();
+        let mark = "0x4cef";
+        let ipt = |args: &[&str]| {
+            let out = Command::new("iptables")
+                .args(args)
+                .output()
+                .expect("iptables");
+            assert!(
+                out.status.success(),
+                "iptables {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let chain = this.chain.as_str();
+        ipt(&["-t", "mangle", "-N", chain]);
+        ipt(&["-t", "mangle", "-A", "OUTPUT", "-j", chain]);
+        ipt(&[
+            "-t",
+            "mangle",
+            "-A",
+            chain,
+            "-p",
+            "tcp",
+            "-m",
+            "owner",
+            "--uid-owner",
+            user,
+            "-j",
+            "MARK",
+            "--set-mark",
+            mark,
+        ]);
+        ipt(&["-t", "nat", "-N", chain]);
+        ipt(&["-t", "nat", "-A", "POSTROUTING", "-j", chain]);
+        ipt(&[
+            "-t",
+            "nat",
+            "-A",
+            chain,
+            "-m",
+            "mark",
+            "--mark",
+            mark,
+            "-j",
+            "SNAT",
+            "--to-source",
+            addr,
+        ]);
+        this
+    }
+
+    fn remove(&self) {
+        for (table, hook) in [("mangle", "OUTPUT"), ("nat", "POSTROUTING")] {
+            let ipt = |args: &[&str]| {
+                let _ = Command::new("iptables").args(args).output();
+            };
+            ipt(&["-t", table, "-D", hook, "-j", &self.chain]);
+            ipt(&["-t", table, "-F", &self.chain]);
+            ipt(&["-t", table, "-X", &self.chain]);
+        }
+    }
+}
+
+impl Drop for SourceAddress {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}

@@ -27,10 +27,9 @@
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
 use std::os::unix::fs::PermissionsExt as _;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use defib_tests::cephbed::Cephbed;
+use defib_tests::cephbed::{Cephbed, SourceAddress};
 use defib_tests::guests::{unique_uuid, virsh, Guest, GuestDisk};
 use defib_tests::hypervisor::{Hypervisor, HypervisorOptions};
 use defib_tests::lab::{host_transitions, Lab, LabSpec};
@@ -38,91 +37,6 @@ use defib_tests::{have_command, is_root, require, require_cephbed, require_hostb
 
 /// h0's address on Ceph's network.
 const H0_CEPH_ADDR: &str = "127.0.0.10";
-/// The mark and the chains of the source-address rules.
-const MARK: &str = "0x4cef";
-const CHAIN: &str = "defib-ceph-h0";
-
-/// h0's qemus (the system libvirt's qemu user) leave with [`H0_CEPH_ADDR`] while it
-/// lives.
-struct H0Address;
-
-impl H0Address {
-    fn install() -> H0Address {
-        H0Address::remove();
-        let ipt = |args: &[&str]| {
-            let out = Command::new("iptables")
-                .args(args)
-                .output()
-                .expect("iptables");
-            assert!(
-                out.status.success(),
-                "iptables {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        ipt(&["-t", "mangle", "-N", CHAIN]);
-        ipt(&["-t", "mangle", "-A", "OUTPUT", "-j", CHAIN]);
-        ipt(&[
-            "-t",
-            "mangle",
-            "-A",
-            CHAIN,
-            "-p",
-            "tcp",
-            "-m",
-            "owner",
-            "--uid-owner",
-            "libvirt-qemu",
-            "-j",
-            "MARK",
-            "--set-mark",
-            MARK,
-        ]);
-        ipt(&["-t", "nat", "-N", CHAIN]);
-        ipt(&["-t", "nat", "-A", "POSTROUTING", "-j", CHAIN]);
-        ipt(&[
-            "-t",
-            "nat",
-            "-A",
-            CHAIN,
-            "-m",
-            "mark",
-            "--mark",
-            MARK,
-            "-j",
-            "SNAT",
-            "--to-source",
-            H0_CEPH_ADDR,
-        ]);
-        H0Address
-    }
-
-    fn remove() {
-        for table in ["mangle", "nat"] {
-            let hook = if table == "nat" {
-                "POSTROUTING"
-            } else {
-                "OUTPUT"
-            };
-            let _ = Command::new("iptables")
-                .args(["-t", table, "-D", hook, "-j", CHAIN])
-                .output();
-            let _ = Command::new("iptables")
-                .args(["-t", table, "-F", CHAIN])
-                .output();
-            let _ = Command::new("iptables")
-                .args(["-t", table, "-X", CHAIN])
-                .output();
-        }
-    }
-}
-
-impl Drop for H0Address {
-    fn drop(&mut self) {
-        H0Address::remove();
-    }
-}
-
 /// Removes h0's blocklist entry when dropped, so that a failing test leaves none.
 struct Unblock<'a>(&'a Cephbed);
 
@@ -208,7 +122,8 @@ fn a_cut_off_host_with_a_dead_bmc_is_blocklisted_its_rbd_vm_runs_elsewhere_and_n
     let hostbed = require_hostbed!();
     let ceph = require_cephbed!();
     let _unblock = Unblock(&ceph);
-    let _h0_address = H0Address::install();
+    // h0's qemus: the system libvirt's qemu user.
+    let _h0_address = SourceAddress::for_user("libvirt-qemu", H0_CEPH_ADDR);
 
     let hv = Hypervisor::start_with(
         "ceph-h1",

@@ -6,9 +6,13 @@
 //! nothing lands) and drops its watches on the next map, so what the fence is verified
 //! by is what Ceph enforces, read back after the request:
 //!
-//! - each address has an entry in `ceph osd blocklist ls` that the attempt's baseline
-//!   (the list read just before `blocklist add`) does not hold with the same expiry: an
-//!   entry that was there before, unchanged, is not this attempt's;
+//! - the attempt exists only once `blocklist add` was acknowledged for every address;
+//!   then each address has an entry in `ceph osd blocklist ls`, read after it, that is
+//!   in force for at least half of `expire` past the request. Ceph (16.2) keeps an
+//!   existing entry's expiry on a second `add`, so an entry that was there before the
+//!   attempt and would lapse sooner is removed and added again by the attempt (nothing
+//!   of this incident is restored before the fence is verified, so its one-second gap
+//!   lets no second copy write);
 //! - no image of the configured pools is still watched from one of the addresses
 //!   (`rbd status`): a watch that is still there means the OSDs have not applied the
 //!   blocklist yet.
@@ -91,6 +95,16 @@ pub fn address_ip(addr: &str) -> Option<IpAddr> {
         .trim_end_matches(']')
         .parse()
         .ok()
+}
+
+/// An entry's expiry as `blocklist ls` prints it (`2026-12-07T16:43:16.065632+0000`).
+pub fn parse_until(text: &str) -> Option<SystemTime> {
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond][offset_hour sign:mandatory][offset_minute]"
+    );
+    time::OffsetDateTime::parse(text, format)
+        .ok()
+        .map(SystemTime::from)
 }
 
 /// `ceph osd blocklist ls --format json`: the address list comes first; Pacific prints
@@ -201,8 +215,17 @@ impl FenceDriver for CephBlocklist {
             let requested_at = SystemTime::now();
             let before = self.entries().await?;
             let expire = self.expire.as_secs().to_string();
+            let wanted_until = requested_at + self.expire / 2;
             for ip in &self.addresses {
                 let entry = entry_for(*ip);
+                if let Some(until) = before.get(&entry) {
+                    if parse_until(until).is_some_and(|u| u >= wanted_until) {
+                        continue;
+                    }
+                    // A second add would keep its expiry: a fresh entry instead.
+                    self.run(&self.ceph, &["osd", "blocklist", "rm", &entry])
+                        .await?;
+                }
                 self.run(&self.ceph, &["osd", "blocklist", "add", &entry, &expire])
                     .await?;
             }
@@ -218,19 +241,20 @@ impl FenceDriver for CephBlocklist {
         attempt: &'a FenceAttempt,
     ) -> BoxFuture<'a, Result<bool, FenceError>> {
         Box::pin(async move {
-            let Baseline::Blocklist(before) = &attempt.baseline else {
+            if !matches!(attempt.baseline, Baseline::Blocklist(_)) {
                 return Err(FenceError::Unexpected {
                     program: self.describe(),
                     detail: "asked to verify an attempt that did not blocklist".into(),
                 });
-            };
+            }
+            let wanted_until = attempt.requested_at + self.expire / 2;
             let now = self.entries().await?;
-            let all_new = self.addresses.iter().all(|ip| {
-                let entry = entry_for(*ip);
-                now.get(&entry)
-                    .is_some_and(|until| before.get(&entry) != Some(until))
+            let all_in_force = self.addresses.iter().all(|ip| {
+                now.get(&entry_for(*ip))
+                    .and_then(|until| parse_until(until))
+                    .is_some_and(|u| u >= wanted_until)
             });
-            if !all_new {
+            if !all_in_force {
                 return Ok(false);
             }
             let left = self.our_watchers().await?;
@@ -295,6 +319,14 @@ mod tests {
         assert_eq!(all[0].addr, "127.0.0.10:0/0");
         assert!(parse_blocklist("").unwrap().is_empty());
         assert!(parse_blocklist("listed 3 entries").is_err());
+    }
+
+    #[test]
+    fn an_entrys_expiry_is_read_as_ceph_prints_it() {
+        let t = parse_until("2026-12-07T16:43:16.065632+0000").unwrap();
+        let unix = t.duration_since(std::time::UNIX_EPOCH).unwrap();
+        assert_eq!(unix.as_secs(), 1_796_661_796);
+        assert_eq!(parse_until("2026-12-07 16:43"), None);
     }
 
     #[test]
