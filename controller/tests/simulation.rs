@@ -46,6 +46,9 @@ fn a_thousand_seeded_fault_scenarios_keep_every_invariant() {
     eprintln!(
         "unknown outcomes: {unknown} restores (evacuations, restarts in place) answered Unknown, {asks} AskHost actions, {lost} evacuations never answered ({stuck} of them still awaited at the end)"
     );
+    let storage = a.totals.storage_fences + b.totals.storage_fences;
+    let past = a.totals.restored_past_blocklist + b.totals.restored_past_blocklist;
+    eprintln!("storage fences: {storage} hosts fenced by their Ceph blocklist alone, {past} VMs on RBD restored while their blocklisted old copy ran on");
     let store = a.totals.store_failures + b.totals.store_failures;
     eprintln!("store: {store} writes failed or were the last before the process died");
     let t = |f: fn(&sim::Report) -> u64| f(&a.totals) + f(&b.totals);
@@ -91,6 +94,32 @@ fn a_thousand_seeded_fault_scenarios_keep_every_invariant() {
         copies_destroyed > n / 100,
         "too few stale copies destroyed: {copies_destroyed}"
     );
+    assert!(storage > n / 100, "too few storage fences: {storage}");
+    assert!(past > 0, "no VM restored past a blocklisted copy");
+}
+
+#[test]
+fn the_simulation_catches_a_storage_fence_that_restores_a_vm_with_a_disk_off_rbd() {
+    // A watchdog that says every VM is on RBD: a host fenced by its blocklist alone
+    // then has its other VMs restored while their copies still write on it.
+    let mut caught = 0;
+    let mut tried = 0;
+    for seed in 0..400u64 {
+        let mut sc = sim::Scenario::generate(seed);
+        if !sc.storage_fence || sc.rbd_vms.len() == sc.resources.len() {
+            continue;
+        }
+        sc.every_vm_claimed_on_rbd = true;
+        // Every power fence fails: each fence is the blocklist.
+        sc.p_fence_fail = 1.0;
+        tried += 1;
+        if let Err(v) = sim::run_scenario(&sc) {
+            assert!(v.to_string().contains("writes on"), "{v}");
+            caught += 1;
+        }
+    }
+    assert!(tried > 0);
+    assert!(caught > 0, "no violation in {tried} lying scenarios");
 }
 
 #[test]

@@ -66,6 +66,10 @@ impl Engine {
     /// `r` was just moved off `from` (an evacuation answered): `from` may run a copy
     /// already (back before the move completed) or start one at its next boot.
     pub(super) fn stop_copy_left_behind(&mut self, r: &Resource, from: &HostId) {
+        let now = self.now;
+        if let Some(h) = self.hosts.get_mut(from) {
+            h.moved_off_at = Some(now);
+        }
         if self.stale_copy(from, r, false) {
             let to = self.resources[r].host.clone();
             self.stop_copy(

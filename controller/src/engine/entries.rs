@@ -80,6 +80,12 @@ pub(super) struct HostEntry {
     /// The incident of the host's last unfence: where lifting its storage fence is
     /// recorded.
     pub(super) unfenced_from: Option<IncidentId>,
+    /// When the host's watchdog last listed what it runs (controller clock, received).
+    pub(super) listed_at: Option<Timestamp>,
+    /// When a restore of a VM moved off this host last completed (controller clock). A
+    /// host fenced by its blocklist alone ran on: only a listing received after that
+    /// shows whether the copies it ran are gone, so it is not trusted again before one.
+    pub(super) moved_off_at: Option<Timestamp>,
 }
 
 /// An exit report waiting for its host's clock (see `HostEntry::held_exits`).
@@ -128,6 +134,8 @@ impl HostEntry {
             rbd_only: BTreeSet::new(),
             storage_covered: BTreeSet::new(),
             unfenced_from: None,
+            listed_at: None,
+            moved_off_at: None,
             queued: None,
             heard: false,
         }
@@ -148,6 +156,8 @@ impl HostEntry {
             std::mem::take(&mut self.held_exits),
             std::mem::take(&mut self.rbd_only),
             self.unfenced_from,
+            self.listed_at,
+            self.moved_off_at,
         );
         *self = HostEntry::new();
         (
@@ -163,6 +173,8 @@ impl HostEntry {
             self.held_exits,
             self.rbd_only,
             self.unfenced_from,
+            self.listed_at,
+            self.moved_off_at,
         ) = keep;
     }
 }

@@ -29,8 +29,9 @@ impl Engine {
                 // Only the watchdog's listing knows the disks (Nova's and Neutron's
                 // leave this empty, which must not erase it).
                 if source == Source::Libvirt {
-                    self.hosts.get_mut(&host).expect("ensured").rbd_only =
-                        rbd_only.into_iter().collect();
+                    let h = self.hosts.get_mut(&host).expect("ensured");
+                    h.rbd_only = rbd_only.into_iter().collect();
+                    h.listed_at = Some(self.now);
                 }
                 self.forget_stopped(&host, &stopped, at);
                 self.on_inventory(&host, resources, source, at)

@@ -48,6 +48,19 @@ impl Engine {
             Some(format!("host is {}", h.state))
         } else if h.fence.in_flight.is_some() {
             Some("a fence is in flight".to_string())
+        } else if h.fenced_by == Some(FenceVerifier::CephBlocklist)
+            && !h.listed_at.is_some_and(|l| {
+                h.fenced_at.is_none_or(|f| l > f) && h.moved_off_at.is_none_or(|m| l > m)
+            })
+        {
+            // Its blocklist stopped its writes, not its qemus: lifted now, a copy of a
+            // VM restored elsewhere would write again. Only its own listing shows them.
+            Some(
+                "fenced by its Ceph blocklist alone, it may still run copies of the VMs \
+                 restored elsewhere: not before its watchdog has listed what it runs since \
+                 the last of them was restored"
+                    .to_string(),
+            )
         } else if !h.stale.is_empty() {
             Some(format!("host still runs {} stale resources", h.stale.len()))
         } else {

@@ -844,6 +844,26 @@ impl Engine {
             // runs here, this too, and its self-fence deadline must
             // still tell it apart.
             h.arrived.insert(resource.clone());
+        } else if self
+            .hosts
+            .get(to)
+            .is_some_and(|h| h.state.fenced() && h.fenced_by == Some(FenceVerifier::CephBlocklist))
+            && !self.replaying
+        {
+            // Started (the start was sent before) on a host its blocklist alone fenced:
+            // the host may be hung, and a VM on RBD there cannot write. Whether it
+            // serves is not known; restoring it elsewhere could make a second writer
+            // of a VM off RBD. An operator decides.
+            let to = to.clone();
+            self.host_alarm(
+                &to,
+                AlarmKind::AwaitingHostWord,
+                format!(
+                    "{resource} was started on {to} after {to} was fenced by its Ceph \
+                     blocklist alone: it may not run or, on RBD, not write; check it there \
+                     and restore it by hand"
+                ),
+            );
         }
         self.stop_copy_left_behind(resource, from);
     }

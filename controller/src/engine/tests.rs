@@ -3856,6 +3856,17 @@ fn a_host_fenced_by_its_blocklist_alone_restores_only_its_vms_on_rbd_and_names_t
     h.run_for(5_000);
     assert_eq!(h.state(1), HostState::Evacuating);
     assert_eq!(evacuations(&h.actions).len(), 1);
+    // Its blocklist did not stop its qemus: not trusted again before its own listing,
+    // received after the restore, says what it still runs.
+    let refused = h.command(OperatorCommand::Unfence { host: host(1) });
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|r| r.reason.contains("listed what it runs")),
+        "{refused:?}"
+    );
+    h.now += 50;
+    watchdog_lists(&mut h, 1, &["vm1", "mixed1"], &[]);
     // An operator who trusts the host again gives those VMs back to it.
     h.command(OperatorCommand::Unfence { host: host(1) })
         .expect("unfence of a storage-fenced host with only uncovered VMs left");
@@ -3928,6 +3939,8 @@ fn lifting_a_storage_fence_is_recorded_on_the_unfenced_incident_and_a_failure_is
     h.run_for(100);
     h.restore_all(2);
     assert_eq!(h.state(1), HostState::Recovered);
+    h.now += 50;
+    watchdog_lists(&mut h, 1, &[], &[]);
     h.command(OperatorCommand::Unfence { host: host(1) })
         .expect("a clean recovered host is unfenced");
     h.input(Input::HostEvent {

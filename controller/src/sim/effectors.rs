@@ -213,7 +213,14 @@ impl Sim<'_> {
         let (key, result) = match a {
             Action::Fence { host, key, .. } => {
                 let h = self.index(&host);
-                let outcome = if self.hosts[h].bmc_broken || self.rng.chance(self.sc.p_fence_fail) {
+                let power_failed =
+                    self.hosts[h].bmc_broken || self.rng.chance(self.sc.p_fence_fail);
+                let outcome = if power_failed && self.sc.storage_fence {
+                    // The next level: the host stays up, its RBD clients blocklisted.
+                    self.hosts[h].blocklisted = true;
+                    self.report.storage_fences += 1;
+                    FenceOutcome::Verified(FenceVerifier::CephBlocklist)
+                } else if power_failed {
                     FenceOutcome::Failed {
                         reason: "BMC did not answer".into(),
                     }
@@ -256,6 +263,8 @@ impl Sim<'_> {
             Action::Unfence { host, key } => {
                 let h = self.index(&host);
                 self.hosts[h].forced_down = false;
+                // The fencer lifts the storage fence with the unfence.
+                self.hosts[h].blocklisted = false;
                 let r = Input::HostActionResult {
                     host: host.clone(),
                     key: key.clone(),
@@ -370,14 +379,18 @@ impl Sim<'_> {
                         && self.rng.chance(self.sc.p_restore_unknown);
                     let started = !unknown || self.rng.chance(0.5);
                     if started {
-                        if !self.res[i].instances.is_empty() {
+                        let writers = self.writers(i);
+                        if !writers.is_empty() {
                             return self.fail(
                                 Invariant::NoRestoreBeforeVerifiedFence,
                                 format!(
-                                    "{resource} evacuated to {target} while still running on {:?}",
+                                    "{resource} evacuated to {target} while it still runs and writes on {writers:?} (running on {:?})",
                                     self.res[i].instances
                                 ),
                             );
+                        }
+                        if !self.res[i].instances.is_empty() {
+                            self.report.restored_past_blocklist += 1;
                         }
                         self.res[i].placement = t;
                         self.res[i].instances.insert(t);

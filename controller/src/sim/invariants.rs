@@ -223,13 +223,15 @@ impl Sim<'_> {
                             format!("{resource} evacuated by {incident} without a verified fence"),
                         );
                     }
-                    // And in the world: nothing restored that may still run.
+                    // And in the world: nothing restored that may still write (a copy
+                    // of a VM on RBD on a blocklisted host runs, but cannot).
                     let i = self.res_index(resource);
-                    if !self.res[i].instances.is_empty() {
+                    let writers = self.writers(i);
+                    if !writers.is_empty() {
                         return self.fail(
                             Invariant::NoRestoreBeforeVerifiedFence,
                             format!(
-                                "{resource} evacuation decided while it runs on {:?}",
+                                "{resource} evacuation decided while it runs and writes on {writers:?} (running on {:?})",
                                 self.res[i].instances
                             ),
                         );
@@ -298,15 +300,30 @@ impl Sim<'_> {
         Ok(())
     }
 
+    /// The hosts where resource `i` runs and can write: a copy on a blocklisted host
+    /// cannot if every disk of the VM is on RBD (it runs, but it is not a writer); any
+    /// other copy can.
+    pub(super) fn writers(&self, i: usize) -> Vec<usize> {
+        let r = &self.res[i];
+        let on_rbd = self.sc.rbd_vms.contains(&r.r);
+        r.instances
+            .iter()
+            .copied()
+            .filter(|h| !(on_rbd && self.hosts[*h].blocklisted))
+            .collect()
+    }
+
     pub(super) fn check_world(&self) -> Result<(), Box<Violation>> {
-        for r in &self.res {
-            if r.instances.len() > 1 {
+        for (i, r) in self.res.iter().enumerate() {
+            let writers = self.writers(i);
+            if writers.len() > 1 {
                 return self.fail(
                     Invariant::NoRestoreBeforeVerifiedFence,
                     format!(
-                        "{} runs on {} hosts: {:?}",
+                        "{} runs and writes on {} hosts: {:?} (running on {:?})",
                         r.r,
-                        r.instances.len(),
+                        writers.len(),
+                        writers,
                         r.instances
                     ),
                 );

@@ -193,6 +193,12 @@ pub struct Report {
     /// `StopStaleCopy` actions the engine issued.
     #[serde(default)]
     pub stale_copy_stops: u64,
+    /// Fences verified by a host's storage fence (its Ceph blocklist) alone.
+    #[serde(default)]
+    pub storage_fences: u64,
+    /// VMs on RBD restored elsewhere while their old copy ran on, blocklisted.
+    #[serde(default)]
+    pub restored_past_blocklist: u64,
     /// Restores (evacuations, and the libvirt backend's restarts in place) whose edge
     /// reported `Unknown` (started or not).
     #[serde(default)]
@@ -296,6 +302,8 @@ pub fn run_seeds(seeds: Range<u64>) -> Summary {
                 t.stale_copies_destroyed += r.stale_copies_destroyed;
                 t.stale_copies_left += r.stale_copies_left;
                 t.stale_copy_stops += r.stale_copy_stops;
+                t.storage_fences += r.storage_fences;
+                t.restored_past_blocklist += r.restored_past_blocklist;
                 t.restores_unknown += r.restores_unknown;
                 t.asks += r.asks;
                 t.answers_lost += r.answers_lost;

@@ -229,6 +229,18 @@ pub struct Scenario {
     /// (`max_overload_allowance` 0). Never set by [`Scenario::generate`].
     #[serde(default)]
     pub own_lag_ignored: bool,
+    /// Hosts have a storage fence (a Ceph blocklist) that counts alone after their
+    /// power fence: a fence whose BMC fails blocklists the host instead, which keeps
+    /// running and keeps its VMs' copies, only those on RBD unable to write (issue 24).
+    #[serde(default)]
+    pub storage_fence: bool,
+    /// The VMs whose every disk is on RBD (a blocklist stops their writes).
+    #[serde(default)]
+    pub rbd_vms: Vec<Resource>,
+    /// A lying watchdog, for the test that shows the invariant catches it: every VM
+    /// listed as on RBD, whatever its disks. Never set by [`Scenario::generate`].
+    #[serde(default)]
+    pub every_vm_claimed_on_rbd: bool,
 }
 
 fn two() -> usize {
@@ -422,7 +434,24 @@ impl Scenario {
             faults.push((fifth.range(1_000, 9_000), slow_controller(&mut fifth)));
         }
         faults.sort_by_key(|(t, _)| *t);
+        // The storage fence (issue 24), from a sixth stream: on a third of the seeds,
+        // with half the VMs on RBD.
+        let mut sixth = Rng::new(seed.rotate_left(11) ^ 0x0024_CE9F);
+        let storage_fence = sixth.chance(0.33);
+        let rbd_vms = if storage_fence {
+            resources
+                .iter()
+                .filter(|(r, _)| r.kind() == crate::engine::ResourceKind::Vm)
+                .filter(|_| sixth.chance(0.5))
+                .map(|(r, _)| r.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
         Scenario {
+            storage_fence,
+            rbd_vms,
+            every_vm_claimed_on_rbd: false,
             controllers,
             controller_drift_ppm,
             lease_ttl_ms: LEASE_TTL_MS,

@@ -28,6 +28,9 @@ pub(super) struct WHost {
     pub(super) heartbeat_delay_ms: u64,
     /// When it last booted (ms): Nova's compute service there takes a while to start.
     pub(super) booted_at: u64,
+    /// On the Ceph blocklist (its storage fence, until its unfence): its copies of VMs
+    /// on RBD cannot write.
+    pub(super) blocklisted: bool,
 }
 
 impl WHost {
@@ -287,6 +290,7 @@ impl<'a> Sim<'a> {
                 heartbeats_lost: false,
                 heartbeat_delay_ms: 0,
                 booted_at: 0,
+                blocklisted: false,
             })
             .collect();
         let res = sc
@@ -634,10 +638,17 @@ impl<'a> Sim<'a> {
                                 Source::Neutron => ListedAt::Controller(self.engine_now()),
                                 _ => ListedAt::Host(self.host_time(h)),
                             };
+                            let rbd_only = resources
+                                .iter()
+                                .filter(|r| {
+                                    self.sc.every_vm_claimed_on_rbd || self.sc.rbd_vms.contains(r)
+                                })
+                                .cloned()
+                                .collect();
                             self.hosts[h].outbox.push(HostEvent::Inventory {
                                 resources,
                                 stopped: vec![],
-                                rbd_only: vec![],
+                                rbd_only,
                                 source,
                                 at,
                             });
@@ -685,7 +696,12 @@ impl<'a> Sim<'a> {
                 if self.hosts[h].alive() {
                     let r = &mut self.res[i];
                     r.autostart.remove(&h);
-                    if r.copies.remove(&h) {
+                    // A copy that ran on through a storage fence (the host is
+                    // blocklisted, not powered off) is destroyed as well.
+                    let ran_on = self.hosts[h].blocklisted
+                        && r.instances.len() > 1
+                        && r.instances.remove(&h);
+                    if r.copies.remove(&h) || ran_on {
                         self.report.stale_copies_destroyed += 1;
                         let line = format!(
                             "{:>6} WORLD {} destroyed the copy of {}",
