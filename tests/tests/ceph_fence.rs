@@ -341,3 +341,148 @@ levels = [
     drop(guest);
     drop(hv);
 }
+
+/// "Is the old copy gone?" (issue 24, item 3): h0's BMC powers h0 off (its watchdog
+/// dies) but the guest's qemu, run by the system libvirt outside h0's namespace, runs on
+/// and keeps its RBD image open: a power fence that said *off* while a copy still holds
+/// the image. Before the VM starts on h1, the controller reads the image's watchers,
+/// finds h0's address, blocklists it (its ceph-blocklist level, never reached by the
+/// fence: the BMC level was verified first) and starts the VM only once the watch is
+/// gone.
+#[test]
+fn a_power_fenced_hosts_rbd_guest_that_runs_on_is_blocklisted_by_the_watcher_check_before_its_vm_starts_elsewhere(
+) {
+    use defib_tests::bmc::{Bmc, BMC_PASSWORD, BMC_PORT, BMC_USER};
+    require!(
+        is_root()
+            && have_command("iptables")
+            && have_command("nsenter")
+            && have_command("ipmi_sim")
+            && have_command("ipmitool"),
+        "root, iptables, nsenter, ipmi_sim and ipmitool"
+    );
+    let hostbed = require_hostbed!();
+    let ceph = require_cephbed!();
+    let _unblock = Unblock(&ceph);
+    let _h0_address = SourceAddress::for_user("libvirt-qemu", H0_CEPH_ADDR);
+    let hv = Hypervisor::start_with(
+        "ceph-w1",
+        &HypervisorOptions {
+            qemu_as_root: true,
+            ..HypervisorOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let image = ceph.import("watch", hostbed.boot_sector(), 16 << 20);
+    let secret = ceph.libvirt_secret(defib_tests::guests::LIBVIRT_URI);
+    assert_eq!(ceph.libvirt_secret(&hv.uri()), secret);
+    let uuid = unique_uuid();
+    let guest = Guest::start(
+        "ceph-watch",
+        &uuid,
+        GuestDisk::Xml(image.libvirt_disk_xml(&secret)),
+    );
+    let old_pid = guest.pid();
+    let subject = format!("vm:{uuid}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ceph_bin, rbd_bin) = (
+        in_our_netns(dir.path(), "ceph"),
+        in_our_netns(dir.path(), "rbd"),
+    );
+    let bmc_addr = defib_tests::netns::bmc_address(0);
+    let controller_extra = format!(
+        r#"[engine]
+fence_on_unknown_after_ms = 3000
+fence_retry_backoff_ms = 1000
+
+[fence]
+verify_timeout_ms = 5000
+verify_poll_ms = 100
+
+[[fence.host]]
+name = "h0"
+levels = [
+  {{ method = "ipmi", address = "{bmc_addr}", port = {BMC_PORT}, username = "{BMC_USER}", password_file = "{{DIR}}/bmc.pass", timeout_ms = 1000, attempts = 2, backoff_ms = 100 }},
+  {{ method = "ceph-blocklist", addresses = ["{H0_CEPH_ADDR}"], pools = ["{pool}"], conf = {conf:?}, ceph = {ceph_bin:?}, rbd = {rbd_bin:?} }},
+]
+"#,
+        pool = defib_tests::cephbed::POOL,
+        conf = ceph.conf().display().to_string(),
+    );
+    let (hv_uri, hv_pids) = (hv.uri(), hv.pid_dir().display().to_string());
+    let spec = LabSpec {
+        hosts: 2,
+        backend: "libvirt",
+        controller_extra,
+        watchdog_extra: Box::new(move |h| {
+            match h {
+            0 => "[libvirt]\nenabled = true\nonly_own_domains = true\n".into(),
+            _ => format!(
+                "[libvirt]\nenabled = true\nonly_own_domains = true\nuri = {hv_uri:?}\npid_dir = {hv_pids:?}\n"
+            ),
+        }
+        }),
+        bmc_network: true,
+    };
+    let mut lab = Lab::new(&spec);
+    defib_tests::write_secret(lab.path("bmc.pass"), format!("{BMC_PASSWORD}\n")).unwrap();
+    let bmc = Bmc::start(&lab.net, 0, lab.dir.path());
+    lab.start_controller(&spec);
+    lab.start_watchdogs(&spec);
+    lab.wait_until("h0 and h1 Up", Duration::from_secs(60), |s| {
+        s.len() == 2 && s.iter().all(|(_, st)| st == "Up")
+    });
+    lab.wait_vm_on(&subject, "h0", "Running", Duration::from_secs(60));
+    assert!(
+        guest.wait_io(3, Duration::from_secs(60)),
+        "the guest did not write"
+    );
+
+    lab.net.set_host_links(0, false);
+    lab.wait_vm_on(&subject, "h1", "Running", Duration::from_secs(90));
+    let incident = lab.host_incident("h0").expect("h0's incident");
+    let text = incident.to_string();
+    assert!(text.contains("fence verified (IpmiPowerOff)"), "{text}");
+    assert!(
+        bmc.chassis_log().contains("set power 0"),
+        "{}",
+        bmc.chassis_log()
+    );
+    let log = lab.controller_log();
+    assert!(
+        log.contains("the old copy still holds its RBD images after the fence"),
+        "{log}"
+    );
+    assert!(
+        blocklisted(&ceph),
+        "h0 not blocklisted by the watcher check"
+    );
+    // The old copy ran through the power-off and was stopped by the blocklist alone.
+    assert!(
+        std::path::Path::new(&format!("/proc/{old_pid}")).exists(),
+        "the old copy's qemu died"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let state = virsh(
+            &["domstate", "--reason", guest.name()],
+            Duration::from_secs(30),
+        )
+        .unwrap_or_default();
+        if state.contains("paused") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "h0's copy still runs unhindered: {state}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let new_pid = hv.qemu_pid(guest.name()).expect("a qemu on h1");
+    assert_ne!(new_pid, old_pid);
+    drop(lab);
+    drop(bmc);
+    drop(guest);
+    drop(hv);
+}

@@ -47,6 +47,7 @@ use std::time::Duration;
 use protocol::frame::{query_domain_answer, HostCommand};
 use tokio::sync::{mpsc, oneshot};
 
+use super::old_copies::OldCopyCheck;
 use super::ResultSender;
 use crate::edges::Restorer;
 use crate::engine::{HostId, Input, IntentKey, Resource, RestoreOutcome};
@@ -273,6 +274,8 @@ pub struct LibvirtRestorer {
     /// Tells this process's queries apart from an earlier process's in command ids.
     query_nonce: u64,
     queries: u64,
+    /// Asked before a VM with RBD disks is started elsewhere (see [`super::old_copies`]).
+    old_copies: Option<Arc<OldCopyCheck>>,
 }
 
 impl LibvirtRestorer {
@@ -288,7 +291,14 @@ impl LibvirtRestorer {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
             queries: 0,
+            old_copies: None,
         }
+    }
+
+    /// Reads an RBD-disked VM's watchers before starting it elsewhere.
+    pub fn with_old_copy_check(mut self, check: Option<Arc<OldCopyCheck>>) -> Self {
+        self.old_copies = check;
+        self
     }
 
     /// The connected host other than `from` with the fewest evacuations sent to it (by
@@ -436,6 +446,10 @@ impl Restorer for LibvirtRestorer {
             .or_default()
             .push(target.clone());
         let command_id = command_id(key);
+        let check = self
+            .old_copies
+            .clone()
+            .map(|c| (c, from.clone(), definition.xml.clone()));
         let command = HostCommand::StartFromDefinition {
             vm_uuid: vm.as_str().to_string(),
             xml: definition.xml,
@@ -446,6 +460,17 @@ impl Restorer for LibvirtRestorer {
         let timeout = self.timeout;
         let (resource, key) = (resource.clone(), key.clone());
         tokio::spawn(async move {
+            if let Some((check, from, xml)) = check {
+                if let Err(reason) = check.before_start(&from, &xml).await {
+                    tracing::error!(%from, %resource, %key, %reason, "the old copy may still hold its RBD images: not started");
+                    let _ = results.send(Input::RestoreResult {
+                        resource,
+                        key,
+                        outcome: RestoreOutcome::Failed { reason },
+                    });
+                    return;
+                }
+            }
             let answer = run_command(&streams, &target, command_id, command, timeout).await;
             let outcome = match answer {
                 Ok(CommandAnswer { ok: true, detail }) => {

@@ -7,6 +7,8 @@
 //!   verification and confirmation;
 //! - [`nova`], [`neutron`]: the OpenStack restore backend (VMs and routers);
 //! - [`libvirt`]: the restore backend for clouds without Nova;
+//! - [`old_copies`]: before a VM with RBD disks starts elsewhere, its images' watchers
+//!   say whether its old copy is gone (the libvirt backend asks);
 //! - [`unconfigured`]: the restore edge of a controller without a backend;
 //! - [`stale_copies`]: stale copies of moved VMs destroyed on the host they left, over
 //!   that host's event stream, whatever the backend;
@@ -27,6 +29,7 @@ pub mod fencing;
 pub mod libvirt;
 pub mod neutron;
 pub mod nova;
+pub mod old_copies;
 pub mod stale_copies;
 pub mod unconfigured;
 pub mod worker;

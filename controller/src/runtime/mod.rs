@@ -87,10 +87,12 @@ impl EdgeFactory {
             _ => None,
         };
         let restorer: Box<dyn Restorer + Send> = match (self.backend, compute) {
-            (Backend::Libvirt, _) => Box::new(libvirt::LibvirtRestorer::new(
-                results.clone(),
-                self.streams.clone(),
-            )),
+            (Backend::Libvirt, _) => Box::new(
+                libvirt::LibvirtRestorer::new(results.clone(), self.streams.clone())
+                    .with_old_copy_check(crate::edges::old_copies::OldCopyCheck::new(
+                        self.fence.clone(),
+                    )),
+            ),
             (Backend::Nova, Some((compute, settings))) => match neutron {
                 None => Box::new(nova::NovaRestorer::start(compute, settings, links, None)),
                 Some((network, neutron_settings)) => Box::new(neutron::RouterAwareRestorer::start(

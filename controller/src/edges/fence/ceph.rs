@@ -161,6 +161,29 @@ impl CephBlocklist {
             .collect())
     }
 
+    /// Every watcher's address on the image `spec` (`pool/image`); none for an image
+    /// that does not exist.
+    pub async fn image_watchers(&self, spec: &str) -> Result<Vec<String>, FenceError> {
+        let text = match self
+            .run(&self.rbd, &["status", spec, "--format", "json"])
+            .await
+        {
+            Ok(t) => t,
+            Err(FenceError::Failed { detail, .. })
+                if detail.contains("No such file or directory") =>
+            {
+                return Ok(Vec::new())
+            }
+            Err(e) => return Err(e),
+        };
+        let status: RbdStatus =
+            serde_json::from_str(text.trim()).map_err(|e| FenceError::Unexpected {
+                program: "rbd status".into(),
+                detail: format!("{e}: {}", text.trim()),
+            })?;
+        Ok(status.watchers.into_iter().map(|w| w.address).collect())
+    }
+
     /// Watchers from this host's addresses on the pools' images, as `pool/image addr`.
     async fn our_watchers(&self) -> Result<Vec<String>, FenceError> {
         let mut found = Vec::new();
@@ -282,6 +305,10 @@ impl FenceDriver for CephBlocklist {
         LevelKind::Storage {
             counts_alone: self.counts_alone,
         }
+    }
+
+    fn as_ceph_blocklist(&self) -> Option<&CephBlocklist> {
+        Some(self)
     }
 
     fn lift(&self) -> BoxFuture<'_, Result<Vec<String>, FenceError>> {

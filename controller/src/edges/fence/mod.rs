@@ -158,6 +158,11 @@ pub trait FenceDriver: Send + Sync {
     fn kind(&self) -> LevelKind {
         LevelKind::Power
     }
+    /// The Ceph client of a `ceph-blocklist` level (the old-copy check reads watchers
+    /// through it).
+    fn as_ceph_blocklist(&self) -> Option<&ceph::CephBlocklist> {
+        None
+    }
     /// Lifts what its fence left in force once the host is trusted again (the unfence),
     /// returning what it removed; a power fence leaves nothing (the host boots).
     fn lift(&self) -> BoxFuture<'_, Result<Vec<String>, FenceError>> {
