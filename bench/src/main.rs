@@ -187,6 +187,9 @@ enum Scenario {
         nova: bool,
         #[arg(long, default_value_t = 4)]
         servers_per_host: usize,
+        /// `lab up --ceph`: the last guest of each host on an RBD image.
+        #[arg(long)]
+        ceph: bool,
     },
     /// Several controllers on etcd: leader SIGKILL → the new leader's first action; a
     /// host lost with the leader killed mid-recovery (lab --ha); per-intent etcd write
@@ -322,8 +325,9 @@ fn main() -> anyhow::Result<()> {
             rounds,
             guests_per_host,
             nova: false,
+            ceph,
             ..
-        } => host_loss::run(rounds, guests_per_host)?,
+        } => host_loss::run(rounds, guests_per_host, ceph)?,
         Scenario::HostLoss {
             rounds,
             servers_per_host,
