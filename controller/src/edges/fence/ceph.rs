@@ -6,7 +6,8 @@
 //! nothing lands) and drops its watches on the next map, so what the fence is verified
 //! by is what Ceph enforces, read back after the request:
 //!
-//! - the attempt exists only once `blocklist add` was acknowledged for every address;
+//! - the attempt exists only once `blocklist add` was acknowledged for every address
+//!   (or, for an address, an entry in force for longer than that was there already);
 //!   then each address has an entry in `ceph osd blocklist ls`, read after it, that is
 //!   in force for at least half of `expire` past the request. Ceph (16.2) keeps an
 //!   existing entry's expiry on a second `add`, so an entry that was there before the
