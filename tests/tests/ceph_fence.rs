@@ -37,6 +37,10 @@ use defib_tests::{have_command, is_root, require, require_cephbed, require_hostb
 
 /// h0's address on Ceph's network.
 const H0_CEPH_ADDR: &str = "127.0.0.10";
+
+/// The tests of this file give h0's qemus the same address and blocklist it: one at a
+/// time (a test's blocklist would stop the other's guest).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Removes h0's blocklist entry when dropped, so that a failing test leaves none.
 struct Unblock<'a>(&'a Cephbed);
 
@@ -121,6 +125,7 @@ fn a_cut_off_host_with_a_dead_bmc_is_blocklisted_its_rbd_vm_runs_elsewhere_and_n
     );
     let hostbed = require_hostbed!();
     let ceph = require_cephbed!();
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let _unblock = Unblock(&ceph);
     // h0's qemus: the system libvirt's qemu user.
     let _h0_address = SourceAddress::for_user("libvirt-qemu", H0_CEPH_ADDR);
@@ -363,6 +368,7 @@ fn a_power_fenced_hosts_rbd_guest_that_runs_on_is_blocklisted_by_the_watcher_che
     );
     let hostbed = require_hostbed!();
     let ceph = require_cephbed!();
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let _unblock = Unblock(&ceph);
     let _h0_address = SourceAddress::for_user("libvirt-qemu", H0_CEPH_ADDR);
     let hv = Hypervisor::start_with(
