@@ -199,27 +199,9 @@ impl CephBlocklist {
                 })?;
             for image in images {
                 let spec = format!("{pool}/{image}");
-                let text = match self
-                    .run(&self.rbd, &["status", &spec, "--format", "json"])
-                    .await
-                {
-                    Ok(t) => t,
-                    // Removed since the listing: nothing watches it.
-                    Err(FenceError::Failed { detail, .. })
-                        if detail.contains("No such file or directory") =>
-                    {
-                        continue
-                    }
-                    Err(e) => return Err(e),
-                };
-                let status: RbdStatus =
-                    serde_json::from_str(text.trim()).map_err(|e| FenceError::Unexpected {
-                        program: "rbd status".into(),
-                        detail: format!("{e}: {}", text.trim()),
-                    })?;
-                for w in status.watchers {
-                    if address_ip(&w.address).is_some_and(|ip| self.addresses.contains(&ip)) {
-                        found.push(format!("{spec} {}", w.address));
+                for w in self.image_watchers(&spec).await? {
+                    if address_ip(&w).is_some_and(|ip| self.addresses.contains(&ip)) {
+                        found.push(format!("{spec} {w}"));
                     }
                 }
             }
