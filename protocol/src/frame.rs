@@ -405,6 +405,21 @@ pub enum EventPayload {
         /// Every VM.
         vms: Vec<VmInfo>,
     },
+    /// The host's disk leases (libvirt's lock manager, virtlockd), from a watchdog that
+    /// watches them: sent when its daemon exits or starts and whenever the set of VMs
+    /// running without their leases changes. A host without this word is not judged by
+    /// its leases.
+    DiskLeases {
+        /// The lease daemon's pid while it runs; `None` when it does not.
+        daemon_pid: Option<u32>,
+        /// VMs (UUID, or name when libvirt gave none) running on the host whose writable
+        /// disks are not all locked by the running daemon: a second start of them on
+        /// another host would not be refused. Every such VM while the daemon is down.
+        unprotected: Vec<String>,
+        /// What happened, for people ("virtlockd pid 812 killed by signal 9 from pid
+        /// 1201 (kill)", "2 VMs run without their leases").
+        reason: String,
+    },
     /// An event kind this build does not know (sent by a newer watchdog).
     #[serde(other)]
     Unknown,

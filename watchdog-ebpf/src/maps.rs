@@ -49,7 +49,12 @@ pub static URING_INFLIGHT: HashMap<u64, UringInflight> = HashMap::with_max_entri
 #[map(name = "RBD_INFLIGHT")]
 pub static RBD_INFLIGHT: HashMap<RbdKey, RbdInflight> = HashMap::with_max_entries(16384, 0);
 
-/// Last terminating signal sent to a watched process, by target tgid.
+/// Host services whose exit the daemon must see (the disk-lease daemon, virtlockd), by
+/// tgid. Kept apart from `WATCHED`: their I/O is nobody's VM's, so none is tracked.
+#[map(name = "SERVICES")]
+pub static SERVICES: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
+
+/// Last terminating signal sent to a watched process or service, by target tgid.
 #[map(name = "KILLERS")]
 pub static KILLERS: LruHashMap<u32, KillerInfo> = LruHashMap::with_max_entries(8192, 0);
 
@@ -61,6 +66,12 @@ pub static OOM_VICTIMS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(1024
 pub fn is_watched(tgid: u32) -> bool {
     // SAFETY: the value is only tested for presence, never read through the reference.
     unsafe { WATCHED.get(tgid).is_some() }
+}
+
+#[inline(always)]
+pub fn is_service(tgid: u32) -> bool {
+    // SAFETY: the value is only tested for presence, never read through the reference.
+    unsafe { SERVICES.get(tgid).is_some() }
 }
 
 #[inline(always)]

@@ -1,4 +1,5 @@
-//! Process lifecycle: start watching qemu at exec, report its death when its last thread exits.
+//! Process lifecycle: start watching qemu at exec, report its death when its last thread
+//! exits, and the death of a watched host service (see `SERVICES`) the same way.
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
@@ -12,8 +13,8 @@ use watchdog_common::{
 };
 
 use crate::maps::{
-    config, count, current_ids, is_watched, EVENTS, INFLIGHT, KILLERS, NAME_PATTERNS, OOM_VICTIMS,
-    WATCHED,
+    config, count, current_ids, is_service, is_watched, EVENTS, INFLIGHT, KILLERS, NAME_PATTERNS,
+    OOM_VICTIMS, SERVICES, WATCHED,
 };
 
 // sched/sched_process_exit: comm[16] @8, pid @24, prio @28, group_dead @32 (kernel ≥ 6.16).
@@ -78,11 +79,14 @@ pub fn qemu_exit(ctx: TracePointContext) -> u32 {
 
 fn try_qemu_exit(ctx: &TracePointContext) -> Result<u32, i64> {
     let (tgid, tid) = current_ids();
-    if !is_watched(tgid) {
+    let service = !is_watched(tgid);
+    if service && !is_service(tgid) {
         return Ok(0);
     }
     // A thread that dies mid-syscall never reaches sys_exit: forget its in-flight I/O.
-    let _ = INFLIGHT.remove(tid);
+    if !service {
+        let _ = INFLIGHT.remove(tid);
+    }
     let group_dead: u8 = unsafe { ctx.read_at(EXIT_GROUP_DEAD)? };
     if group_dead == 0 {
         return Ok(0);
@@ -113,6 +117,7 @@ fn try_qemu_exit(ctx: &TracePointContext) -> Result<u32, i64> {
         None => count(stat_index::RINGBUF_DROPS),
     }
     let _ = WATCHED.remove(tgid);
+    let _ = SERVICES.remove(tgid);
     let _ = KILLERS.remove(tgid);
     let _ = OOM_VICTIMS.remove(tgid);
     Ok(0)

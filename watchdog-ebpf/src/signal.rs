@@ -1,4 +1,4 @@
-//! Signals: who sent a terminating signal to a watched process. `signal_generate` runs in
+//! Signals: who sent a terminating signal to a watched process or service. `signal_generate` runs in
 //! the sender's context, so the current task is the killer. (How the process died is read
 //! from its exit code at exit, see `process.rs`: `signal_deliver` cannot tell, because for
 //! a default-fatal signal the kernel zaps every thread with SIGKILL.)
@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use watchdog_common::{is_default_fatal, KillerInfo};
 
-use crate::maps::{current_ids, is_watched, KILLERS};
+use crate::maps::{current_ids, is_service, is_watched, KILLERS};
 
 // signal/signal_generate: sig @8, errno @12, code @16, comm @20, pid @36, group @40, result @44
 const GEN_SIG: usize = 8;
@@ -26,7 +26,7 @@ pub fn qemu_signal_generate(ctx: TracePointContext) -> u32 {
 
 fn try_signal_generate(ctx: &TracePointContext) -> Result<u32, i64> {
     let target: i32 = unsafe { ctx.read_at(GEN_PID)? };
-    if target <= 0 || !is_watched(target as u32) {
+    if target <= 0 || !(is_watched(target as u32) || is_service(target as u32)) {
         return Ok(0);
     }
     let sig: i32 = unsafe { ctx.read_at(GEN_SIG)? };

@@ -26,6 +26,72 @@ pub struct WatchdogConfig {
     pub libvirt: LibvirtConfig,
     pub self_fence: SelfFenceConfig,
     pub metrics: MetricsConfig,
+    pub disk_leases: DiskLeasesConfig,
+}
+
+/// `[disk_leases]`: libvirt's lock manager (`lock_manager = "lockd"`), whose daemon
+/// (virtlockd) holds a lease on every disk of every running VM. When it dies, the leases
+/// go with it while the qemus run on, and another host may start the same disk: the
+/// watchdog sees that exit and reports the host unprotected (leases.rs). Off by default;
+/// turn it on where libvirt runs with `lock_manager = "lockd"`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiskLeasesConfig {
+    pub enabled: bool,
+    /// The pid file the lease daemon writes (virtlockd's default; `--pid-file`).
+    pub pid_file: PathBuf,
+    /// The daemon's process name: a pid file naming another process is stale.
+    pub process_name: String,
+    /// libvirt's lockd configuration: `file_lockspace_dir` there says where the leases
+    /// are (one file per disk path, named by its SHA-256); without it the daemon locks
+    /// the disks themselves.
+    pub lockd_conf: PathBuf,
+    /// How often the pid file and the leases are read (an exit is seen at once).
+    pub check_interval_ms: u64,
+}
+
+impl Default for DiskLeasesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            pid_file: PathBuf::from("/run/virtlockd.pid"),
+            process_name: "virtlockd".into(),
+            lockd_conf: PathBuf::from("/etc/libvirt/qemu-lockd.conf"),
+            check_interval_ms: 1_000,
+        }
+    }
+}
+
+impl DiskLeasesConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.pid_file.is_absolute() {
+            return Err(invalid("disk_leases.pid_file", "must be an absolute path"));
+        }
+        if !self.lockd_conf.is_absolute() {
+            return Err(invalid(
+                "disk_leases.lockd_conf",
+                "must be an absolute path",
+            ));
+        }
+        if self.process_name.is_empty()
+            || self.process_name.len() >= COMM_LEN
+            || self.process_name.contains('/')
+        {
+            return Err(invalid(
+                "disk_leases.process_name",
+                format!(
+                    "must be a process name of 1 to {} bytes",
+                    COMM_LEN - 1
+                ),
+            ));
+        }
+        check_range(
+            "disk_leases.check_interval_ms",
+            self.check_interval_ms,
+            100..=60_000,
+        )?;
+        Ok(())
+    }
 }
 
 /// `[metrics]`: the daemon's Prometheus endpoint (`run` only). Off by default: a
@@ -433,6 +499,13 @@ impl WatchdogConfig {
         self.libvirt.validate()?;
         self.self_fence.validate()?;
         self.metrics.validate()?;
+        self.disk_leases.validate()?;
+        if self.disk_leases.enabled && !self.libvirt.enabled_for_run() {
+            return Err(invalid(
+                "disk_leases.enabled",
+                "needs the libvirt watcher (libvirt.enabled = false): leases are judged per running domain",
+            ));
+        }
         if self.self_fence.enabled && self.controller.is_none() {
             return Err(invalid(
                 "self_fence.enabled",

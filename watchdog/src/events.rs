@@ -149,6 +149,17 @@ pub enum WatchdogEvent {
         observed_ns: u64,
         unix_ms: u64,
     },
+    /// The host's disk leases changed (`[disk_leases]`, leases.rs): its lease daemon
+    /// exited or started, or the VMs running without their leases are others now.
+    DiskLeases {
+        /// The lease daemon's pid while it runs.
+        daemon_pid: Option<u32>,
+        /// Running VMs whose writable disks are not all locked by the running daemon.
+        unprotected: Vec<VmIdentity>,
+        reason: String,
+        observed_ns: u64,
+        unix_ms: u64,
+    },
 }
 
 /// One domain in a [`WatchdogEvent::LibvirtInventory`].
@@ -197,6 +208,9 @@ pub struct LibvirtDisk {
     pub source: Option<String>,
     /// The backing chain, top first (`<backingStore><source .../>`), as libvirt knows it.
     pub backing: Vec<String>,
+    /// `<readonly/>`: the guest cannot write it, and libvirt's lock manager leases it not.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub readonly: bool,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -249,6 +263,7 @@ impl WatchdogEvent {
             WatchdogEvent::LibvirtControlError { .. } => "libvirt_control_error",
             WatchdogEvent::LibvirtDefinition { .. } => "libvirt_definition",
             WatchdogEvent::LibvirtInventory { .. } => "libvirt_inventory",
+            WatchdogEvent::DiskLeases { .. } => "disk_leases",
         }
     }
 
@@ -378,6 +393,24 @@ impl WatchdogEvent {
                     .collect();
                 format!("inventory {} domains: {}", vms.len(), list.join(", "))
             }
+            Self::DiskLeases {
+                daemon_pid,
+                unprotected,
+                reason,
+                ..
+            } => {
+                let daemon = match daemon_pid {
+                    Some(pid) => format!("daemon pid {pid}"),
+                    None => "DAEMON DOWN".into(),
+                };
+                let list: Vec<String> = unprotected.iter().map(vm).collect();
+                format!(
+                    "leases    {daemon}, {} VMs unprotected{}{}: {reason}",
+                    unprotected.len(),
+                    if list.is_empty() { "" } else { " " },
+                    list.join(", ")
+                )
+            }
         }
     }
 }
@@ -423,6 +456,13 @@ mod tests {
             },
             WatchdogEvent::LibvirtInventory {
                 vms: Vec::new(),
+                observed_ns: 1,
+                unix_ms: 1,
+            },
+            WatchdogEvent::DiskLeases {
+                daemon_pid: None,
+                unprotected: vec![vm()],
+                reason: "virtlockd exited".into(),
                 observed_ns: 1,
                 unix_ms: 1,
             },

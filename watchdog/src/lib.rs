@@ -4,6 +4,7 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod events;
+pub mod leases;
 pub mod libvirt;
 pub mod metrics;
 pub mod monitor;

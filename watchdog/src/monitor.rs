@@ -14,6 +14,7 @@ use watchdog_common::{io_syscalls, rbd_ops, uring_ops};
 use crate::clock::{mono_to_unix_ms, monotonic_ns};
 use crate::config::WatchdogConfig;
 use crate::events::{signal_name, Killer, LibvirtVm, StuckIo, WatchdogEvent};
+use crate::leases::{self, LeaseWatch, LeasedVm};
 use crate::libvirt::inventory;
 use crate::probes::{ProbeStats, Probes};
 use crate::procfs::{self, VmIdentity};
@@ -65,11 +66,19 @@ pub struct Monitor {
     block_devs: HashMap<u32, (u32, String)>,
     /// The active domains' disk sources (qemu pid, path), from the last libvirt inventory.
     disk_sources: Vec<(u32, String)>,
+    /// The disk-lease watch (`[disk_leases]`), if on.
+    leases: Option<LeaseWatch>,
+    /// The running domains' leased disks, from the last libvirt inventory.
+    leased: Vec<LeasedVm>,
 }
 
 impl Monitor {
     pub fn new(probes: Probes, cfg: WatchdogConfig) -> Self {
         let threshold = cfg.probes.stall_threshold_ms * 1_000_000;
+        let cfg_leases = cfg
+            .disk_leases
+            .enabled
+            .then(|| LeaseWatch::new(cfg.disk_leases.clone()));
         Self {
             probes,
             proc_root: PathBuf::from("/proc"),
@@ -85,6 +94,8 @@ impl Monitor {
             vm_cache_dirty: false,
             block_devs: HashMap::new(),
             disk_sources: Vec::new(),
+            leases: cfg_leases,
+            leased: Vec::new(),
         }
     }
 
@@ -206,6 +217,29 @@ impl Monitor {
             Record::Exec(r) => {
                 if !self.vms.contains_key(&r.tgid) {
                     self.started(r.tgid, comm_str(&r.comm), "exec", Some(r.ts_ns), sink);
+                }
+            }
+            Record::Exit(r) if self.leases.as_ref().is_some_and(|l| l.is_daemon(r.tgid)) => {
+                let (exit_code, signal, _) = decode_wait_status(r.status_known, r.status);
+                let mut how = match (exit_code, signal.and_then(signal_name)) {
+                    (_, Some(s)) => format!("killed by {s}"),
+                    (Some(c), None) => format!("exited with code {c}"),
+                    (None, None) => "exited".into(),
+                };
+                if r.killer_tgid != 0 {
+                    how.push_str(&format!(
+                        " from pid {} ({})",
+                        r.killer_tgid,
+                        comm_str(&r.killer_comm)
+                    ));
+                }
+                let leased = &self.leased;
+                if let Some(event) = self
+                    .leases
+                    .as_mut()
+                    .and_then(|l| l.daemon_exited(how, leased))
+                {
+                    sink.emit(event);
                 }
             }
             Record::Exit(r) => {
@@ -488,6 +522,7 @@ impl Monitor {
     /// missed) is watched from now on.
     fn reconcile_with_libvirt(&mut self, vms: &[LibvirtVm], sink: &mut dyn EventSink) {
         self.libvirt_pids = inventory::pid_map(vms);
+        self.leased = leases::leased_vms(vms);
         self.disk_sources = vms
             .iter()
             .filter(|vm| vm.is_active())
@@ -545,6 +580,24 @@ impl Monitor {
             tracing::warn!(pid, ?vm, comm = %comm_str(&comm),
                 "libvirt runs a qemu the probes did not watch (check probes.watch_names); watching it now");
             self.started(pid, comm_str(&comm), "libvirt", None, sink);
+        }
+    }
+
+    /// Reads the lease daemon's pid file and the leases (`[disk_leases]`).
+    fn check_leases(&mut self, sink: &mut dyn EventSink) {
+        let Some(watch) = self.leases.as_mut() else {
+            return;
+        };
+        let probes = &mut self.probes;
+        let mut see_exit = |pid| match probes.watch_service(pid) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(pid, error = %e, "cannot watch the disk-lease daemon");
+                false
+            }
+        };
+        if let Some(event) = watch.check(&self.leased, &mut see_exit) {
+            sink.emit(event);
         }
     }
 
@@ -606,6 +659,10 @@ impl Monitor {
             self.cfg.probes.proc_rescan_interval_ms,
         ));
         let mut block_devs_tick = tokio::time::interval(BLOCK_DEVS_REFRESH);
+        let mut leases_tick = tokio::time::interval(Duration::from_millis(
+            self.cfg.disk_leases.check_interval_ms,
+        ));
+        leases_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         block_devs_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         rescan_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -640,6 +697,7 @@ impl Monitor {
                 }
                 _ = rescan_tick.tick() => self.scan_proc(sink),
                 _ = block_devs_tick.tick() => self.refresh_block_devs(),
+                _ = leases_tick.tick(), if self.leases.is_some() => self.check_leases(sink),
                 // From this loop, so a loop that hangs stops the pings.
                 _ = sd_watchdog.due() => sd_watchdog.ping(),
                 event = next_external(&mut external) => match event {

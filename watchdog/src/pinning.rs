@@ -31,6 +31,7 @@ pub const MAPS: &[&str] = &[
     "BLK_INFLIGHT",
     "URING_INFLIGHT",
     "RBD_INFLIGHT",
+    "SERVICES",
     "KILLERS",
     "OOM_VICTIMS",
 ];

@@ -210,6 +210,21 @@ impl Probes {
         Ok(())
     }
 
+    /// Sees the exit of host service `tgid` (the disk-lease daemon): an exit record
+    /// like a qemu's, and no I/O tracked.
+    pub fn watch_service(&mut self, tgid: u32) -> anyhow::Result<()> {
+        let mut services: HashMap<_, u32, u32> =
+            HashMap::try_from(map(&mut self.ebpf, "SERVICES")?)?;
+        services.insert(tgid, 1, 0)?;
+        Ok(())
+    }
+
+    /// Whether the probes watch service `tgid` now (its exit removes it).
+    pub fn watches_service(&mut self, tgid: u32) -> anyhow::Result<bool> {
+        let services: HashMap<_, u32, u32> = HashMap::try_from(map(&mut self.ebpf, "SERVICES")?)?;
+        Ok(services.get(&tgid, 0).is_ok())
+    }
+
     pub fn watched_pids(&mut self) -> anyhow::Result<Vec<u32>> {
         let watched: HashMap<_, u32, WatchedProcess> =
             HashMap::try_from(map(&mut self.ebpf, "WATCHED")?)?;

@@ -7,7 +7,7 @@ use watchdog_common::{NamePattern, COMM_LEN};
 
 /// The VM a qemu process runs. libvirt passes the domain UUID (= the Nova instance UUID)
 /// as `-uuid` and the domain name as `-name guest=NAME,...`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct VmIdentity {
     pub uuid: Option<String>,
     pub name: Option<String>,

@@ -30,6 +30,7 @@ pub fn parse_disks(xml: &str) -> Result<Vec<LibvirtDisk>, String> {
                 device: disk.attribute("device").unwrap_or("disk").to_string(),
                 source: child(disk, "source").and_then(source_of),
                 backing,
+                readonly: child(disk, "readonly").is_some(),
             }
         })
         .collect();
@@ -195,6 +196,7 @@ mod tests {
     </disk>
     <disk type='file' device='cdrom'>
       <target dev='sda' bus='sata'/>
+      <readonly/>
     </disk>
   </devices>
 </domain>"#;
@@ -218,6 +220,10 @@ mod tests {
         assert_eq!(
             (disks[3].device.as_str(), disks[3].source.as_deref()),
             ("cdrom", None)
+        );
+        assert_eq!(
+            disks.iter().map(|d| d.readonly).collect::<Vec<_>>(),
+            [false, false, false, true]
         );
     }
 

@@ -205,6 +205,24 @@ pub fn pending_event(
                 vms: vms.iter().map(vm_info).collect(),
             },
         ),
+        WatchdogEvent::DiskLeases {
+            daemon_pid,
+            unprotected,
+            reason,
+            observed_ns,
+            ..
+        } => (
+            *observed_ns,
+            EventPayload::DiskLeases {
+                daemon_pid: *daemon_pid,
+                // Named as the inventory names them: the UUID, else the name.
+                unprotected: unprotected
+                    .iter()
+                    .filter_map(|v| v.uuid.clone().or_else(|| v.name.clone()))
+                    .collect(),
+                reason: reason.clone(),
+            },
+        ),
     };
     let age_ns = now_mono_ns.saturating_sub(observed_ns);
     Some(PendingEvent {
@@ -467,6 +485,7 @@ mod tests {
             device: "disk".into(),
             source: Some(source.into()),
             backing: backing.iter().map(|b| b.to_string()).collect(),
+            readonly: false,
         };
         let inventory = WatchdogEvent::LibvirtInventory {
             vms: vec![LibvirtVm {

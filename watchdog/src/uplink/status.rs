@@ -88,7 +88,8 @@ impl StatusTracker {
             | WatchdogEvent::LibvirtBlockThreshold { .. }
             | WatchdogEvent::LibvirtControlError { .. }
             | WatchdogEvent::LibvirtDefinition { .. }
-            | WatchdogEvent::LibvirtInventory { .. } => {}
+            | WatchdogEvent::LibvirtInventory { .. }
+            | WatchdogEvent::DiskLeases { .. } => {}
         }
     }
 
