@@ -79,10 +79,7 @@ impl DiskLeasesConfig {
         {
             return Err(invalid(
                 "disk_leases.process_name",
-                format!(
-                    "must be a process name of 1 to {} bytes",
-                    COMM_LEN - 1
-                ),
+                format!("must be a process name of 1 to {} bytes", COMM_LEN - 1),
             ));
         }
         check_range(

@@ -55,8 +55,7 @@ pub fn lockspace_dir(conf: &str) -> Option<PathBuf> {
         .filter_map(|l| l.split_once('='))
         .filter(|(k, _)| k.trim() == "file_lockspace_dir")
         .map(|(_, v)| v.trim().trim_matches('"').to_string())
-        .filter(|v| !v.is_empty())
-        .next_back()
+        .rfind(|v| !v.is_empty())
         .map(PathBuf::from)
 }
 
@@ -193,13 +192,18 @@ impl LeaseWatch {
             match running {
                 Some(pid) => {
                     if !watch(pid) {
-                        tracing::warn!(pid, "cannot watch the disk-lease daemon's exit; it is read every check");
+                        tracing::warn!(
+                            pid,
+                            "cannot watch the disk-lease daemon's exit; it is read every check"
+                        );
                     }
                     tracing::info!(pid, "disk-lease daemon running");
                     self.exit_reason = None;
                 }
                 None => {
-                    let gone = self.daemon.map(|p| format!("{} pid {p} is gone", self.cfg.process_name));
+                    let gone = self
+                        .daemon
+                        .map(|p| format!("{} pid {p} is gone", self.cfg.process_name));
                     self.exit_reason = gone.or_else(|| {
                         Some(format!(
                             "{} is not running (pid file {})",
@@ -235,6 +239,14 @@ impl LeaseWatch {
             }
         };
         self.say(self.daemon, unleased)
+    }
+
+    /// The last word again, stamped now: sent with every libvirt inventory, so that a
+    /// controller that lost it (a new leader, a pruned event table, a full spool) has
+    /// it again as soon as it has the host's VMs.
+    pub fn repeat(&mut self) -> Option<WatchdogEvent> {
+        let word = self.said.take()?;
+        self.say(word.daemon_pid, word.unprotected)
     }
 
     fn say(
@@ -334,9 +346,7 @@ mod tests {
         // The test bed's measured name for this path (../shared/testbed/virtlockd).
         assert_eq!(
             lease_file("/tmp/vlk/shared/images/vm1.qcow2", Some(Path::new("/ls"))),
-            PathBuf::from(
-                "/ls/1135d2d71f9c711e49d87cc224643a23d4cb46f50e3a5c7444b6444fcc19f0b3"
-            )
+            PathBuf::from("/ls/1135d2d71f9c711e49d87cc224643a23d4cb46f50e3a5c7444b6444fcc19f0b3")
         );
         assert_eq!(lease_file("/img", None), PathBuf::from("/img"));
     }
@@ -386,6 +396,16 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(watch.check(&vms, &mut never), None, "said once");
+        assert!(
+            matches!(
+                watch.repeat(),
+                Some(WatchdogEvent::DiskLeases {
+                    daemon_pid: None,
+                    ..
+                })
+            ),
+            "and again when asked"
+        );
     }
 
     #[test]
@@ -426,12 +446,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        nix::fcntl::flock(
-            std::os::fd::AsRawFd::as_raw_fd(&file),
-            nix::fcntl::FlockArg::LockExclusiveNonblock,
-        )
-        .ok();
-        // flock is not a POSIX lock: still unprotected. A POSIX lock is.
+        // Still without it: nothing new to say.
         assert_eq!(watch.check(&vms, &mut record), None);
         posix_write_lock(&file);
         match watch.check(&vms, &mut record) {

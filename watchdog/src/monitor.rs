@@ -510,10 +510,16 @@ impl Monitor {
     }
 
     fn external(&mut self, event: WatchdogEvent, sink: &mut dyn EventSink) {
+        let inventory = matches!(event, WatchdogEvent::LibvirtInventory { .. });
         if let WatchdogEvent::LibvirtInventory { vms, .. } = &event {
             self.reconcile_with_libvirt(vms, sink);
         }
         sink.emit(event);
+        if inventory {
+            if let Some(word) = self.leases.as_mut().and_then(LeaseWatch::repeat) {
+                sink.emit(word);
+            }
+        }
     }
 
     /// Takes libvirt's list of domains into the pid → VM map: a watched qemu whose

@@ -48,9 +48,9 @@ use protocol::frame::{query_domain_answer, HostCommand};
 use tokio::sync::{mpsc, oneshot};
 
 use super::old_copies::OldCopyCheck;
-use super::ResultSender;
+use super::{HostFacts, ResultSender};
 use crate::edges::Restorer;
-use crate::engine::{HostId, Input, IntentKey, Resource, RestoreOutcome};
+use crate::engine::{HostId, HostState, Input, IntentKey, Resource, RestoreOutcome};
 
 /// How long the restorer waits for a watchdog's `CommandResult`. The watchdog may wait
 /// a few seconds for libvirt to notice a qemu's death before it can start the domain
@@ -276,6 +276,9 @@ pub struct LibvirtRestorer {
     queries: u64,
     /// Asked before a VM with RBD disks is started elsewhere (see [`super::old_copies`]).
     old_copies: Option<Arc<OldCopyCheck>>,
+    /// The engine's hosts: only an Up host that the engine does not rule out (its disk
+    /// leases lost) is a target. `None` (tests of the commands alone): any connected host.
+    hosts: Option<HostFacts>,
 }
 
 impl LibvirtRestorer {
@@ -292,7 +295,24 @@ impl LibvirtRestorer {
                 .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
             queries: 0,
             old_copies: None,
+            hosts: None,
         }
+    }
+
+    /// Picks targets among the hosts the engine allows (see `hosts`).
+    pub fn with_host_facts(mut self, hosts: HostFacts) -> Self {
+        self.hosts = Some(hosts);
+        self
+    }
+
+    /// Why the engine rules `host` out as a target now, if it does.
+    fn ruled_out(&self, host: &str) -> Option<String> {
+        let facts = self.hosts.as_ref()?.borrow();
+        let view = facts.get(&HostId::new(host))?;
+        if let Some(why) = &view.not_a_target {
+            return Some(why.clone());
+        }
+        (view.state != HostState::Up).then(|| format!("is {:?}", view.state))
     }
 
     /// Reads an RBD-disked VM's watchers before starting it elsewhere.
@@ -312,6 +332,7 @@ impl LibvirtRestorer {
             .hosts()
             .into_iter()
             .filter(|h| h != from.as_str())
+            .filter(|h| self.ruled_out(h).is_none())
             .min_by_key(|h| {
                 (
                     times_tried(h),
@@ -431,13 +452,19 @@ impl Restorer for LibvirtRestorer {
             return;
         };
         let Some(target) = self.pick_target(resource, from) else {
-            self.restore_result(
-                resource,
-                key,
-                failed(format!(
-                    "no other host's watchdog is connected to start {vm} on"
-                )),
-            );
+            let others: Vec<String> = self
+                .streams
+                .hosts()
+                .into_iter()
+                .filter(|h| h != from.as_str())
+                .filter_map(|h| Some(format!("{h} {}", self.ruled_out(&h)?)))
+                .collect();
+            let reason = if others.is_empty() {
+                format!("no other host's watchdog is connected to start {vm} on")
+            } else {
+                format!("no other host may take {vm}: {}", others.join("; "))
+            };
+            self.restore_result(resource, key, failed(reason));
             return;
         };
         *self.sent_to.entry(target.clone()).or_default() += 1;
@@ -819,6 +846,72 @@ mod tests {
             seen2.recv().await,
             Some((_, HostCommand::StartFromDefinition { .. }))
         ));
+    }
+
+    #[tokio::test]
+    async fn an_evacuation_goes_to_no_host_the_engine_rules_out_and_says_why_when_none_is_left() {
+        let streams = HostStreams::new();
+        let ok = Some(CommandAnswer {
+            ok: true,
+            detail: "started".into(),
+        });
+        let (_r1, mut seen1) = fake_stream(&streams, "h1", ok.clone());
+        let (_r2, mut seen2) = fake_stream(&streams, "h2", ok);
+        streams.note_definition("h0", "u-1", "<domain>one</domain>");
+        streams.note_definition("h0", "u-2", "<domain>two</domain>");
+        let view = |host: &str, state: HostState, not_a_target: Option<&str>| {
+            let host = HostId::new(host);
+            let v = crate::engine::HostView {
+                host: host.clone(),
+                state,
+                incident: None,
+                last_seen: None,
+                evacuated: vec![],
+                back: false,
+                not_a_target: not_a_target.map(str::to_string),
+                unprotected: vec![],
+            };
+            (host, v)
+        };
+        let (facts_tx, facts) = tokio::sync::watch::channel(Arc::new(
+            [
+                view("h1", HostState::Up, Some("its disk-lease daemon is down")),
+                view("h2", HostState::Up, None),
+            ]
+            .into_iter()
+            .collect(),
+        ));
+        let (r, mut results) = restorer(&streams);
+        let mut r = r.with_host_facts(facts);
+        let from = HostId::new("h0");
+        r.evacuate(&Resource::vm("u-1"), &from, &key("1/evacuate-1/vm:u-1"));
+        match next_outcome(&mut results).await {
+            (_, _, RestoreOutcome::Ok { host }) => assert_eq!(host, HostId::new("h2")),
+            other => panic!("{other:?}"),
+        }
+        assert!(seen2.recv().await.is_some());
+        assert!(seen1.try_recv().is_err(), "h1 has lost its leases");
+
+        facts_tx.send_replace(Arc::new(
+            [
+                view("h1", HostState::Up, Some("its disk-lease daemon is down")),
+                view("h2", HostState::Maintenance, None),
+            ]
+            .into_iter()
+            .collect(),
+        ));
+        r.evacuate(&Resource::vm("u-2"), &from, &key("1/evacuate-1/vm:u-2"));
+        match next_outcome(&mut results).await {
+            (_, _, RestoreOutcome::Failed { reason }) => {
+                assert!(
+                    reason.contains("h1 its disk-lease daemon is down"),
+                    "{reason}"
+                );
+                assert!(reason.contains("h2 is Maintenance"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(seen1.try_recv().is_err());
     }
 
     #[tokio::test]

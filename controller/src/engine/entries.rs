@@ -86,6 +86,33 @@ pub(super) struct HostEntry {
     /// host fenced by its blocklist alone ran on: only a listing received after that
     /// shows whether the copies it ran are gone, so it is not trusted again before one.
     pub(super) moved_off_at: Option<Timestamp>,
+    /// What the host's watchdog last said of its disk leases; `None`: it watches none.
+    pub(super) leases: Option<LeaseWord>,
+}
+
+/// A host's disk leases as its watchdog last reported them (`HostEvent::DiskLeases`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct LeaseWord {
+    pub(super) daemon_running: bool,
+    pub(super) unprotected: BTreeSet<Resource>,
+    pub(super) reason: String,
+}
+
+impl LeaseWord {
+    /// Why the host's VMs are not protected by their leases, if they are not.
+    pub(super) fn lost(&self) -> Option<String> {
+        if !self.daemon_running {
+            Some(format!("its disk-lease daemon is down ({})", self.reason))
+        } else if !self.unprotected.is_empty() {
+            Some(format!(
+                "{} VMs run without their disk leases ({})",
+                self.unprotected.len(),
+                self.reason
+            ))
+        } else {
+            None
+        }
+    }
 }
 
 /// An exit report waiting for its host's clock (see `HostEntry::held_exits`).
@@ -136,6 +163,7 @@ impl HostEntry {
             unfenced_from: None,
             listed_at: None,
             moved_off_at: None,
+            leases: None,
             queued: None,
             heard: false,
         }
@@ -158,6 +186,7 @@ impl HostEntry {
             self.unfenced_from,
             self.listed_at,
             self.moved_off_at,
+            self.leases.take(),
         );
         *self = HostEntry::new();
         (
@@ -175,6 +204,7 @@ impl HostEntry {
             self.unfenced_from,
             self.listed_at,
             self.moved_off_at,
+            self.leases,
         ) = keep;
     }
 }

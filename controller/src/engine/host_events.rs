@@ -39,6 +39,18 @@ impl Engine {
             HostEvent::StorageFenceLifted { removed, error } => {
                 self.on_storage_fence_lifted(&host, removed, error)
             }
+            HostEvent::DiskLeases {
+                daemon_running,
+                unprotected,
+                reason,
+            } => self.on_disk_leases(
+                &host,
+                LeaseWord {
+                    daemon_running,
+                    unprotected: unprotected.into_iter().collect(),
+                    reason,
+                },
+            ),
             HostEvent::ComputeServiceReporting => self.on_compute_reporting(&host),
             HostEvent::InventoryFailed { source, reason } => {
                 let h = &self.hosts[&host];
@@ -280,6 +292,64 @@ impl Engine {
                     .remove(&AlarmKind::StorageUnfenceFailed)
                 {
                     self.bump();
+                }
+            }
+        }
+    }
+
+    /// The host's disk leases as its watchdog reports them. Lost (the daemon down, or
+    /// VMs running without their leases): an alarm naming the host and its VMs, once
+    /// until they are back, and the host is no restore target meanwhile
+    /// ([`HostView::not_a_target`], which the restore backends read).
+    fn on_disk_leases(&mut self, host: &HostId, word: LeaseWord) {
+        let h = self.hosts.get_mut(host).expect("known");
+        if h.leases.as_ref() == Some(&word) {
+            return;
+        }
+        let was_lost = h.leases.as_ref().and_then(LeaseWord::lost).is_some();
+        let lost = word.lost();
+        let vms: Vec<String> = word.unprotected.iter().map(|r| r.to_string()).collect();
+        let inc = h.incident;
+        h.leases = Some(word);
+        self.bump();
+        match lost {
+            Some(why) => {
+                if let Some(inc) = inc {
+                    self.note(
+                        inc,
+                        Subject::Host(host.clone()),
+                        format!("disk leases lost: {why}"),
+                        Source::Ebpf,
+                    );
+                }
+                if was_lost {
+                    return;
+                }
+                self.host_alarm(
+                    host,
+                    AlarmKind::DiskLeasesLost,
+                    format!(
+                        "{why}; unprotected VMs: [{}]. A second start of them elsewhere would                          not be refused; the host is no restore target until every VM it                          runs holds its leases again (start its lease daemon, restart                          libvirtd so that it registers its lockspaces again, then restart                          or migrate the VMs listed)",
+                        vms.join(", ")
+                    ),
+                );
+            }
+            None => {
+                if self
+                    .hosts
+                    .get_mut(host)
+                    .expect("known")
+                    .alarmed
+                    .remove(&AlarmKind::DiskLeasesLost)
+                {
+                    if let Some(inc) = inc {
+                        self.note(
+                            inc,
+                            Subject::Host(host.clone()),
+                            "disk leases back: every running VM holds its leases".into(),
+                            Source::Ebpf,
+                        );
+                    }
                 }
             }
         }

@@ -124,7 +124,7 @@ use std::time::Duration;
 
 use detector::{Detector, Liveness};
 use entries::{
-    Gate, HeldExit, HostClock, HostEntry, Known, ResourceEntry, Restored, MAX_HELD_EXITS,
+    Gate, HeldExit, HostClock, HostEntry, Known, LeaseWord, ResourceEntry, Restored, MAX_HELD_EXITS,
 };
 use unsure::Tried;
 
@@ -328,6 +328,12 @@ impl Engine {
                 last_seen: self.detector.last_seen(h),
                 evacuated: e.evacuated.iter().cloned().collect(),
                 back: self.is_back(h),
+                not_a_target: e.leases.as_ref().and_then(LeaseWord::lost),
+                unprotected: e
+                    .leases
+                    .as_ref()
+                    .map(|l| l.unprotected.iter().cloned().collect())
+                    .unwrap_or_default(),
             })
             .collect()
     }

@@ -3971,3 +3971,87 @@ fn lifting_a_storage_fence_is_recorded_on_the_unfenced_incident_and_a_failure_is
         .iter()
         .any(|e| e.cause.starts_with("lifting the storage fence failed")));
 }
+
+fn leases(h: &mut Harness, i: usize, daemon_running: bool, unprotected: &[&str]) -> Vec<Action> {
+    h.input(Input::HostEvent {
+        host: host(i),
+        event: HostEvent::DiskLeases {
+            daemon_running,
+            unprotected: unprotected.iter().map(|v| Resource::vm(*v)).collect(),
+            reason: if daemon_running {
+                "virtlockd pid 9 runs".into()
+            } else {
+                "virtlockd pid 8 killed by SIGKILL from pid 1 (kill)".into()
+            },
+        },
+    })
+}
+
+fn view(h: &Harness, i: usize) -> HostView {
+    h.engine
+        .hosts()
+        .into_iter()
+        .find(|v| v.host == host(i))
+        .expect("a known host")
+}
+
+#[test]
+fn a_host_whose_lease_daemon_died_is_alarmed_once_and_no_target_with_its_vms_unprotected_until_its_leases_are_back(
+) {
+    let mut h = Harness::new(3);
+    watchdog_lists(&mut h, 1, &["vm1", "vm2"], &[]);
+    assert_eq!(view(&h, 1).not_a_target, None, "no word: not judged");
+    let out = leases(&mut h, 1, true, &[]);
+    assert!(alarms(&out).is_empty());
+    assert_eq!(view(&h, 1).not_a_target, None);
+
+    let out = leases(&mut h, 1, false, &["vm1", "vm2"]);
+    assert_eq!(alarms(&out), vec![AlarmKind::DiskLeasesLost]);
+    let reason = out
+        .iter()
+        .find_map(|a| match a {
+            Action::Alarm {
+                reason, host: on, ..
+            } if *on == Some(host(1)) => Some(reason.clone()),
+            _ => None,
+        })
+        .expect("the alarm names the host");
+    assert!(
+        reason.contains("vm1") && reason.contains("SIGKILL"),
+        "{reason}"
+    );
+    let v = view(&h, 1);
+    assert!(
+        v.not_a_target
+            .as_deref()
+            .is_some_and(|w| w.contains("daemon is down")),
+        "{v:?}"
+    );
+    assert_eq!(
+        v.unprotected,
+        vec![Resource::vm("vm1"), Resource::vm("vm2")]
+    );
+    assert_eq!(
+        v.state,
+        HostState::Up,
+        "a lost lease is no failure of the host"
+    );
+
+    // The daemon runs again but holds none of the running guests' leases: still lost,
+    // and not alarmed twice.
+    let out = leases(&mut h, 1, true, &["vm1", "vm2"]);
+    assert!(alarms(&out).is_empty());
+    assert!(view(&h, 1).not_a_target.is_some());
+    // The same word repeated (with every inventory) changes nothing.
+    assert!(leases(&mut h, 1, true, &["vm1", "vm2"]).is_empty());
+
+    let out = leases(&mut h, 1, true, &[]);
+    assert!(alarms(&out).is_empty());
+    let v = view(&h, 1);
+    assert_eq!((v.not_a_target, v.unprotected), (None, vec![]));
+    // Lost again later: alarmed again.
+    assert_eq!(
+        alarms(&leases(&mut h, 1, false, &[])),
+        vec![AlarmKind::DiskLeasesLost]
+    );
+}

@@ -184,6 +184,18 @@ pub enum HostEvent {
         /// Why lifting failed, if it did.
         error: Option<String>,
     },
+    /// The host's disk leases, from a watchdog that watches them (libvirt's lock
+    /// manager, virtlockd): whether their daemon runs, and which VMs run without their
+    /// leases. A host that never said this is not judged by its leases.
+    DiskLeases {
+        /// The lease daemon runs.
+        daemon_running: bool,
+        /// VMs running on the host whose disks are not all leased (all of them while
+        /// the daemon is down): another host could start them a second time.
+        unprotected: Vec<Resource>,
+        /// The watchdog's account, for people.
+        reason: String,
+    },
 }
 
 /// Timers the engine asks for; the runtime feeds them back as [`Input::Timer`].
@@ -382,6 +394,11 @@ pub enum AlarmKind {
     /// A host's storage fence could not be lifted after its unfence: it cannot write to
     /// RBD until an operator removes its blocklist entries.
     StorageUnfenceFailed,
+    /// A host's disk leases are lost: its lease daemon (virtlockd) died or restarted,
+    /// so VMs run there without their leases and a second start of them elsewhere would
+    /// not be refused. The host is no restore target until every running VM holds its
+    /// leases again (see [`HostView::not_a_target`]).
+    DiskLeasesLost,
     /// An evacuation or a restart in place was sent and not answered: it may have
     /// started the resource. It is tried again nowhere until every host that may run it
     /// has said it does not, or was powered off since; a host that says it runs it
@@ -570,6 +587,13 @@ pub struct HostView {
     /// Fenced, and heard again since the fence (by the controller's receive time) and
     /// not silent now: the host is back and waits to be trusted again.
     pub back: bool,
+    /// Why nothing is restored onto this host now, though it may be up (its disk leases
+    /// are lost); `None`: it may be a target as far as the engine knows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_a_target: Option<String>,
+    /// VMs running on it without the protection of their disk leases.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unprotected: Vec<Resource>,
 }
 
 /// A read-only view of one resource.

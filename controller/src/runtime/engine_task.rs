@@ -386,34 +386,38 @@ impl EngineTask {
         }
     }
 
-    /// After a resume: hands the engine each host's latest stored inventory. A watchdog
-    /// sends its inventory when its stream connects and whenever it changes, so the
-    /// latest one stored is what the host ran when it was last heard; without it, a host
-    /// that died while no controller acted (a restart, a handover) would be recovered
-    /// with its VMs unknown, i.e. not restored. Live hosts send a fresh one when their
-    /// streams reconnect.
+    /// After a resume: hands the engine each host's latest stored inventory and disk-lease
+    /// word. A watchdog sends its inventory when its stream connects and whenever it
+    /// changes, so the latest one stored is what the host ran when it was last heard;
+    /// without it, a host that died while no controller acted (a restart, a handover)
+    /// would be recovered with its VMs unknown, i.e. not restored. Its lease word is sent
+    /// only when it changes: without the latest one, a host whose lease daemon died
+    /// before a handover would be taken for a protected target. Live hosts send a fresh
+    /// inventory when their streams reconnect.
     fn replay_inventories(&mut self) {
-        let stored = match self.store.events_of_kind("inventory") {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the stored inventories; the hosts' VMs are learnt as they report");
-                return;
-            }
-        };
-        let mut latest: BTreeMap<String, String> = BTreeMap::new();
-        for (host, payload) in stored {
-            latest.insert(host, payload);
-        }
-        for (host, payload) in latest {
-            let Some((event, unix_ns)) = stored_event(&payload) else {
-                continue;
+        for kind in ["inventory", "disk_leases"] {
+            let stored = match self.store.events_of_kind(kind) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(kind, error = %e, "cannot read the stored host reports; they are learnt as the hosts report");
+                    continue;
+                }
             };
-            if let Some(he) = host_event(&event, unix_ns) {
-                tracing::info!(host, "resumed with the host's latest stored inventory");
-                self.step(Input::HostEvent {
-                    host: HostId::new(&host),
-                    event: he,
-                });
+            let mut latest: BTreeMap<String, String> = BTreeMap::new();
+            for (host, payload) in stored {
+                latest.insert(host, payload);
+            }
+            for (host, payload) in latest {
+                let Some((event, unix_ns)) = stored_event(&payload) else {
+                    continue;
+                };
+                if let Some(he) = host_event(&event, unix_ns) {
+                    tracing::info!(host, kind, "resumed with the host's latest stored report");
+                    self.step(Input::HostEvent {
+                        host: HostId::new(&host),
+                        event: he,
+                    });
+                }
             }
         }
     }

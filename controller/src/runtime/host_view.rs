@@ -58,6 +58,8 @@ mod tests {
             last_seen: None,
             evacuated: vec![],
             back: false,
+            not_a_target: None,
+            unprotected: vec![],
         }
     }
 

@@ -89,6 +89,7 @@ impl EdgeFactory {
         let restorer: Box<dyn Restorer + Send> = match (self.backend, compute) {
             (Backend::Libvirt, _) => Box::new(
                 libvirt::LibvirtRestorer::new(results.clone(), self.streams.clone())
+                    .with_host_facts(links.hosts.clone())
                     .with_old_copy_check(crate::edges::old_copies::OldCopyCheck::new(
                         self.fence.clone(),
                     )),

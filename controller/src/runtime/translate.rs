@@ -169,6 +169,15 @@ pub fn host_event(payload: &EventPayload, unix_ns: u64) -> Option<HostEvent> {
                 at: ListedAt::Host(at),
             })
         }
+        EventPayload::DiskLeases {
+            daemon_pid,
+            unprotected,
+            reason,
+        } => Some(HostEvent::DiskLeases {
+            daemon_running: daemon_pid.is_some(),
+            unprotected: unprotected.iter().cloned().map(Resource::vm).collect(),
+            reason: reason.clone(),
+        }),
         _ => None,
     }
 }
@@ -203,6 +212,35 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(host_event(&lifecycle("crashed", "panicked"), 0).is_some());
+    }
+
+    #[test]
+    fn a_disk_leases_word_says_whether_the_daemon_runs_and_names_the_unprotected_vms() {
+        let p = EventPayload::DiskLeases {
+            daemon_pid: None,
+            unprotected: vec!["u-1".into()],
+            reason: "virtlockd pid 8 killed by SIGKILL".into(),
+        };
+        assert_eq!(
+            host_event(&p, 0),
+            Some(HostEvent::DiskLeases {
+                daemon_running: false,
+                unprotected: vec![Resource::vm("u-1")],
+                reason: "virtlockd pid 8 killed by SIGKILL".into(),
+            })
+        );
+        let p = EventPayload::DiskLeases {
+            daemon_pid: Some(9),
+            unprotected: vec![],
+            reason: String::new(),
+        };
+        assert!(matches!(
+            host_event(&p, 0),
+            Some(HostEvent::DiskLeases {
+                daemon_running: true,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -226,6 +226,8 @@ mod tests {
             last_seen: None,
             evacuated: vec![Resource::vm("vm-1"), Resource::router("r-1")],
             back: true,
+            not_a_target: None,
+            unprotected: vec![],
         };
         let hosts: BTreeMap<HostId, HostView> = [(h.clone(), view.clone())].into();
         let w = &watched(&hosts)[&h];

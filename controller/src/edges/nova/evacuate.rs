@@ -258,6 +258,13 @@ impl Worker {
             .filter(|h| h.state == HostState::Maintenance)
             .map(|h| h.host.to_string())
             .collect();
+        // The engine's word on hosts that must not take VMs now (lost disk leases).
+        let not_a_target: BTreeMap<String, String> = self
+            .hosts
+            .borrow()
+            .values()
+            .filter_map(|h| Some((h.host.to_string(), h.not_a_target.clone()?)))
+            .collect();
         let mut out = Vec::new();
         for svc in services {
             if failed.contains(svc.host.as_str()) {
@@ -267,6 +274,8 @@ impl Worker {
                 Some("is excluded by the configuration".to_string())
             } else if maintenance.contains(&svc.host) {
                 Some("is in maintenance".into())
+            } else if let Some(why) = not_a_target.get(&svc.host) {
+                Some(format!("is no target: {why}"))
             } else if svc.forced_down {
                 Some("is forced down".into())
             } else if svc.status != "enabled" {
