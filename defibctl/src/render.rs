@@ -51,6 +51,10 @@ fn host_row(t: &mut Table, h: &HostSnapshot, now: u64) {
     if h.self_fence.starts_with("not armed") {
         flags.push("self-fence-not-armed".to_string());
     }
+    // Why, and which VMs: in `--json` (`not_a_target`, `unprotected`).
+    if h.not_a_target.is_some() {
+        flags.push(format!("leases-lost({} VMs unprotected)", h.unprotected.len()));
+    }
     t.row([
         h.host.clone(),
         h.state.to_string(),
@@ -343,6 +347,8 @@ mod tests {
             boot_id: None,
             incarnation: None,
             evacuated: vec![],
+            not_a_target: None,
+            unprotected: vec![],
         }
     }
 

@@ -42,6 +42,8 @@ fn sample_snapshot() -> Snapshot {
         boot_id: None,
         incarnation: None,
         evacuated: vec![],
+        not_a_target: None,
+        unprotected: vec![],
     };
     let entry = |at: u64, from: &str, to: &str, cause: &str, source| TimelineEntry {
         at: Timestamp(at),

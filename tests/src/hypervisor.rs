@@ -270,6 +270,65 @@ mount --bind {r}/cache /var/cache/libvirt
         self.virtlockd
     }
 
+    /// Where its virtlockd writes its pid (the watchdog's `disk_leases.pid_file`).
+    pub fn virtlockd_pid_file(&self) -> PathBuf {
+        self.root.join("run/virtlockd.pid")
+    }
+
+    /// Its libvirt lock manager's configuration (`disk_leases.lockd_conf`).
+    pub fn lockd_conf(&self) -> PathBuf {
+        self.root.join("etc/qemu-lockd.conf")
+    }
+
+    /// Kills its virtlockd alone (SIGKILL), as a crash would, and waits until it is gone;
+    /// libvirtd and the guests run on.
+    pub fn kill_virtlockd(&mut self) -> u32 {
+        let pid = self.virtlockd.take().expect("a hypervisor with disk leases");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        stop_pid(pid, "virtlockd", Duration::from_secs(10));
+        pid
+    }
+
+    /// Starts a virtlockd again in its namespace, as an init system would after a crash
+    /// (the running guests' leases are not taken again by it), and waits for its socket.
+    pub fn start_virtlockd_again(&mut self) -> Result<u32, String> {
+        let libvirtd: u32 = std::fs::read_to_string(self.root.join("libvirtd.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or("no libvirtd pid")?;
+        let r = self.root.display();
+        let script = format!(
+            "/usr/sbin/virtlockd --pid-file /run/libvirt/virtlockd.pid >> {r}/virtlockd.log 2>&1 &
+pid=$!
+echo $pid > {r}/virtlockd.pid
+n=0
+until [ \"$(cat /run/libvirt/virtlockd.pid 2>/dev/null)\" = \"$pid\" ] && [ -S /run/libvirt/virtlockd-sock ]; do
+  n=$((n+1)); [ $n -gt 200 ] && {{ echo virtlockd did not start; exit 1; }}
+  sleep 0.05
+done"
+        );
+        let out = Command::new("nsenter")
+            .args(["-t", &libvirtd.to_string(), "-m", "--", "sh", "-c", &script])
+            .output()
+            .map_err(|e| format!("nsenter: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "starting virtlockd again: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let pid: u32 = std::fs::read_to_string(self.root.join("virtlockd.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or("no virtlockd pid")?;
+        self.virtlockd = Some(pid);
+        Ok(pid)
+    }
+
     /// The next starts of domain `name` sleep `delay` in the hook's `prepare` phase
     /// (needs `slow_start_hook`); [`Duration::ZERO`] makes them quick again.
     pub fn slow_start(&self, name: &str, delay: Duration) {

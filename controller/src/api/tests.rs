@@ -61,6 +61,8 @@ fn sample_snapshot() -> Snapshot {
         boot_id: Some("b00t".into()),
         incarnation: Some(3),
         evacuated: vec![],
+        not_a_target: None,
+        unprotected: vec![],
     };
     let vm = |id: &str, host: &str, state, owner| ResourceSnapshot {
         resource: format!("vm:{id}"),

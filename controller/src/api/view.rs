@@ -84,6 +84,12 @@ pub struct HostSnapshot {
     /// stale copies: the stale-router report), until it is unfenced.
     #[serde(default)]
     pub evacuated: Vec<String>,
+    /// Why nothing is restored onto this host now (its disk leases are lost), if so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_a_target: Option<String>,
+    /// VMs running on it without the protection of their disk leases.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unprotected: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

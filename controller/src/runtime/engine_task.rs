@@ -884,6 +884,8 @@ pub(crate) fn snapshot_of(
                 boot_id: info.boot_id.map(|b| b.to_string()),
                 incarnation: info.incarnation,
                 evacuated: h.evacuated.iter().map(|r| r.to_string()).collect(),
+                not_a_target: h.not_a_target.clone(),
+                unprotected: h.unprotected.iter().map(|r| r.to_string()).collect(),
             }
         })
         .collect();

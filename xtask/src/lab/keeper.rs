@@ -269,9 +269,17 @@ pub(super) fn serve(
         Some(_) => ("nova", super::nova::controller_section()),
         None => ("libvirt", String::new()),
     };
-    let libvirt: Vec<(String, String)> = lab_hosts
+    // (URI, qemu pid dir, virtlockd pid file, lockd configuration) per host.
+    let libvirt: Vec<(String, String, String, String)> = lab_hosts
         .iter()
-        .map(|h| (h.uri.clone(), h.pid_dir.display().to_string()))
+        .map(|h| {
+            (
+                h.uri.clone(),
+                h.pid_dir.display().to_string(),
+                h.hv.virtlockd_pid_file().display().to_string(),
+                h.hv.lockd_conf().display().to_string(),
+            )
+        })
         .collect();
     let spec = LabSpec {
         hosts,
@@ -281,13 +289,15 @@ pub(super) fn serve(
              [fence]\nverify_timeout_ms = 5000\nverify_poll_ms = 100\n\n{fence_hosts}\n{nova_section}"
         ),
         // Each host watches its own libvirt and reports only its own domains (one kernel's
-        // probes see every qemu). The Nova lab's hosts have no libvirt.
+        // probes see every qemu), and its own virtlockd. The Nova lab's hosts have no
+        // libvirt.
         watchdog_extra: Box::new(move |h| {
-            let Some((uri, pids)) = libvirt.get(h) else {
+            let Some((uri, pids, lockd_pid, lockd_conf)) = libvirt.get(h) else {
                 return String::new();
             };
             format!(
-                "[libvirt]\nenabled = true\nonly_own_domains = true\nuri = {uri:?}\npid_dir = {pids:?}\n"
+                "[libvirt]\nenabled = true\nonly_own_domains = true\nuri = {uri:?}\npid_dir = {pids:?}\n\n\
+                 [disk_leases]\nenabled = true\npid_file = {lockd_pid:?}\nlockd_conf = {lockd_conf:?}\n"
             )
         }),
         bmc_network: true,
