@@ -49,6 +49,9 @@ fn a_thousand_seeded_fault_scenarios_keep_every_invariant() {
     let storage = a.totals.storage_fences + b.totals.storage_fences;
     let past = a.totals.restored_past_blocklist + b.totals.restored_past_blocklist;
     eprintln!("storage fences: {storage} hosts fenced by their Ceph blocklist alone, {past} VMs on RBD restored while their blocklisted old copy ran on");
+    let deaths = a.totals.lease_daemon_deaths + b.totals.lease_daemon_deaths;
+    let onto = a.totals.restored_onto_lost_leases + b.totals.restored_onto_lost_leases;
+    eprintln!("disk leases: {deaths} lease daemons died, {onto} VMs started on such a host before its word reached the engine");
     let store = a.totals.store_failures + b.totals.store_failures;
     eprintln!("store: {store} writes failed or were the last before the process died");
     let t = |f: fn(&sim::Report) -> u64| f(&a.totals) + f(&b.totals);

@@ -53,7 +53,10 @@ fn host_row(t: &mut Table, h: &HostSnapshot, now: u64) {
     }
     // Why, and which VMs: in `--json` (`not_a_target`, `unprotected`).
     if h.not_a_target.is_some() {
-        flags.push(format!("leases-lost({} VMs unprotected)", h.unprotected.len()));
+        flags.push(format!(
+            "leases-lost({} VMs unprotected)",
+            h.unprotected.len()
+        ));
     }
     t.row([
         h.host.clone(),

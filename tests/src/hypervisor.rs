@@ -283,7 +283,10 @@ mount --bind {r}/cache /var/cache/libvirt
     /// Kills its virtlockd alone (SIGKILL), as a crash would, and waits until it is gone;
     /// libvirtd and the guests run on.
     pub fn kill_virtlockd(&mut self) -> u32 {
-        let pid = self.virtlockd.take().expect("a hypervisor with disk leases");
+        let pid = self
+            .virtlockd
+            .take()
+            .expect("a hypervisor with disk leases");
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::Signal::SIGKILL,

@@ -138,7 +138,11 @@ fn a_host_whose_virtlockd_died_is_alarmed_shows_its_vms_unprotected_and_takes_no
         let log = |lab: &Lab| lab.watchdogs[h[1..].parse::<usize>().unwrap()].log_text();
         let deadline = Instant::now() + Duration::from_secs(30);
         while !log(&lab).contains("disk-lease daemon running") {
-            assert!(Instant::now() < deadline, "{h} never found its virtlockd\n{}", log(&lab));
+            assert!(
+                Instant::now() < deadline,
+                "{h} never found its virtlockd\n{}",
+                log(&lab)
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -153,7 +157,10 @@ fn a_host_whose_virtlockd_died_is_alarmed_shows_its_vms_unprotected_and_takes_no
     let killed_at = Instant::now();
     let old = hvs[1].kill_virtlockd();
     let alarmed = loop {
-        if lab.alarm_kinds("h1").contains(&"DiskLeasesLost".to_string()) {
+        if lab
+            .alarm_kinds("h1")
+            .contains(&"DiskLeasesLost".to_string())
+        {
             break killed_at.elapsed();
         }
         assert!(
@@ -192,7 +199,9 @@ fn a_host_whose_virtlockd_died_is_alarmed_shows_its_vms_unprotected_and_takes_no
     assert_eq!(starts_on_h1, 0, "{}", lab.logs());
 
     // virtlockd runs again, but holds no lease of the guest it did not start.
-    let new = hvs[1].start_virtlockd_again().unwrap_or_else(|e| panic!("{e}"));
+    let new = hvs[1]
+        .start_virtlockd_again()
+        .unwrap_or_else(|e| panic!("{e}"));
     let v = wait_view(&lab, "h1", "sees the new virtlockd", |v| {
         v["not_a_target"]
             .as_str()

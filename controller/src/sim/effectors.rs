@@ -392,6 +392,9 @@ impl Sim<'_> {
                         if !self.res[i].instances.is_empty() {
                             self.report.restored_past_blocklist += 1;
                         }
+                        if self.hosts[t].leases_lost == Some(true) {
+                            self.report.restored_onto_lost_leases += 1;
+                        }
                         self.res[i].placement = t;
                         self.res[i].instances.insert(t);
                     }
@@ -445,9 +448,22 @@ impl Sim<'_> {
                     && w.alive()
                     && !(nova && w.forced_down)
                     && !w.maintenance
+                    // Both backends read the engine's facts: a host whose disk leases
+                    // it holds lost is no target.
+                    && self.engine_allows_target(t)
                     && !(nova && w.boot_id > 1 && self.now < w.booted_at + 2_000)
             })
             .collect()
+    }
+
+    /// Whether the engine's published facts leave host `t` a restore target.
+    fn engine_allows_target(&self, t: usize) -> bool {
+        let id = &self.hosts[t].id;
+        self.engine
+            .hosts()
+            .into_iter()
+            .find(|v| &v.host == id)
+            .is_none_or(|v| v.not_a_target.is_none())
     }
 
     /// The libvirt backend picks an evacuation's target when it sends the start, among

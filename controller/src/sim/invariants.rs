@@ -28,6 +28,10 @@ pub enum Invariant {
     OneLeader,
     /// A new leader acted before a former leader's last action.
     LeadersInOrder,
+    /// The engine's published facts disagree with the last disk-lease word it took
+    /// about a host: a host it was told lost its leases is still offered as a restore
+    /// target, or one told they are back is still ruled out.
+    LeaseLossHonoured,
 }
 
 /// A broken invariant, with the recent history that led to it.
@@ -394,6 +398,24 @@ impl Sim<'_> {
             return Ok(());
         }
         self.last_revision = rev;
+        let views = self.engine.hosts();
+        for (&h, &lost) in &self.lease_words_taken {
+            let id = &self.hosts[h].id;
+            let ruled_out = views
+                .iter()
+                .find(|v| &v.host == id)
+                .is_some_and(|v| v.not_a_target.is_some());
+            if ruled_out != lost {
+                return self.fail(
+                    Invariant::LeaseLossHonoured,
+                    format!(
+                        "{id}: told its disk leases are {}, the engine has it {}",
+                        if lost { "lost" } else { "held" },
+                        if ruled_out { "ruled out" } else { "a target" }
+                    ),
+                );
+            }
+        }
         let mut claimed: BTreeMap<Resource, crate::engine::IncidentId> = BTreeMap::new();
         for (inc, r) in self.engine.claims() {
             if let Some(other) = claimed.insert(r.clone(), inc) {

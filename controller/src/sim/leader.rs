@@ -377,6 +377,8 @@ impl Sim<'_> {
         let (engine, actions) =
             Engine::resume_knowing(self.cfg.clone(), &self.log, &heard, self.engine_now());
         self.engine = engine;
+        // The new process knows no host's leases until they are reported to it.
+        self.lease_words_taken.clear();
         self.lifetime += 1;
         let life = self.lifetime;
         self.at(

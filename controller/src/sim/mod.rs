@@ -199,6 +199,14 @@ pub struct Report {
     /// VMs on RBD restored elsewhere while their old copy ran on, blocklisted.
     #[serde(default)]
     pub restored_past_blocklist: u64,
+    /// Hosts whose disk-lease daemon died.
+    #[serde(default)]
+    pub lease_daemon_deaths: u64,
+    /// VMs started on a host whose lease daemon was dead at that moment: sent before its
+    /// watchdog's word reached the engine (the word's way, 1 to 40 ms, or longer while
+    /// its stream is down), never after (the LeaseLossHonoured invariant).
+    #[serde(default)]
+    pub restored_onto_lost_leases: u64,
     /// Restores (evacuations, and the libvirt backend's restarts in place) whose edge
     /// reported `Unknown` (started or not).
     #[serde(default)]
@@ -304,6 +312,8 @@ pub fn run_seeds(seeds: Range<u64>) -> Summary {
                 t.stale_copy_stops += r.stale_copy_stops;
                 t.storage_fences += r.storage_fences;
                 t.restored_past_blocklist += r.restored_past_blocklist;
+                t.lease_daemon_deaths += r.lease_daemon_deaths;
+                t.restored_onto_lost_leases += r.restored_onto_lost_leases;
                 t.restores_unknown += r.restores_unknown;
                 t.asks += r.asks;
                 t.answers_lost += r.answers_lost;

@@ -52,6 +52,15 @@ pub enum Fault {
     },
     /// The controller process restarts (state rebuilt from the intent log).
     ControllerRestart,
+    /// The host's disk-lease daemon (virtlockd) dies: its VMs run on without their
+    /// leases until it is back (issue 24). Nothing may be restored onto the host
+    /// meanwhile, as its watchdog reports it.
+    LeaseDaemonDies {
+        /// Host index.
+        host: usize,
+        /// How long until its leases are back.
+        for_ms: u64,
+    },
     /// The host's BMC stops working: fences of it fail.
     BmcBroken {
         /// Host index.
@@ -448,6 +457,21 @@ impl Scenario {
         } else {
             Vec::new()
         };
+        // Dead lease daemons (issue 24, virtlockd), from a seventh stream: on a third of
+        // the seeds, one or two.
+        let mut seventh = Rng::new(seed.rotate_left(5) ^ 0x0024_1EA5);
+        if seventh.chance(0.33) {
+            for _ in 0..seventh.range(1, 2) {
+                faults.push((
+                    seventh.range(500, 9_000),
+                    Fault::LeaseDaemonDies {
+                        host: seventh.index(hosts),
+                        for_ms: seventh.range(300, 6_000),
+                    },
+                ));
+            }
+            faults.sort_by_key(|(t, _)| *t);
+        }
         Scenario {
             storage_fence,
             rbd_vms,

@@ -31,6 +31,9 @@ pub(super) struct WHost {
     /// On the Ceph blocklist (its storage fence, until its unfence): its copies of VMs
     /// on RBD cannot write.
     pub(super) blocklisted: bool,
+    /// Its disk-lease daemon is dead (`Fault::LeaseDaemonDies`); `None`: its watchdog
+    /// said nothing of leases yet.
+    pub(super) leases_lost: Option<bool>,
 }
 
 impl WHost {
@@ -113,6 +116,8 @@ pub(super) enum Ev {
     Answer(usize, usize, u64),
     HeartbeatRound,
     InventoryRound,
+    /// Host `.0`'s lease daemon runs again and its VMs hold their leases.
+    LeasesBack(usize),
     Fault(Fault),
     Unhang(usize),
     Unpartition(usize, Option<u16>),
@@ -267,6 +272,10 @@ pub(super) struct Sim<'a> {
     /// (target, resource): that host's watchdog answers a question about the resource
     /// after them.
     pub(super) starts_on_way: BTreeMap<(usize, usize), u32>,
+    /// The last disk-lease word the current engine took per host: lost or not. Checked
+    /// against the engine's published facts after every step (the restore backends pick
+    /// targets by those).
+    pub(super) lease_words_taken: BTreeMap<usize, bool>,
 }
 
 impl<'a> Sim<'a> {
@@ -291,6 +300,7 @@ impl<'a> Sim<'a> {
                 heartbeat_delay_ms: 0,
                 booted_at: 0,
                 blocklisted: false,
+                leases_lost: None,
             })
             .collect();
         let res = sc
@@ -383,6 +393,7 @@ impl<'a> Sim<'a> {
             last_revision: u64::MAX,
             unanswered: BTreeSet::new(),
             starts_on_way: BTreeMap::new(),
+            lease_words_taken: BTreeMap::new(),
         }
     }
 
@@ -653,10 +664,20 @@ impl<'a> Sim<'a> {
                                 at,
                             });
                         }
+                        // The watchdog repeats its lease word with every listing.
+                        if self.hosts[h].leases_lost.is_some() {
+                            let word = self.lease_word(h);
+                            self.hosts[h].outbox.push(word);
+                        }
                     }
                 }
             }
             Ev::Fault(f) => self.fault(f)?,
+            Ev::LeasesBack(h) => {
+                self.hosts[h].leases_lost = Some(false);
+                let word = self.lease_word(h);
+                self.hosts[h].outbox.push(word);
+            }
             Ev::Unhang(h) => {
                 self.hosts[h].hung = false;
             }
@@ -894,6 +915,15 @@ impl<'a> Sim<'a> {
             | Fault::KeepAliveDelay { .. }
             | Fault::LeaderStall { .. } => self.leader_fault(f)?,
             Fault::BmcBroken { host } => self.hosts[host].bmc_broken = true,
+            Fault::LeaseDaemonDies { host, for_ms } => {
+                if self.hosts[host].alive() && self.hosts[host].leases_lost != Some(true) {
+                    self.report.lease_daemon_deaths += 1;
+                    self.hosts[host].leases_lost = Some(true);
+                    let word = self.lease_word(host);
+                    self.hosts[host].outbox.push(word);
+                    self.at(self.now + for_ms, Ev::LeasesBack(host));
+                }
+            }
             Fault::HostDeaf { host, for_ms } => {
                 self.hosts[host].deaf = true;
                 self.at(self.now + for_ms, Ev::Hear(host));
@@ -1091,10 +1121,46 @@ impl<'a> Sim<'a> {
         if !matches!(input, Input::Heartbeat(_) | Input::Timer(_)) {
             self.trace(format!("{:>6} IN  {input:?}", self.now));
         }
+        if let Input::HostEvent {
+            host,
+            event:
+                HostEvent::DiskLeases {
+                    daemon_running,
+                    unprotected,
+                    ..
+                },
+        } = &input
+        {
+            let lost = !daemon_running || !unprotected.is_empty();
+            let h = self.index(host);
+            self.lease_words_taken.insert(h, lost);
+        }
         let actions = self.engine.step(self.engine_now(), input);
         self.report.steps += 1;
         self.apply_actions(actions)?;
         self.check_engine()
+    }
+
+    /// What host `h`'s watchdog says of its leases now: with its daemon dead, every
+    /// VM it runs is unprotected.
+    pub(super) fn lease_word(&self, h: usize) -> HostEvent {
+        let lost = self.hosts[h].leases_lost == Some(true);
+        HostEvent::DiskLeases {
+            daemon_running: !lost,
+            unprotected: if lost {
+                self.listing(h, false)
+                    .into_iter()
+                    .filter(|r| r.kind() == crate::engine::ResourceKind::Vm)
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            reason: if lost {
+                "virtlockd killed".into()
+            } else {
+                "virtlockd runs".into()
+            },
+        }
     }
 
     pub(super) fn index(&self, host: &HostId) -> usize {
