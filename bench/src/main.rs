@@ -18,6 +18,7 @@ mod report;
 mod restart_in_place;
 mod router_move;
 mod soak;
+mod storage_host_loss;
 mod suspect_latency;
 mod watchdog_cost;
 mod watchdog_restart;
@@ -152,6 +153,12 @@ enum Scenario {
     BlocklistFence {
         #[arg(long, default_value_t = 20)]
         samples: usize,
+    },
+    /// Host loss → its RBD VM running elsewhere with the storage fence alone (a dead
+    /// BMC, the ceph-blocklist level counting alone), against the Ceph test bed.
+    StorageFenceHostLoss {
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
     },
     /// Host loss → fence verified, through ipmi_sim and through Pacemaker, with
     /// Pacemaker's own detection and fencing timed in the same run.
@@ -349,6 +356,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::NovaEvacuate { rounds, servers } => nova_evacuate::run(rounds, servers)?,
         Scenario::RbdUprobeCost { rounds, requests } => rbd_uprobe_cost::run(rounds, requests)?,
         Scenario::BlocklistFence { samples } => blocklist_fence::run(samples)?,
+        Scenario::StorageFenceHostLoss { rounds } => storage_host_loss::run(rounds)?,
         Scenario::RouterMove { rounds, routers } => router_move::run(rounds, &routers)?,
         Scenario::WatchdogRestart {
             restarts,

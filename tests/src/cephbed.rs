@@ -387,3 +387,21 @@ impl Drop for SourceAddress {
         self.remove();
     }
 }
+
+/// A wrapper script in `dir` that runs `program` (`ceph`, `rbd`) in this process's network
+/// namespace, where the Ceph test bed listens: for a lab controller, which runs in a
+/// namespace of its own. Returns its path.
+pub fn cli_in_this_netns(dir: &Path, program: &str) -> String {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = dir.join(format!("{program}-in-test-netns"));
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\nexec nsenter --net=/proc/{}/ns/net -- {program} \"$@\"\n",
+            std::process::id()
+        ),
+    )
+    .expect("wrapper");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path.display().to_string()
+}

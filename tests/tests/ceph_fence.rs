@@ -26,10 +26,9 @@
 //! `CI=true` a missing one fails the test.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
-use std::os::unix::fs::PermissionsExt as _;
 use std::time::{Duration, Instant};
 
-use defib_tests::cephbed::{Cephbed, SourceAddress};
+use defib_tests::cephbed::{cli_in_this_netns, Cephbed, SourceAddress};
 use defib_tests::guests::{unique_uuid, virsh, Guest, GuestDisk};
 use defib_tests::hypervisor::{Hypervisor, HypervisorOptions};
 use defib_tests::lab::{host_transitions, Lab, LabSpec};
@@ -53,21 +52,6 @@ impl Drop for Unblock<'_> {
             Duration::from_secs(30),
         );
     }
-}
-
-/// A wrapper for `program` that runs it in this process's network namespace.
-fn in_our_netns(dir: &std::path::Path, program: &str) -> String {
-    let path = dir.join(format!("{program}-in-test-netns"));
-    std::fs::write(
-        &path,
-        format!(
-            "#!/bin/sh\nexec nsenter --net=/proc/{}/ns/net -- {program} \"$@\"\n",
-            std::process::id()
-        ),
-    )
-    .expect("wrapper");
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    path.display().to_string()
 }
 
 /// The counter each written sector (1..=63) of the image holds now.
@@ -153,8 +137,8 @@ fn a_cut_off_host_with_a_dead_bmc_is_blocklisted_its_rbd_vm_runs_elsewhere_and_n
     // h0's BMC address answers nothing (no BMC runs there); the blocklist counts alone.
     let dir = tempfile::tempdir().expect("tempdir");
     let (ceph_bin, rbd_bin) = (
-        in_our_netns(dir.path(), "ceph"),
-        in_our_netns(dir.path(), "rbd"),
+        cli_in_this_netns(dir.path(), "ceph"),
+        cli_in_this_netns(dir.path(), "rbd"),
     );
     let controller_extra = format!(
         r#"[engine]
@@ -393,8 +377,8 @@ fn a_power_fenced_hosts_rbd_guest_that_runs_on_is_blocklisted_by_the_watcher_che
 
     let dir = tempfile::tempdir().expect("tempdir");
     let (ceph_bin, rbd_bin) = (
-        in_our_netns(dir.path(), "ceph"),
-        in_our_netns(dir.path(), "rbd"),
+        cli_in_this_netns(dir.path(), "ceph"),
+        cli_in_this_netns(dir.path(), "rbd"),
     );
     let bmc_addr = defib_tests::netns::bmc_address(0);
     let controller_extra = format!(
