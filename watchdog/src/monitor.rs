@@ -70,6 +70,9 @@ pub struct Monitor {
     leases: Option<LeaseWatch>,
     /// The running domains' leased disks, from the last libvirt inventory.
     leased: Vec<LeasedVm>,
+    /// When an operation seen in flight at the last scan crosses the stall threshold,
+    /// if before the next regular scan (host monotonic ns).
+    stall_due: Option<u64>,
 }
 
 impl Monitor {
@@ -96,6 +99,7 @@ impl Monitor {
             disk_sources: Vec::new(),
             leases: cfg_leases,
             leased: Vec::new(),
+            stall_due: None,
         }
     }
 
@@ -469,9 +473,18 @@ impl Monitor {
             })),
             Err(e) => tracing::warn!(error = %e, "cannot read the librbd request map"),
         }
-        for c in self.stalls.on_scan(monotonic_ns(), &ops) {
+        let now = monotonic_ns();
+        for c in self.stalls.on_scan(now, &ops) {
             self.emit_stall(c, sink);
         }
+        // An operation that crosses the threshold before the next scan gets a scan of its
+        // own, due then (a stall is reported within a timer's precision, not up to a
+        // scan interval late); only one still in flight this close to it does.
+        let interval_ns = self.cfg.probes.stall_scan_interval_ms * 1_000_000;
+        self.stall_due = self
+            .stalls
+            .next_crossing(now, &ops)
+            .filter(|&due| due < now.saturating_add(interval_ns));
     }
 
     /// Which block devices the VMs use: their libvirt disks that are block devices, and
@@ -620,6 +633,17 @@ impl Monitor {
         }
     }
 
+    /// Handles every record waiting in the ring buffer.
+    fn drain(&mut self, rb: &mut aya::maps::RingBuf<aya::maps::MapData>, sink: &mut dyn EventSink) {
+        let mut pending = Vec::new();
+        while let Some(item) = rb.next() {
+            pending.push(item.to_vec());
+        }
+        for bytes in pending {
+            self.handle(&bytes, sink);
+        }
+    }
+
     /// Runs until `shutdown` resolves.
     pub async fn run(
         mut self,
@@ -672,6 +696,9 @@ impl Monitor {
         block_devs_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         rescan_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The scan due when an operation crosses the threshold (see `scan_stalls`).
+        let crossing = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(crossing);
         let mut external = self.external.take();
         let mut sd_watchdog = crate::systemd::WatchdogPinger::from_env();
         tokio::pin!(shutdown);
@@ -690,16 +717,15 @@ impl Monitor {
                 _ = stall_tick.tick() => {
                     // Drain first: a call that just ended has its record in the ring
                     // before its entry leaves the in-flight map (see stall.rs).
-                    let rb = ring.get_mut();
-                    let mut pending = Vec::new();
-                    while let Some(item) = rb.next() {
-                        pending.push(item.to_vec());
-                    }
-                    for bytes in pending {
-                        self.handle(&bytes, sink);
-                    }
+                    self.drain(ring.get_mut(), sink);
                     self.scan_stalls(sink);
                     self.check_stats(sink);
+                    arm_crossing(self.stall_due, crossing.as_mut());
+                }
+                _ = &mut crossing, if self.stall_due.is_some() => {
+                    self.drain(ring.get_mut(), sink);
+                    self.scan_stalls(sink);
+                    arm_crossing(self.stall_due, crossing.as_mut());
                 }
                 _ = rescan_tick.tick() => self.scan_proc(sink),
                 _ = block_devs_tick.tick() => self.refresh_block_devs(),
@@ -719,6 +745,16 @@ impl Monitor {
             self.save_vm_cache();
         }
         Ok(())
+    }
+}
+
+/// Sets the crossing timer to the host monotonic time `due` (1 ms past it, so that the
+/// operation is past the threshold when scanned).
+fn arm_crossing(due: Option<u64>, timer: std::pin::Pin<&mut tokio::time::Sleep>) {
+    if let Some(due) = due {
+        let wait =
+            Duration::from_nanos(due.saturating_sub(monotonic_ns())) + Duration::from_millis(1);
+        timer.reset(tokio::time::Instant::now() + wait);
     }
 }
 

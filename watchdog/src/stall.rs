@@ -146,6 +146,17 @@ impl StallTracker {
         changes
     }
 
+    /// When the next of `inflight` crosses the threshold, if one has not yet: the scan
+    /// due then reports it within a timer's precision, instead of up to a scan interval
+    /// late. Only operations still in flight at this scan count; most end long before.
+    pub fn next_crossing(&self, now_ns: u64, inflight: &[InflightOp]) -> Option<u64> {
+        inflight
+            .iter()
+            .map(|i| i.stuck.start_ns.saturating_add(self.threshold_ns))
+            .filter(|&due| due > now_ns)
+            .min()
+    }
+
     /// An operation of `tgid` ended at `end_ns` after at least the threshold.
     pub fn on_slow_end(&mut self, tgid: u32, op: StuckOp, end_ns: u64) -> Vec<StallChange> {
         let key = (op.op, op.start_ns);
@@ -247,6 +258,18 @@ mod tests {
     fn a_call_in_flight_shorter_than_the_threshold_is_not_a_stall() {
         let mut t = StallTracker::new(1000 * MS);
         assert!(t.on_scan(900 * MS, &[io(10, 11, 0)]).is_empty());
+    }
+
+    #[test]
+    fn the_next_crossing_is_the_earliest_threshold_of_what_is_still_under_it() {
+        let t = StallTracker::new(1000 * MS);
+        let ops = [io(10, 11, 0), block(10, 8, 300), uring(12, 1, 150)];
+        // At 900 ms: the call begun at 0 crosses first, at 1000 ms.
+        assert_eq!(t.next_crossing(900 * MS, &ops), Some(1000 * MS));
+        // At 1100 ms it is past (a stall already): the next is the io_uring request's.
+        assert_eq!(t.next_crossing(1100 * MS, &ops), Some(1150 * MS));
+        assert_eq!(t.next_crossing(1400 * MS, &ops), None);
+        assert_eq!(t.next_crossing(0, &[]), None);
     }
 
     #[test]
