@@ -10,10 +10,10 @@
 //! ms, this machine's clock) dates Suspect, Fenced and the VM Running on h1.
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use defib_tests::cephbed::{cli_in_this_netns, Cephbed, SourceAddress};
+use defib_tests::cephbed::{blocklist_alone_lab, Cephbed, SourceAddress};
 use defib_tests::guests::{unique_uuid, Guest, GuestDisk, Hostbed};
 use defib_tests::hypervisor::{Hypervisor, HypervisorOptions};
-use defib_tests::lab::{Lab, LabSpec};
+use defib_tests::lab::Lab;
 
 use crate::report::{self, Series};
 
@@ -54,45 +54,7 @@ fn round(n: usize, hostbed: &Hostbed, ceph: &Cephbed) -> anyhow::Result<Round> {
     let subject = format!("vm:{uuid}");
     stage("guest started on h0");
     let dir = tempfile::tempdir()?;
-    let (ceph_bin, rbd_bin) = (
-        cli_in_this_netns(dir.path(), "ceph"),
-        cli_in_this_netns(dir.path(), "rbd"),
-    );
-    let controller_extra = format!(
-        r#"[engine]
-fence_on_unknown_after_ms = 3000
-fence_retry_backoff_ms = 1000
-
-[fence]
-verify_timeout_ms = 10000
-verify_poll_ms = 50
-
-[[fence.host]]
-name = "h0"
-levels = [
-  {{ method = "ipmi", address = "{bmc}", port = 9623, username = "admin", password_file = "{{DIR}}/bmc.pass", timeout_ms = 1000, attempts = 1 }},
-  {{ method = "ceph-blocklist", addresses = ["{H0_CEPH_ADDR}"], pools = ["{pool}"], counts = "alone", conf = {conf:?}, ceph = {ceph_bin:?}, rbd = {rbd_bin:?} }},
-]
-"#,
-        bmc = defib_tests::netns::bmc_address(0),
-        pool = defib_tests::cephbed::POOL,
-        conf = ceph.conf().display().to_string(),
-    );
-    let (hv_uri, hv_pids) = (hv.uri(), hv.pid_dir().display().to_string());
-    let spec = LabSpec {
-        hosts: 2,
-        backend: "libvirt",
-        controller_extra,
-        watchdog_extra: Box::new(move |h| {
-            match h {
-            0 => "[libvirt]\nenabled = true\nonly_own_domains = true\n".into(),
-            _ => format!(
-                "[libvirt]\nenabled = true\nonly_own_domains = true\nuri = {hv_uri:?}\npid_dir = {hv_pids:?}\n"
-            ),
-        }
-        }),
-        bmc_network: true,
-    };
+    let spec = blocklist_alone_lab(ceph, &hv, H0_CEPH_ADDR, dir.path());
     let mut lab = Lab::new(&spec);
     defib_tests::write_secret(lab.path("bmc.pass"), "unused\n")?;
     lab.start_controller(&spec);

@@ -405,3 +405,54 @@ pub fn cli_in_this_netns(dir: &Path, program: &str) -> String {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     path.display().to_string()
 }
+
+/// The lab of tests/tests/ceph_fence.rs and its bench: two hosts on the libvirt backend,
+/// h0 the hostbed's system libvirt (whose qemus reach Ceph from `h0_ceph_addr`), h1 the
+/// hypervisor `h1`; h0's fence levels are an ipmi level at an address nothing answers,
+/// then the `ceph-blocklist` level counting alone, whose Ceph CLI runs in this process's
+/// network namespace through wrappers written to `dir`.
+pub fn blocklist_alone_lab(
+    ceph: &Cephbed,
+    h1: &crate::hypervisor::Hypervisor,
+    h0_ceph_addr: &str,
+    dir: &Path,
+) -> crate::lab::LabSpec {
+    let (ceph_bin, rbd_bin) = (
+        cli_in_this_netns(dir, "ceph"),
+        cli_in_this_netns(dir, "rbd"),
+    );
+    let controller_extra = format!(
+        r#"[engine]
+fence_on_unknown_after_ms = 3000
+fence_retry_backoff_ms = 1000
+
+[fence]
+verify_timeout_ms = 10000
+verify_poll_ms = 50
+
+[[fence.host]]
+name = "h0"
+levels = [
+  {{ method = "ipmi", address = "{bmc}", port = 9623, username = "admin", password_file = "{{DIR}}/bmc.pass", timeout_ms = 1000, attempts = 1 }},
+  {{ method = "ceph-blocklist", addresses = ["{h0_ceph_addr}"], pools = ["{POOL}"], counts = "alone", conf = {conf:?}, ceph = {ceph_bin:?}, rbd = {rbd_bin:?} }},
+]
+"#,
+        bmc = crate::netns::bmc_address(0),
+        conf = ceph.conf().display().to_string(),
+    );
+    let (hv_uri, hv_pids) = (h1.uri(), h1.pid_dir().display().to_string());
+    crate::lab::LabSpec {
+        hosts: 2,
+        backend: "libvirt",
+        controller_extra,
+        watchdog_extra: Box::new(move |h| {
+            match h {
+            0 => "[libvirt]\nenabled = true\nonly_own_domains = true\n".into(),
+            _ => format!(
+                "[libvirt]\nenabled = true\nonly_own_domains = true\nuri = {hv_uri:?}\npid_dir = {hv_pids:?}\n"
+            ),
+        }
+        }),
+        bmc_network: true,
+    }
+}

@@ -28,7 +28,7 @@
 
 use std::time::{Duration, Instant};
 
-use defib_tests::cephbed::{cli_in_this_netns, Cephbed, SourceAddress};
+use defib_tests::cephbed::{blocklist_alone_lab, cli_in_this_netns, Cephbed, SourceAddress};
 use defib_tests::guests::{unique_uuid, virsh, Guest, GuestDisk};
 use defib_tests::hypervisor::{Hypervisor, HypervisorOptions};
 use defib_tests::lab::{host_transitions, Lab, LabSpec};
@@ -136,45 +136,7 @@ fn a_cut_off_host_with_a_dead_bmc_is_blocklisted_its_rbd_vm_runs_elsewhere_and_n
 
     // h0's BMC address answers nothing (no BMC runs there); the blocklist counts alone.
     let dir = tempfile::tempdir().expect("tempdir");
-    let (ceph_bin, rbd_bin) = (
-        cli_in_this_netns(dir.path(), "ceph"),
-        cli_in_this_netns(dir.path(), "rbd"),
-    );
-    let controller_extra = format!(
-        r#"[engine]
-fence_on_unknown_after_ms = 3000
-fence_retry_backoff_ms = 1000
-
-[fence]
-verify_timeout_ms = 10000
-verify_poll_ms = 200
-
-[[fence.host]]
-name = "h0"
-levels = [
-  {{ method = "ipmi", address = "{bmc}", port = 9623, username = "admin", password_file = "{{DIR}}/bmc.pass", timeout_ms = 1000, attempts = 1 }},
-  {{ method = "ceph-blocklist", addresses = ["{H0_CEPH_ADDR}"], pools = ["{pool}"], counts = "alone", conf = {conf:?}, ceph = {ceph_bin:?}, rbd = {rbd_bin:?} }},
-]
-"#,
-        bmc = defib_tests::netns::bmc_address(0),
-        pool = defib_tests::cephbed::POOL,
-        conf = ceph.conf().display().to_string(),
-    );
-    let (hv_uri, hv_pids) = (hv.uri(), hv.pid_dir().display().to_string());
-    let spec = LabSpec {
-        hosts: 2,
-        backend: "libvirt",
-        controller_extra,
-        watchdog_extra: Box::new(move |h| {
-            match h {
-            0 => "[libvirt]\nenabled = true\nonly_own_domains = true\n".into(),
-            _ => format!(
-                "[libvirt]\nenabled = true\nonly_own_domains = true\nuri = {hv_uri:?}\npid_dir = {hv_pids:?}\n"
-            ),
-        }
-        }),
-        bmc_network: true,
-    };
+    let spec = blocklist_alone_lab(&ceph, &hv, H0_CEPH_ADDR, dir.path());
     let mut lab = Lab::new(&spec);
     defib_tests::write_secret(lab.path("bmc.pass"), "unused\n").unwrap();
     lab.start_controller(&spec);

@@ -297,6 +297,21 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// Ends a host alarm's hold (`host_alarm` raises it again after this); whether it was
+    /// raised.
+    pub(super) fn clear_host_alarm(&mut self, host: &HostId, kind: AlarmKind) -> bool {
+        let cleared = self
+            .hosts
+            .get_mut(host)
+            .is_some_and(|h| h.alarmed.remove(&kind));
+        if cleared {
+            self.bump();
+        }
+        cleared
+    }
+}
+
 /// Moves `state` to `to`, returning where it was; `None` when it is there already. A
 /// move the machine does not allow is a bug in the engine (replay restores states
 /// without walking every move).

@@ -284,15 +284,7 @@ impl Engine {
                 ),
             ),
             None => {
-                if self
-                    .hosts
-                    .get_mut(host)
-                    .expect("known")
-                    .alarmed
-                    .remove(&AlarmKind::StorageUnfenceFailed)
-                {
-                    self.bump();
-                }
+                self.clear_host_alarm(host, AlarmKind::StorageUnfenceFailed);
             }
         }
     }
@@ -329,19 +321,17 @@ impl Engine {
                     host,
                     AlarmKind::DiskLeasesLost,
                     format!(
-                        "{why}; unprotected VMs: [{}]. A second start of them elsewhere would                          not be refused; the host is no restore target until every VM it                          runs holds its leases again (start its lease daemon, restart                          libvirtd so that it registers its lockspaces again, then restart                          or migrate the VMs listed)",
+                        "{why}; unprotected VMs: [{}]. A second start of them elsewhere would \
+                         not be refused; the host is no restore target until every VM it \
+                         runs holds its leases again (start its lease daemon, restart \
+                         libvirtd so that it registers its lockspaces again, then restart \
+                         or migrate the VMs listed)",
                         vms.join(", ")
                     ),
                 );
             }
             None => {
-                if self
-                    .hosts
-                    .get_mut(host)
-                    .expect("known")
-                    .alarmed
-                    .remove(&AlarmKind::DiskLeasesLost)
-                {
+                if self.clear_host_alarm(host, AlarmKind::DiskLeasesLost) {
                     if let Some(inc) = inc {
                         self.note(
                             inc,
