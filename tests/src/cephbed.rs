@@ -445,14 +445,7 @@ levels = [
         hosts: 2,
         backend: "libvirt",
         controller_extra,
-        watchdog_extra: Box::new(move |h| {
-            match h {
-            0 => "[libvirt]\nenabled = true\nonly_own_domains = true\n".into(),
-            _ => format!(
-                "[libvirt]\nenabled = true\nonly_own_domains = true\nuri = {hv_uri:?}\npid_dir = {hv_pids:?}\n"
-            ),
-        }
-        }),
+        watchdog_extra: crate::lab::system_and_own_libvirt(hv_uri, hv_pids),
         bmc_network: true,
     }
 }

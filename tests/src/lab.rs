@@ -51,6 +51,19 @@ pub fn own_libvirt(libvirt: Vec<(String, String)>) -> Box<dyn Fn(usize) -> Strin
     })
 }
 
+/// Watchdog TOML for two hosts: h0 watches the hostbed's system libvirt, h1 the libvirt
+/// at `uri` (its qemu pid files in `pid_dir`); each reports only its own domains.
+pub fn system_and_own_libvirt(uri: String, pid_dir: String) -> Box<dyn Fn(usize) -> String> {
+    Box::new(move |h| {
+        match h {
+        0 => "[libvirt]\nenabled = true\nonly_own_domains = true\n".into(),
+        _ => format!(
+            "[libvirt]\nenabled = true\nonly_own_domains = true\nuri = {uri:?}\npid_dir = {pid_dir:?}\n"
+        ),
+    }
+    })
+}
+
 /// Controller TOML that fences h0 through its lab BMC at `bmc_addr` (IPMI, the
 /// password in `{DIR}/bmc.pass`), with the lab's short waits: an `Unknown`
 /// confirmation fences after 3 s of silence, a power-off is verified within 5 s.

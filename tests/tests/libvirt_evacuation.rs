@@ -94,14 +94,7 @@ fn a_partitioned_hosts_guest_is_fenced_through_its_bmc_then_started_on_another_h
         controller_extra: fence_h0_by_ipmi(&bmc_addr),
         // Each host watches its own libvirt and reports only its domains (the probes
         // see every qemu of this one kernel).
-        watchdog_extra: Box::new(move |h| {
-            match h {
-            0 => "[libvirt]\nenabled = true\nonly_own_domains = true\n".into(),
-            _ => format!(
-                "[libvirt]\nenabled = true\nonly_own_domains = true\nuri = {hv_uri:?}\npid_dir = {hv_pids:?}\n"
-            ),
-        }
-        }),
+        watchdog_extra: defib_tests::lab::system_and_own_libvirt(hv_uri, hv_pids),
         bmc_network: true,
     };
     let mut lab = Lab::new(&spec);
