@@ -119,6 +119,78 @@ fn gains(since: u64) -> BTreeMap<String, usize> {
     m
 }
 
+/// The router restorer's events until every router of `routers` is verified (or
+/// failed), up to `timeout`.
+fn router_events_until_verified(
+    ctl: &mut Controller,
+    routers: &BTreeSet<String>,
+    timeout: Duration,
+) -> Vec<RouterEvent> {
+    let t0 = Instant::now();
+    let mut events = Vec::new();
+    loop {
+        events.extend(ctl.router_events());
+        let done = routers.iter().all(|r| {
+            events.iter().any(|e| {
+                matches!(e, RouterEvent::Verified { router, .. } | RouterEvent::Failed { router, .. }
+                    if router == r)
+            })
+        });
+        if done {
+            return events;
+        }
+        assert!(
+            t0.elapsed() < timeout,
+            "not every router verified after {timeout:?}: {events:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The target loads the first plan for `routers` read, and every router's planned host.
+fn planned(
+    events: &[RouterEvent],
+    routers: &BTreeSet<String>,
+) -> (BTreeMap<String, usize>, BTreeMap<String, String>) {
+    let mut first_loads = None;
+    let mut all = BTreeMap::new();
+    for e in events {
+        if let RouterEvent::Planned { loads, plan } = e {
+            if plan.keys().any(|r| routers.contains(r)) {
+                first_loads.get_or_insert_with(|| loads.clone());
+                all.extend(plan.clone());
+            }
+        }
+    }
+    let loads = first_loads.unwrap_or_else(|| panic!("no plan for {routers:?}: {events:?}"));
+    all.retain(|r, _| routers.contains(r));
+    assert_eq!(all.len(), routers.len(), "every router planned: {events:?}");
+    (loads, all)
+}
+
+/// Each host that got routers in `plan` was, when it got its last one, no more loaded
+/// than any other target: the least-loaded fill (ties aside, within one router).
+fn assert_least_loaded_fill(loads: &BTreeMap<String, usize>, plan: &BTreeMap<String, String>) {
+    let mut after = loads.clone();
+    for host in plan.values() {
+        *after.get_mut(host).expect("planned onto a target") += 1;
+    }
+    for (host, n) in &after {
+        if plan.values().any(|h| h == host) {
+            let min_other = after
+                .iter()
+                .filter(|(h, _)| *h != host)
+                .map(|(_, m)| *m)
+                .min()
+                .unwrap_or(usize::MAX);
+            assert!(
+                n - 1 <= min_other,
+                "{host} took a router while more loaded than another: loads {loads:?}, after {after:?}"
+            );
+        }
+    }
+}
+
 fn cleanup(neutron: &Neutron, prefix: &str) {
     neutron.delete_named(prefix);
 }
@@ -152,27 +224,50 @@ fn twenty_routers_spread_over_three_hosts_lose_host_1_and_its_routers_are_bound_
     );
     ctl.wait_host_state("fake-1", HostState::Up, Duration::from_secs(10));
     // The spread needs both remaining agents alive in Neutron's eyes when the move is
-    // planned: after creating and binding twenty routers on a loaded machine, a late
-    // agent report can make one look down (seen in a CI run: all seven went to fake-3).
+    // planned (a late report after creating and binding twenty routers on a loaded
+    // machine could make one look down): the plan's loads below show it if not.
     neutron.ensure_agent_ready(2);
     neutron.ensure_agent_ready(3);
 
     let fenced_at = fail_host_1(&nova, &neutron, &ctl);
     let bound = wait_bound_elsewhere(&neutron, &ids, "fake-1", Duration::from_secs(60));
-    // The others did not move; host 1's went to hosts 2 and 3, spread by load.
+    // The others did not move.
     for (id, host) in &routers {
         if host != "fake-1" {
             assert_eq!(&bound[id], host, "router {id} not on fake-1 stayed put");
         }
     }
+    let events = router_events_until_verified(&mut ctl, &on_1, Duration::from_secs(10));
+    // Host 1's were planned onto hosts 2 and 3 by load: each went where the target
+    // was least loaded when it was chosen (counting the ones chosen before it).
+    let (loads, plan) = planned(&events, &on_1);
+    assert!(
+        loads.contains_key("fake-2") && loads.contains_key("fake-3"),
+        "both remaining agents were targets: {loads:?}"
+    );
+    assert_least_loaded_fill(&loads, &plan);
     let mut per_host: BTreeMap<&str, usize> = BTreeMap::new();
-    for id in &on_1 {
-        *per_host.entry(bound[id].as_str()).or_default() += 1;
+    for host in plan.values() {
+        *per_host.entry(host.as_str()).or_default() += 1;
     }
     assert!(
         per_host.contains_key("fake-2") && per_host.contains_key("fake-3"),
-        "host 1's routers spread over both: {per_host:?}"
+        "host 1's routers planned over both: {per_host:?} (loads {loads:?})"
     );
+    // Each is bound where it was planned, or (Neutron's own auto-scheduling between
+    // its unbinding and its binding) where Neutron put it and the restorer kept it.
+    for id in &on_1 {
+        let kept_by_neutron = events.iter().any(|e| {
+            matches!(e, RouterEvent::Verified { router, host, by_neutron: true }
+                if router == id && host == &bound[id])
+        });
+        assert!(
+            bound[id] == plan[id] || kept_by_neutron,
+            "router {id} bound to {} though planned for {} and not kept from Neutron",
+            bound[id],
+            plan[id]
+        );
+    }
     // Each moved router was gained by exactly one agent (Neutron's bindings, as the
     // agents synced them), and bound once by the restorer.
     let t0 = Instant::now();
@@ -195,7 +290,6 @@ fn twenty_routers_spread_over_three_hosts_lose_host_1_and_its_routers_are_bound_
             .all(|r| on_1.contains(r)),
         "only host 1's routers moved: {g:?} (ha router {ha})"
     );
-    let events = ctl.router_events();
     let load = |h: &str| bound.values().filter(|b| *b == h).count();
     // Even, within one router, plus the slack Neutron's own auto-scheduling leaves: a
     // live agent syncing between a router's unbinding and its binding gets it from
@@ -214,6 +308,11 @@ fn twenty_routers_spread_over_three_hosts_lose_host_1_and_its_routers_are_bound_
             )
         })
         .count();
+    eprintln!(
+        "planned {per_host:?} on loads {loads:?}; bound fake-2 {} fake-3 {}; {by_neutron} kept from Neutron",
+        load("fake-2"),
+        load("fake-3")
+    );
     assert!(
         load("fake-2").abs_diff(load("fake-3")) <= 1 + 2 * by_neutron,
         "loads even: fake-2 {} fake-3 {} ({by_neutron} scheduled by Neutron meanwhile)",

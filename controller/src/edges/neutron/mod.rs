@@ -98,6 +98,12 @@ pub enum RouterEvent {
         host: String,
         reason: String,
     },
+    /// A batch of moves was planned: each target host's load as read (routers bound
+    /// there plus moves planned there and not bound yet), and each router's new host.
+    Planned {
+        loads: BTreeMap<String, usize>,
+        plan: BTreeMap<String, String>,
+    },
     /// A router was bound to a new agent (Neutron answered the binding).
     Moved {
         router: String,

@@ -63,6 +63,12 @@ impl Worker {
         }
         // Least routers first, in a stable order.
         todo.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut loads_read: BTreeMap<String, usize> = BTreeMap::new();
+        for (agent, n) in &loads {
+            *loads_read.entry(targets[agent].clone()).or_default() += n;
+        }
+        let mut plan = BTreeMap::new();
+        let mut jobs = Vec::new();
         for (router, from, key, bindings) in todo {
             let Some(agent) = choose_agent(&mut loads) else {
                 self.finish_router(
@@ -73,7 +79,17 @@ impl Worker {
                 continue;
             };
             let to_host = targets[&agent].clone();
+            plan.insert(router.clone(), to_host.clone());
             *self.core.lock().binding.entry(agent.clone()).or_default() += 1;
+            jobs.push((router, from, key, bindings, agent, to_host));
+        }
+        if !plan.is_empty() {
+            self.core.event(RouterEvent::Planned {
+                loads: loads_read,
+                plan,
+            });
+        }
+        for (router, from, key, bindings, agent, to_host) in jobs {
             let w = self.clone();
             tokio::spawn(async move {
                 let _slot = w.moves.acquire().await;
