@@ -52,6 +52,8 @@ fn a_thousand_seeded_fault_scenarios_keep_every_invariant() {
     let deaths = a.totals.lease_daemon_deaths + b.totals.lease_daemon_deaths;
     let onto = a.totals.restored_onto_lost_leases + b.totals.restored_onto_lost_leases;
     eprintln!("disk leases: {deaths} lease daemons died, {onto} VMs started on such a host before its word reached the engine");
+    let forgotten = a.totals.incidents_forgotten + b.totals.incidents_forgotten;
+    eprintln!("memory: {forgotten} closed incidents forgotten (one kept), with their intents");
     let store = a.totals.store_failures + b.totals.store_failures;
     eprintln!("store: {store} writes failed or were the last before the process died");
     let t = |f: fn(&sim::Report) -> u64| f(&a.totals) + f(&b.totals);

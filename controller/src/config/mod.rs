@@ -220,6 +220,8 @@ pub struct EngineSection {
     pub overload_lag_ms: u64,
     /// The most a silence is excused by the controller's own lag and blind time.
     pub max_overload_allowance_ms: u64,
+    /// Closed incidents kept in memory (the API's list); the store keeps them all.
+    pub closed_incidents_kept: usize,
 }
 
 impl Default for ControllerSection {
@@ -266,6 +268,7 @@ impl Default for EngineSection {
             max_dead_share: e.max_dead_share,
             overload_lag_ms: e.overload_lag.as_millis() as u64,
             max_overload_allowance_ms: e.max_overload_allowance.as_millis() as u64,
+            closed_incidents_kept: e.closed_incidents_kept,
         }
     }
 }
@@ -497,6 +500,11 @@ impl ControllerConfig {
             e.max_overload_allowance_ms,
             0..=600_000,
         )?;
+        check_range(
+            "engine.closed_incidents_kept",
+            e.closed_incidents_kept,
+            10..=1_000_000,
+        )?;
         let (fence, verify) = fence::resolve_fence(&self.fence)?;
         let etcd = resolve_etcd(&self.etcd, c, api_addr, tls.is_some())?;
         Ok(Resolved {
@@ -541,6 +549,7 @@ impl ControllerConfig {
             max_dead_share: e.max_dead_share,
             overload_lag: ms(e.overload_lag_ms),
             max_overload_allowance: ms(e.max_overload_allowance_ms),
+            closed_incidents_kept: e.closed_incidents_kept,
             self_fence_margin: self
                 .fence
                 .self_fence

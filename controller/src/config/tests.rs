@@ -391,3 +391,17 @@ fn each_bad_etcd_field_is_named() {
         assert!(err.to_string().contains(field), "{extra}: {err}");
     }
 }
+
+#[test]
+fn closed_incidents_kept_reaches_the_engine_and_too_few_names_the_field() {
+    let (_d, text) = with_key("[engine]\nclosed_incidents_kept = 5000\n");
+    let r = ControllerConfig::parse(&text).unwrap();
+    assert_eq!(r.engine_config().closed_incidents_kept, 5000);
+    let (_d, text) = with_key("[engine]\nclosed_incidents_kept = 0\n");
+    let err = ControllerConfig::parse(&text)
+        .unwrap()
+        .resolve()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("engine.closed_incidents_kept"), "{err}");
+}

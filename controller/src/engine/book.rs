@@ -91,8 +91,77 @@ impl Engine {
         if let Some(i) = self.incidents.get_mut(&id) {
             if i.closed_at.is_none() {
                 i.closed_at = Some(now);
+                self.closed.push_back(id);
                 self.bump();
             }
+        }
+        // In batches (every half bound of closes), so that finding what is still
+        // referred to (every host and resource) is paid once per many closes.
+        if self.closed.len() > self.forget_at {
+            self.forget_old_closed_incidents();
+            self.forget_at = self.closed.len() + self.cfg.closed_incidents_kept / 2;
+        }
+    }
+
+    /// Forgets the oldest closed incidents beyond [`Config::closed_incidents_kept`],
+    /// with their intents, except one something still refers to: a host's (last)
+    /// incident (a late listing may reopen it, a returned host's copies are noted on
+    /// it), a resource's owner, a given-up resource's failure, a stall, or an intent
+    /// not yet answered. Ids are never reused, so a forgotten incident's keys cannot be
+    /// issued again, a late answer to one is ignored as a done one is, and a late note
+    /// on one still reaches the store (`RecordTimeline`).
+    fn forget_old_closed_incidents(&mut self) {
+        let mut referred: BTreeSet<IncidentId> = BTreeSet::new();
+        for h in self.hosts.values() {
+            referred.extend(h.incident);
+            referred.extend(h.last_incident);
+            referred.extend(h.unfenced_from);
+        }
+        for e in self.resources.values() {
+            referred.extend(e.owner);
+            // A given-up VM's later accounts of the same failure are noted on it.
+            if e.state == ResourceState::GaveUp {
+                referred.extend(e.last_failure.map(|(i, _)| i));
+            }
+        }
+        referred.extend(self.stalls.values().copied());
+        for k in self.intents.values().filter(|k| !k.done) {
+            referred.extend(k.record.intent.incident());
+        }
+        let mut kept = std::collections::VecDeque::new();
+        while self.closed.len() + kept.len() > self.cfg.closed_incidents_kept {
+            let Some(id) = self.closed.pop_front() else {
+                break;
+            };
+            let still_closed = self
+                .incidents
+                .get(&id)
+                .is_some_and(|i| i.closed_at.is_some());
+            if !still_closed {
+                // Reopened (queued again when it closes again) or already gone.
+                continue;
+            }
+            if referred.contains(&id) {
+                kept.push_back(id);
+                continue;
+            }
+            self.incidents.remove(&id);
+            self.replayed_lines.remove(&id);
+            self.forgotten += 1;
+            let prefix = format!("{id}/");
+            let keys: Vec<IntentKey> = self
+                .intents
+                .range(IntentKey(prefix.clone())..)
+                .take_while(|(k, _)| k.as_str().starts_with(&prefix))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in keys {
+                self.intents.remove(&k);
+            }
+        }
+        // The referred-to ones wait at the front, oldest first, for the next batch.
+        while let Some(id) = kept.pop_back() {
+            self.closed.push_front(id);
         }
     }
 

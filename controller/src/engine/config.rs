@@ -74,6 +74,12 @@ pub struct Config {
     /// whose compute service reports again is unfenced without an operator (default
     /// false: an operator runs `defibctl unfence`).
     pub auto_unfence: bool,
+    /// Closed incidents kept in memory, for the API's incident list and late notes
+    /// (default 1,000): without a bound a long-lived controller grows with every crash
+    /// it has handled and copies every timeline into each snapshot. Older ones are
+    /// forgotten with their intents, except one something still refers to (a host's
+    /// last incident); the store keeps them all.
+    pub closed_incidents_kept: usize,
 }
 
 impl Default for Config {
@@ -100,6 +106,7 @@ impl Default for Config {
             fence_method: super::types::FenceMethod::Ipmi,
             vm_restorer: super::types::Source::Nova,
             auto_unfence: false,
+            closed_incidents_kept: 1000,
         }
     }
 }

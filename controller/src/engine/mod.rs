@@ -156,6 +156,13 @@ pub struct Engine {
     hosts: BTreeMap<HostId, HostEntry>,
     resources: BTreeMap<Resource, ResourceEntry>,
     incidents: BTreeMap<IncidentId, Incident>,
+    /// Closed incidents in the order they closed: the oldest beyond
+    /// [`Config::closed_incidents_kept`] are forgotten (the store keeps them all).
+    closed: std::collections::VecDeque<IncidentId>,
+    /// The length of `closed` at which the next forgetting runs.
+    forget_at: usize,
+    /// Closed incidents forgotten since start or resume.
+    forgotten: u64,
     next_incident: u64,
     intents: BTreeMap<IntentKey, Known>,
     /// Open disk-stall incidents: a stall of a resource no other incident owns is an
@@ -185,6 +192,7 @@ pub struct Engine {
 impl Engine {
     /// A fresh engine with no history.
     pub fn new(cfg: Config) -> Self {
+        let forget_at = cfg.closed_incidents_kept + cfg.closed_incidents_kept / 2;
         Engine {
             detector: Detector::new(cfg.detector.clone()),
             cfg,
@@ -196,6 +204,9 @@ impl Engine {
             hosts: BTreeMap::new(),
             resources: BTreeMap::new(),
             incidents: BTreeMap::new(),
+            closed: std::collections::VecDeque::new(),
+            forget_at,
+            forgotten: 0,
             next_incident: 1,
             intents: BTreeMap::new(),
             stalls: BTreeMap::new(),
@@ -361,9 +372,17 @@ impl Engine {
         })
     }
 
-    /// Every incident the engine remembers (open and closed since start/resume).
+    /// Every incident the engine remembers: the open ones, and the last
+    /// [`Config::closed_incidents_kept`] closed (more while something still refers to
+    /// them, such as a host's last incident).
     pub fn incidents(&self) -> impl Iterator<Item = &Incident> {
         self.incidents.values()
+    }
+
+    /// Closed incidents forgotten (beyond [`Config::closed_incidents_kept`]) since this
+    /// engine started or resumed.
+    pub fn incidents_forgotten(&self) -> u64 {
+        self.forgotten
     }
 
     /// One incident.

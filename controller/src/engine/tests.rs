@@ -4055,3 +4055,94 @@ fn a_host_whose_lease_daemon_died_is_alarmed_once_and_no_target_with_its_vms_unp
         vec![AlarmKind::DiskLeasesLost]
     );
 }
+
+#[test]
+fn a_controller_that_handled_thousands_of_crashes_remembers_only_the_latest_closed_incidents_and_ignores_late_answers_to_the_rest(
+) {
+    let kept = 20;
+    let mut h = Harness::with(
+        3,
+        Config {
+            closed_incidents_kept: kept,
+            ..Config::default()
+        },
+    );
+    // First a host incident: h2 fenced, its VM evacuated, the incident closed.
+    h.fence_and_recover(2);
+    let host_incident = h
+        .engine
+        .incidents()
+        .find(|i| i.subject == Subject::Host(host(2)) && i.closed_at.is_some())
+        .map(|i| i.id)
+        .expect("h2's closed incident");
+    let n = 10 * kept;
+    let names: Vec<String> = (0..n).map(|i| format!("many{i}")).collect();
+    let vms: Vec<Resource> = names.iter().map(Resource::vm).collect();
+    h.input(Input::HostEvent {
+        host: host(1),
+        event: HostEvent::Inventory {
+            resources: vms.clone(),
+            stopped: vec![],
+            rbd_only: vec![],
+            source: Source::Nova,
+            at: ListedAt::Controller(Timestamp(h.now)),
+        },
+    });
+    let mut keys = Vec::new();
+    for (vm, name) in vms.iter().zip(&names) {
+        h.take();
+        h.exit(1, name, Source::Ebpf, h.now);
+        let Some(Action::RestartInPlace { key, .. }) =
+            h.find(|a| matches!(a, Action::RestartInPlace { .. }))
+        else {
+            panic!("no restart of {vm}");
+        };
+        h.input(Input::RestoreResult {
+            resource: vm.clone(),
+            key: key.clone(),
+            outcome: RestoreOutcome::Ok { host: host(1) },
+        });
+        keys.push(key);
+    }
+    let remembered: Vec<IncidentId> = h.engine.incidents().map(|i| i.id).collect();
+    assert!(
+        remembered.len() <= kept + kept / 2 + 1,
+        "{} incidents remembered",
+        remembered.len()
+    );
+    assert!(remembered.len() >= kept);
+    // The latest are the ones kept.
+    let newest = h.engine.incidents().map(|i| i.id).max().expect("some");
+    assert!(h.engine.incident(newest).is_some());
+    let first = IncidentId(
+        keys[0].as_str()[1..]
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap(),
+    );
+    assert!(
+        h.engine.incident(first).is_none(),
+        "the oldest is forgotten"
+    );
+    // Older still, but h2's last incident: kept (a late listing may reopen it).
+    assert!(h.engine.incident(host_incident).is_some());
+    // A late, duplicated answer to a forgotten incident's restart changes nothing.
+    h.take();
+    let out = h.input(Input::RestoreResult {
+        resource: vms[0].clone(),
+        key: keys[0].clone(),
+        outcome: RestoreOutcome::Ok { host: host(2) },
+    });
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(
+        h.engine.resource(&vms[0]).map(|v| (v.state, v.host)),
+        Some((ResourceState::Running, host(1)))
+    );
+    // And the VM crashing again is a new incident, acted on as the first was.
+    h.exit(1, &names[0], Source::Ebpf, h.now);
+    assert!(h
+        .find(|a| matches!(a, Action::RestartInPlace { resource, .. } if resource == &vms[0]))
+        .is_some());
+}

@@ -462,6 +462,7 @@ impl Sim<'_> {
             let until = self.now.min(self.sc.end_at);
             self.report.leaderless_ms += until.saturating_sub(since.min(until));
         }
+        self.report.incidents_forgotten += self.engine.incidents_forgotten();
         self.report.unanswered_open_at_end = self
             .unanswered
             .iter()

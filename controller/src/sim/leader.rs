@@ -376,6 +376,7 @@ impl Sim<'_> {
         let heard: Vec<HostId> = self.hosts.iter().map(|w| w.id.clone()).collect();
         let (engine, actions) =
             Engine::resume_knowing(self.cfg.clone(), &self.log, &heard, self.engine_now());
+        self.report.incidents_forgotten += self.engine.incidents_forgotten();
         self.engine = engine;
         // The new process knows no host's leases until they are reported to it.
         self.lease_words_taken.clear();

@@ -202,6 +202,9 @@ pub struct Report {
     /// Hosts whose disk-lease daemon died.
     #[serde(default)]
     pub lease_daemon_deaths: u64,
+    /// Closed incidents the engines forgot (the scenarios keep 1 in memory).
+    #[serde(default)]
+    pub incidents_forgotten: u64,
     /// VMs started on a host whose lease daemon was dead at that moment: sent before its
     /// watchdog's word reached the engine (the word's way, 1 to 40 ms, or longer while
     /// its stream is down), never after (the LeaseLossHonoured invariant).
@@ -313,6 +316,7 @@ pub fn run_seeds(seeds: Range<u64>) -> Summary {
                 t.storage_fences += r.storage_fences;
                 t.restored_past_blocklist += r.restored_past_blocklist;
                 t.lease_daemon_deaths += r.lease_daemon_deaths;
+                t.incidents_forgotten += r.incidents_forgotten;
                 t.restored_onto_lost_leases += r.restored_onto_lost_leases;
                 t.restores_unknown += r.restores_unknown;
                 t.asks += r.asks;

@@ -515,6 +515,9 @@ impl Scenario {
             // The backstop for lost answers, scaled to a 30 s run: it fires on answers
             // merely slow too, which must be as safe.
             unanswered_after: Duration::from_secs(5),
+            // A 30 s run closes a few incidents, not thousands: keeping one makes the
+            // engine forget closed incidents within it, under every fault.
+            closed_incidents_kept: 1,
             ..Config::default()
         };
         if self.phi {
