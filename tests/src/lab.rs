@@ -39,28 +39,32 @@ impl Drop for Daemon {
     }
 }
 
+/// The watchdog's `[libvirt]` section reporting only its own domains (the probes see
+/// every qemu of the one kernel): of the system libvirt, or of the one at `uri` with its
+/// qemu pid files in `pid_dir`.
+fn libvirt_section(own: Option<(&str, &str)>) -> String {
+    let mut t = "[libvirt]\nenabled = true\nonly_own_domains = true\n".to_string();
+    if let Some((uri, pid_dir)) = own {
+        t += &format!("uri = {uri:?}\npid_dir = {pid_dir:?}\n");
+    }
+    t
+}
+
 /// Host `h`'s watchdog TOML for a lab whose host `h` watches its own libvirt
-/// (`libvirt[h]`: its URI and qemu pid directory) and reports only its own domains (the
-/// probes see every qemu of the one kernel).
+/// (`libvirt[h]`: its URI and qemu pid directory).
 pub fn own_libvirt(libvirt: Vec<(String, String)>) -> Box<dyn Fn(usize) -> String> {
     Box::new(move |h| {
         let (uri, pids) = &libvirt[h];
-        format!(
-            "[libvirt]\nenabled = true\nonly_own_domains = true\nuri = {uri:?}\npid_dir = {pids:?}\n"
-        )
+        libvirt_section(Some((uri, pids)))
     })
 }
 
 /// Watchdog TOML for two hosts: h0 watches the hostbed's system libvirt, h1 the libvirt
-/// at `uri` (its qemu pid files in `pid_dir`); each reports only its own domains.
+/// at `uri` (its qemu pid files in `pid_dir`).
 pub fn system_and_own_libvirt(uri: String, pid_dir: String) -> Box<dyn Fn(usize) -> String> {
-    Box::new(move |h| {
-        match h {
-        0 => "[libvirt]\nenabled = true\nonly_own_domains = true\n".into(),
-        _ => format!(
-            "[libvirt]\nenabled = true\nonly_own_domains = true\nuri = {uri:?}\npid_dir = {pid_dir:?}\n"
-        ),
-    }
+    Box::new(move |h| match h {
+        0 => libvirt_section(None),
+        _ => libvirt_section(Some((&uri, &pid_dir))),
     })
 }
 
