@@ -177,10 +177,23 @@ fn skewed_host_is_judged_like_a_right_one(offset: &str, offset_ms: i64) {
     }
 
     // The skew took: the incarnation is the watchdog's wall clock (ms) at its start.
+    // A host is listed from its event stream's first event; its incarnation only from
+    // its first proven heartbeat (one ack round trip later, longer on a busy machine).
     let inc = |h: &str| {
-        host_view(&lab, h)["incarnation"]
-            .as_i64()
-            .expect("incarnation")
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(i) = host_view(&lab, h)["incarnation"].as_i64() {
+                return i;
+            }
+            eprintln!("{h} listed, no proven heartbeat yet");
+            assert!(
+                Instant::now() < deadline,
+                "{h}: no heartbeat proven within 30 s: {}\n{}",
+                host_view(&lab, h),
+                lab.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     };
     let skew = inc("h0") - inc("h1");
     eprintln!("h0's incarnation is {skew} ms from h1's");
