@@ -46,6 +46,11 @@ pub struct HypervisorOptions {
     /// on the wire, e.g. to give them another source address than the system
     /// instance's qemus (an iptables owner match, tests/tests/ceph_fence.rs).
     pub qemu_as_root: bool,
+    /// Its libvirtd runs in a UTS namespace of its own with this host name, which is the
+    /// name libvirt reports (`virConnectGetHostname`): Nova's libvirt driver takes it for
+    /// its node, whose Placement resource provider must be unique, so two computes on
+    /// one machine need two names.
+    pub hostname: Option<String>,
 }
 
 /// A running second libvirt (see the module docs).
@@ -166,9 +171,13 @@ done
         } else {
             String::new()
         };
+        let hostname = match &options.hostname {
+            Some(h) => format!("hostname {h}\n"),
+            None => String::new(),
+        };
         let script = format!(
             "set -e
-mount --bind {r}/etc /etc/libvirt
+{hostname}mount --bind {r}/etc /etc/libvirt
 mount --bind {r}/run /run/libvirt
 mount --bind {r}/lib /var/lib/libvirt
 mount --bind {r}/log /var/log/libvirt
@@ -184,15 +193,9 @@ mount --bind {r}/cache /var/cache/libvirt
             .arg("--child-pidfile")
             .arg(root.join("child.pid"))
             .arg("--")
-            .args([
-                "unshare",
-                "--mount",
-                "--propagation",
-                "private",
-                "--",
-                "sh",
-                "-c",
-            ])
+            .args(["unshare", "--mount"])
+            .args(options.hostname.as_ref().map(|_| "--uts"))
+            .args(["--propagation", "private", "--", "sh", "-c"])
             .arg(&script)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)

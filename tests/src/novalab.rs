@@ -163,6 +163,38 @@ impl Nova {
             .expect("novabed image id")
             .trim()
             .to_string();
+        self.boot_image_on(&image, host, n, prefix, metadata)
+    }
+
+    /// The project's boot-sector guest (the hostbed's, `cargo xtask hostbed start`) as a
+    /// Glance image, for hosts with the libvirt driver; uploaded once.
+    pub fn hbguest_image(&self) -> String {
+        let out = Command::new("bash")
+            .arg(script())
+            .arg("hbguest-image")
+            .arg(crate::guests::image_path())
+            .env("NOVABED", novabed_dir())
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("novabed.sh hbguest-image");
+        assert!(out.status.success(), "hbguest-image: {}", out.status);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("an image id")
+            .trim()
+            .to_string()
+    }
+
+    /// Like [`Nova::boot_on`], from the Glance image `image`.
+    pub fn boot_image_on(
+        &self,
+        image: &str,
+        host: &str,
+        n: usize,
+        prefix: &str,
+        metadata: serde_json::Value,
+    ) -> Vec<String> {
         let body = json!({"server": {
             "name": prefix, "imageRef": image, "flavorRef": "1", "networks": "none",
             "min_count": n, "max_count": n, "host": host, "metadata": metadata}});
@@ -234,26 +266,12 @@ impl Nova {
     /// The pid of fake-`n`'s running nova-compute (from the novabed's pid list, checked
     /// against the process's command line).
     pub fn compute_pid(&self, n: u32) -> Option<i32> {
-        let pids = std::fs::read_to_string(novabed_dir().join("pids")).ok()?;
-        let name = format!("nova-compute-fake-{n}");
-        pids.lines()
-            .filter_map(|l| l.split_once(' '))
-            .filter(|(_, nm)| nm.trim() == name)
-            .filter_map(|(p, _)| p.parse::<i32>().ok())
-            .rfind(|p| {
-                std::fs::read(format!("/proc/{p}/cmdline"))
-                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("nova-compute"))
-            })
+        compute_pid_of(&format!("fake-{n}"))
     }
 
     /// SIGKILLs host fake-`n`'s nova-compute (the host "dies").
     pub fn kill_compute(&self, n: u32) {
-        let pid = self.compute_pid(n).expect("a running nova-compute");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .expect("kill nova-compute");
+        kill_compute_of(&format!("fake-{n}"));
     }
 
     /// Starts host fake-`n`'s nova-compute again (the host "returns").
@@ -342,6 +360,90 @@ impl Nova {
     }
 }
 
+/// The pid of `host`'s running nova-compute (from the novabed's pid list, checked against
+/// the process's command line).
+pub fn compute_pid_of(host: &str) -> Option<i32> {
+    let pids = std::fs::read_to_string(novabed_dir().join("pids")).ok()?;
+    let name = format!("nova-compute-{host}");
+    pids.lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(_, nm)| nm.trim() == name)
+        .filter_map(|(p, _)| p.parse::<i32>().ok())
+        .rfind(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("nova-compute"))
+        })
+}
+
+/// SIGKILLs `host`'s nova-compute.
+pub fn kill_compute_of(host: &str) {
+    let pid = compute_pid_of(host).expect("a running nova-compute");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill nova-compute");
+}
+
+/// A host of the novabed whose nova-compute has Nova's libvirt driver, against a test's
+/// own libvirtd (its host name is the node's name): started new, and on drop its compute
+/// stopped and its service deleted (the test deletes its servers first).
+pub struct LibvirtCompute {
+    pub host: String,
+}
+
+impl LibvirtCompute {
+    /// Starts `host`'s compute against the libvirtd at `uri` and waits until Nova lists
+    /// its hypervisor.
+    pub fn start(host: &str, uri: &str) -> LibvirtCompute {
+        let st = Command::new("bash")
+            .arg(script())
+            .args(["start-libvirt-compute", host, uri])
+            .env("NOVABED", novabed_dir())
+            .status()
+            .expect("start-libvirt-compute");
+        let compute = LibvirtCompute { host: host.into() };
+        assert!(
+            st.success(),
+            "start-libvirt-compute {host}: {st}\n{}",
+            compute.log_tail()
+        );
+        compute
+    }
+
+    /// Starts its compute again, as it had been (the host returns after a power-off).
+    pub fn restart(&self) {
+        let st = Command::new("bash")
+            .arg(script())
+            .args(["restart-libvirt-compute", &self.host])
+            .env("NOVABED", novabed_dir())
+            .status()
+            .expect("restart-libvirt-compute");
+        assert!(st.success(), "restart-libvirt-compute {}: {st}", self.host);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(novabed_dir().join(format!("logs/nova-compute-{}.log", self.host)))
+            .unwrap_or_default()
+    }
+
+    fn log_tail(&self) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for LibvirtCompute {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(script())
+            .args(["remove-compute", &self.host])
+            .env("NOVABED", novabed_dir())
+            .status();
+    }
+}
+
 /// A fencer that hands every fence request to the test.
 struct TestFencer {
     asked: std_mpsc::Sender<(HostId, IntentKey)>,
@@ -381,7 +483,12 @@ impl Controller {
     /// restorer; `HOSTS` heartbeat every 100 ms unless silenced. The engine's settings
     /// are its defaults: an operator unfences.
     pub fn start(store: &Path, settings: NovaSettings) -> Controller {
-        Self::start_with(store, EngineConfig::default(), settings, None)
+        Self::start_with(store, EngineConfig::default(), settings, None, &HOSTS)
+    }
+
+    /// Like [`Controller::start`], with `hosts` heartbeating instead of [`HOSTS`].
+    pub fn start_for_hosts(store: &Path, settings: NovaSettings, hosts: &[&str]) -> Controller {
+        Self::start_with(store, EngineConfig::default(), settings, None, hosts)
     }
 
     /// Like [`Controller::start`], with the engine's settings `engine` (e.g. the
@@ -393,7 +500,7 @@ impl Controller {
         engine: EngineConfig,
         settings: NovaSettings,
     ) -> Controller {
-        Self::start_with(store, engine, settings, None)
+        Self::start_with(store, engine, settings, None, &HOSTS)
     }
 
     /// Like [`Controller::start`], with routers: the Nova restorer and the Neutron
@@ -408,6 +515,7 @@ impl Controller {
             EngineConfig::default(),
             settings,
             Some((neutron, NEUTRON_URL.into())),
+            &HOSTS,
         )
     }
 
@@ -423,6 +531,7 @@ impl Controller {
             EngineConfig::default(),
             settings,
             Some((neutron, neutron_url.into())),
+            &HOSTS,
         )
     }
 
@@ -431,7 +540,9 @@ impl Controller {
         engine: EngineConfig,
         settings: NovaSettings,
         neutron: Option<(NeutronSettings, String)>,
+        hosts: &[&str],
     ) -> Controller {
+        let hosts: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
         let rt = runtime();
         let (rev_tx, router_events) = tokio::sync::mpsc::unbounded_channel();
         let (fence_tx, fences) = std_mpsc::channel();
@@ -503,8 +614,8 @@ impl Controller {
                     tick.tick().await;
                     let quiet = silent.lock().expect("lock").clone();
                     let reboots = reboots.lock().expect("lock").clone();
-                    for (i, h) in HOSTS.iter().enumerate() {
-                        if quiet.contains(*h) {
+                    for (i, h) in hosts.iter().enumerate() {
+                        if quiet.contains(h) {
                             continue;
                         }
                         let hb = HeartbeatSeen {
@@ -513,7 +624,7 @@ impl Controller {
                             peer,
                             boot_id: protocol::BootId({
                                 let mut id = [i as u8 + 1; 16];
-                                id[0] = id[0].wrapping_add(reboots.get(*h).copied().unwrap_or(0));
+                                id[0] = id[0].wrapping_add(reboots.get(h).copied().unwrap_or(0));
                                 id
                             }),
                             incarnation: 1,

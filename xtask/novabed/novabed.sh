@@ -16,6 +16,12 @@
 #   novabed.sh mem         RSS/PSS of everything started
 #   novabed.sh start-compute N   (re)start nova-compute for host fake-N
 #   novabed.sh start-l3-agent N  (re)start the lab L3 agent of host fake-N
+#   novabed.sh start-libvirt-compute HOST URI   a new host HOST with Nova's libvirt
+#                          driver against the libvirtd at URI (a test's own)
+#   novabed.sh restart-libvirt-compute HOST     start HOST's compute again (it returns)
+#   novabed.sh remove-compute HOST   delete HOST's servers, stop its compute, delete
+#                          its service
+#   novabed.sh hbguest-image BOOT_SECTOR   the boot-sector guest as a Glance image
 #
 # Pinned versions: constraints.txt beside this script (a `pip freeze` of a working venv).
 # Everything lives in $B (default /var/lib/defib-novabed) and listens on 127.0.0.1 only.
@@ -731,6 +737,147 @@ start_compute() {  # start_compute N  -> host fake-N
   record $! nova-compute-fake-$1
 }
 
+# ---------------------------------------------------------------- libvirt computes
+# Besides the fake hosts, a test may run hosts whose nova-compute has Nova's real libvirt
+# driver, each against a libvirtd of the test's own (tests/src/hypervisor.rs) whose host
+# name (its UTS namespace's) is the compute's node name: two such computes on one machine
+# need two node names, Placement's resource providers are named after them.
+
+# Debian's libvirt bindings (Nova's driver imports `libvirt`), linked into the venv: the
+# venv's Python is Debian's, so its extension module loads.
+libvirt_bindings() {
+  if ! dpkg -s python3-libvirt >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q \
+      --no-install-recommends python3-libvirt
+  fi
+  local sp f
+  sp=$($V/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  for f in /usr/lib/python3/dist-packages/libvirt*.py /usr/lib/python3/dist-packages/libvirtmod*.so; do
+    ln -sf "$f" "$sp/"
+  done
+  $V/bin/python -c 'import libvirt' || { log "the venv cannot import libvirt"; return 1; }
+}
+
+# The compute services of HOST (ids), whatever their state.
+service_ids() {
+  nova_api GET "/os-services?binary=nova-compute&host=$1" | python3 -c \
+    'import sys,json; print(" ".join(s["id"] for s in json.load(sys.stdin)["services"]))'
+}
+compute_up() {
+  nova_api GET "/os-services?binary=nova-compute&host=$1" | python3 -c \
+    'import sys,json; sys.exit(0 if any(s["state"]=="up" for s in json.load(sys.stdin)["services"]) else 1)'
+}
+hypervisor_listed() {
+  nova_api GET "/os-hypervisors?hypervisor_hostname_pattern=$1" | python3 -c \
+    'import sys,json; sys.exit(0 if json.load(sys.stdin)["hypervisors"] else 1)'
+}
+
+# start-libvirt-compute HOST URI: a new host HOST (its state and instances under
+# $B/data/nova/HOST, wiped; a service of that name an earlier run left is deleted first)
+# whose nova-compute drives the libvirtd at URI; waits until Nova lists its hypervisor.
+start_libvirt_compute() {
+  local host=$1 uri=$2 id
+  libvirt_bindings
+  if [ -n "$(service_ids "$host")" ]; then
+    log "removing the host $host an earlier run left"
+    remove_compute "$host"
+    [ -z "$(service_ids "$host")" ] || { log "cannot remove the earlier $host"; return 1; }
+  fi
+  local d=$B/data/nova/$host
+  rm -rf "$d"; mkdir -p "$d/instances"
+  cat > $B/etc/nova/compute-$host.conf <<EOF
+[DEFAULT]
+host = $host
+state_path = $d
+instances_path = $d/instances
+compute_driver = libvirt.LibvirtDriver
+[libvirt]
+virt_type = kvm
+connection_uri = $uri
+# PVM's KVM runs real-mode guests (the boot sector); no host CPU model to copy.
+cpu_mode = none
+[nova_sys_admin]
+helper_command = $V/bin/privsep-helper --config-file $B/etc/nova/nova.conf --config-file $B/etc/nova/compute-$host.conf
+[privsep_osbrick]
+helper_command = $V/bin/privsep-helper --config-file $B/etc/nova/nova.conf --config-file $B/etc/nova/compute-$host.conf
+EOF
+  restart_libvirt_compute "$host"
+  wait_for 180 "$host's nova-compute up" compute_up "$host" || { tail -20 $L/nova-compute-$host.log >&2; return 1; }
+  $V/bin/nova-manage "${NOVA_CONF[@]}" cell_v2 discover_hosts >> $L/discover_hosts.log 2>&1
+  wait_for 120 "$host's hypervisor" hypervisor_listed "$host"
+  log "$host: nova-compute with the libvirt driver up"
+}
+
+# restart-libvirt-compute HOST: starts HOST's nova-compute again with the configuration and
+# state it had (a host that returns). Does not wait: a host that was forced down reads
+# "down" until it is unforced.
+restart_libvirt_compute() {
+  local host=$1
+  nohup $V/bin/nova-compute --config-file $B/etc/nova/nova.conf --config-file $B/etc/nova/compute-$host.conf \
+    --log-file $L/nova-compute-$host.log > $L/nova-compute-$host.out 2>&1 &
+  record $! nova-compute-$host
+}
+
+# The ids of the servers on HOST.
+servers_on() {
+  nova_api GET "/servers?all_tenants=1&host=$1" | python3 -c \
+    'import sys,json; print(" ".join(s["id"] for s in json.load(sys.stdin)["servers"]))'
+}
+no_servers_on() { [ -z "$(servers_on "$1")" ]; }
+
+# remove-compute HOST: deletes the servers on HOST, stops its nova-compute (by its
+# recorded pid) and deletes its service (Nova deletes its node and resource provider with
+# it). A HOST whose compute does not run (a test that failed half-way) is forced down
+# first, so that Nova deletes its servers itself instead of waiting for the compute.
+remove_compute() {
+  local host=$1 pid id
+  [ -n "$(service_ids "$host")" ] || return 0
+  if ! recorded_pid nova-compute-$host >/dev/null; then
+    for id in $(service_ids "$host"); do
+      nova_api PUT "/os-services/$id" '{"forced_down": true}' >/dev/null || true
+    done
+  fi
+  for id in $(servers_on "$host"); do
+    nova_api DELETE "/servers/$id" >/dev/null || true
+  done
+  wait_for 120 "the servers on $host deleted" no_servers_on "$host" || true
+  while pid=$(recorded_pid nova-compute-$host); do
+    kill "$pid" 2>/dev/null || true
+    for i in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -9 "$pid" 2>/dev/null || true
+  done
+  for id in $(service_ids "$host"); do
+    nova_api DELETE "/os-services/$id" >/dev/null || log "could not delete the service $id of $host"
+  done
+}
+
+# hbguest-image BOOT_SECTOR: the project's boot-sector guest as a 16 MiB raw Glance image
+# (once; its id in $B/data/hbguest_image_id, printed). Glance (and Nova, Cinder) inspect
+# an upload: a sector ending in 55 AA is taken for an MBR and must define a partition,
+# else "Image failed safety checks"; one entry (type 0x83, LBA 64..end) is written at
+# 0x1BE, which the guest never reads.
+hbguest_image() {
+  local f=$B/data/hbguest_image_id img
+  if [ -s $f ] && curl -sf -m 10 http://127.0.0.1:$GLANCE_PORT/v2/images/$(cat $f) | grep -q '"status": *"active"'; then
+    cat $f; return 0
+  fi
+  truncate -s 0 $B/data/hbguest.raw; truncate -s 16M $B/data/hbguest.raw
+  dd if="$1" of=$B/data/hbguest.raw conv=notrunc status=none
+  python3 - "$B/data/hbguest.raw" <<'EOF'
+import struct, sys
+with open(sys.argv[1], 'r+b') as f:
+    f.seek(0x1be)
+    f.write(bytes([0x00, 0, 0, 0, 0x83, 0, 0, 0]) + struct.pack('<II', 64, 32768 - 64))
+EOF
+  img=$(curl -sf -m 30 -X POST http://127.0.0.1:$GLANCE_PORT/v2/images -H 'Content-Type: application/json' \
+    -d '{"name":"hbguest","disk_format":"raw","container_format":"bare","visibility":"public"}' \
+    | python3 -c 'import sys,json; print(json.load(sys.stdin)["id"])')
+  curl -sf -m 60 -X PUT http://127.0.0.1:$GLANCE_PORT/v2/images/$img/file \
+    -H 'Content-Type: application/octet-stream' --data-binary @$B/data/hbguest.raw
+  echo "$img" > $f
+  cat $f
+}
+
 start_rpc_server() {  # Neutron's RPC server: agent state reports, the L3 plugin's RPC
   nohup $V/bin/neutron-rpc-server --config-file $B/etc/neutron/neutron.conf \
     --config-file $B/etc/neutron/plugins/ml2/ml2_conf.ini \
@@ -899,11 +1046,15 @@ case "${1:-}" in
   mem) do_mem ;;
   start-compute) compute_conf "$2"; start_compute "$2" ;;
   start-l3-agent) start_l3_agent "$2" ;;
+  start-libvirt-compute) start_libvirt_compute "$2" "$3" ;;
+  restart-libvirt-compute) restart_libvirt_compute "$2" ;;
+  remove-compute) remove_compute "$2" ;;
+  hbguest-image) hbguest_image "$2" ;;
   env)
     echo "NOVA=http://127.0.0.1:$NOVA_PORT/v2.1  PLACEMENT=http://127.0.0.1:$PLACEMENT_PORT  GLANCE=http://127.0.0.1:$GLANCE_PORT  NEUTRON=http://127.0.0.1:$NEUTRON_PORT"
     echo "nova headers: X-User-Id: admin, X-Project-Id: admin, X-Roles: admin,member,reader, OpenStack-API-Version: compute 2.xx"
     echo "placement header: X-Auth-Token: admin ; image id: $(cat $B/data/image_id 2>/dev/null)"
     echo "KEYSTONE=http://127.0.0.1:$KEYSTONE_PORT/v3 (admin/admin, project admin, domain Default; catalog: nova :$NOVA_KS_PORT, placement :$PLACEMENT_KS_PORT)"
     echo "application credential of admin: $B/data/keystone/appcred.json" ;;
-  *) echo "usage: $0 install|start|stop|status|mem|env|start-compute N|start-l3-agent N" >&2; exit 2 ;;
+  *) echo "usage: $0 install|start|stop|status|mem|env|start-compute N|start-l3-agent N|start-libvirt-compute HOST URI|restart-libvirt-compute HOST|remove-compute HOST|hbguest-image BOOT_SECTOR" >&2; exit 2 ;;
 esac
