@@ -72,6 +72,11 @@ pub fn system_and_own_libvirt(uri: String, pid_dir: String) -> Box<dyn Fn(usize)
 /// password in `{DIR}/bmc.pass`), with the lab's short waits: an `Unknown`
 /// confirmation fences after 3 s of silence, a power-off is verified within 5 s.
 pub fn fence_h0_by_ipmi(bmc_addr: &str) -> String {
+    fence_by_ipmi("h0", bmc_addr)
+}
+
+/// Like [`fence_h0_by_ipmi`], for the lab host named `host`.
+pub fn fence_by_ipmi(host: &str, bmc_addr: &str) -> String {
     use crate::bmc::{BMC_PORT, BMC_USER};
     format!(
         r#"[engine]
@@ -83,7 +88,7 @@ verify_timeout_ms = 5000
 verify_poll_ms = 100
 
 [[fence.host]]
-name = "h0"
+name = "{host}"
 levels = [{{ method = "ipmi", address = "{bmc_addr}", port = {BMC_PORT}, username = "{BMC_USER}", password_file = "{{DIR}}/bmc.pass", timeout_ms = 1000, attempts = 2, backoff_ms = 100 }}]
 "#
     )
@@ -638,6 +643,11 @@ ca_file = {ca:?}
     }
 
     /// Every daemon's log, for failure messages.
+    /// Host `h`'s watchdog's log so far.
+    pub fn watchdog_log(&self, h: usize) -> String {
+        self.watchdogs[h].log_text()
+    }
+
     pub fn logs(&self) -> String {
         let mut s = format!("--- controller\n{}", self.controller_log());
         for d in self.controllers.iter().flatten() {

@@ -1058,25 +1058,39 @@ impl Forwarder {
     /// From now on, every connection is forwarded (for the rest of the process).
     pub fn open(&self) {
         let l = std::net::TcpListener::bind(("127.0.0.1", self.port)).expect("bind forwarder");
-        let to = self.to;
-        std::thread::spawn(move || {
-            for c in l.incoming() {
-                let Ok(a) = c else { continue };
-                let Ok(b) = std::net::TcpStream::connect(to) else {
-                    continue;
-                };
-                let (mut a2, mut b2) =
-                    (a.try_clone().expect("clone"), b.try_clone().expect("clone"));
-                let (mut a, mut b) = (a, b);
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut a, &mut b);
-                    let _ = b.shutdown(std::net::Shutdown::Write);
-                });
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut b2, &mut a2);
-                    let _ = a2.shutdown(std::net::Shutdown::Write);
-                });
-            }
-        });
+        forward(l, self.to);
     }
+}
+
+/// Makes `to` (an address of this process's network namespace, e.g. the novabed's Nova on
+/// 127.0.0.1) reachable at `at` inside the network namespace `ns` (e.g. a lab
+/// controller's), for the rest of the process: the listener is opened in `ns`, each
+/// connection onwards from here.
+pub fn forward_into_netns(ns: &str, at: &str, to: &str) {
+    let at: SocketAddr = at.parse().expect("addr");
+    let l = crate::attacks::in_netns(ns, || std::net::TcpListener::bind(at))
+        .unwrap_or_else(|e| panic!("bind {at} in {ns}: {e}"));
+    forward(l, to.parse().expect("addr"));
+}
+
+/// Accepts on `l` and copies each connection both ways to a new one to `to`.
+fn forward(l: std::net::TcpListener, to: SocketAddr) {
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(a) = c else { continue };
+            let Ok(b) = std::net::TcpStream::connect(to) else {
+                continue;
+            };
+            let (mut a2, mut b2) = (a.try_clone().expect("clone"), b.try_clone().expect("clone"));
+            let (mut a, mut b) = (a, b);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut a, &mut b);
+                let _ = b.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut b2, &mut a2);
+                let _ = a2.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
 }

@@ -213,3 +213,138 @@ fn a_powered_off_libvirt_host_has_its_servers_rebuilt_by_nova_as_real_qemus_on_t
     ctl.kill();
     nova.delete_named(&prefix);
 }
+
+/// The whole product on the same two libvirt hosts: a lab whose hosts are named kvm-1
+/// and kvm-2 (network namespaces of their own, a watchdog each, watching its own
+/// libvirtd), kvm-1 with a lab BMC; the controller runs with `backend = "nova"` against
+/// the novabed (reached from its namespace through forwarders). kvm-1 is cut off on every
+/// path; the controller fences it through its BMC (whose power-off kills kvm-1's
+/// processes: its watchdog, its guests' qemus, its libvirtd and its nova-compute), forces
+/// it down in Nova and evacuates onto kvm-2, where kvm-2's watchdog sees each new qemu.
+#[test]
+fn a_cut_off_libvirt_host_is_fenced_through_its_bmc_and_the_target_hosts_watchdog_sees_each_server_nova_rebuilt_there(
+) {
+    use defib_tests::bmc::{Bmc, BMC_PASSWORD};
+    use defib_tests::lab::{fence_by_ipmi, host_transitions, own_libvirt, Lab, LabSpec};
+    use defib_tests::novalab::forward_into_netns;
+    require!(
+        is_root()
+            && defib_tests::have_command("ipmi_sim")
+            && defib_tests::have_command("ipmitool"),
+        "root, ipmi_sim and ipmitool (cargo xtask fencebed install)"
+    );
+    let _hostbed = require_hostbed!();
+    let nova = Nova::connect();
+    require!(nova.is_some(), "the novabed (cargo xtask novabed start)");
+    let nova = nova.unwrap();
+
+    let hv1 = hypervisor("kvm-1");
+    let hv2 = hypervisor("kvm-2");
+    let kvm1 = LibvirtCompute::start("kvm-1", &hv1.uri());
+    let _kvm2 = LibvirtCompute::start("kvm-2", &hv2.uri());
+    let image = nova.hbguest_image();
+    let prefix = format!("lvlab-{}", tag());
+    let ids = nova.boot_image_on(&image, "kvm-1", 2, &prefix, json!({}));
+    let old_qemus: Vec<u32> = ids.iter().map(|id| qemu_of(&hv1, id)).collect();
+
+    let bmc_addr = defib_tests::netns::bmc_address(0);
+    let libvirt = vec![
+        (hv1.uri(), hv1.pid_dir().display().to_string()),
+        (hv2.uri(), hv2.pid_dir().display().to_string()),
+    ];
+    let ctl_addr = "10.77.0.1";
+    let spec = LabSpec {
+        hosts: 2,
+        backend: "nova",
+        controller_extra: format!(
+            "{}\n[nova]\nauth = \"headers\"\ncompute_url = \"http://{ctl_addr}:38774/v2.1\"\n\
+             placement_url = \"http://{ctl_addr}:38778\"\npoll_interval_ms = 250\n\
+             exclude_hosts = {:?}\n",
+            fence_by_ipmi("kvm-1", &bmc_addr),
+            HOSTS
+        ),
+        watchdog_extra: own_libvirt(libvirt),
+        bmc_network: true,
+    };
+    let mut lab = Lab::new(&spec);
+    assert_eq!(lab.net.controller_addr(0), ctl_addr);
+    lab.host_names = vec!["kvm-1".into(), "kvm-2".into()];
+    for port in [38774, 38778] {
+        forward_into_netns(
+            &lab.net.controller_ns(),
+            &format!("{ctl_addr}:{port}"),
+            &format!("127.0.0.1:{port}"),
+        );
+    }
+    defib_tests::write_secret(lab.path("bmc.pass"), format!("{BMC_PASSWORD}\n")).unwrap();
+    let bmc = Bmc::start(&lab.net, 0, lab.dir.path());
+    // kvm-1's power is also its libvirtd's, its guests' and its compute's: they run
+    // outside its network namespace.
+    let compute_pid = compute_pid_of("kvm-1").expect("kvm-1's compute runs");
+    bmc.also_on_power_off(&format!(
+        "for f in {pids}/*.pid {libvirtd}; do kill -9 $(cat $f); done; kill -9 {compute_pid} && \
+         echo \"$(date +%s.%N) killed kvm-1's compute, qemus and libvirtd\"",
+        pids = hv1.pid_dir().display(),
+        libvirtd = hv1.daemon_pid_file().display(),
+    ));
+    lab.start_controller(&spec);
+    lab.start_watchdogs(&spec);
+    lab.wait_until("kvm-1 and kvm-2 Up", Duration::from_secs(60), |s| {
+        s.len() == 2 && s.iter().all(|(_, st)| st == "Up")
+    });
+    let subjects: Vec<String> = ids.iter().map(|id| format!("vm:{id}")).collect();
+    for s in &subjects {
+        lab.wait_vm_on(s, "kvm-1", "Running", Duration::from_secs(60));
+    }
+
+    // kvm-1 is cut off on every path; its guests run on until its fence.
+    lab.net.set_host_links(0, false);
+    for s in &subjects {
+        lab.wait_vm_on(s, "kvm-2", "Running", Duration::from_secs(180));
+    }
+    let done = nova.wait_all_active_elsewhere(&prefix, &ids, "kvm-1", Duration::from_secs(120));
+    assert!(done.iter().all(|s| s.host.as_deref() == Some("kvm-2")));
+    assert!(
+        bmc.chassis_log().contains("killed kvm-1's compute"),
+        "{}",
+        bmc.chassis_log()
+    );
+    for pid in &old_qemus {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z")),
+            "kvm-1's qemu {pid} outlived its fence"
+        );
+    }
+    let incident = lab.host_incident("kvm-1").expect("kvm-1's incident");
+    let t = host_transitions(&incident);
+    let pos = |s: &str| {
+        t.iter()
+            .position(|x| x == s)
+            .unwrap_or_else(|| panic!("no {s} in {t:?}: {incident}"))
+    };
+    assert!(pos("Fenced") < pos("Evacuating"), "{t:?}");
+    // Each server runs on kvm-2 as a qemu of kvm-2's libvirt, which kvm-2's watchdog
+    // reported (the controller's view of the VM is its hosts' word).
+    let watchdog = lab.watchdog_log(1);
+    for id in &ids {
+        assert_eq!(nova.evacuations(id), 1, "{id} evacuated once");
+        let pid = qemu_of(&hv2, id);
+        // Its eBPF probes saw the qemu's exec and mapped it to the server.
+        let started = watchdog.lines().find(|l| {
+            l.contains("\"type\":\"qemu_started\"")
+                && l.contains(&format!("\"pid\":{pid},"))
+                && l.contains(id.as_str())
+        });
+        let started = started.unwrap_or_else(|| {
+            panic!("kvm-2's watchdog never reported {id}'s qemu {pid}:\n{watchdog}")
+        });
+        eprintln!("kvm-2's watchdog: {started}");
+        wait_guest_heartbeat("kvm-2", id, Duration::from_secs(60));
+    }
+    eprintln!("kvm-1's incident: {t:?}");
+    drop(lab);
+    drop(kvm1);
+    nova.delete_named(&prefix);
+}
