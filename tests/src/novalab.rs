@@ -361,7 +361,7 @@ impl Nova {
 }
 
 /// The pid of `host`'s running nova-compute (from the novabed's pid list, checked against
-/// the process's command line).
+/// the process's command line: a pid recorded long ago may be another process's now).
 pub fn compute_pid_of(host: &str) -> Option<i32> {
     let pids = std::fs::read_to_string(novabed_dir().join("pids")).ok()?;
     let name = format!("nova-compute-{host}");
@@ -370,8 +370,10 @@ pub fn compute_pid_of(host: &str) -> Option<i32> {
         .filter(|(_, nm)| nm.trim() == name)
         .filter_map(|(p, _)| p.parse::<i32>().ok())
         .rfind(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("nova-compute"))
+            std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.contains("nova-compute") && c.contains(&format!("compute-{host}.conf"))
+            })
         })
 }
 

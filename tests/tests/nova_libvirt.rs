@@ -11,6 +11,10 @@
 //! Then kvm-1's compute starts again, as after a reboot, and destroys the domains that
 //! were evacuated away from it.
 //!
+//! The second test runs the same story through the whole product: watchdogs on both
+//! hosts, the controller with the Nova backend, kvm-1 fenced through its lab BMC, and
+//! kvm-1's return, whose compute's clean-up its watchdog reports onto kvm-1's incident.
+//!
 //! Needs root, KVM, the hostbed's boot sector (`cargo xtask hostbed start`) and the
 //! novabed (`cargo xtask novabed start`): under `CI=true` a missing one fails the test.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
@@ -26,6 +30,13 @@ use defib_tests::novalab::{
 };
 use defib_tests::{is_root, require, require_hostbed, tag};
 use serde_json::json;
+
+/// The tests share the novabed and the host names kvm-1 and kvm-2: one at a time.
+static NOVABED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    NOVABED.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// A hypervisor for the novabed host `host`: qemus run as root (Nova's instance files
 /// are root's), its libvirt host name is `host` (the node name Nova takes).
@@ -94,6 +105,7 @@ fn wait_guest_heartbeat(host: &str, id: &str, within: Duration) {
 #[test]
 fn a_powered_off_libvirt_host_has_its_servers_rebuilt_by_nova_as_real_qemus_on_the_other_and_its_returning_compute_destroys_the_old_domains(
 ) {
+    let _one = lock();
     require!(is_root(), "root (libvirtd, KVM)");
     let _hostbed = require_hostbed!();
     let nova = Nova::connect();
@@ -136,6 +148,7 @@ fn a_powered_off_libvirt_host_has_its_servers_rebuilt_by_nova_as_real_qemus_on_t
 
     // kvm-1 loses its power: its compute and its guests die, its heartbeats stop.
     ctl.silence("kvm-1");
+    let compute_pid = compute_pid_of("kvm-1").expect("kvm-1's compute runs");
     kill_compute_of("kvm-1");
     for pid in &old_qemus {
         let _ = nix::sys::signal::kill(
@@ -180,7 +193,11 @@ fn a_powered_off_libvirt_host_has_its_servers_rebuilt_by_nova_as_real_qemus_on_t
         ids.iter().all(|id| left.contains(id)),
         "kvm-1 still defines its old domains: {left:?}"
     );
-    assert!(compute_pid_of("kvm-1").is_none());
+    let stat = std::fs::read_to_string(format!("/proc/{compute_pid}/stat")).unwrap_or_default();
+    assert!(
+        stat.is_empty() || stat.contains(") Z"),
+        "kvm-1's killed compute {compute_pid} runs: {stat}"
+    );
     let restarted = Instant::now();
     kvm1.restart();
     let t0 = Instant::now();
@@ -227,10 +244,9 @@ fn a_cut_off_libvirt_host_is_fenced_through_its_bmc_and_the_target_hosts_watchdo
     use defib_tests::bmc::{Bmc, BMC_PASSWORD};
     use defib_tests::lab::{fence_by_ipmi, host_transitions, own_libvirt, Lab, LabSpec};
     use defib_tests::novalab::forward_into_netns;
+    let _one = lock();
     require!(
-        is_root()
-            && defib_tests::have_command("ipmi_sim")
-            && defib_tests::have_command("ipmitool"),
+        is_root() && defib_tests::have_command("ipmi_sim") && defib_tests::have_command("ipmitool"),
         "root, ipmi_sim and ipmitool (cargo xtask fencebed install)"
     );
     let _hostbed = require_hostbed!();
@@ -238,7 +254,7 @@ fn a_cut_off_libvirt_host_is_fenced_through_its_bmc_and_the_target_hosts_watchdo
     require!(nova.is_some(), "the novabed (cargo xtask novabed start)");
     let nova = nova.unwrap();
 
-    let hv1 = hypervisor("kvm-1");
+    let mut hv1 = hypervisor("kvm-1");
     let hv2 = hypervisor("kvm-2");
     let kvm1 = LibvirtCompute::start("kvm-1", &hv1.uri());
     let _kvm2 = LibvirtCompute::start("kvm-2", &hv2.uri());
@@ -344,6 +360,51 @@ fn a_cut_off_libvirt_host_is_fenced_through_its_bmc_and_the_target_hosts_watchdo
         wait_guest_heartbeat("kvm-2", id, Duration::from_secs(60));
     }
     eprintln!("kvm-1's incident: {t:?}");
+
+    // kvm-1 is powered on: its network, its libvirtd (the two old domains defined, shut
+    // off), its watchdog, then its compute, which undefines the domains Nova evacuated
+    // away; kvm-1's watchdog reports each, and kvm-1's incident says so.
+    lab.net.set_host_links(0, true);
+    hv1.boot_again().unwrap_or_else(|e| panic!("{e}"));
+    let defined = domains(&hv1, true);
+    assert!(ids.iter().all(|id| defined.contains(id)), "{defined:?}");
+    lab.restart_watchdog(0);
+    let restarted = Instant::now();
+    kvm1.restart();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let incident = lab.host_incident("kvm-1").unwrap_or_default();
+        let text = incident.to_string();
+        let noted = |id: &String| text.contains(&format!("kvm-1's copy of vm:{id} undefined"));
+        if ids.iter().all(noted) {
+            let notes: Vec<&str> = incident["timeline"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e["cause"].as_str())
+                .filter(|c| c.contains("hypervisor"))
+                .collect();
+            eprintln!(
+                "{:?} after kvm-1's compute started, its incident says:\n  {}",
+                restarted.elapsed(),
+                notes.join("\n  ")
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kvm-1's undefines not on its incident: {text}\n--- kvm-1's compute\n{}\n{}",
+            kvm1.log(),
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let left = domains(&hv1, true);
+    assert!(ids.iter().all(|id| !left.contains(id)), "{left:?}");
+    assert!(kvm1.log().contains("has been evacuated from this host"));
+    // The servers run on kvm-2 alone.
+    let on_kvm2 = domains(&hv2, false);
+    assert!(ids.iter().all(|id| on_kvm2.contains(id)), "{on_kvm2:?}");
     drop(lab);
     drop(kvm1);
     nova.delete_named(&prefix);

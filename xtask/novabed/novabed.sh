@@ -825,6 +825,17 @@ servers_on() {
 }
 no_servers_on() { [ -z "$(servers_on "$1")" ]; }
 
+# The pid of HOST's running nova-compute: a recorded one whose command line is still
+# that compute's (a pid recorded long ago may belong to another process now).
+compute_pid() {
+  local pid name found=
+  [ -s $PIDS ] || return 1
+  while read -r pid name; do
+    [ "$name" = "nova-compute-$1" ] && grep -qa "compute-$1.conf" /proc/$pid/cmdline 2>/dev/null && found=$pid
+  done < $PIDS
+  [ -n "$found" ] && echo "$found"
+}
+
 # remove-compute HOST: deletes the servers on HOST, stops its nova-compute (by its
 # recorded pid) and deletes its service (Nova deletes its node and resource provider with
 # it). A HOST whose compute does not run (a test that failed half-way) is forced down
@@ -832,7 +843,7 @@ no_servers_on() { [ -z "$(servers_on "$1")" ]; }
 remove_compute() {
   local host=$1 pid id
   [ -n "$(service_ids "$host")" ] || return 0
-  if ! recorded_pid nova-compute-$host >/dev/null; then
+  if ! compute_pid "$host" >/dev/null; then
     for id in $(service_ids "$host"); do
       nova_api PUT "/os-services/$id" '{"forced_down": true}' >/dev/null || true
     done
@@ -841,7 +852,7 @@ remove_compute() {
     nova_api DELETE "/servers/$id" >/dev/null || true
   done
   wait_for 120 "the servers on $host deleted" no_servers_on "$host" || true
-  while pid=$(recorded_pid nova-compute-$host); do
+  while pid=$(compute_pid "$host"); do
     kill "$pid" 2>/dev/null || true
     for i in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
     kill -9 "$pid" 2>/dev/null || true

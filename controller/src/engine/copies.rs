@@ -108,6 +108,33 @@ impl Engine {
         }
     }
 
+    /// `host` says its domain of `r` was destroyed or undefined: where that is the copy
+    /// `host`'s incident moved away (Nova's returning compute cleans up its evacuated
+    /// domains; the controller's own stale-copy destroy), the timeline that moved it
+    /// says so. Anything else is someone's ordinary stop, and the event table has it.
+    pub(super) fn note_copy_removed(
+        &mut self,
+        host: &HostId,
+        r: &Resource,
+        what: &str,
+        at: HostTime,
+    ) {
+        let (Some(e), Some(h)) = (self.resources.get(r), self.hosts.get(host)) else {
+            return;
+        };
+        if &e.host == host || !h.evacuated.contains(r) {
+            return;
+        }
+        let Some(inc) = h.incident.or(h.last_incident) else {
+            return;
+        };
+        let cause = format!(
+            "{host}'s copy of {r} {what} by {host}'s hypervisor at {at}; {r} runs on {}",
+            e.host
+        );
+        self.note(inc, Subject::Resource(r.clone()), cause, Source::Libvirt);
+    }
+
     /// Asks for the destroy and notes it on the timeline of `host`'s incident (the one
     /// that moved the VM, or its last one), or of the VM's own last one.
     fn stop_copy(&mut self, host: &HostId, r: &Resource, cause: String) {

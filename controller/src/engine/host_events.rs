@@ -13,6 +13,9 @@ impl Engine {
                 at,
                 reason,
             } => self.on_exit(&host, resource, source, ListedAt::Host(at), &reason),
+            HostEvent::ResourceRemoved { resource, what, at } => {
+                self.note_copy_removed(&host, &resource, &what, at)
+            }
             HostEvent::DiskStallStarted { resource, at } => {
                 self.note_stall(&host, resource, at, Stall::Started)
             }

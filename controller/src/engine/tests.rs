@@ -4139,3 +4139,59 @@ fn a_controller_that_handled_thousands_of_crashes_remembers_only_the_latest_clos
         .find(|a| matches!(a, Action::RestartInPlace { resource, .. } if resource == &vms[0]))
         .is_some());
 }
+
+#[test]
+fn a_fenced_hosts_hypervisor_removing_the_copy_its_incident_moved_away_is_noted_on_that_incident_and_any_other_removal_is_not(
+) {
+    let mut h = Harness::new(4);
+    h.fence_and_recover(2);
+    let vm2 = Resource::vm("vm2");
+    let removed = |h: &mut Harness, on: usize, r: &Resource, what: &str| {
+        let at = h.host_clock(h.now);
+        h.input(Input::HostEvent {
+            host: host(on),
+            event: HostEvent::ResourceRemoved {
+                resource: r.clone(),
+                what: what.into(),
+                at,
+            },
+        });
+    };
+    let notes = |h: &Harness| -> Vec<String> {
+        h.engine
+            .incidents()
+            .flat_map(|i| i.timeline.iter())
+            .filter(|e| e.source == Source::Libvirt && e.cause.contains("hypervisor"))
+            .map(|e| e.cause.clone())
+            .collect()
+    };
+    // Host 2 returns and its compute cleans up: its copy of vm2 (now on host 0) goes.
+    h.power_on(2);
+    h.run_for(300);
+    removed(&mut h, 2, &vm2, "undefined");
+    let n = notes(&h);
+    assert_eq!(n.len(), 1, "{n:?}");
+    assert!(
+        n[0].contains("h2's copy of vm:vm2 undefined") && n[0].contains("runs on h0"),
+        "{n:?}"
+    );
+    let inc = h
+        .engine
+        .incidents()
+        .find(|i| i.timeline.iter().any(|e| e.cause == n[0]))
+        .unwrap();
+    assert!(
+        inc.timeline.iter().any(|e| e.to == "Fenced"),
+        "noted on the incident that fenced h2"
+    );
+    // The VM's own host stopping it, or a VM never moved off the reporting host: an
+    // ordinary stop, not noted.
+    removed(&mut h, 0, &vm2, "destroyed");
+    removed(&mut h, 3, &Resource::vm("vm3"), "destroyed");
+    assert_eq!(notes(&h).len(), 1, "{:?}", notes(&h));
+    // Nothing is decided on it.
+    h.take();
+    removed(&mut h, 2, &vm2, "destroyed");
+    assert!(copies_stopped(&h.actions).is_empty());
+    assert!(evacuations(&h.actions).is_empty());
+}

@@ -142,6 +142,18 @@ pub enum HostEvent {
         /// When.
         at: HostTime,
     },
+    /// A resource's domain on the host was destroyed or undefined by the host's own
+    /// management (libvirt's `stopped (destroyed)` or `undefined`: Nova's compute, an
+    /// operator, the controller's own stale-copy destroy). Someone's decision, not a
+    /// failure: the engine only notes it where it ends a copy that was moved away.
+    ResourceRemoved {
+        /// Which resource.
+        resource: Resource,
+        /// What happened to it ("destroyed", "undefined").
+        what: String,
+        /// When (the host's clock).
+        at: HostTime,
+    },
     /// The full list of resources running on the host.
     Inventory {
         /// The resources.

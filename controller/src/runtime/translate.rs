@@ -104,8 +104,23 @@ pub fn host_event(payload: &EventPayload, unix_ns: u64) -> Option<HostEvent> {
             event,
             detail,
         } => {
-            // Failures only: a shutdown or a destroy is someone's decision (Nova stop,
-            // an operator), not a crash. They stay in the event table.
+            // A destroy or an undefine is someone's decision (Nova's stop or its
+            // clean-up of an evacuated domain, an operator), not a crash: the engine
+            // notes it only where it ends a copy that was moved away.
+            let removed = match (event.as_str(), detail.as_str()) {
+                ("stopped", "destroyed") => Some("destroyed"),
+                ("undefined", _) => Some("undefined"),
+                _ => None,
+            };
+            if let Some(what) = removed {
+                return Some(HostEvent::ResourceRemoved {
+                    resource: vm(vm_uuid, vm_name)?,
+                    what: what.into(),
+                    at,
+                });
+            }
+            // Otherwise failures only: a shutdown is someone's decision too. They stay
+            // in the event table.
             let reason = match event.as_str() {
                 "stopped" if matches!(detail.as_str(), "failed" | "crashed") => {
                     format!("libvirt: {event} ({detail})")
@@ -193,6 +208,29 @@ mod tests {
             event: event.into(),
             detail: detail.into(),
         }
+    }
+
+    #[test]
+    fn a_libvirt_destroy_or_undefine_is_a_removal_and_never_an_exit() {
+        for (event, detail, what) in [
+            ("stopped", "destroyed", "destroyed"),
+            ("undefined", "removed", "undefined"),
+        ] {
+            match host_event(&lifecycle(event, detail), 3_000_000) {
+                Some(HostEvent::ResourceRemoved {
+                    resource,
+                    what: said,
+                    at,
+                }) => {
+                    assert_eq!(resource, Resource::vm("u-1"));
+                    assert_eq!(said, what);
+                    assert_eq!(at, HostTime(3));
+                }
+                other => panic!("{event} {detail}: {other:?}"),
+            }
+        }
+        // A shutdown (the guest's own or Nova's stop) is neither.
+        assert_eq!(host_event(&lifecycle("stopped", "shutdown"), 0), None);
     }
 
     #[test]
