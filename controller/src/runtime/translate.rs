@@ -284,7 +284,11 @@ mod tests {
     #[test]
     fn a_shutdown_or_destroy_by_someone_is_not_a_failure() {
         assert_eq!(host_event(&lifecycle("stopped", "shutdown"), 0), None);
-        assert_eq!(host_event(&lifecycle("stopped", "destroyed"), 0), None);
+        // A destroy is a removal (a_libvirt_destroy_or_undefine_is_a_removal…), no exit.
+        assert!(!matches!(
+            host_event(&lifecycle("stopped", "destroyed"), 0),
+            Some(HostEvent::ResourceExited { .. })
+        ));
         assert_eq!(host_event(&lifecycle("started", "booted"), 0), None);
     }
 
