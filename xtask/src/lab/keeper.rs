@@ -242,8 +242,14 @@ pub(super) fn serve(
         None
     };
     let mut lab_hosts = Vec::new();
+    // Their qemus run as root: a power-off drill kills a host's qemus but not its libvirtd
+    // (the lab's libvirtds are the hosts' only hypervisors and outlive the drill), and that
+    // libvirtd, seeing its qemu die, gives the disk back to root (DAC relabeling) while
+    // the VM's new host starts it: a qemu running as libvirt-qemu then cannot open it
+    // ("Permission denied", seen once in CI in lab_drills). As root it can.
     let leases = HypervisorOptions {
         disk_leases: true,
+        qemu_as_root: true,
         ..HypervisorOptions::default()
     };
     for h in (0..hosts).filter(|_| nova.is_none()) {
